@@ -1,0 +1,6 @@
+"""lsfov: measure and undo spatially varying blur in large-field-of-view microscopy."""
+from . import psf
+from .psf import Optics
+
+__version__ = "0.1.0"
+from .operators import ProductConvolution

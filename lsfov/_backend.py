@@ -1,0 +1,64 @@
+"""Array-type dispatch: the same maths on NumPy (scipy.fft) and CuPy (cupyx.scipy.fft).
+
+Functions look at the array they are given, like dask-image does, instead of a global switch, so a
+Dask graph whose chunks are CuPy arrays runs on the GPU without any flag.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import scipy.fft
+
+__all__ = ["array_module", "fft_module", "next_fast_len", "to_numpy"]
+
+# scipy.fft runs batched transforms on several threads; inside Dask worker threads that would
+# oversubscribe the cores, so the default follows LSFOV_FFT_WORKERS (set to 1 on clusters).
+_FFT_WORKERS = int(os.environ.get("LSFOV_FFT_WORKERS", "-1"))
+
+
+def array_module(x):
+    """Return ``numpy`` or ``cupy`` according to the type of ``x``."""
+    mod = type(x).__module__
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+class _ScipyFFT:
+    """scipy.fft with a worker count, under the names cupyx.scipy.fft uses."""
+
+    @staticmethod
+    def rfft2(x, s=None, axes=(-2, -1)):
+        return scipy.fft.rfft2(x, s=s, axes=axes, workers=_FFT_WORKERS)
+
+    @staticmethod
+    def irfft2(x, s=None, axes=(-2, -1)):
+        return scipy.fft.irfft2(x, s=s, axes=axes, workers=_FFT_WORKERS)
+
+    @staticmethod
+    def fft2(x, s=None, axes=(-2, -1)):
+        return scipy.fft.fft2(x, s=s, axes=axes, workers=_FFT_WORKERS)
+
+
+def fft_module(x):
+    """Return an object with ``rfft2``, ``irfft2`` and ``fft2`` for the array type of ``x``."""
+    if array_module(x) is np:
+        return _ScipyFFT
+    import cupyx.scipy.fft as cufft
+
+    return cufft
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest length >= n that real FFTs handle fast (2, 3, 5-smooth) on CPU and GPU."""
+    return scipy.fft.next_fast_len(int(n), real=True)
+
+
+def to_numpy(x):
+    """Bring an array (NumPy, CuPy) to host memory as NumPy."""
+    if array_module(x) is np:
+        return np.asarray(x)
+    return x.get()

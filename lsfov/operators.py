@@ -1,0 +1,488 @@
+"""The product-convolution operator, lsfov's one central idea.
+
+A space-varying blur is modelled as (paper 003 Prop. 1, paper 000 Eq. 12)::
+
+    H u = sum_p  k_p * (w_p . u)        k_p: kernels, w_p: weight maps, *: convolution
+
+in two forms:
+
+* **grid** — one PSF per node of a rectilinear grid, ``w_p`` the bilinear hat functions of the nodes,
+  constant beyond the outermost nodes, so that the weights sum to one everywhere;
+* **basis** — ``I`` basis kernels and ``I`` full-size coefficient maps.
+
+Boundary convention: the operator maps an ``H x W`` image to an ``H x W`` image and treats the scene
+as zero outside the field (linear, not circular, convolution). A Dirac at pixel ``p`` becomes the
+local kernel centred at ``p`` (convolution, not correlation). Deconvolution that must avoid edge
+artefacts extends the field before applying the operator.
+
+How the grid form stays cheap: the image is cut into *cells* between neighbouring nodes. Inside a
+cell only the four corner weights are non-zero, so ``H u`` on a cell is four weighted FFTs summed in
+the Fourier domain and one inverse FFT. Cells are batched into a few FFT calls (grouped by padded
+shape); no full-size weight map is ever formed and the FFT area is about the image area whatever
+the number of PSFs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import array_module, fft_module, next_fast_len, to_numpy
+
+__all__ = ["ProductConvolution"]
+
+
+def _hat_weights(centers: np.ndarray, r: np.ndarray):
+    """Bilinear hat weights on one axis: for positions r, the lower node, the upper node and t.
+
+    The weight of the lower node is ``1 - t`` and of the upper node ``t``; beyond the outermost nodes
+    t is clipped, which makes the outer hats constant and the weights sum to one.
+    """
+    g = len(centers)
+    if g == 1:
+        z = np.zeros(np.shape(r), dtype=np.intp)
+        return z, z, np.zeros(np.shape(r))
+    lo = np.clip(np.searchsorted(centers, r, side="right") - 1, 0, g - 2)
+    t = np.clip((r - centers[lo]) / (centers[lo + 1] - centers[lo]), 0.0, 1.0)
+    return lo, lo + 1, t
+
+
+@dataclass
+class _AxisCells:
+    """Cells of one axis inside a window: starts (window coords), lengths, nodes and weights."""
+
+    start: np.ndarray  # (n,)
+    length: np.ndarray  # (n,)
+    w_lo: np.ndarray  # (n, L) weight of the lower node, zero past each cell's length
+    w_hi: np.ndarray  # (n, L)
+    node_lo: np.ndarray  # (n,)
+    node_hi: np.ndarray  # (n,)
+
+
+def _axis_cells(centers: np.ndarray, origin: int, n: int, fft_pad: int) -> list[_AxisCells]:
+    """Split the window [origin, origin + n) into cells between nodes, grouped by FFT length."""
+    g = len(centers)
+    inner = np.ceil(centers[1:-1]).astype(np.int64) if g > 2 else np.zeros(0, np.int64)
+    bounds = np.concatenate([[origin], np.clip(inner, origin, origin + n), [origin + n]])
+    starts, stops = bounds[:-1], bounds[1:]
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    groups: dict[int, list[int]] = {}
+    for i, (a, b) in enumerate(zip(starts, stops)):
+        groups.setdefault(next_fast_len(b - a + fft_pad), []).append(i)
+    out = []
+    for idx in groups.values():
+        s, e = starts[idx], stops[idx]
+        length = e - s
+        L = int(length.max())
+        r = s[:, None] + np.arange(L)[None, :]
+        # Cell i spans nodes (i, i+1); evaluate t at every pixel of the padded cell.
+        lo, hi, t = _hat_weights(centers, np.minimum(r, e[:, None] - 1).astype(np.float64))
+        valid = np.arange(L)[None, :] < length[:, None]
+        out.append(
+            _AxisCells(
+                start=s - origin,
+                length=length,
+                w_lo=np.where(valid, 1.0 - t, 0.0).astype(np.float32),
+                w_hi=np.where(valid, t, 0.0).astype(np.float32),
+                node_lo=lo[:, 0],
+                node_hi=hi[:, 0],
+            )
+        )
+    return out
+
+
+@dataclass
+class _Group:
+    """A batch of equally padded tiles and the weighted kernels acting on them."""
+
+    ys: np.ndarray  # tile starts (window coords)
+    yl: np.ndarray  # true tile lengths
+    xs: np.ndarray
+    xl: np.ndarray
+    fshape: tuple  # FFT shape
+    terms: list  # [(weight factors broadcastable to (na, nb, Ly, Lx), kernel ids (na, nb))]
+
+    @property
+    def tile(self):
+        return int(self.yl.max()), int(self.xl.max())
+
+
+class ProductConvolution:
+    """Space-varying blur ``H u = sum_p k_p * (w_p . u)`` (grid or basis form).
+
+    Build it with :meth:`from_grid` (one PSF per grid node, bilinear weights) or :meth:`from_basis`
+    (basis kernels and coefficient maps). Apply it with :meth:`apply` / :meth:`adjoint` (NumPy, CuPy
+    or Dask arrays), look up the local PSF with :meth:`psf_at`, and run it block by block with
+    :meth:`restrict` / :meth:`apply_block` (what the Dask paths use).
+
+    Attributes
+    ----------
+    kind : {"grid", "basis"}
+    shape : (int, int)
+        Image shape the operator is defined on.
+    kernels : ndarray
+        (gy, gx, K, K) for the grid form, (I, K, K) for the basis form; float32.
+    centers : (ndarray, ndarray) or None
+        Node rows and columns (pixel coordinates) of the grid form.
+    maps : array_like or None
+        (I, H, W) coefficient maps of the basis form.
+    """
+
+    def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None):
+        self.kind = kind
+        self.shape = tuple(int(s) for s in shape)
+        self.kernels = kernels
+        self.centers = centers
+        self.maps = maps
+        self.window = tuple(window) if window is not None else (0, 0) + self.shape
+        self._plan_cache = None
+        self._spectra_cache: dict = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_grid(cls, psfs, shape, centers=None) -> "ProductConvolution":
+        """Grid operator: one PSF per node, bilinear interpolation of the blur between nodes.
+
+        Parameters
+        ----------
+        psfs : array_like (gy, gx, K, K)
+            PSF of each node, K odd, centred at K//2.
+        shape : (int, int)
+            Image shape (H, W).
+        centers : (array_like (gy,), array_like (gx,)), optional
+            Node rows and columns in pixel coordinates, strictly increasing. Default: cell centres
+            ``(i + 0.5) * N / g - 0.5``.
+        """
+        psfs = _as_float_array(psfs, "psfs")
+        if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
+            raise ValueError(f"psfs must have shape (gy, gx, K, K), got {psfs.shape}")
+        shape = _check_shape(shape)
+        _check_kernel_size(psfs.shape[-1], shape)
+        gy, gx = psfs.shape[:2]
+        if gy < 1 or gx < 1:
+            raise ValueError("psfs must hold at least one PSF (gy, gx >= 1)")
+        if centers is None:
+            centers = tuple((np.arange(g) + 0.5) * n / g - 0.5 for g, n in zip((gy, gx), shape))
+        else:
+            if len(centers) != 2:
+                raise ValueError("centers must be a pair (rows, columns) of 1-D arrays")
+            centers = tuple(np.asarray(c, dtype=np.float64).ravel() for c in centers)
+            for c, g, ax in zip(centers, (gy, gx), "yx"):
+                if len(c) != g:
+                    raise ValueError(f"{len(c)} node {ax}-centres given for a grid of {g} PSFs along {ax}")
+                if not np.all(np.isfinite(c)) or np.any(np.diff(c) <= 0):
+                    raise ValueError(f"node {ax}-centres must be finite and strictly increasing")
+        return cls("grid", shape, psfs, centers=centers)
+
+    @classmethod
+    def from_basis(cls, kernels, maps) -> "ProductConvolution":
+        """Basis operator: ``H u = sum_i h_i * (alpha_i . u)``.
+
+        Parameters
+        ----------
+        kernels : array_like (I, K, K)
+            Basis kernels (may be signed, e.g. principal components), K odd.
+        maps : array_like (I, H, W)
+            Coefficient maps; NumPy or any array that slices lazily (zarr, dask).
+        """
+        kernels = _as_float_array(kernels, "kernels")
+        if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
+            raise ValueError(f"basis kernels must have shape (I, K, K), got {kernels.shape}")
+        if getattr(maps, "ndim", None) != 3:
+            maps = np.asarray(maps, dtype=np.float32)
+        if maps.ndim != 3 or maps.shape[0] != kernels.shape[0]:
+            raise ValueError(
+                f"coefficient maps must have shape (I={kernels.shape[0]}, H, W), got {tuple(maps.shape)}"
+            )
+        shape = _check_shape(maps.shape[1:])
+        _check_kernel_size(kernels.shape[-1], shape)
+        if isinstance(maps, np.ndarray):
+            maps = maps.astype(np.float32, copy=False)
+            if not np.all(np.isfinite(maps)):
+                raise ValueError("coefficient maps contain NaN or Inf")
+        return cls("basis", shape, kernels, maps=maps)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def kernel_size(self) -> int:
+        return int(self.kernels.shape[-1])
+
+    @property
+    def halo(self) -> int:
+        """Kernel radius: how far one application moves information, in pixels."""
+        return self.kernel_size // 2
+
+    @property
+    def n_psfs(self) -> int:
+        return int(np.prod(self.kernels.shape[:-2]))
+
+    @property
+    def grid_shape(self):
+        return self.kernels.shape[:2] if self.kind == "grid" else None
+
+    @property
+    def domain_shape(self) -> tuple[int, int]:
+        """Shape of the arrays :meth:`apply` takes (the window for a restricted operator)."""
+        return self.window[2], self.window[3]
+
+    def __repr__(self):
+        extra = f"grid={self.grid_shape}" if self.kind == "grid" else f"basis={self.kernels.shape[0]}"
+        win = "" if self.window == (0, 0) + self.shape else f", window={self.window}"
+        return f"ProductConvolution({self.kind}, shape={self.shape}, {extra}, K={self.kernel_size}{win})"
+
+    def __getstate__(self):
+        # FFT plans and kernel spectra are rebuilt where the operator lands (a Dask worker).
+        state = self.__dict__.copy()
+        state["_plan_cache"] = None
+        state["_spectra_cache"] = {}
+        return state
+
+    # ------------------------------------------------------------------ windows
+    def restrict(self, origin, shape) -> "ProductConvolution":
+        """The operator seen through a window of the image (for block-wise work).
+
+        ``origin`` is the window's top-left pixel in image coordinates (may be negative, and the
+        window may extend past the image: the image is zero there). The restricted operator acts on
+        arrays of ``shape``; on the window shrunk by :attr:`halo` it equals the full operator.
+        """
+        if self.window != (0, 0) + self.shape:
+            raise ValueError("restrict() applies to a full-image operator")
+        oy, ox = (int(o) for o in origin)
+        h, w = _check_shape(shape)
+        return ProductConvolution(
+            self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps, window=(oy, ox, h, w)
+        )
+
+    def apply_block(self, block, origin):
+        """Apply to a block that carries a halo of :attr:`halo` pixels on every side.
+
+        ``origin`` is the image position of the block's first pixel (halo included). Returns the block
+        without its halo, equal to the same region of ``apply`` on the whole image.
+        """
+        r = self.halo
+        out = self.restrict(origin, block.shape).apply(block)
+        return out[r : out.shape[0] - r, r : out.shape[1] - r]
+
+    def adjoint_block(self, block, origin):
+        """Adjoint counterpart of :meth:`apply_block`."""
+        r = self.halo
+        out = self.restrict(origin, block.shape).adjoint(block)
+        return out[r : out.shape[0] - r, r : out.shape[1] - r]
+
+    # ------------------------------------------------------------------ application
+    def apply(self, u):
+        """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out."""
+        return self._dispatch(u, adjoint=False)
+
+    __call__ = apply
+
+    def adjoint(self, v):
+        """``H^T v``: the exact adjoint (``<H u, v> = <u, H^T v>``)."""
+        return self._dispatch(v, adjoint=True)
+
+    def _dispatch(self, x, adjoint):
+        if _is_dask(x):
+            return self._map_overlap(x, adjoint)
+        xp = array_module(x)
+        x = xp.asarray(x)
+        if x.shape != self.domain_shape:
+            raise ValueError(f"image shape {x.shape} does not match the operator's shape {self.domain_shape}")
+        x = x.astype(xp.float32, copy=False)
+        return self._adjoint(x) if adjoint else self._forward(x)
+
+    def _map_overlap(self, x, adjoint):
+        if x.shape != self.shape or self.window != (0, 0) + self.shape:
+            raise ValueError(f"dask image shape {x.shape} does not match the operator's shape {self.shape}")
+        r = self.halo
+        if min(min(c) for c in x.chunks) < r:
+            x = x.rechunk({0: max(r, x.chunksize[0]), 1: max(r, x.chunksize[1])})
+        offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks]
+
+        def block_fn(block, block_info=None):
+            # map_overlap hands over the block with its halo and trims the halo off the result.
+            iy, ix = block_info[None]["chunk-location"]
+            op = self.restrict((offsets[0][iy] - r, offsets[1][ix] - r), block.shape)
+            return op.adjoint(block) if adjoint else op.apply(block)
+
+        return x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
+
+    # ------------------------------------------------------------------ engine
+    def _plan(self) -> list[_Group]:
+        if self._plan_cache is not None:
+            return self._plan_cache
+        oy, ox, h, w = self.window
+        pad = self.kernel_size - 1
+        groups = []
+        if self.kind == "grid":
+            for cy in _axis_cells(self.centers[0], oy, h, pad):
+                for cx in _axis_cells(self.centers[1], ox, w, pad):
+                    terms = []
+                    for wy, ny in ((cy.w_lo, cy.node_lo), (cy.w_hi, cy.node_hi)):
+                        for wx, nx in ((cx.w_lo, cx.node_lo), (cx.w_hi, cx.node_hi)):
+                            if not (wy.any() and wx.any()):
+                                continue  # e.g. the unused upper node of a one-node axis
+                            ids = ny[:, None] * self.kernels.shape[1] + nx[None, :]
+                            terms.append(((wy[:, None, :, None], wx[None, :, None, :]), ids))
+                    fshape = (next_fast_len(cy.length.max() + pad), next_fast_len(cx.length.max() + pad))
+                    groups.append(_Group(cy.start, cy.length, cx.start, cx.length, fshape, terms))
+        else:
+            maps = _window_of(self.maps, self.window, self.shape)
+            terms = [((maps[i][None, None],), np.array([[i]])) for i in range(maps.shape[0])]
+            fshape = (next_fast_len(h + pad), next_fast_len(w + pad))
+            groups.append(_Group(np.array([0]), np.array([h]), np.array([0]), np.array([w]), fshape, terms))
+        self._plan_cache = groups
+        return groups
+
+    def _spectra(self, gi: int, group: _Group, xp):
+        """Kernel spectra of a group's terms at its FFT shape (cached per operator and device)."""
+        key = (gi, xp.__name__)
+        if key not in self._spectra_cache:
+            flat = self.kernels.reshape(-1, self.kernel_size, self.kernel_size)
+            fft = fft_module(xp.empty(0))
+            self._spectra_cache[key] = [
+                fft.rfft2(xp.asarray(flat[ids]), s=group.fshape).astype(xp.complex64) for _, ids in group.terms
+            ]
+        return self._spectra_cache[key]
+
+    def _weights(self, group, xp):
+        return [tuple(xp.asarray(f) for f in factors) for factors, _ in group.terms]
+
+    def _forward(self, u):
+        xp, fft = array_module(u), fft_module(u)
+        h, w = u.shape
+        r = self.halo
+        out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
+        for gi, g in enumerate(self._plan()):
+            ly, lx = g.tile
+            tiles = _gather(u, g.ys, g.xs, ly, lx)
+            acc = None
+            for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp)):
+                x = tiles
+                for f in factors:
+                    x = x * f
+                term = fft.rfft2(x, s=g.fshape)
+                term *= spec
+                acc = term if acc is None else _iadd(acc, term)
+            res = fft.irfft2(acc, s=g.fshape)
+            # Overlap-add: a memory-bound slice add per cell; all FFT work above is batched.
+            for a in range(len(g.ys)):
+                y0, ny = int(g.ys[a]), int(g.yl[a]) + 2 * r
+                for b in range(len(g.xs)):
+                    x0, nx = int(g.xs[b]), int(g.xl[b]) + 2 * r
+                    out[y0 : y0 + ny, x0 : x0 + nx] += res[a, b, :ny, :nx]
+        return out[r : r + h, r : r + w]
+
+    def _adjoint(self, v):
+        xp, fft = array_module(v), fft_module(v)
+        h, w = v.shape
+        r = self.halo
+        out = xp.empty((h, w), dtype=xp.float32)
+        vpad = xp.pad(v, r)
+        for gi, g in enumerate(self._plan()):
+            ly, lx = g.tile
+            V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r), s=g.fshape)
+            acc = None
+            for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp)):
+                # Correlation with the kernel = product with the conjugate spectrum.
+                c = fft.irfft2(V * spec.conj(), s=g.fshape)[..., :ly, :lx]
+                for f in factors:
+                    c = c * f
+                acc = c if acc is None else _iadd(acc, c)
+            # Cells tile the window without overlap: one vectorised scatter.
+            rows = np.concatenate([np.arange(s, s + n) for s, n in zip(g.ys, g.yl)])
+            cols = np.concatenate([np.arange(s, s + n) for s, n in zip(g.xs, g.xl)])
+            my = (np.arange(ly)[None, :] < g.yl[:, None]).ravel()
+            mx = (np.arange(lx)[None, :] < g.xl[:, None]).ravel()
+            flat = acc.transpose(0, 2, 1, 3).reshape(len(g.ys) * ly, len(g.xs) * lx)
+            out[xp.asarray(rows)[:, None], xp.asarray(cols)[None, :]] = flat[xp.asarray(my)][:, xp.asarray(mx)]
+        return out
+
+    # ------------------------------------------------------------------ inspection
+    def psf_at(self, y: float, x: float) -> np.ndarray:
+        """The local PSF at image position (y, x) in (float) pixel coordinates, shape (K, K)."""
+        y, x = float(y), float(x)
+        if not (-0.5 <= y <= self.shape[0] - 0.5 and -0.5 <= x <= self.shape[1] - 0.5):
+            raise ValueError(f"position ({y}, {x}) lies outside the image of shape {self.shape}")
+        k = to_numpy(self.kernels)
+        if self.kind == "grid":
+            wy = np.zeros(len(self.centers[0]))
+            wx = np.zeros(len(self.centers[1]))
+            for wv, c, p in ((wy, self.centers[0], y), (wx, self.centers[1], x)):
+                lo, hi, t = _hat_weights(c, np.array(p))
+                wv[int(lo)] += 1 - float(t)
+                wv[int(hi)] += float(t)
+            return np.einsum("i,j,ijkl->kl", wy, wx, k).astype(np.float32)
+        from scipy.ndimage import map_coordinates
+
+        iy, ix = int(math.floor(y)), int(math.floor(x))
+        y0, x0 = max(0, min(iy, self.shape[0] - 2)), max(0, min(ix, self.shape[1] - 2))
+        patch = np.asarray(self.maps[:, y0 : y0 + 2, x0 : x0 + 2], dtype=np.float64)
+        coords = np.array([[min(max(y - y0, 0.0), patch.shape[1] - 1)], [min(max(x - x0, 0.0), patch.shape[2] - 1)]])
+        alpha = np.array([map_coordinates(m, coords, order=1, mode="nearest")[0] for m in patch])
+        return np.tensordot(alpha, k, axes=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _is_dask(x) -> bool:
+    return type(x).__module__.startswith("dask")
+
+
+def _iadd(acc, term):
+    acc += term
+    return acc
+
+
+def _gather(img, ys, xs, ly, lx):
+    """Tiles ``img[ys[a]:ys[a]+ly, xs[b]:xs[b]+lx]`` as an (na, nb, ly, lx) array (zero past the edge)."""
+    xp = array_module(img)
+    h, w = img.shape
+    need_y, need_x = int(ys.max()) + ly - h, int(xs.max()) + lx - w
+    if need_y > 0 or need_x > 0:
+        img = xp.pad(img, ((0, max(0, need_y)), (0, max(0, need_x))))
+    iy = xp.asarray(ys[:, None] + np.arange(ly)[None, :])
+    ix = xp.asarray(xs[:, None] + np.arange(lx)[None, :])
+    return img[iy[:, None, :, None], ix[None, :, None, :]]
+
+
+def _window_of(maps, window, shape):
+    """Coefficient maps on a window of the image, zero outside the image, as float32."""
+    oy, ox, h, w = window
+    out = np.zeros((maps.shape[0], h, w), dtype=np.float32)
+    y0, y1 = max(oy, 0), min(oy + h, shape[0])
+    x0, x1 = max(ox, 0), min(ox + w, shape[1])
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = np.asarray(maps[:, y0:y1, x0:x1])
+    return out
+
+
+def _as_float_array(a, name):
+    try:
+        arr = np.asarray(to_numpy(a) if hasattr(a, "get") else a, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a numeric array ({e})") from None
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return arr
+
+
+def _check_shape(shape):
+    try:
+        h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair (H, W) of positive integers, got {shape!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"shape must be a pair (H, W) of positive integers, got {shape!r}")
+    return h, w
+
+
+def _check_kernel_size(k, shape):
+    if k % 2 == 0:
+        raise ValueError(f"kernels must have an odd size (centre at K//2), got K={k}")
+    if k > min(shape):
+        raise ValueError(f"kernel size {k} is larger than the image {shape}; crop the PSFs or use a larger image")

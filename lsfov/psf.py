@@ -1,0 +1,435 @@
+"""PSF models: optics, anisotropic Gaussians and scalar pupil-function (Zernike) PSFs.
+
+Conventions (every function in lsfov follows them):
+
+* Arrays are indexed ``[y, x]``; ``y`` is the row index and grows downwards.
+* Kernels are odd-sized (``K x K``), point-sampled at pixel centres, centred at ``K // 2``,
+  non-negative and sum to 1.
+* Pupil coordinates ``xi = (xi_y, xi_x)`` are spatial frequencies in cycles/µm; the pupil angle is
+  ``theta = atan2(xi_y, xi_x)`` and the normalised radius ``rho = |xi| / (NA / lambda)``.
+* Pupil field (paper 003 Eq. 7, paper 000 Eq. 6-7)::
+
+      E(xi) = 1{|xi| <= NA/lambda} * exp(2i*pi*(W(xi) + z*sqrt(n**2/lambda**2 - |xi|**2)))
+
+  with ``W = sum_j c_j Z_j(rho, theta)`` in waves, ``Z_j`` the Noll-indexed Zernike polynomials
+  normalised to unit RMS over the pupil (so ``c_j`` are waves RMS), ``z`` the defocus distance in µm
+  and ``n`` the immersion index. The PSF is ``|F E|**2`` with ``F`` the forward Fourier transform
+  (``exp(-2i*pi*<xi, x>)``), so a positive x-tilt (Noll 2) moves the PSF towards +x.
+* Named models (``MODELS``): ``focus`` is Noll 4 in waves RMS (>= 0: the sign of a pure defocus is
+  not observable in intensity); an astigmatism of magnitude ``c >= 0`` and axis ``theta`` in
+  ``[0, pi)`` gives Noll 6 = ``c cos 2theta`` and Noll 5 = ``c sin 2theta``. Since all these terms are
+  even, ``(focus, c, theta)`` and ``(-focus, c, theta + pi/2)`` give the same PSF: the axis carries the
+  side of focus, which is what depth-from-astigmatism reads (paper 000 Eq. 14).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Mapping
+
+import numpy as np
+import scipy.fft
+
+from ._backend import next_fast_len
+
+__all__ = [
+    "Optics",
+    "PSFModel",
+    "MODELS",
+    "gaussian",
+    "zernike",
+    "noll_to_nm",
+    "zernike_polynomial",
+    "airy",
+]
+
+# Upper bound of a batch rendered in one FFT call; keeps temporaries at a few hundred MB.
+_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Optics:
+    """Imaging conditions of a microscope.
+
+    Parameters
+    ----------
+    na : float
+        Numerical aperture of the objective.
+    wavelength_um : float
+        Emission wavelength in µm.
+    pixel_um : float
+        Pixel size in the object plane (camera pixel / magnification) in µm.
+    immersion_index : float, optional
+        Refractive index of the immersion medium (1.0 air, 1.33 water, 1.518 oil).
+    """
+
+    na: float
+    wavelength_um: float
+    pixel_um: float
+    immersion_index: float = 1.0
+
+    def __post_init__(self):
+        for name in ("na", "wavelength_um", "pixel_um", "immersion_index"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"Optics.{name} must be a positive number, got {v!r}")
+        if self.na > self.immersion_index:
+            raise ValueError(
+                f"Optics.na={self.na} exceeds immersion_index={self.immersion_index}; "
+                "use the refractive index of the immersion medium (e.g. 1.518 for oil)"
+            )
+
+    @property
+    def cutoff(self) -> float:
+        """Pupil radius NA/lambda in cycles/µm."""
+        return self.na / self.wavelength_um
+
+    @property
+    def nyquist_ratio(self) -> float:
+        """Pixel size over the Nyquist pixel lambda/(4 NA); > 1 means the PSF is undersampled."""
+        return self.pixel_um * 4 * self.na / self.wavelength_um
+
+    def to_dict(self) -> dict:
+        return {k: float(getattr(self, k)) for k in ("na", "wavelength_um", "pixel_um", "immersion_index")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Zernike polynomials (Noll indexing, unit RMS over the unit disk)
+
+
+def noll_to_nm(j: int) -> tuple[int, int]:
+    """Radial order ``n`` and signed azimuthal frequency ``m`` of Noll index ``j`` (1-based).
+
+    ``m > 0`` is a cosine term (even ``j``), ``m < 0`` a sine term (odd ``j``).
+    """
+    j = int(j)
+    if j < 1:
+        raise ValueError(f"Noll indices start at 1, got {j}")
+    n = 0
+    while j > (n + 1) * (n + 2) // 2:
+        n += 1
+    k = j - n * (n + 1) // 2 - 1  # position within the radial order
+    m = 2 * ((k + 1) // 2) if n % 2 == 0 else 2 * (k // 2) + 1
+    if m != 0 and j % 2 == 1:
+        m = -m
+    return n, m
+
+
+def zernike_polynomial(j: int, rho, theta):
+    """Noll-normalised Zernike polynomial ``Z_j(rho, theta)`` (unit RMS over ``rho <= 1``).
+
+    Values outside the unit disk are returned as computed (not masked).
+    """
+    n, m = noll_to_nm(j)
+    am = abs(m)
+    rho = np.asarray(rho, dtype=np.float64)
+    radial = np.zeros_like(rho)
+    for s in range((n - am) // 2 + 1):
+        c = (-1) ** s * math.factorial(n - s) / (
+            math.factorial(s) * math.factorial((n + am) // 2 - s) * math.factorial((n - am) // 2 - s)
+        )
+        radial += c * rho ** (n - 2 * s)
+    if m == 0:
+        return math.sqrt(n + 1) * radial
+    ang = np.cos(am * np.asarray(theta)) if m > 0 else np.sin(am * np.asarray(theta))
+    return math.sqrt(2 * (n + 1)) * radial * ang
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian PSFs
+
+
+def _check_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
+        raise ValueError(f"kernel size must be a positive odd integer, got {size!r}")
+    return int(size)
+
+
+def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
+    """Anisotropic Gaussian PSF (paper 000 Eq. 8), point-sampled and normalised to sum 1.
+
+    Parameters
+    ----------
+    sigma_y, sigma_x : float or array_like of shape (B,)
+        Standard deviations in pixels along y (rows) and x (columns); ``sigma_x`` defaults to
+        ``sigma_y`` (isotropic, model G1). Arrays give a batch of kernels.
+    size : int, optional
+        Odd kernel size; default ``2 * ceil(4 * max sigma) + 1``.
+
+    Returns
+    -------
+    ndarray, float32, shape (size, size) or (B, size, size)
+    """
+    sy = np.asarray(sigma_y, dtype=np.float64)
+    sx = sy if sigma_x is None else np.asarray(sigma_x, dtype=np.float64)
+    sy, sx = np.broadcast_arrays(sy, sx)
+    if not np.all(np.isfinite(sy) & np.isfinite(sx)) or np.any(sy <= 0) or np.any(sx <= 0):
+        raise ValueError("Gaussian widths must be finite and > 0 (standard deviations in pixels)")
+    if size is None:
+        size = 2 * int(math.ceil(4 * float(max(sy.max(), sx.max())))) + 1
+    size = _check_size(size)
+    r = np.arange(size) - size // 2
+    gy = np.exp(-0.5 * (r / sy[..., None]) ** 2)
+    gx = np.exp(-0.5 * (r / sx[..., None]) ** 2)
+    gy /= gy.sum(-1, keepdims=True)  # normalising each axis makes the product sum to exactly 1
+    gx /= gx.sum(-1, keepdims=True)
+    return (gy[..., :, None] * gx[..., None, :]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pupil-function PSFs
+
+
+@lru_cache(maxsize=32)
+def _pupil_plan(optics: Optics, size: int, nolls: tuple[int, ...]):
+    """Pupil samples, Zernike basis and partial-DFT matrix for one (optics, kernel size).
+
+    The PSF is evaluated with a matrix Fourier transform, ``A @ E @ A.T``, straight at the K pixel
+    centres: no oversampling, no fftshift, and only the pupil's (2R+1)² samples enter the product.
+    """
+    cutoff = optics.cutoff
+    # Pupil spacing: >= 32 samples across the radius (smooth edge, Airy rings within ~0.1%) and a
+    # spatial period of >= 2 kernels so that PSF tails do not alias into the kernel.
+    df = min(cutoff / 32.0, 1.0 / (2.0 * size * optics.pixel_um))
+    r = int(math.ceil(cutoff / df))
+    f = df * np.arange(-r, r + 1)
+    fy, fx = np.meshgrid(f, f, indexing="ij")
+    rho = np.hypot(fy, fx) / cutoff
+    inside = (rho <= 1.0).ravel()
+    rho_in, theta_in = rho.ravel()[inside], np.arctan2(fy, fx).ravel()[inside]
+    basis = (
+        np.stack([zernike_polynomial(j, rho_in, theta_in) for j in nolls]).astype(np.float32) if nolls else None
+    )
+    n_over_lambda = optics.immersion_index / optics.wavelength_um
+    # Angular-spectrum defocus term minus its constant part (a global phase).
+    defocus = (np.sqrt(np.maximum(n_over_lambda**2 - (rho_in * cutoff) ** 2, 0.0)) - n_over_lambda).astype(
+        np.float32
+    )
+    x = optics.pixel_um * (np.arange(size) - size // 2)
+    dft = np.exp(-2j * np.pi * np.outer(x, f)).astype(np.complex64)  # (K, 2R+1)
+    return 2 * r + 1, inside, basis, defocus, dft
+
+
+def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.0) -> np.ndarray:
+    """Scalar pupil-function PSF with Zernike aberrations (paper 003 Eq. 6-7).
+
+    Parameters
+    ----------
+    coeffs : dict {int: float or array_like (B,)}
+        Noll index -> coefficient in waves RMS. Arrays (all of one length B) render a batch.
+    optics : Optics
+        NA, wavelength, pixel size and immersion index.
+    size : int
+        Odd kernel size in pixels.
+    z_um : float or array_like (B,)
+        Defocus distance in µm through the angular-spectrum term ``z sqrt(n²/λ² - |ξ|²)``.
+
+    Returns
+    -------
+    ndarray, float32, shape (size, size) or (B, size, size)
+        Point-sampled intensity PSF, centred at ``size // 2``, summing to 1.
+    """
+    if not isinstance(optics, Optics):
+        raise TypeError(f"optics must be an lsfov.Optics, got {type(optics).__name__}")
+    size = _check_size(size)
+    coeffs = dict(coeffs or {})
+    for j in coeffs:
+        noll_to_nm(j)
+    nolls = tuple(sorted(int(j) for j in coeffs))
+    values = [np.asarray(coeffs[j], dtype=np.float64) for j in nolls]
+    z = np.asarray(z_um, dtype=np.float64)
+    batched = any(v.ndim > 0 for v in values) or z.ndim > 0
+    arrays = np.broadcast_arrays(*values, z)
+    b = max(1, arrays[-1].size)
+    cmat = np.stack([a.reshape(-1) for a in arrays[:-1]], axis=1) if nolls else np.zeros((b, 0))
+    zvec = arrays[-1].reshape(-1)
+    if not (np.all(np.isfinite(cmat)) and np.all(np.isfinite(zvec))):
+        raise ValueError("Zernike coefficients and z_um must be finite")
+    p, inside, basis, defocus, dft = _pupil_plan(optics, size, nolls)
+    out = np.empty((b, size, size), dtype=np.float32)
+    for s in range(0, b, _BATCH):  # batches of matrix products, not a loop over PSFs
+        e = slice(s, min(b, s + _BATCH))
+        n = e.stop - e.start
+        phase = np.outer(zvec[e].astype(np.float32), defocus)
+        if basis is not None:
+            phase += cmat[e].astype(np.float32) @ basis
+        phase *= np.float32(2 * np.pi)
+        field = np.zeros((n, p * p), dtype=np.complex64)
+        field.real[:, inside] = np.cos(phase)  # float32 cos/sin: ~2x faster than complex exp
+        field.imag[:, inside] = np.sin(phase)
+        # amp = A @ E @ A.T as two large GEMMs over the whole batch.
+        tmp = (field.reshape(n * p, p) @ dft.T).reshape(n, p, size)
+        amp = (dft @ tmp.transpose(1, 0, 2).reshape(p, n * size)).reshape(size, n, size).transpose(1, 0, 2)
+        psf = amp.real**2 + amp.imag**2
+        out[e] = psf / psf.sum(axis=(-2, -1), keepdims=True)
+    return out if batched else out[0]
+
+
+def airy(optics: Optics, size: int = 31) -> np.ndarray:
+    """Analytic in-focus Airy pattern ``[2 J1(v)/v]²``, ``v = 2π NA r / λ``, point-sampled, sum 1."""
+    from scipy.special import j1
+
+    size = _check_size(size)
+    r = np.arange(size) - size // 2
+    rr = np.hypot(r[:, None], r[None, :]) * optics.pixel_um
+    v = 2 * np.pi * optics.na * rr / optics.wavelength_um
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = np.where(v == 0, 1.0, (2 * j1(v) / np.where(v == 0, 1, v)) ** 2)
+    return (a / a.sum()).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Named models
+
+
+@dataclass(frozen=True)
+class PSFModel:
+    """A named parametric PSF model (paper 000 Table II).
+
+    Attributes
+    ----------
+    name : str
+    params : tuple of str
+        Parameter names, in the order of the columns of a parameter batch.
+    units : dict {param: unit}
+    ranges : dict {param: (low, high)}
+        Default sampling ranges (training-set synthesis draws uniformly in them).
+    optics : Optics or None
+        Optics of Zernike models (part of the model); ``None`` for Gaussian models.
+    size : int
+        Default kernel size.
+    """
+
+    name: str
+    params: tuple
+    units: Mapping[str, str]
+    ranges: Mapping[str, tuple]
+    description: str
+    optics: Optics | None = None
+    size: int = 31
+    _kind: str = field(default="gaussian", repr=False)
+
+    @property
+    def n_params(self) -> int:
+        return len(self.params)
+
+    def as_array(self, params) -> tuple[np.ndarray, bool]:
+        """Parameter set(s) as a (B, N) float64 array, and whether a batch was given."""
+        if isinstance(params, Mapping):
+            missing = [p for p in self.params if p not in params]
+            if missing:
+                raise ValueError(f"model {self.name} needs parameters {list(self.params)}; missing {missing}")
+            cols = np.broadcast_arrays(*[np.asarray(params[p], dtype=np.float64) for p in self.params])
+            batched = cols[0].ndim > 0
+            arr = np.stack([c.reshape(-1) for c in cols], axis=1)
+        else:
+            arr = np.asarray(params, dtype=np.float64)
+            batched = arr.ndim == 2
+            arr = np.atleast_2d(arr)
+            if arr.ndim != 2 or arr.shape[1] != self.n_params:
+                raise ValueError(
+                    f"model {self.name} takes {self.n_params} parameters {list(self.params)} per PSF; "
+                    f"got an array of shape {np.shape(params)}"
+                )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{self.name} parameters must be finite")
+        return arr, batched
+
+    def render(self, params, size: int | None = None, optics: Optics | None = None) -> np.ndarray:
+        """Render one PSF (``params``: sequence of N values or a dict) or a batch ((B, N) array).
+
+        Returns a float32 kernel (size, size) or batch (B, size, size), each summing to 1.
+        ``optics`` overrides the model's optics (Zernike models only).
+        """
+        arr, batched = self.as_array(params)
+        size = self.size if size is None else size
+        if self._kind == "gaussian":
+            if self.n_params == 1:
+                out = gaussian(arr[:, 0], size=size)
+            else:
+                out = gaussian(arr[:, 0], arr[:, 1], size=size)
+        else:
+            optics = optics or self.optics
+            p = dict(zip(self.params, arr.T))
+            coeffs = {}
+            if "focus" in p:
+                coeffs[4] = p["focus"]
+            if "astigmatism" in p:
+                c, th = p["astigmatism"], p["axis"]
+                coeffs[5] = c * np.sin(2 * th)
+                coeffs[6] = c * np.cos(2 * th)
+            out = zernike(coeffs, optics, size=size)
+            if out.ndim == 2:
+                out = out[None]
+        return out if batched else out[0]
+
+    def sample(self, n: int, rng=None) -> np.ndarray:
+        """Draw ``n`` parameter sets uniformly over the model's ranges, shape (n, N)."""
+        rng = np.random.default_rng(rng)
+        lo, hi = self.bounds
+        return lo + (hi - lo) * rng.random((int(n), self.n_params))
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.array([self.ranges[p][0] for p in self.params], dtype=np.float64)
+        hi = np.array([self.ranges[p][1] for p in self.params], dtype=np.float64)
+        return lo, hi
+
+    def normalize(self, params) -> np.ndarray:
+        """Map parameters to [0, 1] by the model's ranges (the CNN's regression targets)."""
+        lo, hi = self.bounds
+        return (np.asarray(params, dtype=np.float64) - lo) / (hi - lo)
+
+    def denormalize(self, unit) -> np.ndarray:
+        """Inverse of :meth:`normalize`."""
+        lo, hi = self.bounds
+        return lo + np.asarray(unit, dtype=np.float64) * (hi - lo)
+
+
+# A widefield 20x/0.75 air objective in green light, 0.2 µm pixels: Airy radius ~2.2 px, and the
+# default ranges keep every PSF inside a 31-pixel kernel.
+DEFAULT_OPTICS = Optics(na=0.75, wavelength_um=0.55, pixel_um=0.2, immersion_index=1.0)
+
+_FOCUS = (0.0, 0.5)
+_ASTIG = (0.0, 0.3)
+_AXIS = (0.0, math.pi)
+
+MODELS: dict[str, PSFModel] = {
+    "G1": PSFModel(
+        "G1", ("sigma",), {"sigma": "pixel"}, {"sigma": (0.5, 4.0)},
+        "isotropic Gaussian (paper 000 Eq. 8, one width)",
+    ),
+    "G2": PSFModel(
+        "G2", ("sigma_y", "sigma_x"), {"sigma_y": "pixel", "sigma_x": "pixel"},
+        {"sigma_y": (0.5, 4.0), "sigma_x": (0.5, 4.0)},
+        "anisotropic Gaussian with widths along y and x (paper 000 Eq. 8)",
+    ),
+    "Z1": PSFModel(
+        "Z1", ("focus",), {"focus": "wave RMS"}, {"focus": _FOCUS},
+        "pupil PSF with defocus (Noll 4)", DEFAULT_OPTICS, _kind="zernike",
+    ),
+    "Z2": PSFModel(
+        "Z2", ("astigmatism", "axis"), {"astigmatism": "wave RMS", "axis": "radian"},
+        {"astigmatism": _ASTIG, "axis": _AXIS},
+        "pupil PSF with astigmatism magnitude and axis (Noll 5, 6)", DEFAULT_OPTICS, _kind="zernike",
+    ),
+    "Z3": PSFModel(
+        "Z3", ("focus", "astigmatism", "axis"),
+        {"focus": "wave RMS", "astigmatism": "wave RMS", "axis": "radian"},
+        {"focus": _FOCUS, "astigmatism": _ASTIG, "axis": _AXIS},
+        "pupil PSF with defocus and astigmatism magnitude and axis (Noll 4, 5, 6)",
+        DEFAULT_OPTICS, _kind="zernike",
+    ),
+}
+
+
+def get_model(name: str | PSFModel) -> PSFModel:
+    """Look up a model by name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z2"``, ``"Z3"``)."""
+    if isinstance(name, PSFModel):
+        return name
+    try:
+        return MODELS[str(name).upper()]
+    except KeyError:
+        raise ValueError(f"unknown PSF model {name!r}; choose one of {sorted(MODELS)}") from None
+
