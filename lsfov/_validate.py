@@ -1,0 +1,52 @@
+"""Input checks shared by the public functions: one-line messages that say what to do."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ._backend import array_module
+
+
+class LsfovWarning(UserWarning):
+    """Something in the input was fixed up (e.g. negative pixels clipped)."""
+
+
+def as_image(x, name: str = "image", *, check_values: bool = True):
+    """Validate a 2-D image and return it as float32 (NumPy or CuPy; other arrays go to NumPy).
+
+    Integer and boolean images are converted; NaN/Inf are refused; small negative values (a camera
+    offset) are clipped to zero with a warning.
+    """
+    xp = array_module(x)
+    if xp is np:
+        x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape})")
+    if x.ndim != 2:
+        squeezed = x.squeeze() if x.ndim > 2 else x
+        if squeezed.ndim != 2:
+            raise ValueError(
+                f"{name} must be 2-D (y, x), got shape {x.shape}; pick a plane, channel or time point first"
+            )
+        x = squeezed
+    x = x.astype(xp.float32, copy=False)
+    if check_values:
+        if not bool(xp.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf pixels; mask or inpaint them first")
+        lo = float(x.min())
+        if lo < 0:
+            hi = float(x.max())
+            if hi <= 0:
+                raise ValueError(f"{name} has no positive pixel (max {hi:g}); is it background-subtracted twice?")
+            warnings.warn(f"{name} has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
+            x = xp.maximum(x, 0)
+    return x
+
+
+def positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)

@@ -1,0 +1,502 @@
+"""Images in and results out: OME-Zarr (NGFF 0.4/0.5), TIFF and .npy <-> xarray.
+
+* :func:`open_image` reads an image lazily (Dask) into an ``xarray.DataArray`` with dims ``(y, x)`` and
+  coordinates at pixel centres, in µm when the file says so (``translation + scale * index``).
+* :func:`save` writes a Dataset (or DataArray) as an lsfov *result*: a zarr v3 group holding one NGFF
+  0.5 multiscale image per variable (``deblurred/``, ``depth/``, ...), each with its own scale and
+  translation so that napari overlays them on the raw image. Writing streams chunk by chunk, goes to
+  a temporary sibling path first and is moved into place only when complete; the root's
+  ``lsfov.complete`` attribute is the completion marker.
+* :func:`open_result` reads a result back as one ``xarray.Dataset`` with the same variable names.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+__all__ = ["open_image", "save", "open_result", "describe"]
+
+SPATIAL_UNIT = "micrometer"
+_NGFF_NONSPATIAL = {"t": "time", "c": "channel"}
+_PYRAMID_MIN = 512  # no pyramid level smaller than this along y or x
+_CHUNK = 1024
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=None) -> xr.DataArray:
+    """Open a 2-D image lazily as an ``xarray.DataArray`` with dims ``(y, x)``.
+
+    Parameters
+    ----------
+    path : str or Path
+        OME-Zarr image (NGFF 0.4 or 0.5; a multiscale group), TIFF/OME-TIFF, or ``.npy``.
+    channel, z, t : int, optional
+        Index along that axis of a multi-dimensional image. Singleton axes are dropped; a remaining
+        axis with more than one element must be chosen.
+    level : int
+        Pyramid level of an OME-Zarr image (0 = full resolution).
+    chunks : int or tuple, optional
+        Dask chunking of the result (default: the file's chunks, at most 2048²).
+
+    Returns
+    -------
+    xarray.DataArray
+        Dask-backed, dims ``("y", "x")``; coordinates are pixel centres in µm when the pixel size is
+        known (``attrs["pixel_um"]``), otherwise pixel indices (coordinate ``units`` attr says which).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.is_dir():
+        arr = _open_ngff(path, level)
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        arr = _open_tiff(path)
+    elif path.suffix.lower() == ".npy":
+        arr = _open_npy(path)
+    else:
+        raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+    arr = _select(arr, path, channel=channel, z=z, t=t)
+    if chunks is not None:
+        arr = arr.chunk(dict(zip(("y", "x"), (chunks, chunks) if np.isscalar(chunks) else chunks)))
+    elif max(arr.data.chunksize) > 2048:
+        arr = arr.chunk({"y": min(2048, arr.sizes["y"]), "x": min(2048, arr.sizes["x"])})
+    return arr
+
+
+def _open_ngff(path: Path, level: int) -> xr.DataArray:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    root_attrs = _group_attrs(path)
+    if "lsfov" in root_attrs and "multiscales" not in root_attrs and "multiscales" not in root_attrs.get("ome", {}):
+        names = root_attrs["lsfov"].get("variables", [])
+        raise ValueError(
+            f"{path} is an lsfov result with variables {names}; open it with lsfov.open_result "
+            f"or open one variable as {path}/<variable>"
+        )
+    loc = parse_url(str(path), mode="r")
+    if loc is None:
+        raise ValueError(f"{path}: not a zarr store")
+    node = next((n for n in Reader(loc)() if n.load(Multiscales)), None)
+    if node is None:
+        raise ValueError(f"{path}: no OME-Zarr multiscale image found (is it NGFF 0.4 or 0.5?)")
+    if not 0 <= level < len(node.data):
+        raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(node.data) - 1})")
+    data = node.data[level]
+    axes = node.metadata.get("axes") or [{"name": n} for n in "tczyx"[-data.ndim :]]
+    names = [a["name"] if isinstance(a, dict) else a for a in axes]
+    transforms = node.metadata.get("coordinateTransformations", [[]] * len(node.data))[level]
+    scale = np.ones(data.ndim)
+    trans = np.zeros(data.ndim)
+    for tr in transforms or []:
+        if tr.get("type") == "scale":
+            scale = np.asarray(tr["scale"], dtype=float)
+        elif tr.get("type") == "translation":
+            trans = np.asarray(tr["translation"], dtype=float)
+    coords, pixel_um = {}, None
+    for i, (ax, name) in enumerate(zip(axes, names)):
+        if name in ("y", "x"):
+            unit = ax.get("unit") if isinstance(ax, dict) else None
+            factor = _to_um(unit)
+            if factor is not None:
+                coords[name] = _coord(name, trans[i] * factor + scale[i] * factor * np.arange(data.shape[i]), SPATIAL_UNIT)
+                pixel_um = float(scale[i] * factor) if name == "x" or pixel_um is None else pixel_um
+            else:
+                coords[name] = _coord(name, trans[i] + scale[i] * np.arange(data.shape[i]), "pixel")
+    return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
+
+
+def _open_tiff(path: Path) -> xr.DataArray:
+    import tifffile
+
+    try:
+        tf = tifffile.TiffFile(path)
+    except Exception as e:  # tifffile raises several types for non-TIFF content
+        raise ValueError(f"{path}: not a readable TIFF ({e})") from None
+    with tf:
+        series = tf.series[0]
+        axes = series.axes.lower().replace("s", "c").replace("q", "c")
+        shape = series.shape
+        pixel_um = _tiff_pixel_um(tf)
+    try:
+        store = tifffile.imread(path, aszarr=True)
+        data = da.from_zarr(zarr.open_array(store, mode="r"))
+    except Exception:  # fall back to a memory map, or a plain read, for layouts zarr cannot wrap
+        try:
+            data = da.from_array(tifffile.memmap(path, mode="r"))
+        except Exception:
+            data = da.from_array(tifffile.imread(path))
+    if data.shape != tuple(shape) or len(set(axes)) != len(axes):
+        axes = "tczyx"[-data.ndim :]
+    return _with_coords(data, list(axes), pixel_um, path)
+
+
+def _tiff_pixel_um(tf) -> float | None:
+    """Pixel size from OME-XML or ImageJ/TIFF resolution tags, in µm; None if not recorded."""
+    try:
+        if tf.ome_metadata:
+            import re
+
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tf.ome_metadata)
+            u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tf.ome_metadata)
+            if m:
+                return float(m.group(1)) * (_to_um(u.group(1)) if u else 1.0)
+        page = tf.pages[0]
+        res = page.tags.get("XResolution")
+        if res is None:
+            return None
+        num, den = res.value
+        if num == 0:
+            return None
+        per_unit = den / num
+        unit = (tf.imagej_metadata or {}).get("unit") if tf.imagej_metadata else None
+        if unit:
+            f = _to_um(unit)
+            return per_unit * f if f else None
+        runit = page.tags.get("ResolutionUnit")
+        code = int(runit.value) if runit is not None else 2
+        return {2: per_unit * 25400.0, 3: per_unit * 1e4}.get(code)
+    except Exception:
+        return None
+
+
+def _open_npy(path: Path) -> xr.DataArray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    return _with_coords(da.from_array(arr), list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else None, None, path)
+
+
+def _with_coords(data, dims, pixel_um, path) -> xr.DataArray:
+    if dims is None:
+        raise ValueError(f"{path}: {data.ndim}-D array; lsfov reads images of at most 5 dimensions (t, c, z, y, x)")
+    coords = {}
+    for d in ("y", "x"):
+        if d in dims:
+            n = data.shape[dims.index(d)]
+            coords[d] = (
+                _coord(d, pixel_um * np.arange(n), SPATIAL_UNIT) if pixel_um else _coord(d, np.arange(n, dtype=float), "pixel")
+            )
+    return xr.DataArray(data, dims=dims, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
+
+
+def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
+    for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
+        if idx is None:
+            continue
+        if dim not in arr.dims:
+            if idx in (0, -1):
+                continue
+            raise ValueError(f"{path}: --{flag} {idx} given but the image has no {dim} axis (dims {arr.dims})")
+        n = arr.sizes[dim]
+        if not -n <= int(idx) < n:
+            raise ValueError(f"{path}: --{flag} {idx} out of range; the image has {n} along {dim}")
+        arr = arr.isel({dim: int(idx)}, drop=True)
+    extra = [d for d in arr.dims if d not in ("y", "x") and arr.sizes[d] > 1]
+    if extra:
+        d = extra[0]
+        flag = {"c": "channel"}.get(d, d)
+        raise ValueError(
+            f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})"
+        )
+    arr = arr.isel({d: 0 for d in arr.dims if d not in ("y", "x")}, drop=True)
+    if arr.dims != ("y", "x"):
+        if set(arr.dims) != {"y", "x"}:
+            raise ValueError(f"{path}: need a 2-D (y, x) image, got dims {arr.dims} with shape {arr.shape}")
+        arr = arr.transpose("y", "x")
+    if 0 in arr.shape:
+        raise ValueError(f"{path}: the image is empty (shape {arr.shape})")
+    return arr
+
+
+def _coord(dim, values, units):
+    return xr.Variable(dim, np.asarray(values, dtype=np.float64), attrs={"units": units})
+
+
+def _to_um(unit) -> float | None:
+    if not unit:
+        return None
+    u = str(unit).strip().lower()
+    return {
+        "micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0,
+        "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "meter": 1e6, "m": 1e6,
+        "centimeter": 1e4, "cm": 1e4,
+    }.get(u)
+
+
+def _group_attrs(path: Path) -> dict:
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progress: bool = False) -> Path:
+    """Write an lsfov result: each variable of ``obj`` as a sibling NGFF 0.5 multiscale image.
+
+    Parameters
+    ----------
+    obj : xarray.Dataset, xarray.DataArray or array
+        2-D variables (any two dim names; coordinates, when evenly spaced, give scale and translation)
+        or 3-D ones with a leading non-spatial dim. A bare array becomes variable ``image``.
+    path : str or Path
+        Destination directory (conventionally ``*.zarr``).
+    overwrite : bool
+        Replace an existing result. Without it an existing path is never touched.
+    chunks : int, optional
+        Chunk edge on disk (default: the Dask chunks, at most 1024).
+    progress : bool
+        Show a progress bar while computing and writing.
+
+    Returns
+    -------
+    Path of the result. The write is atomic: a crash leaves the old result (if any) untouched and at
+    most a hidden ``.NAME.partial-*`` directory, never a half-written result under ``path``.
+    """
+    ds = _as_dataset(obj)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    if path.exists() and not _is_replaceable(path):
+        raise FileExistsError(f"{path} exists and is not an lsfov result or zarr store; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
+        ctx = _progress() if progress else contextlib.nullcontext()
+        with ctx:
+            for name, var in ds.data_vars.items():
+                _write_variable(root, str(name), var, chunks)
+        root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _as_dataset(obj) -> xr.Dataset:
+    if isinstance(obj, xr.Dataset):
+        ds = obj
+    elif isinstance(obj, xr.DataArray):
+        ds = obj.to_dataset(name=obj.name or "image")
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        arr = obj if isinstance(obj, da.Array) else np.asarray(obj)
+        dims = ("y", "x") if arr.ndim == 2 else ("c", "y", "x") if arr.ndim == 3 else None
+        if dims is None:
+            raise ValueError(f"cannot save a {arr.ndim}-D array; give a 2-D (y, x) or 3-D (c, y, x) array")
+        ds = xr.DataArray(arr, dims=dims).to_dataset(name="image")
+    else:
+        raise TypeError(f"save() takes an xarray Dataset/DataArray or an array, got {type(obj).__name__}")
+    if not ds.data_vars:
+        raise ValueError("nothing to save: the Dataset has no variables")
+    for name, var in ds.data_vars.items():
+        if var.ndim not in (2, 3) or 0 in var.shape:
+            raise ValueError(f"variable {name!r} has shape {var.shape}; each variable must be a non-empty 2-D or 3-D array")
+        if not str(name).replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"variable name {name!r} must be alphanumeric (with _ or -): it becomes a directory")
+    return ds
+
+
+def _write_variable(root, name: str, var: xr.DataArray, chunks):
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    ydim, xdim = var.dims[-2:]
+    lead = var.dims[:-2]
+    data = var.data if isinstance(var.data, da.Array) else da.from_array(np.asarray(var.data))
+    if data.dtype.kind == "f" and data.dtype != np.float32 and data.dtype.itemsize > 4:
+        data = data.astype(np.float32)
+    edge = int(chunks) if chunks else min(_CHUNK, max(data.chunksize[-2:]))
+    spatial_chunks = (min(edge, data.shape[-2]), min(edge, data.shape[-1]))
+    chunk_shape = tuple(data.shape[: len(lead)]) + spatial_chunks
+    scale, trans, units = [], [], []
+    for d in (ydim, xdim):
+        s, t0, unit = _axis_geometry(var, d)
+        scale.append(s)
+        trans.append(t0)
+        units.append(unit)
+    group = root.create_group(name)
+    lead_axes = [{"name": "c", "type": "channel"}] if lead else []
+    axes = lead_axes + [
+        {"name": "y", "type": "space", **({"unit": SPATIAL_UNIT} if units[0] == SPATIAL_UNIT else {})},
+        {"name": "x", "type": "space", **({"unit": SPATIAL_UNIT} if units[1] == SPATIAL_UNIT else {})},
+    ]
+    dim_names = [a["name"] for a in axes]
+    datasets, level, factor = [], data, 1
+    while True:
+        level = level.rechunk(chunk_shape if level is data else tuple(min(c, s) for c, s in zip(chunk_shape, level.shape)))
+        arr = group.create_array(
+            str(len(datasets)), shape=level.shape, chunks=level.chunksize, dtype=level.dtype,
+            dimension_names=dim_names, fill_value=0,
+        )
+        da.store(level, arr, lock=False, compute=True)
+        lead_ones = [1.0] * len(lead)
+        datasets.append({
+            "path": str(len(datasets)),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": lead_ones + [scale[0] * factor, scale[1] * factor]},
+                # A pixel of level l averages 2**l x 2**l base pixels: its centre is shifted.
+                {"type": "translation", "translation": [0.0] * len(lead)
+                 + [trans[0] + scale[0] * (factor - 1) / 2, trans[1] + scale[1] * (factor - 1) / 2]},
+            ],
+        })
+        if min(level.shape[-2:]) < 2 * _PYRAMID_MIN or len(datasets) >= 8:
+            break
+        # Next level from what was just written (not from the source graph, which may be costly).
+        stored = da.from_zarr(arr)
+        level = da.coarsen(np.mean, stored, {stored.ndim - 2: 2, stored.ndim - 1: 2}, trim_excess=True).astype(data.dtype)
+        factor *= 2
+    write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
+    group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coords": _lead_coords(var, lead)}
+
+
+def _axis_geometry(var: xr.DataArray, dim):
+    """(scale, translation, unit) of a spatial dim from its coordinate, if evenly spaced."""
+    if dim not in var.coords:
+        return 1.0, 0.0, "pixel"
+    c = np.asarray(var.coords[dim].values, dtype=np.float64)
+    unit = var.coords[dim].attrs.get("units", "pixel")
+    unit = SPATIAL_UNIT if _to_um(unit) is not None else "pixel"
+    if c.size == 1:
+        return 1.0, float(c[0]), unit
+    step = (c[-1] - c[0]) / (c.size - 1)
+    if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9):
+        raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing; NGFF needs a scale")
+    return float(step), float(c[0]), unit
+
+
+def _lead_coords(var, lead):
+    if not lead:
+        return {}
+    d = lead[0]
+    if d in var.coords:
+        return {d: [v.item() if hasattr(v, "item") else v for v in var.coords[d].values]}
+    return {}
+
+
+def _is_replaceable(path: Path) -> bool:
+    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())
+
+
+def _move_into_place(tmp: Path, path: Path):
+    """Rename ``tmp`` to ``path``; an old ``path`` is moved aside first and removed only at the end."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(attrs) -> dict:
+    out = {}
+    for k, v in dict(attrs).items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = str(v)
+        out[str(k)] = v
+    return out
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def _progress():
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def open_result(path) -> xr.Dataset:
+    """Read an lsfov result (written by :func:`save` or the CLI) as one lazy ``xarray.Dataset``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such result: {path}")
+    meta = _group_attrs(path).get("lsfov")
+    if meta is None:
+        raise ValueError(f"{path} is not an lsfov result (no 'lsfov' attributes); open images with lsfov.open_image")
+    if not meta.get("complete"):
+        raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); rerun with --overwrite")
+    variables = {}
+    for name in meta.get("variables", []):
+        variables[name] = _open_variable(path / name)
+    return xr.Dataset(variables, attrs=meta.get("attrs", {}))
+
+
+def _open_variable(path: Path) -> xr.DataArray:
+    arr = _open_ngff(path, 0)
+    meta = _group_attrs(path).get("lsfov", {})
+    dims = meta.get("dims")
+    if dims and len(dims) == arr.ndim:
+        arr = arr.rename({old: new for old, new in zip(arr.dims, dims) if old != new})
+    for d, values in (meta.get("coords") or {}).items():
+        arr = arr.assign_coords({d: values})
+    arr.attrs.update(meta.get("attrs", {}))
+    arr.attrs["source"] = str(path)
+    return arr
+
+
+def describe(path) -> str:
+    """A short human-readable summary of an image or result (what ``lsfov info`` prints)."""
+    path = Path(path)
+    meta = _group_attrs(path).get("lsfov") if path.is_dir() else None
+    lines = []
+    if meta is not None and "variables" in meta:
+        state = "complete" if meta.get("complete") else "INCOMPLETE"
+        lines.append(f"{path}: lsfov result ({state}), variables: {', '.join(meta['variables'])}")
+        if meta.get("complete"):
+            for name, var in open_result(path).data_vars.items():
+                lines.append("  " + _describe_array(name, var))
+        return "\n".join(lines)
+    arr = open_image(path)
+    return f"{path}: image\n  " + _describe_array("image", arr)
+
+
+def _describe_array(name, arr: xr.DataArray) -> str:
+    geo = []
+    for d in arr.dims[-2:]:
+        if d in arr.coords and arr.sizes[d] > 1:
+            c = arr.coords[d].values
+            geo.append(f"{d}: {c[0]:.4g}..{c[-1]:.4g} step {c[1] - c[0]:.4g} {arr.coords[d].attrs.get('units', '')}")
+    units = arr.attrs.get("units")
+    return (
+        f"{name}: shape {tuple(arr.shape)} {arr.dtype} dims {tuple(arr.dims)}"
+        + (f" [{units}]" if units else "")
+        + (f"; {'; '.join(geo)}" if geo else "")
+    )

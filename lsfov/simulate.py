@@ -1,0 +1,212 @@
+"""Simulated data with ground truth: bead fields (paper 003 Sec. III-A-1) and degraded images.
+
+Everything is seeded: the same ``seed`` gives the same arrays on every machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from . import psf as _psf
+from ._validate import as_image, positive_int
+from .operators import ProductConvolution
+
+__all__ = ["BeadField", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image"]
+
+
+@dataclass
+class BeadField:
+    """A simulated micro-bead image and its ground truth."""
+
+    image: np.ndarray  # (H, W) float32, noisy
+    clean: np.ndarray  # (H, W) float32, noiseless (blurred beads + background)
+    positions: np.ndarray  # (P, 2) int, (y, x) pixel positions of the beads
+    amplitudes: np.ndarray  # (P,) photons per bead
+    operator: ProductConvolution  # the true blur
+    depth_um: np.ndarray  # (gy, gx) defocus of each operator node in µm
+    optics: _psf.Optics
+    background: np.ndarray  # (H, W) float32
+    params: dict = field(default_factory=dict)
+
+
+def _smooth_random(shape, rng, scale):
+    """Smooth Gaussian random field with correlation length ``scale`` pixels, in [0, 1]."""
+    small = tuple(max(2, int(np.ceil(s / scale)) + 3) for s in shape)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(small), 1.0)
+    zoom = [s / (c - 3) for s, c in zip(shape, small)]
+    f = ndimage.zoom(coarse, zoom, order=3)[: shape[0], : shape[1]]
+    f -= f.min()
+    return (f / max(f.max(), 1e-12)).astype(np.float32)
+
+
+def _random_polynomial(shape, rng, degree, low, high):
+    """A random polynomial surface of total degree <= ``degree``, spanning [low, high] exactly."""
+    yy, xx = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    z = np.zeros(shape)
+    for i in range(degree + 1):
+        for j in range(degree + 1 - i):
+            z += rng.standard_normal() * yy**i * xx**j
+    span = np.ptp(z)
+    z = (z - z.min()) / span if span > 0 else np.full(shape, 0.5)
+    return low + (high - low) * z
+
+
+def bead_field(
+    shape=(512, 512),
+    n_beads: int | None = None,
+    *,
+    seed=None,
+    grid: int = 8,
+    psf_size: int = 31,
+    pixel_um: float = 0.1,
+    z_range_um=(-0.4, 0.4),
+    astigmatism: float = 0.15,
+    photons: float = 2000.0,
+    background: float = 20.0,
+    optics: _psf.Optics | None = None,
+) -> BeadField:
+    """Simulate a micro-bead image through a space-varying astigmatic microscope (paper 003 III-A-1).
+
+    The optics draw NA in [1.1, 1.4], λ in [0.55, 0.65] µm and n in [1.41, 1.61] (unless ``optics`` is
+    given); the defocus z varies across the field as a random polynomial of degree <= 2 spanning
+    ``z_range_um``; the PSFs are astigmatic pupil PSFs (Noll 5/6, ``astigmatism`` waves RMS at a random
+    axis) rendered on a ``grid x grid`` node grid, which defines the true grid operator. Beads are
+    Dirac masses at random integer positions (at least ``psf_size`` apart from the border), with
+    ±20% brightness around ``photons``; a smooth random background of mean level ``background``
+    photons is added and the result is Poisson distributed.
+    """
+    h, w = _shape2(shape)
+    grid = positive_int(grid, "grid")
+    rng = np.random.default_rng(seed)
+    if optics is None:
+        optics = _psf.Optics(
+            na=rng.uniform(1.1, 1.4),
+            wavelength_um=rng.uniform(0.55, 0.65),
+            pixel_um=pixel_um,
+            immersion_index=rng.uniform(1.41, 1.61),
+        )
+    margin = psf_size // 2 + 1
+    if h <= 2 * margin or w <= 2 * margin:
+        raise ValueError(f"shape {shape} is too small for {psf_size}-pixel PSFs; use at least {2 * margin + 1}")
+    if n_beads is None:
+        n_beads = max(1, int(h * w / 48**2))
+    n_beads = positive_int(n_beads, "n_beads")
+
+    gy, gx = min(grid, h), min(grid, w)
+    cy = (np.arange(gy) + 0.5) * h / gy - 0.5
+    cx = (np.arange(gx) + 0.5) * w / gx - 0.5
+    z = _random_polynomial((gy, gx), rng, 2, *z_range_um)
+    axis = rng.uniform(0, np.pi)
+    coeffs = {5: astigmatism * np.sin(2 * axis) * np.ones(z.size), 6: astigmatism * np.cos(2 * axis) * np.ones(z.size)}
+    kernels = _psf.zernike(coeffs, optics, size=psf_size, z_um=z.ravel()).reshape(gy, gx, psf_size, psf_size)
+    op = ProductConvolution.from_grid(kernels, (h, w), centers=(cy, cx))
+
+    pos = np.stack([rng.integers(margin, h - margin, n_beads), rng.integers(margin, w - margin, n_beads)], 1)
+    amp = photons * rng.uniform(0.8, 1.2, n_beads)
+    dirac = np.zeros((h, w), np.float32)
+    np.add.at(dirac, (pos[:, 0], pos[:, 1]), amp.astype(np.float32))
+    bg = (background * 2 * _smooth_random((h, w), rng, max(h, w) / 4)).astype(np.float32)
+    clean = np.maximum(op.apply(dirac), 0) + bg
+    image = rng.poisson(clean).astype(np.float32)
+    return BeadField(
+        image=image, clean=clean, positions=pos, amplitudes=amp, operator=op, depth_um=z,
+        optics=optics, background=bg,
+        params={"astigmatism": astigmatism, "axis": axis, "seed": seed, "grid": (gy, gx)},
+    )
+
+
+def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[BeadField]:
+    """``n_images`` independent bead fields (different optics and depth profiles), as for learning a
+    subspace of operators (paper 003 Sec. II-D). Image k uses a seed derived from ``seed`` and k."""
+    n_images = positive_int(n_images, "n_images")
+    seeds = np.random.SeedSequence(seed).spawn(n_images)
+    return [bead_field(shape, seed=s, **kwargs) for s in seeds]
+
+
+def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, read_noise: float = 2.0,
+            beta: float = 1.0, seed=None) -> np.ndarray:
+    """Blur a sharp image with ``operator`` and add Poisson-Gaussian noise (paper 000 Eq. 10).
+
+    The image is scaled to [0, 1], blurred, scaled to ``photons`` at its brightest, and becomes
+    ``beta * Poisson(psi) + N(0, read_noise²)`` (``beta``: quantum efficiency in (0, 1]).
+    Returns float32; values can be slightly negative, as a camera's are.
+    """
+    x = as_image(image)
+    if x.shape != operator.shape:
+        raise ValueError(f"image shape {x.shape} does not match the operator's shape {operator.shape}")
+    if not photons > 0 or read_noise < 0 or not 0 < beta <= 1:
+        raise ValueError("need photons > 0, read_noise >= 0 and 0 < beta <= 1")
+    hi = float(x.max())
+    if hi <= 0:
+        raise ValueError("image is all zero; nothing to degrade")
+    rng = np.random.default_rng(seed)
+    psi = np.maximum(operator.apply(x / hi), 0) * photons
+    out = beta * rng.poisson(psi) + rng.normal(0.0, read_noise, psi.shape)
+    return out.astype(np.float32)
+
+
+def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = None, smoothness: float = 1.0):
+    """A random smooth field of PSF-model parameters on a node grid and its grid operator.
+
+    Parameters vary smoothly (a bilinear ramp plus a little noise, scaled by ``smoothness``) inside
+    the model's ranges, as across a real field of view. Returns ``(operator, params)`` with params of
+    shape (gy, gx, N).
+    """
+    m = _psf.get_model(model)
+    h, w = _shape2(shape)
+    gy, gx = (grid, grid) if np.isscalar(grid) else grid
+    rng = np.random.default_rng(seed)
+    lo, hi = m.bounds
+    corners = rng.random((2, 2, m.n_params))
+    ty = np.linspace(0, 1, gy)[:, None, None]
+    tx = np.linspace(0, 1, gx)[None, :, None]
+    unit = (corners[0, 0] * (1 - ty) * (1 - tx) + corners[0, 1] * (1 - ty) * tx
+            + corners[1, 0] * ty * (1 - tx) + corners[1, 1] * ty * tx)
+    unit = np.clip(unit + 0.05 * smoothness * rng.standard_normal(unit.shape), 0, 1)
+    if "axis" in m.params:  # keep the axis well inside its range: it wraps at pi
+        i = m.params.index("axis")
+        unit[..., i] = 0.1 + 0.8 * unit[..., i]
+    params = lo + unit * (hi - lo)
+    size = size or m.size
+    kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
+    return ProductConvolution.from_grid(kernels, (h, w)), params
+
+
+def sample_image(name: str = "cell", shape=None) -> np.ndarray:
+    """A sharp test image from scikit-image's bundled data (no download), float32 in [0, 1].
+
+    ``name``: ``"cell"`` (a cell in light microscopy), ``"hubble"`` (point sources on black),
+    ``"camera"``, ``"coins"``, ``"moon"``.
+    ``shape`` tiles (by mirroring) or crops the image to that size.
+    """
+    from skimage import data
+
+    loaders = {
+        "cell": data.cell, "camera": data.camera, "coins": data.coins, "moon": data.moon,
+        "hubble": lambda: data.hubble_deep_field().mean(axis=-1),
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown sample {name!r}; choose one of {sorted(loaders)}")
+    img = loaders[name]().astype(np.float32)
+    img = (img - img.min()) / max(float(np.ptp(img)), 1e-12)
+    if shape is not None:
+        h, w = _shape2(shape)
+        reps = (int(np.ceil(h / img.shape[0])), int(np.ceil(w / img.shape[1])))
+        tile = np.block([[img[:, :: (1 if j % 2 == 0 else -1)][:: (1 if i % 2 == 0 else -1)]
+                          for j in range(reps[1])] for i in range(reps[0])])
+        img = np.ascontiguousarray(tile[:h, :w])
+    return img
+
+
+def _shape2(shape):
+    if np.isscalar(shape):
+        shape = (shape, shape)
+    try:
+        h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be an int or a pair (H, W), got {shape!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"shape must be positive, got {shape!r}")
+    return h, w
