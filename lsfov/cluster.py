@@ -1,0 +1,45 @@
+"""Where Dask work runs: the threaded scheduler, a LocalCluster, or an existing scheduler."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import dask
+
+log = logging.getLogger("lsfov")
+
+SCHEDULERS = "threads | synchronous | local | tcp://HOST:PORT"
+
+
+@contextlib.contextmanager
+def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None):
+    """Run the Dask work inside the block on ``spec``; yields the ``distributed.Client`` or None.
+
+    ``threads`` (default): Dask's threaded scheduler in this process. ``synchronous``: one thread
+    (debugging). ``local``: a ``distributed.LocalCluster`` on this machine (dashboard link printed).
+    ``tcp://host:port``: an existing scheduler (e.g. one started by dask-jobqueue on an HPC system).
+    """
+    spec = (spec or "threads").strip()
+    if spec in ("threads", "synchronous", "sync"):
+        with dask.config.set(scheduler="synchronous" if spec.startswith("sync") else "threads"):
+            yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if spec == "local":
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(
+            cluster
+        ) as client:
+            log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
+            yield client
+        return
+    if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        try:
+            client = Client(spec, timeout="10s")
+        except OSError as e:
+            raise ValueError(f"cannot reach the Dask scheduler at {spec} ({e}); is it running?") from None
+        with client:
+            log.info("connected to %s; dashboard: %s", spec, client.dashboard_link)
+            yield client
+        return
+    raise ValueError(f"unknown scheduler {spec!r}; use {SCHEDULERS}")

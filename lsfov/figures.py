@@ -1,0 +1,51 @@
+"""PNG figures: people would rather look than read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _stretch(img):
+    img = np.asarray(img, dtype=np.float32)
+    lo, hi = np.percentile(img, [0.5, 99.8])
+    return np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def psf_mosaic(kernels: np.ndarray) -> np.ndarray:
+    """Tile a (gy, gx, K, K) stack of PSFs into one image, each PSF scaled to its own peak."""
+    gy, gx, k, _ = kernels.shape
+    norm = kernels / np.maximum(kernels.max(axis=(-2, -1), keepdims=True), 1e-12)
+    pad = np.pad(norm, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=np.nan)
+    return pad.transpose(0, 2, 1, 3).reshape(gy * (k + 2), gx * (k + 2))
+
+
+def summary_figure(path, panels: dict, title: str | None = None) -> Path:
+    """Save a row of image panels ({"title": 2-D array}) as a PNG; PSF mosaics keep their own scale."""
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4.3), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels.items()):
+        img = np.asarray(img, dtype=np.float32)
+        shown = img if "PSF" in name else _stretch(img)
+        ax.imshow(shown, cmap="magma" if "PSF" in name else "gray", interpolation="nearest")
+        ax.set_title(name)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

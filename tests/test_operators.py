@@ -1,0 +1,167 @@
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.signal
+
+from lsfov import ProductConvolution, psf
+
+rng = np.random.default_rng(0)
+
+
+def _grid_op(gy=3, gx=4, k=15, shape=(150, 170), seed=1, centers=None):
+    m = psf.MODELS["Z3"]
+    kernels = m.render(m.sample(gy * gx, seed), size=k).reshape(gy, gx, k, k)
+    return ProductConvolution.from_grid(kernels, shape, centers=centers)
+
+
+def _basis_op(n=3, k=9, shape=(120, 140), seed=2):
+    r = np.random.default_rng(seed)
+    return ProductConvolution.from_basis(r.standard_normal((n, k, k)), r.random((n,) + shape))
+
+
+def _hats(c, n):
+    r = np.arange(n)
+    return np.stack([np.interp(r, c, np.eye(len(c))[i]) for i in range(len(c))])
+
+
+def _reference(op, u):
+    """H u from the definition: sum_p k_p * (w_p . u), with full-size weight maps."""
+    if op.kind == "grid":
+        wy, wx = (_hats(c, n) for c, n in zip(op.centers, op.shape))
+        gy, gx = op.grid_shape
+        return sum(
+            scipy.signal.fftconvolve(wy[i][:, None] * wx[j][None, :] * u, op.kernels[i, j], mode="same")
+            for i in range(gy) for j in range(gx)
+        )
+    return sum(scipy.signal.fftconvolve(m * u, k, mode="same") for m, k in zip(op.maps, op.kernels))
+
+
+OPS = {
+    "grid": _grid_op,
+    "grid-1x1": lambda: _grid_op(1, 1),
+    "grid-1x5": lambda: _grid_op(1, 5, shape=(90, 200)),
+    "grid-uneven": lambda: _grid_op(3, 3, shape=(100, 110), centers=([5.0, 40.0, 99.0], [-3.0, 50.5, 80.0])),
+    "basis": _basis_op,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_adjointness(name):
+    op = OPS[name]()
+    u = rng.standard_normal(op.shape).astype(np.float32)
+    v = rng.standard_normal(op.shape).astype(np.float32)
+    lhs = np.vdot(op.apply(u).astype(np.float64), v)
+    rhs = np.vdot(u.astype(np.float64), op.adjoint(v))
+    assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_matches_the_definition(name):
+    op = OPS[name]()
+    u = rng.random(op.shape).astype(np.float32)
+    ref = _reference(op, u)
+    out = op.apply(u)
+    assert out.dtype == np.float32 and out.shape == op.shape
+    assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_grid_weights_sum_to_one_and_one_psf_is_a_plain_convolution():
+    k = psf.gaussian(2.0, 3.0, size=21)
+    op = ProductConvolution.from_grid(np.broadcast_to(k, (4, 5, 21, 21)), (100, 120))
+    u = rng.random((100, 120)).astype(np.float32)
+    ref = scipy.signal.fftconvolve(u, k, mode="same")  # zero boundary, no wrap-around
+    np.testing.assert_allclose(op.apply(u), ref, atol=1e-5)
+    np.testing.assert_allclose(ProductConvolution.from_grid(k[None, None], (100, 120)).apply(u), ref, atol=1e-5)
+
+
+def test_dirac_maps_to_the_local_kernel_centred_on_it():
+    op = _grid_op()
+    d = np.zeros(op.shape, np.float32)
+    y, x = 70, 101
+    d[y, x] = 1
+    out = op.apply(d)
+    r = op.halo
+    np.testing.assert_allclose(out[y - r : y + r + 1, x - r : x + r + 1], op.psf_at(y, x), atol=1e-6)
+    # At a node centre the local PSF is that node's PSF.
+    cy, cx = op.centers
+    np.testing.assert_allclose(op.psf_at(cy[1], cx[2]), op.kernels[1, 2], atol=1e-7)
+    # No circular wrap-around: a Dirac on the border spills nothing onto the opposite border.
+    d[:] = 0
+    d[0, 0] = 1
+    assert np.abs(op.apply(d)[-r:, :]).max() < 1e-7
+
+
+def test_psf_at_basis_and_bounds():
+    op = _basis_op()
+    y, x = 33.25, 71.5
+    alpha = [
+        np.interp(x, [71, 72], [np.interp(y, [33, 34], m[33:35, 71]), np.interp(y, [33, 34], m[33:35, 72])])
+        for m in op.maps
+    ]
+    np.testing.assert_allclose(op.psf_at(y, x), np.tensordot(alpha, op.kernels, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        op.psf_at(-5, 3)
+
+
+@pytest.mark.parametrize("name", ["grid", "grid-uneven", "basis"])
+@pytest.mark.parametrize("window", [(0, 0, 40, 50), (37, 61, 55, 33), (-7, -7, 30, 30), (80, 90, 60, 70)])
+def test_block_with_halo_equals_whole(name, window):
+    op = OPS[name]()
+    u = rng.random(op.shape).astype(np.float32)
+    r = op.halo
+    y0, x0, h, w = window
+    big = np.pad(u, 200)
+    block = big[200 + y0 - r : 200 + y0 + h + r, 200 + x0 - r : 200 + x0 + w + r]
+    got, got_t = op.apply_block(block, (y0 - r, x0 - r)), op.adjoint_block(block, (y0 - r, x0 - r))
+    # Compare where the window overlaps the image (outside it H u is not defined).
+    iy0, ix0 = max(y0, 0), max(x0, 0)
+    iy1, ix1 = min(y0 + h, op.shape[0]), min(x0 + w, op.shape[1])
+    inner = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
+    for out, ref in ((got, op.apply(u)), (got_t, op.adjoint(u))):
+        assert out.shape == (h, w)
+        ref = ref[iy0:iy1, ix0:ix1]
+        np.testing.assert_allclose(out[inner], ref, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["grid", "basis"])
+@pytest.mark.parametrize("chunks", [(40, 50), (64, 200), (150, 33), 8])
+def test_dask_chunked_equals_whole(name, chunks):
+    op = OPS[name]()
+    u = rng.random(op.shape).astype(np.float32)
+    lazy = op.apply(da.from_array(u, chunks=chunks))
+    assert isinstance(lazy, da.Array)
+    ref, ref_t = op.apply(u), op.adjoint(u)
+    np.testing.assert_allclose(lazy.compute(), ref, atol=1e-6 * np.abs(ref).max())
+    lazy_t = op.adjoint(da.from_array(u, chunks=chunks)).compute()
+    np.testing.assert_allclose(lazy_t, ref_t, atol=1e-6 * np.abs(ref_t).max())
+
+
+def test_operator_pickles_without_its_caches():
+    import pickle
+
+    op = _grid_op()
+    u = rng.random(op.shape).astype(np.float32)
+    out = op.apply(u)
+    assert op._spectra_cache
+    clone = pickle.loads(pickle.dumps(op))
+    assert not clone._spectra_cache
+    np.testing.assert_array_equal(clone.apply(u), out)
+
+
+def test_bad_input():
+    k = psf.gaussian(1.0, size=9)
+    with pytest.raises(ValueError, match=r"\(gy, gx, K, K\)"):
+        ProductConvolution.from_grid(k, (50, 50))
+    with pytest.raises(ValueError, match="odd"):
+        ProductConvolution.from_grid(np.ones((2, 2, 8, 8)), (50, 50))
+    with pytest.raises(ValueError, match="larger than the image"):
+        ProductConvolution.from_grid(np.ones((1, 1, 61, 61)), (50, 50))
+    with pytest.raises(ValueError, match="NaN"):
+        ProductConvolution.from_grid(np.full((1, 1, 3, 3), np.nan), (50, 50))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ProductConvolution.from_grid(np.ones((2, 1, 3, 3)), (50, 50), centers=([10, 5], [3]))
+    with pytest.raises(ValueError, match="shape"):
+        ProductConvolution.from_basis(np.ones((2, 3, 3)), np.ones((3, 50, 50)))
+    op = ProductConvolution.from_grid(k[None, None], (50, 50))
+    with pytest.raises(ValueError, match="does not match"):
+        op.apply(np.ones((40, 50)))

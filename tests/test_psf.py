@@ -1,0 +1,118 @@
+import math
+
+import numpy as np
+import pytest
+
+from lsfov import Optics, psf
+
+
+def test_noll_indices_follow_noll_1976():
+    expected = [(0, 0), (1, 1), (1, -1), (2, 0), (2, -2), (2, 2), (3, -1), (3, 1), (3, -3), (3, 3), (4, 0)]
+    assert [psf.noll_to_nm(j) for j in range(1, 12)] == expected
+    with pytest.raises(ValueError, match="start at 1"):
+        psf.noll_to_nm(0)
+
+
+@pytest.mark.parametrize("j", [2, 4, 5, 6, 7, 11])
+def test_zernike_unit_rms_and_orthogonal(j):
+    rng = np.random.default_rng(0)
+    r = np.sqrt(rng.random(400_000))  # uniform on the unit disk
+    th = rng.uniform(0, 2 * np.pi, r.size)
+    zj = psf.zernike_polynomial(j, r, th)
+    assert np.sqrt(np.mean(zj**2)) == pytest.approx(1.0, abs=0.01)
+    assert abs(np.mean(zj * psf.zernike_polynomial(4 if j != 4 else 6, r, th))) < 0.01
+
+
+@pytest.mark.parametrize("sy,sx", [(1.0, 1.0), (2.0, 3.0), (3.5, 0.8)])
+def test_gaussian_widths_match_parameters(sy, sx):
+    k = psf.gaussian(sy, sx, size=41)
+    assert k.dtype == np.float32 and k.shape == (41, 41)
+    assert k.sum() == pytest.approx(1.0, abs=1e-6)
+    r = np.arange(41) - 20
+    assert np.sqrt((k.sum(1) * r**2).sum()) == pytest.approx(sy, rel=1e-3)
+    assert np.sqrt((k.sum(0) * r**2).sum()) == pytest.approx(sx, rel=1e-3)
+    assert np.unravel_index(k.argmax(), k.shape) == (20, 20)
+
+
+def test_gaussian_batch_and_bad_input():
+    k = psf.gaussian([1.0, 2.0], [1.5, 0.7], size=15)
+    assert k.shape == (2, 15, 15)
+    np.testing.assert_allclose(k[1], psf.gaussian(2.0, 0.7, size=15))
+    with pytest.raises(ValueError, match="> 0"):
+        psf.gaussian(0.0)
+    with pytest.raises(ValueError, match="odd"):
+        psf.gaussian(1.0, size=10)
+
+
+@pytest.mark.parametrize(
+    "optics", [psf.DEFAULT_OPTICS, Optics(1.4, 0.6, 0.08, 1.518), Optics(0.3, 0.5, 0.65)]
+)
+def test_in_focus_pupil_psf_is_the_airy_pattern(optics):
+    k = psf.zernike({}, optics, size=31)
+    a = psf.airy(optics, size=31)
+    assert k.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.abs(k - a).max() < 0.005 * a.max()
+
+
+def test_pupil_psf_conventions():
+    o = psf.DEFAULT_OPTICS
+    # A positive x-tilt moves the PSF towards +x (forward Fourier transform).
+    k = psf.zernike({2: 0.5}, o, size=31)
+    cy, cx = np.unravel_index(k.argmax(), k.shape)
+    assert cy == 15 and cx > 15
+    # Defocus spreads the PSF; defocus by z (µm) does too and the two signs differ with astigmatism.
+    assert psf.zernike({4: 0.4}, o).max() < 0.5 * psf.zernike({}, o).max()
+    oil = Optics(1.3, 0.6, 0.1, 1.518)
+    above = psf.zernike({6: 0.15}, oil, z_um=0.3)
+    below = psf.zernike({6: 0.15}, oil, z_um=-0.3)
+    assert np.abs(above - below).max() > 0.2 * above.max()
+    # ... and the elongations are rotated by 90 degrees: above ≈ below transposed.
+    assert np.abs(above - below.T).max() < 0.1 * above.max()
+
+
+def test_z3_focus_sign_is_encoded_in_the_axis():
+    m = psf.MODELS["Z3"]
+    f, c, th = 0.3, 0.2, 0.4
+    a = m.render([f, c, th])
+    b = psf.zernike({4: -f, 5: c * math.sin(2 * (th + math.pi / 2)), 6: c * math.cos(2 * (th + math.pi / 2))}, m.optics)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(psf.MODELS))
+def test_models_render_batches_of_normalised_centred_kernels(name):
+    m = psf.MODELS[name]
+    assert len(m.params) == len(m.ranges) == len(m.units)
+    p = m.sample(64, rng=1)
+    lo, hi = m.bounds
+    assert np.all((p >= lo) & (p <= hi))
+    k = m.render(p)
+    assert k.shape == (64, m.size, m.size) and k.dtype == np.float32
+    assert np.all(k >= 0)
+    np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    # Centred: the centroid of a symmetric PSF sits on K//2.
+    r = np.arange(m.size) - m.size // 2
+    assert np.abs((k.sum(2) * r).sum(1)).max() < 0.05
+    one = m.render(dict(zip(m.params, p[3])))
+    np.testing.assert_allclose(one, k[3], atol=1e-7)
+    np.testing.assert_allclose(m.denormalize(m.normalize(p)), p)
+
+
+def test_model_bad_input():
+    m = psf.MODELS["Z3"]
+    with pytest.raises(ValueError, match="3 parameters"):
+        m.render([0.1, 0.2])
+    with pytest.raises(ValueError, match="missing"):
+        m.render({"focus": 0.1})
+    with pytest.raises(ValueError, match="finite"):
+        m.render([np.nan, 0.1, 0.1])
+    with pytest.raises(ValueError, match="unknown PSF model"):
+        psf.get_model("Z9")
+
+
+def test_optics_validation():
+    with pytest.raises(ValueError, match="positive"):
+        Optics(0.0, 0.5, 0.1)
+    with pytest.raises(ValueError, match="immersion"):
+        Optics(1.4, 0.5, 0.1)
+    with pytest.raises(TypeError, match="Optics"):
+        psf.zernike({}, optics=None)
