@@ -1,0 +1,151 @@
+import json
+import os
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+import xarray as xr
+import zarr
+
+import lsfov
+
+
+def _image(h=300, w=420, px=0.125, y0=2.0):
+    data = np.random.default_rng(0).random((h, w)).astype(np.float32)
+    coords = {
+        "y": xr.Variable("y", y0 + px * np.arange(h), attrs={"units": "micrometer"}),
+        "x": xr.Variable("x", px * np.arange(w), attrs={"units": "micrometer"}),
+    }
+    return xr.DataArray(da.from_array(data, chunks=128), dims=("y", "x"), coords=coords, name="deblurred",
+                        attrs={"units": "photon"})
+
+
+def test_result_round_trip_values_scale_translation_units(tmp_path):
+    img = _image()
+    grid = xr.DataArray(np.arange(12, dtype=np.float32).reshape(3, 4), dims=("gy", "gx"),
+                        coords={"gy": xr.Variable("gy", [8.0, 24.0, 40.0], attrs={"units": "micrometer"}),
+                                "gx": xr.Variable("gx", [8.0, 24.0, 40.0, 56.0], attrs={"units": "micrometer"})},
+                        attrs={"units": "wave RMS"})
+    ds = xr.Dataset({"deblurred": img, "focus": grid}, attrs={"model": "Z3"})
+    out = lsfov.save(ds, tmp_path / "r.zarr")
+    back = lsfov.open_result(out)
+    assert list(back.data_vars) == ["deblurred", "focus"]
+    np.testing.assert_array_equal(back.deblurred.values, img.values)
+    np.testing.assert_allclose(back.deblurred.y.values, img.y.values)
+    assert back.focus.dims == ("gy", "gx") and back.focus.attrs["units"] == "wave RMS"
+    np.testing.assert_allclose(back.focus.gx.values, grid.gx.values)
+    assert back.attrs["model"] == "Z3"
+    meta = json.loads((out / "deblurred" / "zarr.json").read_text())["attributes"]["ome"]
+    assert meta["version"] == "0.5"
+    ds0 = meta["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert ds0 == [{"type": "scale", "scale": [0.125, 0.125]}, {"type": "translation", "translation": [2.0, 0.0]}]
+    assert meta["multiscales"][0]["axes"][0] == {"name": "y", "type": "space", "unit": "micrometer"}
+
+
+def test_result_is_read_by_ome_zarr_own_reader(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    img = _image(1200, 1100)
+    lsfov.save(img, tmp_path / "r.zarr")
+    node = list(Reader(parse_url(str(tmp_path / "r.zarr" / "deblurred")))())[0]
+    assert len(node.data) == 2  # a pyramid for a large image
+    np.testing.assert_array_equal(np.asarray(node.data[0]), img.values)
+    tr = node.metadata["coordinateTransformations"]
+    assert tr[0][0]["scale"] == [0.125, 0.125]
+    assert tr[1][0]["scale"] == [0.25, 0.25]
+    # Level-1 pixels average 2x2 base pixels: their centres shift by half a base pixel.
+    assert tr[1][1]["translation"] == pytest.approx([2.0625, 0.0625])
+    np.testing.assert_allclose(np.asarray(node.data[1])[0, 0], img.values[:2, :2].mean(), rtol=1e-6)
+
+
+def test_open_image_ngff_04_and_05_and_selection(tmp_path):
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_image
+
+    data = np.random.default_rng(1).integers(0, 4000, (2, 3, 64, 80)).astype(np.uint16)  # (c, z, y, x)
+    for fmt, name in ((FormatV04(), "v04.zarr"), (FormatV05(), "v05.zarr")):
+        zf = 2 if fmt.version == "0.4" else 3
+        root = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=zf)
+        write_image(data, root, axes="czyx", fmt=fmt, scale={"c": 1.0, "z": 0.5, "y": 0.2, "x": 0.2},
+                    axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"}, scale_factors=[])
+        with pytest.raises(ValueError, match="channel="):
+            lsfov.open_image(tmp_path / name)
+        with pytest.raises(ValueError, match="'z'"):
+            lsfov.open_image(tmp_path / name, channel=1)
+        arr = lsfov.open_image(tmp_path / name, channel=1, z=2)
+        assert arr.dims == ("y", "x") and isinstance(arr.data, da.Array)
+        np.testing.assert_array_equal(arr.values, data[1, 2])
+        assert arr.attrs["pixel_um"] == pytest.approx(0.2)
+        assert arr.x.attrs["units"] == "micrometer" and arr.x.values[1] == pytest.approx(0.2)
+        with pytest.raises(ValueError, match="out of range"):
+            lsfov.open_image(tmp_path / name, channel=5, z=0)
+
+
+def test_open_tiff_and_npy(tmp_path):
+    data = np.random.default_rng(2).integers(0, 255, (1, 50, 60)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", data, imagej=True, resolution=(1 / 0.3, 1 / 0.3), metadata={"unit": "um"})
+    arr = lsfov.open_image(tmp_path / "a.tif")
+    assert arr.shape == (50, 60)
+    np.testing.assert_array_equal(arr.values, data[0])
+    assert arr.attrs["pixel_um"] == pytest.approx(0.3)
+    np.save(tmp_path / "b.npy", data[0].astype(np.float32))
+    b = lsfov.open_image(tmp_path / "b.npy")
+    assert b.attrs["pixel_um"] is None and b.x.attrs["units"] == "pixel"
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        lsfov.open_image(tmp_path / "missing.zarr")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not an image"):
+        lsfov.open_image(tmp_path / "notes.txt")
+    (tmp_path / "fake.tif").write_text("not a tiff")
+    with pytest.raises(ValueError, match="not a readable TIFF"):
+        lsfov.open_image(tmp_path / "fake.tif")
+    np.save(tmp_path / "vol.npy", np.zeros((3, 4, 5, 6, 7, 8)))
+    with pytest.raises(ValueError, match="at most 5"):
+        lsfov.open_image(tmp_path / "vol.npy")
+    with pytest.raises(ValueError, match="not an lsfov result"):
+        lsfov.open_result(tmp_path)
+
+
+def test_save_never_harms_existing_output(tmp_path):
+    path = tmp_path / "r.zarr"
+    lsfov.save(_image(64, 64), path)
+    before = sorted(os.listdir(path))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        lsfov.save(_image(64, 64), path)
+    assert sorted(os.listdir(path)) == before
+
+    class Boom(Exception):
+        pass
+
+    def explode(block):
+        raise Boom("worker died")
+
+    bad = _image(64, 64).copy(data=da.from_array(np.ones((64, 64), np.float32), chunks=32).map_blocks(explode, dtype=np.float32))
+    with pytest.raises(Boom):
+        lsfov.save(bad, path, overwrite=True)
+    # The old result is intact and no half-written result is left behind.
+    assert lsfov.open_result(path).deblurred.shape == (64, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+    # A result whose completion marker is missing is refused.
+    zarr.open_group(str(path), mode="a").attrs["lsfov"] = {"variables": ["deblurred"], "complete": False}
+    with pytest.raises(ValueError, match="incomplete"):
+        lsfov.open_result(path)
+    lsfov.save(_image(32, 32), path, overwrite=True)
+    assert lsfov.open_result(path).deblurred.shape == (32, 32)
+    (tmp_path / "precious").mkdir()
+    with pytest.raises(FileExistsError, match="not an lsfov result"):
+        lsfov.save(_image(32, 32), tmp_path / "precious", overwrite=True)
+
+
+def test_save_bad_objects(tmp_path):
+    with pytest.raises(TypeError, match="save"):
+        lsfov.save("hello", tmp_path / "x.zarr")
+    with pytest.raises(ValueError, match="4-D"):
+        lsfov.save(np.zeros((2, 2, 2, 2)), tmp_path / "x.zarr")
+    with pytest.raises(ValueError, match="empty|no variables"):
+        lsfov.save(xr.Dataset(), tmp_path / "x.zarr")

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from lsfov import simulate
+
+
+def test_bead_field_is_reproducible_and_consistent():
+    a = simulate.bead_field((128, 160), 12, seed=3, grid=4)
+    b = simulate.bead_field((128, 160), 12, seed=3, grid=4)
+    np.testing.assert_array_equal(a.image, b.image)
+    c = simulate.bead_field((128, 160), 12, seed=4, grid=4)
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == (128, 160) and a.image.dtype == np.float32
+    assert a.positions.shape == (12, 2) and a.depth_um.shape == (4, 4)
+    assert 1.1 <= a.optics.na <= 1.4 and 0.55 <= a.optics.wavelength_um <= 0.65
+    assert a.optics.immersion_index > a.optics.na
+    assert a.depth_um.min() == pytest.approx(-0.4) and a.depth_um.max() == pytest.approx(0.4)
+    # The clean image is the true operator applied to the beads, plus the background.
+    dirac = np.zeros(a.image.shape, np.float32)
+    np.add.at(dirac, tuple(a.positions.T), a.amplitudes.astype(np.float32))
+    np.testing.assert_allclose(a.clean, np.maximum(a.operator.apply(dirac), 0) + a.background, atol=1e-3)
+    # Bright spots sit on the beads.
+    y, x = a.positions[np.argmax(a.amplitudes)]
+    assert a.clean[y, x] > a.background.max()
+
+
+def test_bead_stack_differs_per_image():
+    s = simulate.bead_stack(3, (96, 96), seed=1, grid=3)
+    assert len(s) == 3
+    assert len({f.optics.na for f in s}) == 3
+    np.testing.assert_array_equal(simulate.bead_stack(3, (96, 96), seed=1, grid=3)[2].image, s[2].image)
+
+
+def test_degrade_noise_model():
+    img = np.full((64, 64), 1.0, np.float32)
+    op, _ = simulate.psf_field(img.shape, "G1", (2, 2), seed=0, size=9)
+    y = simulate.degrade(img, op, photons=400.0, read_noise=0.0, seed=1)
+    centre = y[16:48, 16:48]
+    # Poisson: mean = variance = photons.
+    assert centre.mean() == pytest.approx(400, rel=0.02)
+    assert centre.var() == pytest.approx(400, rel=0.15)
+    y2 = simulate.degrade(img, op, photons=400.0, read_noise=5.0, seed=1)
+    assert y2[16:48, 16:48].var() == pytest.approx(425, rel=0.15)
+    np.testing.assert_array_equal(simulate.degrade(img, op, seed=2), simulate.degrade(img, op, seed=2))
+
+
+def test_degrade_bad_input():
+    op, _ = simulate.psf_field((32, 32), "G1", (2, 2), seed=0, size=9)
+    with pytest.raises(ValueError, match="does not match"):
+        simulate.degrade(np.ones((30, 32)), op)
+    with pytest.raises(ValueError, match="NaN"):
+        simulate.degrade(np.full((32, 32), np.nan), op)
+    with pytest.raises(ValueError, match="2-D"):
+        simulate.degrade(np.ones((2, 3, 32, 32)), op)
+    with pytest.raises(ValueError, match="all zero"):
+        simulate.degrade(np.zeros((32, 32)), op)
+    offset = np.ones((32, 32))
+    offset[3, 3] = -0.01  # a camera offset: clipped with a warning, not refused
+    with pytest.warns(UserWarning, match="negative"):
+        simulate.degrade(offset, op)
+    # integer images are converted, not refused
+    assert simulate.degrade(np.ones((32, 32), np.uint16), op).dtype == np.float32
+
+
+def test_psf_field_and_sample_images():
+    op, p = simulate.psf_field((200, 300), "Z3", (3, 4), seed=5)
+    assert p.shape == (3, 4, 3) and op.grid_shape == (3, 4)
+    img = simulate.sample_image("hubble", (300, 700))
+    assert img.shape == (300, 700) and 0 <= img.min() and img.max() <= 1
+    with pytest.raises(ValueError, match="unknown sample"):
+        simulate.sample_image("lena")
