@@ -50,3 +50,16 @@ def positive_int(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
     return int(v)
+
+
+def shape2d(shape, name: str = "shape") -> tuple[int, int]:
+    """``(H, W)`` from an int or a pair of positive integers."""
+    if np.isscalar(shape):
+        shape = (shape, shape)
+    try:
+        h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair (H, W) of positive integers, got {shape!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be positive, got {shape!r}")
+    return h, w

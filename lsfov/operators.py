@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_module, fft_module, next_fast_len, to_numpy
+from ._validate import shape2d
 
 __all__ = ["ProductConvolution"]
 
@@ -158,7 +159,7 @@ class ProductConvolution:
         psfs = _as_float_array(psfs, "psfs")
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
             raise ValueError(f"psfs must have shape (gy, gx, K, K), got {psfs.shape}")
-        shape = _check_shape(shape)
+        shape = shape2d(shape)
         _check_kernel_size(psfs.shape[-1], shape)
         gy, gx = psfs.shape[:2]
         if gy < 1 or gx < 1:
@@ -196,7 +197,7 @@ class ProductConvolution:
             raise ValueError(
                 f"coefficient maps must have shape (I={kernels.shape[0]}, H, W), got {tuple(maps.shape)}"
             )
-        shape = _check_shape(maps.shape[1:])
+        shape = shape2d(maps.shape[1:])
         _check_kernel_size(kernels.shape[-1], shape)
         if isinstance(maps, np.ndarray):
             maps = maps.astype(np.float32, copy=False)
@@ -250,7 +251,7 @@ class ProductConvolution:
         if self.window != (0, 0) + self.shape:
             raise ValueError("restrict() applies to a full-image operator")
         oy, ox = (int(o) for o in origin)
-        h, w = _check_shape(shape)
+        h, w = shape2d(shape)
         return ProductConvolution(
             self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps, window=(oy, ox, h, w)
         )
@@ -469,16 +470,6 @@ def _as_float_array(a, name):
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or Inf")
     return arr
-
-
-def _check_shape(shape):
-    try:
-        h, w = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be a pair (H, W) of positive integers, got {shape!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"shape must be a pair (H, W) of positive integers, got {shape!r}")
-    return h, w
 
 
 def _check_kernel_size(k, shape):

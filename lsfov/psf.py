@@ -42,6 +42,7 @@ __all__ = [
     "noll_to_nm",
     "zernike_polynomial",
     "airy",
+    "get_model",
 ]
 
 # Upper bound of a batch rendered in one FFT call; keeps temporaries at a few hundred MB.

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import psf as _psf
-from ._validate import as_image, positive_int
+from ._validate import as_image, positive_int, shape2d
 from .operators import ProductConvolution
 
 __all__ = ["BeadField", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image"]
@@ -77,7 +77,7 @@ def bead_field(
     ±20% brightness around ``photons``; a smooth random background of mean level ``background``
     photons is added and the result is Poisson distributed.
     """
-    h, w = _shape2(shape)
+    h, w = shape2d(shape)
     grid = positive_int(grid, "grid")
     rng = np.random.default_rng(seed)
     if optics is None:
@@ -155,7 +155,7 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
     shape (gy, gx, N).
     """
     m = _psf.get_model(model)
-    h, w = _shape2(shape)
+    h, w = shape2d(shape)
     gy, gx = (grid, grid) if np.isscalar(grid) else grid
     rng = np.random.default_rng(seed)
     lo, hi = m.bounds
@@ -192,21 +192,10 @@ def sample_image(name: str = "cell", shape=None) -> np.ndarray:
     img = loaders[name]().astype(np.float32)
     img = (img - img.min()) / max(float(np.ptp(img)), 1e-12)
     if shape is not None:
-        h, w = _shape2(shape)
+        h, w = shape2d(shape)
         reps = (int(np.ceil(h / img.shape[0])), int(np.ceil(w / img.shape[1])))
         tile = np.block([[img[:, :: (1 if j % 2 == 0 else -1)][:: (1 if i % 2 == 0 else -1)]
                           for j in range(reps[1])] for i in range(reps[0])])
         img = np.ascontiguousarray(tile[:h, :w])
     return img
 
-
-def _shape2(shape):
-    if np.isscalar(shape):
-        shape = (shape, shape)
-    try:
-        h, w = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be an int or a pair (H, W), got {shape!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"shape must be positive, got {shape!r}")
-    return h, w
