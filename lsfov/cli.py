@@ -202,9 +202,9 @@ def _compute(lazy, client, quiet):
         return client.compute(lazy).result()
     if quiet:
         return lazy.compute()
-    from dask.diagnostics import ProgressBar
+    from .io import _progress
 
-    with ProgressBar(minimum=1.0):
+    with _progress():
         return lazy.compute()
 
 
