@@ -24,6 +24,9 @@ the number of PSFs.
 from __future__ import annotations
 
 import math
+import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,11 +106,56 @@ class _Group:
     xs: np.ndarray
     xl: np.ndarray
     fshape: tuple  # FFT shape
-    terms: list  # [(weight factors broadcastable to (na, nb, Ly, Lx), kernel ids (na, nb))]
+    terms: list  # [(weight factors broadcastable to (na, nb, Ly, Lx), or None if all ones; kernel ids (na, nb))]
+    single: bool = False  # one cell covering the whole window: centred kernels, no gather, no overlap-add
 
     @property
     def tile(self):
         return int(self.yl.max()), int(self.xl.max())
+
+
+class _SpectraCache:
+    """Kernel spectra of one operator at the FFT shapes it has met, shared by its restricted views.
+
+    After unpickling (a Dask worker), operators with the same token find the same cache again
+    through :data:`_CACHES`, so spectra are computed once per worker, not once per task. LRU within
+    a byte budget.
+    """
+
+    def __init__(self, budget: int = 512 << 20):
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._nbytes = 0
+        self.budget = budget
+
+    def get(self, key, make):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()  # outside the lock: other threads go on (at worst both compute it)
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = value
+                self._nbytes += value.nbytes
+                while self._nbytes > self.budget and len(self._items) > 1:
+                    _, old = self._items.popitem(last=False)
+                    self._nbytes -= old.nbytes
+        return value
+
+
+_CACHES: OrderedDict = OrderedDict()  # token -> _SpectraCache, for the last few operators of this process
+_CACHES_LOCK = threading.Lock()
+
+
+def _cache_for(token: str) -> _SpectraCache:
+    with _CACHES_LOCK:
+        if token not in _CACHES:
+            _CACHES[token] = _SpectraCache()
+            while len(_CACHES) > 4:
+                _CACHES.popitem(last=False)
+        _CACHES.move_to_end(token)
+        return _CACHES[token]
 
 
 class ProductConvolution:
@@ -121,6 +169,8 @@ class ProductConvolution:
     Attributes
     ----------
     kind : {"grid", "basis"}
+    attrs : dict
+        Free metadata (PSF model, optics, provenance), kept by :meth:`save` / :meth:`load`.
     shape : (int, int)
         Image shape the operator is defined on.
     kernels : ndarray
@@ -131,19 +181,22 @@ class ProductConvolution:
         (I, H, W) coefficient maps of the basis form.
     """
 
-    def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None):
+    def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None, attrs=None, _token=None):
         self.kind = kind
         self.shape = tuple(int(s) for s in shape)
         self.kernels = kernels
         self.centers = centers
         self.maps = maps
-        self.window = tuple(window) if window is not None else (0, 0) + self.shape
+        self.window = tuple(int(v) for v in window) if window is not None else (0, 0) + self.shape
+        self.attrs = dict(attrs or {})
+        self._token = _token or uuid.uuid4().hex
+        self._cache = _cache_for(self._token)
         self._plan_cache = None
-        self._spectra_cache: dict = {}
+        self._group_spectra: dict = {}
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_grid(cls, psfs, shape, centers=None) -> "ProductConvolution":
+    def from_grid(cls, psfs, shape, centers=None, attrs=None) -> "ProductConvolution":
         """Grid operator: one PSF per node, bilinear interpolation of the blur between nodes.
 
         Parameters
@@ -175,10 +228,10 @@ class ProductConvolution:
                     raise ValueError(f"{len(c)} node {ax}-centres given for a grid of {g} PSFs along {ax}")
                 if not np.all(np.isfinite(c)) or np.any(np.diff(c) <= 0):
                     raise ValueError(f"node {ax}-centres must be finite and strictly increasing")
-        return cls("grid", shape, psfs, centers=centers)
+        return cls("grid", shape, psfs, centers=centers, attrs=attrs)
 
     @classmethod
-    def from_basis(cls, kernels, maps) -> "ProductConvolution":
+    def from_basis(cls, kernels, maps, attrs=None) -> "ProductConvolution":
         """Basis operator: ``H u = sum_i h_i * (alpha_i . u)``.
 
         Parameters
@@ -186,7 +239,8 @@ class ProductConvolution:
         kernels : array_like (I, K, K)
             Basis kernels (may be signed, e.g. principal components), K odd.
         maps : array_like (I, H, W)
-            Coefficient maps; NumPy or any array that slices lazily (zarr, dask).
+            Coefficient maps; NumPy or any array that slices lazily (zarr, dask). Beyond the image
+            they are extended by their edge values (the PSF there is that of the nearest pixel).
         """
         kernels = _as_float_array(kernels, "kernels")
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
@@ -203,7 +257,7 @@ class ProductConvolution:
             maps = maps.astype(np.float32, copy=False)
             if not np.all(np.isfinite(maps)):
                 raise ValueError("coefficient maps contain NaN or Inf")
-        return cls("basis", shape, kernels, maps=maps)
+        return cls("basis", shape, kernels, maps=maps, attrs=attrs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -234,11 +288,17 @@ class ProductConvolution:
         return f"ProductConvolution({self.kind}, shape={self.shape}, {extra}, K={self.kernel_size}{win})"
 
     def __getstate__(self):
-        # FFT plans and kernel spectra are rebuilt where the operator lands (a Dask worker).
+        # Plans and spectra stay behind; where the operator lands (a Dask worker) the token finds
+        # that process's spectra cache, so every task of a worker shares one.
         state = self.__dict__.copy()
         state["_plan_cache"] = None
-        state["_spectra_cache"] = {}
+        state["_group_spectra"] = {}
+        del state["_cache"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache = _cache_for(self._token)
 
     # ------------------------------------------------------------------ windows
     def restrict(self, origin, shape) -> "ProductConvolution":
@@ -253,7 +313,8 @@ class ProductConvolution:
         oy, ox = (int(o) for o in origin)
         h, w = shape2d(shape)
         return ProductConvolution(
-            self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps, window=(oy, ox, h, w)
+            self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps, window=(oy, ox, h, w),
+            attrs=self.attrs, _token=self._token,
         )
 
     def apply_block(self, block, origin):
@@ -314,7 +375,8 @@ class ProductConvolution:
         if self._plan_cache is not None:
             return self._plan_cache
         oy, ox, h, w = self.window
-        pad = self.kernel_size - 1
+        r = self.halo
+        pad = 2 * r
         groups = []
         if self.kind == "grid":
             for cy in _axis_cells(self.centers[0], oy, h, pad):
@@ -325,37 +387,79 @@ class ProductConvolution:
                             if not (wy.any() and wx.any()):
                                 continue  # e.g. the unused upper node of a one-node axis
                             ids = ny[:, None] * self.kernels.shape[1] + nx[None, :]
-                            terms.append(((wy[:, None, :, None], wx[None, :, None, :]), ids))
+                            factors = tuple(
+                                f for f in (wy[:, None, :, None], wx[None, :, None, :]) if not np.all(f == 1)
+                            )
+                            terms.append((factors, ids))
                     fshape = (next_fast_len(cy.length.max() + pad), next_fast_len(cx.length.max() + pad))
                     groups.append(_Group(cy.start, cy.length, cx.start, cx.length, fshape, terms))
+            if len(groups) == 1 and groups[0].ys.size == 1 and groups[0].xs.size == 1:
+                # No node inside the window: one cell, centred kernels need only r of zero padding.
+                g = groups[0]
+                g.single = True
+                g.fshape = (next_fast_len(h + r), next_fast_len(w + r))
         else:
             maps = _window_of(self.maps, self.window, self.shape)
             terms = [((maps[i][None, None],), np.array([[i]])) for i in range(maps.shape[0])]
-            fshape = (next_fast_len(h + pad), next_fast_len(w + pad))
-            groups.append(_Group(np.array([0]), np.array([h]), np.array([0]), np.array([w]), fshape, terms))
+            fshape = (next_fast_len(h + r), next_fast_len(w + r))
+            groups.append(_Group(np.array([0]), np.array([h]), np.array([0]), np.array([w]), fshape, terms, True))
         self._plan_cache = groups
         return groups
 
-    def _spectra(self, gi: int, group: _Group, xp):
-        """Kernel spectra of a group's terms at its FFT shape (cached per operator and device)."""
-        key = (gi, xp.__name__)
-        if key not in self._spectra_cache:
-            flat = self.kernels.reshape(-1, self.kernel_size, self.kernel_size)
-            fft = fft_module(xp.empty(0))
-            self._spectra_cache[key] = [
-                fft.rfft2(xp.asarray(flat[ids]), s=group.fshape).astype(xp.complex64) for _, ids in group.terms
-            ]
-        return self._spectra_cache[key]
+    def _kernel_spectra(self, fshape, centred: bool, conj: bool, xp):
+        """Spectra of all kernels at one FFT shape, (n_kernels, fy, fx//2 + 1) complex64, cached.
+
+        ``centred`` kernels are rolled so that their centre sits at index 0: the convolution output
+        is then aligned with its input and needs only ``r`` pixels of zero padding.
+        """
+
+        def make():
+            if conj:
+                return self._kernel_spectra(fshape, centred, False, xp).conj()
+            k = self.kernel_size
+            flat = xp.asarray(self.kernels.reshape(-1, k, k))
+            padded = xp.zeros((flat.shape[0],) + tuple(fshape), dtype=xp.float32)
+            padded[:, :k, :k] = flat
+            if centred:
+                padded = xp.roll(padded, (-self.halo, -self.halo), axis=(1, 2))
+            return fft_module(padded).rfft2(padded).astype(xp.complex64)
+
+        return self._cache.get((tuple(fshape), centred, conj, xp.__name__), make)
+
+    def _spectra(self, gi: int, group: _Group, xp, conj: bool = False):
+        """Kernel spectra of a group's terms, each broadcastable against its tiles."""
+        key = (gi, conj, xp.__name__)
+        if key not in self._group_spectra:
+            allk = self._kernel_spectra(group.fshape, group.single, conj, xp)
+            if group.single:  # one kernel per term: a view, no copy
+                self._group_spectra[key] = [allk[int(ids.flat[0])] for _, ids in group.terms]
+            else:
+                self._group_spectra[key] = [allk[xp.asarray(ids)] for _, ids in group.terms]
+        return self._group_spectra[key]
 
     def _weights(self, group, xp):
+        if group.single:  # 2-D factors for the whole-window path
+            return [tuple(xp.asarray(f.reshape(f.shape[-2:])) for f in factors) for factors, _ in group.terms]
         return [tuple(xp.asarray(f) for f in factors) for factors, _ in group.terms]
 
     def _forward(self, u):
         xp, fft = array_module(u), fft_module(u)
         h, w = u.shape
         r = self.halo
+        groups = self._plan()
+        if groups[0].single:
+            g = groups[0]
+            acc = None
+            for factors, spec in zip(self._weights(g, xp), self._spectra(0, g, xp)):
+                x = u
+                for f in factors:
+                    x = x * f
+                term = fft.rfft2(x, s=g.fshape)
+                term *= spec
+                acc = term if acc is None else _iadd(acc, term)
+            return fft.irfft2(acc, s=g.fshape)[:h, :w]
         out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
-        for gi, g in enumerate(self._plan()):
+        for gi, g in enumerate(groups):
             ly, lx = g.tile
             tiles = _gather(u, g.ys, g.xs, ly, lx)
             acc = None
@@ -379,26 +483,75 @@ class ProductConvolution:
         xp, fft = array_module(v), fft_module(v)
         h, w = v.shape
         r = self.halo
-        out = xp.empty((h, w), dtype=xp.float32)
-        vpad = xp.pad(v, r)
-        for gi, g in enumerate(self._plan()):
-            ly, lx = g.tile
-            V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r), s=g.fshape)
+        groups = self._plan()
+        if groups[0].single:
+            g = groups[0]
+            V = fft.rfft2(v, s=g.fshape)
+            terms = list(zip(self._weights(g, xp), self._spectra(0, g, xp, conj=True)))
             acc = None
-            for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp)):
-                # Correlation with the kernel = product with the conjugate spectrum.
-                c = fft.irfft2(V * spec.conj(), s=g.fshape)[..., :ly, :lx]
+            for i, (factors, spec) in enumerate(terms):
+                if i == len(terms) - 1:
+                    V *= spec  # last term: reuse V's memory
+                    c = fft.irfft2(V, s=g.fshape)[:h, :w]
+                else:
+                    c = fft.irfft2(V * spec, s=g.fshape)[:h, :w]
                 for f in factors:
                     c = c * f
                 acc = c if acc is None else _iadd(acc, c)
-            # Cells tile the window without overlap: one vectorised scatter.
-            rows = np.concatenate([np.arange(s, s + n) for s, n in zip(g.ys, g.yl)])
-            cols = np.concatenate([np.arange(s, s + n) for s, n in zip(g.xs, g.xl)])
-            my = (np.arange(ly)[None, :] < g.yl[:, None]).ravel()
-            mx = (np.arange(lx)[None, :] < g.xl[:, None]).ravel()
-            flat = acc.transpose(0, 2, 1, 3).reshape(len(g.ys) * ly, len(g.xs) * lx)
-            out[xp.asarray(rows)[:, None], xp.asarray(cols)[None, :]] = flat[xp.asarray(my)][:, xp.asarray(mx)]
+            return acc
+        out = xp.empty((h, w), dtype=xp.float32)
+        vpad = xp.pad(v, r)
+        for gi, g in enumerate(groups):
+            ly, lx = g.tile
+            V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r), s=g.fshape)
+            acc = None
+            # Correlation with the kernel = product with the conjugate spectrum.
+            for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp, conj=True)):
+                c = fft.irfft2(V * spec, s=g.fshape)[..., :ly, :lx]
+                for f in factors:
+                    c = c * f
+                acc = c if acc is None else _iadd(acc, c)
+            # Cells tile the window without overlap: a slice copy per cell (cheaper than fancy indexing).
+            for a in range(len(g.ys)):
+                y0, ny = int(g.ys[a]), int(g.yl[a])
+                for b in range(len(g.xs)):
+                    x0, nx = int(g.xs[b]), int(g.xl[b])
+                    out[y0 : y0 + ny, x0 : x0 + nx] = acc[a, b, :ny, :nx]
         return out
+
+    def adjoint_ones(self, like=None):
+        """``H^T 1`` on this operator's window, ``1`` the indicator of the image.
+
+        This is the Richardson-Lucy normaliser: how much of a unit source at each pixel lands inside
+        the image. Far from the image border it is ``sum_p w_p sum(k_p)``, computed without FFTs;
+        near it, an exact adjoint. On a restricted window the outer :attr:`halo` pixels are not
+        exact (they would need data beyond the window). ``like``: an array whose type (NumPy, CuPy)
+        the result takes.
+        """
+        xp = np if like is None else array_module(like)
+        oy, ox, h, w = self.window
+        H, W = self.shape
+        r = self.halo
+        if oy >= r and ox >= r and oy + h <= H - r and ox + w <= W - r:
+            return xp.asarray(self._weight_sums())
+        mask = np.zeros((h, w), dtype=np.float32)
+        mask[max(0, -oy) : max(0, min(h, H - oy)), max(0, -ox) : max(0, min(w, W - ox))] = 1.0
+        return self._adjoint(xp.asarray(mask))
+
+    def _weight_sums(self) -> np.ndarray:
+        """``sum_p w_p(j) sum(k_p)`` on the window (float32)."""
+        oy, ox, h, w = self.window
+        sums = to_numpy(self.kernels).sum(axis=(-2, -1), dtype=np.float64)
+        if self.kind == "basis":
+            return np.tensordot(sums, _window_of(self.maps, self.window, self.shape), axes=1).astype(np.float32)
+        mats = []
+        for c, o, n in zip(self.centers, (oy, ox), (h, w)):
+            lo, hi, t = _hat_weights(c, np.arange(o, o + n, dtype=np.float64))
+            m = np.zeros((n, len(c)))
+            np.add.at(m, (np.arange(n), lo), 1.0 - t)
+            np.add.at(m, (np.arange(n), hi), t)
+            mats.append(m)
+        return (mats[0] @ sums @ mats[1].T).astype(np.float32)
 
     # ------------------------------------------------------------------ inspection
     def psf_at(self, y: float, x: float) -> np.ndarray:
@@ -441,23 +594,29 @@ def _gather(img, ys, xs, ly, lx):
     """Tiles ``img[ys[a]:ys[a]+ly, xs[b]:xs[b]+lx]`` as an (na, nb, ly, lx) array (zero past the edge)."""
     xp = array_module(img)
     h, w = img.shape
-    need_y, need_x = int(ys.max()) + ly - h, int(xs.max()) + lx - w
-    if need_y > 0 or need_x > 0:
-        img = xp.pad(img, ((0, max(0, need_y)), (0, max(0, need_x))))
-    iy = xp.asarray(ys[:, None] + np.arange(ly)[None, :])
-    ix = xp.asarray(xs[:, None] + np.arange(lx)[None, :])
-    return img[iy[:, None, :, None], ix[None, :, None, :]]
+    out = xp.zeros((len(ys), len(xs), ly, lx), dtype=img.dtype)
+    for a, y0 in enumerate(int(v) for v in ys):
+        ny = max(0, min(ly, h - y0))
+        for b, x0 in enumerate(int(v) for v in xs):
+            nx = max(0, min(lx, w - x0))
+            out[a, b, :ny, :nx] = img[y0 : y0 + ny, x0 : x0 + nx]
+    return out
 
 
 def _window_of(maps, window, shape):
-    """Coefficient maps on a window of the image, zero outside the image, as float32."""
+    """Coefficient maps on a window of the image as float32, extended by their edge values beyond it."""
     oy, ox, h, w = window
-    out = np.zeros((maps.shape[0], h, w), dtype=np.float32)
-    y0, y1 = max(oy, 0), min(oy + h, shape[0])
-    x0, x1 = max(ox, 0), min(ox + w, shape[1])
-    if y1 > y0 and x1 > x0:
-        out[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = np.asarray(maps[:, y0:y1, x0:x1])
-    return out
+    H, W = shape
+    y0 = min(max(oy, 0), H - 1)
+    y1 = max(min(oy + h, H), y0 + 1)
+    x0 = min(max(ox, 0), W - 1)
+    x1 = max(min(ox + w, W), x0 + 1)
+    box = np.asarray(maps[:, y0:y1, x0:x1], dtype=np.float32)  # the only read of a lazy (zarr) map
+    if (y0, y1, x0, x1) == (oy, oy + h, ox, ox + w):
+        return box
+    rows = np.clip(np.arange(oy, oy + h), y0, y1 - 1) - y0
+    cols = np.clip(np.arange(ox, ox + w), x0, x1 - 1) - x0
+    return box[:, rows[:, None], cols[None, :]]
 
 
 def _as_float_array(a, name):

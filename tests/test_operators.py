@@ -136,16 +136,36 @@ def test_dask_chunked_equals_whole(name, chunks):
     np.testing.assert_allclose(lazy_t, ref_t, atol=1e-6 * np.abs(ref_t).max())
 
 
-def test_operator_pickles_without_its_caches():
+def test_operator_pickles_without_its_caches_and_finds_them_again():
     import pickle
 
     op = _grid_op()
     u = rng.random(op.shape).astype(np.float32)
     out = op.apply(u)
-    assert op._spectra_cache
-    clone = pickle.loads(pickle.dumps(op))
-    assert not clone._spectra_cache
+    blob = pickle.dumps(op)
+    assert len(blob) < op.kernels.nbytes + 20_000  # kernels and nodes only: no spectra, no plan
+    clone = pickle.loads(blob)
+    assert clone._plan_cache is None and not clone._group_spectra
+    assert clone._cache is op._cache  # same process: the spectra computed above are reused
+    assert op.restrict((10, 10), (50, 50))._cache is op._cache
     np.testing.assert_array_equal(clone.apply(u), out)
+
+
+def test_adjoint_ones_is_the_adjoint_of_the_image_indicator():
+    for op in (_grid_op(), _basis_op()):
+        ones = np.ones(op.shape, np.float32)
+        np.testing.assert_allclose(op.adjoint_ones(), op.adjoint(ones), atol=1e-5)
+        # An interior window takes the FFT-free formula; it must agree with the exact adjoint.
+        r = op.halo
+        win = op.restrict((r + 3, r + 5), (40, 50))
+        np.testing.assert_allclose(win.adjoint_ones(), op.adjoint(ones)[r + 3 : r + 43, r + 5 : r + 55], atol=1e-5)
+        # A window reaching beyond the image: exact on all but its outer halo.
+        win = op.restrict((-r, -r), (op.shape[0] + 2 * r, op.shape[1] + 2 * r))
+        ext = np.zeros(win.domain_shape, np.float32)
+        ext[r:-r, r:-r] = 1
+        big = op.restrict((-3 * r, -3 * r), (op.shape[0] + 6 * r, op.shape[1] + 6 * r))
+        ref = big.adjoint(np.pad(ext, 2 * r))[2 * r : -2 * r, 2 * r : -2 * r]
+        np.testing.assert_allclose(win.adjoint_ones()[r:-r, r:-r], ref[r:-r, r:-r], atol=1e-5)
 
 
 def test_bad_input():
