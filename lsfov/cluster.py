@@ -43,3 +43,40 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             yield client
         return
     raise ValueError(f"unknown scheduler {spec!r}; use {SCHEDULERS}")
+
+
+def _active_client():
+    """The distributed Client Dask would use now, or None (threaded/synchronous scheduler)."""
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def compute(obj, *, progress: bool = False, label: str | None = None):
+    """Compute a Dask collection where Dask runs now, with a progress bar if asked.
+
+    On a distributed cluster the bar follows the futures (``distributed.progress``); on the local
+    schedulers it is Dask's ``ProgressBar``. ``label`` is logged first, so that a run of several
+    passes says which one the bar belongs to.
+    """
+    if progress and label:
+        log.info(label)
+    client = _active_client()
+    if client is not None:
+        future = client.compute(obj)
+        if progress:
+            from distributed import progress as track
+
+            track(future)
+        return future.result()
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=1.0):
+            return dask.compute(obj)[0]
+    return dask.compute(obj)[0]

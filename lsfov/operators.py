@@ -181,7 +181,8 @@ class ProductConvolution:
         (I, H, W) coefficient maps of the basis form.
     """
 
-    def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None, attrs=None, _token=None):
+    def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None, attrs=None, _token=None,
+                 periodic=False):
         self.kind = kind
         self.shape = tuple(int(s) for s in shape)
         self.kernels = kernels
@@ -189,6 +190,7 @@ class ProductConvolution:
         self.maps = maps
         self.window = tuple(int(v) for v in window) if window is not None else (0, 0) + self.shape
         self.attrs = dict(attrs or {})
+        self.periodic = (bool(periodic),) * 2 if np.isscalar(periodic) else tuple(bool(p) for p in periodic)
         self._token = _token or uuid.uuid4().hex
         self._cache = _cache_for(self._token)
         self._plan_cache = None
@@ -301,12 +303,15 @@ class ProductConvolution:
         self._cache = _cache_for(self._token)
 
     # ------------------------------------------------------------------ windows
-    def restrict(self, origin, shape) -> "ProductConvolution":
+    def restrict(self, origin, shape, *, periodic: bool = False) -> "ProductConvolution":
         """The operator seen through a window of the image (for block-wise work).
 
         ``origin`` is the window's top-left pixel in image coordinates (may be negative, and the
         window may extend past the image: the image is zero there). The restricted operator acts on
         arrays of ``shape``; on the window shrunk by :attr:`halo` it equals the full operator.
+        With ``periodic=True`` (or a pair, per axis) the window may also wrap around onto itself
+        (cheaper FFTs): for callers that discard the outer halo on both sides of that axis, or that
+        know the data vanish there.
         """
         if self.window != (0, 0) + self.shape:
             raise ValueError("restrict() applies to a full-image operator")
@@ -314,7 +319,7 @@ class ProductConvolution:
         h, w = shape2d(shape)
         return ProductConvolution(
             self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps, window=(oy, ox, h, w),
-            attrs=self.attrs, _token=self._token,
+            attrs=self.attrs, _token=self._token, periodic=periodic,
         )
 
     def apply_block(self, block, origin):
@@ -397,14 +402,19 @@ class ProductConvolution:
                 # No node inside the window: one cell, centred kernels need only r of zero padding.
                 g = groups[0]
                 g.single = True
-                g.fshape = (next_fast_len(h + r), next_fast_len(w + r))
+                g.fshape = self._single_fshape(h, w)
         else:
             maps = _window_of(self.maps, self.window, self.shape)
             terms = [((maps[i][None, None],), np.array([[i]])) for i in range(maps.shape[0])]
-            fshape = (next_fast_len(h + r), next_fast_len(w + r))
-            groups.append(_Group(np.array([0]), np.array([h]), np.array([0]), np.array([w]), fshape, terms, True))
+            groups.append(_Group(np.array([0]), np.array([h]), np.array([0]), np.array([w]), self._single_fshape(h, w),
+                                 terms, True))
         self._plan_cache = groups
         return groups
+
+    def _single_fshape(self, h, w):
+        # Centred kernels: r pixels of zero padding suffice; a periodic window needs none.
+        k, r = self.kernel_size, self.halo
+        return tuple(next_fast_len(n + (0 if p and n >= k else r)) for n, p in zip((h, w), self.periodic))
 
     def _kernel_spectra(self, fshape, centred: bool, conj: bool, xp):
         """Spectra of all kernels at one FFT shape, (n_kernels, fy, fx//2 + 1) complex64, cached.
@@ -457,7 +467,7 @@ class ProductConvolution:
                 term = fft.rfft2(x, s=g.fshape)
                 term *= spec
                 acc = term if acc is None else _iadd(acc, term)
-            return fft.irfft2(acc, s=g.fshape)[:h, :w]
+            return fft.irfft2(acc, s=g.fshape, overwrite_x=True)[:h, :w]
         out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
         for gi, g in enumerate(groups):
             ly, lx = g.tile
@@ -470,7 +480,7 @@ class ProductConvolution:
                 term = fft.rfft2(x, s=g.fshape)
                 term *= spec
                 acc = term if acc is None else _iadd(acc, term)
-            res = fft.irfft2(acc, s=g.fshape)
+            res = fft.irfft2(acc, s=g.fshape, overwrite_x=True)
             # Overlap-add: a memory-bound slice add per cell; all FFT work above is batched.
             for a in range(len(g.ys)):
                 y0, ny = int(g.ys[a]), int(g.yl[a]) + 2 * r
@@ -492,9 +502,9 @@ class ProductConvolution:
             for i, (factors, spec) in enumerate(terms):
                 if i == len(terms) - 1:
                     V *= spec  # last term: reuse V's memory
-                    c = fft.irfft2(V, s=g.fshape)[:h, :w]
+                    c = fft.irfft2(V, s=g.fshape, overwrite_x=True)[:h, :w]
                 else:
-                    c = fft.irfft2(V * spec, s=g.fshape)[:h, :w]
+                    c = fft.irfft2(V * spec, s=g.fshape, overwrite_x=True)[:h, :w]
                 for f in factors:
                     c = c * f
                 acc = c if acc is None else _iadd(acc, c)
@@ -507,7 +517,7 @@ class ProductConvolution:
             acc = None
             # Correlation with the kernel = product with the conjugate spectrum.
             for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp, conj=True)):
-                c = fft.irfft2(V * spec, s=g.fshape)[..., :ly, :lx]
+                c = fft.irfft2(V * spec, s=g.fshape, overwrite_x=True)[..., :ly, :lx]
                 for f in factors:
                     c = c * f
                 acc = c if acc is None else _iadd(acc, c)

@@ -1,0 +1,189 @@
+"""TV-RL on Dask with an exact halo exchange.
+
+One RL iteration moves information by at most ``2r`` pixels (``H`` spreads by the kernel radius
+``r``, ``H^T`` by another ``r``; the TV term by one pixel, which ``2r`` covers). A block that holds
+``k * 2r`` pixels of its neighbours can therefore run ``k`` iterations alone, and its core is then
+exactly what the whole-array computation gives: the halo is exchanged once every ``k`` iterations,
+with one overlap step per exchange (not one per operator call).
+
+The estimate lives on the extended field (image grown by ``r``), cut into regular chunks aligned
+with the input's chunk size so that they can be written to zarr. Two ways to run:
+
+* lazily: the exchanges are chained in one Dask graph (good up to a cluster's memory);
+* with ``scratch``: every exchange is written to a zarr store and read back by the next one, so
+  memory holds a few chunks whatever the image size (what ``lsfov deconvolve`` does).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .._validate import LsfovWarning
+from ..operators import ProductConvolution
+from .tv_rl import _check_shape, _initial, _iterate, _norm_threshold
+
+__all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
+
+log = logging.getLogger("lsfov")
+
+# Cost model constants, measured on a 2-core x86 laptop-class machine (benchmarks/run.py); only their
+# ratios matter. FFT: seconds per pixel per log2(pixels) per transform. Exchange: seconds per pixel of
+# a halo'd block to slice and concatenate x and y, plus a fixed per-block overhead (scheduling, transfer).
+_FFT_S = 1.6e-10
+_COPY_S = 3e-9
+_TASK_S = 0.02
+
+
+def spread_per_iteration(op: ProductConvolution, tv: float) -> int:
+    """How far (pixels) one TV-RL iteration moves information: ``2r``, at least 1 with TV."""
+    return max(2 * op.halo, 1 if tv else 0)
+
+
+def choose_exchange_every(chunk_shape, op: ProductConvolution, iterations: int, tv: float) -> int:
+    """Iterations per halo exchange that minimise the modelled run time.
+
+    A larger ``k`` means fewer exchanges (fixed cost per block: scheduling, slicing, transfers) but a
+    larger halo ``k * 2r`` on every block, whose FFTs every iteration pays for. The model:
+    ``ceil(n/k) * (copy * A_k + task) + n * fft_count * fft * A_k * log2(A_k)`` with
+    ``A_k = prod(chunk + 2 k 2r)``; ``k`` is kept so that the halo fits in one neighbouring chunk.
+    """
+    s = spread_per_iteration(op, tv)
+    if s == 0:
+        return iterations  # pixel-wise: nothing to exchange
+    n_fft = 4 if op.n_psfs == 1 else (2 + 2 * op.n_psfs if op.kind == "basis" else 10)
+    best, best_cost = 1, math.inf
+    for k in range(1, iterations + 1):
+        if k > 1 and s * k > min(chunk_shape):
+            break
+        area = float(np.prod([c + 2 * s * k for c in chunk_shape]))
+        cost = math.ceil(iterations / k) * (_COPY_S * area + _TASK_S) + iterations * n_fft * _FFT_S * area * math.log2(area)
+        if cost < best_cost:
+            best, best_cost = k, cost
+    return best
+
+
+def _axis_chunks(n: int, c: int, minimum: int) -> tuple[int, ...]:
+    """Chunks of size ``c`` (raised to ``minimum``), the remainder merged into the last if too small.
+
+    Boundaries stay on multiples of ``c``, so every chunk is a union of zarr chunks of edge ``c``.
+    """
+    c = max(c, minimum, 1)
+    q, rem = divmod(n, c)
+    if q == 0:
+        return (n,)
+    chunks = [c] * q
+    if rem:
+        if rem < minimum:
+            chunks[-1] += rem
+        else:
+            chunks.append(rem)
+    return tuple(chunks)
+
+
+def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
+                    exchange_every: int | None = None, scratch=None, progress: bool = False) -> da.Array:
+    """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks."""
+    if y.ndim != 2:
+        raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; select a plane first")
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"image must be a numeric array, got dtype {y.dtype}")
+    _check_shape(y.shape, op)
+    y = y.astype(np.float32)
+    # One streaming pass for what the iterations need to know globally (and for bad input).
+    total, lo, hi = dask.compute(y.sum(dtype=np.float64), y.min(), y.max())
+    if not np.isfinite(total):
+        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+    if hi <= 0:
+        raise ValueError("image is all zero" if hi == 0 and lo == 0 else
+                         f"image has no positive pixel (max {hi:g}); is it background-subtracted twice?")
+    if lo < 0:
+        warnings.warn(f"image has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
+        y = da.maximum(y, 0)
+        total = float(da.sum(y, dtype=np.float64).compute())
+    scale = float(total) / y.size
+
+    r = op.halo
+    s = spread_per_iteration(op, tv)
+    c = tuple(int(max(ch)) for ch in y.chunks)
+    k = exchange_every or choose_exchange_every(c, op, iterations, tv)
+    k = min(k, iterations)
+    halo = s * k
+    if halo > min(c):
+        log.info("chunks %s are smaller than the halo of %d px (%d iterations x %d px); using larger chunks",
+                 c, halo, k, s)
+    ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
+    chunks = tuple(_axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
+    y_ext = da.pad(y, r).rechunk(chunks)
+    params = dict(op=op, tv=tv, eps=eps, thr=_norm_threshold(op),
+                  scale=scale, chunks=chunks)
+    counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
+    log.info("TV-RL: %d iterations in %d exchanges, halo %d px, %d blocks of up to %s",
+             iterations, len(counts), halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
+
+    if scratch is None:
+        x = None
+        for n in counts:
+            x = _exchange(x, y_ext, n, s * n, params)
+    else:
+        x = _run_to_scratch(y_ext, counts, s, params, Path(scratch), c, progress)
+    return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
+
+
+def _exchange(x, y_ext, n, halo, params):
+    """``n`` iterations on every block after one halo exchange of ``halo`` pixels."""
+    ys = da.overlap.overlap(y_ext, depth=halo, boundary="none", allow_rechunk=False) if halo else y_ext
+    args = [ys]
+    if x is not None:
+        args.append(da.overlap.overlap(x, depth=halo, boundary="none", allow_rechunk=False) if halo else x)
+    fn = functools.partial(_block, n=n, halo=halo, **params)
+    return da.map_blocks(fn, *args, chunks=params["chunks"], dtype=np.float32, meta=np.empty((0, 0), np.float32),
+                         name=f"lsfov-tvrl-{dask.base.tokenize(args, n, halo, params['tv'], params['eps'], params['scale'])}")
+
+
+def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=None):
+    iy, ix = block_info[None]["chunk-location"]
+    top = halo if iy > 0 else 0
+    left = halo if ix > 0 else 0
+    oy = sum(chunks[0][:iy]) - top - op.halo  # window origin in image coordinates
+    ox = sum(chunks[1][:ix]) - left - op.halo
+    # Wrap-around is harmless along an axis whose two ends are both discarded halo or both the
+    # field's zero rim; where one end is each, it would carry halo data into the rim.
+    n_blocks = (len(chunks[0]), len(chunks[1]))
+    periodic = tuple(nb == 1 or 0 < i < nb - 1 for i, nb in zip((iy, ix), n_blocks))
+    win = op.restrict((oy, ox), yb.shape, periodic=periodic)
+    norm = win.adjoint_ones(like=yb)
+    x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
+    x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
+    core = x[top : top + chunks[0][iy], left : left + chunks[1][ix]]
+    return np.maximum(core, np.float32(0.0)) if xb is not None or n else core
+
+
+def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress):
+    """Every exchange through zarr: memory stays at a few chunks, whatever the image size."""
+    import zarr
+
+    from ..cluster import compute
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="lsfov-tvrl-", dir=scratch))
+    zchunks = tuple(min(ci, n) for ci, n in zip(c, y_ext.shape))
+
+    def store(arr, name, label):
+        z = zarr.create_array(str(root / name), shape=arr.shape, chunks=zchunks, dtype=np.float32, overwrite=True,
+                              compressors=None, fill_value=0, zarr_format=3)
+        compute(da.store(arr, z, lock=False, compute=False), progress=progress, label=label)
+        return da.from_zarr(z, chunks=params["chunks"])
+
+    y_ext = store(y_ext, "y", "reading the image")
+    x = None
+    for e, n in enumerate(counts):
+        x = store(_exchange(x, y_ext, n, s * n, params), f"x{e % 2}", f"exchange {e + 1}/{len(counts)}")
+    return x

@@ -1,0 +1,260 @@
+"""Total-variation regularised Richardson-Lucy deconvolution with any product-convolution operator.
+
+One iteration (paper 000 Eq. 13, written with the exact operator and its adjoint)::
+
+    x <- x * H^T(y / H x) / (H^T 1 * (1 - tv * div(grad x / |grad x|_eps)))
+
+**Field extension** (paper 000 Sec. III-D). Light from just outside the field reaches the image, so
+the unknown ``x`` lives on the image grown by the kernel radius ``r`` on every side and the model is
+``y = crop(H x)``. ``H^T 1`` (the adjoint of the image indicator) is below one near the border and
+normalises the update there; no circular wrap-around and no darkened or ringing borders. Pixels that
+send (almost) no light into the image (``H^T 1`` below 1e-3 of its typical value) are set to zero.
+
+**Intensity normalisation.** The gradient norm is smoothed relative to the local brightness,
+``|grad x|_eps = sqrt(|grad x|^2 + (eps * (x + m))^2)`` with ``m`` the mean of ``y``: the penalty
+then treats dim and bright structures alike and ``tv``, ``eps`` mean the same on 8-bit, 16-bit or
+photon-count images. It also keeps the multiplicative iteration stable: with a fixed small
+``eps`` the TV factor amplifies changes of ``x`` on bright, flat regions by ``~4 tv x / eps`` per
+iteration, so that a 1e-7 perturbation of the data grows to 1e-1 after 20 iterations (measured, see
+benchmarks/RESULTS.md) and no two runs (or chunkings) agree. The TV factor is multiplied by the
+normaliser, which keeps the denominator positive for ``0 <= tv < 0.25`` (|div| <= 4 for unit
+vectors with these finite differences).
+
+**Flux.** With ``tv=0`` every iteration keeps ``sum(H x) = sum(y)`` exactly (a property of RL with
+this normaliser); the TV term changes it only slightly.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .._backend import array_module, next_fast_len, to_numpy
+from .._validate import as_image, positive_int
+from ..operators import ProductConvolution
+
+__all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
+
+log = logging.getLogger("lsfov")
+
+#: Default TV weight, chosen on simulated microscopy images (benchmarks/RESULTS.md, "TV weight").
+DEFAULT_TV = 0.02
+#: Default gradient-norm smoothing, relative to the local brightness x + mean(y).
+DEFAULT_EPS = 0.3
+_NORM_FLOOR = 1e-3  # H^T 1 below this fraction of the largest kernel sum: unobserved pixel
+_RATIO_FLOOR = 1e-6  # H x is floored at this fraction of the mean intensity before dividing
+
+
+def tv_curvature(x, eps: float):
+    """``div(grad x / sqrt(|grad x|^2 + eps^2))``, the TV term of paper 000 Eq. 13.
+
+    Forward differences for the gradient (zero across the last row/column, Neumann boundary) and
+    the matching backward differences for the divergence, so that ``div = -grad^T``. The value at a
+    pixel depends on ``x`` within one pixel of it.
+
+    Parameters
+    ----------
+    x : ndarray (H, W)
+        Image (NumPy or CuPy), float32.
+    eps : float or ndarray (H, W)
+        Smoothing of the gradient norm, in the units of ``x`` (> 0); an array gives it per pixel.
+
+    Returns
+    -------
+    ndarray (H, W), float32, in [-4, 4].
+    """
+    gy, gx = _grad(x)
+    norm = gy * gy
+    norm += gx * gx
+    if np.isscalar(eps):
+        norm += np.float32(eps) ** 2
+    else:
+        norm += eps * eps
+    array_module(x).sqrt(norm, out=norm)
+    gy /= norm
+    gx /= norm
+    return _div(gy, gx, out=norm)
+
+
+def _grad(x):
+    """Forward differences, zero across the last row (y) and column (x)."""
+    xp = array_module(x)
+    gy = xp.zeros_like(x)
+    gx = xp.zeros_like(x)
+    gy[:-1] = x[1:] - x[:-1]
+    gx[:, :-1] = x[:, 1:] - x[:, :-1]
+    return gy, gx
+
+
+def _div(py, px, out=None):
+    """Backward differences, the negative adjoint of :func:`_grad` (``<grad x, p> = -<x, div p>``)."""
+    div = array_module(py).zeros_like(py) if out is None else out
+    div[...] = 0
+    if py.shape[0] > 1:
+        div[:-1] += py[:-1]
+        div[1:] -= py[:-1]
+    if px.shape[1] > 1:
+        div[:, :-1] += px[:, :-1]
+        div[:, 1:] -= px[:, :-1]
+    return div
+
+
+def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale: float, norm, thr: float,
+             progress=None, field=(slice(None), slice(None))):
+    """``n`` TV-RL iterations of ``x`` on ``op``'s window (``y``, ``x``, ``norm``: window arrays).
+
+    ``x`` is updated in place and returned. Outside the image ``y`` is zero, so the ratio there is
+    zero and the crop of the model needs no mask. ``field``: the part of the window that belongs to
+    the extended field, where the TV term acts (with its Neumann boundary at the field's edge).
+    """
+    xp = array_module(y)
+    floor = np.float32(_RATIO_FLOOR * scale)
+    signed = bool((op.kernels < 0).any())
+    inv = xp.where(norm > thr, 1.0 / xp.maximum(norm, thr), 0.0).astype(xp.float32)
+    for _ in range(n):
+        hx = op.apply(x)
+        xp.maximum(hx, floor, out=hx)
+        xp.divide(y, hx, out=hx)
+        c = op.adjoint(hx)
+        if tv:
+            xf = x[field]
+            local_eps = xf + np.float32(scale)
+            local_eps *= np.float32(eps)
+            den = tv_curvature(xf, local_eps)
+            den *= np.float32(-tv)
+            den += np.float32(1.0)
+            c[field] /= den
+        c *= inv
+        x *= c
+        if signed:  # signed (basis) kernels can push x below zero; else only rounding can, fixed at the end
+            xp.maximum(x, np.float32(0.0), out=x)
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
+def _initial(norm, thr: float, scale: float):
+    """A flat start; RL from any positive constant gives the same iterates (they cancel in y / Hx)."""
+    xp = array_module(norm)
+    return xp.where(norm > thr, np.float32(scale), np.float32(0.0)).astype(xp.float32)
+
+
+def _norm_threshold(op: ProductConvolution) -> float:
+    sums = np.abs(to_numpy(op.kernels).sum(axis=(-2, -1)))
+    return float(_NORM_FLOOR * max(float(sums.max()), 1e-30))
+
+
+def _check_params(operator, iterations, tv, eps, exchange_every):
+    if not isinstance(operator, ProductConvolution):
+        raise TypeError(
+            f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}; "
+            "for a single PSF use ProductConvolution.from_grid(psf[None, None], image.shape)"
+        )
+    if operator.window != (0, 0) + operator.shape:
+        raise ValueError("deconvolve() needs a full-image operator, not a restricted window")
+    iterations = positive_int(iterations, "iterations")
+    try:
+        tv = float(tv)
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError("tv and eps must be numbers") from None
+    if not 0.0 <= tv < 0.25:
+        raise ValueError(f"tv must be in [0, 0.25), got {tv:g}: larger weights make the TV-RL denominator "
+                         "non-positive (0 gives plain Richardson-Lucy)")
+    if not eps > 0 or not np.isfinite(eps):
+        raise ValueError(f"eps must be a positive number, got {eps:g}")
+    if exchange_every is not None:
+        exchange_every = positive_int(exchange_every, "exchange_every")
+    return iterations, tv, eps, exchange_every
+
+
+def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: float = DEFAULT_TV, *,
+               eps: float = DEFAULT_EPS, exchange_every: int | None = None, scratch=None, progress: bool = False):
+    """Deblur an image with TV-regularised Richardson-Lucy and a product-convolution operator.
+
+    Parameters
+    ----------
+    image : ndarray, cupy array, dask array or xarray.DataArray (H, W)
+        Blurred, non-negative image (photon counts or any linear intensity). Negative pixels (a camera
+        offset) are clipped to zero with a warning.
+    operator : ProductConvolution
+        The blur, grid or basis form, built for images of shape (H, W). A single measured PSF is the
+        one-node grid ``ProductConvolution.from_grid(psf[None, None], (H, W))``.
+    iterations : int
+        Richardson-Lucy iterations.
+    tv : float
+        Total-variation weight in [0, 0.25); 0 gives plain Richardson-Lucy. The default is the value
+        that raised the SNR most on simulated images (see benchmarks/RESULTS.md).
+    eps : float
+        Smoothing of ``|grad x|`` in the TV term, relative to the local brightness (module notes).
+    exchange_every : int, optional
+        Dask input only: iterations between two halo exchanges (default: chosen by a cost model,
+        :func:`lsfov.restore.chunked.choose_exchange_every`). The halo is ``exchange_every * 2r``
+        pixels, ``r`` the kernel radius, which makes the chunked result equal the whole-array one.
+    scratch : str or Path, optional
+        Dask input only: a directory (on storage every worker sees) where each exchange's estimate is
+        written and read back, which bounds memory by a few chunks for images larger than memory.
+        The iterations then run in this call; the returned lazy array reads the final estimate from
+        ``scratch``, which must stay until it has been stored.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    Same type as ``image``: NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's
+    chunks; xarray in -> xarray out with the same coords and attrs (named ``deblurred``). float32.
+    """
+    iterations, tv, eps, exchange_every = _check_params(operator, iterations, tv, eps, exchange_every)
+    import xarray as xr
+
+    if isinstance(image, xr.DataArray):
+        if image.ndim != 2:
+            raise ValueError(f"image must be 2-D (y, x), got dims {image.dims}; select a plane first")
+        out = deconvolve(image.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
+                         scratch=scratch, progress=progress)
+        return image.copy(data=out).rename("deblurred")
+    if type(image).__module__.startswith("dask"):
+        from .chunked import deconvolve_dask
+
+        return deconvolve_dask(image, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
+                               scratch=scratch, progress=progress)
+    y = as_image(image)
+    _check_shape(y.shape, operator)
+    scale = float(y.mean())
+    if not scale > 0:
+        raise ValueError("image is all zero; there is nothing to deconvolve")
+    return _whole(y, operator, iterations, tv, eps, scale, progress)
+
+
+def _check_shape(shape, op):
+    if tuple(shape) != op.shape:
+        raise ValueError(f"image shape {tuple(shape)} does not match the operator's shape {op.shape}; "
+                         "build the operator for this image (or crop the image to it)")
+
+
+def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress):
+    """The whole-array path: one window covering the extended field."""
+    xp = array_module(y)
+    r = op.halo
+    h, w = y.shape
+    # The rim is at least r wide and the window a fast FFT length: FFTs need no padding copy, and
+    # as y (hence the ratio) is zero on the rim, wrap-around never reaches the image.
+    ext = (next_fast_len(h + 2 * r), next_fast_len(w + 2 * r))
+    win = op.restrict((-r, -r), ext, periodic=True)
+    y_ext = xp.zeros(ext, dtype=xp.float32)
+    y_ext[r : r + h, r : r + w] = y
+    norm = win.adjoint_ones(like=y)
+    thr = _norm_threshold(op)
+    x = _initial(norm, thr, scale)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, desc="TV-RL", unit="it")
+    try:
+        x = _iterate(win, y_ext, x, iterations, tv, eps, scale, norm, thr, bar,
+                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)))
+    finally:
+        if bar is not None:
+            bar.close()
+    return xp.maximum(x[r : r + h, r : r + w], np.float32(0.0))
