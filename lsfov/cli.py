@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from .cluster import SCHEDULERS
+from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 
 log = logging.getLogger("lsfov")
 
@@ -140,6 +141,103 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]} blurred with a {grid}x{grid} {model} PSF field")
 
 
+# ---------------------------------------------------------------------------------------------- deconvolve
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--operator", "operator_path", type=click.Path(), help="Blur operator saved by lsfov (a zarr store).")
+@click.option("--psf", "psf_path", type=click.Path(),
+              help="One measured PSF instead (TIFF or .npy, odd size, peak at the centre).")
+@click.option("--iterations", default=20, show_default=True, help="Richardson-Lucy iterations.")
+@click.option("--tv", default=DEFAULT_TV, show_default=True, help="TV weight in [0, 0.25); 0 gives plain RL.")
+@click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
+@click.option("--exchange-every", type=int, default=None, help="Iterations between halo exchanges (default: cost model).")
+@click.option("--scratch", type=click.Path(), default=None,
+              help="Directory for intermediate estimates, visible to all workers (default: beside OUT).")
+@click.option("--channel", type=int, default=None)
+@click.option("--z", "zplane", type=int, default=None)
+@click.option("--t", "tpoint", type=int, default=None)
+@_scheduler_option
+@_overwrite_option
+@click.pass_obj
+def deconvolve(obj, src, out, operator_path, psf_path, iterations, tv, chunks, exchange_every, scratch, channel,
+               zplane, tpoint, scheduler, overwrite):
+    """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
+    ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
+    import tempfile
+
+    import xarray as xr
+
+    from . import io
+    from .cluster import use_scheduler
+    from .operators import ProductConvolution
+    from .restore import deconvolve as run
+
+    out = _check_out(out, overwrite)
+    _check_out(out.with_suffix(".png"), overwrite)
+    if (operator_path is None) == (psf_path is None):
+        raise ValueError("give the blur with exactly one of --operator OP (saved by lsfov) or --psf FILE")
+    if chunks < 16:
+        raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape)
+    if op.shape != img.shape:
+        raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
+                         f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
+    log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
+    t0 = time.perf_counter()
+    scratch_parent = Path(scratch) if scratch else out.parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    with use_scheduler(scheduler), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-",
+                                                               dir=scratch_parent) as tmp:
+        result = run(img, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, progress=not obj["quiet"])
+        ds = xr.Dataset({"deblurred": result}, attrs={
+            "command": "lsfov deconvolve", "source": str(src), "operator": str(operator_path or psf_path),
+            "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
+        })
+        io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
+    seconds = time.perf_counter() - t0
+    fig = _preview(img, io.open_result(out)["deblurred"], out.with_suffix(".png"))
+    mpix = img.size / 1e6
+    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {iterations} iterations in {seconds:.1f} s "
+               f"({mpix * iterations / seconds:.1f} Mpixel·iterations/s); preview {fig}")
+
+
+def _psf_operator(path, shape):
+    """A one-node operator from a measured PSF file: odd size, non-negative, normalised to sum 1."""
+    from . import io
+    from .operators import ProductConvolution
+
+    k = np.asarray(io.open_image(path).values, dtype=np.float32)
+    if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
+        raise ValueError(f"{path}: the PSF is {k.shape[0]}x{k.shape[1]}; it needs odd sizes with the peak at the "
+                         "centre pixel (crop one row/column)")
+    if not np.all(np.isfinite(k)):
+        raise ValueError(f"{path}: the PSF contains NaN or Inf")
+    k = np.maximum(k, 0)
+    total = float(k.sum())
+    if total <= 0:
+        raise ValueError(f"{path}: the PSF has no positive value")
+    size = max(k.shape)
+    py, px = (size - k.shape[0]) // 2, (size - k.shape[1]) // 2
+    k = np.pad(k / total, ((py, py), (px, px)))  # square, centre kept
+    return ProductConvolution.from_grid(k[None, None], shape, attrs={"psf_file": str(path)})
+
+
+def _preview(raw, deblurred, path, edge=512):
+    """A PNG of the centre of the field, raw beside deblurred."""
+    from .figures import summary_figure
+
+    h, w = raw.shape
+    y0, x0 = max(0, h // 2 - edge // 2), max(0, w // 2 - edge // 2)
+    crop = (slice(y0, y0 + edge), slice(x0, x0 + edge))
+    return summary_figure(path, {"raw (centre)": np.asarray(raw.data[crop]),
+                                 "deblurred (centre)": np.asarray(deblurred.data[crop])},
+                          title="lsfov deconvolve")
+
+
 # ---------------------------------------------------------------------------------------------- demo
 
 
@@ -157,7 +255,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     import dask.array as da
 
     from . import io, simulate as sim
-    from .cluster import use_scheduler
+    from .cluster import compute, use_scheduler
     from .figures import psf_mosaic, summary_figure
     from .psf import MODELS
 
@@ -168,10 +266,10 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     op, params = sim.psf_field(sharp.shape, "Z3", (4, 4), seed=seed)
     timings["simulate PSF field"] = time.perf_counter() - t0
 
-    with use_scheduler(scheduler) as client:
+    with use_scheduler(scheduler):
         t0 = time.perf_counter()
         lazy = op.apply(da.from_array(sharp, chunks=chunks))  # chunked, halo exchange by map_overlap
-        blurred_chunked = _compute(lazy, client, quiet=obj["quiet"])
+        blurred_chunked = compute(lazy, progress=not obj["quiet"])
         timings[f"blur chunk-wise ({lazy.numblocks[0]}x{lazy.numblocks[1]} chunks)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     whole = op.apply(sharp)
@@ -195,17 +293,6 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     click.echo(f"  chunked vs whole-image blur: max relative difference {err:.1e}")
     click.echo(f"result: {out}  (variables: {', '.join(ds.data_vars)}; open with lsfov.open_result or napari)")
     click.echo(f"figure: {fig}")
-
-
-def _compute(lazy, client, quiet):
-    if client is not None:
-        return client.compute(lazy).result()
-    if quiet:
-        return lazy.compute()
-    from .io import _progress
-
-    with _progress():
-        return lazy.compute()
 
 
 # ---------------------------------------------------------------------------------------------- helpers

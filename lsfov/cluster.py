@@ -57,12 +57,13 @@ def _active_client():
         return None
 
 
-def compute(obj, *, progress: bool = False, label: str | None = None):
+def compute(obj, *, progress: bool = False, label: str | None = None, on_task=None):
     """Compute a Dask collection where Dask runs now, with a progress bar if asked.
 
     On a distributed cluster the bar follows the futures (``distributed.progress``); on the local
-    schedulers it is Dask's ``ProgressBar``. ``label`` is logged first, so that a run of several
-    passes says which one the bar belongs to.
+    schedulers it is Dask's ``ProgressBar``, or, with ``on_task``, the caller's own: ``on_task(key)``
+    is called as each task finishes (e.g. to advance one ``tqdm`` bar over several passes).
+    ``label`` is logged first, so that a run of several passes says which one a bar belongs to.
     """
     if progress and label:
         log.info(label)
@@ -74,6 +75,15 @@ def compute(obj, *, progress: bool = False, label: str | None = None):
 
             track(future)
         return future.result()
+    if on_task is not None:
+        from dask.callbacks import Callback
+
+        class _OnTask(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id):
+                on_task(key)
+
+        with _OnTask():
+            return dask.compute(obj)[0]
     if progress:
         from dask.diagnostics import ProgressBar
 

@@ -23,7 +23,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
-__all__ = ["open_image", "save", "open_result", "describe"]
+from .cluster import compute
+
+__all__ = ["open_image", "save", "open_result", "describe", "atomic_directory"]
 
 SPATIAL_UNIT = "micrometer"
 _NGFF_NONSPATIAL = {"t": "time", "c": "channel"}
@@ -263,12 +265,35 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     progress : bool
         Show a progress bar while computing and writing.
 
+    An :class:`~lsfov.ProductConvolution` is written with its own :meth:`~lsfov.ProductConvolution.save`.
+
     Returns
     -------
     Path of the result. The write is atomic: a crash leaves the old result (if any) untouched and at
     most a hidden ``.NAME.partial-*`` directory, never a half-written result under ``path``.
     """
+    from .operators import ProductConvolution
+
+    if isinstance(obj, ProductConvolution):
+        return obj.save(path, overwrite=overwrite)
     ds = _as_dataset(obj)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
+        for name, var in ds.data_vars.items():
+            _write_variable(root, str(name), var, chunks, progress)
+        root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, *, overwrite: bool = False):
+    """Yield a temporary sibling directory that becomes ``path`` only if the block completes.
+
+    An existing ``path`` is refused without ``overwrite``, and never replaced unless it is a zarr
+    store; it is moved aside and removed only once the new one is in place. On any error (or
+    Ctrl-C) the temporary directory is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -277,18 +302,11 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
-        ctx = _progress() if progress else contextlib.nullcontext()
-        with ctx:
-            for name, var in ds.data_vars.items():
-                _write_variable(root, str(name), var, chunks)
-        root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
+        yield tmp
         _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _as_dataset(obj) -> xr.Dataset:
@@ -314,7 +332,7 @@ def _as_dataset(obj) -> xr.Dataset:
     return ds
 
 
-def _write_variable(root, name: str, var: xr.DataArray, chunks):
+def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_multiscales_metadata
 
@@ -346,7 +364,8 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks):
             str(len(datasets)), shape=level.shape, chunks=level.chunksize, dtype=level.dtype,
             dimension_names=dim_names, fill_value=0,
         )
-        da.store(level, arr, lock=False, compute=True)
+        compute(da.store(level, arr, lock=False, compute=False), progress=progress,
+                label=None if datasets else f"writing {name}")
         lead_ones = [1.0] * len(lead)
         datasets.append({
             "path": str(len(datasets)),
@@ -430,14 +449,6 @@ def _version():
     from . import __version__
 
     return __version__
-
-
-@contextlib.contextmanager
-def _progress():
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar(minimum=1.0):
-        yield
 
 
 # ---------------------------------------------------------------------------------------------- results

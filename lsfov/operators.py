@@ -28,6 +28,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -563,6 +564,68 @@ class ProductConvolution:
             mats.append(m)
         return (mats[0] @ sums @ mats[1].T).astype(np.float32)
 
+    # ------------------------------------------------------------------ storage
+    def save(self, path, *, overwrite: bool = False):
+        """Write the operator to a zarr v3 store, atomically (see :func:`lsfov.io.atomic_directory`).
+
+        Layout: ``kernels`` (float32), ``centers_y``/``centers_x`` (grid form) or ``maps`` (basis form,
+        chunked, streamed from NumPy, zarr or Dask maps), and the root attribute ``lsfov`` with the
+        kind, shape and :attr:`attrs`. Read it back with :meth:`load`.
+        """
+        import dask.array as da
+        import zarr
+
+        from .cluster import compute
+        from .io import _jsonable, _version, atomic_directory
+
+        if self.window != (0, 0) + self.shape:
+            raise ValueError("save() applies to a full-image operator, not a restricted window")
+        with atomic_directory(path, overwrite=overwrite) as tmp:
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32))
+            if self.kind == "grid":
+                root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64))
+                root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64))
+            else:
+                shape = (self.kernels.shape[0],) + self.shape
+                chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
+                maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0)
+                src = self.maps if isinstance(self.maps, da.Array) else da.from_array(self.maps, chunks=chunks)
+                compute(da.store(src.astype(np.float32).rechunk(chunks), maps, lock=False, compute=False))
+            root.attrs["lsfov"] = {
+                "type": "ProductConvolution", "kind": self.kind, "shape": list(self.shape),
+                "kernel_size": self.kernel_size, "version": _version(), "attrs": _jsonable(self.attrs),
+                "complete": True,
+            }
+        return Path(path)
+
+    @classmethod
+    def load(cls, path) -> "ProductConvolution":
+        """Read an operator written by :meth:`save` (or the ``operator`` group of an lsfov result).
+
+        Basis maps stay on disk and are read window by window, so a slide-sized operator costs no
+        memory until it is applied.
+        """
+        import zarr
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such operator: {path}")
+        if (path / "operator").is_dir() and not _operator_meta(path):
+            path = path / "operator"
+        meta = _operator_meta(path)
+        if meta is None:
+            raise ValueError(f"{path} is not an lsfov operator; write one with ProductConvolution.save or lsfov.save")
+        if not meta.get("complete"):
+            raise ValueError(f"{path} is an incomplete operator (the write was interrupted); save it again")
+        root = zarr.open_group(str(path), mode="r")
+        kernels = np.asarray(root["kernels"][...], dtype=np.float32)
+        attrs = meta.get("attrs") or {}
+        if meta["kind"] == "grid":
+            centers = (np.asarray(root["centers_y"][...]), np.asarray(root["centers_x"][...]))
+            return cls.from_grid(kernels, tuple(meta["shape"]), centers=centers, attrs=attrs)
+        return cls.from_basis(kernels, root["maps"], attrs=attrs)
+
     # ------------------------------------------------------------------ inspection
     def psf_at(self, y: float, x: float) -> np.ndarray:
         """The local PSF at image position (y, x) in (float) pixel coordinates, shape (K, K)."""
@@ -589,6 +652,16 @@ class ProductConvolution:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _operator_meta(path):
+    import zarr
+
+    try:
+        meta = zarr.open_group(str(path), mode="r").attrs.get("lsfov")
+    except Exception:  # not a zarr group at all
+        return None
+    return meta if isinstance(meta, dict) and meta.get("type") == "ProductConvolution" else None
 
 
 def _is_dask(x) -> bool:

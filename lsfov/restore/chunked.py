@@ -113,7 +113,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     r = op.halo
     s = spread_per_iteration(op, tv)
     c = tuple(int(max(ch)) for ch in y.chunks)
-    k = exchange_every or choose_exchange_every(c, op, iterations, tv)
+    single_block = all(n + 2 * r <= ci for n, ci in zip(y.shape, c))
+    k = exchange_every or (iterations if single_block else choose_exchange_every(c, op, iterations, tv))
     k = min(k, iterations)
     halo = s * k
     if halo > min(c):
@@ -170,20 +171,38 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress):
     """Every exchange through zarr: memory stays at a few chunks, whatever the image size."""
     import zarr
 
-    from ..cluster import compute
+    from ..cluster import _active_client, compute
 
     scratch.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="lsfov-tvrl-", dir=scratch))
     zchunks = tuple(min(ci, n) for ci, n in zip(c, y_ext.shape))
+    n_blocks = y_ext.npartitions
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-    def store(arr, name, label):
+        bar = tqdm(total=sum(counts) * n_blocks, unit="block-it", desc="TV-RL", unit_scale=True)
+    local = _active_client() is None
+
+    def store(arr, name, n=0):
         z = zarr.create_array(str(root / name), shape=arr.shape, chunks=zchunks, dtype=np.float32, overwrite=True,
                               compressors=None, fill_value=0, zarr_format=3)
-        compute(da.store(arr, z, lock=False, compute=False), progress=progress, label=label)
+        on_task = None
+        if bar is not None and n and local:
+            def on_task(key):  # noqa: E306 - the TV-RL block is fused into its store task
+                if str(key[0] if isinstance(key, tuple) else key).startswith("store-map-"):
+                    bar.update(n)
+        compute(da.store(arr, z, lock=False, compute=False), progress=bar is not None and not local, on_task=on_task)
+        if bar is not None and n and not local:
+            bar.update(n * n_blocks)
         return da.from_zarr(z, chunks=params["chunks"])
 
-    y_ext = store(y_ext, "y", "reading the image")
-    x = None
-    for e, n in enumerate(counts):
-        x = store(_exchange(x, y_ext, n, s * n, params), f"x{e % 2}", f"exchange {e + 1}/{len(counts)}")
+    try:
+        y_ext = store(y_ext, "y")
+        x = None
+        for e, n in enumerate(counts):
+            x = store(_exchange(x, y_ext, n, s * n, params), f"x{e % 2}", n)
+    finally:
+        if bar is not None:
+            bar.close()
     return x
