@@ -27,7 +27,7 @@ def run(tmp_path, monkeypatch):
 
 
 def test_help(run):
-    for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"]):
+    for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"]):
         assert "Usage" in run(*cmd, "--help").output
 
 
@@ -75,6 +75,85 @@ def test_cli_bad_input_gives_one_line_and_exit_1(run, tmp_path):
         assert msg in res.output, (args, res.output)
         assert "Traceback" not in res.output
     assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.fixture
+def blurred(tmp_path):
+    """A blurred image on disk (.npy), the operator that blurred it (zarr) and its centre PSF (.npy)."""
+    from lsfov import simulate as sim
+
+    sharp = sim.sample_image("cell", (150, 170))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)
+    y = np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0)
+    np.save(tmp_path / "y.npy", y)
+    op.save(tmp_path / "op.zarr")
+    np.save(tmp_path / "psf.npy", op.kernels[0, 0])
+    return y, op
+
+
+def test_deconvolve_round_trip(run, tmp_path, blurred):
+    y, op = blurred
+    res = run("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 6, "--chunks", 64)
+    assert "Mpixel·iterations/s" in res.output
+    ds = lsfov.open_result(tmp_path / "d.zarr")
+    assert ds.attrs["iterations"] == 6 and ds.attrs["tv"] == lsfov.restore.DEFAULT_TV
+    np.testing.assert_allclose(ds.deblurred.values, lsfov.deconvolve(y, op, 6), atol=1e-5 * y.max())
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch or partial left
+    # One measured PSF: the shift-invariant case.
+    run("-q", "deconvolve", "y.npy", "p.zarr", "--psf", "psf.npy", "--iterations", 3, "--tv", 0)
+    one = lsfov.ProductConvolution.from_grid(op.kernels[0, 0][None, None] / op.kernels[0, 0].sum(), y.shape)
+    np.testing.assert_allclose(lsfov.open_result(tmp_path / "p.zarr").deblurred.values,
+                               lsfov.deconvolve(y, one, 3, tv=0), atol=1e-5 * y.max())
+    again = run("deconvolve", "y.npy", "p.zarr", "--psf", "psf.npy", ok=False)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    run("-q", "deconvolve", "y.npy", "p.zarr", "--psf", "psf.npy", "--iterations", 2, "--overwrite",
+        "--scheduler", "synchronous")
+    assert lsfov.open_result(tmp_path / "p.zarr").attrs["iterations"] == 2
+
+
+def test_deconvolve_bad_input(run, tmp_path, blurred):
+    y, op = blurred
+    np.save(tmp_path / "even.npy", np.ones((4, 4), np.float32))
+    np.save(tmp_path / "small.npy", y[:100])
+    np.save(tmp_path / "zero.npy", np.zeros_like(y))
+    np.save(tmp_path / "nan.npy", np.where(np.arange(y.size).reshape(y.shape) == 7, np.nan, y))
+    cases = [
+        (["y.npy", "o.zarr"], "exactly one of --operator"),
+        (["y.npy", "o.zarr", "--psf", "psf.npy", "--operator", "op.zarr"], "exactly one of --operator"),
+        (["small.npy", "o.zarr", "--operator", "op.zarr"], "build the operator for this image"),
+        (["y.npy", "o.zarr", "--psf", "even.npy"], "odd sizes"),
+        (["y.npy", "o.zarr", "--operator", "y.npy"], "not an lsfov operator"),
+        (["y.npy", "o.zarr", "--operator", "missing.zarr"], "no such operator"),
+        (["zero.npy", "o.zarr", "--psf", "psf.npy"], "all zero"),
+        (["nan.npy", "o.zarr", "--psf", "psf.npy"], "NaN"),
+        (["y.npy", "o.zarr", "--psf", "psf.npy", "--iterations", 0], "positive integer"),
+        (["y.npy", "o.zarr", "--psf", "psf.npy", "--tv", 1], "tv must be in"),
+        (["y.npy", "o.zarr", "--psf", "psf.npy", "--chunks", 4], "too small"),
+    ]
+    for args, msg in cases:
+        res = run("deconvolve", *args, ok=False)
+        assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, (args, res.output)
+    assert not (tmp_path / "o.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path, blurred, monkeypatch):
+    import lsfov.io
+
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 2)
+    before = lsfov.open_result(tmp_path / "d.zarr").deblurred.values
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lsfov.io, "_write_variable", crash)
+    res = run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--overwrite", ok=False)
+    assert res.exit_code != 0
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values, before)  # old kept
+    res = run("-q", "deconvolve", "y.npy", "new.zarr", "--psf", "psf.npy", ok=False)
+    assert not (tmp_path / "new.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_quickstart_example_runs(tmp_path):

@@ -1,0 +1,280 @@
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+import lsfov
+from lsfov import ProductConvolution, psf
+from lsfov import simulate as sim
+from lsfov.restore import chunked, tv_rl
+from lsfov.restore.tv_rl import _div, _grad, tv_curvature
+
+
+def _snr(x, truth):
+    return 10 * np.log10((truth**2).sum() / ((x - truth) ** 2).sum())
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A cell image blurred by a 3x3 Z3 grid with Poisson-Gaussian noise, and its ground truth."""
+    sharp = sim.sample_image("cell", (200, 230))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (3, 3), seed=1, size=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = np.maximum(sim.degrade(sharp, op, photons=300, seed=0), 0)
+    return op, y, sharp / sharp.max() * 300
+
+
+def _basis_op(shape, seed=3):
+    """A basis operator whose local PSFs stay positive (mean kernel + small signed components)."""
+    rng = np.random.default_rng(seed)
+    g = psf.gaussian(np.array([1.5, 2.5, 2.0]), size=11)
+    kernels = np.stack([g.mean(0), g[0] - g[1], g[2] - g[0]])
+    yy, xx = np.mgrid[: shape[0], : shape[1]] / max(shape)
+    maps = np.stack([np.ones(shape), 0.4 * yy, 0.3 * xx * rng.random()]).astype(np.float32)
+    return ProductConvolution.from_basis(kernels, maps)
+
+
+# ---------------------------------------------------------------------------------------------- maths
+
+
+def test_divergence_is_minus_the_adjoint_of_the_gradient():
+    rng = np.random.default_rng(0)
+    x, py, px = (rng.standard_normal((30, 41)).astype(np.float32) for _ in range(3))
+    gy, gx = _grad(x)
+    assert np.vdot(gy, py) + np.vdot(gx, px) == pytest.approx(-np.vdot(x, _div(py, px)), rel=1e-5)
+
+
+def test_tv_curvature_of_a_cone_is_one_over_the_radius():
+    yy, xx = np.mgrid[:121, :121]
+    rho = np.hypot(yy - 60.3, xx - 60.6).astype(np.float32)
+    c = tv_curvature(rho, 1e-6)  # level sets are circles: div(grad/|grad|) = 1 / radius
+    for r in (10, 25, 50):
+        ring = np.abs(rho - r) < 0.5
+        assert c[ring].mean() * r == pytest.approx(1.0, abs=0.01)
+    ramp = (3 * yy + 2 * xx).astype(np.float32)  # straight level lines: zero curvature inside
+    assert np.abs(tv_curvature(ramp, 1e-3)[1:-1, 1:-1]).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def test_one_psf_matches_skimage_richardson_lucy_away_from_the_borders():
+    from skimage.restoration import richardson_lucy
+
+    rng = np.random.default_rng(1)
+    sharp = sim.sample_image("camera", (192, 200)) + 0.05
+    k = psf.gaussian(1.8, 2.6, size=15)
+    op = ProductConvolution.from_grid(k[None, None], sharp.shape)
+    y = rng.poisson(op.apply(sharp) * 200).astype(np.float32)
+    n, r = 5, op.halo
+    ours = lsfov.deconvolve(y, op, n, tv=0)
+    ref = richardson_lucy(y, k, num_iter=n, clip=False)
+    m = 2 * r * n  # the borders are handled differently (field extension vs zero padding)
+    inner = (slice(m, -m), slice(m, -m))
+    np.testing.assert_allclose(ours[inner], ref[inner], rtol=2e-4, atol=2e-4 * ref.max())
+    assert np.abs(ours - ref).max() > 1e-3 * ref.max()  # ... and near the borders they do differ
+
+
+def test_deconvolution_raises_the_snr(scene):
+    op, y, truth = scene
+    plain = lsfov.deconvolve(y, op, 20, tv=0)
+    regular = lsfov.deconvolve(y, op, 20)
+    assert _snr(plain, truth) > _snr(y, truth) + 1.0
+    assert _snr(regular, truth) > _snr(plain, truth)  # the default TV weight helps on this noise
+
+
+def test_tv_reduces_noise_on_a_noisy_flat_image():
+    rng = np.random.default_rng(2)
+    k = psf.gaussian(2.0, size=13)
+    op = ProductConvolution.from_grid(k[None, None], (128, 128))
+    y = rng.poisson(50.0, (128, 128)).astype(np.float32)
+    inner = (slice(20, -20), slice(20, -20))
+    plain = lsfov.deconvolve(y, op, 20, tv=0)[inner]
+    smooth = lsfov.deconvolve(y, op, 20, tv=0.05)[inner]
+    assert smooth.std() < 0.7 * plain.std()
+    assert smooth.mean() == pytest.approx(50.0, rel=0.02)
+
+
+def test_flux_is_preserved():
+    rng = np.random.default_rng(3)
+    img = np.zeros((160, 160), np.float32)
+    pos = rng.integers(40, 120, (30, 2))
+    img[pos[:, 0], pos[:, 1]] = rng.uniform(500, 2000, 30)
+    op, _ = sim.psf_field(img.shape, "Z3", (2, 2), seed=4, size=21)
+    y = rng.poisson(op.apply(img) + 1.0).astype(np.float32)
+    for tv, tol in ((0.0, 1e-4), (lsfov.restore.DEFAULT_TV, 3e-2)):  # TV trims bright peaks a little
+        x = lsfov.deconvolve(y, op, 15, tv=tv)
+        # Sources well inside the field: the flux of the estimate is the flux of the data.
+        assert x.sum() == pytest.approx(y.sum(), rel=tol + 2e-3)
+        assert x.min() >= 0
+
+
+def test_signed_basis_operator_gives_a_non_negative_estimate():
+    op = _basis_op((90, 100))
+    y = np.random.default_rng(5).poisson(op.apply(np.full(op.shape, 20, np.float32))).astype(np.float32)
+    x = lsfov.deconvolve(y, op, 10)
+    assert x.min() >= 0 and np.isfinite(x).all()
+
+
+def test_rl_is_stable_to_tiny_perturbations(scene):
+    """The local-brightness TV smoothing keeps the iteration well conditioned (see tv_rl docs)."""
+    op, y, _ = scene
+    y2 = (y * (1 + 1e-6 * np.random.default_rng(6).standard_normal(y.shape))).astype(np.float32)
+    a = lsfov.deconvolve(y, op, 20, tv=0.1)
+    b = lsfov.deconvolve(y2, op, 20, tv=0.1)
+    assert np.abs(a - b).max() < 1e-4 * a.max()
+
+
+# ---------------------------------------------------------------------------------------------- chunked
+
+
+OPERATORS = {
+    "grid-3x3": lambda s: sim.psf_field(s, "Z3", (3, 3), seed=1, size=15)[0],
+    "one-psf": lambda s: ProductConvolution.from_grid(psf.gaussian(2.0, 3.0, size=13)[None, None], s),
+    "basis": _basis_op,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+@pytest.mark.parametrize("chunks, every", [((64, 80), None), (100, 1), (100, 3), ((57, 300), 2)])
+def test_chunked_equals_whole(scene, name, chunks, every):
+    _, y, _ = scene
+    op = OPERATORS[name](y.shape)
+    whole = lsfov.deconvolve(y, op, 7)
+    lazy = lsfov.deconvolve(da.from_array(y, chunks=chunks), op, 7, exchange_every=every)
+    assert isinstance(lazy, da.Array) and lazy.chunks == da.from_array(y, chunks=chunks).chunks
+    np.testing.assert_allclose(lazy.compute(), whole, rtol=0, atol=1e-5 * whole.max())
+
+
+def test_the_halo_is_exact_and_no_larger_than_needed(scene, monkeypatch):
+    """With one pixel less of halo per iteration the chunked result is wrong: the test can fail."""
+    op, y, _ = scene
+    whole = lsfov.deconvolve(y, op, 4)
+    monkeypatch.setattr(chunked, "spread_per_iteration", lambda op, tv: 2 * op.halo - 1)
+    short = lsfov.deconvolve(da.from_array(y, chunks=64), op, 4, exchange_every=2).compute()
+    assert np.abs(short - whole).max() > 1e-4 * whole.max()
+
+
+def test_chunks_smaller_than_the_halo_are_grown(scene):
+    op, y, _ = scene
+    whole = lsfov.deconvolve(y, op, 3)
+    tiny = lsfov.deconvolve(da.from_array(y, chunks=10), op, 3, exchange_every=3)  # halo 42 > 10
+    np.testing.assert_allclose(tiny.compute(), whole, atol=1e-5 * whole.max())
+
+
+def test_scratch_mode_equals_whole_and_cleans_nothing_it_should_not(scene, tmp_path):
+    op, y, _ = scene
+    whole = lsfov.deconvolve(y, op, 6)
+    out = lsfov.deconvolve(da.from_array(y, chunks=(70, 90)), op, 6, scratch=tmp_path / "s", progress=True)
+    np.testing.assert_allclose(out.compute(), whole, atol=1e-5 * whole.max())
+    assert list((tmp_path / "s").iterdir())  # the returned array reads from here
+
+
+def test_distributed_local_cluster_equals_whole(scene, tmp_path):
+    from lsfov.cluster import use_scheduler
+
+    op, y, _ = scene
+    whole = lsfov.deconvolve(y, op, 4)
+    with use_scheduler("local", n_workers=2):
+        lazy = lsfov.deconvolve(da.from_array(y, chunks=100), op, 4).compute()
+        scratch = lsfov.deconvolve(da.from_array(y, chunks=100), op, 4, scratch=tmp_path).compute()
+    np.testing.assert_allclose(lazy, whole, atol=1e-5 * whole.max())
+    np.testing.assert_allclose(scratch, whole, atol=1e-5 * whole.max())
+
+
+def test_cost_model_prefers_fewer_exchanges_for_small_chunks():
+    op = OPERATORS["one-psf"]((4096, 4096))
+    small = chunked.choose_exchange_every((256, 256), op, 20, 0.02)
+    large = chunked.choose_exchange_every((4096, 4096), op, 20, 0.02)
+    assert small > large >= 1
+    assert chunked.spread_per_iteration(op, 0.02) * small <= 256  # the halo fits in a neighbour
+
+
+# ---------------------------------------------------------------------------------------------- types
+
+
+def test_xarray_in_xarray_out_with_coords_and_attrs(scene):
+    op, y, _ = scene
+    coords = {"y": np.arange(y.shape[0]) * 0.1, "x": np.arange(y.shape[1]) * 0.1}
+    img = xr.DataArray(y, dims=("y", "x"), coords=coords, attrs={"pixel_um": 0.1})
+    out = lsfov.deconvolve(img, op, 3)
+    assert isinstance(out, xr.DataArray) and out.name == "deblurred" and out.attrs == img.attrs
+    np.testing.assert_array_equal(out.x, img.x)
+    lazy = lsfov.deconvolve(img.chunk(64), op, 3)
+    assert isinstance(lazy.data, da.Array)
+    np.testing.assert_allclose(lazy.values, out.values, atol=1e-5 * float(out.max()))
+
+
+def test_integer_images_are_accepted(scene):
+    op, y, _ = scene
+    out = lsfov.deconvolve(y.astype(np.uint16), op, 2)
+    assert out.dtype == np.float32 and out.shape == y.shape
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input(scene):
+    op, y, _ = scene
+    with pytest.raises(ValueError, match="does not match the operator's shape"):
+        lsfov.deconvolve(y[:-1], op)
+    with pytest.raises(ValueError, match="does not match the operator's shape"):
+        lsfov.deconvolve(da.from_array(y[:, :-3]), op)
+    with pytest.raises(ValueError, match="all zero"):
+        lsfov.deconvolve(np.zeros_like(y), op)
+    with pytest.raises(ValueError, match="all zero"):
+        lsfov.deconvolve(da.zeros(y.shape, chunks=64), op)
+    with pytest.raises(ValueError, match="no positive pixel"):
+        lsfov.deconvolve(-y - 1, op)
+    with pytest.raises(ValueError, match="no positive pixel"):
+        lsfov.deconvolve(da.from_array(-y - 1, chunks=64), op)
+    bad = y.copy()
+    bad[5, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        lsfov.deconvolve(bad, op)
+    with pytest.raises(ValueError, match="NaN"):
+        lsfov.deconvolve(da.from_array(bad, chunks=64), op)
+    with pytest.raises(ValueError, match="iterations must be a positive integer"):
+        lsfov.deconvolve(y, op, 0)
+    with pytest.raises(ValueError, match=r"tv must be in \[0, 0.25\)"):
+        lsfov.deconvolve(y, op, 5, tv=0.3)
+    with pytest.raises(ValueError, match="eps"):
+        lsfov.deconvolve(y, op, 5, eps=0)
+    with pytest.raises(ValueError, match="exchange_every"):
+        lsfov.deconvolve(da.from_array(y), op, 5, exchange_every=0)
+    with pytest.raises(TypeError, match="ProductConvolution"):
+        lsfov.deconvolve(y, np.ones((5, 5)))
+    with pytest.raises(ValueError, match="2-D"):
+        lsfov.deconvolve(np.stack([y, y]), op)
+    with pytest.raises(ValueError, match="full-image operator"):
+        lsfov.deconvolve(y[:100, :100], op.restrict((0, 0), (100, 100)))
+
+
+def test_negative_pixels_are_clipped_with_a_warning(scene):
+    op, y, _ = scene
+    shifted = y - np.percentile(y, 5)  # a camera offset subtracted once too often
+    with pytest.warns(lsfov._validate.LsfovWarning, match="negative"):
+        a = lsfov.deconvolve(shifted, op, 3)
+    with pytest.warns(lsfov._validate.LsfovWarning, match="negative"):
+        b = lsfov.deconvolve(da.from_array(shifted, chunks=64), op, 3).compute()
+    np.testing.assert_allclose(a, b, atol=1e-5 * a.max())
+
+
+def test_operator_save_load_round_trip(tmp_path, scene):
+    op, y, _ = scene
+    for o in (op, _basis_op(y.shape)):
+        o.attrs["model"] = "Z3"
+        path = lsfov.save(o, tmp_path / f"{o.kind}.zarr")
+        back = ProductConvolution.load(path)
+        assert back.kind == o.kind and back.shape == o.shape and back.attrs["model"] == "Z3"
+        np.testing.assert_array_equal(back.apply(y), o.apply(y))
+        with pytest.raises(FileExistsError, match="overwrite"):
+            o.save(path)
+    with pytest.raises(ValueError, match="not an lsfov operator"):
+        ProductConvolution.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ProductConvolution.load(tmp_path / "missing.zarr")
+
