@@ -251,7 +251,7 @@ def _preview(raw, deblurred, path, edge=512):
 @click.pass_obj
 def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     """The pipeline so far on an embedded sample: simulate, build the operator, blur chunk-wise on
-    Dask, write OME-Zarr and a PNG figure."""
+    Dask, deconvolve chunk-wise (TV-RL), write OME-Zarr and a PNG figure."""
     import dask.array as da
 
     from . import io, simulate as sim
@@ -275,22 +275,37 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     whole = op.apply(sharp)
     timings["blur whole image"] = time.perf_counter() - t0
     err = float(np.abs(blurred_chunked - whole).max() / whole.max())
-    raw = sim.degrade(sharp, op, photons=500.0, read_noise=2.0, seed=seed)
+    raw = np.maximum(sim.degrade(sharp, op, photons=500.0, read_noise=2.0, seed=seed), 0)
+
+    from .restore import deconvolve as run_tvrl
+
+    with use_scheduler(scheduler):
+        t0 = time.perf_counter()
+        lazy = run_tvrl(da.from_array(raw, chunks=chunks), op, 20)  # TV-RL, exact halo exchange
+        deblurred = compute(lazy, progress=not obj["quiet"])
+        timings["deconvolve chunk-wise (20 TV-RL iterations)"] = time.perf_counter() - t0
+    truth = sharp / sharp.max() * 500.0
+
+    def snr(a):
+        return 10 * np.log10((truth**2).sum() / ((a - truth) ** 2).sum())
 
     px = MODELS["Z3"].optics.pixel_um  # the PSFs were rendered for the model's optics
     ds = _params_dataset(params, op, px, "Z3")
     ds["raw"] = _image_da(raw, px, "photon")
+    ds["deblurred"] = _image_da(deblurred, px, "photon")
     ds["sharp"] = _image_da(sharp, px, "")
     t0 = time.perf_counter()
     io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     timings["write OME-Zarr"] = time.perf_counter() - t0
     fig = Path(out).with_suffix(".png")
-    summary_figure(fig, {"sharp": sharp, "raw (blurred + noise)": raw, "PSF grid (4x4, Z3)": psf_mosaic(op.kernels)},
-                   title="lsfov demo: spatially varying blur")
+    summary_figure(fig, {"sharp": sharp, "raw (blurred + noise)": raw, "deblurred (TV-RL)": deblurred,
+                         "PSF grid (4x4, Z3)": psf_mosaic(op.kernels)},
+                   title="lsfov demo: spatially varying blur and its removal")
     click.echo(f"\nlsfov demo — {size}x{size} field, {op!r}")
     for k, v in timings.items():
         click.echo(f"  {k:<40s} {v:7.2f} s")
     click.echo(f"  chunked vs whole-image blur: max relative difference {err:.1e}")
+    click.echo(f"  SNR against the sharp image: raw {snr(raw):.1f} dB, deblurred {snr(deblurred):.1f} dB")
     click.echo(f"result: {out}  (variables: {', '.join(ds.data_vars)}; open with lsfov.open_result or napari)")
     click.echo(f"figure: {fig}")
 

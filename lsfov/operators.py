@@ -451,7 +451,14 @@ class ProductConvolution:
     def _weights(self, group, xp):
         if group.single:  # 2-D factors for the whole-window path
             return [tuple(xp.asarray(f.reshape(f.shape[-2:])) for f in factors) for factors, _ in group.terms]
-        return [tuple(xp.asarray(f) for f in factors) for factors, _ in group.terms]
+        # Cells: the separable factors multiplied out once (one pass per use instead of two), cached.
+        key = ("w", id(group), xp.__name__)
+        if key not in self._group_spectra:
+            self._group_spectra[key] = [
+                (xp.asarray(np.prod(np.broadcast_arrays(*factors), axis=0)),) if len(factors) > 1
+                else tuple(xp.asarray(f) for f in factors) for factors, _ in group.terms
+            ]
+        return self._group_spectra[key]
 
     def _forward(self, u):
         xp, fft = array_module(u), fft_module(u)
@@ -473,12 +480,14 @@ class ProductConvolution:
         for gi, g in enumerate(groups):
             ly, lx = g.tile
             tiles = _gather(u, g.ys, g.xs, ly, lx)
+            buf = xp.zeros(tiles.shape[:2] + tuple(g.fshape), dtype=xp.float32)  # FFT-sized: no padding copy
             acc = None
             for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp)):
-                x = tiles
-                for f in factors:
-                    x = x * f
-                term = fft.rfft2(x, s=g.fshape)
+                if factors:
+                    xp.multiply(tiles, factors[0], out=buf[..., :ly, :lx])
+                else:
+                    buf[..., :ly, :lx] = tiles
+                term = fft.rfft2(buf)
                 term *= spec
                 acc = term if acc is None else _iadd(acc, term)
             res = fft.irfft2(acc, s=g.fshape, overwrite_x=True)
@@ -507,20 +516,20 @@ class ProductConvolution:
                 else:
                     c = fft.irfft2(V * spec, s=g.fshape, overwrite_x=True)[:h, :w]
                 for f in factors:
-                    c = c * f
+                    c *= f  # c is a fresh FFT output: scale it in place
                 acc = c if acc is None else _iadd(acc, c)
             return acc
         out = xp.empty((h, w), dtype=xp.float32)
         vpad = xp.pad(v, r)
         for gi, g in enumerate(groups):
             ly, lx = g.tile
-            V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r), s=g.fshape)
+            V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r, size=g.fshape))
             acc = None
             # Correlation with the kernel = product with the conjugate spectrum.
             for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp, conj=True)):
                 c = fft.irfft2(V * spec, s=g.fshape, overwrite_x=True)[..., :ly, :lx]
                 for f in factors:
-                    c = c * f
+                    c *= f
                 acc = c if acc is None else _iadd(acc, c)
             # Cells tile the window without overlap: a slice copy per cell (cheaper than fancy indexing).
             for a in range(len(g.ys)):
@@ -673,11 +682,14 @@ def _iadd(acc, term):
     return acc
 
 
-def _gather(img, ys, xs, ly, lx):
-    """Tiles ``img[ys[a]:ys[a]+ly, xs[b]:xs[b]+lx]`` as an (na, nb, ly, lx) array (zero past the edge)."""
+def _gather(img, ys, xs, ly, lx, size=None):
+    """Tiles ``img[ys[a]:ys[a]+ly, xs[b]:xs[b]+lx]`` as an (na, nb, ly, lx) array (zero past the edge).
+
+    ``size``: a larger tile shape (an FFT shape) to zero-pad the tiles into.
+    """
     xp = array_module(img)
     h, w = img.shape
-    out = xp.zeros((len(ys), len(xs), ly, lx), dtype=img.dtype)
+    out = xp.zeros((len(ys), len(xs)) + tuple(size or (ly, lx)), dtype=img.dtype)
     for a, y0 in enumerate(int(v) for v in ys):
         ny = max(0, min(ly, h - y0))
         for b, x0 in enumerate(int(v) for v in xs):

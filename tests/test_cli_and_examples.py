@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,10 @@ def test_help(run):
 def test_demo_writes_result_and_figure(run, tmp_path):
     res = run("-q", "demo", "--size", 256, "--chunks", 96, "--out", "d.zarr")
     assert "chunked vs whole-image blur" in res.output
+    snr_raw, snr_deblurred = (float(v) for v in re.findall(r"(-?[\d.]+) dB", res.output))
+    assert snr_deblurred > snr_raw
     ds = lsfov.open_result(tmp_path / "d.zarr")
-    assert {"raw", "sharp", "focus", "astigmatism", "axis"} <= set(ds.data_vars)
+    assert {"raw", "sharp", "deblurred", "focus", "astigmatism", "axis"} <= set(ds.data_vars)
     assert ds.raw.shape == (256, 256) and ds.focus.shape == (4, 4)
     assert (tmp_path / "d.png").stat().st_size > 10_000
     again = run("demo", "--size", 256, "--out", "d.zarr", ok=False)

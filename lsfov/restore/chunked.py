@@ -123,8 +123,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
     chunks = tuple(_axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
     y_ext = da.pad(y, r).rechunk(chunks)
-    params = dict(op=op, tv=tv, eps=eps, thr=_norm_threshold(op),
-                  scale=scale, chunks=chunks)
+    params = dict(op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
     counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
     log.info("TV-RL: %d iterations in %d exchanges, halo %d px, %d blocks of up to %s",
              iterations, len(counts), halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
@@ -163,8 +162,7 @@ def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=
     norm = win.adjoint_ones(like=yb)
     x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
     x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
-    core = x[top : top + chunks[0][iy], left : left + chunks[1][ix]]
-    return np.maximum(core, np.float32(0.0)) if xb is not None or n else core
+    return np.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
 
 
 def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress):
