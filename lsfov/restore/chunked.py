@@ -98,8 +98,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     _check_shape(y.shape, op)
     y = y.astype(np.float32)
     # One streaming pass for what the iterations need to know globally (and for bad input).
-    total, lo, hi = dask.compute(y.sum(dtype=np.float64), y.min(), y.max())
-    if not np.isfinite(total):
+    total, lo, hi = dask.compute(da.maximum(y, 0).sum(dtype=np.float64), y.min(), y.max())  # one read
+    if not np.isfinite(total) or not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     if hi <= 0:
         raise ValueError("image is all zero" if hi == 0 and lo == 0 else
@@ -107,7 +107,6 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if lo < 0:
         warnings.warn(f"image has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
         y = da.maximum(y, 0)
-        total = float(da.sum(y, dtype=np.float64).compute())
     scale = float(total) / y.size
 
     r = op.halo
