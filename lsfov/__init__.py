@@ -7,5 +7,19 @@ from .operators import ProductConvolution
 from .psf import Optics
 from .restore import deconvolve
 
+# The CNN side imports torch (a second or two): loaded on first use, so Dask workers and
+# deconvolution-only scripts do not pay for it.
+_LAZY = {"load_model": "estimate", "estimate": None}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(".estimate", __name__)
+        return mod if _LAZY[name] is None else getattr(mod, name)
+    raise AttributeError(f"module 'lsfov' has no attribute {name!r}")
+
+
 __all__ = ["Optics", "ProductConvolution", "deconvolve", "psf", "simulate", "open_image", "open_result", "save",
-           "__version__"]
+           "load_model", "estimate", "__version__"]

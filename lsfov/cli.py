@@ -238,6 +238,99 @@ def _preview(raw, deblurred, path, edge=512):
                           title="lsfov deconvolve")
 
 
+# ---------------------------------------------------------------------------------------------- CNN
+
+
+@main.command()
+@click.argument("data", type=click.Path())
+@click.argument("out", type=click.Path(), required=False)
+@click.option("--synthesize", "n_synth", type=int, default=None, metavar="N",
+              help="Write a training set of N patches to DATA instead of training.")
+@click.option("--psf-model", default="Z3", show_default=True, help="PSF model of a synthesized set (G1 G2 Z1 Z2 Z3).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Source images of a synthesized set (test: images never used for training).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--arch", type=click.Choice(["compact", "resnet34"]), default="compact", show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=None, help="Adam learning rate [chosen on the validation split].")
+@click.option("--patience", type=int, default=4, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--device", default=None, help="cpu or cuda [cuda when available].")
+@click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
+@_overwrite_option
+@click.pass_obj
+def train(obj, data, out, n_synth, psf_model, split, seed, arch, epochs, batch_size, lr, patience, checkpoint,
+          resume, device, test_path, overwrite):
+    """Train a PSF-parameter CNN on DATA and write it to OUT (.pt), or synthesize DATA.
+
+    \b
+      lsfov train --synthesize 20000 --psf-model Z3 z3-train.zarr
+      lsfov train --synthesize 2000 --psf-model Z3 --split test z3-test.zarr
+      lsfov train z3-train.zarr z3.pt --test z3-test.zarr
+    """
+    from .estimate import evaluate as _evaluate
+    from .estimate import synthesize
+    from .estimate import train as _train
+
+    progress = not obj["quiet"]
+    if n_synth is not None:
+        if out is not None:
+            raise ValueError("with --synthesize give only the output training set (DATA)")
+        t = time.perf_counter()
+        synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, progress=progress)
+        log.info(f"wrote {n_synth} {psf_model.upper()} patches to {data} in {time.perf_counter() - t:.0f} s")
+        return
+    if out is None:
+        raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
+    out = _check_out(out, overwrite)
+    if out.suffix != ".pt":
+        raise ValueError(f"model files end in .pt, got {out.name}")
+    ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
+    model = _train(data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, checkpoint=ckpt,
+                   resume=resume, device=device, seed=seed, progress=progress)
+    if test_path:
+        model.meta["test"] = _evaluate(model, test_path)
+        _print_scores(model.meta["test"])
+    model.save(out, overwrite=overwrite)
+    log.info(f"wrote {out} (checkpoints in {ckpt})")
+
+
+def _print_scores(res):
+    r2 = ", ".join(f"{k} {v:.3f}" for k, v in res["r2"].items())
+    click.echo(f"R² ({res['n_valid']} valid of {res['n']}): {r2}; mean {res['r2_mean']:.3f}; "
+               f"validity accuracy {res['validity_accuracy']:.3f}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--robustness", "n_robust", type=int, default=0, metavar="N",
+              help="Also the R²-vs-degradation curves (paper 000 Fig. 7) on N fresh held-out patches.")
+@click.option("--figure", type=click.Path(), default=None, help="PNG of the robustness curves.")
+def evaluate(model, data, n_robust, figure):
+    """R² per parameter and validity accuracy of MODEL (a shipped name or .pt) on a test set DATA."""
+    import json
+
+    from .estimate import evaluate as _evaluate
+    from .estimate import load_model, robustness
+
+    if data is None and not n_robust:
+        raise ValueError("give a test set DATA (lsfov train --synthesize N --split test DATA) and/or --robustness N")
+    reg = load_model(model)
+    if data is not None:
+        _print_scores(_evaluate(reg, data))
+    if n_robust:
+        curves = robustness(reg, n=n_robust)
+        click.echo(json.dumps(curves))
+        if figure:
+            from .figures import robustness_figure
+
+            robustness_figure(figure, {reg.psf_model.name: curves}, title=f"{reg.psf_model.name}: R² vs degradation")
+            log.info(f"wrote {figure}")
+
+
 # ---------------------------------------------------------------------------------------------- demo
 
 

@@ -49,3 +49,29 @@ def summary_figure(path, panels: dict, title: str | None = None) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
+    """R² against degradation strength (paper 000 Fig. 7): one panel per degradation, one line per
+    model (``curves``: {model name: lsfov.estimate.robustness(...) result})."""
+    plt = _plt()
+    kinds = ("gaussian", "poisson", "mixed", "illumination")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.4), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        for name, c in curves.items():
+            ax.plot(c["strengths"], c[kind], marker="o", ms=3, label=name)
+        ax.set_title(f"{kind} {'noise' if kind != 'illumination' else 'gradient'}")
+        ax.set_xlabel("strength")
+        ax.set_ylim(min(0.0, *(min(c[kind]) for c in curves.values())), 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean R² (valid patches)")
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

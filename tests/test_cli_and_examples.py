@@ -28,7 +28,8 @@ def run(tmp_path, monkeypatch):
 
 
 def test_help(run):
-    for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"]):
+    for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"],
+                ["train"], ["evaluate"]):
         assert "Usage" in run(*cmd, "--help").output
 
 
@@ -167,3 +168,24 @@ def test_quickstart_example_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "chunked vs whole" in res.stdout
     assert lsfov.open_result(tmp_path / "q.zarr").blurred.shape == (256, 256)
+
+
+def test_cli_train_synthesize_train_evaluate(run, tmp_path):
+    run("-q", "train", "--synthesize", 192, "--psf-model", "G1", "--seed", 1, "tr.zarr")
+    run("-q", "train", "--synthesize", 64, "--psf-model", "G1", "--split", "test", "te.zarr")
+    res = run("-q", "train", "--synthesize", 8, "tr.zarr", ok=False)
+    assert res.exit_code == 1 and "already exists" in res.output
+    res = run("train", "tr.zarr", "g1.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--test", "te.zarr")
+    assert "R² (" in res.output and "validity accuracy" in res.output
+    assert (tmp_path / "g1.pt").exists() and (tmp_path / "g1.json").exists()
+    assert (tmp_path / "g1.ckpt" / "last.pt").exists()
+    model = lsfov.load_model(tmp_path / "g1.pt")
+    assert model.meta["test"]["n"] == 64 and model.meta["training"]["n_train"] < 192
+    res = run("evaluate", "g1.pt", "te.zarr")
+    assert re.search(r"sigma -?[\d.]+", res.output)
+    # bad input: one line, exit 1
+    assert "OUT (.pt)" in run("train", "tr.zarr", ok=False).output
+    assert "end in .pt" in run("train", "tr.zarr", "model.bin", ok=False).output
+    assert "already exists" in run("train", "tr.zarr", "g1.pt", ok=False).output
+    assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
+    assert "test set is for G1" in run("evaluate", "Z1", "te.zarr", ok=False).output

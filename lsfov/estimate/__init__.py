@@ -1,0 +1,8 @@
+"""PSF estimation from the image itself: the CNN regressor of paper 000 (training data, networks,
+training, evaluation, shipped models)."""
+from .model import PSFRegressor, load_model
+from .synth import library, open_training_set, synthesize
+from .training import evaluate, r2_scores, robustness, train
+
+__all__ = ["PSFRegressor", "load_model", "library", "open_training_set", "synthesize", "train", "evaluate",
+           "r2_scores", "robustness"]

@@ -1,0 +1,246 @@
+"""A trained PSF-parameter regressor: weights, metadata, target encoding and batched prediction.
+
+A model file is one ``.pt`` holding plain tensors and JSON-like metadata, read with
+``torch.load(weights_only=True)``: loading a model never runs pickled code. A ``.json`` copy of the
+metadata sits beside the shipped weights for people to read.
+
+Targets. Gaussian and defocus parameters are regressed normalised to [0, 1] by the model's
+ranges. Astigmatism is not: the axis wraps at pi, and a pupil PSF is unchanged when the whole
+aberration vector ``v = (focus, c sin 2theta, c cos 2theta)`` changes sign (lsfov.psf), so near
+focus the axis jumps by pi/2. The network regresses the entries of ``v vᵀ`` instead, a smooth
+function of the PSF with no wrap and no sign, and ``v`` comes back (up to its unobservable sign,
+fixed by ``focus >= 0``) as the leading eigenvector.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import psf as _psf
+from .network import build, standardize
+
+__all__ = ["PSFRegressor", "load_model", "SHIPPED"]
+
+FORMAT = "lsfov.PSFRegressor/1"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+SHIPPED = ("G1", "G2", "Z1", "Z3")
+
+
+def _astigmatic(m) -> bool:
+    return "astigmatism" in m.params and "axis" in m.params
+
+
+def _scales(m):
+    """Per-component scale of the aberration vector v: the upper end of each range."""
+    return np.array(([m.ranges["focus"][1]] if "focus" in m.params else []) + [m.ranges["astigmatism"][1]] * 2)
+
+
+def n_targets(m) -> int:
+    if _astigmatic(m):
+        d = len(_scales(m))
+        return d * (d + 1) // 2
+    return m.n_params
+
+
+def encode(m, params) -> np.ndarray:
+    """Model parameters (B, N) -> regression targets (B, n_targets(m))."""
+    params = np.atleast_2d(np.asarray(params, dtype=np.float64))
+    if not _astigmatic(m):
+        return m.normalize(params)
+    p = dict(zip(m.params, params.T))
+    c, th = p["astigmatism"], p["axis"]
+    comps = ([p["focus"]] if "focus" in p else []) + [c * np.sin(2 * th), c * np.cos(2 * th)]
+    v = np.stack(comps, axis=1) / _scales(m)
+    iu = np.triu_indices(v.shape[1])
+    return (v[:, :, None] * v[:, None, :])[:, iu[0], iu[1]]
+
+
+def decode(m, targets) -> np.ndarray:
+    """Regression outputs (B, n_targets(m)) -> model parameters (B, N), clipped to the ranges."""
+    t = np.atleast_2d(np.asarray(targets, dtype=np.float64))
+    lo, hi = m.bounds
+    if not _astigmatic(m):
+        return np.clip(m.denormalize(t), lo, hi)
+    d = len(_scales(m))
+    iu = np.triu_indices(d)
+    mat = np.zeros((len(t), d, d))
+    mat[:, iu[0], iu[1]] = t
+    mat[:, iu[1], iu[0]] = t
+    w, vec = np.linalg.eigh(mat)  # ascending: the last pair is the leading one
+    v = vec[:, :, -1] * np.sqrt(np.maximum(w[:, -1], 0))[:, None]
+    if "focus" in m.params:
+        v *= np.where(v[:, :1] < 0, -1.0, 1.0)  # the unobservable sign: focus >= 0
+    v = v * _scales(m)
+    a5, a6 = v[:, -2], v[:, -1]
+    out = {"astigmatism": np.hypot(a5, a6), "axis": np.mod(0.5 * np.arctan2(a5, a6), np.pi)}
+    if "focus" in m.params:
+        out["focus"] = v[:, 0]
+    return np.clip(np.stack([out[p] for p in m.params], axis=1), lo, hi)
+
+
+class PSFRegressor:
+    """A network with what it was trained on: PSF model, ranges, optics, patch size.
+
+    Attributes
+    ----------
+    psf_model : lsfov.psf.PSFModel
+        The model whose parameters are regressed (with the ranges and optics used in training).
+    ranges, optics : the training ranges ({param: (low, high)}) and optics (None for Gaussians).
+    meta : dict
+        Everything stored with the weights (architecture, training data, test-set R², ...).
+    """
+
+    def __init__(self, psf_model, arch: str = "compact", *, meta: dict | None = None, device=None):
+        base = _psf.get_model(psf_model)
+        self.meta = dict(meta or {})
+        ranges = {k: tuple(v) for k, v in self.meta.get("ranges", base.ranges).items()}
+        optics = self.meta.get("optics", base.optics.to_dict() if base.optics else None)
+        self.psf_model = dataclasses.replace(base, ranges=ranges, optics=_psf.Optics(**optics) if optics else None)
+        self.arch = arch
+        self.patch = int(self.meta.get("patch", 128))
+        self.net = build(arch, 1 + n_targets(self.psf_model))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net.to(self.device)
+        self.meta.update(psf_model=base.name, arch=arch, patch=self.patch, params=list(base.params),
+                         units=dict(base.units), ranges={k: list(v) for k, v in ranges.items()}, optics=optics)
+
+    @property
+    def ranges(self) -> dict:
+        return dict(self.psf_model.ranges)
+
+    @property
+    def optics(self):
+        return self.psf_model.optics
+
+    @property
+    def params(self) -> tuple:
+        return self.psf_model.params
+
+    def __repr__(self):
+        r2 = self.meta.get("test", {}).get("r2_mean")
+        extra = f", test R² {r2:.3f}" if r2 is not None else ""
+        return f"PSFRegressor({self.psf_model.name}, {self.arch}, params={list(self.params)}{extra})"
+
+    # -- prediction -----------------------------------------------------------------------------
+    def _as_batch(self, patches) -> torch.Tensor:
+        if isinstance(patches, torch.Tensor):
+            t = patches.detach()
+        else:
+            a = np.asarray(patches)
+            if a.dtype.kind not in "biuf":
+                raise TypeError(f"patches must be numeric, got dtype {a.dtype}")
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if t.ndim == 2:
+            t = t[None]
+        p = self.patch
+        if t.ndim != 3 or tuple(t.shape[-2:]) != (p, p):
+            raise ValueError(f"patches must have shape (B, {p}, {p}) (or ({p}, {p})), got {tuple(t.shape)}; "
+                             f"cut {p}x{p} patches from the image first")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("patches contain NaN or Inf pixels; mask or inpaint them first")
+        return t.to(torch.float32)
+
+    def forward(self, patches, batch_size: int = 256) -> torch.Tensor:
+        """Raw network outputs (B, 1 + n_targets): validity logit, encoded parameters."""
+        t = self._as_batch(patches)
+        self.net.eval()
+        outs = []
+        with torch.inference_mode():
+            for s in range(0, len(t), batch_size):
+                x = t[s : s + batch_size].to(self.device, non_blocking=True)
+                outs.append(self.net(standardize(x)[:, None]).float())
+        return torch.cat(outs) if outs else torch.empty((0, 1 + n_targets(self.psf_model)))
+
+    def predict(self, patches, batch_size: int = 256) -> dict:
+        """Regress the PSF parameters of each patch.
+
+        Parameters
+        ----------
+        patches : (B, P, P) or (P, P) array (NumPy or torch), any intensity scale
+        batch_size : int
+            Patches per forward pass.
+
+        Returns
+        -------
+        dict
+            ``{parameter name: (B,) float32 in the model's units, "validity": (B,) probability that
+            the patch can be read (1 = valid)}``.
+        """
+        out = self.forward(patches, batch_size).cpu().numpy()
+        params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
+        res = {p: params[:, i] for i, p in enumerate(self.params)}
+        res["validity"] = (1 / (1 + np.exp(-out[:, 0].astype(np.float64)))).astype(np.float32)
+        return res
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Write the weights and metadata (``path`` ``.pt``, plus a readable ``.json`` beside it)."""
+        path = Path(path)
+        if path.suffix != ".pt":
+            raise ValueError(f"model files end in .pt, got {path.name}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(json.dumps(self.meta))  # plain types only: weights_only can read them
+        meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.partial")
+        torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_file(cls, path, device=None) -> PSFRegressor:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}; give a shipped name ({', '.join(SHIPPED)}) or a .pt path")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not an lsfov model file ({type(e).__name__}); "
+                             "train one with `lsfov train`") from None
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an lsfov model file; train one with `lsfov train`")
+        meta = blob["meta"]
+        model = cls(meta["psf_model"], meta.get("arch", "compact"), meta=meta, device=device)
+        try:
+            model.net.load_state_dict(blob["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: weights do not fit a {meta.get('arch')} network for "
+                             f"{meta['psf_model']} ({str(e).splitlines()[0]})") from None
+        model.net.eval()
+        return model
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path: str, device: str | None) -> PSFRegressor:
+    return PSFRegressor.from_file(path, device)
+
+
+def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PSFRegressor:
+    """Load a shipped model by PSF-model name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z3"``) or a ``.pt`` file.
+
+    Models are cached per process (a Dask worker loads each once). ``psf_model``: refuse a file
+    trained for another PSF model.
+    """
+    if isinstance(name_or_path, PSFRegressor):
+        model = name_or_path
+    else:
+        key = str(name_or_path)
+        path = Path(key)
+        if not path.suffix and key.upper() in _psf.MODELS:
+            if key.upper() not in SHIPPED:
+                raise ValueError(f"no shipped model for {key.upper()}; shipped: {', '.join(SHIPPED)}; "
+                                 "train one with `lsfov train`")
+            path = MODELS_DIR / f"{key.upper()}.pt"
+        model = _cached(str(path.resolve()), None if device is None else str(device))
+    if psf_model is not None and model.psf_model.name != _psf.get_model(psf_model).name:
+        raise ValueError(f"model regresses {model.psf_model.name} parameters, not {psf_model}")
+    return model

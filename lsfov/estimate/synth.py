@@ -1,0 +1,323 @@
+"""Training data for the PSF-parameter CNN (paper 000 Sec. II-E-1).
+
+Sharp images come from a library that needs no network: scikit-image's bundled images and three
+procedural generators, the paper's synthetic cells [syn] and points [poi] plus natural-like
+textures [tex]. Each training sample is a random 128² crop (rotated by a multiple of 90°) with a
+random illumination gain and gradient, blurred by a PSF whose parameters are drawn uniformly over
+the model's ranges and degraded by Poisson-Gaussian noise (paper 000 Eq. 10). Patches without
+measurable texture are flagged invalid, and black and flat patches are added on purpose, so the
+network learns to say "I cannot tell".
+
+Generation is batched (one FFT convolution for a whole batch of patches), seeded, and can stream
+to a zarr group for sets larger than memory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+from scipy import ndimage
+
+from .. import psf as _psf
+from .._backend import next_fast_len
+from .._validate import positive_int
+
+__all__ = ["SOURCES", "library", "synthesize", "open_training_set", "degrade_patches"]
+
+PATCH = 128
+# scikit-image images (bundled, no download) split so that the test set holds images never seen in
+# training; the procedural sources use disjoint seeds per split.
+_SKIMAGE_SPLIT = {
+    "train": ("camera", "astronaut", "moon", "text", "hubble", "brick", "grass"),
+    "test": ("coins", "cell", "retina", "gravel"),
+}
+SOURCES = ("skimage", "syn", "poi", "tex")
+
+
+def _skimage(name: str) -> np.ndarray:
+    from skimage import data
+
+    loader = {"hubble": data.hubble_deep_field, "retina": lambda: data.retina()[..., 1]}.get(name)
+    img = (loader or getattr(data, name))()
+    img = np.asarray(img, dtype=np.float32)
+    if img.ndim == 3:
+        img = img[..., :3].mean(axis=-1)
+    # Photographs are not perfectly sharp: halving them brings their own blur well under 0.5 px,
+    # the smallest width the models must tell apart (small ones are kept whole: crops must fit).
+    if min(img.shape) >= 400:
+        h, w = (s // 2 * 2 for s in img.shape)
+        img = img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    return _unit(img)
+
+
+def _unit(img):
+    img = img - img.min()
+    return (img / max(float(img.max()), 1e-12)).astype(np.float32)
+
+
+def _supersampled(draw, shape, rng, factor=2):
+    """Render ``draw`` at ``factor`` x resolution and area-average: anti-aliased sharp edges."""
+    big = draw((shape[0] * factor, shape[1] * factor), rng, factor)
+    return big.reshape(shape[0], factor, shape[1], factor).mean(axis=(1, 3))
+
+
+def synthetic_cells(shape=(512, 512), rng=None) -> np.ndarray:
+    """[syn]: fluorescent-like cells, textured ellipses with bright nuclei and dots on a dark background."""
+    rng = np.random.default_rng(rng)
+
+    def draw(s, rng, f):
+        yy, xx = np.mgrid[: s[0], : s[1]].astype(np.float32)
+        img = np.zeros(s, np.float32)
+        texture = ndimage.zoom(rng.random((s[0] // (8 * f) + 2, s[1] // (8 * f) + 2)), 8 * f, order=1)[: s[0], : s[1]]
+        for _ in range(rng.integers(6, 20)):
+            cy, cx = rng.uniform(0, s[0]), rng.uniform(0, s[1])
+            a, b = rng.uniform(15, 60, 2) * f
+            t = rng.uniform(0, np.pi)
+            u = ((yy - cy) * np.cos(t) + (xx - cx) * np.sin(t)) / a
+            v = (-(yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)) / b
+            d = u * u + v * v
+            cell = (d < 1) * rng.uniform(0.2, 0.6) * (0.6 + 0.4 * texture)
+            nucleus = (d < rng.uniform(0.1, 0.3)) * rng.uniform(0.2, 0.4)
+            img = np.maximum(img, (cell + nucleus).astype(np.float32))
+        n_dots = rng.integers(50, 300)
+        iy, ix = rng.integers(0, s[0], n_dots), rng.integers(0, s[1], n_dots)
+        img[iy, ix] += rng.uniform(0.3, 1.0, n_dots).astype(np.float32)
+        return img
+
+    return _unit(_supersampled(draw, shape, rng) + 0.02)
+
+
+def synthetic_points(shape=(512, 512), rng=None) -> np.ndarray:
+    """[poi]: point sources of random brightness on a black background."""
+    rng = np.random.default_rng(rng)
+    img = np.zeros(shape, np.float32)
+    n = int(rng.uniform(0.002, 0.02) * shape[0] * shape[1])
+    iy, ix = rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)
+    img[iy, ix] = rng.uniform(0.1, 1.0, n)
+    return _unit(img)
+
+
+def synthetic_texture(shape=(512, 512), rng=None) -> np.ndarray:
+    """[tex]: natural-like texture, 1/f^beta noise with random polygons and edges."""
+    rng = np.random.default_rng(rng)
+    fy = scipy.fft.fftfreq(shape[0])[:, None]
+    fx = scipy.fft.rfftfreq(shape[1])[None, :]
+    f = np.hypot(fy, fx)
+    f[0, 0] = 1.0
+    spec = (rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) / f ** rng.uniform(0.8, 1.4)
+    noise = _unit(scipy.fft.irfft2(spec, s=shape))
+
+    def draw(s, rng, fac):
+        img = np.zeros(s, np.float32)
+        yy, xx = np.mgrid[: s[0], : s[1]]
+        for _ in range(rng.integers(5, 15)):
+            ny, nx = rng.normal(size=2)
+            c = rng.uniform(-1, 1) * s[0]
+            img += ((yy * ny + xx * nx) > c + rng.uniform(0, s[0]) * ny) * rng.uniform(-0.3, 0.3)
+        return img
+
+    return _unit(noise + _supersampled(draw, shape, rng))
+
+
+_GENERATORS = {"syn": synthetic_cells, "poi": synthetic_points, "tex": synthetic_texture}
+
+
+def library(sources=SOURCES, split: str = "train", n_procedural: int = 6, seed: int = 0) -> list[np.ndarray]:
+    """The sharp images patches are cut from: a list of 2-D float32 arrays in [0, 1].
+
+    ``split="train"`` and ``"test"`` use different scikit-image images and different procedural
+    seeds, so a test set never contains an image seen in training.
+    """
+    if split not in _SKIMAGE_SPLIT:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    unknown = set(sources) - set(SOURCES)
+    if unknown or not sources:
+        raise ValueError(f"unknown image sources {sorted(unknown)}; choose among {list(SOURCES)}")
+    images = []
+    if "skimage" in sources:
+        images += [_skimage(name) for name in _SKIMAGE_SPLIT[split]]
+    base = 1000 * (1 + list(_SKIMAGE_SPLIT).index(split)) + seed * 100_000
+    for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in sources):
+        images += [_GENERATORS[name]((512, 512), base + 10 * j + i) for i in range(n_procedural)]
+    return images
+
+
+def _crops(images, n, size, rng):
+    """``n`` random crops of ``size``² with random rotations by multiples of 90° and flips."""
+    weights = np.array([im.size for im in images], dtype=float) ** 0.5  # large images are not over-drawn
+    which = rng.choice(len(images), size=n, p=weights / weights.sum())
+    out = np.empty((n, size, size), np.float32)
+    for i, k in enumerate(which):
+        im = images[k]
+        y0 = rng.integers(0, im.shape[0] - size + 1)
+        x0 = rng.integers(0, im.shape[1] - size + 1)
+        c = np.rot90(im[y0 : y0 + size, x0 : x0 + size], rng.integers(4))
+        out[i] = c[:, ::-1] if rng.random() < 0.5 else c
+    return out
+
+
+def _blur(sharp, kernels):
+    """Valid part of each crop convolved with its kernel: batched rfft, no wrap-around."""
+    n, s, _ = sharp.shape
+    k = kernels.shape[-1]
+    f = next_fast_len(s)
+    pk = np.zeros((n, f, f), np.float32)
+    pk[:, :k, :k] = kernels
+    out = scipy.fft.irfft2(scipy.fft.rfft2(sharp, s=(f, f), workers=-1) * scipy.fft.rfft2(pk, workers=-1),
+                           s=(f, f), workers=-1)
+    return out[:, k - 1 : s, k - 1 : s].astype(np.float32)
+
+
+def _illumination(n, size, rng, strength):
+    """Random global gain in [0.3, 1] times a linear gradient of random direction and depth."""
+    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
+    t = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+    depth = rng.uniform(0, strength, n)[:, None, None]
+    ramp = (yy * np.sin(t) + xx * np.cos(t)) / 2 + 0.5  # 0..1 across the patch (at most)
+    return (rng.uniform(0.3, 1.0, n)[:, None, None] * (1 - depth * ramp)).astype(np.float32)
+
+
+def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
+    """Paper 000 Eq. 10: ``beta * Poisson(psi * photons) + N(0, read_noise²)`` (psi in [0, 1])."""
+    photons = np.broadcast_to(np.asarray(photons, np.float64), (len(psi),))[:, None, None]
+    read_noise = np.broadcast_to(np.asarray(read_noise, np.float64), (len(psi),))[:, None, None]
+    beta = np.broadcast_to(np.asarray(beta, np.float64), (len(psi),))[:, None, None]
+    counts = rng.poisson(np.maximum(psi, 0) * photons)
+    return (beta * counts + read_noise * rng.standard_normal(psi.shape)).astype(np.float32)
+
+
+def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illumination):
+    m = _psf.get_model(model)
+    k = m.size
+    params = m.sample(n, rng)
+    kernels = m.render(params, size=k)
+    sharp = _crops(images, n, PATCH + k - 1, rng)
+    # Paper: black images with a0 = 1 are added to every set; flat grey ones too.
+    forced = rng.random(n) < invalid_fraction
+    flat = forced & (rng.random(n) < 0.5)
+    sharp[forced] = 0.0
+    sharp[flat] = rng.uniform(0.1, 1.0, (int(flat.sum()), 1, 1))
+    psi = _blur(sharp, kernels) * _illumination(n, PATCH, rng, illumination)
+    if photons is None:  # noiseless (robustness tests add their own noise)
+        valid = (psi.std(axis=(1, 2)) > 1e-3 * np.maximum(psi.mean(axis=(1, 2)), 1e-3)) & ~forced
+        return psi.astype(np.float32), params, valid
+    ph = np.exp(rng.uniform(np.log(photons[0]), np.log(photons[1]), n))
+    rn = rng.uniform(read_noise[0], read_noise[1], n)
+    beta = rng.uniform(0.5, 1.0, n)
+    noisy = degrade_patches(psi, rng, photons=ph, read_noise=rn, beta=beta)
+    # Valid = the blurred structure stands out of the noise: its spread in counts exceeds the noise
+    # at the patch's mean level (a patch the network cannot read is flagged, not guessed).
+    signal = psi.std(axis=(1, 2)) * ph * beta
+    noise = np.sqrt(beta**2 * psi.mean(axis=(1, 2)) * ph + rn**2)
+    valid = (signal > noise) & ~forced
+    return noisy, params, valid
+
+
+def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", seed: int = 0,
+               invalid_fraction: float = 0.08, photons=(50.0, 5000.0), read_noise=(0.0, 3.0),
+               illumination: float = 0.5, batch: int = 512, out=None, overwrite: bool = False,
+               progress: bool = False):
+    """Synthesize a training set of degraded 128² patches and the PSF parameters that blurred them.
+
+    Parameters
+    ----------
+    n : int
+        Number of patches.
+    model : str or PSFModel
+        PSF model (``lsfov.psf.MODELS``); parameters are drawn uniformly over its ranges.
+    sources : sequence of str
+        Image sources among ``SOURCES`` (scikit-image's bundled images, [syn] cells, [poi] points,
+        [tex] textures).
+    split : {"train", "test"}
+        Which disjoint set of source images to use.
+    seed : int
+        Seeds everything: the same call gives the same bytes.
+    invalid_fraction : float
+        Fraction of deliberately black or flat (invalid) patches.
+    photons, read_noise : (low, high)
+        Range of the brightest pixel's photon count (log-uniform) and of the Gaussian read noise
+        std in counts (uniform); quantum efficiency beta is uniform in [0.5, 1]. ``photons=None``:
+        noiseless patches in [0, 1].
+    illumination : float
+        Largest depth of the random illumination gradient across a patch (0: none).
+    batch : int
+        Patches generated (and written) at a time.
+    out : path, optional
+        Stream to this zarr group (``patches``, ``params``, ``valid`` + metadata) instead of
+        returning arrays; written atomically.
+
+    Returns
+    -------
+    dict with ``patches`` (n, 128, 128) float32 counts, ``params`` (n, N) float64 in the model's
+    units, ``valid`` (n,) bool, and ``attrs``; or the path of the zarr group when ``out`` is given.
+    """
+    n = positive_int(n, "n")
+    batch = positive_int(batch, "batch")
+    m = _psf.get_model(model)
+    if not 0 <= invalid_fraction < 1:
+        raise ValueError(f"invalid_fraction must be in [0, 1), got {invalid_fraction}")
+    if photons is not None and not (0 < photons[0] <= photons[1]) or not (0 <= read_noise[0] <= read_noise[1]):
+        raise ValueError("photons must be a range of positive numbers and read_noise of non-negative ones")
+    images = library(tuple(sources), split, seed=seed)
+    attrs = {"type": "TrainingSet", "psf_model": m.name, "params": list(m.params),
+             "units": dict(m.units), "ranges": {p: list(v) for p, v in m.ranges.items()},
+             "optics": m.optics.to_dict() if m.optics else None, "patch": PATCH, "n": n,
+             "sources": list(sources), "split": split, "seed": seed, "invalid_fraction": invalid_fraction,
+             "photons": None if photons is None else list(photons), "read_noise": list(read_noise), "illumination": illumination}
+    kw = dict(invalid_fraction=invalid_fraction, photons=photons, read_noise=read_noise, illumination=illumination)
+    starts = range(0, n, batch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"synthesize {m.name}", unit="patch")
+    # One child generator per batch: the bytes do not depend on how many batches run before.
+    rngs = np.random.SeedSequence([seed, 7]).spawn(len(starts))
+
+    def batches():
+        for s, ss in zip(starts, rngs):
+            yield s, _batch(m, images, min(batch, n - s), np.random.default_rng(ss), **kw)
+            if bar is not None:
+                bar.update(min(batch, n - s))
+
+    try:
+        if out is None:
+            parts = [b for _, b in batches()]
+            return {"patches": np.concatenate([p[0] for p in parts]), "params": np.concatenate([p[1] for p in parts]),
+                    "valid": np.concatenate([p[2] for p in parts]), "attrs": attrs}
+        import zarr
+
+        from ..io import atomic_directory
+
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            g = zarr.open_group(str(tmp), mode="w")
+            g.attrs["lsfov"] = attrs
+            pa = g.create_array("patches", shape=(n, PATCH, PATCH), chunks=(min(batch, n), PATCH, PATCH),
+                                dtype="float32")
+            pr = g.create_array("params", shape=(n, m.n_params), chunks=(n, m.n_params), dtype="float64")
+            va = g.create_array("valid", shape=(n,), chunks=(n,), dtype="bool")
+            params, valid = np.empty((n, m.n_params)), np.empty(n, bool)
+            for s, (p, a, v) in batches():
+                pa[s : s + len(p)] = p
+                params[s : s + len(p)], valid[s : s + len(p)] = a, v
+            pr[...] = params
+            va[...] = valid
+        return Path(out)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def open_training_set(path):
+    """Open a training set written by :func:`synthesize` (``patches`` stays on disk, lazily)."""
+    import zarr
+
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        attrs = dict(g.attrs["lsfov"])
+    except Exception:
+        raise ValueError(f"{path} is not a training set written by `lsfov train --synthesize`") from None
+    if attrs.get("type") != "TrainingSet":
+        raise ValueError(f"{path} is not a training set written by `lsfov train --synthesize`")
+    return {"patches": g["patches"], "params": g["params"][...], "valid": g["valid"][...], "attrs": attrs}

@@ -1,0 +1,322 @@
+"""Training and evaluation of the PSF-parameter regressor (paper 000 Sec. II-E-2, III-A..C).
+
+Training: Adam, the learning rate picked on a validation split (each candidate trains a short
+probe from the same start, the best one goes on), cosine decay, early stopping on the validation
+loss, a checkpoint every epoch that ``resume=True`` continues from. Evaluation: R² per parameter
+(paper 000 Eq. 15, valid samples only), validity accuracy, and the robustness curves of Fig. 7.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import psf as _psf
+from .._validate import positive_int
+from .model import PSFRegressor, encode
+from .network import loss as _loss
+from .network import standardize
+from .synth import PATCH, degrade_patches, open_training_set, synthesize
+
+__all__ = ["train", "evaluate", "r2_scores", "robustness"]
+
+STATE_FORMAT = "lsfov.TrainState/1"
+
+
+def _as_set(data):
+    """A training set as a dict (``patches`` may stay a lazy zarr array)."""
+    if isinstance(data, (str, Path)):
+        return open_training_set(data)
+    if isinstance(data, dict) and {"patches", "params", "valid"} <= set(data):
+        return data
+    raise TypeError("data must be a training-set path or the dict returned by lsfov.estimate.synthesize")
+
+
+def _blocks(n, block, rng):
+    """Shuffled contiguous blocks (one zarr chunk each: sequential reads), shuffled inside too."""
+    starts = rng.permutation(np.arange(0, n, block))
+    for s in starts:
+        yield s, rng.permutation(min(block, n - s))
+
+
+def _batches(patches, targets, valid, index, batch_size, rng, block):
+    """Yield (x, t, v) torch batches over ``index`` (a sorted subset of rows), shuffled."""
+    n = len(index)
+    for s, perm in _blocks(n, block, rng):
+        rows = index[s : s + len(perm)]
+        x = np.asarray(patches[int(rows[0]) : int(rows[-1]) + 1])[rows - rows[0]][perm]
+        t, v = targets[rows][perm], valid[rows][perm]
+        for b in range(0, len(perm), batch_size):
+            yield (torch.from_numpy(np.ascontiguousarray(x[b : b + batch_size], np.float32)),
+                   torch.from_numpy(t[b : b + batch_size].astype(np.float32)),
+                   torch.from_numpy(v[b : b + batch_size]))
+
+
+def _step(model, opt, x, t, v, gamma):
+    dev = model.device
+    out = model.net(standardize(x.to(dev))[:, None])
+    loss = _loss(out, t.to(dev), v.to(dev), gamma)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _val_loss(model, patches, targets, valid, index, gamma, block):
+    model.net.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for x, t, v in _batches(patches, targets, valid, index, 256, np.random.default_rng(0), block):
+            dev = model.device
+            out = model.net(standardize(x.to(dev))[:, None])
+            total += float(_loss(out, t.to(dev), v.to(dev), gamma)) * len(x)
+            count += len(x)
+    model.net.train()
+    return total / max(count, 1)
+
+
+def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64, lr: float | None = None,
+          lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
+          gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
+          max_minutes: float | None = None, progress: bool = True) -> PSFRegressor:
+    """Train a PSF-parameter regressor on a synthesized training set.
+
+    Parameters
+    ----------
+    data : path or dict
+        A training set from :func:`lsfov.estimate.synthesize` (its PSF model is the model's).
+    arch : {"compact", "resnet34"}
+    epochs : int
+        Upper bound on the passes over the training split (cosine learning-rate decay over them).
+    lr : float, optional
+        Adam learning rate; by default the best of ``lr_candidates`` on the validation split after
+        ``probe_steps`` steps from the same initial weights.
+    patience : int
+        Stop after this many epochs without a better validation loss; the best weights are kept.
+    val_fraction : float
+        Share of the set (its last rows) held out for learning-rate choice and early stopping.
+    gamma : float
+        Weight of the validity term of the loss (paper 000 Eq. 11).
+    checkpoint : path, optional
+        Directory for ``last.pt`` (everything needed to resume) and ``best.pt`` (the best model).
+    resume : bool
+        Continue from ``checkpoint/last.pt``.
+    device : str, optional
+        ``"cuda"`` or ``"cpu"``; CUDA when available by default.
+    max_minutes : float, optional
+        Stop after the epoch during which this much time has passed.
+
+    Returns
+    -------
+    PSFRegressor with the best weights, ``meta["training"]`` describing the run.
+    """
+    ds = _as_set(data)
+    attrs = ds["attrs"]
+    epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint directory of the interrupted run")
+    m = _psf.get_model(attrs["psf_model"])
+    n = len(ds["params"])
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < batch_size:
+        raise ValueError(f"{n} patches leave fewer than one batch ({batch_size}) for training; synthesize more")
+    targets = encode(m, ds["params"])
+    valid = np.asarray(ds["valid"], bool)
+    patches = ds["patches"]
+    train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+    block = int(getattr(patches, "chunks", (512,))[0])
+    meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH)}
+    torch.manual_seed(seed)
+    model = PSFRegressor(m.name, arch, meta=meta, device=device)
+    model.net.train()
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    history, start_epoch, best, bad = [], 0, math.inf, 0
+    best_state = None
+
+    def make_opt(rate):
+        opt = torch.optim.Adam(model.net.parameters(), lr=rate)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=rate * 0.02)
+        return opt, sched
+
+    if resume:
+        st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
+        if st.get("format") != STATE_FORMAT or st["meta"]["psf_model"] != m.name or st["meta"]["arch"] != arch:
+            raise ValueError(f"{ckpt / 'last.pt'} is not a checkpoint of a {arch} {m.name} training run")
+        model.net.load_state_dict(st["state_dict"])
+        lr = st["lr"]
+        opt, sched = make_opt(lr)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start_epoch, best, bad, history = st["epoch"] + 1, st["best"], st["bad"], list(st["history"])
+        best_state = st["best_state"]
+    elif lr is None:
+        init = copy.deepcopy(model.net.state_dict())
+        scores = {}
+        for cand in lr_candidates:  # same start, same batches: only the rate differs
+            model.net.load_state_dict(init)
+            opt, _ = make_opt(cand)
+            rng = np.random.default_rng(seed)
+            for i, (x, t, v) in enumerate(_batches(patches, targets, valid, train_idx, batch_size, rng, block)):
+                if i >= probe_steps:
+                    break
+                _step(model, opt, x, t, v, gamma)
+            scores[cand] = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
+        lr = min(scores, key=scores.get)
+        history.append({"lr_probe": {str(k): v for k, v in scores.items()}})
+        model.net.load_state_dict(init)
+        opt, sched = make_opt(lr)
+    else:
+        opt, sched = make_opt(lr)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = math.ceil(len(train_idx) / batch_size)
+        bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch")
+    t0 = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, epochs):
+            rng = np.random.default_rng([seed, epoch])  # same batches after a resume
+            running = []
+            for x, t, v in _batches(patches, targets, valid, train_idx, batch_size, rng, block):
+                running.append(_step(model, opt, x, t, v, gamma))
+                if bar is not None:
+                    bar.update(1)
+            sched.step()
+            val = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(running)), "val_loss": val,
+                            "seconds": time.perf_counter() - t0})
+            if val < best:
+                best, bad = val, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
+            else:
+                bad += 1
+            if bar is not None:
+                bar.set_postfix(val=f"{val:.4g}", best=f"{best:.4g}")
+            if ckpt is not None:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch}, "epoch": epoch,
+                         "lr": lr, "best": best, "bad": bad, "history": history,
+                         "state_dict": model.net.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "best_state": best_state}
+                torch.save(state, ckpt / ".last.pt.partial")
+                (ckpt / ".last.pt.partial").replace(ckpt / "last.pt")
+            if bad >= patience:
+                break
+            if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if best_state is not None:
+        model.net.load_state_dict(best_state)
+    model.net.eval()
+    model.meta["training"] = {
+        "data": {k: attrs.get(k) for k in ("n", "sources", "split", "seed", "photons", "read_noise",
+                                             "illumination", "invalid_fraction")},
+        "n_train": int(len(train_idx)), "n_val": int(n_val), "lr": lr, "batch_size": batch_size,
+        "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best, "history": history,
+        "device": str(model.device), "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if ckpt is not None:
+        model.save(ckpt / "best.pt", overwrite=True)
+    return model
+
+
+def r2_scores(m, true, pred) -> dict:
+    """Paper 000 Eq. 15 per parameter: 1 - SSE / SST. The axis is an angle modulo pi, so its
+    residuals and spread are taken on the circle (0 and pi are the same axis)."""
+    m = _psf.get_model(m)
+    true, pred = np.atleast_2d(np.asarray(true, float)), np.atleast_2d(np.asarray(pred, float))
+    out = {}
+    for i, p in enumerate(m.params):
+        t, e = true[:, i], pred[:, i]
+        if p == "axis":
+            res = np.angle(np.exp(2j * (e - t))) / 2
+            mean = np.angle(np.exp(2j * t).mean()) / 2
+            dev = np.angle(np.exp(2j * (t - mean))) / 2
+        else:
+            res, dev = e - t, t - t.mean()
+        sst = float((dev**2).sum())
+        out[p] = 1 - float((res**2).sum()) / sst if sst > 0 else float("nan")
+    return out
+
+
+def _predict_all(model, patches, batch_size=256):
+    preds = []
+    for s in range(0, patches.shape[0], 2048):
+        preds.append(model.predict(np.asarray(patches[s : s + 2048]), batch_size))
+    return {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
+
+
+def evaluate(model, data, batch_size: int = 256) -> dict:
+    """R² per parameter on the valid samples, their mean, and the validity accuracy.
+
+    ``data``: a test set (path or dict from :func:`synthesize`, ideally ``split="test"``) of the
+    model's PSF model.
+    """
+    ds = _as_set(data)
+    if ds["attrs"]["psf_model"] != model.psf_model.name:
+        raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")
+    pred = _predict_all(model, ds["patches"], batch_size)
+    valid = np.asarray(ds["valid"], bool)
+    est = np.stack([pred[p] for p in model.params], axis=1)
+    r2 = r2_scores(model.psf_model, ds["params"][valid], est[valid])
+    acc = float(((pred["validity"] > 0.5) == valid).mean())
+    return {"r2": r2, "r2_mean": float(np.mean(list(r2.values()))), "validity_accuracy": acc,
+            "n": int(len(valid)), "n_valid": int(valid.sum()), "split": ds["attrs"].get("split")}
+
+
+DEGRADATIONS = ("gaussian", "poisson", "mixed", "illumination")
+
+
+def degrade_unit(clean, kind: str, strength: float, rng):
+    """Fig. 7 degradations of noiseless patches scaled to a maximum of 1.
+
+    ``gaussian``: + N(0, s²); ``poisson``: s² Poisson(x / s²) (noise std s at full brightness);
+    ``mixed``: both; ``illumination``: times 1 - s * (linear ramp across the patch, random direction).
+    """
+    x = clean / np.maximum(clean.max(axis=(1, 2), keepdims=True), 1e-12)
+    if strength == 0:
+        return x.astype(np.float32)
+    if kind in ("poisson", "mixed"):
+        x = degrade_patches(x, rng, photons=1 / strength**2, read_noise=0.0) * strength**2
+    if kind in ("gaussian", "mixed"):
+        x = x + strength * rng.standard_normal(x.shape)
+    if kind == "illumination":
+        n, s, _ = x.shape
+        yy, xx = np.mgrid[0 : 1 : s * 1j, 0 : 1 : s * 1j]
+        t = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+        ramp = np.clip(0.5 + (yy - 0.5) * np.sin(t) + (xx - 0.5) * np.cos(t), 0, 1)
+        x = x * (1 - strength * ramp)
+    elif kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; choose one of {DEGRADATIONS}")
+    return x.astype(np.float32)
+
+
+def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), seed: int = 1,
+               progress: bool = False) -> dict:
+    """R² against degradation strength (paper 000 Fig. 7) on noiseless held-out patches.
+
+    Returns ``{"strengths": [...], kind: [mean R² at each strength] for kind in DEGRADATIONS}``.
+    """
+    clean = synthesize(n, model.psf_model, split="test", seed=seed, photons=None, invalid_fraction=0.0)
+    valid = clean["valid"]
+    out = {"strengths": list(map(float, strengths)), "n": int(valid.sum())}
+    for kind in DEGRADATIONS:
+        rng = np.random.default_rng([seed, DEGRADATIONS.index(kind)])
+        curve = []
+        for s in strengths:
+            x = degrade_unit(clean["patches"][valid], kind, s, rng)
+            pred = _predict_all(model, x)
+            est = np.stack([pred[p] for p in model.params], axis=1)
+            curve.append(float(np.mean(list(r2_scores(model.psf_model, clean["params"][valid], est).values()))))
+        out[kind] = curve
+    return out

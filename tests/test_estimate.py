@@ -1,0 +1,219 @@
+"""The CNN regressor: training-set synthesis, target encoding, loss, networks, training, shipped models."""
+import numpy as np
+import pytest
+import torch
+
+import lsfov
+from lsfov import psf
+from lsfov.estimate import model as M
+from lsfov.estimate import network, synth
+from lsfov.estimate import training as train
+
+
+@pytest.fixture(scope="module")
+def z3_small():
+    return synth.synthesize(256, "Z3", seed=3, batch=128)
+
+
+def test_synthesis_shapes_ranges_and_reproducibility(z3_small):
+    d = z3_small
+    m = psf.MODELS["Z3"]
+    assert d["patches"].shape == (256, 128, 128) and d["patches"].dtype == np.float32
+    assert d["params"].shape == (256, 3) and d["valid"].dtype == bool
+    lo, hi = m.bounds
+    assert np.all(d["params"] >= lo) and np.all(d["params"] <= hi)
+    assert np.isfinite(d["patches"]).all()
+    assert 0.3 < d["valid"].mean() < 0.95  # both classes are represented
+    again = synth.synthesize(256, "Z3", seed=3, batch=128)
+    np.testing.assert_array_equal(again["patches"], d["patches"])
+    np.testing.assert_array_equal(again["params"], d["params"])
+    other = synth.synthesize(16, "Z3", seed=4)
+    assert not np.array_equal(other["params"], d["params"][:16])
+
+
+def test_forced_black_and_flat_patches_are_invalid():
+    d = synth.synthesize(200, "G1", seed=0, invalid_fraction=0.5, photons=None, illumination=0.0)
+    flat = d["patches"].std(axis=(1, 2)) < 1e-6  # noiseless: black and flat patches are constant
+    assert flat.sum() > 50
+    assert not d["valid"][flat].any()
+    assert d["valid"][~flat].mean() > 0.9
+
+
+def test_streaming_to_zarr_equals_memory(tmp_path):
+    mem = synth.synthesize(100, "G2", seed=5, batch=32)
+    path = synth.synthesize(100, "G2", seed=5, batch=32, out=tmp_path / "set.zarr")
+    ds = synth.open_training_set(path)
+    np.testing.assert_array_equal(ds["patches"][...], mem["patches"])
+    np.testing.assert_array_equal(ds["params"], mem["params"])
+    np.testing.assert_array_equal(ds["valid"], mem["valid"])
+    assert ds["attrs"]["psf_model"] == "G2" and ds["attrs"]["n"] == 100
+    with pytest.raises(FileExistsError, match="overwrite"):
+        synth.synthesize(10, "G2", out=tmp_path / "set.zarr")
+    with pytest.raises(ValueError, match="not a training set"):
+        synth.open_training_set(tmp_path)
+
+
+def test_train_and_test_libraries_are_disjoint():
+    tr, te = synth.library(split="train"), synth.library(split="test")
+    keys = {(im.shape, float(im.sum())) for im in tr}
+    assert not any((im.shape, float(im.sum())) in keys for im in te)
+    with pytest.raises(ValueError, match="unknown image sources"):
+        synth.library(sources=("flickr",))
+
+
+def test_noise_model_matches_eq10():
+    rng = np.random.default_rng(0)
+    psi = np.full((4, 64, 64), 0.5, np.float32)
+    out = synth.degrade_patches(psi, rng, photons=200.0, read_noise=3.0, beta=0.7)
+    lam = 0.5 * 200
+    assert abs(out.mean() - 0.7 * lam) < 0.5
+    assert abs(out.var() - (0.7**2 * lam + 9)) / (0.7**2 * lam + 9) < 0.05
+
+
+@pytest.mark.parametrize("name", ["G1", "G2", "Z1", "Z2", "Z3"])
+def test_target_encoding_round_trip(name):
+    m = psf.MODELS[name]
+    p = m.sample(500, 0)
+    q = M.decode(m, M.encode(m, p))
+    if "axis" in m.params:
+        i = m.params.index("axis")
+        if "focus" not in m.params:  # Z2: axis theta and theta + pi/2 are the same PSF
+            d = np.angle(np.exp(4j * (q[:, i] - p[:, i]))) / 4
+        else:
+            d = np.angle(np.exp(2j * (q[:, i] - p[:, i]))) / 2
+        np.testing.assert_allclose(d, 0, atol=1e-6)
+        p, q = np.delete(p, i, 1), np.delete(q, i, 1)
+    np.testing.assert_allclose(q, p, atol=1e-9)
+
+
+def test_encoding_is_invariant_exactly_where_the_psf_is():
+    """(f, c, theta) and (-f, c, theta + pi/2) are the same PSF, so they must be the same target."""
+    m = psf.MODELS["Z3"]
+    f, c, th = 0.3, 0.2, 0.4
+    a = M.encode(m, [[f, c, th]])
+    b = M.encode(m, [[-f, c, th + np.pi / 2]])
+    np.testing.assert_allclose(a, b, atol=1e-12)
+    np.testing.assert_allclose(m.render([f, c, th]), m.render([-f, c, th + np.pi / 2]), atol=1e-6)
+    assert not np.allclose(a, M.encode(m, [[f, c, th + np.pi / 2]]))
+
+
+def test_loss_is_eq11_and_masks_invalid_samples():
+    out = torch.tensor([[10.0, 0.2, 0.9], [-10.0, 5.0, -5.0]])
+    target = torch.tensor([[0.2, 0.5], [0.0, 0.0]])
+    valid = torch.tensor([True, False])
+    v_hat = torch.sigmoid(out[:, 0])
+    expect = ((1 - v_hat[0]) ** 2 + (0.4**2) / 4 + v_hat[1] ** 2) / 2
+    assert torch.allclose(network.loss(out, target, valid), expect)
+    # the invalid sample's parameters do not matter
+    out2 = out.clone()
+    out2[1, 1:] = 123.0
+    assert torch.allclose(network.loss(out2, target, valid), network.loss(out, target, valid))
+    assert float(network.loss(out, target, valid, gamma=0.0)) == pytest.approx(0.4**2 / 4 / 2)
+
+
+def test_networks_shapes_and_compact_size():
+    x = torch.randn(2, 1, 128, 128)
+    compact = network.build("compact", 7)
+    assert compact(x).shape == (2, 7)
+    n = sum(p.numel() for p in compact.parameters())
+    assert n * 4 < 10e6  # ships inside the package
+    big = network.build("resnet34", 4)
+    assert big(x).shape == (2, 4)
+    assert 20e6 < sum(p.numel() for p in big.parameters()) < 22e6  # ResNet-34's 21.3 M (one channel in)
+    with pytest.raises(ValueError, match="unknown network"):
+        network.build("vgg", 3)
+
+
+def test_r2_eq15_and_circular_axis():
+    m = psf.MODELS["Z3"]
+    p = m.sample(300, 1)
+    assert train.r2_scores(m, p, p) == {"focus": 1.0, "astigmatism": 1.0, "axis": 1.0}
+    q = p.copy()
+    q[:, 2] = np.mod(p[:, 2] + np.pi - 1e-9, np.pi)  # the same axis, across the wrap
+    assert train.r2_scores(m, p, q)["axis"] > 0.999
+    q = p.copy()
+    q[:, 0] = p[:, 0].mean()
+    assert abs(train.r2_scores(m, p, q)["focus"]) < 1e-9  # predicting the mean scores 0
+
+
+def test_tiny_training_run_lowers_the_loss(tmp_path):
+    d = synth.synthesize(640, "G1", seed=11, batch=320)
+    torch.manual_seed(0)
+    untrained = M.PSFRegressor("G1")
+    t = M.encode(untrained.psf_model, d["params"])
+    idx = np.arange(576, 640)
+    before = train._val_loss(untrained, d["patches"], t, d["valid"], idx, 1.0, 512)
+    reg = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck", seed=0)
+    after = reg.meta["training"]["best_val_loss"]
+    assert after < 0.5 * before
+    assert (tmp_path / "ck" / "last.pt").exists() and (tmp_path / "ck" / "best.pt").exists()
+    # resumable: a run stopped after one epoch and resumed ends where the uninterrupted one did
+    train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, max_minutes=0)
+    resumed = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, resume=True)
+    epochs = [h["epoch"] for h in resumed.meta["training"]["history"] if "epoch" in h]
+    assert epochs == [0, 1, 2]
+    x = d["patches"][:8]
+    np.testing.assert_allclose(resumed.predict(x)["sigma"], reg.predict(x)["sigma"], rtol=1e-3, atol=1e-3)
+
+
+def test_model_save_load_round_trip_and_bad_files(tmp_path):
+    torch.manual_seed(0)
+    reg = M.PSFRegressor("Z3")
+    path = reg.save(tmp_path / "m.pt")
+    assert (tmp_path / "m.json").exists()
+    back = lsfov.load_model(path)
+    x = np.random.default_rng(0).poisson(50, (3, 128, 128)).astype(np.float32)
+    a, b = reg.predict(x), back.predict(x)
+    assert set(a) == {"focus", "astigmatism", "axis", "validity"}
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        reg.save(path)
+    with pytest.raises(ValueError, match="regresses Z3"):
+        lsfov.load_model(path, psf_model="G1")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an lsfov model"):
+        lsfov.load_model(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ValueError, match="not an lsfov model"):
+        lsfov.load_model(tmp_path / "text.pt")
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        lsfov.load_model(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="no shipped model for Z2"):
+        lsfov.load_model("Z2")
+
+
+def test_predict_rejects_bad_patches():
+    reg = M.PSFRegressor("G1")
+    with pytest.raises(ValueError, match=r"shape \(B, 128, 128\)"):
+        reg.predict(np.zeros((2, 64, 64)))
+    bad = np.ones((1, 128, 128), np.float32)
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        reg.predict(bad)
+    with pytest.raises(TypeError, match="numeric"):
+        reg.predict(np.array([["a"] * 128] * 128))
+    one = reg.predict(torch.ones(128, 128))  # a single torch patch is a batch of one
+    assert one["sigma"].shape == (1,)
+
+
+@pytest.mark.parametrize("name", M.SHIPPED)
+def test_shipped_models_load_with_metadata(name):
+    reg = lsfov.load_model(name)
+    assert reg is lsfov.load_model(name.lower())  # loaded once per process
+    assert reg.psf_model.name == name and reg.params == psf.MODELS[name].params
+    assert reg.ranges == dict(psf.MODELS[name].ranges)
+    assert (reg.optics is None) == (psf.MODELS[name].optics is None)
+    for key in ("units", "ranges", "patch", "training", "test", "description"):
+        assert key in reg.meta
+    assert (M.MODELS_DIR / f"{name}.pt").stat().st_size < 10e6
+
+
+@pytest.mark.parametrize("name", ["Z1", "G2"])
+def test_shipped_models_regress_fresh_test_patches(name):
+    test = synth.synthesize(300, name, split="test", seed=123)
+    res = train.evaluate(lsfov.load_model(name), test)
+    assert res["r2_mean"] > 0.9, res
+    assert res["validity_accuracy"] > 0.9, res
+    with pytest.raises(ValueError, match="test set is for"):
+        train.evaluate(lsfov.load_model("G1"), test)
