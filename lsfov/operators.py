@@ -417,35 +417,41 @@ class ProductConvolution:
         k, r = self.kernel_size, self.halo
         return tuple(next_fast_len(n + (0 if p and n >= k else r)) for n, p in zip((h, w), self.periodic))
 
-    def _kernel_spectra(self, fshape, centred: bool, conj: bool, xp):
-        """Spectra of all kernels at one FFT shape, (n_kernels, fy, fx//2 + 1) complex64, cached.
+    def _kernel_spectra(self, fshape, centred: bool, conj: bool, xp, ids=None):
+        """Spectra of the kernels ``ids`` (default: all, flat indices) at one FFT shape,
+        (len(ids), fy, fx//2 + 1) complex64, cached.
 
         ``centred`` kernels are rolled so that their centre sits at index 0: the convolution output
-        is then aligned with its input and needs only ``r`` pixels of zero padding.
+        is then aligned with its input and needs only ``r`` pixels of zero padding. A window of a
+        large grid uses a few of its kernels: only those are transformed and kept, which bounds the
+        cache by the window, not by the number of PSFs.
         """
+        ids = tuple(range(self.kernels.reshape(-1, *self.kernels.shape[-2:]).shape[0])) if ids is None else tuple(ids)
 
         def make():
             if conj:
-                return self._kernel_spectra(fshape, centred, False, xp).conj()
+                return self._kernel_spectra(fshape, centred, False, xp, ids).conj()
             k = self.kernel_size
-            flat = xp.asarray(self.kernels.reshape(-1, k, k))
+            flat = xp.asarray(self.kernels.reshape(-1, k, k)[list(ids)])
             padded = xp.zeros((flat.shape[0],) + tuple(fshape), dtype=xp.float32)
             padded[:, :k, :k] = flat
             if centred:
                 padded = xp.roll(padded, (-self.halo, -self.halo), axis=(1, 2))
             return fft_module(padded).rfft2(padded).astype(xp.complex64)
 
-        return self._cache.get((tuple(fshape), centred, conj, xp.__name__), make)
+        return self._cache.get((tuple(fshape), centred, conj, xp.__name__, ids), make)
 
     def _spectra(self, gi: int, group: _Group, xp, conj: bool = False):
         """Kernel spectra of a group's terms, each broadcastable against its tiles."""
         key = (gi, conj, xp.__name__)
         if key not in self._group_spectra:
-            allk = self._kernel_spectra(group.fshape, group.single, conj, xp)
+            used = np.unique(np.concatenate([np.ravel(ids) for _, ids in group.terms]))
+            allk = self._kernel_spectra(group.fshape, group.single, conj, xp, used.tolist())
+            pos = {int(i): j for j, i in enumerate(used)}
             if group.single:  # one kernel per term: a view, no copy
-                self._group_spectra[key] = [allk[int(ids.flat[0])] for _, ids in group.terms]
+                self._group_spectra[key] = [allk[pos[int(ids.flat[0])]] for _, ids in group.terms]
             else:
-                self._group_spectra[key] = [allk[xp.asarray(ids)] for _, ids in group.terms]
+                self._group_spectra[key] = [allk[xp.asarray(np.vectorize(pos.get)(ids))] for _, ids in group.terms]
         return self._group_spectra[key]
 
     def _weights(self, group, xp):
