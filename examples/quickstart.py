@@ -48,8 +48,8 @@ print(lsfov.open_result(args.out))
 cnn = lsfov.load_model("Z3")
 noisy = simulate.degrade(sharp, H, photons=1000, seed=0)
 step = args.size // 4
-centres = [(step * i + step // 2, step * j + step // 2) for i in range(4) for j in range(4)]
-patches = np.stack([noisy[y - 64 : y + 64, x - 64 : x + 64] for y, x in centres])
+corner = [int(np.clip(step * i + step // 2 - 64, 0, args.size - 128)) for i in range(4)]  # patch near each node
+patches = np.stack([noisy[y : y + 128, x : x + 128] for y in corner for x in corner])
 est = cnn.predict(patches)
 print("true focus  ", np.round(params[:, 0], 2))
 print("CNN focus   ", np.round(est["focus"], 2))

@@ -21,6 +21,18 @@ def _stretch(img):
     return np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
 
 
+def _save(fig, path) -> Path:
+    """Write a figure atomically (a partial PNG is never left under the final name)."""
+    plt = _plt()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def psf_mosaic(kernels: np.ndarray) -> np.ndarray:
     """Tile a (gy, gx, K, K) stack of PSFs into one image, each PSF scaled to its own peak."""
     gy, gx, k, _ = kernels.shape
@@ -42,13 +54,7 @@ def summary_figure(path, panels: dict, title: str | None = None) -> Path:
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
@@ -68,10 +74,4 @@ def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
     axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)

@@ -8,8 +8,8 @@ Targets. Gaussian and defocus parameters are regressed normalised to [0, 1] by t
 ranges. Astigmatism is not: the axis wraps at pi, and a pupil PSF is unchanged when the whole
 aberration vector ``v = (focus, c sin 2theta, c cos 2theta)`` changes sign (lsfov.psf), so near
 focus the axis jumps by pi/2. The network regresses the entries of ``v vᵀ`` instead, a smooth
-function of the PSF with no wrap and no sign, and ``v`` comes back (up to its unobservable sign,
-fixed by ``focus >= 0``) as the leading eigenvector.
+function of the PSF with no wrap and no sign. Decoding reads the magnitudes from the diagonal, the
+axis from the astigmatism block, and the side of focus from the focus x astigmatism terms.
 """
 from __future__ import annotations
 
@@ -72,15 +72,19 @@ def decode(m, targets) -> np.ndarray:
     mat = np.zeros((len(t), d, d))
     mat[:, iu[0], iu[1]] = t
     mat[:, iu[1], iu[0]] = t
-    w, vec = np.linalg.eigh(mat)  # ascending: the last pair is the leading one
-    v = vec[:, :, -1] * np.sqrt(np.maximum(w[:, -1], 0))[:, None]
+    # Magnitudes from the diagonal (each regressed directly, robust when a direction is uncertain),
+    # the astigmatism orientation from its 2x2 block (known modulo pi), and which of the two
+    # orientations from the cross terms focus * astigmatism (the sign that focus >= 0 fixes).
+    a = -2  # index of Noll 5 (c sin 2theta); Noll 6 is the last
+    c = np.sqrt(np.maximum(mat[:, a, a] + mat[:, -1, -1], 0))
+    beta = 0.5 * np.arctan2(2 * mat[:, a, -1], mat[:, -1, -1] - mat[:, a, a])  # angle of (a6, a5), mod pi
+    out = {}
     if "focus" in m.params:
-        v *= np.where(v[:, :1] < 0, -1.0, 1.0)  # the unobservable sign: focus >= 0
-    v = v * _scales(m)
-    a5, a6 = v[:, -2], v[:, -1]
-    out = {"astigmatism": np.hypot(a5, a6), "axis": np.mod(0.5 * np.arctan2(a5, a6), np.pi)}
-    if "focus" in m.params:
-        out["focus"] = v[:, 0]
+        out["focus"] = np.sqrt(np.maximum(mat[:, 0, 0], 0)) * _scales(m)[0]
+        cross = mat[:, 0, a] * np.sin(beta) + mat[:, 0, -1] * np.cos(beta)
+        beta = np.where(cross < 0, beta + np.pi, beta)
+    out["astigmatism"] = c * _scales(m)[-1]
+    out["axis"] = np.mod(beta / 2, np.pi)
     return np.clip(np.stack([out[p] for p in m.params], axis=1), lo, hi)
 
 
