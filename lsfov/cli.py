@@ -318,6 +318,8 @@ def evaluate(model, data, n_robust, figure):
 
     if data is None and not n_robust:
         raise ValueError("give a test set DATA (lsfov train --synthesize N --split test DATA) and/or --robustness N")
+    if figure and not n_robust:
+        raise ValueError("--figure draws the robustness curves: add --robustness N")
     reg = load_model(model)
     if data is not None:
         _print_scores(_evaluate(reg, data))

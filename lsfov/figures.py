@@ -68,8 +68,10 @@ def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
             ax.plot(c["strengths"], c[kind], marker="o", ms=3, label=name)
         ax.set_title(f"{kind} {'noise' if kind != 'illumination' else 'gradient'}")
         ax.set_xlabel("strength")
-        ax.set_ylim(min(0.0, *(min(c[kind]) for c in curves.values())), 1.02)
         ax.grid(alpha=0.3)
+    # R² below 0 is worse than guessing the mean: show a little of it, clip the rest.
+    low = min(min(min(c[k]) for k in kinds) for c in curves.values())
+    axes[0][0].set_ylim(max(-0.5, min(0.0, low)), 1.02)
     axes[0][0].set_ylabel("mean R² (valid patches)")
     axes[0][-1].legend(fontsize=8)
     if title:

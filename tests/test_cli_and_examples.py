@@ -189,3 +189,4 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "already exists" in run("train", "tr.zarr", "g1.pt", ok=False).output
     assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
     assert "test set is for G1" in run("evaluate", "Z1", "te.zarr", ok=False).output
+    assert "add --robustness" in run("evaluate", "G1", "te.zarr", "--figure", "f.png", ok=False).output
