@@ -192,14 +192,40 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress):
         compute(da.store(arr, z, lock=False, compute=False), progress=bar is not None and not local, on_task=on_task)
         if bar is not None and n and not local:
             bar.update(n * n_blocks)
-        return da.from_zarr(z, chunks=params["chunks"])
+        return z
 
     try:
-        y_ext = store(y_ext, "y")
-        x = None
+        zy, zx = store(y_ext, "y"), None
         for e, n in enumerate(counts):
-            x = store(_exchange(x, y_ext, n, s * n, params), f"x{e % 2}", n)
+            zx = store(_exchange_from_store(zx, zy, n, s * n, params), f"x{e % 2}", n)
     finally:
         if bar is not None:
             bar.close()
-    return x
+    return da.from_zarr(zx, chunks=params["chunks"])
+
+
+def _exchange_from_store(zx, zy, n, halo, params):
+    """Like :func:`_exchange` for arrays already in zarr (``zx``: the estimate, None at the start;
+    ``zy``: the extended image). Each task reads its own window, halo included, straight from the
+    store. No task depends on another, so the scheduler never holds neighbouring chunks for later
+    (with overlap it kept about a row of them, and memory grew with the image): peak memory is one
+    window per thread."""
+    fn = functools.partial(_block_from_store, zy=zy, zx=zx, n=n, halo=halo, **params)
+    token = dask.base.tokenize(str(zy.store_path), None if zx is None else str(zx.store_path), n, halo,
+                               params["tv"], params["eps"], params["scale"])
+    return da.map_blocks(fn, chunks=params["chunks"], dtype=np.float32, meta=np.empty((0, 0), np.float32),
+                         name=f"lsfov-tvrl-{token}")
+
+
+def _block_from_store(zy, zx, *, n, halo, chunks, block_info=None, **params):
+    iy, ix = block_info[None]["chunk-location"]
+    y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
+    # The same window da.overlap(boundary="none") would give: no halo beyond the field's edge.
+    top = halo if iy > 0 else 0
+    left = halo if ix > 0 else 0
+    bottom = halo if iy < len(chunks[0]) - 1 else 0
+    right = halo if ix < len(chunks[1]) - 1 else 0
+    win = (slice(y0 - top, y0 + chunks[0][iy] + bottom), slice(x0 - left, x0 + chunks[1][ix] + right))
+    yb = zy[win]
+    xb = None if zx is None else zx[win]
+    return _block(yb, xb, n=n, halo=halo, chunks=chunks, block_info=block_info, **params)
