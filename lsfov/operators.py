@@ -426,7 +426,7 @@ class ProductConvolution:
         large grid uses a few of its kernels: only those are transformed and kept, which bounds the
         cache by the window, not by the number of PSFs.
         """
-        ids = tuple(range(self.kernels.reshape(-1, *self.kernels.shape[-2:]).shape[0])) if ids is None else tuple(ids)
+        ids = tuple(range(int(np.prod(self.kernels.shape[:-2])))) if ids is None else tuple(ids)
 
         def make():
             if conj:
