@@ -141,7 +141,7 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     untrained = M.PSFRegressor("G1")
     t = M.encode(untrained.psf_model, d["params"])
-    idx = np.arange(576, 640)
+    idx = range(576, 640)
     before = train._val_loss(untrained, d["patches"], t, d["valid"], idx, 1.0, 512)
     reg = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck", seed=0)
     after = reg.meta["training"]["best_val_loss"]

@@ -257,7 +257,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     m = _psf.get_model(model)
     if not 0 <= invalid_fraction < 1:
         raise ValueError(f"invalid_fraction must be in [0, 1), got {invalid_fraction}")
-    if photons is not None and not (0 < photons[0] <= photons[1]) or not (0 <= read_noise[0] <= read_noise[1]):
+    if (photons is not None and not 0 < photons[0] <= photons[1]) or not 0 <= read_noise[0] <= read_noise[1]:
         raise ValueError("photons must be a range of positive numbers and read_noise of non-negative ones")
     images = library(tuple(sources), split, seed=seed)
     attrs = {"type": "TrainingSet", "psf_model": m.name, "params": list(m.params),

@@ -43,23 +43,25 @@ def _blocks(n, block, rng):
         yield s, rng.permutation(min(block, n - s))
 
 
-def _batches(patches, targets, valid, index, batch_size, rng, block):
-    """Yield (x, t, v) torch batches over ``index`` (a sorted subset of rows), shuffled."""
-    n = len(index)
-    for s, perm in _blocks(n, block, rng):
-        rows = index[s : s + len(perm)]
-        x = np.asarray(patches[int(rows[0]) : int(rows[-1]) + 1])[rows - rows[0]][perm]
-        t, v = targets[rows][perm], valid[rows][perm]
+def _batches(patches, targets, valid, rows, batch_size, rng, block):
+    """Yield (x, t, v) torch batches over the contiguous ``rows`` (a range), shuffled."""
+    for s, perm in _blocks(len(rows), block, rng):
+        sel = slice(rows.start + s, rows.start + s + len(perm))
+        x = np.asarray(patches[sel])[perm]
+        t, v = targets[sel][perm], valid[sel][perm]
         for b in range(0, len(perm), batch_size):
             yield (torch.from_numpy(np.ascontiguousarray(x[b : b + batch_size], np.float32)),
                    torch.from_numpy(t[b : b + batch_size].astype(np.float32)),
                    torch.from_numpy(v[b : b + batch_size]))
 
 
-def _step(model, opt, x, t, v, gamma):
+def _batch_loss(model, x, t, v, gamma):
     dev = model.device
-    out = model.net(standardize(x.to(dev))[:, None])
-    loss = _loss(out, t.to(dev), v.to(dev), gamma)
+    return _loss(model.net(standardize(x.to(dev))[:, None]), t.to(dev), v.to(dev), gamma)
+
+
+def _step(model, opt, x, t, v, gamma):
+    loss = _batch_loss(model, x, t, v, gamma)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -71,9 +73,7 @@ def _val_loss(model, patches, targets, valid, index, gamma, block):
     total, count = 0.0, 0
     with torch.inference_mode():
         for x, t, v in _batches(patches, targets, valid, index, 256, np.random.default_rng(0), block):
-            dev = model.device
-            out = model.net(standardize(x.to(dev))[:, None])
-            total += float(_loss(out, t.to(dev), v.to(dev), gamma)) * len(x)
+            total += float(_batch_loss(model, x, t, v, gamma)) * len(x)
             count += len(x)
     model.net.train()
     return total / max(count, 1)
@@ -129,7 +129,7 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
     targets = encode(m, ds["params"])
     valid = np.asarray(ds["valid"], bool)
     patches = ds["patches"]
-    train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+    train_idx, val_idx = range(n - n_val), range(n - n_val, n)
     block = int(getattr(patches, "chunks", (512,))[0])
     meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH)}
     torch.manual_seed(seed)
