@@ -1,7 +1,8 @@
 """lsfov: measure and undo spatially varying blur in large-field-of-view microscopy."""
 __version__ = "0.1.0"
 
-from . import psf, simulate
+from . import calibrate, psf, simulate
+from .calibrate import OperatorSubspace, calibrate_operator, learn_subspace
 from .io import open_image, open_result, save
 from .operators import ProductConvolution
 from .psf import Optics
@@ -21,5 +22,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'lsfov' has no attribute {name!r}")
 
 
-__all__ = ["Optics", "ProductConvolution", "deconvolve", "psf", "simulate", "open_image", "open_result", "save",
+__all__ = ["Optics", "ProductConvolution", "OperatorSubspace", "calibrate", "calibrate_operator", "learn_subspace",
+           "deconvolve", "psf", "simulate", "open_image", "open_result", "save",
            "load_model", "estimate", "__version__"]

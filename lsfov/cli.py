@@ -238,6 +238,69 @@ def _preview(raw, deblurred, path, edge=512):
                           title="lsfov deconvolve")
 
 
+# ---------------------------------------------------------------------------------------------- calibrate
+
+
+@main.command()
+@click.argument("beads", nargs=-1, required=True, type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--n-basis", default=5, show_default=True, help="PSF basis size I.")
+@click.option("--n-space", default=5, show_default=True, help="Spatial basis size J (several images).")
+@click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
+@click.option("--smoothing", type=float, default=None, help="Thin-plate smoothing (default 0.01).")
+@click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
+@click.option("--channel", type=int, default=None)
+@click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the bases and the operator.")
+@_scheduler_option
+@_overwrite_option
+@click.pass_obj
+def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, channel, figure, scheduler,
+              overwrite):
+    """Learn the microscope from micro-bead images (paper 003).
+
+    One bead image gives a product-convolution operator (use it with `lsfov deconvolve --operator`);
+    several (files, or z/t planes of a stack) give a subspace of operators.
+    """
+    from .calibrate import calibrate_operator, learn_subspace
+    from .calibrate.interpolate import DEFAULT_SMOOTHING
+    from .cluster import use_scheduler
+    from .io import open_planes
+
+    out = _check_out(out, overwrite)
+    if figure:
+        _check_out(figure, overwrite)
+    planes = [p for path in beads for p in open_planes(path, channel=channel)]
+    if len({p.shape for p in planes}) != 1:
+        raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
+    kw = dict(radius=radius, threshold=threshold,
+              smoothing=DEFAULT_SMOOTHING if smoothing is None else smoothing)
+    t0 = time.perf_counter()
+    with use_scheduler(scheduler):
+        if len(planes) == 1:
+            op, pos = calibrate_operator(planes[0], n_basis, return_positions=True, **kw)
+            op.save(out, overwrite=overwrite)
+            a = op.attrs
+            click.echo(f"wrote {out}: operator from {a['n_beads']} of {a['n_detected']} beads, I={a['n_basis']}, "
+                       f"kernels {op.kernel_size}x{op.kernel_size}, in {time.perf_counter() - t0:.1f} s")
+            kernels, maps, label, beads_img = op.kernels, op.maps, "α", np.asarray(planes[0])
+        else:
+            sub = learn_subspace(planes, n_basis, n_space, progress=not obj["quiet"], **kw)
+            sub.save(out, overwrite=overwrite)
+            op, pos = sub.operator(0), None
+            click.echo(f"wrote {out}: subspace I={sub.n_psf}, J={sub.n_space} from {sub.n_images} images "
+                       f"({sub.attrs['n_beads']} beads) in {time.perf_counter() - t0:.1f} s")
+            kernels, maps, label, beads_img = sub.psf_basis, sub.spatial_basis, "a", np.asarray(planes[0])
+    if figure:
+        from .calibrate import dirac_comb
+        from .figures import calibration_figure
+
+        comb = op.apply(dirac_comb(op.shape, max(16, 2 * op.kernel_size)))
+        what = "operator" if len(planes) == 1 else f"subspace of {len(planes)} images (image 0 shown)"
+        calibration_figure(figure, kernels, [np.asarray(m) for m in maps], comb, beads=beads_img, positions=pos,
+                           map_label=label, title=f"lsfov calibrate: {what}")
+        click.echo(f"figure: {figure}")
+
+
 # ---------------------------------------------------------------------------------------------- CNN
 
 

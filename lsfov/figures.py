@@ -77,3 +77,33 @@ def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def calibration_figure(path, kernels, maps, comb, *, beads=None, positions=None, map_label="α",
+                       title: str | None = None) -> Path:
+    """A calibrated operator at a glance (paper 003 Fig. 2-5): the PSF basis (top row), the spatial
+    maps (middle row), and the operator applied to a Dirac comb, next to the beads it was learned
+    from with the beads that were used circled (bottom row)."""
+    plt = _plt()
+    kernels = np.asarray(kernels)
+    n = max(len(kernels), len(maps), 2)
+    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 8.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i, k in enumerate(kernels):
+        lim = float(np.abs(k).max()) or 1.0
+        axes[0][i].imshow(k, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[0][i].set_title(f"h{i + 1}")
+    for j, m in enumerate(maps):
+        axes[1][j].imshow(np.asarray(m), cmap="viridis")
+        axes[1][j].set_title(f"{map_label}{j + 1}")
+    axes[2][0].imshow(_stretch(np.sqrt(np.maximum(np.asarray(comb), 0))), cmap="magma")
+    axes[2][0].set_title("operator on a Dirac comb (√)")
+    if beads is not None:
+        axes[2][1].imshow(_stretch(np.asarray(beads)), cmap="gray")
+        if positions is not None and len(positions):
+            axes[2][1].scatter(positions[:, 1], positions[:, 0], s=14, facecolors="none", edgecolors="c", lw=0.6)
+        axes[2][1].set_title("beads (used: circled)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

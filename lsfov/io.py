@@ -25,7 +25,7 @@ import zarr
 
 from .cluster import compute
 
-__all__ = ["open_image", "save", "open_result", "describe", "atomic_directory"]
+__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory"]
 
 SPATIAL_UNIT = "micrometer"
 _NGFF_NONSPATIAL = {"t": "time", "c": "channel"}
@@ -74,6 +74,43 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     elif max(arr.data.chunksize) > 2048:
         arr = arr.chunk({"y": min(2048, arr.sizes["y"]), "x": min(2048, arr.sizes["x"])})
     return arr
+
+
+def open_planes(path, *, channel=None) -> list[xr.DataArray]:
+    """Every 2-D plane of an image (all z and t), lazily, as (y, x) DataArrays: a bead stack.
+
+    ``channel`` picks one channel of a multi-channel image. A 2-D image gives a list of one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.is_dir():
+        arr = _open_ngff(path, 0)
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        arr = _open_tiff(path)
+    elif path.suffix.lower() == ".npy":
+        arr = _open_npy(path)
+    else:
+        raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+    if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
+        arr = _select_axis(arr, path, "c", 0 if channel is None else channel, "channel")
+    if "c" in arr.dims:
+        raise ValueError(f"{path}: the image has {arr.sizes['c']} channels; choose one with channel= (--channel)")
+    lead = [d for d in arr.dims if d not in ("y", "x")]
+    stacked = arr.stack(plane=lead) if lead else arr.expand_dims("plane")
+    stacked = stacked.transpose("plane", "y", "x")
+    return [stacked.isel(plane=i, drop=True).assign_attrs(arr.attrs) for i in range(stacked.sizes["plane"])]
+
+
+def _select_axis(arr, path, dim, idx, flag):
+    if dim not in arr.dims:
+        if idx in (0, -1):
+            return arr
+        raise ValueError(f"{path}: --{flag} {idx} given but the image has no {dim} axis (dims {arr.dims})")
+    n = arr.sizes[dim]
+    if not -n <= int(idx) < n:
+        raise ValueError(f"{path}: --{flag} {idx} out of range; the image has {n} along {dim}")
+    return arr.isel({dim: int(idx)}, drop=True)
 
 
 def _open_ngff(path: Path, level: int) -> xr.DataArray:
@@ -196,16 +233,8 @@ def _with_coords(data, dims, pixel_um, path) -> xr.DataArray:
 
 def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
-        if idx is None:
-            continue
-        if dim not in arr.dims:
-            if idx in (0, -1):
-                continue
-            raise ValueError(f"{path}: --{flag} {idx} given but the image has no {dim} axis (dims {arr.dims})")
-        n = arr.sizes[dim]
-        if not -n <= int(idx) < n:
-            raise ValueError(f"{path}: --{flag} {idx} out of range; the image has {n} along {dim}")
-        arr = arr.isel({dim: int(idx)}, drop=True)
+        if idx is not None:
+            arr = _select_axis(arr, path, dim, idx, flag)
     extra = [d for d in arr.dims if d not in ("y", "x") and arr.sizes[d] > 1]
     if extra:
         d = extra[0]
@@ -495,6 +524,17 @@ def describe(path) -> str:
             for name, var in open_result(path).data_vars.items():
                 lines.append("  " + _describe_array(name, var))
         return "\n".join(lines)
+    if isinstance(meta, dict) and meta.get("type") == "ProductConvolution":
+        from .operators import ProductConvolution
+
+        op = ProductConvolution.load(path)
+        extra = ", ".join(f"{k} {v}" for k, v in op.attrs.items() if isinstance(v, (int, float, str)))
+        return f"{path}: lsfov operator\n  {op!r}" + (f"\n  {extra}" if extra else "")
+    if isinstance(meta, dict) and meta.get("type") == "OperatorSubspace":
+        from .calibrate import OperatorSubspace
+
+        sub = OperatorSubspace.load(path)
+        return f"{path}: lsfov operator subspace\n  {sub!r}\n  beads {sub.attrs.get('n_beads')}"
     arr = open_image(path)
     return f"{path}: image\n  " + _describe_array("image", arr)
 

@@ -63,6 +63,7 @@ def bead_field(
     pixel_um: float = 0.1,
     z_range_um=(-0.4, 0.4),
     astigmatism: float = 0.15,
+    axis: float | None = None,
     photons: float = 2000.0,
     background: float = 20.0,
     optics: _psf.Optics | None = None,
@@ -98,7 +99,8 @@ def bead_field(
     cy = (np.arange(gy) + 0.5) * h / gy - 0.5
     cx = (np.arange(gx) + 0.5) * w / gx - 0.5
     z = _random_polynomial((gy, gx), rng, 2, *z_range_um)
-    axis = rng.uniform(0, np.pi)
+    drawn_axis = rng.uniform(0, np.pi)  # drawn even when given, so a seed's other draws do not move
+    axis = drawn_axis if axis is None else float(axis)
     coeffs = {5: astigmatism * np.sin(2 * axis) * np.ones(z.size), 6: astigmatism * np.cos(2 * axis) * np.ones(z.size)}
     kernels = _psf.zernike(coeffs, optics, size=psf_size, z_um=z.ravel()).reshape(gy, gx, psf_size, psf_size)
     op = ProductConvolution.from_grid(kernels, (h, w), centers=(cy, cx))
@@ -118,10 +120,14 @@ def bead_field(
 
 
 def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[BeadField]:
-    """``n_images`` independent bead fields (different optics and depth profiles), as for learning a
-    subspace of operators (paper 003 Sec. II-D). Image k uses a seed derived from ``seed`` and k."""
+    """``n_images`` bead fields of one instrument in different states, as for learning a subspace of
+    operators (paper 003 Sec. II-D): optics and depth profile differ per image, the astigmatism axis
+    (a property of the instrument) is shared unless ``axis`` is given. Image k uses a seed derived
+    from ``seed`` and k."""
     n_images = positive_int(n_images, "n_images")
-    seeds = np.random.SeedSequence(seed).spawn(n_images)
+    root = np.random.SeedSequence(seed)
+    seeds = root.spawn(n_images)
+    kwargs.setdefault("axis", float(np.random.default_rng(root.spawn(1)[0]).uniform(0, np.pi)))
     return [bead_field(shape, seed=s, **kwargs) for s in seeds]
 
 

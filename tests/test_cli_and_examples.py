@@ -29,7 +29,7 @@ def run(tmp_path, monkeypatch):
 
 def test_help(run):
     for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"],
-                ["train"], ["evaluate"]):
+                ["train"], ["evaluate"], ["calibrate"]):
         assert "Usage" in run(*cmd, "--help").output
 
 
@@ -190,3 +190,29 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
     assert "test set is for G1" in run("evaluate", "Z1", "te.zarr", ok=False).output
     assert "add --robustness" in run("evaluate", "G1", "te.zarr", "--figure", "f.png", ok=False).output
+
+
+def test_cli_calibrate_operator_and_subspace(run, tmp_path):
+    from lsfov import simulate
+    from lsfov.calibrate import OperatorSubspace, operator_distance
+
+    fields = simulate.bead_stack(2, (256, 256), seed=3)
+    np.save("b0.npy", fields[0].image)
+    np.save("stack.npy", np.stack([f.image for f in fields]))  # one file, two planes
+    res = run("calibrate", "b0.npy", "op.zarr", "--n-basis", 4, "--figure", "op.png")
+    assert "operator from" in res.output and Path("op.png").stat().st_size > 10_000
+    op = lsfov.ProductConvolution.load("op.zarr")
+    assert op.kind == "basis" and op.kernels.shape[0] == 4
+    assert operator_distance(op, fields[0].operator) < 0.35
+    assert "lsfov operator" in run("info", "op.zarr").output
+    res = run("calibrate", "stack.npy", "sub.zarr", "--n-space", 3, "--figure", "sub.png")
+    sub = OperatorSubspace.load("sub.zarr")
+    assert (sub.n_images, sub.n_space) == (2, 3) and Path("sub.png").exists()
+    # The deconvolution CLI takes the calibrated operator.
+    run("deconvolve", "b0.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 2)
+    # Existing outputs are kept; bad input is one line.
+    res = run("calibrate", "b0.npy", "op.zarr", ok=False)
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    np.save("flat.npy", np.full((128, 128), 3.0, np.float32))
+    res = run("calibrate", "flat.npy", "none.zarr", ok=False)
+    assert res.exit_code == 1 and "no beads found" in res.output and not Path("none.zarr").exists()

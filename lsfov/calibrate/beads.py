@@ -1,0 +1,295 @@
+"""Bead PSFs from a micro-bead image (paper 003 App. A and B).
+
+Detection as maxima of the Laplacian of a smoothed image, rejection of beads near the border or near
+another bead, sub-pixel centring by correlation with a Gaussian, bicubic re-sampling, background
+removal by a polynomial fitted outside the PSF disk, a radial bump between r and 1.2r, and
+normalisation to unit sum.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from .._validate import LsfovWarning, as_image
+
+__all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "radial_bump", "remove_background"]
+
+EXT = 1.2  # r_ext = 1.2 r (App. A-d)
+
+
+@dataclass
+class BeadPSFs:
+    """Isolated, centred, background-free bead PSFs of one image."""
+
+    patches: np.ndarray  # (M, K, K) float32, each sums to 1, PSF centre at K//2
+    positions: np.ndarray  # (M, 2) float64 sub-pixel (y, x) centres in the image
+    radius: float  # r: PSF radius bound used
+    shape: tuple  # image shape
+    n_detected: int  # maxima above the threshold
+    n_saturated: int
+    n_crowded: int  # closer than 2r to another bead or than K//2 to the border
+
+    @property
+    def size(self) -> int:
+        return int(self.patches.shape[-1])
+
+
+def patch_size(radius: float) -> int:
+    """Odd patch size holding the disk of radius ``r_ext = 1.2 r`` (the bump's support)."""
+    return 2 * int(math.ceil(EXT * radius)) + 1
+
+
+def radial_bump(size: int, radius: float) -> np.ndarray:
+    """The multiplier of App. A-d: 1 inside ``r``, 0 beyond ``1.2 r``, a smooth bump between."""
+    c = size // 2
+    yy, xx = np.mgrid[:size, :size] - c
+    t = np.hypot(yy, xx)
+    s = np.clip((t - radius) / ((EXT - 1) * radius), 0.0, 1.0)
+    with np.errstate(divide="ignore", over="ignore"):
+        m = np.exp(1.0 - 1.0 / np.maximum(1.0 - s**2, 1e-300))
+    m[t <= radius] = 1.0
+    m[t >= EXT * radius] = 0.0
+    return m.astype(np.float32)
+
+
+def _monomials(size: int, order: int) -> np.ndarray:
+    c = size // 2
+    yy, xx = (np.mgrid[:size, :size] - c) / max(c, 1)
+    cols = [yy**i * xx**j for i in range(order + 1) for j in range(order + 1 - i)]
+    return np.stack([m.ravel() for m in cols], axis=1)  # (K*K, P)
+
+
+def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
+    """Subtract from each patch the polynomial of degree ``order`` fitted outside the disk of ``radius``.
+
+    App. B, Eq. 8: least squares on the pixels farther than ``radius`` from the patch centre, where
+    the PSF is dominated by noise. All patches share the design matrix, so one pseudo-inverse
+    serves the whole stack.
+
+    Parameters
+    ----------
+    patches : array_like (M, K, K) or (K, K)
+    radius : float
+        PSF radius r; at least 2·(order+1)... pixels of the patch must lie outside it.
+    order : int
+        Polynomial degree (2: the monomials 1, x, y, xy, x², y²).
+
+    Returns
+    -------
+    ndarray, same shape, float32
+    """
+    p = np.asarray(patches, dtype=np.float32)
+    single = p.ndim == 2
+    p = p[None] if single else p
+    if p.ndim != 3 or p.shape[1] != p.shape[2] or p.shape[1] % 2 == 0:
+        raise ValueError(f"patches must have shape (M, K, K) with K odd, got {np.shape(patches)}")
+    k = p.shape[-1]
+    c = k // 2
+    yy, xx = np.mgrid[:k, :k] - c
+    out = (np.hypot(yy, xx) > radius).ravel()
+    mono = _monomials(k, order)
+    if out.sum() < 2 * mono.shape[1]:
+        raise ValueError(f"radius {radius} leaves too few background pixels in a {k}x{k} patch; use a larger patch")
+    flat = p.reshape(len(p), -1).astype(np.float64)
+    coef = np.linalg.pinv(mono[out]) @ flat[:, out].T  # (P, M)
+    res = (flat - (mono @ coef).T).astype(np.float32).reshape(p.shape)
+    return res[0] if single else res
+
+
+def _log_response(image, radius):
+    """Blob response: minus the Laplacian of the image smoothed at the PSF core's scale."""
+    sigma = max(1.0, radius / 4.0)
+    return -ndimage.gaussian_laplace(image, sigma) * sigma**2, sigma
+
+
+def _robust_threshold(resp, k=8.0):
+    sample = resp[:: max(1, resp.shape[0] // 512), :: max(1, resp.shape[1] // 512)]
+    med = float(np.median(sample))
+    mad = 1.4826 * float(np.median(np.abs(sample - med)))
+    return med + k * max(mad, 1e-12 * max(abs(med), 1.0))
+
+
+def detect_beads(image, radius: float, threshold: float | None = None) -> np.ndarray:
+    """Bead candidates: maxima of the smoothed negative Laplacian above ``threshold`` (App. A-a).
+
+    Parameters
+    ----------
+    image : array_like (H, W)
+    radius : float
+        PSF radius bound r (pixels); the smoothing scale is r/4 and two maxima are at least r/2 apart.
+    threshold : float, optional
+        On the response ``-σ² ∇²(G_σ * image)``. Default: median + 8 robust standard deviations of
+        the response (the background's noise level, measured by the MAD).
+
+    Returns
+    -------
+    ndarray (P, 2) of int
+        (y, x) pixel positions, brightest first.
+    """
+    from skimage.feature import peak_local_max
+
+    img = as_image(image, "bead image")
+    radius = _check_radius(radius)
+    resp, _ = _log_response(img, radius)
+    thr = _robust_threshold(resp) if threshold is None else float(threshold)
+    return peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False)
+
+
+def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> float:
+    """An upper bound r on the PSF radius, from the mean profile of the brightest beads.
+
+    The radius where the median azimuthal profile of the brightest beads (aligned at their
+    maxima, background removed, peak-normalised) falls below ``level`` of its peak, plus one pixel;
+    at least 3 pixels.
+    """
+    img = as_image(image, "bead image")
+    h = int(max_radius)
+    pos = detect_beads(img, 4.0)
+    pos = pos[np.all((pos >= h) & (pos < np.array(img.shape) - h), axis=1)]
+    if len(pos) == 0:
+        raise ValueError("no beads found to measure the PSF radius: the image has no bright spots; check it, or pass radius=")
+    pos = pos[:50]  # the brightest; the median below ignores the neighbours some of them have
+    win = _windows(img, pos, h)
+    win = remove_background(win, 0.75 * h)  # a background that varies across the window
+    win /= np.maximum(win[:, h, h], 1e-12)[:, None, None]
+    yy, xx = np.mgrid[: 2 * h + 1, : 2 * h + 1] - h
+    t = np.rint(np.hypot(yy, xx)).astype(int)
+    # Median over beads of each bead's azimuthal mean: a neighbour in a few windows does not count.
+    rings = np.stack([ndimage.mean(w, labels=t, index=np.arange(h + 1)) for w in win])
+    prof = np.median(rings, axis=0)
+    below = np.nonzero(prof < level * prof[0])[0]
+    r = float(below[0]) + 1.0 if len(below) else float(h)
+    return max(3.0, min(r, float(max_radius)))
+
+
+def _check_radius(radius) -> float:
+    try:
+        r = float(radius)
+    except (TypeError, ValueError):
+        raise ValueError(f"radius must be a number of pixels, got {radius!r}") from None
+    if not (np.isfinite(r) and r >= 2):
+        raise ValueError(f"radius must be at least 2 pixels, got {radius!r}")
+    return r
+
+
+def _windows(img, pos, h):
+    """(P, 2h+1, 2h+1) windows of ``img`` around integer positions (all inside the image)."""
+    off = np.arange(-h, h + 1)
+    return img[pos[:, 0, None, None] + off[None, :, None], pos[:, 1, None, None] + off[None, None, :]]
+
+
+def _subpixel_centres(img, pos, h, sigma):
+    """Centres of maximal correlation with a Gaussian of width ``sigma`` (App. A-c), near ``pos``.
+
+    The correlation is computed on integer windows; its maximum is refined by a parabola through
+    the maximum and its neighbours along each axis.
+    """
+    win = _windows(img, pos, h).astype(np.float64)
+    corr = ndimage.gaussian_filter(win, (0, sigma, sigma), mode="nearest")
+    m = max(1, int(h // 2))
+    core = corr[:, h - m : h + m + 1, h - m : h + m + 1]
+    flat = core.reshape(len(core), -1).argmax(axis=1)
+    iy, ix = np.unravel_index(flat, core.shape[1:])
+    iy, ix = np.clip(iy + h - m, 1, 2 * h - 1), np.clip(ix + h - m, 1, 2 * h - 1)
+    n = np.arange(len(win))
+
+    def vertex(a, b, c):
+        den = a - 2 * b + c
+        return np.where(den < 0, 0.5 * (a - c) / np.where(den < 0, den, -1.0), 0.0).clip(-0.5, 0.5)
+
+    dy = vertex(corr[n, iy - 1, ix], corr[n, iy, ix], corr[n, iy + 1, ix])
+    dx = vertex(corr[n, iy, ix - 1], corr[n, iy, ix], corr[n, iy, ix + 1])
+    return np.stack([pos[:, 0] + iy - h + dy, pos[:, 1] + ix - h + dx], axis=1)
+
+
+def bead_psfs(image, radius: float | None = None, *, threshold: float | None = None,
+              saturation: float | None = None, background_order: int = 2) -> BeadPSFs:
+    """Isolated bead PSFs of a micro-bead image, ready for PCA (paper 003 App. A and B).
+
+    Parameters
+    ----------
+    image : array_like (H, W)
+        Micro-bead image (any numeric type; a camera offset is removed by the background fit).
+    radius : float, optional
+        Upper bound r on the PSF radius in pixels. Default: :func:`estimate_radius`.
+    threshold : float, optional
+        Detection threshold on the blob response (see :func:`detect_beads`).
+    saturation : float, optional
+        Pixel value at which the camera saturates. Default: the dtype's maximum for integer images;
+        for all images, a plateau of four or more pixels at the image maximum (in the 3x3 core) also counts.
+    background_order : int
+        Degree of the background polynomial (App. B uses 2).
+
+    Returns
+    -------
+    BeadPSFs
+        Patches of size ``2·ceil(1.2 r) + 1``, centred at the sub-pixel bead centre, background
+        removed, bump-limited and summing to one.
+    """
+    raw = np.asarray(image)
+    img = as_image(raw, "bead image")
+    if radius is None:
+        radius = estimate_radius(img)
+    radius = _check_radius(radius)
+    k = patch_size(radius)
+    h = k // 2
+    if min(img.shape) < k + 2:
+        raise ValueError(f"bead image {img.shape} is smaller than one bead patch ({k}x{k}); use a smaller radius")
+    pos = detect_beads(img, radius, threshold)
+    if len(pos) == 0:
+        raise ValueError("no beads found: the image has no bright spots above the threshold; "
+                         "check the image, or lower threshold=")
+    n_detected = len(pos)
+
+    # Saturated beads: their core is clipped, so the PSF shape is wrong.
+    sat_level = saturation
+    if sat_level is None and raw.dtype.kind in "ui":
+        sat_level = float(np.iinfo(raw.dtype).max)
+    peak = float(img.max())
+    core = _windows(img, np.clip(pos, 1, np.array(img.shape) - 2), 1)
+    saturated = (core >= peak).sum(axis=(1, 2)) >= 4
+    if sat_level is not None:
+        saturated |= core.max(axis=(1, 2)) >= sat_level
+    n_saturated = int(saturated.sum())
+
+    # Isolation (App. A-b): 2r from every other detection, patch (and cubic margin) inside the image.
+    inside = np.all((pos >= h + 2) & (pos < np.array(img.shape) - h - 2), axis=1)
+    crowded = np.zeros(len(pos), bool)
+    if len(pos) > 1:
+        pairs = cKDTree(pos).query_pairs(2 * radius, output_type="ndarray")
+        crowded[pairs.ravel()] = True
+    keep = inside & ~crowded & ~saturated
+    n_crowded = int((~(inside & ~crowded) & ~saturated).sum())
+    if not keep.any():
+        if n_saturated == n_detected:
+            raise ValueError(f"all {n_detected} beads are saturated; acquire with a shorter exposure or lower gain")
+        raise ValueError(
+            f"found {n_detected} beads but none is isolated (2r = {2 * radius:g} px from the others and "
+            f"{h + 2} px from the border); use a sparser bead sample or a smaller radius"
+        )
+    if n_saturated:
+        warnings.warn(f"{n_saturated} of {n_detected} beads are saturated and were left out", LsfovWarning,
+                      stacklevel=2)
+    pos = pos[keep]
+
+    # Sub-pixel centres, then bicubic re-sampling on a grid centred there (App. A-c).
+    centres = _subpixel_centres(img, pos, h + 1, sigma=max(1.0, radius / 4.0))
+    off = np.arange(-h, h + 1, dtype=np.float64)
+    yy = centres[:, 0, None, None] + off[None, :, None]
+    xx = centres[:, 1, None, None] + off[None, None, :]
+    yy, xx = np.broadcast_arrays(yy, xx)
+    patches = ndimage.map_coordinates(img, [yy, xx], order=3, mode="nearest").astype(np.float32)
+
+    patches = remove_background(patches, radius, background_order) * radial_bump(k, radius)
+    sums = patches.sum(axis=(1, 2))
+    ok = sums > 0
+    if not ok.any():
+        raise ValueError("no bead stands above the background; check the image or lower threshold=")
+    patches = patches[ok] / sums[ok, None, None]
+    return BeadPSFs(patches=patches, positions=centres[ok], radius=radius, shape=img.shape,
+                    n_detected=n_detected, n_saturated=n_saturated, n_crowded=n_crowded)

@@ -1,0 +1,298 @@
+"""A subspace of operators learned from many bead images (paper 003 Sec. II-D and II-E).
+
+Every image k gives coefficient maps α_{i,k} on a shared PSF basis h_i; a randomized SVD of all the
+K·I maps gives the spatial basis a_j; image k's operator is ``Σ_ij Γ_k[i,j] h_i * (a_j · u)`` with
+``Γ_k[i,j] = ⟨α_{i,k}, a_j⟩``, and the admissible operators are the conical hull of the Γ_k.
+
+The maps are bilinear interpolations of node values (see :mod:`.interpolate`), so the SVD runs on
+node values in the metric that makes it exact on the pixel grid: ``⟨α, β⟩_pixels = ⟨Rα, Rβ⟩_nodes``
+with R the square root of the interpolation's Gram matrix. A 2304² family of 90 images is then a
+(450 × 21 000) problem instead of (450 × 5.3 M), with the same result.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .._validate import positive_int
+from ..operators import ProductConvolution
+from .basis import psf_basis
+from .beads import bead_psfs, estimate_radius
+from .cone import cone_columns
+from .interpolate import DEFAULT_SMOOTHING, coefficient_nodes, node_grid
+
+__all__ = ["OperatorSubspace", "learn_subspace"]
+
+FORMAT = "lsfov.OperatorSubspace/1"
+
+
+class OperatorSubspace:
+    """A family of product-convolution operators ``Σ_ij Γ[i,j] h_i * (a_j · u)`` of one microscope.
+
+    Attributes
+    ----------
+    psf_basis : ndarray (I, K, K)
+        Orthonormal PSF kernels h_i.
+    spatial_basis : ndarray (J, H, W)
+        Orthonormal spatial maps a_j.
+    gammas : ndarray (n_images, I, J)
+        Γ_k of each training image.
+    attrs : dict
+        Provenance (beads used, radius, pixel size).
+    """
+
+    def __init__(self, psf_basis, spatial_basis, gammas, attrs=None):
+        self.psf_basis = np.asarray(psf_basis, dtype=np.float32)
+        self.spatial_basis = spatial_basis
+        self.gammas = np.asarray(gammas, dtype=np.float64)
+        self.attrs = dict(attrs or {})
+        if self.psf_basis.ndim != 3 or getattr(spatial_basis, "ndim", 0) != 3 or self.gammas.ndim != 3:
+            raise ValueError("need psf_basis (I, K, K), spatial_basis (J, H, W) and gammas (n_images, I, J)")
+        if self.gammas.shape[1:] != (self.psf_basis.shape[0], spatial_basis.shape[0]):
+            raise ValueError(f"gammas {self.gammas.shape} do not match I={self.psf_basis.shape[0]}, "
+                             f"J={spatial_basis.shape[0]}")
+
+    n_psf = property(lambda self: int(self.psf_basis.shape[0]))
+    n_space = property(lambda self: int(self.spatial_basis.shape[0]))
+    n_images = property(lambda self: int(self.gammas.shape[0]))
+    shape = property(lambda self: tuple(int(s) for s in self.spatial_basis.shape[1:]))
+
+    def __repr__(self):
+        return (f"OperatorSubspace(n_psf={self.n_psf}, n_space={self.n_space}, n_images={self.n_images}, "
+                f"shape={self.shape}, K={self.psf_basis.shape[-1]})")
+
+    @property
+    def normalized_gammas(self) -> np.ndarray:
+        """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone."""
+        s = self.gammas.sum(axis=(1, 2), keepdims=True)
+        return self.gammas / np.where(np.abs(s) > 1e-30, s, 1.0)
+
+    def _gamma(self, k_or_gamma):
+        if isinstance(k_or_gamma, (int, np.integer)) and not isinstance(k_or_gamma, bool):
+            k = int(k_or_gamma)
+            if not -self.n_images <= k < self.n_images:
+                raise IndexError(f"image {k} out of range; the subspace was learned from {self.n_images} images")
+            return self.gammas[k]
+        g = np.asarray(k_or_gamma, dtype=np.float64)
+        if g.shape != (self.n_psf, self.n_space):
+            raise ValueError(f"gamma must have shape (I, J) = ({self.n_psf}, {self.n_space}), got {g.shape}; "
+                             "or pass a training-image index")
+        if not np.all(np.isfinite(g)):
+            raise ValueError("gamma contains NaN or Inf")
+        return g
+
+    def operator(self, k_or_gamma) -> ProductConvolution:
+        """The basis operator of training image ``k`` (an int), or of a coefficient matrix Γ (I, J)."""
+        g = self._gamma(k_or_gamma)
+        a = np.asarray(self.spatial_basis, dtype=np.float32)
+        maps = np.tensordot(g.astype(np.float32), a, axes=(1, 0))
+        attrs = {**self.attrs, "source": "lsfov.OperatorSubspace.operator"}
+        if isinstance(k_or_gamma, (int, np.integer)):
+            attrs["image"] = int(k_or_gamma)
+        return ProductConvolution.from_basis(self.psf_basis, maps, attrs=attrs)
+
+    def project(self, gamma) -> np.ndarray:
+        """The nearest admissible Γ: the projection of ``gamma`` (I, J) onto the cone of the Γ_k
+        (non-negative least squares, scipy.optimize.nnls)."""
+        from scipy.optimize import nnls
+
+        g = self._gamma(np.asarray(gamma))
+        cols = self.normalized_gammas.reshape(self.n_images, -1).T
+        lam, _ = nnls(cols, g.ravel())
+        return (cols @ lam).reshape(g.shape)
+
+    # ------------------------------------------------------------------ storage
+    def to_dataset(self):
+        """An ``xarray.Dataset`` with ``psf_basis(psf, ky, kx)``, ``spatial_basis(space, y, x)`` and
+        ``gamma(image, psf, space)``; y/x in µm when the pixel size is known."""
+        import xarray as xr
+
+        h, w = self.shape
+        px = self.attrs.get("pixel_um")
+        units = "µm" if px else "pixel"
+        scale = float(px) if px else 1.0
+        coords = {
+            "y": ("y", np.arange(h) * scale, {"units": units}),
+            "x": ("x", np.arange(w) * scale, {"units": units}),
+            "psf": np.arange(self.n_psf), "space": np.arange(self.n_space), "image": np.arange(self.n_images),
+        }
+        ds = xr.Dataset(
+            {
+                "psf_basis": (("psf", "ky", "kx"), self.psf_basis, {"long_name": "PSF basis kernels h_i"}),
+                "spatial_basis": (("space", "y", "x"), self.spatial_basis,
+                                  {"long_name": "spatial basis maps a_j"}),
+                "gamma": (("image", "psf", "space"), self.gammas,
+                          {"long_name": "operator coefficients Gamma_k[i, j] = <alpha_ik, a_j>"}),
+            },
+            coords=coords,
+        )
+        from ..io import _jsonable
+
+        ds.attrs["lsfov"] = {"type": "OperatorSubspace", "format": FORMAT, "attrs": _jsonable(self.attrs)}
+        return ds
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Write to a zarr v3 store atomically; read back with :meth:`load` or ``xarray.open_zarr``."""
+        from ..io import atomic_directory
+
+        ds = self.to_dataset()
+        ds["spatial_basis"] = ds["spatial_basis"].chunk({"space": 1, "y": 1024, "x": 1024})
+        with atomic_directory(path, overwrite=overwrite) as tmp:
+            ds.attrs["lsfov"] = {**ds.attrs["lsfov"], "complete": True}  # the move below makes it true
+            with warnings.catch_warnings():  # consolidated: xarray opens it without a warning of its own
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=True)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path) -> "OperatorSubspace":
+        """Read a subspace written by :meth:`save` (spatial maps stay on disk until used)."""
+        import xarray as xr
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such subspace: {path}")
+        try:
+            ds = xr.open_zarr(str(path))
+        except Exception:
+            ds = None
+        meta = ds.attrs.get("lsfov") if ds is not None else None
+        if not isinstance(meta, dict) or meta.get("type") != "OperatorSubspace":
+            raise ValueError(f"{path} is not an lsfov operator subspace; learn one with lsfov.learn_subspace")
+        if not meta.get("complete"):
+            raise ValueError(f"{path} is an incomplete subspace (the write was interrupted); learn it again")
+        return cls(ds["psf_basis"].values, ds["spatial_basis"].data, ds["gamma"].values, attrs=meta.get("attrs"))
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+def _as_images(bead_images):
+    """A list of lazily indexable 2-D images from a stack, a list, or a Dask/xarray/zarr array."""
+    if isinstance(bead_images, (list, tuple)):
+        images = list(bead_images)
+    elif getattr(bead_images, "ndim", None) == 3:
+        images = [bead_images[k] for k in range(bead_images.shape[0])]
+    elif getattr(bead_images, "ndim", None) == 2:
+        images = [bead_images]
+    else:
+        raise TypeError("bead_images must be a (K, H, W) stack or a list of 2-D images")
+    if len(images) < 2:
+        raise ValueError(f"a subspace needs at least 2 bead images, got {len(images)}; "
+                         "for one image use lsfov.calibrate_operator")
+    shapes = {tuple(getattr(im, "shape", np.shape(im))) for im in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"bead images must all be 2-D and of one shape, got shapes {sorted(shapes)}")
+    return images
+
+
+def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: float | None = None,
+                   threshold: float | None = None, smoothing: float = DEFAULT_SMOOTHING, step: int | None = None,
+                   max_columns: int = 20, saturation: float | None = None, seed=0,
+                   progress: bool = False) -> OperatorSubspace:
+    """A subspace of operators from K images of micro-beads (paper 003 Sec. II-D).
+
+    1. Bead PSFs of every image (one Dask task per image: memory holds a few images, not K).
+    2. One PSF basis h_i from all the patches (PCA, z-score rejection, PCA again).
+    3. Coefficient maps α_{i,k} of every image (thin plate, Voronoi weights, conical hull).
+    4. Randomized SVD (``dask.array.linalg.svd_compressed``) of the K·I maps: spatial basis a_j, and
+       Γ_k[i, j] = ⟨α_{i,k}, a_j⟩.
+
+    Parameters
+    ----------
+    bead_images : (K, H, W) array (NumPy, Dask, zarr, xarray) or list of K 2-D images
+        K >= 2 acquisitions of the same instrument in different states (focus, temperature...).
+    n_psf, n_space : int
+        Sizes I of the PSF basis and J of the spatial basis (paper: 5 and 5). J should cover the
+        degrees of freedom of the field's variation (a tilted, curved focal surface: about 6).
+    radius, threshold, smoothing, step, max_columns, saturation
+        As in :func:`lsfov.calibrate_operator`; one radius serves all images (default: measured
+        on the first).
+    seed : int
+        Seed of the randomized SVD (same seed, same subspace).
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    OperatorSubspace
+    """
+    import dask
+
+    from ..cluster import compute
+
+    images = _as_images(bead_images)
+    n_psf = positive_int(n_psf, "n_psf")
+    n_space = positive_int(n_space, "n_space")
+    if n_space > len(images) * n_psf:
+        raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= {len(images) * n_psf}")
+    shape = tuple(int(s) for s in images[0].shape)
+    if radius is None:
+        radius = estimate_radius(np.asarray(images[0]))
+
+    def beads_of(k, im):
+        try:
+            return bead_psfs(np.asarray(im), radius, threshold=threshold, saturation=saturation)
+        except ValueError as e:
+            raise ValueError(f"bead image {k}: {e}") from None
+
+    tasks = [dask.delayed(beads_of, pure=True)(k, im) for k, im in enumerate(images)]
+    beads = compute(tasks, progress=progress, label=f"bead PSFs of {len(images)} images")
+    counts = np.array([len(b.patches) for b in beads])
+    basis = psf_basis(np.concatenate([b.patches for b in beads]), n_psf, seed=seed)
+    owner = np.repeat(np.arange(len(beads)), counts)[basis.keep]
+    positions = np.concatenate([b.positions for b in beads])[basis.keep]
+    cone = cone_columns(basis.coefficients.T, max_columns=max_columns)
+    grid = node_grid(shape, step)
+    sums = basis.kernels.sum(axis=(1, 2))
+
+    def nodes_of(k):
+        sel = owner == k
+        try:
+            return coefficient_nodes(positions[sel], basis.coefficients[sel], grid, smoothing=smoothing, cone=cone,
+                                     kernel_sums=sums)
+        except ValueError as e:
+            raise ValueError(f"bead image {k}: {e}") from None
+
+    nodes = compute([dask.delayed(nodes_of, pure=True)(k) for k in range(len(images))],
+                    progress=progress, label="coefficient maps")
+    c = np.stack(nodes)  # (K, I, gy, gx)
+
+    a_nodes, gammas, s = _spatial_basis(c, grid, n_space, seed)
+    attrs = {
+        "source": "lsfov.learn_subspace", "n_images": len(images), "n_beads": int(len(positions)),
+        "beads_per_image": [int(v) for v in np.bincount(owner, minlength=len(images))],
+        "radius_px": float(radius), "smoothing": float(smoothing), "node_step_px": grid.step,
+        "singular_values": [float(x) for x in s],
+    }
+    px = getattr(images[0], "attrs", {}).get("pixel_um") if hasattr(images[0], "attrs") else None
+    if px:
+        attrs["pixel_um"] = float(px)
+    return OperatorSubspace(basis.kernels, grid.upsample(a_nodes), gammas, attrs=attrs)
+
+
+def _spatial_basis(c, grid, n_space: int, seed=0):
+    """Randomized SVD of the maps ``c`` (K, I, gy, gx) (node values of bilinear maps on ``grid``).
+
+    Returns the spatial basis on the nodes (J, gy, gx), orthonormal on the pixel grid, Γ (K, I, J)
+    and the singular values (J,). The SVD runs on ``R_y c R_x`` (R: square root of the bilinear
+    interpolation's Gram matrix), which has the singular values of the full-resolution maps.
+    """
+    import dask.array as da
+
+    from ..cluster import compute
+
+    k, i = c.shape[:2]
+    ry, rx = grid.gram_sqrt()
+    ry_inv, rx_inv = grid.gram_sqrt(inverse=True)
+    weighted = np.einsum("ab,kibc,cd->kiad", ry, c, rx, optimize=True).reshape(k * i, -1)
+    tall = da.from_array(weighted.T, chunks=(min(weighted.shape[1], 1 << 16), weighted.shape[0]))
+    u, s, v = da.linalg.svd_compressed(tall, n_space, n_power_iter=4, seed=int(seed), compute=False)
+    u, s, v = (np.asarray(a, dtype=np.float64) for a in compute([u, s, v]))
+    a_nodes = np.einsum("ab,jbc,cd->jad", ry_inv, u.T.reshape((n_space,) + grid.size), rx_inv, optimize=True)
+    gammas = (v.T * s).reshape(k, i, n_space)
+    sign = np.sign(a_nodes.sum(axis=(1, 2)))  # deterministic signs: each a_j sums to > 0
+    sign[sign == 0] = 1
+    return a_nodes * sign[:, None, None], gammas * sign, s

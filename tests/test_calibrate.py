@@ -1,0 +1,341 @@
+"""Bead calibration (paper 003 App. A-C) and subspaces of operators (Sec. II-D)."""
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+from scipy.optimize import nnls
+from scipy.spatial import cKDTree
+
+import lsfov
+from lsfov import simulate
+from lsfov.calibrate import (
+    OperatorSubspace, bead_psfs, calibrate_operator, coefficient_nodes, cone_columns, detect_beads, dirac_comb,
+    estimate_radius, learn_subspace, node_grid, operator_distance, project_cone, psf_basis, radial_bump,
+    remove_background, rescaled_distance, voronoi_weights,
+)
+from lsfov.calibrate.interpolate import NodeGrid
+from lsfov.calibrate.subspace import _spatial_basis
+
+
+@pytest.fixture(scope="module")
+def field():
+    return simulate.bead_field((384, 384), seed=11)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return simulate.bead_stack(6, (320, 320), seed=21)
+
+
+# ---------------------------------------------------------------------------------------------- beads
+
+
+def test_detection_recall_and_precision(field):
+    r = estimate_radius(field.image)
+    assert 5 <= r <= 15  # the simulated PSFs are 31 px wide with most energy within ~10 px
+    found = detect_beads(field.image, r)
+    d_found, _ = cKDTree(field.positions).query(found)
+    d_true, _ = cKDTree(found).query(field.positions)
+    # Beads closer than r/2 merge into one maximum: count those as one true bead.
+    merged = cKDTree(field.positions).query(field.positions, k=2)[0][:, 1] < r / 2
+    precision = np.mean(d_found <= 2)
+    recall = np.mean((d_true <= 2) | merged)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+
+
+def test_bead_psfs_are_isolated_centred_and_normalised(field):
+    b = bead_psfs(field.image)
+    assert b.patches.shape[1:] == (b.size, b.size) and b.size % 2 == 1
+    np.testing.assert_allclose(b.patches.sum(axis=(1, 2)), 1.0, rtol=1e-4)
+    # Every kept bead is 2r from every other detection, and the sub-pixel centres are on the beads.
+    assert len(b.patches) + b.n_crowded + b.n_saturated == b.n_detected
+    if len(b.positions) > 1:
+        assert cKDTree(b.positions).query(b.positions, k=2)[0][:, 1].min() >= 2 * b.radius - 1
+    d, _ = cKDTree(field.positions).query(b.positions)
+    assert np.median(d) < 0.3
+    # The bump leaves nothing beyond 1.2 r.
+    c = b.size // 2
+    yy, xx = np.mgrid[: b.size, : b.size] - c
+    assert np.abs(b.patches[:, np.hypot(yy, xx) > 1.2 * b.radius]).max() == 0
+
+
+def test_radial_bump_shape():
+    m = radial_bump(31, 10.0)
+    c = 15
+    assert m[c, c] == 1 and m[c, c + 10] == 1 and m[c, c + 13] == 0 and m[0, 0] == 0
+    ring = m[c, c + 10 : c + 13]
+    assert np.all(np.diff(ring) <= 0) and 0 < m[c, c + 11] < 1
+
+
+def test_background_removal_recovers_a_known_polynomial():
+    k, r = 25, 8.0
+    yy, xx = (np.mgrid[:k, :k] - k // 2).astype(np.float64)
+    psf = np.exp(-(yy**2 + xx**2) / 8.0) * (np.hypot(yy, xx) <= r)  # nothing outside the disk
+    rng = np.random.default_rng(0)
+    patches, truth = [], []
+    for _ in range(4):
+        c = rng.normal(size=6)
+        bg = c[0] + c[1] * yy + c[2] * xx + c[3] * yy * xx + c[4] * yy**2 / 10 + c[5] * xx**2 / 10
+        patches.append(psf + bg)
+        truth.append(psf)
+    out = remove_background(np.array(patches), r)
+    np.testing.assert_allclose(out, np.array(truth), atol=1e-4)
+
+
+def test_saturated_crowded_and_empty_bead_images_are_refused():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="no beads found"):
+        bead_psfs(np.full((128, 128), 10.0) + 0 * rng.random((128, 128)), radius=6)
+    f = simulate.bead_field((192, 192), 40, seed=1, photons=5e5)
+    clipped = np.minimum(f.image, 200).astype(np.uint16)  # a camera that saturates at 200
+    with pytest.raises(ValueError, match="saturated"):
+        bead_psfs(clipped, radius=8, saturation=200)
+    dense = np.zeros((160, 160), np.float32)
+    dense[6::12, 6::12] = 1000.0  # beads every 12 px, closer than 2r = 18
+    dense = gaussian_filter(dense, 1.5) + rng.poisson(5.0, dense.shape)
+    with pytest.raises(ValueError, match="none is isolated"):
+        bead_psfs(dense, radius=9)
+    with pytest.raises(ValueError, match="radius"):
+        bead_psfs(dense, radius=-1)
+
+
+def test_some_saturated_beads_are_left_out_with_a_warning(field):
+    img = field.image.copy()
+    y, x = field.positions[0]
+    img[y - 1 : y + 2, x - 1 : x + 2] = img.max() * 3  # one clipped plateau
+    with pytest.warns(UserWarning, match="saturated"):
+        b = bead_psfs(img, radius=9)
+    assert b.n_saturated == 1
+    assert cKDTree(b.positions).query([y, x])[0] > 3
+
+
+# ---------------------------------------------------------------------------------------------- basis
+
+
+def _family(n, k=21, seed=0, noise=0.0):
+    """Non-negative PSFs that are conic mixes of three kernels (a rank-3 family)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    g = np.stack([np.exp(-(yy**2 / (2 * sy**2) + xx**2 / (2 * sx**2))) for sy, sx in ((1.5, 1.5), (3, 1.2), (1.2, 3))])
+    g /= g.sum(axis=(1, 2), keepdims=True)
+    w = rng.dirichlet(np.ones(3), n)
+    p = np.einsum("mi,ikl->mkl", w, g) + noise * rng.standard_normal((n, k, k))
+    return p.astype(np.float32), g
+
+
+def test_basis_recovers_a_known_low_rank_family():
+    p, g = _family(300, noise=2e-5)
+    b = psf_basis(p, 3)
+    h = b.kernels.reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(h @ h.T, np.eye(3), atol=1e-5)  # orthonormal
+    q, _ = np.linalg.qr(g.reshape(3, -1).T)
+    cosines = np.linalg.svd(q.T @ h.T, compute_uv=False)  # principal angles with the true span
+    assert cosines.min() > 0.999
+    assert b.kernels[0].sum() > 0
+    # The rank rule finds the three components above the noise.
+    assert psf_basis(p, None).kernels.shape[0] == 3
+
+
+def test_zscore_rejects_outlier_patches():
+    p, _ = _family(200, noise=1e-5, seed=1)
+    bad = np.zeros((3,) + p.shape[1:], np.float32)
+    bad[:, 2:5, 2:5] = 1.0 / 9  # a second bead in the corner, nothing in the centre
+    b = psf_basis(np.concatenate([p, bad]), 3)
+    assert not b.keep[-3:].any()
+    assert b.keep[:200].mean() > 0.9
+    assert b.coefficients.shape == (b.keep.sum(), 3)
+
+
+def test_psf_basis_bad_input():
+    p, _ = _family(4)
+    with pytest.raises(ValueError, match="needs at least"):
+        psf_basis(p, 6)
+    with pytest.raises(ValueError, match="shape"):
+        psf_basis(p[0], 2)
+
+
+# ---------------------------------------------------------------------------------------------- cone
+
+
+def test_cone_projection_matches_nnls():
+    rng = np.random.default_rng(3)
+    b = np.abs(rng.normal(size=(5, 8))) + 0.1 * rng.normal(size=(5, 8))
+    a = rng.normal(size=(5, 40))
+    proj, lam = project_cone(b, a, iterations=5000, tol=1e-12)
+    assert lam.min() >= 0
+    for n in range(a.shape[1]):
+        ref, _ = nnls(b, a[:, n])
+        np.testing.assert_allclose(proj[:, n], b @ ref, atol=1e-6)
+    inside = b @ np.abs(rng.normal(size=(8, 5)))
+    np.testing.assert_allclose(project_cone(b, inside, iterations=5000, tol=1e-12)[0], inside, atol=1e-6)
+
+
+def test_cone_projection_keeps_psfs_non_negative():
+    p, _ = _family(400, seed=4)
+    basis = psf_basis(p, 3, zscore=np.inf)
+    h = basis.kernels.reshape(3, -1)
+    cols = cone_columns(basis.coefficients.T, max_columns=10, angle_deg=0.5)
+    assert cols.shape[1] < 400
+    # Every observed column is within the angle of the selected cone.
+    unit = basis.coefficients.T / np.linalg.norm(basis.coefficients.T, axis=0)
+    proj, _ = project_cone(cols, unit, iterations=2000)
+    cos = np.sum(proj * unit, axis=0) / np.maximum(np.linalg.norm(proj, axis=0), 1e-30)
+    assert np.degrees(np.arccos(np.clip(cos.min(), -1, 1))) <= 0.6
+    # Arbitrary coefficients render PSFs with negative lobes; projected ones do not.
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(3, 300))
+    assert (h.T @ a).min() < -1e-3
+    psfs = h.T @ project_cone(cols, a, iterations=2000)[0]
+    assert psfs.min() >= -1e-4 * np.abs(psfs).max()
+
+
+# ---------------------------------------------------------------------------------------------- maps
+
+
+def test_voronoi_weights():
+    yy, xx = np.mgrid[16:256:32, 16:256:32] - 0.5  # cells of 32x32 pixels tiling the image exactly
+    regular = np.stack([yy.ravel(), xx.ravel()], axis=1)
+    w = voronoi_weights(regular, (256, 256))
+    np.testing.assert_allclose(w, 1.0, rtol=1e-6)
+    lonely = np.concatenate([regular[:32], [[230.0, 230.0]]])  # one bead alone in the lower half
+    w = voronoi_weights(lonely, (256, 256))
+    assert w[-1] > 5 * np.median(w[:-1]) and w.sum() == pytest.approx(len(lonely))
+
+
+def test_node_grid_upsampling_and_metric():
+    g = NodeGrid((50, 37), 8)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2,) + g.size)
+    ua, ub = g.upsample(a).astype(np.float64), g.upsample(b).astype(np.float64)
+    # Node values are reproduced at the nodes (first and last pixels are nodes).
+    assert ua[0, 0] == pytest.approx(a[0, 0], rel=1e-5) and ua[-1, -1] == pytest.approx(a[-1, -1], rel=1e-5)
+    ry, rx = g.gram_sqrt()
+    assert np.sum(ua * ub) == pytest.approx(np.sum((ry @ a @ rx) * (ry @ b @ rx)), rel=1e-5)
+    iy, ix = g.gram_sqrt(inverse=True)
+    np.testing.assert_allclose(iy @ ry, np.eye(len(ry)), atol=1e-8)
+
+
+def test_thin_plate_maps_reproduce_affine_coefficients_and_interpolate():
+    rng = np.random.default_rng(1)
+    pos = rng.uniform(0, 199, (60, 2))
+    beta = np.stack([1 + 0.01 * pos[:, 0] - 0.02 * pos[:, 1], 0.5 + 0.003 * pos[:, 1]], axis=1)
+    grid = node_grid((200, 200), 10)
+    nodes = coefficient_nodes(pos, beta, grid, smoothing=1.0)  # any smoothing keeps affine data
+    yy, xx = np.meshgrid(*grid.nodes, indexing="ij")
+    np.testing.assert_allclose(nodes[0], 1 + 0.01 * yy - 0.02 * xx, atol=1e-6)
+    # Without smoothing, the maps pass through the data (nodes placed on the beads).
+    pos = grid.points()[rng.choice(grid.points().shape[0], 30, replace=False)]
+    beta = rng.normal(size=(30, 1))
+    nodes = coefficient_nodes(pos, beta, grid, smoothing=0.0)
+    ij = np.round(pos / 10).astype(int)
+    np.testing.assert_allclose(nodes[0][ij[:, 0], ij[:, 1]], beta[:, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="3"):
+        coefficient_nodes(pos[:2], beta[:2], grid)
+
+
+# ---------------------------------------------------------------------------------------------- operator
+
+
+def test_calibrated_operator_matches_the_true_one(field):
+    op, pos = calibrate_operator(field.image, 5, return_positions=True)
+    assert op.kind == "basis" and op.kernels.shape[0] == 5 and op.shape == field.image.shape
+    assert op.attrs["n_beads"] == len(pos) > 20
+    err = operator_distance(op, field.operator)
+    assert err < 0.3, err  # paper 003: 50 % from one image; goal 30 %
+    # A model that ignores the space variation (the mean PSF everywhere) is clearly worse.
+    mean_psf = np.mean([op.psf_at(y, x) for y, x in pos], axis=0)
+    flat = lsfov.ProductConvolution.from_grid(mean_psf[None, None], op.shape)
+    assert operator_distance(flat, field.operator) > err + 0.05
+    # Local PSFs are admissible everywhere, also in the corners where no bead is: unit sum, and no
+    # deeper negative lobes than the observed beads have on a 5-term basis (noise: 5-15 % of the peak).
+    b = bead_psfs(field.image)
+    h = op.kernels.reshape(5, -1)
+    seen = (b.patches.reshape(len(b.patches), -1) @ h.T) @ h
+    worst = (seen.min(axis=1) / seen.max(axis=1)).min()
+    for y, x in [(0, 0), (383, 0), (191, 191), (383, 383)]:
+        k = op.psf_at(y, x)
+        assert k.sum() == pytest.approx(1.0, abs=1e-3)
+        assert k.min() / k.max() >= worst - 0.01
+
+
+def test_rescaled_distance():
+    rng = np.random.default_rng(0)
+    u0 = rng.random((20, 20))
+    assert rescaled_distance(3 * u0 + 2, u0) == pytest.approx(0, abs=1e-10)
+    assert rescaled_distance(rng.random((20, 20)), u0) > 0.3
+    assert dirac_comb((64, 64), 16).sum() == 16
+
+
+# ---------------------------------------------------------------------------------------------- subspace
+
+
+def test_spatial_basis_equals_full_resolution_svd():
+    grid = NodeGrid((60, 44), 6)
+    rng = np.random.default_rng(2)
+    true_a = rng.normal(size=(3,) + grid.size)
+    c = np.einsum("kij,jab->kiab", rng.normal(size=(7, 4, 3)), true_a)  # rank 3 exactly
+    a_nodes, gammas, s = _spatial_basis(c, grid, 3, seed=0)
+    a = grid.upsample(a_nodes).reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(a @ a.T, np.eye(3), atol=1e-4)  # orthonormal on the pixel grid
+    maps = grid.upsample(c).reshape(28, -1).astype(np.float64)
+    np.testing.assert_allclose(s, np.linalg.svd(maps, compute_uv=False)[:3], rtol=1e-4)
+    # The family is recovered: every map is sum_j Gamma[i, j] a_j.
+    np.testing.assert_allclose(gammas.reshape(28, 3) @ a, maps, atol=1e-3 * np.abs(maps).max())
+
+
+def test_learn_subspace_recovers_the_family(stack, tmp_path):
+    images = np.stack([f.image for f in stack])
+    sub = learn_subspace(images, 5, 6)
+    assert (sub.n_psf, sub.n_space, sub.n_images, sub.shape) == (5, 6, 6, (320, 320))
+    errs = [operator_distance(sub.operator(k), f.operator) for k, f in enumerate(stack)]
+    assert max(errs) < 0.3, errs
+    # Dask, list and NumPy inputs agree.
+    import dask.array as da
+
+    again = learn_subspace(da.from_array(images, chunks=(1, 320, 320)), 5, 6)
+    np.testing.assert_allclose(again.gammas, sub.gammas, rtol=1e-5, atol=1e-8)
+    # Training operators are admissible; the projection keeps them and maps others into the cone.
+    g = sub.normalized_gammas
+    np.testing.assert_allclose(sub.project(g[2]), g[2], atol=1e-8)
+    mix = 2 * g[0] + 3 * g[4]
+    np.testing.assert_allclose(sub.project(mix), mix, atol=1e-8)
+    outside = -g[1]
+    lam, _ = nnls(g.reshape(6, -1).T, sub.project(outside).ravel())
+    assert lam.min() >= 0 and np.linalg.norm(sub.project(outside) - outside) <= np.linalg.norm(outside)
+    # Save and load keep everything, with xarray labels.
+    path = sub.save(tmp_path / "sub.zarr")
+    back = OperatorSubspace.load(path)
+    np.testing.assert_allclose(back.gammas, sub.gammas)
+    np.testing.assert_array_equal(np.asarray(back.spatial_basis), sub.spatial_basis)
+    op1, op2 = sub.operator(3), back.operator(3)
+    comb = dirac_comb(sub.shape, 40)
+    np.testing.assert_allclose(op2.apply(comb), op1.apply(comb), atol=1e-6)
+    import xarray as xr
+
+    ds = xr.open_zarr(path)
+    assert ds["spatial_basis"].dims == ("space", "y", "x") and ds["gamma"].dims == ("image", "psf", "space")
+    with pytest.raises(FileExistsError):
+        sub.save(path)
+
+
+def test_subspace_bad_input(stack, tmp_path):
+    with pytest.raises(ValueError, match="at least 2 bead images"):
+        learn_subspace([stack[0].image])
+    with pytest.raises(ValueError, match="one shape"):
+        learn_subspace([stack[0].image, stack[1].image[:300]])
+    with pytest.raises(ValueError, match="n_space"):
+        learn_subspace([stack[0].image, stack[1].image], 2, 5)
+    flat = np.full((320, 320), 5.0, np.float32)
+    with pytest.raises(ValueError, match="bead image 1: no beads found"):
+        learn_subspace([stack[0].image, flat])
+    with pytest.raises(ValueError, match="not an lsfov operator subspace"):
+        OperatorSubspace.load(tmp_path)
+    sub = OperatorSubspace(np.zeros((2, 5, 5)), np.zeros((3, 16, 16)), np.zeros((4, 2, 3)))
+    with pytest.raises(IndexError):
+        sub.operator(4)
+    with pytest.raises(ValueError, match="shape"):
+        sub.operator(np.zeros((3, 3)))
+
+
+def test_bead_stack_shares_the_instrument_axis(stack):
+    assert len({round(f.params["axis"], 12) for f in stack}) == 1
+    assert len({f.optics.na for f in stack}) == len(stack)
