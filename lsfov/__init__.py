@@ -2,11 +2,11 @@
 __version__ = "0.1.0"
 
 from . import calibrate, psf, simulate
-from .calibrate import OperatorSubspace, calibrate_operator, learn_subspace
+from .calibrate import OperatorSubspace, calibrate_operator, identify_operator, learn_subspace
 from .io import open_image, open_result, save
 from .operators import ProductConvolution
 from .psf import Optics
-from .restore import deconvolve
+from .restore import deconvolve, sparse_smooth_deblur
 
 # The CNN side imports torch (a second or two): loaded on first use, so Dask workers and
 # deconvolution-only scripts do not pay for it.
@@ -23,5 +23,5 @@ def __getattr__(name):
 
 
 __all__ = ["Optics", "ProductConvolution", "OperatorSubspace", "calibrate", "calibrate_operator", "learn_subspace",
-           "deconvolve", "psf", "simulate", "open_image", "open_result", "save",
+           "identify_operator", "deconvolve", "sparse_smooth_deblur", "psf", "simulate", "open_image", "open_result", "save",
            "load_model", "estimate", "__version__"]

@@ -267,6 +267,14 @@ def _to_um(unit) -> float | None:
     }.get(u)
 
 
+def _array_attrs(path: Path) -> dict:
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:
+        return {}
+    return dict(node.attrs) if isinstance(node, zarr.Array) else {}
+
+
 def _group_attrs(path: Path) -> dict:
     try:
         return dict(zarr.open_group(str(path), mode="r").attrs)
@@ -284,7 +292,9 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     ----------
     obj : xarray.Dataset, xarray.DataArray or array
         2-D variables (any two dim names; coordinates, when evenly spaced, give scale and translation)
-        or 3-D ones with a leading non-spatial dim. A bare array becomes variable ``image``.
+        or 3-D ones with a leading non-spatial dim. A bare array becomes variable ``image``. A 2-D
+        variable whose second dim has string labels is a table (e.g. detected sources), stored as a
+        plain zarr array.
     path : str or Path
         Destination directory (conventionally ``*.zarr``).
     overwrite : bool
@@ -310,7 +320,10 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
         for name, var in ds.data_vars.items():
-            _write_variable(root, str(name), var, chunks, progress)
+            if _is_table(var):
+                _write_table(root, str(name), var)
+            else:
+                _write_variable(root, str(name), var, chunks, progress)
         root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
     return Path(path)
 
@@ -354,11 +367,27 @@ def _as_dataset(obj) -> xr.Dataset:
     if not ds.data_vars:
         raise ValueError("nothing to save: the Dataset has no variables")
     for name, var in ds.data_vars.items():
+        if _is_table(var) and 0 not in var.shape:
+            continue
         if var.ndim not in (2, 3) or 0 in var.shape:
             raise ValueError(f"variable {name!r} has shape {var.shape}; each variable must be a non-empty 2-D or 3-D array")
         if not str(name).replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"variable name {name!r} must be alphanumeric (with _ or -): it becomes a directory")
     return ds
+
+
+def _is_table(var: xr.DataArray) -> bool:
+    """A table: 2-D, its columns named by string labels (e.g. detected sources: y, x, amplitude)."""
+    col = var.dims[-1] if var.ndim == 2 else None
+    return col is not None and col in var.coords and var.coords[col].dtype.kind in "OUS"
+
+
+def _write_table(root, name: str, var: xr.DataArray):
+    """A plain zarr array with its row and column labels (no NGFF image metadata: viewers skip it)."""
+    rows, cols = var.dims
+    arr = root.create_array(name, data=np.asarray(var.values), dimension_names=[rows, cols])
+    arr.attrs["lsfov"] = {"table": True, "dims": [rows, cols], "columns": [str(c) for c in var.coords[cols].values],
+                          "attrs": _jsonable(var.attrs)}
 
 
 def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
@@ -500,6 +529,11 @@ def open_result(path) -> xr.Dataset:
 
 
 def _open_variable(path: Path) -> xr.DataArray:
+    table = _array_attrs(path).get("lsfov", {})
+    if table.get("table"):
+        rows, cols = table["dims"]
+        values = zarr.open_array(str(path), mode="r")[...]
+        return xr.DataArray(values, dims=(rows, cols), coords={cols: table["columns"]}, attrs=table.get("attrs", {}))
     arr = _open_ngff(path, 0)
     meta = _group_attrs(path).get("lsfov", {})
     dims = meta.get("dims")

@@ -29,7 +29,7 @@ def run(tmp_path, monkeypatch):
 
 def test_help(run):
     for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"],
-                ["train"], ["evaluate"], ["calibrate"]):
+                ["train"], ["evaluate"], ["calibrate"], ["bss"]):
         assert "Usage" in run(*cmd, "--help").output
 
 
@@ -168,6 +168,7 @@ def test_quickstart_example_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "chunked vs whole" in res.stdout
     assert lsfov.open_result(tmp_path / "q.zarr").blurred.shape == (256, 256)
+    assert "error on a Dirac comb" in res.stdout
 
 
 def test_cli_train_synthesize_train_evaluate(run, tmp_path):
@@ -216,3 +217,22 @@ def test_cli_calibrate_operator_and_subspace(run, tmp_path):
     np.save("flat.npy", np.full((128, 128), 3.0, np.float32))
     res = run("calibrate", "flat.npy", "none.zarr", ok=False)
     assert res.exit_code == 1 and "no beads found" in res.output and not Path("none.zarr").exists()
+
+
+def test_cli_bss_round_trip(run, tmp_path):
+    from lsfov import simulate
+
+    fields = simulate.bead_stack(3, (192, 192), seed=8)
+    np.save("stack.npy", np.stack([f.image for f in fields]))
+    run("-q", "calibrate", "stack.npy", "sub.zarr", "--n-basis", 3, "--n-space", 3)
+    np.save("b.npy", fields[1].image)
+    res = run("bss", "b.npy", "out.zarr", "--subspace", "sub.zarr", "--iterations", 50, "--chunks", 96)
+    assert "blur from" in res.output and Path("out.png").exists()
+    r = lsfov.open_result("out.zarr")
+    assert set(r.data_vars) == {"raw", "sparse", "smooth", "sources"}
+    assert r.sparse.shape == (192, 192) and float(r.sparse.min()) >= 0
+    assert list(r.sources.column.values) == ["y", "x", "amplitude"] and r.sources.shape[0] >= 3
+    res = run("bss", "b.npy", "out.zarr", "--subspace", "sub.zarr", ok=False)
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    res = run("bss", "b.npy", "x.zarr", "--subspace", "nothing.zarr", ok=False)
+    assert res.exit_code == 1 and "no such subspace" in res.output

@@ -99,8 +99,9 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0, seed=0) 
         if n_basis > min(m, k * k):
             raise ValueError(f"n_basis={n_basis} needs at least {n_basis} bead patches, got {m}; "
                              "use fewer basis kernels or more beads")
-    flat = p.reshape(m, -1).astype(np.float64)
-    unit = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-30)
+    flat = p.reshape(m, -1)
+    norms = np.maximum(np.sqrt(np.einsum("md,md->m", flat, flat, dtype=np.float64)), 1e-30)[:, None]
+    unit = (flat / norms).astype(np.float32, copy=False)  # one copy: a 90-image family has ~10⁵ patches
 
     def pca(x):
         vt, s = _components(x, n_basis, seed)
@@ -117,6 +118,6 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0, seed=0) 
             vt, s = pca(unit[keep])
         else:
             keep[:] = True
-    coefficients = (flat[keep] @ vt.T).astype(np.float64)
+    coefficients = (unit[keep] @ vt.T.astype(np.float32)).astype(np.float64) * norms[keep]
     return PSFBasis(kernels=vt.reshape(-1, k, k).astype(np.float32), singular_values=s, keep=keep,
                     coefficients=coefficients)

@@ -17,7 +17,8 @@ from scipy.spatial import cKDTree
 
 from .._validate import LsfovWarning, as_image
 
-__all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "radial_bump", "remove_background"]
+__all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
+           "remove_background"]
 
 EXT = 1.2  # r_ext = 1.2 r (App. A-d)
 
@@ -277,15 +278,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
                       stacklevel=2)
     pos = pos[keep]
 
-    # Sub-pixel centres, then bicubic re-sampling on a grid centred there (App. A-c).
-    centres = _subpixel_centres(img, pos, h + 1, sigma=max(1.0, radius / 4.0))
-    off = np.arange(-h, h + 1, dtype=np.float64)
-    yy = centres[:, 0, None, None] + off[None, :, None]
-    xx = centres[:, 1, None, None] + off[None, None, :]
-    yy, xx = np.broadcast_arrays(yy, xx)
-    patches = ndimage.map_coordinates(img, [yy, xx], order=3, mode="nearest").astype(np.float32)
-
-    patches = remove_background(patches, radius, background_order) * radial_bump(k, radius)
+    patches, centres = extract_psfs(img, pos, radius, background_order=background_order)
     sums = patches.sum(axis=(1, 2))
     ok = sums > 0
     if not ok.any():
@@ -293,3 +286,37 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     patches = patches[ok] / sums[ok, None, None]
     return BeadPSFs(patches=patches, positions=centres[ok], radius=radius, shape=img.shape,
                     n_detected=n_detected, n_saturated=n_saturated, n_crowded=n_crowded)
+
+
+def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
+    """Centred, background-free, bump-limited patches of the beads near ``positions`` (App. A-c/d, B).
+
+    Each position (rounded to a pixel) is refined to the maximum of the correlation with a Gaussian
+    of width r/4, and the patch is re-sampled bicubically around it. Patches are not normalised.
+
+    Parameters
+    ----------
+    image : ndarray (H, W) float32
+    positions : array_like (P, 2)
+        Approximate (y, x) bead centres, at least ``patch_size(radius) // 2 + 2`` px from the border.
+    radius : float
+
+    Returns
+    -------
+    patches : ndarray (P, K, K) float32
+    centres : ndarray (P, 2) float64
+    """
+    img = np.asarray(image, dtype=np.float32)
+    radius = _check_radius(radius)
+    k = patch_size(radius)
+    h = k // 2
+    pos = np.rint(np.asarray(positions, dtype=np.float64)).astype(int).reshape(-1, 2)
+    if np.any(pos < h + 2) or np.any(pos >= np.array(img.shape) - h - 2):
+        raise ValueError(f"bead positions must lie at least {h + 2} px inside the image {img.shape}")
+    centres = _subpixel_centres(img, pos, h + 1, sigma=max(1.0, radius / 4.0))
+    off = np.arange(-h, h + 1, dtype=np.float64)
+    yy = centres[:, 0, None, None] + off[None, :, None]
+    xx = centres[:, 1, None, None] + off[None, None, :]
+    yy, xx = np.broadcast_arrays(yy, xx)
+    patches = ndimage.map_coordinates(img, [yy, xx], order=3, mode="nearest").astype(np.float32)
+    return remove_background(patches, radius, background_order) * radial_bump(k, radius), centres

@@ -241,23 +241,27 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     tasks = [dask.delayed(beads_of, pure=True)(k, im) for k, im in enumerate(images)]
     beads = compute(tasks, progress=progress, label=f"bead PSFs of {len(images)} images")
     counts = np.array([len(b.patches) for b in beads])
-    basis = psf_basis(np.concatenate([b.patches for b in beads]), n_psf, seed=seed)
-    owner = np.repeat(np.arange(len(beads)), counts)[basis.keep]
-    positions = np.concatenate([b.positions for b in beads])[basis.keep]
+    positions = np.concatenate([b.positions for b in beads])
+    patches = np.concatenate([b.patches for b in beads])
+    del beads  # the patches live once, in `patches`
+    basis = psf_basis(patches, n_psf, seed=seed)
+    del patches
+    owner = np.repeat(np.arange(len(counts)), counts)[basis.keep]
+    positions = positions[basis.keep]
     cone = cone_columns(basis.coefficients.T, max_columns=max_columns)
     grid = node_grid(shape, step)
     sums = basis.kernels.sum(axis=(1, 2))
 
-    def nodes_of(k):
-        sel = owner == k
+    def nodes_of(k, pos, beta):
         try:
-            return coefficient_nodes(positions[sel], basis.coefficients[sel], grid, smoothing=smoothing, cone=cone,
-                                     kernel_sums=sums)
+            return coefficient_nodes(pos, beta, grid, smoothing=smoothing, cone=cone, kernel_sums=sums)
         except ValueError as e:
             raise ValueError(f"bead image {k}: {e}") from None
 
-    nodes = compute([dask.delayed(nodes_of, pure=True)(k) for k in range(len(images))],
-                    progress=progress, label="coefficient maps")
+    # Each task gets its own image's beads only (small on a distributed cluster).
+    tasks = [dask.delayed(nodes_of, pure=True)(k, positions[owner == k], basis.coefficients[owner == k])
+             for k in range(len(images))]
+    nodes = compute(tasks, progress=progress, label="coefficient maps")
     c = np.stack(nodes)  # (K, I, gy, gx)
 
     a_nodes, gammas, s = _spatial_basis(c, grid, n_space, seed)

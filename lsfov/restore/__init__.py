@@ -1,5 +1,6 @@
-"""Restoration: TV-regularised Richardson-Lucy with any product-convolution operator, whole-array or
-chunked on Dask with an exact halo exchange."""
+"""Restoration with any product-convolution operator, whole-array or chunked on Dask with an exact
+halo exchange: TV-regularised Richardson-Lucy, and sparse+smooth deblurring of point sources."""
+from .sparse_smooth import estimate_noise, sparse_smooth_deblur
 from .tv_rl import DEFAULT_EPS, DEFAULT_TV, deconvolve, tv_curvature
 
-__all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
+__all__ = ["deconvolve", "sparse_smooth_deblur", "estimate_noise", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]

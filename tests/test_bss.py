@@ -1,0 +1,141 @@
+"""BSS: blind identification of an operator in a subspace, and sparse+smooth deblurring (paper 003 App. D)."""
+import dask.array as da
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+import lsfov
+from lsfov import simulate
+from lsfov.calibrate import learn_subspace, operator_distance
+from lsfov.calibrate.bss import _project_weighted_simplex
+from lsfov.restore.sparse_smooth import _iterate, estimate_noise
+
+
+@pytest.fixture(scope="module")
+def subspace():
+    fields = simulate.bead_stack(5, (256, 256), seed=31)
+    return learn_subspace(np.stack([f.image for f in fields]), 4, 4)
+
+
+def _beads_through(op, n=25, amp=3000.0, seed=0, jitter=0.0):
+    """A grid of n beads blurred by ``op`` (noiseless unless the caller adds noise)."""
+    h, w = op.shape
+    g = int(np.sqrt(n))
+    ys = np.linspace(40, h - 41, g)
+    xs = np.linspace(40, w - 41, g)
+    pos = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    pos = np.rint(pos + np.random.default_rng(seed).normal(0, jitter, pos.shape)).astype(int)
+    u = np.zeros(op.shape, np.float32)
+    u[pos[:, 0], pos[:, 1]] = amp
+    return op.apply(u), pos
+
+
+def test_weighted_simplex_projection():
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 2, 7)
+    for _ in range(20):
+        v = rng.normal(size=7)
+        p = _project_weighted_simplex(v, w)
+        assert p.min() >= 0 and np.dot(w, p) == pytest.approx(1.0, abs=1e-9)
+        # Optimality: no feasible point of a random sample is closer to v.
+        cand = rng.dirichlet(np.ones(7), 200) / w
+        cand /= (cand @ w)[:, None]
+        assert np.linalg.norm(p - v) <= np.linalg.norm(cand - v, axis=1).min() + 1e-9
+
+
+def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
+    gamma_true = 0.6 * subspace.gammas[1] + 0.4 * subspace.gammas[3]  # inside the cone, PSFs sum to ~1
+    truth = subspace.operator(gamma_true)
+    image, pos = _beads_through(truth)
+    op, info = lsfov.identify_operator(image + 1.0, subspace, positions=pos, return_details=True)
+    # Same operator up to the flux normalisation: directions of Γ agree, and on a Dirac comb too.
+    cos = np.sum(info["gamma"] * gamma_true) / np.linalg.norm(info["gamma"]) / np.linalg.norm(gamma_true)
+    assert cos > 0.999
+    assert operator_distance(op, truth) < 0.02
+    assert info["residual"] < 0.05 and np.all(info["amplitudes"] > 0)
+    # With camera noise, detection finds the sources by itself.
+    noisy = np.random.default_rng(1).poisson(image + 20.0).astype(np.float32)
+    auto = lsfov.identify_operator(noisy, subspace)
+    assert operator_distance(auto, truth) < 0.1
+
+
+def test_identification_bad_input(subspace):
+    image, pos = _beads_through(subspace.operator(0), n=4)
+    with pytest.raises(ValueError, match="need at least 4"):
+        lsfov.identify_operator(image + 1, subspace, positions=pos[:3])
+    with pytest.raises(TypeError, match="OperatorSubspace"):
+        lsfov.identify_operator(image, None)
+    with pytest.raises(ValueError, match="shape"):
+        lsfov.identify_operator(image[:200], subspace)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """Sparse sources on a polynomial background through a known blur, with noise (paper 003 Fig. 10)."""
+    rng = np.random.default_rng(4)
+    n = 128
+    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, size=11)[None, None], (n, n))
+    u1 = np.zeros((n, n), np.float32)
+    pos = rng.integers(8, n - 8, (30, 2))
+    u1[pos[:, 0], pos[:, 1]] = rng.uniform(300, 600, 30)
+    yy, xx = np.mgrid[:n, :n] / n
+    u2 = (20 + 30 * yy + 20 * xx**2).astype(np.float32)
+    clean = op.apply(u1 + u2)
+    y = (clean + rng.normal(0, 2.0, clean.shape)).astype(np.float32)
+    return op, y, u1, u2, pos
+
+
+def test_sparse_smooth_separates_and_decreases_the_objective(scene):
+    op, y, u1, u2, pos = scene
+    g1, g2 = 1.0, 10.0
+
+    def objective(a, b):
+        lap = lsfov.restore.sparse_smooth._laplacian(b, np)
+        return 0.5 * np.sum((op.apply(a + b) - y) ** 2) + g1 * np.abs(a).sum() + g2 * np.sum(lap**2)
+
+    from lsfov.restore.sparse_smooth import _steps
+
+    steps = _steps(op, g2)
+    zero = np.zeros_like(y)
+    state = (zero, zero, zero, zero)
+    values = []
+    for k in range(0, 200, 20):
+        state = _iterate(op, y, state, k, 20, g1, g2, steps, np)
+        values.append(objective(state[0], state[1]))
+    assert values[-1] < values[0] < objective(zero, zero)
+    assert values[-1] <= min(values) * (1 + 1e-3)  # FISTA is not monotone, but it settles
+    sparse, smooth = lsfov.sparse_smooth_deblur(y, op, g1, g2, iterations=200)
+    assert sparse.min() >= 0 and smooth.min() >= 0
+    # Sources land in the sparse part near their true places; the background in the smooth part.
+    from skimage.feature import peak_local_max
+
+    found = peak_local_max(sparse, min_distance=2, threshold_abs=0.2 * sparse.max())
+    d, _ = cKDTree(pos).query(found)
+    assert np.mean(d <= 1.5) > 0.9 and len(found) >= 0.9 * len(pos)
+    inner = (slice(10, -10), slice(10, -10))
+    assert np.abs(smooth[inner] - u2[inner]).mean() < 0.1 * u2.mean()
+
+
+def test_sparse_smooth_default_weights_and_chunked_equals_whole(scene):
+    op, y, *_ = scene
+    assert estimate_noise(y) == pytest.approx(2.0, rel=0.25)
+    whole = lsfov.sparse_smooth_deblur(y, op, iterations=30)
+    for chunks in (64, (50, 78)):
+        lazy = lsfov.sparse_smooth_deblur(da.from_array(y, chunks=chunks), op, iterations=30, exchange_every=3)
+        for a, b in zip(lazy, whole):
+            np.testing.assert_allclose(a.compute(), b, atol=1e-3 * float(b.max()) + 1e-4)
+
+
+def test_sparse_smooth_bad_input_and_dense_warning(scene):
+    op, y, *_ = scene
+    with pytest.raises(ValueError, match="shape"):
+        lsfov.sparse_smooth_deblur(y[:100], op)
+    with pytest.raises(ValueError, match=">= 0"):
+        lsfov.sparse_smooth_deblur(y, op, -1.0)
+    bad = y.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        lsfov.sparse_smooth_deblur(bad, op)
+    texture = lsfov.simulate.sample_image("camera", y.shape) * 500
+    with pytest.warns(UserWarning, match="does not look like"):
+        lsfov.sparse_smooth_deblur(op.apply(texture), op, 0.01, iterations=20)
