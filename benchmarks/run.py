@@ -544,9 +544,152 @@ def section_calibrate(a):
     lines += ["", f"- goal {k_img} images <= 10 min (paper: 3 h): **{'met' if cs <= 600 else 'NOT met'}** ({cs / 60:.1f} min)", ""]
     return lines
 
+
+def _f1(found, truth, tol=1.5):
+    """Localisation F1: one-to-one matches (Hungarian) closer than ``tol`` pixels."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    if len(found) == 0:
+        return 0.0
+    d = cdist(found, truth)
+    cost = np.where(d <= tol, d, 1e6)
+    r, c = linear_sum_assignment(cost)
+    tp = int(np.sum(cost[r, c] <= tol))
+    return 2 * tp / (len(found) + len(truth))
+
+
+def _best_f1(img, truth, min_distance=1):
+    """F1 of the local maxima of ``img`` above the threshold that maximises it (an oracle)."""
+    from skimage.feature import peak_local_max
+
+    peaks = peak_local_max(img, min_distance=min_distance, threshold_abs=float(np.percentile(img, 50)))
+    vals = img[peaks[:, 0], peaks[:, 1]]
+    best = (0.0, 0.0)
+    for q in np.linspace(0, 0.99, 60):
+        thr = float(np.quantile(vals, q)) if len(vals) else 0.0
+        f = _f1(peaks[vals >= thr], truth)
+        best = max(best, (f, thr))
+    return best
+
+
+def section_bss(a):
+    """Paper 003 Fig. 8 protocol (identification of an operator in a subspace from 25 noisy beads) and
+    Fig. 10 protocol (localisation F1 of sparse+smooth vs TV-RL vs scikit-image RL)."""
+    from skimage.feature import peak_local_max
+    from skimage.restoration import richardson_lucy
+
+    import lsfov
+    from lsfov import simulate
+    from lsfov.calibrate import identify_operator, learn_subspace, operator_distance
+
+    n, k_img = 2304, a.bss_images
+    fields = simulate.bead_stack(k_img, (n, n), seed=12)
+    t = time.perf_counter()
+    sub = learn_subspace(np.stack([f.image for f in fields]), 5, 6)
+    t_sub = time.perf_counter() - t
+    del fields
+    rng = np.random.default_rng(0)
+    lines = ["## BSS deblurring (paper 003 App. D, Fig. 8 and Fig. 10 protocols)", "",
+             f"### Identifying an operator from 25 beads, {n}²", "",
+             f"Subspace I = 5, J = 6 learned from {k_img} simulated bead fields of {n}² ({t_sub:.0f} s). For each "
+             "trial: Γ drawn in the cone (a random conic mix of 3 training Γ_k), applied to a 5x5 grid of beads whose "
+             "true positions are jittered (Gaussian, variance 0.5 px²), background 100 photons, Poisson noise and "
+             "Gaussian read noise 10; `identify_operator` gets the unjittered grid. Error: rescaled ℓ2 distance on "
+             "a Dirac comb to the true operator; baseline: the mean training operator.", "",
+             "| photons per bead | SNR of the crops (dB) | identified: error (mean of 5) | mean training operator | time (s) |",
+             "|---:|---:|---:|---:|---:|"]
+    mean_op = sub.operator(sub.gammas.mean(axis=0))
+    g = np.linspace(200, n - 201, 5)
+    grid = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    for photons in (2e4, 5e3, 1.5e3):
+        errs, base, snrs, times = [], [], [], []
+        for trial in range(5):
+            pick = rng.choice(sub.n_images, 3, replace=False)
+            gamma = np.einsum("k,kij->ij", rng.dirichlet(np.ones(3)), sub.gammas[pick])
+            truth = sub.operator(gamma)
+            pos = np.rint(grid + rng.normal(0, np.sqrt(0.5), grid.shape)).astype(int)
+            u = np.zeros((n, n), np.float32)
+            u[pos[:, 0], pos[:, 1]] = photons
+            clean = np.maximum(truth.apply(u), 0) + 100.0
+            img = (rng.poisson(clean) + rng.normal(0, 10.0, clean.shape)).astype(np.float32)
+            crops = [(slice(y - 12, y + 13), slice(x - 12, x + 13)) for y, x in pos]
+            sig = np.mean([np.sum((clean[c] - 100) ** 2) for c in crops])
+            noise = np.mean([np.sum((img[c] - clean[c]) ** 2) for c in crops])
+            snrs.append(10 * np.log10(sig / noise))
+            t = time.perf_counter()
+            op = identify_operator(img, sub, positions=grid)
+            times.append(time.perf_counter() - t)
+            errs.append(operator_distance(op, truth))
+            base.append(operator_distance(mean_op, truth))
+        lines.append(f"| {photons:.0f} | {np.mean(snrs):.1f} | **{np.mean(errs):.1%}** | {np.mean(base):.1%} | "
+                     f"{np.mean(times):.1f} |")
+    # Fig. 10: sparse sources on a polynomial background, known shift-invariant Gaussian PSF.
+    from scipy import ndimage
+
+    from lsfov.restore.sparse_smooth import estimate_noise
+
+    m = 512
+    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(2.0, size=17)[None, None], (m, m))
+    psf = op.kernels[0, 0]
+    l2 = float(np.sqrt((psf.astype(np.float64) ** 2).sum()))
+    lines += ["", f"### Localising point sources on a background, {m}² (Fig. 10 protocol)", "",
+              "250 sources (at least 3 px apart) on a random quadratic background (about 60 ± 30), blurred by a "
+              "Gaussian PSF (σ = 2 px: FWHM 4.7 px), white noise σ = 5; mean of 3 fields per row. A source is found when "
+              "a local maximum of the output lies within 1.5 px of it (one-to-one). BSS at its defaults (γ1 = 3σ‖h‖₂ "
+              "with σ measured on the image, γ2 = 10, 500 iterations), its sources read with a fixed rule: maxima of "
+              "u1 whose 3x3 sum exceeds 3σ/‖h‖₂ (a 3-sigma matched-filter detection). TV-RL (`lsfov.deconvolve`, 100 "
+              "iterations, default TV) and scikit-image RL (`richardson_lucy`, 100 iterations, same PSF) with the "
+              "threshold that maximises their F1 (an oracle, which favours them).", "",
+              "| amplitudes (peak SNR) | BSS, fixed rule | BSS, best threshold | TV-RL, best | skimage RL, best "
+              "| time BSS / TV-RL / RL (s) |", "|---|---:|---:|---:|---:|---:|"]
+    verdict = None
+    for lo, hi in ((500, 2000), (200, 1000)):
+        rows = []
+        for trial in range(3):
+            r2 = np.random.default_rng(100 + trial)
+            truth = r2.uniform(10, m - 11, (400, 2))
+            keep = [0]
+            for i in range(1, len(truth)):  # at least 3 px apart
+                if np.min(np.hypot(*(truth[keep] - truth[i]).T)) >= 3:
+                    keep.append(i)
+            truth = np.rint(truth[keep][:250]).astype(int)
+            u1 = np.zeros((m, m), np.float32)
+            u1[truth[:, 0], truth[:, 1]] = r2.uniform(lo, hi, len(truth))
+            yy, xx = np.mgrid[:m, :m] / m
+            c = r2.uniform(-1, 1, 6)
+            bg = 60 + 30 * (c[0] * yy + c[1] * xx + c[2] * yy * xx + c[3] * yy**2 + c[4] * xx**2)
+            y = (op.apply(u1 + bg.astype(np.float32)) + r2.normal(0, 5.0, (m, m))).astype(np.float32)
+            t = time.perf_counter()
+            sparse, smooth = lsfov.sparse_smooth_deblur(y, op)
+            t_bss = time.perf_counter() - t
+            sigma = estimate_noise(y)
+            mass = ndimage.uniform_filter(sparse, 3) * 9
+            peaks = peak_local_max(sparse, min_distance=1, threshold_abs=1e-6)
+            fixed = _f1(peaks[mass[peaks[:, 0], peaks[:, 1]] >= 3 * sigma / l2], truth)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # noise makes a few pixels negative: clipped, as it should
+                t = time.perf_counter()
+                tvrl = lsfov.deconvolve(y, op, iterations=100)
+                t_tv = time.perf_counter() - t
+            t = time.perf_counter()
+            rl = richardson_lucy(np.maximum(y, 0) / y.max(), psf, num_iter=100, clip=False)
+            t_rl = time.perf_counter() - t
+            rows.append((fixed, _best_f1(sparse, truth)[0], _best_f1(tvrl, truth)[0], _best_f1(rl, truth)[0],
+                         t_bss, t_tv, t_rl))
+        r = np.mean(rows, axis=0)
+        peak = psf.max()
+        lines.append(f"| {lo}-{hi} ({lo * peak / 5:.0f}-{hi * peak / 5:.0f}) | **{r[0]:.3f}** | {r[1]:.3f} | {r[2]:.3f} "
+                     f"| {r[3]:.3f} | {r[4]:.1f} / {r[5]:.1f} / {r[6]:.1f} |")
+        if verdict is None:
+            verdict = r[0] >= 0.95 and r[0] > max(r[2], r[3])
+    lines += ["", f"- goal F1 >= 0.95 and above both (first row, sources 4-16x the noise at their peak): "
+              f"**{'met' if verdict else 'NOT met'}**; the second row has sources down to 1.6x the noise.", ""]
+    return lines
+
 SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv": section_tv,
             "chunked": section_chunked, "bigdata": section_bigdata, "cnn": section_cnn,
-            "calibrate": section_calibrate}
+            "calibrate": section_calibrate, "bss": section_bss}
 
 
 def write_section(name, lines):
@@ -571,6 +714,7 @@ def main():
     ap.add_argument("--iterations", type=int, default=20, help="for the chunked section")
     ap.add_argument("--big", type=int, default=32768, help="edge of the bigdata image")
     ap.add_argument("--subspace-images", type=int, default=90, help="images of 2304² in the calibrate section")
+    ap.add_argument("--bss-images", type=int, default=12, help="images of 2304² for the subspace of the bss section")
     a = ap.parse_args()
     unknown = set(a.sections) - set(SECTIONS)
     if unknown:

@@ -248,7 +248,7 @@ def _preview(raw, deblurred, path, edge=512):
               help="Subspace of operators learned by `lsfov calibrate` from several bead images.")
 @click.option("--gamma1", type=float, default=None, help="Sparsity weight (default: from the noise level).")
 @click.option("--gamma2", type=float, default=None, help="Smoothness weight of the background (default 10).")
-@click.option("--iterations", default=300, show_default=True, help="FISTA iterations.")
+@click.option("--iterations", default=500, show_default=True, help="FISTA iterations.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
 @click.option("--channel", type=int, default=None)
 @click.option("--z", "zplane", type=int, default=None)

@@ -1,5 +1,13 @@
 """The PSF basis: principal components of bead patches, with z-score rejection of outliers
-(paper 003 Sec. II-D steps 2-4, App. A-e/f, and the rank rule of Sec. II-E-c)."""
+(paper 003 Sec. II-D steps 2-4, App. A-e/f, and the rank rule of Sec. II-E-c).
+
+A patch has D = K² pixels (a few hundred), while a family of bead images gives up to ~10⁵ patches.
+The components are the eigenvectors of the D×D Gram matrix of the unit-norm patches, accumulated
+group by group (one bead image at a time): exact, every singular value known (the rank rule needs
+them all), and memory O(D²) beyond the patches themselves, which are never stacked or copied whole.
+A randomized SVD would approximate what this computes exactly at lower cost; lsfov uses one where
+the matrix is large in both directions: the coefficient maps of a subspace.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,15 +16,12 @@ import numpy as np
 
 __all__ = ["PSFBasis", "psf_basis", "rank_threshold"]
 
-# Above this many patches the components come from a randomized SVD (Dask's svd_compressed).
-EXACT_SVD_MAX = 20_000
-
 
 @dataclass
 class PSFBasis:
     kernels: np.ndarray  # (I, K, K) float32, orthonormal
-    singular_values: np.ndarray  # of the unit-l2 patch matrix after rejection (all of them when exact)
-    keep: np.ndarray  # (M,) bool: patches that passed the z-score test
+    singular_values: np.ndarray  # all of them, of the unit-l2 patch matrix after rejection
+    keep: np.ndarray  # (M,) bool: patches that passed the z-score test (groups concatenated)
     coefficients: np.ndarray  # (M_kept, I) <p_m, h_i> of the unit-sum patches that were kept
 
 
@@ -32,30 +37,6 @@ def rank_threshold(shape) -> float:
     return 0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43
 
 
-def _components(x: np.ndarray, k: int | None, seed):
-    """Right singular vectors and singular values of x (M, D)."""
-    if x.shape[0] <= EXACT_SVD_MAX:
-        _, s, vt = np.linalg.svd(x, full_matrices=False)
-        return vt, s
-    import dask.array as da
-
-    rng = np.random.default_rng(seed)
-    sub = x[rng.choice(len(x), EXACT_SVD_MAX, replace=False)]
-    s_all = np.linalg.svd(sub, compute_uv=False) * np.sqrt(len(x) / EXACT_SVD_MAX)
-    if k is None:  # the rank rule on a random subset's spectrum, scaled to the full count
-        k = max(1, int((s_all > rank_threshold(sub.shape) * np.median(s_all)).sum()))
-    xd = da.from_array(x, chunks=(EXACT_SVD_MAX, x.shape[1]))
-    _, s, vt = da.linalg.svd_compressed(xd, k, n_power_iter=2, seed=int(rng.integers(2**31)), compute=False)
-    s, vt = (np.asarray(a) for a in _compute(s, vt))
-    return vt, np.concatenate([s, s_all[k:]])
-
-
-def _compute(*arrays):
-    from ..cluster import compute
-
-    return compute(list(arrays))
-
-
 def _fix_signs(vt):
     """Deterministic signs: the first component sums to > 0, the others have a positive largest entry."""
     vt = vt.copy()
@@ -67,7 +48,14 @@ def _fix_signs(vt):
     return vt
 
 
-def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0, seed=0) -> PSFBasis:
+def _unit(group):
+    """(m, D) float64 rows of unit ℓ2 norm, and the norms (m,)."""
+    g = np.asarray(group, dtype=np.float64)
+    norms = np.maximum(np.sqrt(np.einsum("md,md->m", g, g)), 1e-30)
+    return g / norms[:, None], norms
+
+
+def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBasis:
     """Orthonormal PSF basis from bead patches.
 
     PCA of the patches normalised to unit ℓ2 norm (each PSF weighs the same), projection of every
@@ -77,7 +65,7 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0, seed=0) 
 
     Parameters
     ----------
-    patches : array_like (M, K, K)
+    patches : array_like (M, K, K), or a list of such arrays (one per bead image)
         Background-free bead patches summing to one (see :func:`lsfov.calibrate.bead_psfs`).
     n_basis : int or None
         Number I of basis kernels. None: the singular values above ``ω·median`` (see
@@ -89,35 +77,43 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0, seed=0) 
     -------
     PSFBasis
     """
-    p = np.asarray(patches, dtype=np.float32)
-    if p.ndim != 3 or p.shape[1] != p.shape[2]:
-        raise ValueError(f"patches must have shape (M, K, K), got {p.shape}")
-    m, k = p.shape[0], p.shape[1]
+    groups = list(patches) if isinstance(patches, (list, tuple)) else [patches]
+    groups = [np.asarray(g, dtype=np.float32) for g in groups]
+    if not groups or any(g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[1:] != groups[0].shape[1:]
+                         for g in groups):
+        raise ValueError(f"patches must have shape (M, K, K) (one K for all), got {[g.shape for g in groups]}")
+    m, k = sum(len(g) for g in groups), groups[0].shape[1]
+    d = k * k
     if n_basis is not None:
         if isinstance(n_basis, bool) or not isinstance(n_basis, (int, np.integer)) or n_basis < 1:
             raise ValueError(f"n_basis must be a positive integer or None, got {n_basis!r}")
-        if n_basis > min(m, k * k):
+        if n_basis > min(m, d):
             raise ValueError(f"n_basis={n_basis} needs at least {n_basis} bead patches, got {m}; "
                              "use fewer basis kernels or more beads")
-    flat = p.reshape(m, -1)
-    norms = np.maximum(np.sqrt(np.einsum("md,md->m", flat, flat, dtype=np.float64)), 1e-30)[:, None]
-    unit = (flat / norms).astype(np.float32, copy=False)  # one copy: a 90-image family has ~10⁵ patches
+    flat = [g.reshape(len(g), d) for g in groups]
 
-    def pca(x):
-        vt, s = _components(x, n_basis, seed)
-        n = n_basis or max(1, int((s > rank_threshold(x.shape) * np.median(s)).sum()))
-        return _fix_signs(vt[:n]), s
+    def pca(keeps):
+        gram = np.zeros((d, d))
+        n_rows = 0
+        for g, kp in zip(flat, keeps):
+            u, _ = _unit(g[kp])
+            gram += u.T @ u
+            n_rows += len(u)
+        w, v = np.linalg.eigh(gram)
+        w, v = w[::-1], v[:, ::-1]
+        s = np.sqrt(np.maximum(w[: min(n_rows, d)], 0.0))
+        n = n_basis or max(1, int((s > rank_threshold((n_rows, d)) * np.median(s)).sum()))
+        return _fix_signs(v[:, :n].T), s
 
-    vt, s = pca(unit)
-    keep = np.ones(m, bool)
+    keeps = [np.ones(len(g), bool) for g in flat]
+    vt, s = pca(keeps)
     if np.isfinite(zscore) and m > 2:
-        c = unit @ vt.T
+        c = np.concatenate([_unit(g)[0] @ vt.T for g in flat])
         sd = c.std(axis=0)
-        keep = np.all(np.abs(c - c.mean(axis=0)) <= zscore * np.where(sd > 0, sd, np.inf), axis=1)
-        if keep.sum() >= vt.shape[0] and not keep.all():
-            vt, s = pca(unit[keep])
-        else:
-            keep[:] = True
-    coefficients = (unit[keep] @ vt.T.astype(np.float32)).astype(np.float64) * norms[keep]
-    return PSFBasis(kernels=vt.reshape(-1, k, k).astype(np.float32), singular_values=s, keep=keep,
-                    coefficients=coefficients)
+        ok = np.all(np.abs(c - c.mean(axis=0)) <= zscore * np.where(sd > 0, sd, np.inf), axis=1)
+        if ok.sum() >= vt.shape[0] and not ok.all():
+            keeps = np.split(ok, np.cumsum([len(g) for g in flat])[:-1])
+            vt, s = pca(keeps)
+    coefficients = np.concatenate([np.asarray(g[kp], dtype=np.float64) @ vt.T for g, kp in zip(flat, keeps)])
+    return PSFBasis(kernels=vt.reshape(-1, k, k).astype(np.float32), singular_values=s,
+                    keep=np.concatenate(keeps), coefficients=coefficients)

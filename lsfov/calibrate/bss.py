@@ -69,7 +69,9 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     if not isinstance(subspace, OperatorSubspace):
         raise TypeError("subspace must be an lsfov.OperatorSubspace (learn one with lsfov.learn_subspace, "
                         "or load one with OperatorSubspace.load)")
-    img = as_image(image, "image")
+    img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
+    if not np.all(np.isfinite(img)):
+        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     if img.shape != subspace.shape:
         raise ValueError(f"image shape {img.shape} differs from the subspace's {subspace.shape}; "
                          "crop the image or learn the subspace at this size")

@@ -242,10 +242,8 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     beads = compute(tasks, progress=progress, label=f"bead PSFs of {len(images)} images")
     counts = np.array([len(b.patches) for b in beads])
     positions = np.concatenate([b.positions for b in beads])
-    patches = np.concatenate([b.patches for b in beads])
-    del beads  # the patches live once, in `patches`
-    basis = psf_basis(patches, n_psf, seed=seed)
-    del patches
+    basis = psf_basis([b.patches for b in beads], n_psf)  # image by image: the patches are not copied
+    del beads
     owner = np.repeat(np.arange(len(counts)), counts)[basis.keep]
     positions = positions[basis.keep]
     cone = cone_columns(basis.coefficients.T, max_columns=max_columns)
