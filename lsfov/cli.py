@@ -262,14 +262,16 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
 
     Identifies the blur of SRC in the subspace from its isolated point sources, then splits SRC into
     deblurred point sources (``sparse``) and background (``smooth``). OUT holds both, the raw image
-    and the table ``sources`` (y, x in pixels, amplitude) of the sources used for identification.
+    and the tables ``sources`` (y, x in pixels, amplitude: the sources that fixed the blur) and
+    ``detections`` (the point sources found in the sparse component, 3-sigma).
     """
+    import dask
     import xarray as xr
 
     from . import io
     from .calibrate import OperatorSubspace, identify_operator
     from .cluster import use_scheduler
-    from .restore import sparse_smooth_deblur
+    from .restore import estimate_noise, locate_sources, sparse_smooth_deblur
 
     out = _check_out(out, overwrite)
     _check_out(out.with_suffix(".png"), overwrite)
@@ -282,14 +284,23 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
         op, info = identify_operator(np.asarray(img), sub, return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations)
+        # Computed once, for both the result and the detections (the iterations' state is in memory
+        # anyway: BSS has no scratch mode).
+        sparse, smooth = dask.persist(sparse, smooth)
         table = np.column_stack([info["positions"], info["amplitudes"]]).astype(np.float64)
-        sources = xr.DataArray(table, dims=("source", "column"), coords={"column": ["y", "x", "amplitude"]},
+        cols = {"column": ["y", "x", "amplitude"]}
+        sources = xr.DataArray(table, dims=("source", "column"), coords=cols,
                                attrs={"units": "pixel", "description": "point sources used to identify the blur"})
         ds = xr.Dataset({"raw": img, "sparse": sparse, "smooth": smooth, "sources": sources}, attrs={
             "command": "lsfov bss", "source": str(src), "subspace": str(subspace_path),
             "gamma": info["gamma"].tolist(), "gamma1": sparse.attrs["gamma1"], "gamma2": sparse.attrs["gamma2"],
             "iterations": iterations,
         })
+        # The deblurred point sources as a table too (3-sigma detections in the sparse component).
+        centre = np.asarray(img.data[: min(1024, img.shape[0]), : min(1024, img.shape[1])])
+        found = locate_sources(sparse, op, estimate_noise(centre))
+        ds["detections"] = xr.DataArray(found, dims=("detection", "column"), coords=cols, attrs={
+            "units": "pixel", "description": "point sources in the sparse component (3-sigma)"})
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     from .figures import summary_figure
 
@@ -298,8 +309,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     crop = (slice(max(0, h // 2 - 256), h // 2 + 256), slice(max(0, w // 2 - 256), w // 2 + 256))
     fig = summary_figure(out.with_suffix(".png"), {name + " (centre)": np.asarray(res[name].data[crop])
                                                    for name in ("raw", "sparse", "smooth")}, title="lsfov bss")
-    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, blur from {len(table)} sources, "
-               f"{iterations} iterations in {time.perf_counter() - t0:.1f} s; preview {fig}")
+    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, blur from {len(table)} sources, {len(found)} point "
+               f"sources found, {iterations} iterations in {time.perf_counter() - t0:.1f} s; preview {fig}")
 
 
 # ---------------------------------------------------------------------------------------------- calibrate

@@ -139,3 +139,19 @@ def test_sparse_smooth_bad_input_and_dense_warning(scene):
     texture = lsfov.simulate.sample_image("camera", y.shape) * 500
     with pytest.warns(UserWarning, match="does not look like"):
         lsfov.sparse_smooth_deblur(op.apply(texture), op, 0.01, iterations=20)
+
+
+def test_locate_sources_whole_and_chunked(scene):
+    op, y, u1, u2, pos = scene
+    sparse, _ = lsfov.sparse_smooth_deblur(y, op)
+    from lsfov.restore import locate_sources
+
+    found = locate_sources(sparse, op, estimate_noise(y))
+    assert found.shape[1] == 3 and np.all(np.diff(found[:, 2]) <= 0)  # brightest first
+    d, _ = cKDTree(pos).query(found[:, :2])
+    dt, _ = cKDTree(found[:, :2]).query(pos)
+    assert np.mean(d <= 1.5) > 0.95 and np.mean(dt <= 1.5) > 0.9
+    lazy = locate_sources(da.from_array(sparse, chunks=50), op, estimate_noise(y))
+    np.testing.assert_array_equal(lazy, found)
+    with pytest.raises(ValueError, match="noise"):
+        locate_sources(sparse, op, 0.0)

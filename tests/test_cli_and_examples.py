@@ -229,7 +229,7 @@ def test_cli_bss_round_trip(run, tmp_path):
     res = run("bss", "b.npy", "out.zarr", "--subspace", "sub.zarr", "--iterations", 50, "--chunks", 96)
     assert "blur from" in res.output and Path("out.png").exists()
     r = lsfov.open_result("out.zarr")
-    assert set(r.data_vars) == {"raw", "sparse", "smooth", "sources"}
+    assert set(r.data_vars) == {"raw", "sparse", "smooth", "sources", "detections"}
     assert r.sparse.shape == (192, 192) and float(r.sparse.min()) >= 0
     assert list(r.sources.column.values) == ["y", "x", "amplitude"] and r.sources.shape[0] >= 3
     res = run("bss", "b.npy", "out.zarr", "--subspace", "sub.zarr", ok=False)

@@ -179,7 +179,12 @@ class PSFRegressor:
         out = self.forward(patches, batch_size).cpu().numpy()
         params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
         res = {p: params[:, i] for i, p in enumerate(self.params)}
-        res["validity"] = (1 / (1 + np.exp(-out[:, 0].astype(np.float64)))).astype(np.float32)
+        validity = 1 / (1 + np.exp(-out[:, 0].astype(np.float64)))
+        # A constant patch (all black, saturated, padded) carries nothing to read, whatever the
+        # network says: standardised it is all zeros, an input it never saw in training.
+        t = self._as_batch(patches)
+        flat = (t.std(dim=(-2, -1)) <= 1e-6 * t.abs().amax(dim=(-2, -1)).clamp_min(1e-12)).cpu().numpy()
+        res["validity"] = np.where(flat, 0.0, validity).astype(np.float32)
         return res
 
     # -- files ----------------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""Spatially varying PSF maps: the CNN on a sliding window, chunk by chunk (paper 000 Sec. II-F).
+
+Node (i, j) reads the patch whose top-left pixel is ``(i·stride, j·stride)``; its centre is
+``i·stride + patch/2 − 0.5``. The grid is fixed by the image alone, so any chunking gives the same
+nodes: each chunk regresses the nodes whose patch starts inside it (reading ``patch`` pixels of its
+neighbours through ``map_overlap``), all of them in one batched forward pass, with the model loaded
+once per process (:func:`lsfov.load_model` caches it; a Dask worker keeps it between tasks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import numpy as np
+
+from .. import psf as _psf
+from .._validate import LsfovWarning
+from ..operators import ProductConvolution
+
+__all__ = ["estimate_psf_map", "fill_invalid", "operator_from_psf_map"]
+
+
+def _node_count(n: int, patch: int, stride: int) -> int:
+    return (n - patch) // stride + 1
+
+
+def _model_ref(model):
+    """What tasks carry: a shipped name or a file path (small, loaded once per process), or the model."""
+    from .model import PSFRegressor, load_model
+
+    if isinstance(model, PSFRegressor):
+        return model, model
+    return str(model), load_model(model)
+
+
+def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device):
+    """Regress the nodes whose patch starts in ``block``'s core; returns (ny, nx, n_out)."""
+    from .model import load_model
+
+    m = ref if not isinstance(ref, str) else load_model(ref, device=device)
+    (oy, ny), (ox, nx) = origin
+    if ny == 0 or nx == 0:
+        return np.zeros((ny, nx, n_out), np.float32)
+    ys = oy + stride * np.arange(ny)
+    xs = ox + stride * np.arange(nx)
+    idx = np.arange(patch)
+    rows = (ys[:, None] + idx)[:, None, :, None]
+    cols = (xs[:, None] + idx)[None, :, None, :]
+    patches = np.asarray(block, dtype=np.float32)[rows, cols].reshape(ny * nx, patch, patch)
+    pred = m.predict(patches, batch_size=batch_size)
+    out = np.stack([pred[p] for p in m.params] + [pred["validity"]], axis=-1)
+    return out.reshape(ny, nx, n_out).astype(np.float32)
+
+
+def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, block_info=None):
+    """One chunk (with ``patch`` pixels of its neighbours, none beyond the image): its nodes."""
+    iy, ix = block_info[0]["chunk-location"]
+    by, bx = max(0, offsets[0][iy] - patch), max(0, offsets[1][ix] - patch)  # block start in the image
+    origin = ((starts[0][iy] * stride - by, counts[0][iy]), (starts[1][ix] * stride - bx, counts[1][ix]))
+    return _regress(block, ref, patch=patch, stride=stride, n_out=n_out, origin=origin, batch_size=batch_size,
+                    device=device)
+
+
+def _chunk_nodes(chunks, n_nodes, stride):
+    """Per chunk along an axis: index of its first node and how many nodes start inside it."""
+    edges = np.concatenate([[0], np.cumsum(chunks)])
+    first = np.minimum(-(-edges // stride), n_nodes)  # ceil(edge / stride), at most n_nodes
+    return first[:-1], np.diff(first)
+
+
+def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, pixel_um: float | None = None,
+                     batch_size: int = 256, device=None, fill: bool = True, progress: bool = False):
+    """Regress the PSF-model parameters on a sliding window over the image (paper 000 Sec. II-F).
+
+    Parameters
+    ----------
+    image : array_like (H, W)
+        NumPy, Dask (one task per chunk, via ``map_overlap``) or xarray (µm coordinates give the pixel
+        size).
+    model : str, path or PSFRegressor
+        A shipped model name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z3"``), a ``.pt`` file, or a loaded model.
+    patch : int
+        Patch edge; must be the model's (128).
+    stride : int
+        Node spacing t in pixels.
+    pixel_um : float, optional
+        Pixel size in µm (default: from xarray coordinates or attrs). Node coordinates are then in µm,
+        and a pixel size far from the model's training optics is warned about.
+    batch_size : int
+        Patches per forward pass.
+    device : str, optional
+        Torch device for the CNN (default: CUDA when the process has a GPU).
+    fill : bool
+        Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
+        valid ones (:func:`fill_invalid`).
+    progress : bool
+        Progress bar (Dask input).
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per model parameter (with ``units``) and ``validity``, dims ``(gy, gx)``, node
+        centres as coordinates (µm or pixels, said by their ``units``); ``filled`` marks the nodes
+        that were filled. Attributes record the model, patch, stride, pixel size and image shape.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    from ..cluster import compute
+
+    ref, m = _model_ref(model)
+    if int(patch) != m.patch:
+        raise ValueError(f"patch={patch} but the model reads {m.patch}x{m.patch} patches; use patch={m.patch}")
+    patch = m.patch
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
+    xr_in = getattr(image, "dims", None) is not None
+    data = image.data if xr_in else image
+    if pixel_um is None and xr_in:
+        pixel_um = image.attrs.get("pixel_um")
+    if getattr(data, "ndim", np.ndim(data)) != 2:
+        raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(data)}; select a plane first")
+    h, w = data.shape
+    if h < patch or w < patch:
+        raise ValueError(f"image {h}x{w} is smaller than one {patch}x{patch} patch; the CNN needs at least that")
+    if pixel_um and m.optics is not None and abs(float(pixel_um) / m.optics.pixel_um - 1) > 0.1:
+        warnings.warn(f"image pixels are {float(pixel_um):g} µm but model {m.psf_model.name} was trained at "
+                      f"{m.optics.pixel_um:g} µm: its parameters will be off; resample the image or train a model "
+                      "for these optics", LsfovWarning, stacklevel=2)
+    gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
+    n_out = len(m.params) + 1
+    if isinstance(data, da.Array):
+        from ..restore.chunked import _axis_chunks
+
+        # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
+        arr = data.astype(np.float32)
+        arr = arr.rechunk(tuple(_axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
+        (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
+        offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
+        ext = da.overlap.overlap(arr, depth={0: patch, 1: patch}, boundary="none", allow_rechunk=False)
+        fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
+                               starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device)
+        out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
+                            chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)))
+        values = compute(out, progress=progress, label="PSF map")
+    else:
+        arr = np.asarray(data, dtype=np.float32)
+        values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
+                          batch_size=batch_size, device=device)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+
+    centres = [patch / 2 - 0.5 + stride * np.arange(g) for g in (gy, gx)]
+    scale, unit = (float(pixel_um), "micrometer") if pixel_um else (1.0, "pixel")
+    coords = {d: xr.Variable(d, c * scale, attrs={"units": unit}) for d, c in zip(("gy", "gx"), centres)}
+    pm = m.psf_model
+    ds = xr.Dataset(
+        {p: (("gy", "gx"), values[..., i], {"units": pm.units.get(p, "")}) for i, p in enumerate(m.params)},
+        coords=coords,
+    )
+    ds["validity"] = (("gy", "gx"), values[..., -1], {"units": "1", "long_name": "probability the patch is valid"})
+    ds.attrs.update({
+        "psf_model": pm.name, "params": list(m.params), "ranges": {k: list(v) for k, v in pm.ranges.items()},
+        "optics": pm.optics.to_dict() if pm.optics else None, "patch": patch, "stride": int(stride),
+        "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)],
+        "model": str(ref) if isinstance(ref, str) else "PSFRegressor",
+    })
+    return fill_invalid(ds) if fill else ds
+
+
+def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours: int = 8):
+    """Fill the parameters of nodes with validity below ``threshold`` from the valid ones.
+
+    Inverse-distance weighting (paper 000 Sec. II-F) over the ``neighbours`` nearest valid nodes; the
+    astigmatism axis (π-periodic) is averaged on the circle. Adds a boolean ``filled`` variable.
+    """
+    from scipy.spatial import cKDTree
+
+    ds = psf_map.copy()
+    valid = ds["validity"].values >= threshold
+    ds["filled"] = (("gy", "gx"), ~valid, {"long_name": "parameters filled from valid neighbours"})
+    if valid.all():
+        return ds
+    if not valid.any():
+        raise ValueError("every node of the PSF map is invalid (no texture the CNN can read: a dark, flat or "
+                         "empty image); there is no PSF to estimate here")
+    yy, xx = np.meshgrid(np.arange(valid.shape[0]), np.arange(valid.shape[1]), indexing="ij")
+    pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float64)
+    good, bad = pts[valid.ravel()], pts[~valid.ravel()]
+    k = min(neighbours, len(good))
+    dist, idx = cKDTree(good).query(bad, k=k)
+    dist, idx = dist.reshape(len(bad), k), idx.reshape(len(bad), k)
+    wgt = 1.0 / np.maximum(dist, 1e-9) ** power
+    wgt /= wgt.sum(axis=1, keepdims=True)
+    for p in ds.attrs.get("params", []):
+        v = ds[p].values.astype(np.float64).copy()
+        src = v[valid]
+        if p == "axis":  # the axis lives on a circle of period π
+            z = np.exp(2j * src)[idx]
+            est = np.mod(np.angle((wgt * z).sum(axis=1)) / 2, np.pi)
+        else:
+            est = (wgt * src[idx]).sum(axis=1)
+        v[~valid] = est
+        ds[p] = (("gy", "gx"), v.astype(np.float32), ds[p].attrs)
+    return ds
+
+
+def _model_from_attrs(attrs) -> _psf.PSFModel:
+    base = _psf.get_model(attrs["psf_model"])
+    ranges = {k: tuple(v) for k, v in (attrs.get("ranges") or base.ranges).items()}
+    optics = attrs.get("optics")
+    return dataclasses.replace(base, ranges=ranges, optics=_psf.Optics(**optics) if optics else base.optics)
+
+
+def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> ProductConvolution:
+    """The grid operator of a PSF map: each node's PSF rendered with the model, bilinear in between.
+
+    Parameters
+    ----------
+    psf_map : xarray.Dataset
+        From :func:`estimate_psf_map` (or one with the same variables and attributes).
+    shape : (int, int), optional
+        Image shape (default: the mapped image's, from the attributes).
+    size : int, optional
+        Kernel size (default: the model's).
+    """
+    for key in ("psf_model", "params"):
+        if key not in psf_map.attrs:
+            raise ValueError(f"psf_map lacks the attribute {key!r}; make it with lsfov.estimate_psf_map")
+    m = _model_from_attrs(psf_map.attrs)
+    shape = tuple(shape or psf_map.attrs.get("image_shape") or ())
+    if len(shape) != 2:
+        raise ValueError("give the image shape: shape=(H, W)")
+    params = np.stack([psf_map[p].values for p in psf_map.attrs["params"]], axis=-1).astype(np.float64)
+    if not np.all(np.isfinite(params)):
+        raise ValueError("the PSF map has NaN parameters; fill invalid nodes first (fill_invalid)")
+    gy, gx = params.shape[:2]
+    size = size or m.size
+    kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
+    patch, stride = psf_map.attrs.get("patch", 128), psf_map.attrs.get("stride", 64)
+    centres = tuple(patch / 2 - 0.5 + stride * np.arange(g) for g in (gy, gx))
+    attrs = {"source": "lsfov.operator_from_psf_map", "psf_model": m.name}
+    return ProductConvolution.from_grid(kernels, shape, centers=centres, attrs=attrs)

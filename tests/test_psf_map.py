@@ -1,0 +1,87 @@
+"""Spatially varying PSF maps (paper 000 Sec. II-F): sliding-window CNN on chunks, filling, operator."""
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+import lsfov
+from lsfov import simulate
+from lsfov.estimate.mapping import fill_invalid
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def blurred():
+    op, params = simulate.psf_field((448, 384), "Z3", (3, 3), seed=2)
+    return simulate.degrade(simulate.sample_image("cell", (448, 384)), op, seed=1), params
+
+
+def test_node_grid_is_independent_of_chunking(blurred):
+    img, _ = blurred
+    whole = lsfov.estimate_psf_map(img, "Z3", stride=64)
+    assert whole.sizes == {"gy": 6, "gx": 5}  # (448-128)//64+1, (384-128)//64+1
+    np.testing.assert_allclose(whole.gy.values, 63.5 + 64 * np.arange(6))
+    assert whole.gy.attrs["units"] == "pixel" and whole.focus.attrs["units"]
+    for chunks in ((200, 150), 128, (448, 100)):
+        lazy = lsfov.estimate_psf_map(da.from_array(img, chunks=chunks), "Z3", stride=64)
+        for v in ("focus", "astigmatism", "axis", "validity"):
+            np.testing.assert_allclose(lazy[v].values, whole[v].values, atol=1e-4)
+
+
+def test_micrometre_coordinates_and_pixel_size_warning(blurred):
+    img, _ = blurred
+    px = lsfov.load_model("Z3").optics.pixel_um
+    arr = xr.DataArray(img, dims=("y", "x"), attrs={"pixel_um": px})
+    ds = lsfov.estimate_psf_map(arr, "Z3", stride=96)
+    assert ds.gx.attrs["units"] == "micrometer"
+    np.testing.assert_allclose(ds.gx.values, (63.5 + 96 * np.arange(ds.sizes["gx"])) * px)
+    with pytest.warns(UserWarning, match="trained at"):
+        lsfov.estimate_psf_map(img, "Z3", stride=128, pixel_um=2 * px)
+
+
+def test_invalid_nodes_are_filled_by_inverse_distance():
+    v = np.ones((4, 5), np.float32)
+    v[1, 2] = v[3, 4] = 0.1
+    focus = np.arange(20, dtype=np.float32).reshape(4, 5)
+    axis = np.full((4, 5), 0.05, np.float32)
+    axis[:, 3:] = np.pi - 0.05  # the same axis, across the wrap at pi
+    ds = xr.Dataset({"focus": (("gy", "gx"), focus), "axis": (("gy", "gx"), axis),
+                     "validity": (("gy", "gx"), v)}, attrs={"params": ["focus", "axis"]})
+    out = fill_invalid(ds)
+    assert out.filled.values.sum() == 2 and out.filled.values[1, 2]
+    np.testing.assert_array_equal(out.focus.values[v >= 0.5], focus[v >= 0.5])  # valid nodes untouched
+    assert focus.min() < out.focus.values[1, 2] < focus.max()
+    # The four nearest valid nodes of (1, 2) are symmetric around it: their mean is its value.
+    assert out.focus.values[1, 2] == pytest.approx(7.0, abs=0.6)
+    d = np.abs(out.axis.values[3, 4] - np.pi / 2)
+    assert d > np.pi / 2 - 0.1  # near 0 or pi, never the naive mean pi/2
+    ds["validity"][:] = 0
+    with pytest.raises(ValueError, match="every node"):
+        fill_invalid(ds)
+
+
+def test_operator_from_psf_map_reproduces_the_node_psfs(blurred):
+    img, _ = blurred
+    ds = lsfov.estimate_psf_map(img, "Z3", stride=96)
+    op = lsfov.operator_from_psf_map(ds)
+    assert op.shape == img.shape and op.grid_shape == (ds.sizes["gy"], ds.sizes["gx"])
+    m = lsfov.load_model("Z3").psf_model
+    for i, j in ((0, 0), (1, 2), (ds.sizes["gy"] - 1, ds.sizes["gx"] - 1)):
+        p = np.array([[float(ds[name][i, j]) for name in m.params]])
+        np.testing.assert_allclose(op.psf_at(63.5 + 96 * i, 63.5 + 96 * j), m.render(p)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="psf_model"):
+        lsfov.operator_from_psf_map(ds.drop_attrs())
+
+
+def test_psf_map_bad_input(blurred):
+    img, _ = blurred
+    with pytest.raises(ValueError, match="smaller than one 128x128 patch"):
+        lsfov.estimate_psf_map(img[:100], "Z3")
+    with pytest.raises(ValueError, match="patch=128"):
+        lsfov.estimate_psf_map(img, "Z3", patch=64)
+    with pytest.raises(ValueError, match="stride"):
+        lsfov.estimate_psf_map(img, "Z3", stride=0)
+    dark = np.zeros((256, 256), np.float32)
+    with pytest.raises(ValueError, match="every node of the PSF map is invalid"):
+        lsfov.estimate_psf_map(dark, "Z3")
