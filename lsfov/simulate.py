@@ -13,7 +13,8 @@ from . import psf as _psf
 from ._validate import as_image, positive_int, shape2d
 from .operators import ProductConvolution
 
-__all__ = ["BeadField", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image"]
+__all__ = ["BeadField", "TiltedSurface", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image",
+           "tilted_surface"]
 
 
 @dataclass
@@ -205,3 +206,61 @@ def sample_image(name: str = "cell", shape=None) -> np.ndarray:
         img = np.ascontiguousarray(tile[:h, :w])
     return img
 
+
+
+@dataclass
+class TiltedSurface:
+    """A textured surface imaged through an astigmatic microscope, with its true depth."""
+
+    image: np.ndarray  # (H, W) float32, noisy
+    depth_um: np.ndarray  # (H, W) float32, distance of the surface from the focal plane
+    operator: ProductConvolution  # the true blur (grid of Z3 PSFs)
+    params: np.ndarray  # (gy, gx, 3) true Z3 parameters (focus, astigmatism, axis) at the nodes
+    focus_per_um: float  # waves RMS of defocus per µm of depth
+    axis: float  # the instrument's astigmatism axis (radians)
+
+
+def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), direction: float = 0.0,
+                   curvature: float = 0.0, texture: str = "cell", astigmatism: float = 0.15,
+                   axis: float = np.pi / 4, focus_per_um: float = 0.045, grid: int = 8, photons: float = 1000.0,
+                   read_noise: float = 2.0, seed=None) -> TiltedSurface:
+    """A tilted (or curved) textured plane seen through an astigmatic system (paper 000 Sec. III-E).
+
+    The depth varies linearly along ``direction`` (radians from the x axis), plus ``curvature`` times
+    a centred quadratic, scaled to span ``depth_range_um`` exactly. Defocus is ``focus_per_um`` waves
+    RMS per µm of depth (a property of the instrument, like its astigmatism ``axis``); above focus the
+    PSF has the instrument's axis, below it the axis turned by π/2 (that is how the Z3 model writes a
+    negative defocus). PSFs are rendered on a ``grid x grid`` node grid; the texture is
+    scikit-image's ``texture`` image (see :func:`sample_image`) under Poisson-Gaussian noise.
+    """
+    h, w = shape2d(shape)
+    lo, hi = (float(v) for v in depth_range_um)
+    if not hi > lo:
+        raise ValueError(f"depth_range_um must be (low, high) with low < high, got {depth_range_um}")
+    m = _psf.get_model("Z3")
+
+    def depth_at(y, x):
+        u = ((x - (w - 1) / 2) * np.cos(direction) + (y - (h - 1) / 2) * np.sin(direction)) / (max(h, w) / 2)
+        return u + curvature * u**2
+
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    raw = depth_at(yy, xx)
+    rmin, rmax = raw.min(), raw.max()
+    depth = lo + (hi - lo) * (raw - rmin) / (rmax - rmin)
+    gy, gx = min(grid, h), min(grid, w)
+    cy = (np.arange(gy) + 0.5) * h / gy - 0.5
+    cx = (np.arange(gx) + 0.5) * w / gx - 0.5
+    nodes = lo + (hi - lo) * (depth_at(*np.meshgrid(cy, cx, indexing="ij")) - rmin) / (rmax - rmin)
+    kappa = float(focus_per_um)
+    fmax = m.ranges["focus"][1]
+    if not kappa > 0 or kappa * max(abs(lo), abs(hi)) > fmax:
+        raise ValueError(f"focus_per_um={focus_per_um} and depths {depth_range_um} µm give defocus beyond the Z3 "
+                         f"model's {fmax} waves; use depths within ±{fmax / max(kappa, 1e-12):.3g} µm")
+    f = kappa * nodes
+    params = np.stack([np.abs(f), np.full_like(f, astigmatism),
+                       np.where(f >= 0, axis, axis + np.pi / 2) % np.pi], axis=-1)
+    kernels = m.render(params.reshape(-1, 3)).reshape(gy, gx, m.size, m.size)
+    op = ProductConvolution.from_grid(kernels, (h, w), centers=(cy, cx), attrs={"psf_model": "Z3"})
+    image = degrade(sample_image(texture, (h, w)), op, photons=photons, read_noise=read_noise, seed=seed)
+    return TiltedSurface(image=image, depth_um=depth.astype(np.float32), operator=op, params=params,
+                         focus_per_um=float(kappa), axis=float(axis) % np.pi)

@@ -1,0 +1,77 @@
+"""Depth from astigmatism (paper 000 Sec. II-H, Eq. 14) and the tilted-surface simulation."""
+import numpy as np
+import pytest
+import xarray as xr
+
+from lsfov import simulate
+from lsfov.estimate.depth import DepthCalibration, calibrate_depth, estimate_depth, signed_defocus
+
+
+def _truth_map(surface):
+    """The PSF map a perfect regressor would return: the true node parameters."""
+    p = surface.params
+    ds = xr.Dataset({n: (("gy", "gx"), p[..., i].astype(np.float32))
+                     for i, n in enumerate(("focus", "astigmatism", "axis"))})
+    ds["validity"] = (("gy", "gx"), np.ones(p.shape[:2], np.float32))
+    cy, cx = surface.operator.centers
+    stride = cy[1] - cy[0]
+    ds.attrs.update(params=["focus", "astigmatism", "axis"], psf_model="Z3", patch=int(2 * (cy[0] + 0.5)),
+                    stride=float(stride), image_shape=list(surface.image.shape))
+    return ds
+
+
+def test_tilted_surface_geometry():
+    s = simulate.tilted_surface((256, 320), depth_range_um=(-4, 6), direction=0.0, grid=4, seed=0)
+    assert s.depth_um.min() == pytest.approx(-4) and s.depth_um.max() == pytest.approx(6)
+    assert np.all(np.diff(s.depth_um[0]) > 0)  # tilted along x
+    # Above focus the axis is the instrument's, below it is turned by pi/2: both occur here.
+    assert s.params.shape == (4, 4, 3) and np.all(s.params[..., 0] >= 0)
+    axes = set(np.round(np.unique(s.params[..., 2]), 6))
+    assert axes == {round(s.axis, 6), round((s.axis + np.pi / 2) % np.pi, 6)}
+    with pytest.raises(ValueError, match="beyond the Z3"):
+        simulate.tilted_surface((64, 64), depth_range_um=(-50, 50), grid=2)
+
+
+def test_depth_sign_above_and_below_focus():
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.0, axis=np.pi / 4, grid=8, seed=1)
+    ds = _truth_map(s)
+    cx = s.operator.centers[1]
+    # Eq. 14 without calibration: one sign below focus (left half), the other above (right half).
+    z = estimate_depth(ds)
+    assert z.attrs["units"].startswith("waves")
+    left, right = z.values[:, cx < 120], z.values[:, cx > 136]
+    assert np.all(np.sign(left) == np.sign(left[0, 0])) and np.all(np.sign(right) == -np.sign(left[0, 0]))
+    # Calibrated: µm, with the sign and the scale of the truth.
+    cal = calibrate_depth(ds, s.depth_um)
+    assert cal.axis0 == pytest.approx(np.pi / 4, abs=0.02)
+    assert cal.slope == pytest.approx(1 / s.focus_per_um, rel=0.01) and cal.r2 > 0.999
+    zc = estimate_depth(ds, cal)
+    assert zc.attrs["units"] == "micrometer"
+    np.testing.assert_allclose(zc.values[:, 0], s.depth_um[0, 0] + 0 * zc.values[:, 0], atol=2.0)
+
+
+def test_calibration_transfers_to_another_tilt_and_axis_orientation():
+    kw = dict(axis=1.2, grid=8)
+    a = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.2, seed=2, **kw)
+    b = simulate.tilted_surface((256, 256), depth_range_um=(-3, 10), direction=1.9, curvature=0.5, seed=3, **kw)
+    cal = calibrate_depth(_truth_map(a), a.depth_um)
+    assert cal.axis0 == pytest.approx(1.2, abs=0.02)
+    z = estimate_depth(_truth_map(b), cal.to_dict())  # a dict (e.g. read from JSON) works too
+    cy, cx = b.operator.centers
+    truth = b.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
+    assert np.abs(z.values - truth).mean() < 0.02 * np.ptp(b.depth_um)
+    # Eq. 14 as written assumes the axis at pi/4: here it gets the sign wrong somewhere.
+    assert np.any(np.sign(estimate_depth(_truth_map(b)).values) != np.sign(truth))
+    assert signed_defocus(_truth_map(b), 1.2).shape == truth.shape
+
+
+def test_depth_bad_input():
+    s = simulate.tilted_surface((192, 192), depth_range_um=(-5, 5), grid=4, seed=4)
+    ds = _truth_map(s)
+    with pytest.raises(ValueError, match="constant"):
+        calibrate_depth(ds, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="node grid"):
+        calibrate_depth(ds, np.zeros((5, 7)))
+    with pytest.raises(ValueError, match="astigmatic"):
+        estimate_depth(ds.drop_vars("axis"))
+    assert isinstance(calibrate_depth(ds, s.depth_um), DepthCalibration)
