@@ -150,6 +150,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--operator", "operator_path", type=click.Path(), help="Blur operator saved by lsfov (a zarr store).")
 @click.option("--psf", "psf_path", type=click.Path(),
               help="One measured PSF instead (TIFF or .npy, odd size, peak at the centre).")
+@click.option("--psf-map", "map_path", type=click.Path(), help="Or a PSF map written by `lsfov estimate`.")
 @click.option("--iterations", default=20, show_default=True, help="Richardson-Lucy iterations.")
 @click.option("--tv", default=DEFAULT_TV, show_default=True, help="TV weight in [0, 0.25); 0 gives plain RL.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
@@ -162,8 +163,8 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
-def deconvolve(obj, src, out, operator_path, psf_path, iterations, tv, chunks, exchange_every, scratch, channel,
-               zplane, tpoint, scheduler, overwrite):
+def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
+               channel, zplane, tpoint, scheduler, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
     import tempfile
@@ -177,12 +178,18 @@ def deconvolve(obj, src, out, operator_path, psf_path, iterations, tv, chunks, e
 
     out = _check_out(out, overwrite)
     _check_out(out.with_suffix(".png"), overwrite)
-    if (operator_path is None) == (psf_path is None):
-        raise ValueError("give the blur with exactly one of --operator OP (saved by lsfov) or --psf FILE")
+    if sum(p is not None for p in (operator_path, psf_path, map_path)) != 1:
+        raise ValueError("give the blur with exactly one of --operator OP (saved by lsfov), --psf FILE or "
+                         "--psf-map MAP (from lsfov estimate)")
     if chunks < 16:
         raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape)
+    if map_path:
+        from .estimate.mapping import operator_from_psf_map
+
+        op = operator_from_psf_map(io.open_result(map_path), img.shape)
+    else:
+        op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape)
     if op.shape != img.shape:
         raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
@@ -194,7 +201,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, iterations, tv, chunks, e
                                                                dir=scratch_parent) as tmp:
         result = run(img, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, progress=not obj["quiet"])
         ds = xr.Dataset({"deblurred": result}, attrs={
-            "command": "lsfov deconvolve", "source": str(src), "operator": str(operator_path or psf_path),
+            "command": "lsfov deconvolve", "source": str(src), "operator": str(operator_path or psf_path or map_path),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -236,6 +243,101 @@ def _preview(raw, deblurred, path, edge=512):
     return summary_figure(path, {"raw (centre)": np.asarray(raw.data[crop]),
                                  "deblurred (centre)": np.asarray(deblurred.data[crop])},
                           title="lsfov deconvolve")
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--model", default="Z3", show_default=True, help="Shipped model (G1, G2, Z1, Z3) or a .pt file.")
+@click.option("--stride", default=64, show_default=True, help="Node spacing in pixels.")
+@click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
+@click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels): one task per chunk.")
+@click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
+@click.option("--channel", type=int, default=None)
+@click.option("--z", "zplane", type=int, default=None)
+@click.option("--t", "tpoint", type=int, default=None)
+@_scheduler_option
+@_overwrite_option
+@click.pass_obj
+def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zplane, tpoint, scheduler, overwrite):
+    """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
+    OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
+    `lsfov deconvolve SRC OUT --psf-map MAP`."""
+    from . import io
+    from .cluster import use_scheduler
+    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
+
+    out = _check_out(out, overwrite)
+    if figure:
+        _check_out(figure, overwrite)
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    t0 = time.perf_counter()
+    with use_scheduler(scheduler):
+        ds = estimate_psf_map(img, model, stride=stride, pixel_um=pixel_um, progress=not obj["quiet"])
+    seconds = time.perf_counter() - t0
+    ds["filled"] = ds["filled"].astype(np.uint8)
+    ds.attrs.update(command="lsfov estimate", source=str(src))
+    io.save(ds, out, overwrite=overwrite)
+    n = ds.sizes["gy"] * ds.sizes["gx"]
+    click.echo(f"wrote {out}: {ds.sizes['gy']}x{ds.sizes['gx']} nodes of {ds.attrs['psf_model']} "
+               f"({int(ds['filled'].sum())} filled from neighbours), {n / seconds:.0f} patches/s")
+    if figure:
+        from .figures import psf_mosaic, summary_figure
+
+        op = operator_from_psf_map(ds, img.shape)
+        step = max(1, max(img.shape) // 1024)
+        panels = {"image": np.asarray(img.data[::step, ::step]), "PSF grid": psf_mosaic(op.kernels),
+                  "validity": ds["validity"].values}
+        for p in ds.attrs["params"][:2]:
+            panels[p] = ds[p].values
+        summary_figure(figure, panels, title=f"lsfov estimate: {ds.attrs['psf_model']} PSF map")
+        click.echo(f"figure: {figure}")
+
+
+@main.command()
+@click.argument("psf_map", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--calibration", type=click.Path(), default=None, help="JSON written by `lsfov depth --known`.")
+@click.option("--known", type=click.Path(), default=None,
+              help="Fit a calibration instead: the true depth in µm (.npy/TIFF, node grid or full image); "
+                   "OUT is then the calibration JSON.")
+@_overwrite_option
+def depth(psf_map, out, calibration, known, overwrite):
+    """Depth from astigmatism (paper 000 Eq. 14) of a Z3 PSF map: µm with a calibration, otherwise
+    the uncalibrated signed defocus in waves."""
+    import json
+
+    import xarray as xr
+
+    from . import io
+    from .estimate.depth import DepthCalibration, calibrate_depth, estimate_depth
+
+    out = _check_out(out, overwrite)
+    ds = io.open_result(psf_map)
+    if known:
+        cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64))
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps({"type": "lsfov.DepthCalibration", **cal.to_dict()}, indent=2))
+        tmp.replace(out)
+        click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
+                   f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
+        return
+    cal = None
+    if calibration:
+        try:
+            raw = json.loads(Path(calibration).read_text())
+        except (ValueError, OSError):
+            raw = {}
+        if not isinstance(raw, dict) or raw.pop("type", None) != "lsfov.DepthCalibration":
+            raise ValueError(f"{calibration} is not a depth calibration; make one with `lsfov depth MAP CAL.json --known`")
+        cal = DepthCalibration(**raw)
+    z = estimate_depth(ds, cal)
+    io.save(xr.Dataset({"depth": z}, attrs={"command": "lsfov depth", "source": str(psf_map)}), out,
+            overwrite=overwrite)
+    click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
 
 
 # ---------------------------------------------------------------------------------------------- bss

@@ -29,7 +29,7 @@ def run(tmp_path, monkeypatch):
 
 def test_help(run):
     for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"],
-                ["train"], ["evaluate"], ["calibrate"], ["bss"]):
+                ["train"], ["evaluate"], ["calibrate"], ["bss"], ["estimate"], ["depth"]):
         assert "Usage" in run(*cmd, "--help").output
 
 
@@ -236,3 +236,30 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert res.exit_code == 1 and "--overwrite" in res.output
     res = run("bss", "b.npy", "x.zarr", "--subspace", "nothing.zarr", ok=False)
     assert res.exit_code == 1 and "no such subspace" in res.output
+
+
+def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
+    pytest.importorskip("torch")
+    from lsfov import simulate
+
+    s = simulate.tilted_surface((320, 320), depth_range_um=(-8, 8), grid=4, seed=5)
+    np.save("tilt.npy", s.image)
+    np.save("truth.npy", s.depth_um)
+    res = run("estimate", "tilt.npy", "map.zarr", "--stride", 64, "--chunks", 160, "--figure", "map.png")
+    assert "4x4 nodes of Z3" in res.output and Path("map.png").exists()
+    m = lsfov.open_result("map.zarr")
+    assert {"focus", "astigmatism", "axis", "validity", "filled"} <= set(m.data_vars)
+    assert m.attrs["psf_model"] == "Z3" and m.attrs["stride"] == 64
+    run("deconvolve", "tilt.npy", "d.zarr", "--psf-map", "map.zarr", "--iterations", 2)
+    assert lsfov.open_result("d.zarr").deblurred.shape == (320, 320)
+    res = run("depth", "map.zarr", "cal.json", "--known", "truth.npy")
+    assert "µm per wave" in res.output
+    run("depth", "map.zarr", "z.zarr", "--calibration", "cal.json")
+    z = lsfov.open_result("z.zarr").depth
+    assert z.shape == (4, 4) and z.attrs["units"] == "micrometer"
+    run("depth", "map.zarr", "z0.zarr")
+    assert lsfov.open_result("z0.zarr").depth.attrs["units"].startswith("waves")
+    res = run("depth", "map.zarr", "z1.zarr", "--calibration", "map.png", ok=False)
+    assert res.exit_code == 1
+    res = run("deconvolve", "tilt.npy", "e.zarr", "--psf-map", "map.zarr", "--psf", "x.npy", ok=False)
+    assert res.exit_code == 1 and "exactly one" in res.output
