@@ -297,6 +297,93 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zp
         click.echo(f"figure: {figure}")
 
 
+@main.command("run")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--model", default="Z3", show_default=True, help="Shipped model (G1, G2, Z1, Z3) or a .pt file.")
+@click.option("--stride", default=64, show_default=True, help="PSF-map node spacing in pixels.")
+@click.option("--iterations", default=20, show_default=True, help="Richardson-Lucy iterations.")
+@click.option("--tv", default=DEFAULT_TV, show_default=True, help="TV weight in [0, 0.25); 0 gives plain RL.")
+@click.option("--calibration", type=click.Path(), default=None, help="Depth calibration JSON (`lsfov depth --known`).")
+@click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
+@click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels).")
+@click.option("--figure", type=click.Path(), default=None, help="PNG summary: raw, deblurred, PSF grid, depth.")
+@click.option("--channel", type=int, default=None)
+@click.option("--z", "zplane", type=int, default=None)
+@click.option("--t", "tpoint", type=int, default=None)
+@_scheduler_option
+@_overwrite_option
+@click.pass_obj
+def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, channel, zplane,
+                 tpoint, scheduler, overwrite):
+    """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
+    result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
+    reads it as one xarray.Dataset, napari opens each variable at its scale)."""
+    import tempfile
+
+    import xarray as xr
+
+    from . import io
+    from .cluster import use_scheduler
+    from .estimate.depth import estimate_depth
+    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
+    from .restore import deconvolve as run
+
+    out = _check_out(out, overwrite)
+    if figure:
+        _check_out(figure, overwrite)
+    cal = _read_calibration(calibration) if calibration else None
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    if pixel_um:
+        img.attrs["pixel_um"] = pixel_um
+    stages = {}
+    with use_scheduler(scheduler), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as tmp:
+        t = time.perf_counter()
+        psf_map = estimate_psf_map(img, model, stride=stride, progress=not obj["quiet"])
+        stages["PSF map"] = time.perf_counter() - t
+        t = time.perf_counter()
+        op = operator_from_psf_map(psf_map, img.shape)
+        stages["operator"] = time.perf_counter() - t
+        t = time.perf_counter()
+        deblurred = run(img, op, iterations, tv, scratch=tmp, progress=not obj["quiet"])
+        variables = {"raw": img, "deblurred": deblurred}
+        variables.update({p: psf_map[p] for p in psf_map.attrs["params"]})
+        variables.update(validity=psf_map["validity"], filled=psf_map["filled"].astype(np.uint8))
+        if "axis" in psf_map and "focus" in psf_map:
+            variables["depth"] = estimate_depth(psf_map, cal)
+        ds = xr.Dataset(variables, attrs={**psf_map.attrs, "command": "lsfov run", "source": str(src),
+                                          "iterations": iterations, "tv": tv})
+        io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
+        stages["deconvolution + writing"] = time.perf_counter() - t
+    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+    if figure:
+        from .figures import psf_mosaic, summary_figure
+
+        res = io.open_result(out)
+        h, w = img.shape
+        crop = (slice(max(0, h // 2 - 256), h // 2 + 256), slice(max(0, w // 2 - 256), w // 2 + 256))
+        panels = {"raw (centre)": np.asarray(res["raw"].data[crop]),
+                  "deblurred (centre)": np.asarray(res["deblurred"].data[crop]), "PSF grid": psf_mosaic(op.kernels)}
+        if "depth" in res:
+            panels[f"depth ({res['depth'].attrs.get('units', '')[:10]})"] = res["depth"].values
+        summary_figure(figure, panels, title=f"lsfov run: {src}")
+        click.echo(f"figure: {figure}")
+
+
+def _read_calibration(path):
+    import json
+
+    from .estimate.depth import DepthCalibration
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (ValueError, OSError):
+        raw = {}
+    if not isinstance(raw, dict) or raw.pop("type", None) != "lsfov.DepthCalibration":
+        raise ValueError(f"{path} is not a depth calibration; make one with `lsfov depth MAP CAL.json --known DEPTH`")
+    return DepthCalibration(**raw)
+
+
 @main.command()
 @click.argument("psf_map", type=click.Path())
 @click.argument("out", type=click.Path())
@@ -313,7 +400,7 @@ def depth(psf_map, out, calibration, known, overwrite):
     import xarray as xr
 
     from . import io
-    from .estimate.depth import DepthCalibration, calibrate_depth, estimate_depth
+    from .estimate.depth import calibrate_depth, estimate_depth
 
     out = _check_out(out, overwrite)
     ds = io.open_result(psf_map)
@@ -325,16 +412,7 @@ def depth(psf_map, out, calibration, known, overwrite):
         click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
                    f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
         return
-    cal = None
-    if calibration:
-        try:
-            raw = json.loads(Path(calibration).read_text())
-        except (ValueError, OSError):
-            raw = {}
-        if not isinstance(raw, dict) or raw.pop("type", None) != "lsfov.DepthCalibration":
-            raise ValueError(f"{calibration} is not a depth calibration; make one with `lsfov depth MAP CAL.json --known`")
-        cal = DepthCalibration(**raw)
-    z = estimate_depth(ds, cal)
+    z = estimate_depth(ds, _read_calibration(calibration) if calibration else None)
     io.save(xr.Dataset({"depth": z}, attrs={"command": "lsfov depth", "source": str(psf_map)}), out,
             overwrite=overwrite)
     click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")

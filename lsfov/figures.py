@@ -103,7 +103,7 @@ def calibration_figure(path, kernels, maps, comb, *, beads=None, positions=None,
         axes[2][1].imshow(_stretch(np.asarray(beads)), cmap="gray")
         if positions is not None and len(positions):
             axes[2][1].scatter(positions[:, 1], positions[:, 0], s=14, facecolors="none", edgecolors="c", lw=0.6)
-        axes[2][1].set_title("beads (used: circled)")
+        axes[2][1].set_title("beads (used: circled)" if positions is not None else "beads")
     if title:
         fig.suptitle(title)
     return _save(fig, path)

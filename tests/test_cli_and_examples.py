@@ -29,7 +29,7 @@ def run(tmp_path, monkeypatch):
 
 def test_help(run):
     for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"],
-                ["train"], ["evaluate"], ["calibrate"], ["bss"], ["estimate"], ["depth"]):
+                ["train"], ["evaluate"], ["calibrate"], ["bss"], ["estimate"], ["depth"], ["run"]):
         assert "Usage" in run(*cmd, "--help").output
 
 
@@ -263,3 +263,30 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     assert res.exit_code == 1
     res = run("deconvolve", "tilt.npy", "e.zarr", "--psf-map", "map.zarr", "--psf", "x.npy", ok=False)
     assert res.exit_code == 1 and "exactly one" in res.output
+
+
+def test_cli_run_writes_one_result_napari_reads(run, tmp_path):
+    pytest.importorskip("torch")
+    import xarray as xr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    from lsfov import simulate
+
+    s = simulate.tilted_surface((320, 320), depth_range_um=(-8, 8), grid=4, seed=6)
+    px = lsfov.load_model("Z3").optics.pixel_um
+    coords = {d: xr.Variable(d, px * np.arange(320), attrs={"units": "micrometer"}) for d in "yx"}
+    lsfov.save(xr.Dataset({"image": xr.DataArray(s.image, dims=("y", "x"), coords=coords)}), "in.zarr")
+    res = run("run", "in.zarr/image", "out.zarr", "--iterations", 2, "--chunks", 160, "--figure", "out.png")
+    assert "PSF map" in res.output and "deconvolution" in res.output and Path("out.png").exists()
+    r = lsfov.open_result("out.zarr")
+    assert {"raw", "deblurred", "focus", "astigmatism", "axis", "validity", "filled", "depth"} <= set(r.data_vars)
+    assert r.deblurred.shape == (320, 320) and r.depth.dims == ("gy", "gx")
+    assert r.gy.attrs["units"] == "micrometer"
+    # napari's reader (ome-zarr-py) sees each variable as a multiscale image at its own scale.
+    node = next(n for n in Reader(parse_url("out.zarr/focus"))() if n.load(Multiscales))
+    scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale[-1] == pytest.approx(64 * px)
+    # The operator comes back from the result.
+    assert lsfov.operator_from_psf_map(r).grid_shape == r.focus.shape
+    assert run("run", "in.zarr/image", "out.zarr", ok=False).exit_code == 1
