@@ -52,6 +52,15 @@ def _scheduler_option(f):
     )(f)
 
 
+def _plane_options(f):
+    """--channel/--z/--t: which plane of a multi-dimensional image."""
+    for opt in (click.option("--t", "tpoint", type=int, default=None, help="Time point of a time series."),
+                click.option("--z", "zplane", type=int, default=None, help="Plane of a z-stack."),
+                click.option("--channel", type=int, default=None, help="Channel of a multi-channel image.")):
+        f = opt(f)
+    return f
+
+
 def _overwrite_option(f):
     return click.option("--overwrite", is_flag=True, help="Replace an existing output.")(f)
 
@@ -123,9 +132,7 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @click.option("--photons", default=1000.0, show_default=True, help="Photons at the brightest pixel.")
 @click.option("--read-noise", default=2.0, show_default=True, help="Gaussian read noise (photons).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--channel", type=int, default=None)
-@click.option("--z", "zplane", type=int, default=None)
-@click.option("--t", "tpoint", type=int, default=None)
+@_plane_options
 @_overwrite_option
 def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zplane, tpoint, overwrite):
     """Blur a sharp image with a random smooth PSF field plus Poisson-Gaussian noise."""
@@ -157,9 +164,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--exchange-every", type=int, default=None, help="Iterations between halo exchanges (default: cost model).")
 @click.option("--scratch", type=click.Path(), default=None,
               help="Directory for intermediate estimates, visible to all workers (default: beside OUT).")
-@click.option("--channel", type=int, default=None)
-@click.option("--z", "zplane", type=int, default=None)
-@click.option("--t", "tpoint", type=int, default=None)
+@_plane_options
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
@@ -256,9 +261,7 @@ def _preview(raw, deblurred, path, edge=512):
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels): one task per chunk.")
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
-@click.option("--channel", type=int, default=None)
-@click.option("--z", "zplane", type=int, default=None)
-@click.option("--t", "tpoint", type=int, default=None)
+@_plane_options
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
@@ -308,9 +311,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zp
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels).")
 @click.option("--figure", type=click.Path(), default=None, help="PNG summary: raw, deblurred, PSF grid, depth.")
-@click.option("--channel", type=int, default=None)
-@click.option("--z", "zplane", type=int, default=None)
-@click.option("--t", "tpoint", type=int, default=None)
+@_plane_options
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
@@ -430,9 +431,7 @@ def depth(psf_map, out, calibration, known, overwrite):
 @click.option("--gamma2", type=float, default=None, help="Smoothness weight of the background (default 10).")
 @click.option("--iterations", default=500, show_default=True, help="FISTA iterations.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
-@click.option("--channel", type=int, default=None)
-@click.option("--z", "zplane", type=int, default=None)
-@click.option("--t", "tpoint", type=int, default=None)
+@_plane_options
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj

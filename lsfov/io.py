@@ -58,16 +58,7 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         known (``attrs["pixel_um"]``), otherwise pixel indices (coordinate ``units`` attr says which).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    if path.is_dir():
-        arr = _open_ngff(path, level)
-    elif path.suffix.lower() in (".tif", ".tiff"):
-        arr = _open_tiff(path)
-    elif path.suffix.lower() == ".npy":
-        arr = _open_npy(path)
-    else:
-        raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+    arr = _open_any(path, level)
     arr = _select(arr, path, channel=channel, z=z, t=t)
     if chunks is not None:
         arr = arr.chunk(dict(zip(("y", "x"), (chunks, chunks) if np.isscalar(chunks) else chunks)))
@@ -82,16 +73,7 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     ``channel`` picks one channel of a multi-channel image. A 2-D image gives a list of one.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    if path.is_dir():
-        arr = _open_ngff(path, 0)
-    elif path.suffix.lower() in (".tif", ".tiff"):
-        arr = _open_tiff(path)
-    elif path.suffix.lower() == ".npy":
-        arr = _open_npy(path)
-    else:
-        raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+    arr = _open_any(path, 0)
     if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
         arr = _select_axis(arr, path, "c", 0 if channel is None else channel, "channel")
     if "c" in arr.dims:
@@ -100,6 +82,19 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     stacked = arr.stack(plane=lead) if lead else arr.expand_dims("plane")
     stacked = stacked.transpose("plane", "y", "x")
     return [stacked.isel(plane=i, drop=True).assign_attrs(arr.attrs) for i in range(stacked.sizes["plane"])]
+
+
+def _open_any(path: Path, level: int) -> xr.DataArray:
+    """The whole array of an OME-Zarr, TIFF or .npy image, lazily, with its own dims."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.is_dir():
+        return _open_ngff(path, level)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _open_tiff(path)
+    if path.suffix.lower() == ".npy":
+        return _open_npy(path)
+    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
 
 
 def _select_axis(arr, path, dim, idx, flag):
