@@ -17,7 +17,7 @@ def _plt():
 
 def _stretch(img):
     img = np.asarray(img, dtype=np.float32)
-    lo, hi = np.percentile(img, [0.5, 99.8])
+    lo, hi = np.nanpercentile(img, [0.5, 99.8])
     return np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
 
 

@@ -34,13 +34,13 @@ def test_help(run):
 
 
 def test_demo_writes_result_and_figure(run, tmp_path):
-    res = run("-q", "demo", "--size", 256, "--chunks", 96, "--out", "d.zarr")
-    assert "chunked vs whole-image blur" in res.output
-    snr_raw, snr_deblurred = (float(v) for v in re.findall(r"(-?[\d.]+) dB", res.output))
-    assert snr_deblurred > snr_raw
+    res = run("-q", "demo", "--size", 256, "--chunks", 128, "--out", "d.zarr", "--scheduler", "threads")
+    snr_raw, snr_blind, snr_true = (float(v) for v in re.findall(r"(-?[\d.]+) dB", res.output))
+    assert snr_true > snr_raw and np.isfinite(snr_blind)
+    assert "PSF map" in res.output and "depth: mean absolute error" in res.output
     ds = lsfov.open_result(tmp_path / "d.zarr")
-    assert {"raw", "sharp", "deblurred", "focus", "astigmatism", "axis"} <= set(ds.data_vars)
-    assert ds.raw.shape == (256, 256) and ds.focus.shape == (4, 4)
+    assert {"raw", "sharp", "deblurred", "focus", "astigmatism", "axis", "validity", "depth"} <= set(ds.data_vars)
+    assert ds.raw.shape == (256, 256) and ds.focus.shape == (3, 3)
     assert (tmp_path / "d.png").stat().st_size > 10_000
     again = run("demo", "--size", 256, "--out", "d.zarr", ok=False)
     assert again.exit_code == 1 and "--overwrite" in again.output
@@ -66,7 +66,7 @@ def test_cli_bad_input_gives_one_line_and_exit_1(run, tmp_path):
     cases = [
         (["info", "nope.zarr"], "no such file"),
         (["simulate", "blur", "nope.tif", "o.zarr"], "no such file"),
-        (["demo", "--scheduler", "carrier-pigeon", "--size", 64], "unknown scheduler"),
+        (["demo", "--scheduler", "carrier-pigeon", "--size", 256], "unknown scheduler"),
         (["simulate", "beads", "x.zarr", "--size", 20], "too small"),
     ]
     np.save(tmp_path / "nan.npy", np.full((40, 40), np.nan, np.float32))
