@@ -322,6 +322,8 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
     import tempfile
 
+    import xarray as xr
+
     from . import io
     from .cluster import use_scheduler
 
@@ -330,8 +332,10 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         _check_out(figure, overwrite)
     cal = _read_calibration(calibration) if calibration else None
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    if pixel_um:
-        img.attrs["pixel_um"] = pixel_um
+    if pixel_um:  # every variable in µm, so that viewers overlay the map on the image
+        img = img.assign_coords({d: xr.Variable(d, pixel_um * np.arange(img.sizes[d]), attrs={"units": "micrometer"})
+                                 for d in ("y", "x")}).assign_attrs(pixel_um=pixel_um)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as tmp:
         ds, op, stages = _pipeline(img, model, stride, iterations, tv, cal, tmp, not obj["quiet"])
         ds.attrs.update(command="lsfov run", source=str(src))
@@ -418,6 +422,10 @@ def depth(psf_map, out, calibration, known, overwrite):
         cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64))
         tmp = out.with_name(f".{out.name}.partial")
         tmp.write_text(json.dumps({"type": "lsfov.DepthCalibration", **cal.to_dict()}, indent=2))
+        if out.is_dir():  # --overwrite of a directory by a file
+            import shutil
+
+            shutil.rmtree(out)
         tmp.replace(out)
         click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
                    f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
@@ -485,8 +493,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
             "iterations": iterations,
         })
         # The deblurred point sources as a table too (3-sigma detections in the sparse component).
-        centre = np.asarray(img.data[: min(1024, img.shape[0]), : min(1024, img.shape[1])])
-        found = locate_sources(sparse, op, estimate_noise(centre))
+        cy, cx = (max(0, n // 2 - 512) for n in img.shape)  # the crop sparse_smooth_deblur measured
+        found = locate_sources(sparse, op, estimate_noise(np.asarray(img.data[cy : cy + 1024, cx : cx + 1024])))
         ds["detections"] = xr.DataArray(found, dims=("detection", "column"), coords=cols, attrs={
             "units": "pixel", "description": "point sources in the sparse component (3-sigma)"})
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -692,6 +700,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     _check_out(fig, overwrite)
     if size < 256:
         raise ValueError(f"--size {size} is too small for a PSF map of 128² patches; use at least 256")
+    out.parent.mkdir(parents=True, exist_ok=True)
     stages = {}
     t = time.perf_counter()
     kw = dict(texture="camera", grid=8, photons=2000.0)

@@ -362,7 +362,7 @@ def _as_dataset(obj) -> xr.Dataset:
     if not ds.data_vars:
         raise ValueError("nothing to save: the Dataset has no variables")
     for name, var in ds.data_vars.items():
-        if _is_table(var) and 0 not in var.shape:
+        if _is_table(var):  # a table may have no rows (nothing detected)
             continue
         if var.ndim not in (2, 3) or 0 in var.shape:
             raise ValueError(f"variable {name!r} has shape {var.shape}; each variable must be a non-empty 2-D or 3-D array")
@@ -571,7 +571,7 @@ def describe(path) -> str:
 def _describe_array(name, arr: xr.DataArray) -> str:
     geo = []
     for d in arr.dims[-2:]:
-        if d in arr.coords and arr.sizes[d] > 1:
+        if d in arr.coords and arr.sizes[d] > 1 and arr.coords[d].dtype.kind in "iuf":
             c = arr.coords[d].values
             geo.append(f"{d}: {c[0]:.4g}..{c[-1]:.4g} step {c[1] - c[0]:.4g} {arr.coords[d].attrs.get('units', '')}")
     units = arr.attrs.get("units")

@@ -232,6 +232,10 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert set(r.data_vars) == {"raw", "sparse", "smooth", "sources", "detections"}
     assert r.sparse.shape == (192, 192) and float(r.sparse.min()) >= 0
     assert list(r.sources.column.values) == ["y", "x", "amplitude"] and r.sources.shape[0] >= 3
+    assert "sources: shape" in run("info", "out.zarr").output
+    # Nothing above 3 sigma (a huge sparsity weight): an empty table, still a valid result.
+    run("-q", "bss", "b.npy", "none.zarr", "--subspace", "sub.zarr", "--iterations", 5, "--gamma1", 1e9)
+    assert lsfov.open_result("none.zarr").detections.shape == (0, 3)
     res = run("bss", "b.npy", "out.zarr", "--subspace", "sub.zarr", ok=False)
     assert res.exit_code == 1 and "--overwrite" in res.output
     res = run("bss", "b.npy", "x.zarr", "--subspace", "nothing.zarr", ok=False)

@@ -34,6 +34,7 @@ class BeadPSFs:
     n_detected: int  # maxima above the threshold
     n_saturated: int
     n_crowded: int  # closer than 2r to another bead or than K//2 to the border
+    fluxes: np.ndarray | None = None  # (M,) each patch's sum before normalisation: the bead's brightness
 
     @property
     def size(self) -> int:
@@ -285,7 +286,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         raise ValueError("no bead stands above the background; check the image or lower threshold=")
     patches = patches[ok] / sums[ok, None, None]
     return BeadPSFs(patches=patches, positions=centres[ok], radius=radius, shape=img.shape,
-                    n_detected=n_detected, n_saturated=n_saturated, n_crowded=n_crowded)
+                    n_detected=n_detected, n_saturated=n_saturated, n_crowded=n_crowded, fluxes=sums[ok])
 
 
 def extract_psfs(image, positions, radius: float, *, background_order: int = 2):

@@ -31,8 +31,10 @@ def _project_weighted_simplex(v, w):
 def _radius_for(subspace: OperatorSubspace) -> float:
     k = subspace.psf_basis.shape[-1]
     r = float(subspace.attrs.get("radius_px") or (k // 2) / 1.2)
-    if patch_size(r) != k:  # a subspace from elsewhere: the largest radius whose patches are K wide
-        r = (k // 2) / 1.2
+    if patch_size(r) != k:  # a subspace from elsewhere: a radius whose patches are K wide
+        r = (k // 2) / 1.2 * (1 - 1e-9)  # just below: ceil(1.2 r) must not round up past K // 2
+    if patch_size(r) != k:
+        raise ValueError(f"cannot match the subspace's {k}x{k} kernels with bead patches; learn it with lsfov")
     return r
 
 
@@ -78,7 +80,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     radius = _radius_for(subspace)
     if positions is None:
         beads = bead_psfs(img, radius, threshold=threshold)
-        patches, pos = beads.patches, beads.positions
+        patches, pos = beads.patches * beads.fluxes[:, None, None], beads.positions  # brightness back
     else:
         pos = np.asarray(positions, dtype=np.float64)
         if pos.ndim != 2 or pos.shape[1] != 2 or not np.all(np.isfinite(pos)):

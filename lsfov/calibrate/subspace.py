@@ -7,7 +7,7 @@ K·I maps gives the spatial basis a_j; image k's operator is ``Σ_ij Γ_k[i,j] h
 The maps are bilinear interpolations of node values (see :mod:`.interpolate`), so the SVD runs on
 node values in the metric that makes it exact on the pixel grid: ``⟨α, β⟩_pixels = ⟨Rα, Rβ⟩_nodes``
 with R the square root of the interpolation's Gram matrix. A 2304² family of 90 images is then a
-(450 × 21 000) problem instead of (450 × 5.3 M), with the same result.
+(450 × 9 000) problem instead of (450 × 5.3 M), with the same result.
 """
 from __future__ import annotations
 

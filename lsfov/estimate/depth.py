@@ -3,8 +3,9 @@
 Defocus alone cannot tell above from below the focal plane; an astigmatic system can: in the Z3
 model ``(−f, c, θ)`` and ``(f, c, θ + π/2)`` are the same PSF, so the side of focus shows in the
 axis. With θ0 the instrument's astigmatism axis, the signed defocus is ``focus · cos 2(axis − θ0)``.
-Paper 000 writes ``a1 (2 a3/π − 1)``, which is the same sign rule for θ0 = π/4 (its cylindrical
-lenses); :func:`calibrate_depth` finds θ0 with the linear map to µm, so any orientation works.
+Paper 000 writes ``a1 (2 a3/π − 1)``, which is the same sign rule for θ0 = 3π/4 (negative for an axis
+in (0, π/2), like ``cos 2(a − 3π/4) = −sin 2a``): its cylindrical lenses. :func:`calibrate_depth` finds
+θ0 with the linear map to µm, so any orientation works.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _check_map(psf_map):
                              f"this one has no {v!r}")
 
 
-def signed_defocus(psf_map, axis0: float = np.pi / 4):
+def signed_defocus(psf_map, axis0: float = 3 * np.pi / 4):
     """``focus · cos 2(axis − axis0)`` on the node grid (waves RMS): + on one side of focus, − on the other."""
     _check_map(psf_map)
     return psf_map["focus"] * np.cos(2 * (psf_map["axis"] - axis0))
@@ -115,7 +116,8 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
 
     With a calibration: µm from the focal plane. Without: paper 000 Eq. 14, ``focus (2 axis/π − 1)``
-    in waves RMS (the sign is right for an astigmatism axis near π/4 or 3π/4).
+    in waves RMS, whose sign follows the depth's for an instrument axis near 3π/4 (for one near π/4
+    it is reversed; calibrate to be sure).
     """
     _check_map(psf_map)
     if calibration is None:

@@ -144,7 +144,7 @@ def _exchange(x, y_ext, n, halo, params):
         args.append(da.overlap.overlap(x, depth=halo, boundary="none", allow_rechunk=False) if halo else x)
     fn = functools.partial(_block, n=n, halo=halo, **params)
     return da.map_blocks(fn, *args, chunks=params["chunks"], dtype=np.float32, meta=np.empty((0, 0), np.float32),
-                         name=f"lsfov-tvrl-{dask.base.tokenize(args, n, halo, params['tv'], params['eps'], params['scale'])}")
+                         name=f"lsfov-tvrl-{dask.base.tokenize(args, n, halo, params['op']._token, params['tv'], params['eps'], params['scale'])}")
 
 
 def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=None):
@@ -212,7 +212,7 @@ def _exchange_from_store(zx, zy, n, halo, params):
     window per thread."""
     fn = functools.partial(_block_from_store, zy=zy, zx=zx, n=n, halo=halo, **params)
     token = dask.base.tokenize(str(zy.store_path), None if zx is None else str(zx.store_path), n, halo,
-                               params["tv"], params["eps"], params["scale"])
+                               params["op"]._token, params["tv"], params["eps"], params["scale"])
     return da.map_blocks(fn, chunks=params["chunks"], dtype=np.float32, meta=np.empty((0, 0), np.float32),
                          name=f"lsfov-tvrl-{token}")
 

@@ -201,7 +201,7 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
         fn = functools.partial(_block, op=op, start=start, n=n, halo=halo, chunks=chunks, gamma1=gamma1,
                                gamma2=gamma2, steps=steps)
         state = da.map_blocks(fn, st, ys, chunks=state.chunks, dtype=np.float32,
-                              name=f"lsfov-bss-{dask.base.tokenize(st, ys, start, n, gamma1, gamma2, steps)}")
+                              name=f"lsfov-bss-{dask.base.tokenize(st, ys, op._token, start, n, gamma1, gamma2, steps)}")
         start += n
     return state[0].rechunk(in_chunks), state[1].rechunk(in_chunks)
 
