@@ -299,6 +299,7 @@ from lsfov import psf
 
 def main():
     mode, src, out, n, it = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    workers = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     m = psf.MODELS["Z3"]
     op = lsfov.ProductConvolution.from_grid(m.render(m.sample(16, 4), size=31).reshape(4, 4, 31, 31), (n, n))
     t = time.perf_counter()
@@ -307,7 +308,7 @@ def main():
         np.save(out, x)
     else:
         from lsfov.cluster import use_scheduler
-        with use_scheduler("local", n_workers=2):
+        with use_scheduler("local", n_workers=workers):
             x = lsfov.deconvolve(da.from_zarr(src), op, it, scratch=out + ".scratch")
             da.to_zarr(x, out, overwrite=True)
     print("compute", time.perf_counter() - t)
@@ -343,6 +344,36 @@ def section_chunked(a):
             f"- time ratio chunked / whole: **{tc / tw:.2f}** (goal <= 1.3: {'met' if tc / tw <= 1.3 else 'NOT met'})",
             f"- peak memory chunked / whole: **{mc / mw:.0%}** (goal <= 40%: {'met' if mc / mw <= 0.4 else 'NOT met'})",
             f"- largest difference chunked vs whole: {diff / ref:.1e} of the maximum", ""]
+
+
+def section_scaling(a):
+    """Strong scaling of the chunked deconvolution: 8192², 1 and 2 single-threaded workers."""
+    import dask.array as da
+
+    n, it = 8192, 10
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/y.zarr"
+        rng = np.random.default_rng(0)
+        da.from_array(rng.poisson(100, (n, n)).astype(np.float32), chunks=2048).to_zarr(src)
+        job = f"{tmp}/job.py"
+        Path(job).write_text(CHUNKED_JOB)
+        env = dict(os.environ, LSFOV_FFT_WORKERS="1")
+        rows = []
+        for w in (1, 2):
+            _, peak, out = measured([sys.executable, job, "chunked", src, f"{tmp}/x{w}.zarr", str(n), str(it), str(w)], env)
+            rows.append((w, float(re.search(r"compute ([\d.]+)", out).group(1)), peak))
+        same = bool(np.array_equal(da.from_zarr(f"{tmp}/x1.zarr").compute(), da.from_zarr(f"{tmp}/x2.zarr").compute()))
+    t1 = rows[0][1]
+    lines = [f"## Strong scaling: {n}x{n} chunked deconvolution, 1 and 2 workers", "",
+             f"`lsfov.deconvolve` ({it} TV-RL iterations, 4x4 grid of 31² PSFs, 2048² chunks, scratch on disk) on a "
+             "LocalCluster of single-threaded workers, in its own process; time of the computation (cluster "
+             "started beforehand). This machine has 2 cores.", "",
+             "| workers | time (s) | speed-up | efficiency | Mpixel·iterations/s | peak memory (GiB) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for w, t, peak in rows:
+        lines.append(f"| {w} | {t:.1f} | {t1 / t:.2f}x | {t1 / t / w:.0%} | {n * n * it / t / 1e6:.1f} | {peak / 2**30:.2f} |")
+    lines += ["", f"- results of 1 and 2 workers identical to the bit: {same}", ""]
+    return lines
 
 
 def section_bigdata(a):
@@ -838,7 +869,8 @@ def section_blind(a):
 
 SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv": section_tv,
             "chunked": section_chunked, "bigdata": section_bigdata, "cnn": section_cnn,
-            "calibrate": section_calibrate, "bss": section_bss, "psfmap": section_psfmap, "blind": section_blind}
+            "calibrate": section_calibrate, "bss": section_bss, "psfmap": section_psfmap, "blind": section_blind,
+            "scaling": section_scaling}
 
 
 def write_section(name, lines):

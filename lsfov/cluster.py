@@ -1,4 +1,5 @@
-"""Where Dask work runs: the threaded scheduler, a LocalCluster, or an existing scheduler."""
+"""Where Dask work runs: the threaded scheduler, a LocalCluster, a GPU cluster, an HPC batch system
+(SLURM, PBS through dask-jobqueue), or an existing scheduler."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,27 @@ import dask
 
 log = logging.getLogger("lsfov")
 
-SCHEDULERS = "threads | synchronous | local | tcp://HOST:PORT"
+SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT"
+
+_JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
+
+
+def jobqueue_cluster(kind: str, **settings):
+    """A dask-jobqueue cluster for ``kind`` ("slurm" or "pbs"), no jobs submitted yet.
+
+    Settings not given here come from the Dask configuration, the usual place for a site's HPC
+    settings: ``~/.config/dask/jobqueue.yaml`` (keys ``jobqueue.slurm.cores``, ``memory``,
+    ``walltime``, ``queue``, ``account``, ...) or environment variables such as
+    ``DASK_JOBQUEUE__SLURM__CORES=8``. ``cluster.job_script()`` shows what would be submitted;
+    ``cluster.scale(jobs=N)`` submits.
+    """
+    if kind not in _JOBQUEUE:
+        raise ValueError(f"unknown batch system {kind!r}; use one of {sorted(_JOBQUEUE)}")
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ValueError(f"--scheduler {kind} needs dask-jobqueue: pip install dask-jobqueue") from None
+    return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
 
 
 @contextlib.contextmanager
@@ -17,7 +38,9 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
 
     ``threads`` (default): Dask's threaded scheduler in this process. ``synchronous``: one thread
     (debugging). ``local``: a ``distributed.LocalCluster`` on this machine (dashboard link printed).
-    ``tcp://host:port``: an existing scheduler (e.g. one started by dask-jobqueue on an HPC system).
+    ``cuda``: dask-cuda's ``LocalCUDACluster``, one worker per GPU. ``slurm:N`` / ``pbs:N``: N batch
+    jobs of workers through dask-jobqueue (see :func:`jobqueue_cluster` for the settings).
+    ``tcp://host:port``: an existing scheduler.
     """
     spec = (spec or "threads").strip()
     if spec in ("threads", "synchronous", "sync"):
@@ -32,6 +55,29 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         ) as client:
             log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
             yield client
+        return
+    if spec == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise ValueError("--scheduler cuda needs dask-cuda and an NVIDIA GPU: pip install dask-cuda") from None
+        with LocalCUDACluster() as cluster, Client(cluster) as client:
+            log.info("CUDA cluster, one worker per GPU (%d); dashboard: %s", len(cluster.workers), client.dashboard_link)
+            yield client
+        return
+    kind, _, jobs = spec.partition(":")
+    if kind in _JOBQUEUE:
+        try:
+            n_jobs = int(jobs or n_workers or 1)
+        except ValueError:
+            raise ValueError(f"--scheduler {spec}: give the number of jobs as {kind}:N") from None
+        with jobqueue_cluster(kind) as cluster:
+            cluster.scale(jobs=n_jobs)
+            with Client(cluster) as client:
+                log.info("%s: %d job(s) submitted, workers join as they start; dashboard: %s", kind, n_jobs,
+                         client.dashboard_link)
+                log.debug("job script:\n%s", cluster.job_script())
+                yield client
         return
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         try:

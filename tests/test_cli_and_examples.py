@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -294,3 +295,30 @@ def test_cli_run_writes_one_result_napari_reads(run, tmp_path):
     # The operator comes back from the result.
     assert lsfov.operator_from_psf_map(r).grid_shape == r.focus.shape
     assert run("run", "in.zarr/image", "out.zarr", ok=False).exit_code == 1
+
+
+def test_slurm_and_pbs_clusters_without_a_batch_system():
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
+    from lsfov.cluster import jobqueue_cluster, use_scheduler
+
+    # Site settings come from the Dask configuration (here through its environment variables).
+    env = {**os.environ, "DASK_JOBQUEUE__SLURM__ACCOUNT": "mylab"}
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "slurm_deconvolve.py"), "--dry-run", "--cores", "8",
+                          "--memory", "32GB", "--walltime", "01:00:00", "--queue", "gpu"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    script = res.stdout
+    assert "#SBATCH -p gpu" in script and "#SBATCH -A mylab" in script and "--cpus-per-task=8" in script
+    with jobqueue_cluster("pbs", cores=4, memory="8GB") as cluster:
+        assert "#PBS" in cluster.job_script()
+    with dask.config.set({"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GB"}):
+        with use_scheduler("slurm:0") as client:  # no job submitted: nothing runs, nothing waits
+            assert "--cpus-per-task=2" in client.cluster.job_script()
+    with pytest.raises(ValueError, match="slurm:N"):
+        with use_scheduler("slurm:many"):
+            pass
+    with pytest.raises(ValueError, match="dask-cuda"):
+        with use_scheduler("cuda"):
+            pass

@@ -1,0 +1,69 @@
+"""Deconvolve a slide-sized OME-Zarr image on a SLURM cluster (dask-jobqueue).
+
+    python examples/slurm_deconvolve.py IN.ome.zarr OUT.zarr --operator OP.zarr --jobs 8
+    python examples/slurm_deconvolve.py --dry-run          # print the job script, submit nothing
+
+Site settings (partition, account, cores, memory, walltime) belong in the Dask configuration,
+``~/.config/dask/jobqueue.yaml``, for example::
+
+    jobqueue:
+      slurm:
+        cores: 8
+        processes: 2          # workers per job
+        memory: 32GB
+        walltime: "02:00:00"
+        queue: normal
+        account: mylab
+        local-directory: $TMPDIR
+
+The options below override them for one run. The same job from the command line:
+``lsfov deconvolve IN OUT --operator OP --scheduler slurm:8``.
+"""
+import argparse
+
+from lsfov.cluster import jobqueue_cluster
+
+
+def make_cluster(cores=None, memory=None, walltime=None, queue=None, account=None):
+    settings = {k: v for k, v in dict(cores=cores, memory=memory, walltime=walltime, queue=queue,
+                                      account=account).items() if v is not None}
+    return jobqueue_cluster("slurm", **settings)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", nargs="?")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--operator")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--jobs", type=int, default=4)
+    p.add_argument("--cores", type=int)
+    p.add_argument("--memory")
+    p.add_argument("--walltime")
+    p.add_argument("--queue")
+    p.add_argument("--account")
+    p.add_argument("--dry-run", action="store_true", help="print the job script and stop")
+    a = p.parse_args()
+    with make_cluster(a.cores, a.memory, a.walltime, a.queue, a.account) as cluster:
+        print(cluster.job_script())
+        if a.dry_run:
+            return
+        if not (a.src and a.out and a.operator):
+            p.error("give SRC, OUT and --operator (or --dry-run)")
+        import xarray as xr
+        from distributed import Client
+
+        import lsfov
+
+        cluster.scale(jobs=a.jobs)
+        with Client(cluster) as client:
+            print("dashboard:", client.dashboard_link)
+            img = lsfov.open_image(a.src, chunks=2048)
+            op = lsfov.ProductConvolution.load(a.operator)
+            # Scratch on a file system every node sees (next to the output).
+            x = lsfov.deconvolve(img, op, a.iterations, scratch=a.out + ".scratch")
+            lsfov.save(xr.Dataset({"deblurred": x}), a.out, progress=True)
+
+
+if __name__ == "__main__":
+    main()
