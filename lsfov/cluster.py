@@ -70,7 +70,9 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         try:
             n_jobs = int(jobs or n_workers or 1)
         except ValueError:
-            raise ValueError(f"--scheduler {spec}: give the number of jobs as {kind}:N") from None
+            n_jobs = -1
+        if n_jobs < 0:
+            raise ValueError(f"--scheduler {spec}: give the number of jobs as {kind}:N (N >= 0)")
         with jobqueue_cluster(kind) as cluster:
             cluster.scale(jobs=n_jobs)
             with Client(cluster) as client:
