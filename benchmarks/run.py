@@ -319,17 +319,25 @@ if __name__ == "__main__":  # LocalCluster workers are spawned processes
 """
 
 
+def _chunked_job(tmp, n):
+    """A Poisson image of n² in zarr (2048² chunks) and the deconvolution job script: their paths."""
+    import dask.array as da
+
+    src = f"{tmp}/y.zarr"
+    rng = np.random.default_rng(0)
+    da.from_array(rng.poisson(100, (n, n)).astype(np.float32), chunks=2048).to_zarr(src)
+    job = f"{tmp}/job.py"
+    Path(job).write_text(CHUNKED_JOB)
+    return src, job
+
+
 def section_chunked(a):
     """8192², 2048 chunks on a 2-worker LocalCluster vs the whole array: time and peak memory."""
     import dask.array as da
 
     n, it = 8192, a.iterations
     with tempfile.TemporaryDirectory() as tmp:
-        src = f"{tmp}/y.zarr"
-        rng = np.random.default_rng(0)
-        da.from_array(rng.poisson(100, (n, n)).astype(np.float32), chunks=2048).to_zarr(src)
-        job = f"{tmp}/job.py"
-        Path(job).write_text(CHUNKED_JOB)
+        src, job = _chunked_job(tmp, n)
         env_workers = dict(os.environ, LSFOV_FFT_WORKERS="1")  # one FFT thread per single-threaded worker
         tw, mw, _ = measured([sys.executable, job, "whole", src, f"{tmp}/x.npy", str(n), str(it)])
         tc, mc, _ = measured([sys.executable, job, "chunked", src, f"{tmp}/x.zarr", str(n), str(it)], env_workers)
@@ -352,11 +360,7 @@ def section_scaling(a):
 
     n, it = 8192, 10
     with tempfile.TemporaryDirectory() as tmp:
-        src = f"{tmp}/y.zarr"
-        rng = np.random.default_rng(0)
-        da.from_array(rng.poisson(100, (n, n)).astype(np.float32), chunks=2048).to_zarr(src)
-        job = f"{tmp}/job.py"
-        Path(job).write_text(CHUNKED_JOB)
+        src, job = _chunked_job(tmp, n)
         env = dict(os.environ, LSFOV_FFT_WORKERS="1")
         rows = []
         for w in (1, 2):

@@ -152,7 +152,10 @@ class PSFRegressor:
 
     def forward(self, patches, batch_size: int = 256) -> torch.Tensor:
         """Raw network outputs (B, 1 + n_targets): validity logit, encoded parameters."""
-        t = self._as_batch(patches)
+        return self._forward(self._as_batch(patches), batch_size)
+
+    def _forward(self, t: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """:meth:`forward` on an already validated (B, P, P) float32 batch."""
         self.net.eval()
         outs = []
         with torch.inference_mode():
@@ -176,13 +179,13 @@ class PSFRegressor:
             ``{parameter name: (B,) float32 in the model's units, "validity": (B,) probability that
             the patch can be read (1 = valid)}``.
         """
-        out = self.forward(patches, batch_size).cpu().numpy()
+        t = self._as_batch(patches)
+        out = self._forward(t, batch_size).cpu().numpy()
         params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
         res = {p: params[:, i] for i, p in enumerate(self.params)}
         validity = 1 / (1 + np.exp(-out[:, 0].astype(np.float64)))
         # A constant patch (all black, saturated, padded) carries nothing to read, whatever the
         # network says: standardised it is all zeros, an input it never saw in training.
-        t = self._as_batch(patches)
         flat = (t.std(dim=(-2, -1)) <= 1e-6 * t.abs().amax(dim=(-2, -1)).clamp_min(1e-12)).cpu().numpy()
         res["validity"] = np.where(flat, 0.0, validity).astype(np.float32)
         return res

@@ -53,7 +53,7 @@ def _psf_norms(op: ProductConvolution) -> tuple[float, float]:
     return float(np.abs(psfs).sum(axis=1).max()), float(np.sqrt((psfs**2).sum(axis=1)).max())
 
 
-def _steps(op: ProductConvolution, gamma2: float) -> tuple[float, float]:
+def _steps(op: ProductConvolution, gamma2: float, l1: float | None = None) -> tuple[float, float]:
     """Step sizes (τ1, τ2) for u1 and u2: FISTA in the metric diag(1/τ1, 1/τ2).
 
     The Hessian of the smooth part is ``[H H]ᵀ[H H] + diag(0, 2γ2ΔᵀΔ) ≼ diag(2‖H‖², 2‖H‖² + 128γ2)``
@@ -61,7 +61,8 @@ def _steps(op: ProductConvolution, gamma2: float) -> tuple[float, float]:
     for u2. ``‖H‖₂ ≤ sqrt(‖H‖₁‖H‖∞)``; for slowly varying PSFs both are the largest ℓ1 norm of a local
     PSF (5% margin for the variation between samples).
     """
-    l1, _ = _psf_norms(op)
+    if l1 is None:
+        l1, _ = _psf_norms(op)
     lh = 2.0 * (1.05 * l1) ** 2
     return 1.0 / lh, 1.0 / (lh + 128.0 * gamma2)
 
@@ -147,7 +148,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     gamma1, gamma2 = float(gamma1), float(gamma2)
     if not (gamma1 >= 0 and gamma2 >= 0):
         raise ValueError(f"gamma1 and gamma2 must be >= 0, got {gamma1}, {gamma2}")
-    steps = _steps(operator, gamma2)
+    steps = _steps(operator, gamma2, l1)  # the PSF norms read once (basis maps may be on disk)
     # u2 starts at the median level: the smoothness term slows u2 down, and a background left for
     # it to grow into would meanwhile be taken up by u1.
     start = np.float32(max(float(np.median(sample)), 0.0) / max(l1, 1e-12))
