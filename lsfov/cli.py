@@ -1,7 +1,9 @@
 """The ``lsfov`` command line: thin commands over the Python API."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +16,8 @@ from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 
 log = logging.getLogger("lsfov")
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+                MemoryError)
 
 
 class _Group(click.Group):
@@ -63,6 +66,39 @@ def _plane_options(f):
 
 def _overwrite_option(f):
     return click.option("--overwrite", is_flag=True, help="Replace an existing output.")(f)
+
+
+def _resume_option(f):
+    return click.option("--resume", is_flag=True,
+                        help="Continue an interrupted run of the same command: only the missing chunks are computed.")(f)
+
+
+@contextlib.contextmanager
+def _run_state(out: Path, parent, resume: bool):
+    """The scratch directory of the run that writes ``out``; kept if the run fails, for ``--resume``.
+
+    Without ``resume`` a state left by an earlier run is discarded. Hidden ``.OUT.partial-*``
+    directories left by a run killed while writing its result (never mistaken for a result: they are
+    not under the result's name and lack the completion marker) are removed.
+    """
+    state = Path(parent or out.parent) / f".{out.name}.scratch"
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if state.exists() and not resume:
+        shutil.rmtree(state)
+    elif resume and not state.exists():
+        log.warning("nothing to resume in %s; starting from the beginning", state)
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        yield state
+    except BaseException:
+        if any(state.glob("*/done/*")) or (state / "psf_map.zarr").exists():
+            click.echo(f"interrupted; the work done so far is kept in {state}: run the same command with --resume "
+                       "to finish only what is missing", err=True)
+        else:  # refused before any work (bad input): leave nothing behind
+            shutil.rmtree(state, ignore_errors=True)
+        raise
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def _check_out(path, overwrite):
@@ -166,14 +202,13 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
               help="Directory for intermediate estimates, visible to all workers (default: beside OUT).")
 @_plane_options
 @_scheduler_option
+@_resume_option
 @_overwrite_option
 @click.pass_obj
 def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
-               channel, zplane, tpoint, scheduler, overwrite):
+               channel, zplane, tpoint, scheduler, resume, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
-    import tempfile
-
     import xarray as xr
 
     from . import io
@@ -200,11 +235,9 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
     log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
     t0 = time.perf_counter()
-    scratch_parent = Path(scratch) if scratch else out.parent
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    with use_scheduler(scheduler), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-",
-                                                               dir=scratch_parent) as tmp:
-        result = run(img, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, progress=not obj["quiet"])
+    with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
+        result = run(img, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
+                     progress=not obj["quiet"])
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", "source": str(src), "operator": str(operator_path or psf_path or map_path),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
@@ -313,15 +346,14 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zp
 @click.option("--figure", type=click.Path(), default=None, help="PNG summary: raw, deblurred, PSF grid, depth.")
 @_plane_options
 @_scheduler_option
+@_resume_option
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, channel, zplane,
-                 tpoint, scheduler, overwrite):
+                 tpoint, scheduler, resume, overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
-    import tempfile
-
     import xarray as xr
 
     from . import io
@@ -336,8 +368,8 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         img = img.assign_coords({d: xr.Variable(d, pixel_um * np.arange(img.sizes[d]), attrs={"units": "micrometer"})
                                  for d in ("y", "x")}).assign_attrs(pixel_um=pixel_um)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with use_scheduler(scheduler), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as tmp:
-        ds, op, stages = _pipeline(img, model, stride, iterations, tv, cal, tmp, not obj["quiet"])
+    with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
+        ds, op, stages = _pipeline(img, model, stride, iterations, tv, cal, tmp, not obj["quiet"], resume)
         ds.attrs.update(command="lsfov run", source=str(src))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -357,24 +389,31 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         click.echo(f"figure: {figure}")
 
 
-def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress):
+def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume=False):
     """PSF map -> operator -> deconvolution (lazy, through ``scratch``) -> depth: the result's variables
     as one Dataset, the operator, and the time of each stage."""
     import xarray as xr
 
+    from . import io
     from .estimate.depth import estimate_depth
     from .estimate.mapping import estimate_psf_map, operator_from_psf_map
     from .restore import deconvolve as run
 
     stages = {}
     t = time.perf_counter()
-    psf_map = estimate_psf_map(img, model, stride=stride, progress=progress)
+    saved = Path(scratch) / "psf_map.zarr"  # kept with the run's state, so that --resume does not redo it
+    if resume and saved.exists():
+        psf_map = io.open_result(saved)
+        log.info("resuming: PSF map read from %s", saved)
+    else:
+        psf_map = estimate_psf_map(img, model, stride=stride, progress=progress)
+        io.save(psf_map.assign(filled=psf_map["filled"].astype(np.uint8)), saved, overwrite=True)
     stages["PSF map"] = time.perf_counter() - t
     t = time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
     stages["operator"] = time.perf_counter() - t
     t = time.perf_counter()
-    deblurred = run(img, op, iterations, tv, scratch=scratch, progress=progress)
+    deblurred = run(img, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)
     stages["deconvolution (lazy)"] = time.perf_counter() - t
     variables = {"raw": img, "deblurred": deblurred}
     variables.update({p: psf_map[p] for p in psf_map.attrs["params"]})

@@ -109,10 +109,30 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
     """Compute a Dask collection where Dask runs now, with a progress bar if asked.
 
     On a distributed cluster the bar follows the futures (``distributed.progress``); on the local
-    schedulers it is Dask's ``ProgressBar``, or, with ``on_task``, the caller's own: ``on_task(key)``
-    is called as each task finishes (e.g. to advance one ``tqdm`` bar over several passes).
+    schedulers it is Dask's ``ProgressBar``, or, with ``on_task``, the caller's own: ``on_task(key,
+    result)`` is called as each task finishes (e.g. to advance one ``tqdm`` bar over several passes).
     ``label`` is logged first, so that a run of several passes says which one a bar belongs to.
     """
+    try:
+        return _compute(obj, progress, label, on_task)
+    except MemoryError as e:
+        raise MemoryError(f"out of memory in a Dask task ({e or 'no detail'}); use smaller chunks (--chunks) "
+                          "or fewer threads") from e
+    except Exception as e:
+        if type(e).__name__ != "KilledWorker":
+            raise
+        # A task whose workers died ``distributed.scheduler.allowed-failures`` times: almost always a
+        # worker over its memory limit (the nanny kills it), sometimes a crash in native code.
+        raise MemoryError(f"Dask workers died {_allowed_failures() + 1} times running the same task ({e.args[0]!r}), "
+                          "most often because a chunk needs more memory than a worker has; use smaller chunks "
+                          "(--chunks) or give each worker more memory") from e
+
+
+def _allowed_failures() -> int:
+    return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
+
+
+def _compute(obj, progress, label, on_task):
     if progress and label:
         log.info(label)
     client = _active_client()
@@ -128,7 +148,7 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
 
         class _OnTask(Callback):
             def _posttask(self, key, result, dsk, state, worker_id):
-                on_task(key)
+                on_task(key, result)
 
         with _OnTask():
             return dask.compute(obj)[0]

@@ -197,6 +197,22 @@ class ProductConvolution:
         self._plan_cache = None
         self._group_spectra: dict = {}
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what the operator does (form, shape, kernels, nodes or maps, window), equal for
+        equal operators in any process; ``_token`` is only an identity for caches."""
+        from dask.base import tokenize
+
+        def content(a):
+            if a is None or isinstance(a, np.ndarray):
+                return a
+            if hasattr(a, "store_path"):  # a lazy zarr array: its location, not gigabytes of reads
+                return (str(a.store_path), a.shape, str(a.dtype))
+            return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy -> host, once
+
+        return tokenize(self.kind, self.shape, content(self.kernels), self.centers, content(self.maps),
+                        self.window, self.periodic)
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_grid(cls, psfs, shape, centers=None, attrs=None) -> "ProductConvolution":

@@ -152,13 +152,21 @@ def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
+    real_write = lsfov.io._write_variable
     monkeypatch.setattr(lsfov.io, "_write_variable", crash)
     res = run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--overwrite", ok=False)
     assert res.exit_code != 0
     np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values, before)  # old kept
     res = run("-q", "deconvolve", "y.npy", "new.zarr", "--psf", "psf.npy", ok=False)
     assert not (tmp_path / "new.zarr").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # What is left is the iterations' state, for --resume; no partial result.
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [".d.zarr.scratch", ".new.zarr.scratch"]
+    assert "--resume" in res.output
+    monkeypatch.setattr(lsfov.io, "_write_variable", real_write)
+    run("-q", "deconvolve", "y.npy", "new.zarr", "--psf", "psf.npy", "--resume")
+    assert lsfov.open_result(tmp_path / "new.zarr").deblurred.shape == before.shape
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".d.zarr.scratch"]
 
 
 def test_quickstart_example_runs(tmp_path):

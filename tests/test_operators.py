@@ -151,6 +151,14 @@ def test_operator_pickles_without_its_caches_and_finds_them_again():
     np.testing.assert_array_equal(clone.apply(u), out)
 
 
+def test_fingerprint_follows_content_not_identity(tmp_path):
+    op = _grid_op()
+    again = ProductConvolution.load(op.save(tmp_path / "op.zarr"))  # a new object, as in another process
+    assert again._token != op._token and again.fingerprint == op.fingerprint
+    assert _grid_op(seed=2).fingerprint != op.fingerprint
+    assert _basis_op().fingerprint == _basis_op().fingerprint != _basis_op(seed=3).fingerprint
+
+
 def test_adjoint_ones_is_the_adjoint_of_the_image_indicator():
     for op in (_grid_op(), _basis_op()):
         ones = np.ones(op.shape, np.float32)

@@ -154,17 +154,21 @@ class PSFRegressor:
         """Raw network outputs (B, 1 + n_targets): validity logit, encoded parameters."""
         return self._forward(self._as_batch(patches), batch_size)
 
-    def _forward(self, t: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """:meth:`forward` on an already validated (B, P, P) float32 batch."""
+    def _forward(self, t: torch.Tensor, batch_size: int, fixed: bool = False) -> torch.Tensor:
+        """:meth:`forward` on an already validated (B, P, P) float32 batch; ``fixed``: every pass on
+        exactly ``batch_size`` patches, the last one padded with zeros."""
         self.net.eval()
         outs = []
         with torch.inference_mode():
             for s in range(0, len(t), batch_size):
                 x = t[s : s + batch_size].to(self.device, non_blocking=True)
-                outs.append(self.net(standardize(x)[:, None]).float())
+                n = len(x)
+                if fixed and n < batch_size:
+                    x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])
+                outs.append(self.net(standardize(x)[:, None]).float()[:n])
         return torch.cat(outs) if outs else torch.empty((0, 1 + n_targets(self.psf_model)))
 
-    def predict(self, patches, batch_size: int = 256) -> dict:
+    def predict(self, patches, batch_size: int = 256, *, reproducible: bool = False) -> dict:
         """Regress the PSF parameters of each patch.
 
         Parameters
@@ -172,6 +176,11 @@ class PSFRegressor:
         patches : (B, P, P) or (P, P) array (NumPy or torch), any intensity scale
         batch_size : int
             Patches per forward pass.
+        reproducible : bool
+            Run every pass on exactly ``batch_size`` patches (the last padded), so that a patch's
+            result does not depend on which patches share its batch: the math libraries pick their
+            kernels, and with them the float rounding, by batch size. PSF maps use it, so that their
+            bytes do not depend on the chunking.
 
         Returns
         -------
@@ -180,7 +189,7 @@ class PSFRegressor:
             the patch can be read (1 = valid)}``.
         """
         t = self._as_batch(patches)
-        out = self._forward(t, batch_size).cpu().numpy()
+        out = self._forward(t, batch_size, fixed=reproducible).cpu().numpy()
         params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
         res = {p: params[:, i] for i, p in enumerate(self.params)}
         validity = 1 / (1 + np.exp(-out[:, 0].astype(np.float64)))

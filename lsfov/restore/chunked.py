@@ -70,6 +70,54 @@ def choose_exchange_every(chunk_shape, op: ProductConvolution, iterations: int, 
     return best
 
 
+def task_bytes(block, halo: int, op: ProductConvolution) -> int:
+    """Peak memory of one TV-RL block task: its window (block + halo on each side) on the FFT grid
+    (grown by the kernel radius) times the bytes per pixel measured with ``tracemalloc``: about 45
+    for one PSF (y, x, its ratio, gradients, two real spectra), 110 for grids and bases (one term
+    per neighbouring node or component)."""
+    per_px = 48 if op.n_psfs == 1 else 128
+    area = math.prod(b + 2 * halo + 2 * op.halo for b in block)
+    return per_px * area
+
+
+def check_task_memory(block, halo: int, op: ProductConvolution):
+    """Refuse, before any work, blocks whose tasks cannot fit: the memory of a Dask worker (its
+    ``memory_limit``) or of this machine (available RAM) shared by the threads that run tasks."""
+    from ..cluster import _active_client
+
+    need = task_bytes(block, halo, op)
+    client = _active_client()
+    if client is not None:
+        workers = client.scheduler_info().get("workers", {}).values()
+        budgets = [(w["memory_limit"], w["nthreads"]) for w in workers if w.get("memory_limit")]
+        where = "each worker has {:.2g} GiB for {} thread(s)"
+    else:
+        import os
+
+        threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+        budgets = [(_available_memory(), 1 if dask.config.get("scheduler", "") == "synchronous"
+                    else threads)]
+        where = "this machine has {:.2g} GiB available for {} thread(s)"
+    if not budgets:
+        return
+    limit, threads = min(budgets, key=lambda b: b[0] / max(b[1], 1))
+    if need * threads <= limit:
+        return
+    # The largest chunk edge whose tasks fit, rounded down to a multiple of 256.
+    edge = math.isqrt(int(limit / threads / (48 if op.n_psfs == 1 else 128))) - 2 * halo - 2 * op.halo
+    edge = edge // 256 * 256
+    hint = (f"use chunks of {edge} px or less (--chunks {edge})" if edge >= 256 else
+            "use chunks of 256 px and --exchange-every 1 (a smaller halo), or more memory per worker")
+    raise MemoryError(f"blocks of {block[0]}x{block[1]} px with a {halo} px halo need about {need / 2**30:.2g} GiB "
+                      f"per task, but {where.format(limit / 2**30, threads)}; {hint}")
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def _axis_chunks(n: int, c: int, minimum: int) -> tuple[int, ...]:
     """Chunks of size ``c`` (raised to ``minimum``), the remainder merged into the last if too small.
 
@@ -89,7 +137,8 @@ def _axis_chunks(n: int, c: int, minimum: int) -> tuple[int, ...]:
 
 
 def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
-                    exchange_every: int | None = None, scratch=None, progress: bool = False) -> da.Array:
+                    exchange_every: int | None = None, scratch=None, resume: bool = False,
+                    progress: bool = False) -> da.Array:
     """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks."""
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; select a plane first")
@@ -121,6 +170,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
                  c, halo, k, s)
     ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
     chunks = tuple(_axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
+    check_task_memory(tuple(max(ch) for ch in chunks), halo, op)
     y_ext = da.pad(y, r).rechunk(chunks)
     params = dict(op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
     counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
@@ -132,7 +182,10 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         for n in counts:
             x = _exchange(x, y_ext, n, s * n, params)
     else:
-        x = _run_to_scratch(y_ext, counts, s, params, Path(scratch), c, progress)
+        # Same data (its statistics), operator and parameters -> same state directory: what resume finds.
+        fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), chunks, counts, s,
+                                         op.fingerprint, tv, eps)
+        x = _run_to_scratch(y_ext, counts, s, params, Path(scratch), c, progress, resume, fingerprint)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
@@ -164,57 +217,109 @@ def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=
     return np.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
 
 
-def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress):
-    """Every exchange through zarr: memory stays at a few chunks, whatever the image size."""
+def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume=False, fingerprint=""):
+    """Every exchange through zarr: memory stays at a few chunks, whatever the image size.
+
+    The run is resumable. Its state lives in ``scratch/lsfov-tvrl-<fingerprint>`` (the fingerprint
+    covers the data's statistics, the operator and every parameter, so another run never picks it
+    up): a marker file is written after each block of an exchange is stored, and another once the
+    whole exchange is. Exchange ``e`` reads only buffer ``(e-1) % 2`` and writes only ``e % 2``, so
+    a run that died anywhere continues from the blocks that have no marker and gives the same bytes.
+    """
+    import shutil
+
     import zarr
 
     from ..cluster import _active_client, compute
 
-    scratch.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="lsfov-tvrl-", dir=scratch))
+    root = scratch / f"lsfov-tvrl-{fingerprint[:16]}"
+    if root.exists() and not resume:
+        shutil.rmtree(root)  # a fresh run
+    (root / "done").mkdir(parents=True, exist_ok=True)
     zchunks = tuple(min(ci, n) for ci, n in zip(c, y_ext.shape))
     n_blocks = y_ext.npartitions
+    done_blocks = 0
+    for e in range(len(counts)):
+        if (root / "done" / f"x{e}").exists():
+            done_blocks += counts[e] * n_blocks
+        elif (root / "done" / f"x{e}.blocks").is_dir():
+            done_blocks += counts[e] * len(list((root / "done" / f"x{e}.blocks").iterdir()))
+    if resume and done_blocks:
+        log.info("resuming from %s: %d of %d block-iterations already done", root, done_blocks,
+                 sum(counts) * n_blocks)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(counts) * n_blocks, unit="block-it", desc="TV-RL", unit_scale=True)
+        bar = tqdm(total=sum(counts) * n_blocks, initial=done_blocks, unit="block-it", desc="TV-RL", unit_scale=True)
     local = _active_client() is None
 
-    def store(arr, name, n=0):
-        z = zarr.create_array(str(root / name), shape=arr.shape, chunks=zchunks, dtype=np.float32, overwrite=True,
-                              compressors=None, fill_value=0, zarr_format=3)
+    def array(name):
+        if (root / name / "zarr.json").exists():
+            return zarr.open_array(str(root / name), mode="r+")
+        return zarr.create_array(str(root / name), shape=y_ext.shape, chunks=zchunks, dtype=np.float32,
+                                 compressors=None, fill_value=0, zarr_format=3)
+
+    def run(graph, n):
         on_task = None
-        if bar is not None and n and local:
-            def on_task(key):  # noqa: E306 - the TV-RL block is fused into its store task
-                if str(key[0] if isinstance(key, tuple) else key).startswith("store-map-"):
+        if bar is not None and local:
+            def on_task(key, result):  # noqa: E306 - one TV-RL block finished (not skipped)
+                if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-tvrl-") and bool(result.all()):
                     bar.update(n)
-        compute(da.store(arr, z, lock=False, compute=False), progress=bar is not None and not local, on_task=on_task)
-        if bar is not None and n and not local:
-            bar.update(n * n_blocks)
-        return z
+        compute(graph, progress=bar is not None and not local, on_task=on_task)
 
     try:
-        zy, zx = store(y_ext, "y"), None
+        zy = array("y")
+        if not (root / "done" / "y").exists():
+            compute(da.store(y_ext, zy, lock=False, compute=False))
+            (root / "done" / "y").touch()
+        zx = None
         for e, n in enumerate(counts):
-            zx = store(_exchange_from_store(zx, zy, n, s * n, params), f"x{e % 2}", n)
+            zout = array(f"x{e % 2}")
+            if not (root / "done" / f"x{e}").exists():
+                marks = root / "done" / f"x{e}.blocks"
+                marks.mkdir(exist_ok=True)
+                run(_exchange_to_store(zx, zy, zout, marks, n, s * n, params), n)
+                (root / "done" / f"x{e}").touch()
+                shutil.rmtree(marks, ignore_errors=True)
+                if bar is not None and not local:
+                    bar.update(n * n_blocks)
+            zx = zout
     finally:
         if bar is not None:
             bar.close()
     return da.from_zarr(zx, chunks=params["chunks"])
 
 
-def _exchange_from_store(zx, zy, n, halo, params):
-    """Like :func:`_exchange` for arrays already in zarr (``zx``: the estimate, None at the start;
-    ``zy``: the extended image). Each task reads its own window, halo included, straight from the
-    store. No task depends on another, so the scheduler never holds neighbouring chunks for later
-    (with overlap it kept about a row of them, and memory grew with the image): peak memory is one
-    window per thread."""
-    fn = functools.partial(_block_from_store, zy=zy, zx=zx, n=n, halo=halo, **params)
-    token = dask.base.tokenize(str(zy.store_path), None if zx is None else str(zx.store_path), n, halo,
-                               params["op"]._token, params["tv"], params["eps"], params["scale"])
-    return da.map_blocks(fn, chunks=params["chunks"], dtype=np.float32, meta=np.empty((0, 0), np.float32),
-                         name=f"lsfov-tvrl-{token}")
+def _exchange_to_store(zx, zy, zout, marks: Path, n, halo, params):
+    """One exchange as independent tasks: each reads its own window, halo included, straight from
+    the stores (``zx``: the estimate, None at the start; ``zy``: the extended image), runs ``n``
+    iterations, writes its core into ``zout`` and marks the block done. No task depends on another,
+    so the scheduler never holds neighbouring chunks for later (with ``da.overlap`` it kept about a
+    row of them, and memory grew with the image): peak memory is one window per thread. Returns a
+    small array of flags, True for the blocks computed now, False for those done before."""
+    fn = functools.partial(_store_block, zy=zy, zx=zx, zout=zout, marks=marks, n=n, halo=halo, **params)
+    token = dask.base.tokenize(str(zy.store_path), None if zx is None else str(zx.store_path), str(zout.store_path),
+                               str(marks), n, halo, params["op"]._token, params["tv"], params["eps"], params["scale"])
+    flags = tuple((1,) * len(ch) for ch in params["chunks"])
+    return da.map_blocks(fn, chunks=flags, dtype=bool, meta=np.empty((0, 0), bool), name=f"lsfov-tvrl-{token}")
+
+
+def _store_block(*, zout, marks: Path, chunks, block_info=None, **kw):
+    iy, ix = block_info[None]["chunk-location"]
+    mark = marks / f"{iy}.{ix}"
+    if mark.exists():
+        return np.zeros((1, 1), bool)
+    x = _block_from_store(chunks=chunks, block_info=_at(iy, ix), **kw)
+    y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
+    # Blocks are unions of whole zarr chunks (see _axis_chunks): no two tasks write the same chunk.
+    zout[y0 : y0 + x.shape[0], x0 : x0 + x.shape[1]] = x
+    mark.touch()  # only after the write: a task killed mid-write leaves no mark and is redone
+    return np.ones((1, 1), bool)
+
+
+def _at(iy, ix):
+    return {None: {"chunk-location": (iy, ix)}}
 
 
 def _block_from_store(zy, zx, *, n, halo, chunks, block_info=None, **params):

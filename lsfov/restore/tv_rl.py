@@ -170,7 +170,8 @@ def _check_params(operator, iterations, tv, eps, exchange_every):
 
 
 def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: float = DEFAULT_TV, *,
-               eps: float = DEFAULT_EPS, exchange_every: int | None = None, scratch=None, progress: bool = False):
+               eps: float = DEFAULT_EPS, exchange_every: int | None = None, scratch=None, resume: bool = False,
+               progress: bool = False):
     """Deblur an image with TV-regularised Richardson-Lucy and a product-convolution operator.
 
     Parameters
@@ -197,6 +198,10 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         written and read back, which bounds memory by a few chunks for images larger than memory.
         The iterations then run in this call; the returned lazy array reads the final estimate from
         ``scratch``, which must stay until it has been stored.
+    resume : bool
+        With ``scratch``: continue the run with the same data, operator and parameters that was
+        interrupted there (a crash, a killed job): blocks and exchanges already done are skipped, and
+        the result is the same, bit for bit. Without it, an earlier state in ``scratch`` is discarded.
     progress : bool
         Show progress bars.
 
@@ -206,19 +211,21 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     chunks; xarray in -> xarray out with the same coords and attrs (named ``deblurred``). float32.
     """
     iterations, tv, eps, exchange_every = _check_params(operator, iterations, tv, eps, exchange_every)
+    if resume and scratch is None:
+        raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     import xarray as xr
 
     if isinstance(image, xr.DataArray):
         if image.ndim != 2:
             raise ValueError(f"image must be 2-D (y, x), got dims {image.dims}; select a plane first")
         out = deconvolve(image.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
-                         scratch=scratch, progress=progress)
+                         scratch=scratch, resume=resume, progress=progress)
         return image.copy(data=out).rename("deblurred")
     if type(image).__module__.startswith("dask"):
         from .chunked import deconvolve_dask
 
         return deconvolve_dask(image, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
-                               scratch=scratch, progress=progress)
+                               scratch=scratch, resume=resume, progress=progress)
     y = as_image(image)
     _check_shape(y.shape, operator)
     scale = float(y.mean())

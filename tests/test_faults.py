@@ -1,0 +1,278 @@
+"""Faults and determinism: interrupted and resumed runs, workers killed mid-run, out-of-memory
+messages, and the same bytes whatever the chunking, the scheduler and the number of workers."""
+import os
+import re
+import signal
+import threading
+import time
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import lsfov
+from lsfov import simulate as sim
+from lsfov.restore import chunked
+
+
+@pytest.fixture(scope="module")
+def scene():
+    sharp = sim.sample_image("cell", (200, 230))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (3, 3), seed=1, size=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = np.maximum(sim.degrade(sharp, op, photons=300, seed=0), 0)
+    return op, y
+
+
+def _counting(monkeypatch, fail_at=None):
+    """Count TV-RL block computations; raise at call number ``fail_at`` (a crash mid-exchange)."""
+    calls = []
+    real = chunked._block
+
+    def block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "_block", block)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene, tmp_path, monkeypatch):
+    op, y = scene
+    dy = da.from_array(y, chunks=60)
+    kw = dict(exchange_every=2, scratch=tmp_path / "s")
+    with dask.config.set(scheduler="synchronous"):
+        calls = _counting(monkeypatch)
+        ref = lsfov.deconvolve(dy, op, 6, **kw).compute()
+        total = len(calls)  # 3 exchanges x 16 blocks
+        assert total == 3 * 16
+        calls = _counting(monkeypatch, fail_at=16 + 9)  # dies in the second exchange, 8 blocks of it done
+        with pytest.raises(RuntimeError, match="power cut"):
+            lsfov.deconvolve(dy, op, 6, **kw)
+        calls = _counting(monkeypatch)
+        out = lsfov.deconvolve(dy, op, 6, resume=True, **kw).compute()
+        assert len(calls) == total - 16 - 8
+        np.testing.assert_array_equal(out, ref)
+        # Without resume the state is discarded and everything runs again.
+        calls = _counting(monkeypatch)
+        np.testing.assert_array_equal(lsfov.deconvolve(dy, op, 6, **kw).compute(), ref)
+        assert len(calls) == total
+        # Another parameter is another run: resume must not pick up this one's state.
+        calls = _counting(monkeypatch)
+        lsfov.deconvolve(dy, op, 6, tv=0.0, resume=True, **kw)
+        assert len(calls) == total
+
+
+def test_resume_needs_a_scratch_directory(scene):
+    op, y = scene
+    with pytest.raises(ValueError, match="scratch"):
+        lsfov.deconvolve(da.from_array(y, chunks=100), op, 2, resume=True)
+
+
+def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL (no cleanup at all) in the middle of `lsfov deconvolve`; `--resume` finishes it."""
+    import subprocess
+    import sys
+
+    sharp = sim.sample_image("cell", (384, 384))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)
+    np.save(tmp_path / "y.npy", np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0))
+    op.save(tmp_path / "op.zarr")
+    cmd = [sys.executable, "-m", "lsfov", "deconvolve", "y.npy", "OUT", "--operator", "op.zarr",
+           "--iterations", "12", "--chunks", "64", "--exchange-every", "1", "--scheduler", "synchronous"]
+    run = lambda out, *extra: subprocess.run([c.replace("OUT", out) for c in cmd] + list(extra), cwd=tmp_path,  # noqa: E731
+                                             capture_output=True, text=True, timeout=300)
+    ref = run("ref.zarr")
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([c.replace("OUT", "d.zarr") for c in cmd], cwd=tmp_path)
+    scratch = tmp_path / ".d.zarr.scratch"
+    deadline = time.monotonic() + 240
+    while not list(scratch.glob("*/done/x2")):  # two exchanges of twelve done
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "d.zarr").exists()  # nothing that looks like a result
+    res = run("d.zarr", "--resume")
+    assert res.returncode == 0, res.stderr
+    done, total = map(int, re.search(r"resuming from .*: (\d+) of (\d+) block-iterations", res.stderr).groups())
+    assert 2 * total // 12 <= done < total  # at least the two finished exchanges were not redone
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values,
+                                  lsfov.open_result(tmp_path / "ref.zarr").deblurred.values)
+    assert not scratch.exists()  # cleaned once the result is complete
+
+
+# ----------------------------------------------------------------------------------------- workers lost
+
+
+def test_worker_killed_mid_deconvolution_run_completes_with_the_same_bytes(scene, tmp_path):
+    from lsfov.cluster import use_scheduler
+
+    op, y = scene
+    dy = da.from_array(y, chunks=60)
+    with dask.config.set(scheduler="threads"):
+        ref = lsfov.deconvolve(dy, op, 8, exchange_every=1, scratch=tmp_path / "a").compute()
+    with use_scheduler("local", n_workers=2) as client:
+        pids = list(client.run(os.getpid).values())
+        killed = []
+
+        def kill_when_started():  # once the second exchange has begun, SIGKILL one worker process
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not killed:
+                if any(p.iterdir() for p in (tmp_path / "b").glob("*/done/x1.blocks")):
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=kill_when_started)
+        thread.start()
+        out = lsfov.deconvolve(dy, op, 8, exchange_every=1, scratch=tmp_path / "b").compute()
+        thread.join()
+        assert killed, "no worker was killed: the test did not test anything"
+        assert pids[0] not in client.run(os.getpid).values()  # the nanny started a new one
+    np.testing.assert_array_equal(out, ref)
+
+
+def _die_once(block, flag):
+    """Kill this worker process the first time any task gets here (a crash in the middle of a run)."""
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return block
+    os.close(fd)
+    os._exit(1)
+
+
+def test_worker_killed_mid_psf_map_run_completes_with_the_same_values(tmp_path):
+    import cloudpickle
+
+    from lsfov.cluster import use_scheduler
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import this test module
+    img = da.from_array(sim.sample_image("cell", (384, 384)), chunks=192)
+    ref = lsfov.estimate_psf_map(img, "G1", stride=64)
+    doomed = img.map_blocks(_die_once, str(tmp_path / "flag"), dtype=img.dtype, meta=img._meta)  # no trial call here
+    with use_scheduler("local", n_workers=2):
+        out = lsfov.estimate_psf_map(doomed, "G1", stride=64)
+    assert (tmp_path / "flag").exists()  # a worker did die
+    for name in ref.data_vars:
+        np.testing.assert_array_equal(out[name].values, ref[name].values)
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+def test_a_worker_over_its_memory_gives_a_message_about_chunks():
+    from distributed import Client, LocalCluster
+
+    from lsfov.cluster import compute
+
+    def hog(block):
+        big = np.ones(int(600e6) // 8)  # 600 MB, more than the worker's 200 MB
+        return block + big[:1]
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), LocalCluster(
+        n_workers=1, threads_per_worker=1, memory_limit="200MB", dashboard_address=":0"
+    ) as cluster, Client(cluster):
+        with pytest.raises(MemoryError, match="smaller chunks"):
+            compute(da.zeros(4, chunks=4).map_blocks(hog, meta=np.empty(0)))
+
+
+def test_out_of_memory_in_a_thread_says_what_to_do():
+    from lsfov.cluster import compute
+
+    def fail(block):
+        raise MemoryError("Unable to allocate 40 GiB")
+
+    with pytest.raises(MemoryError, match="smaller chunks.*--chunks|--chunks"):
+        compute(da.zeros(4, chunks=2).map_blocks(fail, meta=np.empty(0)))
+
+
+class _StubClient:
+    def __init__(self, limit, nthreads):
+        self.info = {"workers": {"tcp://a": {"memory_limit": limit, "nthreads": nthreads},
+                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads}}}
+
+    def scheduler_info(self):
+        return self.info
+
+
+def test_blocks_too_big_for_a_worker_are_refused_before_any_work(monkeypatch):
+    from lsfov import cluster
+
+    op = lsfov.ProductConvolution.from_grid(np.ones((4, 4, 31, 31), np.float32) / 961, (8192, 8192))
+    need = chunked.task_bytes((2048, 2048), 120, op)
+    assert 128 * 2048**2 < need < 128 * 2400**2
+    monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(int(1.5 * need), 2))  # the smaller worker counts
+    with pytest.raises(MemoryError, match=r"about 0.64 GiB per task, but each worker has 0.96 GiB for 2 thread\(s\); "
+                                          r"use chunks of 1536 px or less \(--chunks 1536\)"):
+        chunked.check_task_memory((2048, 2048), 120, op)
+    chunked.check_task_memory((1536, 1536), 120, op)  # what the message proposes does fit
+    monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(10 * 2**20, 1))
+    with pytest.raises(MemoryError, match="exchange-every 1"):
+        chunked.check_task_memory((2048, 2048), 120, op)
+
+
+def test_cli_refuses_chunks_this_machine_cannot_hold(run_cli, monkeypatch):
+    sharp = sim.sample_image("cell", (300, 300))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)
+    np.save("y.npy", op.apply(sharp))
+    op.save("op.zarr")
+    monkeypatch.setattr(chunked, "_available_memory", lambda: 8 * 2**20)
+    res = run_cli("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--chunks", "512")
+    assert res.exit_code == 1 and "GiB per task, but this machine has" in res.output, res.output
+    assert "Traceback" not in res.output and not os.path.exists("d.zarr")
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lsfov.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: CliRunner().invoke(main, list(args))
+
+
+# ----------------------------------------------------------------------------------------- determinism
+
+
+def test_deconvolution_bytes_do_not_depend_on_workers_or_scheduler(scene, tmp_path):
+    from lsfov.cluster import use_scheduler
+
+    op, y = scene
+    dy = da.from_array(y, chunks=(70, 90))
+    outs = []
+    for spec, n in (("synchronous", None), ("threads", None), ("local", 1), ("local", 2)):
+        with use_scheduler(spec, n_workers=n):
+            outs.append(lsfov.deconvolve(dy, op, 5, scratch=tmp_path / f"{spec}{n}").compute())
+            outs.append(lsfov.deconvolve(dy, op, 5).compute())
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_deconvolution_across_chunkings_agrees_to_float32_rounding(scene):
+    # Bit equality across chunkings is not possible with FFTs: the transform length, and with it the
+    # rounding, follows the block size. What holds is agreement with the whole array to float32 rounding.
+    op, y = scene
+    whole = lsfov.deconvolve(y, op, 5)
+    for c in ((50, 50), (100, 230), (64, 120)):
+        np.testing.assert_allclose(lsfov.deconvolve(da.from_array(y, chunks=c), op, 5).compute(), whole,
+                                   rtol=0, atol=2e-5 * whole.max())
+
+
+def test_psf_map_bytes_do_not_depend_on_the_chunking():
+    img = sim.sample_image("cell", (384, 384))
+    maps = [lsfov.estimate_psf_map(da.from_array(img, chunks=c), "G1", stride=64) for c in (384, 192, (128, 384))]
+    for m in maps[1:]:
+        for name in m.data_vars:
+            np.testing.assert_array_equal(m[name].values, maps[0][name].values)
+
