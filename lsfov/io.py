@@ -119,6 +119,9 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             f"{path} is an lsfov result with variables {names}; open it with lsfov.open_result "
             f"or open one variable as {path}/<variable>"
         )
+    plain = _plain_zarr_array(path)
+    if plain is not None:
+        return plain
     loc = parse_url(str(path), mode="r")
     if loc is None:
         raise ValueError(f"{path}: not a zarr store")
@@ -149,6 +152,21 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             else:
                 coords[name] = _coord(name, trans[i] + scale[i] * np.arange(data.shape[i]), "pixel")
     return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
+
+
+def _plain_zarr_array(path: Path) -> xr.DataArray | None:
+    """A bare zarr array (no NGFF metadata, e.g. written by ``dask.array.to_zarr``), lazily, with the
+    NGFF axis order (``...zyx``) and pixel coordinates; None if ``path`` is not one."""
+    try:
+        z = zarr.open_array(str(path), mode="r")
+    except Exception:  # a group, or not zarr at all: the NGFF reader says which
+        return None
+    if z.ndim < 2 or z.ndim > 5:
+        raise ValueError(f"{path}: a zarr array of {z.ndim} dimension(s); an image needs 2 to 5 (t, c, z, y, x)")
+    names = list("tczyx"[-z.ndim :])
+    data = da.from_zarr(z)
+    coords = {d: _coord(d, np.arange(z.shape[i], dtype=float), "pixel") for i, d in enumerate(names) if d in "yx"}
+    return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": None, "source": str(path)})
 
 
 def _open_tiff(path: Path) -> xr.DataArray:

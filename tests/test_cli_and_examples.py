@@ -305,6 +305,34 @@ def test_cli_run_writes_one_result_napari_reads(run, tmp_path):
     assert run("run", "in.zarr/image", "out.zarr", ok=False).exit_code == 1
 
 
+def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import lsfov.estimate.mapping
+    from lsfov import simulate
+    from lsfov.restore import chunked
+
+    np.save("in.npy", simulate.tilted_surface((320, 320), depth_range_um=(-8, 8), grid=4, seed=6).image)
+    args = ("run", "in.npy", "OUT", "--iterations", 2, "--chunks", 160)
+    run(*[a if a != "OUT" else "ref.zarr" for a in args])
+    calls, real = [], chunked._block
+
+    def dies_on_third_block(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(chunked, "_block", dies_on_third_block)
+    res = run(*[a if a != "OUT" else "out.zarr" for a in args], ok=False)
+    assert res.exit_code != 0 and not Path("out.zarr").exists()
+    monkeypatch.setattr(chunked, "_block", real)
+    monkeypatch.setattr(lsfov.estimate.mapping, "estimate_psf_map", lambda *a, **k: 1 / 0)  # must not run again
+    run(*[a if a != "OUT" else "out.zarr" for a in args], "--resume")
+    out, ref = lsfov.open_result("out.zarr"), lsfov.open_result("ref.zarr")
+    for name in ("deblurred", "focus", "depth"):
+        np.testing.assert_array_equal(out[name].values, ref[name].values)
+
+
 def test_slurm_and_pbs_clusters_without_a_batch_system():
     pytest.importorskip("dask_jobqueue")
     import dask

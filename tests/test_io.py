@@ -95,6 +95,20 @@ def test_open_tiff_and_npy(tmp_path):
     assert b.attrs["pixel_um"] is None and b.x.attrs["units"] == "pixel"
 
 
+
+def test_open_a_bare_zarr_array(tmp_path):
+    import dask.array as da
+
+    data = np.random.default_rng(3).random((2, 40, 30)).astype(np.float32)
+    da.from_array(data, chunks=(1, 20, 30)).to_zarr(str(tmp_path / "bare.zarr"))
+    arr = lsfov.open_image(tmp_path / "bare.zarr", z=1)
+    assert arr.dims == ("y", "x") and arr.x.attrs["units"] == "pixel" and arr.attrs["pixel_um"] is None
+    np.testing.assert_array_equal(arr.values, data[1])
+    da.zeros(5, chunks=5).to_zarr(str(tmp_path / "line.zarr"))
+    with pytest.raises(ValueError, match="1 dimension"):
+        lsfov.open_image(tmp_path / "line.zarr")
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         lsfov.open_image(tmp_path / "missing.zarr")

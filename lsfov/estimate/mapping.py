@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from .. import psf as _psf
+from .._backend import array_module
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 
@@ -47,7 +48,8 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device):
     idx = np.arange(patch)
     rows = (ys[:, None] + idx)[:, None, :, None]
     cols = (xs[:, None] + idx)[None, :, None, :]
-    patches = np.asarray(block, dtype=np.float32)[rows, cols].reshape(ny * nx, patch, patch)
+    xp = array_module(block)  # CuPy chunks stay on the GPU: predict takes them through DLPack
+    patches = xp.asarray(block, dtype=xp.float32)[xp.asarray(rows), xp.asarray(cols)].reshape(ny * nx, patch, patch)
     pred = m.predict(patches, batch_size=batch_size, reproducible=True)
     out = np.stack([pred[p] for p in m.params] + [pred["validity"]], axis=-1)
     return out.reshape(ny, nx, n_out).astype(np.float32)

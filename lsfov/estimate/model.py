@@ -135,6 +135,10 @@ class PSFRegressor:
     def _as_batch(self, patches) -> torch.Tensor:
         if isinstance(patches, torch.Tensor):
             t = patches.detach()
+        elif hasattr(patches, "__cuda_array_interface__"):  # CuPy: zero-copy through DLPack, stays on the GPU
+            if patches.dtype.kind not in "biuf":
+                raise TypeError(f"patches must be numeric, got dtype {patches.dtype}")
+            t = torch.from_dlpack(patches.astype("float32", copy=False))
         else:
             a = np.asarray(patches)
             if a.dtype.kind not in "biuf":

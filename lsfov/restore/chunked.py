@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from .._backend import array_module, to_numpy
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 from .tv_rl import _check_shape, _initial, _iterate, _norm_threshold
@@ -196,7 +196,8 @@ def _exchange(x, y_ext, n, halo, params):
     if x is not None:
         args.append(da.overlap.overlap(x, depth=halo, boundary="none", allow_rechunk=False) if halo else x)
     fn = functools.partial(_block, n=n, halo=halo, **params)
-    return da.map_blocks(fn, *args, chunks=params["chunks"], dtype=np.float32, meta=np.empty((0, 0), np.float32),
+    meta = da.utils.meta_from_array(y_ext, ndim=2, dtype=np.float32)  # NumPy or CuPy chunks, as given
+    return da.map_blocks(fn, *args, chunks=params["chunks"], dtype=np.float32, meta=meta,
                          name=f"lsfov-tvrl-{dask.base.tokenize(args, n, halo, params['op']._token, params['tv'], params['eps'], params['scale'])}")
 
 
@@ -214,7 +215,8 @@ def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=
     norm = win.adjoint_ones(like=yb)
     x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
     x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
-    return np.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
+    xp = array_module(x)
+    return xp.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
 
 
 def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume=False, fingerprint=""):
@@ -253,6 +255,9 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume
 
         bar = tqdm(total=sum(counts) * n_blocks, initial=done_blocks, unit="block-it", desc="TV-RL", unit_scale=True)
     local = _active_client() is None
+    # CuPy chunks in: every block task moves its window to the GPU, iterates there, and brings its
+    # core back for the store; one host round trip per exchange, none inside the iterations.
+    gpu = array_module(y_ext._meta) is not np
 
     def array(name):
         if (root / name / "zarr.json").exists():
@@ -271,7 +276,8 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume
     try:
         zy = array("y")
         if not (root / "done" / "y").exists():
-            compute(da.store(y_ext, zy, lock=False, compute=False))
+            host = y_ext.map_blocks(to_numpy, meta=np.empty((0, 0), np.float32)) if gpu else y_ext
+            compute(da.store(host, zy, lock=False, compute=False))
             (root / "done" / "y").touch()
         zx = None
         for e, n in enumerate(counts):
@@ -279,7 +285,7 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume
             if not (root / "done" / f"x{e}").exists():
                 marks = root / "done" / f"x{e}.blocks"
                 marks.mkdir(exist_ok=True)
-                run(_exchange_to_store(zx, zy, zout, marks, n, s * n, params), n)
+                run(_exchange_to_store(zx, zy, zout, marks, n, s * n, params, gpu), n)
                 (root / "done" / f"x{e}").touch()
                 shutil.rmtree(marks, ignore_errors=True)
                 if bar is not None and not local:
@@ -291,14 +297,14 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume
     return da.from_zarr(zx, chunks=params["chunks"])
 
 
-def _exchange_to_store(zx, zy, zout, marks: Path, n, halo, params):
+def _exchange_to_store(zx, zy, zout, marks: Path, n, halo, params, gpu=False):
     """One exchange as independent tasks: each reads its own window, halo included, straight from
     the stores (``zx``: the estimate, None at the start; ``zy``: the extended image), runs ``n``
     iterations, writes its core into ``zout`` and marks the block done. No task depends on another,
     so the scheduler never holds neighbouring chunks for later (with ``da.overlap`` it kept about a
     row of them, and memory grew with the image): peak memory is one window per thread. Returns a
     small array of flags, True for the blocks computed now, False for those done before."""
-    fn = functools.partial(_store_block, zy=zy, zx=zx, zout=zout, marks=marks, n=n, halo=halo, **params)
+    fn = functools.partial(_store_block, zy=zy, zx=zx, zout=zout, marks=marks, n=n, halo=halo, gpu=gpu, **params)
     token = dask.base.tokenize(str(zy.store_path), None if zx is None else str(zx.store_path), str(zout.store_path),
                                str(marks), n, halo, params["op"]._token, params["tv"], params["eps"], params["scale"])
     flags = tuple((1,) * len(ch) for ch in params["chunks"])
@@ -313,7 +319,7 @@ def _store_block(*, zout, marks: Path, chunks, block_info=None, **kw):
     x = _block_from_store(chunks=chunks, block_info=_at(iy, ix), **kw)
     y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
     # Blocks are unions of whole zarr chunks (see _axis_chunks): no two tasks write the same chunk.
-    zout[y0 : y0 + x.shape[0], x0 : x0 + x.shape[1]] = x
+    zout[y0 : y0 + x.shape[0], x0 : x0 + x.shape[1]] = to_numpy(x)
     mark.touch()  # only after the write: a task killed mid-write leaves no mark and is redone
     return np.ones((1, 1), bool)
 
@@ -322,7 +328,7 @@ def _at(iy, ix):
     return {None: {"chunk-location": (iy, ix)}}
 
 
-def _block_from_store(zy, zx, *, n, halo, chunks, block_info=None, **params):
+def _block_from_store(zy, zx, *, n, halo, chunks, gpu=False, block_info=None, **params):
     iy, ix = block_info[None]["chunk-location"]
     y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
     # The same window da.overlap(boundary="none") would give: no halo beyond the field's edge.
@@ -333,4 +339,8 @@ def _block_from_store(zy, zx, *, n, halo, chunks, block_info=None, **params):
     win = (slice(y0 - top, y0 + chunks[0][iy] + bottom), slice(x0 - left, x0 + chunks[1][ix] + right))
     yb = zy[win]
     xb = None if zx is None else zx[win]
+    if gpu:
+        import cupy
+
+        yb, xb = cupy.asarray(yb), None if xb is None else cupy.asarray(xb)
     return _block(yb, xb, n=n, halo=halo, chunks=chunks, block_info=block_info, **params)
