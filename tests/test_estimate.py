@@ -24,9 +24,12 @@ def test_synthesis_shapes_ranges_and_reproducibility(z3_small):
     assert np.all(d["params"] >= lo) and np.all(d["params"] <= hi)
     assert np.isfinite(d["patches"]).all()
     assert 0.3 < d["valid"].mean() < 0.95  # both classes are represented
-    again = synth.synthesize(256, "Z3", seed=3, batch=128)
-    np.testing.assert_array_equal(again["patches"], d["patches"])
-    np.testing.assert_array_equal(again["params"], d["params"])
+    # The same seed gives the same bytes, whatever the batch (how many patches are made at a time).
+    for batch in (128, 64, 512):
+        again = synth.synthesize(256, "Z3", seed=3, batch=batch)
+        np.testing.assert_array_equal(again["patches"], d["patches"])
+        np.testing.assert_array_equal(again["params"], d["params"])
+        np.testing.assert_array_equal(again["valid"], d["valid"])
     other = synth.synthesize(16, "Z3", seed=4)
     assert not np.array_equal(other["params"], d["params"][:16])
 

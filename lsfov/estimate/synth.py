@@ -26,6 +26,7 @@ from .._validate import positive_int
 __all__ = ["SOURCES", "library", "synthesize", "open_training_set", "degrade_patches"]
 
 PATCH = 128
+UNIT = 64  # patches per child random generator (see synthesize)
 # scikit-image images (bundled, no download) split so that the test set holds images never seen in
 # training; the procedural sources use disjoint seeds per split.
 _SKIMAGE_SPLIT = {
@@ -242,7 +243,8 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     illumination : float
         Largest depth of the random illumination gradient across a patch (0: none).
     batch : int
-        Patches generated (and written) at a time.
+        Patches generated (and written) at a time, rounded to a multiple of 64; it sets memory use
+        and the zarr chunking, never the values.
     out : path, optional
         Stream to this zarr group (``patches``, ``params``, ``valid`` + metadata) instead of
         returning arrays; written atomically.
@@ -266,20 +268,25 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
              "sources": list(sources), "split": split, "seed": seed, "invalid_fraction": invalid_fraction,
              "photons": None if photons is None else list(photons), "read_noise": list(read_noise), "illumination": illumination}
     kw = dict(invalid_fraction=invalid_fraction, photons=photons, read_noise=read_noise, illumination=illumination)
-    starts = range(0, n, batch)
+    # Every UNIT patches come from their own child generator, and are blurred as one FFT batch of
+    # that size: the bytes depend on the seed only, not on ``batch`` (how many are made at a time).
+    units = range(0, n, UNIT)
+    rngs = np.random.SeedSequence([seed, 7]).spawn(len(units))
+    per = max(1, batch // UNIT)
+    batch = per * UNIT
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=f"synthesize {m.name}", unit="patch")
-    # One child generator per batch: the bytes do not depend on how many batches run before.
-    rngs = np.random.SeedSequence([seed, 7]).spawn(len(starts))
 
     def batches():
-        for s, ss in zip(starts, rngs):
-            yield s, _batch(m, images, min(batch, n - s), np.random.default_rng(ss), **kw)
+        for j in range(0, len(units), per):
+            parts = [_batch(m, images, min(UNIT, n - units[u]), np.random.default_rng(rngs[u]), **kw)
+                     for u in range(j, min(j + per, len(units)))]
+            yield units[j], tuple(np.concatenate(a) for a in zip(*parts))
             if bar is not None:
-                bar.update(min(batch, n - s))
+                bar.update(sum(len(p[0]) for p in parts))
 
     try:
         if out is None:
