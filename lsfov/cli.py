@@ -392,6 +392,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
 def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume=False):
     """PSF map -> operator -> deconvolution (lazy, through ``scratch``) -> depth: the result's variables
     as one Dataset, the operator, and the time of each stage."""
+    import dask
     import xarray as xr
 
     from . import io
@@ -401,13 +402,17 @@ def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume
 
     stages = {}
     t = time.perf_counter()
-    saved = Path(scratch) / "psf_map.zarr"  # kept with the run's state, so that --resume does not redo it
-    if resume and saved.exists():
-        psf_map = io.open_result(saved)
+    # The map is kept with the run's state, so that --resume does not redo it; its key says which
+    # command made it (a changed model or stride is a new map).
+    saved = Path(scratch) / "psf_map.zarr"
+    key = dask.base.tokenize(str(model), stride, img.shape, img.attrs.get("pixel_um"), img.attrs.get("source"))
+    psf_map = io.open_result(saved) if resume and saved.exists() else None
+    if psf_map is not None and psf_map.attrs.pop("run_key", None) == key:
         log.info("resuming: PSF map read from %s", saved)
     else:
         psf_map = estimate_psf_map(img, model, stride=stride, progress=progress)
-        io.save(psf_map.assign(filled=psf_map["filled"].astype(np.uint8)), saved, overwrite=True)
+        io.save(psf_map.assign(filled=psf_map["filled"].astype(np.uint8)).assign_attrs(run_key=key), saved,
+                overwrite=True)
     stages["PSF map"] = time.perf_counter() - t
     t = time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
