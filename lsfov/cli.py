@@ -92,7 +92,7 @@ def _run_state(out: Path, parent, resume: bool):
     try:
         yield state
     except BaseException:
-        if any(state.glob("*/done/*")) or (state / "psf_map.zarr").exists():
+        if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
             click.echo(f"interrupted; the work done so far is kept in {state}: run the same command with --resume "
                        "to finish only what is missing", err=True)
         else:  # refused before any work (bad input): leave nothing behind
@@ -296,9 +296,11 @@ def _preview(raw, deblurred, path, edge=512):
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
 @_plane_options
 @_scheduler_option
+@_resume_option
 @_overwrite_option
 @click.pass_obj
-def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zplane, tpoint, scheduler, overwrite):
+def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zplane, tpoint, scheduler, resume,
+             overwrite):
     """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
     OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
@@ -311,12 +313,13 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, channel, zp
         _check_out(figure, overwrite)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     t0 = time.perf_counter()
-    with use_scheduler(scheduler):
-        ds = estimate_psf_map(img, model, stride=stride, pixel_um=pixel_um, progress=not obj["quiet"])
-    seconds = time.perf_counter() - t0
-    ds["filled"] = ds["filled"].astype(np.uint8)
-    ds.attrs.update(command="lsfov estimate", source=str(src))
-    io.save(ds, out, overwrite=overwrite)
+    with use_scheduler(scheduler), _run_state(out, None, resume) as state:
+        ds = estimate_psf_map(img, model, stride=stride, pixel_um=pixel_um, scratch=state, resume=resume,
+                              progress=not obj["quiet"])
+        seconds = time.perf_counter() - t0
+        ds["filled"] = ds["filled"].astype(np.uint8)
+        ds.attrs.update(command="lsfov estimate", source=str(src))
+        io.save(ds, out, overwrite=overwrite)
     n = ds.sizes["gy"] * ds.sizes["gx"]
     click.echo(f"wrote {out}: {ds.sizes['gy']}x{ds.sizes['gx']} nodes of {ds.attrs['psf_model']} "
                f"({int(ds['filled'].sum())} filled from neighbours), {n / seconds:.0f} patches/s")
@@ -392,27 +395,16 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
 def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume=False):
     """PSF map -> operator -> deconvolution (lazy, through ``scratch``) -> depth: the result's variables
     as one Dataset, the operator, and the time of each stage."""
-    import dask
     import xarray as xr
 
-    from . import io
     from .estimate.depth import estimate_depth
     from .estimate.mapping import estimate_psf_map, operator_from_psf_map
     from .restore import deconvolve as run
 
     stages = {}
     t = time.perf_counter()
-    # The map is kept with the run's state, so that --resume does not redo it; its key says which
-    # command made it (a changed model or stride is a new map).
-    saved = Path(scratch) / "psf_map.zarr"
-    key = dask.base.tokenize(str(model), stride, img.shape, img.attrs.get("pixel_um"), img.attrs.get("source"))
-    psf_map = io.open_result(saved) if resume and saved.exists() else None
-    if psf_map is not None and psf_map.attrs.pop("run_key", None) == key:
-        log.info("resuming: PSF map read from %s", saved)
-    else:
-        psf_map = estimate_psf_map(img, model, stride=stride, progress=progress)
-        io.save(psf_map.assign(filled=psf_map["filled"].astype(np.uint8)).assign_attrs(run_key=key), saved,
-                overwrite=True)
+    # Through the run's state: with --resume the chunks already regressed are read back.
+    psf_map = estimate_psf_map(img, model, stride=stride, scratch=scratch, resume=resume, progress=progress)
     stages["PSF map"] = time.perf_counter() - t
     t = time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)

@@ -326,9 +326,9 @@ def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch)
     res = run(*[a if a != "OUT" else "out.zarr" for a in args], ok=False)
     assert res.exit_code != 0 and not Path("out.zarr").exists()
     monkeypatch.setattr(chunked, "_block", real)
-    monkeypatch.setattr(lsfov.estimate.mapping, "estimate_psf_map", lambda *a, **k: 1 / 0)  # must not run again
+    monkeypatch.setattr(lsfov.estimate.mapping, "_regress", lambda *a, **k: 1 / 0)  # the CNN must not run again
     other = run(*[a if a != "OUT" else "out.zarr" for a in args], "--stride", 96, "--resume", ok=False)
-    assert isinstance(other.exception, ZeroDivisionError)  # another stride: the kept map is not used
+    assert isinstance(other.exception, ZeroDivisionError)  # another stride: the kept nodes are not used
     run(*[a if a != "OUT" else "out.zarr" for a in args], "--resume")
     out, ref = lsfov.open_result("out.zarr"), lsfov.open_result("ref.zarr")
     for name in ("deblurred", "focus", "depth"):

@@ -71,6 +71,37 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         assert len(calls) == total
 
 
+def test_psf_map_resume_regresses_only_the_missing_chunks(tmp_path, monkeypatch):
+    from lsfov.estimate import mapping
+
+    img = da.from_array(sim.sample_image("cell", (384, 384)), chunks=128)  # 9 chunks
+    ref = lsfov.estimate_psf_map(img, "G1", stride=64)
+    calls, real = [], mapping._regress
+
+    def regress(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("node lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mapping, "_regress", regress)
+    with dask.config.set(scheduler="synchronous"):
+        fail_at = 5
+        with pytest.raises(RuntimeError, match="node lost"):
+            lsfov.estimate_psf_map(img, "G1", stride=64, scratch=tmp_path)
+        calls.clear()
+        fail_at = None
+        out = lsfov.estimate_psf_map(img, "G1", stride=64, scratch=tmp_path, resume=True)
+        assert len(calls) == 9 - 4
+        for name in ref.data_vars:
+            np.testing.assert_array_equal(out[name].values, ref[name].values)
+        calls.clear()
+        lsfov.estimate_psf_map(img, "G1", stride=96, scratch=tmp_path, resume=True)  # another run: all chunks
+        assert len(calls) == 9
+    with pytest.raises(ValueError, match="scratch"):
+        lsfov.estimate_psf_map(img, "G1", resume=True)
+
+
 def test_resume_needs_a_scratch_directory(scene):
     op, y = scene
     with pytest.raises(ValueError, match="scratch"):

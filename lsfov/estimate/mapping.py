@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
+import os
+import shutil
+import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +24,8 @@ from .. import psf as _psf
 from .._backend import array_module
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
+
+log = logging.getLogger("lsfov")
 
 __all__ = ["estimate_psf_map", "fill_invalid", "operator_from_psf_map"]
 
@@ -55,9 +63,23 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device):
     return out.reshape(ny, nx, n_out).astype(np.float32)
 
 
-def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, block_info=None):
-    """One chunk (with ``patch`` pixels of its neighbours, none beyond the image): its nodes."""
+def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, keep=None,
+                block_info=None):
+    """One chunk (with ``patch`` pixels of its neighbours, none beyond the image): its nodes.
+
+    ``keep``: a directory where the chunk's nodes are saved once regressed, and read back instead
+    of regressed again (a resumed run)."""
     iy, ix = block_info[0]["chunk-location"]
+    if keep is not None:
+        done = Path(keep) / f"{iy}.{ix}.npy"
+        if done.exists():
+            return np.load(done)
+        out = _chunk_task(block, ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets, starts=starts,
+                          counts=counts, batch_size=batch_size, device=device, block_info=block_info)
+        tmp = done.with_name(f".{done.name}.{uuid.uuid4().hex[:8]}.npy")
+        np.save(tmp, out)
+        os.replace(tmp, done)  # atomic: a file present is a whole chunk
+        return out
     by, bx = max(0, offsets[0][iy] - patch), max(0, offsets[1][ix] - patch)  # block start in the image
     origin = ((starts[0][iy] * stride - by, counts[0][iy]), (starts[1][ix] * stride - bx, counts[1][ix]))
     return _regress(block, ref, patch=patch, stride=stride, n_out=n_out, origin=origin, batch_size=batch_size,
@@ -72,7 +94,8 @@ def _chunk_nodes(chunks, n_nodes, stride):
 
 
 def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, pixel_um: float | None = None,
-                     batch_size: int = 32, device=None, fill: bool = True, progress: bool = False):
+                     batch_size: int = 32, device=None, fill: bool = True, scratch=None, resume: bool = False,
+                     progress: bool = False):
     """Regress the PSF-model parameters on a sliding window over the image (paper 000 Sec. II-F).
 
     Parameters
@@ -98,6 +121,12 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     fill : bool
         Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
         valid ones (:func:`fill_invalid`).
+    scratch : str or Path, optional
+        Dask input only: a directory (on storage every worker sees) where each chunk's nodes are
+        kept as soon as they are regressed.
+    resume : bool
+        With ``scratch``: continue an interrupted run of the same image, model and parameters; the
+        chunks already done are read back, not regressed again. Without it, a kept state is discarded.
     progress : bool
         Progress bar (Dask input).
 
@@ -108,6 +137,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         centres as coordinates (µm or pixels, said by their ``units``); ``filled`` marks the nodes
         that were filled. Attributes record the model, patch, stride, pixel size and image shape.
     """
+    import dask
     import dask.array as da
     import xarray as xr
 
@@ -143,8 +173,21 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
         offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
         ext = da.overlap.overlap(arr, depth={0: patch, 1: patch}, boundary="none", allow_rechunk=False)
+        keep = None
+        if scratch is not None:
+            # The image (Dask's name for it: its source and chunks), the model and every parameter.
+            key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
+                                     batch_size)
+            keep = Path(scratch) / f"lsfov-psfmap-{key[:16]}"
+            if keep.exists() and not resume:
+                shutil.rmtree(keep)
+            keep.mkdir(parents=True, exist_ok=True)
+            if resume:
+                log.info("resuming the PSF map from %s: %d chunks already done", keep, len(list(keep.glob("*.npy"))))
+        elif resume:
+            raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
         fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
-                               starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device)
+                               starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device, keep=keep)
         out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
                             chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)))
         values = compute(out, progress=progress, label="PSF map")
