@@ -247,6 +247,7 @@ def test_blocks_too_big_for_a_worker_are_refused_before_any_work(monkeypatch):
                                           r"use chunks of 1536 px or less \(--chunks 1536\)"):
         chunked.check_task_memory((2048, 2048), 120, op)
     chunked.check_task_memory((1536, 1536), 120, op)  # what the message proposes does fit
+    chunked.check_task_memory((2048, 2048), 120, op, n_blocks=1)  # one block: one thread busy, it fits
     monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(10 * 2**20, 1))
     with pytest.raises(MemoryError, match="exchange-every 1"):
         chunked.check_task_memory((2048, 2048), 120, op)

@@ -80,9 +80,10 @@ def task_bytes(block, halo: int, op: ProductConvolution) -> int:
     return per_px * area
 
 
-def check_task_memory(block, halo: int, op: ProductConvolution):
+def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | None = None):
     """Refuse, before any work, blocks whose tasks cannot fit: the memory of a Dask worker (its
-    ``memory_limit``) or of this machine (available RAM) shared by the threads that run tasks."""
+    ``memory_limit``) or of this machine (available RAM) shared by the threads that run tasks at
+    once (no more than ``n_blocks``)."""
     from ..cluster import _active_client
 
     need = task_bytes(block, halo, op)
@@ -100,7 +101,8 @@ def check_task_memory(block, halo: int, op: ProductConvolution):
         where = "this machine has {:.2g} GiB available for {} thread(s)"
     if not budgets:
         return
-    limit, threads = min(budgets, key=lambda b: b[0] / max(b[1], 1))
+    budgets = [(limit, max(1, min(threads, n_blocks or threads))) for limit, threads in budgets]
+    limit, threads = min(budgets, key=lambda b: b[0] / b[1])
     if need * threads <= limit:
         return
     # The largest chunk edge whose tasks fit, rounded down to a multiple of 256.
@@ -170,7 +172,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
                  c, halo, k, s)
     ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
     chunks = tuple(_axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
-    check_task_memory(tuple(max(ch) for ch in chunks), halo, op)
+    check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
     params = dict(op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
     counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
