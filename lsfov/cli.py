@@ -486,10 +486,11 @@ def depth(psf_map, out, calibration, known, overwrite):
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
 @_plane_options
 @_scheduler_option
+@_resume_option
 @_overwrite_option
 @click.pass_obj
 def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channel, zplane, tpoint, scheduler,
-        overwrite):
+        resume, overwrite):
     """Blind sparse+smooth deblurring of point sources (paper 003 App. D).
 
     Identifies the blur of SRC in the subspace from its isolated point sources, then splits SRC into
@@ -497,7 +498,6 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     and the tables ``sources`` (y, x in pixels, amplitude: the sources that fixed the blur) and
     ``detections`` (the point sources found in the sparse component, 3-sigma).
     """
-    import dask
     import xarray as xr
 
     from . import io
@@ -512,13 +512,12 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     sub = OperatorSubspace.load(subspace_path)
     t0 = time.perf_counter()
-    with use_scheduler(scheduler):
+    with use_scheduler(scheduler), _run_state(out, None, resume) as state:
         op, info = identify_operator(np.asarray(img), sub, return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
-        sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations)
-        # Computed once, for both the result and the detections (the iterations' state is in memory
-        # anyway: BSS has no scratch mode).
-        sparse, smooth = dask.persist(sparse, smooth)
+        # The iterations run here, through the run's state; sparse and smooth then read from it.
+        sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,
+                                              resume=resume, progress=not obj["quiet"])
         table = np.column_stack([info["positions"], info["amplitudes"]]).astype(np.float64)
         cols = {"column": ["y", "x", "amplitude"]}
         sources = xr.DataArray(table, dims=("source", "column"), coords=cols,

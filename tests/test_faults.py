@@ -5,7 +5,6 @@ import re
 import signal
 import threading
 import time
-import warnings
 
 import dask
 import dask.array as da
@@ -18,12 +17,8 @@ from lsfov.restore import chunked
 
 
 @pytest.fixture(scope="module")
-def scene():
-    sharp = sim.sample_image("cell", (200, 230))
-    op, _ = sim.psf_field(sharp.shape, "Z3", (3, 3), seed=1, size=15)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        y = np.maximum(sim.degrade(sharp, op, photons=300, seed=0), 0)
+def scene(blurred_cell):
+    op, y, _ = blurred_cell
     return op, y
 
 

@@ -11,7 +11,8 @@ with the input's chunk size so that they can be written to zarr. Two ways to run
 
 * lazily: the exchanges are chained in one Dask graph (good up to a cluster's memory);
 * with ``scratch``: every exchange is written to a zarr store and read back by the next one, so
-  memory holds a few chunks whatever the image size (what ``lsfov deconvolve`` does).
+  memory holds a few chunks whatever the image size, and an interrupted run resumes
+  (:mod:`lsfov.restore.scratch`; what ``lsfov deconvolve`` does).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .._backend import array_module, to_numpy
+from .._backend import array_module
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 from .tv_rl import _check_shape, _initial, _iterate, _norm_threshold
@@ -187,7 +188,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         # Same data (its statistics), operator and parameters -> same state directory: what resume finds.
         fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), chunks, counts, s,
                                          op.fingerprint, tv, eps)
-        x = _run_to_scratch(y_ext, counts, s, params, Path(scratch), c, progress, resume, fingerprint)
+        x = _run_to_scratch(y_ext, counts, s, params, Path(scratch), progress, resume, fingerprint)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
@@ -221,128 +222,17 @@ def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=
     return xp.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
 
 
-def _run_to_scratch(y_ext, counts, s, params, scratch: Path, c, progress, resume=False, fingerprint=""):
-    """Every exchange through zarr: memory stays at a few chunks, whatever the image size.
+def _run_to_scratch(y_ext, counts, s, params, scratch: Path, progress, resume=False, fingerprint=""):
+    """Every exchange through zarr (:mod:`lsfov.restore.scratch`): memory stays at a few chunks,
+    whatever the image size, and the run is resumable. Its state lives in
+    ``scratch/lsfov-tvrl-<fingerprint>``: the fingerprint covers the data's statistics, the
+    operator and every parameter, so another run never picks it up."""
+    from .scratch import run_exchanges
 
-    The run is resumable. Its state lives in ``scratch/lsfov-tvrl-<fingerprint>`` (the fingerprint
-    covers the data's statistics, the operator and every parameter, so another run never picks it
-    up): a marker file is written after each block of an exchange is stored, and another once the
-    whole exchange is. Exchange ``e`` reads only buffer ``(e-1) % 2`` and writes only ``e % 2``, so
-    a run that died anywhere continues from the blocks that have no marker and gives the same bytes.
-    """
-    import shutil
-
-    import zarr
-
-    from ..cluster import _active_client, compute
-
-    root = scratch / f"lsfov-tvrl-{fingerprint[:16]}"
-    if root.exists() and not resume:
-        shutil.rmtree(root)  # a fresh run
-    (root / "done").mkdir(parents=True, exist_ok=True)
-    zchunks = tuple(min(ci, n) for ci, n in zip(c, y_ext.shape))
-    n_blocks = y_ext.npartitions
-    done_blocks = 0
-    for e in range(len(counts)):
-        if (root / "done" / f"x{e}").exists():
-            done_blocks += counts[e] * n_blocks
-        elif (root / "done" / f"x{e}.blocks").is_dir():
-            done_blocks += counts[e] * len(list((root / "done" / f"x{e}.blocks").iterdir()))
-    if resume and done_blocks:
-        log.info("resuming from %s: %d of %d block-iterations already done", root, done_blocks,
-                 sum(counts) * n_blocks)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(counts) * n_blocks, initial=done_blocks, unit="block-it", desc="TV-RL", unit_scale=True)
-    local = _active_client() is None
-    # CuPy chunks in: every block task moves its window to the GPU, iterates there, and brings its
-    # core back for the store; one host round trip per exchange, none inside the iterations.
-    gpu = array_module(y_ext._meta) is not np
-
-    def array(name):
-        if (root / name / "zarr.json").exists():
-            return zarr.open_array(str(root / name), mode="r+")
-        return zarr.create_array(str(root / name), shape=y_ext.shape, chunks=zchunks, dtype=np.float32,
-                                 compressors=None, fill_value=0, zarr_format=3)
-
-    def run(graph, n):
-        on_task = None
-        if bar is not None and local:
-            def on_task(key, result):  # noqa: E306 - one TV-RL block finished (not skipped)
-                if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-tvrl-") and bool(result.all()):
-                    bar.update(n)
-        compute(graph, progress=bar is not None and not local, on_task=on_task)
-
-    try:
-        zy = array("y")
-        if not (root / "done" / "y").exists():
-            host = y_ext.map_blocks(to_numpy, meta=np.empty((0, 0), np.float32)) if gpu else y_ext
-            compute(da.store(host, zy, lock=False, compute=False))
-            (root / "done" / "y").touch()
-        zx = None
-        for e, n in enumerate(counts):
-            zout = array(f"x{e % 2}")
-            if not (root / "done" / f"x{e}").exists():
-                marks = root / "done" / f"x{e}.blocks"
-                marks.mkdir(exist_ok=True)
-                run(_exchange_to_store(zx, zy, zout, marks, n, s * n, params, gpu), n)
-                (root / "done" / f"x{e}").touch()
-                shutil.rmtree(marks, ignore_errors=True)
-                if bar is not None and not local:
-                    bar.update(n * n_blocks)
-            zx = zout
-    finally:
-        if bar is not None:
-            bar.close()
+    zx = run_exchanges(y_ext, counts, s, functools.partial(_scratch_block, **params),
+                       root=scratch / f"lsfov-tvrl-{fingerprint[:16]}", resume=resume, progress=progress, desc="TV-RL")
     return da.from_zarr(zx, chunks=params["chunks"])
 
 
-def _exchange_to_store(zx, zy, zout, marks: Path, n, halo, params, gpu=False):
-    """One exchange as independent tasks: each reads its own window, halo included, straight from
-    the stores (``zx``: the estimate, None at the start; ``zy``: the extended image), runs ``n``
-    iterations, writes its core into ``zout`` and marks the block done. No task depends on another,
-    so the scheduler never holds neighbouring chunks for later (with ``da.overlap`` it kept about a
-    row of them, and memory grew with the image): peak memory is one window per thread. Returns a
-    small array of flags, True for the blocks computed now, False for those done before."""
-    fn = functools.partial(_store_block, zy=zy, zx=zx, zout=zout, marks=marks, n=n, halo=halo, gpu=gpu, **params)
-    token = dask.base.tokenize(str(zy.store_path), None if zx is None else str(zx.store_path), str(zout.store_path),
-                               str(marks), n, halo, params["op"]._token, params["tv"], params["eps"], params["scale"])
-    flags = tuple((1,) * len(ch) for ch in params["chunks"])
-    return da.map_blocks(fn, chunks=flags, dtype=bool, meta=np.empty((0, 0), bool), name=f"lsfov-tvrl-{token}")
-
-
-def _store_block(*, zout, marks: Path, chunks, block_info=None, **kw):
-    iy, ix = block_info[None]["chunk-location"]
-    mark = marks / f"{iy}.{ix}"
-    if mark.exists():
-        return np.zeros((1, 1), bool)
-    x = _block_from_store(chunks=chunks, block_info=_at(iy, ix), **kw)
-    y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
-    # Blocks are unions of whole zarr chunks (see _axis_chunks): no two tasks write the same chunk.
-    zout[y0 : y0 + x.shape[0], x0 : x0 + x.shape[1]] = to_numpy(x)
-    mark.touch()  # only after the write: a task killed mid-write leaves no mark and is redone
-    return np.ones((1, 1), bool)
-
-
-def _at(iy, ix):
-    return {None: {"chunk-location": (iy, ix)}}
-
-
-def _block_from_store(zy, zx, *, n, halo, chunks, gpu=False, block_info=None, **params):
-    iy, ix = block_info[None]["chunk-location"]
-    y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
-    # The same window da.overlap(boundary="none") would give: no halo beyond the field's edge.
-    top = halo if iy > 0 else 0
-    left = halo if ix > 0 else 0
-    bottom = halo if iy < len(chunks[0]) - 1 else 0
-    right = halo if ix < len(chunks[1]) - 1 else 0
-    win = (slice(y0 - top, y0 + chunks[0][iy] + bottom), slice(x0 - left, x0 + chunks[1][ix] + right))
-    yb = zy[win]
-    xb = None if zx is None else zx[win]
-    if gpu:
-        import cupy
-
-        yb, xb = cupy.asarray(yb), None if xb is None else cupy.asarray(xb)
-    return _block(yb, xb, n=n, halo=halo, chunks=chunks, block_info=block_info, **params)
+def _scratch_block(yb, xb, *, n, start, halo, location, **params):
+    return _block(yb, xb, n=n, halo=halo, block_info={None: {"chunk-location": location}}, **params)

@@ -94,7 +94,8 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp):
 
 def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | None = None,
                          gamma2: float | None = None, *, iterations: int = 500,
-                         exchange_every: int | None = None, warn_dense: float = 0.05):
+                         exchange_every: int | None = None, warn_dense: float = 0.05, scratch=None,
+                         resume: bool = False, progress: bool = False):
     """Split a blurred image into point sources and a smooth background, both deblurred (BSS step 2).
 
     Parameters
@@ -121,6 +122,15 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     warn_dense : float
         Warn when more than this fraction of pixels exceeds a tenth of the sparse component's peak
         (the image is probably not point sources on a background; use :func:`lsfov.deconvolve`).
+    scratch : str or Path, optional
+        Dask input only: a directory (on storage every worker sees) through which every exchange's
+        state goes (:mod:`lsfov.restore.scratch`): memory holds a few blocks whatever the image size.
+        The iterations then run in this call; the returned arrays read from ``scratch``.
+    resume : bool
+        With ``scratch``: continue an interrupted run of the same image, operator and parameters,
+        computing only the blocks without a result (the same bytes as an uninterrupted run).
+    progress : bool
+        Progress bar (with ``scratch``).
 
     Returns
     -------
@@ -152,8 +162,11 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     # u2 starts at the median level: the smoothness term slows u2 down, and a background left for
     # it to grow into would meanwhile be taken up by u1.
     start = np.float32(max(float(np.median(sample)), 0.0) / max(l1, 1e-12))
+    if resume and scratch is None:
+        raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     if lazy:
-        sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, start)
+        sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, start,
+                                  scratch=scratch, resume=resume, progress=progress)
     else:
         from .._backend import array_module
 
@@ -175,7 +188,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     return sparse, smooth
 
 
-def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_level):
+def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_level, *, scratch=None, resume=False,
+             progress=False):
     import dask
     import dask.array as da
 
@@ -194,6 +208,19 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
     state = da.zeros((4,) + y.shape, dtype=np.float32, chunks=((4,),) + chunks) + level
     counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
     log.info("sparse+smooth: %d iterations in %d exchanges, halo %d px", iterations, len(counts), s * k)
+    if scratch is not None:
+        from pathlib import Path
+
+        from .scratch import run_exchanges
+
+        # The image (Dask's name: its source and chunks), the operator's content, every parameter.
+        key = dask.base.tokenize(y.name, op.fingerprint, gamma1, gamma2, steps, counts, s, float(start_level))
+        block = functools.partial(_scratch_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
+                                  level=level)
+        zx = run_exchanges(y, counts, s, block, root=Path(scratch) / f"lsfov-bss-{key[:16]}", channels=4,
+                           resume=resume, progress=progress, desc="sparse+smooth")
+        state = da.from_zarr(zx, chunks=((4,),) + chunks)
+        return state[0].rechunk(in_chunks), state[1].rechunk(in_chunks)
     start = 0
     for n in counts:
         halo = s * n
@@ -205,6 +232,12 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
                               name=f"lsfov-bss-{dask.base.tokenize(st, ys, op._token, start, n, gamma1, gamma2, steps)}")
         start += n
     return state[0].rechunk(in_chunks), state[1].rechunk(in_chunks)
+
+
+def _scratch_block(yb, st, *, n, start, halo, location, level, **kw):
+    if st is None:  # the first exchange: the starting state, built in the task
+        st = np.zeros((4,) + yb.shape, np.float32) + level
+    return _block(st, yb, start=start, n=n, halo=halo, block_info={0: {"chunk-location": (0,) + location}}, **kw)
 
 
 def _block(st, yb, *, op, start, n, halo, chunks, gamma1, gamma2, steps, block_info=None):
