@@ -31,7 +31,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     Parameters
     ----------
     y : dask array (H, W)
-        The data, chunked as the blocks: regular, the last block of an axis possibly larger.
+        The data, chunked as the blocks: one size per axis, the last block possibly another.
     counts : list of int
         Iterations per exchange; exchange ``e`` exchanges a halo of ``spread * counts[e]`` pixels.
     block : callable
@@ -60,6 +60,8 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     # The zarr chunks are the blocks' regular size (their first): each block is then a union of
     # whole zarr chunks (the last one takes the remainder), so no two tasks write the same chunk.
     zchunks = tuple(c[0] for c in chunks)
+    if any(len(set(c[:-1])) > 1 for c in chunks):
+        raise ValueError(f"blocks {chunks} are not regular; rechunk to one size per axis (the last may differ)")
     lead = (channels,) if channels else ()
     n_blocks = y.npartitions
     done = sum(counts[e] * (n_blocks if (root / "done" / f"x{e}").exists() else
