@@ -16,3 +16,26 @@ def blurred_cell():
         warnings.simplefilter("ignore")
         y = np.maximum(sim.degrade(sharp, op, photons=300, seed=0), 0)
     return op, y, sharp / sharp.max() * 300
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name, fail_at=None, error=...)`` replaces ``module.name`` by a wrapper of
+    the original that records each call in the returned list and raises ``error`` at call number
+    ``fail_at`` (a crash in the middle of a run). Call it again for a fresh count."""
+    originals = {}
+
+    def wrap(module, name, fail_at=None, error=RuntimeError("power cut")):
+        real = originals.setdefault((module, name), getattr(module, name))
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise error
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+
+    return wrap

@@ -128,7 +128,7 @@ def test_sparse_smooth_default_weights_and_chunked_equals_whole(scene):
             np.testing.assert_allclose(a.compute(), b, atol=1e-3 * float(b.max()) + 1e-4)
 
 
-def test_sparse_smooth_through_scratch_equals_lazy_and_resumes(scene, tmp_path, monkeypatch):
+def test_sparse_smooth_through_scratch_equals_lazy_and_resumes(scene, tmp_path, count_calls):
     import dask
 
     from lsfov.restore import sparse_smooth
@@ -137,26 +137,16 @@ def test_sparse_smooth_through_scratch_equals_lazy_and_resumes(scene, tmp_path, 
     dy = da.from_array(y, chunks=(50, 78))
     kw = dict(iterations=12, exchange_every=4, scratch=tmp_path)  # three exchanges
     lazy = [a.compute() for a in lsfov.sparse_smooth_deblur(dy, op, iterations=12, exchange_every=4)]
-    calls, real = [], sparse_smooth._block
-
-    def block(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise RuntimeError("job killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sparse_smooth, "_block", block)
     with dask.config.set(scheduler="synchronous"):
-        fail_at = None
+        calls = count_calls(sparse_smooth, "_block")
         through = [a.compute() for a in lsfov.sparse_smooth_deblur(dy, op, **kw)]
         total = len(calls)
         per_exchange = total // 3
-        calls.clear()
-        fail_at = per_exchange + 3  # in the second exchange, two of its blocks done
+        # Dies in the second exchange, two of its blocks done.
+        count_calls(sparse_smooth, "_block", fail_at=per_exchange + 3, error=RuntimeError("job killed"))
         with pytest.raises(RuntimeError, match="job killed"):
             lsfov.sparse_smooth_deblur(dy, op, **kw)
-        calls.clear()
-        fail_at = None
+        calls = count_calls(sparse_smooth, "_block")
         resumed = [a.compute() for a in lsfov.sparse_smooth_deblur(dy, op, resume=True, **kw)]
         assert len(calls) == total - per_exchange - 2
     for a, b, c in zip(through, resumed, lazy):  # through zarr or not, resumed or not: the same bytes

@@ -305,7 +305,7 @@ def test_cli_run_writes_one_result_napari_reads(run, tmp_path):
     assert run("run", "in.zarr/image", "out.zarr", ok=False).exit_code == 1
 
 
-def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch):
+def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch, count_calls):
     pytest.importorskip("torch")
     import lsfov.estimate.mapping
     from lsfov import simulate
@@ -314,18 +314,10 @@ def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch)
     np.save("in.npy", simulate.tilted_surface((320, 320), depth_range_um=(-8, 8), grid=4, seed=6).image)
     args = ("run", "in.npy", "OUT", "--iterations", 2, "--chunks", 160)
     run(*[a if a != "OUT" else "ref.zarr" for a in args])
-    calls, real = [], chunked._block
-
-    def dies_on_third_block(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(chunked, "_block", dies_on_third_block)
+    count_calls(chunked, "_block", fail_at=3, error=KeyboardInterrupt())  # dies on the third block
     res = run(*[a if a != "OUT" else "out.zarr" for a in args], ok=False)
     assert res.exit_code != 0 and not Path("out.zarr").exists()
-    monkeypatch.setattr(chunked, "_block", real)
+    count_calls(chunked, "_block")  # no more crashes
     monkeypatch.setattr(lsfov.estimate.mapping, "_regress", lambda *a, **k: 1 / 0)  # the CNN must not run again
     other = run(*[a if a != "OUT" else "out.zarr" for a in args], "--stride", 96, "--resume", ok=False)
     assert isinstance(other.exception, ZeroDivisionError)  # another stride: the kept nodes are not used

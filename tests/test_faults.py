@@ -22,75 +22,50 @@ def scene(blurred_cell):
     return op, y
 
 
-def _counting(monkeypatch, fail_at=None):
-    """Count TV-RL block computations; raise at call number ``fail_at`` (a crash mid-exchange)."""
-    calls = []
-    real = chunked._block
-
-    def block(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise RuntimeError("power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunked, "_block", block)
-    return calls
-
-
 # ----------------------------------------------------------------------------------------- resume
 
 
-def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene, tmp_path, monkeypatch):
+def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene, tmp_path, count_calls):
     op, y = scene
     dy = da.from_array(y, chunks=60)
     kw = dict(exchange_every=2, scratch=tmp_path / "s")
     with dask.config.set(scheduler="synchronous"):
-        calls = _counting(monkeypatch)
+        calls = count_calls(chunked, "_block")
         ref = lsfov.deconvolve(dy, op, 6, **kw).compute()
         total = len(calls)  # 3 exchanges x 16 blocks
         assert total == 3 * 16
-        calls = _counting(monkeypatch, fail_at=16 + 9)  # dies in the second exchange, 8 blocks of it done
+        calls = count_calls(chunked, "_block", fail_at=16 + 9)  # dies in the second exchange, 8 blocks of it done
         with pytest.raises(RuntimeError, match="power cut"):
             lsfov.deconvolve(dy, op, 6, **kw)
-        calls = _counting(monkeypatch)
+        calls = count_calls(chunked, "_block")
         out = lsfov.deconvolve(dy, op, 6, resume=True, **kw).compute()
         assert len(calls) == total - 16 - 8
         np.testing.assert_array_equal(out, ref)
         # Without resume the state is discarded and everything runs again.
-        calls = _counting(monkeypatch)
+        calls = count_calls(chunked, "_block")
         np.testing.assert_array_equal(lsfov.deconvolve(dy, op, 6, **kw).compute(), ref)
         assert len(calls) == total
         # Another parameter is another run: resume must not pick up this one's state.
-        calls = _counting(monkeypatch)
+        calls = count_calls(chunked, "_block")
         lsfov.deconvolve(dy, op, 6, tv=0.0, resume=True, **kw)
         assert len(calls) == total
 
 
-def test_psf_map_resume_regresses_only_the_missing_chunks(tmp_path, monkeypatch):
+def test_psf_map_resume_regresses_only_the_missing_chunks(tmp_path, count_calls):
     from lsfov.estimate import mapping
 
     img = da.from_array(sim.sample_image("cell", (384, 384)), chunks=128)  # 9 chunks
     ref = lsfov.estimate_psf_map(img, "G1", stride=64)
-    calls, real = [], mapping._regress
-
-    def regress(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise RuntimeError("node lost")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mapping, "_regress", regress)
     with dask.config.set(scheduler="synchronous"):
-        fail_at = 5
+        count_calls(mapping, "_regress", fail_at=5, error=RuntimeError("node lost"))
         with pytest.raises(RuntimeError, match="node lost"):
             lsfov.estimate_psf_map(img, "G1", stride=64, scratch=tmp_path)
-        calls.clear()
-        fail_at = None
+        calls = count_calls(mapping, "_regress")
         out = lsfov.estimate_psf_map(img, "G1", stride=64, scratch=tmp_path, resume=True)
         assert len(calls) == 9 - 4
         for name in ref.data_vars:
             np.testing.assert_array_equal(out[name].values, ref[name].values)
-        calls.clear()
+        calls = count_calls(mapping, "_regress")
         lsfov.estimate_psf_map(img, "G1", stride=96, scratch=tmp_path, resume=True)  # another run: all chunks
         assert len(calls) == 9
     with pytest.raises(ValueError, match="scratch"):
