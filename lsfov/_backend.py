@@ -36,15 +36,38 @@ class _ScipyFFT:
 
     @staticmethod
     def irfft2(x, s=None, axes=(-2, -1), overwrite_x=False):
-        return scipy.fft.irfft2(x, s=s, axes=axes, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+        # pocketfft's 2-D c2r is 1.5-2.5x slower than its two 1-D passes called one after the other
+        # (measured in benchmarks/RESULTS.md, "FFT engine"): complex ifft over y, then c2r over x.
+        if tuple(axes) not in ((-2, -1), (x.ndim - 2, x.ndim - 1)):
+            return scipy.fft.irfft2(x, s=s, axes=axes, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+        ny, nx = (x.shape[-2], 2 * (x.shape[-1] - 1)) if s is None else s
+        y = scipy.fft.ifft(x, n=ny, axis=-2, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+        return scipy.fft.irfft(y, n=nx, axis=-1, workers=_FFT_WORKERS, overwrite_x=True)
 
     @staticmethod
     def fft2(x, s=None, axes=(-2, -1)):
         return scipy.fft.fft2(x, s=s, axes=axes, workers=_FFT_WORKERS)
 
+    @staticmethod
+    def rfft(x, n=None, axis=-1):
+        return scipy.fft.rfft(x, n=n, axis=axis, workers=_FFT_WORKERS)
+
+    @staticmethod
+    def irfft(x, n=None, axis=-1, overwrite_x=False):
+        return scipy.fft.irfft(x, n=n, axis=axis, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+
+    @staticmethod
+    def fft(x, n=None, axis=-1, overwrite_x=False):
+        return scipy.fft.fft(x, n=n, axis=axis, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+
+    @staticmethod
+    def ifft(x, n=None, axis=-1, overwrite_x=False):
+        return scipy.fft.ifft(x, n=n, axis=axis, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+
 
 def fft_module(x):
-    """Return an object with ``rfft2``, ``irfft2`` and ``fft2`` for the array type of ``x``."""
+    """Return an object with ``rfft2``, ``irfft2``, ``fft2``, ``rfft``, ``irfft``, ``fft`` and ``ifft`` for the
+    array type of ``x``."""
     if array_module(x) is np:
         return _ScipyFFT
     import cupyx.scipy.fft as cufft

@@ -109,6 +109,9 @@ class _Group:
     fshape: tuple  # FFT shape
     terms: list  # [(weight factors broadcastable to (na, nb, Ly, Lx), or None if all ones; kernel ids (na, nb))]
     single: bool = False  # one cell covering the whole window: centred kernels, no gather, no overlap-add
+    # Grid form: the terms are the product of ny row weights and nx column weights (row-major), whose
+    # factors depend on y only and on x only. The FFT is then split into its passes (see _sep_forward).
+    sep: tuple | None = None  # (ny, nx)
 
     @property
     def tile(self):
@@ -403,18 +406,16 @@ class ProductConvolution:
         if self.kind == "grid":
             for cy in _axis_cells(self.centers[0], oy, h, pad):
                 for cx in _axis_cells(self.centers[1], ox, w, pad):
-                    terms = []
-                    for wy, ny in ((cy.w_lo, cy.node_lo), (cy.w_hi, cy.node_hi)):
-                        for wx, nx in ((cx.w_lo, cx.node_lo), (cx.w_hi, cx.node_hi)):
-                            if not (wy.any() and wx.any()):
-                                continue  # e.g. the unused upper node of a one-node axis
-                            ids = ny[:, None] * self.kernels.shape[1] + nx[None, :]
-                            factors = tuple(
-                                f for f in (wy[:, None, :, None], wx[None, :, None, :]) if not np.all(f == 1)
-                            )
-                            terms.append((factors, ids))
+                    # The unused upper node of a one-node axis has zero weight: dropped.
+                    rows = [(wy, ny) for wy, ny in ((cy.w_lo, cy.node_lo), (cy.w_hi, cy.node_hi)) if wy.any()]
+                    cols = [(wx, nx) for wx, nx in ((cx.w_lo, cx.node_lo), (cx.w_hi, cx.node_hi)) if wx.any()]
+                    terms = [(tuple(f if not np.all(f == 1) else None
+                                    for f in (wy[:, None, :, None], wx[None, :, None, :])),
+                              ny[:, None] * self.kernels.shape[1] + nx[None, :])
+                             for wy, ny in rows for wx, nx in cols]
                     fshape = (next_fast_len(cy.length.max() + pad), next_fast_len(cx.length.max() + pad))
-                    groups.append(_Group(cy.start, cy.length, cx.start, cx.length, fshape, terms))
+                    groups.append(_Group(cy.start, cy.length, cx.start, cx.length, fshape, terms,
+                                         sep=(len(rows), len(cols))))
             if len(groups) == 1 and groups[0].ys.size == 1 and groups[0].xs.size == 1:
                 # No node inside the window: one cell, centred kernels need only r of zero padding.
                 g = groups[0]
@@ -471,15 +472,22 @@ class ProductConvolution:
         return self._group_spectra[key]
 
     def _weights(self, group, xp):
-        if group.single:  # 2-D factors for the whole-window path
-            return [tuple(xp.asarray(f.reshape(f.shape[-2:])) for f in factors) for factors, _ in group.terms]
-        # Cells: the separable factors multiplied out once (one pass per use instead of two), cached.
+        """Basis form: each term's 2-D map. Grid form: the row factors and the column factors
+        (None where all ones), each broadcastable to the group's tiles (2-D for a single cell)."""
         key = ("w", id(group), xp.__name__)
         if key not in self._group_spectra:
-            self._group_spectra[key] = [
-                (xp.asarray(np.prod(np.broadcast_arrays(*factors), axis=0)),) if len(factors) > 1
-                else tuple(xp.asarray(f) for f in factors) for factors, _ in group.terms
-            ]
+            def put(f):
+                if f is None:
+                    return None
+                return xp.asarray(f.reshape(f.shape[-2:]) if group.single else f)
+
+            if group.sep is None:
+                w = [tuple(put(f) for f in factors) for factors, _ in group.terms]
+            else:
+                ny, nx = group.sep
+                w = ([put(group.terms[i * nx][0][0]) for i in range(ny)],
+                     [put(group.terms[j][0][1]) for j in range(nx)])
+            self._group_spectra[key] = w
         return self._group_spectra[key]
 
     def _forward(self, u):
@@ -489,29 +497,20 @@ class ProductConvolution:
         groups = self._plan()
         if groups[0].single:
             g = groups[0]
-            acc = None
-            for factors, spec in zip(self._weights(g, xp), self._spectra(0, g, xp)):
-                x = u
-                for f in factors:
-                    x = x * f
-                term = fft.rfft2(x, s=g.fshape)
-                term *= spec
-                acc = term if acc is None else _iadd(acc, term)
+            if g.sep is None:  # basis: 2-D coefficient maps
+                acc = None
+                for (f,), spec in zip(self._weights(g, xp), self._spectra(0, g, xp)):
+                    term = fft.rfft2(u * f, s=g.fshape)
+                    term *= spec
+                    acc = term if acc is None else _iadd(acc, term)
+            else:
+                acc = _sep_forward(u, *self._weights(g, xp), self._spectra(0, g, xp), g.fshape, fft)
             return fft.irfft2(acc, s=g.fshape, overwrite_x=True)[:h, :w]
         out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
         for gi, g in enumerate(groups):
             ly, lx = g.tile
-            tiles = _gather(u, g.ys, g.xs, ly, lx)
-            buf = xp.zeros(tiles.shape[:2] + tuple(g.fshape), dtype=xp.float32)  # FFT-sized: no padding copy
-            acc = None
-            for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp)):
-                if factors:
-                    xp.multiply(tiles, factors[0], out=buf[..., :ly, :lx])
-                else:
-                    buf[..., :ly, :lx] = tiles
-                term = fft.rfft2(buf)
-                term *= spec
-                acc = term if acc is None else _iadd(acc, term)
+            acc = _sep_forward(_gather(u, g.ys, g.xs, ly, lx), *self._weights(g, xp), self._spectra(gi, g, xp),
+                               g.fshape, fft)
             res = fft.irfft2(acc, s=g.fshape, overwrite_x=True)
             # Overlap-add: a memory-bound slice add per cell; all FFT work above is batched.
             for a in range(len(g.ys)):
@@ -529,16 +528,17 @@ class ProductConvolution:
         if groups[0].single:
             g = groups[0]
             V = fft.rfft2(v, s=g.fshape)
-            terms = list(zip(self._weights(g, xp), self._spectra(0, g, xp, conj=True)))
-            acc = None
-            for i, (factors, spec) in enumerate(terms):
-                if i == len(terms) - 1:
+            specs = self._spectra(0, g, xp, conj=True)
+            if g.sep is not None:
+                return _sep_adjoint(V, *self._weights(g, xp), specs, g.fshape, (h, w), fft)
+            acc = None  # basis: 2-D coefficient maps
+            for i, ((f,), spec) in enumerate(zip(self._weights(g, xp), specs)):
+                if i == len(specs) - 1:
                     V *= spec  # last term: reuse V's memory
                     c = fft.irfft2(V, s=g.fshape, overwrite_x=True)[:h, :w]
                 else:
                     c = fft.irfft2(V * spec, s=g.fshape, overwrite_x=True)[:h, :w]
-                for f in factors:
-                    c *= f  # c is a fresh FFT output: scale it in place
+                c *= f  # c is a fresh FFT output: scale it in place
                 acc = c if acc is None else _iadd(acc, c)
             return acc
         out = xp.empty((h, w), dtype=xp.float32)
@@ -546,13 +546,7 @@ class ProductConvolution:
         for gi, g in enumerate(groups):
             ly, lx = g.tile
             V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r, size=g.fshape))
-            acc = None
-            # Correlation with the kernel = product with the conjugate spectrum.
-            for factors, spec in zip(self._weights(g, xp), self._spectra(gi, g, xp, conj=True)):
-                c = fft.irfft2(V * spec, s=g.fshape, overwrite_x=True)[..., :ly, :lx]
-                for f in factors:
-                    c *= f
-                acc = c if acc is None else _iadd(acc, c)
+            acc = _sep_adjoint(V, *self._weights(g, xp), self._spectra(gi, g, xp, conj=True), g.fshape, (ly, lx), fft)
             # Cells tile the window without overlap: a slice copy per cell (cheaper than fancy indexing).
             for a in range(len(g.ys)):
                 y0, ny = int(g.ys[a]), int(g.yl[a])
@@ -701,6 +695,96 @@ def _is_dask(x) -> bool:
 
 def _iadd(acc, term):
     acc += term
+    return acc
+
+
+def _scale_rows(a, f, out=None):
+    """``a * f`` for complex ``a`` and a real factor ``f`` (broadcastable, constant along the last
+    axis), written to ``out`` (default: in place). On NumPy the product runs on the float view of
+    the complex numbers, 2-3x faster than a complex-by-real multiply."""
+    out = a if out is None else out
+    if array_module(a) is np:
+        np.multiply(a.view(a.real.dtype), f, out=out.view(out.real.dtype))
+    else:
+        array_module(a).multiply(a, f, out=out)
+    return out
+
+
+def _sep_forward(x, wy, wx, spec, fshape, fft):
+    """``sum_ij spec[i, j] . F(wy[i] wx[j] x)`` (half spectra of size ``fshape``), ``x`` zero-padded.
+
+    Bilinear weights are products of a row factor ``wy`` (a function of y) and a column factor ``wx``
+    (None: all ones). The transform over x commutes with ``wy`` and the one over y with ``wx``, so
+    the 2-D FFT is split into its two passes: one x-pass per column factor, over the tiles' rows
+    only, and one y-pass per term. Four terms cost 2 + 4 passes instead of 4 x 2.
+    """
+    xp = array_module(x)
+    fy, fx = fshape
+    ly, lx = x.shape[-2:]
+    rows = []
+    for f in wx:
+        if f is None and lx == fx:
+            rows.append(fft.rfft(x, axis=-1))
+            continue
+        buf = xp.zeros(x.shape[:-1] + (fx,), dtype=xp.float32)  # padded here: one pass, no FFT-side copy
+        if f is None:
+            buf[..., :lx] = x
+        else:
+            xp.multiply(x, f, out=buf[..., :lx])
+        rows.append(fft.rfft(buf, axis=-1))
+    acc = spare = None  # spare: a term buffer already added to acc, reused (fresh pages cost time)
+    for i, f in enumerate(wy):
+        for j, row in enumerate(rows):
+            if f is None and ly == fy and len(wy) == 1:  # each row spectrum is used once: transform in place
+                term = row
+            else:
+                if spare is None:
+                    term = xp.zeros(row.shape[:-2] + (fy, row.shape[-1]), dtype=xp.complex64)
+                else:
+                    term, spare = spare, None
+                    term[..., ly:, :] = 0
+                if f is None:
+                    term[..., :ly, :] = row
+                else:
+                    _scale_rows(row, f, out=term[..., :ly, :])
+            term = fft.fft(term, axis=-2, overwrite_x=True)
+            term *= spec[i * len(rows) + j]
+            if acc is None:
+                acc = term
+            else:
+                acc += term
+                spare = term
+    return acc
+
+
+def _sep_adjoint(V, wy, wx, spec, fshape, size, fft):
+    """Adjoint of :func:`_sep_forward`: the ``size`` top-left part of
+    ``sum_ij wy[i] wx[j] F^-1(spec[i, j] . V)``, for ``V`` the half spectrum of the data and ``spec``
+    the conjugated kernel spectra. One y-pass per term, and one x-pass per column factor over the
+    ``size`` rows kept only."""
+    fy, fx = fshape
+    ly, lx = size
+    xp = array_module(V)
+    acc = spare = None  # spare: a spectrum-sized buffer no longer needed, reused (fresh pages cost time)
+    for j, fj in enumerate(wx):
+        col = None
+        for i, fi in enumerate(wy):
+            last = j == len(wx) - 1 and i == len(wy) - 1  # V is not needed after this term
+            full = xp.multiply(V, spec[i * len(wx) + j], out=V if last else spare)
+            full = fft.ifft(full, axis=-2, overwrite_x=True)
+            t = full[..., :ly, :]
+            if fi is not None:
+                _scale_rows(t, fi)
+            if col is None:
+                col, col_full, spare = t, full, None
+            else:
+                col += t
+                spare = full
+        c = fft.irfft(col, n=fx, axis=-1, overwrite_x=True)[..., :lx]
+        spare = col_full
+        if fj is not None:
+            c *= fj
+        acc = c if acc is None else _iadd(acc, c)
     return acc
 
 

@@ -104,12 +104,17 @@ def test_psf_at_basis_and_bounds():
 
 
 @pytest.mark.parametrize("name", ["grid", "grid-uneven", "basis"])
-@pytest.mark.parametrize("window", [(0, 0, 40, 50), (37, 61, 55, 33), (-7, -7, 30, 30), (80, 90, 60, 70)])
+# (84, 72, 30, 25): inside one cell of "grid", halo included (the one-cell path, four weighted terms).
+@pytest.mark.parametrize("window", [(0, 0, 40, 50), (37, 61, 55, 33), (-7, -7, 30, 30), (80, 90, 60, 70),
+                                    (84, 72, 30, 25)])
 def test_block_with_halo_equals_whole(name, window):
     op = OPS[name]()
     u = rng.random(op.shape).astype(np.float32)
     r = op.halo
     y0, x0, h, w = window
+    if name == "grid" and window == (84, 72, 30, 25):
+        plan = op.restrict((y0 - r, x0 - r), (h + 2 * r, w + 2 * r))._plan()
+        assert plan[0].single and plan[0].sep == (2, 2)
     big = np.pad(u, 200)
     block = big[200 + y0 - r : 200 + y0 + h + r, 200 + x0 - r : 200 + x0 + w + r]
     got, got_t = op.apply_block(block, (y0 - r, x0 - r)), op.adjoint_block(block, (y0 - r, x0 - r))

@@ -290,7 +290,9 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
         from scipy import ndimage
         from skimage.feature import peak_local_max
 
-        mass = ndimage.uniform_filter(b.astype(np.float64), 3, mode="constant") * 9
+        # A fixed-order 3x3 sum: uniform_filter's running sums round differently with the position in
+        # the block, so amplitudes would depend on the chunking in the last bit.
+        mass = ndimage.correlate(b.astype(np.float64), np.ones((3, 3)), mode="constant")
         pk = peak_local_max(b, min_distance=1, threshold_abs=1e-12, exclude_border=1)
         pk = pk[mass[pk[:, 0], pk[:, 1]] >= level]
         return np.column_stack([pk[:, 0] - 1 + oy, pk[:, 1] - 1 + ox, mass[pk[:, 0], pk[:, 1]]])
