@@ -6,15 +6,63 @@ Dask graph whose chunks are CuPy arrays runs on the GPU without any flag.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import scipy.fft
 
-__all__ = ["array_module", "fft_module", "next_fast_len", "to_numpy"]
+__all__ = ["array_module", "fft_module", "next_fast_len", "parallel_map", "threads_for", "to_numpy"]
 
 # scipy.fft runs batched transforms on several threads; inside Dask worker threads that would
 # oversubscribe the cores, so the default follows LSFOV_FFT_WORKERS (set to 1 on clusters).
 _FFT_WORKERS = int(os.environ.get("LSFOV_FFT_WORKERS", "-1"))
+_LOCAL = threading.local()  # .workers: the FFT thread count of a thread of lsfov's own pool (1)
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _workers():
+    return getattr(_LOCAL, "workers", _FFT_WORKERS)
+
+
+def _forget_pool():
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def threads_for(like) -> int:
+    """Threads :func:`parallel_map` would use for work on arrays like ``like``: several only for
+    NumPy work started from the main thread (a Dask task thread already has the cores busy) with
+    LSFOV_FFT_WORKERS not 1."""
+    if array_module(like) is not np or threading.current_thread() is not threading.main_thread():
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) if _FFT_WORKERS < 0 else _FFT_WORKERS))
+
+
+def parallel_map(fn, items, like):
+    """``fn(item)`` for each item, on :func:`threads_for` threads, yielded in order (so callers that
+    sum the results do so in the same order, and get the same bits, as a serial loop). Inside, FFTs
+    use one thread each. NumPy's element-wise passes are single-threaded: splitting the items is
+    what puts the other cores to work on them."""
+    global _POOL
+    n = threads_for(like)
+    if n < 2 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def init():
+                _LOCAL.workers = 1
+
+            _POOL = ThreadPoolExecutor(n, thread_name_prefix="lsfov", initializer=init)
+    futures = [_POOL.submit(fn, item) for item in items]
+    for f in futures:
+        yield f.result()
 
 
 def array_module(x):
@@ -32,37 +80,37 @@ class _ScipyFFT:
 
     @staticmethod
     def rfft2(x, s=None, axes=(-2, -1)):
-        return scipy.fft.rfft2(x, s=s, axes=axes, workers=_FFT_WORKERS)
+        return scipy.fft.rfft2(x, s=s, axes=axes, workers=_workers())
 
     @staticmethod
     def irfft2(x, s=None, axes=(-2, -1), overwrite_x=False):
         # pocketfft's 2-D c2r is 1.5-2.5x slower than its two 1-D passes called one after the other
         # (measured in benchmarks/RESULTS.md, "FFT engine"): complex ifft over y, then c2r over x.
         if tuple(axes) not in ((-2, -1), (x.ndim - 2, x.ndim - 1)):
-            return scipy.fft.irfft2(x, s=s, axes=axes, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+            return scipy.fft.irfft2(x, s=s, axes=axes, workers=_workers(), overwrite_x=overwrite_x)
         ny, nx = (x.shape[-2], 2 * (x.shape[-1] - 1)) if s is None else s
-        y = scipy.fft.ifft(x, n=ny, axis=-2, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
-        return scipy.fft.irfft(y, n=nx, axis=-1, workers=_FFT_WORKERS, overwrite_x=True)
+        y = scipy.fft.ifft(x, n=ny, axis=-2, workers=_workers(), overwrite_x=overwrite_x)
+        return scipy.fft.irfft(y, n=nx, axis=-1, workers=_workers(), overwrite_x=True)
 
     @staticmethod
     def fft2(x, s=None, axes=(-2, -1)):
-        return scipy.fft.fft2(x, s=s, axes=axes, workers=_FFT_WORKERS)
+        return scipy.fft.fft2(x, s=s, axes=axes, workers=_workers())
 
     @staticmethod
     def rfft(x, n=None, axis=-1):
-        return scipy.fft.rfft(x, n=n, axis=axis, workers=_FFT_WORKERS)
+        return scipy.fft.rfft(x, n=n, axis=axis, workers=_workers())
 
     @staticmethod
     def irfft(x, n=None, axis=-1, overwrite_x=False):
-        return scipy.fft.irfft(x, n=n, axis=axis, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+        return scipy.fft.irfft(x, n=n, axis=axis, workers=_workers(), overwrite_x=overwrite_x)
 
     @staticmethod
     def fft(x, n=None, axis=-1, overwrite_x=False):
-        return scipy.fft.fft(x, n=n, axis=axis, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+        return scipy.fft.fft(x, n=n, axis=axis, workers=_workers(), overwrite_x=overwrite_x)
 
     @staticmethod
     def ifft(x, n=None, axis=-1, overwrite_x=False):
-        return scipy.fft.ifft(x, n=n, axis=axis, workers=_FFT_WORKERS, overwrite_x=overwrite_x)
+        return scipy.fft.ifft(x, n=n, axis=axis, workers=_workers(), overwrite_x=overwrite_x)
 
 
 def fft_module(x):

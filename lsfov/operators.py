@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backend import array_module, fft_module, next_fast_len, to_numpy
+from ._backend import array_module, fft_module, next_fast_len, parallel_map, threads_for, to_numpy
 from ._validate import shape2d
 
 __all__ = ["ProductConvolution"]
@@ -507,18 +507,34 @@ class ProductConvolution:
                 acc = _sep_forward(u, *self._weights(g, xp), self._spectra(0, g, xp), g.fshape, fft)
             return fft.irfft2(acc, s=g.fshape, overwrite_x=True)[:h, :w]
         out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
-        for gi, g in enumerate(groups):
-            ly, lx = g.tile
-            acc = _sep_forward(_gather(u, g.ys, g.xs, ly, lx), *self._weights(g, xp), self._spectra(gi, g, xp),
-                               g.fshape, fft)
-            res = fft.irfft2(acc, s=g.fshape, overwrite_x=True)
-            # Overlap-add: a memory-bound slice add per cell; all FFT work above is batched.
-            for a in range(len(g.ys)):
-                y0, ny = int(g.ys[a]), int(g.yl[a]) + 2 * r
+
+        def cells(item):
+            g, sl, (wy, wx), spec = item
+            acc = _sep_forward(_gather(u, g.ys[sl], g.xs, *g.tile), wy, wx, spec, g.fshape, fft)
+            return fft.irfft2(acc, s=g.fshape, overwrite_x=True)
+
+        items = self._items(groups, xp, conj=False)
+        for (g, sl, _, _), res in zip(items, parallel_map(cells, items, like=u)):
+            # Overlap-add, in a fixed order: a memory-bound slice add per cell (the FFTs are batched).
+            for a, (y0, ny) in enumerate(zip(g.ys[sl], g.yl[sl])):
+                y0, ny = int(y0), int(ny) + 2 * r
                 for b in range(len(g.xs)):
                     x0, nx = int(g.xs[b]), int(g.xl[b]) + 2 * r
                     out[y0 : y0 + ny, x0 : x0 + nx] += res[a, b, :ny, :nx]
         return out[r : r + h, r : r + w]
+
+    def _items(self, groups, xp, conj):
+        """Work items of the cell groups: (group, slice of its cell rows, weights, spectra). On several
+        threads, groups of several cell rows are cut in parts so that the threads share the work."""
+        parts = threads_for(xp.empty(0))
+        items = []
+        for gi, g in enumerate(groups):
+            (wy, wx), spec = self._weights(g, xp), self._spectra(gi, g, xp, conj=conj)
+            n = len(g.ys)
+            for p in range(min(parts, n)):
+                sl = slice(p * n // min(parts, n), (p + 1) * n // min(parts, n))
+                items.append((g, sl, ([None if f is None else f[sl] for f in wy], wx), [s[sl] for s in spec]))
+        return items
 
     def _adjoint(self, v):
         xp, fft = array_module(v), fft_module(v)
@@ -543,16 +559,22 @@ class ProductConvolution:
             return acc
         out = xp.empty((h, w), dtype=xp.float32)
         vpad = xp.pad(v, r)
-        for gi, g in enumerate(groups):
+
+        def cells(item):
+            g, sl, (wy, wx), spec = item
             ly, lx = g.tile
-            V = fft.rfft2(_gather(vpad, g.ys, g.xs, ly + 2 * r, lx + 2 * r, size=g.fshape))
-            acc = _sep_adjoint(V, *self._weights(g, xp), self._spectra(gi, g, xp, conj=True), g.fshape, (ly, lx), fft)
+            V = fft.rfft2(_gather(vpad, g.ys[sl], g.xs, ly + 2 * r, lx + 2 * r, size=g.fshape))
+            acc = _sep_adjoint(V, wy, wx, spec, g.fshape, (ly, lx), fft)
             # Cells tile the window without overlap: a slice copy per cell (cheaper than fancy indexing).
-            for a in range(len(g.ys)):
-                y0, ny = int(g.ys[a]), int(g.yl[a])
+            for a, (y0, ny) in enumerate(zip(g.ys[sl], g.yl[sl])):
+                y0, ny = int(y0), int(ny)
                 for b in range(len(g.xs)):
                     x0, nx = int(g.xs[b]), int(g.xl[b])
                     out[y0 : y0 + ny, x0 : x0 + nx] = acc[a, b, :ny, :nx]
+
+        items = self._items(groups, xp, conj=True)
+        for _ in parallel_map(cells, items, like=v):
+            pass
         return out
 
     def adjoint_ones(self, like=None):

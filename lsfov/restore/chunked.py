@@ -59,7 +59,8 @@ def choose_exchange_every(chunk_shape, op: ProductConvolution, iterations: int, 
     s = spread_per_iteration(op, tv)
     if s == 0:
         return iterations  # pixel-wise: nothing to exchange
-    n_fft = 4 if op.n_psfs == 1 else (2 + 2 * op.n_psfs if op.kind == "basis" else 10)
+    # Image-sized 2-D FFTs per iteration; a grid cell's 2 + 4 one-axis passes each way count as 8.
+    n_fft = 4 if op.n_psfs == 1 else (2 + 2 * op.n_psfs if op.kind == "basis" else 8)
     best, best_cost = 1, math.inf
     for k in range(1, iterations + 1):
         if k > 1 and s * k > min(chunk_shape):
@@ -73,9 +74,9 @@ def choose_exchange_every(chunk_shape, op: ProductConvolution, iterations: int, 
 
 def task_bytes(block, halo: int, op: ProductConvolution) -> int:
     """Peak memory of one TV-RL block task: its window (block + halo on each side) on the FFT grid
-    (grown by the kernel radius) times the bytes per pixel measured with ``tracemalloc``: about 45
-    for one PSF (y, x, its ratio, gradients, two real spectra), 110 for grids and bases (one term
-    per neighbouring node or component)."""
+    (grown by the kernel radius) times the bytes per pixel measured with ``tracemalloc``: 48 for
+    one PSF (y, x, its ratio, gradients, two real spectra), 90-100 for grids (terms of the
+    neighbouring nodes) and up to 110 for bases, with a margin."""
     per_px = 48 if op.n_psfs == 1 else 128
     area = math.prod(b + 2 * halo + 2 * op.halo for b in block)
     return per_px * area
