@@ -454,7 +454,7 @@ class ProductConvolution:
             padded[:, :k, :k] = flat
             if centred:
                 padded = xp.roll(padded, (-self.halo, -self.halo), axis=(1, 2))
-            return fft_module(padded).rfft2(padded).astype(xp.complex64)
+            return fft_module(padded).rfft2(padded).astype(xp.complex64, copy=False)
 
         return self._cache.get((tuple(fshape), centred, conj, xp.__name__, ids), make)
 
@@ -467,6 +467,8 @@ class ProductConvolution:
             pos = {int(i): j for j, i in enumerate(used)}
             if group.single:  # one kernel per term: a view, no copy
                 self._group_spectra[key] = [allk[pos[int(ids.flat[0])]] for _, ids in group.terms]
+            elif all(ids.size == 1 for _, ids in group.terms):  # one cell (a block's window): views too
+                self._group_spectra[key] = [allk[None, pos[int(ids.flat[0])], None] for _, ids in group.terms]
             else:
                 self._group_spectra[key] = [allk[xp.asarray(np.vectorize(pos.get)(ids))] for _, ids in group.terms]
         return self._group_spectra[key]

@@ -29,9 +29,6 @@ from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
-import scipy.fft
-
-from ._backend import next_fast_len
 
 __all__ = [
     "Optics",

@@ -182,6 +182,25 @@ def test_distributed_local_cluster_equals_whole(scene, tmp_path):
     np.testing.assert_allclose(scratch, whole, atol=1e-5 * whole.max())
 
 
+@pytest.mark.parametrize("kind", ["grid", "basis"])
+def test_bands_on_threads_give_the_bits_of_one_thread(scene, kind):
+    # From the main thread the pixel-wise steps (the TV term too) run on bands of rows on lsfov's
+    # pool; from another thread (a Dask task) on one band. Same bits either way.
+    import threading
+
+    from lsfov import _backend
+
+    op, y = scene[0] if kind == "grid" else _basis_op(scene[1].shape), scene[1]
+    if _backend.threads_for(y) < 2:
+        pytest.skip("one core (or LSFOV_FFT_WORKERS=1): no bands to compare")
+    main = lsfov.deconvolve(y, op, 6, tv=0.05)
+    other = {}
+    t = threading.Thread(target=lambda: other.update(x=lsfov.deconvolve(y, op, 6, tv=0.05)))
+    t.start()
+    t.join()
+    np.testing.assert_array_equal(main, other["x"])
+
+
 def test_cost_model_prefers_fewer_exchanges_for_small_chunks():
     op = OPERATORS["one-psf"]((4096, 4096))
     small = chunked.choose_exchange_every((256, 256), op, 20, 0.02)

@@ -85,12 +85,11 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                                  fill_value=0, zarr_format=3)
 
     def run(graph, n):
-        on_task = None
-        if bar is not None and local:
-            def on_task(key, result):  # noqa: E306 - one block finished now (not one done before)
-                if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-exchange-") and bool(result.all()):
-                    bar.update(n)
-        compute(graph, progress=bar is not None and not local, on_task=on_task)
+        def on_task(key, result):  # one block finished now (not one done before)
+            if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-exchange-") and bool(result.all()):
+                bar.update(n)
+
+        compute(graph, progress=bar is not None and not local, on_task=on_task if bar is not None and local else None)
 
     try:
         zy = array("y", y.shape, zchunks)

@@ -29,7 +29,7 @@ import logging
 
 import numpy as np
 
-from .._backend import array_module, next_fast_len, to_numpy
+from .._backend import array_module, next_fast_len, parallel_map, threads_for, to_numpy
 from .._validate import as_image, positive_int
 from ..operators import ProductConvolution
 
@@ -80,10 +80,12 @@ def tv_curvature(x, eps: float):
 def _grad(x):
     """Forward differences, zero across the last row (y) and column (x)."""
     xp = array_module(x)
-    gy = xp.zeros_like(x)
-    gx = xp.zeros_like(x)
-    gy[:-1] = x[1:] - x[:-1]
-    gx[:, :-1] = x[:, 1:] - x[:, :-1]
+    gy = xp.empty_like(x)
+    gx = xp.empty_like(x)
+    xp.subtract(x[1:], x[:-1], out=gy[:-1])
+    gy[-1] = 0
+    xp.subtract(x[:, 1:], x[:, :-1], out=gx[:, :-1])
+    gx[:, -1] = 0
     return gy, gx
 
 
@@ -107,31 +109,62 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     ``x`` is updated in place and returned. Outside the image ``y`` is zero, so the ratio there is
     zero and the crop of the model needs no mask. ``field``: the part of the window that belongs to
     the extended field, where the TV term acts (with its Neumann boundary at the field's edge).
+    The pixel-wise steps run on bands of rows, on several threads from the main thread
+    (:func:`lsfov._backend.parallel_map`); every pixel's arithmetic is the same, so are the bits.
     """
     xp = array_module(y)
     floor = np.float32(_RATIO_FLOOR * scale)
     signed = bool((op.kernels < 0).any())
     inv = xp.where(norm > thr, 1.0 / xp.maximum(norm, thr), 0.0).astype(xp.float32)
+    parts = threads_for(y)
+    rows = _bands(y.shape[0], parts)
+    xf = x[field]
+    frows = _bands(xf.shape[0], parts)
+
+    def run(fn, bands):
+        for _ in parallel_map(fn, bands, like=y):
+            pass
+
     for _ in range(n):
         hx = op.apply(x)
-        xp.maximum(hx, floor, out=hx)
-        xp.divide(y, hx, out=hx)
+
+        def ratio(b):
+            xp.maximum(hx[b], floor, out=hx[b])
+            xp.divide(y[b], hx[b], out=hx[b])
+
+        run(ratio, rows)
         c = op.adjoint(hx)
         if tv:
-            xf = x[field]
-            local_eps = xf + np.float32(scale)
-            local_eps *= np.float32(eps)
-            den = tv_curvature(xf, local_eps)
-            den *= np.float32(-tv)
-            den += np.float32(1.0)
-            c[field] /= den
-        c *= inv
-        x *= c
-        if signed:  # signed (basis) kernels can push x below zero; else only rounding can, fixed at the end
-            xp.maximum(x, np.float32(0.0), out=x)
+            cf = c[field]
+
+            def regularise(b):  # reads x only, writes c: no band waits for another
+                lo, hi = max(b.start - 1, 0), min(b.stop + 1, xf.shape[0])  # the curvature reaches 1 px
+                xb = xf[lo:hi]
+                local_eps = xb + np.float32(scale)
+                local_eps *= np.float32(eps)
+                den = tv_curvature(xb, local_eps)[b.start - lo : b.stop - lo]
+                den *= np.float32(-tv)
+                den += np.float32(1.0)
+                cf[b] /= den
+
+            run(regularise, frows)
+
+        def update(b):
+            c[b] *= inv[b]
+            x[b] *= c[b]
+            if signed:  # signed (basis) kernels can push x below zero; else only rounding can, fixed at the end
+                xp.maximum(x[b], np.float32(0.0), out=x[b])
+
+        run(update, rows)
         if progress is not None:
             progress.update(1)
     return x
+
+
+def _bands(n: int, parts: int) -> list:
+    """``parts`` slices of ``range(n)`` of (nearly) equal length."""
+    parts = max(1, min(parts, n))
+    return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
 def _initial(norm, thr: float, scale: float):
