@@ -17,9 +17,11 @@ artefacts extends the field before applying the operator.
 
 How the grid form stays cheap: the image is cut into *cells* between neighbouring nodes. Inside a
 cell only the four corner weights are non-zero, so ``H u`` on a cell is four weighted FFTs summed in
-the Fourier domain and one inverse FFT. Cells are batched into a few FFT calls (grouped by padded
-shape); no full-size weight map is ever formed and the FFT area is about the image area whatever
-the number of PSFs.
+the Fourier domain and one inverse FFT. Each weight is a function of y times a function of x, so
+the 2-D FFTs are split into their x- and y-passes and the x-pass is shared by the terms with the
+same x-factor (2 + 4 passes instead of 4 x 2). Cells are batched into a few FFT calls (grouped by
+padded shape), on a few threads from the main thread; no full-size weight map is ever formed and
+the FFT area is about the image area whatever the number of PSFs.
 """
 from __future__ import annotations
 
@@ -515,7 +517,7 @@ class ProductConvolution:
             acc = _sep_forward(_gather(u, g.ys[sl], g.xs, *g.tile), wy, wx, spec, g.fshape, fft)
             return fft.irfft2(acc, s=g.fshape, overwrite_x=True)
 
-        items = self._items(groups, xp, conj=False)
+        items = self._items(groups, xp, conj=False, parts=threads_for(u))
         for (g, sl, _, _), res in zip(items, parallel_map(cells, items, like=u)):
             # Overlap-add, in a fixed order: a memory-bound slice add per cell (the FFTs are batched).
             for a, (y0, ny) in enumerate(zip(g.ys[sl], g.yl[sl])):
@@ -525,10 +527,9 @@ class ProductConvolution:
                     out[y0 : y0 + ny, x0 : x0 + nx] += res[a, b, :ny, :nx]
         return out[r : r + h, r : r + w]
 
-    def _items(self, groups, xp, conj):
-        """Work items of the cell groups: (group, slice of its cell rows, weights, spectra). On several
-        threads, groups of several cell rows are cut in parts so that the threads share the work."""
-        parts = threads_for(xp.empty(0))
+    def _items(self, groups, xp, conj, parts):
+        """Work items of the cell groups: (group, slice of its cell rows, weights, spectra). For
+        ``parts`` threads, groups of several cell rows are cut in parts so that the threads share the work."""
         items = []
         for gi, g in enumerate(groups):
             (wy, wx), spec = self._weights(g, xp), self._spectra(gi, g, xp, conj=conj)
@@ -574,7 +575,7 @@ class ProductConvolution:
                     x0, nx = int(g.xs[b]), int(g.xl[b])
                     out[y0 : y0 + ny, x0 : x0 + nx] = acc[a, b, :ny, :nx]
 
-        items = self._items(groups, xp, conj=True)
+        items = self._items(groups, xp, conj=True, parts=threads_for(v))
         for _ in parallel_map(cells, items, like=v):
             pass
         return out
@@ -583,20 +584,46 @@ class ProductConvolution:
         """``H^T 1`` on this operator's window, ``1`` the indicator of the image.
 
         This is the Richardson-Lucy normaliser: how much of a unit source at each pixel lands inside
-        the image. Far from the image border it is ``sum_p w_p sum(k_p)``, computed without FFTs;
-        near it, an exact adjoint. On a restricted window the outer :attr:`halo` pixels are not
-        exact (they would need data beyond the window). ``like``: an array whose type (NumPy, CuPy)
-        the result takes.
+        the image. At least :attr:`halo` pixels inside the image it is ``sum_p w_p sum(k_p)``,
+        computed without FFTs; more than that outside, zero; in the bands within the halo of the
+        image's edges, the exact adjoint, computed on those bands only (a block of a slide pays a
+        few percent of one adjoint, not a whole one). On a restricted window the outer :attr:`halo`
+        pixels are not exact (they would need data beyond the window). ``like``: an array whose type
+        (NumPy, CuPy) the result takes.
         """
         xp = np if like is None else array_module(like)
         oy, ox, h, w = self.window
         H, W = self.shape
         r = self.halo
+        out = self._weight_sums()
         if oy >= r and ox >= r and oy + h <= H - r and ox + w <= W - r:
-            return xp.asarray(self._weight_sums())
+            return xp.asarray(out)
+        for axis, (o, n, N) in enumerate(((oy, h, H), (ox, w, W))):
+            idx = [slice(None), slice(None)]
+            idx[axis] = slice(0, max(0, min(n, -r - o)))  # beyond the halo before the image: no light
+            out[tuple(idx)] = 0
+            idx[axis] = slice(max(0, N + r - o), n)  # and after it
+            out[tuple(idx)] = 0
+            for edge in (0, N):
+                a, b = max(edge - r, o), min(edge + r, o + n)  # image coordinates of the band, in the window
+                if a >= b:
+                    continue
+                band = [oy, ox, h, w]  # the band grown by the halo, along the other axis the whole window
+                band[axis], band[axis + 2] = a - r, b - a + 2 * r
+                idx[axis] = slice(a - o, b - o)
+                out[tuple(idx)] = to_numpy(self._band_adjoint_ones(tuple(band), xp))[
+                    (slice(r, r + b - a), slice(None)) if axis == 0 else (slice(None), slice(r, r + b - a))]
+        return xp.asarray(out)
+
+    def _band_adjoint_ones(self, window, xp):
+        """The exact ``H^T 1`` on a window (its outer halo aside), by one adjoint."""
+        oy, ox, h, w = window
+        H, W = self.shape
+        sub = ProductConvolution(self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps,
+                                 window=window, attrs=self.attrs, _token=self._token)
         mask = np.zeros((h, w), dtype=np.float32)
         mask[max(0, -oy) : max(0, min(h, H - oy)), max(0, -ox) : max(0, min(w, W - ox))] = 1.0
-        return self._adjoint(xp.asarray(mask))
+        return sub._adjoint(xp.asarray(mask))
 
     def _weight_sums(self) -> np.ndarray:
         """``sum_p w_p(j) sum(k_p)`` on the window (float32)."""
@@ -725,7 +752,7 @@ def _iadd(acc, term):
 def _scale_rows(a, f, out=None):
     """``a * f`` for complex ``a`` and a real factor ``f`` (broadcastable, constant along the last
     axis), written to ``out`` (default: in place). On NumPy the product runs on the float view of
-    the complex numbers, 2-3x faster than a complex-by-real multiply."""
+    the complex numbers, which skips the complex-by-real loop (about 1.3x faster here)."""
     out = a if out is None else out
     if array_module(a) is np:
         np.multiply(a.view(a.real.dtype), f, out=out.view(out.real.dtype))

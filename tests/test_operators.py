@@ -181,6 +181,25 @@ def test_adjoint_ones_is_the_adjoint_of_the_image_indicator():
         np.testing.assert_allclose(win.adjoint_ones()[r:-r, r:-r], ref[r:-r, r:-r], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["grid", "grid-uneven", "basis"])
+def test_adjoint_ones_on_windows_across_the_border(name):
+    # Bands near the image's edges take an exact adjoint, the rest the FFT-free formula (or zero):
+    # every window must agree with the exact adjoint of the indicator on all but its outer halo.
+    op = OPS[name]()
+    H, W = op.shape
+    r = op.halo
+    m = 100  # margin of the reference window: more than any test window reaches beyond the image
+    big = op.restrict((-m, -m), (H + 2 * m, W + 2 * m))
+    mask = np.zeros(big.domain_shape, np.float32)
+    mask[m : m + H, m : m + W] = 1
+    exact = big.adjoint(mask)
+    for oy, ox, h, w in [(-r - 5, 20, 60, 70), (H - 30, W - 40, 50, 60), (-3 * r, -3 * r, H + 6 * r, W + 6 * r),
+                         (10, -2 * r, 40, 3 * r + 1), (-r, -r, H + 2 * r, W + 2 * r)]:
+        got = op.restrict((oy, ox), (h, w)).adjoint_ones()
+        ref = exact[oy + m : oy + m + h, ox + m : ox + m + w]
+        np.testing.assert_allclose(got[r:-r, r:-r], ref[r:-r, r:-r], atol=1e-5, err_msg=str((oy, ox, h, w)))
+
+
 def test_bad_input():
     k = psf.gaussian(1.0, size=9)
     with pytest.raises(ValueError, match=r"\(gy, gx, K, K\)"):
