@@ -11,7 +11,8 @@ import threading
 import numpy as np
 import scipy.fft
 
-__all__ = ["array_module", "fft_module", "next_fast_len", "parallel_map", "threads_for", "to_numpy"]
+__all__ = ["array_module", "fft_module", "next_fast_len", "multiply", "parallel_map", "row_bands", "threads_for",
+           "to_numpy"]
 
 # scipy.fft runs batched transforms on several threads; inside Dask worker threads that would
 # oversubscribe the cores, so the default follows LSFOV_FFT_WORKERS (set to 1 on clusters).
@@ -73,6 +74,30 @@ def array_module(x):
 
         return cupy
     return np
+
+
+def row_bands(n: int, parts: int) -> list:
+    """``parts`` slices of ``range(n)`` of (nearly) equal length (fewer if ``n`` is smaller)."""
+    parts = max(1, min(parts, n))
+    return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+def multiply(a, b, out=None):
+    """``a * b`` (same shapes), on bands of rows on the pool for large NumPy arrays from the main
+    thread: one pass either way, the bits of ``numpy.multiply``."""
+    xp = array_module(a)
+    parts = threads_for(a) if a.size >= 1 << 20 and a.shape == b.shape and a.ndim >= 2 else 1
+    if parts < 2:
+        return xp.multiply(a, b, out=out)
+    if out is None:
+        out = np.empty(a.shape, np.result_type(a, b))
+
+    def band(sl):
+        np.multiply(a[..., sl, :], b[..., sl, :], out=out[..., sl, :])
+
+    for _ in parallel_map(band, row_bands(a.shape[-2], parts), like=a):
+        pass
+    return out
 
 
 class _ScipyFFT:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backend import array_module, fft_module, next_fast_len, parallel_map, threads_for, to_numpy
+from ._backend import array_module, fft_module, multiply, next_fast_len, parallel_map, threads_for, to_numpy
 from ._validate import shape2d
 
 __all__ = ["ProductConvolution"]
@@ -799,7 +799,7 @@ def _sep_forward(x, wy, wx, spec, fshape, fft):
                 else:
                     _scale_rows(row, f, out=term[..., :ly, :])
             term = fft.fft(term, axis=-2, overwrite_x=True)
-            term *= spec[i * len(rows) + j]
+            multiply(term, spec[i * len(rows) + j], out=term)
             if acc is None:
                 acc = term
             else:
@@ -815,13 +815,12 @@ def _sep_adjoint(V, wy, wx, spec, fshape, size, fft):
     ``size`` rows kept only."""
     fy, fx = fshape
     ly, lx = size
-    xp = array_module(V)
     acc = spare = None  # spare: a spectrum-sized buffer no longer needed, reused (fresh pages cost time)
     for j, fj in enumerate(wx):
         col = None
         for i, fi in enumerate(wy):
             last = j == len(wx) - 1 and i == len(wy) - 1  # V is not needed after this term
-            full = xp.multiply(V, spec[i * len(wx) + j], out=V if last else spare)
+            full = multiply(V, spec[i * len(wx) + j], out=V if last else spare)
             full = fft.ifft(full, axis=-2, overwrite_x=True)
             t = full[..., :ly, :]
             if fi is not None:

@@ -29,7 +29,7 @@ import logging
 
 import numpy as np
 
-from .._backend import array_module, next_fast_len, parallel_map, threads_for, to_numpy
+from .._backend import array_module, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from .._validate import as_image, positive_int
 from ..operators import ProductConvolution
 
@@ -117,9 +117,9 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     signed = bool((op.kernels < 0).any())
     inv = xp.where(norm > thr, 1.0 / xp.maximum(norm, thr), 0.0).astype(xp.float32)
     parts = threads_for(y)
-    rows = _bands(y.shape[0], parts)
+    rows = row_bands(y.shape[0], parts)
     xf = x[field]
-    frows = _bands(xf.shape[0], parts)
+    frows = row_bands(xf.shape[0], parts)
 
     def run(fn, bands):
         for _ in parallel_map(fn, bands, like=y):
@@ -159,12 +159,6 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
         if progress is not None:
             progress.update(1)
     return x
-
-
-def _bands(n: int, parts: int) -> list:
-    """``parts`` slices of ``range(n)`` of (nearly) equal length."""
-    parts = max(1, min(parts, n))
-    return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
 def _initial(norm, thr: float, scale: float):
