@@ -264,3 +264,27 @@ def test_banded_multiply_is_numpy_multiply():
     out = multiply(a, b, out=a)  # in place, as the operator uses it
     assert out is a
     np.testing.assert_array_equal(a, ref)
+
+
+def test_dask_tasks_run_their_ffts_on_one_thread():
+    # A Dask pool thread shares the cores with the other tasks: one FFT thread inside a task body,
+    # restored after it; the main thread (synchronous scheduler) keeps its setting.
+    import threading
+
+    from lsfov import _backend
+
+    seen = {}
+
+    def task():
+        before = _backend._workers()
+        with _backend.task_threads():
+            seen["inside"] = _backend._workers()
+        seen["after"] = _backend._workers()
+        seen["before"] = before
+
+    t = threading.Thread(target=task)
+    t.start()
+    t.join()
+    assert seen == {"before": _backend._FFT_WORKERS, "inside": 1, "after": _backend._FFT_WORKERS}
+    with _backend.task_threads():
+        assert _backend._workers() == _backend._FFT_WORKERS

@@ -26,7 +26,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .._backend import array_module
+from .._backend import array_module, task_threads
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 from .tv_rl import _check_shape, _initial, _iterate, _norm_threshold
@@ -206,7 +206,13 @@ def _exchange(x, y_ext, n, halo, params):
 
 
 def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=None):
-    iy, ix = block_info[None]["chunk-location"]
+    with task_threads():
+        return _block_iterations(yb, xb, n=n, halo=halo, op=op, tv=tv, eps=eps, thr=thr, scale=scale,
+                                 chunks=chunks, location=block_info[None]["chunk-location"])
+
+
+def _block_iterations(yb, xb, *, n, halo, op, tv, eps, thr, scale, chunks, location):
+    iy, ix = location
     top = halo if iy > 0 else 0
     left = halo if ix > 0 else 0
     oy = sum(chunks[0][:iy]) - top - op.halo  # window origin in image coordinates

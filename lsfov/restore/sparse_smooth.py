@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from .._backend import task_threads
 from .._validate import LsfovWarning, as_image, positive_int
 from ..operators import ProductConvolution
 from .chunked import _axis_chunks
@@ -247,8 +248,8 @@ def _block(st, yb, *, op, start, n, halo, chunks, gamma1, gamma2, steps, block_i
     oy = sum(chunks[0][:iy]) - top
     ox = sum(chunks[1][:ix]) - left
     win = op.restrict((oy, ox), yb.shape)
-    xp = np
-    out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, xp)
+    with task_threads():
+        out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, np)
     return np.stack([o[top : top + chunks[0][iy], left : left + chunks[1][ix]] for o in out])
 
 
