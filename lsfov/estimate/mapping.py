@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import psf as _psf
-from .._backend import array_module
+from .._backend import array_module, to_numpy
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 
@@ -68,12 +69,16 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
     """One chunk (with ``patch`` pixels of its neighbours, none beyond the image): its nodes.
 
     ``keep``: a directory where the chunk's nodes are saved once regressed, and read back instead
-    of regressed again (a resumed run)."""
+    of regressed again (a resumed run). The file is named by a digest of the chunk's pixels, so a
+    resumed run whose input changed meanwhile regresses the changed chunks again."""
     iy, ix = block_info[0]["chunk-location"]
     if keep is not None:
-        done = Path(keep) / f"{iy}.{ix}.npy"
+        digest = hashlib.blake2b(np.ascontiguousarray(to_numpy(block)).data, digest_size=8).hexdigest()
+        done = Path(keep) / f"{iy}.{ix}.{digest}.npy"
         if done.exists():
             return np.load(done)
+        for stale in Path(keep).glob(f"{iy}.{ix}.*.npy"):
+            stale.unlink(missing_ok=True)
         out = _chunk_task(block, ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets, starts=starts,
                           counts=counts, batch_size=batch_size, device=device, block_info=block_info)
         tmp = done.with_name(f".{done.name}.{uuid.uuid4().hex[:8]}.npy")
@@ -175,7 +180,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         ext = da.overlap.overlap(arr, depth={0: patch, 1: patch}, boundary="none", allow_rechunk=False)
         keep = None
         if scratch is not None:
-            # The image (Dask's name for it: its source and chunks), the model and every parameter.
+            # The image (Dask's name for it: its source and chunks), the model and every parameter; each
+            # chunk's file also carries a digest of its pixels (see _chunk_task).
             key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
                                      batch_size)
             keep = Path(scratch) / f"lsfov-psfmap-{key[:16]}"
