@@ -29,6 +29,28 @@ def test_node_grid_is_independent_of_chunking(blurred):
             np.testing.assert_allclose(lazy[v].values, whole[v].values, atol=1e-4)
 
 
+def test_threaded_scheduler_gives_the_bits_of_the_synchronous_one(blurred, monkeypatch):
+    # On the threaded scheduler the map runs torch on one thread per task (its pool is
+    # process-wide); the synchronous scheduler keeps all of them. Same bits, and torch's setting
+    # comes back afterwards.
+    import dask
+    import torch
+
+    img = da.from_array(blurred[0], chunks=160)
+    n = torch.get_num_threads()
+    seen = []
+    from lsfov.estimate import mapping
+
+    real = mapping._regress
+    monkeypatch.setattr(mapping, "_regress", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    threaded = lsfov.estimate_psf_map(img, "Z3")
+    assert set(seen) == {1} and torch.get_num_threads() == n
+    with dask.config.set(scheduler="synchronous"):
+        sync = lsfov.estimate_psf_map(img, "Z3")
+    for name in sync.data_vars:
+        np.testing.assert_array_equal(threaded[name].values, sync[name].values)
+
+
 def test_micrometre_coordinates_and_pixel_size_warning(blurred):
     img, _ = blurred
     px = lsfov.load_model("Z3").optics.pixel_um
