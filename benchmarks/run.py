@@ -57,7 +57,7 @@ def section_operator(a):
     f = next_fast_len(n + k - 1)
     kf = scipy.fft.rfft2(model.render(model.sample(1, 0), size=k)[0], s=(f, f))
 
-    def fft_conv():  # scipy.fft with lsfov's inverse (two 1-D passes, faster than scipy.fft.irfft2)
+    def fft_conv():  # with lsfov's FFT calls (the inverse as two 1-D passes)
         return FFT.irfft2(FFT.rfft2(u, s=(f, f)) * kf, s=(f, f), overwrite_x=True)
 
     rows = []
@@ -119,15 +119,15 @@ def section_deconvolve(a):
         for _ in range(it):
             for _ in range(2):
                 FFT.rfft2(xe)
-                FFT.irfft2(spec.copy(), s=(f, f), overwrite_x=True)
+                FFT.irfft2(spec, s=(f, f))
 
     def scipy_inverse():  # the same inverse FFTs with scipy.fft.irfft2 (one 2-D c2r call)
         for _ in range(2 * it):
-            scipy.fft.irfft2(spec.copy(), s=(f, f), workers=-1, overwrite_x=True)
+            scipy.fft.irfft2(spec, s=(f, f), workers=-1)
 
     def lsfov_inverse():
         for _ in range(2 * it):
-            FFT.irfft2(spec.copy(), s=(f, f), overwrite_x=True)
+            FFT.irfft2(spec, s=(f, f))
 
     runs = {
         "FFT limit (20 x 4 FFTs of the padded field)": fft_limit,
