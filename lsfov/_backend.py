@@ -37,7 +37,8 @@ def _forget_pool():
     _POOL, _POOL_LOCK = None, threading.Lock()  # a forked child has none of the parent's threads
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 @contextlib.contextmanager
