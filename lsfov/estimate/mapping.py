@@ -96,10 +96,11 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
 def _one_torch_thread_per_task(collection):
     """On the threaded scheduler several chunks run at once in this process, and torch's intra-op
     pool is process-wide: one torch thread per task then (measured 5-20 % faster on 2 cores).
-    Distributed workers already run with OMP_NUM_THREADS=1; the synchronous scheduler keeps all."""
+    Distributed workers already run with OMP_NUM_THREADS=1; the synchronous scheduler, and a map
+    of one chunk, keep all."""
     import dask.threaded
 
-    if dask.base.get_scheduler(collections=[collection]) is not dask.threaded.get:
+    if collection.npartitions < 2 or dask.base.get_scheduler(collections=[collection]) is not dask.threaded.get:
         yield
         return
     import torch
