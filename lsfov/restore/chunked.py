@@ -77,9 +77,11 @@ def task_bytes(block, halo: int, op: ProductConvolution) -> int:
     (grown by the kernel radius) times the bytes per pixel measured with ``tracemalloc``: 48 for
     one PSF (y, x, its ratio, gradients, two real spectra), 90-100 for grids (terms of the
     neighbouring nodes) and up to 110 for bases, with a margin."""
-    per_px = 48 if op.n_psfs == 1 else 128
-    area = math.prod(b + 2 * halo + 2 * op.halo for b in block)
-    return per_px * area
+    return _bytes_per_px(op) * math.prod(b + 2 * halo + 2 * op.halo for b in block)
+
+
+def _bytes_per_px(op: ProductConvolution) -> int:
+    return 48 if op.n_psfs == 1 else 128
 
 
 def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | None = None):
@@ -108,7 +110,7 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
     if need * threads <= limit:
         return
     # The largest chunk edge whose tasks fit, rounded down to a multiple of 256.
-    edge = math.isqrt(int(limit / threads / (48 if op.n_psfs == 1 else 128))) - 2 * halo - 2 * op.halo
+    edge = math.isqrt(int(limit / threads / _bytes_per_px(op))) - 2 * halo - 2 * op.halo
     edge = edge // 256 * 256
     hint = (f"use chunks of {edge} px or less (--chunks {edge})" if edge >= 256 else
             "use chunks of 256 px and --exchange-every 1 (a smaller halo), or more memory per worker")
@@ -199,19 +201,24 @@ def _exchange(x, y_ext, n, halo, params):
     args = [ys]
     if x is not None:
         args.append(da.overlap.overlap(x, depth=halo, boundary="none", allow_rechunk=False) if halo else x)
-    fn = functools.partial(_block, n=n, halo=halo, **params)
+    fn = functools.partial(_lazy_block, n=n, halo=halo, **params)
     meta = da.utils.meta_from_array(y_ext, ndim=2, dtype=np.float32)  # NumPy or CuPy chunks, as given
     return da.map_blocks(fn, *args, chunks=params["chunks"], dtype=np.float32, meta=meta,
                          name=f"lsfov-tvrl-{dask.base.tokenize(args, n, halo, params['op']._token, params['tv'], params['eps'], params['scale'])}")
 
 
-def _block(yb, xb=None, *, n, halo, op, tv, eps, thr, scale, chunks, block_info=None):
-    with task_threads():
-        return _block_iterations(yb, xb, n=n, halo=halo, op=op, tv=tv, eps=eps, thr=thr, scale=scale,
-                                 chunks=chunks, location=block_info[None]["chunk-location"])
+def _lazy_block(yb, xb=None, *, block_info=None, **params):
+    """The lazy path's task (``map_blocks``)."""
+    return _block(yb, xb, location=block_info[None]["chunk-location"], **params)
 
 
-def _block_iterations(yb, xb, *, n, halo, op, tv, eps, thr, scale, chunks, location):
+def _scratch_block(yb, xb, *, start, **params):
+    """The scratch runner's task (:func:`lsfov.restore.scratch.run_exchanges`)."""
+    return _block(yb, xb, **params)
+
+
+def _block(yb, xb, *, n, halo, op, tv, eps, thr, scale, chunks, location):
+    """``n`` iterations on the window of the block at ``location``; its core."""
     iy, ix = location
     top = halo if iy > 0 else 0
     left = halo if ix > 0 else 0
@@ -222,9 +229,10 @@ def _block_iterations(yb, xb, *, n, halo, op, tv, eps, thr, scale, chunks, locat
     n_blocks = (len(chunks[0]), len(chunks[1]))
     periodic = tuple(nb == 1 or 0 < i < nb - 1 for i, nb in zip((iy, ix), n_blocks))
     win = op.restrict((oy, ox), yb.shape, periodic=periodic)
-    norm = win.adjoint_ones(like=yb)
-    x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
-    x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
+    with task_threads():
+        norm = win.adjoint_ones(like=yb)
+        x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
+        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
     xp = array_module(x)
     return xp.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
 
@@ -239,7 +247,3 @@ def _run_to_scratch(y_ext, counts, s, params, scratch: Path, progress, resume=Fa
     zx = run_exchanges(y_ext, counts, s, functools.partial(_scratch_block, **params),
                        root=scratch / f"lsfov-tvrl-{fingerprint[:16]}", resume=resume, progress=progress, desc="TV-RL")
     return da.from_zarr(zx, chunks=params["chunks"])
-
-
-def _scratch_block(yb, xb, *, n, start, halo, location, **params):
-    return _block(yb, xb, n=n, halo=halo, block_info={None: {"chunk-location": location}}, **params)

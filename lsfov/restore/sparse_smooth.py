@@ -227,7 +227,7 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
         halo = s * n
         ys = da.overlap.overlap(y, depth=halo, boundary="none", allow_rechunk=False)
         st = da.overlap.overlap(state, depth={0: 0, 1: halo, 2: halo}, boundary="none", allow_rechunk=False)
-        fn = functools.partial(_block, op=op, start=start, n=n, halo=halo, chunks=chunks, gamma1=gamma1,
+        fn = functools.partial(_lazy_block, op=op, start=start, n=n, halo=halo, chunks=chunks, gamma1=gamma1,
                                gamma2=gamma2, steps=steps)
         state = da.map_blocks(fn, st, ys, chunks=state.chunks, dtype=np.float32,
                               name=f"lsfov-bss-{dask.base.tokenize(st, ys, op._token, start, n, gamma1, gamma2, steps)}")
@@ -238,11 +238,16 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
 def _scratch_block(yb, st, *, n, start, halo, location, level, **kw):
     if st is None:  # the first exchange: the starting state, built in the task
         st = np.zeros((4,) + yb.shape, np.float32) + level
-    return _block(st, yb, start=start, n=n, halo=halo, block_info={0: {"chunk-location": (0,) + location}}, **kw)
+    return _block(st, yb, start=start, n=n, halo=halo, location=location, **kw)
 
 
-def _block(st, yb, *, op, start, n, halo, chunks, gamma1, gamma2, steps, block_info=None):
-    _, iy, ix = block_info[0]["chunk-location"]
+def _lazy_block(st, yb, *, block_info=None, **kw):
+    """The lazy path's task (``map_blocks`` over the (4, H, W) state)."""
+    return _block(st, yb, location=block_info[0]["chunk-location"][1:], **kw)
+
+
+def _block(st, yb, *, op, start, n, halo, chunks, gamma1, gamma2, steps, location):
+    iy, ix = location
     top = halo if iy > 0 else 0
     left = halo if ix > 0 else 0
     oy = sum(chunks[0][:iy]) - top
