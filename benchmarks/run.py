@@ -816,15 +816,16 @@ def section_psfmap(a):
         truth = s.depth_um[np.rint(cy).astype(int)][:, np.rint(cy).astype(int)]
         mae = float(np.mean(np.abs(z - truth)))
         rows.append(f"| {lo} .. {hi} | {mae:.2f} | **{mae / (hi - lo):.1%}** |")
+    r2_text = ", ".join(f"{p} {v:.2f}" for p, v in lsfov.load_model("Z3").meta["test"]["r2"].items())
     lines += ["### Depth on tilted planes (Sec. III-E protocol)", "",
               "`simulate.tilted_surface` (1024², scikit-image's camera as texture, astigmatism 0.15 waves at π/4, "
               "0.045 waves of defocus per µm); calibrated on a ±9 µm tilt (`calibrate_depth`: fit R² "
               f"{cal.r2:.2f}), then measured on three other tilts and directions.", "",
               "| depth range (µm) | mean absolute error (µm) | of the range (goal <= 2%) |", "|---|---:|---:|", *rows, "",
-              "The shipped Z3 model was trained on 2 CPU cores and barely reads the astigmatism axis (test R² of the "
-              "axis 0.07, see the CNN section), and the sign of depth lives in the axis: the goal needs a model "
-              "trained at full size (`benchmarks/train_models.py` on a GPU). With the true parameters the same "
-              "code is exact (tests/test_depth.py).", ""]
+              f"The shipped Z3 model was trained on 2 CPU cores (test R²: {r2_text}; see the CNN section), and the "
+              "sign of depth lives in the astigmatism axis: the goal needs a model trained at full size "
+              "(`benchmarks/train_models.py` on a GPU). With the true parameters the same code is exact "
+              "(tests/test_depth.py).", ""]
     return lines
 
 

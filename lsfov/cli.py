@@ -627,17 +627,20 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--device", default=None, help="cpu or cuda [cuda when available].")
+@click.option("--init", default=None, metavar="MODEL",
+              help="Start from this model's weights (a .pt or a shipped name: fine-tuning, curricula).")
 @click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
 @_overwrite_option
 @click.pass_obj
 def train(obj, data, out, n_synth, psf_model, split, seed, arch, epochs, batch_size, lr, patience, checkpoint,
-          resume, device, test_path, overwrite):
+          resume, device, init, test_path, overwrite):
     """Train a PSF-parameter CNN on DATA and write it to OUT (.pt), or synthesize DATA.
 
     \b
       lsfov train --synthesize 20000 --psf-model Z3 z3-train.zarr
       lsfov train --synthesize 2000 --psf-model Z3 --split test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --test z3-test.zarr
+      lsfov train z3-train.zarr z3.pt --init Z3     # start from the shipped weights
     """
     from .estimate import evaluate as _evaluate
     from .estimate import synthesize
@@ -658,7 +661,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, arch, epochs, batch_s
         raise ValueError(f"model files end in .pt, got {out.name}")
     ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
     model = _train(data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, checkpoint=ckpt,
-                   resume=resume, device=device, seed=seed, progress=progress)
+                   resume=resume, device=device, seed=seed, init=init, progress=progress)
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])

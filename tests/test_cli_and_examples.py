@@ -193,6 +193,10 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert model.meta["test"]["n"] == 64 and model.meta["training"]["n_train"] < 192
     res = run("evaluate", "g1.pt", "te.zarr")
     assert re.search(r"sigma -?[\d.]+", res.output)
+    run("-q", "train", "tr.zarr", "tuned.pt", "--init", "G1", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32)
+    assert lsfov.load_model(tmp_path / "tuned.pt").meta["training"]["init"]["n_train"] == \
+        lsfov.load_model("G1").meta["training"]["n_train"]
+    assert "not G1" in run("train", "tr.zarr", "z.pt", "--init", "Z3", ok=False).output
     # bad input: one line, exit 1
     assert "OUT (.pt)" in run("train", "tr.zarr", ok=False).output
     assert "end in .pt" in run("train", "tr.zarr", "model.bin", ok=False).output

@@ -159,6 +159,24 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     np.testing.assert_allclose(resumed.predict(x)["sigma"], reg.predict(x)["sigma"], rtol=1e-3, atol=1e-3)
 
 
+def test_training_can_start_from_a_model(tmp_path, z3_small):
+    d = synth.synthesize(192, "G1", seed=12, batch=192)
+    first = train.train(d, epochs=1, lr=1e-3, batch_size=32, progress=False, seed=0)
+    path = first.save(tmp_path / "first.pt")
+    w0 = first.net.stem[1].weight.detach().clone()
+    # A learning rate of ~0 keeps the weights where they started: those of `first`, not fresh ones.
+    again = train.train(d, epochs=1, lr=1e-12, batch_size=32, progress=False, seed=1, init=path)
+    torch.testing.assert_close(again.net.stem[1].weight, w0, rtol=0, atol=1e-9)
+    fresh = train.train(d, epochs=1, lr=1e-12, batch_size=32, progress=False, seed=1)
+    assert (fresh.net.stem[1].weight - w0).abs().max() > 1e-3
+    assert again.meta["training"]["init"]["n_train"] == first.meta["training"]["n_train"]
+    assert "history" not in again.meta["training"]["init"]
+    with pytest.raises(ValueError, match="regresses G1 parameters, not Z3"):
+        train.train(z3_small, epochs=1, progress=False, init=path)
+    with pytest.raises(ValueError, match="init is a compact network, not resnet34"):
+        train.train(d, arch="resnet34", epochs=1, progress=False, init=first)
+
+
 def test_model_save_load_round_trip_and_bad_files(tmp_path):
     torch.manual_seed(0)
     reg = M.PSFRegressor("Z3")

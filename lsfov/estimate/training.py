@@ -17,7 +17,7 @@ import torch
 
 from .. import psf as _psf
 from .._validate import positive_int
-from .model import PSFRegressor, encode
+from .model import PSFRegressor, encode, load_model
 from .network import loss as _loss
 from .network import standardize
 from .synth import PATCH, degrade_patches, open_training_set, synthesize
@@ -82,7 +82,7 @@ def _val_loss(model, patches, targets, valid, index, gamma, block):
 def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64, lr: float | None = None,
           lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
           gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
-          max_minutes: float | None = None, progress: bool = True) -> PSFRegressor:
+          max_minutes: float | None = None, init=None, progress: bool = True) -> PSFRegressor:
     """Train a PSF-parameter regressor on a synthesized training set.
 
     Parameters
@@ -109,6 +109,9 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
         ``"cuda"`` or ``"cpu"``; CUDA when available by default.
     max_minutes : float, optional
         Stop after the epoch during which this much time has passed.
+    init : str, path or PSFRegressor, optional
+        Start from this model's weights (fine-tuning, or a curriculum: first easy images, then
+        all); it must be a model of the same PSF model and network.
 
     Returns
     -------
@@ -134,6 +137,12 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
     meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH)}
     torch.manual_seed(seed)
     model = PSFRegressor(m.name, arch, meta=meta, device=device)
+    start = None
+    if init is not None:
+        start = load_model(init, psf_model=m.name)
+        if start.arch != arch:
+            raise ValueError(f"init is a {start.arch} network, not {arch}; pass arch={start.arch!r}")
+        model.net.load_state_dict(start.net.state_dict())
     model.net.train()
     ckpt = Path(checkpoint) if checkpoint is not None else None
     history, start_epoch, best, bad = [], 0, math.inf, 0
@@ -225,6 +234,9 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
         "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best, "history": history,
         "device": str(model.device), "seconds": round(time.perf_counter() - t0, 1),
     }
+    if init is not None:
+        # What the weights started from (its own training, without the per-epoch history).
+        model.meta["training"]["init"] = {k: v for k, v in start.meta.get("training", {}).items() if k != "history"}
     if ckpt is not None:
         model.save(ckpt / "best.pt", overwrite=True)
     return model
