@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,11 @@ DEFAULTS = {"G1": (16000, 6), "G2": (24000, 6), "Z1": (16000, 6), "Z3": (48000, 
 WARMUP = {"Z3": (("poi", "syn"), 30000, 3)}  # sources, patches, epochs of a first stage on easy images
 
 
+def _resumable(ck) -> bool:
+    """Continue a stage whose checkpoint directory holds an interrupted run."""
+    return ck is not None and (Path(ck) / "last.pt").exists()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", choices=_model.SHIPPED)
@@ -32,7 +38,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=None, help="time budget per model")
     ap.add_argument("--test", type=int, default=3000, help="test patches")
     ap.add_argument("--arch", default="compact")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint directory root (resumable)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint directory root: a stage with a checkpoint there resumes")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the easy-image first stage")
     a = ap.parse_args()
     for name in a.models:
@@ -50,11 +56,12 @@ def main():
             # focus alone); so first the easy images, then everything from those weights.
             sources, n1, e1 = WARMUP[name]
             easy = synth.synthesize(n1, name, sources=sources, split="train", seed=1, progress=True)
-            init = train.train(easy, arch=a.arch, epochs=e1, seed=0,
-                               checkpoint=f"{ck}-warmup" if ck else None)
+            ck1 = f"{ck}-warmup" if ck else None
+            init = train.train(easy, arch=a.arch, epochs=e1, seed=0, checkpoint=ck1, resume=_resumable(ck1))
             print(name, "warm-up", train.evaluate(init, test))
             del easy
-        reg = train.train(data, arch=a.arch, epochs=epochs, checkpoint=ck, max_minutes=a.minutes, seed=0, init=init)
+        reg = train.train(data, arch=a.arch, epochs=epochs, checkpoint=ck, max_minutes=a.minutes, seed=0, init=init,
+                          resume=_resumable(ck))
         reg.meta["test"] = train.evaluate(reg, test)
         t = time.perf_counter()
         reg.meta["robustness"] = train.robustness(reg, n=600)

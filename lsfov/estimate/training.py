@@ -165,10 +165,10 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
         start_epoch, best, bad, history = st["epoch"] + 1, st["best"], st["bad"], list(st["history"])
         best_state = st["best_state"]
     elif lr is None:
-        init = copy.deepcopy(model.net.state_dict())
+        first = copy.deepcopy(model.net.state_dict())
         scores = {}
         for cand in lr_candidates:  # same start, same batches: only the rate differs
-            model.net.load_state_dict(init)
+            model.net.load_state_dict(first)
             opt, _ = make_opt(cand)
             rng = np.random.default_rng(seed)
             for i, (x, t, v) in enumerate(_batches(patches, targets, valid, train_idx, batch_size, rng, block)):
@@ -178,7 +178,7 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
             scores[cand] = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
         lr = min(scores, key=scores.get)
         history.append({"lr_probe": {str(k): v for k, v in scores.items()}})
-        model.net.load_state_dict(init)
+        model.net.load_state_dict(first)
         opt, sched = make_opt(lr)
     else:
         opt, sched = make_opt(lr)
@@ -234,7 +234,7 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
         "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best, "history": history,
         "device": str(model.device), "seconds": round(time.perf_counter() - t0, 1),
     }
-    if init is not None:
+    if start is not None:
         # What the weights started from (its own training, without the per-epoch history).
         model.meta["training"]["init"] = {k: v for k, v in start.meta.get("training", {}).items() if k != "history"}
     if ckpt is not None:
