@@ -21,8 +21,7 @@ from lsfov.estimate import model as _model
 from lsfov.estimate import synth
 from lsfov.estimate import training as train
 
-DEFAULTS = {"G1": (16000, 6), "G2": (24000, 6), "Z1": (16000, 6), "Z3": (48000, 8)}
-WARMUP = {"Z3": (("poi", "syn"), 30000, 3)}  # sources, patches, epochs of a first stage on easy images
+DEFAULTS = {"G1": (16000, 6), "G2": (24000, 6), "Z1": (16000, 6), "Z3": (100000, 8)}
 
 
 def _resumable(ck) -> bool:
@@ -39,7 +38,6 @@ def main():
     ap.add_argument("--test", type=int, default=3000, help="test patches")
     ap.add_argument("--arch", default="compact")
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory root: a stage with a checkpoint there resumes")
-    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the easy-image first stage")
     a = ap.parse_args()
     for name in a.models:
         n, epochs = DEFAULTS[name]
@@ -49,18 +47,7 @@ def main():
         test = synth.synthesize(a.test, name, split="test", seed=0, progress=True)
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
-        init = None
-        if name in WARMUP and a.warmup:
-            # Curriculum: astigmatism is learnt readily from points and cells, where the PSF shows, but
-            # not from scratch on the full mix, where oriented textures hide it (the network settled on
-            # focus alone); so first the easy images, then everything from those weights.
-            sources, n1, e1 = WARMUP[name]
-            easy = synth.synthesize(n1, name, sources=sources, split="train", seed=1, progress=True)
-            ck1 = f"{ck}-warmup" if ck else None
-            init = train.train(easy, arch=a.arch, epochs=e1, seed=0, checkpoint=ck1, resume=_resumable(ck1))
-            print(name, "warm-up", train.evaluate(init, test))
-            del easy
-        reg = train.train(data, arch=a.arch, epochs=epochs, checkpoint=ck, max_minutes=a.minutes, seed=0, init=init,
+        reg = train.train(data, arch=a.arch, epochs=epochs, checkpoint=ck, max_minutes=a.minutes, seed=0,
                           resume=_resumable(ck))
         reg.meta["test"] = train.evaluate(reg, test)
         t = time.perf_counter()
@@ -75,9 +62,7 @@ def main():
         reg.meta["description"] = (
             f"{name} ({reg.psf_model.description}); compact residual network trained on {n} synthetic 128² "
             "patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise, "
-            "illumination gradients; 8% black or flat invalid patches), tested on images never seen in training."
-            + (f" Warm-started from {WARMUP[name][1]} patches of {' and '.join(WARMUP[name][0])} images only."
-               if init is not None else ""))
+            "illumination gradients; 8% black or flat invalid patches), tested on images never seen in training.")
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
         print(name, reg.meta["test"], reg.meta["training"]["seconds"], "s")
 
