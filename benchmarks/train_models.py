@@ -37,18 +37,26 @@ def main():
     ap.add_argument("--minutes", type=float, default=None, help="time budget per model")
     ap.add_argument("--test", type=int, default=3000, help="test patches")
     ap.add_argument("--arch", default="compact")
+    ap.add_argument("--init", default=None, help="continue from this model (a shipped name or a .pt)")
+    ap.add_argument("--seed", type=int, default=0, help="training-set seed (a fresh set when continuing)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate [probed on the validation split]")
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory root: a stage with a checkpoint there resumes")
     a = ap.parse_args()
     for name in a.models:
         n, epochs = DEFAULTS[name]
         n, epochs = a.n or n, a.epochs or epochs
         t = time.perf_counter()
-        data = synth.synthesize(n, name, split="train", seed=0, progress=True)
+        data = synth.synthesize(n, name, split="train", seed=a.seed, progress=True)
         test = synth.synthesize(a.test, name, split="test", seed=0, progress=True)
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
-        reg = train.train(data, arch=a.arch, epochs=epochs, checkpoint=ck, max_minutes=a.minutes, seed=0,
-                          resume=_resumable(ck))
+        init = None
+        if a.init:  # keep what the starting model was trained on (its own "init" included)
+            init = _model.load_model(a.init, psf_model=name)
+            before = {k: v for k, v in init.meta["training"].items() if k != "history"}
+            before["description"] = init.meta.get("description")
+        reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr, checkpoint=ck, max_minutes=a.minutes, seed=0,
+                          init=init, resume=_resumable(ck))
         reg.meta["test"] = train.evaluate(reg, test)
         t = time.perf_counter()
         reg.meta["robustness"] = train.robustness(reg, n=600)
@@ -63,6 +71,9 @@ def main():
             f"{name} ({reg.psf_model.description}); compact residual network trained on {n} synthetic 128² "
             "patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise, "
             "illumination gradients; 8% black or flat invalid patches), tested on images never seen in training.")
+        if init is not None:
+            reg.meta["training"]["init"] = before
+            reg.meta["description"] += f" Continued on a fresh set (seed {a.seed}) from: {before['description']}"
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
         print(name, reg.meta["test"], reg.meta["training"]["seconds"], "s")
 
