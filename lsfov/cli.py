@@ -628,7 +628,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--device", default=None, help="cpu or cuda [cuda when available].")
 @click.option("--init", default=None, metavar="MODEL",
-              help="Start from this model's weights (a .pt or a shipped name: fine-tuning, curricula).")
+              help="Start from this model's weights (a .pt or a shipped name): fine-tuning, more training.")
 @click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
 @_overwrite_option
 @click.pass_obj

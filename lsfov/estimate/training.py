@@ -110,8 +110,8 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
     max_minutes : float, optional
         Stop after the epoch during which this much time has passed.
     init : str, path or PSFRegressor, optional
-        Start from this model's weights (fine-tuning, or a curriculum: first easy images, then
-        all); it must be a model of the same PSF model and network.
+        Start from this model's weights (fine-tuning, or more training on a fresh set); it must
+        be a model of the same PSF model and network. ``meta["training"]["init"]`` records it.
 
     Returns
     -------
