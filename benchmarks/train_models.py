@@ -50,11 +50,7 @@ def main():
         test = synth.synthesize(a.test, name, split="test", seed=0, progress=True)
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
-        init = None
-        if a.init:  # keep what the starting model was trained on (its own "init" included)
-            init = _model.load_model(a.init, psf_model=name)
-            before = {k: v for k, v in init.meta["training"].items() if k != "history"}
-            before["description"] = init.meta.get("description")
+        init = _model.load_model(a.init, psf_model=name) if a.init else None
         reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr, checkpoint=ck, max_minutes=a.minutes, seed=0,
                           init=init, resume=_resumable(ck))
         reg.meta["test"] = train.evaluate(reg, test)
@@ -71,9 +67,9 @@ def main():
             f"{name} ({reg.psf_model.description}); compact residual network trained on {n} synthetic 128² "
             "patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise, "
             "illumination gradients; 8% black or flat invalid patches), tested on images never seen in training.")
-        if init is not None:
-            reg.meta["training"]["init"] = before
-            reg.meta["description"] += f" Continued on a fresh set (seed {a.seed}) from: {before['description']}"
+        if init is not None:  # train() recorded the starting model's training; add what it was
+            reg.meta["training"]["init"]["description"] = init.meta.get("description")
+            reg.meta["description"] += f" Continued on a fresh set (seed {a.seed}) from: {init.meta.get('description')}"
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
         print(name, reg.meta["test"], reg.meta["training"]["seconds"], "s")
 
