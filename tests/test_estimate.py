@@ -231,10 +231,11 @@ def test_shipped_models_load_with_metadata(name):
     assert (M.MODELS_DIR / f"{name}.pt").stat().st_size < 10e6
 
 
-# The issue asks for R² > 0.9. The CPU-trained shipped models reach 0.6-0.75 on held-out images
-# (benchmarks/RESULTS.md). The bar below sits a margin under that: it catches a broken model or
-# a broken decoding, and it should be raised to 0.9 once the models are retrained on a GPU.
-@pytest.mark.parametrize("name, bar", [("Z1", 0.5), ("G2", 0.45)])
+# The issue asks for R² > 0.9. The CPU-trained shipped models reach about 0.8 (Z1, G2) and 0.58 (Z3)
+# on held-out patches (benchmarks/RESULTS.md). The bars sit a margin under that: they catch a
+# broken model or decoding (the Z3 that did not read astigmatism scored 0.17), and should be raised
+# to 0.9 once the models are retrained on a GPU.
+@pytest.mark.parametrize("name, bar", [("Z1", 0.6), ("G2", 0.6), ("Z3", 0.4)])
 def test_shipped_models_regress_fresh_test_patches(name, bar):
     test = synth.synthesize(400, name, split="test", seed=123)
     res = train.evaluate(lsfov.load_model(name), test)
