@@ -61,8 +61,8 @@ def main():
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
-        reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr or LR.get(name), checkpoint=ck, max_minutes=a.minutes, seed=0,
-                          init=init, resume=_resumable(ck))
+        reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr or LR.get(name), checkpoint=ck,
+                          max_minutes=a.minutes, seed=0, init=init, resume=_resumable(ck))
         reg.meta["test"] = train.evaluate(reg, test)
         t = time.perf_counter()
         reg.meta["robustness"] = train.robustness(reg, n=600)
@@ -76,7 +76,8 @@ def main():
         reg.meta["description"] = (
             f"{name} ({reg.psf_model.description}); compact residual network trained on {n} synthetic 128² "
             f"patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise "
-            f"at {photons[0]:g}-{photons[1]:g} peak photons, illumination gradients; 8% black or flat invalid patches), tested on images never seen in training.")
+            f"at {photons[0]:g}-{photons[1]:g} peak photons, illumination gradients; 8% black or flat invalid "
+            "patches), tested on images never seen in training.")
         if init is not None:  # train() recorded the starting model's training; add what it was
             reg.meta["training"]["init"]["description"] = init.meta.get("description")
             reg.meta["description"] += f" Continued on a fresh set (seed {a.seed}) from: {init.meta.get('description')}"
