@@ -22,11 +22,10 @@ from lsfov.estimate import synth
 from lsfov.estimate import training as train
 
 DEFAULTS = {"G1": (16000, 6), "G2": (24000, 6), "Z1": (16000, 6), "Z3": (80000, 8)}
-# Peak photons per patch (log-uniform) of the shipped models' training and test sets. Below a few
-# hundred photons the blur's cues drown: trained from 50, Z3's astigmatism outputs stayed at their
-# mean (axis R² -0.01); from 500 it reads the axis (0.62) and G1, G2 and Z1 gain 0.05-0.11 in R²,
-# even on a 50-5000 test set. Fig. 7's robustness curves still measure every noise level.
-PHOTONS = (500.0, 5000.0)
+# The shipped models are trained and tested on synth.PHOTONS (500-5000 peak photons). Trained from
+# 50, Z3's astigmatism outputs stayed at their mean (axis R² -0.01); from 500 it reads the axis
+# (0.62) and G1, G2 and Z1 gain 0.05-0.11 in R², even on a 50-5000 test set. Fig. 7's robustness
+# curves still measure every noise level.
 LR = {"Z3": 1e-3}  # the rate the shipped Z3 was trained at (the probe sees only its first 100 steps)
 
 
@@ -46,16 +45,17 @@ def main():
     ap.add_argument("--init", default=None, help="continue from this model (a shipped name or a .pt)")
     ap.add_argument("--seed", type=int, default=0, help="training-set seed (a fresh set when continuing)")
     ap.add_argument("--photons", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                    help=f"peak photon range of the training and test sets [{PHOTONS[0]:g} {PHOTONS[1]:g}]")
+                    help="peak photon range of the training and test sets [%g %g]" % synth.PHOTONS)
     ap.add_argument("--lr", type=float, default=None,
                     help="learning rate [Z3: 1e-3; others: probed on the validation split]")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint directory root: a stage with a checkpoint there resumes")
+    ap.add_argument("--checkpoint", default=None,
+                    help="checkpoint directory root: a stage with a checkpoint there resumes")
     a = ap.parse_args()
     for name in a.models:
         n, epochs = DEFAULTS[name]
         n, epochs = a.n or n, a.epochs or epochs
         t = time.perf_counter()
-        photons = tuple(a.photons or PHOTONS)
+        photons = tuple(a.photons or synth.PHOTONS)
         data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, progress=True)
         test = synth.synthesize(a.test, name, split="test", seed=0, photons=photons, progress=True)
         t_synth = time.perf_counter() - t

@@ -34,6 +34,7 @@ _SKIMAGE_SPLIT = {
     "test": ("coins", "cell", "retina", "gravel"),
 }
 SOURCES = ("skimage", "syn", "poi", "tex")
+PHOTONS = (500.0, 5000.0)  # default peak photons per patch (see synthesize)
 
 
 def _skimage(name: str) -> np.ndarray:
@@ -216,7 +217,7 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
 
 
 def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", seed: int = 0,
-               invalid_fraction: float = 0.08, photons=(500.0, 5000.0), read_noise=(0.0, 3.0),
+               invalid_fraction: float = 0.08, photons=PHOTONS, read_noise=(0.0, 3.0),
                illumination: float = 0.5, batch: int = 512, out=None, overwrite: bool = False,
                progress: bool = False):
     """Synthesize a training set of degraded 128² patches and the PSF parameters that blurred them.
@@ -239,8 +240,8 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     photons, read_noise : (low, high)
         Range of the brightest pixel's photon count (log-uniform) and of the Gaussian read noise
         std in counts (uniform); quantum efficiency beta is uniform in [0.5, 1]. ``photons=None``:
-        noiseless patches in [0, 1]. Below a few hundred photons the blur's cues drown: trained
-        from 50, Z3 never learnt the astigmatism axis, from 500 it does (benchmarks/train_models.py).
+        noiseless patches in [0, 1]. The default, 500-5000 photons, is what the shipped models
+        were trained on: below a few hundred photons the blur's cues drown.
     illumination : float
         Largest depth of the random illumination gradient across a patch (0: none).
     batch : int
