@@ -266,7 +266,9 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     assert "4x4 nodes of Z3" in res.output and Path("map.png").exists()
     m = lsfov.open_result("map.zarr")
     assert {"focus", "astigmatism", "axis", "validity", "filled"} <= set(m.data_vars)
-    assert m.attrs["psf_model"] == "Z3" and m.attrs["stride"] == 64
+    assert m.attrs["psf_model"] == "Z3" and m.attrs["stride"] == 64 and m.attrs["symmetrize"] == 0
+    run("-q", "estimate", "tilt.npy", "map8.zarr", "--stride", 64, "--symmetrize")
+    assert lsfov.open_result("map8.zarr").attrs["symmetrize"] == 1
     run("deconvolve", "tilt.npy", "d.zarr", "--psf-map", "map.zarr", "--iterations", 2)
     assert lsfov.open_result("d.zarr").deblurred.shape == (320, 320)
     res = run("depth", "map.zarr", "cal.json", "--known", "truth.npy")

@@ -100,6 +100,41 @@ def test_encoding_is_invariant_exactly_where_the_psf_is():
     assert not np.allclose(a, M.encode(m, [[f, c, th + np.pi / 2]]))
 
 
+@pytest.mark.parametrize("name", ["G1", "G2", "Z1", "Z3"])
+def test_symmetries_of_the_square_act_on_the_targets_as_on_the_psf(name):
+    """Targets mapped by a symmetry decode to the parameters of the transformed PSF."""
+    m = psf.MODELS[name]
+    p = m.sample(3, 7)
+    base = torch.from_numpy(m.render(p, size=31))
+    moved = 0
+    for g in M.D4:
+        q = M.decode(m, M.targets_to_original(m, M.encode(m, p), *g))
+        want = M.transform_patches(base, *g).numpy()
+        np.testing.assert_allclose(m.render(q, size=31), want, atol=2e-6 * float(want.max()))
+        moved += not np.allclose(want, base.numpy(), atol=1e-4)
+    assert moved > 0 or name in ("G1", "Z1")  # G2 and Z3 PSFs move: the check above could fail
+
+
+@pytest.mark.parametrize("name", ["G2", "Z3"])
+def test_symmetrized_prediction_follows_the_patch(name):
+    """With symmetrize=True, rotating or flipping a patch transforms the estimate exactly as the PSF."""
+    model = lsfov.load_model(name)
+    m = model.psf_model
+    x = torch.from_numpy(np.asarray(synth.synthesize(4, name, split="test", seed=5)["patches"]))
+    ref = model.predict(x, symmetrize=True)
+    plain = model.predict(x)
+    assert not all(np.allclose(ref[k], plain[k], atol=1e-4) for k in m.params)
+    for g in ((True, False, False), (False, True, False), (True, True, True)):
+        got = model.predict(M.transform_patches(x, *g), symmetrize=True)
+        want = M.decode(m, M.targets_to_original(m, M.encode(m, np.stack([ref[k] for k in m.params], 1)), *g))
+        for i, k in enumerate(m.params):
+            if k == "axis":
+                np.testing.assert_allclose(np.angle(np.exp(2j * (got[k] - want[:, i]))), 0, atol=2e-3)
+            else:
+                np.testing.assert_allclose(got[k], want[:, i], atol=2e-3 * (m.ranges[k][1] - m.ranges[k][0]))
+        np.testing.assert_allclose(got["validity"], ref["validity"], atol=1e-4)
+
+
 def test_loss_is_eq11_and_masks_invalid_samples():
     out = torch.tensor([[10.0, 0.2, 0.9], [-10.0, 5.0, -5.0]])
     target = torch.tensor([[0.2, 0.5], [0.0, 0.0]])

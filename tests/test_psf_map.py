@@ -29,6 +29,17 @@ def test_node_grid_is_independent_of_chunking(blurred):
             np.testing.assert_allclose(lazy[v].values, whole[v].values, atol=1e-4)
 
 
+def test_symmetrized_map_is_independent_of_chunking(blurred):
+    img, _ = blurred
+    whole = lsfov.estimate_psf_map(img, "Z3", stride=64, symmetrize=True)
+    lazy = lsfov.estimate_psf_map(da.from_array(img, chunks=(200, 150)), "Z3", stride=64, symmetrize=True)
+    plain = lsfov.estimate_psf_map(img, "Z3", stride=64)
+    assert whole.attrs["symmetrize"] == 1 and plain.attrs["symmetrize"] == 0
+    for v in ("focus", "astigmatism", "axis", "validity"):
+        np.testing.assert_allclose(lazy[v].values, whole[v].values, atol=1e-4)
+    assert not np.allclose(whole.focus.values, plain.focus.values, atol=1e-3)
+
+
 def test_threaded_scheduler_gives_the_bits_of_the_synchronous_one(blurred, monkeypatch):
     # On the threaded scheduler the map runs torch on one thread per task (its pool is
     # process-wide); the synchronous scheduler keeps all of them. Same bits, and torch's setting

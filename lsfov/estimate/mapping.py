@@ -45,7 +45,7 @@ def _model_ref(model):
     return str(model), load_model(model)
 
 
-def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device):
+def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, symmetrize=False):
     """Regress the nodes whose patch starts in ``block``'s core; returns (ny, nx, n_out)."""
     from .model import load_model
 
@@ -60,13 +60,13 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device):
     cols = (xs[:, None] + idx)[None, :, None, :]
     xp = array_module(block)  # CuPy chunks stay on the GPU: predict takes them through DLPack
     patches = xp.asarray(block, dtype=xp.float32)[xp.asarray(rows), xp.asarray(cols)].reshape(ny * nx, patch, patch)
-    pred = m.predict(patches, batch_size=batch_size, reproducible=True)
+    pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
     out = np.stack([pred[p] for p in m.params] + [pred["validity"]], axis=-1)
     return out.reshape(ny, nx, n_out).astype(np.float32)
 
 
-def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, keep=None,
-                block_info=None):
+def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, symmetrize=False,
+                keep=None, block_info=None):
     """One chunk (with ``patch`` pixels of its neighbours, none beyond the image): its nodes.
 
     ``keep``: a directory where the chunk's nodes are saved once regressed, and read back instead
@@ -81,7 +81,8 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
         for stale in Path(keep).glob(f"{iy}.{ix}.*.npy"):
             stale.unlink(missing_ok=True)
         out = _chunk_task(block, ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets, starts=starts,
-                          counts=counts, batch_size=batch_size, device=device, block_info=block_info)
+                          counts=counts, batch_size=batch_size, device=device, symmetrize=symmetrize,
+                          block_info=block_info)
         tmp = done.with_name(f".{done.name}.{uuid.uuid4().hex[:8]}.npy")
         np.save(tmp, out)
         os.replace(tmp, done)  # atomic: a file present is a whole chunk
@@ -89,7 +90,7 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
     by, bx = max(0, offsets[0][iy] - patch), max(0, offsets[1][ix] - patch)  # block start in the image
     origin = ((starts[0][iy] * stride - by, counts[0][iy]), (starts[1][ix] * stride - bx, counts[1][ix]))
     return _regress(block, ref, patch=patch, stride=stride, n_out=n_out, origin=origin, batch_size=batch_size,
-                    device=device)
+                    device=device, symmetrize=symmetrize)
 
 
 @contextlib.contextmanager
@@ -121,8 +122,8 @@ def _chunk_nodes(chunks, n_nodes, stride):
 
 
 def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, pixel_um: float | None = None,
-                     batch_size: int = 32, device=None, fill: bool = True, scratch=None, resume: bool = False,
-                     progress: bool = False):
+                     batch_size: int = 32, device=None, symmetrize: bool = False, fill: bool = True, scratch=None,
+                     resume: bool = False, progress: bool = False):
     """Regress the PSF-model parameters on a sliding window over the image (paper 000 Sec. II-F).
 
     Parameters
@@ -145,6 +146,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         raise it on a GPU.
     device : str, optional
         Torch device for the CNN (default: CUDA when the process has a GPU).
+    symmetrize : bool
+        Average each node over the 8 rotations and flips of its patch (``PSFRegressor.predict``): 8x
+        the CNN time for more accurate parameters (benchmarks/RESULTS.md).
     fill : bool
         Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
         valid ones (:func:`fill_invalid`).
@@ -205,7 +209,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             # The image (Dask's name for it: its source and chunks), the model and every parameter; each
             # chunk's file also carries a digest of its pixels (see _chunk_task).
             key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
-                                     batch_size)
+                                     batch_size, bool(symmetrize))
             keep = Path(scratch) / f"lsfov-psfmap-{key[:16]}"
             if keep.exists() and not resume:
                 shutil.rmtree(keep)
@@ -215,7 +219,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         elif resume:
             raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
         fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
-                               starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device, keep=keep)
+                               starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device,
+                               symmetrize=bool(symmetrize), keep=keep)
         out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
                             chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)))
         with _one_torch_thread_per_task(out):
@@ -223,7 +228,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     else:
         arr = np.asarray(data, dtype=np.float32)
         values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
-                          batch_size=batch_size, device=device)
+                          batch_size=batch_size, device=device, symmetrize=bool(symmetrize))
     if not np.all(np.isfinite(values)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
 
@@ -240,7 +245,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         "psf_model": pm.name, "params": list(m.params), "ranges": {k: list(v) for k, v in pm.ranges.items()},
         "optics": pm.optics.to_dict() if pm.optics else None, "patch": patch, "stride": int(stride),
         "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)],
-        "model": str(ref) if isinstance(ref, str) else "PSFRegressor",
+        "model": str(ref) if isinstance(ref, str) else "PSFRegressor", "symmetrize": int(bool(symmetrize)),
     })
     return fill_invalid(ds) if fill else ds
 

@@ -41,6 +41,41 @@ def _scales(m):
     return np.array(([m.ranges["focus"][1]] if "focus" in m.params else []) + [m.ranges["astigmatism"][1]] * 2)
 
 
+# The 8 symmetries of the square as (transpose, flip_y, flip_x): flips first, then the transpose.
+D4 = tuple((t, fy, fx) for t in (False, True) for fy in (False, True) for fx in (False, True))
+
+
+def transform_patches(t: torch.Tensor, transpose: bool, flip_y: bool, flip_x: bool) -> torch.Tensor:
+    """Apply one symmetry of the square (:data:`D4`) to a batch of patches (..., P, P)."""
+    dims = [d for d, f in ((-2, flip_y), (-1, flip_x)) if f]
+    if dims:
+        t = t.flip(dims)
+    return t.transpose(-2, -1) if transpose else t
+
+
+def _swapped(name: str) -> str:
+    return name[:-2] + {"_y": "_x", "_x": "_y"}[name[-2:]] if name[-2:] in ("_y", "_x") else name
+
+
+def targets_to_original(m, targets, transpose: bool, flip_y: bool, flip_x: bool) -> np.ndarray:
+    """Targets (B, n_targets) regressed from patches transformed by a symmetry of the square -> the
+    targets of the untransformed patches.
+
+    A flip changes the sign of Noll 5 (``xy``), a transpose that of Noll 6 (``x² - y²``); defocus and
+    isotropic widths are unchanged, and a transpose swaps a ``*_y`` parameter with its ``*_x``.
+    """
+    t = np.asarray(targets, dtype=np.float64)
+    if _astigmatic(m):
+        s = np.array(([1.0] if "focus" in m.params else []) + [(-1.0) ** (flip_y + flip_x), -1.0 if transpose else 1.0])
+        iu = np.triu_indices(len(s))
+        return t * (s[:, None] * s[None, :])[iu]
+    if not transpose:
+        return t
+    names = list(m.params)
+    order = [names.index(_swapped(p)) if _swapped(p) in names else i for i, p in enumerate(names)]
+    return m.normalize(m.denormalize(t)[:, order])  # through the units: the two ranges may differ
+
+
 def n_targets(m) -> int:
     if _astigmatic(m):
         d = len(_scales(m))
@@ -172,7 +207,8 @@ class PSFRegressor:
                 outs.append(self.net(standardize(x)[:, None]).float()[:n])
         return torch.cat(outs) if outs else torch.empty((0, 1 + n_targets(self.psf_model)))
 
-    def predict(self, patches, batch_size: int = 256, *, reproducible: bool = False) -> dict:
+    def predict(self, patches, batch_size: int = 256, *, reproducible: bool = False,
+                symmetrize: bool = False) -> dict:
         """Regress the PSF parameters of each patch.
 
         Parameters
@@ -185,6 +221,10 @@ class PSFRegressor:
             result does not depend on which patches share its batch: the math libraries pick their
             kernels, and with them the float rounding, by batch size. PSF maps use it, so that their
             bytes do not depend on the chunking.
+        symmetrize : bool
+            Average the network's outputs over the 8 symmetries of the square (rotations by 90° and
+            flips of each patch, the parameters transformed to match): 8x the inference time for a
+            more accurate estimate (benchmarks/RESULTS.md).
 
         Returns
         -------
@@ -193,7 +233,15 @@ class PSFRegressor:
             the patch can be read (1 = valid)}``.
         """
         t = self._as_batch(patches)
-        out = self._forward(t, batch_size, fixed=reproducible).cpu().numpy()
+        if symmetrize:
+            out = np.zeros((len(t), 1 + n_targets(self.psf_model)))
+            for g in D4:
+                o = self._forward(transform_patches(t, *g), batch_size, fixed=reproducible).cpu().numpy()
+                out[:, :1] += o[:, :1]  # the validity logit does not change
+                out[:, 1:] += targets_to_original(self.psf_model, o[:, 1:], *g)
+            out /= len(D4)
+        else:
+            out = self._forward(t, batch_size, fixed=reproducible).cpu().numpy()
         params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
         res = {p: params[:, i] for i, p in enumerate(self.params)}
         validity = 1 / (1 + np.exp(-out[:, 0].astype(np.float64)))

@@ -261,23 +261,23 @@ def r2_scores(m, true, pred) -> dict:
     return out
 
 
-def _predict_all(model, patches, batch_size=256):
+def _predict_all(model, patches, batch_size=256, symmetrize=False):
     preds = []
     for s in range(0, patches.shape[0], 2048):
-        preds.append(model.predict(np.asarray(patches[s : s + 2048]), batch_size))
+        preds.append(model.predict(np.asarray(patches[s : s + 2048]), batch_size, symmetrize=symmetrize))
     return {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
 
 
-def evaluate(model, data, batch_size: int = 256) -> dict:
+def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> dict:
     """R² per parameter on the valid samples, their mean, and the validity accuracy.
 
     ``data``: a test set (path or dict from :func:`synthesize`, ideally ``split="test"``) of the
-    model's PSF model.
+    model's PSF model. ``symmetrize``: predict with the 8 symmetries of the square (``predict``).
     """
     ds = _as_set(data)
     if ds["attrs"]["psf_model"] != model.psf_model.name:
         raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")
-    pred = _predict_all(model, ds["patches"], batch_size)
+    pred = _predict_all(model, ds["patches"], batch_size, symmetrize)
     valid = np.asarray(ds["valid"], bool)
     est = np.stack([pred[p] for p in model.params], axis=1)
     r2 = r2_scores(model.psf_model, ds["params"][valid], est[valid])
