@@ -454,7 +454,8 @@ def section_cnn(a):
 
     goals = {"G1": 0.99, "G2": 0.99, "Z1": 0.98, "Z3": 0.95}
     lines = ["## CNN PSF-parameter regression (paper 000 Sec. III-B, Table III; Fig. 7)", "",
-             "Shipped compact models, trained on the CPU by `benchmarks/train_models.py`; test sets synthesized "
+             "Shipped compact models, trained on the CPU by `benchmarks/train_models.py` (\"a + b\": trained on a "
+             "set of a patches, then continued on a fresh set of b); test sets synthesized "
              "from images never used in training (scikit-image's coins, cell, retina, gravel and fresh procedural "
              "seeds) with the photon range of training (log-uniform peak photons per patch). R² is paper 000 Eq. 15 on valid "
              "patches (the axis on the circle: 0 and pi are one axis). \"symmetrized\": the same test set with "
@@ -475,11 +476,15 @@ def section_cnn(a):
         acc = "met" if t["validity_accuracy"] >= 0.98 else "NOT met"
         test = synth.synthesize(t["n"], name, split="test", seed=0, photons=tuple(tr["data"]["photons"]))
         sym = train.evaluate(M.load_model(name), test, symmetrize=True)
+        # A model continued from another (train(init=)): each stage, first to last.
+        stages = ([tr["init"]] if "init" in tr else []) + [tr]
         lines.append(f"| {name} | {r2} | **{t['r2_mean']:.3f}** (>= {goals[name]}: {ok}) | "
                      f"{t['validity_accuracy']:.3f} ({acc}) | {t['n']} ({t['n_valid']}) | "
                      f"{sym['r2_mean']:.3f}, {sym['validity_accuracy']:.3f} | "
-                     f"{'-'.join(f'{p:g}' for p in tr['data']['photons'])} | {tr['n_train']} | "
-                     f"{tr['epochs_run']} | {tr['seconds'] / 60:.0f} min |")
+                     f"{'-'.join(f'{p:g}' for p in tr['data']['photons'])} | "
+                     + " + ".join(str(st["n_train"]) for st in stages) + " | "
+                     + " + ".join(str(st["epochs_run"]) for st in stages) + " | "
+                     f"{sum(st['seconds'] for st in stages) / 60:.0f} min |")
         if "robustness" in meta:
             curves[name] = meta["robustness"]
     torch.set_num_threads(os.cpu_count())
