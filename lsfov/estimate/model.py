@@ -69,10 +69,10 @@ def targets_to_original(m, targets, transpose: bool, flip_y: bool, flip_x: bool)
         s = np.array(([1.0] if "focus" in m.params else []) + [(-1.0) ** (flip_y + flip_x), -1.0 if transpose else 1.0])
         iu = np.triu_indices(len(s))
         return t * (s[:, None] * s[None, :])[iu]
-    if not transpose:
-        return t
     names = list(m.params)
     order = [names.index(_swapped(p)) if _swapped(p) in names else i for i, p in enumerate(names)]
+    if not transpose or order == list(range(len(names))):
+        return t
     return m.normalize(m.denormalize(t)[:, order])  # through the units: the two ranges may differ
 
 
