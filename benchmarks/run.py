@@ -454,7 +454,8 @@ def section_cnn(a):
 
     goals = {"G1": 0.99, "G2": 0.99, "Z1": 0.98, "Z3": 0.95}
     lines = ["## CNN PSF-parameter regression (paper 000 Sec. III-B, Table III; Fig. 7)", "",
-             "Shipped compact models, trained on the CPU by `benchmarks/train_models.py` (\"a + b\": trained on a "
+             "Shipped models (their network in brackets: `spectral` is `compact` plus a log-power-spectrum "
+             "branch), trained on the CPU by `benchmarks/train_models.py` (\"a + b\": trained on a "
              "set of a patches, then continued on a fresh set of b); test sets synthesized "
              "from images never used in training (scikit-image's coins, cell, retina, gravel and fresh procedural "
              "seeds) with the photon range of training (log-uniform peak photons per patch). R² is paper 000 Eq. 15 on valid "
@@ -478,7 +479,7 @@ def section_cnn(a):
         sym = train.evaluate(M.load_model(name), test, symmetrize=True)
         # A model continued from another (train(init=)): each stage, first to last.
         stages = ([tr["init"]] if "init" in tr else []) + [tr]
-        lines.append(f"| {name} | {r2} | **{t['r2_mean']:.3f}** (>= {goals[name]}: {ok}) | "
+        lines.append(f"| {name} ({meta.get('arch', 'compact')}) | {r2} | **{t['r2_mean']:.3f}** (>= {goals[name]}: {ok}) | "
                      f"{t['validity_accuracy']:.3f} ({acc}) | {t['n']} ({t['n_valid']}) | "
                      f"{sym['r2_mean']:.3f}, {sym['validity_accuracy']:.3f} | "
                      f"{'-'.join(f'{p:g}' for p in tr['data']['photons'])} | "
@@ -490,7 +491,7 @@ def section_cnn(a):
     torch.set_num_threads(os.cpu_count())
     x = torch.randn(64, 1, 128, 128)
     rows = []
-    for arch in ("compact", "resnet34"):
+    for arch in ("compact", "spectral", "resnet34"):
         net = network.build(arch, 7).eval()
         with torch.inference_mode():
             t = best_of(lambda: net(x), max(2, a.repeat // 2))
@@ -812,7 +813,7 @@ def section_psfmap(a):
         secs, peak, out = measured([sys.executable, job, "8192"], dict(os.environ, OMP_NUM_THREADS="1"))
         comp, nodes = (float(v) for v in re.search(r"compute ([\d.]+) (\d+)", out).groups())
     lines = ["## PSF maps and depth from astigmatism (paper 000 Sec. II-F, II-H; III-D, III-E)", "",
-             f"_CPU only: torch {torch.__version__}, {torch.get_num_threads()} threads; the shipped compact Z3 model._",
+             f"_CPU only: torch {torch.__version__}, {torch.get_num_threads()} threads; the shipped Z3 model ({lsfov.load_model('Z3').arch} network)._",
              "", "| job | patches | time | patches/s |", "|---|---:|---:|---:|",
              f"| 1024², stride 128 (paper: 5.9 ms on a GTX 1080) | 64 | {t1 * 1e3:.0f} ms | {64 / t1:.0f} |",
              f"| the same, `symmetrize=True` (8 passes per patch) | 64 | {t8 * 1e3:.0f} ms | {64 / t8:.0f} |",

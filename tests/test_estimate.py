@@ -151,15 +151,32 @@ def test_loss_is_eq11_and_masks_invalid_samples():
 
 def test_networks_shapes_and_compact_size():
     x = torch.randn(2, 1, 128, 128)
-    compact = network.build("compact", 7)
-    assert compact(x).shape == (2, 7)
-    n = sum(p.numel() for p in compact.parameters())
-    assert n * 4 < 10e6  # ships inside the package
+    for arch in ("compact", "spectral"):
+        net = network.build(arch, 7)
+        assert net(x).shape == (2, 7)
+        n = sum(p.numel() for p in net.parameters())
+        assert n * 4 < 10e6  # ships inside the package
     big = network.build("resnet34", 4)
     assert big(x).shape == (2, 4)
     assert 20e6 < sum(p.numel() for p in big.parameters()) < 22e6  # ResNet-34's 21.3 M (one channel in)
     with pytest.raises(ValueError, match="unknown network"):
         network.build("vgg", 3)
+
+
+def test_spectral_network_reads_the_power_spectrum():
+    torch.manual_seed(0)
+    net = network.build("spectral", 4).eval()
+    assert "window" not in net.state_dict()  # rebuilt, not stored: model files stay portable
+    # Both branches feed the output.
+    x = torch.randn(3, 1, 128, 128)
+    net(x).sum().backward()
+    for first_conv in (net.spatial.stem[1], net.spectral[1]):
+        assert first_conv.weight.grad.abs().sum() > 0
+    # Its input against numpy: the Hann-windowed patch's log power, zero frequency at row 64.
+    w = np.hanning(128)
+    ref = np.fft.fftshift(np.log(np.abs(np.fft.rfft2(x[0, 0].numpy() * np.outer(w, w))) ** 2 + 1e-3), axes=0)
+    np.testing.assert_allclose(net.log_power(x)[0, 0].detach().numpy(), ref, rtol=1e-4, atol=1e-4)
+    assert ref.shape == (128, 65)
 
 
 def test_r2_eq15_and_circular_axis():
@@ -198,18 +215,18 @@ def test_training_can_start_from_a_model(tmp_path, z3_small):
     d = synth.synthesize(192, "G1", seed=12, batch=192)
     first = train.train(d, epochs=1, lr=1e-3, batch_size=32, progress=False, seed=0)
     path = first.save(tmp_path / "first.pt")
-    w0 = first.net.stem[1].weight.detach().clone()
+    w0 = next(first.net.parameters()).detach().clone()
     # A learning rate of ~0 keeps the weights where they started: those of `first`, not fresh ones.
     # (the learning-rate probe, too, starts from them)
     again = train.train(d, epochs=1, lr_candidates=(1e-12,), batch_size=32, progress=False, seed=1, init=path)
-    torch.testing.assert_close(again.net.stem[1].weight, w0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(next(again.net.parameters()), w0, rtol=0, atol=1e-9)
     fresh = train.train(d, epochs=1, lr_candidates=(1e-12,), batch_size=32, progress=False, seed=1)
-    assert (fresh.net.stem[1].weight - w0).abs().max() > 1e-3
+    assert (next(fresh.net.parameters()) - w0).abs().max() > 1e-3
     assert again.meta["training"]["init"]["n_train"] == first.meta["training"]["n_train"]
     assert "history" not in again.meta["training"]["init"]
     with pytest.raises(ValueError, match="regresses G1 parameters, not Z3"):
         train.train(z3_small, epochs=1, progress=False, init=path)
-    with pytest.raises(ValueError, match="init is a compact network, not resnet34"):
+    with pytest.raises(ValueError, match="init is a spectral network, not resnet34"):
         train.train(d, arch="resnet34", epochs=1, progress=False, init=first)
 
 
