@@ -25,11 +25,6 @@ import torch
 from lsfov.estimate import model as _model
 from lsfov.estimate import synth
 from lsfov.estimate import training as train
-from lsfov.estimate.network import ARCHITECTURES
-
-NETWORK_WORDS = {"compact": "compact residual network",
-                 "spectral": "compact residual network with a log-power-spectrum branch",
-                 "resnet34": "ResNet-34"}
 
 DEFAULTS = {"G1": (16000, 6), "G2": (24000, 6), "Z1": (16000, 6), "Z3": (80000, 8)}
 # The shipped models are trained and tested on synth.PHOTONS (500-5000 peak photons). Trained from
@@ -51,7 +46,7 @@ def main():
     ap.add_argument("--epochs", type=int, help="epochs (default per model)")
     ap.add_argument("--minutes", type=float, default=None, help="time budget per model")
     ap.add_argument("--test", type=int, default=3000, help="test patches")
-    ap.add_argument("--arch", default="spectral", choices=sorted(ARCHITECTURES))
+    ap.add_argument("--arch", default="compact")
     ap.add_argument("--init", default=None, help="continue from this model (a shipped name or a .pt)")
     ap.add_argument("--seed", type=int, default=0, help="training-set seed (a fresh set when continuing)")
     ap.add_argument("--photons", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -84,7 +79,7 @@ def main():
         reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)
         reg.meta["training"]["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         reg.meta["description"] = (
-            f"{name} ({reg.psf_model.description}); {NETWORK_WORDS[a.arch]} trained on {n} synthetic 128² "
+            f"{name} ({reg.psf_model.description}); compact residual network trained on {n} synthetic 128² "
             f"patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise "
             f"at {photons[0]:g}-{photons[1]:g} peak photons, illumination gradients; 8% black or flat invalid "
             "patches), tested on images never seen in training.")

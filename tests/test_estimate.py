@@ -226,7 +226,7 @@ def test_training_can_start_from_a_model(tmp_path, z3_small):
     assert "history" not in again.meta["training"]["init"]
     with pytest.raises(ValueError, match="regresses G1 parameters, not Z3"):
         train.train(z3_small, epochs=1, progress=False, init=path)
-    with pytest.raises(ValueError, match="init is a spectral network, not resnet34"):
+    with pytest.raises(ValueError, match="init is a compact network, not resnet34"):
         train.train(d, arch="resnet34", epochs=1, progress=False, init=first)
 
 

@@ -135,7 +135,7 @@ class PSFRegressor:
         Everything stored with the weights (architecture, training data, test-set R², ...).
     """
 
-    def __init__(self, psf_model, arch: str = "spectral", *, meta: dict | None = None, device=None):
+    def __init__(self, psf_model, arch: str = "compact", *, meta: dict | None = None, device=None):
         base = _psf.get_model(psf_model)
         self.meta = dict(meta or {})
         ranges = {k: tuple(v) for k, v in self.meta.get("ranges", base.ranges).items()}

@@ -2,9 +2,9 @@
 
 torchvision is not importable on every build, so the residual blocks are written here:
 ``resnet34`` is the paper's network (He et al.'s ResNet-34, one input channel, N+1 outputs),
-``compact`` a small residual network (1.2 M parameters, 5 MB) that trains on a laptop CPU, and
-``spectral``, what lsfov ships: ``compact`` plus a branch that reads the patch's log power spectrum
-(1.6 M parameters, 6.6 MB), which learns the blur several times faster.
+``compact`` a small residual network (1.2 M parameters, 5 MB) that trains on a laptop CPU and is
+what lsfov ships, and ``spectral``: ``compact`` plus a branch that reads the patch's log power
+spectrum (1.6 M parameters), which learns faster but fails on noiseless patches (see the README).
 """
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def _val_loss(model, patches, targets, valid, index, gamma, block):
     return total / max(count, 1)
 
 
-def train(data, *, arch: str = "spectral", epochs: int = 20, batch_size: int = 64, lr: float | None = None,
+def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64, lr: float | None = None,
           lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
           gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
           max_minutes: float | None = None, init=None, progress: bool = True) -> PSFRegressor:
@@ -89,8 +89,8 @@ def train(data, *, arch: str = "spectral", epochs: int = 20, batch_size: int = 6
     ----------
     data : path or dict
         A training set from :func:`lsfov.estimate.synthesize` (its PSF model is the model's).
-    arch : {"spectral", "compact", "resnet34"}
-        The network (:mod:`lsfov.estimate.network`); ``spectral`` is what lsfov ships.
+    arch : {"compact", "spectral", "resnet34"}
+        The network (:mod:`lsfov.estimate.network`); ``compact`` is what lsfov ships.
     epochs : int
         Upper bound on the passes over the training split (cosine learning-rate decay over them).
     lr : float, optional
