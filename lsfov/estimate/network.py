@@ -129,7 +129,7 @@ def spectral(n_out: int) -> SpectralNet:
 ARCHITECTURES = {"compact": compact, "resnet34": resnet34, "spectral": spectral}
 
 
-def build(arch: str, n_out: int) -> ResNet:
+def build(arch: str, n_out: int) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown network {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](n_out)
