@@ -31,6 +31,8 @@ DEFAULTS = {"G1": (16000, 6), "G2": (24000, 6), "Z1": (16000, 6), "Z3": (80000, 
 # 50, Z3's astigmatism outputs stayed at their mean (axis R² -0.01); from 500 it reads the axis
 # (0.62) and G1, G2 and Z1 gain 0.05-0.11 in R², even on a 50-5000 test set. Fig. 7's robustness
 # curves still measure every noise level.
+NETWORKS = {"compact": "compact residual network", "resnet34": "ResNet-34",
+            "spectral": "compact residual network with a log-power-spectrum branch"}
 LR = {"Z3": 1e-3}  # the rate the shipped Z3 was trained at (the probe sees only its first 100 steps)
 
 
@@ -46,7 +48,7 @@ def main():
     ap.add_argument("--epochs", type=int, help="epochs (default per model)")
     ap.add_argument("--minutes", type=float, default=None, help="time budget per model")
     ap.add_argument("--test", type=int, default=3000, help="test patches")
-    ap.add_argument("--arch", default="compact")
+    ap.add_argument("--arch", default="compact", choices=sorted(NETWORKS))
     ap.add_argument("--init", default=None, help="continue from this model (a shipped name or a .pt)")
     ap.add_argument("--seed", type=int, default=0, help="training-set seed (a fresh set when continuing)")
     ap.add_argument("--photons", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -79,7 +81,7 @@ def main():
         reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)
         reg.meta["training"]["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         reg.meta["description"] = (
-            f"{name} ({reg.psf_model.description}); compact residual network trained on {n} synthetic 128² "
+            f"{name} ({reg.psf_model.description}); {NETWORKS[a.arch]} trained on {n} synthetic 128² "
             f"patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise "
             f"at {photons[0]:g}-{photons[1]:g} peak photons, illumination gradients; 8% black or flat invalid "
             "patches), tested on images never seen in training.")

@@ -451,8 +451,11 @@ def _read_calibration(path):
 @click.option("--known", type=click.Path(), default=None,
               help="Fit a calibration instead: the true depth in µm (.npy/TIFF, node grid or full image); "
                    "OUT is then the calibration JSON.")
+@click.option("--smooth", type=click.FloatRange(min=0), default=None,
+              help="σ in nodes of the local-plane smoothing of the depth [with --known: 0, stored in the "
+                   "calibration; otherwise the calibration's].")
 @_overwrite_option
-def depth(psf_map, out, calibration, known, overwrite):
+def depth(psf_map, out, calibration, known, smooth, overwrite):
     """Depth from astigmatism (paper 000 Eq. 14) of a Z3 PSF map: µm with a calibration, otherwise
     the uncalibrated signed defocus in waves."""
     import json
@@ -465,7 +468,7 @@ def depth(psf_map, out, calibration, known, overwrite):
     out = _check_out(out, overwrite)
     ds = io.open_result(psf_map)
     if known:
-        cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64))
+        cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0)
         tmp = out.with_name(f".{out.name}.partial")
         tmp.write_text(json.dumps({"type": "lsfov.DepthCalibration", **cal.to_dict()}, indent=2))
         if out.is_dir():  # --overwrite of a directory by a file
@@ -476,7 +479,7 @@ def depth(psf_map, out, calibration, known, overwrite):
         click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
                    f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
         return
-    z = estimate_depth(ds, _read_calibration(calibration) if calibration else None)
+    z = estimate_depth(ds, _read_calibration(calibration) if calibration else None, smooth=smooth)
     io.save(xr.Dataset({"depth": z}, attrs={"command": "lsfov depth", "source": str(psf_map)}), out,
             overwrite=overwrite)
     click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
@@ -764,7 +767,8 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     with use_scheduler(scheduler, n_workers=2), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-",
                                                                          dir=out.parent) as tmp:
         t = time.perf_counter()
-        cal = calibrate_depth(estimate_psf_map(da.from_array(calib.image, chunks=chunks), "Z3"), calib.depth_um)
+        cal = calibrate_depth(estimate_psf_map(da.from_array(calib.image, chunks=chunks), "Z3"), calib.depth_um,
+                              smooth=2.0)  # a local plane over ~2 nodes: the surface is smooth, a node's estimate is not
         stages["depth calibration (second plane)"] = time.perf_counter() - t
         ds, op, more = _pipeline(img, "Z3", 64, 20, DEFAULT_TV, cal, tmp, not obj["quiet"])
         stages.update(more)

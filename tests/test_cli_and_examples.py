@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -278,6 +279,14 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     assert z.shape == (4, 4) and z.attrs["units"] == "micrometer"
     run("depth", "map.zarr", "z0.zarr")
     assert lsfov.open_result("z0.zarr").depth.attrs["units"].startswith("waves")
+    # A smoothed calibration: stored in the JSON, applied by default, overridable.
+    run("depth", "map.zarr", "cal2.json", "--known", "truth.npy", "--smooth", 1.5)
+    assert json.loads(Path("cal2.json").read_text())["smooth"] == 1.5
+    run("depth", "map.zarr", "z2.zarr", "--calibration", "cal2.json")
+    run("depth", "map.zarr", "z3.zarr", "--calibration", "cal2.json", "--smooth", 0)
+    z2, z3 = lsfov.open_result("z2.zarr").depth, lsfov.open_result("z3.zarr").depth
+    assert z2.attrs["calibration"]["smooth"] == 1.5 and not np.allclose(z2, z3)
+    assert run("depth", "map.zarr", "z4.zarr", "--smooth", -1, ok=False).exit_code == 2
     res = run("depth", "map.zarr", "z1.zarr", "--calibration", "map.png", ok=False)
     assert res.exit_code == 1
     res = run("deconvolve", "tilt.npy", "e.zarr", "--psf-map", "map.zarr", "--psf", "x.npy", ok=False)

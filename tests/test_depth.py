@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import xarray as xr
+from scipy.ndimage import gaussian_filter
 
 from lsfov import simulate
-from lsfov.estimate.depth import DepthCalibration, calibrate_depth, estimate_depth, signed_defocus
+from lsfov.estimate.depth import DepthCalibration, calibrate_depth, estimate_depth, local_plane, signed_defocus
 
 
 def _truth_map(surface):
@@ -75,3 +76,52 @@ def test_depth_bad_input():
     with pytest.raises(ValueError, match="astigmatic"):
         estimate_depth(ds.drop_vars("axis"))
     assert isinstance(calibrate_depth(ds, s.depth_um), DepthCalibration)
+
+
+def test_local_plane_keeps_planes_and_averages_noise():
+    rng = np.random.default_rng(0)
+    gy, gx = np.mgrid[:15, :17].astype(float)
+    plane = 3 + 0.5 * gy - 0.2 * gx
+    w = rng.uniform(0.2, 1, plane.shape) * (rng.uniform(size=plane.shape) > 0.3)
+    # A tilt passes unbiased, borders included, whatever the weights (a Gaussian would flatten it).
+    np.testing.assert_allclose(local_plane(plane, w, 2.0), plane, atol=1e-6)
+    assert np.abs(gaussian_filter(plane, 2.0, mode="nearest") - plane).max() > 0.5
+    noisy = plane + rng.normal(0, 1, plane.shape)
+    assert np.abs(local_plane(noisy, 1.0, 2.0) - plane).mean() < 0.4 * np.abs(noisy - plane).mean()
+    np.testing.assert_array_equal(local_plane(noisy, w, 0), noisy)
+    # Where no neighbour has weight, a node keeps its value; leading dimensions are independent maps.
+    lone = np.zeros_like(w)
+    lone[0, 0] = 1
+    np.testing.assert_allclose(local_plane(noisy, lone, 1.0)[-1, -1], noisy[-1, -1])
+    both = local_plane(np.stack([noisy, plane]), w, 1.5)
+    np.testing.assert_allclose(both[0], local_plane(noisy, w, 1.5))
+    with pytest.raises(ValueError, match="smooth"):
+        local_plane(noisy, w, -1)
+
+
+def test_smoothed_calibration_on_noisy_maps():
+    """Noisy node estimates (like a CNN's): the smoothed calibration and depth are closer to the truth,
+    and the calibration carries its smoothing to estimate_depth."""
+    kw = dict(axis=0.4, grid=16)
+    a = simulate.tilted_surface((512, 512), depth_range_um=(-8, 8), direction=0.3, seed=5, **kw)
+    b = simulate.tilted_surface((512, 512), depth_range_um=(-6, 9), direction=1.2, curvature=0.3, seed=6, **kw)
+    rng = np.random.default_rng(1)
+
+    def noisy(s):
+        ds = _truth_map(s)
+        ds["focus"] = np.abs(ds["focus"] + rng.normal(0, 0.06, ds["focus"].shape)).astype(np.float32)
+        ds["axis"] = ((ds["axis"] + rng.normal(0, 0.3, ds["axis"].shape)) % np.pi).astype(np.float32)
+        return ds
+
+    cy, cx = b.operator.centers
+    truth = b.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
+    mb = noisy(b)
+    raw_cal, cal = calibrate_depth(noisy(a), a.depth_um), calibrate_depth(noisy(a), a.depth_um, smooth=2)
+    assert cal.smooth == 2 and raw_cal.smooth == 0 and cal.r2 > raw_cal.r2
+    err_raw = np.abs(estimate_depth(mb, raw_cal).values - truth).mean()
+    err = np.abs(estimate_depth(mb, cal).values - truth).mean()
+    assert err < 0.6 * err_raw
+    np.testing.assert_allclose(estimate_depth(mb, cal, smooth=0).values,
+                               cal.slope * signed_defocus(mb, cal.axis0).values + cal.offset, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="smooth"):
+        calibrate_depth(mb, b.depth_um, smooth=-1)

@@ -174,9 +174,20 @@ def test_spectral_network_reads_the_power_spectrum():
         assert first_conv.weight.grad.abs().sum() > 0
     # Its input against numpy: the Hann-windowed patch's log power, zero frequency at row 64.
     w = np.hanning(128)
-    ref = np.fft.fftshift(np.log(np.abs(np.fft.rfft2(x[0, 0].numpy() * np.outer(w, w))) ** 2 + 1e-3), axes=0)
+    power = np.abs(np.fft.rfft2(x[0, 0].numpy().astype(np.float64) * np.outer(w, w))) ** 2
+    ref = np.fft.fftshift(np.log(power + net.FLOOR * power.mean()), axes=0)
     np.testing.assert_allclose(net.log_power(x)[0, 0].detach().numpy(), ref, rtol=1e-4, atol=1e-4)
     assert ref.shape == (128, 65)
+    # A noiseless patch, band-limited so that its high frequencies hold no power, stays within the
+    # range of a noisy one: the floor is relative to the patch's own power.
+    f = np.fft.rfft2(np.random.default_rng(0).standard_normal((128, 128)))
+    f[:, 20:] = 0
+    f[20:-20] = 0
+    smooth = torch.from_numpy(np.fft.irfft2(f, s=(128, 128))).float()
+    smooth = smooth / smooth.std()
+    low = net.log_power(smooth[None, None]).min()
+    assert low > net.log_power(x).mean() - 8  # without the floor: ~ 40 below
+    assert torch.isfinite(net.log_power(torch.zeros(1, 1, 128, 128))).all()
 
 
 def test_r2_eq15_and_circular_axis():

@@ -6,6 +6,11 @@ axis. With θ0 the instrument's astigmatism axis, the signed defocus is ``focus 
 Paper 000 writes ``a1 (2 a3/π − 1)``, which is the same sign rule for θ0 = 3π/4 (negative for an axis
 in (0, π/2), like ``cos 2(a − 3π/4) = −sin 2a``): its cylindrical lenses. :func:`calibrate_depth` finds
 θ0 with the linear map to µm, so any orientation works.
+
+Each node's estimate is noisy; a sample's surface is smooth over a few patches. ``smooth=σ`` (in
+nodes) replaces the signed defocus by a local plane fitted around each node (Gaussian weights of
+width σ times the validity; first-order normalised convolution): noise averages out while tilts,
+the signal itself, pass unbiased, also at the borders, where a plain Gaussian would flatten them.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["DepthCalibration", "calibrate_depth", "estimate_depth", "signed_defocus"]
+__all__ = ["DepthCalibration", "calibrate_depth", "estimate_depth", "local_plane", "signed_defocus"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class DepthCalibration:
     r2: float  # of the fit on the calibration nodes
     mae_um: float  # mean absolute error on the calibration nodes
     n_nodes: int
+    smooth: float = 0.0  # σ in nodes of the local-plane smoothing fitted with (and applied by estimate_depth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +48,72 @@ def signed_defocus(psf_map, axis0: float = 3 * np.pi / 4):
     """``focus · cos 2(axis − axis0)`` on the node grid (waves RMS): + on one side of focus, − on the other."""
     _check_map(psf_map)
     return psf_map["focus"] * np.cos(2 * (psf_map["axis"] - axis0))
+
+
+def local_plane(values, weights, sigma: float):
+    """Value at each node of the plane fitted to its neighbours by weighted least squares.
+
+    Parameters
+    ----------
+    values, weights : (..., gy, gx) array_like
+        Node values and their weights (>= 0; e.g. the validity, 0 for filled nodes).
+    sigma : float
+        Width of the Gaussian neighbourhood in nodes (0: ``values`` unchanged).
+
+    Returns
+    -------
+    ndarray (float64)
+        First-order normalised convolution: ``a`` of ``argmin Σ_d g(d) w(n+d) (v(n+d) − a − b·d)²``. A
+        plane is returned exactly, whatever the weights; a node whose neighbourhood has no weight
+        keeps its value.
+    """
+    from scipy.ndimage import correlate
+
+    v = np.asarray(values, dtype=np.float64)
+    w = np.ascontiguousarray(np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape))  # no 0 strides for ndimage
+    if not sigma >= 0:
+        raise ValueError(f"smooth must be a width in nodes >= 0, got {sigma}")
+    if sigma == 0:
+        return v.copy()
+    r = int(np.ceil(3 * sigma))
+    d = np.arange(-r, r + 1, dtype=np.float64)
+    dy, dx = np.meshgrid(d, d, indexing="ij")
+    g = np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
+    lead = (1,) * (v.ndim - 2)  # the same 2-D neighbourhood for each leading index
+
+    def moment(a, k):
+        return correlate(a, k.reshape(lead + k.shape), mode="constant", cval=0.0)
+
+    s0, sy, sx, syy, syx, sxx = (moment(w, g * k) for k in (1, dy, dx, dy * dy, dy * dx, dx * dx))
+    b0, by, bx = (moment(w * v, g * k) for k in (1, dy, dx))
+    a = np.stack([np.stack(r_, -1) for r_ in ((s0, sy, sx), (sy, syy, syx), (sx, syx, sxx))], -2)
+    # A neighbourhood whose nodes lie on a line cannot fix a plane: a tiny ridge on the slopes turns
+    # it into the weighted mean there, and leaves well-posed fits as they are.
+    a[..., 1, 1] += 1e-9 * r * r * s0
+    a[..., 2, 2] += 1e-9 * r * r * s0
+    ok = s0 > 1e-12 * g.sum()
+    out = v.copy()
+    if ok.any():
+        rhs = np.stack([b0, by, bx], -1)[ok]
+        out[ok] = np.linalg.solve(a[ok], rhs[..., None])[..., 0, 0]
+    return out
+
+
+def _weights(psf_map, min_validity):
+    w = np.asarray(psf_map["validity"].values, dtype=np.float64)
+    w = np.where(w >= min_validity, w, 0.0)
+    if "filled" in psf_map:
+        w = np.where(np.asarray(psf_map["filled"].values, bool), 0.0, w)
+    return w
+
+
+def _smoothed_components(psf_map, sigma, min_validity):
+    """The signed defocus for any θ0 is ``cos 2θ0 · c + sin 2θ0 · s`` with ``c, s = focus · (cos, sin) 2 axis``:
+    smoothing is linear, so these two are smoothed once."""
+    f = np.asarray(psf_map["focus"].values, dtype=np.float64)
+    a = np.asarray(psf_map["axis"].values, dtype=np.float64)
+    c, s = local_plane(np.stack([f * np.cos(2 * a), f * np.sin(2 * a)]), _weights(psf_map, min_validity), sigma)
+    return c, s
 
 
 def _node_values(psf_map, known):
@@ -64,7 +136,7 @@ def _node_values(psf_map, known):
     return map_coordinates(k, [yy, xx], order=1, mode="nearest")
 
 
-def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5) -> DepthCalibration:
+def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smooth: float = 0.0) -> DepthCalibration:
     """Fit the map from the CNN's focus and axis to depth in µm, on an acquisition of known depth.
 
     Parameters
@@ -76,7 +148,10 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5) -> De
         Its true depth, on the node grid ``(gy, gx)`` or at full resolution ``(H, W)`` (then sampled at
         the node centres).
     min_validity : float
-        Nodes below this validity (and filled ones) are left out.
+        Nodes below this validity (and filled ones) are left out, of the fit and of the smoothing.
+    smooth : float
+        σ in nodes of the local-plane smoothing of the signed defocus (module docstring), for the
+        fit and, stored in the calibration, for :func:`estimate_depth`. 0: each node on its own.
 
     Returns
     -------
@@ -92,12 +167,13 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5) -> De
         raise ValueError(f"only {int(use.sum())} valid nodes to calibrate on; image a textured sample")
     if np.ptp(z[use]) <= 0:
         raise ValueError("the known depth is constant: calibrate on a tilted or curved sample")
-    f = psf_map["focus"].values[use].astype(np.float64)
-    a = psf_map["axis"].values[use].astype(np.float64)
+    if not smooth >= 0:
+        raise ValueError(f"smooth must be a width in nodes >= 0, got {smooth}")
+    c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth, min_validity))
     zt = z[use]
     best = None
     for th in np.linspace(0, np.pi, 360, endpoint=False):
-        s = f * np.cos(2 * (a - th))
+        s = np.cos(2 * th) * c + np.sin(2 * th) * s2
         design = np.stack([s, np.ones_like(s)], 1)
         coef, *_ = np.linalg.lstsq(design, zt, rcond=None)
         res = float(np.sum((design @ coef - zt) ** 2))
@@ -106,27 +182,35 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5) -> De
     res, th, (slope, offset) = best
     if slope < 0:  # the same line with the axis turned by π/2
         th, slope = (th + np.pi / 2) % np.pi, -slope
-    pred = slope * f * np.cos(2 * (a - th)) + offset
+    pred = slope * (np.cos(2 * th) * c + np.sin(2 * th) * s2) + offset
     r2 = 1 - res / float(np.sum((zt - zt.mean()) ** 2))
     return DepthCalibration(axis0=float(th), slope=float(slope), offset=float(offset), r2=float(r2),
-                            mae_um=float(np.mean(np.abs(pred - zt))), n_nodes=int(use.sum()))
+                            mae_um=float(np.mean(np.abs(pred - zt))), n_nodes=int(use.sum()), smooth=float(smooth))
 
 
-def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None):
+def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
 
     With a calibration: µm from the focal plane. Without: paper 000 Eq. 14, ``focus (2 axis/π − 1)``
     in waves RMS, whose sign follows the depth's for an instrument axis near 3π/4 (for one near π/4
     it is reversed; calibrate to be sure).
+
+    ``smooth``: σ in nodes of the local-plane smoothing (module docstring); by default the
+    calibration's, with which its slope was fitted (0 without a calibration).
     """
     _check_map(psf_map)
-    if calibration is None:
+    c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
+    sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
+    if not sigma >= 0:
+        raise ValueError(f"smooth must be a width in nodes >= 0, got {smooth}")
+    if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
         units, note = "waves RMS (uncalibrated, paper 000 Eq. 14)", None
     else:
-        c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()
+    if sigma > 0:
+        z = z.copy(data=local_plane(z.values, _weights(psf_map, 0.5), sigma))
     z = z.astype(np.float32).rename("depth")
     z.attrs = {"units": units, "long_name": "distance from the focal plane"}
     if note:

@@ -89,6 +89,8 @@ class SpectralNet(nn.Module):
     The two branches' features meet in the head.
     """
 
+    FLOOR = 3e-3  # ~ the noise of 5000 peak photons, relative to a textured patch's power
+
     def __init__(self, n_out: int, size: int = 128):
         super().__init__()
         self.spatial = compact(n_out)
@@ -109,13 +111,18 @@ class SpectralNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def log_power(self, x):
-        """``log(|rfft2(window · x)|² + 1e-3)``, zero frequency in the middle row (rings stay contiguous).
+        """``log(P + floor)``, ``P = |rfft2(window · x)|²``, zero frequency in the middle row (rings stay
+        contiguous).
 
         Windowed (Hann): the patch's edges would otherwise draw a cross, which looks like astigmatism
-        along the axes.
+        along the axes. The floor, ``FLOOR`` times the patch's mean power, is a white-noise level
+        like that of a bright training patch: beyond the OTF's cut-off a noiseless patch has no power
+        at all, and without the floor its log would fall far below anything seen in training.
         """
         f = torch.fft.rfft2(x * self.window)
-        return torch.fft.fftshift(torch.log(f.real**2 + f.imag**2 + 1e-3), dim=-2)
+        p = f.real**2 + f.imag**2
+        floor = self.FLOOR * p.mean(dim=(-2, -1), keepdim=True) + 1e-12
+        return torch.fft.fftshift(torch.log(p + floor), dim=-2)
 
     def forward(self, x):
         return self.head(torch.cat([self.spatial(x), self.spectral(self.log_power(x))], dim=1))
