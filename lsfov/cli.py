@@ -632,8 +632,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Source images of a synthesized set (test: images never used for training).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--arch", type=click.Choice(["compact", "spectral", "resnet34"]), default="compact", show_default=True,
-              help="Network: compact (shipped), spectral (compact + a power-spectrum branch), or the paper's resnet34.")
+@click.option("--arch", type=click.Choice(["spectral", "compact", "resnet34"]), default=None,
+              help="Network: spectral (shipped: compact + a power-spectrum branch), compact, or the paper's "
+                   "resnet34 [--init's; otherwise spectral].")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="Adam learning rate [chosen on the validation split].")

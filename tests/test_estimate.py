@@ -237,8 +237,11 @@ def test_training_can_start_from_a_model(tmp_path, z3_small):
     assert "history" not in again.meta["training"]["init"]
     with pytest.raises(ValueError, match="regresses G1 parameters, not Z3"):
         train.train(z3_small, epochs=1, progress=False, init=path)
+    assert first.arch == again.arch == "spectral"  # the default network; with init, init's
+    compact = train.train(d, arch="compact", epochs=1, lr=1e-3, batch_size=32, progress=False)
+    assert train.train(d, epochs=1, lr=1e-12, batch_size=32, progress=False, init=compact).arch == "compact"
     with pytest.raises(ValueError, match="init is a compact network, not resnet34"):
-        train.train(d, arch="resnet34", epochs=1, progress=False, init=first)
+        train.train(d, arch="resnet34", epochs=1, progress=False, init=compact)
 
 
 def test_model_save_load_round_trip_and_bad_files(tmp_path):

@@ -79,7 +79,7 @@ def _val_loss(model, patches, targets, valid, index, gamma, block):
     return total / max(count, 1)
 
 
-def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64, lr: float | None = None,
+def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 64, lr: float | None = None,
           lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
           gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
           max_minutes: float | None = None, init=None, progress: bool = True) -> PSFRegressor:
@@ -89,8 +89,9 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
     ----------
     data : path or dict
         A training set from :func:`lsfov.estimate.synthesize` (its PSF model is the model's).
-    arch : {"compact", "spectral", "resnet34"}
-        The network (:mod:`lsfov.estimate.network`); ``compact`` is what lsfov ships.
+    arch : {"spectral", "compact", "resnet34"}, optional
+        The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``, what lsfov
+        ships.
     epochs : int
         Upper bound on the passes over the training split (cosine learning-rate decay over them).
     lr : float, optional
@@ -137,10 +138,11 @@ def train(data, *, arch: str = "compact", epochs: int = 20, batch_size: int = 64
     block = int(getattr(patches, "chunks", (512,))[0])
     meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH)}
     torch.manual_seed(seed)
+    start = None if init is None else load_model(init, psf_model=m.name)
+    if arch is None:
+        arch = start.arch if start is not None else "spectral"
     model = PSFRegressor(m.name, arch, meta=meta, device=device)
-    start = None
-    if init is not None:
-        start = load_model(init, psf_model=m.name)
+    if start is not None:
         if start.arch != arch:
             raise ValueError(f"init is a {start.arch} network, not {arch}; pass arch={start.arch!r}")
         model.net.load_state_dict(start.net.state_dict())
