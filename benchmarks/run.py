@@ -477,8 +477,11 @@ def section_cnn(a):
         acc = "met" if t["validity_accuracy"] >= 0.98 else "NOT met"
         test = synth.synthesize(t["n"], name, split="test", seed=0, photons=tuple(tr["data"]["photons"]))
         sym = train.evaluate(M.load_model(name), test, symmetrize=True)
-        # A model continued from another (train(init=)): each stage, first to last.
-        stages = ([tr["init"]] if "init" in tr else []) + [tr]
+        # A model continued from another (train(init=)), maybe several times: each stage, first to last.
+        stages, st = [], tr
+        while st:
+            stages.insert(0, st)
+            st = st.get("init")
         lines.append(f"| {name} ({meta.get('arch', 'compact')}) | {r2} | **{t['r2_mean']:.3f}** (>= {goals[name]}: {ok}) | "
                      f"{t['validity_accuracy']:.3f} ({acc}) | {t['n']} ({t['n_valid']}) | "
                      f"{sym['r2_mean']:.3f}, {sym['validity_accuracy']:.3f} | "
