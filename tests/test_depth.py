@@ -97,6 +97,8 @@ def test_local_plane_keeps_planes_and_averages_noise():
     np.testing.assert_allclose(both[0], local_plane(noisy, w, 1.5))
     with pytest.raises(ValueError, match="smooth"):
         local_plane(noisy, w, -1)
+    with pytest.raises(ValueError, match="weights"):
+        local_plane(noisy, -w, 1)
 
 
 def test_smoothed_calibration_on_noisy_maps():

@@ -73,6 +73,8 @@ def local_plane(values, weights, sigma: float):
     w = np.ascontiguousarray(np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape))  # no 0 strides for ndimage
     if not sigma >= 0:
         raise ValueError(f"smooth must be a width in nodes >= 0, got {sigma}")
+    if not (np.isfinite(w).all() and (w >= 0).all()):
+        raise ValueError("weights must be finite and >= 0 (e.g. the map's validity)")
     if sigma == 0:
         return v.copy()
     r = int(np.ceil(3 * sigma))
