@@ -169,8 +169,6 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         raise ValueError(f"only {int(use.sum())} valid nodes to calibrate on; image a textured sample")
     if np.ptp(z[use]) <= 0:
         raise ValueError("the known depth is constant: calibrate on a tilted or curved sample")
-    if not smooth >= 0:
-        raise ValueError(f"smooth must be a width in nodes >= 0, got {smooth}")
     c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth, min_validity))
     zt = z[use]
     best = None
@@ -203,16 +201,13 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     _check_map(psf_map)
     c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
-    if not sigma >= 0:
-        raise ValueError(f"smooth must be a width in nodes >= 0, got {smooth}")
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
         units, note = "waves RMS (uncalibrated, paper 000 Eq. 14)", None
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()
-    if sigma > 0:
-        z = z.copy(data=local_plane(z.values, _weights(psf_map, 0.5), sigma))
+    z = z.copy(data=local_plane(z.values, _weights(psf_map, 0.5), sigma))  # σ = 0: unchanged; < 0: refused
     z = z.astype(np.float32).rename("depth")
     z.attrs = {"units": units, "long_name": "distance from the focal plane"}
     if note:
