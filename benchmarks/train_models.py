@@ -3,6 +3,7 @@
     python benchmarks/train_models.py G1 G2 Z1 Z3 [--n N] [--epochs E] [--minutes M]   # the shipped models
     python benchmarks/train_models.py Z3 --init Z3 --seed 1 --n 64000 --epochs 4 --lr 5e-4   # more training
     python benchmarks/train_models.py Z3 --init Z3 --seed 2 --n 64000 --epochs 4 --lr 3e-4   # (shipped Z3: both)
+    python benchmarks/train_models.py G1 G2 Z1 Z3 --evaluate   # re-measure the shipped models, no training
 
 The network is ``spectral`` unless ``--arch`` says otherwise (``--init``: that model's network).
 
@@ -40,6 +41,17 @@ def _resumable(ck) -> bool:
     return ck is not None and (Path(ck) / "last.pt").exists()
 
 
+def _measure(reg, test):
+    """Test-set R² and validity accuracy, Fig. 7 robustness curves and CPU throughput, into the metadata."""
+    reg.meta["test"] = train.evaluate(reg, test)
+    reg.meta["robustness"] = train.robustness(reg, n=600)
+    patches = torch.randn(512, 128, 128).numpy()
+    reg.predict(patches[:64])
+    t = time.perf_counter()
+    reg.predict(patches)
+    reg.meta["throughput_cpu_patches_s"] = round(512 / (time.perf_counter() - t), 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", choices=_model.SHIPPED)
@@ -56,8 +68,17 @@ def main():
                     help="learning rate [Z3: 1e-3; others: probed on the validation split]")
     ap.add_argument("--checkpoint", default=None,
                     help="checkpoint directory root: a stage with a checkpoint there resumes")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="only re-measure the shipped models (test set, robustness, throughput) and update their metadata")
     a = ap.parse_args()
     for name in a.models:
+        if a.evaluate:
+            reg = _model.load_model(name)
+            photons = tuple(a.photons or reg.meta["training"]["data"]["photons"])
+            _measure(reg, synth.synthesize(a.test, name, split="test", seed=0, photons=photons, progress=True))
+            reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
+            print(name, reg.meta["test"])
+            continue
         n, epochs = DEFAULTS[name]
         n, epochs = a.n or n, a.epochs or epochs
         t = time.perf_counter()
@@ -69,14 +90,7 @@ def main():
         init = _model.load_model(a.init, psf_model=name) if a.init else None
         reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr or LR.get(name), checkpoint=ck,
                           max_minutes=a.minutes, seed=0, init=init, resume=_resumable(ck))
-        reg.meta["test"] = train.evaluate(reg, test)
-        t = time.perf_counter()
-        reg.meta["robustness"] = train.robustness(reg, n=600)
-        patches = torch.randn(512, 128, 128).numpy()
-        reg.predict(patches[:64])
-        t = time.perf_counter()
-        reg.predict(patches)
-        reg.meta["throughput_cpu_patches_s"] = round(512 / (time.perf_counter() - t), 1)
+        _measure(reg, test)
         reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)
         reg.meta["training"]["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         reg.meta["description"] = (

@@ -182,10 +182,12 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
 
 
 def sample_image(name: str = "cell", shape=None) -> np.ndarray:
-    """A sharp test image from scikit-image's bundled data (no download), float32 in [0, 1].
+    """A test image from scikit-image's bundled data (no download), float32 in [0, 1].
 
-    ``name``: ``"cell"`` (a cell in light microscopy), ``"hubble"`` (point sources on black),
-    ``"camera"``, ``"coins"``, ``"moon"``.
+    ``name``: ``"cell"`` (a cell in light microscopy; blurred itself, by about 3 px), ``"hubble"``
+    (point sources on black), ``"immunohistochemistry"`` (stained tissue, sharp), ``"camera"``,
+    ``"coins"``, ``"moon"``. Where an image stands for a sharp sample under a known blur (the
+    CNN's depth and PSF readings), use a sharp one: an image's own blur adds to the PSF's.
     ``shape`` tiles (by mirroring) or crops the image to that size.
     """
     from skimage import data
@@ -193,6 +195,7 @@ def sample_image(name: str = "cell", shape=None) -> np.ndarray:
     loaders = {
         "cell": data.cell, "camera": data.camera, "coins": data.coins, "moon": data.moon,
         "hubble": lambda: data.hubble_deep_field().mean(axis=-1),
+        "immunohistochemistry": lambda: data.immunohistochemistry().mean(axis=-1),
     }
     if name not in loaders:
         raise ValueError(f"unknown sample {name!r}; choose one of {sorted(loaders)}")
@@ -221,7 +224,7 @@ class TiltedSurface:
 
 
 def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), direction: float = 0.0,
-                   curvature: float = 0.0, texture: str = "cell", astigmatism: float = 0.15,
+                   curvature: float = 0.0, texture: str = "immunohistochemistry", astigmatism: float = 0.15,
                    axis: float = np.pi / 4, focus_per_um: float = 0.045, grid: int = 8, photons: float = 1000.0,
                    read_noise: float = 2.0, seed=None) -> TiltedSurface:
     """A tilted (or curved) textured plane seen through an astigmatic system (paper 000 Sec. III-E).
