@@ -127,3 +127,20 @@ def test_smoothed_calibration_on_noisy_maps():
                                cal.slope * signed_defocus(mb, cal.axis0).values + cal.offset, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="smooth"):
         calibrate_depth(mb, b.depth_um, smooth=-1)
+
+
+def test_smoothing_leaves_out_the_nodes_the_calibration_left_out():
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.4, grid=8, seed=7)
+    ds = _truth_map(s)
+    bad = np.zeros(ds["focus"].shape, bool)
+    bad[2, 3] = bad[5, 5] = True
+    ds["focus"] = ds["focus"].where(~bad, 0.4)  # wrong readings, flagged by a middling validity
+    ds["validity"] = ds["validity"].where(~bad, 0.7)
+    cal = calibrate_depth(ds, s.depth_um, min_validity=0.8, smooth=2)
+    assert cal.min_validity == 0.8 and cal.n_nodes == 62
+    truth = estimate_depth(_truth_map(s), calibrate_depth(_truth_map(s), s.depth_um)).values
+    # The depth is a plane in the signed defocus: without the two bad nodes the local plane is exact.
+    np.testing.assert_allclose(estimate_depth(ds, cal).values, truth, atol=1e-3)
+    restored = DepthCalibration(**cal.to_dict())
+    np.testing.assert_array_equal(estimate_depth(ds, restored).values, estimate_depth(ds, cal).values)
+    assert np.abs(estimate_depth(ds, DepthCalibration(**{**cal.to_dict(), "min_validity": 0.5})).values - truth).max() > 0.1

@@ -32,6 +32,7 @@ class DepthCalibration:
     mae_um: float  # mean absolute error on the calibration nodes
     n_nodes: int
     smooth: float = 0.0  # σ in nodes of the local-plane smoothing fitted with (and applied by estimate_depth)
+    min_validity: float = 0.5  # nodes below it weigh nothing in the smoothing, as in the fit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -185,7 +186,8 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     pred = slope * (np.cos(2 * th) * c + np.sin(2 * th) * s2) + offset
     r2 = 1 - res / float(np.sum((zt - zt.mean()) ** 2))
     return DepthCalibration(axis0=float(th), slope=float(slope), offset=float(offset), r2=float(r2),
-                            mae_um=float(np.mean(np.abs(pred - zt))), n_nodes=int(use.sum()), smooth=float(smooth))
+                            mae_um=float(np.mean(np.abs(pred - zt))), n_nodes=int(use.sum()), smooth=float(smooth),
+                            min_validity=float(min_validity))
 
 
 def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None):
@@ -207,7 +209,8 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()
-    z = z.copy(data=local_plane(z.values, _weights(psf_map, 0.5), sigma))  # σ = 0: unchanged; < 0: refused
+    floor = c.min_validity if c is not None else 0.5
+    z = z.copy(data=local_plane(z.values, _weights(psf_map, floor), sigma))  # σ = 0: unchanged; < 0: refused
     z = z.astype(np.float32).rename("depth")
     z.attrs = {"units": units, "long_name": "distance from the focal plane"}
     if note:
