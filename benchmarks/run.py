@@ -457,8 +457,9 @@ def section_cnn(a):
              "Shipped models (their network in brackets: `spectral` is `compact` plus a log-power-spectrum "
              "branch), trained on the CPU by `benchmarks/train_models.py` (\"a + b\": trained on a "
              "set of a patches, then continued on a fresh set of b); test sets synthesized "
-             "from images never used in training (scikit-image's coins, cell, retina, gravel and fresh procedural "
-             "seeds) with the photon range of training (log-uniform peak photons per patch). R² is paper 000 Eq. 15 on valid "
+             f"from images never used in training (scikit-image's {', '.join(synth._SKIMAGE_SPLIT['test'])} and fresh "
+             "procedural seeds; every source sharp: its own blur under ~0.4 px) with the photon range of training "
+             "(log-uniform peak photons per patch). R² is paper 000 Eq. 15 on valid "
              "patches (the axis on the circle: 0 and pi are one axis). \"symmetrized\": the same test set with "
              "`predict(symmetrize=True)`, each patch's estimate the mean over its 8 rotations and flips.", "",
              "| model | R² per parameter | mean R² (goal) | validity accuracy (goal 0.98) | test patches (valid) "
