@@ -756,10 +756,10 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     out.parent.mkdir(parents=True, exist_ok=True)
     stages = {}
     t = time.perf_counter()
-    kw = dict(texture="camera", grid=8, photons=2000.0)
+    kw = dict(texture="immunohistochemistry", grid=8, photons=2000.0)  # sharp: its own blur would read as defocus
     sample = sim.tilted_surface((size, size), depth_range_um=(-8, 8), direction=0.4, curvature=0.5, seed=seed, **kw)
     calib = sim.tilted_surface((size, size), depth_range_um=(-9, 9), direction=2.0, seed=seed + 1, **kw)
-    sharp = sim.sample_image("camera", (size, size))
+    sharp = sim.sample_image(kw["texture"], (size, size))
     stages["simulate sample and calibration plane"] = time.perf_counter() - t
     px = get_model("Z3").optics.pixel_um  # the PSFs are rendered for the model's optics
     coords = {d: xr.Variable(d, px * np.arange(size), attrs={"units": "micrometer"}) for d in "yx"}
