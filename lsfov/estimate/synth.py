@@ -29,9 +29,10 @@ PATCH = 128
 UNIT = 64  # patches per child random generator (see synthesize)
 # scikit-image images (bundled, no download) split so that the test set holds images never seen in
 # training; the procedural sources use disjoint seeds per split. Each image is area-reduced by the
-# factor given, which brings its own blur under about 0.4 px: a source that is itself blurred would
-# make its labels wrong (the patch's blur is then the PSF *and* the image's own). skimage's "cell"
-# (about 1.7 px of its own blur) and "clock" are left out for that reason.
+# factor given: a source that is itself blurred makes its labels wrong (the patch's blur is then the
+# PSF's *and* the image's own). The test images carry under about 0.4 px of their own; skimage's
+# "cell" (about 1.7 px even halved) and "clock" are left out. moon, grass, text and hubble carry
+# 0.4-0.6 px, some label noise at the smallest widths: the shipped models were trained with them.
 _SKIMAGE_SPLIT = {
     "train": {"camera": 2, "astronaut": 2, "moon": 2, "text": 1, "hubble": 2, "brick": 2, "grass": 2},
     "test": {"coins": 1, "immunohistochemistry": 2, "retina": 4, "gravel": 2},
