@@ -458,7 +458,8 @@ def section_cnn(a):
              "branch), trained on the CPU by `benchmarks/train_models.py` (\"a + b\": trained on a "
              "set of a patches, then continued on a fresh set of b); test sets synthesized "
              f"from images never used in training (scikit-image's {', '.join(synth._SKIMAGE_SPLIT['test'])} and fresh "
-             "procedural seeds; every source sharp: its own blur under ~0.4 px) at 500-5000 peak photons "
+             "procedural seeds; every source sharp: its own blur under ~0.4 px) at "
+             f"{synth.PHOTONS[0]:g}-{synth.PHOTONS[1]:g} peak photons "
              "(log-uniform per patch), whatever the training range. R² is paper 000 Eq. 15 on valid "
              "patches (the axis on the circle: 0 and pi are one axis). \"symmetrized\": the same test set with "
              "`predict(symmetrize=True)`, each patch's estimate the mean over its 8 rotations and flips.", "",

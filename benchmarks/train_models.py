@@ -35,9 +35,10 @@ from lsfov.estimate import training as train
 DEFAULTS = {"G1": (48000, 4), "G2": (48000, 4), "Z1": (48000, 4), "Z3": (64000, 6)}  # the shipped models
 # The shipped models are tested on synth.PHOTONS (500-5000 peak photons) and trained there, except
 # the last stage of G1 and Z1 (150-5000: test R² 0.947 → 0.949 and 0.938 → 0.946; at Fig. 7's
-# s = 0.1, 0.59 → 0.66 and 0.56 → 0.73; Z1 on noiseless patches 0.78 → 0.57). Trained from 50, Z3's astigmatism outputs stayed at their mean (axis R² -0.01); from 500
-# it reads the axis (0.62) and G1, G2 and Z1 gain 0.05-0.11 in R², even on a 50-5000 test set.
-# Fig. 7's robustness curves still measure every noise level.
+# s = 0.1, 0.59 → 0.66 and 0.56 → 0.73; Z1 on noiseless patches 0.78 → 0.57). Trained from 50,
+# Z3's astigmatism outputs stayed at their mean (axis R² -0.01); from 500 it reads the axis (0.62)
+# and G1, G2 and Z1 gain 0.05-0.11 in R², even on a 50-5000 test set. Fig. 7's robustness curves
+# still measure every noise level.
 NETWORKS = {"compact": "compact residual network", "resnet34": "ResNet-34",
             "spectral": "compact residual network with a log-power-spectrum branch"}
 LR = {"Z3": 1e-3}  # the rate the shipped Z3 was trained at (the probe sees only its first 100 steps)
