@@ -49,6 +49,11 @@ def _resumable(ck) -> bool:
     return ck is not None and (Path(ck) / "last.pt").exists()
 
 
+def _test_set(name, n):
+    """The held-out test set: every model on the same one (synth.PHOTONS), whatever it was trained on."""
+    return synth.synthesize(n, name, split="test", seed=0, photons=synth.PHOTONS, progress=True)
+
+
 def _measure(reg, test):
     """Test-set R² and validity accuracy, Fig. 7 robustness curves and CPU throughput, into the metadata."""
     reg.meta["test"] = train.evaluate(reg, test) | {"photons": list(test["attrs"]["photons"])}
@@ -82,7 +87,7 @@ def main():
     for name in a.models:
         if a.evaluate:
             reg = _model.load_model(name)
-            _measure(reg, synth.synthesize(a.test, name, split="test", seed=0, photons=synth.PHOTONS, progress=True))
+            _measure(reg, _test_set(name, a.test))
             reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
             print(name, reg.meta["test"])
             continue
@@ -91,8 +96,7 @@ def main():
         t = time.perf_counter()
         photons = tuple(a.photons or synth.PHOTONS)
         data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, progress=True)
-        # Every model is tested on the same range, synth.PHOTONS, whatever it was trained on.
-        test = synth.synthesize(a.test, name, split="test", seed=0, photons=synth.PHOTONS, progress=True)
+        test = _test_set(name, a.test)
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
