@@ -22,6 +22,7 @@ writes the table and figure into RESULTS.md from the shipped metadata.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -83,7 +84,12 @@ def main():
                     help="checkpoint directory root: a stage with a checkpoint there resumes")
     ap.add_argument("--evaluate", action="store_true",
                     help="only re-measure the shipped models (test set, robustness, throughput) and update their metadata")
+    ap.add_argument("--no-measure", action="store_true",
+                    help="train and save only; measure later with --evaluate (on a GPU machine: the CPU figures "
+                         "should come from the machine RESULTS.md describes)")
+    ap.add_argument("--workers", type=int, default=1, help="processes that synthesize the training set")
     a = ap.parse_args()
+    torch.backends.cudnn.benchmark = True  # fixed patch and batch shapes: let cuDNN pick its fastest kernels
     for name in a.models:
         if a.evaluate:
             reg = _model.load_model(name)
@@ -95,16 +101,19 @@ def main():
         n, epochs = a.n or n, a.epochs or epochs
         t = time.perf_counter()
         photons = tuple(a.photons or synth.PHOTONS)
-        data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, progress=True)
-        test = _test_set(name, a.test)
+        data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, workers=a.workers, progress=True)
+        test = None if a.no_measure else _test_set(name, a.test)
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
         reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr or LR.get(name), checkpoint=ck,
                           max_minutes=a.minutes, seed=0, init=init, resume=_resumable(ck))
-        _measure(reg, test)
+        if test is not None:
+            _measure(reg, test)
         reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)
-        reg.meta["training"]["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        reg.meta["training"]["synthesis_workers"] = a.workers
+        reg.meta["training"]["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+                                           f"threads, torch {torch.__version__}")
         reg.meta["description"] = (
             f"{name} ({reg.psf_model.description}); {NETWORKS[reg.arch]} trained on {n} synthetic 128² "
             f"patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise "
@@ -114,7 +123,9 @@ def main():
             reg.meta["training"]["init"]["description"] = init.meta.get("description")
             reg.meta["description"] += f" Continued on a fresh set (seed {a.seed}) from: {init.meta.get('description')}"
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
-        print(name, reg.meta["test"], reg.meta["training"]["seconds"], "s")
+        tr = reg.meta["training"]
+        print(name, reg.meta.get("test"), f"synthesis {t_synth:.0f} s, training {tr['seconds']} s, "
+              f"{tr['patches_per_second']} patches/s on {tr.get('gpu', tr['device'])}", flush=True)
 
 
 if __name__ == "__main__":

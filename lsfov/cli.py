@@ -632,6 +632,8 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Source images of a synthesized set (test: images never used for training).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes that synthesize in parallel (the same bytes for any number).")
 @click.option("--arch", type=click.Choice(["spectral", "compact", "resnet34"]), default=None,
               help="Network: spectral (shipped: compact + a power-spectrum branch), compact, or the paper's "
                    "resnet34 [--init's; otherwise spectral].")
@@ -647,12 +649,12 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
 @_overwrite_option
 @click.pass_obj
-def train(obj, data, out, n_synth, psf_model, split, seed, arch, epochs, batch_size, lr, patience, checkpoint,
+def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs, batch_size, lr, patience, checkpoint,
           resume, device, init, test_path, overwrite):
     """Train a PSF-parameter CNN on DATA and write it to OUT (.pt), or synthesize DATA.
 
     \b
-      lsfov train --synthesize 20000 --psf-model Z3 z3-train.zarr
+      lsfov train --synthesize 20000 --psf-model Z3 --workers 8 z3-train.zarr
       lsfov train --synthesize 2000 --psf-model Z3 --split test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --init Z3     # start from the shipped weights
@@ -666,7 +668,8 @@ def train(obj, data, out, n_synth, psf_model, split, seed, arch, epochs, batch_s
         if out is not None:
             raise ValueError("with --synthesize give only the output training set (DATA)")
         t = time.perf_counter()
-        synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, progress=progress)
+        synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, workers=workers,
+                   progress=progress)
         log.info(f"wrote {n_synth} {psf_model.upper()} patches to {data} in {time.perf_counter() - t:.0f} s")
         return
     if out is None:

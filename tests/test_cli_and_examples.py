@@ -183,7 +183,7 @@ def test_quickstart_example_runs(tmp_path):
 
 def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     run("-q", "train", "--synthesize", 192, "--psf-model", "G1", "--seed", 1, "tr.zarr")
-    run("-q", "train", "--synthesize", 64, "--psf-model", "G1", "--split", "test", "te.zarr")
+    run("-q", "train", "--synthesize", 64, "--psf-model", "G1", "--split", "test", "--workers", 2, "te.zarr")
     res = run("-q", "train", "--synthesize", 8, "tr.zarr", ok=False)
     assert res.exit_code == 1 and "already exists" in res.output
     res = run("train", "tr.zarr", "g1.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--test", "te.zarr")

@@ -42,9 +42,9 @@ def test_forced_black_and_flat_patches_are_invalid():
     assert d["valid"][~flat].mean() > 0.9
 
 
-def test_streaming_to_zarr_equals_memory(tmp_path):
+def test_streaming_to_zarr_from_worker_processes_equals_memory(tmp_path):
     mem = synth.synthesize(100, "G2", seed=5, batch=32)
-    path = synth.synthesize(100, "G2", seed=5, batch=32, out=tmp_path / "set.zarr")
+    path = synth.synthesize(100, "G2", seed=5, batch=64, out=tmp_path / "set.zarr", workers=2)
     ds = synth.open_training_set(path)
     np.testing.assert_array_equal(ds["patches"][...], mem["patches"])
     np.testing.assert_array_equal(ds["params"], mem["params"])

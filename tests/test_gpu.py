@@ -73,5 +73,7 @@ def test_cnn_takes_cupy_patches_through_dlpack_and_maps_cupy_chunks():
         np.testing.assert_allclose(dev[k], host[k], rtol=1e-4, atol=1e-5)
     ref = lsfov.estimate_psf_map(da.from_array(img, chunks=192), model)
     gpu = lsfov.estimate_psf_map(da.from_array(img, chunks=192).map_blocks(cupy.asarray), model)
+    whole = lsfov.estimate_psf_map(cupy.asarray(img), model)
     for k in ref.data_vars:
         np.testing.assert_allclose(gpu[k].values, ref[k].values, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(whole[k].values, ref[k].values, rtol=1e-4, atol=1e-5)

@@ -129,8 +129,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     Parameters
     ----------
     image : array_like (H, W)
-        NumPy, Dask (one task per chunk, via ``map_overlap``) or xarray (µm coordinates give the pixel
-        size).
+        NumPy, CuPy, Dask (one task per chunk, via ``map_overlap``; NumPy or CuPy chunks) or xarray
+        (µm coordinates give the pixel size).
     model : str, path or PSFRegressor
         A shipped model name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z3"``), a ``.pt`` file, or a loaded model.
     patch : int
@@ -226,7 +226,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         with _one_torch_thread_per_task(out):
             values = compute(out, progress=progress, label="PSF map")
     else:
-        arr = np.asarray(data, dtype=np.float32)
+        xp = array_module(data)  # a CuPy image stays on the GPU
+        arr = xp.asarray(data, dtype=xp.float32)
         values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
                           batch_size=batch_size, device=device, symmetrize=bool(symmetrize))
     if not np.all(np.isfinite(values)):

@@ -13,6 +13,8 @@ to a zarr group for sets larger than memory.
 """
 from __future__ import annotations
 
+import collections
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ _SKIMAGE_SPLIT = {
 }
 SOURCES = ("skimage", "syn", "poi", "tex")
 PHOTONS = (500.0, 5000.0)  # default peak photons per patch (see synthesize)
+_FFT_THREADS = -1  # scipy.fft threads of _blur: all cores, one in a worker process of synthesize()
 
 
 def _skimage(name: str, factor: int) -> np.ndarray:
@@ -126,17 +129,21 @@ def synthetic_texture(shape=(512, 512), rng=None) -> np.ndarray:
 _GENERATORS = {"syn": synthetic_cells, "poi": synthetic_points, "tex": synthetic_texture}
 
 
+def _check_sources(sources, split):
+    if split not in _SKIMAGE_SPLIT:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    unknown = set(sources) - set(SOURCES)
+    if unknown or not sources:
+        raise ValueError(f"unknown image sources {sorted(unknown)}; choose among {list(SOURCES)}")
+
+
 def library(sources=SOURCES, split: str = "train", n_procedural: int = 6, seed: int = 0) -> list[np.ndarray]:
     """The sharp images patches are cut from: a list of 2-D float32 arrays in [0, 1].
 
     ``split="train"`` and ``"test"`` use different scikit-image images and different procedural
     seeds, so a test set never contains an image seen in training.
     """
-    if split not in _SKIMAGE_SPLIT:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    unknown = set(sources) - set(SOURCES)
-    if unknown or not sources:
-        raise ValueError(f"unknown image sources {sorted(unknown)}; choose among {list(SOURCES)}")
+    _check_sources(sources, split)
     images = []
     if "skimage" in sources:
         images += [_skimage(name, f) for name, f in _SKIMAGE_SPLIT[split].items()]
@@ -167,8 +174,8 @@ def _blur(sharp, kernels):
     f = next_fast_len(s)
     pk = np.zeros((n, f, f), np.float32)
     pk[:, :k, :k] = kernels
-    out = scipy.fft.irfft2(scipy.fft.rfft2(sharp, s=(f, f), workers=-1) * scipy.fft.rfft2(pk, workers=-1),
-                           s=(f, f), workers=-1)
+    w = _FFT_THREADS
+    out = scipy.fft.irfft2(scipy.fft.rfft2(sharp, s=(f, f), workers=w) * scipy.fft.rfft2(pk, workers=w), s=(f, f), workers=w)
     return out[:, k - 1 : s, k - 1 : s].astype(np.float32)
 
 
@@ -217,10 +224,46 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     return noisy, params, valid
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_library(sources, split, seed):
+    return library(sources, split, seed=seed)
+
+
+def _one_fft_thread():
+    global _FFT_THREADS
+    _FFT_THREADS = 1  # the other worker processes have the other cores
+
+
+def _units(m, sources, split, seed, kw, units):
+    """Patches of the given (size, seed sequence) units, concatenated (what a worker process runs)."""
+    images = _cached_library(sources, split, seed)
+    parts = [_batch(m, images, size, np.random.default_rng(ss), **kw) for size, ss in units]
+    return tuple(np.concatenate(a) for a in zip(*parts))
+
+
+def _in_processes(fn, jobs, workers):
+    """``map(fn, jobs)`` on ``workers`` processes, in order, at most two jobs per process in flight
+    (a set larger than memory is written while it is made)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: no fork of a parent whose threads (torch, CUDA) hold locks
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_fft_thread) as ex:
+        jobs = iter(jobs)
+        pending = collections.deque(ex.submit(fn, j) for _, j in zip(range(2 * workers), jobs))
+        while pending:
+            result = pending.popleft().result()
+            for j in jobs:
+                pending.append(ex.submit(fn, j))
+                break
+            yield result
+
+
 def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", seed: int = 0,
                invalid_fraction: float = 0.08, photons=PHOTONS, read_noise=(0.0, 3.0),
                illumination: float = 0.5, batch: int = 512, out=None, overwrite: bool = False,
-               progress: bool = False):
+               workers: int = 1, progress: bool = False):
     """Synthesize a training set of degraded 128² patches and the PSF parameters that blurred them.
 
     Parameters
@@ -251,6 +294,9 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     out : path, optional
         Stream to this zarr group (``patches``, ``params``, ``valid`` + metadata) instead of
         returning arrays; written atomically.
+    workers : int
+        Processes that make batches in parallel (each builds its own image library); the bytes
+        are the same for any number.
 
     Returns
     -------
@@ -259,12 +305,14 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     """
     n = positive_int(n, "n")
     batch = positive_int(batch, "batch")
+    workers = positive_int(workers, "workers")
     m = _psf.get_model(model)
     if not 0 <= invalid_fraction < 1:
         raise ValueError(f"invalid_fraction must be in [0, 1), got {invalid_fraction}")
     if (photons is not None and not 0 < photons[0] <= photons[1]) or not 0 <= read_noise[0] <= read_noise[1]:
         raise ValueError("photons must be a range of positive numbers and read_noise of non-negative ones")
-    images = library(tuple(sources), split, seed=seed)
+    sources = tuple(sources)
+    _check_sources(sources, split)  # here, not in a worker
     attrs = {"type": "TrainingSet", "psf_model": m.name, "params": list(m.params),
              "units": dict(m.units), "ranges": {p: list(v) for p, v in m.ranges.items()},
              "optics": m.optics.to_dict() if m.optics else None, "patch": PATCH, "n": n,
@@ -283,13 +331,16 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
 
         bar = tqdm(total=n, desc=f"synthesize {m.name}", unit="patch")
 
+    jobs = [[(min(UNIT, n - units[u]), rngs[u]) for u in range(j, min(j + per, len(units)))]
+            for j in range(0, len(units), per)]
+    make = functools.partial(_units, m, sources, split, seed, kw)
+
     def batches():
-        for j in range(0, len(units), per):
-            parts = [_batch(m, images, min(UNIT, n - units[u]), np.random.default_rng(rngs[u]), **kw)
-                     for u in range(j, min(j + per, len(units)))]
-            yield units[j], tuple(np.concatenate(a) for a in zip(*parts))
+        made = map(make, jobs) if workers == 1 or len(jobs) == 1 else _in_processes(make, jobs, workers)
+        for j, part in zip(range(0, len(units), per), made):
+            yield units[j], part
             if bar is not None:
-                bar.update(sum(len(p[0]) for p in parts))
+                bar.update(len(part[0]))
 
     try:
         if out is None:

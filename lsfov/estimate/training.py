@@ -237,6 +237,10 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best, "history": history,
         "device": str(model.device), "seconds": round(time.perf_counter() - t0, 1),
     }
+    if model.device.type == "cuda":
+        model.meta["training"]["gpu"] = torch.cuda.get_device_name(model.device)
+    passes = sum(1 for h in history if "epoch" in h) * len(train_idx)
+    model.meta["training"]["patches_per_second"] = round(passes / max(model.meta["training"]["seconds"], 1e-9), 1)
     if start is not None:
         # What the weights started from (its own training, without the per-epoch history).
         model.meta["training"]["init"] = {k: v for k, v in start.meta.get("training", {}).items() if k != "history"}

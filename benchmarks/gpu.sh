@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one run: the GPU tests, the `gpu` benchmark section, and a
+# GPU training stage of the shipped CNN models (continued from the shipped weights, fresh data).
+#
+#   bash benchmarks/gpu.sh OUTDIR [SECONDS]
+#
+# OUTDIR receives the logs, RESULTS.md (with its GPU section) and one tar per trained model
+# (lsfov/models/NAME.pt + .json); measure the models afterwards on the machine RESULTS.md describes
+# (`python benchmarks/train_models.py NAME ... --evaluate`) and keep those that improved.
+# SECONDS (default 540) bounds the whole run: training gets what the tests and benchmarks leave,
+# and a model that cannot have a minute of it is skipped.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu.sh OUTDIR [SECONDS]}
+deadline=${2:-540}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+PY=${PYTHON:-python3}
+start=$SECONDS
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 | tee "$out/gpu.log"
+$PY -c "import torch, cupy; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| cupy', cupy.__version__)" 2>&1 | tee -a "$out/gpu.log"
+
+echo "=== GPU tests" | tee -a "$out/gpu.log"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tail -25 | tee -a "$out/gpu.log"
+
+echo "=== gpu benchmark section" | tee -a "$out/gpu.log"
+timeout 240 $PY benchmarks/run.py gpu --iterations 10 2>&1 | tail -60 | tee -a "$out/gpu.log"
+cp benchmarks/RESULTS.md "$out/RESULTS.md"
+
+# Training: Z3 first (the weakest, and the one depth and blind deblurring use). Each stage: a fresh
+# set synthesized on all cores but one, lr 3e-4 with cosine decay, photons as each model's last stage.
+workers=$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))
+for spec in "Z3 112000 1.5 500" "G2 80000 1.0 150" "Z1 80000 1.0 150" "G1 80000 1.0 150"; do
+    set -- $spec
+    left=$(( deadline - (SECONDS - start) - 10 ))
+    if (( left < 60 )); then echo "=== $1 skipped: time spent" | tee -a "$out/train.log"; continue; fi
+    echo "=== train $1 at $((SECONDS - start)) s" | tee -a "$out/train.log"
+    timeout "$left" $PY benchmarks/train_models.py "$1" --init "$1" --seed 11 --n "$2" \
+        --epochs 5 --lr 3e-4 --minutes "$3" --photons "$4" 5000 --workers "$workers" --no-measure 2>&1 \
+        | tr '\r' '\n' | grep -v '^\s*$' | tail -4 | tee -a "$out/train.log" \
+        && tar cf "$out/$1.tar" -C lsfov/models "$1.pt" "$1.json"
+done
+echo "=== done in $((SECONDS - start)) s" | tee -a "$out/train.log"
