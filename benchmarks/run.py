@@ -439,6 +439,16 @@ def section_bigdata(a):
             f"- peak RSS **{peak / 2**30:.2f} GiB** (goal <= 3 GiB: {'met' if peak <= 3 * 2**30 else 'NOT met'})", ""]
 
 
+def _stage_times(stages):
+    """Training time of a model's stages, CPU and GPU apart (a stage trained on a GPU names it)."""
+    cpu = sum(st["seconds"] for st in stages if "gpu" not in st)
+    gpus = {st["gpu"]: 0.0 for st in stages if "gpu" in st}
+    for st in stages:
+        if "gpu" in st:
+            gpus[st["gpu"]] += st["seconds"]
+    return " + ".join([f"{cpu / 60:.0f} min CPU"] + [f"{t / 60:.1f} min {g}" for g, t in gpus.items()])
+
+
 def section_cnn(a):
     """Shipped CNN models: test-set R² and validity accuracy (from their metadata, written by
     benchmarks/train_models.py), CPU inference throughput of both networks side by side, and the
@@ -455,7 +465,7 @@ def section_cnn(a):
     goals = {"G1": 0.99, "G2": 0.99, "Z1": 0.98, "Z3": 0.95}
     lines = ["## CNN PSF-parameter regression (paper 000 Sec. III-B, Table III; Fig. 7)", "",
              "Shipped models (their network in brackets: `spectral` is `compact` plus a log-power-spectrum "
-             "branch), trained on the CPU by `benchmarks/train_models.py` (\"a + b\": trained on a "
+             "branch), trained by `benchmarks/train_models.py` (\"a + b\": trained on a "
              "set of a patches, then continued on a fresh set of b); test sets synthesized "
              f"from images never used in training (scikit-image's {', '.join(synth._SKIMAGE_SPLIT['test'])} and fresh "
              "procedural seeds; every source sharp: its own blur under ~0.4 px) at "
@@ -491,9 +501,22 @@ def section_cnn(a):
                      f"{'-'.join(f'{p:g}' for p in tr['data']['photons'])}; {'-'.join(f'{p:g}' for p in test_photons)} | "
                      + " + ".join(str(st["n_train"]) for st in stages) + " | "
                      + " + ".join(str(st["epochs_run"]) for st in stages) + " | "
-                     f"{sum(st['seconds'] for st in stages) / 60:.0f} min |")
+                     f"{_stage_times(stages)} |")
         if "robustness" in meta:
             curves[name] = meta["robustness"]
+    gpu_file = HERE / "gpu_training.json"
+    if gpu_file.exists():
+        doc = json.loads(gpu_file.read_text())
+        st = doc["stages"]
+        lines += ["", f"GPU training stages (`benchmarks/gpu.sh`, {st[0]['gpu']}, {st[0]['machine']}, {st[0]['date']}): "
+                  "each continued from the shipped weights on a fresh set synthesized by "
+                  f"{st[0]['synthesis_workers']} processes; test R² measured here before and after, a stage kept only "
+                  "if it improved.", "",
+                  "| model | recipe | training patches x epochs | synthesis | training | patches/s | test R² before -> after | kept |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['model']} | `{r['recipe']}` | {r['n_train']} x {r['epochs_run']} | {r['synthesis_seconds']:.0f} s | "
+                  f"{r['seconds']:.0f} s | {r['patches_per_second']:.0f} | {r['test_r2_before']:.3f} -> {r['test_r2_after']:.3f} | "
+                  f"{'yes' if r['kept'] else 'no'} |" for r in st]
     torch.set_num_threads(os.cpu_count())
     x = torch.randn(64, 1, 128, 128)
     rows = []
