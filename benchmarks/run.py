@@ -1125,7 +1125,18 @@ def section_gpu(a):
             err = rel(lsfov.deconvolve(yg, op, it), lsfov.deconvolve(y, op, it))
             rows.append(f"| {g}x{g} | {t_gpu * 1e3:.1f} ms | {t_cpu:.2f} s | {t_cpu / t_gpu:.0f}x | {err:.1e} |")
             if g == 8:
-                t8 = t_gpu
+                t8, op8 = t_gpu, op
+        # Where the 8x8 time goes (for the next optimisation): one forward and one adjoint operator
+        # call, and the whole run again with a large cuFFT plan cache (CuPy keeps 16 plans per thread).
+        t_fwd = timed(lambda: op8.apply(yg), a.repeat)
+        t_adj = timed(lambda: op8.adjoint(yg), a.repeat)
+        cache = cupy.fft.config.get_plan_cache()
+        size = cache.get_size()
+        cache.set_size(1024)
+        try:
+            t8_cache = timed(lambda: lsfov.deconvolve(yg, op8, it), a.repeat)
+        finally:
+            cache.set_size(size)
         import cupyx.scipy.fft as cufft
 
         f = next_fast_len(n + k - 1)  # what any RL iteration must do: 2 forward and 2 inverse FFTs of the padded field
@@ -1135,7 +1146,10 @@ def section_gpu(a):
         out += [f"### TV-RL, {n}², {it} iterations, {k}² Z3 PSFs, whole array", "",
                 f"FFT limit on the GPU ({it} x 4 FFTs of the {f}² padded field, cuFFT): {t_lim * 1e3:.1f} ms.", "",
                 "| PSF grid | GPU | CPU | speed-up | largest difference (of the max) |", "|---|---:|---:|---:|---:|", *rows, "",
-                f"- goal 8x8 grid <= 0.1 s on the GPU: **{'met' if t8 <= 0.1 else 'NOT met'}** ({t8 * 1e3:.1f} ms)", ""]
+                f"- goal 8x8 grid <= 0.1 s on the GPU: **{'met' if t8 <= 0.1 else 'NOT met'}** ({t8 * 1e3:.1f} ms)",
+                f"- 8x8, one call each: forward {t_fwd * 1e3:.1f} ms, adjoint {t_adj * 1e3:.1f} ms ({it} iterations make "
+                f"{it * (t_fwd + t_adj) * 1e3:.0f} ms of operator time); the whole run with a cuFFT plan cache of 1024 "
+                f"plans instead of {size}: {t8_cache * 1e3:.1f} ms", ""]
         return out
 
     def psf_maps():
