@@ -88,6 +88,7 @@ def main():
                     help="train and save only; measure later with --evaluate (on a GPU machine: the CPU figures "
                          "should come from the machine RESULTS.md describes)")
     ap.add_argument("--workers", type=int, default=1, help="processes that synthesize the training set")
+    ap.add_argument("--batch-size", type=int, default=64, help="patches per step (the shipped models: 64)")
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = True  # fixed patch and batch shapes: let cuDNN pick its fastest kernels
     for name in a.models:
@@ -106,8 +107,8 @@ def main():
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
-        reg = train.train(data, arch=a.arch, epochs=epochs, lr=a.lr or LR.get(name), checkpoint=ck,
-                          max_minutes=a.minutes, seed=0, init=init, resume=_resumable(ck))
+        reg = train.train(data, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
+                          checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, resume=_resumable(ck))
         if test is not None:
             _measure(reg, test)
         reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)

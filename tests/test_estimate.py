@@ -52,6 +52,8 @@ def test_streaming_to_zarr_from_worker_processes_equals_memory(tmp_path):
     assert ds["attrs"]["psf_model"] == "G2" and ds["attrs"]["n"] == 100
     with pytest.raises(FileExistsError, match="overwrite"):
         synth.synthesize(10, "G2", out=tmp_path / "set.zarr")
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        synth.synthesize(10, "G2", workers=0)
     with pytest.raises(ValueError, match="not a training set"):
         synth.open_training_set(tmp_path)
 
