@@ -443,11 +443,12 @@ def section_bigdata(a):
 
 def _stage_times(stages):
     """Training time of a model's stages, CPU and GPU apart (a stage trained on a GPU names it)."""
-    cpu = sum(st["seconds"] for st in stages if "gpu" not in st)
-    gpus = {st["gpu"]: 0.0 for st in stages if "gpu" in st}
+    cpu, gpus = 0.0, {}
     for st in stages:
         if "gpu" in st:
-            gpus[st["gpu"]] += st["seconds"]
+            gpus[st["gpu"]] = gpus.get(st["gpu"], 0.0) + st["seconds"]
+        else:
+            cpu += st["seconds"]
     return " + ".join([f"{cpu / 60:.0f} min CPU"] + [f"{t / 60:.1f} min {g}" for g, t in gpus.items()])
 
 
@@ -1090,8 +1091,12 @@ def _kernel_profile(f):
             f()
         wall = time.perf_counter() - t
         ev = [e for e in prof.key_averages() if e.count]
-        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ev) / 1e6
-        top = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))[:3]
+
+        def device_us(e):  # the attribute's name before torch 2.4: self_cuda_time_total
+            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
+        busy = sum(map(device_us, ev)) / 1e6
+        top = sorted(ev, key=device_us, reverse=True)[:3]
         return (f"{sum(e.count for e in ev)} launches, device busy {busy * 1e3:.1f} ms of {wall * 1e3:.1f} ms wall "
                 "(profiled); most time: " + ", ".join(f"{e.key[:40]} x{e.count}" for e in top))
     except Exception as e:  # no CUPTI, an older torch
