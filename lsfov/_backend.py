@@ -23,6 +23,11 @@ __all__ = ["array_module", "fft_module", "multiply", "next_fast_len", "parallel_
 # scipy.fft runs batched transforms on several threads (LSFOV_FFT_WORKERS, default all cores);
 # lsfov's Dask tasks use one (task_threads), as the other tasks keep the other cores busy.
 _FFT_WORKERS = int(os.environ.get("LSFOV_FFT_WORKERS", "-1"))
+# cuFFT plans CuPy keeps per thread. A grid operator's cell groups use about 50 FFT shapes per TV-RL
+# iteration (54 for 2304² with an 8x8 grid, counted in tests/test_operators.py); with CuPy's default
+# of 16, cycled through in the same order every iteration, every call would rebuild its plan.
+# 0: leave CuPy's setting as it is.
+_CUFFT_PLANS = int(os.environ.get("LSFOV_CUFFT_PLANS", "128"))
 _LOCAL = threading.local()  # .workers: the FFT thread count of a thread of lsfov's own pool (1)
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -165,8 +170,12 @@ def fft_module(x):
     array type of ``x``."""
     if array_module(x) is np:
         return _ScipyFFT
+    import cupy
     import cupyx.scipy.fft as cufft
 
+    cache = cupy.fft.config.get_plan_cache()  # this thread's, on the current device
+    if 0 < cache.get_size() < _CUFFT_PLANS:  # a cache switched off (size 0) stays off
+        cache.set_size(_CUFFT_PLANS)
     return cufft
 
 

@@ -288,3 +288,67 @@ def test_dask_tasks_run_their_ffts_on_one_thread():
     assert seen == {"before": _backend._FFT_WORKERS, "inside": 1, "after": _backend._FFT_WORKERS}
     with _backend.task_threads():
         assert _backend._workers() == _backend._FFT_WORKERS
+
+
+def test_fft_shapes_of_a_tv_rl_iteration_fit_the_cufft_plan_cache(monkeypatch):
+    """CuPy caches 16 cuFFT plans per thread; a grid operator's iteration needs more, cycled in the
+    same order, so lsfov raises the cache to _CUFFT_PLANS (a miss rebuilds a plan: ~0.3 ms)."""
+    from collections import Counter
+
+    import lsfov
+    from lsfov import _backend
+
+    monkeypatch.setattr(_backend, "_FFT_WORKERS", 1)  # one part per group, as on a GPU
+    seen = []
+    for name in ("rfft2", "irfft2", "rfft", "irfft", "fft", "ifft"):
+        orig = getattr(_backend._ScipyFFT, name)
+
+        def f(x, *a, _orig=orig, _name=name, **k):
+            seen.append((_name, x.shape, x.dtype.str, a, tuple(sorted((n, v) for n, v in k.items() if n != "overwrite_x"))))
+            return _orig(x, *a, **k)
+
+        monkeypatch.setattr(_backend._ScipyFFT, name, staticmethod(f))
+    op = _grid_op(8, 8, 31, (512, 512))
+    y = np.random.default_rng(0).poisson(200, op.shape).astype(np.float32) + 1
+    lsfov.deconvolve(y, op, 1)  # spectra, plans
+    seen.clear()
+    lsfov.deconvolve(y, op, 3)
+    three = Counter(seen)
+    seen.clear()
+    lsfov.deconvolve(y, op, 2)
+    per_iteration = three - Counter(seen)
+    assert sum(per_iteration.values()) > 2 * len(per_iteration)  # shapes repeat: a cache pays
+    assert 16 < len(per_iteration) <= _backend._CUFFT_PLANS
+
+
+def test_cupy_fft_module_enlarges_a_small_plan_cache(monkeypatch):
+    """fft_module on a CuPy array raises the thread's cuFFT plan cache to _CUFFT_PLANS, leaves a larger
+    one and a switched-off one (size 0) alone. (Fake modules: runs without a GPU.)"""
+    import sys
+    import types
+
+    from lsfov import _backend
+
+    class Cache:
+        size = 16
+
+        def get_size(self):
+            return self.size
+
+        def set_size(self, n):
+            self.size = n
+
+    cache = Cache()
+    cupy = types.ModuleType("cupy")
+    cupy.fft = types.SimpleNamespace(config=types.SimpleNamespace(get_plan_cache=lambda: cache))
+    cufft = types.ModuleType("cupyx.scipy.fft")
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.fft = cufft
+    for name, mod in (("cupy", cupy), ("cupyx", cupyx), ("cupyx.scipy", cupyx.scipy), ("cupyx.scipy.fft", cufft)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    fake = type("ndarray", (), {"__module__": "cupy"})()
+    for before, after in ((16, _backend._CUFFT_PLANS), (4096, 4096), (0, 0)):
+        cache.size = before
+        assert _backend.fft_module(fake) is cufft
+        assert cache.size == after
