@@ -86,6 +86,23 @@ def test_library_images_carry_little_blur_of_their_own():
     assert reading("cell", 2) > 1.2  # the meter does see an image's own blur
 
 
+def test_hidden_variables_rebuild_the_patches():
+    """_batch(hidden=True) (the non-blind bound of benchmarks/run.py) makes the same patches, and what
+    it returns explains them: noise-free counts beta * photons * light * (kernel * sharp)."""
+    m = psf.MODELS["Z3"]
+    images = synth.library(synth.SOURCES, "test")
+    kw = dict(invalid_fraction=0.08, photons=synth.PHOTONS, read_noise=(0.0, 3.0), illumination=0.5)
+    y, params, valid = synth._batch(m, images, 64, np.random.default_rng(1), **kw)
+    y2, params2, valid2, hid = synth._batch(m, images, 64, np.random.default_rng(1), hidden=True, **kw)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(params, params2)
+    mean = (hid["beta"] * hid["photons"])[:, None, None] * hid["light"] * synth._blur(hid["sharp"], m.render(params, size=m.size))
+    var = hid["beta"][:, None, None] * mean + hid["read_noise"][:, None, None] ** 2
+    z = (y - mean) / np.sqrt(var + 1e-9)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02  # residuals are the noise of Eq. 10, nothing more
+    assert valid.any() and np.array_equal(valid, valid2)
+
+
 def test_noise_model_matches_eq10():
     rng = np.random.default_rng(0)
     psi = np.full((4, 64, 64), 0.5, np.float32)

@@ -197,7 +197,10 @@ def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
     return (beta * counts + read_noise * rng.standard_normal(psi.shape)).astype(np.float32)
 
 
-def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illumination):
+def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illumination, hidden=False):
+    """``n`` degraded patches, their parameters and validity. ``hidden``: also what made them (the
+    sharp crops with their margin, illumination, photons, read noise, beta), for the non-blind bound
+    in benchmarks/run.py; the random draws are the same either way."""
     m = _psf.get_model(model)
     k = m.size
     params = m.sample(n, rng)
@@ -208,7 +211,8 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     flat = forced & (rng.random(n) < 0.5)
     sharp[forced] = 0.0
     sharp[flat] = rng.uniform(0.1, 1.0, (int(flat.sum()), 1, 1))
-    psi = _blur(sharp, kernels) * _illumination(n, PATCH, rng, illumination)
+    light = _illumination(n, PATCH, rng, illumination)
+    psi = _blur(sharp, kernels) * light
     if photons is None:  # noiseless (robustness tests add their own noise)
         valid = (psi.std(axis=(1, 2)) > 1e-3 * np.maximum(psi.mean(axis=(1, 2)), 1e-3)) & ~forced
         return psi.astype(np.float32), params, valid
@@ -221,6 +225,8 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     signal = psi.std(axis=(1, 2)) * ph * beta
     noise = np.sqrt(beta**2 * psi.mean(axis=(1, 2)) * ph + rn**2)
     valid = (signal > noise) & ~forced
+    if hidden:
+        return noisy, params, valid, dict(sharp=sharp, light=light, photons=ph, read_noise=rn, beta=beta)
     return noisy, params, valid
 
 
