@@ -6,10 +6,11 @@ Sections: ``operator`` (product-convolution vs one FFT convolution), ``deconvolv
 scikit-image and vs the FFT limit, cost vs number of PSFs), ``tv`` (choice of the default TV weight,
 figure benchmarks/tv_rl.png), ``chunked`` (8192², LocalCluster vs whole array: time and peak
 memory), ``bigdata`` (32768² OME-Zarr to OME-Zarr through the CLI: peak RSS, throughput), ``cnn``
-(shipped models' test R², also by image type, inference throughput, robustness figure),
-``calibrate``, ``bss``, ``psfmap``, ``blind``, ``scaling``, ``faults``, and ``gpu`` (the CuPy/CUDA
-path against the same machine's CPU; needs a GPU: ``benchmarks/gpu.sh`` runs it). Without
-arguments: operator, deconvolve, tv. Each section rewrites its own part of benchmarks/RESULTS.md.
+(shipped models' test R², also by image type, inference throughput, robustness figure), ``bound``
+(the CNN beside a non-blind maximum-likelihood fit on the same test patches), ``calibrate``,
+``bss``, ``psfmap``, ``blind``, ``scaling``, ``faults``, and ``gpu`` (the CuPy/CUDA path against
+the same machine's CPU; needs a GPU: ``benchmarks/gpu.sh`` runs it). Without arguments:
+operator, deconvolve, tv. Each section rewrites its own part of benchmarks/RESULTS.md.
 """
 import argparse
 import os

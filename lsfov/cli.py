@@ -55,6 +55,37 @@ def _scheduler_option(f):
     )(f)
 
 
+def _gpu_option(f):
+    return click.option("--gpu/--no-gpu", default=None,
+                        help="Compute on the GPU: each chunk is moved to it (CuPy) as its task reads it, the "
+                             "CNN takes it there through DLPack. [default: on with --scheduler cuda]")(f)
+
+
+def _on_gpu(img, gpu, scheduler):
+    """``img`` with CuPy chunks if asked (``gpu``; None: with the ``cuda`` scheduler), else itself.
+
+    The chunks move as each task reads them, on the worker that runs it (one GPU per worker with
+    dask-cuda); results come back to host memory when they are written."""
+    if gpu is None:
+        gpu = (scheduler or "").strip() == "cuda"
+    if not gpu:
+        return img
+    try:
+        import cupy
+    except ImportError:
+        raise ValueError("computing on the GPU (--gpu, the default with --scheduler cuda) needs CuPy: "
+                         "pip install -e '.[gpu]' -c constraints.txt, or run with --no-gpu") from None
+    if not (scheduler or "").startswith(("tcp://", "tls://", "ucx://")):  # the GPUs are on this machine
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception:  # no driver
+            n = 0
+        if n == 0:
+            raise ValueError("--gpu: no CUDA device is visible here; run with --no-gpu")
+    data = img.data.map_blocks(cupy.asarray, dtype=np.float32, meta=cupy.empty((0, 0), np.float32))
+    return img.copy(data=data)
+
+
 def _plane_options(f):
     """--channel/--z/--t: which plane of a multi-dimensional image."""
     for opt in (click.option("--t", "tpoint", type=int, default=None, help="Time point of a time series."),
@@ -208,11 +239,12 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
               help="Directory for intermediate estimates, visible to all workers (default: beside OUT).")
 @_plane_options
 @_scheduler_option
+@_gpu_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
 def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
-               channel, zplane, tpoint, scheduler, resume, overwrite):
+               channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
     import xarray as xr
@@ -241,8 +273,9 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
     log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
     t0 = time.perf_counter()
+    work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
-        result = run(img, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
+        result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
                      progress=not obj["quiet"])
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", "source": str(src), "operator": str(operator_path or psf_path or map_path),
@@ -303,11 +336,12 @@ def _preview(raw, deblurred, path, edge=512):
 @_symmetrize_option
 @_plane_options
 @_scheduler_option
+@_gpu_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
 def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, channel, zplane, tpoint, scheduler,
-             resume, overwrite):
+             gpu, resume, overwrite):
     """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
     OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
@@ -320,8 +354,9 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         _check_out(figure, overwrite)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     t0 = time.perf_counter()
+    work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
-        ds = estimate_psf_map(img, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize, scratch=state,
+        ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize, scratch=state,
                               resume=resume, progress=not obj["quiet"])
         seconds = time.perf_counter() - t0
         ds["filled"] = ds["filled"].astype(np.uint8)
@@ -357,11 +392,12 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @_symmetrize_option
 @_plane_options
 @_scheduler_option
+@_gpu_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, symmetrize,
-                 channel, zplane, tpoint, scheduler, resume, overwrite):
+                 channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
@@ -378,10 +414,11 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     if pixel_um:  # every variable in µm, so that viewers overlay the map on the image
         img = img.assign_coords({d: xr.Variable(d, pixel_um * np.arange(img.sizes[d]), attrs={"units": "micrometer"})
                                  for d in ("y", "x")}).assign_attrs(pixel_um=pixel_um)
+    work = _on_gpu(img, gpu, scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
         ds, op, stages = _pipeline(img, model, stride, iterations, tv, cal, tmp, not obj["quiet"], resume,
-                                   symmetrize)
+                                   symmetrize, work=work)
         ds.attrs.update(command="lsfov run", source=str(src))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -401,9 +438,11 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         click.echo(f"figure: {figure}")
 
 
-def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume=False, symmetrize=False):
+def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume=False, symmetrize=False, work=None):
     """PSF map -> operator -> deconvolution (lazy, through ``scratch``) -> depth: the result's variables
-    as one Dataset, the operator, and the time of each stage."""
+    as one Dataset, the operator, and the time of each stage. ``work``: the same image to compute on
+    (e.g. with CuPy chunks); ``img`` is what the result keeps as ``raw``."""
+    work = img if work is None else work
     import xarray as xr
 
     from .estimate.depth import estimate_depth
@@ -413,14 +452,14 @@ def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume
     stages = {}
     t = time.perf_counter()
     # Through the run's state: with --resume the chunks already regressed are read back.
-    psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, scratch=scratch, resume=resume,
+    psf_map = estimate_psf_map(work, model, stride=stride, symmetrize=symmetrize, scratch=scratch, resume=resume,
                                progress=progress)
     stages["PSF map"] = time.perf_counter() - t
     t = time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
     stages["operator"] = time.perf_counter() - t
     t = time.perf_counter()
-    deblurred = run(img, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)
+    deblurred = run(work, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)
     stages["deconvolution (lazy)"] = time.perf_counter() - t
     variables = {"raw": img, "deblurred": deblurred}
     variables.update({p: psf_map[p] for p in psf_map.attrs["params"]})

@@ -367,3 +367,20 @@ def test_slurm_and_pbs_clusters_without_a_batch_system():
     with pytest.raises(ValueError, match="dask-cuda"):
         with use_scheduler("cuda"):
             pass
+
+
+def test_gpu_without_cupy_is_refused_before_any_work(run, tmp_path, monkeypatch):
+    """--gpu (and --scheduler cuda, which implies it) where CuPy is missing: one line saying what to
+    do, exit status 1, nothing written. (The GPU runs themselves are in tests/test_gpu.py.)"""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError, as without CuPy
+    np.save("img.npy", np.random.default_rng(0).random((160, 160)).astype(np.float32))
+    g = np.exp(-0.5 * (np.arange(-7, 8) / 2.0) ** 2)
+    np.save("psf.npy", np.outer(g, g) / np.outer(g, g).sum())
+    for args in (("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy", "--gpu"),
+                 ("estimate", "img.npy", "o.zarr", "--gpu"),
+                 ("run", "img.npy", "o.zarr", "--scheduler", "cuda")):
+        res = run(*args, ok=False)
+        assert res.exit_code == 1 and "needs CuPy" in res.output and "--no-gpu" in res.output, res.output
+        assert not (tmp_path / "o.zarr").exists() and not list(tmp_path.glob(".o.zarr*"))

@@ -77,3 +77,27 @@ def test_cnn_takes_cupy_patches_through_dlpack_and_maps_cupy_chunks():
     for k in ref.data_vars:
         np.testing.assert_allclose(gpu[k].values, ref[k].values, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(whole[k].values, ref[k].values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+def test_cli_gpu_flag_matches_the_cpu_run(tmp_path, monkeypatch):
+    """`lsfov run --gpu` (CuPy chunks: the map through DLPack, the deconvolution on the GPU) writes
+    what the CPU run writes, to float32 rounding and the CNN's TF32."""
+    from click.testing import CliRunner
+
+    import lsfov
+    from lsfov import simulate as sim
+    from lsfov.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    op, _ = sim.psf_field((400, 400), "Z3", (2, 2), seed=1)
+    np.save("img.npy", sim.degrade(sim.sample_image("immunohistochemistry", (400, 400)), op, seed=0).astype(np.float32))
+    runner = CliRunner()
+    for flag, out in (("--no-gpu", "cpu.zarr"), ("--gpu", "gpu.zarr")):
+        res = runner.invoke(main, ["-q", "run", "img.npy", out, "--chunks", "256", "--iterations", "5", flag])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    cpu, gpu = lsfov.open_result("cpu.zarr"), lsfov.open_result("gpu.zarr")
+    for p in ("focus", "astigmatism", "validity"):
+        np.testing.assert_allclose(gpu[p].values, cpu[p].values, atol=5e-3)
+    d = np.asarray(gpu["deblurred"].values, np.float64) - np.asarray(cpu["deblurred"].values, np.float64)
+    assert np.abs(d).max() < 1e-2 * float(cpu["deblurred"].max())  # the maps differ by TF32 rounding only
