@@ -101,3 +101,27 @@ def test_cli_gpu_flag_matches_the_cpu_run(tmp_path, monkeypatch):
         np.testing.assert_allclose(gpu[p].values, cpu[p].values, atol=5e-3)
     d = np.asarray(gpu["deblurred"].values, np.float64) - np.asarray(cpu["deblurred"].values, np.float64)
     assert np.abs(d).max() < 1e-2 * float(cpu["deblurred"].max())  # the maps differ by TF32 rounding only
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+def test_cuda_scheduler_deconvolves_on_its_gpu_workers(tmp_path, monkeypatch):
+    """`--scheduler cuda` (dask-cuda, one worker per GPU; --gpu by default) writes what the threaded
+    CPU run writes."""
+    pytest.importorskip("dask_cuda")
+    from click.testing import CliRunner
+
+    import lsfov
+    from lsfov import simulate as sim
+    from lsfov.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    op, _ = sim.psf_field((300, 300), "Z3", (2, 2), seed=2, size=15)
+    np.save("img.npy", sim.degrade(sim.sample_image("coins", (300, 300)), op, seed=0).astype(np.float32))
+    op.save("op.zarr")
+    runner = CliRunner()
+    for sched, out in (("threads", "cpu.zarr"), ("cuda", "gpu.zarr")):
+        res = runner.invoke(main, ["-q", "deconvolve", "img.npy", out, "--operator", "op.zarr", "--chunks", "160",
+                                   "--iterations", "6", "--scheduler", sched])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    cpu, gpu = (np.asarray(lsfov.open_result(p)["deblurred"].values) for p in ("cpu.zarr", "gpu.zarr"))
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=2e-5 * cpu.max())
