@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -75,14 +76,15 @@ def _on_gpu(img, gpu, scheduler):
     except ImportError:
         raise ValueError("computing on the GPU (--gpu, the default with --scheduler cuda) needs CuPy: "
                          "pip install -e '.[gpu]' -c constraints.txt, or run with --no-gpu") from None
-    if not (scheduler or "").startswith(("tcp://", "tls://", "ucx://")):  # the GPUs are on this machine
+    if (scheduler or "threads").strip() in ("threads", "synchronous", "sync", "local", "cuda"):  # GPUs here
         try:
             n = cupy.cuda.runtime.getDeviceCount()
         except Exception:  # no driver
             n = 0
         if n == 0:
             raise ValueError("--gpu: no CUDA device is visible here; run with --no-gpu")
-    data = img.data.map_blocks(cupy.asarray, dtype=np.float32, meta=cupy.empty((0, 0), np.float32))
+    data = img.data.map_blocks(functools.partial(cupy.asarray, dtype=np.float32), dtype=np.float32,
+                               meta=cupy.empty((0, 0), np.float32))
     return img.copy(data=data)
 
 
@@ -442,12 +444,13 @@ def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume
     """PSF map -> operator -> deconvolution (lazy, through ``scratch``) -> depth: the result's variables
     as one Dataset, the operator, and the time of each stage. ``work``: the same image to compute on
     (e.g. with CuPy chunks); ``img`` is what the result keeps as ``raw``."""
-    work = img if work is None else work
     import xarray as xr
 
     from .estimate.depth import estimate_depth
     from .estimate.mapping import estimate_psf_map, operator_from_psf_map
     from .restore import deconvolve as run
+
+    work = img if work is None else work
 
     stages = {}
     t = time.perf_counter()
