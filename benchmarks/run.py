@@ -543,8 +543,10 @@ def section_cnn(a):
         doc = json.loads(gpu_file.read_text())
         st = doc["stages"]
         lines += ["", f"GPU training stages (`benchmarks/gpu.sh`, {st[0]['gpu']}, {st[0]['machine']}, {st[0]['date']}): "
-                  "each continued from the shipped weights on a fresh set synthesized by "
-                  f"{st[0]['synthesis_workers']} processes; test R² measured here before and after, a stage kept only "
+                  "each continued from the shipped weights on a fresh set synthesized "
+                  + (f"with its blur and noise on {st[0]['synthesis_device']}" if st[0].get("synthesis_device") else
+                     f"by {st[0]['synthesis_workers']} processes")
+                  + "; test R² measured here before and after, a stage kept only "
                   "if it improved.", "",
                   "| model | recipe | training patches x epochs | synthesis | training | patches/s | test R² before -> after | kept |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]

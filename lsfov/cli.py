@@ -685,7 +685,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--patience", type=int, default=4, show_default=True, help="Early-stopping patience (epochs).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
-@click.option("--device", default=None, help="cpu or cuda [cuda when available].")
+@click.option("--device", default=None,
+              help="cpu or cuda [training: cuda when available; with --synthesize: NumPy on the CPU unless given, "
+                   "then the blur and noise run there with torch, seeded but other bytes].")
 @click.option("--init", default=None, metavar="MODEL",
               help="Start from this model's weights (a .pt or a shipped name): fine-tuning, more training.")
 @click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
@@ -711,7 +713,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
             raise ValueError("with --synthesize give only the output training set (DATA)")
         t = time.perf_counter()
         synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, workers=workers,
-                   progress=progress)
+                   device=device, progress=progress)
         log.info(f"wrote {n_synth} {psf_model.upper()} patches to {data} in {time.perf_counter() - t:.0f} s")
         return
     if out is None:

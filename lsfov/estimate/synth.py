@@ -197,10 +197,34 @@ def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
     return (beta * counts + read_noise * rng.standard_normal(psi.shape)).astype(np.float32)
 
 
-def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illumination, hidden=False):
+def _noisy_on(device, sharp, kernels, light, ph, rn, beta, seed):
+    """Blur, light and Eq. 10 noise of a batch on a torch ``device`` (a GPU makes this the cheap part):
+    the noisy patches (NumPy) and the noise-free ``psi``'s spread and mean per patch."""
+    import torch
+
+    dev = torch.device(device)
+    n, s, _ = sharp.shape
+    k = kernels.shape[-1]
+    f = next_fast_len(s)
+    pk = torch.zeros((n, f, f), dtype=torch.float32, device=dev)
+    pk[:, :k, :k] = torch.from_numpy(np.ascontiguousarray(kernels, np.float32)).to(dev)
+    spec = torch.fft.rfft2(torch.from_numpy(sharp).to(dev), s=(f, f)) * torch.fft.rfft2(pk)
+    psi = torch.fft.irfft2(spec, s=(f, f))[:, k - 1 : s, k - 1 : s] * torch.from_numpy(light).to(dev)
+    ph, rn, beta = (torch.as_tensor(np.asarray(v), dtype=torch.float32, device=dev)[:, None, None]
+                    for v in (ph, rn, beta))
+    g = torch.Generator(device=dev).manual_seed(seed)
+    counts = torch.poisson(psi.clamp_min(0) * ph, generator=g)
+    noisy = beta * counts + rn * torch.randn(psi.shape, generator=g, device=dev)
+    spread, mean = psi.std(dim=(1, 2), correction=0), psi.mean(dim=(1, 2))
+    return noisy.cpu().numpy(), spread.double().cpu().numpy(), mean.double().cpu().numpy()
+
+
+def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illumination, hidden=False,
+           device=None):
     """``n`` degraded patches, their parameters and validity. ``hidden``: also what made them (the
     sharp crops with their margin, illumination, photons, read noise, beta), for the non-blind bound
-    in benchmarks/run.py; the random draws are the same either way."""
+    in benchmarks/run.py; the random draws are the same either way. ``device``: blur and noise on
+    that torch device (same distribution, other bytes; not with ``hidden`` or noiseless patches)."""
     m = _psf.get_model(model)
     k = m.size
     params = m.sample(n, rng)
@@ -212,6 +236,12 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     sharp[forced] = 0.0
     sharp[flat] = rng.uniform(0.1, 1.0, (int(flat.sum()), 1, 1))
     light = _illumination(n, PATCH, rng, illumination)
+    if device is not None and photons is not None and not hidden:
+        ph = np.exp(rng.uniform(np.log(photons[0]), np.log(photons[1]), n))
+        rn = rng.uniform(read_noise[0], read_noise[1], n)
+        beta = rng.uniform(0.5, 1.0, n)
+        noisy, spread, mean = _noisy_on(device, sharp, kernels, light, ph, rn, beta, int(rng.integers(2**63)))
+        return noisy, params, _readable(spread, mean, ph, rn, beta) & ~forced
     psi = _blur(sharp, kernels) * light
     if photons is None:  # noiseless (robustness tests add their own noise)
         valid = (psi.std(axis=(1, 2)) > 1e-3 * np.maximum(psi.mean(axis=(1, 2)), 1e-3)) & ~forced
@@ -220,14 +250,16 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     rn = rng.uniform(read_noise[0], read_noise[1], n)
     beta = rng.uniform(0.5, 1.0, n)
     noisy = degrade_patches(psi, rng, photons=ph, read_noise=rn, beta=beta)
-    # Valid = the blurred structure stands out of the noise: its spread in counts exceeds the noise
-    # at the patch's mean level (a patch the network cannot read is flagged, not guessed).
-    signal = psi.std(axis=(1, 2)) * ph * beta
-    noise = np.sqrt(beta**2 * psi.mean(axis=(1, 2)) * ph + rn**2)
-    valid = (signal > noise) & ~forced
+    valid = _readable(psi.std(axis=(1, 2)), psi.mean(axis=(1, 2)), ph, rn, beta) & ~forced
     if hidden:
         return noisy, params, valid, dict(sharp=sharp, light=light, photons=ph, read_noise=rn, beta=beta)
     return noisy, params, valid
+
+
+def _readable(spread, mean, ph, rn, beta):
+    """Valid = the blurred structure stands out of the noise: its spread in counts exceeds the noise
+    at the patch's mean level (a patch the network cannot read is flagged, not guessed)."""
+    return spread * ph * beta > np.sqrt(beta**2 * mean * ph + rn**2)
 
 
 @functools.lru_cache(maxsize=2)
@@ -269,7 +301,7 @@ def _in_processes(fn, jobs, workers):
 def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", seed: int = 0,
                invalid_fraction: float = 0.08, photons=PHOTONS, read_noise=(0.0, 3.0),
                illumination: float = 0.5, batch: int = 512, out=None, overwrite: bool = False,
-               workers: int = 1, progress: bool = False):
+               workers: int = 1, device=None, progress: bool = False):
     """Synthesize a training set of degraded 128² patches and the PSF parameters that blurred them.
 
     Parameters
@@ -303,6 +335,10 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     workers : int
         Processes that make batches in parallel (each builds its own image library); the bytes
         are the same for any number.
+    device : str, optional
+        A torch device (``"cuda"``) for the blur and the noise, the costly part on a CPU (the
+        Poisson draws above all); crops and PSFs stay on the host. The same distribution, seeded,
+        but not the same bytes as without it. One process (``workers=1``); not for noiseless sets.
 
     Returns
     -------
@@ -317,14 +353,25 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         raise ValueError(f"invalid_fraction must be in [0, 1), got {invalid_fraction}")
     if (photons is not None and not 0 < photons[0] <= photons[1]) or not 0 <= read_noise[0] <= read_noise[1]:
         raise ValueError("photons must be a range of positive numbers and read_noise of non-negative ones")
+    if device is not None:
+        import torch
+
+        try:
+            device = str(torch.device(device))
+        except RuntimeError:
+            raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from None
+        if workers != 1 or photons is None:
+            raise ValueError("device= synthesizes in this process and adds noise there: use workers=1 and a photon range")
     sources = tuple(sources)
     _check_sources(sources, split)  # here, not in a worker
     attrs = {"type": "TrainingSet", "psf_model": m.name, "params": list(m.params),
              "units": dict(m.units), "ranges": {p: list(v) for p, v in m.ranges.items()},
              "optics": m.optics.to_dict() if m.optics else None, "patch": PATCH, "n": n,
              "sources": list(sources), "split": split, "seed": seed, "invalid_fraction": invalid_fraction,
-             "photons": None if photons is None else list(photons), "read_noise": list(read_noise), "illumination": illumination}
-    kw = dict(invalid_fraction=invalid_fraction, photons=photons, read_noise=read_noise, illumination=illumination)
+             "photons": None if photons is None else list(photons), "read_noise": list(read_noise), "illumination": illumination,
+             "device": device}
+    kw = dict(invalid_fraction=invalid_fraction, photons=photons, read_noise=read_noise, illumination=illumination,
+              device=device)
     # Every UNIT patches come from their own child generator, and are blurred as one FFT batch of
     # that size: the bytes depend on the seed only, not on ``batch`` (how many are made at a time).
     units = range(0, n, UNIT)
