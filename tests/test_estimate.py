@@ -125,6 +125,9 @@ def test_device_synthesis_has_the_same_distribution():
         synth.synthesize(10, "G1", device="cpu", workers=2)
     with pytest.raises(ValueError, match="torch device"):
         synth.synthesize(10, "G1", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            synth.synthesize(10, "G1", device="cuda")
 
 
 def test_noise_model_matches_eq10():
