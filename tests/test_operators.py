@@ -292,7 +292,7 @@ def test_dask_tasks_run_their_ffts_on_one_thread():
 
 def test_fft_shapes_of_a_tv_rl_iteration_fit_the_cufft_plan_cache(monkeypatch):
     """CuPy caches 16 cuFFT plans per thread; a grid operator's iteration needs more, cycled in the
-    same order, so lsfov raises the cache to _CUFFT_PLANS (a miss rebuilds a plan: ~0.3 ms)."""
+    same order, so lsfov raises the cache to _CUFFT_PLANS (else every call would rebuild its plan)."""
     from collections import Counter
 
     import lsfov
