@@ -236,21 +236,20 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     sharp[forced] = 0.0
     sharp[flat] = rng.uniform(0.1, 1.0, (int(flat.sum()), 1, 1))
     light = _illumination(n, PATCH, rng, illumination)
-    if device is not None and photons is not None and not hidden:
-        ph = np.exp(rng.uniform(np.log(photons[0]), np.log(photons[1]), n))
-        rn = rng.uniform(read_noise[0], read_noise[1], n)
-        beta = rng.uniform(0.5, 1.0, n)
-        noisy, spread, mean = _noisy_on(device, sharp, kernels, light, ph, rn, beta, int(rng.integers(2**63)))
-        return noisy, params, _readable(spread, mean, ph, rn, beta) & ~forced
-    psi = _blur(sharp, kernels) * light
     if photons is None:  # noiseless (robustness tests add their own noise)
+        psi = _blur(sharp, kernels) * light
         valid = (psi.std(axis=(1, 2)) > 1e-3 * np.maximum(psi.mean(axis=(1, 2)), 1e-3)) & ~forced
         return psi.astype(np.float32), params, valid
     ph = np.exp(rng.uniform(np.log(photons[0]), np.log(photons[1]), n))
     rn = rng.uniform(read_noise[0], read_noise[1], n)
     beta = rng.uniform(0.5, 1.0, n)
-    noisy = degrade_patches(psi, rng, photons=ph, read_noise=rn, beta=beta)
-    valid = _readable(psi.std(axis=(1, 2)), psi.mean(axis=(1, 2)), ph, rn, beta) & ~forced
+    if device is not None and not hidden:
+        noisy, spread, mean = _noisy_on(device, sharp, kernels, light, ph, rn, beta, int(rng.integers(2**63)))
+    else:
+        psi = _blur(sharp, kernels) * light
+        noisy = degrade_patches(psi, rng, photons=ph, read_noise=rn, beta=beta)
+        spread, mean = psi.std(axis=(1, 2)), psi.mean(axis=(1, 2))
+    valid = _readable(spread, mean, ph, rn, beta) & ~forced
     if hidden:
         return noisy, params, valid, dict(sharp=sharp, light=light, photons=ph, read_noise=rn, beta=beta)
     return noisy, params, valid
