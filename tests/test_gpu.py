@@ -80,6 +80,31 @@ def test_cnn_takes_cupy_patches_through_dlpack_and_maps_cupy_chunks():
 
 
 @pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+def test_cnn_fixed_size_passes_replay_a_cuda_graph_with_the_eager_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import lsfov
+    from lsfov import simulate as sim
+
+    model = lsfov.load_model("Z3", device="cuda")
+    img = sim.sample_image("cell", (512, 512)).astype(np.float32)
+    patches = cupy.asarray(img.reshape(4, 128, 4, 128).transpose(0, 2, 1, 3).reshape(16, 128, 128))
+    try:
+        model.cuda_graphs = False
+        eager = model.predict(patches, batch_size=8, reproducible=True)
+        model.cuda_graphs = True
+        graphed = model.predict(patches, batch_size=8, reproducible=True)
+        assert [k for k, g in model._graphs.items() if g is not None and k[0] == (8, 128, 128)]
+        with ThreadPoolExecutor(4) as ex:  # Dask threads share the model, and with it the graph's buffers
+            runs = list(ex.map(lambda _: model.predict(patches, batch_size=8, reproducible=True), range(8)))
+    finally:
+        model.cuda_graphs = True
+    for res in [graphed] + runs:
+        for k in eager:
+            np.testing.assert_allclose(res[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
 def test_cli_gpu_flag_matches_the_cpu_run(tmp_path, monkeypatch):
     """`lsfov run --gpu` (CuPy chunks: the map through DLPack, the deconvolution on the GPU) writes
     what the CPU run writes, to float32 rounding and the CNN's TF32."""

@@ -17,6 +17,9 @@ import dataclasses
 import datetime
 import functools
 import json
+import logging
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,8 @@ from .. import psf as _psf
 from .network import build, standardize
 
 __all__ = ["PSFRegressor", "load_model", "SHIPPED"]
+
+log = logging.getLogger("lsfov")
 
 FORMAT = "lsfov.PSFRegressor/1"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -123,6 +128,40 @@ def decode(m, targets) -> np.ndarray:
     return np.clip(np.stack([out[p] for p in m.params], axis=1), lo, hi)
 
 
+# Larger batches are compute-bound (launches matter little) and a graph keeps its activations.
+_GRAPH_MAX_BATCH = 128
+
+
+class _GraphedPass:
+    """A pass captured once as a CUDA graph for one batch shape and replayed: the eager network
+    launches a kernel per layer, which dominates small batches on a GPU. The graph's input and
+    output live in fixed device buffers, so calls (Dask threads share a model) take turns."""
+
+    def __init__(self, fn, like: torch.Tensor):
+        dev = like.device
+        self.x = torch.zeros_like(like)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the capture: cuDNN's choices, allocations
+            for _ in range(3):
+                fn(self.x)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run CUDA work
+            self.y = fn(self.x)
+        self.lock = threading.Lock()
+        probe = torch.rand_like(like) * 100
+        eager, replay = fn(probe), self(probe)
+        if not torch.allclose(eager, replay, rtol=1e-4, atol=1e-4):  # never trust a replay that differs
+            raise RuntimeError(f"replay differs from the eager pass by {float((eager - replay).abs().max()):.2e}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.x.copy_(x)
+            self.graph.replay()
+            return self.y.clone()
+
+
 class PSFRegressor:
     """A network with what it was trained on: PSF model, ranges, optics, patch size.
 
@@ -146,6 +185,10 @@ class PSFRegressor:
         self.net = build(arch, 1 + n_targets(self.psf_model))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net.to(self.device)
+        #: Replay fixed-size passes on CUDA from CUDA graphs (PSF maps use fixed sizes).
+        self.cuda_graphs = os.environ.get("LSFOV_CUDA_GRAPHS", "1") != "0"
+        self._graphs: dict = {}
+        self._graph_lock = threading.Lock()
         self.meta.update(psf_model=base.name, arch=arch, patch=self.patch, params=list(base.params),
                          units=dict(base.units), ranges={k: list(v) for k, v in ranges.items()}, optics=optics)
 
@@ -185,17 +228,26 @@ class PSFRegressor:
         if t.ndim != 3 or tuple(t.shape[-2:]) != (p, p):
             raise ValueError(f"patches must have shape (B, {p}, {p}) (or ({p}, {p})), got {tuple(t.shape)}; "
                              f"cut {p}x{p} patches from the image first")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError("patches contain NaN or Inf pixels; mask or inpaint them first")
         return t.to(torch.float32)
 
     def forward(self, patches, batch_size: int = 256) -> torch.Tensor:
         """Raw network outputs (B, 1 + n_targets): validity logit, encoded parameters."""
-        return self._forward(self._as_batch(patches), batch_size)
+        return torch.from_numpy(self._run(self._as_batch(patches), batch_size)[0])
 
-    def _forward(self, t: torch.Tensor, batch_size: int, fixed: bool = False) -> torch.Tensor:
-        """:meth:`forward` on an already validated (B, P, P) float32 batch; ``fixed``: every pass on
-        exactly ``batch_size`` patches, the last one padded with zeros."""
+    def _pass(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass of a batch on the device: the network's outputs, then per patch whether it
+        is flat (constant) and whether all its pixels are finite, as (B, 3 + n_targets) float32."""
+        z, std = standardize(x, with_std=True)
+        out = self.net(z[:, None]).float()
+        flat = std.flatten(1) <= 1e-6 * x.abs().flatten(1).amax(1, keepdim=True).clamp_min(1e-12)
+        finite = torch.isfinite(x).flatten(1).all(1, keepdim=True)
+        return torch.cat([out, flat.float(), finite.float()], 1)
+
+    def _run(self, t: torch.Tensor, batch_size: int, fixed: bool = False):
+        """Outputs (B, 1 + n_targets) and flat flags (B,) of a (B, P, P) float32 batch, on the host in
+        one transfer. ``fixed``: every pass on exactly ``batch_size`` patches, the last padded with
+        zeros. On CUDA, passes of ``batch_size`` patches replay a CUDA graph (one launch instead of
+        one per layer)."""
         self.net.eval()
         outs = []
         with torch.inference_mode():
@@ -204,8 +256,28 @@ class PSFRegressor:
                 n = len(x)
                 if fixed and n < batch_size:
                     x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])
-                outs.append(self.net(standardize(x)[:, None]).float()[:n])
-        return torch.cat(outs) if outs else torch.empty((0, 1 + n_targets(self.psf_model)))
+                run = self._graphed(x) if len(x) == batch_size else None
+                outs.append((run or self._pass)(x)[:n])
+            res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
+        if not res[:, -1].all():
+            raise ValueError("patches contain NaN or Inf pixels; mask or inpaint them first")
+        return res[:, :-2], res[:, -2] > 0
+
+    def _graphed(self, x: torch.Tensor):
+        """The CUDA graph of :meth:`_pass` for batches like ``x`` (None off CUDA, for batches over
+        ``_GRAPH_MAX_BATCH``, when switched off by ``cuda_graphs = False`` or LSFOV_CUDA_GRAPHS=0, or
+        when capturing failed)."""
+        if x.device.type != "cuda" or not self.cuda_graphs or len(x) > _GRAPH_MAX_BATCH:
+            return None
+        key = (tuple(x.shape), str(x.device))
+        with self._graph_lock:
+            if key not in self._graphs:
+                try:
+                    self._graphs[key] = _GraphedPass(self._pass, x)
+                except Exception as e:  # a driver or an op that cannot be captured: the eager pass
+                    log.warning("lsfov: CUDA graph of the %s network not used (%s: %s)", self.arch, type(e).__name__, e)
+                    self._graphs[key] = None
+        return self._graphs[key]
 
     def predict(self, patches, batch_size: int = 256, *, reproducible: bool = False,
                 symmetrize: bool = False) -> dict:
@@ -236,18 +308,17 @@ class PSFRegressor:
         if symmetrize:
             out = np.zeros((len(t), 1 + n_targets(self.psf_model)))
             for g in D4:
-                o = self._forward(transform_patches(t, *g), batch_size, fixed=reproducible).cpu().numpy()
+                o, flat = self._run(transform_patches(t, *g), batch_size, fixed=reproducible)
                 out[:, :1] += o[:, :1]  # the validity logit does not change
                 out[:, 1:] += targets_to_original(self.psf_model, o[:, 1:], *g)
             out /= len(D4)
         else:
-            out = self._forward(t, batch_size, fixed=reproducible).cpu().numpy()
+            out, flat = self._run(t, batch_size, fixed=reproducible)
         params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
         res = {p: params[:, i] for i, p in enumerate(self.params)}
         validity = 1 / (1 + np.exp(-out[:, 0].astype(np.float64)))
         # A constant patch (all black, saturated, padded) carries nothing to read, whatever the
         # network says: standardised it is all zeros, an input it never saw in training.
-        flat = (t.std(dim=(-2, -1)) <= 1e-6 * t.abs().amax(dim=(-2, -1)).clamp_min(1e-12)).cpu().numpy()
         res["validity"] = np.where(flat, 0.0, validity).astype(np.float32)
         return res
 

@@ -142,11 +142,13 @@ def build(arch: str, n_out: int) -> nn.Module:
     return ARCHITECTURES[arch](n_out)
 
 
-def standardize(patches: torch.Tensor) -> torch.Tensor:
-    """Per-patch zero mean, unit variance: the network sees structure, not the camera's gain or offset."""
+def standardize(patches: torch.Tensor, *, with_std: bool = False):
+    """Per-patch zero mean, unit variance: the network sees structure, not the camera's gain or offset.
+    ``with_std``: also return the per-patch standard deviation (..., 1, 1)."""
     mean = patches.mean(dim=(-2, -1), keepdim=True)
     std = patches.std(dim=(-2, -1), keepdim=True)
-    return (patches - mean) / torch.clamp(std, min=1e-6 * (mean.abs() + 1))
+    z = (patches - mean) / torch.clamp(std, min=1e-6 * (mean.abs() + 1))
+    return (z, std) if with_std else z
 
 
 def loss(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
