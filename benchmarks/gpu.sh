@@ -3,7 +3,12 @@
 # with TRAIN=1, a GPU training stage of the shipped CNN models (continued from the shipped weights
 # on fresh data; on an H200 in 2026-11 such a stage raised Z1's test R² by 0.003 and no other's).
 #
-#   [TRAIN=1] bash benchmarks/gpu.sh OUTDIR [SECONDS]
+#   [TRAIN=1|compare] bash benchmarks/gpu.sh OUTDIR [SECONDS]
+#
+# TRAIN=compare instead trains Z3 from scratch twice on the same fresh set, the paper's ResNet-34
+# (21 M parameters) and the shipped spectral network (1.6 M), for the same time each: whether a
+# larger network pays, which continuing, averaging or specialising the shipped one no longer does
+# (README, "Accuracy of the shipped models"). Both land in OUTDIR (Z3-ARCH.tar), none is shipped.
 #
 # OUTDIR receives the logs, RESULTS.md (with its GPU section) and one tar per trained model
 # (lsfov/models/NAME.pt + .json); measure the models afterwards on the machine RESULTS.md describes
@@ -31,6 +36,18 @@ echo "=== gpu benchmark section" | tee -a "$out/gpu.log"
 timeout 240 $PY benchmarks/run.py gpu --iterations 10 2>&1 | tail -60 | tee -a "$out/gpu.log"
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 
+if [[ ${TRAIN:-0} == compare ]]; then
+    each=$(( (deadline - (SECONDS - start) - 20) / 2 ))  # seconds per network: synthesis, training, one epoch over
+    for arch in resnet34 spectral; do
+        if (( each < 150 )); then echo "=== $arch skipped: time spent" | tee -a "$out/train.log"; continue; fi
+        echo "=== train Z3 $arch from scratch at $((SECONDS - start)) s, $each s" | tee -a "$out/train.log"
+        timeout "$each" $PY benchmarks/train_models.py Z3 --arch "$arch" --seed 21 --n 160000 --epochs 4 \
+            --batch-size 256 --minutes "$(awk "BEGIN {print ($each - 120) / 60}")" --photons 500 5000 \
+            --synth-device cuda --no-measure 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -4 | tee -a "$out/train.log" \
+            && tar cf "$out/Z3-$arch.tar" -C lsfov/models Z3.pt Z3.json
+    done
+    exit 0
+fi
 [[ ${TRAIN:-0} == 1 ]] || exit 0
 # Training: Z3 first (the weakest, and the one depth and blind deblurring use). Each stage: a fresh
 # set, lr 3e-4 with cosine decay, photons as each model's last stage. Sized for about 6 min on an

@@ -298,9 +298,18 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
     np.testing.assert_allclose(sub.project(g[2]), g[2], atol=1e-8)
     mix = 2 * g[0] + 3 * g[4]
     np.testing.assert_allclose(sub.project(mix), mix, atol=1e-8)
-    outside = -g[1]
-    lam, _ = nnls(g.reshape(6, -1).T, sub.project(outside).ravel())
-    assert lam.min() >= 0 and np.linalg.norm(sub.project(outside) - outside) <= np.linalg.norm(outside)
+    # A point partly outside: its projection p is the cone's nearest point, which the optimality
+    # conditions of min_{λ>=0} |Gλ - a|² characterise: <p - a, g_k> >= 0 for every generator and
+    # <p - a, p> = 0 (checked here independently of the NNLS that computed p).
+    outside = g[0] - 0.7 * g[1] + 0.3 * g[3]
+    p = sub.project(outside)
+    scale = float(np.linalg.norm(outside)) ** 2
+    res = (p - outside).ravel()
+    assert np.linalg.norm(res) > 1e-3 * np.sqrt(scale)  # it was moved
+    assert (g.reshape(6, -1) @ res).min() >= -1e-8 * scale
+    assert abs(float(res @ p.ravel())) <= 1e-8 * scale
+    lam, rnorm = nnls(g.reshape(6, -1).T, p.ravel())
+    assert rnorm <= 1e-8 * np.sqrt(scale)  # p is in the cone
     # Save and load keep everything, with xarray labels.
     path = sub.save(tmp_path / "sub.zarr")
     back = OperatorSubspace.load(path)

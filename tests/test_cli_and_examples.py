@@ -38,8 +38,10 @@ def test_help(run):
 def test_demo_writes_result_and_figure(run, tmp_path):
     res = run("-q", "demo", "--size", 256, "--chunks", 128, "--out", "d.zarr", "--scheduler", "threads")
     snr_raw, snr_blind, snr_true = (float(v) for v in re.findall(r"(-?[\d.]+) dB", res.output))
-    assert snr_true > snr_raw and np.isfinite(snr_blind)
-    assert "PSF map" in res.output and "depth: mean absolute error" in res.output
+    assert snr_true > snr_blind > snr_raw  # 15.5 > 15.0 > 14.0 dB here: the blind map deblurs
+    assert "PSF map" in res.output
+    mae, span = (float(v) for v in re.search(r"depth: mean absolute error ([\d.]+) µm over a ([\d.]+) µm", res.output).groups())
+    assert mae < span  # 3.8 µm over 7.9 here: 3 x 3 nodes make a coarse map; catches a failed calibration
     ds = lsfov.open_result(tmp_path / "d.zarr")
     assert {"raw", "sharp", "deblurred", "focus", "astigmatism", "axis", "validity", "depth"} <= set(ds.data_vars)
     assert ds.raw.shape == (256, 256) and ds.focus.shape == (3, 3)

@@ -226,8 +226,10 @@ def test_xarray_in_xarray_out_with_coords_and_attrs(scene):
 
 def test_integer_images_are_accepted(scene):
     op, y, _ = scene
-    out = lsfov.deconvolve(y.astype(np.uint16), op, 2)
+    counts = np.rint(y).astype(np.uint16)
+    out = lsfov.deconvolve(counts, op, 2)
     assert out.dtype == np.float32 and out.shape == y.shape
+    np.testing.assert_array_equal(out, lsfov.deconvolve(counts.astype(np.float32), op, 2))  # no rescaling
 
 
 # ---------------------------------------------------------------------------------------------- bad input

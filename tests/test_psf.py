@@ -91,7 +91,8 @@ def test_models_render_batches_of_normalised_centred_kernels(name):
     np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0, atol=1e-5)
     # Centred: the centroid of a symmetric PSF sits on K//2.
     r = np.arange(m.size) - m.size // 2
-    assert np.abs((k.sum(2) * r).sum(1)).max() < 0.05
+    assert np.abs((k.sum(2) * r).sum(1)).max() < 0.05  # along y
+    assert np.abs((k.sum(1) * r).sum(1)).max() < 0.05  # along x
     one = m.render(dict(zip(m.params, p[3])))
     np.testing.assert_allclose(one, k[3], atol=1e-7)
     np.testing.assert_allclose(m.denormalize(m.normalize(p)), p)

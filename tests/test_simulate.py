@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lsfov import simulate
+from lsfov import psf, simulate
 
 
 def test_bead_field_is_reproducible_and_consistent():
@@ -39,8 +39,8 @@ def test_degrade_noise_model():
     # Poisson: mean = variance = photons.
     assert centre.mean() == pytest.approx(400, rel=0.02)
     assert centre.var() == pytest.approx(400, rel=0.15)
-    y2 = simulate.degrade(img, op, photons=400.0, read_noise=5.0, seed=1)
-    assert y2[16:48, 16:48].var() == pytest.approx(425, rel=0.15)
+    y2 = simulate.degrade(img, op, photons=400.0, read_noise=20.0, seed=1)
+    assert y2[16:48, 16:48].var() == pytest.approx(800, rel=0.15)  # Poisson + read noise variances add
     np.testing.assert_array_equal(simulate.degrade(img, op, seed=2), simulate.degrade(img, op, seed=2))
 
 
@@ -65,6 +65,11 @@ def test_degrade_bad_input():
 def test_psf_field_and_sample_images():
     op, p = simulate.psf_field((200, 300), "Z3", (3, 4), seed=5)
     assert p.shape == (3, 4, 3) and op.grid_shape == (3, 4)
+    m = psf.MODELS["Z3"]
+    lo, hi = m.bounds
+    assert np.all((p >= lo) & (p <= hi))
+    for i, j in ((0, 0), (2, 3), (1, 2)):  # each node's kernel is its parameters' PSF
+        np.testing.assert_allclose(op.kernels[i, j], m.render(p[i, j][None], size=op.kernel_size)[0], atol=1e-7)
     img = simulate.sample_image("hubble", (300, 700))
     assert img.shape == (300, 700) and 0 <= img.min() and img.max() <= 1
     with pytest.raises(ValueError, match="unknown sample"):
