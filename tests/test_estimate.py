@@ -378,3 +378,15 @@ def test_shipped_models_regress_fresh_test_patches(name, bar):
     assert res["validity_accuracy"] > 0.9, res
     with pytest.raises(ValueError, match="test set is for"):
         train.evaluate(lsfov.load_model("G1"), test)
+
+
+def test_a_model_object_pickles_for_dask_workers():
+    # estimate_psf_map(image, model) with a PSFRegressor ships the object itself to distributed workers.
+    import pickle
+
+    m = lsfov.load_model("G1")
+    back = pickle.loads(pickle.dumps(m))
+    x = np.random.default_rng(0).random((3, 128, 128)).astype(np.float32)
+    a, b = m.predict(x), back.predict(x)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

@@ -192,6 +192,15 @@ class PSFRegressor:
         self.meta.update(psf_model=base.name, arch=arch, patch=self.patch, params=list(base.params),
                          units=dict(base.units), ranges={k: list(v) for k, v in ranges.items()}, optics=optics)
 
+    def __getstate__(self):  # a model travels to Dask workers: without its CUDA graphs and their lock
+        state = dict(self.__dict__)
+        state["_graphs"], state["_graph_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._graph_lock = threading.Lock()
+
     @property
     def ranges(self) -> dict:
         return dict(self.psf_model.ranges)
@@ -231,7 +240,7 @@ class PSFRegressor:
         return t.to(torch.float32)
 
     def forward(self, patches, batch_size: int = 256) -> torch.Tensor:
-        """Raw network outputs (B, 1 + n_targets): validity logit, encoded parameters."""
+        """Raw network outputs (B, 1 + n_targets) on the host: validity logit, encoded parameters."""
         return torch.from_numpy(self._run(self._as_batch(patches), batch_size)[0])
 
     def _pass(self, x: torch.Tensor) -> torch.Tensor:
