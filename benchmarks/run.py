@@ -1451,8 +1451,9 @@ def section_gpu(a):
 
 SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv": section_tv,
             "chunked": section_chunked, "bigdata": section_bigdata, "cnn": section_cnn, "bound": section_bound,
-            "specialist": section_specialist, "calibrate": section_calibrate, "bss": section_bss, "psfmap": section_psfmap, "blind": section_blind,
-            "scaling": section_scaling, "faults": section_faults, "gpu": section_gpu}
+            "specialist": section_specialist, "calibrate": section_calibrate, "bss": section_bss,
+            "psfmap": section_psfmap, "blind": section_blind, "scaling": section_scaling, "faults": section_faults,
+            "gpu": section_gpu}
 
 
 def write_section(name, lines):
