@@ -912,13 +912,11 @@ def _gather_indexed(src, n, ys, xs, ly, lx, size=None, memo=None):
     pixels and zeros in row h and column w. ``memo``: a dict keeping the device index arrays."""
     xp = array_module(src)
     fy, fx = size or (ly, lx)
+    memo = {} if memo is None else memo
     key = ("gather", tuple(map(int, ys)), tuple(map(int, xs)), ly, lx, fy, fx, n, xp.__name__)
-    if memo is None or key not in memo:
-        iy = xp.asarray(_tile_index(ys, fy, ly, n[0])[:, None, :, None])
-        ix = xp.asarray(_tile_index(xs, fx, lx, n[1])[None, :, None, :])
-        if memo is None:
-            return src[iy, ix]
-        memo[key] = (iy, ix)
+    if key not in memo:
+        memo[key] = (xp.asarray(_tile_index(ys, fy, ly, n[0])[:, None, :, None]),
+                     xp.asarray(_tile_index(xs, fx, lx, n[1])[None, :, None, :]))
     iy, ix = memo[key]
     return src[iy, ix]
 
@@ -928,10 +926,10 @@ def _place_indexed(out, res, ys, yl, xs, xl, ext, add, memo=None):
     ``(ys[a], xs[b])``: per phase of pairwise disjoint tiles, one indexed read and one indexed write.
     Unique indices in each write: no atomics, the same bits every run."""
     xp = array_module(out)
+    memo = {} if memo is None else memo
     key = ("place", tuple(map(int, ys)), tuple(map(int, yl)), tuple(map(int, xs)), tuple(map(int, xl)), ext,
            xp.__name__)
-    plan = None if memo is None else memo.get(key)
-    if plan is None:
+    if key not in memo:
         yl, xl = np.asarray(yl) + ext, np.asarray(xl) + ext
         plan = []
         for pa in _phases(ys, yl):
@@ -940,9 +938,8 @@ def _place_indexed(out, res, ys, yl, xs, xl, ext, add, memo=None):
                 rx, kb, ox = _runs(np.asarray(xs)[pb], xl[pb])
                 plan.append(tuple(xp.asarray(v) for v in (ry[:, None], rx[None, :], pa[ka][:, None], pb[kb][None, :],
                                                          oy[:, None], ox[None, :])))
-        if memo is not None:
-            memo[key] = plan
-    for ry, rx, a, b, oy, ox in plan:
+        memo[key] = plan
+    for ry, rx, a, b, oy, ox in memo[key]:
         vals = res[a, b, oy, ox]
         if add:
             vals += out[ry, rx]  # same sum as out += vals, one temporary fewer
