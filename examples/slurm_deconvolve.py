@@ -20,6 +20,7 @@ The options below override them for one run. The same job from the command line:
 ``lsfov deconvolve IN OUT --operator OP --scheduler slurm:8``.
 """
 import argparse
+import shutil
 
 from lsfov.cluster import jobqueue_cluster
 
@@ -44,7 +45,11 @@ def main():
     p.add_argument("--account")
     p.add_argument("--dry-run", action="store_true", help="print the job script and stop")
     a = p.parse_args()
-    with make_cluster(a.cores, a.memory, a.walltime, a.queue, a.account) as cluster:
+    try:
+        cluster = make_cluster(a.cores, a.memory, a.walltime, a.queue, a.account)
+    except ValueError as e:  # e.g. no job size in the Dask configuration: one line, not a traceback
+        p.error(str(e))
+    with cluster:
         print(cluster.job_script())
         if a.dry_run:
             return
@@ -55,6 +60,8 @@ def main():
 
         import lsfov
 
+        if shutil.which("sbatch") is None:
+            p.error("sbatch is not on PATH: run this on a SLURM login node")
         cluster.scale(jobs=a.jobs)
         with Client(cluster) as client:
             print("dashboard:", client.dashboard_link)

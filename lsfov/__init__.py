@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from . import calibrate, psf, simulate
+from ._validate import LsfovWarning
 from .calibrate import OperatorSubspace, calibrate_operator, identify_operator, learn_subspace
 from .io import open_image, open_result, save
 from .operators import ProductConvolution
@@ -26,4 +27,4 @@ def __getattr__(name):
 __all__ = ["Optics", "ProductConvolution", "OperatorSubspace", "calibrate", "calibrate_operator", "learn_subspace",
            "identify_operator", "deconvolve", "sparse_smooth_deblur", "psf", "simulate", "open_image", "open_result", "save",
            "load_model", "estimate_psf_map", "operator_from_psf_map", "estimate_depth", "calibrate_depth", "estimate",
-           "__version__"]
+           "LsfovWarning", "__version__"]

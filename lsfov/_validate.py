@@ -58,8 +58,29 @@ def shape2d(shape, name: str = "shape") -> tuple[int, int]:
         shape = (shape, shape)
     try:
         h, w = (int(s) for s in shape)
+        whole = all(float(s) == int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair (H, W) of positive integers, got {shape!r}") from None
+        whole = False
+    if not whole:
+        raise ValueError(f"{name} must be an int or a pair (H, W) of positive integers, got {shape!r}")
     if h < 1 or w < 1:
         raise ValueError(f"{name} must be positive, got {shape!r}")
     return h, w
+
+
+def real_number(v, name: str, *, minimum: float | None = None, maximum: float | None = None,
+                exclusive: bool = False) -> float:
+    """A finite float within ``[minimum, maximum]`` (``(minimum, maximum]`` with ``exclusive``)."""
+    if isinstance(v, (bool, np.bool_, str, bytes)) or not np.isscalar(v) and np.ndim(v) != 0:
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {v!r}") from None
+    low_bad = minimum is not None and (f <= minimum if exclusive else f < minimum)
+    if not np.isfinite(f) or low_bad or (maximum is not None and f > maximum):
+        lo = "" if minimum is None else f"{'>' if exclusive else '>='} {minimum:g}"
+        hi = "" if maximum is None else f"<= {maximum:g}"
+        rule = " and ".join(r for r in (lo, hi) if r) or "finite"
+        raise ValueError(f"{name} must be a finite number {rule}, got {v!r}".replace("number finite", "number"))
+    return f

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ._validate import LsfovWarning
 from .cluster import SCHEDULERS
 from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 
@@ -19,6 +20,10 @@ log = logging.getLogger("lsfov")
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                 MemoryError)
+
+
+# Errors that say the input or the options are wrong: a run that ends with one has nothing to resume.
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 class _Group(click.Group):
@@ -45,6 +50,8 @@ def main(ctx, verbose, quiet):
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level)
+    # A warning is one line for the person at the terminal, not a source location in lsfov.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     if quiet:
         warnings.simplefilter("ignore")
     ctx.obj = {"quiet": quiet}
@@ -130,6 +137,9 @@ def _run_state(out: Path, parent, resume: bool):
     state.mkdir(parents=True, exist_ok=True)
     try:
         yield state
+    except _BAD_INPUT:  # refused (bad input, found late or early): nothing to resume
+        shutil.rmtree(state, ignore_errors=True)
+        raise
     except BaseException:
         if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
             click.echo(f"interrupted; the work done so far is kept in {state}: run the same command with --resume "
@@ -140,11 +150,31 @@ def _run_state(out: Path, parent, resume: bool):
     shutil.rmtree(state, ignore_errors=True)
 
 
-def _check_out(path, overwrite):
+_NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2")
+
+
+def _check_out(path, overwrite, *, result: bool = True):
+    """OUT checked before any work: not there (or ``--overwrite``); a result is an OME-Zarr directory,
+    so a name of another format, or an existing plain file in its place, is refused."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if result:
+        if path.suffix.lower() in _NOT_ZARR:
+            raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a result; remove it or choose another name")
     return path
+
+
+def _check_chunks(chunks):
+    if chunks < 16:
+        raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
+
+
+def _check_pixel_um(pixel_um):
+    if pixel_um is not None and not (np.isfinite(pixel_um) and pixel_um > 0):
+        raise ValueError(f"--pixel-um {pixel_um} must be a pixel size in µm > 0")
 
 
 # ---------------------------------------------------------------------------------------------- info
@@ -257,17 +287,19 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     from .restore import deconvolve as run
 
     out = _check_out(out, overwrite)
-    _check_out(out.with_suffix(".png"), overwrite)
+    _check_out(out.with_suffix(".png"), overwrite, result=False)
     if sum(p is not None for p in (operator_path, psf_path, map_path)) != 1:
         raise ValueError("give the blur with exactly one of --operator OP (saved by lsfov), --psf FILE or "
                          "--psf-map MAP (from lsfov estimate)")
-    if chunks < 16:
-        raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
+    _check_chunks(chunks)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     if map_path:
         from .estimate.mapping import operator_from_psf_map
 
-        op = operator_from_psf_map(io.open_result(map_path), img.shape)
+        psf_map = io.open_result(map_path)
+        if "psf_model" not in psf_map.attrs:
+            raise ValueError(f"{map_path} is not a PSF map; make one with `lsfov estimate` (an operator: --operator)")
+        op = operator_from_psf_map(psf_map, img.shape)
     else:
         op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape)
     if op.shape != img.shape:
@@ -296,7 +328,13 @@ def _psf_operator(path, shape):
     from . import io
     from .operators import ProductConvolution
 
-    k = np.asarray(io.open_image(path).values, dtype=np.float32)
+    planes = [np.asarray(p.values, dtype=np.float32) for p in io.open_planes(path)]
+    # A 3-D PSF (a z-stack of a bead): its in-focus plane, the one with the highest peak, deblurs the
+    # plane of a sample that is in focus.
+    best = int(np.argmax([np.nanmax(p) for p in planes]))
+    if len(planes) > 1:
+        log.info("%s: a PSF of %d planes; using plane %d, the one with the highest peak", path, len(planes), best)
+    k = planes[best]
     if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
         raise ValueError(f"{path}: the PSF is {k.shape[0]}x{k.shape[1]}; it needs odd sizes with the peak at the "
                          "centre pixel (crop one row/column)")
@@ -306,6 +344,11 @@ def _psf_operator(path, shape):
     total = float(k.sum())
     if total <= 0:
         raise ValueError(f"{path}: the PSF has no positive value")
+    yy, xx = np.indices(k.shape)
+    off = (float((yy * k).sum() / total - k.shape[0] // 2), float((xx * k).sum() / total - k.shape[1] // 2))
+    if max(abs(v) for v in off) > 1:
+        warnings.warn(f"{path}: the PSF's centre of mass is ({off[0]:+.1f}, {off[1]:+.1f}) px from its centre pixel; "
+                      "the result will be shifted by as much: centre the PSF", LsfovWarning, stacklevel=2)
     size = max(k.shape)
     py, px = (size - k.shape[0]) // 2, (size - k.shape[1]) // 2
     k = np.pad(k / total, ((py, py), (px, px)))  # square, centre kept
@@ -353,7 +396,9 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 
     out = _check_out(out, overwrite)
     if figure:
-        _check_out(figure, overwrite)
+        _check_out(figure, overwrite, result=False)
+    _check_chunks(chunks)
+    _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
@@ -407,11 +452,21 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
 
     from . import io
     from .cluster import use_scheduler
+    from .estimate.model import load_model
 
     out = _check_out(out, overwrite)
     if figure:
-        _check_out(figure, overwrite)
+        _check_out(figure, overwrite, result=False)
+    _check_chunks(chunks)
+    _check_pixel_um(pixel_um)
+    if iterations < 1:
+        raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
+    if not 0 <= tv < 0.25:
+        raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
     cal = _read_calibration(calibration) if calibration else None
+    params = load_model(model).params  # a wrong name or file is refused here, before any work
+    if cal is not None and not {"focus", "axis"} <= set(params):
+        raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     if pixel_um:  # every variable in µm, so that viewers overlay the map on the image
         img = img.assign_coords({d: xr.Variable(d, pixel_um * np.arange(img.sizes[d]), attrs={"units": "micrometer"})
@@ -477,6 +532,8 @@ def _read_calibration(path):
 
     from .estimate.depth import DepthCalibration
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such depth calibration: {path}")
     try:
         raw = json.loads(Path(path).read_text())
     except (ValueError, OSError):
@@ -507,7 +564,8 @@ def depth(psf_map, out, calibration, known, smooth, overwrite):
     from . import io
     from .estimate.depth import calibrate_depth, estimate_depth
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, result=not known)  # with --known: a JSON file
+    cal = _read_calibration(calibration) if calibration else None
     ds = io.open_result(psf_map)
     if known:
         cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0)
@@ -521,7 +579,7 @@ def depth(psf_map, out, calibration, known, smooth, overwrite):
         click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
                    f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
         return
-    z = estimate_depth(ds, _read_calibration(calibration) if calibration else None, smooth=smooth)
+    z = estimate_depth(ds, cal, smooth=smooth)
     io.save(xr.Dataset({"depth": z}, attrs={"command": "lsfov depth", "source": str(psf_map)}), out,
             overwrite=overwrite)
     click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
@@ -561,9 +619,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     from .restore import estimate_noise, locate_sources, sparse_smooth_deblur
 
     out = _check_out(out, overwrite)
-    _check_out(out.with_suffix(".png"), overwrite)
-    if chunks < 16:
-        raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
+    _check_out(out.with_suffix(".png"), overwrite, result=False)
+    _check_chunks(chunks)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     sub = OperatorSubspace.load(subspace_path)
     t0 = time.perf_counter()
@@ -629,7 +686,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 
     out = _check_out(out, overwrite)
     if figure:
-        _check_out(figure, overwrite)
+        _check_out(figure, overwrite, result=False)
     planes = [p for path in beads for p in open_planes(path, channel=channel)]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
@@ -718,7 +775,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
         return
     if out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, result=False)  # a .pt file
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
     ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
@@ -743,17 +800,22 @@ def _print_scores(res):
 @click.option("--robustness", "n_robust", type=int, default=0, metavar="N",
               help="Also the R²-vs-degradation curves (paper 000 Fig. 7) on N fresh held-out patches.")
 @click.option("--figure", type=click.Path(), default=None, help="PNG of the robustness curves.")
-def evaluate(model, data, n_robust, figure):
+@_overwrite_option
+def evaluate(model, data, n_robust, figure, overwrite):
     """R² per parameter and validity accuracy of MODEL (a shipped name or .pt) on a test set DATA."""
     import json
 
     from .estimate import evaluate as _evaluate
     from .estimate import load_model, robustness
 
+    if n_robust < 0:
+        raise ValueError(f"--robustness {n_robust}: give a number of patches >= 1 (or leave it out)")
     if data is None and not n_robust:
         raise ValueError("give a test set DATA (lsfov train --synthesize N --split test DATA) and/or --robustness N")
     if figure and not n_robust:
         raise ValueError("--figure draws the robustness curves: add --robustness N")
+    if figure:
+        _check_out(figure, overwrite, result=False)
     reg = load_model(model)
     if data is not None:
         _print_scores(_evaluate(reg, data))
@@ -797,9 +859,10 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
 
     out = _check_out(out, overwrite)
     fig = out.with_suffix(".png")
-    _check_out(fig, overwrite)
+    _check_out(fig, overwrite, result=False)
     if size < 256:
         raise ValueError(f"--size {size} is too small for a PSF map of 128² patches; use at least 256")
+    _check_chunks(chunks)
     out.parent.mkdir(parents=True, exist_ok=True)
     stages = {}
     t = time.perf_counter()

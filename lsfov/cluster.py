@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 
 import dask
 
@@ -12,6 +13,7 @@ log = logging.getLogger("lsfov")
 SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT"
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
+_SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
 
 
 def jobqueue_cluster(kind: str, **settings):
@@ -29,7 +31,14 @@ def jobqueue_cluster(kind: str, **settings):
         import dask_jobqueue
     except ImportError:
         raise ValueError(f"--scheduler {kind} needs dask-jobqueue: pip install dask-jobqueue") from None
-    return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
+    try:
+        return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
+    except ValueError as e:
+        if "cores" not in str(e) and "memory" not in str(e):
+            raise
+        raise ValueError(f"no {kind} job size set: put cores and memory in ~/.config/dask/jobqueue.yaml (jobqueue.{kind}."
+                         f"cores, jobqueue.{kind}.memory) or set DASK_JOBQUEUE__{kind.upper()}__CORES and "
+                         f"DASK_JOBQUEUE__{kind.upper()}__MEMORY") from None
 
 
 @contextlib.contextmanager
@@ -71,8 +80,12 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             n_jobs = int(jobs or n_workers or 1)
         except ValueError:
             n_jobs = -1
-        if n_jobs < 0:
-            raise ValueError(f"--scheduler {spec}: give the number of jobs as {kind}:N (N >= 0)")
+        if n_jobs < 1:
+            raise ValueError(f"--scheduler {spec}: give the number of jobs as {kind}:N (N >= 1)")
+        submit = _SUBMIT[kind]
+        if shutil.which(submit) is None:  # the cluster would fail in its event loop, after a hang
+            raise ValueError(f"--scheduler {kind}: {submit} is not on PATH; run lsfov where {kind} jobs can be "
+                             "submitted (a login node)")
         with jobqueue_cluster(kind) as cluster:
             cluster.scale(jobs=n_jobs)
             with Client(cluster) as client:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +25,8 @@ import xarray as xr
 import zarr
 
 from .cluster import compute
+
+log = logging.getLogger("lsfov")
 
 __all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory"]
 
@@ -58,13 +61,23 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         known (``attrs["pixel_um"]``), otherwise pixel indices (coordinate ``units`` attr says which).
     """
     path = Path(path)
+    if chunks is not None:
+        chunks = _chunk_pair(chunks)
     arr = _open_any(path, level)
     arr = _select(arr, path, channel=channel, z=z, t=t)
     if chunks is not None:
-        arr = arr.chunk(dict(zip(("y", "x"), (chunks, chunks) if np.isscalar(chunks) else chunks)))
+        arr = arr.chunk(dict(zip(("y", "x"), chunks)))
     elif max(arr.data.chunksize) > 2048:
         arr = arr.chunk({"y": min(2048, arr.sizes["y"]), "x": min(2048, arr.sizes["x"])})
     return arr
+
+
+def _chunk_pair(chunks) -> tuple[int, int]:
+    """``chunks`` as (y, x) edges in pixels: an int or a pair of positive integers."""
+    pair = (chunks, chunks) if np.isscalar(chunks) else tuple(chunks)
+    if len(pair) != 2 or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0 for c in pair):
+        raise ValueError(f"chunks must be a positive number of pixels or a pair (y, x) of them, got {chunks!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def open_planes(path, *, channel=None) -> list[xr.DataArray]:
@@ -114,7 +127,13 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
 
     root_attrs = _group_attrs(path)
     if "lsfov" in root_attrs and "multiscales" not in root_attrs and "multiscales" not in root_attrs.get("ome", {}):
+        other = _other_store(root_attrs["lsfov"])
+        if other:
+            raise ValueError(f"{path} is {other}, not an image")
         names = root_attrs["lsfov"].get("variables", [])
+        if "image" in names and root_attrs["lsfov"].get("complete"):  # e.g. `lsfov simulate beads`: its image
+            log.info("%s is an lsfov result; reading its variable 'image'", path)
+            return _open_ngff(path / "image", level)
         raise ValueError(
             f"{path} is an lsfov result with variables {names}; open it with lsfov.open_result "
             f"or open one variable as {path}/<variable>"
@@ -178,7 +197,10 @@ def _open_tiff(path: Path) -> xr.DataArray:
         raise ValueError(f"{path}: not a readable TIFF ({e})") from None
     with tf:
         series = tf.series[0]
-        axes = series.axes.lower().replace("s", "c").replace("q", "c")
+        axes = series.axes.lower().replace("s", "c")
+        if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
+            axes = axes.replace("q", "z", 1)
+        axes = axes.replace("q", "c")
         shape = series.shape
         pixel_um = _tiff_pixel_um(tf)
     try:
@@ -329,6 +351,8 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     if isinstance(obj, ProductConvolution):
         return obj.save(path, overwrite=overwrite)
     ds = _as_dataset(obj)
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1):
+        raise ValueError(f"chunks must be a positive chunk edge in pixels, got {chunks!r}")
     with atomic_directory(path, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
@@ -384,6 +408,8 @@ def _as_dataset(obj) -> xr.Dataset:
             continue
         if var.ndim not in (2, 3) or 0 in var.shape:
             raise ValueError(f"variable {name!r} has shape {var.shape}; each variable must be a non-empty 2-D or 3-D array")
+        if var.dtype.kind not in "biuf":
+            raise TypeError(f"variable {name!r} has dtype {var.dtype}; images must be real numbers (bool, int or float)")
         if not str(name).replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"variable name {name!r} must be alphanumeric (with _ or -): it becomes a directory")
     return ds
@@ -421,8 +447,11 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         scale.append(s)
         trans.append(t0)
         units.append(unit)
+    scale = [s if s is not None else next((o for o in scale if o is not None), 1.0) for s in scale]  # a 1-node row
     group = root.create_group(name)
-    lead_axes = [{"name": "c", "type": "channel"}] if lead else []
+    # A leading z or t stays what it is (viewers then offer a slider of the right kind); any other is a channel.
+    lead_axes = [{"name": "z", "type": "space"} if lead[0] == "z" else {"name": "t", "type": "time"} if lead[0] == "t"
+                 else {"name": "c", "type": "channel"}] if lead else []
     axes = lead_axes + [
         {"name": "y", "type": "space", **({"unit": SPATIAL_UNIT} if units[0] == SPATIAL_UNIT else {})},
         {"name": "x", "type": "space", **({"unit": SPATIAL_UNIT} if units[1] == SPATIAL_UNIT else {})},
@@ -464,8 +493,9 @@ def _axis_geometry(var: xr.DataArray, dim):
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
     unit = var.coords[dim].attrs.get("units", "pixel")
     unit = SPATIAL_UNIT if _to_um(unit) is not None else "pixel"
-    if c.size == 1:
-        return 1.0, float(c[0]), unit
+    if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)
+        step = var.coords[dim].attrs.get("step")
+        return (float(step) if step else None), float(c[0]), unit
     step = (c[-1] - c[0]) / (c.size - 1)
     if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9):
         raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing; NGFF needs a scale")
@@ -533,12 +563,21 @@ def open_result(path) -> xr.Dataset:
     meta = _group_attrs(path).get("lsfov")
     if meta is None:
         raise ValueError(f"{path} is not an lsfov result (no 'lsfov' attributes); open images with lsfov.open_image")
+    if _other_store(meta):
+        raise ValueError(f"{path} is {_other_store(meta)}, not a result")
     if not meta.get("complete"):
         raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); rerun with --overwrite")
     variables = {}
     for name in meta.get("variables", []):
         variables[name] = _open_variable(path / name)
     return xr.Dataset(variables, attrs=meta.get("attrs", {}))
+
+
+def _other_store(meta) -> str | None:
+    """What an lsfov store that is neither an image nor a result is, and how to open it."""
+    return {"ProductConvolution": "an operator (lsfov.ProductConvolution.load; CLI: --operator)",
+            "OperatorSubspace": "a subspace of operators (lsfov.OperatorSubspace.load; CLI: --subspace)",
+            "TrainingSet": "a CNN training set (lsfov train DATA OUT)"}.get(meta.get("type"))
 
 
 def _open_variable(path: Path) -> xr.DataArray:
@@ -582,8 +621,13 @@ def describe(path) -> str:
 
         sub = OperatorSubspace.load(path)
         return f"{path}: lsfov operator subspace\n  {sub!r}\n  beads {sub.attrs.get('n_beads')}"
-    arr = open_image(path)
-    return f"{path}: image\n  " + _describe_array("image", arr)
+    if isinstance(meta, dict) and meta.get("type") == "TrainingSet":
+        n = zarr.open_group(str(path), mode="r")["patches"].shape[0]
+        extra = ", ".join(f"{k} {meta[k]}" for k in ("psf_model", "split", "seed") if k in meta)
+        return f"{path}: lsfov CNN training set\n  {n} patches; {extra}"
+    arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
+    px = arr.attrs.get("pixel_um")
+    return f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
 
 
 def _describe_array(name, arr: xr.DataArray) -> str:

@@ -241,6 +241,11 @@ class ProductConvolution:
         gy, gx = psfs.shape[:2]
         if gy < 1 or gx < 1:
             raise ValueError("psfs must hold at least one PSF (gy, gx >= 1)")
+        sums = psfs.sum(axis=(-2, -1), dtype=np.float64)
+        if not (sums > 0).all():
+            iy, ix = np.argwhere(~(sums > 0))[0]
+            raise ValueError(f"the PSF at node ({iy}, {ix}) sums to {sums[iy, ix]:g}; a PSF must carry light "
+                             "(positive sum): check its background subtraction")
         if centers is None:
             centers = tuple((np.arange(g) + 0.5) * n / g - 0.5 for g, n in zip((gy, gx), shape))
         else:
@@ -270,7 +275,9 @@ class ProductConvolution:
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
             raise ValueError(f"basis kernels must have shape (I, K, K), got {kernels.shape}")
         if getattr(maps, "ndim", None) != 3:
-            maps = np.asarray(maps, dtype=np.float32)
+            maps = _as_float_array(maps, "coefficient maps")
+        elif getattr(maps.dtype, "kind", "f") not in "biuf":
+            raise TypeError(f"coefficient maps must be a real numeric array, got dtype {maps.dtype}")
         if maps.ndim != 3 or maps.shape[0] != kernels.shape[0]:
             raise ValueError(
                 f"coefficient maps must have shape (I={kernels.shape[0]}, H, W), got {tuple(maps.shape)}"
@@ -362,7 +369,11 @@ class ProductConvolution:
 
     # ------------------------------------------------------------------ application
     def apply(self, u):
-        """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out."""
+        """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out.
+
+        A NumPy/CuPy image with NaN or Inf is refused (through the FFTs one NaN would fill its whole
+        tile); Dask images are not scanned.
+        """
         return self._dispatch(u, adjoint=False)
 
     __call__ = apply
@@ -371,7 +382,12 @@ class ProductConvolution:
         """``H^T v``: the exact adjoint (``<H u, v> = <u, H^T v>``)."""
         return self._dispatch(v, adjoint=True)
 
-    def _dispatch(self, x, adjoint):
+    def _dispatch(self, x, adjoint, check: bool = True):
+        """``check=False``: the iterations' own calls, on float32 arrays they made (no scan per call)."""
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"the image must be a real numeric array, got dtype {x.dtype}")
         if _is_dask(x):
             return self._map_overlap(x, adjoint)
         xp = array_module(x)
@@ -379,6 +395,8 @@ class ProductConvolution:
         if x.shape != self.domain_shape:
             raise ValueError(f"image shape {x.shape} does not match the operator's shape {self.domain_shape}")
         x = x.astype(xp.float32, copy=False)
+        if check and not bool(xp.isfinite(x).all()):
+            raise ValueError("the image contains NaN or Inf pixels; mask or inpaint them first")
         return self._adjoint(x) if adjoint else self._forward(x)
 
     def _map_overlap(self, x, adjoint):
@@ -393,7 +411,7 @@ class ProductConvolution:
             # map_overlap hands over the block with its halo and trims the halo off the result.
             iy, ix = block_info[None]["chunk-location"]
             op = self.restrict((offsets[0][iy] - r, offsets[1][ix] - r), block.shape)
-            return op.adjoint(block) if adjoint else op.apply(block)
+            return op._dispatch(block, adjoint, check=False)  # Dask images are not scanned (a pass of their own)
 
         return x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
 
@@ -955,6 +973,8 @@ def _window_of(maps, window, shape):
     x0 = min(max(ox, 0), W - 1)
     x1 = max(min(ox + w, W), x0 + 1)
     box = np.asarray(maps[:, y0:y1, x0:x1], dtype=np.float32)  # the only read of a lazy (zarr) map
+    if not np.isfinite(box).all():  # NumPy maps are checked whole at construction, lazy ones here
+        raise ValueError(f"coefficient maps contain NaN or Inf (rows {y0}:{y1}, columns {x0}:{x1}); fix the maps")
     if (y0, y1, x0, x1) == (oy, oy + h, ox, ox + w):
         return box
     rows = np.clip(np.arange(oy, oy + h), y0, y1 - 1) - y0
@@ -963,6 +983,9 @@ def _window_of(maps, window, shape):
 
 
 def _as_float_array(a, name):
+    kind = getattr(getattr(a, "dtype", None), "kind", "f")
+    if kind not in "biuf":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     try:
         arr = np.asarray(to_numpy(a) if hasattr(a, "get") else a, dtype=np.float32)
     except (TypeError, ValueError) as e:

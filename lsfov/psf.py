@@ -24,11 +24,14 @@ Conventions (every function in lsfov follows them):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
+
+from ._validate import LsfovWarning
 
 __all__ = [
     "Optics",
@@ -101,9 +104,9 @@ def noll_to_nm(j: int) -> tuple[int, int]:
 
     ``m > 0`` is a cosine term (even ``j``), ``m < 0`` a sine term (odd ``j``).
     """
+    if isinstance(j, (bool, np.bool_)) or not isinstance(j, (int, np.integer)) or j < 1:
+        raise ValueError(f"Noll indices are integers from 1, got {j!r}")
     j = int(j)
-    if j < 1:
-        raise ValueError(f"Noll indices start at 1, got {j}")
     n = 0
     while j > (n + 1) * (n + 2) // 2:
         n += 1
@@ -138,9 +141,14 @@ def zernike_polynomial(j: int, rho, theta):
 # Gaussian PSFs
 
 
+MAX_SIZE = 1025  # a PSF kernel that large is a bigger blur than any microscope image can undo
+
+
 def _check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
         raise ValueError(f"kernel size must be a positive odd integer, got {size!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"kernel size {size} exceeds {MAX_SIZE} pixels; is the PSF width in pixels, not nm?")
     return int(size)
 
 
@@ -161,7 +169,12 @@ def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
     """
     sy = np.asarray(sigma_y, dtype=np.float64)
     sx = sy if sigma_x is None else np.asarray(sigma_x, dtype=np.float64)
-    sy, sx = np.broadcast_arrays(sy, sx)
+    try:
+        sy, sx = np.broadcast_arrays(sy, sx)
+    except ValueError:
+        raise ValueError(f"sigma_y and sigma_x must be batches of one length, got shapes {sy.shape} and {sx.shape}") from None
+    if sy.size == 0:
+        raise ValueError("no Gaussian widths given")
     if not np.all(np.isfinite(sy) & np.isfinite(sx)) or np.any(sy <= 0) or np.any(sx <= 0):
         raise ValueError("Gaussian widths must be finite and > 0 (standard deviations in pixels)")
     if size is None:
@@ -268,6 +281,8 @@ def airy(optics: Optics, size: int = 31) -> np.ndarray:
     """Analytic in-focus Airy pattern ``[2 J1(v)/v]²``, ``v = 2π NA r / λ``, point-sampled, sum 1."""
     from scipy.special import j1
 
+    if not isinstance(optics, Optics):
+        raise TypeError(f"optics must be an lsfov.Optics, got {type(optics).__name__}")
     size = _check_size(size)
     r = np.arange(size) - size // 2
     rr = np.hypot(r[:, None], r[None, :]) * optics.pixel_um
@@ -360,13 +375,22 @@ class PSFModel:
             out = zernike(coeffs, optics, size=size)
             if out.ndim == 2:
                 out = out[None]
+        edge = np.concatenate([out[:, 0], out[:, -1], out[:, :, 0], out[:, :, -1]], axis=1).max(axis=1)
+        cut = edge > 0.5 * out.max(axis=(1, 2))  # within the ranges at most 0.31 (Z3's widest, 31 px)
+        if cut.any():
+            warnings.warn(f"{int(cut.sum())} {self.name} PSF(s) (e.g. {', '.join(f'{q}={v:.3g}' for q, v in zip(self.params, arr[cut][0]))}) "
+                          f"reach the edge of the {size}-pixel kernel and are cut off; pass a larger size",
+                          LsfovWarning, stacklevel=2)
         return out if batched else out[0]
 
     def sample(self, n: int, rng=None) -> np.ndarray:
         """Draw ``n`` parameter sets uniformly over the model's ranges, shape (n, N)."""
+        from ._validate import positive_int
+
+        n = positive_int(n, "n")
         rng = np.random.default_rng(rng)
         lo, hi = self.bounds
-        return lo + (hi - lo) * rng.random((int(n), self.n_params))
+        return lo + (hi - lo) * rng.random((n, self.n_params))
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import psf as _psf
-from ._validate import as_image, positive_int, shape2d
+from ._validate import as_image, positive_int, real_number, shape2d
 from .operators import ProductConvolution
 
 __all__ = ["BeadField", "TiltedSurface", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image",
@@ -81,6 +81,9 @@ def bead_field(
     """
     h, w = shape2d(shape)
     grid = positive_int(grid, "grid")
+    psf_size = positive_int(psf_size, "psf_size")
+    photons = real_number(photons, "photons", minimum=0, maximum=1e15, exclusive=True)
+    background = real_number(background, "background", minimum=0, maximum=1e15)
     rng = np.random.default_rng(seed)
     if optics is None:
         optics = _psf.Optics(
@@ -141,10 +144,13 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
     Returns float32; values can be slightly negative, as a camera's are.
     """
     x = as_image(image)
+    if not isinstance(operator, ProductConvolution):
+        raise TypeError(f"operator must be an lsfov.ProductConvolution (e.g. from psf_field), got {type(operator).__name__}")
     if x.shape != operator.shape:
         raise ValueError(f"image shape {x.shape} does not match the operator's shape {operator.shape}")
-    if not photons > 0 or read_noise < 0 or not 0 < beta <= 1:
-        raise ValueError("need photons > 0, read_noise >= 0 and 0 < beta <= 1")
+    photons = real_number(photons, "photons", minimum=0, maximum=1e15, exclusive=True)  # beyond: Poisson overflows
+    read_noise = real_number(read_noise, "read_noise", minimum=0)
+    beta = real_number(beta, "beta", minimum=0, maximum=1, exclusive=True)
     hi = float(x.max())
     if hi <= 0:
         raise ValueError("image is all zero; nothing to degrade")
@@ -163,7 +169,8 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
     """
     m = _psf.get_model(model)
     h, w = shape2d(shape)
-    gy, gx = (grid, grid) if np.isscalar(grid) else grid
+    gy, gx = shape2d(grid, "grid")
+    smoothness = real_number(smoothness, "smoothness", minimum=0)
     rng = np.random.default_rng(seed)
     lo, hi = m.bounds
     corners = rng.random((2, 2, m.n_params))
@@ -237,6 +244,8 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
     scikit-image's ``texture`` image (see :func:`sample_image`) under Poisson-Gaussian noise.
     """
     h, w = shape2d(shape)
+    grid = positive_int(grid, "grid")
+    focus_per_um = real_number(focus_per_um, "focus_per_um", minimum=0, exclusive=True)
     lo, hi = (float(v) for v in depth_range_um)
     if not hi > lo:
         raise ValueError(f"depth_range_um must be (low, high) with low < high, got {depth_range_um}")

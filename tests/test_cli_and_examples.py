@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,79 @@ def test_cli_bad_input_gives_one_line_and_exit_1(run, tmp_path):
         assert msg in res.output, (args, res.output)
         assert "Traceback" not in res.output
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypatch):
+    """Options, outputs and the model are checked first: a refusal costs no PSF map, leaves no
+    state, and says nothing about resuming (there is nothing to resume)."""
+    from lsfov.estimate import mapping
+
+    called = []
+    monkeypatch.setattr(mapping, "_regress", lambda *a, **k: called.append(1))
+    img = lsfov.simulate.sample_image("coins", (256, 256)) * 500 + 20
+    np.save(tmp_path / "img.npy", img.astype(np.float32))
+    (tmp_path / "afile.zarr").write_text("not a result")
+    cases = [
+        (["estimate", "img.npy", "o.zarr", "--chunks", 0], "--chunks 0 is too small"),
+        (["run", "img.npy", "o.zarr", "--chunks", -5], "--chunks -5 is too small"),
+        (["demo", "--size", 256, "--chunks", 0], "--chunks 0 is too small"),
+        (["run", "img.npy", "o.zarr", "--iterations", -1], "--iterations -1"),
+        (["run", "img.npy", "o.zarr", "--tv", 0.5], "--tv 0.5"),
+        (["run", "img.npy", "o.zarr", "--model", "nope.pt"], "no model file"),
+        (["estimate", "img.npy", "o.zarr", "--pixel-um", 0], "--pixel-um 0"),
+        (["estimate", "img.npy", "o.zarr", "--pixel-um", -1], "--pixel-um -1"),
+        (["estimate", "img.npy", "o.tif"], "name it o.zarr"),
+        (["simulate", "blur", "img.npy", "o.npy"], "name it o.zarr"),
+        (["estimate", "img.npy", "afile.zarr", "--overwrite"], "is a file, not a result"),
+        (["depth", "m.zarr", "o.zarr", "--calibration", "nope.json"], "no such depth calibration"),
+        (["evaluate", "nope.pt", "--robustness", 5], "no model file"),
+        (["evaluate", "Z3", "--robustness", -3], "--robustness -3"),
+        (["train", "data.zarr", "m.pt", "--resume"], "nothing to resume"),
+    ]
+    (tmp_path / "cal.json").write_text(json.dumps({"type": "lsfov.DepthCalibration", "axis0": 2.3, "slope": 20.0,
+                                                   "offset": 0.0, "r2": 1.0, "mae_um": 0.0, "n_nodes": 9}))
+    cases.append((["run", "img.npy", "o.zarr", "--model", "G1", "--calibration", "cal.json"], "needs an astigmatic"))
+    (tmp_path / "rob.png").write_bytes(b"a figure")
+    cases.append((["evaluate", "Z3", "--robustness", 5, "--figure", "rob.png"], "--overwrite"))
+    import torch
+
+    if not torch.cuda.is_available():
+        np.save(tmp_path / "tiny.npy", np.zeros(1))
+        cases.append((["train", "--synthesize", 8, "--device", "cuda", "s.zarr"], "no CUDA GPU"))
+    for args, msg in cases:
+        res = run(*args, ok=False)
+        assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, (args, res.output)
+        assert "interrupted" not in res.output, (args, res.output)
+    assert not called
+    assert (tmp_path / "rob.png").read_bytes() == b"a figure"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("o.")]
+
+
+def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
+    """A 3-D PSF (its in-focus plane), an off-centre PSF (warned), `info` on a multi-channel stack,
+    stores that are not PSF maps or images named for what they are."""
+    import tifffile
+
+    y, op = blurred
+    k = op.kernels[0, 0] / op.kernels[0, 0].sum()
+    stack = np.stack([0.3 * k, k, 0.5 * k])  # the brightest plane is the middle one
+    tifffile.imwrite(tmp_path / "psf3d.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    run("-q", "deconvolve", "y.npy", "s.zarr", "--psf", "psf3d.tif", "--iterations", 2)
+    one = lsfov.ProductConvolution.from_grid(k[None, None], y.shape)
+    np.testing.assert_allclose(lsfov.open_result(tmp_path / "s.zarr").deblurred.values,
+                               lsfov.deconvolve(y, one, 2), atol=1e-5 * y.max())
+    np.save(tmp_path / "off.npy", np.roll(k, 4, axis=1))
+    with pytest.warns(lsfov.LsfovWarning, match=r"centre of mass is \(\+0.0, \+3.\d\) px"):
+        run("deconvolve", "y.npy", "off.zarr", "--psf", "off.npy", "--iterations", 1)
+    tifffile.imwrite(tmp_path / "zcyx.tif", np.zeros((3, 2, 32, 32), np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    info = run("info", "zcyx.tif").output
+    assert "shape (3, 2, 32, 32)" in info and "'z', 'c', 'y', 'x'" in info
+    assert "operator" in run("info", "op.zarr").output
+    for args, msg in ((["--psf-map", "op.zarr"], "is an operator"), (["--psf", "op.zarr"], "is an operator"),
+                      (["--psf-map", "s.zarr"], "s.zarr is not a PSF map; make one with `lsfov estimate`")):
+        res = run("deconvolve", "y.npy", "o.zarr", *args, ok=False)
+        assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, res.output
 
 
 @pytest.fixture
@@ -199,6 +273,8 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     run("-q", "train", "tr.zarr", "tuned.pt", "--init", "G1", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32)
     assert lsfov.load_model(tmp_path / "tuned.pt").meta["training"]["init"]["n_train"] == \
         lsfov.load_model("G1").meta["training"]["n_train"]
+    run("-q", "train", "tr.zarr", "tuned.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--overwrite")
+    assert "init" not in lsfov.load_model(tmp_path / "tuned.pt").meta["training"]  # the file was replaced
     assert "not G1" in run("train", "tr.zarr", "z.pt", "--init", "Z3", ok=False).output
     # bad input: one line, exit 1
     assert "OUT (.pt)" in run("train", "tr.zarr", ok=False).output
@@ -280,9 +356,10 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     z = lsfov.open_result("z.zarr").depth
     assert z.shape == (4, 4) and z.attrs["units"] == "micrometer"
     run("depth", "map.zarr", "z0.zarr")
-    assert lsfov.open_result("z0.zarr").depth.attrs["units"].startswith("waves")
+    assert lsfov.open_result("z0.zarr").depth.attrs["units"].startswith("wave RMS")
     # A smoothed calibration: stored in the JSON, applied by default, overridable.
-    run("depth", "map.zarr", "cal2.json", "--known", "truth.npy", "--smooth", 1.5)
+    run("depth", "map.zarr", "cal2.json", "--known", "truth.npy", "--smooth", 1)
+    run("depth", "map.zarr", "cal2.json", "--known", "truth.npy", "--smooth", 1.5, "--overwrite")  # a file, replaced
     assert json.loads(Path("cal2.json").read_text())["smooth"] == 1.5
     run("depth", "map.zarr", "z2.zarr", "--calibration", "cal2.json")
     run("depth", "map.zarr", "z3.zarr", "--calibration", "cal2.json", "--smooth", 0)
@@ -361,11 +438,19 @@ def test_slurm_and_pbs_clusters_without_a_batch_system():
     with jobqueue_cluster("pbs", cores=4, memory="8GB") as cluster:
         assert "#PBS" in cluster.job_script()
     with dask.config.set({"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GB"}):
-        with use_scheduler("slurm:0") as client:  # no job submitted: nothing runs, nothing waits
-            assert "--cpus-per-task=2" in client.cluster.job_script()
-    with pytest.raises(ValueError, match="slurm:N"):
-        with use_scheduler("slurm:many"):
-            pass
+        with jobqueue_cluster("slurm") as cluster:
+            assert "--cpus-per-task=2" in cluster.job_script()
+        if shutil.which("sbatch") is None:  # a job is submitted: here, where SLURM is not, a one-line refusal
+            with pytest.raises(ValueError, match="sbatch is not on PATH"):
+                with use_scheduler("slurm:1"):
+                    pass
+    for spec in ("slurm:many", "slurm:0"):  # 0 jobs would wait for workers forever
+        with pytest.raises(ValueError, match="slurm:N"):
+            with use_scheduler(spec):
+                pass
+    with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
+        with pytest.raises(ValueError, match="jobqueue.yaml"):  # no site settings: where to put them
+            jobqueue_cluster("slurm")
     with pytest.raises(ValueError, match="dask-cuda"):
         with use_scheduler("cuda"):
             pass

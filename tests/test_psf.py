@@ -9,7 +9,7 @@ from lsfov import Optics, psf
 def test_noll_indices_follow_noll_1976():
     expected = [(0, 0), (1, 1), (1, -1), (2, 0), (2, -2), (2, 2), (3, -1), (3, 1), (3, -3), (3, 3), (4, 0)]
     assert [psf.noll_to_nm(j) for j in range(1, 12)] == expected
-    with pytest.raises(ValueError, match="start at 1"):
+    with pytest.raises(ValueError, match="integers from 1"):
         psf.noll_to_nm(0)
 
 

@@ -83,6 +83,10 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
                          for g in groups):
         raise ValueError(f"patches must have shape (M, K, K) (one K for all), got {[g.shape for g in groups]}")
     m, k = sum(len(g) for g in groups), groups[0].shape[1]
+    if m == 0:
+        raise ValueError("no bead patches given; detect beads first (lsfov.calibrate.bead_psfs)")
+    if not all(np.isfinite(g).all() for g in groups):
+        raise ValueError("bead patches contain NaN or Inf; extract them from a clean image")
     d = k * k
     if n_basis is not None:
         if isinstance(n_basis, bool) or not isinstance(n_basis, (int, np.integer)) or n_basis < 1:

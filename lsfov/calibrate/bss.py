@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_image
+from .._validate import as_image, positive_int
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 
@@ -71,6 +71,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     if not isinstance(subspace, OperatorSubspace):
         raise TypeError("subspace must be an lsfov.OperatorSubspace (learn one with lsfov.learn_subspace, "
                         "or load one with OperatorSubspace.load)")
+    iterations = positive_int(iterations, "iterations")
     img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
     if not np.all(np.isfinite(img)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
@@ -83,7 +84,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         patches, pos = beads.patches * beads.fluxes[:, None, None], beads.positions  # brightness back
     else:
         pos = np.asarray(positions, dtype=np.float64)
-        if pos.ndim != 2 or pos.shape[1] != 2 or not np.all(np.isfinite(pos)):
+        if pos.ndim != 2 or pos.shape[1] != 2 or len(pos) == 0 or not np.all(np.isfinite(pos)):
             raise ValueError(f"positions must be a finite (P, 2) array of (y, x) pixels, got shape {pos.shape}")
         patches, pos = extract_psfs(img, pos, radius)
     n_i, n_j = subspace.n_psf, subspace.n_space

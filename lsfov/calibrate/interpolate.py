@@ -72,7 +72,9 @@ def node_grid(shape, step: int | None = None) -> NodeGrid:
     """The default node grid: about 96 nodes along the shorter side, at least 4 pixels apart."""
     if step is None:
         step = max(4, math.ceil(min(shape) / 96))
-    return NodeGrid(shape, step)
+    elif isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be a positive integer number of pixels (node spacing), got {step!r}")
+    return NodeGrid(shape, int(step))
 
 
 def voronoi_weights(positions, shape, *, samples: int = 512) -> np.ndarray:

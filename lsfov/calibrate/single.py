@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import positive_int
+from .._validate import positive_int, real_number, shape2d
 from ..operators import ProductConvolution
 from .basis import psf_basis
 from .beads import bead_psfs
@@ -56,6 +56,9 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
         Basis form, kernels (I, K, K), maps (I, H, W); ``attrs`` record the beads used.
     """
     max_columns = positive_int(max_columns, "max_columns")
+    smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)
+    if saturation is not None:
+        saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     beads = bead_psfs(np.asarray(bead_image), radius, threshold=threshold, saturation=saturation)
     basis = psf_basis(beads.patches, n_basis)
     pos = beads.positions[basis.keep]
@@ -76,7 +79,8 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
 
 def dirac_comb(shape, spacing: int = 32) -> np.ndarray:
     """Unit Diracs every ``spacing`` pixels, starting half a spacing from the top-left corner."""
-    h, w = shape
+    h, w = shape2d(shape)
+    spacing = positive_int(spacing, "spacing")
     d = np.zeros((h, w), np.float32)
     d[spacing // 2 :: spacing, spacing // 2 :: spacing] = 1.0
     return d

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validate import positive_int
+from .._validate import positive_int, real_number
 from ..operators import ProductConvolution
 from .basis import psf_basis
 from .beads import bead_psfs, estimate_radius
@@ -172,7 +172,7 @@ class OperatorSubspace:
 def _as_images(bead_images):
     """A list of lazily indexable 2-D images from a stack, a list, or a Dask/xarray/zarr array."""
     if isinstance(bead_images, (list, tuple)):
-        images = list(bead_images)
+        images = [im if hasattr(im, "shape") else np.asarray(im) for im in bead_images]
     elif getattr(bead_images, "ndim", None) == 3:
         images = [bead_images[k] for k in range(bead_images.shape[0])]
     elif getattr(bead_images, "ndim", None) == 2:
@@ -226,6 +226,10 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     images = _as_images(bead_images)
     n_psf = positive_int(n_psf, "n_psf")
     n_space = positive_int(n_space, "n_space")
+    max_columns = positive_int(max_columns, "max_columns")
+    smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)
+    if saturation is not None:
+        saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     if n_space > len(images) * n_psf:
         raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= {len(images) * n_psf}")
     shape = tuple(int(s) for s in images[0].shape)

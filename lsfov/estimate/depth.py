@@ -72,13 +72,18 @@ def local_plane(values, weights, sigma: float):
 
     v = np.asarray(values, dtype=np.float64)
     w = np.ascontiguousarray(np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape))  # no 0 strides for ndimage
-    if not sigma >= 0:
-        raise ValueError(f"smooth must be a width in nodes >= 0, got {sigma}")
+    try:
+        ok = float(sigma) >= 0  # inf: one plane over the whole grid
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"smooth must be a width in nodes >= 0, got {sigma!r}")
+    sigma = float(sigma)
     if not (np.isfinite(w).all() and (w >= 0).all()):
         raise ValueError("weights must be finite and >= 0 (e.g. the map's validity)")
     if sigma == 0:
         return v.copy()
-    r = int(np.ceil(3 * sigma))
+    r = int(min(np.ceil(3 * sigma), max(v.shape[-2:])))  # beyond the grid every node is a neighbour
     d = np.arange(-r, r + 1, dtype=np.float64)
     dy, dx = np.meshgrid(d, d, indexing="ij")
     g = np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
@@ -201,11 +206,14 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     calibration's, with which its slope was fitted (0 without a calibration).
     """
     _check_map(psf_map)
+    if not isinstance(calibration, (DepthCalibration, dict, type(None))):
+        raise TypeError(f"calibration must come from lsfov.calibrate_depth (or its to_dict()), "
+                        f"got {type(calibration).__name__}")
     c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
-        units, note = "waves RMS (uncalibrated, paper 000 Eq. 14)", None
+        units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()

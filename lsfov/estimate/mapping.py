@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, to_numpy
-from .._validate import LsfovWarning
+from .._validate import LsfovWarning, positive_int, real_number
 from ..operators import ProductConvolution
 
 log = logging.getLogger("lsfov")
@@ -180,12 +180,21 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     patch = m.patch
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
+    batch_size = positive_int(batch_size, "batch_size")
     xr_in = getattr(image, "dims", None) is not None
     data = image.data if xr_in else image
+    if not hasattr(data, "dtype"):
+        data = np.asarray(data)  # a nested list
+    if data.dtype.kind not in "biuf":
+        raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
     if pixel_um is None and xr_in:
         pixel_um = image.attrs.get("pixel_um")
+    if pixel_um is not None:
+        pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
     if getattr(data, "ndim", np.ndim(data)) != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(data)}; select a plane first")
+    if resume and scratch is None:
+        raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     h, w = data.shape
     if h < patch or w < patch:
         raise ValueError(f"image {h}x{w} is smaller than one {patch}x{patch} patch; the CNN needs at least that")
@@ -235,7 +244,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
 
     centres = [patch / 2 - 0.5 + stride * np.arange(g) for g in (gy, gx)]
     scale, unit = (float(pixel_um), "micrometer") if pixel_um else (1.0, "pixel")
-    coords = {d: xr.Variable(d, c * scale, attrs={"units": unit}) for d, c in zip(("gy", "gx"), centres)}
+    coords = {d: xr.Variable(d, c * scale, attrs={"units": unit, "step": stride * scale})  # step: for a 1-node axis
+              for d, c in zip(("gy", "gx"), centres)}
     pm = m.psf_model
     ds = xr.Dataset(
         {p: (("gy", "gx"), values[..., i], {"units": pm.units.get(p, "")}) for i, p in enumerate(m.params)},
@@ -307,14 +317,27 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     size : int, optional
         Kernel size (default: the model's).
     """
+    import xarray as xr
+
+    if not isinstance(psf_map, xr.Dataset):
+        raise TypeError(f"psf_map must be the xarray.Dataset of lsfov.estimate_psf_map, got {type(psf_map).__name__}")
     for key in ("psf_model", "params"):
         if key not in psf_map.attrs:
             raise ValueError(f"psf_map lacks the attribute {key!r}; make it with lsfov.estimate_psf_map")
+    missing = [p for p in psf_map.attrs["params"] if p not in psf_map]
+    if missing:
+        raise ValueError(f"psf_map lacks the variables {missing}; make it with lsfov.estimate_psf_map")
     m = _model_from_attrs(psf_map.attrs)
-    shape = tuple(shape or psf_map.attrs.get("image_shape") or ())
+    mapped = psf_map.attrs.get("image_shape")
+    shape = tuple(shape or mapped or ())
     if len(shape) != 2:
         raise ValueError("give the image shape: shape=(H, W)")
+    if mapped and tuple(shape) != tuple(mapped):
+        raise ValueError(f"the PSF map was made on an image of shape {tuple(mapped)}, not {tuple(shape)}; "
+                         "map this image (lsfov.estimate_psf_map, lsfov estimate)")
     params = np.stack([psf_map[p].values for p in psf_map.attrs["params"]], axis=-1).astype(np.float64)
+    if params.size == 0:
+        raise ValueError("the PSF map has no nodes")
     if not np.all(np.isfinite(params)):
         raise ValueError("the PSF map has NaN parameters; fill invalid nodes first (fill_invalid)")
     gy, gx = params.shape[:2]

@@ -13,6 +13,7 @@ axis from the astigmatism block, and the side of focus from the focus x astigmat
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -128,6 +129,48 @@ def decode(m, targets) -> np.ndarray:
     return np.clip(np.stack([out[p] for p in m.params], axis=1), lo, hi)
 
 
+def torch_device(device=None) -> torch.device:
+    """``device`` as a torch device (default: CUDA when there is one), refused in one line if this
+    torch cannot use it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch sees no CUDA GPU (a CPU build, or no driver); use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA GPUs here")
+    return dev
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 1
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one intra-op thread while any caller is inside (the setting is process-wide); yields
+    the thread count from before the first caller came in."""
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            if _threads_saved != 1:
+                torch.set_num_threads(1)
+        _threads_users += 1
+        saved = _threads_saved
+    try:
+        yield saved
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0 and _threads_saved != 1:
+                torch.set_num_threads(_threads_saved)
+
+
 # Larger batches are compute-bound (launches matter little) and a graph keeps its activations.
 _GRAPH_MAX_BATCH = 128
 
@@ -183,7 +226,7 @@ class PSFRegressor:
         self.arch = arch
         self.patch = int(self.meta.get("patch", 128))
         self.net = build(arch, 1 + n_targets(self.psf_model))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch_device(device)
         self.net.to(self.device)
         #: Replay fixed-size passes on CUDA from CUDA graphs (PSF maps use fixed sizes).
         self.cuda_graphs = os.environ.get("LSFOV_CUDA_GRAPHS", "1") != "0"
@@ -258,15 +301,32 @@ class PSFRegressor:
         zeros. On CUDA, passes of ``batch_size`` patches replay a CUDA graph (one launch instead of
         one per layer)."""
         self.net.eval()
-        outs = []
-        with torch.inference_mode():
-            for s in range(0, len(t), batch_size):
+
+        def one(s):
+            with torch.inference_mode():  # thread-local: entered in each thread
                 x = t[s : s + batch_size].to(self.device, non_blocking=True)
                 n = len(x)
                 if fixed and n < batch_size:
                     x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])
                 run = self._graphed(x) if len(x) == batch_size else None
-                outs.append((run or self._pass)(x)[:n])
+                return (run or self._pass)(x)[:n]
+
+        starts = range(0, len(t), batch_size)
+        if fixed and self.device.type == "cpu":
+            # The CPU's matrix products split their sums by torch's thread count, and with it their
+            # rounding: fixed passes run on one torch thread each, side by side on as many threads as
+            # torch had, so that the bits do not depend on the thread count (nor on the scheduler).
+            with _one_torch_thread() as threads:
+                if threads > 1 and len(starts) > 1:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                        outs = list(pool.map(one, starts))
+                else:
+                    outs = [one(s) for s in starts]
+        else:
+            outs = [one(s) for s in starts]
+        with torch.inference_mode():
             res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
         if not res[:, -1].all():
             raise ValueError("patches contain NaN or Inf pixels; mask or inpaint them first")
@@ -373,7 +433,9 @@ class PSFRegressor:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached(path: str, device: str | None) -> PSFRegressor:
+def _cached(path: str, device: str | None, stamp=None) -> PSFRegressor:
+    """One model per file version (``stamp``: its mtime and size), so a file replaced by a new
+    training run is read again."""
     return PSFRegressor.from_file(path, device)
 
 
@@ -393,7 +455,12 @@ def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PS
                 raise ValueError(f"no shipped model for {key.upper()}; shipped: {', '.join(SHIPPED)}; "
                                  "train one with `lsfov train`")
             path = MODELS_DIR / f"{key.upper()}.pt"
-        model = _cached(str(path.resolve()), None if device is None else str(device))
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None  # from_file says what is missing
+        model = _cached(str(path.resolve()), None if device is None else str(device), stamp)
     if psf_model is not None and model.psf_model.name != _psf.get_model(psf_model).name:
         raise ValueError(f"model regresses {model.psf_model.name} parameters, not {psf_model}")
     return model

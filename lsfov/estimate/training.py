@@ -119,13 +119,16 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     -------
     PSFRegressor with the best weights, ``meta["training"]`` describing the run.
     """
-    ds = _as_set(data)
-    attrs = ds["attrs"]
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint directory of the interrupted run")
+    if resume and not (Path(checkpoint) / "last.pt").exists():
+        raise FileNotFoundError(f"nothing to resume: no checkpoint {Path(checkpoint) / 'last.pt'} (start without --resume, "
+                                "or give the run's --checkpoint)")
+    ds = _as_set(data)
+    attrs = ds["attrs"]
     m = _psf.get_model(attrs["psf_model"])
     n = len(ds["params"])
     n_val = max(1, int(round(n * val_fraction)))

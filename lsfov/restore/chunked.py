@@ -29,7 +29,7 @@ import numpy as np
 from .._backend import array_module, task_threads
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
-from .tv_rl import _check_shape, _initial, _iterate, _norm_threshold
+from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
 
@@ -163,6 +163,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         warnings.warn(f"image has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
         y = da.maximum(y, 0)
     scale = float(total) / y.size
+    _check_range(scale, float(hi), eps)
 
     r = op.halo
     s = spread_per_iteration(op, tv)

@@ -83,7 +83,7 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp):
     t1, t2 = (np.float32(t) for t in steps)
     thr = np.float32(gamma1 * steps[0])
     for k in range(start, start + n):
-        g = op.adjoint(op.apply(z1 + z2) - y)
+        g = op._dispatch(op._dispatch(z1 + z2, False, check=False) - y, True, check=False)
         n1 = xp.maximum(z1 - t1 * g - thr, 0)
         n2 = xp.maximum(z2 - t2 * (g + np.float32(2 * gamma2) * _laplacian(_laplacian(z2, xp), xp)), 0)
         beta = np.float32(_momentum(k))
@@ -141,15 +141,30 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         raise TypeError("operator must be an lsfov.ProductConvolution")
     iterations = positive_int(iterations, "iterations")
     xr_in = getattr(image, "dims", None) is not None
+    if xr_in and image.ndim > 2:
+        image = image.squeeze()  # a (1, H, W) plane, as NumPy input
     data = image.data if xr_in else image
     lazy = type(data).__module__.startswith("dask")
-    y = data.astype(np.float32) if lazy else as_image(data, "image", check_values=False)
-    if y.ndim != 2 or y.shape != operator.shape:
+    if lazy:
+        if data.dtype.kind not in "biuf":
+            raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
+        y = data.astype(np.float32)
+    else:
+        y = as_image(data, "image", check_values=False)
+    if y.ndim != 2:
+        raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; pick a plane, channel or time point first")
+    if y.shape != operator.shape:
         raise ValueError(f"image shape {y.shape} does not match the operator's shape {operator.shape}")
     # The central 1024² (the same for NumPy and Dask input): noise level and background start.
     cy, cx = (max(0, n // 2 - 512) for n in y.shape)
     sample = np.asarray(y[cy : cy + 1024, cx : cx + 1024], dtype=np.float32)
-    if not np.all(np.isfinite(sample)) or (not lazy and not bool(np.isfinite(y).all())):
+    if lazy:
+        import dask.array as da
+
+        finite = bool(da.isfinite(y).all().compute())  # one read of the image: 500 iterations follow
+    else:
+        finite = bool(np.isfinite(y).all())
+    if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     l1, l2 = _psf_norms(operator)
     if gamma1 is None:

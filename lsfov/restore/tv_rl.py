@@ -126,14 +126,14 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
             pass
 
     for _ in range(n):
-        hx = op.apply(x)
+        hx = op._dispatch(x, False, check=False)  # float32 arrays of the window: no scan per iteration
 
         def ratio(b):
             xp.maximum(hx[b], floor, out=hx[b])
             xp.divide(y[b], hx[b], out=hx[b])
 
         run(ratio, rows)
-        c = op.adjoint(hx)
+        c = op._dispatch(hx, True, check=False)
         if tv:
             cf = c[field]
 
@@ -172,6 +172,14 @@ def _norm_threshold(op: ProductConvolution) -> float:
     return float(_NORM_FLOOR * max(float(sums.max()), 1e-30))
 
 
+def _check_range(scale: float, peak: float, eps: float):
+    """The TV term squares gradients (up to the peak) and ``eps`` times the intensity in float32:
+    beyond these bounds that over- or underflows (NaN, or a TV term silently gone)."""
+    if eps * scale < 1e-15 or peak > 1e15:
+        raise ValueError(f"image intensities (mean {scale:.3g}, max {peak:.3g}) with eps={eps:g} are beyond what "
+                         "float32 TV arithmetic can hold; rescale the image (e.g. to photons or to [0, 1])")
+
+
 def _check_params(operator, iterations, tv, eps, exchange_every):
     if not isinstance(operator, ProductConvolution):
         raise TypeError(
@@ -189,8 +197,9 @@ def _check_params(operator, iterations, tv, eps, exchange_every):
     if not 0.0 <= tv < 0.25:
         raise ValueError(f"tv must be in [0, 0.25), got {tv:g}: larger weights make the TV-RL denominator "
                          "non-positive (0 gives plain Richardson-Lucy)")
-    if not eps > 0 or not np.isfinite(eps):
-        raise ValueError(f"eps must be a positive number, got {eps:g}")
+    if not 1e-4 <= eps <= 100:  # relative to the brightness: beyond these the TV term is off or a step
+        raise ValueError(f"eps must be in [1e-4, 100] (relative to the local brightness; default {DEFAULT_EPS}), "
+                         f"got {eps:g}")
     if exchange_every is not None:
         exchange_every = positive_int(exchange_every, "exchange_every")
     return iterations, tv, eps, exchange_every
@@ -258,6 +267,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     scale = float(y.mean())
     if not scale > 0:
         raise ValueError("image is all zero; there is nothing to deconvolve")
+    _check_range(scale, float(y.max()), eps)
     return _whole(y, operator, iterations, tv, eps, scale, progress)
 
 

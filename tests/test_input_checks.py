@@ -1,0 +1,218 @@
+"""Bad input found by a review of every public function: each refused with a message that says
+what to do, before it turns into NaN, a crop or a traceback from a library."""
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+import lsfov
+from lsfov import psf, simulate
+from lsfov.operators import ProductConvolution as PC
+
+
+@pytest.fixture
+def small():
+    rng = np.random.default_rng(0)
+    u = rng.random((64, 64)).astype(np.float32) + 0.1
+    op = PC.from_grid(psf.gaussian(1.5, size=9)[None, None], (64, 64))
+    return u, op
+
+
+def test_operator_refuses_nan_and_complex_images_and_psfs_without_light(small):
+    u, op = small
+    bad = u.copy()
+    bad[5, 5] = np.nan  # through the FFTs it would fill its whole tile
+    for apply in (op.apply, op.adjoint):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            apply(bad)
+        with pytest.raises(TypeError, match="real numeric"):
+            apply(u * (1 + 1j))
+    k = psf.gaussian(1.5, size=9)[None, None]
+    for kernels, what in ((np.zeros_like(k), "sums to 0"), (-k, "sums to -1")):
+        with pytest.raises(ValueError, match=what):
+            PC.from_grid(kernels, (64, 64))
+    with pytest.raises(TypeError, match="real numeric"):
+        PC.from_grid(k * (1 + 1j), (64, 64))
+    # Lazy coefficient maps are read when the operator is applied: checked there.
+    lazy = PC.from_basis(k[0], da.full((1, 64, 64), np.nan, chunks=32, dtype=np.float32))
+    with pytest.raises(ValueError, match="coefficient maps contain NaN"):
+        lsfov.deconvolve(u, lazy, 2)
+
+
+def test_restorations_refuse_what_float32_cannot_hold(small):
+    u, op = small
+    with pytest.raises(ValueError, match=r"eps must be in \[1e-4, 100\]"):
+        lsfov.deconvolve(u, op, 2, eps=1e-25)
+    for scale in (1e-30, 1e20):  # the TV term squares gradients and eps·x in float32: NaN or silently off
+        with pytest.raises(ValueError, match="rescale the image"):
+            lsfov.deconvolve(u * scale, op, 2)
+        with pytest.raises(ValueError, match="rescale the image"):
+            lsfov.deconvolve(da.from_array(u * scale, chunks=32), op, 2)
+    for scale in (1e-6, 1e9):  # dim or bright, the same result
+        np.testing.assert_allclose(lsfov.deconvolve(u * scale, op, 3) / scale, lsfov.deconvolve(u, op, 3), rtol=2e-4)
+
+
+def test_sparse_smooth_checks_dask_input_as_numpy_input(small):
+    v = np.ones((1100, 16), np.float32)
+    v[5, 5] = np.nan  # outside the central 1024 rows it reads for the noise level
+    op = PC.from_grid(psf.gaussian(0.8, size=5)[None, None], v.shape)
+    for img in (v, da.from_array(v, chunks=(550, 16))):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            lsfov.sparse_smooth_deblur(img, op, iterations=2)
+    with pytest.raises(TypeError, match="real numeric"):
+        lsfov.sparse_smooth_deblur(da.from_array(v.astype(np.complex64), chunks=550), op, iterations=2)
+    u, op = small
+    plane = xr.DataArray(u[None], dims=("z", "y", "x"))  # a (1, H, W) plane, as NumPy input allows
+    sparse, smooth = lsfov.sparse_smooth_deblur(plane, op, iterations=3)
+    assert sparse.dims == ("y", "x")
+    np.testing.assert_array_equal(sparse.values, lsfov.sparse_smooth_deblur(u, op, iterations=3)[0])
+
+
+def test_psf_rendering_warns_when_the_kernel_cuts_the_psf_and_refuses_absurd_sizes():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the models' ranges nothing is cut
+        for name in ("G1", "G2", "Z1", "Z3"):
+            m = psf.get_model(name)
+            m.render(np.vstack([m.sample(200, 0), m.bounds[1]]))
+    with pytest.warns(lsfov.LsfovWarning, match="sigma_y=40.*31-pixel kernel"):
+        psf.get_model("G2").render([40, 1])
+    with pytest.raises(ValueError, match="exceeds 1025 pixels"):
+        psf.gaussian(1e4)
+    for j in (4.7, 2.5, "4", True):
+        with pytest.raises(ValueError, match="Noll indices are integers"):
+            psf.noll_to_nm(j)
+    with pytest.raises(ValueError, match="Noll indices are integers"):
+        psf.zernike({4.7: 0.1}, psf.DEFAULT_OPTICS)
+
+
+def test_simulation_parameters(small):
+    u, op = small
+    for kw, what in ((dict(read_noise=np.nan), "read_noise"), (dict(photons=np.inf), "photons"),
+                     (dict(photons=0), "photons"), (dict(beta=1.5), "beta"), (dict(photons="many"), "photons")):
+        with pytest.raises((ValueError, TypeError), match=what):
+            simulate.degrade(u, op, **kw)
+    with pytest.raises(TypeError, match="ProductConvolution"):
+        simulate.degrade(u, None)
+    for kw in (dict(photons=-100), dict(background=-1), dict(photons=np.nan), dict(psf_size="15")):
+        with pytest.raises((ValueError, TypeError)):
+            simulate.bead_field((128, 128), seed=0, **kw)
+    for grid in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="grid"):
+            simulate.psf_field((64, 64), "G1", grid)
+    with pytest.raises(ValueError, match="focus_per_um"):
+        simulate.tilted_surface((256, 256), focus_per_um=np.nan)
+
+
+@pytest.fixture(scope="module")
+def strip_map():
+    """A PSF map of a 150 x 512 strip: one row of nodes."""
+    img = simulate.sample_image("cell", (150, 512)) * 500 + 20
+    return img, lsfov.estimate_psf_map(img, "Z3")
+
+
+def test_psf_map_options_and_its_operator(strip_map):
+    img, ds = strip_map
+    for kw, err, what in ((dict(pixel_um=np.nan), ValueError, "pixel_um"), (dict(pixel_um=-0.1), ValueError, "pixel_um"),
+                          (dict(batch_size=0), ValueError, "batch_size"), (dict(resume=True), ValueError, "scratch")):
+        with pytest.raises(err, match=what):
+            lsfov.estimate_psf_map(img, "Z3", **kw)
+    with pytest.raises(TypeError, match="real numeric"):
+        lsfov.estimate_psf_map(img.astype(np.complex64), "Z3")
+    np.testing.assert_array_equal(lsfov.estimate_psf_map(img.tolist(), "Z3").focus.values, ds.focus.values)
+    with pytest.raises(ValueError, match=r"made on an image of shape \(150, 512\), not \(64, 64\)"):
+        lsfov.operator_from_psf_map(ds, (64, 64))
+    with pytest.raises(ValueError, match="lacks the variables"):
+        lsfov.operator_from_psf_map(ds.drop_vars("axis"))
+    with pytest.raises(TypeError, match="xarray.Dataset"):
+        lsfov.operator_from_psf_map(ds.focus.values)
+    with pytest.raises(TypeError, match="calibrate_depth"):
+        lsfov.estimate_depth(ds, 3.0)
+    flat = lsfov.estimate_depth(ds, smooth=np.inf)  # one plane over the whole grid
+    assert np.isfinite(flat.values).all()
+
+
+def test_a_one_row_psf_map_keeps_its_node_spacing_on_disk(strip_map, tmp_path):
+    import zarr
+
+    _, ds = strip_map
+    assert ds.sizes["gy"] == 1
+    lsfov.save(ds, tmp_path / "m.zarr")
+    ms = zarr.open_group(str(tmp_path / "m.zarr" / "focus")).attrs["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [64.0, 64.0]  # not 1 px tall
+
+
+def test_io_stores_and_options(small, tmp_path):
+    import tifffile
+
+    u, op = small
+    op.save(tmp_path / "op.zarr")
+    for fn in (lsfov.open_result, lsfov.open_image):
+        with pytest.raises(ValueError, match="is an operator"):
+            fn(tmp_path / "op.zarr")
+    lsfov.save(xr.Dataset({"image": xr.DataArray(u, dims=("y", "x")), "other": xr.DataArray(u, dims=("y", "x"))}),
+               tmp_path / "r.zarr")
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "r.zarr").values, u)  # a result's `image`
+    for chunks in (0, -5, "a", (1, 2, 3), 2.5):
+        with pytest.raises(ValueError, match="chunks must be"):
+            lsfov.open_image(tmp_path / "r.zarr", chunks=chunks)
+    with pytest.raises(ValueError, match="chunks must be"):
+        lsfov.save(u, tmp_path / "c.zarr", chunks=-5)
+    for bad in (u.astype(np.complex64), np.array([["a"] * 4] * 4)):
+        with pytest.raises(TypeError, match="real numbers"):
+            lsfov.save(bad, tmp_path / "bad.zarr")
+    # A (z, y, x) variable stays a z-stack on disk, not channels.
+    stack = np.stack([u, 2 * u, 3 * u])
+    lsfov.save(xr.Dataset({"zs": xr.DataArray(stack, dims=("z", "y", "x"))}), tmp_path / "z.zarr")
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "z.zarr" / "zs", z=1).values, 2 * u)
+    # A plain multi-page TIFF is a z-stack too.
+    tifffile.imwrite(tmp_path / "pages.tif", stack, photometric="minisblack")
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "pages.tif", z=2).values, 3 * u)
+    assert len(lsfov.io.open_planes(tmp_path / "pages.tif")) == 3
+
+
+def test_calibration_options():
+    from lsfov.calibrate import calibrate_operator, node_grid, psf_basis
+
+    for step in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="step must be a positive integer"):
+            node_grid((64, 64), step)
+    with pytest.raises(ValueError, match="no bead patches"):
+        psf_basis(np.zeros((0, 9, 9)), None)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        psf_basis(np.full((3, 9, 9), np.nan), None)
+    img = simulate.bead_field((128, 128), seed=0).image
+    for kw, err in ((dict(smoothing=np.inf), ValueError), (dict(smoothing="a"), TypeError),
+                    (dict(saturation="a"), TypeError)):
+        with pytest.raises(err):
+            calibrate_operator(img, **kw)
+
+
+def test_cnn_device_is_checked():
+    import torch
+
+    with pytest.raises(ValueError, match="not a torch device"):
+        lsfov.estimate.model.torch_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            lsfov.estimate.model.torch_device("cuda")
+
+
+def test_psf_map_bits_do_not_depend_on_torch_threads():
+    """On the CPU, matrix products split their sums by torch's thread count: the map's passes run on
+    one torch thread each, so the bits are the same with 1 or 2 threads (and on any scheduler)."""
+    import torch
+
+    img = simulate.sample_image("coins", (320, 320)) * 500 + 20
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lsfov.estimate_psf_map(img, "Z3", batch_size=8)
+        torch.set_num_threads(2)
+        two = lsfov.estimate_psf_map(img, "Z3", batch_size=8)
+        assert torch.get_num_threads() == 2  # restored after the passes
+    finally:
+        torch.set_num_threads(n)
+    for name in one.data_vars:
+        np.testing.assert_array_equal(one[name].values, two[name].values)
