@@ -138,6 +138,10 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             f"{path} is an lsfov result with variables {names}; open it with lsfov.open_result "
             f"or open one variable as {path}/<variable>"
         )
+    parent = _group_attrs(path.parent).get("lsfov") if path.parent != path else None
+    if isinstance(parent, dict) and "variables" in parent and not parent.get("complete"):
+        raise ValueError(f"{path} belongs to an incomplete result (the run that wrote {path.parent} was "
+                         "interrupted); rerun it with --overwrite")
     plain = _plain_zarr_array(path)
     if plain is not None:
         return plain

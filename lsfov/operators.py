@@ -358,12 +358,14 @@ class ProductConvolution:
         without its halo, equal to the same region of ``apply`` on the whole image.
         """
         r = self.halo
+        block = block if hasattr(block, "shape") else np.asarray(block)
         out = self.restrict(origin, block.shape).apply(block)
         return out[r : out.shape[0] - r, r : out.shape[1] - r]
 
     def adjoint_block(self, block, origin):
         """Adjoint counterpart of :meth:`apply_block`."""
         r = self.halo
+        block = block if hasattr(block, "shape") else np.asarray(block)
         out = self.restrict(origin, block.shape).adjoint(block)
         return out[r : out.shape[0] - r, r : out.shape[1] - r]
 

@@ -252,7 +252,9 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
     z = np.asarray(z_um, dtype=np.float64)
     batched = any(v.ndim > 0 for v in values) or z.ndim > 0
     arrays = np.broadcast_arrays(*values, z)
-    b = max(1, arrays[-1].size)
+    if arrays[-1].size == 0:
+        raise ValueError("no Zernike coefficients given (an empty batch)")
+    b = arrays[-1].size
     cmat = np.stack([a.reshape(-1) for a in arrays[:-1]], axis=1) if nolls else np.zeros((b, 0))
     zvec = arrays[-1].reshape(-1)
     if not (np.all(np.isfinite(cmat)) and np.all(np.isfinite(zvec))):
@@ -345,6 +347,8 @@ class PSFModel:
                     f"model {self.name} takes {self.n_params} parameters {list(self.params)} per PSF; "
                     f"got an array of shape {np.shape(params)}"
                 )
+        if arr.size == 0:
+            raise ValueError(f"no {self.name} parameters given")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{self.name} parameters must be finite")
         return arr, batched

@@ -149,6 +149,8 @@ def test_save_never_harms_existing_output(tmp_path):
     zarr.open_group(str(path), mode="a").attrs["lsfov"] = {"variables": ["deblurred"], "complete": False}
     with pytest.raises(ValueError, match="incomplete"):
         lsfov.open_result(path)
+    with pytest.raises(ValueError, match="incomplete result"):  # nor is one of its variables
+        lsfov.open_image(path / "deblurred")
     lsfov.save(_image(32, 32), path, overwrite=True)
     assert lsfov.open_result(path).deblurred.shape == (32, 32)
     (tmp_path / "precious").mkdir()

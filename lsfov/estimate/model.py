@@ -360,8 +360,9 @@ class PSFRegressor:
         reproducible : bool
             Run every pass on exactly ``batch_size`` patches (the last padded), so that a patch's
             result does not depend on which patches share its batch: the math libraries pick their
-            kernels, and with them the float rounding, by batch size. PSF maps use it, so that their
-            bytes do not depend on the chunking.
+            kernels, and with them the float rounding, by batch size; on the CPU each pass also runs
+            on one torch thread (passes side by side), as the rounding follows the thread count too.
+            PSF maps use it, so that their bytes depend neither on the chunking nor on the threads.
         symmetrize : bool
             Average the network's outputs over the 8 symmetries of the square (rotations by 90° and
             flips of each patch, the parameters transformed to match): 8x the inference time for a

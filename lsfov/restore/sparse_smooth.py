@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from .._backend import task_threads
-from .._validate import LsfovWarning, as_image, positive_int
+from .._validate import LsfovWarning, as_image, positive_int, real_number
 from ..operators import ProductConvolution
 from .chunked import _axis_chunks
 
@@ -31,6 +31,8 @@ def estimate_noise(image) -> float:
     """Standard deviation of white noise in ``image``, from the median absolute value of its
     discrete Laplacian (robust to sparse sources and smooth backgrounds; gain √20 for white noise)."""
     x = np.asarray(image, dtype=np.float64)
+    if x.ndim != 2 or min(x.shape) < 3:
+        raise ValueError(f"estimating the noise needs a 2-D image of at least 3x3 pixels, got shape {x.shape}")
     lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
     return float(1.4826 * np.median(np.abs(lap - np.median(lap))) / math.sqrt(20.0))
 
@@ -153,6 +155,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         y = as_image(data, "image", check_values=False)
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; pick a plane, channel or time point first")
+    if operator.window != (0, 0) + operator.shape:
+        raise ValueError("sparse_smooth_deblur needs a full-image operator, not a restricted window")
     if y.shape != operator.shape:
         raise ValueError(f"image shape {y.shape} does not match the operator's shape {operator.shape}")
     # The central 1024² (the same for NumPy and Dask input): noise level and background start.
@@ -171,9 +175,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         gamma1 = 3.0 * estimate_noise(sample) * l2
     if gamma2 is None:
         gamma2 = DEFAULT_GAMMA2
-    gamma1, gamma2 = float(gamma1), float(gamma2)
-    if not (gamma1 >= 0 and gamma2 >= 0):
-        raise ValueError(f"gamma1 and gamma2 must be >= 0, got {gamma1}, {gamma2}")
+    gamma1, gamma2 = real_number(gamma1, "gamma1", minimum=0), real_number(gamma2, "gamma2", minimum=0)
     steps = _steps(operator, gamma2, l1)  # the PSF norms read once (basis maps may be on disk)
     # u2 starts at the median level: the smoothness term slows u2 down, and a background left for
     # it to grow into would meanwhile be taken up by u1.
