@@ -22,7 +22,7 @@ _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotAD
                 MemoryError)
 
 
-# Errors that say the input or the options are wrong: a run that ends with one has nothing to resume.
+# Errors that say the input, the options or the output are wrong (rather than that the run was stopped).
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
@@ -50,8 +50,11 @@ def main(ctx, verbose, quiet):
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level)
-    # A warning is one line for the person at the terminal, not a source location in lsfov.
+    # A warning is one line for the person at the terminal, not a source location in lsfov (for this
+    # command only: a notebook or test that calls the CLI gets its own format back).
+    previous = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    ctx.call_on_close(lambda: setattr(warnings, "formatwarning", previous))
     if quiet:
         warnings.simplefilter("ignore")
     ctx.obj = {"quiet": quiet}
@@ -137,14 +140,13 @@ def _run_state(out: Path, parent, resume: bool):
     state.mkdir(parents=True, exist_ok=True)
     try:
         yield state
-    except _BAD_INPUT:  # refused (bad input, found late or early): nothing to resume
-        shutil.rmtree(state, ignore_errors=True)
-        raise
-    except BaseException:
+    except BaseException as e:
+        # Work done is kept whatever stopped the run (a killed job, or an error found late, e.g. an
+        # output that appeared meanwhile); options and inputs are checked before any work.
         if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
-            click.echo(f"interrupted; the work done so far is kept in {state}: run the same command with --resume "
-                       "to finish only what is missing", err=True)
-        else:  # refused before any work (bad input): leave nothing behind
+            click.echo(f"{'' if isinstance(e, _BAD_INPUT) else 'interrupted; '}the work done so far is kept in {state}: "
+                       "run the same command with --resume to finish only what is missing", err=True)
+        else:  # refused before any work: leave nothing behind
             shutil.rmtree(state, ignore_errors=True)
         raise
     shutil.rmtree(state, ignore_errors=True)
@@ -621,6 +623,11 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     out = _check_out(out, overwrite)
     _check_out(out.with_suffix(".png"), overwrite, result=False)
     _check_chunks(chunks)
+    if iterations < 1:
+        raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
+    for name, g in (("--gamma1", gamma1), ("--gamma2", gamma2)):
+        if g is not None and not (np.isfinite(g) and g >= 0):
+            raise ValueError(f"{name} {g} must be a weight >= 0")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     sub = OperatorSubspace.load(subspace_path)
     t0 = time.perf_counter()

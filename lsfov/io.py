@@ -75,7 +75,11 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
 def _chunk_pair(chunks) -> tuple[int, int]:
     """``chunks`` as (y, x) edges in pixels: an int or a pair of positive integers."""
     pair = (chunks, chunks) if np.isscalar(chunks) else tuple(chunks)
-    if len(pair) != 2 or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0 for c in pair):
+    try:
+        ok = len(pair) == 2 and all(not isinstance(c, (bool, str)) and float(c) == int(c) > 0 for c in pair)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"chunks must be a positive number of pixels or a pair (y, x) of them, got {chunks!r}")
     return int(pair[0]), int(pair[1])
 
@@ -201,7 +205,7 @@ def _open_tiff(path: Path) -> xr.DataArray:
         raise ValueError(f"{path}: not a readable TIFF ({e})") from None
     with tf:
         series = tf.series[0]
-        axes = series.axes.lower().replace("s", "c")
+        axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
         if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
             axes = axes.replace("q", "z", 1)
         axes = axes.replace("q", "c")

@@ -39,7 +39,7 @@ def test_depth_sign_above_and_below_focus():
     cx = s.operator.centers[1]
     # Eq. 14 without calibration: one sign below focus (left half), the other above (right half).
     z = estimate_depth(ds)
-    assert z.attrs["units"].startswith("waves")
+    assert z.attrs["units"].startswith("wave RMS")
     left, right = z.values[:, cx < 120], z.values[:, cx > 136]
     assert np.all(np.sign(left) == np.sign(left[0, 0])) and np.all(np.sign(right) == -np.sign(left[0, 0]))
     # Calibrated: µm, with the sign and the scale of the truth.

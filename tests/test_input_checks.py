@@ -166,10 +166,13 @@ def test_io_stores_and_options(small, tmp_path):
     stack = np.stack([u, 2 * u, 3 * u])
     lsfov.save(xr.Dataset({"zs": xr.DataArray(stack, dims=("z", "y", "x"))}), tmp_path / "z.zarr")
     np.testing.assert_array_equal(lsfov.open_image(tmp_path / "z.zarr" / "zs", z=1).values, 2 * u)
-    # A plain multi-page TIFF is a z-stack too.
+    # A plain multi-page TIFF is a z-stack too (tifffile's axis Q, or I without its own metadata).
     tifffile.imwrite(tmp_path / "pages.tif", stack, photometric="minisblack")
-    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "pages.tif", z=2).values, 3 * u)
-    assert len(lsfov.io.open_planes(tmp_path / "pages.tif")) == 3
+    tifffile.imwrite(tmp_path / "bare.tif", stack, photometric="minisblack", metadata=None)
+    for name in ("pages.tif", "bare.tif"):
+        np.testing.assert_array_equal(lsfov.open_image(tmp_path / name, z=2).values, 3 * u)
+        assert len(lsfov.io.open_planes(tmp_path / name)) == 3
+    assert lsfov.open_image(tmp_path / "r.zarr", chunks=32.0).data.chunksize == (32, 32)
 
 
 def test_calibration_options():
@@ -200,18 +203,44 @@ def test_cnn_device_is_checked():
 
 
 def test_psf_map_bits_do_not_depend_on_torch_threads():
-    """On the CPU, matrix products split their sums by torch's thread count: the map's passes run on
-    one torch thread each, so the bits are the same with 1 or 2 threads (and on any scheduler)."""
+    """On the CPU, matrix products split their sums by torch's thread count (each calling thread's
+    own, with OpenMP): fixed passes run on lsfov's one-thread pool, so callers on threads set to 1
+    or 2 torch threads, one batch or several, at the same time, get the same bits."""
+    import threading
+
     import torch
 
+    model = lsfov.load_model("Z3", device="cpu")
     img = simulate.sample_image("coins", (320, 320)) * 500 + 20
+    patches = np.stack([img[y : y + 128, x : x + 128] for y in range(0, 192, 48) for x in range(0, 192, 24)])  # 32
+    reference = model.predict(patches, batch_size=16, reproducible=True)
     n = torch.get_num_threads()
+    results, barrier = {}, threading.Barrier(2)
+
+    def call(threads, batch):
+        torch.set_num_threads(threads)  # this thread's own setting
+        model.predict(patches, batch_size=batch, reproducible=True)  # warm
+        barrier.wait()
+        results[threads, batch] = model.predict(patches, batch_size=batch, reproducible=True)
+
+    for batch in (16, 32):  # 32: one pass, which must not run on the caller's thread either
+        workers = [threading.Thread(target=call, args=(t, batch)) for t in (1, 2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert torch.get_num_threads() == n
+    for (threads, batch), res in results.items():
+        for name in reference:
+            if batch == 16:
+                np.testing.assert_array_equal(res[name], reference[name], err_msg=f"{threads} threads")
+            else:  # another batch size may take other kernels: only thread-independent among themselves
+                np.testing.assert_array_equal(res[name], results[3 - threads, 32][name], err_msg=f"{threads} threads")
     try:
         torch.set_num_threads(1)
         one = lsfov.estimate_psf_map(img, "Z3", batch_size=8)
         torch.set_num_threads(2)
         two = lsfov.estimate_psf_map(img, "Z3", batch_size=8)
-        assert torch.get_num_threads() == 2  # restored after the passes
     finally:
         torch.set_num_threads(n)
     for name in one.data_vars:

@@ -13,7 +13,6 @@ axis from the astigmatism block, and the side of focus from the focus x astigmat
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -145,30 +144,32 @@ def torch_device(device=None) -> torch.device:
     return dev
 
 
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 1
+_pool = None
+_pool_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """torch on one intra-op thread while any caller is inside (the setting is process-wide); yields
-    the thread count from before the first caller came in."""
-    global _threads_users, _threads_saved
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            if _threads_saved != 1:
-                torch.set_num_threads(1)
-        _threads_users += 1
-        saved = _threads_saved
-    try:
-        yield saved
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0 and _threads_saved != 1:
-                torch.set_num_threads(_threads_saved)
+def _one_thread_pool():
+    """The process's pool for fixed CPU passes: each of its threads runs torch on one intra-op
+    thread (set once in the thread: with OpenMP torch's thread count is the calling thread's own),
+    and there are as many as torch had threads where the pool was made (1 in a distributed worker,
+    which runs with OMP_NUM_THREADS=1)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="lsfov-cnn",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        return _pool
+
+
+def _forget_pool():  # a forked child has the pool object but not its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 # Larger batches are compute-bound (launches matter little) and a graph keeps its activations.
@@ -314,16 +315,9 @@ class PSFRegressor:
         starts = range(0, len(t), batch_size)
         if fixed and self.device.type == "cpu":
             # The CPU's matrix products split their sums by torch's thread count, and with it their
-            # rounding: fixed passes run on one torch thread each, side by side on as many threads as
-            # torch had, so that the bits do not depend on the thread count (nor on the scheduler).
-            with _one_torch_thread() as threads:
-                if threads > 1 and len(starts) > 1:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                        outs = list(pool.map(one, starts))
-                else:
-                    outs = [one(s) for s in starts]
+            # rounding: fixed passes run on the one-thread pool, never on the caller's thread, so that
+            # the bits depend neither on the thread count nor on which thread (scheduler) calls.
+            outs = list(_one_thread_pool().map(one, starts))
         else:
             outs = [one(s) for s in starts]
         with torch.inference_mode():

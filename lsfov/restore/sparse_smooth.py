@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from .._backend import task_threads
+from .._backend import task_threads, to_numpy
 from .._validate import LsfovWarning, as_image, positive_int, real_number
 from ..operators import ProductConvolution
 from .chunked import _axis_chunks
@@ -161,7 +161,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         raise ValueError(f"image shape {y.shape} does not match the operator's shape {operator.shape}")
     # The central 1024² (the same for NumPy and Dask input): noise level and background start.
     cy, cx = (max(0, n // 2 - 512) for n in y.shape)
-    sample = np.asarray(y[cy : cy + 1024, cx : cx + 1024], dtype=np.float32)
+    sample = to_numpy(y[cy : cy + 1024, cx : cx + 1024]).astype(np.float32, copy=False)  # NumPy, CuPy or Dask
     if lazy:
         import dask.array as da
 
