@@ -370,22 +370,22 @@ class ProductConvolution:
         return out[r : out.shape[0] - r, r : out.shape[1] - r]
 
     # ------------------------------------------------------------------ application
-    def apply(self, u):
+    def apply(self, u, *, check: bool = True):
         """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out.
 
         A NumPy/CuPy image with NaN or Inf is refused (through the FFTs one NaN would fill its whole
-        tile); Dask images are not scanned.
+        tile); Dask images are not scanned. ``check=False`` skips the scan (one pass over the image,
+        and on a GPU a wait for it): for loops that apply the operator to arrays they made.
         """
-        return self._dispatch(u, adjoint=False)
+        return self._dispatch(u, adjoint=False, check=check)
 
     __call__ = apply
 
-    def adjoint(self, v):
-        """``H^T v``: the exact adjoint (``<H u, v> = <u, H^T v>``)."""
-        return self._dispatch(v, adjoint=True)
+    def adjoint(self, v, *, check: bool = True):
+        """``H^T v``: the exact adjoint (``<H u, v> = <u, H^T v>``); ``check`` as in :meth:`apply`."""
+        return self._dispatch(v, adjoint=True, check=check)
 
     def _dispatch(self, x, adjoint, check: bool = True):
-        """``check=False``: the iterations' own calls, on float32 arrays they made (no scan per call)."""
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         if x.dtype.kind not in "biuf":

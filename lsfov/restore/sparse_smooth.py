@@ -85,7 +85,7 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp):
     t1, t2 = (np.float32(t) for t in steps)
     thr = np.float32(gamma1 * steps[0])
     for k in range(start, start + n):
-        g = op._dispatch(op._dispatch(z1 + z2, False, check=False) - y, True, check=False)
+        g = op.adjoint(op.apply(z1 + z2, check=False) - y, check=False)
         n1 = xp.maximum(z1 - t1 * g - thr, 0)
         n2 = xp.maximum(z2 - t2 * (g + np.float32(2 * gamma2) * _laplacian(_laplacian(z2, xp), xp)), 0)
         beta = np.float32(_momentum(k))

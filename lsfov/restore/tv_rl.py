@@ -126,14 +126,14 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
             pass
 
     for _ in range(n):
-        hx = op._dispatch(x, False, check=False)  # float32 arrays of the window: no scan per iteration
+        hx = op.apply(x, check=False)  # float32 arrays of the window: no scan per iteration
 
         def ratio(b):
             xp.maximum(hx[b], floor, out=hx[b])
             xp.divide(y[b], hx[b], out=hx[b])
 
         run(ratio, rows)
-        c = op._dispatch(hx, True, check=False)
+        c = op.adjoint(hx, check=False)
         if tv:
             cf = c[field]
 
