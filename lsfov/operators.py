@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ._backend import array_module, fft_module, multiply, next_fast_len, parallel_map, threads_for, to_numpy
-from ._validate import shape2d
+from ._validate import real_number, shape2d
 
 __all__ = ["ProductConvolution"]
 
@@ -251,7 +251,10 @@ class ProductConvolution:
         else:
             if len(centers) != 2:
                 raise ValueError("centers must be a pair (rows, columns) of 1-D arrays")
-            centers = tuple(np.asarray(c, dtype=np.float64).ravel() for c in centers)
+            try:
+                centers = tuple(np.asarray(c, dtype=np.float64).ravel() for c in centers)
+            except (TypeError, ValueError):
+                raise ValueError("centers must be a pair (rows, columns) of 1-D arrays of pixel positions") from None
             for c, g, ax in zip(centers, (gy, gx), "yx"):
                 if len(c) != g:
                     raise ValueError(f"{len(c)} node {ax}-centres given for a grid of {g} PSFs along {ax}")
@@ -740,7 +743,7 @@ class ProductConvolution:
     # ------------------------------------------------------------------ inspection
     def psf_at(self, y: float, x: float) -> np.ndarray:
         """The local PSF at image position (y, x) in (float) pixel coordinates, shape (K, K)."""
-        y, x = float(y), float(x)
+        y, x = real_number(y, "y"), real_number(x, "x")
         if not (-0.5 <= y <= self.shape[0] - 0.5 and -0.5 <= x <= self.shape[1] - 0.5):
             raise ValueError(f"position ({y}, {x}) lies outside the image of shape {self.shape}")
         k = to_numpy(self.kernels)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image
+from .._validate import LsfovWarning, as_image, real_number
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -138,7 +138,7 @@ def detect_beads(image, radius: float, threshold: float | None = None) -> np.nda
     img = as_image(image, "bead image")
     radius = _check_radius(radius)
     resp, _ = _log_response(img, radius)
-    thr = _robust_threshold(resp) if threshold is None else float(threshold)
+    thr = _robust_threshold(resp) if threshold is None else real_number(threshold, "threshold")
     return peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False)
 
 
