@@ -787,7 +787,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
         raise ValueError(f"model files end in .pt, got {out.name}")
     ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
     model = _train(data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, checkpoint=ckpt,
-                   resume=resume, device=device, seed=seed, init=init, progress=progress)
+                   resume=resume, device=device, seed=seed, init=init, overwrite=overwrite, progress=progress)
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])

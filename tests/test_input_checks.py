@@ -245,3 +245,55 @@ def test_psf_map_bits_do_not_depend_on_torch_threads():
         torch.set_num_threads(n)
     for name in one.data_vars:
         np.testing.assert_array_equal(one[name].values, two[name].values)
+
+
+def test_cnn_training_and_evaluation_options(tmp_path):
+    """Bad settings are refused before any training; an earlier run's checkpoints and a model's
+    JSON are never replaced silently; NaN or overflowing patches are refused, not turned into NaN."""
+    import torch
+
+    from lsfov.estimate import evaluate, robustness, synthesize, train
+
+    data = synthesize(96, "G1", sources=("tex",), seed=0)
+    kw = dict(epochs=1, batch_size=16, val_fraction=0.25, lr=1e-3, progress=False)
+    for bad, err in ((dict(lr=np.nan), ValueError), (dict(lr=1e4), ValueError), (dict(gamma=np.inf), ValueError),
+                     (dict(patience=0), ValueError), (dict(probe_steps=2.5), ValueError), (dict(seed=-1), ValueError),
+                     (dict(max_minutes="1"), TypeError), (dict(lr=None, lr_candidates=()), ValueError)):
+        with pytest.raises(err):
+            train(data, **{**kw, **bad})
+    broken = {**data, "params": data["params"][:40]}
+    with pytest.raises(ValueError, match="training set holds"):
+        train(broken, **kw)
+    nan = {**data, "params": np.where(np.arange(len(data["params"]))[:, None] == 3, np.nan, data["params"])}
+    with pytest.raises(ValueError, match="NaN"):
+        train(nan, **kw)
+    for bad in (dict(photons=(500, np.inf)), dict(photons=1000), dict(read_noise=(3, 1)), dict(illumination=5),
+                dict(seed=1.5), dict(invalid_fraction="0.1")):
+        with pytest.raises((ValueError, TypeError)):
+            synthesize(8, "G1", **bad)
+    assert synthesize(4, "G1", sources="tex", seed=0)["patches"].shape == (4, 128, 128)  # one source by name
+    model = train(data, checkpoint=tmp_path / "ck", **kw)
+    with pytest.raises(FileExistsError, match="earlier run's checkpoints"):
+        train(data, checkpoint=tmp_path / "ck", **kw)
+    train(data, checkpoint=tmp_path / "ck", overwrite=True, **kw)
+    (tmp_path / "m.json").write_text("my notes")
+    with pytest.raises(FileExistsError, match="m.json"):
+        model.save(tmp_path / "m.pt")
+    assert (tmp_path / "m.json").read_text() == "my notes"
+    # evaluate and robustness take a shipped name too; test sets of other ranges are flagged
+    assert evaluate("G1", data)["n"] == 96
+    wide = {**data, "attrs": {**data["attrs"], "ranges": {"sigma": [3.0, 8.0]}}}
+    with pytest.warns(lsfov.LsfovWarning, match="extrapolation"):
+        evaluate("G1", wide)
+    for bad in (dict(strengths=(np.nan,)), dict(strengths=(-0.1,)), dict(n=1)):
+        with pytest.raises(ValueError):
+            robustness("G1", **bad)
+    g1 = lsfov.load_model("G1")
+    patches = data["patches"][:4]
+    for b in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            g1.predict(patches, batch_size=b)
+    with pytest.raises(ValueError, match="beyond 1e30"):
+        g1.predict(patches.astype(np.float32) * 1e36)
+    with pytest.raises(TypeError, match="real numbers"):
+        g1.predict(torch.from_numpy(patches.astype(np.complex64)))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import psf as _psf
+from .._validate import positive_int
 from .network import build, standardize
 
 __all__ = ["PSFRegressor", "load_model", "SHIPPED"]
@@ -266,6 +267,8 @@ class PSFRegressor:
     def _as_batch(self, patches) -> torch.Tensor:
         if isinstance(patches, torch.Tensor):
             t = patches.detach()
+            if t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"patches must be real numbers, got a {t.dtype} tensor")
         elif hasattr(patches, "__cuda_array_interface__"):  # CuPy: zero-copy through DLPack, stays on the GPU
             if patches.dtype.kind not in "biuf":
                 raise TypeError(f"patches must be numeric, got dtype {patches.dtype}")
@@ -285,7 +288,7 @@ class PSFRegressor:
 
     def forward(self, patches, batch_size: int = 256) -> torch.Tensor:
         """Raw network outputs (B, 1 + n_targets) on the host: validity logit, encoded parameters."""
-        return torch.from_numpy(self._run(self._as_batch(patches), batch_size)[0])
+        return torch.from_numpy(self._run(self._as_batch(patches), positive_int(batch_size, "batch_size"))[0])
 
     def _pass(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass of a batch on the device: the network's outputs, then per patch whether it
@@ -293,7 +296,7 @@ class PSFRegressor:
         z, std = standardize(x, with_std=True)
         out = self.net(z[:, None]).float()
         flat = std.flatten(1) <= 1e-6 * x.abs().flatten(1).amax(1, keepdim=True).clamp_min(1e-12)
-        finite = torch.isfinite(x).flatten(1).all(1, keepdim=True)
+        finite = (x.abs() < 1e30).flatten(1).all(1, keepdim=True)  # NaN, Inf, or a variance float32 cannot hold
         return torch.cat([out, flat.float(), finite.float()], 1)
 
     def _run(self, t: torch.Tensor, batch_size: int, fixed: bool = False):
@@ -323,7 +326,7 @@ class PSFRegressor:
         with torch.inference_mode():
             res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
         if not res[:, -1].all():
-            raise ValueError("patches contain NaN or Inf pixels; mask or inpaint them first")
+            raise ValueError("patches contain NaN or Inf pixels (or values beyond 1e30); mask, inpaint or rescale them")
         return res[:, :-2], res[:, -2] > 0
 
     def _graphed(self, x: torch.Tensor):
@@ -369,6 +372,7 @@ class PSFRegressor:
             the patch can be read (1 = valid)}``.
         """
         t = self._as_batch(patches)
+        batch_size = positive_int(batch_size, "batch_size")
         if symmetrize:
             out = np.zeros((len(t), 1 + n_targets(self.psf_model)))
             for g in D4:
@@ -392,8 +396,11 @@ class PSFRegressor:
         path = Path(path)
         if path.suffix != ".pt":
             raise ValueError(f"model files end in .pt, got {path.name}")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        for f in (path, path.with_suffix(".json")):
+            if f.is_dir():
+                raise ValueError(f"{f} is a directory; give the model a file name ending in .pt")
+            if f.exists() and not overwrite:
+                raise FileExistsError(f"{f} already exists; pass overwrite=True (--overwrite) to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.loads(json.dumps(self.meta))  # plain types only: weights_only can read them
         meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

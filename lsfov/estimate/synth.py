@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from .. import psf as _psf
 from .._backend import next_fast_len
-from .._validate import positive_int
+from .._validate import positive_int, real_number
 
 __all__ = ["SOURCES", "library", "synthesize", "open_training_set", "degrade_patches"]
 
@@ -297,6 +297,17 @@ def _in_processes(fn, jobs, workers):
             yield result
 
 
+def _range(v, name, lo, hi):
+    """A (low, high) pair of numbers in [lo, hi], low <= high."""
+    try:
+        a, b = (real_number(x, name, minimum=lo, maximum=hi) for x in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) range of numbers in [{lo:g}, {hi:g}], got {v!r}") from None
+    if a > b:
+        raise ValueError(f"{name} must be a (low, high) range with low <= high, got {v!r}")
+    return (a, b)
+
+
 def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", seed: int = 0,
                invalid_fraction: float = 0.08, photons=PHOTONS, read_noise=(0.0, 3.0),
                illumination: float = 0.5, batch: int = 512, out=None, overwrite: bool = False,
@@ -348,10 +359,14 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     batch = positive_int(batch, "batch")
     workers = positive_int(workers, "workers")
     m = _psf.get_model(model)
-    if not 0 <= invalid_fraction < 1:
-        raise ValueError(f"invalid_fraction must be in [0, 1), got {invalid_fraction}")
-    if (photons is not None and not 0 < photons[0] <= photons[1]) or not 0 <= read_noise[0] <= read_noise[1]:
-        raise ValueError("photons must be a range of positive numbers and read_noise of non-negative ones")
+    invalid_fraction = real_number(invalid_fraction, "invalid_fraction", minimum=0, maximum=0.99)
+    illumination = real_number(illumination, "illumination", minimum=0, maximum=1)  # beyond 1 the light goes negative
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    photons = None if photons is None else _range(photons, "photons", 1e-3, 1e12)
+    read_noise = _range(read_noise, "read_noise", 0, 1e6)
+    if isinstance(sources, str):
+        sources = (sources,)
     if device is not None:
         import torch
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import psf as _psf
-from .._validate import positive_int
+from .._validate import LsfovWarning, positive_int, real_number
 from .model import PSFRegressor, encode, load_model
 from .network import loss as _loss
 from .network import standardize
@@ -31,9 +32,19 @@ def _as_set(data):
     """A training set as a dict (``patches`` may stay a lazy zarr array)."""
     if isinstance(data, (str, Path)):
         return open_training_set(data)
-    if isinstance(data, dict) and {"patches", "params", "valid"} <= set(data):
-        return data
-    raise TypeError("data must be a training-set path or the dict returned by lsfov.estimate.synthesize")
+    if not (isinstance(data, dict) and {"patches", "params", "valid", "attrs"} <= set(data)):
+        raise TypeError("data must be a training-set path or the dict returned by lsfov.estimate.synthesize")
+    m = _psf.get_model(data["attrs"]["psf_model"])
+    n = len(data["patches"])
+    params, valid = np.asarray(data["params"]), np.asarray(data["valid"])
+    shape = tuple(data["patches"].shape[1:])
+    if shape != (PATCH, PATCH) or params.shape != (n, m.n_params) or valid.shape != (n,):
+        raise ValueError(f"a {m.name} training set holds patches (n, {PATCH}, {PATCH}), params (n, {m.n_params}) and "
+                         f"valid (n,); got {tuple(data['patches'].shape)}, {params.shape}, {valid.shape}: use the dict "
+                         "from lsfov.estimate.synthesize")
+    if not np.isfinite(params).all() or (isinstance(data["patches"], np.ndarray) and not np.isfinite(data["patches"]).all()):
+        raise ValueError("the training set contains NaN or Inf; synthesize it again")
+    return data
 
 
 def _blocks(n, block, rng):
@@ -82,7 +93,7 @@ def _val_loss(model, patches, targets, valid, index, gamma, block):
 def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 64, lr: float | None = None,
           lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
           gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
-          max_minutes: float | None = None, init=None, progress: bool = True) -> PSFRegressor:
+          max_minutes: float | None = None, init=None, overwrite: bool = False, progress: bool = True) -> PSFRegressor:
     """Train a PSF-parameter regressor on a synthesized training set.
 
     Parameters
@@ -114,14 +125,31 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     init : str, path or PSFRegressor, optional
         Start from this model's weights (fine-tuning, or more training on a fresh set); it must
         be a model of the same PSF model and network. ``meta["training"]["init"]`` records it.
+    overwrite : bool
+        Replace an earlier run's checkpoints in ``checkpoint`` (without it, and without ``resume``,
+        they are refused).
 
     Returns
     -------
     PSFRegressor with the best weights, ``meta["training"]`` describing the run.
     """
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    patience, probe_steps = positive_int(patience, "patience"), positive_int(probe_steps, "probe_steps")
+    val_fraction = real_number(val_fraction, "val_fraction", minimum=0, maximum=0.99, exclusive=True)
+    gamma = real_number(gamma, "gamma", minimum=0)
+    if lr is not None:
+        lr = real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
+    candidates = (lr_candidates,) if np.isscalar(lr_candidates) else tuple(lr_candidates)
+    if lr is None and not candidates:
+        raise ValueError("lr_candidates is empty: give learning rates to choose from, or lr=")
+    candidates = tuple(real_number(c, "lr_candidates", minimum=0, maximum=1, exclusive=True) for c in candidates)
+    if max_minutes is not None:
+        max_minutes = real_number(max_minutes, "max_minutes", minimum=0)  # 0: one epoch
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if checkpoint is not None and not resume and not overwrite and (Path(checkpoint) / "last.pt").exists():
+        raise FileExistsError(f"{checkpoint} holds an earlier run's checkpoints; resume it (resume=True, --resume), "
+                              "replace them (overwrite=True, --overwrite) or give another checkpoint directory")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint directory of the interrupted run")
     if resume and not (Path(checkpoint) / "last.pt").exists():
@@ -173,7 +201,7 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     elif lr is None:
         first = copy.deepcopy(model.net.state_dict())
         scores = {}
-        for cand in lr_candidates:  # same start, same batches: only the rate differs
+        for cand in candidates:  # same start, same batches: only the rate differs
             model.net.load_state_dict(first)
             opt, _ = make_opt(cand)
             rng = np.random.default_rng(seed)
@@ -182,7 +210,10 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
                     break
                 _step(model, opt, x, t, v, gamma)
             scores[cand] = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
-        lr = min(scores, key=scores.get)
+        finite = {k: v for k, v in scores.items() if np.isfinite(v)}
+        if not finite:
+            raise ValueError(f"every learning rate in {candidates} diverged in {probe_steps} steps; give smaller ones")
+        lr = min(finite, key=finite.get)
         history.append({"lr_probe": {str(k): v for k, v in scores.items()}})
         model.net.load_state_dict(first)
         opt, sched = make_opt(lr)
@@ -230,6 +261,8 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     finally:
         if bar is not None:
             bar.close()
+    if not math.isfinite(best):  # every epoch's validation loss NaN or Inf: weights not to be shipped
+        raise ValueError(f"training diverged (no finite validation loss; lr {lr:g}); train with a smaller lr")
     if best_state is not None:
         model.net.load_state_dict(best_state)
     model.net.eval()
@@ -284,9 +317,18 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> di
     ``data``: a test set (path or dict from :func:`synthesize`, ideally ``split="test"``) of the
     model's PSF model. ``symmetrize``: predict with the 8 symmetries of the square (``predict``).
     """
+    model = model if isinstance(model, PSFRegressor) else load_model(model)
+    batch_size = positive_int(batch_size, "batch_size")
     ds = _as_set(data)
     if ds["attrs"]["psf_model"] != model.psf_model.name:
         raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")
+    trained = {k: list(v) for k, v in model.ranges.items()}
+    drawn = {k: list(v) for k, v in ds["attrs"].get("ranges", trained).items()}
+    optics = model.optics.to_dict() if model.optics else None
+    if not (np.allclose([drawn[k] for k in trained], [trained[k] for k in trained])
+            and ds["attrs"].get("optics", optics) == optics):
+        warnings.warn(f"the test set was drawn over other ranges or optics ({drawn}) than the model was trained on "
+                      f"({trained}): R² measures extrapolation", LsfovWarning, stacklevel=2)
     pred = _predict_all(model, ds["patches"], batch_size, symmetrize)
     valid = np.asarray(ds["valid"], bool)
     est = np.stack([pred[p] for p in model.params], axis=1)
@@ -329,6 +371,10 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
 
     Returns ``{"strengths": [...], kind: [mean R² at each strength] for kind in DEGRADATIONS}``.
     """
+    model = model if isinstance(model, PSFRegressor) else load_model(model)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be at least 2 patches (R² needs a spread), got {n!r}")
+    strengths = [real_number(s, "strengths", minimum=0) for s in ((strengths,) if np.isscalar(strengths) else strengths)]
     clean = synthesize(n, model.psf_model, split="test", seed=seed, photons=None, invalid_fraction=0.0)
     valid = clean["valid"]
     out = {"strengths": list(map(float, strengths)), "n": int(valid.sum())}
