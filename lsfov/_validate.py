@@ -46,9 +46,11 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
     return x
 
 
-def positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+def positive_int(v, name: str, *, minimum: int = 1) -> int:
+    """An integer (not a bool, not a float) >= ``minimum``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < minimum:
+        rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {rule}, got {v!r}")
     return int(v)
 
 
@@ -79,8 +81,7 @@ def real_number(v, name: str, *, minimum: float | None = None, maximum: float | 
         raise TypeError(f"{name} must be a number, got {v!r}") from None
     low_bad = minimum is not None and (f <= minimum if exclusive else f < minimum)
     if not np.isfinite(f) or low_bad or (maximum is not None and f > maximum):
-        lo = "" if minimum is None else f"{'>' if exclusive else '>='} {minimum:g}"
-        hi = "" if maximum is None else f"<= {maximum:g}"
-        rule = " and ".join(r for r in (lo, hi) if r) or "finite"
-        raise ValueError(f"{name} must be a finite number {rule}, got {v!r}".replace("number finite", "number"))
+        rules = ([] if minimum is None else [f"{'>' if exclusive else '>='} {minimum:g}"]) + \
+                ([] if maximum is None else [f"<= {maximum:g}"])
+        raise ValueError(f"{name} must be a finite number {' and '.join(rules)}".rstrip() + f", got {v!r}")
     return f

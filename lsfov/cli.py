@@ -174,6 +174,11 @@ def _check_chunks(chunks):
         raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
 
 
+def _check_iterations(iterations):
+    if iterations < 1:
+        raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
+
+
 def _check_pixel_um(pixel_um):
     if pixel_um is not None and not (np.isfinite(pixel_um) and pixel_um > 0):
         raise ValueError(f"--pixel-um {pixel_um} must be a pixel size in µm > 0")
@@ -461,8 +466,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         _check_out(figure, overwrite, result=False)
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
-    if iterations < 1:
-        raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
+    _check_iterations(iterations)
     if not 0 <= tv < 0.25:
         raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
     cal = _read_calibration(calibration) if calibration else None
@@ -623,8 +627,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     out = _check_out(out, overwrite)
     _check_out(out.with_suffix(".png"), overwrite, result=False)
     _check_chunks(chunks)
-    if iterations < 1:
-        raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
+    _check_iterations(iterations)
     for name, g in (("--gamma1", gamma1), ("--gamma2", gamma2)):
         if g is not None and not (np.isfinite(g) and g >= 0):
             raise ValueError(f"{name} {g} must be a weight >= 0")

@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ._validate import positive_int
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -359,8 +360,8 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     if isinstance(obj, ProductConvolution):
         return obj.save(path, overwrite=overwrite)
     ds = _as_dataset(obj)
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1):
-        raise ValueError(f"chunks must be a positive chunk edge in pixels, got {chunks!r}")
+    if chunks is not None:
+        chunks = positive_int(chunks, "chunks")  # the chunk edge in pixels
     with atomic_directory(path, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}

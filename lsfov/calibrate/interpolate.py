@@ -14,6 +14,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
+from .._validate import positive_int
 from ..operators import _hat_weights
 from .cone import project_cone
 
@@ -72,9 +73,9 @@ def node_grid(shape, step: int | None = None) -> NodeGrid:
     """The default node grid: about 96 nodes along the shorter side, at least 4 pixels apart."""
     if step is None:
         step = max(4, math.ceil(min(shape) / 96))
-    elif isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"step must be a positive integer number of pixels (node spacing), got {step!r}")
-    return NodeGrid(shape, int(step))
+    else:
+        step = positive_int(step, "step")  # node spacing in pixels
+    return NodeGrid(shape, step)
 
 
 def voronoi_weights(positions, shape, *, samples: int = 512) -> np.ndarray:

@@ -203,8 +203,6 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             keep.mkdir(parents=True, exist_ok=True)
             if resume:
                 log.info("resuming the PSF map from %s: %d chunks already done", keep, len(list(keep.glob("*.npy"))))
-        elif resume:
-            raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
         fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
                                starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device,
                                symmetrize=bool(symmetrize), keep=keep)

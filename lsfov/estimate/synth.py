@@ -361,8 +361,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     m = _psf.get_model(model)
     invalid_fraction = real_number(invalid_fraction, "invalid_fraction", minimum=0, maximum=0.99)
     illumination = real_number(illumination, "illumination", minimum=0, maximum=1)  # beyond 1 the light goes negative
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = positive_int(seed, "seed", minimum=0)
     photons = None if photons is None else _range(photons, "photons", 1e-3, 1e12)
     read_noise = _range(read_noise, "read_noise", 0, 1e6)
     if isinstance(sources, str):

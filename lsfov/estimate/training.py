@@ -145,8 +145,7 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     candidates = tuple(real_number(c, "lr_candidates", minimum=0, maximum=1, exclusive=True) for c in candidates)
     if max_minutes is not None:
         max_minutes = real_number(max_minutes, "max_minutes", minimum=0)  # 0: one epoch
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = positive_int(seed, "seed", minimum=0)
     if checkpoint is not None and not resume and not overwrite and (Path(checkpoint) / "last.pt").exists():
         raise FileExistsError(f"{checkpoint} holds an earlier run's checkpoints; resume it (resume=True, --resume), "
                               "replace them (overwrite=True, --overwrite) or give another checkpoint directory")
