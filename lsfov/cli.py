@@ -14,6 +14,7 @@ import numpy as np
 
 from ._validate import LsfovWarning
 from .cluster import SCHEDULERS
+from .estimate.mapping import NothingToMap
 from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 
 log = logging.getLogger("lsfov")
@@ -142,8 +143,10 @@ def _run_state(out: Path, parent, resume: bool):
         yield state
     except BaseException as e:
         # Work done is kept whatever stopped the run (a killed job, or an error found late, e.g. an
-        # output that appeared meanwhile); options and inputs are checked before any work.
-        if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
+        # output that appeared meanwhile), except an image with nothing to map: a rerun meets it again.
+        if isinstance(e, NothingToMap):
+            shutil.rmtree(state, ignore_errors=True)
+        elif any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
             click.echo(f"{'' if isinstance(e, _BAD_INPUT) else 'interrupted; '}the work done so far is kept in {state}: "
                        "run the same command with --resume to finish only what is missing", err=True)
         else:  # refused before any work: leave nothing behind

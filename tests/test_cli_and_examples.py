@@ -132,6 +132,17 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("o.")]
 
 
+def test_cli_dark_image_is_refused_without_a_state_to_resume(run, tmp_path):
+    """Every node invalid is found only after the map: said in one line, and no scratch state is
+    kept (a --resume would meet the same image)."""
+    np.save(tmp_path / "dark.npy", np.zeros((256, 256), np.float32))
+    for cmd in ("estimate", "run"):
+        res = run(cmd, "dark.npy", "o.zarr", "--model", "G1", ok=False)
+        assert res.exit_code == 1 and "every node of the PSF map is invalid" in res.output, res.output
+        assert "--resume" not in res.output and "Traceback" not in res.output, res.output
+        assert not [p.name for p in tmp_path.iterdir() if p.name != "dark.npy"]
+
+
 def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     """A 3-D PSF (its in-focus plane), an off-centre PSF (warned), `info` on a multi-channel stack,
     stores that are not PSF maps or images named for what they are."""

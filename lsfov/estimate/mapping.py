@@ -236,6 +236,10 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     return fill_invalid(ds) if fill else ds
 
 
+class NothingToMap(ValueError):
+    """Every node of a PSF map is invalid: the image holds no texture the CNN can read."""
+
+
 def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours: int = 8):
     """Fill the parameters of nodes with validity below ``threshold`` from the valid ones.
 
@@ -250,7 +254,7 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     if valid.all():
         return ds
     if not valid.any():
-        raise ValueError("every node of the PSF map is invalid (no texture the CNN can read: a dark, flat or "
+        raise NothingToMap("every node of the PSF map is invalid (no texture the CNN can read: a dark, flat or "
                          "empty image); there is no PSF to estimate here")
     yy, xx = np.meshgrid(np.arange(valid.shape[0]), np.arange(valid.shape[1]), indexing="ij")
     pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float64)
