@@ -154,7 +154,7 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
     pos = detect_beads(img, 4.0)
     pos = pos[np.all((pos >= h) & (pos < np.array(img.shape) - h), axis=1)]
     if len(pos) == 0:
-        raise ValueError("no beads found to measure the PSF radius: the image has no bright spots; check it, or pass radius=")
+        raise ValueError("no beads found to measure the PSF radius: the image has no bright spots; check it, or pass radius= (--radius)")
     pos = pos[:50]  # the brightest; the median below ignores the neighbours some of them have
     win = _windows(img, pos, h)
     win = remove_background(win, 0.75 * h)  # a background that varies across the window
@@ -283,7 +283,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     sums = patches.sum(axis=(1, 2))
     ok = sums > 0
     if not ok.any():
-        raise ValueError("no bead stands above the background; check the image or lower threshold=")
+        raise ValueError("no bead stands above the background; check the image or lower threshold= (--threshold)")
     patches = patches[ok] / sums[ok, None, None]
     return BeadPSFs(patches=patches, positions=centres[ok], radius=radius, shape=img.shape,
                     n_detected=n_detected, n_saturated=n_saturated, n_crowded=n_crowded, fluxes=sums[ok])

@@ -231,7 +231,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     if saturation is not None:
         saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     if n_space > len(images) * n_psf:
-        raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= {len(images) * n_psf}")
+        raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= {len(images) * n_psf} (--n-space)")
     shape = tuple(int(s) for s in images[0].shape)
     if radius is None:
         radius = estimate_radius(np.asarray(images[0]))
