@@ -1,4 +1,5 @@
 """Spatially varying PSF maps (paper 000 Sec. II-F): sliding-window CNN on chunks, filling, operator."""
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -113,3 +114,33 @@ def test_psf_map_bad_input(blurred):
     dark = np.zeros((256, 256), np.float32)
     with pytest.raises(ValueError, match="every node of the PSF map is invalid"):
         lsfov.estimate_psf_map(dark, "Z3")
+
+
+def test_a_model_file_replaced_mid_map_stops_the_run(blurred, tmp_path, monkeypatch):
+    """Every chunk is regressed by the weights the run started with: a model file replaced by a
+    training run meanwhile is an error, not a map of two models. A shipped name is not pinned to a
+    file (workers read their own installation's)."""
+    import os
+    import shutil
+
+    from lsfov.estimate import mapping
+    from lsfov.estimate.model import MODELS_DIR
+
+    img, _ = blurred
+    path = tmp_path / "mine.pt"
+    shutil.copy(MODELS_DIR / "Z3.pt", path)
+    shutil.copy(MODELS_DIR / "Z3.json", path.with_suffix(".json"))
+    real = mapping._regress
+
+    def then_replace(*args, **kwargs):
+        out = real(*args, **kwargs)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a newer file
+        return out
+
+    monkeypatch.setattr(mapping, "_regress", then_replace)
+    lazy = da.from_array(img, chunks=(224, 384))
+    with dask.config.set(scheduler="synchronous"), pytest.raises(ValueError, match="changed during the run"):
+        lsfov.estimate_psf_map(lazy, str(path))
+    ds = lsfov.estimate_psf_map(lazy, "Z3")  # the shipped one: not pinned
+    assert ds.attrs["model"] == "Z3" and ds.sizes == {"gy": 6, "gx": 5}

@@ -36,19 +36,33 @@ def _node_count(n: int, patch: int, stride: int) -> int:
 
 
 def _model_ref(model):
-    """What tasks carry: a shipped name or a file path (small, loaded once per process), or the model."""
-    from .model import PSFRegressor, load_model
+    """What tasks carry: the model's file and its version (small, loaded once per process), or the model."""
+    from .model import PSFRegressor, file_stamp, load_model, model_path
 
     if isinstance(model, PSFRegressor):
         return model, model
-    return str(model), load_model(model)
+    m = load_model(model)
+    if model_path(model) != Path(str(model)):
+        return (str(model), None), m  # a shipped name: each worker reads its own installation's file
+    return (str(model), file_stamp(model)), m
+
+
+def _load(ref, device):
+    """The model of ``ref`` in this process: the version the run started with, or an error (a file
+    replaced by a training run in the middle of a map would give later chunks other weights)."""
+    from .model import PSFRegressor, file_stamp, load_model
+
+    if isinstance(ref, PSFRegressor):
+        return ref
+    path, stamp = ref
+    if stamp is not None and file_stamp(path) != stamp:
+        raise ValueError(f"the model file {path} changed during the run; run again to map with one version")
+    return load_model(path, device=device)
 
 
 def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, symmetrize=False):
     """Regress the nodes whose patch starts in ``block``'s core; returns (ny, nx, n_out)."""
-    from .model import load_model
-
-    m = ref if not isinstance(ref, str) else load_model(ref, device=device)
+    m = _load(ref, device)
     (oy, ny), (ox, nx) = origin
     if ny == 0 or nx == 0:
         return np.zeros((ny, nx, n_out), np.float32)
@@ -231,7 +245,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         "psf_model": pm.name, "params": list(m.params), "ranges": {k: list(v) for k, v in pm.ranges.items()},
         "optics": pm.optics.to_dict() if pm.optics else None, "patch": patch, "stride": int(stride),
         "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)],
-        "model": str(ref) if isinstance(ref, str) else "PSFRegressor", "symmetrize": int(bool(symmetrize)),
+        "model": "PSFRegressor" if ref is m else str(model), "symmetrize": int(bool(symmetrize)),
     })
     return fill_invalid(ds) if fill else ds
 

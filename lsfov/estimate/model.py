@@ -441,6 +441,26 @@ def _cached(path: str, device: str | None, stamp=None) -> PSFRegressor:
     return PSFRegressor.from_file(path, device)
 
 
+def file_stamp(path):
+    """A model file's version, ``(mtime_ns, size)``, or None if it cannot be read."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None  # from_file says what is missing
+    return st.st_mtime_ns, st.st_size
+
+
+def model_path(name_or_path) -> Path:
+    """The file of a shipped model name or a path."""
+    key = str(name_or_path)
+    if not Path(key).suffix and key.upper() in _psf.MODELS:
+        if key.upper() not in SHIPPED:
+            raise ValueError(f"no shipped model for {key.upper()}; shipped: {', '.join(SHIPPED)}; "
+                             "train one with `lsfov train`")
+        return MODELS_DIR / f"{key.upper()}.pt"
+    return Path(key)
+
+
 def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PSFRegressor:
     """Load a shipped model by PSF-model name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z3"``) or a ``.pt`` file.
 
@@ -450,19 +470,8 @@ def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PS
     if isinstance(name_or_path, PSFRegressor):
         model = name_or_path
     else:
-        key = str(name_or_path)
-        path = Path(key)
-        if not path.suffix and key.upper() in _psf.MODELS:
-            if key.upper() not in SHIPPED:
-                raise ValueError(f"no shipped model for {key.upper()}; shipped: {', '.join(SHIPPED)}; "
-                                 "train one with `lsfov train`")
-            path = MODELS_DIR / f"{key.upper()}.pt"
-        try:
-            st = path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None  # from_file says what is missing
-        model = _cached(str(path.resolve()), None if device is None else str(device), stamp)
+        path = model_path(name_or_path)
+        model = _cached(str(path.resolve()), None if device is None else str(device), file_stamp(path))
     if psf_model is not None and model.psf_model.name != _psf.get_model(psf_model).name:
         raise ValueError(f"model regresses {model.psf_model.name} parameters, not {psf_model}")
     return model
