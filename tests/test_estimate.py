@@ -62,6 +62,9 @@ def test_train_and_test_libraries_are_disjoint():
     tr, te = synth.library(split="train"), synth.library(split="test")
     keys = {(im.shape, float(im.sum())) for im in tr}
     assert not any((im.shape, float(im.sum())) in keys for im in te)
+    # The same scikit-image picture at another downsampling factor would slip past the pixel check.
+    names = {split: set(synth._SKIMAGE_SPLIT[split]) for split in ("train", "test")}
+    assert names["train"] and names["test"] and not names["train"] & names["test"]
     with pytest.raises(ValueError, match="unknown image sources"):
         synth.library(sources=("flickr",))
 
@@ -355,6 +358,19 @@ def test_predict_rejects_bad_patches():
 
 
 @pytest.mark.parametrize("name", M.SHIPPED)
+def test_a_constant_patch_is_always_invalid(name):
+    # README: a constant patch (black, saturated, padded) is always invalid, whatever the network says.
+    model = lsfov.load_model(name)
+    flat = np.stack([np.ones((128, 128)), np.full((128, 128), 300.0), np.zeros((128, 128))]).astype(np.float32)
+    assert np.array_equal(model.predict(flat)["validity"], np.zeros(3, np.float32))
+    assert np.array_equal(model.predict(flat, symmetrize=True)["validity"], np.zeros(3, np.float32))
+    # a real patch beside them is not dragged down with them
+    real = synth.synthesize(8, name, split="test", seed=1, invalid_fraction=0.0)
+    patches = np.concatenate([flat, real["patches"][real["valid"]]])
+    assert (model.predict(patches)["validity"][3:] > 0.5).mean() > 0.8
+
+
+@pytest.mark.parametrize("name", M.SHIPPED)
 def test_shipped_models_load_with_metadata(name):
     reg = lsfov.load_model(name)
     assert reg is lsfov.load_model(name.lower())  # loaded once per process
@@ -366,18 +382,25 @@ def test_shipped_models_load_with_metadata(name):
     assert (M.MODELS_DIR / f"{name}.pt").stat().st_size < 10e6
 
 
-# The issue asks for R² > 0.9. The CPU-trained shipped models reach about 0.8 (Z1, G2) and 0.58 (Z3)
-# on held-out patches (benchmarks/RESULTS.md). The bars sit a margin under that: they catch a
-# broken model or decoding (the Z3 that did not read astigmatism scored under 0.2), and should be raised
-# to 0.9 once the models are retrained on a GPU.
-@pytest.mark.parametrize("name, bar", [("Z1", 0.6), ("G2", 0.6), ("Z3", 0.4)])
+# Bars ~0.04-0.05 under what the shipped models score on this set (seed 123, 400 patches): R² G1 0.929,
+# G2 0.892, Z1 0.947, Z3 0.679 (focus 0.778, astigmatism 0.529, axis 0.731); validity accuracy
+# 0.9925-1.0. Z3's per-parameter floors catch one dead output (a random axis scores R² < 0) that
+# the mean alone would let through.
+_R2_BARS = {"G1": {"sigma": 0.89}, "G2": {}, "Z1": {}, "Z3": {"focus": 0.73, "astigmatism": 0.48, "axis": 0.69}}
+
+
+@pytest.mark.parametrize("name, bar", [("G1", 0.89), ("G2", 0.85), ("Z1", 0.90), ("Z3", 0.63)])
 def test_shipped_models_regress_fresh_test_patches(name, bar):
     test = synth.synthesize(400, name, split="test", seed=123)
     res = train.evaluate(lsfov.load_model(name), test)
+    assert res["n_valid"] > 300, res  # enough valid patches for R² to mean something
     assert res["r2_mean"] > bar, res
-    assert res["validity_accuracy"] > 0.9, res
+    for p, floor in _R2_BARS[name].items():
+        assert res["r2"][p] > floor, (p, res)
+    assert res["validity_accuracy"] > 0.97, res
+    other = "Z1" if name == "G1" else "G1"
     with pytest.raises(ValueError, match="test set is for"):
-        train.evaluate(lsfov.load_model("G1"), test)
+        train.evaluate(lsfov.load_model(other), test)
 
 
 def test_a_model_object_pickles_for_dask_workers():
