@@ -458,10 +458,9 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
-    import xarray as xr
-
     from . import io
     from .cluster import use_scheduler
+    from .estimate.mapping import operator_from_psf_map
     from .estimate.model import load_model
 
     out = _check_out(out, overwrite)
@@ -477,18 +476,16 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     if cal is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    if pixel_um:  # every variable in µm, so that viewers overlay the map on the image
-        img = img.assign_coords({d: xr.Variable(d, pixel_um * np.arange(img.sizes[d]), attrs={"units": "micrometer"})
-                                 for d in ("y", "x")}).assign_attrs(pixel_um=pixel_um)
+    img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
     work = _on_gpu(img, gpu, scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
-        ds, op, stages = _pipeline(img, model, stride, iterations, tv, cal, tmp, not obj["quiet"], resume,
-                                   symmetrize, work=work)
+        ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
+                            symmetrize=symmetrize, scratch=tmp, resume=resume, progress=not obj["quiet"])
         ds.attrs.update(command="lsfov run", source=str(src))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
-        stages["deconvolution + writing"] = stages.pop("deconvolution (lazy)") + time.perf_counter() - t
+        stages["deconvolution + writing"] = stages.pop("deconvolution") + time.perf_counter() - t
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
     if figure:
         from .figures import psf_mosaic, summary_figure
@@ -497,43 +494,24 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         h, w = img.shape
         crop = (slice(max(0, h // 2 - 256), h // 2 + 256), slice(max(0, w // 2 - 256), w // 2 + 256))
         panels = {"raw (centre)": np.asarray(res["raw"].data[crop]),
-                  "deblurred (centre)": np.asarray(res["deblurred"].data[crop]), "PSF grid": psf_mosaic(op.kernels)}
+                  "deblurred (centre)": np.asarray(res["deblurred"].data[crop]),
+                  "PSF grid": psf_mosaic(operator_from_psf_map(res).kernels)}
         if "depth" in res:
             panels[f"depth ({res['depth'].attrs.get('units', '')[:10]})"] = res["depth"].values
         summary_figure(figure, panels, title=f"lsfov run: {src}")
         click.echo(f"figure: {figure}")
 
 
-def _pipeline(img, model, stride, iterations, tv, cal, scratch, progress, resume=False, symmetrize=False, work=None):
-    """PSF map -> operator -> deconvolution (lazy, through ``scratch``) -> depth: the result's variables
-    as one Dataset, the operator, and the time of each stage. ``work``: the same image to compute on
-    (e.g. with CuPy chunks); ``img`` is what the result keeps as ``raw``."""
+def _blind(img, work, model, **kw):
+    """:func:`lsfov.blind_deconvolve` of ``work`` (``img``, or it on the GPU), with ``img`` as the result's
+    ``raw``; and the seconds each stage took."""
     import xarray as xr
 
-    from .estimate.depth import estimate_depth
-    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
-    from .restore import deconvolve as run
+    from .estimate.blind import blind_deconvolve
 
-    work = img if work is None else work
-
-    stages = {}
-    t = time.perf_counter()
-    # Through the run's state: with --resume the chunks already regressed are read back.
-    psf_map = estimate_psf_map(work, model, stride=stride, symmetrize=symmetrize, scratch=scratch, resume=resume,
-                               progress=progress)
-    stages["PSF map"] = time.perf_counter() - t
-    t = time.perf_counter()
-    op = operator_from_psf_map(psf_map, img.shape)
-    stages["operator"] = time.perf_counter() - t
-    t = time.perf_counter()
-    deblurred = run(work, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)
-    stages["deconvolution (lazy)"] = time.perf_counter() - t
-    variables = {"raw": img, "deblurred": deblurred}
-    variables.update({p: psf_map[p] for p in psf_map.attrs["params"]})
-    variables.update(validity=psf_map["validity"], filled=psf_map["filled"].astype(np.uint8))
-    if "axis" in psf_map and "focus" in psf_map:
-        variables["depth"] = estimate_depth(psf_map, cal)
-    return xr.Dataset(variables, attrs={**psf_map.attrs, "iterations": iterations, "tv": tv}), op, stages
+    ds = blind_deconvolve(work, model, **kw)
+    stages = ds.attrs.pop("seconds")
+    return xr.Dataset({"raw": img, **ds.data_vars}, attrs=ds.attrs), stages
 
 
 def _read_calibration(path):
@@ -865,7 +843,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     from . import io, simulate as sim
     from .cluster import use_scheduler
     from .estimate.depth import calibrate_depth
-    from .estimate.mapping import estimate_psf_map
+    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
     from .figures import psf_mosaic, summary_figure
     from .psf import get_model
     from .restore import deconvolve as run_tvrl
@@ -894,7 +872,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
         cal = calibrate_depth(estimate_psf_map(da.from_array(calib.image, chunks=chunks), "Z3"), calib.depth_um,
                               smooth=2.0)  # a local plane over ~2 nodes: the surface is smooth, a node's estimate is not
         stages["depth calibration (second plane)"] = time.perf_counter() - t
-        ds, op, more = _pipeline(img, "Z3", 64, 20, DEFAULT_TV, cal, tmp, not obj["quiet"])
+        ds, more = _blind(img, img, "Z3", calibration=cal, scratch=tmp, progress=not obj["quiet"])
         stages.update(more)
         t = time.perf_counter()
         reference = np.asarray(run_tvrl(da.from_array(sample.image, chunks=chunks), sample.operator, 20))
@@ -903,7 +881,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
         ds.attrs.update(command="lsfov demo", seed=seed)
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
-        stages["deconvolution + writing OME-Zarr"] = stages.pop("deconvolution (lazy)") + time.perf_counter() - t
+        stages["deconvolution + writing OME-Zarr"] = stages.pop("deconvolution") + time.perf_counter() - t
     res = io.open_result(out)
     deblurred = np.asarray(res["deblurred"])
 
@@ -918,7 +896,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     est = res["depth"].values
     gap = np.full((est.shape[0], 1), np.nan)
     both = np.clip(np.hstack([est, gap, truth]), truth.min(), truth.max())  # one scale for both
-    summary_figure(fig, {"raw": sample.image, "deblurred (blind)": deblurred, "PSF map (grid)": psf_mosaic(op.kernels),
+    summary_figure(fig, {"raw": sample.image, "deblurred (blind)": deblurred, "PSF map (grid)": psf_mosaic(operator_from_psf_map(res).kernels),
                          f"depth: CNN | true ({truth.min():.0f}..{truth.max():.0f} µm)": both},
                    title="lsfov demo: a tilted sample, its PSF map, blind deconvolution and depth")
     click.echo(f"\nlsfov demo: {size}x{size} tilted and curved sample, depth -8..8 µm, astigmatic optics")

@@ -24,12 +24,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import positive_int
+from ._validate import positive_int, real_number
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
 
-__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory"]
+__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "with_pixel_size"]
 
 SPATIAL_UNIT = "micrometer"
 _NGFF_NONSPATIAL = {"t": "time", "c": "channel"}
@@ -294,6 +294,30 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     if 0 in arr.shape:
         raise ValueError(f"{path}: the image is empty (shape {arr.shape})")
     return arr
+
+
+def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
+    """A 2-D image as an (y, x) DataArray whose coordinates are in µm when the pixel size is known.
+
+    ``pixel_um`` (positive) replaces the coordinates of any input; without it an xarray input is
+    kept as it is and an array gets pixel coordinates. What lsfov writes then opens at its scale in
+    napari, and PSF maps of it are in µm.
+    """
+    if pixel_um is not None:
+        pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
+    if isinstance(image, xr.DataArray):
+        if image.ndim != 2:
+            raise ValueError(f"image must be 2-D (y, x), got dims {image.dims}; select a plane first")
+        if pixel_um is None:
+            return image
+        image = image.rename(dict(zip(image.dims, ("y", "x"))))
+    else:
+        if getattr(image, "ndim", np.ndim(image)) != 2:
+            raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(image)}; select a plane first")
+        image = xr.DataArray(image if hasattr(image, "dtype") else np.asarray(image), dims=("y", "x"))
+    coords = {d: _coord(d, (pixel_um or 1.0) * np.arange(n), SPATIAL_UNIT if pixel_um else "pixel")
+              for d, n in image.sizes.items()}
+    return image.assign_coords(coords).assign_attrs(pixel_um=pixel_um)
 
 
 def _coord(dim, values, units):

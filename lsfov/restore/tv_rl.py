@@ -188,6 +188,11 @@ def _check_params(operator, iterations, tv, eps, exchange_every):
         )
     if operator.window != (0, 0) + operator.shape:
         raise ValueError("deconvolve() needs a full-image operator, not a restricted window")
+    return check_settings(iterations, tv, eps, exchange_every)
+
+
+def check_settings(iterations, tv, eps=DEFAULT_EPS, exchange_every=None):
+    """``deconvolve``'s settings checked (and made numbers), e.g. before the work that makes its operator."""
     iterations = positive_int(iterations, "iterations")
     try:
         tv = float(tv)

@@ -1,0 +1,73 @@
+"""The whole blind job of paper 000 in one call: PSF map -> grid operator -> TV-RL -> depth."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..restore.tv_rl import DEFAULT_TV
+
+__all__ = ["blind_deconvolve"]
+
+
+def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 20, tv: float = DEFAULT_TV,
+                     calibration=None, pixel_um: float | None = None, symmetrize: bool = False, scratch=None,
+                     resume: bool = False, progress: bool = False):
+    """Measure an image's spatially varying blur with the CNN and undo it (what ``lsfov run`` does).
+
+    Parameters
+    ----------
+    image : ndarray, dask array or xarray.DataArray (H, W)
+        The blurred image; Dask input gives a lazy ``deblurred`` (the map is computed in this call).
+    model : str, Path or PSFRegressor
+        A shipped model name (``"Z3"`` gives depth too) or a trained ``.pt`` file.
+    stride : int
+        PSF-map node spacing in pixels (:func:`lsfov.estimate_psf_map`).
+    iterations, tv : int, float
+        TV-Richardson-Lucy settings (:func:`lsfov.deconvolve`); checked before any work.
+    calibration : DepthCalibration or dict, optional
+        From :func:`lsfov.calibrate_depth`: depth in µm (otherwise the uncalibrated signed defocus).
+    pixel_um : float, optional
+        Pixel size; coordinates of every output in µm (default: the xarray input's, else pixels).
+    symmetrize, scratch, resume, progress
+        As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``deblurred`` (y, x); the model's parameters, ``validity`` and ``filled`` on the node grid
+        (gy, gx); ``depth`` for an astigmatic model. Attributes: the map's, ``iterations``, ``tv`` and
+        ``seconds`` (wall time of each stage; for Dask input without ``scratch`` the deconvolution's is
+        that of building its lazy graph).
+        ``lsfov.save`` writes it as one OME-Zarr result; :func:`lsfov.operator_from_psf_map` of it
+        gives the operator back.
+    """
+    import xarray as xr
+
+    from ..io import with_pixel_size
+    from ..restore import deconvolve
+    from ..restore.tv_rl import check_settings
+    from .depth import DepthCalibration, estimate_depth
+    from .mapping import estimate_psf_map, operator_from_psf_map
+    from .model import load_model
+
+    iterations, tv, _, _ = check_settings(iterations, tv)
+    params = load_model(model).params  # a wrong name or file is refused before any work
+    if not isinstance(calibration, (DepthCalibration, dict, type(None))):
+        raise TypeError(f"calibration must come from lsfov.calibrate_depth, got {type(calibration).__name__}")
+    if calibration is not None and not {"focus", "axis"} <= set(params):
+        raise ValueError(f"a depth calibration needs an astigmatic model (Z3); model {model} regresses {list(params)}")
+    img = with_pixel_size(image, pixel_um)
+    seconds, t = {}, time.perf_counter()
+    psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, scratch=scratch, resume=resume,
+                               progress=progress)
+    seconds["PSF map"], t = time.perf_counter() - t, time.perf_counter()
+    op = operator_from_psf_map(psf_map, img.shape)
+    seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
+    out = {"deblurred": deconvolve(img, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)}
+    seconds["deconvolution"] = time.perf_counter() - t
+    out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], "validity")})
+    out["filled"] = psf_map["filled"].astype(np.uint8)
+    if {"focus", "axis"} <= set(psf_map):
+        out["depth"] = estimate_depth(psf_map, calibration)
+    return xr.Dataset(out, attrs={**psf_map.attrs, "iterations": iterations, "tv": tv, "seconds": seconds})

@@ -1,0 +1,67 @@
+"""`lsfov.blind_deconvolve`: the whole blind job of paper 000 in one call (what `lsfov run` does)."""
+import dask.array as da
+import numpy as np
+import pytest
+
+import lsfov
+from lsfov import simulate
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tilted():
+    return simulate.tilted_surface((384, 384), depth_range_um=(-6, 6), texture="immunohistochemistry", grid=4,
+                                   photons=2000.0, seed=3)
+
+
+def test_blind_deconvolve_is_its_stages_composed(tilted, tmp_path):
+    img = tilted.image
+    cal = lsfov.calibrate_depth(lsfov.estimate_psf_map(img, "Z3"), tilted.depth_um)
+    ds = lsfov.blind_deconvolve(img, "Z3", iterations=4, calibration=cal, pixel_um=0.2)
+    psf_map = lsfov.estimate_psf_map(img, "Z3", pixel_um=0.2)
+    op = lsfov.operator_from_psf_map(psf_map)
+    np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(img, op, 4))
+    for v in ("focus", "astigmatism", "axis", "validity"):
+        np.testing.assert_array_equal(ds[v].values, psf_map[v].values)
+    np.testing.assert_array_equal(ds.depth.values, lsfov.estimate_depth(psf_map, cal).values)
+    assert ds.depth.attrs["units"] == "micrometer" and ds.x.attrs["units"] == "micrometer"
+    assert ds.x.values[1] == pytest.approx(0.2) and ds.gx.values[0] == pytest.approx(63.5 * 0.2)
+    assert set(ds.attrs["seconds"]) == {"PSF map", "operator", "deconvolution"}
+    # Saved, it is one result; its operator comes back from it.
+    ds.attrs.pop("seconds")
+    lsfov.save(ds, tmp_path / "r.zarr")
+    res = lsfov.open_result(tmp_path / "r.zarr")
+    np.testing.assert_array_equal(lsfov.operator_from_psf_map(res).kernels, op.kernels)
+
+
+def test_blind_deconvolve_chunked_equals_whole(tilted):
+    img = tilted.image
+    whole = lsfov.blind_deconvolve(img, "Z3", iterations=3)
+    lazy = lsfov.blind_deconvolve(da.from_array(img, chunks=(200, 150)), "Z3", iterations=3)
+    assert isinstance(lazy.deblurred.data, da.Array)
+    np.testing.assert_allclose(lazy.deblurred.values, whole.deblurred.values, atol=1e-5 * float(whole.deblurred.max()))
+    np.testing.assert_allclose(lazy.focus.values, whole.focus.values, atol=1e-4)
+    assert whole.depth.attrs["units"].startswith("wave")  # uncalibrated: the signed defocus
+
+
+def test_blind_deconvolve_checks_before_any_work(tilted, monkeypatch):
+    from lsfov.estimate import mapping
+
+    called = []
+    monkeypatch.setattr(mapping, "_regress", lambda *a, **k: called.append(1))
+    cal = lsfov.estimate.DepthCalibration(axis0=2.3, slope=20.0, offset=0.0, r2=1.0, mae_um=0.0, n_nodes=9)
+    img = tilted.image
+    for kwargs, match in [
+        (dict(iterations=0), "iterations must be"),
+        (dict(tv=0.5), r"tv must be in \[0, 0.25\)"),
+        (dict(model="G1", calibration=cal), "needs an astigmatic model"),
+        (dict(calibration="cal.json"), "calibration must come from lsfov.calibrate_depth"),
+        (dict(model="nope.pt"), "no model file"),
+        (dict(pixel_um=-1), "pixel_um must be"),
+    ]:
+        with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+            lsfov.blind_deconvolve(img, **kwargs)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        lsfov.blind_deconvolve(np.stack([img, img]))
+    assert not called
