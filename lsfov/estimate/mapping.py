@@ -197,11 +197,11 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
     n_out = len(m.params) + 1
     if isinstance(data, da.Array):
-        from ..restore.chunked import _axis_chunks
+        from ..restore.halo import axis_chunks
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)
-        arr = arr.rechunk(tuple(_axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
+        arr = arr.rechunk(tuple(axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
         (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
         offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
         ext = da.overlap.overlap(arr, depth={0: patch, 1: patch}, boundary="none", allow_rechunk=False)

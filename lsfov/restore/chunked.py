@@ -29,6 +29,7 @@ import numpy as np
 from .._backend import array_module, task_threads
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
+from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
@@ -124,24 +125,6 @@ def _available_memory() -> int:
     return psutil.virtual_memory().available
 
 
-def _axis_chunks(n: int, c: int, minimum: int) -> tuple[int, ...]:
-    """Chunks of size ``c`` (raised to ``minimum``), the remainder merged into the last if too small.
-
-    Boundaries stay on multiples of ``c``, so every chunk is a union of zarr chunks of edge ``c``.
-    """
-    c = max(c, minimum, 1)
-    q, rem = divmod(n, c)
-    if q == 0:
-        return (n,)
-    chunks = [c] * q
-    if rem:
-        if rem < minimum:
-            chunks[-1] += rem
-        else:
-            chunks.append(rem)
-    return tuple(chunks)
-
-
 def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
                     exchange_every: int | None = None, scratch=None, resume: bool = False,
                     progress: bool = False) -> da.Array:
@@ -176,75 +159,47 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         log.info("chunks %s are smaller than the halo of %d px (%d iterations x %d px); using larger chunks",
                  c, halo, k, s)
     ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
-    chunks = tuple(_axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
+    chunks = tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
     check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
-    params = dict(op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
-    counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
+    block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
+    counts = exchange_counts(iterations, k)
     log.info("TV-RL: %d iterations in %d exchanges, halo %d px, %d blocks of up to %s",
              iterations, len(counts), halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
 
     if scratch is None:
-        x = None
-        for n in counts:
-            x = _exchange(x, y_ext, n, s * n, params)
+        x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale))
     else:
         # Same data (its statistics), operator and parameters -> same state directory: what resume finds.
         fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), chunks, counts, s,
                                          op.fingerprint, tv, eps)
-        x = _run_to_scratch(y_ext, counts, s, params, Path(scratch), progress, resume, fingerprint)
+        x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
-def _exchange(x, y_ext, n, halo, params):
-    """``n`` iterations on every block after one halo exchange of ``halo`` pixels."""
-    ys = da.overlap.overlap(y_ext, depth=halo, boundary="none", allow_rechunk=False) if halo else y_ext
-    args = [ys]
-    if x is not None:
-        args.append(da.overlap.overlap(x, depth=halo, boundary="none", allow_rechunk=False) if halo else x)
-    fn = functools.partial(_lazy_block, n=n, halo=halo, **params)
-    meta = da.utils.meta_from_array(y_ext, ndim=2, dtype=np.float32)  # NumPy or CuPy chunks, as given
-    return da.map_blocks(fn, *args, chunks=params["chunks"], dtype=np.float32, meta=meta,
-                         name=f"lsfov-tvrl-{dask.base.tokenize(args, n, halo, params['op']._token, params['tv'], params['eps'], params['scale'])}")
-
-
-def _lazy_block(yb, xb=None, *, block_info=None, **params):
-    """The lazy path's task (``map_blocks``)."""
-    return _block(yb, xb, location=block_info[None]["chunk-location"], **params)
-
-
-def _scratch_block(yb, xb, *, start, **params):
-    """The scratch runner's task (:func:`lsfov.restore.scratch.run_exchanges`)."""
-    return _block(yb, xb, **params)
-
-
-def _block(yb, xb, *, n, halo, op, tv, eps, thr, scale, chunks, location):
-    """``n`` iterations on the window of the block at ``location``; its core."""
-    iy, ix = location
-    top = halo if iy > 0 else 0
-    left = halo if ix > 0 else 0
-    oy = sum(chunks[0][:iy]) - top - op.halo  # window origin in image coordinates
-    ox = sum(chunks[1][:ix]) - left - op.halo
+def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks):
+    """``n`` iterations on the window of the block at ``location``; its core. (``start`` unused: an
+    RL iteration does not depend on its index.)"""
+    window, core = block_window(chunks, location, halo)
     # Wrap-around is harmless along an axis whose two ends are both discarded halo or both the
     # field's zero rim; where one end is each, it would carry halo data into the rim.
-    n_blocks = (len(chunks[0]), len(chunks[1]))
-    periodic = tuple(nb == 1 or 0 < i < nb - 1 for i, nb in zip((iy, ix), n_blocks))
-    win = op.restrict((oy, ox), yb.shape, periodic=periodic)
+    periodic = tuple(len(c) == 1 or 0 < i < len(c) - 1 for i, c in zip(location, chunks))
+    win = op.restrict(tuple(w.start - op.halo for w in window), yb.shape, periodic=periodic)  # image coordinates
     with task_threads():
         norm = win.adjoint_ones(like=yb)
         x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
         x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
     xp = array_module(x)
-    return xp.maximum(x[top : top + chunks[0][iy], left : left + chunks[1][ix]], np.float32(0.0))
+    return xp.maximum(x[core], np.float32(0.0))
 
 
-def _run_to_scratch(y_ext, counts, s, params, scratch: Path, progress, resume=False, fingerprint=""):
+def _run_to_scratch(y_ext, counts, s, block, scratch: Path, progress, resume=False, fingerprint=""):
     """Every exchange through zarr (:mod:`lsfov.restore.scratch`): memory stays at a few chunks,
     whatever the image size, and the run is resumable. Its state lives in
     ``scratch/lsfov-tvrl-<fingerprint>``: the fingerprint covers the data's statistics, the
     operator and every parameter, so another run never picks it up."""
     from .scratch import run_exchanges
 
-    zx = run_exchanges(y_ext, counts, s, functools.partial(_scratch_block, **params),
-                       root=scratch / f"lsfov-tvrl-{fingerprint[:16]}", resume=resume, progress=progress, desc="TV-RL")
-    return da.from_zarr(zx, chunks=params["chunks"])
+    zx = run_exchanges(y_ext, counts, s, block, root=scratch / f"lsfov-tvrl-{fingerprint[:16]}", resume=resume,
+                       progress=progress, desc="TV-RL")
+    return da.from_zarr(zx, chunks=y_ext.chunks)

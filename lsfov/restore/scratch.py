@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 
 from .._backend import array_module, to_numpy
+from .halo import block_window
 
 log = logging.getLogger("lsfov")
 
@@ -35,9 +36,9 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     counts : list of int
         Iterations per exchange; exchange ``e`` exchanges a halo of ``spread * counts[e]`` pixels.
     block : callable
-        ``block(yb, xb, *, n, start, halo, location) -> core``: ``n`` iterations from iteration
-        ``start`` on a window (``xb`` None on the first exchange); returns the block's core,
-        (H_b, W_b) or (channels, H_b, W_b). CuPy windows when ``y`` has CuPy chunks.
+        ``block(yb, xb, *, n, start, halo, location) -> core`` (:mod:`lsfov.restore.halo`): ``n``
+        iterations from iteration ``start`` on a window (``xb`` None on the first exchange); returns
+        the block's core, (H_b, W_b) or (channels, H_b, W_b). CuPy windows when ``y`` has CuPy chunks.
     root : Path
         The run's state directory (a name unique to the run: resuming finds it there).
     channels : int
@@ -125,21 +126,16 @@ def _task(*, zy, zx, zout, marks: Path, block, n, start, halo, chunks, gpu, bloc
     mark = marks / f"{iy}.{ix}"
     if mark.exists():
         return np.zeros((1, 1), bool)
-    y0, x0 = sum(chunks[0][:iy]), sum(chunks[1][:ix])
-    # The window da.overlap(boundary="none") would give: no halo beyond the field's edge.
-    top = halo if iy > 0 else 0
-    left = halo if ix > 0 else 0
-    bottom = halo if iy < len(chunks[0]) - 1 else 0
-    right = halo if ix < len(chunks[1]) - 1 else 0
-    win = (slice(y0 - top, y0 + chunks[0][iy] + bottom), slice(x0 - left, x0 + chunks[1][ix] + right))
-    yb = zy[win]
-    xb = None if zx is None else zx[(Ellipsis,) + win]
+    window, core = block_window(chunks, (iy, ix), halo)
+    yb = zy[window]
+    xb = None if zx is None else zx[(Ellipsis,) + window]
     if gpu:
         import cupy
 
         yb, xb = cupy.asarray(yb), None if xb is None else cupy.asarray(xb)
-    core = block(yb, xb, n=n, start=start, halo=halo, location=(iy, ix))
+    out = block(yb, xb, n=n, start=start, halo=halo, location=(iy, ix))
     # Blocks are unions of whole zarr chunks: no two tasks write the same chunk.
-    zout[(Ellipsis, slice(y0, y0 + chunks[0][iy]), slice(x0, x0 + chunks[1][ix]))] = to_numpy(core)
+    place = tuple(slice(w.start + c.start, w.start + c.stop) for w, c in zip(window, core))  # the core in the field
+    zout[(Ellipsis,) + place] = to_numpy(out)
     mark.touch()  # only after the write: a task killed mid-write leaves no mark and is redone
     return np.ones((1, 1), bool)

@@ -18,7 +18,7 @@ import numpy as np
 from .._backend import task_threads, to_numpy
 from .._validate import LsfovWarning, as_image, positive_int, real_number
 from ..operators import ProductConvolution
-from .chunked import _axis_chunks
+from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
 
@@ -220,59 +220,38 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
         raise ValueError(f"chunks {c} are smaller than the halo of {s * k} px ({k} iterations x {s} px); "
                          "use larger chunks or a smaller exchange_every")
     # A last chunk thinner than the halo joins its neighbour (the overlap needs the whole halo).
-    chunks = tuple(_axis_chunks(n, ci, s * k) for n, ci in zip(y.shape, c))
+    chunks = tuple(axis_chunks(n, ci, s * k) for n, ci in zip(y.shape, c))
     in_chunks, y = y.chunks, y.rechunk(chunks)
     level = np.array([0, start_level, 0, start_level], np.float32)[:, None, None]
-    state = da.zeros((4,) + y.shape, dtype=np.float32, chunks=((4,),) + chunks) + level
-    counts = [k] * (iterations // k) + ([iterations % k] if iterations % k else [])
+    block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps, level=level)
+    counts = exchange_counts(iterations, k)
     log.info("sparse+smooth: %d iterations in %d exchanges, halo %d px", iterations, len(counts), s * k)
-    if scratch is not None:
+    if scratch is None:
+        state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps, level),
+                               channels=4)
+    else:
         from pathlib import Path
 
         from .scratch import run_exchanges
 
         # The image (Dask's name: its source and chunks), the operator's content, every parameter.
         key = dask.base.tokenize(y.name, op.fingerprint, gamma1, gamma2, steps, counts, s, float(start_level))
-        block = functools.partial(_scratch_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
-                                  level=level)
         zx = run_exchanges(y, counts, s, block, root=Path(scratch) / f"lsfov-bss-{key[:16]}", channels=4,
                            resume=resume, progress=progress, desc="sparse+smooth")
         state = da.from_zarr(zx, chunks=((4,),) + chunks)
-        return state[0].rechunk(in_chunks), state[1].rechunk(in_chunks)
-    start = 0
-    for n in counts:
-        halo = s * n
-        ys = da.overlap.overlap(y, depth=halo, boundary="none", allow_rechunk=False)
-        st = da.overlap.overlap(state, depth={0: 0, 1: halo, 2: halo}, boundary="none", allow_rechunk=False)
-        fn = functools.partial(_lazy_block, op=op, start=start, n=n, halo=halo, chunks=chunks, gamma1=gamma1,
-                               gamma2=gamma2, steps=steps)
-        state = da.map_blocks(fn, st, ys, chunks=state.chunks, dtype=np.float32,
-                              name=f"lsfov-bss-{dask.base.tokenize(st, ys, op._token, start, n, gamma1, gamma2, steps)}")
-        start += n
     return state[0].rechunk(in_chunks), state[1].rechunk(in_chunks)
 
 
-def _scratch_block(yb, st, *, n, start, halo, location, level, **kw):
-    if st is None:  # the first exchange: the starting state, built in the task
+def _block(yb, st, *, n, start, halo, location, op, chunks, gamma1, gamma2, steps, level):
+    """``n`` FISTA iterations from iteration ``start`` on the window of the block at ``location``;
+    its core. The first exchange (``st`` None) starts from ``level``."""
+    if st is None:
         st = np.zeros((4,) + yb.shape, np.float32) + level
-    return _block(st, yb, start=start, n=n, halo=halo, location=location, **kw)
-
-
-def _lazy_block(st, yb, *, block_info=None, **kw):
-    """The lazy path's task (``map_blocks`` over the (4, H, W) state)."""
-    return _block(st, yb, location=block_info[0]["chunk-location"][1:], **kw)
-
-
-def _block(st, yb, *, op, start, n, halo, chunks, gamma1, gamma2, steps, location):
-    iy, ix = location
-    top = halo if iy > 0 else 0
-    left = halo if ix > 0 else 0
-    oy = sum(chunks[0][:iy]) - top
-    ox = sum(chunks[1][:ix]) - left
-    win = op.restrict((oy, ox), yb.shape)
+    window, core = block_window(chunks, location, halo)
+    win = op.restrict(tuple(w.start for w in window), yb.shape)
     with task_threads():
         out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, np)
-    return np.stack([o[top : top + chunks[0][iy], left : left + chunks[1][ix]] for o in out])
+    return np.stack([o[core] for o in out])
 
 
 def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: float = 3.0) -> np.ndarray:
