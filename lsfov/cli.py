@@ -225,13 +225,13 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
     out = _check_out(out, overwrite)
     b = sim.bead_field((size, size), n_beads, seed=seed, grid=grid, pixel_um=pixel_um)
     px = b.optics.pixel_um
-    image = _image_da(b.image, px, "photon")
+    image = io.with_pixel_size(b.image.astype(np.float32), px).assign_attrs(units="photon")
     cy, cx = b.operator.centers
     depth = xr.DataArray(
         b.depth_um.astype(np.float32), dims=("gy", "gx"),
         coords={"gy": _um("gy", cy * px), "gx": _um("gx", cx * px)}, attrs={"units": "micrometer"},
     )
-    ds = xr.Dataset({"image": image, "clean": _image_da(b.clean, px, "photon"), "depth": depth},
+    ds = xr.Dataset({"image": image, "clean": image.copy(data=b.clean.astype(np.float32)), "depth": depth},
                     attrs={"optics": b.optics.to_dict(), "seed": seed, "n_beads": len(b.positions),
                            "positions": b.positions.tolist()})
     io.save(ds, out, overwrite=overwrite)
@@ -838,11 +838,11 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     import tempfile
 
     import dask.array as da
-    import xarray as xr
 
     from . import io, simulate as sim
+    from .calibrate.single import rescaled_distance
     from .cluster import use_scheduler
-    from .estimate.depth import calibrate_depth
+    from .estimate.depth import _node_values, calibrate_depth
     from .estimate.mapping import estimate_psf_map, operator_from_psf_map
     from .figures import psf_mosaic, summary_figure
     from .psf import get_model
@@ -863,9 +863,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     sharp = sim.sample_image(kw["texture"], (size, size))
     stages["simulate sample and calibration plane"] = time.perf_counter() - t
     px = get_model("Z3").optics.pixel_um  # the PSFs are rendered for the model's optics
-    coords = {d: xr.Variable(d, px * np.arange(size), attrs={"units": "micrometer"}) for d in "yx"}
-    img = xr.DataArray(da.from_array(sample.image, chunks=chunks), dims=("y", "x"), coords=coords,
-                       attrs={"pixel_um": px})
+    img = io.with_pixel_size(da.from_array(sample.image, chunks=chunks), px)
     with use_scheduler(scheduler, n_workers=2), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-",
                                                                          dir=out.parent) as tmp:
         t = time.perf_counter()
@@ -877,7 +875,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
         t = time.perf_counter()
         reference = np.asarray(run_tvrl(da.from_array(sample.image, chunks=chunks), sample.operator, 20))
         stages["reference: TV-RL with the true blur"] = time.perf_counter() - t
-        ds["sharp"] = xr.DataArray(sharp, dims=("y", "x"), coords=coords)
+        ds["sharp"] = img.copy(data=sharp)
         ds.attrs.update(command="lsfov demo", seed=seed)
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -886,12 +884,9 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     deblurred = np.asarray(res["deblurred"])
 
     def snr(a):  # after the best gain and offset: the sample's brightness is arbitrary
-        design = np.stack([np.ravel(a), np.ones(a.size)], 1)
-        coef, *_ = np.linalg.lstsq(design, sharp.ravel(), rcond=None)
-        return 10 * np.log10(np.sum(sharp**2) / np.sum((design @ coef - sharp.ravel()) ** 2))
+        return -20 * np.log10(rescaled_distance(a, sharp))
 
-    cy = 63.5 + 64 * np.arange(res.sizes["gy"])
-    truth = sample.depth_um[np.rint(cy).astype(int)][:, np.rint(cy).astype(int)]
+    truth = _node_values(res, sample.depth_um)
     mae = float(np.mean(np.abs(res["depth"].values - truth)))
     est = res["depth"].values
     gap = np.full((est.shape[0], 1), np.nan)
@@ -917,15 +912,6 @@ def _um(dim, values):
     import xarray as xr
 
     return xr.Variable(dim, np.asarray(values, dtype=np.float64), attrs={"units": "micrometer"})
-
-
-def _image_da(arr, pixel_um, units):
-    import xarray as xr
-
-    h, w = arr.shape
-    coords = {"y": _um("y", np.arange(h) * pixel_um), "x": _um("x", np.arange(w) * pixel_um)} if pixel_um else {}
-    return xr.DataArray(np.asarray(arr, dtype=np.float32), dims=("y", "x"), coords=coords,
-                        attrs={"units": units} if units else {})
 
 
 def _params_dataset(params, op, pixel_um, model):
