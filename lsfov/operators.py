@@ -40,6 +40,11 @@ from ._validate import real_number, shape2d
 __all__ = ["ProductConvolution"]
 
 
+def _cell_centers(g: int, n: int) -> np.ndarray:
+    """Centres (pixels) of ``g`` equal cells along ``n`` pixels: where a grid's nodes sit by default."""
+    return (np.arange(g) + 0.5) * n / g - 0.5
+
+
 def _hat_weights(centers: np.ndarray, r: np.ndarray):
     """Bilinear hat weights on one axis: for positions r, the lower node, the upper node and t.
 
@@ -247,7 +252,7 @@ class ProductConvolution:
             raise ValueError(f"the PSF at node ({iy}, {ix}) sums to {sums[iy, ix]:g}; a PSF must carry light "
                              "(positive sum): check its background subtraction")
         if centers is None:
-            centers = tuple((np.arange(g) + 0.5) * n / g - 0.5 for g, n in zip((gy, gx), shape))
+            centers = tuple(_cell_centers(g, n) for g, n in zip((gy, gx), shape))
         else:
             if len(centers) != 2:
                 raise ValueError("centers must be a pair (rows, columns) of 1-D arrays")

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from . import psf as _psf
 from ._validate import as_image, positive_int, real_number, shape2d
-from .operators import ProductConvolution
+from .operators import ProductConvolution, _cell_centers
 
 __all__ = ["BeadField", "TiltedSurface", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image",
            "tilted_surface"]
@@ -100,8 +100,7 @@ def bead_field(
     n_beads = positive_int(n_beads, "n_beads")
 
     gy, gx = min(grid, h), min(grid, w)
-    cy = (np.arange(gy) + 0.5) * h / gy - 0.5
-    cx = (np.arange(gx) + 0.5) * w / gx - 0.5
+    cy, cx = _cell_centers(gy, h), _cell_centers(gx, w)
     z = _random_polynomial((gy, gx), rng, 2, *z_range_um)
     drawn_axis = rng.uniform(0, np.pi)  # drawn even when given, so a seed's other draws do not move
     axis = drawn_axis if axis is None else float(axis)
@@ -260,8 +259,7 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
     rmin, rmax = raw.min(), raw.max()
     depth = lo + (hi - lo) * (raw - rmin) / (rmax - rmin)
     gy, gx = min(grid, h), min(grid, w)
-    cy = (np.arange(gy) + 0.5) * h / gy - 0.5
-    cx = (np.arange(gx) + 0.5) * w / gx - 0.5
+    cy, cx = _cell_centers(gy, h), _cell_centers(gx, w)
     nodes = lo + (hi - lo) * (depth_at(*np.meshgrid(cy, cx, indexing="ij")) - rmin) / (rmax - rmin)
     kappa = float(focus_per_um)
     fmax = m.ranges["focus"][1]

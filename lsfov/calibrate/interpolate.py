@@ -15,7 +15,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
 from .._validate import positive_int
-from ..operators import _hat_weights
+from ..operators import _cell_centers, _hat_weights
 from .cone import project_cone
 
 __all__ = ["NodeGrid", "coefficient_nodes", "node_grid", "voronoi_weights"]
@@ -87,9 +87,8 @@ def voronoi_weights(positions, shape, *, samples: int = 512) -> np.ndarray:
     """
     pos = np.asarray(positions, dtype=np.float64)
     h, w = shape
-    ys = (np.arange(samples) + 0.5) * h / samples - 0.5  # cell centres of a samples² partition of the field
-    xs = (np.arange(samples) + 0.5) * w / samples - 0.5
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    # The cell centres of a samples² partition of the field.
+    yy, xx = np.meshgrid(_cell_centers(samples, h), _cell_centers(samples, w), indexing="ij")
     _, owner = cKDTree(pos).query(np.stack([yy.ravel(), xx.ravel()], axis=1))
     counts = np.bincount(owner, minlength=len(pos)).astype(np.float64)
     counts = np.maximum(counts, 0.5)  # a cell thinner than the sampling still weighs something

@@ -35,6 +35,11 @@ def _node_count(n: int, patch: int, stride: int) -> int:
     return (n - patch) // stride + 1
 
 
+def node_centres(patch: int, stride: int, shape) -> tuple[np.ndarray, ...]:
+    """Pixel positions (rows, columns) of the nodes of a PSF map of ``shape`` (gy, gx): its patches' centres."""
+    return tuple(patch / 2 - 0.5 + stride * np.arange(g) for g in shape)
+
+
 def _model_ref(model):
     """What tasks carry: the model's file and its version (small, loaded once per process), or the model."""
     from .model import PSFRegressor, file_stamp, load_model, model_path
@@ -231,7 +236,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if not np.all(np.isfinite(values)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
 
-    centres = [patch / 2 - 0.5 + stride * np.arange(g) for g in (gy, gx)]
+    centres = node_centres(patch, stride, (gy, gx))
     scale, unit = (float(pixel_um), "micrometer") if pixel_um else (1.0, "pixel")
     coords = {d: xr.Variable(d, c * scale, attrs={"units": unit, "step": stride * scale})  # step: for a 1-node axis
               for d, c in zip(("gy", "gx"), centres)}
@@ -337,6 +342,6 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     size = size or m.size
     kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
     patch, stride = psf_map.attrs.get("patch", 128), psf_map.attrs.get("stride", 64)
-    centres = tuple(patch / 2 - 0.5 + stride * np.arange(g) for g in (gy, gx))
+    centres = node_centres(patch, stride, (gy, gx))
     attrs = {"source": "lsfov.operator_from_psf_map", "psf_model": m.name}
     return ProductConvolution.from_grid(kernels, shape, centers=centres, attrs=attrs)
