@@ -603,7 +603,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     from . import io
     from .calibrate import OperatorSubspace, identify_operator
     from .cluster import use_scheduler
-    from .restore import estimate_noise, locate_sources, sparse_smooth_deblur
+    from .restore import locate_sources, sparse_smooth_deblur
 
     out = _check_out(out, overwrite)
     _check_out(out.with_suffix(".png"), overwrite, result=False)
@@ -631,8 +631,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
             "iterations": iterations,
         })
         # The deblurred point sources as a table too (3-sigma detections in the sparse component).
-        cy, cx = (max(0, n // 2 - 512) for n in img.shape)  # the crop sparse_smooth_deblur measured
-        found = locate_sources(sparse, op, estimate_noise(np.asarray(img.data[cy : cy + 1024, cx : cx + 1024])))
+        found = locate_sources(sparse, op, sparse.attrs["noise"])
         ds["detections"] = xr.DataArray(found, dims=("detection", "column"), coords=cols, attrs={
             "units": "pixel", "description": "point sources in the sparse component (3-sigma)"})
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])

@@ -137,7 +137,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
 
     Returns
     -------
-    (sparse, smooth) : the two components, same type and shape as the image, float32.
+    (sparse, smooth) : the two components, same type and shape as the image, float32; xarray
+    ones carry ``gamma1``, ``gamma2`` and ``noise`` (the σ measured, for :func:`locate_sources`).
     """
     if not isinstance(operator, ProductConvolution):
         raise TypeError("operator must be an lsfov.ProductConvolution")
@@ -171,8 +172,9 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     l1, l2 = _psf_norms(operator)
+    noise = estimate_noise(sample)
     if gamma1 is None:
-        gamma1 = 3.0 * estimate_noise(sample) * l2
+        gamma1 = 3.0 * noise * l2
     if gamma2 is None:
         gamma2 = DEFAULT_GAMMA2
     gamma1, gamma2 = real_number(gamma1, "gamma1", minimum=0), real_number(gamma2, "gamma2", minimum=0)
@@ -200,7 +202,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
                           "point sources on a smooth background; lsfov.deconvolve may suit it better",
                           LsfovWarning, stacklevel=2)
     if xr_in:
-        attrs = {**image.attrs, "gamma1": gamma1, "gamma2": gamma2}
+        attrs = {**image.attrs, "gamma1": gamma1, "gamma2": gamma2, "noise": noise}
         sparse = image.copy(data=sparse).assign_attrs(attrs, component="sparse")
         smooth = image.copy(data=smooth).assign_attrs(attrs, component="smooth")
     return sparse, smooth
