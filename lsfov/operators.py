@@ -60,6 +60,15 @@ def _hat_weights(centers: np.ndarray, r: np.ndarray):
     return lo, lo + 1, t
 
 
+def _hat_matrix(centers: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """(len(r), len(centers)) matrix of the hat weights: values at positions r from node values."""
+    lo, hi, t = _hat_weights(centers, r)
+    m = np.zeros((len(r), len(centers)))
+    np.add.at(m, (np.arange(len(r)), lo), 1.0 - t)
+    np.add.at(m, (np.arange(len(r)), hi), t)
+    return m
+
+
 @dataclass
 class _AxisCells:
     """Cells of one axis inside a window: starts (window coords), lengths, nodes and weights."""
@@ -674,14 +683,9 @@ class ProductConvolution:
         sums = to_numpy(self.kernels).sum(axis=(-2, -1), dtype=np.float64)
         if self.kind == "basis":
             return np.tensordot(sums, _window_of(self.maps, self.window, self.shape), axes=1).astype(np.float32)
-        mats = []
-        for c, o, n in zip(self.centers, (oy, ox), (h, w)):
-            lo, hi, t = _hat_weights(c, np.arange(o, o + n, dtype=np.float64))
-            m = np.zeros((n, len(c)))
-            np.add.at(m, (np.arange(n), lo), 1.0 - t)
-            np.add.at(m, (np.arange(n), hi), t)
-            mats.append(m)
-        return (mats[0] @ sums @ mats[1].T).astype(np.float32)
+        my, mx = (_hat_matrix(c, np.arange(o, o + n, dtype=np.float64))
+                  for c, o, n in zip(self.centers, (oy, ox), (h, w)))
+        return (my @ sums @ mx.T).astype(np.float32)
 
     # ------------------------------------------------------------------ storage
     def save(self, path, *, overwrite: bool = False):

@@ -15,7 +15,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
 from .._validate import positive_int
-from ..operators import _cell_centers, _hat_weights
+from ..operators import _cell_centers, _hat_matrix
 from .cone import project_cone
 
 __all__ = ["NodeGrid", "coefficient_nodes", "node_grid", "voronoi_weights"]
@@ -43,13 +43,7 @@ class NodeGrid:
 
     def hat(self, axis: int) -> np.ndarray:
         """(n, g) matrix: pixel values along ``axis`` from node values."""
-        c = self.nodes[axis]
-        n = self.shape[axis]
-        lo, hi, t = _hat_weights(c, np.arange(n, dtype=np.float64))
-        m = np.zeros((n, len(c)))
-        np.add.at(m, (np.arange(n), lo), 1.0 - t)
-        np.add.at(m, (np.arange(n), hi), t)
-        return m
+        return _hat_matrix(self.nodes[axis], np.arange(self.shape[axis], dtype=np.float64))
 
     def upsample(self, values) -> np.ndarray:
         """(..., gy, gx) node values -> (..., H, W) float32 pixel values."""
