@@ -327,7 +327,10 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     seconds = time.perf_counter() - t0
-    fig = _preview(img, io.open_result(out)["deblurred"], out.with_suffix(".png"))
+    from .figures import summary_figure
+
+    fig = summary_figure(out.with_suffix(".png"), _centres({"raw": img, "deblurred": io.open_result(out)["deblurred"]},
+                                                           ("raw", "deblurred")), title="lsfov deconvolve")
     mpix = img.size / 1e6
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {iterations} iterations in {seconds:.1f} s "
                f"({mpix * iterations / seconds:.1f} Mpixel·iterations/s); preview {fig}")
@@ -365,16 +368,12 @@ def _psf_operator(path, shape):
     return ProductConvolution.from_grid(k[None, None], shape, attrs={"psf_file": str(path)})
 
 
-def _preview(raw, deblurred, path, edge=512):
-    """A PNG of the centre of the field, raw beside deblurred."""
-    from .figures import summary_figure
+def _centres(variables, names, edge=512):
+    """Figure panels: the central ``edge``² of each variable (a whole large field would be too fine to see)."""
+    h, w = variables[names[0]].shape
+    crop = (slice(max(0, h // 2 - edge // 2), h // 2 + edge // 2), slice(max(0, w // 2 - edge // 2), w // 2 + edge // 2))
+    return {f"{name} (centre)": np.asarray(variables[name].data[crop]) for name in names}
 
-    h, w = raw.shape
-    y0, x0 = max(0, h // 2 - edge // 2), max(0, w // 2 - edge // 2)
-    crop = (slice(y0, y0 + edge), slice(x0, x0 + edge))
-    return summary_figure(path, {"raw (centre)": np.asarray(raw.data[crop]),
-                                 "deblurred (centre)": np.asarray(deblurred.data[crop])},
-                          title="lsfov deconvolve")
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -491,13 +490,10 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         from .figures import psf_mosaic, summary_figure
 
         res = io.open_result(out)
-        h, w = img.shape
-        crop = (slice(max(0, h // 2 - 256), h // 2 + 256), slice(max(0, w // 2 - 256), w // 2 + 256))
-        panels = {"raw (centre)": np.asarray(res["raw"].data[crop]),
-                  "deblurred (centre)": np.asarray(res["deblurred"].data[crop]),
-                  "PSF grid": psf_mosaic(operator_from_psf_map(res).kernels)}
+        panels = {**_centres(res, ("raw", "deblurred")), "PSF grid": psf_mosaic(operator_from_psf_map(res).kernels)}
         if "depth" in res:
-            panels[f"depth ({res['depth'].attrs.get('units', '')[:10]})"] = res["depth"].values
+            calibrated = res["depth"].attrs.get("units") == "micrometer"
+            panels["depth (µm)" if calibrated else "signed defocus (waves; no calibration)"] = res["depth"].values
         summary_figure(figure, panels, title=f"lsfov run: {src}")
         click.echo(f"figure: {figure}")
 
@@ -637,11 +633,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     from .figures import summary_figure
 
-    res = io.open_result(out)
-    h, w = img.shape
-    crop = (slice(max(0, h // 2 - 256), h // 2 + 256), slice(max(0, w // 2 - 256), w // 2 + 256))
-    fig = summary_figure(out.with_suffix(".png"), {name + " (centre)": np.asarray(res[name].data[crop])
-                                                   for name in ("raw", "sparse", "smooth")}, title="lsfov bss")
+    fig = summary_figure(out.with_suffix(".png"), _centres(io.open_result(out), ("raw", "sparse", "smooth")),
+                         title="lsfov bss")
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, blur from {len(table)} sources, {len(found)} point "
                f"sources found, {iterations} iterations in {time.perf_counter() - t0:.1f} s; preview {fig}")
 
