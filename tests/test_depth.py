@@ -42,6 +42,12 @@ def test_depth_sign_above_and_below_focus():
     assert z.attrs["units"].startswith("wave RMS")
     left, right = z.values[:, cx < 120], z.values[:, cx > 136]
     assert np.all(np.sign(left) == np.sign(left[0, 0])) and np.all(np.sign(right) == -np.sign(left[0, 0]))
+    # ... and its value: focus (2 axis / pi - 1), here and on a map of any axes (not only pi/4 and 3pi/4).
+    rng = np.random.default_rng(0)
+    anyaxis = ds.assign(axis=ds["axis"].copy(data=rng.uniform(0, np.pi, ds["axis"].shape).astype(np.float32)))
+    for m in (ds, anyaxis):
+        f, a = (m[v].values.astype(np.float64) for v in ("focus", "axis"))
+        np.testing.assert_allclose(estimate_depth(m).values, f * (2 * a / np.pi - 1), rtol=1e-6, atol=1e-7 * f.max())
     # Calibrated: µm, with the sign and the scale of the truth.
     cal = calibrate_depth(ds, s.depth_um)
     assert cal.axis0 == pytest.approx(np.pi / 4, abs=0.02)
