@@ -128,6 +128,8 @@ def _node_values(psf_map, known):
     """``known`` depth on the node grid: given there, or sampled at the node centres (bilinear)."""
     from scipy.ndimage import map_coordinates
 
+    from .mapping import node_centres
+
     k = np.asarray(getattr(known, "values", known), dtype=np.float64)
     shape = (psf_map.sizes["gy"], psf_map.sizes["gx"])
     if k.shape == shape:
@@ -139,8 +141,7 @@ def _node_values(psf_map, known):
     if k.shape != image_shape:
         raise ValueError(f"known_depth_um has shape {k.shape}; give it on the node grid {shape} or at the "
                          f"image's full resolution {image_shape}")
-    cy, cx = (patch / 2 - 0.5 + stride * np.arange(g) for g in shape)
-    yy, xx = np.meshgrid(cy, cx, indexing="ij")
+    yy, xx = np.meshgrid(*node_centres(patch, stride, shape), indexing="ij")
     return map_coordinates(k, [yy, xx], order=1, mode="nearest")
 
 
