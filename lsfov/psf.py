@@ -23,6 +23,7 @@ Conventions (every function in lsfov follows them):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -328,6 +329,21 @@ class PSFModel:
     @property
     def n_params(self) -> int:
         return len(self.params)
+
+    def to_meta(self) -> dict:
+        """The model as stored results record it (JSON types): name, parameters, units, ranges, optics."""
+        return {"psf_model": self.name, "params": list(self.params), "units": dict(self.units),
+                "ranges": {p: list(v) for p, v in self.ranges.items()},
+                "optics": self.optics.to_dict() if self.optics else None}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping) -> PSFModel:
+        """The model a record of :meth:`to_meta` describes: the named model (a name or a model) with the
+        recorded ranges and optics, its own where the record has none."""
+        base = get_model(meta["psf_model"])
+        ranges = {p: tuple(v) for p, v in (meta.get("ranges") or base.ranges).items()}
+        optics = meta.get("optics")
+        return dataclasses.replace(base, ranges=ranges, optics=Optics(**optics) if optics else base.optics)
 
     def as_array(self, params) -> tuple[np.ndarray, bool]:
         """Parameter set(s) as a (B, N) float64 array, and whether a batch was given."""

@@ -8,7 +8,6 @@ once per process (:func:`lsfov.load_model` caches it; a Dask worker keeps it bet
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -241,14 +240,15 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     coords = {d: xr.Variable(d, c * scale, attrs={"units": unit, "step": stride * scale})  # step: for a 1-node axis
               for d, c in zip(("gy", "gx"), centres)}
     pm = m.psf_model
+    record = pm.to_meta()
+    del record["units"]  # a map gives them per variable
     ds = xr.Dataset(
         {p: (("gy", "gx"), values[..., i], {"units": pm.units.get(p, "")}) for i, p in enumerate(m.params)},
         coords=coords,
     )
     ds["validity"] = (("gy", "gx"), values[..., -1], {"units": "1", "long_name": "probability the patch is valid"})
     ds.attrs.update({
-        "psf_model": pm.name, "params": list(m.params), "ranges": {k: list(v) for k, v in pm.ranges.items()},
-        "optics": pm.optics.to_dict() if pm.optics else None, "patch": patch, "stride": int(stride),
+        **record, "patch": patch, "stride": int(stride),
         "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)],
         "model": "PSFRegressor" if ref is m else str(model), "symmetrize": int(bool(symmetrize)),
     })
@@ -296,13 +296,6 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     return ds
 
 
-def _model_from_attrs(attrs) -> _psf.PSFModel:
-    base = _psf.get_model(attrs["psf_model"])
-    ranges = {k: tuple(v) for k, v in (attrs.get("ranges") or base.ranges).items()}
-    optics = attrs.get("optics")
-    return dataclasses.replace(base, ranges=ranges, optics=_psf.Optics(**optics) if optics else base.optics)
-
-
 def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> ProductConvolution:
     """The grid operator of a PSF map: each node's PSF rendered with the model, bilinear in between.
 
@@ -325,7 +318,7 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     missing = [p for p in psf_map.attrs["params"] if p not in psf_map]
     if missing:
         raise ValueError(f"psf_map lacks the variables {missing}; make it with lsfov.estimate_psf_map")
-    m = _model_from_attrs(psf_map.attrs)
+    m = _psf.PSFModel.from_meta(psf_map.attrs)
     mapped = psf_map.attrs.get("image_shape")
     shape = tuple(shape or mapped or ())
     if len(shape) != 2:

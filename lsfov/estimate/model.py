@@ -13,7 +13,6 @@ axis from the astigmatism block, and the side of focus from the focus x astigmat
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import json
@@ -220,11 +219,8 @@ class PSFRegressor:
     """
 
     def __init__(self, psf_model, arch: str = "compact", *, meta: dict | None = None, device=None):
-        base = _psf.get_model(psf_model)
         self.meta = dict(meta or {})
-        ranges = {k: tuple(v) for k, v in self.meta.get("ranges", base.ranges).items()}
-        optics = self.meta.get("optics", base.optics.to_dict() if base.optics else None)
-        self.psf_model = dataclasses.replace(base, ranges=ranges, optics=_psf.Optics(**optics) if optics else None)
+        self.psf_model = _psf.PSFModel.from_meta({**self.meta, "psf_model": psf_model})
         self.arch = arch
         self.patch = int(self.meta.get("patch", 128))
         self.net = build(arch, 1 + n_targets(self.psf_model))
@@ -234,8 +230,8 @@ class PSFRegressor:
         self.cuda_graphs = os.environ.get("LSFOV_CUDA_GRAPHS", "1") != "0"
         self._graphs: dict = {}
         self._graph_lock = threading.Lock()
-        self.meta.update(psf_model=base.name, arch=arch, patch=self.patch, params=list(base.params),
-                         units=dict(base.units), ranges={k: list(v) for k, v in ranges.items()}, optics=optics)
+        record = self.psf_model.to_meta()  # its name first: the keys stay in the shipped files' order
+        self.meta.update(psf_model=record.pop("psf_model"), arch=arch, patch=self.patch, **record)
 
     def __getstate__(self):  # a model travels to Dask workers: without its CUDA graphs and their lock
         state = dict(self.__dict__)

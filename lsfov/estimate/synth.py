@@ -380,9 +380,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
             raise ValueError("device= synthesizes in this process and adds noise there: use workers=1 and a photon range")
     sources = tuple(sources)
     _check_sources(sources, split)  # here, not in a worker
-    attrs = {"type": "TrainingSet", "psf_model": m.name, "params": list(m.params),
-             "units": dict(m.units), "ranges": {p: list(v) for p, v in m.ranges.items()},
-             "optics": m.optics.to_dict() if m.optics else None, "patch": PATCH, "n": n,
+    attrs = {"type": "TrainingSet", **m.to_meta(), "patch": PATCH, "n": n,
              "sources": list(sources), "split": split, "seed": seed, "invalid_fraction": invalid_fraction,
              "photons": None if photons is None else list(photons), "read_noise": list(read_noise), "illumination": illumination,
              "device": device}

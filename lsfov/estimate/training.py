@@ -321,9 +321,9 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> di
     ds = _as_set(data)
     if ds["attrs"]["psf_model"] != model.psf_model.name:
         raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")
-    trained = {k: list(v) for k, v in model.ranges.items()}
+    record = model.psf_model.to_meta()
+    trained, optics = record["ranges"], record["optics"]
     drawn = {k: list(v) for k, v in ds["attrs"].get("ranges", trained).items()}
-    optics = model.optics.to_dict() if model.optics else None
     if not (np.allclose([drawn[k] for k in trained], [trained[k] for k in trained])
             and ds["attrs"].get("optics", optics) == optics):
         warnings.warn(f"the test set was drawn over other ranges or optics ({drawn}) than the model was trained on "
