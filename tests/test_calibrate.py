@@ -133,6 +133,15 @@ def test_basis_recovers_a_known_low_rank_family():
     assert b.kernels[0].sum() > 0
     # The rank rule finds the three components above the noise.
     assert psf_basis(p, None).kernels.shape[0] == 3
+    # Against a reference SVD of the stacked unit-norm patches: brightness differences over four
+    # decades must not weigh (every PSF counts the same).
+    scaled = (p * 10.0 ** np.random.default_rng(1).uniform(-2, 2, (len(p), 1, 1))).astype(np.float32)
+    b = psf_basis(scaled, 3)
+    m = scaled[b.keep].reshape(int(b.keep.sum()), -1).astype(np.float64)
+    _, sv, vt = np.linalg.svd(m / np.linalg.norm(m, axis=1, keepdims=True), full_matrices=False)
+    np.testing.assert_allclose(b.singular_values[:10], sv[:10], rtol=1e-6)  # 3 signal, 7 noise
+    dots = np.abs(np.sum(b.kernels.reshape(3, -1).astype(np.float64) * vt[:3], axis=1))
+    assert np.all(dots > 1 - 1e-6), dots
 
 
 def test_zscore_rejects_outlier_patches():
@@ -240,7 +249,8 @@ def test_calibrated_operator_matches_the_true_one(field):
     assert op.kind == "basis" and op.kernels.shape[0] == 5 and op.shape == field.image.shape
     assert op.attrs["n_beads"] == len(pos) > 20
     err = operator_distance(op, field.operator)
-    assert err < 0.3, err  # paper 003: 50 % from one image; goal 30 %
+    # paper 003: 50 % from one image; goal 30 %. Measured 0.128; the mean PSF everywhere scores 0.258.
+    assert err < 0.18, err
     # A model that ignores the space variation (the mean PSF everywhere) is clearly worse.
     mean_psf = np.mean([op.psf_at(y, x) for y, x in pos], axis=0)
     flat = lsfov.ProductConvolution.from_grid(mean_psf[None, None], op.shape)
@@ -287,7 +297,7 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
     sub = learn_subspace(images, 5, 6)
     assert (sub.n_psf, sub.n_space, sub.n_images, sub.shape) == (5, 6, 6, (320, 320))
     errs = [operator_distance(sub.operator(k), f.operator) for k, f in enumerate(stack)]
-    assert max(errs) < 0.3, errs
+    assert max(errs) < 0.18, errs  # measured 0.097-0.127; each image's mean PSF everywhere: 0.27-0.33
     # Dask, list and NumPy inputs agree.
     import dask.array as da
 
