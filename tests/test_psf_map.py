@@ -70,21 +70,36 @@ def test_micrometre_coordinates_and_pixel_size_warning(blurred):
 
 
 def test_invalid_nodes_are_filled_by_inverse_distance():
-    v = np.ones((4, 5), np.float32)
-    v[1, 2] = v[3, 4] = 0.1
-    focus = np.arange(20, dtype=np.float32).reshape(4, 5)
-    axis = np.full((4, 5), 0.05, np.float32)
-    axis[:, 3:] = np.pi - 0.05  # the same axis, across the wrap at pi
+    rng = np.random.default_rng(0)
+    v = np.ones((5, 6), np.float32)
+    bad = [(1, 2), (4, 5)]  # an interior node and a corner one
+    for b in bad:
+        v[b] = 0.1
+    focus = rng.uniform(0, 1, (5, 6)).astype(np.float32)  # no symmetry: only the right weights give the value
+    axis = np.mod(rng.normal(0, 0.3, (5, 6)), np.pi).astype(np.float32)  # both sides of the wrap at pi
     ds = xr.Dataset({"focus": (("gy", "gx"), focus), "axis": (("gy", "gx"), axis),
                      "validity": (("gy", "gx"), v)}, attrs={"params": ["focus", "axis"]})
     out = fill_invalid(ds)
-    assert out.filled.values.sum() == 2 and out.filled.values[1, 2]
+    assert out.filled.values.sum() == 2 and all(out.filled.values[b] for b in bad)
     np.testing.assert_array_equal(out.focus.values[v >= 0.5], focus[v >= 0.5])  # valid nodes untouched
-    assert focus.min() < out.focus.values[1, 2] < focus.max()
-    # The four nearest valid nodes of (1, 2) are symmetric around it: their mean is its value.
-    assert out.focus.values[1, 2] == pytest.approx(7.0, abs=0.6)
-    d = np.abs(out.axis.values[3, 4] - np.pi / 2)
-    assert d > np.pi / 2 - 0.1  # near 0 or pi, never the naive mean pi/2
+    np.testing.assert_array_equal(out.axis.values[v >= 0.5], axis[v >= 0.5])
+    # The documented rule by hand: the 8 nearest valid nodes, weights 1/d², the axis averaged as
+    # exp(2i axis). (These nodes have no tie between the 8th and 9th distances.)
+    good = np.argwhere(v >= 0.5)
+    f64, a64 = focus.astype(np.float64), axis.astype(np.float64)
+    for b in bad:
+        d = np.hypot(*(good - b).T)
+        order = np.argsort(d, kind="stable")
+        assert d[order[7]] < d[order[8]]
+        near = tuple(good[order[:8]].T)
+        w = 1 / d[order[:8]] ** 2
+        w /= w.sum()
+        want_axis = np.mod(np.angle(np.sum(w * np.exp(2j * a64[near]))) / 2, np.pi)
+        np.testing.assert_allclose(out.focus.values[b], np.sum(w * f64[near]), rtol=1e-6)
+        turn = np.angle(np.exp(2j * (out.axis.values[b] - want_axis))) / 2  # on the circle of period pi
+        assert abs(turn) < 1e-6 and 0 <= out.axis.values[b] < np.pi
+    assert np.sum(np.exp(2j * a64[v >= 0.5]).real < 0) == 0  # all axes within pi/4 of 0 (mod pi) ...
+    assert (a64 > np.pi / 2).any() and (a64 < np.pi / 2).any()  # ... on both sides of the wrap
     ds["validity"][:] = 0
     with pytest.raises(ValueError, match="every node"):
         fill_invalid(ds)
