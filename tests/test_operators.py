@@ -4,8 +4,13 @@ import pytest
 import scipy.signal
 
 from lsfov import ProductConvolution, psf
+from lsfov._backend import next_fast_len
 
-rng = np.random.default_rng(0)
+
+@pytest.fixture
+def rng():
+    """A fresh seeded generator per test: a test's data do not depend on which tests ran before it."""
+    return np.random.default_rng(0)
 
 
 def _grid_op(gy=3, gx=4, k=15, shape=(150, 170), seed=1, centers=None):
@@ -45,18 +50,34 @@ OPS = {
 }
 
 
+def _window(op, kind):
+    """The windows the solvers iterate on (ProductConvolution.restrict)."""
+    H, W = op.shape
+    r = op.halo
+    if kind == "whole":
+        return op
+    if kind == "extended-periodic":  # TV-RL's whole-array window: the field grown by r, at fast FFT lengths
+        return op.restrict((-r, -r), (next_fast_len(H + 2 * r), next_fast_len(W + 2 * r)), periodic=True)
+    if kind == "interior":  # a block of a chunked run
+        return op.restrict((r + 3, r + 5), (40, 50))
+    if kind == "periodic-y":  # wrapping along y only, crossing the image's left border along x
+        return op.restrict((-r, -4), (next_fast_len(H + 2 * r), 60), periodic=(True, False))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("window", ["whole", "extended-periodic", "interior", "periodic-y"])
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_adjointness(name):
-    op = OPS[name]()
-    u = rng.standard_normal(op.shape).astype(np.float32)
-    v = rng.standard_normal(op.shape).astype(np.float32)
+def test_adjointness(name, window, rng):
+    op = _window(OPS[name](), window)
+    u = rng.standard_normal(op.domain_shape).astype(np.float32)
+    v = rng.standard_normal(op.domain_shape).astype(np.float32)
     lhs = np.vdot(op.apply(u).astype(np.float64), v)
     rhs = np.vdot(u.astype(np.float64), op.adjoint(v))
     assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_matches_the_definition(name):
+def test_matches_the_definition(name, rng):
     op = OPS[name]()
     u = rng.random(op.shape).astype(np.float32)
     ref = _reference(op, u)
@@ -65,7 +86,7 @@ def test_matches_the_definition(name):
     assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
-def test_grid_weights_sum_to_one_and_one_psf_is_a_plain_convolution():
+def test_grid_weights_sum_to_one_and_one_psf_is_a_plain_convolution(rng):
     k = psf.gaussian(2.0, 3.0, size=21)
     op = ProductConvolution.from_grid(np.broadcast_to(k, (4, 5, 21, 21)), (100, 120))
     u = rng.random((100, 120)).astype(np.float32)
@@ -108,7 +129,7 @@ def test_psf_at_basis_and_bounds():
 # (84, 72, 30, 25): inside one cell of "grid", halo included (the one-cell path, four weighted terms).
 @pytest.mark.parametrize("window", [(0, 0, 40, 50), (37, 61, 55, 33), (-7, -7, 30, 30), (80, 90, 60, 70),
                                     (84, 72, 30, 25)])
-def test_block_with_halo_equals_whole(name, window):
+def test_block_with_halo_equals_whole(name, window, rng):
     op = OPS[name]()
     u = rng.random(op.shape).astype(np.float32)
     r = op.halo
@@ -131,7 +152,7 @@ def test_block_with_halo_equals_whole(name, window):
 
 @pytest.mark.parametrize("name", ["grid", "basis"])
 @pytest.mark.parametrize("chunks", [(40, 50), (64, 200), (150, 33), 8])
-def test_dask_chunked_equals_whole(name, chunks):
+def test_dask_chunked_equals_whole(name, chunks, rng):
     op = OPS[name]()
     u = rng.random(op.shape).astype(np.float32)
     lazy = op.apply(da.from_array(u, chunks=chunks))
@@ -142,7 +163,7 @@ def test_dask_chunked_equals_whole(name, chunks):
     np.testing.assert_allclose(lazy_t, ref_t, atol=1e-6 * np.abs(ref_t).max())
 
 
-def test_operator_pickles_without_its_caches_and_finds_them_again():
+def test_operator_pickles_without_its_caches_and_finds_them_again(rng):
     import pickle
 
     op = _grid_op()
@@ -220,7 +241,7 @@ def test_bad_input():
         op.apply(np.ones((40, 50)))
 
 
-def test_cells_on_threads_give_the_bits_of_the_serial_loop():
+def test_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
     # From the main thread the cell groups run on lsfov's pool (FFTs one thread each); from any
     # other thread (a Dask task) serially with multi-threaded FFTs. Same bits either way.
     import threading
@@ -242,7 +263,7 @@ def test_cells_on_threads_give_the_bits_of_the_serial_loop():
 
 @pytest.mark.parametrize("name", ["grid", "grid-1x5", "grid-uneven"])
 @pytest.mark.parametrize("window", [None, (-7, 5, 60, 90), (-7, -7, 164, 184)])
-def test_indexed_tiles_equal_the_slice_loop(name, window, monkeypatch):
+def test_indexed_tiles_equal_the_slice_loop(name, window, monkeypatch, rng):
     # The GPU's tile path (one indexed gather, one indexed add per phase of disjoint tiles), run on
     # NumPy: the adjoint's copies are the same bits, the forward's overlap-add sums in another order.
     from lsfov import operators
@@ -276,7 +297,7 @@ def test_tile_phases_are_pairwise_disjoint():
     assert pos.tolist() == [3, 4, 10, 11, 12] and k.tolist() == [0, 0, 1, 1, 1] and off.tolist() == [0, 1, 0, 1, 2]
 
 
-def test_parallel_map_keeps_order_and_survives_fork():
+def test_parallel_map_keeps_order_and_survives_fork(rng):
     import multiprocessing as mp
 
     from lsfov._backend import parallel_map
@@ -291,7 +312,7 @@ def test_parallel_map_keeps_order_and_survives_fork():
     np.testing.assert_array_equal(got, ref)
 
 
-def test_banded_multiply_is_numpy_multiply():
+def test_banded_multiply_is_numpy_multiply(rng):
     from lsfov._backend import multiply
 
     a = (rng.standard_normal((1100, 1000)) + 1j * rng.standard_normal((1100, 1000))).astype(np.complex64)
