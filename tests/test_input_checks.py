@@ -96,7 +96,7 @@ def test_simulation_parameters(small):
     with pytest.raises(TypeError, match="ProductConvolution"):
         simulate.degrade(u, None)
     for kw in (dict(photons=-100), dict(background=-1), dict(photons=np.nan), dict(psf_size="15")):
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises((ValueError, TypeError), match=f"{next(iter(kw))} must be"):
             simulate.bead_field((128, 128), seed=0, **kw)
     for grid in (0, -2, 2.5):
         with pytest.raises(ValueError, match="grid"):
@@ -129,8 +129,34 @@ def test_psf_map_options_and_its_operator(strip_map):
         lsfov.operator_from_psf_map(ds.focus.values)
     with pytest.raises(TypeError, match="calibrate_depth"):
         lsfov.estimate_depth(ds, 3.0)
-    flat = lsfov.estimate_depth(ds, smooth=np.inf)  # one plane over the whole grid
-    assert np.isfinite(flat.values).all()
+    # smooth=inf: one weighted least-squares plane over the whole grid (here one row: a line)
+    z = ds.focus.values * (2 * ds.axis.values / np.pi - 1)
+    np.testing.assert_allclose(lsfov.estimate_depth(ds, smooth=np.inf).values,
+                               _plane_fit(z, ds.validity.values), rtol=1e-5, atol=1e-6 * np.abs(z).max())
+    # A 2-D grid whose weights matter: validity as weights, nodes below 0.5 and filled nodes left out.
+    rng = np.random.default_rng(0)
+    grid = {k: rng.uniform(lo, hi, (5, 6)) for k, lo, hi in (("focus", 0, 1), ("axis", 0, np.pi), ("validity", 0, 1))}
+    filled = np.zeros((5, 6), bool)
+    filled[2, 3] = filled[0, 5] = True
+    m = xr.Dataset({k: (("gy", "gx"), v.astype(np.float32)) for k, v in grid.items()})
+    m["filled"] = (("gy", "gx"), filled)
+    w = np.where((m.validity.values >= 0.5) & ~filled, m.validity.values, 0.0)
+    assert 0 < (w == 0).sum() < 20
+    z = m.focus.values * (2 * m.axis.values / np.pi - 1)
+    np.testing.assert_allclose(lsfov.estimate_depth(m, smooth=np.inf).values, _plane_fit(z, w),
+                               rtol=1e-5, atol=1e-6 * np.abs(z).max())
+
+
+def _plane_fit(z, w):
+    """The plane (a line along a grid's single row) a + b·i + c·j that minimises Σ w (z − plane)²,
+    at every node (i, j in node indices)."""
+    z, w = np.asarray(z, np.float64), np.asarray(w, np.float64)
+    i, j = np.indices(z.shape)
+    cols = [np.ones(z.size)] + [a.ravel().astype(np.float64) for a, n in ((i, z.shape[0]), (j, z.shape[1])) if n > 1]
+    design = np.stack(cols, 1)
+    sw = np.sqrt(w.ravel())
+    coef, *_ = np.linalg.lstsq(design * sw[:, None], z.ravel() * sw, rcond=None)
+    return (design @ coef).reshape(z.shape)
 
 
 def test_a_one_row_psf_map_keeps_its_node_spacing_on_disk(strip_map, tmp_path):
@@ -186,9 +212,10 @@ def test_calibration_options():
     with pytest.raises(ValueError, match="NaN or Inf"):
         psf_basis(np.full((3, 9, 9), np.nan), None)
     img = simulate.bead_field((128, 128), seed=0).image
-    for kw, err in ((dict(smoothing=np.inf), ValueError), (dict(smoothing="a"), TypeError),
-                    (dict(saturation="a"), TypeError)):
-        with pytest.raises(err):
+    for kw, err, what in ((dict(smoothing=np.inf), ValueError, "smoothing must be a finite number"),
+                          (dict(smoothing="a"), TypeError, "smoothing must be a number"),
+                          (dict(saturation="a"), TypeError, "saturation must be a number")):
+        with pytest.raises(err, match=what):
             calibrate_operator(img, **kw)
 
 
@@ -256,10 +283,13 @@ def test_cnn_training_and_evaluation_options(tmp_path):
 
     data = synthesize(96, "G1", sources=("tex",), seed=0)
     kw = dict(epochs=1, batch_size=16, val_fraction=0.25, lr=1e-3, progress=False)
-    for bad, err in ((dict(lr=np.nan), ValueError), (dict(lr=1e4), ValueError), (dict(gamma=np.inf), ValueError),
-                     (dict(patience=0), ValueError), (dict(probe_steps=2.5), ValueError), (dict(seed=-1), ValueError),
-                     (dict(max_minutes="1"), TypeError), (dict(lr=None, lr_candidates=()), ValueError)):
-        with pytest.raises(err):
+    for bad, err, what in ((dict(lr=np.nan), ValueError, "lr must be"), (dict(lr=1e4), ValueError, "lr must be"),
+                           (dict(gamma=np.inf), ValueError, "gamma must be"),
+                           (dict(patience=0), ValueError, "patience must be"),
+                           (dict(probe_steps=2.5), ValueError, "probe_steps must be"),
+                           (dict(seed=-1), ValueError, "seed must be"), (dict(max_minutes="1"), TypeError, "max_minutes must be"),
+                           (dict(lr=None, lr_candidates=()), ValueError, "lr_candidates is empty")):
+        with pytest.raises(err, match=what):
             train(data, **{**kw, **bad})
     broken = {**data, "params": data["params"][:40]}
     with pytest.raises(ValueError, match="training set holds"):
@@ -269,7 +299,7 @@ def test_cnn_training_and_evaluation_options(tmp_path):
         train(nan, **kw)
     for bad in (dict(photons=(500, np.inf)), dict(photons=1000), dict(read_noise=(3, 1)), dict(illumination=5),
                 dict(seed=1.5), dict(invalid_fraction="0.1")):
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises((ValueError, TypeError), match=f"{next(iter(bad))} must be"):
             synthesize(8, "G1", **bad)
     assert synthesize(4, "G1", sources="tex", seed=0)["patches"].shape == (4, 128, 128)  # one source by name
     model = train(data, checkpoint=tmp_path / "ck", **kw)
@@ -286,7 +316,7 @@ def test_cnn_training_and_evaluation_options(tmp_path):
     with pytest.warns(lsfov.LsfovWarning, match="extrapolation"):
         evaluate("G1", wide)
     for bad in (dict(strengths=(np.nan,)), dict(strengths=(-0.1,)), dict(n=1)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             robustness("G1", **bad)
     g1 = lsfov.load_model("G1")
     patches = data["patches"][:4]
