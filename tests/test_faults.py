@@ -200,7 +200,10 @@ def test_a_worker_over_its_memory_gives_a_message_about_chunks():
     from lsfov.cluster import compute
 
     def hog(block):
-        big = np.ones(int(600e6) // 8)  # 600 MB, more than the worker's 200 MB
+        import time
+
+        big = np.ones(int(600e6) // 8)  # 600 MB, written (resident), more than the worker's 200 MB
+        time.sleep(2)  # held: the nanny's periodic memory check (every 100 ms) sees it, not a race
         return block + big[:1]
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), LocalCluster(
