@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ._validate import LsfovWarning
 from .cluster import SCHEDULERS
 from .estimate.mapping import NothingToMap
 from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
@@ -337,7 +336,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
 
 
 def _psf_operator(path, shape):
-    """A one-node operator from a measured PSF file: odd size, non-negative, normalised to sum 1."""
+    """A one-node operator from a measured PSF file (:meth:`ProductConvolution.from_psf`)."""
     from . import io
     from .operators import ProductConvolution
 
@@ -347,25 +346,7 @@ def _psf_operator(path, shape):
     best = int(np.argmax([np.nanmax(p) for p in planes]))
     if len(planes) > 1:
         log.info("%s: a PSF of %d planes; using plane %d, the one with the highest peak", path, len(planes), best)
-    k = planes[best]
-    if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
-        raise ValueError(f"{path}: the PSF is {k.shape[0]}x{k.shape[1]}; it needs odd sizes with the peak at the "
-                         "centre pixel (crop one row/column)")
-    if not np.all(np.isfinite(k)):
-        raise ValueError(f"{path}: the PSF contains NaN or Inf")
-    k = np.maximum(k, 0)
-    total = float(k.sum())
-    if total <= 0:
-        raise ValueError(f"{path}: the PSF has no positive value")
-    yy, xx = np.indices(k.shape)
-    off = (float((yy * k).sum() / total - k.shape[0] // 2), float((xx * k).sum() / total - k.shape[1] // 2))
-    if max(abs(v) for v in off) > 1:
-        warnings.warn(f"{path}: the PSF's centre of mass is ({off[0]:+.1f}, {off[1]:+.1f}) px from its centre pixel; "
-                      "the result will be shifted by as much: centre the PSF", LsfovWarning, stacklevel=2)
-    size = max(k.shape)
-    py, px = (size - k.shape[0]) // 2, (size - k.shape[1]) // 2
-    k = np.pad(k / total, ((py, py), (px, px)))  # square, centre kept
-    return ProductConvolution.from_grid(k[None, None], shape, attrs={"psf_file": str(path)})
+    return ProductConvolution.from_psf(planes[best], shape, attrs={"psf_file": str(path)})
 
 
 def _centres(variables, names, edge=512):

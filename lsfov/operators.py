@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ._backend import array_module, fft_module, multiply, next_fast_len, parallel_map, threads_for, to_numpy
-from ._validate import real_number, shape2d
+from ._validate import LsfovWarning, real_number, shape2d
 
 __all__ = ["ProductConvolution"]
 
@@ -275,6 +276,41 @@ class ProductConvolution:
                 if not np.all(np.isfinite(c)) or np.any(np.diff(c) <= 0):
                     raise ValueError(f"node {ax}-centres must be finite and strictly increasing")
         return cls("grid", shape, psfs, centers=centers, attrs=attrs)
+
+    @classmethod
+    def from_psf(cls, psf, shape, attrs=None) -> "ProductConvolution":
+        """The space-invariant operator of one measured PSF (e.g. a bead image), cleaned for use.
+
+        Parameters
+        ----------
+        psf : array_like (Ky, Kx)
+            Odd sizes, the peak at the centre pixel. Negative values (noise left by a background
+            subtraction) are set to zero; the PSF is normalised to sum 1 and padded to a square. An
+            off-centre PSF (centre of mass over 1 px from the centre pixel) is warned about: it would
+            shift the result by as much.
+        shape : (int, int)
+            Image shape (H, W).
+        """
+        k = _as_float_array(psf, "psf")
+        if k.ndim != 2:
+            raise ValueError(f"psf must be one 2-D PSF, got shape {k.shape}; pick its in-focus plane")
+        if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
+            raise ValueError(f"the PSF is {k.shape[0]}x{k.shape[1]}; it needs odd sizes with the peak at the "
+                             "centre pixel (crop one row/column)")
+        k = np.maximum(k, 0)
+        total = float(k.sum(dtype=np.float64))
+        if not total > 0:
+            raise ValueError("the PSF has no positive value")
+        yy, xx = np.indices(k.shape)
+        off = [round(float((i * k).sum(dtype=np.float64) / total - n // 2), 1) + 0.0  # + 0.0: no "-0.0"
+               for i, n in zip((yy, xx), k.shape)]
+        if max(abs(v) for v in off) > 1:
+            warnings.warn(f"the PSF's centre of mass is ({off[0]:+.1f}, {off[1]:+.1f}) px from its centre pixel; "
+                          "the result will be shifted by as much: centre the PSF", LsfovWarning, stacklevel=2)
+        size = max(k.shape)
+        py, px = (size - k.shape[0]) // 2, (size - k.shape[1]) // 2
+        k = np.pad(k / np.float32(total), ((py, py), (px, px)))  # square, centre kept
+        return cls.from_grid(k[None, None], shape, attrs=attrs)
 
     @classmethod
     def from_basis(cls, kernels, maps, attrs=None) -> "ProductConvolution":

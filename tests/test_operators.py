@@ -410,3 +410,25 @@ def test_cupy_fft_module_enlarges_a_small_plan_cache(monkeypatch):
         cache.size = before
         assert _backend.fft_module(fake) is cufft
         assert cache.size == after
+
+
+def test_from_psf_cleans_a_measured_psf(rng):
+    """One measured PSF: negatives zeroed, normalised, padded to a square about its centre; even
+    sizes, stacks and dark PSFs refused; an off-centre one warned about (it shifts the result)."""
+    import lsfov
+
+    k = psf.gaussian(1.5, 2.5, size=15)[2:13]  # 11 x 15, centred
+    noisy = 300 * k + rng.normal(0, 0.5, k.shape)
+    op = ProductConvolution.from_psf(noisy, (60, 70))
+    assert op.kernels.shape == (1, 1, 15, 15)
+    clean = np.maximum(noisy, 0) / np.maximum(noisy, 0).sum()
+    np.testing.assert_allclose(op.kernels[0, 0, 2:13], clean, rtol=1e-5, atol=1e-9)
+    assert op.kernels[0, 0, :2].sum() == 0 and op.kernels[0, 0, 13:].sum() == 0
+    u = rng.random((60, 70)).astype(np.float32)
+    np.testing.assert_allclose(op.apply(u), scipy.signal.fftconvolve(u, op.kernels[0, 0], mode="same"), atol=1e-5)
+    for bad, match in ((np.ones((4, 5)), "odd sizes"), (np.ones((3, 5, 5)), "one 2-D PSF"),
+                       (-np.ones((5, 5)), "no positive value")):
+        with pytest.raises(ValueError, match=match):
+            ProductConvolution.from_psf(bad, (60, 70))
+    with pytest.warns(lsfov.LsfovWarning, match=r"centre of mass is \(\+0.0, \+3.0\) px"):
+        ProductConvolution.from_psf(np.roll(psf.gaussian(1.0, 1.0, size=15), 3, axis=1), (60, 70))
