@@ -117,10 +117,28 @@ def test_cli_gpu_flag_matches_the_cpu_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     op, _ = sim.psf_field((400, 400), "Z3", (2, 2), seed=1)
     np.save("img.npy", sim.degrade(sim.sample_image("immunohistochemistry", (400, 400)), op, seed=0).astype(np.float32))
+    from lsfov.estimate import mapping
+    from lsfov.restore import chunked
+
+    seen = []  # the array library of every chunk the map and the deconvolution work on
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapped(block, *args, **kwargs):
+            seen.append(type(block).__module__.split(".")[0])
+            return real(block, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(mapping, "_regress")
+    spy(chunked, "_block")
     runner = CliRunner()
-    for flag, out in (("--no-gpu", "cpu.zarr"), ("--gpu", "gpu.zarr")):
+    for flag, out, library in (("--no-gpu", "cpu.zarr", "numpy"), ("--gpu", "gpu.zarr", "cupy")):
+        seen.clear()
         res = runner.invoke(main, ["-q", "run", "img.npy", out, "--chunks", "256", "--iterations", "5", flag])
         assert res.exit_code == 0, res.output + repr(res.exception)
+        assert seen and set(seen) == {library}, (flag, seen)  # a silent fall-back to the CPU fails here
     cpu, gpu = lsfov.open_result("cpu.zarr"), lsfov.open_result("gpu.zarr")
     for p in ("focus", "astigmatism", "validity"):
         np.testing.assert_allclose(gpu[p].values, cpu[p].values, atol=5e-3)
