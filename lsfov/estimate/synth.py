@@ -392,12 +392,6 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     rngs = np.random.SeedSequence([seed, 7]).spawn(len(units))
     per = max(1, batch // UNIT)
     batch = per * UNIT
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"synthesize {m.name}", unit="patch")
-
     jobs = [[(min(UNIT, n - units[u]), rngs[u]) for u in range(j, min(j + per, len(units)))]
             for j in range(0, len(units), per)]
     make = functools.partial(_units, m, sources, split, seed, kw)
@@ -406,10 +400,11 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         made = map(make, jobs) if workers == 1 or len(jobs) == 1 else _in_processes(make, jobs, workers)
         for j, part in zip(range(0, len(units), per), made):
             yield units[j], part
-            if bar is not None:
-                bar.update(len(part[0]))
+            bar.update(len(part[0]))
 
-    try:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n, desc=f"synthesize {m.name}", unit="patch", disable=not progress) as bar:
         if out is None:
             parts = [b for _, b in batches()]
             return {"patches": np.concatenate([p[0] for p in parts]), "params": np.concatenate([p[1] for p in parts]),
@@ -432,9 +427,6 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
             pr[...] = params
             va[...] = valid
         return Path(out)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def open_training_set(path):

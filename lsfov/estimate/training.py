@@ -219,21 +219,18 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     else:
         opt, sched = make_opt(lr)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        steps = math.ceil(len(train_idx) / batch_size)
-        bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch")
+    steps = math.ceil(len(train_idx) / batch_size)
     t0 = time.perf_counter()
-    try:
+    with tqdm(total=(epochs - start_epoch) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch",
+              disable=not progress) as bar:
         for epoch in range(start_epoch, epochs):
             rng = np.random.default_rng([seed, epoch])  # same batches after a resume
             running = []
             for x, t, v in _batches(patches, targets, valid, train_idx, batch_size, rng, block):
                 running.append(_step(model, opt, x, t, v, gamma))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             sched.step()
             val = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
             history.append({"epoch": epoch, "train_loss": float(np.mean(running)), "val_loss": val,
@@ -243,8 +240,7 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
                 best_state = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
             else:
                 bad += 1
-            if bar is not None:
-                bar.set_postfix(val=f"{val:.4g}", best=f"{best:.4g}")
+            bar.set_postfix(val=f"{val:.4g}", best=f"{best:.4g}")
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch}, "epoch": epoch,
@@ -257,9 +253,6 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
                 break
             if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
                 break
-    finally:
-        if bar is not None:
-            bar.close()
     if not math.isfinite(best):  # every epoch's validation loss NaN or Inf: weights not to be shipped
         raise ValueError(f"training diverged (no finite validation loss; lr {lr:g}); train with a smaller lr")
     if best_state is not None:

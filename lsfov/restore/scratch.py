@@ -51,6 +51,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     The zarr array of the final state.
     """
     import zarr
+    from tqdm.auto import tqdm
 
     from ..cluster import _active_client, compute
 
@@ -70,11 +71,6 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                for e in range(len(counts)))
     if resume and done:
         log.info("resuming from %s: %d of %d block-iterations already done", root, done, sum(counts) * n_blocks)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(counts) * n_blocks, initial=done, unit="block-it", desc=desc, unit_scale=True)
     local = _active_client() is None
     # CuPy chunks in: every task moves its window to the GPU and its core back, once per exchange.
     gpu = array_module(y._meta) is not np
@@ -90,9 +86,10 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
             if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-exchange-") and bool(result.all()):
                 bar.update(n)
 
-        compute(graph, progress=bar is not None and not local, on_task=on_task if bar is not None and local else None)
+        compute(graph, progress=progress and not local, on_task=on_task if progress and local else None)
 
-    try:
+    with tqdm(total=sum(counts) * n_blocks, initial=done, unit="block-it", desc=desc, unit_scale=True,
+              disable=not progress) as bar:
         zy = array("y", y.shape, zchunks)
         if not (root / "done" / "y").exists():
             host = y.map_blocks(to_numpy, meta=np.empty((0, 0), np.float32)) if gpu else y
@@ -112,12 +109,9 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                                   name=f"lsfov-exchange-{token}"), n)
                 (root / "done" / f"x{e}").touch()
                 shutil.rmtree(marks, ignore_errors=True)
-                if bar is not None and not local:
+                if not local:
                     bar.update(n * n_blocks)
             zx, start = zout, start + n
-    finally:
-        if bar is not None:
-            bar.close()
     return zx
 
 

@@ -296,15 +296,9 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress):
     norm = win.adjoint_ones(like=y)
     thr = _norm_threshold(op)
     x = _initial(norm, thr, scale)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=iterations, desc="TV-RL", unit="it")
-    try:
+    with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
         x = _iterate(win, y_ext, x, iterations, tv, eps, scale, norm, thr, bar,
                      field=(slice(0, h + 2 * r), slice(0, w + 2 * r)))
-    finally:
-        if bar is not None:
-            bar.close()
     return xp.maximum(x[r : r + h, r : r + w], np.float32(0.0))
