@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_file
+
 
 def _plt():
     import matplotlib
@@ -26,10 +28,9 @@ def _save(fig, path) -> Path:
     plt = _plt()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -29,7 +29,8 @@ from .cluster import compute
 
 log = logging.getLogger("lsfov")
 
-__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "with_pixel_size"]
+__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file",
+           "with_pixel_size"]
 
 SPATIAL_UNIT = "micrometer"
 _NGFF_NONSPATIAL = {"t": "time", "c": "channel"}
@@ -418,6 +419,24 @@ def atomic_directory(path, *, overwrite: bool = False):
         _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary sibling path that replaces the file ``path`` only if the block completes.
+
+    The temporary name is hidden, unique (concurrent writers do not meet) and ends in ``path``'s
+    suffix (NumPy and Matplotlib pick the format from it). On any error it is removed and ``path``
+    is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -12,9 +12,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 from .. import psf as _psf
 from .._backend import array_module, to_numpy
 from .._validate import LsfovWarning, positive_int, real_number
+from ..io import atomic_file
 from ..operators import ProductConvolution
 
 log = logging.getLogger("lsfov")
@@ -100,9 +99,8 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
         out = _chunk_task(block, ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets, starts=starts,
                           counts=counts, batch_size=batch_size, device=device, symmetrize=symmetrize,
                           block_info=block_info)
-        tmp = done.with_name(f".{done.name}.{uuid.uuid4().hex[:8]}.npy")
-        np.save(tmp, out)
-        os.replace(tmp, done)  # atomic: a file present is a whole chunk
+        with atomic_file(done) as tmp:  # a file present is a whole chunk
+            np.save(tmp, out)
         return out
     by, bx = max(0, offsets[0][iy] - patch), max(0, offsets[1][ix] - patch)  # block start in the image
     origin = ((starts[0][iy] * stride - by, counts[0][iy]), (starts[1][ix] * stride - bx, counts[1][ix]))

@@ -26,6 +26,7 @@ import torch
 
 from .. import psf as _psf
 from .._validate import positive_int
+from ..io import atomic_file
 from .network import build, standardize
 
 __all__ = ["PSFRegressor", "load_model", "SHIPPED"]
@@ -401,9 +402,8 @@ class PSFRegressor:
         meta = json.loads(json.dumps(self.meta))  # plain types only: weights_only can read them
         meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.partial")
-        torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
         return path
 

@@ -18,6 +18,7 @@ import torch
 
 from .. import psf as _psf
 from .._validate import LsfovWarning, positive_int, real_number
+from ..io import atomic_file
 from .model import PSFRegressor, encode, load_model
 from .network import loss as _loss
 from .network import standardize
@@ -247,8 +248,8 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
                          "lr": lr, "best": best, "bad": bad, "history": history,
                          "state_dict": model.net.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "best_state": best_state}
-                torch.save(state, ckpt / ".last.pt.partial")
-                (ckpt / ".last.pt.partial").replace(ckpt / "last.pt")
+                with atomic_file(ckpt / "last.pt") as tmp:
+                    torch.save(state, tmp)
             if bad >= patience:
                 break
             if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
