@@ -440,6 +440,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
     from . import io
     from .cluster import use_scheduler
+    from .estimate.depth import DepthCalibration
     from .estimate.mapping import operator_from_psf_map
     from .estimate.model import load_model
 
@@ -451,7 +452,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     _check_iterations(iterations)
     if not 0 <= tv < 0.25:
         raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
-    cal = _read_calibration(calibration) if calibration else None
+    cal = DepthCalibration.load(calibration) if calibration else None
     params = load_model(model).params  # a wrong name or file is refused here, before any work
     if cal is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
@@ -491,22 +492,6 @@ def _blind(img, work, model, **kw):
     return xr.Dataset({"raw": img, **ds.data_vars}, attrs=ds.attrs), stages
 
 
-def _read_calibration(path):
-    import json
-
-    from .estimate.depth import DepthCalibration
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such depth calibration: {path}")
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (ValueError, OSError):
-        raw = {}
-    if not isinstance(raw, dict) or raw.pop("type", None) != "lsfov.DepthCalibration":
-        raise ValueError(f"{path} is not a depth calibration; make one with `lsfov depth MAP CAL.json --known DEPTH`")
-    return DepthCalibration(**raw)
-
-
 @main.command()
 @click.argument("psf_map", type=click.Path())
 @click.argument("out", type=click.Path())
@@ -521,25 +506,19 @@ def _read_calibration(path):
 def depth(psf_map, out, calibration, known, smooth, overwrite):
     """Depth from astigmatism (paper 000 Eq. 14) of a Z3 PSF map: µm with a calibration, otherwise
     the uncalibrated signed defocus in waves."""
-    import json
-
     import xarray as xr
 
     from . import io
-    from .estimate.depth import calibrate_depth, estimate_depth
+    from .estimate.depth import DepthCalibration, calibrate_depth, estimate_depth
 
     out = _check_out(out, overwrite, result=not known)  # with --known: a JSON file
-    cal = _read_calibration(calibration) if calibration else None
+    cal = DepthCalibration.load(calibration) if calibration else None
     ds = io.open_result(psf_map)
     if known:
         cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0)
-        tmp = out.with_name(f".{out.name}.partial")
-        tmp.write_text(json.dumps({"type": "lsfov.DepthCalibration", **cal.to_dict()}, indent=2))
         if out.is_dir():  # --overwrite of a directory by a file
-            import shutil
-
             shutil.rmtree(out)
-        tmp.replace(out)
+        cal.save(out, overwrite=overwrite)
         click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
                    f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
         return

@@ -153,3 +153,23 @@ def test_smoothing_leaves_out_the_nodes_the_calibration_left_out():
     restored = DepthCalibration(**cal.to_dict())
     np.testing.assert_array_equal(estimate_depth(ds, restored).values, estimate_depth(ds, cal).values)
     assert np.abs(estimate_depth(ds, DepthCalibration(**{**cal.to_dict(), "min_validity": 0.5})).values - truth).max() > 0.1
+
+
+def test_depth_calibration_saves_and_loads(tmp_path):
+    """A calibration is one JSON file: written atomically, never over an existing one without
+    overwrite, read back equal; anything else is refused by name."""
+    cal = DepthCalibration(axis0=2.3, slope=21.5, offset=-0.4, r2=0.97, mae_um=0.3, n_nodes=49, smooth=2.0)
+    path = cal.save(tmp_path / "cal.json")
+    assert DepthCalibration.load(path) == cal
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cal.save(path)
+    other = DepthCalibration(**{**cal.to_dict(), "slope": 30.0})
+    other.save(path, overwrite=True)
+    assert DepthCalibration.load(path).slope == 30.0
+    assert [p.name for p in tmp_path.iterdir()] == ["cal.json"]  # no temporary left
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    (tmp_path / "y.json").write_text('{"type": "lsfov.DepthCalibration", "nope": 1}')
+    for name, err, match in (("x.json", ValueError, "is not a depth calibration"), ("y.json", ValueError, "nope"),
+                             ("z.json", FileNotFoundError, "no such depth calibration")):
+        with pytest.raises(err, match=match):
+            DepthCalibration.load(tmp_path / name)

@@ -14,7 +14,9 @@ the signal itself, pass unbiased, also at the borders, where a plain Gaussian wo
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +38,38 @@ class DepthCalibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Write the calibration as JSON (atomically; an existing file only with ``overwrite``)."""
+        from ..io import atomic_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"type": _TYPE, **self.to_dict()}, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path) -> DepthCalibration:
+        """Read a calibration written by :meth:`save` (or ``lsfov depth --known``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such depth calibration: {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, OSError):
+            raw = None
+        if not isinstance(raw, dict) or raw.pop("type", None) != _TYPE:
+            raise ValueError(f"{path} is not a depth calibration; make one with lsfov.calibrate_depth "
+                             "(CLI: `lsfov depth MAP CAL.json --known DEPTH`)")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise ValueError(f"{path}: not a depth calibration of this lsfov version ({e})") from None
+
+
+_TYPE = "lsfov.DepthCalibration"
 
 
 def _check_map(psf_map):

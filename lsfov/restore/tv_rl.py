@@ -184,7 +184,7 @@ def _check_params(operator, iterations, tv, eps, exchange_every):
     if not isinstance(operator, ProductConvolution):
         raise TypeError(
             f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}; "
-            "for a single PSF use ProductConvolution.from_grid(psf[None, None], image.shape)"
+            "for a single PSF use ProductConvolution.from_psf(psf, image.shape)"
         )
     if operator.window != (0, 0) + operator.shape:
         raise ValueError("deconvolve() needs a full-image operator, not a restricted window")
@@ -222,7 +222,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         offset) are clipped to zero with a warning.
     operator : ProductConvolution
         The blur, grid or basis form, built for images of shape (H, W). A single measured PSF is the
-        one-node grid ``ProductConvolution.from_grid(psf[None, None], (H, W))``.
+        one-node grid ``ProductConvolution.from_psf(psf, (H, W))``.
     iterations : int
         Richardson-Lucy iterations.
     tv : float
