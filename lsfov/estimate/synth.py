@@ -367,15 +367,9 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     if isinstance(sources, str):
         sources = (sources,)
     if device is not None:
-        import torch
+        from .model import torch_device  # torch only when asked for
 
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}, but torch sees no CUDA GPU here; leave device unset (NumPy on the CPU)")
-        device = str(dev)
+        device = str(torch_device(device))
         if workers != 1 or photons is None:
             raise ValueError("device= synthesizes in this process and adds noise there: use workers=1 and a photon range")
     sources = tuple(sources)
