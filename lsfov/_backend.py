@@ -145,10 +145,6 @@ class _ScipyFFT:
         return scipy.fft.irfft(y, n=nx, axis=-1, workers=_workers(), overwrite_x=True)
 
     @staticmethod
-    def fft2(x, s=None, axes=(-2, -1)):
-        return scipy.fft.fft2(x, s=s, axes=axes, workers=_workers())
-
-    @staticmethod
     def rfft(x, n=None, axis=-1):
         return scipy.fft.rfft(x, n=n, axis=axis, workers=_workers())
 
@@ -166,8 +162,8 @@ class _ScipyFFT:
 
 
 def fft_module(x):
-    """Return an object with ``rfft2``, ``irfft2``, ``fft2``, ``rfft``, ``irfft``, ``fft`` and ``ifft`` for the
-    array type of ``x``."""
+    """Return an object with ``rfft2``, ``irfft2``, ``rfft``, ``irfft``, ``fft`` and ``ifft`` for the array
+    type of ``x``."""
     if array_module(x) is np:
         return _ScipyFFT
     import cupy

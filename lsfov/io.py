@@ -502,8 +502,8 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     scale = [s if s is not None else next((o for o in scale if o is not None), 1.0) for s in scale]  # a 1-node row
     group = root.create_group(name)
     # A leading z or t stays what it is (viewers then offer a slider of the right kind); any other is a channel.
-    lead_axes = [{"name": "z", "type": "space"} if lead[0] == "z" else {"name": "t", "type": "time"} if lead[0] == "t"
-                 else {"name": "c", "type": "channel"}] if lead else []
+    lead_name = (lead[0] if lead[0] in ("z", "t") else "c") if lead else None
+    lead_axes = [{"name": lead_name, "type": _NGFF_NONSPATIAL.get(lead_name, "space")}] if lead else []
     axes = lead_axes + [
         {"name": "y", "type": "space", **({"unit": SPATIAL_UNIT} if units[0] == SPATIAL_UNIT else {})},
         {"name": "x", "type": "space", **({"unit": SPATIAL_UNIT} if units[1] == SPATIAL_UNIT else {})},

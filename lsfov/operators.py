@@ -185,7 +185,7 @@ class ProductConvolution:
     Build it with :meth:`from_grid` (one PSF per grid node, bilinear weights) or :meth:`from_basis`
     (basis kernels and coefficient maps). Apply it with :meth:`apply` / :meth:`adjoint` (NumPy, CuPy
     or Dask arrays), look up the local PSF with :meth:`psf_at`, and run it block by block with
-    :meth:`restrict` / :meth:`apply_block` (what the Dask paths use).
+    :meth:`restrict` (what the Dask paths use) or :meth:`apply_block` / :meth:`adjoint_block`.
 
     Attributes
     ----------

@@ -87,11 +87,6 @@ class Optics:
         """Pupil radius NA/lambda in cycles/µm."""
         return self.na / self.wavelength_um
 
-    @property
-    def nyquist_ratio(self) -> float:
-        """Pixel size over the Nyquist pixel lambda/(4 NA); > 1 means the PSF is undersampled."""
-        return self.pixel_um * 4 * self.na / self.wavelength_um
-
     def to_dict(self) -> dict:
         return {k: float(getattr(self, k)) for k in ("na", "wavelength_um", "pixel_um", "immersion_index")}
 

@@ -283,10 +283,6 @@ class PSFRegressor:
                              f"cut {p}x{p} patches from the image first")
         return t.to(torch.float32)
 
-    def forward(self, patches, batch_size: int = 256) -> torch.Tensor:
-        """Raw network outputs (B, 1 + n_targets) on the host: validity logit, encoded parameters."""
-        return torch.from_numpy(self._run(self._as_batch(patches), positive_int(batch_size, "batch_size"))[0])
-
     def _pass(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass of a batch on the device: the network's outputs, then per patch whether it
         is flat (constant) and whether all its pixels are finite, as (B, 3 + n_targets) float32."""
