@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backend import array_module, fft_module, multiply, next_fast_len, parallel_map, threads_for, to_numpy
+from ._backend import array_module, fft_module, multiply, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from ._validate import LsfovWarning, real_number, shape2d
 
 __all__ = ["ProductConvolution"]
@@ -399,10 +399,12 @@ class ProductConvolution:
             raise ValueError("restrict() applies to a full-image operator")
         oy, ox = (int(o) for o in origin)
         h, w = shape2d(shape)
-        return ProductConvolution(
-            self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps, window=(oy, ox, h, w),
-            attrs=self.attrs, _token=self._token, periodic=periodic,
-        )
+        return self._view((oy, ox, h, w), periodic)
+
+    def _view(self, window, periodic=False) -> "ProductConvolution":
+        """This operator on ``window`` (oy, ox, h, w), unchecked; it shares the kernel spectra cache."""
+        return ProductConvolution(self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps,
+                                  window=window, attrs=self.attrs, _token=self._token, periodic=periodic)
 
     def apply_block(self, block, origin):
         """Apply to a block that carries a halo of :attr:`halo` pixels on every side.
@@ -518,7 +520,7 @@ class ProductConvolution:
         large grid uses a few of its kernels: only those are transformed and kept, which bounds the
         cache by the window, not by the number of PSFs.
         """
-        ids = tuple(range(int(np.prod(self.kernels.shape[:-2])))) if ids is None else tuple(ids)
+        ids = tuple(range(self.n_psfs)) if ids is None else tuple(ids)
 
         def make():
             if conj:
@@ -613,9 +615,7 @@ class ProductConvolution:
         items = []
         for gi, g in enumerate(groups):
             (wy, wx), spec = self._weights(g, xp), self._spectra(gi, g, xp, conj=conj)
-            n = len(g.ys)
-            for p in range(min(parts, n)):
-                sl = slice(p * n // min(parts, n), (p + 1) * n // min(parts, n))
+            for sl in row_bands(len(g.ys), parts):
                 items.append((g, sl, ([None if f is None else f[sl] for f in wy], wx), [s[sl] for s in spec]))
         return items
 
@@ -707,8 +707,7 @@ class ProductConvolution:
         """The exact ``H^T 1`` on a window (its outer halo aside), by one adjoint."""
         oy, ox, h, w = window
         H, W = self.shape
-        sub = ProductConvolution(self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps,
-                                 window=window, attrs=self.attrs, _token=self._token)
+        sub = self._view(window)
         mask = np.zeros((h, w), dtype=np.float32)
         mask[max(0, -oy) : max(0, min(h, H - oy)), max(0, -ox) : max(0, min(w, W - ox))] = 1.0
         return sub._adjoint(xp.asarray(mask))
