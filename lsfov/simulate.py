@@ -153,10 +153,14 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
     hi = float(x.max())
     if hi <= 0:
         raise ValueError("image is all zero; nothing to degrade")
-    rng = np.random.default_rng(seed)
     psi = np.maximum(operator.apply(x / hi), 0) * photons
-    out = beta * rng.poisson(psi) + rng.normal(0.0, read_noise, psi.shape)
-    return out.astype(np.float32)
+    return _poisson_gaussian(psi, np.random.default_rng(seed), read_noise=read_noise, beta=beta)
+
+
+def _poisson_gaussian(expected, rng, *, read_noise, beta):
+    """Paper 000 Eq. 10: ``beta * Poisson(expected) + N(0, read_noise²)``, float32 (``read_noise`` and
+    ``beta`` scalars or arrays that broadcast against ``expected``)."""
+    return (beta * rng.poisson(expected) + read_noise * rng.standard_normal(np.shape(expected))).astype(np.float32)
 
 
 def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = None, smoothness: float = 1.0):

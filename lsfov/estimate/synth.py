@@ -24,6 +24,7 @@ from scipy import ndimage
 from .. import psf as _psf
 from .._backend import next_fast_len
 from .._validate import positive_int, real_number
+from ..simulate import _poisson_gaussian
 
 __all__ = ["SOURCES", "library", "synthesize", "open_training_set", "degrade_patches"]
 
@@ -190,11 +191,9 @@ def _illumination(n, size, rng, strength):
 
 def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
     """Paper 000 Eq. 10: ``beta * Poisson(psi * photons) + N(0, read_noise²)`` (psi in [0, 1])."""
-    photons = np.broadcast_to(np.asarray(photons, np.float64), (len(psi),))[:, None, None]
-    read_noise = np.broadcast_to(np.asarray(read_noise, np.float64), (len(psi),))[:, None, None]
-    beta = np.broadcast_to(np.asarray(beta, np.float64), (len(psi),))[:, None, None]
-    counts = rng.poisson(np.maximum(psi, 0) * photons)
-    return (beta * counts + read_noise * rng.standard_normal(psi.shape)).astype(np.float32)
+    photons, read_noise, beta = (np.broadcast_to(np.asarray(v, np.float64), (len(psi),))[:, None, None]
+                                 for v in (photons, read_noise, beta))
+    return _poisson_gaussian(np.maximum(psi, 0) * photons, rng, read_noise=read_noise, beta=beta)
 
 
 def _noisy_on(device, sharp, kernels, light, ph, rn, beta, seed):
