@@ -294,6 +294,22 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     np.testing.assert_allclose(resumed.predict(x)["sigma"], reg.predict(x)["sigma"], rtol=1e-3, atol=1e-3)
 
 
+def test_training_scales_targets_by_the_sets_own_ranges(monkeypatch):
+    """A set synthesized over other ranges than the named model's trains a model that decodes over
+    those ranges: its targets must be encoded over them too (they were once encoded over the
+    named model's default ranges, so every prediction came out rescaled)."""
+    import dataclasses
+
+    narrow = dataclasses.replace(psf.MODELS["G1"], ranges={"sigma": (1.0, 2.0)})
+    d = synth.synthesize(640, narrow, seed=5, batch=320)
+    assert d["attrs"]["ranges"] == {"sigma": [1.0, 2.0]}
+    seen = []
+    real = train.encode
+    monkeypatch.setattr(train, "encode", lambda m, p: (seen.append(m.ranges), real(m, p))[1])
+    reg = train.train(d, epochs=1, lr=3e-3, progress=False, seed=0)
+    assert seen == [{"sigma": (1.0, 2.0)}] and reg.ranges == {"sigma": (1.0, 2.0)}
+
+
 def test_training_can_start_from_a_model(tmp_path, z3_small):
     d = synth.synthesize(192, "G1", seed=12, batch=192)
     first = train.train(d, epochs=1, lr=1e-3, batch_size=32, progress=False, seed=0)

@@ -157,7 +157,7 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
                                 "or give the run's --checkpoint)")
     ds = _as_set(data)
     attrs = ds["attrs"]
-    m = _psf.get_model(attrs["psf_model"])
+    m = _psf.PSFModel.from_meta(attrs)  # the set's ranges: targets are scaled by them, as the model decodes
     n = len(ds["params"])
     n_val = max(1, int(round(n * val_fraction)))
     if n - n_val < batch_size:
