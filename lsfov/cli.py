@@ -192,10 +192,29 @@ def _check_pixel_um(pixel_um):
 @main.command()
 @click.argument("path", type=click.Path())
 def info(path):
-    """Describe an image (OME-Zarr, TIFF, .npy) or an lsfov result."""
+    """Describe an image (OME-Zarr, TIFF, .npy), an lsfov result, a CNN model (.pt or a shipped
+    name) or a depth calibration (.json)."""
     from .io import describe
+    from .psf import MODELS
 
-    click.echo(describe(path))
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        from .estimate.depth import DepthCalibration
+
+        cal = DepthCalibration.load(path)
+        click.echo(f"{path}: depth calibration from {cal.n_nodes} nodes: depth = {cal.slope:.4g} µm/wave x signed "
+                   f"defocus (instrument axis {cal.axis0:.3f} rad) {cal.offset:+.3g} µm; fit R² {cal.r2:.3f}, MAE "
+                   f"{cal.mae_um:.3g} µm; smoothing σ {cal.smooth:g} nodes")
+    elif suffix == ".pt" or (not suffix and path.upper() in MODELS):
+        from .estimate.model import load_model
+
+        m = load_model(path)
+        test = m.meta.get("test", {})
+        r2 = ", ".join(f"{p} {v:.3f}" for p, v in test.get("r2", {}).items())
+        click.echo(f"{path}: {m!r}\n  ranges: {dict(m.ranges)}; optics: {m.optics}\n"
+                   f"  test set ({test.get('n', '?')} patches): R² {r2 or 'not measured'}")
+    else:
+        click.echo(describe(path))
 
 
 # ---------------------------------------------------------------------------------------------- simulate

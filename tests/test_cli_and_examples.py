@@ -146,6 +146,16 @@ def test_cli_dark_image_is_refused_without_a_state_to_resume(run, tmp_path):
         assert not [p.name for p in tmp_path.iterdir() if p.name != "dark.npy"]
 
 
+def test_info_describes_models_and_calibrations(run, tmp_path):
+    lsfov.estimate.DepthCalibration(axis0=2.3, slope=21.5, offset=-0.4, r2=0.97, mae_um=0.3, n_nodes=49).save("c.json")
+    assert "depth = 21.5 µm/wave" in run("info", "c.json").output
+    out = run("info", "G2").output
+    assert "PSFRegressor(G2" in out and "sigma_y 0.9" in out and "3000 patches" in out
+    assert "no shipped model for Z2" in run("info", "Z2", ok=False).output
+    (tmp_path / "x.json").write_text("{}")
+    assert "is not a depth calibration" in run("info", "x.json", ok=False).output
+
+
 def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     """A 3-D PSF (its in-focus plane), an off-centre PSF (warned), `info` on a multi-channel stack,
     stores that are not PSF maps or images named for what they are."""
