@@ -13,7 +13,6 @@ import click
 import numpy as np
 
 from .cluster import SCHEDULERS
-from .estimate.mapping import NothingToMap
 from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 
 log = logging.getLogger("lsfov")
@@ -143,6 +142,8 @@ def _run_state(out: Path, parent, resume: bool):
     except BaseException as e:
         # Work done is kept whatever stopped the run (a killed job, or an error found late, e.g. an
         # output that appeared meanwhile), except an image with nothing to map: a rerun meets it again.
+        from .estimate.mapping import NothingToMap  # here: lsfov.estimate imports torch
+
         if isinstance(e, NothingToMap):
             shutil.rmtree(state, ignore_errors=True)
         elif any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
@@ -365,7 +366,10 @@ def _psf_operator(path, shape):
     best = int(np.argmax([np.nanmax(p) for p in planes]))
     if len(planes) > 1:
         log.info("%s: a PSF of %d planes; using plane %d, the one with the highest peak", path, len(planes), best)
-    return ProductConvolution.from_psf(planes[best], shape, attrs={"psf_file": str(path)})
+    try:
+        return ProductConvolution.from_psf(planes[best], shape, attrs={"psf_file": str(path)})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _centres(variables, names, edge=512):
@@ -535,9 +539,12 @@ def depth(psf_map, out, calibration, known, smooth, overwrite):
     ds = io.open_result(psf_map)
     if known:
         cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0)
-        if out.is_dir():  # --overwrite of a directory by a file
+        if out.is_dir():  # --overwrite of a directory by a file: the file written first, then swapped in
+            new = cal.save(out.with_name(f".{out.name}.new"), overwrite=True)
             shutil.rmtree(out)
-        cal.save(out, overwrite=overwrite)
+            new.replace(out)
+        else:
+            cal.save(out, overwrite=overwrite)
         click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
                    f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
         return

@@ -28,8 +28,9 @@ def _save(fig, path) -> Path:
     plt = _plt()
     fig.tight_layout()
     path = Path(path)
+    kind = path.suffix[1:].lower()  # the temporary name's suffix is not the format's: say it
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, format=kind if kind in fig.canvas.get_supported_filetypes() else "png")
     plt.close(fig)
     return path
 

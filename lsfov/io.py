@@ -29,7 +29,7 @@ from .cluster import compute
 
 log = logging.getLogger("lsfov")
 
-__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file",
+__all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file", "pixel_size",
            "with_pixel_size"]
 
 SPATIAL_UNIT = "micrometer"
@@ -297,21 +297,40 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     return arr
 
 
-def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
-    """A 2-D image as an (y, x) DataArray whose coordinates are in µm when the pixel size is known.
+def pixel_size(image) -> float | None:
+    """The pixel size of an image in µm: its ``pixel_um`` attribute, else the spacing of its x (last)
+    coordinate when that has a length unit and is even; None when unknown."""
+    px = getattr(image, "attrs", {}).get("pixel_um")
+    if px:
+        return float(px)
+    coords = getattr(image, "coords", None)
+    if coords is None or image.ndim < 1 or image.dims[-1] not in coords or image.shape[-1] < 2:
+        return None
+    c = coords[image.dims[-1]]
+    scale = _to_um(c.attrs.get("units"))
+    step = np.diff(np.asarray(c.values, dtype=np.float64))
+    if scale is None or not (step[0] > 0 and np.allclose(step, step[0], rtol=1e-5)):
+        return None
+    return float(step[0] * scale)
 
-    ``pixel_um`` (positive) replaces the coordinates of any input; without it an xarray input is
-    kept as it is and an array gets pixel coordinates. What lsfov writes then opens at its scale in
-    napari, and PSF maps of it are in µm.
+
+def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
+    """A 2-D image as a (y, x) DataArray whose coordinates are in µm when the pixel size is known.
+
+    ``pixel_um`` (positive) replaces the coordinates of any input; without it an xarray input keeps
+    its coordinates (its pixel size, from :func:`pixel_size`, in ``attrs["pixel_um"]``) and an
+    array gets pixel coordinates. What lsfov writes then opens at its scale in napari, and PSF maps
+    of it are in µm.
     """
     if pixel_um is not None:
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
     if isinstance(image, xr.DataArray):
         if image.ndim != 2:
             raise ValueError(f"image must be 2-D (y, x), got dims {image.dims}; select a plane first")
-        if pixel_um is None:
-            return image
         image = image.rename(dict(zip(image.dims, ("y", "x"))))
+        if pixel_um is None:
+            px = pixel_size(image)
+            return image.assign_attrs(pixel_um=px) if px else image
     else:
         if getattr(image, "ndim", np.ndim(image)) != 2:
             raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(image)}; select a plane first")
@@ -423,15 +442,17 @@ def atomic_directory(path, *, overwrite: bool = False):
 
 
 @contextlib.contextmanager
-def atomic_file(path):
+def atomic_file(path, *, unique: bool = False):
     """Yield a temporary sibling path that replaces the file ``path`` only if the block completes.
 
-    The temporary name is hidden, unique (concurrent writers do not meet) and ends in ``path``'s
-    suffix (NumPy and Matplotlib pick the format from it). On any error it is removed and ``path``
-    is left as it was.
+    The temporary name is hidden and ends in ``path``'s suffix (NumPy picks the format from it). It
+    is fixed, so a write killed midway leaves one leftover that the next write replaces; ``unique``:
+    a name of its own for writers that may meet (Dask tasks). On any error it is removed and
+    ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
+    tag = f"-{uuid.uuid4().hex[:8]}" if unique else ""
+    tmp = path.with_name(f".{path.name}.partial{tag}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -302,9 +302,9 @@ class ProductConvolution:
         if not total > 0:
             raise ValueError("the PSF has no positive value")
         yy, xx = np.indices(k.shape)
-        off = [round(float((i * k).sum(dtype=np.float64) / total - n // 2), 1) + 0.0  # + 0.0: no "-0.0"
-               for i, n in zip((yy, xx), k.shape)]
+        off = [float((i * k).sum(dtype=np.float64) / total - n // 2) for i, n in zip((yy, xx), k.shape)]
         if max(abs(v) for v in off) > 1:
+            off = [round(v, 1) + 0.0 for v in off]  # + 0.0: no "-0.0"
             warnings.warn(f"the PSF's centre of mass is ({off[0]:+.1f}, {off[1]:+.1f}) px from its centre pixel; "
                           "the result will be shifted by as much: centre the PSF", LsfovWarning, stacklevel=2)
         size = max(k.shape)

@@ -87,6 +87,11 @@ class Optics:
         """Pupil radius NA/lambda in cycles/µm."""
         return self.na / self.wavelength_um
 
+    @property
+    def nyquist_ratio(self) -> float:
+        """Pixel size over the Nyquist pixel λ/(4 NA); above 1 the PSF is undersampled."""
+        return self.pixel_um * 4 * self.na / self.wavelength_um
+
     def to_dict(self) -> dict:
         return {k: float(getattr(self, k)) for k in ("na", "wavelength_um", "pixel_um", "immersion_index")}
 

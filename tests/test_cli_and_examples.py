@@ -385,6 +385,11 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     run("depth", "map.zarr", "cal2.json", "--known", "truth.npy", "--smooth", 1)
     run("depth", "map.zarr", "cal2.json", "--known", "truth.npy", "--smooth", 1.5, "--overwrite")  # a file, replaced
     assert json.loads(Path("cal2.json").read_text())["smooth"] == 1.5
+    Path("cal3.json").mkdir()  # a directory in the way: replaced only with --overwrite, by a whole file
+    assert "--overwrite" in run("depth", "map.zarr", "cal3.json", "--known", "truth.npy", ok=False).output
+    run("depth", "map.zarr", "cal3.json", "--known", "truth.npy", "--overwrite")
+    assert json.loads(Path("cal3.json").read_text())["type"] == "lsfov.DepthCalibration"
+    assert not list(Path().glob(".cal3*"))
     run("depth", "map.zarr", "z2.zarr", "--calibration", "cal2.json")
     run("depth", "map.zarr", "z3.zarr", "--calibration", "cal2.json", "--smooth", 0)
     z2, z3 = lsfov.open_result("z2.zarr").depth, lsfov.open_result("z3.zarr").depth
@@ -495,3 +500,18 @@ def test_gpu_without_cupy_is_refused_before_any_work(run, tmp_path, monkeypatch)
         res = run(*args, ok=False)
         assert res.exit_code == 1 and "needs CuPy" in res.output and "--no-gpu" in res.output, res.output
         assert not (tmp_path / "o.zarr").exists() and not list(tmp_path.glob(".o.zarr*"))
+
+
+def test_cli_starts_without_torch_and_writes_figures_of_any_name(run, tmp_path):
+    """`lsfov --help` and the deconvolution commands do not pay torch's import; a figure named
+    without a known suffix is a PNG (its temporary file's suffix must not choose the format)."""
+    out = subprocess.run([sys.executable, "-c", "import sys, lsfov.cli; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from lsfov.figures import summary_figure
+
+    for name in ("fig", "fig.v2", "fig.pdf"):
+        summary_figure(tmp_path / name, {"a": np.eye(8)}, title="t")
+        head = (tmp_path / name).read_bytes()[:8]
+        assert head.startswith(b"%PDF" if name.endswith(".pdf") else b"\x89PNG"), (name, head)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig", "fig.pdf", "fig.v2"]

@@ -117,3 +117,9 @@ def test_optics_validation():
         Optics(1.4, 0.5, 0.1)
     with pytest.raises(TypeError, match="Optics"):
         psf.zernike({}, optics=None)
+
+
+def test_nyquist_ratio():
+    """Nyquist sampling of a widefield PSF is λ/(4 NA) per pixel: 0.55 µm at NA 0.75 is 0.183 µm."""
+    assert psf.Optics(0.75, 0.55, 0.55 / 3.0).nyquist_ratio == pytest.approx(1.0)
+    assert psf.Optics(0.75, 0.55, 0.2).nyquist_ratio == pytest.approx(0.2 / (0.55 / 3.0))  # the models': undersampled

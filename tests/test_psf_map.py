@@ -133,8 +133,9 @@ def test_psf_map_bad_input(blurred):
 
 def test_a_model_file_replaced_mid_map_stops_the_run(blurred, tmp_path, monkeypatch):
     """Every chunk is regressed by the weights the run started with: a model file replaced by a
-    training run meanwhile is an error, not a map of two models. A shipped name is not pinned to a
-    file (workers read their own installation's)."""
+    training run meanwhile is an error, not a map of two models. The same bytes under another
+    timestamp (a copy on another node) are the same model; a shipped name is not pinned to a file
+    (workers read their own installation's)."""
     import os
     import shutil
 
@@ -146,16 +147,45 @@ def test_a_model_file_replaced_mid_map_stops_the_run(blurred, tmp_path, monkeypa
     shutil.copy(MODELS_DIR / "Z3.pt", path)
     shutil.copy(MODELS_DIR / "Z3.json", path.with_suffix(".json"))
     real = mapping._regress
-
-    def then_replace(*args, **kwargs):
-        out = real(*args, **kwargs)
-        st = path.stat()
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a newer file
-        return out
-
-    monkeypatch.setattr(mapping, "_regress", then_replace)
     lazy = da.from_array(img, chunks=(224, 384))
-    with dask.config.set(scheduler="synchronous"), pytest.raises(ValueError, match="changed during the run"):
-        lsfov.estimate_psf_map(lazy, str(path))
+    whole = lsfov.estimate_psf_map(img, str(path))
+
+    def touch():
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    def other_weights():
+        path.write_bytes(path.read_bytes() + b"\0")
+
+    for change, error in ((touch, None), (other_weights, "other weights than when the run started")):
+        def then_change(*args, **kwargs):
+            out = real(*args, **kwargs)
+            change()
+            return out
+
+        monkeypatch.setattr(mapping, "_regress", then_change)
+        with dask.config.set(scheduler="synchronous"):
+            if error is None:
+                np.testing.assert_array_equal(lsfov.estimate_psf_map(lazy, str(path)).focus.values, whole.focus.values)
+            else:
+                with pytest.raises(ValueError, match=error):
+                    lsfov.estimate_psf_map(lazy, str(path))
     ds = lsfov.estimate_psf_map(lazy, "Z3")  # the shipped one: not pinned
     assert ds.attrs["model"] == "Z3" and ds.sizes == {"gy": 6, "gx": 5}
+
+
+def test_pixel_size_read_from_micrometre_coordinates(blurred):
+    """An xarray image whose coordinates are in µm (no pixel_um attribute, other dim names) maps in
+    µm: the pixel size is the coordinates' spacing, in any length unit."""
+    img, _ = blurred
+    h, w = img.shape
+    for unit, step in (("micrometer", 0.2), ("nm", 200.0)):
+        arr = xr.DataArray(img, dims=("row", "col"), coords={
+            "row": ("row", step * np.arange(h), {"units": unit}), "col": ("col", step * np.arange(w), {"units": unit})})
+        assert lsfov.io.pixel_size(arr) == pytest.approx(0.2)
+        assert lsfov.io.with_pixel_size(arr).dims == ("y", "x")
+        ds = lsfov.estimate_psf_map(arr, "Z3")
+        assert ds.attrs["pixel_um"] == pytest.approx(0.2) and ds.gx.attrs["units"] == "micrometer"
+        assert ds.gx.values[0] == pytest.approx(63.5 * 0.2)
+    bare = xr.DataArray(img, dims=("y", "x"))
+    assert lsfov.io.pixel_size(bare) is None and lsfov.estimate_psf_map(bare, "Z3").gx.attrs["units"] == "pixel"

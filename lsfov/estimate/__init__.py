@@ -2,10 +2,10 @@
 training, evaluation, shipped models) and spatially varying PSF maps."""
 from .blind import blind_deconvolve
 from .depth import DepthCalibration, calibrate_depth, estimate_depth
-from .mapping import estimate_psf_map, fill_invalid, operator_from_psf_map
+from .mapping import NothingToMap, estimate_psf_map, fill_invalid, operator_from_psf_map
 from .model import PSFRegressor, load_model
 from .synth import library, open_training_set, synthesize
 from .training import evaluate, r2_scores, robustness, train
 
-__all__ = ["blind_deconvolve", "DepthCalibration", "calibrate_depth", "estimate_depth", "PSFRegressor", "load_model", "estimate_psf_map", "fill_invalid", "operator_from_psf_map", "library", "open_training_set", "synthesize", "train", "evaluate",
+__all__ = ["blind_deconvolve", "DepthCalibration", "calibrate_depth", "estimate_depth", "PSFRegressor", "load_model", "estimate_psf_map", "fill_invalid", "operator_from_psf_map", "NothingToMap", "library", "open_training_set", "synthesize", "train", "evaluate",
            "r2_scores", "robustness"]

@@ -28,7 +28,8 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     calibration : DepthCalibration or dict, optional
         From :func:`lsfov.calibrate_depth`: depth in µm (otherwise the uncalibrated signed defocus).
     pixel_um : float, optional
-        Pixel size; coordinates of every output in µm (default: the xarray input's, else pixels).
+        Pixel size; coordinates of every output in µm (default: the xarray input's, from its
+        ``pixel_um`` attribute or µm coordinates; else pixels).
     symmetrize, scratch, resume, progress
         As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
 

@@ -21,7 +21,7 @@ import numpy as np
 from .. import psf as _psf
 from .._backend import array_module, to_numpy
 from .._validate import LsfovWarning, positive_int, real_number
-from ..io import atomic_file
+from ..io import atomic_file, pixel_size
 from ..operators import ProductConvolution
 
 log = logging.getLogger("lsfov")
@@ -39,27 +39,31 @@ def node_centres(patch: int, stride: int, shape) -> tuple[np.ndarray, ...]:
 
 
 def _model_ref(model):
-    """What tasks carry: the model's file and its version (small, loaded once per process), or the model."""
-    from .model import PSFRegressor, file_stamp, load_model, model_path
+    """What tasks carry: the model's file and a digest of its bytes (small; loaded once per process),
+    or the model itself."""
+    from .model import PSFRegressor, file_digest, load_model, model_path
 
     if isinstance(model, PSFRegressor):
         return model, model
-    m = load_model(model)
     if model_path(model) != Path(str(model)):
-        return (str(model), None), m  # a shipped name: each worker reads its own installation's file
-    return (str(model), file_stamp(model)), m
+        return (str(model), None), load_model(model)  # a shipped name: each worker reads its own installation's
+    digest = file_digest(model)  # before loading: the model used here is then at most newer, never older
+    return (str(model), digest), load_model(model)
 
 
 def _load(ref, device):
-    """The model of ``ref`` in this process: the version the run started with, or an error (a file
+    """The model of ``ref`` in this process: the weights the run started with, or an error (a file
     replaced by a training run in the middle of a map would give later chunks other weights)."""
-    from .model import PSFRegressor, file_stamp, load_model
+    from .model import PSFRegressor, file_digest, load_model
 
     if isinstance(ref, PSFRegressor):
         return ref
-    path, stamp = ref
-    if stamp is not None and file_stamp(path) != stamp:
-        raise ValueError(f"the model file {path} changed during the run; run again to map with one version")
+    path, digest = ref
+    if digest is not None:
+        here = file_digest(path)
+        if here is not None and here != digest:  # None: load_model says what is missing
+            raise ValueError(f"the model file {path} holds other weights than when the run started (replaced "
+                             "meanwhile, or another copy on this worker); run again with one version everywhere")
     return load_model(path, device=device)
 
 
@@ -99,7 +103,7 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
         out = _chunk_task(block, ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets, starts=starts,
                           counts=counts, batch_size=batch_size, device=device, symmetrize=symmetrize,
                           block_info=block_info)
-        with atomic_file(done) as tmp:  # a file present is a whole chunk
+        with atomic_file(done, unique=True) as tmp:  # a file present is a whole chunk
             np.save(tmp, out)
         return out
     by, bx = max(0, offsets[0][iy] - patch), max(0, offsets[1][ix] - patch)  # block start in the image
@@ -182,7 +186,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
     if pixel_um is None and xr_in:
-        pixel_um = image.attrs.get("pixel_um")
+        pixel_um = pixel_size(image)  # its attribute, or µm coordinates
     if pixel_um is not None:
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
     if getattr(data, "ndim", np.ndim(data)) != 2:

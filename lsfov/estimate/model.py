@@ -434,12 +434,26 @@ def _cached(path: str, device: str | None, stamp=None) -> PSFRegressor:
 
 
 def file_stamp(path):
-    """A model file's version, ``(mtime_ns, size)``, or None if it cannot be read."""
+    """A model file's ``(mtime_ns, size)``, or None if it cannot be read."""
     try:
         st = Path(path).stat()
     except OSError:
         return None  # from_file says what is missing
     return st.st_mtime_ns, st.st_size
+
+
+def file_digest(path) -> str | None:
+    """A digest of a model file's bytes (read once per mtime and size), or None if it cannot be read:
+    the same weights whatever the copy, its machine or its timestamps."""
+    stamp = file_stamp(path)
+    return None if stamp is None else _digest(str(Path(path).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, stamp) -> str:
+    import hashlib
+
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
 def model_path(name_or_path) -> Path:

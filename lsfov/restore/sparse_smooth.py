@@ -172,7 +172,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     l1, l2 = _psf_norms(operator)
-    noise = estimate_noise(sample)
+    noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:
         gamma1 = 3.0 * noise * l2
     if gamma2 is None:
