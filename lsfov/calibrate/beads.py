@@ -284,6 +284,8 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     ok = sums > 0
     if not ok.any():
         raise ValueError("no bead stands above the background; check the image or lower threshold= (--threshold)")
+    # Unit sum: the operators preserve flux. (Sec. II-E-b's option, PSFs times the local background as
+    # an illumination loss, is not taken.)
     patches = patches[ok] / sums[ok, None, None]
     return BeadPSFs(patches=patches, positions=centres[ok], radius=radius, shape=img.shape,
                     n_detected=n_detected, n_saturated=n_saturated, n_crowded=n_crowded, fluxes=sums[ok])
@@ -319,5 +321,6 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
     yy = centres[:, 0, None, None] + off[None, :, None]
     xx = centres[:, 1, None, None] + off[None, None, :]
     yy, xx = np.broadcast_arrays(yy, xx)
+    # order=3: cubic B-spline (prefiltered), the "bicubic" resampling of App. A-c.
     patches = ndimage.map_coordinates(img, [yy, xx], order=3, mode="nearest").astype(np.float32)
     return remove_background(patches, radius, background_order) * radial_bump(k, radius), centres

@@ -102,7 +102,9 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     g0 = gens.mean(axis=0)
     g0 /= np.linalg.norm(g0)
     w = np.einsum("kij,ij->k", gens, g0)
-    w = np.maximum(w, 1e-6 * np.abs(w).max())  # generators must face the reference direction
+    # Generators must face the reference direction: one with ⟨Γ_k, Γ0⟩ <= 0 gets a tiny weight, which
+    # relaxes ⟨Γ, Γ0⟩ = 1 for it (the slice of the cone would be unbounded).
+    w = np.maximum(w, 1e-6 * np.abs(w).max())
     d = np.einsum("kij,pj->pik", gens, a)  # (P, I, K): prediction of source p for generator k
     lam = np.full(len(gens), 1.0 / w.sum())
     amp = np.ones(len(pos))
@@ -126,9 +128,11 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         if step <= 1e-7 * max(np.max(lam), 1e-30):
             break
     gamma = np.einsum("k,kij->ij", lam, gens)
-    # Unit flux: the mean PSF sum over the sources (the Γ_k operators sum to one, and so do mixes).
+    # The operator's PSFs are scaled to sum 1 at every pixel (OperatorSubspace.operator); Γ to unit
+    # mean flux over the sources, and each source's amplitude by its PSF's own sum.
     sums = subspace.psf_basis.sum(axis=(1, 2)).astype(np.float64)
-    flux = float(np.mean(np.einsum("i,ij,pj->p", sums, gamma, a)))
+    fp = np.einsum("i,ij,pj->p", sums, gamma, a)
+    flux = float(np.mean(fp))
     gamma = gamma / (flux if flux > 0 else 1.0)
     op = subspace.operator(gamma)
     op.attrs.update({"source": "lsfov.identify_operator", "n_sources": int(len(pos)),
@@ -136,7 +140,8 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     if not return_details:
         return op
     resid = np.linalg.norm(amp[:, None] * (d @ lam) - c) / max(np.linalg.norm(c), 1e-30)
-    return op, {"gamma": gamma, "amplitudes": amp * scale * flux, "positions": pos, "residual": float(resid)}
+    return op, {"gamma": gamma, "amplitudes": amp * scale * np.where(fp > 0, fp, flux), "positions": pos,
+                "residual": float(resid)}
 
 
 def _sample_maps(maps, pos):

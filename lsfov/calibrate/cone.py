@@ -21,7 +21,9 @@ def project_cone(columns, points, *, iterations: int = 300, tol: float = 1e-7, w
     points : array_like (I, N)
         Points to project, one per column (all solved together: one matrix product per step).
     iterations : int
-        At most this many accelerated projected-gradient steps (step 1/L, L = ‖BᵀB‖₂).
+        At most this many accelerated projected-gradient steps (step 1/L, L = ‖BᵀB‖₂). The default
+        is approximate (about 1e-2 relative against NNLS on calibrated cones, where the result stays
+        in the cone); raise it for exact projections.
     tol : float
         Stop when no weight moved by more than ``tol`` times the largest weight.
     weights0 : array_like (J, N), optional

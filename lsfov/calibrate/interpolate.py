@@ -125,6 +125,8 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
                          "image more beads")
     scale = float(max(grid.shape))
     w = voronoi_weights(pos, grid.shape)
+    # smoothing is 8π·η of Eq. 9 (for the kernel r² log r, ∫(Δα)² = 8π cᵀKc), in the unit square's
+    # coordinates with weights of mean 1.
     tps = RBFInterpolator(pos / scale, beta, kernel="thin_plate_spline", degree=1, smoothing=smoothing / w)
     vals = tps(grid.points() / scale)  # (gy*gx, I)
     if cone is not None:

@@ -65,7 +65,9 @@ class OperatorSubspace:
 
     @property
     def normalized_gammas(self) -> np.ndarray:
-        """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone."""
+        """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone. (The
+        paper's normalisation, literally: a negative Σ would flip a generator; never seen, the sums
+        are the operators' flux in the basis, ~20-40.)"""
         s = self.gammas.sum(axis=(1, 2), keepdims=True)
         return self.gammas / np.where(np.abs(s) > 1e-30, s, 1.0)
 
@@ -84,10 +86,17 @@ class OperatorSubspace:
         return g
 
     def operator(self, k_or_gamma) -> ProductConvolution:
-        """The basis operator of training image ``k`` (an int), or of a coefficient matrix Γ (I, J)."""
+        """The basis operator of training image ``k`` (an int), or of a coefficient matrix Γ (I, J).
+
+        Its PSF sums to 1 at every pixel. Each training image's maps do (Σ_i sum(h_i) α_ik = 1), but
+        J spatial components keep only part of that constant, which left the local PSF sums 0.93-1.05
+        across the field: the maps are divided by their flux, as the paper's operators assume.
+        """
         g = self._gamma(k_or_gamma)
         a = np.asarray(self.spatial_basis, dtype=np.float32)
         maps = np.tensordot(g.astype(np.float32), a, axes=(1, 0))
+        flux = np.tensordot(self.psf_basis.sum(axis=(1, 2), dtype=np.float64).astype(np.float32), maps, axes=1)
+        maps /= np.maximum(flux, np.float32(1e-6) * flux.max())
         attrs = {**self.attrs, "source": "lsfov.OperatorSubspace.operator"}
         if isinstance(k_or_gamma, (int, np.integer)):
             attrs["image"] = int(k_or_gamma)
