@@ -42,6 +42,23 @@ def test_detection_recall_and_precision(field):
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
 
 
+def test_two_beads_closer_than_one_detection_are_not_one_isolated_bead():
+    """Beads 6 px apart, one dimmer (r = 10), make one detection (candidates are r/2 apart) but two
+    maxima of the response: the pair is crowded, not a misshapen PSF (App. A-b: 2r from every other
+    maximum)."""
+    yy, xx = np.mgrid[:200, :200].astype(np.float64)
+
+    def bead(y, x, a):
+        return a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.3**2))
+
+    img = 10 + sum(bead(y, x, 1000) for y, x in ((40, 40), (40, 160), (160, 40), (160, 160)))
+    img = (img + bead(100, 98, 1000) + bead(100, 104, 700)).astype(np.float32)  # the pair
+    assert len(detect_beads(img, 10)) == 5  # the pair is one candidate
+    b = bead_psfs(img, radius=10)
+    d, _ = cKDTree(b.positions).query([(100, 100)])
+    assert len(b.positions) == 4 and d[0] > 40 and b.n_crowded == 1
+
+
 def test_bead_psfs_are_isolated_centred_and_normalised(field):
     b = bead_psfs(field.image)
     assert b.patches.shape[1:] == (b.size, b.size) and b.size % 2 == 1

@@ -133,13 +133,20 @@ def detect_beads(image, radius: float, threshold: float | None = None) -> np.nda
     ndarray (P, 2) of int
         (y, x) pixel positions, brightest first.
     """
+    return _maxima(image, radius, threshold)[0]
+
+
+def _maxima(image, radius, threshold):
+    """Bead candidates (maxima at least r/2 apart), and every maximum of the response: two beads
+    closer than r/2 make one candidate but two maxima, which the isolation test must see."""
     from skimage.feature import peak_local_max
 
     img = as_image(image, "bead image")
     radius = _check_radius(radius)
     resp, _ = _log_response(img, radius)
     thr = _robust_threshold(resp) if threshold is None else real_number(threshold, "threshold")
-    return peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False)
+    every = peak_local_max(resp, min_distance=1, threshold_abs=thr, exclude_border=False)
+    return peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False), every
 
 
 def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> float:
@@ -242,7 +249,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     h = k // 2
     if min(img.shape) < k + 2:
         raise ValueError(f"bead image {img.shape} is smaller than one bead patch ({k}x{k}); use a smaller radius")
-    pos = detect_beads(img, radius, threshold)
+    pos, every = _maxima(img, radius, threshold)
     if len(pos) == 0:
         raise ValueError("no beads found: the image has no bright spots above the threshold; "
                          "check the image, or lower threshold=")
@@ -259,12 +266,10 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         saturated |= core.max(axis=(1, 2)) >= sat_level
     n_saturated = int(saturated.sum())
 
-    # Isolation (App. A-b): 2r from every other detection, patch (and cubic margin) inside the image.
+    # Isolation (App. A-b): 2r from every other maximum (also one merged into this detection),
+    # patch (and cubic margin) inside the image.
     inside = np.all((pos >= h + 2) & (pos < np.array(img.shape) - h - 2), axis=1)
-    crowded = np.zeros(len(pos), bool)
-    if len(pos) > 1:
-        pairs = cKDTree(pos).query_pairs(2 * radius, output_type="ndarray")
-        crowded[pairs.ravel()] = True
+    crowded = np.array([len(near) > 1 for near in cKDTree(every).query_ball_point(pos, 2 * radius)], bool)
     keep = inside & ~crowded & ~saturated
     n_crowded = int((~(inside & ~crowded) & ~saturated).sum())
     if not keep.any():
