@@ -450,7 +450,7 @@ def _stage_times(stages):
         if "gpu" in st:
             gpus[st["gpu"]] = gpus.get(st["gpu"], 0.0) + st["seconds"]
         else:
-            cpu += st["seconds"]
+            cpu += st["seconds"] + st.get("features_seconds", 0.0)  # a frozen stage: its trunk's features too
     return " + ".join([f"{cpu / 60:.0f} min CPU"] + [f"{t / 60:.1f} min {g}" for g, t in gpus.items()])
 
 
@@ -473,7 +473,8 @@ def section_cnn(a):
     goals = R2_GOALS
     lines = ["## CNN PSF-parameter regression (paper 000 Sec. III-B, Table III; Fig. 7)", "",
              "Shipped models (their network in brackets: `spectral` is `compact` plus a log-power-spectrum "
-             "branch), trained by `benchmarks/train_models.py` (\"a + b\": trained on a "
+             "branch; `polar` adds the spectrum's angular harmonics per ring and a wider head, over the fixed trunk of a "
+             "`spectral` model), trained by `benchmarks/train_models.py` (\"a + b\": trained on a "
              "set of a patches, then continued on a fresh set of b); test sets synthesized "
              f"from images never used in training (scikit-image's {', '.join(synth._SKIMAGE_SPLIT['test'])} and fresh "
              "procedural seeds; every source sharp: its own blur under ~0.4 px) at "
@@ -557,7 +558,7 @@ def section_cnn(a):
     torch.set_num_threads(os.cpu_count())
     x = torch.randn(64, 1, 128, 128)
     rows = []
-    for arch in ("compact", "spectral", "resnet34"):
+    for arch in ("compact", "spectral", "polar", "resnet34"):
         net = network.build(arch, 7).eval()
         with torch.inference_mode():
             t = best_of(lambda: net(x), max(2, a.repeat // 2))

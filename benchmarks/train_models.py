@@ -41,7 +41,8 @@ DEFAULTS = {"G1": (48000, 4), "G2": (48000, 4), "Z1": (48000, 4), "Z3": (64000, 
 # and G1, G2 and Z1 gain 0.05-0.11 in R², even on a 50-5000 test set. Fig. 7's robustness curves
 # still measure every noise level.
 NETWORKS = {"compact": "compact residual network", "resnet34": "ResNet-34",
-            "spectral": "compact residual network with a log-power-spectrum branch"}
+            "spectral": "compact residual network with a log-power-spectrum branch",
+            "polar": "compact residual network with log-power-spectrum and angular-harmonic branches"}
 LR = {"Z3": 1e-3}  # the rate the shipped Z3 was trained at (the probe sees only its first 100 steps)
 
 
@@ -75,6 +76,10 @@ def main():
     ap.add_argument("--test", type=int, default=3000, help="test patches")
     ap.add_argument("--arch", default=None, choices=sorted(NETWORKS), help="network [--init's; otherwise spectral]")
     ap.add_argument("--init", default=None, help="continue from this model (a shipped name or a .pt)")
+    ap.add_argument("--freeze", action="store_true", help="keep --init's trunk fixed, train a polar network's tail")
+    ap.add_argument("--store", default=None,
+                    help="stream the training set to this zarr directory (sets larger than memory) and train from it; "
+                         "a set already there with the same model, seed, size and photons is reused")
     ap.add_argument("--seed", type=int, default=0, help="training-set seed (a fresh set when continuing)")
     ap.add_argument("--photons", type=float, nargs=2, metavar=("LOW", "HIGH"),
                     help="peak photon range of the training set [%g %g]; the test set always has the default" % synth.PHOTONS)
@@ -104,14 +109,19 @@ def main():
         n, epochs = a.n or n, a.epochs or epochs
         t = time.perf_counter()
         photons = tuple(a.photons or synth.PHOTONS)
-        data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, workers=a.workers,
-                                device=a.synth_device, progress=True)
+        store = None if a.store is None else Path(a.store) / f"{name}-seed{a.seed}-{n}-{photons[0]:g}-{photons[1]:g}.zarr"
+        if store is not None and store.exists():  # written atomically: complete, and seeded
+            data = store
+        else:
+            data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, workers=a.workers,
+                                    device=a.synth_device, progress=True, out=store)
         test = None if a.no_measure else _test_set(name, a.test)
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
         reg = train.train(data, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
-                          checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, resume=_resumable(ck))
+                          checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, freeze=a.freeze,
+                          resume=_resumable(ck))
         if test is not None:
             _measure(reg, test)
         reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)
@@ -126,7 +136,8 @@ def main():
             "patches), tested on images never seen in training.")
         if init is not None:  # train() recorded the starting model's training; add what it was
             reg.meta["training"]["init"]["description"] = init.meta.get("description")
-            reg.meta["description"] += f" Continued on a fresh set (seed {a.seed}) from: {init.meta.get('description')}"
+            how = "Its tail trained on a fresh set (seed {}) over the fixed trunk of" if a.freeze else "Continued on a fresh set (seed {}) from"
+            reg.meta["description"] += f" {how.format(a.seed)}: {init.meta.get('description')}"
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
         tr = reg.meta["training"]
         print(name, reg.meta.get("test"), f"synthesis {t_synth:.0f} s, training {tr['seconds']} s, "

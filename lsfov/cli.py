@@ -702,9 +702,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes that synthesize in parallel (the same bytes for any number).")
-@click.option("--arch", type=click.Choice(["spectral", "compact", "resnet34"]), default=None,
-              help="Network: spectral (shipped: compact + a power-spectrum branch), compact, or the paper's "
-                   "resnet34 [--init's; otherwise spectral].")
+@click.option("--arch", type=click.Choice(["polar", "spectral", "compact", "resnet34"]), default=None,
+              help="Network: polar (shipped Z3: spectral + angular harmonics of the spectrum), spectral (compact + "
+                   "a power-spectrum branch), compact, or the paper's resnet34 [--init's; otherwise spectral].")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="Adam learning rate [chosen on the validation split].")
@@ -716,11 +716,13 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
                    "then the blur and noise run there with torch, seeded but other bytes].")
 @click.option("--init", default=None, metavar="MODEL",
               help="Start from this model's weights (a .pt or a shipped name): fine-tuning, more training.")
+@click.option("--freeze", is_flag=True,
+              help="Keep --init's trunk fixed and train only the tail of a polar network (minutes on a CPU).")
 @click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
 @_overwrite_option
 @click.pass_obj
 def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs, batch_size, lr, patience, checkpoint,
-          resume, device, init, test_path, overwrite):
+          resume, device, init, freeze, test_path, overwrite):
     """Train a PSF-parameter CNN on DATA and write it to OUT (.pt), or synthesize DATA.
 
     \b
@@ -728,6 +730,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
       lsfov train --synthesize 2000 --psf-model Z3 --split test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --init Z3     # start from the shipped weights
+      lsfov train z3-train.zarr z3.pt --init my-spectral-z3.pt --arch polar --freeze
     """
     from .estimate import evaluate as _evaluate
     from .estimate import synthesize
@@ -749,7 +752,8 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
         raise ValueError(f"model files end in .pt, got {out.name}")
     ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
     model = _train(data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, checkpoint=ckpt,
-                   resume=resume, device=device, seed=seed, init=init, overwrite=overwrite, progress=progress)
+                   resume=resume, device=device, seed=seed, init=init, freeze=freeze, overwrite=overwrite,
+                   progress=progress)
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])

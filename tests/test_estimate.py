@@ -223,7 +223,7 @@ def test_loss_is_eq11_and_masks_invalid_samples():
 
 def test_networks_shapes_and_compact_size():
     x = torch.randn(2, 1, 128, 128)
-    for arch in ("compact", "spectral"):
+    for arch in ("compact", "spectral", "polar"):
         net = network.build(arch, 7)
         assert net(x).shape == (2, 7)
         n = sum(p.numel() for p in net.parameters())
@@ -262,6 +262,77 @@ def test_spectral_network_reads_the_power_spectrum():
     assert torch.isfinite(net.log_power(torch.zeros(1, 1, 128, 128))).all()
 
 
+def test_polar_harmonics_are_ring_averages_that_turn_with_the_patch():
+    h = network.polar_harmonics()
+    assert h.shape == (128 * 65, 40 * 5)
+    per_ring = h.reshape(128 * 65, 40, 5)
+    np.testing.assert_allclose(per_ring[:, :, 0].sum(0, dtype=np.float64), 1, rtol=1e-5)  # ring means
+    np.testing.assert_allclose(per_ring[:, :, 1:].sum(0, dtype=np.float64), 0, atol=1e-6)  # a flat spectrum has no harmonics
+    # A spectrum cos(2 (phi - a)) reads (cos 2a, sin 2a) / 2 on each ring (to the sampling of
+    # thin rings on the pixel lattice), nothing at order 4.
+    ky = np.fft.fftshift(np.fft.fftfreq(128))[:, None]
+    phi = np.arctan2(ky, np.fft.rfftfreq(128)[None, :])
+    got = (np.cos(2 * (phi - 0.3)).ravel().astype(np.float64) @ h).reshape(40, 5)[5:]
+    angle, amplitude = np.arctan2(got[:, 2], got[:, 1]) / 2, np.hypot(got[:, 1], got[:, 2])
+    assert np.abs(angle - 0.3).max() < 0.05 and abs(angle.mean() - 0.3) < 0.005
+    assert np.abs(amplitude - 0.5).max() < 0.03
+    np.testing.assert_allclose(got[:, 3:], 0, atol=1e-4)
+    # On a patch: mirror images flip the sines; a quarter turn flips the order-2 harmonics and
+    # keeps the order-4 ones (the spectrum's floor, a mean over the half plane, turns to 1e-3).
+    torch.manual_seed(0)
+    net = network.build("polar", 7).eval()
+    k = torch.from_numpy(psf.get_model("Z3").render([[0.3, 0.2, 0.5]]))[0]
+    x = torch.nn.functional.conv2d(torch.rand(1, 1, 128, 128), k[None, None], padding=15)
+
+    def harmonics(x):
+        return (net.log_power(network.standardize(x)).flatten(1) @ net.harmonics).reshape(40, 5).double()
+
+    f = harmonics(x)
+    assert f[:, 1:3].abs().max() > 0.05  # the astigmatic blur shows
+    for y, sign, tol in ((x.flip(-1), [1, 1, -1, 1, -1], 1e-5), (x.flip(-2), [1, 1, -1, 1, -1], 1e-5),
+                         (torch.rot90(x, 1, (-2, -1)), [1, -1, -1, 1, 1], 2e-3)):
+        torch.testing.assert_close(harmonics(y), f * torch.tensor(sign, dtype=f.dtype), rtol=0, atol=tol * f.abs().max())
+    assert "harmonics" not in net.state_dict()  # rebuilt, not stored
+
+
+def test_frozen_training_changes_only_the_tail(tmp_path):
+    store = synth.synthesize(640, "G1", seed=12, batch=320, out=tmp_path / "set.zarr")
+    d = synth.open_training_set(store)  # patches stay a lazy zarr array
+    torch.manual_seed(0)
+    spectral = train.train(d, epochs=1, lr=1e-3, batch_size=32, progress=False)
+    polar = train.train(store, arch="polar", init=spectral, freeze=True, epochs=3, lr=1e-3, batch_size=32,
+                        progress=False, checkpoint=tmp_path / "ck")
+    assert polar.arch == "polar" and polar.meta["training"]["freeze"] is True
+    before, after = spectral.net.state_dict(), polar.net.state_dict()
+    trunk = [k for k in after if k.split(".")[0] in ("spatial", "spectral")]
+    assert trunk and all(torch.equal(after[k], before[k]) for k in trunk)  # batch-norm statistics included
+    # The tail learnt: its validation loss falls below that of the untrained tail on the same trunk.
+    hist = [h["val_loss"] for h in polar.meta["training"]["history"] if "epoch" in h]
+    fresh = M.PSFRegressor("G1", "polar")
+    train._start_from(fresh.net, spectral, "polar")
+    fit = train._Fit(fresh, True)
+    rows = range(576, 640)
+    feats = fit.inputs(d["patches"], 512, False)
+    untrained = train._val_loss(fit, feats, M.encode(fresh.psf_model, d["params"]), d["valid"], rows, 1.0, 512)
+    assert min(hist) < 0.7 * untrained
+    # The tail on cached features is the whole network on the patches.
+    x = torch.from_numpy(np.asarray(d["patches"][:8], np.float32))
+    with torch.no_grad():
+        whole = polar.net(network.standardize(x)[:, None])
+        tail = polar.net.tail(polar.net.features(network.standardize(x)[:, None]))
+    torch.testing.assert_close(whole, tail)
+    with pytest.raises(ValueError, match="is a run with freeze=True"):
+        train.train(d, arch="polar", init=spectral, epochs=3, lr=1e-3, progress=False, checkpoint=tmp_path / "ck",
+                    resume=True)
+    with pytest.raises(ValueError, match="pass arch='polar'"):
+        train.train(d, init=spectral, freeze=True, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="give init="):
+        train.train(d, arch="polar", freeze=True, epochs=1, progress=False)
+    compact = train.train(d, arch="compact", epochs=1, lr=1e-3, batch_size=32, progress=False)
+    with pytest.raises(ValueError, match="a polar network starts from a spectral model"):
+        train.train(d, arch="polar", init=compact, epochs=1, progress=False)
+
+
 def test_r2_eq15_and_circular_axis():
     m = psf.MODELS["Z3"]
     p = m.sample(300, 1)
@@ -280,10 +351,13 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     untrained = M.PSFRegressor("G1")
     t = M.encode(untrained.psf_model, d["params"])
     idx = range(576, 640)
-    before = train._val_loss(untrained, d["patches"], t, d["valid"], idx, 1.0, 512)
+    before = train._val_loss(train._Fit(untrained, False), d["patches"], t, d["valid"], idx, 1.0, 512)
     reg = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck", seed=0)
     after = reg.meta["training"]["best_val_loss"]
     assert after < 0.5 * before
+    # the weights kept are those of the epoch with the best validation R² (what the model is judged by)
+    hist = [h for h in reg.meta["training"]["history"] if "epoch" in h]
+    assert reg.meta["training"]["best_val_r2"] == max(h["val_r2"] for h in hist) > 0
     assert (tmp_path / "ck" / "last.pt").exists() and (tmp_path / "ck" / "best.pt").exists()
     # resumable: a run stopped after one epoch and resumed ends where the uninterrupted one did
     train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, max_minutes=0)
@@ -396,13 +470,13 @@ def test_shipped_models_load_with_metadata(name):
 
 
 # Bars ~0.04-0.05 under what the shipped models score on this set (seed 123, 400 patches): R² G1 0.929,
-# G2 0.892, Z1 0.947, Z3 0.679 (focus 0.778, astigmatism 0.529, axis 0.731); validity accuracy
-# 0.9925-1.0. Z3's per-parameter floors catch one dead output (a random axis scores R² < 0) that
+# G2 0.892, Z1 0.947, Z3 0.735 (focus 0.811, astigmatism 0.622, axis 0.772); validity accuracy
+# 0.9875-1.0. Z3's per-parameter floors catch one dead output (a random axis scores R² < 0) that
 # the mean alone would let through.
-_R2_BARS = {"G1": {"sigma": 0.89}, "G2": {}, "Z1": {}, "Z3": {"focus": 0.73, "astigmatism": 0.48, "axis": 0.69}}
+_R2_BARS = {"G1": {"sigma": 0.89}, "G2": {}, "Z1": {}, "Z3": {"focus": 0.76, "astigmatism": 0.57, "axis": 0.72}}
 
 
-@pytest.mark.parametrize("name, bar", [("G1", 0.89), ("G2", 0.85), ("Z1", 0.90), ("Z3", 0.63)])
+@pytest.mark.parametrize("name, bar", [("G1", 0.89), ("G2", 0.85), ("Z1", 0.90), ("Z3", 0.69)])
 def test_shipped_models_regress_fresh_test_patches(name, bar):
     test = synth.synthesize(400, name, split="test", seed=123)
     res = train.evaluate(lsfov.load_model(name), test)

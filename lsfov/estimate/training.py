@@ -2,7 +2,7 @@
 
 Training: Adam, the learning rate picked on a validation split (each candidate trains a short
 probe from the same start, the best one goes on), cosine decay, early stopping on the validation
-loss, a checkpoint every epoch that ``resume=True`` continues from. Evaluation: R² per parameter
+R², a checkpoint every epoch that ``resume=True`` continues from. Evaluation: R² per parameter
 (paper 000 Eq. 15, valid samples only), validity accuracy, and the robustness curves of Fig. 7.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 from .. import psf as _psf
 from .._validate import LsfovWarning, positive_int, real_number
 from ..io import atomic_file
-from .model import PSFRegressor, encode, load_model
+from .model import PSFRegressor, decode, encode, load_model
 from .network import loss as _loss
 from .network import standardize
 from .synth import PATCH, degrade_patches, open_training_set, synthesize
 
 __all__ = ["train", "evaluate", "r2_scores", "robustness"]
 
-STATE_FORMAT = "lsfov.TrainState/1"
+STATE_FORMAT = "lsfov.TrainState/2"  # /2: the best epoch is that of the highest validation R²
 
 
 def _as_set(data):
@@ -36,7 +36,7 @@ def _as_set(data):
     if not (isinstance(data, dict) and {"patches", "params", "valid", "attrs"} <= set(data)):
         raise TypeError("data must be a training-set path or the dict returned by lsfov.estimate.synthesize")
     m = _psf.get_model(data["attrs"]["psf_model"])
-    n = len(data["patches"])
+    n = data["patches"].shape[0]
     params, valid = np.asarray(data["params"]), np.asarray(data["valid"])
     shape = tuple(data["patches"].shape[1:])
     if shape != (PATCH, PATCH) or params.shape != (n, m.n_params) or valid.shape != (n,):
@@ -67,50 +67,129 @@ def _batches(patches, targets, valid, rows, batch_size, rng, block):
                    torch.from_numpy(v[b : b + batch_size]))
 
 
-def _batch_loss(model, x, t, v, gamma):
-    dev = model.device
-    return _loss(model.net(standardize(x.to(dev))[:, None]), t.to(dev), v.to(dev), gamma)
+class _Fit:
+    """What a run trains: the whole network on patches, or (``frozen``) its tail on the trunk's
+    features, computed once per patch because the trunk never changes."""
+
+    def __init__(self, model, frozen: bool):
+        self.model, self.frozen = model, frozen
+        net = model.net
+        self.trunk = [getattr(net, name) for name in getattr(net, "trunk", ())] if frozen else []
+        for mod in self.trunk:
+            mod.requires_grad_(False)
+        self.params = [p for p in net.parameters() if p.requires_grad]
+
+    def train_mode(self, on: bool = True):
+        self.model.net.train(on)
+        for mod in self.trunk:  # batch norms of a frozen trunk keep their statistics
+            mod.eval()
+
+    def __call__(self, x):
+        if self.frozen:
+            return self.model.net.tail(x)
+        return self.model.net(standardize(x)[:, None])
+
+    def inputs(self, patches, block, progress):
+        """What a batch is made of: the patches, or their features (n, F) float32 in memory."""
+        if not self.frozen:
+            return patches
+        from tqdm.auto import tqdm
+
+        net, dev = self.model.net, self.model.device
+        net.eval()
+        out = []
+        with torch.inference_mode(), tqdm(total=patches.shape[0], desc="trunk features", unit="patch",
+                                          disable=not progress) as bar:
+            for s in range(0, patches.shape[0], block):
+                x = torch.from_numpy(np.ascontiguousarray(np.asarray(patches[s : s + block]), np.float32)).to(dev)
+                for b in range(0, len(x), 256):
+                    out.append(net.features(standardize(x[b : b + 256])[:, None]).float().cpu().numpy())
+                bar.update(len(x))
+        self.train_mode()
+        return np.concatenate(out)
 
 
-def _step(model, opt, x, t, v, gamma):
-    loss = _batch_loss(model, x, t, v, gamma)
+def _batch_loss(fit, x, t, v, gamma):
+    dev = fit.model.device
+    return _loss(fit(x.to(dev)), t.to(dev), v.to(dev), gamma)
+
+
+def _step(fit, opt, x, t, v, gamma):
+    if len(x) < 2:  # a batch norm cannot train on one sample (a block's last batch may hold one)
+        return None
+    loss = _batch_loss(fit, x, t, v, gamma)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.item()
 
 
-def _val_loss(model, patches, targets, valid, index, gamma, block):
-    model.net.eval()
-    total, count = 0.0, 0
+def _val_loss(fit, patches, targets, valid, index, gamma, block, *, params=None):
+    """The loss over the rows ``index``; with ``params`` (the set's parameters), also the mean R²
+    (Eq. 15) of the decoded estimates of the valid rows, NaN when fewer than two are valid."""
+    fit.train_mode(False)
+    total, count, outs = 0.0, 0, []
+    dev = fit.model.device
     with torch.inference_mode():
-        for x, t, v in _batches(patches, targets, valid, index, 256, np.random.default_rng(0), block):
-            total += float(_batch_loss(model, x, t, v, gamma)) * len(x)
+        # Rows in order (an unshuffled pass): the outputs line up with ``params``.
+        for b in range(index.start, index.stop, 256):
+            rows = slice(b, min(b + 256, index.stop))
+            x = torch.from_numpy(np.ascontiguousarray(np.asarray(patches[rows]), np.float32))
+            out = fit(x.to(dev))
+            t = torch.from_numpy(targets[rows].astype(np.float32)).to(dev)
+            total += float(_loss(out, t, torch.from_numpy(valid[rows]).to(dev), gamma)) * len(x)
             count += len(x)
-    model.net.train()
-    return total / max(count, 1)
+            if params is not None:
+                outs.append(out[:, 1:].float().cpu().numpy())
+    fit.train_mode()
+    loss = total / max(count, 1)
+    if params is None:
+        return loss
+    m, v = fit.model.psf_model, valid[index.start : index.stop]
+    if v.sum() < 2 or not np.isfinite(loss):
+        return loss, float("nan")
+    est = decode(m, np.concatenate(outs))
+    with np.errstate(all="ignore"):
+        return loss, float(np.mean(list(r2_scores(m, params[index.start : index.stop][v], est[v]).values())))
+
+
+def _start_from(net, start, arch):
+    """Copy ``start``'s weights into ``net``: all of them (same network), or the trunk of a network
+    built on ``start``'s (a ``polar`` network from a ``spectral`` model)."""
+    src = start.net.state_dict()
+    if start.arch == arch:
+        net.load_state_dict(src)
+        return
+    dst = net.state_dict()
+    keys = [k for k in dst if k.split(".")[0] in getattr(net, "trunk", ())]
+    if not keys or any(k not in src or src[k].shape != dst[k].shape for k in keys):
+        raise ValueError(f"init is a {start.arch} network, not {arch}; pass arch={start.arch!r}"
+                         + (" (a polar network starts from a spectral model)" if arch == "polar" else ""))
+    net.load_state_dict({k: src[k] for k in keys}, strict=False)
 
 
 def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 64, lr: float | None = None,
           lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
           gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
-          max_minutes: float | None = None, init=None, overwrite: bool = False, progress: bool = True) -> PSFRegressor:
+          max_minutes: float | None = None, init=None, freeze: bool = False, overwrite: bool = False,
+          progress: bool = True) -> PSFRegressor:
     """Train a PSF-parameter regressor on a synthesized training set.
 
     Parameters
     ----------
     data : path or dict
         A training set from :func:`lsfov.estimate.synthesize` (its PSF model is the model's).
-    arch : {"spectral", "compact", "resnet34"}, optional
-        The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``, what lsfov
-        ships.
+    arch : {"spectral", "polar", "compact", "resnet34"}, optional
+        The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``.
     epochs : int
         Upper bound on the passes over the training split (cosine learning-rate decay over them).
     lr : float, optional
         Adam learning rate; by default the best of ``lr_candidates`` on the validation split after
         ``probe_steps`` steps from the same initial weights.
     patience : int
-        Stop after this many epochs without a better validation loss; the best weights are kept.
+        Stop after this many epochs without a better validation R² (paper 000 Eq. 15, the mean over
+        the parameters of the decoded estimates: what the model is judged by; the loss on the
+        ``v vᵀ`` targets can rise while it still improves); the best epoch's weights are kept.
     val_fraction : float
         Share of the set (its last rows) held out for learning-rate choice and early stopping.
     gamma : float
@@ -125,7 +204,12 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         Stop after the epoch during which this much time has passed.
     init : str, path or PSFRegressor, optional
         Start from this model's weights (fine-tuning, or more training on a fresh set); it must
-        be a model of the same PSF model and network. ``meta["training"]["init"]`` records it.
+        be a model of the same PSF model and network, or, for ``arch="polar"``, a ``spectral`` model
+        (its branches become the trunk). ``meta["training"]["init"]`` records it.
+    freeze : bool
+        Keep the trunk (``init``'s spatial and spectral branches) fixed and train only the tail of
+        a ``polar`` network: the trunk's features are computed once per patch (in memory, 2.3 kB
+        each), so an epoch costs a small fraction of a full one.
     overwrite : bool
         Replace an earlier run's checkpoints in ``checkpoint`` (without it, and without ``resume``,
         they are refused).
@@ -173,30 +257,43 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     if arch is None:
         arch = start.arch if start is not None else "spectral"
     model = PSFRegressor(m.name, arch, meta=meta, device=device)
+    freeze = bool(freeze)
+    if freeze and not hasattr(model.net, "features"):
+        raise ValueError(f"freeze=True trains the tail of a polar network over a fixed trunk; a {arch} network "
+                         "has none: pass arch='polar'")
+    if freeze and start is None and not resume:
+        raise ValueError("freeze=True keeps the trunk of init= fixed: give init= (a spectral or polar model)")
     if start is not None:
-        if start.arch != arch:
-            raise ValueError(f"init is a {start.arch} network, not {arch}; pass arch={start.arch!r}")
-        model.net.load_state_dict(start.net.state_dict())
-    model.net.train()
+        _start_from(model.net, start, arch)
+    fit = _Fit(model, freeze)
+    fit.train_mode()
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    history, start_epoch, best, bad = [], 0, math.inf, 0
-    best_state = None
+    history, start_epoch, best, bad = [], 0, -math.inf, 0  # best: the highest validation R²
+    params = np.asarray(ds["params"], np.float64)
+    best_state, best_val = None, None
 
     def make_opt(rate):
-        opt = torch.optim.Adam(model.net.parameters(), lr=rate)
+        opt = torch.optim.Adam(fit.params, lr=rate)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=rate * 0.02)
         return opt, sched
+
+    t_feat = time.perf_counter()
+    inputs = fit.inputs(patches, block, progress)  # the patches, or the frozen trunk's features
+    t_feat = time.perf_counter() - t_feat
 
     if resume:
         st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
         if st.get("format") != STATE_FORMAT or st["meta"]["psf_model"] != m.name or st["meta"]["arch"] != arch:
             raise ValueError(f"{ckpt / 'last.pt'} is not a checkpoint of a {arch} {m.name} training run")
+        if bool(st["meta"].get("freeze", False)) != freeze:
+            raise ValueError(f"{ckpt / 'last.pt'} is a run with freeze={not freeze}; resume it with freeze={not freeze}")
         model.net.load_state_dict(st["state_dict"])
         lr = st["lr"]
         opt, sched = make_opt(lr)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, best, bad, history = st["epoch"] + 1, st["best"], st["bad"], list(st["history"])
+        best_val = st["best_val"]
         best_state = st["best_state"]
     elif lr is None:
         first = copy.deepcopy(model.net.state_dict())
@@ -205,11 +302,11 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
             model.net.load_state_dict(first)
             opt, _ = make_opt(cand)
             rng = np.random.default_rng(seed)
-            for i, (x, t, v) in enumerate(_batches(patches, targets, valid, train_idx, batch_size, rng, block)):
+            for i, (x, t, v) in enumerate(_batches(inputs, targets, valid, train_idx, batch_size, rng, block)):
                 if i >= probe_steps:
                     break
-                _step(model, opt, x, t, v, gamma)
-            scores[cand] = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
+                _step(fit, opt, x, t, v, gamma)
+            scores[cand] = _val_loss(fit, inputs, targets, valid, val_idx, gamma, block)
         finite = {k: v for k, v in scores.items() if np.isfinite(v)}
         if not finite:
             raise ValueError(f"every learning rate in {candidates} diverged in {probe_steps} steps; give smaller ones")
@@ -229,23 +326,27 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         for epoch in range(start_epoch, epochs):
             rng = np.random.default_rng([seed, epoch])  # same batches after a resume
             running = []
-            for x, t, v in _batches(patches, targets, valid, train_idx, batch_size, rng, block):
-                running.append(_step(model, opt, x, t, v, gamma))
+            for x, t, v in _batches(inputs, targets, valid, train_idx, batch_size, rng, block):
+                if (step_loss := _step(fit, opt, x, t, v, gamma)) is not None:
+                    running.append(step_loss)
                 bar.update(1)
             sched.step()
-            val = _val_loss(model, patches, targets, valid, val_idx, gamma, block)
-            history.append({"epoch": epoch, "train_loss": float(np.mean(running)), "val_loss": val,
+            val, r2 = _val_loss(fit, inputs, targets, valid, val_idx, gamma, block, params=params)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(running)), "val_loss": val, "val_r2": r2,
                             "seconds": time.perf_counter() - t0})
-            if val < best:
-                best, bad = val, 0
+            # Ranked by R²; by the loss where no R² can be had (fewer than two valid rows).
+            score = (r2 if np.isfinite(r2) else -val) if np.isfinite(val) else -math.inf
+            if score > best:
+                best, bad = score, 0
+                best_val = {"val_loss": val, "val_r2": r2}
                 best_state = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
             else:
                 bad += 1
-            bar.set_postfix(val=f"{val:.4g}", best=f"{best:.4g}")
+            bar.set_postfix(val_loss=f"{val:.4g}", val_r2=f"{r2:.4f}")
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
-                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch}, "epoch": epoch,
-                         "lr": lr, "best": best, "bad": bad, "history": history,
+                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch, "freeze": freeze}, "epoch": epoch,
+                         "lr": lr, "best": best, "best_val": best_val, "bad": bad, "history": history,
                          "state_dict": model.net.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "best_state": best_state}
                 with atomic_file(ckpt / "last.pt") as tmp:
@@ -263,9 +364,12 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         "data": {k: attrs.get(k) for k in ("n", "sources", "split", "seed", "photons", "read_noise",
                                              "illumination", "invalid_fraction")},
         "n_train": int(len(train_idx)), "n_val": int(n_val), "lr": lr, "batch_size": batch_size,
-        "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best, "history": history,
+        "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best_val["val_loss"],
+        "best_val_r2": best_val["val_r2"], "history": history,
         "device": str(model.device), "seconds": round(time.perf_counter() - t0, 1),
     }
+    if freeze:
+        model.meta["training"].update(freeze=True, features_seconds=round(t_feat, 1))
     if model.device.type == "cuda":
         model.meta["training"]["gpu"] = torch.cuda.get_device_name(model.device)
     passes = sum(1 for h in history if "epoch" in h) * len(train_idx)
