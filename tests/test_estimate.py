@@ -470,7 +470,7 @@ def test_shipped_models_load_with_metadata(name):
 
 
 # Bars ~0.04-0.05 under what the shipped models score on this set (seed 123, 400 patches): R² G1 0.929,
-# G2 0.892, Z1 0.947, Z3 0.735 (focus 0.811, astigmatism 0.622, axis 0.772); validity accuracy
+# G2 0.902, Z1 0.947, Z3 0.735 (focus 0.811, astigmatism 0.622, axis 0.772); validity accuracy
 # 0.9875-1.0. Z3's per-parameter floors catch one dead output (a random axis scores R² < 0) that
 # the mean alone would let through.
 _R2_BARS = {"G1": {"sigma": 0.89}, "G2": {}, "Z1": {}, "Z3": {"focus": 0.76, "astigmatism": 0.57, "axis": 0.72}}
