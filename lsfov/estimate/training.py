@@ -277,17 +277,20 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=rate * 0.02)
         return opt, sched
 
+    if resume:
+        st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
+        if st.get("format") != STATE_FORMAT or st["meta"]["psf_model"] != m.name or st["meta"]["arch"] != arch:
+            raise ValueError(f"{ckpt / 'last.pt'} is not a checkpoint of a {arch} {m.name} training run "
+                             "of this lsfov version; start it again without --resume")
+        if bool(st["meta"].get("freeze", False)) != freeze:
+            raise ValueError(f"{ckpt / 'last.pt'} is a run with freeze={not freeze}; resume it with freeze={not freeze}")
+        model.net.load_state_dict(st["state_dict"])  # before the features: a frozen trunk's are the run's
+
     t_feat = time.perf_counter()
     inputs = fit.inputs(patches, block, progress)  # the patches, or the frozen trunk's features
     t_feat = time.perf_counter() - t_feat
 
     if resume:
-        st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
-        if st.get("format") != STATE_FORMAT or st["meta"]["psf_model"] != m.name or st["meta"]["arch"] != arch:
-            raise ValueError(f"{ckpt / 'last.pt'} is not a checkpoint of a {arch} {m.name} training run")
-        if bool(st["meta"].get("freeze", False)) != freeze:
-            raise ValueError(f"{ckpt / 'last.pt'} is a run with freeze={not freeze}; resume it with freeze={not freeze}")
-        model.net.load_state_dict(st["state_dict"])
         lr = st["lr"]
         opt, sched = make_opt(lr)
         opt.load_state_dict(st["optimizer"])
