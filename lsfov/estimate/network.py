@@ -165,7 +165,7 @@ def polar_harmonics(size: int = 128, n_radii: int = 40, r_min: float = 0.01, r_m
         inside /= max(inside.sum(), 1)
         # Less each wave's mean over the ring (the pixel lattice's own order-4 pattern): a flat
         # spectrum has no harmonics.
-        cols += [(inside * (w - (inside * w).sum() * (k > 0))).ravel() for k, w in enumerate(waves)]
+        cols += [(inside * (w - (inside * w).sum() * (j > 0))).ravel() for j, w in enumerate(waves)]
     return np.stack(cols, axis=1).astype(np.float32)
 
 
