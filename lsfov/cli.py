@@ -203,9 +203,8 @@ def info(path):
         from .estimate.depth import DepthCalibration
 
         cal = DepthCalibration.load(path)
-        click.echo(f"{path}: depth calibration from {cal.n_nodes} nodes: depth = {cal.slope:.4g} µm/wave x signed "
-                   f"defocus (instrument axis {cal.axis0:.3f} rad) {cal.offset:+.3g} µm; fit R² {cal.r2:.3f}, MAE "
-                   f"{cal.mae_um:.3g} µm; smoothing σ {cal.smooth:g} nodes")
+        click.echo(f"{path}: depth calibration from {cal.n_nodes} nodes: {_describe_calibration(cal)}; fit R² "
+                   f"{cal.r2:.3f}, MAE {cal.mae_um:.3g} µm; smoothing σ {cal.smooth:g} nodes")
     elif suffix == ".pt" or (not suffix and path.upper() in MODELS):
         from .estimate.model import load_model
 
@@ -525,10 +524,12 @@ def _blind(img, work, model, **kw):
 @click.option("--smooth", type=click.FloatRange(min=0), default=None,
               help="σ in nodes of the local-plane smoothing of the depth [with --known: 0, stored in the "
                    "calibration; otherwise the calibration's].")
+@click.option("--method", type=click.Choice(["curve", "linear"]), default="curve", show_default=True,
+              help="With --known: calibration curves of the CNN's readings, or paper 000's line of the signed defocus.")
 @_overwrite_option
-def depth(psf_map, out, calibration, known, smooth, overwrite):
-    """Depth from astigmatism (paper 000 Eq. 14) of a Z3 PSF map: µm with a calibration, otherwise
-    the uncalibrated signed defocus in waves."""
+def depth(psf_map, out, calibration, known, smooth, method, overwrite):
+    """Depth from astigmatism (paper 000 Sec. II-H) of a Z3 PSF map: µm with a calibration, otherwise
+    the uncalibrated signed defocus in waves (Eq. 14)."""
     import xarray as xr
 
     from . import io
@@ -538,20 +539,30 @@ def depth(psf_map, out, calibration, known, smooth, overwrite):
     cal = DepthCalibration.load(calibration) if calibration else None
     ds = io.open_result(psf_map)
     if known:
-        cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0)
+        cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0,
+                              method=method)
         if out.is_dir():  # --overwrite of a directory by a file: the file written first, then swapped in
             new = cal.save(out.with_name(f".{out.name}.new"), overwrite=True)
             shutil.rmtree(out)
             new.replace(out)
         else:
             cal.save(out, overwrite=overwrite)
-        click.echo(f"wrote {out}: axis {cal.axis0:.3f} rad, {cal.slope:.3g} µm per wave, R² {cal.r2:.3f}, "
-                   f"MAE {cal.mae_um:.3g} µm on {cal.n_nodes} nodes")
+        click.echo(f"wrote {out}: {_describe_calibration(cal)}; R² {cal.r2:.3f}, MAE {cal.mae_um:.3g} µm on "
+                   f"{cal.n_nodes} nodes")
         return
     z = estimate_depth(ds, cal, smooth=smooth)
     io.save(xr.Dataset({"depth": z}, attrs={"command": "lsfov depth", "source": str(psf_map)}), out,
             overwrite=overwrite)
     click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
+
+
+def _describe_calibration(cal) -> str:
+    axis = f"instrument axis {cal.axis0:.3f} rad"
+    if cal.method == "curve":
+        lo, hi = cal.range_um
+        return (f"calibration curves of degree {len(cal.curves[0]) - 1} over {lo:+.3g}..{hi:+.3g} µm ({axis}; "
+                f"{cal.slope:.3g} µm per wave of signed defocus near the line)")
+    return f"depth = {cal.slope:.4g} µm/wave x signed defocus ({axis}) {cal.offset:+.3g} µm"
 
 
 # ---------------------------------------------------------------------------------------------- bss

@@ -368,14 +368,16 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     res = run("estimate", "tilt.npy", "map.zarr", "--stride", 64, "--chunks", 160, "--figure", "map.png")
     assert "4x4 nodes of Z3" in res.output and Path("map.png").exists()
     m = lsfov.open_result("map.zarr")
-    assert {"focus", "astigmatism", "axis", "validity", "filled"} <= set(m.data_vars)
+    assert {"focus", "astigmatism", "axis", "validity", "filled", "focus_astig_sin", "focus_astig_cos"} <= set(m.data_vars)
     assert m.attrs["psf_model"] == "Z3" and m.attrs["stride"] == 64 and m.attrs["symmetrize"] == 0
     run("-q", "estimate", "tilt.npy", "map8.zarr", "--stride", 64, "--symmetrize")
     assert lsfov.open_result("map8.zarr").attrs["symmetrize"] == 1
     run("deconvolve", "tilt.npy", "d.zarr", "--psf-map", "map.zarr", "--iterations", 2)
     assert lsfov.open_result("d.zarr").deblurred.shape == (320, 320)
     res = run("depth", "map.zarr", "cal.json", "--known", "truth.npy")
-    assert "µm per wave" in res.output
+    assert "calibration curves of degree 2" in res.output  # 4 depths along the tilt: the degree comes down
+    res = run("depth", "map.zarr", "lin.json", "--known", "truth.npy", "--method", "linear")
+    assert "µm/wave" in res.output and json.loads(Path("lin.json").read_text())["method"] == "linear"
     run("depth", "map.zarr", "z.zarr", "--calibration", "cal.json")
     z = lsfov.open_result("z.zarr").depth
     assert z.shape == (4, 4) and z.attrs["units"] == "micrometer"
@@ -416,7 +418,8 @@ def test_cli_run_writes_one_result_napari_reads(run, tmp_path):
     res = run("run", "in.zarr/image", "out.zarr", "--iterations", 2, "--chunks", 160, "--figure", "out.png")
     assert "PSF map" in res.output and "deconvolution" in res.output and Path("out.png").exists()
     r = lsfov.open_result("out.zarr")
-    assert {"raw", "deblurred", "focus", "astigmatism", "axis", "validity", "filled", "depth"} <= set(r.data_vars)
+    assert {"raw", "deblurred", "focus", "astigmatism", "axis", "validity", "filled", "depth", "focus_astig_sin",
+            "focus_astig_cos"} <= set(r.data_vars)
     assert r.deblurred.shape == (320, 320) and r.depth.dims == ("gy", "gx")
     assert r.gy.attrs["units"] == "micrometer"
     # napari's reader (ome-zarr-py) sees each variable as a multiscale image at its own scale.

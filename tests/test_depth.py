@@ -1,4 +1,6 @@
 """Depth from astigmatism (paper 000 Sec. II-H, Eq. 14) and the tilted-surface simulation."""
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -48,28 +50,30 @@ def test_depth_sign_above_and_below_focus():
     for m in (ds, anyaxis):
         f, a = (m[v].values.astype(np.float64) for v in ("focus", "axis"))
         np.testing.assert_allclose(estimate_depth(m).values, f * (2 * a / np.pi - 1), rtol=1e-6, atol=1e-7 * f.max())
-    # Calibrated: µm, with the sign and the scale of the truth.
-    cal = calibrate_depth(ds, s.depth_um)
-    assert cal.axis0 == pytest.approx(np.pi / 4, abs=0.02)
-    assert cal.slope == pytest.approx(1 / s.focus_per_um, rel=0.01) and cal.r2 > 0.999
-    zc = estimate_depth(ds, cal)
-    assert zc.attrs["units"] == "micrometer"
+    # Calibrated: µm, with the sign and the scale of the truth, by either method.
     cy = s.operator.centers[0]
     truth = s.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
-    assert np.abs(cal.offset) < 0.02 * 16  # in focus at depth 0
-    np.testing.assert_allclose(zc.values, truth, atol=0.02 * 16)
+    for method in ("linear", "curve"):
+        cal = calibrate_depth(ds, s.depth_um, method=method)
+        assert cal.method == method and cal.axis0 == pytest.approx(np.pi / 4, abs=0.02)
+        assert cal.slope == pytest.approx(1 / s.focus_per_um, rel=0.01) and cal.r2 > 0.999
+        zc = estimate_depth(ds, cal)
+        assert zc.attrs["units"] == "micrometer"
+        assert np.abs(cal.offset) < 0.02 * 16  # in focus at depth 0
+        np.testing.assert_allclose(zc.values, truth, atol=0.02 * 16)
 
 
 def test_calibration_transfers_to_another_tilt_and_axis_orientation():
     kw = dict(axis=1.2, grid=8)
     a = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.2, seed=2, **kw)
     b = simulate.tilted_surface((256, 256), depth_range_um=(-3, 10), direction=1.9, curvature=0.5, seed=3, **kw)
-    cal = calibrate_depth(_truth_map(a), a.depth_um)
-    assert cal.axis0 == pytest.approx(1.2, abs=0.02)
-    z = estimate_depth(_truth_map(b), cal.to_dict())  # a dict (e.g. read from JSON) works too
     cy, cx = b.operator.centers
     truth = b.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
-    assert np.abs(z.values - truth).mean() < 0.02 * np.ptp(b.depth_um)
+    for method in ("linear", "curve"):
+        cal = calibrate_depth(_truth_map(a), a.depth_um, method=method)
+        assert cal.axis0 == pytest.approx(1.2, abs=0.02)
+        z = estimate_depth(_truth_map(b), cal.to_dict())  # a dict (e.g. read from JSON) works too
+        assert np.abs(z.values - truth).mean() < 0.02 * np.ptp(b.depth_um)
     # Eq. 14 as written assumes the axis at pi/4: here it gets the sign wrong somewhere.
     assert np.any(np.sign(estimate_depth(_truth_map(b)).values) != np.sign(truth))
     assert signed_defocus(_truth_map(b), 1.2).shape == truth.shape
@@ -127,7 +131,8 @@ def test_smoothed_calibration_on_noisy_maps():
     cy, cx = b.operator.centers
     truth = b.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
     mb = noisy(b)
-    raw_cal, cal = calibrate_depth(noisy(a), a.depth_um), calibrate_depth(noisy(a), a.depth_um, smooth=2)
+    raw_cal = calibrate_depth(noisy(a), a.depth_um, method="linear")
+    cal = calibrate_depth(noisy(a), a.depth_um, smooth=2, method="linear")
     assert cal.smooth == 2 and raw_cal.smooth == 0 and cal.r2 > raw_cal.r2
     err_raw = np.abs(estimate_depth(mb, raw_cal).values - truth).mean()
     err = np.abs(estimate_depth(mb, cal).values - truth).mean()
@@ -167,9 +172,85 @@ def test_depth_calibration_saves_and_loads(tmp_path):
     other.save(path, overwrite=True)
     assert DepthCalibration.load(path).slope == 30.0
     assert [p.name for p in tmp_path.iterdir()] == ["cal.json"]  # no temporary left
+    # A curve calibration (tuples of coefficients) comes back equal; a file from before the curves
+    # (no method) is the line it was.
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.4, grid=8, seed=7)
+    curve = calibrate_depth(_truth_map(s), s.depth_um)
+    assert curve.method == "curve" and DepthCalibration.load(curve.save(tmp_path / "c.json")) == curve
+    (tmp_path / "c.json").unlink()
+    old = {k: v for k, v in cal.to_dict().items() if k not in ("method", "curves", "noise", "range_um")}
+    (tmp_path / "old.json").write_text(json.dumps({"type": "lsfov.DepthCalibration", **old}))
+    assert DepthCalibration.load(tmp_path / "old.json") == cal and cal.method == "linear"
+    (tmp_path / "old.json").unlink()
     (tmp_path / "x.json").write_text('{"a": 1}')
     (tmp_path / "y.json").write_text('{"type": "lsfov.DepthCalibration", "nope": 1}')
     for name, err, match in (("x.json", ValueError, "is not a depth calibration"), ("y.json", ValueError, "nope"),
                              ("z.json", FileNotFoundError, "no such depth calibration")):
         with pytest.raises(err, match=match):
             DepthCalibration.load(tmp_path / name)
+
+
+def _cnn_like(surface, rng):
+    """What a CNN reads (benchmarks/RESULTS.md): near focus the decoded focus is biased up (a square
+    root of a noisy square) and the side of focus (the axis) is a coin toss, while the regressed
+    focus x astigmatism products pass smoothly through zero; everywhere some noise."""
+    ds = _truth_map(surface)
+    f, c, a = (ds[v].values.astype(np.float64) for v in ("focus", "astigmatism", "axis"))
+    signed = np.where(np.isclose(a, surface.axis), f, -f)
+    near = f < 0.06
+    ds["focus"] = (ds["focus"].dims, np.sqrt(f**2 + 0.05**2 + rng.normal(0, 0.01, f.shape) ** 2).astype(np.float32))
+    flip = np.where(near & (rng.uniform(size=f.shape) < 0.5), np.pi / 2, 0.0)
+    ds["axis"] = (ds["axis"].dims, ((a + flip + rng.normal(0, 0.05, f.shape)) % np.pi).astype(np.float32))
+    for name, trig in (("focus_astig_sin", np.sin), ("focus_astig_cos", np.cos)):
+        ds[name] = (ds["focus"].dims, (signed * c * trig(2 * surface.axis) + rng.normal(0, 0.002, f.shape))
+                    .astype(np.float32))
+    return ds
+
+
+def test_curve_calibration_reads_near_focus():
+    """Paper 000's line of the signed defocus jumps across focus where the decoded focus is biased
+    and its side unsure; the calibration curves read the regressed products there and pass through
+    focus smoothly, also on a tilt they were not fitted on."""
+    rng = np.random.default_rng(3)
+    kw = dict(axis=0.7, grid=16)
+    a = simulate.tilted_surface((512, 512), depth_range_um=(-9, 9), direction=0.0, seed=8, **kw)
+    b = simulate.tilted_surface((512, 512), depth_range_um=(-3, 3), direction=0.8, seed=9, **kw)
+    cy, cx = b.operator.centers
+    truth = b.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
+    mb = _cnn_like(b, rng)
+    err = {}
+    for method in ("linear", "curve"):
+        cal = calibrate_depth(_cnn_like(a, rng), a.depth_um, method=method)
+        assert cal.axis0 == pytest.approx(0.7, abs=0.05)
+        err[method] = np.abs(estimate_depth(mb, cal).values - truth).mean()
+    assert err["curve"] < 0.25 * err["linear"] and err["curve"] < 0.03 * 6
+    # The curves: focus² is even in depth, the product odd (through zero at focus), as fitted.
+    cal = calibrate_depth(_cnn_like(a, rng), a.depth_um)
+    z = np.linspace(-8, 8, 5)
+    f2, prod = (np.polyval(c, z) for c in cal.curves)
+    np.testing.assert_allclose(f2, f2[::-1], rtol=0.05, atol=1e-3)
+    assert np.all(np.diff(prod) > 0) and abs(np.polyval(cal.curves[1], 0.0)) < 0.1 * prod[-1]
+    assert cal.range_um == pytest.approx((a.depth_um.min(), a.depth_um.max()), abs=1.2)
+    # Beyond the calibrated range the depth stops 10 % past its ends.
+    far = simulate.tilted_surface((512, 512), depth_range_um=(-11, 11), direction=0.0, seed=10, **kw)
+    zf = estimate_depth(_truth_map(far), calibrate_depth(_truth_map(a), a.depth_um)).values
+    lo, hi = calibrate_depth(_truth_map(a), a.depth_um).range_um
+    assert zf.max() <= hi + 0.1 * (hi - lo) + 1e-6 and zf.min() >= lo - 0.1 * (hi - lo) - 1e-6
+    assert zf.max() > hi  # read beyond the calibrated nodes, up to the margin
+
+
+def test_curve_calibration_needs_depth_levels():
+    s = simulate.tilted_surface((192, 192), depth_range_um=(-5, 5), grid=4, direction=0.0, seed=4)
+    ds = _truth_map(s)
+    steps = np.broadcast_to(np.array([-1.0, 1.0, 1.0, -1.0]), (4, 4))
+    with pytest.raises(ValueError, match="2 distinct values"):
+        calibrate_depth(ds, steps)
+    cal = calibrate_depth(ds, s.depth_um)  # 4 columns of depth: the degree comes down to 2
+    assert len(cal.curves[0]) == 3
+    for bad, match in ((dict(method="spline"), "method"), (dict(degree=0), "degree")):
+        with pytest.raises(ValueError, match=match):
+            calibrate_depth(ds, s.depth_um, **bad)
+    with pytest.raises(ValueError, match="curves"):
+        DepthCalibration(**{**cal.to_dict(), "curves": None})
+    with pytest.raises(ValueError, match="method"):
+        DepthCalibration(**{**cal.to_dict(), "method": "cubic"})

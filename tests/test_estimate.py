@@ -205,6 +205,10 @@ def test_symmetrized_prediction_follows_the_patch(name):
             else:
                 np.testing.assert_allclose(got[k], want[:, i], atol=2e-3 * (m.ranges[k][1] - m.ranges[k][0]))
         np.testing.assert_allclose(got["validity"], ref["validity"], atol=1e-4)
+        # focus x astigmatism: a flip turns the sign of its sin 2 axis part, a transpose that of its cos part.
+        for k, sign in zip(M.products(m), ((-1.0) ** (g[1] + g[2]), -1.0 if g[0] else 1.0)):
+            np.testing.assert_allclose(got[k], sign * ref[k], atol=1e-4 * np.abs(ref[k]).max())
+    assert len(M.products(m)) == (2 if name == "Z3" else 0) and set(ref) == {*m.params, *M.products(m), "validity"}
 
 
 def test_loss_is_eq11_and_masks_invalid_samples():
@@ -423,7 +427,10 @@ def test_model_save_load_round_trip_and_bad_files(tmp_path):
     back = lsfov.load_model(path)
     x = np.random.default_rng(0).poisson(50, (3, 128, 128)).astype(np.float32)
     a, b = reg.predict(x), back.predict(x)
-    assert set(a) == {"focus", "astigmatism", "axis", "validity"}
+    assert set(a) == {"focus", "astigmatism", "axis", "validity", "focus_astig_sin", "focus_astig_cos"}
+    # The decoded side of focus is the products' (their projection on the decoded axis is never negative).
+    along = a["focus_astig_sin"] * np.sin(2 * a["axis"]) + a["focus_astig_cos"] * np.cos(2 * a["axis"])
+    assert np.all(along >= -1e-6 * np.abs(a["focus_astig_cos"]).max())
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(FileExistsError, match="overwrite"):

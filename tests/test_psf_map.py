@@ -12,6 +12,10 @@ from lsfov.estimate.mapping import fill_invalid
 pytest.importorskip("torch")
 
 
+# A Z3 map: the parameters, the validity, and the network's focus x astigmatism products (for depth).
+MAP_VARIABLES = ("focus", "astigmatism", "axis", "validity", "focus_astig_sin", "focus_astig_cos")
+
+
 @pytest.fixture(scope="module")
 def blurred():
     op, params = simulate.psf_field((448, 384), "Z3", (3, 3), seed=2)
@@ -26,8 +30,9 @@ def test_node_grid_is_independent_of_chunking(blurred):
     assert whole.gy.attrs["units"] == "pixel" and whole.focus.attrs["units"]
     for chunks in ((200, 150), 128, (448, 100)):
         lazy = lsfov.estimate_psf_map(da.from_array(img, chunks=chunks), "Z3", stride=64)
-        for v in ("focus", "astigmatism", "axis", "validity"):
+        for v in MAP_VARIABLES:
             np.testing.assert_allclose(lazy[v].values, whole[v].values, atol=1e-4)
+    assert whole.focus_astig_sin.attrs["units"] == "wave RMS^2"
 
 
 def test_symmetrized_map_is_independent_of_chunking(blurred):
@@ -36,7 +41,7 @@ def test_symmetrized_map_is_independent_of_chunking(blurred):
     lazy = lsfov.estimate_psf_map(da.from_array(img, chunks=(200, 150)), "Z3", stride=64, symmetrize=True)
     plain = lsfov.estimate_psf_map(img, "Z3", stride=64)
     assert whole.attrs["symmetrize"] == 1 and plain.attrs["symmetrize"] == 0
-    for v in ("focus", "astigmatism", "axis", "validity"):
+    for v in MAP_VARIABLES:
         np.testing.assert_allclose(lazy[v].values, whole[v].values, atol=1e-4)
     assert not np.allclose(whole.focus.values, plain.focus.values, atol=1e-3)
 
@@ -77,7 +82,8 @@ def test_invalid_nodes_are_filled_by_inverse_distance():
         v[b] = 0.1
     focus = rng.uniform(0, 1, (5, 6)).astype(np.float32)  # no symmetry: only the right weights give the value
     axis = np.mod(rng.normal(0, 0.3, (5, 6)), np.pi).astype(np.float32)  # both sides of the wrap at pi
-    ds = xr.Dataset({"focus": (("gy", "gx"), focus), "axis": (("gy", "gx"), axis),
+    prod = rng.normal(0, 0.01, (5, 6)).astype(np.float32)  # a product of the network: filled like the focus
+    ds = xr.Dataset({"focus": (("gy", "gx"), focus), "axis": (("gy", "gx"), axis), "focus_astig_cos": (("gy", "gx"), prod),
                      "validity": (("gy", "gx"), v)}, attrs={"params": ["focus", "axis"]})
     out = fill_invalid(ds)
     assert out.filled.values.sum() == 2 and all(out.filled.values[b] for b in bad)
@@ -96,6 +102,7 @@ def test_invalid_nodes_are_filled_by_inverse_distance():
         w /= w.sum()
         want_axis = np.mod(np.angle(np.sum(w * np.exp(2j * a64[near]))) / 2, np.pi)
         np.testing.assert_allclose(out.focus.values[b], np.sum(w * f64[near]), rtol=1e-6)
+        np.testing.assert_allclose(out.focus_astig_cos.values[b], np.sum(w * prod.astype(np.float64)[near]), rtol=1e-5)
         turn = np.angle(np.exp(2j * (out.axis.values[b] - want_axis))) / 2  # on the circle of period pi
         assert abs(turn) < 1e-6 and 0 <= out.axis.values[b] < np.pi
     assert np.sum(np.exp(2j * a64[v >= 0.5]).real < 0) == 0  # all axes within pi/4 of 0 (mod pi) ...

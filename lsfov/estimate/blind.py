@@ -50,7 +50,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     from ..restore.tv_rl import check_settings
     from .depth import DepthCalibration, estimate_depth
     from .mapping import estimate_psf_map, operator_from_psf_map
-    from .model import load_model
+    from .model import PRODUCTS, load_model
 
     iterations, tv, _, _ = check_settings(iterations, tv)
     params = load_model(model).params  # a wrong name or file is refused before any work
@@ -67,7 +67,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
     out = {"deblurred": deconvolve(img, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)}
     seconds["deconvolution"] = time.perf_counter() - t
-    out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], "validity")})
+    out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
     out["filled"] = psf_map["filled"].astype(np.uint8)
     if {"focus", "axis"} <= set(psf_map):
         out["depth"] = estimate_depth(psf_map, calibration)

@@ -5,12 +5,24 @@ model ``(−f, c, θ)`` and ``(f, c, θ + π/2)`` are the same PSF, so the side 
 axis. With θ0 the instrument's astigmatism axis, the signed defocus is ``focus · cos 2(axis − θ0)``.
 Paper 000 writes ``a1 (2 a3/π − 1)``, which is the same sign rule for θ0 = 3π/4 (negative for an axis
 in (0, π/2), like ``cos 2(a − 3π/4) = −sin 2a``): its cylindrical lenses. :func:`calibrate_depth` finds
-θ0 with the linear map to µm, so any orientation works.
+θ0 with the map to µm, so any orientation works.
+
+Two calibrations. ``method="linear"`` is the paper's: depth = slope · signed defocus + offset. It
+is weakest near focus, where the CNN's focus (decoded as a square root) is biased up and the
+side of focus, read from the axis, is a coin toss: the signed defocus jumps across the focal
+plane. ``method="curve"`` (the default) is what astigmatic 3-D localisation microscopy does with
+its two widths: calibration curves of what the CNN reads against the known depth, and at each node
+the depth whose readings on the curves are nearest (least squares weighted by each curve's
+scatter). The readings are ``focus²``, which sets the distance from focus wherever the defocus
+dominates, and ``focus · astigmatism · cos 2(axis − θ0)``, regressed directly by the network
+(``focus_astig_sin/cos`` of the map), which passes smoothly through zero at focus and carries the
+side of focus there. The curves are polynomials in depth; depth is read within the calibrated
+range (and 10 % beyond it), so calibrate over the depths you image.
 
 Each node's estimate is noisy; a sample's surface is smooth over a few patches. ``smooth=σ`` (in
-nodes) replaces the signed defocus by a local plane fitted around each node (Gaussian weights of
-width σ times the validity; first-order normalised convolution): noise averages out while tilts,
-the signal itself, pass unbiased, also at the borders, where a plain Gaussian would flatten them.
+nodes) replaces the depth by a local plane fitted around each node (Gaussian weights of width σ
+times the validity; first-order normalised convolution): noise averages out while tilts, the
+signal itself, pass unbiased, also at the borders, where a plain Gaussian would flatten them.
 """
 from __future__ import annotations
 
@@ -25,7 +37,14 @@ __all__ = ["DepthCalibration", "calibrate_depth", "estimate_depth", "local_plane
 
 @dataclass(frozen=True)
 class DepthCalibration:
-    """``depth_um = slope · focus · cos 2(axis − axis0) + offset``, fitted by :func:`calibrate_depth`."""
+    """From the CNN's readings to depth in µm, fitted by :func:`calibrate_depth`.
+
+    ``method="linear"``: ``depth_um = slope · focus · cos 2(axis − axis0) + offset``. ``"curve"``:
+    the depth whose expected readings ``curves`` (polynomial coefficients in depth, highest first,
+    of ``focus²`` and ``focus · astigmatism · cos 2(axis − axis0)``) are nearest to a node's, each
+    weighted by its residual variance ``noise``, within ``range_um`` (padded by 10 %); ``slope`` and
+    ``offset`` then hold the linear fit of the same nodes, for reference.
+    """
 
     axis0: float  # the instrument's astigmatism axis (radians)
     slope: float  # µm per wave of signed defocus
@@ -35,6 +54,21 @@ class DepthCalibration:
     n_nodes: int
     smooth: float = 0.0  # σ in nodes of the local-plane smoothing fitted with (and applied by estimate_depth)
     min_validity: float = 0.5  # nodes below it weigh nothing in the smoothing, as in the fit
+    method: str = "linear"  # files from before the curves are linear
+    curves: tuple | None = None  # "curve": ((focus² coefficients), (product coefficients)), wave RMS² per µm^k
+    noise: tuple | None = None  # "curve": residual variance of each reading on its curve
+    range_um: tuple | None = None  # "curve": the calibrated depths (min, max)
+
+    def __post_init__(self):  # JSON gives lists: tuples keep calibrations comparable and hashable
+        for name in ("curves", "noise", "range_um"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(tuple(map(float, c)) if np.ndim(c) else float(c) for c in v))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown depth calibration method {self.method!r}; use one of {METHODS}")
+        if self.method == "curve" and (self.curves is None or self.noise is None or self.range_um is None):
+            raise ValueError("a 'curve' depth calibration needs curves, noise and range_um; fit one with "
+                             "lsfov.calibrate_depth")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +104,8 @@ class DepthCalibration:
 
 
 _TYPE = "lsfov.DepthCalibration"
+METHODS = ("curve", "linear")
+_PAD = 0.1  # how far beyond the calibrated depths the curves are read (share of the range)
 
 
 def _check_map(psf_map):
@@ -158,6 +194,49 @@ def _smoothed_components(psf_map, sigma, min_validity):
     return c, s
 
 
+def _products(psf_map):
+    """``focus · astigmatism · (sin, cos) 2 axis`` per node: the network's own (a map's ``focus_astig_*``),
+    or, for a map without them, from the decoded parameters (less sure near focus)."""
+    from .model import PRODUCTS
+
+    if all(p in psf_map for p in PRODUCTS):
+        return tuple(np.asarray(psf_map[p].values, dtype=np.float64) for p in PRODUCTS)
+    if "astigmatism" not in psf_map:
+        raise ValueError("depth needs a map of an astigmatic model (Z3: focus, astigmatism, axis); this one has "
+                         "no 'astigmatism'")
+    f, c, a = (np.asarray(psf_map[v].values, dtype=np.float64) for v in ("focus", "astigmatism", "axis"))
+    return f * c * np.sin(2 * a), f * c * np.cos(2 * a)
+
+
+def _readings(psf_map, axis0):
+    """What the curves map to depth, per node: ``focus²`` and ``focus · astigmatism · cos 2(axis − axis0)``."""
+    s, c = _products(psf_map)
+    f = np.asarray(psf_map["focus"].values, dtype=np.float64)
+    return f * f, np.cos(2 * axis0) * c + np.sin(2 * axis0) * s
+
+
+def _curve_depth(readings, cal: DepthCalibration):
+    """Per node, the depth whose expected readings (the calibration's curves) are nearest in weighted
+    least squares: a fine grid over the calibrated range, then a parabola through the best point."""
+    lo, hi = cal.range_um
+    pad = _PAD * (hi - lo)
+    grid = np.linspace(lo - pad, hi + pad, 601)
+    step = grid[1] - grid[0]
+    expected = [np.polyval(c, grid) for c in cal.curves]
+    y = [np.ravel(r) for r in readings]
+    out = np.empty(y[0].shape)
+    for b in range(0, len(out), 4096):  # (nodes x grid) blocks: a large map never holds them all
+        rows = slice(b, b + 4096)
+        cost = sum((yk[rows, None] - ek) ** 2 / vk for yk, ek, vk in zip(y, expected, cal.noise))
+        k = np.clip(np.argmin(cost, axis=1), 1, len(grid) - 2)
+        i = np.arange(len(k))
+        left, mid, right = cost[i, k - 1], cost[i, k], cost[i, k + 1]
+        curv = left - 2 * mid + right
+        shift = np.where(curv > 0, 0.5 * (left - right) / np.where(curv > 0, curv, 1), 0.0)
+        out[rows] = np.clip(grid[k] + np.clip(shift, -1, 1) * step, grid[0], grid[-1])
+    return out.reshape(np.shape(readings[0]))
+
+
 def _node_values(psf_map, known):
     """``known`` depth on the node grid: given there, or sampled at the node centres (bilinear)."""
     from scipy.ndimage import map_coordinates
@@ -179,29 +258,42 @@ def _node_values(psf_map, known):
     return map_coordinates(k, [yy, xx], order=1, mode="nearest")
 
 
-def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smooth: float = 0.0) -> DepthCalibration:
-    """Fit the map from the CNN's focus and axis to depth in µm, on an acquisition of known depth.
+def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smooth: float = 0.0,
+                    method: str = "curve", degree: int = 4) -> DepthCalibration:
+    """Fit the map from the CNN's readings to depth in µm, on an acquisition of known depth.
 
     Parameters
     ----------
     psf_map : xarray.Dataset
         Z3 PSF map (:func:`lsfov.estimate_psf_map`) of a calibration sample, e.g. a tilted textured
-        plane.
+        plane covering the depths to be measured.
     known_depth_um : array_like
         Its true depth, on the node grid ``(gy, gx)`` or at full resolution ``(H, W)`` (then sampled at
         the node centres).
     min_validity : float
         Nodes below this validity (and filled ones) are left out, of the fit and of the smoothing.
     smooth : float
-        σ in nodes of the local-plane smoothing of the signed defocus (module docstring), for the
-        fit and, stored in the calibration, for :func:`estimate_depth`. 0: each node on its own.
+        σ in nodes of the local-plane smoothing of the depth (module docstring), stored in the
+        calibration for :func:`estimate_depth`. 0: each node on its own.
+    method : {"curve", "linear"}
+        Calibration curves read at each node (default; module docstring), or paper 000's linear map
+        of the signed defocus.
+    degree : int
+        Degree of the curves' polynomials in depth (``"curve"``); at most the number of distinct known
+        depths minus 2.
 
     Returns
     -------
     DepthCalibration
-        The instrument's astigmatism axis θ0 (searched over [0, π)), slope and offset by least squares.
+        The instrument's astigmatism axis θ0, and the curves or the line. Its ``r2`` and ``mae_um``
+        are those of its own depth estimate (smoothed) on the calibration nodes.
     """
+    from .._validate import positive_int
+
     _check_map(psf_map)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    degree = positive_int(degree, "degree")
     z = _node_values(psf_map, known_depth_um)
     use = np.asarray(psf_map["validity"].values >= min_validity) & np.isfinite(z)
     if "filled" in psf_map:
@@ -210,8 +302,9 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         raise ValueError(f"only {int(use.sum())} valid nodes to calibrate on; image a textured sample")
     if np.ptp(z[use]) <= 0:
         raise ValueError("the known depth is constant: calibrate on a tilted or curved sample")
-    c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth, min_validity))
     zt = z[use]
+    # The line (paper 000), on the smoothed signed defocus: the axis θ0 that fits best.
+    c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth if method == "linear" else 0.0, min_validity))
     best = None
     for th in np.linspace(0, np.pi, 360, endpoint=False):
         s = np.cos(2 * th) * c + np.sin(2 * th) * s2
@@ -223,22 +316,41 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     res, th, (slope, offset) = best
     if slope < 0:  # the same line with the axis turned by π/2
         th, slope = (th + np.pi / 2) % np.pi, -slope
-    pred = slope * (np.cos(2 * th) * c + np.sin(2 * th) * s2) + offset
-    r2 = 1 - res / float(np.sum((zt - zt.mean()) ** 2))
-    return DepthCalibration(axis0=float(th), slope=float(slope), offset=float(offset), r2=float(r2),
-                            mae_um=float(np.mean(np.abs(pred - zt))), n_nodes=int(use.sum()), smooth=float(smooth),
-                            min_validity=float(min_validity))
+    fields = dict(slope=float(slope), offset=float(offset), n_nodes=int(use.sum()), smooth=float(smooth),
+                  min_validity=float(min_validity), method=method)
+    if method == "curve":
+        levels = len(np.unique(np.round(zt, 6)))
+        if levels < 3:
+            raise ValueError(f"the known depth takes only {levels} distinct values on the valid nodes; curves need "
+                             "at least 3: calibrate on a tilted or curved sample, or use method='linear'")
+        degree = min(degree, levels - 2)  # a few depth steps: a lower degree, never a curve through every point
+        # The axis from the products alone: above focus they point along (sin, cos) 2θ0 and grow with depth.
+        ps, pc = (v[use] for v in _products(psf_map))
+        design = np.stack([zt - zt.mean(), np.ones_like(zt)], 1)
+        (gs, _), *_ = np.linalg.lstsq(design, ps, rcond=None)
+        (gc, _), *_ = np.linalg.lstsq(design, pc, rcond=None)
+        th = float(np.mod(0.5 * np.arctan2(gs, gc), np.pi))
+        curves, noise = [], []
+        for y in _readings(psf_map, th):
+            coef = np.polyfit(zt, y[use], degree)
+            curves.append(coef)
+            noise.append(max(float(np.mean((y[use] - np.polyval(coef, zt)) ** 2)), 1e-12))
+        fields.update(curves=curves, noise=noise, range_um=(float(zt.min()), float(zt.max())))
+    fit = DepthCalibration(axis0=float(th), r2=float("nan"), mae_um=float("nan"), **fields)
+    pred = estimate_depth(psf_map, fit).values[use].astype(np.float64)
+    r2 = 1 - float(np.sum((pred - zt) ** 2)) / float(np.sum((zt - zt.mean()) ** 2))
+    return DepthCalibration(**{**fit.to_dict(), "r2": float(r2), "mae_um": float(np.mean(np.abs(pred - zt)))})
 
 
 def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
 
-    With a calibration: µm from the focal plane. Without: paper 000 Eq. 14, ``focus (2 axis/π − 1)``
-    in waves RMS, whose sign follows the depth's for an instrument axis near 3π/4 (for one near π/4
-    it is reversed; calibrate to be sure).
+    With a calibration: µm from the focal plane, by its method (module docstring). Without: paper
+    000 Eq. 14, ``focus (2 axis/π − 1)`` in waves RMS, whose sign follows the depth's for an
+    instrument axis near 3π/4 (for one near π/4 it is reversed; calibrate to be sure).
 
     ``smooth``: σ in nodes of the local-plane smoothing (module docstring); by default the
-    calibration's, with which its slope was fitted (0 without a calibration).
+    calibration's (0 without a calibration).
     """
     _check_map(psf_map)
     if not isinstance(calibration, (DepthCalibration, dict, type(None))):
@@ -249,6 +361,9 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
         units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
+    elif c.method == "curve":
+        z = psf_map["focus"].copy(data=_curve_depth(_readings(psf_map, c.axis0), c))
+        units, note = "micrometer", c.to_dict()
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()

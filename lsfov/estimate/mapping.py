@@ -81,8 +81,16 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, sy
     xp = array_module(block)  # CuPy chunks stay on the GPU: predict takes them through DLPack
     patches = xp.asarray(block, dtype=xp.float32)[xp.asarray(rows), xp.asarray(cols)].reshape(ny * nx, patch, patch)
     pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
-    out = np.stack([pred[p] for p in m.params] + [pred["validity"]], axis=-1)
+    out = np.stack([pred[p] for p in _variables(m)] + [pred["validity"]], axis=-1)
     return out.reshape(ny, nx, n_out).astype(np.float32)
+
+
+def _variables(m):
+    """What a node holds besides its validity: the model's parameters, then its products (focus x
+    astigmatism, :data:`lsfov.estimate.model.PRODUCTS`)."""
+    from .model import products
+
+    return tuple(m.params) + products(m.psf_model)
 
 
 def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, symmetrize=False,
@@ -164,7 +172,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     xarray.Dataset
         One variable per model parameter (with ``units``) and ``validity``, dims ``(gy, gx)``, node
         centres as coordinates (µm or pixels, said by their ``units``); ``filled`` marks the nodes
-        that were filled. Attributes record the model, patch, stride, pixel size and image shape.
+        that were filled. A model with focus and astigmatism (Z3) adds ``focus_astig_sin`` and
+        ``focus_astig_cos`` (its regressed focus x astigmatism products, which depth reads). Attributes record the model, patch, stride, pixel size and image shape.
     """
     import dask
     import dask.array as da
@@ -201,7 +210,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
                       f"{m.optics.pixel_um:g} µm: its parameters will be off; resample the image or train a model "
                       "for these optics", LsfovWarning, stacklevel=2)
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
-    n_out = len(m.params) + 1
+    n_out = len(_variables(m)) + 1
     if isinstance(data, da.Array):
         from ..restore.halo import axis_chunks
 
@@ -248,6 +257,10 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         {p: (("gy", "gx"), values[..., i], {"units": pm.units.get(p, "")}) for i, p in enumerate(m.params)},
         coords=coords,
     )
+    for i, p in enumerate(_variables(m)[len(m.params):], start=len(m.params)):
+        trig = p.rsplit("_", 1)[1]
+        ds[p] = (("gy", "gx"), values[..., i], {
+            "units": "wave RMS^2", "long_name": f"focus x astigmatism x {trig} 2 axis, as regressed (sign-free; for depth)"})
     ds["validity"] = (("gy", "gx"), values[..., -1], {"units": "1", "long_name": "probability the patch is valid"})
     ds.attrs.update({
         **record, "patch": patch, "stride": int(stride),
@@ -269,6 +282,8 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     """
     from scipy.spatial import cKDTree
 
+    from .model import PRODUCTS
+
     ds = psf_map.copy()
     valid = ds["validity"].values >= threshold
     ds["filled"] = (("gy", "gx"), ~valid, {"long_name": "parameters filled from valid neighbours"})
@@ -285,7 +300,7 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     dist, idx = dist.reshape(len(bad), k), idx.reshape(len(bad), k)
     wgt = 1.0 / np.maximum(dist, 1e-9) ** power
     wgt /= wgt.sum(axis=1, keepdims=True)
-    for p in ds.attrs.get("params", []):
+    for p in [*ds.attrs.get("params", []), *(q for q in PRODUCTS if q in ds)]:
         v = ds[p].values.astype(np.float64).copy()
         src = v[valid]
         if p == "axis":  # the axis lives on a circle of period π

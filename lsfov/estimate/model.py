@@ -10,6 +10,11 @@ aberration vector ``v = (focus, c sin 2theta, c cos 2theta)`` changes sign (lsfo
 focus the axis jumps by pi/2. The network regresses the entries of ``v vᵀ`` instead, a smooth
 function of the PSF with no wrap and no sign. Decoding reads the magnitudes from the diagonal, the
 axis from the astigmatism block, and the side of focus from the focus x astigmatism terms.
+
+Those two terms, ``focus · astigmatism · (sin, cos) 2 axis``, are also returned as they are
+(:data:`PRODUCTS`): regressed directly, they pass smoothly through zero at focus, where the
+decoded focus (a square root) is biased up and the decoded side of focus is a coin toss. Depth
+from astigmatism reads them (:mod:`lsfov.estimate.depth`).
 """
 from __future__ import annotations
 
@@ -40,6 +45,24 @@ SHIPPED = ("G1", "G2", "Z1", "Z3")
 
 def _astigmatic(m) -> bool:
     return "astigmatism" in m.params and "axis" in m.params
+
+
+#: ``focus · astigmatism · sin 2 axis`` and ``· cos 2 axis`` (Noll 4 x Noll 5 and 4 x 6), in wave RMS²:
+#: returned by :meth:`PSFRegressor.predict` and carried by PSF maps of models with both parameters.
+PRODUCTS = ("focus_astig_sin", "focus_astig_cos")
+
+
+def products(m) -> tuple:
+    """The names of :data:`PRODUCTS` that model ``m`` regresses (none without focus and astigmatism)."""
+    return PRODUCTS if _astigmatic(m) and "focus" in m.params else ()
+
+
+def _products(m, targets) -> dict:
+    """:data:`PRODUCTS` in wave RMS² from regression targets (B, n_targets(m)): entries (0, 1), (0, 2) of v vᵀ."""
+    if not products(m):
+        return {}
+    s, t = _scales(m), np.asarray(targets, dtype=np.float64)
+    return {"focus_astig_sin": t[:, 1] * s[0] * s[1], "focus_astig_cos": t[:, 2] * s[0] * s[2]}
 
 
 def _scales(m):
@@ -362,7 +385,8 @@ class PSFRegressor:
         -------
         dict
             ``{parameter name: (B,) float32 in the model's units, "validity": (B,) probability that
-            the patch can be read (1 = valid)}``.
+            the patch can be read (1 = valid)}``; for a model with focus and astigmatism (Z3) also
+            :data:`PRODUCTS`, ``focus · astigmatism · (sin, cos) 2 axis`` as regressed (wave RMS²).
         """
         t = self._as_batch(patches)
         batch_size = positive_int(batch_size, "batch_size")
@@ -377,6 +401,7 @@ class PSFRegressor:
             out, flat = self._run(t, batch_size, fixed=reproducible)
         params = decode(self.psf_model, out[:, 1:]).astype(np.float32)
         res = {p: params[:, i] for i, p in enumerate(self.params)}
+        res.update({k: v.astype(np.float32) for k, v in _products(self.psf_model, out[:, 1:]).items()})
         validity = 1 / (1 + np.exp(-out[:, 0].astype(np.float64)))
         # A constant patch (all black, saturated, padded) carries nothing to read, whatever the
         # network says: standardised it is all zeros, an input it never saw in training.
