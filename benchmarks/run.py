@@ -552,7 +552,8 @@ def section_cnn(a):
                   "if it improved.", "",
                   "| model | recipe | training patches x epochs | synthesis | training | patches/s | test R² before -> after | kept |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
-        lines += [f"| {r['model']} | `{r['recipe']}` | {r['n_train']} x {r['epochs_run']} | {r['synthesis_seconds']:.0f} s | "
+        lines += [f"| {r['model']} | `{r['recipe']}` | {r['n_train']} x {r['epochs_run']} | "
+                  + (f"{r['synthesis_seconds']:.0f} s" if r.get("synthesis_seconds") is not None else "reused set") + " | "
                   f"{r['seconds']:.0f} s | {r['patches_per_second']:.0f} | {r['test_r2_before']:.3f} -> {r['test_r2_after']:.3f} | "
                   f"{'yes' if r['kept'] else 'no'} |" for r in st]
     torch.set_num_threads(os.cpu_count())

@@ -115,7 +115,8 @@ def main():
         t = time.perf_counter()
         photons = tuple(a.photons or synth.PHOTONS)
         store = None if a.store is None else Path(a.store) / f"{name}-seed{a.seed}-{n}-{photons[0]:g}-{photons[1]:g}.zarr"
-        if store is not None and store.exists():  # written atomically: complete, and seeded
+        reused = store is not None and store.exists()
+        if reused:  # written atomically: complete, and seeded
             data = store
         else:
             data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, workers=a.workers,
@@ -129,7 +130,10 @@ def main():
                           resume=_resumable(ck))
         if test is not None:
             _measure(reg, test)
-        reg.meta["training"]["synthesis_seconds"] = round(t_synth, 1)
+        # A set reused from --store was synthesized by an earlier run: its time is not this run's.
+        reg.meta["training"]["synthesis_seconds"] = None if reused else round(t_synth, 1)
+        if reused:
+            reg.meta["training"]["training_set"] = f"reused from --store: {store.name}"
         reg.meta["training"]["synthesis_workers"] = a.workers
         reg.meta["training"]["synthesis_device"] = a.synth_device
         reg.meta["training"]["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
@@ -145,7 +149,7 @@ def main():
             reg.meta["description"] += f" {how.format(a.seed)}: {init.meta.get('description')}"
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
         tr = reg.meta["training"]
-        print(name, reg.meta.get("test"), f"synthesis {t_synth:.0f} s, training {tr['seconds']} s, "
+        print(name, reg.meta.get("test"), f"synthesis {'(reused set) ' if reused else ''}{t_synth:.0f} s, training {tr['seconds']} s, "
               f"{tr['patches_per_second']} patches/s on {tr.get('gpu', tr['device'])}", flush=True)
 
 
