@@ -561,7 +561,7 @@ def _describe_calibration(cal) -> str:
     if cal.method == "curve":
         lo, hi = cal.range_um
         return (f"calibration curves of degree {len(cal.curves[0]) - 1} over {lo:+.3g}..{hi:+.3g} µm ({axis}; "
-                f"{cal.slope:.3g} µm per wave of signed defocus near the line)")
+                f"the line through the same nodes: {cal.slope:.3g} µm per wave)")
     return f"depth = {cal.slope:.4g} µm/wave x signed defocus ({axis}) {cal.offset:+.3g} µm"
 
 
@@ -730,10 +730,13 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--freeze", is_flag=True,
               help="Keep --init's trunk fixed and train only the tail of a polar network (minutes on a CPU).")
 @click.option("--test", "test_path", type=click.Path(), default=None, help="Test set to report R² on.")
+@click.option("--more-data", "more", type=click.Path(), multiple=True, metavar="SET",
+              help="Another training set to train on with DATA, before it (repeatable; the validation split is "
+                   "DATA's last rows).")
 @_overwrite_option
 @click.pass_obj
 def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs, batch_size, lr, patience, checkpoint,
-          resume, device, init, freeze, test_path, overwrite):
+          resume, device, init, freeze, test_path, more, overwrite):
     """Train a PSF-parameter CNN on DATA and write it to OUT (.pt), or synthesize DATA.
 
     \b
@@ -742,6 +745,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
       lsfov train z3-train.zarr z3.pt --test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --init Z3     # start from the shipped weights
       lsfov train z3-train.zarr z3.pt --init my-spectral-z3.pt --arch polar --freeze
+      lsfov train z3-fresh.zarr z3.pt --more-data z3-train.zarr --init Z3 --freeze
     """
     from .estimate import evaluate as _evaluate
     from .estimate import synthesize
@@ -749,7 +753,7 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
 
     progress = not obj["quiet"]
     if n_synth is not None:
-        if out is not None:
+        if out is not None or more:
             raise ValueError("with --synthesize give only the output training set (DATA)")
         t = time.perf_counter()
         synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, workers=workers,
@@ -762,9 +766,9 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
     ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
-    model = _train(data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, checkpoint=ckpt,
-                   resume=resume, device=device, seed=seed, init=init, freeze=freeze, overwrite=overwrite,
-                   progress=progress)
+    model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                   patience=patience, checkpoint=ckpt, resume=resume, device=device, seed=seed, init=init,
+                   freeze=freeze, overwrite=overwrite, progress=progress)
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])

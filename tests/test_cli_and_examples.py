@@ -297,8 +297,10 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     run("-q", "train", "tr.zarr", "tuned.pt", "--init", "G1", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32)
     assert lsfov.load_model(tmp_path / "tuned.pt").meta["training"]["init"]["n_train"] == \
         lsfov.load_model("G1").meta["training"]["n_train"]
-    run("-q", "train", "tr.zarr", "tuned.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--overwrite")
-    assert "init" not in lsfov.load_model(tmp_path / "tuned.pt").meta["training"]  # the file was replaced
+    run("-q", "train", "tr.zarr", "tuned.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--overwrite",
+        "--more-data", "te.zarr")  # two sets as one (a test set here only because it is at hand)
+    more = lsfov.load_model(tmp_path / "tuned.pt").meta["training"]
+    assert "init" not in more and more["data"]["n"] == 256 and more["data"]["split"] == ["test", "train"]
     assert "not G1" in run("train", "tr.zarr", "z.pt", "--init", "Z3", ok=False).output
     # bad input: one line, exit 1
     assert "OUT (.pt)" in run("train", "tr.zarr", ok=False).output

@@ -516,3 +516,33 @@ def test_a_model_object_pickles_for_dask_workers():
     a, b = m.predict(x), back.predict(x)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path):
+    """A list of sets trains exactly as the one set they make end to end: the same batches (a block
+    of 512 rows straddles the join), the same weights; a set on disk is read a block at a time; sets
+    of another PSF model are refused."""
+    a = synth.synthesize(300, "G1", seed=13, batch=150)
+    b = synth.synthesize(260, "G1", seed=14, batch=130)
+    whole = {"patches": np.concatenate([a["patches"], b["patches"]]), "params": np.concatenate([a["params"], b["params"]]),
+             "valid": np.concatenate([a["valid"], b["valid"]]), "attrs": {**b["attrs"], "n": 560}}
+    kw = dict(epochs=1, lr=1e-3, batch_size=32, progress=False, arch="compact")
+    torch.manual_seed(0)
+    both = train.train([a, b], **kw)
+    torch.manual_seed(0)
+    one = train.train(whole, **kw)
+    for k, v in one.net.state_dict().items():
+        torch.testing.assert_close(both.net.state_dict()[k], v, rtol=0, atol=0)
+    data = both.meta["training"]["data"]
+    assert data["n"] == 560 and data["seed"] == [13, 14] and both.meta["training"]["n_val"] == 56
+    on_disk = synth.synthesize(300, "G1", seed=13, batch=150, out=tmp_path / "a.zarr")
+    stacked = train._as_set([on_disk, b])["patches"]
+    assert stacked.chunks == synth.open_training_set(on_disk)["patches"].chunks[:1]  # read by the zarr set's blocks
+    np.testing.assert_array_equal(stacked[290:310], whole["patches"][290:310])  # across the join
+    assert stacked.shape == (560, 128, 128) and stacked[600:700].shape == (0, 128, 128)
+    with pytest.raises(TypeError, match="contiguous"):
+        stacked[[1, 2]]
+    with pytest.raises(ValueError, match="another psf_model"):
+        train.train([a, synth.synthesize(40, "G2", seed=1)], **kw)
+    with pytest.raises(ValueError, match="empty list"):
+        train.train([], **kw)

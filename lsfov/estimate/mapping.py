@@ -173,7 +173,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         One variable per model parameter (with ``units``) and ``validity``, dims ``(gy, gx)``, node
         centres as coordinates (µm or pixels, said by their ``units``); ``filled`` marks the nodes
         that were filled. A model with focus and astigmatism (Z3) adds ``focus_astig_sin`` and
-        ``focus_astig_cos`` (its regressed focus x astigmatism products, which depth reads). Attributes record the model, patch, stride, pixel size and image shape.
+        ``focus_astig_cos`` (its regressed focus x astigmatism products, which depth reads).
+        Attributes record the model, patch, stride, pixel size and image shape.
     """
     import dask
     import dask.array as da

@@ -29,8 +29,51 @@ __all__ = ["train", "evaluate", "r2_scores", "robustness"]
 STATE_FORMAT = "lsfov.TrainState/2"  # /2: the best epoch is that of the highest validation R²
 
 
+class _Stacked:
+    """Training sets' patches one after the other, read by contiguous row ranges (each part stays
+    lazy: a zarr array on disk is read a block at a time)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        self.shape = (int(self.starts[-1]),) + tuple(self.parts[0].shape[1:])
+        self.dtype = np.dtype(self.parts[0].dtype)
+        self.chunks = (min(int(getattr(p, "chunks", (512,))[0]) for p in self.parts),)
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("stacked training sets are read by contiguous row ranges (a slice)")
+        start, stop, _ = rows.indices(self.shape[0])
+        out = [np.asarray(p[max(start, a) - a : min(stop, b) - a])
+               for p, a, b in zip(self.parts, self.starts[:-1], self.starts[1:]) if max(start, a) < min(stop, b)]
+        return np.concatenate(out) if out else np.zeros((0,) + self.shape[1:], self.dtype)
+
+
+# What sets trained on together must share: patches blurred by one PSF model over the same ranges and optics.
+_SAME = ("psf_model", "ranges", "optics", "patch")
+
+
 def _as_set(data):
-    """A training set as a dict (``patches`` may stay a lazy zarr array)."""
+    """A training set as a dict (``patches`` may stay a lazy zarr array); a list of sets as one."""
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError("data is an empty list: give one or more training sets")
+        sets = [_as_set(d) for d in data]
+        first = sets[0]["attrs"]
+        for d, st in zip(data[1:], sets[1:]):
+            for key in _SAME:
+                if st["attrs"].get(key) != first.get(key):
+                    raise ValueError(f"training set {d if isinstance(d, (str, Path)) else '(dict)'} has another {key} "
+                                     f"({st['attrs'].get(key)!r}) than the first ({first.get(key)!r}); train on sets "
+                                     "synthesized for one PSF model, ranges and optics")
+        attrs = dict(first)
+        for key in {k for st in sets for k in st["attrs"]} - set(_SAME):  # e.g. each set's seed, photons
+            vals = [st["attrs"].get(key) for st in sets]
+            attrs[key] = vals[0] if all(v == vals[0] for v in vals) else vals
+        attrs["n"] = sum(len(st["params"]) for st in sets)
+        return {"patches": _Stacked([st["patches"] for st in sets]),
+                "params": np.concatenate([np.asarray(st["params"]) for st in sets]),
+                "valid": np.concatenate([np.asarray(st["valid"]) for st in sets]), "attrs": attrs}
     if isinstance(data, (str, Path)):
         return open_training_set(data)
     if not (isinstance(data, dict) and {"patches", "params", "valid", "attrs"} <= set(data)):
@@ -177,8 +220,10 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
 
     Parameters
     ----------
-    data : path or dict
-        A training set from :func:`lsfov.estimate.synthesize` (its PSF model is the model's).
+    data : path or dict, or a list of them
+        A training set from :func:`lsfov.estimate.synthesize` (its PSF model is the model's); a list
+        is trained on as one set, in its order (sets of one PSF model, ranges and optics: e.g. one
+        synthesized earlier and a fresh one; the validation split is the last rows).
     arch : {"spectral", "polar", "compact", "resnet34"}, optional
         The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``.
     epochs : int
