@@ -11,7 +11,10 @@ Z3 a first stage and then ``--init Z3 --n 64000 --epochs 4`` with ``--seed 1 --l
 --lr 2e-4``: test R² 0.710 against 0.713; G2 ``--seed 2 --lr 3e-4``: 0.914 against 0.919), so they
 were not kept. Then Z3 became a ``polar`` network: its ``spectral`` weights the fixed trunk, a new
 head trained over them (``Z3 --init Z3 --arch polar --freeze --seed 31 --n 320000 --epochs 15
---batch-size 128 --workers 2 --store DIR``: test R² 0.713 -> 0.776). The same for G2 (``--n
+--batch-size 128 --workers 2 --store DIR``: test R² 0.713 -> 0.776), trained again fresh on that set and
+a new one (``Z3 --init Z3-spectral.pt --arch polar --freeze --seed 37 --n 320000 --epochs 15 --patience 15
+--batch-size 128 --workers 2 --store DIR --more-data DIR/Z3-seed31-320000-500-5000.zarr``, the trunk from
+``git show bbc39dd:lsfov/models/Z3.pt``: 0.776 -> 0.788). The same for G2 (``--n
 192000``) was not kept: 0.919 -> 0.925 on the mixed test set, but natural images 0.882 -> 0.858
 and, beyond the training noise, R² at Fig. 7's s = 0.2 Gaussian noise 0.16 -> -0.15. Each model's
 metadata records all its stages.
@@ -82,6 +85,9 @@ def main():
     ap.add_argument("--arch", default=None, choices=sorted(NETWORKS), help="network [--init's; otherwise spectral]")
     ap.add_argument("--init", default=None, help="continue from this model (a shipped name or a .pt)")
     ap.add_argument("--freeze", action="store_true", help="keep --init's trunk fixed, train a polar network's tail")
+    ap.add_argument("--patience", type=int, default=4, help="epochs without a better validation R² before stopping")
+    ap.add_argument("--more-data", nargs="+", default=(), metavar="SET",
+                    help="training sets (e.g. an earlier --store's) to train on before the fresh one")
     ap.add_argument("--store", default=None,
                     help="stream the training set to this zarr directory (sets larger than memory) and train from it; "
                          "a set already there with the same model, seed, size and photons is reused")
@@ -125,8 +131,9 @@ def main():
         t_synth = time.perf_counter() - t
         ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
-        reg = train.train(data, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
-                          checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, freeze=a.freeze,
+        sets = [*a.more_data, data] if a.more_data else data
+        reg = train.train(sets, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
+                          checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, freeze=a.freeze, patience=a.patience,
                           resume=_resumable(ck))
         if test is not None:
             _measure(reg, test)
@@ -134,19 +141,24 @@ def main():
         reg.meta["training"]["synthesis_seconds"] = None if reused else round(t_synth, 1)
         if reused:
             reg.meta["training"]["training_set"] = f"reused from --store: {store.name}"
+        if a.more_data:
+            reg.meta["training"]["more_data"] = [Path(p).name for p in a.more_data]
         reg.meta["training"]["synthesis_workers"] = a.workers
         reg.meta["training"]["synthesis_device"] = a.synth_device
         reg.meta["training"]["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
                                            f"threads, torch {torch.__version__}")
         reg.meta["description"] = (
-            f"{name} ({reg.psf_model.description}); {NETWORKS[reg.arch]} trained on {n} synthetic 128² "
+            f"{name} ({reg.psf_model.description}); {NETWORKS[reg.arch]} trained on "
+            f"{reg.meta['training']['data']['n']} synthetic 128² "
             f"patches (scikit-image images and procedural cells, points and textures; Poisson-Gaussian noise "
             f"at {photons[0]:g}-{photons[1]:g} peak photons, illumination gradients; 8% black or flat invalid "
             "patches), tested on images never seen in training.")
         if init is not None:  # train() recorded the starting model's training; add what it was
             reg.meta["training"]["init"]["description"] = init.meta.get("description")
-            how = "Its tail trained on a fresh set (seed {}) over the fixed trunk of" if a.freeze else "Continued on a fresh set (seed {}) from"
-            reg.meta["description"] += f" {how.format(a.seed)}: {init.meta.get('description')}"
+            fresh = f"a fresh set (seed {a.seed})" + (f" and {', '.join(reg.meta['training']['more_data'])}"
+                                                      if a.more_data else "")
+            how = f"Its tail trained on {fresh} over the fixed trunk of" if a.freeze else f"Continued on {fresh} from"
+            reg.meta["description"] += f" {how}: {init.meta.get('description')}"
         reg.save(_model.MODELS_DIR / f"{name}.pt", overwrite=True)
         tr = reg.meta["training"]
         print(name, reg.meta.get("test"), f"synthesis {'(reused set) ' if reused else ''}{t_synth:.0f} s, training {tr['seconds']} s, "
