@@ -1346,13 +1346,6 @@ def section_gpu(a):
         finally:
             _backend._CUFFT_PLANS = plans
             cache.set_size(size)
-        from lsfov import operators
-
-        operators.INDEXED_TILES = False  # the slice copy per cell of the CPU path
-        try:
-            t8_loop = timed(lambda: lsfov.deconvolve(yg, op8, it), a.repeat)
-        finally:
-            operators.INDEXED_TILES = None
         import cupyx.scipy.fft as cufft
 
         f = next_fast_len(n + k - 1)  # what any RL iteration must do: 2 forward and 2 inverse FFTs of the padded field
@@ -1365,8 +1358,7 @@ def section_gpu(a):
                 f"- goal 8x8 grid <= 0.1 s on the GPU: **{'met' if t8 <= 0.1 else 'NOT met'}** ({t8 * 1e3:.1f} ms)",
                 f"- 8x8, one call each: forward {t_fwd * 1e3:.1f} ms, adjoint {t_adj * 1e3:.1f} ms ({it} iterations make "
                 f"{it * (t_fwd + t_adj) * 1e3:.0f} ms of operator time); the whole run with CuPy's default cuFFT plan cache "
-                f"(16 plans per thread) instead of lsfov's {size}: {t8_cupy * 1e3:.1f} ms; with a slice copy per cell "
-                f"instead of the indexed tile reads and writes: {t8_loop * 1e3:.1f} ms",
+                f"(16 plans per thread) instead of lsfov's {size}: {t8_cupy * 1e3:.1f} ms",
                 f"- 8x8, kernels seen by the CUDA profiler (torch.profiler, CuPy's too): {busy}", ""]
         return out
 

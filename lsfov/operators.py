@@ -586,21 +586,14 @@ class ProductConvolution:
                 acc = _sep_forward(u, *self._weights(g, xp), self._spectra(0, g, xp), g.fshape, fft)
             return fft.irfft2(acc, s=g.fshape, overwrite_x=True)[:h, :w]
         out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
-        indexed = _indexed(xp)
-        src = xp.pad(u, ((0, 1), (0, 1))) if indexed else u  # a zero row and column for the indexed gather
 
         def cells(item):
             g, sl, (wy, wx), spec = item
-            tiles = (_gather_indexed(src, (h, w), g.ys[sl], g.xs, *g.tile, memo=self._group_spectra) if indexed
-                     else _gather(u, g.ys[sl], g.xs, *g.tile))
-            acc = _sep_forward(tiles, wy, wx, spec, g.fshape, fft)
+            acc = _sep_forward(_gather(u, g.ys[sl], g.xs, *g.tile), wy, wx, spec, g.fshape, fft)
             return fft.irfft2(acc, s=g.fshape, overwrite_x=True)
 
         items = self._items(groups, xp, conj=False, parts=threads_for(u))
         for (g, sl, _, _), res in zip(items, parallel_map(cells, items, like=u)):
-            if indexed:
-                _place_indexed(out, res, g.ys[sl], g.yl[sl], g.xs, g.xl, 2 * r, add=True, memo=self._group_spectra)
-                continue
             # Overlap-add, in a fixed order: a memory-bound slice add per cell (the FFTs are batched).
             for a, (y0, ny) in enumerate(zip(g.ys[sl], g.yl[sl])):
                 y0, ny = int(y0), int(ny) + 2 * r
@@ -641,21 +634,13 @@ class ProductConvolution:
                 acc = c if acc is None else _iadd(acc, c)
             return acc
         out = xp.empty((h, w), dtype=xp.float32)
-        indexed = _indexed(xp)
-        vpad = xp.pad(v, ((r, r + 1), (r, r + 1)) if indexed else r)  # indexed: a zero row and column more
+        vpad = xp.pad(v, r)
 
         def cells(item):
             g, sl, (wy, wx), spec = item
             ly, lx = g.tile
-            if indexed:
-                tiles = _gather_indexed(vpad, (h + 2 * r, w + 2 * r), g.ys[sl], g.xs, ly + 2 * r, lx + 2 * r,
-                                        size=g.fshape, memo=self._group_spectra)
-            else:
-                tiles = _gather(vpad, g.ys[sl], g.xs, ly + 2 * r, lx + 2 * r, size=g.fshape)
+            tiles = _gather(vpad, g.ys[sl], g.xs, ly + 2 * r, lx + 2 * r, size=g.fshape)
             acc = _sep_adjoint(fft.rfft2(tiles), wy, wx, spec, g.fshape, (ly, lx), fft)
-            if indexed:
-                _place_indexed(out, acc, g.ys[sl], g.yl[sl], g.xs, g.xl, 0, add=False, memo=self._group_spectra)
-                return
             # Cells tile the window without overlap: a slice copy per cell (cheaper than fancy indexing).
             for a, (y0, ny) in enumerate(zip(g.ys[sl], g.yl[sl])):
                 y0, ny = int(y0), int(ny)
@@ -934,83 +919,6 @@ def _gather(img, ys, xs, ly, lx, size=None):
             nx = max(0, min(lx, w - x0))
             out[a, b, :ny, :nx] = img[y0 : y0 + ny, x0 : x0 + nx]
     return out
-
-
-# Tiles on a GPU: one indexed gather, and one indexed add per phase of pairwise disjoint tiles, instead
-# of a slice copy per cell, each a kernel launch from Python (about 60 µs per cell and iteration on an
-# H200, from its 4x4 and 8x8 grid timings). None: indexed for every array type but NumPy, whose slice
-# copies are cheaper than fancy indexing; True/False force it (tests, benchmarks).
-INDEXED_TILES = None
-
-
-def _indexed(xp) -> bool:
-    return xp is not np if INDEXED_TILES is None else bool(INDEXED_TILES)
-
-
-def _runs(starts, lengths):
-    """The positions covered by the runs ``[starts[k], starts[k] + lengths[k])``, and for each its run
-    ``k`` and offset in the run (three 1-D arrays)."""
-    lengths = np.asarray(lengths, dtype=np.intp)
-    k = np.repeat(np.arange(len(lengths)), lengths)
-    off = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.asarray(starts, dtype=np.intp)[k] + off, k, off
-
-
-def _phases(starts, extents):
-    """Cells sorted by start, with extents: the fewest sets ``a mod P`` whose cells are pairwise disjoint."""
-    starts = np.asarray(starts, dtype=np.intp)
-    n = len(starts)
-    if n == 0:
-        return []
-    reach = np.searchsorted(starts, starts + np.asarray(extents, dtype=np.intp), side="left") - np.arange(n)
-    period = int(reach.max())  # cell a overlaps the reach[a] - 1 cells after it, never those further on
-    return [np.arange(p, n, period) for p in range(min(period, n))]
-
-
-def _tile_index(starts, size, length, n):
-    """(len(starts), size) indices of tiles ``length`` long into an axis of ``n``; ``n`` (a zero row or
-    column of the source) past the tile's length or the axis."""
-    i = np.asarray(starts, dtype=np.intp)[:, None] + np.arange(size)[None, :]
-    return np.where((np.arange(size) < length)[None, :] & (i < n), i, n)
-
-
-def _gather_indexed(src, n, ys, xs, ly, lx, size=None, memo=None):
-    """:func:`_gather` as one indexed read: ``src`` holds the image in its top-left ``n`` = (h, w)
-    pixels and zeros in row h and column w. ``memo``: a dict keeping the device index arrays."""
-    xp = array_module(src)
-    fy, fx = size or (ly, lx)
-    memo = {} if memo is None else memo
-    key = ("gather", tuple(map(int, ys)), tuple(map(int, xs)), ly, lx, fy, fx, n, xp.__name__)
-    if key not in memo:
-        memo[key] = (xp.asarray(_tile_index(ys, fy, ly, n[0])[:, None, :, None]),
-                     xp.asarray(_tile_index(xs, fx, lx, n[1])[None, :, None, :]))
-    iy, ix = memo[key]
-    return src[iy, ix]
-
-
-def _place_indexed(out, res, ys, yl, xs, xl, ext, add, memo=None):
-    """Tiles ``res[a, b, :yl[a] + ext, :xl[b] + ext]`` added to (``add``) or written into ``out`` at
-    ``(ys[a], xs[b])``: per phase of pairwise disjoint tiles, one indexed read and one indexed write.
-    Unique indices in each write: no atomics, the same bits every run."""
-    xp = array_module(out)
-    memo = {} if memo is None else memo
-    key = ("place", tuple(map(int, ys)), tuple(map(int, yl)), tuple(map(int, xs)), tuple(map(int, xl)), ext,
-           xp.__name__)
-    if key not in memo:
-        yl, xl = np.asarray(yl) + ext, np.asarray(xl) + ext
-        plan = []
-        for pa in _phases(ys, yl):
-            ry, ka, oy = _runs(np.asarray(ys)[pa], yl[pa])
-            for pb in _phases(xs, xl):
-                rx, kb, ox = _runs(np.asarray(xs)[pb], xl[pb])
-                plan.append(tuple(xp.asarray(v) for v in (ry[:, None], rx[None, :], pa[ka][:, None], pb[kb][None, :],
-                                                         oy[:, None], ox[None, :])))
-        memo[key] = plan
-    for ry, rx, a, b, oy, ox in memo[key]:
-        vals = res[a, b, oy, ox]
-        if add:
-            vals += out[ry, rx]  # same sum as out += vals, one temporary fewer
-        out[ry, rx] = vals
 
 
 def _window_of(maps, window, shape):

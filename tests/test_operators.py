@@ -261,42 +261,6 @@ def test_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["grid", "grid-1x5", "grid-uneven"])
-@pytest.mark.parametrize("window", [None, (-7, 5, 60, 90), (-7, -7, 164, 184)])
-def test_indexed_tiles_equal_the_slice_loop(name, window, monkeypatch, rng):
-    # The GPU's tile path (one indexed gather, one indexed add per phase of disjoint tiles), run on
-    # NumPy: the adjoint's copies are the same bits, the forward's overlap-add sums in another order.
-    from lsfov import operators
-
-    full = OPS[name]()
-    u = rng.standard_normal(full.shape if window is None else window[2:]).astype(np.float32)
-    res = {}
-    for indexed in (False, True):
-        monkeypatch.setattr(operators, "INDEXED_TILES", indexed)
-        op = OPS[name]() if window is None else OPS[name]().restrict(window[:2], window[2:])
-        res[indexed] = [(op.apply(u), op.adjoint(u)) for _ in range(2)]  # the second call: memoised indices
-    (fw, ad), (fw2, ad2) = res[True]
-    np.testing.assert_array_equal(ad, res[False][0][1])
-    np.testing.assert_allclose(fw, res[False][0][0], rtol=0, atol=1e-6 * np.abs(fw).max())
-    np.testing.assert_array_equal(fw, fw2)
-    np.testing.assert_array_equal(ad, ad2)
-
-
-def test_tile_phases_are_pairwise_disjoint():
-    from lsfov.operators import _phases, _runs
-
-    starts = np.array([0, 10, 25, 31, 60, 61, 90])
-    ext = np.array([14, 20, 9, 30, 5, 40, 3])
-    sets = _phases(starts, ext)
-    assert sorted(np.concatenate(sets).tolist()) == list(range(len(starts)))
-    for s in sets:
-        pos = _runs(starts[s], ext[s])[0]
-        assert len(np.unique(pos)) == len(pos)  # no pixel written twice in one indexed write
-    assert len(_phases(starts, np.diff(np.r_[starts, 93]))) == 1  # cells tiling the axis: one write
-    pos, k, off = _runs(np.array([3, 10]), np.array([2, 3]))
-    assert pos.tolist() == [3, 4, 10, 11, 12] and k.tolist() == [0, 0, 1, 1, 1] and off.tolist() == [0, 1, 0, 1, 2]
-
-
 def test_parallel_map_keeps_order_and_survives_fork(rng):
     import multiprocessing as mp
 

@@ -35,6 +35,21 @@ def test_node_grid_is_independent_of_chunking(blurred):
     assert whole.focus_astig_sin.attrs["units"] == "wave RMS^2"
 
 
+def test_node_reads_the_patch_at_its_stride_position(blurred):
+    """Node (i, j) is the network's reading of the patch whose top-left pixel is (i·t, j·t), for a
+    stride that is not a divisor of the patch and an image of a ragged size; the map's variables in
+    the model's order."""
+    img = blurred[0][:400, 3:380].astype(np.float32)
+    model = lsfov.load_model("Z3")
+    ds = lsfov.estimate_psf_map(img, model, stride=48, fill=False)
+    gy, gx = (400 - 128) // 48 + 1, (377 - 128) // 48 + 1
+    assert ds.sizes == {"gy": gy, "gx": gx} and "filled" not in ds
+    cut = np.stack([img[i * 48:i * 48 + 128, j * 48:j * 48 + 128] for i in range(gy) for j in range(gx)])
+    want = model.predict(cut, batch_size=32, reproducible=True)
+    for v in MAP_VARIABLES:
+        np.testing.assert_array_equal(ds[v].values.ravel(), want[v].astype(np.float32))
+
+
 def test_symmetrized_map_is_independent_of_chunking(blurred):
     img, _ = blurred
     whole = lsfov.estimate_psf_map(img, "Z3", stride=64, symmetrize=True)

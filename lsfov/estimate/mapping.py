@@ -73,13 +73,15 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, sy
     (oy, ny), (ox, nx) = origin
     if ny == 0 or nx == 0:
         return np.zeros((ny, nx, n_out), np.float32)
-    ys = oy + stride * np.arange(ny)
-    xs = ox + stride * np.arange(nx)
-    idx = np.arange(patch)
-    rows = (ys[:, None] + idx)[:, None, :, None]
-    cols = (xs[:, None] + idx)[None, :, None, :]
     xp = array_module(block)  # CuPy chunks stay on the GPU: predict takes them through DLPack
-    patches = xp.asarray(block, dtype=xp.float32)[xp.asarray(rows), xp.asarray(cols)].reshape(ny * nx, patch, patch)
+    block = xp.asarray(block, dtype=xp.float32)
+    if oy + stride * (ny - 1) + patch > block.shape[0] or ox + stride * (nx - 1) + patch > block.shape[1]:
+        raise AssertionError("a node's patch reaches beyond its block")  # the view below would read outside it
+    # All patches as one strided view of the block, copied once (one kernel on a GPU, no index arrays).
+    sy, sx = block.strides
+    view = xp.lib.stride_tricks.as_strided(block[oy:, ox:], shape=(ny, nx, patch, patch),
+                                           strides=(sy * stride, sx * stride, sy, sx))
+    patches = xp.ascontiguousarray(view).reshape(ny * nx, patch, patch)
     pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
     out = np.stack([pred[p] for p in _variables(m)] + [pred["validity"]], axis=-1)
     return out.reshape(ny, nx, n_out).astype(np.float32)
@@ -254,21 +256,33 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     pm = m.psf_model
     record = pm.to_meta()
     del record["units"]  # a map gives them per variable
-    ds = xr.Dataset(
-        {p: (("gy", "gx"), values[..., i], {"units": pm.units.get(p, "")}) for i, p in enumerate(m.params)},
-        coords=coords,
-    )
-    for i, p in enumerate(_variables(m)[len(m.params):], start=len(m.params)):
-        trig = p.rsplit("_", 1)[1]
-        ds[p] = (("gy", "gx"), values[..., i], {
-            "units": "wave RMS^2", "long_name": f"focus x astigmatism x {trig} 2 axis, as regressed (sign-free; for depth)"})
-    ds["validity"] = (("gy", "gx"), values[..., -1], {"units": "1", "long_name": "probability the patch is valid"})
-    ds.attrs.update({
+    names = _variables(m)
+    arrays = {p: values[..., i] for i, p in enumerate(names)}
+    validity = values[..., -1]
+    filled = None
+    if fill:  # on the NumPy arrays, then one Dataset: each xarray assignment costs a merge (~0.5 ms)
+        filled = validity < 0.5
+        arrays = _fill(arrays, ~filled)
+    data_vars = {}
+    for p in names:
+        if p in m.params:
+            attrs = {"units": pm.units.get(p, "")}
+        else:
+            trig = p.rsplit("_", 1)[1]
+            attrs = {"units": "wave RMS^2",
+                     "long_name": f"focus x astigmatism x {trig} 2 axis, as regressed (sign-free; for depth)"}
+        data_vars[p] = (("gy", "gx"), arrays[p], attrs)
+    data_vars["validity"] = (("gy", "gx"), validity, {"units": "1", "long_name": "probability the patch is valid"})
+    if filled is not None:
+        data_vars["filled"] = (("gy", "gx"), filled, _FILLED_ATTRS)
+    return xr.Dataset(data_vars, coords=coords, attrs={
         **record, "patch": patch, "stride": int(stride),
         "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)],
         "model": "PSFRegressor" if ref is m else str(model), "symmetrize": int(bool(symmetrize)),
     })
-    return fill_invalid(ds) if fill else ds
+
+
+_FILLED_ATTRS = {"long_name": "parameters filled from valid neighbours"}
 
 
 class NothingToMap(ValueError):
@@ -281,28 +295,33 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     Inverse-distance weighting (paper 000 Sec. II-F) over the ``neighbours`` nearest valid nodes; the
     astigmatism axis (π-periodic) is averaged on the circle. Adds a boolean ``filled`` variable.
     """
-    from scipy.spatial import cKDTree
-
     from .model import PRODUCTS
 
-    ds = psf_map.copy()
-    valid = ds["validity"].values >= threshold
-    ds["filled"] = (("gy", "gx"), ~valid, {"long_name": "parameters filled from valid neighbours"})
+    valid = psf_map["validity"].values >= threshold
+    names = [*psf_map.attrs.get("params", []), *(q for q in PRODUCTS if q in psf_map)]
+    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours)
+    return psf_map.assign({**{p: (("gy", "gx"), arrays[p], psf_map[p].attrs) for p in names},
+                           "filled": (("gy", "gx"), ~valid, _FILLED_ATTRS)})
+
+
+def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8):
+    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays."""
+    from scipy.spatial import cKDTree
+
     if valid.all():
-        return ds
+        return {p: np.asarray(v, np.float32) for p, v in arrays.items()}
     if not valid.any():
         raise NothingToMap("every node of the PSF map is invalid (no texture the CNN can read: a dark, flat or "
-                         "empty image); there is no PSF to estimate here")
-    yy, xx = np.meshgrid(np.arange(valid.shape[0]), np.arange(valid.shape[1]), indexing="ij")
-    pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float64)
-    good, bad = pts[valid.ravel()], pts[~valid.ravel()]
+                           "empty image); there is no PSF to estimate here")
+    good, bad = np.argwhere(valid).astype(np.float64), np.argwhere(~valid).astype(np.float64)
     k = min(neighbours, len(good))
     dist, idx = cKDTree(good).query(bad, k=k)
     dist, idx = dist.reshape(len(bad), k), idx.reshape(len(bad), k)
     wgt = 1.0 / np.maximum(dist, 1e-9) ** power
     wgt /= wgt.sum(axis=1, keepdims=True)
-    for p in [*ds.attrs.get("params", []), *(q for q in PRODUCTS if q in ds)]:
-        v = ds[p].values.astype(np.float64).copy()
+    out = {}
+    for p, v in arrays.items():
+        v = np.asarray(v, np.float64).copy()
         src = v[valid]
         if p == "axis":  # the axis lives on a circle of period π
             z = np.exp(2j * src)[idx]
@@ -310,8 +329,8 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
         else:
             est = (wgt * src[idx]).sum(axis=1)
         v[~valid] = est
-        ds[p] = (("gy", "gx"), v.astype(np.float32), ds[p].attrs)
-    return ds
+        out[p] = v.astype(np.float32)
+    return out
 
 
 def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> ProductConvolution:
