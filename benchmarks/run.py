@@ -1337,15 +1337,21 @@ def section_gpu(a):
         t_fwd = timed(lambda: op8.apply(yg), a.repeat)
         t_adj = timed(lambda: op8.adjoint(yg), a.repeat)
         busy = _kernel_profile(lambda: (lsfov.deconvolve(yg, op8, it), sync()))
-        cache = cupy.fft.config.get_plan_cache()
-        size, plans = cache.get_size(), _backend._CUFFT_PLANS
-        _backend._CUFFT_PLANS = 0  # lsfov leaves the cache alone
-        cache.set_size(16)
+        _backend.CUDA_GRAPHS = False  # every iteration launched kernel by kernel from Python
         try:
-            t8_cupy = timed(lambda: lsfov.deconvolve(yg, op8, it), a.repeat)
+            t8_eager = timed(lambda: lsfov.deconvolve(yg, op8, it), a.repeat)
+            busy_eager = _kernel_profile(lambda: (lsfov.deconvolve(yg, op8, it), sync()))
+            cache = cupy.fft.config.get_plan_cache()
+            size, plans = cache.get_size(), _backend._CUFFT_PLANS
+            _backend._CUFFT_PLANS = 0  # lsfov leaves the cache alone
+            cache.set_size(16)
+            try:
+                t8_cupy = timed(lambda: lsfov.deconvolve(yg, op8, it), a.repeat)
+            finally:
+                _backend._CUFFT_PLANS = plans
+                cache.set_size(size)
         finally:
-            _backend._CUFFT_PLANS = plans
-            cache.set_size(size)
+            _backend.CUDA_GRAPHS = True
         import cupyx.scipy.fft as cufft
 
         f = next_fast_len(n + k - 1)  # what any RL iteration must do: 2 forward and 2 inverse FFTs of the padded field
@@ -1357,9 +1363,12 @@ def section_gpu(a):
                 "| PSF grid | GPU | CPU | speed-up | largest difference (of the max) |", "|---|---:|---:|---:|---:|", *rows, "",
                 f"- goal 8x8 grid <= 0.1 s on the GPU: **{'met' if t8 <= 0.1 else 'NOT met'}** ({t8 * 1e3:.1f} ms)",
                 f"- 8x8, one call each: forward {t_fwd * 1e3:.1f} ms, adjoint {t_adj * 1e3:.1f} ms ({it} iterations make "
-                f"{it * (t_fwd + t_adj) * 1e3:.0f} ms of operator time); the whole run with CuPy's default cuFFT plan cache "
-                f"(16 plans per thread) instead of lsfov's {size}: {t8_cupy * 1e3:.1f} ms",
-                f"- 8x8, kernels seen by the CUDA profiler (torch.profiler, CuPy's too): {busy}", ""]
+                f"{it * (t_fwd + t_adj) * 1e3:.0f} ms of operator time)",
+                f"- 8x8 without CUDA graphs (`LSFOV_CUDA_GRAPHS=0`: each iteration's kernels launched from Python): "
+                f"{t8_eager * 1e3:.1f} ms; and with CuPy's default cuFFT plan cache (16 plans per thread) instead of "
+                f"lsfov's {size}: {t8_cupy * 1e3:.1f} ms",
+                f"- 8x8, kernels seen by the CUDA profiler (torch.profiler, CuPy's too): {busy}; without graphs: {busy_eager}",
+                ""]
         return out
 
     def psf_maps():
@@ -1440,7 +1449,8 @@ def section_gpu(a):
                 f"- GPU / CPU throughput: **{t_cpu / t_gpu:.1f}x**; largest difference: {err:.1e} of the maximum", ""]
         return out
 
-    for part in (tv_rl, psf_maps, chunked):  # one failing part leaves the others' figures
+    parts = {f.__name__: f for f in (tv_rl, psf_maps, chunked)}
+    for part in (parts[name] for name in a.gpu_parts.split(",")):  # one failing part leaves the others' figures
         try:
             lines += part()
         except Exception as e:
@@ -1486,6 +1496,8 @@ def main():
     ap.add_argument("--specialist-patches", type=int, default=32000, help="training patches per specialist")
     ap.add_argument("--specialist-epochs", type=int, default=3, help="epochs per specialist")
     ap.add_argument("--bss-images", type=int, default=12, help="images of 2304² for the subspace of the bss section")
+    ap.add_argument("--gpu-parts", default="tv_rl,psf_maps,chunked",
+                    help="parts of the gpu section to run (a short device lease: the one that changed)")
     a = ap.parse_args()
     unknown = set(a.sections) - set(SECTIONS)
     if unknown:

@@ -194,3 +194,29 @@ def test_synthesis_on_cuda_has_the_numpy_paths_distribution():
     b = synth.synthesize(300, "Z3", seed=6, device=torch.device("cuda", 0))
     np.testing.assert_array_equal(a["patches"], b["patches"])
     assert a["patches"].dtype == np.float32 and np.isfinite(a["patches"]).all()
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("form", ["grid", "basis"])
+def test_tv_rl_iterations_replay_a_cuda_graph_with_the_eager_bits(form, monkeypatch, caplog):
+    """Whole-array TV-RL on the GPU: after the first iteration the others replay one captured CUDA
+    graph (said at debug level; a failed capture is a warning), with the bits of eager launches."""
+    import logging
+
+    import lsfov
+    from lsfov import ProductConvolution, _backend
+
+    rng = np.random.default_rng(3)
+    if form == "grid":
+        op, y = _scene()
+    else:  # signed kernels: the clamp inside the iteration
+        op = ProductConvolution.from_basis(rng.standard_normal((3, 9, 9)) + 1, rng.random((3, 150, 170)))
+        y = rng.poisson(50, op.shape).astype(np.float32) + 1
+    yg = cupy.asarray(y)
+    with caplog.at_level(logging.DEBUG, logger="lsfov"):
+        graphed = lsfov.deconvolve(yg, op, 7)
+    assert "replay one CUDA graph" in caplog.text and "CUDA graph not used" not in caplog.text
+    monkeypatch.setattr(_backend, "CUDA_GRAPHS", False)
+    eager = lsfov.deconvolve(yg, op, 7)
+    np.testing.assert_array_equal(graphed.get(), eager.get())
+    np.testing.assert_allclose(graphed.get(), lsfov.deconvolve(y, op, 7), rtol=0, atol=2e-5 * float(eager.max()))

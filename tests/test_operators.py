@@ -261,6 +261,84 @@ def test_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
         np.testing.assert_array_equal(a, b)
 
 
+def test_graph_runs_replays_after_one_eager_run_and_falls_back_when_capture_fails(monkeypatch, caplog):
+    """The CUDA-graph loop's order of events, on a stand-in for CuPy (CI has no GPU; tests/test_gpu.py
+    runs the real one): one eager run, one captured (not run), n - 1 replays ordered after the eager
+    run, the graph's pool freed only after a final synchronisation; a capture that fails leaves
+    n - 1 eager runs and a warning. NumPy arrays, or CUDA_GRAPHS off: n eager runs."""
+    import contextlib
+    import logging
+    import sys
+    import types
+
+    from lsfov import _backend
+
+    events = []
+
+    class Stream:
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def begin_capture(self):
+            events.append("capture")
+
+        def end_capture(self):
+            events.append("end")
+            if "fail" in events:
+                raise RuntimeError("capture invalidated")
+            return types.SimpleNamespace(launch=lambda stream: events.append("launch"))
+
+        def record(self):
+            return "event"
+
+        def wait_event(self, event):
+            events.append("wait")
+
+        def synchronize(self):
+            events.append("sync")
+
+    class Pool:
+        def malloc(self, n):
+            pass
+
+        def free_all_blocks(self):
+            events.append("free")
+
+    cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=Pool, get_current_stream=Stream,
+                                 using_allocator=lambda malloc: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    gpu_array = type("ndarray", (), {"__module__": "cupy"})()
+
+    def runs(step, n, like):  # events seen at each yield (a progress bar's tick)
+        return [len(events) for _ in _backend.graph_runs(step, n, like)]
+
+    assert runs(lambda: events.append("step"), 4, gpu_array) == [1, 6, 7, 8]  # ticks after the run and each launch
+    assert events == ["step", "capture", "step", "end", "wait", "launch", "launch", "launch", "sync", "free"]
+    events.clear()
+
+    def step():
+        events.append("step")
+        if "capture" in events and "end" not in events:
+            events.append("fail")  # e.g. a host synchronisation while capturing
+            raise RuntimeError("not capturable")
+
+    with caplog.at_level(logging.WARNING, logger="lsfov"):
+        runs(step, 4, gpu_array)
+    assert "CUDA graph not used" in caplog.text
+    assert events.count("step") == 5 and "launch" not in events  # 1 + the failed capture + 3 eager
+    for like, flag in ((np.zeros(1), True), (gpu_array, False)):
+        events.clear()
+        monkeypatch.setattr(_backend, "CUDA_GRAPHS", flag)
+        runs(lambda: events.append("step"), 4, like)
+        assert events == ["step"] * 4
+
+
 def test_parallel_map_keeps_order_and_survives_fork(rng):
     import multiprocessing as mp
 

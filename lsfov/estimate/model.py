@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import psf as _psf
+from .. import _backend, psf as _psf
 from .._validate import positive_int
 from ..io import atomic_file
 from .network import build, standardize
@@ -251,7 +251,7 @@ class PSFRegressor:
         self.device = torch_device(device)
         self.net.to(self.device)
         #: Replay fixed-size passes on CUDA from CUDA graphs (PSF maps use fixed sizes).
-        self.cuda_graphs = os.environ.get("LSFOV_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = _backend.CUDA_GRAPHS
         self._graphs: dict = {}
         self._graph_lock = threading.Lock()
         record = self.psf_model.to_meta()  # its name first: the keys stay in the shipped files' order

@@ -29,7 +29,7 @@ import logging
 
 import numpy as np
 
-from .._backend import array_module, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
+from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from .._validate import as_image, positive_int
 from ..operators import ProductConvolution
 
@@ -103,7 +103,7 @@ def _div(py, px, out=None):
 
 
 def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale: float, norm, thr: float,
-             progress=None, field=(slice(None), slice(None))):
+             progress=None, field=(slice(None), slice(None)), graph: bool = False):
     """``n`` TV-RL iterations of ``x`` on ``op``'s window (``y``, ``x``, ``norm``: window arrays).
 
     ``x`` is updated in place and returned. Outside the image ``y`` is zero, so the ratio there is
@@ -111,6 +111,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     the extended field, where the TV term acts (with its Neumann boundary at the field's edge).
     The pixel-wise steps run on bands of rows, on several threads from the main thread
     (:func:`lsfov._backend.parallel_map`); every pixel's arithmetic is the same, so are the bits.
+    ``graph``: on CuPy arrays, replay the iterations as a CUDA graph (:func:`lsfov._backend.graph_runs`).
     """
     xp = array_module(y)
     floor = np.float32(_RATIO_FLOOR * scale)
@@ -125,7 +126,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
         for _ in parallel_map(fn, bands, like=y):
             pass
 
-    for _ in range(n):
+    def step():
         hx = op.apply(x, check=False)  # float32 arrays of the window: no scan per iteration
 
         def ratio(b):
@@ -156,6 +157,9 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
                 xp.maximum(x[b], np.float32(0.0), out=x[b])
 
         run(update, rows)
+
+    # On a GPU (graph=True) the iterations after the first replay one CUDA graph (launch-bound otherwise).
+    for _ in graph_runs(step, n, like=y if graph else None):
         if progress is not None:
             progress.update(1)
     return x
@@ -300,5 +304,5 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress):
 
     with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
         x = _iterate(win, y_ext, x, iterations, tv, eps, scale, norm, thr, bar,
-                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)))
+                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)), graph=True)
     return xp.maximum(x[r : r + h, r : r + w], np.float32(0.0))
