@@ -17,6 +17,14 @@
 # and a model that cannot have a minute of it is skipped.
 # The `--scheduler cuda` test needs dask-cuda, whose wheels (dask-cuda, cuda-core, nvidia-ml-py)
 # travel in .whl/ with the others: it skips where they do not import.
+# On a machine whose image has torch, CuPy, xarray, scikit-image and pandas but not the Dask and
+# zarr stack (the H200s lent here, 2026-12), these wheels (cp312, manylinux x86_64, --no-deps; the
+# versions of constraints-free `make install`) were enough, 16 MB in all:
+#   dask distributed dask-cuda zarr numcodecs donfig google-crc32c ome-zarr ome-zarr-models
+#   pydantic pydantic-core pydantic-zarr annotated-types typing-inspection tblib tornado zict
+#   locket partd Deprecated lazy-importer rangehttpserver
+# installed with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
+# PYTHONPATH=/tmp/site. The whole run took about 255 s (tests 100 s, benchmarks 150 s).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR [SECONDS]}
 deadline=${2:-540}

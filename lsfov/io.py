@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -424,7 +425,9 @@ def atomic_directory(path, *, overwrite: bool = False):
 
     An existing ``path`` is refused without ``overwrite``, and never replaced unless it is a zarr
     store; it is moved aside and removed only once the new one is in place. On any error (or
-    Ctrl-C) the temporary directory is removed and ``path`` is left as it was.
+    Ctrl-C) the temporary directory is removed and ``path`` is left as it was. A process killed
+    outright (SIGKILL, a node lost) cannot clean up: the temporary directories it left for
+    ``path`` are removed by the next write of ``path``.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -432,6 +435,9 @@ def atomic_directory(path, *, overwrite: bool = False):
     if path.exists() and not _is_replaceable(path):
         raise FileExistsError(f"{path} exists and is not an lsfov result or zarr store; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        log.info("removing %s, left by a write of %s that was killed", stale, path)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp

@@ -156,6 +156,13 @@ def test_save_never_harms_existing_output(tmp_path):
     (tmp_path / "precious").mkdir()
     with pytest.raises(FileExistsError, match="not an lsfov result"):
         lsfov.save(_image(32, 32), tmp_path / "precious", overwrite=True)
+    # A write killed outright (SIGKILL) leaves its hidden temporary directory: the next write of the
+    # same path removes it, and only its own (not those of other results beside it).
+    for name in (".r.zarr.partial-0dead0", ".r.zarr.partial-1dead1", ".r.zarr2.partial-0live0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "zarr.json").write_text("{}")
+    lsfov.save(_image(16, 16), path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.zarr2.partial-0live0", "precious", "r.zarr"]
 
 
 def test_save_bad_objects(tmp_path):
