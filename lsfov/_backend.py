@@ -11,6 +11,7 @@ keep the cores busy, everything runs on the task's thread (:func:`task_threads`)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
@@ -30,6 +31,7 @@ _FFT_WORKERS = int(os.environ.get("LSFOV_FFT_WORKERS", "-1"))
 _CUFFT_PLANS = int(os.environ.get("LSFOV_CUFFT_PLANS", "128"))
 # CUDA graphs for repeated GPU work (TV-RL iterations, the CNN's passes); LSFOV_CUDA_GRAPHS=0: off.
 CUDA_GRAPHS = os.environ.get("LSFOV_CUDA_GRAPHS", "1") != "0"
+log = logging.getLogger("lsfov")
 _LOCAL = threading.local()  # .workers: the FFT thread count of a thread of lsfov's own pool (1)
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -180,21 +182,19 @@ def fft_module(x):
 def graph_runs(step, n: int, like):
     """Run ``step()`` ``n`` times, yielding after each run (for a progress bar).
 
-    On CuPy arrays (``like``; None or NumPy: every run eager) the first run is eager (it compiles the kernels, makes the cuFFT plans
-    and fills the operators' caches) and the others replay one CUDA graph captured from a second
-    call: one launch per run instead of one per kernel (a TV-RL iteration on an 8x8 grid launches
-    about 1 800). ``step`` must work in place on arrays made before it, synchronise nothing with
-    the host and do the same work every run. Its temporaries come from a memory pool of its own
-    that only the graph uses, kept until the replays are done. Where capture fails, or with
-    ``CUDA_GRAPHS`` off, every run is eager (the failure is logged).
+    On CuPy arrays (``like``; None or NumPy: every run eager) the first run is eager (it compiles
+    the kernels, makes the cuFFT plans and fills the operators' caches) and the others replay one
+    CUDA graph captured from a second call: one launch per run instead of one per kernel (a TV-RL
+    iteration on an 8x8 grid launches about 1 800). ``step`` must work in place on arrays made
+    before it, synchronise nothing with the host and do the same work every run. Its temporaries
+    come from a memory pool of its own that only the graph uses, kept until the replays are done.
+    Where capture fails, or with ``CUDA_GRAPHS`` off, every run is eager (the failure is logged).
     """
     if n < 3 or like is None or array_module(like) is np or not CUDA_GRAPHS:
         for _ in range(n):
             step()
             yield
         return
-    import logging
-
     import cupy
 
     step()
@@ -211,7 +211,7 @@ def graph_runs(step, n: int, like):
             finally:
                 graph = stream.end_capture()
     except Exception as e:  # an operation that cannot be captured: the eager runs
-        logging.getLogger("lsfov").warning("lsfov: CUDA graph not used (%s: %s)", type(e).__name__, e)
+        log.warning("lsfov: CUDA graph not used (%s: %s)", type(e).__name__, e)
         graph = None
     if graph is None:
         pool.free_all_blocks()
@@ -219,7 +219,7 @@ def graph_runs(step, n: int, like):
             step()
             yield
         return
-    logging.getLogger("lsfov").debug("lsfov: %d runs replay one CUDA graph", n - 1)
+    log.debug("lsfov: %d runs replay one CUDA graph", n - 1)
     try:
         stream.wait_event(origin.record())  # after the eager run and whatever preceded it
         for _ in range(n - 1):
