@@ -39,3 +39,27 @@ def count_calls(monkeypatch):
         return calls
 
     return wrap
+
+
+@pytest.fixture
+def device_synthesis_matches_numpy():
+    """``check(n, device)``: ``n`` Z3 training patches synthesized with their blur and noise on a torch
+    ``device`` have the NumPy path's parameters and (up to FFT rounding at the threshold) validity,
+    and Eq. 10 noise around the NumPy path's noise-free patches."""
+    from lsfov import psf
+    from lsfov.estimate import synth
+
+    def check(n, device):
+        m = psf.MODELS["Z3"]
+        images = synth.library(synth.SOURCES, "test")
+        kw = dict(invalid_fraction=0.08, photons=synth.PHOTONS, read_noise=(0.0, 3.0), illumination=0.5)
+        y, params, valid = synth._batch(m, images, n, np.random.default_rng(4), device=device, **kw)
+        _, params2, valid2, hid = synth._batch(m, images, n, np.random.default_rng(4), hidden=True, **kw)
+        np.testing.assert_array_equal(params, params2)
+        assert (valid == valid2).mean() >= 0.98  # the FFTs' rounding may flip a patch at the threshold
+        blur = synth._blur(hid["sharp"], m.render(params, size=m.size))
+        mean = (hid["beta"] * hid["photons"])[:, None, None] * hid["light"] * blur
+        z = (y - mean) / np.sqrt(hid["beta"][:, None, None] * mean + hid["read_noise"][:, None, None] ** 2 + 1e-9)
+        assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+
+    return check

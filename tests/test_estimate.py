@@ -106,20 +106,11 @@ def test_hidden_variables_rebuild_the_patches():
     assert valid.any() and np.array_equal(valid, valid2)
 
 
-def test_device_synthesis_has_the_same_distribution():
+def test_device_synthesis_has_the_same_distribution(device_synthesis_matches_numpy):
     """synthesize(device=...) blurs and adds noise with torch (here on the CPU; on a GPU in training
     runs): the same parameters, crops and light as the NumPy path, Eq. 10 noise around the same
     noise-free patches, the same validity rule; seeded."""
-    m = psf.MODELS["Z3"]
-    images = synth.library(synth.SOURCES, "test")
-    kw = dict(invalid_fraction=0.08, photons=synth.PHOTONS, read_noise=(0.0, 3.0), illumination=0.5)
-    y, params, valid = synth._batch(m, images, 64, np.random.default_rng(4), device="cpu", **kw)
-    _, params2, valid2, hid = synth._batch(m, images, 64, np.random.default_rng(4), hidden=True, **kw)
-    np.testing.assert_array_equal(params, params2)
-    assert (valid == valid2).mean() >= 0.98  # the FFTs' rounding may flip a patch at the threshold
-    mean = (hid["beta"] * hid["photons"])[:, None, None] * hid["light"] * synth._blur(hid["sharp"], m.render(params, size=m.size))
-    z = (y - mean) / np.sqrt(hid["beta"][:, None, None] * mean + hid["read_noise"][:, None, None] ** 2 + 1e-9)
-    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    device_synthesis_matches_numpy(64, "cpu")
     a = synth.synthesize(130, "G1", seed=6, device="cpu")
     b = synth.synthesize(130, "G1", seed=6, device="cpu", batch=64)
     np.testing.assert_array_equal(a["patches"], b["patches"])

@@ -171,25 +171,15 @@ def test_cuda_scheduler_deconvolves_on_its_gpu_workers(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
-def test_synthesis_on_cuda_has_the_numpy_paths_distribution():
+def test_synthesis_on_cuda_has_the_numpy_paths_distribution(device_synthesis_matches_numpy):
     """synthesize(device='cuda'), the blur and Eq. 10 noise of training sets on the GPU: the same
     parameters, crops and light as the NumPy path, noise of Eq. 10 around its noise-free patches,
     seeded."""
     import torch
 
-    from lsfov import psf
     from lsfov.estimate import synth
 
-    m = psf.MODELS["Z3"]
-    images = synth.library(synth.SOURCES, "test")
-    kw = dict(invalid_fraction=0.08, photons=synth.PHOTONS, read_noise=(0.0, 3.0), illumination=0.5)
-    y, params, valid = synth._batch(m, images, 256, np.random.default_rng(4), device="cuda", **kw)
-    _, params2, valid2, hid = synth._batch(m, images, 256, np.random.default_rng(4), hidden=True, **kw)
-    np.testing.assert_array_equal(params, params2)
-    assert (valid == valid2).mean() >= 0.98
-    mean = (hid["beta"] * hid["photons"])[:, None, None] * hid["light"] * synth._blur(hid["sharp"], m.render(params, size=m.size))
-    z = (y - mean) / np.sqrt(hid["beta"][:, None, None] * mean + hid["read_noise"][:, None, None] ** 2 + 1e-9)
-    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    device_synthesis_matches_numpy(256, "cuda")
     a = synth.synthesize(300, "Z3", seed=6, device="cuda")
     b = synth.synthesize(300, "Z3", seed=6, device=torch.device("cuda", 0))
     np.testing.assert_array_equal(a["patches"], b["patches"])
