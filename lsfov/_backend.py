@@ -199,6 +199,9 @@ def graph_runs(step, n: int, like):
 
     step()
     yield
+    # The eager run's temporaries, cached by CuPy's pool, are not used again (the graph has its own
+    # pool): released, so that the two sets do not add up in device memory.
+    cupy.get_default_memory_pool().free_all_blocks()
     origin = cupy.cuda.get_current_stream()
     stream = cupy.cuda.Stream(non_blocking=True)  # no implicit sync with other threads' legacy-stream work
     pool = cupy.cuda.MemoryPool()

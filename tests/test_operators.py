@@ -312,14 +312,16 @@ def test_graph_runs_replays_after_one_eager_run_and_falls_back_when_capture_fail
 
     cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=Pool, get_current_stream=Stream,
                                  using_allocator=lambda malloc: contextlib.nullcontext())
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    cupy = types.SimpleNamespace(cuda=cuda, get_default_memory_pool=lambda: types.SimpleNamespace(
+        free_all_blocks=lambda: events.append("release")))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
     gpu_array = type("ndarray", (), {"__module__": "cupy"})()
 
     def runs(step, n, like):  # events seen at each yield (a progress bar's tick)
         return [len(events) for _ in _backend.graph_runs(step, n, like)]
 
-    assert runs(lambda: events.append("step"), 4, gpu_array) == [1, 6, 7, 8]  # ticks after the run and each launch
-    assert events == ["step", "capture", "step", "end", "wait", "launch", "launch", "launch", "sync", "free"]
+    assert runs(lambda: events.append("step"), 4, gpu_array) == [1, 7, 8, 9]  # ticks after the run and each launch
+    assert events == ["step", "release", "capture", "step", "end", "wait", "launch", "launch", "launch", "sync", "free"]
     events.clear()
 
     def step():
