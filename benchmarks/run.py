@@ -1450,6 +1450,8 @@ def section_gpu(a):
         return out
 
     parts = {f.__name__: f for f in (tv_rl, psf_maps, chunked)}
+    if set(a.gpu_parts.split(",")) - set(parts):
+        raise SystemExit(f"--gpu-parts takes some of {', '.join(parts)}, got {a.gpu_parts!r}")
     for part in (parts[name] for name in a.gpu_parts.split(",")):  # one failing part leaves the others' figures
         try:
             lines += part()
@@ -1497,7 +1499,8 @@ def main():
     ap.add_argument("--specialist-epochs", type=int, default=3, help="epochs per specialist")
     ap.add_argument("--bss-images", type=int, default=12, help="images of 2304² for the subspace of the bss section")
     ap.add_argument("--gpu-parts", default="tv_rl,psf_maps,chunked",
-                    help="parts of the gpu section to run (a short device lease: the one that changed)")
+                    help="parts of the gpu section to run, comma-separated (a short device lease: the one that "
+                         "changed); the section is rewritten with these parts only")
     a = ap.parse_args()
     unknown = set(a.sections) - set(SECTIONS)
     if unknown:
