@@ -48,6 +48,12 @@ def test_node_reads_the_patch_at_its_stride_position(blurred):
     want = model.predict(cut, batch_size=32, reproducible=True)
     for v in MAP_VARIABLES:
         np.testing.assert_array_equal(ds[v].values.ravel(), want[v].astype(np.float32))
+    # The patches are cut from a strided view of the image: any memory layout gives the same map.
+    flipped = lsfov.estimate_psf_map(np.ascontiguousarray(img[::-1]), model, stride=48, fill=False)
+    for layout in (img[::-1], np.asfortranarray(img[::-1])):
+        other = lsfov.estimate_psf_map(layout, model, stride=48, fill=False)
+        for v in MAP_VARIABLES:
+            np.testing.assert_array_equal(other[v].values, flipped[v].values)
 
 
 def test_symmetrized_map_is_independent_of_chunking(blurred):
