@@ -125,13 +125,11 @@ def _resume_option(f):
 def _run_state(out: Path, parent, resume: bool):
     """The scratch directory of the run that writes ``out``; kept if the run fails, for ``--resume``.
 
-    Without ``resume`` a state left by an earlier run is discarded. Hidden ``.OUT.partial-*``
-    directories left by a run killed while writing its result (never mistaken for a result: they are
-    not under the result's name and lack the completion marker) are removed.
+    Without ``resume`` a state left by an earlier run is discarded. (Hidden ``.OUT.partial-*``
+    directories of a run killed while writing its result are removed by the next write of OUT,
+    :func:`lsfov.io.atomic_directory`.)
     """
     state = Path(parent or out.parent) / f".{out.name}.scratch"
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     if state.exists() and not resume:
         shutil.rmtree(state)
     elif resume and not state.exists():
