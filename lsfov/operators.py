@@ -129,6 +129,10 @@ class _Group:
     # Grid form: the terms are the product of ny row weights and nx column weights (row-major), whose
     # factors depend on y only and on x only. The FFT is then split into its passes (see _sep_forward).
     sep: tuple | None = None  # (ny, nx)
+    # Uniform cells (see _uniform_cells): every tile (sy, sx) pixels, tile (a, b) starting at window
+    # position (ys[0] + a sy, xs[0] + b sx); gathers and overlap-adds are then a few strided views.
+    uniform: tuple | None = None  # (sy, sx)
+    weights: np.ndarray | None = None  # uniform cells: each term's weight on a cell, the same on all (T, sy, sx)
 
     @property
     def tile(self):
@@ -201,6 +205,11 @@ class ProductConvolution:
     maps : array_like or None
         (I, H, W) coefficient maps of the basis form.
     """
+
+    #: Cut the grid form into equal cells (one batch, no loop over cells; more FFT area, see
+    #: ``_uniform_cells``) where the nodes are equally spaced. None: on CuPy arrays (launches cost
+    #: more there than the extra area), if it adds at most half the area; True: always; False: never.
+    uniform_cells: bool | None = None
 
     def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None, attrs=None, _token=None,
                  periodic=False):
@@ -473,9 +482,20 @@ class ProductConvolution:
         return x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
 
     # ------------------------------------------------------------------ engine
-    def _plan(self) -> list[_Group]:
-        if self._plan_cache is not None:
-            return self._plan_cache
+    def _plan(self, xp=np) -> list[_Group]:
+        """The cell groups: for CuPy arrays the uniform cells where they apply (see :attr:`uniform_cells`)."""
+        use = self.uniform_cells if self.uniform_cells is not None else xp is not np
+        key = bool(use)
+        if self._plan_cache is None:
+            self._plan_cache = {}
+        if key not in self._plan_cache:
+            groups = self._cells()
+            if use and not groups[0].single:
+                groups = self._uniform_cells(groups, limit=None if self.uniform_cells else 1.5) or groups
+            self._plan_cache[key] = groups
+        return self._plan_cache[key]
+
+    def _cells(self) -> list[_Group]:
         oy, ox, h, w = self.window
         r = self.halo
         pad = 2 * r
@@ -503,8 +523,47 @@ class ProductConvolution:
             terms = [((maps[i][None, None],), np.array([[i]])) for i in range(maps.shape[0])]
             groups.append(_Group(np.array([0]), np.array([h]), np.array([0]), np.array([w]), self._single_fshape(h, w),
                                  terms, True))
-        self._plan_cache = groups
         return groups
+
+    def _uniform_cells(self, groups, limit=None):
+        """The grid's cells as one group of equal tiles, or None where that does not apply or costs
+        over ``limit`` times the FFT area of ``groups`` (the plan by FFT length).
+
+        With equally spaced nodes (spacing ``s`` whole pixels, at least the kernel's size less one)
+        the cell between nodes k and k+1 is ``[ceil(c_k), ceil(c_k) + s)`` and the hat weights are
+        the same function of the position within every cell. The constant parts beyond the outer
+        nodes become cells of virtual nodes beyond them that carry the outer node's PSF (weights
+        ``1 - t`` and ``t`` of one kernel: the same operator). One batch of equal tiles then needs
+        no loop over cells: a GPU launches a few kernels per pass instead of a few per cell.
+        """
+        oy, ox, h, w = self.window
+        r = self.halo
+        axes = []
+        for c, o, n in zip(self.centers, (oy, ox), (h, w)):
+            c = np.asarray(c, dtype=np.float64)
+            if len(c) < 2:
+                return None
+            s = c[1] - c[0]
+            if abs(s - round(s)) > 1e-9 or np.abs(np.diff(c) - s).max() > 1e-9 or round(s) < 2 * r:
+                return None
+            s, b0 = int(round(s)), int(math.ceil(c[0] - 1e-12))
+            k0 = (o - b0) // s  # the first cell that reaches the window
+            k = np.arange(k0, -((b0 - o - n) // s))  # to the last one (ceil division)
+            t = ((b0 - c[0]) + np.arange(s)) / s  # the same within every cell
+            axes.append((s, b0 + k0 * s - o, k, np.clip(k, 0, len(c) - 1), np.clip(k + 1, 0, len(c) - 1),
+                         (1.0 - t).astype(np.float32), t.astype(np.float32)))
+        (sy, ty, ky, lo_y, hi_y, wly, why), (sx, tx, kx, lo_x, hi_x, wlx, whx) = axes
+        na, nb = len(ky), len(kx)
+        fshape = (next_fast_len(sy + 2 * r), next_fast_len(sx + 2 * r))
+        area = sum(len(g.ys) * len(g.xs) * g.fshape[0] * g.fshape[1] for g in groups)
+        if limit is not None and na * nb * fshape[0] * fshape[1] > limit * area:
+            return None
+        gx = self.kernels.shape[1]
+        pairs = [(wy[:, None] * wx[None, :], ny[:, None] * gx + nx[None, :])
+                 for wy, ny in ((wly, lo_y), (why, hi_y)) for wx, nx in ((wlx, lo_x), (whx, hi_x))]
+        return [_Group(ty + sy * np.arange(na), np.full(na, sy), tx + sx * np.arange(nb), np.full(nb, sx), fshape,
+                       [(None, ids) for _, ids in pairs], uniform=(sy, sx),
+                       weights=np.stack([wt for wt, _ in pairs]).astype(np.float32))]
 
     def _single_fshape(self, h, w):
         # Centred kernels: r pixels of zero padding suffice; a periodic window needs none.
@@ -537,7 +596,7 @@ class ProductConvolution:
 
     def _spectra(self, gi: int, group: _Group, xp, conj: bool = False):
         """Kernel spectra of a group's terms, each broadcastable against its tiles."""
-        key = (gi, conj, xp.__name__)
+        key = (gi, group.uniform is not None, conj, xp.__name__)
         if key not in self._group_spectra:
             used = np.unique(np.concatenate([np.ravel(ids) for _, ids in group.terms]))
             allk = self._kernel_spectra(group.fshape, group.single, conj, xp, used.tolist())
@@ -573,7 +632,7 @@ class ProductConvolution:
         xp, fft = array_module(u), fft_module(u)
         h, w = u.shape
         r = self.halo
-        groups = self._plan()
+        groups = self._plan(xp)
         if groups[0].single:
             g = groups[0]
             if g.sep is None:  # basis: 2-D coefficient maps
@@ -585,6 +644,8 @@ class ProductConvolution:
             else:
                 acc = _sep_forward(u, *self._weights(g, xp), self._spectra(0, g, xp), g.fshape, fft)
             return fft.irfft2(acc, s=g.fshape, overwrite_x=True)[:h, :w]
+        if groups[0].uniform:
+            return self._forward_uniform(u, groups[0], xp, fft)
         out = xp.zeros((h + 2 * r, w + 2 * r), dtype=xp.float32)  # full linear convolution support
 
         def cells(item):
@@ -602,6 +663,77 @@ class ProductConvolution:
                     out[y0 : y0 + ny, x0 : x0 + nx] += res[a, b, :ny, :nx]
         return out[r : r + h, r : r + w]
 
+    def _uniform_parts(self, g, like):
+        """Work items of an equal-cell group: bands of cell rows, each band's terms at most 512 MB of
+        spectra (a GPU's memory), or one band per thread (NumPy from the main thread)."""
+        na, nb = len(g.ys), len(g.xs)
+        size = len(g.terms) * na * nb * g.fshape[0] * (g.fshape[1] // 2 + 1) * 8
+        return row_bands(na, max(threads_for(like), -(-size // (512 << 20))))
+
+    def _uniform_arrays(self, g, xp, conj):
+        """An equal-cell group's kernel spectra (T, na, nb, fy, fx//2 + 1) and term weights (T, 1, 1, sy, sx)."""
+        key = ("uniform", id(g), conj, xp.__name__)
+        if key not in self._group_spectra:
+            ids = np.stack([ids for _, ids in g.terms])
+            used = np.unique(ids)
+            allk = self._kernel_spectra(g.fshape, False, conj, xp, used.tolist())
+            self._group_spectra[key] = (allk[xp.asarray(np.searchsorted(used, ids))],
+                                        xp.asarray(g.weights[:, None, None]))
+        return self._group_spectra[key]
+
+    def _forward_uniform(self, u, g, xp, fft):
+        """:meth:`_forward` on equal cells: the tiles are a view of the zero-padded image, the terms
+        ``F(w_t . tile)`` one batched 2-D FFT, and the overlap-add four strided passes (cores, then the
+        bottom, right and corner margins of all tiles: within a pass no two tiles meet, as the
+        margins, 2r, are at most a cell)."""
+        (h, w), r, (sy, sx) = u.shape, self.halo, g.uniform
+        na, nb, ty, tx = len(g.ys), len(g.xs), -int(g.ys[0]), -int(g.xs[0])
+        spec, wts = self._uniform_arrays(g, xp, conj=False)
+        padded = xp.zeros((na * sy, nb * sx), dtype=xp.float32)  # tile space, the window at (ty, tx)
+        padded[ty : ty + h, tx : tx + w] = u
+        tiles = padded.reshape(na, sy, nb, sx).transpose(0, 2, 1, 3)
+
+        def cells(sl):
+            buf = xp.zeros((len(wts), sl.stop - sl.start, nb) + tuple(g.fshape), dtype=xp.float32)
+            xp.multiply(tiles[sl], wts, out=buf[..., :sy, :sx])
+            terms = fft.rfft2(buf)
+            terms *= spec[:, sl]
+            return sl, fft.irfft2(terms.sum(axis=0), s=g.fshape, overwrite_x=True)
+
+        results = list(parallel_map(cells, self._uniform_parts(g, u), like=u))
+        out = xp.zeros(((na + 1) * sy, (nb + 1) * sx), dtype=xp.float32)  # index i: window position i - ty - r
+        rows, cols = ([(0, n)] + ([(n, 2 * r)] if r else []) for n in (sy, sx))  # (offset, length): cores, margins
+        for (oy, ly), (ox, lx) in ((a, b) for a in rows for b in cols):
+            for sl, res in results:  # pass by pass, whatever the bands: the same order of sums
+                a0, a1 = sl.start, sl.stop
+                view = out[oy + a0 * sy : oy + a1 * sy, ox : ox + nb * sx].reshape(a1 - a0, sy, nb, sx)
+                view[:, :ly, :, :lx] += res[:, :, oy : oy + ly, ox : ox + lx].transpose(0, 2, 1, 3)
+        return out[ty + r : ty + r + h, tx + r : tx + r + w]
+
+    def _adjoint_uniform(self, v, g, xp, fft):
+        """:meth:`_adjoint` on equal cells: the tiles (each with its margins) one strided view of the
+        padded data, the terms one batched inverse 2-D FFT, the cells written back through one view."""
+        (h, w), r, (sy, sx) = v.shape, self.halo, g.uniform
+        na, nb, ty, tx = len(g.ys), len(g.xs), -int(g.ys[0]), -int(g.xs[0])
+        spec, wts = self._uniform_arrays(g, xp, conj=True)
+        vpad = xp.zeros((na * sy + 2 * r, nb * sx + 2 * r), dtype=xp.float32)  # index j: position j - ty - r
+        vpad[ty + r : ty + r + h, tx + r : tx + r + w] = v
+        e = vpad.itemsize
+        view = xp.lib.stride_tricks.as_strided(vpad, shape=(na, nb, sy + 2 * r, sx + 2 * r),
+                                               strides=(sy * vpad.shape[1] * e, sx * e, vpad.shape[1] * e, e))
+        out = xp.empty((na, sy, nb, sx), dtype=xp.float32)
+
+        def cells(sl):
+            tiles = xp.zeros((sl.stop - sl.start, nb) + tuple(g.fshape), dtype=xp.float32)
+            tiles[..., : sy + 2 * r, : sx + 2 * r] = view[sl]
+            terms = fft.irfft2(fft.rfft2(tiles) * spec[:, sl], s=g.fshape, overwrite_x=True)[..., :sy, :sx]
+            terms *= wts
+            out[sl] = terms.sum(axis=0).transpose(0, 2, 1, 3)
+
+        for _ in parallel_map(cells, self._uniform_parts(g, v), like=v):
+            pass
+        return out.reshape(na * sy, nb * sx)[ty : ty + h, tx : tx + w]
+
     def _items(self, groups, xp, conj, parts):
         """Work items of the cell groups: (group, slice of its cell rows, weights, spectra). For
         ``parts`` threads, groups of several cell rows are cut in parts so that the threads share the work."""
@@ -616,7 +748,9 @@ class ProductConvolution:
         xp, fft = array_module(v), fft_module(v)
         h, w = v.shape
         r = self.halo
-        groups = self._plan()
+        groups = self._plan(xp)
+        if groups[0].uniform:
+            return self._adjoint_uniform(v, groups[0], xp, fft)
         if groups[0].single:
             g = groups[0]
             V = fft.rfft2(v, s=g.fshape)

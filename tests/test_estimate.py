@@ -509,6 +509,19 @@ def test_a_model_object_pickles_for_dask_workers():
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_predict_puts_a_network_in_training_mode_back_in_eval_mode():
+    # predict calls eval() only when needed (it walks every module): a network left in training
+    # mode (batch statistics, dropout) must still be switched.
+    m = lsfov.load_model("G1")
+    x = np.random.default_rng(0).random((4, 128, 128)).astype(np.float32)
+    ref = m.predict(x)
+    m.net.train()
+    again = m.predict(x)
+    assert not m.net.training
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], again[k])
+
+
 def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path):
     """A list of sets trains exactly as the one set they make end to end: the same batches (a block
     of 512 rows straddles the join), the same weights; a set on disk is read a block at a time; sets

@@ -261,6 +261,64 @@ def test_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
         np.testing.assert_array_equal(a, b)
 
 
+def _uniform(op):
+    """The same operator cut into equal cells (as on a GPU), on NumPy arrays."""
+    u = op._view(op.window, op.periodic)
+    u.uniform_cells = True
+    return u
+
+
+@pytest.mark.parametrize("case", [
+    (8, 8, 31, (512, 512), None),  # TV-RL's field extension: windows start before the image
+    (8, 8, 31, (512, 512), (-15, -15, 542, 542)),
+    (4, 3, 15, (400, 300), (37, 51, 123, 170)),  # a block inside: cells cut by the window
+    (4, 4, 9, (256, 256), (-100, 50, 300, 120)),  # far beyond the image, fewer cells than nodes
+    (3, 5, 21, (300, 500), None),
+    (4, 4, 15, (300, 260), (-7, -7, 314, 274)),  # unequal spacings along y and x
+    (3, 3, 1, (90, 90), None),  # no margins
+])
+def test_uniform_cells_give_the_operator_of_the_cells_by_fft_length(case, rng):
+    gy, gx, k, shape, window = case
+    op = _grid_op(gy, gx, k, shape)
+    op = op.restrict(window[:2], window[2:]) if window else op
+    uni = _uniform(op)
+    assert uni._plan()[0].uniform and not op._plan()[0].uniform  # NumPy's default: by FFT length
+    u = rng.random(op.domain_shape).astype(np.float32)
+    v = rng.random(op.domain_shape).astype(np.float32)
+    a, b = uni.apply(u), uni.adjoint(v)
+    assert np.abs(a - op.apply(u)).max() < 3e-6 * np.abs(a).max()
+    assert np.abs(b - op.adjoint(v)).max() < 3e-6 * np.abs(b).max()
+    assert np.vdot(a.astype(np.float64), v) == pytest.approx(np.vdot(u.astype(np.float64), b), rel=1e-6)
+
+
+def test_uniform_cells_only_for_equally_spaced_whole_pixel_nodes_and_within_the_area_limit():
+    op = _grid_op(8, 8, 31, (2304, 2304))
+    assert op._uniform_cells(op._cells(), limit=1.5) is not None  # 9x9 tiles of 320²: 1.27x the area
+    assert op._uniform_cells(op._cells(), limit=1.2) is None
+    assert _uniform(OPS["grid-uneven"]())._plan()[0].uniform is None  # unequal spacings
+    assert _uniform(_grid_op(3, 3, 15, (100, 100)))._plan()[0].uniform is None  # spacing 33.3 px
+    assert _uniform(_grid_op(4, 4, 31, (100, 100)))._plan()[0].uniform is None  # spacing 25 < 30 (2 r)
+
+
+def test_uniform_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
+    # The overlap-add runs pass by pass over all bands: the order of the sums does not follow the bands.
+    import threading
+
+    from lsfov import _backend
+
+    op = _uniform(_grid_op(4, 4, 15, (300, 260)).restrict((-7, -7), (314, 274)))
+    u = rng.random(op.domain_shape).astype(np.float32)
+    if _backend.threads_for(u) < 2:
+        pytest.skip("one core (or LSFOV_FFT_WORKERS=1): no pool to compare with")
+    main = op.apply(u), op.adjoint(u)
+    other = {}
+    t = threading.Thread(target=lambda: other.update(res=(op.apply(u), op.adjoint(u))))
+    t.start()
+    t.join()
+    for a, b in zip(main, other["res"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_graph_runs_replays_after_one_eager_run_and_falls_back_when_capture_fails(monkeypatch, caplog):
     """The CUDA-graph loop's order of events, on a stand-in for CuPy (CI has no GPU; tests/test_gpu.py
     runs the real one): one eager run, one captured (not run), n - 1 replays ordered after the eager

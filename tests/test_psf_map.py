@@ -202,6 +202,22 @@ def test_a_model_file_replaced_mid_map_stops_the_run(blurred, tmp_path, monkeypa
     assert ds.attrs["model"] == "Z3" and ds.sizes == {"gy": 6, "gx": 5}
 
 
+def test_maps_of_one_grid_share_read_only_coordinates_that_edits_do_not_reach(blurred):
+    # A map's node coordinates are made once per grid (lsfov.estimate.mapping._coords).
+    img, _ = blurred
+    a = lsfov.estimate_psf_map(img, "Z3", stride=128)
+    with pytest.raises(ValueError):
+        a["gy"].values[0] = 0.0
+    a["gy"].attrs["units"] = "edited"
+    a = a.assign_coords(gy=a["gy"] * 2)
+    b = lsfov.estimate_psf_map(img, "Z3", stride=128)
+    np.testing.assert_array_equal(b["gy"].values, 63.5 + 128 * np.arange(3))
+    assert b["gy"].attrs == {"units": "pixel", "step": 128.0}
+    c = lsfov.estimate_psf_map(img, "Z3", stride=128, pixel_um=0.2)
+    np.testing.assert_allclose(c["gx"].values, 0.2 * (63.5 + 128 * np.arange(3)))
+    assert c["gx"].attrs == {"units": "micrometer", "step": pytest.approx(25.6)}
+
+
 def test_pixel_size_read_from_micrometre_coordinates(blurred):
     """An xarray image whose coordinates are in µm (no pixel_um attribute, other dim names) maps in
     µm: the pixel size is the coordinates' spacing, in any length unit."""

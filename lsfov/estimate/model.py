@@ -125,6 +125,11 @@ def encode(m, params) -> np.ndarray:
     return (v[:, :, None] * v[:, None, :])[:, iu[0], iu[1]]
 
 
+@functools.lru_cache(maxsize=8)
+def _triu(d: int):
+    return np.triu_indices(d)
+
+
 def decode(m, targets) -> np.ndarray:
     """Regression outputs (B, n_targets(m)) -> model parameters (B, N), clipped to the ranges."""
     t = np.atleast_2d(np.asarray(targets, dtype=np.float64))
@@ -132,7 +137,7 @@ def decode(m, targets) -> np.ndarray:
     if not _astigmatic(m):
         return np.clip(m.denormalize(t), lo, hi)
     d = len(_scales(m))
-    iu = np.triu_indices(d)
+    iu = _triu(d)
     mat = np.zeros((len(t), d, d))
     mat[:, iu[0], iu[1]] = t
     mat[:, iu[1], iu[0]] = t
@@ -320,7 +325,8 @@ class PSFRegressor:
         one transfer. ``fixed``: every pass on exactly ``batch_size`` patches, the last padded with
         zeros. On CUDA, passes of ``batch_size`` patches replay a CUDA graph (one launch instead of
         one per layer)."""
-        self.net.eval()
+        if self.net.training:  # eval() walks every module: ~0.1 ms, on a GPU a good part of a small map
+            self.net.eval()
 
         def one(s):
             with torch.inference_mode():  # thread-local: entered in each thread
