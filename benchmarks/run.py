@@ -544,16 +544,19 @@ def section_cnn(a):
     if gpu_file.exists():
         doc = json.loads(gpu_file.read_text())
         st = doc["stages"]
-        lines += ["", f"GPU training stages (`benchmarks/gpu.sh`, {st[0]['gpu']}, {st[0]['machine']}, {st[0]['date']}): "
-                  "each continued from the shipped weights on a fresh set synthesized "
-                  + (f"with its blur and noise on {st[0]['synthesis_device']}" if st[0].get("synthesis_device") else
-                     f"by {st[0]['synthesis_workers']} processes")
-                  + "; test R² measured here before and after, a stage kept only "
-                  "if it improved.", "",
-                  "| model | recipe | training patches x epochs | synthesis | training | patches/s | test R² before -> after | kept |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
-        lines += [f"| {r['model']} | `{r['recipe']}` | {r['n_train']} x {r['epochs_run']} | "
-                  + (f"{r['synthesis_seconds']:.0f} s" if r.get("synthesis_seconds") is not None else "reused set") + " | "
+        lines += ["", f"GPU training stages ({st[0]['gpu']}, {st[0]['machine']}; `benchmarks/gpu.sh` or "
+                  "`benchmarks/train_models.py` by hand): each on a fresh set, its blur and noise made by CPU processes "
+                  "or on the GPU; test R² measured here before and after, a stage kept only if it improved.", "",
+                  "| date | model | recipe | training patches x epochs | synthesis | training | patches/s | "
+                  "test R² before -> after | kept |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+
+        def synthesis(r):
+            if r.get("synthesis_seconds") is None:
+                return "reused set"
+            how = "GPU" if r.get("synthesis_device") else f"{r['synthesis_workers']} processes"
+            return f"{r['synthesis_seconds']:.0f} s ({how})"
+
+        lines += [f"| {r['date']} | {r['model']} | `{r['recipe']}` | {r['n_train']} x {r['epochs_run']} | {synthesis(r)} | "
                   f"{r['seconds']:.0f} s | {r['patches_per_second']:.0f} | {r['test_r2_before']:.3f} -> {r['test_r2_after']:.3f} | "
                   f"{'yes' if r['kept'] else 'no'} |" for r in st]
     torch.set_num_threads(os.cpu_count())
