@@ -65,6 +65,13 @@ def _window(op, kind):
     raise ValueError(kind)
 
 
+def _uniform(op):
+    """The same operator cut into equal cells (as on a GPU), on NumPy arrays."""
+    u = op._view(op.window, op.periodic)
+    u.uniform_cells = True
+    return u
+
+
 @pytest.mark.parametrize("window", ["whole", "extended-periodic", "interior", "periodic-y"])
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_adjointness(name, window, rng):
@@ -241,15 +248,19 @@ def test_bad_input():
         op.apply(np.ones((40, 50)))
 
 
-def test_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
+@pytest.mark.parametrize("equal_cells", [False, True])
+def test_cells_on_threads_give_the_bits_of_the_serial_loop(equal_cells, rng):
     # From the main thread the cell groups run on lsfov's pool (FFTs one thread each); from any
-    # other thread (a Dask task) serially with multi-threaded FFTs. Same bits either way.
+    # other thread (a Dask task) serially with multi-threaded FFTs. Same bits either way. Equal
+    # cells overlap-add pass by pass over all bands: the order of the sums does not follow the bands.
     import threading
 
     from lsfov import _backend
 
     op = _grid_op(4, 4, shape=(300, 260))
-    u = rng.random(op.shape).astype(np.float32)
+    if equal_cells:
+        op = _uniform(op.restrict((-7, -7), (314, 274)))
+    u = rng.random(op.domain_shape).astype(np.float32)
     if _backend.threads_for(u) < 2:
         pytest.skip("one core (or LSFOV_FFT_WORKERS=1): no pool to compare with")
     main = op.apply(u), op.adjoint(u)
@@ -259,13 +270,6 @@ def test_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
     t.join()
     for a, b in zip(main, other["res"]):
         np.testing.assert_array_equal(a, b)
-
-
-def _uniform(op):
-    """The same operator cut into equal cells (as on a GPU), on NumPy arrays."""
-    u = op._view(op.window, op.periodic)
-    u.uniform_cells = True
-    return u
 
 
 @pytest.mark.parametrize("case", [
@@ -298,25 +302,6 @@ def test_uniform_cells_only_for_equally_spaced_whole_pixel_nodes_and_within_the_
     assert _uniform(OPS["grid-uneven"]())._plan()[0].uniform is None  # unequal spacings
     assert _uniform(_grid_op(3, 3, 15, (100, 100)))._plan()[0].uniform is None  # spacing 33.3 px
     assert _uniform(_grid_op(4, 4, 31, (100, 100)))._plan()[0].uniform is None  # spacing 25 < 30 (2 r)
-
-
-def test_uniform_cells_on_threads_give_the_bits_of_the_serial_loop(rng):
-    # The overlap-add runs pass by pass over all bands: the order of the sums does not follow the bands.
-    import threading
-
-    from lsfov import _backend
-
-    op = _uniform(_grid_op(4, 4, 15, (300, 260)).restrict((-7, -7), (314, 274)))
-    u = rng.random(op.domain_shape).astype(np.float32)
-    if _backend.threads_for(u) < 2:
-        pytest.skip("one core (or LSFOV_FFT_WORKERS=1): no pool to compare with")
-    main = op.apply(u), op.adjoint(u)
-    other = {}
-    t = threading.Thread(target=lambda: other.update(res=(op.apply(u), op.adjoint(u))))
-    t.start()
-    t.join()
-    for a, b in zip(main, other["res"]):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_graph_runs_replays_after_one_eager_run_and_falls_back_when_capture_fails(monkeypatch, caplog):
