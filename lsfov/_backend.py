@@ -185,7 +185,7 @@ def graph_runs(step, n: int, like):
     On CuPy arrays (``like``; None or NumPy: every run eager) the first run is eager (it compiles
     the kernels, makes the cuFFT plans and fills the operators' caches) and the others replay one
     CUDA graph captured from a second call: one launch per run instead of one per kernel (a TV-RL
-    iteration on an 8x8 grid launches about 1 800). ``step`` must work in place on arrays made
+    iteration launches a hundred or more). ``step`` must work in place on arrays made
     before it, synchronise nothing with the host and do the same work every run. Its temporaries
     come from a memory pool of its own that only the graph uses, kept until the replays are done.
     Where capture fails, or with ``CUDA_GRAPHS`` off, every run is eager (the failure is logged).

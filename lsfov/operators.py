@@ -131,14 +131,19 @@ class _Group:
     # Grid form: the terms are the product of ny row weights and nx column weights (row-major), whose
     # factors depend on y only and on x only. The FFT is then split into its passes (see _sep_forward).
     sep: tuple | None = None  # (ny, nx)
-    # Uniform cells (see _uniform_cells): every tile (sy, sx) pixels, tile (a, b) starting at window
-    # position (ys[0] + a sy, xs[0] + b sx); gathers and overlap-adds are then a few strided views.
-    uniform: tuple | None = None  # (sy, sx)
-    weights: np.ndarray | None = None  # uniform cells: each term's weight on a cell, the same on all (T, sy, sx)
+    # Equal cells (see _uniform_cells): each term's weight on a cell, the same on all (T, sy, sx); tile
+    # (a, b) starts at window position (ys[0] + a sy, xs[0] + b sx), so gathers and overlap-adds are
+    # a few strided views.
+    weights: np.ndarray | None = None
 
     @property
     def tile(self):
         return int(self.yl.max()), int(self.xl.max())
+
+    @property
+    def uniform(self):
+        """Equal cells: their size (sy, sx); else None."""
+        return self.tile if self.weights is not None else None
 
 
 class _SpectraCache:
@@ -564,8 +569,7 @@ class ProductConvolution:
         pairs = [(wy[:, None] * wx[None, :], ny[:, None] * gx + nx[None, :])
                  for wy, ny in ((wly, lo_y), (why, hi_y)) for wx, nx in ((wlx, lo_x), (whx, hi_x))]
         return [_Group(ty + sy * np.arange(na), np.full(na, sy), tx + sx * np.arange(nb), np.full(nb, sx), fshape,
-                       [(None, ids) for _, ids in pairs], uniform=(sy, sx),
-                       weights=np.stack([wt for wt, _ in pairs]).astype(np.float32))]
+                       [(None, ids) for _, ids in pairs], weights=np.stack([wt for wt, _ in pairs]).astype(np.float32))]
 
     def _single_fshape(self, h, w):
         # Centred kernels: r pixels of zero padding suffice; a periodic window needs none.
@@ -688,7 +692,7 @@ class ProductConvolution:
         ``F(w_t . tile)`` one batched 2-D FFT, and the overlap-add four strided passes (cores, then the
         bottom, right and corner margins of all tiles: within a pass no two tiles meet, as the
         margins, 2r, are at most a cell)."""
-        (h, w), r, (sy, sx) = u.shape, self.halo, g.uniform
+        (h, w), r, (sy, sx) = u.shape, self.halo, g.tile
         na, nb, ty, tx = len(g.ys), len(g.xs), -int(g.ys[0]), -int(g.xs[0])
         spec, wts = self._uniform_arrays(g, xp, conj=False)
         padded = xp.zeros((na * sy, nb * sx), dtype=xp.float32)  # tile space, the window at (ty, tx)
@@ -715,7 +719,7 @@ class ProductConvolution:
     def _adjoint_uniform(self, v, g, xp, fft):
         """:meth:`_adjoint` on equal cells: the tiles (each with its margins) one strided view of the
         padded data, the terms one batched inverse 2-D FFT, the cells written back through one view."""
-        (h, w), r, (sy, sx) = v.shape, self.halo, g.uniform
+        (h, w), r, (sy, sx) = v.shape, self.halo, g.tile
         na, nb, ty, tx = len(g.ys), len(g.xs), -int(g.ys[0]), -int(g.xs[0])
         spec, wts = self._uniform_arrays(g, xp, conj=True)
         vpad = xp.zeros((na * sy + 2 * r, nb * sx + 2 * r), dtype=xp.float32)  # index j: position j - ty - r
