@@ -3,9 +3,10 @@
 # with TRAIN=1, a GPU training stage of the shipped CNN models (continued from the shipped weights
 # on fresh data; on an H200 in 2026-11 such a stage raised Z1's test R² by 0.003 and no other's).
 #
-#   [TRAIN=1|compare] bash benchmarks/gpu.sh OUTDIR [SECONDS]
+#   [CHECKS=0] [TRAIN=1|compare|stream] bash benchmarks/gpu.sh OUTDIR [SECONDS]
 #
-# TRAIN=compare instead trains Z3 from scratch twice on the same fresh set, the paper's ResNet-34
+# TRAIN=stream trains Z3 on patches made on the GPU as they are needed (below); CHECKS=0 skips the
+# tests and benchmarks. TRAIN=compare instead trains Z3 from scratch twice on the same fresh set, the paper's ResNet-34
 # (21 M parameters) and the shipped spectral network (1.6 M), for the same time each: whether a
 # larger network pays, which continuing, averaging or specialising the shipped one no longer does
 # (README, "Accuracy of the shipped models"). Both land in OUTDIR (Z3-ARCH.tar), none is shipped.
@@ -37,12 +38,33 @@ start=$SECONDS
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 | tee "$out/gpu.log"
 $PY -c "import torch, cupy; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| cupy', cupy.__version__)" 2>&1 | tee -a "$out/gpu.log"
 
-echo "=== GPU tests" | tee -a "$out/gpu.log"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tail -25 | tee -a "$out/gpu.log"
+if [[ ${CHECKS:-1} == 1 ]]; then
+    echo "=== GPU tests" | tee -a "$out/gpu.log"
+    timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tail -25 | tee -a "$out/gpu.log"
 
-echo "=== gpu benchmark section" | tee -a "$out/gpu.log"
-timeout 240 $PY benchmarks/run.py gpu --iterations 10 2>&1 | tail -60 | tee -a "$out/gpu.log"
-cp benchmarks/RESULTS.md "$out/RESULTS.md"
+    echo "=== gpu benchmark section" | tee -a "$out/gpu.log"
+    timeout 240 $PY benchmarks/run.py gpu --iterations 10 2>&1 | tail -60 | tee -a "$out/gpu.log"
+    cp benchmarks/RESULTS.md "$out/RESULTS.md"
+fi
+
+if [[ ${TRAIN:-0} == stream ]]; then
+    # Z3 on patches made on the GPU as they are needed (lsfov.estimate.stream), 192 images per
+    # procedural source: (1) the polar tail over the shipped fixed trunk, (2) then the whole
+    # network at a low rate. Each stage lands in OUTDIR (Z3-tail.tar, Z3-whole.tar), none shipped.
+    each=$(( (deadline - (SECONDS - start) - 10) / 2 ))
+    init=Z3
+    for stage in "tail --freeze --arch polar --batch-size 1024 --lr 2e-4 --seed 61" "whole --batch-size 256 --lr 3e-5 --seed 62"; do
+        set -- $stage
+        name=$1; shift
+        echo "=== Z3 $name on a stream at $((SECONDS - start)) s, $each s" | tee -a "$out/train.log"
+        timeout "$each" $PY benchmarks/train_models.py Z3 --init "$init" "$@" --stream 100000000 --procedural "${PROCEDURAL:-192}" \
+            --workers 15 --minutes "$(awk "BEGIN {print ($each - 90) / 60}")" --photons 500 5000 --no-measure 2>&1 \
+            | tr '\r' '\n' | grep -v '^\s*$' | tail -3 | tee -a "$out/train.log" \
+            && tar cf "$out/Z3-$name.tar" -C lsfov/models Z3.pt Z3.json && cp lsfov/models/Z3.pt /tmp/Z3-$name.pt \
+            && init=/tmp/Z3-$name.pt
+    done
+    exit 0
+fi
 
 if [[ ${TRAIN:-0} == compare ]]; then
     each=$(( (deadline - (SECONDS - start) - 20) / 2 ))  # seconds per network: synthesis, training, one epoch over

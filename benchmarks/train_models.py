@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from lsfov.estimate import model as _model
+from lsfov.estimate import stream
 from lsfov.estimate import synth
 from lsfov.estimate import training as train
 
@@ -107,6 +108,10 @@ def main():
     ap.add_argument("--synth-device", default=None,
                     help="torch device for the training set's blur and noise (cuda: one process outruns 15 CPU ones)")
     ap.add_argument("--batch-size", type=int, default=64, help="patches per step (the shipped models: 64)")
+    ap.add_argument("--stream", type=int, default=None, metavar="N",
+                    help="train on N patches made on the fly on --synth-device (lsfov.estimate.stream), no set")
+    ap.add_argument("--procedural", type=int, default=6,
+                    help="with --stream: images per procedural source in the library [6, as synthesize]")
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = True  # fixed patch and batch shapes: let cuDNN pick its fastest kernels
     for name in a.models:
@@ -122,19 +127,27 @@ def main():
         photons = tuple(a.photons or synth.PHOTONS)
         store = None if a.store is None else Path(a.store) / f"{name}-seed{a.seed}-{n}-{photons[0]:g}-{photons[1]:g}.zarr"
         reused = store is not None and store.exists()
-        if reused:  # written atomically: complete, and seeded
-            data = store
-        else:
-            data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, workers=a.workers,
-                                    device=a.synth_device, progress=True, out=store)
-        test = None if a.no_measure else _test_set(name, a.test)
-        t_synth = time.perf_counter() - t
-        ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
         init = _model.load_model(a.init, psf_model=name) if a.init else None
-        sets = [*a.more_data, data] if a.more_data else data
-        reg = train.train(sets, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
-                          checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, freeze=a.freeze, patience=a.patience,
-                          resume=_resumable(ck))
+        if a.stream:  # no set: every batch made on the device as it is needed
+            test = None if a.no_measure else _test_set(name, a.test)
+            st = stream.PatchStream(name, device=a.synth_device, seed=a.seed, n_procedural=a.procedural, photons=photons,
+                                    workers=a.workers)
+            t_synth = time.perf_counter() - t
+            reg = stream.train_stream(st, arch=a.arch, init=init, freeze=a.freeze, patches=a.stream,
+                                      batch_size=a.batch_size, lr=a.lr or 3e-4, max_minutes=a.minutes)
+        else:
+            if reused:  # written atomically: complete, and seeded
+                data = store
+            else:
+                data = synth.synthesize(n, name, split="train", seed=a.seed, photons=photons, workers=a.workers,
+                                        device=a.synth_device, progress=True, out=store)
+            test = None if a.no_measure else _test_set(name, a.test)
+            t_synth = time.perf_counter() - t
+            ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
+            sets = [*a.more_data, data] if a.more_data else data
+            reg = train.train(sets, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
+                              checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, freeze=a.freeze,
+                              patience=a.patience, resume=_resumable(ck))
         if test is not None:
             _measure(reg, test)
         # A set reused from --store was synthesized by an earlier run: its time is not this run's.
@@ -155,7 +168,8 @@ def main():
             "patches), tested on images never seen in training.")
         if init is not None:  # train() recorded the starting model's training; add what it was
             reg.meta["training"]["init"]["description"] = init.meta.get("description")
-            fresh = f"a fresh set (seed {a.seed})" + (f" and {', '.join(reg.meta['training']['more_data'])}"
+            fresh = (f"{reg.meta['training']['n_train']} patches made as they were needed (seed {a.seed}, "
+                     f"{a.procedural} images per procedural source)") if a.stream else f"a fresh set (seed {a.seed})" + (f" and {', '.join(reg.meta['training']['more_data'])}"
                                                       if a.more_data else "")
             how = f"Its tail trained on {fresh} over the fixed trunk of" if a.freeze else f"Continued on {fresh} from"
             reg.meta["description"] += f" {how}: {init.meta.get('description')}"

@@ -202,7 +202,8 @@ def info(path):
 
         cal = DepthCalibration.load(path)
         click.echo(f"{path}: depth calibration from {cal.n_nodes} nodes: {_describe_calibration(cal)}; fit R² "
-                   f"{cal.r2:.3f}, MAE {cal.mae_um:.3g} µm; smoothing σ {cal.smooth:g} nodes")
+                   f"{cal.r2:.3f}, MAE {cal.mae_um:.3g} µm; smoothing σ {cal.smooth:g} nodes"
+                   + (" (robust)" if cal.robust and cal.smooth else ""))
     elif suffix == ".pt" or (not suffix and path.upper() in MODELS):
         from .estimate.model import load_model
 
@@ -705,7 +706,11 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.argument("out", type=click.Path(), required=False)
 @click.option("--synthesize", "n_synth", type=int, default=None, metavar="N",
               help="Write a training set of N patches to DATA instead of training.")
-@click.option("--psf-model", default="Z3", show_default=True, help="PSF model of a synthesized set (G1 G2 Z1 Z2 Z3).")
+@click.option("--stream", "n_stream", type=int, default=None, metavar="N",
+              help="Train on N patches made as they are needed on --device, no set on disk (a GPU makes them far "
+                   "faster than a set is read); DATA is then the model file to write.")
+@click.option("--psf-model", default="Z3", show_default=True,
+              help="PSF model of a synthesized set or a stream (G1 G2 Z1 Z2 Z3).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Source images of a synthesized set (test: images never used for training).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -718,6 +723,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="Adam learning rate [chosen on the validation split].")
 @click.option("--patience", type=int, default=4, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--minutes", type=float, default=None, help="Stop training after about this many minutes.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--device", default=None,
@@ -733,8 +739,8 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
                    "DATA's last rows).")
 @_overwrite_option
 @click.pass_obj
-def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs, batch_size, lr, patience, checkpoint,
-          resume, device, init, freeze, test_path, more, overwrite):
+def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, arch, epochs, batch_size, lr, patience,
+          minutes, checkpoint, resume, device, init, freeze, test_path, more, overwrite):
     """Train a PSF-parameter CNN on DATA and write it to OUT (.pt), or synthesize DATA.
 
     \b
@@ -744,12 +750,15 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
       lsfov train z3-train.zarr z3.pt --init Z3     # start from the shipped weights
       lsfov train z3-train.zarr z3.pt --init my-spectral-z3.pt --arch polar --freeze
       lsfov train z3-fresh.zarr z3.pt --more-data z3-train.zarr --init Z3 --freeze
+      lsfov train --stream 20000000 z3.pt --init Z3 --freeze --batch-size 1024 --device cuda
     """
     from .estimate import evaluate as _evaluate
     from .estimate import synthesize
     from .estimate import train as _train
 
     progress = not obj["quiet"]
+    if n_synth is not None and n_stream is not None:
+        raise ValueError("--synthesize writes a training set and --stream trains without one: give one of them")
     if n_synth is not None:
         if out is not None or more:
             raise ValueError("with --synthesize give only the output training set (DATA)")
@@ -758,20 +767,33 @@ def train(obj, data, out, n_synth, psf_model, split, seed, workers, arch, epochs
                    device=device, progress=progress)
         log.info(f"wrote {n_synth} {psf_model.upper()} patches to {data} in {time.perf_counter() - t:.0f} s")
         return
-    if out is None:
+    if n_stream is not None:
+        if out is not None or more or resume or checkpoint:
+            raise ValueError("with --stream give only the model file to write (DATA): a stream has no set, "
+                             "--more-data, checkpoints or --resume")
+        data, out = None, data
+    elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
     out = _check_out(out, overwrite, result=False)  # a .pt file
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
-    ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
-    model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                   patience=patience, checkpoint=ckpt, resume=resume, device=device, seed=seed, init=init,
-                   freeze=freeze, overwrite=overwrite, progress=progress)
+    if n_stream is not None:
+        from .estimate.stream import PatchStream, train_stream
+
+        ckpt = None
+        stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
+        model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream, batch_size=batch_size,
+                             lr=3e-4 if lr is None else lr, max_minutes=minutes, seed=seed, progress=progress)
+    else:
+        ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
+        model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                       patience=patience, checkpoint=ckpt, resume=resume, device=device, seed=seed, init=init,
+                       freeze=freeze, max_minutes=minutes, overwrite=overwrite, progress=progress)
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])
     model.save(out, overwrite=overwrite)
-    log.info(f"wrote {out} (checkpoints in {ckpt})")
+    log.info(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt else f" ({model.meta['training']['n_train']} patches)"))
 
 
 def _print_scores(res):

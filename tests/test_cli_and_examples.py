@@ -311,6 +311,18 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "add --robustness" in run("evaluate", "G1", "te.zarr", "--figure", "f.png", ok=False).output
 
 
+def test_cli_train_on_a_stream(run, tmp_path):
+    run("-q", "train", "--synthesize", 32, "--psf-model", "G1", "--split", "test", "te.zarr")
+    res = run("train", "--stream", 64, "--psf-model", "G1", "--arch", "compact", "--batch-size", 16, "--test", "te.zarr",
+              "s.pt")
+    assert "R² (" in res.output
+    tr = lsfov.load_model(tmp_path / "s.pt").meta["training"]
+    assert tr["data"]["stream"] and tr["n_train"] == 64 and tr["steps"] == 4
+    assert "already exists" in run("train", "--stream", 64, "s.pt", ok=False).output
+    assert "give one of them" in run("train", "--stream", 64, "--synthesize", 8, "x.zarr", ok=False).output
+    assert "only the model file" in run("train", "--stream", 64, "a.pt", "b.pt", ok=False).output
+
+
 def test_cli_calibrate_operator_and_subspace(run, tmp_path):
     from lsfov import simulate
     from lsfov.calibrate import OperatorSubspace, operator_distance

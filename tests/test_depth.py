@@ -157,7 +157,28 @@ def test_smoothing_leaves_out_the_nodes_the_calibration_left_out():
     np.testing.assert_allclose(estimate_depth(ds, cal).values, truth, atol=1e-3)
     restored = DepthCalibration(**cal.to_dict())
     np.testing.assert_array_equal(estimate_depth(ds, restored).values, estimate_depth(ds, cal).values)
-    assert np.abs(estimate_depth(ds, DepthCalibration(**{**cal.to_dict(), "min_validity": 0.5})).values - truth).max() > 0.1
+    counted = DepthCalibration(**{**cal.to_dict(), "min_validity": 0.5})  # the bad nodes weigh in the smoothing
+    assert np.abs(estimate_depth(ds, counted, robust=False).values - truth).max() > 0.1
+    # Robust smoothing (the default) stops two wrong nodes among good ones from pulling the plane.
+    assert cal.robust and np.abs(estimate_depth(ds, counted).values - truth).max() < 1e-3
+
+
+def test_robust_local_plane_ignores_outlying_nodes():
+    rng = np.random.default_rng(3)
+    gy, gx = np.mgrid[:15, :17].astype(float)
+    plane = 3 + 0.5 * gy - 0.2 * gx
+    bad = rng.uniform(size=plane.shape) < 0.08
+    v = plane + np.where(bad, rng.choice([-4.0, 4.0], plane.shape), 0.0)
+    plain, robust = local_plane(v, 1.0, 2.0), local_plane(v, 1.0, 2.0, robust=True)
+    assert np.abs(plain - plane).max() > 0.3
+    np.testing.assert_allclose(robust, plane, atol=1e-6)  # every node, the outliers' own included
+    noisy = plane + rng.normal(0, 1, plane.shape)  # Gaussian noise: about the plain fit (95 % efficiency)
+    err = [np.abs(local_plane(noisy, 1.0, 2.0, robust=r) - plane).mean() for r in (False, True)]
+    assert err[1] < 1.15 * err[0]
+    np.testing.assert_array_equal(local_plane(v, 1.0, 0, robust=True), v)
+    both = local_plane(np.stack([v, 10 * v]), 1.0, 2.0, robust=True)  # each grid its own scale
+    np.testing.assert_allclose(both[1], 10 * plane, atol=1e-5)
+    assert DepthCalibration(axis0=1.0, slope=1.0, offset=0.0, r2=1.0, mae_um=0.0, n_nodes=3).robust is False  # old files
 
 
 def test_depth_calibration_saves_and_loads(tmp_path):

@@ -187,6 +187,29 @@ def test_synthesis_on_cuda_has_the_numpy_paths_distribution(device_synthesis_mat
 
 
 @pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+def test_patch_stream_on_cuda_draws_like_the_cpu_and_trains():
+    """lsfov.estimate.stream on the GPU: its PSFs are the model's, its batches have the CPU stream's
+    statistics, and a few training steps run there."""
+    import torch
+
+    from lsfov import psf
+    from lsfov.estimate import stream
+
+    m = psf.get_model("Z3")
+    p = m.sample(64, 0)
+    np.testing.assert_allclose(stream.render_psfs(m, torch.from_numpy(p).cuda()).cpu().numpy(), m.render(p), atol=1e-6)
+    gpu = stream.PatchStream("Z3", device="cuda", seed=3, n_procedural=12, workers=2)
+    x, p, v = gpu(2048)
+    assert x.is_cuda and torch.isfinite(x).all() and p.is_cuda and v.dtype == torch.bool
+    cx, _, cv = stream.PatchStream("Z3", seed=3, n_procedural=12)(2048)
+    assert abs(v.float().mean().item() - cv.float().mean().item()) < 0.04
+    assert x.mean().item() == pytest.approx(cx.mean().item(), rel=0.1)
+    reg = stream.train_stream(gpu, init="Z3", freeze=True, patches=8 * 256, batch_size=256, n_val=512, eval_every=4,
+                              progress=False)
+    assert reg.device.type == "cuda" and len(reg.meta["training"]["history"]) == 3
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
 @pytest.mark.parametrize("form", ["grid", "basis"])
 def test_tv_rl_iterations_replay_a_cuda_graph_with_the_eager_bits(form, monkeypatch, caplog):
     """Whole-array TV-RL on the GPU: after the first iteration the others replay one captured CUDA

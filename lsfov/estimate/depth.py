@@ -22,11 +22,16 @@ range (and 10 % beyond it), so calibrate over the depths you image.
 Each node's estimate is noisy; a sample's surface is smooth over a few patches. ``smooth=σ`` (in
 nodes) replaces the depth by a local plane fitted around each node (Gaussian weights of width σ
 times the validity; first-order normalised convolution): noise averages out while tilts, the
-signal itself, pass unbiased, also at the borders, where a plain Gaussian would flatten them.
+signal itself, pass unbiased, also at the borders, where a plain Gaussian would flatten them. The
+fit is robust (``robust=True``, the default of new calibrations): a few reweighted passes with
+Tukey's biweight stop nodes far off their neighbours' plane, near focus mostly a side of focus read
+wrong, from pulling it (on the narrowest benchmark surface the error fell from 2.2 % to 1.8 % of
+the range).
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +58,7 @@ class DepthCalibration:
     mae_um: float  # mean absolute error on the calibration nodes
     n_nodes: int
     smooth: float = 0.0  # σ in nodes of the local-plane smoothing fitted with (and applied by estimate_depth)
+    robust: bool = False  # that smoothing robust to outlying nodes (calibrations before it: plain)
     min_validity: float = 0.5  # nodes below it weigh nothing in the smoothing, as in the fit
     method: str = "linear"  # files from before the curves are linear
     curves: tuple | None = None  # "curve": ((focus² coefficients), (product coefficients)), wave RMS² per µm^k
@@ -121,7 +127,7 @@ def signed_defocus(psf_map, axis0: float = 3 * np.pi / 4):
     return psf_map["focus"] * np.cos(2 * (psf_map["axis"] - axis0))
 
 
-def local_plane(values, weights, sigma: float):
+def local_plane(values, weights, sigma: float, *, robust: bool = False):
     """Value at each node of the plane fitted to its neighbours by weighted least squares.
 
     Parameters
@@ -130,6 +136,10 @@ def local_plane(values, weights, sigma: float):
         Node values and their weights (>= 0; e.g. the validity, 0 for filled nodes).
     sigma : float
         Width of the Gaussian neighbourhood in nodes (0: ``values`` unchanged).
+    robust : bool
+        Refit three times with each node's weight times Tukey's biweight of its residual (cut-off
+        4.685 times the residuals' scale, their median absolute deviation over the weighted nodes
+        of each grid): a node far off its neighbours' plane stops pulling it.
 
     Returns
     -------
@@ -138,6 +148,26 @@ def local_plane(values, weights, sigma: float):
         plane is returned exactly, whatever the weights; a node whose neighbourhood has no weight
         keeps its value.
     """
+    fit = _plane_fit(values, weights, sigma)
+    if not robust or float(sigma) == 0:
+        return fit
+    v = np.asarray(values, dtype=np.float64)
+    w = np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape)
+    for _ in range(3):
+        r = np.where(w > 0, np.abs(v - fit), np.nan)
+        with warnings.catch_warnings():  # a grid without weighted nodes: no scale, its weights stay
+            warnings.simplefilter("ignore", RuntimeWarning)
+            scale = 1.4826 * np.nanmedian(r, axis=(-2, -1), keepdims=True)
+        u = np.abs(v - fit) / np.where(scale > 0, _TUKEY * scale, np.inf)
+        fit = _plane_fit(v, w * np.where(u < 1, (1 - u * u) ** 2, 0.0), sigma)
+    return fit
+
+
+_TUKEY = 4.685  # Tukey's biweight cut-off in scales: 95 % efficiency on Gaussian residuals
+
+
+def _plane_fit(values, weights, sigma):
+    """:func:`local_plane` without the reweighting."""
     from scipy.ndimage import correlate
 
     v = np.asarray(values, dtype=np.float64)
@@ -185,12 +215,13 @@ def _weights(psf_map, min_validity):
     return w
 
 
-def _smoothed_components(psf_map, sigma, min_validity):
+def _smoothed_components(psf_map, sigma, min_validity, robust=False):
     """The signed defocus for any θ0 is ``cos 2θ0 · c + sin 2θ0 · s`` with ``c, s = focus · (cos, sin) 2 axis``:
     smoothing is linear, so these two are smoothed once."""
     f = np.asarray(psf_map["focus"].values, dtype=np.float64)
     a = np.asarray(psf_map["axis"].values, dtype=np.float64)
-    c, s = local_plane(np.stack([f * np.cos(2 * a), f * np.sin(2 * a)]), _weights(psf_map, min_validity), sigma)
+    c, s = local_plane(np.stack([f * np.cos(2 * a), f * np.sin(2 * a)]), _weights(psf_map, min_validity), sigma,
+                       robust=robust)
     return c, s
 
 
@@ -259,7 +290,7 @@ def _node_values(psf_map, known):
 
 
 def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smooth: float = 0.0,
-                    method: str = "curve", degree: int = 4) -> DepthCalibration:
+                    method: str = "curve", degree: int = 4, robust: bool = True) -> DepthCalibration:
     """Fit the map from the CNN's readings to depth in µm, on an acquisition of known depth.
 
     Parameters
@@ -281,6 +312,8 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     degree : int
         Degree of the curves' polynomials in depth (``"curve"``); at most the number of distinct known
         depths minus 2.
+    robust : bool
+        The smoothing robust to outlying nodes (:func:`local_plane`), stored with ``smooth``.
 
     Returns
     -------
@@ -304,7 +337,9 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         raise ValueError("the known depth is constant: calibrate on a tilted or curved sample")
     zt = z[use]
     # The line (paper 000), on the smoothed signed defocus: the axis θ0 that fits best.
-    c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth if method == "linear" else 0.0, min_validity))
+    robust = bool(robust)
+    c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth if method == "linear" else 0.0, min_validity,
+                                                  robust))
     best = None
     for th in np.linspace(0, np.pi, 360, endpoint=False):
         s = np.cos(2 * th) * c + np.sin(2 * th) * s2
@@ -317,7 +352,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     if slope < 0:  # the same line with the axis turned by π/2
         th, slope = (th + np.pi / 2) % np.pi, -slope
     fields = dict(slope=float(slope), offset=float(offset), n_nodes=int(use.sum()), smooth=float(smooth),
-                  min_validity=float(min_validity), method=method)
+                  robust=robust, min_validity=float(min_validity), method=method)
     if method == "curve":
         levels = len(np.unique(np.round(zt, 6)))
         if levels < 3:
@@ -342,15 +377,16 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     return DepthCalibration(**{**fit.to_dict(), "r2": float(r2), "mae_um": float(np.mean(np.abs(pred - zt)))})
 
 
-def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None):
+def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None,
+                   robust: bool | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
 
     With a calibration: µm from the focal plane, by its method (module docstring). Without: paper
     000 Eq. 14, ``focus (2 axis/π − 1)`` in waves RMS, whose sign follows the depth's for an
     instrument axis near 3π/4 (for one near π/4 it is reversed; calibrate to be sure).
 
-    ``smooth``: σ in nodes of the local-plane smoothing (module docstring); by default the
-    calibration's (0 without a calibration).
+    ``smooth``: σ in nodes of the local-plane smoothing (module docstring), and ``robust`` whether it
+    is robust to outlying nodes; by default the calibration's (0 and plain without a calibration).
     """
     _check_map(psf_map)
     if not isinstance(calibration, (DepthCalibration, dict, type(None))):
@@ -358,6 +394,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
                         f"got {type(calibration).__name__}")
     c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
+    robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
         units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
@@ -368,7 +405,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()
     floor = c.min_validity if c is not None else 0.5
-    z = z.copy(data=local_plane(z.values, _weights(psf_map, floor), sigma))  # σ = 0: unchanged; < 0: refused
+    z = z.copy(data=local_plane(z.values, _weights(psf_map, floor), sigma, robust=robust))  # σ = 0: unchanged
     z = z.astype(np.float32).rename("depth")
     z.attrs = {"units": units, "long_name": "distance from the focal plane"}
     if note:

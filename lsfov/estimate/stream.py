@@ -1,0 +1,350 @@
+"""Training on patches made as they are needed, all on one torch device: no set on disk, every batch fresh.
+
+:func:`~lsfov.estimate.synthesize` makes its crops and PSFs on the host; with ``device="cuda"``
+one host process fed an H200 about 2 300 Z3 patches/s, a third of what the GPU trained on. Here
+every step of paper 000 Sec. II-E-1 runs on the device: the library of sharp images lives there,
+a batch's crops (with their rotations and flips) are one gather, its PSFs one batched matrix
+Fourier transform of the pupil (:func:`lsfov.psf.zernike`'s), its blur one FFT and its noise is
+drawn there. The distribution is :func:`synthesize`'s (tested piece by piece against it); the
+bytes are not.
+
+:class:`PatchStream` makes the batches; :func:`train_stream` trains a network on them for a
+number of patches or minutes, keeping the weights of the best validation R².
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+
+from .. import psf as _psf
+from .._validate import positive_int, real_number
+from .synth import PATCH, PHOTONS, SOURCES, _check_sources, _range, _skimage, _GENERATORS, _SKIMAGE_SPLIT
+
+__all__ = ["PatchStream", "train_stream"]
+
+_BASE_PROCEDURAL = 6  # images per procedural source in synth.library: the mix of sources is kept at any count
+
+
+def _d4_grids(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column maps (8, S, S) of the 8 symmetries of the square: crop[i, j] = image[y0 + R, x0 + C]."""
+    i = torch.arange(size, device=device)
+    ii, jj = torch.meshgrid(i, i, indexing="ij")
+    rows, cols = [], []
+    for t in (False, True):
+        for fy in (False, True):
+            for fx in (False, True):
+                r = size - 1 - ii if fy else ii
+                c = size - 1 - jj if fx else jj
+                rows.append(c if t else r)
+                cols.append(r if t else c)
+    return torch.stack(rows), torch.stack(cols)
+
+
+def render_psfs(m, params: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """PSFs (B, K, K) of model ``m`` for parameters (B, N) on their device: pupil models through
+    the same matrix Fourier transform as :func:`lsfov.psf.zernike`, Gaussian ones on the host."""
+    size = m.size if size is None else size
+    dev = params.device
+    if m._kind != "zernike":
+        return torch.from_numpy(m.render(params.double().cpu().numpy(), size=size)).to(dev)
+    p = dict(zip(m.params, params.T.double()))
+    coeffs = {}
+    if "focus" in p:
+        coeffs[4] = p["focus"]
+    if "astigmatism" in p:
+        coeffs[5] = p["astigmatism"] * torch.sin(2 * p["axis"])
+        coeffs[6] = p["astigmatism"] * torch.cos(2 * p["axis"])
+    nolls = tuple(sorted(coeffs))
+    n, inside, basis, _, dft = _psf._pupil_plan(m.optics, size, nolls)
+    cmat = torch.stack([coeffs[j] for j in nolls], dim=1).float()
+    phase = (cmat @ torch.from_numpy(basis).to(dev)) * (2 * math.pi)
+    field = torch.zeros((len(params), n * n), dtype=torch.complex64, device=dev)
+    field[:, torch.from_numpy(np.flatnonzero(inside)).to(dev)] = torch.polar(torch.ones_like(phase), phase)
+    a = torch.from_numpy(dft).to(dev)  # (K, n): amp = A E Aᵀ
+    amp = a @ field.reshape(-1, n, n) @ a.T
+    psf = amp.real**2 + amp.imag**2
+    return psf / psf.sum(dim=(-2, -1), keepdim=True)
+
+
+def blur_patches(sharp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Valid part of each crop (B, P+K-1, P+K-1) convolved with its kernel (B, K, K): one batched rfft."""
+    from .._backend import next_fast_len
+
+    s, k = sharp.shape[-1], kernels.shape[-1]
+    f = next_fast_len(s)
+    pk = torch.zeros((len(kernels), f, f), dtype=torch.float32, device=sharp.device)
+    pk[:, :k, :k] = kernels
+    out = torch.fft.irfft2(torch.fft.rfft2(sharp, s=(f, f)) * torch.fft.rfft2(pk), s=(f, f))
+    return out[:, k - 1 : s, k - 1 : s]
+
+
+def _procedural(job):
+    name, seed = job
+    return _GENERATORS[name]((512, 512), seed)
+
+
+class PatchStream:
+    """Batches of degraded 128² patches, their PSF parameters and validity, made on a torch device.
+
+    Parameters as :func:`lsfov.estimate.synthesize`, plus ``n_procedural``: images per procedural
+    source in the library (``synthesize`` uses 6). More of them give more distinct cells, points
+    and textures; each source keeps its share of the patches whatever the count.
+
+    Calling the stream with ``n`` returns ``(patches (n, 128, 128) float32 counts, params (n, N)
+    float64, valid (n,) bool)``, all on the device.
+    """
+
+    def __init__(self, model="Z3", *, device=None, sources=SOURCES, split: str = "train", seed: int = 0,
+                 n_procedural: int = _BASE_PROCEDURAL, invalid_fraction: float = 0.08, photons=PHOTONS,
+                 read_noise=(0.0, 3.0), illumination: float = 0.5, workers: int = 1):
+        from .model import torch_device
+
+        self.model = _psf.get_model(model)
+        self.device = torch_device(device)
+        if isinstance(sources, str):
+            sources = (sources,)
+        self.sources = tuple(sources)
+        _check_sources(self.sources, split)
+        self.split, self.seed = split, positive_int(seed, "seed", minimum=0)
+        self.n_procedural = positive_int(n_procedural, "n_procedural")
+        self.invalid_fraction = real_number(invalid_fraction, "invalid_fraction", minimum=0, maximum=0.99)
+        self.photons = _range(photons, "photons", 1e-3, 1e12)
+        self.read_noise = _range(read_noise, "read_noise", 0, 1e6)
+        self.illumination = real_number(illumination, "illumination", minimum=0, maximum=1)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        images, weights = self._library(positive_int(workers, "workers"))
+        dev = self.device
+        self.flat = torch.from_numpy(np.concatenate([im.ravel() for im in images])).to(dev)
+        self.offsets = torch.as_tensor(np.cumsum([0] + [im.size for im in images[:-1]]), device=dev)
+        self.heights = torch.as_tensor([im.shape[0] for im in images], device=dev)
+        self.widths = torch.as_tensor([im.shape[1] for im in images], device=dev)
+        self.weights = torch.as_tensor(weights / weights.sum(), dtype=torch.float64, device=dev)
+        self.size = PATCH + self.model.size - 1
+        self.rows, self.cols = _d4_grids(self.size, dev)
+        lo, hi = self.model.bounds
+        self.lo, self.hi = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (lo, hi))
+        t = torch.linspace(-1, 1, PATCH, device=dev)
+        self.yy, self.xx = torch.meshgrid(t, t, indexing="ij")
+
+    def _library(self, workers):
+        """The split's images (as :func:`~lsfov.estimate.library`, with ``n_procedural`` per source) and
+        each one's draw weight: √size as in ``synthesize``, procedural ones scaled to keep their source's share."""
+        images, weights = [], []
+        if "skimage" in self.sources:
+            images += [_skimage(name, f) for name, f in _SKIMAGE_SPLIT[self.split].items()]
+            weights += [im.size ** 0.5 for im in images]
+        split = list(_SKIMAGE_SPLIT).index(self.split)
+        base = 1000 * (1 + split) + self.seed * 100_000
+        # library()'s seeds for the first six of a source; beyond them, entropy lists that no integer
+        # seed of library() gives and that differ between splits, seeds and sources
+        jobs = [(name, base + 10 * j + i if i < _BASE_PROCEDURAL else [7919, split, self.seed, j, i])
+                for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in self.sources)
+                for i in range(self.n_procedural)]
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                made = list(ex.map(_procedural, jobs))
+        else:
+            made = [_procedural(job) for job in jobs]
+        images += made
+        weights += [im.size ** 0.5 * _BASE_PROCEDURAL / self.n_procedural for im in made]
+        return images, np.asarray(weights, dtype=np.float64)
+
+    def _uniform(self, *shape):
+        return torch.rand(shape, generator=self.generator, device=self.device, dtype=torch.float64)
+
+    def crops(self, n: int) -> torch.Tensor:
+        """``n`` random crops (n, P+K-1, P+K-1) of the library, each under one of the 8 symmetries of the square."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        y0 = (self._uniform(n) * (self.heights[k] - self.size + 1)).long()
+        x0 = (self._uniform(n) * (self.widths[k] - self.size + 1)).long()
+        sym = torch.randint(8, (n,), generator=self.generator, device=self.device)
+        idx = (self.offsets[k, None, None] + (y0[:, None, None] + self.rows[sym]) * self.widths[k, None, None]
+               + x0[:, None, None] + self.cols[sym])
+        return self.flat[idx]
+
+    def __call__(self, n: int):
+        n = positive_int(n, "n")
+        dev, u = self.device, self._uniform
+        params = self.lo + (self.hi - self.lo) * u(n, self.model.n_params)
+        kernels = render_psfs(self.model, params)
+        sharp = self.crops(n)
+        forced = u(n) < self.invalid_fraction
+        flat = forced & (u(n) < 0.5)
+        sharp[forced] = 0.0
+        sharp[flat] = (0.1 + 0.9 * u(int(flat.sum()))).float()[:, None, None]
+        angle = 2 * math.pi * u(n)[:, None, None]
+        ramp = (self.yy * torch.sin(angle) + self.xx * torch.cos(angle)) / 2 + 0.5
+        light = ((0.3 + 0.7 * u(n))[:, None, None] * (1 - self.illumination * u(n)[:, None, None] * ramp)).float()
+        psi = blur_patches(sharp, kernels) * light
+        lo, hi = self.photons
+        ph = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u(n)).float()[:, None, None]
+        rn = (self.read_noise[0] + (self.read_noise[1] - self.read_noise[0]) * u(n)).float()[:, None, None]
+        beta = (0.5 + 0.5 * u(n)).float()[:, None, None]
+        counts = torch.poisson(psi.clamp_min(0) * ph, generator=self.generator)
+        noisy = beta * counts + rn * torch.randn(psi.shape, generator=self.generator, device=dev)
+        spread, mean = psi.std(dim=(1, 2), correction=0), psi.mean(dim=(1, 2))
+        ph, rn, beta = (v[:, 0, 0] for v in (ph, rn, beta))
+        # synth._readable: the blurred structure stands out of the noise at the patch's mean level
+        valid = (spread * ph * beta > torch.sqrt(beta**2 * mean * ph + rn**2)) & ~forced
+        return noisy, params, valid
+
+    def attrs(self) -> dict:
+        """What the stream draws from, as a training set's attributes record it."""
+        return {**self.model.to_meta(), "patch": PATCH, "sources": list(self.sources), "split": self.split,
+                "seed": self.seed, "n_procedural": self.n_procedural, "invalid_fraction": self.invalid_fraction,
+                "photons": list(self.photons), "read_noise": list(self.read_noise), "illumination": self.illumination}
+
+
+def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, freeze: bool = False,
+                 patches: int = 1_000_000, batch_size: int = 256, lr: float = 3e-4, n_val: int | None = None,
+                 eval_every: int = 500, max_minutes: float | None = None, seed: int = 0, progress: bool = True):
+    """Train a PSF-parameter regressor on fresh batches of ``stream`` (its device is the model's).
+
+    Parameters
+    ----------
+    stream : PatchStream
+        Where the batches come from; its PSF model, ranges and optics are the model's.
+    arch, init, freeze
+        As :func:`lsfov.estimate.train`: the network, the model to start from and whether only
+        a ``polar`` network's tail trains over ``init``'s fixed trunk.
+    patches : int
+        Training patches to draw (``patches // batch_size`` steps), each seen once.
+    lr : float
+        Adam's learning rate, decayed on a cosine to 2 % of it over the steps, or over
+        ``max_minutes`` where that ends first.
+    n_val : int, optional
+        Validation patches, drawn once from a stream of the same library and another seed
+        [a tenth of ``patches``, 256 to 8192].
+    eval_every : int
+        Steps between validations; the weights of the highest validation R² are kept.
+    max_minutes : float, optional
+        Stop after this much time (with a last validation).
+
+    Returns
+    -------
+    PSFRegressor with the best weights, ``meta["training"]`` describing the run (``"stream"``).
+    """
+    from .model import PSFRegressor, decode, encode, load_model
+    from .network import loss as _loss
+    from .network import standardize
+    from .training import _Fit, _start_from, r2_scores
+
+    if not isinstance(stream, PatchStream):
+        raise TypeError(f"stream must be an lsfov.estimate.stream.PatchStream, got {type(stream).__name__}")
+    patches, batch_size = positive_int(patches, "patches"), positive_int(batch_size, "batch_size", minimum=2)
+    n_val = min(8192, max(256, patches // 10)) if n_val is None else positive_int(n_val, "n_val", minimum=2)
+    eval_every = positive_int(eval_every, "eval_every")
+    lr = real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
+    if max_minutes is not None:
+        max_minutes = real_number(max_minutes, "max_minutes", minimum=0)
+    m, dev = stream.model, stream.device
+    torch.manual_seed(seed)
+    start = None if init is None else load_model(init, psf_model=m.name)
+    arch = arch or (start.arch if start is not None else "spectral")
+    meta = {"ranges": {p: list(v) for p, v in m.ranges.items()}, "optics": m.to_meta()["optics"], "patch": PATCH}
+    model = PSFRegressor(m.name, arch, meta=meta, device=dev)
+    if freeze and not (hasattr(model.net, "features") and start is not None):
+        raise ValueError("freeze=True trains the tail of a polar network over init's fixed trunk: pass arch='polar' and init=")
+    if start is not None:
+        _start_from(model.net, start, arch)
+    fit = _Fit(model, bool(freeze))
+    net = model.net
+
+    def inputs(x):
+        if not freeze:
+            return x
+        with torch.no_grad():
+            return net.features(standardize(x)[:, None])
+
+    # Validation: fixed patches of another seed (the frozen trunk's features once).
+    val_stream = copy.copy(stream)
+    val_stream.generator = torch.Generator(device=dev).manual_seed(stream.seed + 1_000_003)
+    fit.train_mode(False)
+    vx, vp, vv = [], [], []
+    for b in range(0, n_val, 1024):
+        x, p, v = val_stream(min(1024, n_val - b))
+        vx.append(inputs(x) if freeze else x)
+        vp.append(p.cpu().numpy())
+        vv.append(v.cpu().numpy())
+    vx, vp, vv = torch.cat(vx), np.concatenate(vp), np.concatenate(vv)
+
+    def validate():
+        fit.train_mode(False)
+        with torch.inference_mode():
+            out = torch.cat([fit(vx[b : b + 1024]) for b in range(0, len(vx), 1024)]).float().cpu().numpy()
+        fit.train_mode()
+        if vv.sum() < 2:
+            return float("nan")
+        with np.errstate(all="ignore"):
+            return float(np.mean(list(r2_scores(m, vp[vv], decode(m, out[:, 1:])[vv]).values())))
+
+    steps = max(1, patches // batch_size)
+    opt = torch.optim.Adam(fit.params, lr=lr)
+
+    def progress_made(step):  # 0 -> 1: the share of the steps, or of the time, spent
+        f = step / steps
+        if max_minutes is not None:
+            f = max(f, (time.perf_counter() - t0) / max(60 * max_minutes, 1e-9))
+        return min(f, 1.0)
+    best, best_state = validate(), None  # the starting weights compete too (continuing can lose)
+    history = [{"step": 0, "val_r2": best}]
+    if start is None or start.arch != arch:
+        best = -math.inf  # a new network's untrained start is no candidate
+    from tqdm.auto import tqdm
+
+    fit.train_mode()
+    t0, running, step = time.perf_counter(), [], 0
+    with tqdm(total=steps, desc=f"train {m.name} ({arch}) on a stream", unit="batch", disable=not progress) as bar:
+        for step in range(1, steps + 1):
+            done = progress_made(step - 1)
+            for group in opt.param_groups:  # cosine decay to 2 %
+                group["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * done)))
+            x, p, v = stream(batch_size)
+            t = torch.from_numpy(encode(m, p.cpu().numpy()).astype(np.float32)).to(dev)
+            loss = _loss(fit(inputs(x)), t, v)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running.append(loss.detach())
+            bar.update(1)
+            late = max_minutes is not None and progress_made(step) >= 1
+            if step % eval_every == 0 or step == steps or late:
+                r2 = validate()
+                history.append({"step": step, "train_loss": float(torch.stack(running).mean()), "val_r2": r2,
+                                "seconds": round(time.perf_counter() - t0, 1)})
+                running = []
+                bar.set_postfix(val_r2=f"{r2:.4f}")
+                if np.isfinite(r2) and r2 > best:
+                    best = r2
+                    best_state = {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
+                if late:
+                    break
+    seconds = time.perf_counter() - t0
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    elif start is not None and start.arch == arch:
+        _start_from(net, start, arch)  # nothing beat the start
+    net.eval()
+    model.meta["training"] = {
+        "data": {**{k: v for k, v in stream.attrs().items() if k in ("sources", "split", "seed", "photons", "read_noise",
+                                                                     "illumination", "invalid_fraction", "n_procedural")},
+                 "n": step * batch_size, "stream": True},
+        "n_train": step * batch_size, "n_val": n_val, "lr": lr, "batch_size": batch_size, "steps": step,
+        "epochs_run": 1,  # each patch seen once
+        "best_val_r2": best, "history": history, "device": str(dev), "seconds": round(seconds, 1),
+        "patches_per_second": round(step * batch_size / max(seconds, 1e-9), 1),
+    }
+    if freeze:
+        model.meta["training"]["freeze"] = True
+    if dev.type == "cuda":
+        model.meta["training"]["gpu"] = torch.cuda.get_device_name(dev)
+    if start is not None:
+        model.meta["training"]["init"] = {k: v for k, v in start.meta.get("training", {}).items() if k != "history"}
+    return model

@@ -1,0 +1,107 @@
+"""Training patches made on a torch device (lsfov.estimate.stream): each step equal to synthesize's."""
+import numpy as np
+import pytest
+import torch
+
+from lsfov import psf
+from lsfov.estimate import stream, synth
+
+
+@pytest.mark.parametrize("name", ["Z3", "Z1", "G2"])
+def test_psfs_rendered_on_the_device_equal_the_models(name):
+    m = psf.get_model(name)
+    p = m.sample(40, 1)
+    out = stream.render_psfs(m, torch.from_numpy(p))
+    assert out.dtype == torch.float32 and out.shape == (40, m.size, m.size)
+    np.testing.assert_allclose(out.numpy(), m.render(p), rtol=0, atol=1e-6)
+
+
+def test_blur_equals_the_numpy_path():
+    rng = np.random.default_rng(0)
+    sharp = rng.random((5, 158, 158)).astype(np.float32)
+    kernels = psf.get_model("Z3").render(psf.get_model("Z3").sample(5, 0))
+    got = stream.blur_patches(torch.from_numpy(sharp), torch.from_numpy(kernels)).numpy()
+    np.testing.assert_allclose(got, synth._blur(sharp, kernels), rtol=0, atol=1e-5)
+
+
+def test_crops_are_windows_under_the_eight_symmetries():
+    st = stream.PatchStream("Z3", sources=("poi",), seed=0)
+    h, w = 200, 230
+    st.flat = torch.arange(h * w, dtype=torch.float32)  # each pixel's value is its position
+    st.offsets, st.heights, st.widths = (torch.tensor([v]) for v in (0, h, w))
+    st.weights = torch.ones(1, dtype=torch.float64)
+    crops = st.crops(300).long().numpy()
+    image = np.arange(h * w).reshape(h, w)
+    seen = set()
+    for c in crops:
+        y0, x0 = c.min() // w, c.min() % w
+        window = image[y0 : y0 + st.size, x0 : x0 + st.size]
+        match = [k for k, (t, fy, fx) in enumerate((t, fy, fx) for t in (0, 1) for fy in (0, 1) for fx in (0, 1))
+                 if np.array_equal(c, (lambda a: a.T if t else a)(window[:: -1 if fy else 1, :: -1 if fx else 1]))]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(range(8))
+
+
+def test_stream_draws_like_synthesize_and_is_seeded():
+    st = stream.PatchStream("Z3", seed=3)
+    x, p, v = (torch.cat(a) for a in zip(*(st(512) for _ in range(4))))
+    ref = synth.synthesize(2048, "Z3", seed=3)
+    assert x.shape == (2048, 128, 128) and x.dtype == torch.float32 and v.dtype == torch.bool
+    assert torch.isfinite(x).all()
+    lo, hi = psf.get_model("Z3").bounds
+    assert (p.numpy() >= lo).all() and (p.numpy() <= hi).all()
+    np.testing.assert_allclose(p.numpy().mean(0), (lo + hi) / 2, rtol=0.06)
+    assert abs(v.float().mean().item() - ref["valid"].mean()) < 0.04
+    assert x.mean().item() == pytest.approx(ref["patches"].mean(), rel=0.1)
+    assert x.std(dim=(1, 2)).mean().item() == pytest.approx(ref["patches"].std(axis=(1, 2)).mean(), rel=0.1)
+    dark = (x.amax(dim=(1, 2)) < 20).float().mean().item()  # forced black patches and dark crops of points
+    assert dark == pytest.approx((ref["patches"].max(axis=(1, 2)) < 20).mean(), abs=0.03)
+    again = stream.PatchStream("Z3", seed=3)(64)
+    first = stream.PatchStream("Z3", seed=3)(64)
+    assert all(torch.equal(a, b) for a, b in zip(again, first))
+    assert not torch.equal(stream.PatchStream("Z3", seed=4)(64)[0], first[0])
+
+
+def test_more_procedural_images_keep_each_sources_share():
+    shares = []
+    for n in (6, 15):
+        st = stream.PatchStream("G1", seed=0, n_procedural=n)
+        w = st.weights.numpy()
+        assert len(w) == len(synth._SKIMAGE_SPLIT["train"]) + 3 * n
+        shares.append(w[: len(synth._SKIMAGE_SPLIT["train"])].sum())
+    assert shares[0] == pytest.approx(shares[1])
+    base = synth.library(split="train")
+    st = stream.PatchStream("G1", seed=0, n_procedural=6)
+    assert torch.equal(st.flat, torch.from_numpy(np.concatenate([im.ravel() for im in base])))  # synthesize's library
+
+
+def test_training_on_a_stream_learns_and_keeps_a_frozen_trunk():
+    torch.manual_seed(0)
+    g1 = stream.train_stream(stream.PatchStream("G1", seed=1), arch="compact", patches=40 * 32, batch_size=32,
+                             lr=2e-3, n_val=128, eval_every=20, progress=False)
+    hist = g1.meta["training"]["history"]
+    assert [h["step"] for h in hist] == [0, 20, 40]
+    assert max(h["val_r2"] for h in hist[1:]) > hist[0]["val_r2"] + 0.5
+    assert g1.meta["training"]["data"]["stream"] and g1.meta["training"]["n_train"] == 40 * 32
+    from lsfov.estimate import load_model
+
+    start = load_model("Z3")
+    z3 = stream.train_stream(stream.PatchStream("Z3", seed=2), init="Z3", freeze=True, patches=4 * 16, batch_size=16,
+                             n_val=32, eval_every=2, progress=False)
+    trunk = {k: v for k, v in start.net.state_dict().items() if k.split(".")[0] in start.net.trunk}
+    assert trunk and all(torch.equal(v, z3.net.state_dict()[k]) for k, v in trunk.items())
+    assert z3.meta["training"]["freeze"] and z3.arch == "polar"
+
+
+def test_stream_bad_input():
+    with pytest.raises(ValueError, match="n_procedural"):
+        stream.PatchStream("Z3", n_procedural=0)
+    with pytest.raises(ValueError, match="unknown image sources"):
+        stream.PatchStream("Z3", sources=("flickr",))
+    with pytest.raises(ValueError, match="photons"):
+        stream.PatchStream("Z3", photons=(5000, 500))
+    with pytest.raises(TypeError, match="PatchStream"):
+        stream.train_stream("Z3")
+    with pytest.raises(ValueError, match="freeze=True"):
+        stream.train_stream(stream.PatchStream("Z3", sources=("poi",)), arch="polar", freeze=True)
