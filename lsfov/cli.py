@@ -917,7 +917,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     click.echo(f"  SNR against the sharp image: raw {snr(sample.image):.1f} dB, blind {snr(deblurred):.1f} dB, "
                f"true blur {snr(reference):.1f} dB")
     click.echo(f"  depth: mean absolute error {mae:.2f} µm over a {np.ptp(truth):.1f} µm range "
-               f"(calibration fit R² {cal.r2:.2f}; the shipped Z3 model is CPU-trained, see the README)")
+               f"(calibration fit R² {cal.r2:.2f}; the shipped Z3 CNN limits it, see the README)")
     click.echo(f"result: {out}  (variables: {', '.join(res.data_vars)}; open with lsfov.open_result or napari)")
     click.echo(f"figure: {fig}")
 
