@@ -521,8 +521,8 @@ def _blind(img, work, model, **kw):
               help="Fit a calibration instead: the true depth in µm (.npy/TIFF, node grid or full image); "
                    "OUT is then the calibration JSON.")
 @click.option("--smooth", type=click.FloatRange(min=0), default=None,
-              help="σ in nodes of the local-plane smoothing of the depth [with --known: 0, stored in the "
-                   "calibration; otherwise the calibration's].")
+              help="σ in nodes of the local-plane smoothing of the depth, robust to outlying nodes [with --known: "
+                   "0, stored in the calibration; otherwise the calibration's].")
 @click.option("--method", type=click.Choice(["curve", "linear"]), default="curve", show_default=True,
               help="With --known: calibration curves of the CNN's readings, or paper 000's line of the signed defocus.")
 @_overwrite_option

@@ -217,7 +217,8 @@ def _weights(psf_map, min_validity):
 
 def _smoothed_components(psf_map, sigma, min_validity, robust=False):
     """The signed defocus for any θ0 is ``cos 2θ0 · c + sin 2θ0 · s`` with ``c, s = focus · (cos, sin) 2 axis``:
-    smoothing is linear, so these two are smoothed once."""
+    the plain smoothing is linear, so these two are smoothed once (the robust one reweights each on its own,
+    for the fit only: estimate_depth smooths the depth itself)."""
     f = np.asarray(psf_map["focus"].values, dtype=np.float64)
     a = np.asarray(psf_map["axis"].values, dtype=np.float64)
     c, s = local_plane(np.stack([f * np.cos(2 * a), f * np.sin(2 * a)]), _weights(psf_map, min_validity), sigma,
