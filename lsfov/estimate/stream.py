@@ -14,6 +14,7 @@ number of patches or minutes, keeping the weights of the best validation R².
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 
@@ -82,9 +83,10 @@ def blur_patches(sharp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return out[:, k - 1 : s, k - 1 : s]
 
 
+@functools.lru_cache(maxsize=64)  # streams of one seed share their images (1 MB each); read-only below
 def _procedural(job):
     name, seed = job
-    return _GENERATORS[name]((512, 512), seed)
+    return _GENERATORS[name]((512, 512), list(seed) if isinstance(seed, tuple) else seed)
 
 
 class PatchStream:
@@ -141,7 +143,7 @@ class PatchStream:
         base = 1000 * (1 + split) + self.seed * 100_000
         # library()'s seeds for the first six of a source; beyond them, entropy lists that no integer
         # seed of library() gives and that differ between splits, seeds and sources
-        jobs = [(name, base + 10 * j + i if i < _BASE_PROCEDURAL else [7919, split, self.seed, j, i])
+        jobs = [(name, base + 10 * j + i if i < _BASE_PROCEDURAL else (7919, split, self.seed, j, i))
                 for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in self.sources)
                 for i in range(self.n_procedural)]
         if workers > 1 and len(jobs) > 1:
