@@ -51,6 +51,9 @@ if [[ ${TRAIN:-0} == stream ]]; then
     # Z3 on patches made on the GPU as they are needed (lsfov.estimate.stream), 192 images per
     # procedural source: (1) the polar tail over the shipped fixed trunk, (2) then the whole
     # network at a low rate. Each stage lands in OUTDIR (Z3-tail.tar, Z3-whole.tar), none shipped.
+    # On an H200 (2026-12-04, SECONDS 520): the tail 0.788 -> 0.792 in 14 M patches, the whole
+    # network then 0.794 in 2.3 M; a second tail stage from the first, by hand (20 M patches at
+    # lr 1e-4, benchmarks/train_models.py --stream), reached 0.796 and is the shipped Z3.
     each=$(( (deadline - (SECONDS - start) - 10) / 2 ))
     init=Z3
     for stage in "tail --freeze --arch polar --batch-size 1024 --lr 2e-4 --seed 61" "whole --batch-size 256 --lr 3e-5 --seed 62"; do
