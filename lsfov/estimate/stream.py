@@ -276,7 +276,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     vx, vp, vv = [], [], []
     for b in range(0, n_val, 1024):
         x, p, v = val_stream(min(1024, n_val - b))
-        vx.append(inputs(x) if freeze else x)
+        vx.append(inputs(x))
         vp.append(p.cpu().numpy())
         vv.append(v.cpu().numpy())
     vx, vp, vv = torch.cat(vx), np.concatenate(vp), np.concatenate(vv)
