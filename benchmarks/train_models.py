@@ -134,7 +134,7 @@ def main():
                                     workers=a.workers)
             t_synth = time.perf_counter() - t
             reg = stream.train_stream(st, arch=a.arch, init=init, freeze=a.freeze, patches=a.stream,
-                                      batch_size=a.batch_size, lr=a.lr or 3e-4, max_minutes=a.minutes)
+                                      batch_size=a.batch_size, lr=a.lr, max_minutes=a.minutes)
         else:
             if reused:  # written atomically: complete, and seeded
                 data = store

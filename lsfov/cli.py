@@ -783,7 +783,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         ckpt = None
         stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
         model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream, batch_size=batch_size,
-                             lr=3e-4 if lr is None else lr, max_minutes=minutes, seed=seed, progress=progress)
+                             lr=lr, max_minutes=minutes, seed=seed, progress=progress)
     else:
         ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
         model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,

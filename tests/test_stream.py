@@ -20,7 +20,7 @@ def test_blur_equals_the_numpy_path():
     rng = np.random.default_rng(0)
     sharp = rng.random((5, 158, 158)).astype(np.float32)
     kernels = psf.get_model("Z3").render(psf.get_model("Z3").sample(5, 0))
-    got = stream.blur_patches(torch.from_numpy(sharp), torch.from_numpy(kernels)).numpy()
+    got = synth.blur_torch(torch.from_numpy(sharp), torch.from_numpy(kernels)).numpy()
     np.testing.assert_allclose(got, synth._blur(sharp, kernels), rtol=0, atol=1e-5)
 
 

@@ -23,7 +23,8 @@ import torch
 
 from .. import psf as _psf
 from .._validate import positive_int, real_number
-from .synth import PATCH, PHOTONS, SOURCES, _check_sources, _range, _skimage, _GENERATORS, _SKIMAGE_SPLIT
+from .synth import (PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources, _range,
+                    _readable, blur_torch, library)
 
 __all__ = ["PatchStream", "train_stream"]
 
@@ -71,22 +72,10 @@ def render_psfs(m, params: torch.Tensor, size: int | None = None) -> torch.Tenso
     return psf / psf.sum(dim=(-2, -1), keepdim=True)
 
 
-def blur_patches(sharp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Valid part of each crop (B, P+K-1, P+K-1) convolved with its kernel (B, K, K): one batched rfft."""
-    from .._backend import next_fast_len
-
-    s, k = sharp.shape[-1], kernels.shape[-1]
-    f = next_fast_len(s)
-    pk = torch.zeros((len(kernels), f, f), dtype=torch.float32, device=sharp.device)
-    pk[:, :k, :k] = kernels
-    out = torch.fft.irfft2(torch.fft.rfft2(sharp, s=(f, f)) * torch.fft.rfft2(pk), s=(f, f))
-    return out[:, k - 1 : s, k - 1 : s]
-
-
 @functools.lru_cache(maxsize=64)  # streams of one seed share their images (1 MB each); read-only below
 def _procedural(job):
     name, seed = job
-    return _GENERATORS[name]((512, 512), list(seed) if isinstance(seed, tuple) else seed)
+    return _GENERATORS[name]((512, 512), list(seed))
 
 
 class PatchStream:
@@ -133,29 +122,27 @@ class PatchStream:
         self.yy, self.xx = torch.meshgrid(t, t, indexing="ij")
 
     def _library(self, workers):
-        """The split's images (as :func:`~lsfov.estimate.library`, with ``n_procedural`` per source) and
-        each one's draw weight: √size as in ``synthesize``, procedural ones scaled to keep their source's share."""
-        images, weights = [], []
-        if "skimage" in self.sources:
-            images += [_skimage(name, f) for name, f in _SKIMAGE_SPLIT[self.split].items()]
-            weights += [im.size ** 0.5 for im in images]
+        """The split's images (:func:`~lsfov.estimate.library`'s, then ``n_procedural - 6`` more per source)
+        and each one's draw weight: √size as in ``synthesize``, procedural ones scaled to keep their source's share."""
+        n = self.n_procedural
+        base = (_cached_library(self.sources, self.split, self.seed) if n >= _BASE_PROCEDURAL
+                else library(self.sources, self.split, n_procedural=n, seed=self.seed))
+        n_skimage = len(_SKIMAGE_SPLIT[self.split]) if "skimage" in self.sources else 0
         split = list(_SKIMAGE_SPLIT).index(self.split)
-        base = 1000 * (1 + split) + self.seed * 100_000
-        # library()'s seeds for the first six of a source; beyond them, entropy lists that no integer
-        # seed of library() gives and that differ between splits, seeds and sources
-        jobs = [(name, base + 10 * j + i if i < _BASE_PROCEDURAL else (7919, split, self.seed, j, i))
+        # entropy tuples that no integer seed of library() gives and that differ between splits, seeds and sources
+        jobs = [(name, (7919, split, self.seed, j, i))
                 for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in self.sources)
-                for i in range(self.n_procedural)]
+                for i in range(_BASE_PROCEDURAL, n)]
         if workers > 1 and len(jobs) > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-                made = list(ex.map(_procedural, jobs))
+                extra = list(ex.map(_procedural, jobs))
         else:
-            made = [_procedural(job) for job in jobs]
-        images += made
-        weights += [im.size ** 0.5 * _BASE_PROCEDURAL / self.n_procedural for im in made]
+            extra = [_procedural(job) for job in jobs]
+        images = list(base) + extra
+        weights = [im.size ** 0.5 * (1.0 if i < n_skimage else _BASE_PROCEDURAL / n) for i, im in enumerate(images)]
         return images, np.asarray(weights, dtype=np.float64)
 
     def _uniform(self, *shape):
@@ -184,7 +171,7 @@ class PatchStream:
         angle = 2 * math.pi * u(n)[:, None, None]
         ramp = (self.yy * torch.sin(angle) + self.xx * torch.cos(angle)) / 2 + 0.5
         light = ((0.3 + 0.7 * u(n))[:, None, None] * (1 - self.illumination * u(n)[:, None, None] * ramp)).float()
-        psi = blur_patches(sharp, kernels) * light
+        psi = blur_torch(sharp, kernels) * light
         lo, hi = self.photons
         ph = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u(n)).float()[:, None, None]
         rn = (self.read_noise[0] + (self.read_noise[1] - self.read_noise[0]) * u(n)).float()[:, None, None]
@@ -192,9 +179,7 @@ class PatchStream:
         counts = torch.poisson(psi.clamp_min(0) * ph, generator=self.generator)
         noisy = beta * counts + rn * torch.randn(psi.shape, generator=self.generator, device=dev)
         spread, mean = psi.std(dim=(1, 2), correction=0), psi.mean(dim=(1, 2))
-        ph, rn, beta = (v[:, 0, 0] for v in (ph, rn, beta))
-        # synth._readable: the blurred structure stands out of the noise at the patch's mean level
-        valid = (spread * ph * beta > torch.sqrt(beta**2 * mean * ph + rn**2)) & ~forced
+        valid = _readable(spread, mean, *(v[:, 0, 0] for v in (ph, rn, beta))) & ~forced
         return noisy, params, valid
 
     def attrs(self) -> dict:
@@ -205,7 +190,7 @@ class PatchStream:
 
 
 def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, freeze: bool = False,
-                 patches: int = 1_000_000, batch_size: int = 256, lr: float = 3e-4, n_val: int | None = None,
+                 patches: int = 1_000_000, batch_size: int = 256, lr: float | None = None, n_val: int | None = None,
                  eval_every: int = 500, max_minutes: float | None = None, seed: int = 0, progress: bool = True):
     """Train a PSF-parameter regressor on fresh batches of ``stream`` (its device is the model's).
 
@@ -218,8 +203,8 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
         a ``polar`` network's tail trains over ``init``'s fixed trunk.
     patches : int
         Training patches to draw (``patches // batch_size`` steps), each seen once.
-    lr : float
-        Adam's learning rate, decayed on a cosine to 2 % of it over the steps, or over
+    lr : float, optional
+        Adam's learning rate [3e-4], decayed on a cosine to 2 % of it over the steps, or over
         ``max_minutes`` where that ends first.
     n_val : int, optional
         Validation patches, drawn once from a stream of the same library and another seed
@@ -247,7 +232,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     patches, batch_size = positive_int(patches, "patches"), positive_int(batch_size, "batch_size", minimum=2)
     n_val = min(8192, max(256, patches // 10)) if n_val is None else positive_int(n_val, "n_val", minimum=2)
     eval_every = positive_int(eval_every, "eval_every")
-    lr = real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
+    lr = 3e-4 if lr is None else real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
     if max_minutes is not None:
         max_minutes = real_number(max_minutes, "max_minutes", minimum=0)
     m, dev = stream.model, stream.device

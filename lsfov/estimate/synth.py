@@ -196,19 +196,26 @@ def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
     return _poisson_gaussian(np.maximum(psi, 0) * photons, rng, read_noise=read_noise, beta=beta)
 
 
+def blur_torch(sharp, kernels):
+    """:func:`_blur` for torch tensors on any device: crops (B, P+K-1, P+K-1), kernels (B, K, K)."""
+    import torch
+
+    s, k = sharp.shape[-1], kernels.shape[-1]
+    f = next_fast_len(s)
+    pk = torch.zeros((len(kernels), f, f), dtype=torch.float32, device=sharp.device)
+    pk[:, :k, :k] = kernels
+    out = torch.fft.irfft2(torch.fft.rfft2(sharp, s=(f, f)) * torch.fft.rfft2(pk), s=(f, f))
+    return out[:, k - 1 : s, k - 1 : s]
+
+
 def _noisy_on(device, sharp, kernels, light, ph, rn, beta, seed):
     """Blur, light and Eq. 10 noise of a batch on a torch ``device`` (a GPU makes this the cheap part):
     the noisy patches (NumPy) and the noise-free ``psi``'s spread and mean per patch."""
     import torch
 
     dev = torch.device(device)
-    n, s, _ = sharp.shape
-    k = kernels.shape[-1]
-    f = next_fast_len(s)
-    pk = torch.zeros((n, f, f), dtype=torch.float32, device=dev)
-    pk[:, :k, :k] = torch.from_numpy(np.ascontiguousarray(kernels, np.float32)).to(dev)
-    spec = torch.fft.rfft2(torch.from_numpy(sharp).to(dev), s=(f, f)) * torch.fft.rfft2(pk)
-    psi = torch.fft.irfft2(spec, s=(f, f))[:, k - 1 : s, k - 1 : s] * torch.from_numpy(light).to(dev)
+    kernels = torch.from_numpy(np.ascontiguousarray(kernels, np.float32)).to(dev)
+    psi = blur_torch(torch.from_numpy(sharp).to(dev), kernels) * torch.from_numpy(light).to(dev)
     ph, rn, beta = (torch.as_tensor(np.asarray(v), dtype=torch.float32, device=dev)[:, None, None]
                     for v in (ph, rn, beta))
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -257,7 +264,7 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
 def _readable(spread, mean, ph, rn, beta):
     """Valid = the blurred structure stands out of the noise: its spread in counts exceeds the noise
     at the patch's mean level (a patch the network cannot read is flagged, not guessed)."""
-    return spread * ph * beta > np.sqrt(beta**2 * mean * ph + rn**2)
+    return spread * ph * beta > (beta**2 * mean * ph + rn**2) ** 0.5  # NumPy or torch
 
 
 @functools.lru_cache(maxsize=2)
