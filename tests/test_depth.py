@@ -275,3 +275,29 @@ def test_curve_calibration_needs_depth_levels():
         DepthCalibration(**{**cal.to_dict(), "curves": None})
     with pytest.raises(ValueError, match="method"):
         DepthCalibration(**{**cal.to_dict(), "method": "cubic"})
+
+
+def test_calibration_records_its_map_and_warns_on_another():
+    """Curves fitted on one kind of reading do not fit another: a calibration keeps whether its map
+    was symmetrized, and a map made otherwise gets its depth with a warning."""
+    import warnings
+
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.4, grid=8, seed=7)
+    ds = _truth_map(s)
+    ds.attrs["symmetrize"] = 1
+    cal = calibrate_depth(ds, s.depth_um)
+    assert cal.symmetrize is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = estimate_depth(ds, cal)
+        estimate_depth(_truth_map(s), cal)  # a map that does not say how it was made: nothing to compare
+    other = ds.copy()
+    other.attrs["symmetrize"] = 0
+    with pytest.warns(UserWarning, match="symmetrize=False, its depth calibration with symmetrize=True"):
+        z = estimate_depth(other, cal)
+    np.testing.assert_array_equal(z.values, same.values)  # told, not refused
+    # Calibrations from before recorded nothing: no warning either.
+    old = DepthCalibration(**{**cal.to_dict(), "symmetrize": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate_depth(other, old)

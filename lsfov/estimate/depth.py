@@ -64,6 +64,7 @@ class DepthCalibration:
     curves: tuple | None = None  # "curve": ((focus² coefficients), (product coefficients)), wave RMS² per µm^k
     noise: tuple | None = None  # "curve": residual variance of each reading on its curve
     range_um: tuple | None = None  # "curve": the calibrated depths (min, max)
+    symmetrize: bool | None = None  # whether the calibration map was symmetrized (None: files from before)
 
     def __post_init__(self):  # JSON gives lists: tuples keep calibrations comparable and hashable
         for name in ("curves", "noise", "range_um"):
@@ -353,7 +354,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     if slope < 0:  # the same line with the axis turned by π/2
         th, slope = (th + np.pi / 2) % np.pi, -slope
     fields = dict(slope=float(slope), offset=float(offset), n_nodes=int(use.sum()), smooth=float(smooth),
-                  robust=robust, min_validity=float(min_validity), method=method)
+                  robust=robust, min_validity=float(min_validity), method=method, symmetrize=_symmetrized(psf_map))
     if method == "curve":
         levels = len(np.unique(np.round(zt, 6)))
         if levels < 3:
@@ -378,6 +379,12 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     return DepthCalibration(**{**fit.to_dict(), "r2": float(r2), "mae_um": float(np.mean(np.abs(pred - zt)))})
 
 
+def _symmetrized(psf_map) -> bool | None:
+    """Whether the map was symmetrized (``estimate_psf_map`` records it; None where not said)."""
+    sym = psf_map.attrs.get("symmetrize")
+    return None if sym is None else bool(sym)
+
+
 def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None,
                    robust: bool | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
@@ -394,6 +401,12 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         raise TypeError(f"calibration must come from lsfov.calibrate_depth (or its to_dict()), "
                         f"got {type(calibration).__name__}")
     c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
+    sym = _symmetrized(psf_map)
+    if c is not None and None not in (sym, c.symmetrize) and sym != c.symmetrize:
+        # A symmetrized map reads less noisy, less shrunk parameters: curves fitted on the other kind are off.
+        warnings.warn(f"this PSF map was made with symmetrize={sym}, its depth calibration with "
+                      f"symmetrize={c.symmetrize}: the depths may be biased; make the map as the calibration's "
+                      "was, or calibrate again", UserWarning, stacklevel=2)
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:
