@@ -48,8 +48,19 @@ def best_of(f, repeat):
 
 
 def machine():
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
+    return (f"{platform.machine()}{_cpu_model()}, {os.cpu_count()} cores, {platform.python_implementation()} "
             f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}")
+
+
+def _cpu_model():
+    """' (the CPU's model name)' where Linux says it: sections measured on different CPUs differ in speed,
+    and in the last bits of their FFTs (hence in seeded Poisson noise)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f" ({name})" if name else ""
 
 
 def section_operator(a):
@@ -475,7 +486,8 @@ def section_cnn(a):
              "Shipped models (their network in brackets: `spectral` is `compact` plus a log-power-spectrum "
              "branch; `polar` adds the spectrum's angular harmonics per ring and a wider head, over the fixed trunk of a "
              "`spectral` model), trained by `benchmarks/train_models.py` (\"a + b\": trained on a "
-             "set of a patches, then continued on a fresh set of b); test sets synthesized "
+             "set of a patches, then continued on a fresh set of b, or on a stream of b made as they were needed, each "
+             "seen once: `--stream`); test sets synthesized "
              f"from images never used in training (scikit-image's {', '.join(synth._SKIMAGE_SPLIT['test'])} and fresh "
              "procedural seeds; every source sharp: its own blur under ~0.4 px) at "
              f"{synth.PHOTONS[0]:g}-{synth.PHOTONS[1]:g} peak photons "
