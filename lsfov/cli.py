@@ -54,7 +54,8 @@ def main(ctx, verbose, quiet):
     previous = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     ctx.call_on_close(lambda: setattr(warnings, "formatwarning", previous))
-    if quiet:
+    if quiet:  # for this command only, as the format above
+        ctx.with_resource(warnings.catch_warnings())
         warnings.simplefilter("ignore")
     ctx.obj = {"quiet": quiet}
 
@@ -156,12 +157,22 @@ def _run_state(out: Path, parent, resume: bool):
 _NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2")
 
 
-def _check_out(path, overwrite, *, result: bool = True):
+def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     """OUT checked before any work: not there (or ``--overwrite``); a result is an OME-Zarr directory,
-    so a name of another format, or an existing plain file in its place, is refused."""
+    so a name of another format, or an existing plain file in its place, is refused. Nothing replaces
+    a directory that is not a zarr store, nor an input (``inputs``) or a folder holding one."""
+    from .io import _is_replaceable
+
     path = Path(path)
+    for src in inputs:
+        src = Path(src).resolve()
+        if path.resolve() == src or path.resolve() in src.parents:
+            raise ValueError(f"{path} is the input {src} (or holds it); write the output under another name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if path.is_dir() and not _is_replaceable(path):
+        raise FileExistsError(f"{path} is a directory that is not an lsfov result or zarr store; refusing to "
+                              "replace it: choose another name")
     if result:
         if path.suffix.lower() in _NOT_ZARR:
             raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
@@ -270,7 +281,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
     """Blur a sharp image with a random smooth PSF field plus Poisson-Gaussian noise."""
     from . import io, simulate as sim
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, inputs=[src])
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint)
     op, params = sim.psf_field(img.shape, model, (grid, grid), seed=seed)
     blurred = sim.degrade(img.values, op, photons=photons, read_noise=read_noise, seed=seed)
@@ -313,7 +324,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     from .operators import ProductConvolution
     from .restore import deconvolve as run
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, inputs=[src, *(p for p in (operator_path, psf_path, map_path) if p)])
     _check_out(out.with_suffix(".png"), overwrite, result=False)
     if sum(p is not None for p in (operator_path, psf_path, map_path)) != 1:
         raise ValueError("give the blur with exactly one of --operator OP (saved by lsfov), --psf FILE or "
@@ -405,7 +416,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     from .cluster import use_scheduler
     from .estimate.mapping import estimate_psf_map, operator_from_psf_map
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, inputs=[src])
     if figure:
         _check_out(figure, overwrite, result=False)
     _check_chunks(chunks)
@@ -465,7 +476,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     from .estimate.mapping import operator_from_psf_map
     from .estimate.model import load_model
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, inputs=[src, *([calibration] if calibration else [])])
     if figure:
         _check_out(figure, overwrite, result=False)
     _check_chunks(chunks)
@@ -534,7 +545,8 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
     from . import io
     from .estimate.depth import DepthCalibration, calibrate_depth, estimate_depth
 
-    out = _check_out(out, overwrite, result=not known)  # with --known: a JSON file
+    out = _check_out(out, overwrite, result=not known,  # with --known: a JSON file
+                     inputs=[psf_map, *(p for p in (calibration, known) if p)])
     cal = DepthCalibration.load(calibration) if calibration else None
     ds = io.open_result(psf_map)
     if known:
@@ -597,7 +609,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     from .cluster import use_scheduler
     from .restore import locate_sources, sparse_smooth_deblur
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, inputs=[src, subspace_path])
     _check_out(out.with_suffix(".png"), overwrite, result=False)
     _check_chunks(chunks)
     _check_iterations(iterations)
@@ -663,7 +675,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
     from .cluster import use_scheduler
     from .io import open_planes
 
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, inputs=beads)
     if figure:
         _check_out(figure, overwrite, result=False)
     planes = [p for path in beads for p in open_planes(path, channel=channel)]
@@ -765,7 +777,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         t = time.perf_counter()
         synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, workers=workers,
                    device=device, progress=progress)
-        log.info(f"wrote {n_synth} {psf_model.upper()} patches to {data} in {time.perf_counter() - t:.0f} s")
+        click.echo(f"wrote {n_synth} {psf_model.upper()} patches to {data} in {time.perf_counter() - t:.0f} s")
         return
     if n_stream is not None:
         if out is not None or more or resume or checkpoint:
@@ -774,7 +786,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         data, out = None, data
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
-    out = _check_out(out, overwrite, result=False)  # a .pt file
+    out = _check_out(out, overwrite, result=False, inputs=[p for p in (data, *more) if p])  # a .pt file
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
     if n_stream is not None:
@@ -793,7 +805,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])
     model.save(out, overwrite=overwrite)
-    log.info(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt else f" ({model.meta['training']['n_train']} patches)"))
+    click.echo(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt else f" ({model.meta['training']['n_train']} patches)"))
 
 
 def _print_scores(res):
@@ -834,7 +846,7 @@ def evaluate(model, data, n_robust, figure, overwrite):
             from .figures import robustness_figure
 
             robustness_figure(figure, {reg.psf_model.name: curves}, title=f"{reg.psf_model.name}: R² vs degradation")
-            log.info(f"wrote {figure}")
+            click.echo(f"wrote {figure}")
 
 
 # ---------------------------------------------------------------------------------------------- demo

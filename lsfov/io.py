@@ -171,6 +171,13 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             scale = np.asarray(tr["scale"], dtype=float)
         elif tr.get("type") == "translation":
             trans = np.asarray(tr["translation"], dtype=float)
+    # NGFF: the multiscale's own transforms apply after the dataset's (the reader leaves them out).
+    for tr in _multiscale_transforms(path):
+        if tr.get("type") == "scale":
+            top = np.asarray(tr["scale"], dtype=float)
+            scale, trans = scale * top, trans * top
+        elif tr.get("type") == "translation":
+            trans = trans + np.asarray(tr["translation"], dtype=float)
     coords, pixel_um = {}, None
     for i, (ax, name) in enumerate(zip(axes, names)):
         if name in ("y", "x"):
@@ -362,6 +369,14 @@ def _array_attrs(path: Path) -> dict:
     except Exception:
         return {}
     return dict(node.attrs) if isinstance(node, zarr.Array) else {}
+
+
+def _multiscale_transforms(path: Path) -> list:
+    """The ``coordinateTransformations`` of a multiscale itself (NGFF 0.4 or 0.5), usually none."""
+    attrs = _group_attrs(path)
+    ms = (attrs.get("ome") or attrs).get("multiscales") or [{}]
+    first = ms[0] if isinstance(ms[0], dict) else {}
+    return first.get("coordinateTransformations") or []
 
 
 def _group_attrs(path: Path) -> dict:
@@ -570,15 +585,15 @@ def _axis_geometry(var: xr.DataArray, dim):
     if dim not in var.coords:
         return 1.0, 0.0, "pixel"
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
-    unit = var.coords[dim].attrs.get("units", "pixel")
-    unit = SPATIAL_UNIT if _to_um(unit) is not None else "pixel"
+    factor = _to_um(var.coords[dim].attrs.get("units", "pixel"))  # nm, mm ... written as µm, converted
+    unit, factor = (SPATIAL_UNIT, factor) if factor is not None else ("pixel", 1.0)
     if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)
         step = var.coords[dim].attrs.get("step")
-        return (float(step) if step else None), float(c[0]), unit
+        return (float(step) * factor if step else None), float(c[0]) * factor, unit
     step = (c[-1] - c[0]) / (c.size - 1)
     if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9):
         raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing; NGFF needs a scale")
-    return float(step), float(c[0]), unit
+    return float(step) * factor, float(c[0]) * factor, unit
 
 
 def _lead_coords(var, lead):
@@ -591,7 +606,9 @@ def _lead_coords(var, lead):
 
 
 def _is_replaceable(path: Path) -> bool:
-    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())
+    """What ``overwrite`` may replace: a zarr store, or an empty directory (nothing of anyone's in it)."""
+    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()
+                              or not any(path.iterdir()))
 
 
 def _move_into_place(tmp: Path, path: Path):

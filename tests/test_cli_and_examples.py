@@ -116,6 +116,14 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["evaluate", "Z3", "--robustness", -3], "--robustness -3"),
         (["train", "data.zarr", "m.pt", "--resume"], "nothing to resume"),
     ]
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "keep.txt").write_text("someone's data")
+    cases += [  # an input, or a folder that is no result, is never what --overwrite replaces
+        (["estimate", "img.npy", "img.npy", "--overwrite"], "is the input"),
+        (["deconvolve", "img.npy", ".", "--psf", "img.npy", "--overwrite"], "is the input"),
+        (["estimate", "img.npy", "adir", "--overwrite"], "not an lsfov result or zarr store"),
+        (["depth", "m.zarr", "adir", "--known", "img.npy", "--overwrite"], "not an lsfov result or zarr store"),
+    ]
     (tmp_path / "cal.json").write_text(json.dumps({"type": "lsfov.DepthCalibration", "axis0": 2.3, "slope": 20.0,
                                                    "offset": 0.0, "r2": 1.0, "mae_um": 0.0, "n_nodes": 9}))
     cases.append((["run", "img.npy", "o.zarr", "--model", "G1", "--calibration", "cal.json"], "needs an astigmatic"))
@@ -132,7 +140,19 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         assert "interrupted" not in res.output, (args, res.output)
     assert not called
     assert (tmp_path / "rob.png").read_bytes() == b"a figure"
+    assert (tmp_path / "adir" / "keep.txt").read_text() == "someone's data" and (tmp_path / "img.npy").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("o.")]
+
+
+def test_quiet_silences_warnings_for_its_command_only(run, tmp_path):
+    import warnings
+
+    before = list(warnings.filters)
+    np.save(tmp_path / "img.npy", np.ones((40, 40), np.float32))
+    run("-q", "info", "img.npy")
+    assert warnings.filters == before
+    with pytest.warns(UserWarning, match="still heard"):
+        warnings.warn("still heard", UserWarning)
 
 
 def test_cli_dark_image_is_refused_without_a_state_to_resume(run, tmp_path):

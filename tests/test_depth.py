@@ -301,3 +301,28 @@ def test_calibration_records_its_map_and_warns_on_another():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         estimate_depth(other, old)
+
+
+def test_linear_calibration_of_an_ideal_two_axis_map():
+    """Noise-free readings take two axes only (θ0 above focus, θ0 + π/2 below): the line's fit is
+    exact (one least-squares solve), not a search that any axis would satisfy equally well."""
+    rng = np.random.default_rng(1)
+    z = np.tile(np.linspace(-20, 20, 15), (12, 1))
+    th0, k = np.pi / 3, 0.02
+    focus = np.abs(k * z)
+    for noise in (0.0, 0.01):
+        axis = (np.where(z > 0, th0, th0 + np.pi / 2) + noise * rng.standard_normal(z.shape)) % np.pi
+        ds = xr.Dataset({"focus": (("gy", "gx"), focus), "astigmatism": (("gy", "gx"), np.full_like(z, 0.15)),
+                         "axis": (("gy", "gx"), axis), "validity": (("gy", "gx"), np.ones_like(z))},
+                        attrs={"params": ["focus", "astigmatism", "axis"], "patch": 128, "stride": 64})
+        cal = calibrate_depth(ds, z, method="linear")
+        assert cal.axis0 == pytest.approx(th0, abs=0.02) and cal.slope == pytest.approx(1 / k, rel=0.02)
+        np.testing.assert_allclose(estimate_depth(ds, cal).values, z, atol=0.02 * 40)
+
+
+def test_estimate_depth_takes_a_saved_calibration_as_read(tmp_path):
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), grid=8, seed=1)
+    ds = _truth_map(s)
+    cal = calibrate_depth(ds, s.depth_um)
+    raw = json.loads(cal.save(tmp_path / "cal.json").read_text())  # with its "type"
+    np.testing.assert_array_equal(estimate_depth(ds, raw).values, estimate_depth(ds, cal).values)

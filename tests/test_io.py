@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import dask.array as da
 import numpy as np
@@ -154,8 +155,14 @@ def test_save_never_harms_existing_output(tmp_path):
     lsfov.save(_image(32, 32), path, overwrite=True)
     assert lsfov.open_result(path).deblurred.shape == (32, 32)
     (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("someone's data")
     with pytest.raises(FileExistsError, match="not an lsfov result"):
         lsfov.save(_image(32, 32), tmp_path / "precious", overwrite=True)
+    assert (tmp_path / "precious" / "notes.txt").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: replaced
+    lsfov.save(_image(32, 32), tmp_path / "empty", overwrite=True)
+    assert lsfov.open_result(tmp_path / "empty").deblurred.shape == (32, 32)
+    shutil.rmtree(tmp_path / "empty")
     # A write killed outright (SIGKILL) leaves its hidden temporary directory: the next write of the
     # same path removes it, and only its own (not those of other results beside it).
     for name in (".r.zarr.partial-0dead0", ".r.zarr.partial-1dead1", ".r.zarr2.partial-0live0"):
@@ -172,3 +179,34 @@ def test_save_bad_objects(tmp_path):
         lsfov.save(np.zeros((2, 2, 2, 2)), tmp_path / "x.zarr")
     with pytest.raises(ValueError, match="empty|no variables"):
         lsfov.save(xr.Dataset(), tmp_path / "x.zarr")
+
+
+def test_coordinates_in_other_length_units_are_written_in_micrometres(tmp_path):
+    data = np.random.default_rng(3).random((6, 8)).astype(np.float32)
+    img = xr.DataArray(data, dims=("y", "x"), coords={"y": xr.Variable("y", 500 + 100.0 * np.arange(6), {"units": "nm"}),
+                                                     "x": xr.Variable("x", 100.0 * np.arange(8), {"units": "nm"})})
+    lsfov.save(img.rename("image"), tmp_path / "nm.zarr")
+    meta = json.loads((tmp_path / "nm.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
+    tr = meta["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert tr[0]["scale"] == pytest.approx([0.1, 0.1]) and tr[1]["translation"] == pytest.approx([0.5, 0.0])
+    back = lsfov.open_image(tmp_path / "nm.zarr" / "image")
+    assert back.attrs["pixel_um"] == pytest.approx(0.1) and back.y.values[0] == pytest.approx(0.5)
+
+
+def test_multiscale_level_transforms_apply_after_the_dataset_ones(tmp_path):
+    """NGFF: a multiscale may carry its own scale and translation, applied after each dataset's."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    root = zarr.open_group(str(tmp_path / "top.zarr"), mode="w", zarr_format=3)
+    write_image(np.zeros((4, 6), np.uint16), root, axes="yx", fmt=FormatV05(), scale_factors=[],
+                axes_units={"y": "micrometer", "x": "micrometer"})
+    ome = dict(root.attrs["ome"])
+    ms = [dict(ome["multiscales"][0])]
+    ms[0]["coordinateTransformations"] = [{"type": "scale", "scale": [0.5, 0.25]},
+                                          {"type": "translation", "translation": [10.0, 20.0]}]
+    root.attrs["ome"] = {**ome, "multiscales": ms}
+    arr = lsfov.open_image(tmp_path / "top.zarr")
+    assert arr.attrs["pixel_um"] == pytest.approx(0.25)
+    np.testing.assert_allclose(arr.x.values, 20 + 0.25 * np.arange(6))
+    np.testing.assert_allclose(arr.y.values, 10 + 0.5 * np.arange(4))

@@ -233,3 +233,39 @@ def test_pixel_size_read_from_micrometre_coordinates(blurred):
         assert ds.gx.values[0] == pytest.approx(63.5 * 0.2)
     bare = xr.DataArray(img, dims=("y", "x"))
     assert lsfov.io.pixel_size(bare) is None and lsfov.estimate_psf_map(bare, "Z3").gx.attrs["units"] == "pixel"
+
+
+def test_map_lies_on_the_image_and_its_operator_follows_a_cropped_map(blurred):
+    """An image whose coordinates start away from 0 (a crop of a larger field) gets a map on the
+    same coordinates; a map thinned or cropped with isel makes its operator at its own nodes."""
+    img, _ = blurred
+    h, w = img.shape
+    arr = xr.DataArray(img, dims=("y", "x"), coords={"y": ("y", 1000 + 0.2 * np.arange(h), {"units": "µm"}),
+                                                      "x": ("x", 2000 + 0.2 * np.arange(w), {"units": "µm"})})
+    ds = lsfov.estimate_psf_map(arr, "Z3", stride=64)
+    np.testing.assert_allclose(ds.gx.values, 2000 + 0.2 * (63.5 + 64 * np.arange(ds.sizes["gx"])))
+    np.testing.assert_allclose(ds.gy.values, 1000 + 0.2 * (63.5 + 64 * np.arange(ds.sizes["gy"])))
+    assert ds.attrs["origin"] == [1000.0, 2000.0]
+    op = lsfov.operator_from_psf_map(ds)
+    np.testing.assert_array_equal(op.centers[1], 63.5 + 64 * np.arange(ds.sizes["gx"]))
+    sub = ds.isel(gx=slice(2, None), gy=slice(None, None, 2))
+    op = lsfov.operator_from_psf_map(sub)
+    np.testing.assert_array_equal(op.centers[1], 63.5 + 64 * np.arange(2, ds.sizes["gx"]))
+    np.testing.assert_array_equal(op.centers[0], 63.5 + 128 * np.arange(sub.sizes["gy"]))
+    m = lsfov.load_model("Z3").psf_model
+    p = np.array([[float(sub[name][1, 0]) for name in m.params]])
+    np.testing.assert_allclose(op.psf_at(63.5 + 128, 63.5 + 128), m.render(p)[0], atol=1e-6)
+    # The same image with pixel coordinates from 0: the same operator, the same depth sampling.
+    plain = lsfov.operator_from_psf_map(lsfov.estimate_psf_map(img, "Z3", stride=64))
+    np.testing.assert_array_equal(plain.centers[0], lsfov.operator_from_psf_map(ds).centers[0])
+
+
+def test_a_large_block_is_regressed_in_groups_with_the_same_bits(blurred, monkeypatch):
+    from lsfov.estimate import mapping
+
+    img = blurred[0]
+    whole = lsfov.estimate_psf_map(img, "Z3", stride=64, batch_size=8, fill=False)
+    monkeypatch.setattr(mapping, "_GROUP", 12)  # 30 nodes in groups of 8: four groups, the last short
+    grouped = lsfov.estimate_psf_map(img, "Z3", stride=64, batch_size=8, fill=False)
+    for v in MAP_VARIABLES:
+        np.testing.assert_array_equal(grouped[v].values, whole[v].values)

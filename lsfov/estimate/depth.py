@@ -274,7 +274,7 @@ def _node_values(psf_map, known):
     """``known`` depth on the node grid: given there, or sampled at the node centres (bilinear)."""
     from scipy.ndimage import map_coordinates
 
-    from .mapping import node_centres
+    from .mapping import map_node_pixels
 
     k = np.asarray(getattr(known, "values", known), dtype=np.float64)
     shape = (psf_map.sizes["gy"], psf_map.sizes["gx"])
@@ -282,12 +282,11 @@ def _node_values(psf_map, known):
         return k
     if k.ndim != 2:
         raise ValueError(f"known_depth_um must be 2-D: on the node grid {shape} or the full image")
-    patch, stride = psf_map.attrs.get("patch", 128), psf_map.attrs.get("stride", 64)
     image_shape = tuple(psf_map.attrs.get("image_shape") or k.shape)
     if k.shape != image_shape:
         raise ValueError(f"known_depth_um has shape {k.shape}; give it on the node grid {shape} or at the "
                          f"image's full resolution {image_shape}")
-    yy, xx = np.meshgrid(*node_centres(patch, stride, shape), indexing="ij")
+    yy, xx = np.meshgrid(*map_node_pixels(psf_map), indexing="ij")
     return map_coordinates(k, [yy, xx], order=1, mode="nearest")
 
 
@@ -342,17 +341,12 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     robust = bool(robust)
     c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth if method == "linear" else 0.0, min_validity,
                                                   robust))
-    best = None
-    for th in np.linspace(0, np.pi, 360, endpoint=False):
-        s = np.cos(2 * th) * c + np.sin(2 * th) * s2
-        design = np.stack([s, np.ones_like(s)], 1)
-        coef, *_ = np.linalg.lstsq(design, zt, rcond=None)
-        res = float(np.sum((design @ coef - zt) ** 2))
-        if best is None or res < best[0]:
-            best = (res, th, coef)
-    res, th, (slope, offset) = best
-    if slope < 0:  # the same line with the axis turned by π/2
-        th, slope = (th + np.pi / 2) % np.pi, -slope
+    # z = slope (cos 2θ0 c + sin 2θ0 s2) + offset is linear in (slope cos 2θ0, slope sin 2θ0): one exact
+    # least-squares fit gives θ0 and a slope >= 0 (a search over θ0 was both coarser and, where c and s2
+    # are collinear, ill-posed; the minimum-norm solution then takes the smallest slope).
+    design = np.stack([c, s2, np.ones_like(c)], 1)
+    (a, b, offset), *_ = np.linalg.lstsq(design, zt, rcond=1e-6)
+    th, slope = float(np.mod(0.5 * np.arctan2(b, a), np.pi)), float(np.hypot(a, b))
     fields = dict(slope=float(slope), offset=float(offset), n_nodes=int(use.sum()), smooth=float(smooth),
                   robust=robust, min_validity=float(min_validity), method=method, symmetrize=_symmetrized(psf_map))
     if method == "curve":
@@ -400,7 +394,10 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     if not isinstance(calibration, (DepthCalibration, dict, type(None))):
         raise TypeError(f"calibration must come from lsfov.calibrate_depth (or its to_dict()), "
                         f"got {type(calibration).__name__}")
-    c = DepthCalibration(**calibration) if isinstance(calibration, dict) else calibration
+    if isinstance(calibration, dict):  # to_dict(), or a saved file's JSON (with its "type")
+        c = DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
+    else:
+        c = calibration
     sym = _symmetrized(psf_map)
     if c is not None and None not in (sym, c.symmetrize) and sym != c.symmetrize:
         # A symmetrized map reads less noisy, less shrunk parameters: curves fitted on the other kind are off.

@@ -38,6 +38,27 @@ def node_centres(patch: int, stride: int, shape) -> tuple[np.ndarray, ...]:
     return tuple(patch / 2 - 0.5 + stride * np.arange(g) for g in shape)
 
 
+def map_node_pixels(psf_map) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions (rows, columns) in the mapped image of a PSF map's nodes, read from its
+    coordinates: right also for a map cropped or thinned with ``isel``/``sel``."""
+    if not {"gy", "gx"} <= set(psf_map.coords):  # a map without coordinates: its regular grid
+        return node_centres(psf_map.attrs.get("patch", 128), psf_map.attrs.get("stride", 64),
+                            (psf_map.sizes["gy"], psf_map.sizes["gx"]))
+    origin = psf_map.attrs.get("origin") or (0.0, 0.0)
+    out = []
+    for i, d in enumerate(("gy", "gx")):
+        c = np.asarray(psf_map[d].values, dtype=np.float64) - float(origin[i])
+        if psf_map[d].attrs.get("units", "pixel") != "pixel":
+            px = psf_map.attrs.get("pixel_um")
+            if not px:
+                raise ValueError(f"the PSF map's {d} is in {psf_map[d].attrs['units']} but its pixel_um attribute "
+                                 "is missing; make the map with lsfov.estimate_psf_map")
+            c = c / float(px)
+        half = np.round(c * 2) / 2  # node positions are multiples of half a pixel: no rounding residue
+        out.append(np.where(np.abs(c - half) < 1e-6, half, c))
+    return tuple(out)
+
+
 def _model_ref(model):
     """What tasks carry: the model's file and a digest of its bytes (small; loaded once per process),
     or the model itself."""
@@ -81,10 +102,41 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, sy
     sy, sx = block.strides
     view = xp.lib.stride_tricks.as_strided(block[oy:, ox:], shape=(ny, nx, patch, patch),
                                            strides=(sy * stride, sx * stride, sy, sx))
-    patches = xp.ascontiguousarray(view).reshape(ny * nx, patch, patch)
-    pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
-    out = np.stack([pred[p] for p in _variables(m)] + [pred["validity"]], axis=-1)
+    names = (*_variables(m), "validity")
+    n = ny * nx
+    if n <= _GROUP:
+        patches = xp.ascontiguousarray(view).reshape(n, patch, patch)
+        pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
+        out = np.stack([pred[p] for p in names], axis=-1)
+    else:  # a large in-memory image: copies of a few thousand patches at a time, not of all of them
+        step = max(_GROUP // batch_size, 1) * batch_size  # whole batches: the same bytes as in one go
+        parts = []
+        for i in range(0, n, step):
+            idx = np.arange(i, min(i + step, n))
+            patches = view[xp.asarray(idx // nx), xp.asarray(idx % nx)]
+            pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
+            parts.append(np.stack([pred[p] for p in names], axis=-1))
+        out = np.concatenate(parts)
     return out.reshape(ny, nx, n_out).astype(np.float32)
+
+
+_GROUP = 4096  # patches copied at once (256 MiB of float32) when a block holds more
+
+
+def _image_origin(image, pixel_um) -> tuple[float, float]:
+    """Where an xarray image's first pixel lies: in µm when ``pixel_um`` is known (its coordinates
+    converted), else in its pixel coordinates; 0 for an axis without a usable coordinate."""
+    from ..io import _to_um
+
+    origin = []
+    for d in image.dims[-2:]:
+        c = image.coords.get(d)
+        factor = None if c is None else _to_um(c.attrs.get("units"))
+        if c is None or c.size == 0 or (pixel_um and factor is None) or (not pixel_um and factor is not None):
+            origin.append(0.0)  # coordinates of another kind than the map's: the image's own grid
+        else:
+            origin.append(float(c.values[0]) * (factor or 1.0))
+    return tuple(origin)
 
 
 def _variables(m):
@@ -173,7 +225,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     -------
     xarray.Dataset
         One variable per model parameter (with ``units``) and ``validity``, dims ``(gy, gx)``, node
-        centres as coordinates (µm or pixels, said by their ``units``); ``filled`` marks the nodes
+        centres as coordinates (µm or pixels, said by their ``units``) in the image's own frame (an
+        xarray image whose coordinates start at ``x0`` puts its first node at ``x0`` plus the first
+        patch's centre; attribute ``origin``); ``filled`` marks the nodes
         that were filled. A model with focus and astigmatism (Z3) adds ``focus_astig_sin`` and
         ``focus_astig_cos`` (its regressed focus x astigmatism products, which depth reads).
         Attributes record the model, patch, stride, pixel size and image shape.
@@ -197,8 +251,10 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         data = np.asarray(data)  # a nested list
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
+    origin = (0.0, 0.0)  # the image's first pixel, in the map's units
     if pixel_um is None and xr_in:
         pixel_um = pixel_size(image)  # its attribute, or µm coordinates
+        origin = _image_origin(image, pixel_um)
     if pixel_um is not None:
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
     if getattr(data, "ndim", np.ndim(data)) != 2:
@@ -249,7 +305,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if not np.all(np.isfinite(values)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
 
-    coords = _coords(patch, int(stride), gy, gx, float(pixel_um) if pixel_um else None)
+    coords = _coords(patch, int(stride), gy, gx, float(pixel_um) if pixel_um else None, origin)
     pm = m.psf_model
     record = pm.to_meta()
     del record["units"]  # a map gives them per variable
@@ -274,21 +330,22 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         data_vars["filled"] = (("gy", "gx"), filled, _FILLED_ATTRS)
     return xr.Dataset(data_vars, coords=coords, attrs={
         **record, "patch": patch, "stride": int(stride),
-        "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)],
+        "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)], "origin": list(origin),
         "model": "PSFRegressor" if ref is m else str(model), "symmetrize": int(bool(symmetrize)),
     })
 
 
 @functools.lru_cache(maxsize=32)
-def _coords(patch: int, stride: int, gy: int, gx: int, pixel_um):
+def _coords(patch: int, stride: int, gy: int, gx: int, pixel_um, origin=(0.0, 0.0)):
     """A map's node coordinates with their indexes, made once per grid (a Dataset built on ready
-    indexes costs a third less: on a GPU, building the Dataset is a good part of a small map)."""
+    indexes costs a third less: on a GPU, building the Dataset is a good part of a small map).
+    ``origin``: the image's first pixel in the same units, so that the map lies on the image."""
     import xarray as xr
 
     scale, unit = (pixel_um, "micrometer") if pixel_um else (1.0, "pixel")
     variables = {}
-    for d, c in zip(("gy", "gx"), node_centres(patch, stride, (gy, gx))):
-        c = c * scale
+    for d, c, o in zip(("gy", "gx"), node_centres(patch, stride, (gy, gx)), origin):
+        c = c * scale + o
         c.flags.writeable = False  # shared by the maps of this grid
         variables[d] = xr.Variable(d, c, attrs={"units": unit, "step": stride * scale})  # step: for a 1-node axis
     return xr.Coordinates(variables)
@@ -383,7 +440,6 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     gy, gx = params.shape[:2]
     size = size or m.size
     kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
-    patch, stride = psf_map.attrs.get("patch", 128), psf_map.attrs.get("stride", 64)
-    centres = node_centres(patch, stride, (gy, gx))
+    centres = map_node_pixels(psf_map)
     attrs = {"source": "lsfov.operator_from_psf_map", "psf_model": m.name}
     return ProductConvolution.from_grid(kernels, shape, centers=centres, attrs=attrs)
