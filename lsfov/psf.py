@@ -330,6 +330,14 @@ class PSFModel:
     def n_params(self) -> int:
         return len(self.params)
 
+    def period(self, param: str) -> float | None:
+        """The period of an angular parameter (None for the others): the astigmatism axis repeats
+        every π, and every π/2 without defocus (Z2: turning the axis by π/2 flips the astigmatism's
+        sign, which alone gives the same PSF)."""
+        if param != "axis":
+            return None
+        return np.pi if "focus" in self.params else np.pi / 2
+
     def to_meta(self) -> dict:
         """The model as stored results record it (JSON types): name, parameters, units, ranges, optics."""
         return {"psf_model": self.name, "params": list(self.params), "units": dict(self.units),

@@ -347,6 +347,32 @@ def test_r2_eq15_and_circular_axis():
     assert abs(train.r2_scores(m, p, q)["focus"]) < 1e-9  # predicting the mean scores 0
 
 
+def test_z2_axis_is_an_angle_modulo_a_half_turn():
+    """Without defocus, turning the astigmatism axis by π/2 gives the same PSF: Z2's decoded axis,
+    exact up to π/2, scores R² 1, and a map's filling averages it on that circle."""
+    from lsfov.estimate.mapping import fill_invalid
+
+    m = psf.MODELS["Z2"]
+    p = m.sample(400, 2)
+    back = M.decode(m, M.encode(m, p))
+    np.testing.assert_allclose(m.render(back[:8]), m.render(p[:8]), atol=1e-6)
+    assert train.r2_scores(m, p, back)["axis"] > 0.999
+    assert psf.MODELS["Z3"].period("axis") == np.pi and m.period("astigmatism") is None
+    axis = np.array([[0.05, np.pi / 2 - 0.05, 0.0]])  # the same axis (0, up to π/2) on both sides of the wrap
+    import xarray as xr
+
+    ds = xr.Dataset({"astigmatism": (("gy", "gx"), np.full((1, 3), 0.1)), "axis": (("gy", "gx"), axis),
+                     "validity": (("gy", "gx"), np.array([[1.0, 1.0, 0.0]]))},
+                    attrs={"psf_model": "Z2", "params": ["astigmatism", "axis"]})
+    filled = float(fill_invalid(ds)["axis"][0, 2])
+    assert min(filled, np.pi / 2 - filled) < 0.05  # near 0 ≡ π/2, not the π/4 of a plain mean
+
+
+def test_illumination_gradient_never_makes_light_negative():
+    light = synth._illumination(2000, 128, np.random.default_rng(0), 1.0)
+    assert light.min() >= 0 and (light == 0).any()  # the deepest diagonal gradients reach zero
+
+
 def test_tiny_training_run_lowers_the_loss(tmp_path):
     d = synth.synthesize(640, "G1", seed=11, batch=320)
     torch.manual_seed(0)

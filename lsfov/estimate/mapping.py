@@ -315,7 +315,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     filled = None
     if fill:  # on the NumPy arrays, then one Dataset: each xarray assignment costs a merge (~0.5 ms)
         filled = validity < 0.5
-        arrays = _fill(arrays, ~filled)
+        arrays = _fill(arrays, ~filled, periods={p: pm.period(p) for p in m.params if pm.period(p)})
     data_vars = {}
     for p in names:
         if p in m.params:
@@ -362,19 +362,31 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     """Fill the parameters of nodes with validity below ``threshold`` from the valid ones.
 
     Inverse-distance weighting (paper 000 Sec. II-F) over the ``neighbours`` nearest valid nodes; the
-    astigmatism axis (π-periodic) is averaged on the circle. Adds a boolean ``filled`` variable.
+    astigmatism axis is averaged on the circle (its period: π, π/2 for Z2). Adds a boolean ``filled``
+    variable.
     """
     from .model import PRODUCTS
 
     valid = psf_map["validity"].values >= threshold
     names = [*psf_map.attrs.get("params", []), *(q for q in PRODUCTS if q in psf_map)]
-    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours)
+    periods = _periods(psf_map.attrs, names)
+    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours, periods)
     return psf_map.assign({**{p: (("gy", "gx"), arrays[p], psf_map[p].attrs) for p in names},
                            "filled": (("gy", "gx"), ~valid, _FILLED_ATTRS)})
 
 
-def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8):
-    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays."""
+def _periods(attrs, names) -> dict:
+    """The period of each angular variable of a map (its model's, :meth:`PSFModel.period`)."""
+    try:
+        m = _psf.get_model(attrs.get("psf_model", "Z3"))
+    except (KeyError, ValueError):
+        m = _psf.MODELS["Z3"]
+    return {p: m.period(p) for p in names if p in m.params and m.period(p)}
+
+
+def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, periods=None):
+    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays.
+    ``periods``: {name: period} of the angular ones (default: the axis, period π)."""
     from scipy.spatial import cKDTree
 
     if valid.all():
@@ -392,9 +404,11 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8):
     for p, v in arrays.items():
         v = np.asarray(v, np.float64).copy()
         src = v[valid]
-        if p == "axis":  # the axis lives on a circle of period π
-            z = np.exp(2j * src)[idx]
-            est = np.mod(np.angle((wgt * z).sum(axis=1)) / 2, np.pi)
+        period = (periods if periods is not None else {"axis": np.pi}).get(p)
+        if period:  # an angle: the weighted mean on its circle
+            k = 2 * np.pi / period
+            z = np.exp(1j * k * src)[idx]
+            est = np.mod(np.angle((wgt * z).sum(axis=1)) / k, period)
         else:
             est = (wgt * src[idx]).sum(axis=1)
         v[~valid] = est

@@ -330,7 +330,9 @@ class PSFRegressor:
 
         def one(s):
             with torch.inference_mode():  # thread-local: entered in each thread
-                x = t[s : s + batch_size].to(self.device, non_blocking=True)
+                # Asynchronous only from host memory: a GPU tensor copied to a CPU model without a
+                # sync could be read before the copy lands.
+                x = t[s : s + batch_size].to(self.device, non_blocking=t.device.type == "cpu")
                 n = len(x)
                 if fixed and n < batch_size:
                     x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])

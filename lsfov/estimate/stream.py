@@ -170,7 +170,9 @@ class PatchStream:
         sharp[flat] = (0.1 + 0.9 * u(int(flat.sum()))).float()[:, None, None]
         angle = 2 * math.pi * u(n)[:, None, None]
         ramp = (self.yy * torch.sin(angle) + self.xx * torch.cos(angle)) / 2 + 0.5
-        light = ((0.3 + 0.7 * u(n))[:, None, None] * (1 - self.illumination * u(n)[:, None, None] * ramp)).float()
+        # Floored at zero as synth's: a deep diagonal gradient would make light negative in a corner.
+        light = ((0.3 + 0.7 * u(n))[:, None, None]
+                 * (1 - self.illumination * u(n)[:, None, None] * ramp).clamp(min=0)).float()
         psi = blur_torch(sharp, kernels) * light
         lo, hi = self.photons
         ph = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u(n)).float()[:, None, None]

@@ -185,8 +185,9 @@ def _illumination(n, size, rng, strength):
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
     t = rng.uniform(0, 2 * np.pi, n)[:, None, None]
     depth = rng.uniform(0, strength, n)[:, None, None]
-    ramp = (yy * np.sin(t) + xx * np.cos(t)) / 2 + 0.5  # 0..1 across the patch (at most)
-    return (rng.uniform(0.3, 1.0, n)[:, None, None] * (1 - depth * ramp)).astype(np.float32)
+    ramp = (yy * np.sin(t) + xx * np.cos(t)) / 2 + 0.5  # -0.21..1.21 across the patch (a diagonal one)
+    # Floored: beyond a depth of 0.83 a diagonal gradient would make light negative in a corner.
+    return (rng.uniform(0.3, 1.0, n)[:, None, None] * np.maximum(1 - depth * ramp, 0)).astype(np.float32)
 
 
 def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
@@ -366,7 +367,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     workers = positive_int(workers, "workers")
     m = _psf.get_model(model)
     invalid_fraction = real_number(invalid_fraction, "invalid_fraction", minimum=0, maximum=0.99)
-    illumination = real_number(illumination, "illumination", minimum=0, maximum=1)  # beyond 1 the light goes negative
+    illumination = real_number(illumination, "illumination", minimum=0, maximum=1)
     seed = positive_int(seed, "seed", minimum=0)
     photons = None if photons is None else _range(photons, "photons", 1e-3, 1e12)
     read_noise = _range(read_noise, "read_noise", 0, 1e6)

@@ -431,17 +431,19 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
 
 
 def r2_scores(m, true, pred) -> dict:
-    """Paper 000 Eq. 15 per parameter: 1 - SSE / SST. The axis is an angle modulo pi, so its
-    residuals and spread are taken on the circle (0 and pi are the same axis)."""
+    """Paper 000 Eq. 15 per parameter: 1 - SSE / SST. The axis is an angle modulo its period
+    (:meth:`lsfov.psf.PSFModel.period`: π, or π/2 for Z2), so its residuals and spread are taken on
+    the circle (0 and π are the same axis)."""
     m = _psf.get_model(m)
     true, pred = np.atleast_2d(np.asarray(true, float)), np.atleast_2d(np.asarray(pred, float))
     out = {}
     for i, p in enumerate(m.params):
         t, e = true[:, i], pred[:, i]
-        if p == "axis":
-            res = np.angle(np.exp(2j * (e - t))) / 2
-            mean = np.angle(np.exp(2j * t).mean()) / 2
-            dev = np.angle(np.exp(2j * (t - mean))) / 2
+        if m.period(p):
+            k = 2 * np.pi / m.period(p)
+            res = np.angle(np.exp(1j * k * (e - t))) / k
+            mean = np.angle(np.exp(1j * k * t).mean()) / k
+            dev = np.angle(np.exp(1j * k * (t - mean))) / k
         else:
             res, dev = e - t, t - t.mean()
         sst = float((dev**2).sum())
