@@ -190,6 +190,18 @@ def _cache_for(token: str) -> _SpectraCache:
         return _CACHES[token]
 
 
+def _stored_files(a) -> tuple:
+    """What identifies a zarr array's content without reading it: the absolute path of each of its
+    files with size and modification time (a rewrite at the same path changes them), or, for a
+    store that is not a local directory, its address."""
+    root = getattr(a.store_path.store, "root", None)
+    if root is None:
+        return (str(a.store_path),)
+    base = (Path(root) / a.store_path.path).resolve()
+    files = sorted(p for p in base.rglob("*") if p.is_file())
+    return (str(base), *((str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
 class ProductConvolution:
     """Space-varying blur ``H u = sum_p k_p * (w_p . u)`` (grid or basis form).
 
@@ -242,8 +254,8 @@ class ProductConvolution:
         def content(a):
             if a is None or isinstance(a, np.ndarray):
                 return a
-            if hasattr(a, "store_path"):  # a lazy zarr array: its location, not gigabytes of reads
-                return (str(a.store_path), a.shape, str(a.dtype))
+            if hasattr(a, "store_path"):  # a lazy zarr array: its files, not gigabytes of reads
+                return (_stored_files(a), a.shape, str(a.dtype))
             return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy -> host, once
 
         return tokenize(self.kind, self.shape, content(self.kernels), self.centers, content(self.maps),

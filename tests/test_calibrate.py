@@ -115,6 +115,32 @@ def test_saturated_crowded_and_empty_bead_images_are_refused():
         bead_psfs(dense, radius=-1)
 
 
+def test_wide_dim_beads_are_found_for_the_radius():
+    """Defocused beads a few noise levels above the background per pixel: nothing stands out at the
+    finest detection scale, the coarser ones find them."""
+    from lsfov.calibrate.beads import detect_beads, estimate_radius
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:600, :600]
+    img = np.full((600, 600), 20.0)
+    for cy in range(75, 600, 150):
+        for cx in range(75, 600, 150):
+            img += 25 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 7.0**2))
+    img = rng.poisson(img).astype(np.float32)
+    assert len(detect_beads(img, 4.0)) == 0  # missed at the finest scale
+    assert 3 * 7 - 3 <= estimate_radius(img) <= 3 * 7 + 6  # about 3 σ (21 px here)
+    with pytest.raises(ValueError, match="radius="):
+        estimate_radius(rng.poisson(np.full((300, 300), 20.0)).astype(np.float32))
+
+
+def test_bead_psfs_checks_its_settings(field):
+    img = field.image
+    for kw, msg in ((dict(background_order=-1), "background_order"), (dict(background_order=1.5), "background_order"),
+                    (dict(saturation="abc"), "saturation")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            bead_psfs(img, 8, **kw)
+
+
 def test_some_saturated_beads_are_left_out_with_a_warning(field):
     img = field.image.copy()
     y, x = field.positions[0]
@@ -343,6 +369,8 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
     np.testing.assert_allclose(back.gammas, sub.gammas)
     np.testing.assert_array_equal(np.asarray(back.spatial_basis), sub.spatial_basis)
     op1, op2 = sub.operator(3), back.operator(3)
+    with pytest.raises(ValueError, match="project it first"):  # PSFs of negative light, not rescaled ones
+        sub.operator(-sub.gammas[3])
     comb = dirac_comb(sub.shape, 40)
     np.testing.assert_allclose(op2.apply(comb), op1.apply(comb), atol=1e-6)
     import xarray as xr

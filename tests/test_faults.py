@@ -51,6 +51,59 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         assert len(calls) == total
 
 
+def test_resume_never_picks_up_the_state_of_another_image(scene, tmp_path):
+    """A mirror image has the shape, sum, minimum and maximum of the original: only its bytes tell
+    the runs apart, and they do."""
+    op, y = scene
+    kw = dict(exchange_every=2, scratch=tmp_path / "s")
+    flipped = np.ascontiguousarray(y[:, ::-1])
+    with dask.config.set(scheduler="synchronous"):
+        lsfov.deconvolve(da.from_array(y, chunks=60), op, 4, **kw).compute()
+        out = lsfov.deconvolve(da.from_array(flipped, chunks=60), op, 4, resume=True, **kw).compute()
+        fresh = lsfov.deconvolve(da.from_array(flipped, chunks=60), op, 4, exchange_every=2).compute()
+    np.testing.assert_array_equal(out, fresh)
+
+
+def test_a_relative_scratch_path_is_the_callers_wherever_the_workers_run(scene, tmp_path, monkeypatch):
+    """Workers may run in another directory (a PBS job starts in $HOME): the state goes where the
+    caller's relative path points."""
+    from lsfov import cluster
+
+    op, y = scene
+    (tmp_path / "client").mkdir()
+    (tmp_path / "worker").mkdir()
+    real = cluster._compute
+
+    def elsewhere(*a, **k):
+        here = os.getcwd()
+        os.chdir(tmp_path / "worker")
+        try:
+            return real(*a, **k)
+        finally:
+            os.chdir(here)
+
+    monkeypatch.setattr(cluster, "_compute", elsewhere)
+    monkeypatch.chdir(tmp_path / "client")
+    with dask.config.set(scheduler="synchronous"):
+        out = lsfov.deconvolve(da.from_array(y, chunks=60), op, 4, exchange_every=2, scratch="s").compute()
+    np.testing.assert_array_equal(out, lsfov.deconvolve(da.from_array(y, chunks=60), op, 4, exchange_every=2).compute())
+    assert list((tmp_path / "client" / "s").glob("lsfov-tvrl-*")) and not any((tmp_path / "worker").iterdir())
+
+
+def test_an_operator_rewritten_in_place_is_another_run(tmp_path):
+    from lsfov import psf
+
+    g = psf.gaussian(np.array([1.5, 2.5]), size=11)
+    kernels = np.stack([g.mean(0), g[0] - g[1]])
+    maps = np.stack([np.ones((64, 64)), np.zeros((64, 64))]).astype(np.float32)
+    lsfov.ProductConvolution.from_basis(kernels, maps).save(tmp_path / "op.zarr")
+    before = lsfov.ProductConvolution.load(tmp_path / "op.zarr").fingerprint
+    assert lsfov.ProductConvolution.load(tmp_path / "op.zarr").fingerprint == before  # the same files
+    maps[1] = 0.3
+    lsfov.ProductConvolution.from_basis(kernels, maps).save(tmp_path / "op.zarr", overwrite=True)
+    assert lsfov.ProductConvolution.load(tmp_path / "op.zarr").fingerprint != before
+
+
 def test_psf_map_resume_regresses_only_the_missing_chunks(tmp_path, count_calls):
     from lsfov.estimate import mapping
 

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, real_number
+from .._validate import LsfovWarning, as_image, positive_int, real_number
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -158,10 +158,17 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
     """
     img = as_image(image, "bead image")
     h = int(max_radius)
-    pos = detect_beads(img, 4.0)
-    pos = pos[np.all((pos >= h) & (pos < np.array(img.shape) - h), axis=1)]
+    # Detect at the finest scale that finds beads: wide, dim (defocused) beads are lost in the noise
+    # at 4 px but stand out at a coarser one.
+    scales = [r for r in (4.0, 8.0, 16.0, 32.0) if r <= max(h, 4)]
+    for r in scales:
+        pos = detect_beads(img, r)
+        pos = pos[np.all((pos >= h) & (pos < np.array(img.shape) - h), axis=1)]
+        if len(pos):
+            break
     if len(pos) == 0:
-        raise ValueError("no beads found to measure the PSF radius: the image has no bright spots; check it, or pass radius= (--radius)")
+        raise ValueError(f"no beads found to measure the PSF radius (detection scales {', '.join(f'{r:g}' for r in scales)} "
+                         "px; none more than max_radius from the border): check the image, or pass radius= (--radius)")
     pos = pos[:50]  # the brightest; the median below ignores the neighbours some of them have
     win = _windows(img, pos, h)
     win = remove_background(win, 0.75 * h)  # a background that varies across the window
@@ -242,6 +249,9 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     """
     raw = np.asarray(image)
     img = as_image(raw, "bead image")
+    background_order = positive_int(background_order, "background_order", minimum=0)
+    if saturation is not None:
+        saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     if radius is None:
         radius = estimate_radius(img)
     radius = _check_radius(radius)

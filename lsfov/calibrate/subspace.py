@@ -96,7 +96,10 @@ class OperatorSubspace:
         a = np.asarray(self.spatial_basis, dtype=np.float32)
         maps = np.tensordot(g.astype(np.float32), a, axes=(1, 0))
         flux = np.tensordot(self.psf_basis.sum(axis=(1, 2), dtype=np.float64).astype(np.float32), maps, axes=1)
-        maps /= np.maximum(flux, np.float32(1e-6) * flux.max())
+        if not float(flux.min()) > 0:  # a Γ off the cone: PSFs of no (or negative) light somewhere
+            raise ValueError(f"gamma gives PSFs of total light {float(flux.min()):.3g} (<= 0) at some pixels; "
+                             "project it first: subspace.operator(subspace.project(gamma))")
+        maps /= flux
         attrs = {**self.attrs, "source": "lsfov.OperatorSubspace.operator"}
         if isinstance(k_or_gamma, (int, np.integer)):
             attrs["image"] = int(k_or_gamma)

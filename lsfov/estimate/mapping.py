@@ -285,7 +285,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             # chunk's file also carries a digest of its pixels (see _chunk_task).
             key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
                                      batch_size, bool(symmetrize))
-            keep = Path(scratch) / f"lsfov-psfmap-{key[:16]}"
+            keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
                 shutil.rmtree(keep)
             keep.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import numpy as np
 from .._backend import array_module, task_threads
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
-from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
+from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
@@ -136,7 +136,10 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     _check_shape(y.shape, op)
     y = y.astype(np.float32)
     # One streaming pass for what the iterations need to know globally (and for bad input).
-    total, lo, hi = dask.compute(da.maximum(y, 0).sum(dtype=np.float64), y.min(), y.max())  # one read
+    stats = [da.maximum(y, 0).sum(dtype=np.float64), y.min(), y.max()]
+    if scratch is not None:  # a resumable run is named by its data's bytes, not only their statistics
+        stats.append(block_digests(y))
+    total, lo, hi, *digests = dask.compute(*stats)  # one read
     if not np.isfinite(total) or not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     if hi <= 0:
@@ -151,15 +154,16 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     r = op.halo
     s = spread_per_iteration(op, tv)
     c = tuple(int(max(ch)) for ch in y.chunks)
-    single_block = all(n + 2 * r <= ci for n, ci in zip(y.shape, c))
+    single_block = all(len(ch) == 1 for ch in y.chunks)  # the whole image one block: no exchange
     k = exchange_every or (iterations if single_block else choose_exchange_every(c, op, iterations, tv))
     k = min(k, iterations)
-    halo = s * k
+    halo = 0 if single_block else s * k  # one block has no neighbour to exchange with
     if halo > min(c):
         log.info("chunks %s are smaller than the halo of %d px (%d iterations x %d px); using larger chunks",
                  c, halo, k, s)
     ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
-    chunks = tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c))
+    chunks = (tuple((n,) for n in ext_shape) if single_block else
+              tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c)))
     check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
@@ -170,8 +174,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if scratch is None:
         x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale))
     else:
-        # Same data (its statistics), operator and parameters -> same state directory: what resume finds.
-        fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), chunks, counts, s,
+        # Same data (its blocks' bytes), operator and parameters -> same state directory: what resume finds.
+        fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), digests[0], chunks, counts, s,
                                          op.fingerprint, tv, eps)
         x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)

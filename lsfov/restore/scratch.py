@@ -55,6 +55,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
 
     from ..cluster import _active_client, compute
 
+    root = Path(root).resolve()  # workers may run in another directory (a PBS job starts in $HOME)
     if root.exists() and not resume:
         shutil.rmtree(root)  # a fresh run
     (root / "done").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 from .._backend import task_threads, to_numpy
 from .._validate import LsfovWarning, as_image, positive_int, real_number
 from ..operators import ProductConvolution
-from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
+from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
 
@@ -125,6 +125,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     warn_dense : float
         Warn when more than this fraction of pixels exceeds a tenth of the sparse component's peak
         (the image is probably not point sources on a background; use :func:`lsfov.deconvolve`).
+        NumPy/CuPy input only: a Dask result is lazy, and checking it would compute it.
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) through which every exchange's
         state goes (:mod:`lsfov.restore.scratch`): memory holds a few blocks whatever the image size.
@@ -236,8 +237,9 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
 
         from .scratch import run_exchanges
 
-        # The image (Dask's name: its source and chunks), the operator's content, every parameter.
-        key = dask.base.tokenize(y.name, op.fingerprint, gamma1, gamma2, steps, counts, s, float(start_level))
+        # The image (its blocks' bytes), the operator's content, every parameter.
+        key = dask.base.tokenize(dask.compute(block_digests(y))[0], chunks, op.fingerprint, gamma1, gamma2, steps,
+                                 counts, s, float(start_level))
         zx = run_exchanges(y, counts, s, block, root=Path(scratch) / f"lsfov-bss-{key[:16]}", channels=4,
                            resume=resume, progress=progress, desc="sparse+smooth")
         state = da.from_zarr(zx, chunks=((4,),) + chunks)
