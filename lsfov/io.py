@@ -66,7 +66,7 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     path = Path(path)
     if chunks is not None:
         chunks = _chunk_pair(chunks)
-    arr = _open_any(path, level)
+    arr = _open_any(path.resolve(), level)  # absolute: workers may read it from another directory
     arr = _select(arr, path, channel=channel, z=z, t=t)
     if chunks is not None:
         arr = arr.chunk(dict(zip(("y", "x"), chunks)))
@@ -453,7 +453,8 @@ def atomic_directory(path, *, overwrite: bool = False):
     for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
         log.info("removing %s, left by a write of %s that was killed", stale, path)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    # Absolute: the workers that write into it may run in another directory (a PBS job in $HOME).
+    tmp = path.resolve().parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
         _move_into_place(tmp, path)
