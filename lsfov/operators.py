@@ -487,9 +487,12 @@ class ProductConvolution:
     def _map_overlap(self, x, adjoint):
         if x.shape != self.shape or self.window != (0, 0) + self.shape:
             raise ValueError(f"dask image shape {x.shape} does not match the operator's shape {self.shape}")
+        from dask.array.overlap import ensure_minimum_chunksize
+
         r = self.halo
-        if min(min(c) for c in x.chunks) < r:
-            x = x.rechunk({0: max(r, x.chunksize[0]), 1: max(r, x.chunksize[1])})
+        # Every chunk (the last ones too) at least the halo: map_overlap would otherwise rechunk on its
+        # own, and the offsets below would place blocks at the wrong origin.
+        x = x.rechunk(tuple(ensure_minimum_chunksize(max(r, 1), c) for c in x.chunks))
         offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks]
 
         def block_fn(block, block_info=None):
@@ -586,7 +589,8 @@ class ProductConvolution:
     def _single_fshape(self, h, w):
         # Centred kernels: r pixels of zero padding suffice; a periodic window needs none.
         k, r = self.kernel_size, self.halo
-        return tuple(next_fast_len(n + (0 if p and n >= k else r)) for n, p in zip((h, w), self.periodic))
+        # At least the kernel: a window narrower than the halo still holds whole kernels.
+        return tuple(next_fast_len(max(k, n + (0 if p and n >= k else r))) for n, p in zip((h, w), self.periodic))
 
     def _kernel_spectra(self, fshape, centred: bool, conj: bool, xp, ids=None):
         """Spectra of the kernels ``ids`` (default: all, flat indices) at one FFT shape,

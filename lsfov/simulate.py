@@ -126,8 +126,11 @@ def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[
     """``n_images`` bead fields of one instrument in different states, as for learning a subspace of
     operators (paper 003 Sec. II-D): optics and depth profile differ per image, the astigmatism axis
     (a property of the instrument) is shared unless ``axis`` is given. Image k uses a seed derived
-    from ``seed`` and k."""
+    from ``seed`` and k; the shared axis one derived from ``seed`` and ``n_images`` (give ``axis``
+    to keep it across stacks of different lengths)."""
     n_images = positive_int(n_images, "n_images")
+    if isinstance(seed, np.random.Generator):  # as bead_field takes it
+        seed = int(seed.integers(2**63))
     root = np.random.SeedSequence(seed)
     seeds = root.spawn(n_images)
     kwargs.setdefault("axis", float(np.random.default_rng(root.spawn(1)[0]).uniform(0, np.pi)))

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+import lsfov
 from lsfov import Optics, psf
 
 
@@ -96,6 +97,22 @@ def test_models_render_batches_of_normalised_centred_kernels(name):
     one = m.render(dict(zip(m.params, p[3])))
     np.testing.assert_allclose(one, k[3], atol=1e-7)
     np.testing.assert_allclose(m.denormalize(m.normalize(p)), p)
+
+
+def test_a_cut_off_psf_is_warned_about_even_when_its_rim_is_dark():
+    """Z1 at focus 1.0 on 31 px loses half its light beyond the kernel though its rim is below half
+    its peak; nothing within the models' ranges is warned about."""
+    import warnings
+
+    m = psf.MODELS["Z1"]
+    with pytest.warns(lsfov.LsfovWarning, match="cut off"):
+        m.render([[1.0]], size=31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("G1", "G2", "Z1", "Z3"):
+            mm = psf.MODELS[name]
+            lo, hi = mm.bounds
+            mm.render(np.vstack([mm.sample(200, rng=3), hi, lo]))
 
 
 def test_model_bad_input():

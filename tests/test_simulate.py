@@ -29,6 +29,9 @@ def test_bead_stack_differs_per_image():
     assert len(s) == 3
     assert len({f.optics.na for f in s}) == 3
     np.testing.assert_array_equal(simulate.bead_stack(3, (96, 96), seed=1, grid=3)[2].image, s[2].image)
+    # A Generator seeds it too (as bead_field), reproducibly from its state.
+    a, b = (simulate.bead_stack(2, (96, 96), seed=np.random.default_rng(4), grid=3) for _ in range(2))
+    np.testing.assert_array_equal(a[1].image, b[1].image)
 
 
 def test_degrade_noise_model():
