@@ -181,6 +181,16 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     return path
 
 
+def _check_figure(figure, overwrite, out, inputs=()):
+    """A figure path checked before any work, as an output, and neither OUT nor a directory."""
+    fig = _check_out(figure, overwrite, result=False, inputs=inputs)
+    if fig.resolve() == Path(out).resolve():
+        raise ValueError(f"--figure {fig} is the result OUT too; name the figure e.g. {fig.with_suffix('.png').name}")
+    if fig.is_dir():
+        raise ValueError(f"--figure {fig} is a directory; name a PNG file")
+    return fig
+
+
 def _check_chunks(chunks):
     if chunks < 16:
         raise ValueError(f"--chunks {chunks} is too small; use at least 16 pixels (typically 1024-4096)")
@@ -418,7 +428,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 
     out = _check_out(out, overwrite, inputs=[src])
     if figure:
-        _check_out(figure, overwrite, result=False)
+        _check_figure(figure, overwrite, out, inputs=[src])
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
@@ -441,9 +451,11 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         step = max(1, max(img.shape) // 1024)
         panels = {"image": np.asarray(img.data[::step, ::step]), "PSF grid": psf_mosaic(op.kernels),
                   "validity": ds["validity"].values}
+        quantities = {"validity": (0.0, 1.0)}
         for p in ds.attrs["params"][:2]:
-            panels[p] = ds[p].values
-        summary_figure(figure, panels, title=f"lsfov estimate: {ds.attrs['psf_model']} PSF map")
+            name = f"{p} ({ds[p].attrs.get('units', '')})"
+            panels[name], quantities[name] = ds[p].values, None
+        summary_figure(figure, panels, title=f"lsfov estimate: {ds.attrs['psf_model']} PSF map", quantities=quantities)
         click.echo(f"figure: {figure}")
 
 
@@ -478,7 +490,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
 
     out = _check_out(out, overwrite, inputs=[src, *([calibration] if calibration else [])])
     if figure:
-        _check_out(figure, overwrite, result=False)
+        _check_figure(figure, overwrite, out, inputs=[src, *([calibration] if calibration else [])])
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
@@ -505,10 +517,12 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
 
         res = io.open_result(out)
         panels = {**_centres(res, ("raw", "deblurred")), "PSF grid": psf_mosaic(operator_from_psf_map(res).kernels)}
+        quantities = {}
         if "depth" in res:
             calibrated = res["depth"].attrs.get("units") == "micrometer"
-            panels["depth (µm)" if calibrated else "signed defocus (waves; no calibration)"] = res["depth"].values
-        summary_figure(figure, panels, title=f"lsfov run: {src}")
+            name = "depth (µm)" if calibrated else "signed defocus (waves; no calibration)"
+            panels[name], quantities[name] = res["depth"].values, None
+        summary_figure(figure, panels, title=f"lsfov run: {src}", quantities=quantities)
         click.echo(f"figure: {figure}")
 
 
@@ -677,7 +691,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
 
     out = _check_out(out, overwrite, inputs=beads)
     if figure:
-        _check_out(figure, overwrite, result=False)
+        _check_figure(figure, overwrite, out, inputs=beads)
     planes = [p for path in beads for p in open_planes(path, channel=channel)]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
@@ -835,7 +849,7 @@ def evaluate(model, data, n_robust, figure, overwrite):
     if figure and not n_robust:
         raise ValueError("--figure draws the robustness curves: add --robustness N")
     if figure:
-        _check_out(figure, overwrite, result=False)
+        _check_out(figure, overwrite, result=False, inputs=[p for p in (model, data) if p and Path(p).exists()])
     reg = load_model(model)
     if data is not None:
         _print_scores(_evaluate(reg, data))
@@ -880,8 +894,9 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     out = _check_out(out, overwrite)
     fig = out.with_suffix(".png")
     _check_out(fig, overwrite, result=False)
-    if size < 256:
-        raise ValueError(f"--size {size} is too small for a PSF map of 128² patches; use at least 256")
+    if size < 512:  # 7x7 nodes at least: a depth calibration on fewer reads nothing but its own plane
+        raise ValueError(f"--size {size} is too small for the demo's PSF and depth maps of 128² patches; "
+                         "use at least 512")
     _check_chunks(chunks)
     out.parent.mkdir(parents=True, exist_ok=True)
     stages = {}
@@ -899,7 +914,8 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
         cal = calibrate_depth(estimate_psf_map(da.from_array(calib.image, chunks=chunks), "Z3"), calib.depth_um,
                               smooth=2.0)  # a local plane over ~2 nodes: the surface is smooth, a node's estimate is not
         stages["depth calibration (second plane)"] = time.perf_counter() - t
-        ds, more = _blind(img, img, "Z3", calibration=cal, scratch=tmp, progress=not obj["quiet"])
+        ds, more = _blind(img, _on_gpu(img, None, scheduler), "Z3", calibration=cal, scratch=tmp,
+                          progress=not obj["quiet"])  # CuPy chunks on the cuda scheduler, as lsfov run
         stages.update(more)
         t = time.perf_counter()
         reference = np.asarray(run_tvrl(da.from_array(sample.image, chunks=chunks), sample.operator, 20))
@@ -920,8 +936,9 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     est = res["depth"].values
     gap = np.full((est.shape[0], 1), np.nan)
     both = np.clip(np.hstack([est, gap, truth]), truth.min(), truth.max())  # one scale for both
+    depth_panel = "depth (µm): CNN | true"
     summary_figure(fig, {"raw": sample.image, "deblurred (blind)": deblurred, "PSF map (grid)": psf_mosaic(operator_from_psf_map(res).kernels),
-                         f"depth: CNN | true ({truth.min():.0f}..{truth.max():.0f} µm)": both},
+                         depth_panel: both}, quantities={depth_panel: (float(truth.min()), float(truth.max()))},
                    title="lsfov demo: a tilted sample, its PSF map, blind deconvolution and depth")
     click.echo(f"\nlsfov demo: {size}x{size} tilted and curved sample, depth -8..8 µm, astigmatic optics")
     for k, v in stages.items():

@@ -28,6 +28,7 @@ def _save(fig, path) -> Path:
     plt = _plt()
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     kind = path.suffix[1:].lower()  # the temporary name's suffix is not the format's: say it
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format=kind if kind in fig.canvas.get_supported_filetypes() else "png")
@@ -35,23 +36,37 @@ def _save(fig, path) -> Path:
     return path
 
 
-def psf_mosaic(kernels: np.ndarray) -> np.ndarray:
-    """Tile a (gy, gx, K, K) stack of PSFs into one image, each PSF scaled to its own peak."""
+def psf_mosaic(kernels: np.ndarray, max_nodes: int = 16) -> np.ndarray:
+    """Tile a (gy, gx, K, K) stack of PSFs into one image, each PSF scaled to its own peak; at most
+    ``max_nodes`` per axis, evenly spread (a large map's every node would not be seen anyway)."""
+    kernels = np.asarray(kernels)
+    for ax in (0, 1):
+        if kernels.shape[ax] > max_nodes:
+            keep = np.unique(np.linspace(0, kernels.shape[ax] - 1, max_nodes).round().astype(int))
+            kernels = np.take(kernels, keep, axis=ax)
     gy, gx, k, _ = kernels.shape
     norm = kernels / np.maximum(kernels.max(axis=(-2, -1), keepdims=True), 1e-12)
     pad = np.pad(norm, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=np.nan)
     return pad.transpose(0, 2, 1, 3).reshape(gy * (k + 2), gx * (k + 2))
 
 
-def summary_figure(path, panels: dict, title: str | None = None) -> Path:
-    """Save a row of image panels ({"title": 2-D array}) as a PNG; PSF mosaics keep their own scale."""
+def summary_figure(path, panels: dict, title: str | None = None, quantities: dict | None = None) -> Path:
+    """Save a row of image panels ({"title": 2-D array}) as a PNG: images contrast-stretched in grey,
+    PSF mosaics on their own scale, and the panels named in ``quantities`` ({title: (vmin, vmax) or
+    None for their own range}) as values with a colour bar (a map's parameters, validity, depth)."""
     plt = _plt()
+    quantities = quantities or {}
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4.3), squeeze=False)
     for ax, (name, img) in zip(axes[0], panels.items()):
         img = np.asarray(img, dtype=np.float32)
-        shown = img if "PSF" in name else _stretch(img)
-        ax.imshow(shown, cmap="magma" if "PSF" in name else "gray", interpolation="nearest")
+        if name in quantities:
+            lo, hi = quantities[name] or (np.nanmin(img), np.nanmax(img))
+            shown = ax.imshow(img, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        else:
+            ax.imshow(img if "PSF" in name else _stretch(img), cmap="magma" if "PSF" in name else "gray",
+                      interpolation="nearest")
         ax.set_title(name)
         ax.set_axis_off()
     if title:

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backend import array_module, fft_module, multiply, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
+from ._backend import (array_module, fft_module, multiply, next_fast_len, parallel_map, row_bands, task_threads,
+                       threads_for, to_numpy)
 from ._validate import LsfovWarning, real_number, shape2d
 
 __all__ = ["ProductConvolution"]
@@ -499,7 +500,8 @@ class ProductConvolution:
             # map_overlap hands over the block with its halo and trims the halo off the result.
             iy, ix = block_info[None]["chunk-location"]
             op = self.restrict((offsets[0][iy] - r, offsets[1][ix] - r), block.shape)
-            return op._dispatch(block, adjoint, check=False)  # Dask images are not scanned (a pass of their own)
+            with task_threads():  # Dask runs tasks side by side: each its FFTs on its own thread
+                return op._dispatch(block, adjoint, check=False)  # Dask images are not scanned (a pass of their own)
 
         return x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
 

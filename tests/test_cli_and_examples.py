@@ -52,7 +52,7 @@ def test_demo_writes_result_and_figure(run, tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 10_000
     again = run("demo", "--size", 256, "--out", "d.zarr", ok=False)
     assert again.exit_code == 1 and "--overwrite" in again.output
-    run("-q", "demo", "--size", 256, "--out", "d.zarr", "--overwrite", "--scheduler", "synchronous")
+    run("-q", "demo", "--size", 512, "--chunks", 512, "--out", "d.zarr", "--overwrite", "--scheduler", "synchronous")
 
 
 def test_simulate_beads_blur_and_info(run, tmp_path):
@@ -74,7 +74,7 @@ def test_cli_bad_input_gives_one_line_and_exit_1(run, tmp_path):
     cases = [
         (["info", "nope.zarr"], "no such file"),
         (["simulate", "blur", "nope.tif", "o.zarr"], "no such file"),
-        (["demo", "--scheduler", "carrier-pigeon", "--size", 256], "unknown scheduler"),
+        (["demo", "--scheduler", "carrier-pigeon", "--size", 512], "unknown scheduler"),
         (["simulate", "beads", "x.zarr", "--size", 20], "too small"),
     ]
     np.save(tmp_path / "nan.npy", np.full((40, 40), np.nan, np.float32))
@@ -102,7 +102,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     cases = [
         (["estimate", "img.npy", "o.zarr", "--chunks", 0], "--chunks 0 is too small"),
         (["run", "img.npy", "o.zarr", "--chunks", -5], "--chunks -5 is too small"),
-        (["demo", "--size", 256, "--chunks", 0], "--chunks 0 is too small"),
+        (["demo", "--size", 512, "--chunks", 0], "--chunks 0 is too small"),
+        (["demo", "--size", 256], "at least 512"),
+        (["estimate", "img.npy", "o.zarr", "--figure", "o.zarr"], "is the result OUT"),
         (["run", "img.npy", "o.zarr", "--iterations", -1], "--iterations -1"),
         (["run", "img.npy", "o.zarr", "--tv", 0.5], "--tv 0.5"),
         (["run", "img.npy", "o.zarr", "--model", "nope.pt"], "no model file"),
@@ -120,6 +122,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     (tmp_path / "adir" / "keep.txt").write_text("someone's data")
     cases += [  # an input, or a folder that is no result, is never what --overwrite replaces
         (["estimate", "img.npy", "img.npy", "--overwrite"], "is the input"),
+        (["estimate", "img.npy", "o.zarr", "--figure", "img.npy", "--overwrite"], "is the input"),
+        (["run", "img.npy", "o.zarr", "--figure", "adir"], "already exists"),
+        (["run", "img.npy", "o.zarr", "--figure", "adir", "--overwrite"], "not an lsfov result"),
         (["deconvolve", "img.npy", ".", "--psf", "img.npy", "--overwrite"], "is the input"),
         (["estimate", "img.npy", "adir", "--overwrite"], "not an lsfov result or zarr store"),
         (["depth", "m.zarr", "adir", "--known", "img.npy", "--overwrite"], "not an lsfov result or zarr store"),
@@ -552,3 +557,13 @@ def test_cli_starts_without_torch_and_writes_figures_of_any_name(run, tmp_path):
         head = (tmp_path / name).read_bytes()[:8]
         assert head.startswith(b"%PDF" if name.endswith(".pdf") else b"\x89PNG"), (name, head)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig", "fig.pdf", "fig.v2"]
+
+
+def test_psf_mosaic_shows_at_most_16_nodes_per_axis_ends_included():
+    from lsfov.figures import psf_mosaic
+
+    k = np.random.default_rng(0).random((40, 3, 5, 5)).astype(np.float32)
+    m = psf_mosaic(k)
+    assert m.shape == (16 * 7, 3 * 7)
+    np.testing.assert_allclose(m[1:6, 1:6], k[0, 0] / k[0, 0].max())
+    np.testing.assert_allclose(m[-6:-1, -6:-1], k[-1, -1] / k[-1, -1].max())

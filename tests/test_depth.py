@@ -326,3 +326,13 @@ def test_estimate_depth_takes_a_saved_calibration_as_read(tmp_path):
     cal = calibrate_depth(ds, s.depth_um)
     raw = json.loads(cal.save(tmp_path / "cal.json").read_text())  # with its "type"
     np.testing.assert_array_equal(estimate_depth(ds, raw).values, estimate_depth(ds, cal).values)
+
+
+def test_curves_on_few_nodes_keep_a_low_degree():
+    """Four nodes per coefficient at least: on a 3x3 map quartic curves would pass through every
+    node (R² 1 on the calibration, anything elsewhere)."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.3, grid=3, seed=4)
+    cal = calibrate_depth(_truth_map(s), s.depth_um)
+    assert all(len(c) == 2 for c in cal.curves)  # 9 nodes: degree 1
+    big = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.3, grid=8, seed=4)
+    assert all(len(c) == 5 for c in calibrate_depth(_truth_map(big), big.depth_um).curves)  # 64 nodes: 4

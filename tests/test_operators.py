@@ -1,3 +1,4 @@
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -449,6 +450,23 @@ def test_dask_tasks_run_their_ffts_on_one_thread():
     assert seen == {"before": _backend._FFT_WORKERS, "inside": 1, "after": _backend._FFT_WORKERS}
     with _backend.task_threads():
         assert _backend._workers() == _backend._FFT_WORKERS
+    # ... and so do the tasks of a lazy apply and adjoint (each its FFTs on its own thread).
+    op = OPS["grid"]()
+    seen, real = [], ProductConvolution._dispatch
+
+    def spy(self, *a, **k):
+        if threading.current_thread() is not threading.main_thread():  # (Dask's meta call runs on the main one)
+            seen.append(_backend._workers())
+        return real(self, *a, **k)
+
+    ProductConvolution._dispatch = spy
+    try:
+        with dask.config.set(scheduler="threads"):
+            op.apply(da.from_array(np.ones(op.shape, np.float32), chunks=60)).compute()
+            op.adjoint(da.from_array(np.ones(op.shape, np.float32), chunks=60)).compute()
+    finally:
+        ProductConvolution._dispatch = real
+    assert seen and set(seen) == {1}
 
 
 def test_fft_shapes_of_a_tv_rl_iteration_fit_the_cufft_plan_cache(monkeypatch):

@@ -312,7 +312,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         of the signed defocus.
     degree : int
         Degree of the curves' polynomials in depth (``"curve"``); at most the number of distinct known
-        depths minus 2.
+        depths minus 2, and a quarter of the calibration's nodes minus 1.
     robust : bool
         The smoothing robust to outlying nodes (:func:`local_plane`), stored with ``smooth``.
 
@@ -354,7 +354,9 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         if levels < 3:
             raise ValueError(f"the known depth takes only {levels} distinct values on the valid nodes; curves need "
                              "at least 3: calibrate on a tilted or curved sample, or use method='linear'")
-        degree = min(degree, levels - 2)  # a few depth steps: a lower degree, never a curve through every point
+        # A few depth steps or nodes: a lower degree, never a curve through every point (at least four
+        # nodes per coefficient: a 3x3 map fitted with quartics read any depth, R² 1 on the calibration).
+        degree = max(1, min(degree, levels - 2, int(use.sum()) // 4 - 1))
         # The axis from the products alone: above focus they point along (sin, cos) 2θ0 and grow with depth.
         ps, pc = (v[use] for v in _products(psf_map))
         design = np.stack([zt - zt.mean(), np.ones_like(zt)], 1)
