@@ -264,6 +264,7 @@ def test_node_grid_upsampling_and_metric():
     assert np.sum(ua * ub) == pytest.approx(np.sum((ry @ a @ rx) * (ry @ b @ rx)), rel=1e-5)
     iy, ix = g.gram_sqrt(inverse=True)
     np.testing.assert_allclose(iy @ ry, np.eye(len(ry)), atol=1e-8)
+    np.testing.assert_allclose(ix @ rx, np.eye(len(rx)), atol=1e-8)
 
 
 def test_thin_plate_maps_reproduce_affine_coefficients_and_interpolate():
@@ -271,16 +272,18 @@ def test_thin_plate_maps_reproduce_affine_coefficients_and_interpolate():
     pos = rng.uniform(0, 199, (60, 2))
     beta = np.stack([1 + 0.01 * pos[:, 0] - 0.02 * pos[:, 1], 0.5 + 0.003 * pos[:, 1]], axis=1)
     grid = node_grid((200, 200), 10)
-    nodes = coefficient_nodes(pos, beta, grid, smoothing=1.0)  # any smoothing keeps affine data
     yy, xx = np.meshgrid(*grid.nodes, indexing="ij")
-    np.testing.assert_allclose(nodes[0], 1 + 0.01 * yy - 0.02 * xx, atol=1e-6)
+    for smoothing in (0.1, 1.0, 10.0):  # any smoothing keeps affine data
+        nodes = coefficient_nodes(pos, beta, grid, smoothing=smoothing)
+        np.testing.assert_allclose(nodes[0], 1 + 0.01 * yy - 0.02 * xx, atol=1e-6)
+        np.testing.assert_allclose(nodes[1], 0.5 + 0.003 * xx, atol=1e-6)
     # Without smoothing, the maps pass through the data (nodes placed on the beads).
     pos = grid.points()[rng.choice(grid.points().shape[0], 30, replace=False)]
     beta = rng.normal(size=(30, 1))
     nodes = coefficient_nodes(pos, beta, grid, smoothing=0.0)
     ij = np.round(pos / 10).astype(int)
     np.testing.assert_allclose(nodes[0][ij[:, 0], ij[:, 1]], beta[:, 0], atol=1e-6)
-    with pytest.raises(ValueError, match="3"):
+    with pytest.raises(ValueError, match="needs 3 not on a line"):
         coefficient_nodes(pos[:2], beta[:2], grid)
 
 

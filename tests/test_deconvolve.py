@@ -297,6 +297,7 @@ def test_negative_pixels_are_clipped_with_a_warning(scene):
     with pytest.warns(lsfov._validate.LsfovWarning, match="negative"):
         b = lsfov.deconvolve(da.from_array(shifted, chunks=64), op, 3).compute()
     np.testing.assert_allclose(a, b, atol=1e-5 * a.max())
+    np.testing.assert_array_equal(a, lsfov.deconvolve(np.maximum(shifted, 0), op, 3))  # clipped, not shifted
 
 
 def test_operator_save_load_round_trip(tmp_path, scene):

@@ -108,6 +108,7 @@ def test_local_plane_keeps_planes_and_averages_noise():
     np.testing.assert_allclose(local_plane(noisy, lone, 1.0)[-1, -1], noisy[-1, -1])
     both = local_plane(np.stack([noisy, plane]), w, 1.5)
     np.testing.assert_allclose(both[0], local_plane(noisy, w, 1.5))
+    np.testing.assert_allclose(both[1], plane, atol=1e-6)
     with pytest.raises(ValueError, match="smooth"):
         local_plane(noisy, w, -1)
     with pytest.raises(ValueError, match="weights"):

@@ -319,8 +319,11 @@ def test_frozen_training_changes_only_the_tail(tmp_path):
     # Stopped after an epoch and resumed (no init: the trunk comes from the checkpoint, before its
     # features are computed), it ends where the uninterrupted run did.
     kw = dict(arch="polar", freeze=True, epochs=3, lr=1e-3, batch_size=32, progress=False, checkpoint=tmp_path / "ck2")
-    train.train(store, init=spectral, max_minutes=0, **kw)
+    stopped = train.train(store, init=spectral, max_minutes=0, **kw)
+    assert stopped.meta["training"]["epochs_run"] == 1  # max_minutes=0: one epoch, then stop
     resumed = train.train(store, resume=True, **kw)
+    first = [h for h in resumed.meta["training"]["history"] if "epoch" in h][0]
+    assert first == [h for h in stopped.meta["training"]["history"] if "epoch" in h][0]  # read back, not redone
     for k, v in polar.net.state_dict().items():
         torch.testing.assert_close(resumed.net.state_dict()[k], v)
     with pytest.raises(ValueError, match="is a run with freeze=True"):
@@ -390,10 +393,12 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     assert r2 == pytest.approx(reg.meta["training"]["best_val_r2"], abs=1e-5)
     assert (tmp_path / "ck" / "last.pt").exists() and (tmp_path / "ck" / "best.pt").exists()
     # resumable: a run stopped after one epoch and resumed ends where the uninterrupted one did
-    train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, max_minutes=0)
+    stopped = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, max_minutes=0)
+    assert stopped.meta["training"]["epochs_run"] == 1  # max_minutes=0: one epoch, then stop
     resumed = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, resume=True)
-    epochs = [h["epoch"] for h in resumed.meta["training"]["history"] if "epoch" in h]
-    assert epochs == [0, 1, 2]
+    epochs = [h for h in resumed.meta["training"]["history"] if "epoch" in h]
+    assert [h["epoch"] for h in epochs] == [0, 1, 2]
+    assert epochs[0] == [h for h in stopped.meta["training"]["history"] if "epoch" in h][0]  # read back, not redone
     x = d["patches"][:8]
     np.testing.assert_allclose(resumed.predict(x)["sigma"], reg.predict(x)["sigma"], rtol=1e-3, atol=1e-3)
 
