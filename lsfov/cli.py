@@ -349,7 +349,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
             raise ValueError(f"{map_path} is not a PSF map; make one with `lsfov estimate` (an operator: --operator)")
         op = operator_from_psf_map(psf_map, img.shape)
     else:
-        op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape)
+        op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape, channel)
     if op.shape != img.shape:
         raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
@@ -374,15 +374,18 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
                f"({mpix * iterations / seconds:.1f} Mpixel·iterations/s); preview {fig}")
 
 
-def _psf_operator(path, shape):
-    """A one-node operator from a measured PSF file (:meth:`ProductConvolution.from_psf`)."""
+def _psf_operator(path, shape, channel=None):
+    """A one-node operator from a measured PSF file (:meth:`ProductConvolution.from_psf`); of a
+    multi-channel PSF, the image's ``channel``."""
     from . import io
     from .operators import ProductConvolution
 
-    planes = [np.asarray(p.values, dtype=np.float32) for p in io.open_planes(path)]
+    whole = io._open_any(Path(path).resolve(), 0)
+    several = "c" in whole.dims and whole.sizes["c"] > 1
+    planes = [np.asarray(p.values, dtype=np.float32) for p in io.open_planes(path, channel=channel if several else None)]
     # A 3-D PSF (a z-stack of a bead): its in-focus plane, the one with the highest peak, deblurs the
-    # plane of a sample that is in focus.
-    best = int(np.argmax([np.nanmax(p) for p in planes]))
+    # plane of a sample that is in focus (a plane with no finite pixel is never it).
+    best = int(np.argmax([np.nanmax(p) if np.isfinite(p).any() else -np.inf for p in planes]))
     if len(planes) > 1:
         log.info("%s: a PSF of %d planes; using plane %d, the one with the highest peak", path, len(planes), best)
     try:
@@ -801,6 +804,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
     out = _check_out(out, overwrite, result=False, inputs=[p for p in (data, *more) if p])  # a .pt file
+    _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
     if n_stream is not None:

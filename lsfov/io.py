@@ -268,6 +268,8 @@ def _open_npy(path: Path) -> xr.DataArray:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
         raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if arr.ndim < 2:
+        raise ValueError(f"{path}: a .npy array of {arr.ndim} dimension(s); an image needs 2 to 5 (t, c, z, y, x)")
     return _with_coords(da.from_array(arr), list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else None, None, path)
 
 

@@ -117,7 +117,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["evaluate", "nope.pt", "--robustness", 5], "no model file"),
         (["evaluate", "Z3", "--robustness", -3], "--robustness -3"),
         (["train", "data.zarr", "m.pt", "--resume"], "nothing to resume"),
+        (["train", "--stream", 32, "side.pt", "--batch-size", 16, "--arch", "compact"], "side.json already exists"),
     ]
+    (tmp_path / "side.json").write_text("{}")  # someone's file where the model's metadata would go
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir" / "keep.txt").write_text("someone's data")
     cases += [  # an input, or a folder that is no result, is never what --overwrite replaces
@@ -261,12 +263,33 @@ def test_deconvolve_bad_input(run, tmp_path, blurred):
         (["y.npy", "o.zarr", "--psf", "psf.npy", "--iterations", 0], "positive integer"),
         (["y.npy", "o.zarr", "--psf", "psf.npy", "--tv", 1], "tv must be in"),
         (["y.npy", "o.zarr", "--psf", "psf.npy", "--chunks", 4], "too small"),
+        (["y.npy", "o.zarr", "--psf", "scalar.npy"], "an image needs 2 to 5"),
     ]
+    np.save(tmp_path / "scalar.npy", np.float32(1.0))
     for args, msg in cases:
         res = run("deconvolve", *args, ok=False)
         assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, (args, res.output)
     assert not (tmp_path / "o.zarr").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_deconvolve_psf_stacks_and_channels(run, tmp_path, blurred):
+    """A z-stack PSF: its highest-peak plane, even beside a plane of NaN; a multi-channel PSF: the
+    image's --channel."""
+    import tifffile
+
+    y, op = blurred
+    psf = np.load(tmp_path / "psf.npy")
+    np.save(tmp_path / "stack.npy", np.stack([0.5 * psf, psf, np.full_like(psf, np.nan)]))
+    run("-q", "deconvolve", "y.npy", "s.zarr", "--psf", "stack.npy", "--iterations", 3)
+    run("-q", "deconvolve", "y.npy", "p.zarr", "--psf", "psf.npy", "--iterations", 3)
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "s.zarr").deblurred.values,
+                                  lsfov.open_result(tmp_path / "p.zarr").deblurred.values)
+    tifffile.imwrite(tmp_path / "img_c.ome.tif", np.stack([y, y]).astype(np.float32), metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "psf_c.ome.tif", np.stack([np.roll(psf, 1, 0), psf]), metadata={"axes": "CYX"})
+    run("-q", "deconvolve", "img_c.ome.tif", "c.zarr", "--psf", "psf_c.ome.tif", "--channel", 1, "--iterations", 3)
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "c.zarr").deblurred.values,
+                                  lsfov.open_result(tmp_path / "p.zarr").deblurred.values)
 
 
 def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path, blurred, monkeypatch):

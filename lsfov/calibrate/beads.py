@@ -144,7 +144,8 @@ def _maxima(image, radius, threshold):
     img = as_image(image, "bead image")
     radius = _check_radius(radius)
     resp, _ = _log_response(img, radius)
-    thr = _robust_threshold(resp) if threshold is None else real_number(threshold, "threshold")
+    thr = _robust_threshold(resp) if threshold is None else real_number(threshold, "threshold", minimum=0,
+                                                                           exclusive=True)
     every = peak_local_max(resp, min_distance=1, threshold_abs=thr, exclude_border=False)
     return peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False), every
 

@@ -433,7 +433,8 @@ class PSFRegressor:
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         with atomic_file(path) as tmp:
             torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+        with atomic_file(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1) + "\n")
         return path
 
     @classmethod
