@@ -62,8 +62,11 @@ def summary_figure(path, panels: dict, title: str | None = None, quantities: dic
         img = np.asarray(img, dtype=np.float32)
         if name in quantities:
             lo, hi = quantities[name] or (np.nanmin(img), np.nanmax(img))
+            from mpl_toolkits.axes_grid1 import make_axes_locatable
+
             shown = ax.imshow(img, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            # The bar as tall as the panel, whatever its aspect (a depth panel is wider than high).
+            fig.colorbar(shown, cax=make_axes_locatable(ax).append_axes("right", size="4%", pad=0.05))
         else:
             ax.imshow(img if "PSF" in name else _stretch(img), cmap="magma" if "PSF" in name else "gray",
                       interpolation="nearest")
