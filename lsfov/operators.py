@@ -193,14 +193,15 @@ def _cache_for(token: str) -> _SpectraCache:
 
 def _stored_files(a) -> tuple:
     """What identifies a zarr array's content without reading it: the absolute path of each of its
-    files with size and modification time (a rewrite at the same path changes them), or, for a
-    store that is not a local directory, its address."""
+    files with size, modification time and inode (a rewrite at the same path changes them, even on a
+    file system with coarse times), or, for a store that is not a local directory, its address."""
     root = getattr(a.store_path.store, "root", None)
     if root is None:
         return (str(a.store_path),)
     base = (Path(root) / a.store_path.path).resolve()
     files = sorted(p for p in base.rglob("*") if p.is_file())
-    return (str(base), *((str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    stats = ((str(p.relative_to(base)), p.stat()) for p in files)
+    return (str(base), *((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
 
 
 class ProductConvolution:
