@@ -315,7 +315,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     filled = None
     if fill:  # on the NumPy arrays, then one Dataset: each xarray assignment costs a merge (~0.5 ms)
         filled = validity < 0.5
-        arrays = _fill(arrays, ~filled, periods={p: pm.period(p) for p in m.params if pm.period(p)})
+        arrays = _fill(arrays, ~filled, periods=_periods(pm, names))
     data_vars = {}
     for p in names:
         if p in m.params:
@@ -369,24 +369,23 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
 
     valid = psf_map["validity"].values >= threshold
     names = [*psf_map.attrs.get("params", []), *(q for q in PRODUCTS if q in psf_map)]
-    periods = _periods(psf_map.attrs, names)
-    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours, periods)
+    try:
+        model = _psf.get_model(psf_map.attrs.get("psf_model", "Z3"))
+    except ValueError:  # a map of no known model: its axis (if any) as Z3's
+        model = _psf.MODELS["Z3"]
+    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours, periods=_periods(model, names))
     return psf_map.assign({**{p: (("gy", "gx"), arrays[p], psf_map[p].attrs) for p in names},
                            "filled": (("gy", "gx"), ~valid, _FILLED_ATTRS)})
 
 
-def _periods(attrs, names) -> dict:
-    """The period of each angular variable of a map (its model's, :meth:`PSFModel.period`)."""
-    try:
-        m = _psf.get_model(attrs.get("psf_model", "Z3"))
-    except (KeyError, ValueError):
-        m = _psf.MODELS["Z3"]
-    return {p: m.period(p) for p in names if p in m.params and m.period(p)}
+def _periods(model, names) -> dict:
+    """{name: period} of a map's angular variables (the model's, :meth:`PSFModel.period`)."""
+    return {p: model.period(p) for p in names if p in model.params and model.period(p)}
 
 
-def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, periods=None):
-    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays.
-    ``periods``: {name: period} of the angular ones (default: the axis, period π)."""
+def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, periods: dict):
+    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays;
+    the variables in ``periods`` are angles, averaged on their circle."""
     from scipy.spatial import cKDTree
 
     if valid.all():
@@ -404,7 +403,7 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, periods=None):
     for p, v in arrays.items():
         v = np.asarray(v, np.float64).copy()
         src = v[valid]
-        period = (periods if periods is not None else {"axis": np.pi}).get(p)
+        period = periods.get(p)
         if period:  # an angle: the weighted mean on its circle
             k = 2 * np.pi / period
             z = np.exp(1j * k * src)[idx]
