@@ -237,6 +237,13 @@ def info(path):
         click.echo(describe(path))
 
 
+def _source(src, img) -> dict:
+    """A result's provenance: its input and, for a plane of a larger image, which one (index per axis,
+    and its z in µm or its time where the file says)."""
+    keys = ("plane", "z_um", "t", "t_units")
+    return {"source": str(src), **{k: img.attrs[k] for k in keys if img.attrs.get(k) is not None}}
+
+
 # ---------------------------------------------------------------------------------------------- simulate
 
 
@@ -297,6 +304,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
     blurred = sim.degrade(img.values, op, photons=photons, read_noise=read_noise, seed=seed)
     ds = _params_dataset(params, op, img.attrs.get("pixel_um"), model)
     ds["blurred"] = img.copy(data=blurred)
+    ds.attrs.update(command="lsfov simulate blur", **_source(src, img))
     io.save(ds, out, overwrite=overwrite)
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]} blurred with a {grid}x{grid} {model} PSF field")
 
@@ -360,7 +368,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
                      progress=not obj["quiet"])
         ds = xr.Dataset({"deblurred": result}, attrs={
-            "command": "lsfov deconvolve", "source": str(src), "operator": str(operator_path or psf_path or map_path),
+            "command": "lsfov deconvolve", **_source(src, img), "operator": str(operator_path or psf_path or map_path),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -442,7 +450,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
                               resume=resume, progress=not obj["quiet"])
         seconds = time.perf_counter() - t0
         ds["filled"] = ds["filled"].astype(np.uint8)
-        ds.attrs.update(command="lsfov estimate", source=str(src))
+        ds.attrs.update(command="lsfov estimate", **_source(src, img))
         io.save(ds, out, overwrite=overwrite)
     n = ds.sizes["gy"] * ds.sizes["gx"]
     click.echo(f"wrote {out}: {ds.sizes['gy']}x{ds.sizes['gx']} nodes of {ds.attrs['psf_model']} "
@@ -510,7 +518,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, scratch=tmp, resume=resume, progress=not obj["quiet"])
-        ds.attrs.update(command="lsfov run", source=str(src))
+        ds.attrs.update(command="lsfov run", **_source(src, img))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
         stages["deconvolution + writing"] = stages.pop("deconvolution") + time.perf_counter() - t
@@ -647,7 +655,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
         sources = xr.DataArray(table, dims=("source", "column"), coords=cols,
                                attrs={"units": "pixel", "description": "point sources used to identify the blur"})
         ds = xr.Dataset({"raw": img, "sparse": sparse, "smooth": smooth, "sources": sources}, attrs={
-            "command": "lsfov bss", "source": str(src), "subspace": str(subspace_path),
+            "command": "lsfov bss", **_source(src, img), "subspace": str(subspace_path),
             "gamma": info["gamma"].tolist(), "gamma1": sparse.attrs["gamma1"], "gamma2": sparse.attrs["gamma2"],
             "iterations": iterations,
         })

@@ -188,6 +188,10 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
                 pixel_um = float(scale[i] * factor) if name == "x" or pixel_um is None else pixel_um
             else:
                 coords[name] = _coord(name, trans[i] + scale[i] * np.arange(data.shape[i]), "pixel")
+        elif name in ("z", "t") and isinstance(ax, dict) and ax.get("unit"):  # where a chosen plane lies
+            factor = _to_um(ax["unit"]) if name == "z" else None
+            values = trans[i] + scale[i] * np.arange(data.shape[i])
+            coords[name] = _coord(name, values * factor, SPATIAL_UNIT) if factor else _coord(name, values, ax["unit"])
     return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
 
 
@@ -287,9 +291,25 @@ def _with_coords(data, dims, pixel_um, path) -> xr.DataArray:
 
 
 def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
+    # Which plane of a larger image this is (attrs "plane", and "z_um" or "t" where the file says), so
+    # that the result of one time point or z plane says where it came from.
+    plane, where = {}, {}
+
+    def note(dim, i):
+        plane[dim] = i
+        if dim in arr.coords:  # not .get: xarray makes up an index for a dim without coordinates
+            c = arr.coords[dim]
+            if c.attrs.get("units") == SPATIAL_UNIT:
+                where[f"{dim}_um"] = float(c.values[i])
+            else:
+                where.update({dim: float(c.values[i]), f"{dim}_units": c.attrs.get("units")})
+
     for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
         if idx is not None:
-            arr = _select_axis(arr, path, dim, idx, flag)
+            picked = _select_axis(arr, path, dim, idx, flag)
+            if dim in arr.dims:
+                note(dim, int(idx) % arr.sizes[dim])
+            arr = picked
     extra = [d for d in arr.dims if d not in ("y", "x") and arr.sizes[d] > 1]
     if extra:
         d = extra[0]
@@ -297,7 +317,12 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
         raise ValueError(
             f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})"
         )
+    for d in arr.dims:
+        if d not in ("y", "x"):
+            note(d, 0)
     arr = arr.isel({d: 0 for d in arr.dims if d not in ("y", "x")}, drop=True)
+    if plane:
+        arr.attrs.update(plane=plane, **where)
     if arr.dims != ("y", "x"):
         if set(arr.dims) != {"y", "x"}:
             raise ValueError(f"{path}: need a 2-D (y, x) image, got dims {arr.dims} with shape {arr.shape}")
@@ -731,7 +756,7 @@ def describe(path) -> str:
 
 def _describe_array(name, arr: xr.DataArray) -> str:
     geo = []
-    for d in arr.dims[-2:]:
+    for d in arr.dims:  # every axis with a scale: z steps and time intervals too
         if d in arr.coords and arr.sizes[d] > 1 and arr.coords[d].dtype.kind in "iuf":
             c = arr.coords[d].values
             geo.append(f"{d}: {c[0]:.4g}..{c[-1]:.4g} step {c[1] - c[0]:.4g} {arr.coords[d].attrs.get('units', '')}")

@@ -290,6 +290,9 @@ def test_deconvolve_psf_stacks_and_channels(run, tmp_path, blurred):
     run("-q", "deconvolve", "img_c.ome.tif", "c.zarr", "--psf", "psf_c.ome.tif", "--channel", 1, "--iterations", 3)
     np.testing.assert_array_equal(lsfov.open_result(tmp_path / "c.zarr").deblurred.values,
                                   lsfov.open_result(tmp_path / "p.zarr").deblurred.values)
+    # the result says which plane of its input it is
+    assert lsfov.open_result(tmp_path / "c.zarr").attrs["plane"] == {"c": 1}
+    assert "plane" not in lsfov.open_result(tmp_path / "p.zarr").attrs
 
 
 def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path, blurred, monkeypatch):

@@ -80,6 +80,10 @@ def test_open_image_ngff_04_and_05_and_selection(tmp_path):
         np.testing.assert_array_equal(arr.values, data[1, 2])
         assert arr.attrs["pixel_um"] == pytest.approx(0.2)
         assert arr.x.attrs["units"] == "micrometer" and arr.x.values[1] == pytest.approx(0.2)
+        # which plane it is, and where: a result of one plane says so
+        assert arr.attrs["plane"] == {"c": 1, "z": 2} and arr.attrs["z_um"] == pytest.approx(1.0)
+        assert lsfov.open_image(tmp_path / name, channel=-1, z=-3).attrs["plane"] == {"c": 1, "z": 0}
+        assert "z: 0..1 step 0.5 micrometer" in lsfov.io.describe(tmp_path / name)
         with pytest.raises(ValueError, match="out of range"):
             lsfov.open_image(tmp_path / name, channel=5, z=0)
 
