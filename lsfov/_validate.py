@@ -85,3 +85,17 @@ def real_number(v, name: str, *, minimum: float | None = None, maximum: float | 
                 ([] if maximum is None else [f"<= {maximum:g}"])
         raise ValueError(f"{name} must be a finite number {' and '.join(rules)}".rstrip() + f", got {v!r}")
     return f
+
+
+def yx_order(image, name: str = "image"):
+    """A 2-D xarray image in (y, x) order: transposed by name when its dims are ``y`` and ``x`` in any
+    order; other names are read by position (rows, columns); one of the two alone is refused."""
+    dims = tuple(image.dims)
+    if len(dims) != 2:
+        raise ValueError(f"{name} must be 2-D (y, x), got dims {dims}; select a plane first")
+    if set(dims) == {"y", "x"}:
+        return image.transpose("y", "x")
+    if "y" in dims or "x" in dims:
+        raise ValueError(f"{name} has dims {dims}: name them 'y' and 'x', or neither (read as rows, columns)")
+    return image
+

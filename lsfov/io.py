@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -25,13 +26,13 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import positive_int, real_number
+from ._validate import LsfovWarning, positive_int, real_number, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
 
 __all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file", "pixel_size",
-           "with_pixel_size"]
+           "with_pixel_size", "image_origin"]
 
 SPATIAL_UNIT = "micrometer"
 _NGFF_NONSPATIAL = {"t": "time", "c": "channel"}
@@ -352,27 +353,56 @@ def pixel_size(image) -> float | None:
 def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
     """A 2-D image as a (y, x) DataArray whose coordinates are in µm when the pixel size is known.
 
-    ``pixel_um`` (positive) replaces the coordinates of any input; without it an xarray input keeps
-    its coordinates (its pixel size, from :func:`pixel_size`, in ``attrs["pixel_um"]``) and an
-    array gets pixel coordinates. What lsfov writes then opens at its scale in napari, and PSF maps
-    of it are in µm.
+    ``pixel_um`` (positive) sets the spacing of any input's coordinates, keeping where its first
+    pixel lies (:func:`image_origin`); without it an xarray input keeps its coordinates (its pixel
+    size, from :func:`pixel_size`, in ``attrs["pixel_um"]``) and an array gets pixel coordinates.
+    What lsfov writes then opens at its scale in napari, and PSF maps of it are in µm. An xarray
+    image's dims are read by name (``y``, ``x`` in any order), other names by position.
     """
     if pixel_um is not None:
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
+    origin = (0.0, 0.0)
     if isinstance(image, xr.DataArray):
-        if image.ndim != 2:
-            raise ValueError(f"image must be 2-D (y, x), got dims {image.dims}; select a plane first")
+        image = yx_order(image)
         image = image.rename(dict(zip(image.dims, ("y", "x"))))
         if pixel_um is None:
             px = pixel_size(image)
             return image.assign_attrs(pixel_um=px) if px else image
+        origin = image_origin(image, pixel_um)
     else:
         if getattr(image, "ndim", np.ndim(image)) != 2:
             raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(image)}; select a plane first")
         image = xr.DataArray(image if hasattr(image, "dtype") else np.asarray(image), dims=("y", "x"))
-    coords = {d: _coord(d, (pixel_um or 1.0) * np.arange(n), SPATIAL_UNIT if pixel_um else "pixel")
-              for d, n in image.sizes.items()}
+    coords = {d: _coord(d, o + (pixel_um or 1.0) * np.arange(n), SPATIAL_UNIT if pixel_um else "pixel")
+              for (d, n), o in zip(image.sizes.items(), origin)}
     return image.assign_coords(coords).assign_attrs(pixel_um=pixel_um)
+
+
+def image_origin(image, pixel_um=None) -> tuple[float, float]:
+    """Where a (y, x) xarray image's first pixel lies: in µm when ``pixel_um`` is known, else in
+    pixels (a crop's offset). Coordinates in a length unit are converted; in pixels (``units``
+    "pixel", or none with a step of one) scaled by ``pixel_um``; others (no unit, another step) say
+    nothing usable: 0, with a warning. An axis without coordinates starts at 0."""
+    origin = []
+    for d in image.dims[-2:]:
+        c = image.coords[d] if d in image.coords else None  # not .get: xarray makes up an index
+        if c is None or c.size == 0:
+            origin.append(0.0)
+            continue
+        units = c.attrs.get("units")
+        factor = _to_um(units)
+        c0 = float(c.values[0])
+        step = float(c.values[1] - c.values[0]) if c.size > 1 else 1.0
+        if factor is not None:
+            origin.append(c0 * factor if pixel_um else 0.0)  # µm coordinates, unevenly spaced: the map in pixels
+        elif units == "pixel" or (units is None and abs(step - 1) < 1e-6):
+            origin.append(c0 * (pixel_um or 1.0))
+        else:
+            warnings.warn(f"the image's {d} coordinates are in {units or 'no stated unit'} with a step of {step:g}: "
+                          "results are placed from its first pixel; give them units (e.g. 'micrometer')",
+                          LsfovWarning, stacklevel=3)
+            origin.append(0.0)
+    return tuple(origin)
 
 
 def _coord(dim, values, units):
@@ -425,7 +455,8 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         2-D variables (any two dim names; coordinates, when evenly spaced, give scale and translation)
         or 3-D ones with a leading non-spatial dim. A bare array becomes variable ``image``. A 2-D
         variable whose second dim has string labels is a table (e.g. detected sources), stored as a
-        plain zarr array.
+        plain zarr array. Floating-point images are stored as float32 (float64 halves to it: more
+        than a microscope's precision); other dtypes as they are.
     path : str or Path
         Destination directory (conventionally ``*.zarr``).
     overwrite : bool

@@ -39,7 +39,7 @@ import numpy as np
 
 from ._backend import (array_module, fft_module, multiply, next_fast_len, parallel_map, row_bands, task_threads,
                        threads_for, to_numpy)
-from ._validate import LsfovWarning, real_number, shape2d
+from ._validate import LsfovWarning, real_number, shape2d, yx_order
 
 __all__ = ["ProductConvolution"]
 
@@ -456,7 +456,8 @@ class ProductConvolution:
 
     # ------------------------------------------------------------------ application
     def apply(self, u, *, check: bool = True):
-        """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out.
+        """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's
+        chunks; xarray in -> xarray out (dims by name, coords and attrs kept).
 
         A NumPy/CuPy image with NaN or Inf is refused (through the FFTs one NaN would fill its whole
         tile); Dask images are not scanned. ``check=False`` skips the scan (one pass over the image,
@@ -471,6 +472,10 @@ class ProductConvolution:
         return self._dispatch(v, adjoint=True, check=check)
 
     def _dispatch(self, x, adjoint, check: bool = True):
+        if hasattr(x, "dims") and hasattr(x, "data"):  # xarray: its data (lazy stays lazy), its labels kept
+            yx = yx_order(x)
+            out = self._dispatch(yx.data, adjoint, check)
+            return yx.copy(data=out).transpose(*x.dims)
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         if x.dtype.kind not in "biuf":
@@ -492,9 +497,10 @@ class ProductConvolution:
         from dask.array.overlap import ensure_minimum_chunksize
 
         r = self.halo
+        chunks = x.chunks
         # Every chunk (the last ones too) at least the halo: map_overlap would otherwise rechunk on its
         # own, and the offsets below would place blocks at the wrong origin.
-        x = x.rechunk(tuple(ensure_minimum_chunksize(max(r, 1), c) for c in x.chunks))
+        x = x.rechunk(tuple(ensure_minimum_chunksize(max(r, 1), c) for c in chunks))
         offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks]
 
         def block_fn(block, block_info=None):
@@ -504,7 +510,8 @@ class ProductConvolution:
             with task_threads():  # Dask runs tasks side by side: each its FFTs on its own thread
                 return op._dispatch(block, adjoint, check=False)  # Dask images are not scanned (a pass of their own)
 
-        return x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
+        out = x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
+        return out if out.chunks == chunks else out.rechunk(chunks)  # the caller's chunks: aligned with its arrays
 
     # ------------------------------------------------------------------ engine
     def _plan(self, xp=np) -> list[_Group]:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._validate import LsfovWarning
+
 __all__ = ["DepthCalibration", "calibrate_depth", "estimate_depth", "local_plane", "signed_defocus"]
 
 
@@ -116,15 +118,19 @@ _PAD = 0.1  # how far beyond the calibrated depths the curves are read (share of
 
 
 def _check_map(psf_map):
+    """The map, its nodes in (gy, gx) order, if it is one of an astigmatic model."""
+    from .mapping import node_order
+
     for v in ("focus", "axis"):
         if v not in psf_map:
             raise ValueError(f"depth needs a map of an astigmatic model (Z3: focus, astigmatism, axis); "
                              f"this one has no {v!r}")
+    return node_order(psf_map)
 
 
 def signed_defocus(psf_map, axis0: float = 3 * np.pi / 4):
     """``focus · cos 2(axis − axis0)`` on the node grid (waves RMS): + on one side of focus, − on the other."""
-    _check_map(psf_map)
+    psf_map = _check_map(psf_map)
     return psf_map["focus"] * np.cos(2 * (psf_map["axis"] - axis0))
 
 
@@ -276,6 +282,9 @@ def _node_values(psf_map, known):
 
     from .mapping import map_node_pixels
 
+    for order in (("gy", "gx"), ("y", "x")):  # labelled: read by name
+        if set(getattr(known, "dims", ())) == set(order):
+            known = known.transpose(*order)
     k = np.asarray(getattr(known, "values", known), dtype=np.float64)
     shape = (psf_map.sizes["gy"], psf_map.sizes["gx"])
     if k.shape == shape:
@@ -324,7 +333,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     """
     from .._validate import positive_int
 
-    _check_map(psf_map)
+    psf_map = _check_map(psf_map)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     degree = positive_int(degree, "degree")
@@ -392,7 +401,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     ``smooth``: σ in nodes of the local-plane smoothing (module docstring), and ``robust`` whether it
     is robust to outlying nodes; by default the calibration's (0 and plain without a calibration).
     """
-    _check_map(psf_map)
+    psf_map = _check_map(psf_map)
     if not isinstance(calibration, (DepthCalibration, dict, type(None))):
         raise TypeError(f"calibration must come from lsfov.calibrate_depth (or its to_dict()), "
                         f"got {type(calibration).__name__}")
@@ -405,7 +414,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         # A symmetrized map reads less noisy, less shrunk parameters: curves fitted on the other kind are off.
         warnings.warn(f"this PSF map was made with symmetrize={sym}, its depth calibration with "
                       f"symmetrize={c.symmetrize}: the depths may be biased; make the map as the calibration's "
-                      "was, or calibrate again", UserWarning, stacklevel=2)
+                      "was, or calibrate again", LsfovWarning, stacklevel=2)
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:

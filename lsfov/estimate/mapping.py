@@ -20,8 +20,8 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, to_numpy
-from .._validate import LsfovWarning, positive_int, real_number
-from ..io import atomic_file, pixel_size
+from .._validate import LsfovWarning, positive_int, real_number, yx_order
+from ..io import atomic_file, image_origin, pixel_size
 from ..operators import ProductConvolution
 
 log = logging.getLogger("lsfov")
@@ -36,6 +36,11 @@ def _node_count(n: int, patch: int, stride: int) -> int:
 def node_centres(patch: int, stride: int, shape) -> tuple[np.ndarray, ...]:
     """Pixel positions (rows, columns) of the nodes of a PSF map of ``shape`` (gy, gx): its patches' centres."""
     return tuple(patch / 2 - 0.5 + stride * np.arange(g) for g in shape)
+
+
+def node_order(psf_map):
+    """A PSF map with its node dims in (gy, gx) order, whatever order it was given in."""
+    return psf_map.transpose("gy", "gx", ...) if {"gy", "gx"} <= set(psf_map.dims) else psf_map
 
 
 def map_node_pixels(psf_map) -> tuple[np.ndarray, np.ndarray]:
@@ -121,22 +126,6 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, sy
 
 
 _GROUP = 4096  # patches copied at once (256 MiB of float32) when a block holds more
-
-
-def _image_origin(image, pixel_um) -> tuple[float, float]:
-    """Where an xarray image's first pixel lies: in µm when ``pixel_um`` is known (its coordinates
-    converted), else in its pixel coordinates; 0 for an axis without a usable coordinate."""
-    from ..io import _to_um
-
-    origin = []
-    for d in image.dims[-2:]:
-        c = image.coords.get(d)
-        factor = None if c is None else _to_um(c.attrs.get("units"))
-        if c is None or c.size == 0 or (pixel_um and factor is None) or (not pixel_um and factor is not None):
-            origin.append(0.0)  # coordinates of another kind than the map's: the image's own grid
-        else:
-            origin.append(float(c.values[0]) * (factor or 1.0))
-    return tuple(origin)
 
 
 def _variables(m):
@@ -246,17 +235,19 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
     batch_size = positive_int(batch_size, "batch_size")
     xr_in = getattr(image, "dims", None) is not None
+    if xr_in:
+        image = yx_order(image)  # dims by name: an (x, y) image is not mapped transposed
     data = image.data if xr_in else image
     if not hasattr(data, "dtype"):
         data = np.asarray(data)  # a nested list
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
-    origin = (0.0, 0.0)  # the image's first pixel, in the map's units
     if pixel_um is None and xr_in:
         pixel_um = pixel_size(image)  # its attribute, or µm coordinates
-        origin = _image_origin(image, pixel_um)
     if pixel_um is not None:
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
+    # the image's first pixel, in the map's units: a crop's map lies on the crop
+    origin = image_origin(image, pixel_um) if xr_in else (0.0, 0.0)
     if getattr(data, "ndim", np.ndim(data)) != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(data)}; select a plane first")
     if resume and scratch is None:
@@ -437,6 +428,7 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     missing = [p for p in psf_map.attrs["params"] if p not in psf_map]
     if missing:
         raise ValueError(f"psf_map lacks the variables {missing}; make it with lsfov.estimate_psf_map")
+    psf_map = node_order(psf_map)
     m = _psf.PSFModel.from_meta(psf_map.attrs)
     mapped = psf_map.attrs.get("image_shape")
     shape = tuple(shape or mapped or ())

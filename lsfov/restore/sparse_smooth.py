@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from .._backend import task_threads, to_numpy
-from .._validate import LsfovWarning, as_image, positive_int, real_number
+from .._validate import LsfovWarning, as_image, positive_int, real_number, yx_order
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 
@@ -147,6 +147,9 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     xr_in = getattr(image, "dims", None) is not None
     if xr_in and image.ndim > 2:
         image = image.squeeze()  # a (1, H, W) plane, as NumPy input
+    dims = image.dims if xr_in else None
+    if xr_in:
+        image = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
     data = image.data if xr_in else image
     lazy = type(data).__module__.startswith("dask")
     if lazy:
@@ -204,8 +207,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
                           LsfovWarning, stacklevel=2)
     if xr_in:
         attrs = {**image.attrs, "gamma1": gamma1, "gamma2": gamma2, "noise": noise}
-        sparse = image.copy(data=sparse).assign_attrs(attrs, component="sparse")
-        smooth = image.copy(data=smooth).assign_attrs(attrs, component="smooth")
+        sparse = image.copy(data=sparse).assign_attrs(attrs, component="sparse").transpose(*dims)
+        smooth = image.copy(data=smooth).assign_attrs(attrs, component="smooth").transpose(*dims)
     return sparse, smooth
 
 
@@ -287,7 +290,7 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
         raise ValueError(f"noise must be > 0, got {noise}")
     _, l2 = _psf_norms(operator)
     level = k * float(noise) / l2
-    arr = sparse.data if getattr(sparse, "dims", None) is not None else sparse
+    arr = yx_order(sparse, "sparse").data if getattr(sparse, "dims", None) is not None else sparse
     arr = arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr, dtype=np.float32), chunks=2048)
     ext = da.overlap.overlap(arr, depth=1, boundary=0)  # a pixel of the neighbours decides a maximum
     offsets = [np.cumsum((0,) + c[:-1]) for c in arr.chunks]

@@ -30,7 +30,7 @@ import logging
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import as_image, positive_int
+from .._validate import as_image, positive_int, yx_order
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -254,7 +254,14 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     Returns
     -------
     Same type as ``image``: NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's
-    chunks; xarray in -> xarray out with the same coords and attrs (named ``deblurred``). float32.
+    chunks; xarray in -> xarray out with the same dims, coords and attrs (named ``deblurred``; its
+    dims read by name, ``y`` and ``x`` in any order). float32.
+
+    Notes
+    -----
+    A Dask input is read once in this call, to refuse NaN/Inf and an all-zero image and to set the
+    intensity scale; the iterations read it again (in this call with ``scratch``, else when the
+    result is computed). Persist or store an input that is costly to compute.
     """
     iterations, tv, eps, exchange_every = _check_params(operator, iterations, tv, eps, exchange_every)
     if resume and scratch is None:
@@ -262,11 +269,10 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     import xarray as xr
 
     if isinstance(image, xr.DataArray):
-        if image.ndim != 2:
-            raise ValueError(f"image must be 2-D (y, x), got dims {image.dims}; select a plane first")
-        out = deconvolve(image.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
+        yx = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
+        out = deconvolve(yx.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
                          scratch=scratch, resume=resume, progress=progress)
-        return image.copy(data=out).rename("deblurred")
+        return yx.copy(data=out).transpose(*image.dims).rename("deblurred")
     if type(image).__module__.startswith("dask"):
         from .chunked import deconvolve_dask
 
