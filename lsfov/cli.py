@@ -130,6 +130,8 @@ def _run_state(out: Path, parent, resume: bool):
     directories of a run killed while writing its result are removed by the next write of OUT,
     :func:`lsfov.io.atomic_directory`.)
     """
+    if parent and Path(parent).exists() and not Path(parent).is_dir():
+        raise ValueError(f"--scratch {parent} is a file; give a directory that every worker can reach")
     state = Path(parent or out.parent) / f".{out.name}.scratch"
     if state.exists() and not resume:
         shutil.rmtree(state)
@@ -154,14 +156,11 @@ def _run_state(out: Path, parent, resume: bool):
     shutil.rmtree(state, ignore_errors=True)
 
 
-_NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2")
-
-
 def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     """OUT checked before any work: not there (or ``--overwrite``); a result is an OME-Zarr directory,
     so a name of another format, or an existing plain file in its place, is refused. Nothing replaces
     a directory that is not a zarr store, nor an input (``inputs``) or a folder holding one."""
-    from .io import _is_replaceable
+    from .io import NOT_ZARR, _is_replaceable
 
     path = Path(path)
     for src in inputs:
@@ -174,7 +173,7 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
         raise FileExistsError(f"{path} is a directory that is not an lsfov result or zarr store; refusing to "
                               "replace it: choose another name")
     if result:
-        if path.suffix.lower() in _NOT_ZARR:
+        if path.suffix.lower() in NOT_ZARR:
             raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a result; remove it or choose another name")
@@ -188,6 +187,14 @@ def _check_figure(figure, overwrite, out, inputs=()):
         raise ValueError(f"--figure {fig} is the result OUT too; name the figure e.g. {fig.with_suffix('.png').name}")
     if fig.is_dir():
         raise ValueError(f"--figure {fig} is a directory; name a PNG file")
+    return _check_png(fig)
+
+
+def _check_png(fig):
+    """Figures are PNG files: another name (``.tif``) would replace an image with a picture of it."""
+    fig = Path(fig)
+    if fig.suffix.lower() != ".png":
+        raise ValueError(f"--figure {fig}: figures are PNG files; name it {fig.with_suffix('.png').name}")
     return fig
 
 
@@ -240,8 +247,9 @@ def info(path):
 def _source(src, img) -> dict:
     """A result's provenance: its input and, for a plane of a larger image, which one (index per axis,
     and its z in µm or its time where the file says)."""
-    keys = ("plane", "z_um", "t", "t_units")
-    return {"source": str(src), **{k: img.attrs[k] for k in keys if img.attrs.get(k) is not None}}
+    from .io import plane_of
+
+    return {"source": str(src), **plane_of(img)}
 
 
 # ---------------------------------------------------------------------------------------------- simulate
@@ -277,8 +285,8 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
         coords={"gy": _um("gy", cy * px), "gx": _um("gx", cx * px)}, attrs={"units": "micrometer"},
     )
     ds = xr.Dataset({"image": image, "clean": image.copy(data=b.clean.astype(np.float32)), "depth": depth},
-                    attrs={"optics": b.optics.to_dict(), "seed": seed, "n_beads": len(b.positions),
-                           "positions": b.positions.tolist()})
+                    attrs={"command": "lsfov simulate beads", "optics": b.optics.to_dict(), "seed": seed, "grid": grid,
+                           "n_beads": len(b.positions), "positions": b.positions.tolist()})
     io.save(ds, out, overwrite=overwrite)
     click.echo(f"wrote {out}: {size}x{size} beads ({len(b.positions)}), NA {b.optics.na:.2f}, "
                f"λ {b.optics.wavelength_um * 1000:.0f} nm, depth {b.depth_um.min():+.2f}..{b.depth_um.max():+.2f} µm")
@@ -304,7 +312,8 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
     blurred = sim.degrade(img.values, op, photons=photons, read_noise=read_noise, seed=seed)
     ds = _params_dataset(params, op, img.attrs.get("pixel_um"), model)
     ds["blurred"] = img.copy(data=blurred)
-    ds.attrs.update(command="lsfov simulate blur", **_source(src, img))
+    ds.attrs.update(command="lsfov simulate blur", **_source(src, img), model=model, grid=grid, photons=photons,
+                    read_noise=read_noise, seed=seed)
     io.save(ds, out, overwrite=overwrite)
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]} blurred with a {grid}x{grid} {model} PSF field")
 
@@ -518,7 +527,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, scratch=tmp, resume=resume, progress=not obj["quiet"])
-        ds.attrs.update(command="lsfov run", **_source(src, img))
+        ds.attrs.update(command="lsfov run", **_source(src, img), **({"calibration": str(calibration)} if cal else {}))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
         stages["deconvolution + writing"] = stages.pop("deconvolution") + time.perf_counter() - t
@@ -570,6 +579,8 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
     from . import io
     from .estimate.depth import DepthCalibration, calibrate_depth, estimate_depth
 
+    if known and Path(out).suffix.lower() != ".json":  # a calibration in place of an image or a store: refused
+        raise ValueError(f"{out}: a depth calibration is a JSON file; name it {Path(out).with_suffix('.json').name}")
     out = _check_out(out, overwrite, result=not known,  # with --known: a JSON file
                      inputs=[psf_map, *(p for p in (calibration, known) if p)])
     cal = DepthCalibration.load(calibration) if calibration else None
@@ -587,7 +598,8 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
                    f"{cal.n_nodes} nodes")
         return
     z = estimate_depth(ds, cal, smooth=smooth)
-    io.save(xr.Dataset({"depth": z}, attrs={"command": "lsfov depth", "source": str(psf_map)}), out,
+    made = {"command": "lsfov depth", "source": str(psf_map), **({"calibration": str(calibration)} if cal else {})}
+    io.save(xr.Dataset({"depth": z}, attrs=made), out,
             overwrite=overwrite)
     click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
 
@@ -861,7 +873,8 @@ def evaluate(model, data, n_robust, figure, overwrite):
     if figure and not n_robust:
         raise ValueError("--figure draws the robustness curves: add --robustness N")
     if figure:
-        _check_out(figure, overwrite, result=False, inputs=[p for p in (model, data) if p and Path(p).exists()])
+        _check_png(_check_out(figure, overwrite, result=False,
+                              inputs=[p for p in (model, data) if p and Path(p).exists()]))
     reg = load_model(model)
     if data is not None:
         _print_scores(_evaluate(reg, data))

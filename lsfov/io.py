@@ -43,6 +43,10 @@ _CHUNK = 1024
 # ---------------------------------------------------------------------------------------------- reading
 
 
+# Names of other formats: a result (a directory) under one would pass for a file of that format.
+NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2", ".json", ".pt", ".csv")
+
+
 def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=None) -> xr.DataArray:
     """Open a 2-D image lazily as an ``xarray.DataArray`` with dims ``(y, x)``.
 
@@ -139,9 +143,11 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
         if other:
             raise ValueError(f"{path} is {other}, not an image")
         names = root_attrs["lsfov"].get("variables", [])
-        if "image" in names and root_attrs["lsfov"].get("complete"):  # e.g. `lsfov simulate beads`: its image
-            log.info("%s is an lsfov result; reading its variable 'image'", path)
-            return _open_ngff(path / "image", level)
+        # what `lsfov simulate` makes to be read: its image (beads) or blurred image (blur)
+        for name in ("image", "blurred"):
+            if name in names and root_attrs["lsfov"].get("complete"):
+                log.info("%s is an lsfov result; reading its variable %r", path, name)
+                return _open_ngff(path / name, level)
         raise ValueError(
             f"{path} is an lsfov result with variables {names}; open it with lsfov.open_result "
             f"or open one variable as {path}/<variable>"
@@ -226,6 +232,7 @@ def _open_tiff(path: Path) -> xr.DataArray:
         axes = axes.replace("q", "c")
         shape = series.shape
         pixel_um = _tiff_pixel_um(tf)
+        z_um = _tiff_z_um(tf)
     try:
         store = tifffile.imread(path, aszarr=True)
         data = da.from_zarr(zarr.open_array(store, mode="r"))
@@ -236,7 +243,29 @@ def _open_tiff(path: Path) -> xr.DataArray:
             data = da.from_array(tifffile.imread(path))
     if data.shape != tuple(shape) or len(set(axes)) != len(axes):
         axes = "tczyx"[-data.ndim :]
-    return _with_coords(data, list(axes), pixel_um, path)
+    arr = _with_coords(data, list(axes), pixel_um, path)
+    if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
+        arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
+    return arr
+
+
+def _tiff_z_um(tf) -> float | None:
+    """The z step from OME-XML (PhysicalSizeZ) or ImageJ metadata (spacing), in µm; None if not recorded."""
+    try:
+        if tf.ome_metadata:
+            import re
+
+            m = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', tf.ome_metadata)
+            u = re.search(r'PhysicalSizeZUnit="([^"]+)"', tf.ome_metadata)
+            factor = _to_um(u.group(1)) if u else 1.0
+            return float(m.group(1)) * factor if m and factor else None
+        ij = tf.imagej_metadata or {}
+        if "spacing" in ij:
+            factor = _to_um(ij.get("unit")) if ij.get("unit") else 1.0
+            return float(ij["spacing"]) * factor if factor else None
+    except Exception:
+        return None
+    return None
 
 
 def _tiff_pixel_um(tf) -> float | None:
@@ -331,6 +360,13 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     if 0 in arr.shape:
         raise ValueError(f"{path}: the image is empty (shape {arr.shape})")
     return arr
+
+
+def plane_of(image) -> dict:
+    """Which plane of a larger image ``image`` is (the attributes :func:`open_image` sets: ``plane``,
+    ``z_um``, ``t``, ``t_units``), to carry into what is made of it; empty for a whole 2-D image."""
+    attrs = getattr(image, "attrs", {})
+    return {k: attrs[k] for k in ("plane", "z_um", "t", "t_units") if attrs.get(k) is not None}
 
 
 def pixel_size(image) -> float | None:
@@ -477,6 +513,8 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
 
     if isinstance(obj, ProductConvolution):
         return obj.save(path, overwrite=overwrite)
+    if Path(path).suffix.lower() in NOT_ZARR:
+        raise ValueError(f"{path}: results are OME-Zarr directories; name it {Path(path).with_suffix('.zarr').name}")
     ds = _as_dataset(obj)
     if chunks is not None:
         chunks = positive_int(chunks, "chunks")  # the chunk edge in pixels

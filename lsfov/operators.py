@@ -331,6 +331,15 @@ class ProductConvolution:
         total = float(k.sum(dtype=np.float64))
         if not total > 0:
             raise ValueError("the PSF has no positive value")
+        rim = np.concatenate([k[0], k[-1], k[1:-1, 0], k[1:-1, -1]])
+        lo, hi = np.percentile(rim, [10, 90]) / float(k.max())
+        floor = float(lo)
+        # A background is a flat floor all round; a PSF's rings dip to ~0 between them, and a tightly
+        # cropped one is brighter mid-edge than in the corners.
+        if min(k.shape) >= 5 and floor > 0.02 and lo > 0.5 * hi:
+            warnings.warn(f"the PSF's border stays above {floor:.0%} of its peak: a background (camera offset) left "
+                          "in it is taken for blur; subtract it first (e.g. the border's median)", LsfovWarning,
+                          stacklevel=2)
         yy, xx = np.indices(k.shape)
         off = [float((i * k).sum(dtype=np.float64) / total - n // 2) for i, n in zip((yy, xx), k.shape)]
         if max(abs(v) for v in off) > 1:

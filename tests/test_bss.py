@@ -260,3 +260,27 @@ def test_locate_sources_whole_and_chunked(scene):
     np.testing.assert_array_equal(lazy, found)
     with pytest.raises(ValueError, match="noise"):
         locate_sources(sparse, op, 0.0)
+
+
+def test_no_sources_on_the_edge_of_a_bright_background():
+    """A field cut out of a larger one: its background goes on beyond the edge, where the model has
+    no light, and the sparse component takes the difference up on the outermost pixels."""
+    from lsfov.restore import locate_sources
+
+    rng = np.random.default_rng(5)
+    k = lsfov.psf.gaussian(1.5, size=11)
+    n, p = 128, 10
+    big = lsfov.ProductConvolution.from_grid(k[None, None], (n + 2 * p, n + 2 * p))
+    u = np.zeros((n + 2 * p,) * 2, np.float32)
+    pos = rng.integers(p + 8, n + p - 8, (20, 2))
+    u[pos[:, 0], pos[:, 1]] = 500
+    yy = np.mgrid[: n + 2 * p, : n + 2 * p][0] / n
+    y = big.apply(u + (100 + 50 * yy).astype(np.float32))[p:-p, p:-p]
+    y = (y + rng.normal(0, 2.0, y.shape)).astype(np.float32)
+    op = lsfov.ProductConvolution.from_grid(k[None, None], (n, n))
+    sparse, _ = lsfov.sparse_smooth_deblur(y, op)
+    found = locate_sources(sparse, op, estimate_noise(y))
+    assert sparse[-1].sum() > sparse[5:-5, 5:-5].sum()  # the edge carries more sparse mass than the sources ...
+    assert found[:, :2].min() > 0 and found[:, :2].max() < n - 1  # ... but it is not reported as sources
+    d, _ = cKDTree(pos - p).query(found[:, :2])
+    assert len(found) <= 25 and np.mean(d <= 1.5) > 0.9

@@ -67,6 +67,10 @@ def test_simulate_beads_blur_and_info(run, tmp_path):
     run("simulate", "blur", "sharp.npy", "blurred.zarr", "--model", "G2", "--grid", 2)
     out = lsfov.open_result(tmp_path / "blurred.zarr")
     assert out.blurred.shape == (96, 120) and set(out.data_vars) >= {"sigma_y", "sigma_x"}
+    # what made them is recorded, and they are read as images by the next command
+    assert out.attrs["command"] == "lsfov simulate blur" and (out.attrs["model"], out.attrs["seed"]) == ("G2", 0)
+    assert lsfov.open_result(tmp_path / "b.zarr").attrs["command"] == "lsfov simulate beads"
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "blurred.zarr").values, out.blurred.values)
     assert "image: shape (96, 120)" in run("info", "sharp.npy").output
 
 
@@ -129,8 +133,13 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["run", "img.npy", "o.zarr", "--figure", "adir", "--overwrite"], "not an lsfov result"),
         (["deconvolve", "img.npy", ".", "--psf", "img.npy", "--overwrite"], "is the input"),
         (["estimate", "img.npy", "adir", "--overwrite"], "not an lsfov result or zarr store"),
-        (["depth", "m.zarr", "adir", "--known", "img.npy", "--overwrite"], "not an lsfov result or zarr store"),
+        (["depth", "m.zarr", "adir", "--known", "img.npy", "--overwrite"], "a depth calibration is a JSON file"),
+        (["depth", "m.zarr", "adir.json", "--known", "img.npy", "--overwrite"], "not an lsfov result or zarr store"),
+        (["estimate", "img.npy", "o.zarr", "--figure", "map.tif"], "figures are PNG files; name it map.png"),
+        (["estimate", "img.npy", "o.zarr", "--model", "adir"], "no model file at"),  # a folder
     ]
+    (tmp_path / "adir.json").mkdir()
+    (tmp_path / "adir.json" / "keep.txt").write_text("someone's data")
     (tmp_path / "cal.json").write_text(json.dumps({"type": "lsfov.DepthCalibration", "axis0": 2.3, "slope": 20.0,
                                                    "offset": 0.0, "r2": 1.0, "mae_um": 0.0, "n_nodes": 9}))
     cases.append((["run", "img.npy", "o.zarr", "--model", "G1", "--calibration", "cal.json"], "needs an astigmatic"))
@@ -199,6 +208,10 @@ def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     np.save(tmp_path / "off.npy", np.roll(k, 4, axis=1))
     with pytest.warns(lsfov.LsfovWarning, match=r"centre of mass is \(\+0.0, \+3.\d\) px"):
         run("deconvolve", "y.npy", "off.zarr", "--psf", "off.npy", "--iterations", 1)
+    # a camera's PSF with its offset left in: the floor would be taken for blur
+    tifffile.imwrite(tmp_path / "cam.tif", (k / k.max() * 5000 + 500).astype(np.uint16))
+    with pytest.warns(lsfov.LsfovWarning, match="background .camera offset. left in it"):
+        run("deconvolve", "y.npy", "cam.zarr", "--psf", "cam.tif", "--iterations", 1)
     tifffile.imwrite(tmp_path / "zcyx.tif", np.zeros((3, 2, 32, 32), np.uint16), imagej=True,
                      metadata={"axes": "ZCYX"})
     info = run("info", "zcyx.tif").output
@@ -264,6 +277,7 @@ def test_deconvolve_bad_input(run, tmp_path, blurred):
         (["y.npy", "o.zarr", "--psf", "psf.npy", "--tv", 1], "tv must be in"),
         (["y.npy", "o.zarr", "--psf", "psf.npy", "--chunks", 4], "too small"),
         (["y.npy", "o.zarr", "--psf", "scalar.npy"], "an image needs 2 to 5"),
+        (["y.npy", "o.zarr", "--psf", "psf.npy", "--scratch", "even.npy"], "is a file; give a directory"),
     ]
     np.save(tmp_path / "scalar.npy", np.float32(1.0))
     for args, msg in cases:

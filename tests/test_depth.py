@@ -6,7 +6,7 @@ import pytest
 import xarray as xr
 from scipy.ndimage import gaussian_filter
 
-from lsfov import simulate
+from lsfov import LsfovWarning, simulate
 from lsfov.estimate.depth import DepthCalibration, calibrate_depth, estimate_depth, local_plane, signed_defocus
 
 
@@ -337,3 +337,18 @@ def test_curves_on_few_nodes_keep_a_low_degree():
     assert all(len(c) == 2 for c in cal.curves)  # 9 nodes: degree 1
     big = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.3, grid=8, seed=4)
     assert all(len(c) == 5 for c in calibrate_depth(_truth_map(big), big.depth_um).curves)  # 64 nodes: 4
+
+
+def test_depth_beyond_the_calibrated_range_is_warned():
+    import warnings
+
+    kw = dict(axis=1.2, grid=8, direction=0.3)
+    narrow = simulate.tilted_surface((256, 256), depth_range_um=(-3, 3), seed=4, **kw)
+    wide = simulate.tilted_surface((256, 256), depth_range_um=(-9, 9), seed=5, **kw)
+    cal = calibrate_depth(_truth_map(narrow), narrow.depth_um)
+    with pytest.warns(LsfovWarning, match=r"of the nodes read at the end of the calibrated depths"):
+        z = estimate_depth(_truth_map(wide), cal)
+    assert np.abs(z.values).max() <= 3.7  # clipped: what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate_depth(_truth_map(narrow), cal)

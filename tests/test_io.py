@@ -98,6 +98,14 @@ def test_open_tiff_and_npy(tmp_path):
     np.save(tmp_path / "b.npy", data[0].astype(np.float32))
     b = lsfov.open_image(tmp_path / "b.npy")
     assert b.attrs["pixel_um"] is None and b.x.attrs["units"] == "pixel"
+    # the z step of OME and ImageJ TIFFs: which plane, and where
+    stack = np.zeros((5, 16, 16), np.uint16)
+    tifffile.imwrite(tmp_path / "s.ome.tif", stack, metadata={"axes": "ZYX", "PhysicalSizeZ": 500,
+                                                              "PhysicalSizeZUnit": "nm"})
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX", "spacing": 0.3, "unit": "um"})
+    assert lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs["z_um"] == pytest.approx(1.5)
+    assert lsfov.open_image(tmp_path / "s.tif", z=3).attrs["z_um"] == pytest.approx(0.9)
+    assert "z: 0..1.2 step 0.3 micrometer" in lsfov.io.describe(tmp_path / "s.tif")
 
 
 
@@ -183,6 +191,9 @@ def test_save_bad_objects(tmp_path):
         lsfov.save(np.zeros((2, 2, 2, 2)), tmp_path / "x.zarr")
     with pytest.raises(ValueError, match="empty|no variables"):
         lsfov.save(xr.Dataset(), tmp_path / "x.zarr")
+    with pytest.raises(ValueError, match="name it x.zarr"):  # a directory that would pass for a TIFF
+        lsfov.save(np.ones((4, 4)), tmp_path / "x.tif")
+    assert not (tmp_path / "x.tif").exists()
 
 
 def test_coordinates_in_other_length_units_are_written_in_micrometres(tmp_path):

@@ -96,3 +96,16 @@ def test_depth_warnings_are_lsfov_warnings(scene):
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=lsfov.LsfovWarning)  # as the README says it silences them
         lsfov.estimate_depth(m, cal)
+
+
+def test_operator_made_for_other_pixels_is_warned(scene):
+    y, op = scene
+    made = lsfov.ProductConvolution.from_grid(op.kernels, op.shape, attrs={"pixel_um": 0.1})
+    with pytest.warns(lsfov.LsfovWarning, match="made for 0.1 µm pixels"):
+        lsfov.deconvolve(_labelled(y, step=0.13), made, iterations=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsfov.deconvolve(_labelled(y, step=0.1), made, iterations=1)
+        lsfov.deconvolve(_labelled(y, step=0.13), op, iterations=1)  # an operator that does not say
+    m = lsfov.estimate_psf_map(_labelled(np.tile(y, (3, 3))[:256, :192], step=0.2), "Z3", stride=64)
+    assert lsfov.operator_from_psf_map(m).attrs["pixel_um"] == pytest.approx(0.2)

@@ -172,7 +172,8 @@ class OperatorSubspace:
             ds = None
         meta = ds.attrs.get("lsfov") if ds is not None else None
         if not isinstance(meta, dict) or meta.get("type") != "OperatorSubspace":
-            raise ValueError(f"{path} is not an lsfov operator subspace; learn one with lsfov.learn_subspace")
+            raise ValueError(f"{path} is not an lsfov operator subspace; learn one from bead images (lsfov calibrate, "
+                             "lsfov.learn_subspace)")
         if not meta.get("complete"):
             raise ValueError(f"{path} is an incomplete subspace (the write was interrupted); learn it again")
         return cls(ds["psf_basis"].values, ds["spatial_basis"].data, ds["gamma"].values, attrs=meta.get("attrs"))

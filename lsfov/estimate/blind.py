@@ -45,7 +45,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     """
     import xarray as xr
 
-    from ..io import with_pixel_size
+    from ..io import plane_of, with_pixel_size
     from ..restore import deconvolve
     from ..restore.tv_rl import check_settings
     from .depth import DepthCalibration, estimate_depth
@@ -71,4 +71,5 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     out["filled"] = psf_map["filled"].astype(np.uint8)
     if {"focus", "axis"} <= set(psf_map):
         out["depth"] = estimate_depth(psf_map, calibration)
-    return xr.Dataset(out, attrs={**psf_map.attrs, "iterations": iterations, "tv": tv, "seconds": seconds})
+    made = {**({"source": img.attrs["source"]} if img.attrs.get("source") else {}), **plane_of(img)}
+    return xr.Dataset(out, attrs={**made, **psf_map.attrs, "iterations": iterations, "tv": tv, "seconds": seconds})

@@ -276,6 +276,22 @@ def _curve_depth(readings, cal: DepthCalibration):
     return out.reshape(np.shape(readings[0]))
 
 
+def _warn_clipped(z, valid, cal: DepthCalibration):
+    """Say so when many nodes read at the end of the calibrated depths: the sample goes beyond them
+    there, and the curves cannot tell how far (their depth is clipped)."""
+    lo, hi = cal.range_um
+    pad = _PAD * (hi - lo)
+    tol = 2 * (hi - lo + 2 * pad) / 600  # two steps of _curve_depth's grid
+    at_end = ((z <= lo - pad + tol) | (z >= hi + pad - tol)) & valid
+    share = at_end.sum() / max(int(valid.sum()), 1)
+    # A sample within the range has some nodes there too (the calibration's own deepest, read with
+    # noise, ~10 % of a tilt's): a quarter is a sample that goes well beyond.
+    if share > 0.25:
+        warnings.warn(f"{share:.0%} of the nodes read at the end of the calibrated depths ({lo:+.3g}..{hi:+.3g} µm, "
+                      f"read to {_PAD:.0%} beyond): the sample goes further there and its depth is clipped; "
+                      "calibrate over the depths you image", LsfovWarning, stacklevel=3)
+
+
 def _node_values(psf_map, known):
     """``known`` depth on the node grid: given there, or sampled at the node centres (bilinear)."""
     from scipy.ndimage import map_coordinates
@@ -379,7 +395,9 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
             noise.append(max(float(np.mean((y[use] - np.polyval(coef, zt)) ** 2)), 1e-12))
         fields.update(curves=curves, noise=noise, range_um=(float(zt.min()), float(zt.max())))
     fit = DepthCalibration(axis0=float(th), r2=float("nan"), mae_um=float("nan"), **fields)
-    pred = estimate_depth(psf_map, fit).values[use].astype(np.float64)
+    with warnings.catch_warnings():  # its own extreme nodes read at the ends of its range: no news
+        warnings.filterwarnings("ignore", message=".*calibrated depths", category=LsfovWarning)
+        pred = estimate_depth(psf_map, fit).values[use].astype(np.float64)
     r2 = 1 - float(np.sum((pred - zt) ** 2)) / float(np.sum((zt - zt.mean()) ** 2))
     return DepthCalibration(**{**fit.to_dict(), "r2": float(r2), "mae_um": float(np.mean(np.abs(pred - zt)))})
 
@@ -423,6 +441,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     elif c.method == "curve":
         z = psf_map["focus"].copy(data=_curve_depth(_readings(psf_map, c.axis0), c))
         units, note = "micrometer", c.to_dict()
+        _warn_clipped(z.values, np.asarray(psf_map["validity"].values) >= c.min_validity, c)
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()

@@ -447,4 +447,6 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
     centres = map_node_pixels(psf_map)
     attrs = {"source": "lsfov.operator_from_psf_map", "psf_model": m.name}
+    if psf_map.attrs.get("pixel_um"):
+        attrs["pixel_um"] = float(psf_map.attrs["pixel_um"])  # the pixels its PSFs are drawn in
     return ProductConvolution.from_grid(kernels, shape, centers=centres, attrs=attrs)

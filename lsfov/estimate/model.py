@@ -473,6 +473,8 @@ def file_stamp(path):
         st = Path(path).stat()
     except OSError:
         return None  # from_file says what is missing
+    if not Path(path).is_file():
+        return None  # a folder: from_file says so too
     return st.st_mtime_ns, st.st_size
 
 

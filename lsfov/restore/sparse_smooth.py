@@ -281,7 +281,9 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     Returns
     -------
     ndarray (N, 3)
-        y, x (pixels) and amplitude (the 3x3 sum) of each source, brightest first.
+        y, x (pixels) and amplitude (the 3x3 sum) of each source, brightest first. The image's outermost
+        rows and columns are left out: half their neighbourhood is outside the field, where the model
+        has no light, and a bright background there is taken up by the sparse component at the edge.
     """
     import dask
     import dask.array as da
@@ -310,4 +312,6 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     parts = [dask.delayed(block)(blocks[i, j], offsets[0][i], offsets[1][j])
              for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
     found = np.concatenate(dask.compute(*parts) or [np.zeros((0, 3))])
+    h, w = arr.shape
+    found = found[(found[:, 0] > 0) & (found[:, 0] < h - 1) & (found[:, 1] > 0) & (found[:, 1] < w - 1)]
     return found[np.argsort(-found[:, 2], kind="stable")] if len(found) else np.zeros((0, 3))
