@@ -98,6 +98,7 @@ def test_background_removal_recovers_a_known_polynomial():
     np.testing.assert_allclose(out, np.array(truth), atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*beads are saturated:lsfov.LsfovWarning")
 def test_saturated_crowded_and_empty_bead_images_are_refused():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="no beads found"):
@@ -113,6 +114,11 @@ def test_saturated_crowded_and_empty_bead_images_are_refused():
         bead_psfs(dense, radius=9)
     with pytest.raises(ValueError, match="radius"):
         bead_psfs(dense, radius=-1)
+    # a photograph is not a bead image: a few of its bright spots pass for isolated beads, said so
+    from skimage import data
+
+    with pytest.warns(lsfov.LsfovWarning, match="bright spots are isolated beads"):
+        bead_psfs(data.camera())
 
 
 def test_wide_dim_beads_are_found_for_the_radius():
