@@ -160,7 +160,7 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     """OUT checked before any work: not there (or ``--overwrite``); a result is an OME-Zarr directory,
     so a name of another format, or an existing plain file in its place, is refused. Nothing replaces
     a directory that is not a zarr store, nor an input (``inputs``) or a folder holding one."""
-    from .io import NOT_ZARR, _is_replaceable
+    from .io import _is_replaceable, check_result_name
 
     path = Path(path)
     for src in inputs:
@@ -173,8 +173,7 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
         raise FileExistsError(f"{path} is a directory that is not an lsfov result or zarr store; refusing to "
                               "replace it: choose another name")
     if result:
-        if path.suffix.lower() in NOT_ZARR:
-            raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
+        check_result_name(path)
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a result; remove it or choose another name")
     return path
@@ -191,10 +190,11 @@ def _check_figure(figure, overwrite, out, inputs=()):
 
 
 def _check_png(fig):
-    """Figures are PNG files: another name (``.tif``) would replace an image with a picture of it."""
+    """Figures are PNG (or PDF, SVG) files: another name (``.tif``) would replace an image with a
+    picture of it."""
     fig = Path(fig)
-    if fig.suffix.lower() != ".png":
-        raise ValueError(f"--figure {fig}: figures are PNG files; name it {fig.with_suffix('.png').name}")
+    if fig.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"--figure {fig}: figures are PNG, PDF or SVG files; name it {fig.with_suffix('.png').name}")
     return fig
 
 

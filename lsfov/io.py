@@ -47,6 +47,13 @@ _CHUNK = 1024
 NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2", ".json", ".pt", ".csv")
 
 
+def check_result_name(path) -> None:
+    """Refuse a result (a directory) named like a file of another format: it would pass for one."""
+    path = Path(path)
+    if path.suffix.lower() in NOT_ZARR:
+        raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
+
+
 def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=None) -> xr.DataArray:
     """Open a 2-D image lazily as an ``xarray.DataArray`` with dims ``(y, x)``.
 
@@ -347,9 +354,6 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
         raise ValueError(
             f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})"
         )
-    for d in arr.dims:
-        if d not in ("y", "x"):
-            note(d, 0)
     arr = arr.isel({d: 0 for d in arr.dims if d not in ("y", "x")}, drop=True)
     if plane:
         arr.attrs.update(plane=plane, **where)
@@ -364,9 +368,10 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
 
 def plane_of(image) -> dict:
     """Which plane of a larger image ``image`` is (the attributes :func:`open_image` sets: ``plane``,
-    ``z_um``, ``t``, ``t_units``), to carry into what is made of it; empty for a whole 2-D image."""
+    ``z_um`` or ``z``/``z_units``, ``t``/``t_units``), to carry into what is made of it; empty for a
+    2-D image or one whose other axes are all of length one."""
     attrs = getattr(image, "attrs", {})
-    return {k: attrs[k] for k in ("plane", "z_um", "t", "t_units") if attrs.get(k) is not None}
+    return {k: attrs[k] for k in ("plane", "z_um", "z", "z_units", "t", "t_units") if attrs.get(k) is not None}
 
 
 def pixel_size(image) -> float | None:
@@ -417,8 +422,9 @@ def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
 def image_origin(image, pixel_um=None) -> tuple[float, float]:
     """Where a (y, x) xarray image's first pixel lies: in µm when ``pixel_um`` is known, else in
     pixels (a crop's offset). Coordinates in a length unit are converted; in pixels (``units``
-    "pixel", or none with a step of one) scaled by ``pixel_um``; others (no unit, another step) say
-    nothing usable: 0, with a warning. An axis without coordinates starts at 0."""
+    "pixel", or none with a step of one) counted in this image's pixels and scaled by ``pixel_um``;
+    others (no unit and another step, or decreasing) say nothing usable: 0, with a warning. An axis
+    without coordinates starts at 0."""
     origin = []
     for d in image.dims[-2:]:
         c = image.coords[d] if d in image.coords else None  # not .get: xarray makes up an index
@@ -429,15 +435,20 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
         factor = _to_um(units)
         c0 = float(c.values[0])
         step = float(c.values[1] - c.values[0]) if c.size > 1 else 1.0
-        if factor is not None:
+        if not step > 0:
+            why = "decrease"
+        elif factor is not None:
             origin.append(c0 * factor if pixel_um else 0.0)  # µm coordinates, unevenly spaced: the map in pixels
+            continue
         elif units == "pixel" or (units is None and abs(step - 1) < 1e-6):
-            origin.append(c0 * (pixel_um or 1.0))
+            origin.append(c0 / step * (pixel_um or 1.0))  # in this image's pixels (a pyramid level's are larger)
+            continue
         else:
-            warnings.warn(f"the image's {d} coordinates are in {units or 'no stated unit'} with a step of {step:g}: "
-                          "results are placed from its first pixel; give them units (e.g. 'micrometer')",
-                          LsfovWarning, stacklevel=3)
-            origin.append(0.0)
+            why = f"are in {units or 'no stated unit'} with a step of {step:g}"
+        warnings.warn(f"the image's {d} coordinates {why}: results are placed from its first pixel, in pixels "
+                      "or µm; give it increasing coordinates with units (e.g. 'micrometer')", LsfovWarning,
+                      stacklevel=3)
+        origin.append(0.0)
     return tuple(origin)
 
 
@@ -511,10 +522,9 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     """
     from .operators import ProductConvolution
 
+    check_result_name(path)
     if isinstance(obj, ProductConvolution):
         return obj.save(path, overwrite=overwrite)
-    if Path(path).suffix.lower() in NOT_ZARR:
-        raise ValueError(f"{path}: results are OME-Zarr directories; name it {Path(path).with_suffix('.zarr').name}")
     ds = _as_dataset(obj)
     if chunks is not None:
         chunks = positive_int(chunks, "chunks")  # the chunk edge in pixels

@@ -135,7 +135,7 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["estimate", "img.npy", "adir", "--overwrite"], "not an lsfov result or zarr store"),
         (["depth", "m.zarr", "adir", "--known", "img.npy", "--overwrite"], "a depth calibration is a JSON file"),
         (["depth", "m.zarr", "adir.json", "--known", "img.npy", "--overwrite"], "not an lsfov result or zarr store"),
-        (["estimate", "img.npy", "o.zarr", "--figure", "map.tif"], "figures are PNG files; name it map.png"),
+        (["estimate", "img.npy", "o.zarr", "--figure", "map.tif"], "figures are PNG, PDF or SVG files; name it map.png"),
         (["estimate", "img.npy", "o.zarr", "--model", "adir"], "no model file at"),  # a folder
     ]
     (tmp_path / "adir.json").mkdir()

@@ -92,7 +92,7 @@ def test_open_tiff_and_npy(tmp_path):
     data = np.random.default_rng(2).integers(0, 255, (1, 50, 60)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "a.tif", data, imagej=True, resolution=(1 / 0.3, 1 / 0.3), metadata={"unit": "um"})
     arr = lsfov.open_image(tmp_path / "a.tif")
-    assert arr.shape == (50, 60)
+    assert arr.shape == (50, 60) and "plane" not in arr.attrs  # a single plane is no plane of a larger image
     np.testing.assert_array_equal(arr.values, data[0])
     assert arr.attrs["pixel_um"] == pytest.approx(0.3)
     np.save(tmp_path / "b.npy", data[0].astype(np.float32))

@@ -75,9 +75,16 @@ def test_map_of_transposed_or_offset_image(scene):
     m = lsfov.estimate_psf_map(crop, "Z3", stride=64)
     assert m.gy.values[0] == 363.5 and m.gy.attrs["units"] == "pixel"
     # coordinates of no stated unit and another step: not mixed with pixel steps, and said so
-    with pytest.warns(lsfov.LsfovWarning, match="give them units"):
+    with pytest.warns(lsfov.LsfovWarning, match="increasing coordinates with units"):
         m = lsfov.estimate_psf_map(_labelled(xa.values, attrs={}), "Z3", stride=64)
     assert m.gy.values[0] == 63.5
+    # decreasing coordinates are not taken for a mirrored image's place; a pyramid level's pixel
+    # coordinates (in full-resolution pixels, step 2) are counted in its own pixels
+    down = xa.assign_coords(y=("y", 1000 - 0.2 * np.arange(256), UM))
+    with pytest.warns(lsfov.LsfovWarning, match="coordinates decrease"):
+        assert lsfov.io.with_pixel_size(down, 0.2).y.values[0] == 0
+    level = xa.assign_coords(y=("y", 0.5 + 2.0 * np.arange(256), {"units": "pixel"}))
+    assert lsfov.io.image_origin(level) == (0.25, 0.0)
     # the map's operator is the same whatever order the map's nodes are in
     a = lsfov.operator_from_psf_map(ref)
     b = lsfov.operator_from_psf_map(ref.transpose("gx", "gy"))
@@ -92,6 +99,8 @@ def test_depth_warnings_are_lsfov_warnings(scene):
     m = lsfov.estimate_psf_map(simulate.degrade(sharp, op, seed=7), "Z3", stride=64)
     cal = lsfov.calibrate_depth(m, np.linspace(-2, 2, m.sizes["gx"])[None].repeat(m.sizes["gy"], 0), method="linear")
     m.attrs["symmetrize"] = 1
+    with pytest.warns(lsfov.LsfovWarning, match="symmetrize=True"):
+        lsfov.estimate_depth(m, cal)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=lsfov.LsfovWarning)  # as the README says it silences them

@@ -293,8 +293,9 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     if n_saturated:
         warnings.warn(f"{n_saturated} of {n_detected} beads are saturated and were left out", LsfovWarning,
                       stacklevel=2)
-    if keep.sum() < 0.05 * n_detected:  # a textured image, or a bead sample too dense to calibrate from
-        warnings.warn(f"only {int(keep.sum())} of {n_detected} bright spots are isolated beads: is this an image of "
+    isolated = int((inside & ~crowded).sum())  # saturation aside: that has its own warning
+    if isolated < 0.05 * n_detected:  # a textured image, or a bead sample too dense to calibrate from
+        warnings.warn(f"only {isolated} of {n_detected} bright spots are isolated beads: is this an image of "
                       "sparse sub-resolution beads? A denser sample calibrates poorly; use a sparser one",
                       LsfovWarning, stacklevel=2)
     pos = pos[keep]

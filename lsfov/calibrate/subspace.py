@@ -147,8 +147,9 @@ class OperatorSubspace:
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Write to a zarr v3 store atomically; read back with :meth:`load` or ``xarray.open_zarr``."""
-        from ..io import atomic_directory
+        from ..io import atomic_directory, check_result_name
 
+        check_result_name(path)
         ds = self.to_dataset()
         ds["spatial_basis"] = ds["spatial_basis"].chunk({"space": 1, "y": 1024, "x": 1024})
         with atomic_directory(path, overwrite=overwrite) as tmp:

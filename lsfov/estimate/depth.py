@@ -441,7 +441,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     elif c.method == "curve":
         z = psf_map["focus"].copy(data=_curve_depth(_readings(psf_map, c.axis0), c))
         units, note = "micrometer", c.to_dict()
-        _warn_clipped(z.values, np.asarray(psf_map["validity"].values) >= c.min_validity, c)
+        _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c)
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()

@@ -296,7 +296,8 @@ def _check_pixels(op, pixel_um):
     made = op.attrs.get("pixel_um")
     if made and pixel_um and abs(float(pixel_um) / float(made) - 1) > 0.1:
         warnings.warn(f"the image's pixels are {float(pixel_um):g} µm but the operator was made for {float(made):g} µm "
-                      "pixels: its PSFs are the wrong size here; resample the image or calibrate for these pixels",
+                      "pixels: unless one of the two sizes is wrong, its PSFs are the wrong size here; resample the "
+                      "image or calibrate for these pixels",
                       LsfovWarning, stacklevel=3)
 
 
