@@ -1544,8 +1544,8 @@ def main():
     ap.add_argument("--blind-draws", type=int, default=64, help="draws per image in the blind section")
     ap.add_argument("--type-patches", type=int, default=800, help="test patches per image type in the cnn section")
     ap.add_argument("--bound-patches", type=int, default=192, help="test patches per model in the bound section")
-    ap.add_argument("--specialist-patches", type=int, default=32000, help="training patches per specialist")
-    ap.add_argument("--specialist-epochs", type=int, default=3, help="epochs per specialist")
+    ap.add_argument("--specialist-patches", type=int, default=96000, help="training patches per specialist")
+    ap.add_argument("--specialist-epochs", type=int, default=4, help="epochs per specialist")
     ap.add_argument("--bss-images", type=int, default=12, help="images of 2304² for the subspace of the bss section")
     ap.add_argument("--gpu-parts", default="tv_rl,psf_maps,chunked",
                     help="parts of the gpu section to run, comma-separated (a short device lease: the one that "
