@@ -311,7 +311,10 @@ def _open_npy(path: Path) -> xr.DataArray:
         raise ValueError(f"{path}: not a readable .npy array ({e})") from None
     if arr.ndim < 2:
         raise ValueError(f"{path}: a .npy array of {arr.ndim} dimension(s); an image needs 2 to 5 (t, c, z, y, x)")
-    return _with_coords(da.from_array(arr), list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else None, None, path)
+    dims = list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else None
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
+        dims = ["y", "x", "c"]  # an RGB(A) array as image libraries hold it: its colours are channels
+    return _with_coords(da.from_array(arr), dims, None, path)
 
 
 def _with_coords(data, dims, pixel_um, path) -> xr.DataArray:

@@ -98,6 +98,9 @@ def test_open_tiff_and_npy(tmp_path):
     np.save(tmp_path / "b.npy", data[0].astype(np.float32))
     b = lsfov.open_image(tmp_path / "b.npy")
     assert b.attrs["pixel_um"] is None and b.x.attrs["units"] == "pixel"
+    rgb = np.random.default_rng(3).random((40, 30, 3)).astype(np.float32)  # (y, x, colour), as skimage holds it
+    np.save(tmp_path / "rgb.npy", rgb)
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "rgb.npy", channel=2).values, rgb[..., 2])
     # the z step of OME and ImageJ TIFFs: which plane, and where
     stack = np.zeros((5, 16, 16), np.uint16)
     tifffile.imwrite(tmp_path / "s.ome.tif", stack, metadata={"axes": "ZYX", "PhysicalSizeZ": 500,
