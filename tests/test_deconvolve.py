@@ -149,6 +149,16 @@ OPERATORS = {
 }
 
 
+def test_chunking_settings_on_an_in_memory_image_are_warned(scene, tmp_path):
+    _, y, _ = scene
+    op = OPERATORS[sorted(OPERATORS)[0]](y.shape)
+    for kw in ({"scratch": tmp_path}, {"exchange_every": 2}):
+        with pytest.warns(lsfov.LsfovWarning, match="act on Dask input"):
+            out = lsfov.deconvolve(y, op, 2, **kw)
+        np.testing.assert_array_equal(out, lsfov.deconvolve(y, op, 2))
+    assert not any(tmp_path.iterdir())  # and nothing written there
+
+
 @pytest.mark.parametrize("name", sorted(OPERATORS))
 @pytest.mark.parametrize("chunks, every", [((64, 80), None), (100, 1), (100, 3), ((57, 300), 2)])
 def test_chunked_equals_whole(scene, name, chunks, every):

@@ -65,7 +65,9 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     seconds["PSF map"], t = time.perf_counter() - t, time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
-    out = {"deblurred": deconvolve(img, op, iterations, tv, scratch=scratch, resume=resume, progress=progress)}
+    lazy = type(img.data).__module__.startswith("dask")  # scratch and resume: a chunked deconvolution's
+    out = {"deblurred": deconvolve(img, op, iterations, tv, scratch=scratch if lazy else None,
+                                   resume=resume and lazy, progress=progress)}
     seconds["deconvolution"] = time.perf_counter() - t
     out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
     out["filled"] = psf_map["filled"].astype(np.uint8)

@@ -282,6 +282,9 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
 
         return deconvolve_dask(image, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
                                scratch=scratch, resume=resume, progress=progress)
+    if scratch is not None or exchange_every is not None:
+        warnings.warn("scratch= and exchange_every= act on Dask input; this in-memory image is deblurred whole "
+                      "(chunk it with dask.array.from_array(image, chunks=...) to use them)", LsfovWarning, stacklevel=2)
     y = as_image(image)
     _check_shape(y.shape, operator)
     scale = float(y.mean())
