@@ -256,16 +256,21 @@ def _open_tiff(path: Path) -> xr.DataArray:
     return arr
 
 
+def _ome_size_um(tf, axis: str) -> float | None:
+    """``PhysicalSize{axis}`` of a TIFF's OME-XML in µm (its unit converted); None if not there."""
+    import re
+
+    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', tf.ome_metadata)
+    u = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', tf.ome_metadata)
+    factor = _to_um(u.group(1)) if u else 1.0  # OME's default unit is the micrometre
+    return float(m.group(1)) * factor if m and factor else None
+
+
 def _tiff_z_um(tf) -> float | None:
     """The z step from OME-XML (PhysicalSizeZ) or ImageJ metadata (spacing), in µm; None if not recorded."""
     try:
         if tf.ome_metadata:
-            import re
-
-            m = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', tf.ome_metadata)
-            u = re.search(r'PhysicalSizeZUnit="([^"]+)"', tf.ome_metadata)
-            factor = _to_um(u.group(1)) if u else 1.0
-            return float(m.group(1)) * factor if m and factor else None
+            return _ome_size_um(tf, "Z")
         ij = tf.imagej_metadata or {}
         if "spacing" in ij:
             factor = _to_um(ij.get("unit")) if ij.get("unit") else 1.0
@@ -279,12 +284,9 @@ def _tiff_pixel_um(tf) -> float | None:
     """Pixel size from OME-XML or ImageJ/TIFF resolution tags, in µm; None if not recorded."""
     try:
         if tf.ome_metadata:
-            import re
-
-            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tf.ome_metadata)
-            u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tf.ome_metadata)
-            if m:
-                return float(m.group(1)) * (_to_um(u.group(1)) if u else 1.0)
+            px = _ome_size_um(tf, "X")
+            if px:
+                return px
         page = tf.pages[0]
         res = page.tags.get("XResolution")
         if res is None:
