@@ -339,8 +339,8 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
 
     def note(dim, i):
         plane[dim] = i
-        if dim in arr.coords:  # not .get: xarray makes up an index for a dim without coordinates
-            c = arr.coords[dim]
+        c = arr.coords[dim] if dim in arr.coords else None  # not .get: xarray makes up an index
+        if c is not None and c.dtype.kind in "iuf":  # a position (not, say, a channel's name)
             if c.attrs.get("units") == SPATIAL_UNIT:
                 where[f"{dim}_um"] = float(c.values[i])
             else:
