@@ -5,6 +5,8 @@ import contextlib
 import functools
 import logging
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +27,14 @@ _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotAD
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
+class _Terminated(BaseException):
+    """SIGTERM: what SLURM and PBS send a cancelled or timed-out job; stops the run as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit status 1 (no traceback)."""
 
@@ -33,6 +43,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except _USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+        except _Terminated:
+            click.echo("terminated (SIGTERM)", err=True)
+            raise SystemExit(128 + signal.SIGTERM) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,6 +70,9 @@ def main(ctx, verbose, quiet):
     if quiet:  # for this command only, as the format above
         ctx.with_resource(warnings.catch_warnings())
         warnings.simplefilter("ignore")
+    if threading.current_thread() is threading.main_thread():  # a job's SIGTERM keeps the work, as Ctrl-C
+        previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous_handler))
     ctx.obj = {"quiet": quiet}
 
 
@@ -134,6 +150,8 @@ def _run_state(out: Path, parent, resume: bool):
         raise ValueError(f"--scratch {parent} is a file; give a directory that every worker can reach")
     state = Path(parent or out.parent) / f".{out.name}.scratch"
     if state.exists() and not resume:
+        if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
+            log.warning("discarding the work of an earlier interrupted run in %s (--resume continues it)", state)
         shutil.rmtree(state)
     elif resume and not state.exists():
         log.warning("nothing to resume in %s; starting from the beginning", state)

@@ -333,6 +333,18 @@ def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path
     run("-q", "deconvolve", "y.npy", "new.zarr", "--psf", "psf.npy", "--resume")
     assert lsfov.open_result(tmp_path / "new.zarr").deblurred.shape == before.shape
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".d.zarr.scratch"]
+    # A rerun without --resume starts again, and says what it throws away.
+    import logging
+
+    seen = logging.Handler()
+    seen.emit = lambda record: said.append(record.getMessage())
+    said = []
+    logging.getLogger("lsfov").addHandler(seen)
+    try:
+        run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--overwrite")
+    finally:
+        logging.getLogger("lsfov").removeHandler(seen)
+    assert any("discarding the work of an earlier interrupted run" in m for m in said), said
 
 
 def test_quickstart_example_runs(tmp_path):

@@ -158,8 +158,10 @@ def test_resume_needs_a_scratch_directory(scene):
         lsfov.deconvolve(da.from_array(y, chunks=100), op, 2, resume=True)
 
 
-def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
-    """SIGKILL (no cleanup at all) in the middle of `lsfov deconvolve`; `--resume` finishes it."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, sig):
+    """SIGKILL (no cleanup at all) or SIGTERM (a batch system cancelling the job: said, as Ctrl-C)
+    in the middle of `lsfov deconvolve`; `--resume` finishes it."""
     import subprocess
     import sys
 
@@ -173,15 +175,17 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
                                              capture_output=True, text=True, timeout=300)
     ref = run("ref.zarr")
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen([c.replace("OUT", "d.zarr") for c in cmd], cwd=tmp_path)
+    proc = subprocess.Popen([c.replace("OUT", "d.zarr") for c in cmd], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     scratch = tmp_path / ".d.zarr.scratch"
     deadline = time.monotonic() + 240
     while not list(scratch.glob("*/done/x2")):  # two exchanges of twelve done
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
     assert not (tmp_path / "d.zarr").exists()  # nothing that looks like a result
+    if sig == "SIGTERM":
+        assert proc.returncode == 143 and "run the same command with --resume" in err, err[-500:]
     res = run("d.zarr", "--resume")
     assert res.returncode == 0, res.stderr
     done, total = map(int, re.search(r"resuming from .*: (\d+) of (\d+) block-iterations", res.stderr).groups())
