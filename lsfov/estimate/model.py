@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -473,7 +474,7 @@ def file_stamp(path):
         st = Path(path).stat()
     except OSError:
         return None  # from_file says what is missing
-    if not Path(path).is_file():
+    if not stat.S_ISREG(st.st_mode):
         return None  # a folder: from_file says so too
     return st.st_mtime_ns, st.st_size
 
