@@ -46,6 +46,9 @@ class _Group(click.Group):
         except _Terminated:
             click.echo("terminated (SIGTERM)", err=True)
             raise SystemExit(128 + signal.SIGTERM) from None
+        except KeyboardInterrupt:  # the shell's convention (128 + SIGINT), not click's "Aborted!" and 1
+            click.echo("interrupted (Ctrl-C)", err=True)
+            raise SystemExit(128 + signal.SIGINT) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -168,8 +168,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     y_ext = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
     counts = exchange_counts(iterations, k)
-    log.info("TV-RL: %d iterations in %d exchanges, halo %d px, %d blocks of up to %s",
-             iterations, len(counts), halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
+    log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d blocks of up to %s", iterations, len(counts),
+             "" if len(counts) == 1 else "s", halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
 
     if scratch is None:
         x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale))

@@ -231,7 +231,8 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
     level = np.array([0, start_level, 0, start_level], np.float32)[:, None, None]
     block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps, level=level)
     counts = exchange_counts(iterations, k)
-    log.info("sparse+smooth: %d iterations in %d exchanges, halo %d px", iterations, len(counts), s * k)
+    log.info("sparse+smooth: %d iterations in %d exchange%s, halo %d px", iterations, len(counts),
+             "" if len(counts) == 1 else "s", s * k)
     if scratch is None:
         state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps, level),
                                channels=4)
