@@ -289,9 +289,12 @@ def test_out_of_memory_in_a_thread_says_what_to_do():
 
 
 class _StubClient:
-    def __init__(self, limit, nthreads):
-        self.info = {"workers": {"tcp://a": {"memory_limit": limit, "nthreads": nthreads},
-                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads}}}
+    def __init__(self, free, nthreads, own=0):
+        """Two workers, the smaller with ``free`` bytes for tasks: its limit up to Dask's pause (80 %)
+        less its own use (``own``, at least lsfov's allowance for a worker's code)."""
+        limit = int((free + max(own, chunked._WORKER_OWN)) / 0.8)
+        self.info = {"workers": {"tcp://a": {"memory_limit": limit, "nthreads": nthreads, "metrics": {"memory": own}},
+                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads, "metrics": {"memory": own}}}}
 
     def scheduler_info(self):
         return self.info
@@ -304,14 +307,36 @@ def test_blocks_too_big_for_a_worker_are_refused_before_any_work(monkeypatch):
     need = chunked.task_bytes((2048, 2048), 120, op)
     assert 128 * 2048**2 < need < 128 * 2400**2
     monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(int(1.5 * need), 2))  # the smaller worker counts
-    with pytest.raises(MemoryError, match=r"about 0.64 GiB per task, but each worker has 0.96 GiB for 2 thread\(s\); "
+    with pytest.raises(MemoryError, match=r"about 0.64 GiB per task, but each worker has 0.96 GiB for 2 thread\(s\) "
+                                          r"\(its memory limit up to Dask's pause at 80%, less its own use\); "
                                           r"use chunks of 1536 px or less \(--chunks 1536\)"):
         chunked.check_task_memory((2048, 2048), 120, op)
     chunked.check_task_memory((1536, 1536), 120, op)  # what the message proposes does fit
     chunked.check_task_memory((2048, 2048), 120, op, n_blocks=1)  # one block: one thread busy, it fits
+    # What a worker already uses is not the tasks': the same limit with 1.5 GiB in use takes no such block
+    stub = _StubClient(int(2.5 * need), 1)
+    monkeypatch.setattr(cluster, "_active_client", lambda: stub)
+    chunked.check_task_memory((2048, 2048), 120, op)
+    for w in stub.info["workers"].values():
+        w["metrics"]["memory"] = 1.5 * 2**30
+    with pytest.raises(MemoryError, match=r"use chunks of 1024 px or less"):
+        chunked.check_task_memory((2048, 2048), 120, op)
     monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(10 * 2**20, 1))
     with pytest.raises(MemoryError, match="exchange-every 1"):
         chunked.check_task_memory((2048, 2048), 120, op)
+
+
+def test_a_worker_too_small_to_run_anything_is_refused_not_waited_for():
+    """A worker whose own use is past the point where Dask pauses it never runs a task: a run would
+    wait in silence. It is refused before any work, with what to do."""
+    from distributed import Client, LocalCluster
+
+    op = lsfov.ProductConvolution.from_grid(np.ones((2, 2, 15, 15), np.float32) / 225, (512, 512))
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="150MB", dashboard_address=":0") as cluster, \
+            Client(cluster):
+        with pytest.raises(MemoryError, match=r"uses \d+ MiB of its 143 MiB memory limit before any work, over the "
+                                              r"80% at which Dask pauses it; give each worker more memory"):
+            chunked.check_task_memory((256, 256), 8, op)
 
 
 def test_cli_refuses_chunks_this_machine_cannot_hold(run_cli, monkeypatch):
