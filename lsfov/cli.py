@@ -476,6 +476,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
+        resumed = resume and any(state.glob("lsfov-psfmap-*/*.npy"))  # a rate would count earlier work
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize, scratch=state,
                               resume=resume, progress=not obj["quiet"])
         seconds = time.perf_counter() - t0
@@ -484,7 +485,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         io.save(ds, out, overwrite=overwrite)
     n = ds.sizes["gy"] * ds.sizes["gx"]
     click.echo(f"wrote {out}: {ds.sizes['gy']}x{ds.sizes['gx']} nodes of {ds.attrs['psf_model']} "
-               f"({int(ds['filled'].sum())} filled from neighbours), {n / seconds:.0f} patches/s")
+               f"({int(ds['filled'].sum())} filled from neighbours), "
+               + (f"{seconds:.1f} s to finish an interrupted run" if resumed else f"{n / seconds:.0f} patches/s"))
     if figure:
         from .figures import psf_mosaic, summary_figure
 

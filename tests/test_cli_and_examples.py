@@ -544,6 +544,23 @@ def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch,
         np.testing.assert_array_equal(out[name].values, ref[name].values)
 
 
+def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_calls):
+    """A resumed map's patches/s would count the nodes an earlier run regressed."""
+    pytest.importorskip("torch")
+    import lsfov.estimate.mapping as mapping
+    from lsfov import simulate
+
+    np.save("in.npy", simulate.tilted_surface((320, 320), depth_range_um=(-8, 8), grid=4, seed=6).image)
+    args = ("estimate", "in.npy", "map.zarr", "--chunks", 160, "--scheduler", "synchronous")
+    count_calls(mapping, "_regress", fail_at=3, error=KeyboardInterrupt())  # Ctrl-C in the third chunk
+    res = run(*args, ok=False)
+    assert res.exit_code == 130 and "--resume" in res.output, res.output
+    count_calls(mapping, "_regress")
+    res = run(*args, "--resume")
+    assert "to finish an interrupted run" in res.output and "patches/s" not in res.output, res.output
+    assert "patches/s" in run(*args, "--overwrite").output
+
+
 def test_slurm_and_pbs_clusters_without_a_batch_system():
     pytest.importorskip("dask_jobqueue")
     import dask

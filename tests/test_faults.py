@@ -51,6 +51,35 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         assert len(calls) == total
 
 
+def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, monkeypatch):
+    """On a cluster the bar moves by the exchange; it starts at the work already done, so an exchange
+    half done before adds only its other half."""
+    import tqdm.auto
+    from distributed import Client, LocalCluster
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    op, y = scene
+    dy = da.from_array(y, chunks=60)
+    kw = dict(exchange_every=2, scratch=tmp_path / "s")
+    with dask.config.set(scheduler="synchronous"):
+        count_calls(chunked, "_block", fail_at=16 + 9)  # dies in the second exchange, 8 blocks of it done
+        with pytest.raises(RuntimeError, match="power cut"):
+            lsfov.deconvolve(dy, op, 6, **kw)
+    count_calls(chunked, "_block")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        lsfov.deconvolve(dy, op, 6, resume=True, progress=True, **kw).compute()
+    bar = [b for b in bars if b.unit == "block-it"][-1]  # the resumed run's
+    assert bar.n == bar.total == 6 * 16
+
+
 def test_resume_never_picks_up_the_state_of_another_image(scene, tmp_path):
     """A mirror image has the shape, sum, minimum and maximum of the original: only its bytes tell
     the runs apart, and they do."""

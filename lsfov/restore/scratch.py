@@ -102,6 +102,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
             if not (root / "done" / f"x{e}").exists():
                 marks = root / "done" / f"x{e}.blocks"
                 marks.mkdir(exist_ok=True)
+                before = len(list(marks.glob("*")))  # blocks of this exchange an interrupted run finished
                 fn = functools.partial(_task, zy=zy, zx=zx, zout=zout, marks=marks, block=block, n=n, start=start,
                                        halo=spread * n, chunks=chunks, gpu=gpu)
                 token = dask.base.tokenize(str(zout.store_path), str(marks), n, start)
@@ -110,8 +111,8 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                                   name=f"lsfov-exchange-{token}"), n)
                 (root / "done" / f"x{e}").touch()
                 shutil.rmtree(marks, ignore_errors=True)
-                if not local:
-                    bar.update(n * n_blocks)
+                if not local:  # a cluster's tasks are counted by the exchange (the bar began at `done`)
+                    bar.update(n * (n_blocks - before))
             zx, start = zout, start + n
     return zx
 
