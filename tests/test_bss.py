@@ -87,18 +87,20 @@ def test_identification_bad_input(subspace):
 
 
 def _scene(kernel):
-    """Sparse sources on a polynomial background through ``kernel``, with noise (paper 003 Fig. 10)."""
+    """Sparse sources on a polynomial background through ``kernel``, with noise (paper 003 Fig. 10):
+    a field of view cut out of a larger world, whose light comes in from beyond its edges."""
     rng = np.random.default_rng(4)
-    n = 128
+    n, p = 128, 16
     op = lsfov.ProductConvolution.from_grid(kernel[None, None], (n, n))
-    u1 = np.zeros((n, n), np.float32)
+    world = lsfov.ProductConvolution.from_grid(kernel[None, None], (n + 2 * p, n + 2 * p))
+    u1 = np.zeros((n + 2 * p,) * 2, np.float32)
     pos = rng.integers(8, n - 8, (30, 2))
-    u1[pos[:, 0], pos[:, 1]] = rng.uniform(300, 600, 30)
-    yy, xx = np.mgrid[:n, :n] / n
+    u1[pos[:, 0] + p, pos[:, 1] + p] = rng.uniform(300, 600, 30)
+    yy, xx = (np.mgrid[: n + 2 * p, : n + 2 * p] - p) / n
     u2 = (20 + 30 * yy + 20 * xx**2).astype(np.float32)
-    clean = op.apply(u1 + u2)
+    clean = world.apply(u1 + u2)[p:-p, p:-p]
     y = (clean + rng.normal(0, 2.0, clean.shape)).astype(np.float32)
-    return op, y, u1, u2, pos
+    return op, y, u1[p:-p, p:-p], u2[p:-p, p:-p], pos
 
 
 @pytest.fixture(scope="module")
@@ -154,22 +156,21 @@ def test_estimate_noise_reads_white_noise_and_the_scene(scene):
     assert estimate_noise(scene[1]) == pytest.approx(2.0, rel=0.05)
 
 
-def _chunked_error(op, y, chunks, **kw):
-    """Largest difference between the chunked and whole-array results, relative to each one's peak."""
-    whole = lsfov.sparse_smooth_deblur(y, op, iterations=30, **kw)
-    lazy = lsfov.sparse_smooth_deblur(da.from_array(y, chunks=chunks), op, iterations=30, exchange_every=3, **kw)
+def _chunked_error(op, y, chunks, iterations=6, **kw):
+    """Largest difference between the chunked and whole-array results, relative to each one's peak.
+    Early iterates: what a short halo gets wrong is largest while the iterates move most."""
+    whole = lsfov.sparse_smooth_deblur(y, op, iterations=iterations, **kw)
+    lazy = lsfov.sparse_smooth_deblur(da.from_array(y, chunks=chunks), op, iterations=iterations, exchange_every=3, **kw)
     return max(float(np.abs(a.compute() - b).max() / b.max()) for a, b in zip(lazy, whole))
 
 
 def test_sparse_smooth_default_weights_and_chunked_equals_whole(scene):
     op, y, *_ = scene
-    whole = lsfov.sparse_smooth_deblur(y, op, iterations=30)
     for chunks in (64, (50, 78)):
-        lazy = lsfov.sparse_smooth_deblur(da.from_array(y, chunks=chunks), op, iterations=30, exchange_every=3)
-        for a, b in zip(lazy, whole):
-            # float32 rounding gives <= 2e-6 of the peak; a halo short by one pixel per iteration
-            # gives 8e-5 (test_a_short_halo_is_caught)
-            np.testing.assert_allclose(a.compute(), b, atol=1e-5 * float(b.max()))
+        # float32 rounding gives <= 1.5e-6 of the peak; a halo short by one pixel per iteration
+        # 9e-6 (test_a_short_halo_is_caught)
+        assert _chunked_error(op, y, chunks) < 3e-6
+        assert _chunked_error(op, y, chunks, iterations=30) < 1e-5
 
 
 def test_one_chunk_images_run_as_one_block(scene):
@@ -195,12 +196,12 @@ def test_a_short_halo_is_caught(monkeypatch):
     op, y, *_ = _scene(np.full((11, 11), 1 / 121, np.float32))
     kw = dict(warn_dense=1.0)  # a box-blurred scene looks dense; no warning wanted here
     for chunks in (64, (50, 78)):
-        assert _chunked_error(op, y, chunks, **kw) < 1e-5  # measured <= 1.6e-6
+        assert _chunked_error(op, y, chunks, **kw) < 3e-6  # measured <= 1.5e-6
     real = sparse_smooth.lazy_exchanges  # takes the per-iteration spread, max(2 r, 2) = 10 px here
     monkeypatch.setattr(sparse_smooth, "lazy_exchanges",
                         lambda y_, counts, spread, *a, **k: real(y_, counts, spread - 1, *a, **k))
     for chunks in (64, (50, 78)):
-        assert _chunked_error(op, y, chunks, **kw) > 3e-5  # measured 7.7e-5 and 9.2e-5
+        assert _chunked_error(op, y, chunks, **kw) > 5e-6  # measured 8.7e-6 and 9.2e-6
 
 
 def test_sparse_smooth_through_scratch_equals_lazy_and_resumes(scene, tmp_path, count_calls):
@@ -263,8 +264,9 @@ def test_locate_sources_whole_and_chunked(scene):
 
 
 def test_no_sources_on_the_edge_of_a_bright_background():
-    """A field cut out of a larger one: its background goes on beyond the edge, where the model has
-    no light, and the sparse component takes the difference up on the outermost pixels."""
+    """A field cut out of a larger one: its background goes on beyond the edge. The extended field
+    explains the light that comes in from there; a zero world outside would put it into the sparse
+    component on the outermost pixels (a frame of false sources)."""
     from lsfov.restore import locate_sources
 
     rng = np.random.default_rng(5)
@@ -280,7 +282,9 @@ def test_no_sources_on_the_edge_of_a_bright_background():
     op = lsfov.ProductConvolution.from_grid(k[None, None], (n, n))
     sparse, _ = lsfov.sparse_smooth_deblur(y, op)
     found = locate_sources(sparse, op, estimate_noise(y))
-    assert sparse[-1].sum() > sparse[5:-5, 5:-5].sum()  # the edge carries more sparse mass than the sources ...
-    assert found[:, :2].min() > 0 and found[:, :2].max() < n - 1  # ... but it is not reported as sources
+    edge = np.ones(sparse.shape, bool)
+    edge[5:-5, 5:-5] = False
+    assert sparse[edge].sum() < 0.01 * sparse[~edge].sum()  # measured 0 (a zero world outside: 7.5x the sources')
     d, _ = cKDTree(pos - p).query(found[:, :2])
-    assert len(found) <= 25 and np.mean(d <= 1.5) > 0.9
+    dt, _ = cKDTree(found[:, :2]).query(pos - p)
+    assert np.all(d <= 1.5) and np.all(dt <= 1.5)  # every source found, nothing else (20 of 20)

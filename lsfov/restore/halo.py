@@ -65,23 +65,24 @@ def block_window(chunks, location, halo: int):
     return tuple(window), tuple(core)
 
 
-def lazy_exchanges(y: da.Array, counts, spread: int, block, *, name: str, token, channels: int = 0) -> da.Array:
+def lazy_exchanges(y: da.Array, counts, spread: int, block, *, name: str, token, channels: int = 0,
+                   initial: da.Array | None = None) -> da.Array:
     """The exchanges chained in one Dask graph (:func:`lsfov.restore.scratch.run_exchanges`
-    without the store; the same ``y``, ``counts``, ``spread``, ``block`` and ``channels``).
+    without the store; the same ``y``, ``counts``, ``spread``, ``block``, ``channels`` and ``initial``).
 
     ``name`` prefixes the graph's keys and ``token`` stands for what ``block`` computes with (Dask
     cannot hash the operator itself cheaply). Returns the final state, chunked as ``y``.
     """
     lead = ((channels,),) if channels else ()
     meta = da.utils.meta_from_array(y, ndim=len(lead) + 2, dtype=np.float32)  # NumPy or CuPy chunks, as given
-    x, start = None, 0
+    x, it = initial, 0
     for n in counts:
         halo = spread * n
         args = [_overlap(a, halo) for a in (y, x) if a is not None]
-        fn = functools.partial(_lazy_task, block=block, n=n, start=start, halo=halo)
+        fn = functools.partial(_lazy_task, block=block, n=n, start=it, halo=halo)
         x = da.map_blocks(fn, *args, chunks=lead + y.chunks, dtype=np.float32, meta=meta,
-                          name=f"{name}-{dask.base.tokenize(args, n, start, halo, token)}")
-        start += n
+                          name=f"{name}-{dask.base.tokenize(args, n, it, halo, token)}")
+        it += n
     return x
 
 

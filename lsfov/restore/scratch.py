@@ -26,7 +26,7 @@ log = logging.getLogger("lsfov")
 
 
 def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channels: int = 0, resume: bool = False,
-                  progress: bool = False, desc: str = "iterations"):
+                  progress: bool = False, desc: str = "iterations", initial: da.Array | None = None):
     """Run ``sum(counts)`` iterations of ``block`` over ``y``'s blocks, one exchange per count.
 
     Parameters
@@ -37,14 +37,17 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
         Iterations per exchange; exchange ``e`` exchanges a halo of ``spread * counts[e]`` pixels.
     block : callable
         ``block(yb, xb, *, n, start, halo, location) -> core`` (:mod:`lsfov.restore.halo`): ``n``
-        iterations from iteration ``start`` on a window (``xb`` None on the first exchange); returns
-        the block's core, (H_b, W_b) or (channels, H_b, W_b). CuPy windows when ``y`` has CuPy chunks.
+        iterations from iteration ``start`` on a window (``xb`` None on the first exchange, or the
+        window of ``initial``); returns the block's core, (H_b, W_b) or (channels, H_b, W_b). CuPy
+        windows when ``y`` has CuPy chunks.
     root : Path
         The run's state directory (a name unique to the run: resuming finds it there).
     channels : int
         0 for a (H, W) state, else the length of its leading axis.
     resume : bool
         Continue the state in ``root``; else it is discarded first.
+    initial : dask array (H, W), optional
+        What the first exchange starts from (stored beside ``y``), chunked as ``y``.
 
     Returns
     -------
@@ -96,16 +99,21 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
             host = y.map_blocks(to_numpy, meta=np.empty((0, 0), np.float32)) if gpu else y
             compute(da.store(host.astype(np.float32), zy, lock=False, compute=False))
             (root / "done" / "y").touch()
-        zx, start = None, 0
+        zx, it = None, 0
+        if initial is not None:
+            zx = array("initial", y.shape, zchunks)
+            if not (root / "done" / "initial").exists():
+                compute(da.store(initial.astype(np.float32), zx, lock=False, compute=False))
+                (root / "done" / "initial").touch()
         for e, n in enumerate(counts):
             zout = array(f"x{e % 2}", lead + y.shape, lead + zchunks)
             if not (root / "done" / f"x{e}").exists():
                 marks = root / "done" / f"x{e}.blocks"
                 marks.mkdir(exist_ok=True)
                 before = len(list(marks.glob("*")))  # blocks of this exchange an interrupted run finished
-                fn = functools.partial(_task, zy=zy, zx=zx, zout=zout, marks=marks, block=block, n=n, start=start,
+                fn = functools.partial(_task, zy=zy, zx=zx, zout=zout, marks=marks, block=block, n=n, start=it,
                                        halo=spread * n, chunks=chunks, gpu=gpu)
-                token = dask.base.tokenize(str(zout.store_path), str(marks), n, start)
+                token = dask.base.tokenize(str(zout.store_path), str(marks), n, it)
                 flags = tuple((1,) * len(c) for c in chunks)
                 run(da.map_blocks(fn, chunks=flags, dtype=bool, meta=np.empty((0, 0), bool),
                                   name=f"lsfov-exchange-{token}"), n)
@@ -113,7 +121,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                 shutil.rmtree(marks, ignore_errors=True)
                 if not local:  # a cluster's tasks are counted by the exchange (the bar began at `done`)
                     bar.update(n * (n_blocks - before))
-            zx, start = zout, start + n
+            zx, it = zout, it + n
     return zx
 
 

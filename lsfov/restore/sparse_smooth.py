@@ -1,10 +1,14 @@
 """Sparse + smooth deblurring of point sources on a smooth background (paper 003 App. D-b).
 
-    min_{u1, u2 >= 0}  ½‖H(u1 + u2) − y‖² + γ1‖u1‖₁ + γ2‖Δu2‖²
+    min_{u1, u2 >= 0}  ½‖M(H(u1 + u2) − y)‖² + γ1‖u1‖₁ + γ2‖Δu2‖²
 
-solved by FISTA (accelerated proximal gradient) on the pair (u1, u2). One iteration moves
-information by at most ``max(2r, 2)`` pixels (H then Hᵀ; Δ twice), so, as for TV-RL, blocks that
-exchange a halo of ``k·max(2r, 2)`` every k iterations reproduce the whole-array iterates exactly.
+solved by FISTA (accelerated proximal gradient) on the pair (u1, u2). u1 and u2 live on the
+extended field (the image grown by the PSF radius r on every side) and M keeps the residual on the
+image: light that comes in from beyond the edge is explained there, by the background that goes
+on (u2) or a source just outside (u1), instead of by a frame of false sources on the edge, as a
+zero world outside the image would force. One iteration moves information by at most
+``max(2r, 2)`` pixels (H then Hᵀ; Δ twice), so, as for TV-RL, blocks that exchange a halo of
+``k·max(2r, 2)`` every k iterations reproduce the whole-array iterates exactly.
 """
 from __future__ import annotations
 
@@ -25,6 +29,11 @@ __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
 log = logging.getLogger("lsfov")
 
 DEFAULT_GAMMA2 = 10.0
+# u2 starts as the image smoothed by a Gaussian of this σ (px), continued past the edge by its edge
+# values, over the PSF's sum: the background is then nearly in place everywhere, the extended field's
+# rim included, which the data reach only through the PSF's tails (from a flat start the rim of a
+# rising background was still behind after 500 iterations, and u1 took up the difference).
+_START_SIGMA, _START_TRUNCATE = 8.0, 3.0
 
 
 def estimate_noise(image) -> float:
@@ -79,13 +88,17 @@ def _momentum(k: int) -> float:
     return beta
 
 
-def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp):
-    """``n`` FISTA iterations from iteration ``start``; state = (x1, x2, z1, z2) float32 arrays."""
+def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None):
+    """``n`` FISTA iterations from iteration ``start``; state = (x1, x2, z1, z2) float32 arrays.
+    ``mask``: 1 where the window holds the image, 0 on the extended field's rim (None: all image)."""
     x1, x2, z1, z2 = state
     t1, t2 = (np.float32(t) for t in steps)
     thr = np.float32(gamma1 * steps[0])
     for k in range(start, start + n):
-        g = op.adjoint(op.apply(z1 + z2, check=False) - y, check=False)
+        res = op.apply(z1 + z2, check=False) - y
+        if mask is not None:
+            res *= mask
+        g = op.adjoint(res, check=False)
         n1 = xp.maximum(z1 - t1 * g - thr, 0)
         n2 = xp.maximum(z2 - t2 * (g + np.float32(2 * gamma2) * _laplacian(_laplacian(z2, xp), xp)), 0)
         beta = np.float32(_momentum(k))
@@ -164,7 +177,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         raise ValueError("sparse_smooth_deblur needs a full-image operator, not a restricted window")
     if y.shape != operator.shape:
         raise ValueError(f"image shape {y.shape} does not match the operator's shape {operator.shape}")
-    # The central 1024² (the same for NumPy and Dask input): noise level and background start.
+    # The central 1024² (the same for NumPy and Dask input): the noise level.
     cy, cx = (max(0, n // 2 - 512) for n in y.shape)
     sample = to_numpy(y[cy : cy + 1024, cx : cx + 1024]).astype(np.float32, copy=False)  # NumPy, CuPy or Dask
     if lazy:
@@ -183,22 +196,26 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         gamma2 = DEFAULT_GAMMA2
     gamma1, gamma2 = real_number(gamma1, "gamma1", minimum=0), real_number(gamma2, "gamma2", minimum=0)
     steps = _steps(operator, gamma2, l1)  # the PSF norms read once (basis maps may be on disk)
-    # u2 starts at the median level: the smoothness term slows u2 down, and a background left for
-    # it to grow into would meanwhile be taken up by u1.
-    start = np.float32(max(float(np.median(sample)), 0.0) / max(l1, 1e-12))
     if resume and scratch is None:
         raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     if lazy:
-        sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, start,
+        sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, l1,
                                   scratch=scratch, resume=resume, progress=progress)
     else:
         from .._backend import array_module
 
         xp = array_module(y)
-        zero = xp.zeros_like(y)
-        level = xp.full_like(y, start)
-        x1, x2, _, _ = _iterate(operator, y, (zero, level, zero, level), 0, iterations, gamma1, gamma2, steps, xp)
-        sparse, smooth = x1, x2
+        r, (h, w) = operator.halo, y.shape
+        ext = (h + 2 * r, w + 2 * r)  # exactly: the Laplacian's edge is the extended field's, as in blocks
+        y_ext, mask = xp.zeros(ext, xp.float32), xp.zeros(ext, xp.float32)
+        y_ext[r : r + h, r : r + w], mask[r : r + h, r : r + w] = y, 1
+        # u2 starts near the background: the smoothness term slows u2 down, and a background left for it
+        # to grow into would meanwhile be taken up by u1.
+        zero, level = xp.zeros_like(y_ext), xp.asarray(_background(np.pad(to_numpy(y), r, mode="edge"), l1))
+        win = operator.restrict((-r, -r), ext)
+        x1, x2, _, _ = _iterate(win, y_ext, (zero, level, zero, level), 0, iterations, gamma1, gamma2, steps, xp,
+                                mask=mask)
+        sparse, smooth = x1[r : r + h, r : r + w].copy(), x2[r : r + h, r : r + w].copy()
         peak = float(sparse.max())
         frac = float((sparse > 0.1 * peak).mean()) if peak > 0 else 0.0
         if frac > warn_dense:
@@ -212,12 +229,21 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     return sparse, smooth
 
 
-def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_level, *, scratch=None, resume=False,
+def _background(y, l1: float):
+    """Where u2 starts: ``y`` (NumPy; the image continued past its edge by its edge values) smoothed,
+    over the PSF's sum ``l1``."""
+    from scipy import ndimage
+
+    out = ndimage.gaussian_filter(y, _START_SIGMA, mode="nearest", truncate=_START_TRUNCATE)
+    return np.maximum(out, np.float32(0)) / np.float32(max(l1, 1e-12))
+
+
+def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, l1, *, scratch=None, resume=False,
              progress=False):
     import dask
     import dask.array as da
 
-    s = max(2 * op.halo, 2)
+    s, r = max(2 * op.halo, 2), op.halo
     c = tuple(int(max(ch)) for ch in y.chunks)
     single = len(y.chunks[0]) == 1 and len(y.chunks[1]) == 1
     k = exchange_every or (iterations if single else max(1, min(iterations, min(c) // s)))
@@ -225,17 +251,23 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
     if not single and s * k > min(c):
         raise ValueError(f"chunks {c} are smaller than the halo of {s * k} px ({k} iterations x {s} px); "
                          "use larger chunks or a smaller exchange_every")
-    # A last chunk thinner than the halo joins its neighbour (the overlap needs the whole halo).
-    chunks = tuple(axis_chunks(n, ci, s * k) for n, ci in zip(y.shape, c))
-    in_chunks, y = y.chunks, y.rechunk(chunks)
-    level = np.array([0, start_level, 0, start_level], np.float32)[:, None, None]
-    block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps, level=level)
+    # The extended field (the image and a rim of r); a last chunk thinner than the halo joins its
+    # neighbour (the overlap needs the whole halo).
+    chunks = tuple(axis_chunks(n + 2 * r, ci, s * k) for n, ci in zip(y.shape, c))
+    in_chunks, shape = y.chunks, y.shape
+    depth = int(_START_TRUNCATE * _START_SIGMA + 0.5)  # gaussian_filter's radius
+    level = da.pad(y, r, mode="edge").rechunk(chunks).map_overlap(
+        functools.partial(_background, l1=l1), depth=depth, boundary="nearest", dtype=np.float32,
+        meta=np.empty((0, 0), np.float32))
+    y = da.pad(y, r).rechunk(chunks)
+    block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
+                              image=(r, r) + shape)
     counts = exchange_counts(iterations, k)
     log.info("sparse+smooth: %d iterations in %d exchange%s, halo %d px", iterations, len(counts),
              "" if len(counts) == 1 else "s", s * k)
     if scratch is None:
-        state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps, level),
-                               channels=4)
+        state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps),
+                               channels=4, initial=level)
     else:
         from pathlib import Path
 
@@ -243,22 +275,30 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, start_lev
 
         # The image (its blocks' bytes), the operator's content, every parameter.
         key = dask.base.tokenize(dask.compute(block_digests(y))[0], chunks, op.fingerprint, gamma1, gamma2, steps,
-                                 counts, s, float(start_level))
+                                 counts, s, _START_SIGMA, _START_TRUNCATE)
         zx = run_exchanges(y, counts, s, block, root=Path(scratch) / f"lsfov-bss-{key[:16]}", channels=4,
-                           resume=resume, progress=progress, desc="sparse+smooth")
+                           resume=resume, progress=progress, desc="sparse+smooth", initial=level)
         state = da.from_zarr(zx, chunks=((4,),) + chunks)
-    return state[0].rechunk(in_chunks), state[1].rechunk(in_chunks)
+    field = (slice(r, r + shape[0]), slice(r, r + shape[1]))
+    return state[(0,) + field].rechunk(in_chunks), state[(1,) + field].rechunk(in_chunks)
 
 
-def _block(yb, st, *, n, start, halo, location, op, chunks, gamma1, gamma2, steps, level):
-    """``n`` FISTA iterations from iteration ``start`` on the window of the block at ``location``;
-    its core. The first exchange (``st`` None) starts from ``level``."""
-    if st is None:
-        st = np.zeros((4,) + yb.shape, np.float32) + level
+def _block(yb, st, *, n, start, halo, location, op, chunks, gamma1, gamma2, steps, image):
+    """``n`` FISTA iterations from iteration ``start`` on the window of the block at ``location`` of
+    the extended field; its core. The first exchange starts u2 from ``st`` (H, W) (:func:`_background`),
+    the others continue ``st`` (4, H, W). ``image``: (top, left, height, width) of the image in the
+    extended field, where the residual counts."""
+    if st.ndim == 2:
+        zero = np.zeros_like(st)
+        st = np.stack([zero, st, zero, st])
     window, core = block_window(chunks, location, halo)
-    win = op.restrict(tuple(w.start for w in window), yb.shape)
+    top, left, h, w = image
+    mask = np.zeros(yb.shape, np.float32)
+    mask[max(top - window[0].start, 0) : max(top + h - window[0].start, 0),
+         max(left - window[1].start, 0) : max(left + w - window[1].start, 0)] = 1
+    win = op.restrict((window[0].start - top, window[1].start - left), yb.shape)  # image coordinates
     with task_threads():
-        out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, np)
+        out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, np, mask=mask)
     return np.stack([o[core] for o in out])
 
 
@@ -283,8 +323,8 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     -------
     ndarray (N, 3)
         y, x (pixels) and amplitude (the 3x3 sum) of each source, brightest first. The image's outermost
-        rows and columns are left out: half their neighbourhood is outside the field, where the model
-        has no light, and a bright background there is taken up by the sparse component at the edge.
+        rows and columns are left out: half of their 3x3 neighbourhood is outside the field, so neither
+        a maximum nor its amplitude can be read there.
     """
     import dask
     import dask.array as da
