@@ -439,7 +439,6 @@ def _centres(variables, names, edge=512):
     return {f"{name} (centre)": np.asarray(variables[name].data[crop]) for name in names}
 
 
-
 # ---------------------------------------------------------------------------------------------- estimate
 
 

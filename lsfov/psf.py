@@ -118,6 +118,16 @@ def noll_to_nm(j: int) -> tuple[int, int]:
     return n, m
 
 
+def cut_off(kernels) -> np.ndarray:
+    """Which of ``kernels`` (..., K, K) reach their box's edge: a bright rim, or much light in it (a
+    defocused PSF's rim can fall on a dark ring while half its light lies beyond). Within the models'
+    ranges at 31 px: rim/peak at most 0.31, rim light at most 2.6 % (Z3's widest; at 3 % about 7 %
+    of the light is lost)."""
+    k = np.asarray(kernels)
+    rim = np.concatenate([k[..., 0, :], k[..., -1, :], k[..., 1:-1, 0], k[..., 1:-1, -1]], axis=-1)
+    return (rim.max(axis=-1) > 0.5 * k.max(axis=(-2, -1))) | (rim.sum(axis=-1) > 0.03 * k.sum(axis=(-2, -1)))
+
+
 def zernike_polynomial(j: int, rho, theta):
     """Noll-normalised Zernike polynomial ``Z_j(rho, theta)`` (unit RMS over ``rho <= 1``).
 
@@ -403,11 +413,7 @@ class PSFModel:
             out = zernike(coeffs, optics, size=size)
             if out.ndim == 2:
                 out = out[None]
-        rim = np.concatenate([out[:, 0], out[:, -1], out[:, 1:-1, 0], out[:, 1:-1, -1]], axis=1)
-        # Cut off: a bright rim, or much light in it (a defocused PSF's rim can fall on a dark ring while
-        # half its light lies beyond). Within the models' ranges at 31 px: rim/peak at most 0.31, rim
-        # light at most 2.6 % (Z3's widest; at 3 % about 7 % of the light is lost).
-        cut = (rim.max(axis=1) > 0.5 * out.max(axis=(1, 2))) | (rim.sum(axis=1) > 0.03 * out.sum(axis=(1, 2)))
+        cut = cut_off(out)
         if cut.any():
             warnings.warn(f"{int(cut.sum())} {self.name} PSF(s) (e.g. {', '.join(f'{q}={v:.3g}' for q, v in zip(self.params, arr[cut][0]))}) "
                           f"reach the edge of the {size}-pixel kernel and are cut off; pass a larger size",

@@ -4,13 +4,14 @@ Everything is seeded: the same ``seed`` gives the same arrays on every machine.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
 from . import psf as _psf
-from ._validate import as_image, positive_int, real_number, shape2d
+from ._validate import LsfovWarning, as_image, positive_int, real_number, shape2d
 from .operators import ProductConvolution, _cell_centers
 
 __all__ = ["BeadField", "TiltedSurface", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image",
@@ -106,6 +107,11 @@ def bead_field(
     axis = drawn_axis if axis is None else float(axis)
     coeffs = {5: astigmatism * np.sin(2 * axis) * np.ones(z.size), 6: astigmatism * np.cos(2 * axis) * np.ones(z.size)}
     kernels = _psf.zernike(coeffs, optics, size=psf_size, z_um=z.ravel()).reshape(gy, gx, psf_size, psf_size)
+    cut = _psf.cut_off(kernels)
+    if cut.any():
+        warnings.warn(f"{int(cut.sum())} of the {cut.size} PSFs (defocus up to {np.abs(z).max():.2g} µm) reach the edge "
+                      f"of the {psf_size}-pixel kernel and are cut off; pass a larger psf_size or a narrower z_range_um",
+                      LsfovWarning, stacklevel=2)
     op = ProductConvolution.from_grid(kernels, (h, w), centers=(cy, cx))
 
     pos = np.stack([rng.integers(margin, h - margin, n_beads), rng.integers(margin, w - margin, n_beads)], 1)

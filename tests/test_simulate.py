@@ -24,6 +24,16 @@ def test_bead_field_is_reproducible_and_consistent():
     assert a.clean[y, x] > a.background.max()
 
 
+def test_bead_field_warns_when_its_psfs_do_not_fit_their_kernel():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simulate.bead_field((128, 128), 4, seed=1, grid=4)  # the defaults fit
+    with pytest.warns(UserWarning, match=r"of the 16 PSFs \(defocus up to 3 µm\) reach the edge of the 15-pixel"):
+        simulate.bead_field((128, 128), 4, seed=1, grid=4, z_range_um=(-3, 3), psf_size=15)
+
+
 def test_bead_stack_differs_per_image():
     s = simulate.bead_stack(3, (96, 96), seed=1, grid=3)
     assert len(s) == 3
