@@ -232,7 +232,7 @@ def test_sparse_smooth_through_scratch_equals_lazy_and_resumes(scene, tmp_path, 
         lsfov.sparse_smooth_deblur(dy, op, resume=True)
 
 
-def test_sparse_smooth_bad_input_and_dense_warning(scene):
+def test_sparse_smooth_bad_input_and_dense_warning(scene, tmp_path):
     op, y, *_ = scene
     with pytest.raises(ValueError, match="shape"):
         lsfov.sparse_smooth_deblur(y[:100], op)
@@ -242,9 +242,17 @@ def test_sparse_smooth_bad_input_and_dense_warning(scene):
     bad[3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         lsfov.sparse_smooth_deblur(bad, op)
-    texture = lsfov.simulate.sample_image("camera", y.shape) * 500
+    texture = op.apply(lsfov.simulate.sample_image("camera", y.shape) * 500)
     with pytest.warns(UserWarning, match="does not look like"):
-        lsfov.sparse_smooth_deblur(op.apply(texture), op, 0.01, iterations=20)
+        lsfov.sparse_smooth_deblur(texture, op, 0.01, iterations=20)
+    # Through scratch (what `lsfov bss` does) the result is computed: it is checked too.
+    with pytest.warns(UserWarning, match="does not look like"):
+        lsfov.sparse_smooth_deblur(da.from_array(texture, chunks=64), op, 0.01, iterations=20, scratch=tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsfov.sparse_smooth_deblur(da.from_array(y, chunks=64), op, iterations=20, scratch=tmp_path)  # sources: no warning
 
 
 def test_locate_sources_whole_and_chunked(scene):

@@ -138,7 +138,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     warn_dense : float
         Warn when more than this fraction of pixels exceeds a tenth of the sparse component's peak
         (the image is probably not point sources on a background; use :func:`lsfov.deconvolve`).
-        NumPy/CuPy input only: a Dask result is lazy, and checking it would compute it.
+        Not for Dask input without ``scratch``: that result is lazy, and checking it would compute it.
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) through which every exchange's
         state goes (:mod:`lsfov.restore.scratch`): memory holds a few blocks whatever the image size.
@@ -216,17 +216,24 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         x1, x2, _, _ = _iterate(win, y_ext, (zero, level, zero, level), 0, iterations, gamma1, gamma2, steps, xp,
                                 mask=mask)
         sparse, smooth = x1[r : r + h, r : r + w].copy(), x2[r : r + h, r : r + w].copy()
-        peak = float(sparse.max())
-        frac = float((sparse > 0.1 * peak).mean()) if peak > 0 else 0.0
-        if frac > warn_dense:
-            warnings.warn(f"{frac:.0%} of the pixels carry point sources: the image does not look like "
-                          "point sources on a smooth background; lsfov.deconvolve may suit it better",
-                          LsfovWarning, stacklevel=2)
+    if not lazy or scratch is not None:  # computed (a lazy result is left lazy)
+        _warn_dense(sparse, warn_dense)
     if xr_in:
         attrs = {**image.attrs, "gamma1": gamma1, "gamma2": gamma2, "noise": noise}
         sparse = image.copy(data=sparse).assign_attrs(attrs, component="sparse").transpose(*dims)
         smooth = image.copy(data=smooth).assign_attrs(attrs, component="smooth").transpose(*dims)
     return sparse, smooth
+
+
+def _warn_dense(sparse, limit: float):
+    """Warn when more than ``limit`` of the pixels exceed a tenth of the sparse component's peak."""
+    import dask
+
+    peak = float(dask.compute(sparse.max())[0])
+    frac = float(dask.compute((sparse > 0.1 * peak).mean())[0]) if peak > 0 else 0.0
+    if frac > limit:
+        warnings.warn(f"{frac:.0%} of the pixels carry point sources: the image does not look like point sources "
+                      "on a smooth background; lsfov.deconvolve may suit it better", LsfovWarning, stacklevel=3)
 
 
 def _background(y, l1: float):
