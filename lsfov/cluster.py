@@ -7,6 +7,7 @@ import logging
 import shutil
 
 import dask
+import numpy as np
 
 log = logging.getLogger("lsfov")
 
@@ -122,8 +123,9 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
     """Compute a Dask collection where Dask runs now, with a progress bar if asked.
 
     On a distributed cluster the bar follows the futures (``distributed.progress``); on the local
-    schedulers it is Dask's ``ProgressBar``, or, with ``on_task``, the caller's own: ``on_task(key,
-    result)`` is called as each task finishes (e.g. to advance one ``tqdm`` bar over several passes).
+    schedulers it is Dask's ``ProgressBar``. With ``on_task`` the bar is the caller's own, anywhere:
+    ``on_task(key, result)`` is called as each task (on a cluster: each chunk of a 2-D array) finishes,
+    e.g. to advance one ``tqdm`` bar over several passes.
     ``label`` is logged first, so that a run of several passes says which one a bar belongs to.
     """
     try:
@@ -149,6 +151,15 @@ def _compute(obj, progress, label, on_task):
     if progress and label:
         log.info(label)
     client = _active_client()
+    if client is not None and on_task is not None and getattr(obj, "ndim", None) == 2:
+        from distributed import as_completed
+
+        parts = obj.to_delayed()
+        futures = client.compute(list(parts.ravel()))
+        for f in as_completed(futures):
+            on_task(f.key, f.result())
+        results = [f.result() for f in futures]
+        return np.block([results[i * parts.shape[1] : (i + 1) * parts.shape[1]] for i in range(parts.shape[0])])
     if client is not None:
         future = client.compute(obj)
         if progress:

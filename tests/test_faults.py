@@ -51,9 +51,11 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         assert len(calls) == total
 
 
-def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, monkeypatch):
-    """On a cluster the bar moves by the exchange; it starts at the work already done, so an exchange
-    half done before adds only its other half."""
+def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, monkeypatch,
+                                                                     capsys):
+    """On a cluster as here the bar moves block by block and is the only one (no Dask bar printed
+    across it); it starts at the work already done, so an exchange half done before adds only its
+    other half."""
     import tqdm.auto
     from distributed import Client, LocalCluster
 
@@ -78,6 +80,8 @@ def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_
         lsfov.deconvolve(dy, op, 6, resume=True, progress=True, **kw).compute()
     bar = [b for b in bars if b.unit == "block-it"][-1]  # the resumed run's
     assert bar.n == bar.total == 6 * 16
+    out, err = capsys.readouterr()
+    assert "Completed" not in out + err  # distributed's text bar
 
 
 def test_resume_never_picks_up_the_state_of_another_image(scene, tmp_path):

@@ -56,7 +56,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     import zarr
     from tqdm.auto import tqdm
 
-    from ..cluster import _active_client, compute
+    from ..cluster import compute
 
     root = Path(root).resolve()  # workers may run in another directory (a PBS job starts in $HOME)
     if root.exists() and not resume:
@@ -75,7 +75,6 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                for e in range(len(counts)))
     if resume and done:
         log.info("resuming from %s: %d of %d block-iterations already done", root, done, sum(counts) * n_blocks)
-    local = _active_client() is None
     # CuPy chunks in: every task moves its window to the GPU and its core back, once per exchange.
     gpu = array_module(y._meta) is not np
 
@@ -90,7 +89,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
             if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-exchange-") and bool(result.all()):
                 bar.update(n)
 
-        compute(graph, progress=progress and not local, on_task=on_task if progress and local else None)
+        compute(graph, on_task=on_task if progress else None)
 
     with tqdm(total=sum(counts) * n_blocks, initial=done, unit="block-it", desc=desc, unit_scale=True,
               disable=not progress) as bar:
@@ -110,7 +109,6 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
             if not (root / "done" / f"x{e}").exists():
                 marks = root / "done" / f"x{e}.blocks"
                 marks.mkdir(exist_ok=True)
-                before = len(list(marks.glob("*")))  # blocks of this exchange an interrupted run finished
                 fn = functools.partial(_task, zy=zy, zx=zx, zout=zout, marks=marks, block=block, n=n, start=it,
                                        halo=spread * n, chunks=chunks, gpu=gpu)
                 token = dask.base.tokenize(str(zout.store_path), str(marks), n, it)
@@ -119,8 +117,6 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                                   name=f"lsfov-exchange-{token}"), n)
                 (root / "done" / f"x{e}").touch()
                 shutil.rmtree(marks, ignore_errors=True)
-                if not local:  # a cluster's tasks are counted by the exchange (the bar began at `done`)
-                    bar.update(n * (n_blocks - before))
             zx, it = zout, it + n
     return zx
 
