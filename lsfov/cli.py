@@ -432,6 +432,11 @@ def _psf_operator(path, shape, channel=None):
         raise ValueError(f"{path}: {e}") from None
 
 
+def _chunks_kept(state: Path) -> dict:
+    """PSF-map chunks kept in a run's state, by run (``lsfov.estimate_psf_map(scratch=)``'s folders)."""
+    return {d.name: n for d in state.glob("lsfov-psfmap-*") if (n := len(list(d.glob("*.npy"))))}
+
+
 def _centres(variables, names, edge=512):
     """Figure panels: the central ``edge``² of each variable (a whole large field would be too fine to see)."""
     h, w = variables[names[0]].shape
@@ -475,9 +480,14 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
-        resumed = resume and any(state.glob("lsfov-psfmap-*/*.npy"))  # a rate would count earlier work
+        before = _chunks_kept(state)
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize, scratch=state,
                               resume=resume, progress=not obj["quiet"])
+        # This run's chunks (their folder grew, or none did: all were kept) counted from earlier work:
+        # a rate would count it too. Another run's kept chunks (other options) do not count.
+        after = _chunks_kept(state)
+        grown = [k for k in after if after[k] > before.get(k, 0)]
+        resumed = bool(before) and (not grown or any(before.get(k, 0) for k in grown))
         seconds = time.perf_counter() - t0
         ds["filled"] = ds["filled"].astype(np.uint8)
         ds.attrs.update(command="lsfov estimate", **_source(src, img))

@@ -156,8 +156,12 @@ def _compute(obj, progress, label, on_task):
 
         parts = obj.to_delayed()
         futures = client.compute(list(parts.ravel()))
-        for f in as_completed(futures):
-            on_task(f.key, f.result())
+        try:
+            for f in as_completed(futures):
+                on_task(f.key, f.result())
+        except BaseException:
+            client.cancel(futures)  # nothing keeps running (writing a scratch store) after the error
+            raise
         results = [f.result() for f in futures]
         return np.block([results[i * parts.shape[1] : (i + 1) * parts.shape[1]] for i in range(parts.shape[0])])
     if client is not None:

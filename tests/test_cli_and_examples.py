@@ -559,6 +559,13 @@ def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_
     res = run(*args, "--resume")
     assert "to finish an interrupted run" in res.output and "patches/s" not in res.output, res.output
     assert "patches/s" in run(*args, "--overwrite").output
+    # Work kept from a run with other options is not this run's: it computes all, at its rate.
+    other = ("estimate", "in.npy", "other.zarr", "--chunks", 160, "--scheduler", "synchronous")
+    count_calls(mapping, "_regress", fail_at=3, error=KeyboardInterrupt())
+    assert run(*other, "--stride", 96, ok=False).exit_code == 130
+    count_calls(mapping, "_regress")
+    res = run(*other, "--resume")
+    assert "patches/s" in res.output, res.output
 
 
 def test_slurm_and_pbs_clusters_without_a_batch_system():

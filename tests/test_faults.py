@@ -367,8 +367,8 @@ def test_a_worker_too_small_to_run_anything_is_refused_not_waited_for():
     op = lsfov.ProductConvolution.from_grid(np.ones((2, 2, 15, 15), np.float32) / 225, (512, 512))
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="150MB", dashboard_address=":0") as cluster, \
             Client(cluster):
-        with pytest.raises(MemoryError, match=r"uses \d+ MiB of its 143 MiB memory limit before any work, over the "
-                                              r"80% at which Dask pauses it; give each worker more memory"):
+        with pytest.raises(MemoryError, match=r"will use at least 160 MiB of its 143 MiB memory limit before any work, "
+                                              r"over the 80% at which Dask pauses it; give each worker more memory"):
             chunked.check_task_memory((256, 256), 8, op)
 
 

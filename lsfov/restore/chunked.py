@@ -112,10 +112,12 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
         for name, w in client.scheduler_info().get("workers", {}).items():
             if not w.get("memory_limit"):
                 continue
-            own = max(w.get("metrics", {}).get("memory", 0), _WORKER_OWN)
+            measured = w.get("metrics", {}).get("memory", 0)
+            own = max(measured, _WORKER_OWN)
             free = fraction * w["memory_limit"] - own
             if free <= 0:  # Dask pauses it: a run would wait for it without a word
-                raise MemoryError(f"the Dask worker {w.get('name', name)} uses {own / 2**20:.0f} MiB of its "
+                uses = f"uses {own / 2**20:.0f} MiB" if measured >= _WORKER_OWN else f"will use at least {own / 2**20:.0f} MiB"
+                raise MemoryError(f"the Dask worker {w.get('name', name)} {uses} of its "
                                   f"{w['memory_limit'] / 2**20:.0f} MiB memory limit before any work, over the "
                                   f"{fraction:.0%} at which Dask pauses it; give each worker more memory")
             budgets.append((free, w["nthreads"]))

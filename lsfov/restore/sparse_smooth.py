@@ -262,10 +262,14 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, l1, *, sc
     # neighbour (the overlap needs the whole halo).
     chunks = tuple(axis_chunks(n + 2 * r, ci, s * k) for n, ci in zip(y.shape, c))
     in_chunks, shape = y.chunks, y.shape
-    depth = int(_START_TRUNCATE * _START_SIGMA + 0.5)  # gaussian_filter's radius
-    level = da.pad(y, r, mode="edge").rechunk(chunks).map_overlap(
-        functools.partial(_background, l1=l1), depth=depth, boundary="nearest", dtype=np.float32,
-        meta=np.empty((0, 0), np.float32))
+    # The start, block by block with gaussian_filter's radius of the neighbours (an axis of one chunk,
+    # or shorter than the radius, taken whole: no neighbours to borrow from), then as the blocks.
+    depth = int(_START_TRUNCATE * _START_SIGMA + 0.5)
+    whole = [len(ch) == 1 or sum(ch) <= depth for ch in chunks]
+    padded = da.pad(y, r, mode="edge").rechunk(tuple((sum(ch),) if w else ch for ch, w in zip(chunks, whole)))
+    level = padded.map_overlap(functools.partial(_background, l1=l1), depth={0: 0 if whole[0] else depth,
+                               1: 0 if whole[1] else depth}, boundary="nearest", dtype=np.float32,
+                               meta=np.empty((0, 0), np.float32)).rechunk(chunks)
     y = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
                               image=(r, r) + shape)
