@@ -119,6 +119,36 @@ def _active_client():
         return None
 
 
+def _pause_fraction() -> float:
+    """The share of its memory limit at which a Dask worker stops taking tasks (pause), or is killed."""
+    cfg = dask.config.get("distributed.worker.memory", {}) or {}
+    for key in ("pause", "terminate"):
+        if cfg.get(key):
+            return float(cfg[key])
+    return 1.0
+
+
+def worker_budgets(client, own_floor: int):
+    """Memory each worker of ``client`` leaves its tasks: its ``memory_limit`` up to where Dask pauses
+    it, less its own use (measured, at least ``own_floor`` bytes: the code its tasks load). Returns
+    ``([(bytes, threads) per worker with a limit], pause fraction)``; a worker with nothing left is
+    refused (MemoryError), since Dask would pause it and a run would wait for it without a word."""
+    fraction, budgets = _pause_fraction(), []
+    for name, w in client.scheduler_info().get("workers", {}).items():
+        if not w.get("memory_limit"):
+            continue
+        measured = w.get("metrics", {}).get("memory", 0)
+        own = max(measured, own_floor)
+        free = fraction * w["memory_limit"] - own
+        if free <= 0:
+            uses = f"uses {own / 2**20:.0f} MiB" if measured >= own_floor else f"will use at least {own / 2**20:.0f} MiB"
+            raise MemoryError(f"the Dask worker {w.get('name', name)} {uses} of its {w['memory_limit'] / 2**20:.0f} MiB "
+                              f"memory limit before any work, over the {fraction:.0%} at which Dask pauses it; give "
+                              "each worker more memory")
+        budgets.append((free, w["nthreads"]))
+    return budgets, fraction
+
+
 def compute(obj, *, progress: bool = False, label: str | None = None, on_task=None):
     """Compute a Dask collection where Dask runs now, with a progress bar if asked.
 

@@ -372,6 +372,20 @@ def test_a_worker_too_small_to_run_anything_is_refused_not_waited_for():
             chunked.check_task_memory((256, 256), 8, op)
 
 
+def test_a_worker_too_small_for_the_cnn_is_refused_not_waited_for():
+    """PyTorch and the model take ~340 MiB of a worker: one with 450 MB would be paused by Dask at
+    80 % and the PSF map would wait for it in silence."""
+    pytest.importorskip("torch")
+    from distributed import Client, LocalCluster
+
+    img = da.from_array(np.random.default_rng(0).uniform(0, 100, (256, 256)).astype(np.float32), chunks=128)
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="450MB", dashboard_address=":0") as cluster, \
+            Client(cluster):
+        with pytest.raises(MemoryError, match=r"will use at least 400 MiB of its 429 MiB memory limit before any "
+                                              r"work, over the 80% at which Dask pauses it; give each worker more"):
+            lsfov.estimate_psf_map(img, "G1")
+
+
 def test_cli_refuses_chunks_this_machine_cannot_hold(run_cli, monkeypatch):
     sharp = sim.sample_image("cell", (300, 300))
     op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)

@@ -25,6 +25,8 @@ from ..io import atomic_file, image_origin, pixel_size
 from ..operators import ProductConvolution
 
 log = logging.getLogger("lsfov")
+# A Dask worker's own memory once it runs the CNN (PyTorch, lsfov, the model): about 340 MiB measured.
+_CNN_WORKER_OWN = 400 * 2**20
 
 __all__ = ["estimate_psf_map", "fill_invalid", "operator_from_psf_map"]
 
@@ -262,7 +264,12 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
     n_out = len(_variables(m)) + 1
     if isinstance(data, da.Array):
+        from ..cluster import _active_client, worker_budgets
         from ..restore.halo import axis_chunks
+
+        client = _active_client()
+        if client is not None:  # a worker too small to hold PyTorch and the model would be paused, not used
+            worker_budgets(client, _CNN_WORKER_OWN)
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)

@@ -90,37 +90,16 @@ def _bytes_per_px(op: ProductConvolution) -> int:
 _WORKER_OWN = 160 * 2**20
 
 
-def _pause_fraction() -> float:
-    """The share of its memory limit at which a Dask worker stops taking tasks (pause), or is killed."""
-    cfg = dask.config.get("distributed.worker.memory", {}) or {}
-    for key in ("pause", "terminate"):
-        if cfg.get(key):
-            return float(cfg[key])
-    return 1.0
-
-
 def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | None = None):
     """Refuse, before any work, blocks whose tasks cannot fit: the memory of a Dask worker (its
     ``memory_limit`` up to where Dask pauses it, less what the worker itself uses) or of this
     machine (available RAM) shared by the threads that run tasks at once (no more than ``n_blocks``)."""
-    from ..cluster import _active_client
+    from ..cluster import _active_client, worker_budgets
 
     need = task_bytes(block, halo, op)
     client = _active_client()
     if client is not None:
-        fraction, budgets = _pause_fraction(), []
-        for name, w in client.scheduler_info().get("workers", {}).items():
-            if not w.get("memory_limit"):
-                continue
-            measured = w.get("metrics", {}).get("memory", 0)
-            own = max(measured, _WORKER_OWN)
-            free = fraction * w["memory_limit"] - own
-            if free <= 0:  # Dask pauses it: a run would wait for it without a word
-                uses = f"uses {own / 2**20:.0f} MiB" if measured >= _WORKER_OWN else f"will use at least {own / 2**20:.0f} MiB"
-                raise MemoryError(f"the Dask worker {w.get('name', name)} {uses} of its "
-                                  f"{w['memory_limit'] / 2**20:.0f} MiB memory limit before any work, over the "
-                                  f"{fraction:.0%} at which Dask pauses it; give each worker more memory")
-            budgets.append((free, w["nthreads"]))
+        budgets, fraction = worker_budgets(client, _WORKER_OWN)
         where = (f"each worker has {{:.2g}} GiB for {{}} thread(s) (its memory limit up to Dask's pause at "
                  f"{fraction:.0%}, less its own use)")
     else:
