@@ -154,7 +154,7 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
 
     On a distributed cluster the bar follows the futures (``distributed.progress``); on the local
     schedulers it is Dask's ``ProgressBar``. With ``on_task`` the bar is the caller's own, anywhere:
-    ``on_task(key, result)`` is called as each task (on a cluster: each chunk of a 2-D array) finishes,
+    ``on_task(key, result)`` is called as each task (on a cluster: each chunk of a 2-D NumPy array) finishes,
     e.g. to advance one ``tqdm`` bar over several passes.
     ``label`` is logged first, so that a run of several passes says which one a bar belongs to.
     """
