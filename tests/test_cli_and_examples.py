@@ -564,8 +564,18 @@ def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_
     count_calls(mapping, "_regress", fail_at=3, error=KeyboardInterrupt())
     assert run(*other, "--stride", 96, ok=False).exit_code == 130
     count_calls(mapping, "_regress")
-    res = run(*other, "--resume")
+    import logging
+
+    said = []
+    seen = logging.Handler()
+    seen.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("lsfov").addHandler(seen)
+    try:
+        res = run(*other, "--resume")
+    finally:
+        logging.getLogger("lsfov").removeHandler(seen)
     assert "patches/s" in res.output, res.output
+    assert any("is of another run" in m and "starts from the beginning" in m for m in said), said
 
 
 def test_slurm_and_pbs_clusters_without_a_batch_system():

@@ -45,10 +45,20 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         calls = count_calls(chunked, "_block")
         np.testing.assert_array_equal(lsfov.deconvolve(dy, op, 6, **kw).compute(), ref)
         assert len(calls) == total
-        # Another parameter is another run: resume must not pick up this one's state.
+        # Another parameter is another run: resume must not pick up this one's state, and says so.
         calls = count_calls(chunked, "_block")
-        lsfov.deconvolve(dy, op, 6, tv=0.0, resume=True, **kw)
+        import logging
+
+        said = []
+        seen = logging.Handler()
+        seen.emit = lambda record: said.append(record.getMessage())
+        logging.getLogger("lsfov").addHandler(seen)
+        try:
+            lsfov.deconvolve(dy, op, 6, tv=0.0, resume=True, **kw)
+        finally:
+            logging.getLogger("lsfov").removeHandler(seen)
         assert len(calls) == total
+        assert any("is of another run" in m for m in said), said
 
 
 def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, monkeypatch,

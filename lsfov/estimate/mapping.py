@@ -286,6 +286,10 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
                 shutil.rmtree(keep)
+            elif resume:
+                from ..restore.scratch import warn_other_runs
+
+                warn_other_runs(keep)
             keep.mkdir(parents=True, exist_ok=True)
             if resume:
                 log.info("resuming the PSF map from %s: %d chunks already done", keep, len(list(keep.glob("*.npy"))))

@@ -25,6 +25,16 @@ from .halo import block_window
 log = logging.getLogger("lsfov")
 
 
+def warn_other_runs(root: Path):
+    """Say so when ``root`` (``<scratch>/<stage>-<key>``, the key naming the data and parameters) is
+    not there but another run of the same stage left its work beside it: resuming starts afresh."""
+    stage = root.name.rsplit("-", 1)[0]
+    others = [d for d in root.parent.glob(f"{stage}-*") if d != root] if not root.exists() else []
+    if others:
+        log.warning("the work kept in %s is of another run (other data, operator or parameters); this one starts "
+                    "from the beginning", others[0])
+
+
 def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channels: int = 0, resume: bool = False,
                   progress: bool = False, desc: str = "iterations", initial: da.Array | None = None):
     """Run ``sum(counts)`` iterations of ``block`` over ``y``'s blocks, one exchange per count.
@@ -61,6 +71,8 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     root = Path(root).resolve()  # workers may run in another directory (a PBS job starts in $HOME)
     if root.exists() and not resume:
         shutil.rmtree(root)  # a fresh run
+    elif resume:
+        warn_other_runs(root)
     (root / "done").mkdir(parents=True, exist_ok=True)
     chunks = y.chunks
     # The zarr chunks are the blocks' regular size (their first): each block is then a union of
