@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,30 +53,43 @@ def _laplacian(u, xp):
     return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * u
 
 
-def _psf_norms(op: ProductConvolution) -> tuple[float, float]:
-    """Largest ℓ1 and ℓ2 norms of a local PSF (sampled where they vary: nodes, or a coarse grid)."""
+class _Norms(NamedTuple):
+    l1: float  # largest ℓ1 norm of a local PSF
+    l2: float  # largest ℓ2 norm
+    total: float  # median sum (the gain on a flat background)
+    gain: float  # largest |Fourier transform| (the gain of a convolution's most amplified frequency)
+
+
+def _psf_norms(op: ProductConvolution) -> _Norms:
+    """Norms of the local PSFs (sampled where they vary: nodes, or a coarse grid)."""
     if op.kind == "grid":
+        psfs = np.asarray(op.kernels, dtype=np.float64).reshape(-1, *op.kernels.shape[-2:])
+    else:
+        h, w = op.shape
+        # Strided slices (zarr maps read them without fancy indexing); maps vary slowly between samples.
+        alpha = np.asarray(op.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
+        alpha = alpha.reshape(op.kernels.shape[0], -1)
         k = np.asarray(op.kernels, dtype=np.float64)
-        return float(np.abs(k).sum(axis=(-2, -1)).max()), float(np.sqrt((k**2).sum(axis=(-2, -1))).max())
-    h, w = op.shape
-    # Strided slices (zarr maps read them without fancy indexing); maps vary slowly between samples.
-    alpha = np.asarray(op.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
-    alpha = alpha.reshape(op.kernels.shape[0], -1)
-    psfs = alpha.T @ np.asarray(op.kernels, dtype=np.float64).reshape(op.kernels.shape[0], -1)
-    return float(np.abs(psfs).sum(axis=1).max()), float(np.sqrt((psfs**2).sum(axis=1)).max())
+        psfs = (alpha.T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
+    pad = tuple(2 * n for n in psfs.shape[-2:])  # 2x: the transform between the kernel's bins too
+    gain = max(np.abs(np.fft.rfft2(psfs[i : i + 256], s=pad)).max() for i in range(0, len(psfs), 256))
+    return _Norms(float(np.abs(psfs).sum(axis=(-2, -1)).max()), float(np.sqrt((psfs**2).sum(axis=(-2, -1))).max()),
+                  float(np.median(psfs.sum(axis=(-2, -1)))), float(gain))
 
 
-def _steps(op: ProductConvolution, gamma2: float, l1: float | None = None) -> tuple[float, float]:
+def _steps(op: ProductConvolution, gamma2: float, norms: _Norms | None = None) -> tuple[float, float]:
     """Step sizes (τ1, τ2) for u1 and u2: FISTA in the metric diag(1/τ1, 1/τ2).
 
     The Hessian of the smooth part is ``[H H]ᵀ[H H] + diag(0, 2γ2ΔᵀΔ) ≼ diag(2‖H‖², 2‖H‖² + 128γ2)``
     (‖Δ‖ ≤ 8), so these steps are safe, and u1 does not crawl at the pace the smoothness term sets
-    for u2. ``‖H‖₂ ≤ sqrt(‖H‖₁‖H‖∞)``; for slowly varying PSFs both are the largest ℓ1 norm of a local
-    PSF (5% margin for the variation between samples).
+    for u2. ``‖H‖₂ ≤ sqrt(‖H‖₁‖H‖∞)``, for slowly varying PSFs both the largest ℓ1 norm of a local PSF
+    (5% margin for the variation between samples): for non-negative PSFs their sum, the tight bound.
+    Signed PSFs (a calibrated PCA basis) have a larger ℓ1 norm than gain (1.1-1.4 for sum 1): there
+    ‖H‖ is the largest gain of a local PSF, with 10% margin for the variation (checked against a
+    power iteration in the tests); steps from ℓ1 would be up to 2x too short.
     """
-    if l1 is None:
-        l1, _ = _psf_norms(op)
-    lh = 2.0 * (1.05 * l1) ** 2
+    norms = norms or _psf_norms(op)
+    lh = 2.0 * min(1.05 * norms.l1, 1.1 * norms.gain) ** 2
     return 1.0 / lh, 1.0 / (lh + 128.0 * gamma2)
 
 
@@ -188,18 +202,18 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         finite = bool(np.isfinite(y).all())
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
-    l1, l2 = _psf_norms(operator)
+    norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:
-        gamma1 = 3.0 * noise * l2
+        gamma1 = 3.0 * noise * norms.l2
     if gamma2 is None:
         gamma2 = DEFAULT_GAMMA2
     gamma1, gamma2 = real_number(gamma1, "gamma1", minimum=0), real_number(gamma2, "gamma2", minimum=0)
-    steps = _steps(operator, gamma2, l1)  # the PSF norms read once (basis maps may be on disk)
+    steps = _steps(operator, gamma2, norms)
     if resume and scratch is None:
         raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     if lazy:
-        sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, l1,
+        sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, norms.total,
                                   scratch=scratch, resume=resume, progress=progress)
     else:
         from .._backend import array_module
@@ -211,7 +225,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         y_ext[r : r + h, r : r + w], mask[r : r + h, r : r + w] = y, 1
         # u2 starts near the background: the smoothness term slows u2 down, and a background left for it
         # to grow into would meanwhile be taken up by u1.
-        zero, level = xp.zeros_like(y_ext), xp.asarray(_background(np.pad(to_numpy(y), r, mode="edge"), l1))
+        zero, level = xp.zeros_like(y_ext), xp.asarray(_background(np.pad(to_numpy(y), r, mode="edge"),
+                                                                  norms.total))
         win = operator.restrict((-r, -r), ext)
         x1, x2, _, _ = _iterate(win, y_ext, (zero, level, zero, level), 0, iterations, gamma1, gamma2, steps, xp,
                                 mask=mask)
@@ -236,16 +251,16 @@ def _warn_dense(sparse, limit: float):
                       "on a smooth background; lsfov.deconvolve may suit it better", LsfovWarning, stacklevel=3)
 
 
-def _background(y, l1: float):
+def _background(y, total: float):
     """Where u2 starts: ``y`` (NumPy; the image continued past its edge by its edge values) smoothed,
-    over the PSF's sum ``l1``."""
+    over the PSF's sum ``total`` (a flat background's gain; not the ℓ1 norm, larger for signed PSFs)."""
     from scipy import ndimage
 
     out = ndimage.gaussian_filter(y, _START_SIGMA, mode="nearest", truncate=_START_TRUNCATE)
-    return np.maximum(out, np.float32(0)) / np.float32(max(l1, 1e-12))
+    return np.maximum(out, np.float32(0)) / np.float32(max(total, 1e-12))
 
 
-def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, l1, *, scratch=None, resume=False,
+def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *, scratch=None, resume=False,
              progress=False):
     import dask
     import dask.array as da
@@ -267,7 +282,7 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, l1, *, sc
     depth = int(_START_TRUNCATE * _START_SIGMA + 0.5)
     whole = [len(ch) == 1 or sum(ch) <= depth for ch in chunks]
     padded = da.pad(y, r, mode="edge").rechunk(tuple((sum(ch),) if w else ch for ch, w in zip(chunks, whole)))
-    level = padded.map_overlap(functools.partial(_background, l1=l1), depth={0: 0 if whole[0] else depth,
+    level = padded.map_overlap(functools.partial(_background, total=total), depth={0: 0 if whole[0] else depth,
                                1: 0 if whole[1] else depth}, boundary="nearest", dtype=np.float32,
                                meta=np.empty((0, 0), np.float32)).rechunk(chunks)
     y = da.pad(y, r).rechunk(chunks)
@@ -342,8 +357,7 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
 
     if not noise > 0:
         raise ValueError(f"noise must be > 0, got {noise}")
-    _, l2 = _psf_norms(operator)
-    level = k * float(noise) / l2
+    level = k * float(noise) / _psf_norms(operator).l2
     arr = yx_order(sparse, "sparse").data if getattr(sparse, "dims", None) is not None else sparse
     arr = arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr, dtype=np.float32), chunks=2048)
     ext = da.overlap.overlap(arr, depth=1, boundary=0)  # a pixel of the neighbours decides a maximum
