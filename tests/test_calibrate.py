@@ -293,6 +293,35 @@ def test_thin_plate_maps_reproduce_affine_coefficients_and_interpolate():
         coefficient_nodes(pos[:2], beta[:2], grid)
 
 
+def test_thin_plate_smoothing_weighs_each_bead_by_its_voronoi_cell():
+    """Eq. 9 by hand: min Σ w_m (α(x_m) − β_m)² + η ∫(Δ²α)², with w_m the Voronoi cell areas, is the
+    thin-plate system (K + 8πη·diag(1/w)) c + P d = β, Pᵀc = 0 (Δ²(r² log r) = 8πδ), in the unit
+    square's coordinates. Any smoothing keeps affine data, so only noisy data on clustered beads
+    (cells of very different sizes) tell the weights apart."""
+    from lsfov.calibrate.interpolate import voronoi_weights
+
+    rng = np.random.default_rng(2)
+    pos = np.concatenate([rng.uniform(0, 119, (8, 2)), rng.uniform(40, 55, (10, 2))])  # a cluster
+    beta = rng.normal(size=(len(pos), 2))
+    grid = node_grid((120, 150), 10)
+    smoothing = 0.05  # 8π·η
+    got = coefficient_nodes(pos, beta, grid, smoothing=smoothing)
+    scale = 150.0
+    p, q = pos / scale, grid.points() / scale
+
+    def phi(a, b):
+        r = np.hypot(*(a[:, None] - b[None]).transpose(2, 0, 1))
+        return np.where(r > 0, r**2 * np.log(np.maximum(r, 1e-300)), 0.0)
+
+    w = voronoi_weights(pos, grid.shape)
+    assert w.max() > 10 * w.min()
+    P = np.column_stack([np.ones(len(p)), p])
+    A = np.block([[phi(p, p) + np.diag(smoothing / w), P], [P.T, np.zeros((3, 3))]])
+    sol = np.linalg.solve(A, np.vstack([beta, np.zeros((3, 2))]))
+    want = phi(q, p) @ sol[: len(p)] + np.column_stack([np.ones(len(q)), q]) @ sol[len(p):]
+    np.testing.assert_allclose(got.reshape(2, -1).T, want, rtol=1e-6, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------------------------- operator
 
 

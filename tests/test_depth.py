@@ -44,6 +44,9 @@ def test_depth_sign_above_and_below_focus():
     assert z.attrs["units"].startswith("wave RMS")
     left, right = z.values[:, cx < 120], z.values[:, cx > 136]
     assert np.all(np.sign(left) == np.sign(left[0, 0])) and np.all(np.sign(right) == -np.sign(left[0, 0]))
+    # Which sign: with this microscope's astigmatism at π/4, Eq. 14 as written (its lenses at 3π/4,
+    # lsfov.estimate.depth) is positive below focus (depth < 0) and negative above, until calibrated.
+    assert np.all(np.sign(s.depth_um[:, : int(cx[0])]) == -1) and np.sign(left[0, 0]) == 1
     # ... and its value: focus (2 axis / pi - 1), here and on a map of any axes (not only pi/4 and 3pi/4).
     rng = np.random.default_rng(0)
     anyaxis = ds.assign(axis=ds["axis"].copy(data=rng.uniform(0, np.pi, ds["axis"].shape).astype(np.float32)))
@@ -74,7 +77,7 @@ def test_calibration_transfers_to_another_tilt_and_axis_orientation():
         assert cal.axis0 == pytest.approx(1.2, abs=0.02)
         z = estimate_depth(_truth_map(b), cal.to_dict())  # a dict (e.g. read from JSON) works too
         assert np.abs(z.values - truth).mean() < 0.02 * np.ptp(b.depth_um)
-    # Eq. 14 as written assumes the axis at pi/4: here it gets the sign wrong somewhere.
+    # Eq. 14 as written assumes the axis at 3pi/4 (depth.py): here (1.2) it gets the sign wrong somewhere.
     assert np.any(np.sign(estimate_depth(_truth_map(b)).values) != np.sign(truth))
     assert signed_defocus(_truth_map(b), 1.2).shape == truth.shape
 

@@ -24,6 +24,22 @@ def test_zernike_unit_rms_and_orthogonal(j):
     assert abs(np.mean(zj * psf.zernike_polynomial(4 if j != 4 else 6, r, th))) < 0.01
 
 
+def test_zernike_polynomials_are_nolls():
+    """Noll (1976) Table 1, written out: the radial polynomial and the cos/sin choice, not only the norm."""
+    rng = np.random.default_rng(1)
+    r, t = rng.random(50), rng.uniform(0, 2 * np.pi, 50)
+    table = {
+        1: np.ones_like(r), 2: 2 * r * np.cos(t), 3: 2 * r * np.sin(t), 4: np.sqrt(3) * (2 * r**2 - 1),
+        5: np.sqrt(6) * r**2 * np.sin(2 * t), 6: np.sqrt(6) * r**2 * np.cos(2 * t),
+        7: np.sqrt(8) * (3 * r**3 - 2 * r) * np.sin(t), 8: np.sqrt(8) * (3 * r**3 - 2 * r) * np.cos(t),
+        9: np.sqrt(8) * r**3 * np.sin(3 * t), 10: np.sqrt(8) * r**3 * np.cos(3 * t),
+        11: np.sqrt(5) * (6 * r**4 - 6 * r**2 + 1), 12: np.sqrt(10) * (4 * r**4 - 3 * r**2) * np.cos(2 * t),
+        13: np.sqrt(10) * (4 * r**4 - 3 * r**2) * np.sin(2 * t),
+    }
+    for j, want in table.items():
+        np.testing.assert_allclose(psf.zernike_polynomial(j, r, t), want, rtol=1e-6, atol=1e-9, err_msg=f"Z{j}")
+
+
 @pytest.mark.parametrize("sy,sx", [(1.0, 1.0), (2.0, 3.0), (3.5, 0.8)])
 def test_gaussian_widths_match_parameters(sy, sx):
     k = psf.gaussian(sy, sx, size=41)

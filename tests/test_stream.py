@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lsfov import psf
+from lsfov import psf, simulate
 from lsfov.estimate import stream, synth
 
 
@@ -105,3 +105,48 @@ def test_stream_bad_input():
         stream.train_stream("Z3")
     with pytest.raises(ValueError, match="freeze=True"):
         stream.train_stream(stream.PatchStream("Z3", sources=("poi",)), arch="polar", freeze=True)
+
+
+def _one_image_stream(value, illumination, **kw):
+    """A stream (sources: points, seed 0) whose library is replaced by one image: ``value`` (an array)."""
+    st = stream.PatchStream("G1", sources=("poi",), seed=0, invalid_fraction=0.0, illumination=illumination, **kw)
+    img = np.asarray(value, np.float32)
+    st.flat = torch.from_numpy(img.ravel())
+    st.offsets, st.heights, st.widths = (torch.tensor([v]) for v in (0, *img.shape))
+    st.weights = torch.ones(1, dtype=torch.float64)
+    return st
+
+
+def test_a_gradient_of_light_on_a_flat_sample_is_not_texture():
+    """Validity (paper 000: a0 = 1 without minimal variance) reads the sample's blurred structure, not
+    the illumination's gradient, which no PSF changes: flat crops under deep gradients were labelled
+    valid, with random PSF targets, about two times in three."""
+    flat = np.full((300, 300), 0.6)
+    textured = simulate.sample_image("coins", (300, 300))
+    m = psf.get_model("G1")
+    kw = dict(invalid_fraction=0.0, read_noise=(0.0, 3.0), illumination=1.0)
+    for photons in (synth.PHOTONS, None):
+        _, _, valid = synth._batch(m, [flat], 256, np.random.default_rng(0), photons=photons, **kw)
+        assert not valid.any()
+        _, _, valid = synth._batch(m, [textured], 256, np.random.default_rng(0), photons=photons, **kw)
+        assert valid.mean() > 0.9
+    _, _, valid = synth._batch(m, [flat], 256, np.random.default_rng(0), photons=synth.PHOTONS, device="cpu", **kw)
+    assert not valid.any()
+    assert not _one_image_stream(flat, 1.0)(256)[2].any()
+    assert _one_image_stream(textured, 1.0)(256)[2].float().mean() > 0.9
+
+
+def test_stream_noise_is_eq_10s():
+    """On a flat sample in even light a patch's spread is all noise: β·Poisson(λ) + N(0, rn²) has
+    variance β·mean + rn². The stream's patches have synthesize's (the same draws of β, photons
+    and rn), which a stream without its Poisson or its read noise would not."""
+    flat = np.full((300, 300), 0.6)
+    x, _, _ = _one_image_stream(flat, 0.0, read_noise=(0.0, 20.0))(2048)
+    ref, _, _ = synth._batch(psf.get_model("G1"), [flat], 2048, np.random.default_rng(0), invalid_fraction=0.0,
+                             photons=synth.PHOTONS, read_noise=(0.0, 20.0), illumination=0.0)
+    got = x.numpy().var(axis=(1, 2))
+    want = ref.var(axis=(1, 2))
+    assert got.mean() == pytest.approx(want.mean(), rel=0.05)
+    # read noise's share: the variance left over the mean count (β·mean ≤ mean)
+    excess = lambda p: np.mean(p.var(axis=(1, 2)) - 0.75 * p.mean(axis=(1, 2)))  # noqa: E731
+    assert excess(x.numpy()) == pytest.approx(excess(ref), rel=0.1, abs=5)

@@ -101,8 +101,8 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
         Coefficients β of each bead's PSF on the basis.
     grid : NodeGrid
     smoothing : float
-        η of Eq. 9 for coordinates scaled to the unit square and weights of mean one; each bead's
-        data term is weighted by its Voronoi cell's area. 0 interpolates exactly.
+        8π·η, η of Eq. 9, for coordinates scaled to the unit square and weights of mean one; each
+        bead's data term is weighted by its Voronoi cell's area. 0 interpolates exactly.
     cone : array_like (I, J), optional
         Generators of the admissible cone (:func:`cone_columns`); node values are projected onto it.
     kernel_sums : array_like (I,), optional

@@ -363,9 +363,11 @@ class NothingToMap(ValueError):
 def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours: int = 8):
     """Fill the parameters of nodes with validity below ``threshold`` from the valid ones.
 
-    Inverse-distance weighting (paper 000 Sec. II-F) over the ``neighbours`` nearest valid nodes; the
+    Inverse-distance weighting over the ``neighbours`` nearest valid nodes, weights ``1/d**power``; the
     astigmatism axis is averaged on the circle (its period: π, π/2 for Z2). Adds a boolean ``filled``
-    variable.
+    variable. Paper 000 Sec. II-F takes the four nearest with weights 1/d (``neighbours=4, power=1``);
+    the defaults also take the diagonal ring (at half the weight of the four-connected nodes, as
+    Shepard's 1/d²), so that a node on the edge of an invalid region is filled from more than one side.
     """
     from .model import PRODUCTS
 

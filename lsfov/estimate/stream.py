@@ -24,7 +24,7 @@ import torch
 from .. import psf as _psf
 from .._validate import positive_int, real_number
 from .synth import (PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources, _range,
-                    _readable, blur_torch, library)
+                    _readable, _texture, blur_torch, library)
 
 __all__ = ["PatchStream", "train_stream"]
 
@@ -173,14 +173,15 @@ class PatchStream:
         # Floored at zero as synth's: a deep diagonal gradient would make light negative in a corner.
         light = ((0.3 + 0.7 * u(n))[:, None, None]
                  * (1 - self.illumination * u(n)[:, None, None] * ramp).clamp(min=0)).float()
-        psi = blur_torch(sharp, kernels) * light
+        blurred = blur_torch(sharp, kernels)
+        psi = blurred * light
         lo, hi = self.photons
         ph = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u(n)).float()[:, None, None]
         rn = (self.read_noise[0] + (self.read_noise[1] - self.read_noise[0]) * u(n)).float()[:, None, None]
         beta = (0.5 + 0.5 * u(n)).float()[:, None, None]
         counts = torch.poisson(psi.clamp_min(0) * ph, generator=self.generator)
         noisy = beta * counts + rn * torch.randn(psi.shape, generator=self.generator, device=dev)
-        spread, mean = psi.std(dim=(1, 2), correction=0), psi.mean(dim=(1, 2))
+        spread, mean = _texture(blurred, light, psi)
         valid = _readable(spread, mean, *(v[:, 0, 0] for v in (ph, rn, beta))) & ~forced
         return noisy, params, valid
 

@@ -216,13 +216,14 @@ def _noisy_on(device, sharp, kernels, light, ph, rn, beta, seed):
 
     dev = torch.device(device)
     kernels = torch.from_numpy(np.ascontiguousarray(kernels, np.float32)).to(dev)
-    psi = blur_torch(torch.from_numpy(sharp).to(dev), kernels) * torch.from_numpy(light).to(dev)
+    blurred, light = blur_torch(torch.from_numpy(sharp).to(dev), kernels), torch.from_numpy(light).to(dev)
+    psi = blurred * light
     ph, rn, beta = (torch.as_tensor(np.asarray(v), dtype=torch.float32, device=dev)[:, None, None]
                     for v in (ph, rn, beta))
     g = torch.Generator(device=dev).manual_seed(seed)
     counts = torch.poisson(psi.clamp_min(0) * ph, generator=g)
     noisy = beta * counts + rn * torch.randn(psi.shape, generator=g, device=dev)
-    spread, mean = psi.std(dim=(1, 2), correction=0), psi.mean(dim=(1, 2))
+    spread, mean = _texture(blurred, light, psi)
     return noisy.cpu().numpy(), spread.double().cpu().numpy(), mean.double().cpu().numpy()
 
 
@@ -244,8 +245,10 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     sharp[flat] = rng.uniform(0.1, 1.0, (int(flat.sum()), 1, 1))
     light = _illumination(n, PATCH, rng, illumination)
     if photons is None:  # noiseless (robustness tests add their own noise)
-        psi = _blur(sharp, kernels) * light
-        valid = (psi.std(axis=(1, 2)) > 1e-3 * np.maximum(psi.mean(axis=(1, 2)), 1e-3)) & ~forced
+        blurred = _blur(sharp, kernels)
+        psi = blurred * light
+        spread, mean = _texture(blurred, light, psi)
+        valid = (spread > 1e-3 * np.maximum(mean, 1e-3)) & ~forced
         return psi.astype(np.float32), params, valid
     ph = np.exp(rng.uniform(np.log(photons[0]), np.log(photons[1]), n))
     rn = rng.uniform(read_noise[0], read_noise[1], n)
@@ -253,13 +256,23 @@ def _batch(model, images, n, rng, *, invalid_fraction, photons, read_noise, illu
     if device is not None and not hidden:
         noisy, spread, mean = _noisy_on(device, sharp, kernels, light, ph, rn, beta, int(rng.integers(2**63)))
     else:
-        psi = _blur(sharp, kernels) * light
+        blurred = _blur(sharp, kernels)
+        psi = blurred * light
         noisy = degrade_patches(psi, rng, photons=ph, read_noise=rn, beta=beta)
-        spread, mean = psi.std(axis=(1, 2)), psi.mean(axis=(1, 2))
+        spread, mean = _texture(blurred, light, psi)
     valid = _readable(spread, mean, ph, rn, beta) & ~forced
     if hidden:
         return noisy, params, valid, dict(sharp=sharp, light=light, photons=ph, read_noise=rn, beta=beta)
     return noisy, params, valid
+
+
+def _texture(blurred, light, psi):
+    """Per patch, the blurred sample's spread at the patch's mean light, and the mean of ``psi`` (the
+    light on it): the structure that carries the blur, not the illumination's gradient, which no PSF
+    changes (a flat patch under a gradient is textureless, paper 000's a0 = 1). NumPy or torch."""
+    if isinstance(blurred, np.ndarray):
+        return blurred.std(axis=(1, 2)) * light.mean(axis=(1, 2)), psi.mean(axis=(1, 2))
+    return blurred.std(dim=(1, 2), correction=0) * light.mean(dim=(1, 2)), psi.mean(dim=(1, 2))
 
 
 def _readable(spread, mean, ph, rn, beta):
