@@ -988,10 +988,14 @@ def section_bss(a):
     # Fig. 10: sparse sources on a polynomial background, known shift-invariant Gaussian PSF.
     from lsfov.restore import estimate_noise, locate_sources
 
+    from lsfov.calibrate import calibrate_operator
+
     m, pad = 512, 16  # the field of view, cut out of a world 16 px larger on every side (light comes in)
-    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(2.0, size=17)[None, None], (m, m))
-    world = lsfov.ProductConvolution.from_grid(op.kernels, (m + 2 * pad, m + 2 * pad))
-    psf = op.kernels[0, 0]
+    gauss = lsfov.psf.gaussian(2.0, size=17)
+    # A calibrated PSF (the PCA basis of a bead image's PSFs, paper 003): signed, sum 1, larger ℓ1 norm.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        signed = calibrate_operator(lsfov.simulate.bead_field((256, 256), seed=3).image, 5).psf_at(128, 128)
     lines += ["", f"### Localising point sources on a background, {m}² (Fig. 10 protocol)", "",
               "250 sources (at least 3 px apart) on a random quadratic background (about 60 ± 30), blurred by a "
               "Gaussian PSF (σ = 2 px: FWHM 4.7 px), white noise σ = 5; the field cut out of a world that goes on "
@@ -1001,11 +1005,16 @@ def section_bss(a):
               "(`lsfov.restore.locate_sources`: maxima of u1 whose 3x3 sum exceeds 3σ/‖h‖₂, a 3-sigma matched-filter "
               "detection). TV-RL (`lsfov.deconvolve`, 100 "
               "iterations, default TV) and scikit-image RL (`richardson_lucy`, 100 iterations, same PSF) with the "
-              "threshold that maximises their F1 (an oracle, which favours them).", "",
+              "threshold that maximises their F1 (an oracle, which favours them). The last row: the same with a calibrated "
+              f"PSF ({signed.shape[0]}², the central one of `calibrate_operator` on a simulated bead image, 5 basis PSFs): "
+              f"signed, as a PCA basis makes them (sum 1, ℓ1 norm {np.abs(signed).sum():.2f}, its negative lobes down to "
+              f"{-signed.min() / signed.max():.0%} of its peak), as `lsfov bss` meets them.", "",
               "| amplitudes (peak SNR) | BSS, fixed rule | BSS, best threshold | TV-RL, best | skimage RL, best "
               "| time BSS / TV-RL / RL (s) |", "|---|---:|---:|---:|---:|---:|"]
     verdict = None
-    for lo, hi in ((500, 2000), (200, 1000)):
+    for lo, hi, psf in ((500, 2000, gauss), (200, 1000, gauss), (500, 2000, signed)):
+        op = lsfov.ProductConvolution.from_grid(psf[None, None], (m, m))
+        world = lsfov.ProductConvolution.from_grid(op.kernels, (m + 2 * pad, m + 2 * pad))
         rows = []
         for trial in range(3):
             r2 = np.random.default_rng(100 + trial)
@@ -1038,12 +1047,15 @@ def section_bss(a):
                          t_bss, t_tv, t_rl))
         r = np.mean(rows, axis=0)
         peak = psf.max()
-        lines.append(f"| {lo}-{hi} ({lo * peak / 5:.0f}-{hi * peak / 5:.0f}) | **{r[0]:.3f}** | {r[1]:.3f} | {r[2]:.3f} "
+        lines.append(f"| {lo}-{hi} ({lo * peak / 5:.0f}-{hi * peak / 5:.0f}){', calibrated PSF' if psf is signed else ''} | **{r[0]:.3f}** | {r[1]:.3f} | {r[2]:.3f} "
                      f"| {r[3]:.3f} | {r[4]:.1f} / {r[5]:.1f} / {r[6]:.1f} |")
         if verdict is None:
             verdict = r[0] >= 0.95 and r[0] > max(r[2], r[3])
     lines += ["", f"- goal F1 >= 0.95 and above both (first row, sources 4-16x the noise at their peak): "
               f"**{'met' if verdict else 'NOT met'}**; the second row has sources down to 1.6x the noise.", ""]
+    # Before 2026-12-05 BSS started u2 at the background over the PSF's ℓ1 norm, not its sum: with
+    # signed PSFs the background started 26 % low. Here (background 60, noise 5) it caught up (F1
+    # 0.997); on a background of 150 ± 50 with noise 2 it did not: 6278 false sources for 40.
     return lines
 
 
