@@ -12,7 +12,8 @@ from .restore import deconvolve, sparse_smooth_deblur
 # The CNN side imports torch (a second or two): loaded on first use, so Dask workers and
 # deconvolution-only scripts do not pay for it.
 _LAZY = {"load_model": "estimate", "estimate_psf_map": "estimate", "operator_from_psf_map": "estimate",
-         "estimate_depth": "estimate", "calibrate_depth": "estimate", "blind_deconvolve": "estimate",
+         "estimate_depth": "estimate", "calibrate_depth": "estimate", "DepthCalibration": "estimate",
+         "blind_deconvolve": "estimate",
          "estimate": None}
 
 
@@ -27,5 +28,5 @@ def __getattr__(name):
 
 __all__ = ["Optics", "ProductConvolution", "OperatorSubspace", "calibrate", "calibrate_operator", "learn_subspace",
            "identify_operator", "deconvolve", "sparse_smooth_deblur", "psf", "simulate", "open_image", "open_result", "save",
-           "load_model", "estimate_psf_map", "operator_from_psf_map", "estimate_depth", "calibrate_depth",
+           "load_model", "estimate_psf_map", "operator_from_psf_map", "estimate_depth", "calibrate_depth", "DepthCalibration",
            "blind_deconvolve", "estimate", "LsfovWarning", "__version__"]

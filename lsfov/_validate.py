@@ -99,3 +99,17 @@ def yx_order(image, name: str = "image"):
         raise ValueError(f"{name} has dims {dims}: name them 'y' and 'x', or neither (read as rows, columns)")
     return image
 
+
+def check_pixel_size(made, image, what: str = "the operator was made for"):
+    """Warn when ``made`` (an operator or subspace, its ``attrs["pixel_um"]``) is for other pixels than
+    ``image``'s (xarray; :func:`lsfov.io.pixel_size`): PSFs are in pixels, so they would be the wrong
+    size. Nothing to compare when either size is unknown."""
+    if getattr(image, "dims", None) is None:
+        return
+    from .io import pixel_size
+
+    px, ref = pixel_size(image), (getattr(made, "attrs", None) or {}).get("pixel_um")
+    if ref and px and abs(float(px) / float(ref) - 1) > 0.1:
+        warnings.warn(f"the image's pixels are {float(px):g} µm but {what} {float(ref):g} µm pixels: unless one "
+                      "of the two sizes is wrong, its PSFs are the wrong size here; resample the image or calibrate "
+                      "for these pixels", LsfovWarning, stacklevel=3)

@@ -265,6 +265,23 @@ def info(path):
         click.echo(describe(path))
 
 
+def _check_map_source(psf_map, map_path, src, img):
+    """Say when a PSF map was read from another image, or another plane of this one: right only if
+    both share the microscope's blur (maps record their source, :func:`_source`)."""
+    from .io import plane_of
+
+    made, made_plane = psf_map.attrs.get("source"), psf_map.attrs.get("plane") or None
+    plane = plane_of(img).get("plane") or None
+    if made is None or (Path(str(made)).resolve() == Path(str(src)).resolve() and made_plane == plane):
+        return
+
+    def where(path, p):
+        return f"{path}" + (f" (plane {p})" if p else "")
+
+    log.warning("the PSF map %s was read from %s, not from %s: right only if both share the blur", map_path,
+                where(made, made_plane), where(src, plane))
+
+
 def _source(src, img) -> dict:
     """A result's provenance: its input and, for a plane of a larger image, which one (index per axis,
     and its z in µm or its time where the file says)."""
@@ -386,6 +403,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         if "psf_model" not in psf_map.attrs:
             raise ValueError(f"{map_path} is not a PSF map; make one with `lsfov estimate` (an operator: --operator)")
         op = operator_from_psf_map(psf_map, img.shape)
+        _check_map_source(psf_map, map_path, src, img)
     else:
         op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape, channel)
     if op.shape != img.shape:
@@ -859,6 +877,17 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
+    if test_path:  # before any work: an hour of training is not lost to a test set that cannot be read
+        from .estimate.synth import open_training_set
+
+        tested = open_training_set(test_path)["attrs"]
+        trained = psf_model.upper() if n_stream is not None else open_training_set(data)["attrs"]["psf_model"]
+        if tested["psf_model"] != trained:
+            raise ValueError(f"--test {test_path} is a {tested['psf_model']} set, the model will regress {trained}; "
+                             f"synthesize a {trained} test set (--split test)")
+        if tested.get("split") != "test":
+            log.warning("--test %s is made from the training images (split %r): its R² is not a held-out score; "
+                        "synthesize one with --split test", test_path, tested.get("split"))
     if n_stream is not None:
         from .estimate.stream import PatchStream, train_stream
 

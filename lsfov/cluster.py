@@ -195,12 +195,12 @@ def _compute(obj, progress, label, on_task):
         results = [f.result() for f in futures]
         return np.block([results[i * parts.shape[1] : (i + 1) * parts.shape[1]] for i in range(parts.shape[0])])
     if client is not None:
-        future = client.compute(obj)
+        futures = client.compute(obj)  # one future, or a list of them for a list, as dask.compute's
         if progress:
             from distributed import progress as track
 
-            track(future)
-        return future.result()
+            track(futures)
+        return client.gather(futures)
     if on_task is not None:
         from dask.callbacks import Callback
 

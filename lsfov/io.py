@@ -31,6 +31,17 @@ from .cluster import compute
 
 log = logging.getLogger("lsfov")
 
+
+class _QuietVersionNotes(logging.Filter):
+    """ome-zarr's reader warns "version mismatch" on every read of a store that is not the newest
+    NGFF version; lsfov reads 0.4 and 0.5 alike, so at each read that is noise (even with -q)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("version mismatch")
+
+
+logging.getLogger("ome_zarr.io").addFilter(_QuietVersionNotes())
+
 __all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file", "pixel_size",
            "with_pixel_size", "image_origin"]
 
@@ -232,6 +243,8 @@ def _open_tiff(path: Path) -> xr.DataArray:
     except Exception as e:  # tifffile raises several types for non-TIFF content
         raise ValueError(f"{path}: not a readable TIFF ({e})") from None
     with tf:
+        if len(tf.series) > 1:  # e.g. tifffile.imwrite(..., append=True): each call a series of its own
+            return _open_tiff_series(path, tf)
         series = tf.series[0]
         axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
         if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
@@ -254,6 +267,20 @@ def _open_tiff(path: Path) -> xr.DataArray:
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
         arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
     return arr
+
+
+def _open_tiff_series(path: Path, tf) -> xr.DataArray:
+    """A TIFF of several series (images appended one by one): 2-D ones of one shape are its pages, a
+    z-stack as a plain multi-page TIFF is; other mixes are refused, not read as their first image."""
+    import tifffile
+
+    kinds = {(s.shape, s.dtype.str) for s in tf.series}
+    if len(kinds) > 1 or len(tf.series[0].shape) != 2:
+        raise ValueError(f"{path}: {len(tf.series)} images of shapes {sorted({s.shape for s in tf.series})} in one TIFF; "
+                         "save them as one stack (tifffile.imwrite of a 3-D array) or as separate files")
+    planes = [da.from_zarr(zarr.open_array(tifffile.imread(path, series=i, aszarr=True), mode="r"))
+              for i in range(len(tf.series))]
+    return _with_coords(da.stack(planes), ["z", "y", "x"], _tiff_pixel_um(tf), path)
 
 
 def _ome_size_um(tf, axis: str) -> float | None:

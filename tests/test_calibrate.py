@@ -384,6 +384,13 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
 
     again = learn_subspace(da.from_array(images, chunks=(1, 320, 320)), 5, 6)
     np.testing.assert_allclose(again.gammas, sub.gammas, rtol=1e-5, atol=1e-8)
+    # ... and on a distributed cluster, whose client computes lists of tasks into lists of futures.
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        on_cluster = learn_subspace(images, 5, 6, progress=True)
+    np.testing.assert_allclose(on_cluster.gammas, sub.gammas, rtol=1e-5, atol=1e-8)
     # Training operators are admissible; the projection keeps them and maps others into the cone.
     g = sub.normalized_gammas
     np.testing.assert_allclose(sub.project(g[2]), g[2], atol=1e-8)
@@ -429,6 +436,11 @@ def test_subspace_bad_input(stack, tmp_path):
     flat = np.full((320, 320), 5.0, np.float32)
     with pytest.raises(ValueError, match="bead image 1: no beads found"):
         learn_subspace([stack[0].image, flat])
+    import xarray as xr
+
+    px = [xr.DataArray(f.image, dims=("y", "x"), attrs={"pixel_um": um}) for f, um in zip(stack, (0.1, 0.1, 0.2))]
+    with pytest.raises(ValueError, match=r"different pixel sizes \(0.1, 0.2 µm\)"):
+        learn_subspace(px[:3])
     with pytest.raises(ValueError, match="not an lsfov operator subspace"):
         OperatorSubspace.load(tmp_path)
     sub = OperatorSubspace(np.zeros((2, 5, 5)), np.zeros((3, 16, 16)), np.zeros((4, 2, 3)))

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +16,19 @@ import lsfov
 from lsfov.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def lsfov_messages():
+    """The lsfov logger's messages while in the block (it does not propagate to pytest's capture)."""
+    said = []
+    seen = logging.Handler()
+    seen.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("lsfov").addHandler(seen)
+    try:
+        yield said
+    finally:
+        logging.getLogger("lsfov").removeHandler(seen)
 
 
 @pytest.fixture
@@ -334,16 +349,8 @@ def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path
     assert lsfov.open_result(tmp_path / "new.zarr").deblurred.shape == before.shape
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".d.zarr.scratch"]
     # A rerun without --resume starts again, and says what it throws away.
-    import logging
-
-    seen = logging.Handler()
-    seen.emit = lambda record: said.append(record.getMessage())
-    said = []
-    logging.getLogger("lsfov").addHandler(seen)
-    try:
+    with lsfov_messages() as said:
         run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--overwrite")
-    finally:
-        logging.getLogger("lsfov").removeHandler(seen)
     assert any("discarding the work of an earlier interrupted run" in m for m in said), said
 
 
@@ -384,6 +391,14 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "end in .pt" in run("train", "tr.zarr", "model.bin", ok=False).output
     assert "already exists" in run("train", "tr.zarr", "g1.pt", ok=False).output
     assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
+    # --test is read before the training, not after it: nothing is trained, nothing is left behind
+    run("-q", "train", "--synthesize", 16, "--psf-model", "Z1", "--split", "test", "z1.zarr")
+    for test, why in (("nope.zarr", "not a training set"), ("z1.zarr", "is a Z1 set, the model will regress G1")):
+        assert why in run("train", "tr.zarr", "late.pt", "--epochs", 1, "--test", test, ok=False).output
+        assert not (tmp_path / "late.ckpt").exists() and not (tmp_path / "late.pt").exists()
+    with lsfov_messages() as said:
+        run("train", "tr.zarr", "late.pt", "--epochs", 1, "--batch-size", 32, "--test", "tr.zarr")
+    assert any("not a held-out score" in m for m in said), said
     assert "test set is for G1" in run("evaluate", "Z1", "te.zarr", ok=False).output
     assert "add --robustness" in run("evaluate", "G1", "te.zarr", "--figure", "f.png", ok=False).output
 
@@ -463,7 +478,12 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     assert m.attrs["psf_model"] == "Z3" and m.attrs["stride"] == 64 and m.attrs["symmetrize"] == 0
     run("-q", "estimate", "tilt.npy", "map8.zarr", "--stride", 64, "--symmetrize")
     assert lsfov.open_result("map8.zarr").attrs["symmetrize"] == 1
-    run("deconvolve", "tilt.npy", "d.zarr", "--psf-map", "map.zarr", "--iterations", 2)
+    with lsfov_messages() as said:
+        run("deconvolve", "tilt.npy", "d.zarr", "--psf-map", "map.zarr", "--iterations", 2)
+        assert not any("PSF map" in m for m in said), said
+        np.save("other.npy", s.image[::-1])  # another image of the shape: said, not refused
+        run("deconvolve", "other.npy", "o.zarr", "--psf-map", "map.zarr", "--iterations", 1)
+    assert any("was read from tilt.npy, not from other.npy" in m for m in said), said
     assert lsfov.open_result("d.zarr").deblurred.shape == (320, 320)
     res = run("depth", "map.zarr", "cal.json", "--known", "truth.npy")
     assert "calibration curves of degree 2" in res.output  # 4 depths along the tilt: the degree comes down
@@ -564,16 +584,8 @@ def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_
     count_calls(mapping, "_regress", fail_at=3, error=KeyboardInterrupt())
     assert run(*other, "--stride", 96, ok=False).exit_code == 130
     count_calls(mapping, "_regress")
-    import logging
-
-    said = []
-    seen = logging.Handler()
-    seen.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("lsfov").addHandler(seen)
-    try:
+    with lsfov_messages() as said:
         res = run(*other, "--resume")
-    finally:
-        logging.getLogger("lsfov").removeHandler(seen)
     assert "patches/s" in res.output, res.output
     assert any("is of another run" in m and "starts from the beginning" in m for m in said), said
 

@@ -1,5 +1,6 @@
 """Depth from astigmatism (paper 000 Sec. II-H, Eq. 14) and the tilted-surface simulation."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -305,6 +306,30 @@ def test_calibration_records_its_map_and_warns_on_another():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         estimate_depth(other, old)
+    # The model, stride and pixel size of the map too (a calibration holds for the network that read it)
+    ds.attrs.update(model="Z3", pixel_um=0.2)
+    cal = calibrate_depth(ds, s.depth_um)
+    assert (cal.model, cal.stride, cal.pixel_um) == ("Z3", 32, 0.2)
+    assert DepthCalibration(**json.loads(json.dumps(cal.to_dict()))) == cal
+    import lsfov
+
+    assert lsfov.DepthCalibration is DepthCalibration  # as the README loads one
+    moved = ds.copy()
+    moved.attrs["model"] = "/elsewhere/Z3"  # the same name elsewhere: the same model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate_depth(moved, cal)
+    for attrs, said in (({"model": "/x/mine.pt"}, "model mine.pt (calibration: Z3)"),
+                        ({"stride": 64}, "stride 64 (calibration: 32)"), ({"pixel_um": 0.1}, "pixel_um 0.1 (calibration: 0.2)")):
+        with pytest.warns(LsfovWarning, match=re.escape(said)):
+            estimate_depth(ds.assign_attrs(attrs), cal)
+
+
+def test_a_calibration_that_does_not_fit_its_own_nodes_is_warned():
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.4, grid=8, seed=7)
+    wrong = np.random.default_rng(0).uniform(-8, 8, (8, 8))  # another sample's depth, say
+    with pytest.warns(LsfovWarning, match="fits its own nodes poorly"):
+        calibrate_depth(_truth_map(s), wrong, method="linear")
 
 
 def test_linear_calibration_of_an_ideal_two_axis_map():

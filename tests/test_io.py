@@ -61,7 +61,7 @@ def test_result_is_read_by_ome_zarr_own_reader(tmp_path):
     np.testing.assert_allclose(np.asarray(node.data[1])[0, 0], img.values[:2, :2].mean(), rtol=1e-6)
 
 
-def test_open_image_ngff_04_and_05_and_selection(tmp_path):
+def test_open_image_ngff_04_and_05_and_selection(tmp_path, caplog):
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import write_image
 
@@ -86,6 +86,7 @@ def test_open_image_ngff_04_and_05_and_selection(tmp_path):
         assert "z: 0..1 step 0.5 micrometer" in lsfov.io.describe(tmp_path / name)
         with pytest.raises(ValueError, match="out of range"):
             lsfov.open_image(tmp_path / name, channel=5, z=0)
+    assert not [r for r in caplog.records if "version mismatch" in r.getMessage()]  # ome-zarr's note at each read
 
 
 def test_open_tiff_and_npy(tmp_path):
@@ -109,6 +110,15 @@ def test_open_tiff_and_npy(tmp_path):
     assert lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs["z_um"] == pytest.approx(1.5)
     assert lsfov.open_image(tmp_path / "s.tif", z=3).attrs["z_um"] == pytest.approx(0.9)
     assert "z: 0..1.2 step 0.3 micrometer" in lsfov.io.describe(tmp_path / "s.tif")
+    # images appended one by one (each a series of its own): all of them, as pages, not the first only
+    for k, plane in enumerate(np.random.default_rng(4).random((3, 20, 24)).astype(np.float32)):
+        tifffile.imwrite(tmp_path / "appended.tif", plane, append=True)
+        tifffile.imwrite(tmp_path / "mixed.tif", plane[: 20 - k], append=True)
+    appended = lsfov.open_image(tmp_path / "appended.tif", z=2)
+    np.testing.assert_array_equal(appended.values, np.random.default_rng(4).random((3, 20, 24)).astype(np.float32)[2])
+    assert "shape (3, 20, 24) float32 dims ('z', 'y', 'x')" in lsfov.io.describe(tmp_path / "appended.tif")
+    with pytest.raises(ValueError, match="3 images of shapes"):
+        lsfov.open_image(tmp_path / "mixed.tif")
 
 
 

@@ -116,5 +116,15 @@ def test_operator_made_for_other_pixels_is_warned(scene):
         warnings.simplefilter("error")
         lsfov.deconvolve(_labelled(y, step=0.1), made, iterations=1)
         lsfov.deconvolve(_labelled(y, step=0.13), op, iterations=1)  # an operator that does not say
+    # BSS and identification (lsfov bss) as the deconvolution
+    with pytest.warns(lsfov.LsfovWarning, match="made for 0.1 µm pixels"):
+        lsfov.sparse_smooth_deblur(_labelled(y, step=0.13), made, iterations=2)
+    from lsfov.calibrate import OperatorSubspace
+
+    sub = OperatorSubspace(op.kernels.reshape(2, 15, 15), np.full((1,) + op.shape, 0.5, np.float32),
+                           np.ones((1, 2, 1)), attrs={"pixel_um": 0.1})
+    with pytest.warns(lsfov.LsfovWarning, match="the subspace was learned on 0.1 µm pixels"), \
+            pytest.raises(ValueError, match="inside the image"):  # warned before anything else
+        lsfov.identify_operator(_labelled(y, step=0.13), sub, positions=np.zeros((1, 2)))
     m = lsfov.estimate_psf_map(_labelled(np.tile(y, (3, 3))[:256, :192], step=0.2), "Z3", stride=64)
     assert lsfov.operator_from_psf_map(m).attrs["pixel_um"] == pytest.approx(0.2)

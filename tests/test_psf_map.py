@@ -146,8 +146,17 @@ def test_operator_from_psf_map_reproduces_the_node_psfs(blurred):
         lsfov.operator_from_psf_map(ds.drop_attrs())
 
 
-def test_psf_map_bad_input(blurred):
+def test_psf_map_bad_input(blurred, count_calls):
     img, _ = blurred
+    from lsfov.estimate import mapping
+
+    bad = img.astype(np.float32)
+    bad[-1, -1] = np.nan  # in the last chunk: found before any chunk is regressed, not after all the others
+    calls = count_calls(mapping, "_regress")
+    for arr in (bad, da.from_array(bad, chunks=160)):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            lsfov.estimate_psf_map(arr, "Z3")
+    assert calls == []
     with pytest.raises(ValueError, match="smaller than one 128x128 patch"):
         lsfov.estimate_psf_map(img[:100], "Z3")
     with pytest.raises(ValueError, match="patch=128"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_image, positive_int
+from .._validate import as_image, check_pixel_size, positive_int
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 
@@ -72,6 +72,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         raise TypeError("subspace must be an lsfov.OperatorSubspace (learn one with lsfov.learn_subspace, "
                         "or load one with OperatorSubspace.load)")
     iterations = positive_int(iterations, "iterations")
+    check_pixel_size(subspace, image, "the subspace was learned on")
     img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
     if not np.all(np.isfinite(img)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")

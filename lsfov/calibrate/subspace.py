@@ -199,6 +199,12 @@ def _as_images(bead_images):
     shapes = {tuple(getattr(im, "shape", np.shape(im))) for im in images}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"bead images must all be 2-D and of one shape, got shapes {sorted(shapes)}")
+    from ..io import pixel_size
+
+    sizes = sorted({round(px, 6) for im in images if (px := pixel_size(im))})
+    if sizes and sizes[-1] > 1.1 * sizes[0]:  # PSFs in pixels: one subspace, one pixel size
+        raise ValueError(f"bead images of different pixel sizes ({', '.join(f'{v:g}' for v in sizes)} µm); learn "
+                         "a subspace from images of one microscope setting, or resample them to one pixel size")
     return images
 
 

@@ -67,6 +67,11 @@ class DepthCalibration:
     noise: tuple | None = None  # "curve": residual variance of each reading on its curve
     range_um: tuple | None = None  # "curve": the calibrated depths (min, max)
     symmetrize: bool | None = None  # whether the calibration map was symmetrized (None: files from before)
+    # What made the calibration map (None: files from before, or not known): a map made otherwise reads
+    # other parameters (another network), smooths over other distances (σ in nodes) or PSFs of another size.
+    model: str | None = None  # the map's model: a shipped name or a file's name
+    stride: int | None = None  # pixels between nodes
+    pixel_um: float | None = None
 
     def __post_init__(self):  # JSON gives lists: tuples keep calibrations comparable and hashable
         for name in ("curves", "noise", "range_um"):
@@ -373,7 +378,8 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     (a, b, offset), *_ = np.linalg.lstsq(design, zt, rcond=1e-6)
     th, slope = float(np.mod(0.5 * np.arctan2(b, a), np.pi)), float(np.hypot(a, b))
     fields = dict(slope=float(slope), offset=float(offset), n_nodes=int(use.sum()), smooth=float(smooth),
-                  robust=robust, min_validity=float(min_validity), method=method, symmetrize=_symmetrized(psf_map))
+                  robust=robust, min_validity=float(min_validity), method=method, symmetrize=_symmetrized(psf_map),
+                  **_made_by(psf_map))
     if method == "curve":
         levels = len(np.unique(np.round(zt, 6)))
         if levels < 3:
@@ -399,7 +405,30 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         warnings.filterwarnings("ignore", message=".*calibrated depths", category=LsfovWarning)
         pred = estimate_depth(psf_map, fit).values[use].astype(np.float64)
     r2 = 1 - float(np.sum((pred - zt) ** 2)) / float(np.sum((zt - zt.mean()) ** 2))
+    if r2 < 0.5:  # a calibration that does not even fit its own nodes: no use, most likely a wrong known depth
+        warnings.warn(f"the depth calibration fits its own nodes poorly (R² {r2:.2f}): is known_depth_um this "
+                      "image's depth, on its node grid or at full resolution, and is the sample textured across "
+                      "the depth range?", LsfovWarning, stacklevel=2)
     return DepthCalibration(**{**fit.to_dict(), "r2": float(r2), "mae_um": float(np.mean(np.abs(pred - zt)))})
+
+
+def _made_by(psf_map) -> dict:
+    """The model (a shipped name or a file's name; None for a model object), stride and pixel size of a map."""
+    model = psf_map.attrs.get("model")
+    model = None if model in (None, "PSFRegressor") else Path(str(model)).name
+    stride, px = psf_map.attrs.get("stride"), psf_map.attrs.get("pixel_um")
+    return {"model": model, "stride": None if stride is None else int(stride), "pixel_um": float(px) if px else None}
+
+
+def _warn_made_otherwise(psf_map, c: DepthCalibration):
+    """Warn when the map was made otherwise than the calibration's (each item where both are known)."""
+    now = _made_by(psf_map)
+    differ = [f"{k} {now[k]} (calibration: {getattr(c, k)})" for k in ("model", "stride", "pixel_um")
+              if None not in (now[k], getattr(c, k)) and (abs(now[k] / getattr(c, k) - 1) > 0.01 if k == "pixel_um"
+                                                          else now[k] != getattr(c, k))]
+    if differ:
+        warnings.warn(f"this PSF map was made otherwise than its depth calibration's: {', '.join(differ)}; the depths "
+                      "may be wrong: make the map as the calibration's was, or calibrate again", LsfovWarning, stacklevel=3)
 
 
 def _symmetrized(psf_map) -> bool | None:
@@ -433,6 +462,8 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         warnings.warn(f"this PSF map was made with symmetrize={sym}, its depth calibration with "
                       f"symmetrize={c.symmetrize}: the depths may be biased; make the map as the calibration's "
                       "was, or calibrate again", LsfovWarning, stacklevel=2)
+    if c is not None:
+        _warn_made_otherwise(psf_map, c)
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:

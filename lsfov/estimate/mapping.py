@@ -273,6 +273,10 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)
+        # One read first, as the deconvolution's: a NaN in the last chunk would otherwise stop the map
+        # after all the others' work, and a --resume meet it again.
+        if not bool(compute(da.isfinite(arr).all())):
+            raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
         arr = arr.rechunk(tuple(axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
         (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
         offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
@@ -302,11 +306,12 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     else:
         xp = array_module(data)  # a CuPy image stays on the GPU
         arr = xp.asarray(data, dtype=xp.float32)
+        if not bool(xp.isfinite(arr).all()):
+            raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
         values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
                           batch_size=batch_size, device=device, symmetrize=bool(symmetrize))
-    if not np.all(np.isfinite(values)):
-        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
-
+    if not np.all(np.isfinite(values)):  # finite pixels, yet: values beyond float32 once normalised
+        raise ValueError("the CNN's readings are not finite; check the image's values (overflowing counts?)")
     coords = _coords(patch, int(stride), gy, gx, float(pixel_um) if pixel_um else None, origin)
     pm = m.psf_model
     record = pm.to_meta()

@@ -245,7 +245,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     meta = {"ranges": {p: list(v) for p, v in m.ranges.items()}, "optics": m.to_meta()["optics"], "patch": PATCH}
     model = PSFRegressor(m.name, arch, meta=meta, device=dev)
     if freeze and not (hasattr(model.net, "features") and start is not None):
-        raise ValueError("freeze=True trains the tail of a polar network over init's fixed trunk: pass arch='polar' and init=")
+        raise ValueError("freeze=True trains the tail of a polar network over init's fixed trunk: pass arch='polar' and init= (--arch polar --init)")
     if start is not None:
         _start_from(model.net, start, arch)
     fit = _Fit(model, bool(freeze))

@@ -305,9 +305,9 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     freeze = bool(freeze)
     if freeze and not hasattr(model.net, "features"):
         raise ValueError(f"freeze=True trains the tail of a polar network over a fixed trunk; a {arch} network "
-                         "has none: pass arch='polar'")
+                         "has none: pass arch='polar' (--arch polar)")
     if freeze and start is None and not resume:
-        raise ValueError("freeze=True keeps the trunk of init= fixed: give init= (a spectral or polar model)")
+        raise ValueError("freeze=True keeps the trunk of init= fixed: give init= (--init; a spectral or polar model)")
     if start is not None:
         _start_from(model.net, start, arch)
     fit = _Fit(model, freeze)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import task_threads, to_numpy
-from .._validate import LsfovWarning, as_image, positive_int, real_number, yx_order
+from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, real_number, yx_order
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 
@@ -172,6 +172,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         raise TypeError("operator must be an lsfov.ProductConvolution")
     iterations = positive_int(iterations, "iterations")
     xr_in = getattr(image, "dims", None) is not None
+    check_pixel_size(operator, image)
     if xr_in and image.ndim > 2:
         image = image.squeeze()  # a (1, H, W) plane, as NumPy input
     dims = image.dims if xr_in else None

@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import LsfovWarning, as_image, positive_int, yx_order
+from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, yx_order
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -270,9 +270,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     import xarray as xr
 
     if isinstance(image, xr.DataArray):
-        from ..io import pixel_size
-
-        _check_pixels(operator, pixel_size(image))
+        check_pixel_size(operator, image)
         yx = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
         out = deconvolve(yx.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
                          scratch=scratch, resume=resume, progress=progress)
@@ -292,16 +290,6 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         raise ValueError("image is all zero; there is nothing to deconvolve")
     _check_range(scale, float(y.max()), eps)
     return _whole(y, operator, iterations, tv, eps, scale, progress)
-
-
-def _check_pixels(op, pixel_um):
-    """Warn when the operator was made for other pixels than the image's: its PSFs are in pixels."""
-    made = op.attrs.get("pixel_um")
-    if made and pixel_um and abs(float(pixel_um) / float(made) - 1) > 0.1:
-        warnings.warn(f"the image's pixels are {float(pixel_um):g} µm but the operator was made for {float(made):g} µm "
-                      "pixels: unless one of the two sizes is wrong, its PSFs are the wrong size here; resample the "
-                      "image or calibrate for these pixels",
-                      LsfovWarning, stacklevel=3)
 
 
 def _check_shape(shape, op):
