@@ -1012,8 +1012,8 @@ def section_bss(a):
               "| amplitudes (peak SNR) | BSS, fixed rule | BSS, best threshold | TV-RL, best | skimage RL, best "
               "| time BSS / TV-RL / RL (s) |", "|---|---:|---:|---:|---:|---:|"]
     verdict = None
-    for lo, hi, psf in ((500, 2000, gauss), (200, 1000, gauss), (500, 2000, signed)):
-        op = lsfov.ProductConvolution.from_grid(psf[None, None], (m, m))
+    for lo, hi, kernel in ((500, 2000, gauss), (200, 1000, gauss), (500, 2000, signed)):
+        op = lsfov.ProductConvolution.from_grid(kernel[None, None], (m, m))
         world = lsfov.ProductConvolution.from_grid(op.kernels, (m + 2 * pad, m + 2 * pad))
         rows = []
         for trial in range(3):
@@ -1041,13 +1041,13 @@ def section_bss(a):
                 tvrl = lsfov.deconvolve(y, op, iterations=100)
                 t_tv = time.perf_counter() - t
             t = time.perf_counter()
-            rl = richardson_lucy(np.maximum(y, 0) / y.max(), psf, num_iter=100, clip=False)
+            rl = richardson_lucy(np.maximum(y, 0) / y.max(), kernel, num_iter=100, clip=False)
             t_rl = time.perf_counter() - t
             rows.append((fixed, _best_f1(sparse, truth)[0], _best_f1(tvrl, truth)[0], _best_f1(rl, truth)[0],
                          t_bss, t_tv, t_rl))
         r = np.mean(rows, axis=0)
-        peak = psf.max()
-        lines.append(f"| {lo}-{hi} ({lo * peak / 5:.0f}-{hi * peak / 5:.0f}){', calibrated PSF' if psf is signed else ''} | **{r[0]:.3f}** | {r[1]:.3f} | {r[2]:.3f} "
+        peak = kernel.max()
+        lines.append(f"| {lo}-{hi} ({lo * peak / 5:.0f}-{hi * peak / 5:.0f}){', calibrated PSF' if kernel is signed else ''} | **{r[0]:.3f}** | {r[1]:.3f} | {r[2]:.3f} "
                      f"| {r[3]:.3f} | {r[4]:.1f} / {r[5]:.1f} / {r[6]:.1f} |")
         if verdict is None:
             verdict = r[0] >= 0.95 and r[0] > max(r[2], r[3])
