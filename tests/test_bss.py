@@ -67,6 +67,20 @@ def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     assert np.median(info["amplitudes"]) == pytest.approx(3000.0, rel=0.03)  # 0.3 % here
 
 
+def test_sources_the_subspace_does_not_explain_are_warned(subspace):
+    """A field of other optics and depths than the subspace's five: misfit 39 % (within a subspace,
+    at most 14 % even at -3 dB), the operator 51 % off; said, with what to do."""
+    import warnings
+
+    other = simulate.bead_field((256, 256), 25, seed=2, grid=4)
+    with pytest.warns(lsfov.LsfovWarning, match=r"explains these sources poorly \(misfit 3\d%\)"):
+        lsfov.identify_operator(other.image, subspace, positions=other.positions)
+    image, pos = _beads_through(subspace.operator(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsfov.identify_operator(image + 1.0, subspace, positions=pos)
+
+
 def test_subspace_operators_preserve_flux_everywhere(subspace):
     """Every operator of the subspace (a training image's, or a mix identified from sources) has PSFs
     of sum 1 at every pixel: J spatial components alone left them 0.93-1.05 across the field."""
