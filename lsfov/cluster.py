@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import signal
+import threading
 
 import dask
 import numpy as np
@@ -43,6 +45,32 @@ def jobqueue_cluster(kind: str, **settings):
 
 
 @contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started in the block ignore Ctrl-C (SIGINT reaches the terminal's whole process group):
+    this process stops the run and closes the cluster, instead of each worker printing a traceback.
+    (An ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _hushable(name: str):
+    """Yields a function that silences logger ``name`` until the block ends (then its level returns)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    try:
+        yield lambda: logger.setLevel(logging.CRITICAL)
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None):
     """Run the Dask work inside the block on ``spec``; yields the ``distributed.Client`` or None.
 
@@ -60,11 +88,19 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
     from distributed import Client, LocalCluster
 
     if spec == "local":
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(
-            cluster
-        ) as client:
+        with _children_ignore_sigint():
+            # Workers' own warnings (tasks cancelled by a Ctrl-C, memory chatter) only with -vv: lsfov says
+            # what matters itself (out of memory, interrupted).
+            quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
+                                   silence_logs=quiet)
+        with _hushable("distributed") as hush, cluster, Client(cluster) as client:
             log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
-            yield client
+            try:
+                yield client
+            except BaseException:  # a Ctrl-C, a SIGTERM or an error: its closing chatter is no news
+                hush()
+                raise
         return
     if spec == "cuda":
         try:

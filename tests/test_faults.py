@@ -242,6 +242,32 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, sig):
     assert not scratch.exists()  # cleaned once the result is complete
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_job_on_a_local_cluster_is_one_line(tmp_path, sig):
+    """A terminal's Ctrl-C, or a batch system's cancel, reaches every process of the job: the
+    workers of a local cluster leave the stopping to lsfov (no traceback from each of them, nor
+    distributed's closing chatter), and the work is kept for --resume."""
+    import subprocess
+    import sys
+
+    sharp = sim.sample_image("cell", (384, 384))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)
+    np.save(tmp_path / "y.npy", np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0))
+    op.save(tmp_path / "op.zarr")
+    cmd = [sys.executable, "-m", "lsfov", "deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations",
+           "40", "--chunks", "96", "--exchange-every", "1", "--scheduler", "local"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / ".d.zarr.scratch").glob("*/done/x1")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    os.killpg(proc.pid, getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], err[-800:]
+    assert "--resume" in err and "Traceback" not in err and "distributed." not in err, err[-800:]
+
+
 # ----------------------------------------------------------------------------------------- workers lost
 
 
