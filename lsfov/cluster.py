@@ -6,6 +6,7 @@ import contextlib
 import logging
 import shutil
 import signal
+import sys
 import threading
 
 import dask
@@ -235,7 +236,8 @@ def _compute(obj, progress, label, on_task):
         if progress:
             from distributed import progress as track
 
-            track(futures)
+            with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout: keep that for results
+                track(futures)
         return client.gather(futures)
     if on_task is not None:
         from dask.callbacks import Callback
@@ -249,6 +251,6 @@ def _compute(obj, progress, label, on_task):
     if progress:
         from dask.diagnostics import ProgressBar
 
-        with ProgressBar(minimum=1.0):
+        with ProgressBar(minimum=1.0, out=sys.stderr):  # bars on stderr, as tqdm's: stdout carries results
             return dask.compute(obj)[0]
     return dask.compute(obj)[0]

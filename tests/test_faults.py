@@ -242,6 +242,25 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, sig):
     assert not scratch.exists()  # cleaned once the result is complete
 
 
+def test_progress_bars_go_to_stderr_and_stdout_keeps_the_results(capsys):
+    """Dask's text bars (local schedulers, and distributed's) write to stdout: lsfov sends them to
+    stderr, as tqdm's, so that a job's stdout holds what the commands print about their results."""
+    from distributed import Client, LocalCluster
+
+    from lsfov.cluster import compute
+
+    slow = da.ones(4, chunks=2).map_blocks(lambda b: (time.sleep(1.2), b)[1])  # > the 1 s a local bar waits
+    with dask.config.set(scheduler="threads"):
+        assert compute(slow.sum(), progress=True) == 4
+    out, err = capsys.readouterr()
+    assert out == "" and "Completed" in err, (out, err)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        assert compute(slow.sum(), progress=True) == 4
+        out, err = capsys.readouterr()
+    assert out == "" and "Completed" in err, (out, err)
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_whole_job_on_a_local_cluster_is_one_line(tmp_path, sig):
     """A terminal's Ctrl-C, or a batch system's cancel, reaches every process of the job: the
