@@ -81,6 +81,8 @@ def test_radial_bump_shape():
     assert m[c, c] == 1 and m[c, c + 10] == 1 and m[c, c + 13] == 0 and m[0, 0] == 0
     ring = m[c, c + 10 : c + 13]
     assert np.all(np.diff(ring) <= 0) and 0 < m[c, c + 11] < 1
+    # App. A-d's bump: exp(1 − 1/(1 − s²)), s the position across the rim; halfway (t = 11 of 10..12)
+    assert m[c, c + 11] == pytest.approx(np.exp(1 - 1 / 0.75), rel=1e-6)
 
 
 def test_background_removal_recovers_a_known_polynomial():
@@ -225,6 +227,14 @@ def test_cone_projection_matches_nnls():
         np.testing.assert_allclose(proj[:, n], b @ ref, atol=1e-6)
     inside = b @ np.abs(rng.normal(size=(8, 5)))
     np.testing.assert_allclose(project_cone(b, inside, iterations=5000, tol=1e-12)[0], inside, atol=1e-6)
+    # At the defaults calibration uses: in the cone, and as near as NNLS's point to within 1e-5 of |a|
+    # (measured 6e-7; the points themselves within 7e-4, where the cone's face is flat).
+    proj, lam = project_cone(b, a)
+    assert lam.min() >= 0
+    best = np.stack([b @ nnls(b, a[:, n])[0] for n in range(a.shape[1])], 1)
+    excess = np.linalg.norm(proj - a, axis=0) - np.linalg.norm(best - a, axis=0)
+    assert excess.max() <= 1e-5 * np.linalg.norm(a, axis=0).min()
+    assert np.abs(proj - best).max() < 5e-3 * np.abs(a).max()
 
 
 def test_cone_projection_keeps_psfs_non_negative():
