@@ -15,6 +15,7 @@ import contextlib
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -666,6 +667,9 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_multiscales_metadata
 
+    for pair in (("y", "x"), ("gy", "gx")):  # the axes NGFF names y and x last, by name: never a transposed image
+        if set(pair) <= set(var.dims):
+            var = var.transpose(..., *pair)
     ydim, xdim = var.dims[-2:]
     lead = var.dims[:-2]
     data = var.data if isinstance(var.data, da.Array) else da.from_array(np.asarray(var.data))
@@ -673,7 +677,7 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         data = data.astype(np.float32)
     edge = int(chunks) if chunks else min(_CHUNK, max(data.chunksize[-2:]))
     spatial_chunks = (min(edge, data.shape[-2]), min(edge, data.shape[-1]))
-    chunk_shape = tuple(data.shape[: len(lead)]) + spatial_chunks
+    chunk_shape = (1,) * len(lead) + spatial_chunks  # a plane per chunk: a viewer reads the plane it shows
     scale, trans, units = [], [], []
     for d in (ydim, xdim):
         s, t0, unit = _axis_geometry(var, d)
@@ -684,7 +688,9 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     group = root.create_group(name)
     # A leading z or t stays what it is (viewers then offer a slider of the right kind); any other is a channel.
     lead_name = (lead[0] if lead[0] in ("z", "t") else "c") if lead else None
-    lead_axes = [{"name": lead_name, "type": _NGFF_NONSPATIAL.get(lead_name, "space")}] if lead else []
+    lead_scale, lead_trans, lead_unit = _lead_geometry(var, lead[0]) if lead else (1.0, 0.0, None)
+    lead_axes = [{"name": lead_name, "type": _NGFF_NONSPATIAL.get(lead_name, "space"),
+                  **({"unit": lead_unit} if lead_unit else {})}] if lead else []
     axes = lead_axes + [
         {"name": "y", "type": "space", **({"unit": SPATIAL_UNIT} if units[0] == SPATIAL_UNIT else {})},
         {"name": "x", "type": "space", **({"unit": SPATIAL_UNIT} if units[1] == SPATIAL_UNIT else {})},
@@ -699,13 +705,12 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         )
         compute(da.store(level, arr, lock=False, compute=False), progress=progress,
                 label=None if datasets else f"writing {name}")
-        lead_ones = [1.0] * len(lead)
         datasets.append({
             "path": str(len(datasets)),
             "coordinateTransformations": [
-                {"type": "scale", "scale": lead_ones + [scale[0] * factor, scale[1] * factor]},
+                {"type": "scale", "scale": [lead_scale] * len(lead) + [scale[0] * factor, scale[1] * factor]},
                 # A pixel of level l averages 2**l x 2**l base pixels: its centre is shifted.
-                {"type": "translation", "translation": [0.0] * len(lead)
+                {"type": "translation", "translation": [lead_trans] * len(lead)
                  + [trans[0] + scale[0] * (factor - 1) / 2, trans[1] + scale[1] * (factor - 1) / 2]},
             ],
         })
@@ -713,10 +718,45 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
             break
         # Next level from what was just written (not from the source graph, which may be costly).
         stored = da.from_zarr(arr)
-        level = da.coarsen(np.mean, stored, {stored.ndim - 2: 2, stored.ndim - 1: 2}, trim_excess=True).astype(data.dtype)
+        level = _halved(stored)
         factor *= 2
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
-    group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coords": _lead_coords(var, lead)}
+    group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coords": _lead_coords(var, lead),
+                            "coord_units": {d: str(var.coords[d].attrs["units"]) for d in lead
+                                            if d in var.coords and var.coords[d].attrs.get("units")}}
+
+
+def _halved(stored):
+    """The next pyramid level: the mean of 2x2 pixels, rounded to the nearest for integers (a cast
+    alone rounds down) and a majority for booleans (a cast alone makes any True win)."""
+    mean = da.coarsen(np.mean, stored, {stored.ndim - 2: 2, stored.ndim - 1: 2}, trim_excess=True)
+    if stored.dtype == bool:
+        return mean >= 0.5
+    if stored.dtype.kind in "iu":
+        info = np.iinfo(stored.dtype)
+        return da.clip(da.rint(mean), info.min, info.max).astype(stored.dtype)
+    return mean.astype(stored.dtype)
+
+
+# NGFF names time units as UCUM does; the common abbreviations, written out.
+_TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "seconds": "second", "ms": "millisecond",
+               "millisecond": "millisecond", "min": "minute", "minute": "minute", "h": "hour", "hour": "hour"}
+
+
+def _lead_geometry(var: xr.DataArray, dim):
+    """(scale, translation, unit or None) of a leading z or t axis from its coordinate, when evenly
+    spaced (NGFF gives every axis a scale: a z step, not 1); (1, 0, None) otherwise (channels)."""
+    if dim not in ("z", "t") or dim not in var.coords or var.sizes[dim] < 2 or var.coords[dim].dtype.kind not in "iuf":
+        return 1.0, 0.0, None
+    c = np.asarray(var.coords[dim].values, dtype=np.float64)
+    step = (c[-1] - c[0]) / (c.size - 1)
+    if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9):
+        return 1.0, 0.0, None
+    units = var.coords[dim].attrs.get("units")
+    if dim == "z":
+        factor = _to_um(units)
+        return (float(step * factor), float(c[0] * factor), SPATIAL_UNIT) if factor else (float(step), float(c[0]), None)
+    return float(step), float(c[0]), _TIME_UNITS.get(str(units).strip().lower()) if units else None
 
 
 def _axis_geometry(var: xr.DataArray, dim):
@@ -767,18 +807,29 @@ def _move_into_place(tmp: Path, path: Path):
 
 
 def _jsonable(attrs) -> dict:
+    """Attributes as strict JSON: NumPy values as Python ones, NaN and ±Inf as null (RFC 8259 has no
+    such numbers: a strict parser, a web viewer's JSON.parse, rejects the file), others as text."""
     out = {}
     for k, v in dict(attrs).items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
+        v = _finite(v)
         try:
-            json.dumps(v)
-        except TypeError:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError):
             v = str(v)
         out[str(k)] = v
     return out
+
+
+def _finite(v):
+    if isinstance(v, (np.generic, np.ndarray)):
+        v = v.tolist()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {key: _finite(x) for key, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _version():
@@ -826,8 +877,9 @@ def _open_variable(path: Path) -> xr.DataArray:
     dims = meta.get("dims")
     if dims and len(dims) == arr.ndim:
         arr = arr.rename({old: new for old, new in zip(arr.dims, dims) if old != new})
+    units = meta.get("coord_units") or {}
     for d, values in (meta.get("coords") or {}).items():
-        arr = arr.assign_coords({d: values})
+        arr = arr.assign_coords({d: (d, values, {"units": units[d]} if d in units else {})})
     arr.attrs.update(meta.get("attrs", {}))
     arr.attrs["source"] = str(path)
     return arr

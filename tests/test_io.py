@@ -238,3 +238,48 @@ def test_multiscale_level_transforms_apply_after_the_dataset_ones(tmp_path):
     assert arr.attrs["pixel_um"] == pytest.approx(0.25)
     np.testing.assert_allclose(arr.x.values, 20 + 0.25 * np.arange(6))
     np.testing.assert_allclose(arr.y.values, 10 + 0.5 * np.arange(4))
+
+
+def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ngff_says(tmp_path):
+    """A z-stack keeps its z step and unit (NGFF: a scale for every axis) and is chunked a plane at a
+    time; an (x, y) image is written as y, x (the axes are named by position); NaN attributes are
+    null, not JSON's missing NaN; an integer pyramid level is the rounded 2x2 mean, a mask's a majority."""
+    um = {"units": "micrometer"}
+    stack = xr.DataArray(np.random.default_rng(0).random((3, 20, 24)).astype(np.float32), dims=("z", "y", "x"),
+                         coords={"z": ("z", [1.0, 1.5, 2.0], um), "y": ("y", 0.2 * np.arange(20), um),
+                                 "x": ("x", 0.2 * np.arange(24), um)})
+    flat = xr.DataArray(np.arange(24 * 20, dtype=np.float32).reshape(24, 20), dims=("x", "y"),
+                        coords={"x": ("x", 0.5 * np.arange(24), um), "y": ("y", 0.2 * np.arange(20), um)})
+    rng = np.random.default_rng(1)
+    counts = xr.DataArray(rng.integers(0, 255, (1024, 1024)).astype(np.uint8), dims=("y", "x"))
+    mask = xr.DataArray(rng.random((1024, 1024)) < 0.3, dims=("y", "x"))
+    lsfov.save(xr.Dataset({"stack": stack}), tmp_path / "r.zarr")
+    lsfov.save(xr.Dataset({"flat": flat.assign_attrs(odd=np.float32("nan"))},
+                          attrs={"bad": float("nan"), "nested": {"x": [1.0, float("inf")]}}), tmp_path / "t.zarr")
+    lsfov.save(xr.Dataset({"counts": counts, "mask": mask}), tmp_path / "p.zarr")
+
+    def ome(path):
+        return json.loads((tmp_path / path / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+
+    z = ome("r.zarr/stack")
+    assert z["axes"][0] == {"name": "z", "type": "space", "unit": "micrometer"}
+    scale, trans = (t[k] for t, k in zip(z["datasets"][0]["coordinateTransformations"], ("scale", "translation")))
+    assert scale == pytest.approx([0.5, 0.2, 0.2]) and trans[0] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "r.zarr" / "stack" / "0" / "zarr.json").read_text())["chunk_grid"][
+        "configuration"]["chunk_shape"][0] == 1
+    back = lsfov.open_result(tmp_path / "r.zarr")
+    np.testing.assert_allclose(back["stack"].z.values, [1.0, 1.5, 2.0])
+    assert back["stack"].z.attrs["units"] == "micrometer"
+    f = ome("t.zarr/flat")
+    assert [a["name"] for a in f["axes"]] == ["y", "x"]
+    assert f["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx([0.2, 0.5])
+    back = lsfov.open_result(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(back.flat.transpose("x", "y").values, flat.values)
+    for path in (tmp_path / "t.zarr" / "zarr.json", tmp_path / "t.zarr" / "flat" / "zarr.json"):
+        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))  # strict JSON
+    assert back.attrs["bad"] is None and back.attrs["nested"] == {"x": [1.0, None]} and back.flat.attrs["odd"] is None
+    level1 = np.asarray(zarr.open_array(str(tmp_path / "p.zarr" / "counts" / "1"), mode="r"))
+    want = counts.values.reshape(512, 2, 512, 2).mean(axis=(1, 3))
+    np.testing.assert_array_equal(level1, np.rint(want).astype(np.uint8))
+    level1 = np.asarray(zarr.open_array(str(tmp_path / "p.zarr" / "mask" / "1"), mode="r"))
+    np.testing.assert_array_equal(level1, mask.values.reshape(512, 2, 512, 2).mean(axis=(1, 3)) >= 0.5)
