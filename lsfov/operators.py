@@ -879,9 +879,12 @@ class ProductConvolution:
         sums = to_numpy(self.kernels).sum(axis=(-2, -1), dtype=np.float64)
         if self.kind == "basis":
             return np.tensordot(sums, _window_of(self.maps, self.window, self.shape), axes=1).astype(np.float32)
-        my, mx = (_hat_matrix(c, np.arange(o, o + n, dtype=np.float64))
-                  for c, o, n in zip(self.centers, (oy, ox), (h, w)))
-        return (my @ sums @ mx.T).astype(np.float32)
+        # Two hats per pixel and axis: interpolated by indexing, not as a product of hat matrices, whose
+        # BLAS threads, inside each of Dask's, made the chunked TV-RL 1.4x slower than the whole (2048²).
+        (ly, hy, ty), (lx, hx, tx) = (_hat_weights(c, np.arange(o, o + n, dtype=np.float64))
+                                      for c, o, n in zip(self.centers, (oy, ox), (h, w)))
+        rows = sums[ly] * (1.0 - ty)[:, None] + sums[hy] * ty[:, None]  # (h, gx)
+        return (rows[:, lx] * (1.0 - tx) + rows[:, hx] * tx).astype(np.float32)
 
     # ------------------------------------------------------------------ storage
     def save(self, path, *, overwrite: bool = False):
