@@ -89,19 +89,21 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
     from distributed import Client, LocalCluster
 
     if spec == "local":
-        with _children_ignore_sigint():
-            # Workers' own warnings (tasks cancelled by a Ctrl-C, memory chatter) only with -vv: lsfov says
-            # what matters itself (out of memory, interrupted).
-            quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
-                                   silence_logs=quiet)
-        with _hushable("distributed") as hush, cluster, Client(cluster) as client:
-            log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
-            try:
-                yield client
-            except BaseException:  # a Ctrl-C, a SIGTERM or an error: its closing chatter is no news
-                hush()
-                raise
+        # The logger's level before the cluster (which sets its own) comes back at the end.
+        with _hushable("distributed") as hush:
+            with _children_ignore_sigint():
+                # Workers' own warnings (tasks cancelled by a Ctrl-C, memory chatter) only with -vv: lsfov
+                # says what matters itself (out of memory, interrupted).
+                quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
+                                       silence_logs=quiet)
+            with cluster, Client(cluster) as client:
+                log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
+                try:
+                    yield client
+                except BaseException:  # a Ctrl-C, a SIGTERM or an error: its closing chatter is no news
+                    hush()
+                    raise
         return
     if spec == "cuda":
         try:

@@ -261,6 +261,21 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_the_results(capsys):
     assert out == "" and "Completed" in err, (out, err)
 
 
+def test_a_local_cluster_leaves_logging_and_ctrl_c_as_it_found_them():
+    import logging
+
+    from lsfov.cluster import use_scheduler
+
+    logger, before = logging.getLogger("distributed"), logging.getLogger("distributed").level
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="late"):
+        with use_scheduler("local", n_workers=1):
+            raise RuntimeError("found late")
+    with use_scheduler("local", n_workers=1) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert logger.level == before and signal.getsignal(signal.SIGINT) is handler
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_whole_job_on_a_local_cluster_is_one_line(tmp_path, sig):
     """A terminal's Ctrl-C, or a batch system's cancel, reaches every process of the job: the
