@@ -53,10 +53,13 @@ def test_help(run):
 
 def test_demo_writes_result_and_figure(run, tmp_path):
     # 512² (7 x 7 nodes, 2 x 2 chunks of 256): a depth map fine enough to judge, ~3 s more than 256² in 128² chunks.
-    res = run("-q", "demo", "--size", 512, "--chunks", 256, "--out", "d.zarr", "--scheduler", "threads")
+    # On its default scheduler, a local cluster of 2 workers (the threaded and synchronous ones below).
+    res = run("-q", "demo", "--size", 512, "--chunks", 256, "--out", "d.zarr")
     snr_raw, snr_blind, snr_true = (float(v) for v in re.findall(r"(-?[\d.]+) dB", res.output))
     assert snr_true > snr_blind > snr_raw  # 19.3 > 18.9 > 17.7 dB here: the blind map deblurs
-    assert "PSF map" in res.output
+    for stage in ("simulate sample", "depth calibration", "PSF map", "operator", "deconvolution + writing"):
+        assert re.search(rf"{re.escape(stage)}.* [\d.]+ s", res.output), stage  # each stage's time
+    assert "result: d.zarr" in res.output and "figure: d.png" in res.output
     mae, span = (float(v) for v in re.search(r"depth: mean absolute error ([\d.]+) µm over a ([\d.]+) µm", res.output).groups())
     # 0.86 µm over 11.8 here; the best constant depth (a broken depth stage) is off by 2.6 µm
     assert mae < 0.15 * span
@@ -67,7 +70,8 @@ def test_demo_writes_result_and_figure(run, tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 10_000
     again = run("demo", "--size", 256, "--out", "d.zarr", ok=False)
     assert again.exit_code == 1 and "--overwrite" in again.output
-    run("-q", "demo", "--size", 512, "--chunks", 512, "--out", "d.zarr", "--overwrite", "--scheduler", "synchronous")
+    for scheduler in ("threads", "synchronous"):
+        run("-q", "demo", "--size", 512, "--chunks", 512, "--out", "d.zarr", "--overwrite", "--scheduler", scheduler)
 
 
 def test_simulate_beads_blur_and_info(run, tmp_path):
@@ -378,6 +382,13 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert model.meta["test"]["n"] == 64 and model.meta["training"]["n_train"] < 192
     res = run("evaluate", "g1.pt", "te.zarr")
     assert re.search(r"sigma -?[\d.]+", res.output)
+    # paper 000 Fig. 7: R² of the shipped G1 falls as each degradation grows, and is drawn
+    res = run("-q", "evaluate", "G1", "--robustness", 40, "--figure", "rob.png")
+    curves = json.loads(res.output.splitlines()[0])
+    assert curves["strengths"][0] == 0 and curves["n"] > 30
+    for kind in ("gaussian", "poisson", "mixed"):
+        assert curves[kind][0] > 0.8 and curves[kind][-1] < curves[kind][0] - 0.3, (kind, curves[kind])
+    assert Path("rob.png").stat().st_size > 10_000
     run("-q", "train", "tr.zarr", "tuned.pt", "--init", "G1", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32)
     assert lsfov.load_model(tmp_path / "tuned.pt").meta["training"]["init"]["n_train"] == \
         lsfov.load_model("G1").meta["training"]["n_train"]

@@ -34,6 +34,13 @@ def test_tilted_surface_geometry():
     assert axes == {round(s.axis, 6), round((s.axis + np.pi / 2) % np.pi, 6)}
     with pytest.raises(ValueError, match="beyond the Z3"):
         simulate.tilted_surface((64, 64), depth_range_um=(-50, 50), grid=2)
+    # Curved: u + c·u² along the direction (u from -1 to 1 across the field), scaled to the range.
+    c = simulate.tilted_surface((256, 320), depth_range_um=(-4, 6), direction=0.0, curvature=0.5, grid=4, seed=0)
+    u = (np.arange(320) - 159.5) / 160
+    want = u + 0.5 * u**2
+    np.testing.assert_allclose(c.depth_um[0], -4 + 10 * (want - want.min()) / np.ptp(want), atol=1e-9)
+    np.testing.assert_array_equal(c.depth_um[0], c.depth_um[-1])  # constant across the direction
+    assert np.all(np.diff(c.depth_um[0], 2) > 0)  # bent: convex along x
 
 
 def test_depth_sign_above_and_below_focus():
