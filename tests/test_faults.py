@@ -265,7 +265,9 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_the_results(capsys):
 def test_a_local_cluster_leaves_logging_and_ctrl_c_as_it_found_them():
     import logging
 
-    import distributed  # noqa: F401  (its import sets its loggers' levels: the baseline is after it)
+    import importlib
+
+    importlib.import_module("distributed")  # its import sets its loggers' levels: the baseline is after it
 
     from lsfov.cluster import use_scheduler
 
