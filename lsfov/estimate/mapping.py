@@ -181,7 +181,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     ----------
     image : array_like (H, W)
         NumPy, CuPy, Dask (one task per chunk, via ``map_overlap``; NumPy or CuPy chunks) or xarray
-        (µm coordinates give the pixel size).
+        (µm coordinates give the pixel size). A floating-point Dask image is read once first, to refuse
+        NaN or Inf pixels before any chunk's work.
     model : str, path or PSFRegressor
         A shipped model name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z3"``), a ``.pt`` file, or a loaded model.
     patch : int
@@ -273,9 +274,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)
-        # One read first, as the deconvolution's: a NaN in the last chunk would otherwise stop the map
-        # after all the others' work, and a --resume meet it again.
-        if not bool(compute(da.isfinite(arr).all())):
+        # One read first (of a float image: integers have no NaN), as the deconvolution's: a NaN in the
+        # last chunk would otherwise stop the map after all the others' work, and a --resume meet it again.
+        if data.dtype.kind == "f" and not bool(compute(da.isfinite(arr).all())):
             raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
         arr = arr.rechunk(tuple(axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
         (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
