@@ -749,8 +749,8 @@ def _lead_geometry(var: xr.DataArray, dim):
     if dim not in ("z", "t") or dim not in var.coords or var.sizes[dim] < 2 or var.coords[dim].dtype.kind not in "iuf":
         return 1.0, 0.0, None
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
-    step = (c[-1] - c[0]) / (c.size - 1)
-    if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9):
+    step = _even_step(c)
+    if step is None:
         return 1.0, 0.0, None
     units = var.coords[dim].attrs.get("units")
     if dim == "z":
@@ -769,10 +769,16 @@ def _axis_geometry(var: xr.DataArray, dim):
     if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)
         step = var.coords[dim].attrs.get("step")
         return (float(step) * factor if step else None), float(c[0]) * factor, unit
-    step = (c[-1] - c[0]) / (c.size - 1)
-    if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9):
+    step = _even_step(c)
+    if step is None:
         raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing; NGFF needs a scale")
-    return float(step) * factor, float(c[0]) * factor, unit
+    return step * factor, float(c[0]) * factor, unit
+
+
+def _even_step(c) -> float | None:
+    """The step of evenly spaced, increasing coordinates ``c`` (at least two); None if they are not."""
+    step = (c[-1] - c[0]) / (c.size - 1)
+    return float(step) if step > 0 and np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9) else None
 
 
 def _lead_coords(var, lead):

@@ -422,10 +422,13 @@ def _made_by(psf_map) -> dict:
 
 def _warn_made_otherwise(psf_map, c: DepthCalibration):
     """Warn when the map was made otherwise than the calibration's (each item where both are known)."""
-    now = _made_by(psf_map)
-    differ = [f"{k} {now[k]} (calibration: {getattr(c, k)})" for k in ("model", "stride", "pixel_um")
-              if None not in (now[k], getattr(c, k)) and (abs(now[k] / getattr(c, k) - 1) > 0.01 if k == "pixel_um"
-                                                          else now[k] != getattr(c, k))]
+    differ = []
+    for k, here in _made_by(psf_map).items():
+        there = getattr(c, k)
+        if None in (here, there):
+            continue
+        if (abs(here / there - 1) > 0.01) if k == "pixel_um" else here != there:
+            differ.append(f"{k} {here} (calibration: {there})")
     if differ:
         warnings.warn(f"this PSF map was made otherwise than its depth calibration's: {', '.join(differ)}; the depths "
                       "may be wrong: make the map as the calibration's was, or calibrate again", LsfovWarning, stacklevel=3)
