@@ -136,6 +136,12 @@ def _symmetrize_option(f):
                              "8x the CNN time, more accurate parameters.")(f)
 
 
+def _saturation_option(f):
+    return click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Pixel value at which the camera saturates [default: the maximum of an integer image's "
+                             "type]; PSF-map nodes with more than 5 % of their pixels there are invalid.")(f)
+
+
 def _resume_option(f):
     return click.option("--resume", is_flag=True,
                         help="Continue an interrupted run of the same command: only the missing chunks are computed.")(f)
@@ -476,20 +482,21 @@ def _centres(variables, names, edge=512):
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels): one task per chunk.")
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
 @_symmetrize_option
+@_saturation_option
 @_plane_options
 @_scheduler_option
 @_gpu_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
-def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, channel, zplane, tpoint, scheduler,
-             gpu, resume, overwrite):
+def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, saturation, channel, zplane, tpoint,
+             scheduler, gpu, resume, overwrite):
     """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
     OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
     from . import io
     from .cluster import use_scheduler
-    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
+    from .estimate.mapping import estimate_psf_map, operator_from_psf_map, saturation_level
 
     out = _check_out(out, overwrite, inputs=[src])
     if figure:
@@ -497,12 +504,13 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    saturation = saturation_level(img.dtype, saturation)  # of the file's type: a GPU copy is float32
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
         before = _chunks_kept(state)
-        ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize, scratch=state,
-                              resume=resume, progress=not obj["quiet"])
+        ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,
+                              saturation=saturation, scratch=state, resume=resume, progress=not obj["quiet"])
         # This run's chunks (their folder grew, or none did: all were kept) counted from earlier work:
         # a rate would count it too. Another run's kept chunks (other options) do not count.
         after = _chunks_kept(state)
@@ -543,6 +551,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels).")
 @click.option("--figure", type=click.Path(), default=None, help="PNG summary: raw, deblurred, PSF grid, depth.")
 @_symmetrize_option
+@_saturation_option
 @_plane_options
 @_scheduler_option
 @_gpu_option
@@ -550,14 +559,14 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, symmetrize,
-                 channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
+                 saturation, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
     from . import io
     from .cluster import use_scheduler
     from .estimate.depth import DepthCalibration
-    from .estimate.mapping import operator_from_psf_map
+    from .estimate.mapping import operator_from_psf_map, saturation_level
     from .estimate.model import load_model
 
     out = _check_out(out, overwrite, inputs=[src, *([calibration] if calibration else [])])
@@ -574,11 +583,13 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
+    saturation = saturation_level(img.dtype, saturation)  # of the file's type: a GPU copy is float32
     work = _on_gpu(img, gpu, scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
-                            symmetrize=symmetrize, scratch=tmp, resume=resume, progress=not obj["quiet"])
+                            symmetrize=symmetrize, saturation=saturation, scratch=tmp, resume=resume,
+                            progress=not obj["quiet"])
         ds.attrs.update(command="lsfov run", **_source(src, img), **({"calibration": str(calibration)} if cal else {}))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])

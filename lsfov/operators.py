@@ -894,9 +894,10 @@ class ProductConvolution:
     def save(self, path, *, overwrite: bool = False):
         """Write the operator to a zarr v3 store, atomically (see :func:`lsfov.io.atomic_directory`).
 
-        Layout: ``kernels`` (float32), ``centers_y``/``centers_x`` (grid form) or ``maps`` (basis form,
-        chunked, streamed from NumPy, zarr or Dask maps), and the root attribute ``lsfov`` with the
-        kind, shape and :attr:`attrs`. Read it back with :meth:`load`.
+        Layout: ``kernels`` (float32; dims ``gy, gx, ky, kx`` or ``basis, ky, kx``),
+        ``centers_y``/``centers_x`` (grid form) or ``maps`` (basis form, ``basis, y, x``, chunked,
+        streamed from NumPy, zarr or Dask maps), and the root attribute ``lsfov`` with the kind, shape
+        and :attr:`attrs`. Read it back with :meth:`load` (``xarray.open_zarr`` reads it too).
         """
         import dask.array as da
         import zarr
@@ -909,14 +910,18 @@ class ProductConvolution:
         check_result_name(path)
         with atomic_directory(path, overwrite=overwrite) as tmp:
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32))
+            # Dimension names: xarray.open_zarr(path) reads the store as one Dataset.
+            lead = ["gy", "gx"] if self.kind == "grid" else ["basis"]
+            root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
+                              dimension_names=[*lead, "ky", "kx"])
             if self.kind == "grid":
-                root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64))
-                root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64))
+                root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64), dimension_names=["gy"])
+                root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64), dimension_names=["gx"])
             else:
                 shape = (self.kernels.shape[0],) + self.shape
                 chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
-                maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0)
+                maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0,
+                                         dimension_names=["basis", "y", "x"])
                 src = self.maps if isinstance(self.maps, da.Array) else da.from_array(self.maps, chunks=chunks)
                 compute(da.store(src.astype(np.float32).rechunk(chunks), maps, lock=False, compute=False))
             root.attrs["lsfov"] = {

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +474,30 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert res.exit_code == 1 and "--overwrite" in res.output
     res = run("bss", "b.npy", "x.zarr", "--subspace", "nothing.zarr", ok=False)
     assert res.exit_code == 1 and "no such subspace" in res.output
+
+
+def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
+    """A 16-bit image clipped at its type's maximum: the nodes whose patches are more than 5 %
+    clipped are said, marked invalid and filled; --saturation gives a camera's own limit (a
+    12-bit camera in 16-bit files) and reaches the map of `lsfov run` too."""
+    pytest.importorskip("torch")
+    img = lsfov.simulate.sample_image("coins", (256, 320))
+    np.save("clip.npy", np.minimum(img / np.percentile(img, 95) * 65535, 65535).astype(np.uint16))
+    with pytest.warns(lsfov.LsfovWarning, match="9 of 12 PSF-map nodes are marked invalid, each with more than 5 %"):
+        res = run("estimate", "clip.npy", "map.zarr", "--stride", 64)
+    assert "(9 filled from neighbours)" in res.output
+    m = lsfov.open_result("map.zarr")
+    assert m.attrs["saturation"] == 65535 and m.filled.values.any() and (m.validity.values == 0).any()
+    np.save("cam12.npy", np.minimum(img / np.percentile(img, 95) * 4095, 4095).astype(np.uint16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lsfov.LsfovWarning)  # 4095 is no limit of the type
+        run("estimate", "cam12.npy", "m12.zarr", "--stride", 64)
+    with pytest.warns(lsfov.LsfovWarning, match=r"9 of 12 .* saturated \(at or above 4095\)"):
+        run("run", "cam12.npy", "r12.zarr", "--stride", 64, "--iterations", 1, "--saturation", 4095)
+    r = lsfov.open_result("r12.zarr")
+    assert r.attrs["saturation"] == 4095
+    np.testing.assert_array_equal(r.validity.values == 0, m.validity.values == 0)
+    assert run("estimate", "cam12.npy", "x.zarr", "--saturation", 0, ok=False).exit_code == 2
 
 
 def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):

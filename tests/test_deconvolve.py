@@ -332,6 +332,14 @@ def test_operator_save_load_round_trip(tmp_path, scene):
         np.testing.assert_array_equal(back.apply(y), o.apply(y))
         with pytest.raises(FileExistsError, match="overwrite"):
             o.save(path)
+        # xarray reads the store by its dimension names
+        ds = xr.open_zarr(path, consolidated=False)
+        np.testing.assert_array_equal(ds.kernels.values, o.kernels)
+        if o.kind == "grid":
+            assert ds.kernels.dims == ("gy", "gx", "ky", "kx") and ds.centers_x.dims == ("gx",)
+        else:
+            assert ds.kernels.dims == ("basis", "ky", "kx") and ds.maps.dims == ("basis", "y", "x")
+            np.testing.assert_array_equal(ds.maps.values, np.asarray(o.maps))
     with pytest.raises(ValueError, match="not an lsfov operator"):
         ProductConvolution.load(tmp_path)
     with pytest.raises(FileNotFoundError):

@@ -58,6 +58,7 @@ def test_deconvolution_on_cupy_whole_and_chunked_matches_numpy(tmp_path):
 
 
 @pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+@pytest.mark.filterwarnings("ignore::lsfov._validate.LsfovWarning")
 def test_cnn_takes_cupy_patches_through_dlpack_and_maps_cupy_chunks():
     import dask.array as da
 
@@ -71,9 +72,10 @@ def test_cnn_takes_cupy_patches_through_dlpack_and_maps_cupy_chunks():
     dev = model.predict(cupy.asarray(patches))
     for k in host:
         np.testing.assert_allclose(dev[k], host[k], rtol=1e-4, atol=1e-5)
-    ref = lsfov.estimate_psf_map(da.from_array(img, chunks=192), model)
-    gpu = lsfov.estimate_psf_map(da.from_array(img, chunks=192).map_blocks(cupy.asarray), model)
-    whole = lsfov.estimate_psf_map(cupy.asarray(img), model)
+    white = float(np.percentile(img, 96))  # the saturation rule's integral image, on the GPU too
+    ref = lsfov.estimate_psf_map(da.from_array(img, chunks=192), model, saturation=white)
+    gpu = lsfov.estimate_psf_map(da.from_array(img, chunks=192).map_blocks(cupy.asarray), model, saturation=white)
+    whole = lsfov.estimate_psf_map(cupy.asarray(img), model, saturation=white)
     for k in ref.data_vars:
         np.testing.assert_allclose(gpu[k].values, ref[k].values, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(whole[k].values, ref[k].values, rtol=1e-4, atol=1e-5)

@@ -294,3 +294,40 @@ def test_map_follows_a_known_blur_across_the_field():
     err = np.abs(ds.focus.values - want)
     assert err.mean() < 0.04 and err.max() < 0.12
     assert np.all(np.diff(np.median(ds.focus.values, axis=0)[::2]) > 0)  # rising left to right
+
+
+def test_saturated_patches_are_invalid_and_filled(blurred):
+    """Paper 000's white-pixel ratio: a node whose patch has more than 5 % of its pixels at the
+    camera's limit (an integer type's maximum by default) is invalid, whatever the CNN says, and is
+    filled from its neighbours; the other nodes are untouched; chunked == whole."""
+    img, _ = blurred
+    x = np.minimum(img / np.percentile(img, 96) * 65535, 65535).astype(np.uint16)  # the brightest 4 % clip
+    white = (x == 65535).astype(np.float64)
+    (gy, gx), t = (6, 5), 64
+    frac = np.array([[white[i * t:i * t + 128, j * t:j * t + 128].mean() for j in range(gx)] for i in range(gy)])
+    hit = frac > 0.05
+    assert 0 < hit.sum() < hit.size  # the test's premise: some nodes saturated, not all
+    with pytest.warns(lsfov.LsfovWarning, match=f"{hit.sum()} of {hit.size} PSF-map nodes are marked invalid, each with more than 5 %"):
+        ds = lsfov.estimate_psf_map(x, "Z3", stride=t)
+    off = lsfov.estimate_psf_map(x, "Z3", stride=t, max_saturated=1)  # the rule off
+    assert ds.attrs["saturation"] == 65535 and off.attrs["saturation"] is None
+    np.testing.assert_array_equal(ds.validity.values[hit], 0)
+    np.testing.assert_array_equal(ds.validity.values[~hit], off.validity.values[~hit])
+    assert ds.filled.values[hit].all()
+    for v in ("focus", "astigmatism", "axis"):
+        np.testing.assert_array_equal(ds[v].values[~hit & ~ds.filled.values], off[v].values[~hit & ~ds.filled.values])
+    with pytest.warns(lsfov.LsfovWarning, match="saturated"):
+        lazy = lsfov.estimate_psf_map(da.from_array(x, chunks=(150, 200)), "Z3", stride=t)
+    xr.testing.assert_allclose(lazy, ds, atol=1e-4)
+    # A float image has no limit of its own: none unless given, in its units.
+    assert lsfov.estimate_psf_map(x.astype(np.float32), "Z3", stride=t).attrs["saturation"] is None
+    with pytest.warns(lsfov.LsfovWarning, match="at or above 65535"):
+        given = lsfov.estimate_psf_map(x.astype(np.float32), "Z3", stride=t, saturation=65535)
+    np.testing.assert_array_equal(given.validity.values, ds.validity.values)
+    # Every node clipped: no PSF to invent.
+    with pytest.raises(ValueError, match="every PSF-map node has more than 5 % of the pixels of its patch saturated"):
+        lsfov.estimate_psf_map(x, "Z3", stride=t, saturation=1)
+    with pytest.raises(ValueError, match="max_saturated"):
+        lsfov.estimate_psf_map(x, "Z3", max_saturated=1.5)
+    with pytest.raises(ValueError, match="saturation"):
+        lsfov.estimate_psf_map(x, "Z3", saturation=-1)

@@ -11,8 +11,8 @@ __all__ = ["blind_deconvolve"]
 
 
 def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 20, tv: float = DEFAULT_TV,
-                     calibration=None, pixel_um: float | None = None, symmetrize: bool = False, scratch=None,
-                     resume: bool = False, progress: bool = False):
+                     calibration=None, pixel_um: float | None = None, symmetrize: bool = False,
+                     saturation: float | None = None, scratch=None, resume: bool = False, progress: bool = False):
     """Measure an image's spatially varying blur with the CNN and undo it (what ``lsfov run`` does).
 
     Parameters
@@ -30,7 +30,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     pixel_um : float, optional
         Pixel size; coordinates of every output in µm (default: the xarray input's, from its
         ``pixel_um`` attribute or µm coordinates; else pixels).
-    symmetrize, scratch, resume, progress
+    symmetrize, saturation, scratch, resume, progress
         As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
 
     Returns
@@ -60,8 +60,8 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         raise ValueError(f"a depth calibration needs an astigmatic model (Z3); model {model} regresses {list(params)}")
     img = with_pixel_size(image, pixel_um)
     seconds, t = {}, time.perf_counter()
-    psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, scratch=scratch, resume=resume,
-                               progress=progress)
+    psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, saturation=saturation,
+                               scratch=scratch, resume=resume, progress=progress)
     seconds["PSF map"], t = time.perf_counter() - t, time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()

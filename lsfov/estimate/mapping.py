@@ -30,6 +30,13 @@ _CNN_WORKER_OWN = 400 * 2**20
 
 __all__ = ["estimate_psf_map", "fill_invalid", "operator_from_psf_map"]
 
+# Paper 000's white-pixel ratio: a patch with more saturated pixels than this is invalid. Clipped
+# cores read as wider PSFs while the CNN still calls the patch valid: its errors grow by half at
+# 2-5 % of the pixels saturated and double beyond. A filled node costs accuracy too (its neighbours
+# lie elsewhere in the field): 5 % gave the best maps of clipped images (benchmarks/RESULTS.md,
+# section saturation).
+MAX_SATURATED = 0.05
+
 
 def _node_count(n: int, patch: int, stride: int) -> int:
     return (n - patch) // stride + 1
@@ -95,8 +102,10 @@ def _load(ref, device):
     return load_model(path, device=device)
 
 
-def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, symmetrize=False):
-    """Regress the nodes whose patch starts in ``block``'s core; returns (ny, nx, n_out)."""
+def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, symmetrize=False, saturation=None):
+    """Regress the nodes whose patch starts in ``block``'s core; returns (ny, nx, n_out): the
+    model's variables, its validity, then the fraction of the patch's pixels at or above
+    ``saturation`` (0 without one)."""
     m = _load(ref, device)
     (oy, ny), (ox, nx) = origin
     if ny == 0 or nx == 0:
@@ -124,10 +133,37 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, sy
             pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
             parts.append(np.stack([pred[p] for p in names], axis=-1))
         out = np.concatenate(parts)
-    return out.reshape(ny, nx, n_out).astype(np.float32)
+    white = np.zeros((ny, nx, 1), np.float32) if saturation is None else \
+        _saturated(block, saturation, origin, stride, patch)[..., None]
+    return np.concatenate([out.reshape(ny, nx, n_out - 1).astype(np.float32), white], axis=-1)
 
 
 _GROUP = 4096  # patches copied at once (256 MiB of float32) when a block holds more
+
+
+def saturation_level(dtype, saturation=None) -> float | None:
+    """The pixel value at or above which a camera pixel is saturated: ``saturation`` when given, else
+    the maximum of an integer ``dtype`` (a clipped count); None (no rule) for a float image without one."""
+    if saturation is not None:
+        return real_number(saturation, "saturation", minimum=0, exclusive=True)
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else None
+
+
+def _saturated(block, level, origin, stride, patch) -> np.ndarray:
+    """Per node (ny, nx) of ``origin`` (as in :func:`_regress`): the fraction of its patch's pixels
+    at or above ``level``, from one integral image of the block (no pass over the patches)."""
+    xp = array_module(block)
+    (oy, ny), (ox, nx) = origin
+    white = block[oy:oy + stride * max(ny - 1, 0) + patch, ox:ox + stride * max(nx - 1, 0) + patch] >= xp.float32(level)
+    if ny == 0 or nx == 0 or not bool(white.any()):
+        return np.zeros((ny, nx), np.float32)
+    count = xp.zeros((white.shape[0] + 1, white.shape[1] + 1), xp.int64)
+    count[1:, 1:] = white.cumsum(axis=0, dtype=xp.int64).cumsum(axis=1)
+    y0, x0 = stride * xp.arange(ny)[:, None], stride * xp.arange(nx)[None, :]
+    y1, x1 = y0 + patch, x0 + patch
+    n = count[y1, x1] - count[y0, x1] - count[y1, x0] + count[y0, x0]
+    return to_numpy(n).astype(np.float32) / np.float32(patch * patch)
 
 
 def _variables(m):
@@ -139,7 +175,7 @@ def _variables(m):
 
 
 def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, batch_size, device, symmetrize=False,
-                keep=None, block_info=None):
+                saturation=None, keep=None, block_info=None):
     """One chunk (with ``patch`` pixels of its neighbours, none beyond the image): its nodes.
 
     ``keep``: a directory where the chunk's nodes are saved once regressed, and read back instead
@@ -155,14 +191,14 @@ def _chunk_task(block, ref, *, patch, stride, n_out, offsets, starts, counts, ba
             stale.unlink(missing_ok=True)
         out = _chunk_task(block, ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets, starts=starts,
                           counts=counts, batch_size=batch_size, device=device, symmetrize=symmetrize,
-                          block_info=block_info)
+                          saturation=saturation, block_info=block_info)
         with atomic_file(done, unique=True) as tmp:  # a file present is a whole chunk
             np.save(tmp, out)
         return out
     by, bx = max(0, offsets[0][iy] - patch), max(0, offsets[1][ix] - patch)  # block start in the image
     origin = ((starts[0][iy] * stride - by, counts[0][iy]), (starts[1][ix] * stride - bx, counts[1][ix]))
     return _regress(block, ref, patch=patch, stride=stride, n_out=n_out, origin=origin, batch_size=batch_size,
-                    device=device, symmetrize=symmetrize)
+                    device=device, symmetrize=symmetrize, saturation=saturation)
 
 
 def _chunk_nodes(chunks, n_nodes, stride):
@@ -173,8 +209,9 @@ def _chunk_nodes(chunks, n_nodes, stride):
 
 
 def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, pixel_um: float | None = None,
-                     batch_size: int = 32, device=None, symmetrize: bool = False, fill: bool = True, scratch=None,
-                     resume: bool = False, progress: bool = False):
+                     batch_size: int = 32, device=None, symmetrize: bool = False, saturation: float | None = None,
+                     max_saturated: float = MAX_SATURATED, fill: bool = True, scratch=None, resume: bool = False,
+                     progress: bool = False):
     """Regress the PSF-model parameters on a sliding window over the image (paper 000 Sec. II-F).
 
     Parameters
@@ -201,6 +238,13 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     symmetrize : bool
         Average each node over the 8 rotations and flips of its patch (``PSFRegressor.predict``): 8x
         the CNN time for more accurate parameters (benchmarks/RESULTS.md).
+    saturation : float, optional
+        Pixel value at which the camera saturates (a 12-bit camera in 16-bit files: 4095). Default:
+        the maximum of an integer image's dtype; none for a floating-point image.
+    max_saturated : float
+        Paper 000's white-pixel ratio: a node whose patch has more than this fraction of its pixels
+        at or above ``saturation`` is invalid (validity 0, then filled like the others), as clipped
+        cores read as wider PSFs. 1 turns the rule off.
     fill : bool
         Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
         valid ones (:func:`fill_invalid`).
@@ -222,7 +266,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         patch's centre; attribute ``origin``); ``filled`` marks the nodes
         that were filled. A model with focus and astigmatism (Z3) adds ``focus_astig_sin`` and
         ``focus_astig_cos`` (its regressed focus x astigmatism products, which depth reads).
-        Attributes record the model, patch, stride, pixel size and image shape.
+        Attributes record the model, patch, stride, pixel size, image shape and saturation rule.
     """
     import dask
     import dask.array as da
@@ -237,6 +281,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
     batch_size = positive_int(batch_size, "batch_size")
+    max_saturated = real_number(max_saturated, "max_saturated", minimum=0, maximum=1)
     xr_in = getattr(image, "dims", None) is not None
     if xr_in:
         image = yx_order(image)  # dims by name: an (x, y) image is not mapped transposed
@@ -245,6 +290,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         data = np.asarray(data)  # a nested list
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
+    level = saturation_level(data.dtype, saturation)
+    if max_saturated >= 1:
+        level = None  # the rule is off: no pass over the pixels for it
     if pixel_um is None and xr_in:
         pixel_um = pixel_size(image)  # its attribute, or µm coordinates
     if pixel_um is not None:
@@ -263,7 +311,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
                       f"{m.optics.pixel_um:g} µm: its parameters will be off; resample the image or train a model "
                       "for these optics", LsfovWarning, stacklevel=2)
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
-    n_out = len(_variables(m)) + 1
+    n_out = len(_variables(m)) + 2  # the variables, validity, the saturated fraction
     if isinstance(data, da.Array):
         from ..cluster import _active_client, worker_budgets
         from ..restore.halo import axis_chunks
@@ -287,7 +335,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             # The image (Dask's name for it: its source and chunks), the model and every parameter; each
             # chunk's file also carries a digest of its pixels (see _chunk_task).
             key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
-                                     batch_size, bool(symmetrize))
+                                     batch_size, bool(symmetrize), level)
             keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
                 shutil.rmtree(keep)
@@ -300,7 +348,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
                 log.info("resuming the PSF map from %s: %d chunks already done", keep, len(list(keep.glob("*.npy"))))
         fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
                                starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device,
-                               symmetrize=bool(symmetrize), keep=keep)
+                               symmetrize=bool(symmetrize), saturation=level, keep=keep)
         out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
                             chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)))
         values = compute(out, progress=progress, label="PSF map")
@@ -310,7 +358,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         if not bool(xp.isfinite(arr).all()):
             raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
         values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
-                          batch_size=batch_size, device=device, symmetrize=bool(symmetrize))
+                          batch_size=batch_size, device=device, symmetrize=bool(symmetrize), saturation=level)
     if not np.all(np.isfinite(values)):  # finite pixels, yet: values beyond float32 once normalised
         raise ValueError("the CNN's readings are not finite; check the image's values (overflowing counts?)")
     coords = _coords(patch, int(stride), gy, gx, float(pixel_um) if pixel_um else None, origin)
@@ -319,7 +367,16 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     del record["units"]  # a map gives them per variable
     names = _variables(m)
     arrays = {p: values[..., i] for i, p in enumerate(names)}
-    validity = values[..., -1]
+    validity = values[..., -2]
+    white = values[..., -1] > max_saturated
+    if white.any():
+        validity = np.where(white, np.float32(0), validity)
+        share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {level:g})"
+        advice = "acquire with a shorter exposure or a lower gain, or give the camera's saturation level"
+        if fill and white.all():
+            raise NothingToMap(f"every PSF-map node has {share}: clipped spots do not show the PSF; {advice}")
+        warnings.warn(f"{int(white.sum())} of {white.size} PSF-map nodes are marked invalid, each with {share}"
+                      + (", filled from their neighbours" if fill else "") + f"; {advice}", LsfovWarning, stacklevel=2)
     filled = None
     if fill:  # on the NumPy arrays, then one Dataset: each xarray assignment costs a merge (~0.5 ms)
         filled = validity < 0.5
@@ -340,6 +397,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         **record, "patch": patch, "stride": int(stride),
         "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)], "origin": list(origin),
         "model": "PSFRegressor" if ref is m else str(model), "symmetrize": int(bool(symmetrize)),
+        "saturation": level, "max_saturated": max_saturated,
     })
 
 
