@@ -313,12 +313,13 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
     n_out = len(_variables(m)) + 2  # the variables, validity, the saturated fraction
     if isinstance(data, da.Array):
-        from ..cluster import _active_client, worker_budgets
+        from ..cluster import _active_client, check_worker_allocator, worker_budgets
         from ..restore.halo import axis_chunks
 
         client = _active_client()
         if client is not None:  # a worker too small to hold PyTorch and the model would be paused, not used
             worker_budgets(client, _CNN_WORKER_OWN)
+            check_worker_allocator(client)
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)
