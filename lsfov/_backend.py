@@ -65,6 +65,56 @@ def task_threads():
         del _LOCAL.workers
 
 
+# glibc's mallopt parameters (malloc.h) and the mmap threshold a set MALLOC_TRIM_THRESHOLD_ pins.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _PINNED_MMAP = -1, -3, 128 * 1024
+_HEAP = {"users": 0, "lock": threading.Lock()}
+
+
+def _libc():
+    """glibc through ctypes, or None (another C library or OS: nothing to tune)."""
+    if "libc" not in _HEAP:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            _HEAP["libc"] = libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        except OSError:
+            _HEAP["libc"] = None
+    return _HEAP["libc"]
+
+
+@contextlib.contextmanager
+def heap_kept():
+    """For CNN inference in a Dask worker: freed memory stays in the heap for the next batch.
+
+    distributed starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand memory back to
+    the OS), which also pins glibc's mmap threshold at 128 KiB: every activation tensor is then a
+    fresh mmap, zeroed page by page, and the CNN ran 2.2x slower (benchmarks/RESULTS.md, section
+    psfmap). In the block the thresholds are those of ``MALLOC_MMAP_THRESHOLD_=32 MiB``,
+    ``MALLOC_TRIM_THRESHOLD_=256 MiB``; after it, the worker's own again and the heap trimmed.
+    Elsewhere (glibc's adaptive thresholds, no glibc) nothing changes.
+    """
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    libc = _libc() if trim is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ else None
+    if libc is None:
+        yield
+        return
+    with _HEAP["lock"]:  # the first of concurrent tasks relaxes, the last restores
+        if _HEAP["users"] == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        _HEAP["users"] += 1
+    try:
+        yield
+    finally:
+        with _HEAP["lock"]:
+            _HEAP["users"] -= 1
+            if _HEAP["users"] == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, int(trim))
+                libc.mallopt(_M_MMAP_THRESHOLD, _PINNED_MMAP)
+                libc.malloc_trim(0)
+
+
 def threads_for(like) -> int:
     """Threads :func:`parallel_map` would use for work on arrays like ``like``: several only for
     NumPy work started from the main thread (a Dask task thread already has the cores busy) with

@@ -87,6 +87,14 @@ def real_number(v, name: str, *, minimum: float | None = None, maximum: float | 
     return f
 
 
+def not_a_bead_field(x, name: str):
+    """Refuse a ``lsfov.simulate.BeadField`` (or a list of them) where its image is meant."""
+    items = x if isinstance(x, (list, tuple)) else [x]
+    if any(type(v).__name__ == "BeadField" and hasattr(v, "image") for v in items):
+        fix = "[b.image for b in beads]" if items is x else "beads.image"
+        raise TypeError(f"{name} takes images, got lsfov.simulate.BeadField; pass {fix}")
+
+
 def yx_order(image, name: str = "image"):
     """A 2-D xarray image in (y, x) order: transposed by name when its dims are ``y`` and ``x`` in any
     order; other names are read by position (rows, columns); one of the two alone is refused."""

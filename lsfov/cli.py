@@ -617,6 +617,7 @@ def _blind(img, work, model, **kw):
     from .estimate.blind import blind_deconvolve
 
     ds = blind_deconvolve(work, model, **kw)
+    ds["filled"] = ds["filled"].astype(np.uint8)  # 0/1 in the file, as `lsfov estimate` writes it
     stages = ds.attrs.pop("seconds")
     return xr.Dataset({"raw": img, **ds.data_vars}, attrs=ds.attrs), stages
 

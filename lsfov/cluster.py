@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import sys
 import threading
-import warnings
 
 import dask
 import numpy as np
-
-from ._validate import LsfovWarning
 
 log = logging.getLogger("lsfov")
 
@@ -22,28 +18,6 @@ SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] |
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
 _SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
-
-# distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, to hand freed memory back to the
-# OS. Set at all, it also pins glibc's mmap threshold at 128 KiB, so every tensor or FFT buffer above
-# that is a fresh mmap, zeroed page by page: the CNN ran 2.6x slower on such a worker (621 against
-# 1630 patches/s) and TV-RL 15 % slower, for about 300 MiB less resident memory per worker
-# (benchmarks/RESULTS.md, section psfmap). lsfov's own clusters keep glibc's adaptive thresholds;
-# workers started from a shell (batch jobs) get the same speed from explicit ones.
-WORKER_MALLOC_EXPORT = "export MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=33554432"
-
-
-@contextlib.contextmanager
-def _adaptive_worker_allocator():
-    """Workers a LocalCluster (or LocalCUDACluster) starts in the block keep glibc's adaptive thresholds."""
-    inherited = None
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # a trim threshold alone: an earlier cluster's, in this process
-        inherited = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-            yield
-    finally:
-        if inherited is not None:
-            os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
 
 
 def jobqueue_cluster(kind: str, **settings):
@@ -61,9 +35,6 @@ def jobqueue_cluster(kind: str, **settings):
         import dask_jobqueue
     except ImportError:
         raise ValueError(f"--scheduler {kind} needs dask-jobqueue: pip install dask-jobqueue") from None
-    if "job_script_prologue" not in settings:  # the site's prologue, then the workers' allocator settings
-        site = dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or []
-        settings["job_script_prologue"] = [*site, WORKER_MALLOC_EXPORT]
     try:
         return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
     except ValueError as e:
@@ -102,13 +73,31 @@ def _hushable(name: str):
 
 @contextlib.contextmanager
 def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None):
-    """Run the Dask work inside the block on ``spec``; yields the ``distributed.Client`` or None.
+    """Run the Dask work inside the block on ``spec``; the cluster it starts is closed at the end.
 
-    ``threads`` (default): Dask's threaded scheduler in this process. ``synchronous``: one thread
-    (debugging). ``local``: a ``distributed.LocalCluster`` on this machine (dashboard link printed).
-    ``cuda``: dask-cuda's ``LocalCUDACluster``, one worker per GPU. ``slurm:N`` / ``pbs:N``: N batch
-    jobs of workers through dask-jobqueue (see :func:`jobqueue_cluster` for the settings).
-    ``tcp://host:port``: an existing scheduler.
+    Parameters
+    ----------
+    spec : str or None
+        ``"threads"`` (default; None too): Dask's threaded scheduler in this process.
+        ``"synchronous"`` (or ``"sync"``): one thread (debugging). ``"local"``: a
+        ``distributed.LocalCluster`` of one-thread workers on this machine (dashboard link logged).
+        ``"cuda"``: dask-cuda's ``LocalCUDACluster``, one worker per GPU. ``"slurm:N"`` / ``"pbs:N"``:
+        N batch jobs of workers through dask-jobqueue (see :func:`jobqueue_cluster` for the settings).
+        ``"tcp://host:port"`` (or ``tls://``, ``ucx://``, ``inproc://``): an existing scheduler.
+    n_workers : int, optional
+        Workers of the ``"local"`` cluster (default: one per core), or the number of batch jobs for
+        ``"slurm"`` / ``"pbs"`` without ``:N`` (default 1). Ignored otherwise.
+
+    Yields
+    ------
+    distributed.Client or None
+        The client of the cluster or scheduler; None for the threaded and synchronous schedulers.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``spec``, a missing dask-cuda, a batch system whose submit command is not on
+        PATH, or a scheduler address that cannot be reached.
     """
     spec = (spec or "threads").strip()
     if spec in ("threads", "synchronous", "sync"):
@@ -124,9 +113,8 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                 # Workers' own warnings (tasks cancelled by a Ctrl-C, memory chatter) only with -vv: lsfov
                 # says what matters itself (out of memory, interrupted).
                 quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR
-                with _adaptive_worker_allocator():
-                    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
-                                           silence_logs=quiet)
+                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
+                                       silence_logs=quiet)
             with cluster, Client(cluster) as client:
                 log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
                 try:
@@ -140,9 +128,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise ValueError("--scheduler cuda needs dask-cuda and an NVIDIA GPU: pip install dask-cuda") from None
-        with _adaptive_worker_allocator():
-            cluster = LocalCUDACluster()
-        with cluster, Client(cluster) as client:
+        with LocalCUDACluster() as cluster, Client(cluster) as client:
             log.info("CUDA cluster, one worker per GPU (%d); dashboard: %s", len(cluster.workers), client.dashboard_link)
             yield client
         return
@@ -197,25 +183,6 @@ def _pause_fraction() -> float:
         if cfg.get(key):
             return float(cfg[key])
     return 1.0
-
-
-def _allocator_settings():
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
-
-
-def check_worker_allocator(client):
-    """Warn when the workers of ``client`` run with a pinned mmap threshold (distributed's
-    ``MALLOC_TRIM_THRESHOLD_`` alone, see ``WORKER_MALLOC_EXPORT``): the CNN is then 2.6x slower on a CPU."""
-    try:
-        found = client.run(_allocator_settings)
-    except Exception:  # a worker that cannot answer: nothing to say about it
-        return
-    slow = sorted(w for w, (trim, mmap) in found.items() if trim is not None and mmap is None)
-    if slow:
-        warnings.warn(f"{len(slow)} of {len(found)} Dask workers run with MALLOC_TRIM_THRESHOLD_ set alone "
-                      "(distributed's default), which makes CNN inference on CPUs about 2.6x slower; start them "
-                      f"after `{WORKER_MALLOC_EXPORT}`, or with lsfov's --scheduler local", LsfovWarning,
-                      stacklevel=3)
 
 
 def worker_budgets(client, own_floor: int):

@@ -531,12 +531,15 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
 
     Parameters
     ----------
-    obj : xarray.Dataset, xarray.DataArray or array
+    obj : xarray.Dataset, xarray.DataArray, array or ProductConvolution
         2-D variables (any two dim names; coordinates, when evenly spaced, give scale and translation)
-        or 3-D ones with a leading non-spatial dim. A bare array becomes variable ``image``. A 2-D
-        variable whose second dim has string labels is a table (e.g. detected sources), stored as a
-        plain zarr array. Floating-point images are stored as float32 (float64 halves to it: more
-        than a microscope's precision); other dtypes as they are.
+        or 3-D ones with a leading non-spatial dim. A bare array (NumPy or Dask) becomes variable
+        ``image`` with dims ``(y, x)`` or ``(c, y, x)``; an unnamed DataArray is named ``image`` too.
+        A 2-D variable whose second dim has string labels is a table (e.g. detected sources), stored
+        as a plain zarr array. Floating-point images are stored as float32 (float64 halves to it: more
+        than a microscope's precision); other dtypes as they are. A
+        :class:`~lsfov.ProductConvolution` is written with its own
+        :meth:`~lsfov.ProductConvolution.save` (``chunks`` and ``progress`` do not apply).
     path : str or Path
         Destination directory (conventionally ``*.zarr``).
     overwrite : bool
@@ -546,12 +549,11 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     progress : bool
         Show a progress bar while computing and writing.
 
-    An :class:`~lsfov.ProductConvolution` is written with its own :meth:`~lsfov.ProductConvolution.save`.
-
     Returns
     -------
-    Path of the result. The write is atomic: a crash leaves the old result (if any) untouched and at
-    most a hidden ``.NAME.partial-*`` directory, never a half-written result under ``path``.
+    Path
+        ``path``. The write is atomic: a crash leaves the old result (if any) untouched and at most a
+        hidden ``.NAME.partial-*`` directory, never a half-written result under ``path``.
     """
     from .operators import ProductConvolution
 
@@ -848,7 +850,27 @@ def _version():
 
 
 def open_result(path) -> xr.Dataset:
-    """Read an lsfov result (written by :func:`save` or the CLI) as one lazy ``xarray.Dataset``."""
+    """Read an lsfov result (written by :func:`save` or the CLI) as one lazy ``xarray.Dataset``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The result's directory.
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per stored image (full resolution, Dask-backed) or table, with the dims,
+        coordinates and attributes they were saved with; the result's attributes as ``attrs``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is not an lsfov result (an image, an operator, a subspace or a training set), or
+        its write was interrupted.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such result: {path}")

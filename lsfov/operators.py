@@ -271,12 +271,21 @@ class ProductConvolution:
         Parameters
         ----------
         psfs : array_like (gy, gx, K, K)
-            PSF of each node, K odd, centred at K//2.
-        shape : (int, int)
+            PSF of each node, K odd (at most the image's smaller side), centred at K//2; each must
+            have a positive sum. Stored as float32, not normalised.
+        shape : int or (int, int)
             Image shape (H, W).
         centers : (array_like (gy,), array_like (gx,)), optional
             Node rows and columns in pixel coordinates, strictly increasing. Default: cell centres
             ``(i + 0.5) * N / g - 0.5``.
+        attrs : dict, optional
+            Free metadata (PSF model, optics, provenance), copied to :attr:`attrs`; kept by :meth:`save`
+            as JSON.
+
+        Returns
+        -------
+        ProductConvolution
+            The grid-form operator.
         """
         psfs = _as_float_array(psfs, "psfs")
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
@@ -317,9 +326,18 @@ class ProductConvolution:
             Odd sizes, the peak at the centre pixel. Negative values (noise left by a background
             subtraction) are set to zero; the PSF is normalised to sum 1 and padded to a square. An
             off-centre PSF (centre of mass over 1 px from the centre pixel) is warned about: it would
-            shift the result by as much.
-        shape : (int, int)
+            shift the result by as much; so is a PSF whose border stays high all round (a background
+            left in it).
+        shape : int or (int, int)
             Image shape (H, W).
+        attrs : dict, optional
+            Free metadata (PSF model, optics, provenance), copied to :attr:`attrs`; kept by :meth:`save`
+            as JSON.
+
+        Returns
+        -------
+        ProductConvolution
+            A grid-form operator of one node.
         """
         k = _as_float_array(psf, "psf")
         if k.ndim != 2:
@@ -363,6 +381,15 @@ class ProductConvolution:
         maps : array_like (I, H, W)
             Coefficient maps; NumPy or any array that slices lazily (zarr, dask). Beyond the image
             they are extended by their edge values (the PSF there is that of the nearest pixel).
+            NumPy maps are stored as float32; lazy ones are kept as they are and not scanned.
+        attrs : dict, optional
+            Free metadata (PSF model, optics, provenance), copied to :attr:`attrs`; kept by :meth:`save`
+            as JSON.
+
+        Returns
+        -------
+        ProductConvolution
+            The basis-form operator, of shape (H, W).
         """
         kernels = _as_float_array(kernels, "kernels")
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
@@ -466,19 +493,44 @@ class ProductConvolution:
 
     # ------------------------------------------------------------------ application
     def apply(self, u, *, check: bool = True):
-        """``H u``: blur an image. NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's
-        chunks; xarray in -> xarray out (dims by name, coords and attrs kept).
+        """``H u``: blur an image.
 
         A NumPy/CuPy image with NaN or Inf is refused (through the FFTs one NaN would fill its whole
-        tile); Dask images are not scanned. ``check=False`` skips the scan (one pass over the image,
-        and on a GPU a wait for it): for loops that apply the operator to arrays they made.
+        tile); Dask images are not scanned.
+
+        Parameters
+        ----------
+        u : array_like (H, W)
+            Real image of :attr:`domain_shape` (of :attr:`shape` for Dask); NumPy, CuPy, Dask or
+            xarray (dims ``y`` and ``x`` in any order, or other names read as rows, columns).
+        check : bool
+            Scan a NumPy/CuPy image for NaN and Inf. ``False`` skips the scan (one pass over the image,
+            and on a GPU a wait for it): for loops that apply the operator to arrays they made.
+
+        Returns
+        -------
+        array, float32, of ``u``'s shape
+            NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's chunks; xarray in ->
+            xarray out (dims by name, coords and attrs kept).
         """
         return self._dispatch(u, adjoint=False, check=check)
 
     __call__ = apply
 
     def adjoint(self, v, *, check: bool = True):
-        """``H^T v``: the exact adjoint (``<H u, v> = <u, H^T v>``); ``check`` as in :meth:`apply`."""
+        """``H^T v``: the exact adjoint (``<H u, v> = <u, H^T v>``).
+
+        Parameters
+        ----------
+        v : array_like (H, W)
+            Real image, as for :meth:`apply`.
+        check : bool
+            Scan for NaN and Inf, as in :meth:`apply`.
+
+        Returns
+        -------
+        array, float32, of ``v``'s shape and kind (NumPy, CuPy, Dask or xarray)
+        """
         return self._dispatch(v, adjoint=True, check=check)
 
     def _dispatch(self, x, adjoint, check: bool = True):
@@ -898,6 +950,26 @@ class ProductConvolution:
         ``centers_y``/``centers_x`` (grid form) or ``maps`` (basis form, ``basis, y, x``, chunked,
         streamed from NumPy, zarr or Dask maps), and the root attribute ``lsfov`` with the kind, shape
         and :attr:`attrs`. Read it back with :meth:`load` (``xarray.open_zarr`` reads it too).
+
+        Parameters
+        ----------
+        path : str or Path
+            Destination directory (conventionally ``*.zarr``; not named like a file of another format).
+        overwrite : bool
+            Replace an existing zarr store (or empty directory) at ``path``. Without it an existing
+            path is never touched.
+
+        Returns
+        -------
+        Path
+            ``path``.
+
+        Raises
+        ------
+        ValueError
+            For a restricted operator (see :meth:`restrict`), or a ``path`` named like another format.
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is False, or it is neither a zarr store nor empty.
         """
         import dask.array as da
         import zarr
@@ -937,6 +1009,22 @@ class ProductConvolution:
 
         Basis maps stay on disk and are read window by window, so a slide-sized operator costs no
         memory until it is applied.
+
+        Parameters
+        ----------
+        path : str or Path
+            The operator's store, or a result directory holding one as its ``operator`` group.
+
+        Returns
+        -------
+        ProductConvolution
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If it is not an lsfov operator, or its write was interrupted.
         """
         import zarr
 
@@ -960,7 +1048,21 @@ class ProductConvolution:
 
     # ------------------------------------------------------------------ inspection
     def psf_at(self, y: float, x: float) -> np.ndarray:
-        """The local PSF at image position (y, x) in (float) pixel coordinates, shape (K, K)."""
+        """The local PSF at an image position.
+
+        Grid form: the bilinear blend of the nodes' PSFs; basis form: the kernels weighted by the
+        bilinearly interpolated coefficient maps.
+
+        Parameters
+        ----------
+        y, x : float
+            Position in pixel coordinates (fractional allowed), within the image: in
+            [-0.5, H - 0.5] x [-0.5, W - 0.5] of the full :attr:`shape`.
+
+        Returns
+        -------
+        ndarray, float32, shape (K, K)
+        """
         y, x = real_number(y, "y"), real_number(x, "x")
         if not (-0.5 <= y <= self.shape[0] - 0.5 and -0.5 <= x <= self.shape[1] - 0.5):
             raise ValueError(f"position ({y}, {x}) lies outside the image of shape {self.shape}")

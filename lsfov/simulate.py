@@ -76,9 +76,53 @@ def bead_field(
     given); the defocus z varies across the field as a random polynomial of degree <= 2 spanning
     ``z_range_um``; the PSFs are astigmatic pupil PSFs (Noll 5/6, ``astigmatism`` waves RMS at a random
     axis) rendered on a ``grid x grid`` node grid, which defines the true grid operator. Beads are
-    Dirac masses at random integer positions (at least ``psf_size`` apart from the border), with
-    ±20% brightness around ``photons``; a smooth random background of mean level ``background``
-    photons is added and the result is Poisson distributed.
+    Dirac masses at random integer positions (at least ``psf_size // 2 + 1`` pixels from the border),
+    with ±20% brightness around ``photons``; a smooth random background of mean level about
+    ``background`` photons is added and the result is Poisson distributed.
+
+    Parameters
+    ----------
+    shape : int or (int, int)
+        Image shape (H, W) in pixels; at least ``psf_size + 2`` along each axis.
+    n_beads : int, optional
+        Number of beads; default one per 48² pixels (at least 1). Beads may coincide.
+    seed : int, numpy.random.Generator or None
+        Seed of every draw (optics, depth profile, axis, positions, background, noise).
+    grid : int
+        Nodes of the operator grid along each axis (clipped to the image size).
+    psf_size : int
+        Kernel size of the PSFs in pixels (odd).
+    pixel_um : float
+        Pixel size in µm of the drawn optics (ignored when ``optics`` is given).
+    z_range_um : (float, float)
+        Lowest and highest defocus over the nodes, in µm.
+    astigmatism : float
+        Astigmatism in waves RMS.
+    axis : float, optional
+        Astigmatism axis in radians; default drawn uniformly in [0, π).
+    photons : float
+        Mean photon count of a bead (> 0).
+    background : float
+        Mean background level in photons (>= 0); the background spans [0, 2 ``background``].
+    optics : lsfov.psf.Optics, optional
+        The microscope; default drawn as above.
+
+    Returns
+    -------
+    BeadField
+        The noisy and noiseless images (float32, (H, W)), bead positions (P, 2) and amplitudes (P,),
+        the true operator, the defocus at its nodes ``depth_um`` (gy, gx), the optics, the background
+        and the drawn parameters.
+
+    Raises
+    ------
+    ValueError
+        If ``shape`` is too small for ``psf_size``.
+
+    Notes
+    -----
+    An :class:`~lsfov.LsfovWarning` is issued when some PSFs reach the edge of their
+    kernel and are cut off.
     """
     h, w = shape2d(shape)
     grid = positive_int(grid, "grid")
@@ -129,11 +173,29 @@ def bead_field(
 
 
 def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[BeadField]:
-    """``n_images`` bead fields of one instrument in different states, as for learning a subspace of
-    operators (paper 003 Sec. II-D): optics and depth profile differ per image, the astigmatism axis
-    (a property of the instrument) is shared unless ``axis`` is given. Image k uses a seed derived
-    from ``seed`` and k; the shared axis one derived from ``seed`` and ``n_images`` (give ``axis``
-    to keep it across stacks of different lengths)."""
+    """Bead fields of one instrument in different states, as for learning a subspace of operators.
+
+    Paper 003 Sec. II-D: optics and depth profile differ per image, the astigmatism axis (a property
+    of the instrument) is shared unless ``axis`` is given. Image k uses a seed derived from ``seed``
+    and k; the shared axis one derived from ``seed`` and ``n_images`` (give ``axis`` to keep it
+    across stacks of different lengths).
+
+    Parameters
+    ----------
+    n_images : int
+        Number of bead fields.
+    shape : int or (int, int)
+        Image shape (H, W) in pixels.
+    seed : int, numpy.random.Generator or None
+        Root seed of the stack.
+    **kwargs
+        Further arguments of :func:`bead_field` (e.g. ``n_beads``, ``grid``, ``axis``).
+
+    Returns
+    -------
+    list of BeadField
+        ``n_images`` bead fields of one shape.
+    """
     n_images = positive_int(n_images, "n_images")
     if isinstance(seed, np.random.Generator):  # as bead_field takes it
         seed = int(seed.integers(2**63))
@@ -147,9 +209,29 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
             beta: float = 1.0, seed=None) -> np.ndarray:
     """Blur a sharp image with ``operator`` and add Poisson-Gaussian noise (paper 000 Eq. 10).
 
-    The image is scaled to [0, 1], blurred, scaled to ``photons`` at its brightest, and becomes
-    ``beta * Poisson(psi) + N(0, read_noise²)`` (``beta``: quantum efficiency in (0, 1]).
-    Returns float32; values can be slightly negative, as a camera's are.
+    The image is divided by its maximum, blurred, multiplied by ``photons`` (negative values of the
+    blur clipped to zero: ``psi``) and becomes ``beta * Poisson(psi) + N(0, read_noise²)``.
+
+    Parameters
+    ----------
+    image : array_like (H, W)
+        Sharp image with a positive maximum; of the operator's shape.
+    operator : ProductConvolution
+        The blur (e.g. from :func:`psf_field`).
+    photons : float
+        Expected count of the image's brightest level before the blur (> 0); the blurred peak is
+        lower where the blur spreads it.
+    read_noise : float
+        Standard deviation of the Gaussian read noise in counts (>= 0).
+    beta : float
+        Quantum efficiency, in (0, 1].
+    seed : int, numpy.random.Generator or None
+        Seed of the noise.
+
+    Returns
+    -------
+    ndarray, float32, shape (H, W)
+        The degraded image in counts; values can be slightly negative, as a camera's are.
     """
     x = as_image(image)
     if not isinstance(operator, ProductConvolution):
@@ -172,17 +254,39 @@ def _poisson_gaussian(expected, rng, *, read_noise, beta):
     return (beta * rng.poisson(expected) + read_noise * rng.standard_normal(np.shape(expected))).astype(np.float32)
 
 
-def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = None, smoothness: float = 1.0):
+def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = None, roughness: float = 1.0):
     """A random smooth field of PSF-model parameters on a node grid and its grid operator.
 
-    Parameters vary smoothly (a bilinear ramp plus a little noise, scaled by ``smoothness``) inside
-    the model's ranges, as across a real field of view. Returns ``(operator, params)`` with params of
-    shape (gy, gx, N).
+    Parameters vary smoothly (a bilinear ramp plus a little noise, scaled by ``roughness``) inside
+    the model's ranges, as across a real field of view.
+
+    Parameters
+    ----------
+    shape : int or (int, int)
+        Image shape (H, W) of the operator.
+    model : str or PSFModel
+        PSF model (``lsfov.psf.MODELS``).
+    grid : int or (int, int)
+        Node grid (gy, gx); the nodes sit at the default cell centres.
+    seed : int, numpy.random.Generator or None
+        Seed of the parameter field.
+    size : int, optional
+        Odd kernel size in pixels; default the model's.
+    roughness : float
+        Scale of the node-to-node noise added to the bilinear ramp (>= 0; 0: a pure ramp; 1: noise
+        of 5 % of each parameter's range).
+
+    Returns
+    -------
+    operator : ProductConvolution
+        The grid operator of the rendered PSFs.
+    params : ndarray, float64, shape (gy, gx, N)
+        The model's N parameters at each node, in its units.
     """
     m = _psf.get_model(model)
     h, w = shape2d(shape)
     gy, gx = shape2d(grid, "grid")
-    smoothness = real_number(smoothness, "smoothness", minimum=0)
+    roughness = real_number(roughness, "roughness", minimum=0)
     rng = np.random.default_rng(seed)
     lo, hi = m.bounds
     corners = rng.random((2, 2, m.n_params))
@@ -190,7 +294,7 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
     tx = np.linspace(0, 1, gx)[None, :, None]
     unit = (corners[0, 0] * (1 - ty) * (1 - tx) + corners[0, 1] * (1 - ty) * tx
             + corners[1, 0] * ty * (1 - tx) + corners[1, 1] * ty * tx)
-    unit = np.clip(unit + 0.05 * smoothness * rng.standard_normal(unit.shape), 0, 1)
+    unit = np.clip(unit + 0.05 * roughness * rng.standard_normal(unit.shape), 0, 1)
     if "axis" in m.params:  # keep the axis well inside its range: it wraps at pi
         i = m.params.index("axis")
         unit[..., i] = 0.1 + 0.8 * unit[..., i]
@@ -203,11 +307,22 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
 def sample_image(name: str = "cell", shape=None) -> np.ndarray:
     """A test image from scikit-image's bundled data (no download), float32 in [0, 1].
 
-    ``name``: ``"cell"`` (a cell in light microscopy; blurred itself, by about 3 px), ``"hubble"``
-    (point sources on black), ``"immunohistochemistry"`` (stained tissue, sharp), ``"camera"``,
-    ``"coins"``, ``"moon"``. Where an image stands for a sharp sample under a known blur (the
-    CNN's depth and PSF readings), use a sharp one: an image's own blur adds to the PSF's.
-    ``shape`` tiles (by mirroring) or crops the image to that size.
+    Where an image stands for a sharp sample under a known blur (the CNN's depth and PSF readings),
+    use a sharp one: an image's own blur adds to the PSF's.
+
+    Parameters
+    ----------
+    name : {"cell", "hubble", "immunohistochemistry", "camera", "coins", "moon"}
+        ``"cell"``: a cell in light microscopy (blurred itself, by about 3 px); ``"hubble"``: point
+        sources on black; ``"immunohistochemistry"``: stained tissue, sharp. Colour images are
+        averaged over their channels.
+    shape : int or (int, int), optional
+        Tile (by mirroring) or crop the image to this size; default its own.
+
+    Returns
+    -------
+    ndarray, float32, shape (H, W)
+        The image, scaled to span [0, 1].
     """
     from skimage import data
 
@@ -248,12 +363,49 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
                    read_noise: float = 2.0, seed=None) -> TiltedSurface:
     """A tilted (or curved) textured plane seen through an astigmatic system (paper 000 Sec. III-E).
 
-    The depth varies linearly along ``direction`` (radians from the x axis), plus ``curvature`` times
-    a centred quadratic, scaled to span ``depth_range_um`` exactly. Defocus is ``focus_per_um`` waves
-    RMS per µm of depth (a property of the instrument, like its astigmatism ``axis``); above focus the
-    PSF has the instrument's axis, below it the axis turned by π/2 (that is how the Z3 model writes a
-    negative defocus). PSFs are rendered on a ``grid x grid`` node grid; the texture is
-    scikit-image's ``texture`` image (see :func:`sample_image`) under Poisson-Gaussian noise.
+    The depth varies linearly along ``direction``, plus ``curvature`` times a centred quadratic,
+    scaled to span ``depth_range_um`` exactly. Defocus is ``focus_per_um`` waves RMS per µm of depth
+    (a property of the instrument, like its astigmatism ``axis``); above focus the PSF has the
+    instrument's axis, below it the axis turned by π/2 (that is how the Z3 model writes a negative
+    defocus). Z3 PSFs are rendered on a ``grid x grid`` node grid; the texture is blurred by their
+    grid operator and degraded as by :func:`degrade`.
+
+    Parameters
+    ----------
+    shape : int or (int, int)
+        Image shape (H, W) in pixels.
+    depth_range_um : (float, float)
+        Lowest and highest depth in µm (low < high); the defocus they give must stay within the
+        Z3 model's focus range.
+    direction : float
+        Direction of the tilt in radians from the x axis.
+    curvature : float
+        Weight of the quadratic term relative to the linear one (0: a plane).
+    texture : str
+        The sample, a name of :func:`sample_image`.
+    astigmatism : float
+        Astigmatism in waves RMS.
+    axis : float
+        Astigmatism axis in radians.
+    focus_per_um : float
+        Defocus in waves RMS per µm of depth (> 0).
+    grid : int
+        Nodes of the operator grid along each axis (clipped to the image size).
+    photons, read_noise : float
+        Peak photon count and read-noise std in counts, as in :func:`degrade`.
+    seed : int, numpy.random.Generator or None
+        Seed of the noise.
+
+    Returns
+    -------
+    TiltedSurface
+        The noisy image (float32, (H, W)), the true depth per pixel in µm, the true operator, the
+        Z3 parameters at its nodes (gy, gx, 3), ``focus_per_um`` and the axis modulo π.
+
+    Raises
+    ------
+    ValueError
+        If the depth range is empty or its defocus exceeds the Z3 model's range.
     """
     h, w = shape2d(shape)
     grid = positive_int(grid, "grid")

@@ -22,9 +22,15 @@ def test_blind_deconvolve_is_its_stages_composed(tilted, tmp_path):
     psf_map = lsfov.estimate_psf_map(img, "Z3", pixel_um=0.2)
     op = lsfov.operator_from_psf_map(psf_map)
     np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(img, op, 4))
-    for v in ("focus", "astigmatism", "axis", "validity"):
+    for v in ("focus", "astigmatism", "axis", "validity", "filled"):
         np.testing.assert_array_equal(ds[v].values, psf_map[v].values)
+    assert ds.filled.dtype == psf_map.filled.dtype == bool  # as the map's (the CLI writes 0/1)
     np.testing.assert_array_equal(ds.depth.values, lsfov.estimate_depth(psf_map, cal).values)
+    # The calibration's JSON file serves as well as the object, here and for estimate_depth.
+    cal.save(tmp_path / "cal.json")
+    np.testing.assert_array_equal(lsfov.estimate_depth(psf_map, str(tmp_path / "cal.json")).values, ds.depth.values)
+    again = lsfov.blind_deconvolve(img, "Z3", iterations=1, calibration=tmp_path / "cal.json", pixel_um=0.2)
+    np.testing.assert_array_equal(again.depth.values, ds.depth.values)
     assert ds.depth.attrs["units"] == "micrometer" and ds.x.attrs["units"] == "micrometer"
     assert ds.x.values[1] == pytest.approx(0.2) and ds.gx.values[0] == pytest.approx(63.5 * 0.2)
     assert set(ds.attrs["seconds"]) == {"PSF map", "operator", "deconvolution"}
@@ -56,7 +62,8 @@ def test_blind_deconvolve_checks_before_any_work(tilted, monkeypatch):
         (dict(iterations=0), "iterations must be"),
         (dict(tv=0.5), r"tv must be in \[0, 0.25\)"),
         (dict(model="G1", calibration=cal), "needs an astigmatic model"),
-        (dict(calibration="cal.json"), "calibration must come from lsfov.calibrate_depth"),
+        (dict(calibration="cal.json"), "no such depth calibration: cal.json"),  # a path: read first
+        (dict(calibration=3), "calibration must come from lsfov.calibrate_depth"),
         (dict(model="nope.pt"), "no model file"),
         (dict(pixel_um=-1), "pixel_um must be"),
     ]:

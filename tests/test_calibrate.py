@@ -458,6 +458,13 @@ def test_subspace_bad_input(stack, tmp_path):
         sub.operator(4)
     with pytest.raises(ValueError, match="shape"):
         sub.operator(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"got \(3, 3\)$"):  # an index is no answer to project's question
+        sub.project(np.zeros((3, 3)))
+    # simulate.bead_stack / bead_field give their images with the ground truth: said, not "shapes [()]"
+    with pytest.raises(TypeError, match=r"pass \[b.image for b in beads\]"):
+        learn_subspace(stack[:2])
+    with pytest.raises(TypeError, match="pass beads.image"):
+        lsfov.calibrate_operator(stack[0])
 
 
 def test_bead_stack_shares_the_instrument_axis(stack):

@@ -626,29 +626,6 @@ def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_
     assert any("is of another run" in m and "starts from the beginning" in m for m in said), said
 
 
-def test_local_cluster_workers_keep_the_adaptive_allocator(monkeypatch):
-    """distributed's MALLOC_TRIM_THRESHOLD_ alone pins glibc's mmap threshold (the CNN 2.6x slower):
-    lsfov's local cluster starts its workers without it, even where an earlier cluster left it in
-    this process's environment, and a cluster started otherwise is warned about."""
-    from distributed import Client, LocalCluster
-
-    from lsfov.cluster import _active_client, _allocator_settings, check_worker_allocator, use_scheduler
-
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as a default LocalCluster's nanny leaves it
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    with use_scheduler("local", n_workers=1):
-        client = _active_client()
-        assert list(client.run(_allocator_settings).values()) == [(None, None)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", lsfov.LsfovWarning)
-            check_worker_allocator(client)
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR) as cluster:
-        with Client(cluster) as client:
-            with pytest.warns(lsfov.LsfovWarning, match="1 of 1 Dask workers run with MALLOC_TRIM_THRESHOLD_ set alone"):
-                check_worker_allocator(client)
-
-
 def test_slurm_and_pbs_clusters_without_a_batch_system():
     pytest.importorskip("dask_jobqueue")
     import dask
@@ -665,10 +642,6 @@ def test_slurm_and_pbs_clusters_without_a_batch_system():
     assert "#SBATCH -p gpu" in script and "#SBATCH -A mylab" in script and "--cpus-per-task=8" in script
     with jobqueue_cluster("pbs", cores=4, memory="8GB") as cluster:
         assert "#PBS" in cluster.job_script()
-        assert "export MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=33554432" in cluster.job_script()
-    with dask.config.set({"jobqueue.pbs.job-script-prologue": ["module load cuda"]}):  # the site's, kept
-        with jobqueue_cluster("pbs", cores=4, memory="8GB") as cluster:
-            assert re.search(r"module load cuda\nexport MALLOC_TRIM", cluster.job_script()), cluster.job_script()
     with dask.config.set({"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GB"}):
         with jobqueue_cluster("slurm") as cluster:
             assert "--cpus-per-task=2" in cluster.job_script()

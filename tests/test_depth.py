@@ -374,6 +374,27 @@ def test_curves_on_few_nodes_keep_a_low_degree():
     assert all(len(c) == 5 for c in calibrate_depth(_truth_map(big), big.depth_um).curves)  # 64 nodes: 4
 
 
+def test_depth_beyond_the_curves_of_a_cnn_map_is_warned():
+    """On a CNN map the quartic focus² curve may turn over before the end of its range: a node
+    defocused further than the calibration saw then reads inside the range, not at its end. Its
+    focus² above the curve's highest gives it away; the calibration's own map and one within its
+    depths are not warned about."""
+    import warnings
+
+    import lsfov
+
+    cal_s = simulate.tilted_surface((512, 512), depth_range_um=(-3, 3), seed=1)
+    cal = calibrate_depth(lsfov.estimate_psf_map(cal_s.image, "Z3"), cal_s.depth_um, smooth=2)
+    far = simulate.tilted_surface((512, 512), depth_range_um=(-10, 10), seed=2)
+    with pytest.warns(LsfovWarning, match="of the nodes read at or beyond the end of the calibrated depths"):
+        estimate_depth(lsfov.estimate_psf_map(far.image, "Z3"), cal)
+    within = simulate.tilted_surface((512, 512), depth_range_um=(-2.5, 2.5), seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LsfovWarning)
+        for s in (cal_s, within):
+            estimate_depth(lsfov.estimate_psf_map(s.image, "Z3"), cal)
+
+
 def test_depth_beyond_the_calibrated_range_is_warned():
     import warnings
 
@@ -381,7 +402,7 @@ def test_depth_beyond_the_calibrated_range_is_warned():
     narrow = simulate.tilted_surface((256, 256), depth_range_um=(-3, 3), seed=4, **kw)
     wide = simulate.tilted_surface((256, 256), depth_range_um=(-9, 9), seed=5, **kw)
     cal = calibrate_depth(_truth_map(narrow), narrow.depth_um)
-    with pytest.warns(LsfovWarning, match=r"of the nodes read at the end of the calibrated depths"):
+    with pytest.warns(LsfovWarning, match=r"of the nodes read at or beyond the end of the calibrated depths"):
         z = estimate_depth(_truth_map(wide), cal)
     assert np.abs(z.values).max() <= 3.7  # clipped: what the warning is about
     with warnings.catch_warnings():

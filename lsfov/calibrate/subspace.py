@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validate import positive_int, real_number
+from .._validate import not_a_bead_field, positive_int, real_number
 from ..operators import ProductConvolution
 from .basis import psf_basis
 from .beads import bead_psfs, estimate_radius
@@ -71,7 +71,7 @@ class OperatorSubspace:
         s = self.gammas.sum(axis=(1, 2), keepdims=True)
         return self.gammas / np.where(np.abs(s) > 1e-30, s, 1.0)
 
-    def _gamma(self, k_or_gamma):
+    def _gamma(self, k_or_gamma, for_project=False):
         if isinstance(k_or_gamma, (int, np.integer)) and not isinstance(k_or_gamma, bool):
             k = int(k_or_gamma)
             if not -self.n_images <= k < self.n_images:
@@ -79,18 +79,38 @@ class OperatorSubspace:
             return self.gammas[k]
         g = np.asarray(k_or_gamma, dtype=np.float64)
         if g.shape != (self.n_psf, self.n_space):
-            raise ValueError(f"gamma must have shape (I, J) = ({self.n_psf}, {self.n_space}), got {g.shape}; "
-                             "or pass a training-image index")
+            raise ValueError(f"gamma must have shape (I, J) = ({self.n_psf}, {self.n_space}), got {g.shape}"
+                             + ("" if for_project else "; or pass a training-image index"))
         if not np.all(np.isfinite(g)):
             raise ValueError("gamma contains NaN or Inf")
         return g
 
     def operator(self, k_or_gamma) -> ProductConvolution:
-        """The basis operator of training image ``k`` (an int), or of a coefficient matrix Γ (I, J).
+        """The basis operator of training image ``k``, or of a coefficient matrix Γ.
 
         Its PSF sums to 1 at every pixel. Each training image's maps do (Σ_i sum(h_i) α_ik = 1), but
         J spatial components keep only part of that constant, which left the local PSF sums 0.93-1.05
         across the field: the maps are divided by their flux, as the paper's operators assume.
+
+        Parameters
+        ----------
+        k_or_gamma : int or array_like (I, J)
+            A training-image index (negative counts from the end), or coefficients Γ (e.g. from
+            :meth:`project`).
+
+        Returns
+        -------
+        ProductConvolution
+            A basis operator with the I PSF kernels and I in-memory float32 maps (H, W); its
+            ``attrs`` are the subspace's plus ``source`` (and ``image`` for an index).
+
+        Raises
+        ------
+        IndexError
+            For an index out of range.
+        ValueError
+            For a Γ of another shape, with NaN or Inf, or whose PSFs carry no light somewhere (off
+            the cone: :meth:`project` it first).
         """
         g = self._gamma(k_or_gamma)
         a = np.asarray(self.spatial_basis, dtype=np.float32)
@@ -106,11 +126,24 @@ class OperatorSubspace:
         return ProductConvolution.from_basis(self.psf_basis, maps, attrs=attrs)
 
     def project(self, gamma) -> np.ndarray:
-        """The nearest admissible Γ: the projection of ``gamma`` (I, J) onto the cone of the Γ_k
-        (non-negative least squares, scipy.optimize.nnls)."""
+        """The nearest admissible Γ: the projection onto the cone of the Γ_k.
+
+        Non-negative least squares (``scipy.optimize.nnls``) over the normalised Γ_k
+        (:attr:`normalized_gammas`), in the Frobenius norm.
+
+        Parameters
+        ----------
+        gamma : array_like (I, J)
+            Coefficients to project; finite.
+
+        Returns
+        -------
+        ndarray, float64, shape (I, J)
+            A non-negative combination of the Γ_k, for :meth:`operator`.
+        """
         from scipy.optimize import nnls
 
-        g = self._gamma(np.asarray(gamma))
+        g = self._gamma(np.asarray(gamma), for_project=True)
         cols = self.normalized_gammas.reshape(self.n_images, -1).T
         lam, _ = nnls(cols, g.ravel())
         return (cols @ lam).reshape(g.shape)
@@ -121,9 +154,11 @@ class OperatorSubspace:
         ``gamma(image, psf, space)``; y/x in µm when the pixel size is known."""
         import xarray as xr
 
+        from ..io import SPATIAL_UNIT, _jsonable
+
         h, w = self.shape
         px = self.attrs.get("pixel_um")
-        units = "µm" if px else "pixel"
+        units = SPATIAL_UNIT if px else "pixel"
         scale = float(px) if px else 1.0
         coords = {
             "y": ("y", np.arange(h) * scale, {"units": units}),
@@ -140,13 +175,27 @@ class OperatorSubspace:
             },
             coords=coords,
         )
-        from ..io import _jsonable
-
         ds.attrs["lsfov"] = {"type": "OperatorSubspace", "format": FORMAT, "attrs": _jsonable(self.attrs)}
         return ds
 
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Write to a zarr v3 store atomically; read back with :meth:`load` or ``xarray.open_zarr``."""
+        """Write to a zarr v3 store atomically; read back with :meth:`load` or ``xarray.open_zarr``.
+
+        The store holds :meth:`to_dataset` (spatial maps chunked 1 x 1024 x 1024).
+
+        Parameters
+        ----------
+        path : str or Path
+            Destination directory (conventionally ``*.zarr``; not named like a file of another format).
+        overwrite : bool
+            Replace an existing zarr store (or empty directory) at ``path``. Without it an existing
+            path is never touched.
+
+        Returns
+        -------
+        Path
+            ``path``.
+        """
         from ..io import atomic_directory, check_result_name
 
         check_result_name(path)
@@ -161,7 +210,25 @@ class OperatorSubspace:
 
     @classmethod
     def load(cls, path) -> "OperatorSubspace":
-        """Read a subspace written by :meth:`save` (spatial maps stay on disk until used)."""
+        """Read a subspace written by :meth:`save` (spatial maps stay on disk until used).
+
+        Parameters
+        ----------
+        path : str or Path
+            The subspace's store.
+
+        Returns
+        -------
+        OperatorSubspace
+            With ``spatial_basis`` a lazy Dask array on the store.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If it is not an lsfov operator subspace, or its write was interrupted.
+        """
         import xarray as xr
 
         path = Path(path)
@@ -185,6 +252,7 @@ class OperatorSubspace:
 
 def _as_images(bead_images):
     """A list of lazily indexable 2-D images from a stack, a list, or a Dask/xarray/zarr array."""
+    not_a_bead_field(bead_images, "bead_images")
     if isinstance(bead_images, (list, tuple)):
         images = [im if hasattr(im, "shape") else np.asarray(im) for im in bead_images]
     elif getattr(bead_images, "ndim", None) == 3:

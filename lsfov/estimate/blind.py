@@ -1,9 +1,8 @@
 """The whole blind job of paper 000 in one call: PSF map -> grid operator -> TV-RL -> depth."""
 from __future__ import annotations
 
+import os
 import time
-
-import numpy as np
 
 from ..restore.tv_rl import DEFAULT_TV
 
@@ -25,8 +24,9 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         PSF-map node spacing in pixels (:func:`lsfov.estimate_psf_map`).
     iterations, tv : int, float
         TV-Richardson-Lucy settings (:func:`lsfov.deconvolve`); checked before any work.
-    calibration : DepthCalibration or dict, optional
-        From :func:`lsfov.calibrate_depth`: depth in µm (otherwise the uncalibrated signed defocus).
+    calibration : DepthCalibration, dict, str or Path, optional
+        From :func:`lsfov.calibrate_depth`, or its JSON file: depth in µm (otherwise the uncalibrated
+        signed defocus).
     pixel_um : float, optional
         Pixel size; coordinates of every output in µm (default: the xarray input's, from its
         ``pixel_um`` attribute or µm coordinates; else pixels).
@@ -54,8 +54,11 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
 
     iterations, tv, _, _ = check_settings(iterations, tv)
     params = load_model(model).params  # a wrong name or file is refused before any work
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = DepthCalibration.load(calibration)
     if not isinstance(calibration, (DepthCalibration, dict, type(None))):
-        raise TypeError(f"calibration must come from lsfov.calibrate_depth, got {type(calibration).__name__}")
+        raise TypeError(f"calibration must come from lsfov.calibrate_depth (or be its JSON file), "
+                        f"got {type(calibration).__name__}")
     if calibration is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"a depth calibration needs an astigmatic model (Z3); model {model} regresses {list(params)}")
     img = with_pixel_size(image, pixel_um)
@@ -70,7 +73,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
                                    resume=resume and lazy, progress=progress)}
     seconds["deconvolution"] = time.perf_counter() - t
     out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
-    out["filled"] = psf_map["filled"].astype(np.uint8)
+    out["filled"] = psf_map["filled"]
     if {"focus", "axis"} <= set(psf_map):
         out["depth"] = estimate_depth(psf_map, calibration)
     made = {**({"source": img.attrs["source"]} if img.attrs.get("source") else {}), **plane_of(img)}

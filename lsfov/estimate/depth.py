@@ -31,6 +31,7 @@ the range).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -281,20 +282,31 @@ def _curve_depth(readings, cal: DepthCalibration):
     return out.reshape(np.shape(readings[0]))
 
 
-def _warn_clipped(z, valid, cal: DepthCalibration):
-    """Say so when many nodes read at the end of the calibrated depths: the sample goes beyond them
-    there, and the curves cannot tell how far (their depth is clipped)."""
+def _beyond(readings, cal: DepthCalibration):
+    """Nodes defocused further than any depth the curves read: ``focus²`` above the curve's highest
+    over the read range by two of its standard deviations. A curve that turns over before the end
+    of its range (a polynomial's ends) reads such a node inside the range, not at its end."""
+    lo, hi = cal.range_um
+    pad = _PAD * (hi - lo)
+    top = np.polyval(cal.curves[0], np.linspace(lo - pad, hi + pad, 601)).max()
+    return readings[0] > top + 2 * np.sqrt(cal.noise[0])
+
+
+def _warn_clipped(z, valid, cal: DepthCalibration, beyond=False):
+    """Say so when many nodes read at the end of the calibrated depths, or beyond the curves
+    (``beyond``, :func:`_beyond`): the sample goes beyond them there, and the curves cannot tell how
+    far (their depth is clipped)."""
     lo, hi = cal.range_um
     pad = _PAD * (hi - lo)
     tol = 2 * (hi - lo + 2 * pad) / 600  # two steps of _curve_depth's grid
-    at_end = ((z <= lo - pad + tol) | (z >= hi + pad - tol)) & valid
+    at_end = ((z <= lo - pad + tol) | (z >= hi + pad - tol) | beyond) & valid
     share = at_end.sum() / max(int(valid.sum()), 1)
     # A sample within the range has some nodes there too (the calibration's own deepest, read with
     # noise, ~10 % of a tilt's): a quarter is a sample that goes well beyond.
     if share > 0.25:
-        warnings.warn(f"{share:.0%} of the nodes read at the end of the calibrated depths ({lo:+.3g}..{hi:+.3g} µm, "
-                      f"read to {_PAD:.0%} beyond): the sample goes further there and its depth is clipped; "
-                      "calibrate over the depths you image", LsfovWarning, stacklevel=3)
+        warnings.warn(f"{share:.0%} of the nodes read at or beyond the end of the calibrated depths "
+                      f"({lo:+.3g}..{hi:+.3g} µm, read to {_PAD:.0%} beyond): the sample goes further there and its "
+                      "depth is clipped; calibrate over the depths you image", LsfovWarning, stacklevel=3)
 
 
 def _node_values(psf_map, known):
@@ -444,16 +456,19 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
                    robust: bool | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
 
-    With a calibration: µm from the focal plane, by its method (module docstring). Without: paper
-    000 Eq. 14, ``focus (2 axis/π − 1)`` in waves RMS, whose sign follows the depth's for an
-    instrument axis near 3π/4 (for one near π/4 it is reversed; calibrate to be sure).
+    With a calibration (a :class:`DepthCalibration`, its ``to_dict()`` or its JSON file): µm from
+    the focal plane, by its method (module docstring). Without: paper 000 Eq. 14,
+    ``focus (2 axis/π − 1)`` in waves RMS, whose sign follows the depth's for an instrument axis
+    near 3π/4 (for one near π/4 it is reversed; calibrate to be sure).
 
     ``smooth``: σ in nodes of the local-plane smoothing (module docstring), and ``robust`` whether it
     is robust to outlying nodes; by default the calibration's (0 and plain without a calibration).
     """
     psf_map = _check_map(psf_map)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = DepthCalibration.load(calibration)
     if not isinstance(calibration, (DepthCalibration, dict, type(None))):
-        raise TypeError(f"calibration must come from lsfov.calibrate_depth (or its to_dict()), "
+        raise TypeError(f"calibration must come from lsfov.calibrate_depth (its to_dict(), or its JSON file), "
                         f"got {type(calibration).__name__}")
     if isinstance(calibration, dict):  # to_dict(), or a saved file's JSON (with its "type")
         c = DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
@@ -473,9 +488,10 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
         units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
     elif c.method == "curve":
-        z = psf_map["focus"].copy(data=_curve_depth(_readings(psf_map, c.axis0), c))
+        readings = _readings(psf_map, c.axis0)
+        z = psf_map["focus"].copy(data=_curve_depth(readings, c))
         units, note = "micrometer", c.to_dict()
-        _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c)
+        _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c, _beyond(readings, c))
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()

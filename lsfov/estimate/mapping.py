@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import psf as _psf
-from .._backend import array_module, to_numpy
+from .._backend import array_module, heap_kept, to_numpy
 from .._validate import LsfovWarning, positive_int, real_number, yx_order
 from ..io import atomic_file, image_origin, pixel_size
 from ..operators import ProductConvolution
@@ -119,23 +119,29 @@ def _regress(block, ref, *, patch, stride, n_out, origin, batch_size, device, sy
     view = xp.lib.stride_tricks.as_strided(block[oy:, ox:], shape=(ny, nx, patch, patch),
                                            strides=(sy * stride, sx * stride, sy, sx))
     names = (*_variables(m), "validity")
+    with heap_kept():
+        out = _predict_view(m, view, names, ny, nx, patch, batch_size, symmetrize, xp)
+    white = np.zeros((ny, nx, 1), np.float32) if saturation is None else \
+        _saturated(block, saturation, origin, stride, patch)[..., None]
+    return np.concatenate([out.reshape(ny, nx, n_out - 1).astype(np.float32), white], axis=-1)
+
+
+def _predict_view(m, view, names, ny, nx, patch, batch_size, symmetrize, xp):
+    """The model's readings of the (ny, nx) patches of ``view``: (ny·nx, len(names))."""
     n = ny * nx
     if n <= _GROUP:
         patches = xp.ascontiguousarray(view).reshape(n, patch, patch)
         pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
-        out = np.stack([pred[p] for p in names], axis=-1)
-    else:  # a large in-memory image: copies of a few thousand patches at a time, not of all of them
-        step = max(_GROUP // batch_size, 1) * batch_size  # whole batches: the same bytes as in one go
-        parts = []
-        for i in range(0, n, step):
-            idx = np.arange(i, min(i + step, n))
-            patches = view[xp.asarray(idx // nx), xp.asarray(idx % nx)]
-            pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
-            parts.append(np.stack([pred[p] for p in names], axis=-1))
-        out = np.concatenate(parts)
-    white = np.zeros((ny, nx, 1), np.float32) if saturation is None else \
-        _saturated(block, saturation, origin, stride, patch)[..., None]
-    return np.concatenate([out.reshape(ny, nx, n_out - 1).astype(np.float32), white], axis=-1)
+        return np.stack([pred[p] for p in names], axis=-1)
+    # A large in-memory image: copies of a few thousand patches at a time, not of all of them.
+    step = max(_GROUP // batch_size, 1) * batch_size  # whole batches: the same bytes as in one go
+    parts = []
+    for i in range(0, n, step):
+        idx = np.arange(i, min(i + step, n))
+        patches = view[xp.asarray(idx // nx), xp.asarray(idx % nx)]
+        pred = m.predict(patches, batch_size=batch_size, reproducible=True, symmetrize=symmetrize)
+        parts.append(np.stack([pred[p] for p in names], axis=-1))
+    return np.concatenate(parts)
 
 
 _GROUP = 4096  # patches copied at once (256 MiB of float32) when a block holds more
@@ -313,13 +319,12 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
     n_out = len(_variables(m)) + 2  # the variables, validity, the saturated fraction
     if isinstance(data, da.Array):
-        from ..cluster import _active_client, check_worker_allocator, worker_budgets
+        from ..cluster import _active_client, worker_budgets
         from ..restore.halo import axis_chunks
 
         client = _active_client()
         if client is not None:  # a worker too small to hold PyTorch and the model would be paused, not used
             worker_budgets(client, _CNN_WORKER_OWN)
-            check_worker_allocator(client)
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)
@@ -373,7 +378,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if white.any():
         validity = np.where(white, np.float32(0), validity)
         share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {level:g})"
-        advice = "acquire with a shorter exposure or a lower gain, or give the camera's saturation level"
+        advice = "acquire with a shorter exposure or a lower gain" + \
+            ("" if saturation is not None else ", or give the camera's saturation level")
         if fill and white.all():
             raise NothingToMap(f"every PSF-map node has {share}: clipped spots do not show the PSF; {advice}")
         warnings.warn(f"{int(white.sum())} of {white.size} PSF-map nodes are marked invalid, each with {share}"

@@ -507,8 +507,32 @@ def model_path(name_or_path) -> Path:
 def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PSFRegressor:
     """Load a shipped model by PSF-model name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z3"``) or a ``.pt`` file.
 
-    Models are cached per process (a Dask worker loads each once). ``psf_model``: refuse a file
-    trained for another PSF model.
+    Models are cached per process and device (a Dask worker loads each once); a file replaced since
+    (another modification time or size) is read again.
+
+    Parameters
+    ----------
+    name_or_path : str, Path or PSFRegressor
+        A shipped model's name (any case, no suffix), a model file written by ``lsfov train``, or a
+        loaded model (returned as it is, only checked against ``psf_model``).
+    device : str or torch.device, optional
+        Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``); default CUDA when there is one.
+        Not applied to a loaded model.
+    psf_model : str, optional
+        Refuse a model trained for another PSF model.
+
+    Returns
+    -------
+    PSFRegressor
+        The cached instance: shared by every caller of this process, not a copy.
+
+    Raises
+    ------
+    FileNotFoundError
+        If no model file exists at the path.
+    ValueError
+        For a PSF model with no shipped model, a file that is not an lsfov model, or a model of
+        another PSF model than ``psf_model``.
     """
     if isinstance(name_or_path, PSFRegressor):
         model = name_or_path

@@ -81,12 +81,26 @@ def _procedural(job):
 class PatchStream:
     """Batches of degraded 128² patches, their PSF parameters and validity, made on a torch device.
 
-    Parameters as :func:`lsfov.estimate.synthesize`, plus ``n_procedural``: images per procedural
-    source in the library (``synthesize`` uses 6). More of them give more distinct cells, points
-    and textures; each source keeps its share of the patches whatever the count.
-
     Calling the stream with ``n`` returns ``(patches (n, 128, 128) float32 counts, params (n, N)
-    float64, valid (n,) bool)``, all on the device.
+    float64, valid (n,) bool)``, all on the device; each call draws fresh patches from the
+    stream's generator.
+
+    Parameters
+    ----------
+    model : str or PSFModel
+        PSF model (``lsfov.psf.MODELS``); parameters are drawn uniformly over its ranges.
+    device : str or torch.device, optional
+        Where the library lives and the patches are made; default CUDA when there is one.
+    sources, split, seed, invalid_fraction, read_noise, illumination
+        As in :func:`lsfov.estimate.synthesize`; ``seed`` seeds the library and the stream.
+    n_procedural : int
+        Images per procedural source in the library (``synthesize`` uses 6). More of them give more
+        distinct cells, points and textures; each source keeps its share of the patches whatever
+        the count.
+    photons : (low, high)
+        As in :func:`lsfov.estimate.synthesize`, but a range is required: no noiseless stream.
+    workers : int
+        Processes that make the procedural images beyond the first 6 per source.
     """
 
     def __init__(self, model="Z3", *, device=None, sources=SOURCES, split: str = "train", seed: int = 0,
@@ -205,7 +219,9 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
         As :func:`lsfov.estimate.train`: the network, the model to start from and whether only
         a ``polar`` network's tail trains over ``init``'s fixed trunk.
     patches : int
-        Training patches to draw (``patches // batch_size`` steps), each seen once.
+        Training patches to draw (``patches // batch_size`` steps, at least one), each seen once.
+    batch_size : int
+        Patches per step (>= 2).
     lr : float, optional
         Adam's learning rate [3e-4], decayed on a cosine to 2 % of it over the steps, or over
         ``max_minutes`` where that ends first.
@@ -223,7 +239,8 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
 
     Returns
     -------
-    PSFRegressor with the best weights, ``meta["training"]`` describing the run (``"stream"``).
+    PSFRegressor
+        The model with the best weights, ``meta["training"]`` describing the run (``"stream"``).
     """
     from .model import PSFRegressor, decode, encode, load_model
     from .network import loss as _loss

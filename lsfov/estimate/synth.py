@@ -357,11 +357,13 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     illumination : float
         Largest depth of the random illumination gradient across a patch (0: none).
     batch : int
-        Patches generated (and written) at a time, rounded to a multiple of 64; it sets memory use
-        and the zarr chunking, never the values.
+        Patches generated (and written) at a time, rounded down to a multiple of 64 (at least 64); it
+        sets memory use and the zarr chunking, never the values.
     out : path, optional
         Stream to this zarr group (``patches``, ``params``, ``valid`` + metadata) instead of
         returning arrays; written atomically.
+    overwrite : bool
+        Replace an existing zarr store at ``out``; without it an existing ``out`` is refused.
     workers : int
         Processes that make batches in parallel (each builds its own image library); the bytes
         are the same for any number.
@@ -369,11 +371,15 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         A torch device (``"cuda"``) for the blur and the noise, the costly part on a CPU (the
         Poisson draws above all); crops and PSFs stay on the host. The same distribution, seeded,
         but not the same bytes as without it. One process (``workers=1``); not for noiseless sets.
+    progress : bool
+        Show a progress bar (in patches).
 
     Returns
     -------
-    dict with ``patches`` (n, 128, 128) float32 counts, ``params`` (n, N) float64 in the model's
-    units, ``valid`` (n,) bool, and ``attrs``; or the path of the zarr group when ``out`` is given.
+    dict or Path
+        A dict with ``patches`` (n, 128, 128) float32 counts, ``params`` (n, N) float64 in the
+        model's units, ``valid`` (n,) bool, and ``attrs`` (what the set was drawn from); or the path
+        of the zarr group when ``out`` is given.
     """
     n = positive_int(n, "n")
     batch = positive_int(batch, "batch")

@@ -228,9 +228,16 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``.
     epochs : int
         Upper bound on the passes over the training split (cosine learning-rate decay over them).
+    batch_size : int
+        Patches per step; the training split must hold at least one batch.
     lr : float, optional
         Adam learning rate; by default the best of ``lr_candidates`` on the validation split after
         ``probe_steps`` steps from the same initial weights.
+    lr_candidates : float or sequence of float
+        Learning rates to choose from when ``lr`` is not given; the probes are recorded in
+        ``meta["training"]["history"]``.
+    probe_steps : int
+        Steps each candidate trains before its validation loss is compared.
     patience : int
         Stop after this many epochs without a better validation R² (paper 000 Eq. 15, the mean over
         the parameters of the decoded estimates: what the model is judged by; the loss on the
@@ -245,6 +252,9 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         Continue from ``checkpoint/last.pt``.
     device : str, optional
         ``"cuda"`` or ``"cpu"``; CUDA when available by default.
+    seed : int
+        Seeds the initial weights (torch's global generator), the probes' batches and each epoch's
+        shuffle (so a resumed run draws the batches it would have).
     max_minutes : float, optional
         Stop after the epoch during which this much time has passed.
     init : str, path or PSFRegressor, optional
@@ -258,10 +268,14 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     overwrite : bool
         Replace an earlier run's checkpoints in ``checkpoint`` (without it, and without ``resume``,
         they are refused).
+    progress : bool
+        Show progress bars (the frozen trunk's features, the training steps).
 
     Returns
     -------
-    PSFRegressor with the best weights, ``meta["training"]`` describing the run.
+    PSFRegressor
+        The model with the best epoch's weights, ``meta["training"]`` describing the run. With
+        ``checkpoint``, also saved as ``checkpoint/best.pt``.
     """
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
     patience, probe_steps = positive_int(patience, "patience"), positive_int(probe_steps, "probe_steps")
@@ -461,8 +475,31 @@ def _predict_all(model, patches, batch_size=256, symmetrize=False):
 def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> dict:
     """R² per parameter on the valid samples, their mean, and the validity accuracy.
 
-    ``data``: a test set (path or dict from :func:`synthesize`, ideally ``split="test"``) of the
-    model's PSF model. ``symmetrize``: predict with the 8 symmetries of the square (``predict``).
+    A test set drawn over other parameter ranges or optics than the model was trained on is warned
+    about (:class:`~lsfov.LsfovWarning`): R² then measures extrapolation.
+
+    Parameters
+    ----------
+    model : PSFRegressor, str or path
+        The model, or a name or file for :func:`load_model`.
+    data : path or dict, or a list of them
+        A test set (from :func:`synthesize`, ideally ``split="test"``) of the model's PSF model.
+    batch_size : int
+        Patches per forward pass.
+    symmetrize : bool
+        Predict with the 8 symmetries of the square (:meth:`PSFRegressor.predict`).
+
+    Returns
+    -------
+    dict
+        ``"r2"``: {parameter: R²} on the valid samples (paper 000 Eq. 15); ``"r2_mean"``: their
+        mean; ``"validity_accuracy"``: share of all samples whose validity (> 0.5) matches the
+        label; ``"n"``, ``"n_valid"``: samples in all and valid ones; ``"split"``: the set's split.
+
+    Raises
+    ------
+    ValueError
+        If the test set is of another PSF model than the model's.
     """
     model = model if isinstance(model, PSFRegressor) else load_model(model)
     batch_size = positive_int(batch_size, "batch_size")
@@ -516,7 +553,29 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
                progress: bool = False) -> dict:
     """R² against degradation strength (paper 000 Fig. 7) on noiseless held-out patches.
 
-    Returns ``{"strengths": [...], kind: [mean R² at each strength] for kind in DEGRADATIONS}``.
+    ``n`` noiseless patches are synthesized from the test split (no deliberately invalid ones); the
+    valid ones are degraded as :func:`degrade_unit` does, by each kind of ``DEGRADATIONS`` at each
+    strength, and predicted.
+
+    Parameters
+    ----------
+    model : PSFRegressor, str or path
+        The model, or a name or file for :func:`load_model`.
+    n : int
+        Patches to synthesize (>= 2).
+    strengths : float or sequence of float
+        Degradation strengths (>= 0; see :func:`degrade_unit`).
+    seed : int
+        Seeds the patches and the degradations.
+    progress : bool
+        Unused: no progress bar is shown.
+
+    Returns
+    -------
+    dict
+        ``"strengths"``: the strengths (list of float); ``"n"``: the number of valid patches scored;
+        and for each kind in ``DEGRADATIONS`` (``"gaussian"``, ``"poisson"``, ``"mixed"``,
+        ``"illumination"``): the mean R² over the parameters at each strength (list of float).
     """
     model = model if isinstance(model, PSFRegressor) else load_model(model)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:

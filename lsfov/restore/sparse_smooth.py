@@ -39,7 +39,19 @@ _START_SIGMA, _START_TRUNCATE = 8.0, 3.0
 
 def estimate_noise(image) -> float:
     """Standard deviation of white noise in ``image``, from the median absolute value of its
-    discrete Laplacian (robust to sparse sources and smooth backgrounds; gain √20 for white noise)."""
+    discrete Laplacian (robust to sparse sources and smooth backgrounds; gain √20 for white noise).
+
+    Parameters
+    ----------
+    image : array_like (H, W)
+        The image, at least 3 x 3 pixels; read whole into memory (pass a crop of a large one).
+
+    Returns
+    -------
+    float
+        The noise standard deviation in the image's units: 1.4826 times the median absolute
+        deviation of the 5-point Laplacian over the interior pixels, divided by √20.
+    """
     x = np.asarray(image, dtype=np.float64)
     if x.ndim != 2 or min(x.shape) < 3:
         raise ValueError(f"estimating the noise needs a 2-D image of at least 3x3 pixels, got shape {x.shape}")
