@@ -1209,7 +1209,7 @@ def section_psfmap(a):
 
 def section_saturation(a):
     """Paper 000's white-pixel ratio: what clipped pixels do to the CNN's readings, and the map's rule
-    (``max_saturated``: nodes with more than 1 % saturated pixels invalid, then filled)."""
+    (``max_saturated``: nodes with more than 5 % saturated pixels invalid, then filled)."""
     import lsfov
     from lsfov import simulate
     from lsfov.estimate import synth

@@ -46,10 +46,6 @@ def _forget_pool():
     _POOL, _POOL_LOCK = None, threading.Lock()  # a forked child has none of the parent's threads
 
 
-if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
 @contextlib.contextmanager
 def task_threads():
     """For the body of a Dask task: in a pool thread (other tasks share the cores) FFTs use one
@@ -65,7 +61,7 @@ def task_threads():
         del _LOCAL.workers
 
 
-# glibc's mallopt parameters (malloc.h) and the mmap threshold a set MALLOC_TRIM_THRESHOLD_ pins.
+# glibc's mallopt parameters (malloc.h) and the mmap threshold a set trim threshold pins.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _PINNED_MMAP = -1, -3, 128 * 1024
 _HEAP = {"users": 0, "lock": threading.Lock()}
 
@@ -83,19 +79,51 @@ def _libc():
     return _HEAP["libc"]
 
 
+def _pinned_trim():
+    """The trim threshold glibc was started with when it pins the mmap threshold, or None: from
+    the environment this process started with (``/proc/self/environ``). A LocalCluster's nanny puts
+    distributed's ``MALLOC_TRIM_THRESHOLD_`` into ``os.environ`` of the process that starts it,
+    whose own glibc never saw it."""
+    if "trim" not in _HEAP:
+        try:
+            with open("/proc/self/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            env = {}
+        _HEAP["trim"] = _trim_from({k.decode(errors="replace"): v.decode(errors="replace") for k, v in env.items()})
+    return _HEAP["trim"]
+
+
+def _trim_from(env) -> int | None:
+    """:func:`_pinned_trim` of an environment (a dict). A threshold of the user's own (an mmap
+    threshold, by variable or tunable) or a value glibc would not take as we read it: None."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "MALLOC_MMAP_THRESHOLD_" in env or "malloc.mmap_threshold" in tunables or "malloc.trim_threshold" in tunables:
+        return None
+    try:
+        value = int(env["MALLOC_TRIM_THRESHOLD_"], 0)
+    except (KeyError, ValueError):
+        return None
+    return value if 0 <= value < 2**31 else None  # mallopt takes an int
+
+
+def _forget_heap():
+    _HEAP.update(users=0, lock=threading.Lock())  # a forked child holds none of the parent's tasks
+
+
 @contextlib.contextmanager
 def heap_kept():
     """For CNN inference in a Dask worker: freed memory stays in the heap for the next batch.
 
     distributed starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand memory back to
     the OS), which also pins glibc's mmap threshold at 128 KiB: every activation tensor is then a
-    fresh mmap, zeroed page by page, and the CNN ran 2.2x slower (benchmarks/RESULTS.md, section
+    fresh mmap, zeroed page by page, and the CNN ran 2.3x slower (benchmarks/RESULTS.md, section
     psfmap). In the block the thresholds are those of ``MALLOC_MMAP_THRESHOLD_=32 MiB``,
     ``MALLOC_TRIM_THRESHOLD_=256 MiB``; after it, the worker's own again and the heap trimmed.
-    Elsewhere (glibc's adaptive thresholds, no glibc) nothing changes.
+    Elsewhere (glibc's adaptive thresholds, the user's own, no glibc) nothing changes.
     """
-    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    libc = _libc() if trim is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ else None
+    trim = _pinned_trim()
+    libc = _libc() if trim is not None else None
     if libc is None:
         yield
         return
@@ -110,9 +138,14 @@ def heap_kept():
         with _HEAP["lock"]:
             _HEAP["users"] -= 1
             if _HEAP["users"] == 0:
-                libc.mallopt(_M_TRIM_THRESHOLD, int(trim))
+                libc.mallopt(_M_TRIM_THRESHOLD, trim)
                 libc.mallopt(_M_MMAP_THRESHOLD, _PINNED_MMAP)
                 libc.malloc_trim(0)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_forget_heap)
 
 
 def threads_for(like) -> int:

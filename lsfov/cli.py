@@ -136,10 +136,13 @@ def _symmetrize_option(f):
                              "8x the CNN time, more accurate parameters.")(f)
 
 
-def _saturation_option(f):
+def _saturation_options(f):
+    f = click.option("--max-saturated", type=click.FloatRange(0, 1), default=None,
+                     help="Share of a PSF-map node's patch at the saturation level above which the node is invalid "
+                          "(1: off, for an image stretched to its type's range) [default: 0.05].")(f)
     return click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
                         help="Pixel value at which the camera saturates [default: the maximum of an integer image's "
-                             "type]; PSF-map nodes with more than 5 % of their pixels there are invalid.")(f)
+                             "type].")(f)
 
 
 def _resume_option(f):
@@ -482,15 +485,15 @@ def _centres(variables, names, edge=512):
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels): one task per chunk.")
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
 @_symmetrize_option
-@_saturation_option
+@_saturation_options
 @_plane_options
 @_scheduler_option
 @_gpu_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
-def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, saturation, channel, zplane, tpoint,
-             scheduler, gpu, resume, overwrite):
+def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, saturation, max_saturated, channel,
+             zplane, tpoint, scheduler, gpu, resume, overwrite):
     """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
     OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
@@ -510,7 +513,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
         before = _chunks_kept(state)
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,
-                              saturation=saturation, scratch=state, resume=resume, progress=not obj["quiet"])
+                              saturation=saturation, max_saturated=max_saturated, scratch=state, resume=resume,
+                              progress=not obj["quiet"])
         # This run's chunks (their folder grew, or none did: all were kept) counted from earlier work:
         # a rate would count it too. Another run's kept chunks (other options) do not count.
         after = _chunks_kept(state)
@@ -551,7 +555,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels).")
 @click.option("--figure", type=click.Path(), default=None, help="PNG summary: raw, deblurred, PSF grid, depth.")
 @_symmetrize_option
-@_saturation_option
+@_saturation_options
 @_plane_options
 @_scheduler_option
 @_gpu_option
@@ -559,7 +563,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, symmetrize,
-                 saturation, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
+                 saturation, max_saturated, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
@@ -588,8 +592,8 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
-                            symmetrize=symmetrize, saturation=saturation, scratch=tmp, resume=resume,
-                            progress=not obj["quiet"])
+                            symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
+                            scratch=tmp, resume=resume, progress=not obj["quiet"])
         ds.attrs.update(command="lsfov run", **_source(src, img), **({"calibration": str(calibration)} if cal else {}))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])

@@ -483,7 +483,8 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
     pytest.importorskip("torch")
     img = lsfov.simulate.sample_image("coins", (256, 320))
     np.save("clip.npy", np.minimum(img / np.percentile(img, 95) * 65535, 65535).astype(np.uint16))
-    with pytest.warns(lsfov.LsfovWarning, match="9 of 12 PSF-map nodes are marked invalid, each with more than 5 %"):
+    with pytest.warns(lsfov.LsfovWarning, match="9 of 12 PSF-map nodes are marked invalid, each with more than 5 %.*"
+                                                "max_saturated=1 .--max-saturated 1. turns this off"):
         res = run("estimate", "clip.npy", "map.zarr", "--stride", 64)
     assert "(9 filled from neighbours)" in res.output
     m = lsfov.open_result("map.zarr")
@@ -498,6 +499,14 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
     assert r.attrs["saturation"] == 4095
     np.testing.assert_array_equal(r.validity.values == 0, m.validity.values == 0)
     assert run("estimate", "cam12.npy", "x.zarr", "--saturation", 0, ok=False).exit_code == 2
+    # An image stretched to its type's range: the rule off, from the CLI too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lsfov.LsfovWarning)
+        run("estimate", "clip.npy", "off.zarr", "--stride", 64, "--max-saturated", 1)
+    assert lsfov.open_result("off.zarr").attrs["max_saturated"] == 1 and not lsfov.open_result("off.zarr").filled.any()
+    from lsfov.estimate.mapping import MAX_SATURATED
+
+    assert f"[default: {MAX_SATURATED:g}]" in run("estimate", "--help").output.replace("\n", " ").replace("  ", " ")
 
 
 def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):

@@ -8,7 +8,8 @@ import xarray as xr
 from scipy.ndimage import gaussian_filter
 
 from lsfov import LsfovWarning, simulate
-from lsfov.estimate.depth import DepthCalibration, calibrate_depth, estimate_depth, local_plane, signed_defocus
+from lsfov.estimate.depth import (DepthCalibration, _node_values, calibrate_depth, estimate_depth, local_plane,
+                                  signed_defocus)
 
 
 def _truth_map(surface):
@@ -376,9 +377,9 @@ def test_curves_on_few_nodes_keep_a_low_degree():
 
 def test_depth_beyond_the_curves_of_a_cnn_map_is_warned():
     """On a CNN map the quartic focus² curve may turn over before the end of its range: a node
-    defocused further than the calibration saw then reads inside the range, not at its end. Its
-    focus² above the curve's highest gives it away; the calibration's own map and one within its
-    depths are not warned about."""
+    defocused further than the calibration saw would read inside the range. Its focus² above the
+    curve's highest gives it away: it reads at the end on its side, and the map is warned about;
+    the calibration's own map and one within its depths are not."""
     import warnings
 
     import lsfov
@@ -386,8 +387,14 @@ def test_depth_beyond_the_curves_of_a_cnn_map_is_warned():
     cal_s = simulate.tilted_surface((512, 512), depth_range_um=(-3, 3), seed=1)
     cal = calibrate_depth(lsfov.estimate_psf_map(cal_s.image, "Z3"), cal_s.depth_um, smooth=2)
     far = simulate.tilted_surface((512, 512), depth_range_um=(-10, 10), seed=2)
-    with pytest.warns(LsfovWarning, match="of the nodes read at or beyond the end of the calibrated depths"):
-        estimate_depth(lsfov.estimate_psf_map(far.image, "Z3"), cal)
+    far_map = lsfov.estimate_psf_map(far.image, "Z3")
+    with pytest.warns(LsfovWarning, match="of the nodes read at the end of the calibrated depths"):
+        z = estimate_depth(far_map, cal, smooth=0).values
+    lo, hi = cal.range_um
+    truth = _node_values(far_map, far.depth_um)
+    beyond = np.abs(truth) > 4  # well past the calibrated ±2.3 µm: read at the end on their side (0.96)
+    assert np.mean(np.abs(z[beyond]) >= hi + 0.1 * (hi - lo) - 0.02) > 0.9
+    assert np.all(np.sign(z[beyond]) == np.sign(truth[beyond]))
     within = simulate.tilted_surface((512, 512), depth_range_um=(-2.5, 2.5), seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LsfovWarning)
@@ -402,7 +409,7 @@ def test_depth_beyond_the_calibrated_range_is_warned():
     narrow = simulate.tilted_surface((256, 256), depth_range_um=(-3, 3), seed=4, **kw)
     wide = simulate.tilted_surface((256, 256), depth_range_um=(-9, 9), seed=5, **kw)
     cal = calibrate_depth(_truth_map(narrow), narrow.depth_um)
-    with pytest.warns(LsfovWarning, match=r"of the nodes read at or beyond the end of the calibrated depths"):
+    with pytest.warns(LsfovWarning, match=r"of the nodes read at the end of the calibrated depths"):
         z = estimate_depth(_truth_map(wide), cal)
     assert np.abs(z.values).max() <= 3.7  # clipped: what the warning is about
     with warnings.catch_warnings():

@@ -327,6 +327,11 @@ def test_saturated_patches_are_invalid_and_filled(blurred):
     # Every node clipped: no PSF to invent.
     with pytest.raises(ValueError, match="every PSF-map node has more than 5 % of the pixels of its patch saturated"):
         lsfov.estimate_psf_map(x, "Z3", stride=t, saturation=1)
+    half = np.zeros((256, 512), np.uint16)
+    half[:, 256:] = 65535  # dark on the left, clipped on the right: nothing to read, said as such
+    with pytest.raises(ValueError, match=r"every PSF-map node is invalid: \d+ of 21 with more than 5 %.* the others "
+                                         "without texture"):
+        lsfov.estimate_psf_map(half, "Z3", stride=64)
     with pytest.raises(ValueError, match="max_saturated"):
         lsfov.estimate_psf_map(x, "Z3", max_saturated=1.5)
     with pytest.raises(ValueError, match="saturation"):
@@ -335,9 +340,9 @@ def test_saturated_patches_are_invalid_and_filled(blurred):
 
 def test_cnn_tasks_keep_the_heap_under_distributeds_allocator_settings(blurred, monkeypatch):
     """distributed's MALLOC_TRIM_THRESHOLD_ alone pins glibc's mmap threshold: every activation a
-    fresh mmap, the CNN 2.2x slower on a worker. A PSF map's CNN work runs with larger thresholds,
-    the worker's own again after it (and the heap trimmed), once however many tasks run at a time;
-    where the thresholds are glibc's adaptive ones nothing is touched."""
+    fresh mmap, the CNN 2.3x slower on a worker. A PSF map's CNN work runs with larger thresholds,
+    the worker's own again after it (and the heap trimmed), also when it fails, once however many
+    tasks run at a time; where the thresholds are glibc's adaptive ones nothing is touched."""
     import platform
 
     from lsfov import _backend
@@ -356,13 +361,12 @@ def test_cnn_tasks_keep_the_heap_under_distributeds_allocator_settings(blurred, 
             return 1
 
     monkeypatch.setitem(_backend._HEAP, "libc", Libc())
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     img, _ = blurred
     lazy = da.from_array(img, chunks=(224, 192))  # 4 chunks, on 2+ threads at once
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setitem(_backend._HEAP, "trim", None)  # glibc's own thresholds: nothing to undo
     ref = lsfov.estimate_psf_map(lazy, "Z3", stride=64)
-    assert calls == []  # glibc's own thresholds: nothing to undo
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as a Dask worker has it
+    assert calls == []
+    monkeypatch.setitem(_backend._HEAP, "trim", 65536)  # as a Dask worker starts
     with dask.config.set(scheduler="threads", num_workers=2):
         kept = lsfov.estimate_psf_map(lazy, "Z3", stride=64)
     xr.testing.assert_identical(kept, ref)
@@ -371,6 +375,27 @@ def test_cnn_tasks_keep_the_heap_under_distributeds_allocator_settings(blurred, 
     for i in range(0, len(calls), 5):  # relax ... restore, never relaxed twice over
         assert calls[i:i + 2] == relax and calls[i + 2:i + 5] == restore, calls
     calls.clear()
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")  # the user's own thresholds: kept
-    lsfov.estimate_psf_map(img, "Z3", stride=64)
-    assert calls == []
+    with pytest.raises(RuntimeError):
+        with _backend.heap_kept():
+            raise RuntimeError("a failing task")
+    assert calls == relax + restore and _backend._HEAP["users"] == 0
+
+
+def test_the_pinned_trim_threshold_is_read_as_glibc_was_started(monkeypatch):
+    """Only a trim threshold alone pins glibc's mmap threshold; one glibc would parse otherwise
+    than Python, or beyond mallopt's int, is left alone; and the process's own start counts, not
+    os.environ (a LocalCluster's nanny writes distributed's setting there, in the parent)."""
+    from lsfov import _backend
+
+    t = _backend._trim_from
+    assert t({"MALLOC_TRIM_THRESHOLD_": "65536"}) == 65536 and t({"MALLOC_TRIM_THRESHOLD_": "0x10000"}) == 65536
+    for env in ({}, {"MALLOC_TRIM_THRESHOLD_": "64k"}, {"MALLOC_TRIM_THRESHOLD_": ""},
+                {"MALLOC_TRIM_THRESHOLD_": str(2**32)},
+                {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "33554432"},
+                {"MALLOC_TRIM_THRESHOLD_": "65536", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432"}):
+        assert t(env) is None, env
+    monkeypatch.delitem(_backend._HEAP, "trim", raising=False)
+    before = _backend._pinned_trim()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    monkeypatch.delitem(_backend._HEAP, "trim")
+    assert _backend._pinned_trim() == before != 12345

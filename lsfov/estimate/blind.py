@@ -11,7 +11,8 @@ __all__ = ["blind_deconvolve"]
 
 def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 20, tv: float = DEFAULT_TV,
                      calibration=None, pixel_um: float | None = None, symmetrize: bool = False,
-                     saturation: float | None = None, scratch=None, resume: bool = False, progress: bool = False):
+                     saturation: float | None = None, max_saturated: float | None = None, scratch=None,
+                     resume: bool = False, progress: bool = False):
     """Measure an image's spatially varying blur with the CNN and undo it (what ``lsfov run`` does).
 
     Parameters
@@ -30,7 +31,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     pixel_um : float, optional
         Pixel size; coordinates of every output in µm (default: the xarray input's, from its
         ``pixel_um`` attribute or µm coordinates; else pixels).
-    symmetrize, saturation, scratch, resume, progress
+    symmetrize, saturation, max_saturated, scratch, resume, progress
         As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
 
     Returns
@@ -64,7 +65,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     img = with_pixel_size(image, pixel_um)
     seconds, t = {}, time.perf_counter()
     psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, saturation=saturation,
-                               scratch=scratch, resume=resume, progress=progress)
+                               max_saturated=max_saturated, scratch=scratch, resume=resume, progress=progress)
     seconds["PSF map"], t = time.perf_counter() - t, time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()

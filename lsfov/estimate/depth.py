@@ -285,26 +285,25 @@ def _curve_depth(readings, cal: DepthCalibration):
 def _beyond(readings, cal: DepthCalibration):
     """Nodes defocused further than any depth the curves read: ``focus²`` above the curve's highest
     over the read range by two of its standard deviations. A curve that turns over before the end
-    of its range (a polynomial's ends) reads such a node inside the range, not at its end."""
+    of its range (a polynomial's ends) would read such a node inside the range."""
     lo, hi = cal.range_um
     pad = _PAD * (hi - lo)
     top = np.polyval(cal.curves[0], np.linspace(lo - pad, hi + pad, 601)).max()
     return readings[0] > top + 2 * np.sqrt(cal.noise[0])
 
 
-def _warn_clipped(z, valid, cal: DepthCalibration, beyond=False):
-    """Say so when many nodes read at the end of the calibrated depths, or beyond the curves
-    (``beyond``, :func:`_beyond`): the sample goes beyond them there, and the curves cannot tell how
-    far (their depth is clipped)."""
+def _warn_clipped(z, valid, cal: DepthCalibration):
+    """Say so when many nodes read at the end of the calibrated depths: the sample goes beyond them
+    there, and the curves cannot tell how far (their depth is clipped)."""
     lo, hi = cal.range_um
     pad = _PAD * (hi - lo)
     tol = 2 * (hi - lo + 2 * pad) / 600  # two steps of _curve_depth's grid
-    at_end = ((z <= lo - pad + tol) | (z >= hi + pad - tol) | beyond) & valid
+    at_end = ((z <= lo - pad + tol) | (z >= hi + pad - tol)) & valid
     share = at_end.sum() / max(int(valid.sum()), 1)
     # A sample within the range has some nodes there too (the calibration's own deepest, read with
     # noise, ~10 % of a tilt's): a quarter is a sample that goes well beyond.
     if share > 0.25:
-        warnings.warn(f"{share:.0%} of the nodes read at or beyond the end of the calibrated depths "
+        warnings.warn(f"{share:.0%} of the nodes read at the end of the calibrated depths "
                       f"({lo:+.3g}..{hi:+.3g} µm, read to {_PAD:.0%} beyond): the sample goes further there and its "
                       "depth is clipped; calibrate over the depths you image", LsfovWarning, stacklevel=3)
 
@@ -489,9 +488,14 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
     elif c.method == "curve":
         readings = _readings(psf_map, c.axis0)
-        z = psf_map["focus"].copy(data=_curve_depth(readings, c))
+        depth = _curve_depth(readings, c)
+        # More defocused than the calibration ever was: clipped to the end on its side, as a node
+        # past the end of a curve that keeps rising reads.
+        lo, hi = c.range_um
+        ends = np.where(depth >= (lo + hi) / 2, hi + _PAD * (hi - lo), lo - _PAD * (hi - lo))
+        z = psf_map["focus"].copy(data=np.where(_beyond(readings, c), ends, depth))
         units, note = "micrometer", c.to_dict()
-        _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c, _beyond(readings, c))
+        _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c)
     else:
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()

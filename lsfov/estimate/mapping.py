@@ -31,8 +31,8 @@ _CNN_WORKER_OWN = 400 * 2**20
 __all__ = ["estimate_psf_map", "fill_invalid", "operator_from_psf_map"]
 
 # Paper 000's white-pixel ratio: a patch with more saturated pixels than this is invalid. Clipped
-# cores read as wider PSFs while the CNN still calls the patch valid: its errors grow by half at
-# 2-5 % of the pixels saturated and double beyond. A filled node costs accuracy too (its neighbours
+# cores read as wider PSFs while the CNN still calls the patch valid: its errors grow 1.3-1.6x at
+# 2-5 % of the pixels saturated and 1.5-2x at 5-10 %. A filled node costs accuracy too (its neighbours
 # lie elsewhere in the field): 5 % gave the best maps of clipped images (benchmarks/RESULTS.md,
 # section saturation).
 MAX_SATURATED = 0.05
@@ -164,8 +164,10 @@ def _saturated(block, level, origin, stride, patch) -> np.ndarray:
     white = block[oy:oy + stride * max(ny - 1, 0) + patch, ox:ox + stride * max(nx - 1, 0) + patch] >= xp.float32(level)
     if ny == 0 or nx == 0 or not bool(white.any()):
         return np.zeros((ny, nx), np.float32)
-    count = xp.zeros((white.shape[0] + 1, white.shape[1] + 1), xp.int64)
-    count[1:, 1:] = white.cumsum(axis=0, dtype=xp.int64).cumsum(axis=1)
+    # int32 counts (exact below 2^31 pixels), summed in place: 4 bytes a pixel, not 3 int64 copies
+    count = xp.zeros((white.shape[0] + 1, white.shape[1] + 1), xp.int32 if white.size < 2**31 else xp.int64)
+    xp.cumsum(white, axis=0, dtype=count.dtype, out=count[1:, 1:])
+    xp.cumsum(count[1:, 1:], axis=1, out=count[1:, 1:])
     y0, x0 = stride * xp.arange(ny)[:, None], stride * xp.arange(nx)[None, :]
     y1, x1 = y0 + patch, x0 + patch
     n = count[y1, x1] - count[y0, x1] - count[y1, x0] + count[y0, x0]
@@ -216,7 +218,7 @@ def _chunk_nodes(chunks, n_nodes, stride):
 
 def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, pixel_um: float | None = None,
                      batch_size: int = 32, device=None, symmetrize: bool = False, saturation: float | None = None,
-                     max_saturated: float = MAX_SATURATED, fill: bool = True, scratch=None, resume: bool = False,
+                     max_saturated: float | None = MAX_SATURATED, fill: bool = True, scratch=None, resume: bool = False,
                      progress: bool = False):
     """Regress the PSF-model parameters on a sliding window over the image (paper 000 Sec. II-F).
 
@@ -246,11 +248,13 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         the CNN time for more accurate parameters (benchmarks/RESULTS.md).
     saturation : float, optional
         Pixel value at which the camera saturates (a 12-bit camera in 16-bit files: 4095). Default:
-        the maximum of an integer image's dtype; none for a floating-point image.
+        the maximum of an integer image's dtype; none for a floating-point image. Compared in
+        float32: for 32- and 64-bit integers, values within 2⁻²⁴ of it count too.
     max_saturated : float
         Paper 000's white-pixel ratio: a node whose patch has more than this fraction of its pixels
         at or above ``saturation`` is invalid (validity 0, then filled like the others), as clipped
-        cores read as wider PSFs. 1 turns the rule off.
+        cores read as wider PSFs. 1 turns the rule off (an image stretched to its type's range);
+        None: the default, :data:`MAX_SATURATED`.
     fill : bool
         Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
         valid ones (:func:`fill_invalid`).
@@ -287,7 +291,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
     batch_size = positive_int(batch_size, "batch_size")
-    max_saturated = real_number(max_saturated, "max_saturated", minimum=0, maximum=1)
+    max_saturated = MAX_SATURATED if max_saturated is None else \
+        real_number(max_saturated, "max_saturated", minimum=0, maximum=1)
     xr_in = getattr(image, "dims", None) is not None
     if xr_in:
         image = yx_order(image)  # dims by name: an (x, y) image is not mapped transposed
@@ -378,10 +383,14 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if white.any():
         validity = np.where(white, np.float32(0), validity)
         share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {level:g})"
-        advice = "acquire with a shorter exposure or a lower gain" + \
-            ("" if saturation is not None else ", or give the camera's saturation level")
+        advice = ("acquire with a shorter exposure or a lower gain"
+                  + ("" if saturation is not None else ", or give the camera's saturation level")
+                  + "; for an image stretched to its type's range, max_saturated=1 (--max-saturated 1) turns this off")
         if fill and white.all():
             raise NothingToMap(f"every PSF-map node has {share}: clipped spots do not show the PSF; {advice}")
+        if fill and not (validity >= 0.5).any():
+            raise NothingToMap(f"every PSF-map node is invalid: {int(white.sum())} of {white.size} with {share}, the "
+                               f"others without texture the CNN can read; {advice}")
         warnings.warn(f"{int(white.sum())} of {white.size} PSF-map nodes are marked invalid, each with {share}"
                       + (", filled from their neighbours" if fill else "") + f"; {advice}", LsfovWarning, stacklevel=2)
     filled = None
