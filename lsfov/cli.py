@@ -507,7 +507,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    saturation = saturation_level(img.dtype, saturation)  # of the file's type: a GPU copy is float32
+    saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
@@ -587,7 +587,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
-    saturation = saturation_level(img.dtype, saturation)  # of the file's type: a GPU copy is float32
+    saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     work = _on_gpu(img, gpu, scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:

@@ -254,6 +254,7 @@ def _open_tiff(path: Path) -> xr.DataArray:
         shape = series.shape
         pixel_um = _tiff_pixel_um(tf)
         z_um = _tiff_z_um(tf)
+        bits = _ome_significant_bits(tf, series.dtype)
     try:
         store = tifffile.imread(path, aszarr=True)
         data = da.from_zarr(zarr.open_array(store, mode="r"))
@@ -267,7 +268,21 @@ def _open_tiff(path: Path) -> xr.DataArray:
     arr = _with_coords(data, list(axes), pixel_um, path)
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
         arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
+    if bits:  # a 12-bit camera in 16-bit pixels: where it saturates (lsfov.estimate_psf_map reads it)
+        arr.attrs["significant_bits"] = bits
     return arr
+
+
+def _ome_significant_bits(tf, dtype) -> int | None:
+    """``SignificantBits`` of a TIFF's OME-XML when fewer than its integer type holds; else None."""
+    import re
+
+    m = re.search(r'SignificantBits="(\d+)"', tf.ome_metadata or "")
+    dtype = np.dtype(dtype)
+    if not m or dtype.kind not in "iu":
+        return None
+    bits = int(m.group(1))
+    return bits if 0 < bits < np.iinfo(dtype).bits else None
 
 
 def _open_tiff_series(path: Path, tf) -> xr.DataArray:

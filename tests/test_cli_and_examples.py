@@ -497,6 +497,12 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
         run("run", "cam12.npy", "r12.zarr", "--stride", 64, "--iterations", 1, "--saturation", 4095)
     r = lsfov.open_result("r12.zarr")
     assert r.attrs["saturation"] == 4095
+    # An OME-TIFF says how many of its 16 bits the camera fills: its limit is then known.
+    import tifffile
+
+    tifffile.imwrite("cam12.ome.tif", np.load("cam12.npy"), ome=True, metadata={"SignificantBits": 12})
+    with pytest.warns(lsfov.LsfovWarning, match=r"9 of 12 .* saturated \(at or above 4095\)"):
+        run("estimate", "cam12.ome.tif", "t12.zarr", "--stride", 64)
     np.testing.assert_array_equal(r.validity.values == 0, m.validity.values == 0)
     assert run("estimate", "cam12.npy", "x.zarr", "--saturation", 0, ok=False).exit_code == 2
     # An image stretched to its type's range: the rule off, from the CLI too.

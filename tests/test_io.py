@@ -108,6 +108,10 @@ def test_open_tiff_and_npy(tmp_path):
                                                               "PhysicalSizeZUnit": "nm"})
     tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX", "spacing": 0.3, "unit": "um"})
     assert lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs["z_um"] == pytest.approx(1.5)
+    assert "significant_bits" not in lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs  # 16 of 16: nothing to say
+    # a 12-bit camera in 16-bit pixels (OME's SignificantBits): where it saturates, for the PSF map
+    tifffile.imwrite(tmp_path / "b12.ome.tif", stack, metadata={"axes": "ZYX", "SignificantBits": 12})
+    assert lsfov.open_image(tmp_path / "b12.ome.tif", z=1).attrs["significant_bits"] == 12
     assert lsfov.open_image(tmp_path / "s.tif", z=3).attrs["z_um"] == pytest.approx(0.9)
     assert "z: 0..1.2 step 0.3 micrometer" in lsfov.io.describe(tmp_path / "s.tif")
     # images appended one by one (each a series of its own): all of them, as pages, not the first only

@@ -319,6 +319,10 @@ def test_saturated_patches_are_invalid_and_filled(blurred):
     with pytest.warns(lsfov.LsfovWarning, match="saturated"):
         lazy = lsfov.estimate_psf_map(da.from_array(x, chunks=(150, 200)), "Z3", stride=t)
     xr.testing.assert_allclose(lazy, ds, atol=1e-4)
+    # An image that says how many bits its camera fills (an OME-TIFF's SignificantBits, read by open_image)
+    twelve = xr.DataArray(x // 16, dims=("y", "x"), attrs={"significant_bits": 12})
+    with pytest.warns(lsfov.LsfovWarning, match="at or above 4095"):
+        assert lsfov.estimate_psf_map(twelve, "Z3", stride=t).attrs["saturation"] == 4095
     # A float image has no limit of its own: none unless given, in its units.
     assert lsfov.estimate_psf_map(x.astype(np.float32), "Z3", stride=t).attrs["saturation"] is None
     with pytest.warns(lsfov.LsfovWarning, match="at or above 65535"):

@@ -147,13 +147,18 @@ def _predict_view(m, view, names, ny, nx, patch, batch_size, symmetrize, xp):
 _GROUP = 4096  # patches copied at once (256 MiB of float32) when a block holds more
 
 
-def saturation_level(dtype, saturation=None) -> float | None:
-    """The pixel value at or above which a camera pixel is saturated: ``saturation`` when given, else
-    the maximum of an integer ``dtype`` (a clipped count); None (no rule) for a float image without one."""
+def saturation_level(image, saturation=None) -> float | None:
+    """The pixel value at or above which a camera pixel of ``image`` is saturated: ``saturation``
+    when given, else the largest count of its integer type, or of its ``significant_bits`` (an
+    OME-TIFF's: a 12-bit camera in 16-bit pixels saturates at 4095); None (no rule) for a float
+    image without one."""
     if saturation is not None:
         return real_number(saturation, "saturation", minimum=0, exclusive=True)
-    dtype = np.dtype(dtype)
-    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else None
+    dtype = np.dtype(image.dtype)
+    if dtype.kind not in "iu":
+        return None
+    bits = getattr(image, "attrs", {}).get("significant_bits")
+    return float(2 ** int(bits) - 1) if bits else float(np.iinfo(dtype).max)
 
 
 def _saturated(block, level, origin, stride, patch) -> np.ndarray:
@@ -248,8 +253,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         the CNN time for more accurate parameters (benchmarks/RESULTS.md).
     saturation : float, optional
         Pixel value at which the camera saturates (a 12-bit camera in 16-bit files: 4095). Default:
-        the maximum of an integer image's dtype; none for a floating-point image. Compared in
-        float32: for 32- and 64-bit integers, values within 2⁻²⁴ of it count too.
+        the largest count of an integer image's dtype, or of its ``significant_bits`` attribute
+        (:func:`lsfov.open_image` reads it from an OME-TIFF); none for a floating-point image.
+        Compared in float32: for 32- and 64-bit integers, values within 2⁻²⁴ of it count too.
     max_saturated : float
         Paper 000's white-pixel ratio: a node whose patch has more than this fraction of its pixels
         at or above ``saturation`` is invalid (validity 0, then filled like the others), as clipped
@@ -301,7 +307,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         data = np.asarray(data)  # a nested list
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
-    level = saturation_level(data.dtype, saturation)
+    level = saturation_level(image if xr_in else data, saturation)
     if max_saturated >= 1:
         level = None  # the rule is off: no pass over the pixels for it
     if pixel_um is None and xr_in:
