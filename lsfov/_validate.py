@@ -87,6 +87,20 @@ def real_number(v, name: str, *, minimum: float | None = None, maximum: float | 
     return f
 
 
+def saturation_level(image, saturation=None) -> float | None:
+    """The pixel value at or above which a camera pixel of ``image`` is saturated: ``saturation``
+    when given, else the largest count of its integer type, or of its ``significant_bits`` (an
+    OME-TIFF's: a 12-bit camera in 16-bit pixels saturates at 4095); None (no rule) for a float
+    image without one."""
+    if saturation is not None:
+        return real_number(saturation, "saturation", minimum=0, exclusive=True)
+    dtype = np.dtype(image.dtype if hasattr(image, "dtype") else np.asarray(image).dtype)
+    if dtype.kind not in "iu":
+        return None
+    bits = getattr(image, "attrs", {}).get("significant_bits")
+    return float(2 ** int(bits) - 1) if bits else float(np.iinfo(dtype).max)
+
+
 def not_a_bead_field(x, name: str):
     """Refuse a ``lsfov.simulate.BeadField`` (or a list of them) where its image is meant."""
     items = x if isinstance(x, (list, tuple)) else [x]

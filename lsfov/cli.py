@@ -499,7 +499,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
     from . import io
     from .cluster import use_scheduler
-    from .estimate.mapping import estimate_psf_map, operator_from_psf_map, saturation_level
+    from ._validate import saturation_level
+    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
 
     out = _check_out(out, overwrite, inputs=[src])
     if figure:
@@ -570,7 +571,8 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     from . import io
     from .cluster import use_scheduler
     from .estimate.depth import DepthCalibration
-    from .estimate.mapping import operator_from_psf_map, saturation_level
+    from ._validate import saturation_level
+    from .estimate.mapping import operator_from_psf_map
     from .estimate.model import load_model
 
     out = _check_out(out, overwrite, inputs=[src, *([calibration] if calibration else [])])
@@ -710,6 +712,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     import xarray as xr
 
     from . import io
+    from ._validate import saturation_level
     from .calibrate import OperatorSubspace, identify_operator
     from .cluster import use_scheduler
     from .restore import locate_sources, sparse_smooth_deblur
@@ -725,7 +728,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     sub = OperatorSubspace.load(subspace_path)
     t0 = time.perf_counter()
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
-        op, info = identify_operator(np.asarray(img), sub, return_details=True)
+        op, info = identify_operator(np.asarray(img), sub, saturation=saturation_level(img), return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         # The iterations run here, through the run's state; sparse and smooth then read from it.
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,

@@ -65,6 +65,11 @@ def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     auto, info = lsfov.identify_operator(noisy, subspace, return_details=True)
     assert operator_distance(auto, truth) < 0.1
     assert np.median(info["amplitudes"]) == pytest.approx(3000.0, rel=0.03)  # 0.3 % here
+    # Sources that reach the camera's limit are left out (their cores are clipped), said as for beads.
+    peaks = np.array([noisy[y - 1:y + 2, x - 1:x + 2].max() for y, x in np.rint(info["positions"]).astype(int)])
+    with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
+        _, clipped = lsfov.identify_operator(noisy, subspace, saturation=float(np.median(peaks)), return_details=True)
+    assert 0 < len(clipped["positions"]) < len(info["positions"])
 
 
 def test_sources_the_subspace_does_not_explain_are_warned(subspace):

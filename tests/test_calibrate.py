@@ -109,6 +109,15 @@ def test_saturated_crowded_and_empty_bead_images_are_refused():
     clipped = np.minimum(f.image, 200).astype(np.uint16)  # a camera that saturates at 200
     with pytest.raises(ValueError, match="saturated"):
         bead_psfs(clipped, radius=8, saturation=200)
+    # A 12-bit camera in 16-bit pixels (an OME-TIFF's SignificantBits, read by open_image): its
+    # brightest beads clip at 4095 in a pixel or two, too few for a plateau; the bits give them away.
+    import xarray as xr
+
+    counts = np.minimum(np.rint(f.image / np.sort(f.image.ravel())[-3] * 4095), 4095).astype(np.uint16)
+    plain = bead_psfs(counts, radius=8)
+    assert plain.n_saturated == 0
+    twelve = xr.DataArray(counts, dims=("y", "x"), attrs={"significant_bits": 12})
+    assert 0 < bead_psfs(twelve, radius=8).n_saturated < plain.n_detected
     dense = np.zeros((160, 160), np.float32)
     dense[6::12, 6::12] = 1000.0  # beads every 12 px, closer than 2r = 18
     dense = gaussian_filter(dense, 1.5) + rng.poisson(5.0, dense.shape)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, positive_int, real_number
+from .._validate import LsfovWarning, as_image, positive_int, real_number, saturation_level
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -237,8 +237,9 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     threshold : float, optional
         Detection threshold on the blob response (see :func:`detect_beads`).
     saturation : float, optional
-        Pixel value at which the camera saturates. Default: the dtype's maximum for integer images;
-        for all images, a plateau of four or more pixels at the image maximum (in the 3x3 core) also counts.
+        Pixel value at which the camera saturates. Default: the largest count of an integer image's
+        dtype, or of its ``significant_bits`` attribute (an OME-TIFF's, :func:`lsfov.open_image`); for
+        all images, a plateau of four or more pixels at the image maximum (in the 3x3 core) also counts.
     background_order : int
         Degree of the background polynomial (App. B uses 2).
 
@@ -248,11 +249,9 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         Patches of size ``2·ceil(1.2 r) + 1``, centred at the sub-pixel bead centre, background
         removed, bump-limited and summing to one.
     """
-    raw = np.asarray(image)
-    img = as_image(raw, "bead image")
+    sat_level = saturation_level(image, saturation)  # of the camera's counts, before the float copy
+    img = as_image(np.asarray(image), "bead image")
     background_order = positive_int(background_order, "background_order", minimum=0)
-    if saturation is not None:
-        saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     if radius is None:
         radius = estimate_radius(img)
     radius = _check_radius(radius)
@@ -267,9 +266,6 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     n_detected = len(pos)
 
     # Saturated beads: their core is clipped, so the PSF shape is wrong.
-    sat_level = saturation
-    if sat_level is None and raw.dtype.kind in "ui":
-        sat_level = float(np.iinfo(raw.dtype).max)
     peak = float(img.max())
     core = _windows(img, np.clip(pos, 1, np.array(img.shape) - 2), 1)
     saturated = (core >= peak).sum(axis=(1, 2)) >= 4

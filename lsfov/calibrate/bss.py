@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int
+from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, saturation_level
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 
@@ -41,7 +41,7 @@ def _radius_for(subspace: OperatorSubspace) -> float:
 
 
 def identify_operator(image, subspace: OperatorSubspace, positions=None, *, threshold: float | None = None,
-                      iterations: int = 200, return_details: bool = False):
+                      saturation: float | None = None, iterations: int = 200, return_details: bool = False):
     """The operator of the subspace that explains the point sources of ``image`` (paper 003 Eq. 10).
 
     Minimises ``½ Σ_p ‖g_p Γ a(z_p) − c_p‖²`` over the source brightnesses g ≥ 0 and over Γ in the
@@ -59,6 +59,9 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         (y, x) pixel positions of isolated sources; default: detected as in :func:`bead_psfs`.
     threshold : float, optional
         Detection threshold (see :func:`lsfov.calibrate.detect_beads`).
+    saturation : float, optional
+        Pixel value at which the camera saturates: detected sources that reach it are left out, as
+        in :func:`bead_psfs` (default: an integer image's largest count).
     iterations : int
         Alternations of the g and Γ steps (each Γ step: up to 200 accelerated gradient steps).
     return_details : bool
@@ -75,6 +78,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
                         "or load one with OperatorSubspace.load)")
     iterations = positive_int(iterations, "iterations")
     check_pixel_size(subspace, image, "the subspace was learned on")
+    level = saturation_level(image, saturation)  # of the camera's counts, before the float copy below
     img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
     if not np.all(np.isfinite(img)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
@@ -83,7 +87,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
                          "crop the image or learn the subspace at this size")
     radius = _radius_for(subspace)
     if positions is None:
-        beads = bead_psfs(img, radius, threshold=threshold)
+        beads = bead_psfs(img, radius, threshold=threshold, saturation=level)
         patches, pos = beads.patches * beads.fluxes[:, None, None], beads.positions  # brightness back
     else:
         pos = np.asarray(positions, dtype=np.float64)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import not_a_bead_field, positive_int, real_number, shape2d
+from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, shape2d
 from ..operators import ProductConvolution
 from .basis import psf_basis
 from .beads import bead_psfs
@@ -58,8 +58,7 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     not_a_bead_field(bead_image, "calibrate_operator")
     max_columns = positive_int(max_columns, "max_columns")
     smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)
-    if saturation is not None:
-        saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
+    saturation = saturation_level(bead_image, saturation)  # an xarray image's significant_bits too
     beads = bead_psfs(np.asarray(bead_image), radius, threshold=threshold, saturation=saturation)
     basis = psf_basis(beads.patches, n_basis)
     pos = beads.positions[basis.keep]

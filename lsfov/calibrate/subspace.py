@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validate import not_a_bead_field, positive_int, real_number
+from .._validate import not_a_bead_field, positive_int, real_number, saturation_level
 from ..operators import ProductConvolution
 from .basis import psf_basis
 from .beads import bead_psfs, estimate_radius
@@ -326,7 +326,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
 
     def beads_of(k, im):
         try:
-            return bead_psfs(np.asarray(im), radius, threshold=threshold, saturation=saturation)
+            return bead_psfs(np.asarray(im), radius, threshold=threshold, saturation=saturation_level(im, saturation))
         except ValueError as e:
             raise ValueError(f"bead image {k}: {e}") from None
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
-from .._validate import LsfovWarning, positive_int, real_number, yx_order
+from .._validate import LsfovWarning, positive_int, real_number, saturation_level, yx_order
 from ..io import atomic_file, image_origin, pixel_size
 from ..operators import ProductConvolution
 
@@ -145,20 +145,6 @@ def _predict_view(m, view, names, ny, nx, patch, batch_size, symmetrize, xp):
 
 
 _GROUP = 4096  # patches copied at once (256 MiB of float32) when a block holds more
-
-
-def saturation_level(image, saturation=None) -> float | None:
-    """The pixel value at or above which a camera pixel of ``image`` is saturated: ``saturation``
-    when given, else the largest count of its integer type, or of its ``significant_bits`` (an
-    OME-TIFF's: a 12-bit camera in 16-bit pixels saturates at 4095); None (no rule) for a float
-    image without one."""
-    if saturation is not None:
-        return real_number(saturation, "saturation", minimum=0, exclusive=True)
-    dtype = np.dtype(image.dtype)
-    if dtype.kind not in "iu":
-        return None
-    bits = getattr(image, "attrs", {}).get("significant_bits")
-    return float(2 ** int(bits) - 1) if bits else float(np.iinfo(dtype).max)
 
 
 def _saturated(block, level, origin, stride, patch) -> np.ndarray:
