@@ -136,13 +136,17 @@ def _symmetrize_option(f):
                              "8x the CNN time, more accurate parameters.")(f)
 
 
+def _saturation_option(f):
+    return click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Pixel value at which the camera saturates [default: the largest count of an integer "
+                             "image's type, or of an OME-TIFF's SignificantBits].")(f)
+
+
 def _saturation_options(f):
     f = click.option("--max-saturated", type=click.FloatRange(0, 1), default=None,
                      help="Share of a PSF-map node's patch at the saturation level above which the node is invalid "
                           "(1: off, for an image stretched to its type's range) [default: 0.05].")(f)
-    return click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
-                        help="Pixel value at which the camera saturates [default: the maximum of an integer image's "
-                             "type].")(f)
+    return _saturation_option(f)
 
 
 def _resume_option(f):
@@ -695,12 +699,13 @@ def _describe_calibration(cal) -> str:
 @click.option("--gamma2", type=float, default=None, help="Smoothness weight of the background (default 10).")
 @click.option("--iterations", default=500, show_default=True, help="FISTA iterations.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
+@_saturation_option
 @_plane_options
 @_scheduler_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
-def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channel, zplane, tpoint, scheduler,
+def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, saturation, channel, zplane, tpoint, scheduler,
         resume, overwrite):
     """Blind sparse+smooth deblurring of point sources (paper 003 App. D).
 
@@ -728,7 +733,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
     sub = OperatorSubspace.load(subspace_path)
     t0 = time.perf_counter()
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
-        op, info = identify_operator(np.asarray(img), sub, saturation=saturation_level(img), return_details=True)
+        op, info = identify_operator(np.asarray(img), sub, saturation=saturation_level(img, saturation),
+                                     return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         # The iterations run here, through the run's state; sparse and smooth then read from it.
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,
@@ -766,12 +772,13 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, channe
 @click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
 @click.option("--smoothing", type=float, default=None, help="Thin-plate smoothing (default 0.01).")
 @click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
+@_saturation_option
 @click.option("--channel", type=int, default=None)
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the bases and the operator.")
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
-def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, channel, figure, scheduler,
+def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, saturation, channel, figure, scheduler,
               overwrite):
     """Learn the microscope from micro-bead images (paper 003).
 
@@ -789,7 +796,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, c
     planes = [p for path in beads for p in open_planes(path, channel=channel)]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
-    kw = dict(radius=radius, threshold=threshold,
+    kw = dict(radius=radius, threshold=threshold, saturation=saturation,
               smoothing=DEFAULT_SMOOTHING if smoothing is None else smoothing)
     t0 = time.perf_counter()
     with use_scheduler(scheduler):

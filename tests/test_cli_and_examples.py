@@ -451,6 +451,10 @@ def test_cli_calibrate_operator_and_subspace(run, tmp_path):
     np.save("flat.npy", np.full((128, 128), 3.0, np.float32))
     res = run("calibrate", "flat.npy", "none.zarr", ok=False)
     assert res.exit_code == 1 and "no beads found" in res.output and not Path("none.zarr").exists()
+    # A camera's own limit: beads at or above it are left out.
+    peaks = fields[0].image[tuple(fields[0].positions.T)]
+    with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
+        run("calibrate", "b0.npy", "sat.zarr", "--n-basis", 4, "--saturation", float(np.percentile(peaks, 90)))
 
 
 def test_cli_bss_round_trip(run, tmp_path):
