@@ -108,7 +108,12 @@ def _trim_from(env) -> int | None:
 
 
 def _forget_heap():
-    _HEAP.update(users=0, lock=threading.Lock())  # a forked child holds none of the parent's tasks
+    """In a forked child, which holds none of the parent's tasks: no users, and the thresholds of
+    its start back if the fork came inside :func:`heap_kept`."""
+    if _HEAP["users"] and _HEAP.get("libc") is not None and _HEAP.get("trim") is not None:
+        _HEAP["libc"].mallopt(_M_TRIM_THRESHOLD, _HEAP["trim"])
+        _HEAP["libc"].mallopt(_M_MMAP_THRESHOLD, _PINNED_MMAP)
+    _HEAP.update(users=0, lock=threading.Lock())
 
 
 @contextlib.contextmanager

@@ -98,7 +98,9 @@ def saturation_level(image, saturation=None) -> float | None:
     if dtype.kind not in "iu":
         return None
     bits = getattr(image, "attrs", {}).get("significant_bits")
-    return float(2 ** int(bits) - 1) if bits else float(np.iinfo(dtype).max)
+    if isinstance(bits, (int, np.integer)) and 0 < bits < np.iinfo(dtype).bits:  # else: no statement of fewer bits
+        return float(2 ** int(bits) - 1)
+    return float(np.iinfo(dtype).max)
 
 
 def not_a_bead_field(x, name: str):

@@ -62,13 +62,31 @@ def _children_ignore_sigint():
 
 @contextlib.contextmanager
 def _hushable(name: str):
-    """Yields a function that silences logger ``name`` until the block ends (then its level returns)."""
+    """Yields a function that silences logger ``name`` until the block ends (then its level returns);
+    while the block runs, :func:`_hush_on_interrupt` calls it too."""
     logger = logging.getLogger(name)
     level = logger.level
+
+    def hush():
+        logger.setLevel(logging.CRITICAL)
+
+    _HUSHES.append(hush)
     try:
-        yield lambda: logger.setLevel(logging.CRITICAL)
+        yield hush
     finally:
+        _HUSHES.remove(hush)
         logger.setLevel(level)
+
+
+_HUSHES = []  # the hush of each local cluster in use (see _hushable)
+
+
+def _hush_on_interrupt(e: BaseException):
+    """An interrupt (Ctrl-C, SIGTERM: not an Exception) stops the run: what distributed says while
+    its futures are cancelled ("Couldn't gather keys", from the scheduler in this process) is no news."""
+    if not isinstance(e, Exception):
+        for hush in list(_HUSHES):
+            hush()
 
 
 @contextlib.contextmanager
@@ -246,19 +264,24 @@ def _compute(obj, progress, label, on_task):
         try:
             for f in as_completed(futures):
                 on_task(f.key, f.result())
-        except BaseException:
+        except BaseException as e:
+            _hush_on_interrupt(e)
             client.cancel(futures)  # nothing keeps running (writing a scratch store) after the error
             raise
         results = [f.result() for f in futures]
         return np.block([results[i * parts.shape[1] : (i + 1) * parts.shape[1]] for i in range(parts.shape[0])])
     if client is not None:
         futures = client.compute(obj)  # one future, or a list of them for a list, as dask.compute's
-        if progress:
-            from distributed import progress as track
+        try:
+            if progress:
+                from distributed import progress as track
 
-            with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout: keep that for results
-                track(futures)
-        return client.gather(futures)
+                with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout: keep that for results
+                    track(futures)
+            return client.gather(futures)
+        except BaseException as e:
+            _hush_on_interrupt(e)
+            raise
     if on_task is not None:
         from dask.callbacks import Callback
 

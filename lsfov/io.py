@@ -218,7 +218,11 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             factor = _to_um(ax["unit"]) if name == "z" else None
             values = trans[i] + scale[i] * np.arange(data.shape[i])
             coords[name] = _coord(name, values * factor, SPATIAL_UNIT) if factor else _coord(name, values, ax["unit"])
-    return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
+    attrs = {"pixel_um": pixel_um, "source": str(path)}
+    bits = (root_attrs.get("lsfov") or {}).get("attrs", {}).get("significant_bits")  # an lsfov variable's camera
+    if bits and np.dtype(data.dtype).kind in "iu":
+        attrs["significant_bits"] = int(bits)
+    return xr.DataArray(data, dims=names, coords=coords, attrs=attrs)
 
 
 def _plain_zarr_array(path: Path) -> xr.DataArray | None:
@@ -296,7 +300,11 @@ def _open_tiff_series(path: Path, tf) -> xr.DataArray:
                          "save them as one stack (tifffile.imwrite of a 3-D array) or as separate files")
     planes = [da.from_zarr(zarr.open_array(tifffile.imread(path, series=i, aszarr=True), mode="r"))
               for i in range(len(tf.series))]
-    return _with_coords(da.stack(planes), ["z", "y", "x"], _tiff_pixel_um(tf), path)
+    arr = _with_coords(da.stack(planes), ["z", "y", "x"], _tiff_pixel_um(tf), path)
+    bits = _ome_significant_bits(tf, tf.series[0].dtype)
+    if bits:
+        arr.attrs["significant_bits"] = bits
+    return arr
 
 
 def _ome_size_um(tf, axis: str) -> float | None:

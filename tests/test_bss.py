@@ -70,6 +70,12 @@ def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
         _, clipped = lsfov.identify_operator(noisy, subspace, saturation=float(np.median(peaks)), return_details=True)
     assert 0 < len(clipped["positions"]) < len(info["positions"])
+    # By default, the limit of an integer image's type: the brightest sources clipped at 65535 in a
+    # pixel or two (too few for a plateau) are left out too.
+    counts = np.minimum(np.rint(noisy / np.sort(noisy.ravel())[-3] * 65535), 65535).astype(np.uint16)
+    with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
+        _, own = lsfov.identify_operator(counts, subspace, return_details=True)
+    assert 0 < len(own["positions"]) < len(info["positions"])
 
 
 def test_sources_the_subspace_does_not_explain_are_warned(subspace):

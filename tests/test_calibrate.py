@@ -118,6 +118,10 @@ def test_saturated_crowded_and_empty_bead_images_are_refused():
     assert plain.n_saturated == 0
     twelve = xr.DataArray(counts, dims=("y", "x"), attrs={"significant_bits": 12})
     assert 0 < bead_psfs(twelve, radius=8).n_saturated < plain.n_detected
+    # ... and so do the calibrations that read them
+    with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
+        op = lsfov.calibrate_operator(twelve, 3, radius=8)
+    assert op.attrs["n_beads"] < lsfov.calibrate_operator(counts, 3, radius=8).attrs["n_beads"]
     dense = np.zeros((160, 160), np.float32)
     dense[6::12, 6::12] = 1000.0  # beads every 12 px, closer than 2r = 18
     dense = gaussian_filter(dense, 1.5) + rng.poisson(5.0, dense.shape)

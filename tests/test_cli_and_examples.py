@@ -471,6 +471,11 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert r.sparse.shape == (192, 192) and float(r.sparse.min()) >= 0
     assert list(r.sources.column.values) == ["y", "x", "amplitude"] and r.sources.shape[0] >= 3
     assert "sources: shape" in run("info", "out.zarr").output
+    # The camera's limit: sources that reach it do not identify the blur.
+    peaks = fields[1].image[tuple(fields[1].positions.T)]
+    with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
+        run("bss", "b.npy", "sat.zarr", "--subspace", "sub.zarr", "--iterations", 5,
+            "--saturation", float(np.percentile(peaks, 90)))
     # Nothing above 3 sigma (a huge sparsity weight): an empty table, still a valid result.
     run("-q", "bss", "b.npy", "none.zarr", "--subspace", "sub.zarr", "--iterations", 5, "--gamma1", 1e9)
     assert lsfov.open_result("none.zarr").detections.shape == (0, 3)
@@ -507,6 +512,11 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
     tifffile.imwrite("cam12.ome.tif", np.load("cam12.npy"), ome=True, metadata={"SignificantBits": 12})
     with pytest.warns(lsfov.LsfovWarning, match=r"9 of 12 .* saturated \(at or above 4095\)"):
         run("estimate", "cam12.ome.tif", "t12.zarr", "--stride", 64)
+    with pytest.warns(lsfov.LsfovWarning, match=r"9 of 12 .* saturated \(at or above 4095\)"):
+        run("run", "cam12.ome.tif", "rt12.zarr", "--stride", 64, "--iterations", 1)
+    # the result's raw image keeps its camera's bits (read again from it); the estimates are no counts
+    assert lsfov.open_image("rt12.zarr/raw").attrs["significant_bits"] == 12
+    assert "significant_bits" not in lsfov.open_result("rt12.zarr").deblurred.attrs
     np.testing.assert_array_equal(r.validity.values == 0, m.validity.values == 0)
     assert run("estimate", "cam12.npy", "x.zarr", "--saturation", 0, ok=False).exit_code == 2
     # An image stretched to its type's range: the rule off, from the CLI too.

@@ -281,6 +281,26 @@ def test_a_local_cluster_leaves_logging_and_ctrl_c_as_it_found_them():
     assert logger.level == before and signal.getsignal(signal.SIGINT) is handler
 
 
+def test_an_interrupt_hushes_distributed_before_the_futures_are_cancelled():
+    """Cancelling a run's futures makes the scheduler (in this process) log "Couldn't gather keys":
+    after an interrupt that is no news, so distributed is hushed before the cancel, not after it
+    reaches use_scheduler (the log raced it). An error is not an interrupt: its messages stay."""
+    import logging
+
+    from lsfov.cluster import _hush_on_interrupt, _hushable
+
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    with _hushable("distributed"):
+        _hush_on_interrupt(ValueError("a failing task"))
+        assert logger.level == before
+        _hush_on_interrupt(KeyboardInterrupt())
+        assert logger.level == logging.CRITICAL
+    assert logger.level == before
+    _hush_on_interrupt(KeyboardInterrupt())  # no local cluster: nothing to hush
+    assert logger.level == before
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_whole_job_on_a_local_cluster_is_one_line(tmp_path, sig):
     """A terminal's Ctrl-C, or a batch system's cancel, reaches every process of the job: the

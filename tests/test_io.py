@@ -108,7 +108,8 @@ def test_open_tiff_and_npy(tmp_path):
                                                               "PhysicalSizeZUnit": "nm"})
     tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX", "spacing": 0.3, "unit": "um"})
     assert lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs["z_um"] == pytest.approx(1.5)
-    assert "significant_bits" not in lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs  # 16 of 16: nothing to say
+    tifffile.imwrite(tmp_path / "b16.ome.tif", stack, metadata={"axes": "ZYX", "SignificantBits": 16})
+    assert "significant_bits" not in lsfov.open_image(tmp_path / "b16.ome.tif", z=3).attrs  # 16 of 16: nothing to say
     # a 12-bit camera in 16-bit pixels (OME's SignificantBits): where it saturates, for the PSF map
     tifffile.imwrite(tmp_path / "b12.ome.tif", stack, metadata={"axes": "ZYX", "SignificantBits": 12})
     assert lsfov.open_image(tmp_path / "b12.ome.tif", z=1).attrs["significant_bits"] == 12

@@ -281,7 +281,10 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     n_crowded = int((~(inside & ~crowded) & ~saturated).sum())
     if not keep.any():
         if n_saturated == n_detected:
-            raise ValueError(f"all {n_detected} beads are saturated; acquire with a shorter exposure or lower gain")
+            limit = f"at or above {sat_level:g}, or a plateau at the image's maximum" if sat_level is not None else \
+                "a plateau at the image's maximum"
+            raise ValueError(f"all {n_detected} beads are saturated ({limit}); acquire with a shorter exposure or "
+                             "lower gain, or give the camera's own level (saturation=, --saturation)")
         raise ValueError(
             f"found {n_detected} beads but none is isolated (2r = {2 * radius:g} px from the others and "
             f"{h + 2} px from the border); use a sparser bead sample or a smaller radius"

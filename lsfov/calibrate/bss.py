@@ -61,7 +61,8 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         Detection threshold (see :func:`lsfov.calibrate.detect_beads`).
     saturation : float, optional
         Pixel value at which the camera saturates: detected sources that reach it are left out, as
-        in :func:`bead_psfs` (default: an integer image's largest count).
+        in :func:`bead_psfs` (default: the largest count of an integer image's type, or of its
+        ``significant_bits``). Not applied to given ``positions``.
     iterations : int
         Alternations of the g and Γ steps (each Γ step: up to 200 accelerated gradient steps).
     return_details : bool

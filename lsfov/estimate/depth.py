@@ -283,13 +283,22 @@ def _curve_depth(readings, cal: DepthCalibration):
 
 
 def _beyond(readings, cal: DepthCalibration):
-    """Nodes defocused further than any depth the curves read: ``focus²`` above the curve's highest
-    over the read range by two of its standard deviations. A curve that turns over before the end
-    of its range (a polynomial's ends) would read such a node inside the range."""
+    """Per node, +1 or -1 where it lies beyond the high or low end of the depths the curves read, else 0.
+
+    Beyond: more defocused than the calibration ever was (``focus²`` above the curve's highest over
+    the read range by two of its standard deviations), and with an astigmatism reading at or past
+    that end's (within two of its). A curve that turns over before the end of its range (a
+    polynomial's ends) would read such a node inside the range; a spike of ``focus²`` alone (an
+    in-focus node read wrong) is not enough."""
     lo, hi = cal.range_um
     pad = _PAD * (hi - lo)
-    top = np.polyval(cal.curves[0], np.linspace(lo - pad, hi + pad, 601)).max()
-    return readings[0] > top + 2 * np.sqrt(cal.noise[0])
+    grid = np.linspace(lo - pad, hi + pad, 601)
+    (sd0, sd1) = np.sqrt(cal.noise)
+    focus2, astig = (np.polyval(c, grid) for c in cal.curves)
+    far = readings[0] > focus2.max() + 2 * sd0
+    s = 1.0 if astig[-1] >= astig[0] else -1.0  # the product grows towards the high end, or falls
+    u = s * readings[1]
+    return np.where(far & (u >= s * astig[-1] - 2 * sd1), 1, np.where(far & (u <= s * astig[0] + 2 * sd1), -1, 0))
 
 
 def _warn_clipped(z, valid, cal: DepthCalibration):
@@ -488,12 +497,13 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
     elif c.method == "curve":
         readings = _readings(psf_map, c.axis0)
-        depth = _curve_depth(readings, c)
         # More defocused than the calibration ever was: clipped to the end on its side, as a node
         # past the end of a curve that keeps rising reads.
         lo, hi = c.range_um
-        ends = np.where(depth >= (lo + hi) / 2, hi + _PAD * (hi - lo), lo - _PAD * (hi - lo))
-        z = psf_map["focus"].copy(data=np.where(_beyond(readings, c), ends, depth))
+        side = _beyond(readings, c)
+        depth = np.where(side > 0, hi + _PAD * (hi - lo), np.where(side < 0, lo - _PAD * (hi - lo),
+                                                                   _curve_depth(readings, c)))
+        z = psf_map["focus"].copy(data=depth)
         units, note = "micrometer", c.to_dict()
         _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c)
     else:

@@ -241,7 +241,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         Pixel value at which the camera saturates (a 12-bit camera in 16-bit files: 4095). Default:
         the largest count of an integer image's dtype, or of its ``significant_bits`` attribute
         (:func:`lsfov.open_image` reads it from an OME-TIFF); none for a floating-point image.
-        Compared in float32: for 32- and 64-bit integers, values within 2⁻²⁴ of it count too.
+        Compared in float32: for 32- and 64-bit integers, values within a relative 2⁻²⁴ of it
+        count too.
     max_saturated : float
         Paper 000's white-pixel ratio: a node whose patch has more than this fraction of its pixels
         at or above ``saturation`` is invalid (validity 0, then filled like the others), as clipped
@@ -374,10 +375,12 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     white = values[..., -1] > max_saturated
     if white.any():
         validity = np.where(white, np.float32(0), validity)
-        share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {level:g})"
-        advice = ("acquire with a shorter exposure or a lower gain"
-                  + ("" if saturation is not None else ", or give the camera's saturation level")
-                  + "; for an image stretched to its type's range, max_saturated=1 (--max-saturated 1) turns this off")
+        bits = image.attrs.get("significant_bits") if xr_in and saturation is None else None
+        origin = f", the image's {bits} significant bits" if bits and level == 2.0**bits - 1 else ""
+        share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {level:g}{origin})"
+        advice = (f"acquire with a shorter exposure or a lower gain; if the camera saturates elsewhere than {level:g}, "
+                  "give its level (saturation=, --saturation); for an image stretched to its type's range, "
+                  "max_saturated=1 (--max-saturated 1) turns this off")
         if fill and white.all():
             raise NothingToMap(f"every PSF-map node has {share}: clipped spots do not show the PSF; {advice}")
         if fill and not (validity >= 0.5).any():

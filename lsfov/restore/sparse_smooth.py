@@ -250,6 +250,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         attrs = {**image.attrs, "gamma1": gamma1, "gamma2": gamma2, "noise": noise}
         sparse = image.copy(data=sparse).assign_attrs(attrs, component="sparse").transpose(*dims)
         smooth = image.copy(data=smooth).assign_attrs(attrs, component="smooth").transpose(*dims)
+        for part in (sparse, smooth):
+            part.attrs.pop("significant_bits", None)  # the camera's, not the estimate's: they are no counts
     return sparse, smooth
 
 

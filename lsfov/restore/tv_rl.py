@@ -274,7 +274,9 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         yx = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
         out = deconvolve(yx.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
                          scratch=scratch, resume=resume, progress=progress)
-        return yx.copy(data=out).transpose(*image.dims).rename("deblurred")
+        out = yx.copy(data=out).transpose(*image.dims).rename("deblurred")
+        out.attrs.pop("significant_bits", None)  # the camera's, not the estimate's: it is no count
+        return out
     if type(image).__module__.startswith("dask"):
         from .chunked import deconvolve_dask
 
