@@ -260,12 +260,17 @@ def _readings(psf_map, axis0):
     return f * f, np.cos(2 * axis0) * c + np.sin(2 * axis0) * s
 
 
+def _read_grid(cal: DepthCalibration) -> np.ndarray:
+    """The depths the curves are read at: the calibrated range, padded by ``_PAD`` each side, in 600 steps."""
+    lo, hi = cal.range_um
+    pad = _PAD * (hi - lo)
+    return np.linspace(lo - pad, hi + pad, 601)
+
+
 def _curve_depth(readings, cal: DepthCalibration):
     """Per node, the depth whose expected readings (the calibration's curves) are nearest in weighted
     least squares: a fine grid over the calibrated range, then a parabola through the best point."""
-    lo, hi = cal.range_um
-    pad = _PAD * (hi - lo)
-    grid = np.linspace(lo - pad, hi + pad, 601)
+    grid = _read_grid(cal)
     step = grid[1] - grid[0]
     expected = [np.polyval(c, grid) for c in cal.curves]
     y = [np.ravel(r) for r in readings]
@@ -290,11 +295,8 @@ def _beyond(readings, cal: DepthCalibration):
     that end's (within two of its). A curve that turns over before the end of its range (a
     polynomial's ends) would read such a node inside the range; a spike of ``focus²`` alone (an
     in-focus node read wrong) is not enough."""
-    lo, hi = cal.range_um
-    pad = _PAD * (hi - lo)
-    grid = np.linspace(lo - pad, hi + pad, 601)
     (sd0, sd1) = np.sqrt(cal.noise)
-    focus2, astig = (np.polyval(c, grid) for c in cal.curves)
+    focus2, astig = (np.polyval(c, _read_grid(cal)) for c in cal.curves)
     far = readings[0] > focus2.max() + 2 * sd0
     s = 1.0 if astig[-1] >= astig[0] else -1.0  # the product grows towards the high end, or falls
     u = s * readings[1]
@@ -305,9 +307,9 @@ def _warn_clipped(z, valid, cal: DepthCalibration):
     """Say so when many nodes read at the end of the calibrated depths: the sample goes beyond them
     there, and the curves cannot tell how far (their depth is clipped)."""
     lo, hi = cal.range_um
-    pad = _PAD * (hi - lo)
-    tol = 2 * (hi - lo + 2 * pad) / 600  # two steps of _curve_depth's grid
-    at_end = ((z <= lo - pad + tol) | (z >= hi + pad - tol)) & valid
+    grid = _read_grid(cal)
+    tol = 2 * (grid[1] - grid[0])  # two steps of the grid
+    at_end = ((z <= grid[0] + tol) | (z >= grid[-1] - tol)) & valid
     share = at_end.sum() / max(int(valid.sum()), 1)
     # A sample within the range has some nodes there too (the calibration's own deepest, read with
     # noise, ~10 % of a tilt's): a quarter is a sample that goes well beyond.
@@ -499,10 +501,8 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         readings = _readings(psf_map, c.axis0)
         # More defocused than the calibration ever was: clipped to the end on its side, as a node
         # past the end of a curve that keeps rising reads.
-        lo, hi = c.range_um
-        side = _beyond(readings, c)
-        depth = np.where(side > 0, hi + _PAD * (hi - lo), np.where(side < 0, lo - _PAD * (hi - lo),
-                                                                   _curve_depth(readings, c)))
+        grid, side = _read_grid(c), _beyond(readings, c)
+        depth = np.where(side > 0, grid[-1], np.where(side < 0, grid[0], _curve_depth(readings, c)))
         z = psf_map["focus"].copy(data=depth)
         units, note = "micrometer", c.to_dict()
         _warn_clipped(z.values, _weights(psf_map, c.min_validity) > 0, c)
