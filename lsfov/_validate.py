@@ -132,8 +132,11 @@ def check_pixel_size(made, image, what: str = "the operator was made for"):
         return
     from .io import pixel_size
 
-    px, ref = pixel_size(image), (getattr(made, "attrs", None) or {}).get("pixel_um")
-    if ref and px and abs(float(px) / float(ref) - 1) > 0.1:
+    ref = (getattr(made, "attrs", None) or {}).get("pixel_um")
+    if not ref:  # PSFs in the image's own pixels (a measured PSF, an operator of its beads): nothing to compare
+        return
+    px = pixel_size(image)  # non-square pixels: refused with a message
+    if px and abs(float(px) / float(ref) - 1) > 0.1:
         warnings.warn(f"the image's pixels are {float(px):g} µm but {what} {float(ref):g} µm pixels: unless one "
-                      "of the two sizes is wrong, its PSFs are the wrong size here; resample the image or calibrate "
-                      "for these pixels", LsfovWarning, stacklevel=3)
+                      "of the two sizes is wrong (give the image's with pixel_um= / --pixel-um), its PSFs are the wrong "
+                      "size here; resample the image or calibrate for these pixels", LsfovWarning, stacklevel=3)

@@ -87,8 +87,8 @@ def _scheduler_option(f):
 
 def _gpu_option(f):
     return click.option("--gpu/--no-gpu", default=None,
-                        help="Compute on the GPU: each chunk is moved to it (CuPy) as its task reads it, the "
-                             "CNN takes it there through DLPack. [default: on with --scheduler cuda]")(f)
+                        help="Compute on the GPU: each chunk is moved to it (CuPy) as its task reads it (a "
+                             "CNN takes it there through DLPack). [default: on with --scheduler cuda]")(f)
 
 
 def _on_gpu(img, gpu, scheduler):
@@ -223,6 +223,14 @@ def _check_figure(figure, overwrite, out, inputs=()):
     if fig.is_dir():
         raise ValueError(f"--figure {fig} is a directory; name a PNG file")
     return _check_png(fig)
+
+
+def _check_preview(out, overwrite):
+    """The PNG preview written beside OUT (OUT.png), checked before any work as --figure is."""
+    fig = _check_out(Path(out).with_suffix(".png"), overwrite, result=False)
+    if fig.is_dir():
+        raise ValueError(f"{fig}, where the preview of OUT goes, is a directory; move it, or name OUT otherwise")
+    return fig
 
 
 def _check_png(fig):
@@ -387,6 +395,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--exchange-every", type=int, default=None, help="Iterations between halo exchanges (default: cost model).")
 @click.option("--scratch", type=click.Path(), default=None,
               help="Directory for intermediate estimates, visible to all workers (default: beside OUT).")
+@click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @_plane_options
 @_scheduler_option
 @_gpu_option
@@ -394,7 +403,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @_overwrite_option
 @click.pass_obj
 def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
-               channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
+               pixel_um, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
     import xarray as xr
@@ -405,12 +414,18 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     from .restore import deconvolve as run
 
     out = _check_out(out, overwrite, inputs=[src, *(p for p in (operator_path, psf_path, map_path) if p)])
-    _check_out(out.with_suffix(".png"), overwrite, result=False)
+    _check_preview(out, overwrite)
     if sum(p is not None for p in (operator_path, psf_path, map_path)) != 1:
         raise ValueError("give the blur with exactly one of --operator OP (saved by lsfov), --psf FILE or "
                          "--psf-map MAP (from lsfov estimate)")
     _check_chunks(chunks)
+    _check_pixel_um(pixel_um)
+    _check_iterations(iterations)
+    if not 0 <= tv < 0.25:
+        raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    if pixel_um is not None:
+        img = io.with_pixel_size(img, pixel_um)
     if map_path:
         from .estimate.mapping import operator_from_psf_map
 
@@ -632,7 +647,7 @@ def _blind(img, work, model, **kw):
     return xr.Dataset({"raw": img, **ds.data_vars}, attrs=ds.attrs), stages
 
 
-@main.command()
+@main.command(short_help="Depth from astigmatism of a Z3 PSF map (paper 000 Sec. II-H).")
 @click.argument("psf_map", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--calibration", type=click.Path(), default=None, help="JSON written by `lsfov depth --known`.")
@@ -642,8 +657,9 @@ def _blind(img, work, model, **kw):
 @click.option("--smooth", type=click.FloatRange(min=0), default=None,
               help="σ in nodes of the local-plane smoothing of the depth, robust to outlying nodes [with --known: "
                    "0, stored in the calibration; otherwise the calibration's].")
-@click.option("--method", type=click.Choice(["curve", "linear"]), default="curve", show_default=True,
-              help="With --known: calibration curves of the CNN's readings, or paper 000's line of the signed defocus.")
+@click.option("--method", type=click.Choice(["curve", "linear"]), default=None,
+              help="With --known: calibration curves of the CNN's readings, or paper 000's line of the signed defocus "
+                   "[default: curve].")
 @_overwrite_option
 def depth(psf_map, out, calibration, known, smooth, method, overwrite):
     """Depth from astigmatism (paper 000 Sec. II-H) of a Z3 PSF map: µm with a calibration, otherwise
@@ -652,6 +668,13 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
 
     from . import io
     from .estimate.depth import DepthCalibration, calibrate_depth, estimate_depth
+
+    if known and calibration:
+        raise ValueError("--known fits a new calibration and --calibration uses one: give one of them")
+    if method and not known:
+        raise ValueError(f"--method {method} chooses how --known fits a calibration (one records its own method); "
+                         "add --known DEPTH, or leave --method out")
+    method = method or "curve"
 
     if known and Path(out).suffix.lower() != ".json":  # a calibration in place of an image or a store: refused
         raise ValueError(f"{out}: a depth calibration is a JSON file; name it {Path(out).with_suffix('.json').name}")
@@ -699,14 +722,17 @@ def _describe_calibration(cal) -> str:
 @click.option("--gamma2", type=float, default=None, help="Smoothness weight of the background (default 10).")
 @click.option("--iterations", default=500, show_default=True, help="FISTA iterations.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
+@click.option("--threshold", type=float, default=None,
+              help="Detection threshold of the point sources that identify the blur (default: automatic).")
+@click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @_saturation_option
 @_plane_options
 @_scheduler_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
-def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, saturation, channel, zplane, tpoint, scheduler,
-        resume, overwrite):
+def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, threshold, pixel_um, saturation, channel, zplane,
+        tpoint, scheduler, resume, overwrite):
     """Blind sparse+smooth deblurring of point sources (paper 003 App. D).
 
     Identifies the blur of SRC in the subspace from its isolated point sources, then splits SRC into
@@ -717,24 +743,28 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, satura
     import xarray as xr
 
     from . import io
-    from ._validate import saturation_level
+    from ._validate import check_pixel_size, saturation_level
     from .calibrate import OperatorSubspace, identify_operator
     from .cluster import use_scheduler
     from .restore import locate_sources, sparse_smooth_deblur
 
     out = _check_out(out, overwrite, inputs=[src, subspace_path])
-    _check_out(out.with_suffix(".png"), overwrite, result=False)
+    _check_preview(out, overwrite)
     _check_chunks(chunks)
     _check_iterations(iterations)
     for name, g in (("--gamma1", gamma1), ("--gamma2", gamma2)):
         if g is not None and not (np.isfinite(g) and g >= 0):
             raise ValueError(f"{name} {g} must be a weight >= 0")
+    _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    if pixel_um is not None:
+        img = io.with_pixel_size(img, pixel_um)
     sub = OperatorSubspace.load(subspace_path)
+    check_pixel_size(sub, img, "the subspace was learned on")  # before the sources are sought
     t0 = time.perf_counter()
     with use_scheduler(scheduler), _run_state(out, None, resume) as state:
-        op, info = identify_operator(np.asarray(img), sub, saturation=saturation_level(img, saturation),
-                                     return_details=True)
+        op, info = identify_operator(np.asarray(img), sub, threshold=threshold,
+                                     saturation=saturation_level(img, saturation), return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         # The iterations run here, through the run's state; sparse and smooth then read from it.
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,
@@ -773,7 +803,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, satura
 @click.option("--smoothing", type=float, default=None, help="Thin-plate smoothing (default 0.01).")
 @click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
 @_saturation_option
-@click.option("--channel", type=int, default=None)
+@click.option("--channel", type=int, default=None, help="Channel of multi-channel bead images.")
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the bases and the operator.")
 @_scheduler_option
 @_overwrite_option
@@ -889,6 +919,8 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     if n_synth is not None:
         if out is not None or more:
             raise ValueError("with --synthesize give only the output training set (DATA)")
+        if Path(data).suffix.lower() in (".pt", ".json", ".tif", ".tiff", ".npy", ".png"):
+            raise ValueError(f"{data}: a training set is a zarr store; name it {Path(data).with_suffix('.zarr').name}")
         t = time.perf_counter()
         synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, workers=workers,
                    device=device, progress=progress)
@@ -948,7 +980,8 @@ def _print_scores(res):
               help="Also the R²-vs-degradation curves (paper 000 Fig. 7) on N fresh held-out patches.")
 @click.option("--figure", type=click.Path(), default=None, help="PNG of the robustness curves.")
 @_overwrite_option
-def evaluate(model, data, n_robust, figure, overwrite):
+@click.pass_obj
+def evaluate(obj, model, data, n_robust, figure, overwrite):
     """R² per parameter and validity accuracy of MODEL (a shipped name or .pt) on a test set DATA."""
     import json
 
@@ -968,7 +1001,7 @@ def evaluate(model, data, n_robust, figure, overwrite):
     if data is not None:
         _print_scores(_evaluate(reg, data))
     if n_robust:
-        curves = robustness(reg, n=n_robust)
+        curves = robustness(reg, n=n_robust, progress=not obj["quiet"])
         click.echo(json.dumps(curves))
         if figure:
             from .figures import robustness_figure
@@ -1006,8 +1039,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     from .restore import deconvolve as run_tvrl
 
     out = _check_out(out, overwrite)
-    fig = out.with_suffix(".png")
-    _check_out(fig, overwrite, result=False)
+    fig = _check_preview(out, overwrite)
     if size < 512:  # 7x7 nodes at least: a depth calibration on fewer reads nothing but its own plane
         raise ValueError(f"--size {size} is too small for the demo's PSF and depth maps of 128² patches; "
                          "use at least 512")

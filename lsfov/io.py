@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -204,20 +205,24 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             scale, trans = scale * top, trans * top
         elif tr.get("type") == "translation":
             trans = trans + np.asarray(tr["translation"], dtype=float)
-    coords, pixel_um = {}, None
+    coords, sizes = {}, {}
     for i, (ax, name) in enumerate(zip(axes, names)):
         if name in ("y", "x"):
             unit = ax.get("unit") if isinstance(ax, dict) else None
             factor = _to_um(unit)
             if factor is not None:
                 coords[name] = _coord(name, trans[i] * factor + scale[i] * factor * np.arange(data.shape[i]), SPATIAL_UNIT)
-                pixel_um = float(scale[i] * factor) if name == "x" or pixel_um is None else pixel_um
+                sizes[name] = float(scale[i] * factor)
             else:
                 coords[name] = _coord(name, trans[i] + scale[i] * np.arange(data.shape[i]), "pixel")
         elif name in ("z", "t") and isinstance(ax, dict) and ax.get("unit"):  # where a chosen plane lies
             factor = _to_um(ax["unit"]) if name == "z" else None
             values = trans[i] + scale[i] * np.arange(data.shape[i])
             coords[name] = _coord(name, values * factor, SPATIAL_UNIT) if factor else _coord(name, values, ax["unit"])
+    # Non-square pixels keep each axis's scale and no single size (pixel_size then says what to do).
+    pixel_um = sizes.get("x", sizes.get("y"))
+    if len(sizes) == 2 and not _square(sizes["y"], sizes["x"]):
+        pixel_um = None
     attrs = {"pixel_um": pixel_um, "source": str(path)}
     bits = (root_attrs.get("lsfov") or {}).get("attrs", {}).get("significant_bits")  # an lsfov variable's camera
     if bits and np.dtype(data.dtype).kind in "iu":
@@ -257,11 +262,11 @@ def _open_tiff(path: Path) -> xr.DataArray:
         axes = axes.replace("q", "c")
         shape = series.shape
         pixel_um = _tiff_pixel_um(tf)
+        pixel_um_y = _tiff_pixel_um(tf, "Y")
         z_um = _tiff_z_um(tf)
         bits = _ome_significant_bits(tf, series.dtype)
     try:
-        store = tifffile.imread(path, aszarr=True)
-        data = da.from_zarr(zarr.open_array(store, mode="r"))
+        data = _tiff_dask(path, 0)
     except Exception:  # fall back to a memory map, or a plain read, for layouts zarr cannot wrap
         try:
             data = da.from_array(tifffile.memmap(path, mode="r"))
@@ -269,12 +274,60 @@ def _open_tiff(path: Path) -> xr.DataArray:
             data = da.from_array(tifffile.imread(path))
     if data.shape != tuple(shape) or len(set(axes)) != len(axes):
         axes = "tczyx"[-data.ndim :]
-    arr = _with_coords(data, list(axes), pixel_um, path)
+    arr = _with_coords(data, list(axes), pixel_um, path, pixel_um_y)
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
         arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
     if bits:  # a 12-bit camera in 16-bit pixels: where it saturates (lsfov.estimate_psf_map reads it)
         arr.attrs["significant_bits"] = bits
     return arr
+
+
+_TIFFS: dict = {}  # per process: (path, size, mtime) -> open TiffFile, parsed once for all its series
+_TIFFS_LOCK = threading.Lock()
+_TIFFS_KEPT = 64  # open files at most (the oldest closed first)
+
+
+def _tiff_series_zarr(key, series: int):
+    """Series ``series`` of the TIFF ``key`` names, as a zarr array over the process's one open TiffFile
+    (reopening per series would parse every page again: O(n²) for images appended one by one)."""
+    import tifffile
+
+    with _TIFFS_LOCK:
+        entry = _TIFFS.get(key)
+        if entry is None:
+            if len(_TIFFS) >= _TIFFS_KEPT:
+                old = _TIFFS.pop(next(iter(_TIFFS)))
+                with contextlib.suppress(Exception):
+                    old["file"].close()
+            entry = _TIFFS[key] = {"file": tifffile.TiffFile(key[0]), "series": {}}
+        arr = entry["series"].get(series)
+        if arr is None:
+            arr = entry["series"][series] = zarr.open_array(entry["file"].series[series].aszarr(), mode="r")
+    return arr
+
+
+class _TiffSeries:
+    """One series of a TIFF as an array that Dask can send to other processes (a distributed worker,
+    a SLURM job): it holds the absolute path, not the zarr store tifffile makes, whose open file and
+    lock do not pickle; each process opens the file once, at its first read."""
+
+    def __init__(self, path, series: int):
+        self.path, self.series = os.path.abspath(path), int(series)  # workers may start in another directory
+        st = os.stat(self.path)
+        self.key = (self.path, st.st_size, st.st_mtime_ns)  # a rewritten file is another file
+        z = _tiff_series_zarr(self.key, self.series)
+        self.shape, self.dtype, self.chunks, self.ndim = z.shape, z.dtype, z.chunks, z.ndim
+
+    def __dask_tokenize__(self):  # the same name for the same file: a resumed run finds its chunks
+        return ("lsfov-tiff", *self.key, self.series)
+
+    def __getitem__(self, item):
+        return _tiff_series_zarr(self.key, self.series)[item]
+
+
+def _tiff_dask(path, series: int) -> da.Array:
+    arr = _TiffSeries(path, series)
+    return da.from_array(arr, chunks=arr.chunks, meta=np.empty((0,) * arr.ndim, arr.dtype))
 
 
 def _ome_significant_bits(tf, dtype) -> int | None:
@@ -292,15 +345,12 @@ def _ome_significant_bits(tf, dtype) -> int | None:
 def _open_tiff_series(path: Path, tf) -> xr.DataArray:
     """A TIFF of several series (images appended one by one): 2-D ones of one shape are its pages, a
     z-stack as a plain multi-page TIFF is; other mixes are refused, not read as their first image."""
-    import tifffile
-
     kinds = {(s.shape, s.dtype.str) for s in tf.series}
     if len(kinds) > 1 or len(tf.series[0].shape) != 2:
         raise ValueError(f"{path}: {len(tf.series)} images of shapes {sorted({s.shape for s in tf.series})} in one TIFF; "
                          "save them as one stack (tifffile.imwrite of a 3-D array) or as separate files")
-    planes = [da.from_zarr(zarr.open_array(tifffile.imread(path, series=i, aszarr=True), mode="r"))
-              for i in range(len(tf.series))]
-    arr = _with_coords(da.stack(planes), ["z", "y", "x"], _tiff_pixel_um(tf), path)
+    planes = [_tiff_dask(path, i) for i in range(len(tf.series))]
+    arr = _with_coords(da.stack(planes), ["z", "y", "x"], _tiff_pixel_um(tf), path, _tiff_pixel_um(tf, "Y"))
     bits = _ome_significant_bits(tf, tf.series[0].dtype)
     if bits:
         arr.attrs["significant_bits"] = bits
@@ -331,15 +381,21 @@ def _tiff_z_um(tf) -> float | None:
     return None
 
 
-def _tiff_pixel_um(tf) -> float | None:
-    """Pixel size from OME-XML or ImageJ/TIFF resolution tags, in µm; None if not recorded."""
+_INCH_PIXEL_MAX_UM = 25.0  # inch-based resolutions below ~1000 dpi are display or print settings
+
+
+def _tiff_pixel_um(tf, axis: str = "X") -> float | None:
+    """Pixel size along ``axis`` ("X" or "Y") from OME-XML or ImageJ/TIFF resolution tags, in µm;
+    None if not recorded, or recorded in inches as a display setting: 72 or 300 dots per inch is what
+    office and imaging software write by default, not a microscope's pixel (72 dpi would read as
+    353 µm; no microscope's object-plane pixel is over 25 µm)."""
     try:
         if tf.ome_metadata:
-            px = _ome_size_um(tf, "X")
+            px = _ome_size_um(tf, axis)
             if px:
                 return px
         page = tf.pages[0]
-        res = page.tags.get("XResolution")
+        res = page.tags.get(f"{axis}Resolution")
         if res is None:
             return None
         num, den = res.value
@@ -352,7 +408,14 @@ def _tiff_pixel_um(tf) -> float | None:
             return per_unit * f if f else None
         runit = page.tags.get("ResolutionUnit")
         code = int(runit.value) if runit is not None else 2
-        return {2: per_unit * 25400.0, 3: per_unit * 1e4}.get(code)
+        size = {2: per_unit * 25400.0, 3: per_unit * 1e4}.get(code)
+        if code == 2 and size and size > _INCH_PIXEL_MAX_UM:
+            if axis == "X":
+                log.info("%s: its resolution tag says %g dots per inch, a display setting rather than a "
+                         "microscope's pixel: the pixel size is taken as unknown (give it with pixel_um= / "
+                         "--pixel-um)", tf.filehandle.path, num / den)
+            return None
+        return size
     except Exception:
         return None
 
@@ -370,17 +433,28 @@ def _open_npy(path: Path) -> xr.DataArray:
     return _with_coords(da.from_array(arr), dims, None, path)
 
 
-def _with_coords(data, dims, pixel_um, path) -> xr.DataArray:
+def _with_coords(data, dims, pixel_um, path, pixel_um_y=None) -> xr.DataArray:
     if dims is None:
         raise ValueError(f"{path}: {data.ndim}-D array; lsfov reads images of at most 5 dimensions (t, c, z, y, x)")
     coords = {}
+    if pixel_um and pixel_um_y and not _square(pixel_um_y, pixel_um):
+        # Each axis at its own scale (what the file says); pixel_size then refuses such an image with a message.
+        steps = {"y": pixel_um_y, "x": pixel_um}
+        pixel_um = None
+    else:
+        steps = {"y": pixel_um, "x": pixel_um}
     for d in ("y", "x"):
         if d in dims:
             n = data.shape[dims.index(d)]
             coords[d] = (
-                _coord(d, pixel_um * np.arange(n), SPATIAL_UNIT) if pixel_um else _coord(d, np.arange(n, dtype=float), "pixel")
+                _coord(d, steps[d] * np.arange(n), SPATIAL_UNIT) if steps[d] else _coord(d, np.arange(n, dtype=float), "pixel")
             )
     return xr.DataArray(data, dims=dims, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
+
+
+def _square(a: float, b: float) -> bool:
+    """Whether two pixel sizes are one (within 1 %: metadata rounded to a few digits)."""
+    return abs(a - b) <= 0.01 * max(a, b)
 
 
 def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
@@ -437,14 +511,29 @@ def pixel_size(image) -> float | None:
     if px:
         return float(px)
     coords = getattr(image, "coords", None)
-    if coords is None or image.ndim < 1 or image.dims[-1] not in coords or image.shape[-1] < 2:
+    if coords is None or image.ndim < 1:
         return None
-    c = coords[image.dims[-1]]
-    scale = _to_um(c.attrs.get("units"))
-    step = np.diff(np.asarray(c.values, dtype=np.float64))
-    if scale is None or not (step[0] > 0 and np.allclose(step, step[0], rtol=1e-5)):
-        return None
-    return float(step[0] * scale)
+
+    def step_um(dim):
+        if dim not in coords or image.sizes[dim] < 2:
+            return None
+        c = coords[dim]
+        scale = _to_um(c.attrs.get("units"))
+        step = np.diff(np.asarray(c.values, dtype=np.float64))
+        if scale is None or not (step[0] > 0 and np.allclose(step, step[0], rtol=1e-5)):
+            return None
+        return float(step[0] * scale)
+
+    xdim = "x" if "x" in image.dims else image.dims[-1]
+    ydim = "y" if "y" in image.dims else (image.dims[-2] if image.ndim >= 2 else None)
+    px = step_um(xdim)
+    py = step_um(ydim) if ydim is not None else None
+    if px and py and not _square(py, px):
+        raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixels are not square "
+                         f"(y {py:g} µm, x {px:g} µm) and lsfov's PSFs are; resample it to square pixels (e.g. "
+                         "skimage.transform.rescale), or give the pixel size (pixel_um= / --pixel-um) if the "
+                         "metadata is wrong")
+    return px
 
 
 def with_pixel_size(image, pixel_um=None) -> xr.DataArray:

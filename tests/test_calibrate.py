@@ -464,6 +464,13 @@ def test_subspace_bad_input(stack, tmp_path):
     px = [xr.DataArray(f.image, dims=("y", "x"), attrs={"pixel_um": um}) for f, um in zip(stack, (0.1, 0.1, 0.2))]
     with pytest.raises(ValueError, match=r"different pixel sizes \(0.1, 0.2 µm\)"):
         learn_subspace(px[:3])
+    from lsfov.calibrate.subspace import _as_images
+
+    um = {"units": "micrometer"}
+    n = stack[0].image.shape[0]
+    wide = [xr.DataArray(f.image, dims=("y", "x"), coords={"y": ("y", 0.2 * np.arange(n), um),
+                                                           "x": ("x", 0.1 * np.arange(n), um)}) for f in stack[:2]]
+    assert len(_as_images(wide)) == 2  # non-square pixels: PSFs in the images' own pixels, as one image's operator
     with pytest.raises(ValueError, match="not an lsfov operator subspace"):
         OperatorSubspace.load(tmp_path)
     sub = OperatorSubspace(np.zeros((2, 5, 5)), np.zeros((3, 16, 16)), np.zeros((4, 2, 3)))

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 import pytest
 from click.testing import CliRunner
 
@@ -138,7 +139,12 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["simulate", "blur", "img.npy", "o.npy"], "name it o.zarr"),
         (["estimate", "img.npy", "afile.zarr", "--overwrite"], "is a file, not a result"),
         (["depth", "m.zarr", "o.zarr", "--calibration", "nope.json"], "no such depth calibration"),
+        (["depth", "m.zarr", "o.zarr", "--method", "linear"], "--method linear chooses how --known fits"),
+        (["depth", "m.zarr", "c.json", "--known", "img.npy", "--calibration", "c0.json"], "give one of them"),
+        (["deconvolve", "img.npy", "o.zarr", "--psf", "img.npy", "--iterations", 0], "--iterations 0"),
+        (["deconvolve", "img.npy", "o.zarr", "--psf", "img.npy", "--pixel-um", -2], "--pixel-um -2"),
         (["evaluate", "nope.pt", "--robustness", 5], "no model file"),
+        (["train", "--synthesize", 8, "set.pt"], "a training set is a zarr store; name it set.zarr"),
         (["evaluate", "Z3", "--robustness", -3], "--robustness -3"),
         (["train", "data.zarr", "m.pt", "--resume"], "nothing to resume"),
         (["train", "--stream", 32, "side.pt", "--batch-size", 16, "--arch", "compact"], "side.json already exists"),
@@ -165,6 +171,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     cases.append((["run", "img.npy", "o.zarr", "--model", "G1", "--calibration", "cal.json"], "needs an astigmatic"))
     (tmp_path / "rob.png").write_bytes(b"a figure")
     cases.append((["evaluate", "Z3", "--robustness", 5, "--figure", "rob.png"], "--overwrite"))
+    truth = {v: (("y", "x"), np.full((8, 8), 0.1, np.float32)) for v in ("focus", "astigmatism", "axis")}
+    lsfov.save(xr.Dataset(truth), tmp_path / "truth.zarr")  # the true parameters, as `simulate blur` writes: no map
+    cases.append((["depth", "truth.zarr", "d.zarr"], "depth reads a PSF map of the CNN"))
     import torch
 
     if not torch.cuda.is_available():
@@ -483,6 +492,19 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert res.exit_code == 1 and "--overwrite" in res.output
     res = run("bss", "b.npy", "x.zarr", "--subspace", "nothing.zarr", ok=False)
     assert res.exit_code == 1 and "no such subspace" in res.output
+    lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, 1.5, size=9)[None, None], (64, 64)).save("op.zarr")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = run("bss", "b.npy", "x.zarr", "--subspace", "op.zarr", ok=False)  # an operator is no subspace: one line
+    assert not [w for w in said if "onsolidated" in str(w.message)]
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "Error: op.zarr is not an lsfov operator subspace; learn one from bead images (lsfov calibrate, "
+        "lsfov.learn_subspace)"]
+    res = run("bss", "b.npy", "x.zarr", "--subspace", "sub.zarr", "--threshold", 1e9, ok=False)
+    assert res.exit_code == 1 and "no beads found" in res.output and "bss" in res.output
+    Path("y.png").mkdir()  # where the preview would go: refused before any work, not after it
+    res = run("bss", "b.npy", "y.zarr", "--subspace", "sub.zarr", "--overwrite", ok=False)
+    assert res.exit_code == 1 and "is a directory" in res.output and not Path("y.zarr").exists()
 
 
 def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):

@@ -604,3 +604,13 @@ def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path):
         train.train([a, synth.synthesize(40, "G2", seed=1)], **kw)
     with pytest.raises(ValueError, match="empty list"):
         train.train([], **kw)
+
+
+def test_robustness_shows_progress_only_when_asked(capsys):
+    from lsfov.estimate import robustness
+
+    quiet = robustness("G1", n=12, strengths=(0.0, 0.1), progress=False)
+    assert capsys.readouterr().err == ""
+    loud = robustness("G1", n=12, strengths=(0.0, 0.1), progress=True)
+    assert "robustness G1" in capsys.readouterr().err
+    assert quiet == loud  # the bar changes nothing it reports

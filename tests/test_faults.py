@@ -94,6 +94,27 @@ def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_
     assert "Completed" not in out + err  # distributed's text bar
 
 
+@pytest.mark.parametrize("chunk", [60, 240])
+def test_the_bar_reaches_the_total_on_threads_with_one_block_or_many(scene, tmp_path, monkeypatch, chunk):
+    """With one block Dask fuses its task with the result's own, under another name: the bar still ends
+    at the total, not at 0 % (what a batch job's log keeps)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    op, y = scene
+    lsfov.deconvolve(da.from_array(y, chunks=chunk), op, 4, exchange_every=2, scratch=tmp_path / "s",
+                     progress=True).compute()
+    bar = [b for b in bars if b.unit == "block-it"][-1]
+    assert bar.n == bar.total == 4 * (1 if chunk == 240 else 16)
+
+
 def test_resume_never_picks_up_the_state_of_another_image(scene, tmp_path):
     """A mirror image has the shape, sum, minimum and maximum of the original: only its bytes tell
     the runs apart, and they do."""

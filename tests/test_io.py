@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -127,6 +128,62 @@ def test_open_tiff_and_npy(tmp_path):
 
 
 
+def test_tiff_images_travel_to_other_processes(tmp_path, monkeypatch):
+    # a distributed worker or a SLURM job gets the image's graph pickled: tifffile's zarr store holds an
+    # open file and a lock, which do not pickle; the path does
+    import pickle
+
+    data = np.random.default_rng(5).random((3, 70, 50)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "one.tif", data[0])
+    tifffile.imwrite(tmp_path / "stack.tif", data, photometric="minisblack", metadata={"axes": "ZYX"})
+    for k, plane in enumerate(data):
+        tifffile.imwrite(tmp_path / "appended.tif", plane, append=True)
+    for name, kw, want in (("one.tif", {}, data[0]), ("stack.tif", {"z": 1}, data[1]), ("appended.tif", {"z": 2}, data[2])):
+        arr = lsfov.open_image(tmp_path / name, **kw)
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(arr)).values, want)
+        assert lsfov.open_image(tmp_path / name, **kw).data.name == arr.data.name  # a resumed run finds its chunks
+    with dask.config.set(scheduler="processes", num_workers=2):
+        np.testing.assert_array_equal(lsfov.open_image(tmp_path / "stack.tif", z=2).values, data[2])
+    # a relative name is made absolute (workers may start elsewhere), and names the same file as the absolute one
+    monkeypatch.chdir(tmp_path)
+    rel = lsfov.io.open_planes("appended.tif")
+    assert rel[0].data.name == lsfov.io.open_planes(tmp_path / "appended.tif")[0].data.name
+    monkeypatch.chdir(tmp_path.parent)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(rel[1])).values, data[1])
+
+
+def test_pixel_sizes_that_lsfov_cannot_use_are_not_guessed(tmp_path):
+    img = np.random.default_rng(6).random((40, 30)).astype(np.float32)
+    # 72 dots per inch is a display default, not a microscope's 353 µm pixel: unknown, not 353
+    tifffile.imwrite(tmp_path / "dpi.tif", img, resolution=(72, 72), resolutionunit="INCH")
+    assert lsfov.open_image(tmp_path / "dpi.tif").attrs["pixel_um"] is None
+    tifffile.imwrite(tmp_path / "cm.tif", img, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    assert lsfov.open_image(tmp_path / "cm.tif").attrs["pixel_um"] == pytest.approx(0.25)
+    # non-square pixels: each axis keeps its own scale (viewers show the right shape), and anything that
+    # needs one pixel size says what to do instead of taking x's
+    tifffile.imwrite(tmp_path / "an.ome.tif", img, metadata={"axes": "YX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.4})
+    lsfov.save(xr.Dataset({"im": xr.DataArray(img, dims=("y", "x"), coords={
+        "y": ("y", 0.4 * np.arange(40), {"units": "micrometer"}), "x": ("x", 0.2 * np.arange(30), {"units": "micrometer"})})}),
+        tmp_path / "an.zarr")
+    for src in (tmp_path / "an.ome.tif", tmp_path / "an.zarr" / "im"):
+        an = lsfov.open_image(src)
+        assert an.attrs["pixel_um"] is None
+        assert float(an.y[1] - an.y[0]) == pytest.approx(0.4) and float(an.x[1] - an.x[0]) == pytest.approx(0.2)
+        with pytest.raises(ValueError, match=r"not square \(y 0.4 µm, x 0.2 µm\).*--pixel-um"):
+            lsfov.estimate_psf_map(an, "G1")
+        assert lsfov.io.with_pixel_size(an, 0.2).attrs["pixel_um"] == 0.2  # the user's word overrides the file's
+        with pytest.raises(ValueError, match=r"\(y 0.4 µm, x 0.2 µm\)"):  # axes by name, also in (x, y) order
+            lsfov.io.pixel_size(an.T)
+        # PSFs in the image's own pixels (a measured PSF, an operator of its own beads): nothing to compare
+        op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.0, 1.0, size=5)[None, None], an.shape)
+        assert lsfov.deconvolve(an, op, 2).shape == an.shape
+    # a real pixel size in dots per inch (0.1 µm: 254000 dpi) is kept
+    tifffile.imwrite(tmp_path / "fine.tif", img, resolution=(254000, 254000), resolutionunit="INCH")
+    assert lsfov.open_image(tmp_path / "fine.tif").attrs["pixel_um"] == pytest.approx(0.1)
+    tifffile.imwrite(tmp_path / "sq.ome.tif", img, metadata={"axes": "YX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2005})
+    assert lsfov.open_image(tmp_path / "sq.ome.tif").attrs["pixel_um"] == pytest.approx(0.2)  # rounding is no anisotropy
+
+
 def test_open_a_bare_zarr_array(tmp_path):
     import dask.array as da
 
@@ -240,7 +297,7 @@ def test_multiscale_level_transforms_apply_after_the_dataset_ones(tmp_path):
                                           {"type": "translation", "translation": [10.0, 20.0]}]
     root.attrs["ome"] = {**ome, "multiscales": ms}
     arr = lsfov.open_image(tmp_path / "top.zarr")
-    assert arr.attrs["pixel_um"] == pytest.approx(0.25)
+    assert arr.attrs["pixel_um"] is None  # 0.5 x 0.25 µm pixels: not square, no one size (see the test below)
     np.testing.assert_allclose(arr.x.values, 20 + 0.25 * np.arange(6))
     np.testing.assert_allclose(arr.y.values, 10 + 0.5 * np.arange(4))
 

@@ -262,7 +262,8 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     pos, every = _maxima(img, radius, threshold)
     if len(pos) == 0:
         raise ValueError("no beads found: the image has no bright spots above the threshold; "
-                         "check the image, or lower the detection threshold (threshold=; lsfov calibrate --threshold)")
+                         "check the image, or lower the detection threshold (threshold=; --threshold of lsfov calibrate "
+                         "or bss)")
     n_detected = len(pos)
 
     # Saturated beads: their core is clipped, so the PSF shape is wrong.

@@ -131,6 +131,9 @@ def _check_map(psf_map):
         if v not in psf_map:
             raise ValueError(f"depth needs a map of an astigmatic model (Z3: focus, astigmatism, axis); "
                              f"this one has no {v!r}")
+    if "validity" not in psf_map:  # e.g. the true parameters `lsfov simulate blur` writes beside its image
+        raise ValueError("depth reads a PSF map of the CNN (`lsfov estimate`, lsfov.estimate_psf_map); this one "
+                         "has no 'validity'")
     return node_order(psf_map)
 
 

@@ -313,7 +313,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if pixel_um and m.optics is not None and abs(float(pixel_um) / m.optics.pixel_um - 1) > 0.1:
         warnings.warn(f"image pixels are {float(pixel_um):g} µm but model {m.psf_model.name} was trained at "
                       f"{m.optics.pixel_um:g} µm: its parameters will be off; resample the image or train a model "
-                      "for these optics", LsfovWarning, stacklevel=2)
+                      "for these optics (or, if the image's size is wrong, give it: pixel_um= / --pixel-um)",
+                      LsfovWarning, stacklevel=2)
     gy, gx = _node_count(h, patch, stride), _node_count(w, patch, stride)
     n_out = len(_variables(m)) + 2  # the variables, validity, the saturated fraction
     if isinstance(data, da.Array):

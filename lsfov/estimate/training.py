@@ -568,7 +568,7 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
     seed : int
         Seeds the patches and the degradations.
     progress : bool
-        Unused: no progress bar is shown.
+        Show a progress bar (one step per degradation kind and strength).
 
     Returns
     -------
@@ -581,16 +581,22 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"n must be at least 2 patches (R² needs a spread), got {n!r}")
     strengths = [real_number(s, "strengths", minimum=0) for s in ((strengths,) if np.isscalar(strengths) else strengths)]
-    clean = synthesize(n, model.psf_model, split="test", seed=seed, photons=None, invalid_fraction=0.0)
+    clean = synthesize(n, model.psf_model, split="test", seed=seed, photons=None, invalid_fraction=0.0,
+                       progress=progress)
     valid = clean["valid"]
+    from tqdm.auto import tqdm
+
     out = {"strengths": list(map(float, strengths)), "n": int(valid.sum())}
-    for kind in DEGRADATIONS:
-        rng = np.random.default_rng([seed, DEGRADATIONS.index(kind)])
-        curve = []
-        for s in strengths:
-            x = degrade_unit(clean["patches"][valid], kind, s, rng)
-            pred = _predict_all(model, x)
-            est = np.stack([pred[p] for p in model.params], axis=1)
-            curve.append(float(np.mean(list(r2_scores(model.psf_model, clean["params"][valid], est).values()))))
-        out[kind] = curve
+    with tqdm(total=len(DEGRADATIONS) * len(strengths), desc=f"robustness {model.psf_model.name}", unit="curve point",
+              disable=not progress) as bar:
+        for kind in DEGRADATIONS:
+            rng = np.random.default_rng([seed, DEGRADATIONS.index(kind)])
+            curve = []
+            for s in strengths:
+                x = degrade_unit(clean["patches"][valid], kind, s, rng)
+                pred = _predict_all(model, x)
+                est = np.stack([pred[p] for p in model.params], axis=1)
+                curve.append(float(np.mean(list(r2_scores(model.psf_model, clean["params"][valid], est).values()))))
+                bar.update()
+            out[kind] = curve
     return out

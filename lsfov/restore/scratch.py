@@ -96,12 +96,17 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
         return zarr.create_array(str(root / name), shape=shape, chunks=chunks_, dtype=np.float32, compressors=None,
                                  fill_value=0, zarr_format=3)
 
-    def run(graph, n):
+    def run(graph, n, pending):
+        seen = [0]
+
         def on_task(key, result):  # one block finished now (not one done before)
             if str(key[0] if isinstance(key, tuple) else key).startswith("lsfov-exchange-") and bool(result.all()):
                 bar.update(n)
+                seen[0] += 1
 
         compute(graph, on_task=on_task if progress else None)
+        # Blocks whose tasks were out of sight: one block fuses with the result's own task, which has another name.
+        bar.update(n * (pending - seen[0]))
 
     with tqdm(total=sum(counts) * n_blocks, initial=done, unit="block-it", desc=desc, unit_scale=True,
               disable=not progress) as bar:
@@ -126,7 +131,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
                 token = dask.base.tokenize(str(zout.store_path), str(marks), n, it)
                 flags = tuple((1,) * len(c) for c in chunks)
                 run(da.map_blocks(fn, chunks=flags, dtype=bool, meta=np.empty((0, 0), bool),
-                                  name=f"lsfov-exchange-{token}"), n)
+                                  name=f"lsfov-exchange-{token}"), n, n_blocks - len(list(marks.glob("*"))))
                 (root / "done" / f"x{e}").touch()
                 shutil.rmtree(marks, ignore_errors=True)
             zx, it = zout, it + n
