@@ -41,6 +41,11 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as e:
+            if e.option_name in ("-q", "--quiet", "-v", "-vv", "--verbose"):
+                e.message = (f"{e.message.rstrip('.')}: {e.option_name} goes before the command, "
+                             f"lsfov {e.option_name} {ctx.invoked_subcommand} ...")
+            raise
         except _USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
         except _Terminated:
@@ -53,7 +58,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More messages (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors: no progress bars, messages or warnings.")
 @click.version_option(package_name="lsfov")
 @click.pass_context
 def main(ctx, verbose, quiet):

@@ -51,6 +51,9 @@ def test_help(run):
     for cmd in ([], ["demo"], ["info"], ["simulate"], ["simulate", "beads"], ["simulate", "blur"], ["deconvolve"],
                 ["train"], ["evaluate"], ["calibrate"], ["bss"], ["estimate"], ["depth"], ["run"]):
         assert "Usage" in run(*cmd, "--help").output
+    assert "depth       Depth from astigmatism of a Z3 PSF map (paper 000 Sec. II-H)." in run("--help").output
+    res = run("deconvolve", "-q", "a.tif", "o.zarr", ok=False)  # a global option after the command: say where it goes
+    assert res.exit_code == 2 and "-q goes before the command, lsfov -q deconvolve ..." in res.output
 
 
 def test_demo_writes_result_and_figure(run, tmp_path):
