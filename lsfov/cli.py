@@ -238,6 +238,15 @@ def _check_preview(out, overwrite):
     return fig
 
 
+def _warn_not_held_out(what, attrs):
+    """A test set synthesized from the training images scores what the model has seen."""
+    from ._validate import LsfovWarning
+
+    if attrs.get("split") != "test":
+        warnings.warn(f"{what} is made from the training images (split {attrs.get('split')!r}): its R² is not a "
+                      "held-out score; synthesize one with --split test", LsfovWarning, stacklevel=2)
+
+
 def _check_png(fig):
     """Figures are PNG (or PDF, SVG) files: another name (``.tif``) would replace an image with a
     picture of it."""
@@ -369,11 +378,24 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @_plane_options
 @_overwrite_option
 def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zplane, tpoint, overwrite):
-    """Blur a sharp image with a random smooth PSF field plus Poisson-Gaussian noise."""
+    """Blur a sharp image with a random smooth PSF field plus Poisson-Gaussian noise.
+
+    A pupil model's PSFs are those of its microscope (NA, wavelength, pixel size): the result is
+    labelled with that pixel size, so that `lsfov estimate` reads it at the scale it was made."""
     from . import io, simulate as sim
+    from ._validate import LsfovWarning
+    from .psf import get_model
 
     out = _check_out(out, overwrite, inputs=[src])
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint)
+    optics = get_model(model).optics
+    if optics is not None:
+        px = img.attrs.get("pixel_um")
+        if px and abs(px / optics.pixel_um - 1) > 0.01:
+            warnings.warn(f"{src} has {px:g} µm pixels but {model.upper()}'s PSFs are those of {optics.pixel_um:g} µm "
+                          f"pixels: the blurred image is labelled {optics.pixel_um:g} µm, as that microscope would "
+                          "see it", LsfovWarning, stacklevel=1)
+        img = io.with_pixel_size(img, optics.pixel_um)
     op, params = sim.psf_field(img.shape, model, (grid, grid), seed=seed)
     blurred = sim.degrade(img.values, op, photons=photons, read_noise=read_noise, seed=seed)
     ds = _params_dataset(params, op, img.attrs.get("pixel_um"), model)
@@ -950,9 +972,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         if tested["psf_model"] != trained:
             raise ValueError(f"--test {test_path} is a {tested['psf_model']} set, the model will regress {trained}; "
                              f"synthesize a {trained} test set (--split test)")
-        if tested.get("split") != "test":
-            log.warning("--test %s is made from the training images (split %r): its R² is not a held-out score; "
-                        "synthesize one with --split test", test_path, tested.get("split"))
+        _warn_not_held_out(f"--test {test_path}", tested)
     if n_stream is not None:
         from .estimate.stream import PatchStream, train_stream
 
@@ -1004,6 +1024,9 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
                               inputs=[p for p in (model, data) if p and Path(p).exists()]))
     reg = load_model(model)
     if data is not None:
+        from .estimate.synth import open_training_set
+
+        _warn_not_held_out(str(data), open_training_set(data)["attrs"])
         _print_scores(_evaluate(reg, data))
     if n_robust:
         curves = robustness(reg, n=n_robust, progress=not obj["quiet"])

@@ -103,6 +103,9 @@ class DepthCalibration:
     def load(cls, path) -> DepthCalibration:
         """Read a calibration written by :meth:`save` (or ``lsfov depth --known``)."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not a depth calibration (the JSON file `lsfov depth --known` "
+                             "writes)")
         if not path.is_file():
             raise FileNotFoundError(f"no such depth calibration: {path}")
         try:
