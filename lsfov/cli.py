@@ -90,6 +90,12 @@ def _scheduler_option(f):
     )(f)
 
 
+def _scratch_option(f):
+    return click.option("--scratch", type=click.Path(), default=None,
+                        help="Directory for the run's intermediate state (what --resume continues), visible to all "
+                             "workers (default: beside OUT).")(f)
+
+
 def _gpu_option(f):
     return click.option("--gpu/--no-gpu", default=None,
                         help="Compute on the GPU: each chunk is moved to it (CuPy) as its task reads it (a "
@@ -420,8 +426,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--tv", default=DEFAULT_TV, show_default=True, help="TV weight in [0, 0.25); 0 gives plain RL.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
 @click.option("--exchange-every", type=int, default=None, help="Iterations between halo exchanges (default: cost model).")
-@click.option("--scratch", type=click.Path(), default=None,
-              help="Directory for intermediate estimates, visible to all workers (default: beside OUT).")
+@_scratch_option
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @_plane_options
 @_scheduler_option
@@ -535,11 +540,12 @@ def _centres(variables, names, edge=512):
 @_plane_options
 @_scheduler_option
 @_gpu_option
+@_scratch_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
 def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, saturation, max_saturated, channel,
-             zplane, tpoint, scheduler, gpu, resume, overwrite):
+             zplane, tpoint, scheduler, gpu, scratch, resume, overwrite):
     """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
     OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
@@ -557,7 +563,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
-    with use_scheduler(scheduler), _run_state(out, None, resume) as state:
+    with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
         before = _chunks_kept(state)
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,
                               saturation=saturation, max_saturated=max_saturated, scratch=state, resume=resume,
@@ -606,11 +612,12 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @_plane_options
 @_scheduler_option
 @_gpu_option
+@_scratch_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, symmetrize,
-                 saturation, max_saturated, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
+                 saturation, max_saturated, channel, zplane, tpoint, scheduler, gpu, scratch, resume, overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
@@ -638,7 +645,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     work = _on_gpu(img, gpu, scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with use_scheduler(scheduler), _run_state(out, None, resume) as tmp:
+    with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
                             scratch=tmp, resume=resume, progress=not obj["quiet"])
@@ -755,11 +762,12 @@ def _describe_calibration(cal) -> str:
 @_saturation_option
 @_plane_options
 @_scheduler_option
+@_scratch_option
 @_resume_option
 @_overwrite_option
 @click.pass_obj
 def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, threshold, pixel_um, saturation, channel, zplane,
-        tpoint, scheduler, resume, overwrite):
+        tpoint, scheduler, scratch, resume, overwrite):
     """Blind sparse+smooth deblurring of point sources (paper 003 App. D).
 
     Identifies the blur of SRC in the subspace from its isolated point sources, then splits SRC into
@@ -789,7 +797,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     sub = OperatorSubspace.load(subspace_path)
     check_pixel_size(sub, img, "the subspace was learned on")  # before the sources are sought
     t0 = time.perf_counter()
-    with use_scheduler(scheduler), _run_state(out, None, resume) as state:
+    with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
         op, info = identify_operator(np.asarray(img), sub, threshold=threshold,
                                      saturation=saturation_level(img, saturation), return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])

@@ -126,6 +126,24 @@ def test_cli_bad_input_gives_one_line_and_exit_1(run, tmp_path):
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_cli_scratch_puts_the_state_of_a_run_where_asked(run, tmp_path, monkeypatch):
+    """On a cluster the state of a run (what --resume continues) goes where every worker reaches it."""
+    from lsfov.estimate import mapping
+
+    seen = []
+
+    def dies(*a, **k):  # the first task of the map: where is the run's state?
+        seen.append(((tmp_path / "fast" / ".o.zarr.scratch").is_dir(), (tmp_path / ".o.zarr.scratch").exists()))
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(mapping, "_regress", dies)
+    np.save(tmp_path / "img.npy", (lsfov.simulate.sample_image("coins", (256, 256)) * 500 + 20).astype(np.float32))
+    for cmd in ("estimate", "run", "estimate"):
+        res = run(cmd, "img.npy", "o.zarr", *(["--scratch", "fast"] if len(seen) < 2 else []), ok=False)
+        assert res.exit_code == 1 and "node lost" in str(res.exception or res.output)
+    assert seen == [(True, False), (True, False), (False, True)]  # the default: beside OUT
+
+
 def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypatch):
     """Options, outputs and the model are checked first: a refusal costs no PSF map, leaves no
     state, and says nothing about resuming (there is nothing to resume)."""
