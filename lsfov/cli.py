@@ -475,6 +475,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
+        resumed = resume and any(tmp.glob("*/done/*"))  # work of before: a rate would count it too
         result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
                      progress=not obj["quiet"])
         ds = xr.Dataset({"deblurred": result}, attrs={
@@ -488,8 +489,9 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     fig = summary_figure(out.with_suffix(".png"), _centres({"raw": img, "deblurred": io.open_result(out)["deblurred"]},
                                                            ("raw", "deblurred")), title="lsfov deconvolve")
     mpix = img.size / 1e6
-    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {iterations} iterations in {seconds:.1f} s "
-               f"({mpix * iterations / seconds:.1f} Mpixel·iterations/s); preview {fig}")
+    rate = (f"{seconds:.1f} s to finish an interrupted run" if resumed else
+            f"{iterations} iterations in {seconds:.1f} s ({mpix * iterations / seconds:.1f} Mpixel·iterations/s)")
+    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {rate}; preview {fig}")
 
 
 def _psf_operator(path, shape, channel=None):

@@ -259,6 +259,7 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, sig):
     assert res.returncode == 0, res.stderr
     done, total = map(int, re.search(r"resuming from .*: (\d+) of (\d+) block-iterations", res.stderr).groups())
     assert 2 * total // 12 <= done < total  # at least the two finished exchanges were not redone
+    assert "s to finish an interrupted run" in res.stdout and "Mpixel" not in res.stdout  # no rate of work not done here
     np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values,
                                   lsfov.open_result(tmp_path / "ref.zarr").deblurred.values)
     assert not scratch.exists()  # cleaned once the result is complete
