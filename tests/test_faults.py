@@ -61,22 +61,28 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         assert any("is of another run" in m for m in said), said
 
 
-def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, monkeypatch,
-                                                                     capsys):
-    """On a cluster as here the bar moves block by block and is the only one (no Dask bar printed
-    across it); it starts at the work already done, so an exchange half done before adds only its
-    other half."""
+@pytest.fixture
+def bars(monkeypatch):
+    """The tqdm bars made, each drawn (to nowhere) even where progress is hidden."""
     import tqdm.auto
-    from distributed import Client, LocalCluster
 
-    bars = []
+    made = []
 
     class Bar(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})
-            bars.append(self)
+            made.append(self)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    return made
+
+
+def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, bars, capsys):
+    """On a cluster as here the bar moves block by block and is the only one (no Dask bar printed
+    across it); it starts at the work already done, so an exchange half done before adds only its
+    other half."""
+    from distributed import Client, LocalCluster
+
     op, y = scene
     dy = da.from_array(y, chunks=60)
     kw = dict(exchange_every=2, scratch=tmp_path / "s")
@@ -95,19 +101,9 @@ def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_
 
 
 @pytest.mark.parametrize("chunk", [60, 240])
-def test_the_bar_reaches_the_total_on_threads_with_one_block_or_many(scene, tmp_path, monkeypatch, chunk):
+def test_the_bar_reaches_the_total_on_threads_with_one_block_or_many(scene, tmp_path, bars, chunk):
     """With one block Dask fuses its task with the result's own, under another name: the bar still ends
     at the total, not at 0 % (what a batch job's log keeps)."""
-    import tqdm.auto
-
-    bars = []
-
-    class Bar(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})
-            bars.append(self)
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     op, y = scene
     lsfov.deconvolve(da.from_array(y, chunks=chunk), op, 4, exchange_every=2, scratch=tmp_path / "s",
                      progress=True).compute()
