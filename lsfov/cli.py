@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import shutil
 import signal
@@ -42,9 +43,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except click.NoSuchOption as e:
-            if e.option_name in ("-q", "--quiet", "-v", "-vv", "--verbose"):
+            if ctx.parent is None and e.option_name in ("-q", "--quiet", "-v", "-vv", "--verbose"):
+                command = " ".join(e.ctx.command_path.split()[1:]) if e.ctx else ctx.invoked_subcommand
                 e.message = (f"{e.message.rstrip('.')}: {e.option_name} goes before the command, "
-                             f"lsfov {e.option_name} {ctx.invoked_subcommand} ...")
+                             f"lsfov {e.option_name} {command} ...")
+                e.possibilities = []
             raise
         except _USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
@@ -175,7 +178,9 @@ def _run_state(out: Path, parent, resume: bool):
     """
     if parent and Path(parent).exists() and not Path(parent).is_dir():
         raise ValueError(f"--scratch {parent} is a file; give a directory that every worker can reach")
-    state = Path(parent or out.parent) / f".{out.name}.scratch"
+    # In a --scratch that several jobs share (a SLURM array), each output its own state, whatever its name.
+    tag = "" if not parent else "." + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
+    state = Path(parent or out.parent) / f".{out.name}{tag}.scratch"
     if state.exists() and not resume:
         if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
             log.warning("discarding the work of an earlier interrupted run in %s (--resume continues it)", state)
@@ -475,7 +480,8 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
-        resumed = resume and any(tmp.glob("*/done/*"))  # work of before: a rate would count it too
+        # Iterations done before (an exchange, or blocks of one): a rate would count them too.
+        resumed = resume and (any(p.is_file() for p in tmp.glob("*/done/x*")) or any(tmp.glob("*/done/x*.blocks/*")))
         result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
                      progress=not obj["quiet"])
         ds = xr.Dataset({"deblurred": result}, attrs={
@@ -780,7 +786,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     import xarray as xr
 
     from . import io
-    from ._validate import check_pixel_size, saturation_level
+    from ._validate import saturation_level
     from .calibrate import OperatorSubspace, identify_operator
     from .cluster import use_scheduler
     from .restore import locate_sources, sparse_smooth_deblur
@@ -797,7 +803,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     if pixel_um is not None:
         img = io.with_pixel_size(img, pixel_um)
     sub = OperatorSubspace.load(subspace_path)
-    check_pixel_size(sub, img, "the subspace was learned on")  # before the sources are sought
+    if sub.attrs.get("pixel_um"):
+        io.pixel_size(img)  # non-square pixels refused before the sources are sought (a mismatch is warned later)
     t0 = time.perf_counter()
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
         op, info = identify_operator(np.asarray(img), sub, threshold=threshold,

@@ -21,6 +21,7 @@ import shutil
 import threading
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 
 import dask.array as da
@@ -282,47 +283,71 @@ def _open_tiff(path: Path) -> xr.DataArray:
     return arr
 
 
-_TIFFS: dict = {}  # per process: (path, size, mtime) -> open TiffFile, parsed once for all its series
+class _TiffEntry:
+    """One open TiffFile of this process and the zarr arrays of its series, kept while an image of it lives."""
+
+    def __init__(self, path):
+        import tifffile
+
+        self.file, self.series, self.pid, self.lock = tifffile.TiffFile(path), {}, os.getpid(), threading.Lock()
+
+    def array(self, series: int):
+        with self.lock:
+            arr = self.series.get(series)
+            if arr is None:
+                arr = self.series[series] = zarr.open_array(self.file.series[series].aszarr(), mode="r")
+        return arr
+
+
+# Per process: (path, size, mtime) -> its _TiffEntry, parsed once for all its series (reopening per series
+# would parse every page again: O(n²) for images appended one by one). Weak: the images that read a file
+# hold its entry, and the file closes when the last of them goes.
+_TIFFS = weakref.WeakValueDictionary()
 _TIFFS_LOCK = threading.Lock()
-_TIFFS_KEPT = 64  # open files at most (the oldest closed first)
 
 
-def _tiff_series_zarr(key, series: int):
-    """Series ``series`` of the TIFF ``key`` names, as a zarr array over the process's one open TiffFile
-    (reopening per series would parse every page again: O(n²) for images appended one by one)."""
-    import tifffile
+def _forget_tiffs():
+    """In a forked child: the parent's open files share their offsets with it, and its lock may be held."""
+    global _TIFFS, _TIFFS_LOCK
+    _TIFFS, _TIFFS_LOCK = weakref.WeakValueDictionary(), threading.Lock()
 
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_tiffs)
+
+
+def _tiff_entry(key) -> _TiffEntry:
     with _TIFFS_LOCK:
         entry = _TIFFS.get(key)
-        if entry is None:
-            if len(_TIFFS) >= _TIFFS_KEPT:
-                old = _TIFFS.pop(next(iter(_TIFFS)))
-                with contextlib.suppress(Exception):
-                    old["file"].close()
-            entry = _TIFFS[key] = {"file": tifffile.TiffFile(key[0]), "series": {}}
-        arr = entry["series"].get(series)
-        if arr is None:
-            arr = entry["series"][series] = zarr.open_array(entry["file"].series[series].aszarr(), mode="r")
-    return arr
+        if entry is None or entry.pid != os.getpid():
+            entry = _TIFFS[key] = _TiffEntry(key[0])
+    return entry
 
 
 class _TiffSeries:
     """One series of a TIFF as an array that Dask can send to other processes (a distributed worker,
-    a SLURM job): it holds the absolute path, not the zarr store tifffile makes, whose open file and
-    lock do not pickle; each process opens the file once, at its first read."""
+    a SLURM job): it pickles as the absolute path, not as the zarr store tifffile makes, whose open file
+    and lock do not pickle; each process opens the file once, at its first read."""
 
     def __init__(self, path, series: int):
         self.path, self.series = os.path.abspath(path), int(series)  # workers may start in another directory
         st = os.stat(self.path)
         self.key = (self.path, st.st_size, st.st_mtime_ns)  # a rewritten file is another file
-        z = _tiff_series_zarr(self.key, self.series)
+        self._entry = _tiff_entry(self.key)
+        z = self._entry.array(self.series)
         self.shape, self.dtype, self.chunks, self.ndim = z.shape, z.dtype, z.chunks, z.ndim
+
+    def __getstate__(self):
+        return {**self.__dict__, "_entry": None}
 
     def __dask_tokenize__(self):  # the same name for the same file: a resumed run finds its chunks
         return ("lsfov-tiff", *self.key, self.series)
 
     def __getitem__(self, item):
-        return _tiff_series_zarr(self.key, self.series)[item]
+        entry = self._entry
+        if entry is None or entry.pid != os.getpid():  # unpickled, or inherited by a forked child
+            entry = self._entry = _tiff_entry(self.key)
+        return entry.array(self.series)[item]
 
 
 def _tiff_dask(path, series: int) -> da.Array:

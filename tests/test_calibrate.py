@@ -471,6 +471,8 @@ def test_subspace_bad_input(stack, tmp_path):
     wide = [xr.DataArray(f.image, dims=("y", "x"), coords={"y": ("y", 0.2 * np.arange(n), um),
                                                            "x": ("x", 0.1 * np.arange(n), um)}) for f in stack[:2]]
     assert len(_as_images(wide)) == 2  # non-square pixels: PSFs in the images' own pixels, as one image's operator
+    with pytest.raises(ValueError, match="bead image 1 has non-square pixels and others are of 0.1 µm"):
+        _as_images([px[0], wide[1]])
     with pytest.raises(ValueError, match="not an lsfov operator subspace"):
         OperatorSubspace.load(tmp_path)
     sub = OperatorSubspace(np.zeros((2, 5, 5)), np.zeros((3, 16, 16)), np.zeros((4, 2, 3)))

@@ -55,6 +55,8 @@ def test_help(run):
     assert "depth       Depth from astigmatism of a Z3 PSF map (paper 000 Sec. II-H)." in run("--help").output
     res = run("deconvolve", "-q", "a.tif", "o.zarr", ok=False)  # a global option after the command: say where it goes
     assert res.exit_code == 2 and "-q goes before the command, lsfov -q deconvolve ..." in res.output
+    res = run("simulate", "blur", "-v", "a.tif", "o.zarr", ok=False)  # once, with the whole command
+    assert res.output.strip().endswith("No such option '-v': -v goes before the command, lsfov -v simulate blur ...")
 
 
 def test_demo_writes_result_and_figure(run, tmp_path):
@@ -133,15 +135,19 @@ def test_cli_scratch_puts_the_state_of_a_run_where_asked(run, tmp_path, monkeypa
     seen = []
 
     def dies(*a, **k):  # the first task of the map: where is the run's state?
-        seen.append(((tmp_path / "fast" / ".o.zarr.scratch").is_dir(), (tmp_path / ".o.zarr.scratch").exists()))
+        seen.append(({p.name for p in (tmp_path / "fast").glob(".o.zarr.*.scratch")}, (tmp_path / ".o.zarr.scratch").exists()))
         raise RuntimeError("node lost")
 
     monkeypatch.setattr(mapping, "_regress", dies)
     np.save(tmp_path / "img.npy", (lsfov.simulate.sample_image("coins", (256, 256)) * 500 + 20).astype(np.float32))
-    for cmd in ("estimate", "run", "estimate"):
-        res = run(cmd, "img.npy", "o.zarr", *(["--scratch", "fast"] if len(seen) < 2 else []), ok=False)
+    Path("job2").mkdir()
+    for cmd, out, scratch in (("estimate", "o.zarr", ["--scratch", "fast"]), ("run", "o.zarr", ["--scratch", "fast"]),
+                              ("estimate", "job2/o.zarr", ["--scratch", "fast"]), ("estimate", "o.zarr", [])):
+        res = run(cmd, "img.npy", out, *scratch, ok=False)
         assert res.exit_code == 1 and "node lost" in str(res.exception or res.output)
-    assert seen == [(True, False), (True, False), (False, True)]  # the default: beside OUT
+    # a shared scratch holds each output's state apart (job2/o.zarr is another o.zarr); the default: beside OUT
+    (first, _), (again, _), (job2, _), (none, beside) = seen
+    assert len(first) == 1 and again == first and len(job2) == 1 and job2 != first and not none and beside
 
 
 def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypatch):

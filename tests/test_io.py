@@ -152,6 +152,34 @@ def test_tiff_images_travel_to_other_processes(tmp_path, monkeypatch):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(rel[1])).values, data[1])
 
 
+def test_tiff_files_are_read_right_by_forked_and_threaded_readers_and_closed_after(tmp_path):
+    """One open file per process: a forked child must not share the parent's (their offsets move each
+    other's reads), many files read by threads at once stay open while read, and a file closes when the
+    last image of it goes."""
+    import gc
+
+    rng = np.random.default_rng(7)
+    big = rng.random((512, 512)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "tiled.tif", big, tile=(64, 64))
+    arr = lsfov.open_image(tmp_path / "tiled.tif")
+    np.testing.assert_array_equal(arr.values[:64, :64], big[:64, :64])  # the parent has read: its file is open
+    with dask.config.set({"scheduler": "processes", "num_workers": 2, "multiprocessing.context": "fork"}):
+        np.testing.assert_array_equal(arr.data.compute(), big)
+    small = rng.random((80, 16, 16)).astype(np.float32)
+    for i, plane in enumerate(small):
+        tifffile.imwrite(tmp_path / f"s{i}.tif", plane, tile=(16, 16))
+    stack = da.stack([lsfov.open_image(tmp_path / f"s{i}.tif").data for i in range(80)])
+    np.testing.assert_array_equal(stack.compute(scheduler="threads", num_workers=8), small)
+    if os.path.isdir("/proc/self/fd"):
+        def open_files():
+            return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+        assert str(tmp_path / "tiled.tif") in open_files()
+        del arr, stack
+        gc.collect()
+        assert not {f for f in open_files() if f.startswith(str(tmp_path))}
+
+
 def test_pixel_sizes_that_lsfov_cannot_use_are_not_guessed(tmp_path):
     img = np.random.default_rng(6).random((40, 30)).astype(np.float32)
     # 72 dots per inch is a display default, not a microscope's 353 µm pixel: unknown, not 353

@@ -267,7 +267,21 @@ def _as_images(bead_images):
     shapes = {tuple(getattr(im, "shape", np.shape(im))) for im in images}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"bead images must all be 2-D and of one shape, got shapes {sorted(shapes)}")
-    sizes = sorted({round(px, 6) for im in images if (px := _size_or_none(im))})
+    from ..io import pixel_size
+
+    sizes, odd = set(), []
+    for i, im in enumerate(images):
+        try:
+            px = pixel_size(im)
+        except ValueError:  # non-square pixels: the PSFs are in its own pixels, as one image's operator's
+            odd.append(i)
+            continue
+        if px:
+            sizes.add(round(px, 6))
+    if odd and sizes:
+        raise ValueError(f"bead image {odd[0]} has non-square pixels and others are of {min(sizes):g} µm; learn a "
+                         "subspace from images of one microscope setting, or resample them to one pixel size")
+    sizes = sorted(sizes)
     if sizes and sizes[-1] > 1.1 * sizes[0]:  # PSFs in pixels: one subspace, one pixel size
         raise ValueError(f"bead images of different pixel sizes ({', '.join(f'{v:g}' for v in sizes)} µm); learn "
                          "a subspace from images of one microscope setting, or resample them to one pixel size")
@@ -388,14 +402,3 @@ def _spatial_basis(c, grid, n_space: int, seed=0):
     sign = np.sign(a_nodes.sum(axis=(1, 2)))  # deterministic signs: each a_j sums to > 0
     sign[sign == 0] = 1
     return a_nodes * sign[:, None, None], gammas * sign, s
-
-
-def _size_or_none(image):
-    """An image's pixel size, or None where it has none (or none square): the subspace's PSFs are then in
-    its pixels, as a single image's operator is."""
-    from ..io import pixel_size
-
-    try:
-        return pixel_size(image)
-    except ValueError:
-        return None
