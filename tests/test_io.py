@@ -178,6 +178,14 @@ def test_tiff_files_are_read_right_by_forked_and_threaded_readers_and_closed_aft
         del arr, stack
         gc.collect()
         assert not {f for f in open_files() if f.startswith(str(tmp_path))}
+    # a file rewritten after it was opened: a process opening it then says so rather than read another layout
+    import pickle
+
+    sent = pickle.dumps(lsfov.open_image(tmp_path / "s0.tif").data)
+    gc.collect()
+    tifffile.imwrite(tmp_path / "s0.tif", np.zeros((20, 20), np.float32))
+    with pytest.raises(ValueError, match="s0.tif changed after it was opened"):
+        pickle.loads(sent).compute()
 
 
 def test_pixel_sizes_that_lsfov_cannot_use_are_not_guessed(tmp_path):
