@@ -320,8 +320,9 @@ def _tiff_entry(key) -> _TiffEntry:
     with _TIFFS_LOCK:
         entry = _TIFFS.get(key)
         if entry is None or entry.pid != os.getpid():
-            st = os.stat(key[0])
-            if (st.st_size, st.st_mtime_ns) != key[1:]:  # a worker would read another layout than the graph's
+            # Another size: a worker would read another layout than the graph's. (Not the mtime: a network
+            # file system's clients may see it a little late, and a touch changes no layout.)
+            if os.stat(key[0]).st_size != key[1]:
                 raise ValueError(f"{key[0]} changed after it was opened (rewritten during the run?); open it again")
             entry = _TIFFS[key] = _TiffEntry(key[0])
     return entry
