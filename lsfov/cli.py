@@ -277,6 +277,11 @@ def _check_iterations(iterations):
         raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
 
 
+def _check_tv(tv):
+    if not 0 <= tv < 0.25:
+        raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
+
+
 def _check_pixel_um(pixel_um):
     if pixel_um is not None and not (np.isfinite(pixel_um) and pixel_um > 0):
         raise ValueError(f"--pixel-um {pixel_um} must be a pixel size in µm > 0")
@@ -458,8 +463,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
-    if not 0 <= tv < 0.25:
-        raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
+    _check_tv(tv)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     if pixel_um is not None:
         img = io.with_pixel_size(img, pixel_um)
@@ -642,8 +646,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
-    if not 0 <= tv < 0.25:
-        raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
+    _check_tv(tv)
     cal = DepthCalibration.load(calibration) if calibration else None
     params = load_model(model).params  # a wrong name or file is refused here, before any work
     if cal is not None and not {"focus", "axis"} <= set(params):
