@@ -484,10 +484,14 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
-        # Iterations done before (an exchange, or blocks of one): a rate would count them too.
-        resumed = resume and (any(p.is_file() for p in tmp.glob("*/done/x*")) or any(tmp.glob("*/done/x*.blocks/*")))
+        before = _marks_kept(tmp)
         result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
                      progress=not obj["quiet"])
+        # Iterations this run did before (its folder's marks changed, or none did: all were done) make a
+        # rate meaningless. Another run's marks (other options: this one started over) do not count.
+        after = _marks_kept(tmp)
+        changed = [k for k in after if after[k] != before.get(k)]
+        resumed = resume and bool(before) and (not changed or any(k in before for k in changed))
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", **_source(src, img), "operator": str(operator_path or psf_path or map_path),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
@@ -527,6 +531,13 @@ def _psf_operator(path, shape, channel=None):
 def _chunks_kept(state: Path) -> dict:
     """PSF-map chunks kept in a run's state, by run (``lsfov.estimate_psf_map(scratch=)``'s folders)."""
     return {d.name: n for d in state.glob("lsfov-psfmap-*") if (n := len(list(d.glob("*.npy"))))}
+
+
+def _marks_kept(state: Path) -> dict:
+    """The iterations' marks kept in a run's state, by run (:mod:`lsfov.restore.scratch`'s folders)."""
+    return {d.name: marks for d in state.glob("lsfov-*")
+            if (marks := frozenset(str(p.relative_to(d)) for p in d.glob("done/x*"))
+                | frozenset(str(p.relative_to(d)) for p in d.glob("done/x*.blocks/*")))}
 
 
 def _centres(variables, names, edge=512):

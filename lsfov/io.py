@@ -79,7 +79,7 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         Index along that axis of a multi-dimensional image. Singleton axes are dropped; a remaining
         axis with more than one element must be chosen.
     level : int
-        Pyramid level of an OME-Zarr image (0 = full resolution).
+        Pyramid level of an OME-Zarr image or a pyramidal (OME-)TIFF (0 = full resolution).
     chunks : int or tuple, optional
         Dask chunking of the result (default: the file's chunks, at most 2048²).
 
@@ -137,7 +137,9 @@ def _open_any(path: Path, level: int) -> xr.DataArray:
     if path.is_dir():
         return _open_ngff(path, level)
     if path.suffix.lower() in (".tif", ".tiff"):
-        return _open_tiff(path)
+        return _open_tiff(path, level)
+    if level:
+        raise ValueError(f"{path}: pyramid level {level} does not exist (a .npy file has level 0 only)")
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
     raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
@@ -246,7 +248,7 @@ def _plain_zarr_array(path: Path) -> xr.DataArray | None:
     return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": None, "source": str(path)})
 
 
-def _open_tiff(path: Path) -> xr.DataArray:
+def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
     import tifffile
 
     try:
@@ -254,25 +256,32 @@ def _open_tiff(path: Path) -> xr.DataArray:
     except Exception as e:  # tifffile raises several types for non-TIFF content
         raise ValueError(f"{path}: not a readable TIFF ({e})") from None
     with tf:
+        series = tf.series[0]
+        levels = series.levels if series.is_pyramidal and len(tf.series) == 1 else [series]
+        if not 0 <= level < len(levels):
+            raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(levels) - 1})")
         if len(tf.series) > 1:  # e.g. tifffile.imwrite(..., append=True): each call a series of its own
             return _open_tiff_series(path, tf)
-        series = tf.series[0]
         axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
         if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
             axes = axes.replace("q", "z", 1)
         axes = axes.replace("q", "c")
-        shape = series.shape
-        pixel_um = _tiff_pixel_um(tf)
-        pixel_um_y = _tiff_pixel_um(tf, "Y")
+        shape = levels[level].shape
+        # A level's pixels are larger than the full-resolution ones the metadata states, by the size ratio.
+        ratio = {d: series.shape[i] / shape[i] for i, d in enumerate(axes) if d in "yx"}
+        pixel_um = _times(_tiff_pixel_um(tf), ratio.get("x", 1))
+        pixel_um_y = _times(_tiff_pixel_um(tf, "Y"), ratio.get("y", 1))
         z_um = _tiff_z_um(tf)
         bits = _ome_significant_bits(tf, series.dtype)
     try:
-        data = _tiff_dask(path, 0)
+        # One level of a pyramid (SubIFDs, or an OME-TIFF's reduced images) as an array: the series
+        # itself opens as a zarr group, which only a whole read could take.
+        data = _tiff_dask(path, 0, level if len(levels) > 1 else None)
     except Exception:  # fall back to a memory map, or a plain read, for layouts zarr cannot wrap
         try:
             data = da.from_array(tifffile.memmap(path, mode="r"))
         except Exception:
-            data = da.from_array(tifffile.imread(path))
+            data = da.from_array(tifffile.imread(path, level=level))
     if data.shape != tuple(shape) or len(set(axes)) != len(axes):
         axes = "tczyx"[-data.ndim :]
     arr = _with_coords(data, list(axes), pixel_um, path, pixel_um_y)
@@ -291,11 +300,13 @@ class _TiffEntry:
 
         self.file, self.series, self.pid, self.lock = tifffile.TiffFile(path), {}, os.getpid(), threading.Lock()
 
-    def array(self, series: int):
+    def array(self, series: int, level: int | None = None):
+        """Series ``series`` (of a pyramid, its level ``level``) as a zarr array."""
         with self.lock:
-            arr = self.series.get(series)
+            arr = self.series.get((series, level))
             if arr is None:
-                arr = self.series[series] = zarr.open_array(self.file.series[series].aszarr(), mode="r")
+                store = self.file.series[series].aszarr(**({} if level is None else {"level": level}))
+                arr = self.series[(series, level)] = zarr.open_array(store, mode="r")
         return arr
 
 
@@ -333,30 +344,34 @@ class _TiffSeries:
     a SLURM job): it pickles as the absolute path, not as the zarr store tifffile makes, whose open file
     and lock do not pickle; each process opens the file once, at its first read."""
 
-    def __init__(self, path, series: int):
-        self.path, self.series = os.path.abspath(path), int(series)  # workers may start in another directory
+    def __init__(self, path, series: int, level: int | None = None):
+        self.path, self.series, self.level = os.path.abspath(path), int(series), level  # workers may start elsewhere
         st = os.stat(self.path)
         self.key = (self.path, st.st_size, st.st_mtime_ns)  # a rewritten file is another file
         self._entry = _tiff_entry(self.key)
-        z = self._entry.array(self.series)
+        z = self._entry.array(self.series, self.level)
         self.shape, self.dtype, self.chunks, self.ndim = z.shape, z.dtype, z.chunks, z.ndim
 
     def __getstate__(self):
         return {**self.__dict__, "_entry": None}
 
     def __dask_tokenize__(self):  # the same name for the same file: a resumed run finds its chunks
-        return ("lsfov-tiff", *self.key, self.series)
+        return ("lsfov-tiff", *self.key, self.series, self.level)
 
     def __getitem__(self, item):
         entry = self._entry
         if entry is None or entry.pid != os.getpid():  # unpickled, or inherited by a forked child
             entry = self._entry = _tiff_entry(self.key)
-        return entry.array(self.series)[item]
+        return entry.array(self.series, self.level)[item]
 
 
-def _tiff_dask(path, series: int) -> da.Array:
-    arr = _TiffSeries(path, series)
+def _tiff_dask(path, series: int, level: int | None = None) -> da.Array:
+    arr = _TiffSeries(path, series, level)
     return da.from_array(arr, chunks=arr.chunks, meta=np.empty((0,) * arr.ndim, arr.dtype))
+
+
+def _times(size, factor):
+    return size * factor if size else size
 
 
 def _ome_significant_bits(tf, dtype) -> int | None:

@@ -715,6 +715,32 @@ def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_
     assert any("is of another run" in m and "starts from the beginning" in m for m in said), said
 
 
+def test_cli_deconvolve_resumed_says_so_only_for_its_own_work(run, count_calls):
+    """A resumed deconvolution reports the time to finish; one that found only another run's state
+    (other options) starts over, and reports its rate."""
+    import lsfov.restore.chunked as chunked
+    from lsfov import simulate
+
+    sharp = simulate.sample_image("cell", (192, 192))
+    op, _ = simulate.psf_field(sharp.shape, "G1", (1, 1), seed=3, size=9)
+    np.save("y.npy", np.maximum(simulate.degrade(sharp, op, photons=300, seed=1), 0))
+    op.save("op.zarr")
+    args = ("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 6, "--chunks", 96,
+            "--exchange-every", 2, "--scheduler", "synchronous")
+    count_calls(chunked, "_block", fail_at=6, error=KeyboardInterrupt())  # in the second exchange
+    assert run(*args, ok=False).exit_code == 130
+    count_calls(chunked, "_block")
+    res = run(*args, "--resume")
+    assert "s to finish an interrupted run" in res.output and "Mpixel" not in res.output, res.output
+    count_calls(chunked, "_block", fail_at=6, error=KeyboardInterrupt())
+    assert run(*args, "--overwrite", ok=False).exit_code == 130
+    count_calls(chunked, "_block")
+    with lsfov_messages() as said:
+        res = run(*args, "--tv", 0.01, "--resume", "--overwrite")  # other options: another run's state
+    assert "Mpixel" in res.output and "to finish" not in res.output, res.output
+    assert any("is of another run" in m for m in said), said
+
+
 def test_slurm_and_pbs_clusters_without_a_batch_system():
     pytest.importorskip("dask_jobqueue")
     import dask

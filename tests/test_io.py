@@ -128,6 +128,32 @@ def test_open_tiff_and_npy(tmp_path):
 
 
 
+def test_pyramidal_tiffs_are_read_lazily_level_by_level(tmp_path):
+    """A whole-slide OME-TIFF is a pyramid (SubIFDs): its full-resolution level is read chunk by chunk
+    (tifffile opens the series as a zarr group, which a plain read would take whole), any level can be
+    chosen, and a level's pixel is as much larger as the level is smaller."""
+    import pickle
+
+    data = np.random.default_rng(6).integers(0, 4000, (512, 768)).astype(np.uint16)
+    with tifffile.TiffWriter(tmp_path / "slide.ome.tif", ome=True) as tif:
+        tif.write(data, subifds=2, tile=(128, 128), metadata={"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+        for k in (2, 4):
+            tif.write(data[::k, ::k], subfiletype=1, tile=(128, 128))
+    full = lsfov.open_image(tmp_path / "slide.ome.tif")
+    assert full.data.chunksize == (128, 128) and full.attrs["pixel_um"] == pytest.approx(0.25)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(full)).values, data)
+    half = lsfov.open_image(tmp_path / "slide.ome.tif", level=1)
+    np.testing.assert_array_equal(half.values, data[::2, ::2])
+    assert half.attrs["pixel_um"] == pytest.approx(0.5) and half.x.values[1] == pytest.approx(0.5)
+    assert half.data.name != full.data.name
+    assert lsfov.open_image(tmp_path / "slide.ome.tif", level=2).shape == (128, 192)
+    with pytest.raises(ValueError, match=r"pyramid level 3 does not exist \(levels 0..2\)"):
+        lsfov.open_image(tmp_path / "slide.ome.tif", level=3)
+    tifffile.imwrite(tmp_path / "flat.tif", data)
+    with pytest.raises(ValueError, match=r"level 1 does not exist \(levels 0..0\)"):
+        lsfov.open_image(tmp_path / "flat.tif", level=1)
+
+
 def test_tiff_images_travel_to_other_processes(tmp_path, monkeypatch):
     # a distributed worker or a SLURM job gets the image's graph pickled: tifffile's zarr store holds an
     # open file and a lock, which do not pickle; the path does
