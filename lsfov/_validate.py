@@ -1,6 +1,7 @@
 """Input checks shared by the public functions: one-line messages that say what to do."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -18,6 +19,8 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
     Integer and boolean images are converted; NaN/Inf are refused; small negative values (a camera
     offset) are clipped to zero with a warning.
     """
+    if isinstance(x, (str, os.PathLike)):
+        raise TypeError(f"{name} must be an array, got the file name {str(x)!r}; open it with lsfov.open_image")
     xp = array_module(x)
     if xp is np:
         x = np.asarray(x)
@@ -104,7 +107,9 @@ def saturation_level(image, saturation=None) -> float | None:
 
 
 def not_a_bead_field(x, name: str):
-    """Refuse a ``lsfov.simulate.BeadField`` (or a list of them) where its image is meant."""
+    """Refuse a ``lsfov.simulate.BeadField`` (or a list of them), or a file name, where an image is meant."""
+    if isinstance(x, (str, os.PathLike)):
+        raise TypeError(f"{name} takes images, got the file name {str(x)!r}; open it with lsfov.open_image")
     items = x if isinstance(x, (list, tuple)) else [x]
     if any(type(v).__name__ == "BeadField" and hasattr(v, "image") for v in items):
         fix = "[b.image for b in beads]" if items is x else "beads.image"

@@ -89,7 +89,9 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         Dask-backed, dims ``("y", "x")``; coordinates are pixel centres in µm when the pixel size is
         known (``attrs["pixel_um"]``), otherwise pixel indices (coordinate ``units`` attr says which).
     """
-    path = Path(path)
+    path = _as_path(path)
+    for name, idx in (("level", level), ("channel", channel), ("z", z), ("t", t)):
+        _check_index(name, idx)
     if chunks is not None:
         chunks = _chunk_pair(chunks)
     arr = _open_any(path.resolve(), level)  # absolute: workers may read it from another directory
@@ -98,7 +100,20 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         arr = arr.chunk(dict(zip(("y", "x"), chunks)))
     elif max(arr.data.chunksize) > 2048:
         arr = arr.chunk({"y": min(2048, arr.sizes["y"]), "x": min(2048, arr.sizes["x"])})
+    arr.name = None  # not the Dask key xarray takes by default: saved, an image is named "image"
     return arr
+
+
+def _as_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file or directory name (str or Path), got {type(path).__name__}")
+    return Path(path)
+
+
+def _check_index(name, idx):
+    """An index along an image axis (or a pyramid level): an integer, not a bool, float or string."""
+    if idx is not None and (isinstance(idx, bool) or not isinstance(idx, (int, np.integer))):
+        raise TypeError(f"{name} must be an integer index, got {idx!r}")
 
 
 def _chunk_pair(chunks) -> tuple[int, int]:
@@ -118,8 +133,10 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
 
     ``channel`` picks one channel of a multi-channel image. A 2-D image gives a list of one.
     """
-    path = Path(path)
-    arr = _open_any(path, 0)
+    path = _as_path(path)
+    _check_index("channel", channel)
+    arr = _open_any(path.resolve(), 0)
+    arr.name = None
     if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
         arr = _select_axis(arr, path, "c", 0 if channel is None else channel, "channel")
     if "c" in arr.dims:
@@ -770,6 +787,9 @@ def atomic_file(path, *, unique: bool = False):
     ``path`` is left as it was.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the name of a file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"-{uuid.uuid4().hex[:8]}" if unique else ""
     tmp = path.with_name(f".{path.name}.partial{tag}{path.suffix}")
     try:

@@ -260,6 +260,8 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
     if not isinstance(optics, Optics):
         raise TypeError(f"optics must be an lsfov.Optics, got {type(optics).__name__}")
     size = _check_size(size)
+    if coeffs is not None and not isinstance(coeffs, Mapping):
+        raise TypeError(f"coeffs must be a dict {{Noll index: waves RMS}}, e.g. {{4: 0.2}}; got {type(coeffs).__name__}")
     coeffs = dict(coeffs or {})
     for j in coeffs:
         noll_to_nm(j)

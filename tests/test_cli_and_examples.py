@@ -722,7 +722,7 @@ def test_cli_deconvolve_resumed_says_so_only_for_its_own_work(run, count_calls):
     from lsfov import simulate
 
     sharp = simulate.sample_image("cell", (192, 192))
-    op, _ = simulate.psf_field(sharp.shape, "G1", (1, 1), seed=3, size=9)
+    op, _ = simulate.psf_field(sharp.shape, "Z3", (1, 1), seed=3, size=15)
     np.save("y.npy", np.maximum(simulate.degrade(sharp, op, photons=300, seed=1), 0))
     op.save("op.zarr")
     args = ("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 6, "--chunks", 96,

@@ -327,3 +327,43 @@ def test_cnn_training_and_evaluation_options(tmp_path):
         g1.predict(patches.astype(np.float32) * np.float32(1e33))  # finite, but its variance is not
     with pytest.raises(TypeError, match="real numbers"):
         g1.predict(torch.from_numpy(patches.astype(np.complex64)))
+
+
+def test_file_names_indices_and_types_where_arrays_are_meant(tmp_path, strip_map):
+    """A second review: a file name, a float index or a list where an array, an integer or a dict is
+    meant gave a library's message (or, for z=1.5, silently plane 1)."""
+    np.save(tmp_path / "stack.npy", np.ones((3, 32, 32), np.float32))
+    for bad in (1.5, "1", True):
+        with pytest.raises(TypeError, match="z must be an integer index"):
+            lsfov.open_image(tmp_path / "stack.npy", z=bad)
+    assert lsfov.open_image(tmp_path / "stack.npy", z=np.int64(2)).attrs["plane"] == {"z": 2}
+    with pytest.raises(TypeError, match="level must be an integer"):
+        lsfov.open_image(tmp_path / "stack.npy", z=0, level="0")
+    with pytest.raises(TypeError, match="path must be a file or directory name"):
+        lsfov.open_image(5)
+    with pytest.raises(TypeError, match="not file names; open them with lsfov.open_image"):
+        lsfov.learn_subspace([tmp_path / "stack.npy"] * 2, n_psf=3, n_space=1)
+    with pytest.raises(TypeError, match="calibrate_operator takes images, got the file name"):
+        lsfov.calibrate_operator(str(tmp_path / "stack.npy"))
+    with pytest.raises(TypeError, match=r"coeffs must be a dict \{Noll index"):
+        psf.zernike([0.2], psf.DEFAULT_OPTICS, size=15)
+    with pytest.raises(TypeError, match="model must be a shipped model's name"):
+        lsfov.load_model(5)
+    with pytest.raises(TypeError, match="known_depth_um takes depths in µm"):
+        lsfov.calibrate_depth(strip_map[1], "depth.npy")
+
+
+def test_opened_images_are_saved_as_image_and_files_go_where_asked(tmp_path):
+    """xarray names a DataArray after its Dask key: saved, an opened image became a variable named
+    ``array-3f2a…``. A calibration saved to a new folder makes it, and to a folder is refused."""
+    np.save(tmp_path / "a.npy", np.ones((16, 16), np.float32))
+    img = lsfov.open_image(tmp_path / "a.npy")
+    assert img.name is None and lsfov.io.open_planes(tmp_path / "a.npy")[0].name is None
+    lsfov.save(img, tmp_path / "r.zarr")
+    assert list(lsfov.open_result(tmp_path / "r.zarr").data_vars) == ["image"]
+    cal = lsfov.DepthCalibration(axis0=0.0, slope=1.0, offset=0.0, r2=1.0, mae_um=0.0, n_nodes=4)
+    assert cal.save(tmp_path / "new" / "sub" / "cal.json").is_file()
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError, match="dir is a directory; give the name of a file"):
+        cal.save(tmp_path / "dir", overwrite=True)
+    assert (tmp_path / "dir").is_dir() and not list(tmp_path.glob(".dir*"))

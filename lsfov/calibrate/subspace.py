@@ -11,6 +11,7 @@ with R the square root of the interpolation's Gram matrix. A 2304² family of 90
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -253,6 +254,9 @@ class OperatorSubspace:
 def _as_images(bead_images):
     """A list of lazily indexable 2-D images from a stack, a list, or a Dask/xarray/zarr array."""
     not_a_bead_field(bead_images, "bead_images")
+    if isinstance(bead_images, (list, tuple)) and any(isinstance(im, (str, os.PathLike)) for im in bead_images):
+        raise TypeError("bead_images takes images, not file names; open them with lsfov.open_image "
+                        "(a stack's planes: lsfov.io.open_planes)")
     if isinstance(bead_images, (list, tuple)):
         images = [im if hasattr(im, "shape") else np.asarray(im) for im in bead_images]
     elif getattr(bead_images, "ndim", None) == 3:

@@ -334,6 +334,9 @@ def _node_values(psf_map, known):
     for order in (("gy", "gx"), ("y", "x")):  # labelled: read by name
         if set(getattr(known, "dims", ())) == set(order):
             known = known.transpose(*order)
+    if isinstance(known, (str, os.PathLike)):
+        raise TypeError("known_depth_um takes depths in µm (an array), not a file name; load it first "
+                        "(e.g. numpy.load, or lsfov.open_image(...).values)")
     k = np.asarray(getattr(known, "values", known), dtype=np.float64)
     shape = (psf_map.sizes["gy"], psf_map.sizes["gx"])
     if k.shape == shape:

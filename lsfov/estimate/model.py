@@ -495,6 +495,9 @@ def _digest(path: str, stamp) -> str:
 
 def model_path(name_or_path) -> Path:
     """The file of a shipped model name or a path."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a shipped model's name ({', '.join(SHIPPED)}), a model file or a loaded "
+                        f"model, got {type(name_or_path).__name__}")
     key = str(name_or_path)
     if not Path(key).suffix and key.upper() in _psf.MODELS:
         if key.upper() not in SHIPPED:
