@@ -1118,7 +1118,25 @@ def describe(path) -> str:
         return f"{path}: lsfov CNN training set\n  {n} patches; {extra}"
     arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     px = arr.attrs.get("pixel_um")
-    return f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
+    levels = _pyramid_shapes(path)
+    return (f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
+            + (f"\n  pyramid: {len(levels)} levels, {' '.join('x'.join(map(str, s)) for s in levels)} "
+               "(level=k of lsfov.open_image)" if len(levels) > 1 else ""))
+
+
+def _pyramid_shapes(path: Path) -> list:
+    """The shapes of an image's pyramid levels (a TIFF's or an OME-Zarr's), full resolution first."""
+    try:
+        if path.is_dir():
+            attrs = _group_attrs(path)
+            ms = (attrs.get("ome", attrs).get("multiscales") or [{}])[0]
+            return [zarr.open_array(str(path / d["path"]), mode="r").shape for d in ms.get("datasets", [])]
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            return [lv.shape for lv in tf.series[0].levels] if len(tf.series) == 1 else []
+    except Exception:  # a summary: no pyramid said rather than a failure
+        return []
 
 
 def _describe_array(name, arr: xr.DataArray) -> str:

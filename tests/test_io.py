@@ -147,6 +147,7 @@ def test_pyramidal_tiffs_are_read_lazily_level_by_level(tmp_path):
     assert half.attrs["pixel_um"] == pytest.approx(0.5) and half.x.values[1] == pytest.approx(0.5)
     assert half.data.name != full.data.name
     assert lsfov.open_image(tmp_path / "slide.ome.tif", level=2).shape == (128, 192)
+    assert "pyramid: 3 levels, 512x768 256x384 128x192" in lsfov.io.describe(tmp_path / "slide.ome.tif")
     with pytest.raises(ValueError, match=r"pyramid level 3 does not exist \(levels 0..2\)"):
         lsfov.open_image(tmp_path / "slide.ome.tif", level=3)
     tifffile.imwrite(tmp_path / "flat.tif", data)
