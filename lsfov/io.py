@@ -293,7 +293,8 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
     try:
         # One level of a pyramid (SubIFDs, or an OME-TIFF's reduced images) as an array: the series
         # itself opens as a zarr group, which only a whole read could take.
-        data = _tiff_dask(path, 0, level if len(levels) > 1 else None)
+        yx = [axes.index(d) for d in "yx"] if set("yx") <= set(axes) and len(axes) == len(shape) else (-2, -1)
+        data = _tiff_dask(path, 0, level if len(levels) > 1 else None, yx)
     except Exception:  # fall back to a memory map, or a plain read, for layouts zarr cannot wrap
         try:
             data = da.from_array(tifffile.memmap(path, mode="r"))
@@ -382,9 +383,19 @@ class _TiffSeries:
         return entry.array(self.series, self.level)[item]
 
 
-def _tiff_dask(path, series: int, level: int | None = None) -> da.Array:
+_TIFF_BLOCK = 2048  # a task reads up to this many pixels along y and x: whole strips or tiles of the file
+
+
+def _tiff_dask(path, series: int, level: int | None = None, yx=(-2, -1)) -> da.Array:
+    """A TIFF series as a Dask array whose blocks are whole numbers of the file's strips or tiles,
+    up to 2048 along y and x: a file of one-row strips (or small tiles) would otherwise make a task
+    per strip, tens of thousands for a large image, each read costing more to schedule than to do."""
     arr = _TiffSeries(path, series, level)
-    return da.from_array(arr, chunks=arr.chunks, meta=np.empty((0,) * arr.ndim, arr.dtype))
+    chunks = list(arr.chunks)
+    for i in yx:
+        c = chunks[i]
+        chunks[i] = min(arr.shape[i], c * max(1, _TIFF_BLOCK // c))
+    return da.from_array(arr, chunks=tuple(chunks), meta=np.empty((0,) * arr.ndim, arr.dtype))
 
 
 def _times(size, factor):

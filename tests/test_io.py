@@ -140,7 +140,8 @@ def test_pyramidal_tiffs_are_read_lazily_level_by_level(tmp_path):
         for k in (2, 4):
             tif.write(data[::k, ::k], subfiletype=1, tile=(128, 128))
     full = lsfov.open_image(tmp_path / "slide.ome.tif")
-    assert full.data.chunksize == (128, 128) and full.attrs["pixel_um"] == pytest.approx(0.25)
+    assert any(isinstance(v, lsfov.io._TiffSeries) for v in dict(full.data.dask).values())  # read when computed
+    assert full.attrs["pixel_um"] == pytest.approx(0.25)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(full)).values, data)
     half = lsfov.open_image(tmp_path / "slide.ome.tif", level=1)
     np.testing.assert_array_equal(half.values, data[::2, ::2])
@@ -153,6 +154,20 @@ def test_pyramidal_tiffs_are_read_lazily_level_by_level(tmp_path):
     tifffile.imwrite(tmp_path / "flat.tif", data)
     with pytest.raises(ValueError, match=r"level 1 does not exist \(levels 0..0\)"):
         lsfov.open_image(tmp_path / "flat.tif", level=1)
+
+
+def test_tiffs_of_thin_strips_are_read_in_large_blocks(tmp_path):
+    """A TIFF of one-row strips (or small tiles) is read a block of many strips per task, not a task
+    per strip: 3000 rows made 3000 tasks, each costing more to schedule than to read."""
+    data = np.random.default_rng(7).integers(0, 4000, (2, 3000, 2500)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "strips.tif", data, rowsperstrip=1, metadata={"axes": "CYX"})
+    arr = lsfov.open_image(tmp_path / "strips.tif", channel=1)
+    assert arr.data.chunks == ((2048, 952), (2048, 452)) and len(arr.data.__dask_graph__()) < 30
+    np.testing.assert_array_equal(arr.values, data[1])
+    tifffile.imwrite(tmp_path / "tiles.tif", data[0], tile=(96, 160))
+    tiles = lsfov.open_image(tmp_path / "tiles.tif")
+    assert tiles.data.chunksize == (96 * 21, 160 * 12) and len(tiles.data.__dask_graph__()) < 30  # whole tiles
+    np.testing.assert_array_equal(tiles.values, data[0])
 
 
 def test_tiff_images_travel_to_other_processes(tmp_path, monkeypatch):
