@@ -210,6 +210,7 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     data = node.data[level]
     axes = node.metadata.get("axes") or [{"name": n} for n in "tczyx"[-data.ndim :]]
     names = [a["name"] if isinstance(a, dict) else a for a in axes]
+    data = _in_large_blocks(path, level, data, names)
     transforms = node.metadata.get("coordinateTransformations", [[]] * len(node.data))[level]
     scale = np.ones(data.ndim)
     trans = np.zeros(data.ndim)
@@ -383,19 +384,40 @@ class _TiffSeries:
         return entry.array(self.series, self.level)[item]
 
 
-_TIFF_BLOCK = 2048  # a task reads up to this many pixels along y and x: whole strips or tiles of the file
+_BLOCK = 2048  # a read task takes up to this many pixels along y and x: whole strips, tiles or chunks of the file
+
+
+def _grown(shape, chunks, yx) -> tuple:
+    """Blocks of whole file chunks, up to 2048 along y and x: a file of one-row strips or small tiles
+    or chunks would otherwise make a task per chunk, hundreds of thousands for a large image, each
+    read costing more to schedule than to do."""
+    chunks = list(chunks)
+    for i in yx:
+        chunks[i] = min(shape[i], chunks[i] * max(1, _BLOCK // chunks[i]))
+    return tuple(chunks)
+
+
+def _in_large_blocks(path: Path, level: int, data: da.Array, names) -> da.Array:
+    """An OME-Zarr level read in blocks of whole chunks (:func:`_grown`) where its chunks are small."""
+    if not set("yx") <= set(names):
+        return data
+    native = tuple(c[0] for c in data.chunks)
+    grown = _grown(data.shape, native, [names.index("y"), names.index("x")])
+    if grown == native:
+        return data
+    attrs = _group_attrs(path)
+    try:
+        sub = (attrs.get("ome", attrs).get("multiscales") or [{}])[0]["datasets"][level]["path"]
+        return da.from_zarr(zarr.open_array(str(path / sub), mode="r"), chunks=grown)
+    except Exception:  # a layout the NGFF reader understood and this does not: its own chunks
+        return data
 
 
 def _tiff_dask(path, series: int, level: int | None = None, yx=(-2, -1)) -> da.Array:
-    """A TIFF series as a Dask array whose blocks are whole numbers of the file's strips or tiles,
-    up to 2048 along y and x: a file of one-row strips (or small tiles) would otherwise make a task
-    per strip, tens of thousands for a large image, each read costing more to schedule than to do."""
+    """A TIFF series as a Dask array of blocks of whole strips or tiles (:func:`_grown`)."""
     arr = _TiffSeries(path, series, level)
-    chunks = list(arr.chunks)
-    for i in yx:
-        c = chunks[i]
-        chunks[i] = min(arr.shape[i], c * max(1, _TIFF_BLOCK // c))
-    return da.from_array(arr, chunks=tuple(chunks), meta=np.empty((0,) * arr.ndim, arr.dtype))
+    chunks = _grown(arr.shape, arr.chunks, yx)
+    return da.from_array(arr, chunks=chunks, meta=np.empty((0,) * arr.ndim, arr.dtype))
 
 
 def _times(size, factor):

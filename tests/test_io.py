@@ -164,6 +164,14 @@ def test_tiffs_of_thin_strips_are_read_in_large_blocks(tmp_path):
     arr = lsfov.open_image(tmp_path / "strips.tif", channel=1)
     assert arr.data.chunks == ((2048, 952), (2048, 452)) and len(arr.data.__dask_graph__()) < 30
     np.testing.assert_array_equal(arr.values, data[1])
+    # an OME-Zarr of small chunks too (its levels: the NGFF reader's own chunks are each read whole)
+    lsfov.save(xr.DataArray(data[1], dims=("y", "x")), tmp_path / "small.zarr", chunks=128)
+    ngff = lsfov.open_image(tmp_path / "small.zarr/image")
+    assert ngff.data.chunks == ((2048, 952), (2048, 452)) and len(ngff.data.__dask_graph__()) < 30
+    np.testing.assert_array_equal(ngff.values, data[1])
+    half = lsfov.open_image(tmp_path / "small.zarr/image", level=1)
+    assert half.shape == (1500, 1250) and half.attrs["pixel_um"] is None
+    np.testing.assert_array_equal(half.values, zarr.open_array(str(tmp_path / "small.zarr/image/1"))[:])
     tifffile.imwrite(tmp_path / "tiles.tif", data[0], tile=(96, 160))
     tiles = lsfov.open_image(tmp_path / "tiles.tif")
     assert tiles.data.chunksize == (96 * 21, 160 * 12) and len(tiles.data.__dask_graph__()) < 30  # whole tiles
