@@ -71,6 +71,36 @@ def test_one_psf_matches_skimage_richardson_lucy_away_from_the_borders():
     assert np.abs(ours - ref).max() > 1e-3 * ref.max()  # ... and near the borders they do differ
 
 
+def test_tv_rl_is_eq13_written_out():
+    """Paper 000 Eq. 13 in float64 NumPy, one PSF, as the README states it:
+    ``x ← x / (1 − λ div(∇x / |∇x|ε)) · Hᵀ(y / Hx) / Hᵀ1`` with ``|∇x|ε = sqrt(|∇x|² + (ε (x + mean y))²)``,
+    forward differences for ∇ and backward ones for div. Equal away from the borders (handled as in
+    the skimage test above), so the TV weight, the local ε and the order of the steps are pinned."""
+    from scipy.signal import fftconvolve
+
+    rng = np.random.default_rng(4)
+    sharp = sim.sample_image("camera", (160, 176)) + 0.05
+    k = psf.gaussian(1.6, 2.2, size=13)
+    op = ProductConvolution.from_grid(k[None, None], sharp.shape)
+    y = rng.poisson(op.apply(sharp) * 300).astype(np.float64)
+    n, tv, eps = 4, 0.05, 0.3
+    scale = y.mean()
+    x = np.full(y.shape, scale)
+    for _ in range(n):
+        c = fftconvolve(y / np.maximum(fftconvolve(x, k, mode="same"), 1e-6 * scale), k[::-1, ::-1], mode="same")
+        gy, gx = np.zeros_like(x), np.zeros_like(x)
+        gy[:-1], gx[:, :-1] = x[1:] - x[:-1], x[:, 1:] - x[:, :-1]
+        norm = np.sqrt(gy**2 + gx**2 + (eps * (x + scale)) ** 2)
+        py, px = gy / norm, gx / norm
+        div = py - np.pad(py, ((1, 0), (0, 0)))[:-1] + px - np.pad(px, ((0, 0), (1, 0)))[:, :-1]
+        x = np.maximum(x * c / (1 - tv * div), 0)
+    ours = lsfov.deconvolve(y.astype(np.float32), op, n, tv=tv, eps=eps)
+    m = (2 * op.halo + 1) * n
+    inner = (slice(m, -m), slice(m, -m))
+    np.testing.assert_allclose(ours[inner], x[inner], rtol=2e-4, atol=2e-4 * x.max())
+    assert np.abs(x - lsfov.deconvolve(y.astype(np.float32), op, n, tv=0)).max() > 0.01 * x.max()  # TV matters here
+
+
 def test_deconvolution_raises_the_snr(scene):
     op, y, truth = scene
     plain = lsfov.deconvolve(y, op, 20, tv=0)

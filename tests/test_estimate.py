@@ -203,17 +203,20 @@ def test_symmetrized_prediction_follows_the_patch(name):
 
 
 def test_loss_is_eq11_and_masks_invalid_samples():
-    out = torch.tensor([[10.0, 0.2, 0.9], [-10.0, 5.0, -5.0]])
-    target = torch.tensor([[0.2, 0.5], [0.0, 0.0]])
+    # Logits near 0, so that the validity term is a good part of the loss (at ±10 it would be ~1e-9).
+    out = torch.tensor([[0.3, 0.2, 0.9], [-0.5, 5.0, -5.0]], dtype=torch.float64)
+    target = torch.tensor([[0.2, 0.5], [0.0, 0.0]], dtype=torch.float64)
     valid = torch.tensor([True, False])
-    v_hat = torch.sigmoid(out[:, 0])
-    expect = ((1 - v_hat[0]) ** 2 + (0.4**2) / 4 + v_hat[1] ** 2) / 2
-    assert torch.allclose(network.loss(out, target, valid), expect)
+    v_hat = 1 / (1 + np.exp(-np.array([0.3, -0.5])))  # σ(logit), 0.574 and 0.378
+    validity = (1 - v_hat[0]) ** 2 + v_hat[1] ** 2  # γ (v - σ)², v = 1 then 0
+    params = 0.4**2 / (2 * 2)  # v/(2N) Σ (t - t~)² of the valid sample only (N = 2)
+    assert float(network.loss(out, target, valid)) == pytest.approx((validity + params) / 2, rel=1e-12)
+    assert float(network.loss(out, target, valid, gamma=3.0)) == pytest.approx((3 * validity + params) / 2, rel=1e-12)
+    assert float(network.loss(out, target, valid, gamma=0.0)) == pytest.approx(params / 2, rel=1e-12)
     # the invalid sample's parameters do not matter
     out2 = out.clone()
     out2[1, 1:] = 123.0
-    assert torch.allclose(network.loss(out2, target, valid), network.loss(out, target, valid))
-    assert float(network.loss(out, target, valid, gamma=0.0)) == pytest.approx(0.4**2 / 4 / 2)
+    assert float(network.loss(out2, target, valid)) == float(network.loss(out, target, valid))
 
 
 def test_networks_shapes_and_compact_size():

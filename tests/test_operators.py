@@ -21,7 +21,11 @@ def _grid_op(gy=3, gx=4, k=15, shape=(150, 170), seed=1, centers=None):
     # taken for a correlation (a flipped kernel) fails the tests against the definition.
     ramp = 1 + 0.8 * np.linspace(0, 1, k)[:, None] + 0.4 * np.linspace(0, 1, k)[None, :]
     kernels = kernels * ramp
-    return ProductConvolution.from_grid(kernels / kernels.sum(axis=(-2, -1), keepdims=True), shape, centers=centers)
+    # Sums of their own (a PSF is not normalised by from_grid): formulas that interpolate the nodes'
+    # sums (the FFT-free H^T 1) would pass any weights if every sum were 1.
+    gain = 1 + 0.1 * (np.arange(gy)[:, None] + 2 * np.arange(gx)[None, :])
+    kernels = kernels / kernels.sum(axis=(-2, -1), keepdims=True) * gain[..., None, None]
+    return ProductConvolution.from_grid(kernels, shape, centers=centers)
 
 
 def _basis_op(n=3, k=9, shape=(120, 140), seed=2):
