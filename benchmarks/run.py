@@ -9,7 +9,8 @@ memory), ``bigdata`` (32768² OME-Zarr to OME-Zarr through the CLI: peak RSS, th
 (shipped models' test R², also by image type, inference throughput, robustness figure), ``bound``
 (the CNN beside a non-blind maximum-likelihood fit on the same test patches), ``specialist``
 (paper 000's one network per image type: the shipped models fine-tuned on point images), ``calibrate``,
-``bss``, ``psfmap``, ``blind``, ``scaling``, ``faults``, and ``gpu`` (the CuPy/CUDA path against
+``bss``, ``psfmap``, ``blind``, ``scaling``, ``faults``, ``reading`` (large TIFFs and OME-Zarrs of
+small chunks read in blocks), and ``gpu`` (the CuPy/CUDA path against
 the same machine's CPU; needs a GPU: ``benchmarks/gpu.sh`` runs it). Without arguments:
 operator, deconvolve, tv. Each section rewrites its own part of benchmarks/RESULTS.md.
 """
@@ -461,6 +462,43 @@ def section_bigdata(a):
             f"- wall time {secs:.0f} s, **{n * n * it / secs / 1e6:.1f} Mpixel·iterations/s** (including reading, "
             "scratch I/O and writing the output pyramid)",
             f"- peak RSS **{peak / 2**30:.2f} GiB** (goal <= 3 GiB: {'met' if peak <= 3 * 2**30 else 'NOT met'})", ""]
+
+
+def section_reading(a):
+    """Reading a large image in blocks of many file chunks (lsfov.open_image) against a task per file
+    chunk (one-row TIFF strips, 128² OME-Zarr chunks): the whole image summed, side by side."""
+    import dask
+    import dask.array as da
+    import tifffile
+    import xarray as xr
+    import zarr
+
+    import lsfov
+    from lsfov.io import _TiffSeries
+
+    n = a.size * 4
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="threads"):
+        data = (np.random.default_rng(0).random((n, n)) * 4000).astype(np.uint16)
+        tifffile.imwrite(f"{tmp}/strips.tif", data, rowsperstrip=1)
+        lsfov.save(xr.DataArray(data, dims=("y", "x")), f"{tmp}/chunks.zarr", chunks=128)
+        del data
+        per_chunk = {"strips.tif": lambda: da.from_array(_TiffSeries(f"{tmp}/strips.tif", 0), chunks=(1, n)),
+                     "chunks.zarr": lambda: da.from_zarr(zarr.open_array(f"{tmp}/chunks.zarr/image/0", mode="r"))}
+        blocks = {"strips.tif": lambda: lsfov.open_image(f"{tmp}/strips.tif").data,
+                  "chunks.zarr": lambda: lsfov.open_image(f"{tmp}/chunks.zarr/image").data}
+        for name, label in (("strips.tif", "TIFF, one-row strips"), ("chunks.zarr", "OME-Zarr, 128² chunks")):
+            times = {}
+            for how, make in (("per chunk", per_chunk[name]), ("lsfov", blocks[name])):
+                arr = make()
+                times[how] = (best_of(lambda: float(arr.sum().compute()), a.repeat), arr.npartitions)
+            (t0, k0), (t1, k1) = times["per chunk"], times["lsfov"]
+            rows.append(f"| {label} | {k0} | {t0:.2f} | {k1} | {t1:.2f} | **{t0 / t1:.1f}x** |")
+    return [f"## Reading: {n}x{n} uint16, blocks of file chunks against a task per chunk", "",
+            "The whole image summed on the threaded scheduler (best of several, files in the page cache): a "
+            "Dask task per chunk of the file against `lsfov.open_image`'s blocks of whole chunks, up to 2048².", "",
+            "| file | tasks per chunk | time (s) | lsfov blocks | time (s) | speed-up |", "|---|---:|---:|---:|---:|---:|",
+            *rows, ""]
 
 
 def _stage_times(stages):
@@ -1676,7 +1714,7 @@ SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv"
             "chunked": section_chunked, "bigdata": section_bigdata, "cnn": section_cnn, "bound": section_bound,
             "specialist": section_specialist, "calibrate": section_calibrate, "bss": section_bss,
             "psfmap": section_psfmap, "saturation": section_saturation, "blind": section_blind,
-            "scaling": section_scaling, "faults": section_faults,
+            "scaling": section_scaling, "faults": section_faults, "reading": section_reading,
             "gpu": section_gpu}
 
 
