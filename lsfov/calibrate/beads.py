@@ -277,7 +277,11 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     # Isolation (App. A-b): 2r from every other maximum (also one merged into this detection),
     # patch (and cubic margin) inside the image.
     inside = np.all((pos >= h + 2) & (pos < np.array(img.shape) - h - 2), axis=1)
-    crowded = np.array([len(near) > 1 for near in cKDTree(every).query_ball_point(pos, 2 * radius)], bool)
+    # Maxima within 1.5 px are one: a bead midway between pixels ties two of them, while two beads
+    # that close make one maximum of a response smoothed at r/4 (and the bead was its own crowd).
+    tree = cKDTree(every)
+    crowded = np.array([len(far) > len(near) for far, near in zip(tree.query_ball_point(pos, 2 * radius),
+                                                                  tree.query_ball_point(pos, 1.5))], bool)
     keep = inside & ~crowded & ~saturated
     n_crowded = int((~(inside & ~crowded) & ~saturated).sum())
     if not keep.any():

@@ -1,0 +1,191 @@
+"""Formulas pinned to their definitions. A mutation review (one plausible bug at a time: a sign, a
+dropped term, a factor, a swapped weight) found each of these changeable without any other test
+failing: the other tests check behaviour that such a bug keeps (equivariance, a fit that passes
+planes exactly, beads on whole pixels, thresholds far from every test value)."""
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from scipy import ndimage
+
+import lsfov
+from lsfov import psf
+from lsfov.calibrate import basis, bead_psfs, bss, cone, extract_psfs
+from lsfov.estimate import depth, synth
+from lsfov.estimate import model as M
+from lsfov.restore import sparse_smooth
+
+
+def test_symmetrized_prediction_is_the_mean_over_the_eight_symmetries():
+    # A patch that the 8 rotations and flips leave unchanged: its symmetrized estimate is the plain one.
+    x = torch.from_numpy(np.asarray(synth.synthesize(4, "G1", split="test", seed=5)["patches"]))
+    xs = torch.stack([M.transform_patches(x, *g) for g in M.D4]).mean(0)
+    m = lsfov.load_model("G1")
+    sym, plain = m.predict(xs, symmetrize=True), m.predict(xs)
+    for k in plain:
+        np.testing.assert_allclose(sym[k], plain[k], atol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("z", [1.0, -1.0])
+def test_pupil_defocus_by_distance_is_paraxial_defocus(z):
+    """Paper 003 Eq. 7's angular-spectrum term ``z sqrt(n²/λ² − |ξ|²)`` at a low NA is Noll 4's defocus
+    of ``−z NA² / (4√3 n λ)`` waves RMS (sign, immersion index and wavelength all enter)."""
+    o = lsfov.Optics(na=0.5, wavelength_um=0.5, pixel_um=0.2, immersion_index=1.33)
+    c4 = -z * o.na**2 / (4 * np.sqrt(3) * o.immersion_index * o.wavelength_um)
+    by_distance = psf.zernike({6: 0.1}, o, z_um=z)
+    assert np.abs(by_distance - psf.zernike({4: c4, 6: 0.1}, o)).max() < 0.03 * by_distance.max()
+    assert np.abs(by_distance - psf.zernike({4: -c4, 6: 0.1}, o)).max() > 0.1 * by_distance.max()
+
+
+def test_bead_centres_are_found_to_a_fraction_of_a_pixel():
+    yy, xx = np.mgrid[:200, :200].astype(float)
+    true = np.array([[60.3, 70.7], [120.6, 130.2], [60.0, 140.45]])
+    img = 10 + sum(1000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.5**2)) for y, x in true)
+    _, centres = extract_psfs(img.astype(np.float32), np.rint(true), 8.0)
+    np.testing.assert_allclose(centres, true, atol=0.05)
+
+
+def test_beads_closer_than_2r_are_crowded_and_farther_ones_kept():
+    """App. A-b: a bead is isolated when no other maximum lies within 2r. (The pair 2.5 r apart lies
+    midway between pixels, so each of its beads ties two maxima of the response: one bead, not a crowd.)"""
+    yy, xx = np.mgrid[:220, :220].astype(float)
+
+    def bead(y, x):
+        return 1000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.3**2))
+
+    lone = sum(bead(y, x) for y in (40, 180) for x in (40, 180))
+    for sep, kept, crowded in ((15, 4, 2), (25, 6, 0)):  # 1.5 r and 2.5 r apart, r = 10
+        img = (10 + lone + bead(110, 110 - sep / 2) + bead(110, 110 + sep / 2)).astype(np.float32)
+        b = bead_psfs(img, radius=10)
+        assert (len(b.positions), b.n_crowded) == (kept, crowded), sep
+
+
+def test_a_flat_topped_bead_of_four_pixels_is_saturated():
+    yy, xx = np.mgrid[:160, :160].astype(float)
+    img = 10 + sum(800 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.4**2)) for y, x in ((40, 40), (40, 120), (120, 40)))
+    img += 2000 * np.exp(-((yy - 120.5) ** 2 + (xx - 120.5) ** 2) / (2 * 1.4**2))
+    img = np.minimum(img, np.sort(img.ravel())[-4])  # the bright bead clipped: a 2x2 plateau at the maximum
+    with pytest.warns(lsfov.LsfovWarning, match="saturated"):
+        b = bead_psfs(img.astype(np.float32), radius=10)
+    assert len(b.positions) == 3 and not (np.abs(b.positions - 120.5) < 2).all(axis=1).any()
+
+
+def test_gavish_donoho_factor():
+    assert basis.rank_threshold((400, 400)) == pytest.approx(2.858, abs=0.01)  # paper 003's value, square
+    b = 0.05
+    assert basis.rank_threshold((1000, 50)) == pytest.approx(0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43)
+    assert basis.rank_threshold((50, 1000)) == basis.rank_threshold((1000, 50))
+
+
+def test_basis_coefficients_are_the_unit_sum_patches_projections():
+    m = psf.MODELS["Z3"]
+    patches = m.render(m.sample(60, 3), size=15)  # bead patches sum to one (bead_psfs)
+    b = basis.psf_basis(patches, 4)
+    kept = patches[b.keep].astype(np.float64)
+    np.testing.assert_allclose(b.coefficients, kept.reshape(len(kept), -1) @ b.kernels.reshape(4, -1).T,
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b.coefficients @ b.kernels.sum(axis=(1, 2)), 1.0, atol=0.1)  # nearly in the span
+
+
+def test_cone_starts_from_the_mean_direction():
+    rng = np.random.default_rng(1)
+    obs = np.abs(rng.normal(size=(4, 50))) + 0.2
+    cols = cone.cone_columns(obs, max_columns=3)
+    unit = obs / np.linalg.norm(obs, axis=0)
+    mean = unit.mean(axis=1)
+    np.testing.assert_allclose(cols[:, 0], mean / np.linalg.norm(mean), atol=1e-12)
+
+
+def test_identification_samples_the_maps_bilinearly():
+    rng = np.random.default_rng(2)
+    maps = rng.random((3, 40, 50))
+    pos = np.column_stack([rng.uniform(0, 39, 25), rng.uniform(0, 49, 25)])
+    ref = np.stack([ndimage.map_coordinates(m, pos.T, order=1) for m in maps], axis=1)
+    np.testing.assert_allclose(bss._sample_maps(maps, pos), ref, atol=1e-12)
+
+
+def test_sources_are_kept_at_k_sigma_over_the_psf_norm():
+    """The detection rule of :func:`locate_sources`: a 3x3 sum of at least ``k σ / ‖h‖₂``."""
+    op = lsfov.ProductConvolution.from_grid(psf.gaussian(1.5, size=11)[None, None], (64, 64))
+    level = 3.0 * 2.0 / np.sqrt((psf.gaussian(1.5, size=11).astype(np.float64) ** 2).sum())
+    sparse = np.zeros((64, 64), np.float32)
+    sparse[20, 20], sparse[40, 44] = 1.05 * level, 0.95 * level
+    found = sparse_smooth.locate_sources(sparse, op, noise=2.0, k=3.0)
+    assert found[:, :2].tolist() == [[20, 20]]
+
+
+def test_subspace_generators_sum_to_one():
+    sub = lsfov.OperatorSubspace.__new__(lsfov.OperatorSubspace)
+    sub.gammas = np.random.default_rng(3).random((5, 3, 4)) + 0.1
+    np.testing.assert_allclose(sub.normalized_gammas.sum(axis=(1, 2)), 1.0)
+
+
+def test_local_plane_weights_are_gaussian_of_width_sigma_over_3_sigma():
+    delta = np.zeros((31, 31))
+    delta[15, 15] = 1.0
+    d = np.arange(-6, 7)  # ceil(3 σ) = 6 nodes each side for σ = 2
+    g = np.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * 2.0**2))
+    assert depth.local_plane(delta, 1.0, 2.0)[15, 15] == pytest.approx(1 / g.sum(), rel=1e-9)
+
+
+def test_robust_local_plane_is_three_tukey_reweightings():
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(12, 14))
+    v[3, 4] += 3.0
+    v[8, 10] -= 2.5
+    w = np.ones_like(v)
+    yy, xx = np.mgrid[:12, :14]
+    design = np.column_stack([np.ones(v.size), yy.ravel(), xx.ravel()])
+
+    def plane(weights):  # one plane over the grid: weighted least squares
+        sw = np.sqrt(weights.ravel())
+        coef = np.linalg.lstsq(design * sw[:, None], v.ravel() * sw, rcond=None)[0]
+        return (design @ coef).reshape(v.shape)
+
+    fit = plane(w)
+    for _ in range(3):
+        scale = 1.4826 * np.median(np.abs(v - fit))
+        u = np.abs(v - fit) / (4.685 * scale)
+        fit = plane(np.where(u < 1, (1 - u**2) ** 2, 0.0))
+    np.testing.assert_allclose(depth.local_plane(v, w, np.inf, robust=True), fit, atol=1e-9)
+
+
+def test_curve_depth_weighs_each_reading_by_its_noise():
+    cal = depth.DepthCalibration(axis0=0.0, slope=1.0, offset=0.0, r2=1.0, mae_um=0.0, n_nodes=9, method="curve",
+                                 curves=((1.0, 0.0), (1.0, 0.0)), noise=(1.0, 100.0), range_um=(-5.0, 5.0))
+
+    def one(v):
+        return ("gy", "gx"), np.full((1, 1), v, np.float32)
+
+    ds = xr.Dataset({"focus": one(1.0), "astigmatism": one(0.1), "axis": one(0.0), "validity": one(1.0),
+                     "focus_astig_sin": one(0.0), "focus_astig_cos": one(3.0)},
+                    attrs={"params": ["focus", "astigmatism", "axis"]})
+    # focus² reads 1 (noise variance 1), the product 3 (variance 100): the weighted least squares depth
+    assert float(depth.estimate_depth(ds, cal)[0, 0]) == pytest.approx((1 + 3 / 100) / (1 + 1 / 100), rel=1e-3)
+
+
+def test_validity_label_is_the_signal_over_the_noise_at_the_patch_light():
+    m = psf.MODELS["Z3"]
+    images = synth.library(synth.SOURCES, "test")
+    kw = dict(invalid_fraction=0.08, photons=synth.PHOTONS, read_noise=(0.0, 3.0), illumination=0.5)
+    _, params, valid, hid = synth._batch(m, images, 256, np.random.default_rng(1), hidden=True, **kw)
+    blur = synth._blur(hid["sharp"], m.render(params, size=m.size))
+    signal = hid["beta"] * hid["photons"] * blur.std(axis=(1, 2)) * hid["light"].mean(axis=(1, 2))
+    level = hid["beta"] * hid["photons"] * (blur * hid["light"]).mean(axis=(1, 2))
+    want = (signal > np.sqrt(hid["beta"] * level + hid["read_noise"] ** 2)) & (hid["sharp"].std(axis=(1, 2)) > 0)
+    assert 0.3 < valid.mean() < 0.98 and (want != valid).sum() == 0
+
+
+def test_synthesis_crops_are_windows_under_the_eight_symmetries():
+    h, w = 150, 170
+    image = np.arange(h * w, dtype=np.float32).reshape(h, w)  # each pixel's value is its position
+    crops = synth._crops([image], 300, 32, np.random.default_rng(5)).astype(np.int64)
+    seen = set()
+    for c in crops:
+        y0, x0 = c.min() // w, c.min() % w
+        window = image[y0 : y0 + 32, x0 : x0 + 32].astype(np.int64)
+        match = [k for k, (t, fy, fx) in enumerate((t, fy, fx) for t in (0, 1) for fy in (0, 1) for fx in (0, 1))
+                 if np.array_equal(c, (lambda a: a.T if t else a)(window[:: -1 if fy else 1, :: -1 if fx else 1]))]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(range(8))
