@@ -354,11 +354,14 @@ def test_negative_pixels_are_clipped_with_a_warning(scene):
 
 def test_operator_save_load_round_trip(tmp_path, scene):
     op, y, _ = scene
-    for o in (op, _basis_op(y.shape)):
+    moved = ProductConvolution.from_grid(op.kernels, op.shape, centers=[c + 3.25 for c in op.centers])  # not the default
+    for o in (op, moved, _basis_op(y.shape)):
         o.attrs["model"] = "Z3"
-        path = lsfov.save(o, tmp_path / f"{o.kind}.zarr")
+        path = lsfov.save(o, tmp_path / f"{o.kind}-{id(o)}.zarr")
         back = ProductConvolution.load(path)
         assert back.kind == o.kind and back.shape == o.shape and back.attrs["model"] == "Z3"
+        for got, want in zip(back.centers or (), o.centers or ()):
+            np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(back.apply(y), o.apply(y))
         with pytest.raises(FileExistsError, match="overwrite"):
             o.save(path)
