@@ -357,7 +357,7 @@ def simulate():
 @click.option("--n-beads", type=int, default=None, help="Number of beads (default: one per 48² pixels).")
 @click.option("--grid", default=8, show_default=True, help="Nodes per axis of the true grid operator.")
 @click.option("--pixel-um", default=0.1, show_default=True, help="Pixel size in µm.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_overwrite_option
 @click.pass_obj
 def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
@@ -390,7 +390,7 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @click.option("--grid", default=4, show_default=True, help="PSF nodes per axis.")
 @click.option("--photons", default=1000.0, show_default=True, help="Photons at the brightest pixel.")
 @click.option("--read-noise", default=2.0, show_default=True, help="Gaussian read noise (photons).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_plane_options
 @_overwrite_option
 def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zplane, tpoint, overwrite):
@@ -435,7 +435,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--iterations", default=20, show_default=True, help="Richardson-Lucy iterations.")
 @click.option("--tv", default=DEFAULT_TV, show_default=True, help="TV weight in [0, 0.25); 0 gives plain RL.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
-@click.option("--exchange-every", type=int, default=None, help="Iterations between halo exchanges (default: cost model).")
+@click.option("--exchange-every", type=click.IntRange(min=1), default=None, help="Iterations between halo exchanges (default: cost model).")
 @_scratch_option
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @_plane_options
@@ -554,7 +554,7 @@ def _centres(variables, names, edge=512):
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--model", default="Z3", show_default=True, help="Shipped model (G1, G2, Z1, Z3) or a .pt file.")
-@click.option("--stride", default=64, show_default=True, help="Node spacing in pixels.")
+@click.option("--stride", type=click.IntRange(min=1), default=64, show_default=True, help="Node spacing in pixels.")
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels): one task per chunk.")
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
@@ -623,7 +623,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--model", default="Z3", show_default=True, help="Shipped model (G1, G2, Z1, Z3) or a .pt file.")
-@click.option("--stride", default=64, show_default=True, help="PSF-map node spacing in pixels.")
+@click.option("--stride", type=click.IntRange(min=1), default=64, show_default=True, help="PSF-map node spacing in pixels.")
 @click.option("--iterations", default=20, show_default=True, help="Richardson-Lucy iterations.")
 @click.option("--tv", default=DEFAULT_TV, show_default=True, help="TV weight in [0, 0.25); 0 gives plain RL.")
 @click.option("--calibration", type=click.Path(), default=None, help="Depth calibration JSON (`lsfov depth --known`).")
@@ -855,7 +855,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
 @main.command()
 @click.argument("beads", nargs=-1, required=True, type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--n-basis", default=5, show_default=True, help="PSF basis size I.")
+@click.option("--n-basis", type=click.IntRange(min=1), default=5, show_default=True, help="PSF basis size I.")
 @click.option("--n-space", default=5, show_default=True, help="Spatial basis size J (several images).")
 @click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
 @click.option("--smoothing", type=float, default=None, help="Thin-plate smoothing (default 0.01).")
@@ -919,7 +919,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @main.command()
 @click.argument("data", type=click.Path())
 @click.argument("out", type=click.Path(), required=False)
-@click.option("--synthesize", "n_synth", type=int, default=None, metavar="N",
+@click.option("--synthesize", "n_synth", type=click.IntRange(min=1), default=None, metavar="N",
               help="Write a training set of N patches to DATA instead of training.")
 @click.option("--stream", "n_stream", type=int, default=None, metavar="N",
               help="Train on N patches made as they are needed on --device, no set on disk (a GPU makes them far "
@@ -928,7 +928,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
               help="PSF model of a synthesized set or a stream (G1 G2 Z1 Z2 Z3).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Source images of a synthesized set (test: images never used for training).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes that synthesize in parallel (the same bytes for any number).")
 @click.option("--arch", type=click.Choice(["polar", "spectral", "compact", "resnet34"]), default=None,
@@ -1076,7 +1076,7 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
 @click.option("--out", default="lsfov-demo.zarr", show_default=True, type=click.Path(), help="Result to write.")
 @click.option("--size", default=1024, show_default=True, help="Field edge in pixels.")
 @click.option("--chunks", default=512, show_default=True, help="Dask chunk edge.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--scheduler", default="local", show_default=True, help=f"Where Dask runs: {SCHEDULERS}.")
 @_overwrite_option
 @click.pass_obj

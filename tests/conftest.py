@@ -1,10 +1,50 @@
 """Fixtures shared by several test modules."""
+import contextlib
+import logging
 import warnings
 
 import numpy as np
 import pytest
 
 from lsfov import simulate as sim
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """``run(*args, ok=True)``: the CLI in ``tmp_path`` (click's runner); asserts exit 0 unless ``ok=False``."""
+    from click.testing import CliRunner
+
+    from lsfov.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def _run(*args, ok=True):
+        res = runner.invoke(main, [str(a) for a in args])
+        if ok:
+            assert res.exit_code == 0, res.output + repr(res.exception)
+        return res
+
+    return _run
+
+
+@contextlib.contextmanager
+def _lsfov_messages():
+    said = []
+    seen = logging.Handler()
+    seen.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("lsfov").addHandler(seen)
+    try:
+        yield said
+    finally:
+        logging.getLogger("lsfov").removeHandler(seen)
+
+
+@pytest.fixture
+def lsfov_log():
+    """``with lsfov_log() as said:``: the lsfov logger's messages while in the block (the logger does
+    not propagate to pytest's capture)."""
+    return _lsfov_messages
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,4 @@
-import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -13,39 +11,14 @@ import numpy as np
 import xarray as xr
 import pytest
 import tifffile
-from click.testing import CliRunner
 
 import lsfov
-from lsfov.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
-def lsfov_messages():
-    """The lsfov logger's messages while in the block (it does not propagate to pytest's capture)."""
-    said = []
-    seen = logging.Handler()
-    seen.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("lsfov").addHandler(seen)
-    try:
-        yield said
-    finally:
-        logging.getLogger("lsfov").removeHandler(seen)
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-
-    def _run(*args, ok=True):
-        res = runner.invoke(main, [str(a) for a in args])
-        if ok:
-            assert res.exit_code == 0, res.output + repr(res.exception)
-        return res
-
-    return _run
 
 
 def test_help(run):
@@ -375,7 +348,7 @@ def test_deconvolve_psf_stacks_and_channels(run, tmp_path, blurred):
     assert "plane" not in lsfov.open_result(tmp_path / "p.zarr").attrs
 
 
-def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path, blurred, monkeypatch):
+def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path, blurred, monkeypatch, lsfov_log):
     import lsfov.io
 
     run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 2)
@@ -400,7 +373,7 @@ def test_interrupted_deconvolve_leaves_nothing_that_looks_complete(run, tmp_path
     assert lsfov.open_result(tmp_path / "new.zarr").deblurred.shape == before.shape
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".d.zarr.scratch"]
     # A rerun without --resume starts again, and says what it throws away.
-    with lsfov_messages() as said:
+    with lsfov_log() as said:
         run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--overwrite")
     assert any("discarding the work of an earlier interrupted run" in m for m in said), said
 
@@ -589,7 +562,7 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
     assert f"[default: {MAX_SATURATED:g}]" in run("estimate", "--help").output.replace("\n", " ").replace("  ", " ")
 
 
-def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
+def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path, lsfov_log):
     pytest.importorskip("torch")
     from lsfov import simulate
 
@@ -603,7 +576,7 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path):
     assert m.attrs["psf_model"] == "Z3" and m.attrs["stride"] == 64 and m.attrs["symmetrize"] == 0
     run("-q", "estimate", "tilt.npy", "map8.zarr", "--stride", 64, "--symmetrize")
     assert lsfov.open_result("map8.zarr").attrs["symmetrize"] == 1
-    with lsfov_messages() as said:
+    with lsfov_log() as said:
         run("deconvolve", "tilt.npy", "d.zarr", "--psf-map", "map.zarr", "--iterations", 2)
         assert not any("PSF map" in m for m in said), said
         np.save("other.npy", s.image[::-1])  # another image of the shape: said, not refused
@@ -689,7 +662,7 @@ def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch,
         np.testing.assert_array_equal(out[name].values, ref[name].values)
 
 
-def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_calls):
+def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_calls, lsfov_log):
     """A resumed map's patches/s would count the nodes an earlier run regressed."""
     pytest.importorskip("torch")
     import lsfov.estimate.mapping as mapping
@@ -709,13 +682,13 @@ def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_
     count_calls(mapping, "_regress", fail_at=3, error=KeyboardInterrupt())
     assert run(*other, "--stride", 96, ok=False).exit_code == 130
     count_calls(mapping, "_regress")
-    with lsfov_messages() as said:
+    with lsfov_log() as said:
         res = run(*other, "--resume")
     assert "patches/s" in res.output, res.output
     assert any("is of another run" in m and "starts from the beginning" in m for m in said), said
 
 
-def test_cli_deconvolve_resumed_says_so_only_for_its_own_work(run, count_calls):
+def test_cli_deconvolve_resumed_says_so_only_for_its_own_work(run, count_calls, lsfov_log):
     """A resumed deconvolution reports the time to finish; one that found only another run's state
     (other options) starts over, and reports its rate."""
     import lsfov.restore.chunked as chunked
@@ -735,7 +708,7 @@ def test_cli_deconvolve_resumed_says_so_only_for_its_own_work(run, count_calls):
     count_calls(chunked, "_block", fail_at=6, error=KeyboardInterrupt())
     assert run(*args, "--overwrite", ok=False).exit_code == 130
     count_calls(chunked, "_block")
-    with lsfov_messages() as said:
+    with lsfov_log() as said:
         res = run(*args, "--tv", 0.01, "--resume", "--overwrite")  # other options: another run's state
     assert "Mpixel" in res.output and "to finish" not in res.output, res.output
     assert any("is of another run" in m for m in said), said

@@ -154,24 +154,16 @@ def test_from_psf_warns_over_one_pixel_off_centre():
         ProductConvolution.from_psf(np.roll(g, 2, axis=1), (60, 70))
 
 
-def test_other_stage_state_is_not_another_run(tmp_path):
-    import logging
-
+def test_other_stage_state_is_not_another_run(tmp_path, lsfov_log):
     from lsfov.restore.scratch import warn_other_runs
 
-    said = []
-    h = logging.Handler()
-    h.emit = lambda rec: said.append(rec.getMessage())
-    logging.getLogger("lsfov").addHandler(h)
-    try:
+    with lsfov_log() as said:
         (tmp_path / "lsfov-psfmap-0123456789abcdef").mkdir()
         warn_other_runs(tmp_path / "lsfov-tvrl-fedcba9876543210")
         assert not any("is of another run" in m for m in said), said
         (tmp_path / "lsfov-tvrl-0000000000000000").mkdir()
         warn_other_runs(tmp_path / "lsfov-tvrl-fedcba9876543210")
         assert any("lsfov-tvrl-0000000000000000" in m for m in said), said
-    finally:
-        logging.getLogger("lsfov").removeHandler(h)
 
 
 def test_resumed_bar_never_passes_its_total(blurred_cell, tmp_path, count_calls, monkeypatch):

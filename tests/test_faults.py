@@ -25,7 +25,7 @@ def scene(blurred_cell):
 # ----------------------------------------------------------------------------------------- resume
 
 
-def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene, tmp_path, count_calls):
+def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene, tmp_path, count_calls, lsfov_log):
     op, y = scene
     dy = da.from_array(y, chunks=60)
     kw = dict(exchange_every=2, scratch=tmp_path / "s")
@@ -47,16 +47,8 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         assert len(calls) == total
         # Another parameter is another run: resume must not pick up this one's state, and says so.
         calls = count_calls(chunked, "_block")
-        import logging
-
-        said = []
-        seen = logging.Handler()
-        seen.emit = lambda record: said.append(record.getMessage())
-        logging.getLogger("lsfov").addHandler(seen)
-        try:
+        with lsfov_log() as said:
             lsfov.deconvolve(dy, op, 6, tv=0.0, resume=True, **kw)
-        finally:
-            logging.getLogger("lsfov").removeHandler(seen)
         assert len(calls) == total
         assert any("is of another run" in m for m in said), said
 

@@ -1,0 +1,400 @@
+"""CLI behaviours that no other test pinned down (found by mutating lsfov/cli.py one change at a
+time): each test fails when the check or option it names is removed or changed."""
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+
+import lsfov
+from lsfov import simulate as sim
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A 128² blurred image (y.npy), its one-node operator (op.zarr) and PSF (psf.npy)."""
+    sharp = sim.sample_image("cell", (128, 128))
+    op, _ = sim.psf_field(sharp.shape, "Z3", (1, 1), seed=3, size=15)
+    np.save(tmp_path / "y.npy", np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0).astype(np.float32))
+    op.save(tmp_path / "op.zarr")
+    np.save(tmp_path / "psf.npy", op.kernels[0, 0])
+    return op
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any PSF-map regression or deconvolution block is recorded (a refusal must come before them)."""
+    from lsfov.estimate import mapping
+    from lsfov.restore import chunked
+
+    called = []
+    monkeypatch.setattr(mapping, "_regress", lambda *a, **k: called.append("map") or 1 / 0)
+    real = chunked._block
+    monkeypatch.setattr(chunked, "_block", lambda *a, **k: called.append("block") or real(*a, **k))
+    return called
+
+
+def _refused(res, msg):
+    assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, res.output
+
+
+# ------------------------------------------------------------------------------- outputs never overwritten
+
+
+def test_deconvolve_never_replaces_someones_file_where_its_preview_goes(run, tmp_path, small, no_work):
+    (tmp_path / "d.png").write_bytes(b"someone's picture")
+    _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, ok=False),
+             "d.png already exists; pass --overwrite")
+    assert (tmp_path / "d.png").read_bytes() == b"someone's picture" and not (tmp_path / "d.zarr").exists()
+    assert not no_work
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--overwrite")
+    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_never_replaces_someones_file_where_its_figure_goes(run, tmp_path, monkeypatch):
+    def work(*a, **k):
+        raise RuntimeError("the demo started its work")
+
+    monkeypatch.setattr(sim, "tilted_surface", work)
+    (tmp_path / "d.png").write_bytes(b"someone's picture")
+    _refused(run("demo", "--out", "d.zarr", "--size", 512, ok=False), "d.png already exists; pass --overwrite")
+    assert (tmp_path / "d.png").read_bytes() == b"someone's picture"
+
+
+def test_a_figure_path_that_is_an_empty_directory_is_refused_before_any_work(run, tmp_path, no_work):
+    np.save(tmp_path / "img.npy", (sim.sample_image("coins", (256, 256)) * 500 + 20).astype(np.float32))
+    (tmp_path / "f.png").mkdir()  # empty: --overwrite could replace it, but a figure is a file
+    res = run("estimate", "img.npy", "o.zarr", "--figure", "f.png", "--overwrite", ok=False)
+    _refused(res, "--figure f.png is a directory; name a PNG file")
+    assert not no_work and (tmp_path / "f.png").is_dir() and not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize("blur", ["--operator", "--psf-map"])
+def test_deconvolve_never_overwrites_its_blur_input(run, tmp_path, small, blur, no_work):
+    if blur == "--psf-map":  # any lsfov result is replaceable by --overwrite: a PSF map too
+        import xarray as xr
+
+        lsfov.save(xr.Dataset({"focus": (("gy", "gx"), np.zeros((2, 2), np.float32))}, attrs={"psf_model": "Z3"}),
+                   tmp_path / "m.zarr")
+        name = "m.zarr"
+    else:
+        name = "op.zarr"
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / name).rglob("*"))
+    _refused(run("deconvolve", "y.npy", name, blur, name, "--iterations", 1, "--overwrite", ok=False), "is the input")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / name).rglob("*")) == before and not no_work
+
+
+# ------------------------------------------------------------------------------- option checks
+
+
+@pytest.mark.parametrize("tv", ["0.25", "-0.1"])
+@pytest.mark.parametrize("cmd", ["deconvolve", "run"])
+def test_tv_outside_its_range_is_refused_before_any_work(run, small, tv, cmd, no_work):
+    args = ["--psf", "psf.npy"] if cmd == "deconvolve" else []
+    _refused(run(cmd, "y.npy", "o.zarr", *args, "--tv", tv, "--iterations", 1, ok=False), f"--tv {float(tv)} must be in [0, 0.25)")
+    assert not no_work
+
+
+@pytest.mark.parametrize("px", ["nan", "inf"])
+@pytest.mark.parametrize("cmd", ["deconvolve", "estimate"])
+def test_pixel_size_that_is_no_number_is_refused(run, small, px, cmd, no_work):
+    args = ["--psf", "psf.npy"] if cmd == "deconvolve" else []
+    _refused(run(cmd, "y.npy", "o.zarr", *args, "--pixel-um", px, ok=False), f"--pixel-um {float(px)} must be a pixel size")
+    assert not no_work
+
+
+# ------------------------------------------------------------------------------- defaults reach the work
+
+
+@pytest.mark.parametrize("cmd, default", [("deconvolve", "threads"), ("estimate", "threads"), ("run", "threads"),
+                                          ("demo", "local")])
+def test_scheduler_defaults(run, small, monkeypatch, cmd, default):
+    import lsfov.cluster
+
+    def use_scheduler(spec, **kw):
+        raise ValueError(f"scheduler {spec!r} asked")
+
+    monkeypatch.setattr(lsfov.cluster, "use_scheduler", use_scheduler)
+    if cmd == "demo":
+        args = ["demo", "--size", 512]
+    else:
+        args = [cmd, "y.npy", "o.zarr", *(["--psf", "psf.npy"] if cmd == "deconvolve" else [])]
+    _refused(run(*args, ok=False), f"scheduler {default!r} asked")
+
+
+# ------------------------------------------------------------------------------- messages
+
+
+def test_quiet_silences_the_warnings_of_its_command(run, tmp_path):
+    tifffile.imwrite(tmp_path / "half.ome.tif", np.random.default_rng(1).random((96, 120)).astype(np.float32),
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    for quiet, out in ((False, "a.zarr"), (True, "b.zarr")):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            run(*(["-q"] if quiet else []), "simulate", "blur", "half.ome.tif", out, "--model", "Z1", "--grid", 2)
+        heard = [w for w in said if "µm pixels but Z1's PSFs" in str(w.message)]
+        assert bool(heard) != quiet, (quiet, [str(w.message) for w in said])
+
+
+def test_info_takes_a_shipped_model_name_in_any_case(run):
+    assert "PSFRegressor(G2" in run("info", "g2").output
+
+
+def _kept_message_case(run, tmp_path, monkeypatch, error):
+    from lsfov.restore import chunked
+
+    calls = []
+    real = chunked._block
+
+    def block(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:  # in the second exchange: the first one's marks are kept
+            raise error
+        return real(*a, **k)
+
+    monkeypatch.setattr(chunked, "_block", block)
+    res = run("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 3, "--chunks", 64,
+              "--exchange-every", 1, "--scheduler", "synchronous", ok=False)
+    assert list((tmp_path / ".d.zarr.scratch").glob("*/done/*")), res.output
+    return res
+
+
+def test_work_kept_after_a_failure_is_said_once(run, tmp_path, small, monkeypatch):
+    """A crash says the run was interrupted; a bad input found late has its own line (the error) and
+    is not called an interruption."""
+    res = _kept_message_case(run, tmp_path, monkeypatch, RuntimeError("power cut"))
+    assert "interrupted; the work done so far is kept in" in res.output and "--resume" in res.output, res.output
+    res = _kept_message_case(run, tmp_path, monkeypatch, ValueError("found late"))
+    assert res.exit_code == 1 and "found late" in res.output
+    assert "the work done so far is kept in" in res.output and "interrupted; " not in res.output, res.output
+
+
+# ------------------------------------------------------------------------------- simulate
+
+
+def test_simulate_beads_passes_every_option_to_the_simulation(run, tmp_path):
+    run("simulate", "beads", "b.zarr", "--size", 96, "--n-beads", 5, "--grid", 3, "--pixel-um", 0.2, "--seed", 4)
+    ds = lsfov.open_result(tmp_path / "b.zarr")
+    b = sim.bead_field((96, 96), 5, seed=4, grid=3, pixel_um=0.2)
+    np.testing.assert_array_equal(ds.image.values, b.image.astype(np.float32))
+    assert ds.attrs["n_beads"] == 5 and ds.attrs["seed"] == 4 and ds.depth.shape == (3, 3)
+    assert float(ds.image.x[1] - ds.image.x[0]) == pytest.approx(0.2)
+    run("simulate", "beads", "c.zarr", "--size", 96, "--n-beads", 5, "--grid", 3, "--pixel-um", 0.2, "--seed", 5)
+    assert not np.array_equal(lsfov.open_result(tmp_path / "c.zarr").image.values, ds.image.values)
+
+
+def test_simulate_blur_passes_every_option_to_the_simulation(run, tmp_path):
+    sharp = np.random.default_rng(0).random((64, 80)).astype(np.float32)
+    np.save(tmp_path / "sharp.npy", sharp)
+    run("simulate", "blur", "sharp.npy", "o.zarr", "--model", "G2", "--grid", 3, "--photons", 50, "--read-noise", 5,
+        "--seed", 2)
+    out = lsfov.open_result(tmp_path / "o.zarr")
+    op, params = sim.psf_field(sharp.shape, "G2", (3, 3), seed=2)
+    np.testing.assert_allclose(out.blurred.values, sim.degrade(sharp, op, photons=50, read_noise=5, seed=2), rtol=1e-6)
+    assert out.sigma_x.shape == (3, 3)
+
+
+def test_simulate_blur_takes_a_plane_of_a_stack(run, tmp_path):
+    stack = np.random.default_rng(0).random((3, 48, 48)).astype(np.float32)
+    np.save(tmp_path / "stack.npy", stack)
+    run("simulate", "blur", "stack.npy", "o.zarr", "--model", "G2", "--grid", 2, "--z", 1)
+    out = lsfov.open_result(tmp_path / "o.zarr")
+    assert out.attrs["plane"] == {"z": 1}
+    op, _ = sim.psf_field((48, 48), "G2", (2, 2), seed=0)
+    np.testing.assert_allclose(out.blurred.values, sim.degrade(stack[1], op, seed=0), rtol=1e-6)
+
+
+def test_simulate_blur_never_overwrites_the_store_it_reads(run, tmp_path):
+    run("simulate", "beads", "b.zarr", "--size", 64, "--grid", 2)
+    before = lsfov.open_result(tmp_path / "b.zarr").image.values.copy()
+    _refused(run("simulate", "blur", "b.zarr/image", "b.zarr", "--model", "G2", "--overwrite", ok=False), "is the input")
+    ds = lsfov.open_result(tmp_path / "b.zarr")
+    assert ds.attrs["command"] == "lsfov simulate beads"
+    np.testing.assert_array_equal(ds.image.values, before)
+
+
+# ------------------------------------------------------------------------------- deconvolve, estimate, run
+
+
+def test_deconvolve_labels_the_result_with_the_pixel_size_given(run, tmp_path, small):
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--pixel-um", 0.3)
+    d = lsfov.open_result(tmp_path / "d.zarr").deblurred
+    assert d.x.attrs["units"] == "micrometer" and float(d.x[1] - d.x[0]) == pytest.approx(0.3)
+
+
+def test_estimate_and_run_pass_their_options_to_the_map_and_the_deconvolution(run, tmp_path):
+    pytest.importorskip("torch")
+    np.save(tmp_path / "img.npy", sim.tilted_surface((192, 192), depth_range_um=(-8, 8), grid=3, seed=5).image)
+    run("-q", "estimate", "img.npy", "m.zarr", "--pixel-um", 0.15)
+    m = lsfov.open_result(tmp_path / "m.zarr")
+    assert m.attrs["pixel_um"] == pytest.approx(0.15) and m.gy.attrs["units"] == "micrometer"
+    run("-q", "run", "img.npy", "r.zarr", "--iterations", 1, "--tv", 0.01, "--symmetrize", "--pixel-um", 0.15)
+    r = lsfov.open_result(tmp_path / "r.zarr")
+    assert (r.attrs["iterations"], r.attrs["tv"], r.attrs["symmetrize"]) == (1, 0.01, 1)
+    assert float(r.raw.x[1] - r.raw.x[0]) == pytest.approx(0.15)
+
+
+# ------------------------------------------------------------------------------- bss
+
+
+@pytest.fixture
+def subspace(tmp_path):
+    """A learned subspace (sub.zarr) and a bead image (b.npy) of it."""
+    from lsfov.calibrate import learn_subspace
+
+    fields = sim.bead_stack(3, (192, 192), seed=8)
+    learn_subspace([f.image for f in fields], 3, 3).save(tmp_path / "sub.zarr")
+    np.save(tmp_path / "b.npy", fields[1].image)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--chunks", 4], "--chunks 4 is too small"),
+    (["--iterations", 0], "--iterations 0: give a positive number"),
+    (["--gamma1", -1], "--gamma1 -1.0 must be a weight >= 0"),
+    (["--gamma2", "nan"], "--gamma2 nan must be a weight >= 0"),
+    (["--pixel-um", 0], "--pixel-um 0.0 must be a pixel size"),
+])
+def test_bss_options_are_checked_before_the_subspace_is_read(run, tmp_path, args, msg):
+    np.save(tmp_path / "b.npy", np.ones((64, 64), np.float32))
+    _refused(run("bss", "b.npy", "o.zarr", "--subspace", "nothing.zarr", *args, ok=False), msg)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_bss_never_overwrites_its_subspace(run, tmp_path):
+    np.save(tmp_path / "b.npy", np.ones((64, 64), np.float32))
+    (tmp_path / "sub.zarr").mkdir()
+    (tmp_path / "sub.zarr" / "zarr.json").write_text("{}")  # a zarr store: what --overwrite may replace
+    _refused(run("bss", "b.npy", "sub.zarr", "--subspace", "sub.zarr", "--overwrite", ok=False), "is the input")
+    assert (tmp_path / "sub.zarr" / "zarr.json").read_text() == "{}"
+
+
+def test_bss_passes_iterations_and_pixel_size(run, tmp_path, subspace, monkeypatch):
+    import lsfov.restore
+
+    seen = []
+    real = lsfov.restore.sparse_smooth_deblur
+
+    def solver(*a, **k):
+        seen.append(k["iterations"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(lsfov.restore, "sparse_smooth_deblur", solver)
+    run("-q", "bss", "b.npy", "o.zarr", "--subspace", "sub.zarr", "--iterations", 7, "--pixel-um", 0.3)
+    assert seen == [7]
+    r = lsfov.open_result(tmp_path / "o.zarr")
+    assert r.attrs["iterations"] == 7 and float(r.raw.x[1] - r.raw.x[0]) == pytest.approx(0.3)
+    assert float(r.sparse.x[1] - r.sparse.x[0]) == pytest.approx(0.3)
+
+
+# ------------------------------------------------------------------------------- calibrate
+
+
+@pytest.fixture
+def beads(tmp_path):
+    fields = sim.bead_stack(2, (256, 256), seed=3)
+    np.save(tmp_path / "b0.npy", fields[0].image)
+    return fields
+
+
+def test_calibrate_passes_smoothing_zero_and_the_radius(run, tmp_path, beads):
+    run("-q", "calibrate", "b0.npy", "op.zarr", "--n-basis", 3, "--smoothing", 0, "--radius", 9)
+    a = lsfov.ProductConvolution.load(tmp_path / "op.zarr").attrs
+    assert a["smoothing"] == 0 and a["radius_px"] == pytest.approx(9)
+
+
+def test_calibrate_refuses_bead_images_of_different_shapes(run, tmp_path, beads):
+    np.save(tmp_path / "b1.npy", beads[1].image[:200])
+    _refused(run("calibrate", "b0.npy", "b1.npy", "sub.zarr", ok=False), "bead images differ in shape")
+
+
+def test_calibrate_reads_the_channel_asked_and_never_overwrites_its_input(run, tmp_path, beads):
+    import xarray as xr
+
+    img = beads[0].image.astype(np.float32)
+    tifffile.imwrite(tmp_path / "c.ome.tif", np.stack([np.zeros_like(img), img]), metadata={"axes": "CYX"})
+    run("-q", "calibrate", "c.ome.tif", "c.zarr", "--n-basis", 3, "--channel", 1)
+    run("-q", "calibrate", "b0.npy", "one.zarr", "--n-basis", 3)
+    np.testing.assert_allclose(lsfov.ProductConvolution.load(tmp_path / "c.zarr").kernels,
+                               lsfov.ProductConvolution.load(tmp_path / "one.zarr").kernels, rtol=1e-5, atol=1e-7)
+    lsfov.save(xr.Dataset({"image": (("y", "x"), img)}), tmp_path / "beads.zarr")
+    _refused(run("calibrate", "beads.zarr/image", "beads.zarr", "--overwrite", ok=False), "is the input")
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "beads.zarr/image").values, img)
+
+
+def test_calibrate_checks_its_figure_before_any_work(run, tmp_path, beads):
+    _refused(run("calibrate", "b0.npy", "op.zarr", "--figure", "fig.tif", ok=False),
+             "figures are PNG, PDF or SVG files; name it fig.png")
+    (tmp_path / "fig.png").write_bytes(b"someone's picture")
+    _refused(run("calibrate", "b0.npy", "op.zarr", "--figure", "fig.png", ok=False), "fig.png already exists")
+    assert not (tmp_path / "op.zarr").exists() and (tmp_path / "fig.png").read_bytes() == b"someone's picture"
+
+
+# ------------------------------------------------------------------------------- train, evaluate
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["train", "--synthesize", 8, "s.zarr", "m.pt"], "with --synthesize give only the output training set"),
+    (["train", "--stream", 8, "m.pt", "--resume"], "a stream has no set"),
+    (["train", "--stream", 8, "m.pt", "--checkpoint", "ck"], "a stream has no set"),
+    (["evaluate", "Z3"], "give a test set DATA"),
+])
+def test_train_and_evaluate_refuse_options_that_do_not_go_together(run, tmp_path, args, msg):
+    _refused(run(*args, ok=False), msg)
+    assert not [p for p in tmp_path.iterdir()]
+
+
+def test_train_passes_seed_checkpoint_and_epochs(run, tmp_path):
+    pytest.importorskip("torch")
+    from lsfov.estimate.synth import open_training_set
+
+    run("-q", "train", "--synthesize", 48, "--psf-model", "G1", "--seed", 3, "tr.zarr")
+    assert open_training_set(tmp_path / "tr.zarr")["attrs"]["seed"] == 3
+    run("-q", "train", "tr.zarr", "m.pt", "--arch", "compact", "--epochs", 2, "--lr", "1e-3", "--batch-size", 16,
+        "--checkpoint", "ck")
+    assert (tmp_path / "ck" / "last.pt").exists() and not (tmp_path / "m.ckpt").exists()
+    assert lsfov.load_model(tmp_path / "m.pt").meta["training"]["epochs_run"] == 2
+
+
+def test_evaluate_figure_is_a_picture_file(run, tmp_path):
+    _refused(run("evaluate", "Z3", "--robustness", 5, "--figure", "rob.tif", ok=False),
+             "figures are PNG, PDF or SVG files; name it rob.png")
+    assert not (tmp_path / "rob.tif").exists()
+
+
+def test_train_on_a_stream_uses_the_learning_rate_given(run, tmp_path):
+    pytest.importorskip("torch")
+    run("-q", "train", "--stream", 32, "--psf-model", "G1", "--arch", "compact", "--batch-size", 16, "--lr", "0.002",
+        "s.pt")
+    assert lsfov.load_model(tmp_path / "s.pt").meta["training"]["lr"] == 0.002
+
+
+# ------------------------------------------------------------------------------- what is said in the log
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_over(run, small, lsfov_log):
+    with lsfov_log() as said:
+        run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--resume")
+    assert any("nothing to resume in" in m and "starting from the beginning" in m for m in said), said
+
+
+def test_a_psf_map_of_another_plane_of_the_same_file_is_said(run, tmp_path, lsfov_log):
+    pytest.importorskip("torch")
+    img = sim.tilted_surface((192, 192), depth_range_um=(-8, 8), grid=3, seed=5).image
+    np.save(tmp_path / "stack.npy", np.stack([img, img[::-1]]))
+    run("-q", "estimate", "stack.npy", "m.zarr", "--z", 0)
+    with lsfov_log() as said:
+        run("deconvolve", "stack.npy", "d0.zarr", "--psf-map", "m.zarr", "--z", 0, "--iterations", 1)
+    assert not any("PSF map" in m for m in said), said
+    with lsfov_log() as said:
+        run("deconvolve", "stack.npy", "d1.zarr", "--psf-map", "m.zarr", "--z", 1, "--iterations", 1)
+    assert any("was read from stack.npy (plane" in m and "right only if both share the blur" in m for m in said), said
+
+
+@pytest.mark.parametrize("args", [["simulate", "beads", "b.zarr", "--size", 64, "--seed", -1], ["demo", "--seed", -1],
+                                  ["train", "--synthesize", 0, "t.zarr"], ["estimate", "y.npy", "m.zarr", "--stride", 0],
+                                  ["calibrate", "y.npy", "o.zarr", "--n-basis", 0],
+                                  ["deconvolve", "y.npy", "o.zarr", "--psf", "psf.npy", "--exchange-every", 0]])
+def test_counts_out_of_range_are_named_by_their_option(run, small, args):
+    res = run(*args, ok=False)
+    option = next(a for a in args if str(a).startswith("--") and args[args.index(a) + 1] in (-1, 0))
+    assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
