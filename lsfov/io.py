@@ -298,6 +298,8 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
         data = _tiff_dask(path, 0, level if len(levels) > 1 else None, yx)
     except Exception:  # fall back to a memory map, or a plain read, for layouts zarr cannot wrap
         try:
+            if level:  # a memory map is of the full-resolution pages
+                raise ValueError
             data = da.from_array(tifffile.memmap(path, mode="r"))
         except Exception:
             data = da.from_array(tifffile.imread(path, level=level))
@@ -405,9 +407,8 @@ def _in_large_blocks(path: Path, level: int, data: da.Array, names) -> da.Array:
     grown = _grown(data.shape, native, [names.index("y"), names.index("x")])
     if grown == native:
         return data
-    attrs = _group_attrs(path)
     try:
-        sub = (attrs.get("ome", attrs).get("multiscales") or [{}])[0]["datasets"][level]["path"]
+        sub = _multiscale(path)["datasets"][level]["path"]
         return da.from_zarr(zarr.open_array(str(path / sub), mode="r"), chunks=grown)
     except Exception:  # a layout the NGFF reader understood and this does not: its own chunks
         return data
@@ -714,12 +715,16 @@ def _array_attrs(path: Path) -> dict:
     return dict(node.attrs) if isinstance(node, zarr.Array) else {}
 
 
-def _multiscale_transforms(path: Path) -> list:
-    """The ``coordinateTransformations`` of a multiscale itself (NGFF 0.4 or 0.5), usually none."""
+def _multiscale(path: Path) -> dict:
+    """The first multiscale of an NGFF image group (0.4 or 0.5); {} if none."""
     attrs = _group_attrs(path)
     ms = (attrs.get("ome") or attrs).get("multiscales") or [{}]
-    first = ms[0] if isinstance(ms[0], dict) else {}
-    return first.get("coordinateTransformations") or []
+    return ms[0] if isinstance(ms[0], dict) else {}
+
+
+def _multiscale_transforms(path: Path) -> list:
+    """The ``coordinateTransformations`` of a multiscale itself (NGFF 0.4 or 0.5), usually none."""
+    return _multiscale(path).get("coordinateTransformations") or []
 
 
 def _group_attrs(path: Path) -> dict:
@@ -1161,9 +1166,7 @@ def _pyramid_shapes(path: Path) -> list:
     """The shapes of an image's pyramid levels (a TIFF's or an OME-Zarr's), full resolution first."""
     try:
         if path.is_dir():
-            attrs = _group_attrs(path)
-            ms = (attrs.get("ome", attrs).get("multiscales") or [{}])[0]
-            return [zarr.open_array(str(path / d["path"]), mode="r").shape for d in ms.get("datasets", [])]
+            return [zarr.open_array(str(path / d["path"]), mode="r").shape for d in _multiscale(path).get("datasets", [])]
         import tifffile
 
         with tifffile.TiffFile(path) as tf:
