@@ -64,22 +64,30 @@ def bars(monkeypatch):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})
             made.append(self)
+            self.peak = self.n
+
+        def update(self, n=1):  # the highest count shown: a bar must not pass its total on the way
+            out = super().update(n)
+            self.peak = max(self.peak, self.n)
+            return out
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     return made
 
 
-def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, bars, capsys):
+@pytest.mark.parametrize("fail_at", [16 + 9, 32 + 9])  # dies in the second or the last exchange, 8 blocks of it done
+def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_path, count_calls, bars, capsys,
+                                                                     fail_at):
     """On a cluster as here the bar moves block by block and is the only one (no Dask bar printed
     across it); it starts at the work already done, so an exchange half done before adds only its
-    other half."""
+    other half, and never counts a block done before again (the bar would pass its total)."""
     from distributed import Client, LocalCluster
 
     op, y = scene
     dy = da.from_array(y, chunks=60)
     kw = dict(exchange_every=2, scratch=tmp_path / "s")
     with dask.config.set(scheduler="synchronous"):
-        count_calls(chunked, "_block", fail_at=16 + 9)  # dies in the second exchange, 8 blocks of it done
+        count_calls(chunked, "_block", fail_at=fail_at)
         with pytest.raises(RuntimeError, match="power cut"):
             lsfov.deconvolve(dy, op, 6, **kw)
     count_calls(chunked, "_block")
@@ -87,7 +95,7 @@ def test_a_resumed_run_on_a_cluster_counts_its_progress_to_the_total(scene, tmp_
             Client(cluster):
         lsfov.deconvolve(dy, op, 6, resume=True, progress=True, **kw).compute()
     bar = [b for b in bars if b.unit == "block-it"][-1]  # the resumed run's
-    assert bar.n == bar.total == 6 * 16
+    assert bar.n == bar.total == 6 * 16 and bar.peak <= bar.total
     out, err = capsys.readouterr()
     assert "Completed" not in out + err  # distributed's text bar
 
