@@ -103,3 +103,24 @@ def device_synthesis_matches_numpy():
         assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
 
     return check
+
+
+@pytest.fixture
+def symmetries_seen():
+    """``symmetries_seen(crops, image, size)``: asserts that each crop of the position image ``image``
+    (a pixel's value its index) is a window under exactly one of the 8 rotations and flips, and
+    returns the set of those seen."""
+
+    def seen(crops, image, size):
+        w = image.shape[1]
+        found = set()
+        for c in crops:
+            y0, x0 = c.min() // w, c.min() % w
+            window = image[y0 : y0 + size, x0 : x0 + size]
+            match = [k for k, (t, fy, fx) in enumerate((t, fy, fx) for t in (0, 1) for fy in (0, 1) for fx in (0, 1))
+                     if np.array_equal(c, (lambda a: a.T if t else a)(window[:: -1 if fy else 1, :: -1 if fx else 1]))]
+            assert len(match) == 1
+            found.add(match[0])
+        return found
+
+    return seen

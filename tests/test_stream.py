@@ -24,23 +24,13 @@ def test_blur_equals_the_numpy_path():
     np.testing.assert_allclose(got, synth._blur(sharp, kernels), rtol=0, atol=1e-5)
 
 
-def test_crops_are_windows_under_the_eight_symmetries():
+def test_crops_are_windows_under_the_eight_symmetries(symmetries_seen):
     st = stream.PatchStream("Z3", sources=("poi",), seed=0)
     h, w = 200, 230
     st.flat = torch.arange(h * w, dtype=torch.float32)  # each pixel's value is its position
     st.offsets, st.heights, st.widths = (torch.tensor([v]) for v in (0, h, w))
     st.weights = torch.ones(1, dtype=torch.float64)
-    crops = st.crops(300).long().numpy()
-    image = np.arange(h * w).reshape(h, w)
-    seen = set()
-    for c in crops:
-        y0, x0 = c.min() // w, c.min() % w
-        window = image[y0 : y0 + st.size, x0 : x0 + st.size]
-        match = [k for k, (t, fy, fx) in enumerate((t, fy, fx) for t in (0, 1) for fy in (0, 1) for fx in (0, 1))
-                 if np.array_equal(c, (lambda a: a.T if t else a)(window[:: -1 if fy else 1, :: -1 if fx else 1]))]
-        assert len(match) == 1
-        seen.add(match[0])
-    assert seen == set(range(8))
+    assert symmetries_seen(st.crops(300).long().numpy(), np.arange(h * w).reshape(h, w), st.size) == set(range(8))
 
 
 def test_stream_draws_like_synthesize_and_is_seeded():
