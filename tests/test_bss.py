@@ -60,6 +60,12 @@ def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     assert operator_distance(op, truth) < 0.02
     assert info["residual"] < 0.05
     np.testing.assert_allclose(info["amplitudes"], 3000.0, rtol=0.01)  # the beads' brightness (0.2 % here)
+    # Γ has unit mean flux over the sources: Σ_ij (Σ h_i) Γ_ij a_j(z_p), averaged over p, is 1.
+    from lsfov.calibrate.bss import _sample_maps
+
+    a = _sample_maps(subspace.spatial_basis, info["positions"])
+    flux = np.einsum("i,ij,pj->p", subspace.psf_basis.sum(axis=(1, 2)).astype(np.float64), info["gamma"], a)
+    assert flux.mean() == pytest.approx(1.0, rel=1e-6)
     # With camera noise, detection finds the sources by itself.
     noisy = np.random.default_rng(1).poisson(image + 20.0).astype(np.float32)
     auto, info = lsfov.identify_operator(noisy, subspace, return_details=True)

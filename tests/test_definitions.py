@@ -194,3 +194,17 @@ def test_sparse_smooth_defaults_are_the_documented_ones():
     sigma = sparse_smooth.estimate_noise(y)
     assert sparse.attrs["gamma2"] == 10.0
     assert sparse.attrs["gamma1"] == pytest.approx(3 * sigma * np.sqrt((k.astype(np.float64) ** 2).sum()), rel=1e-5)
+
+
+def test_basis_rejects_patches_beyond_zscore_deviations_of_the_first_pca():
+    m = psf.MODELS["Z3"]
+    patches = m.render(m.sample(80, 7), size=31)
+    patches[:4] = (patches[:4] + np.roll(patches[4:8], 6, axis=2)) / 2  # double beads
+    unit = patches.reshape(80, -1).astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    c = unit @ np.linalg.svd(unit, full_matrices=False)[2][:3].T  # coefficients on the first PCA's components
+    dev = np.abs(c - c.mean(axis=0)) / c.std(axis=0)
+    for z in (1.0, 1.5):  # levels low enough to reject a few of these, and for twice them to keep more
+        want = np.all(dev <= z, axis=1)
+        assert 0 < (~want).sum() and not np.array_equal(want, np.all(dev <= 2 * z, axis=1))  # the level matters
+        np.testing.assert_array_equal(basis.psf_basis(patches, 3, zscore=z).keep, want)
