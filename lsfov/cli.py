@@ -464,9 +464,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
     _check_tv(tv)
-    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    if pixel_um is not None:
-        img = io.with_pixel_size(img, pixel_um)
+    img = _open_input(src, channel, zplane, tpoint, chunks, pixel_um)
     if map_path:
         from .estimate.mapping import operator_from_psf_map
 
@@ -487,11 +485,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         before = _marks_kept(tmp)
         result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
                      progress=not obj["quiet"])
-        # Iterations this run did before (its folder's marks changed, or none did: all were done) make a
-        # rate meaningless. Another run's marks (other options: this one started over) do not count.
-        after = _marks_kept(tmp)
-        changed = [k for k in after if after[k] != before.get(k)]
-        resumed = resume and bool(before) and (not changed or any(k in before for k in changed))
+        resumed = _resumed(before, _marks_kept(tmp))
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", **_source(src, img), "operator": str(operator_path or psf_path or map_path),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
@@ -526,6 +520,24 @@ def _psf_operator(path, shape, channel=None):
         return ProductConvolution.from_psf(planes[best], shape, attrs={"psf_file": str(path)})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def _open_input(src, channel, zplane, tpoint, chunks, pixel_um):
+    """The plane of SRC to work on, at ``--pixel-um`` where given (else the file's scale, which may be
+    non-square: a measured PSF or an operator of its own beads needs no µm)."""
+    from . import io
+
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    return img if pixel_um is None else io.with_pixel_size(img, pixel_um)
+
+
+def _resumed(before: dict, after: dict) -> bool:
+    """Whether a run continued work of its own, by its state's folders before and after it
+    (:func:`_chunks_kept`, :func:`_marks_kept`): a rate would count that work too. Its folder changed
+    and was there before, or none changed (all was done); another run's (other options: this one
+    started over) does not count. Without --resume the state was emptied first."""
+    changed = [k for k in after if after[k] != before.get(k)]
+    return bool(before) and (not changed or any(k in before for k in changed))
 
 
 def _chunks_kept(state: Path) -> dict:
@@ -591,11 +603,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,
                               saturation=saturation, max_saturated=max_saturated, scratch=state, resume=resume,
                               progress=not obj["quiet"])
-        # This run's chunks (their folder grew, or none did: all were kept) counted from earlier work:
-        # a rate would count it too. Another run's kept chunks (other options) do not count.
-        after = _chunks_kept(state)
-        grown = [k for k in after if after[k] > before.get(k, 0)]
-        resumed = bool(before) and (not grown or any(before.get(k, 0) for k in grown))
+        resumed = _resumed(before, _chunks_kept(state))
         seconds = time.perf_counter() - t0
         ds["filled"] = ds["filled"].astype(np.uint8)
         ds.attrs.update(command="lsfov estimate", **_source(src, img))
@@ -813,9 +821,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         if g is not None and not (np.isfinite(g) and g >= 0):
             raise ValueError(f"{name} {g} must be a weight >= 0")
     _check_pixel_um(pixel_um)
-    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    if pixel_um is not None:
-        img = io.with_pixel_size(img, pixel_um)
+    img = _open_input(src, channel, zplane, tpoint, chunks, pixel_um)
     sub = OperatorSubspace.load(subspace_path)
     if sub.attrs.get("pixel_um"):
         io.pixel_size(img)  # non-square pixels refused before the sources are sought (a mismatch is warned later)
