@@ -208,3 +208,62 @@ def test_basis_rejects_patches_beyond_zscore_deviations_of_the_first_pca():
         want = np.all(dev <= z, axis=1)
         assert 0 < (~want).sum() and not np.array_equal(want, np.all(dev <= 2 * z, axis=1))  # the level matters
         np.testing.assert_array_equal(basis.psf_basis(patches, 3, zscore=z).keep, want)
+
+
+def test_basis_signs_are_fixed_for_every_component():
+    """The first component sums to > 0; every later one has its largest-magnitude entry positive
+    (so two runs on the same beads give the same basis, whatever sign the SVD returns)."""
+    vt = np.random.default_rng(4).normal(size=(5, 40))
+    vt[1:] *= np.array([-1, 1, -1, -1])[:, None]
+    fixed = basis._fix_signs(vt)
+    assert fixed[0].sum() > 0
+    for row, old in zip(fixed[1:], vt[1:]):
+        assert row[np.abs(row).argmax()] > 0 and np.array_equal(np.abs(row), np.abs(old))
+    np.testing.assert_array_equal(basis._fix_signs(-vt), fixed)
+
+
+def test_psf_gain_is_read_between_the_kernels_frequency_bins():
+    """The largest |FT| of a signed PSF (a PCA component) sets the BSS step. A Gaussian-windowed
+    cosine at 1.5 cycles per kernel width peaks between the K-point transform's bins, where the 2K
+    transform has one: the gain is found to 0.2 %, not 19 % below it (a step too long)."""
+    k = 15
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    kern = np.exp(-(yy**2 + xx**2) / 32.0) * np.cos(2 * np.pi * 1.5 / k * xx) + 0.02
+    dense = np.abs(np.fft.rfft2(kern, s=(16 * k, 16 * k))).max()
+    assert np.abs(np.fft.rfft2(kern)).max() < 0.82 * dense  # the premise: K bins miss the peak
+    op = lsfov.ProductConvolution.from_grid(kern[None, None].astype(np.float32), (64, 64))
+    assert sparse_smooth._psf_norms(op).gain == pytest.approx(dense, rel=2e-3)
+
+
+def test_a_voronoi_cell_thinner_than_the_sampling_still_weighs_something():
+    """Three beads 0.01 px apart in a row: the middle one's cell is a strip no sample point falls in.
+    It weighs half a sample's area (the floor), not 0, which would drop its bead from the fit."""
+    from lsfov.calibrate import voronoi_weights
+
+    w = voronoi_weights([(10, 10), (10, 10.01), (10, 10.02), (50, 50)], (64, 64))
+    assert np.all(w > 0) and w[1] == pytest.approx(0.5 * 4 / (64 * 64 / (64 / 512) ** 2 + 0.5), rel=1e-9)
+
+
+def test_a_patch_with_exactly_the_allowed_share_of_saturated_pixels_is_kept():
+    """White-pixel ratio: a patch is invalid with *more than* ``max_saturated`` of its pixels at the
+    camera's limit; exactly that share is allowed."""
+    x = (lsfov.simulate.sample_image("coins", (128, 128)) * 3000 + 100).astype(np.uint16)
+    flat = x.ravel()
+    flat[:4096] = 65535  # 25 % exactly (a float32 share, exact at a quarter)
+    assert lsfov.estimate_psf_map(x, "Z1", stride=64, max_saturated=0.25).attrs["saturation"] == 65535
+    flat[4096] = 65535
+    with pytest.raises(ValueError, match="every PSF-map node has more than 25 %"):
+        lsfov.estimate_psf_map(x, "Z1", stride=64, max_saturated=0.25)
+
+
+def test_train_stops_after_patience_epochs_without_a_better_validation(run, tmp_path, monkeypatch):
+    """``lsfov train --patience 1``: one epoch no better than the best ends the run (the default, 4,
+    would run all 5 epochs here)."""
+    from lsfov.estimate import training
+
+    run("-q", "train", "--synthesize", 48, "--psf-model", "G1", "--seed", 3, "tr.zarr")
+    r2 = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    monkeypatch.setattr(training, "_val_loss", lambda *a, params=None, **k: (0.1, next(r2)))
+    run("-q", "train", "tr.zarr", "m.pt", "--arch", "compact", "--epochs", 5, "--lr", "1e-3", "--batch-size", 16,
+        "--patience", 1)
+    assert lsfov.load_model(tmp_path / "m.pt").meta["training"]["epochs_run"] == 2
