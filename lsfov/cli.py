@@ -353,10 +353,11 @@ def simulate():
 
 @simulate.command("beads")
 @click.argument("out", type=click.Path())
-@click.option("--size", default=512, show_default=True, help="Image edge in pixels.")
-@click.option("--n-beads", type=int, default=None, help="Number of beads (default: one per 48² pixels).")
-@click.option("--grid", default=8, show_default=True, help="Nodes per axis of the true grid operator.")
-@click.option("--pixel-um", default=0.1, show_default=True, help="Pixel size in µm.")
+@click.option("--size", type=click.IntRange(min=1), default=512, show_default=True, help="Image edge in pixels.")
+@click.option("--n-beads", type=click.IntRange(min=1), default=None, help="Number of beads (default: one per 48² pixels).")
+@click.option("--grid", type=click.IntRange(min=1), default=8, show_default=True, help="Nodes per axis of the true grid operator.")
+@click.option("--pixel-um", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Pixel size in µm.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_overwrite_option
 @click.pass_obj
@@ -387,9 +388,9 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--model", default="Z3", show_default=True, help="PSF model: G1, G2, Z1, Z2, Z3.")
-@click.option("--grid", default=4, show_default=True, help="PSF nodes per axis.")
-@click.option("--photons", default=1000.0, show_default=True, help="Photons at the brightest pixel.")
-@click.option("--read-noise", default=2.0, show_default=True, help="Gaussian read noise (photons).")
+@click.option("--grid", type=click.IntRange(min=1), default=4, show_default=True, help="PSF nodes per axis.")
+@click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True, help="Photons at the brightest pixel.")
+@click.option("--read-noise", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Gaussian read noise (photons).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_plane_options
 @_overwrite_option
@@ -862,9 +863,9 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
 @click.argument("beads", nargs=-1, required=True, type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--n-basis", type=click.IntRange(min=1), default=5, show_default=True, help="PSF basis size I.")
-@click.option("--n-space", default=5, show_default=True, help="Spatial basis size J (several images).")
+@click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True, help="Spatial basis size J (several images).")
 @click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
-@click.option("--smoothing", type=float, default=None, help="Thin-plate smoothing (default 0.01).")
+@click.option("--smoothing", type=click.FloatRange(min=0), default=None, help="Thin-plate smoothing (default 0.01).")
 @click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
 @_saturation_option
 @click.option("--channel", type=int, default=None, help="Channel of multi-channel bead images.")
@@ -927,7 +928,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.argument("out", type=click.Path(), required=False)
 @click.option("--synthesize", "n_synth", type=click.IntRange(min=1), default=None, metavar="N",
               help="Write a training set of N patches to DATA instead of training.")
-@click.option("--stream", "n_stream", type=int, default=None, metavar="N",
+@click.option("--stream", "n_stream", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train on N patches made as they are needed on --device, no set on disk (a GPU makes them far "
                    "faster than a set is read); DATA is then the model file to write.")
 @click.option("--psf-model", default="Z3", show_default=True,
@@ -935,16 +936,16 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Source images of a synthesized set (test: images never used for training).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes that synthesize in parallel (the same bytes for any number).")
 @click.option("--arch", type=click.Choice(["polar", "spectral", "compact", "resnet34"]), default=None,
               help="Network: polar (shipped Z3: spectral + angular harmonics of the spectrum), spectral (compact + "
                    "a power-spectrum branch), compact, or the paper's resnet34 [--init's; otherwise spectral].")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=None, help="Adam learning rate [chosen on the validation split].")
-@click.option("--patience", type=int, default=4, show_default=True, help="Early-stopping patience (epochs).")
-@click.option("--minutes", type=float, default=None, help="Stop training after about this many minutes.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None, help="Adam learning rate [chosen on the validation split].")
+@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop training after about this many minutes.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--device", default=None,
@@ -994,6 +995,10 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         if out is not None or more or resume or checkpoint:
             raise ValueError("with --stream give only the model file to write (DATA): a stream has no set, "
                              "--more-data, checkpoints or --resume")
+        given = [f"--{n}" for n in ("epochs", "patience") if _given(n)]
+        if given:  # silently ignored, they would promise passes over patches that are never kept
+            raise ValueError(f"{' and '.join(given)} count passes over a training set; a stream shows each patch once: "
+                             "set its length with --stream N (and --minutes)")
         data, out = None, data
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
@@ -1027,6 +1032,12 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         _print_scores(model.meta["test"])
     model.save(out, overwrite=overwrite)
     click.echo(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt else f" ({model.meta['training']['n_train']} patches)"))
+
+
+def _given(name: str) -> bool:
+    """Whether the current command's option ``name`` was given by the user, not left at its default."""
+    src = click.get_current_context().get_parameter_source(name)
+    return src not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
 
 
 def _print_scores(res):

@@ -336,6 +336,8 @@ def test_calibrate_checks_its_figure_before_any_work(run, tmp_path, beads):
     (["train", "--synthesize", 8, "s.zarr", "m.pt"], "with --synthesize give only the output training set"),
     (["train", "--stream", 8, "m.pt", "--resume"], "a stream has no set"),
     (["train", "--stream", 8, "m.pt", "--checkpoint", "ck"], "a stream has no set"),
+    (["train", "--stream", 8, "m.pt", "--epochs", 3], "--epochs count passes over a training set; a stream shows"),
+    (["train", "--stream", 8, "m.pt", "--patience", 2, "--epochs", 20], "--epochs and --patience count passes"),
     (["evaluate", "Z3"], "give a test set DATA"),
 ])
 def test_train_and_evaluate_refuse_options_that_do_not_go_together(run, tmp_path, args, msg):
@@ -393,8 +395,21 @@ def test_a_psf_map_of_another_plane_of_the_same_file_is_said(run, tmp_path, lsfo
 @pytest.mark.parametrize("args", [["simulate", "beads", "b.zarr", "--size", 64, "--seed", -1], ["demo", "--seed", -1],
                                   ["train", "--synthesize", 0, "t.zarr"], ["estimate", "y.npy", "m.zarr", "--stride", 0],
                                   ["calibrate", "y.npy", "o.zarr", "--n-basis", 0],
-                                  ["deconvolve", "y.npy", "o.zarr", "--psf", "psf.npy", "--exchange-every", 0]])
-def test_counts_out_of_range_are_named_by_their_option(run, small, args):
+                                  ["deconvolve", "y.npy", "o.zarr", "--psf", "psf.npy", "--exchange-every", 0],
+                                  # before, refused by the API naming its own argument (n_beads, shape, patches, ...)
+                                  ["simulate", "beads", "b.zarr", "--size", 0], ["simulate", "beads", "b.zarr", "--n-beads", -1],
+                                  ["simulate", "beads", "b.zarr", "--grid", 0], ["simulate", "beads", "b.zarr", "--pixel-um", 0],
+                                  ["simulate", "blur", "y.npy", "b.zarr", "--grid", 0],
+                                  ["simulate", "blur", "y.npy", "b.zarr", "--photons", 0],
+                                  ["simulate", "blur", "y.npy", "b.zarr", "--read-noise", -1],
+                                  ["calibrate", "y.npy", "o.zarr", "--n-space", 0],
+                                  ["calibrate", "y.npy", "o.zarr", "--smoothing", -1],
+                                  ["train", "--stream", 0, "m.pt"], ["train", "--synthesize", 8, "--workers", 0, "t.zarr"],
+                                  ["train", "t.zarr", "m.pt", "--epochs", 0], ["train", "t.zarr", "m.pt", "--batch-size", 0],
+                                  ["train", "t.zarr", "m.pt", "--lr", 0], ["train", "t.zarr", "m.pt", "--patience", 0],
+                                  ["train", "t.zarr", "m.pt", "--minutes", 0]])
+def test_counts_out_of_range_are_named_by_their_option(run, tmp_path, small, args):
     res = run(*args, ok=False)
     option = next(a for a in args if str(a).startswith("--") and args[args.index(a) + 1] in (-1, 0))
     assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["op.zarr", "psf.npy", "y.npy"]  # nothing written
