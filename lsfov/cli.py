@@ -941,10 +941,11 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--arch", type=click.Choice(["polar", "spectral", "compact", "resnet34"]), default=None,
               help="Network: polar (shipped Z3: spectral + angular harmonics of the spectrum), spectral (compact + "
                    "a power-spectrum branch), compact, or the paper's resnet34 [--init's; otherwise spectral].")
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Passes over the training set (a stream has none: each patch is seen once).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None, help="Adam learning rate [chosen on the validation split].")
-@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True, help="Early-stopping patience (epochs without a better validation R²).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop training after about this many minutes.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
