@@ -501,6 +501,62 @@ def section_reading(a):
             *rows, ""]
 
 
+def section_censoring(a):
+    """TV-RL of images whose brightest pixels clipped: saturated pixels censored (the default for
+    a camera's counts) against taken at their clipped value, and the unclipped image as a reference."""
+    import lsfov
+    from lsfov import simulate
+
+    n, iters, seeds = a.size // 4, 30, (0, 1, 2)
+    shares = (0.005, 0.01, 0.02, 0.05, 0.1)
+    rows, gains, times = [], [], {"censored": 0.0, "plain": 0.0}
+
+    def snr(ref, x):  # after the best gain and offset
+        design = np.stack([x.ravel(), np.ones(x.size)], axis=1).astype(np.float64)
+        coef, *_ = np.linalg.lstsq(design, ref.ravel(), rcond=None)
+        return 10 * np.log10((ref**2).sum() / ((ref.ravel() - design @ coef) ** 2).sum())
+
+    from lsfov.estimate import synth
+
+    images = {"hubble (stars on black)": simulate.sample_image("hubble", (n, n)),
+              "fluorescent cells ([syn])": synth.synthetic_cells((n, n), np.random.default_rng(1))}
+    for name, sharp in images.items():  # fluorescence: dark background, the bright structures clip
+        sharp = sharp.astype(np.float64)
+        res = {f: {"raw": [], "plain": [], "censored": []} for f in shares}
+        ref = []
+        for seed in seeds:
+            op, _ = simulate.psf_field((n, n), "Z3", (2, 2), seed=seed, size=31)
+            y = np.maximum(simulate.degrade(sharp.astype(np.float32), op, photons=2000, read_noise=2, seed=seed), 0)
+            ref.append(snr(sharp, lsfov.deconvolve(y, op, iters)))
+            for f in shares:
+                level = np.float32(np.quantile(y, 1 - f))
+                yc = np.minimum(y, level)
+                res[f]["raw"].append(snr(sharp, yc))
+                for how, sat in (("plain", False), ("censored", float(level))):
+                    t = time.perf_counter()
+                    x = lsfov.deconvolve(yc, op, iters, saturation=sat)
+                    times[how] += time.perf_counter() - t
+                    res[f][how].append(snr(sharp, x))
+        for f in shares:
+            m = {k: float(np.mean(v)) for k, v in res[f].items()}
+            gain = m["censored"] - m["plain"]
+            gains.append(gain)
+            rows.append(f"| {name} | {f * 100:g} % | {m['raw']:.2f} | {np.mean(ref):.2f} | {m['plain']:.2f} | "
+                        f"{m['censored']:.2f} | **{gain:+.2f}** |")
+    return [f"## Deconvolving clipped images: saturated pixels censored ({n}x{n}, {iters} iterations)", "",
+            f"Each image under a 2x2 grid of 31² Z3 PSFs (seeds {', '.join(map(str, seeds))}; 2000 photons, read "
+            "noise 2), its brightest pixels clipped at the level that leaves the given share at it, as a camera at "
+            "its limit does; TV-RL (`lsfov.deconvolve`, default TV, the true operator) taking the clipped pixels "
+            "(a) at their value (`saturation=False`) or (b) censored: at least that (`saturation=level`, the default "
+            "for an integer image at its type's largest count). SNR (dB) against the sharp image after the best gain "
+            "and offset, mean over the seeds; the unclipped image's deconvolution for reference.", "",
+            "| image | pixels clipped | clipped, raw | unclipped, deconvolved | (a) clipped value | (b) censored | "
+            "(b) - (a) |", "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+            f"- censoring gained {min(gains):+.2f} to {max(gains):+.2f} dB (mean {np.mean(gains):+.2f}); "
+            f"time {times['censored'] / times['plain']:.2f}x that of (a) (one more max per pixel per iteration: no "
+            "measurable cost)", ""]
+
+
 def _stage_times(stages):
     """Training time of a model's stages, CPU and GPU apart (a stage trained on a GPU names it)."""
     cpu, gpus = 0.0, {}
@@ -1714,7 +1770,7 @@ SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv"
             "chunked": section_chunked, "bigdata": section_bigdata, "cnn": section_cnn, "bound": section_bound,
             "specialist": section_specialist, "calibrate": section_calibrate, "bss": section_bss,
             "psfmap": section_psfmap, "saturation": section_saturation, "blind": section_blind,
-            "scaling": section_scaling, "faults": section_faults, "reading": section_reading,
+            "scaling": section_scaling, "faults": section_faults, "reading": section_reading, "censoring": section_censoring,
             "gpu": section_gpu}
 
 

@@ -159,7 +159,8 @@ def _saturation_option(f):
 def _saturation_options(f):
     f = click.option("--max-saturated", type=click.FloatRange(0, 1), default=None,
                      help="Share of a PSF-map node's patch at the saturation level above which the node is invalid "
-                          "(1: off, for an image stretched to its type's range) [default: 0.05].")(f)
+                          "(1: off, and `run` censors no pixel, for an image stretched to its type's range) "
+                          "[default: 0.05].")(f)
     return _saturation_option(f)
 
 
@@ -439,6 +440,10 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--exchange-every", type=click.IntRange(min=1), default=None, help="Iterations between halo exchanges (default: cost model).")
 @_scratch_option
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
+@click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Pixel value at which the camera saturates; such pixels count as at least that [default: the "
+                   "largest count of an integer image's type, or of an OME-TIFF's SignificantBits; a value above "
+                   "every pixel turns this off].")
 @_plane_options
 @_scheduler_option
 @_gpu_option
@@ -446,7 +451,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @_overwrite_option
 @click.pass_obj
 def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
-               pixel_um, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
+               pixel_um, saturation, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
     import xarray as xr
@@ -480,16 +485,19 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
     log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
+    from ._validate import saturation_level
+
+    saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
         before = _marks_kept(tmp)
-        result = run(work, op, iterations, tv, exchange_every=exchange_every, scratch=tmp, resume=resume,
-                     progress=not obj["quiet"])
+        result = run(work, op, iterations, tv, saturation=False if saturation is None else saturation,
+                     exchange_every=exchange_every, scratch=tmp, resume=resume, progress=not obj["quiet"])
         resumed = _resumed(before, _marks_kept(tmp))
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", **_source(src, img), "operator": str(operator_path or psf_path or map_path),
-            "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS,
+            "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS, "saturation": saturation,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     seconds = time.perf_counter() - t0

@@ -29,21 +29,25 @@ def run(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def _lsfov_messages():
+def _lsfov_messages(level=logging.WARNING):
     said = []
     seen = logging.Handler()
     seen.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("lsfov").addHandler(seen)
+    log = logging.getLogger("lsfov")
+    before = log.level
+    log.addHandler(seen)
+    log.setLevel(min(level, log.getEffectiveLevel()))
     try:
         yield said
     finally:
-        logging.getLogger("lsfov").removeHandler(seen)
+        log.removeHandler(seen)
+        log.setLevel(before)
 
 
 @pytest.fixture
 def lsfov_log():
     """``with lsfov_log() as said:``: the lsfov logger's messages while in the block (the logger does
-    not propagate to pytest's capture)."""
+    not propagate to pytest's capture); ``lsfov_log(logging.INFO)`` also its info messages."""
     return _lsfov_messages
 
 

@@ -51,6 +51,20 @@ def test_blind_deconvolve_chunked_equals_whole(tilted):
     assert whole.depth.attrs["units"].startswith("wave")  # uncalibrated: the signed defocus
 
 
+@pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
+def test_blind_deconvolve_censors_at_the_maps_saturation_level(tilted):
+    """The deconvolution takes the map's saturation rule: the camera's clip (here uint16's) by default,
+    none when ``max_saturated=1`` says the image is stretched to its type's range."""
+    img = tilted.image
+    x = np.minimum(img / np.percentile(img, 99) * 65535, 65535).astype(np.uint16)  # the brightest 1 % clip
+    for kw, level in (({}, 65535), ({"max_saturated": 1}, False)):
+        ds = lsfov.blind_deconvolve(x, "Z3", iterations=20, **kw)
+        op = lsfov.operator_from_psf_map(ds)
+        np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(x, op, 20, saturation=level), str(kw))
+        other = lsfov.deconvolve(x, op, 20, saturation=65535 if level is False else False)
+        assert np.abs(other - ds.deblurred.values).max() > 1e-3 * float(ds.deblurred.max())  # the rule matters
+
+
 def test_blind_deconvolve_checks_before_any_work(tilted, monkeypatch):
     from lsfov.estimate import mapping
 

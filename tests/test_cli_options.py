@@ -222,6 +222,25 @@ def test_deconvolve_labels_the_result_with_the_pixel_size_given(run, tmp_path, s
     assert d.x.attrs["units"] == "micrometer" and float(d.x[1] - d.x[0]) == pytest.approx(0.3)
 
 
+def test_deconvolve_censors_the_cameras_saturated_pixels(run, tmp_path, small):
+    """An integer image's largest count is its camera's clip (``lsfov.deconvolve``'s default);
+    ``--saturation`` gives another level, and one above every pixel turns the rule off."""
+    op = lsfov.ProductConvolution.from_psf(np.load(tmp_path / "psf.npy"), (128, 128))
+    y = op.apply(sim.sample_image("hubble", (128, 128)))
+    counts = np.minimum(y / (0.4 * y.max()) * 65535, 65535).astype(np.uint16)  # point sources, clipped
+    np.save(tmp_path / "c.npy", counts)
+    run("-q", "deconvolve", "c.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 20, "--tv", 0)
+    run("-q", "deconvolve", "c.npy", "off.zarr", "--psf", "psf.npy", "--iterations", 20, "--tv", 0,
+        "--saturation", 65536)
+    d, off = (lsfov.open_result(tmp_path / n) for n in ("d.zarr", "off.zarr"))
+    assert d.attrs["saturation"] == 65535 and off.attrs["saturation"] == 65536
+    censored, plain = lsfov.deconvolve(counts, op, 20, tv=0), lsfov.deconvolve(counts, op, 20, tv=0, saturation=False)
+    tol = 1e-5 * plain.max()  # the CLI's chunked path against the whole array's
+    np.testing.assert_allclose(d.deblurred.values, censored, atol=tol)
+    np.testing.assert_allclose(off.deblurred.values, plain, atol=tol)
+    assert np.abs(censored - plain).max() > 100 * tol
+
+
 def test_estimate_and_run_pass_their_options_to_the_map_and_the_deconvolution(run, tmp_path):
     pytest.importorskip("torch")
     np.save(tmp_path / "img.npy", sim.tilted_surface((192, 192), depth_range_um=(-8, 8), grid=3, seed=5).image)

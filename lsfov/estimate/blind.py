@@ -32,7 +32,8 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         Pixel size; coordinates of every output in µm (default: the xarray input's, from its
         ``pixel_um`` attribute or µm coordinates; else pixels).
     symmetrize, saturation, max_saturated, scratch, resume, progress
-        As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
+        As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both;
+        the deconvolution censors the pixels at the map's saturation level, none with ``max_saturated=1``).
 
     Returns
     -------
@@ -70,8 +71,9 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     op = operator_from_psf_map(psf_map, img.shape)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
     lazy = type(img.data).__module__.startswith("dask")  # scratch and resume: a chunked deconvolution's
-    out = {"deblurred": deconvolve(img, op, iterations, tv, scratch=scratch if lazy else None,
-                                   resume=resume and lazy, progress=progress)}
+    level = psf_map.attrs["saturation"]  # the map's: None where the rule is off (max_saturated=1)
+    out = {"deblurred": deconvolve(img, op, iterations, tv, saturation=False if level is None else level,
+                                   scratch=scratch if lazy else None, resume=resume and lazy, progress=progress)}
     seconds["deconvolution"] = time.perf_counter() - t
     out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
     out["filled"] = psf_map["filled"]

@@ -30,7 +30,7 @@ from .._backend import array_module, task_threads
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
-from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold
+from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
 
@@ -132,8 +132,9 @@ def _available_memory() -> int:
 
 def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
                     exchange_every: int | None = None, scratch=None, resume: bool = False,
-                    progress: bool = False) -> da.Array:
-    """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks."""
+                    progress: bool = False, saturation: float | None = None) -> da.Array:
+    """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks;
+    ``saturation``: the level at or above which pixels are censored (None: none)."""
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; select a plane first")
     if y.dtype.kind not in "biuf":
@@ -142,9 +143,13 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     y = y.astype(np.float32)
     # One streaming pass for what the iterations need to know globally (and for bad input).
     stats = [da.maximum(y, 0).sum(dtype=np.float64), y.min(), y.max()]
+    if saturation is not None:
+        stats.append((y >= np.float32(saturation)).sum())
     if scratch is not None:  # a resumable run is named by its data's bytes, not only their statistics
         stats.append(block_digests(y))
-    total, lo, hi, *digests = dask.compute(*stats)  # one read
+    total, lo, hi, *rest = dask.compute(*stats)  # one read
+    n_sat = int(rest.pop(0)) if saturation is not None else 0
+    digests = rest
     if not np.isfinite(total) or not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     if hi <= 0:
@@ -155,6 +160,10 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         y = da.maximum(y, 0)
     scale = float(total) / y.size
     _check_range(scale, float(hi), eps)
+    if n_sat:
+        log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)",
+                 n_sat, saturation)
+    level = float(saturation) if n_sat else None  # none saturated: the plain iteration, bit for bit
 
     r = op.halo
     s = spread_per_iteration(op, tv)
@@ -171,22 +180,23 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
               tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c)))
     check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
-    block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks)
+    block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
+                              level=level)
     counts = exchange_counts(iterations, k)
     log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d blocks of up to %s", iterations, len(counts),
              "" if len(counts) == 1 else "s", halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
 
     if scratch is None:
-        x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale))
+        x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale, level))
     else:
         # Same data (its blocks' bytes), operator and parameters -> same state directory: what resume finds.
         fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), digests[0], chunks, counts, s,
-                                         op.fingerprint, tv, eps)
+                                         op.fingerprint, tv, eps, *(() if level is None else (level,)))
         x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
-def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks):
+def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks, level=None):
     """``n`` iterations on the window of the block at ``location``; its core. (``start`` unused: an
     RL iteration does not depend on its index.)"""
     window, core = block_window(chunks, location, halo)
@@ -197,7 +207,7 @@ def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks)
     with task_threads():
         norm = win.adjoint_ones(like=yb)
         x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
-        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr)
+        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr, censored=censored_pixels(yb, level)[0])
     xp = array_module(x)
     return xp.maximum(x[core], np.float32(0.0))
 

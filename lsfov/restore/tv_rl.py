@@ -22,6 +22,12 @@ vectors with these finite differences).
 
 **Flux.** With ``tv=0`` every iteration keeps ``sum(H x) = sum(y)`` exactly (a property of RL with
 this normaliser); the TV term changes it only slightly.
+
+**Saturated pixels** (at or above the camera's level ``s``) are censored data: the true count is at
+least ``s``, not ``s``. Their ratio is ``max(y / H x, 1)``, i.e. ``y`` is replaced by ``max(s, H x)``,
+the EM step for a count known only to be ``>= s`` (in the large-count limit): the estimate is pushed
+up where it predicts less than the clip, and left free above it, instead of being held at the clip
+(which flattens the peak and rings around it). Without saturated pixels the iteration is unchanged.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, yx_order
+from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, saturation_level, yx_order
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -104,7 +110,7 @@ def _div(py, px, out=None):
 
 
 def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale: float, norm, thr: float,
-             progress=None, field=(slice(None), slice(None)), graph: bool = False):
+             progress=None, field=(slice(None), slice(None)), graph: bool = False, censored=None):
     """``n`` TV-RL iterations of ``x`` on ``op``'s window (``y``, ``x``, ``norm``: window arrays).
 
     ``x`` is updated in place and returned. Outside the image ``y`` is zero, so the ratio there is
@@ -113,6 +119,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     The pixel-wise steps run on bands of rows, on several threads from the main thread
     (:func:`lsfov._backend.parallel_map`); every pixel's arithmetic is the same, so are the bits.
     ``graph``: on CuPy arrays, replay the iterations as a CUDA graph (:func:`lsfov._backend.graph_runs`).
+    ``censored``: float32 window array, 1 at saturated pixels (their ratio is at least 1), else 0.
     """
     xp = array_module(y)
     floor = np.float32(_RATIO_FLOOR * scale)
@@ -132,6 +139,8 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
         def ratio(b):
             xp.maximum(hx[b], floor, out=hx[b])
             xp.divide(y[b], hx[b], out=hx[b])
+            if censored is not None:  # max(y / Hx, 1): ratios are >= 0, so 0 elsewhere changes nothing
+                xp.maximum(hx[b], censored[b], out=hx[b])
 
         run(ratio, rows)
         c = op.adjoint(hx, check=False)
@@ -217,8 +226,8 @@ def check_settings(iterations, tv, eps=DEFAULT_EPS, exchange_every=None):
 
 
 def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: float = DEFAULT_TV, *,
-               eps: float = DEFAULT_EPS, exchange_every: int | None = None, scratch=None, resume: bool = False,
-               progress: bool = False):
+               eps: float = DEFAULT_EPS, saturation: float | bool | None = None, exchange_every: int | None = None,
+               scratch=None, resume: bool = False, progress: bool = False):
     """Deblur an image with TV-regularised Richardson-Lucy and a product-convolution operator.
 
     Parameters
@@ -236,6 +245,11 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         extended structures and costs little on bright point sources (benchmarks/RESULTS.md).
     eps : float
         Smoothing of ``|grad x|`` in the TV term, relative to the local brightness (module notes).
+    saturation : float, None or False
+        Pixel value at or above which the camera saturated; such pixels are censored: their true count
+        is taken to be at least this, not this (module notes). Default: the largest count of an integer
+        image's type, or of its ``significant_bits`` attribute (an OME-TIFF's); none for a float image.
+        ``False``: no pixel is saturated (an image stretched to its type's range).
     exchange_every : int, optional
         Dask input only: iterations between two halo exchanges (default: chosen by a cost model,
         :func:`lsfov.restore.chunked.choose_exchange_every`). The halo is ``exchange_every * 2r``
@@ -269,11 +283,15 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     import xarray as xr
 
+    if not isinstance(image, (str, bytes)) and hasattr(image, "dtype"):  # else as_image says what is wrong
+        level = None if saturation is False else saturation_level(image, saturation)  # of the camera's type
+    else:
+        level = None
     if isinstance(image, xr.DataArray):
         check_pixel_size(operator, image)
         yx = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
-        out = deconvolve(yx.data, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
-                         scratch=scratch, resume=resume, progress=progress)
+        out = deconvolve(yx.data, operator, iterations, tv, eps=eps, saturation=False if level is None else level,
+                         exchange_every=exchange_every, scratch=scratch, resume=resume, progress=progress)
         out = yx.copy(data=out).transpose(*image.dims).rename("deblurred")
         out.attrs.pop("significant_bits", None)  # the camera's, not the estimate's: it is no count
         return out
@@ -281,7 +299,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         from .chunked import deconvolve_dask
 
         return deconvolve_dask(image, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
-                               scratch=scratch, resume=resume, progress=progress)
+                               scratch=scratch, resume=resume, progress=progress, saturation=level)
     if scratch is not None or exchange_every is not None:
         warnings.warn("scratch= and exchange_every= act on Dask input; this in-memory image is deblurred whole "
                       "(chunk it with dask.array.from_array(image, chunks=...) to use them)", LsfovWarning, stacklevel=2)
@@ -291,7 +309,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     if not scale > 0:
         raise ValueError("image is all zero; there is nothing to deconvolve")
     _check_range(scale, float(y.max()), eps)
-    return _whole(y, operator, iterations, tv, eps, scale, progress)
+    return _whole(y, operator, iterations, tv, eps, scale, progress, level)
 
 
 def _check_shape(shape, op):
@@ -300,7 +318,18 @@ def _check_shape(shape, op):
                          "build the operator for this image (or crop the image to it)")
 
 
-def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress):
+def censored_pixels(y, level):
+    """float32 indicator of the pixels at or above the saturation ``level``, and their count; None
+    where there are none (or ``level`` is None): the plain iteration, bit for bit."""
+    if level is None:
+        return None, 0
+    xp = array_module(y)
+    sat = y >= xp.float32(level)
+    n = int(sat.sum())
+    return (sat.astype(xp.float32) if n else None), n
+
+
+def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, level=None):
     """The whole-array path: one window covering the extended field."""
     xp = array_module(y)
     r = op.halo
@@ -314,9 +343,13 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress):
     norm = win.adjoint_ones(like=y)
     thr = _norm_threshold(op)
     x = _initial(norm, thr, scale)
+    censored, n_sat = censored_pixels(y_ext, level)
+    if n_sat:
+        log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)",
+                 n_sat, level)
     from tqdm.auto import tqdm
 
     with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
         x = _iterate(win, y_ext, x, iterations, tv, eps, scale, norm, thr, bar,
-                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)), graph=True)
+                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)), graph=True, censored=censored)
     return xp.maximum(x[r : r + h, r : r + w], np.float32(0.0))
