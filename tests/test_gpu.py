@@ -55,6 +55,12 @@ def test_deconvolution_on_cupy_whole_and_chunked_matches_numpy(tmp_path):
     np.testing.assert_allclose(lazy.compute().get(), ref, **tol)
     scratch = lsfov.deconvolve(chunks, op, 6, scratch=tmp_path).compute()
     np.testing.assert_allclose(np.asarray(scratch), ref, **tol)  # read back from the (host) store
+    level = float(np.quantile(y, 0.98))  # clipped pixels censored, on the GPU as on the CPU
+    clipped = np.minimum(y, level)
+    ref = lsfov.deconvolve(clipped, op, 6, saturation=level)
+    np.testing.assert_allclose(lsfov.deconvolve(cupy.asarray(clipped), op, 6, saturation=level).get(), ref, **tol)
+    lazy = da.from_array(clipped, chunks=(70, 90)).map_blocks(cupy.asarray)
+    np.testing.assert_allclose(lsfov.deconvolve(lazy, op, 6, saturation=level).compute().get(), ref, **tol)
 
 
 @pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
