@@ -835,13 +835,14 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     if sub.attrs.get("pixel_um"):
         io.pixel_size(img)  # non-square pixels refused before the sources are sought (a mismatch is warned later)
     t0 = time.perf_counter()
+    level = saturation_level(img, saturation)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
-        op, info = identify_operator(np.asarray(img), sub, threshold=threshold,
-                                     saturation=saturation_level(img, saturation), return_details=True)
+        op, info = identify_operator(np.asarray(img), sub, threshold=threshold, saturation=level, return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         # The iterations run here, through the run's state; sparse and smooth then read from it.
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,
-                                              resume=resume, progress=not obj["quiet"])
+                                              saturation=False if level is None else level, resume=resume,
+                                              progress=not obj["quiet"])
         table = np.column_stack([info["positions"], info["amplitudes"]]).astype(np.float64)
         cols = {"column": ["y", "x", "amplitude"]}
         sources = xr.DataArray(table, dims=("source", "column"), coords=cols,
@@ -849,7 +850,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         ds = xr.Dataset({"raw": img, "sparse": sparse, "smooth": smooth, "sources": sources}, attrs={
             "command": "lsfov bss", **_source(src, img), "subspace": str(subspace_path),
             "gamma": info["gamma"].tolist(), "gamma1": sparse.attrs["gamma1"], "gamma2": sparse.attrs["gamma2"],
-            "iterations": iterations,
+            "iterations": iterations, "saturation": level,
         })
         # The deblurred point sources as a table too (3-sigma detections in the sparse component).
         found = locate_sources(sparse, op, sparse.attrs["noise"])

@@ -294,15 +294,17 @@ def test_bss_passes_iterations_and_pixel_size(run, tmp_path, subspace, monkeypat
     real = lsfov.restore.sparse_smooth_deblur
 
     def solver(*a, **k):
-        seen.append(k["iterations"])
+        seen.append((k["iterations"], k["saturation"]))
         return real(*a, **k)
 
     monkeypatch.setattr(lsfov.restore, "sparse_smooth_deblur", solver)
     run("-q", "bss", "b.npy", "o.zarr", "--subspace", "sub.zarr", "--iterations", 7, "--pixel-um", 0.3)
-    assert seen == [7]
+    assert seen == [(7, False)]  # a float image: no clip of its own
     r = lsfov.open_result(tmp_path / "o.zarr")
     assert r.attrs["iterations"] == 7 and float(r.raw.x[1] - r.raw.x[0]) == pytest.approx(0.3)
     assert float(r.sparse.x[1] - r.sparse.x[0]) == pytest.approx(0.3)
+    run("-q", "bss", "b.npy", "s.zarr", "--subspace", "sub.zarr", "--iterations", 7, "--saturation", 5000)
+    assert seen[-1] == (7, 5000) and lsfov.open_result(tmp_path / "s.zarr").attrs["saturation"] == 5000
 
 
 # ------------------------------------------------------------------------------- calibrate

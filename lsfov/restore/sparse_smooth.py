@@ -9,6 +9,11 @@ on (u2) or a source just outside (u1), instead of by a frame of false sources on
 zero world outside the image would force. One iteration moves information by at most
 ``max(2r, 2)`` pixels (H then Hᵀ; Δ twice), so, as for TV-RL, blocks that exchange a halo of
 ``k·max(2r, 2)`` every k iterations reproduce the whole-array iterates exactly.
+
+A pixel at the camera's clip (``saturation``) is censored: its count is at least the clip, so only a
+prediction below it is penalised (its residual is ``min(H(u1 + u2) − y, 0)``, a one-sided quadratic:
+still convex, its gradient as Lipschitz, the same steps). A clipped source is then fitted by its
+unclipped flanks, not flattened into a ring of sources around its plateau.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import task_threads, to_numpy
-from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, real_number, yx_order
+from .._validate import (LsfovWarning, as_image, check_pixel_size, positive_int, real_number, saturation_level,
+                         yx_order)
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
+from .tv_rl import censored_pixels
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
 
@@ -114,9 +121,10 @@ def _momentum(k: int) -> float:
     return beta
 
 
-def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None):
+def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None, censored=None):
     """``n`` FISTA iterations from iteration ``start``; state = (x1, x2, z1, z2) float32 arrays.
-    ``mask``: 1 where the window holds the image, 0 on the extended field's rim (None: all image)."""
+    ``mask``: 1 where the window holds the image, 0 on the extended field's rim (None: all image).
+    ``censored``: 1 at saturated pixels, where only a residual below zero counts (None: none)."""
     x1, x2, z1, z2 = state
     t1, t2 = (np.float32(t) for t in steps)
     thr = np.float32(gamma1 * steps[0])
@@ -124,6 +132,10 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None):
         res = op.apply(z1 + z2, check=False) - y
         if mask is not None:
             res *= mask
+        if censored is not None:
+            over = xp.maximum(res, 0)
+            over *= censored
+            res -= over
         g = op.adjoint(res, check=False)
         n1 = xp.maximum(z1 - t1 * g - thr, 0)
         n2 = xp.maximum(z2 - t2 * (g + np.float32(2 * gamma2) * _laplacian(_laplacian(z2, xp), xp)), 0)
@@ -136,8 +148,8 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None):
 
 def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | None = None,
                          gamma2: float | None = None, *, iterations: int = 500,
-                         exchange_every: int | None = None, warn_dense: float = 0.05, scratch=None,
-                         resume: bool = False, progress: bool = False):
+                         saturation: float | bool | None = None, exchange_every: int | None = None,
+                         warn_dense: float = 0.05, scratch=None, resume: bool = False, progress: bool = False):
     """Split a blurred image into point sources and a smooth background, both deblurred (BSS step 2).
 
     Parameters
@@ -158,6 +170,10 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     iterations : int
         FISTA iterations (the ℓ1 part converges slowly: 300 leave noise spikes in u1 on some images,
         500 did not on the benchmark's fields).
+    saturation : float, None or False
+        Pixel value at or above which the camera saturated; such pixels are censored (module notes).
+        Default: the largest count of an integer image's type, or of its ``significant_bits``; none
+        for a float image. ``False``: none.
     exchange_every : int, optional
         Iterations between halo exchanges for Dask input (default: all in one exchange if the halo
         fits in a chunk, else as many as fit).
@@ -191,6 +207,10 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if xr_in:
         image = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
     data = image.data if xr_in else image
+    if not isinstance(data, (str, bytes)) and hasattr(data, "dtype"):  # else as_image says what is wrong
+        level = None if saturation is False else saturation_level(image, saturation)  # the camera's counts
+    else:
+        level = None
     lazy = type(data).__module__.startswith("dask")
     if lazy:
         if data.dtype.kind not in "biuf":
@@ -210,11 +230,18 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if lazy:
         import dask.array as da
 
-        finite = bool(da.isfinite(y).all().compute())  # one read of the image: 500 iterations follow
+        n_sat = 0 if level is None else (y >= np.float32(level)).sum()
+        finite, n_sat = da.compute(da.isfinite(y).all(), n_sat)  # one read of the image: 500 iterations follow
+        finite, n_sat = bool(finite), int(n_sat)
     else:
-        finite = bool(np.isfinite(y).all())
+        finite, n_sat = bool(np.isfinite(y).all()), censored_pixels(y, level)[1]
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+    if n_sat:
+        log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)",
+                 n_sat, level)
+    else:
+        level = None  # none saturated: the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:
@@ -227,7 +254,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     if lazy:
         sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, norms.total,
-                                  scratch=scratch, resume=resume, progress=progress)
+                                  scratch=scratch, resume=resume, progress=progress, level=level)
     else:
         from .._backend import array_module
 
@@ -238,11 +265,11 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         y_ext[r : r + h, r : r + w], mask[r : r + h, r : r + w] = y, 1
         # u2 starts near the background: the smoothness term slows u2 down, and a background left for it
         # to grow into would meanwhile be taken up by u1.
-        zero, level = xp.zeros_like(y_ext), xp.asarray(_background(np.pad(to_numpy(y), r, mode="edge"),
+        zero, start = xp.zeros_like(y_ext), xp.asarray(_background(np.pad(to_numpy(y), r, mode="edge"),
                                                                   norms.total))
         win = operator.restrict((-r, -r), ext)
-        x1, x2, _, _ = _iterate(win, y_ext, (zero, level, zero, level), 0, iterations, gamma1, gamma2, steps, xp,
-                                mask=mask)
+        x1, x2, _, _ = _iterate(win, y_ext, (zero, start, zero, start), 0, iterations, gamma1, gamma2, steps, xp,
+                                mask=mask, censored=censored_pixels(y_ext, level)[0])
         sparse, smooth = x1[r : r + h, r : r + w].copy(), x2[r : r + h, r : r + w].copy()
     if not lazy or scratch is not None:  # computed (a lazy result is left lazy)
         _warn_dense(sparse, warn_dense)
@@ -276,7 +303,7 @@ def _background(y, total: float):
 
 
 def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *, scratch=None, resume=False,
-             progress=False):
+             progress=False, level=None):
     import dask
     import dask.array as da
 
@@ -297,18 +324,18 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
     depth = int(_START_TRUNCATE * _START_SIGMA + 0.5)
     whole = [len(ch) == 1 or sum(ch) <= depth for ch in chunks]
     padded = da.pad(y, r, mode="edge").rechunk(tuple((sum(ch),) if w else ch for ch, w in zip(chunks, whole)))
-    level = padded.map_overlap(functools.partial(_background, total=total), depth={0: 0 if whole[0] else depth,
+    start = padded.map_overlap(functools.partial(_background, total=total), depth={0: 0 if whole[0] else depth,
                                1: 0 if whole[1] else depth}, boundary="nearest", dtype=np.float32,
                                meta=np.empty((0, 0), np.float32)).rechunk(chunks)
     y = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
-                              image=(r, r) + shape)
+                              image=(r, r) + shape, level=level)
     counts = exchange_counts(iterations, k)
     log.info("sparse+smooth: %d iterations in %d exchange%s, halo %d px", iterations, len(counts),
              "" if len(counts) == 1 else "s", s * k)
     if scratch is None:
-        state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps),
-                               channels=4, initial=level)
+        state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps, level),
+                               channels=4, initial=start)
     else:
         from pathlib import Path
 
@@ -316,15 +343,15 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
 
         # The image (its blocks' bytes), the operator's content, every parameter.
         key = dask.base.tokenize(dask.compute(block_digests(y))[0], chunks, op.fingerprint, gamma1, gamma2, steps,
-                                 counts, s, _START_SIGMA, _START_TRUNCATE)
+                                 counts, s, _START_SIGMA, _START_TRUNCATE, *(() if level is None else (level,)))
         zx = run_exchanges(y, counts, s, block, root=Path(scratch) / f"lsfov-bss-{key[:16]}", channels=4,
-                           resume=resume, progress=progress, desc="sparse+smooth", initial=level)
+                           resume=resume, progress=progress, desc="sparse+smooth", initial=start)
         state = da.from_zarr(zx, chunks=((4,),) + chunks)
     field = (slice(r, r + shape[0]), slice(r, r + shape[1]))
     return state[(0,) + field].rechunk(in_chunks), state[(1,) + field].rechunk(in_chunks)
 
 
-def _block(yb, st, *, n, start, halo, location, op, chunks, gamma1, gamma2, steps, image):
+def _block(yb, st, *, n, start, halo, location, op, chunks, gamma1, gamma2, steps, image, level=None):
     """``n`` FISTA iterations from iteration ``start`` on the window of the block at ``location`` of
     the extended field; its core. The first exchange starts u2 from ``st`` (H, W) (:func:`_background`),
     the others continue ``st`` (4, H, W). ``image``: (top, left, height, width) of the image in the
@@ -339,7 +366,8 @@ def _block(yb, st, *, n, start, halo, location, op, chunks, gamma1, gamma2, step
          max(left - window[1].start, 0) : max(left + w - window[1].start, 0)] = 1
     win = op.restrict((window[0].start - top, window[1].start - left), yb.shape)  # image coordinates
     with task_threads():
-        out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, np, mask=mask)
+        out = _iterate(win, yb, tuple(st[i] for i in range(4)), start, n, gamma1, gamma2, steps, np, mask=mask,
+                       censored=censored_pixels(yb, level)[0])
     return np.stack([o[core] for o in out])
 
 
