@@ -106,6 +106,14 @@ def saturation_level(image, saturation=None) -> float | None:
     return float(np.iinfo(dtype).max)
 
 
+def censor_level(image, saturation=None) -> float | None:
+    """The level at or above which a restoration censors ``image``'s pixels: :func:`saturation_level`,
+    or None for ``saturation=False`` (or input that is no array, which the caller then refuses)."""
+    if saturation is False or isinstance(image, (str, bytes)) or not hasattr(image, "dtype"):
+        return None
+    return saturation_level(image, saturation)
+
+
 def not_a_bead_field(x, name: str):
     """Refuse a ``lsfov.simulate.BeadField`` (or a list of them), or a file name, where an image is meant."""
     if isinstance(x, (str, os.PathLike)):

@@ -355,8 +355,10 @@ def simulate():
 @simulate.command("beads")
 @click.argument("out", type=click.Path())
 @click.option("--size", type=click.IntRange(min=1), default=512, show_default=True, help="Image edge in pixels.")
-@click.option("--n-beads", type=click.IntRange(min=1), default=None, help="Number of beads (default: one per 48² pixels).")
-@click.option("--grid", type=click.IntRange(min=1), default=8, show_default=True, help="Nodes per axis of the true grid operator.")
+@click.option("--n-beads", type=click.IntRange(min=1), default=None,
+              help="Number of beads (default: one per 48² pixels).")
+@click.option("--grid", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Nodes per axis of the true grid operator.")
 @click.option("--pixel-um", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Pixel size in µm.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -390,8 +392,10 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @click.argument("out", type=click.Path())
 @click.option("--model", default="Z3", show_default=True, help="PSF model: G1, G2, Z1, Z2, Z3.")
 @click.option("--grid", type=click.IntRange(min=1), default=4, show_default=True, help="PSF nodes per axis.")
-@click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True, help="Photons at the brightest pixel.")
-@click.option("--read-noise", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Gaussian read noise (photons).")
+@click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True,
+              help="Photons at the brightest pixel.")
+@click.option("--read-noise", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Gaussian read noise (photons).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_plane_options
 @_overwrite_option
@@ -872,7 +876,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
 @click.argument("beads", nargs=-1, required=True, type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--n-basis", type=click.IntRange(min=1), default=5, show_default=True, help="PSF basis size I.")
-@click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True, help="Spatial basis size J (several images).")
+@click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Spatial basis size J (several images).")
 @click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
 @click.option("--smoothing", type=click.FloatRange(min=0), default=None, help="Thin-plate smoothing (default 0.01).")
 @click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
@@ -953,9 +958,12 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Passes over the training set (a stream has none: each patch is seen once).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None, help="Adam learning rate [chosen on the validation split].")
-@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True, help="Early-stopping patience (epochs without a better validation R²).")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop training after about this many minutes.")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Adam learning rate [chosen on the validation split].")
+@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Early-stopping patience (epochs without a better validation R²).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop training after about this many minutes.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--device", default=None,

@@ -30,7 +30,7 @@ from .._backend import array_module, task_threads
 from .._validate import LsfovWarning
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
-from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels
+from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, say_censored
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
 
@@ -160,10 +160,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         y = da.maximum(y, 0)
     scale = float(total) / y.size
     _check_range(scale, float(hi), eps)
-    if n_sat:
-        log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)",
-                 n_sat, saturation)
-    level = float(saturation) if n_sat else None  # none saturated: the plain iteration, bit for bit
+    level = say_censored(n_sat, saturation)  # none saturated: None, the plain iteration, bit for bit
 
     r = op.halo
     s = spread_per_iteration(op, tv)

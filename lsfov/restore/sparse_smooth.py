@@ -26,11 +26,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import task_threads, to_numpy
-from .._validate import (LsfovWarning, as_image, check_pixel_size, positive_int, real_number, saturation_level,
-                         yx_order)
+from .._validate import LsfovWarning, as_image, censor_level, check_pixel_size, positive_int, real_number, yx_order
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
-from .tv_rl import censored_pixels
+from .tv_rl import censored_pixels, say_censored
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
 
@@ -207,10 +206,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if xr_in:
         image = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
     data = image.data if xr_in else image
-    if not isinstance(data, (str, bytes)) and hasattr(data, "dtype"):  # else as_image says what is wrong
-        level = None if saturation is False else saturation_level(image, saturation)  # the camera's counts
-    else:
-        level = None
+    level = censor_level(image, saturation)  # of the camera's counts, before the float copy
     lazy = type(data).__module__.startswith("dask")
     if lazy:
         if data.dtype.kind not in "biuf":
@@ -237,11 +233,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         finite, n_sat = bool(np.isfinite(y).all()), censored_pixels(y, level)[1]
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
-    if n_sat:
-        log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)",
-                 n_sat, level)
-    else:
-        level = None  # none saturated: the plain iterates, bit for bit
+    level = say_censored(n_sat, level)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:

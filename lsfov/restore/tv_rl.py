@@ -37,7 +37,7 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, saturation_level, yx_order
+from .._validate import LsfovWarning, as_image, censor_level, check_pixel_size, positive_int, yx_order
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -283,10 +283,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
     import xarray as xr
 
-    if not isinstance(image, (str, bytes)) and hasattr(image, "dtype"):  # else as_image says what is wrong
-        level = None if saturation is False else saturation_level(image, saturation)  # of the camera's type
-    else:
-        level = None
+    level = censor_level(image, saturation)  # of the camera's counts, before any float copy
     if isinstance(image, xr.DataArray):
         check_pixel_size(operator, image)
         yx = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
@@ -329,6 +326,14 @@ def censored_pixels(y, level):
     return (sat.astype(xp.float32) if n else None), n
 
 
+def say_censored(n: int, level) -> float | None:
+    """Log how many pixels are censored; the level to censor at (None where no pixel reaches it)."""
+    if not n:
+        return None
+    log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)", n, level)
+    return float(level)
+
+
 def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, level=None):
     """The whole-array path: one window covering the extended field."""
     xp = array_module(y)
@@ -344,9 +349,7 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, leve
     thr = _norm_threshold(op)
     x = _initial(norm, thr, scale)
     censored, n_sat = censored_pixels(y_ext, level)
-    if n_sat:
-        log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)",
-                 n_sat, level)
+    say_censored(n_sat, level)
     from tqdm.auto import tqdm
 
     with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
