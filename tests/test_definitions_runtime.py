@@ -1,0 +1,323 @@
+"""Behaviours of the chunked, scheduled and streamed paths pinned down: a mutation review found each
+changeable without any other test failing."""
+import threading
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import lsfov
+from lsfov import _backend, cluster
+from lsfov.restore import chunked
+
+
+@pytest.fixture(scope="module")
+def scene(blurred_cell):
+    op, y, _ = blurred_cell
+    return op, y
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(b))
+
+
+# ------------------------------------------------------------------------------------ chunked TV-RL
+
+
+def test_an_image_chunked_along_one_axis_runs_as_its_blocks(scene, monkeypatch):
+    """Strips (one chunk across x, several down y) are blocks too: no task holds the whole image."""
+    op, y = scene
+    real, windows = chunked._block, []
+    monkeypatch.setattr(chunked, "_block", lambda yb, xb, **kw: (windows.append(yb.shape), real(yb, xb, **kw))[1])
+    with dask.config.set(scheduler="synchronous"):
+        out = lsfov.deconvolve(da.from_array(y, chunks=(57, 300)), op, 3, exchange_every=1).compute()
+    _close(out, lsfov.deconvolve(y, op, 3))
+    assert len(windows) > 3 and max(w[0] for w in windows) < y.shape[0]
+
+
+def test_a_one_block_image_needs_the_memory_of_one_task(scene, monkeypatch):
+    """One block: one task busy whatever the threads, and no halo to hold: it fits in what one such
+    task needs (with room to spare), where counting every thread or a halo would refuse it."""
+    op, y = scene
+    ext = (y.shape[0] + 2 * op.halo, y.shape[1] + 2 * op.halo)
+    monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * chunked.task_bytes(ext, 0, op)))
+    with dask.config.set(scheduler="threads", num_workers=4):
+        out = lsfov.deconvolve(da.from_array(y), op, 3).compute()
+    _close(out, lsfov.deconvolve(y, op, 3))
+
+
+def test_the_synchronous_scheduler_is_checked_for_one_task_at_a_time(scene, monkeypatch):
+    """Blocks whose task fits once, not four times: the synchronous scheduler runs one at a time."""
+    op, y = scene
+    dy = da.from_array(y, chunks=100)  # blocks of up to 100 px on the extended field, halo 2r
+    need = chunked.task_bytes((100, 100), chunked.spread_per_iteration(op, 0.02), op)
+    monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * need))
+    with dask.config.set(scheduler="synchronous", num_workers=4):
+        out = lsfov.deconvolve(dy, op, 2, exchange_every=1).compute()
+    _close(out, lsfov.deconvolve(y, op, 2))
+    with dask.config.set(scheduler="threads", num_workers=4), pytest.raises(MemoryError, match=r"for 4 thread"):
+        lsfov.deconvolve(dy, op, 2, exchange_every=1)
+
+
+def test_lazy_runs_with_other_settings_computed_together_keep_their_own(scene):
+    """Two lazy deconvolutions of one image in one graph: their keys must not collide."""
+    op, y = scene
+    dy = da.from_array(y, chunks=100)
+    settings = [dict(tv=0.0), dict(tv=0.05), dict(tv=0.05, eps=0.05), dict(tv=0.05, saturation=float(np.median(y)))]
+    outs = dask.compute(*(lsfov.deconvolve(dy, op, 3, exchange_every=1, **s) for s in settings))
+    for s, out in zip(settings, outs):
+        _close(out, lsfov.deconvolve(y, op, 3, **s))
+
+
+def test_resume_with_another_eps_exchange_every_or_saturation_is_another_run(scene, tmp_path):
+    op, y = scene
+    dy = da.from_array(y, chunks=60)
+    level = float(np.median(y))  # half the pixels censored: where noise puts Hx above y, the ratio becomes 1
+    with dask.config.set(scheduler="synchronous"):
+        lsfov.deconvolve(dy, op, 6, exchange_every=2, scratch=tmp_path).compute()
+        for kw in (dict(exchange_every=1), dict(exchange_every=2, eps=0.05), dict(exchange_every=2, saturation=level)):
+            out = lsfov.deconvolve(dy, op, 6, scratch=tmp_path, resume=True, **kw).compute()
+            _close(out, lsfov.deconvolve(y, op, 6, **{k: v for k, v in kw.items() if k != "exchange_every"}))
+    whole = lsfov.deconvolve(y, op, 6)
+    for other in (dict(eps=0.05), dict(saturation=level)):  # each matters here
+        assert np.abs(lsfov.deconvolve(y, op, 6, **other) - whole).max() > 1e-3 * whole.max(), other
+
+
+# ------------------------------------------------------------------------------------ schedulers
+
+
+@pytest.mark.parametrize("spec", ["synchronous", "sync"])
+def test_the_synchronous_scheduler_runs_tasks_on_the_calling_thread(spec):
+    on_main = da.zeros(4, chunks=1).map_blocks(lambda b: b + (threading.current_thread() is threading.main_thread()))
+    with cluster.use_scheduler(spec) as client:
+        assert client is None and on_main.compute().tolist() == [1, 1, 1, 1]
+
+
+class _Stub:
+    """A cluster or client that records how it was made and what it was asked."""
+
+    made = []
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.jobs = args, kwargs, None
+        self.workers, self.dashboard_link = {"w": None}, "http://stub"
+        _Stub.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def scale(self, jobs):
+        self.jobs = jobs
+
+    def job_script(self):
+        return "#!/bin/sh"
+
+
+def test_local_and_batch_clusters_get_the_workers_asked_for(monkeypatch):
+    import distributed
+
+    monkeypatch.setattr(distributed, "LocalCluster", _Stub)
+    monkeypatch.setattr(distributed, "Client", _Stub)
+    _Stub.made.clear()
+    with cluster.use_scheduler("local", n_workers=3):
+        pass
+    assert _Stub.made[0].kwargs["n_workers"] == 3 and _Stub.made[0].kwargs["threads_per_worker"] == 1
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cluster, "jobqueue_cluster", lambda kind, **kw: _Stub(kind, **kw))
+    for spec, n, jobs in (("slurm", 3, 3), ("pbs", None, 1), ("slurm:2", 5, 2)):
+        _Stub.made.clear()
+        with cluster.use_scheduler(spec, n_workers=n):
+            pass
+        assert _Stub.made[0].jobs == jobs, spec
+
+
+class _Workers:
+    def __init__(self, *workers):
+        self.info = {"workers": {f"tcp://{i}": w for i, w in enumerate(workers)}}
+
+    def scheduler_info(self):
+        return self.info
+
+
+def test_workers_without_a_memory_limit_are_not_refused(scene, monkeypatch):
+    """``--memory-limit 0`` (or none reported): nothing to fit the blocks in, nothing to refuse."""
+    op, _ = scene
+    stub = _Workers({"memory_limit": 0, "nthreads": 4, "metrics": {"memory": 10 * 2**30}},
+                    {"memory_limit": None, "nthreads": 4, "metrics": {"memory": 10 * 2**30}})
+    assert cluster.worker_budgets(stub, chunked._WORKER_OWN)[0] == []
+    monkeypatch.setattr(cluster, "_active_client", lambda: stub)
+    chunked.check_task_memory((4096, 4096), 200, op, n_blocks=64)
+
+
+def test_dead_workers_are_counted_in_the_message(monkeypatch):
+    KilledWorker = type("KilledWorker", (Exception,), {})
+
+    def die(*args):
+        raise KilledWorker("('lsfov-exchange-1', 0, 0)")
+
+    monkeypatch.setattr(cluster, "_compute", die)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 2}):
+        with pytest.raises(MemoryError, match="died 3 times running the same task"):
+            cluster.compute(da.zeros(2))
+
+
+# ------------------------------------------------------------------------------------ threads
+
+
+def test_work_off_the_main_thread_uses_one_thread():
+    """A Dask task's thread, or one of lsfov's pool: the cores are busy already (and a pool thread
+    that waited on its own pool would wait for ever)."""
+    seen = {}
+    t = threading.Thread(target=lambda: seen.update(n=_backend.threads_for(np.zeros(1))))
+    t.start()
+    t.join()
+    assert seen["n"] == 1
+
+
+def test_task_threads_nest_and_leave_a_threads_setting_as_found():
+    seen = []
+
+    def task():
+        with _backend.task_threads():
+            with _backend.task_threads():
+                seen.append(_backend._workers())
+            seen.append(_backend._workers())
+        seen.append(_backend._workers())
+
+    t = threading.Thread(target=task)
+    t.start()
+    t.join()
+    assert seen == [1, 1, _backend._FFT_WORKERS]
+
+
+def test_a_forked_child_starts_with_a_free_heap_lock_and_no_users(monkeypatch):
+    """A fork while a task is inside ``heap_kept`` (its lock held, one user): the child holds none
+    of the parent's tasks, so its own CNN work must not wait on that lock or count that user."""
+    calls = []
+    libc = type("Libc", (), {"mallopt": lambda self, p, v: calls.append((p, v)), "malloc_trim": lambda self, p: 0})()
+    monkeypatch.setattr(_backend, "_HEAP", {"users": 1, "lock": threading.Lock(), "libc": libc, "trim": 65536})
+    _backend._HEAP["lock"].acquire()
+    _backend._forget_heap()
+    assert _backend._HEAP["users"] == 0 and _backend._HEAP["lock"].acquire(timeout=1)
+    assert calls == [(-1, 65536), (-3, 128 << 10)]  # the thresholds of the child's start
+
+
+def test_banded_multiply_is_numpy_multiply_for_mixed_types_and_broadcasting():
+    if _backend.threads_for(np.zeros(1)) < 2:
+        pytest.skip("one core (or LSFOV_FFT_WORKERS=1): no bands")
+    rng = np.random.default_rng(0)
+    a = rng.random((1100, 1000), dtype=np.float32)
+    b = (rng.random((1100, 1000)) + 1j * rng.random((1100, 1000))).astype(np.complex64)
+    np.testing.assert_array_equal(_backend.multiply(a, b), a * b)
+    np.testing.assert_array_equal(_backend.multiply(a, a[:1]), a * a[:1])
+
+
+def test_irfft2_without_a_shape_inverts_rfft2_of_an_even_width():
+    fft = _backend.fft_module(np.zeros(1))
+    u = np.random.default_rng(1).random((48, 64))
+    np.testing.assert_allclose(fft.irfft2(fft.rfft2(u)), u, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ streamed patches
+
+
+def test_a_stream_draws_read_noise_over_its_whole_range():
+    """Read noise of 10 counts, no light to speak of: every patch's spread is that noise alone."""
+    from lsfov.estimate import stream
+
+    st = stream.PatchStream("G1", sources=("poi",), seed=0, invalid_fraction=0.0, illumination=0.0,
+                            photons=(1e-3, 1e-3), read_noise=(10.0, 10.0))
+    sd = st(64)[0].std(dim=(1, 2)).numpy()
+    assert np.all(np.abs(sd - 10) < 0.5), sd
+
+
+def test_extra_procedural_images_differ_between_splits_and_seeds():
+    """Images beyond synthesize's 6 per source: a test split's are not the training split's (no
+    leak between them), and another seed draws others."""
+    import torch
+
+    from lsfov.estimate import stream
+
+    extra = {}
+    for split, seed in (("train", 0), ("test", 0), ("train", 1)):
+        st = stream.PatchStream("G1", sources=("poi",), split=split, seed=seed, n_procedural=7)
+        extra[split, seed] = st.flat[-512 * 512:]
+    assert not torch.equal(extra["train", 0], extra["test", 0])
+    assert not torch.equal(extra["train", 0], extra["train", 1])
+
+
+def test_validation_patches_are_not_the_first_training_batch(monkeypatch):
+    """Validation draws from another seed: with as many patches as a batch, the same seed would make
+    the validation set the first training batch."""
+    import torch
+
+    from lsfov.estimate import stream
+
+    st = stream.PatchStream("G1", sources=("poi",), seed=5)
+    drawn, real = [], stream.PatchStream.__call__
+    monkeypatch.setattr(stream.PatchStream, "__call__",
+                        lambda self, n: (drawn.append((self is st, out := real(self, n))), out)[1])
+    stream.train_stream(st, arch="compact", patches=16, batch_size=16, n_val=16, eval_every=1, progress=False)
+    val = [p for train, (_, p, _) in drawn if not train]
+    train = [p for is_train, (_, p, _) in drawn if is_train]
+    assert val and train and not any(torch.equal(v, t) for v in val for t in train)
+
+
+# ------------------------------------------------------------------------------------ PSF maps
+
+
+def test_psf_map_resume_with_other_settings_regresses_again(tmp_path):
+    """Kept chunks of a map with other settings (symmetrized or not, another saturation level) are
+    another run's: a resume with these settings gives what a fresh run gives. (Z3: symmetrizing
+    changes its axis; G1's isotropic readings it leaves as they are.)"""
+    import warnings
+
+    from lsfov import simulate as sim
+
+    img = sim.sample_image("cell", (256, 256)).astype(np.float32)
+    lazy = da.from_array(img, chunks=128)
+    level = float(np.percentile(img, 50))  # half of every patch saturated: every node marked
+    lsfov.estimate_psf_map(lazy, "Z3", scratch=tmp_path)
+    for kw in (dict(symmetrize=True), dict(saturation=level, fill=False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lsfov.LsfovWarning)
+            out = lsfov.estimate_psf_map(lazy, "Z3", scratch=tmp_path, resume=True, **kw)
+            ref = lsfov.estimate_psf_map(img, "Z3", **kw)
+        for name in ref.data_vars:
+            np.testing.assert_allclose(out[name].values, ref[name].values, rtol=0, atol=1e-4, err_msg=f"{kw} {name}")
+
+
+def test_fill_invalid_uses_the_power_and_neighbours_asked_for():
+    """Paper 000's rule (1/d over the four nearest valid nodes) and others, when asked for."""
+    import xarray as xr
+
+    from lsfov.estimate.mapping import fill_invalid
+
+    f = (np.arange(30, dtype=np.float64).reshape(5, 6) ** 1.5).astype(np.float32)
+    v = np.ones((5, 6), np.float32)
+    v[2, 2] = 0  # its neighbours: four at 1, four at sqrt(2), the next at 2
+    ds = xr.Dataset({"focus": (("gy", "gx"), f), "validity": (("gy", "gx"), v)}, attrs={"params": ["focus"]})
+    f = f.astype(np.float64)
+    near = f[1, 2] + f[3, 2] + f[2, 1] + f[2, 3]
+    diag = f[1, 1] + f[1, 3] + f[3, 1] + f[3, 3]
+    for power, k, want in ((1.0, 4, near / 4), (1.0, 8, (near + diag / 2**0.5) / (4 + 4 / 2**0.5)),
+                           (3.0, 8, (near + diag / 2**1.5) / (4 + 4 / 2**1.5))):
+        got = fill_invalid(ds, power=power, neighbours=k).focus.values[2, 2]
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"power {power}, {k} neighbours")
+
+
+def test_psf_map_without_fill_keeps_the_regressed_values():
+    from lsfov import simulate as sim
+
+    img = sim.sample_image("cell", (256, 384)).astype(np.float32)
+    img[:, :192] = img.mean()  # no texture: invalid nodes
+    kept = lsfov.estimate_psf_map(img, "G1", fill=False)
+    filled = lsfov.estimate_psf_map(img, "G1")
+    bad = filled.filled.values
+    assert "filled" not in kept and bad.any() and not bad.all()
+    assert np.all(kept.sigma.values[bad] != filled.sigma.values[bad])  # G1: one parameter, sigma
+    np.testing.assert_array_equal(kept.validity.values, filled.validity.values)
