@@ -1157,7 +1157,14 @@ def describe(path) -> str:
     arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     px = arr.attrs.get("pixel_um")
     levels = _pyramid_shapes(path)
+    from ._validate import saturation_level
+
+    clip = saturation_level(arr)  # what PSF maps, deconvolution and BSS take as the camera's clip
+    bits = arr.attrs.get("significant_bits")
     return (f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
+            + (f"\n  saturates at {clip:g}" + (f" ({bits} significant bits)" if bits and clip == 2.0**bits - 1 else
+                                                " (its type's largest count)") + "; --saturation gives another level"
+               if clip is not None else "")
             + (f"\n  pyramid: {len(levels)} levels, {' '.join('x'.join(map(str, s)) for s in levels)} "
                "(level=k of lsfov.open_image)" if len(levels) > 1 else ""))
 

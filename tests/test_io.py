@@ -114,6 +114,8 @@ def test_open_tiff_and_npy(tmp_path):
     # a 12-bit camera in 16-bit pixels (OME's SignificantBits): where it saturates, for the PSF map
     tifffile.imwrite(tmp_path / "b12.ome.tif", stack, metadata={"axes": "ZYX", "SignificantBits": 12})
     assert lsfov.open_image(tmp_path / "b12.ome.tif", z=1).attrs["significant_bits"] == 12
+    assert "saturates at 4095 (12 significant bits)" in lsfov.io.describe(tmp_path / "b12.ome.tif")
+    assert "saturates at 65535 (its type's largest count)" in lsfov.io.describe(tmp_path / "b16.ome.tif")
     assert lsfov.open_image(tmp_path / "s.tif", z=3).attrs["z_um"] == pytest.approx(0.9)
     assert "z: 0..1.2 step 0.3 micrometer" in lsfov.io.describe(tmp_path / "s.tif")
     # images appended one by one (each a series of its own): all of them, as pages, not the first only
@@ -123,6 +125,7 @@ def test_open_tiff_and_npy(tmp_path):
     appended = lsfov.open_image(tmp_path / "appended.tif", z=2)
     np.testing.assert_array_equal(appended.values, np.random.default_rng(4).random((3, 20, 24)).astype(np.float32)[2])
     assert "shape (3, 20, 24) float32 dims ('z', 'y', 'x')" in lsfov.io.describe(tmp_path / "appended.tif")
+    assert "saturates" not in lsfov.io.describe(tmp_path / "appended.tif")  # a float image: no clip of its own
     with pytest.raises(ValueError, match="3 images of shapes"):
         lsfov.open_image(tmp_path / "mixed.tif")
 
