@@ -321,3 +321,31 @@ def test_psf_map_without_fill_keeps_the_regressed_values():
     assert "filled" not in kept and bad.any() and not bad.all()
     assert np.all(kept.sigma.values[bad] != filled.sigma.values[bad])  # G1: one parameter, sigma
     np.testing.assert_array_equal(kept.validity.values, filled.validity.values)
+
+
+def test_a_stream_run_keeps_its_best_validated_weights(monkeypatch):
+    """The weights of the best validation, not the last step's (scripted scores: the first of three
+    evaluations is best), checked on the validation patches themselves."""
+    import copy
+
+    import torch
+
+    from lsfov.estimate import stream, training
+
+    st = stream.PatchStream("G1", sources=("poi",), seed=5)
+    preds, scores = [], iter([0.2, 0.9, 0.1, 0.05])  # the untrained start (no candidate), steps 1-3
+
+    def scripted(m, truth, pred):
+        preds.append(pred[:, 0].copy())
+        return {"sigma": next(scores)}
+
+    monkeypatch.setattr(training, "r2_scores", scripted)
+    model = stream.train_stream(st, arch="compact", patches=48, batch_size=16, n_val=16, eval_every=1, lr=1e-2,
+                                progress=False)
+    val = copy.copy(st)  # the validation patches again: the stream on its validation seed
+    val.generator = torch.Generator().manual_seed(st.seed + 1_000_003)
+    x, _, v = val(16)
+    got = model.predict(x.numpy())["sigma"][v.numpy()]
+    np.testing.assert_allclose(got, preds[1], rtol=1e-4, atol=1e-4)
+    assert np.abs(got - preds[-1]).max() > 1e-3  # the last step's weights are others
+    assert model.meta["training"]["best_val_r2"] == 0.9
