@@ -349,3 +349,16 @@ def test_a_stream_run_keeps_its_best_validated_weights(monkeypatch):
     np.testing.assert_allclose(got, preds[1], rtol=1e-4, atol=1e-4)
     assert np.abs(got - preds[-1]).max() > 1e-3  # the last step's weights are others
     assert model.meta["training"]["best_val_r2"] == 0.9
+
+
+def test_compute_on_a_client_with_a_task_callback_keeps_the_blocks_in_place():
+    """On a cluster with ``on_task``, the chunks come back one by one and are laid out again: the
+    result is the array, not its blocks transposed or shuffled."""
+    distributed = pytest.importorskip("distributed")
+
+    x = np.arange(7 * 9, dtype=np.float32).reshape(7, 9)
+    seen = []
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None):
+        out = cluster.compute(da.from_array(x, chunks=(3, 4)), on_task=lambda key, part: seen.append(key))
+    np.testing.assert_array_equal(out, x)
+    assert len(seen) == 3 * 3
