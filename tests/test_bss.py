@@ -396,61 +396,64 @@ def test_signed_psfs_start_the_background_at_its_level():
     assert np.all(d <= 1.5) and np.all(dt <= 1.5)  # every source found, nothing else
 
 
+G1, G2 = 1.0, 10.0  # the weights of the optimality tests
+
+
+def _kkt_case(seed, background, clip=None):
+    """8 sources of 100-300 on ``background`` (48², Gaussian PSF σ 1.5, noise 1), optionally clipped at
+    ``clip`` of the way from 20 to the peak; the iterates after 6000 FISTA steps (censored where clipped).
+    Returns (op, y, censored mask or None, u1, u2)."""
+    from lsfov.restore.sparse_smooth import _steps
+
+    rng = np.random.default_rng(seed)
+    n = 48
+    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, size=9)[None, None], (n, n))
+    u = np.zeros((n, n), np.float32)
+    pos = rng.integers(5, n - 5, (8, 2))
+    u[pos[:, 0], pos[:, 1]] = rng.uniform(100, 300, 8)
+    y = (op.apply(u + background(n)) + rng.normal(0, 1, (n, n))).astype(np.float32)
+    sat = None
+    if clip is not None:
+        level = np.float32(20 + clip * (y.max() - 20))
+        y = np.minimum(y, level)
+        sat = (y >= level).astype(np.float32)
+    zero = np.zeros((n, n), np.float32)
+    a, b, *_ = _iterate(op, y, (zero,) * 4, 0, 6000, G1, G2, _steps(op, G2), np, censored=sat)
+    return op, y, sat, a, b
+
+
+def _violation(grad, x):
+    """Largest violation of the KKT condition of a non-negative variable, relative to γ1."""
+    on = x > 1e-3 * x.max()
+    return max(np.abs(grad[on]).max(), np.maximum(-grad[~on], 0).max(initial=0)) / G1
+
+
 def test_sparse_smooth_reaches_the_optimality_conditions():
     """After many iterations the iterates satisfy the KKT conditions of the objective, term by term:
     with g = Hᵀ(H(u1 + u2) − y), g + γ1 = 0 where u1 > 0 and g + γ1 ≥ 0 where u1 = 0; and
     g + 2γ2ΔᵀΔu2 the same with 0 for u2. An objective that only decreases would not catch a
     threshold of γ1/2 (u1's violation 0.50 of γ1) or a gradient of γ2ΔᵀΔ (u2's 1.0)."""
-    from lsfov.restore.sparse_smooth import _laplacian, _steps
+    from lsfov.restore.sparse_smooth import _laplacian
 
-    rng = np.random.default_rng(0)
-    n, g1, g2 = 48, 1.0, 10.0
-    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, size=9)[None, None], (n, n))
-    u = np.zeros((n, n), np.float32)
-    pos = rng.integers(5, n - 5, (8, 2))
-    u[pos[:, 0], pos[:, 1]] = rng.uniform(100, 300, 8)
-    y = (op.apply(u + (20 + 10 * np.mgrid[:n, :n][0] / n).astype(np.float32)) + rng.normal(0, 1, (n, n)))
-    zero = np.zeros((n, n), np.float32)
-    a, b, *_ = _iterate(op, y.astype(np.float32), (zero,) * 4, 0, 6000, g1, g2, _steps(op, g2), np)
-
-    def violation(grad, x):
-        on = x > 1e-3 * x.max()
-        return max(np.abs(grad[on]).max(), np.maximum(-grad[~on], 0).max(initial=0)) / g1
-
+    op, y, _, a, b = _kkt_case(0, lambda n: (20 + 10 * np.mgrid[:n, :n][0] / n).astype(np.float32))
     g = op.adjoint(op.apply(a + b) - y)
     assert (a > 0).sum() >= 8 and (b > 0).all()  # both parts in play
-    assert violation(g + g1, a) < 0.02  # measured 0.001
-    assert violation(g + 2 * g2 * _laplacian(_laplacian(b, np), np), b) < 0.2  # measured 0.04
+    assert _violation(g + G1, a) < 0.02  # measured 0.001
+    assert _violation(g + 2 * G2 * _laplacian(_laplacian(b, np), np), b) < 0.2  # measured 0.04
 
 
 def test_censored_sparse_smooth_reaches_its_optimality_conditions():
     """Clipped pixels are censored: their residual counts only below zero, ``min(H(u1 + u2) − y, 0)``.
     The KKT conditions of that objective hold after many iterations, those of the plain one do not."""
-    from lsfov.restore.sparse_smooth import _laplacian, _steps
+    from lsfov.restore.sparse_smooth import _laplacian
 
-    rng = np.random.default_rng(1)
-    n, g1, g2 = 48, 1.0, 10.0
-    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, size=9)[None, None], (n, n))
-    u = np.zeros((n, n), np.float32)
-    pos = rng.integers(5, n - 5, (8, 2))
-    u[pos[:, 0], pos[:, 1]] = rng.uniform(100, 300, 8)
-    y = (op.apply(u + 20) + rng.normal(0, 1, (n, n))).astype(np.float32)
-    level = np.float32(20 + 0.4 * (y.max() - 20))  # the brighter sources clip, above a background of 20
-    y = np.minimum(y, level)
-    sat = (y >= level).astype(np.float32)
-    zero = np.zeros((n, n), np.float32)
-    a, b, *_ = _iterate(op, y, (zero,) * 4, 0, 6000, g1, g2, _steps(op, g2), np, censored=sat)
-
-    def violation(grad, x):
-        on = x > 1e-3 * x.max()
-        return max(np.abs(grad[on]).max(), np.maximum(-grad[~on], 0).max(initial=0)) / g1
-
+    op, y, sat, a, b = _kkt_case(1, lambda n: 20, clip=0.4)  # the brighter sources clip
     res = op.apply(a + b) - y
     assert sat.sum() >= 8 and (res[sat > 0] > 0).sum() >= 5  # the prediction rises above the clip: rule active
     g = op.adjoint(np.where(sat > 0, np.minimum(res, 0), res))
-    assert violation(g + g1, a) < 0.02
-    assert violation(g + 2 * g2 * _laplacian(_laplacian(b, np), np), b) < 0.2
-    assert violation(op.adjoint(res) + g1, a) > 0.1  # the plain residual's conditions fail here (measured 0.26)
+    assert _violation(g + G1, a) < 0.02
+    assert _violation(g + 2 * G2 * _laplacian(_laplacian(b, np), np), b) < 0.2
+    assert _violation(op.adjoint(res) + G1, a) > 0.1  # the plain residual's conditions fail here (measured 0.26)
 
 
 def test_clipped_sources_are_censored_whole_and_chunked(scene):
