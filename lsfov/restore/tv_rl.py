@@ -119,7 +119,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     The pixel-wise steps run on bands of rows, on several threads from the main thread
     (:func:`lsfov._backend.parallel_map`); every pixel's arithmetic is the same, so are the bits.
     ``graph``: on CuPy arrays, replay the iterations as a CUDA graph (:func:`lsfov._backend.graph_runs`).
-    ``censored``: float32 window array, 1 at saturated pixels (their ratio is at least 1), else 0.
+    ``censored``: uint8 window array, 1 at saturated pixels (their ratio is at least 1), else 0.
     """
     xp = array_module(y)
     floor = np.float32(_RATIO_FLOOR * scale)
@@ -316,14 +316,15 @@ def _check_shape(shape, op):
 
 
 def censored_pixels(y, level):
-    """float32 indicator of the pixels at or above the saturation ``level``, and their count; None
-    where there are none (or ``level`` is None): the plain iteration, bit for bit."""
+    """Indicator (uint8, 1 byte a pixel: a block's memory budget holds) of the pixels at or above the
+    saturation ``level``, and their count; None where there are none (or ``level`` is None): the
+    plain iteration, bit for bit."""
     if level is None:
         return None, 0
     xp = array_module(y)
     sat = y >= xp.float32(level)
     n = int(sat.sum())
-    return (sat.astype(xp.float32) if n else None), n
+    return (sat.view(xp.uint8) if n else None), n
 
 
 def say_censored(n: int, level) -> float | None:
