@@ -52,6 +52,7 @@ def test_blind_deconvolve_chunked_equals_whole(tilted):
 
 
 @pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_blind_deconvolve_censors_at_the_maps_saturation_level(tilted):
     """The deconvolution takes the map's saturation rule: the camera's clip (here uint16's) by default,
     none when ``max_saturated=1`` says the image is stretched to its type's range."""

@@ -456,6 +456,7 @@ def test_censored_sparse_smooth_reaches_its_optimality_conditions():
     assert _violation(op.adjoint(res) + G1, a) > 0.1  # the plain residual's conditions fail here (measured 0.26)
 
 
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_clipped_sources_are_censored_whole_and_chunked(scene):
     """Sources clipped at a camera's limit: censored, each stays one source (at its value, a clipped
     plateau breaks into several); chunked equals whole; an integer image's clip is its type's

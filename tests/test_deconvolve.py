@@ -1,4 +1,5 @@
 import logging
+import warnings
 
 import dask
 import dask.array as da
@@ -295,6 +296,7 @@ def test_integer_images_are_accepted(scene):
 # ---------------------------------------------------------------------------------------------- saturation
 
 
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_saturated_pixels_are_censored_written_out():
     """At a pixel at or above the saturation level the ratio is ``max(y / Hx, 1)`` (the count is at
     least the level): RL in float64 NumPy with that rule, equal away from the borders."""
@@ -332,6 +334,7 @@ def clipped():
     return op, np.minimum(y, level), level, sharp
 
 
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_censoring_restores_clipped_points_better_and_chunked_equals_whole(clipped):
     op, y, level, sharp = clipped
     truth = sharp / sharp.max()
@@ -352,6 +355,23 @@ def test_censoring_restores_clipped_points_better_and_chunked_equals_whole(clipp
     np.testing.assert_allclose(lazy.compute(), censored, atol=1e-5 * censored.max())
 
 
+def test_more_than_one_percent_of_the_pixels_clipped_is_warned(clipped):
+    """1.4 % of the pixels at the clip: said, with what to do for a stretched image; 0.5 %: not."""
+    op, y, level, _ = clipped
+    with pytest.warns(lsfov.LsfovWarning, match=r"1.4 % of the pixels are at or above the saturation level 564.*"
+                                                "pass saturation=False"):
+        lsfov.deconvolve(y, op, 2, saturation=level)
+    fewer = y.copy()
+    at = np.flatnonzero(fewer >= level)
+    fewer.flat[at[: 2 * len(at) // 3]] = 0.99 * level  # a third of them left at the clip: 0.5 %
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsfov.deconvolve(fewer, op, 2, saturation=level)
+    with pytest.warns(lsfov.LsfovWarning, match="1.4 % of the pixels"):
+        lsfov.sparse_smooth_deblur(y, op, iterations=2, saturation=level, warn_dense=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_saturation_level_defaults_to_the_cameras_and_none_saturated_changes_nothing(clipped, lsfov_log):
     op, y, level, _ = clipped
     counts = np.minimum(y / level * 65535, 65535).astype(np.uint16)

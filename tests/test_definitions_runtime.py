@@ -60,6 +60,7 @@ def test_the_synchronous_scheduler_is_checked_for_one_task_at_a_time(scene, monk
         lsfov.deconvolve(dy, op, 2, exchange_every=1)
 
 
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_lazy_runs_with_other_settings_computed_together_keep_their_own(scene):
     """Two lazy deconvolutions of one image in one graph: their keys must not collide."""
     op, y = scene
@@ -70,6 +71,7 @@ def test_lazy_runs_with_other_settings_computed_together_keep_their_own(scene):
         _close(out, lsfov.deconvolve(y, op, 3, **s))
 
 
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_resume_with_another_eps_exchange_every_or_saturation_is_another_run(scene, tmp_path):
     op, y = scene
     dy = da.from_array(y, chunks=60)

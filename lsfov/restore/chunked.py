@@ -160,7 +160,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         y = da.maximum(y, 0)
     scale = float(total) / y.size
     _check_range(scale, float(hi), eps)
-    level = say_censored(n_sat, saturation)  # none saturated: None, the plain iteration, bit for bit
+    level = say_censored(n_sat, saturation, y.size)  # none saturated: None, the plain iteration, bit for bit
 
     r = op.halo
     s = spread_per_iteration(op, tv)

@@ -233,7 +233,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         finite, n_sat = bool(np.isfinite(y).all()), censored_pixels(y, level)[1]
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
-    level = say_censored(n_sat, level)  # none saturated: None, the plain iterates, bit for bit
+    level = say_censored(n_sat, level, y.size, stacklevel=3)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:

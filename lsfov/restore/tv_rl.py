@@ -327,11 +327,21 @@ def censored_pixels(y, level):
     return (sat.view(xp.uint8) if n else None), n
 
 
-def say_censored(n: int, level) -> float | None:
-    """Log how many pixels are censored; the level to censor at (None where no pixel reaches it)."""
+#: Share of an image's pixels at its clip above which that is warned about (a well exposed
+#: fluorescence image has far fewer; an image stretched to its type's range may have that many).
+WARN_CENSORED = 0.01
+
+
+def say_censored(n: int, level, size: int, stacklevel: int = 4) -> float | None:
+    """Say how many of ``size`` pixels are censored; the level to censor at (None where none reaches it)."""
     if not n:
         return None
     log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)", n, level)
+    if n > WARN_CENSORED * size:
+        warnings.warn(f"{100 * n / size:.1f} % of the pixels are at or above the saturation level {level:g}, taken as "
+                      "at least that (censored); a shorter exposure or lower gain clips fewer. An image stretched to its "
+                      "type's range is not clipped: pass saturation=False (--saturation above its largest pixel)",
+                      LsfovWarning, stacklevel=stacklevel)
     return float(level)
 
 
@@ -350,7 +360,7 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, leve
     thr = _norm_threshold(op)
     x = _initial(norm, thr, scale)
     censored, n_sat = censored_pixels(y_ext, level)
-    say_censored(n_sat, level)
+    say_censored(n_sat, level, y.size)
     from tqdm.auto import tqdm
 
     with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
