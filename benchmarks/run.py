@@ -606,7 +606,7 @@ def _censoring_figure(path, raw, level, unclipped, out):
     xs = np.arange(max(cx - 14, 0), min(cx + 15, raw.shape[1]))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(xs, unclipped[cy, xs], "k-", lw=2, label="unclipped image, deconvolved (reference)")
-    ax.plot(xs, out["censored"][cy, xs], "C0-o", ms=3, label="clipped, censored (lsfov default)")
+    ax.plot(xs, out["censored"][cy, xs], "C0-o", ms=3, label="clipped, censored (lsfov, at a camera's clip)")
     ax.plot(xs, out["plain"][cy, xs], "C3-s", ms=3, label="clipped, taken at its value")
     ax.plot(xs, raw[cy, xs], color="0.5", ls="--", label="clipped image")
     ax.axhline(level, color="0.7", lw=0.8)

@@ -109,9 +109,41 @@ def saturation_level(image, saturation=None) -> float | None:
 def censor_level(image, saturation=None) -> float | None:
     """The level at or above which a restoration censors ``image``'s pixels: :func:`saturation_level`,
     or None for ``saturation=False`` (or input that is no array, which the caller then refuses)."""
-    if saturation is False or isinstance(image, (str, bytes)) or not hasattr(image, "dtype"):
+    if isinstance(saturation, (bool, np.bool_)):
+        if saturation:
+            raise TypeError("saturation takes a level (a number), None (the camera's, from the image's type) or "
+                            "False (no pixel clipped), got True")
         return None
-    return saturation_level(image, saturation)
+    if isinstance(image, (str, bytes)) or not hasattr(image, "dtype"):
+        return None
+    try:
+        return saturation_level(image, saturation)
+    except TypeError:
+        raise TypeError(f"saturation takes a level (a number), None (the camera's, from the image's type) or "
+                        f"False (no pixel clipped), got {saturation!r}") from None
+
+
+def level_origin(image, saturation, level) -> str:
+    """Where a saturation level came from, for messages: the image's significant bits, or ''."""
+    bits = getattr(image, "attrs", {}).get("significant_bits") if saturation is None else None
+    return f"the image's {bits} significant bits" if bits and level == 2.0**bits - 1 else ""
+
+
+def fmt_level(v) -> str:
+    """A pixel level as typed back (65535, 4095.5; not 2.14748e+09)."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < 2**63 else f"{v:g}"
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn`` (called by the caller of this function) that names the
+    first frame outside lsfov: the user's line, however deep lsfov's own calls go."""
+    import sys
+
+    frame, level = sys._getframe(1), 1  # stacklevel 1: the frame that calls warnings.warn
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "lsfov":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def not_a_bead_field(x, name: str):

@@ -105,6 +105,20 @@ def _gpu_option(f):
                              "CNN takes it there through DLPack). [default: on with --scheduler cuda]")(f)
 
 
+def _clip(img, work, saturation, off: bool = False):
+    """What ``--saturation`` passes to the API for ``work`` (``img`` or its GPU copy), and the level it
+    means: the user's; none when ``off``; else the camera's, which the API finds from the image itself
+    (and names its origin, e.g. 12 significant bits) or, for a float32 GPU copy, found here from the file."""
+    from ._validate import saturation_level
+
+    if saturation is not None:
+        return saturation, float(saturation)
+    if off:
+        return False, None
+    level = saturation_level(img)
+    return (None if work is img else (False if level is None else level)), level
+
+
 def _on_gpu(img, gpu, scheduler):
     """``img`` with CuPy chunks if asked (``gpu``; None: with the ``cuda`` scheduler), else itself.
 
@@ -153,7 +167,7 @@ def _symmetrize_option(f):
 def _saturation_option(f):
     return click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
                         help="Pixel value at which the camera saturates [default: the largest count of an integer "
-                             "image's type, or of an OME-TIFF's SignificantBits].")(f)
+                             "image's type, or of an OME-TIFF's SignificantBits; a level above every pixel: none].")(f)
 
 
 def _saturation_options(f):
@@ -483,21 +497,21 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
             raise ValueError(f"{map_path} is not a PSF map; make one with `lsfov estimate` (an operator: --operator)")
         op = operator_from_psf_map(psf_map, img.shape)
         _check_map_source(psf_map, map_path, src, img)
+        if saturation is None and "saturation" in psf_map.attrs:  # the map's camera level, as lsfov run takes it
+            saturation = psf_map.attrs["saturation"] if psf_map.attrs["saturation"] is not None else False
     else:
         op = ProductConvolution.load(operator_path) if operator_path else _psf_operator(psf_path, img.shape, channel)
     if op.shape != img.shape:
         raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
     log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
-    from ._validate import saturation_level
-
-    saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
+    clip, saturation = _clip(img, work, None if saturation is False else saturation, off=saturation is False)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
         before = _marks_kept(tmp)
-        result = run(work, op, iterations, tv, saturation=False if saturation is None else saturation,
-                     exchange_every=exchange_every, scratch=tmp, resume=resume, progress=not obj["quiet"])
+        result = run(work, op, iterations, tv, saturation=clip, exchange_every=exchange_every, scratch=tmp,
+                     resume=resume, progress=not obj["quiet"])
         resumed = _resumed(before, _marks_kept(tmp))
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", **_source(src, img), "operator": str(operator_path or psf_path or map_path),
@@ -599,7 +613,6 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
     from . import io
     from .cluster import use_scheduler
-    from ._validate import saturation_level
     from .estimate.mapping import estimate_psf_map, operator_from_psf_map
 
     out = _check_out(out, overwrite, inputs=[src])
@@ -608,9 +621,9 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
-    saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
+    saturation, _ = _clip(img, work, saturation)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
         before = _chunks_kept(state)
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,
@@ -668,7 +681,6 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     from . import io
     from .cluster import use_scheduler
     from .estimate.depth import DepthCalibration
-    from ._validate import saturation_level
     from .estimate.mapping import operator_from_psf_map
     from .estimate.model import load_model
 
@@ -685,8 +697,9 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
     img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
-    saturation = saturation_level(img, saturation)  # of the file's type: a GPU copy is float32
     work = _on_gpu(img, gpu, scheduler)
+    # --max-saturated 1 (an image stretched to its type's range): no clip unless --saturation gives one
+    saturation, _ = _clip(img, work, saturation, off=max_saturated is not None and max_saturated >= 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
@@ -821,7 +834,6 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     import xarray as xr
 
     from . import io
-    from ._validate import saturation_level
     from .calibrate import OperatorSubspace, identify_operator
     from .cluster import use_scheduler
     from .restore import locate_sources, sparse_smooth_deblur
@@ -839,14 +851,13 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     if sub.attrs.get("pixel_um"):
         io.pixel_size(img)  # non-square pixels refused before the sources are sought (a mismatch is warned later)
     t0 = time.perf_counter()
-    level = saturation_level(img, saturation)
+    clip, level = _clip(img, img, saturation)
     with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
         op, info = identify_operator(np.asarray(img), sub, threshold=threshold, saturation=level, return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         # The iterations run here, through the run's state; sparse and smooth then read from it.
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,
-                                              saturation=False if level is None else level, resume=resume,
-                                              progress=not obj["quiet"])
+                                              saturation=clip, resume=resume, progress=not obj["quiet"])
         table = np.column_stack([info["positions"], info["amplitudes"]]).astype(np.float64)
         cols = {"column": ["y", "x", "amplitude"]}
         sources = xr.DataArray(table, dims=("source", "column"), coords=cols,

@@ -66,6 +66,23 @@ def test_blind_deconvolve_censors_at_the_maps_saturation_level(tilted):
         assert np.abs(other - ds.deblurred.values).max() > 1e-3 * float(ds.deblurred.max())  # the rule matters
 
 
+@pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
+@pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
+def test_a_level_given_is_censored_at_whatever_the_maps_rule(tilted):
+    """``saturation=`` given: the deconvolution censors at it, even with the map's rule off
+    (``max_saturated=1``); ``False``: nowhere. The level is the result's ``censored_at``."""
+    x = np.minimum(tilted.image / np.percentile(tilted.image, 99) * 4095, 4095).astype(np.uint16)
+    ds = lsfov.blind_deconvolve(x, "Z3", iterations=10, saturation=3000, max_saturated=1)
+    op = lsfov.operator_from_psf_map(ds)
+    assert ds.attrs["saturation"] is None and ds.attrs["censored_at"] == 3000  # the map's rule off, censored
+    np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(x, op, 10, saturation=3000))
+    off = lsfov.blind_deconvolve(x, "Z3", iterations=10, saturation=False)
+    assert off.attrs["saturation"] is None and off.attrs["censored_at"] is None
+    np.testing.assert_array_equal(off.deblurred.values, lsfov.deconvolve(x, lsfov.operator_from_psf_map(off), 10,
+                                                                         saturation=False))
+    assert lsfov.blind_deconvolve(x, "Z3", iterations=1).attrs["censored_at"] == 65535  # its type's, by default
+
+
 def test_blind_deconvolve_checks_before_any_work(tilted, monkeypatch):
     from lsfov.estimate import mapping
 

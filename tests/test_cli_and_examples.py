@@ -545,10 +545,11 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
     import tifffile
 
     tifffile.imwrite("cam12.ome.tif", np.load("cam12.npy"), ome=True, metadata={"SignificantBits": 12})
-    with pytest.warns(lsfov.LsfovWarning, match=r"9 of 12 .* saturated \(at or above 4095\)"):
+    bits = r"9 of 12 .* saturated \(at or above 4095, the image's 12 significant bits\)"  # where 4095 comes from
+    with pytest.warns(lsfov.LsfovWarning, match=bits):
         run("estimate", "cam12.ome.tif", "t12.zarr", "--stride", 64)
-    with pytest.warns(lsfov.LsfovWarning, match=clipped):
-        with pytest.warns(lsfov.LsfovWarning, match=r"9 of 12 .* saturated \(at or above 4095\)"):
+    with pytest.warns(lsfov.LsfovWarning, match=r"5.2 % of the pixels .* level 4095 \(the image's 12 significant bits\)"):
+        with pytest.warns(lsfov.LsfovWarning, match=bits):
             run("run", "cam12.ome.tif", "rt12.zarr", "--stride", 64, "--iterations", 1)
     # the result's raw image keeps its camera's bits (read again from it); the estimates are no counts
     assert lsfov.open_image("rt12.zarr/raw").attrs["significant_bits"] == 12

@@ -241,6 +241,23 @@ def test_deconvolve_censors_the_cameras_saturated_pixels(run, tmp_path, small):
     assert np.abs(censored - plain).max() > 100 * tol
 
 
+@pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
+def test_deconvolve_with_a_psf_map_censors_at_the_maps_level(run, tmp_path):
+    """`lsfov deconvolve --psf-map` takes the map's camera level, as `lsfov run` does: none for a map
+    made with --max-saturated 1 (an image stretched to its type's range); --saturation overrides."""
+    pytest.importorskip("torch")
+    img = sim.tilted_surface((256, 256), depth_range_um=(-6, 6), texture="immunohistochemistry", grid=3, seed=5).image
+    np.save(tmp_path / "s.npy", np.minimum(img / np.percentile(img, 98) * 65535, 65535).astype(np.uint16))
+    run("-q", "estimate", "s.npy", "m.zarr", "--max-saturated", 1)
+    run("-q", "deconvolve", "s.npy", "d.zarr", "--psf-map", "m.zarr", "--iterations", 2)
+    assert lsfov.open_result(tmp_path / "d.zarr").attrs["saturation"] is None
+    run("-q", "deconvolve", "s.npy", "e.zarr", "--psf-map", "m.zarr", "--iterations", 2, "--saturation", 60000)
+    assert lsfov.open_result(tmp_path / "e.zarr").attrs["saturation"] == 60000
+    run("-q", "estimate", "s.npy", "n.zarr")
+    run("-q", "deconvolve", "s.npy", "f.zarr", "--psf-map", "n.zarr", "--iterations", 2)
+    assert lsfov.open_result(tmp_path / "f.zarr").attrs["saturation"] == 65535
+
+
 def test_estimate_and_run_pass_their_options_to_the_map_and_the_deconvolution(run, tmp_path):
     pytest.importorskip("torch")
     np.save(tmp_path / "img.npy", sim.tilted_surface((192, 192), depth_range_um=(-8, 8), grid=3, seed=5).image)
@@ -299,7 +316,7 @@ def test_bss_passes_iterations_and_pixel_size(run, tmp_path, subspace, monkeypat
 
     monkeypatch.setattr(lsfov.restore, "sparse_smooth_deblur", solver)
     run("-q", "bss", "b.npy", "o.zarr", "--subspace", "sub.zarr", "--iterations", 7, "--pixel-um", 0.3)
-    assert seen == [(7, False)]  # a float image: no clip of its own
+    assert seen == [(7, None)]  # the camera's clip, found by the API from the image (a float one has none)
     r = lsfov.open_result(tmp_path / "o.zarr")
     assert r.attrs["iterations"] == 7 and float(r.raw.x[1] - r.raw.x[0]) == pytest.approx(0.3)
     assert float(r.sparse.x[1] - r.sparse.x[0]) == pytest.approx(0.3)

@@ -371,6 +371,24 @@ def test_more_than_one_percent_of_the_pixels_clipped_is_warned(clipped):
         lsfov.sparse_smooth_deblur(y, op, iterations=2, saturation=level, warn_dense=1.0)
 
 
+def test_pixels_beyond_the_cameras_bits_and_bad_levels_are_said(clipped):
+    """An image whose pixels exceed what its SignificantBits allow (wrong metadata, summed frames):
+    said, naming where the level came from, at the user's line (xarray input too). A level must be
+    a number, None or False."""
+    op, y, level, _ = clipped
+    counts = np.minimum(y / level * 8000, 65535).astype(np.uint16)
+    tagged = xr.DataArray(counts, dims=("y", "x"), attrs={"significant_bits": 12})
+    with pytest.warns(lsfov.LsfovWarning, match=r"pixels up to 8000 exceed 4095 \(the image's 12 significant bits\): "
+                                                "is that metadata right") as seen:
+        lsfov.deconvolve(tagged, op, 2)
+    assert seen[0].filename == __file__
+    for bad in (True, "65535", [65535]):
+        with pytest.raises(TypeError, match="saturation takes a level .a number., None .* or False"):
+            lsfov.deconvolve(y, op, 2, saturation=bad)
+    np.testing.assert_array_equal(lsfov.deconvolve(counts, op, 2, saturation=np.False_),
+                                  lsfov.deconvolve(counts, op, 2, saturation=False))
+
+
 @pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_saturation_level_defaults_to_the_cameras_and_none_saturated_changes_nothing(clipped, lsfov_log):
     op, y, level, _ = clipped

@@ -342,6 +342,22 @@ def test_saturated_patches_are_invalid_and_filled(blurred):
         lsfov.estimate_psf_map(x, "Z3", saturation=-1)
 
 
+def test_a_crop_with_saturated_nodes_keeps_its_place(blurred):
+    """A crop of an OME-TIFF-like image (µm coordinates from an origin, a 12-bit camera) with clipped
+    nodes: the map records the crop's origin and its nodes lie on the crop (the warning's wording
+    once overwrote the origin, and the operator then lay at the image's corner)."""
+    img, _ = blurred
+    x = np.minimum(img / np.percentile(img, 96) * 4095, 4095).astype(np.uint16)
+    um = {"units": "micrometer"}
+    full = xr.DataArray(x, dims=("y", "x"), attrs={"significant_bits": 12, "pixel_um": 0.2},
+                        coords={"y": ("y", 0.2 * np.arange(x.shape[0]), um), "x": ("x", 0.2 * np.arange(x.shape[1]), um)})
+    crop = full.isel(y=slice(64, None), x=slice(128, None))
+    with pytest.warns(lsfov.LsfovWarning, match=r"at or above 4095, the image's 12 significant bits"):
+        ds = lsfov.estimate_psf_map(crop, "Z3", stride=64)
+    assert ds.attrs["origin"] == pytest.approx([64 * 0.2, 128 * 0.2])
+    np.testing.assert_allclose(lsfov.estimate.mapping.map_node_pixels(ds)[1][0], 63.5)  # crop pixels, not the image's
+
+
 def test_cnn_tasks_keep_the_heap_under_distributeds_allocator_settings(blurred, monkeypatch):
     """distributed's MALLOC_TRIM_THRESHOLD_ alone pins glibc's mmap threshold: every activation a
     fresh mmap, the CNN 2.3x slower on a worker. A PSF map's CNN work runs with larger thresholds,

@@ -32,8 +32,10 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         Pixel size; coordinates of every output in µm (default: the xarray input's, from its
         ``pixel_um`` attribute or µm coordinates; else pixels).
     symmetrize, saturation, max_saturated, scratch, resume, progress
-        As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both;
-        the deconvolution censors the pixels at the map's saturation level, none with ``max_saturated=1``).
+        As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
+        The deconvolution censors the pixels at ``saturation`` when it is given (``False``: none), else
+        at the map's level: the camera's, none with ``max_saturated=1`` (an image stretched to its
+        type's range). Its level is the result's attribute ``censored_at``.
 
     Returns
     -------
@@ -47,6 +49,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     """
     import xarray as xr
 
+    from .._validate import censor_level
     from ..io import plane_of, with_pixel_size
     from ..restore import deconvolve
     from ..restore.tv_rl import check_settings
@@ -71,13 +74,15 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     op = operator_from_psf_map(psf_map, img.shape)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
     lazy = type(img.data).__module__.startswith("dask")  # scratch and resume: a chunked deconvolution's
-    level = psf_map.attrs["saturation"]  # the map's: None where the rule is off (max_saturated=1)
-    out = {"deblurred": deconvolve(img, op, iterations, tv, saturation=False if level is None else level,
-                                   scratch=scratch if lazy else None, resume=resume and lazy, progress=progress)}
+    # Censored at the level given; by default at the map's (the camera's), none where its rule is off.
+    clip = saturation if saturation is not None else (None if psf_map.attrs["saturation"] is not None else False)
+    out = {"deblurred": deconvolve(img, op, iterations, tv, saturation=clip, scratch=scratch if lazy else None,
+                                   resume=resume and lazy, progress=progress)}
     seconds["deconvolution"] = time.perf_counter() - t
     out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
     out["filled"] = psf_map["filled"]
     if {"focus", "axis"} <= set(psf_map):
         out["depth"] = estimate_depth(psf_map, calibration)
     made = {**({"source": img.attrs["source"]} if img.attrs.get("source") else {}), **plane_of(img)}
-    return xr.Dataset(out, attrs={**made, **psf_map.attrs, "iterations": iterations, "tv": tv, "seconds": seconds})
+    return xr.Dataset(out, attrs={**made, **psf_map.attrs, "iterations": iterations, "tv": tv,
+                                  "censored_at": censor_level(img, clip), "seconds": seconds})

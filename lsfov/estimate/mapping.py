@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
-from .._validate import LsfovWarning, positive_int, real_number, saturation_level, yx_order
+from .._validate import LsfovWarning, censor_level, fmt_level, level_origin, positive_int, real_number, yx_order
 from ..io import atomic_file, image_origin, pixel_size
 from ..operators import ProductConvolution
 
@@ -237,10 +237,11 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     symmetrize : bool
         Average each node over the 8 rotations and flips of its patch (``PSFRegressor.predict``): 8x
         the CNN time for more accurate parameters (benchmarks/RESULTS.md).
-    saturation : float, optional
+    saturation : float, None or False
         Pixel value at which the camera saturates (a 12-bit camera in 16-bit files: 4095). Default:
         the largest count of an integer image's dtype, or of its ``significant_bits`` attribute
-        (:func:`lsfov.open_image` reads it from an OME-TIFF); none for a floating-point image.
+        (:func:`lsfov.open_image` reads it from an OME-TIFF); none for a floating-point image, or
+        with ``False``.
         Compared in float32: for 32- and 64-bit integers, values within a relative 2⁻²⁴ of it
         count too.
     max_saturated : float
@@ -294,7 +295,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         data = np.asarray(data)  # a nested list
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
-    level = saturation_level(image if xr_in else data, saturation)
+    level = censor_level(image if xr_in else data, saturation)
     if max_saturated >= 1:
         level = None  # the rule is off: no pass over the pixels for it
     if pixel_um is None and xr_in:
@@ -376,12 +377,13 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     white = values[..., -1] > max_saturated
     if white.any():
         validity = np.where(white, np.float32(0), validity)
-        bits = image.attrs.get("significant_bits") if xr_in and saturation is None else None
-        origin = f", the image's {bits} significant bits" if bits and level == 2.0**bits - 1 else ""
-        share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {level:g}{origin})"
-        advice = (f"acquire with a shorter exposure or a lower gain; if the camera saturates elsewhere than {level:g}, "
-                  "give its level (saturation=, --saturation); for an image stretched to its type's range, "
-                  "max_saturated=1 (--max-saturated 1) turns this off")
+        # (Not named ``origin``: that is the image's first pixel, recorded with the map below.)
+        source = level_origin(image, saturation, level) if xr_in else ""
+        at = fmt_level(level) + (f", {source}" if source else "")
+        share = f"more than {max_saturated * 100:g} % of the pixels of its patch saturated (at or above {at})"
+        advice = ("acquire with a shorter exposure or a lower gain; if the camera saturates elsewhere than "
+                  f"{fmt_level(level)}, give its level (saturation=, --saturation); for an image stretched to its "
+                  "type's range, max_saturated=1 (--max-saturated 1) turns this off")
         if fill and white.all():
             raise NothingToMap(f"every PSF-map node has {share}: clipped spots do not show the PSF; {advice}")
         if fill and not (validity >= 0.5).any():

@@ -132,9 +132,9 @@ def _available_memory() -> int:
 
 def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
                     exchange_every: int | None = None, scratch=None, resume: bool = False,
-                    progress: bool = False, saturation: float | None = None) -> da.Array:
+                    progress: bool = False, saturation: float | None = None, origin: str = "") -> da.Array:
     """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks;
-    ``saturation``: the level at or above which pixels are censored (None: none)."""
+    ``saturation``: the level at or above which pixels are censored (None: none), from ``origin``."""
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; select a plane first")
     if y.dtype.kind not in "biuf":
@@ -160,7 +160,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         y = da.maximum(y, 0)
     scale = float(total) / y.size
     _check_range(scale, float(hi), eps)
-    level = say_censored(n_sat, saturation, y.size)  # none saturated: None, the plain iteration, bit for bit
+    level = say_censored(n_sat, saturation, origin, y.size, float(hi))  # none saturated: None, the plain iteration
 
     r = op.halo
     s = spread_per_iteration(op, tv)

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import task_threads, to_numpy
-from .._validate import LsfovWarning, as_image, censor_level, check_pixel_size, positive_int, real_number, yx_order
+from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, level_origin, positive_int,
+                         real_number, yx_order)
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import censored_pixels, say_censored
@@ -207,6 +208,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         image = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
     data = image.data if xr_in else image
     level = censor_level(image, saturation)  # of the camera's counts, before the float copy
+    origin = level_origin(image, saturation, level)
     lazy = type(data).__module__.startswith("dask")
     if lazy:
         if data.dtype.kind not in "biuf":
@@ -227,13 +229,13 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         import dask.array as da
 
         n_sat = 0 if level is None else (y >= np.float32(level)).sum()
-        finite, n_sat = da.compute(da.isfinite(y).all(), n_sat)  # one read of the image: 500 iterations follow
-        finite, n_sat = bool(finite), int(n_sat)
+        finite, n_sat, peak = da.compute(da.isfinite(y).all(), n_sat, y.max())  # one read: 500 iterations follow
+        finite, n_sat, peak = bool(finite), int(n_sat), float(peak)
     else:
-        finite, n_sat = bool(np.isfinite(y).all()), censored_pixels(y, level)[1]
+        finite, n_sat, peak = bool(np.isfinite(y).all()), censored_pixels(y, level)[1], float(y.max())
     if not finite:
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
-    level = say_censored(n_sat, level, y.size, stacklevel=3)  # none saturated: None, the plain iterates, bit for bit
+    level = say_censored(n_sat, level, origin, y.size, peak)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:

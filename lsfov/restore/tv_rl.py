@@ -20,11 +20,12 @@ benchmarks/RESULTS.md) and no two runs (or chunkings) agree. The TV factor is mu
 normaliser, which keeps the denominator positive for ``0 <= tv < 0.25`` (|div| <= 4 for unit
 vectors with these finite differences).
 
-**Flux.** With ``tv=0`` every iteration keeps ``sum(H x) = sum(y)`` exactly (a property of RL with
-this normaliser); the TV term changes it only slightly.
+**Flux.** With ``tv=0`` and no censored pixel every iteration keeps ``sum(H x) = sum(y)`` exactly (a
+property of RL with this normaliser); the TV term changes it only slightly, censoring raises it by
+what the prediction exceeds the censored pixels.
 
 **Saturated pixels** (at or above the camera's level ``s``) are censored data: the true count is at
-least ``s``, not ``s``. Their ratio is ``max(y / H x, 1)``, i.e. ``y`` is replaced by ``max(s, H x)``,
+least ``s``, not ``s``. Their ratio is ``max(y / H x, 1)``, i.e. ``y`` is replaced by ``max(y, H x)``,
 the EM step for a count known only to be ``>= s`` (in the large-count limit): the estimate is pushed
 up where it predicts less than the clip, and left free above it, instead of being held at the clip
 (which flattens the peak and rings around it). Without saturated pixels the iteration is unchanged.
@@ -37,7 +38,8 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import LsfovWarning, as_image, censor_level, check_pixel_size, positive_int, yx_order
+from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, level_origin, positive_int,
+                         user_stacklevel, yx_order)
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -284,29 +286,37 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     import xarray as xr
 
     level = censor_level(image, saturation)  # of the camera's counts, before any float copy
+    clip = (level, level_origin(image, saturation, level))
     if isinstance(image, xr.DataArray):
         check_pixel_size(operator, image)
         yx = yx_order(image)  # dims by name: an (x, y) image is not deblurred transposed
-        out = deconvolve(yx.data, operator, iterations, tv, eps=eps, saturation=False if level is None else level,
-                         exchange_every=exchange_every, scratch=scratch, resume=resume, progress=progress)
+        out = _deconvolve(yx.data, operator, iterations, tv, eps, exchange_every, scratch, resume, progress, clip)
         out = yx.copy(data=out).transpose(*image.dims).rename("deblurred")
         out.attrs.pop("significant_bits", None)  # the camera's, not the estimate's: it is no count
         return out
+    return _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, resume, progress, clip)
+
+
+def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, resume, progress, clip):
+    """:func:`deconvolve` of an array (NumPy, CuPy or Dask); ``clip``: (level or None, its origin)."""
     if type(image).__module__.startswith("dask"):
         from .chunked import deconvolve_dask
 
         return deconvolve_dask(image, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
-                               scratch=scratch, resume=resume, progress=progress, saturation=level)
+                               scratch=scratch, resume=resume, progress=progress, saturation=clip[0], origin=clip[1])
     if scratch is not None or exchange_every is not None:
         warnings.warn("scratch= and exchange_every= act on Dask input; this in-memory image is deblurred whole "
-                      "(chunk it with dask.array.from_array(image, chunks=...) to use them)", LsfovWarning, stacklevel=2)
+                      "(chunk it with dask.array.from_array(image, chunks=...) to use them)", LsfovWarning,
+                      stacklevel=user_stacklevel())
     y = as_image(image)
     _check_shape(y.shape, operator)
     scale = float(y.mean())
     if not scale > 0:
         raise ValueError("image is all zero; there is nothing to deconvolve")
-    _check_range(scale, float(y.max()), eps)
-    return _whole(y, operator, iterations, tv, eps, scale, progress, level)
+    peak = float(y.max())
+    _check_range(scale, peak, eps)
+    n_sat = censored_pixels(y, clip[0])[1]
+    return _whole(y, operator, iterations, tv, eps, scale, progress, say_censored(n_sat, *clip, y.size, peak))
 
 
 def _check_shape(shape, op):
@@ -332,21 +342,28 @@ def censored_pixels(y, level):
 WARN_CENSORED = 0.01
 
 
-def say_censored(n: int, level, size: int, stacklevel: int = 4) -> float | None:
-    """Say how many of ``size`` pixels are censored; the level to censor at (None where none reaches it)."""
+def say_censored(n: int, level, origin: str, size: int, peak: float) -> float | None:
+    """Say how many of ``size`` pixels are censored at ``level`` (from ``origin``: e.g. the image's
+    significant bits, or ''), and whether pixels up to ``peak`` exceed what that origin allows; the
+    level to censor at (None where no pixel reaches it)."""
     if not n:
         return None
-    log.info("%d pixels at or above the saturation level %g: censored (their counts are at least that)", n, level)
-    if n > WARN_CENSORED * size:
-        warnings.warn(f"{100 * n / size:.1f} % of the pixels are at or above the saturation level {level:g}, taken as "
-                      "at least that (censored); a shorter exposure or lower gain clips fewer. An image stretched to its "
-                      "type's range is not clipped: pass saturation=False (--saturation above its largest pixel)",
-                      LsfovWarning, stacklevel=stacklevel)
+    at = f"{fmt_level(level)}" + (f" ({origin})" if origin else "")
+    log.info("%d pixels at or above the saturation level %s: censored (their counts are at least that)", n, at)
+    if origin and peak > level:  # a 12-bit camera's pixels above 4095: the metadata is wrong, or frames were summed
+        warnings.warn(f"pixels up to {fmt_level(peak)} exceed {at}: is that metadata right (summed or binned frames "
+                      "hold more)? They are taken as clipped (censored); give the camera's level with saturation= "
+                      "(--saturation)", LsfovWarning, stacklevel=user_stacklevel())
+    elif n > WARN_CENSORED * size:
+        warnings.warn(f"{100 * n / size:.1f} % of the pixels are at or above the saturation level {at}, taken as at "
+                      "least that (censored); a shorter exposure or lower gain clips fewer. An image stretched to its "
+                      "type's range is not clipped: pass saturation=False (on the command line: --saturation above its "
+                      "largest pixel; for lsfov run, --max-saturated 1)", LsfovWarning, stacklevel=user_stacklevel())
     return float(level)
 
 
 def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, level=None):
-    """The whole-array path: one window covering the extended field."""
+    """The whole-array path: one window covering the extended field; ``level``: censor at or above it."""
     xp = array_module(y)
     r = op.halo
     h, w = y.shape
@@ -359,8 +376,7 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, leve
     norm = win.adjoint_ones(like=y)
     thr = _norm_threshold(op)
     x = _initial(norm, thr, scale)
-    censored, n_sat = censored_pixels(y_ext, level)
-    say_censored(n_sat, level, y.size)
+    censored = censored_pixels(y_ext, level)[0]
     from tqdm.auto import tqdm
 
     with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
