@@ -1136,8 +1136,16 @@ def describe(path) -> str:
         state = "complete" if meta.get("complete") else "INCOMPLETE"
         lines.append(f"{path}: lsfov result ({state}), variables: {', '.join(meta['variables'])}")
         if meta.get("complete"):
-            for name, var in open_result(path).data_vars.items():
+            from ._validate import fmt_level
+
+            res = open_result(path)
+            for name, var in res.data_vars.items():
                 lines.append("  " + _describe_array(name, var))
+            said = {"saturation": "saturation level", "censored_at": "censored at"}
+            known = [f"{v} {fmt_level(res.attrs[k])}" for k, v in said.items()
+                     if isinstance(res.attrs.get(k), (int, float))]
+            if known:
+                lines.append("  " + ", ".join(known))
         return "\n".join(lines)
     if isinstance(meta, dict) and meta.get("type") == "ProductConvolution":
         from .operators import ProductConvolution

@@ -256,6 +256,7 @@ def test_deconvolve_with_a_psf_map_censors_at_the_maps_level(run, tmp_path):
     run("-q", "estimate", "s.npy", "n.zarr")
     run("-q", "deconvolve", "s.npy", "f.zarr", "--psf-map", "n.zarr", "--iterations", 2)
     assert lsfov.open_result(tmp_path / "f.zarr").attrs["saturation"] == 65535
+    assert "saturation level 65535" in run("info", "f.zarr").output
 
 
 def test_estimate_and_run_pass_their_options_to_the_map_and_the_deconvolution(run, tmp_path):
