@@ -242,7 +242,7 @@ def test_deconvolve_censors_the_cameras_saturated_pixels(run, tmp_path, small):
 
 
 @pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
-def test_deconvolve_with_a_psf_map_censors_at_the_maps_level(run, tmp_path):
+def test_deconvolve_with_a_psf_map_and_run_censor_at_the_maps_level(run, tmp_path):
     """`lsfov deconvolve --psf-map` takes the map's camera level, as `lsfov run` does: none for a map
     made with --max-saturated 1 (an image stretched to its type's range); --saturation overrides."""
     pytest.importorskip("torch")
@@ -257,6 +257,11 @@ def test_deconvolve_with_a_psf_map_censors_at_the_maps_level(run, tmp_path):
     run("-q", "deconvolve", "s.npy", "f.zarr", "--psf-map", "n.zarr", "--iterations", 2)
     assert lsfov.open_result(tmp_path / "f.zarr").attrs["saturation"] == 65535
     assert "saturation level 65535" in run("info", "f.zarr").output
+    # lsfov run: the same rule
+    run("-q", "run", "s.npy", "r.zarr", "--iterations", 1, "--max-saturated", 1)
+    assert lsfov.open_result(tmp_path / "r.zarr").attrs["censored_at"] is None
+    run("-q", "run", "s.npy", "t.zarr", "--iterations", 1, "--max-saturated", 1, "--saturation", 60000)
+    assert lsfov.open_result(tmp_path / "t.zarr").attrs["censored_at"] == 60000
 
 
 def test_estimate_and_run_pass_their_options_to_the_map_and_the_deconvolution(run, tmp_path):
