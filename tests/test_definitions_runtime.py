@@ -364,3 +364,21 @@ def test_compute_on_a_client_with_a_task_callback_keeps_the_blocks_in_place():
         out = cluster.compute(da.from_array(x, chunks=(3, 4)), on_task=lambda key, part: seen.append(key))
     np.testing.assert_array_equal(out, x)
     assert len(seen) == 3 * 3
+
+
+def test_an_error_in_a_task_callback_cancels_the_clusters_other_tasks():
+    """A failing ``on_task`` (a write that fails, Ctrl-C) stops the job: the tasks still queued or
+    running on the cluster are cancelled, not left writing to a scratch store."""
+    distributed = pytest.importorskip("distributed")
+
+    cancelled = []
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        real = client.cancel
+        client.cancel = lambda futures, *a, **k: (cancelled.extend(futures), real(futures, *a, **k))[1]
+
+        def fail(key, part):
+            raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            cluster.compute(da.ones((8, 8), chunks=2), on_task=fail)
+    assert len(cancelled) == 16  # every chunk's future
