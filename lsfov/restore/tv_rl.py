@@ -315,8 +315,7 @@ def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, r
         raise ValueError("image is all zero; there is nothing to deconvolve")
     peak = float(y.max())
     _check_range(scale, peak, eps)
-    n_sat = censored_pixels(y, clip[0])[1]
-    return _whole(y, operator, iterations, tv, eps, scale, progress, say_censored(n_sat, *clip, y.size, peak))
+    return _whole(y, operator, iterations, tv, eps, scale, progress, clip, peak)
 
 
 def _check_shape(shape, op):
@@ -362,8 +361,9 @@ def say_censored(n: int, level, origin: str, size: int, peak: float) -> float | 
     return float(level)
 
 
-def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, level=None):
-    """The whole-array path: one window covering the extended field; ``level``: censor at or above it."""
+def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, clip=(None, ""), peak=0.0):
+    """The whole-array path: one window covering the extended field; ``clip``: (level at or above
+    which pixels are censored, or None; its origin), ``peak`` the image's largest pixel."""
     xp = array_module(y)
     r = op.halo
     h, w = y.shape
@@ -376,7 +376,8 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, leve
     norm = win.adjoint_ones(like=y)
     thr = _norm_threshold(op)
     x = _initial(norm, thr, scale)
-    censored = censored_pixels(y_ext, level)[0]
+    censored, n_sat = censored_pixels(y_ext, clip[0])  # the rim is 0: below any level
+    say_censored(n_sat, *clip, y.size, peak)
     from tqdm.auto import tqdm
 
     with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
