@@ -100,10 +100,26 @@ def saturation_level(image, saturation=None) -> float | None:
     dtype = np.dtype(image.dtype if hasattr(image, "dtype") else np.asarray(image).dtype)
     if dtype.kind not in "iu":
         return None
-    bits = getattr(image, "attrs", {}).get("significant_bits")
-    if isinstance(bits, (int, np.integer)) and 0 < bits < np.iinfo(dtype).bits:  # else: no statement of fewer bits
-        return float(2 ** int(bits) - 1)
+    bits = significant_bits(image)
+    if bits is not None and 0 < bits < np.iinfo(dtype).bits:  # else: no statement of fewer bits
+        return float(2**bits - 1)
     return float(np.iinfo(dtype).max)
+
+
+def significant_bits(image) -> int | None:
+    """An image's ``significant_bits`` attribute as an int, or None. Written by hand or read back from
+    a netCDF or JSON file it may come as ``12.0``, ``np.int16(12)`` or ``"12"``: all the same 12 bits."""
+    return as_bits(getattr(image, "attrs", {}).get("significant_bits"))
+
+
+def as_bits(bits) -> int | None:
+    """A ``significant_bits`` value as an int (see :func:`significant_bits`); None if it is no whole number."""
+    if isinstance(bits, (bytes, str)):
+        bits = bits.strip()
+        return int(bits) if bits.isdigit() else None
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, float, np.integer, np.floating)):
+        return None
+    return int(bits) if float(bits).is_integer() else None
 
 
 def censor_level(image, saturation=None) -> float | None:
@@ -125,7 +141,7 @@ def censor_level(image, saturation=None) -> float | None:
 
 def level_origin(image, saturation, level) -> str:
     """Where a saturation level came from, for messages: the image's significant bits, or ''."""
-    bits = getattr(image, "attrs", {}).get("significant_bits") if saturation is None else None
+    bits = significant_bits(image) if saturation is None else None
     return f"the image's {bits} significant bits" if bits and level == 2.0**bits - 1 else ""
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, positive_int, real_number, yx_order
+from ._validate import LsfovWarning, as_bits, positive_int, real_number, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -245,9 +245,9 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     if len(sizes) == 2 and not _square(sizes["y"], sizes["x"]):
         pixel_um = None
     attrs = {"pixel_um": pixel_um, "source": str(path)}
-    bits = (root_attrs.get("lsfov") or {}).get("attrs", {}).get("significant_bits")  # an lsfov variable's camera
+    bits = as_bits((root_attrs.get("lsfov") or {}).get("attrs", {}).get("significant_bits"))  # an lsfov variable's camera
     if bits and np.dtype(data.dtype).kind in "iu":
-        attrs["significant_bits"] = int(bits)
+        attrs["significant_bits"] = bits
     return xr.DataArray(data, dims=names, coords=coords, attrs=attrs)
 
 
@@ -1165,10 +1165,10 @@ def describe(path) -> str:
     arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     px = arr.attrs.get("pixel_um")
     levels = _pyramid_shapes(path)
-    from ._validate import saturation_level
+    from ._validate import saturation_level, significant_bits
 
     clip = saturation_level(arr)  # what PSF maps, deconvolution and BSS take as the camera's clip
-    bits = arr.attrs.get("significant_bits")
+    bits = significant_bits(arr)
     return (f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
             + (f"\n  saturates at {clip:g}" + (f" ({bits} significant bits)" if bits and clip == 2.0**bits - 1 else
                                                 " (its type's largest count)") + "; --saturation gives another level"
