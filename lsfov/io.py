@@ -1094,11 +1094,20 @@ def open_result(path) -> xr.Dataset:
     if _other_store(meta):
         raise ValueError(f"{path} is {_other_store(meta)}, not a result")
     if not meta.get("complete"):
+        parent = path.resolve().parent
+        if _name_in_result(parent, path.name):  # a variable's group: its own attrs, no 'complete'
+            raise ValueError(f"{path} is one variable ({path.name}) of the result {path.parent}: pass "
+                             f"{path.parent}, or open this image alone with lsfov.open_image")
         raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); rerun with --overwrite")
     variables = {}
     for name in meta.get("variables", []):
         variables[name] = _open_variable(path / name)
     return xr.Dataset(variables, attrs=meta.get("attrs", {}))
+
+
+def _name_in_result(path: Path, name: str) -> bool:
+    """Whether ``path`` is an lsfov result with a variable ``name``."""
+    return name in ((_group_attrs(path).get("lsfov") or {}).get("variables") or [])
 
 
 def _other_store(meta) -> str | None:

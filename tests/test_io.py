@@ -300,6 +300,12 @@ def test_bad_paths(tmp_path):
         lsfov.open_image(tmp_path / "vol.npy")
     with pytest.raises(ValueError, match="not an lsfov result"):
         lsfov.open_result(tmp_path)
+    # One variable of a finished result, as the README opens images: it is not an interrupted run.
+    lsfov.save(_image(32, 32), tmp_path / "r.zarr")
+    with pytest.raises(ValueError, match=r"r.zarr/deblurred is one variable \(deblurred\) of the result .*r.zarr: "
+                                         r"pass .*r.zarr, or open this image alone with lsfov.open_image"):
+        lsfov.open_result(tmp_path / "r.zarr" / "deblurred")
+    assert lsfov.open_image(tmp_path / "r.zarr" / "deblurred").shape == (32, 32)
 
 
 def test_save_never_harms_existing_output(tmp_path):
