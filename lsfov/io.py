@@ -274,6 +274,9 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
     except Exception as e:  # tifffile raises several types for non-TIFF content
         raise ValueError(f"{path}: not a readable TIFF ({e})") from None
     with tf:
+        if not tf.series:
+            raise ValueError(f"{path}: no image in this TIFF (empty, or its writing did not finish)")
+        _refuse_cut_short(tf, path)
         series = tf.series[0]
         levels = series.levels if series.is_pyramidal and len(tf.series) == 1 else [series]
         if not 0 <= level < len(levels):
@@ -383,7 +386,29 @@ class _TiffSeries:
         entry = self._entry
         if entry is None or entry.pid != os.getpid():  # unpickled, or inherited by a forked child
             entry = self._entry = _tiff_entry(self.key)
-        return entry.array(self.series, self.level)[item]
+        try:
+            return entry.array(self.series, self.level)[item]
+        except Exception as e:  # a damaged block: zlib.error, tifffile's errors... named with the file
+            kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+            raise ValueError(f"{self.path}: its pixels cannot be read ({kind}: {e}); the file is damaged or cut "
+                             "short: copy it again") from e
+
+
+def _refuse_cut_short(tf, path):
+    """Refuse a TIFF whose first or last image's pixel data end past the end of the file (a partial
+    copy or an interrupted write), which tifffile opens and describes as if whole."""
+    size = tf.filehandle.size
+    for series in {0: tf.series[0], 1: tf.series[-1]}.values():
+        try:
+            pages = [series.pages[0], series.pages[len(series.pages) - 1]]
+        except Exception:  # pages tifffile cannot list: left to the read, which names the file
+            continue
+        for page in pages:
+            ends = [o + n for o, n in zip(getattr(page, "dataoffsets", None) or (),
+                                          getattr(page, "databytecounts", None) or ())]
+            if ends and max(ends) > size:
+                raise ValueError(f"{path}: cut short ({size} bytes; its pixel data run to {max(ends)}): "
+                                 "an interrupted write or copy; copy it again")
 
 
 _BLOCK = 2048  # a read task takes up to this many pixels along y and x: whole strips, tiles or chunks of the file

@@ -308,6 +308,29 @@ def test_bad_paths(tmp_path):
     assert lsfov.open_image(tmp_path / "r.zarr" / "deblurred").shape == (32, 32)
 
 
+def test_damaged_tiffs_are_refused_naming_the_file(tmp_path):
+    """A TIFF of a header only, one cut short (a partial copy: tifffile opens and describes it as
+    whole) and one with a damaged compressed tile: one clear error each, never a traceback of
+    tifffile's or zlib's internals."""
+    data = np.random.default_rng(0).integers(0, 4000, (256, 256)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "z.tif", data, tile=(128, 128), compression="zlib")
+    whole = (tmp_path / "z.tif").read_bytes()
+    (tmp_path / "header.tif").write_bytes(whole[:8])
+    with pytest.raises(ValueError, match="header.tif: no image in this TIFF"):
+        lsfov.open_image(tmp_path / "header.tif")
+    (tmp_path / "cut.tif").write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match=r"cut.tif: cut short \(\d+ bytes; its pixel data run to \d+\)"):
+        lsfov.open_image(tmp_path / "cut.tif")
+    with pytest.raises(ValueError, match="cut short"):
+        lsfov.io.describe(tmp_path / "cut.tif")
+    with tifffile.TiffFile(tmp_path / "z.tif") as tf:
+        at = tf.pages[0].dataoffsets[1]
+    (tmp_path / "bad.tif").write_bytes(whole[:at + 10] + b"\xff" * 30 + whole[at + 40:])
+    img = lsfov.open_image(tmp_path / "bad.tif")  # its layout is whole: refused where the tile is read
+    with pytest.raises(ValueError, match=r"bad.tif: its pixels cannot be read \(zlib.error: .*damaged or cut short"):
+        img.values
+
+
 def test_save_never_harms_existing_output(tmp_path):
     path = tmp_path / "r.zarr"
     lsfov.save(_image(64, 64), path)
