@@ -70,11 +70,14 @@ def test_blind_deconvolve_censors_at_the_maps_saturation_level(tilted):
 @pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
 def test_a_level_given_is_censored_at_whatever_the_maps_rule(tilted):
     """``saturation=`` given: the deconvolution censors at it, even with the map's rule off
-    (``max_saturated=1``); ``False``: nowhere. The level is the result's ``censored_at``."""
+    (``max_saturated=1``), and the map records it; ``False``: nowhere. The level is the result's
+    ``censored_at``."""
     x = np.minimum(tilted.image / np.percentile(tilted.image, 99) * 4095, 4095).astype(np.uint16)
     ds = lsfov.blind_deconvolve(x, "Z3", iterations=10, saturation=3000, max_saturated=1)
     op = lsfov.operator_from_psf_map(ds)
-    assert ds.attrs["saturation"] is None and ds.attrs["censored_at"] == 3000  # the map's rule off, censored
+    # The map's rule off (no node made invalid), the level given recorded and censored at
+    assert ds.attrs["max_saturated"] == 1 and ds.attrs["saturation"] == 3000 and ds.attrs["censored_at"] == 3000
+    np.testing.assert_array_equal(ds.validity.values, lsfov.estimate_psf_map(x, "Z3", max_saturated=1).validity.values)
     np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(x, op, 10, saturation=3000))
     off = lsfov.blind_deconvolve(x, "Z3", iterations=10, saturation=False)
     assert off.attrs["saturation"] is None and off.attrs["censored_at"] is None

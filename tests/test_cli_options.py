@@ -244,7 +244,8 @@ def test_deconvolve_censors_the_cameras_saturated_pixels(run, tmp_path, small):
 @pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
 def test_deconvolve_with_a_psf_map_and_run_censor_at_the_maps_level(run, tmp_path):
     """`lsfov deconvolve --psf-map` takes the map's camera level, as `lsfov run` does: none for a map
-    made with --max-saturated 1 (an image stretched to its type's range); --saturation overrides."""
+    made with --max-saturated 1 (an image stretched to its type's range) unless --saturation gave one;
+    --saturation overrides."""
     pytest.importorskip("torch")
     img = sim.tilted_surface((256, 256), depth_range_um=(-6, 6), texture="immunohistochemistry", grid=3, seed=5).image
     np.save(tmp_path / "s.npy", np.minimum(img / np.percentile(img, 98) * 65535, 65535).astype(np.uint16))
@@ -262,6 +263,13 @@ def test_deconvolve_with_a_psf_map_and_run_censor_at_the_maps_level(run, tmp_pat
     assert lsfov.open_result(tmp_path / "r.zarr").attrs["censored_at"] is None
     run("-q", "run", "s.npy", "t.zarr", "--iterations", 1, "--max-saturated", 1, "--saturation", 60000)
     assert lsfov.open_result(tmp_path / "t.zarr").attrs["censored_at"] == 60000
+    # The level given with --max-saturated 1 is the map's too: its --psf-map deconvolution is run's.
+    assert lsfov.open_result(tmp_path / "t.zarr").attrs["saturation"] == 60000
+    run("-q", "estimate", "s.npy", "g.zarr", "--max-saturated", 1, "--saturation", 60000)
+    assert lsfov.open_result(tmp_path / "g.zarr").attrs["saturation"] == 60000
+    run("-q", "deconvolve", "s.npy", "h.zarr", "--psf-map", "g.zarr", "--iterations", 1)
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "h.zarr").deblurred.values,
+                                  lsfov.open_result(tmp_path / "t.zarr").deblurred.values)
 
 
 def test_estimate_and_run_pass_their_options_to_the_map_and_the_deconvolution(run, tmp_path):

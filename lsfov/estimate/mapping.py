@@ -247,7 +247,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     max_saturated : float
         Paper 000's white-pixel ratio: a node whose patch has more than this fraction of its pixels
         at or above ``saturation`` is invalid (validity 0, then filled like the others), as clipped
-        cores read as wider PSFs. 1 turns the rule off (an image stretched to its type's range);
+        cores read as wider PSFs. 1 turns the rule off (an image stretched to its type's range: the
+        map's ``saturation`` attribute is then None, unless ``saturation`` gives a level);
         None: the default, :data:`MAX_SATURATED`.
     fill : bool
         Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
@@ -296,8 +297,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if data.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
     level = censor_level(image if xr_in else data, saturation)
-    if max_saturated >= 1:
-        level = None  # the rule is off: no pass over the pixels for it
+    if max_saturated >= 1 and saturation is None:
+        level = None  # an image stretched to its type's range: no camera level to pass on
+    rule = level if max_saturated < 1 else None  # the rule off: no pass over the pixels for it
     if pixel_um is None and xr_in:
         pixel_um = pixel_size(image)  # its attribute, or µm coordinates
     if pixel_um is not None:
@@ -341,7 +343,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             # The image (Dask's name for it: its source and chunks), the model and every parameter; each
             # chunk's file also carries a digest of its pixels (see _chunk_task).
             key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
-                                     batch_size, bool(symmetrize), level)
+                                     batch_size, bool(symmetrize), rule)
             keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
                 shutil.rmtree(keep)
@@ -354,7 +356,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
                 log.info("resuming the PSF map from %s: %d chunks already done", keep, len(list(keep.glob("*.npy"))))
         fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
                                starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device,
-                               symmetrize=bool(symmetrize), saturation=level, keep=keep)
+                               symmetrize=bool(symmetrize), saturation=rule, keep=keep)
         out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
                             chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)))
         values = compute(out, progress=progress, label="PSF map")
@@ -364,7 +366,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         if not bool(xp.isfinite(arr).all()):
             raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
         values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
-                          batch_size=batch_size, device=device, symmetrize=bool(symmetrize), saturation=level)
+                          batch_size=batch_size, device=device, symmetrize=bool(symmetrize), saturation=rule)
     if not np.all(np.isfinite(values)):  # finite pixels, yet: values beyond float32 once normalised
         raise ValueError("the CNN's readings are not finite; check the image's values (overflowing counts?)")
     coords = _coords(patch, int(stride), gy, gx, float(pixel_um) if pixel_um else None, origin)
