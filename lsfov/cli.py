@@ -537,6 +537,10 @@ def _psf_operator(path, shape, channel=None):
 
     whole = io._open_any(Path(path).resolve(), 0)
     several = "c" in whole.dims and whole.sizes["c"] > 1
+    if several and channel is None:
+        raise ValueError(f"{path}: a PSF of {whole.sizes['c']} channels (or a z-stack that tifffile stored as an RGB "
+                         "image: write it with metadata={'axes': 'ZYX'}); --channel picks the same channel of IN and of "
+                         "the PSF; for a one-channel IN, save the PSF's channel as a file of its own")
     planes = [np.asarray(p.values, dtype=np.float32) for p in io.open_planes(path, channel=channel if several else None)]
     # A 3-D PSF (a z-stack of a bead): its in-focus plane, the one with the highest peak, deblurs the
     # plane of a sample that is in focus (a plane with no finite pixel is never it).
@@ -773,8 +777,12 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
     cal = DepthCalibration.load(calibration) if calibration else None
     ds = io.open_result(psf_map)
     if known:
-        cal = calibrate_depth(ds, np.asarray(io.open_image(known).values, dtype=np.float64), smooth=smooth or 0.0,
-                              method=method)
+        try:
+            truth = io.open_image(known)
+        except io.PlaneNotChosen as e:
+            raise ValueError(f"--known {known}: {e.n} planes along '{e.dim}'; --known takes one 2-D map of the depth "
+                             "in µm: save the plane you mean as a file of its own") from None
+        cal = calibrate_depth(ds, np.asarray(truth.values, dtype=np.float64), smooth=smooth or 0.0, method=method)
         if out.is_dir():  # --overwrite of a directory by a file: the file written first, then swapped in
             new = cal.save(out.with_name(f".{out.name}.new"), overwrite=True)
             shutil.rmtree(out)

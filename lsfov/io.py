@@ -140,7 +140,8 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
         arr = _select_axis(arr, path, "c", 0 if channel is None else channel, "channel")
     if "c" in arr.dims:
-        raise ValueError(f"{path}: the image has {arr.sizes['c']} channels; choose one with channel= (--channel)")
+        raise PlaneNotChosen(f"{path}: the image has {arr.sizes['c']} channels; choose one with channel= (--channel)",
+                             "c", arr.sizes["c"])
     lead = [d for d in arr.dims if d not in ("y", "x")]
     stacked = arr.stack(plane=lead) if lead else arr.expand_dims("plane")
     stacked = stacked.transpose("plane", "y", "x")
@@ -160,6 +161,15 @@ def _open_any(path: Path, level: int) -> xr.DataArray:
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
     raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+
+
+class PlaneNotChosen(ValueError):
+    """An image with more planes than one along ``dim`` where one 2-D plane is needed (a CLI option
+    that takes no --z, --t or --channel of its own says so in its own words)."""
+
+    def __init__(self, message, dim, n):
+        super().__init__(message)
+        self.dim, self.n = dim, n
 
 
 def _select_axis(arr, path, dim, idx, flag):
@@ -467,7 +477,10 @@ def _open_tiff_series(path: Path, tf) -> xr.DataArray:
     z-stack as a plain multi-page TIFF is; other mixes are refused, not read as their first image."""
     kinds = {(s.shape, s.dtype.str) for s in tf.series}
     if len(kinds) > 1 or len(tf.series[0].shape) != 2:
-        raise ValueError(f"{path}: {len(tf.series)} images of shapes {sorted({s.shape for s in tf.series})} in one TIFF; "
+        what = (f"shapes {sorted({s.shape for s in tf.series})}" if len({s.shape for s in tf.series}) > 1 else
+                f"shape {tf.series[0].shape}" + (f" and types {sorted({s.dtype.name for s in tf.series})}"
+                                                 if len(kinds) > 1 else ""))
+        raise ValueError(f"{path}: {len(tf.series)} images of {what} in one TIFF; "
                          "save them as one stack (tifffile.imwrite of a 3-D array) or as separate files")
     planes = [_tiff_dask(path, i) for i in range(len(tf.series))]
     arr = _with_coords(da.stack(planes), ["z", "y", "x"], _tiff_pixel_um(tf), path, _tiff_pixel_um(tf, "Y"))
@@ -601,9 +614,9 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     if extra:
         d = extra[0]
         flag = {"c": "channel"}.get(d, d)
-        raise ValueError(
-            f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})"
-        )
+        raise PlaneNotChosen(
+            f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})", d,
+            arr.sizes[d])
     arr = arr.isel({d: 0 for d in arr.dims if d not in ("y", "x")}, drop=True)
     if plane:
         arr.attrs.update(plane=plane, **where)

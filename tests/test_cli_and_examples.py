@@ -251,6 +251,15 @@ def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     tifffile.imwrite(tmp_path / "cam.tif", (k / k.max() * 5000 + 500).astype(np.uint16))
     with pytest.warns(lsfov.LsfovWarning, match="background .camera offset. left in it"):
         run("deconvolve", "y.npy", "cam.zarr", "--psf", "cam.tif", "--iterations", 1)
+    # (3, K, K) written without axes: tifffile's RGB. Not the image's --channel, which IN has none of.
+    tifffile.imwrite(tmp_path / "psf_rgb.tif", stack.astype(np.float32))
+    res = run("deconvolve", "y.npy", "rgb.zarr", "--psf", "psf_rgb.tif", ok=False)
+    assert "psf_rgb.tif: a PSF of 3 channels (or a z-stack that tifffile stored as an RGB image: write it with " \
+           "metadata={'axes': 'ZYX'})" in res.output and "Traceback" not in res.output, res.output
+    tifffile.imwrite(tmp_path / "psf_zyx.tif", stack.astype(np.float32), metadata={"axes": "ZYX"})  # as it says
+    run("-q", "deconvolve", "y.npy", "zyx.zarr", "--psf", "psf_zyx.tif", "--iterations", 2)
+    np.testing.assert_allclose(lsfov.open_result(tmp_path / "zyx.zarr").deblurred.values,
+                               lsfov.open_result(tmp_path / "s.zarr").deblurred.values, atol=1e-5 * y.max())
     tifffile.imwrite(tmp_path / "zcyx.tif", np.zeros((3, 2, 32, 32), np.uint16), imagej=True,
                      metadata={"axes": "ZCYX"})
     info = run("info", "zcyx.tif").output
@@ -604,6 +613,9 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path, lsfov_log):
     assert "--overwrite" in run("depth", "map.zarr", "cal3.json", "--known", "truth.npy", ok=False).output
     run("depth", "map.zarr", "cal3.json", "--known", "truth.npy", "--overwrite")
     assert json.loads(Path("cal3.json").read_text())["type"] == "lsfov.DepthCalibration"
+    np.save("truths.npy", np.stack([np.load("truth.npy")] * 3))  # depth has no --z: said in its own words
+    assert ("--known truths.npy: 3 planes along 'z'; --known takes one 2-D map of the depth in µm"
+            in run("depth", "map.zarr", "cal4.json", "--known", "truths.npy", ok=False).output)
     assert not list(Path().glob(".cal3*"))
     run("depth", "map.zarr", "z2.zarr", "--calibration", "cal2.json")
     run("depth", "map.zarr", "z3.zarr", "--calibration", "cal2.json", "--smooth", 0)

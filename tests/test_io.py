@@ -128,6 +128,10 @@ def test_open_tiff_and_npy(tmp_path):
     assert "saturates" not in lsfov.io.describe(tmp_path / "appended.tif")  # a float image: no clip of its own
     with pytest.raises(ValueError, match="3 images of shapes"):
         lsfov.open_image(tmp_path / "mixed.tif")
+    tifffile.imwrite(tmp_path / "types.tif", plane, append=True)
+    tifffile.imwrite(tmp_path / "types.tif", plane.astype(np.uint16), append=True)
+    with pytest.raises(ValueError, match=r"2 images of shape \(20, 24\) and types \['float32', 'uint16'\]"):
+        lsfov.open_image(tmp_path / "types.tif")
 
 
 
