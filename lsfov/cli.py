@@ -635,7 +635,6 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
                               progress=not obj["quiet"])
         resumed = _resumed(before, _chunks_kept(state))
         seconds = time.perf_counter() - t0
-        ds["filled"] = ds["filled"].astype(np.uint8)
         ds.attrs.update(command="lsfov estimate", **_source(src, img))
         io.save(ds, out, overwrite=overwrite)
     n = ds.sizes["gy"] * ds.sizes["gx"]
@@ -736,7 +735,6 @@ def _blind(img, work, model, **kw):
     from .estimate.blind import blind_deconvolve
 
     ds = blind_deconvolve(work, model, **kw)
-    ds["filled"] = ds["filled"].astype(np.uint8)  # 0/1 in the file, as `lsfov estimate` writes it
     stages = ds.attrs.pop("seconds")
     return xr.Dataset({"raw": img, **ds.data_vars}, attrs=ds.attrs), stages
 

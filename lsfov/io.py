@@ -950,15 +950,16 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         {"name": "x", "type": "space", **({"unit": SPATIAL_UNIT} if units[1] == SPATIAL_UNIT else {})},
     ]
     dim_names = [a["name"] for a in axes]
+    mask = data.dtype == bool  # stored as 0/1 uint8, which every viewer reads; read back by lsfov as bool
     datasets, level, factor = [], data, 1
     while True:
         level = level.rechunk(chunk_shape if level is data else tuple(min(c, s) for c, s in zip(chunk_shape, level.shape)))
         arr = group.create_array(
-            str(len(datasets)), shape=level.shape, chunks=level.chunksize, dtype=level.dtype,
+            str(len(datasets)), shape=level.shape, chunks=level.chunksize, dtype=np.uint8 if mask else level.dtype,
             dimension_names=dim_names, fill_value=0,
         )
-        compute(da.store(level, arr, lock=False, compute=False), progress=progress,
-                label=None if datasets else f"writing {name}")
+        compute(da.store(level.astype(np.uint8) if mask else level, arr, lock=False, compute=False),
+                progress=progress, label=None if datasets else f"writing {name}")
         datasets.append({
             "path": str(len(datasets)),
             "coordinateTransformations": [
@@ -972,12 +973,13 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
             break
         # Next level from what was just written (not from the source graph, which may be costly).
         stored = da.from_zarr(arr)
-        level = _halved(stored)
+        level = _halved(stored.astype(bool) if mask else stored)
         factor *= 2
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
     group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coords": _lead_coords(var, lead),
                             "coord_units": {d: str(var.coords[d].attrs["units"]) for d in lead
-                                            if d in var.coords and var.coords[d].attrs.get("units")}}
+                                            if d in var.coords and var.coords[d].attrs.get("units")},
+                            **({"dtype": "bool"} if mask else {})}
 
 
 def _halved(stored):
@@ -1169,6 +1171,8 @@ def _open_variable(path: Path) -> xr.DataArray:
     units = meta.get("coord_units") or {}
     for d, values in (meta.get("coords") or {}).items():
         arr = arr.assign_coords({d: (d, values, {"units": units[d]} if d in units else {})})
+    if meta.get("dtype") == "bool":  # a mask, stored as 0/1
+        arr = arr.astype(bool)
     arr.attrs.update(meta.get("attrs", {}))
     arr.attrs["source"] = str(path)
     return arr

@@ -24,7 +24,7 @@ def test_blind_deconvolve_is_its_stages_composed(tilted, tmp_path):
     np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(img, op, 4))
     for v in ("focus", "astigmatism", "axis", "validity", "filled"):
         np.testing.assert_array_equal(ds[v].values, psf_map[v].values)
-    assert ds.filled.dtype == psf_map.filled.dtype == bool  # as the map's (the CLI writes 0/1)
+    assert ds.filled.dtype == psf_map.filled.dtype == bool  # as the map's (0/1 in a file, bool read back)
     np.testing.assert_array_equal(ds.depth.values, lsfov.estimate_depth(psf_map, cal).values)
     # The calibration's JSON file serves as well as the object, here and for estimate_depth.
     cal.save(tmp_path / "cal.json")

@@ -570,6 +570,7 @@ def test_cli_estimate_and_run_mark_saturated_patches(run, tmp_path):
         warnings.simplefilter("error", lsfov.LsfovWarning)
         run("estimate", "clip.npy", "off.zarr", "--stride", 64, "--max-saturated", 1)
     assert lsfov.open_result("off.zarr").attrs["max_saturated"] == 1 and not lsfov.open_result("off.zarr").filled.any()
+    assert lsfov.open_result("off.zarr").filled.dtype == bool  # as estimate_psf_map's, and blind_deconvolve's saved
     from lsfov.estimate.mapping import MAX_SATURATED
 
     assert f"[default: {MAX_SATURATED:g}]" in run("estimate", "--help").output.replace("\n", " ").replace("  ", " ")

@@ -467,3 +467,8 @@ def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ng
     np.testing.assert_array_equal(level1, np.rint(want).astype(np.uint8))
     level1 = np.asarray(zarr.open_array(str(tmp_path / "p.zarr" / "mask" / "1"), mode="r"))
     np.testing.assert_array_equal(level1, mask.values.reshape(512, 2, 512, 2).mean(axis=(1, 3)) >= 0.5)
+    # A mask is 0/1 uint8 in the file (any viewer reads it), a mask again in lsfov (~mask is its complement)
+    assert level1.dtype == np.uint8 and zarr.open_array(str(tmp_path / "p.zarr" / "mask" / "0")).dtype == np.uint8
+    back = lsfov.open_result(tmp_path / "p.zarr")
+    assert back.mask.dtype == bool and back.counts.dtype == np.uint8
+    np.testing.assert_array_equal(back.mask.values, mask.values)
