@@ -394,7 +394,8 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
         coords={"gy": _um("gy", cy * px), "gx": _um("gx", cx * px)}, attrs={"units": "micrometer"},
     )
     ds = xr.Dataset({"image": image, "clean": image.copy(data=b.clean.astype(np.float32)), "depth": depth},
-                    attrs={"command": "lsfov simulate beads", "optics": b.optics.to_dict(), "seed": seed, "grid": grid,
+                    attrs={"command": "lsfov simulate beads", "optics": b.optics.to_dict(), "seed": seed,
+                           "grid": len(cy),  # clipped to the image size, as made
                            "n_beads": len(b.positions), "positions": b.positions.tolist()})
     io.save(ds, out, overwrite=overwrite)
     click.echo(f"wrote {out}: {size}x{size} beads ({len(b.positions)}), NA {b.optics.na:.2f}, "

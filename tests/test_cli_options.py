@@ -181,6 +181,9 @@ def test_simulate_beads_passes_every_option_to_the_simulation(run, tmp_path):
     assert float(ds.image.x[1] - ds.image.x[0]) == pytest.approx(0.2)
     run("simulate", "beads", "c.zarr", "--size", 96, "--n-beads", 5, "--grid", 3, "--pixel-um", 0.2, "--seed", 5)
     assert not np.array_equal(lsfov.open_result(tmp_path / "c.zarr").image.values, ds.image.values)
+    run("simulate", "beads", "d.zarr", "--size", 64, "--n-beads", 2, "--grid", 100)  # a grid finer than the pixels
+    d = lsfov.open_result(tmp_path / "d.zarr")
+    assert d.depth.shape == (64, 64) and d.attrs["grid"] == 64  # recorded as made
 
 
 def test_simulate_blur_passes_every_option_to_the_simulation(run, tmp_path):
