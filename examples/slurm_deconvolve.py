@@ -1,7 +1,7 @@
 """Deconvolve a slide-sized OME-Zarr image on a SLURM cluster (dask-jobqueue).
 
     python examples/slurm_deconvolve.py IN.ome.zarr OUT.zarr --operator OP.zarr --jobs 8
-    python examples/slurm_deconvolve.py --dry-run          # print the job script, submit nothing
+    python examples/slurm_deconvolve.py --dry-run --cores 8 --memory 32GB   # print the job script, submit nothing
 
 Site settings (partition, account, cores, memory, walltime) belong in the Dask configuration,
 ``~/.config/dask/jobqueue.yaml``, for example::
