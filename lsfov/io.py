@@ -302,7 +302,7 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
         ratio = {d: series.shape[i] / shape[i] for i, d in enumerate(axes) if d in "yx"}
         pixel_um = _times(_tiff_pixel_um(tf), ratio.get("x", 1))
         pixel_um_y = _times(_tiff_pixel_um(tf, "Y"), ratio.get("y", 1))
-        z_um = _tiff_z_um(tf)
+        z_um, t_step = _tiff_z_um(tf), _tiff_t_step(tf)
         bits = _ome_significant_bits(tf, series.dtype)
     try:
         # One level of a pyramid (SubIFDs, or an OME-TIFF's reduced images) as an array: the series
@@ -321,6 +321,8 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
     arr = _with_coords(data, list(axes), pixel_um, path, pixel_um_y)
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
         arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
+    if t_step and "t" in arr.dims:  # when each time point was taken: a result of one says so
+        arr = arr.assign_coords(t=_coord("t", t_step[0] * np.arange(arr.sizes["t"]), t_step[1]))
     if bits:  # a 12-bit camera in 16-bit pixels: where it saturates (lsfov.estimate_psf_map reads it)
         arr.attrs["significant_bits"] = bits
     return arr
@@ -512,6 +514,26 @@ def _tiff_z_um(tf) -> float | None:
     except Exception:
         return None
     return None
+
+
+def _tiff_t_step(tf) -> tuple[float, str] | None:
+    """The time step and its unit from OME-XML (TimeIncrement, in seconds unless its unit says) or
+    ImageJ metadata (finterval, in tunit or seconds); None if not recorded."""
+    import re
+
+    try:
+        if tf.ome_metadata:
+            m = re.search(r'TimeIncrement="([0-9.eE+-]+)"', tf.ome_metadata)
+            u = re.search(r'TimeIncrementUnit="([^"]+)"', tf.ome_metadata)
+            step, unit = (float(m.group(1)), u.group(1) if u else "s") if m else (None, None)
+        else:
+            ij = tf.imagej_metadata or {}
+            step, unit = (float(ij["finterval"]), ij.get("tunit") or "s") if "finterval" in ij else (None, None)
+    except Exception:
+        return None
+    if not step or not math.isfinite(step) or step <= 0:
+        return None
+    return step, _TIME_UNITS.get(str(unit).strip().lower(), str(unit))
 
 
 _INCH_PIXEL_MAX_UM = 25.0  # inch-based resolutions below ~1000 dpi are display or print settings

@@ -109,6 +109,18 @@ def test_open_tiff_and_npy(tmp_path):
                                                               "PhysicalSizeZUnit": "nm"})
     tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX", "spacing": 0.3, "unit": "um"})
     assert lsfov.open_image(tmp_path / "s.ome.tif", z=3).attrs["z_um"] == pytest.approx(1.5)
+    # ... and their time step (OME's TimeIncrement, ImageJ's finterval): when a time point was taken
+    series = np.zeros((4, 16, 16), np.uint16)
+    tifffile.imwrite(tmp_path / "t.ome.tif", series, metadata={"axes": "TYX", "TimeIncrement": 0.5,
+                                                               "TimeIncrementUnit": "min"})
+    tifffile.imwrite(tmp_path / "t.tif", series, imagej=True, metadata={"axes": "TYX", "finterval": 30})
+    assert {k: v for k, v in lsfov.open_image(tmp_path / "t.ome.tif", t=3).attrs.items() if k[0] == "t"} == \
+        {"t": 1.5, "t_units": "minute"}
+    assert {k: v for k, v in lsfov.open_image(tmp_path / "t.tif", t=2).attrs.items() if k[0] == "t"} == \
+        {"t": 60.0, "t_units": "second"}
+    assert "t: 0..90 step 30 second" in lsfov.io.describe(tmp_path / "t.tif")
+    tifffile.imwrite(tmp_path / "t0.tif", series, imagej=True, metadata={"axes": "TYX"})  # no step: no time said
+    assert "t" not in lsfov.open_image(tmp_path / "t0.tif", t=2).attrs
     tifffile.imwrite(tmp_path / "b16.ome.tif", stack, metadata={"axes": "ZYX", "SignificantBits": 16})
     assert "significant_bits" not in lsfov.open_image(tmp_path / "b16.ome.tif", z=3).attrs  # 16 of 16: nothing to say
     # a 12-bit camera in 16-bit pixels (OME's SignificantBits): where it saturates, for the PSF map
