@@ -146,8 +146,10 @@ def _on_gpu(img, gpu, scheduler):
 
 
 def _plane_options(f):
-    """--channel/--z/--t: which plane of a multi-dimensional image."""
-    for opt in (click.option("--t", "tpoint", type=int, default=None, help="Time point of a time series."),
+    """--channel/--z/--t/--series: which plane of a multi-dimensional image, of which image of a file."""
+    for opt in (click.option("--series", type=int, default=None,
+                             help="Image of an OME-TIFF of several (stage positions, fields of view)."),
+                click.option("--t", "tpoint", type=int, default=None, help="Time point of a time series."),
                 click.option("--z", "zplane", type=int, default=None, help="Plane of a z-stack."),
                 click.option("--channel", type=int, default=None, help="Channel of a multi-channel image.")):
         f = opt(f)
@@ -414,7 +416,7 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_plane_options
 @_overwrite_option
-def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zplane, tpoint, overwrite):
+def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zplane, tpoint, series, overwrite):
     """Blur a sharp image with a random smooth PSF field plus Poisson-Gaussian noise.
 
     A pupil model's PSFs are those of its microscope (NA, wavelength, pixel size): the result is
@@ -424,7 +426,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
     from .psf import get_model
 
     out = _check_out(out, overwrite, inputs=[src])
-    img = io.open_image(src, channel=channel, z=zplane, t=tpoint)
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, series=series)
     optics = get_model(model).optics
     if optics is not None:
         px = img.attrs.get("pixel_um")
@@ -470,7 +472,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @_overwrite_option
 @click.pass_obj
 def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
-               pixel_um, saturation, channel, zplane, tpoint, scheduler, gpu, resume, overwrite):
+               pixel_um, saturation, channel, zplane, tpoint, series, scheduler, gpu, resume, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
     import xarray as xr
@@ -489,7 +491,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
     _check_tv(tv)
-    img = _open_input(src, channel, zplane, tpoint, chunks, pixel_um)
+    img = _open_input(src, channel, zplane, tpoint, series, chunks, pixel_um)
     if map_path:
         from .estimate.mapping import operator_from_psf_map
 
@@ -554,12 +556,12 @@ def _psf_operator(path, shape, channel=None):
         raise ValueError(f"{path}: {e}") from None
 
 
-def _open_input(src, channel, zplane, tpoint, chunks, pixel_um):
+def _open_input(src, channel, zplane, tpoint, series, chunks, pixel_um):
     """The plane of SRC to work on, at ``--pixel-um`` where given (else the file's scale, which may be
     non-square: a measured PSF or an operator of its own beads needs no µm)."""
     from . import io
 
-    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     return img if pixel_um is None else io.with_pixel_size(img, pixel_um)
 
 
@@ -612,7 +614,7 @@ def _centres(variables, names, edge=512):
 @_overwrite_option
 @click.pass_obj
 def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize, saturation, max_saturated, channel,
-             zplane, tpoint, scheduler, gpu, scratch, resume, overwrite):
+             zplane, tpoint, series, scheduler, gpu, scratch, resume, overwrite):
     """Map the PSF across SRC with the CNN (paper 000): one node every STRIDE pixels, written as an
     OME-Zarr result (one variable per parameter, plus validity and filled); deblur with it through
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
@@ -625,7 +627,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         _check_figure(figure, overwrite, out, inputs=[src])
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
-    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     saturation, _ = _clip(img, work, saturation)
@@ -678,7 +680,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, symmetrize,
-                 saturation, max_saturated, channel, zplane, tpoint, scheduler, gpu, scratch, resume, overwrite):
+                 saturation, max_saturated, channel, zplane, tpoint, series, scheduler, gpu, scratch, resume, overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
@@ -699,7 +701,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     params = load_model(model).params  # a wrong name or file is refused here, before any work
     if cal is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
-    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks)
+    img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
     work = _on_gpu(img, gpu, scheduler)
     # --max-saturated 1 (an image stretched to its type's range): no clip unless --saturation gives one
@@ -830,7 +832,7 @@ def _describe_calibration(cal) -> str:
 @_overwrite_option
 @click.pass_obj
 def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, threshold, pixel_um, saturation, channel, zplane,
-        tpoint, scheduler, scratch, resume, overwrite):
+        tpoint, series, scheduler, scratch, resume, overwrite):
     """Blind sparse+smooth deblurring of point sources (paper 003 App. D).
 
     Identifies the blur of SRC in the subspace from its isolated point sources, then splits SRC into
@@ -853,7 +855,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         if g is not None and not (np.isfinite(g) and g >= 0):
             raise ValueError(f"{name} {g} must be a weight >= 0")
     _check_pixel_um(pixel_um)
-    img = _open_input(src, channel, zplane, tpoint, chunks, pixel_um)
+    img = _open_input(src, channel, zplane, tpoint, series, chunks, pixel_um)
     sub = OperatorSubspace.load(subspace_path)
     if sub.attrs.get("pixel_um"):
         io.pixel_size(img)  # non-square pixels refused before the sources are sought (a mismatch is warned later)

@@ -68,7 +68,7 @@ def check_result_name(path) -> None:
         raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
 
 
-def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=None) -> xr.DataArray:
+def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=None, series=None) -> xr.DataArray:
     """Open a 2-D image lazily as an ``xarray.DataArray`` with dims ``(y, x)``.
 
     Parameters
@@ -82,6 +82,9 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         Pyramid level of an OME-Zarr image or a pyramidal (OME-)TIFF (0 = full resolution).
     chunks : int or tuple, optional
         Dask chunking of the result (default: the file's chunks, at most 2048²).
+    series : int, optional
+        Which image of an OME-TIFF of several (its ``Image`` elements: stage positions, fields of
+        view), or of a TIFF of images appended one by one (read as a z-stack when not given).
 
     Returns
     -------
@@ -90,12 +93,14 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         known (``attrs["pixel_um"]``), otherwise pixel indices (coordinate ``units`` attr says which).
     """
     path = _as_path(path)
-    for name, idx in (("level", level), ("channel", channel), ("z", z), ("t", t)):
+    for name, idx in (("level", level), ("channel", channel), ("z", z), ("t", t), ("series", series)):
         _check_index(name, idx)
     if chunks is not None:
         chunks = _chunk_pair(chunks)
-    arr = _open_any(path.resolve(), level)  # absolute: workers may read it from another directory
+    arr = _open_any(path.resolve(), level, series)  # absolute: workers may read it from another directory
     arr = _select(arr, path, channel=channel, z=z, t=t)
+    if series is not None:  # which image of the file this is, for what is made of it
+        arr.attrs["plane"] = {"series": int(series), **arr.attrs.get("plane", {})}
     if chunks is not None:
         arr = arr.chunk(dict(zip(("y", "x"), chunks)))
     elif max(arr.data.chunksize) > 2048:
@@ -129,13 +134,21 @@ def _chunk_pair(chunks) -> tuple[int, int]:
 
 
 def open_planes(path, *, channel=None) -> list[xr.DataArray]:
-    """Every 2-D plane of an image (all z and t), lazily, as (y, x) DataArrays: a bead stack.
+    """Every 2-D plane of an image (all z and t; of an OME-TIFF of several images, all of theirs),
+    lazily, as (y, x) DataArrays: a bead stack.
 
     ``channel`` picks one channel of a multi-channel image. A 2-D image gives a list of one.
     """
     path = _as_path(path)
     _check_index("channel", channel)
-    arr = _open_any(path.resolve(), 0)
+    try:
+        arr = _open_any(path.resolve(), 0)
+    except SeveralImages as e:  # stage positions of beads: each image's planes
+        return [p for k in range(e.n) for p in _planes(_open_any(path.resolve(), 0, k), path, channel)]
+    return _planes(arr, path, channel)
+
+
+def _planes(arr, path, channel):
     arr.name = None
     if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
         arr = _select_axis(arr, path, "c", 0 if channel is None else channel, "channel")
@@ -148,19 +161,30 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     return [stacked.isel(plane=i, drop=True).assign_attrs(arr.attrs) for i in range(stacked.sizes["plane"])]
 
 
-def _open_any(path: Path, level: int) -> xr.DataArray:
+def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray:
     """The whole array of an OME-Zarr, TIFF or .npy image, lazily, with its own dims."""
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
+    tiff = path.suffix.lower() in (".tif", ".tiff") and not path.is_dir()
+    if series not in (None, 0) and not tiff:
+        raise ValueError(f"{path}: series={series} (--series) picks an image of a TIFF of several; this is one image")
     if path.is_dir():
         return _open_ngff(path, level)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return _open_tiff(path, level)
+    if tiff:
+        return _open_tiff(path, level, series)
     if level:
         raise ValueError(f"{path}: pyramid level {level} does not exist (a .npy file has level 0 only)")
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
     raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+
+
+class SeveralImages(ValueError):
+    """An OME-TIFF of ``n`` images (stage positions, fields of view) where none was chosen."""
+
+    def __init__(self, message, n):
+        super().__init__(message)
+        self.n = n
 
 
 class PlaneNotChosen(ValueError):
@@ -276,7 +300,7 @@ def _plain_zarr_array(path: Path) -> xr.DataArray | None:
     return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": None, "source": str(path)})
 
 
-def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
+def _open_tiff(path: Path, level: int = 0, pick: int | None = None) -> xr.DataArray:
     import tifffile
 
     try:
@@ -287,11 +311,19 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
         if not tf.series:
             raise ValueError(f"{path}: no image in this TIFF (empty, or its writing did not finish)")
         _refuse_cut_short(tf, path)
-        series = tf.series[0]
-        levels = series.levels if series.is_pyramidal and len(tf.series) == 1 else [series]
+        n = len(tf.series)
+        if pick is not None and not -n <= pick < n:
+            raise ValueError(f"{path}: series={pick} (--series) out of range; the file has {n} image(s) (0..{n - 1})")
+        if pick is None and n > 1 and tf.is_ome:  # OME Images: positions or fields, not planes of one stack
+            names = [s.name for s in tf.series if s.name]
+            raise SeveralImages(f"{path}: {n} images in this OME-TIFF" + (f" ({', '.join(names[:6])})" if names else "")
+                                + "; choose one with series= (--series)", n)
+        k = 0 if pick is None else pick % n
+        series = tf.series[k]
+        levels = series.levels if series.is_pyramidal and (n == 1 or pick is not None) else [series]
         if not 0 <= level < len(levels):
             raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(levels) - 1})")
-        if len(tf.series) > 1:  # e.g. tifffile.imwrite(..., append=True): each call a series of its own
+        if n > 1 and pick is None:  # e.g. tifffile.imwrite(..., append=True): each call a series of its own
             return _open_tiff_series(path, tf)
         axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
         if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
@@ -300,22 +332,22 @@ def _open_tiff(path: Path, level: int = 0) -> xr.DataArray:
         shape = levels[level].shape
         # A level's pixels are larger than the full-resolution ones the metadata states, by the size ratio.
         ratio = {d: series.shape[i] / shape[i] for i, d in enumerate(axes) if d in "yx"}
-        pixel_um = _times(_tiff_pixel_um(tf), ratio.get("x", 1))
-        pixel_um_y = _times(_tiff_pixel_um(tf, "Y"), ratio.get("y", 1))
-        z_um, t_step = _tiff_z_um(tf), _tiff_t_step(tf)
-        bits = _ome_significant_bits(tf, series.dtype)
+        pixel_um = _times(_tiff_pixel_um(tf, "X", k), ratio.get("x", 1))
+        pixel_um_y = _times(_tiff_pixel_um(tf, "Y", k), ratio.get("y", 1))
+        z_um, t_step = _tiff_z_um(tf, k), _tiff_t_step(tf, k)
+        bits = _ome_significant_bits(tf, series.dtype, k)
     try:
         # One level of a pyramid (SubIFDs, or an OME-TIFF's reduced images) as an array: the series
         # itself opens as a zarr group, which only a whole read could take.
         yx = [axes.index(d) for d in "yx"] if set("yx") <= set(axes) and len(axes) == len(shape) else (-2, -1)
-        data = _tiff_dask(path, 0, level if len(levels) > 1 else None, yx)
+        data = _tiff_dask(path, k, level if len(levels) > 1 else None, yx)
     except Exception:  # fall back to a memory map, or a plain read, for layouts zarr cannot wrap
         try:
             if level:  # a memory map is of the full-resolution pages
                 raise ValueError
-            data = da.from_array(tifffile.memmap(path, mode="r"))
+            data = da.from_array(tifffile.memmap(path, mode="r", series=k))
         except Exception:
-            data = da.from_array(tifffile.imread(path, level=level))
+            data = da.from_array(tifffile.imread(path, series=k, level=level))
     if data.shape != tuple(shape) or len(set(axes)) != len(axes):
         axes = "tczyx"[-data.ndim :]
     arr = _with_coords(data, list(axes), pixel_um, path, pixel_um_y)
@@ -462,11 +494,21 @@ def _times(size, factor):
     return size * factor if size else size
 
 
-def _ome_significant_bits(tf, dtype) -> int | None:
+def _ome_pixels(tf, k: int = 0) -> str:
+    """The ``k``-th ``<Pixels ...>`` element of a TIFF's OME-XML (image ``k``'s size, pixel size, time
+    step, bits), or the whole XML where it has no such elements; '' for a TIFF without OME-XML."""
+    import re
+
+    xml = tf.ome_metadata or ""
+    found = re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
+    return found[k] if k < len(found) else xml
+
+
+def _ome_significant_bits(tf, dtype, k: int = 0) -> int | None:
     """``SignificantBits`` of a TIFF's OME-XML when fewer than its integer type holds; else None."""
     import re
 
-    m = re.search(r'SignificantBits="(\d+)"', tf.ome_metadata or "")
+    m = re.search(r'SignificantBits="(\d+)"', _ome_pixels(tf, k))
     dtype = np.dtype(dtype)
     if not m or dtype.kind not in "iu":
         return None
@@ -492,21 +534,22 @@ def _open_tiff_series(path: Path, tf) -> xr.DataArray:
     return arr
 
 
-def _ome_size_um(tf, axis: str) -> float | None:
-    """``PhysicalSize{axis}`` of a TIFF's OME-XML in µm (its unit converted); None if not there."""
+def _ome_size_um(tf, axis: str, k: int = 0) -> float | None:
+    """``PhysicalSize{axis}`` of image ``k`` of a TIFF's OME-XML in µm (its unit converted); None if not there."""
     import re
 
-    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', tf.ome_metadata)
-    u = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', tf.ome_metadata)
+    pixels = _ome_pixels(tf, k)
+    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', pixels)
+    u = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', pixels)
     factor = _to_um(u.group(1)) if u else 1.0  # OME's default unit is the micrometre
     return float(m.group(1)) * factor if m and factor else None
 
 
-def _tiff_z_um(tf) -> float | None:
+def _tiff_z_um(tf, k: int = 0) -> float | None:
     """The z step from OME-XML (PhysicalSizeZ) or ImageJ metadata (spacing), in µm; None if not recorded."""
     try:
         if tf.ome_metadata:
-            return _ome_size_um(tf, "Z")
+            return _ome_size_um(tf, "Z", k)
         ij = tf.imagej_metadata or {}
         if "spacing" in ij:
             factor = _to_um(ij.get("unit")) if ij.get("unit") else 1.0
@@ -516,15 +559,16 @@ def _tiff_z_um(tf) -> float | None:
     return None
 
 
-def _tiff_t_step(tf) -> tuple[float, str] | None:
+def _tiff_t_step(tf, k: int = 0) -> tuple[float, str] | None:
     """The time step and its unit from OME-XML (TimeIncrement, in seconds unless its unit says) or
     ImageJ metadata (finterval, in tunit or seconds); None if not recorded."""
     import re
 
     try:
         if tf.ome_metadata:
-            m = re.search(r'TimeIncrement="([0-9.eE+-]+)"', tf.ome_metadata)
-            u = re.search(r'TimeIncrementUnit="([^"]+)"', tf.ome_metadata)
+            pixels = _ome_pixels(tf, k)
+            m = re.search(r'TimeIncrement="([0-9.eE+-]+)"', pixels)
+            u = re.search(r'TimeIncrementUnit="([^"]+)"', pixels)
             step, unit = (float(m.group(1)), u.group(1) if u else "s") if m else (None, None)
         else:
             ij = tf.imagej_metadata or {}
@@ -539,14 +583,14 @@ def _tiff_t_step(tf) -> tuple[float, str] | None:
 _INCH_PIXEL_MAX_UM = 25.0  # inch-based resolutions below ~1000 dpi are display or print settings
 
 
-def _tiff_pixel_um(tf, axis: str = "X") -> float | None:
+def _tiff_pixel_um(tf, axis: str = "X", k: int = 0) -> float | None:
     """Pixel size along ``axis`` ("X" or "Y") from OME-XML or ImageJ/TIFF resolution tags, in µm;
     None if not recorded, or recorded in inches as a display setting: 72 or 300 dots per inch is what
     office and imaging software write by default, not a microscope's pixel (72 dpi would read as
     353 µm; no microscope's object-plane pixel is over 25 µm)."""
     try:
         if tf.ome_metadata:
-            px = _ome_size_um(tf, axis)
+            px = _ome_size_um(tf, axis, k)
             if px:
                 return px
         page = tf.pages[0]
@@ -1235,7 +1279,14 @@ def describe(path) -> str:
         n = zarr.open_group(str(path), mode="r")["patches"].shape[0]
         extra = ", ".join(f"{k} {meta[k]}" for k in ("psf_model", "split", "seed") if k in meta)
         return f"{path}: lsfov CNN training set\n  {n} patches; {extra}"
-    arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
+    try:
+        arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
+    except SeveralImages as e:  # an OME-TIFF of positions: each image
+        parts = [_open_any(path, 0, k) for k in range(e.n)]
+        return (f"{path}: {e.n} images (choose one with series= / --series)" + "".join(
+            f"\n  {_describe_array(f'series {k}', a)}" + (f"; pixel size {a.attrs['pixel_um']:g} µm"
+                                                          if a.attrs.get("pixel_um") else "")
+            for k, a in enumerate(parts)))
     px = arr.attrs.get("pixel_um")
     levels = _pyramid_shapes(path)
     from ._validate import saturation_level, significant_bits

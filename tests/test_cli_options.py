@@ -207,6 +207,29 @@ def test_simulate_blur_takes_a_plane_of_a_stack(run, tmp_path):
     np.testing.assert_allclose(out.blurred.values, sim.degrade(stack[1], op, seed=0), rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")
+def test_every_command_reads_the_image_of_an_ome_tiff_that_series_picks(run, tmp_path):
+    """--series picks one image (a stage position) of an OME-TIFF of several; the result says which."""
+    import tifffile
+
+    pytest.importorskip("torch")
+    a, b = (sim.sample_image(name, (160, 160)) * 3000 + 100 for name in ("coins", "cell"))
+    with tifffile.TiffWriter(tmp_path / "pos.ome.tif", ome=True) as tw:
+        for img in (a, b):
+            tw.write(img.astype(np.uint16), metadata={"axes": "YX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2})
+    np.save(tmp_path / "psf.npy", lsfov.psf.gaussian(1.5, size=15))
+    assert "choose one with series= (--series)" in run("deconvolve", "pos.ome.tif", "x.zarr", "--psf", "psf.npy",
+                                                       ok=False).output
+    for args in (["deconvolve", "pos.ome.tif", "d.zarr", "--psf", "psf.npy", "--iterations", 1],
+                 ["estimate", "pos.ome.tif", "e.zarr"], ["run", "pos.ome.tif", "r.zarr", "--iterations", 1],
+                 ["simulate", "blur", "pos.ome.tif", "s.zarr", "--grid", 1]):
+        run("-q", *args, "--series", 1)
+        out = lsfov.open_result(tmp_path / args[2 if args[0] != "simulate" else 3])
+        assert out.attrs["plane"] == {"series": 1}, args
+        if "raw" in out:
+            np.testing.assert_array_equal(out.raw.values, b.astype(np.uint16))
+
+
 def test_simulate_blur_never_overwrites_the_store_it_reads(run, tmp_path):
     run("simulate", "beads", "b.zarr", "--size", 64, "--grid", 2)
     before = lsfov.open_result(tmp_path / "b.zarr").image.values.copy()

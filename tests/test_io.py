@@ -324,6 +324,41 @@ def test_bad_paths(tmp_path):
     assert lsfov.open_image(tmp_path / "r.zarr" / "deblurred").shape == (32, 32)
 
 
+def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
+    """An OME-TIFF of several Image elements (stage positions, fields of view) is not read as a
+    z-stack: one is chosen (series=, --series), each with its own pixel size; info lists them; a
+    bead stack takes all their planes. Images appended to a plain TIFF stay a z-stack's pages."""
+    rng = np.random.default_rng(8)
+    a, b = rng.integers(0, 4000, (2, 64, 80)).astype(np.uint16)
+    with tifffile.TiffWriter(tmp_path / "pos.ome.tif", ome=True) as tw:
+        tw.write(a, metadata={"axes": "YX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "Name": "well A1"})
+        tw.write(b[:48], metadata={"axes": "YX", "PhysicalSizeX": 0.4, "PhysicalSizeY": 0.4, "Name": "well B2",
+                                   "SignificantBits": 12})
+    with pytest.raises(ValueError, match=r"pos.ome.tif: 2 images in this OME-TIFF \(well A1, well B2\); choose one "
+                                         r"with series= \(--series\)"):
+        lsfov.open_image(tmp_path / "pos.ome.tif")
+    first, second = (lsfov.open_image(tmp_path / "pos.ome.tif", series=k) for k in (0, 1))
+    np.testing.assert_array_equal(first.values, a)
+    np.testing.assert_array_equal(second.values, b[:48])
+    assert first.attrs["pixel_um"] == pytest.approx(0.2) and second.attrs["pixel_um"] == pytest.approx(0.4)
+    assert "significant_bits" not in first.attrs and second.attrs["significant_bits"] == 12  # each its own
+    assert first.attrs["plane"] == {"series": 0} and lsfov.open_image(tmp_path / "pos.ome.tif", series=-1).shape == (48, 80)
+    info = lsfov.io.describe(tmp_path / "pos.ome.tif")
+    assert "2 images (choose one with series= / --series)" in info and "series 1: shape (48, 80) uint16" in info
+    assert [p.shape for p in lsfov.io.open_planes(tmp_path / "pos.ome.tif")] == [(64, 80), (48, 80)]
+    with pytest.raises(ValueError, match=r"series=2 \(--series\) out of range; the file has 2 image\(s\)"):
+        lsfov.open_image(tmp_path / "pos.ome.tif", series=2)
+    for plane in (a, b):
+        tifffile.imwrite(tmp_path / "appended.tif", plane, append=True)
+    assert lsfov.open_image(tmp_path / "appended.tif", z=1).attrs["plane"] == {"z": 1}  # pages of one stack
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "appended.tif", series=1).values, b)
+    np.save(tmp_path / "one.npy", a)
+    with pytest.raises(ValueError, match="picks an image of a TIFF of several; this is one image"):
+        lsfov.open_image(tmp_path / "one.npy", series=1)
+    with pytest.raises(TypeError, match="series must be an integer"):
+        lsfov.open_image(tmp_path / "pos.ome.tif", series="1")
+
+
 def test_damaged_tiffs_are_refused_naming_the_file(tmp_path):
     """A TIFF of a header only, one cut short (a partial copy: tifffile opens and describes it as
     whole) and one with a damaged compressed tile: one clear error each, never a traceback of
