@@ -838,7 +838,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     Identifies the blur of SRC in the subspace from its isolated point sources, then splits SRC into
     deblurred point sources (``sparse``) and background (``smooth``). OUT holds both, the raw image
     and the tables ``sources`` (y, x in pixels, amplitude: the sources that fixed the blur) and
-    ``detections`` (the point sources found in the sparse component, 3-sigma).
+    ``detections`` (the point sources found in the sparse component, 3-sigma); with y_um, x_um too
+    where the image has µm coordinates.
     """
     import xarray as xr
 
@@ -867,19 +868,21 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         # The iterations run here, through the run's state; sparse and smooth then read from it.
         sparse, smooth = sparse_smooth_deblur(img, op, gamma1, gamma2, iterations=iterations, scratch=state,
                                               saturation=clip, resume=resume, progress=not obj["quiet"])
-        table = np.column_stack([info["positions"], info["amplitudes"]]).astype(np.float64)
-        cols = {"column": ["y", "x", "amplitude"]}
+        table = _in_image_frame(np.column_stack([info["positions"], info["amplitudes"]]).astype(np.float64), img)
+        cols = {"column": ["y", "x", "amplitude", "y_um", "x_um"][: table.shape[1]]}
+        units = "pixel" + (" (y, x); micrometer (y_um, x_um: the image's coordinates, as raw's)" if table.shape[1] > 3
+                           else "")
         sources = xr.DataArray(table, dims=("source", "column"), coords=cols,
-                               attrs={"units": "pixel", "description": "point sources used to identify the blur"})
+                               attrs={"units": units, "description": "point sources used to identify the blur"})
         ds = xr.Dataset({"raw": img, "sparse": sparse, "smooth": smooth, "sources": sources}, attrs={
             "command": "lsfov bss", **_source(src, img), "subspace": str(subspace_path),
             "gamma": info["gamma"].tolist(), "gamma1": sparse.attrs["gamma1"], "gamma2": sparse.attrs["gamma2"],
             "iterations": iterations, "saturation": level,
         })
         # The deblurred point sources as a table too (3-sigma detections in the sparse component).
-        found = locate_sources(sparse, op, sparse.attrs["noise"])
+        found = _in_image_frame(locate_sources(sparse, op, sparse.attrs["noise"]), img)
         ds["detections"] = xr.DataArray(found, dims=("detection", "column"), coords=cols, attrs={
-            "units": "pixel", "description": "point sources in the sparse component (3-sigma)"})
+            "units": units, "description": "point sources in the sparse component (3-sigma)"})
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     from .figures import summary_figure
 
@@ -887,6 +890,17 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
                          title="lsfov bss")
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, blur from {len(table)} sources, {len(found)} point "
                f"sources found, {iterations} iterations in {time.perf_counter() - t0:.1f} s; preview {fig}")
+
+
+def _in_image_frame(table, img):
+    """Rows (y, x, amplitude) in pixel indices, with (y_um, x_um) appended where ``img`` has µm
+    coordinates: where the points lie over the raw image in napari or xarray (a crop's origin included)."""
+    from .io import SPATIAL_UNIT
+
+    if not all(img[d].attrs.get("units") == SPATIAL_UNIT for d in ("y", "x")):
+        return table
+    um = [np.interp(table[:, i], np.arange(img.sizes[d]), img[d].values) for i, d in enumerate(("y", "x"))]
+    return np.column_stack([table, *um])
 
 
 # ---------------------------------------------------------------------------------------------- calibrate

@@ -500,6 +500,18 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert r.sparse.shape == (192, 192) and float(r.sparse.min()) >= 0
     assert list(r.sources.column.values) == ["y", "x", "amplitude"] and r.sources.shape[0] >= 3
     assert "sources: shape" in run("info", "out.zarr").output
+    # An image with µm coordinates (a crop 100 µm down, 0.1 µm pixels): the tables say where too, in them
+    um = {"units": "micrometer"}
+    lsfov.save(xr.DataArray(fields[1].image.astype(np.float32), dims=("y", "x"), name="image",
+                            coords={"y": ("y", 100 + 0.1 * np.arange(192), um), "x": ("x", 0.1 * np.arange(192), um)}),
+               "crop.zarr")
+    run("-q", "bss", "crop.zarr", "um.zarr", "--subspace", "sub.zarr", "--iterations", 50, "--chunks", 96)
+    u = lsfov.open_result("um.zarr")
+    assert list(u.detections.column.values) == ["y", "x", "amplitude", "y_um", "x_um"] and len(u.detections) > 0
+    for table in (u.sources, u.detections):
+        np.testing.assert_allclose(table.sel(column="y_um"), 100 + 0.1 * table.sel(column="y"))
+        np.testing.assert_allclose(table.sel(column="x_um"), 0.1 * table.sel(column="x"))
+    np.testing.assert_allclose(u.detections.sel(column=["y", "x", "amplitude"]), r.detections, rtol=1e-5)
     # The camera's limit: sources that reach it do not identify the blur.
     peaks = fields[1].image[tuple(fields[1].positions.T)]
     with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
