@@ -21,6 +21,7 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
     """
     if isinstance(x, (str, os.PathLike)):
         raise TypeError(f"{name} must be an array, got the file name {str(x)!r}; open it with lsfov.open_image")
+    x = yx_last(x, name)  # an xarray (x, y) image is read as (y, x), not transposed
     xp = array_module(x)
     if xp is np:
         x = np.asarray(x)
@@ -170,6 +171,19 @@ def not_a_bead_field(x, name: str):
     if any(type(v).__name__ == "BeadField" and hasattr(v, "image") for v in items):
         fix = "[b.image for b in beads]" if items is x else "beads.image"
         raise TypeError(f"{name} takes images, got lsfov.simulate.BeadField; pass {fix}")
+
+
+def yx_last(image, name: str = "image"):
+    """An xarray image or stack with ``y`` and ``x`` as its last dims, transposed by name (a plain
+    array, or dims of other names, as it is): what functions that take arrays by position read."""
+    dims = getattr(image, "dims", None)
+    if not isinstance(dims, tuple) or not ({"y", "x"} & set(dims)):
+        return image
+    if len(dims) == 2:
+        return yx_order(image, name)
+    if not {"y", "x"} <= set(dims):
+        raise ValueError(f"{name} has dims {dims}: name them 'y' and 'x', or neither (read as rows, columns)")
+    return image.transpose(..., "y", "x")
 
 
 def yx_order(image, name: str = "image"):

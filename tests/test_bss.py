@@ -82,6 +82,12 @@ def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
         _, own = lsfov.identify_operator(counts, subspace, return_details=True)
     assert 0 < len(own["positions"]) < len(info["positions"])
+    # An (x, y) xarray image is read by its dims' names: the same sources, the same operator.
+    import xarray as xr
+
+    turned, details = lsfov.identify_operator(xr.DataArray(noisy, dims=("y", "x")).T, subspace, return_details=True)
+    np.testing.assert_array_equal(details["positions"], info["positions"])
+    np.testing.assert_allclose(turned.maps, auto.maps, atol=1e-6)
 
 
 def test_sources_the_subspace_does_not_explain_are_warned(subspace):

@@ -371,6 +371,29 @@ def test_calibrated_operator_matches_the_true_one(field):
         assert k.min() / k.max() >= worst - 0.01
 
 
+def test_xarray_bead_images_are_read_by_dim_name(field, stack):
+    """An (x, y) image, or a stack with its planes last, is read by its dims' names, as deconvolve
+    reads it: the same operator, subspace and beads, never a transposed one."""
+    import xarray as xr
+
+    img = xr.DataArray(field.image, dims=("y", "x"))
+    op = calibrate_operator(field.image, 3)
+    turned = calibrate_operator(img.T, 3)
+    np.testing.assert_array_equal(turned.kernels, op.kernels)
+    np.testing.assert_array_equal(turned.maps, op.maps)
+    np.testing.assert_array_equal(bead_psfs(img.T).positions, bead_psfs(field.image).positions)
+    planes = np.stack([f.image for f in stack[:3]])
+    sub = learn_subspace(planes, 2, 2)
+    for other in (xr.DataArray(planes, dims=("z", "y", "x")).transpose("y", "x", "z"),
+                  xr.DataArray(planes, dims=("z", "y", "x")).transpose("z", "x", "y"),
+                  [xr.DataArray(p, dims=("y", "x")).T for p in planes]):
+        back = learn_subspace(other, 2, 2)
+        np.testing.assert_allclose(back.psf_basis, sub.psf_basis, atol=1e-6)
+        np.testing.assert_allclose(back.spatial_basis, sub.spatial_basis, atol=1e-6)
+    with pytest.raises(ValueError, match=r"dims \('y', 'c'\): name them 'y' and 'x', or neither"):
+        calibrate_operator(xr.DataArray(field.image, dims=("y", "c")), 3)
+
+
 def test_rescaled_distance():
     rng = np.random.default_rng(0)
     u0 = rng.random((20, 20))

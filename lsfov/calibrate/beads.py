@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, positive_int, real_number, saturation_level
+from .._validate import LsfovWarning, as_image, positive_int, real_number, saturation_level, yx_last
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -249,6 +249,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         Patches of size ``2·ceil(1.2 r) + 1``, centred at the sub-pixel bead centre, background
         removed, bump-limited and summing to one.
     """
+    image = yx_last(image, "bead image")
     sat_level = saturation_level(image, saturation)  # of the camera's counts, before the float copy
     img = as_image(np.asarray(image), "bead image")
     background_order = positive_int(background_order, "background_order", minimum=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validate import not_a_bead_field, positive_int, real_number, saturation_level
+from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, yx_last
 from ..operators import ProductConvolution
 from .basis import psf_basis
 from .beads import bead_psfs, estimate_radius
@@ -257,9 +257,11 @@ def _as_images(bead_images):
     if isinstance(bead_images, (list, tuple)) and any(isinstance(im, (str, os.PathLike)) for im in bead_images):
         raise TypeError("bead_images takes images, not file names; open them with lsfov.open_image "
                         "(a stack's planes: lsfov.io.open_planes)")
-    if isinstance(bead_images, (list, tuple)):
-        images = [im if hasattr(im, "shape") else np.asarray(im) for im in bead_images]
+    if isinstance(bead_images, (list, tuple)):  # xarray images: dims by name
+        images = [yx_last(im, f"bead image {k}") if hasattr(im, "shape") else np.asarray(im)
+                  for k, im in enumerate(bead_images)]
     elif getattr(bead_images, "ndim", None) == 3:
+        bead_images = yx_last(bead_images, "bead_images")  # an xarray stack: its planes along the other dim
         images = [bead_images[k] for k in range(bead_images.shape[0])]
     elif getattr(bead_images, "ndim", None) == 2:
         images = [bead_images]
