@@ -776,7 +776,7 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
             origin.append(0.0)
             continue
         units = c.attrs.get("units")
-        factor = _to_um(units)
+        factor = 1.0 if _unitless_um(c, pixel_um) else _to_um(units)  # spaced at the pixel size: µm
         c0 = float(c.values[0])
         step = float(c.values[1] - c.values[0]) if c.size > 1 else 1.0
         if not step > 0:
@@ -801,14 +801,27 @@ def _coord(dim, values, units):
 
 
 def _to_um(unit) -> float | None:
+    """µm per ``unit`` (a length unit's name, symbol or plural, US or British spelling); None if it is
+    no length unit. NFKC folds the micro sign µ (U+00B5) into the Greek mu μ (U+03BC): both are read."""
+    import unicodedata
+
     if not unit:
         return None
-    u = str(unit).strip().lower()
+    u = unicodedata.normalize("NFKC", str(unit)).strip().lower().replace("metre", "meter")
+    u = u[:-1] if u.endswith(("meters", "microns")) else u
     return {
-        "micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0,
+        "micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u03bcm": 1.0, "\\u00b5m": 1.0,
         "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "meter": 1e6, "m": 1e6,
         "centimeter": 1e4, "cm": 1e4,
     }.get(u)
+
+
+def _unitless_um(c, pixel_um) -> bool:
+    """Whether coordinates ``c`` with no unit are in µm: evenly spaced at the image's known pixel size."""
+    if c.attrs.get("units") is not None or not pixel_um or c.size < 2:
+        return False
+    step = _even_step(np.asarray(c.values, dtype=np.float64))
+    return step is not None and abs(step / float(pixel_um) - 1) < 1e-5
 
 
 def _array_attrs(path: Path) -> dict:
@@ -1087,6 +1100,8 @@ def _axis_geometry(var: xr.DataArray, dim):
         return 1.0, 0.0, "pixel"
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
     factor = _to_um(var.coords[dim].attrs.get("units", "pixel"))  # nm, mm ... written as µm, converted
+    if _unitless_um(var.coords[dim], var.attrs.get("pixel_um")):  # no unit, spaced at the pixel size: µm
+        factor = 1.0
     unit, factor = (SPATIAL_UNIT, factor) if factor is not None else ("pixel", 1.0)
     if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)
         step = var.coords[dim].attrs.get("step")

@@ -509,6 +509,18 @@ def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ng
     for path in (tmp_path / "t.zarr" / "zarr.json", tmp_path / "t.zarr" / "flat" / "zarr.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))  # strict JSON
     assert back.attrs["bad"] is None and back.attrs["nested"] == {"x": [1.0, None]} and back.flat.attrs["odd"] is None
+    # µm coordinates written without a unit (spaced at the stated pixel size) or as "μm": µm in the file
+    img = np.zeros((8, 10), np.float32)
+    for name, coords, attrs in (
+            ("bare", {"y": 100 + 0.2 * np.arange(8), "x": 50 + 0.2 * np.arange(10)}, {"pixel_um": 0.2}),
+            ("greek", {"y": ("y", 100 + 0.2 * np.arange(8), {"units": "\u03bcm"}),
+                       "x": ("x", 50 + 0.2 * np.arange(10), {"units": "\u03bcm"})}, {})):
+        lsfov.save(xr.DataArray(img, dims=("y", "x"), coords=coords, attrs=attrs, name="image"), tmp_path / f"{name}.zarr")
+        ms = ome(f"{name}.zarr/image")
+        assert [a.get("unit") for a in ms["axes"]] == ["micrometer"] * 2, name
+        assert ms["datasets"][0]["coordinateTransformations"][1]["translation"] == pytest.approx([100, 50])
+        back = lsfov.open_image(tmp_path / f"{name}.zarr" / "image")
+        assert back.attrs["pixel_um"] == pytest.approx(0.2) and back.y.attrs["units"] == "micrometer"
     level1 = np.asarray(zarr.open_array(str(tmp_path / "p.zarr" / "counts" / "1"), mode="r"))
     want = counts.values.reshape(512, 2, 512, 2).mean(axis=(1, 3))
     np.testing.assert_array_equal(level1, np.rint(want).astype(np.uint8))

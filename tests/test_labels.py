@@ -78,6 +78,14 @@ def test_map_of_transposed_or_offset_image(scene):
     with pytest.warns(lsfov.LsfovWarning, match="increasing coordinates with units"):
         m = lsfov.estimate_psf_map(_labelled(xa.values, attrs={}), "Z3", stride=64)
     assert m.gy.values[0] == 63.5
+    # ... unless they are spaced at the pixel size the image states: µm written without their unit
+    unitless = _labelled(xa.values, attrs={}).assign_attrs(pixel_um=0.2)
+    m = lsfov.estimate_psf_map(unitless, "Z3", stride=64)
+    assert m.gy.values[0] == pytest.approx(1000 + 0.2 * 63.5) and m.gy.attrs["units"] == "micrometer"
+    # the micrometre however spelled: µ (micro sign) or μ (Greek mu, what NFKC makes of it), plurals
+    for unit in ("\u00b5m", "\u03bcm", "microns", "micrometres"):
+        m = lsfov.estimate_psf_map(_labelled(xa.values, attrs={"units": unit}), "Z3", stride=64)
+        assert m.attrs["pixel_um"] == pytest.approx(0.2) and m.gy.values[0] == pytest.approx(1000 + 0.2 * 63.5), unit
     # decreasing coordinates are not taken for a mirrored image's place; a pyramid level's pixel
     # coordinates (in full-resolution pixels, step 2) are counted in its own pixels
     down = xa.assign_coords(y=("y", 1000 - 0.2 * np.arange(256), UM))
