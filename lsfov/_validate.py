@@ -173,6 +173,13 @@ def not_a_bead_field(x, name: str):
         raise TypeError(f"{name} takes images, got lsfov.simulate.BeadField; pass {fix}")
 
 
+def known_shape(shape, name: str = "image"):
+    """Refuse the shape of a Dask array whose chunk sizes are unknown (NaN: after boolean indexing)."""
+    if any(isinstance(n, float) and n != n for n in shape):
+        raise ValueError(f"{name} is a Dask array of unknown chunk sizes (shape {tuple(shape)}); call its "
+                         ".compute_chunk_sizes() first")
+
+
 def yx_last(image, name: str = "image"):
     """An xarray image or stack with ``y`` and ``x`` as its last dims, transposed by name (a plain
     array, or dims of other names, as it is): what functions that take arrays by position read."""

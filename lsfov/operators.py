@@ -39,7 +39,7 @@ import numpy as np
 
 from ._backend import (array_module, fft_module, multiply, next_fast_len, parallel_map, row_bands, task_threads,
                        threads_for, to_numpy)
-from ._validate import LsfovWarning, real_number, shape2d, yx_order
+from ._validate import LsfovWarning, known_shape, real_number, shape2d, yx_order
 
 __all__ = ["ProductConvolution"]
 
@@ -543,6 +543,7 @@ class ProductConvolution:
         if x.dtype.kind not in "biuf":
             raise TypeError(f"the image must be a real numeric array, got dtype {x.dtype}")
         if _is_dask(x):
+            known_shape(x.shape)
             return self._map_overlap(x, adjoint)
         xp = array_module(x)
         x = xp.asarray(x)

@@ -434,6 +434,17 @@ def test_significant_bits_that_say_no_fewer_bits_leave_the_types_level(bits):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def test_dask_images_of_unknown_chunk_sizes_are_refused_in_one_line(scene):
+    op, y, _ = scene
+    lazy = da.from_array(y, chunks=64)
+    unknown = lazy[lazy[:, 0] > -1]  # boolean indexing: chunk sizes unknown, shape (nan, W)
+    for call in (lambda: lsfov.deconvolve(unknown, op), lambda: op.apply(unknown),
+                 lambda: lsfov.sparse_smooth_deblur(unknown, op), lambda: lsfov.estimate_psf_map(unknown, "G1")):
+        with pytest.raises(ValueError, match=r"unknown chunk sizes \(shape \(nan, \d+\)\); call its "
+                                             r"\.compute_chunk_sizes\(\) first"):
+            call()
+
+
 def test_bad_input(scene):
     op, y, _ = scene
     with pytest.raises(ValueError, match="does not match the operator's shape"):

@@ -26,8 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import task_threads, to_numpy
-from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, level_origin, positive_int,
-                         real_number, yx_order)
+from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
+                         positive_int, real_number, yx_order)
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import censored_pixels, say_censored
@@ -220,6 +220,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; pick a plane, channel or time point first")
     if operator.window != (0, 0) + operator.shape:
         raise ValueError("sparse_smooth_deblur needs a full-image operator, not a restricted window")
+    known_shape(y.shape)
     if y.shape != operator.shape:
         raise ValueError(f"image shape {y.shape} does not match the operator's shape {operator.shape}")
     # The central 1024² (the same for NumPy and Dask input): the noise level.

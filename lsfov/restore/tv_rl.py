@@ -38,8 +38,8 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, level_origin, positive_int,
-                         user_stacklevel, yx_order)
+from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
+                         positive_int, user_stacklevel, yx_order)
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -319,6 +319,7 @@ def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, r
 
 
 def _check_shape(shape, op):
+    known_shape(shape)
     if tuple(shape) != op.shape:
         raise ValueError(f"image shape {tuple(shape)} does not match the operator's shape {op.shape}; "
                          "build the operator for this image (or crop the image to it)")
