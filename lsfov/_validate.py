@@ -173,6 +173,20 @@ def not_a_bead_field(x, name: str):
         raise TypeError(f"{name} takes images, got lsfov.simulate.BeadField; pass {fix}")
 
 
+def scratch_dir(scratch, resume: bool = False):
+    """Check ``scratch=`` (where a chunked run keeps its state): None, or a directory or a path to make
+    one at; ``resume`` needs one."""
+    if scratch is None:
+        if resume:
+            raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
+        return None
+    if not isinstance(scratch, (str, os.PathLike)):
+        raise TypeError(f"scratch must be a directory name (str or Path), got {type(scratch).__name__}")
+    if os.path.exists(scratch) and not os.path.isdir(scratch):
+        raise ValueError(f"scratch={str(scratch)!r} is a file; give a directory (made if missing) for the run's state")
+    return scratch
+
+
 def known_shape(shape, name: str = "image"):
     """Refuse the shape of a Dask array whose chunk sizes are unknown (NaN: after boolean indexing)."""
     if any(isinstance(n, float) and n != n for n in shape):

@@ -434,6 +434,21 @@ def test_significant_bits_that_say_no_fewer_bits_leave_the_types_level(bits):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def test_a_scratch_that_is_a_file_is_refused_before_any_work(scene, tmp_path):
+    op, y, _ = scene
+    (tmp_path / "notes.txt").write_text("someone's notes")
+    lazy = da.from_array(y, chunks=64)
+    for call in (lambda **k: lsfov.deconvolve(lazy, op, 2, **k), lambda **k: lsfov.sparse_smooth_deblur(lazy, op, **k),
+                 lambda **k: lsfov.estimate_psf_map(lazy, "G1", **k)):
+        with pytest.raises(ValueError, match=r"scratch='.*notes.txt' is a file; give a directory"):
+            call(scratch=tmp_path / "notes.txt")
+        with pytest.raises(TypeError, match="scratch must be a directory name"):
+            call(scratch=5)
+        with pytest.raises(ValueError, match="resume=True needs scratch="):
+            call(resume=True)
+    assert (tmp_path / "notes.txt").read_text() == "someone's notes"
+
+
 def test_dask_images_of_unknown_chunk_sizes_are_refused_in_one_line(scene):
     op, y, _ = scene
     lazy = da.from_array(y, chunks=64)

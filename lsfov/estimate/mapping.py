@@ -20,7 +20,8 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
-from .._validate import LsfovWarning, censor_level, fmt_level, known_shape, level_origin, positive_int, real_number, yx_order
+from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, positive_int, real_number,
+                         scratch_dir, yx_order)
 from ..io import atomic_file, image_origin, pixel_size
 from ..operators import ProductConvolution
 
@@ -308,8 +309,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     origin = image_origin(image, pixel_um) if xr_in else (0.0, 0.0)
     if getattr(data, "ndim", np.ndim(data)) != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(data)}; select a plane first")
-    if resume and scratch is None:
-        raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
+    scratch_dir(scratch, resume)
     known_shape(data.shape)
     h, w = data.shape
     if h < patch or w < patch:

@@ -27,7 +27,7 @@ import dask.array as da
 import numpy as np
 
 from .._backend import array_module, task_threads
-from .._validate import LsfovWarning
+from .._validate import LsfovWarning, scratch_dir
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, say_censored
@@ -140,6 +140,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if y.dtype.kind not in "biuf":
         raise TypeError(f"image must be a numeric array, got dtype {y.dtype}")
     _check_shape(y.shape, op)
+    scratch_dir(scratch, resume)
     y = y.astype(np.float32)
     # One streaming pass for what the iterations need to know globally (and for bad input).
     stats = [da.maximum(y, 0).sum(dtype=np.float64), y.min(), y.max()]

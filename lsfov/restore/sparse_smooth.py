@@ -27,7 +27,7 @@ import numpy as np
 
 from .._backend import task_threads, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
-                         positive_int, real_number, yx_order)
+                         positive_int, real_number, scratch_dir, yx_order)
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import censored_pixels, say_censored
@@ -245,8 +245,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         gamma2 = DEFAULT_GAMMA2
     gamma1, gamma2 = real_number(gamma1, "gamma1", minimum=0), real_number(gamma2, "gamma2", minimum=0)
     steps = _steps(operator, gamma2, norms)
-    if resume and scratch is None:
-        raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
+    scratch_dir(scratch, resume)
     if lazy:
         sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, norms.total,
                                   scratch=scratch, resume=resume, progress=progress, level=level)

@@ -39,7 +39,7 @@ import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
-                         positive_int, user_stacklevel, yx_order)
+                         positive_int, scratch_dir, user_stacklevel, yx_order)
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -281,8 +281,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     result is computed). Persist or store an input that is costly to compute.
     """
     iterations, tv, eps, exchange_every = _check_params(operator, iterations, tv, eps, exchange_every)
-    if resume and scratch is None:
-        raise ValueError("resume=True needs scratch=, the directory of the interrupted run")
+    scratch_dir(scratch, resume)
     import xarray as xr
 
     level = censor_level(image, saturation)  # of the camera's counts, before any float copy
