@@ -1058,7 +1058,16 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coords": _lead_coords(var, lead),
                             "coord_units": {d: str(var.coords[d].attrs["units"]) for d in lead
                                             if d in var.coords and var.coords[d].attrs.get("units")},
-                            **({"dtype": "bool"} if mask else {})}
+                            **({"dtype": "bool"} if mask else {}),
+                            **({"scalar_coords": scalars} if (scalars := _scalar_coords(var)) else {})}
+
+
+def _scalar_coords(var) -> dict:
+    """A variable's 0-D coordinates (``.sel(c=2)`` keeps ``c``: the plane it came from), with their
+    attributes, as JSON: {name: {"value": v, "attrs": {...}}}."""
+    return {str(k): {"value": _jsonable({"v": c.values.item() if c.dtype.kind != "M" else str(c.values)})["v"],
+                     "attrs": _jsonable(c.attrs)}
+            for k, c in var.coords.items() if c.ndim == 0}
 
 
 def _halved(stored):
@@ -1254,6 +1263,8 @@ def _open_variable(path: Path) -> xr.DataArray:
         arr = arr.assign_coords({d: (d, values, {"units": units[d]} if d in units else {})})
     if meta.get("dtype") == "bool":  # a mask, stored as 0/1
         arr = arr.astype(bool)
+    for name, c in (meta.get("scalar_coords") or {}).items():
+        arr = arr.assign_coords({name: xr.Variable((), c.get("value"), c.get("attrs") or {})})
     arr.attrs.update(meta.get("attrs", {}))
     arr.attrs["source"] = str(path)
     return arr

@@ -509,6 +509,13 @@ def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ng
     for path in (tmp_path / "t.zarr" / "zarr.json", tmp_path / "t.zarr" / "flat" / "zarr.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))  # strict JSON
     assert back.attrs["bad"] is None and back.attrs["nested"] == {"x": [1.0, None]} and back.flat.attrs["odd"] is None
+    # a 0-D coordinate (.sel(c=2) keeps it: which plane this is) comes back as saved
+    chans = xr.DataArray(np.ones((3, 8, 10), np.float32), dims=("c", "y", "x"),
+                         coords={"c": [0, 1, 2], "wavelength": ("c", [488.0, 561.0, 640.0], {"units": "nm"})})
+    lsfov.save(chans.sel(c=2).rename("red"), tmp_path / "red.zarr")
+    red = lsfov.open_result(tmp_path / "red.zarr").red
+    assert red.coords["c"].item() == 2 and red.coords["wavelength"].item() == 640.0
+    assert red.coords["wavelength"].attrs == {"units": "nm"} and red.dims == ("y", "x")
     # µm coordinates written without a unit (spaced at the stated pixel size) or as "μm": µm in the file
     img = np.zeros((8, 10), np.float32)
     for name, coords, attrs in (
