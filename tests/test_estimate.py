@@ -1,4 +1,6 @@
 """The CNN regressor: training-set synthesis, target encoding, loss, networks, training, shipped models."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -509,6 +511,11 @@ def test_predict_rejects_bad_patches():
         reg.predict(np.array([["a"] * 128] * 128))
     one = reg.predict(torch.ones(128, 128))  # a single torch patch is a batch of one
     assert one["sigma"].shape == (1,)
+    frozen = np.random.default_rng(0).random((2, 128, 128)).astype(np.float32)
+    frozen.setflags(write=False)  # a memory map's patches: read, not warned about by torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(reg.predict(frozen)["sigma"], reg.predict(frozen.copy())["sigma"])
 
 
 @pytest.mark.parametrize("name", M.SHIPPED)

@@ -509,6 +509,9 @@ def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ng
     for path in (tmp_path / "t.zarr" / "zarr.json", tmp_path / "t.zarr" / "flat" / "zarr.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))  # strict JSON
     assert back.attrs["bad"] is None and back.attrs["nested"] == {"x": [1.0, None]} and back.flat.attrs["odd"] is None
+    # float16 (as float64) stored as float32, what every viewer reads
+    lsfov.save(xr.DataArray(np.ones((8, 10), np.float16), dims=("y", "x"), name="half"), tmp_path / "half.zarr")
+    assert zarr.open_array(str(tmp_path / "half.zarr" / "half" / "0")).dtype == np.float32
     # a 0-D coordinate (.sel(c=2) keeps it: which plane this is) comes back as saved
     chans = xr.DataArray(np.ones((3, 8, 10), np.float32), dims=("c", "y", "x"),
                          coords={"c": [0, 1, 2], "wavelength": ("c", [488.0, 561.0, 640.0], {"units": "nm"})})

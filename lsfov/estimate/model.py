@@ -303,7 +303,9 @@ class PSFRegressor:
             a = np.asarray(patches)
             if a.dtype.kind not in "biuf":
                 raise TypeError(f"patches must be numeric, got dtype {a.dtype}")
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            # torch shares the memory and warns of a read-only array (a memory map): a copy of those
+            t = torch.from_numpy(a if a.flags.writeable else a.copy())
         if t.ndim == 2:
             t = t[None]
         p = self.patch

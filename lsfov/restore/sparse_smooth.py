@@ -155,8 +155,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     Parameters
     ----------
     image : array_like (H, W)
-        NumPy (result NumPy), or Dask / xarray (result lazy, computed block by block with an exact halo
-        exchange: the same iterates as the whole array).
+        NumPy (result NumPy), Dask (result lazy, computed block by block with an exact halo exchange:
+        the same iterates as the whole array), or xarray of either (result xarray, its coordinates kept).
     operator : ProductConvolution
         The blur, e.g. from :func:`lsfov.identify_operator` or :func:`lsfov.calibrate_operator`.
     gamma1 : float, optional
