@@ -81,6 +81,26 @@ def _hushable(name: str):
 _HUSHES = []  # the hush of each local cluster in use (see _hushable)
 
 
+@contextlib.contextmanager
+def _filtered(name: str, flt: logging.Filter):
+    """Logger ``name`` with the filter ``flt`` while the block runs."""
+    logger = logging.getLogger(name)
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+class _SyncCancelRace(logging.Filter):
+    """distributed's ``sync`` logs a NameError through tornado when a Ctrl-C lands before its future
+    exists (its cancel callback reads a variable not set yet): a race of the interrupt, no news."""
+
+    def filter(self, record):
+        e = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(e, NameError) and "'future'" in str(e))
+
+
 def _hush_on_interrupt(e: BaseException):
     """An interrupt (Ctrl-C, SIGTERM: not an Exception) stops the run: what distributed says while
     its futures are cancelled ("Couldn't gather keys", from the scheduler in this process) is no news."""
@@ -126,7 +146,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
 
     if spec == "local":
         # The logger's level before the cluster (which sets its own) comes back at the end.
-        with _hushable("distributed") as hush:
+        with _filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush:
             with _children_ignore_sigint():
                 # Workers' own warnings (tasks cancelled by a Ctrl-C, memory chatter) only with -vv: lsfov
                 # says what matters itself (out of memory, interrupted).
@@ -146,7 +166,8 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise ValueError("--scheduler cuda needs dask-cuda and an NVIDIA GPU: pip install dask-cuda") from None
-        with LocalCUDACluster() as cluster, Client(cluster) as client:
+        with (_filtered("tornado.application", _SyncCancelRace()), LocalCUDACluster() as cluster,
+              Client(cluster) as client):
             log.info("CUDA cluster, one worker per GPU (%d); dashboard: %s", len(cluster.workers), client.dashboard_link)
             yield client
         return
@@ -162,7 +183,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         if shutil.which(submit) is None:  # the cluster would fail in its event loop, after a hang
             raise ValueError(f"--scheduler {kind}: {submit} is not on PATH; run lsfov where {kind} jobs can be "
                              "submitted (a login node)")
-        with jobqueue_cluster(kind) as cluster:
+        with _filtered("tornado.application", _SyncCancelRace()), jobqueue_cluster(kind) as cluster:
             cluster.scale(jobs=n_jobs)
             with Client(cluster) as client:
                 log.info("%s: %d job(s) submitted, workers join as they start; dashboard: %s", kind, n_jobs,
@@ -175,7 +196,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             client = Client(spec, timeout="10s")
         except OSError as e:
             raise ValueError(f"cannot reach the Dask scheduler at {spec} ({e}); is it running?") from None
-        with client:
+        with _filtered("tornado.application", _SyncCancelRace()), client:
             log.info("connected to %s; dashboard: %s", spec, client.dashboard_link)
             yield client
         return

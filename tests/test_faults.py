@@ -319,6 +319,28 @@ def test_an_interrupt_hushes_distributed_before_the_futures_are_cancelled():
     assert logger.level == before
 
 
+def test_distributeds_cancel_race_after_an_interrupt_is_not_logged():
+    """A Ctrl-C that lands before distributed's ``sync`` made its future makes its cancel callback
+    read an unset variable, which tornado logs as an error with a traceback: filtered while lsfov
+    uses a cluster (and only that record; the filter goes with the cluster)."""
+    import logging
+
+    from lsfov.cluster import _filtered, _SyncCancelRace
+
+    def record(exc):
+        return logging.LogRecord("tornado.application", logging.ERROR, __file__, 1, "Exception in callback", (),
+                                 (type(exc), exc, None))
+
+    race = _SyncCancelRace()
+    assert not race.filter(record(NameError("cannot access free variable 'future' where it is not associated "
+                                            "with a value in enclosing scope")))
+    assert race.filter(record(NameError("name 'x' is not defined"))) and race.filter(record(ValueError("future")))
+    logger = logging.getLogger("tornado.application")
+    with _filtered("tornado.application", race):
+        assert race in logger.filters
+    assert race not in logger.filters
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_whole_job_on_a_local_cluster_is_one_line(tmp_path, sig):
     """A terminal's Ctrl-C, or a batch system's cancel, reaches every process of the job: the
