@@ -331,6 +331,34 @@ def test_calibration_records_its_map_and_warns_on_another():
                         ({"stride": 64}, "stride 64 (calibration: 32)"), ({"pixel_um": 0.1}, "pixel_um 0.1 (calibration: 0.2)")):
         with pytest.warns(LsfovWarning, match=re.escape(said)):
             estimate_depth(ds.assign_attrs(attrs), cal)
+    # A file of the same name with other weights (z3.pt retrained): another model, said so
+    ds.attrs.update(model="/lab/z3.pt", model_digest="0123456789abcdef")
+    cal = calibrate_depth(ds, s.depth_um)
+    assert cal.model_digest == "0123456789abcdef"
+    with pytest.warns(LsfovWarning, match=re.escape("the model's weights fedcba98 (calibration: 01234567; a model "
+                                                    "retrained or replaced)")):
+        estimate_depth(ds.assign_attrs(model_digest="fedcba9876543210"), cal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate_depth(ds.assign_attrs(model="/elsewhere/z3.pt"), cal)  # the same weights moved: no news
+
+
+def test_psf_maps_record_their_models_weights():
+    import lsfov
+
+    img = simulate.sample_image("coins", (192, 192)) * 1000 + 10
+    z3 = lsfov.load_model("Z3")
+    m = lsfov.estimate_psf_map(img, z3, stride=64)
+    assert m.attrs["model_digest"] == z3.weights_digest() == lsfov.estimate_psf_map(img, "Z3", stride=64).attrs[
+        "model_digest"]
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(z3)  # (load_model shares one object per file: not to be changed in place)
+    with torch.no_grad():
+        next(other.net.parameters())[0].flatten()[0] += 1e-3  # one weight changed: another model
+    assert other.weights_digest() != z3.weights_digest()
 
 
 def test_a_calibration_that_does_not_fit_its_own_nodes_is_warned():

@@ -73,6 +73,7 @@ class DepthCalibration:
     model: str | None = None  # the map's model: a shipped name or a file's name
     stride: int | None = None  # pixels between nodes
     pixel_um: float | None = None
+    model_digest: str | None = None  # its weights' (a retrained file of the same name is another model)
 
     def __post_init__(self):  # JSON gives lists: tuples keep calibrations comparable and hashable
         for name in ("curves", "noise", "range_um"):
@@ -444,11 +445,13 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
 
 
 def _made_by(psf_map) -> dict:
-    """The model (a shipped name or a file's name; None for a model object), stride and pixel size of a map."""
+    """The model (a shipped name or a file's name; None for a model object) and its weights' digest,
+    stride and pixel size of a map."""
     model = psf_map.attrs.get("model")
     model = None if model in (None, "PSFRegressor") else Path(str(model)).name
     stride, px = psf_map.attrs.get("stride"), psf_map.attrs.get("pixel_um")
-    return {"model": model, "stride": None if stride is None else int(stride), "pixel_um": float(px) if px else None}
+    return {"model": model, "stride": None if stride is None else int(stride), "pixel_um": float(px) if px else None,
+            "model_digest": psf_map.attrs.get("model_digest") or None}
 
 
 def _warn_made_otherwise(psf_map, c: DepthCalibration):
@@ -459,7 +462,8 @@ def _warn_made_otherwise(psf_map, c: DepthCalibration):
         if None in (here, there):
             continue
         if (abs(here / there - 1) > 0.01) if k == "pixel_um" else here != there:
-            differ.append(f"{k} {here} (calibration: {there})")
+            differ.append(f"the model's weights {here[:8]} (calibration: {there[:8]}; a model retrained or replaced)"
+                          if k == "model_digest" else f"{k} {here} (calibration: {there})")
     if differ:
         warnings.warn(f"this PSF map was made otherwise than its depth calibration's: {', '.join(differ)}; the depths "
                       "may be wrong: make the map as the calibration's was, or calibrate again", LsfovWarning, stacklevel=3)

@@ -413,7 +413,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     return xr.Dataset(data_vars, coords=coords, attrs={
         **record, "patch": patch, "stride": int(stride),
         "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)], "origin": list(origin),
-        "model": "PSFRegressor" if ref is m else str(model), "symmetrize": int(bool(symmetrize)),
+        "model": "PSFRegressor" if ref is m else str(model), "model_digest": m.weights_digest(),
+        "symmetrize": int(bool(symmetrize)),
         "saturation": level, "max_saturated": max_saturated,
     })
 

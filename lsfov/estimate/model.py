@@ -272,6 +272,17 @@ class PSFRegressor:
         self.__dict__.update(state)
         self._graph_lock = threading.Lock()
 
+    def weights_digest(self) -> str:
+        """A digest of the network's weights (16 hex digits): which model made a map, whatever its
+        file is called (a retrained ``z3.pt`` is another model)."""
+        import hashlib
+
+        h = hashlib.blake2b(self.arch.encode(), digest_size=8)
+        for name, t in self.net.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     @property
     def ranges(self) -> dict:
         return dict(self.psf_model.ranges)
