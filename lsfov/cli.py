@@ -1058,11 +1058,16 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
+    if n_stream is not None and init is not None:  # a stream of the init model's task: its ranges and optics
+        from .estimate.model import load_model
+
+        psf_model = load_model(init, **({"psf_model": psf_model.upper()} if _given("psf_model") else {})).psf_model
     if test_path:  # before any work: an hour of training is not lost to a test set that cannot be read
         from .estimate.synth import open_training_set
 
         tested = open_training_set(test_path)["attrs"]
-        trained = psf_model.upper() if n_stream is not None else open_training_set(data)["attrs"]["psf_model"]
+        trained = (psf_model.upper() if isinstance(psf_model, str) else psf_model.name) if n_stream is not None \
+            else open_training_set(data)["attrs"]["psf_model"]
         if tested["psf_model"] != trained:
             raise ValueError(f"--test {test_path} is a {tested['psf_model']} set, the model will regress {trained}; "
                              f"synthesize a {trained} test set (--split test)")

@@ -448,6 +448,25 @@ def test_train_on_a_stream_uses_the_learning_rate_given(run, tmp_path):
     assert lsfov.load_model(tmp_path / "s.pt").meta["training"]["lr"] == 0.002
 
 
+def test_a_stream_from_an_init_model_draws_that_models_ranges_and_optics(run, tmp_path):
+    """A model of one's own optics fine-tuned on a stream stays a model of those optics (the stream
+    once drew the defaults, and the model came out labelled and scaled for them)."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from lsfov.estimate.model import PSFRegressor
+
+    g1 = dataclasses.replace(lsfov.psf.MODELS["G1"], ranges={"sigma": (0.8, 2.5)})
+    PSFRegressor(g1, "compact").save(tmp_path / "mine.pt")
+    run("-q", "train", "--stream", 32, "s.pt", "--init", "mine.pt", "--batch-size", 16)
+    assert lsfov.load_model(tmp_path / "s.pt").ranges == {"sigma": (0.8, 2.5)}
+    # from a set of other ranges: said (the init's weights read other PSFs)
+    from lsfov.estimate import training
+
+    with pytest.warns(lsfov.LsfovWarning, match=r"sigma \[0.5, 4.0\] \(against \[0.8, 2.5\]\)"):
+        training.warn_other_task(lsfov.load_model(tmp_path / "mine.pt"), lsfov.psf.MODELS["G1"].to_meta(), "the set")
+
+
 # ------------------------------------------------------------------------------- what is said in the log
 
 

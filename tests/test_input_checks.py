@@ -313,8 +313,13 @@ def test_cnn_training_and_evaluation_options(tmp_path):
     # evaluate and robustness take a shipped name too; test sets of other ranges are flagged
     assert evaluate("G1", data)["n"] == 96
     wide = {**data, "attrs": {**data["attrs"], "ranges": {"sigma": [3.0, 8.0]}}}
-    with pytest.warns(lsfov.LsfovWarning, match="extrapolation"):
+    with pytest.warns(lsfov.LsfovWarning, match=r"\(sigma \[3.0, 8.0\] \(against \[0.5, 4.0\]\)\): R² measures "
+                                                 "extrapolation"):
         evaluate("G1", wide)
+    other_optics = {**data, "attrs": {**data["attrs"], "optics": {**lsfov.load_model("Z3").psf_model.to_meta()["optics"],
+                                                                  "na": 1.4}}}
+    with pytest.warns(lsfov.LsfovWarning, match=r"na 1.4 \(against None\)"):  # G1 has no optics: said as such
+        evaluate("G1", other_optics)
     for bad in (dict(strengths=(np.nan,)), dict(strengths=(-0.1,)), dict(n=1)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             robustness("G1", **bad)

@@ -258,6 +258,10 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     m, dev = stream.model, stream.device
     torch.manual_seed(seed)
     start = None if init is None else load_model(init, psf_model=m.name)
+    if start is not None:
+        from .training import warn_other_task
+
+        warn_other_task(start, m.to_meta(), "the stream")
     arch = arch or (start.arch if start is not None else "spectral")
     meta = {"ranges": {p: list(v) for p, v in m.ranges.items()}, "optics": m.to_meta()["optics"], "patch": PATCH}
     model = PSFRegressor(m.name, arch, meta=meta, device=dev)

@@ -53,6 +53,29 @@ class _Stacked:
 _SAME = ("psf_model", "ranges", "optics", "patch")
 
 
+
+def differences(a: dict, b: dict) -> str:
+    """How two PSF-model records (``PSFModel.to_meta()``: ranges, optics) differ, as "focus [0, 0.3]
+    (against [0, 0.5]); na 1.4 (against 0.75)"; '' if they do not."""
+    out = []
+    ra, rb = a.get("ranges") or {}, b.get("ranges") or {}
+    for k in ra:
+        if k in rb and not np.allclose(ra[k], rb[k]):
+            out.append(f"{k} {list(ra[k])} (against {list(rb[k])})")
+    oa, ob = a.get("optics") or {}, b.get("optics") or {}
+    for k in sorted(set(oa) | set(ob)):
+        if oa.get(k) != ob.get(k):
+            out.append(f"{k} {oa.get(k)} (against {ob.get(k)})")
+    return "; ".join(out)
+
+
+def warn_other_task(start, record: dict, what: str):
+    """Warn when ``start`` (an init model) was trained over other ranges or optics than ``what`` draws."""
+    differ = differences(record, start.psf_model.to_meta())
+    if differ:
+        warnings.warn(f"{what} is drawn over other ranges or optics than the init model was trained on ({differ}): "
+                      "the model is retargeted, its starting weights read other PSFs", LsfovWarning, stacklevel=3)
+
 def _as_set(data):
     """A training set as a dict (``patches`` may stay a lazy zarr array); a list of sets as one."""
     if isinstance(data, (list, tuple)):
@@ -313,6 +336,8 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH)}
     torch.manual_seed(seed)
     start = None if init is None else load_model(init, psf_model=m.name)
+    if start is not None:
+        warn_other_task(start, m.to_meta(), "the training set")
     if arch is None:
         arch = start.arch if start is not None else "spectral"
     model = PSFRegressor(m.name, arch, meta=meta, device=device)
@@ -507,12 +532,11 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> di
     if ds["attrs"]["psf_model"] != model.psf_model.name:
         raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")
     record = model.psf_model.to_meta()
-    trained, optics = record["ranges"], record["optics"]
-    drawn = {k: list(v) for k, v in ds["attrs"].get("ranges", trained).items()}
-    if not (np.allclose([drawn[k] for k in trained], [trained[k] for k in trained])
-            and ds["attrs"].get("optics", optics) == optics):
-        warnings.warn(f"the test set was drawn over other ranges or optics ({drawn}) than the model was trained on "
-                      f"({trained}): R² measures extrapolation", LsfovWarning, stacklevel=2)
+    differ = differences({"ranges": ds["attrs"].get("ranges", record["ranges"]),
+                          "optics": ds["attrs"].get("optics", record["optics"])}, record)
+    if differ:
+        warnings.warn(f"the test set was drawn over other ranges or optics than the model was trained on ({differ}): "
+                      "R² measures extrapolation", LsfovWarning, stacklevel=2)
     pred = _predict_all(model, ds["patches"], batch_size, symmetrize)
     valid = np.asarray(ds["valid"], bool)
     est = np.stack([pred[p] for p in model.params], axis=1)
