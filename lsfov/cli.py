@@ -989,8 +989,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--arch", type=click.Choice(["polar", "spectral", "compact", "resnet34"]), default=None,
               help="Network: polar (shipped Z3: spectral + angular harmonics of the spectrum), spectral (compact + "
                    "a power-spectrum branch), compact, or the paper's resnet34 [--init's; otherwise spectral].")
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Passes over the training set (a stream has none: each patch is seen once).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the training set [20; with --resume the run's] (a stream has none: each patch is "
+                   "seen once).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Adam learning rate [chosen on the validation split].")

@@ -429,6 +429,25 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     assert epochs[0] == [h for h in stopped.meta["training"]["history"] if "epoch" in h][0]  # read back, not redone
     x = d["patches"][:8]
     np.testing.assert_allclose(resumed.predict(x)["sigma"], reg.predict(x)["sigma"], rtol=1e-3, atol=1e-3)
+    # the training time is the run's, both sessions (not the last one's over all epochs' patches)
+    assert resumed.meta["training"]["seconds"] >= stopped.meta["training"]["seconds"]
+    # nothing of the run may change on resuming: refused before any work, saying what to give
+    (tmp_path / "ck2" / "last.pt").write_bytes((tmp_path / "ck" / "last.pt").read_bytes())  # a finished run
+    kw = dict(progress=False, checkpoint=tmp_path / "ck2", resume=True)
+    assert train.train(d, **kw).meta["training"]["epochs_run"] == 3  # its network and epochs taken from it
+    for bad, said in ((dict(arch="compact"), "is a run of a spectral network; resume it with arch='spectral'"),
+                      (dict(lr=1e-2), "the run's learning rate is 0.003"),
+                      (dict(epochs=5), "is a run of 3 epochs .* epochs=3 \\(--epochs 3\\) or none; to train longer, "
+                                       "start from its model")):
+        with pytest.raises(ValueError, match=said):
+            train.train(d, **bad, **kw)
+    other = synth.synthesize(640, "G1", seed=12, batch=320)  # another set of the same model: its own patches
+    narrow = synth.synthesize(640, __import__("dataclasses").replace(psf.MODELS["G1"], ranges={"sigma": (1.0, 2.0)}),
+                              seed=11, batch=320)
+    with pytest.raises(ValueError, match=r"a run on another training set \(sigma \[1.0, 2.0\] \(against \[0.5, 4.0\]\)\)"):
+        train.train(narrow, **kw)
+    with pytest.raises(ValueError, match=r"a run on another training set \(its seed 12 \(against 11\)\)"):
+        train.train(other, **kw)
 
 
 def test_training_scales_targets_by_the_sets_own_ranges(monkeypatch):

@@ -8,6 +8,7 @@ R², a checkpoint every epoch that ``resume=True`` continues from. Evaluation: R
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import warnings
@@ -25,6 +26,8 @@ from .network import standardize
 from .synth import PATCH, degrade_patches, open_training_set, synthesize
 
 __all__ = ["train", "evaluate", "r2_scores", "robustness"]
+
+log = logging.getLogger("lsfov")
 
 STATE_FORMAT = "lsfov.TrainState/2"  # /2: the best epoch is that of the highest validation R²
 
@@ -67,6 +70,35 @@ def differences(a: dict, b: dict) -> str:
         if oa.get(k) != ob.get(k):
             out.append(f"{k} {oa.get(k)} (against {ob.get(k)})")
     return "; ".join(out)
+
+
+def _check_resume(st, path, m, n, seed, arch, lr, epochs):
+    """The network and epochs of the run in checkpoint ``st`` (at ``path``), after checking that it is
+    one of this set (``m``: its ranges and optics; ``n`` patches drawn with ``seed``), and that
+    ``arch``, ``lr`` and ``epochs`` (where given) are its."""
+    meta = st.get("meta") or {}
+    if st.get("format") != STATE_FORMAT or meta.get("psf_model") != m.name:
+        raise ValueError(f"{path} is not a checkpoint of a {m.name} training run of this lsfov version; start it "
+                         "again without --resume")
+    if arch is not None and arch != meta["arch"]:
+        raise ValueError(f"{path} is a run of a {meta['arch']} network; resume it with arch={meta['arch']!r} "
+                         f"(--arch {meta['arch']}) or with none")
+    was = meta.get("set")
+    if was is not None:
+        pairs = (("n", "patches", n), ("seed", "its seed", seed))
+        differ = differences(m.to_meta(), was) + "".join(
+            f"; {label} {here} (against {was.get(k)})" for k, label, here in pairs if here != was.get(k))
+        if differ:
+            raise ValueError(f"{path} is a run on another training set ({differ.lstrip('; ')}); resume it with its own "
+                             "set, or start again without --resume")
+    if lr is not None and not np.isclose(lr, st["lr"]):
+        raise ValueError(f"{path}: the run's learning rate is {st['lr']:g} (its schedule continues); resume it without "
+                         "lr (--lr), or start again without --resume")
+    t_max = int(st["scheduler"]["T_max"])
+    if epochs is not None and epochs != t_max:
+        raise ValueError(f"{path} is a run of {t_max} epochs (its learning rate decays over them); resume it with "
+                         f"epochs={t_max} (--epochs {t_max}) or none; to train longer, start from its model (init=, --init)")
+    return meta["arch"], t_max
 
 
 def warn_other_task(start, record: dict, what: str):
@@ -234,7 +266,7 @@ def _start_from(net, start, arch):
     net.load_state_dict({k: src[k] for k in keys}, strict=False)
 
 
-def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 64, lr: float | None = None,
+def train(data, *, arch: str | None = None, epochs: int | None = None, batch_size: int = 64, lr: float | None = None,
           lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
           gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
           max_minutes: float | None = None, init=None, freeze: bool = False, overwrite: bool = False,
@@ -248,9 +280,11 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         is trained on as one set, in its order (sets of one PSF model, ranges and optics: e.g. one
         synthesized earlier and a fresh one; the validation split is the last rows).
     arch : {"spectral", "polar", "compact", "resnet34"}, optional
-        The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``.
-    epochs : int
-        Upper bound on the passes over the training split (cosine learning-rate decay over them).
+        The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``; on
+        ``resume`` the run's.
+    epochs : int, optional
+        Upper bound on the passes over the training split (cosine learning-rate decay over them);
+        by default 20, on ``resume`` the run's (to train longer, start from its model: ``init=``).
     batch_size : int
         Patches per step; the training split must hold at least one batch.
     lr : float, optional
@@ -272,7 +306,8 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     checkpoint : path, optional
         Directory for ``last.pt`` (everything needed to resume) and ``best.pt`` (the best model).
     resume : bool
-        Continue from ``checkpoint/last.pt``.
+        Continue from ``checkpoint/last.pt``: the same set, network, learning rate and epochs
+        (another is refused, as the run could not continue with it).
     device : str, optional
         ``"cuda"`` or ``"cpu"``; CUDA when available by default.
     seed : int
@@ -300,7 +335,9 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         The model with the best epoch's weights, ``meta["training"]`` describing the run. With
         ``checkpoint``, also saved as ``checkpoint/best.pt``.
     """
-    epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
+    if epochs is not None:
+        epochs = positive_int(epochs, "epochs")
     patience, probe_steps = positive_int(patience, "patience"), positive_int(probe_steps, "probe_steps")
     val_fraction = real_number(val_fraction, "val_fraction", minimum=0, maximum=0.99, exclusive=True)
     gamma = real_number(gamma, "gamma", minimum=0)
@@ -338,6 +375,13 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     start = None if init is None else load_model(init, psf_model=m.name)
     if start is not None:
         warn_other_task(start, m.to_meta(), "the training set")
+    st = None
+    if resume:  # the run's network, set, rate and epochs: checked before any work
+        ckpt = Path(checkpoint)
+        st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
+        arch, epochs = _check_resume(st, ckpt / "last.pt", m, n, attrs.get("seed"), arch, lr, epochs)
+    if epochs is None:
+        epochs = 20
     if arch is None:
         arch = start.arch if start is not None else "spectral"
     model = PSFRegressor(m.name, arch, meta=meta, device=device)
@@ -362,10 +406,6 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         return opt, sched
 
     if resume:
-        st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
-        if st.get("format") != STATE_FORMAT or st["meta"]["psf_model"] != m.name or st["meta"]["arch"] != arch:
-            raise ValueError(f"{ckpt / 'last.pt'} is not a checkpoint of a {arch} {m.name} training run "
-                             "of this lsfov version; start it again without --resume")
         if bool(st["meta"].get("freeze", False)) != freeze:
             raise ValueError(f"{ckpt / 'last.pt'} is a run with freeze={not freeze}; resume it with freeze={not freeze}")
         model.net.load_state_dict(st["state_dict"])  # before the features: a frozen trunk's are the run's
@@ -382,6 +422,10 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         start_epoch, best, bad, history = st["epoch"] + 1, st["best"], st["bad"], list(st["history"])
         best_val = st["best_val"]
         best_state = st["best_state"]
+        before = float(st.get("seconds", 0.0))  # the run's training time so far
+        if start_epoch >= epochs or bad >= patience:
+            log.info("%s: the run had finished (%d epochs): nothing left to train, its best weights kept",
+                     ckpt / "last.pt", start_epoch)
     elif lr is None:
         first = copy.deepcopy(model.net.state_dict())
         scores = {}
@@ -407,6 +451,8 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
     from tqdm.auto import tqdm
 
     steps = math.ceil(len(train_idx) / batch_size)
+    if not resume:
+        before = 0.0
     t0 = time.perf_counter()
     with tqdm(total=(epochs - start_epoch) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch",
               disable=not progress) as bar:
@@ -432,7 +478,9 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
             bar.set_postfix(val_loss=f"{val:.4g}", val_r2=f"{r2:.4f}")
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
-                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch, "freeze": freeze}, "epoch": epoch,
+                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch, "freeze": freeze,
+                                                          "set": {**m.to_meta(), "n": n, "seed": attrs.get("seed")}},
+                         "epoch": epoch, "seconds": before + time.perf_counter() - t0,
                          "lr": lr, "best": best, "best_val": best_val, "bad": bad, "history": history,
                          "state_dict": model.net.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "best_state": best_state}
@@ -453,7 +501,7 @@ def train(data, *, arch: str | None = None, epochs: int = 20, batch_size: int = 
         "n_train": int(len(train_idx)), "n_val": int(n_val), "lr": lr, "batch_size": batch_size,
         "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best_val["val_loss"],
         "best_val_r2": best_val["val_r2"], "history": history,
-        "device": str(model.device), "seconds": round(time.perf_counter() - t0, 1),
+        "device": str(model.device), "seconds": round(before + time.perf_counter() - t0, 1),
     }
     if freeze:
         model.meta["training"].update(freeze=True, features_seconds=round(t_feat, 1))
