@@ -236,6 +236,8 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
         src = Path(src).resolve()
         if path.resolve() == src or path.resolve() in src.parents:
             raise ValueError(f"{path} is the input {src} (or holds it); write the output under another name")
+        if src.is_dir() and src in path.resolve().parents:  # e.g. into an OME-Zarr store being read
+            raise ValueError(f"{path} is inside the input {src}; write the output elsewhere")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     if path.is_dir() and not _is_replaceable(path):
@@ -1055,8 +1057,13 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         data, out = None, data
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
-    out = _check_out(out, overwrite, result=False, inputs=[p for p in (data, *more) if p])  # a .pt file
+    inputs = [p for p in (data, *more, test_path) if p]
+    out = _check_out(out, overwrite, result=False, inputs=inputs)  # a .pt file
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
+    if checkpoint:  # a directory of its own, never in a training set's store
+        ck = Path(checkpoint).resolve()
+        if any(ck == Path(p).resolve() or Path(p).resolve() in ck.parents for p in inputs):
+            raise ValueError(f"--checkpoint {checkpoint} is (or is inside) an input; give a directory of its own")
     if out.suffix != ".pt":
         raise ValueError(f"model files end in .pt, got {out.name}")
     if n_stream is not None and init is not None:  # a stream of the init model's task: its ranges and optics
@@ -1066,6 +1073,9 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     if test_path:  # before any work: an hour of training is not lost to a test set that cannot be read
         from .estimate.synth import open_training_set
 
+        if any(Path(test_path).resolve() == Path(p).resolve() for p in (data, *more) if p):
+            raise ValueError(f"--test {test_path} is a training set of this run: its R² would be no test; give a "
+                             "held-out set (--synthesize N SET --split test)")
         tested = open_training_set(test_path)["attrs"]
         trained = (psf_model.upper() if isinstance(psf_model, str) else psf_model.name) if n_stream is not None \
             else open_training_set(data)["attrs"]["psf_model"]

@@ -360,6 +360,9 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
                                 "or give the run's --checkpoint)")
     ds = _as_set(data)
     attrs = ds["attrs"]
+    if attrs.get("split") == "test":
+        warnings.warn("training on a set of the test split (the held-out images): every test set of it scores what the "
+                      "model has seen; synthesize a training set (--split train)", LsfovWarning, stacklevel=2)
     m = _psf.PSFModel.from_meta(attrs)  # the set's ranges: targets are scaled by them, as the model decodes
     n = len(ds["params"])
     n_val = max(1, int(round(n * val_fraction)))
