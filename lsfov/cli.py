@@ -1150,7 +1150,9 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
         if figure:
             from .figures import robustness_figure
 
-            robustness_figure(figure, {reg.psf_model.name: curves}, title=f"{reg.psf_model.name}: R² vs degradation")
+            name = reg.psf_model.name if str(model).upper() == reg.psf_model.name else \
+                f"{Path(model).name} ({reg.psf_model.name})"
+            robustness_figure(figure, {name: curves}, title=f"{name}: R² vs degradation")
             click.echo(f"wrote {figure}")
 
 

@@ -514,6 +514,13 @@ def test_model_save_load_round_trip_and_bad_files(tmp_path):
         lsfov.load_model(tmp_path / "text.pt")
     with pytest.raises(FileNotFoundError, match="no model file"):
         lsfov.load_model(tmp_path / "missing.pt")
+    # what users give by mistake: the metadata beside a model, a training run's checkpoint
+    with pytest.raises(ValueError, match=r"is a model's metadata; give the model file .*\.pt"):
+        lsfov.load_model(path.with_suffix(".json"))
+    torch.save({"format": train.STATE_FORMAT, "meta": {}}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"last.pt is a checkpoint of a training run, not a model: continue the run "
+                                         r"\(--resume\), or use the best.pt"):
+        lsfov.load_model(tmp_path / "last.pt")
     with pytest.raises(ValueError, match="no shipped model for Z2"):
         lsfov.load_model("Z2")
 

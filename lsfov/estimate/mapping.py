@@ -315,7 +315,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if h < patch or w < patch:
         raise ValueError(f"image {h}x{w} is smaller than one {patch}x{patch} patch; the CNN needs at least that")
     if pixel_um and m.optics is not None and abs(float(pixel_um) / m.optics.pixel_um - 1) > 0.1:
-        warnings.warn(f"image pixels are {float(pixel_um):g} µm but model {m.psf_model.name} was trained at "
+        named = m.psf_model.name if ref is m else Path(str(model)).name  # a shipped name, or the file
+        warnings.warn(f"image pixels are {float(pixel_um):g} µm but model {named} was trained at "
                       f"{m.optics.pixel_um:g} µm: its parameters will be off; resample the image or train a model "
                       "for these optics (or, if the image's size is wrong, give it: pixel_um= / --pixel-um)",
                       LsfovWarning, stacklevel=2)

@@ -456,11 +456,16 @@ class PSFRegressor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}; give a shipped name ({', '.join(SHIPPED)}) or a .pt path")
+        if path.suffix == ".json" and path.with_suffix(".pt").is_file():
+            raise ValueError(f"{path} is a model's metadata; give the model file {path.with_suffix('.pt')}")
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path} is not an lsfov model file ({type(e).__name__}); "
                              "train one with `lsfov train`") from None
+        if isinstance(blob, dict) and str(blob.get("format", "")).startswith("lsfov.TrainState"):
+            raise ValueError(f"{path} is a checkpoint of a training run, not a model: continue the run (--resume), "
+                             "or use the best.pt written beside it when the run ends")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"{path} is not an lsfov model file; train one with `lsfov train`")
         meta = blob["meta"]
