@@ -1304,7 +1304,11 @@ def describe(path) -> str:
     if isinstance(meta, dict) and meta.get("type") == "TrainingSet":
         n = zarr.open_group(str(path), mode="r")["patches"].shape[0]
         extra = ", ".join(f"{k} {meta[k]}" for k in ("psf_model", "split", "seed") if k in meta)
-        return f"{path}: lsfov CNN training set\n  {n} patches; {extra}"
+        drawn = {k: tuple(v) for k, v in (meta.get("ranges") or {}).items()}
+        optics = meta.get("optics")
+        return (f"{path}: lsfov CNN training set\n  {n} patches; {extra}\n  ranges: {drawn}"
+                + (f"; optics: {', '.join(f'{k} {v}' for k, v in optics.items())}" if optics else "")
+                + (f"\n  peak photons {meta['photons'][0]:g}-{meta['photons'][1]:g}" if meta.get("photons") else ""))
     try:
         arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     except SeveralImages as e:  # an OME-TIFF of positions: each image

@@ -403,6 +403,8 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     run("-q", "train", "--synthesize", 64, "--psf-model", "G1", "--split", "test", "--workers", 2, "te.zarr")
     res = run("-q", "train", "--synthesize", 8, "tr.zarr", ok=False)
     assert res.exit_code == 1 and "already exists" in res.output
+    info = run("info", "te.zarr").output  # what a set was drawn over, before an hour of training on it
+    assert "64 patches; psf_model G1, split test" in info and "ranges: {'sigma': (0.5, 4.0)}" in info
     res = run("train", "tr.zarr", "g1.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--test", "te.zarr")
     assert "R² (" in res.output and "validity accuracy" in res.output
     assert (tmp_path / "g1.pt").exists() and (tmp_path / "g1.json").exists()
