@@ -356,19 +356,22 @@ class PSFModel:
         return np.pi if "focus" in self.params else np.pi / 2
 
     def to_meta(self) -> dict:
-        """The model as stored results record it (JSON types): name, parameters, units, ranges, optics."""
+        """The model as stored results record it (JSON types): name, parameters, units, ranges, optics,
+        and its kernel size where it is not the named model's."""
         return {"psf_model": self.name, "params": list(self.params), "units": dict(self.units),
                 "ranges": {p: list(v) for p, v in self.ranges.items()},
-                "optics": self.optics.to_dict() if self.optics else None}
+                "optics": self.optics.to_dict() if self.optics else None,
+                **({"size": int(self.size)} if self.name in MODELS and self.size != MODELS[self.name].size else {})}
 
     @classmethod
     def from_meta(cls, meta: Mapping) -> PSFModel:
         """The model a record of :meth:`to_meta` describes: the named model (a name or a model) with the
-        recorded ranges and optics, its own where the record has none."""
+        recorded ranges, optics and kernel size, its own where the record has none."""
         base = get_model(meta["psf_model"])
         ranges = {p: tuple(v) for p, v in (meta.get("ranges") or base.ranges).items()}
         optics = meta.get("optics")
-        return dataclasses.replace(base, ranges=ranges, optics=Optics(**optics) if optics else base.optics)
+        return dataclasses.replace(base, ranges=ranges, optics=Optics(**optics) if optics else base.optics,
+                                   size=int(meta.get("size") or base.size))
 
     def as_array(self, params) -> tuple[np.ndarray, bool]:
         """Parameter set(s) as a (B, N) float64 array, and whether a batch was given."""
@@ -423,7 +426,8 @@ class PSFModel:
         cut = cut_off(out)
         if cut.any():
             warnings.warn(f"{int(cut.sum())} {self.name} PSF(s) (e.g. {', '.join(f'{q}={v:.3g}' for q, v in zip(self.params, arr[cut][0]))}) "
-                          f"reach the edge of the {size}-pixel kernel and are cut off; pass a larger size",
+                          f"reach the edge of the {size}-pixel kernel and are cut off; pass a larger size "
+                          f"(render's size=, or a model of larger kernels: dataclasses.replace(model, size={2 * size + 1}))",
                           LsfovWarning, stacklevel=2)
         return out if batched else out[0]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lsfov
-from lsfov import psf
+from lsfov import psf, simulate
 from lsfov.estimate import model as M
 from lsfov.estimate import network, synth
 from lsfov.estimate import training as train
@@ -650,3 +650,21 @@ def test_robustness_shows_progress_only_when_asked(capsys):
     loud = robustness("G1", n=12, strengths=(0.0, 0.1), progress=True)
     assert "robustness G1" in capsys.readouterr().err
     assert quiet == loud  # the bar changes nothing it reports
+
+
+def test_a_model_of_larger_kernels_keeps_them_through_its_file_and_maps(tmp_path):
+    """Optics of wider PSFs need larger kernels: the size is recorded with the model (its set, its
+    file, its maps) and its maps' operators render at it, not at the named model's 31 pixels."""
+    import dataclasses
+
+    wide = dataclasses.replace(psf.MODELS["G1"], size=41)
+    assert psf.PSFModel.from_meta(wide.to_meta()).size == 41
+    assert "size" not in psf.MODELS["G1"].to_meta()  # the named model's records are as before
+    assert synth.synthesize(8, wide, seed=0)["attrs"]["size"] == 41
+    M.PSFRegressor(wide, "compact").save(tmp_path / "wide.pt")
+    model = lsfov.load_model(tmp_path / "wide.pt")
+    assert model.psf_model.size == 41
+    img = simulate.sample_image("coins", (128, 128)) * 1000 + 10
+    untrained = lsfov.estimate_psf_map(img, tmp_path / "wide.pt", stride=64, fill=False)  # (its validity: any)
+    op = lsfov.operator_from_psf_map(untrained)
+    assert op.kernels.shape[-1] == 41
