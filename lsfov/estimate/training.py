@@ -314,7 +314,8 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         Seeds the initial weights (torch's global generator), the probes' batches and each epoch's
         shuffle (so a resumed run draws the batches it would have).
     max_minutes : float, optional
-        Stop after the epoch during which this much time has passed.
+        Stop after the epoch during which this much time has passed since the features and the
+        learning-rate probe began (an epoch is never cut: it is what a resumed run continues from).
     init : str, path or PSFRegressor, optional
         Start from this model's weights (fine-tuning, or more training on a fresh set); it must
         be a model of the same PSF model and network, or, for ``arch="polar"``, a ``spectral`` model
@@ -413,7 +414,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
             raise ValueError(f"{ckpt / 'last.pt'} is a run with freeze={not freeze}; resume it with freeze={not freeze}")
         model.net.load_state_dict(st["state_dict"])  # before the features: a frozen trunk's are the run's
 
-    t_feat = time.perf_counter()
+    t_feat = t_begin = time.perf_counter()  # t_begin: what max_minutes counts from
     inputs = fit.inputs(patches, block, progress)  # the patches, or the frozen trunk's features
     t_feat = time.perf_counter() - t_feat
 
@@ -491,7 +492,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
                     torch.save(state, tmp)
             if bad >= patience:
                 break
-            if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+            if max_minutes is not None and time.perf_counter() - t_begin > 60 * max_minutes:
                 break
     if not math.isfinite(best):  # every epoch's validation loss NaN or Inf: weights not to be shipped
         raise ValueError(f"training diverged (no finite validation loss; lr {lr:g}); train with a smaller lr")
