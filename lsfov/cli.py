@@ -1000,8 +1000,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
               help="Early-stopping patience (epochs without a better validation R²).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop after the epoch during which this many minutes have passed (learning-rate probe "
-                   "included; an epoch is not cut, so a large set overruns it by up to one epoch).")
+              help="Stop after about this many minutes: a stream at once, a set after the epoch during which "
+                   "they pass (learning-rate probe included; an epoch is not cut, so a large set overruns by up "
+                   "to one epoch).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint directory [OUT without .pt + '.ckpt'].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--device", default=None,
