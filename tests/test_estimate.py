@@ -514,6 +514,12 @@ def test_model_save_load_round_trip_and_bad_files(tmp_path):
         lsfov.load_model(tmp_path / "text.pt")
     with pytest.raises(FileNotFoundError, match="no model file"):
         lsfov.load_model(tmp_path / "missing.pt")
+    # bytes damaged inside the file (not cut short: torch reads it): found by the digest saved with the weights
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 4096] = bytes(4096)
+    (tmp_path / "damaged.pt").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="damaged.pt: its weights differ from the digest saved with them"):
+        lsfov.load_model(tmp_path / "damaged.pt")
     # what users give by mistake: the metadata beside a model, a training run's checkpoint
     with pytest.raises(ValueError, match=r"is a model's metadata; give the model file .*\.pt"):
         lsfov.load_model(path.with_suffix(".json"))

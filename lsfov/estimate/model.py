@@ -445,8 +445,9 @@ class PSFRegressor:
         meta = json.loads(json.dumps(self.meta))  # plain types only: weights_only can read them
         meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        with atomic_file(path) as tmp:
-            torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
+        with atomic_file(path) as tmp:  # with its weights' digest: damage inside the file is found on loading
+            torch.save({"format": FORMAT, "meta": meta, "state_dict": state, "weights_digest": self.weights_digest()},
+                       tmp)
         with atomic_file(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(meta, indent=1) + "\n")
         return path
@@ -475,6 +476,9 @@ class PSFRegressor:
         except RuntimeError as e:
             raise ValueError(f"{path}: weights do not fit a {meta.get('arch')} network for "
                              f"{meta['psf_model']} ({str(e).splitlines()[0]})") from None
+        if blob.get("weights_digest") not in (None, model.weights_digest()):  # (files from before: none stored)
+            raise ValueError(f"{path}: its weights differ from the digest saved with them: the file is damaged; "
+                             "copy it again")
         model.net.eval()
         return model
 
