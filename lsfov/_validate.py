@@ -115,12 +115,16 @@ def significant_bits(image) -> int | None:
 
 def as_bits(bits) -> int | None:
     """A ``significant_bits`` value as an int (see :func:`significant_bits`); None if it is no whole number."""
-    if isinstance(bits, (bytes, str)):
-        bits = bits.strip()
-        return int(bits) if bits.isdigit() else None
+    if isinstance(bits, bytes):
+        bits = bits.decode(errors="replace")
+    if isinstance(bits, str):
+        try:
+            bits = float(bits)
+        except ValueError:
+            return None
     if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, float, np.integer, np.floating)):
         return None
-    return int(bits) if float(bits).is_integer() else None
+    return int(bits) if float(bits).is_integer() and 0 < bits <= 64 else None  # pixels of at most 64 bits
 
 
 def censor_level(image, saturation=None) -> float | None:

@@ -540,7 +540,10 @@ def _psf_operator(path, shape, channel=None):
     from . import io
     from .operators import ProductConvolution
 
-    whole = io._open_any(Path(path).resolve(), 0)
+    try:
+        whole = io._open_any(Path(path).resolve(), 0)
+    except io.SeveralImages as e:  # --series picks IN's image, not the PSF's
+        raise ValueError(f"{path}: a PSF file of {e.n} images; save the PSF you mean as a file of its own") from None
     several = "c" in whole.dims and whole.sizes["c"] > 1
     if several and channel is None:
         raise ValueError(f"{path}: a PSF of {whole.sizes['c']} channels (or a z-stack that tifffile stored as an RGB "

@@ -143,8 +143,8 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     _check_index("channel", channel)
     try:
         arr = _open_any(path.resolve(), 0)
-    except SeveralImages as e:  # stage positions of beads: each image's planes
-        return [p for k in range(e.n) for p in _planes(_open_any(path.resolve(), 0, k), path, channel)]
+    except SeveralImages:  # stage positions of beads: each image's planes
+        return [p for im in _open_tiff(path.resolve(), every=True) for p in _planes(im, path, channel)]
     return _planes(arr, path, channel)
 
 
@@ -300,7 +300,9 @@ def _plain_zarr_array(path: Path) -> xr.DataArray | None:
     return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": None, "source": str(path)})
 
 
-def _open_tiff(path: Path, level: int = 0, pick: int | None = None) -> xr.DataArray:
+def _open_tiff(path: Path, level: int = 0, pick: int | None = None, every: bool = False):
+    """A TIFF's image (``pick``: which of several; an appended plain TIFF's pages as a z-stack), or
+    with ``every`` the list of all of them (the file parsed once, not once per image)."""
     import tifffile
 
     try:
@@ -312,30 +314,40 @@ def _open_tiff(path: Path, level: int = 0, pick: int | None = None) -> xr.DataAr
             raise ValueError(f"{path}: no image in this TIFF (empty, or its writing did not finish)")
         _refuse_cut_short(tf, path)
         n = len(tf.series)
+        if every:
+            return [_tiff_image(path, tf, 0, k) for k in range(n)]
         if pick is not None and not -n <= pick < n:
             raise ValueError(f"{path}: series={pick} (--series) out of range; the file has {n} image(s) (0..{n - 1})")
         if pick is None and n > 1 and tf.is_ome:  # OME Images: positions or fields, not planes of one stack
             names = [s.name for s in tf.series if s.name]
             raise SeveralImages(f"{path}: {n} images in this OME-TIFF" + (f" ({', '.join(names[:6])})" if names else "")
                                 + "; choose one with series= (--series)", n)
-        k = 0 if pick is None else pick % n
-        series = tf.series[k]
-        levels = series.levels if series.is_pyramidal and (n == 1 or pick is not None) else [series]
-        if not 0 <= level < len(levels):
-            raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(levels) - 1})")
         if n > 1 and pick is None:  # e.g. tifffile.imwrite(..., append=True): each call a series of its own
+            if level:
+                raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..0)")
             return _open_tiff_series(path, tf)
-        axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
-        if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
-            axes = axes.replace("q", "z", 1)
-        axes = axes.replace("q", "c")
-        shape = levels[level].shape
-        # A level's pixels are larger than the full-resolution ones the metadata states, by the size ratio.
-        ratio = {d: series.shape[i] / shape[i] for i, d in enumerate(axes) if d in "yx"}
-        pixel_um = _times(_tiff_pixel_um(tf, "X", k), ratio.get("x", 1))
-        pixel_um_y = _times(_tiff_pixel_um(tf, "Y", k), ratio.get("y", 1))
-        z_um, t_step = _tiff_z_um(tf, k), _tiff_t_step(tf, k)
-        bits = _ome_significant_bits(tf, series.dtype, k)
+        return _tiff_image(path, tf, level, 0 if pick is None else pick % n)
+
+
+def _tiff_image(path: Path, tf, level: int, k: int) -> xr.DataArray:
+    """Series ``k`` of the open TIFF ``tf`` (its pyramid level ``level``) with its own metadata."""
+    import tifffile
+
+    series = tf.series[k]
+    levels = series.levels if series.is_pyramidal else [series]
+    if not 0 <= level < len(levels):
+        raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(levels) - 1})")
+    axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
+    if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
+        axes = axes.replace("q", "z", 1)
+    axes = axes.replace("q", "c")
+    shape = levels[level].shape
+    # A level's pixels are larger than the full-resolution ones the metadata states, by the size ratio.
+    ratio = {d: series.shape[i] / shape[i] for i, d in enumerate(axes) if d in "yx"}
+    pixel_um = _times(_tiff_pixel_um(tf, "X", k), ratio.get("x", 1))
+    pixel_um_y = _times(_tiff_pixel_um(tf, "Y", k), ratio.get("y", 1))
+    z_um, t_step = _tiff_z_um(tf, k), _tiff_t_step(tf, k)
+    bits = _ome_significant_bits(tf, series.dtype, k)
     try:
         # One level of a pyramid (SubIFDs, or an OME-TIFF's reduced images) as an array: the series
         # itself opens as a zarr group, which only a whole read could take.
@@ -432,6 +444,8 @@ class _TiffSeries:
             entry = self._entry = _tiff_entry(self.key)
         try:
             return entry.array(self.series, self.level)[item]
+        except (MemoryError, OSError):  # not the file's fault: out of memory, a network file system's error
+            raise
         except Exception as e:  # a damaged block: zlib.error, tifffile's errors... named with the file
             kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
             raise ValueError(f"{self.path}: its pixels cannot be read ({kind}: {e}); the file is damaged or cut "
@@ -441,17 +455,19 @@ class _TiffSeries:
 def _refuse_cut_short(tf, path):
     """Refuse a TIFF whose first or last image's pixel data end past the end of the file (a partial
     copy or an interrupted write), which tifffile opens and describes as if whole."""
-    size = tf.filehandle.size
     for series in {0: tf.series[0], 1: tf.series[-1]}.values():
         try:
             pages = [series.pages[0], series.pages[len(series.pages) - 1]]
         except Exception:  # pages tifffile cannot list: left to the read, which names the file
             continue
         for page in pages:
+            if page is None:
+                continue
+            fh = page.parent.filehandle  # a multi-file OME-TIFF's pages lie in their own files
             ends = [o + n for o, n in zip(getattr(page, "dataoffsets", None) or (),
                                           getattr(page, "databytecounts", None) or ())]
-            if ends and max(ends) > size:
-                raise ValueError(f"{path}: cut short ({size} bytes; its pixel data run to {max(ends)}): "
+            if ends and max(ends) > fh.size:
+                raise ValueError(f"{fh.path}: cut short ({fh.size} bytes; its pixel data run to {max(ends)}): "
                                  "an interrupted write or copy; copy it again")
 
 
@@ -495,13 +511,26 @@ def _times(size, factor):
 
 
 def _ome_pixels(tf, k: int = 0) -> str:
-    """The ``k``-th ``<Pixels ...>`` element of a TIFF's OME-XML (image ``k``'s size, pixel size, time
-    step, bits), or the whole XML where it has no such elements; '' for a TIFF without OME-XML."""
+    """The ``<Pixels ...>`` element of series ``k``'s Image in a TIFF's OME-XML (its size, pixel size,
+    time step, bits): the k-th where each Image is a series, else the one of the series' name (tifffile
+    leaves out Images whose data are in no file it has); '' where none is known, or without OME-XML;
+    the whole XML where it has no Image elements."""
     import re
 
     xml = tf.ome_metadata or ""
-    found = re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
-    return found[k] if k < len(found) else xml
+    found = getattr(tf, "_lsfov_ome_images", None)  # parsed once per open file: a plate has thousands
+    if found is None:
+        found = []
+        for head, body in re.findall(r"<(?:\w+:)?Image\b([^>]*)>(.*?)</(?:\w+:)?Image\s*>", xml, re.S):
+            name, pixels = re.search(r'\bName="([^"]*)"', head), re.search(r"<(?:\w+:)?Pixels\b[^>]*>", body)
+            found.append((name.group(1) if name else None, pixels.group(0) if pixels else ""))
+        tf._lsfov_ome_images = found
+    if not found:
+        return xml
+    if len(found) == len(tf.series):
+        return found[k][1]
+    same = [p for n, p in found if n is not None and n == tf.series[k].name]
+    return same[0] if len(same) == 1 else ""
 
 
 def _ome_significant_bits(tf, dtype, k: int = 0) -> int | None:
@@ -1312,7 +1341,7 @@ def describe(path) -> str:
     try:
         arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     except SeveralImages as e:  # an OME-TIFF of positions: each image
-        parts = [_open_any(path, 0, k) for k in range(e.n)]
+        parts = _open_tiff(path, every=True)
         return (f"{path}: {e.n} images (choose one with series= / --series)" + "".join(
             f"\n  {_describe_array(f'series {k}', a)}" + (f"; pixel size {a.attrs['pixel_um']:g} µm"
                                                           if a.attrs.get("pixel_um") else "")

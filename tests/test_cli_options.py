@@ -220,14 +220,17 @@ def test_every_command_reads_the_image_of_an_ome_tiff_that_series_picks(run, tmp
     np.save(tmp_path / "psf.npy", lsfov.psf.gaussian(1.5, size=15))
     assert "choose one with series= (--series)" in run("deconvolve", "pos.ome.tif", "x.zarr", "--psf", "psf.npy",
                                                        ok=False).output
-    for args in (["deconvolve", "pos.ome.tif", "d.zarr", "--psf", "psf.npy", "--iterations", 1],
-                 ["estimate", "pos.ome.tif", "e.zarr"], ["run", "pos.ome.tif", "r.zarr", "--iterations", 1],
-                 ["simulate", "blur", "pos.ome.tif", "s.zarr", "--grid", 1]):
-        run("-q", *args, "--series", 1)
-        out = lsfov.open_result(tmp_path / args[2 if args[0] != "simulate" else 3])
+    tifffile.imwrite(tmp_path / "b.ome.tif", b.astype(np.uint16), metadata={"axes": "YX", "PhysicalSizeX": 0.2,
+                                                                             "PhysicalSizeY": 0.2})
+    for args, var in ((["deconvolve", "IN", "d.zarr", "--psf", "psf.npy", "--iterations", 1], "deblurred"),
+                      (["estimate", "IN", "e.zarr"], "focus"), (["run", "IN", "r.zarr", "--iterations", 1], "deblurred"),
+                      (["simulate", "blur", "IN", "s.zarr", "--grid", 1], "blurred")):
+        at = args.index("IN")
+        run("-q", *(a if a != "IN" else "pos.ome.tif" for a in args), "--series", 1)
+        run("-q", *(a if a != "IN" else "b.ome.tif" for a in args[:at + 1]), "b_" + args[at + 1], *args[at + 2:])
+        out, alone = (lsfov.open_result(tmp_path / f) for f in (args[at + 1], "b_" + args[at + 1]))
         assert out.attrs["plane"] == {"series": 1}, args
-        if "raw" in out:
-            np.testing.assert_array_equal(out.raw.values, b.astype(np.uint16))
+        np.testing.assert_array_equal(out[var].values, alone[var].values)  # image 1's pixels, none other's
 
 
 def test_simulate_blur_never_overwrites_the_store_it_reads(run, tmp_path):

@@ -413,7 +413,7 @@ def test_saturation_level_defaults_to_the_cameras_and_none_saturated_changes_not
         lsfov.deconvolve(y, op, 5, saturation=-1)
 
 
-@pytest.mark.parametrize("bits", [12, np.int16(12), 12.0, np.float64(12), "12", " 12 "])
+@pytest.mark.parametrize("bits", [12, np.int16(12), 12.0, np.float64(12), "12", " 12 ", "12.0", b"12"])
 def test_significant_bits_written_by_hand_or_read_back_as_float_or_text_are_the_same_bits(bits):
     """attrs from netCDF or a JSON edited by hand carry 12.0 or "12": still a 12-bit camera."""
     from lsfov._validate import level_origin, saturation_level
@@ -423,7 +423,7 @@ def test_significant_bits_written_by_hand_or_read_back_as_float_or_text_are_the_
     assert level_origin(img, None, 4095.0) == "the image's 12 significant bits"
 
 
-@pytest.mark.parametrize("bits", [12.5, "twelve", "", True, None, [12], 16, 0, -3])
+@pytest.mark.parametrize("bits", [12.5, "twelve", "", "nan", True, None, [12], 16, 0, -3, 4096, 1e300])
 def test_significant_bits_that_say_no_fewer_bits_leave_the_types_level(bits):
     from lsfov._validate import saturation_level
 

@@ -431,6 +431,13 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     np.testing.assert_allclose(resumed.predict(x)["sigma"], reg.predict(x)["sigma"], rtol=1e-3, atol=1e-3)
     # the training time is the run's, both sessions (not the last one's over all epochs' patches)
     assert resumed.meta["training"]["seconds"] >= stopped.meta["training"]["seconds"]
+    # a run that stopped early (patience spent) trains no more when resumed
+    first = torch.load(tmp_path / "ck2" / "last.pt", weights_only=True)
+    assert resumed.meta["training"]["seconds"] >= round(first["seconds"], 1)  # both sessions' time
+    torch.save({**first, "epoch": 0, "bad": 4, "history": [h for h in first["history"] if h.get("epoch") == 0]},
+               tmp_path / "ck2" / "last.pt")
+    early = train.train(d, progress=False, checkpoint=tmp_path / "ck2", resume=True)
+    assert early.meta["training"]["epochs_run"] == 1
     # nothing of the run may change on resuming: refused before any work, saying what to give
     (tmp_path / "ck2" / "last.pt").write_bytes((tmp_path / "ck" / "last.pt").read_bytes())  # a finished run
     kw = dict(progress=False, checkpoint=tmp_path / "ck2", resume=True)
@@ -666,7 +673,17 @@ def test_a_model_of_larger_kernels_keeps_them_through_its_file_and_maps(tmp_path
     wide = dataclasses.replace(psf.MODELS["G1"], size=41)
     assert psf.PSFModel.from_meta(wide.to_meta()).size == 41
     assert "size" not in psf.MODELS["G1"].to_meta()  # the named model's records are as before
-    assert synth.synthesize(8, wide, seed=0)["attrs"]["size"] == 41
+    data = synth.synthesize(128, wide, seed=0)
+    assert data["attrs"]["size"] == 41
+    trained = train.train(data, arch="compact", epochs=1, lr=1e-3, batch_size=32, progress=False)
+    assert trained.psf_model.size == 41 and trained.meta["size"] == 41  # trained on it: kept
+    from lsfov.estimate import stream
+
+    streamed = stream.train_stream(stream.PatchStream(wide), arch="compact", patches=32, batch_size=16, n_val=32,
+                                   progress=False)
+    assert streamed.psf_model.size == 41
+    with pytest.raises(ValueError, match="has another size"):  # sets of other kernels are not stacked
+        train.train([data, synth.synthesize(128, "G1", seed=1)], epochs=1, progress=False)
     M.PSFRegressor(wide, "compact").save(tmp_path / "wide.pt")
     model = lsfov.load_model(tmp_path / "wide.pt")
     assert model.psf_model.size == 41

@@ -359,6 +359,37 @@ def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
         lsfov.open_image(tmp_path / "pos.ome.tif", series="1")
 
 
+def test_a_multi_file_ome_tiff_is_whole_and_a_read_error_is_not_damage(tmp_path, monkeypatch):
+    """A Micro-Manager or Bio-Formats OME-TIFF split over files: each page's data lie in its own
+    file, so none is "cut short". An error of the system while reading (out of memory, a network
+    file system) is that error, not a damaged file."""
+    import uuid
+
+    ua, ub = (f"urn:uuid:{uuid.uuid4()}" for _ in range(2))
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+           f'UUID="{ua}"><Image ID="Image:0" Name="a"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint16" '
+           'SizeX="64" SizeY="64" SizeZ="1" SizeC="1" SizeT="2" PhysicalSizeX="0.2" PhysicalSizeY="0.2">'
+           '<Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+           f'<TiffData FirstT="0" IFD="0" PlaneCount="1"><UUID FileName="a.ome.tif">{ua}</UUID></TiffData>'
+           f'<TiffData FirstT="1" IFD="0" PlaneCount="1"><UUID FileName="b.ome.tif">{ub}</UUID></TiffData>'
+           '</Pixels></Image></OME>')
+    tifffile.imwrite(tmp_path / "a.ome.tif", np.ones((64, 64), np.uint16), description=xml, metadata=None)
+    # the second file's data far beyond the first file's end
+    tifffile.imwrite(tmp_path / "b.ome.tif", np.full((64, 64), 2, np.uint16),
+                     description=xml.replace(f'UUID="{ua}"', f'UUID="{ub}"') + " " * 200000, metadata=None)
+    assert (tmp_path / "b.ome.tif").stat().st_size > 20 * (tmp_path / "a.ome.tif").stat().st_size
+    second = lsfov.open_image(tmp_path / "a.ome.tif", t=1)
+    assert float(second.mean()) == 2.0 and second.attrs["pixel_um"] == pytest.approx(0.2)
+    img = lsfov.open_image(tmp_path / "a.ome.tif", t=0)
+
+    def no_memory(self, series, level=None):
+        raise MemoryError("Unable to allocate 3.2 GiB")
+
+    monkeypatch.setattr(lsfov.io._TiffEntry, "array", no_memory)
+    with pytest.raises(MemoryError, match="3.2 GiB"):
+        img.values
+
+
 def test_damaged_tiffs_are_refused_naming_the_file(tmp_path):
     """A TIFF of a header only, one cut short (a partial copy: tifffile opens and describes it as
     whole) and one with a damaged compressed tile: one clear error each, never a traceback of

@@ -263,7 +263,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
 
         warn_other_task(start, m.to_meta(), "the stream")
     arch = arch or (start.arch if start is not None else "spectral")
-    meta = {"ranges": {p: list(v) for p, v in m.ranges.items()}, "optics": m.to_meta()["optics"], "patch": PATCH}
+    meta = {**{k: v for k, v in m.to_meta().items() if k in ("ranges", "optics", "size")}, "patch": PATCH}
     model = PSFRegressor(m.name, arch, meta=meta, device=dev)
     if freeze and not (hasattr(model.net, "features") and start is not None):
         raise ValueError("freeze=True trains the tail of a polar network over init's fixed trunk: pass arch='polar' and init= (--arch polar --init)")

@@ -53,7 +53,7 @@ class _Stacked:
 
 
 # What sets trained on together must share: patches blurred by one PSF model over the same ranges and optics.
-_SAME = ("psf_model", "ranges", "optics", "patch")
+_SAME = ("psf_model", "ranges", "optics", "patch", "size")  # size: where not the named model's
 
 
 
@@ -65,6 +65,8 @@ def differences(a: dict, b: dict) -> str:
     for k in ra:
         if k in rb and not np.allclose(ra[k], rb[k]):
             out.append(f"{k} {list(ra[k])} (against {list(rb[k])})")
+    if a.get("size") != b.get("size"):  # (None: the named model's)
+        out.append(f"kernel size {a.get('size')} (against {b.get('size')})")
     oa, ob = a.get("optics") or {}, b.get("optics") or {}
     for k in sorted(set(oa) | set(ob)):
         if oa.get(k) != ob.get(k):
@@ -374,7 +376,8 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     patches = ds["patches"]
     train_idx, val_idx = range(n - n_val), range(n - n_val, n)
     block = int(getattr(patches, "chunks", (512,))[0])
-    meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH)}
+    meta = {"ranges": attrs["ranges"], "optics": attrs["optics"], "patch": attrs.get("patch", PATCH),
+            **({"size": attrs["size"]} if attrs.get("size") else {})}  # a model of larger kernels keeps them
     torch.manual_seed(seed)
     start = None if init is None else load_model(init, psf_model=m.name)
     if start is not None:
@@ -428,8 +431,8 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         best_state = st["best_state"]
         before = float(st.get("seconds", 0.0))  # the run's training time so far
         if start_epoch >= epochs or bad >= patience:
-            log.info("%s: the run had finished (%d epochs): nothing left to train, its best weights kept",
-                     ckpt / "last.pt", start_epoch)
+            log.info("%s: the run had finished after %d epoch(s) (%s): nothing left to train, its best weights kept",
+                     ckpt / "last.pt", start_epoch, "all of them" if start_epoch >= epochs else "stopped early")
     elif lr is None:
         first = copy.deepcopy(model.net.state_dict())
         scores = {}
@@ -457,10 +460,11 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     steps = math.ceil(len(train_idx) / batch_size)
     if not resume:
         before = 0.0
+    end = start_epoch if bad >= patience else epochs  # a run resumed after its early stop trains no more
     t0 = time.perf_counter()
-    with tqdm(total=(epochs - start_epoch) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch",
+    with tqdm(total=max(end - start_epoch, 0) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch",
               disable=not progress) as bar:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, end):
             rng = np.random.default_rng([seed, epoch])  # same batches after a resume
             running = []
             for x, t, v in _batches(inputs, targets, valid, train_idx, batch_size, rng, block):
