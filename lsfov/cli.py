@@ -547,7 +547,7 @@ def _psf_operator(path, shape, channel=None):
     several = "c" in whole.dims and whole.sizes["c"] > 1
     if several and channel is None:
         raise ValueError(f"{path}: a PSF of {whole.sizes['c']} channels (or a z-stack that tifffile stored as an RGB "
-                         "image: write it with metadata={'axes': 'ZYX'}); --channel picks the same channel of IN and of "
+                         "image: write it with photometric='minisblack'); --channel picks the same channel of IN and of "
                          "the PSF; for a one-channel IN, save the PSF's channel as a file of its own")
     planes = [np.asarray(p.values, dtype=np.float32) for p in io.open_planes(path, channel=channel if several else None)]
     # A 3-D PSF (a z-stack of a bead): its in-focus plane, the one with the highest peak, deblurs the

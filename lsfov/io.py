@@ -321,7 +321,8 @@ def _open_tiff(path: Path, level: int = 0, pick: int | None = None, every: bool 
         if pick is None and n > 1 and tf.is_ome:  # OME Images: positions or fields, not planes of one stack
             names = [s.name for s in tf.series if s.name]
             raise SeveralImages(f"{path}: {n} images in this OME-TIFF" + (f" ({', '.join(names[:6])})" if names else "")
-                                + "; choose one with series= (--series)", n)
+                                + "; choose one with series= (--series) (planes of one stack written one by one: "
+                                "save them as one stack, tifffile.imwrite of a 3-D array)", n)
         if n > 1 and pick is None:  # e.g. tifffile.imwrite(..., append=True): each call a series of its own
             if level:
                 raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..0)")

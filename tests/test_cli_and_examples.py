@@ -251,12 +251,12 @@ def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     tifffile.imwrite(tmp_path / "cam.tif", (k / k.max() * 5000 + 500).astype(np.uint16))
     with pytest.warns(lsfov.LsfovWarning, match="background .camera offset. left in it"):
         run("deconvolve", "y.npy", "cam.zarr", "--psf", "cam.tif", "--iterations", 1)
-    # (3, K, K) written without axes: tifffile's RGB. Not the image's --channel, which IN has none of.
-    tifffile.imwrite(tmp_path / "psf_rgb.tif", stack.astype(np.float32))
+    # (3, K, K) as tifffile writes it without axes: RGB. Not the image's --channel, which IN has none of.
+    tifffile.imwrite(tmp_path / "psf_rgb.tif", stack.astype(np.float32), photometric="rgb", planarconfig="separate")
     res = run("deconvolve", "y.npy", "rgb.zarr", "--psf", "psf_rgb.tif", ok=False)
     assert "psf_rgb.tif: a PSF of 3 channels (or a z-stack that tifffile stored as an RGB image: write it with " \
-           "metadata={'axes': 'ZYX'})" in res.output and "Traceback" not in res.output, res.output
-    tifffile.imwrite(tmp_path / "psf_zyx.tif", stack.astype(np.float32), metadata={"axes": "ZYX"})  # as it says
+           "photometric='minisblack')" in res.output and "Traceback" not in res.output, res.output
+    tifffile.imwrite(tmp_path / "psf_zyx.tif", stack.astype(np.float32), photometric="minisblack")  # as it says
     run("-q", "deconvolve", "y.npy", "zyx.zarr", "--psf", "psf_zyx.tif", "--iterations", 2)
     np.testing.assert_allclose(lsfov.open_result(tmp_path / "zyx.zarr").deblurred.values,
                                lsfov.open_result(tmp_path / "s.zarr").deblurred.values, atol=1e-5 * y.max())
