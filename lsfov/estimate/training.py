@@ -56,7 +56,6 @@ class _Stacked:
 _SAME = ("psf_model", "ranges", "optics", "patch", "size")  # size: where not the named model's
 
 
-
 def differences(a: dict, b: dict) -> str:
     """How two PSF-model records (``PSFModel.to_meta()``: ranges, optics) differ, as "focus [0, 0.3]
     (against [0, 0.5]); na 1.4 (against 0.75)"; '' if they do not."""
@@ -109,6 +108,7 @@ def warn_other_task(start, record: dict, what: str):
     if differ:
         warnings.warn(f"{what} is drawn over other ranges or optics than the init model was trained on ({differ}): "
                       "the model is retargeted, its starting weights read other PSFs", LsfovWarning, stacklevel=3)
+
 
 def _as_set(data):
     """A training set as a dict (``patches`` may stay a lazy zarr array); a list of sets as one."""
