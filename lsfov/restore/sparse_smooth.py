@@ -199,6 +199,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if not isinstance(operator, ProductConvolution):
         raise TypeError("operator must be an lsfov.ProductConvolution")
     iterations = positive_int(iterations, "iterations")
+    scratch_dir(scratch, resume)  # before the read of the image below
     xr_in = getattr(image, "dims", None) is not None
     check_pixel_size(operator, image)
     if xr_in and image.ndim > 2:
@@ -245,7 +246,6 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         gamma2 = DEFAULT_GAMMA2
     gamma1, gamma2 = real_number(gamma1, "gamma1", minimum=0), real_number(gamma2, "gamma2", minimum=0)
     steps = _steps(operator, gamma2, norms)
-    scratch_dir(scratch, resume)
     if lazy:
         sparse, smooth = _chunked(y, operator, gamma1, gamma2, steps, iterations, exchange_every, norms.total,
                                   scratch=scratch, resume=resume, progress=progress, level=level)
