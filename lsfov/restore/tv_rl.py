@@ -255,7 +255,10 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     exchange_every : int, optional
         Dask input only: iterations between two halo exchanges (default: chosen by a cost model,
         :func:`lsfov.restore.chunked.choose_exchange_every`). The halo is ``exchange_every * 2r``
-        pixels, ``r`` the kernel radius, which makes the chunked result equal the whole-array one.
+        pixels, ``r`` the kernel radius, which makes the chunked result equal the whole-array one up
+        to float rounding. The iteration carries that rounding on; an operator of strongly signed
+        kernels whose blur goes negative (not a microscope's) amplifies it, as it would a 1e-7
+        change of the data.
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) where each exchange's estimate is
         written and read back, which bounds memory by a few chunks for images larger than memory.
