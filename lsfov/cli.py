@@ -306,6 +306,18 @@ def _check_pixel_um(pixel_um):
         raise ValueError(f"--pixel-um {pixel_um} must be a pixel size in µm > 0")
 
 
+def _say_unknown_pixel(src, img, pixel_um, model):
+    """The CNN reads patches at its training's pixel size: where neither the file nor --pixel-um
+    says the image's, the user is told what was assumed (a mismatch is warned about where known)."""
+    from .estimate.model import load_model
+    from .io import pixel_size
+
+    optics = load_model(model).optics
+    if pixel_um is None and pixel_size(img) is None and optics is not None:
+        log.warning("%s records no pixel size: read as if at the model's %g µm (its training optics), the map's nodes "
+                    "in pixels; give --pixel-um to have both checked and the map in µm", src, optics.pixel_um)
+
+
 # ---------------------------------------------------------------------------------------------- info
 
 
@@ -633,6 +645,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
+    _say_unknown_pixel(src, img, pixel_um, model)
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     saturation, _ = _clip(img, work, saturation)
@@ -708,6 +721,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
+    _say_unknown_pixel(src, img, pixel_um, model)
     work = _on_gpu(img, gpu, scheduler)
     # --max-saturated 1 (an image stretched to its type's range): no clip unless --saturation gives one
     saturation, _ = _clip(img, work, saturation, off=max_saturated is not None and max_saturated >= 1)
@@ -799,9 +813,9 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
                    f"{cal.n_nodes} nodes")
         return
     z = estimate_depth(ds, cal, smooth=smooth)
-    made = {"command": "lsfov depth", "source": str(psf_map), **({"calibration": str(calibration)} if cal else {})}
-    io.save(xr.Dataset({"depth": z}, attrs=made), out,
-            overwrite=overwrite)
+    made = {"command": "lsfov depth", "source": str(psf_map), **({"calibration": str(calibration)} if cal else {}),
+            **({"image": ds.attrs["source"]} if ds.attrs.get("source") else {}), **io.plane_of(ds)}
+    io.save(xr.Dataset({"depth": z}, attrs=made), out, overwrite=overwrite)
     click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
 
 

@@ -30,6 +30,7 @@ def test_blind_deconvolve_is_its_stages_composed(tilted, tmp_path):
     cal.save(tmp_path / "cal.json")
     np.testing.assert_array_equal(lsfov.estimate_depth(psf_map, str(tmp_path / "cal.json")).values, ds.depth.values)
     again = lsfov.blind_deconvolve(img, "Z3", iterations=1, calibration=tmp_path / "cal.json", pixel_um=0.2)
+    assert ds.depth.attrs["smooth"] == cal.smooth  # the smoothing applied
     np.testing.assert_array_equal(again.depth.values, ds.depth.values)
     assert ds.depth.attrs["units"] == "micrometer" and ds.x.attrs["units"] == "micrometer"
     assert ds.x.values[1] == pytest.approx(0.2) and ds.gx.values[0] == pytest.approx(63.5 * 0.2)
@@ -107,3 +108,23 @@ def test_blind_deconvolve_checks_before_any_work(tilted, monkeypatch):
     with pytest.raises(ValueError, match="must be 2-D"):
         lsfov.blind_deconvolve(np.stack([img, img]))
     assert not called
+
+
+def test_a_calibration_of_maps_made_otherwise_is_said_before_the_work(tilted, count_calls):
+    """A map made otherwise than the calibration's is warned about before the map and the deconvolution
+    (their hours on a large image), once."""
+    from lsfov.estimate import mapping
+
+    img = tilted.image
+    cal = lsfov.calibrate_depth(lsfov.estimate_psf_map(img, "Z3", pixel_um=0.2), tilted.depth_um)
+    count_calls(mapping, "estimate_psf_map", fail_at=1, error=KeyboardInterrupt())
+    with pytest.warns(UserWarning) as said, pytest.raises(KeyboardInterrupt):
+        lsfov.blind_deconvolve(img, "Z3", stride=96, symmetrize=True, calibration=cal, pixel_um=0.25)
+    messages = [str(w.message) for w in said]
+    assert any("symmetrize=True, its depth calibration with symmetrize=False" in m for m in messages), messages
+    assert any("stride 96 (calibration: 64), pixel_um 0.25 (calibration: 0.2)" in m for m in messages), messages
+    count_calls(mapping, "estimate_psf_map")  # the real one again: the warnings come once, not again with the depth
+    with pytest.warns(UserWarning) as said:
+        lsfov.blind_deconvolve(img, "Z3", stride=96, iterations=1, calibration=cal, pixel_um=0.2)
+    assert [str(w.message).split(":")[0] for w in said].count("this PSF map was made otherwise than its depth "
+                                                              "calibration's") == 1

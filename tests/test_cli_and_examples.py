@@ -638,6 +638,8 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path, lsfov_log):
     run("depth", "map.zarr", "z3.zarr", "--calibration", "cal2.json", "--smooth", 0)
     z2, z3 = lsfov.open_result("z2.zarr").depth, lsfov.open_result("z3.zarr").depth
     assert z2.attrs["calibration"]["smooth"] == 1.5 and not np.allclose(z2, z3)
+    assert (z2.attrs["smooth"], z3.attrs["smooth"]) == (1.5, 0)  # what was applied, --smooth 0 included
+    assert lsfov.open_result("z3.zarr").attrs["image"] == "tilt.npy"
     assert run("depth", "map.zarr", "z4.zarr", "--smooth", -1, ok=False).exit_code == 2
     res = run("depth", "map.zarr", "z1.zarr", "--calibration", "map.png", ok=False)
     assert res.exit_code == 1

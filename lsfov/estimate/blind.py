@@ -1,7 +1,6 @@
 """The whole blind job of paper 000 in one call: PSF map -> grid operator -> TV-RL -> depth."""
 from __future__ import annotations
 
-import os
 import time
 
 from ..restore.tv_rl import DEFAULT_TV
@@ -50,23 +49,21 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     import xarray as xr
 
     from .._validate import censor_level
-    from ..io import plane_of, with_pixel_size
+    from ..io import pixel_size, with_pixel_size
     from ..restore import deconvolve
     from ..restore.tv_rl import check_settings
-    from .depth import DepthCalibration, estimate_depth
-    from .mapping import estimate_psf_map, operator_from_psf_map
+    from .depth import as_calibration, depth_of, warn_made_otherwise
+    from .mapping import estimate_psf_map, made_attrs, operator_from_psf_map
     from .model import PRODUCTS, load_model
 
     iterations, tv, _, _ = check_settings(iterations, tv)
     params = load_model(model).params  # a wrong name or file is refused before any work
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = DepthCalibration.load(calibration)
-    if not isinstance(calibration, (DepthCalibration, dict, type(None))):
-        raise TypeError(f"calibration must come from lsfov.calibrate_depth (or be its JSON file), "
-                        f"got {type(calibration).__name__}")
+    calibration = as_calibration(calibration)
     if calibration is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"a depth calibration needs an astigmatic model (Z3); model {model} regresses {list(params)}")
     img = with_pixel_size(image, pixel_um)
+    if calibration is not None:  # said before the work, not after it
+        warn_made_otherwise(made_attrs(model, stride, pixel_size(img), symmetrize), calibration)
     seconds, t = {}, time.perf_counter()
     psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, saturation=saturation,
                                max_saturated=max_saturated, scratch=scratch, resume=resume, progress=progress)
@@ -82,7 +79,6 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
     out["filled"] = psf_map["filled"]
     if {"focus", "axis"} <= set(psf_map):
-        out["depth"] = estimate_depth(psf_map, calibration)
-    made = {**({"source": img.attrs["source"]} if img.attrs.get("source") else {}), **plane_of(img)}
-    return xr.Dataset(out, attrs={**made, **psf_map.attrs, "iterations": iterations, "tv": tv,
+        out["depth"] = depth_of(psf_map, calibration)
+    return xr.Dataset(out, attrs={**psf_map.attrs, "iterations": iterations, "tv": tv,
                                   "censored_at": censor_level(img, clip), "seconds": seconds})

@@ -323,7 +323,7 @@ def _warn_clipped(z, valid, cal: DepthCalibration):
     if share > 0.25:
         warnings.warn(f"{share:.0%} of the nodes read at the end of the calibrated depths "
                       f"({lo:+.3g}..{hi:+.3g} µm, read to {_PAD:.0%} beyond): the sample goes further there and its "
-                      "depth is clipped; calibrate over the depths you image", LsfovWarning, stacklevel=3)
+                      "depth is clipped; calibrate over the depths you image", LsfovWarning, stacklevel=4)
 
 
 def _node_values(psf_map, known):
@@ -410,8 +410,8 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     (a, b, offset), *_ = np.linalg.lstsq(design, zt, rcond=1e-6)
     th, slope = float(np.mod(0.5 * np.arctan2(b, a), np.pi)), float(np.hypot(a, b))
     fields = dict(slope=float(slope), offset=float(offset), n_nodes=int(use.sum()), smooth=float(smooth),
-                  robust=robust, min_validity=float(min_validity), method=method, symmetrize=_symmetrized(psf_map),
-                  **_made_by(psf_map))
+                  robust=robust, min_validity=float(min_validity), method=method, symmetrize=_symmetrized(psf_map.attrs),
+                  **_made_by(psf_map.attrs))
     if method == "curve":
         levels = len(np.unique(np.round(zt, 6)))
         if levels < 3:
@@ -444,20 +444,27 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     return DepthCalibration(**{**fit.to_dict(), "r2": float(r2), "mae_um": float(np.mean(np.abs(pred - zt)))})
 
 
-def _made_by(psf_map) -> dict:
+def _made_by(attrs: dict) -> dict:
     """The model (a shipped name or a file's name; None for a model object) and its weights' digest,
-    stride and pixel size of a map."""
-    model = psf_map.attrs.get("model")
+    stride and pixel size of a map, from its attributes."""
+    model = attrs.get("model")
     model = None if model in (None, "PSFRegressor") else Path(str(model)).name
-    stride, px = psf_map.attrs.get("stride"), psf_map.attrs.get("pixel_um")
+    stride, px = attrs.get("stride"), attrs.get("pixel_um")
     return {"model": model, "stride": None if stride is None else int(stride), "pixel_um": float(px) if px else None,
-            "model_digest": psf_map.attrs.get("model_digest") or None}
+            "model_digest": attrs.get("model_digest") or None}
 
 
-def _warn_made_otherwise(psf_map, c: DepthCalibration):
-    """Warn when the map was made otherwise than the calibration's (each item where both are known)."""
+def warn_made_otherwise(attrs: dict, c: DepthCalibration, stacklevel: int = 2):
+    """Warn when a PSF map, by its attributes (``estimate_psf_map``'s, or those it will have), is made
+    otherwise than calibration ``c``'s map (each item where both are known)."""
+    sym = _symmetrized(attrs)
+    if None not in (sym, c.symmetrize) and sym != c.symmetrize:
+        # A symmetrized map reads less noisy, less shrunk parameters: curves fitted on the other kind are off.
+        warnings.warn(f"this PSF map was made with symmetrize={sym}, its depth calibration with "
+                      f"symmetrize={c.symmetrize}: the depths may be biased; make the map as the calibration's "
+                      "was, or calibrate again", LsfovWarning, stacklevel=stacklevel + 1)
     differ = []
-    for k, here in _made_by(psf_map).items():
+    for k, here in _made_by(attrs).items():
         there = getattr(c, k)
         if None in (here, there):
             continue
@@ -466,13 +473,26 @@ def _warn_made_otherwise(psf_map, c: DepthCalibration):
                           if k == "model_digest" else f"{k} {here} (calibration: {there})")
     if differ:
         warnings.warn(f"this PSF map was made otherwise than its depth calibration's: {', '.join(differ)}; the depths "
-                      "may be wrong: make the map as the calibration's was, or calibrate again", LsfovWarning, stacklevel=3)
+                      "may be wrong: make the map as the calibration's was, or calibrate again", LsfovWarning,
+                      stacklevel=stacklevel + 1)
 
 
-def _symmetrized(psf_map) -> bool | None:
-    """Whether the map was symmetrized (``estimate_psf_map`` records it; None where not said)."""
-    sym = psf_map.attrs.get("symmetrize")
+def _symmetrized(attrs: dict) -> bool | None:
+    """Whether a map (its attributes) was symmetrized (``estimate_psf_map`` records it; None where not said)."""
+    sym = attrs.get("symmetrize")
     return None if sym is None else bool(sym)
+
+
+def as_calibration(calibration) -> DepthCalibration | None:
+    """A :class:`DepthCalibration` from one, its ``to_dict()`` or its JSON file (None stays None)."""
+    if isinstance(calibration, (str, os.PathLike)):
+        return DepthCalibration.load(calibration)
+    if isinstance(calibration, dict):  # to_dict(), or a saved file's JSON (with its "type")
+        return DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
+    if not isinstance(calibration, (DepthCalibration, type(None))):
+        raise TypeError(f"calibration must come from lsfov.calibrate_depth (its to_dict(), or its JSON file), "
+                        f"got {type(calibration).__name__}")
+    return calibration
 
 
 def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None,
@@ -488,23 +508,14 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     is robust to outlying nodes; by default the calibration's (0 and plain without a calibration).
     """
     psf_map = _check_map(psf_map)
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = DepthCalibration.load(calibration)
-    if not isinstance(calibration, (DepthCalibration, dict, type(None))):
-        raise TypeError(f"calibration must come from lsfov.calibrate_depth (its to_dict(), or its JSON file), "
-                        f"got {type(calibration).__name__}")
-    if isinstance(calibration, dict):  # to_dict(), or a saved file's JSON (with its "type")
-        c = DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
-    else:
-        c = calibration
-    sym = _symmetrized(psf_map)
-    if c is not None and None not in (sym, c.symmetrize) and sym != c.symmetrize:
-        # A symmetrized map reads less noisy, less shrunk parameters: curves fitted on the other kind are off.
-        warnings.warn(f"this PSF map was made with symmetrize={sym}, its depth calibration with "
-                      f"symmetrize={c.symmetrize}: the depths may be biased; make the map as the calibration's "
-                      "was, or calibrate again", LsfovWarning, stacklevel=2)
+    c = as_calibration(calibration)
     if c is not None:
-        _warn_made_otherwise(psf_map, c)
+        warn_made_otherwise(psf_map.attrs, c, stacklevel=2)
+    return depth_of(psf_map, c, smooth, robust)
+
+
+def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, robust: bool | None = None):
+    """:func:`estimate_depth` of a checked map, without its checks (a caller that made them before)."""
     sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:
@@ -525,7 +536,8 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     floor = c.min_validity if c is not None else 0.5
     z = z.copy(data=local_plane(z.values, _weights(psf_map, floor), sigma, robust=robust))  # σ = 0: unchanged
     z = z.astype(np.float32).rename("depth")
-    z.attrs = {"units": units, "long_name": "distance from the focal plane"}
+    # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
+    z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
     if note:
         z.attrs["calibration"] = note
     return z

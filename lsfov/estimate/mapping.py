@@ -22,7 +22,7 @@ from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
 from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, positive_int, real_number,
                          scratch_dir, yx_order)
-from ..io import atomic_file, image_origin, pixel_size
+from ..io import atomic_file, image_origin, pixel_size, plane_of
 from ..operators import ProductConvolution
 
 log = logging.getLogger("lsfov")
@@ -284,8 +284,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if int(patch) != m.patch:
         raise ValueError(f"patch={patch} but the model reads {m.patch}x{m.patch} patches; use patch={m.patch}")
     patch = m.patch
-    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
+    stride = check_stride(stride)
     batch_size = positive_int(batch_size, "batch_size")
     max_saturated = MAX_SATURATED if max_saturated is None else \
         real_number(max_saturated, "max_saturated", minimum=0, maximum=1)
@@ -411,13 +410,32 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     data_vars["validity"] = (("gy", "gx"), validity, {"units": "1", "long_name": "probability the patch is valid"})
     if filled is not None:
         data_vars["filled"] = (("gy", "gx"), filled, _FILLED_ATTRS)
+    # Which image and plane it maps, as open_image recorded them (a time point's map says which).
+    made = {}
+    if xr_in:
+        made = {**({"source": image.attrs["source"]} if image.attrs.get("source") else {}), **plane_of(image)}
     return xr.Dataset(data_vars, coords=coords, attrs={
-        **record, "patch": patch, "stride": int(stride),
-        "pixel_um": float(pixel_um) if pixel_um else None, "image_shape": [int(h), int(w)], "origin": list(origin),
-        "model": "PSFRegressor" if ref is m else str(model), "model_digest": m.weights_digest(),
-        "symmetrize": int(bool(symmetrize)),
+        **made, **record, "patch": patch, "stride": int(stride),
+        **made_attrs(model, stride, pixel_um, symmetrize), "image_shape": [int(h), int(w)], "origin": list(origin),
         "saturation": level, "max_saturated": max_saturated,
     })
+
+
+def check_stride(stride) -> int:
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
+    return int(stride)
+
+
+def made_attrs(model, stride, pixel_um, symmetrize) -> dict:
+    """How a map of ``model`` (name, file or PSFRegressor) is made, as the map records it: what a
+    depth calibration, which holds for maps made alike, compares."""
+    from .model import PSFRegressor, load_model
+
+    m = model if isinstance(model, PSFRegressor) else load_model(model)
+    return {"model": "PSFRegressor" if m is model else str(model), "model_digest": m.weights_digest(),
+            "stride": check_stride(stride), "pixel_um": float(pixel_um) if pixel_um else None,
+            "symmetrize": int(bool(symmetrize))}
 
 
 @functools.lru_cache(maxsize=32)

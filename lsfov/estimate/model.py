@@ -347,6 +347,9 @@ class PSFRegressor:
                 # Asynchronous only from host memory: a GPU tensor copied to a CPU model without a
                 # sync could be read before the copy lands.
                 x = t[s : s + batch_size].to(self.device, non_blocking=t.device.type == "cpu")
+                # Contiguous: a convolution's rounding follows its input's layout, and a symmetry's view
+                # (transposed) or the zero-padded last pass (copied) would otherwise give other bits.
+                x = x.contiguous()
                 n = len(x)
                 if fixed and n < batch_size:
                     x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])
