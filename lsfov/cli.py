@@ -73,6 +73,11 @@ def main(ctx, verbose, quiet):
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level)
+    # tifffile's notes on a file (damaged, unusual) come before lsfov's own message of what that means,
+    # which is the one line a command prints; -vv shows them (for this command only).
+    tiff_log = logging.getLogger("tifffile")
+    ctx.call_on_close(functools.partial(tiff_log.setLevel, tiff_log.level))
+    tiff_log.setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
     # A warning is one line for the person at the terminal, not a source location in lsfov (for this
     # command only: a notebook or test that calls the CLI gets its own format back).
     previous = warnings.formatwarning
@@ -195,6 +200,9 @@ def _run_state(out: Path, parent, resume: bool):
     """
     if parent and Path(parent).exists() and not Path(parent).is_dir():
         raise ValueError(f"--scratch {parent} is a file; give a directory that every worker can reach")
+    if parent and (Path(parent).resolve() == out.resolve() or out.resolve() in Path(parent).resolve().parents):
+        # OUT is written whole at the end, atomically: a scratch inside it would be in its way
+        raise ValueError(f"--scratch {parent} is OUT or inside it; give a directory outside OUT (e.g. its parent)")
     # In a --scratch that several jobs share (a SLURM array), each output its own state, whatever its name.
     tag = "" if not parent else "." + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
     state = Path(parent or out.parent) / f".{out.name}{tag}.scratch"
@@ -556,18 +564,27 @@ def _psf_operator(path, shape, channel=None):
         whole = io._open_any(Path(path).resolve(), 0)
     except io.SeveralImages as e:  # --series picks IN's image, not the PSF's
         raise ValueError(f"{path}: a PSF file of {e.n} images; save the PSF you mean as a file of its own") from None
+    except ValueError:
+        try:
+            a_map = "stride" in io.open_result(path).attrs
+        except Exception:
+            a_map = False
+        if a_map:
+            raise ValueError(f"--psf {path} is a PSF map (of lsfov estimate or run): give it with --psf-map") from None
+        raise
     several = "c" in whole.dims and whole.sizes["c"] > 1
     if several and channel is None:
         raise ValueError(f"{path}: a PSF of {whole.sizes['c']} channels (or a z-stack that tifffile stored as an RGB "
                          "image: write it with photometric='minisblack'); --channel picks the same channel of IN and of "
                          "the PSF; for a one-channel IN, save the PSF's channel as a file of its own")
-    planes = [np.asarray(p.values, dtype=np.float32) for p in io.open_planes(path, channel=channel if several else None)]
+    planes = list(io.open_planes(path, channel=channel if several else None))
     # A 3-D PSF (a z-stack of a bead): its in-focus plane, the one with the highest peak, deblurs the
     # plane of a sample that is in focus (a plane with no finite pixel is never it).
-    best = int(np.argmax([np.nanmax(p) if np.isfinite(p).any() else -np.inf for p in planes]))
+    peaks = [np.asarray(p.values, dtype=np.float32) for p in planes]
+    best = int(np.argmax([np.nanmax(p) if np.isfinite(p).any() else -np.inf for p in peaks]))
     if len(planes) > 1:
         log.info("%s: a PSF of %d planes; using plane %d, the one with the highest peak", path, len(planes), best)
-    try:
+    try:  # its pixel size recorded: a PSF measured at other pixels than IN's is the wrong size (warned)
         return ProductConvolution.from_psf(planes[best], shape, attrs={"psf_file": str(path)})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
@@ -955,6 +972,11 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
     out = _check_out(out, overwrite, inputs=beads)
     if figure:
         _check_figure(figure, overwrite, out, inputs=beads)
+    seen = {}
+    for path in beads:  # one acquisition counted twice would weigh its operator double in the subspace
+        if Path(path).resolve() in seen:
+            raise ValueError(f"{path} is given twice (as {seen[Path(path).resolve()]}); give each bead image once")
+        seen[Path(path).resolve()] = path
     planes = [p for path in beads for p in open_planes(path, channel=channel)]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")

@@ -332,13 +332,22 @@ class ProductConvolution:
             Image shape (H, W).
         attrs : dict, optional
             Free metadata (PSF model, optics, provenance), copied to :attr:`attrs`; kept by :meth:`save`
-            as JSON.
+            as JSON. The pixel size of an xarray PSF that knows it is recorded as ``pixel_um``: the
+            deconvolution of an image of other pixels warns.
 
         Returns
         -------
         ProductConvolution
             A grid-form operator of one node.
         """
+        if getattr(psf, "dims", None) is not None and "pixel_um" not in (attrs or {}):
+            from .io import pixel_size
+
+            try:
+                px = pixel_size(psf)
+            except ValueError:  # non-square pixels: a PSF in its own pixels, with nothing to compare
+                px = None
+            attrs = {**(attrs or {}), **({"pixel_um": px} if px else {})}
         k = _as_float_array(psf, "psf")
         if k.ndim != 2:
             raise ValueError(f"psf must be one 2-D PSF, got shape {k.shape}; pick its in-focus plane")

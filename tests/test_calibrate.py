@@ -425,6 +425,9 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
     assert (sub.n_psf, sub.n_space, sub.n_images, sub.shape) == (5, 6, 6, (320, 320))
     errs = [operator_distance(sub.operator(k), f.operator) for k, f in enumerate(stack)]
     assert max(errs) < 0.18, errs  # measured 0.097-0.127; each image's mean PSF everywhere: 0.27-0.33
+    # An operator says what it is: image k's has that image's beads, not the subspace's training set
+    assert sub.operator(2).attrs["n_beads"] == sub.attrs["beads_per_image"][2] < sub.attrs["n_beads"]
+    assert not {"n_beads", "beads_per_image", "singular_values"} & set(sub.operator(sub.gammas[0]).attrs)
     # Dask, list and NumPy inputs agree.
     import dask.array as da
 

@@ -184,6 +184,10 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     truth = {v: (("y", "x"), np.full((8, 8), 0.1, np.float32)) for v in ("focus", "astigmatism", "axis")}
     lsfov.save(xr.Dataset(truth), tmp_path / "truth.zarr")  # the true parameters, as `simulate blur` writes: no map
     cases.append((["depth", "truth.zarr", "d.zarr"], "depth reads a PSF map of the CNN"))
+    cases += [  # a scratch inside OUT would be in the way of OUT, written whole at the end
+        (["estimate", "img.npy", "o.zarr", "--scratch", "o.zarr"], "--scratch o.zarr is OUT or inside it"),
+        (["run", "img.npy", "o.zarr", "--scratch", "o.zarr/tmp"], "--scratch o.zarr/tmp is OUT or inside it"),
+        (["calibrate", "img.npy", "./img.npy", "o.zarr"], "./img.npy is given twice (as img.npy)")]
     import torch
 
     if not torch.cuda.is_available():
@@ -208,6 +212,21 @@ def test_quiet_silences_warnings_for_its_command_only(run, tmp_path):
     assert warnings.filters == before
     with pytest.warns(UserWarning, match="still heard"):
         warnings.warn("still heard", UserWarning)
+
+
+def test_a_damaged_tiff_is_one_line(run, tmp_path, caplog):
+    # tifffile's own note on the file ("invalid offset to first page") would come before lsfov's error,
+    # which says what it means: the command prints that one line; -vv lets tifffile's notes through.
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "z.tif", np.zeros((64, 64), np.uint16))
+    (tmp_path / "header.tif").write_bytes((tmp_path / "z.tif").read_bytes()[:8])
+    for quiet in ([], ["-q"]):
+        res = run(*quiet, "info", "header.tif", ok=False)
+        assert res.output.strip() == "Error: header.tif: no image in this TIFF (empty, or its writing did not finish)"
+    assert "invalid offset to first page" not in caplog.text
+    run("-vv", "info", "header.tif", ok=False)
+    assert "invalid offset to first page" in caplog.text
 
 
 def test_cli_dark_image_is_refused_without_a_state_to_resume(run, tmp_path):
@@ -265,6 +284,11 @@ def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     info = run("info", "zcyx.tif").output
     assert "shape (3, 2, 32, 32)" in info and "'z', 'c', 'y', 'x'" in info
     assert "operator" in run("info", "op.zarr").output
+    # A PSF measured at other pixels than the image's is the wrong size: said, as for an operator
+    tifffile.imwrite(tmp_path / "psf005.ome.tif", k, metadata={"axes": "YX", "PhysicalSizeX": 0.05,
+                                                               "PhysicalSizeY": 0.05})
+    with pytest.warns(lsfov.LsfovWarning, match="the operator was made for 0.05 µm pixels"):
+        run("deconvolve", "y.npy", "px.zarr", "--psf", "psf005.ome.tif", "--iterations", 1, "--pixel-um", 0.1)
     for args, msg in ((["--psf-map", "op.zarr"], "is an operator"), (["--psf", "op.zarr"], "is an operator"),
                       (["--psf-map", "s.zarr"], "s.zarr is not a PSF map; make one with `lsfov estimate`")):
         res = run("deconvolve", "y.npy", "o.zarr", *args, ok=False)
@@ -643,6 +667,9 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path, lsfov_log):
     assert run("depth", "map.zarr", "z4.zarr", "--smooth", -1, ok=False).exit_code == 2
     res = run("depth", "map.zarr", "z1.zarr", "--calibration", "map.png", ok=False)
     assert res.exit_code == 1
+    res = run("deconvolve", "tilt.npy", "e.zarr", "--psf", "map.zarr", ok=False)
+    assert res.exit_code == 1 and "--psf map.zarr is a PSF map (of lsfov estimate or run): give it with --psf-map" \
+        in res.output
     res = run("deconvolve", "tilt.npy", "e.zarr", "--psf-map", "map.zarr", "--psf", "x.npy", ok=False)
     assert res.exit_code == 1 and "exactly one" in res.output
 

@@ -103,7 +103,8 @@ class OperatorSubspace:
         -------
         ProductConvolution
             A basis operator with the I PSF kernels and I in-memory float32 maps (H, W); its
-            ``attrs`` are the subspace's plus ``source`` (and ``image`` for an index).
+            ``attrs`` are the subspace's, but those of its training set, plus ``source`` (and for
+            an index ``image`` and its ``n_beads``).
 
         Raises
         ------
@@ -121,9 +122,16 @@ class OperatorSubspace:
             raise ValueError(f"gamma gives PSFs of total light {float(flux.min()):.3g} (<= 0) at some pixels; "
                              "project it first: subspace.operator(subspace.project(gamma))")
         maps /= flux
-        attrs = {**self.attrs, "source": "lsfov.OperatorSubspace.operator"}
+        # The subspace's attributes but those of its training set (its images' beads, its spectrum),
+        # which would describe another thing than this operator; an image's operator has its beads.
+        attrs = {k: v for k, v in self.attrs.items() if k not in ("n_images", "n_beads", "beads_per_image",
+                                                                  "singular_values")}
+        attrs["source"] = "lsfov.OperatorSubspace.operator"
         if isinstance(k_or_gamma, (int, np.integer)):
             attrs["image"] = int(k_or_gamma)
+            per_image = self.attrs.get("beads_per_image")
+            if per_image:
+                attrs["n_beads"] = per_image[int(k_or_gamma)]
         return ProductConvolution.from_basis(self.psf_basis, maps, attrs=attrs)
 
     def project(self, gamma) -> np.ndarray:
