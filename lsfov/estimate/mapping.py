@@ -415,13 +415,14 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if xr_in:
         made = {**({"source": image.attrs["source"]} if image.attrs.get("source") else {}), **plane_of(image)}
     return xr.Dataset(data_vars, coords=coords, attrs={
-        **made, **record, "patch": patch, "stride": int(stride),
-        **made_attrs(model, stride, pixel_um, symmetrize), "image_shape": [int(h), int(w)], "origin": list(origin),
+        **made, **record, "patch": patch, **made_attrs(model, stride, pixel_um, symmetrize),
+        "image_shape": [int(h), int(w)], "origin": list(origin),
         "saturation": level, "max_saturated": max_saturated,
     })
 
 
 def check_stride(stride) -> int:
+    """A map's node spacing: a positive whole number of pixels."""
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be a positive integer number of pixels, got {stride!r}")
     return int(stride)
