@@ -332,8 +332,8 @@ def _say_unknown_pixel(src, img, pixel_um, model):
 @main.command()
 @click.argument("path", type=click.Path())
 def info(path):
-    """Describe an image (OME-Zarr, TIFF, .npy), an lsfov result, a CNN model (.pt or a shipped
-    name) or a depth calibration (.json)."""
+    """Describe an image (OME-Zarr, TIFF, .npy), an lsfov result, an operator or subspace of
+    operators, a training set, a CNN model (.pt or a shipped name) or a depth calibration (.json)."""
     from .io import describe
     from .psf import MODELS
 

@@ -15,8 +15,8 @@ send (almost) no light into the image (``H^T 1`` below 1e-3 of the largest kerne
 then treats dim and bright structures alike and ``tv``, ``eps`` mean the same on 8-bit, 16-bit or
 photon-count images. It also keeps the multiplicative iteration stable: with a fixed small
 ``eps`` the TV factor amplifies changes of ``x`` on bright, flat regions by ``~4 tv x / eps`` per
-iteration, so that a 1e-7 perturbation of the data grows to 1e-1 after 20 iterations (measured, see
-benchmarks/RESULTS.md) and no two runs (or chunkings) agree. The TV factor is multiplied by the
+iteration, so that a 1e-6 change of the data changes the result by 1e-1 (tv=0.05) to 3e-1 (tv=0.1)
+after 20 iterations (measured, see benchmarks/RESULTS.md) and no two runs (or chunkings) agree. The TV factor is multiplied by the
 normaliser, which keeps the denominator positive for ``0 <= tv < 0.25`` (|div| <= 4 for unit
 vectors with these finite differences).
 
