@@ -44,6 +44,7 @@ def main():
     p.add_argument("--queue")
     p.add_argument("--account")
     p.add_argument("--dry-run", action="store_true", help="print the job script and stop")
+    p.add_argument("--resume", action="store_true", help="continue a job that stopped (its OUT.scratch)")
     a = p.parse_args()
     try:
         cluster = make_cluster(a.cores, a.memory, a.walltime, a.queue, a.account)
@@ -67,9 +68,11 @@ def main():
             print("dashboard:", client.dashboard_link)
             img = lsfov.open_image(a.src, chunks=2048)
             op = lsfov.ProductConvolution.load(a.operator)
-            # Scratch on a file system every node sees (next to the output).
-            x = lsfov.deconvolve(img, op, a.iterations, scratch=a.out + ".scratch")
+            # Scratch on a file system every node sees (next to the output); kept if the job stops
+            # (--resume continues it), removed once the output is written.
+            x = lsfov.deconvolve(img, op, a.iterations, scratch=a.out + ".scratch", resume=a.resume)
             lsfov.save(xr.Dataset({"deblurred": x}), a.out, progress=True)
+        shutil.rmtree(a.out + ".scratch", ignore_errors=True)
 
 
 if __name__ == "__main__":

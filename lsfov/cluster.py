@@ -31,10 +31,17 @@ def jobqueue_cluster(kind: str, **settings):
     """
     if kind not in _JOBQUEUE:
         raise ValueError(f"unknown batch system {kind!r}; use one of {sorted(_JOBQUEUE)}")
+    # Importing it sets Ctrl-C to exit quietly, status 0 (its runner's handler): put back what was there,
+    # so that a cancelled run says so and stops a script's `lsfov ... && next step`.
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
     try:
         import dask_jobqueue
     except ImportError:
         raise ValueError(f"--scheduler {kind} needs dask-jobqueue: pip install dask-jobqueue") from None
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
     try:
         return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
     except ValueError as e:
@@ -183,13 +190,17 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         if shutil.which(submit) is None:  # the cluster would fail in its event loop, after a hang
             raise ValueError(f"--scheduler {kind}: {submit} is not on PATH; run lsfov where {kind} jobs can be "
                              "submitted (a login node)")
-        with _filtered("tornado.application", _SyncCancelRace()), jobqueue_cluster(kind) as cluster:
+        with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
+              jobqueue_cluster(kind) as cluster):
             cluster.scale(jobs=n_jobs)
             with Client(cluster) as client:
                 log.info("%s: %d job(s) submitted, workers join as they start; dashboard: %s", kind, n_jobs,
                          client.dashboard_link)
                 log.debug("job script:\n%s", cluster.job_script())
-                yield client
+                try:
+                    yield client
+                finally:  # the in-process scheduler's closing cancels the progress bar's feed: an ERROR, no news
+                    hush()
         return
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         try:

@@ -792,6 +792,11 @@ def test_slurm_and_pbs_clusters_without_a_batch_system():
     assert "#SBATCH -p gpu" in script and "#SBATCH -A mylab" in script and "--cpus-per-task=8" in script
     with jobqueue_cluster("pbs", cores=4, memory="8GB") as cluster:
         assert "#PBS" in cluster.job_script()
+    # dask-jobqueue's import makes Ctrl-C exit with status 0; a cancelled run must not look successful
+    probe = ("import signal; from lsfov.cluster import jobqueue_cluster; jobqueue_cluster('pbs', cores=1, memory='1GB'); "
+             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "True", res.stderr
     with dask.config.set({"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GB"}):
         with jobqueue_cluster("slurm") as cluster:
             assert "--cpus-per-task=2" in cluster.job_script()
