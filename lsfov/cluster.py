@@ -235,9 +235,10 @@ def _pause_fraction() -> float:
     return 1.0
 
 
-def worker_budgets(client, own_floor: int):
+def worker_budgets(client, own_floor: int, kept=None):
     """Memory each worker of ``client`` leaves its tasks: its ``memory_limit`` up to where Dask pauses
-    it, less its own use (measured, at least ``own_floor`` bytes: the code its tasks load). Returns
+    it, less its own use (measured, at least ``own_floor`` bytes: the code its tasks load) and what
+    ``kept(memory_limit)`` says it keeps between tasks (a cache). Returns
     ``([(bytes, threads) per worker with a limit], pause fraction)``; a worker with nothing left is
     refused (MemoryError), since Dask would pause it and a run would wait for it without a word."""
     fraction, budgets = _pause_fraction(), []
@@ -245,10 +246,11 @@ def worker_budgets(client, own_floor: int):
         if not w.get("memory_limit"):
             continue
         measured = w.get("metrics", {}).get("memory", 0)
-        own = max(measured, own_floor)
-        free = fraction * w["memory_limit"] - own
+        own, cache = max(measured, own_floor), kept(w["memory_limit"]) if kept else 0
+        free = fraction * w["memory_limit"] - own - cache
         if free <= 0:
             uses = f"uses {own / 2**20:.0f} MiB" if measured >= own_floor else f"will use at least {own / 2**20:.0f} MiB"
+            uses += f" (and may cache {cache / 2**20:.0f} MiB)" if cache else ""
             raise MemoryError(f"the Dask worker {w.get('name', name)} {uses} of its {w['memory_limit'] / 2**20:.0f} MiB "
                               f"memory limit before any work, over the {fraction:.0%} at which Dask pauses it; give "
                               "each worker more memory")

@@ -28,9 +28,11 @@ launch costs more than the arithmetic of a small cell, equally spaced nodes get 
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import uuid
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,14 +150,10 @@ class _Group:
 
 
 class _SpectraCache:
-    """Kernel spectra of one operator at the FFT shapes it has met, shared by its restricted views.
+    """Kernel spectra at the FFT shapes met, LRU within a byte budget: one per process, all
+    operators together (:func:`_process_spectra`)."""
 
-    After unpickling (a Dask worker), operators with the same token find the same cache again
-    through :data:`_CACHES`, so spectra are computed once per worker, not once per task. LRU within
-    a byte budget.
-    """
-
-    def __init__(self, budget: int = 512 << 20):
+    def __init__(self, budget: int):
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._nbytes = 0
@@ -177,18 +175,50 @@ class _SpectraCache:
         return value
 
 
-_CACHES: OrderedDict = OrderedDict()  # token -> _SpectraCache, for the last few operators of this process
+def spectra_budget(memory_limit=None) -> int:
+    """Bytes of kernel spectra a process keeps: 512 MiB, or an eighth of a Dask worker's memory
+    limit where that is less. Memory Dask does not see as its tasks' (it pauses a worker over its
+    limit, and a run then waits in silence): :func:`lsfov.restore.chunked.check_task_memory` counts it."""
+    return min(512 << 20, int(memory_limit) // 8) if memory_limit else 512 << 20
+
+
+_SPECTRA: _SpectraCache | None = None
+_VIEWS = weakref.WeakValueDictionary()  # token -> _Spectra: operators of one token share their spectra
 _CACHES_LOCK = threading.Lock()
 
 
-def _cache_for(token: str) -> _SpectraCache:
+def _process_spectra() -> _SpectraCache:
+    global _SPECTRA
     with _CACHES_LOCK:
-        if token not in _CACHES:
-            _CACHES[token] = _SpectraCache()
-            while len(_CACHES) > 4:
-                _CACHES.popitem(last=False)
-        _CACHES.move_to_end(token)
-        return _CACHES[token]
+        if _SPECTRA is None:
+            limit = None
+            if "distributed" in sys.modules:  # in a Dask worker: within its memory limit
+                try:
+                    limit = sys.modules["distributed"].get_worker().memory_manager.memory_limit
+                except (ValueError, AttributeError):  # not in a worker
+                    pass
+            _SPECTRA = _SpectraCache(spectra_budget(limit))
+        return _SPECTRA
+
+
+class _Spectra:
+    """One operator's share of the process's spectra (its keys prefixed by its token). After
+    unpickling (a Dask worker), operators with the same token find the same spectra again, so they
+    are computed once per worker, not once per task."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def get(self, key, make):
+        return _process_spectra().get((self.token, key), make)
+
+
+def _cache_for(token: str) -> _Spectra:
+    with _CACHES_LOCK:
+        view = _VIEWS.get(token)
+        if view is None:
+            view = _VIEWS[token] = _Spectra(token)
+        return view
 
 
 def _stored_files(a) -> tuple:

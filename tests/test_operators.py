@@ -210,6 +210,25 @@ def test_operator_pickles_without_its_caches_and_finds_them_again(rng):
     np.testing.assert_array_equal(clone.apply(u), out)
 
 
+def test_kernel_spectra_of_all_operators_share_one_budget(rng, monkeypatch):
+    """Spectra cached by a process are bounded for all operators together (a long-lived Dask worker
+    meets many; each load of a file is another operator), by an eighth of a worker's memory limit."""
+    from distributed import Client, LocalCluster
+
+    from lsfov import operators
+
+    assert operators.spectra_budget() == 512 << 20 and operators.spectra_budget(1 << 30) == 128 << 20
+    monkeypatch.setattr(operators, "_SPECTRA", operators._SpectraCache(1 << 20))
+    u = rng.random((150, 170)).astype(np.float32)
+    for _ in range(6):  # each makes ~0.5 MiB of spectra: the last two are kept
+        _grid_op().apply(u)
+    cache = operators._process_spectra()
+    assert 0 < cache._nbytes <= 1 << 20 and len({key[0] for key in cache._items}) == 2
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="400MiB", dashboard_address=":0") as c, \
+            Client(c) as client:
+        assert client.submit(lambda: operators._process_spectra().budget).result() == (400 << 20) // 8
+
+
 def test_fingerprint_follows_content_not_identity(tmp_path):
     op = _grid_op()
     again = ProductConvolution.load(op.save(tmp_path / "op.zarr"))  # a new object, as in another process
