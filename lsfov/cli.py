@@ -203,6 +203,15 @@ def _run_state(out: Path, parent, resume: bool):
     if parent and (Path(parent).resolve() == out.resolve() or out.resolve() in Path(parent).resolve().parents):
         # OUT is written whole at the end, atomically: a scratch inside it would be in its way
         raise ValueError(f"--scratch {parent} is OUT or inside it; give a directory outside OUT (e.g. its parent)")
+    from .io import output_lock
+
+    with output_lock(out):  # a second run of OUT is refused, not let loose on this one's state
+        with _state(out, parent, resume) as state:
+            yield state
+
+
+@contextlib.contextmanager
+def _state(out: Path, parent, resume: bool):
     # In a --scratch that several jobs share (a SLURM array), each output its own state, whatever its name.
     tag = "" if not parent else "." + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
     state = Path(parent or out.parent) / f".{out.name}{tag}.scratch"

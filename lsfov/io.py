@@ -933,6 +933,92 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     return Path(path)
 
 
+_LOCK_RENEW_S, _LOCK_STALE_S = 30.0, 120.0  # a holder renews its lock; one not renewed for long is dead
+_HELD: dict = {}  # output path -> how many blocks of this process hold its lock
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def output_lock(path):
+    """Hold the right to write ``path`` while the block runs: a second writer (another run, another
+    job of an array, a second ``save``) is refused instead of destroying this one's work or
+    silently replacing its result. The lock is a file ``.NAME.lock`` beside ``path`` naming the
+    holder's host and process, renewed every 30 s; one whose process is gone (this host) or that
+    was not renewed for 2 minutes (a job killed on another node) is taken over. Re-entrant within
+    a process (the CLI holds it over a run that then saves)."""
+    path = Path(path).resolve()
+    with _HELD_LOCK:
+        nested = path in _HELD
+        _HELD[path] = _HELD.get(path, 0) + 1
+    try:
+        if nested:
+            yield
+            return
+        lock = path.parent / f".{path.name}.lock"
+        _take_lock(lock, path)
+        stop = threading.Event()
+        renew = threading.Thread(target=_renew_lock, args=(lock, stop), daemon=True, name="lsfov-lock")
+        renew.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renew.join()
+            lock.unlink(missing_ok=True)
+    finally:
+        with _HELD_LOCK:
+            _HELD[path] -= 1
+            if not _HELD[path]:
+                del _HELD[path]
+
+
+def _take_lock(lock: Path, path: Path):
+    import socket
+    import time
+
+    host, me = socket.gethostname(), os.getpid()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                their_host, their_pid = lock.read_text().split()[:2]
+                age = time.time() - lock.stat().st_mtime
+            except (OSError, ValueError):  # just removed, or being written: look again
+                time.sleep(0.1)
+                continue
+            if (their_host == host and not _alive(int(their_pid))) or age > _LOCK_STALE_S:
+                log.info("taking over %s, left by a run that ended without removing it", lock)
+                lock.unlink(missing_ok=True)
+                continue
+            raise FileExistsError(f"{path} is being written by another run (process {their_pid} on {their_host}); "
+                                  f"wait for it to end, or write elsewhere (its lock {lock.name} is taken over "
+                                  f"once not renewed for {_LOCK_STALE_S / 60:.0f} minutes)") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host} {me}\n")
+        return
+    raise FileExistsError(f"{path}: its lock {lock} keeps changing hands; is another run writing it?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _renew_lock(lock: Path, stop: threading.Event):
+    while not stop.wait(_LOCK_RENEW_S):
+        try:
+            os.utime(lock)
+        except OSError:  # removed by hand: nothing to renew
+            return
+
+
 @contextlib.contextmanager
 def atomic_directory(path, *, overwrite: bool = False):
     """Yield a temporary sibling directory that becomes ``path`` only if the block completes.
@@ -944,22 +1030,25 @@ def atomic_directory(path, *, overwrite: bool = False):
     ``path`` are removed by the next write of ``path``.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    if path.exists() and not _is_replaceable(path):
-        raise FileExistsError(f"{path} exists and is not an lsfov result or zarr store; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
-        log.info("removing %s, left by a write of %s that was killed", stale, path)
-        shutil.rmtree(stale, ignore_errors=True)
-    # Absolute: the workers that write into it may run in another directory (a PBS job in $HOME).
-    tmp = path.resolve().parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        _move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(path):  # another writer's partial directory is not stale: it is refused first
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        if path.exists() and not _is_replaceable(path):
+            raise FileExistsError(f"{path} exists and is not an lsfov result or zarr store; refusing to replace it")
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+            log.info("removing %s, left by a write of %s that was killed", stale, path)
+            shutil.rmtree(stale, ignore_errors=True)
+        # Absolute: the workers that write into it may run in another directory (a PBS job in $HOME).
+        tmp = path.resolve().parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            yield tmp
+            if path.exists() and not overwrite:  # written meanwhile by something that takes no lock
+                raise FileExistsError(f"{path} appeared while this result was being written; nothing replaced: "
+                                      "write again under another name, or pass overwrite=True (--overwrite)")
+            _move_into_place(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager

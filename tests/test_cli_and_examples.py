@@ -214,6 +214,25 @@ def test_quiet_silences_warnings_for_its_command_only(run, tmp_path):
         warnings.warn("still heard", UserWarning)
 
 
+def test_a_second_run_of_an_output_is_refused_and_leaves_the_first_alone(run, tmp_path):
+    """Two runs of one OUT (a job submitted twice): the second would discard the first's state as an
+    earlier run's, or replace its result; it is refused, and the first's state is left as it was."""
+    import socket
+
+    np.save(tmp_path / "img.npy", np.ones((64, 64), np.float32))
+    np.save(tmp_path / "psf.npy", np.ones((3, 3), np.float32))
+    state = tmp_path / ".o.zarr.scratch" / "x1" / "done"
+    state.mkdir(parents=True)
+    (state / "0.0").write_text("the first run's work")
+    (tmp_path / ".o.zarr.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # that run, alive
+    res = run("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy", ok=False)
+    assert res.exit_code == 1 and "o.zarr is being written by another run" in res.output, res.output
+    assert (state / "0.0").read_text() == "the first run's work" and not (tmp_path / "o.zarr").exists()
+    (tmp_path / ".o.zarr.lock").unlink()  # it ended: the next run goes ahead (and starts afresh)
+    run("-q", "deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy", "--iterations", 1)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_a_damaged_tiff_is_one_line(run, tmp_path, caplog):
     # tifffile's own note on the file ("invalid offset to first page") would come before lsfov's error,
     # which says what it means: the command prints that one line; -vv lets tifffile's notes through.

@@ -413,6 +413,31 @@ def test_damaged_tiffs_are_refused_naming_the_file(tmp_path):
         img.values
 
 
+def test_a_second_writer_of_a_result_is_refused(tmp_path):
+    """Two writers of one result: the second is refused while the first holds its lock (it would
+    remove the first's partial directory as stale and then lose to it); a lock left by a run that
+    died (its process gone here, or not renewed for minutes elsewhere) is taken over."""
+    import socket
+    import time
+
+    path, lock = tmp_path / "r.zarr", tmp_path / ".r.zarr.lock"
+    (tmp_path / ".r.zarr.partial-0123abcd").mkdir()  # the other writer's work
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process that is not this save
+    with pytest.raises(FileExistsError, match=r"r.zarr is being written by another run \(process \d+ on "):
+        lsfov.save(_image(64, 64), path)
+    assert (tmp_path / ".r.zarr.partial-0123abcd").is_dir() and not path.exists()
+    lock.write_text("node-17 4242\n")  # another node's job, renewed just now
+    with pytest.raises(FileExistsError, match="process 4242 on node-17"):
+        lsfov.save(_image(64, 64), path)
+    old = time.time() - 600  # ... then not renewed for 10 minutes: that job is dead
+    os.utime(lock, (old, old))
+    lsfov.save(_image(64, 64), path)
+    lock.write_text(f"{socket.gethostname()} 999999999\n")  # no such process here
+    lsfov.save(_image(64, 64), path, overwrite=True)
+    assert lsfov.open_result(path).deblurred.shape == (64, 64)
+    assert not lock.exists() and not list(tmp_path.glob(".r.zarr.partial-*"))
+
+
 def test_save_never_harms_existing_output(tmp_path):
     path = tmp_path / "r.zarr"
     lsfov.save(_image(64, 64), path)
