@@ -234,7 +234,7 @@ def _state(out: Path, parent, resume: bool):
         elif any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).
             told = isinstance(e, (_BAD_INPUT, KeyboardInterrupt, _Terminated))
-            click.echo(f"{'' if told else 'interrupted; '}the work done so far is kept in {state}: "
+            click.echo(f"{'' if told else 'stopped; '}the work done so far is kept in {state}: "
                        "run the same command with --resume to finish only what is missing", err=True)
         else:  # refused before any work: leave nothing behind
             shutil.rmtree(state, ignore_errors=True)

@@ -207,9 +207,15 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             client = Client(spec, timeout="10s")
         except OSError as e:
             raise ValueError(f"cannot reach the Dask scheduler at {spec} ({e}); is it running?") from None
-        with _filtered("tornado.application", _SyncCancelRace()), client:
+        with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
+              _hushable("asyncio") as hush_loop, client):
             log.info("connected to %s; dashboard: %s", spec, client.dashboard_link)
-            yield client
+            try:
+                yield client
+            except BaseException:  # a Ctrl-C: the gathers it cancels print their AllExit; lsfov says it once
+                hush()
+                hush_loop()
+                raise
         return
     raise ValueError(f"unknown scheduler {spec!r}; use {SCHEDULERS}")
 

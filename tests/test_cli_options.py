@@ -160,13 +160,13 @@ def _kept_message_case(run, tmp_path, monkeypatch, error):
 
 
 def test_work_kept_after_a_failure_is_said_once(run, tmp_path, small, monkeypatch):
-    """A crash says the run was interrupted; a bad input found late has its own line (the error) and
-    is not called an interruption."""
+    """A crash (an error, a worker lost) says the run stopped; a bad input found late has its own line
+    (the error) and says no more."""
     res = _kept_message_case(run, tmp_path, monkeypatch, RuntimeError("power cut"))
-    assert "interrupted; the work done so far is kept in" in res.output and "--resume" in res.output, res.output
+    assert "stopped; the work done so far is kept in" in res.output and "--resume" in res.output, res.output
     res = _kept_message_case(run, tmp_path, monkeypatch, ValueError("found late"))
     assert res.exit_code == 1 and "found late" in res.output
-    assert "the work done so far is kept in" in res.output and "interrupted; " not in res.output, res.output
+    assert "the work done so far is kept in" in res.output and "stopped; " not in res.output, res.output
 
 
 # ------------------------------------------------------------------------------- simulate
