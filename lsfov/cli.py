@@ -194,7 +194,8 @@ def _resume_option(f):
 def _run_state(out: Path, parent, resume: bool):
     """The scratch directory of the run that writes ``out``; kept if the run fails, for ``--resume``.
 
-    Without ``resume`` a state left by an earlier run is discarded. (Hidden ``.OUT.partial-*``
+    Held under :func:`lsfov.io.output_lock`: a second run of ``out`` is refused. Without ``resume`` a
+    state left by an earlier run is discarded. (Hidden ``.OUT.partial-*``
     directories of a run killed while writing its result are removed by the next write of OUT,
     :func:`lsfov.io.atomic_directory`.)
     """
@@ -542,7 +543,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     clip, saturation = _clip(img, work, None if saturation is False else saturation, off=saturation is False)
-    with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
+    with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
         before = _marks_kept(tmp)
         result = run(work, op, iterations, tv, saturation=clip, exchange_every=exchange_every, scratch=tmp,
                      resume=resume, progress=not obj["quiet"])
@@ -675,7 +676,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     t0 = time.perf_counter()
     work = _on_gpu(img, gpu, scheduler)
     saturation, _ = _clip(img, work, saturation)
-    with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
+    with _run_state(out, scratch, resume) as state, use_scheduler(scheduler):  # refused before a cluster starts
         before = _chunks_kept(state)
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,
                               saturation=saturation, max_saturated=max_saturated, scratch=state, resume=resume,
@@ -752,7 +753,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     # --max-saturated 1 (an image stretched to its type's range): no clip unless --saturation gives one
     saturation, _ = _clip(img, work, saturation, off=max_saturated is not None and max_saturated >= 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with use_scheduler(scheduler), _run_state(out, scratch, resume) as tmp:
+    with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
                             scratch=tmp, resume=resume, progress=not obj["quiet"])
@@ -907,7 +908,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         io.pixel_size(img)  # non-square pixels refused before the sources are sought (a mismatch is warned later)
     t0 = time.perf_counter()
     clip, level = _clip(img, img, saturation)
-    with use_scheduler(scheduler), _run_state(out, scratch, resume) as state:
+    with _run_state(out, scratch, resume) as state, use_scheduler(scheduler):  # refused before a cluster starts
         op, info = identify_operator(np.asarray(img), sub, threshold=threshold, saturation=level, return_details=True)
         log.info("operator identified from %d sources (misfit %.1f%%)", len(info["positions"]), 100 * info["residual"])
         # The iterations run here, through the run's state; sparse and smooth then read from it.

@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import shutil
+import socket
 import threading
+import time
 import uuid
 import warnings
 import weakref
@@ -934,71 +936,104 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
 
 
 _LOCK_RENEW_S, _LOCK_STALE_S = 30.0, 120.0  # a holder renews its lock; one not renewed for long is dead
-_HELD: dict = {}  # output path -> how many blocks of this process hold its lock
+_HELD: dict = {}  # output path -> (thread holding its lock, how many of its blocks hold it)
 _HELD_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def output_lock(path):
     """Hold the right to write ``path`` while the block runs: a second writer (another run, another
-    job of an array, a second ``save``) is refused instead of destroying this one's work or
+    job of an array, another thread's ``save``) is refused instead of destroying this one's work or
     silently replacing its result. The lock is a file ``.NAME.lock`` beside ``path`` naming the
-    holder's host and process, renewed every 30 s; one whose process is gone (this host) or that
-    was not renewed for 2 minutes (a job killed on another node) is taken over. Re-entrant within
-    a process (the CLI holds it over a run that then saves)."""
+    holder's host, process and a token, renewed every 30 s; one whose process is gone (this host)
+    or that was not renewed for 2 minutes (a job killed on another node) is taken over. Re-entrant
+    within a thread (the CLI holds it over a run that then saves)."""
     path = Path(path).resolve()
+    me = threading.get_ident()
     with _HELD_LOCK:
-        nested = path in _HELD
-        _HELD[path] = _HELD.get(path, 0) + 1
-    try:
-        if nested:
-            yield
-            return
-        lock = path.parent / f".{path.name}.lock"
-        _take_lock(lock, path)
-        stop = threading.Event()
-        renew = threading.Thread(target=_renew_lock, args=(lock, stop), daemon=True, name="lsfov-lock")
-        renew.start()
+        owner, depth = _HELD.get(path, (None, 0))
+        if owner == me:
+            _HELD[path] = (me, depth + 1)
+    if owner == me:
         try:
             yield
         finally:
-            stop.set()
-            renew.join()
-            lock.unlink(missing_ok=True)
-    finally:
-        with _HELD_LOCK:
-            _HELD[path] -= 1
-            if not _HELD[path]:
-                del _HELD[path]
-
-
-def _take_lock(lock: Path, path: Path):
-    import socket
-    import time
-
-    host, me = socket.gethostname(), os.getpid()
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                their_host, their_pid = lock.read_text().split()[:2]
-                age = time.time() - lock.stat().st_mtime
-            except (OSError, ValueError):  # just removed, or being written: look again
-                time.sleep(0.1)
-                continue
-            if (their_host == host and not _alive(int(their_pid))) or age > _LOCK_STALE_S:
-                log.info("taking over %s, left by a run that ended without removing it", lock)
-                lock.unlink(missing_ok=True)
-                continue
-            raise FileExistsError(f"{path} is being written by another run (process {their_pid} on {their_host}); "
-                                  f"wait for it to end, or write elsewhere (its lock {lock.name} is taken over "
-                                  f"once not renewed for {_LOCK_STALE_S / 60:.0f} minutes)") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{host} {me}\n")
+            with _HELD_LOCK:
+                _HELD[path] = (me, _HELD[path][1] - 1)
         return
-    raise FileExistsError(f"{path}: its lock {lock} keeps changing hands; is another run writing it?")
+    if owner is not None:
+        raise FileExistsError(f"{path} is being written by another thread of this process; wait for it to end")
+    lock = path.parent / f".{path.name}.lock"
+    token = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}\n"
+    stop = threading.Event()
+    renew = None
+    try:
+        _take_lock(lock, path, token)
+        with _HELD_LOCK:
+            _HELD[path] = (me, 1)
+        renew = threading.Thread(target=_renew_lock, args=(lock, token, stop), daemon=True, name="lsfov-lock")
+        renew.start()
+        yield
+    finally:
+        stop.set()
+        if renew is not None:
+            renew.join()
+        with _HELD_LOCK:
+            if _HELD.get(path, (None,))[0] == me:
+                del _HELD[path]
+        if _read(lock) == token:  # still ours (a holder paused past the stale time may have lost it)
+            lock.unlink(missing_ok=True)
+
+
+def _read(lock: Path) -> str | None:
+    try:
+        return lock.read_text()
+    except OSError:
+        return None
+
+
+def _take_lock(lock: Path, path: Path, token: str):
+    """Create ``lock`` holding ``token`` (whole: written aside, then linked in, which fails if the lock
+    exists), taking over a dead holder's."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    mine = lock.with_name(f"{lock.name}.{uuid.uuid4().hex[:8]}")
+    mine.write_text(token)
+    try:
+        for _ in range(5):
+            try:
+                os.link(mine, lock)
+                return
+            except FileExistsError:
+                pass
+            seen = _read(lock)
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except OSError:  # just released: try again
+                continue
+            host, pid = (seen.split() + ["", ""])[:2] if seen else ("", "")
+            here = host == socket.gethostname()
+            dead = (here and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid)))) or \
+                age > _LOCK_STALE_S or (not seen and age > 5)  # unreadable: a write that never finished
+            if not dead:
+                raise FileExistsError(f"{path} is being written by another run (process {pid} on {host}); wait for "
+                                      f"it to end, or write elsewhere (its lock {lock.name} is taken over once not "
+                                      f"renewed for {_LOCK_STALE_S / 60:.0f} minutes)")
+            # Taken over only if it is still the lock judged dead: moved aside, checked, then removed.
+            aside = lock.with_name(f"{lock.name}.dead-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(lock, aside)
+            except OSError:  # another run took it over first
+                continue
+            if _read(aside) != seen:  # a new holder's, moved by mistake: given back
+                with contextlib.suppress(OSError):
+                    os.link(aside, lock)
+                aside.unlink(missing_ok=True)
+                continue
+            log.info("taking over %s, left by a run that ended without removing it", lock)
+            aside.unlink(missing_ok=True)
+        raise FileExistsError(f"{path}: its lock {lock} keeps changing hands; is another run writing it?")
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -1011,12 +1046,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _renew_lock(lock: Path, stop: threading.Event):
+def _renew_lock(lock: Path, token: str, stop: threading.Event):
     while not stop.wait(_LOCK_RENEW_S):
-        try:
-            os.utime(lock)
-        except OSError:  # removed by hand: nothing to renew
+        if _read(lock) != token:  # removed by hand, or taken over: nothing of ours to renew
             return
+        with contextlib.suppress(OSError):
+            os.utime(lock)
 
 
 @contextlib.contextmanager
@@ -1027,7 +1062,9 @@ def atomic_directory(path, *, overwrite: bool = False):
     store; it is moved aside and removed only once the new one is in place. On any error (or
     Ctrl-C) the temporary directory is removed and ``path`` is left as it was. A process killed
     outright (SIGKILL, a node lost) cannot clean up: the temporary directories it left for
-    ``path`` are removed by the next write of ``path``.
+    ``path`` are removed by the next write of ``path``. The write holds :func:`output_lock`: a
+    second writer of ``path`` is refused, and a ``path`` that something else creates meanwhile is
+    not replaced without ``overwrite`` (FileExistsError).
     """
     path = Path(path)
     with output_lock(path):  # another writer's partial directory is not stale: it is refused first

@@ -32,7 +32,6 @@ import sys
 import threading
 import uuid
 import warnings
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,12 +182,13 @@ def spectra_budget(memory_limit=None) -> int:
 
 
 _SPECTRA: _SpectraCache | None = None
-_VIEWS = weakref.WeakValueDictionary()  # token -> _Spectra: operators of one token share their spectra
 _CACHES_LOCK = threading.Lock()
 
 
 def _process_spectra() -> _SpectraCache:
     global _SPECTRA
+    if _SPECTRA is not None:
+        return _SPECTRA
     with _CACHES_LOCK:
         if _SPECTRA is None:
             limit = None
@@ -214,11 +214,7 @@ class _Spectra:
 
 
 def _cache_for(token: str) -> _Spectra:
-    with _CACHES_LOCK:
-        view = _VIEWS.get(token)
-        if view is None:
-            view = _VIEWS[token] = _Spectra(token)
-        return view
+    return _Spectra(token)
 
 
 def _stored_files(a) -> tuple:

@@ -224,7 +224,7 @@ def test_a_second_run_of_an_output_is_refused_and_leaves_the_first_alone(run, tm
     state = tmp_path / ".o.zarr.scratch" / "x1" / "done"
     state.mkdir(parents=True)
     (state / "0.0").write_text("the first run's work")
-    (tmp_path / ".o.zarr.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # that run, alive
+    (tmp_path / ".o.zarr.lock").write_text(f"{socket.gethostname()} {os.getppid()}\n")  # that run, alive
     res = run("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy", ok=False)
     assert res.exit_code == 1 and "o.zarr is being written by another run" in res.output, res.output
     assert (state / "0.0").read_text() == "the first run's work" and not (tmp_path / "o.zarr").exists()

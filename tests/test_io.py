@@ -422,7 +422,7 @@ def test_a_second_writer_of_a_result_is_refused(tmp_path):
 
     path, lock = tmp_path / "r.zarr", tmp_path / ".r.zarr.lock"
     (tmp_path / ".r.zarr.partial-0123abcd").mkdir()  # the other writer's work
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process that is not this save
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}\n")  # another live process
     with pytest.raises(FileExistsError, match=r"r.zarr is being written by another run \(process \d+ on "):
         lsfov.save(_image(64, 64), path)
     assert (tmp_path / ".r.zarr.partial-0123abcd").is_dir() and not path.exists()
@@ -434,8 +434,33 @@ def test_a_second_writer_of_a_result_is_refused(tmp_path):
     lsfov.save(_image(64, 64), path)
     lock.write_text(f"{socket.gethostname()} 999999999\n")  # no such process here
     lsfov.save(_image(64, 64), path, overwrite=True)
+    lock.write_text("")  # a lock whose writing never finished (a full disk), a minute old
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    lsfov.save(_image(64, 64), path, overwrite=True)
     assert lsfov.open_result(path).deblurred.shape == (64, 64)
-    assert not lock.exists() and not list(tmp_path.glob(".r.zarr.partial-*"))
+    assert not lock.exists() and not list(tmp_path.glob(".r.zarr.partial-*")) and not list(tmp_path.glob(".r.zarr.lock*"))
+    # Another thread of this process is another writer too; the lock's own thread may nest.
+    import threading
+
+    from lsfov.io import output_lock
+
+    said = []
+    with output_lock(path):
+        with output_lock(path):  # the CLI holds it over a run that then saves
+            pass
+        worker = threading.Thread(target=lambda: said.append(_refusal(lambda: lsfov.save(_image(8, 8), path,
+                                                                                         overwrite=True))))
+        worker.start()
+        worker.join()
+    assert "being written by another thread" in said[0] and not lock.exists()
+
+
+def _refusal(call):
+    try:
+        call()
+    except FileExistsError as e:
+        return str(e)
+    return ""
 
 
 def test_save_never_harms_existing_output(tmp_path):

@@ -415,7 +415,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if xr_in:
         made = {**({"source": image.attrs["source"]} if image.attrs.get("source") else {}), **plane_of(image)}
     return xr.Dataset(data_vars, coords=coords, attrs={
-        **made, **record, "patch": patch, **made_attrs(model, stride, pixel_um, symmetrize),
+        **made, **record, "patch": patch, **made_attrs(model, stride, pixel_um, symmetrize, m),
         "image_shape": [int(h), int(w)], "origin": list(origin),
         "saturation": level, "max_saturated": max_saturated,
     })
@@ -428,13 +428,13 @@ def check_stride(stride) -> int:
     return int(stride)
 
 
-def made_attrs(model, stride, pixel_um, symmetrize) -> dict:
-    """How a map of ``model`` (name, file or PSFRegressor) is made, as the map records it: what a
-    depth calibration, which holds for maps made alike, compares."""
+def made_attrs(model, stride, pixel_um, symmetrize, loaded=None) -> dict:
+    """How a map of ``model`` (name, file or PSFRegressor; ``loaded``: the one a map ran) is made, as
+    the map records it: what a depth calibration, which holds for maps made alike, compares."""
     from .model import PSFRegressor, load_model
 
-    m = model if isinstance(model, PSFRegressor) else load_model(model)
-    return {"model": "PSFRegressor" if m is model else str(model), "model_digest": m.weights_digest(),
+    m = loaded or (model if isinstance(model, PSFRegressor) else load_model(model))
+    return {"model": "PSFRegressor" if isinstance(model, PSFRegressor) else str(model), "model_digest": m.weights_digest(),
             "stride": check_stride(stride), "pixel_um": float(pixel_um) if pixel_um else None,
             "symmetrize": int(bool(symmetrize))}
 
