@@ -952,7 +952,7 @@ def output_lock(path):
     me = threading.get_ident()
     with _HELD_LOCK:
         owner, depth = _HELD.get(path, (None, 0))
-        if owner == me:
+        if owner in (None, me):  # claimed before the file lock: this process's own pid in it is no leftover
             _HELD[path] = (me, depth + 1)
     if owner == me:
         try:
@@ -969,8 +969,6 @@ def output_lock(path):
     renew = None
     try:
         _take_lock(lock, path, token)
-        with _HELD_LOCK:
-            _HELD[path] = (me, 1)
         renew = threading.Thread(target=_renew_lock, args=(lock, token, stop), daemon=True, name="lsfov-lock")
         renew.start()
         yield
@@ -1012,6 +1010,7 @@ def _take_lock(lock: Path, path: Path, token: str):
                 continue
             host, pid = (seen.split() + ["", ""])[:2] if seen else ("", "")
             here = host == socket.gethostname()
+            # This process's own pid (only the thread that claimed the path gets here): an earlier write's leftover
             dead = (here and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid)))) or \
                 age > _LOCK_STALE_S or (not seen and age > 5)  # unreadable: a write that never finished
             if not dead:
