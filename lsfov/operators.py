@@ -213,10 +213,6 @@ class _Spectra:
         return _process_spectra().get((self.token, key), make)
 
 
-def _cache_for(token: str) -> _Spectra:
-    return _Spectra(token)
-
-
 def _stored_files(a) -> tuple:
     """What identifies a zarr array's content without reading it: the absolute path of each of its
     files with size, modification time and inode (a rewrite at the same path changes them, even on a
@@ -269,7 +265,7 @@ class ProductConvolution:
         self.attrs = dict(attrs or {})
         self.periodic = (bool(periodic),) * 2 if np.isscalar(periodic) else tuple(bool(p) for p in periodic)
         self._token = _token or uuid.uuid4().hex
-        self._cache = _cache_for(self._token)
+        self._cache = _Spectra(self._token)
         self._plan_cache = None
         self._group_spectra: dict = {}
 
@@ -484,7 +480,7 @@ class ProductConvolution:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._cache = _cache_for(self._token)
+        self._cache = _Spectra(self._token)
 
     # ------------------------------------------------------------------ windows
     def restrict(self, origin, shape, *, periodic: bool = False) -> "ProductConvolution":
