@@ -1109,6 +1109,9 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
     inputs = [p for p in (data, *more, test_path) if p]
+    if resume and not overwrite and Path(out).exists():  # the run it would continue has ended
+        raise FileExistsError(f"{out} already exists: the training it would resume finished; "
+                              "pass --overwrite to train it again, or give another OUT")
     out = _check_out(out, overwrite, result=False, inputs=inputs)  # a .pt file
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
     if checkpoint:  # a directory of its own, never in a training set's store

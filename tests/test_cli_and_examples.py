@@ -17,8 +17,25 @@ import lsfov
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_sdist_carries_what_runs_the_tests(tmp_path):
+    """A source distribution runs its own tests: conftest.py's fixtures, the examples they run and the
+    constraints that keep pip off the CUDA torch are in it (setuptools alone leaves them out)."""
+    import tarfile
 
-
+    build = pytest.importorskip("setuptools.build_meta")
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)  # setuptools builds the project of the working directory
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = build.build_sdist(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    with tarfile.open(tmp_path / name) as tar:
+        files = {Path(*Path(m).parts[1:]).as_posix() for m in tar.getnames()}
+    assert {"tests/conftest.py", "examples/quickstart.py", "constraints.txt", "Makefile", ".ci/run",
+            "lsfov/models/Z3.pt", "lsfov/models/Z3.json"} <= files
+    assert not any(f.startswith((".venv/", "build/")) or "__pycache__" in f for f in files)
 
 
 def test_help(run):
@@ -477,6 +494,7 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "OUT (.pt)" in run("train", "tr.zarr", ok=False).output
     assert "end in .pt" in run("train", "tr.zarr", "model.bin", ok=False).output
     assert "already exists" in run("train", "tr.zarr", "g1.pt", ok=False).output
+    assert "training it would resume finished" in run("train", "tr.zarr", "g1.pt", "--resume", ok=False).output
     assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
     # --test is read before the training, not after it: nothing is trained, nothing is left behind
     run("-q", "train", "--synthesize", 16, "--psf-model", "Z1", "--split", "test", "z1.zarr")
