@@ -152,9 +152,10 @@ def main():
             t_synth = time.perf_counter() - t
             ck = f"{a.checkpoint}/{name}" if a.checkpoint else None
             sets = [*a.more_data, data] if a.more_data else data
+            resume = _resumable(ck)  # a resumed run continues its own weights (it records its init)
             reg = train.train(sets, arch=a.arch, epochs=epochs, batch_size=a.batch_size, lr=a.lr or LR.get(name),
-                              checkpoint=ck, max_minutes=a.minutes, seed=0, init=init, freeze=a.freeze,
-                              patience=a.patience, resume=_resumable(ck))
+                              checkpoint=ck, max_minutes=a.minutes, seed=0, init=None if resume else init,
+                              freeze=a.freeze, patience=a.patience, resume=resume)
         if test is not None:
             _measure(reg, test)
         # A set reused from --store was synthesized by an earlier run: its time is not this run's.

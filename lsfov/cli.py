@@ -1034,7 +1034,8 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
               help="PSF model of a synthesized set or a stream (G1 G2 Z1 Z2 Z3).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Source images of a synthesized set (test: images never used for training).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds a synthesized set, or a training's weights and shuffles (with --resume: the run's).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes that synthesize in parallel (the same bytes for any number).")
 @click.option("--arch", type=click.Choice(["polar", "spectral", "compact", "resnet34"]), default=None,
@@ -1043,11 +1044,11 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Passes over the training set [20; with --resume the run's] (a stream has none: each patch is "
                    "seen once).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Patches per step [64; with --resume the run's].")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Adam learning rate [chosen on the validation split].")
-@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Early-stopping patience (epochs without a better validation R²).")
+              help="Adam learning rate [chosen on the validation split; with --resume the run's].")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
+              help="Early-stopping patience, epochs without a better validation R² [4; with --resume the run's].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after about this many minutes: a stream at once, a set after the epoch during which "
                    "they pass (learning-rate probe included; an epoch is not cut, so a large set overruns by up "
@@ -1090,6 +1091,12 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     if n_synth is not None:
         if out is not None or more:
             raise ValueError("with --synthesize give only the output training set (DATA)")
+        given = [f"--{n.replace('_', '-')}" for n in ("arch", "epochs", "batch_size", "lr", "patience", "minutes",
+                                                       "checkpoint", "resume", "init", "freeze") if _given(n)]
+        given += ["--test"] if test_path else []
+        if given:  # silently ignored, the set would be written and no model trained as they ask
+            raise ValueError(f"{', '.join(given)} set up a training; --synthesize only writes a set: "
+                             "train on it with a second command")
         if Path(data).suffix.lower() in (".pt", ".json", ".tif", ".tiff", ".npy", ".png"):
             raise ValueError(f"{data}: a training set is a zarr store; name it {Path(data).with_suffix('.zarr').name}")
         t = time.perf_counter()
@@ -1109,9 +1116,13 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
     inputs = [p for p in (data, *more, test_path) if p]
-    if resume and not overwrite and Path(out).exists():  # the run it would continue has ended
-        raise FileExistsError(f"{out} already exists: the training it would resume finished; "
-                              "pass --overwrite to train it again, or give another OUT")
+    if resume and not overwrite and Path(out).exists():
+        from .estimate.training import finished
+
+        ckpt = Path(checkpoint or str(Path(out).with_suffix("")) + ".ckpt")
+        if finished(ckpt):  # the run it would continue has ended, and OUT is likely its model
+            raise FileExistsError(f"{out} already exists and the run in {ckpt} finished: nothing to resume; "
+                                  "to train again pass --overwrite without --resume")
     out = _check_out(out, overwrite, result=False, inputs=inputs)  # a .pt file
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
     if checkpoint:  # a directory of its own, never in a training set's store
@@ -1142,13 +1153,14 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
 
         ckpt = None
         stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
-        model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream, batch_size=batch_size,
+        model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream, batch_size=batch_size or 64,
                              lr=lr, max_minutes=minutes, seed=seed, progress=progress)
     else:
         ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
         model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                       patience=patience, checkpoint=ckpt, resume=resume, device=device, seed=seed, init=init,
-                       freeze=freeze, max_minutes=minutes, overwrite=overwrite, progress=progress)
+                       patience=patience, checkpoint=ckpt, resume=resume, device=device,
+                       seed=seed if _given("seed") else None, init=init, freeze=freeze or None, max_minutes=minutes,
+                       overwrite=overwrite, progress=progress)
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])

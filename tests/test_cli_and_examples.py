@@ -174,6 +174,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["train", "--synthesize", 8, "set.pt"], "a training set is a zarr store; name it set.zarr"),
         (["evaluate", "Z3", "--robustness", -3], "--robustness -3"),
         (["train", "data.zarr", "m.pt", "--resume"], "nothing to resume"),
+        (["train", "--synthesize", 8, "--epochs", 2, "--init", "Z3", "s.zarr"],
+         "--epochs, --init set up a training; --synthesize only writes a set"),
+        (["train", "nothere.zarr", "m.pt"], "no training set at nothere.zarr"),
         (["train", "--stream", 32, "side.pt", "--batch-size", 16, "--arch", "compact"], "side.json already exists"),
     ]
     (tmp_path / "side.json").write_text("{}")  # someone's file where the model's metadata would go
@@ -494,11 +497,11 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "OUT (.pt)" in run("train", "tr.zarr", ok=False).output
     assert "end in .pt" in run("train", "tr.zarr", "model.bin", ok=False).output
     assert "already exists" in run("train", "tr.zarr", "g1.pt", ok=False).output
-    assert "training it would resume finished" in run("train", "tr.zarr", "g1.pt", "--resume", ok=False).output
+    assert "the run in g1.ckpt finished: nothing to resume" in run("train", "tr.zarr", "g1.pt", "--resume", ok=False).output
     assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
     # --test is read before the training, not after it: nothing is trained, nothing is left behind
     run("-q", "train", "--synthesize", 16, "--psf-model", "Z1", "--split", "test", "z1.zarr")
-    for test, why in (("nope.zarr", "not a training set"), ("z1.zarr", "is a Z1 set, the model will regress G1")):
+    for test, why in (("nope.zarr", "no training set at nope.zarr"), ("z1.zarr", "is a Z1 set, the model will regress G1")):
         assert why in run("train", "tr.zarr", "late.pt", "--epochs", 1, "--test", test, ok=False).output
         assert not (tmp_path / "late.ckpt").exists() and not (tmp_path / "late.pt").exists()
     run("-q", "train", "--synthesize", 16, "--psf-model", "G1", "--seed", 9, "tr2.zarr")  # of the training images

@@ -58,6 +58,25 @@ def test_streaming_to_zarr_from_worker_processes_equals_memory(tmp_path):
         synth.synthesize(10, "G2", workers=0)
     with pytest.raises(ValueError, match="not a training set"):
         synth.open_training_set(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no training set at"):
+        synth.open_training_set(tmp_path / "none.zarr")
+
+
+def test_a_damaged_training_set_on_disk_is_refused_saying_so(tmp_path):
+    """A store edited or cut short is refused when opened (it once failed deep in training, or
+    trained on patches of another size), and a NaN patch when it is read (it read as divergence)."""
+    import zarr
+
+    path = synth.synthesize(96, "G1", seed=5, batch=96, out=tmp_path / "set.zarr")
+    g = zarr.open_group(str(path), mode="r+")
+    patches = g["patches"][...]
+    patches[70, 3, 4] = np.nan
+    g["patches"][...] = patches
+    with pytest.raises(ValueError, match="patch 70 of the training set contains NaN or Inf"):
+        train.train(path, epochs=1, lr=1e-3, batch_size=16, arch="compact", progress=False)
+    g.create_array("params", data=g["params"][:50], overwrite=True)  # fewer rows than patches
+    with pytest.raises(ValueError, match=r"params \(n, 1\) .* got \(96, 128, 128\), \(50, 1\)"):
+        synth.open_training_set(path)
 
 
 def test_train_and_test_libraries_are_disjoint():
@@ -331,9 +350,19 @@ def test_frozen_training_changes_only_the_tail(tmp_path):
     assert first == [h for h in stopped.meta["training"]["history"] if "epoch" in h][0]  # read back, not redone
     for k, v in polar.net.state_dict().items():
         torch.testing.assert_close(resumed.net.state_dict()[k], v)
-    with pytest.raises(ValueError, match="is a run with freeze=True"):
-        train.train(d, arch="polar", init=spectral, epochs=3, lr=1e-3, progress=False, checkpoint=tmp_path / "ck",
-                    resume=True)
+    # The run's settings and what it started from are the checkpoint's: a resume needs none of them
+    # (once, the batch size fell back to 64 and the init went unrecorded), and refuses others.
+    bare = train.train(store, resume=True, progress=False, checkpoint=tmp_path / "ck2")
+    assert bare.meta["training"]["batch_size"] == 32 and bare.meta["training"]["freeze"] is True
+    assert bare.meta["training"]["init"] == stopped.meta["training"]["init"] == resumed.meta["training"]["init"]
+    assert bare.meta["training"]["init"]["n_train"] == spectral.meta["training"]["n_train"]
+    for bad, said in ((dict(freeze=False), r"the run's freeze is True; resume it with freeze=True or none"),
+                      (dict(batch_size=64), r"the run's batch_size is 32; resume it with batch_size=32 \(--batch-size "
+                                            r"32\) or none"),
+                      (dict(seed=1), r"the run's seed is 0"), (dict(patience=9), "the run's patience is 4"),
+                      (dict(init=spectral), r"drop init \(--init\)")):
+        with pytest.raises(ValueError, match=said):
+            train.train(store, resume=True, progress=False, checkpoint=tmp_path / "ck2", **bad)
     with pytest.raises(ValueError, match="pass arch='polar'"):
         train.train(d, init=spectral, freeze=True, epochs=1, progress=False)
     with pytest.raises(ValueError, match="give init="):

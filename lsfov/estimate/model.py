@@ -568,5 +568,7 @@ def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PS
         path = model_path(name_or_path)
         model = _cached(str(path.resolve()), None if device is None else str(device), file_stamp(path))
     if psf_model is not None and model.psf_model.name != _psf.get_model(psf_model).name:
-        raise ValueError(f"model regresses {model.psf_model.name} parameters, not {psf_model}")
+        which = "model" if isinstance(name_or_path, PSFRegressor) else f"model {name_or_path}"
+        raise ValueError(f"{which} regresses {model.psf_model.name} parameters, not {psf_model}: give a "
+                         f"{_psf.get_model(psf_model).name} model")
     return model

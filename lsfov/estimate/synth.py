@@ -453,6 +453,8 @@ def open_training_set(path):
     """Open a training set written by :func:`synthesize` (``patches`` stays on disk, lazily)."""
     import zarr
 
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no training set at {path}; make one with `lsfov train --synthesize N {path}`")
     try:
         g = zarr.open_group(str(path), mode="r")
         attrs = dict(g.attrs["lsfov"])
@@ -460,4 +462,23 @@ def open_training_set(path):
         raise ValueError(f"{path} is not a training set written by `lsfov train --synthesize`") from None
     if attrs.get("type") != "TrainingSet":
         raise ValueError(f"{path} is not a training set written by `lsfov train --synthesize`")
-    return {"patches": g["patches"], "params": g["params"][...], "valid": g["valid"][...], "attrs": attrs}
+    try:
+        ds = {"patches": g["patches"], "params": g["params"][...], "valid": g["valid"][...], "attrs": attrs}
+    except KeyError as e:
+        raise ValueError(f"{path} lacks its {e.args[0]} array: the training set is damaged; synthesize it again") from None
+    check_set(ds, path)
+    return ds
+
+
+def check_set(ds: dict, name) -> None:
+    """A training set's arrays agree with each other and its PSF model (a store edited or cut
+    short would otherwise fail deep in training, or train a model on patches of another size)."""
+    m = _psf.get_model(ds["attrs"]["psf_model"])
+    n = ds["patches"].shape[0]
+    params, valid = ds["params"], ds["valid"]
+    if tuple(ds["patches"].shape[1:]) != (PATCH, PATCH) or params.shape != (n, m.n_params) or valid.shape != (n,):
+        raise ValueError(f"{name}: a {m.name} training set holds patches (n, {PATCH}, {PATCH}), params (n, "
+                         f"{m.n_params}) and valid (n,); got {tuple(ds['patches'].shape)}, {params.shape}, "
+                         f"{valid.shape}: synthesize it again (lsfov.estimate.synthesize)")
+    if not np.isfinite(params).all():
+        raise ValueError(f"{name}: its parameters contain NaN or Inf; synthesize it again")

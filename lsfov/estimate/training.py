@@ -23,7 +23,7 @@ from ..io import atomic_file
 from .model import PSFRegressor, decode, encode, load_model
 from .network import loss as _loss
 from .network import standardize
-from .synth import PATCH, degrade_patches, open_training_set, synthesize
+from .synth import PATCH, check_set, degrade_patches, open_training_set, synthesize
 
 __all__ = ["train", "evaluate", "r2_scores", "robustness"]
 
@@ -102,6 +102,40 @@ def _check_resume(st, path, m, n, seed, arch, lr, epochs):
     return meta["arch"], t_max
 
 
+# A run's settings that a resume takes from its checkpoint (their defaults for a new run).
+_DEFAULTS = {"batch_size": 64, "patience": 4, "val_fraction": 0.1, "gamma": 1.0, "seed": 0, "freeze": False}
+_FLAGS = {"batch_size": "--batch-size", "patience": "--patience", "seed": "--seed", "freeze": "--freeze"}
+
+
+def _settings(st, ckpt, given: dict) -> dict:
+    """The run's settings: those ``given``, else the resumed run's (checkpoint state ``st``), else the
+    defaults; one given otherwise than the resumed run had is refused (the run could not continue)."""
+    run = {} if st is None else dict((st.get("meta") or {}).get("settings") or {})
+    if st is not None:
+        run.setdefault("freeze", bool(st.get("meta", {}).get("freeze", False)))  # (checkpoints from before)
+    for k, v in given.items():
+        if v is not None and k in run and not np.isclose(float(v), float(run[k])):
+            flag = _FLAGS.get(k)
+            if k == "freeze" and not run[k]:
+                how = "without freeze=True (--freeze)"
+            else:
+                how = f"with {k}={run[k]!r}" + (f" ({flag} {run[k]})" if flag and k != "freeze" else "") + " or none"
+            raise ValueError(f"{ckpt / 'last.pt'}: the run's {k} is {run[k]!r}; resume it {how}, or start again "
+                             "without --resume")
+    return {k: v if v is not None else run.get(k, _DEFAULTS[k]) for k, v in given.items()}
+
+
+def finished(checkpoint) -> bool:
+    """Whether the run of ``checkpoint`` (a directory) has ended: all its epochs, or stopped early;
+    False if there is no such run."""
+    try:
+        st = torch.load(Path(checkpoint) / "last.pt", map_location="cpu", weights_only=True)
+        patience = ((st["meta"].get("settings") or {}).get("patience") or _DEFAULTS["patience"])
+        return st["epoch"] + 1 >= int(st["scheduler"]["T_max"]) or st["bad"] >= patience
+    except Exception:  # none, or not a checkpoint: the caller says what it finds
+        return False
+
+
 def warn_other_task(start, record: dict, what: str):
     """Warn when ``start`` (an init model) was trained over other ranges or optics than ``what`` draws."""
     differ = differences(record, start.psf_model.to_meta())
@@ -135,17 +169,20 @@ def _as_set(data):
         return open_training_set(data)
     if not (isinstance(data, dict) and {"patches", "params", "valid", "attrs"} <= set(data)):
         raise TypeError("data must be a training-set path or the dict returned by lsfov.estimate.synthesize")
-    m = _psf.get_model(data["attrs"]["psf_model"])
-    n = data["patches"].shape[0]
-    params, valid = np.asarray(data["params"]), np.asarray(data["valid"])
-    shape = tuple(data["patches"].shape[1:])
-    if shape != (PATCH, PATCH) or params.shape != (n, m.n_params) or valid.shape != (n,):
-        raise ValueError(f"a {m.name} training set holds patches (n, {PATCH}, {PATCH}), params (n, {m.n_params}) and "
-                         f"valid (n,); got {tuple(data['patches'].shape)}, {params.shape}, {valid.shape}: use the dict "
-                         "from lsfov.estimate.synthesize")
-    if not np.isfinite(params).all() or (isinstance(data["patches"], np.ndarray) and not np.isfinite(data["patches"]).all()):
-        raise ValueError("the training set contains NaN or Inf; synthesize it again")
+    data = {**data, "params": np.asarray(data["params"]), "valid": np.asarray(data["valid"])}
+    check_set(data, "the training set")
     return data
+
+
+def _rows(patches, rows) -> np.ndarray:
+    """Rows of a training set's patches as float32, refused if not finite (a set on disk is read
+    batch by batch, so this is where a damaged patch is met; it would otherwise read as divergence)."""
+    x = np.ascontiguousarray(np.asarray(patches[rows]), np.float32)
+    if not np.isfinite(x).all():
+        start = rows.start if isinstance(rows, slice) else 0
+        bad = start + int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))[0])
+        raise ValueError(f"patch {bad} of the training set contains NaN or Inf; synthesize the set again")
+    return x
 
 
 def _blocks(n, block, rng):
@@ -159,7 +196,7 @@ def _batches(patches, targets, valid, rows, batch_size, rng, block):
     """Yield (x, t, v) torch batches over the contiguous ``rows`` (a range), shuffled."""
     for s, perm in _blocks(len(rows), block, rng):
         sel = slice(rows.start + s, rows.start + s + len(perm))
-        x = np.asarray(patches[sel])[perm]
+        x = _rows(patches, sel)[perm]
         t, v = targets[sel][perm], valid[sel][perm]
         for b in range(0, len(perm), batch_size):
             yield (torch.from_numpy(np.ascontiguousarray(x[b : b + batch_size], np.float32)),
@@ -201,7 +238,7 @@ class _Fit:
         with torch.inference_mode(), tqdm(total=patches.shape[0], desc="trunk features", unit="patch",
                                           disable=not progress) as bar:
             for s in range(0, patches.shape[0], block):
-                x = torch.from_numpy(np.ascontiguousarray(np.asarray(patches[s : s + block]), np.float32)).to(dev)
+                x = torch.from_numpy(_rows(patches, slice(s, s + block))).to(dev)
                 for b in range(0, len(x), 256):
                     out.append(net.features(standardize(x[b : b + 256])[:, None]).float().cpu().numpy())
                 bar.update(len(x))
@@ -234,7 +271,7 @@ def _val_loss(fit, patches, targets, valid, index, gamma, block, *, params=None)
         # Rows in order (an unshuffled pass): the outputs line up with ``params``.
         for b in range(index.start, index.stop, 256):
             rows = slice(b, min(b + 256, index.stop))
-            x = torch.from_numpy(np.ascontiguousarray(np.asarray(patches[rows]), np.float32))
+            x = torch.from_numpy(_rows(patches, rows))
             out = fit(x.to(dev))
             t = torch.from_numpy(targets[rows].astype(np.float32)).to(dev)
             total += float(_loss(out, t, torch.from_numpy(valid[rows]).to(dev), gamma)) * len(x)
@@ -268,11 +305,11 @@ def _start_from(net, start, arch):
     net.load_state_dict({k: src[k] for k in keys}, strict=False)
 
 
-def train(data, *, arch: str | None = None, epochs: int | None = None, batch_size: int = 64, lr: float | None = None,
-          lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int = 4, val_fraction: float = 0.1,
-          gamma: float = 1.0, checkpoint=None, resume: bool = False, device=None, seed: int = 0,
-          max_minutes: float | None = None, init=None, freeze: bool = False, overwrite: bool = False,
-          progress: bool = True) -> PSFRegressor:
+def train(data, *, arch: str | None = None, epochs: int | None = None, batch_size: int | None = None,
+          lr: float | None = None, lr_candidates=(1e-3, 3e-3), probe_steps: int = 100, patience: int | None = None,
+          val_fraction: float | None = None, gamma: float | None = None, checkpoint=None, resume: bool = False,
+          device=None, seed: int | None = None, max_minutes: float | None = None, init=None,
+          freeze: bool | None = None, overwrite: bool = False, progress: bool = True) -> PSFRegressor:
     """Train a PSF-parameter regressor on a synthesized training set.
 
     Parameters
@@ -287,8 +324,9 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     epochs : int, optional
         Upper bound on the passes over the training split (cosine learning-rate decay over them);
         by default 20, on ``resume`` the run's (to train longer, start from its model: ``init=``).
-    batch_size : int
-        Patches per step; the training split must hold at least one batch.
+    batch_size : int, optional
+        Patches per step (default 64; on ``resume`` the run's); the training split must hold at
+        least one batch.
     lr : float, optional
         Adam learning rate; by default the best of ``lr_candidates`` on the validation split after
         ``probe_steps`` steps from the same initial weights.
@@ -297,23 +335,26 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         ``meta["training"]["history"]``.
     probe_steps : int
         Steps each candidate trains before its validation loss is compared.
-    patience : int
-        Stop after this many epochs without a better validation R² (paper 000 Eq. 15, the mean over
+    patience : int, optional
+        Stop (default 4; on ``resume`` the run's) after this many epochs without a better validation R² (paper 000 Eq. 15, the mean over
         the parameters of the decoded estimates: what the model is judged by; the loss on the
         ``v vᵀ`` targets can rise while it still improves); the best epoch's weights are kept.
-    val_fraction : float
-        Share of the set (its last rows) held out for learning-rate choice and early stopping.
-    gamma : float
-        Weight of the validity term of the loss (paper 000 Eq. 11).
+    val_fraction : float, optional
+        Share of the set (its last rows) held out for learning-rate choice and early stopping
+        (default 0.1; on ``resume`` the run's).
+    gamma : float, optional
+        Weight of the validity term of the loss (paper 000 Eq. 11; default 1; on ``resume`` the run's).
     checkpoint : path, optional
         Directory for ``last.pt`` (everything needed to resume) and ``best.pt`` (the best model).
     resume : bool
-        Continue from ``checkpoint/last.pt``: the same set, network, learning rate and epochs
-        (another is refused, as the run could not continue with it).
+        Continue from ``checkpoint/last.pt``: the same set, and the run's network, learning rate,
+        epochs, batch size, seed, patience, validation share, loss weight, frozen trunk and starting
+        model (each taken from the run where not given; another is refused, as the run could not
+        continue with it).
     device : str, optional
         ``"cuda"`` or ``"cpu"``; CUDA when available by default.
-    seed : int
-        Seeds the initial weights (torch's global generator), the probes' batches and each epoch's
+    seed : int, optional
+        Seeds (default 0; on ``resume`` the run's) the initial weights (torch's global generator), the probes' batches and each epoch's
         shuffle (so a resumed run draws the batches it would have).
     max_minutes : float, optional
         Stop after the epoch during which this much time has passed since the features and the
@@ -322,8 +363,8 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         Start from this model's weights (fine-tuning, or more training on a fresh set); it must
         be a model of the same PSF model and network, or, for ``arch="polar"``, a ``spectral`` model
         (its branches become the trunk). ``meta["training"]["init"]`` records it.
-    freeze : bool
-        Keep the trunk (``init``'s spatial and spectral branches) fixed and train only the tail of
+    freeze : bool, optional
+        Keep (default no; on ``resume`` as the run did) the trunk (``init``'s spatial and spectral branches) fixed and train only the tail of
         a ``polar`` network: the trunk's features are computed once per patch (in memory, 2.3 kB
         each), so an epoch costs a small fraction of a full one.
     overwrite : bool
@@ -338,12 +379,16 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         The model with the best epoch's weights, ``meta["training"]`` describing the run. With
         ``checkpoint``, also saved as ``checkpoint/best.pt``.
     """
-    batch_size = positive_int(batch_size, "batch_size")
+    given = {"batch_size": None if batch_size is None else positive_int(batch_size, "batch_size"),
+             "patience": None if patience is None else positive_int(patience, "patience"),
+             "val_fraction": None if val_fraction is None else real_number(val_fraction, "val_fraction", minimum=0,
+                                                                            maximum=0.99, exclusive=True),
+             "gamma": None if gamma is None else real_number(gamma, "gamma", minimum=0),
+             "seed": None if seed is None else positive_int(seed, "seed", minimum=0),
+             "freeze": None if freeze is None else bool(freeze)}
     if epochs is not None:
         epochs = positive_int(epochs, "epochs")
-    patience, probe_steps = positive_int(patience, "patience"), positive_int(probe_steps, "probe_steps")
-    val_fraction = real_number(val_fraction, "val_fraction", minimum=0, maximum=0.99, exclusive=True)
-    gamma = real_number(gamma, "gamma", minimum=0)
+    probe_steps = positive_int(probe_steps, "probe_steps")
     if lr is not None:
         lr = real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
     candidates = (lr_candidates,) if np.isscalar(lr_candidates) else tuple(lr_candidates)
@@ -352,7 +397,6 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     candidates = tuple(real_number(c, "lr_candidates", minimum=0, maximum=1, exclusive=True) for c in candidates)
     if max_minutes is not None:
         max_minutes = real_number(max_minutes, "max_minutes", minimum=0)  # 0: one epoch
-    seed = positive_int(seed, "seed", minimum=0)
     if checkpoint is not None and not resume and not overwrite and (Path(checkpoint) / "last.pt").exists():
         raise FileExistsError(f"{checkpoint} holds an earlier run's checkpoints; resume it (resume=True, --resume), "
                               "replace them (overwrite=True, --overwrite) or give another checkpoint directory")
@@ -361,6 +405,14 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     if resume and not (Path(checkpoint) / "last.pt").exists():
         raise FileNotFoundError(f"nothing to resume: no checkpoint {Path(checkpoint) / 'last.pt'} (start without --resume, "
                                 "or give the run's --checkpoint)")
+    st = None
+    if resume:
+        if init is not None:
+            raise ValueError("resume continues the run's own weights (it records what they started from): "
+                             "drop init (--init)")
+        st = torch.load(Path(checkpoint) / "last.pt", map_location="cpu", weights_only=True)
+    settings = _settings(st, Path(checkpoint or "."), given)
+    batch_size, patience, val_fraction, gamma, seed, freeze = (settings[k] for k in _DEFAULTS)
     ds = _as_set(data)
     attrs = ds["attrs"]
     if attrs.get("split") == "test":
@@ -382,17 +434,13 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     start = None if init is None else load_model(init, psf_model=m.name)
     if start is not None:
         warn_other_task(start, m.to_meta(), "the training set")
-    st = None
     if resume:  # the run's network, set, rate and epochs: checked before any work
-        ckpt = Path(checkpoint)
-        st = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
-        arch, epochs = _check_resume(st, ckpt / "last.pt", m, n, attrs.get("seed"), arch, lr, epochs)
+        arch, epochs = _check_resume(st, Path(checkpoint) / "last.pt", m, n, attrs.get("seed"), arch, lr, epochs)
     if epochs is None:
         epochs = 20
     if arch is None:
         arch = start.arch if start is not None else "spectral"
     model = PSFRegressor(m.name, arch, meta=meta, device=device)
-    freeze = bool(freeze)
     if freeze and not hasattr(model.net, "features"):
         raise ValueError(f"freeze=True trains the tail of a polar network over a fixed trunk; a {arch} network "
                          "has none: pass arch='polar' (--arch polar)")
@@ -412,9 +460,10 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=rate * 0.02)
         return opt, sched
 
+    # What the weights started from (its own training, without the per-epoch history).
+    started = (st["meta"].get("init") if resume else
+               None if start is None else {k: v for k, v in start.meta.get("training", {}).items() if k != "history"})
     if resume:
-        if bool(st["meta"].get("freeze", False)) != freeze:
-            raise ValueError(f"{ckpt / 'last.pt'} is a run with freeze={not freeze}; resume it with freeze={not freeze}")
         model.net.load_state_dict(st["state_dict"])  # before the features: a frozen trunk's are the run's
 
     t_feat = t_begin = time.perf_counter()  # t_begin: what max_minutes counts from
@@ -486,8 +535,9 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
             bar.set_postfix(val_loss=f"{val:.4g}", val_r2=f"{r2:.4f}")
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
-                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch, "freeze": freeze,
-                                                          "set": {**m.to_meta(), "n": n, "seed": attrs.get("seed")}},
+                state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch,
+                                                          "set": {**m.to_meta(), "n": n, "seed": attrs.get("seed")},
+                                                          "settings": settings, "init": started},
                          "epoch": epoch, "seconds": before + time.perf_counter() - t0,
                          "lr": lr, "best": best, "best_val": best_val, "bad": bad, "history": history,
                          "state_dict": model.net.state_dict(), "optimizer": opt.state_dict(),
@@ -506,7 +556,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     model.meta["training"] = {
         "data": {k: attrs.get(k) for k in ("n", "sources", "split", "seed", "photons", "read_noise",
                                              "illumination", "invalid_fraction")},
-        "n_train": int(len(train_idx)), "n_val": int(n_val), "lr": lr, "batch_size": batch_size,
+        "n_train": int(len(train_idx)), "n_val": int(n_val), "lr": lr, "batch_size": batch_size, "seed": seed,
         "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best_val["val_loss"],
         "best_val_r2": best_val["val_r2"], "history": history,
         "device": str(model.device), "seconds": round(before + time.perf_counter() - t0, 1),
@@ -517,9 +567,8 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         model.meta["training"]["gpu"] = torch.cuda.get_device_name(model.device)
     passes = sum(1 for h in history if "epoch" in h) * len(train_idx)
     model.meta["training"]["patches_per_second"] = round(passes / max(model.meta["training"]["seconds"], 1e-9), 1)
-    if start is not None:
-        # What the weights started from (its own training, without the per-epoch history).
-        model.meta["training"]["init"] = {k: v for k, v in start.meta.get("training", {}).items() if k != "history"}
+    if started is not None:
+        model.meta["training"]["init"] = started
     if ckpt is not None:
         model.save(ckpt / "best.pt", overwrite=True)
     return model
