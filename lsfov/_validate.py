@@ -58,6 +58,14 @@ def positive_int(v, name: str, *, minimum: int = 1) -> int:
     return int(v)
 
 
+def boolean(v, name: str) -> bool:
+    """True or False (also NumPy's, and the integers 0 and 1): a string such as "no" is refused,
+    where ``bool()`` would read it as True."""
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
+        return bool(v)
+    raise ValueError(f"{name} must be True or False, got {v!r}")
+
+
 def shape2d(shape, name: str = "shape") -> tuple[int, int]:
     """``(H, W)`` from an int or a pair of positive integers."""
     if np.isscalar(shape):

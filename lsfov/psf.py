@@ -76,6 +76,14 @@ class Optics:
             v = getattr(self, name)
             if not (isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"Optics.{name} must be a positive number, got {v!r}")
+        # Values no microscope has, most often nm given for µm: refused before a PSF of 1/225 per
+        # pixel, or a pupil of gigabytes, is made of them.
+        for name, top, hint in (("wavelength_um", 5.0, "e.g. 0.6 for 600 nm"),
+                                ("pixel_um", 20.0, "the pixel in the object plane, e.g. 0.1 for 100 nm"),
+                                ("immersion_index", 2.5, "e.g. 1.518 for oil")):
+            if getattr(self, name) > top:
+                raise ValueError(f"Optics.{name}={getattr(self, name)!r} is beyond any microscope's (> {top:g}); "
+                                 f"{'give it in µm, ' if name.endswith('_um') else ''}{hint}")
         if self.na > self.immersion_index:
             raise ValueError(
                 f"Optics.na={self.na} exceeds immersion_index={self.immersion_index}; "

@@ -400,6 +400,14 @@ def test_rescaled_distance():
     assert rescaled_distance(3 * u0 + 2, u0) == pytest.approx(0, abs=1e-10)
     assert rescaled_distance(rng.random((20, 20)), u0) > 0.3
     assert dirac_comb((64, 64), 16).sum() == 16
+    # a comb with no Dirac made any two operators 0 apart
+    with pytest.raises(ValueError, match="spacing 1000 puts no Dirac in a 64x64 image"):
+        dirac_comb((64, 64), 1000)
+    op = lsfov.ProductConvolution.from_psf(lsfov.psf.gaussian(1.5, size=9), (64, 64))
+    with pytest.raises(ValueError, match="spacing 1000 puts no Dirac"):
+        operator_distance(op, op, 1000)
+    with pytest.raises(TypeError, match="truth must be a ProductConvolution"):
+        operator_distance(op, np.ones((9, 9)))
 
 
 # ---------------------------------------------------------------------------------------------- subspace

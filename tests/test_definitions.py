@@ -43,6 +43,14 @@ def test_bead_centres_are_found_to_a_fraction_of_a_pixel():
     img = 10 + sum(1000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.5**2)) for y, x in true)
     _, centres = extract_psfs(img.astype(np.float32), np.rint(true), 8.0)
     np.testing.assert_allclose(centres, true, atol=0.05)
+    # an xarray image is read by its dims' names (an (x, y) one was once read transposed)
+    xy = xr.DataArray(img.T.astype(np.float32), dims=("x", "y"))
+    np.testing.assert_array_equal(extract_psfs(xy, np.rint(true), 8.0)[1], centres)
+    img[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        extract_psfs(img, np.rint(true), 8.0)
+    with pytest.raises(ValueError, match="background order must be an integer >= 0"):
+        extract_psfs(np.nan_to_num(img), np.rint(true), 8.0, background_order=-1)
 
 
 def test_beads_closer_than_2r_are_crowded_and_farther_ones_kept():

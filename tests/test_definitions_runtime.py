@@ -310,6 +310,15 @@ def test_fill_invalid_uses_the_power_and_neighbours_asked_for():
                            (3.0, 8, (near + diag / 2**1.5) / (4 + 4 / 2**1.5))):
         got = fill_invalid(ds, power=power, neighbours=k).focus.values[2, 2]
         np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"power {power}, {k} neighbours")
+    # a NaN power once filled nodes with NaN; a map without validity raised a KeyError
+    for bad, said in ((dict(power=np.nan), "power must be a finite number >= 0"),
+                      (dict(power=-1), "power must be a finite number >= 0"),
+                      (dict(neighbours=0), "neighbours must be a positive integer"),
+                      (dict(threshold=2), "threshold must be a finite number >= 0 and <= 1")):
+        with pytest.raises(ValueError, match=said):
+            fill_invalid(ds, **bad)
+    with pytest.raises(ValueError, match="with a 'validity' variable"):
+        fill_invalid(ds.drop_vars("validity"))
 
 
 def test_psf_map_without_fill_keeps_the_regressed_values():

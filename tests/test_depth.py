@@ -453,3 +453,34 @@ def test_depth_beyond_the_calibrated_range_is_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         estimate_depth(_truth_map(narrow), cal)
+
+
+@pytest.mark.parametrize("method", ["curve", "linear"])
+def test_nodes_without_a_reading_have_no_depth(method):
+    """A NaN parameter, or an invalid node of a map made without filling, is NaN in the depth map
+    (a NaN once read as the end of the curve, an untextured patch as a confident depth), with or
+    without smoothing; its neighbours are not pulled by it, and a filled node keeps its depth."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), direction=0.4, grid=8, seed=3)
+    cal = calibrate_depth(_truth_map(s), s.depth_um, method=method, smooth=2)
+    full = estimate_depth(_truth_map(s), cal).values
+    ds = _truth_map(s)
+    ds["focus"][2, 3] = np.nan
+    ds["validity"][5, 5] = 0.1  # unfilled: its parameters are what the CNN read on nothing
+    ds["focus"][5, 5] = 3.0
+    for smooth in (0, 2):
+        z = estimate_depth(ds, cal, smooth=smooth).values
+        assert np.isnan(z[2, 3]) and np.isnan(z[5, 5]) and np.isfinite(np.delete(z.ravel(), [19, 45])).all()
+        np.testing.assert_allclose(np.delete(z.ravel(), [19, 45]), np.delete(full.ravel(), [19, 45]), atol=0.05)
+    filled = ds.assign(filled=(("gy", "gx"), np.isnan(ds["focus"].values) | (ds["validity"].values < 0.5)))
+    filled["focus"][2, 3] = _truth_map(s)["focus"][2, 3]  # as fill_invalid would have it
+    z = estimate_depth(filled, cal).values
+    assert np.isfinite(z[2, 3]) and np.isfinite(z[5, 5])
+
+
+def test_robust_must_be_a_bool():
+    s = simulate.tilted_surface((128, 128), depth_range_um=(-4, 4), grid=4, seed=1)
+    with pytest.raises(ValueError, match="robust must be True or False, got 'no'"):
+        calibrate_depth(_truth_map(s), s.depth_um, robust="no")  # bool("no") is True
+    cal = calibrate_depth(_truth_map(s), s.depth_um)
+    with pytest.raises(ValueError, match="robust must be True or False"):
+        estimate_depth(_truth_map(s), cal, robust="false")

@@ -148,6 +148,13 @@ def test_optics_validation():
         Optics(0.0, 0.5, 0.1)
     with pytest.raises(ValueError, match="immersion"):
         Optics(1.4, 0.5, 0.1)
+    # nm for µm: once a flat PSF (1/225 per pixel), or a pupil of gigabytes
+    with pytest.raises(ValueError, match=r"Optics.wavelength_um=600 is beyond any microscope's .* give it in µm, e.g. 0.6"):
+        Optics(1.4, 600, 0.1, 1.518)
+    with pytest.raises(ValueError, match="Optics.pixel_um=100 .* give it in µm"):
+        Optics(1.4, 0.6, 100, 1.518)
+    with pytest.raises(ValueError, match="Optics.immersion_index=1518 .* e.g. 1.518"):
+        Optics(1.4, 0.6, 0.1, 1518)
     with pytest.raises(TypeError, match="Optics"):
         psf.zernike({}, optics=None)
 

@@ -86,6 +86,7 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
     ndarray, same shape, float32
     """
     p = np.asarray(patches, dtype=np.float32)
+    order = positive_int(order, "background order", minimum=0)
     single = p.ndim == 2
     p = p[None] if single else p
     if p.ndim != 3 or p.shape[1] != p.shape[2] or p.shape[1] % 2 == 0:
@@ -325,17 +326,23 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
 
     Parameters
     ----------
-    image : ndarray (H, W) float32
+    image : array_like (H, W)
+        The bead image (NumPy, or xarray read by its dims' names).
     positions : array_like (P, 2)
         Approximate (y, x) bead centres, at least ``patch_size(radius) // 2 + 2`` px from the border.
     radius : float
+        The PSF radius r in pixels: patches are ``patch_size(radius)`` wide, limited by a bump of it.
+    background_order : int
+        Degree of the polynomial background fitted outside the radius (:func:`remove_background`).
 
     Returns
     -------
     patches : ndarray (P, K, K) float32
     centres : ndarray (P, 2) float64
     """
-    img = np.asarray(image, dtype=np.float32)
+    img = np.asarray(as_image(image, "image", check_values=False))  # (a background-subtracted image may dip below 0)
+    if not np.isfinite(img).all():
+        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     radius = _check_radius(radius)
     k = patch_size(radius)
     h = k // 2

@@ -82,6 +82,8 @@ def dirac_comb(shape, spacing: int = 32) -> np.ndarray:
     """Unit Diracs every ``spacing`` pixels, starting half a spacing from the top-left corner."""
     h, w = shape2d(shape)
     spacing = positive_int(spacing, "spacing")
+    if spacing // 2 >= min(h, w):  # no Dirac would fall inside: every operator would be 0 away
+        raise ValueError(f"spacing {spacing} puts no Dirac in a {h}x{w} image; give a spacing below {2 * min(h, w)}")
     d = np.zeros((h, w), np.float32)
     d[spacing // 2 :: spacing, spacing // 2 :: spacing] = 1.0
     return d
@@ -100,7 +102,11 @@ def rescaled_distance(u, u0) -> float:
 
 def operator_distance(estimate: ProductConvolution, truth: ProductConvolution, spacing: int = 32) -> float:
     """Rescaled ℓ2 distance between two operators applied to a Dirac comb (paper 003 Fig. 2-4)."""
+    for name, op in (("estimate", estimate), ("truth", truth)):
+        if not isinstance(op, ProductConvolution):
+            raise TypeError(f"{name} must be a ProductConvolution (an operator), got {type(op).__name__}")
     if estimate.shape != truth.shape:
-        raise ValueError(f"operators act on different shapes: {estimate.shape} and {truth.shape}")
+        raise ValueError(f"operators act on different shapes: {estimate.shape} and {truth.shape}; compare "
+                         "operators of one image size")
     comb = dirac_comb(truth.shape, spacing)
     return rescaled_distance(estimate.apply(comb), truth.apply(comb))

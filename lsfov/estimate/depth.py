@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validate import LsfovWarning
+from .._validate import LsfovWarning, boolean
 
 __all__ = ["DepthCalibration", "calibrate_depth", "estimate_depth", "local_plane", "signed_defocus"]
 
@@ -400,7 +400,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         raise ValueError("the known depth is constant: calibrate on a tilted or curved sample")
     zt = z[use]
     # The line (paper 000), on the smoothed signed defocus: the axis θ0 that fits best.
-    robust = bool(robust)
+    robust = boolean(robust, "robust")
     c, s2 = (v[use] for v in _smoothed_components(psf_map, smooth if method == "linear" else 0.0, min_validity,
                                                   robust))
     # z = slope (cos 2θ0 c + sin 2θ0 s2) + offset is linear in (slope cos 2θ0, slope sin 2θ0): one exact
@@ -499,16 +499,34 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
                    robust: bool | None = None):
     """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
 
-    With a calibration (a :class:`DepthCalibration`, its ``to_dict()`` or its JSON file): µm from
-    the focal plane, by its method (module docstring). Without: paper 000 Eq. 14,
-    ``focus (2 axis/π − 1)`` in waves RMS, whose sign follows the depth's for an instrument axis
-    near 3π/4 (for one near π/4 it is reversed; calibrate to be sure).
+    Parameters
+    ----------
+    psf_map : xarray.Dataset
+        A PSF map of an astigmatic model (Z3: focus, astigmatism, axis, validity), as
+        :func:`lsfov.estimate_psf_map` returns or ``lsfov.open_result`` reads.
+    calibration : DepthCalibration, dict or path, optional
+        A :class:`DepthCalibration`, its ``to_dict()`` or its JSON file: the depth is then in µm
+        from the focal plane, by its method (module docstring). Without: paper 000 Eq. 14,
+        ``focus (2 axis/π − 1)`` in waves RMS, whose sign follows the depth's for an instrument
+        axis near 3π/4 (for one near π/4 it is reversed; calibrate to be sure).
+    smooth : float, optional
+        σ in nodes of the local-plane smoothing (module docstring); by default the calibration's
+        (0 without one).
+    robust : bool, optional
+        Whether that smoothing is robust to outlying nodes; by default the calibration's (plain
+        without one).
 
-    ``smooth``: σ in nodes of the local-plane smoothing (module docstring), and ``robust`` whether it
-    is robust to outlying nodes; by default the calibration's (0 and plain without a calibration).
+    Returns
+    -------
+    xarray.DataArray
+        float32 on the map's node grid, its ``units`` and the smoothing applied in ``attrs``; NaN at
+        nodes with no reading: a NaN parameter, or an invalid node (validity < 0.5) of a map made
+        without filling.
     """
     psf_map = _check_map(psf_map)
     c = as_calibration(calibration)
+    if robust is not None:
+        robust = boolean(robust, "robust")
     if c is not None:
         warn_made_otherwise(psf_map.attrs, c, stacklevel=2)
     return depth_of(psf_map, c, smooth, robust)
@@ -534,8 +552,21 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
         z = c.slope * signed_defocus(psf_map, c.axis0) + c.offset
         units, note = "micrometer", c.to_dict()
     floor = c.min_validity if c is not None else 0.5
-    z = z.copy(data=local_plane(z.values, _weights(psf_map, floor), sigma, robust=robust))  # σ = 0: unchanged
-    z = z.astype(np.float32).rename("depth")
+    raw = np.asarray(z.values, dtype=np.float64)
+    # Nodes with no depth: a NaN parameter, or invalid (below the map's own 0.5) and not filled (a map
+    # made without filling): NaN, never the reading of an untextured patch nor a curve's end.
+    # (Nodes below the calibration's floor only are left out of the smoothing, which gives them a depth.)
+    finite = np.isfinite(raw)
+    for v in ("focus", "astigmatism", "axis"):
+        if v in psf_map:
+            finite &= np.isfinite(np.asarray(psf_map[v].values))
+    read = np.asarray(psf_map["validity"].values) >= 0.5
+    if "filled" in psf_map:
+        read |= np.asarray(psf_map["filled"].values, bool)
+    read &= finite
+    w = np.where(finite, _weights(psf_map, floor), 0.0)
+    fit = local_plane(np.where(finite, raw, 0.0), w, sigma, robust=robust)  # σ = 0: unchanged
+    z = z.copy(data=np.where(read, fit, np.nan)).astype(np.float32).rename("depth")
     # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
     z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
     if note:

@@ -470,9 +470,31 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     variable. Paper 000 Sec. II-F takes the four nearest with weights 1/d (``neighbours=4, power=1``);
     the defaults also take the diagonal ring (at half the weight of the four-connected nodes, as
     Shepard's 1/d²), so that a node on the edge of an invalid region is filled from more than one side.
+
+    Parameters
+    ----------
+    psf_map : xarray.Dataset
+        A PSF map with a ``validity`` variable (:func:`estimate_psf_map` with ``fill=False``).
+    threshold : float
+        Validity in [0, 1] below which a node is filled.
+    power : float
+        Exponent (>= 0) of the inverse-distance weights.
+    neighbours : int
+        Valid nodes each filled node is taken from.
+
+    Returns
+    -------
+    xarray.Dataset
+        The map with its invalid nodes' parameters filled and a boolean ``filled`` variable.
     """
+    from .._validate import positive_int, real_number
     from .model import PRODUCTS
 
+    if "validity" not in getattr(psf_map, "data_vars", ()):
+        raise ValueError("fill_invalid takes a PSF map with a 'validity' variable (lsfov.estimate_psf_map)")
+    threshold = real_number(threshold, "threshold", minimum=0, maximum=1)
+    power = real_number(power, "power", minimum=0)
+    neighbours = positive_int(neighbours, "neighbours")
     valid = psf_map["validity"].values >= threshold
     names = [*psf_map.attrs.get("params", []), *(q for q in PRODUCTS if q in psf_map)]
     try:
