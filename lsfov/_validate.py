@@ -66,6 +66,15 @@ def boolean(v, name: str) -> bool:
     raise ValueError(f"{name} must be True or False, got {v!r}")
 
 
+def rng(seed, name: str = "seed") -> np.random.Generator:
+    """NumPy's generator of ``seed`` (an integer >= 0, a sequence of them, a SeedSequence or
+    Generator, or None), with a message of ours, not NumPy's, for anything else."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer >= 0 (or None, or a numpy Generator), got {seed!r}") from None
+
+
 def shape2d(shape, name: str = "shape") -> tuple[int, int]:
     """``(H, W)`` from an int or a pair of positive integers."""
     if np.isscalar(shape):

@@ -776,6 +776,8 @@ def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
     What lsfov writes then opens at its scale in napari, and PSF maps of it are in µm. An xarray
     image's dims are read by name (``y``, ``x`` in any order), other names by position.
     """
+    if isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"image must be an array, got the file name {str(image)!r}; open it with lsfov.open_image")
     if pixel_um is not None:
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
     origin = (0.0, 0.0)

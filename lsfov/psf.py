@@ -442,9 +442,10 @@ class PSFModel:
     def sample(self, n: int, rng=None) -> np.ndarray:
         """Draw ``n`` parameter sets uniformly over the model's ranges, shape (n, N)."""
         from ._validate import positive_int
+        from ._validate import rng as _rng
 
         n = positive_int(n, "n")
-        rng = np.random.default_rng(rng)
+        rng = _rng(rng, "rng")
         lo, hi = self.bounds
         return lo + (hi - lo) * rng.random((n, self.n_params))
 

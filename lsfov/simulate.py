@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from . import psf as _psf
 from ._validate import LsfovWarning, as_image, positive_int, real_number, shape2d
+from ._validate import rng as _rng
 from .operators import ProductConvolution, _cell_centers
 
 __all__ = ["BeadField", "TiltedSurface", "bead_field", "bead_stack", "degrade", "psf_field", "sample_image",
@@ -129,7 +130,7 @@ def bead_field(
     psf_size = positive_int(psf_size, "psf_size")
     photons = real_number(photons, "photons", minimum=0, maximum=1e15, exclusive=True)
     background = real_number(background, "background", minimum=0, maximum=1e15)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     if optics is None:
         optics = _psf.Optics(
             na=rng.uniform(1.1, 1.4),
@@ -199,6 +200,7 @@ def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[
     n_images = positive_int(n_images, "n_images")
     if isinstance(seed, np.random.Generator):  # as bead_field takes it
         seed = int(seed.integers(2**63))
+    _rng(seed)  # a bad seed refused with our message, not NumPy's
     root = np.random.SeedSequence(seed)
     seeds = root.spawn(n_images)
     kwargs.setdefault("axis", float(np.random.default_rng(root.spawn(1)[0]).uniform(0, np.pi)))
@@ -245,7 +247,7 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
     if hi <= 0:
         raise ValueError("image is all zero; nothing to degrade")
     psi = np.maximum(operator.apply(x / hi), 0) * photons
-    return _poisson_gaussian(psi, np.random.default_rng(seed), read_noise=read_noise, beta=beta)
+    return _poisson_gaussian(psi, _rng(seed), read_noise=read_noise, beta=beta)
 
 
 def _poisson_gaussian(expected, rng, *, read_noise, beta):
@@ -287,7 +289,7 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
     h, w = shape2d(shape)
     gy, gx = shape2d(grid, "grid")
     roughness = real_number(roughness, "roughness", minimum=0)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     lo, hi = m.bounds
     corners = rng.random((2, 2, m.n_params))
     ty = np.linspace(0, 1, gy)[:, None, None]

@@ -128,3 +128,9 @@ def test_a_calibration_of_maps_made_otherwise_is_said_before_the_work(tilted, co
         lsfov.blind_deconvolve(img, "Z3", stride=96, iterations=1, calibration=cal, pixel_um=0.2)
     assert [str(w.message).split(":")[0] for w in said].count("this PSF map was made otherwise than its depth "
                                                               "calibration's") == 1
+
+
+def test_a_file_name_for_an_image_says_to_open_it():
+    # it once said "image must be 2-D (y, x), got shape ()"
+    with pytest.raises(TypeError, match="got the file name 'foo.tif'; open it with lsfov.open_image"):
+        lsfov.blind_deconvolve("foo.tif")

@@ -79,6 +79,11 @@ def test_a_damaged_training_set_on_disk_is_refused_saying_so(tmp_path):
         synth.open_training_set(path)
 
 
+def test_library_takes_one_source_by_name():
+    # a name once was read letter by letter ("unknown sources ['n', 's', 'y']")
+    assert len(synth.library("poi", n_procedural=2)) == len(synth.library(["poi"], n_procedural=2)) == 2
+
+
 def test_train_and_test_libraries_are_disjoint():
     tr, te = synth.library(split="train"), synth.library(split="test")
     keys = {(im.shape, float(im.sum())) for im in tr}

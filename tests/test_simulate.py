@@ -90,3 +90,16 @@ def test_psf_field_and_sample_images():
     assert img.shape == (300, 700) and 0 <= img.min() and img.max() <= 1
     with pytest.raises(ValueError, match="unknown sample"):
         simulate.sample_image("lena")
+
+
+def test_a_bad_seed_is_refused_in_our_words():
+    """NumPy's own errors for a seed of "a" or -1 say nothing of the argument that was wrong."""
+    op = simulate.psf_field((32, 32), "G1", grid=(1, 1), seed=0)[0]
+    for call in (lambda: simulate.bead_field((64, 64), seed="a"), lambda: simulate.bead_stack(2, (64, 64), seed=-1),
+                 lambda: simulate.degrade(np.ones((32, 32)), op, seed=-2),
+                 lambda: simulate.psf_field((32, 32), seed=1.5)):
+        with pytest.raises(ValueError, match=r"seed must be an integer >= 0 \(or None, or a numpy Generator\)"):
+            call()
+    with pytest.raises(ValueError, match="rng must be an integer >= 0"):
+        psf.MODELS["Z3"].sample(3, rng="x")
+    assert psf.MODELS["G1"].sample(2, rng=np.random.default_rng(1)).shape == (2, 1)

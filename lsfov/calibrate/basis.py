@@ -93,7 +93,7 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
             raise ValueError(f"n_basis must be a positive integer or None, got {n_basis!r}")
         if n_basis > min(m, d):
             raise ValueError(f"n_basis={n_basis} needs at least {n_basis} bead patches, got {m}; "
-                             "use fewer basis kernels (--n-basis) or more beads")
+                             "use fewer basis kernels (n_basis, n_psf, --n-basis) or more beads")
     flat = [g.reshape(len(g), d) for g in groups]
 
     def pca(keeps):

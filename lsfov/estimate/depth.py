@@ -488,7 +488,11 @@ def as_calibration(calibration) -> DepthCalibration | None:
     if isinstance(calibration, (str, os.PathLike)):
         return DepthCalibration.load(calibration)
     if isinstance(calibration, dict):  # to_dict(), or a saved file's JSON (with its "type")
-        return DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
+        try:
+            return DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
+        except TypeError as e:
+            raise ValueError(f"calibration is not a depth calibration's to_dict() ({e}); give the one of "
+                             "lsfov.calibrate_depth, or its JSON file") from None
     if not isinstance(calibration, (DepthCalibration, type(None))):
         raise TypeError(f"calibration must come from lsfov.calibrate_depth (its to_dict(), or its JSON file), "
                         f"got {type(calibration).__name__}")

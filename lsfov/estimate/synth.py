@@ -144,6 +144,7 @@ def library(sources=SOURCES, split: str = "train", n_procedural: int = 6, seed: 
     ``split="train"`` and ``"test"`` use different scikit-image images and different procedural
     seeds, so a test set never contains an image seen in training.
     """
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)  # one name, not its letters
     _check_sources(sources, split)
     images = []
     if "skimage" in sources:
