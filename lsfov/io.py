@@ -101,6 +101,9 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         chunks = _chunk_pair(chunks)
     arr = _open_any(path.resolve(), level, series)  # absolute: workers may read it from another directory
     arr = _select(arr, path, channel=channel, z=z, t=t)
+    if arr.dtype.kind not in "biuf":  # known from the header: refused here, not deep in the first use
+        raise TypeError(f"{path} holds {arr.dtype} values; lsfov reads real intensity images (take the "
+                        "magnitude or the real part and save that)")
     if series is not None:  # which image of the file this is, for what is made of it
         arr.attrs["plane"] = {"series": int(series), **arr.attrs.get("plane", {})}
     if chunks is not None:

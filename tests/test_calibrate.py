@@ -465,6 +465,9 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
     assert abs(float(res @ p.ravel())) <= 1e-8 * scale
     lam, rnorm = nnls(g.reshape(6, -1).T, p.ravel())
     assert rnorm <= 1e-8 * np.sqrt(scale)  # p is in the cone
+    # A point whose projection is 0 (no operator): said by project, not as "project it first" by operator
+    with pytest.raises(ValueError, match="points away from every training image's"):
+        sub.project(-np.abs(g).sum(0))
     # Save and load keep everything, with xarray labels.
     path = sub.save(tmp_path / "sub.zarr")
     back = OperatorSubspace.load(path)

@@ -314,6 +314,9 @@ def test_bad_paths(tmp_path):
     np.save(tmp_path / "vol.npy", np.zeros((3, 4, 5, 6, 7, 8)))
     with pytest.raises(ValueError, match="at most 5"):
         lsfov.open_image(tmp_path / "vol.npy")
+    np.save(tmp_path / "c.npy", np.ones((8, 8), np.complex64))  # once opened, to fail at its first use
+    with pytest.raises(TypeError, match="holds complex64 values; lsfov reads real intensity images"):
+        lsfov.open_image(tmp_path / "c.npy")
     with pytest.raises(ValueError, match="not an lsfov result"):
         lsfov.open_result(tmp_path)
     # One variable of a finished result, as the README opens images: it is not an interrupted run.

@@ -155,6 +155,9 @@ class OperatorSubspace:
         g = self._gamma(np.asarray(gamma), for_project=True)
         cols = self.normalized_gammas.reshape(self.n_images, -1).T
         lam, _ = nnls(cols, g.ravel())
+        if not lam.any():  # 0 is no operator: say so here, not as a Γ of no light in operator()
+            raise ValueError("gamma points away from every training image's Γ (its projection on their cone is 0): "
+                             "no operator of the subspace is near it")
         return (cols @ lam).reshape(g.shape)
 
     # ------------------------------------------------------------------ storage
