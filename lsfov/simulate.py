@@ -56,6 +56,17 @@ def _random_polynomial(shape, rng, degree, low, high):
     return low + (high - low) * z
 
 
+def _range(v, name: str) -> tuple[float, float]:
+    """A (low, high) pair of finite numbers, low <= high."""
+    try:
+        lo, hi = (real_number(x, name) for x in v)
+    except (TypeError, ValueError):
+        lo = hi = None
+    if lo is None or lo > hi:
+        raise ValueError(f"{name} must be a pair (low, high) of finite numbers, low <= high, got {v!r}")
+    return lo, hi
+
+
 def bead_field(
     shape=(512, 512),
     n_beads: int | None = None,
@@ -130,6 +141,9 @@ def bead_field(
     psf_size = positive_int(psf_size, "psf_size")
     photons = real_number(photons, "photons", minimum=0, maximum=1e15, exclusive=True)
     background = real_number(background, "background", minimum=0, maximum=1e15)
+    astigmatism = real_number(astigmatism, "astigmatism")
+    axis = None if axis is None else real_number(axis, "axis")
+    z_range_um = _range(z_range_um, "z_range_um")
     rng = _rng(seed)
     if optics is None:
         optics = _psf.Optics(
@@ -149,7 +163,7 @@ def bead_field(
     cy, cx = _cell_centers(gy, h), _cell_centers(gx, w)
     z = _random_polynomial((gy, gx), rng, 2, *z_range_um)
     drawn_axis = rng.uniform(0, np.pi)  # drawn even when given, so a seed's other draws do not move
-    axis = drawn_axis if axis is None else float(axis)
+    axis = drawn_axis if axis is None else axis
     coeffs = {5: astigmatism * np.sin(2 * axis) * np.ones(z.size), 6: astigmatism * np.cos(2 * axis) * np.ones(z.size)}
     kernels = _psf.zernike(coeffs, optics, size=psf_size, z_um=z.ravel()).reshape(gy, gx, psf_size, psf_size)
     cut = _psf.cut_off(kernels)
@@ -412,7 +426,9 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
     h, w = shape2d(shape)
     grid = positive_int(grid, "grid")
     focus_per_um = real_number(focus_per_um, "focus_per_um", minimum=0, exclusive=True)
-    lo, hi = (float(v) for v in depth_range_um)
+    direction, curvature = real_number(direction, "direction"), real_number(curvature, "curvature")
+    astigmatism, axis = real_number(astigmatism, "astigmatism"), real_number(axis, "axis")
+    lo, hi = _range(depth_range_um, "depth_range_um")
     if not hi > lo:
         raise ValueError(f"depth_range_um must be (low, high) with low < high, got {depth_range_um}")
     m = _psf.get_model("Z3")

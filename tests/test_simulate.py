@@ -103,3 +103,15 @@ def test_a_bad_seed_is_refused_in_our_words():
     with pytest.raises(ValueError, match="rng must be an integer >= 0"):
         psf.MODELS["Z3"].sample(3, rng="x")
     assert psf.MODELS["G1"].sample(2, rng=np.random.default_rng(1)).shape == (2, 1)
+
+
+def test_simulation_parameters_are_checked_by_name():
+    """Once "Zernike coefficients must be finite" or a NumPy ufunc error, naming no argument."""
+    for call, said in ((lambda: simulate.bead_field((64, 64), astigmatism=np.nan), "astigmatism must be a finite"),
+                       (lambda: simulate.bead_field((64, 64), z_range_um=0.4), "z_range_um must be a pair"),
+                       (lambda: simulate.tilted_surface((128, 128), direction=np.nan), "direction must be a finite"),
+                       (lambda: simulate.tilted_surface((128, 128), axis=np.inf), "axis must be a finite")):
+        with pytest.raises(ValueError, match=said):
+            call()
+    with pytest.raises(TypeError, match="direction must be a number, got 'a'"):
+        simulate.tilted_surface((128, 128), direction="a")
