@@ -433,3 +433,11 @@ def test_the_pinned_trim_threshold_is_read_as_glibc_was_started(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
     monkeypatch.delitem(_backend._HEAP, "trim")
     assert _backend._pinned_trim() == before != 12345
+
+
+def test_a_device_that_is_none_is_refused_for_a_loaded_model_too():
+    # a loaded model once ignored device= whatever it was
+    img = (simulate.sample_image("coins", (256, 256)) * 500 + 20).astype(np.float32)
+    for model in ("G1", lsfov.load_model("G1")):
+        with pytest.raises(ValueError, match="device 'gpu9' is not a torch device"):
+            lsfov.estimate_psf_map(img, model, device="gpu9")

@@ -281,6 +281,13 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     from ..cluster import compute
 
     ref, m = _model_ref(model)
+    if device is not None:  # refused here, not in the first task; a loaded model runs where it is
+        from .model import torch_device
+
+        dev = torch_device(device)
+        if ref is m and (dev.type != m.device.type or dev.index not in (None, m.device.index)):
+            raise ValueError(f"device {device!r}: the model given is loaded on {m.device}; give its name or file "
+                             "to load it there, or leave device out")
     if int(patch) != m.patch:
         raise ValueError(f"patch={patch} but the model reads {m.patch}x{m.patch} patches; use patch={m.patch}")
     patch = m.patch
