@@ -805,7 +805,9 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
     pixels (a crop's offset). Coordinates in a length unit are converted; in pixels (``units``
     "pixel", or none with a step of one) counted in this image's pixels and scaled by ``pixel_um``;
     others (no unit and another step, or decreasing) say nothing usable: 0, with a warning. An axis
-    without coordinates starts at 0."""
+    without coordinates starts at 0, as does an array that is not xarray's."""
+    if not hasattr(image, "dims"):
+        return 0.0, 0.0
     origin = []
     for d in image.dims[-2:]:
         c = image.coords[d] if d in image.coords else None  # not .get: xarray makes up an index

@@ -375,6 +375,9 @@ class PSFModel:
     def from_meta(cls, meta: Mapping) -> PSFModel:
         """The model a record of :meth:`to_meta` describes: the named model (a name or a model) with the
         recorded ranges, optics and kernel size, its own where the record has none."""
+        if not isinstance(meta, Mapping) or "psf_model" not in meta:
+            raise ValueError("not a PSF-model record (to_meta(): psf_model, ranges, optics); give one of a model "
+                             "file's or a training set's metadata")
         base = get_model(meta["psf_model"])
         ranges = {p: tuple(v) for p, v in (meta.get("ranges") or base.ranges).items()}
         optics = meta.get("optics")

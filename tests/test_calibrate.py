@@ -85,6 +85,18 @@ def test_radial_bump_shape():
     assert m[c, c + 11] == pytest.approx(np.exp(1 - 1 / 0.75), rel=1e-6)
 
 
+def test_calibration_helpers_refuse_bad_input_by_name():
+    """Once numpy's "negative dimensions", a ZeroDivisionError, an eigenvalue or a k-d tree error."""
+    for call, said in ((lambda: radial_bump(-1, 4.0), "size must be a positive integer"),
+                       (lambda: radial_bump(9, -4), "radius must be a finite number > 0"),
+                       (lambda: NodeGrid((64, 64), 0), "node step must be a positive integer"),
+                       (lambda: cone_columns(np.array([[np.nan, 1.0], [1.0, 2.0]])), "contain NaN or Inf"),
+                       (lambda: voronoi_weights(np.array([[np.nan, 1.0], [1.0, 2.0]]), (10, 10)),
+                        r"positions must be \(P, 2\) finite")):
+        with pytest.raises(ValueError, match=said):
+            call()
+
+
 def test_background_removal_recovers_a_known_polynomial():
     k, r = 25, 8.0
     yy, xx = (np.mgrid[:k, :k] - k // 2).astype(np.float64)

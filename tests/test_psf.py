@@ -163,3 +163,15 @@ def test_nyquist_ratio():
     """Nyquist sampling of a widefield PSF is λ/(4 NA) per pixel: 0.55 µm at NA 0.75 is 0.183 µm."""
     assert psf.Optics(0.75, 0.55, 0.55 / 3.0).nyquist_ratio == pytest.approx(1.0)
     assert psf.Optics(0.75, 0.55, 0.2).nyquist_ratio == pytest.approx(0.2 / (0.55 / 3.0))  # the models': undersampled
+
+
+def test_a_record_that_is_no_psf_model_is_refused():
+    with pytest.raises(ValueError, match="not a PSF-model record"):  # once KeyError: 'psf_model'
+        psf.PSFModel.from_meta({})
+    from lsfov.estimate.training import r2_scores
+
+    with pytest.raises(ValueError, match=r"true and pred must both be \(n, 1\) G1 parameters"):
+        r2_scores("G1", np.ones((5, 1)), np.ones((4, 1)))
+    from lsfov.io import image_origin
+
+    assert image_origin(np.ones((4, 4))) == (0.0, 0.0)  # a plain array starts at 0 (once AttributeError)

@@ -48,6 +48,7 @@ def patch_size(radius: float) -> int:
 
 def radial_bump(size: int, radius: float) -> np.ndarray:
     """The multiplier of App. A-d: 1 inside ``r``, 0 beyond ``1.2 r``, a smooth bump between."""
+    size, radius = positive_int(size, "size"), real_number(radius, "radius", minimum=0, exclusive=True)
     c = size // 2
     yy, xx = np.mgrid[:size, :size] - c
     t = np.hypot(yy, xx)

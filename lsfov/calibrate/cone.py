@@ -66,6 +66,12 @@ def cone_columns(observed, *, max_columns: int = 20, angle_deg: float = 1.0, ite
     ----------
     observed : array_like (I, M)
         Coefficient vectors of the observed PSFs, one per column.
+    max_columns : int
+        At most this many columns are taken.
+    angle_deg : float
+        Every column within this angle (degrees) of the cone stops the selection.
+    iterations : int
+        Iterations of each projection onto the cone (:func:`project_cone`).
 
     Returns
     -------
@@ -75,6 +81,8 @@ def cone_columns(observed, *, max_columns: int = 20, angle_deg: float = 1.0, ite
     obs = np.asarray(observed, dtype=np.float64)
     if obs.ndim != 2 or obs.shape[1] == 0:
         raise ValueError(f"observed coefficients must have shape (I, M) with M >= 1, got {obs.shape}")
+    if not np.isfinite(obs).all():
+        raise ValueError("observed coefficients contain NaN or Inf; compute them from finite bead patches")
     unit = obs / np.maximum(np.linalg.norm(obs, axis=0, keepdims=True), 1e-30)
     mean = unit.mean(axis=1, keepdims=True)
     sel = mean / max(np.linalg.norm(mean), 1e-30)

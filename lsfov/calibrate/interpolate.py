@@ -14,7 +14,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
-from .._validate import positive_int
+from .._validate import positive_int, shape2d
 from ..operators import _cell_centers, _hat_matrix
 from .cone import project_cone
 
@@ -28,8 +28,8 @@ class NodeGrid:
     (hat) interpolation matrices that spread node values to pixels."""
 
     def __init__(self, shape, step: int):
-        self.shape = tuple(int(s) for s in shape)
-        self.step = int(step)
+        self.shape = shape2d(shape)
+        self.step = positive_int(step, "node step")
         self.nodes = tuple(np.linspace(0.0, n - 1.0, max(2, math.ceil((n - 1) / self.step) + 1)) for n in self.shape)
 
     @property
@@ -80,7 +80,9 @@ def voronoi_weights(positions, shape, *, samples: int = 512) -> np.ndarray:
     lie nearest to each position (cKDTree), an unbiased estimate that is exact as ``samples`` grows.
     """
     pos = np.asarray(positions, dtype=np.float64)
-    h, w = shape
+    if pos.ndim != 2 or pos.shape[1:] != (2,) or not len(pos) or not np.isfinite(pos).all():
+        raise ValueError(f"positions must be (P, 2) finite (y, x) pixel positions, P >= 1; got shape {pos.shape}")
+    h, w = shape2d(shape)
     # The cell centres of a samples² partition of the field.
     yy, xx = np.meshgrid(_cell_centers(samples, h), _cell_centers(samples, w), indexing="ij")
     _, owner = cKDTree(pos).query(np.stack([yy.ravel(), xx.ravel()], axis=1))

@@ -580,6 +580,9 @@ def r2_scores(m, true, pred) -> dict:
     the circle (0 and π are the same axis)."""
     m = _psf.get_model(m)
     true, pred = np.atleast_2d(np.asarray(true, float)), np.atleast_2d(np.asarray(pred, float))
+    if true.shape != pred.shape or true.shape[1] != m.n_params:
+        raise ValueError(f"true and pred must both be (n, {m.n_params}) {m.name} parameters, got {true.shape} and "
+                         f"{pred.shape}")
     out = {}
     for i, p in enumerate(m.params):
         t, e = true[:, i], pred[:, i]
