@@ -507,19 +507,32 @@ class ProductConvolution:
     def apply_block(self, block, origin):
         """Apply to a block that carries a halo of :attr:`halo` pixels on every side.
 
-        ``origin`` is the image position of the block's first pixel (halo included). Returns the block
-        without its halo, equal to the same region of ``apply`` on the whole image.
+        Parameters
+        ----------
+        block : array_like (h, w)
+            The block, halo included: more than ``2 * halo`` pixels along each axis.
+        origin : (int, int)
+            The image position of the block's first pixel (halo included).
+
+        Returns
+        -------
+        array, float32, (h - 2 halo, w - 2 halo)
+            The block without its halo, equal to the same region of ``apply`` on the whole image.
         """
-        r = self.halo
-        block = block if hasattr(block, "shape") else np.asarray(block)
-        out = self.restrict(origin, block.shape).apply(block)
-        return out[r : out.shape[0] - r, r : out.shape[1] - r]
+        return self._block(block, origin, adjoint=False)
 
     def adjoint_block(self, block, origin):
         """Adjoint counterpart of :meth:`apply_block`."""
+        return self._block(block, origin, adjoint=True)
+
+    def _block(self, block, origin, *, adjoint: bool):
         r = self.halo
         block = block if hasattr(block, "shape") else np.asarray(block)
-        out = self.restrict(origin, block.shape).adjoint(block)
+        if len(block.shape) != 2 or min(block.shape) <= 2 * r:
+            raise ValueError(f"block of shape {tuple(block.shape)} holds nothing inside its halo of {r} px on each "
+                             f"side; give a 2-D block larger than {2 * r} px along each axis")
+        op = self.restrict(origin, block.shape)
+        out = op.adjoint(block) if adjoint else op.apply(block)
         return out[r : out.shape[0] - r, r : out.shape[1] - r]
 
     # ------------------------------------------------------------------ application

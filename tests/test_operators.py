@@ -178,6 +178,9 @@ def test_block_with_halo_equals_whole(name, window, rng):
         assert out.shape == (h, w)
         ref = ref[iy0:iy1, ix0:ix1]
         np.testing.assert_allclose(out[inner], ref, atol=1e-6 * np.abs(ref).max())
+    # a block that is all halo holds no pixel: refused, once an empty (0, 0) array
+    with pytest.raises(ValueError, match=f"holds nothing inside its halo of {r} px"):
+        op.apply_block(block[: 2 * r, : 2 * r], (0, 0))
 
 
 @pytest.mark.parametrize("name", ["grid", "basis"])
