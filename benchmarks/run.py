@@ -257,12 +257,12 @@ def section_tv(a):
     orig = tv_rl._iterate
 
     def fixed_eps(op, y, x, n, tv, eps, scale, norm, thr, progress=None, field=None):
-        curv = tv_rl.tv_curvature
-        tv_rl.tv_curvature = lambda x, e: curv(x, 0.01 * scale)
+        curv = tv_rl._tv_curvature
+        tv_rl._tv_curvature = lambda x, e: curv(x, 0.01 * scale)
         try:
             return orig(op, y, x, n, tv, eps, scale, norm, thr, progress, field or (slice(None), slice(None)))
         finally:
-            tv_rl.tv_curvature = curv
+            tv_rl._tv_curvature = curv
 
     sharp = sim.sample_image("cell", (256, 256))
     op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=1, size=21)

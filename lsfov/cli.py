@@ -362,9 +362,24 @@ def info(path):
         test = m.meta.get("test", {})
         r2 = ", ".join(f"{p} {v:.3f}" for p, v in test.get("r2", {}).items())
         click.echo(f"{path}: {m!r}\n  ranges: {dict(m.ranges)}; optics: {m.optics}\n"
-                   f"  test set ({test.get('n', '?')} patches): R² {r2 or 'not measured'}")
+                   f"  test set ({test.get('n', '?')} patches): R² {r2 or 'not measured (lsfov evaluate)'}"
+                   + _training_summary(m.meta.get("training") or {}))
     else:
         click.echo(describe(path))
+
+
+def _training_summary(t: dict) -> str:
+    """A model's training in one line: its last stage, and how many stages it had."""
+    if not t.get("n_train"):
+        return ""
+    stages, init = 1, t.get("init")
+    while isinstance(init, dict):
+        stages, init = stages + 1, init.get("init")
+    val = t.get("best_val_r2")
+    return (f"\n  training: {t['n_train']} patches x {t.get('epochs_run', '?')} epoch(s)"
+            + (f", validation R² {val:.3f}" if isinstance(val, (int, float)) else "")
+            + (f", {t['seconds'] / 60:.1f} min on {t.get('device', '?')}" if t.get("seconds") else "")
+            + (f" (the last of {stages} stages)" if stages > 1 else ""))
 
 
 def _check_map_source(psf_map, map_path, src, img):
@@ -647,7 +662,8 @@ def _centres(variables, names, edge=512):
 @click.option("--stride", type=click.IntRange(min=1), default=64, show_default=True, help="Node spacing in pixels.")
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels): one task per chunk.")
-@click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the PSF map.")
+@click.option("--figure", type=click.Path(), default=None,
+              help="Write a figure of the PSF map (.png, .pdf or .svg).")
 @_symmetrize_option
 @_saturation_options
 @_plane_options
@@ -714,7 +730,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @click.option("--calibration", type=click.Path(), default=None, help="Depth calibration JSON (`lsfov depth --known`).")
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels).")
-@click.option("--figure", type=click.Path(), default=None, help="PNG summary: raw, deblurred, PSF grid, depth.")
+@click.option("--figure", type=click.Path(), default=None,
+              help="A summary figure (.png, .pdf or .svg): raw, deblurred, PSF grid, depth.")
 @_symmetrize_option
 @_saturation_options
 @_plane_options
@@ -963,7 +980,8 @@ def _in_image_frame(table, img):
 @click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
 @_saturation_option
 @click.option("--channel", type=int, default=None, help="Channel of multi-channel bead images.")
-@click.option("--figure", type=click.Path(), default=None, help="Write a PNG of the bases and the operator.")
+@click.option("--figure", type=click.Path(), default=None,
+              help="Write a figure of the bases and the operator (.png, .pdf or .svg).")
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
@@ -1157,10 +1175,16 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
                              lr=lr, max_minutes=minutes, seed=seed, progress=progress)
     else:
         ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
-        model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                       patience=patience, checkpoint=ckpt, resume=resume, device=device,
-                       seed=seed if _given("seed") else None, init=init, freeze=freeze or None, max_minutes=minutes,
-                       overwrite=overwrite, progress=progress)
+        try:
+            model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                           patience=patience, checkpoint=ckpt, resume=resume, device=device,
+                           seed=seed if _given("seed") else None, init=init, freeze=freeze or None,
+                           max_minutes=minutes, overwrite=overwrite, progress=progress)
+        except (KeyboardInterrupt, _Terminated):
+            if (Path(ckpt) / "last.pt").exists():  # said before "interrupted (Ctrl-C)", as a run's kept work
+                click.echo(f"the epochs done so far are kept in {ckpt}: run the same command with --resume to "
+                           "continue", err=True)
+            raise
     if test_path:
         model.meta["test"] = _evaluate(model, test_path)
         _print_scores(model.meta["test"])
@@ -1185,7 +1209,8 @@ def _print_scores(res):
 @click.argument("data", type=click.Path(), required=False)
 @click.option("--robustness", "n_robust", type=int, default=0, metavar="N",
               help="Also the R²-vs-degradation curves (paper 000 Fig. 7) on N fresh held-out patches.")
-@click.option("--figure", type=click.Path(), default=None, help="PNG of the robustness curves.")
+@click.option("--figure", type=click.Path(), default=None,
+              help="A figure of the robustness curves (.png, .pdf or .svg).")
 @_overwrite_option
 @click.pass_obj
 def evaluate(obj, model, data, n_robust, figure, overwrite):

@@ -12,12 +12,17 @@ import threading
 import dask
 import numpy as np
 
+from ._validate import positive_int
+
+__all__ = ["use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "SCHEDULERS"]
+
 log = logging.getLogger("lsfov")
 
 SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT"
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
 _SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
+_CONNECT_TIMEOUT = "10s"  # to an existing scheduler (tests shorten it)
 
 
 def jobqueue_cluster(kind: str, **settings):
@@ -144,6 +149,10 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         For an unknown ``spec``, a missing dask-cuda, a batch system whose submit command is not on
         PATH, or a scheduler address that cannot be reached.
     """
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"spec must be a scheduler name ({SCHEDULERS}), got {type(spec).__name__}")
+    if n_workers is not None:  # 0 or fewer workers: a LocalCluster that waits forever for its first task
+        n_workers = positive_int(n_workers, "n_workers")
     spec = (spec or "threads").strip()
     if spec in ("threads", "synchronous", "sync"):
         with dask.config.set(scheduler="synchronous" if spec.startswith("sync") else "threads"):
@@ -203,10 +212,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                     hush()
         return
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-        try:
-            client = Client(spec, timeout="10s")
-        except OSError as e:
-            raise ValueError(f"cannot reach the Dask scheduler at {spec} ({e}); is it running?") from None
+        client = _connect(spec)
         with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
               _hushable("asyncio") as hush_loop, client):
             log.info("connected to %s; dashboard: %s", spec, client.dashboard_link)
@@ -218,6 +224,41 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                 raise
         return
     raise ValueError(f"unknown scheduler {spec!r}; use {SCHEDULERS}")
+
+
+def _connect(spec: str):
+    """A Client of the scheduler at ``spec``. On any failure none is left registered: distributed
+    registers a Client as the default before it connects, and a broken default takes every later
+    Dask compute of the process (it hangs or fails)."""
+    from distributed import Client, default_client
+    from distributed.comm import parse_address, parse_host_port
+
+    proto, loc = parse_address(spec)
+    if proto in ("tcp", "tls"):  # a malformed address: distributed's own message names no fix
+        try:
+            host, port = parse_host_port(loc)
+        except ValueError:
+            host, port = "", 0
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"scheduler address {spec!r} is malformed; give it as {proto}://HOST:PORT "
+                             f"(e.g. {proto}://10.0.0.5:8786)")
+
+    def registered():
+        try:
+            return default_client()
+        except ValueError:
+            return None
+
+    before = registered()
+    try:
+        return Client(spec, timeout=_CONNECT_TIMEOUT)
+    except Exception as e:
+        left = registered()
+        if left is not None and left is not before:
+            left.close()
+        what = "cannot reach" if isinstance(e, OSError) else "cannot connect to"
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{what} the Dask scheduler at {spec} ({detail}); is it running, at this address?") from None
 
 
 def _active_client():

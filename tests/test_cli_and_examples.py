@@ -284,6 +284,8 @@ def test_info_describes_models_and_calibrations(run, tmp_path):
     assert "depth = 21.5 µm/wave" in run("info", "c.json").output
     out = run("info", "G2").output
     assert "PSFRegressor(G2" in out and "sigma_y 0.9" in out and "3000 patches" in out
+    assert re.search(r"training: 750720 patches x 1 epoch\(s\), validation R² 0\.\d+, [\d.]+ min on cpu \(the last of "
+                     r"\d stages\)", out)
     assert "no shipped model for Z2" in run("info", "Z2", ok=False).output
     (tmp_path / "x.json").write_text("{}")
     assert "is not a depth calibration" in run("info", "x.json", ok=False).output
@@ -896,3 +898,20 @@ def test_psf_mosaic_shows_at_most_16_nodes_per_axis_ends_included():
     assert m.shape == (16 * 7, 3 * 7)
     np.testing.assert_allclose(m[1:6, 1:6], k[0, 0] / k[0, 0].max())
     np.testing.assert_allclose(m[-6:-1, -6:-1], k[-1, -1] / k[-1, -1].max())
+
+
+def test_a_stopped_training_says_where_its_epochs_are_kept(run, monkeypatch):
+    import lsfov.estimate
+
+    run("-q", "train", "--synthesize", 64, "--psf-model", "G1", "tr.zarr")
+
+    def stopped(*a, checkpoint, **k):  # an epoch saved, then Ctrl-C
+        Path(checkpoint).mkdir()
+        (Path(checkpoint) / "last.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lsfov.estimate, "train", stopped)
+    res = run("train", "tr.zarr", "m.pt", ok=False)
+    assert res.exit_code == 130
+    assert res.output.splitlines()[-2:] == ["the epochs done so far are kept in m.ckpt: run the same command with "
+                                            "--resume to continue", "interrupted (Ctrl-C)"]

@@ -372,3 +372,118 @@ def test_opened_images_are_saved_as_image_and_files_go_where_asked(tmp_path):
     with pytest.raises(IsADirectoryError, match="dir is a directory; give the name of a file"):
         cal.save(tmp_path / "dir", overwrite=True)
     assert (tmp_path / "dir").is_dir() and not list(tmp_path.glob(".dir*"))
+
+
+def _registered_client():
+    import distributed
+
+    try:
+        return distributed.default_client()
+    except ValueError:
+        return None
+
+
+def test_use_scheduler_refuses_bad_options_and_leaves_no_client_after_a_failed_connection(monkeypatch):
+    """n_workers=0 made a LocalCluster that waited forever for its first task; a malformed address
+    gave distributed's "missing port number" and left a broken default Client that took every later
+    compute of the process."""
+    import dask
+
+    from lsfov import cluster
+
+    for n in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="n_workers must be a positive integer"):
+            with cluster.use_scheduler("local", n_workers=n):
+                pass
+    with pytest.raises(TypeError, match="spec must be a scheduler name"):
+        with cluster.use_scheduler(4):
+            pass
+    assert _registered_client() is None and dask.config.get("scheduler", None) is None
+    monkeypatch.setattr(cluster, "_CONNECT_TIMEOUT", "0.5s")
+    for spec, what in (("tcp://", r"give it as tcp://HOST:PORT"), ("tcp://host:port", "tcp://HOST:PORT"),
+                       ("tls://:8786", "tls://HOST:PORT"), ("tcp://127.0.0.1:1", "cannot reach"),
+                       ("inproc://", "cannot connect")):  # inproc: distributed's own ValueError, after it registered
+        with pytest.raises(ValueError, match=what) as err:
+            with cluster.use_scheduler(spec):
+                pass
+        assert "\n" not in str(err.value)
+        assert _registered_client() is None and dask.config.get("scheduler", None) is None, spec
+    assert da.ones(4, chunks=2).sum().compute() == 4  # Dask still works
+
+
+def test_cluster_names_only_its_public_api():
+    from lsfov import cluster
+
+    assert set(cluster.__all__) == {"use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "SCHEDULERS"}
+    assert all(hasattr(cluster, name) for name in cluster.__all__)
+    names = {}
+    exec("from lsfov.cluster import *", names)
+    assert not {"np", "dask", "shutil", "signal", "log"} & set(names)
+
+
+def test_tv_curvature_checks_its_input_and_computes_dask_blocks_as_the_whole():
+    from lsfov.restore import tv_curvature
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((37, 50)) * 10).astype(np.float32)
+    e = (rng.random((37, 50)) + 0.1).astype(np.float32)
+    for eps in (0.3, e):
+        whole = tv_curvature(x, eps)
+        assert np.abs(whole).max() > 0.1
+        for chunks in ((10, 7), (1, 50), (37, 1), (20, 30)):  # a Dask array gave all zeros
+            lazy = tv_curvature(da.from_array(x, chunks=chunks), eps)
+            assert lazy.dtype == np.float32
+            np.testing.assert_array_equal(lazy.compute(), whole, err_msg=str(chunks))
+    np.testing.assert_array_equal(tv_curvature(da.from_array(x, chunks=9), da.from_array(e, chunks=11)).compute(),
+                                  tv_curvature(x, e))
+    for dtype in (np.float64, np.float16, np.int32, bool):  # float32 as documented (ints gave UFuncTypeError)
+        assert tv_curvature(x.astype(dtype), 1.0).dtype == np.float32
+    np.testing.assert_array_equal(tv_curvature(x.astype(np.float64), 0.3), tv_curvature(x, 0.3))
+    for bad_x, eps, err, what in ((x[None], 1, ValueError, "non-empty 2-D"), (x[:0], 1, ValueError, "non-empty 2-D"),
+                                  (x.astype(complex), 1, TypeError, "real numbers"), (None, 1, TypeError, "real numbers"),
+                                  (x, np.nan, ValueError, "eps must be a finite number > 0"),
+                                  (x, -1, ValueError, "eps must be a finite number > 0"), (x, "1", TypeError, "eps"),
+                                  (x, e[:3], ValueError, "image's shape"), (x, -e, ValueError, "finite and > 0")):
+        with pytest.raises(err, match=what):
+            tv_curvature(bad_x, eps)
+
+
+def test_locate_sources_and_estimate_noise_check_their_input(small):
+    from lsfov.restore import estimate_noise, locate_sources
+
+    u, op = small
+    assert locate_sources(u, op, 0.1).shape[1] == 3
+    nan = u.copy()
+    nan[10, 10] = np.nan
+    for sparse, err, what in ((u[:32, :48], ValueError, r"shape \(32, 48\) but the operator is for images of shape "
+                                                         r"\(64, 64\)"),
+                              (nan, ValueError, "NaN or Inf"), (da.from_array(nan, chunks=16), ValueError, "NaN or Inf"),
+                              (u[0], ValueError, "2-D"), (None, TypeError, "2-D array"), (np.zeros((0, 0)), ValueError,
+                               "non-empty"), (da.zeros((0, 0)), ValueError, "non-empty"),
+                              (u.astype(complex), TypeError, "real numbers")):
+        with pytest.raises(err, match=what):
+            locate_sources(sparse, op, 0.1)
+    for kw, err, what in ((dict(noise=0.1, k=np.nan), ValueError, "k must be"), (dict(noise="1"), TypeError, "noise must"),
+                          (dict(noise=np.nan), ValueError, "noise must"), (dict(noise=0.1, k=-1), ValueError, "k must")):
+        with pytest.raises(err, match=what):
+            locate_sources(u, op, **kw)
+    with pytest.raises(TypeError, match="operator must be the lsfov.ProductConvolution"):
+        locate_sources(u, None, 0.1)
+    for img, err, what in ((nan, ValueError, "NaN or Inf"), (u[0], ValueError, "2-D image"), (np.zeros((0, 5)), ValueError,
+                           "2-D image"), (None, TypeError, "real numbers"), (u.astype(complex), TypeError, "real numbers")):
+        with pytest.raises(err, match=what):
+            estimate_noise(img)
+
+
+def test_sparse_smooth_options_are_checked_as_deconvolve_checks_them(small):
+    u, op = small
+    for img in (u, da.from_array(u, chunks=32)):
+        for kw, err, what in ((dict(warn_dense="x"), TypeError, "warn_dense must be a number"),
+                              (dict(warn_dense=-1), ValueError, "warn_dense must be a finite number >= 0 and <= 1"),
+                              (dict(exchange_every=0), ValueError, "exchange_every must be a positive integer"),
+                              (dict(exchange_every=2.5), ValueError, "exchange_every must be a positive integer")):
+            with pytest.raises(err, match=what):
+                lsfov.sparse_smooth_deblur(img, op, iterations=2, **kw)
+            if "exchange_every" in kw:
+                with pytest.raises(err, match=what):
+                    lsfov.deconvolve(img, op, 2, **kw)

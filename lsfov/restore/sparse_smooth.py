@@ -51,7 +51,7 @@ def estimate_noise(image) -> float:
     Parameters
     ----------
     image : array_like (H, W)
-        The image, at least 3 x 3 pixels; read whole into memory (pass a crop of a large one).
+        The image, at least 3 x 3 pixels, without NaN or Inf; read whole into memory (pass a crop of a large one).
 
     Returns
     -------
@@ -59,9 +59,16 @@ def estimate_noise(image) -> float:
         The noise standard deviation in the image's units: 1.4826 times the median absolute
         deviation of the 5-point Laplacian over the interior pixels, divided by √20.
     """
-    x = np.asarray(image, dtype=np.float64)
+    if isinstance(image, (str, bytes)) or image is None:
+        raise TypeError(f"image must be a 2-D array of real numbers, got {type(image).__name__}")
+    x = np.asarray(image)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"image must be a 2-D array of real numbers, got dtype {x.dtype}")
     if x.ndim != 2 or min(x.shape) < 3:
         raise ValueError(f"estimating the noise needs a 2-D image of at least 3x3 pixels, got shape {x.shape}")
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():  # one NaN makes the median NaN
+        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them, or pass a crop without them")
     lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
     return float(1.4826 * np.median(np.abs(lap - np.median(lap))) / math.sqrt(20.0))
 
@@ -199,6 +206,9 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if not isinstance(operator, ProductConvolution):
         raise TypeError("operator must be an lsfov.ProductConvolution")
     iterations = positive_int(iterations, "iterations")
+    if exchange_every is not None:  # as deconvolve: 0 is refused, not taken as the default
+        exchange_every = positive_int(exchange_every, "exchange_every")
+    warn_dense = real_number(warn_dense, "warn_dense", minimum=0, maximum=1)  # a fraction of the pixels
     scratch_dir(scratch, resume)  # before the read of the image below
     xr_in = getattr(image, "dims", None) is not None
     check_pixel_size(operator, image)
@@ -392,11 +402,26 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     import dask
     import dask.array as da
 
-    if not noise > 0:
-        raise ValueError(f"noise must be > 0, got {noise}")
-    level = k * float(noise) / _psf_norms(operator).l2
+    if not isinstance(operator, ProductConvolution):
+        raise TypeError(f"operator must be the lsfov.ProductConvolution the image was deblurred with, got "
+                        f"{type(operator).__name__}")
+    noise = real_number(noise, "noise", minimum=0, exclusive=True)
+    k = real_number(k, "k", minimum=0)
     arr = yx_order(sparse, "sparse").data if getattr(sparse, "dims", None) is not None else sparse
-    arr = arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr, dtype=np.float32), chunks=2048)
+    if isinstance(arr, (str, bytes)) or arr is None:
+        raise TypeError(f"sparse must be a 2-D array (the sparse component), got {type(arr).__name__}")
+    if not isinstance(arr, da.Array):
+        arr = to_numpy(arr) if type(arr).__module__.startswith("cupy") else np.asarray(arr)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"sparse must be an array of real numbers, got dtype {arr.dtype}")
+    known_shape(arr.shape, "sparse")
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"sparse must be a non-empty 2-D array (y, x), got shape {arr.shape}")
+    if arr.shape != operator.shape:  # positions and the detection level would be another image's
+        raise ValueError(f"sparse has shape {arr.shape} but the operator is for images of shape {operator.shape}; "
+                         "pass the operator it was deblurred with")
+    level = k * noise / _psf_norms(operator).l2
+    arr = arr if isinstance(arr, da.Array) else da.from_array(arr.astype(np.float32, copy=False), chunks=2048)
     ext = da.overlap.overlap(arr, depth=1, boundary=0)  # a pixel of the neighbours decides a maximum
     offsets = [np.cumsum((0,) + c[:-1]) for c in arr.chunks]
 
@@ -409,12 +434,16 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
         mass = ndimage.correlate(b.astype(np.float64), np.ones((3, 3)), mode="constant")
         pk = peak_local_max(b, min_distance=1, threshold_abs=1e-12, exclude_border=1)
         pk = pk[mass[pk[:, 0], pk[:, 1]] >= level]
-        return np.column_stack([pk[:, 0] - 1 + oy, pk[:, 1] - 1 + ox, mass[pk[:, 0], pk[:, 1]]])
+        # NaN is no maximum: its pixels would be skipped in silence (checked in the same read as the search)
+        return np.column_stack([pk[:, 0] - 1 + oy, pk[:, 1] - 1 + ox, mass[pk[:, 0], pk[:, 1]]]), np.isfinite(b).all()
 
     blocks = ext.to_delayed()
     parts = [dask.delayed(block)(blocks[i, j], offsets[0][i], offsets[1][j])
              for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
-    found = np.concatenate(dask.compute(*parts) or [np.zeros((0, 3))])
+    results = dask.compute(*parts)
+    if not all(ok for _, ok in results):
+        raise ValueError("sparse contains NaN or Inf pixels; mask or inpaint them first")
+    found = np.concatenate([f for f, _ in results] or [np.zeros((0, 3))])
     h, w = arr.shape
     found = found[(found[:, 0] > 0) & (found[:, 0] < h - 1) & (found[:, 1] > 0) & (found[:, 1] < w - 1)]
     return found[np.argsort(-found[:, 2], kind="stable")] if len(found) else np.zeros((0, 3))

@@ -32,6 +32,7 @@ up where it predicts less than the clip, and left free above it, instead of bein
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
-                         positive_int, scratch_dir, user_stacklevel, yx_order)
+                         positive_int, real_number, scratch_dir, user_stacklevel, yx_order)
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -55,7 +56,7 @@ _NORM_FLOOR = 1e-3  # H^T 1 below this fraction of the largest kernel sum: unobs
 _RATIO_FLOOR = 1e-6  # H x is floored at this fraction of the mean intensity before dividing
 
 
-def tv_curvature(x, eps: float):
+def tv_curvature(x, eps):
     """``div(grad x / sqrt(|grad x|^2 + eps^2))``, the TV term of paper 000 Eq. 13.
 
     Forward differences for the gradient (zero across the last row/column, Neumann boundary) and
@@ -65,14 +66,55 @@ def tv_curvature(x, eps: float):
     Parameters
     ----------
     x : ndarray (H, W)
-        Image (NumPy or CuPy), float32.
+        Image of real numbers (NumPy, CuPy, or Dask: computed block by block with a one-pixel halo,
+        the same values as the whole array), computed in float32.
     eps : float or ndarray (H, W)
-        Smoothing of the gradient norm, in the units of ``x`` (> 0); an array gives it per pixel.
+        Smoothing of the gradient norm, in the units of ``x`` (finite, > 0); an array gives it per pixel.
 
     Returns
     -------
-    ndarray (H, W), float32, in [-4, 4].
+    ndarray (H, W), float32, in [-4, 4]; lazy for Dask input.
     """
+    x = _real_2d(x, "x")
+    scalar = np.ndim(eps) == 0
+    if scalar:
+        eps = real_number(eps, "eps", minimum=0, exclusive=True)
+    else:
+        eps = _real_2d(eps, "eps")
+        if eps.shape != x.shape:
+            raise ValueError(f"eps must be a number or an array of the image's shape {x.shape}, got shape {eps.shape}")
+        if not bool((eps > 0).all() & array_module(eps).isfinite(eps).all()):  # bool(): a Dask eps is read here
+            raise ValueError("eps must be finite and > 0 at every pixel")
+    if not type(x).__module__.startswith("dask"):
+        xp = array_module(x)
+        return _tv_curvature(x, eps if scalar else to_numpy(eps) if xp is np else xp.asarray(eps))
+    import dask.array as da
+    from dask.array.utils import meta_from_array
+
+    # A value reads one pixel of the neighbours; beyond the image none is made up ("none"): the blocks
+    # at its edges keep the whole array's Neumann boundary, so every value is the whole array's.
+    args = (x,) if scalar else (x, da.asarray(eps).rechunk(x.chunks))
+    fn = functools.partial(_tv_curvature, eps=eps) if scalar else _tv_curvature
+    return da.map_overlap(fn, *args, depth=1, boundary="none", dtype=np.float32,
+                          meta=meta_from_array(x, ndim=2, dtype=np.float32))
+
+
+def _real_2d(x, name):
+    """``x`` (NumPy, CuPy or Dask; other arrays to NumPy) checked to be a non-empty 2-D real array, as float32."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be a 2-D array of real numbers, got {type(x).__name__}")
+    if not type(x).__module__.startswith(("dask", "cupy")):
+        x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a 2-D array of real numbers, got dtype {x.dtype}")
+    known_shape(x.shape, name)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D array (y, x), got shape {x.shape}")
+    return x.astype(np.float32, copy=False)
+
+
+def _tv_curvature(x, eps):
+    """:func:`tv_curvature` unchecked (TV-RL's hot loop): ``x`` float32, ``eps`` a number or an array."""
     gy, gx = _grad(x)
     norm = gy * gy
     norm += gx * gx
@@ -154,7 +196,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
                 xb = xf[lo:hi]
                 local_eps = xb + np.float32(scale)
                 local_eps *= np.float32(eps)
-                den = tv_curvature(xb, local_eps)[b.start - lo : b.stop - lo]
+                den = _tv_curvature(xb, local_eps)[b.start - lo : b.stop - lo]
                 den *= np.float32(-tv)
                 den += np.float32(1.0)
                 cf[b] /= den
