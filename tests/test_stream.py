@@ -95,6 +95,10 @@ def test_stream_bad_input():
         stream.train_stream("Z3")
     with pytest.raises(ValueError, match="freeze=True"):
         stream.train_stream(stream.PatchStream("Z3", sources=("poi",)), arch="polar", freeze=True)
+    with pytest.raises(ValueError, match=r"patches=10 is less than one batch \(64\)"):  # once: trained 64
+        stream.train_stream(stream.PatchStream("G1", sources=("poi",)), patches=10, batch_size=64)
+    with pytest.raises(ValueError, match="n must be a positive integer"):  # once torch's RuntimeError
+        stream.PatchStream("G1", sources=("poi",)).crops(0)
 
 
 def _one_image_stream(value, illumination, **kw):

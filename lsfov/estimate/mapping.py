@@ -527,7 +527,8 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, periods: di
         return {p: np.asarray(v, np.float32) for p, v in arrays.items()}
     if not valid.any():
         raise NothingToMap("every node of the PSF map is invalid (no texture the CNN can read: a dark, flat or "
-                           "empty image); there is no PSF to estimate here")
+                           "empty image, or a model of your own that calls everything invalid: check it with "
+                           "`lsfov evaluate`); there is no PSF to estimate here")
     good, bad = np.argwhere(valid).astype(np.float64), np.argwhere(~valid).astype(np.float64)
     k = min(neighbours, len(good))
     dist, idx = cKDTree(good).query(bad, k=k)

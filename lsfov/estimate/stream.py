@@ -164,6 +164,7 @@ class PatchStream:
 
     def crops(self, n: int) -> torch.Tensor:
         """``n`` random crops (n, P+K-1, P+K-1) of the library, each under one of the 8 symmetries of the square."""
+        n = positive_int(n, "n")
         k = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
         y0 = (self._uniform(n) * (self.heights[k] - self.size + 1)).long()
         x0 = (self._uniform(n) * (self.widths[k] - self.size + 1)).long()
@@ -250,6 +251,9 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     if not isinstance(stream, PatchStream):
         raise TypeError(f"stream must be an lsfov.estimate.stream.PatchStream, got {type(stream).__name__}")
     patches, batch_size = positive_int(patches, "patches"), positive_int(batch_size, "batch_size", minimum=2)
+    if patches < batch_size:  # one step would still draw a whole batch: more than asked for
+        raise ValueError(f"patches={patches} is less than one batch ({batch_size}); train on at least one batch "
+                         "(--stream N, --batch-size)")
     n_val = min(8192, max(256, patches // 10)) if n_val is None else positive_int(n_val, "n_val", minimum=2)
     eval_every = positive_int(eval_every, "eval_every")
     lr = 3e-4 if lr is None else real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
