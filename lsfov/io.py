@@ -142,7 +142,28 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     """Every 2-D plane of an image (all z and t; of an OME-TIFF of several images, all of theirs),
     lazily, as (y, x) DataArrays: a bead stack.
 
-    ``channel`` picks one channel of a multi-channel image. A 2-D image gives a list of one.
+    Parameters
+    ----------
+    path : str or Path
+        An image :func:`open_image` reads (OME-Zarr, TIFF/OME-TIFF or ``.npy``), at full resolution.
+    channel : int, optional
+        The channel of a multi-channel image; needed when it has more than one.
+
+    Returns
+    -------
+    list of xarray.DataArray
+        Dask-backed ``(y, x)`` planes, z and t flattened in file order (image by image for an
+        OME-TIFF of several), each with the image's ``attrs``; a 2-D image gives a list of one.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    TypeError
+        If ``path`` is not a str or Path, or ``channel`` not an integer.
+    ValueError
+        If the file is not an image lsfov reads, ``channel`` is out of range, or the image has
+        several channels and none is chosen (:class:`PlaneNotChosen`).
     """
     path = _as_path(path)
     _check_index("channel", channel)
@@ -740,7 +761,25 @@ def plane_of(image) -> dict:
 
 def pixel_size(image) -> float | None:
     """The pixel size of an image in µm: its ``pixel_um`` attribute, else the spacing of its x (last)
-    coordinate when that has a length unit and is even; None when unknown."""
+    coordinate when that has a length unit and is even; None when unknown.
+
+    Parameters
+    ----------
+    image : xarray.DataArray or array_like
+        An image; only an xarray one's ``attrs`` and coordinates (``x``, ``y`` by name, else the last
+        two dims) say anything. Other arrays give None.
+
+    Returns
+    -------
+    float or None
+        Pixel size in µm (coordinates in nm, mm, ... converted), or None when unknown.
+
+    Raises
+    ------
+    ValueError
+        If the y and x coordinates give different spacings (non-square pixels: lsfov's PSFs are
+        square) and no ``pixel_um`` attribute settles it.
+    """
     px = getattr(image, "attrs", {}).get("pixel_um")
     if px:
         return float(px)
@@ -773,11 +812,33 @@ def pixel_size(image) -> float | None:
 def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
     """A 2-D image as a (y, x) DataArray whose coordinates are in µm when the pixel size is known.
 
-    ``pixel_um`` (positive) sets the spacing of any input's coordinates, keeping where its first
-    pixel lies (:func:`image_origin`); without it an xarray input keeps its coordinates (its pixel
-    size, from :func:`pixel_size`, in ``attrs["pixel_um"]``) and an array gets pixel coordinates.
-    What lsfov writes then opens at its scale in napari, and PSF maps of it are in µm. An xarray
-    image's dims are read by name (``y``, ``x`` in any order), other names by position.
+    What lsfov writes then opens at its scale in napari, and PSF maps of it are in µm.
+
+    Parameters
+    ----------
+    image : array_like or xarray.DataArray (H, W)
+        NumPy, CuPy, Dask or xarray. An xarray image's dims are read by name (``y``, ``x`` in any
+        order), other names by position (rows, columns).
+    pixel_um : float, optional
+        Pixel size in µm (> 0). Given, it sets the spacing of any input's coordinates, keeping where
+        its first pixel lies (:func:`image_origin`). Without it an xarray input keeps its
+        coordinates (its pixel size, from :func:`pixel_size`, in ``attrs["pixel_um"]`` when known)
+        and an array gets pixel coordinates.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``("y", "x")``, the input's values and dtype. With ``pixel_um``, or from a plain
+        array: pixel-centre coordinates with ``units`` ``"micrometer"`` or ``"pixel"`` and
+        ``attrs["pixel_um"]`` (None when unknown); an xarray input without ``pixel_um`` keeps its own.
+
+    Raises
+    ------
+    TypeError
+        If ``image`` is a file name, or ``pixel_um`` not a number.
+    ValueError
+        If ``image`` is not 2-D, names only one of ``y`` and ``x``, ``pixel_um`` is not positive and
+        finite, or (without ``pixel_um``) its coordinates give non-square pixels.
     """
     if isinstance(image, (str, os.PathLike)):
         raise TypeError(f"image must be an array, got the file name {str(image)!r}; open it with lsfov.open_image")
@@ -802,10 +863,26 @@ def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
 
 def image_origin(image, pixel_um=None) -> tuple[float, float]:
     """Where a (y, x) xarray image's first pixel lies: in µm when ``pixel_um`` is known, else in
-    pixels (a crop's offset). Coordinates in a length unit are converted; in pixels (``units``
-    "pixel", or none with a step of one) counted in this image's pixels and scaled by ``pixel_um``;
-    others (no unit and another step, or decreasing) say nothing usable: 0, with a warning. An axis
-    without coordinates starts at 0, as does an array that is not xarray's."""
+    pixels (a crop's offset).
+
+    Per axis: coordinates in a length unit are converted to µm (0 without ``pixel_um``); in pixels
+    (``units`` "pixel", or none with a step of one) counted in this image's pixels and scaled by
+    ``pixel_um``; others (no unit and another step, or decreasing) say nothing usable: 0, with an
+    :class:`~lsfov.LsfovWarning`. An axis without coordinates starts at 0, as does an array that is
+    not xarray's.
+
+    Parameters
+    ----------
+    image : xarray.DataArray or array_like
+        The image; its last two dims are read as (y, x).
+    pixel_um : float, optional
+        Pixel size in µm; None: the origin in pixels.
+
+    Returns
+    -------
+    (float, float)
+        The first pixel's (y, x) position, in µm with ``pixel_um``, else in pixels.
+    """
     if not hasattr(image, "dims"):
         return 0.0, 0.0
     origin = []
@@ -1433,7 +1510,28 @@ def _open_variable(path: Path) -> xr.DataArray:
 
 
 def describe(path) -> str:
-    """A short human-readable summary of an image or result (what ``lsfov info`` prints)."""
+    """A short human-readable summary of an image or result (what ``lsfov info`` prints).
+
+    Parameters
+    ----------
+    path : str or Path
+        An image :func:`open_image` reads, an lsfov result, or a saved operator, operator subspace
+        or training set.
+
+    Returns
+    -------
+    str
+        Several lines: the kind of store and, per image or variable, its shape, dtype, dims and
+        coordinate spacing (pixel size, saturation level and pyramid levels where known). An
+        interrupted result is reported as ``INCOMPLETE``, not refused.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is none of these.
+    """
     path = Path(path)
     meta = _group_attrs(path).get("lsfov") if path.is_dir() else None
     lines = []

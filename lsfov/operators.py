@@ -492,6 +492,25 @@ class ProductConvolution:
         With ``periodic=True`` (or a pair, per axis) the window may also wrap around onto itself
         (cheaper FFTs): for callers that discard the outer halo on both sides of that axis, or that
         know the data vanish there.
+
+        Parameters
+        ----------
+        origin : (int, int)
+            The window's top-left pixel (y, x) in image coordinates.
+        shape : int or (int, int)
+            The window's (h, w) in pixels.
+        periodic : bool or (bool, bool)
+            Let the window wrap around along both axes, or per axis (y, x).
+
+        Returns
+        -------
+        ProductConvolution
+            The windowed operator (same kernels and attrs; it shares this one's cache of kernel spectra).
+
+        Raises
+        ------
+        ValueError
+            If this operator is itself a window, or ``shape`` is not positive.
         """
         if self.window != (0, 0) + self.shape:
             raise ValueError("restrict() applies to a full-image operator")

@@ -101,6 +101,7 @@ class Optics:
         return self.pixel_um * 4 * self.na / self.wavelength_um
 
     def to_dict(self) -> dict:
+        """The four fields as plain floats (JSON), for ``Optics(**d)``."""
         return {k: float(getattr(self, k)) for k in ("na", "wavelength_um", "pixel_um", "immersion_index")}
 
 
@@ -112,6 +113,21 @@ def noll_to_nm(j: int) -> tuple[int, int]:
     """Radial order ``n`` and signed azimuthal frequency ``m`` of Noll index ``j`` (1-based).
 
     ``m > 0`` is a cosine term (even ``j``), ``m < 0`` a sine term (odd ``j``).
+
+    Parameters
+    ----------
+    j : int
+        Noll index, >= 1 (4: defocus; 5, 6: astigmatism).
+
+    Returns
+    -------
+    (int, int)
+        ``(n, m)``, with ``|m| <= n`` and ``n - |m|`` even.
+
+    Raises
+    ------
+    ValueError
+        If ``j`` is not an integer >= 1 (a bool or float is refused).
     """
     if isinstance(j, (bool, np.bool_)) or not isinstance(j, (int, np.integer)) or j < 1:
         raise ValueError(f"Noll indices are integers from 1, got {j!r}")
@@ -140,6 +156,26 @@ def zernike_polynomial(j: int, rho, theta):
     """Noll-normalised Zernike polynomial ``Z_j(rho, theta)`` (unit RMS over ``rho <= 1``).
 
     Values outside the unit disk are returned as computed (not masked).
+
+    Parameters
+    ----------
+    j : int
+        Noll index, >= 1.
+    rho : array_like
+        Normalised pupil radius (1 at the pupil's edge, ``NA / lambda``).
+    theta : array_like
+        Pupil angle in radians (``atan2(xi_y, xi_x)``), broadcastable with ``rho``; unused for
+        ``m = 0``.
+
+    Returns
+    -------
+    ndarray, float64
+        ``Z_j`` at each point, of the broadcast shape of ``rho`` and ``theta`` (``rho``'s for ``m = 0``).
+
+    Raises
+    ------
+    ValueError
+        If ``j`` is not an integer >= 1.
     """
     n, m = noll_to_nm(j)
     am = abs(m)
@@ -306,7 +342,29 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
 
 
 def airy(optics: Optics, size: int = 31) -> np.ndarray:
-    """Analytic in-focus Airy pattern ``[2 J1(v)/v]²``, ``v = 2π NA r / λ``, point-sampled, sum 1."""
+    """Analytic in-focus Airy pattern ``[2 J1(v)/v]²``, ``v = 2π NA r / λ``, point-sampled, sum 1.
+
+    The aberration-free, in-focus case of :func:`zernike` in closed form (no pupil sampling).
+
+    Parameters
+    ----------
+    optics : Optics
+        Its NA, wavelength and pixel size set the pattern's scale (the immersion index plays no part).
+    size : int
+        Odd kernel size in pixels (at most 1025).
+
+    Returns
+    -------
+    ndarray, float32, shape (size, size)
+        Centred at ``size // 2``, normalised to sum 1 over the kernel.
+
+    Raises
+    ------
+    TypeError
+        If ``optics`` is not an :class:`Optics`.
+    ValueError
+        If ``size`` is not a positive odd integer up to 1025.
+    """
     from scipy.special import j1
 
     if not isinstance(optics, Optics):
@@ -331,6 +389,8 @@ class PSFModel:
     Attributes
     ----------
     name : str
+    description : str
+        One line on the model (and its paper reference).
     params : tuple of str
         Parameter names, in the order of the columns of a parameter batch.
     units : dict {param: unit}
@@ -353,19 +413,39 @@ class PSFModel:
 
     @property
     def n_params(self) -> int:
+        """Number of parameters N (columns of a parameter batch)."""
         return len(self.params)
 
     def period(self, param: str) -> float | None:
         """The period of an angular parameter (None for the others): the astigmatism axis repeats
         every π, and every π/2 without defocus (Z2: turning the axis by π/2 flips the astigmatism's
-        sign, which alone gives the same PSF)."""
+        sign, which alone gives the same PSF).
+
+        Parameters
+        ----------
+        param : str
+            A parameter name (any string; only ``"axis"`` has a period).
+
+        Returns
+        -------
+        float or None
+            The period in radians, or None for a non-angular parameter.
+        """
         if param != "axis":
             return None
         return np.pi if "focus" in self.params else np.pi / 2
 
     def to_meta(self) -> dict:
         """The model as stored results record it (JSON types): name, parameters, units, ranges, optics,
-        and its kernel size where it is not the named model's."""
+        and its kernel size where it is not the named model's.
+
+        Returns
+        -------
+        dict
+            Keys ``psf_model``, ``params``, ``units``, ``ranges`` ({param: [low, high]}), ``optics``
+            (:meth:`Optics.to_dict` or None) and, only where it differs from the named model's, ``size``;
+            :meth:`from_meta` reads it back.
+        """
         return {"psf_model": self.name, "params": list(self.params), "units": dict(self.units),
                 "ranges": {p: list(v) for p, v in self.ranges.items()},
                 "optics": self.optics.to_dict() if self.optics else None,
@@ -374,7 +454,24 @@ class PSFModel:
     @classmethod
     def from_meta(cls, meta: Mapping) -> PSFModel:
         """The model a record of :meth:`to_meta` describes: the named model (a name or a model) with the
-        recorded ranges, optics and kernel size, its own where the record has none."""
+        recorded ranges, optics and kernel size, its own where the record has none.
+
+        Parameters
+        ----------
+        meta : Mapping
+            A :meth:`to_meta` record (e.g. a model file's or a training set's metadata): ``psf_model``
+            required; ``ranges``, ``optics`` and ``size`` optional. Other keys are ignored.
+
+        Returns
+        -------
+        PSFModel
+
+        Raises
+        ------
+        ValueError
+            If ``meta`` is not a mapping with ``psf_model``, names no known model, or records
+            impossible optics.
+        """
         if not isinstance(meta, Mapping) or "psf_model" not in meta:
             raise ValueError("not a PSF-model record (to_meta(): psf_model, ranges, optics); give one of a model "
                              "file's or a training set's metadata")
@@ -385,7 +482,26 @@ class PSFModel:
                                    size=int(meta.get("size") or base.size))
 
     def as_array(self, params) -> tuple[np.ndarray, bool]:
-        """Parameter set(s) as a (B, N) float64 array, and whether a batch was given."""
+        """Parameter set(s) as a (B, N) float64 array, and whether a batch was given.
+
+        Parameters
+        ----------
+        params : dict {param: float or array_like (B,)} or array_like (N,) or (B, N)
+            Values in the model's units (:attr:`units`), columns in the order of :attr:`params`. A
+            dict must hold every parameter (extra keys are ignored); its values broadcast together.
+
+        Returns
+        -------
+        ndarray, float64, (B, N)
+            One row per PSF (B = 1 for a single set).
+        bool
+            Whether ``params`` was a batch (a (B, N) array, or a dict of arrays).
+
+        Raises
+        ------
+        ValueError
+            If a parameter is missing, the array is not (N,) or (B, N), or it is empty or not finite.
+        """
         if isinstance(params, Mapping):
             missing = [p for p in self.params if p not in params]
             if missing:
@@ -411,8 +527,28 @@ class PSFModel:
     def render(self, params, size: int | None = None, optics: Optics | None = None) -> np.ndarray:
         """Render one PSF (``params``: sequence of N values or a dict) or a batch ((B, N) array).
 
-        Returns a float32 kernel (size, size) or batch (B, size, size), each summing to 1.
-        ``optics`` overrides the model's optics (Zernike models only).
+        PSFs that reach the kernel's edge (cut off) are warned about (:class:`~lsfov.LsfovWarning`).
+
+        Parameters
+        ----------
+        params : dict, array_like (N,) or (B, N)
+            Parameter values in the model's units, as for :meth:`as_array`.
+        size : int, optional
+            Odd kernel size in pixels (at most 1025); default the model's :attr:`size`.
+        optics : Optics, optional
+            Overrides the model's optics (Zernike models only; Gaussian models ignore it).
+
+        Returns
+        -------
+        ndarray, float32, (size, size) or (B, size, size)
+            Kernels centred at ``size // 2``, each summing to 1; a batch for batched ``params``.
+
+        Raises
+        ------
+        ValueError
+            For parameters :meth:`as_array` refuses, a bad ``size``, or Gaussian widths <= 0.
+        TypeError
+            If ``optics`` is given and is not an :class:`Optics`.
         """
         arr, batched = self.as_array(params)
         size = self.size if size is None else size
@@ -443,7 +579,25 @@ class PSFModel:
         return out if batched else out[0]
 
     def sample(self, n: int, rng=None) -> np.ndarray:
-        """Draw ``n`` parameter sets uniformly over the model's ranges, shape (n, N)."""
+        """Draw ``n`` parameter sets uniformly over the model's ranges, shape (n, N).
+
+        Parameters
+        ----------
+        n : int
+            Number of sets, >= 1.
+        rng : int, numpy.random.Generator or None
+            Seed or generator (``numpy.random.default_rng``); None: fresh entropy.
+
+        Returns
+        -------
+        ndarray, float64, (n, N)
+            Columns in the order of :attr:`params`, within :attr:`bounds`.
+
+        Raises
+        ------
+        ValueError
+            If ``n`` is not a positive integer or ``rng`` not a valid seed.
+        """
         from ._validate import positive_int
         from ._validate import rng as _rng
 
@@ -454,17 +608,40 @@ class PSFModel:
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)``: the :attr:`ranges` as two float64 arrays (N,), in the order of :attr:`params`."""
         lo = np.array([self.ranges[p][0] for p in self.params], dtype=np.float64)
         hi = np.array([self.ranges[p][1] for p in self.params], dtype=np.float64)
         return lo, hi
 
     def normalize(self, params) -> np.ndarray:
-        """Map parameters to [0, 1] by the model's ranges (the CNN's regression targets)."""
+        """Map parameters to [0, 1] by the model's ranges (the CNN's regression targets).
+
+        Parameters
+        ----------
+        params : array_like (..., N)
+            Values in the model's units, columns in the order of :attr:`params`.
+
+        Returns
+        -------
+        ndarray, float64, of ``params``' shape
+            ``(params - low) / (high - low)``: values outside the ranges map outside [0, 1].
+        """
         lo, hi = self.bounds
         return (np.asarray(params, dtype=np.float64) - lo) / (hi - lo)
 
     def denormalize(self, unit) -> np.ndarray:
-        """Inverse of :meth:`normalize`."""
+        """Inverse of :meth:`normalize`.
+
+        Parameters
+        ----------
+        unit : array_like (..., N)
+            Normalised values (0 and 1 at each range's ends).
+
+        Returns
+        -------
+        ndarray, float64, of ``unit``'s shape
+            Values in the model's units.
+        """
         lo, hi = self.bounds
         return lo + np.asarray(unit, dtype=np.float64) * (hi - lo)
 
@@ -508,7 +685,23 @@ MODELS: dict[str, PSFModel] = {
 
 
 def get_model(name: str | PSFModel) -> PSFModel:
-    """Look up a model by name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z2"``, ``"Z3"``)."""
+    """Look up a model by name (``"G1"``, ``"G2"``, ``"Z1"``, ``"Z2"``, ``"Z3"``).
+
+    Parameters
+    ----------
+    name : str or PSFModel
+        A name in ``MODELS`` (any case), or a model, returned as it is.
+
+    Returns
+    -------
+    PSFModel
+        The shared instance of ``MODELS`` (frozen; ``dataclasses.replace`` makes a variant).
+
+    Raises
+    ------
+    ValueError
+        If no model has that name.
+    """
     if isinstance(name, PSFModel):
         return name
     try:

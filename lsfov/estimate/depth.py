@@ -52,6 +52,46 @@ class DepthCalibration:
     of ``focus²`` and ``focus · astigmatism · cos 2(axis − axis0)``) are nearest to a node's, each
     weighted by its residual variance ``noise``, within ``range_um`` (padded by 10 %); ``slope`` and
     ``offset`` then hold the linear fit of the same nodes, for reference.
+
+    Attributes
+    ----------
+    axis0 : float
+        The instrument's astigmatism axis in radians, in [0, π).
+    slope : float
+        µm of depth per wave RMS of signed defocus (>= 0).
+    offset : float
+        Depth in µm at zero signed defocus.
+    r2, mae_um : float
+        R² and mean absolute error (µm) of the calibration on its own nodes.
+    n_nodes : int
+        Nodes the calibration was fitted on.
+    smooth : float
+        σ in nodes of the local-plane smoothing fitted with (and applied by :func:`estimate_depth`).
+    robust : bool
+        Whether that smoothing is robust to outlying nodes (calibrations from before it: plain).
+    min_validity : float
+        Nodes of lower validity weigh nothing in the fit and the smoothing.
+    method : {"curve", "linear"}
+        How readings become depth (above); files from before the curves are linear.
+    curves : tuple of two tuples of float, or None
+        ``"curve"``: polynomial coefficients in depth (µm), highest first, of ``focus²`` and of the
+        product reading (waves RMS²).
+    noise : (float, float) or None
+        ``"curve"``: residual variance of each reading about its curve.
+    range_um : (float, float) or None
+        ``"curve"``: the calibrated depths (min, max) in µm.
+    symmetrize : bool or None
+        Whether the calibration map was symmetrized (None: files from before).
+    model, stride, pixel_um, model_digest : str, int, float, str or None
+        What made the calibration map: the model (a shipped name or a file's name), pixels between
+        nodes, the pixel size in µm and the model weights' digest (None: not known, or files from
+        before). A map made otherwise reads other parameters; :func:`estimate_depth` warns of it.
+
+    Raises
+    ------
+    ValueError
+        On construction, for an unknown ``method``, or ``"curve"`` without ``curves``, ``noise``
+        and ``range_um``.
     """
 
     axis0: float  # the instrument's astigmatism axis (radians)
@@ -87,6 +127,8 @@ class DepthCalibration:
                              "lsfov.calibrate_depth")
 
     def to_dict(self) -> dict:
+        """The fields as a dict (what :meth:`save` writes, less its type tag); ``DepthCalibration(**d)``
+        reads it back."""
         return asdict(self)
 
     def save(self, path, *, overwrite: bool = False) -> Path:
@@ -523,9 +565,9 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
     Returns
     -------
     xarray.DataArray
-        float32 on the map's node grid, its ``units`` and the smoothing applied in ``attrs``; NaN at
-        nodes with no reading: a NaN parameter, or an invalid node (validity < 0.5) of a map made
-        without filling.
+        float32 on the map's node grid, its ``units`` and the smoothing applied in ``attrs``. Nodes
+        with no reading (a NaN parameter, or an invalid node, validity < 0.5, of a map made without
+        filling) get the smoothing's plane through their neighbours; NaN without smoothing.
     """
     psf_map = _check_map(psf_map)
     c = as_calibration(calibration)
@@ -557,9 +599,10 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
         units, note = "micrometer", c.to_dict()
     floor = c.min_validity if c is not None else 0.5
     raw = np.asarray(z.values, dtype=np.float64)
-    # Nodes with no depth: a NaN parameter, or invalid (below the map's own 0.5) and not filled (a map
-    # made without filling): NaN, never the reading of an untextured patch nor a curve's end.
-    # (Nodes below the calibration's floor only are left out of the smoothing, which gives them a depth.)
+    # Nodes with no reading: a NaN parameter, or invalid (below the map's own 0.5) and not filled (a
+    # map made without filling). The smoothing gives them its plane through their neighbours, as it
+    # does nodes below the calibration's floor; where it has none (σ = 0, or no weighted neighbour)
+    # they are NaN, never the reading of an untextured patch nor a curve's end.
     finite = np.isfinite(raw)
     for v in ("focus", "astigmatism", "axis"):
         if v in psf_map:
@@ -570,7 +613,9 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
     read &= finite
     w = np.where(finite, _weights(psf_map, floor), 0.0)
     fit = local_plane(np.where(finite, raw, 0.0), w, sigma, robust=robust)  # σ = 0: unchanged
-    z = z.copy(data=np.where(read, fit, np.nan)).astype(np.float32).rename("depth")
+    # A node keeps its own value where its neighbourhood has no weight: 1 there, exactly 0 elsewhere.
+    alone = local_plane((~read).astype(np.float64), w, sigma) > 0.5
+    z = z.copy(data=np.where(~read & alone, np.nan, fit)).astype(np.float32).rename("depth")
     # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
     z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
     if note:

@@ -457,6 +457,30 @@ class PSFRegressor:
 
     @classmethod
     def from_file(cls, path, device=None) -> PSFRegressor:
+        """Read a model written by :meth:`save` (``lsfov train``): a new instance each call, where
+        :func:`load_model` caches one per file and device.
+
+        Parameters
+        ----------
+        path : str or Path
+            The ``.pt`` model file.
+        device : str or torch.device, optional
+            Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``); default CUDA when there is one.
+
+        Returns
+        -------
+        PSFRegressor
+            In evaluation mode, with the PSF model, ranges and optics it was trained with.
+
+        Raises
+        ------
+        FileNotFoundError
+            If no file exists at ``path``.
+        ValueError
+            If it is not an lsfov model file (its ``.json`` metadata, a training checkpoint, another
+            file), its weights do not fit its recorded network or their saved digest (a damaged
+            file), or ``device`` cannot be used.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}; give a shipped name ({', '.join(SHIPPED)}) or a .pt path")

@@ -143,6 +143,29 @@ def library(sources=SOURCES, split: str = "train", n_procedural: int = 6, seed: 
 
     ``split="train"`` and ``"test"`` use different scikit-image images and different procedural
     seeds, so a test set never contains an image seen in training.
+
+    Parameters
+    ----------
+    sources : str or sequence of str
+        Among ``SOURCES``: ``"skimage"`` (scikit-image's bundled images, area-reduced),
+        ``"syn"`` cells, ``"poi"`` points, ``"tex"`` textures.
+    split : {"train", "test"}
+        Which disjoint set of images.
+    n_procedural : int
+        Images (512 x 512) per procedural source.
+    seed : int
+        Seeds the procedural images (the scikit-image ones are fixed).
+
+    Returns
+    -------
+    list of ndarray, float32
+        2-D images of various shapes, each stretched to [0, 1]: the scikit-image ones first, then
+        ``n_procedural`` of each procedural source in the order syn, poi, tex.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``split`` or source, or no sources.
     """
     sources = (sources,) if isinstance(sources, str) else tuple(sources)  # one name, not its letters
     _check_sources(sources, split)
@@ -451,7 +474,28 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
 
 
 def open_training_set(path):
-    """Open a training set written by :func:`synthesize` (``patches`` stays on disk, lazily)."""
+    """Open a training set written by :func:`synthesize` (``patches`` stays on disk, lazily).
+
+    Parameters
+    ----------
+    path : str or Path
+        The zarr group ``synthesize(..., out=path)`` (``lsfov train --synthesize``) wrote.
+
+    Returns
+    -------
+    dict
+        ``patches``: the zarr array (n, 128, 128) float32, read on indexing; ``params`` (n, N)
+        float64 in the model's units and ``valid`` (n,) bool, in memory; ``attrs``: what the set was
+        drawn from (PSF model, ranges, optics, split, seed, ...), as :func:`synthesize` returns.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If it is not a training set, lacks an array, or its arrays disagree with each other or
+        its PSF model (shapes, non-finite parameters).
+    """
     import zarr
 
     if not Path(path).exists():

@@ -577,7 +577,26 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
 def r2_scores(m, true, pred) -> dict:
     """Paper 000 Eq. 15 per parameter: 1 - SSE / SST. The axis is an angle modulo its period
     (:meth:`lsfov.psf.PSFModel.period`: π, or π/2 for Z2), so its residuals and spread are taken on
-    the circle (0 and π are the same axis)."""
+    the circle (0 and π are the same axis).
+
+    Parameters
+    ----------
+    m : str or PSFModel
+        The PSF model whose parameters these are.
+    true, pred : array_like (n, N) or (N,)
+        True and estimated parameters in the model's units, columns in the order of ``m.params``.
+
+    Returns
+    -------
+    dict {param: float}
+        R² per parameter (1 is perfect, negative worse than the mean); NaN where ``true`` does not
+        vary.
+
+    Raises
+    ------
+    ValueError
+        For an unknown model, or ``true`` and ``pred`` not both (n, N).
+    """
     m = _psf.get_model(m)
     true, pred = np.atleast_2d(np.asarray(true, float)), np.atleast_2d(np.asarray(pred, float))
     if true.shape != pred.shape or true.shape[1] != m.n_params:

@@ -56,6 +56,22 @@ def choose_exchange_every(chunk_shape, op: ProductConvolution, iterations: int, 
     larger halo ``k * 2r`` on every block, whose FFTs every iteration pays for. The model:
     ``ceil(n/k) * (copy * A_k + task) + n * fft_count * fft * A_k * log2(A_k)`` with
     ``A_k = prod(chunk + 2 k 2r)``; ``k`` is kept so that the halo fits in one neighbouring chunk.
+
+    Parameters
+    ----------
+    chunk_shape : (int, int)
+        The blocks' (h, w) in pixels (the largest chunk along each axis).
+    op : ProductConvolution
+        The operator; its halo (kernel radius ``r``), number of PSFs and kind set the costs.
+    iterations : int
+        Total TV-RL iterations.
+    tv : float
+        TV weight (0: plain RL, whose spread is ``2r`` alone).
+
+    Returns
+    -------
+    int
+        ``k`` in [1, ``iterations``]; ``iterations`` when an iteration moves nothing (no halo, no TV).
     """
     s = spread_per_iteration(op, tv)
     if s == 0:
@@ -134,7 +150,56 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
                     exchange_every: int | None = None, scratch=None, resume: bool = False,
                     progress: bool = False, saturation: float | None = None, origin: str = "") -> da.Array:
     """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks;
-    ``saturation``: the level at or above which pixels are censored (None: none), from ``origin``."""
+    ``saturation``: the level at or above which pixels are censored (None: none), from ``origin``.
+
+    ``y`` is read once in this call (its statistics, and its blocks' digests with ``scratch``);
+    ``iterations``, ``tv``, ``eps`` and ``exchange_every`` are taken as checked by :func:`lsfov.deconvolve`.
+
+    Parameters
+    ----------
+    y : dask.array.Array (H, W)
+        Blurred, non-negative image of ``op.shape``, any numeric dtype; negative pixels are clipped to
+        0 with an :class:`~lsfov.LsfovWarning`.
+    op : ProductConvolution
+        The full-image blur operator.
+    iterations : int
+        Richardson-Lucy iterations.
+    tv : float
+        Total-variation weight (0: plain RL).
+    eps : float
+        Smoothing of ``|grad x|`` in the TV term, relative to the local brightness.
+    exchange_every : int, optional
+        Iterations per halo exchange; default :func:`choose_exchange_every` (all of them for a
+        single-chunk image). At most ``iterations``.
+    scratch : str or Path, optional
+        Directory for each exchange's estimate (memory bounded by a few chunks; resumable). The
+        iterations then run in this call.
+    resume : bool
+        With ``scratch``: continue an interrupted run of the same data, operator and parameters.
+    progress : bool
+        Show progress bars (with ``scratch``).
+    saturation : float, optional
+        Pixels at or above it are censored (their true count at least this).
+    origin : str
+        Where ``saturation`` came from (e.g. the image's significant bits), for messages.
+
+    Returns
+    -------
+    dask.array.Array, float32, (H, W)
+        The non-negative estimate with ``y``'s chunks: lazy, or read from ``scratch`` (keep it until
+        the result is stored).
+
+    Raises
+    ------
+    TypeError
+        If ``y`` is not numeric, or ``scratch`` not a path.
+    ValueError
+        If ``y`` is not 2-D or not of ``op.shape``, holds NaN or Inf, has no positive pixel or
+        intensities float32 TV arithmetic cannot hold; if ``scratch`` is a file, or ``resume`` is
+        given without it.
+    MemoryError
+        If one block's task cannot fit in a worker's (or this machine's) memory.
+    """
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; select a plane first")
     if y.dtype.kind not in "biuf":
