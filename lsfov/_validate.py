@@ -58,6 +58,21 @@ def positive_int(v, name: str, *, minimum: int = 1) -> int:
     return int(v)
 
 
+def real_2d(x, name: str):
+    """``x`` checked to be a non-empty 2-D array of real numbers (bools and integers included), as it
+    is: NumPy, CuPy or Dask (not computed); other arrays and lists become NumPy. Values are not read."""
+    if isinstance(x, (str, bytes, os.PathLike)) or x is None:
+        raise TypeError(f"{name} must be a 2-D array of real numbers, got {type(x).__name__}")
+    if not type(x).__module__.startswith(("dask", "cupy")):
+        x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a 2-D array of real numbers, got dtype {x.dtype}")
+    known_shape(x.shape, name)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D array (y, x), got shape {x.shape}")
+    return x
+
+
 def boolean(v, name: str) -> bool:
     """True or False (also NumPy's, and the integers 0 and 1): a string such as "no" is refused,
     where ``bool()`` would read it as True."""

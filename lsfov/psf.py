@@ -50,6 +50,9 @@ __all__ = [
 _BATCH = 1024
 
 
+_MAX_UNDERSAMPLING = 100  # pixel / Nyquist pixel: what Optics accepts
+
+
 @dataclass(frozen=True)
 class Optics:
     """Imaging conditions of a microscope.
@@ -78,12 +81,17 @@ class Optics:
                 raise ValueError(f"Optics.{name} must be a positive number, got {v!r}")
         # Values no microscope has, most often nm given for µm: refused before a PSF of 1/225 per
         # pixel, or a pupil of gigabytes, is made of them.
-        for name, top, hint in (("wavelength_um", 5.0, "e.g. 0.6 for 600 nm"),
-                                ("pixel_um", 20.0, "the pixel in the object plane, e.g. 0.1 for 100 nm"),
+        for name, top, hint in (("wavelength_um", 5.0, "give it in µm, e.g. 0.6 for 600 nm"),
                                 ("immersion_index", 2.5, "e.g. 1.518 for oil")):
             if getattr(self, name) > top:
                 raise ValueError(f"Optics.{name}={getattr(self, name)!r} is beyond any microscope's (> {top:g}); "
-                                 f"{'give it in µm, ' if name.endswith('_um') else ''}{hint}")
+                                 f"{hint}")
+        # A pixel is judged against the optics' Nyquist pixel: a macro-zoom's 30 µm at NA 0.1 is
+        # some 20 of them, a 65 nm pixel given as 65 at NA 1.4 some 600.
+        if self.nyquist_ratio > _MAX_UNDERSAMPLING:
+            raise ValueError(f"Optics.pixel_um={self.pixel_um!r} is {self.nyquist_ratio:.0f} times the Nyquist pixel "
+                             f"λ/(4 NA) = {self.wavelength_um / (4 * self.na):.3g} µm, beyond any microscope's; give "
+                             "the pixel in the object plane in µm, e.g. 0.1 for 100 nm")
         if self.na > self.immersion_index:
             raise ValueError(
                 f"Optics.na={self.na} exceeds immersion_index={self.immersion_index}; "

@@ -56,14 +56,15 @@ def _random_polynomial(shape, rng, degree, low, high):
     return low + (high - low) * z
 
 
-def _range(v, name: str) -> tuple[float, float]:
-    """A (low, high) pair of finite numbers, low <= high."""
+def _range(v, name: str, *, strict: bool = False) -> tuple[float, float]:
+    """A (low, high) pair of finite numbers, low <= high (low < high if ``strict``)."""
     try:
         lo, hi = (real_number(x, name) for x in v)
     except (TypeError, ValueError):
         lo = hi = None
-    if lo is None or lo > hi:
-        raise ValueError(f"{name} must be a pair (low, high) of finite numbers, low <= high, got {v!r}")
+    if lo is None or lo > hi or (strict and lo == hi):
+        raise ValueError(f"{name} must be a pair (low, high) of finite numbers, low {'<' if strict else '<='} high, "
+                         f"got {v!r}")
     return lo, hi
 
 
@@ -428,9 +429,7 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
     focus_per_um = real_number(focus_per_um, "focus_per_um", minimum=0, exclusive=True)
     direction, curvature = real_number(direction, "direction"), real_number(curvature, "curvature")
     astigmatism, axis = real_number(astigmatism, "astigmatism"), real_number(axis, "axis")
-    lo, hi = _range(depth_range_um, "depth_range_um")
-    if not hi > lo:
-        raise ValueError(f"depth_range_um must be (low, high) with low < high, got {depth_range_um}")
+    lo, hi = _range(depth_range_um, "depth_range_um", strict=True)
     m = _psf.get_model("Z3")
 
     def depth_at(y, x):

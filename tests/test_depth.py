@@ -489,3 +489,23 @@ def test_robust_must_be_a_bool():
         estimate_depth(_truth_map(s), cal, robust="false")
     with pytest.raises(ValueError, match="calibration is not a depth calibration's to_dict()"):
         estimate_depth(_truth_map(s), {"a": 1})
+
+
+def test_readings_follow_the_thresholds_the_user_chose():
+    """A node a filling kept (validity 0.4 over its threshold 0.3), or one the calibration weighs
+    (min_validity 0.2), is a reading, never NaN; a NaN parameter does not stop a calibration (it
+    once failed in the SVD)."""
+    from lsfov.estimate.mapping import fill_invalid
+
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), direction=0.4, grid=8, seed=3)
+    ds = _truth_map(s).assign_attrs(params=["focus", "astigmatism", "axis"])
+    ds["validity"][2, 2], ds["validity"][3, 3] = 0.4, 0.1
+    for smooth in (0, 2):
+        z = estimate_depth(fill_invalid(ds, threshold=0.3), smooth=smooth).values
+        assert np.isfinite(z).all()
+        low = calibrate_depth(ds, s.depth_um, min_validity=0.2, smooth=smooth, method="linear")
+        assert np.isnan(estimate_depth(ds, low).values).sum() == (1 if smooth == 0 else 0)  # 0.1: unread
+    ds["focus"][4, 4] = np.nan
+    for method in ("curve", "linear"):
+        cal = calibrate_depth(ds, s.depth_um, method=method, smooth=2)
+        assert cal.n_nodes == 64 - 3 and cal.r2 > 0.99

@@ -365,6 +365,7 @@ def test_frozen_training_changes_only_the_tail(tmp_path):
                       (dict(batch_size=64), r"the run's batch_size is 32; resume it with batch_size=32 \(--batch-size "
                                             r"32\) or none"),
                       (dict(seed=1), r"the run's seed is 0"), (dict(patience=9), "the run's patience is 4"),
+                      (dict(val_fraction=0.1 + 1e-12), "the run's val_fraction is 0.1"),
                       (dict(init=spectral), r"drop init \(--init\)")):
         with pytest.raises(ValueError, match=said):
             train.train(store, resume=True, progress=False, checkpoint=tmp_path / "ck2", **bad)

@@ -297,6 +297,10 @@ def test_cnn_training_and_evaluation_options(tmp_path):
     nan = {**data, "params": np.where(np.arange(len(data["params"]))[:, None] == 3, np.nan, data["params"])}
     with pytest.raises(ValueError, match="NaN"):
         train(nan, **kw)
+    patches = data["patches"].copy()
+    patches[5, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or Inf patches"):  # in memory: before any work
+        train({**data, "patches": patches}, **kw)
     for bad in (dict(photons=(500, np.inf)), dict(photons=1000), dict(read_noise=(3, 1)), dict(illumination=5),
                 dict(seed=1.5), dict(invalid_fraction="0.1")):
         with pytest.raises((ValueError, TypeError), match=f"{next(iter(bad))} must be"):
@@ -469,8 +473,8 @@ def test_locate_sources_and_estimate_noise_check_their_input(small):
             locate_sources(u, op, **kw)
     with pytest.raises(TypeError, match="operator must be the lsfov.ProductConvolution"):
         locate_sources(u, None, 0.1)
-    for img, err, what in ((nan, ValueError, "NaN or Inf"), (u[0], ValueError, "2-D image"), (np.zeros((0, 5)), ValueError,
-                           "2-D image"), (None, TypeError, "real numbers"), (u.astype(complex), TypeError, "real numbers")):
+    for img, err, what in ((nan, ValueError, "NaN or Inf"), (u[0], ValueError, "non-empty 2-D array"), (np.zeros((0, 5)), ValueError,
+                           "non-empty 2-D array"), (None, TypeError, "real numbers"), (u.astype(complex), TypeError, "real numbers")):
         with pytest.raises(err, match=what):
             estimate_noise(img)
 

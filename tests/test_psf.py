@@ -151,8 +151,9 @@ def test_optics_validation():
     # nm for µm: once a flat PSF (1/225 per pixel), or a pupil of gigabytes
     with pytest.raises(ValueError, match=r"Optics.wavelength_um=600 is beyond any microscope's .* give it in µm, e.g. 0.6"):
         Optics(1.4, 600, 0.1, 1.518)
-    with pytest.raises(ValueError, match="Optics.pixel_um=100 .* give it in µm"):
-        Optics(1.4, 0.6, 100, 1.518)
+    with pytest.raises(ValueError, match=r"Optics.pixel_um=65 is 607 times the Nyquist pixel .* 0.107 µm.* in µm"):
+        Optics(1.4, 0.6, 65, 1.518)
+    assert Optics(0.1, 0.5, 32.0).nyquist_ratio == pytest.approx(25.6)  # a macro-zoom's pixel is one
     with pytest.raises(ValueError, match="Optics.immersion_index=1518 .* e.g. 1.518"):
         Optics(1.4, 0.6, 0.1, 1518)
     with pytest.raises(TypeError, match="Optics"):

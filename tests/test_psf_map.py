@@ -441,3 +441,12 @@ def test_a_device_that_is_none_is_refused_for_a_loaded_model_too():
     for model in ("G1", lsfov.load_model("G1")):
         with pytest.raises(ValueError, match="device 'gpu9' is not a torch device"):
             lsfov.estimate_psf_map(img, model, device="gpu9")
+    assert lsfov.estimate_psf_map(img, lsfov.load_model("G1"), device="cpu:0").sizes  # the model's own device
+    import torch
+
+    from lsfov.estimate.model import PSFRegressor
+
+    elsewhere = PSFRegressor("G1", "compact", device="cpu")
+    elsewhere.device = torch.device("meta")  # as a model loaded on a GPU is, seen from device="cpu"
+    with pytest.raises(ValueError, match="device 'cpu': the model given is loaded on meta"):
+        lsfov.estimate_psf_map(img, elsewhere, device="cpu")

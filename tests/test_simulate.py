@@ -110,7 +110,8 @@ def test_simulation_parameters_are_checked_by_name():
     for call, said in ((lambda: simulate.bead_field((64, 64), astigmatism=np.nan), "astigmatism must be a finite"),
                        (lambda: simulate.bead_field((64, 64), z_range_um=0.4), "z_range_um must be a pair"),
                        (lambda: simulate.tilted_surface((128, 128), direction=np.nan), "direction must be a finite"),
-                       (lambda: simulate.tilted_surface((128, 128), axis=np.inf), "axis must be a finite")):
+                       (lambda: simulate.tilted_surface((128, 128), axis=np.inf), "axis must be a finite"),
+                       (lambda: simulate.tilted_surface((128, 128), depth_range_um=(1, 1)), "low < high, got")):
         with pytest.raises(ValueError, match=said):
             call()
     with pytest.raises(TypeError, match="direction must be a number, got 'a'"):

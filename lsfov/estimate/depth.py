@@ -228,6 +228,28 @@ def local_plane(values, weights, sigma: float, *, robust: bool = False):
 _TUKEY = 4.685  # Tukey's biweight cut-off in scales: 95 % efficiency on Gaussian residuals
 
 
+_EMPTY = 1e-12  # a neighbourhood of less weight (relative to the kernel's) has none: the node keeps its value
+
+
+def _neighbourhood(sigma: float, shape):
+    """The Gaussian neighbourhood of width ``sigma`` (> 0) nodes: its radius r, offsets dy, dx and weights."""
+    r = int(min(np.ceil(3 * sigma), max(shape[-2:])))  # beyond the grid every node is a neighbour
+    d = np.arange(-r, r + 1, dtype=np.float64)
+    dy, dx = np.meshgrid(d, d, indexing="ij")
+    return r, dy, dx, np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
+
+
+def _alone(weights, sigma: float) -> np.ndarray:
+    """Nodes (gy, gx) that :func:`local_plane` leaves as they are: no weight in their neighbourhood."""
+    from scipy.ndimage import correlate
+
+    w = np.asarray(weights, dtype=np.float64)
+    if sigma == 0:
+        return np.ones(w.shape, bool)
+    *_, g = _neighbourhood(sigma, w.shape)
+    return ~(correlate(w, g, mode="constant", cval=0.0) > _EMPTY * g.sum())
+
+
 def _plane_fit(values, weights, sigma):
     """:func:`local_plane` without the reweighting."""
     from scipy.ndimage import correlate
@@ -245,10 +267,7 @@ def _plane_fit(values, weights, sigma):
         raise ValueError("weights must be finite and >= 0 (e.g. the map's validity)")
     if sigma == 0:
         return v.copy()
-    r = int(min(np.ceil(3 * sigma), max(v.shape[-2:])))  # beyond the grid every node is a neighbour
-    d = np.arange(-r, r + 1, dtype=np.float64)
-    dy, dx = np.meshgrid(d, d, indexing="ij")
-    g = np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
+    r, dy, dx, g = _neighbourhood(sigma, v.shape)
     lead = (1,) * (v.ndim - 2)  # the same 2-D neighbourhood for each leading index
 
     def moment(a, k):
@@ -261,7 +280,7 @@ def _plane_fit(values, weights, sigma):
     # it into the weighted mean there, and leaves well-posed fits as they are.
     a[..., 1, 1] += 1e-9 * r * r * s0
     a[..., 2, 2] += 1e-9 * r * r * s0
-    ok = s0 > 1e-12 * g.sum()
+    ok = s0 > _EMPTY * g.sum()
     out = v.copy()
     if ok.any():
         rhs = np.stack([b0, by, bx], -1)[ok]
@@ -269,9 +288,16 @@ def _plane_fit(values, weights, sigma):
     return out
 
 
+def _finite(psf_map) -> np.ndarray:
+    """Nodes whose depth parameters are all finite."""
+    return np.logical_and.reduce([np.isfinite(np.asarray(psf_map[v].values))
+                                  for v in ("focus", "astigmatism", "axis") if v in psf_map])
+
+
 def _weights(psf_map, min_validity):
+    """The smoothing's weight of each node: its validity, 0 below ``min_validity``, if filled or not finite."""
     w = np.asarray(psf_map["validity"].values, dtype=np.float64)
-    w = np.where(w >= min_validity, w, 0.0)
+    w = np.where((w >= min_validity) & _finite(psf_map), w, 0.0)
     if "filled" in psf_map:
         w = np.where(np.asarray(psf_map["filled"].values, bool), 0.0, w)
     return w
@@ -283,8 +309,8 @@ def _smoothed_components(psf_map, sigma, min_validity, robust=False):
     for the fit only: estimate_depth smooths the depth itself)."""
     f = np.asarray(psf_map["focus"].values, dtype=np.float64)
     a = np.asarray(psf_map["axis"].values, dtype=np.float64)
-    c, s = local_plane(np.stack([f * np.cos(2 * a), f * np.sin(2 * a)]), _weights(psf_map, min_validity), sigma,
-                       robust=robust)
+    c, s = local_plane(np.nan_to_num(np.stack([f * np.cos(2 * a), f * np.sin(2 * a)])), _weights(psf_map, min_validity),
+                       sigma, robust=robust)  # (a NaN node weighs 0: its value only must not be NaN)
     return c, s
 
 
@@ -433,7 +459,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     degree = positive_int(degree, "degree")
     z = _node_values(psf_map, known_depth_um)
-    use = np.asarray(psf_map["validity"].values >= min_validity) & np.isfinite(z)
+    use = np.asarray(psf_map["validity"].values >= min_validity) & np.isfinite(z) & _finite(psf_map)
     if "filled" in psf_map:
         use &= ~np.asarray(psf_map["filled"].values, bool)
     if use.sum() < 3:
@@ -603,19 +629,13 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
     # map made without filling). The smoothing gives them its plane through their neighbours, as it
     # does nodes below the calibration's floor; where it has none (σ = 0, or no weighted neighbour)
     # they are NaN, never the reading of an untextured patch nor a curve's end.
-    finite = np.isfinite(raw)
-    for v in ("focus", "astigmatism", "axis"):
-        if v in psf_map:
-            finite &= np.isfinite(np.asarray(psf_map[v].values))
-    read = np.asarray(psf_map["validity"].values) >= 0.5
-    if "filled" in psf_map:
-        read |= np.asarray(psf_map["filled"].values, bool)
-    read &= finite
-    w = np.where(finite, _weights(psf_map, floor), 0.0)
+    finite = _finite(psf_map) & np.isfinite(raw)
+    w = np.where(finite, _weights(psf_map, floor), 0.0)  # (raw: NaN too where a curve cannot be read)
+    # A reading: valid (by the CNN's 0.5, or weighed by the calibration), or any node of a filled map
+    # (whatever threshold filled it, the nodes it kept were valid to it).
+    read = finite & ("filled" in psf_map or (np.asarray(psf_map["validity"].values) >= 0.5) | (w > 0))
     fit = local_plane(np.where(finite, raw, 0.0), w, sigma, robust=robust)  # σ = 0: unchanged
-    # A node keeps its own value where its neighbourhood has no weight: 1 there, exactly 0 elsewhere.
-    alone = local_plane((~read).astype(np.float64), w, sigma) > 0.5
-    z = z.copy(data=np.where(~read & alone, np.nan, fit)).astype(np.float32).rename("depth")
+    z = z.copy(data=np.where(~read & _alone(w, sigma), np.nan, fit)).astype(np.float32).rename("depth")
     # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
     z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
     if note:

@@ -285,7 +285,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         from .model import torch_device
 
         dev = torch_device(device)
-        if ref is m and (dev.type != m.device.type or dev.index not in (None, m.device.index)):
+        if ref is m and (dev.type != m.device.type or dev.type == "cuda" and dev.index not in (None, m.device.index)):
             raise ValueError(f"device {device!r}: the model given is loaded on {m.device}; give its name or file "
                              "to load it there, or leave device out")
     if int(patch) != m.patch:

@@ -527,3 +527,5 @@ def check_set(ds: dict, name) -> None:
                          f"{valid.shape}: synthesize it again (lsfov.estimate.synthesize)")
     if not np.isfinite(params).all():
         raise ValueError(f"{name}: its parameters contain NaN or Inf; synthesize it again")
+    if isinstance(ds["patches"], np.ndarray) and not np.isfinite(ds["patches"]).all():  # in memory: at once
+        raise ValueError(f"{name} contains NaN or Inf patches; synthesize it again")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import psf as _psf
-from .._validate import LsfovWarning, positive_int, real_number
+from .._validate import LsfovWarning, boolean, positive_int, real_number
 from ..io import atomic_file
 from .model import PSFRegressor, decode, encode, load_model
 from .network import loss as _loss
@@ -114,7 +114,7 @@ def _settings(st, ckpt, given: dict) -> dict:
     if st is not None:
         run.setdefault("freeze", bool(st.get("meta", {}).get("freeze", False)))  # (checkpoints from before)
     for k, v in given.items():
-        if v is not None and k in run and not np.isclose(float(v), float(run[k])):
+        if v is not None and k in run and v != run[k]:  # exactly: a seed of 20240102 is not 20240101
             flag = _FLAGS.get(k)
             if k == "freeze" and not run[k]:
                 how = "without freeze=True (--freeze)"
@@ -122,7 +122,7 @@ def _settings(st, ckpt, given: dict) -> dict:
                 how = f"with {k}={run[k]!r}" + (f" ({flag} {run[k]})" if flag and k != "freeze" else "") + " or none"
             raise ValueError(f"{ckpt / 'last.pt'}: the run's {k} is {run[k]!r}; resume it {how}, or start again "
                              "without --resume")
-    return {k: v if v is not None else run.get(k, _DEFAULTS[k]) for k, v in given.items()}
+    return {k: run[k] if k in run else v if v is not None else _DEFAULTS[k] for k, v in given.items()}
 
 
 def finished(checkpoint) -> bool:
@@ -348,9 +348,9 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         Directory for ``last.pt`` (everything needed to resume) and ``best.pt`` (the best model).
     resume : bool
         Continue from ``checkpoint/last.pt``: the same set, and the run's network, learning rate,
-        epochs, batch size, seed, patience, validation share, loss weight, frozen trunk and starting
-        model (each taken from the run where not given; another is refused, as the run could not
-        continue with it).
+        epochs, batch size, seed, patience, validation share, loss weight and frozen trunk (each
+        taken from the run where not given; another is refused, as the run could not continue with
+        it); ``init`` is refused, the run records what it started from.
     device : str, optional
         ``"cuda"`` or ``"cpu"``; CUDA when available by default.
     seed : int, optional
@@ -385,7 +385,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
                                                                             maximum=0.99, exclusive=True),
              "gamma": None if gamma is None else real_number(gamma, "gamma", minimum=0),
              "seed": None if seed is None else positive_int(seed, "seed", minimum=0),
-             "freeze": None if freeze is None else bool(freeze)}
+             "freeze": None if freeze is None else boolean(freeze, "freeze")}
     if epochs is not None:
         epochs = positive_int(epochs, "epochs")
     probe_steps = positive_int(probe_steps, "probe_steps")

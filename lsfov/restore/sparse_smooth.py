@@ -27,7 +27,7 @@ import numpy as np
 
 from .._backend import task_threads, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
-                         positive_int, real_number, scratch_dir, yx_order)
+                         positive_int, real_2d, real_number, scratch_dir, yx_order)
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import censored_pixels, say_censored
@@ -59,12 +59,9 @@ def estimate_noise(image) -> float:
         The noise standard deviation in the image's units: 1.4826 times the median absolute
         deviation of the 5-point Laplacian over the interior pixels, divided by √20.
     """
-    if isinstance(image, (str, bytes)) or image is None:
-        raise TypeError(f"image must be a 2-D array of real numbers, got {type(image).__name__}")
-    x = np.asarray(image)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"image must be a 2-D array of real numbers, got dtype {x.dtype}")
-    if x.ndim != 2 or min(x.shape) < 3:
+    x = real_2d(to_numpy(image) if type(image).__module__.startswith("cupy") else image, "image")
+    x = np.asarray(x)
+    if min(x.shape) < 3:
         raise ValueError(f"estimating the noise needs a 2-D image of at least 3x3 pixels, got shape {x.shape}")
     x = x.astype(np.float64)
     if not np.isfinite(x).all():  # one NaN makes the median NaN
@@ -407,16 +404,9 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
                         f"{type(operator).__name__}")
     noise = real_number(noise, "noise", minimum=0, exclusive=True)
     k = real_number(k, "k", minimum=0)
-    arr = yx_order(sparse, "sparse").data if getattr(sparse, "dims", None) is not None else sparse
-    if isinstance(arr, (str, bytes)) or arr is None:
-        raise TypeError(f"sparse must be a 2-D array (the sparse component), got {type(arr).__name__}")
-    if not isinstance(arr, da.Array):
-        arr = to_numpy(arr) if type(arr).__module__.startswith("cupy") else np.asarray(arr)
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"sparse must be an array of real numbers, got dtype {arr.dtype}")
-    known_shape(arr.shape, "sparse")
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"sparse must be a non-empty 2-D array (y, x), got shape {arr.shape}")
+    arr = real_2d(yx_order(sparse, "sparse").data if getattr(sparse, "dims", None) is not None else sparse, "sparse")
+    if type(arr).__module__.startswith("cupy"):
+        arr = to_numpy(arr)
     if arr.shape != operator.shape:  # positions and the detection level would be another image's
         raise ValueError(f"sparse has shape {arr.shape} but the operator is for images of shape {operator.shape}; "
                          "pass the operator it was deblurred with")

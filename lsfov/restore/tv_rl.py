@@ -40,7 +40,7 @@ import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
-                         positive_int, real_number, scratch_dir, user_stacklevel, yx_order)
+                         positive_int, real_2d, real_number, scratch_dir, user_stacklevel, yx_order)
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -75,12 +75,12 @@ def tv_curvature(x, eps):
     -------
     ndarray (H, W), float32, in [-4, 4]; lazy for Dask input.
     """
-    x = _real_2d(x, "x")
+    x = real_2d(x, "x").astype(np.float32, copy=False)
     scalar = np.ndim(eps) == 0
     if scalar:
         eps = real_number(eps, "eps", minimum=0, exclusive=True)
     else:
-        eps = _real_2d(eps, "eps")
+        eps = real_2d(eps, "eps").astype(np.float32, copy=False)
         if eps.shape != x.shape:
             raise ValueError(f"eps must be a number or an array of the image's shape {x.shape}, got shape {eps.shape}")
         if not bool((eps > 0).all() & array_module(eps).isfinite(eps).all()):  # bool(): a Dask eps is read here
@@ -97,20 +97,6 @@ def tv_curvature(x, eps):
     fn = functools.partial(_tv_curvature, eps=eps) if scalar else _tv_curvature
     return da.map_overlap(fn, *args, depth=1, boundary="none", dtype=np.float32,
                           meta=meta_from_array(x, ndim=2, dtype=np.float32))
-
-
-def _real_2d(x, name):
-    """``x`` (NumPy, CuPy or Dask; other arrays to NumPy) checked to be a non-empty 2-D real array, as float32."""
-    if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{name} must be a 2-D array of real numbers, got {type(x).__name__}")
-    if not type(x).__module__.startswith(("dask", "cupy")):
-        x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a 2-D array of real numbers, got dtype {x.dtype}")
-    known_shape(x.shape, name)
-    if x.ndim != 2 or x.size == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array (y, x), got shape {x.shape}")
-    return x.astype(np.float32, copy=False)
 
 
 def _tv_curvature(x, eps):
