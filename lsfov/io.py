@@ -1457,6 +1457,7 @@ def open_result(path) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such result: {path}")
+    path = path.resolve()  # lazy reads run on workers, which may start in another directory
     meta = _group_attrs(path).get("lsfov")
     if meta is None:
         raise ValueError(f"{path} is not an lsfov result (no 'lsfov' attributes); open images with lsfov.open_image")

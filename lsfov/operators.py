@@ -1095,6 +1095,7 @@ class ProductConvolution:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such operator: {path}")
+        path = path.resolve()  # lazy maps are read on workers, which may start in another directory
         if (path / "operator").is_dir() and not _operator_meta(path):
             path = path / "operator"
         meta = _operator_meta(path)

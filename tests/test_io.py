@@ -625,3 +625,21 @@ def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ng
     back = lsfov.open_result(tmp_path / "p.zarr")
     assert back.mask.dtype == bool and back.counts.dtype == np.uint8
     np.testing.assert_array_equal(back.mask.values, mask.values)
+
+
+def test_stores_opened_by_a_relative_path_read_right_from_another_directory(tmp_path, monkeypatch):
+    """Lazy reads run where the workers are, and a batch system starts them in another directory:
+    a relative path once read every chunk as zarr's fill value, 0, without an error."""
+    monkeypatch.chdir(tmp_path)
+    img = _image(64, 48)
+    lsfov.save(img, "r.zarr")
+    k = np.stack([lsfov.psf.gaussian(s, size=9) for s in (1.0, 2.0)])
+    maps = np.stack([np.linspace(0, 1, 64 * 48).reshape(64, 48)] * 2).astype(np.float32)
+    maps[1] = 1 - maps[0]
+    lsfov.ProductConvolution.from_basis(k, maps).save("op.zarr")
+    res, op = lsfov.open_result("r.zarr"), lsfov.ProductConvolution.load("op.zarr")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    np.testing.assert_array_equal(res["deblurred"].values, img.values)
+    u = np.ones((64, 48), np.float32)
+    np.testing.assert_allclose(op.apply(u), lsfov.ProductConvolution.from_basis(k, maps).apply(u), rtol=1e-6)

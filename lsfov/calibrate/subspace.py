@@ -246,6 +246,7 @@ class OperatorSubspace:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such subspace: {path}")
+        path = path.resolve()  # lazy reads run on workers, which may start in another directory
         try:
             ds = xr.open_zarr(str(path), consolidated=False)  # an operator or other store: no warning first
         except Exception:

@@ -84,7 +84,8 @@ def _model_ref(model):
     if model_path(model) != Path(str(model)):
         return (str(model), None), load_model(model)  # a shipped name: each worker reads its own installation's
     digest = file_digest(model)  # before loading: the model used here is then at most newer, never older
-    return (str(model), digest), load_model(model)
+    # absolute: workers may start in another directory
+    return (str(Path(model).resolve()), digest), load_model(model)
 
 
 def _load(ref, device):
