@@ -31,7 +31,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, as_bits, positive_int, real_number, yx_order
+from ._validate import LsfovWarning, as_bits, positive_int, real_number, user_stacklevel, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -761,7 +761,9 @@ def plane_of(image) -> dict:
 
 def pixel_size(image) -> float | None:
     """The pixel size of an image in µm: its ``pixel_um`` attribute, else the spacing of its x (last)
-    coordinate when that has a length unit and is even; None when unknown.
+    coordinate when that has a length unit and is even; None when unknown. Where both are known and
+    differ, the coordinates' (they follow ``isel`` steps and ``coarsen``, an attribute does not), with
+    a warning.
 
     Parameters
     ----------
@@ -780,12 +782,10 @@ def pixel_size(image) -> float | None:
         If the y and x coordinates give different spacings (non-square pixels: lsfov's PSFs are
         square) and no ``pixel_um`` attribute settles it.
     """
-    px = getattr(image, "attrs", {}).get("pixel_um")
-    if px:
-        return float(px)
+    attr = getattr(image, "attrs", {}).get("pixel_um")
     coords = getattr(image, "coords", None)
     if coords is None or image.ndim < 1:
-        return None
+        return float(attr) if attr else None
 
     def step_um(dim):
         if dim not in coords or image.sizes[dim] < 2:
@@ -801,6 +801,14 @@ def pixel_size(image) -> float | None:
     ydim = "y" if "y" in image.dims else (image.dims[-2] if image.ndim >= 2 else None)
     px = step_um(xdim)
     py = step_um(ydim) if ydim is not None else None
+    if attr:
+        step = px or py
+        if step and (not (px and py) or _square(px, py)) and not _square(step, float(attr)):
+            warnings.warn(f"the image's pixel_um attribute ({float(attr):g} µm) is not its coordinates' spacing "
+                          f"({step:g} µm: a subsampled or binned image?); the coordinates' is used", LsfovWarning,
+                          stacklevel=user_stacklevel())
+            return step
+        return float(attr)
     if px and py and not _square(py, px):
         raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixels are not square "
                          f"(y {py:g} µm, x {px:g} µm) and lsfov's PSFs are; resample it to square pixels (e.g. "

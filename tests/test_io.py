@@ -643,3 +643,14 @@ def test_stores_opened_by_a_relative_path_read_right_from_another_directory(tmp_
     np.testing.assert_array_equal(res["deblurred"].values, img.values)
     u = np.ones((64, 48), np.float32)
     np.testing.assert_allclose(op.apply(u), lsfov.ProductConvolution.from_basis(k, maps).apply(u), rtol=1e-6)
+
+
+def test_a_stale_pixel_size_attribute_gives_way_to_the_coordinates():
+    """``isel`` steps and ``coarsen`` change the coordinates, not ``attrs["pixel_um"]``: the map of
+    such an image once put its nodes at half their distance, and no pixel-size check saw it."""
+    img = lsfov.io.with_pixel_size(np.ones((256, 256), np.float32), 0.2)
+    sub = img.isel(y=slice(0, None, 2), x=slice(0, None, 2))
+    with pytest.warns(lsfov.LsfovWarning, match=r"pixel_um attribute \(0.2 µm\) is not its coordinates' spacing "
+                                                r"\(0.4 µm"):
+        assert lsfov.io.pixel_size(sub) == pytest.approx(0.4)
+    assert lsfov.io.pixel_size(img) == 0.2 and lsfov.io.pixel_size(img.assign_attrs(pixel_um=0.201)) == 0.201
