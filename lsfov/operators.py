@@ -226,6 +226,17 @@ def _stored_files(a) -> tuple:
     return (str(base), *((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
 
 
+def _part(name: str, doc: str) -> property:
+    """An attribute of what an operator does: setting it makes another operator, with its own kernel
+    spectra and Dask keys (assigned in place, new kernels were once applied with the old spectra)."""
+
+    def set_part(self, value):
+        setattr(self, "_" + name, value)
+        self._renew()
+
+    return property(lambda self: getattr(self, "_" + name), set_part, doc=doc)
+
+
 class ProductConvolution:
     """Space-varying blur ``H u = sum_p k_p * (w_p . u)`` (grid or basis form).
 
@@ -258,16 +269,22 @@ class ProductConvolution:
                  periodic=False):
         self.kind = kind
         self.shape = tuple(int(s) for s in shape)
-        self.kernels = kernels
-        self.centers = centers
-        self.maps = maps
+        self._kernels, self._centers, self._maps = kernels, centers, maps
         self.window = tuple(int(v) for v in window) if window is not None else (0, 0) + self.shape
         self.attrs = dict(attrs or {})
         self.periodic = (bool(periodic),) * 2 if np.isscalar(periodic) else tuple(bool(p) for p in periodic)
-        self._token = _token or uuid.uuid4().hex
+        self._renew(_token)
+
+    def _renew(self, token=None):
+        """A new identity for caches and Dask keys (``token``: one shared with an equal operator)."""
+        self._token = token or uuid.uuid4().hex
         self._cache = _Spectra(self._token)
         self._plan_cache = None
         self._group_spectra: dict = {}
+
+    kernels = _part("kernels", "The PSF kernels: (gy, gx, K, K) for the grid form, (I, K, K) for the basis form.")
+    centers = _part("centers", "The grid form's node centres (cy, cx) in pixels; None for the basis form.")
+    maps = _part("maps", "The basis form's coefficient maps (I, H, W); None for the grid form.")
 
     @property
     def fingerprint(self) -> str:
@@ -280,6 +297,8 @@ class ProductConvolution:
                 return a
             if hasattr(a, "store_path"):  # a lazy zarr array: its files, not gigabytes of reads
                 return (_stored_files(a), a.shape, str(a.dtype))
+            if hasattr(a, "__dask_graph__"):  # a Dask array: its name hashes its graph, nothing computed
+                return (a.name, a.shape, str(a.dtype))
             return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy -> host, once
 
         return tokenize(self.kind, self.shape, content(self.kernels), self.centers, content(self.maps),

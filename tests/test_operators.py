@@ -583,3 +583,26 @@ def test_from_psf_cleans_a_measured_psf(rng):
             ProductConvolution.from_psf(bad, (60, 70))
     with pytest.warns(lsfov.LsfovWarning, match=r"centre of mass is \(\+0.0, \+3.0\) px"):
         ProductConvolution.from_psf(np.roll(psf.gaussian(1.0, 1.0, size=15), 3, axis=1), (60, 70))
+
+
+def test_new_kernels_make_a_new_operator_and_lazy_maps_are_not_computed_to_hash_it(rng):
+    """Kernels assigned to an operator were once applied with the old ones' cached spectra; the
+    fingerprint of lazy coefficient maps computed them all (a basis operator's gigabytes)."""
+    import dask
+    import dask.array as da
+
+    from lsfov import psf
+
+    H = ProductConvolution.from_grid(np.stack([psf.gaussian(1.0, size=9)] * 4).reshape(2, 2, 9, 9), (64, 64))
+    other = ProductConvolution.from_grid(np.stack([psf.gaussian(2.5, size=9)] * 4).reshape(2, 2, 9, 9), (64, 64))
+    u = rng.random((64, 64)).astype(np.float32)
+    before, key = H.apply(u), H.apply(da.from_array(u, chunks=32)).name
+    H.kernels = other.kernels
+    np.testing.assert_array_equal(H.apply(u), other.apply(u))
+    assert np.abs(H.apply(u) - before).max() > 0.1 and H.apply(da.from_array(u, chunks=32)).name != key
+    maps = da.random.default_rng(0).random((2, 64, 64), chunks=32).astype(np.float32)
+    B = ProductConvolution.from_basis(np.stack([psf.gaussian(s, size=9) for s in (1.0, 2.0)]), maps)
+    computed = []
+    with dask.config.set(scheduler=lambda *a, **k: computed.append(1)):
+        assert B.fingerprint == ProductConvolution.from_basis(B.kernels, maps).fingerprint
+    assert not computed
