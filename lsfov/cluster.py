@@ -14,7 +14,7 @@ import numpy as np
 
 from ._validate import positive_int
 
-__all__ = ["use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "SCHEDULERS"]
+__all__ = ["use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "shared", "SCHEDULERS"]
 
 log = logging.getLogger("lsfov")
 
@@ -259,6 +259,16 @@ def _connect(spec: str):
         what = "cannot reach" if isinstance(e, OSError) else "cannot connect to"
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{what} the Dask scheduler at {spec} ({detail}); is it running, at this address?") from None
+
+
+def shared(obj, key: str):
+    """``obj`` as one key of a Dask graph, for tasks to take as a (keyword) argument: sent once to
+    each worker that runs them, where a task's own copy sends it with every task (an operator or a
+    model of megabytes, times hundreds of tasks, crossed the network and was unpickled each time).
+    ``key`` names it: one per object and run."""
+    from dask.delayed import delayed
+
+    return delayed(obj, name=key, traverse=False)
 
 
 def _active_client():

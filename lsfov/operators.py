@@ -648,14 +648,17 @@ class ProductConvolution:
         x = x.rechunk(tuple(ensure_minimum_chunksize(max(r, 1), c) for c in chunks))
         offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks]
 
-        def block_fn(block, block_info=None):
+        from .cluster import shared
+
+        def block_fn(block, whole=None, block_info=None):
             # map_overlap hands over the block with its halo and trims the halo off the result.
             iy, ix = block_info[None]["chunk-location"]
-            op = self.restrict((offsets[0][iy] - r, offsets[1][ix] - r), block.shape)
+            op = whole.restrict((offsets[0][iy] - r, offsets[1][ix] - r), block.shape)
             with task_threads():  # Dask runs tasks side by side: each its FFTs on its own thread
                 return op._dispatch(block, adjoint, check=False)  # Dask images are not scanned (a pass of their own)
 
-        out = x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32)
+        out = x.astype(np.float32).map_overlap(block_fn, depth=r, boundary=0, dtype=np.float32,
+                                               whole=shared(self, f"lsfov-operator-{self._token}"))
         return out if out.chunks == chunks else out.rechunk(chunks)  # the caller's chunks: aligned with its arrays
 
     # ------------------------------------------------------------------ engine

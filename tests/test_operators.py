@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
+import lsfov
 from lsfov import ProductConvolution, psf
 from lsfov._backend import next_fast_len
 
@@ -606,3 +607,20 @@ def test_new_kernels_make_a_new_operator_and_lazy_maps_are_not_computed_to_hash_
     with dask.config.set(scheduler=lambda *a, **k: computed.append(1)):
         assert B.fingerprint == ProductConvolution.from_basis(B.kernels, maps).fingerprint
     assert not computed
+
+
+def test_an_operator_is_one_key_of_a_dask_graph_not_a_copy_in_every_task(rng):
+    """distributed sends each task on its own: an operator inside every task crossed the network
+    (and was unpickled) once per task, hundreds of megabytes for a calibrated one."""
+    import cloudpickle
+    import dask.array as da
+
+    from lsfov import psf
+
+    maps = rng.random((2, 256, 256)).astype(np.float32)  # 0.5 MB: what a task must not carry
+    B = ProductConvolution.from_basis(np.stack([psf.gaussian(s, size=9) for s in (1.0, 2.0)]), maps)
+    u = da.from_array(rng.random((256, 256)).astype(np.float32), chunks=64)
+    for lazy in (B.apply(u), B.adjoint(u), lsfov.deconvolve(u, B, iterations=2),
+                 lsfov.sparse_smooth_deblur(u, B, iterations=2)[0]):
+        sizes = [len(cloudpickle.dumps(task)) for task in dict(lazy.__dask_graph__()).values()]
+        assert sum(s > 200_000 for s in sizes) == 1, sorted(sizes)[-3:]

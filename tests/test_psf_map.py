@@ -450,3 +450,18 @@ def test_a_device_that_is_none_is_refused_for_a_loaded_model_too():
     elsewhere.device = torch.device("meta")  # as a model loaded on a GPU is, seen from device="cpu"
     with pytest.raises(ValueError, match="device 'cpu': the model given is loaded on meta"):
         lsfov.estimate_psf_map(img, elsewhere, device="cpu")
+
+
+def test_a_loaded_model_is_one_key_of_the_map_graph(monkeypatch):
+    """A model object passed in was once inside every task (249 MiB sent for a map of Z3)."""
+    import cloudpickle
+    import dask.array as da
+
+    import lsfov.cluster
+
+    graphs, real = [], lsfov.cluster.compute
+    monkeypatch.setattr(lsfov.cluster, "compute", lambda x, **k: (graphs.append(dict(x.__dask_graph__())), real(x, **k))[1])
+    img = da.from_array((simulate.sample_image("coins", (384, 384)) * 500 + 20).astype(np.float32), chunks=128)
+    lsfov.estimate_psf_map(img, lsfov.load_model("G1"))
+    sizes = [len(cloudpickle.dumps(task)) for task in graphs[-1].values()]  # the last: the map's
+    assert sum(s > 1_000_000 for s in sizes) == 1, sorted(sizes)[-3:]  # the model: 6.6 MB

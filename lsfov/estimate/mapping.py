@@ -363,11 +363,15 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             keep.mkdir(parents=True, exist_ok=True)
             if resume:
                 log.info("resuming the PSF map from %s: %d chunks already done", keep, len(list(keep.glob("*.npy"))))
-        fn = functools.partial(_chunk_task, ref=ref, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
+        from ..cluster import shared
+
+        fn = functools.partial(_chunk_task, patch=patch, stride=stride, n_out=n_out, offsets=offsets,
                                starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device,
                                symmetrize=bool(symmetrize), saturation=rule, keep=keep)
+        # A loaded model is one key of the graph, sent once to each worker; a file is read there.
+        ref = ref if ref is not m else shared(m, f"lsfov-model-{m.weights_digest()}-{m.device}")
         out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
-                            chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)))
+                            chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)), ref=ref)
         values = compute(out, progress=progress, label="PSF map")
     else:
         xp = array_module(data)  # a CuPy image stays on the GPU

@@ -73,14 +73,17 @@ def lazy_exchanges(y: da.Array, counts, spread: int, block, *, name: str, token,
     ``name`` prefixes the graph's keys and ``token`` stands for what ``block`` computes with (Dask
     cannot hash the operator itself cheaply). Returns the final state, chunked as ``y``.
     """
+    from ..cluster import shared
+
     lead = ((channels,),) if channels else ()
     meta = da.utils.meta_from_array(y, ndim=len(lead) + 2, dtype=np.float32)  # NumPy or CuPy chunks, as given
     x, it = initial, 0
+    block = shared(block, f"{name}-block-{dask.base.tokenize(y.name, token)}")  # (it holds the operator)
     for n in counts:
         halo = spread * n
         args = [_overlap(a, halo) for a in (y, x) if a is not None]
-        fn = functools.partial(_lazy_task, block=block, n=n, start=it, halo=halo)
-        x = da.map_blocks(fn, *args, chunks=lead + y.chunks, dtype=np.float32, meta=meta,
+        fn = functools.partial(_lazy_task, n=n, start=it, halo=halo)
+        x = da.map_blocks(fn, *args, chunks=lead + y.chunks, dtype=np.float32, meta=meta, block=block,
                           name=f"{name}-{dask.base.tokenize(args, n, it, halo, token)}")
         it += n
     return x

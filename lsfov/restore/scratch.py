@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 
 from .._backend import array_module, to_numpy
+from ..cluster import shared
 from .halo import block_window
 
 log = logging.getLogger("lsfov")
@@ -126,11 +127,12 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
             if not (root / "done" / f"x{e}").exists():
                 marks = root / "done" / f"x{e}.blocks"
                 marks.mkdir(exist_ok=True)
-                fn = functools.partial(_task, zy=zy, zx=zx, zout=zout, marks=marks, block=block, n=n, start=it,
+                fn = functools.partial(_task, zy=zy, zx=zx, zout=zout, marks=marks, n=n, start=it,
                                        halo=spread * n, chunks=chunks, gpu=gpu)
                 token = dask.base.tokenize(str(zout.store_path), str(marks), n, it)
                 flags = tuple((1,) * len(c) for c in chunks)
                 run(da.map_blocks(fn, chunks=flags, dtype=bool, meta=np.empty((0, 0), bool),
+                                  block=shared(block, f"lsfov-block-{token}"),  # (it holds the operator)
                                   name=f"lsfov-exchange-{token}"), n, n_blocks - len(list(marks.glob("*"))))
                 (root / "done" / f"x{e}").touch()
                 shutil.rmtree(marks, ignore_errors=True)
