@@ -1302,7 +1302,10 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         level = _halved(stored.astype(bool) if mask else stored)
         factor *= 2
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
-    group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coords": _lead_coords(var, lead),
+    attrs = dict(var.attrs)
+    if attrs.get("pixel_um"):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
+        attrs["pixel_um"] = pixel_size(var)
+    group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(attrs), "coords": _lead_coords(var, lead),
                             "coord_units": {d: str(var.coords[d].attrs["units"]) for d in lead
                                             if d in var.coords and var.coords[d].attrs.get("units")},
                             **({"dtype": "bool"} if mask else {}),
@@ -1465,7 +1468,6 @@ def open_result(path) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such result: {path}")
-    path = path.resolve()  # lazy reads run on workers, which may start in another directory
     meta = _group_attrs(path).get("lsfov")
     if meta is None:
         raise ValueError(f"{path} is not an lsfov result (no 'lsfov' attributes); open images with lsfov.open_image")
@@ -1478,8 +1480,8 @@ def open_result(path) -> xr.Dataset:
                              f"{path.parent}, or open this image alone with lsfov.open_image")
         raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); rerun with --overwrite")
     variables = {}
-    for name in meta.get("variables", []):
-        variables[name] = _open_variable(path / name)
+    for name in meta.get("variables", []):  # absolute: lazy reads run on workers started elsewhere
+        variables[name] = _open_variable(path.resolve() / name)
     return xr.Dataset(variables, attrs=meta.get("attrs", {}))
 
 

@@ -226,6 +226,19 @@ def _stored_files(a) -> tuple:
     return (str(base), *((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
 
 
+def _block_digests(a) -> list:
+    """The digests of a Dask array's blocks: its content's hash with a block in memory at a time."""
+    import hashlib
+
+    import dask
+
+    def digest(block):
+        b = np.ascontiguousarray(block.get() if hasattr(block, "get") else block)
+        return hashlib.blake2b(b.data, digest_size=16).hexdigest()
+
+    return list(dask.compute(*[dask.delayed(digest)(b) for b in a.to_delayed().ravel()]))
+
+
 def _part(name: str, doc: str) -> property:
     """An attribute of what an operator does: setting it makes another operator, with its own kernel
     spectra and Dask keys (assigned in place, new kernels were once applied with the old spectra)."""
@@ -293,12 +306,14 @@ class ProductConvolution:
         from dask.base import tokenize
 
         def content(a):
+            if hasattr(a, "dims") and hasattr(a, "variable"):  # xarray: its array (its name is the variable's)
+                a = a.data
             if a is None or isinstance(a, np.ndarray):
                 return a
             if hasattr(a, "store_path"):  # a lazy zarr array: its files, not gigabytes of reads
                 return (_stored_files(a), a.shape, str(a.dtype))
-            if hasattr(a, "__dask_graph__"):  # a Dask array: its name hashes its graph, nothing computed
-                return (a.name, a.shape, str(a.dtype))
+            if hasattr(a, "__dask_graph__"):  # Dask: a digest per block, computed block by block (a name
+                return (a.shape, str(a.dtype), _block_digests(a))  # can outlive the data it reads)
             return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy -> host, once
 
         return tokenize(self.kind, self.shape, content(self.kernels), self.centers, content(self.maps),
@@ -498,6 +513,9 @@ class ProductConvolution:
         return state
 
     def __setstate__(self, state):
+        for name in ("kernels", "centers", "maps"):  # (pickled before these were properties)
+            if name in state:
+                state["_" + name] = state.pop(name)
         self.__dict__.update(state)
         self._cache = _Spectra(self._token)
 
@@ -1117,7 +1135,6 @@ class ProductConvolution:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such operator: {path}")
-        path = path.resolve()  # lazy maps are read on workers, which may start in another directory
         if (path / "operator").is_dir() and not _operator_meta(path):
             path = path / "operator"
         meta = _operator_meta(path)
@@ -1125,7 +1142,8 @@ class ProductConvolution:
             raise ValueError(f"{path} is not an lsfov operator; write one with ProductConvolution.save or lsfov.save")
         if not meta.get("complete"):
             raise ValueError(f"{path} is an incomplete operator (the write was interrupted); save it again")
-        root = zarr.open_group(str(path), mode="r")
+        # absolute: lazy maps are read on workers, which may start in another directory
+        root = zarr.open_group(str(path.resolve()), mode="r")
         kernels = np.asarray(root["kernels"][...], dtype=np.float32)
         attrs = meta.get("attrs") or {}
         if meta["kind"] == "grid":

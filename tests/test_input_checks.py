@@ -418,7 +418,8 @@ def test_use_scheduler_refuses_bad_options_and_leaves_no_client_after_a_failed_c
 def test_cluster_names_only_its_public_api():
     from lsfov import cluster
 
-    assert set(cluster.__all__) == {"use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "SCHEDULERS"}
+    assert set(cluster.__all__) == {"use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "shared",
+                                 "SCHEDULERS"}
     assert all(hasattr(cluster, name) for name in cluster.__all__)
     names = {}
     exec("from lsfov.cluster import *", names)

@@ -654,3 +654,15 @@ def test_a_stale_pixel_size_attribute_gives_way_to_the_coordinates():
                                                 r"\(0.4 µm"):
         assert lsfov.io.pixel_size(sub) == pytest.approx(0.4)
     assert lsfov.io.pixel_size(img) == 0.2 and lsfov.io.pixel_size(img.assign_attrs(pixel_um=0.201)) == 0.201
+
+
+def test_a_stale_pixel_size_is_saved_as_the_coordinates_say(tmp_path):
+    import warnings
+
+    sub = lsfov.io.with_pixel_size(np.ones((64, 64), np.float32), 0.2).isel(y=slice(0, None, 2), x=slice(0, None, 2))
+    with pytest.warns(lsfov.LsfovWarning, match="the coordinates' is used"):
+        lsfov.save(sub.rename("image"), tmp_path / "r.zarr")
+    back = lsfov.open_result(tmp_path / "r.zarr")["image"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read back, it no longer contradicts itself
+        assert back.attrs["pixel_um"] == pytest.approx(0.4) and lsfov.io.pixel_size(back) == pytest.approx(0.4)

@@ -246,9 +246,9 @@ class OperatorSubspace:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such subspace: {path}")
-        path = path.resolve()  # lazy reads run on workers, which may start in another directory
         try:
-            ds = xr.open_zarr(str(path), consolidated=False)  # an operator or other store: no warning first
+            # absolute: lazy reads run on workers, which may start in another directory
+            ds = xr.open_zarr(str(path.resolve()), consolidated=False)  # an operator or other store: no warning first
         except Exception:
             ds = None
         meta = ds.attrs.get("lsfov") if ds is not None else None

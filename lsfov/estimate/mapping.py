@@ -369,7 +369,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
                                starts=(sy, sx), counts=(cy, cx), batch_size=batch_size, device=device,
                                symmetrize=bool(symmetrize), saturation=rule, keep=keep)
         # A loaded model is one key of the graph, sent once to each worker; a file is read there.
-        ref = ref if ref is not m else shared(m, f"lsfov-model-{m.weights_digest()}-{m.device}")
+        ref = ref if ref is not m else shared(m, f"lsfov-model-{m.weights_digest()}-{dask.base.tokenize(m.meta)}-"
+                                                 f"{m.device}")
         out = da.map_blocks(fn, ext, dtype=np.float32, new_axis=2, meta=np.empty((0, 0, 0), np.float32),
                             chunks=(tuple(int(c) for c in cy), tuple(int(c) for c in cx), (n_out,)), ref=ref)
         values = compute(out, progress=progress, label="PSF map")
