@@ -108,8 +108,9 @@ _FLAGS = {"batch_size": "--batch-size", "patience": "--patience", "seed": "--see
 
 
 def _settings(st, ckpt, given: dict) -> dict:
-    """The run's settings: those ``given``, else the resumed run's (checkpoint state ``st``), else the
-    defaults; one given otherwise than the resumed run had is refused (the run could not continue)."""
+    """The run's settings: the resumed run's where it recorded them (checkpoint state ``st``), else
+    those ``given``, else the defaults; one given otherwise than the resumed run had is refused (the
+    run could not continue)."""
     run = {} if st is None else dict((st.get("meta") or {}).get("settings") or {})
     if st is not None:
         run.setdefault("freeze", bool(st.get("meta", {}).get("freeze", False)))  # (checkpoints from before)
@@ -336,9 +337,10 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     probe_steps : int
         Steps each candidate trains before its validation loss is compared.
     patience : int, optional
-        Stop (default 4; on ``resume`` the run's) after this many epochs without a better validation R² (paper 000 Eq. 15, the mean over
-        the parameters of the decoded estimates: what the model is judged by; the loss on the
-        ``v vᵀ`` targets can rise while it still improves); the best epoch's weights are kept.
+        Stop (default 4; on ``resume`` the run's) after this many epochs without a better
+        validation R² (paper 000 Eq. 15, the mean over the parameters of the decoded estimates:
+        what the model is judged by; the loss on the ``v vᵀ`` targets can rise while it still
+        improves); the best epoch's weights are kept.
     val_fraction : float, optional
         Share of the set (its last rows) held out for learning-rate choice and early stopping
         (default 0.1; on ``resume`` the run's).
@@ -354,8 +356,9 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     device : str, optional
         ``"cuda"`` or ``"cpu"``; CUDA when available by default.
     seed : int, optional
-        Seeds (default 0; on ``resume`` the run's) the initial weights (torch's global generator), the probes' batches and each epoch's
-        shuffle (so a resumed run draws the batches it would have).
+        Seeds (default 0; on ``resume`` the run's) the initial weights (torch's global generator),
+        the probes' batches and each epoch's shuffle (so a resumed run draws the batches it would
+        have).
     max_minutes : float, optional
         Stop after the epoch during which this much time has passed since the features and the
         learning-rate probe began (an epoch is never cut: it is what a resumed run continues from).
@@ -364,9 +367,10 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         be a model of the same PSF model and network, or, for ``arch="polar"``, a ``spectral`` model
         (its branches become the trunk). ``meta["training"]["init"]`` records it.
     freeze : bool, optional
-        Keep (default no; on ``resume`` as the run did) the trunk (``init``'s spatial and spectral branches) fixed and train only the tail of
-        a ``polar`` network: the trunk's features are computed once per patch (in memory, 2.3 kB
-        each), so an epoch costs a small fraction of a full one.
+        Keep (default no; on ``resume`` as the run did) the trunk (``init``'s spatial and spectral
+        branches) fixed and train only the tail of a ``polar`` network: the trunk's features are
+        computed once per patch (in memory, 2.3 kB each), so an epoch costs a small fraction of a
+        full one.
     overwrite : bool
         Replace an earlier run's checkpoints in ``checkpoint`` (without it, and without ``resume``,
         they are refused).
