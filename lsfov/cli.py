@@ -1134,10 +1134,10 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
     elif out is None:
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
     inputs = [p for p in (data, *more, test_path) if p]
+    ckpt = checkpoint or str(Path(out).with_suffix("")) + ".ckpt"  # (a set's run: a stream has none)
     if resume and not overwrite and Path(out).exists():
         from .estimate.training import finished
 
-        ckpt = Path(checkpoint or str(Path(out).with_suffix("")) + ".ckpt")
         if finished(ckpt):  # the run it would continue has ended, and OUT is likely its model
             raise FileExistsError(f"{out} already exists and the run in {ckpt} finished: nothing to resume; "
                                   "to train again pass --overwrite without --resume")
@@ -1174,7 +1174,6 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream, batch_size=batch_size or 64,
                              lr=lr, max_minutes=minutes, seed=seed, progress=progress)
     else:
-        ckpt = checkpoint or str(out.with_suffix("")) + ".ckpt"
         try:
             model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                            patience=patience, checkpoint=ckpt, resume=resume, device=device,
