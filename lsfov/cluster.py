@@ -164,9 +164,10 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         # The logger's level before the cluster (which sets its own) comes back at the end.
         with _filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush:
             with _children_ignore_sigint():
-                # Workers' own warnings (tasks cancelled by a Ctrl-C, memory chatter) only with -vv: lsfov
-                # says what matters itself (out of memory, interrupted).
-                quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+                # Workers' own messages (tasks cancelled by a Ctrl-C, memory chatter, a heartbeat that
+                # found the scheduler closed by a Ctrl-C: an error with a traceback) only with -vv: lsfov
+                # says what matters itself (out of memory, a lost worker, interrupted).
+                quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL
                 cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
                                        silence_logs=quiet)
             with cluster, Client(cluster) as client:
