@@ -1355,3 +1355,19 @@ def _check_kernel_size(k, shape):
         raise ValueError(f"kernels must have an odd size (centre at K//2), got K={k}")
     if k > min(shape):
         raise ValueError(f"kernel size {k} is larger than the image {shape}; crop the PSFs or use a larger image")
+
+
+def _register_sizeof():
+    """Tell Dask what an operator weighs where it is a value of the graph (:func:`lsfov.cluster.shared`):
+    its kernels and in-memory maps (lazy maps are read block by block), which a worker's memory
+    accounting would otherwise count as a few dozen bytes."""
+    from dask.sizeof import sizeof
+
+    @sizeof.register(ProductConvolution)
+    def _(op):
+        held = [a for a in (op.kernels, op.maps) if a is not None and not hasattr(a, "__dask_graph__")
+                and not hasattr(a, "store_path")]
+        return 1000 + sum(int(getattr(a, "nbytes", 0)) for a in held)
+
+
+_register_sizeof()

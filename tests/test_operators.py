@@ -628,3 +628,7 @@ def test_an_operator_is_one_key_of_a_dask_graph_not_a_copy_in_every_task(rng):
                  lsfov.sparse_smooth_deblur(u, B, iterations=2)[0]):
         sizes = [len(cloudpickle.dumps(task)) for task in dict(lazy.__dask_graph__()).values()]
         assert sum(s > 200_000 for s in sizes) == 1, sorted(sizes)[-3:]
+    # what a worker holding it counts in its memory (Dask's own estimate of an object: some bytes)
+    from dask.sizeof import sizeof
+
+    assert sizeof(B) >= maps.nbytes + B.kernels.nbytes and sizeof(lsfov.load_model("G1")) > 5e6

@@ -596,3 +596,17 @@ def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PS
         raise ValueError(f"{which} regresses {model.psf_model.name} parameters, not {psf_model}: give a "
                          f"{_psf.get_model(psf_model).name} model")
     return model
+
+
+def _register_sizeof():
+    """Tell Dask what a model weighs where it is a value of the graph (:func:`lsfov.cluster.shared`):
+    its weights and buffers, which a worker's memory accounting would otherwise not count."""
+    from dask.sizeof import sizeof
+
+    @sizeof.register(PSFRegressor)
+    def _(model):
+        tensors = [*model.net.parameters(), *model.net.buffers()]
+        return 1000 + sum(t.numel() * t.element_size() for t in tensors)
+
+
+_register_sizeof()
