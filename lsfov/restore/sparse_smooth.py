@@ -59,8 +59,7 @@ def estimate_noise(image) -> float:
         The noise standard deviation in the image's units: 1.4826 times the median absolute
         deviation of the 5-point Laplacian over the interior pixels, divided by √20.
     """
-    x = real_2d(to_numpy(image) if type(image).__module__.startswith("cupy") else image, "image")
-    x = np.asarray(x)
+    x = to_numpy(real_2d(image, "image"))  # (read whole: NumPy from any array)
     if min(x.shape) < 3:
         raise ValueError(f"estimating the noise needs a 2-D image of at least 3x3 pixels, got shape {x.shape}")
     x = x.astype(np.float64)
