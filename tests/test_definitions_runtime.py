@@ -42,6 +42,7 @@ def test_a_one_block_image_needs_the_memory_of_one_task(scene, monkeypatch):
     op, y = scene
     ext = (y.shape[0] + 2 * op.halo, y.shape[1] + 2 * op.halo)
     monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * chunked.task_bytes(ext, 0, op)))
+    monkeypatch.setattr(chunked, "_spectra_growth", lambda: 0)
     with dask.config.set(scheduler="threads", num_workers=4):
         out = lsfov.deconvolve(da.from_array(y), op, 3).compute()
     _close(out, lsfov.deconvolve(y, op, 3))
@@ -53,11 +54,29 @@ def test_the_synchronous_scheduler_is_checked_for_one_task_at_a_time(scene, monk
     dy = da.from_array(y, chunks=100)  # blocks of up to 100 px on the extended field, halo 2r
     need = chunked.task_bytes((100, 100), chunked.spread_per_iteration(op, 0.02), op)
     monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * need))
+    monkeypatch.setattr(chunked, "_spectra_growth", lambda: 0)
     with dask.config.set(scheduler="synchronous", num_workers=4):
         out = lsfov.deconvolve(dy, op, 2, exchange_every=1).compute()
     _close(out, lsfov.deconvolve(y, op, 2))
     with dask.config.set(scheduler="threads", num_workers=4), pytest.raises(MemoryError, match=r"for 4 thread"):
         lsfov.deconvolve(dy, op, 2, exchange_every=1)
+
+
+def test_this_machines_memory_check_counts_what_the_spectra_cache_may_still_take(scene, monkeypatch):
+    """On the local schedulers the cache of kernel spectra grows in this process as the run goes:
+    RAM it may still take is not the tasks'. A full cache takes no more."""
+    from lsfov import operators
+
+    op, _ = scene
+    need = chunked.task_bytes((512, 512), 8, op)
+    monkeypatch.setattr(chunked, "_available_memory", lambda: need + operators.spectra_budget() // 2)
+    monkeypatch.setattr(operators, "_SPECTRA", None)  # empty: the whole budget still to come
+    with dask.config.set(scheduler="synchronous"):
+        with pytest.raises(MemoryError, match=r"available for 1 thread\(s\) \(less the cache of kernel spectra\)"):
+            chunked.check_task_memory((512, 512), 8, op)
+        cache = operators._process_spectra()
+        monkeypatch.setattr(cache, "_nbytes", cache.budget)  # full: what it holds is out of "available" already
+        chunked.check_task_memory((512, 512), 8, op)
 
 
 @pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")
