@@ -780,7 +780,7 @@ def pixel_size(image) -> float | None:
     ------
     ValueError
         If the y and x coordinates give different spacings (non-square pixels: lsfov's PSFs are
-        square) and no ``pixel_um`` attribute settles it.
+        square), whatever the ``pixel_um`` attribute says.
     """
     attr = getattr(image, "attrs", {}).get("pixel_um")
     coords = getattr(image, "coords", None)
@@ -801,14 +801,16 @@ def pixel_size(image) -> float | None:
     ydim = "y" if "y" in image.dims else (image.dims[-2] if image.ndim >= 2 else None)
     px = step_um(xdim)
     py = step_um(ydim) if ydim is not None else None
-    if attr:
+    if attr and not (px and py and not _square(py, px)):
         step = px or py
-        if step and (not (px and py) or _square(px, py)) and not _square(step, float(attr)):
+        if step and not _square(step, float(attr)):
             warnings.warn(f"the image's pixel_um attribute ({float(attr):g} µm) is not its coordinates' spacing "
                           f"({step:g} µm: a subsampled or binned image?); the coordinates' is used", LsfovWarning,
                           stacklevel=user_stacklevel())
             return step
         return float(attr)
+    # Coordinates of unequal spacings outweigh an attribute, which holds for one axis at most (e.g. after
+    # isel(x=slice(None, None, 2))): the pixels are not square.
     if px and py and not _square(py, px):
         raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixels are not square "
                          f"(y {py:g} µm, x {px:g} µm) and lsfov's PSFs are; resample it to square pixels (e.g. "
@@ -1304,7 +1306,10 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
     attrs = dict(var.attrs)
     if attrs.get("pixel_um"):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
-        attrs["pixel_um"] = pixel_size(var)
+        try:
+            attrs["pixel_um"] = pixel_size(var)
+        except ValueError:  # one axis subsampled: pixels no longer square, kept as each axis's scale
+            attrs["pixel_um"] = None
     group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(attrs), "coords": _lead_coords(var, lead),
                             "coord_units": {d: str(var.coords[d].attrs["units"]) for d in lead
                                             if d in var.coords and var.coords[d].attrs.get("units")},

@@ -654,6 +654,18 @@ def test_a_stale_pixel_size_attribute_gives_way_to_the_coordinates():
                                                 r"\(0.4 µm"):
         assert lsfov.io.pixel_size(sub) == pytest.approx(0.4)
     assert lsfov.io.pixel_size(img) == 0.2 and lsfov.io.pixel_size(img.assign_attrs(pixel_um=0.201)) == 0.201
+    # One axis subsampled: the attribute holds for y alone, the pixels are no longer square.
+    with pytest.raises(ValueError, match=r"not square \(y 0.2 µm, x 0.4 µm\)"):
+        lsfov.io.pixel_size(img.isel(x=slice(0, None, 2)))
+
+
+def test_an_image_subsampled_along_one_axis_is_saved_with_each_axis_scale(tmp_path):
+    img = lsfov.io.with_pixel_size(np.ones((64, 64), np.float32), 0.2).isel(x=slice(0, None, 2))
+    lsfov.save(img.rename("image"), tmp_path / "r.zarr")
+    back = lsfov.open_result(tmp_path / "r.zarr")["image"]
+    assert back.attrs["pixel_um"] is None
+    np.testing.assert_allclose(np.diff(back.x.values), 0.4)
+    np.testing.assert_allclose(np.diff(back.y.values), 0.2)
 
 
 def test_a_stale_pixel_size_is_saved_as_the_coordinates_say(tmp_path):
