@@ -8,7 +8,7 @@ import xarray as xr
 from scipy.ndimage import gaussian_filter
 
 from lsfov import LsfovWarning, simulate
-from lsfov.estimate.depth import (DepthCalibration, _beyond, _node_values, _readings, calibrate_depth, estimate_depth,
+from lsfov.estimate.depth import (DepthCalibration, _beyond, _node_values, _products, _readings, calibrate_depth, estimate_depth,
                                   local_plane, signed_defocus)
 
 
@@ -509,3 +509,59 @@ def test_readings_follow_the_thresholds_the_user_chose():
     for method in ("curve", "linear"):
         cal = calibrate_depth(ds, s.depth_um, method=method, smooth=2)
         assert cal.n_nodes == 64 - 3 and cal.r2 > 0.99
+
+
+def test_a_nan_product_is_no_reading_for_the_curves():
+    """The curves read ``focus_astig_*``: a NaN there once gave a confident depth at the low end of
+    the range (the cost's argmin of a NaN row), and NaN calibration curves."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), direction=0.4, grid=8, seed=3)
+    ds = _truth_map(s)
+    sn, cs = _products(ds)
+    ds["focus_astig_sin"], ds["focus_astig_cos"] = (("gy", "gx"), sn.astype("f4")), (("gy", "gx"), cs.astype("f4"))
+    cal = calibrate_depth(ds, s.depth_um, method="curve")
+    ds["focus_astig_cos"][2, 3] = np.nan
+    assert np.isnan(estimate_depth(ds, cal, smooth=0).values[2, 3])
+    again = calibrate_depth(ds, s.depth_um, method="curve")
+    assert again.n_nodes == 63 and np.isfinite(np.concatenate(again.curves)).all() and again.r2 > 0.99
+
+
+def test_a_node_without_a_reading_or_any_weighted_neighbour_has_no_depth():
+    """Smoothing gives an unread node its neighbours' plane; with none within reach (nor after the
+    robust reweighting drops the only one), it is NaN, not its placeholder value nor an untextured
+    patch's reading."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), direction=0.4, grid=8, seed=3)
+    ds = _truth_map(s)
+    ds["validity"][:, :4] = 0.1
+    z = estimate_depth(ds, smooth=0.9).values  # reach 3 nodes: column 0 sees no valid node
+    assert np.isnan(z[:, 0]).all() and np.isfinite(z[:, 4:]).all()
+    gy, gx = np.mgrid[:8, :8]
+    focus = (0.05 * gx + 0.02 * gy + 0.3).astype("f4")
+    validity = np.ones((8, 8), "f4")
+    validity[:, :4] = 0
+    validity[0, 3] = 1  # the only valid node within reach of (0, 0), far off the others' plane
+    focus[0, 3], focus[0, 0] = 5.0, np.nan
+    odd = xr.Dataset({"focus": (("gy", "gx"), focus), "astigmatism": (("gy", "gx"), np.full((8, 8), .1, "f4")),
+                      "axis": (("gy", "gx"), np.full((8, 8), 3 * np.pi / 4, "f4")),
+                      "validity": (("gy", "gx"), validity)})
+    assert np.isnan(estimate_depth(odd, smooth=1, robust=True).values[0, 0])
+    assert np.isfinite(estimate_depth(odd, smooth=1, robust=False).values[0, 0])  # that node holds it
+
+
+def test_a_nan_node_weighs_nothing_in_a_plain_smoothed_calibration():
+    """Without the robust reweighting, a NaN node's placeholder must weigh nothing: the same
+    calibration as the node marked invalid (a NaN once spread through the fit: SVD failure)."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), direction=0.4, grid=8, seed=3)
+    nan, invalid = _truth_map(s), _truth_map(s)
+    nan["focus"][4, 4] = np.nan
+    invalid["validity"][4, 4] = 0
+    a, b = (calibrate_depth(m, s.depth_um, method="linear", smooth=2, robust=False) for m in (nan, invalid))
+    np.testing.assert_allclose([a.slope, a.offset, a.axis0], [b.slope, b.offset, b.axis0], rtol=1e-6)
+
+
+def test_an_infinite_smoothing_is_one_plane_over_any_grid():
+    rng = np.random.default_rng(1)
+    v, w = rng.normal(size=(3, 30)), rng.uniform(0.1, 1, (3, 30))
+    gy, gx = np.mgrid[:3, :30].astype(float)
+    design = np.stack([np.ones(90), gy.ravel(), gx.ravel()], 1)
+    coef, *_ = np.linalg.lstsq(design * np.sqrt(w.ravel())[:, None], v.ravel() * np.sqrt(w.ravel()), rcond=None)
+    np.testing.assert_allclose(local_plane(v, w, np.inf), (design @ coef).reshape(3, 30), atol=1e-6)

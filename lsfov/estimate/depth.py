@@ -210,19 +210,25 @@ def local_plane(values, weights, sigma: float, *, robust: bool = False):
         plane is returned exactly, whatever the weights; a node whose neighbourhood has no weight
         keeps its value.
     """
+    return _local_plane(values, weights, sigma, robust)[0]
+
+
+def _local_plane(values, weights, sigma, robust):
+    """:func:`local_plane`, and the weights of its last fit (the robust ones: which nodes it rests on)."""
     fit = _plane_fit(values, weights, sigma)
-    if not robust or float(sigma) == 0:
-        return fit
     v = np.asarray(values, dtype=np.float64)
     w = np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape)
+    if not robust or float(sigma) == 0:
+        return fit, w
     for _ in range(3):
         r = np.where(w > 0, np.abs(v - fit), np.nan)
         with warnings.catch_warnings():  # a grid without weighted nodes: no scale, its weights stay
             warnings.simplefilter("ignore", RuntimeWarning)
             scale = 1.4826 * np.nanmedian(r, axis=(-2, -1), keepdims=True)
         u = np.abs(v - fit) / np.where(scale > 0, _TUKEY * scale, np.inf)
-        fit = _plane_fit(v, w * np.where(u < 1, (1 - u * u) ** 2, 0.0), sigma)
-    return fit
+        last = w * np.where(u < 1, (1 - u * u) ** 2, 0.0)
+        fit = _plane_fit(v, last, sigma)
+    return fit, last
 
 
 _TUKEY = 4.685  # Tukey's biweight cut-off in scales: 95 % efficiency on Gaussian residuals
@@ -289,9 +295,11 @@ def _plane_fit(values, weights, sigma):
 
 
 def _finite(psf_map) -> np.ndarray:
-    """Nodes whose depth parameters are all finite."""
+    """Nodes whose depth parameters are all finite (the products too, which the curves read)."""
+    from .model import PRODUCTS
+
     return np.logical_and.reduce([np.isfinite(np.asarray(psf_map[v].values))
-                                  for v in ("focus", "astigmatism", "axis") if v in psf_map])
+                                  for v in ("focus", "astigmatism", "axis", *PRODUCTS) if v in psf_map])
 
 
 def _weights(psf_map, min_validity):
@@ -634,8 +642,9 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
     # A reading: valid (by the CNN's 0.5, or weighed by the calibration), or any node of a filled map
     # (whatever threshold filled it, the nodes it kept were valid to it).
     read = finite & ("filled" in psf_map or (np.asarray(psf_map["validity"].values) >= 0.5) | (w > 0))
-    fit = local_plane(np.where(finite, raw, 0.0), w, sigma, robust=robust)  # σ = 0: unchanged
-    z = z.copy(data=np.where(~read & _alone(w, sigma), np.nan, fit)).astype(np.float32).rename("depth")
+    fit, rests_on = _local_plane(np.where(finite, raw, 0.0), w, sigma, robust)  # σ = 0: unchanged
+    # Alone by the weights of the last fit: the robust ones may have dropped every neighbour.
+    z = z.copy(data=np.where(~read & _alone(rests_on, sigma), np.nan, fit)).astype(np.float32).rename("depth")
     # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
     z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
     if note:
