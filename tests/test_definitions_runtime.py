@@ -88,6 +88,10 @@ def test_lazy_runs_with_other_settings_computed_together_keep_their_own(scene):
     outs = dask.compute(*(lsfov.deconvolve(dy, op, 3, exchange_every=1, **s) for s in settings))
     for s, out in zip(settings, outs):
         _close(out, lsfov.deconvolve(y, op, 3, **s))
+    # The same settings on other chunks: other blocks, their own block function
+    outs = dask.compute(*(lsfov.deconvolve(da.from_array(y, chunks=c), op, 3, exchange_every=1) for c in (100, (60, 120))))
+    for out in outs:
+        _close(out, lsfov.deconvolve(y, op, 3))
 
 
 @pytest.mark.filterwarnings("ignore:.*of the pixels are at or above the saturation level:lsfov.LsfovWarning")

@@ -487,6 +487,9 @@ def test_robust_must_be_a_bool():
     cal = calibrate_depth(_truth_map(s), s.depth_um)
     with pytest.raises(ValueError, match="robust must be True or False"):
         estimate_depth(_truth_map(s), cal, robust="false")
+    with pytest.raises(ValueError, match="robust must be True or False, got 2"):
+        calibrate_depth(_truth_map(s), s.depth_um, robust=2)
+    assert estimate_depth(_truth_map(s), cal, robust=np.True_).attrs["robust"] == 1
     with pytest.raises(ValueError, match="calibration is not a depth calibration's to_dict()"):
         estimate_depth(_truth_map(s), {"a": 1})
 

@@ -726,3 +726,26 @@ def test_a_model_of_larger_kernels_keeps_them_through_its_file_and_maps(tmp_path
     untrained = lsfov.estimate_psf_map(img, tmp_path / "wide.pt", stride=64, fill=False)  # (its validity: any)
     op = lsfov.operator_from_psf_map(untrained)
     assert op.kernels.shape[-1] == 41
+
+
+def test_whether_a_run_has_finished_reads_its_epochs_and_patience(tmp_path):
+    def state(**kw):
+        tmp_path.joinpath("last.pt").unlink(missing_ok=True)
+        torch.save({"epoch": 0, "scheduler": {"T_max": 5}, "bad": 0, "meta": {}, **kw}, tmp_path / "last.pt")
+        return train.finished(tmp_path)
+
+    assert not train.finished(tmp_path / "none")  # no run: False, the caller says what it finds
+    assert not state() and state(epoch=4)  # epochs done
+    assert state(bad=train._DEFAULTS["patience"])  # patience spent (the default)
+    assert not state(bad=train._DEFAULTS["patience"], meta={"settings": {"patience": 10}})  # its own patience
+    assert state(bad=10, meta={"settings": {"patience": 10}})
+
+
+def test_a_checkpoint_from_before_settings_keeps_its_frozen_trunk(tmp_path):
+    """Checkpoints written before runs recorded their settings said ``freeze`` in their meta: a
+    resume takes it (a frozen run resumed without --freeze once trained its trunk)."""
+    old = {"meta": {"freeze": True}}
+    assert train._settings(old, tmp_path, {"freeze": None, "batch_size": None})["freeze"] is True
+    with pytest.raises(ValueError, match="the run's freeze is True"):
+        train._settings(old, tmp_path, {"freeze": False})
+    assert train._settings({"meta": {}}, tmp_path, {"freeze": None})["freeze"] is False

@@ -654,6 +654,12 @@ def test_a_stale_pixel_size_attribute_gives_way_to_the_coordinates():
                                                 r"\(0.4 µm"):
         assert lsfov.io.pixel_size(sub) == pytest.approx(0.4)
     assert lsfov.io.pixel_size(img) == 0.2 and lsfov.io.pixel_size(img.assign_attrs(pixel_um=0.201)) == 0.201
+    # Only y in µm (x in pixels): its spacing is the one known; 1 % off is rounding, 5 % is not.
+    yonly = img.assign_coords(x=("x", np.arange(256.0), {"units": "pixel"})).isel(y=slice(0, None, 2))
+    with pytest.warns(lsfov.LsfovWarning, match="the coordinates' is used"):
+        assert lsfov.io.pixel_size(yonly) == pytest.approx(0.4)
+    with pytest.warns(lsfov.LsfovWarning, match=r"\(0.21 µm"):
+        lsfov.io.pixel_size(img.assign_attrs(pixel_um=0.21))
     # One axis subsampled: the attribute holds for y alone, the pixels are no longer square.
     with pytest.raises(ValueError, match=r"not square \(y 0.2 µm, x 0.4 µm\)"):
         lsfov.io.pixel_size(img.isel(x=slice(0, None, 2)))

@@ -608,6 +608,9 @@ def test_new_kernels_make_a_new_operator_and_lazy_maps_are_hashed_by_content(rng
     B = ProductConvolution.from_basis(k, maps)
     assert B.fingerprint == ProductConvolution.from_basis(k, maps + 0).fingerprint  # another graph, same values
     assert B.fingerprint != ProductConvolution.from_basis(k, maps * 2).fingerprint
+    deep = maps.compute()
+    deep[1, 40, 40] += 0.5  # one value deep inside a block: every byte of each block counts
+    assert B.fingerprint != ProductConvolution.from_basis(k, da.from_array(deep, chunks=32)).fingerprint
     arr = xr.DataArray(maps.compute(), dims=("psf", "y", "x"), name="maps")
     mirror = arr.copy(data=arr.values[:, ::-1])
     assert ProductConvolution.from_basis(k, arr).fingerprint != ProductConvolution.from_basis(k, mirror).fingerprint
@@ -632,3 +635,6 @@ def test_an_operator_is_one_key_of_a_dask_graph_not_a_copy_in_every_task(rng):
     from dask.sizeof import sizeof
 
     assert sizeof(B) >= maps.nbytes + B.kernels.nbytes and sizeof(lsfov.load_model("G1")) > 5e6
+    # lazy maps are not in the worker's memory: a 3.2 GB graph of them weighs the kernels alone
+    huge = ProductConvolution.from_basis(B.kernels, da.zeros((2, 20000, 20000), chunks=2000, dtype=np.float32))
+    assert sizeof(huge) < 1e6
