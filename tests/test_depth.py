@@ -568,3 +568,21 @@ def test_an_infinite_smoothing_is_one_plane_over_any_grid():
     design = np.stack([np.ones(90), gy.ravel(), gx.ravel()], 1)
     coef, *_ = np.linalg.lstsq(design * np.sqrt(w.ravel())[:, None], v.ravel() * np.sqrt(w.ravel()), rcond=None)
     np.testing.assert_allclose(local_plane(v, w, np.inf), (design @ coef).reshape(3, 30), atol=1e-6)
+
+
+def test_filled_nodes_do_not_pull_the_smoothing_and_the_floor_is_inclusive():
+    """A filled node holds its neighbours' values, not a reading: it weighs nothing in the smoothing
+    (an outlier there moves no neighbour). A node at exactly ``min_validity`` is a reading."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), direction=0.4, grid=8, seed=3)
+    ds = _truth_map(s).assign(filled=(("gy", "gx"), np.zeros((8, 8), bool)))
+    ds["filled"][4, 4] = True
+    base = estimate_depth(ds, smooth=2).values
+    ds["focus"][4, 4] = 3.0
+    moved = estimate_depth(ds, smooth=2).values
+    np.testing.assert_allclose(np.delete(moved.ravel(), 36), np.delete(base.ravel(), 36), atol=1e-6)
+    ds = _truth_map(s)
+    ds["validity"][2, 2] = 0.5
+    assert calibrate_depth(ds, s.depth_um, min_validity=0.5).n_nodes == 64
+    base = estimate_depth(ds, smooth=1).values
+    ds["focus"][2, 2] += 0.5
+    assert abs(estimate_depth(ds, smooth=1).values[2, 3] - base[2, 3]) > 1e-3  # it weighs in its neighbours' plane

@@ -1,4 +1,5 @@
 """The CNN regressor: training-set synthesis, target encoding, loss, networks, training, shipped models."""
+import os
 import warnings
 
 import numpy as np
@@ -645,6 +646,33 @@ def test_a_model_object_pickles_for_dask_workers():
     a, b = m.predict(x), back.predict(x)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_model_objects_graph_key_is_its_weights(monkeypatch, tmp_path):
+    """A model passed as an object is one key of the graph: two models of equal metadata and other
+    weights (a fine-tuned copy) must not share it, nor a file's relative path reach the workers."""
+    import dask.array as da
+    import torch
+
+    from lsfov import cluster
+    from lsfov.estimate import mapping
+
+    keys, refs = [], []
+    real = cluster.shared
+    monkeypatch.setattr(cluster, "shared", lambda obj, key: (keys.append(key), real(obj, key))[1])
+    a, b = (M.PSFRegressor.from_file(M.model_path("G1"), device="cpu") for _ in range(2))
+    with torch.no_grad():
+        next(b.net.parameters()).add_(1e-3)
+    img = da.from_array(simulate.sample_image("cell", (192, 192)), chunks=96)
+    for m in (a, b):
+        lsfov.estimate_psf_map(img, m, stride=64, pixel_um=0.2)
+    assert len(keys) == 2 and keys[0] != keys[1]
+    real_load = mapping._load
+    monkeypatch.setattr(mapping, "_load", lambda ref, device: (refs.append(ref), real_load(ref, device))[1])
+    a.save(tmp_path / "mine.pt")
+    monkeypatch.chdir(tmp_path)
+    lsfov.estimate_psf_map(img, "mine.pt", stride=64, pixel_um=0.2)
+    assert refs and all(os.path.isabs(r[0]) for r in refs)
 
 
 def test_predict_puts_a_network_in_training_mode_back_in_eval_mode():

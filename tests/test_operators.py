@@ -616,6 +616,22 @@ def test_new_kernels_make_a_new_operator_and_lazy_maps_are_hashed_by_content(rng
     assert ProductConvolution.from_basis(k, arr).fingerprint != ProductConvolution.from_basis(k, mirror).fingerprint
 
 
+def test_an_operator_pickled_before_its_parts_were_properties_loads(rng):
+    """Pickles of old (a Dask graph kept on disk, a cache) hold ``kernels``, ``centers`` and ``maps``
+    by those names: they load, and apply as before."""
+    from lsfov import psf
+
+    H = ProductConvolution.from_grid(np.stack([psf.gaussian(s, size=9) for s in (1, 2, 1.5, 3)]).reshape(2, 2, 9, 9),
+                                     (64, 64))
+    state = H.__getstate__()
+    for name in ("kernels", "centers", "maps"):
+        state[name] = state.pop("_" + name)
+    old = ProductConvolution.__new__(ProductConvolution)
+    old.__setstate__(state)
+    u = rng.random((64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(old.apply(u), H.apply(u))
+
+
 def test_an_operator_is_one_key_of_a_dask_graph_not_a_copy_in_every_task(rng):
     """distributed sends each task on its own: an operator inside every task crossed the network
     (and was unpickled) once per task, hundreds of megabytes for a calibrated one."""
