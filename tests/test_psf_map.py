@@ -465,3 +465,14 @@ def test_a_loaded_model_is_one_key_of_the_map_graph(monkeypatch):
     lsfov.estimate_psf_map(img, lsfov.load_model("G1"))
     sizes = [len(cloudpickle.dumps(task)) for task in graphs[-1].values()]  # the last: the map's
     assert sum(s > 1_000_000 for s in sizes) == 1, sorted(sizes)[-3:]  # the model: 6.6 MB
+
+
+def test_a_map_of_one_plane_of_a_larger_array_keeps_its_coordinate(blurred, tmp_path):
+    """``stack.sel(c=561)`` keeps ``c`` as xarray does (a deconvolution of it does too): the map of
+    it says which channel it maps, saved and read back."""
+    img = np.asarray(blurred[0])
+    stack = xr.DataArray(np.stack([img, img]), dims=("c", "y", "x"), coords={"c": [488, 561]})
+    m = lsfov.estimate_psf_map(stack.sel(c=561), "G1", stride=64, pixel_um=0.1)
+    assert int(m.c) == 561 and int(m["sigma"].c) == 561
+    lsfov.save(m, tmp_path / "m.zarr")
+    assert int(lsfov.open_result(tmp_path / "m.zarr")["sigma"].c) == 561
