@@ -239,12 +239,23 @@ def _block_digests(a) -> list:
     return list(dask.compute(*[dask.delayed(digest)(b) for b in a.to_delayed().ravel()]))
 
 
+def _read_only(value):
+    """A read-only view of a NumPy part (the caller's array stays writeable): changed in place, an
+    operator would keep its spectra and Dask keys; ``op.kernels = new`` makes another one."""
+    if isinstance(value, np.ndarray):
+        value = value.view()
+        value.flags.writeable = False
+    elif isinstance(value, tuple):  # centers
+        value = tuple(_read_only(v) for v in value)
+    return value
+
+
 def _part(name: str, doc: str) -> property:
     """An attribute of what an operator does: setting it makes another operator, with its own kernel
     spectra and Dask keys (assigned in place, new kernels were once applied with the old spectra)."""
 
     def set_part(self, value):
-        setattr(self, "_" + name, value)
+        setattr(self, "_" + name, _read_only(value))
         self._renew()
 
     return property(lambda self: getattr(self, "_" + name), set_part, doc=doc)
@@ -266,7 +277,9 @@ class ProductConvolution:
     shape : (int, int)
         Image shape the operator is defined on.
     kernels : ndarray
-        (gy, gx, K, K) for the grid form, (I, K, K) for the basis form; float32.
+        (gy, gx, K, K) for the grid form, (I, K, K) for the basis form; float32. Like ``centers``
+        and NumPy ``maps``, read-only: assign a new array to change them (a new operator, with
+        its own kernel spectra and Dask keys).
     centers : (ndarray, ndarray) or None
         Node rows and columns (pixel coordinates) of the grid form.
     maps : array_like or None
@@ -282,7 +295,7 @@ class ProductConvolution:
                  periodic=False):
         self.kind = kind
         self.shape = tuple(int(s) for s in shape)
-        self._kernels, self._centers, self._maps = kernels, centers, maps
+        self._kernels, self._centers, self._maps = (_read_only(v) for v in (kernels, centers, maps))
         self.window = tuple(int(v) for v in window) if window is not None else (0, 0) + self.shape
         self.attrs = dict(attrs or {})
         self.periodic = (bool(periodic),) * 2 if np.isscalar(periodic) else tuple(bool(p) for p in periodic)
@@ -513,9 +526,10 @@ class ProductConvolution:
         return state
 
     def __setstate__(self, state):
-        for name in ("kernels", "centers", "maps"):  # (pickled before these were properties)
-            if name in state:
+        for name in ("kernels", "centers", "maps"):
+            if name in state:  # (pickled before these were properties)
                 state["_" + name] = state.pop(name)
+            state["_" + name] = _read_only(state.get("_" + name))  # (a pickle makes a writeable copy)
         self.__dict__.update(state)
         self._cache = _Spectra(self._token)
 

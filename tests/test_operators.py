@@ -598,8 +598,16 @@ def test_new_kernels_make_a_new_operator_and_lazy_maps_are_hashed_by_content(rng
     other = ProductConvolution.from_grid(np.stack([psf.gaussian(2.5, size=9)] * 4).reshape(2, 2, 9, 9), (64, 64))
     u = rng.random((64, 64)).astype(np.float32)
     before, key = H.apply(u), H.apply(da.from_array(u, chunks=32)).name
+    with pytest.raises(ValueError, match="read-only"):  # in place the spectra and keys would stay the old ones'
+        H.kernels[0, 0] *= 2
     H.kernels = other.kernels
     np.testing.assert_array_equal(H.apply(u), other.apply(u))
+    import pickle
+
+    mine = np.ones((2, 2, 9, 9), np.float32) / 81
+    G = pickle.loads(pickle.dumps(ProductConvolution.from_grid(mine, (64, 64))))
+    mine[0, 0] = 0  # the caller's own array stays writeable; the operator's parts do not, unpickled too
+    assert not (G.kernels.flags.writeable or G.centers[0].flags.writeable)
     assert np.abs(H.apply(u) - before).max() > 0.1 and H.apply(da.from_array(u, chunks=32)).name != key
     import xarray as xr
 
