@@ -247,6 +247,9 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
     if gamma1 is None:
+        if noise is None:
+            raise ValueError(f"image of {y.shape[0]}x{y.shape[1]} px is too small to measure its noise (at least 3x3); "
+                             "give gamma1")
         gamma1 = 3.0 * noise * norms.l2
     if gamma2 is None:
         gamma2 = DEFAULT_GAMMA2
