@@ -174,6 +174,12 @@ class _SpectraCache:
         return value
 
 
+def spectra_room() -> int:
+    """Bytes this process's cache of kernel spectra may still take: its budget less what it holds."""
+    cache = _SPECTRA
+    return spectra_budget() if cache is None else max(0, cache.budget - cache._nbytes)
+
+
 def spectra_budget(memory_limit=None) -> int:
     """Bytes of kernel spectra a process keeps: 512 MiB, or an eighth of a Dask worker's memory
     limit where that is less. Memory Dask does not see as its tasks' (it pauses a worker over its

@@ -42,7 +42,7 @@ def test_a_one_block_image_needs_the_memory_of_one_task(scene, monkeypatch):
     op, y = scene
     ext = (y.shape[0] + 2 * op.halo, y.shape[1] + 2 * op.halo)
     monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * chunked.task_bytes(ext, 0, op)))
-    monkeypatch.setattr(chunked, "_spectra_growth", lambda: 0)
+    monkeypatch.setattr(chunked, "spectra_room", lambda: 0)
     with dask.config.set(scheduler="threads", num_workers=4):
         out = lsfov.deconvolve(da.from_array(y), op, 3).compute()
     _close(out, lsfov.deconvolve(y, op, 3))
@@ -54,7 +54,7 @@ def test_the_synchronous_scheduler_is_checked_for_one_task_at_a_time(scene, monk
     dy = da.from_array(y, chunks=100)  # blocks of up to 100 px on the extended field, halo 2r
     need = chunked.task_bytes((100, 100), chunked.spread_per_iteration(op, 0.02), op)
     monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * need))
-    monkeypatch.setattr(chunked, "_spectra_growth", lambda: 0)
+    monkeypatch.setattr(chunked, "spectra_room", lambda: 0)
     with dask.config.set(scheduler="synchronous", num_workers=4):
         out = lsfov.deconvolve(dy, op, 2, exchange_every=1).compute()
     _close(out, lsfov.deconvolve(y, op, 2))

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._backend import array_module, task_threads
 from .._validate import LsfovWarning, scratch_dir
-from ..operators import ProductConvolution, spectra_budget
+from ..operators import ProductConvolution, spectra_budget, spectra_room
 from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, say_censored
 
@@ -123,7 +123,7 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
 
         threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
         # Available RAM less what this process's cache of kernel spectra may still grow by.
-        budgets = [(max(0, _available_memory() - _spectra_growth()), 1 if dask.config.get("scheduler", "") == "synchronous"
+        budgets = [(max(0, _available_memory() - spectra_room()), 1 if dask.config.get("scheduler", "") == "synchronous"
                     else threads)]
         where = "this machine has {:.2g} GiB available for {} thread(s) (less the cache of kernel spectra)"
     if not budgets:
@@ -139,14 +139,6 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
             "use chunks of 256 px and --exchange-every 1 (a smaller halo), or more memory per worker")
     raise MemoryError(f"blocks of {block[0]}x{block[1]} px with a {halo} px halo need about {need / 2**30:.2g} GiB "
                       f"per task, but {where.format(limit / 2**30, threads)}; {hint}")
-
-
-def _spectra_growth() -> int:
-    """Bytes this process's cache of kernel spectra may still take (its budget less what it holds)."""
-    from .. import operators
-
-    cache = operators._SPECTRA
-    return operators.spectra_budget() if cache is None else max(0, cache.budget - cache._nbytes)
 
 
 def _available_memory() -> int:
