@@ -122,3 +122,18 @@ def test_an_rgba_npy_is_read_as_channels(tmp_path):
     rgba = np.random.default_rng(3).random((40, 30, 4)).astype(np.float32)
     np.save(tmp_path / "rgba.npy", rgba)
     np.testing.assert_array_equal(lsfov.open_image(tmp_path / "rgba.npy", channel=3).values, rgba[..., 3])
+
+
+def test_a_subspace_takes_a_radius_and_a_saturation_level_given():
+    """Given, one radius serves every image, and beads clipped at the level given are left out
+    (a level above every pixel: the same subspace as none)."""
+    from lsfov.calibrate import estimate_radius
+
+    imgs = [simulate.bead_field((256, 256), 30, seed=s).image for s in (11, 12)]
+    auto = learn_subspace(imgs, 2, 2)
+    given = learn_subspace(imgs, 2, 2, radius=estimate_radius(imgs[0]), saturation=10 * max(i.max() for i in imgs))
+    np.testing.assert_allclose(given.psf_basis, auto.psf_basis, atol=1e-6)
+    level = np.float32(np.percentile(imgs[0], 99.9))
+    with pytest.warns(lsfov.LsfovWarning, match="beads are saturated and were left out"):
+        low = learn_subspace([np.minimum(i, level) for i in imgs], 2, 2, saturation=float(level))
+    assert low.attrs["n_beads"] < auto.attrs["n_beads"]
