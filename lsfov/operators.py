@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backend import (array_module, fft_module, multiply, next_fast_len, parallel_map, row_bands, task_threads,
-                       threads_for, to_numpy)
+from ._backend import (array_module, block_digests, fft_module, multiply, next_fast_len, parallel_map, row_bands,
+                       task_threads, threads_for, to_numpy)
 from ._validate import LsfovWarning, known_shape, real_number, shape2d, yx_order
 
 __all__ = ["ProductConvolution"]
@@ -232,19 +232,6 @@ def _stored_files(a) -> tuple:
     return (str(base), *((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
 
 
-def _block_digests(a) -> list:
-    """The digests of a Dask array's blocks: its content's hash with a block in memory at a time."""
-    import hashlib
-
-    import dask
-
-    def digest(block):
-        b = np.ascontiguousarray(block.get() if hasattr(block, "get") else block)
-        return hashlib.blake2b(b.data, digest_size=16).hexdigest()
-
-    return list(dask.compute(*[dask.delayed(digest)(b) for b in a.to_delayed().ravel()]))
-
-
 def _read_only(value):
     """A read-only view of a NumPy part (the caller's array stays writeable): changed in place, an
     operator would keep its spectra and Dask keys; ``op.kernels = new`` makes another one."""
@@ -332,7 +319,7 @@ class ProductConvolution:
             if hasattr(a, "store_path"):  # a lazy zarr array: its files, not gigabytes of reads
                 return (_stored_files(a), a.shape, str(a.dtype))
             if hasattr(a, "__dask_graph__"):  # Dask: a digest per block, computed block by block (a name
-                return (a.shape, str(a.dtype), _block_digests(a))  # can outlive the data it reads)
+                return (a.shape, str(a.dtype), block_digests(a).compute().tolist())  # can outlive the data it reads)
             return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy -> host, once
 
         return tokenize(self.kind, self.shape, content(self.kernels), self.centers, content(self.maps),

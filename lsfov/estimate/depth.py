@@ -214,21 +214,21 @@ def local_plane(values, weights, sigma: float, *, robust: bool = False):
 
 
 def _local_plane(values, weights, sigma, robust):
-    """:func:`local_plane`, and the weights of its last fit (the robust ones: which nodes it rests on)."""
-    fit = _plane_fit(values, weights, sigma)
+    """:func:`local_plane`, and where its last fit (the robust one's weights: they may drop every
+    neighbour) had no weight, so that the node kept its value."""
+    fit, alone = _plane_fit(values, weights, sigma)
+    if not robust or float(sigma) == 0:
+        return fit, alone
     v = np.asarray(values, dtype=np.float64)
     w = np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape)
-    if not robust or float(sigma) == 0:
-        return fit, w
     for _ in range(3):
         r = np.where(w > 0, np.abs(v - fit), np.nan)
         with warnings.catch_warnings():  # a grid without weighted nodes: no scale, its weights stay
             warnings.simplefilter("ignore", RuntimeWarning)
             scale = 1.4826 * np.nanmedian(r, axis=(-2, -1), keepdims=True)
         u = np.abs(v - fit) / np.where(scale > 0, _TUKEY * scale, np.inf)
-        last = w * np.where(u < 1, (1 - u * u) ** 2, 0.0)
-        fit = _plane_fit(v, last, sigma)
-    return fit, last
+        fit, alone = _plane_fit(v, w * np.where(u < 1, (1 - u * u) ** 2, 0.0), sigma)
+    return fit, alone
 
 
 _TUKEY = 4.685  # Tukey's biweight cut-off in scales: 95 % efficiency on Gaussian residuals
@@ -237,27 +237,9 @@ _TUKEY = 4.685  # Tukey's biweight cut-off in scales: 95 % efficiency on Gaussia
 _EMPTY = 1e-12  # a neighbourhood of less weight (relative to the kernel's) has none: the node keeps its value
 
 
-def _neighbourhood(sigma: float, shape):
-    """The Gaussian neighbourhood of width ``sigma`` (> 0) nodes: its radius r, offsets dy, dx and weights."""
-    r = int(min(np.ceil(3 * sigma), max(shape[-2:])))  # beyond the grid every node is a neighbour
-    d = np.arange(-r, r + 1, dtype=np.float64)
-    dy, dx = np.meshgrid(d, d, indexing="ij")
-    return r, dy, dx, np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
-
-
-def _alone(weights, sigma: float) -> np.ndarray:
-    """Nodes (gy, gx) that :func:`local_plane` leaves as they are: no weight in their neighbourhood."""
-    from scipy.ndimage import correlate
-
-    w = np.asarray(weights, dtype=np.float64)
-    if sigma == 0:
-        return np.ones(w.shape, bool)
-    *_, g = _neighbourhood(sigma, w.shape)
-    return ~(correlate(w, g, mode="constant", cval=0.0) > _EMPTY * g.sum())
-
-
 def _plane_fit(values, weights, sigma):
-    """:func:`local_plane` without the reweighting."""
+    """:func:`local_plane` without the reweighting, and the nodes it left as they were (no weight in
+    their neighbourhood; all of them for σ = 0)."""
     from scipy.ndimage import correlate
 
     v = np.asarray(values, dtype=np.float64)
@@ -272,8 +254,11 @@ def _plane_fit(values, weights, sigma):
     if not (np.isfinite(w).all() and (w >= 0).all()):
         raise ValueError("weights must be finite and >= 0 (e.g. the map's validity)")
     if sigma == 0:
-        return v.copy()
-    r, dy, dx, g = _neighbourhood(sigma, v.shape)
+        return v.copy(), np.ones(v.shape, bool)
+    r = int(min(np.ceil(3 * sigma), max(v.shape[-2:])))  # beyond the grid every node is a neighbour
+    d = np.arange(-r, r + 1, dtype=np.float64)
+    dy, dx = np.meshgrid(d, d, indexing="ij")
+    g = np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
     lead = (1,) * (v.ndim - 2)  # the same 2-D neighbourhood for each leading index
 
     def moment(a, k):
@@ -291,7 +276,7 @@ def _plane_fit(values, weights, sigma):
     if ok.any():
         rhs = np.stack([b0, by, bx], -1)[ok]
         out[ok] = np.linalg.solve(a[ok], rhs[..., None])[..., 0, 0]
-    return out
+    return out, ~ok
 
 
 def _finite(psf_map) -> np.ndarray:
@@ -642,9 +627,8 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
     # A reading: valid (by the CNN's 0.5, or weighed by the calibration), or any node of a filled map
     # (whatever threshold filled it, the nodes it kept were valid to it).
     read = finite & ("filled" in psf_map or (np.asarray(psf_map["validity"].values) >= 0.5) | (w > 0))
-    fit, rests_on = _local_plane(np.where(finite, raw, 0.0), w, sigma, robust)  # σ = 0: unchanged
-    # Alone by the weights of the last fit: the robust ones may have dropped every neighbour.
-    z = z.copy(data=np.where(~read & _alone(rests_on, sigma), np.nan, fit)).astype(np.float32).rename("depth")
+    fit, alone = _local_plane(np.where(finite, raw, 0.0), w, sigma, robust)  # σ = 0: unchanged, all alone
+    z = z.copy(data=np.where(~read & alone, np.nan, fit)).astype(np.float32).rename("depth")
     # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
     z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
     if note:

@@ -26,10 +26,10 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .._backend import array_module, task_threads
+from .._backend import array_module, block_digests, task_threads
 from .._validate import LsfovWarning, scratch_dir
 from ..operators import ProductConvolution, spectra_budget, spectra_room
-from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
+from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, say_censored
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]

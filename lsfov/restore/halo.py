@@ -32,21 +32,6 @@ def axis_chunks(n: int, c: int, minimum: int) -> tuple[int, ...]:
     return tuple(chunks)
 
 
-def block_digests(y: da.Array) -> da.Array:
-    """A 64-bit digest of each block's bytes, (blocks along y, blocks along x): what a resumable run's
-    state is named by, so that another image of the same shape and statistics never resumes it."""
-    import hashlib
-
-    from .._backend import to_numpy
-
-    def digest(b):
-        h = hashlib.blake2b(np.ascontiguousarray(to_numpy(b)).data, digest_size=8).digest()
-        return np.full((1, 1), int.from_bytes(h, "little"), np.uint64)
-
-    return y.map_blocks(digest, dtype=np.uint64, chunks=tuple((1,) * len(c) for c in y.chunks),
-                        meta=np.empty((0, 0), np.uint64))
-
-
 def exchange_counts(iterations: int, every: int) -> list[int]:
     """Iterations per exchange: ``every`` each, the remainder last."""
     return [every] * (iterations // every) + ([iterations % every] if iterations % every else [])

@@ -25,11 +25,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._backend import task_threads, to_numpy
+from .._backend import block_digests, task_threads, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
                          positive_int, real_2d, real_number, scratch_dir, yx_order)
 from ..operators import ProductConvolution
-from .halo import axis_chunks, block_digests, block_window, exchange_counts, lazy_exchanges
+from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import censored_pixels, say_censored
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
