@@ -902,7 +902,8 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
     deblurred point sources (``sparse``) and background (``smooth``). OUT holds both, the raw image
     and the tables ``sources`` (y, x in pixels, amplitude: the sources that fixed the blur) and
     ``detections`` (the point sources found in the sparse component, 3-sigma); with y_um, x_um too
-    where the image has µm coordinates.
+    where the image has µm coordinates. The identified blur is kept as OUT's operator: other images
+    of the same acquisition deblur with `lsfov deconvolve IMG RES --operator OUT`.
     """
     import xarray as xr
 
@@ -946,7 +947,7 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         found = _in_image_frame(locate_sources(sparse, op, sparse.attrs["noise"]), img)
         ds["detections"] = xr.DataArray(found, dims=("detection", "column"), coords=cols, attrs={
             "units": units, "description": "point sources in the sparse component (3-sigma)"})
-        io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
+        io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"], operator=op)  # blur reusable: --operator OUT
     from .figures import summary_figure
 
     fig = summary_figure(out.with_suffix(".png"), _centres(io.open_result(out), ("raw", "sparse", "smooth")),
@@ -1062,7 +1063,8 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Passes over the training set [20; with --resume the run's] (a stream has none: each patch is "
                    "seen once).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Patches per step [64; with --resume the run's].")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None,
+              help="Patches per step [64; with --stream 256; with --resume the run's].")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Adam learning rate [chosen on the validation split; with --resume the run's].")
 @click.option("--patience", type=click.IntRange(min=1), default=None,
@@ -1171,8 +1173,9 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
 
         ckpt = None
         stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
-        model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream, batch_size=batch_size or 64,
-                             lr=lr, max_minutes=minutes, seed=seed, progress=progress)
+        model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream,
+                             **({"batch_size": batch_size} if batch_size else {}), lr=lr, max_minutes=minutes,
+                             seed=seed, progress=progress)
     else:
         try:
             model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -980,7 +980,8 @@ def _group_attrs(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progress: bool = False) -> Path:
+def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progress: bool = False,
+         operator=None) -> Path:
     """Write an lsfov result: each variable of ``obj`` as a sibling NGFF 0.5 multiscale image.
 
     Parameters
@@ -1002,6 +1003,10 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         Chunk edge on disk (default: the Dask chunks, at most 1024).
     progress : bool
         Show a progress bar while computing and writing.
+    operator : ProductConvolution, optional
+        The blur the result was made with (``lsfov bss`` stores the one it identified), written in
+        the same atomic write as the result's ``operator`` group: ``ProductConvolution.load(path)``
+        reads it back, and ``lsfov deconvolve ... --operator path`` deblurs other images with it.
 
     Returns
     -------
@@ -1013,12 +1018,22 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
 
     check_result_name(path)
     if isinstance(obj, ProductConvolution):
+        if operator is not None:
+            raise ValueError("operator= goes with a result; save an operator on its own as obj")
         return obj.save(path, overwrite=overwrite)
+    if operator is not None:
+        if not isinstance(operator, ProductConvolution):
+            raise TypeError(f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}")
+        operator._check_full("saving an operator")
     ds = _as_dataset(obj)
+    if "operator" in ds.data_vars and operator is not None:
+        raise ValueError("the result has a variable named 'operator' and operator= is given: rename the variable")
     if chunks is not None:
         chunks = positive_int(chunks, "chunks")  # the chunk edge in pixels
     with atomic_directory(path, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        if operator is not None:
+            operator._write(root.create_group("operator"))
         root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
         for name, var in ds.data_vars.items():
             if _is_table(var):
@@ -1565,6 +1580,10 @@ def describe(path) -> str:
                      if isinstance(res.attrs.get(k), (int, float))]
             if known:
                 lines.append("  " + ", ".join(known))
+            if (path / "operator").is_dir():
+                from .operators import ProductConvolution
+
+                lines.append(f"  operator {ProductConvolution.load(path)!r} (--operator {path})")
         return "\n".join(lines)
     if isinstance(meta, dict) and meta.get("type") == "ProductConvolution":
         from .operators import ProductConvolution

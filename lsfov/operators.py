@@ -1082,37 +1082,46 @@ class ProductConvolution:
         FileExistsError
             If ``path`` exists and ``overwrite`` is False, or it is neither a zarr store nor empty.
         """
-        import dask.array as da
         import zarr
 
-        from .cluster import compute
-        from .io import _jsonable, _version, atomic_directory, check_result_name
+        from .io import atomic_directory, check_result_name
 
-        if self.window != (0, 0) + self.shape:
-            raise ValueError("save() applies to a full-image operator, not a restricted window")
+        self._check_full("save()")
         check_result_name(path)
         with atomic_directory(path, overwrite=overwrite) as tmp:
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            # Dimension names: xarray.open_zarr(path) reads the store as one Dataset.
-            lead = ["gy", "gx"] if self.kind == "grid" else ["basis"]
-            root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
-                              dimension_names=[*lead, "ky", "kx"])
-            if self.kind == "grid":
-                root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64), dimension_names=["gy"])
-                root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64), dimension_names=["gx"])
-            else:
-                shape = (self.kernels.shape[0],) + self.shape
-                chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
-                maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0,
-                                         dimension_names=["basis", "y", "x"])
-                src = self.maps if isinstance(self.maps, da.Array) else da.from_array(self.maps, chunks=chunks)
-                compute(da.store(src.astype(np.float32).rechunk(chunks), maps, lock=False, compute=False))
-            root.attrs["lsfov"] = {
-                "type": "ProductConvolution", "kind": self.kind, "shape": list(self.shape),
-                "kernel_size": self.kernel_size, "version": _version(), "attrs": _jsonable(self.attrs),
-                "complete": True,
-            }
+            self._write(zarr.open_group(str(tmp), mode="w", zarr_format=3))
         return Path(path)
+
+    def _check_full(self, what: str):
+        if self.window != (0, 0) + self.shape:
+            raise ValueError(f"{what} applies to a full-image operator, not a restricted window")
+
+    def _write(self, root):
+        """Write the operator into the empty zarr group ``root`` (the layout :meth:`save` describes)."""
+        import dask.array as da
+
+        from .cluster import compute
+        from .io import _jsonable, _version
+
+        # Dimension names: xarray.open_zarr(path) reads the store as one Dataset.
+        lead = ["gy", "gx"] if self.kind == "grid" else ["basis"]
+        root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
+                          dimension_names=[*lead, "ky", "kx"])
+        if self.kind == "grid":
+            root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64), dimension_names=["gy"])
+            root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64), dimension_names=["gx"])
+        else:
+            shape = (self.kernels.shape[0],) + self.shape
+            chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
+            maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0,
+                                     dimension_names=["basis", "y", "x"])
+            src = self.maps if isinstance(self.maps, da.Array) else da.from_array(self.maps, chunks=chunks)
+            compute(da.store(src.astype(np.float32).rechunk(chunks), maps, lock=False, compute=False))
+        root.attrs["lsfov"] = {
+            "type": "ProductConvolution", "kind": self.kind, "shape": list(self.shape),
+            "kernel_size": self.kernel_size, "version": _version(), "attrs": _jsonable(self.attrs),
+            "complete": True,
+        }
 
     @classmethod
     def load(cls, path) -> "ProductConvolution":
@@ -1146,6 +1155,11 @@ class ProductConvolution:
             path = path / "operator"
         meta = _operator_meta(path)
         if meta is None:
+            from .io import _group_attrs
+
+            if "variables" in (_group_attrs(path).get("lsfov") or {}):
+                raise ValueError(f"{path} is an lsfov result that stores no operator (lsfov bss results do); "
+                                 "give an operator store")
             raise ValueError(f"{path} is not an lsfov operator; write one with ProductConvolution.save or lsfov.save")
         if not meta.get("complete"):
             raise ValueError(f"{path} is an incomplete operator (the write was interrupted); save it again")

@@ -570,6 +570,14 @@ def test_cli_bss_round_trip(run, tmp_path):
     assert r.sparse.shape == (192, 192) and float(r.sparse.min()) >= 0
     assert list(r.sources.column.values) == ["y", "x", "amplitude"] and r.sources.shape[0] >= 3
     assert "sources: shape" in run("info", "out.zarr").output
+    # The identified blur is kept with the result, and deblurs another image of the acquisition.
+    op = lsfov.ProductConvolution.load("out.zarr")
+    want = lsfov.identify_operator(np.load("b.npy"), lsfov.OperatorSubspace.load("sub.zarr"))
+    np.testing.assert_allclose(np.asarray(op.maps), want.maps, rtol=1e-5, atol=1e-6)
+    assert op.attrs["n_sources"] == len(r.sources) and "--operator out.zarr" in run("info", "out.zarr").output
+    np.save("b2.npy", fields[2].image)
+    run("-q", "deconvolve", "b2.npy", "d2.zarr", "--operator", "out.zarr", "--iterations", 2)
+    assert lsfov.open_result("d2.zarr").attrs["operator"] == "out.zarr"
     # An image with µm coordinates (a crop 100 µm down, 0.1 µm pixels): the tables say where too, in them
     um = {"units": "micrometer"}
     lsfov.save(xr.DataArray(fields[1].image.astype(np.float32), dims=("y", "x"), name="image",

@@ -460,6 +460,23 @@ def test_train_on_a_stream_uses_the_learning_rate_given(run, tmp_path):
     assert lsfov.load_model(tmp_path / "s.pt").meta["training"]["lr"] == 0.002
 
 
+def test_train_on_a_stream_takes_the_apis_batch_size(run, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from lsfov.estimate import stream
+
+    seen = {}
+
+    def fake(st, **kw):
+        seen.update(kw)
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(stream, "train_stream", fake)
+    run("train", "--stream", 512, "--psf-model", "G1", "d.pt", ok=False)
+    assert "batch_size" not in seen  # its default, 256, as the help says
+    run("train", "--stream", 512, "--psf-model", "G1", "--batch-size", 32, "d.pt", ok=False)
+    assert seen["batch_size"] == 32
+
+
 def test_a_stream_from_an_init_model_draws_that_models_ranges_and_optics(run, tmp_path):
     """A model of one's own optics fine-tuned on a stream stays a model of those optics (the stream
     once drew the defaults, and the model came out labelled and scaled for them)."""

@@ -546,6 +546,31 @@ def test_operator_save_load_round_trip(tmp_path, scene):
         ProductConvolution.load(tmp_path / "missing.zarr")
 
 
+def test_a_result_stores_the_operator_it_was_made_with(tmp_path, scene):
+    op, y, _ = scene
+    for o in (op, _basis_op(y.shape)):
+        path = lsfov.save(xr.DataArray(y, dims=("y", "x"), name="raw"), tmp_path / f"r-{o.kind}.zarr", operator=o)
+        back = ProductConvolution.load(path)  # the result's operator group
+        assert back.kind == o.kind and back.shape == o.shape
+        np.testing.assert_array_equal(back.kernels, o.kernels)
+        np.testing.assert_array_equal(back.apply(y), o.apply(y))
+        assert set(lsfov.open_result(path).data_vars) == {"raw"}  # the operator is no variable
+        assert f"operator {back!r}" in lsfov.io.describe(path)
+    plain = lsfov.save(y, tmp_path / "plain.zarr")
+    with pytest.raises(ValueError, match="result that stores no operator"):
+        ProductConvolution.load(plain)
+    assert "operator" not in lsfov.io.describe(plain)
+    with pytest.raises(TypeError, match="ProductConvolution"):
+        lsfov.save(y, tmp_path / "t.zarr", operator=op.kernels)
+    with pytest.raises(ValueError, match="full-image operator"):
+        lsfov.save(y, tmp_path / "t.zarr", operator=op.restrict((0, 0), (32, 32)))
+    with pytest.raises(ValueError, match="named 'operator'"):
+        lsfov.save(xr.Dataset({"operator": (("y", "x"), y)}), tmp_path / "t.zarr", operator=op)
+    with pytest.raises(ValueError, match="goes with a result"):
+        lsfov.save(op, tmp_path / "t.zarr", operator=op)
+    assert not (tmp_path / "t.zarr").exists()
+
+
 
 @pytest.mark.parametrize("kind", ["one-psf", "grid", "basis"])
 def test_task_bytes_bounds_what_a_block_task_allocates(kind):
