@@ -42,6 +42,18 @@ def test_blind_deconvolve_is_its_stages_composed(tilted, tmp_path):
     np.testing.assert_array_equal(lsfov.operator_from_psf_map(res).kernels, op.kernels)
 
 
+@pytest.mark.parametrize("model", ["G1", "Z1"])
+def test_a_model_without_astigmatism_deblurs_and_gives_no_depth(tilted, model):
+    img = tilted.image[:256, :256]
+    ds = lsfov.blind_deconvolve(img, model, iterations=3)
+    psf_map = lsfov.estimate_psf_map(img, model)
+    np.testing.assert_array_equal(ds.deblurred.values, lsfov.deconvolve(img, lsfov.operator_from_psf_map(psf_map), 3))
+    params = lsfov.load_model(model).params
+    assert set(ds.data_vars) == {"deblurred", *params, "validity", "filled"}  # no depth, no products
+    for p in params:
+        np.testing.assert_array_equal(ds[p].values, psf_map[p].values)
+
+
 def test_blind_deconvolve_chunked_equals_whole(tilted):
     img = tilted.image
     whole = lsfov.blind_deconvolve(img, "Z3", iterations=3)

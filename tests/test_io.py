@@ -555,6 +555,49 @@ def test_multiscale_level_transforms_apply_after_the_dataset_ones(tmp_path):
     np.testing.assert_allclose(arr.y.values, 10 + 0.5 * np.arange(4))
 
 
+def test_tiffs_zarr_cannot_wrap_are_memory_mapped_or_read_whole(tmp_path, monkeypatch, count_calls):
+    """Where tifffile's zarr view fails, an uncompressed file is memory-mapped, any other read whole,
+    with the same pixels, axes and pixel size."""
+    stack = np.random.default_rng(0).integers(0, 4000, (3, 40, 48)).astype(np.uint16)
+    meta = {"axes": "ZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2}
+    tifffile.imwrite(tmp_path / "raw.ome.tif", stack, metadata=meta)
+    tifffile.imwrite(tmp_path / "zip.ome.tif", stack, metadata=meta, compression="zlib")
+
+    def fails(*a, **k):
+        raise ValueError("a layout zarr cannot wrap")
+
+    monkeypatch.setattr(lsfov.io, "_tiff_dask", fails)
+    mapped, read = count_calls(tifffile, "memmap"), count_calls(tifffile, "imread")
+    for name, used in (("raw", mapped), ("zip", read)):
+        arr = lsfov.open_image(tmp_path / f"{name}.ome.tif", z=1)
+        assert len(used) == 1 and arr.dims == ("y", "x") and arr.attrs["pixel_um"] == pytest.approx(0.2)
+        np.testing.assert_array_equal(arr.values, stack[1])
+    assert len(read) == 1  # the raw file did not need it
+
+
+def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
+    """NGFF: a t axis of type time, its interval as scale and its start as translation, in UCUM's
+    words; the reader gives the coordinates back and a time point says when it was taken."""
+    series = xr.DataArray(np.random.default_rng(0).random((4, 16, 16)).astype(np.float32), dims=("t", "y", "x"),
+                          coords={"t": ("t", 30.0 + 2.5 * np.arange(4), {"units": "s"})})
+    lsfov.save(series, tmp_path / "ts.zarr")
+    m = json.loads((tmp_path / "ts.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert m["axes"][0] == {"name": "t", "type": "time", "unit": "second"}
+    scale, trans = (tr[k] for tr, k in zip(m["datasets"][0]["coordinateTransformations"], ("scale", "translation")))
+    assert scale[0] == pytest.approx(2.5) and trans[0] == pytest.approx(30.0)
+    back = lsfov.open_result(tmp_path / "ts.zarr").image
+    np.testing.assert_allclose(back.t.values, 30.0 + 2.5 * np.arange(4))
+    assert back.t.attrs["units"] == "s"  # as saved (the NGFF metadata says "second")
+    one = lsfov.open_image(tmp_path / "ts.zarr" / "image", t=2)
+    assert one.shape == (16, 16) and (one.attrs["t"], one.attrs["t_units"]) == (pytest.approx(35.0), "second")
+    np.testing.assert_array_equal(one.values, series.values[2])
+    # Unevenly spaced or without a unit: no time geometry is made up (scale 1, no unit).
+    lsfov.save(series.assign_coords(t=("t", [0.0, 1.0, 3.0, 4.0], {"units": "s"})), tmp_path / "odd.zarr")
+    odd = json.loads((tmp_path / "odd.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert odd["axes"][0] == {"name": "t", "type": "time"}
+    assert odd["datasets"][0]["coordinateTransformations"][0]["scale"][0] == 1.0
+
+
 def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ngff_says(tmp_path):
     """A z-stack keeps its z step and unit (NGFF: a scale for every axis) and is chunked a plane at a
     time; an (x, y) image is written as y, x (the axes are named by position); NaN attributes are
