@@ -787,21 +787,31 @@ def pixel_size(image) -> float | None:
     if coords is None or image.ndim < 1:
         return float(attr) if attr else None
 
-    def step_um(dim):
+    def spacing(dim):
+        """(step, unit): in µm where the coordinates have a length unit ("µm"), else in their own."""
         if dim not in coords or image.sizes[dim] < 2:
             return None
         c = coords[dim]
-        scale = _to_um(c.attrs.get("units"))
         step = np.diff(np.asarray(c.values, dtype=np.float64))
-        if scale is None or not (step[0] > 0 and np.allclose(step, step[0], rtol=1e-5)):
+        if not (step[0] > 0 and np.allclose(step, step[0], rtol=1e-5)):
             return None
-        return float(step[0] * scale)
+        scale = _to_um(c.attrs.get("units"))
+        return (float(step[0] * scale), "µm") if scale is not None else (float(step[0]), c.attrs.get("units"))
 
     xdim = "x" if "x" in image.dims else image.dims[-1]
     ydim = "y" if "y" in image.dims else (image.dims[-2] if image.ndim >= 2 else None)
-    px = step_um(xdim)
-    py = step_um(ydim) if ydim is not None else None
-    if attr and not (px and py and not _square(py, px)):
+    sx = spacing(xdim)
+    sy = spacing(ydim) if ydim is not None else None
+    # Coordinates of unequal spacings in one unit (any, or none: the ratio needs none) outweigh an
+    # attribute, which holds for one axis at most (e.g. after isel(x=slice(None, None, 2))).
+    if sx and sy and sx[1] == sy[1] and not _square(sy[0], sx[0]):
+        both = f"y {sy[0]:g} {sx[1]}, x {sx[0]:g} {sx[1]}" if sx[1] else f"y {sy[0]:g}, x {sx[0]:g}, no unit"
+        raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixels are not square "
+                         f"({both}) and lsfov's PSFs are; resample it to square pixels (e.g. "
+                         "skimage.transform.rescale), or give the pixel size (pixel_um= / --pixel-um) if the "
+                         "metadata is wrong")
+    px, py = (s[0] if s and s[1] == "µm" else None for s in (sx, sy))
+    if attr:
         step = px or py
         if step and not _square(step, float(attr)):
             warnings.warn(f"the image's pixel_um attribute ({float(attr):g} µm) is not its coordinates' spacing "
@@ -809,13 +819,6 @@ def pixel_size(image) -> float | None:
                           stacklevel=user_stacklevel())
             return step
         return float(attr)
-    # Coordinates of unequal spacings outweigh an attribute, which holds for one axis at most (e.g. after
-    # isel(x=slice(None, None, 2))): the pixels are not square.
-    if px and py and not _square(py, px):
-        raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixels are not square "
-                         f"(y {py:g} µm, x {px:g} µm) and lsfov's PSFs are; resample it to square pixels (e.g. "
-                         "skimage.transform.rescale), or give the pixel size (pixel_um= / --pixel-um) if the "
-                         "metadata is wrong")
     return px
 
 
@@ -902,7 +905,7 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
             origin.append(0.0)
             continue
         units = c.attrs.get("units")
-        factor = 1.0 if _unitless_um(c, pixel_um) else _to_um(units)  # spaced at the pixel size: µm
+        factor = 1.0 if _unitless_um(image, d, pixel_um) else _to_um(units)  # spaced at the pixel size: µm
         c0 = float(c.values[0])
         step = float(c.values[1] - c.values[0]) if c.size > 1 else 1.0
         if not step > 0:
@@ -942,12 +945,20 @@ def _to_um(unit) -> float | None:
     }.get(u)
 
 
-def _unitless_um(c, pixel_um) -> bool:
-    """Whether coordinates ``c`` with no unit are in µm: evenly spaced at the image's known pixel size."""
-    if c.attrs.get("units") is not None or not pixel_um or c.size < 2:
+def _unitless_um(image, dim, pixel_um) -> bool:
+    """Whether ``image``'s ``dim`` coordinates, which have no unit, are in µm: they, or the other
+    spatial axis's unitless ones, are evenly spaced at the image's known pixel size (the two axes share
+    a unit: an image subsampled along one axis keeps µm on both)."""
+    if image.coords[dim].attrs.get("units") is not None or not pixel_um:
         return False
-    step = _even_step(np.asarray(c.values, dtype=np.float64))
-    return step is not None and abs(step / float(pixel_um) - 1) < 1e-5
+    for d in image.dims[-2:]:
+        c = image.coords[d] if d in image.coords else None  # not .get: xarray makes up an index
+        if c is None or c.attrs.get("units") is not None or c.size < 2:
+            continue
+        step = _even_step(np.asarray(c.values, dtype=np.float64))
+        if step is not None and abs(step / float(pixel_um) - 1) < 1e-5:
+            return True
+    return False
 
 
 def _array_attrs(path: Path) -> dict:
@@ -1379,7 +1390,7 @@ def _axis_geometry(var: xr.DataArray, dim):
         return 1.0, 0.0, "pixel"
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
     factor = _to_um(var.coords[dim].attrs.get("units", "pixel"))  # nm, mm ... written as µm, converted
-    if _unitless_um(var.coords[dim], var.attrs.get("pixel_um")):  # no unit, spaced at the pixel size: µm
+    if _unitless_um(var, dim, var.attrs.get("pixel_um")):  # no unit, spaced at the pixel size: µm
         factor = 1.0
     unit, factor = (SPATIAL_UNIT, factor) if factor is not None else ("pixel", 1.0)
     if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)

@@ -715,6 +715,18 @@ def test_an_image_subsampled_along_one_axis_is_saved_with_each_axis_scale(tmp_pa
     assert back.attrs["pixel_um"] is None
     np.testing.assert_allclose(np.diff(back.x.values), 0.4)
     np.testing.assert_allclose(np.diff(back.y.values), 0.2)
+    # Coordinates without a unit say as much: their ratio needs none, and both axes share their unit.
+    bare = xr.DataArray(np.ones((64, 64), np.float32), dims=("y", "x"), name="image", attrs={"pixel_um": 0.2},
+                        coords={"y": 0.2 * np.arange(64), "x": 0.2 * np.arange(64)}).isel(x=slice(0, None, 2))
+    with pytest.raises(ValueError, match=r"not square \(y 0.2, x 0.4, no unit\)"):
+        lsfov.io.pixel_size(bare)
+    with pytest.raises(ValueError, match=r"not square \(y 1 pixel, x 2 pixel\)"):  # in the original's pixels
+        lsfov.io.pixel_size(bare.assign_coords(y=("y", np.arange(64.0), {"units": "pixel"}),
+                                               x=("x", np.arange(0.0, 64, 2), {"units": "pixel"})))
+    lsfov.save(bare, tmp_path / "bare.zarr")  # both axes in µm (y's spacing is the pixel size), as above
+    back = lsfov.open_result(tmp_path / "bare.zarr")["image"]
+    assert back.x.attrs["units"] == back.y.attrs["units"] == "micrometer" and back.attrs["pixel_um"] is None
+    np.testing.assert_allclose(np.diff(back.x.values), 0.4)
 
 
 def test_a_stale_pixel_size_is_saved_as_the_coordinates_say(tmp_path):
