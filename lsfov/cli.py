@@ -24,6 +24,25 @@ _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotAD
                 MemoryError)
 
 
+def _damaged_zarr(e: BaseException) -> str | None:
+    """One line for a zarr chunk that cannot be decoded (a store damaged or cut short, which zarr
+    reports as a codec's error deep in a Dask task), naming the array where the traceback shows it;
+    None for any other error."""
+    import traceback
+
+    codec, where = False, None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        module = str(frame.f_globals.get("__name__", ""))
+        codec = codec or module.startswith(("zarr.codecs", "zarr.abc.codec", "zarr.core.codec_pipeline", "numcodecs"))
+        if where is None and module == "zarr.core.array":
+            path = getattr(frame.f_locals.get("self"), "store_path", None)
+            where = str(path).removeprefix("file://") if path is not None else None
+    if not codec:
+        return None
+    return (f"{where + ': a chunk' if where else 'a chunk of a zarr store'} cannot be decoded ({type(e).__name__}: "
+            f"{e}); the store is damaged or was cut short: copy or write it again")
+
+
 # Errors that say the input, the options or the output are wrong (rather than that the run was stopped).
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
@@ -51,6 +70,11 @@ class _Group(click.Group):
             raise
         except _USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:
+            damaged = _damaged_zarr(e)
+            if damaged is None:
+                raise
+            raise click.ClickException(damaged) from None
         except _Terminated:
             click.echo("terminated (SIGTERM)", err=True)
             raise SystemExit(128 + signal.SIGTERM) from None

@@ -1165,6 +1165,10 @@ class ProductConvolution:
             raise ValueError(f"{path} is an incomplete operator (the write was interrupted); save it again")
         # absolute: lazy maps are read on workers, which may start in another directory
         root = zarr.open_group(str(path.resolve()), mode="r")
+        parts = ("kernels", "centers_y", "centers_x") if meta["kind"] == "grid" else ("kernels", "maps")
+        missing = [n for n in parts if n not in root]
+        if missing:
+            raise ValueError(f"{path} is damaged: its {', '.join(missing)} array is missing; save it again")
         kernels = np.asarray(root["kernels"][...], dtype=np.float32)
         attrs = meta.get("attrs") or {}
         if meta["kind"] == "grid":

@@ -527,6 +527,11 @@ def test_subspace_bad_input(stack, tmp_path):
     sub = OperatorSubspace(np.zeros((2, 5, 5)), np.zeros((3, 16, 16)), np.zeros((4, 2, 3)))
     with pytest.raises(IndexError):
         sub.operator(4)
+    import shutil
+
+    shutil.rmtree(sub.save(tmp_path / "s.zarr") / "gamma")
+    with pytest.raises(ValueError, match="s.zarr is damaged: its gamma array is missing; learn it again"):
+        OperatorSubspace.load(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match="shape"):
         sub.operator(np.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"got \(3, 3\)$"):  # an index is no answer to project's question

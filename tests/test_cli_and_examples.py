@@ -268,6 +268,33 @@ def test_a_damaged_tiff_is_one_line(run, tmp_path, caplog):
     assert "invalid offset to first page" in caplog.text
 
 
+def test_damaged_zarr_stores_are_one_line_naming_the_array(run, tmp_path):
+    """A chunk that no longer decodes (zarr reports a codec's error deep in a Dask task) and an array
+    gone from an operator or subspace store: one line each, never a traceback."""
+    import shutil
+
+    img = np.random.default_rng(0).random((96, 96)).astype(np.float32)
+    lsfov.save(img, "im.zarr")
+    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, 1.5, size=9)[None, None], img.shape)
+    op.save("op.zarr")
+    op.save("bad-op.zarr")
+    Path("bad-op.zarr/kernels/c/0/0/0/0").write_bytes(b"x")
+    for args, where in ((["info", "bad-op.zarr"], "bad-op.zarr/kernels"),
+                        (["deconvolve", "im.zarr/image", "d.zarr", "--operator", "bad-op.zarr"], "bad-op.zarr/kernels")):
+        res = run(*args, ok=False)
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+        assert where in res.output and "cannot be decoded" in res.output and "damaged" in res.output
+    next(Path("im.zarr/image/0").rglob("c/*/*")).write_bytes(b"x")  # the image's one chunk
+    res = run("-q", "deconvolve", "im.zarr/image", "d.zarr", "--operator", "op.zarr", "--iterations", 1, ok=False)
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "im.zarr/image/0: a chunk cannot" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not Path("d.zarr").exists()
+    basis = lsfov.ProductConvolution.from_basis(lsfov.psf.gaussian(1.5, 1.5, size=9)[None], np.ones((1, 96, 96)))
+    basis.save("basis.zarr")
+    shutil.rmtree("basis.zarr/maps")
+    with pytest.raises(ValueError, match="basis.zarr is damaged: its maps array is missing; save it again"):
+        lsfov.ProductConvolution.load("basis.zarr")
+
+
 def test_cli_dark_image_is_refused_without_a_state_to_resume(run, tmp_path):
     """Every node invalid is found only after the map: said in one line, and no scratch state is
     kept (a --resume would meet the same image)."""

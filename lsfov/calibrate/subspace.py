@@ -257,6 +257,9 @@ class OperatorSubspace:
                              "lsfov.learn_subspace)")
         if not meta.get("complete"):
             raise ValueError(f"{path} is an incomplete subspace (the write was interrupted); learn it again")
+        missing = [n for n in ("psf_basis", "spatial_basis", "gamma") if n not in ds]
+        if missing:
+            raise ValueError(f"{path} is damaged: its {', '.join(missing)} array is missing; learn it again")
         return cls(ds["psf_basis"].values, ds["spatial_basis"].data, ds["gamma"].values, attrs=meta.get("attrs"))
 
 
