@@ -484,6 +484,16 @@ def test_blocks_too_big_for_a_worker_are_refused_before_any_work(monkeypatch):
         chunked.check_task_memory((2048, 2048), 120, op)
     chunked.check_task_memory((1536, 1536), 120, op)  # what the message proposes does fit
     chunked.check_task_memory((2048, 2048), 120, op, n_blocks=1)  # one block: one thread busy, it fits
+    # One block too big for even one thread: the chunks proposed make several blocks, which keep both
+    # threads busy, and fit so (they were once sized for the one thread, and refused in turn).
+    monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(int(1.1 * need), 2))
+    with pytest.raises(MemoryError, match=r"for 1 thread\(s\).*--chunks (\d+)") as refused:
+        chunked.check_task_memory((2048, 2048), 120, op, n_blocks=1)
+    edge = int(refused.value.args[0].rsplit("--chunks ", 1)[1].split(")")[0])
+    chunked.check_task_memory((edge, edge), 120, op, n_blocks=(8192 // edge) ** 2)
+    with pytest.raises(MemoryError):
+        chunked.check_task_memory((edge + 256, edge + 256), 120, op, n_blocks=(8192 // edge) ** 2)
+    monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(int(1.5 * need), 2))
     # What a worker already uses is not the tasks': the same limit with 1.2 GiB in use takes no such block
     stub = _StubClient(int(2.5 * need), 1)
     monkeypatch.setattr(cluster, "_active_client", lambda: stub)

@@ -128,12 +128,13 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
         where = "this machine has {:.2g} GiB available for {} thread(s) (less the cache of kernel spectra)"
     if not budgets:
         return
-    budgets = [(limit, max(1, min(threads, n_blocks or threads))) for limit, threads in budgets]
-    limit, threads = min(budgets, key=lambda b: b[0] / b[1])
+    limit, threads = min(((lim, max(1, min(t, n_blocks or t))) for lim, t in budgets), key=lambda b: b[0] / b[1])
     if need * threads <= limit:
         return
-    # The largest chunk edge whose tasks fit, rounded down to a multiple of 256.
-    edge = math.isqrt(int(limit / threads / _bytes_per_px(op))) - 2 * halo - 2 * op.halo
+    # The largest chunk edge whose tasks fit, rounded down to a multiple of 256, with every thread
+    # busy: smaller chunks make more blocks than the few (or one) that left threads idle here.
+    per_thread = min(lim / t for lim, t in budgets)
+    edge = math.isqrt(int(per_thread / _bytes_per_px(op))) - 2 * halo - 2 * op.halo
     edge = edge // 256 * 256
     hint = (f"use chunks of {edge} px or less (--chunks {edge})" if edge >= 256 else
             "use chunks of 256 px and --exchange-every 1 (a smaller halo), or more memory per worker")
