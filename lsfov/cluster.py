@@ -2,6 +2,7 @@
 (SLURM, PBS through dask-jobqueue), or an existing scheduler."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import shutil
@@ -382,10 +383,32 @@ def _compute(obj, progress, label, on_task):
                 on_task(key, result)
 
         with _OnTask():
-            return dask.compute(obj)[0]
+            return _compute_here(obj)
     if progress:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(minimum=1.0, out=sys.stderr):  # bars on stderr, as tqdm's: stdout carries results
-            return dask.compute(obj)[0]
-    return dask.compute(obj)[0]
+            return _compute_here(obj)
+    return _compute_here(obj)
+
+
+def _compute_here(obj):
+    """``dask.compute`` on the local schedulers; the threaded one in a pool of its own, whose running
+    tasks end before an error is raised: Dask's shared pool lets them run on, and a task still
+    writing into a failed write's temporary directory made it again after it was removed."""
+    import dask.threaded
+
+    if dask.config.get("pool", None) is not None or dask.base.get_scheduler(collections=[obj]) is not dask.threaded.get:
+        return dask.compute(obj)[0]
+    pool = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", concurrent.futures.ThreadPoolExecutor)(
+        dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
+    try:
+        result = dask.compute(obj, pool=pool)[0]
+    except Exception:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    except BaseException:  # Ctrl-C: not kept waiting (what such a write leaves, the next one removes)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False)
+    return result

@@ -575,6 +575,25 @@ def test_tiffs_zarr_cannot_wrap_are_memory_mapped_or_read_whole(tmp_path, monkey
     assert len(read) == 1  # the raw file did not need it
 
 
+def test_a_write_whose_task_fails_leaves_nothing_behind(tmp_path):
+    """On the threaded scheduler, tasks still running when another fails end before the error is
+    raised: one still writing a chunk made the removed temporary directory again."""
+    import time
+
+    def block(b, block_info=None):
+        if block_info[0]["chunk-location"] == (0, 0):
+            raise RuntimeError("a task failed")
+        time.sleep(0.3)  # still running when the error arrives
+        return b
+
+    with dask.config.set(scheduler="threads", num_workers=2):
+        img = da.from_array(np.ones((512, 512), np.float32), chunks=256).map_blocks(block, dtype=np.float32)
+        with pytest.raises(RuntimeError, match="a task failed"):
+            lsfov.save(img, tmp_path / "r.zarr")
+    time.sleep(0.6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
     """NGFF: a t axis of type time, its interval as scale and its start as translation, in UCUM's
     words; the reader gives the coordinates back and a time point says when it was taken."""
