@@ -5,12 +5,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import sys
 import threading
 
 import dask
+import dask.threaded
 import numpy as np
 
 from ._validate import positive_int
@@ -393,22 +395,57 @@ def _compute(obj, progress, label, on_task):
 
 
 def _compute_here(obj):
-    """``dask.compute`` on the local schedulers; the threaded one in a pool of its own, whose running
-    tasks end before an error is raised: Dask's shared pool lets them run on, and a task still
-    writing into a failed write's temporary directory made it again after it was removed."""
-    import dask.threaded
-
-    if dask.config.get("pool", None) is not None or dask.base.get_scheduler(collections=[obj]) is not dask.threaded.get:
+    """``dask.compute`` on the local schedulers; the threaded one, from the main thread, on lsfov's
+    pool, which waits for the tasks still running when one fails before the error is raised: Dask's
+    own lets them run on, and one still writing into a failed write's temporary directory made it
+    again after it was removed. On Ctrl-C nothing waits (what it leaves, the next write removes)."""
+    if (threading.current_thread() is not threading.main_thread() or dask.config.get("pool", None) is not None
+            or dask.base.get_scheduler(collections=[obj]) is not dask.threaded.get):
         return dask.compute(obj)[0]
-    pool = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", concurrent.futures.ThreadPoolExecutor)(
-        dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
+    pool = _settling_pool(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
     try:
-        result = dask.compute(obj, pool=pool)[0]
+        return dask.compute(obj, pool=pool)[0]
     except Exception:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.settle()
         raise
-    except BaseException:  # Ctrl-C: not kept waiting (what such a write leaves, the next one removes)
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=False)
-    return result
+
+
+class _SettlingPool(getattr(dask.threaded, "ContextAwareThreadPoolExecutor", concurrent.futures.ThreadPoolExecutor)):
+    """A thread pool for Dask's threaded scheduler that can wait for the tasks it runs (``settle``)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self._live, self._live_lock = set(), threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = super().submit(fn, *args, **kwargs)
+        with self._live_lock:
+            self._live.add(future)
+        future.add_done_callback(self._ended)
+        return future
+
+    def _ended(self, future):
+        with self._live_lock:
+            self._live.discard(future)
+
+    def settle(self):
+        with self._live_lock:
+            live = list(self._live)
+        concurrent.futures.wait(live)
+
+
+_POOLS: dict = {}  # threads -> pool, kept (CuPy's cuFFT plans and CUDA graphs are per thread)
+
+
+def _settling_pool(n: int) -> _SettlingPool:
+    if n not in _POOLS:
+        _POOLS[n] = _SettlingPool(n)
+    return _POOLS[n]
+
+
+def _forget_pools():
+    _POOLS.clear()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
