@@ -161,7 +161,8 @@ def _on_gpu(img, gpu, scheduler):
         import cupy
     except ImportError:
         raise ValueError("computing on the GPU (--gpu, the default with --scheduler cuda) needs CuPy: "
-                         "pip install -e '.[gpu]' -c constraints.txt, or run with --no-gpu") from None
+                         "pip install -e '.[gpu]' over a CUDA build of torch (without constraints.txt, which pins "
+                         "the CPU build), or run with --no-gpu") from None
     if (scheduler or "threads").strip() in ("threads", "synchronous", "sync", "local", "cuda"):  # GPUs here
         try:
             n = cupy.cuda.runtime.getDeviceCount()
@@ -280,6 +281,9 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
             raise ValueError(f"{path} is the input {src} (or holds it); write the output under another name")
         if src.is_dir() and src in path.resolve().parents:  # e.g. into an OME-Zarr store being read
             raise ValueError(f"{path} is inside the input {src}; write the output elsewhere")
+    under = next((p for p in path.parents if p.exists()), None)  # the folder it would be made in
+    if under is not None and not under.is_dir():
+        raise NotADirectoryError(f"{path}: {under} is a file, not a folder; choose another place for the output")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     if path.is_dir() and not _is_replaceable(path):
@@ -372,6 +376,8 @@ def info(path):
     from .psf import MODELS
 
     suffix = Path(path).suffix.lower()
+    if suffix == ".json" and Path(path).with_suffix(".pt").is_file():  # a model's metadata: the model it describes
+        path, suffix = str(Path(path).with_suffix(".pt")), ".pt"
     if suffix == ".json":
         from .estimate.depth import DepthCalibration
 
@@ -386,7 +392,8 @@ def info(path):
         test = m.meta.get("test", {})
         r2 = ", ".join(f"{p} {v:.3f}" for p, v in test.get("r2", {}).items())
         click.echo(f"{path}: {m!r}\n  ranges: {dict(m.ranges)}; optics: {m.optics}\n"
-                   f"  test set ({test.get('n', '?')} patches): R² {r2 or 'not measured (lsfov evaluate)'}"
+                   + (f"  test set ({test.get('n', '?')} patches): R² {r2}" if r2 else
+                      "  test set: not measured (lsfov evaluate)")
                    + _training_summary(m.meta.get("training") or {}))
     else:
         click.echo(describe(path))
@@ -566,9 +573,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     if map_path:
         from .estimate.mapping import operator_from_psf_map
 
-        psf_map = io.open_result(map_path)
-        if "psf_model" not in psf_map.attrs:
-            raise ValueError(f"{map_path} is not a PSF map; make one with `lsfov estimate` (an operator: --operator)")
+        psf_map = _open_psf_map(map_path, "--psf-map")
         op = operator_from_psf_map(psf_map, img.shape)
         _check_map_source(psf_map, map_path, src, img)
         if saturation is None and "saturation" in psf_map.attrs:  # the map's camera level, as lsfov run takes it
@@ -863,7 +868,7 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
     out = _check_out(out, overwrite, result=not known,  # with --known: a JSON file
                      inputs=[psf_map, *(p for p in (calibration, known) if p)])
     cal = DepthCalibration.load(calibration) if calibration else None
-    ds = io.open_result(psf_map)
+    ds = _open_psf_map(psf_map, "PSF_MAP", checked=False)  # estimate_depth says what a map lacks
     if known:
         try:
             truth = io.open_image(known)
@@ -978,6 +983,23 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
                          title="lsfov bss")
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, blur from {len(table)} sources, {len(found)} point "
                f"sources found, {iterations} iterations in {time.perf_counter() - t0:.1f} s; preview {fig}")
+
+
+def _open_psf_map(path, what: str, *, checked: bool = True):
+    """The PSF map at ``path`` (``what``: the argument that named it), or one line saying it is none;
+    ``checked=False``: any result, for an API that says itself what a map lacks."""
+    from . import io
+
+    try:
+        ds = io.open_result(path)
+    except ValueError as e:
+        if "is not an lsfov result" not in str(e):  # an operator, an incomplete map...: said as it is
+            raise
+        ds = None
+    if ds is None or (checked and "psf_model" not in ds.attrs):
+        raise ValueError(f"{what} {path} is not a PSF map; make one with `lsfov estimate IMAGE MAP`"
+                         + (" (an operator: --operator)" if what == "--psf-map" else ""))
+    return ds
 
 
 def _in_image_frame(table, img):

@@ -399,8 +399,9 @@ def _compute_here(obj):
     pool, which waits for the tasks still running when one fails before the error is raised: Dask's
     own lets them run on, and one still writing into a failed write's temporary directory made it
     again after it was removed. On Ctrl-C nothing waits (what it leaves, the next write removes)."""
+    # (No scheduler set: the threaded one, arrays' and delayed's default.)
     if (threading.current_thread() is not threading.main_thread() or dask.config.get("pool", None) is not None
-            or dask.base.get_scheduler(collections=[obj]) is not dask.threaded.get):
+            or dask.base.get_scheduler() not in (None, dask.threaded.get)):
         return dask.compute(obj)[0]
     pool = _settling_pool(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
     try:

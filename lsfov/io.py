@@ -262,6 +262,13 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     loc = parse_url(str(path), mode="r")
     if loc is None:
         raise ValueError(f"{path}: not a zarr store")
+    attrs = _group_attrs(path)
+    attrs = attrs.get("ome") or attrs
+    if isinstance(attrs.get("plate"), dict) or isinstance(attrs.get("well"), dict):  # HCS: images inside
+        wells = (attrs.get("plate") or {}).get("wells") or [{}]
+        field = f"{wells[0].get('path', 'A/1')}/0" if "plate" in attrs else "0"
+        raise ValueError(f"{path} is an OME-Zarr {'plate' if 'plate' in attrs else 'well'} (HCS), not one "
+                         f"image; give one field of view's image, e.g. {path / field}")
     node = next((n for n in Reader(loc)() if n.load(Multiscales)), None)
     if node is None:
         raise ValueError(f"{path}: no OME-Zarr multiscale image found (is it NGFF 0.4 or 0.5?)")
@@ -1615,6 +1622,11 @@ def describe(path) -> str:
         return (f"{path}: lsfov CNN training set\n  {n} patches; {extra}\n  ranges: {drawn}"
                 + (f"; optics: {', '.join(f'{k} {v}' for k, v in optics.items())}" if optics else "")
                 + (f"\n  peak photons {meta['photons'][0]:g}-{meta['photons'][1]:g}" if meta.get("photons") else ""))
+    if path.is_dir() and (_array_attrs(path).get("lsfov") or {}).get("table"):  # a result's table, not an image
+        table = _open_variable(path)
+        return (f"{path}: a table of the result {path.parent}\n  {table.shape[0]} {table.dims[0]}(s); columns "
+                f"{', '.join(map(str, table[table.dims[1]].values))}"
+                + (f" [{table.attrs['units']}]" if table.attrs.get("units") else ""))
     try:
         arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     except SeveralImages as e:  # an OME-TIFF of positions: each image

@@ -1157,7 +1157,11 @@ class ProductConvolution:
         if meta is None:
             from .io import _group_attrs
 
-            if "variables" in (_group_attrs(path).get("lsfov") or {}):
+            result = _group_attrs(path).get("lsfov") or {}
+            if "psf_model" in (result.get("attrs") or {}):
+                raise ValueError(f"{path} is a PSF map, not an operator: give it as --psf-map (Python: "
+                                 "lsfov.operator_from_psf_map(lsfov.open_result(path)))")
+            if "variables" in result:
                 raise ValueError(f"{path} is an lsfov result that stores no operator (lsfov bss results do); "
                                  "give an operator store")
             raise ValueError(f"{path} is not an lsfov operator; write one with ProductConvolution.save or lsfov.save")

@@ -303,6 +303,9 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
     m = _psf.get_model(model)
     h, w = shape2d(shape)
     gy, gx = shape2d(grid, "grid")
+    if gy > h or gx > w:
+        raise ValueError(f"a grid of {gy}x{gx} nodes is finer than the {h}x{w} px image; give at most one node "
+                         "per pixel (a few, e.g. 4x4, for a smooth field)")
     roughness = real_number(roughness, "roughness", minimum=0)
     rng = _rng(seed)
     lo, hi = m.bounds

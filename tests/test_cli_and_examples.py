@@ -192,7 +192,7 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["depth", "m.zarr", "adir", "--known", "img.npy", "--overwrite"], "a depth calibration is a JSON file"),
         (["depth", "m.zarr", "adir.json", "--known", "img.npy", "--overwrite"], "not an lsfov result or zarr store"),
         (["estimate", "img.npy", "o.zarr", "--figure", "map.tif"], "figures are PNG, PDF or SVG files; name it map.png"),
-        (["estimate", "img.npy", "o.zarr", "--model", "adir"], "no model file at"),  # a folder
+        (["estimate", "img.npy", "o.zarr", "--model", "adir"], "adir is a directory, not a model file"),  # a folder
     ]
     (tmp_path / "adir.json").mkdir()
     (tmp_path / "adir.json" / "keep.txt").write_text("someone's data")
@@ -208,6 +208,17 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["estimate", "img.npy", "o.zarr", "--scratch", "o.zarr"], "--scratch o.zarr is OUT or inside it"),
         (["run", "img.npy", "o.zarr", "--scratch", "o.zarr/tmp"], "--scratch o.zarr/tmp is OUT or inside it"),
         (["calibrate", "img.npy", "./img.npy", "o.zarr"], "./img.npy is given twice (as img.npy)")]
+    # What an input is instead, in the command's words (not the Python API's)
+    lsfov.save(xr.Dataset({"sigma": (("gy", "gx"), np.ones((2, 2)))}, attrs={"psf_model": "G1"}), tmp_path / "m1.zarr")
+    (tmp_path / "a.txt").write_text("notes")
+    cases += [
+        (["depth", "img.npy", "d.zarr"], "PSF_MAP img.npy is not a PSF map; make one with `lsfov estimate IMAGE MAP`"),
+        (["deconvolve", "img.npy", "o.zarr", "--psf-map", "img.npy"], "--psf-map img.npy is not a PSF map"),
+        (["deconvolve", "img.npy", "o.zarr", "--operator", "m1.zarr"], "m1.zarr is a PSF map, not an operator: give "
+                                                                       "it as --psf-map"),
+        (["estimate", "img.npy", "a.txt/o.zarr"], "a.txt/o.zarr: a.txt is a file, not a folder"),
+        (["simulate", "blur", "img.npy", "o.zarr", "--grid", 300], "a grid of 300x300 nodes is finer than the 256x256 px"),
+    ]
     import torch
 
     if not torch.cuda.is_available():
@@ -316,6 +327,24 @@ def test_info_describes_models_and_calibrations(run, tmp_path):
     assert "no shipped model for Z2" in run("info", "Z2", ok=False).output
     (tmp_path / "x.json").write_text("{}")
     assert "is not a depth calibration" in run("info", "x.json", ok=False).output
+    # A model's metadata file describes its model; an untested model says so.
+    from lsfov.estimate.model import PSFRegressor
+
+    PSFRegressor(lsfov.psf.MODELS["G1"], "compact").save(tmp_path / "z1.pt")
+    out = run("info", "z1.json").output
+    assert out.startswith(f"{Path('z1.pt')}: PSFRegressor(G1") and "test set: not measured (lsfov evaluate)" in out
+    # A result's table is a table, not an image; an HCS plate points at one field's image.
+    lsfov.save(xr.Dataset({"sources": xr.DataArray(np.ones((3, 3)), dims=("source", "column"),
+                                                   coords={"column": ["y", "x", "amplitude"]}, attrs={"units": "pixel"})}),
+               tmp_path / "t.zarr")
+    assert run("info", "t.zarr/sources").output.strip().splitlines() == [
+        f"{Path('t.zarr/sources')}: a table of the result t.zarr", "  3 source(s); columns y, x, amplitude [pixel]"]
+    import zarr
+
+    zarr.open_group(str(tmp_path / "plate.zarr"), mode="w", zarr_format=3).attrs["ome"] = {
+        "version": "0.5", "plate": {"wells": [{"path": "B/3", "rowIndex": 1, "columnIndex": 2}]}}
+    assert (f"plate.zarr is an OME-Zarr plate (HCS), not one image; give one field of view's image, e.g. "
+            f"{Path('plate.zarr/B/3/0')}") in run("info", "plate.zarr", ok=False).output
 
 
 def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
@@ -358,7 +387,7 @@ def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     with pytest.warns(lsfov.LsfovWarning, match="the operator was made for 0.05 µm pixels"):
         run("deconvolve", "y.npy", "px.zarr", "--psf", "psf005.ome.tif", "--iterations", 1, "--pixel-um", 0.1)
     for args, msg in ((["--psf-map", "op.zarr"], "is an operator"), (["--psf", "op.zarr"], "is an operator"),
-                      (["--psf-map", "s.zarr"], "s.zarr is not a PSF map; make one with `lsfov estimate`")):
+                      (["--psf-map", "s.zarr"], "--psf-map s.zarr is not a PSF map; make one with `lsfov estimate IMAGE MAP`")):
         res = run("deconvolve", "y.npy", "o.zarr", *args, ok=False)
         assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, res.output
 
@@ -907,6 +936,7 @@ def test_gpu_without_cupy_is_refused_before_any_work(run, tmp_path, monkeypatch)
                  ("run", "img.npy", "o.zarr", "--scheduler", "cuda")):
         res = run(*args, ok=False)
         assert res.exit_code == 1 and "needs CuPy" in res.output and "--no-gpu" in res.output, res.output
+        assert "without constraints.txt" in res.output  # as the README says: it pins the CPU build of torch
         assert not (tmp_path / "o.zarr").exists() and not list(tmp_path.glob(".o.zarr*"))
 
 

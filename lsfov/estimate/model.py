@@ -482,6 +482,9 @@ class PSFRegressor:
             file), or ``device`` cannot be used.
         """
         path = Path(path)
+        if path.is_dir():  # a training set, a result, a checkpoint directory...
+            raise ValueError(f"{path} is a directory, not a model file; give a shipped name ({', '.join(SHIPPED)}) or "
+                             "a .pt file (lsfov train writes one)")
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}; give a shipped name ({', '.join(SHIPPED)}) or a .pt path")
         if path.suffix == ".json" and path.with_suffix(".pt").is_file():

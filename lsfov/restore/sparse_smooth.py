@@ -335,7 +335,7 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
                               image=(r, r) + shape, level=level)
     counts = exchange_counts(iterations, k)
     log.info("sparse+smooth: %d iterations in %d exchange%s, halo %d px", iterations, len(counts),
-             "" if len(counts) == 1 else "s", s * k)
+             "" if len(counts) == 1 else "s", 0 if all(len(ch) == 1 for ch in chunks) else s * k)  # one block: none
     if scratch is None:
         state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps, level),
                                channels=4, initial=start)
