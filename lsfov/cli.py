@@ -70,17 +70,17 @@ class _Group(click.Group):
             raise
         except _USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
-        except Exception as e:
-            damaged = _damaged_zarr(e)
-            if damaged is None:
-                raise
-            raise click.ClickException(damaged) from None
         except _Terminated:
             click.echo("terminated (SIGTERM)", err=True)
             raise SystemExit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:  # the shell's convention (128 + SIGINT), not click's "Aborted!" and 1
             click.echo("interrupted (Ctrl-C)", err=True)
             raise SystemExit(128 + signal.SIGINT) from None
+        except Exception as e:
+            damaged = _damaged_zarr(e)
+            if damaged is None:
+                raise
+            raise click.ClickException(damaged) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
