@@ -26,18 +26,20 @@ _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotAD
 
 def _damaged_zarr(e: BaseException) -> str | None:
     """One line for a zarr chunk that cannot be decoded (a store damaged or cut short, which zarr
-    reports as a codec's error deep in a Dask task), naming the array where the traceback shows it;
-    None for any other error."""
+    reports as a codec's error, or a reshape's, deep in a Dask task), naming the array where the
+    traceback shows it; None for any other error (a write's, or the file system's: OSError)."""
     import traceback
 
-    codec, where = False, None
+    if isinstance(e, (OSError, MemoryError)):
+        return None
+    decoding, where = False, None
     for frame, _ in traceback.walk_tb(e.__traceback__):
         module = str(frame.f_globals.get("__name__", ""))
-        codec = codec or module.startswith(("zarr.codecs", "zarr.abc.codec", "zarr.core.codec_pipeline", "numcodecs"))
+        decoding = decoding or (module.startswith(("zarr.", "numcodecs")) and "decode" in frame.f_code.co_name)
         if where is None and module == "zarr.core.array":
             path = getattr(frame.f_locals.get("self"), "store_path", None)
             where = str(path).removeprefix("file://") if path is not None else None
-    if not codec:
+    if not decoding:
         return None
     return (f"{where + ': a chunk' if where else 'a chunk of a zarr store'} cannot be decoded ({type(e).__name__}: "
             f"{e}); the store is damaged or was cut short: copy or write it again")
@@ -68,8 +70,8 @@ class _Group(click.Group):
                              f"lsfov {e.option_name} {command} ...")
                 e.possibilities = []
             raise
-        except _USER_ERRORS as e:
-            raise click.ClickException(str(e)) from None
+        except _USER_ERRORS as e:  # (a truncated uncompressed chunk fails to reshape: a ValueError)
+            raise click.ClickException(_damaged_zarr(e) or str(e)) from None
         except _Terminated:
             click.echo("terminated (SIGTERM)", err=True)
             raise SystemExit(128 + signal.SIGTERM) from None

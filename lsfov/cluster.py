@@ -395,13 +395,12 @@ def _compute(obj, progress, label, on_task):
 
 
 def _compute_here(obj):
-    """``dask.compute`` on the local schedulers; the threaded one, from the main thread, on lsfov's
-    pool, which waits for the tasks still running when one fails before the error is raised: Dask's
-    own lets them run on, and one still writing into a failed write's temporary directory made it
-    again after it was removed. On Ctrl-C nothing waits (what it leaves, the next write removes)."""
+    """``dask.compute`` on the local schedulers; the threaded one on lsfov's pools, which wait for the
+    tasks still running when one fails before the error is raised: Dask's own let them run on, and one
+    still writing into a failed write's temporary directory made it again after it was removed. On
+    Ctrl-C nothing waits (what it leaves, the next write removes)."""
     # (No scheduler set: the threaded one, arrays' and delayed's default.)
-    if (threading.current_thread() is not threading.main_thread() or dask.config.get("pool", None) is not None
-            or dask.base.get_scheduler() not in (None, dask.threaded.get)):
+    if dask.config.get("pool", None) is not None or dask.base.get_scheduler() not in (None, dask.threaded.get):
         return dask.compute(obj)[0]
     pool = _settling_pool(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
     try:
@@ -435,17 +434,25 @@ class _SettlingPool(getattr(dask.threaded, "ContextAwareThreadPoolExecutor", con
         concurrent.futures.wait(live)
 
 
-_POOLS: dict = {}  # threads -> pool, kept (CuPy's cuFFT plans and CUDA graphs are per thread)
+# (calling thread, threads) -> pool, as Dask keeps its own: kept between computes (CuPy's cuFFT plans
+# and CUDA graphs are per thread), and one of its own for a compute inside a task (no deadlock).
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _settling_pool(n: int) -> _SettlingPool:
-    if n not in _POOLS:
-        _POOLS[n] = _SettlingPool(n)
-    return _POOLS[n]
+    thread = threading.current_thread()
+    with _POOLS_LOCK:
+        for key in [k for k in _POOLS if not k[0].is_alive()]:  # of threads that have ended
+            _POOLS.pop(key).shutdown(wait=False)
+        if (thread, n) not in _POOLS:
+            _POOLS[thread, n] = _SettlingPool(n)
+        return _POOLS[thread, n]
 
 
 def _forget_pools():
-    _POOLS.clear()  # a forked child has none of the parent's threads
+    global _POOLS, _POOLS_LOCK
+    _POOLS, _POOLS_LOCK = {}, threading.Lock()  # a forked child has none of the parent's threads
 
 
 if hasattr(os, "register_at_fork"):

@@ -1598,9 +1598,9 @@ def describe(path) -> str:
                      if isinstance(res.attrs.get(k), (int, float))]
             if known:
                 lines.append("  " + ", ".join(known))
-            if (path / "operator").is_dir():
-                from .operators import ProductConvolution
+            from .operators import ProductConvolution, _operator_meta
 
+            if _operator_meta(path / "operator"):  # its blur (lsfov bss), not a variable so named
                 lines.append(f"  operator {ProductConvolution.load(path)!r} (--operator {path})")
         return "\n".join(lines)
     if isinstance(meta, dict) and meta.get("type") == "ProductConvolution":

@@ -1151,7 +1151,7 @@ class ProductConvolution:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such operator: {path}")
-        if (path / "operator").is_dir() and not _operator_meta(path):
+        if not _operator_meta(path) and _operator_meta(path / "operator"):  # a result's (not a variable so named)
             path = path / "operator"
         meta = _operator_meta(path)
         if meta is None:

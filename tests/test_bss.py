@@ -226,15 +226,20 @@ def test_small_chunks_and_small_images_equal_the_whole_array(n, ksize, chunks, e
         np.testing.assert_allclose(a.compute(), b, atol=3.5e-6 * float(b.max()))
 
 
-def test_one_chunk_images_run_as_one_block(scene):
+def test_one_chunk_images_run_as_one_block(scene, lsfov_log):
     """A Dask or xarray image of one chunk (what da.from_array gives up to 128 MiB): no halo to
     exchange, the whole-array result; the same for TV-RL, in one exchange."""
+    import logging
+
     import xarray as xr
 
     op, y, *_ = scene
     whole = lsfov.sparse_smooth_deblur(y, op, iterations=20)
     for img in (da.from_array(y), xr.DataArray(da.from_array(y), dims=("y", "x"))):
-        for a, b in zip(lsfov.sparse_smooth_deblur(img, op, iterations=20), whole):
+        with lsfov_log(logging.INFO) as said:
+            got = lsfov.sparse_smooth_deblur(img, op, iterations=20)
+        assert "sparse+smooth: 20 iterations in 1 exchange, halo 0 px" in said
+        for a, b in zip(got, whole):
             np.testing.assert_allclose(np.asarray(a), b, atol=1e-5 * float(b.max()))
     lazy = lsfov.deconvolve(da.from_array(y), op, 20)
     assert len(lazy.dask) < 40  # one block, one exchange (a split image: hundreds of tasks)

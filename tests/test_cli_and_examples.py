@@ -216,7 +216,7 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["deconvolve", "img.npy", "o.zarr", "--psf-map", "img.npy"], "--psf-map img.npy is not a PSF map"),
         (["deconvolve", "img.npy", "o.zarr", "--operator", "m1.zarr"], "m1.zarr is a PSF map, not an operator: give "
                                                                        "it as --psf-map"),
-        (["estimate", "img.npy", "a.txt/o.zarr"], "a.txt/o.zarr: a.txt is a file, not a folder"),
+        (["estimate", "img.npy", "a.txt/sub/o.zarr"], "a.txt/sub/o.zarr: a.txt is a file, not a folder"),
         (["simulate", "blur", "img.npy", "o.zarr", "--grid", 300], "a grid of 300x300 nodes is finer than the 256x256 px"),
     ]
     import torch
@@ -299,11 +299,31 @@ def test_damaged_zarr_stores_are_one_line_naming_the_array(run, tmp_path):
     res = run("-q", "deconvolve", "im.zarr/image", "d.zarr", "--operator", "op.zarr", "--iterations", 1, ok=False)
     assert res.exit_code == 1 and res.output.startswith("Error: ") and "im.zarr/image/0: a chunk cannot" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not Path("d.zarr").exists()
+    assert "file://" not in res.output
+    # An uncompressed chunk cut short fails to reshape (a ValueError): the same line.
+    import zarr
+
+    raw = zarr.create_array("raw.zarr", shape=(96, 96), chunks=(96, 96), dtype="f4", compressors=None)
+    raw[:] = 1.0
+    Path("raw.zarr/c/0/0").write_bytes(Path("raw.zarr/c/0/0").read_bytes()[:1000])
+    res = run("-q", "deconvolve", "raw.zarr", "d.zarr", "--operator", "op.zarr", "--iterations", 1, ok=False)
+    assert res.output.startswith(f"Error: {Path('raw.zarr').resolve()}: a chunk cannot be decoded (ValueError: ")
+    # Any other error is left as it is (a write's, the file system's, a bug's).
+    from lsfov.cli import _damaged_zarr
+
+    for e in (RuntimeError("a bug"), OSError(28, "No space left on device")):
+        try:
+            raise e
+        except Exception as caught:
+            assert _damaged_zarr(caught) is None
     basis = lsfov.ProductConvolution.from_basis(lsfov.psf.gaussian(1.5, 1.5, size=9)[None], np.ones((1, 96, 96)))
     basis.save("basis.zarr")
     shutil.rmtree("basis.zarr/maps")
     with pytest.raises(ValueError, match="basis.zarr is damaged: its maps array is missing; save it again"):
         lsfov.ProductConvolution.load("basis.zarr")
+    shutil.rmtree("op.zarr/centers_y")
+    with pytest.raises(ValueError, match="op.zarr is damaged: its centers_y array is missing"):
+        lsfov.ProductConvolution.load("op.zarr")
 
 
 def test_cli_dark_image_is_refused_without_a_state_to_resume(run, tmp_path):
@@ -345,6 +365,9 @@ def test_info_describes_models_and_calibrations(run, tmp_path):
         "version": "0.5", "plate": {"wells": [{"path": "B/3", "rowIndex": 1, "columnIndex": 2}]}}
     assert (f"plate.zarr is an OME-Zarr plate (HCS), not one image; give one field of view's image, e.g. "
             f"{Path('plate.zarr/B/3/0')}") in run("info", "plate.zarr", ok=False).output
+    zarr.open_group(str(tmp_path / "well.zarr"), mode="w", zarr_format=3).attrs["ome"] = {
+        "version": "0.5", "well": {"images": [{"path": "0"}]}}
+    assert f"e.g. {Path('well.zarr/0')}" in run("info", "well.zarr", ok=False).output
 
 
 def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):

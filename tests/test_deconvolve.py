@@ -560,6 +560,10 @@ def test_a_result_stores_the_operator_it_was_made_with(tmp_path, scene):
     with pytest.raises(ValueError, match="result that stores no operator"):
         ProductConvolution.load(plain)
     assert "operator" not in lsfov.io.describe(plain)
+    named = lsfov.save(xr.Dataset({"operator": (("y", "x"), y)}), tmp_path / "named.zarr")  # a variable so named
+    with pytest.raises(ValueError, match="result that stores no operator"):
+        ProductConvolution.load(named)
+    assert "--operator" not in lsfov.io.describe(named)
     with pytest.raises(TypeError, match="ProductConvolution"):
         lsfov.save(y, tmp_path / "t.zarr", operator=op.kernels)
     with pytest.raises(ValueError, match="full-image operator"):

@@ -586,12 +586,61 @@ def test_a_write_whose_task_fails_leaves_nothing_behind(tmp_path):
         time.sleep(0.3)  # still running when the error arrives
         return b
 
+    import threading
+
+    failed = []
+
+    def write(name):
+        try:
+            lsfov.save(img, tmp_path / name)
+        except RuntimeError as e:
+            failed.append(str(e))
+
     with dask.config.set(scheduler="threads", num_workers=2):
         img = da.from_array(np.ones((512, 512), np.float32), chunks=256).map_blocks(block, dtype=np.float32)
         with pytest.raises(RuntimeError, match="a task failed"):
             lsfov.save(img, tmp_path / "r.zarr")
+        other = threading.Thread(target=write, args=("t.zarr",))  # another thread (a viewer's worker)
+        other.start()
+        other.join()
+    assert failed == ["a task failed"]
     time.sleep(0.6)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_threaded_computes_reuse_their_pool_and_nest(monkeypatch):
+    """lsfov's pools: one per calling thread and size, kept (per-thread GPU plans survive), holding
+    no finished work, honouring num_workers; a compute inside a task gets a pool of its own (the
+    caller's, all busy, would deadlock); other schedulers are left as they are."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from lsfov import cluster
+
+    seen = set()
+
+    def where(b):
+        seen.add(threading.get_ident())
+        time.sleep(0.05)
+        return b
+
+    x = da.ones((6, 6), chunks=1).map_blocks(where, meta=np.empty((0, 0)))  # (no call here to find its meta)
+    with dask.config.set(scheduler="threads", num_workers=3):
+        assert cluster.compute(x.sum()) == 36 and len(seen) == 3
+        pool = cluster._settling_pool(3)
+        assert pool is cluster._settling_pool(3) and not pool._live
+        first = set(seen)
+        cluster.compute(x.sum())
+        assert seen == first  # the same threads again
+        inner = da.ones(4, chunks=1)
+        nested = da.ones(3, chunks=1).map_blocks(lambda b: b * cluster.compute(inner.sum()), meta=np.empty(0))
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            assert ex.submit(cluster.compute, nested.sum()).result(timeout=30) == 12
+    with dask.config.set(scheduler="synchronous"):
+        seen.clear()
+        cluster.compute(x.sum())
+        assert seen == {threading.get_ident()}
 
 
 def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
@@ -746,6 +795,10 @@ def test_an_image_subsampled_along_one_axis_is_saved_with_each_axis_scale(tmp_pa
     back = lsfov.open_result(tmp_path / "bare.zarr")["image"]
     assert back.x.attrs["units"] == back.y.attrs["units"] == "micrometer" and back.attrs["pixel_um"] is None
     np.testing.assert_allclose(np.diff(back.x.values), 0.4)
+    # ... but unitless pixel indices (spaced at neither axis's pixel size) stay pixels
+    lsfov.save(bare.assign_coords(y=np.arange(64.0), x=np.arange(32.0)), tmp_path / "idx.zarr")
+    back = lsfov.open_result(tmp_path / "idx.zarr")["image"]
+    assert back.x.attrs["units"] == back.y.attrs["units"] == "pixel"
 
 
 def test_a_stale_pixel_size_is_saved_as_the_coordinates_say(tmp_path):

@@ -92,6 +92,13 @@ def test_psf_field_and_sample_images():
         simulate.sample_image("lena")
 
 
+def test_a_psf_grid_finer_than_the_image_is_refused():
+    with pytest.raises(ValueError, match="a grid of 2x300 nodes is finer than the 256x256 px image"):
+        simulate.psf_field((256, 256), "G1", (2, 300))
+    op, _ = simulate.psf_field((8, 6), "G1", (8, 6), size=27)  # one node per pixel: the finest
+    assert op.kernels.shape[:2] == (8, 6)
+
+
 def test_a_bad_seed_is_refused_in_our_words():
     """NumPy's own errors for a seed of "a" or -1 say nothing of the argument that was wrong."""
     op = simulate.psf_field((32, 32), "G1", grid=(1, 1), seed=0)[0]
