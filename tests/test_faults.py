@@ -218,46 +218,58 @@ def test_resume_needs_a_scratch_directory(scene):
         lsfov.deconvolve(da.from_array(y, chunks=100), op, 2, resume=True)
 
 
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
-def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, sig):
-    """SIGKILL (no cleanup at all), SIGTERM (a batch system cancelling the job) or SIGINT (Ctrl-C)
-    in the middle of `lsfov deconvolve`; `--resume` finishes it."""
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A folder with an image and operator, the `lsfov deconvolve` command line for them (OUT to
+    name) and its uninterrupted result, made once for the signals below."""
     import subprocess
     import sys
 
+    where = tmp_path_factory.mktemp("killed")
     sharp = sim.sample_image("cell", (384, 384))
     op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)
-    np.save(tmp_path / "y.npy", np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0))
-    op.save(tmp_path / "op.zarr")
+    np.save(where / "y.npy", np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0))
+    op.save(where / "op.zarr")
     cmd = [sys.executable, "-m", "lsfov", "deconvolve", "y.npy", "OUT", "--operator", "op.zarr",
            "--iterations", "12", "--chunks", "64", "--exchange-every", "1", "--scheduler", "synchronous"]
+    ref = subprocess.run([c.replace("OUT", "ref.zarr") for c in cmd], cwd=where, capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    return where, cmd, lsfov.open_result(where / "ref.zarr").deblurred.values
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(killed_run, sig):
+    """SIGKILL (no cleanup at all), SIGTERM (a batch system cancelling the job) or SIGINT (Ctrl-C)
+    in the middle of `lsfov deconvolve`; `--resume` finishes it."""
+    import subprocess
+
+    tmp_path, cmd, reference = killed_run
+    out = f"d-{sig}.zarr"
     run = lambda out, *extra: subprocess.run([c.replace("OUT", out) for c in cmd] + list(extra), cwd=tmp_path,  # noqa: E731
                                              capture_output=True, text=True, timeout=300)
-    ref = run("ref.zarr")
-    assert ref.returncode == 0, ref.stderr
     # SIGINT at its default in the child, as at a terminal (a background parent may have it ignored)
-    proc = subprocess.Popen([c.replace("OUT", "d.zarr") for c in cmd], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([c.replace("OUT", out) for c in cmd], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    scratch = tmp_path / ".d.zarr.scratch"
+    scratch = tmp_path / f".{out}.scratch"
     deadline = time.monotonic() + 240
     while not list(scratch.glob("*/done/x2")):  # two exchanges of twelve done
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
-    assert not (tmp_path / "d.zarr").exists()  # nothing that looks like a result
+    assert not (tmp_path / out).exists()  # nothing that looks like a result
     if sig != "SIGKILL":  # said, with the shell's status for the signal
         status = {"SIGTERM": 143, "SIGINT": 130}[sig]
         assert proc.returncode == status and "run the same command with --resume" in err, err[-500:]
         assert "Traceback" not in err and "Aborted" not in err, err[-500:]
         assert "stopped; " not in err  # the signal's own line says it, once
-    res = run("d.zarr", "--resume")
+    res = run(out, "--resume")
     assert res.returncode == 0, res.stderr
     done, total = map(int, re.search(r"resuming from .*: (\d+) of (\d+) block-iterations", res.stderr).groups())
     assert 2 * total // 12 <= done < total  # at least the two finished exchanges were not redone
     assert "s to finish an interrupted run" in res.stdout and "Mpixel" not in res.stdout  # no rate of work not done here
-    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values,
-                                  lsfov.open_result(tmp_path / "ref.zarr").deblurred.values)
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / out).deblurred.values, reference)
     assert not scratch.exists()  # cleaned once the result is complete
 
 
