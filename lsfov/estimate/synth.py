@@ -81,12 +81,16 @@ def synthetic_cells(shape=(512, 512), rng=None) -> np.ndarray:
             cy, cx = rng.uniform(0, s[0]), rng.uniform(0, s[1])
             a, b = rng.uniform(15, 60, 2) * f
             t = rng.uniform(0, np.pi)
-            u = ((yy - cy) * np.cos(t) + (xx - cx) * np.sin(t)) / a
-            v = (-(yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)) / b
+            # Only the ellipse's bounding box (outside it d > 1: nothing drawn), a twentieth of the image.
+            r = max(a, b) + 1
+            box = (slice(max(int(cy - r), 0), max(int(cy + r) + 1, 0)), slice(max(int(cx - r), 0), max(int(cx + r) + 1, 0)))
+            y, x = yy[box] - cy, xx[box] - cx
+            u = (y * np.cos(t) + x * np.sin(t)) / a
+            v = (-y * np.sin(t) + x * np.cos(t)) / b
             d = u * u + v * v
-            cell = (d < 1) * rng.uniform(0.2, 0.6) * (0.6 + 0.4 * texture)
+            cell = (d < 1) * rng.uniform(0.2, 0.6) * (0.6 + 0.4 * texture[box])
             nucleus = (d < rng.uniform(0.1, 0.3)) * rng.uniform(0.2, 0.4)
-            img = np.maximum(img, (cell + nucleus).astype(np.float32))
+            img[box] = np.maximum(img[box], (cell + nucleus).astype(np.float32))
         n_dots = rng.integers(50, 300)
         iy, ix = rng.integers(0, s[0], n_dots), rng.integers(0, s[1], n_dots)
         img[iy, ix] += rng.uniform(0.3, 1.0, n_dots).astype(np.float32)
@@ -209,9 +213,19 @@ def _illumination(n, size, rng, strength):
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j].astype(np.float32)
     t = rng.uniform(0, 2 * np.pi, n)[:, None, None]
     depth = rng.uniform(0, strength, n)[:, None, None]
-    ramp = (yy * np.sin(t) + xx * np.cos(t)) / 2 + 0.5  # -0.21..1.21 across the patch (a diagonal one)
+    gain = rng.uniform(0.3, 1.0, n)[:, None, None]
+    # ramp = (yy sin t + xx cos t) / 2 + 0.5: -0.21..1.21 across the patch (a diagonal one); computed
+    # in place, in float64 as always (a seed's patches stay those it always gave).
+    light = yy * np.sin(t)
+    light += xx * np.cos(t)
+    light /= 2
+    light += 0.5
+    light *= depth
+    np.subtract(1, light, out=light)
     # Floored: beyond a depth of 0.83 a diagonal gradient would make light negative in a corner.
-    return (rng.uniform(0.3, 1.0, n)[:, None, None] * np.maximum(1 - depth * ramp, 0)).astype(np.float32)
+    np.maximum(light, 0, out=light)
+    light *= gain
+    return light.astype(np.float32)
 
 
 def degrade_patches(psi, rng, *, photons, read_noise, beta=1.0):
