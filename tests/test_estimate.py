@@ -321,7 +321,7 @@ def test_polar_harmonics_are_ring_averages_that_turn_with_the_patch():
 
 
 def test_frozen_training_changes_only_the_tail(tmp_path):
-    store = synth.synthesize(640, "G1", seed=12, batch=320, out=tmp_path / "set.zarr")
+    store = synth.synthesize(320, "G1", seed=12, batch=160, out=tmp_path / "set.zarr")
     d = synth.open_training_set(store)  # patches stay a lazy zarr array
     torch.manual_seed(0)
     spectral = train.train(d, epochs=1, lr=1e-3, batch_size=32, progress=False)
@@ -336,7 +336,7 @@ def test_frozen_training_changes_only_the_tail(tmp_path):
     fresh = M.PSFRegressor("G1", "polar")
     train._start_from(fresh.net, spectral, "polar")
     fit = train._Fit(fresh, True)
-    rows = range(576, 640)
+    rows = range(288, 320)  # the validation split
     feats = fit.inputs(d["patches"], 512, False)
     untrained = train._val_loss(fit, feats, M.encode(fresh.psf_model, d["params"]), d["valid"], rows, 1.0, 512)
     assert min(hist) < 0.7 * untrained
@@ -441,11 +441,11 @@ def test_learning_rate_chosen_on_validation_and_early_stopping(monkeypatch):
 
 
 def test_tiny_training_run_lowers_the_loss(tmp_path):
-    d = synth.synthesize(640, "G1", seed=11, batch=320)
+    d = synth.synthesize(320, "G1", seed=11)
     torch.manual_seed(0)
     untrained = M.PSFRegressor("G1")
     t = M.encode(untrained.psf_model, d["params"])
-    idx = range(576, 640)
+    idx = range(288, 320)  # the validation split: the last tenth
     before = train._val_loss(train._Fit(untrained, False), d["patches"], t, d["valid"], idx, 1.0, 512)
     reg = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck", seed=0)
     after = reg.meta["training"]["best_val_loss"]
@@ -484,10 +484,11 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
                                        "start from its model")):
         with pytest.raises(ValueError, match=said):
             train.train(d, **bad, **kw)
-    other = synth.synthesize(640, "G1", seed=12, batch=320)  # another set of the same model: its own patches
-    narrow = synth.synthesize(640, __import__("dataclasses").replace(psf.MODELS["G1"], ranges={"sigma": (1.0, 2.0)}),
-                              seed=11, batch=320)
-    with pytest.raises(ValueError, match=r"a run on another training set \(sigma \[1.0, 2.0\] \(against \[0.5, 4.0\]\)\)"):
+    other = synth.synthesize(320, "G1", seed=12)  # another set of the same model: its own patches
+    narrow = synth.synthesize(80, __import__("dataclasses").replace(psf.MODELS["G1"], ranges={"sigma": (1.0, 2.0)}),
+                              seed=11)
+    with pytest.raises(ValueError, match=r"a run on another training set \(sigma \[1.0, 2.0\] \(against \[0.5, "
+                                         r"4.0\]\); patches 80 \(against 320\)\)"):
         train.train(narrow, **kw)
     with pytest.raises(ValueError, match=r"a run on another training set \(its seed 12 \(against 11\)\)"):
         train.train(other, **kw)
@@ -688,14 +689,14 @@ def test_predict_puts_a_network_in_training_mode_back_in_eval_mode():
         np.testing.assert_array_equal(ref[k], again[k])
 
 
-def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path):
+def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path, z3_small):
     """A list of sets trains exactly as the one set they make end to end: the same batches (a block
     of 512 rows straddles the join), the same weights; a set on disk is read a block at a time; sets
     of another PSF model are refused."""
-    a = synth.synthesize(300, "G1", seed=13, batch=150)
-    b = synth.synthesize(260, "G1", seed=14, batch=130)
+    a = synth.synthesize(150, "G1", seed=13, batch=75)
+    b = synth.synthesize(130, "G1", seed=14, batch=65)
     whole = {"patches": np.concatenate([a["patches"], b["patches"]]), "params": np.concatenate([a["params"], b["params"]]),
-             "valid": np.concatenate([a["valid"], b["valid"]]), "attrs": {**b["attrs"], "n": 560}}
+             "valid": np.concatenate([a["valid"], b["valid"]]), "attrs": {**b["attrs"], "n": 280}}
     kw = dict(epochs=1, lr=1e-3, batch_size=32, progress=False, arch="compact")
     torch.manual_seed(0)
     both = train.train([a, b], **kw)
@@ -704,16 +705,16 @@ def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path):
     for k, v in one.net.state_dict().items():
         torch.testing.assert_close(both.net.state_dict()[k], v, rtol=0, atol=0)
     data = both.meta["training"]["data"]
-    assert data["n"] == 560 and data["seed"] == [13, 14] and both.meta["training"]["n_val"] == 56
-    on_disk = synth.synthesize(300, "G1", seed=13, batch=150, out=tmp_path / "a.zarr")
+    assert data["n"] == 280 and data["seed"] == [13, 14] and both.meta["training"]["n_val"] == 28
+    on_disk = synth.synthesize(150, "G1", seed=13, batch=75, out=tmp_path / "a.zarr")
     stacked = train._as_set([on_disk, b])["patches"]
     assert stacked.chunks == synth.open_training_set(on_disk)["patches"].chunks[:1]  # read by the zarr set's blocks
-    np.testing.assert_array_equal(stacked[290:310], whole["patches"][290:310])  # across the join
-    assert stacked.shape == (560, 128, 128) and stacked[600:700].shape == (0, 128, 128)
+    np.testing.assert_array_equal(stacked[140:160], whole["patches"][140:160])  # across the join
+    assert stacked.shape == (280, 128, 128) and stacked[300:400].shape == (0, 128, 128)
     with pytest.raises(TypeError, match="contiguous"):
         stacked[[1, 2]]
     with pytest.raises(ValueError, match="another psf_model"):
-        train.train([a, synth.synthesize(40, "G2", seed=1)], **kw)
+        train.train([a, z3_small], **kw)
     with pytest.raises(ValueError, match="empty list"):
         train.train([], **kw)
 

@@ -226,7 +226,7 @@ def killed_run(tmp_path_factory):
     import sys
 
     where = tmp_path_factory.mktemp("killed")
-    sharp = sim.sample_image("cell", (384, 384))
+    sharp = sim.sample_image("cell", (256, 256))
     op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)
     np.save(where / "y.npy", np.maximum(sim.degrade(sharp, op, photons=300, seed=1), 0))
     op.save(where / "op.zarr")

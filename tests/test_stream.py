@@ -135,8 +135,8 @@ def test_stream_noise_is_eq_10s():
     variance β·mean + rn². The stream's patches have synthesize's (the same draws of β, photons
     and rn), which a stream without its Poisson or its read noise would not."""
     flat = np.full((300, 300), 0.6)
-    x, _, _ = _one_image_stream(flat, 0.0, read_noise=(0.0, 20.0))(2048)
-    ref, _, _ = synth._batch(psf.get_model("G1"), [flat], 2048, np.random.default_rng(0), invalid_fraction=0.0,
+    x, _, _ = _one_image_stream(flat, 0.0, read_noise=(0.0, 20.0))(1024)
+    ref, _, _ = synth._batch(psf.get_model("G1"), [flat], 1024, np.random.default_rng(0), invalid_fraction=0.0,
                              photons=synth.PHOTONS, read_noise=(0.0, 20.0), illumination=0.0)
     got = x.numpy().var(axis=(1, 2))
     want = ref.var(axis=(1, 2))
