@@ -18,6 +18,7 @@ unclipped flanks, not flattened into a ring of sources around its plateau.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import warnings
@@ -115,13 +116,15 @@ def _steps(op: ProductConvolution, gamma2: float, norms: _Norms | None = None) -
     return 1.0 / lh, 1.0 / (lh + 128.0 * gamma2)
 
 
-def _momentum(k: int) -> float:
-    """FISTA's extrapolation weight after iteration k (0-based), a function of k only."""
+def _momenta(start: int):
+    """FISTA's extrapolation weights after iterations ``start``, ``start + 1``, ... (0-based): each a
+    function of its index only, so a block resumed at ``start`` continues the same sequence."""
     t = 1.0
-    for _ in range(k + 1):
+    for k in itertools.count():
         t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
         beta, t = (t - 1) / t_next, t_next
-    return beta
+        if k >= start:
+            yield beta
 
 
 def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None, censored=None):
@@ -131,7 +134,7 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None, censo
     x1, x2, z1, z2 = state
     t1, t2 = (np.float32(t) for t in steps)
     thr = np.float32(gamma1 * steps[0])
-    for k in range(start, start + n):
+    for beta in itertools.islice(_momenta(start), n):
         res = op.apply(z1 + z2, check=False) - y
         if mask is not None:
             res *= mask
@@ -142,7 +145,7 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None, censo
         g = op.adjoint(res, check=False)
         n1 = xp.maximum(z1 - t1 * g - thr, 0)
         n2 = xp.maximum(z2 - t2 * (g + np.float32(2 * gamma2) * _laplacian(_laplacian(z2, xp), xp)), 0)
-        beta = np.float32(_momentum(k))
+        beta = np.float32(beta)
         z1 = n1 + beta * (n1 - x1)
         z2 = n2 + beta * (n2 - x2)
         x1, x2 = n1, n2
