@@ -587,7 +587,7 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
         assert not (tmp_path / "late.ckpt").exists() and not (tmp_path / "late.pt").exists()
     run("-q", "train", "--synthesize", 16, "--psf-model", "G1", "--seed", 9, "tr2.zarr")  # of the training images
     with pytest.warns(lsfov.LsfovWarning, match="not a held-out score"):
-        run("train", "tr.zarr", "late.pt", "--epochs", 1, "--batch-size", 32, "--test", "tr2.zarr")
+        run("train", "tr.zarr", "late.pt", "--epochs", 1, "--lr", "1e-3", "--batch-size", 32, "--test", "tr2.zarr")
     assert "is a training set of this run" in run("train", "tr.zarr", "x.pt", "--test", "tr.zarr", ok=False).output
     assert "test set is for G1" in run("evaluate", "Z1", "te.zarr", ok=False).output
     assert "add --robustness" in run("evaluate", "G1", "te.zarr", "--figure", "f.png", ok=False).output

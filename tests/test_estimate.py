@@ -517,9 +517,9 @@ def test_training_can_start_from_a_model(tmp_path, z3_small):
     w0 = next(first.net.parameters()).detach().clone()
     # A learning rate of ~0 keeps the weights where they started: those of `first`, not fresh ones.
     # (the learning-rate probe, too, starts from them)
-    again = train.train(d, epochs=1, lr_candidates=(1e-12,), batch_size=32, progress=False, seed=1, init=path)
+    again = train.train(d, epochs=1, lr_candidates=(1e-12,), probe_steps=2, batch_size=32, progress=False, seed=1, init=path)
     torch.testing.assert_close(next(again.net.parameters()), w0, rtol=0, atol=1e-9)
-    fresh = train.train(d, epochs=1, lr_candidates=(1e-12,), batch_size=32, progress=False, seed=1)
+    fresh = train.train(d, epochs=1, lr_candidates=(1e-12,), probe_steps=2, batch_size=32, progress=False, seed=1)
     assert (next(fresh.net.parameters()) - w0).abs().max() > 1e-3
     assert again.meta["training"]["init"]["n_train"] == first.meta["training"]["n_train"]
     assert "history" not in again.meta["training"]["init"]
