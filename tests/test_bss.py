@@ -49,6 +49,31 @@ def test_weighted_simplex_projection():
     assert len(sizes) >= 3 and min(sizes) < 7  # supports of several sizes, some coordinates clipped
 
 
+def test_the_cone_does_not_depend_on_the_signs_of_the_bases(subspace):
+    """A basis element and its Γ entries flipped together give the same operators, so they must give
+    the same cone and the same identification. Paper 003's Γ_k / Σ_ij Γ_k[i,j], taken literally,
+    flips such generators: the cone became its opposite and identification failed."""
+    from lsfov.calibrate import OperatorSubspace
+
+    h, a, g = subspace.psf_basis.copy(), np.asarray(subspace.spatial_basis).copy(), subspace.gammas.copy()
+    h[1] *= -1
+    g[:, 1, :] *= -1
+    a[0] *= -1
+    g[:, :, 0] *= -1
+    flipped = OperatorSubspace(h, da.from_array(a, chunks=(1, 128, 128)), g, attrs=subspace.attrs)
+    assert operator_distance(flipped.operator(2), subspace.operator(2)) < 1e-5  # the same operators
+    assert np.sum(g.sum(axis=(1, 2)) < 0) > 0  # the literal sums now disagree in sign with the original's
+    back = flipped.normalized_gammas
+    back[:, 1, :] *= -1
+    back[:, :, 0] *= -1
+    np.testing.assert_allclose(back, subspace.normalized_gammas, rtol=1e-12, atol=1e-15)
+    truth = subspace.operator(0.6 * subspace.gammas[1] + 0.4 * subspace.gammas[3])
+    image, pos = _beads_through(truth)
+    want = lsfov.identify_operator(image + 1.0, subspace, positions=pos)
+    got = lsfov.identify_operator(image + 1.0, flipped, positions=pos)
+    assert operator_distance(got, want) < 1e-4
+
+
 def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     gamma_true = 0.6 * subspace.gammas[1] + 0.4 * subspace.gammas[3]  # inside the cone, PSFs sum to ~1
     truth = subspace.operator(gamma_true)

@@ -123,8 +123,9 @@ def test_sources_are_kept_at_k_sigma_over_the_psf_norm():
 
 
 def test_subspace_generators_sum_to_one():
-    sub = lsfov.OperatorSubspace.__new__(lsfov.OperatorSubspace)
-    sub.gammas = np.random.default_rng(3).random((5, 3, 4)) + 0.1
+    """Paper 003 Sec. II-E-a, with bases in learn_subspace's sign convention (non-negative here)."""
+    rng = np.random.default_rng(3)
+    sub = lsfov.OperatorSubspace(rng.random((3, 5, 5)), rng.random((4, 8, 8)), rng.random((5, 3, 4)) + 0.1)
     np.testing.assert_allclose(sub.normalized_gammas.sum(axis=(1, 2)), 1.0)
 
 

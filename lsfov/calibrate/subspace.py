@@ -11,6 +11,7 @@ with R the square root of the interpolation's Gram matrix. A 2304² family of 90
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -66,11 +67,27 @@ class OperatorSubspace:
 
     @property
     def normalized_gammas(self) -> np.ndarray:
-        """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone. (The
-        paper's normalisation, literally: a negative Σ would flip a generator; never seen, the sums
-        are the operators' flux in the basis, ~20-40.)"""
-        s = self.gammas.sum(axis=(1, 2), keepdims=True)
+        """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone.
+
+        The sum is taken with the bases in :func:`learn_subspace`'s sign convention (h_0 and every
+        a_j sum to > 0, the other h_i have a positive largest entry), whatever signs they were given:
+        flipping a basis element and its Γ entries leaves every operator as it was, and must leave the
+        cone too (literally, it could flip generators and turn the cone into its opposite)."""
+        tau, sigma = self._signs
+        s = np.einsum("kij,i,j->k", self.gammas, tau, sigma)[:, None, None]
         return self.gammas / np.where(np.abs(s) > 1e-30, s, 1.0)
+
+    @functools.cached_property
+    def _signs(self):
+        """±1 per PSF and per spatial basis element: what brings them to learn_subspace's convention
+        (the spatial maps summed once, read from disk if they are there)."""
+        import dask.array as da
+
+        h = self.psf_basis.reshape(self.n_psf, -1).astype(np.float64)
+        tau = np.sign(h[np.arange(self.n_psf), np.abs(h).argmax(axis=1)])
+        tau[0] = np.sign(h[0].sum())
+        sigma = np.sign(np.asarray(da.asarray(self.spatial_basis).sum(axis=(1, 2), dtype=np.float64).compute()))
+        return np.where(tau == 0, 1.0, tau), np.where(sigma == 0, 1.0, sigma)
 
     def _gamma(self, k_or_gamma, for_project=False):
         if isinstance(k_or_gamma, (int, np.integer)) and not isinstance(k_or_gamma, bool):
