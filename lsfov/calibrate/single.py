@@ -42,7 +42,9 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     threshold, saturation : float, optional
         Detection threshold and camera saturation level (see :func:`bead_psfs`).
     smoothing : float
-        Thin-plate smoothing η (0 interpolates the beads exactly).
+        Thin-plate smoothing: 8π·η, η of paper 003 Eq. 9, for coordinates scaled to the unit square
+        and beads weighted by their Voronoi cells (weights of mean one); 0 interpolates the beads
+        exactly.
     step : int, optional
         Node spacing of the coefficient maps in pixels (default: about 96 nodes on the shorter side).
     max_columns : int
