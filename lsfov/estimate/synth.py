@@ -83,7 +83,7 @@ def synthetic_cells(shape=(512, 512), rng=None) -> np.ndarray:
             t = rng.uniform(0, np.pi)
             # Only the ellipse's bounding box (outside it d > 1: nothing drawn), a twentieth of the image.
             r = max(a, b) + 1
-            box = (slice(max(int(cy - r), 0), max(int(cy + r) + 1, 0)), slice(max(int(cx - r), 0), max(int(cx + r) + 1, 0)))
+            box = tuple(slice(max(int(c - r), 0), max(int(c + r) + 1, 0)) for c in (cy, cx))
             y, x = yy[box] - cy, xx[box] - cx
             u = (y * np.cos(t) + x * np.sin(t)) / a
             v = (-y * np.sin(t) + x * np.cos(t)) / b
