@@ -55,23 +55,28 @@ def test_the_cone_does_not_depend_on_the_signs_of_the_bases(subspace):
     flips such generators: the cone became its opposite and identification failed."""
     from lsfov.calibrate import OperatorSubspace
 
-    h, a, g = subspace.psf_basis.copy(), np.asarray(subspace.spatial_basis).copy(), subspace.gammas.copy()
-    h[1] *= -1
-    g[:, 1, :] *= -1
-    a[0] *= -1
-    g[:, :, 0] *= -1
-    flipped = OperatorSubspace(h, da.from_array(a, chunks=(1, 128, 128)), g, attrs=subspace.attrs)
-    assert operator_distance(flipped.operator(2), subspace.operator(2)) < 1e-5  # the same operators
-    assert np.sum(g.sum(axis=(1, 2)) < 0) > 0  # the literal sums now disagree in sign with the original's
-    back = flipped.normalized_gammas
-    back[:, 1, :] *= -1
-    back[:, :, 0] *= -1
-    np.testing.assert_allclose(back, subspace.normalized_gammas, rtol=1e-12, atol=1e-15)
+    # learn_subspace gives its bases the convention, so its generators are the paper's, literally
+    assert all((sign == 1).all() for sign in subspace._signs)
+    np.testing.assert_allclose(subspace.normalized_gammas,
+                               subspace.gammas / subspace.gammas.sum(axis=(1, 2), keepdims=True), rtol=1e-12)
     truth = subspace.operator(0.6 * subspace.gammas[1] + 0.4 * subspace.gammas[3])
     image, pos = _beads_through(truth)
     want = lsfov.identify_operator(image + 1.0, subspace, positions=pos)
-    got = lsfov.identify_operator(image + 1.0, flipped, positions=pos)
-    assert operator_distance(got, want) < 1e-4
+    for hs, as_ in (([1], [0]), ([0, 1], [2])):  # each flips the dominant Γ[0, 0]: first element by sum
+        h, a, g = subspace.psf_basis.copy(), np.asarray(subspace.spatial_basis).copy(), subspace.gammas.copy()
+        h[hs] *= -1
+        g[:, hs, :] *= -1
+        a[as_] *= -1
+        g[:, :, as_] *= -1
+        flipped = OperatorSubspace(h, da.from_array(a, chunks=(1, 128, 128)), g, attrs=subspace.attrs)
+        assert operator_distance(flipped.operator(2), subspace.operator(2)) < 1e-5  # the same operators
+        assert (g.sum(axis=(1, 2)) < 0).all()  # the literal sums all flipped
+        back = flipped.normalized_gammas
+        back[:, hs, :] *= -1
+        back[:, :, as_] *= -1
+        np.testing.assert_allclose(back, subspace.normalized_gammas, rtol=1e-12, atol=1e-15)
+        got = lsfov.identify_operator(image + 1.0, flipped, positions=pos)
+        assert operator_distance(got, want) < 1e-4
 
 
 def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
@@ -462,6 +467,23 @@ def _violation(grad, x):
     """Largest violation of the KKT condition of a non-negative variable, relative to γ1."""
     on = x > 1e-3 * x.max()
     return max(np.abs(grad[on]).max(), np.maximum(-grad[~on], 0).max(initial=0)) / G1
+
+
+def test_fista_momentum_is_becks_sequence_from_any_start():
+    """β_k = (t_k − 1)/t_{k+1}, t_0 = 1, t_{k+1} = (1 + sqrt(1 + 4 t_k²))/2 (Beck & Teboulle); a block
+    resumed at iteration s continues the sequence where it stopped (chunked equals whole whatever the
+    start, but a shifted sequence would change every run)."""
+    import itertools
+
+    from lsfov.restore.sparse_smooth import _momenta
+
+    t1 = (1 + np.sqrt(5)) / 2
+    t2 = (1 + np.sqrt(1 + 4 * t1 * t1)) / 2
+    first = list(itertools.islice(_momenta(0), 40))
+    assert first[0] == 0.0 and first[1] == pytest.approx((t1 - 1) / t2, rel=1e-15)
+    assert all(a < b < 1 for a, b in zip(first[1:], first[2:]))
+    for start in (1, 7, 33):
+        assert list(itertools.islice(_momenta(start), 40 - start)) == first[start:]
 
 
 def test_sparse_smooth_reaches_the_optimality_conditions():

@@ -415,6 +415,14 @@ def test_z2_axis_is_an_angle_modulo_a_half_turn():
 def test_illumination_gradient_never_makes_light_negative():
     light = synth._illumination(2000, 128, np.random.default_rng(0), 1.0)
     assert light.min() >= 0 and (light == 0).any()  # the deepest diagonal gradients reach zero
+    # gain · max(1 − depth · ramp, 0), ramp = (y sin t + x cos t)/2 + 1/2 on [-1, 1]², drawn in the
+    # order t, depth, gain (a seed's patches depend on it)
+    rng = np.random.default_rng(0)
+    t, depth, gain = (v[:, None, None] for v in (rng.uniform(0, 2 * np.pi, 2000), rng.uniform(0, 1.0, 2000),
+                                                 rng.uniform(0.3, 1.0, 2000)))
+    y, x = np.meshgrid(np.linspace(-1, 1, 128), np.linspace(-1, 1, 128), indexing="ij")
+    want = gain * np.maximum(1 - depth * ((y * np.sin(t) + x * np.cos(t)) / 2 + 0.5), 0)
+    np.testing.assert_allclose(light, want, rtol=0, atol=1e-6)
 
 
 def test_learning_rate_chosen_on_validation_and_early_stopping(monkeypatch):

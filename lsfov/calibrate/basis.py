@@ -37,15 +37,20 @@ def rank_threshold(shape) -> float:
     return 0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43
 
 
+def basis_signs(basis) -> np.ndarray:
+    """±1 per element of a basis (n, ...) that brings it to lsfov's convention: the first element
+    sums to > 0, every other has a positive largest-magnitude entry (read one element at a time, so
+    a basis on disk is never whole in memory)."""
+    out = np.ones(len(basis))
+    for j in range(len(basis)):
+        m = np.asarray(basis[j], dtype=np.float64).ravel()
+        out[j] = -1.0 if (m.sum() if j == 0 else m[np.abs(m).argmax()]) < 0 else 1.0
+    return out
+
+
 def _fix_signs(vt):
-    """Deterministic signs: the first component sums to > 0, the others have a positive largest entry."""
-    vt = vt.copy()
-    if vt[0].sum() < 0:
-        vt[0] = -vt[0]
-    idx = np.abs(vt[1:]).argmax(axis=1)
-    sgn = np.sign(vt[1:][np.arange(len(idx)), idx])
-    vt[1:] *= np.where(sgn == 0, 1, sgn)[:, None]
-    return vt
+    """Deterministic signs (:func:`basis_signs`): the same basis whatever signs the SVD returned."""
+    return vt * basis_signs(vt)[:, None]
 
 
 def _unit(group):

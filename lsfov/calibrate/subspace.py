@@ -20,7 +20,7 @@ import numpy as np
 
 from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, yx_last
 from ..operators import ProductConvolution
-from .basis import psf_basis
+from .basis import basis_signs, psf_basis
 from .beads import bead_psfs, estimate_radius
 from .cone import cone_columns
 from .interpolate import DEFAULT_SMOOTHING, coefficient_nodes, node_grid
@@ -69,8 +69,8 @@ class OperatorSubspace:
     def normalized_gammas(self) -> np.ndarray:
         """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone.
 
-        The sum is taken with the bases in :func:`learn_subspace`'s sign convention (h_0 and every
-        a_j sum to > 0, the other h_i have a positive largest entry), whatever signs they were given:
+        The sum is taken with the bases in :func:`learn_subspace`'s sign convention (h_0 and a_0 sum
+        to > 0, every other h_i and a_j has a positive largest entry), whatever signs they were given:
         flipping a basis element and its Γ entries leaves every operator as it was, and must leave the
         cone too (literally, it could flip generators and turn the cone into its opposite)."""
         tau, sigma = self._signs
@@ -80,14 +80,8 @@ class OperatorSubspace:
     @functools.cached_property
     def _signs(self):
         """±1 per PSF and per spatial basis element: what brings them to learn_subspace's convention
-        (the spatial maps summed once, read from disk if they are there)."""
-        import dask.array as da
-
-        h = self.psf_basis.reshape(self.n_psf, -1).astype(np.float64)
-        tau = np.sign(h[np.arange(self.n_psf), np.abs(h).argmax(axis=1)])
-        tau[0] = np.sign(h[0].sum())
-        sigma = np.sign(np.asarray(da.asarray(self.spatial_basis).sum(axis=(1, 2), dtype=np.float64).compute()))
-        return np.where(tau == 0, 1.0, tau), np.where(sigma == 0, 1.0, sigma)
+        (:func:`basis_signs`; the spatial maps read once, one at a time)."""
+        return basis_signs(self.psf_basis), basis_signs(self.spatial_basis)
 
     def _gamma(self, k_or_gamma, for_project=False):
         if isinstance(k_or_gamma, (int, np.integer)) and not isinstance(k_or_gamma, bool):
@@ -414,7 +408,9 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     px = getattr(images[0], "attrs", {}).get("pixel_um") if hasattr(images[0], "attrs") else None
     if px:
         attrs["pixel_um"] = float(px)
-    return OperatorSubspace(basis.kernels, grid.upsample(a_nodes), gammas, attrs=attrs)
+    maps = grid.upsample(a_nodes)
+    sign = basis_signs(maps)  # deterministic signs, those normalized_gammas reads the bases in
+    return OperatorSubspace(basis.kernels, maps * sign[:, None, None].astype(np.float32), gammas * sign, attrs=attrs)
 
 
 def _spatial_basis(c, grid, n_space: int, seed=0):
@@ -437,6 +433,4 @@ def _spatial_basis(c, grid, n_space: int, seed=0):
     u, s, v = (np.asarray(a, dtype=np.float64) for a in compute([u, s, v]))
     a_nodes = np.einsum("ab,jbc,cd->jad", ry_inv, u.T.reshape((n_space,) + grid.size), rx_inv, optimize=True)
     gammas = (v.T * s).reshape(k, i, n_space)
-    sign = np.sign(a_nodes.sum(axis=(1, 2)))  # deterministic signs: each a_j sums to > 0
-    sign[sign == 0] = 1
-    return a_nodes * sign[:, None, None], gammas * sign, s
+    return a_nodes, gammas, s
