@@ -50,7 +50,7 @@ def basis_signs(basis) -> np.ndarray:
 
 def _fix_signs(vt):
     """Deterministic signs (:func:`basis_signs`): the same basis whatever signs the SVD returned."""
-    return vt * basis_signs(vt)[:, None]
+    return vt * basis_signs(vt).astype(vt.dtype)[:, None]
 
 
 def _unit(group):
