@@ -311,6 +311,14 @@ def test_voronoi_weights():
     lonely = np.concatenate([regular[:32], [[230.0, 230.0]]])  # one bead alone in the lower half
     w = voronoi_weights(lonely, (256, 256))
     assert w[-1] > 5 * np.median(w[:-1]) and w.sum() == pytest.approx(len(lonely))
+    # Random beads against counting which bead each of 1024² points of the field is nearest to.
+    rng = np.random.default_rng(4)
+    pos = rng.uniform(0, [99, 139], (25, 2))
+    yy, xx = np.meshgrid((np.arange(1024) + 0.5) * 100 / 1024 - 0.5, (np.arange(1024) + 0.5) * 140 / 1024 - 0.5,
+                         indexing="ij")
+    owner = np.argmin((yy[..., None] - pos[:, 0]) ** 2 + (xx[..., None] - pos[:, 1]) ** 2, axis=-1)
+    count = np.bincount(owner.ravel(), minlength=len(pos))
+    np.testing.assert_allclose(voronoi_weights(pos, (100, 140)), count * len(pos) / count.sum(), rtol=2e-2)
 
 
 def test_node_grid_upsampling_and_metric():

@@ -244,13 +244,17 @@ def test_psf_gain_is_read_between_the_kernels_frequency_bins():
     assert sparse_smooth._psf_norms(op).gain == pytest.approx(dense, rel=2e-3)
 
 
-def test_a_voronoi_cell_thinner_than_the_sampling_still_weighs_something():
-    """Three beads 0.01 px apart in a row: the middle one's cell is a strip no sample point falls in.
-    It weighs half a sample's area (the floor), not 0, which would drop its bead from the fit."""
+def test_a_voronoi_cell_is_its_exact_area_however_thin():
+    """Three beads 0.01 px apart in a row: the middle one's cell is a strip 0.01 px wide, from the
+    field's edge (y = -0.5) to its bisector with the fourth bead (a straight edge: its height at the
+    strip's middle, x = 10.01, is the mean). Beads at one place share their cell."""
     from lsfov.calibrate import voronoi_weights
 
     w = voronoi_weights([(10, 10), (10, 10.01), (10, 10.02), (50, 50)], (64, 64))
-    assert np.all(w > 0) and w[1] == pytest.approx(0.5 * 4 / (64 * 64 / (64 / 512) ** 2 + 0.5), rel=1e-9)
+    top = (2400 + 39.99**2) / 80  # (y - 10)² = (y - 50)² + (50 - 10.01)²
+    assert w[1] == pytest.approx(0.01 * (top + 0.5) / (64 * 64 / 4), rel=1e-9)
+    twice = voronoi_weights([(10, 10), (10, 10), (50, 50)], (64, 64))
+    assert twice[0] == twice[1] == pytest.approx(voronoi_weights([(10, 10), (50, 50)], (64, 64))[0] / 2 * 3 / 2)
 
 
 def test_a_patch_with_exactly_the_allowed_share_of_saturated_pixels_is_kept():

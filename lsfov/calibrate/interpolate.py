@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 from scipy.interpolate import RBFInterpolator
-from scipy.spatial import cKDTree
+from scipy.spatial import Voronoi
 
 from .._validate import positive_int, shape2d
-from ..operators import _cell_centers, _hat_matrix
+from ..operators import _hat_matrix
 from .cone import project_cone
 
 __all__ = ["NodeGrid", "coefficient_nodes", "node_grid", "voronoi_weights"]
@@ -72,23 +72,44 @@ def node_grid(shape, step: int | None = None) -> NodeGrid:
     return NodeGrid(shape, step)
 
 
-def voronoi_weights(positions, shape, *, samples: int = 512) -> np.ndarray:
+def voronoi_weights(positions, shape) -> np.ndarray:
     """Area of each position's Voronoi cell inside the image, as a fraction of the mean cell.
 
-    The cells are clipped to the field of view, which scipy.spatial.Voronoi leaves open at the
-    border; their areas are measured by counting the points of a regular ``samples``² grid that
-    lie nearest to each position (cKDTree), an unbiased estimate that is exact as ``samples`` grows.
+    Exact: the cells of ``scipy.spatial.Voronoi`` over the positions and their mirror images in the
+    field's four edges are the cells of the positions clipped to the field (a rectangle), all of
+    them closed. Positions at one place share their cell; positions outside the field are taken at
+    its edge.
     """
     pos = np.asarray(positions, dtype=np.float64)
     if pos.ndim != 2 or pos.shape[1:] != (2,) or not len(pos) or not np.isfinite(pos).all():
         raise ValueError(f"positions must be (P, 2) finite (y, x) pixel positions, P >= 1; got shape {pos.shape}")
-    h, w = shape2d(shape)
-    # The cell centres of a samples² partition of the field.
-    yy, xx = np.meshgrid(_cell_centers(samples, h), _cell_centers(samples, w), indexing="ij")
-    _, owner = cKDTree(pos).query(np.stack([yy.ravel(), xx.ravel()], axis=1))
-    counts = np.bincount(owner, minlength=len(pos)).astype(np.float64)
-    counts = np.maximum(counts, 0.5)  # a cell thinner than the sampling still weighs something
-    return counts * len(pos) / counts.sum()
+    size = np.array(shape2d(shape), dtype=np.float64)
+    # The field spans [-0.5, n - 0.5] on each axis; a point on an edge would be its own mirror image.
+    lo, hi = -0.5 + 1e-6 * size, size - 0.5 - 1e-6 * size
+    sites, inverse, count = np.unique(np.clip(pos, lo, hi), axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    mirrors = [sites]
+    for ax in range(2):
+        for edge in (-0.5, size[ax] - 0.5):
+            m = sites.copy()
+            m[:, ax] = 2 * edge - m[:, ax]
+            mirrors.append(m)
+    vor = Voronoi(np.concatenate(mirrors))
+    regions = [vor.regions[r] for r in vor.point_region[: len(sites)]]
+    owner = np.repeat(np.arange(len(sites)), [len(r) for r in regions])
+    v = vor.vertices[np.concatenate(regions)]
+    # Each cell's vertices in angular order around its site (inside it: cells are convex), then the
+    # shoelace formula over consecutive pairs.
+    rel = v - sites[owner]
+    order = np.lexsort((np.arctan2(rel[:, 0], rel[:, 1]), owner))
+    rel, owner = rel[order], owner[order]
+    nxt = np.arange(len(rel)) + 1
+    ends = np.cumsum([len(r) for r in regions])
+    nxt[ends - 1] = ends - np.array([len(r) for r in regions])
+    cross = rel[:, 0] * rel[nxt, 1] - rel[:, 1] * rel[nxt, 0]
+    area = 0.5 * np.abs(np.bincount(owner, weights=cross, minlength=len(sites)))
+    w = (area / count)[inverse]
+    return w * len(pos) / w.sum()
 
 
 def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: float = DEFAULT_SMOOTHING,
