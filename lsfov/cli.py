@@ -5,6 +5,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -70,6 +71,10 @@ class _Group(click.Group):
                              f"lsfov {e.option_name} {command} ...")
                 e.possibilities = []
             raise
+        except PermissionError as e:
+            raise click.ClickException(
+                f"permission denied: {e.filename}; lsfov needs to read its inputs and to write beside OUT (its "
+                "temporary and lock files) and under --scratch" if e.filename else str(e)) from None
         except _USER_ERRORS as e:  # (a truncated uncompressed chunk fails to reshape: a ValueError)
             raise click.ClickException(_damaged_zarr(e) or str(e)) from None
         except _Terminated:
@@ -231,6 +236,16 @@ def _run_state(out: Path, parent, resume: bool):
     if parent and (Path(parent).resolve() == out.resolve() or out.resolve() in Path(parent).resolve().parents):
         # OUT is written whole at the end, atomically: a scratch inside it would be in its way
         raise ValueError(f"--scratch {parent} is OUT or inside it; give a directory outside OUT (e.g. its parent)")
+    if parent:
+        where = Path(parent).resolve()
+        store = next((p for p in (where, *where.parents) if (p / "zarr.json").exists() or (p / ".zgroup").exists()),
+                     None)
+        if store is not None:  # an input being read, another result: a killed run would leave its state in it
+            raise ValueError(f"--scratch {parent} is inside the zarr store {store}; give a directory outside it")
+        under = next((p for p in (where, *where.parents) if p.exists()), None)
+        if under is not None and not os.access(under, os.W_OK | os.X_OK):
+            raise PermissionError(f"--scratch {parent}: cannot write in {under} (permission denied); choose a "
+                                  "directory you can write to")
     from .io import output_lock
 
     with output_lock(out):  # a second run of OUT is refused, not let loose on this one's state
@@ -278,23 +293,29 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
 
     path = Path(path)
     for src in inputs:
+        if not str(src):
+            raise ValueError("an input path is empty; give the file or folder to read")
         src = Path(src).resolve()
         if path.resolve() == src or path.resolve() in src.parents:
             raise ValueError(f"{path} is the input {src} (or holds it); write the output under another name")
         if src.is_dir() and src in path.resolve().parents:  # e.g. into an OME-Zarr store being read
             raise ValueError(f"{path} is inside the input {src}; write the output elsewhere")
+    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+        raise ValueError(f"{path} is the current folder (or holds it); name a new file or folder for the output")
     under = next((p for p in path.parents if p.exists()), None)  # the folder it would be made in
     if under is not None and not under.is_dir():
         raise NotADirectoryError(f"{path}: {under} is a file, not a folder; choose another place for the output")
+    if under is not None and not os.access(under, os.W_OK | os.X_OK):  # the output, its lock and temporaries
+        raise PermissionError(f"{path}: cannot write in {under} (permission denied); choose a folder you can write to")
+    if result:
+        check_result_name(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a result; remove it or choose another name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     if path.is_dir() and not _is_replaceable(path):
         raise FileExistsError(f"{path} is a directory that is not an lsfov result or zarr store; refusing to "
                               "replace it: choose another name")
-    if result:
-        check_result_name(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} is a file, not a result; remove it or choose another name")
     return path
 
 
@@ -309,10 +330,16 @@ def _check_figure(figure, overwrite, out, inputs=()):
 
 
 def _check_preview(out, overwrite):
-    """The PNG preview written beside OUT (OUT.png), checked before any work as --figure is."""
+    """The PNG preview written beside OUT (OUT.png), checked before any work as --figure is; with
+    --overwrite, an existing one is replaced only with OUT (whose preview it is) or if lsfov made it."""
+    from .figures import made_by_lsfov
+
     fig = _check_out(Path(out).with_suffix(".png"), overwrite, result=False)
     if fig.is_dir():
         raise ValueError(f"{fig}, where the preview of OUT goes, is a directory; move it, or name OUT otherwise")
+    if fig.exists() and not Path(out).exists() and not made_by_lsfov(fig):
+        raise FileExistsError(f"{fig}, where the preview of OUT goes, is a file lsfov did not make; move it, or name "
+                              "OUT otherwise")
     return fig
 
 
@@ -880,8 +907,8 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
         cal = calibrate_depth(ds, np.asarray(truth.values, dtype=np.float64), smooth=smooth or 0.0, method=method)
         if out.is_dir():  # --overwrite of a directory by a file: the file written first, then swapped in
             new = cal.save(out.with_name(f".{out.name}.new"), overwrite=True)
-            shutil.rmtree(out)
-            new.replace(out)
+            with io.output_lock(out):  # the folder moved aside, removed once the file is in its place
+                io._move_into_place(new, out)
         else:
             cal.save(out, overwrite=overwrite)
         click.echo(f"wrote {out}: {_describe_calibration(cal)}; R² {cal.r2:.3f}, MAE {cal.mae_um:.3g} µm on "

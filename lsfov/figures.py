@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_file
+from .io import _version, atomic_file
+
+SOFTWARE = f"lsfov {_version()}"  # in every figure's metadata: what a preview may replace (made_by_lsfov)
 
 
 def _plt():
@@ -30,10 +32,23 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kind = path.suffix[1:].lower()  # the temporary name's suffix is not the format's: say it
+    kind = kind if kind in fig.canvas.get_supported_filetypes() else "png"
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=kind if kind in fig.canvas.get_supported_filetypes() else "png")
+        fig.savefig(tmp, dpi=110, format=kind, metadata={"png": {"Software": SOFTWARE}, "pdf": {"Creator": SOFTWARE},
+                                                         "svg": {"Creator": SOFTWARE}}.get(kind))
     plt.close(fig)
     return path
+
+
+def made_by_lsfov(path) -> bool:
+    """Whether ``path`` is a PNG that lsfov wrote (its ``Software`` text): what a preview may replace."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return str(getattr(im, "text", {}).get("Software", "")).startswith("lsfov")
+    except Exception:  # not an image, unreadable
+        return False
 
 
 def psf_mosaic(kernels: np.ndarray, max_nodes: int = 16) -> np.ndarray:

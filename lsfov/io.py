@@ -65,7 +65,7 @@ NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".n
 
 def check_result_name(path) -> None:
     """Refuse a result (a directory) named like a file of another format: it would pass for one."""
-    path = Path(path)
+    path = _as_path(path)
     if path.suffix.lower() in NOT_ZARR:
         raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
 
@@ -117,6 +117,8 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
 def _as_path(path) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file or directory name (str or Path), got {type(path).__name__}")
+    if not os.fspath(path):
+        raise ValueError("path is empty; give a file or directory name")
     return Path(path)
 
 
@@ -195,7 +197,13 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
     if series not in (None, 0) and not tiff:
         raise ValueError(f"{path}: series={series} (--series) picks an image of a TIFF of several; this is one image")
     if path.is_dir():
-        return _open_ngff(path, level)
+        try:
+            return _open_ngff(path, level)
+        except Exception as e:
+            damaged = _damaged_metadata(path)
+            if damaged is None:
+                raise
+            raise ValueError(damaged) from e
     if tiff:
         return _open_tiff(path, level, series)
     if level:
@@ -203,6 +211,28 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
     raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+
+
+def _damaged_metadata(path: Path) -> str | None:
+    """What is wrong with a zarr store's metadata, in one line, if that is why it cannot be read: a
+    metadata file of its group or of one of its arrays or groups one level down that is not JSON,
+    or a multiscale's dataset whose array metadata is missing; None if none of these."""
+    names = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+    for f in [path / n for n in names] + sorted(f for n in names for f in path.glob(f"*/{n}")):
+        if not f.is_file():
+            continue
+        try:
+            json.loads(f.read_bytes())
+        except (ValueError, OSError) as e:
+            return f"{f} is damaged (not JSON: {type(e).__name__}); copy the store again or write it again"
+    attrs = _group_attrs(path)
+    for ms in (attrs.get("ome") or attrs).get("multiscales") or []:
+        for ds in ms.get("datasets", []) if isinstance(ms, dict) else []:
+            where = path / str(ds.get("path", "")) if isinstance(ds, dict) else None
+            if where is not None and not any((where / n).is_file() for n in ("zarr.json", ".zarray")):
+                return (f"{where}: the array of pyramid level {ds.get('path')} has no metadata (zarr.json); "
+                        "the store is damaged: copy it again or write it again")
+    return None
 
 
 class SeveralImages(ValueError):
@@ -1192,8 +1222,11 @@ def atomic_directory(path, *, overwrite: bool = False):
     second writer of ``path`` is refused, and a ``path`` that something else creates meanwhile is
     not replaced without ``overwrite`` (FileExistsError).
     """
-    path = Path(path)
+    path = _link_target(path)
+    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+        raise ValueError(f"{path} is the current folder (or holds it); name a new folder for the result")
     with output_lock(path):  # another writer's partial directory is not stale: it is refused first
+        _restore_moved_aside(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         if path.exists() and not _is_replaceable(path):
@@ -1223,7 +1256,7 @@ def atomic_file(path, *, unique: bool = False):
     a name of its own for writers that may meet (Dask tasks). On any error it is removed and
     ``path`` is left as it was.
     """
-    path = Path(path)
+    path = _link_target(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the name of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1430,6 +1463,26 @@ def _is_replaceable(path: Path) -> bool:
                               or not any(path.iterdir()))
 
 
+def _link_target(path) -> Path:
+    """Where a write of ``path`` goes: the file or folder a symbolic link names (the link stays a link,
+    and the new result is made beside its target, on the target's file system), else ``path``."""
+    path = _as_path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _restore_moved_aside(path: Path):
+    """Mend what a write killed inside :func:`_move_into_place` left: with ``path`` gone, its old
+    result moved aside is put back (the newest, were there several); with ``path`` in place, such
+    old results are leftovers of a replacement that had ended, and are removed."""
+    olds = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.lstat().st_mtime)
+    if olds and not os.path.lexists(path):
+        log.warning("restoring %s from %s: a write that was replacing it was killed", path, olds[-1].name)
+        os.replace(olds.pop(), path)
+    for old in olds:
+        log.info("removing %s, the result %s had before a replacement", old, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _move_into_place(tmp: Path, path: Path):
     """Rename ``tmp`` to ``path``; an old ``path`` is moved aside first and removed only at the end."""
     old = None
@@ -1503,7 +1556,7 @@ def open_result(path) -> xr.Dataset:
         If ``path`` is not an lsfov result (an image, an operator, a subspace or a training set), or
         its write was interrupted.
     """
-    path = Path(path)
+    path = _as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such result: {path}")
     meta = _group_attrs(path).get("lsfov")

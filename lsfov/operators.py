@@ -290,6 +290,8 @@ class ProductConvolution:
         self.shape = tuple(int(s) for s in shape)
         self._kernels, self._centers, self._maps = (_read_only(v) for v in (kernels, centers, maps))
         self.window = tuple(int(v) for v in window) if window is not None else (0, 0) + self.shape
+        if attrs is not None and not isinstance(attrs, dict):
+            raise TypeError(f"attrs must be a dict of metadata, got {type(attrs).__name__}")
         self.attrs = dict(attrs or {})
         self.periodic = (bool(periodic),) * 2 if np.isscalar(periodic) else tuple(bool(p) for p in periodic)
         self._renew(_token)
@@ -1155,8 +1157,11 @@ class ProductConvolution:
             path = path / "operator"
         meta = _operator_meta(path)
         if meta is None:
-            from .io import _group_attrs
+            from .io import _damaged_metadata, _group_attrs
 
+            damaged = _damaged_metadata(path)
+            if damaged:
+                raise ValueError(damaged)
             result = _group_attrs(path).get("lsfov") or {}
             if "psf_model" in (result.get("attrs") or {}):
                 raise ValueError(f"{path} is a PSF map, not an operator: give it as --psf-map (Python: "
@@ -1173,6 +1178,8 @@ class ProductConvolution:
         missing = [n for n in parts if n not in root]
         if missing:
             raise ValueError(f"{path} is damaged: its {', '.join(missing)} array is missing; save it again")
+        if root["kernels"].nchunks_initialized < root["kernels"].nchunks:  # PSFs are never all zero: never left out
+            raise ValueError(f"{path} is damaged: chunks of its kernels array are missing; save it again")
         kernels = np.asarray(root["kernels"][...], dtype=np.float32)
         attrs = meta.get("attrs") or {}
         if meta["kind"] == "grid":

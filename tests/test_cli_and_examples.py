@@ -198,6 +198,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     (tmp_path / "adir.json" / "keep.txt").write_text("someone's data")
     (tmp_path / "cal.json").write_text(json.dumps({"type": "lsfov.DepthCalibration", "axis0": 2.3, "slope": 20.0,
                                                    "offset": 0.0, "r2": 1.0, "mae_um": 0.0, "n_nodes": 9}))
+    (tmp_path / "nan.json").write_text((tmp_path / "cal.json").read_text().replace("2.3", "NaN"))
+    cases.append((["depth", "m1.zarr", "d.zarr", "--calibration", "nan.json"],
+                  "nan.json: depth calibration axis0 must be a finite number"))
     cases.append((["run", "img.npy", "o.zarr", "--model", "G1", "--calibration", "cal.json"], "needs an astigmatic"))
     (tmp_path / "rob.png").write_bytes(b"a figure")
     cases.append((["evaluate", "Z3", "--robustness", 5, "--figure", "rob.png"], "--overwrite"))
@@ -218,6 +221,11 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
                                                                        "it as --psf-map"),
         (["estimate", "img.npy", "a.txt/sub/o.zarr"], "a.txt/sub/o.zarr: a.txt is a file, not a folder"),
         (["simulate", "blur", "img.npy", "o.zarr", "--grid", 300], "a grid of 300x300 nodes is finer than the 256x256 px"),
+        # a plain file is never a result: --overwrite would not help, so it is not what the message offers
+        (["estimate", "img.npy", "afile.zarr"], "afile.zarr is a file, not a result; remove it or choose another"),
+        (["simulate", "beads", ".", "--overwrite"], ". is the current folder (or holds it)"),
+        (["estimate", "", "o.zarr"], "an input path is empty"),
+        (["estimate", "img.npy", "o.zarr", "--scratch", "m1.zarr/tmp"], "--scratch m1.zarr/tmp is inside the zarr store"),
     ]
     import torch
 

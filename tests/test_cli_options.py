@@ -46,9 +46,30 @@ def test_deconvolve_never_replaces_someones_file_where_its_preview_goes(run, tmp
     _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, ok=False),
              "d.png already exists; pass --overwrite")
     assert (tmp_path / "d.png").read_bytes() == b"someone's picture" and not (tmp_path / "d.zarr").exists()
+    # --overwrite replaces the result OUT: a file beside it that lsfov did not make is not its preview
+    _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--overwrite", ok=False),
+             "d.png, where the preview of OUT goes, is a file lsfov did not make")
+    assert (tmp_path / "d.png").read_bytes() == b"someone's picture" and not (tmp_path / "d.zarr").exists()
     assert not no_work
-    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, "--overwrite")
-    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "d.png").unlink()
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1)
+    made = (tmp_path / "d.png").read_bytes()
+    (tmp_path / "d.zarr").rename(tmp_path / "e.zarr")  # the preview alone: lsfov's, so replaced
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 2, "--overwrite")
+    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "d.png").read_bytes() != made
+
+
+def test_outputs_where_one_cannot_write_are_refused_before_any_work(run, tmp_path, small, no_work, monkeypatch):
+    import os
+
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real(p, mode))
+    _refused(run("deconvolve", "y.npy", "ro/d.zarr", "--psf", "psf.npy", ok=False),
+             "ro/d.zarr: cannot write in ")
+    _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--scratch", "ro/s", ok=False),
+             "--scratch ro/s: cannot write in ")
+    assert not no_work and not (tmp_path / "d.zarr").exists()
 
 
 def test_demo_never_replaces_someones_file_where_its_figure_goes(run, tmp_path, monkeypatch):

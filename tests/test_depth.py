@@ -288,6 +288,13 @@ def test_curve_calibration_needs_depth_levels():
         DepthCalibration(**{**cal.to_dict(), "curves": None})
     with pytest.raises(ValueError, match="method"):
         DepthCalibration(**{**cal.to_dict(), "method": "cubic"})
+    # Numbers that would give NaN depths, or fail where the map is read, are refused where they come in.
+    for bad, match in ((dict(axis0=float("nan")), "axis0 must be a finite number"),
+                       (dict(slope="abc"), "slope must be a finite number"), (dict(slope=-1.0), "must be >= 0"),
+                       (dict(noise=[1.0, float("inf")]), "noise holds NaN or Inf"),
+                       (dict(curves=[["a"], [1.0]]), "curves must hold numbers")):
+        with pytest.raises(ValueError, match=match):
+            DepthCalibration(**{**cal.to_dict(), **bad})
 
 
 def test_calibration_records_its_map_and_warns_on_another():

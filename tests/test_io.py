@@ -325,6 +325,30 @@ def test_bad_paths(tmp_path):
                                          r"pass .*r.zarr, or open this image alone with lsfov.open_image"):
         lsfov.open_result(tmp_path / "r.zarr" / "deblurred")
     assert lsfov.open_image(tmp_path / "r.zarr" / "deblurred").shape == (32, 32)
+    for bad in (5, None):
+        with pytest.raises(TypeError, match="path must be a file or directory name"):
+            lsfov.open_result(bad)
+        with pytest.raises(TypeError, match="path must be a file or directory name"):
+            lsfov.save(_image(8, 8), bad)
+    with pytest.raises(ValueError, match="path is empty"):
+        lsfov.open_image("")
+
+
+def test_damaged_store_metadata_is_named(tmp_path):
+    lsfov.save(_image(32, 32), tmp_path / "r.zarr")
+    img = tmp_path / "r.zarr" / "deblurred"
+    meta = img / "0" / "zarr.json"
+    text = meta.read_text()
+    meta.write_text(text[:40])  # cut short
+    with pytest.raises(ValueError, match=r"deblurred/0/zarr.json is damaged \(not JSON"):
+        lsfov.open_image(img)
+    meta.unlink()
+    with pytest.raises(ValueError, match=r"deblurred/0: the array of pyramid level 0 has no metadata"):
+        lsfov.open_image(img)
+    meta.write_text(text)
+    (img / "zarr.json").write_text("{")
+    with pytest.raises(ValueError, match=r"deblurred/zarr.json is damaged"):
+        lsfov.open_image(img)
 
 
 def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
@@ -510,6 +534,47 @@ def test_save_never_harms_existing_output(tmp_path):
         (tmp_path / name / "zarr.json").write_text("{}")
     lsfov.save(_image(16, 16), path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".r.zarr2.partial-0live0", "precious", "r.zarr"]
+
+
+def test_a_write_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    target, link = tmp_path / "store" / "t.zarr", tmp_path / "link.zarr"
+    target.parent.mkdir()
+    lsfov.save(_image(16, 16), target)
+    link.symlink_to(target)
+    lsfov.save(_image(32, 32), link, overwrite=True)
+    assert link.is_symlink() and lsfov.open_result(target).deblurred.shape == (32, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zarr", "store"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["t.zarr"]
+    dangling = tmp_path / "dangling.zarr"
+    dangling.symlink_to(tmp_path / "store" / "new.zarr")  # a link made first, its target by the write
+    lsfov.save(_image(16, 16), dangling)
+    assert dangling.is_symlink() and lsfov.open_result(dangling).deblurred.shape == (16, 16)
+
+
+def test_a_write_killed_between_its_two_renames_gives_the_old_result_back(tmp_path, caplog):
+    """Replacing a result moves the old one aside, then the new one in: a write killed in between
+    left neither at OUT. The next write of OUT puts the old one back first."""
+    path = tmp_path / "r.zarr"
+    lsfov.save(_image(16, 16), path)
+    os.replace(path, tmp_path / ".r.zarr.old-0dead0")  # what the killed write had done
+    (tmp_path / ".r.zarr.partial-0dead0").mkdir()  # and the new result it had finished
+    with caplog.at_level("WARNING", logger="lsfov"), pytest.raises(FileExistsError, match="overwrite"):
+        lsfov.save(_image(32, 32), path)
+    assert "restoring" in caplog.text and lsfov.open_result(path).deblurred.shape == (16, 16)
+    # A replacement that ended before removing the old result: that one is a leftover.
+    (tmp_path / ".r.zarr.old-1dead1").mkdir()
+    lsfov.save(_image(32, 32), path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+    assert lsfov.open_result(path).deblurred.shape == (32, 32)
+
+
+def test_a_result_is_never_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for where in (".", ".."):
+        with pytest.raises(ValueError, match="is the current folder"):
+            lsfov.save(_image(16, 16), where, overwrite=True)
+    assert os.listdir(tmp_path) == ["here"]
 
 
 def test_save_bad_objects(tmp_path):

@@ -119,7 +119,19 @@ class DepthCalibration:
         for name in ("curves", "noise", "range_um"):
             v = getattr(self, name)
             if v is not None:
-                object.__setattr__(self, name, tuple(tuple(map(float, c)) if np.ndim(c) else float(c) for c in v))
+                try:
+                    v = tuple(tuple(map(float, c)) if np.ndim(c) else float(c) for c in v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"depth calibration {name} must hold numbers, got {v!r}") from None
+                if not np.isfinite(np.concatenate([np.ravel(c) for c in v])).all():
+                    raise ValueError(f"depth calibration {name} holds NaN or Inf; calibrate again")
+                object.__setattr__(self, name, v)
+        for name in ("axis0", "slope", "offset", "smooth", "min_validity"):  # what readings go through
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+                raise ValueError(f"depth calibration {name} must be a finite number, got {v!r}; calibrate again")
+        if self.slope < 0 or self.smooth < 0:
+            raise ValueError(f"depth calibration slope and smooth must be >= 0, got {self.slope} and {self.smooth}")
         if self.method not in METHODS:
             raise ValueError(f"unknown depth calibration method {self.method!r}; use one of {METHODS}")
         if self.method == "curve" and (self.curves is None or self.noise is None or self.range_um is None):
@@ -162,6 +174,8 @@ class DepthCalibration:
             return cls(**raw)
         except TypeError as e:
             raise ValueError(f"{path}: not a depth calibration of this lsfov version ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 _TYPE = "lsfov.DepthCalibration"
