@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -202,7 +203,8 @@ def user_stacklevel() -> int:
 def not_a_bead_field(x, name: str):
     """Refuse a ``lsfov.simulate.BeadField`` (or a list of them), or a file name, where an image is meant."""
     if isinstance(x, (str, os.PathLike)):
-        raise TypeError(f"{name} takes images, got the file name {str(x)!r}; open it with lsfov.open_image")
+        how = ("lsfov.io.open_planes (a stack's planes)" if name == "bead_images" else "lsfov.open_image")
+        raise TypeError(f"{name} takes images, got the file name {str(x)!r}; open it with {how}")
     items = x if isinstance(x, (list, tuple)) else [x]
     if any(type(v).__name__ == "BeadField" and hasattr(v, "image") for v in items):
         fix = "[b.image for b in beads]" if items is x else "beads.image"
@@ -273,7 +275,11 @@ def check_pixel_size(made, image, what: str = "the operator was made for"):
         if "psf_file" in (getattr(made, "attrs", None) or {}):  # a measured PSF, in the image's own pixels
             return
         raise
+    measured = (getattr(made, "attrs", None) or {}).get("psf_file")
+    if measured:  # a PSF file with its own pixel size
+        what = f"the PSF {Path(str(measured)).name} has"
     if px and abs(float(px) / float(ref) - 1) > 0.1:
         warnings.warn(f"the image's pixels are {float(px):g} µm but {what} {float(ref):g} µm pixels: unless one "
                       "of the two sizes is wrong (give the image's with pixel_um= / --pixel-um), its PSFs are the wrong "
-                      "size here; resample the image or calibrate for these pixels", LsfovWarning, stacklevel=3)
+                      "size here; resample the image or " + ("the PSF" if measured else "calibrate for these pixels"),
+                      LsfovWarning, stacklevel=3)

@@ -1371,8 +1371,8 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     with use_scheduler(scheduler, n_workers=2), tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-",
                                                                          dir=out.parent) as tmp:
         t = time.perf_counter()
-        cal = calibrate_depth(estimate_psf_map(da.from_array(calib.image, chunks=chunks), "Z3"), calib.depth_um,
-                              smooth=2.0)  # a local plane over ~2 nodes: the surface is smooth, a node's estimate is not
+        cal = calibrate_depth(estimate_psf_map(io.with_pixel_size(da.from_array(calib.image, chunks=chunks), px), "Z3"),
+                              calib.depth_um, smooth=2.0)  # a local plane over ~2 nodes: the surface is smooth, a node's estimate is not
         stages["depth calibration (second plane)"] = time.perf_counter() - t
         ds, more = _blind(img, _on_gpu(img, None, scheduler), "Z3", calibration=cal, scratch=tmp,
                           progress=not obj["quiet"])  # CuPy chunks on the cuda scheduler, as lsfov run

@@ -104,7 +104,12 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     if arr.dtype.kind not in "biuf":  # known from the header: refused here, not deep in the first use
         raise TypeError(f"{path} holds {arr.dtype} values; lsfov reads real intensity images (take the "
                         "magnitude or the real part and save that)")
-    if series is not None:  # which image of the file this is, for what is made of it
+    if series is not None:  # which image of the file this is (counted from 0), for what is made of it
+        if series < 0:  # a TIFF's (nothing else has series but 0): as --z -1 is recorded
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                series += len(tf.series)
         arr.attrs["plane"] = {"series": int(series), **arr.attrs.get("plane", {})}
     if chunks is not None:
         arr = arr.chunk(dict(zip(("y", "x"), chunks)))

@@ -65,6 +65,7 @@ def test_demo_writes_result_and_figure(run, tmp_path):
     assert 0.5 * span < float(np.ptp(ds.depth.values)) < 2 * span  # 15.8 µm here: the map follows the tilt
     assert {"raw", "sharp", "deblurred", "focus", "astigmatism", "axis", "validity", "depth"} <= set(ds.data_vars)
     assert ds.raw.shape == (512, 512) and ds.focus.shape == (7, 7)
+    assert ds.depth.attrs["calibration"]["pixel_um"] == ds.raw.attrs["pixel_um"]  # a map of other pixels is told
     assert (tmp_path / "d.png").stat().st_size > 10_000
     again = run("demo", "--size", 256, "--out", "d.zarr", ok=False)
     assert again.exit_code == 1 and "--overwrite" in again.output
@@ -415,7 +416,8 @@ def test_cli_reads_what_microscopes_write(run, tmp_path, blurred):
     # A PSF measured at other pixels than the image's is the wrong size: said, as for an operator
     tifffile.imwrite(tmp_path / "psf005.ome.tif", k, metadata={"axes": "YX", "PhysicalSizeX": 0.05,
                                                                "PhysicalSizeY": 0.05})
-    with pytest.warns(lsfov.LsfovWarning, match="the operator was made for 0.05 µm pixels"):
+    with pytest.warns(lsfov.LsfovWarning, match="the PSF psf005.ome.tif has 0.05 µm pixels.*resample the image or "
+                                                "the PSF"):
         run("deconvolve", "y.npy", "px.zarr", "--psf", "psf005.ome.tif", "--iterations", 1, "--pixel-um", 0.1)
     for args, msg in ((["--psf-map", "op.zarr"], "is an operator"), (["--psf", "op.zarr"], "is an operator"),
                       (["--psf-map", "s.zarr"], "--psf-map s.zarr is not a PSF map; make one with `lsfov estimate IMAGE MAP`")):

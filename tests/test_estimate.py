@@ -721,7 +721,7 @@ def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path, z
     assert stacked.shape == (280, 128, 128) and stacked[300:400].shape == (0, 128, 128)
     with pytest.raises(TypeError, match="contiguous"):
         stacked[[1, 2]]
-    with pytest.raises(ValueError, match="another psf_model"):
+    with pytest.raises(ValueError, match="differ in psf_model"):
         train.train([a, z3_small], **kw)
     with pytest.raises(ValueError, match="empty list"):
         train.train([], **kw)

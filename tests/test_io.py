@@ -369,7 +369,8 @@ def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
     np.testing.assert_array_equal(second.values, b[:48])
     assert first.attrs["pixel_um"] == pytest.approx(0.2) and second.attrs["pixel_um"] == pytest.approx(0.4)
     assert "significant_bits" not in first.attrs and second.attrs["significant_bits"] == 12  # each its own
-    assert first.attrs["plane"] == {"series": 0} and lsfov.open_image(tmp_path / "pos.ome.tif", series=-1).shape == (48, 80)
+    last = lsfov.open_image(tmp_path / "pos.ome.tif", series=-1)
+    assert first.attrs["plane"] == {"series": 0} and last.shape == (48, 80) and last.attrs["plane"] == {"series": 1}
     info = lsfov.io.describe(tmp_path / "pos.ome.tif")
     assert "2 images (choose one with series= / --series)" in info and "series 1: shape (48, 80) uint16" in info
     assert [p.shape for p in lsfov.io.open_planes(tmp_path / "pos.ome.tif")] == [(64, 80), (48, 80)]

@@ -152,11 +152,14 @@ def _as_set(data):
             raise ValueError("data is an empty list: give one or more training sets")
         sets = [_as_set(d) for d in data]
         first = sets[0]["attrs"]
+        def name(d):
+            return str(d) if isinstance(d, (str, Path)) else "(dict)"
+
         for d, st in zip(data[1:], sets[1:]):
             for key in _SAME:
                 if st["attrs"].get(key) != first.get(key):
-                    raise ValueError(f"training set {d if isinstance(d, (str, Path)) else '(dict)'} has another {key} "
-                                     f"({st['attrs'].get(key)!r}) than the first ({first.get(key)!r}); train on sets "
+                    raise ValueError(f"training sets {name(data[0])} and {name(d)} differ in {key} "
+                                     f"({first.get(key)!r} and {st['attrs'].get(key)!r}); train on sets "
                                      "synthesized for one PSF model, ranges and optics")
         attrs = dict(first)
         for key in {k for st in sets for k in st["attrs"]} - set(_SAME):  # e.g. each set's seed, photons

@@ -221,7 +221,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if not np.isfinite(total) or not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
     if hi <= 0:
-        raise ValueError("image is all zero" if hi == 0 and lo == 0 else
+        raise ValueError("image is all zero; is it the plane (--channel, --z, --t) you meant?" if hi == 0 and lo == 0 else
                          f"image has no positive pixel (max {hi:g}); is it background-subtracted twice?")
     if lo < 0:
         warnings.warn(f"image has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
@@ -248,8 +248,9 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
                               level=level)
     counts = exchange_counts(iterations, k)
-    log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d blocks of up to %s", iterations, len(counts),
-             "" if len(counts) == 1 else "s", halo, y_ext.npartitions, tuple(max(ch) for ch in chunks))
+    log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d block%s of up to %s", iterations, len(counts),
+             "" if len(counts) == 1 else "s", halo, y_ext.npartitions, "" if y_ext.npartitions == 1 else "s",
+             tuple(max(ch) for ch in chunks))
 
     if scratch is None:
         x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale, level))

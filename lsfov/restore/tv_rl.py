@@ -342,7 +342,8 @@ def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, r
     _check_shape(y.shape, operator)
     scale = float(y.mean())
     if not scale > 0:
-        raise ValueError("image is all zero; there is nothing to deconvolve")
+        raise ValueError("image is all zero; there is nothing to deconvolve: is it the plane (--channel, --z, --t) "
+                         "you meant?")
     peak = float(y.max())
     _check_range(scale, peak, eps)
     return _whole(y, operator, iterations, tv, eps, scale, progress, clip, peak)
