@@ -764,9 +764,9 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
         c = arr.coords[dim] if dim in arr.coords else None  # not .get: xarray makes up an index
         if c is not None and c.dtype.kind in "iuf":  # a position (not, say, a channel's name)
             if c.attrs.get("units") == SPATIAL_UNIT:
-                where[f"{dim}_um"] = float(c.values[i])
+                where[f"{dim}_um"] = _tidy(c.values[i])
             else:
-                where.update({dim: float(c.values[i]), f"{dim}_units": c.attrs.get("units")})
+                where.update({dim: _tidy(c.values[i]), f"{dim}_units": c.attrs.get("units")})
 
     for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
         if idx is not None:
@@ -1444,13 +1444,19 @@ def _axis_geometry(var: xr.DataArray, dim):
     step = _even_step(c)
     if step is None:
         raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing; NGFF needs a scale")
-    return step * factor, float(c[0]) * factor, unit
+    return _tidy(step * factor), _tidy(c[0] * factor), unit
 
 
 def _even_step(c) -> float | None:
     """The step of evenly spaced, increasing coordinates ``c`` (at least two); None if they are not."""
     step = (c[-1] - c[0]) / (c.size - 1)
-    return float(step) if step > 0 and np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9) else None
+    return _tidy(step) if step > 0 and np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9) else None
+
+
+def _tidy(v) -> float:
+    """``v`` to 12 significant digits: 0.2, not the 0.20000000000000004 that sums of steps leave in
+    metadata people read (and far below any pixel size's precision)."""
+    return float(f"{float(v):.12g}")
 
 
 def _lead_coords(var, lead):

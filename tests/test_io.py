@@ -578,6 +578,18 @@ def test_a_result_is_never_the_current_folder(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["here"]
 
 
+def test_metadata_holds_the_pixel_size_not_its_rounding_errors(tmp_path):
+    """0.2 µm steps summed in floating point are 0.20000000000000004 apart: NGFF's scale says 0.2."""
+    c = 0.2 * np.arange(40)
+    img = xr.DataArray(np.ones((40, 40), np.float32), dims=("y", "x"),
+                       coords={d: xr.Variable(d, c, {"units": "micrometer"}) for d in ("y", "x")})
+    assert (c[29] - c[10]) / 19 != 0.2
+    lsfov.save(img[10:30, 5:30], tmp_path / "crop.zarr")
+    ms = json.loads((tmp_path / "crop.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"]
+    assert ms[0]["datasets"][0]["coordinateTransformations"] == [{"type": "scale", "scale": [0.2, 0.2]},
+                                                                 {"type": "translation", "translation": [2.0, 1.0]}]
+
+
 def test_save_bad_objects(tmp_path):
     with pytest.raises(TypeError, match="save"):
         lsfov.save("hello", tmp_path / "x.zarr")
