@@ -1046,7 +1046,7 @@ def _in_image_frame(table, img):
 
 
 @main.command()
-@click.argument("beads", nargs=-1, required=True, type=click.Path())
+@click.argument("beads", nargs=-1, type=click.Path(), metavar="BEADS...")
 @click.argument("out", type=click.Path())
 @click.option("--n-basis", type=click.IntRange(min=1), default=5, show_default=True, help="PSF basis size I.")
 @click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True,
@@ -1073,6 +1073,8 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
     from .cluster import use_scheduler
     from .io import open_planes
 
+    if not beads:  # one path given: it is OUT that is missing (click would name BEADS, filled first from the left)
+        raise click.UsageError(f"give the bead image(s) and then OUT: lsfov calibrate {out} OUT")
     out = _check_out(out, overwrite, inputs=beads)
     if figure:
         _check_figure(figure, overwrite, out, inputs=beads)

@@ -1580,7 +1580,8 @@ def open_result(path) -> xr.Dataset:
         if _name_in_result(parent, path.name):  # a variable's group: its own attrs, no 'complete'
             raise ValueError(f"{path} is one variable ({path.name}) of the result {path.parent}: pass "
                              f"{path.parent}, or open this image alone with lsfov.open_image")
-        raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); rerun with --overwrite")
+        raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); run the command that wrote "
+                         "it again, with --overwrite")
     variables = {}
     for name in meta.get("variables", []):  # absolute: lazy reads run on workers started elsewhere
         variables[name] = _open_variable(path.resolve() / name)
