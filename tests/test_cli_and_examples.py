@@ -49,7 +49,7 @@ def test_help(run):
     assert res.output.strip().endswith("No such option '-v': -v goes before the command, lsfov -v simulate blur ...")
     res = run("calibrate", "beads.tif", ok=False)  # one path: OUT is what is missing, not the bead images
     assert res.exit_code == 2 and "give the bead image(s) and then OUT: lsfov calibrate beads.tif OUT" in res.output
-    assert "Usage: lsfov calibrate [OPTIONS] BEADS... OUT" in res.output
+    assert "calibrate [OPTIONS] BEADS... OUT" in res.output
 
 
 def test_demo_writes_result_and_figure(run, tmp_path):
