@@ -1698,20 +1698,25 @@ def describe(path) -> str:
         parts = _open_tiff(path, every=True)
         return (f"{path}: {e.n} images (choose one with series= / --series)" + "".join(
             f"\n  {_describe_array(f'series {k}', a)}" + (f"; pixel size {a.attrs['pixel_um']:g} µm"
-                                                          if a.attrs.get("pixel_um") else "")
+                                                          if a.attrs.get("pixel_um") else "") + _clip_said(a, "; ")
             for k, a in enumerate(parts)))
     px = arr.attrs.get("pixel_um")
     levels = _pyramid_shapes(path)
-    from ._validate import saturation_level, significant_bits
-
-    clip = saturation_level(arr)  # what PSF maps, deconvolution and BSS take as the camera's clip
-    bits = significant_bits(arr)
     return (f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
-            + (f"\n  saturates at {clip:g}" + (f" ({bits} significant bits)" if bits and clip == 2.0**bits - 1 else
-                                                " (its type's largest count)") + "; --saturation gives another level"
-               if clip is not None else "")
+            + _clip_said(arr, "\n  ")
             + (f"\n  pyramid: {len(levels)} levels, {' '.join('x'.join(map(str, s)) for s in levels)} "
                "(level=k of lsfov.open_image)" if len(levels) > 1 else ""))
+
+
+def _clip_said(arr, sep: str) -> str:
+    """Where an image saturates, as PSF maps, deconvolution and BSS take the camera's clip ("" if nowhere)."""
+    from ._validate import saturation_level, significant_bits
+
+    clip, bits = saturation_level(arr), significant_bits(arr)
+    if clip is None:
+        return ""
+    return (f"{sep}saturates at {clip:g}" + (f" ({bits} significant bits)" if bits and clip == 2.0**bits - 1 else
+                                             " (its type's largest count)") + "; --saturation gives another level")
 
 
 def _pyramid_shapes(path: Path) -> list:

@@ -373,6 +373,7 @@ def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
     assert first.attrs["plane"] == {"series": 0} and last.shape == (48, 80) and last.attrs["plane"] == {"series": 1}
     info = lsfov.io.describe(tmp_path / "pos.ome.tif")
     assert "2 images (choose one with series= / --series)" in info and "series 1: shape (48, 80) uint16" in info
+    assert "pixel size 0.4 µm; saturates at 4095 (12 significant bits)" in info  # each its own clip
     assert [p.shape for p in lsfov.io.open_planes(tmp_path / "pos.ome.tif")] == [(64, 80), (48, 80)]
     with pytest.raises(ValueError, match=r"series=2 \(--series\) out of range; the file has 2 image\(s\)"):
         lsfov.open_image(tmp_path / "pos.ome.tif", series=2)
