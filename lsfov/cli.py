@@ -5,6 +5,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -918,7 +919,9 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
     made = {"command": "lsfov depth", "source": str(psf_map), **({"calibration": str(calibration)} if cal else {}),
             **({"image": ds.attrs["source"]} if ds.attrs.get("source") else {}), **io.plane_of(ds)}
     io.save(xr.Dataset({"depth": z}, attrs=made), out, overwrite=overwrite)
-    click.echo(f"wrote {out}: depth {float(z.min()):.3g} .. {float(z.max()):.3g} {z.attrs['units']}")
+    lo, hi = float(z.min()), float(z.max())
+    digits = max(0, 2 - math.floor(math.log10(max(abs(lo), abs(hi), 1e-12))))  # 3 significant, alike: -0.170 .. 0.108
+    click.echo(f"wrote {out}: depth {lo:.{digits}f} .. {hi:.{digits}f} {z.attrs['units']}")
 
 
 def _describe_calibration(cal) -> str:

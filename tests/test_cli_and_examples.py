@@ -783,9 +783,11 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path, lsfov_log):
     assert "calibration curves of degree 2" in res.output  # 4 depths along the tilt: the degree comes down
     res = run("depth", "map.zarr", "lin.json", "--known", "truth.npy", "--method", "linear")
     assert "µm/wave" in res.output and json.loads(Path("lin.json").read_text())["method"] == "linear"
-    run("depth", "map.zarr", "z.zarr", "--calibration", "cal.json")
+    said = run("depth", "map.zarr", "z.zarr", "--calibration", "cal.json").output
     z = lsfov.open_result("z.zarr").depth
     assert z.shape == (4, 4) and z.attrs["units"] == "micrometer"
+    lo, hi = re.search(r"depth (\S+) \.\. (\S+) micrometer", said).groups()  # the same decimals, 3 digits
+    assert len(lo.split(".")[-1]) == len(hi.split(".")[-1]) and float(lo) == pytest.approx(float(z.min()), abs=10.0 ** -len(lo.split(".")[-1]))
     run("depth", "map.zarr", "z0.zarr")
     assert lsfov.open_result("z0.zarr").depth.attrs["units"].startswith("wave RMS")
     # A smoothed calibration: stored in the JSON, applied by default, overridable.
