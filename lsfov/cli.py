@@ -290,7 +290,7 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     """OUT checked before any work: not there (or ``--overwrite``); a result is an OME-Zarr directory,
     so a name of another format, or an existing plain file in its place, is refused. Nothing replaces
     a directory that is not a zarr store, nor an input (``inputs``) or a folder holding one."""
-    from .io import _is_replaceable, check_result_name
+    from .io import _is_replaceable, _link_target, check_result_name, is_working_folder, output_lock, restore_moved_aside
 
     path = Path(path)
     for src in inputs:
@@ -301,13 +301,17 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
             raise ValueError(f"{path} is the input {src} (or holds it); write the output under another name")
         if src.is_dir() and src in path.resolve().parents:  # e.g. into an OME-Zarr store being read
             raise ValueError(f"{path} is inside the input {src}; write the output elsewhere")
-    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+    if is_working_folder(path):
         raise ValueError(f"{path} is the current folder (or holds it); name a new file or folder for the output")
-    under = next((p for p in path.parents if p.exists()), None)  # the folder it would be made in
+    target = _link_target(path)  # where it is written: beside what a link names
+    under = next((p for p in target.parents if p.exists()), None)  # the folder it would be made in
     if under is not None and not under.is_dir():
         raise NotADirectoryError(f"{path}: {under} is a file, not a folder; choose another place for the output")
     if under is not None and not os.access(under, os.W_OK | os.X_OK):  # the output, its lock and temporaries
         raise PermissionError(f"{path}: cannot write in {under} (permission denied); choose a folder you can write to")
+    if result and target.parent.is_dir():
+        with output_lock(target):  # a write killed while replacing OUT: its old result back before OUT is judged
+            restore_moved_aside(target)
     if result:
         check_result_name(path)
         if path.exists() and not path.is_dir():

@@ -228,8 +228,10 @@ def _damaged_metadata(path: Path) -> str | None:
             continue
         try:
             json.loads(f.read_bytes())
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             return f"{f} is damaged (not JSON: {type(e).__name__}); copy the store again or write it again"
+        except OSError:  # unreadable (permissions): not damage; the error reading it says so
+            continue
     attrs = _group_attrs(path)
     for ms in (attrs.get("ome") or attrs).get("multiscales") or []:
         for ds in ms.get("datasets", []) if isinstance(ms, dict) else []:
@@ -765,8 +767,8 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
         if c is not None and c.dtype.kind in "iuf":  # a position (not, say, a channel's name)
             if c.attrs.get("units") == SPATIAL_UNIT:
                 where[f"{dim}_um"] = _tidy(c.values[i])
-            else:
-                where.update({dim: _tidy(c.values[i]), f"{dim}_units": c.attrs.get("units")})
+            else:  # (a time, which may be seconds since 1970: every digit kept)
+                where.update({dim: float(c.values[i]), f"{dim}_units": c.attrs.get("units")})
 
     for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
         if idx is not None:
@@ -1070,6 +1072,7 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     from .operators import ProductConvolution
 
     check_result_name(path)
+    check_result_name(_link_target(path))  # a link named r.zarr to x.tif would make a directory x.tif
     if isinstance(obj, ProductConvolution):
         if operator is not None:
             raise ValueError("operator= goes with a result; save an operator on its own as obj")
@@ -1228,10 +1231,10 @@ def atomic_directory(path, *, overwrite: bool = False):
     not replaced without ``overwrite`` (FileExistsError).
     """
     path = _link_target(path)
-    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+    if is_working_folder(path):
         raise ValueError(f"{path} is the current folder (or holds it); name a new folder for the result")
     with output_lock(path):  # another writer's partial directory is not stale: it is refused first
-        _restore_moved_aside(path)
+        restore_moved_aside(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         if path.exists() and not _is_replaceable(path):
@@ -1481,17 +1484,29 @@ def _link_target(path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-def _restore_moved_aside(path: Path):
-    """Mend what a write killed inside :func:`_move_into_place` left: with ``path`` gone, its old
-    result moved aside is put back (the newest, were there several); with ``path`` in place, such
-    old results are leftovers of a replacement that had ended, and are removed."""
-    olds = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.lstat().st_mtime)
+def restore_moved_aside(path: Path):
+    """Mend what a write killed inside :func:`_move_into_place` left (call it holding
+    :func:`output_lock`): with ``path`` gone, its old result moved aside whole is put back (the
+    newest, were there several); with ``path`` in place, such old results are leftovers of a
+    replacement that had ended, and are removed, as are old results whose removal was cut short."""
+    name = glob.escape(path.name)
+    olds = sorted(path.parent.glob(f".{name}.old-*"), key=lambda p: p.lstat().st_mtime)
     if olds and not os.path.lexists(path):
         log.warning("restoring %s from %s: a write that was replacing it was killed", path, olds[-1].name)
         os.replace(olds.pop(), path)
-    for old in olds:
+    for old in olds + sorted(path.parent.glob(f".{name}.removing-*")):
         log.info("removing %s, the result %s had before a replacement", old, path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def is_working_folder(path: Path) -> bool:
+    """Whether ``path`` is the current folder or holds it (never an output: replacing it would pull
+    the folder from under the run); False where the current folder is gone."""
+    try:
+        here = Path.cwd().resolve()
+    except OSError:
+        return False
+    return path.resolve() == here or path.resolve() in here.parents
 
 
 def _move_into_place(tmp: Path, path: Path):
@@ -1506,7 +1521,11 @@ def _move_into_place(tmp: Path, path: Path):
         if old is not None:
             os.replace(old, path)
         raise
-    if old is not None:
+    if old is not None:  # renamed first: a removal cut short is never taken for a result to restore
+        gone = old.with_name(old.name.replace(".old-", ".removing-", 1))
+        with contextlib.suppress(OSError):
+            os.replace(old, gone)
+            old = gone
         shutil.rmtree(old, ignore_errors=True)
 
 

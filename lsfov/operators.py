@@ -1178,8 +1178,6 @@ class ProductConvolution:
         missing = [n for n in parts if n not in root]
         if missing:
             raise ValueError(f"{path} is damaged: its {', '.join(missing)} array is missing; save it again")
-        if root["kernels"].nchunks_initialized < root["kernels"].nchunks:  # PSFs are never all zero: never left out
-            raise ValueError(f"{path} is damaged: chunks of its kernels array are missing; save it again")
         kernels = np.asarray(root["kernels"][...], dtype=np.float32)
         attrs = meta.get("attrs") or {}
         if meta["kind"] == "grid":

@@ -67,9 +67,25 @@ def test_outputs_where_one_cannot_write_are_refused_before_any_work(run, tmp_pat
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real(p, mode))
     _refused(run("deconvolve", "y.npy", "ro/d.zarr", "--psf", "psf.npy", ok=False),
              "ro/d.zarr: cannot write in ")
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "ro" / "t.zarr")  # written beside what it names
+    _refused(run("deconvolve", "y.npy", "link.zarr", "--psf", "psf.npy", ok=False),
+             "link.zarr: cannot write in ")
     _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--scratch", "ro/s", ok=False),
              "--scratch ro/s: cannot write in ")
     assert not no_work and not (tmp_path / "d.zarr").exists()
+
+
+def test_a_result_moved_aside_by_a_killed_write_is_back_before_any_work(run, tmp_path, small, no_work):
+    """A write killed between moving the old OUT aside and moving the new one in: the next run finds
+    OUT there again (put back), and refuses it without --overwrite before doing anything."""
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1)
+    (tmp_path / "d.zarr").rename(tmp_path / ".d.zarr.old-0dead0")
+    (tmp_path / "d.png").unlink()
+    no_work.clear()
+    _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1, ok=False),
+             "d.zarr already exists; pass --overwrite")
+    assert not no_work and lsfov.open_result(tmp_path / "d.zarr").deblurred.shape == (128, 128)
+    assert not list(tmp_path.glob(".d.zarr*"))
 
 
 def test_demo_never_replaces_someones_file_where_its_figure_goes(run, tmp_path, monkeypatch):

@@ -255,6 +255,10 @@ def test_a_voronoi_cell_is_its_exact_area_however_thin():
     assert w[1] == pytest.approx(0.01 * (top + 0.5) / (64 * 64 / 4), rel=1e-9)
     twice = voronoi_weights([(10, 10), (10, 10), (50, 50)], (64, 64))
     assert twice[0] == twice[1] == pytest.approx(voronoi_weights([(10, 10), (50, 50)], (64, 64))[0] / 2 * 3 / 2)
+    # Closer than Qhull's precision (it keeps one point of the two): still one cell for both, not one each.
+    others = [(2867.2, 819.2), (2457.6, 3276.8)]
+    near, apart = (voronoi_weights([(1228.8, 1638.4), (1228.8, 1638.4 + d), *others], (4096, 4096)) for d in (1e-11, 1e-9))
+    assert near[0] + near[1] == pytest.approx(apart[0] + apart[1], rel=1e-6)
 
 
 def test_a_patch_with_exactly_the_allowed_share_of_saturated_pixels_is_kept():

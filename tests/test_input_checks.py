@@ -199,13 +199,9 @@ def test_io_stores_and_options(small, tmp_path):
         np.testing.assert_array_equal(lsfov.open_image(tmp_path / name, z=2).values, 3 * u)
         assert len(lsfov.io.open_planes(tmp_path / name)) == 3
     assert lsfov.open_image(tmp_path / "r.zarr", chunks=32.0).data.chunksize == (32, 32)
-    # An operator whose files were damaged: said so, not read as PSFs of no light or as no operator.
+    # An operator whose metadata was damaged: said so, not read as no operator.
     with pytest.raises(TypeError, match="attrs must be a dict"):
         lsfov.ProductConvolution.from_grid(op.kernels, op.shape, attrs=[1])
-    chunk = next(p for p in (tmp_path / "op.zarr" / "kernels").rglob("*") if p.is_file() and p.name != "zarr.json")
-    chunk.unlink()
-    with pytest.raises(ValueError, match="op.zarr is damaged: chunks of its kernels array are missing"):
-        lsfov.ProductConvolution.load(tmp_path / "op.zarr")
     (tmp_path / "op.zarr" / "zarr.json").write_text('{"zarr_format": 3,')
     with pytest.raises(ValueError, match=r"op.zarr/zarr.json is damaged \(not JSON"):
         lsfov.ProductConvolution.load(tmp_path / "op.zarr")

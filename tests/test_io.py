@@ -568,6 +568,20 @@ def test_a_write_killed_between_its_two_renames_gives_the_old_result_back(tmp_pa
     lsfov.save(_image(32, 32), path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
     assert lsfov.open_result(path).deblurred.shape == (32, 32)
+    # An old result whose removal was cut short is renamed first: never put back, only removed.
+    shutil.copytree(path, tmp_path / ".r.zarr.removing-2dead2")
+    shutil.rmtree(path)
+    lsfov.save(_image(8, 8), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+    assert lsfov.open_result(path).deblurred.shape == (8, 8)
+
+
+def test_a_link_is_judged_by_what_it_names(tmp_path):
+    (tmp_path / "x.tif").symlink_to(tmp_path / "nowhere.tif")  # a chain of links, to nothing yet
+    (tmp_path / "r.zarr").symlink_to(tmp_path / "x.tif")
+    with pytest.raises(ValueError, match="nowhere.tif: results are OME-Zarr directories; name it nowhere.zarr"):
+        lsfov.save(_image(8, 8), tmp_path / "r.zarr")
+    assert not (tmp_path / "nowhere.tif").exists()
 
 
 def test_a_result_is_never_the_current_folder(tmp_path, monkeypatch):

@@ -77,8 +77,8 @@ def voronoi_weights(positions, shape) -> np.ndarray:
 
     Exact: the cells of ``scipy.spatial.Voronoi`` over the positions and their mirror images in the
     field's four edges are the cells of the positions clipped to the field (a rectangle), all of
-    them closed. Positions at one place share their cell; positions outside the field are taken at
-    its edge.
+    them closed. Positions at one place (to Qhull's precision) share their cell; positions outside
+    the field are taken at its edge.
     """
     pos = np.asarray(positions, dtype=np.float64)
     if pos.ndim != 2 or pos.shape[1:] != (2,) or not len(pos) or not np.isfinite(pos).all():
@@ -86,8 +86,7 @@ def voronoi_weights(positions, shape) -> np.ndarray:
     size = np.array(shape2d(shape), dtype=np.float64)
     # The field spans [-0.5, n - 0.5] on each axis; a point on an edge would be its own mirror image.
     lo, hi = -0.5 + 1e-6 * size, size - 0.5 - 1e-6 * size
-    sites, inverse, count = np.unique(np.clip(pos, lo, hi), axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
+    sites, site_of = np.unique(np.clip(pos, lo, hi), axis=0, return_inverse=True)
     mirrors = [sites]
     for ax in range(2):
         for edge in (-0.5, size[ax] - 0.5):
@@ -95,20 +94,23 @@ def voronoi_weights(positions, shape) -> np.ndarray:
             m[:, ax] = 2 * edge - m[:, ax]
             mirrors.append(m)
     vor = Voronoi(np.concatenate(mirrors))
-    regions = [vor.regions[r] for r in vor.point_region[: len(sites)]]
-    owner = np.repeat(np.arange(len(sites)), [len(r) for r in regions])
-    v = vor.vertices[np.concatenate(regions)]
-    # Each cell's vertices in angular order around its site (inside it: cells are convex), then the
-    # shoelace formula over consecutive pairs.
-    rel = v - sites[owner]
+    # Sites closer than Qhull's precision share one region (it keeps one of them): one cell each.
+    cells, cell_of = np.unique(vor.point_region[: len(sites)], return_inverse=True)
+    regions = [vor.regions[r] for r in cells]
+    centre = sites[np.unique(cell_of, return_index=True)[1]]  # a site inside each cell (convex)
+    sizes = np.array([len(r) for r in regions])
+    owner = np.repeat(np.arange(len(cells)), sizes)
+    # Each cell's vertices in angular order around its site, then the shoelace formula over pairs.
+    rel = vor.vertices[np.concatenate(regions)] - centre[owner]
     order = np.lexsort((np.arctan2(rel[:, 0], rel[:, 1]), owner))
-    rel, owner = rel[order], owner[order]
+    rel = rel[order]
+    ends = np.cumsum(sizes)
     nxt = np.arange(len(rel)) + 1
-    ends = np.cumsum([len(r) for r in regions])
-    nxt[ends - 1] = ends - np.array([len(r) for r in regions])
+    nxt[ends - 1] = ends - sizes
     cross = rel[:, 0] * rel[nxt, 1] - rel[:, 1] * rel[nxt, 0]
-    area = 0.5 * np.abs(np.bincount(owner, weights=cross, minlength=len(sites)))
-    w = (area / count)[inverse]
+    area = 0.5 * np.abs(np.bincount(owner[order], weights=cross, minlength=len(cells)))
+    bead_cell = cell_of.ravel()[site_of.ravel()]
+    w = area[bead_cell] / np.bincount(bead_cell, minlength=len(cells))[bead_cell]
     return w * len(pos) / w.sum()
 
 
