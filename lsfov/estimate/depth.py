@@ -123,7 +123,7 @@ class DepthCalibration:
                     v = tuple(tuple(map(float, c)) if np.ndim(c) else float(c) for c in v)
                 except (TypeError, ValueError):
                     raise ValueError(f"depth calibration {name} must hold numbers, got {v!r}") from None
-                if not np.isfinite(np.concatenate([np.ravel(c) for c in v])).all():
+                if not all(np.isfinite(c).all() for c in v):
                     raise ValueError(f"depth calibration {name} holds NaN or Inf; calibrate again")
                 object.__setattr__(self, name, v)
         for name in ("axis0", "slope", "offset", "smooth", "min_validity"):  # what readings go through

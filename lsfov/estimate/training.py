@@ -152,6 +152,7 @@ def _as_set(data):
             raise ValueError("data is an empty list: give one or more training sets")
         sets = [_as_set(d) for d in data]
         first = sets[0]["attrs"]
+
         def name(d):
             return str(d) if isinstance(d, (str, Path)) else "(dict)"
 
