@@ -10,8 +10,10 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 import dask
+import dask.callbacks
 import dask.threaded
 import numpy as np
 
@@ -319,6 +321,50 @@ def worker_budgets(client, own_floor: int, kept=None):
     return budgets, fraction
 
 
+def _watched() -> bool:
+    """Whether progress goes where someone watches it (a terminal, a notebook), not into a file."""
+    try:
+        return sys.stderr.isatty() or "ipykernel" in sys.modules
+    except (AttributeError, ValueError):  # replaced, or closed
+        return False
+
+
+def bar_interval() -> float:
+    """Seconds between a progress bar's redraws: 0.1 where someone watches; 30 into a file (a batch
+    job's log), which keeps every redraw."""
+    return 0.1 if _watched() else 30.0
+
+
+class _LogBar(dask.callbacks.Callback):
+    """Dask's progress where no one watches (a batch job's log): a line every :func:`bar_interval`
+    seconds as tasks finish, and one at the end, instead of a bar redrawn ten times a second."""
+
+    def _start(self, dsk):
+        self._t0 = self._last = time.perf_counter()
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if time.perf_counter() - self._last >= bar_interval():
+            self._last = time.perf_counter()
+            self._line(state)
+
+    def _finish(self, dsk, state, errored):
+        if not errored and time.perf_counter() - self._t0 >= 1.0:  # as Dask's bar: nothing under a second
+            self._line(state)
+
+    def _line(self, state):
+        done = len(state["finished"])
+        share = done / max(done + sum(len(state[k]) for k in ("ready", "waiting", "running")), 1)
+        print(f"[{'#' * int(40 * share):<40}] | {share:4.0%} Completed | {time.perf_counter() - self._t0:6.1f}s",
+              file=sys.stderr, flush=True)
+
+
+def progress_bar(**kwargs):
+    """A ``tqdm.auto`` bar (a widget in a notebook) on stderr, redrawn every :func:`bar_interval`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(**{"mininterval": bar_interval(), **kwargs})
+
+
 def compute(obj, *, progress: bool = False, label: str | None = None, on_task=None):
     """Compute a Dask collection where Dask runs now, with a progress bar if asked.
 
@@ -389,7 +435,7 @@ def _compute(obj, progress, label, on_task):
     if progress:
         from dask.diagnostics import ProgressBar
 
-        with ProgressBar(minimum=1.0, out=sys.stderr):  # bars on stderr, as tqdm's: stdout carries results
+        with ProgressBar(minimum=1.0, out=sys.stderr) if _watched() else _LogBar():  # stderr: stdout has results
             return _compute_here(obj)
     return _compute_here(obj)
 

@@ -3,6 +3,7 @@ messages, and the same bytes whatever the chunking, the scheduler and the number
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -290,6 +291,33 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_the_results(capsys):
         assert compute(slow.sum(), progress=True) == 4
         out, err = capsys.readouterr()
     assert out == "" and "Completed" in err, (out, err)
+
+
+def test_progress_into_a_log_file_is_a_few_whole_lines(capsys, monkeypatch):
+    """Where no one watches (stderr a file, a batch job's log), bars are not redrawn ten times a
+    second: tqdm's every 30 s, Dask's as a line every 30 s and one at the end."""
+    import io
+
+    from lsfov import cluster
+
+    assert cluster.bar_interval() == 30.0  # pytest's capture: no terminal
+    assert cluster.progress_bar(total=1, file=io.StringIO()).mininterval == 30.0
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", Terminal())
+        assert cluster.bar_interval() == 0.1 and cluster.progress_bar(total=1, file=io.StringIO()).mininterval == 0.1
+    monkeypatch.setattr(cluster, "bar_interval", lambda: 0.5)
+    slow = da.ones(12, chunks=1).map_blocks(lambda b: (time.sleep(0.15), b)[1])
+    with dask.config.set(scheduler="synchronous"):
+        assert cluster.compute(slow.sum(), progress=True) == 12
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and err.endswith("\n") and 2 <= len(lines) <= 5, err
+    assert lines[-1].startswith("[" + "#" * 40 + "] | 100% Completed")
 
 
 def test_a_local_cluster_leaves_logging_and_ctrl_c_as_it_found_them():

@@ -316,11 +316,11 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     history = [{"step": 0, "val_r2": best}]
     if start is None or start.arch != arch:
         best = -math.inf  # a new network's untrained start is no candidate
-    from tqdm.auto import tqdm
+    from ..cluster import progress_bar
 
     fit.train_mode()
     t0, running, step = time.perf_counter(), [], 0
-    with tqdm(total=steps, desc=f"train {m.name} ({arch}) on a stream", unit="batch", disable=not progress) as bar:
+    with progress_bar(total=steps, desc=f"train {m.name} ({arch}) on a stream", unit="batch", disable=not progress) as bar:
         for step in range(1, steps + 1):
             done = progress_made(step - 1)
             for group in opt.param_groups:  # cosine decay to 2 %

@@ -460,9 +460,9 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
             yield units[j], part
             bar.update(len(part[0]))
 
-    from tqdm.auto import tqdm
+    from ..cluster import progress_bar
 
-    with tqdm(total=n, desc=f"synthesize {m.name}", unit="patch", disable=not progress) as bar:
+    with progress_bar(total=n, desc=f"synthesize {m.name}", unit="patch", disable=not progress) as bar:
         if out is None:
             parts = [b for _, b in batches()]
             return {"patches": np.concatenate([p[0] for p in parts]), "params": np.concatenate([p[1] for p in parts]),

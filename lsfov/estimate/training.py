@@ -235,12 +235,12 @@ class _Fit:
         """What a batch is made of: the patches, or their features (n, F) float32 in memory."""
         if not self.frozen:
             return patches
-        from tqdm.auto import tqdm
+        from ..cluster import progress_bar
 
         net, dev = self.model.net, self.model.device
         net.eval()
         out = []
-        with torch.inference_mode(), tqdm(total=patches.shape[0], desc="trunk features", unit="patch",
+        with torch.inference_mode(), progress_bar(total=patches.shape[0], desc="trunk features", unit="patch",
                                           disable=not progress) as bar:
             for s in range(0, patches.shape[0], block):
                 x = torch.from_numpy(_rows(patches, slice(s, s + block))).to(dev)
@@ -512,14 +512,14 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     else:
         opt, sched = make_opt(lr)
 
-    from tqdm.auto import tqdm
+    from ..cluster import progress_bar
 
     steps = math.ceil(len(train_idx) / batch_size)
     if not resume:
         before = 0.0
     end = start_epoch if bad >= patience else epochs  # a run resumed after its early stop trains no more
     t0 = time.perf_counter()
-    with tqdm(total=max(end - start_epoch, 0) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch",
+    with progress_bar(total=max(end - start_epoch, 0) * steps, desc=f"train {m.name} ({arch}, lr {lr:g})", unit="batch",
               disable=not progress) as bar:
         for epoch in range(start_epoch, end):
             rng = np.random.default_rng([seed, epoch])  # same batches after a resume
@@ -743,10 +743,10 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
     clean = synthesize(n, model.psf_model, split="test", seed=seed, photons=None, invalid_fraction=0.0,
                        progress=progress)
     valid = clean["valid"]
-    from tqdm.auto import tqdm
+    from ..cluster import progress_bar
 
     out = {"strengths": list(map(float, strengths)), "n": int(valid.sum())}
-    with tqdm(total=len(DEGRADATIONS) * len(strengths), desc=f"robustness {model.psf_model.name}", unit="curve point",
+    with progress_bar(total=len(DEGRADATIONS) * len(strengths), desc=f"robustness {model.psf_model.name}", unit="curve point",
               disable=not progress) as bar:
         for kind in DEGRADATIONS:
             rng = np.random.default_rng([seed, DEGRADATIONS.index(kind)])

@@ -65,7 +65,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     The zarr array of the final state.
     """
     import zarr
-    from tqdm.auto import tqdm
+    from ..cluster import progress_bar
 
     from ..cluster import compute
 
@@ -109,7 +109,7 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
         # Blocks whose tasks were out of sight: one block fuses with the result's own task, which has another name.
         bar.update(n * (pending - seen[0]))
 
-    with tqdm(total=sum(counts) * n_blocks, initial=done, unit="block-it", desc=desc, unit_scale=True,
+    with progress_bar(total=sum(counts) * n_blocks, initial=done, unit="block-it", desc=desc, unit_scale=True,
               disable=not progress) as bar:
         zy = array("y", y.shape, zchunks)
         if not (root / "done" / "y").exists():

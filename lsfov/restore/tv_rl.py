@@ -410,9 +410,9 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, clip
     x = _initial(norm, thr, scale)
     censored, n_sat = censored_pixels(y_ext, clip[0])  # the rim is 0: below any level
     say_censored(n_sat, *clip, y.size, peak)
-    from tqdm.auto import tqdm
+    from ..cluster import progress_bar
 
-    with tqdm(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
+    with progress_bar(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
         x = _iterate(win, y_ext, x, iterations, tv, eps, scale, norm, thr, bar,
                      field=(slice(0, h + 2 * r), slice(0, w + 2 * r)), graph=True, censored=censored)
     return xp.maximum(x[r : r + h, r : r + w], np.float32(0.0))
