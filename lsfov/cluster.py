@@ -362,7 +362,8 @@ def progress_bar(**kwargs):
     """A ``tqdm.auto`` bar (a widget in a notebook) on stderr, redrawn every :func:`bar_interval`."""
     from tqdm.auto import tqdm
 
-    return tqdm(**{"mininterval": bar_interval(), **kwargs})
+    every = bar_interval()  # (tqdm's monitor forces a redraw after maxinterval, 10 s by default)
+    return tqdm(**{"mininterval": every, "maxinterval": max(10.0, every), **kwargs})
 
 
 def compute(obj, *, progress: bool = False, label: str | None = None, on_task=None):
