@@ -254,13 +254,20 @@ def _run_state(out: Path, parent, resume: bool):
             yield state
 
 
+def _work_kept(state: Path) -> bool:
+    """Whether a run's state holds work that --resume skips: iterations of a block or of every block
+    (not the copy of the input, nor the first state), or PSF-map chunks."""
+    return (any(state.glob("*/done/x*.blocks/*")) or any(p.name[1:].isdigit() for p in state.glob("*/done/x*"))
+            or any(state.glob("lsfov-psfmap-*/*.npy")))
+
+
 @contextlib.contextmanager
 def _state(out: Path, parent, resume: bool):
     # In a --scratch that several jobs share (a SLURM array), each output its own state, whatever its name.
     tag = "" if not parent else "." + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
     state = Path(parent or out.parent) / f".{out.name}{tag}.scratch"
     if state.exists() and not resume:
-        if any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
+        if _work_kept(state):
             log.warning("discarding the work of an earlier interrupted run in %s (--resume continues it)", state)
         shutil.rmtree(state)
     elif resume and not state.exists():
@@ -275,7 +282,7 @@ def _state(out: Path, parent, resume: bool):
 
         if isinstance(e, NothingToMap):
             shutil.rmtree(state, ignore_errors=True)
-        elif any(state.glob("*/done/*")) or any(state.glob("lsfov-psfmap-*/*.npy")):
+        elif _work_kept(state):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).
             told = isinstance(e, (_BAD_INPUT, KeyboardInterrupt, _Terminated))
             click.echo(f"{'' if told else 'stopped; '}the work done so far is kept in {state}: "

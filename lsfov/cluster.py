@@ -415,7 +415,7 @@ def _compute(obj, progress, label, on_task):
     if client is not None:
         futures = client.compute(obj)  # one future, or a list of them for a list, as dask.compute's
         try:
-            if progress:
+            if progress and _watched():  # (into a log its bar would be ten redraws a second, unended)
                 from distributed import progress as track
 
                 with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout: keep that for results

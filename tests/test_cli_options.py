@@ -196,6 +196,21 @@ def _kept_message_case(run, tmp_path, monkeypatch, error):
     return res
 
 
+def test_work_is_said_kept_only_where_some_is(tmp_path):
+    """The input's copy and the first state are no work done: --resume would start over."""
+    from lsfov.cli import _work_kept
+
+    done = tmp_path / "lsfov-tvrl-0" / "done"
+    (done / "x0.blocks").mkdir(parents=True)
+    (done / "y").touch()
+    assert not _work_kept(tmp_path)
+    (done / "x0.blocks" / "1.2").touch()  # a block's iterations
+    assert _work_kept(tmp_path)
+    (done / "x0.blocks" / "1.2").unlink()
+    (done / "x1").touch()  # an exchange's, every block
+    assert _work_kept(tmp_path)
+
+
 def test_work_kept_after_a_failure_is_said_once(run, tmp_path, small, monkeypatch):
     """A crash (an error, a worker lost) says the run stopped; a bad input found late has its own line
     (the error) and says no more."""

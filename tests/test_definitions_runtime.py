@@ -48,6 +48,31 @@ def test_a_one_block_image_needs_the_memory_of_one_task(scene, monkeypatch):
     _close(out, lsfov.deconvolve(y, op, 3))
 
 
+def test_the_memory_check_counts_the_jobs_cpus_and_memory_limit(scene, monkeypatch):
+    """A batch job's share of a node: the CPUs it may use (Dask's CPU_COUNT, affinity-aware), and its
+    memory limit (cgroup or rlimit, distributed's MEMORY_LIMIT) where that leaves less than the node."""
+    import distributed.system
+    import psutil
+
+    op, y = scene
+    dy = da.from_array(y, chunks=100)
+    need = chunked.task_bytes((100, 100), chunked.spread_per_iteration(op, 0.02), op)
+    monkeypatch.setattr(chunked, "_available_memory", lambda: int(1.5 * need))
+    monkeypatch.setattr(chunked, "spectra_room", lambda: 0)
+    for cpus, fits in ((1, True), (3, False)):
+        monkeypatch.setattr(dask.system, "CPU_COUNT", cpus)
+        with dask.config.set(scheduler="threads"):
+            if fits:
+                lsfov.deconvolve(dy, op, 1, exchange_every=1)
+            else:
+                with pytest.raises(MemoryError, match="for 3 thread"):
+                    lsfov.deconvolve(dy, op, 1, exchange_every=1)
+    monkeypatch.undo()
+    rss = psutil.Process().memory_info().rss
+    monkeypatch.setattr(distributed.system, "MEMORY_LIMIT", rss + 2**20)
+    assert chunked._available_memory() <= 2**20
+
+
 def test_the_synchronous_scheduler_is_checked_for_one_task_at_a_time(scene, monkeypatch):
     """Blocks whose task fits once, not four times: the synchronous scheduler runs one at a time."""
     op, y = scene

@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 import time
+from unittest import mock
 
 import dask
 import dask.array as da
@@ -288,9 +289,13 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_the_results(capsys):
     assert out == "" and "Completed" in err, (out, err)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster):
-        assert compute(slow.sum(), progress=True) == 4
+        with mock.patch("lsfov.cluster._watched", lambda: True):  # a terminal: distributed's bar
+            assert compute(slow.sum(), progress=True) == 4
         out, err = capsys.readouterr()
-    assert out == "" and "Completed" in err, (out, err)
+        assert out == "" and "Completed" in err, (out, err)
+        assert compute(slow.sum(), progress=True) == 4  # a log file: its bar is ten unended redraws a second
+        out, err = capsys.readouterr()
+    assert out == "" and "Completed" not in err, (out, err)
 
 
 def test_progress_into_a_log_file_is_a_few_whole_lines(capsys, monkeypatch):

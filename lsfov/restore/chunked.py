@@ -24,6 +24,7 @@ from pathlib import Path
 
 import dask
 import dask.array as da
+import dask.system
 import numpy as np
 
 from .._backend import array_module, block_digests, task_threads
@@ -118,10 +119,8 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
         budgets, fraction = worker_budgets(client, _WORKER_OWN, kept=spectra_budget)
         where = (f"each worker has {{:.2g}} GiB for {{}} thread(s) (its memory limit up to Dask's pause at "
                  f"{fraction:.0%}, less its own use and its cache of kernel spectra)")
-    else:
-        import os
-
-        threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    else:  # (the CPUs this process may use: a batch job's, not the node's)
+        threads = dask.config.get("num_workers", None) or dask.system.CPU_COUNT or 1
         # Available RAM less what this process's cache of kernel spectra may still grow by.
         budgets = [(max(0, _available_memory() - spectra_room()), 1 if dask.config.get("scheduler", "") == "synchronous"
                     else threads)]
@@ -143,9 +142,12 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
 
 
 def _available_memory() -> int:
+    """The memory this process may still take: the machine's available memory, or less where a batch
+    job's limit (cgroup, rlimit: distributed's ``MEMORY_LIMIT``) leaves less beside what it uses."""
     import psutil
+    from distributed.system import MEMORY_LIMIT
 
-    return psutil.virtual_memory().available
+    return int(min(psutil.virtual_memory().available, MEMORY_LIMIT - psutil.Process().memory_info().rss))
 
 
 def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
