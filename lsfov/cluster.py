@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import dask
 import dask.callbacks
@@ -23,7 +24,7 @@ __all__ = ["use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "sh
 
 log = logging.getLogger("lsfov")
 
-SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT"
+SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT | SCHEDULER.json"
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
 _SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
@@ -217,6 +218,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                 finally:  # the in-process scheduler's closing cancels the progress bar's feed: an ERROR, no news
                     hush()
         return
+    spec = _address(spec)
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         client = _connect(spec)
         with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
@@ -230,6 +232,23 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                 raise
         return
     raise ValueError(f"unknown scheduler {spec!r}; use {SCHEDULERS}")
+
+
+def _address(spec: str) -> str:
+    """A scheduler's address from what HPC users give: a scheduler file (``dask scheduler
+    --scheduler-file S.json``), a bare ``HOST:PORT`` (TCP), or the address itself."""
+    import json
+    import re
+
+    if spec.endswith(".json"):
+        try:
+            return str(json.loads(Path(spec).read_text())["address"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--scheduler {spec}: no such scheduler file; start the scheduler first "
+                                    f"(dask scheduler --scheduler-file {spec})") from None
+        except (ValueError, KeyError, TypeError, OSError):
+            raise ValueError(f"--scheduler {spec} is not a Dask scheduler file (it has no 'address')") from None
+    return f"tcp://{spec}" if re.fullmatch(r"[\w.\-]+:\d+", spec) else spec
 
 
 def _connect(spec: str):

@@ -421,6 +421,20 @@ def test_use_scheduler_refuses_bad_options_and_leaves_no_client_after_a_failed_c
     assert da.ones(4, chunks=2).sum().compute() == 4  # Dask still works
 
 
+def test_a_scheduler_is_named_as_hpc_users_name_it(tmp_path):
+    """A scheduler file (``dask scheduler --scheduler-file``) or a bare HOST:PORT: its TCP address."""
+    from lsfov.cluster import _address
+
+    (tmp_path / "s.json").write_text('{"type": "Scheduler", "address": "tcp://10.0.0.5:8786", "id": "x"}')
+    assert _address(str(tmp_path / "s.json")) == "tcp://10.0.0.5:8786"
+    assert _address("node12.cluster:8786") == "tcp://node12.cluster:8786" and _address("local") == "local"
+    with pytest.raises(FileNotFoundError, match="no such scheduler file; start the scheduler first"):
+        _address(str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a Dask scheduler file"):
+        _address(str(tmp_path / "bad.json"))
+
+
 def test_cluster_names_only_its_public_api():
     from lsfov import cluster
 
