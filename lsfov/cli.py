@@ -23,7 +23,7 @@ from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 log = logging.getLogger("lsfov")
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-                MemoryError)
+                MemoryError, ConnectionError)
 
 
 def _damaged_zarr(e: BaseException) -> str | None:

@@ -400,6 +400,11 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
         raise MemoryError(f"out of memory in a Dask task ({e or 'no detail'}); use smaller chunks (--chunks) "
                           "or fewer threads") from e
     except Exception as e:
+        if type(e).__name__ in ("FutureCancelledError", "CommClosedError") and (
+                "connection" in str(e).lower() or "closed" in str(e).lower()):
+            raise ConnectionError(f"lost the connection to the Dask scheduler ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'}); run the command again "
+                                  "with --resume once the scheduler is back") from e
         if type(e).__name__ != "KilledWorker":
             raise
         # A task whose workers died ``distributed.scheduler.allowed-failures`` times: almost always a

@@ -325,6 +325,27 @@ def test_progress_into_a_log_file_is_a_few_whole_lines(capsys, monkeypatch):
     assert lines[-1].startswith("[" + "#" * 40 + "] | 100% Completed")
 
 
+def test_a_lost_scheduler_is_one_line_that_says_what_to_do(monkeypatch, run_cli):
+    """The scheduler of a running job gone (its node lost, killed): distributed cancels every future,
+    which the CLI printed as a traceback."""
+    from lsfov import cluster
+
+    class FutureCancelledError(Exception):  # distributed's, as it names its reason
+        pass
+
+    def lost(*a, **k):
+        raise FutureCancelledError("('sum-aggregate', 0) cancelled for reason: scheduler-connection-lost.")
+
+    monkeypatch.setattr(cluster, "_compute", lost)
+    with pytest.raises(ConnectionError, match=r"lost the connection to the Dask scheduler .*--resume"):
+        cluster.compute(da.ones(4, chunks=2).sum())
+    np.save("img.npy", np.ones((64, 64), np.float32))
+    np.save("psf.npy", np.ones((3, 3), np.float32))
+    res = run_cli("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy")
+    assert res.exit_code == 1 and "lost the connection to the Dask scheduler" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
 def test_a_local_cluster_leaves_logging_and_ctrl_c_as_it_found_them():
     import logging
 
