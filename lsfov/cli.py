@@ -243,15 +243,23 @@ def _run_state(out: Path, parent, resume: bool):
                      None)
         if store is not None:  # an input being read, another result: a killed run would leave its state in it
             raise ValueError(f"--scratch {parent} is inside the zarr store {store}; give a directory outside it")
-        under = next((p for p in (where, *where.parents) if p.exists()), None)
-        if under is not None and not os.access(under, os.W_OK | os.X_OK):
-            raise PermissionError(f"--scratch {parent}: cannot write in {under} (permission denied); choose a "
-                                  "directory you can write to")
+        _refuse_unwritable(_nearest(where), f"--scratch {parent}")
     from .io import output_lock
 
     with output_lock(out):  # a second run of OUT is refused, not let loose on this one's state
         with _state(out, parent, resume) as state:
             yield state
+
+
+def _nearest(path: Path) -> Path | None:
+    """``path`` or the nearest of its parents that exists: where writing into ``path`` begins."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def _refuse_unwritable(under: Path | None, what: str):
+    """Refuse, before any work, a folder (``under``) that this process cannot write in."""
+    if under is not None and not os.access(under, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: cannot write in {under} (permission denied); choose a folder you can write to")
 
 
 def _work_kept(state: Path) -> bool:
@@ -311,11 +319,10 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     if is_working_folder(path):
         raise ValueError(f"{path} is the current folder (or holds it); name a new file or folder for the output")
     target = _link_target(path)  # where it is written: beside what a link names
-    under = next((p for p in target.parents if p.exists()), None)  # the folder it would be made in
+    under = _nearest(target.parent)  # the folder it would be made in
     if under is not None and not under.is_dir():
         raise NotADirectoryError(f"{path}: {under} is a file, not a folder; choose another place for the output")
-    if under is not None and not os.access(under, os.W_OK | os.X_OK):  # the output, its lock and temporaries
-        raise PermissionError(f"{path}: cannot write in {under} (permission denied); choose a folder you can write to")
+    _refuse_unwritable(under, str(path))  # the output, its lock and temporaries
     if result and target.parent.is_dir():
         with output_lock(target):  # a write killed while replacing OUT: its old result back before OUT is judged
             restore_moved_aside(target)

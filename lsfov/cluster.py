@@ -360,9 +360,10 @@ class _LogBar(dask.callbacks.Callback):
 
     def _start(self, dsk):
         self._t0 = self._last = time.perf_counter()
+        self._every = bar_interval()  # once, not per task
 
     def _posttask(self, key, result, dsk, state, worker_id):
-        if time.perf_counter() - self._last >= bar_interval():
+        if time.perf_counter() - self._last >= self._every:
             self._last = time.perf_counter()
             self._line(state)
 

@@ -104,13 +104,8 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     if arr.dtype.kind not in "biuf":  # known from the header: refused here, not deep in the first use
         raise TypeError(f"{path} holds {arr.dtype} values; lsfov reads real intensity images (take the "
                         "magnitude or the real part and save that)")
-    if series is not None:  # which image of the file this is (counted from 0), for what is made of it
-        if series < 0:  # a TIFF's (nothing else has series but 0): as --z -1 is recorded
-            import tifffile
-
-            with tifffile.TiffFile(path) as tf:
-                series += len(tf.series)
-        arr.attrs["plane"] = {"series": int(series), **arr.attrs.get("plane", {})}
+    if series is not None:  # which image of the file this is (a TIFF's, counted from 0), for what is made of it
+        arr.attrs["plane"] = {"series": int(arr.attrs.pop("series", series)), **arr.attrs.get("plane", {})}
     if chunks is not None:
         arr = arr.chunk(dict(zip(("y", "x"), chunks)))
     elif max(arr.data.chunksize) > 2048:
@@ -397,7 +392,10 @@ def _open_tiff(path: Path, level: int = 0, pick: int | None = None, every: bool 
             if level:
                 raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..0)")
             return _open_tiff_series(path, tf)
-        return _tiff_image(path, tf, level, 0 if pick is None else pick % n)
+        img = _tiff_image(path, tf, level, 0 if pick is None else pick % n)
+        if pick is not None:  # counted from 0 (as --z -1 is recorded): open_image records which
+            img.attrs["series"] = pick % n
+        return img
 
 
 def _tiff_image(path: Path, tf, level: int, k: int) -> xr.DataArray:
