@@ -317,17 +317,20 @@ def _pause_fraction() -> float:
     return 1.0
 
 
-def worker_budgets(client, own_floor: int, kept=None):
+def worker_budgets(client, own_floor: int, kept=None, held=None):
     """Memory each worker of ``client`` leaves its tasks: its ``memory_limit`` up to where Dask pauses
     it, less its own use (measured, at least ``own_floor`` bytes: the code its tasks load) and what
-    ``kept(memory_limit)`` says it keeps between tasks (a cache). Returns
+    ``kept(memory_limit)`` says it keeps between tasks (a cache). The worker's metric ``held`` says
+    what that cache holds now: it is in the measured use, and is counted once, as the cache (a worker
+    of a long-lived cluster keeps it from an earlier run). Returns
     ``([(bytes, threads) per worker with a limit], pause fraction)``; a worker with nothing left is
     refused (MemoryError), since Dask would pause it and a run would wait for it without a word."""
     fraction, budgets = _pause_fraction(), []
     for name, w in client.scheduler_info().get("workers", {}).items():
         if not w.get("memory_limit"):
             continue
-        measured = w.get("metrics", {}).get("memory", 0)
+        metrics = w.get("metrics", {})  # (one heartbeat's: the cache's bytes are in that memory)
+        measured = metrics.get("memory", 0) - (metrics.get(held, 0) if held else 0)
         own, cache = max(measured, own_floor), kept(w["memory_limit"]) if kept else 0
         free = fraction * w["memory_limit"] - own - cache
         if free <= 0:

@@ -188,6 +188,7 @@ def spectra_budget(memory_limit=None) -> int:
 
 
 _SPECTRA: _SpectraCache | None = None
+SPECTRA_METRIC = "lsfov-spectra"  # a Dask worker's metric: the bytes its cache holds
 _CACHES_LOCK = threading.Lock()
 
 
@@ -197,13 +198,15 @@ def _process_spectra() -> _SpectraCache:
         return _SPECTRA
     with _CACHES_LOCK:
         if _SPECTRA is None:
-            limit = None
+            worker = None
             if "distributed" in sys.modules:  # in a Dask worker: within its memory limit
                 try:
-                    limit = sys.modules["distributed"].get_worker().memory_manager.memory_limit
+                    worker = sys.modules["distributed"].get_worker()
                 except (ValueError, AttributeError):  # not in a worker
                     pass
-            _SPECTRA = _SpectraCache(spectra_budget(limit))
+            _SPECTRA = cache = _SpectraCache(spectra_budget(worker.memory_manager.memory_limit if worker else None))
+            if worker is not None:  # reported with the worker's memory, for the memory check of later runs
+                worker.metrics[SPECTRA_METRIC] = lambda _: cache._nbytes
         return _SPECTRA
 
 

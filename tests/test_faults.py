@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import lsfov
+from lsfov import operators
 from lsfov import simulate as sim
 from lsfov.restore import chunked
 
@@ -571,6 +572,27 @@ def test_blocks_too_big_for_a_worker_are_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(40 * 2**20, 1))  # 9 MiB past its cache
     with pytest.raises(MemoryError, match="exchange-every 1"):
         chunked.check_task_memory((2048, 2048), 120, op)
+
+
+def test_a_cache_kept_from_an_earlier_run_is_counted_once(monkeypatch):
+    """A long-lived cluster's worker keeps its kernel spectra between runs: they are in its measured
+    use and are counted as its cache, not twice (a second run on small workers was refused)."""
+    pytest.importorskip("distributed")  # its configuration: where Dask pauses a worker
+
+    from lsfov import cluster
+
+    op = lsfov.ProductConvolution.from_grid(np.ones((4, 4, 31, 31), np.float32) / 961, (2048, 2048))
+    need = chunked.task_bytes((512, 512), 60, op)
+    stub = _StubClient(2 * need, 1)  # room for a task beside the cache it may fill
+    monkeypatch.setattr(cluster, "_active_client", lambda: stub)
+    chunked.check_task_memory((512, 512), 60, op)  # a new worker: its code and room for the cache
+    for w in stub.info["workers"].values():  # after a run: its code and a nearly full cache
+        w["metrics"]["memory"] = chunked._WORKER_OWN + int(0.9 * operators.spectra_budget(w["memory_limit"]))
+    with pytest.raises(MemoryError, match="less its own use and its cache"):
+        chunked.check_task_memory((512, 512), 60, op)  # (as it was checked before the cache said what it holds)
+    for w in stub.info["workers"].values():
+        w["metrics"][operators.SPECTRA_METRIC] = w["metrics"]["memory"] - chunked._WORKER_OWN
+    chunked.check_task_memory((512, 512), 60, op)
 
 
 def test_a_worker_too_small_to_run_anything_is_refused_not_waited_for():

@@ -1,3 +1,5 @@
+import time
+
 import dask
 import dask.array as da
 import numpy as np
@@ -231,6 +233,16 @@ def test_kernel_spectra_of_all_operators_share_one_budget(rng, monkeypatch):
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="400MiB", dashboard_address=":0") as c, \
             Client(c) as client:
         assert client.submit(lambda: operators._process_spectra().budget).result() == (400 << 20) // 8
+        # What a worker's cache holds comes with its memory, for the memory check of later runs
+        op = _grid_op()
+        client.submit(op.apply, u).result()
+        nbytes = sum(s.nbytes for s in client.submit(lambda: list(operators._SPECTRA._items.values())).result())
+        for _ in range(50):  # (the next heartbeat)
+            (w,) = client.scheduler_info()["workers"].values()
+            if operators.SPECTRA_METRIC in w["metrics"]:
+                break
+            time.sleep(0.1)
+        assert w["metrics"][operators.SPECTRA_METRIC] == nbytes > 0
 
 
 def test_fingerprint_follows_content_not_identity(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 
 from .._backend import array_module, block_digests, task_threads
 from .._validate import LsfovWarning, scratch_dir
-from ..operators import ProductConvolution, spectra_budget, spectra_room
+from ..operators import SPECTRA_METRIC, ProductConvolution, spectra_budget, spectra_room
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, say_censored
 
@@ -116,7 +116,7 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
     need = task_bytes(block, halo, op)
     client = _active_client()
     if client is not None:
-        budgets, fraction = worker_budgets(client, _WORKER_OWN, kept=spectra_budget)
+        budgets, fraction = worker_budgets(client, _WORKER_OWN, kept=spectra_budget, held=SPECTRA_METRIC)
         where = (f"each worker has {{:.2g}} GiB for {{}} thread(s) (its memory limit up to Dask's pause at "
                  f"{fraction:.0%}, less its own use and its cache of kernel spectra)")
     else:  # (the CPUs this process may use: a batch job's, not the node's)
