@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -286,9 +287,9 @@ def _state(out: Path, parent, resume: bool):
     except BaseException as e:
         # Work done is kept whatever stopped the run (a killed job, or an error found late, e.g. an
         # output that appeared meanwhile), except an image with nothing to map: a rerun meets it again.
-        from .estimate.mapping import NothingToMap  # here: lsfov.estimate imports torch
-
-        if isinstance(e, NothingToMap):
+        # (Not imported for it: lsfov.estimate imports torch, seconds a job stopping has not.)
+        mapping = sys.modules.get("lsfov.estimate.mapping")
+        if mapping is not None and isinstance(e, mapping.NothingToMap):
             shutil.rmtree(state, ignore_errors=True)
         elif _work_kept(state):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).

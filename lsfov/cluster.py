@@ -483,21 +483,54 @@ def _compute_here(obj):
     except Exception:
         pool.settle()
         raise
+    except BaseException:  # Ctrl-C, SIGTERM: its tasks end at their next stop_point, not when done
+        pool.stop()
+        raise
+
+
+_task = threading.local()  # in a task's thread: the stop event of the pool that runs it
+
+
+def stop_point():
+    """A place in a long task (an iteration) where it ends if its compute was interrupted (Ctrl-C,
+    SIGTERM): no one awaits its result, and at exit Python waits for its thread. A batch job given
+    SIGTERM so exits within an iteration, not a block task, of its grace time."""
+    stop = getattr(_task, "stop", None)
+    if stop is not None and stop.is_set():
+        raise _Stopped()
+
+
+class _Stopped(Exception):
+    """Raised in a task of an interrupted compute (which no one awaits)."""
 
 
 class _SettlingPool(getattr(dask.threaded, "ContextAwareThreadPoolExecutor", concurrent.futures.ThreadPoolExecutor)):
-    """A thread pool for Dask's threaded scheduler that can wait for the tasks it runs (``settle``)."""
+    """A thread pool for Dask's threaded scheduler that can wait for the tasks it runs (``settle``)
+    or stop them (``stop``)."""
 
     def __init__(self, n: int):
         super().__init__(n)
         self._live, self._live_lock = set(), threading.Lock()
+        self._stop = threading.Event()
 
     def submit(self, fn, /, *args, **kwargs):
-        future = super().submit(fn, *args, **kwargs)
+        future = super().submit(self._run, fn, *args, **kwargs)
         with self._live_lock:
             self._live.add(future)
         future.add_done_callback(self._ended)
         return future
+
+    def _run(self, fn, /, *args, **kwargs):
+        _task.stop = self._stop
+        return fn(*args, **kwargs)
+
+    def stop(self):
+        """Retire the pool: queued tasks are dropped, running ones end at their next stop_point."""
+        self._stop.set()
+        with _POOLS_LOCK:
+            for key in [k for k, p in _POOLS.items() if p is self]:
+                del _POOLS[key]  # (a later compute gets a new pool)
+        self.shutdown(wait=False, cancel_futures=True)
 
     def _ended(self, future):
         with self._live_lock:

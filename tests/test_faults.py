@@ -276,6 +276,19 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(killed_run, sig
     assert not scratch.exists()  # cleaned once the result is complete
 
 
+def test_a_stopped_run_does_not_import_torch_on_its_way_out(tmp_path):
+    """A deconvolution stopped by SIGTERM has seconds of grace: saying what is kept must not import
+    PyTorch (two seconds here, far more from a cluster's shared file system)."""
+    import subprocess
+
+    code = ("import pathlib, sys\nfrom lsfov import cli\ntry:\n"
+            "    with cli._state(pathlib.Path('d.zarr'), None, False) as state:\n"
+            "        (state / 'a' / 'done' / 'x2').mkdir(parents=True)\n        raise KeyboardInterrupt\n"
+            "except KeyboardInterrupt:\n    print('torch' in sys.modules, 'lsfov.estimate' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["False", "False"] and "--resume" in res.stderr, (res.stdout, res.stderr)
+
+
 def test_progress_bars_go_to_stderr_and_stdout_keeps_the_results(capsys):
     """Dask's text bars (local schedulers, and distributed's) write to stdout: lsfov sends them to
     stderr, as tqdm's, so that a job's stdout holds what the commands print about their results."""

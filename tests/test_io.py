@@ -736,6 +736,53 @@ def test_threaded_computes_reuse_their_pool_and_nest(monkeypatch):
         assert seen == {threading.get_ident()}
 
 
+def test_an_interrupted_compute_stops_its_running_tasks_at_their_next_iteration():
+    """Ctrl-C or SIGTERM (not an Exception) in the thread that waits: tasks still running end at
+    their next ``stop_point`` (a TV-RL or BSS iteration), since Python waits for their threads at exit
+    and a batch job has seconds of grace; queued tasks are dropped, and the next compute runs."""
+    import signal
+    import threading
+    import time
+
+    from lsfov import cluster
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    running, ended = threading.Barrier(2), []
+
+    def long(b):  # an iterative block task: 30 s if nothing stops it
+        t0 = time.perf_counter()
+        try:
+            if running.wait(10) == 0:  # both running: a signal to the waiting thread, as a job's SIGTERM
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            for _ in range(3000):
+                cluster.stop_point()
+                time.sleep(0.01)
+        finally:
+            ended.append(time.perf_counter() - t0)
+        return b
+
+    def short(b):
+        for _ in range(3):
+            cluster.stop_point()
+        return b
+
+    try:
+        with dask.config.set(scheduler="threads", num_workers=2):
+            pool = cluster._settling_pool(2)
+            with pytest.raises(KeyboardInterrupt):
+                cluster.compute([dask.delayed(long)(i) for i in range(6)])
+            pool.shutdown(wait=True)  # as Python's exit does: its threads end within an iteration
+            assert len(ended) == 2 and max(ended) < 5, ended  # the two running, stopped; the queued, dropped
+            assert cluster._settling_pool(2) is not pool
+            assert cluster.compute([dask.delayed(short)(i) for i in range(4)]) == [0, 1, 2, 3]  # a new pool
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    cluster.stop_point()  # outside a task: nothing to stop
+
+
 def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
     """NGFF: a t axis of type time, its interval as scale and its start as translation, in UCUM's
     words; the reader gives the coordinates back and a time point says when it was taken."""

@@ -29,6 +29,7 @@ import numpy as np
 from .._backend import block_digests, task_threads, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
                          positive_int, real_2d, real_number, scratch_dir, yx_order)
+from ..cluster import stop_point
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import censored_pixels, say_censored
@@ -135,6 +136,7 @@ def _iterate(op, y, state, start, n, gamma1, gamma2, steps, xp, mask=None, censo
     t1, t2 = (np.float32(t) for t in steps)
     thr = np.float32(gamma1 * steps[0])
     for beta in itertools.islice(_momenta(start), n):
+        stop_point()
         res = op.apply(z1 + z2, check=False) - y
         if mask is not None:
             res *= mask

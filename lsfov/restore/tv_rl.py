@@ -41,6 +41,7 @@ import numpy as np
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
                          positive_int, real_2d, real_number, scratch_dir, user_stacklevel, yx_order)
+from ..cluster import stop_point
 from ..operators import ProductConvolution
 
 __all__ = ["deconvolve", "tv_curvature", "DEFAULT_TV", "DEFAULT_EPS"]
@@ -201,6 +202,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
 
     # On a GPU (graph=True) the iterations after the first replay one CUDA graph (launch-bound otherwise).
     for _ in graph_runs(step, n, like=y if graph else None):
+        stop_point()
         if progress is not None:
             progress.update(1)
     return x
