@@ -1305,19 +1305,28 @@ def _print_scores(res):
                f"validity accuracy {res['validity_accuracy']:.3f}")
 
 
+def _print_curves(curves):
+    """The robustness curves as a table: a row per degradation, a column per strength."""
+    from .estimate.training import DEGRADATIONS
+
+    click.echo(f"mean R² vs degradation ({curves['n']} valid patches; paper 000 Fig. 7):")
+    click.echo(f"{'strength':<13}" + "".join(f"{s:>7.2f}" for s in curves["strengths"]))
+    for kind in DEGRADATIONS:
+        click.echo(f"{kind:<13}" + "".join(f"{r:>7.3f}" for r in curves[kind]))
+
+
 @main.command()
 @click.argument("model")
 @click.argument("data", type=click.Path(), required=False)
 @click.option("--robustness", "n_robust", type=int, default=0, metavar="N",
-              help="Also the R²-vs-degradation curves (paper 000 Fig. 7) on N fresh held-out patches.")
+              help="Also the R²-vs-degradation curves (paper 000 Fig. 7) on N fresh held-out patches "
+              "(in Python: lsfov.estimate.robustness).")
 @click.option("--figure", type=click.Path(), default=None,
               help="A figure of the robustness curves (.png, .pdf or .svg).")
 @_overwrite_option
 @click.pass_obj
 def evaluate(obj, model, data, n_robust, figure, overwrite):
     """R² per parameter and validity accuracy of MODEL (a shipped name or .pt) on a test set DATA."""
-    import json
-
     from .estimate import evaluate as _evaluate
     from .estimate import load_model, robustness
 
@@ -1338,7 +1347,7 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
         _print_scores(_evaluate(reg, data))
     if n_robust:
         curves = robustness(reg, n=n_robust, progress=not obj["quiet"])
-        click.echo(json.dumps(curves))
+        _print_curves(curves)
         if figure:
             from .figures import robustness_figure
 

@@ -574,8 +574,10 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
         run("evaluate", "g1.pt", "tr.zarr")  # a score on seen images is said to be one
     # paper 000 Fig. 7: R² of the shipped G1 falls as each degradation grows, and is drawn
     res = run("-q", "evaluate", "G1", "--robustness", 40, "--figure", "rob.png")
-    curves = json.loads(res.output.splitlines()[0])
-    assert curves["strengths"][0] == 0 and curves["n"] > 30
+    head, strengths, *rows = res.output.splitlines()[:6]  # a table: a row per degradation, a column per strength
+    assert int(re.search(r"\((\d+) valid patches", head)[1]) > 30 and strengths.split()[:2] == ["strength", "0.00"]
+    curves = {row.split()[0]: [float(v) for v in row.split()[1:]] for row in rows}
+    assert list(curves) == ["gaussian", "poisson", "mixed", "illumination"]
     for kind in ("gaussian", "poisson", "mixed"):
         assert curves[kind][0] > 0.8 and curves[kind][-1] < curves[kind][0] - 0.3, (kind, curves[kind])
     assert Path("rob.png").stat().st_size > 10_000
