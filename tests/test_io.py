@@ -783,6 +783,32 @@ def test_an_interrupted_compute_stops_its_running_tasks_at_their_next_iteration(
     cluster.stop_point()  # outside a task: nothing to stop
 
 
+def test_the_long_loops_are_stop_points():
+    """TV-RL and BSS iterations and the CNN's passes end in a task whose compute was interrupted."""
+    import threading
+
+    from lsfov import cluster
+
+    y = np.random.default_rng(1).uniform(1, 2, (64, 64)).astype(np.float32)
+    g = np.exp(-np.arange(-3, 4) ** 2 / 2)
+    op = lsfov.ProductConvolution.from_psf(np.outer(g, g) / np.outer(g, g).sum(), y.shape)
+    patches = np.random.default_rng(0).random((3, 128, 128)).astype(np.float32)
+    work = {"TV-RL": lambda: lsfov.deconvolve(y, op, iterations=3),
+            "BSS": lambda: lsfov.sparse_smooth_deblur(y, op, iterations=3),
+            "CNN": lambda: lsfov.load_model("G1").predict(patches, batch_size=1),
+            "CNN, its fixed passes": lambda: lsfov.load_model("G1").predict(patches, batch_size=1, reproducible=True)}
+    cluster._task.stop = threading.Event()  # this thread as a task of lsfov's pool
+    try:
+        for what, run in work.items():
+            run()  # not stopped: runs
+            cluster._task.stop.set()
+            with pytest.raises(cluster._Stopped):
+                run()
+            cluster._task.stop.clear()
+    finally:
+        del cluster._task.stop
+
+
 def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
     """NGFF: a t axis of type time, its interval as scale and its start as translation, in UCUM's
     words; the reader gives the coordinates back and a time point says when it was taken."""

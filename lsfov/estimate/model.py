@@ -32,6 +32,7 @@ import torch
 
 from .. import _backend, psf as _psf
 from .._validate import positive_int
+from ..cluster import stop_point
 from ..io import atomic_file
 from .network import build, standardize
 
@@ -356,14 +357,16 @@ class PSFRegressor:
                 run = self._graphed(x) if len(x) == batch_size else None
                 return (run or self._pass)(x)[:n]
 
-        starts = range(0, len(t), batch_size)
         if fixed and self.device.type == "cpu":
             # The CPU's matrix products split their sums by torch's thread count, and with it their
             # rounding: fixed passes run on the one-thread pool, never on the caller's thread, so that
             # the bits depend neither on the thread count nor on which thread (scheduler) calls.
-            outs = list(_one_thread_pool().map(one, starts))
-        else:
-            outs = [one(s) for s in starts]
+            pool, local = _one_thread_pool(), one
+            one = lambda s: pool.submit(local, s).result()  # noqa: E731
+        outs = []
+        for s in range(0, len(t), batch_size):  # a pass at a time: a stopped compute ends between them
+            stop_point()
+            outs.append(one(s))
         with torch.inference_mode():
             res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
         if not res[:, -1].all():
