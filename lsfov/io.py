@@ -1628,6 +1628,8 @@ def _open_variable(path: Path) -> xr.DataArray:
     dims = meta.get("dims")
     if dims and len(dims) == arr.ndim:
         arr = arr.rename({old: new for old, new in zip(arr.dims, dims) if old != new})
+        if not {"y", "x"} <= set(dims):  # on another grid (a PSF map's nodes): its scale is their spacing,
+            arr.attrs.pop("pixel_um", None)  # which a pixel_um would pass off as the image's pixel size
     units = meta.get("coord_units") or {}
     for d, values in (meta.get("coords") or {}).items():
         arr = arr.assign_coords({d: (d, values, {"units": units[d]} if d in units else {})})

@@ -37,6 +37,9 @@ def test_result_round_trip_values_scale_translation_units(tmp_path):
     np.testing.assert_allclose(back.deblurred.y.values, img.y.values)
     assert back.focus.dims == ("gy", "gx") and back.focus.attrs["units"] == "wave RMS"
     np.testing.assert_allclose(back.focus.gx.values, grid.gx.values)
+    # Its NGFF scale is the nodes' spacing: not read back as a pixel size (values in pixels would be
+    # converted with it), which the image's is
+    assert "pixel_um" not in back.focus.attrs and back.deblurred.attrs["pixel_um"] == 0.125
     assert back.attrs["model"] == "Z3"
     meta = json.loads((out / "deblurred" / "zarr.json").read_text())["attributes"]["ome"]
     assert meta["version"] == "0.5"
