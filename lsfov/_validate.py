@@ -64,6 +64,7 @@ def real_2d(x, name: str):
     is: NumPy, CuPy or Dask (not computed); other arrays and lists become NumPy. Values are not read."""
     if isinstance(x, (str, bytes, os.PathLike)) or x is None:
         raise TypeError(f"{name} must be a 2-D array of real numbers, got {type(x).__name__}")
+    not_a_dataset(x, name)
     if not type(x).__module__.startswith(("dask", "cupy")):
         x = np.asarray(x)
     if x.dtype.kind not in "biuf":
@@ -232,9 +233,18 @@ def known_shape(shape, name: str = "image"):
                          ".compute_chunk_sizes() first")
 
 
+def not_a_dataset(image, name: str = "image"):
+    """Refuse an xarray.Dataset (a result opened whole) where one image is meant, naming its variables."""
+    if hasattr(image, "data_vars"):
+        names = list(image.data_vars)
+        raise TypeError(f"{name} is an xarray.Dataset of {len(names)} variable(s) ({', '.join(map(str, names))}); "
+                        f"pass one of them, e.g. ds[{str(names[0]) if names else 'name'!r}]")
+
+
 def yx_last(image, name: str = "image"):
     """An xarray image or stack with ``y`` and ``x`` as its last dims, transposed by name (a plain
     array, or dims of other names, as it is): what functions that take arrays by position read."""
+    not_a_dataset(image, name)
     dims = getattr(image, "dims", None)
     if not isinstance(dims, tuple) or not ({"y", "x"} & set(dims)):
         return image
@@ -248,6 +258,7 @@ def yx_last(image, name: str = "image"):
 def yx_order(image, name: str = "image"):
     """A 2-D xarray image in (y, x) order: transposed by name when its dims are ``y`` and ``x`` in any
     order; other names are read by position (rows, columns); one of the two alone is refused."""
+    not_a_dataset(image, name)
     dims = tuple(image.dims)
     if len(dims) != 2:
         raise ValueError(f"{name} must be 2-D (y, x), got dims {dims}; select a plane first")

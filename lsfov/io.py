@@ -838,7 +838,8 @@ def pixel_size(image) -> float | None:
         if not (step[0] > 0 and np.allclose(step, step[0], rtol=1e-5)):
             return None
         scale = _to_um(c.attrs.get("units"))
-        return (float(step[0] * scale), "µm") if scale is not None else (float(step[0]), c.attrs.get("units"))
+        mean = float(np.mean(step))  # (to 12 digits: not the rounding noise of coordinates far from 0)
+        return (_tidy(mean * scale), "µm") if scale is not None else (_tidy(mean), c.attrs.get("units"))
 
     xdim = "x" if "x" in image.dims else image.dims[-1]
     ydim = "y" if "y" in image.dims else (image.dims[-2] if image.ndim >= 2 else None)
@@ -1280,7 +1281,9 @@ def _as_dataset(obj) -> xr.Dataset:
     if isinstance(obj, xr.Dataset):
         ds = obj
     elif isinstance(obj, xr.DataArray):
-        ds = obj.to_dataset(name=obj.name or "image")
+        # (xarray names a DataArray made of a Dask array after the array's key, which is no name)
+        named = obj.name is not None and not (isinstance(obj.data, da.Array) and obj.name == obj.data.name)
+        ds = obj.to_dataset(name=obj.name if named else "image")
     elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
         arr = obj if isinstance(obj, da.Array) else np.asarray(obj)
         dims = ("y", "x") if arr.ndim == 2 else ("c", "y", "x") if arr.ndim == 3 else None
@@ -1351,6 +1354,7 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     ]
     dim_names = [a["name"] for a in axes]
     mask = data.dtype == bool  # stored as 0/1 uint8, which every viewer reads; read back by lsfov as bool
+    meta = _variable_meta(var, lead, mask)  # before the pixels: what it cannot store is said before any work
     datasets, level, factor = [], data, 1
     while True:
         level = level.rechunk(chunk_shape if level is data else tuple(min(c, s) for c, s in zip(chunk_shape, level.shape)))
@@ -1376,25 +1380,49 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         level = _halved(stored.astype(bool) if mask else stored)
         factor *= 2
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
+    group.attrs["lsfov"] = meta
+
+
+def _variable_meta(var, lead, mask: bool) -> dict:
+    """What lsfov reads back beyond NGFF: dims, attributes, the leading axis's values and units, and
+    0-D coordinates."""
     attrs = dict(var.attrs)
     if attrs.get("pixel_um"):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
         try:
             attrs["pixel_um"] = pixel_size(var)
         except ValueError:  # one axis subsampled: pixels no longer square, kept as each axis's scale
             attrs["pixel_um"] = None
-    group.attrs["lsfov"] = {"dims": list(var.dims), "attrs": _jsonable(attrs), "coords": _lead_coords(var, lead),
-                            "coord_units": {d: str(var.coords[d].attrs["units"]) for d in lead
-                                            if d in var.coords and var.coords[d].attrs.get("units")},
-                            **({"dtype": "bool"} if mask else {}),
-                            **({"scalar_coords": scalars} if (scalars := _scalar_coords(var)) else {})}
+    lead_coords = {d: var.coords[d] for d in lead[:1] if d in var.coords}
+    scalars = {str(k): c for k, c in var.coords.items() if c.ndim == 0}
+    lost = [str(k) for k, c in var.coords.items() if c.ndim and k not in var.dims]
+    if lost:  # (an axis's own coordinate is its scale and offset, or the leading axis's values)
+        warnings.warn(f"coordinate(s) {', '.join(lost)} of {var.name!r} are not saved (OME-Zarr keeps "
+                      "each axis's scale and offset); to keep them, put their values in the attributes", LsfovWarning, stacklevel=user_stacklevel())
+    dtypes = {k: str(c.dtype) for k, c in {**lead_coords, **scalars}.items() if c.dtype.kind in "Mm"}
+    return {"dims": list(var.dims), "attrs": _jsonable(attrs),
+            "coords": {d: _json_values(c.values) for d, c in lead_coords.items()},
+            "coord_units": {d: str(c.attrs["units"]) for d, c in lead_coords.items() if c.attrs.get("units")},
+            **({"coord_dtypes": dtypes} if dtypes else {}),  # dates and durations: read back as such
+            **({"dtype": "bool"} if mask else {}),
+            # ``.sel(c=2)`` keeps ``c``: the plane it came from
+            **({"scalar_coords": {k: {"value": _json_values(c.values), "attrs": _jsonable(c.attrs)}
+                                  for k, c in scalars.items()}} if scalars else {})}
 
 
-def _scalar_coords(var) -> dict:
-    """A variable's 0-D coordinates (``.sel(c=2)`` keeps ``c``: the plane it came from), with their
-    attributes, as JSON: {name: {"value": v, "attrs": {...}}}."""
-    return {str(k): {"value": _jsonable({"v": c.values.item() if c.dtype.kind != "M" else str(c.values)})["v"],
-                     "attrs": _jsonable(c.attrs)}
-            for k, c in var.coords.items() if c.ndim == 0}
+def _json_values(values):
+    """Coordinate values as JSON: dates as ISO text, durations as counts of their unit (exact both;
+    ``coord_dtypes`` names the type), NaN as null."""
+    values = np.asarray(values)
+    if values.dtype.kind == "M":
+        values = np.datetime_as_string(values)
+    elif values.dtype.kind == "m":
+        values = values.astype(np.int64)
+    return _jsonable({"v": values.tolist()})["v"]
+
+
+def _coord_values(values, dtype=None):
+    """Read back what :func:`_json_values` wrote."""
+    return np.array(values, dtype=dtype) if dtype else values
 
 
 def _halved(stored):
@@ -1417,13 +1445,16 @@ _TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "seconds": "s
 def _lead_geometry(var: xr.DataArray, dim):
     """(scale, translation, unit or None) of a leading z or t axis from its coordinate, when evenly
     spaced (NGFF gives every axis a scale: a z step, not 1); (1, 0, None) otherwise (channels)."""
-    if dim not in ("z", "t") or dim not in var.coords or var.sizes[dim] < 2 or var.coords[dim].dtype.kind not in "iuf":
+    kinds = "iufMm" if dim == "t" else "iuf"
+    if dim not in ("z", "t") or dim not in var.coords or var.sizes[dim] < 2 or var.coords[dim].dtype.kind not in kinds:
         return 1.0, 0.0, None
-    c = np.asarray(var.coords[dim].values, dtype=np.float64)
+    c, units = var.coords[dim].values, var.coords[dim].attrs.get("units")
+    if c.dtype.kind in "Mm":  # dates (from the first) or durations: in seconds
+        c, units = (c - (c[0] if c.dtype.kind == "M" else np.timedelta64(0))) / np.timedelta64(1, "s"), "s"
+    c = np.asarray(c, dtype=np.float64)
     step = _even_step(c)
     if step is None:
         return 1.0, 0.0, None
-    units = var.coords[dim].attrs.get("units")
     if dim == "z":
         factor = _to_um(units)
         return (float(step * factor), float(c[0] * factor), SPATIAL_UNIT) if factor else (float(step), float(c[0]), None)
@@ -1444,7 +1475,9 @@ def _axis_geometry(var: xr.DataArray, dim):
         return (float(step) * factor if step else None), float(c[0]) * factor, unit
     step = _even_step(c)
     if step is None:
-        raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing; NGFF needs a scale")
+        hint = (f"; flip it (.isel({dim}=slice(None, None, -1))), as NGFF has no negative scale" if c[-1] < c[0]
+                else "; resample it, or drop the coordinate (pixel indices)")
+        raise ValueError(f"coordinate {dim!r} is not evenly spaced and increasing, and NGFF needs a scale{hint}")
     return _tidy(step * factor), _tidy(c[0] * factor), unit
 
 
@@ -1458,15 +1491,6 @@ def _tidy(v) -> float:
     """``v`` to 12 significant digits: 0.2, not the 0.20000000000000004 that sums of steps leave in
     metadata people read (and far below any pixel size's precision)."""
     return float(f"{float(v):.12g}")
-
-
-def _lead_coords(var, lead):
-    if not lead:
-        return {}
-    d = lead[0]
-    if d in var.coords:
-        return {d: [v.item() if hasattr(v, "item") else v for v in var.coords[d].values]}
-    return {}
 
 
 def _is_replaceable(path: Path) -> bool:
@@ -1630,13 +1654,14 @@ def _open_variable(path: Path) -> xr.DataArray:
         arr = arr.rename({old: new for old, new in zip(arr.dims, dims) if old != new})
         if not {"y", "x"} <= set(dims):  # on another grid (a PSF map's nodes): its scale is their spacing,
             arr.attrs.pop("pixel_um", None)  # which a pixel_um would pass off as the image's pixel size
-    units = meta.get("coord_units") or {}
+    units, dtypes = meta.get("coord_units") or {}, meta.get("coord_dtypes") or {}
     for d, values in (meta.get("coords") or {}).items():
-        arr = arr.assign_coords({d: (d, values, {"units": units[d]} if d in units else {})})
+        arr = arr.assign_coords({d: (d, _coord_values(values, dtypes.get(d)), {"units": units[d]} if d in units else {})})
     if meta.get("dtype") == "bool":  # a mask, stored as 0/1
         arr = arr.astype(bool)
     for name, c in (meta.get("scalar_coords") or {}).items():
-        arr = arr.assign_coords({name: xr.Variable((), c.get("value"), c.get("attrs") or {})})
+        arr = arr.assign_coords({name: xr.Variable((), _coord_values(c.get("value"), dtypes.get(name)),
+                                                   c.get("attrs") or {})})
     arr.attrs.update(meta.get("attrs", {}))
     arr.attrs["source"] = str(path)
     return arr

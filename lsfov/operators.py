@@ -646,10 +646,11 @@ class ProductConvolution:
         return self._dispatch(v, adjoint=True, check=check)
 
     def _dispatch(self, x, adjoint, check: bool = True):
-        if hasattr(x, "dims") and hasattr(x, "data"):  # xarray: its data (lazy stays lazy), its labels kept
+        if hasattr(x, "dims"):  # xarray: its data (lazy stays lazy), its labels kept
             yx = yx_order(x)
-            out = self._dispatch(yx.data, adjoint, check)
-            return yx.copy(data=out).transpose(*x.dims)
+            out = yx.copy(data=self._dispatch(yx.data, adjoint, check)).transpose(*x.dims)
+            out.attrs.pop("significant_bits", None)  # the camera's: a blurred float image is no count
+            return out
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         if x.dtype.kind not in "biuf":

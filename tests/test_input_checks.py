@@ -512,3 +512,24 @@ def test_sparse_smooth_options_are_checked_as_deconvolve_checks_them(small):
             if "exchange_every" in kw:
                 with pytest.raises(err, match=what):
                     lsfov.deconvolve(img, op, 2, **kw)
+
+
+def test_a_dataset_where_an_image_is_meant_names_its_variables():
+    """A result opened whole (open_result) passed where one of its images is meant: one line that
+    names them, not xarray's or NumPy's error from inside."""
+    y = np.random.default_rng(0).uniform(1, 2, (64, 64)).astype(np.float32)
+    op = PC.from_psf(psf.MODELS["G1"].render(np.array([[1.5]]))[0], y.shape)
+    ds = xr.Dataset({"deblurred": (("y", "x"), y), "blurred": (("y", "x"), y)})
+    for run in (lambda: lsfov.deconvolve(ds, op), lambda: op.apply(ds), lambda: op.adjoint(ds),
+                lambda: lsfov.estimate_psf_map(ds), lambda: lsfov.sparse_smooth_deblur(ds, op)):
+        with pytest.raises(TypeError, match=r"is an xarray.Dataset of 2 variable\(s\) \(deblurred, blurred\); pass one "
+                                            r"of them, e.g. ds\['deblurred'\]"):
+            run()
+
+
+def test_a_blurred_integer_image_is_no_longer_a_camera_count():
+    """The camera's significant bits (of an integer image's xarray) do not follow its blurred float copy."""
+    img = xr.DataArray(np.full((32, 32), 100, np.uint16), dims=("y", "x"), attrs={"significant_bits": 12, "k": 1})
+    op = PC.from_psf(psf.MODELS["G1"].render(np.array([[1.5]]))[0], img.shape)
+    for out in (op.apply(img), op.adjoint(img)):
+        assert out.dtype == np.float32 and out.attrs == {"k": 1}

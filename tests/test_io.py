@@ -606,6 +606,10 @@ def test_metadata_holds_the_pixel_size_not_its_rounding_errors(tmp_path):
     ms = json.loads((tmp_path / "crop.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"]
     assert ms[0]["datasets"][0]["coordinateTransformations"] == [{"type": "scale", "scale": [0.2, 0.2]},
                                                                  {"type": "translation", "translation": [2.0, 1.0]}]
+    # Far from 0 (a stage position), the coordinates' spacing is 0.2 too, not 0.19999999999998863
+    stage = xr.DataArray(np.ones((4, 300), np.float32), dims=("y", "x"),
+                         coords={d: xr.Variable(d, 1000 + 0.2 * np.arange(n), {"units": "µm"}) for d, n in (("y", 4), ("x", 300))})
+    assert np.diff(stage.x.values)[0] != 0.2 and lsfov.io.pixel_size(stage) == 0.2
 
 
 def test_save_bad_objects(tmp_path):
@@ -810,6 +814,40 @@ def test_the_long_loops_are_stop_points():
             cluster._task.stop.clear()
     finally:
         del cluster._task.stop
+
+
+def test_dates_and_durations_on_the_time_axis_are_saved_and_read_back(tmp_path):
+    """A time-lapse labelled with the dates its frames were taken at (as xarray and pandas make them),
+    or with durations: saved (they failed after every pixel was written), NGFF's time axis in seconds
+    from the first frame, and read back as dates and durations, exactly."""
+    planes = np.arange(3 * 16 * 16, dtype=np.uint16).reshape(3, 16, 16)
+    when = np.array(["2024-05-01T10:00:00", "2024-05-01T10:00:30", "2024-05-01T10:01:00.000001"], "datetime64[us]")
+    for t in (when, when - when[0]):
+        series = xr.DataArray(planes, dims=("t", "y", "x"), coords={"t": t, "started": when[0]})
+        out = lsfov.save(series, tmp_path / f"{t.dtype.kind}.zarr")
+        back = lsfov.open_result(out).image
+        np.testing.assert_array_equal(back.t.values, t)
+        assert back.started.values == when[0] and back.t.dtype == t.dtype
+        m = json.loads((out / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+        assert m["axes"][0] == {"name": "t", "type": "time", "unit": "second"}
+        assert m["datasets"][0]["coordinateTransformations"][0]["scale"][0] == pytest.approx(30.0)
+        np.testing.assert_array_equal(back.values, planes)
+
+
+def test_an_unnamed_dask_image_is_saved_as_image_and_lost_coordinates_are_said(tmp_path):
+    """xarray names a DataArray of a Dask array after the array's key: saved as ``image`` (as an
+    unnamed NumPy one), not under that random key. A coordinate of a dim that is not its own is not
+    kept by OME-Zarr: said, not dropped in silence."""
+    lsfov.save(xr.DataArray(da.ones((32, 32), chunks=16), dims=("y", "x")), tmp_path / "u.zarr")
+    assert list(lsfov.open_result(tmp_path / "u.zarr")) == ["image"]
+    assert lsfov.open_image(tmp_path / "u.zarr").shape == (32, 32)
+    labelled = xr.DataArray(np.ones((8, 8), np.float32), dims=("y", "x"), coords={"row": ("y", np.arange(8))})
+    with pytest.warns(lsfov.LsfovWarning, match="row of .image. are not saved"):
+        lsfov.save(labelled, tmp_path / "l.zarr")
+    flipped = xr.DataArray(np.ones((8, 8), np.float32), dims=("y", "x"), coords={"y": -0.1 * np.arange(8)})
+    with pytest.raises(ValueError, match=r"flip it \(.isel\(y=slice\(None, None, -1\)\)\)"):
+        lsfov.save(flipped, tmp_path / "f.zarr")
+    assert not (tmp_path / "f.zarr").exists()
 
 
 def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
