@@ -533,3 +533,22 @@ def test_a_blurred_integer_image_is_no_longer_a_camera_count():
     op = PC.from_psf(psf.MODELS["G1"].render(np.array([[1.5]]))[0], img.shape)
     for out in (op.apply(img), op.adjoint(img)):
         assert out.dtype == np.float32 and out.attrs == {"k": 1}
+
+
+def test_a_plane_with_axes_of_length_one_is_read_as_that_plane_whatever_the_array():
+    """A (1, H, W) plane (a channel picked with a slice, a one-plane file): NumPy, Dask and xarray
+    alike (Dask and xarray were refused, or not, by function); xarray keeps the axis as a scalar
+    coordinate. Several planes are refused with what to do."""
+    y = (simulate.sample_image("cell", (128, 128))[None] * 100 + 1).astype(np.float32)
+    op = PC.from_psf(psf.MODELS["G1"].render(np.array([[1.5]]))[0], (128, 128))
+    ref = lsfov.deconvolve(y[0], op, 2)
+    for im in (y, da.from_array(y, chunks=(1, 64, 64)), xr.DataArray(y, dims=("c", "y", "x"), coords={"c": [3]})):
+        out = lsfov.deconvolve(im, op, 2)
+        assert out.shape == (128, 128) and type(out) is type(im)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5)
+        assert lsfov.sparse_smooth_deblur(im, op, iterations=2, warn_dense=1)[0].shape == (128, 128)
+        assert dict(lsfov.estimate_psf_map(im, "G1").sizes) == {"gy": 1, "gx": 1}
+    assert int(lsfov.deconvolve(xr.DataArray(y, dims=("c", "y", "x"), coords={"c": [3]}), op, 2).c) == 3
+    for stack in (np.ones((2, 128, 128), np.float32), da.ones((2, 128, 128), dtype=np.float32)):
+        with pytest.raises(ValueError, match="2-D .*(pick|select) a plane"):
+            lsfov.deconvolve(stack, op)
