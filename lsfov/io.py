@@ -1396,8 +1396,9 @@ def _variable_meta(var, lead, mask: bool) -> dict:
     scalars = {str(k): c for k, c in var.coords.items() if c.ndim == 0}
     lost = [str(k) for k, c in var.coords.items() if c.ndim and k not in var.dims]
     if lost:  # (an axis's own coordinate is its scale and offset, or the leading axis's values)
-        warnings.warn(f"coordinate(s) {', '.join(lost)} of {var.name!r} are not saved (OME-Zarr keeps "
-                      "each axis's scale and offset); to keep them, put their values in the attributes", LsfovWarning, stacklevel=user_stacklevel())
+        warnings.warn(f"coordinate(s) {', '.join(lost)} of {var.name!r} are not saved (OME-Zarr keeps each axis's "
+                      "scale and offset); to keep them, put their values in the attributes", LsfovWarning,
+                      stacklevel=user_stacklevel())
     dtypes = {k: str(c.dtype) for k, c in {**lead_coords, **scalars}.items() if c.dtype.kind in "Mm"}
     return {"dims": list(var.dims), "attrs": _jsonable(attrs),
             "coords": {d: _json_values(c.values) for d, c in lead_coords.items()},
