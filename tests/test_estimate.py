@@ -412,6 +412,37 @@ def test_z2_axis_is_an_angle_modulo_a_half_turn():
     assert min(filled, np.pi / 2 - filled) < 0.05  # near 0 ≡ π/2, not the π/4 of a plain mean
 
 
+def test_z3_filling_averages_the_psfs_not_their_parameters_apart():
+    """(f, c, θ) and (−f, c, θ + π/2) are one Z3 PSF: a node filled between two whose astigmatism is at
+    right angles (the two sides of focus) is the astigmatic focus between them (it was the full
+    defocus with its astigmatism along an axis at random), or a round defocus where the defocus
+    dominates; its products say what its parameters do; a node between equal ones is them."""
+    import xarray as xr
+
+    from lsfov.estimate.mapping import fill_invalid
+
+    def filled(f, c, axes):
+        f, c, a = np.array([[f, 0, f]]), np.full((1, 3), c), np.array([[axes[0], 0, axes[1]]])
+        ds = xr.Dataset({"focus": (("gy", "gx"), f), "astigmatism": (("gy", "gx"), c), "axis": (("gy", "gx"), a),
+                         "focus_astig_sin": (("gy", "gx"), f * c * np.sin(2 * a)),
+                         "focus_astig_cos": (("gy", "gx"), f * c * np.cos(2 * a)),
+                         "validity": (("gy", "gx"), np.array([[1.0, 0.0, 1.0]]))},
+                        attrs={"psf_model": "Z3", "params": ["focus", "astigmatism", "axis"]})
+        out = fill_invalid(ds)
+        node = {k: float(out[k][0, 1]) for k in out.data_vars if k != "filled"}
+        assert node["focus_astig_sin"] == pytest.approx(node["focus"] * node["astigmatism"] * np.sin(2 * node["axis"]),
+                                                         abs=1e-6)
+        return node
+
+    node = filled(0.3, 0.2, (0.3, 0.3 + np.pi / 2))  # astigmatism dominates (over its range)
+    assert node["focus"] == pytest.approx(0, abs=1e-6) and node["astigmatism"] == pytest.approx(0.2, abs=1e-6)
+    assert node["axis"] == pytest.approx(0.3, abs=1e-6)
+    node = filled(0.45, 0.03, (0.3, 0.3 + np.pi / 2))  # defocus dominates: the small astigmatisms cancel
+    assert node["focus"] == pytest.approx(0.45, abs=1e-6) and node["astigmatism"] == pytest.approx(0, abs=1e-6)
+    node = filled(0.3, 0.2, (1.0, 1.0))
+    assert [node[k] for k in ("focus", "astigmatism", "axis")] == pytest.approx([0.3, 0.2, 1.0], abs=1e-6)
+
+
 def test_illumination_gradient_never_makes_light_negative():
     light = synth._illumination(2000, 128, np.random.default_rng(0), 1.0)
     assert light.min() >= 0 and (light == 0).any()  # the deepest diagonal gradients reach zero

@@ -414,7 +414,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     filled = None
     if fill:  # on the NumPy arrays, then one Dataset: each xarray assignment costs a merge (~0.5 ms)
         filled = validity < 0.5
-        arrays = _fill(arrays, ~filled, periods=_periods(pm, names))
+        arrays = _fill(arrays, ~filled, model=pm)
     data_vars = {}
     for p in names:
         if p in m.params:
@@ -482,8 +482,10 @@ class NothingToMap(ValueError):
 def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours: int = 8):
     """Fill the parameters of nodes with validity below ``threshold`` from the valid ones.
 
-    Inverse-distance weighting over the ``neighbours`` nearest valid nodes, weights ``1/d**power``; the
-    astigmatism axis is averaged on the circle (its period: π, π/2 for Z2). Adds a boolean ``filled``
+    Inverse-distance weighting over the ``neighbours`` nearest valid nodes, weights ``1/d**power``; a
+    Zernike model's focus, astigmatism and axis are averaged as its network regresses them, the
+    entries of ``v vᵀ`` that do not change with the side of focus (two nodes on either side of focus
+    give one near focus). Adds a boolean ``filled``
     variable. Paper 000 Sec. II-F takes the four nearest with weights 1/d (``neighbours=4, power=1``);
     the defaults also take the diagonal ring (at half the weight of the four-connected nodes, as
     Shepard's 1/d²), so that a node on the edge of an invalid region is filled from more than one side.
@@ -518,7 +520,7 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
         model = _psf.get_model(psf_map.attrs.get("psf_model", "Z3"))
     except ValueError:  # a map of no known model: its axis (if any) as Z3's
         model = _psf.MODELS["Z3"]
-    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours, periods=_periods(model, names))
+    arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours, model=model)
     return psf_map.assign({**{p: (("gy", "gx"), arrays[p], psf_map[p].attrs) for p in names},
                            "filled": (("gy", "gx"), ~valid, _FILLED_ATTRS)})
 
@@ -528,10 +530,19 @@ def _periods(model, names) -> dict:
     return {p: model.period(p) for p in names if p in model.params and model.period(p)}
 
 
-def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, periods: dict):
-    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays;
-    the variables in ``periods`` are angles, averaged on their circle."""
+def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, model):
+    """:func:`fill_invalid` on NumPy arrays (gy, gx) by name, ``valid`` their mask: new float32 arrays.
+
+    An astigmatic model's parameters are averaged as one vector ``v`` (focus, astigmatism · (sin,
+    cos) 2 axis), known up to its sign ((f, c, θ) and (−f, c, θ + π/2) are one PSF): each neighbour's
+    sign is the one along the principal axis of their weighted ``v vᵀ``, as orientations are
+    averaged. Averaged apart, two nodes with their astigmatism at right angles (the two sides of
+    focus) gave the full defocus and astigmatism along an axis at random; now the astigmatic focus
+    between them, or a round defocus where the defocus dominates. Other angles are averaged on
+    their circle."""
     from scipy.spatial import cKDTree
+
+    from .model import _astigmatic, _products, aberrations, decode, outer_targets
 
     if valid.all():
         return {p: np.asarray(v, np.float32) for p, v in arrays.items()}
@@ -545,18 +556,26 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, periods: di
     dist, idx = dist.reshape(len(bad), k), idx.reshape(len(bad), k)
     wgt = 1.0 / np.maximum(dist, 1e-9) ** power
     wgt /= wgt.sum(axis=1, keepdims=True)
+    est = {}
+    if _astigmatic(model) and set(model.params) <= set(arrays):
+        v = aberrations(model, np.stack([np.asarray(arrays[p], np.float64)[valid] for p in model.params], axis=1))[idx]
+        axis = np.linalg.eigh(np.einsum("bk,bki,bkj->bij", wgt, v, v))[1][:, :, -1]  # (b, d): the principal one
+        sign = np.where(np.einsum("bki,bi->bk", v, axis) < 0, -1.0, 1.0)
+        targets = outer_targets(np.einsum("bk,bki->bi", wgt * sign, v))
+        est = {**dict(zip(model.params, decode(model, targets).T)), **_products(model, targets)}
+    periods = _periods(model, list(arrays))
     out = {}
     for p, v in arrays.items():
         v = np.asarray(v, np.float64).copy()
         src = v[valid]
-        period = periods.get(p)
-        if period:  # an angle: the weighted mean on its circle
-            k = 2 * np.pi / period
+        if p in est:
+            v[~valid] = est[p]
+        elif periods.get(p):  # an angle: the weighted mean on its circle
+            k = 2 * np.pi / periods[p]
             z = np.exp(1j * k * src)[idx]
-            est = np.mod(np.angle((wgt * z).sum(axis=1)) / k, period)
+            v[~valid] = np.mod(np.angle((wgt * z).sum(axis=1)) / k, periods[p])
         else:
-            est = (wgt * src[idx]).sum(axis=1)
-        v[~valid] = est
+            v[~valid] = (wgt * src[idx]).sum(axis=1)
         out[p] = v.astype(np.float32)
     return out
 

@@ -119,11 +119,21 @@ def encode(m, params) -> np.ndarray:
     params = np.atleast_2d(np.asarray(params, dtype=np.float64))
     if not _astigmatic(m):
         return m.normalize(params)
-    p = dict(zip(m.params, params.T))
+    return outer_targets(aberrations(m, params))
+
+
+def aberrations(m, params) -> np.ndarray:
+    """An astigmatic model's parameters (B, N) -> ``v`` (B, d): focus (if the model has it) and
+    astigmatism · (sin, cos) 2 axis, each over the upper end of its range. ``v`` and ``−v`` are one PSF."""
+    p = dict(zip(m.params, np.atleast_2d(np.asarray(params, dtype=np.float64)).T))
     c, th = p["astigmatism"], p["axis"]
     comps = ([p["focus"]] if "focus" in p else []) + [c * np.sin(2 * th), c * np.cos(2 * th)]
-    v = np.stack(comps, axis=1) / _scales(m)
-    iu = np.triu_indices(v.shape[1])
+    return np.stack(comps, axis=1) / _scales(m)
+
+
+def outer_targets(v) -> np.ndarray:
+    """The upper triangle of ``v vᵀ`` (B, d(d+1)/2): what the network regresses, the same for ``±v``."""
+    iu = _triu(v.shape[1])
     return (v[:, :, None] * v[:, None, :])[:, iu[0], iu[1]]
 
 
