@@ -122,11 +122,19 @@ def test_sources_are_kept_at_k_sigma_over_the_psf_norm():
     assert found[:, :2].tolist() == [[20, 20]]
 
 
-def test_subspace_generators_sum_to_one():
-    """Paper 003 Sec. II-E-a, with bases in learn_subspace's sign convention (non-negative here)."""
+def test_subspace_generators_are_operators_of_unit_flux():
+    """Paper 003 Sec. II-E-a's generators Γ_k, scaled so that their operators keep the light: mean
+    over the field of Σ_ij Γ[i,j] (Σ h_i) a_j = 1 (the paper divides by Σ_ij Γ_k[i,j], which
+    depends on the bases' signs and scales). An operator with no positive flux is refused."""
     rng = np.random.default_rng(3)
-    sub = lsfov.OperatorSubspace(rng.random((3, 5, 5)), rng.random((4, 8, 8)), rng.random((5, 3, 4)) + 0.1)
-    np.testing.assert_allclose(sub.normalized_gammas.sum(axis=(1, 2)), 1.0)
+    h, a, g = rng.random((3, 5, 5)), rng.random((4, 8, 8)), rng.random((5, 3, 4)) + 0.1
+    sub = lsfov.OperatorSubspace(h, a, g)
+    flux = np.einsum("kij,i,j->k", sub.normalized_gammas, h.sum(axis=(1, 2)), a.mean(axis=(1, 2)))
+    np.testing.assert_allclose(flux, 1.0)
+    np.testing.assert_allclose(sub.normalized_gammas * (g / sub.normalized_gammas)[:, :1, :1], g)  # only scaled
+    g[2] *= -1
+    with pytest.raises(ValueError, match="operator of calibration image 2 has no positive flux"):
+        lsfov.OperatorSubspace(h, a, g).normalized_gammas
 
 
 def test_local_plane_weights_are_gaussian_of_width_sigma_over_3_sigma():

@@ -67,21 +67,25 @@ class OperatorSubspace:
 
     @property
     def normalized_gammas(self) -> np.ndarray:
-        """Γ_k / Σ_ij Γ_k[i,j] (paper 003 Sec. II-E-a): the generators of the admissible cone.
+        """Γ_k over the mean flux of its operator: the generators of the admissible cone, each for
+        an operator that keeps the light (Σ_ij Γ[i,j] Σh_i mean a_j = 1).
 
-        The sum is taken with the bases in :func:`learn_subspace`'s sign convention (h_0 and a_0 sum
-        to > 0, every other h_i and a_j has a positive largest entry), whatever signs they were given:
-        flipping a basis element and its Γ entries leaves every operator as it was, and must leave the
-        cone too (literally, it could flip generators and turn the cone into its opposite)."""
-        tau, sigma = self._signs
-        s = np.einsum("kij,i,j->k", self.gammas, tau, sigma)[:, None, None]
-        return self.gammas / np.where(np.abs(s) > 1e-30, s, 1.0)
+        Paper 003 Sec. II-E-a divides by the sum of Γ_k's entries, which depends on the bases' signs
+        and scales (it ranged over 20-64 for operators of one flux) and could turn a generator into its
+        opposite; the flux is the operator's own, whatever the bases, and positive."""
+        h_sums, a_means = self._flux_terms
+        flux = np.einsum("kij,i,j->k", self.gammas, h_sums, a_means)
+        if not (flux > 0).all():
+            k = int(np.argmin(flux))
+            raise ValueError(f"the operator of calibration image {k} has no positive flux ({flux[k]:.3g}): its beads "
+                             "do not make a blur; learn the subspace again without that image")
+        return self.gammas / flux[:, None, None]
 
     @functools.cached_property
-    def _signs(self):
-        """±1 per PSF and per spatial basis element: what brings them to learn_subspace's convention
-        (:func:`basis_signs`; the spatial maps read once, one at a time)."""
-        return basis_signs(self.psf_basis), basis_signs(self.spatial_basis)
+    def _flux_terms(self):
+        """Σ h_i per PSF and the mean of a_j over the field per spatial map (read once, one at a time)."""
+        return (self.psf_basis.reshape(self.n_psf, -1).sum(axis=1, dtype=np.float64),
+                np.array([np.asarray(m, dtype=np.float64).mean() for m in self.spatial_basis]))
 
     def _gamma(self, k_or_gamma, for_project=False):
         if isinstance(k_or_gamma, (int, np.integer)) and not isinstance(k_or_gamma, bool):
@@ -409,7 +413,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     if px:
         attrs["pixel_um"] = float(px)
     maps = grid.upsample(a_nodes)
-    sign = basis_signs(maps)  # deterministic signs, those normalized_gammas reads the bases in
+    sign = basis_signs(maps)  # deterministic signs: the same subspace whatever signs the SVD returned
     return OperatorSubspace(basis.kernels, maps * sign[:, None, None].astype(np.float32), gammas * sign, attrs=attrs)
 
 
@@ -429,7 +433,8 @@ def _spatial_basis(c, grid, n_space: int, seed=0):
     ry_inv, rx_inv = grid.gram_sqrt(inverse=True)
     weighted = np.einsum("ab,kibc,cd->kiad", ry, c, rx, optimize=True).reshape(k * i, -1)
     tall = da.from_array(weighted.T, chunks=(min(weighted.shape[1], 1 << 16), weighted.shape[0]))
-    u, s, v = da.linalg.svd_compressed(tall, n_space, n_power_iter=4, seed=int(seed), compute=False)
+    # QR between the power iterations: without it the small singular values drown in rounding (s^9)
+    u, s, v = da.linalg.svd_compressed(tall, n_space, iterator="QR", n_power_iter=4, seed=int(seed), compute=False)
     u, s, v = (np.asarray(a, dtype=np.float64) for a in compute([u, s, v]))
     a_nodes = np.einsum("ab,jbc,cd->jad", ry_inv, u.T.reshape((n_space,) + grid.size), rx_inv, optimize=True)
     gammas = (v.T * s).reshape(k, i, n_space)
