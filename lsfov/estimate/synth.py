@@ -389,9 +389,10 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         Fraction of deliberately black or flat (invalid) patches.
     photons, read_noise : (low, high)
         Range of the photon count at full scale (log-uniform): that of the sharp image's brightest
-        level, before the illumination (gain <= 1) and the blur, so a patch's blurred peak is less
-        (a median 0.3 of it, 0.01-0.6 from the 10th to the 90th percentile of test patches); and of the Gaussian
-        read noise std in counts (uniform); quantum efficiency beta is uniform in [0.5, 1]. ``photons=None``:
+        level, before the illumination (gain <= 1) and the blur, so a patch's blurred peak is less (a
+        median 0.3 of it, 0.01-0.6 from the 10th to the 90th percentile of test patches); and of the
+        Gaussian read noise std in counts (uniform); quantum efficiency beta is uniform in [0.5, 1].
+        ``photons=None``:
         noiseless patches in [0, 1]. The default, 500-5000 photons, is what the shipped models
         were trained on: below a few hundred photons the blur's cues drown.
     illumination : float
