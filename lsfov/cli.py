@@ -60,6 +60,19 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _signal_again(unraisable, previous):
+    """A Ctrl-C or SIGTERM raised in code whose exceptions Python ignores (a garbage collector's
+    callback, as distributed registers: "Exception ignored in ...") was lost, and the run went on: the
+    signal is sent again to the main thread, from another thread (here, the main thread would raise
+    it at once, inside this hook, and lose it again), until it lands where it stops the run."""
+    kind = unraisable.exc_type
+    if kind is not None and issubclass(kind, (KeyboardInterrupt, _Terminated)):
+        signum = signal.SIGTERM if issubclass(kind, _Terminated) else signal.SIGINT
+        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum)).start()
+    else:
+        previous(unraisable)
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit status 1 (no traceback)."""
 
@@ -122,6 +135,9 @@ def main(ctx, verbose, quiet):
     if threading.current_thread() is threading.main_thread():  # a job's SIGTERM keeps the work, as Ctrl-C
         previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous_handler))
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = functools.partial(_signal_again, previous=previous_hook)
+        ctx.call_on_close(lambda: setattr(sys, "unraisablehook", previous_hook))
     ctx.obj = {"quiet": quiet}
 
 

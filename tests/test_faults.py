@@ -276,6 +276,41 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(killed_run, sig
     assert not scratch.exists()  # cleaned once the result is complete
 
 
+_SWALLOWED = """
+import gc, os, signal, sys, threading, time
+from lsfov import cli
+
+def slow(phase, info):  # a garbage collector's callback, as distributed registers: where signals land
+    if phase == "start":
+        time.sleep(0.05)
+
+@cli.main.command("spin")
+def spin():
+    gc.callbacks.append(slow)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIG{sig})).start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 4:
+        gc.collect()
+    print("went on")
+
+sys.argv = ["lsfov", "spin"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_a_signal_raised_where_python_ignores_exceptions_still_stops_the_run(tmp_path, sig):
+    """SIGTERM or Ctrl-C raised inside a garbage collector's callback ("Exception ignored in ...")
+    was lost and the run went on (seen with distributed's): it is sent again until it stops the run."""
+    import subprocess
+
+    for _ in range(3):  # (the signal lands in the callback most times, not every time)
+        res = subprocess.run([sys.executable, "-c", _SWALLOWED.replace("{sig}", sig)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == {"TERM": 143, "INT": 130}[sig], (res.stdout, res.stderr[-800:])
+        assert "went on" not in res.stdout and "Traceback" not in res.stderr, res.stderr[-800:]
+
+
 def test_a_stopped_run_does_not_import_torch_on_its_way_out(tmp_path):
     """A deconvolution stopped by SIGTERM has seconds of grace: saying what is kept must not import
     PyTorch (two seconds here, far more from a cluster's shared file system)."""
