@@ -1361,6 +1361,7 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         arr = group.create_array(
             str(len(datasets)), shape=level.shape, chunks=level.chunksize, dtype=np.uint8 if mask else level.dtype,
             dimension_names=dim_names, fill_value=0,
+            config={"write_empty_chunks": True},  # every chunk stored: one missing is damage (lsfov info says)
         )
         compute(da.store(level.astype(np.uint8) if mask else level, arr, lock=False, compute=False),
                 progress=progress, label=None if datasets else f"writing {name}")
@@ -1702,7 +1703,7 @@ def describe(path) -> str:
 
             res = open_result(path)
             for name, var in res.data_vars.items():
-                lines.append("  " + _describe_array(name, var))
+                lines.append("  " + _describe_array(name, var) + _missing_chunks(path / name).replace("\n", "\n  "))
             said = {"saturation": "saturation level", "censored_at": "censored at"}
             known = [f"{v} {fmt_level(res.attrs[k])}" for k, v in said.items()
                      if isinstance(res.attrs.get(k), (int, float))]
@@ -1748,7 +1749,7 @@ def describe(path) -> str:
     px = arr.attrs.get("pixel_um")
     levels = _pyramid_shapes(path)
     return (f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
-            + _clip_said(arr, "\n  ")
+            + _clip_said(arr, "\n  ") + _missing_chunks(path)
             + (f"\n  pyramid: {len(levels)} levels, {' '.join('x'.join(map(str, s)) for s in levels)} "
                "(level=k of lsfov.open_image)" if len(levels) > 1 else ""))
 
@@ -1762,6 +1763,24 @@ def _clip_said(arr, sep: str) -> str:
         return ""
     return (f"{sep}saturates at {clip:g}" + (f" ({bits} significant bits)" if bits and clip == 2.0**bits - 1 else
                                              " (its type's largest count)") + "; --saturation gives another level")
+
+
+def _missing_chunks(path: Path) -> str:
+    """A zarr image's chunks that are not stored, which read as its fill value ("" if none): a copy cut
+    short looks whole to a reader, and so do tiles left empty on purpose (zarr stores no all-fill chunk)."""
+    if not path.is_dir():
+        return ""
+    try:
+        datasets = _multiscale(path).get("datasets") if (path / "zarr.json").exists() or (path / ".zattrs").exists() \
+            else None
+        arr = zarr.open_array(str(path / datasets[0]["path"]) if datasets else str(path), mode="r")
+        stored, total = arr.nchunks_initialized, arr.nchunks
+    except Exception:  # a summary: nothing said rather than a failure
+        return ""
+    if stored >= total:
+        return ""
+    return (f"\n  {total - stored} of {total} chunks not stored: they read as {arr.fill_value} (empty tiles, which "
+            "zarr does not store, or a copy cut short: compare with the source)")
 
 
 def _pyramid_shapes(path: Path) -> list:

@@ -850,6 +850,20 @@ def test_an_unnamed_dask_image_is_saved_as_image_and_lost_coordinates_are_said(t
     assert not (tmp_path / "f.zarr").exists()
 
 
+def test_info_says_which_chunks_are_not_stored(tmp_path):
+    """A zarr chunk that is not stored reads as the fill value: a copy cut short looks whole. lsfov
+    stores every chunk of what it writes (an all-False mask too), and info says what is missing."""
+    ds = xr.Dataset({"image": (("y", "x"), np.ones((256, 256), np.float32)),
+                     "mask": (("y", "x"), np.zeros((256, 256), bool))})
+    out = lsfov.save(ds, tmp_path / "r.zarr", chunks=128)
+    assert "not stored" not in lsfov.io.describe(out)
+    (out / "image" / "0" / "c" / "1" / "0").unlink()
+    said = lsfov.io.describe(out)
+    assert "1 of 4 chunks not stored: they read as 0.0" in said and said.count("not stored") == 1, said
+    assert "1 of 4 chunks not stored" in lsfov.io.describe(out / "image")
+    np.testing.assert_array_equal(lsfov.open_result(out).image.values[128:, :128], 0)  # (what a reader sees)
+
+
 def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point(tmp_path):
     """NGFF: a t axis of type time, its interval as scale and its start as translation, in UCUM's
     words; the reader gives the coordinates back and a time point says when it was taken."""
