@@ -60,17 +60,26 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _signal_again(unraisable, previous):
+def _signal_again(unraisable, previous, command):
     """A Ctrl-C or SIGTERM raised in code whose exceptions Python ignores (a garbage collector's
     callback, as distributed registers: "Exception ignored in ...") was lost, and the run went on: the
     signal is sent again to the main thread, from another thread (here, the main thread would raise
-    it at once, inside this hook, and lose it again), until it lands where it stops the run."""
+    it at once, inside this hook, and lose it again), until it lands where it stops the run; only
+    while the command runs (``command["running"]``), and at most 20 times."""
     kind = unraisable.exc_type
-    if kind is not None and issubclass(kind, (KeyboardInterrupt, _Terminated)):
-        signum = signal.SIGTERM if issubclass(kind, _Terminated) else signal.SIGINT
-        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum)).start()
-    else:
-        previous(unraisable)
+    if not (kind is not None and issubclass(kind, (KeyboardInterrupt, _Terminated)) and command["running"]
+            and command["resent"] < 20):
+        return previous(unraisable)
+    command["resent"] += 1
+    signum = signal.SIGTERM if issubclass(kind, _Terminated) else signal.SIGINT
+
+    def resend():
+        if command["running"]:
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    timer = threading.Timer(0.01, resend)
+    timer.daemon = True  # (never holds up the interpreter's exit)
+    timer.start()
 
 
 class _Group(click.Group):
@@ -135,9 +144,9 @@ def main(ctx, verbose, quiet):
     if threading.current_thread() is threading.main_thread():  # a job's SIGTERM keeps the work, as Ctrl-C
         previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous_handler))
-        previous_hook = sys.unraisablehook
-        sys.unraisablehook = functools.partial(_signal_again, previous=previous_hook)
-        ctx.call_on_close(lambda: setattr(sys, "unraisablehook", previous_hook))
+        previous_hook, command = sys.unraisablehook, {"running": True, "resent": 0}
+        sys.unraisablehook = functools.partial(_signal_again, previous=previous_hook, command=command)
+        ctx.call_on_close(lambda: (command.update(running=False), setattr(sys, "unraisablehook", previous_hook)))
     ctx.obj = {"quiet": quiet}
 
 

@@ -479,24 +479,26 @@ def _compute_here(obj):
         return dask.compute(obj)[0]
     pool = _settling_pool(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
     try:
-        return dask.compute(obj, pool=pool)[0]
-    except Exception:
-        pool.settle()
-        raise
-    except BaseException:  # Ctrl-C, SIGTERM: its tasks end at their next stop_point, not when done
-        pool.stop()
+        try:
+            return dask.compute(obj, pool=pool)[0]
+        except Exception:
+            pool.settle()
+            raise
+    except BaseException as e:  # Ctrl-C, SIGTERM (also while settling): tasks end at their next stop_point
+        if not isinstance(e, Exception):
+            pool.stop()
         raise
 
 
-_task = threading.local()  # in a task's thread: the stop event of the pool that runs it
+_task = threading.local()  # in a task's thread: the stop events of the pool that runs it (and its parents')
 
 
 def stop_point():
-    """A place in a long task (an iteration) where it ends if its compute was interrupted (Ctrl-C,
-    SIGTERM): no one awaits its result, and at exit Python waits for its thread. A batch job given
-    SIGTERM so exits within an iteration, not a block task, of its grace time."""
-    stop = getattr(_task, "stop", None)
-    if stop is not None and stop.is_set():
+    """A place in a long task (an iteration) where it ends if its compute, or the compute that runs the
+    task that started it, was interrupted (Ctrl-C, SIGTERM): no one awaits its result, and at exit
+    Python waits for its thread. A batch job given SIGTERM so exits within an iteration, not a block
+    task, of its grace time."""
+    if any(stop.is_set() for stop in getattr(_task, "stops", ())):
         raise _Stopped()
 
 
@@ -512,6 +514,8 @@ class _SettlingPool(getattr(dask.threaded, "ContextAwareThreadPoolExecutor", con
         super().__init__(n)
         self._live, self._live_lock = set(), threading.Lock()
         self._stop = threading.Event()
+        # Made in a task (a compute inside a task): stopped with the pool that runs that task too.
+        self._stops = (self._stop, *getattr(_task, "stops", ()))
 
     def submit(self, fn, /, *args, **kwargs):
         future = super().submit(self._run, fn, *args, **kwargs)
@@ -521,15 +525,19 @@ class _SettlingPool(getattr(dask.threaded, "ContextAwareThreadPoolExecutor", con
         return future
 
     def _run(self, fn, /, *args, **kwargs):
-        _task.stop = self._stop
+        _task.stops = self._stops
         return fn(*args, **kwargs)
+
+    @property
+    def stopped(self) -> bool:
+        return any(stop.is_set() for stop in self._stops)
 
     def stop(self):
         """Retire the pool: queued tasks are dropped, running ones end at their next stop_point."""
-        self._stop.set()
-        with _POOLS_LOCK:
+        with _POOLS_LOCK:  # first: a later compute gets a new pool, never this one
             for key in [k for k, p in _POOLS.items() if p is self]:
-                del _POOLS[key]  # (a later compute gets a new pool)
+                del _POOLS[key]
+        self._stop.set()
         self.shutdown(wait=False, cancel_futures=True)
 
     def _ended(self, future):
@@ -551,8 +559,8 @@ _POOLS_LOCK = threading.Lock()
 def _settling_pool(n: int) -> _SettlingPool:
     thread = threading.current_thread()
     with _POOLS_LOCK:
-        for key in [k for k in _POOLS if not k[0].is_alive()]:  # of threads that have ended
-            _POOLS.pop(key).shutdown(wait=False)
+        for key in [k for k, p in _POOLS.items() if not k[0].is_alive() or p.stopped]:  # of threads that have
+            _POOLS.pop(key).shutdown(wait=False)  # ended, or of a stopped compute (a nested one's parent)
         if (thread, n) not in _POOLS:
             _POOLS[thread, n] = _SettlingPool(n)
         return _POOLS[thread, n]

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import threading
@@ -1281,8 +1282,9 @@ def _as_dataset(obj) -> xr.Dataset:
     if isinstance(obj, xr.Dataset):
         ds = obj
     elif isinstance(obj, xr.DataArray):
-        # (xarray names a DataArray made of a Dask array after the array's key, which is no name)
-        named = obj.name is not None and not (isinstance(obj.data, da.Array) and obj.name == obj.data.name)
+        # (xarray names a DataArray made of a Dask array after the array's key, which is no name, and
+        # keeps it through arithmetic on the array)
+        named = obj.name is not None and not _DASK_KEY.fullmatch(str(obj.name))
         ds = obj.to_dataset(name=obj.name if named else "image")
     elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
         arr = obj if isinstance(obj, da.Array) else np.asarray(obj)
@@ -1306,6 +1308,9 @@ def _as_dataset(obj) -> xr.Dataset:
     return ds
 
 
+_DASK_KEY = re.compile(r"[\w.-]+-[0-9a-f]{32}")  # e.g. array-37ee2cd8...: a Dask array's name
+
+
 def _is_table(var: xr.DataArray) -> bool:
     """A table: 2-D, its columns named by string labels (e.g. detected sources: y, x, amplitude)."""
     col = var.dims[-1] if var.ndim == 2 else None
@@ -1315,7 +1320,8 @@ def _is_table(var: xr.DataArray) -> bool:
 def _write_table(root, name: str, var: xr.DataArray):
     """A plain zarr array with its row and column labels (no NGFF image metadata: viewers skip it)."""
     rows, cols = var.dims
-    arr = root.create_array(name, data=np.asarray(var.values), dimension_names=[rows, cols])
+    arr = root.create_array(name, data=np.asarray(var.values), dimension_names=[rows, cols],
+                            config={"write_empty_chunks": True})  # (every chunk stored: see _write_variable)
     arr.attrs["lsfov"] = {"table": True, "dims": [rows, cols], "columns": [str(c) for c in var.coords[cols].values],
                           "attrs": _jsonable(var.attrs)}
 
@@ -1388,6 +1394,8 @@ def _variable_meta(var, lead, mask: bool) -> dict:
     """What lsfov reads back beyond NGFF: dims, attributes, the leading axis's values and units, and
     0-D coordinates."""
     attrs = dict(var.attrs)
+    if not {"y", "x"} <= set(var.dims):  # on another grid (a PSF map's nodes): no pixel size of its own
+        attrs.pop("pixel_um", None)
     if attrs.get("pixel_um"):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
         try:
             attrs["pixel_um"] = pixel_size(var)
@@ -1665,6 +1673,8 @@ def _open_variable(path: Path) -> xr.DataArray:
         arr = arr.assign_coords({name: xr.Variable((), _coord_values(c.get("value"), dtypes.get(name)),
                                                    c.get("attrs") or {})})
     arr.attrs.update(meta.get("attrs", {}))
+    if not {"y", "x"} <= set(arr.dims):  # (as above: stored by an earlier lsfov, or set by hand)
+        arr.attrs.pop("pixel_um", None)
     arr.attrs["source"] = str(path)
     return arr
 

@@ -156,6 +156,7 @@ class _SpectraCache:
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._nbytes = 0
+        self.host_nbytes = 0  # of them in this process's memory (not a GPU's): what a worker's memory holds
         self.budget = budget
 
     def get(self, key, make):
@@ -168,9 +169,11 @@ class _SpectraCache:
             if key not in self._items:
                 self._items[key] = value
                 self._nbytes += value.nbytes
+                self.host_nbytes += value.nbytes if isinstance(value, np.ndarray) else 0
                 while self._nbytes > self.budget and len(self._items) > 1:
                     _, old = self._items.popitem(last=False)
                     self._nbytes -= old.nbytes
+                    self.host_nbytes -= old.nbytes if isinstance(old, np.ndarray) else 0
         return value
 
 
@@ -206,7 +209,8 @@ def _process_spectra() -> _SpectraCache:
                     pass
             _SPECTRA = cache = _SpectraCache(spectra_budget(worker.memory_manager.memory_limit if worker else None))
             if worker is not None:  # reported with the worker's memory, for the memory check of later runs
-                worker.metrics[SPECTRA_METRIC] = lambda _: cache._nbytes
+                # (on the worker's event loop, which reads its metrics: not from this task's thread)
+                worker.loop.add_callback(worker.metrics.__setitem__, SPECTRA_METRIC, lambda _: cache.host_nbytes)
         return _SPECTRA
 
 

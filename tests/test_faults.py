@@ -277,8 +277,12 @@ def test_cli_run_killed_then_resumed_equals_an_uninterrupted_run(killed_run, sig
 
 
 _SWALLOWED = """
-import gc, os, signal, sys, threading, time
+import atexit, gc, os, signal, sys, threading, time
 from lsfov import cli
+
+resent, hook = [], cli._signal_again
+cli._signal_again = lambda *args, **kwargs: (resent.append(1), hook(*args, **kwargs))
+atexit.register(lambda: print("resent", len(resent)))
 
 def slow(phase, info):  # a garbage collector's callback, as distributed registers: where signals land
     if phase == "start":
@@ -304,11 +308,14 @@ def test_a_signal_raised_where_python_ignores_exceptions_still_stops_the_run(tmp
     was lost and the run went on (seen with distributed's): it is sent again until it stops the run."""
     import subprocess
 
+    resent = []
     for _ in range(3):  # (the signal lands in the callback most times, not every time)
         res = subprocess.run([sys.executable, "-c", _SWALLOWED.replace("{sig}", sig)], cwd=tmp_path,
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == {"TERM": 143, "INT": 130}[sig], (res.stdout, res.stderr[-800:])
         assert "went on" not in res.stdout and "Traceback" not in res.stderr, res.stderr[-800:]
+        resent.append(int(res.stdout.split("resent ")[1]))
+    assert max(resent) > 0  # at least once it was lost in the callback, and sent again
 
 
 def test_a_stopped_run_does_not_import_torch_on_its_way_out(tmp_path):

@@ -785,6 +785,21 @@ def test_an_interrupted_compute_stops_its_running_tasks_at_their_next_iteration(
             assert len(ended) == 2 and max(ended) < 5, ended  # the two running, stopped; the queued, dropped
             assert cluster._settling_pool(2) is not pool
             assert cluster.compute([dask.delayed(short)(i) for i in range(4)]) == [0, 1, 2, 3]  # a new pool
+            # A compute inside a task (its own pool) stops with the compute that runs the task
+            ended.clear()
+            once = iter([0])
+            running = type("Once", (), {"wait": lambda self, timeout: next(once, 1)})()  # the first inner task signals
+            inner = lambda b: cluster.compute([dask.delayed(long)(i) for i in range(2)])  # noqa: E731
+            with pytest.raises(KeyboardInterrupt):
+                cluster.compute(dask.delayed(inner)(0))
+            deadline = time.monotonic() + 5
+            while len(ended) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert ended and max(ended) < 5, ended
+            # A stopped pool is never handed out again (a second signal while it was being retired)
+            pool = cluster._settling_pool(2)
+            pool._stop.set()
+            assert cluster._settling_pool(2) is not pool
     finally:
         signal.signal(signal.SIGUSR1, previous)
     cluster.stop_point()  # outside a task: nothing to stop
@@ -804,16 +819,17 @@ def test_the_long_loops_are_stop_points():
             "BSS": lambda: lsfov.sparse_smooth_deblur(y, op, iterations=3),
             "CNN": lambda: lsfov.load_model("G1").predict(patches, batch_size=1),
             "CNN, its fixed passes": lambda: lsfov.load_model("G1").predict(patches, batch_size=1, reproducible=True)}
-    cluster._task.stop = threading.Event()  # this thread as a task of lsfov's pool
+    stop = threading.Event()
+    cluster._task.stops = (stop,)  # this thread as a task of lsfov's pool
     try:
         for what, run in work.items():
             run()  # not stopped: runs
-            cluster._task.stop.set()
+            stop.set()
             with pytest.raises(cluster._Stopped):
                 run()
-            cluster._task.stop.clear()
+            stop.clear()
     finally:
-        del cluster._task.stop
+        del cluster._task.stops
 
 
 def test_dates_and_durations_on_the_time_axis_are_saved_and_read_back(tmp_path):

@@ -236,7 +236,9 @@ def test_kernel_spectra_of_all_operators_share_one_budget(rng, monkeypatch):
         # What a worker's cache holds comes with its memory, for the memory check of later runs
         op = _grid_op()
         client.submit(op.apply, u).result()
-        nbytes = sum(s.nbytes for s in client.submit(lambda: list(operators._SPECTRA._items.values())).result())
+        nbytes, held = client.submit(lambda: (operators._SPECTRA.host_nbytes,
+                                              sum(v.nbytes for v in operators._SPECTRA._items.values()))).result()
+        assert nbytes == held  # (NumPy spectra: all in the worker's memory)
         for _ in range(100):  # (by a heartbeat after the apply)
             (w,) = client.scheduler_info()["workers"].values()
             if w["metrics"].get(operators.SPECTRA_METRIC):

@@ -482,10 +482,10 @@ class NothingToMap(ValueError):
 def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours: int = 8):
     """Fill the parameters of nodes with validity below ``threshold`` from the valid ones.
 
-    Inverse-distance weighting over the ``neighbours`` nearest valid nodes, weights ``1/d**power``; a
-    Zernike model's focus, astigmatism and axis are averaged as its network regresses them, the
-    entries of ``v vᵀ`` that do not change with the side of focus (two nodes on either side of focus
-    give one near focus). Adds a boolean ``filled``
+    Inverse-distance weighting over the ``neighbours`` nearest valid nodes, weights ``1/d**power``; an
+    astigmatic model's focus, astigmatism and axis are averaged as one vector known up to its sign
+    (the same PSF on either side of focus), each neighbour's sign the one along the principal axis of
+    their weighted ``v vᵀ``. Adds a boolean ``filled``
     variable. Paper 000 Sec. II-F takes the four nearest with weights 1/d (``neighbours=4, power=1``);
     the defaults also take the diagonal ring (at half the weight of the four-connected nodes, as
     Shepard's 1/d²), so that a node on the edge of an invalid region is filled from more than one side.
@@ -559,9 +559,12 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, model):
     est = {}
     if _astigmatic(model) and set(model.params) <= set(arrays):
         v = aberrations(model, np.stack([np.asarray(arrays[p], np.float64)[valid] for p in model.params], axis=1))[idx]
+        known = np.isfinite(v).all(axis=-1)  # (a NaN neighbour, in a map made otherwise, leaves its nodes NaN)
+        v = np.where(known[..., None], v, 0.0)
         axis = np.linalg.eigh(np.einsum("bk,bki,bkj->bij", wgt, v, v))[1][:, :, -1]  # (b, d): the principal one
         sign = np.where(np.einsum("bki,bi->bk", v, axis) < 0, -1.0, 1.0)
         targets = outer_targets(np.einsum("bk,bki->bi", wgt * sign, v))
+        targets[~known.all(axis=1)] = np.nan
         est = {**dict(zip(model.params, decode(model, targets).T)), **_products(model, targets)}
     periods = _periods(model, list(arrays))
     out = {}

@@ -367,16 +367,23 @@ class PSFRegressor:
                 run = self._graphed(x) if len(x) == batch_size else None
                 return (run or self._pass)(x)[:n]
 
+        starts = range(0, len(t), batch_size)
         if fixed and self.device.type == "cpu":
             # The CPU's matrix products split their sums by torch's thread count, and with it their
             # rounding: fixed passes run on the one-thread pool, never on the caller's thread, so that
             # the bits depend neither on the thread count nor on which thread (scheduler) calls.
-            pool, local = _one_thread_pool(), one
-            one = lambda s: pool.submit(local, s).result()  # noqa: E731
+            passes = [_one_thread_pool().submit(one, s) for s in starts]  # all at once: the pool's threads busy
+        else:
+            passes = None
         outs = []
-        for s in range(0, len(t), batch_size):  # a pass at a time: a stopped compute ends between them
-            stop_point()
-            outs.append(one(s))
+        try:
+            for i, s in enumerate(starts):  # a stopped compute ends between passes
+                stop_point()
+                outs.append(passes[i].result() if passes else one(s))
+        except BaseException:
+            for p in passes or ():
+                p.cancel()  # (those not started yet)
+            raise
         with torch.inference_mode():
             res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
         if not res[:, -1].all():
