@@ -479,14 +479,16 @@ def _compute_here(obj):
         return dask.compute(obj)[0]
     pool = _settling_pool(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
     try:
+        return dask.compute(obj, pool=pool)[0]
+    except Exception:
         try:
-            return dask.compute(obj, pool=pool)[0]
-        except Exception:
             pool.settle()
-            raise
-    except BaseException as e:  # Ctrl-C, SIGTERM (also while settling): tasks end at their next stop_point
-        if not isinstance(e, Exception):
+        except BaseException:  # a Ctrl-C while waiting: as below
             pool.stop()
+            raise
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: its tasks end at their next stop_point, not when done
+        pool.stop()
         raise
 
 
