@@ -746,24 +746,20 @@ def test_threaded_computes_reuse_their_pool_and_nest(monkeypatch):
 def test_an_interrupted_compute_stops_its_running_tasks_at_their_next_iteration():
     """Ctrl-C or SIGTERM (not an Exception) in the thread that waits: tasks still running end at
     their next ``stop_point`` (a TV-RL or BSS iteration), since Python waits for their threads at exit
-    and a batch job has seconds of grace; queued tasks are dropped, and the next compute runs."""
-    import signal
+    and a batch job has seconds of grace; queued tasks are dropped, and the next compute runs. A
+    compute inside a task stops with the compute that runs the task."""
     import threading
     import time
 
     from lsfov import cluster
 
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt
+    ended = []
 
-    previous = signal.signal(signal.SIGUSR1, on_signal)
-    running, ended = threading.Barrier(2), []
-
-    def long(b):  # an iterative block task: 30 s if nothing stops it
+    def long(b, first):  # an iterative block task: 30 s if nothing stops it
         t0 = time.perf_counter()
         try:
-            if running.wait(10) == 0:  # both running: a signal to the waiting thread, as a job's SIGTERM
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            if first():  # the interrupt, reaching the waiting thread (as a task's KeyboardInterrupt does)
+                raise KeyboardInterrupt
             for _ in range(3000):
                 cluster.stop_point()
                 time.sleep(0.01)
@@ -776,32 +772,34 @@ def test_an_interrupted_compute_stops_its_running_tasks_at_their_next_iteration(
             cluster.stop_point()
         return b
 
-    try:
-        with dask.config.set(scheduler="threads", num_workers=2):
-            pool = cluster._settling_pool(2)
-            with pytest.raises(KeyboardInterrupt):
-                cluster.compute([dask.delayed(long)(i) for i in range(6)])
-            pool.shutdown(wait=True)  # as Python's exit does: its threads end within an iteration
-            assert len(ended) == 2 and max(ended) < 5, ended  # the two running, stopped; the queued, dropped
-            assert cluster._settling_pool(2) is not pool
-            assert cluster.compute([dask.delayed(short)(i) for i in range(4)]) == [0, 1, 2, 3]  # a new pool
-            # A compute inside a task (its own pool) stops with the compute that runs the task
-            ended.clear()
-            once = iter([0])
-            running = type("Once", (), {"wait": lambda self, timeout: next(once, 1)})()  # the first inner task signals
-            inner = lambda b: cluster.compute([dask.delayed(long)(i) for i in range(2)])  # noqa: E731
-            with pytest.raises(KeyboardInterrupt):
-                cluster.compute(dask.delayed(inner)(0))
-            deadline = time.monotonic() + 5
-            while len(ended) < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert ended and max(ended) < 5, ended
-            # A stopped pool is never handed out again (a second signal while it was being retired)
-            pool = cluster._settling_pool(2)
-            pool._stop.set()
-            assert cluster._settling_pool(2) is not pool
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        pool = cluster._settling_pool(2)
+        both = threading.Barrier(2)
+        with pytest.raises(KeyboardInterrupt):  # once both run, one is interrupted
+            cluster.compute([dask.delayed(long)(i, lambda: both.wait(10) == 0) for i in range(6)])
+        pool.shutdown(wait=True)  # as Python's exit does: its threads end within an iteration
+        assert len(ended) == 2 and max(ended) < 5, ended  # the two running, stopped; the queued, dropped
+        assert cluster._settling_pool(2) is not pool
+        assert cluster.compute([dask.delayed(short)(i) for i in range(4)]) == [0, 1, 2, 3]  # a new pool
+        # The compute running a task is stopped (here by hand): the compute inside that task stops too
+        ended.clear()
+        outer = cluster._settling_pool(2)
+        inner_both = threading.Barrier(2)
+
+        def stop_outer():
+            if inner_both.wait(10) == 0:
+                outer.stop()
+            return False
+
+        inner = lambda b: cluster.compute([dask.delayed(long)(i, stop_outer) for i in range(2)])  # noqa: E731
+        with pytest.raises(cluster._Stopped):
+            cluster.compute(dask.delayed(inner)(0))
+        outer.shutdown(wait=True)
+        assert len(ended) == 2 and max(ended) < 5, ended
+        # A stopped pool is never handed out again (a second signal while it was being retired)
+        pool = cluster._settling_pool(2)
+        pool._stop.set()
+        assert cluster._settling_pool(2) is not pool
     cluster.stop_point()  # outside a task: nothing to stop
 
 
