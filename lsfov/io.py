@@ -1662,8 +1662,6 @@ def _open_variable(path: Path) -> xr.DataArray:
     dims = meta.get("dims")
     if dims and len(dims) == arr.ndim:
         arr = arr.rename({old: new for old, new in zip(arr.dims, dims) if old != new})
-        if not {"y", "x"} <= set(dims):  # on another grid (a PSF map's nodes): its scale is their spacing,
-            arr.attrs.pop("pixel_um", None)  # which a pixel_um would pass off as the image's pixel size
     units, dtypes = meta.get("coord_units") or {}, meta.get("coord_dtypes") or {}
     for d, values in (meta.get("coords") or {}).items():
         arr = arr.assign_coords({d: (d, _coord_values(values, dtypes.get(d)), {"units": units[d]} if d in units else {})})
@@ -1673,8 +1671,8 @@ def _open_variable(path: Path) -> xr.DataArray:
         arr = arr.assign_coords({name: xr.Variable((), _coord_values(c.get("value"), dtypes.get(name)),
                                                    c.get("attrs") or {})})
     arr.attrs.update(meta.get("attrs", {}))
-    if not {"y", "x"} <= set(arr.dims):  # (as above: stored by an earlier lsfov, or set by hand)
-        arr.attrs.pop("pixel_um", None)
+    if not {"y", "x"} <= set(arr.dims):  # on another grid (a PSF map's nodes) the NGFF scale is their
+        arr.attrs.pop("pixel_um", None)  # spacing, which a pixel_um would pass off as the image's pixel size
     arr.attrs["source"] = str(path)
     return arr
 

@@ -71,7 +71,7 @@ class OperatorSubspace:
         an operator that keeps the light (Σ_ij Γ[i,j] Σh_i mean a_j = 1).
 
         Paper 003 Sec. II-E-a divides by the sum of Γ_k's entries, which depends on the bases' signs
-        and scales (it ranged over 20-64 for operators of one flux) and could turn a generator into its
+        and scales (121-231 for 8 simulated operators of one flux) and could turn a generator into its
         opposite; the flux is the operator's own, whatever the bases, and positive."""
         h_sums, a_means = self._flux_terms
         flux = np.einsum("kij,i,j->k", self.gammas, h_sums, a_means)
