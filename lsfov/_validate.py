@@ -241,14 +241,16 @@ def not_a_dataset(image, name: str = "image"):
                         f"pass one of them, e.g. ds[{str(names[0]) if names else 'name'!r}]")
 
 
-def squeeze_plane(image):
+def squeeze_plane(image, name: str = "image"):
     """One plane with axes of length 1 beside it (a (1, H, W) stack, an xarray with c of size 1) as
     that plane, whatever the array: NumPy, Dask or xarray (which keeps them as scalar coordinates).
-    Anything else as it is (a stack of several planes is refused later, by what needs one)."""
+    Anything else as it is (a stack of several planes is refused later, by what needs one); a
+    Dataset is refused (:func:`not_a_dataset`)."""
+    not_a_dataset(image, name)
     shape = getattr(image, "shape", None)
     if shape is None or len(shape) <= 2:
         return image
-    if hasattr(image, "dims") and not hasattr(image, "data_vars"):
+    if hasattr(image, "dims"):
         ones = [d for d in image.dims if d not in ("y", "x") and image.sizes[d] == 1]
         return image.squeeze(ones) if image.ndim - len(ones) == 2 else image
     return image.reshape(shape[-2:]) if all(n == 1 for n in shape[:-2]) else image

@@ -48,7 +48,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     """
     import xarray as xr
 
-    from .._validate import censor_level, not_a_dataset, squeeze_plane
+    from .._validate import censor_level, squeeze_plane
     from ..io import pixel_size, with_pixel_size
     from ..restore import deconvolve
     from ..restore.tv_rl import check_settings
@@ -61,7 +61,6 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     calibration = as_calibration(calibration)
     if calibration is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"a depth calibration needs an astigmatic model (Z3); model {model} regresses {list(params)}")
-    not_a_dataset(image)
     img = with_pixel_size(squeeze_plane(image), pixel_um)  # a (1, H, W) plane, as NumPy, Dask or xarray
     if calibration is not None:  # said before the work, not after it
         warn_made_otherwise(made_attrs(model, stride, pixel_size(img), symmetrize), calibration)

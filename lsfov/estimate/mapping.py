@@ -20,8 +20,8 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
-from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, not_a_dataset, positive_int,
-                         real_number, scratch_dir, squeeze_plane, yx_order)
+from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, positive_int, real_number,
+                         scratch_dir, squeeze_plane, yx_order)
 from ..io import atomic_file, image_origin, pixel_size, plane_of
 from ..operators import ProductConvolution
 
@@ -296,7 +296,6 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     batch_size = positive_int(batch_size, "batch_size")
     max_saturated = MAX_SATURATED if max_saturated is None else \
         real_number(max_saturated, "max_saturated", minimum=0, maximum=1)
-    not_a_dataset(image)
     image = squeeze_plane(image)  # a (1, H, W) plane, as NumPy, Dask or xarray
     xr_in = getattr(image, "dims", None) is not None
     if xr_in:

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._backend import block_digests, task_threads, to_numpy
 from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
-                         not_a_dataset, positive_int, real_2d, real_number, scratch_dir, squeeze_plane, yx_order)
+                         positive_int, real_2d, real_number, scratch_dir, squeeze_plane, yx_order)
 from ..cluster import stop_point
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
@@ -211,7 +211,6 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         exchange_every = positive_int(exchange_every, "exchange_every")
     warn_dense = real_number(warn_dense, "warn_dense", minimum=0, maximum=1)  # a fraction of the pixels
     scratch_dir(scratch, resume)  # before the read of the image below
-    not_a_dataset(image)
     image = squeeze_plane(image)  # a (1, H, W) plane, as NumPy, Dask or xarray
     xr_in = getattr(image, "dims", None) is not None
     check_pixel_size(operator, image)
