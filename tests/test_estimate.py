@@ -653,6 +653,9 @@ def test_shipped_models_load_with_metadata(name):
     for key in ("units", "ranges", "patch", "training", "test", "description"):
         assert key in reg.meta
     assert (M.MODELS_DIR / f"{name}.pt").stat().st_size < 10e6
+    # saved with its weights' digest, so a damaged copy of a shipped model is refused too
+    blob = torch.load(M.MODELS_DIR / f"{name}.pt", map_location="cpu", weights_only=True)
+    assert blob["weights_digest"] == reg.weights_digest()
 
 
 # What the shipped models score on this set (seed 123, 400 patches): R² G1 0.933, G2 0.913, Z1 0.954,
