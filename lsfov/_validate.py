@@ -14,6 +14,30 @@ class LsfovWarning(UserWarning):
     """Something in the input was fixed up (e.g. negative pixels clipped)."""
 
 
+#: What to do about NaN or Inf pixels (lsfov reads no masks: every pixel is data).
+REPLACE_NON_FINITE = "replace them first (inpaint them, e.g. skimage.restoration.inpaint_biharmonic, or fill them with the background)"
+
+
+def not_masked(x, name: str = "image"):
+    """Refuse a NumPy masked array with masked pixels (or a Dask array of them): its data under the
+    mask would be read as pixels, a hot pixel masked out used all the same."""
+    masked = np.ma.isMaskedArray(x) and np.ma.is_masked(x)
+    if masked or np.ma.isMaskedArray(getattr(x, "_meta", None)):
+        n = int(np.ma.count_masked(x)) if masked else 0
+        what = f"a masked array ({n} pixel{'s' * (n != 1)} masked)" if masked else "a Dask array of masked chunks"
+        raise ValueError(f"{name} is {what}, and lsfov reads no masks; fill them (np.ma.filled with the background) "
+                         "or inpaint them (skimage.restoration.inpaint_biharmonic) first")
+
+
+def non_finite(name: str, original=None) -> ValueError:
+    """The error for NaN or Inf pixels; values finite in ``original`` but beyond float32's range say so."""
+    if original is not None and getattr(original, "dtype", None) is not None and original.dtype.kind == "f" \
+            and original.dtype.itemsize > 4 and bool(np.isfinite(np.asarray(original)).all()):
+        return ValueError(f"{name} has values beyond float32's range (|x| up to {float(np.abs(original).max()):.3g}); "
+                          "rescale it first")
+    return ValueError(f"{name} contains NaN or Inf pixels; {REPLACE_NON_FINITE}")
+
+
 def as_image(x, name: str = "image", *, check_values: bool = True):
     """Validate a 2-D image and return it as float32 (NumPy or CuPy; other arrays go to NumPy).
 
@@ -23,9 +47,11 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
     if isinstance(x, (str, os.PathLike)):
         raise TypeError(f"{name} must be an array, got the file name {str(x)!r}; open it with lsfov.open_image")
     x = yx_last(x, name)  # an xarray (x, y) image is read as (y, x), not transposed
+    not_masked(x, name)
     xp = array_module(x)
     if xp is np:
         x = np.asarray(x)
+    original = x if xp is np else None
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
     if x.size == 0:
@@ -37,10 +63,11 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
                 f"{name} must be 2-D (y, x), got shape {x.shape}; pick a plane, channel or time point first"
             )
         x = squeezed
-    x = x.astype(xp.float32, copy=False)
+    with np.errstate(over="ignore"):  # (values beyond float32's range: said below)
+        x = x.astype(xp.float32, copy=False)
     if check_values:
         if not bool(xp.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf pixels; mask or inpaint them first")
+            raise non_finite(name, original)
         lo = float(x.min())
         if lo < 0:
             hi = float(x.max())
@@ -65,6 +92,7 @@ def real_2d(x, name: str):
     if isinstance(x, (str, bytes, os.PathLike)) or x is None:
         raise TypeError(f"{name} must be a 2-D array of real numbers, got {type(x).__name__}")
     not_a_dataset(x, name)
+    not_masked(x, name)
     if not type(x).__module__.startswith(("dask", "cupy")):
         x = np.asarray(x)
     if x.dtype.kind not in "biuf":
@@ -245,8 +273,9 @@ def squeeze_plane(image, name: str = "image"):
     """One plane with axes of length 1 beside it (a (1, H, W) stack, an xarray with c of size 1) as
     that plane, whatever the array: NumPy, Dask or xarray (which keeps them as scalar coordinates).
     Anything else as it is (a stack of several planes is refused later, by what needs one); a
-    Dataset is refused (:func:`not_a_dataset`)."""
+    Dataset is refused (:func:`not_a_dataset`), as is a masked array with masked pixels."""
     not_a_dataset(image, name)
+    not_masked(image, name)
     shape = getattr(image, "shape", None)
     if shape is None or len(shape) <= 2:
         return image
@@ -258,8 +287,10 @@ def squeeze_plane(image, name: str = "image"):
 
 def yx_last(image, name: str = "image"):
     """An xarray image or stack with ``y`` and ``x`` as its last dims, transposed by name (a plain
-    array, or dims of other names, as it is): what functions that take arrays by position read."""
+    array, or dims of other names, as it is): what functions that take arrays by position read.
+    A masked array with masked pixels is refused."""
     not_a_dataset(image, name)
+    not_masked(image, name)
     dims = getattr(image, "dims", None)
     if not isinstance(dims, tuple) or not ({"y", "x"} & set(dims)):
         return image

@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, as_bits, positive_int, real_number, user_stacklevel, yx_order
+from ._validate import LsfovWarning, as_bits, not_masked, positive_int, real_number, user_stacklevel, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -802,6 +802,21 @@ def plane_of(image) -> dict:
     return {k: attrs[k] for k in ("plane", "z_um", "z", "z_units", "t", "t_units") if attrs.get(k) is not None}
 
 
+def _pixel_attr(image) -> float | None:
+    """An image's ``pixel_um`` attribute as a float (None where absent), refused if not a size."""
+    attr = getattr(image, "attrs", {}).get("pixel_um")
+    if attr is None:
+        return None
+    try:
+        value = float(attr)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixel_um attribute is "
+                         f"{attr!r}, not a pixel size in µm; set it to one (> 0) or delete it")
+    return value
+
+
 def pixel_size(image) -> float | None:
     """The pixel size of an image in µm: its ``pixel_um`` attribute, else the spacing of its x (last)
     coordinate when that has a length unit and is even; None when unknown. Where both are known and
@@ -823,9 +838,9 @@ def pixel_size(image) -> float | None:
     ------
     ValueError
         If the y and x coordinates give different spacings (non-square pixels: lsfov's PSFs are
-        square), whatever the ``pixel_um`` attribute says.
+        square), whatever the ``pixel_um`` attribute says, or that attribute is not a positive number.
     """
-    attr = getattr(image, "attrs", {}).get("pixel_um")
+    attr = _pixel_attr(image)
     coords = getattr(image, "coords", None)
     if coords is None or image.ndim < 1:
         return float(attr) if attr else None
@@ -1287,6 +1302,7 @@ def _as_dataset(obj) -> xr.Dataset:
         named = obj.name is not None and not _DASK_KEY.fullmatch(str(obj.name))
         ds = obj.to_dataset(name=obj.name if named else "image")
     elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        not_masked(obj, "the array to save")  # (its mask would be lost)
         arr = obj if isinstance(obj, da.Array) else np.asarray(obj)
         dims = ("y", "x") if arr.ndim == 2 else ("c", "y", "x") if arr.ndim == 3 else None
         if dims is None:
@@ -1303,8 +1319,9 @@ def _as_dataset(obj) -> xr.Dataset:
             raise ValueError(f"variable {name!r} has shape {var.shape}; each variable must be a non-empty 2-D or 3-D array")
         if var.dtype.kind not in "biuf":
             raise TypeError(f"variable {name!r} has dtype {var.dtype}; images must be real numbers (bool, int or float)")
-        if not str(name).replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"variable name {name!r} must be alphanumeric (with _ or -): it becomes a directory")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"variable name {name!r} must be a string of letters and digits (with _ or -): it "
+                             "becomes a directory")
     return ds
 
 
@@ -1396,7 +1413,7 @@ def _variable_meta(var, lead, mask: bool) -> dict:
     attrs = dict(var.attrs)
     if not {"y", "x"} <= set(var.dims):  # on another grid (a PSF map's nodes): no pixel size of its own
         attrs.pop("pixel_um", None)
-    if attrs.get("pixel_um"):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
+    if "pixel_um" in attrs and _pixel_attr(var):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
         try:
             attrs["pixel_um"] = pixel_size(var)
         except ValueError:  # one axis subsampled: pixels no longer square, kept as each axis's scale

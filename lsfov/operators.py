@@ -40,7 +40,7 @@ import numpy as np
 
 from ._backend import (array_module, block_digests, fft_module, multiply, next_fast_len, parallel_map, row_bands,
                        task_threads, threads_for, to_numpy)
-from ._validate import LsfovWarning, known_shape, real_number, shape2d, yx_order
+from ._validate import LsfovWarning, known_shape, non_finite, not_masked, real_number, shape2d, yx_order
 
 __all__ = ["ProductConvolution"]
 
@@ -240,14 +240,38 @@ def _stored_files(a) -> tuple:
 
 
 def _read_only(value):
-    """A read-only view of a NumPy part (the caller's array stays writeable): changed in place, an
-    operator would keep its spectra and Dask keys; ``op.kernels = new`` makes another one."""
+    """A NumPy part the operator alone holds, read-only: a copy where anyone could write into its
+    memory (the caller's array, changed in place, would leave the operator with stale spectra and
+    Dask keys); a view where nothing can (the operator's own parts, a read-only memory map).
+    ``op.kernels = new`` makes another operator."""
     if isinstance(value, np.ndarray):
+        if _writeable(value):
+            value = value.copy()
+            value.flags.writeable = False  # (so that views of it are not copied again)
         value = value.view()
         value.flags.writeable = False
     elif isinstance(value, tuple):  # centers
         value = tuple(_read_only(v) for v in value)
     return value
+
+
+def _frozen(value):
+    """``value``'s NumPy parts made read-only in place (arrays no one else holds)."""
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif isinstance(value, tuple):
+        for v in value:
+            _frozen(v)
+    return value
+
+
+def _writeable(a: np.ndarray) -> bool:
+    """Whether ``a``'s memory can be written through it or through any array it is a view of."""
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return True
+        a = a.base
+    return False
 
 
 def _part(name: str, doc: str) -> property:
@@ -278,8 +302,9 @@ class ProductConvolution:
         Image shape the operator is defined on.
     kernels : ndarray
         (gy, gx, K, K) for the grid form, (I, K, K) for the basis form; float32. Like ``centers``
-        and NumPy ``maps``, read-only: assign a new array to change them (a new operator, with
-        its own kernel spectra and Dask keys).
+        and NumPy ``maps``, read-only and the operator's own (copied where the caller could still
+        write into them): assign a new array to change them (a new operator, with its own kernel
+        spectra and Dask keys).
     centers : (ndarray, ndarray) or None
         Node rows and columns (pixel coordinates) of the grid form.
     maps : array_like or None
@@ -531,7 +556,7 @@ class ProductConvolution:
         for name in ("kernels", "centers", "maps"):
             if name in state:  # (pickled before these were properties)
                 state["_" + name] = state.pop(name)
-            state["_" + name] = _read_only(state.get("_" + name))  # (a pickle makes a writeable copy)
+            state["_" + name] = _frozen(state.get("_" + name))  # (a pickle makes a writeable copy, its own)
         self.__dict__.update(state)
         self._cache = _Spectra(self._token)
 
@@ -655,6 +680,7 @@ class ProductConvolution:
             out = yx.copy(data=self._dispatch(yx.data, adjoint, check)).transpose(*x.dims)
             out.attrs.pop("significant_bits", None)  # the camera's: a blurred float image is no count
             return out
+        not_masked(x, "the image")
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         if x.dtype.kind not in "biuf":
@@ -668,7 +694,7 @@ class ProductConvolution:
             raise ValueError(f"image shape {x.shape} does not match the operator's shape {self.domain_shape}")
         x = x.astype(xp.float32, copy=False)
         if check and not bool(xp.isfinite(x).all()):
-            raise ValueError("the image contains NaN or Inf pixels; mask or inpaint them first")
+            raise non_finite("the image")
         return self._adjoint(x) if adjoint else self._forward(x)
 
     def _map_overlap(self, x, adjoint):
@@ -1194,6 +1220,22 @@ class ProductConvolution:
         return cls.from_basis(kernels, root["maps"], attrs=attrs)
 
     # ------------------------------------------------------------------ inspection
+    def local_psfs(self) -> np.ndarray:
+        """Local PSFs sampled where they vary: the grid's nodes, or the basis form on a grid of about
+        32 x 32 positions (maps vary slowly; read by strided slices, which zarr maps serve without
+        reading them whole). What norms and gains of the operator are estimated from.
+
+        Returns
+        -------
+        ndarray, float64, shape (N, K, K)
+        """
+        k = np.asarray(to_numpy(self.kernels), dtype=np.float64)
+        if self.kind == "grid":
+            return k.reshape(-1, *k.shape[-2:])
+        h, w = self.shape
+        alpha = np.asarray(self.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
+        return (alpha.reshape(k.shape[0], -1).T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
+
     def psf_at(self, y: float, x: float) -> np.ndarray:
         """The local PSF at an image position.
 

@@ -243,6 +243,7 @@ def test_sparse_smooth_default_weights_and_chunked_equals_whole(scene):
 @pytest.mark.parametrize("n, ksize, chunks, every, iterations", [
     (96, 5, 16, 1, 4), (96, 5, 20, 1, 4), (100, 3, 30, 2, 4),  # chunks thinner than the start's filter radius
     (128, 17, 128, 1, 1), (16, 5, 16, 1, 3),  # one chunk (its rim thinner than the radius); an image smaller than it
+    (64, 9, 5, 1, 3),  # chunks smaller than one iteration's halo: grown (they were refused), as TV-RL grows them
 ])
 def test_small_chunks_and_small_images_equal_the_whole_array(n, ksize, chunks, every, iterations):
     rng = np.random.default_rng(n + ksize)

@@ -76,7 +76,8 @@ def test_one_psf_matches_skimage_richardson_lucy_away_from_the_borders():
 
 def test_tv_rl_is_eq13_written_out():
     """Paper 000 Eq. 13 in float64 NumPy, one PSF, as the README states it:
-    ``x ← x / (1 − λ div(∇x / |∇x|ε)) · Hᵀ(y / Hx) / Hᵀ1`` with ``|∇x|ε = sqrt(|∇x|² + (ε (x + mean y))²)``,
+    ``x ← x / (1 − λ div(∇x / |∇x|ε)) · Hᵀ(y / Hx) / Hᵀ1`` with ``|∇x|ε = sqrt(|∇x|² + (ε (x + mean y))²)``
+(mean y in x's units: the PSF's sum is 1),
     forward differences for ∇ and backward ones for div. Equal away from the borders (handled as in
     the skimage test above), so the TV weight, the local ε and the order of the steps are pinned."""
     from scipy.signal import fftconvolve
@@ -102,6 +103,24 @@ def test_tv_rl_is_eq13_written_out():
     inner = (slice(m, -m), slice(m, -m))
     np.testing.assert_allclose(ours[inner], x[inner], rtol=2e-4, atol=2e-4 * x.max())
     assert np.abs(x - lsfov.deconvolve(y.astype(np.float32), op, n, tv=0)).max() > 0.01 * x.max()  # TV matters here
+
+
+@pytest.mark.parametrize("form", ["grid", "basis"])
+def test_tv_acts_alike_whether_the_psfs_are_normalised_or_not(scene, form):
+    """The TV term's local ε is relative to the image's mean in x's units: PSFs of sum 100 deblur to
+    the same image divided by 100, TV included (it was relative to the mean of y: 3.5 % apart)."""
+    op, y, _ = scene
+    y = y[:96, :112]
+    if form == "grid":
+        k = np.stack([psf.gaussian(s, size=11) for s in (1.2, 1.6, 2.0, 2.4)]).reshape(2, 2, 11, 11)
+        one, hundred = ProductConvolution.from_grid(k, y.shape), ProductConvolution.from_grid(100 * k, y.shape)
+    else:
+        one = _basis_op(y.shape)
+        hundred = ProductConvolution.from_basis(100 * np.asarray(one.kernels), np.asarray(one.maps))
+    ref = lsfov.deconvolve(y, one, 12)
+    np.testing.assert_allclose(100 * lsfov.deconvolve(y, hundred, 12), ref, rtol=1e-4, atol=1e-4 * ref.max())
+    chunked_ = lsfov.deconvolve(da.from_array(y, chunks=48), hundred, 12, exchange_every=4).compute()
+    np.testing.assert_allclose(100 * chunked_, ref, rtol=1e-4, atol=1e-4 * ref.max())
 
 
 def test_deconvolution_raises_the_snr(scene):

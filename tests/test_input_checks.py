@@ -127,6 +127,12 @@ def test_psf_map_options_and_its_operator(strip_map):
         lsfov.operator_from_psf_map(ds.drop_vars("axis"))
     with pytest.raises(TypeError, match="xarray.Dataset"):
         lsfov.operator_from_psf_map(ds.focus.values)
+    for size in (0, 32, 1001):  # (0 once meant the model's size; 1001 was rendered at every node before refused)
+        with pytest.raises(ValueError, match="size must be"):
+            lsfov.operator_from_psf_map(ds, size=size)
+    assert lsfov.operator_from_psf_map(ds, size=15).kernel_size == 15
+    with pytest.raises(ValueError, match="min_validity must be"):
+        lsfov.calibrate_depth(ds, np.zeros(img.shape), min_validity=2)
     with pytest.raises(TypeError, match="calibrate_depth"):
         lsfov.estimate_depth(ds, 3.0)
     # smooth=inf: one weighted least-squares plane over the whole grid (here one row: a line)
@@ -552,3 +558,39 @@ def test_a_plane_with_axes_of_length_one_is_read_as_that_plane_whatever_the_arra
     for stack in (np.ones((2, 128, 128), np.float32), da.ones((2, 128, 128), dtype=np.float32)):
         with pytest.raises(ValueError, match="2-D .*(pick|select) a plane"):
             lsfov.deconvolve(stack, op)
+
+
+def test_masked_arrays_are_refused_not_read_unmasked(small, tmp_path):
+    """A masked hot pixel was deblurred (and saved) as data: lsfov reads no masks, so it says so."""
+    u, op = small
+    hot = u.copy()
+    hot[30, 30] = 1e6
+    masked = np.ma.masked_greater(hot, 100)
+    lazy = da.ma.masked_greater(da.from_array(hot, chunks=32), 100)
+    for run in (lambda a: lsfov.deconvolve(a, op, 2), op.apply, op.adjoint,
+                lambda a: lsfov.sparse_smooth_deblur(a, op, iterations=2), lambda a: lsfov.save(a, tmp_path / "m.zarr")):
+        with pytest.raises(ValueError, match=r"masked array \(1 pixel masked\), and lsfov reads no masks; fill them"):
+            run(masked)
+    for run in (lambda a: lsfov.deconvolve(a, op, 2), op.apply):
+        with pytest.raises(ValueError, match="a Dask array of masked chunks"):
+            run(lazy)
+    assert not (tmp_path / "m.zarr").exists()
+    # nothing masked: the data as they are
+    np.testing.assert_array_equal(op.apply(np.ma.masked_greater(u, 100)), op.apply(u))
+
+
+def test_values_beyond_float32_and_bad_names_and_pixel_sizes_are_said(small, tmp_path):
+    u, op = small
+    with pytest.raises(ValueError, match="values beyond float32's range"):  # (not "contains NaN or Inf")
+        lsfov.deconvolve(u.astype(np.float64) * 1e300, op, 2)
+    nan = u.copy()
+    nan[3, 3] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or Inf pixels; replace them first"):
+        lsfov.deconvolve(nan, op, 2)
+    with pytest.raises(ValueError, match="variable name 3 must be a string"):  # (written, then unreadable)
+        lsfov.save(xr.DataArray(u, dims=("y", "x"), name=3), tmp_path / "r.zarr")
+    for bad in (-1, 0, "abc", np.nan):  # (-1 was written as the pixel size)
+        with pytest.raises(ValueError, match="its pixel_um attribute is .*not a pixel size in µm"):
+            lsfov.save(xr.DataArray(u, dims=("y", "x"), attrs={"pixel_um": bad}), tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists()
+

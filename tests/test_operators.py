@@ -623,6 +623,18 @@ def test_new_kernels_make_a_new_operator_and_lazy_maps_are_hashed_by_content(rng
     mine[0, 0] = 0  # the caller's own array stays writeable; the operator's parts do not, unpickled too
     assert not (G.kernels.flags.writeable or G.centers[0].flags.writeable)
     assert np.abs(H.apply(u) - before).max() > 0.1 and H.apply(da.from_array(u, chunks=32)).name != key
+    # ... and the caller's arrays changed after: the operator is its own (it once read the new kernels
+    # through a view, and applied the spectra of the old ones)
+    mine = np.stack([psf.gaussian(1.0, size=9)] * 4).reshape(2, 2, 9, 9).astype(np.float32)
+    mk = np.stack([psf.gaussian(s, size=9) for s in (1.0, 2.0)]).astype(np.float32)
+    mm = rng.random((2, 64, 64)).astype(np.float32)
+    G, B = ProductConvolution.from_grid(mine, (64, 64)), ProductConvolution.from_basis(mk, mm)
+    ref = G.apply(u), B.apply(u), G.fingerprint, B.fingerprint
+    mine[:], mk[:], mm[:] = 0, 0, 0
+    np.testing.assert_array_equal(G.apply(u), ref[0])
+    np.testing.assert_array_equal(B.apply(u), ref[1])
+    assert (G.fingerprint, B.fingerprint) == ref[2:] and G.kernels.sum() > 0 and B.maps.sum() > 0
+    assert np.shares_memory(B.restrict((8, 8), 32).maps, B.maps)  # its own parts: shared by its windows, not copied
     import xarray as xr
 
     maps = da.random.default_rng(0).random((2, 64, 64), chunks=32).astype(np.float32)

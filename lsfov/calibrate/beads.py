@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, positive_int, real_number, saturation_level, yx_last
+from .._validate import LsfovWarning, as_image, non_finite, positive_int, real_number, saturation_level, yx_last
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -343,7 +343,7 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
     """
     img = np.asarray(as_image(image, "image", check_values=False))  # (a background-subtracted image may dip below 0)
     if not np.isfinite(img).all():
-        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+        raise non_finite("image")
     radius = _check_radius(radius)
     k = patch_size(radius)
     h = k // 2

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from .._validate import LsfovWarning, as_image, check_pixel_size, positive_int, saturation_level
+from .._validate import LsfovWarning, as_image, check_pixel_size, non_finite, positive_int, saturation_level
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 
@@ -82,7 +82,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     level = saturation_level(image, saturation)  # of the camera's counts, before the float copy below
     img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
     if not np.all(np.isfinite(img)):
-        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+        raise non_finite("image")
     if img.shape != subspace.shape:
         raise ValueError(f"image shape {img.shape} differs from the subspace's {subspace.shape}; "
                          "crop the image or learn the subspace at this size")

@@ -459,9 +459,10 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         The instrument's astigmatism axis θ0, and the curves or the line. Its ``r2`` and ``mae_um``
         are those of its own depth estimate (smoothed) on the calibration nodes.
     """
-    from .._validate import positive_int
+    from .._validate import positive_int, real_number
 
     psf_map = _check_map(psf_map)
+    min_validity = real_number(min_validity, "min_validity", minimum=0, maximum=1)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     degree = positive_int(degree, "degree")

@@ -20,8 +20,8 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
-from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, positive_int, real_number,
-                         scratch_dir, squeeze_plane, yx_order)
+from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, non_finite, positive_int,
+                         real_number, scratch_dir, squeeze_plane, yx_order)
 from ..io import atomic_file, image_origin, pixel_size, plane_of
 from ..operators import ProductConvolution
 
@@ -343,7 +343,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         # One read first (of a float image: integers have no NaN), as the deconvolution's: a NaN in the
         # last chunk would otherwise stop the map after all the others' work, and a --resume meet it again.
         if data.dtype.kind == "f" and not bool(compute(da.isfinite(arr).all())):
-            raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+            raise non_finite("image")
         arr = arr.rechunk(tuple(axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
         (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
         offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
@@ -379,7 +379,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         xp = array_module(data)  # a CuPy image stays on the GPU
         arr = xp.asarray(data, dtype=xp.float32)
         if not bool(xp.isfinite(arr).all()):
-            raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+            raise non_finite("image")
         values = _regress(arr, ref, patch=patch, stride=stride, n_out=n_out, origin=((0, gy), (0, gx)),
                           batch_size=batch_size, device=device, symmetrize=bool(symmetrize), saturation=rule)
     if not np.all(np.isfinite(values)):  # finite pixels, yet: values beyond float32 once normalised
@@ -610,6 +610,9 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     shape = tuple(shape or mapped or ())
     if len(shape) != 2:
         raise ValueError("give the image shape: shape=(H, W)")
+    size = m.size if size is None else positive_int(size, "size")
+    if size % 2 == 0 or size > min(shape):  # (said before rendering every node's PSF at that size)
+        raise ValueError(f"size must be odd (centre at size // 2) and at most the image's {min(shape)} px, got {size}")
     if mapped and tuple(shape) != tuple(mapped):
         raise ValueError(f"the PSF map was made on an image of shape {tuple(mapped)}, not {tuple(shape)}; "
                          "map this image (lsfov.estimate_psf_map, lsfov estimate)")
@@ -619,7 +622,6 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     if not np.all(np.isfinite(params)):
         raise ValueError("the PSF map has NaN parameters; fill invalid nodes first (fill_invalid)")
     gy, gx = params.shape[:2]
-    size = size or m.size
     kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
     centres = map_node_pixels(psf_map)
     attrs = {"source": "lsfov.operator_from_psf_map", "psf_model": m.name}

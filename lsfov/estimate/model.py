@@ -387,7 +387,7 @@ class PSFRegressor:
         with torch.inference_mode():
             res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
         if not res[:, -1].all():
-            raise ValueError("patches contain NaN or Inf pixels (or values beyond 1e30); mask, inpaint or rescale them")
+            raise ValueError("patches contain NaN or Inf pixels (or values beyond 1e30); replace or rescale them")
         return res[:, :-2], res[:, -2] > 0
 
     def _graphed(self, x: torch.Tensor):

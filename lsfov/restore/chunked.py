@@ -28,10 +28,11 @@ import dask.system
 import numpy as np
 
 from .._backend import array_module, block_digests, task_threads
-from .._validate import LsfovWarning, scratch_dir
+from .._validate import LsfovWarning, non_finite, scratch_dir
 from ..operators import SPECTRA_METRIC, ProductConvolution, spectra_budget, spectra_room
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
-from .tv_rl import _check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, say_censored
+from .tv_rl import (_check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, flat_gain,
+                    say_censored)
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
 
@@ -221,7 +222,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     n_sat = int(rest.pop(0)) if saturation is not None else 0
     digests = rest
     if not np.isfinite(total) or not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+        raise non_finite("image")
     if hi <= 0:
         raise ValueError("image is all zero; is it the plane (--channel, --z, --t) you meant?" if hi == 0 and lo == 0 else
                          f"image has no positive pixel (max {hi:g}); is it background-subtracted twice?")
@@ -248,7 +249,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
-                              level=level)
+                              level=level, gain=flat_gain(op))
     counts = exchange_counts(iterations, k)
     log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d block%s of up to %s", iterations, len(counts),
              "" if len(counts) == 1 else "s", halo, y_ext.npartitions, "" if y_ext.npartitions == 1 else "s",
@@ -264,7 +265,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
-def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks, level=None):
+def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks, level=None, gain=1.0):
     """``n`` iterations on the window of the block at ``location``; its core. (``start`` unused: an
     RL iteration does not depend on its index.)"""
     window, core = block_window(chunks, location, halo)
@@ -274,8 +275,8 @@ def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks,
     win = op.restrict(tuple(w.start - op.halo for w in window), yb.shape, periodic=periodic)  # image coordinates
     with task_threads():
         norm = win.adjoint_ones(like=yb)
-        x = _initial(norm, thr, scale) if xb is None else xb.astype(np.float32, copy=True)
-        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr, censored=censored_pixels(yb, level)[0])
+        x = _initial(norm, thr, scale, gain) if xb is None else xb.astype(np.float32, copy=True)
+        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr, censored=censored_pixels(yb, level)[0], gain=gain)
     xp = array_module(x)
     return xp.maximum(x[core], np.float32(0.0))
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import block_digests, task_threads, to_numpy
-from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin,
+from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin, non_finite,
                          positive_int, real_2d, real_number, scratch_dir, squeeze_plane, yx_order)
 from ..cluster import stop_point
 from ..operators import ProductConvolution
@@ -66,7 +66,7 @@ def estimate_noise(image) -> float:
         raise ValueError(f"estimating the noise needs a 2-D image of at least 3x3 pixels, got shape {x.shape}")
     x = x.astype(np.float64)
     if not np.isfinite(x).all():  # one NaN makes the median NaN
-        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them, or pass a crop without them")
+        raise non_finite("image")
     lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
     return float(1.4826 * np.median(np.abs(lap - np.median(lap))) / math.sqrt(20.0))
 
@@ -86,15 +86,7 @@ class _Norms(NamedTuple):
 
 def _psf_norms(op: ProductConvolution) -> _Norms:
     """Norms of the local PSFs (sampled where they vary: nodes, or a coarse grid)."""
-    if op.kind == "grid":
-        psfs = np.asarray(op.kernels, dtype=np.float64).reshape(-1, *op.kernels.shape[-2:])
-    else:
-        h, w = op.shape
-        # Strided slices (zarr maps read them without fancy indexing); maps vary slowly between samples.
-        alpha = np.asarray(op.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
-        alpha = alpha.reshape(op.kernels.shape[0], -1)
-        k = np.asarray(op.kernels, dtype=np.float64)
-        psfs = (alpha.T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
+    psfs = op.local_psfs()
     pad = tuple(2 * n for n in psfs.shape[-2:])  # 2x: the transform between the kernel's bins too
     gain = max(np.abs(np.fft.rfft2(psfs[i : i + 256], s=pad)).max() for i in range(0, len(psfs), 256))
     return _Norms(float(np.abs(psfs).sum(axis=(-2, -1)).max()), float(np.sqrt((psfs**2).sum(axis=(-2, -1))).max()),
@@ -246,7 +238,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     else:
         finite, n_sat, peak = bool(np.isfinite(y).all()), censored_pixels(y, level)[1], float(y.max())
     if not finite:
-        raise ValueError("image contains NaN or Inf pixels; mask or inpaint them first")
+        raise non_finite("image")
     level = say_censored(n_sat, level, origin, y.size, peak)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
@@ -319,11 +311,11 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
     single = len(y.chunks[0]) == 1 and len(y.chunks[1]) == 1
     k = exchange_every or (iterations if single else max(1, min(iterations, min(c) // s)))
     k = min(positive_int(k, "exchange_every"), iterations)
-    if not single and s * k > min(c):
-        raise ValueError(f"chunks {c} are smaller than the halo of {s * k} px ({k} iterations x {s} px); "
-                         "use larger chunks or a smaller exchange_every")
-    # The extended field (the image and a rim of r); a last chunk thinner than the halo joins its
-    # neighbour (the overlap needs the whole halo).
+    if not single and s * k > min(c):  # (as TV-RL does: the blocks are grown, not the input's chunks)
+        log.info("chunks %s are smaller than the halo of %d px (%d iterations x %d px); using larger blocks",
+                 c, s * k, k, s)
+    # The extended field (the image and a rim of r), in blocks of at least the halo; a last chunk
+    # thinner than the halo joins its neighbour (the overlap needs the whole halo).
     chunks = tuple(axis_chunks(n + 2 * r, ci, s * k) for n, ci in zip(y.shape, c))
     in_chunks, shape = y.chunks, y.shape
     # The start, block by block with gaussian_filter's radius of the neighbours (an axis of one chunk,
@@ -438,7 +430,7 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
              for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
     results = dask.compute(*parts)
     if not all(ok for _, ok in results):
-        raise ValueError("sparse contains NaN or Inf pixels; mask or inpaint them first")
+        raise non_finite("sparse")
     found = np.concatenate([f for f, _ in results] or [np.zeros((0, 3))])
     h, w = arr.shape
     found = found[(found[:, 0] > 0) & (found[:, 0] < h - 1) & (found[:, 1] > 0) & (found[:, 1] < w - 1)]

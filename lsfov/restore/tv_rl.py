@@ -11,9 +11,10 @@ normalises the update there; no circular wrap-around and no darkened or ringing 
 send (almost) no light into the image (``H^T 1`` below 1e-3 of the largest kernel sum) are set to zero.
 
 **Intensity normalisation.** The gradient norm is smoothed relative to the local brightness,
-``|grad x|_eps = sqrt(|grad x|^2 + (eps * (x + m))^2)`` with ``m`` the mean of ``y``: the penalty
-then treats dim and bright structures alike and ``tv``, ``eps`` mean the same on 8-bit, 16-bit or
-photon-count images. It also keeps the multiplicative iteration stable: with a fixed small
+``|grad x|_eps = sqrt(|grad x|^2 + (eps * (x + m))^2)`` with ``m`` the mean of ``y`` in ``x``'s units
+(divided by the operator's gain on a flat image, :func:`flat_gain`): the penalty then treats dim and
+bright structures alike and ``tv``, ``eps`` mean the same on 8-bit, 16-bit or photon-count images,
+and with PSFs normalised or not. It also keeps the multiplicative iteration stable: with a fixed small
 ``eps`` the TV factor amplifies changes of ``x`` on bright, flat regions by ``~4 tv x / eps`` per
 iteration, so that a 1e-6 change of the data changes the result by 1e-1 (tv=0.05) to 3e-1 (tv=0.1)
 after 20 iterations (measured, see benchmarks/RESULTS.md) and no two runs (or chunkings) agree. The TV factor is multiplied by the
@@ -141,7 +142,7 @@ def _div(py, px, out=None):
 
 
 def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale: float, norm, thr: float,
-             progress=None, field=(slice(None), slice(None)), graph: bool = False, censored=None):
+             progress=None, field=(slice(None), slice(None)), graph: bool = False, censored=None, gain: float = 1.0):
     """``n`` TV-RL iterations of ``x`` on ``op``'s window (``y``, ``x``, ``norm``: window arrays).
 
     ``x`` is updated in place and returned. Outside the image ``y`` is zero, so the ratio there is
@@ -151,9 +152,12 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     (:func:`lsfov._backend.parallel_map`); every pixel's arithmetic is the same, so are the bits.
     ``graph``: on CuPy arrays, replay the iterations as a CUDA graph (:func:`lsfov._backend.graph_runs`).
     ``censored``: uint8 window array, 1 at saturated pixels (their ratio is at least 1), else 0.
+    ``scale``: the image's mean; ``gain``: the operator's (:func:`flat_gain`), so that ``scale / gain``
+    is that mean in ``x``'s units, which the TV term's local ``eps`` is relative to.
     """
     xp = array_module(y)
     floor = np.float32(_RATIO_FLOOR * scale)
+    xscale = np.float32(scale / gain)
     inv = xp.where(norm > thr, 1.0 / xp.maximum(norm, thr), 0.0).astype(xp.float32)
     parts = threads_for(y)
     rows = row_bands(y.shape[0], parts)
@@ -181,7 +185,7 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
             def regularise(b):  # reads x only, writes c: no band waits for another
                 lo, hi = max(b.start - 1, 0), min(b.stop + 1, xf.shape[0])  # the curvature reaches 1 px
                 xb = xf[lo:hi]
-                local_eps = xb + np.float32(scale)
+                local_eps = xb + xscale
                 local_eps *= np.float32(eps)
                 den = _tv_curvature(xb, local_eps)[b.start - lo : b.stop - lo]
                 den *= np.float32(-tv)
@@ -208,10 +212,18 @@ def _iterate(op: ProductConvolution, y, x, n: int, tv: float, eps: float, scale:
     return x
 
 
-def _initial(norm, thr: float, scale: float):
-    """A flat start; RL from any positive constant gives the same iterates (they cancel in y / Hx)."""
+def _initial(norm, thr: float, scale: float, gain: float = 1.0):
+    """A flat start at the image's mean in ``x``'s units (RL from any positive constant gives the same
+    iterates, they cancel in y / Hx; the TV term's first step reads it)."""
     xp = array_module(norm)
-    return xp.where(norm > thr, np.float32(scale), np.float32(0.0)).astype(xp.float32)
+    return xp.where(norm > thr, np.float32(scale / gain), np.float32(0.0)).astype(xp.float32)
+
+
+def flat_gain(op: ProductConvolution) -> float:
+    """The operator's gain on a flat image: the median sum of its local PSFs (1 when they are
+    normalised). An image's mean divided by it is the mean of the sharp image that blurred to it."""
+    gain = float(np.median(op.local_psfs().sum(axis=(-2, -1))))
+    return gain if gain > 0 and np.isfinite(gain) else 1.0
 
 
 def _norm_threshold(op: ProductConvolution) -> float:
@@ -411,12 +423,13 @@ def _whole(y, op: ProductConvolution, iterations, tv, eps, scale, progress, clip
     y_ext[r : r + h, r : r + w] = y
     norm = win.adjoint_ones(like=y)
     thr = _norm_threshold(op)
-    x = _initial(norm, thr, scale)
+    gain = flat_gain(op)
+    x = _initial(norm, thr, scale, gain)
     censored, n_sat = censored_pixels(y_ext, clip[0])  # the rim is 0: below any level
     say_censored(n_sat, *clip, y.size, peak)
     from ..cluster import progress_bar
 
     with progress_bar(total=iterations, desc="TV-RL", unit="it", disable=not progress) as bar:
         x = _iterate(win, y_ext, x, iterations, tv, eps, scale, norm, thr, bar,
-                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)), graph=True, censored=censored)
+                     field=(slice(0, h + 2 * r), slice(0, w + 2 * r)), graph=True, censored=censored, gain=gain)
     return xp.maximum(x[r : r + h, r : r + w], np.float32(0.0))
