@@ -364,6 +364,20 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     return path
 
 
+def _not_an_input_named_as_out(out, command: str, kinds):
+    """Refuse, even with --overwrite, an existing OUT that holds what the command does not write (a
+    bead image where a list of them ends: OUT forgotten, and --overwrite would replace an input)."""
+    from .io import _group_attrs
+
+    path = Path(out)
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    meta = _group_attrs(path).get("lsfov")
+    if not (isinstance(meta, dict) and meta.get("type") in kinds):
+        raise ValueError(f"{out} exists and is not what lsfov {command} writes (an image?): did you forget OUT? "
+                         f"Give it last, under a new name (a wrong guess here would replace an input)")
+
+
 def _check_figure(figure, overwrite, out, inputs=()):
     """A figure path checked before any work, as an output, and neither OUT nor a directory."""
     fig = _check_out(figure, overwrite, result=False, inputs=inputs)
@@ -1122,6 +1136,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 
     if not beads:  # one path given: it is OUT that is missing (click would name BEADS, filled first from the left)
         raise click.UsageError(f"give the bead image(s) and then OUT: lsfov calibrate {out} OUT")
+    _not_an_input_named_as_out(out, "calibrate", ("ProductConvolution", "OperatorSubspace"))
     out = _check_out(out, overwrite, inputs=beads)
     if figure:
         _check_figure(figure, overwrite, out, inputs=beads)
@@ -1133,6 +1148,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
     planes = [p for path in beads for p in open_planes(path, channel=channel)]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
+    if len(planes) == 1 and _given("n_space"):  # silently ignored, one image gives one operator
+        raise ValueError("--n-space sizes the spatial basis of a subspace, learnt from several bead images; "
+                         "one image gives one operator: leave it out, or give more images")
     kw = dict(radius=radius, threshold=threshold, saturation=saturation,
               smoothing=DEFAULT_SMOOTHING if smoothing is None else smoothing)
     t0 = time.perf_counter()
@@ -1243,6 +1261,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
                              "train on it with a second command")
         if Path(data).suffix.lower() in (".pt", ".json", ".tif", ".tiff", ".npy", ".png"):
             raise ValueError(f"{data}: a training set is a zarr store; name it {Path(data).with_suffix('.zarr').name}")
+        _check_out(data, overwrite)  # before any patch is made
         t = time.perf_counter()
         synthesize(n_synth, psf_model, split=split, seed=seed, out=data, overwrite=overwrite, workers=workers,
                    device=device, progress=progress)
@@ -1269,53 +1288,59 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
                                   "to train again pass --overwrite without --resume")
     out = _check_out(out, overwrite, result=False, inputs=inputs)  # a .pt file
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
-    if checkpoint:  # a directory of its own, never in a training set's store
-        ck = Path(checkpoint).resolve()
-        if any(ck == Path(p).resolve() or Path(p).resolve() in ck.parents for p in inputs):
-            raise ValueError(f"--checkpoint {checkpoint} is (or is inside) an input; give a directory of its own")
-    if out.suffix != ".pt":
-        raise ValueError(f"model files end in .pt, got {out.name}")
-    if n_stream is not None and init is not None:  # a stream of the init model's task: its ranges and optics
-        from .estimate.model import load_model
+    from .io import output_lock
 
-        psf_model = load_model(init, **({"psf_model": psf_model.upper()} if _given("psf_model") else {})).psf_model
-    if test_path:  # before any work: an hour of training is not lost to a test set that cannot be read
-        from .estimate.synth import open_training_set
+    # One run of OUT (and of its checkpoints) at a time: a second, or a --resume of a run still going,
+    # is refused here, not let loose on this one's checkpoints to fail when it saves.
+    with output_lock(out), (output_lock(Path(ckpt)) if ckpt and n_stream is None else contextlib.nullcontext()):
+        if checkpoint:  # a directory of its own, never in a training set's store
+            ck = Path(checkpoint).resolve()
+            if any(ck == Path(p).resolve() or Path(p).resolve() in ck.parents for p in inputs):
+                raise ValueError(f"--checkpoint {checkpoint} is (or is inside) an input; give a directory of its own")
+        if out.suffix != ".pt":
+            raise ValueError(f"model files end in .pt, got {out.name}")
+        if n_stream is not None and init is not None:  # a stream of the init model's task: its ranges and optics
+            from .estimate.model import load_model
 
-        if any(Path(test_path).resolve() == Path(p).resolve() for p in (data, *more) if p):
-            raise ValueError(f"--test {test_path} is a training set of this run: its R² would be no test; give a "
-                             "held-out set (--synthesize N SET --split test)")
-        tested = open_training_set(test_path)["attrs"]
-        trained = (psf_model.upper() if isinstance(psf_model, str) else psf_model.name) if n_stream is not None \
-            else open_training_set(data)["attrs"]["psf_model"]
-        if tested["psf_model"] != trained:
-            raise ValueError(f"--test {test_path} is a {tested['psf_model']} set, the model will regress {trained}; "
-                             f"synthesize a {trained} test set (--split test)")
-        _warn_not_held_out(f"--test {test_path}", tested)
-    if n_stream is not None:
-        from .estimate.stream import PatchStream, train_stream
+            psf_model = load_model(init, **({"psf_model": psf_model.upper()} if _given("psf_model") else {})).psf_model
+        if test_path:  # before any work: an hour of training is not lost to a test set that cannot be read
+            from .estimate.synth import open_training_set
 
-        ckpt = None
-        stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
-        model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream,
-                             **({"batch_size": batch_size} if batch_size else {}), lr=lr, max_minutes=minutes,
-                             seed=seed, progress=progress)
-    else:
-        try:
-            model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                           patience=patience, checkpoint=ckpt, resume=resume, device=device,
-                           seed=seed if _given("seed") else None, init=init, freeze=freeze or None,
-                           max_minutes=minutes, overwrite=overwrite, progress=progress)
-        except (KeyboardInterrupt, _Terminated):
-            if (Path(ckpt) / "last.pt").exists():  # said before "interrupted (Ctrl-C)", as a run's kept work
-                click.echo(f"the epochs done so far are kept in {ckpt}: run the same command with --resume to "
-                           "continue", err=True)
-            raise
-    if test_path:
-        model.meta["test"] = _evaluate(model, test_path)
-        _print_scores(model.meta["test"])
-    model.save(out, overwrite=overwrite)
-    click.echo(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt else f" ({model.meta['training']['n_train']} patches)"))
+            if any(Path(test_path).resolve() == Path(p).resolve() for p in (data, *more) if p):
+                raise ValueError(f"--test {test_path} is a training set of this run: its R² would be no test; give a "
+                                 "held-out set (--synthesize N SET --split test)")
+            tested = open_training_set(test_path)["attrs"]
+            trained = (psf_model.upper() if isinstance(psf_model, str) else psf_model.name) if n_stream is not None \
+                else open_training_set(data)["attrs"]["psf_model"]
+            if tested["psf_model"] != trained:
+                raise ValueError(f"--test {test_path} is a {tested['psf_model']} set, the model will regress "
+                                 f"{trained}; synthesize a {trained} test set (--split test)")
+            _warn_not_held_out(f"--test {test_path}", tested)
+        if n_stream is not None:
+            from .estimate.stream import PatchStream, train_stream
+
+            ckpt = None
+            stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
+            model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream,
+                                 **({"batch_size": batch_size} if batch_size else {}), lr=lr, max_minutes=minutes,
+                                 seed=seed, progress=progress)
+        else:
+            try:
+                model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                               patience=patience, checkpoint=ckpt, resume=resume, device=device,
+                               seed=seed if _given("seed") else None, init=init, freeze=freeze or None,
+                               max_minutes=minutes, overwrite=overwrite, progress=progress)
+            except (KeyboardInterrupt, _Terminated):
+                if (Path(ckpt) / "last.pt").exists():  # said before "interrupted (Ctrl-C)", as a run's kept work
+                    click.echo(f"the epochs done so far are kept in {ckpt}: run the same command with --resume to "
+                               "continue", err=True)
+                raise
+        if test_path:
+            model.meta["test"] = _evaluate(model, test_path)
+            _print_scores(model.meta["test"])
+        model.save(out, overwrite=overwrite)
+        click.echo(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt
+                                     else f" ({model.meta['training']['n_train']} patches)"))
 
 
 def _given(name: str) -> bool:

@@ -595,6 +595,13 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "already exists" in run("train", "tr.zarr", "g1.pt", ok=False).output
     assert "the run in g1.ckpt finished: nothing to resume" in run("train", "tr.zarr", "g1.pt", "--resume", ok=False).output
     assert "not a training set" in run("train", "g1.ckpt", "other.pt", ok=False).output
+    # a second run of one OUT (or a --resume of a run still going) is refused at once, not after its training
+    import socket
+
+    (tmp_path / ".busy.pt.lock").write_text(f"{socket.gethostname()} {os.getppid()}\n")  # that run, alive
+    res = run("train", "tr.zarr", "busy.pt", "--epochs", 1, ok=False)
+    assert res.exit_code == 1 and "busy.pt is being written by another run" in res.output, res.output
+    assert not (tmp_path / "busy.ckpt").exists() and not (tmp_path / "busy.pt").exists()
     # --test is read before the training, not after it: nothing is trained, nothing is left behind
     run("-q", "train", "--synthesize", 16, "--psf-model", "Z1", "--split", "test", "z1.zarr")
     for test, why in (("nope.zarr", "no training set at nope.zarr"), ("z1.zarr", "is a Z1 set, the model will regress G1")):
@@ -641,6 +648,14 @@ def test_cli_calibrate_operator_and_subspace(run, tmp_path):
     # Existing outputs are kept; bad input is one line.
     res = run("calibrate", "b0.npy", "op.zarr", ok=False)
     assert res.exit_code == 1 and "--overwrite" in res.output
+    # OUT forgotten at the end of a list of bead images: the last image is not what --overwrite replaces
+    lsfov.save(fields[1].image, "b1.zarr")
+    res = run("calibrate", "b0.npy", "b1.zarr", "--overwrite", ok=False)
+    assert res.exit_code == 1 and "b1.zarr exists and is not what lsfov calibrate writes (an image?): did you " \
+        "forget OUT?" in res.output
+    np.testing.assert_array_equal(lsfov.open_image("b1.zarr").values, fields[1].image)
+    res = run("calibrate", "b0.npy", "one.zarr", "--n-space", 3, ok=False)  # it would be ignored
+    assert res.exit_code == 1 and "--n-space sizes the spatial basis of a subspace" in res.output
     np.save("flat.npy", np.full((128, 128), 3.0, np.float32))
     res = run("calibrate", "flat.npy", "none.zarr", ok=False)
     assert res.exit_code == 1 and "no beads found" in res.output and not Path("none.zarr").exists()
