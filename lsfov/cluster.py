@@ -131,6 +131,9 @@ def _hush_on_interrupt(e: BaseException):
 def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None):
     """Run the Dask work inside the block on ``spec``; the cluster it starts is closed at the end.
 
+    A context manager: ``spec`` and ``n_workers`` are checked on entering the block, before any
+    cluster starts.
+
     Parameters
     ----------
     spec : str or None
@@ -139,10 +142,13 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         ``distributed.LocalCluster`` of one-thread workers on this machine (dashboard link logged).
         ``"cuda"``: dask-cuda's ``LocalCUDACluster``, one worker per GPU. ``"slurm:N"`` / ``"pbs:N"``:
         N batch jobs of workers through dask-jobqueue (see :func:`jobqueue_cluster` for the settings).
-        ``"tcp://host:port"`` (or ``tls://``, ``ucx://``, ``inproc://``): an existing scheduler.
+        ``"tcp://host:port"`` (or ``tls://``, ``ucx://``, ``inproc://``): an existing scheduler;
+        also a bare ``"HOST:PORT"`` (taken as TCP) or the scheduler file ``*.json`` it wrote
+        (``dask scheduler --scheduler-file S.json``: its ``address`` is read).
     n_workers : int, optional
         Workers of the ``"local"`` cluster (default: one per core), or the number of batch jobs for
-        ``"slurm"`` / ``"pbs"`` without ``:N`` (default 1). Ignored otherwise.
+        ``"slurm"`` / ``"pbs"`` without ``:N`` (default 1). Ignored otherwise, but checked for every
+        ``spec``: it must be a positive integer.
 
     Yields
     ------
@@ -151,9 +157,15 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
 
     Raises
     ------
+    TypeError
+        If ``spec`` is neither a str nor None.
     ValueError
-        For an unknown ``spec``, a missing dask-cuda, a batch system whose submit command is not on
-        PATH, or a scheduler address that cannot be reached.
+        If ``n_workers`` is not a positive integer (0 included, whatever ``spec``); for an unknown
+        ``spec``, a missing dask-cuda, a batch ``spec`` whose N is not a positive integer or whose
+        submit command is not on PATH, a scheduler file without an ``address``, or a scheduler
+        address that is malformed or cannot be reached.
+    FileNotFoundError
+        If a scheduler file ``*.json`` does not exist.
     """
     if spec is not None and not isinstance(spec, str):
         raise TypeError(f"spec must be a scheduler name ({SCHEDULERS}), got {type(spec).__name__}")

@@ -94,6 +94,21 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     xarray.DataArray
         Dask-backed, dims ``("y", "x")``; coordinates are pixel centres in µm when the pixel size is
         known (``attrs["pixel_um"]``), otherwise pixel indices (coordinate ``units`` attr says which).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    TypeError
+        If ``path`` is not a str or Path, ``level``, ``channel``, ``z``, ``t`` or ``series`` is not an
+        integer, or the image's values are not real numbers (e.g. complex).
+    ValueError
+        If ``path`` is empty or not an image lsfov reads (not OME-Zarr, TIFF or ``.npy``; damaged,
+        cut short, an incomplete result, an HCS plate or well); ``level``, ``series`` or an index is
+        out of range, or an index is given for an axis the image lacks (``series`` for a file that
+        is not a TIFF); ``chunks`` is not a positive size or pair of them; or the image is empty.
+        Two subclasses say what to choose: :class:`PlaneNotChosen` for an axis of several planes
+        left unchosen, :class:`SeveralImages` for an OME-TIFF of several images without ``series``.
     """
     path = _as_path(path)
     for name, idx in (("level", level), ("channel", channel), ("z", z), ("t", t), ("series", series)):
@@ -1083,6 +1098,24 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     Path
         ``path``. The write is atomic: a crash leaves the old result (if any) untouched and at most a
         hidden ``.NAME.partial-*`` directory, never a half-written result under ``path``.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` is none of the types above, a variable is not of real numbers (bool, int or
+        float), ``operator`` is not a :class:`~lsfov.ProductConvolution`, or ``path`` is not a str or
+        Path.
+    ValueError
+        If ``path`` is empty, named like a file of another format (``.tif``, ``.npy``...) or is the
+        current folder; ``obj`` is a masked array with masked pixels (its mask would be lost), an
+        array neither 2-D nor 3-D, or a Dataset without variables; a variable is empty or neither
+        2-D nor 3-D, its name is not a string of letters and digits (with ``_`` or ``-``), its
+        ``pixel_um`` attribute is not a positive number, or a spatial coordinate is not evenly
+        spaced and increasing; ``chunks`` is not a positive integer; ``operator`` is given with an
+        operator as ``obj``, beside a variable named ``operator``, or is a restricted window.
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is not given, exists but is neither a zarr store nor an
+        empty directory, appears while the result is written, or is being written by another run.
     """
     from .operators import ProductConvolution
 

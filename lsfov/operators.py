@@ -381,7 +381,19 @@ class ProductConvolution:
         Returns
         -------
         ProductConvolution
-            The grid-form operator.
+            The grid-form operator. Its kernels and centres are read-only and its own: a NumPy
+            ``psfs`` that the caller could still write into is copied, so changing it later does
+            not change the operator.
+
+        Raises
+        ------
+        TypeError
+            If ``psfs`` is not an array of real numbers, or ``attrs`` is not a dict.
+        ValueError
+            If ``psfs`` is empty, holds NaN or Inf, is not (gy, gx, K, K) with square kernels, has an
+            even K or one larger than the image's smaller side, or a PSF whose sum is not positive;
+            if ``shape`` is not positive integers; or ``centers`` is not a pair of arrays of gy and
+            gx finite, strictly increasing positions.
         """
         psfs = _as_float_array(psfs, "psfs")
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
@@ -434,7 +446,16 @@ class ProductConvolution:
         Returns
         -------
         ProductConvolution
-            A grid-form operator of one node.
+            A grid-form operator of one node, with its own copy of the cleaned PSF.
+
+        Raises
+        ------
+        TypeError
+            If ``psf`` is not an array of real numbers, or ``attrs`` is not a dict.
+        ValueError
+            If ``psf`` is not 2-D, is empty, has an even size, holds NaN or Inf or no positive
+            value, or is larger (its longer side) than the image's smaller side; or if ``shape`` is
+            not positive integers.
         """
         if getattr(psf, "dims", None) is not None and "pixel_um" not in (attrs or {}):
             from .io import pixel_size
@@ -494,7 +515,17 @@ class ProductConvolution:
         Returns
         -------
         ProductConvolution
-            The basis-form operator, of shape (H, W).
+            The basis-form operator, of shape (H, W). Its kernels and NumPy maps are read-only and
+            its own (copied where the caller could still write into them); lazy maps are not copied.
+
+        Raises
+        ------
+        TypeError
+            If ``kernels`` or ``maps`` is not of real numbers, or ``attrs`` is not a dict.
+        ValueError
+            If ``kernels`` is empty, holds NaN or Inf, or is not (I, K, K) with square kernels; K is
+            even or larger than the maps' smaller side; ``maps`` is not (I, H, W) with the kernels'
+            I; or NumPy maps hold NaN or Inf.
         """
         kernels = _as_float_array(kernels, "kernels")
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
@@ -518,6 +549,7 @@ class ProductConvolution:
     # ------------------------------------------------------------------ properties
     @property
     def kernel_size(self) -> int:
+        """Kernel edge K in pixels (odd)."""
         return int(self.kernels.shape[-1])
 
     @property
@@ -527,10 +559,12 @@ class ProductConvolution:
 
     @property
     def n_psfs(self) -> int:
+        """Number of kernels: gy·gx nodes for the grid form, I basis kernels for the basis form."""
         return int(np.prod(self.kernels.shape[:-2]))
 
     @property
     def grid_shape(self):
+        """(gy, gx) nodes of the grid form; None for the basis form."""
         return self.kernels.shape[:2] if self.kind == "grid" else None
 
     @property
@@ -615,6 +649,12 @@ class ProductConvolution:
         -------
         array, float32, (h - 2 halo, w - 2 halo)
             The block without its halo, equal to the same region of ``apply`` on the whole image.
+
+        Raises
+        ------
+        ValueError
+            If ``block`` is not 2-D or not larger than ``2 * halo`` along each axis, or this operator
+            is itself a restricted window; otherwise as :meth:`apply`.
         """
         return self._block(block, origin, adjoint=False)
 
@@ -653,6 +693,16 @@ class ProductConvolution:
         array, float32, of ``u``'s shape
             NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's chunks; xarray in ->
             xarray out (dims by name, coords and attrs kept).
+
+        Raises
+        ------
+        TypeError
+            If ``u`` is not of real numbers, or is an ``xarray.Dataset``.
+        ValueError
+            If ``u`` is a masked array with masked pixels (its data under the mask would be read as
+            pixels); is not of :attr:`domain_shape` (Dask: not of :attr:`shape`, or the operator is
+            a restricted window; or chunk sizes are unknown); names only one of ``y`` and ``x`` (xarray;
+            other names are read as rows, columns); or, with ``check``, holds NaN or Inf.
         """
         return self._dispatch(u, adjoint=False, check=check)
 
@@ -671,6 +721,11 @@ class ProductConvolution:
         Returns
         -------
         array, float32, of ``v``'s shape and kind (NumPy, CuPy, Dask or xarray)
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`apply`.
         """
         return self._dispatch(v, adjoint=True, check=check)
 

@@ -66,7 +66,15 @@ class Optics:
     pixel_um : float
         Pixel size in the object plane (camera pixel / magnification) in µm.
     immersion_index : float, optional
-        Refractive index of the immersion medium (1.0 air, 1.33 water, 1.518 oil).
+        Refractive index of the immersion medium (1.0 air, 1.33 water, 1.518 oil). Default 1.0 (air):
+        give it for an immersion objective, as an NA above it is refused.
+
+    Raises
+    ------
+    ValueError
+        If a field is not a finite positive number; ``wavelength_um`` exceeds 5 (most often nm given
+        for µm) or ``immersion_index`` 2.5; ``pixel_um`` is more than 100 times the Nyquist pixel
+        λ/(4 NA) (e.g. nm given for µm); or ``na`` exceeds ``immersion_index``.
     """
 
     na: float
@@ -556,7 +564,8 @@ class PSFModel:
         ValueError
             For parameters :meth:`as_array` refuses, a bad ``size``, or Gaussian widths <= 0.
         TypeError
-            If ``optics`` is given and is not an :class:`Optics`.
+            For a Zernike model, if ``optics`` is given and is not an :class:`Optics` (or none is
+            given and the model has none); a Gaussian model ignores ``optics``.
         """
         arr, batched = self.as_array(params)
         size = self.size if size is None else size

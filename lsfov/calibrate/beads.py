@@ -77,14 +77,22 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
     Parameters
     ----------
     patches : array_like (M, K, K) or (K, K)
+        K odd, the PSF centred at K//2.
     radius : float
-        PSF radius r; at least 2·(order+1)... pixels of the patch must lie outside it.
+        PSF radius r: at least ``(order+1)(order+2)`` pixels of the patch (twice the number of
+        monomials) must lie farther than r from its centre, so that the fit is overdetermined.
     order : int
-        Polynomial degree (2: the monomials 1, x, y, xy, x², y²).
+        Polynomial degree, >= 0 (2: the monomials 1, x, y, xy, x², y²).
 
     Returns
     -------
     ndarray, same shape, float32
+
+    Raises
+    ------
+    ValueError
+        If ``order`` is not an integer >= 0, ``patches`` is not (M, K, K) or (K, K) with K odd, or
+        too few pixels lie outside ``radius``.
     """
     p = np.asarray(patches, dtype=np.float32)
     order = positive_int(order, "background order", minimum=0)
@@ -124,16 +132,27 @@ def detect_beads(image, radius: float, threshold: float | None = None) -> np.nda
     Parameters
     ----------
     image : array_like (H, W)
+        The bead image: NumPy, or any array read into memory as one (xarray by its dims' names);
+        non-negative intensities (negative pixels are clipped to 0 with a warning), no NaN or Inf.
     radius : float
-        PSF radius bound r (pixels); the smoothing scale is r/4 and two maxima are at least r/2 apart.
+        PSF radius bound r in pixels, at least 2: the smoothing scale is σ = ``max(1, r/4)`` and
+        two candidates are at least ``max(1, int(r // 2))`` pixels apart.
     threshold : float, optional
-        On the response ``-σ² ∇²(G_σ * image)``. Default: median + 8 robust standard deviations of
-        the response (the background's noise level, measured by the MAD).
+        On the response ``-σ² ∇²(G_σ * image)``, > 0. Default: median + 8 robust standard deviations
+        of the response (the background's noise level, measured by the MAD).
 
     Returns
     -------
     ndarray (P, 2) of int
         (y, x) pixel positions, brightest first.
+
+    Raises
+    ------
+    ValueError
+        If ``radius`` is not a number of at least 2 pixels, ``threshold`` is not > 0, or ``image``
+        is not 2-D, is empty, holds NaN or Inf, or has no positive pixel.
+    TypeError
+        If ``image`` is a file name or not numeric, or ``threshold`` is not a number.
     """
     return _maxima(image, radius, threshold)[0]
 

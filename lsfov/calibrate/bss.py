@@ -66,13 +66,20 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     iterations : int
         Alternations of the g and Γ steps (each Γ step: up to 200 accelerated gradient steps).
     return_details : bool
-        Also return a dict with ``gamma`` (I, J), ``amplitudes`` (P,), ``positions`` (P, 2) and
-        ``residual`` (relative misfit of the source coefficients).
+        Also return a dict of the fit (see Returns).
 
     Returns
     -------
     ProductConvolution
-        Basis operator ``subspace.operator(Γ)``.
+        Basis operator ``subspace.operator(Γ)``; its ``attrs`` add ``n_sources`` and ``gamma``.
+        With ``return_details=True``, the tuple ``(op, details)``, ``details`` a dict of:
+
+        - ``gamma``: float64 (I, J), the Γ of ``op`` (scaled to unit mean PSF sum over the sources);
+        - ``amplitudes``: float64 (P,), each source's brightness (its light in the image's units);
+        - ``positions``: float64 (P, 2), the sub-pixel (y, x) centres of the sources used (those
+          of the beads detected and kept, or the given ``positions`` refined);
+        - ``residual``: float, relative misfit ``‖g Γ a − c‖ / ‖c‖`` of the sources' coefficients
+          (above 0.3 a warning says the subspace explains them poorly).
     """
     if not isinstance(subspace, OperatorSubspace):
         raise TypeError("subspace must be an lsfov.OperatorSubspace (learn one with lsfov.learn_subspace, "

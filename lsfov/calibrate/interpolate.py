@@ -24,8 +24,12 @@ DEFAULT_SMOOTHING = 1e-2  # tuned on simulated 512² and 2304² fields (benchmar
 
 
 class NodeGrid:
-    """Nodes every ``step`` pixels from the first to the last pixel of each axis, with the bilinear
-    (hat) interpolation matrices that spread node values to pixels."""
+    """Nodes evenly spaced from the first to the last pixel of each axis, at most ``step`` pixels
+    apart, with the bilinear (hat) interpolation matrices that spread node values to pixels.
+
+    Each axis of n pixels gets ``max(2, ceil((n - 1) / step) + 1)`` nodes (``numpy.linspace``), so
+    the spacing is ``(n - 1) / (nodes - 1)``: ``step`` when it divides n - 1, else a little less.
+    """
 
     def __init__(self, shape, step: int):
         self.shape = shape2d(shape)
@@ -34,6 +38,7 @@ class NodeGrid:
 
     @property
     def size(self):
+        """Number of nodes (gy, gx)."""
         return tuple(len(c) for c in self.nodes)
 
     def points(self) -> np.ndarray:
@@ -64,7 +69,11 @@ class NodeGrid:
 
 
 def node_grid(shape, step: int | None = None) -> NodeGrid:
-    """The default node grid: about 96 nodes along the shorter side, at least 4 pixels apart."""
+    """A :class:`NodeGrid` of ``shape`` with nodes at most ``step`` pixels apart (evenly spaced).
+
+    The default step is ``max(4, ceil(min(shape) / 96))``: about 96 nodes along the shorter side,
+    and a step of 4 pixels on images of up to 384 pixels. Spacings are the step or a little under it.
+    """
     if step is None:
         step = max(4, math.ceil(min(shape) / 96))
     else:

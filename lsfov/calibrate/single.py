@@ -35,7 +35,8 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     bead_image : array_like (H, W)
         NumPy, Dask or xarray image of sparse sub-resolution beads.
     n_basis : int or None
-        Number I of PSF basis kernels; None picks it from the singular values (Gavish-Donoho rule).
+        Number I of PSF basis kernels (default 5, as in paper 003); None picks it from the singular
+        values (Gavish-Donoho rule).
     radius : float, optional
         Upper bound on the PSF radius in pixels (default: measured from the brightest beads). The
         kernels are ``2·ceil(1.2·radius) + 1`` pixels wide.
@@ -44,18 +45,23 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     smoothing : float
         Thin-plate smoothing: 8π·η, η of paper 003 Eq. 9, for coordinates scaled to the unit square
         and beads weighted by their Voronoi cells (weights of mean one); 0 interpolates the beads
-        exactly.
+        exactly. Default 1e-2 (``DEFAULT_SMOOTHING``, tuned on simulated fields).
     step : int, optional
-        Node spacing of the coefficient maps in pixels (default: about 96 nodes on the shorter side).
+        Largest node spacing of the coefficient maps in pixels: nodes are evenly spaced from the
+        first to the last pixel of each axis, at most ``step`` apart, so the spacing is ``step`` or
+        a little less (default: ``max(4, ceil(min(H, W) / 96))``, about 96 nodes on the shorter side).
     max_columns : int
-        Generators kept for the conical hull (App. C-c).
+        Generators kept for the conical hull (App. C-c); default 20.
     return_positions : bool
         Also return the (M, 2) sub-pixel (y, x) centres of the beads that were used.
 
     Returns
     -------
     ProductConvolution
-        Basis form, kernels (I, K, K), maps (I, H, W); ``attrs`` record the beads used.
+        Basis form, kernels (I, K, K), maps (I, H, W); ``attrs`` record the beads used. With
+        ``return_positions=True``, the tuple ``(op, positions)`` instead, ``positions`` the
+        float64 (M, 2) (y, x) centres of the M beads the operator was made from (those that passed
+        the basis's z-score test; ``attrs["n_beads"]`` is M).
     """
     not_a_bead_field(bead_image, "calibrate_operator")
     bead_image = yx_last(bead_image, "bead_image")  # dims by name: an (x, y) image gives no transposed operator

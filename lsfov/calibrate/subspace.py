@@ -33,16 +33,36 @@ FORMAT = "lsfov.OperatorSubspace/1"
 class OperatorSubspace:
     """A family of product-convolution operators ``Σ_ij Γ[i,j] h_i * (a_j · u)`` of one microscope.
 
+    Made by :func:`learn_subspace` or read by :meth:`load`; the constructor only assembles given parts.
+
+    Parameters
+    ----------
+    psf_basis : array_like (I, K, K)
+        PSF kernels h_i; stored as float32.
+    spatial_basis : array (J, H, W)
+        Spatial maps a_j, kept as given (not copied or converted): a NumPy array, or any array that
+        slices lazily (a Dask array on a store, as :meth:`load` gives).
+    gammas : array_like (n_images, I, J)
+        Γ_k of each training image; stored as float64.
+    attrs : dict, optional
+        Provenance (beads used, radius, pixel size); copied.
+
     Attributes
     ----------
-    psf_basis : ndarray (I, K, K)
+    psf_basis : ndarray (I, K, K) float32
         Orthonormal PSF kernels h_i.
-    spatial_basis : ndarray (J, H, W)
-        Orthonormal spatial maps a_j.
-    gammas : ndarray (n_images, I, J)
+    spatial_basis : ndarray or dask.array.Array (J, H, W)
+        Orthonormal spatial maps a_j: in memory from :func:`learn_subspace`, a lazy Dask array on
+        the store after :meth:`load` (read where used).
+    gammas : ndarray (n_images, I, J) float64
         Γ_k of each training image.
     attrs : dict
         Provenance (beads used, radius, pixel size).
+
+    Raises
+    ------
+    ValueError
+        If the parts are not 3-D, or ``gammas`` is not (n_images, I, J) for the bases' I and J.
     """
 
     def __init__(self, psf_basis, spatial_basis, gammas, attrs=None):
@@ -56,10 +76,12 @@ class OperatorSubspace:
             raise ValueError(f"gammas {self.gammas.shape} do not match I={self.psf_basis.shape[0]}, "
                              f"J={spatial_basis.shape[0]}")
 
-    n_psf = property(lambda self: int(self.psf_basis.shape[0]))
-    n_space = property(lambda self: int(self.spatial_basis.shape[0]))
-    n_images = property(lambda self: int(self.gammas.shape[0]))
-    shape = property(lambda self: tuple(int(s) for s in self.spatial_basis.shape[1:]))
+    n_psf = property(lambda self: int(self.psf_basis.shape[0]), doc="Number I of PSF basis kernels.")
+    n_space = property(lambda self: int(self.spatial_basis.shape[0]), doc="Number J of spatial basis maps.")
+    n_images = property(lambda self: int(self.gammas.shape[0]),
+                        doc="Number of training images (one Γ_k each).")
+    shape = property(lambda self: tuple(int(s) for s in self.spatial_basis.shape[1:]),
+                     doc="Image shape (H, W) the subspace's operators act on.")
 
     def __repr__(self):
         return (f"OperatorSubspace(n_psf={self.n_psf}, n_space={self.n_space}, n_images={self.n_images}, "
@@ -344,8 +366,9 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
         Sizes I of the PSF basis and J of the spatial basis (paper: 5 and 5). J should cover the
         degrees of freedom of the field's variation (a tilted, curved focal surface: about 6).
     radius, threshold, smoothing, step, max_columns, saturation
-        As in :func:`lsfov.calibrate_operator`; one radius serves all images (default: measured
-        on the first).
+        As in :func:`lsfov.calibrate_operator` (``step``: the largest node spacing, nodes evenly
+        spaced at most that far apart); one radius serves all images (default: measured on the
+        first).
     seed : int
         Seed of the randomized SVD (same seed, same subspace).
     progress : bool

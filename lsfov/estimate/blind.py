@@ -40,9 +40,12 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     -------
     xarray.Dataset
         ``deblurred`` (y, x); the model's parameters, ``validity`` and ``filled`` on the node grid
-        (gy, gx); ``depth`` for an astigmatic model. Attributes: the map's, ``iterations``, ``tv`` and
-        ``seconds`` (wall time of each stage; for Dask input without ``scratch`` the deconvolution's is
-        that of building its lazy graph).
+        (gy, gx); for a model with focus and astigmatism (Z3) also ``focus_astig_sin`` and
+        ``focus_astig_cos`` (the regressed focus x astigmatism products, as in the PSF map) and
+        ``depth`` (µm with ``calibration``, else the uncalibrated signed defocus in wave RMS).
+        Attributes: the map's, ``iterations``, ``tv``, ``censored_at`` and ``seconds`` (wall time of
+        each stage; for Dask input without ``scratch`` the deconvolution's is that of building its
+        lazy graph).
         ``lsfov.save`` writes it as one OME-Zarr result; :func:`lsfov.operator_from_psf_map` of it
         gives the operator back.
     """

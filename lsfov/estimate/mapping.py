@@ -250,11 +250,12 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         Paper 000's white-pixel ratio: a node whose patch has more than this fraction of its pixels
         at or above ``saturation`` is invalid (validity 0, then filled like the others), as clipped
         cores read as wider PSFs. 1 turns the rule off (an image stretched to its type's range: the
-        map's ``saturation`` attribute is then None, unless ``saturation`` gives a level);
-        None: the default, :data:`MAX_SATURATED`.
+        map's ``saturation`` attribute is then None, unless ``saturation`` gives a level).
+        Default 0.05 (:data:`MAX_SATURATED`, the best maps of clipped images); None gives it too.
     fill : bool
         Replace the parameters of invalid nodes (validity < 0.5) by inverse-distance weighting of the
-        valid ones (:func:`fill_invalid`).
+        valid ones (:func:`fill_invalid`). Without it invalid nodes keep the CNN's readings, and
+        :func:`operator_from_psf_map` needs them filled first.
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) where each chunk's nodes are
         kept as soon as they are regressed.
@@ -270,10 +271,31 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         One variable per model parameter (with ``units``) and ``validity``, dims ``(gy, gx)``, node
         centres as coordinates (µm or pixels, said by their ``units``) in the image's own frame (an
         xarray image whose coordinates start at ``x0`` puts its first node at ``x0`` plus the first
-        patch's centre; attribute ``origin``); ``filled`` marks the nodes
-        that were filled. A model with focus and astigmatism (Z3) adds ``focus_astig_sin`` and
-        ``focus_astig_cos`` (its regressed focus x astigmatism products, which depth reads).
-        Attributes record the model, patch, stride, pixel size, image shape and saturation rule.
+        patch's centre; attribute ``origin``). With ``fill=True`` only, a boolean ``filled``
+        marks the nodes that were filled. A model with focus and astigmatism (Z3) adds
+        ``focus_astig_sin`` and ``focus_astig_cos`` (its regressed focus x astigmatism products,
+        which depth reads). Attributes record the model, patch, stride, pixel size, image shape
+        and saturation rule.
+
+    Raises
+    ------
+    NothingToMap
+        A ``ValueError``: with ``fill=True``, when every node is invalid (too many saturated
+        pixels, or no texture the CNN can read), as there is nothing to fill from.
+    TypeError
+        If ``image`` is an ``xarray.Dataset`` or not of a real numeric dtype; if ``saturation`` is
+        True or not a number; if ``max_saturated`` or ``pixel_um`` is not a number, or ``scratch``
+        not a path.
+    ValueError
+        For a masked array with masked pixels, an image that is not 2-D (or, as xarray, names only
+        one of ``y`` and ``x``), of unknown Dask chunk sizes, smaller than one patch, or with NaN or
+        Inf pixels (or values whose readings overflow); for a ``patch`` other than the model's,
+        a ``stride`` or ``batch_size`` that is not a positive integer, ``max_saturated`` outside
+        [0, 1], ``pixel_um`` <= 0, ``resume`` without ``scratch`` or a ``scratch`` that is a file,
+        a ``device`` other than a loaded model's, or a model that :func:`lsfov.load_model`
+        refuses (an unknown name, a file that is not a model, or one replaced while the map runs).
+    FileNotFoundError
+        If ``model`` names a file that does not exist.
     """
     import dask
     import dask.array as da
@@ -504,6 +526,16 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     -------
     xarray.Dataset
         The map with its invalid nodes' parameters filled and a boolean ``filled`` variable.
+
+    Raises
+    ------
+    NothingToMap
+        A ``ValueError``: when no node is valid (none at or above ``threshold``).
+    ValueError
+        If ``psf_map`` has no ``validity`` variable, ``threshold`` is outside [0, 1], ``power`` < 0
+        or ``neighbours`` is not a positive integer.
+    TypeError
+        If ``threshold`` or ``power`` is not a number.
     """
     from .._validate import positive_int, real_number
     from .model import PRODUCTS
@@ -588,11 +620,32 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     Parameters
     ----------
     psf_map : xarray.Dataset
-        From :func:`estimate_psf_map` (or one with the same variables and attributes).
+        From :func:`estimate_psf_map` (or one with the same variables and attributes), its invalid
+        nodes filled. Nodes are placed at their coordinates, so a map cropped or thinned with
+        ``isel``/``sel`` still lies on its image.
     shape : (int, int), optional
-        Image shape (default: the mapped image's, from the attributes).
+        Image shape (H, W), for a map without the ``image_shape`` attribute (one made otherwise);
+        a map of :func:`estimate_psf_map` records its image's shape, and any other shape given for
+        it is refused: its nodes belong to that image.
     size : int, optional
-        Kernel size (default: the model's).
+        Kernel size, a positive odd integer at most the image's smaller side (default: the model's).
+
+    Returns
+    -------
+    ProductConvolution
+        Grid form, one kernel (size, size) per node, rendered from the node's parameters by the
+        map's PSF model (:meth:`lsfov.psf.PSFModel.render`, with the map's recorded optics and
+        ranges); ``attrs`` record the source, the PSF model and, if known, ``pixel_um``.
+
+    Raises
+    ------
+    TypeError
+        If ``psf_map`` is not an ``xarray.Dataset``.
+    ValueError
+        If the map lacks the ``psf_model`` or ``params`` attribute or a parameter variable, has no
+        nodes or NaN parameters (unfilled nodes: :func:`fill_invalid`), or names no known model;
+        if no shape is known, ``shape`` differs from the mapped image's, or ``size`` is not a
+        positive odd integer at most the image's smaller side.
     """
     import xarray as xr
 

@@ -296,14 +296,17 @@ class PSFRegressor:
 
     @property
     def ranges(self) -> dict:
+        """The PSF model's parameter ranges {param: (low, high)} (a copy): those of its training set."""
         return dict(self.psf_model.ranges)
 
     @property
     def optics(self):
+        """The PSF model's :class:`~lsfov.Optics` (its training optics); None for Gaussian models."""
         return self.psf_model.optics
 
     @property
     def params(self) -> tuple:
+        """The regressed parameters' names, in the PSF model's order."""
         return self.psf_model.params
 
     def __repr__(self):
@@ -412,7 +415,10 @@ class PSFRegressor:
 
         Parameters
         ----------
-        patches : (B, P, P) or (P, P) array (NumPy or torch), any intensity scale
+        patches : (B, P, P) or (P, P) array, any intensity scale
+            NumPy, CuPy (taken through DLPack: it stays on the GPU) or a torch tensor; P the model's
+            patch size (``model.patch``, 128 for the shipped models). The results are NumPy whatever
+            the input.
         batch_size : int
             Patches per forward pass.
         reproducible : bool

@@ -155,21 +155,23 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     Parameters
     ----------
     image : array_like (H, W)
-        NumPy (result NumPy), Dask (result lazy, computed block by block with an exact halo exchange:
-        the same iterates as the whole array), or xarray of either (result xarray, its coordinates kept).
+        NumPy (result NumPy), CuPy (result CuPy, iterated on the GPU), Dask (result lazy, computed
+        block by block with an exact halo exchange: the same iterates as the whole array), or xarray
+        of these (result xarray, its coordinates kept).
     operator : ProductConvolution
         The blur, e.g. from :func:`lsfov.identify_operator` or :func:`lsfov.calibrate_operator`.
     gamma1 : float, optional
-        Weight of ‖u1‖₁. Default ``3 σ ‖h‖₂``, σ the noise level (:func:`estimate_noise`) and ‖h‖₂
-        the largest ℓ2 norm of a local PSF: the level of noise seen through Hᵀ, so that noise alone
-        rarely makes a source.
+        Weight of ‖u1‖₁, >= 0. Default ``3 σ ‖h‖₂``, σ the noise level (:func:`estimate_noise`) measured
+        on the image's central 1024 x 1024 pixels (all of an axis shorter than 1024; the same pixels
+        for NumPy and Dask input) and ‖h‖₂ the largest ℓ2 norm of a local PSF: the level of noise seen
+        through Hᵀ, so that noise alone rarely makes a source.
     gamma2 : float, optional
         Weight of ‖Δu2‖² (dimensionless: both terms are quadratic in the intensity). Default 10:
         the smooth part keeps features wider than about 15 pixels, and a source of amplitude A
         costs less in u1 than in u2 once A exceeds about γ1/(0.01·γ2).
     iterations : int
-        FISTA iterations (the ℓ1 part converges slowly: 300 leave noise spikes in u1 on some images,
-        500 did not on the benchmark's fields).
+        FISTA iterations, default 500 (the ℓ1 part converges slowly: 300 leave noise spikes in u1 on
+        some images, 500 did not on the benchmark's fields).
     saturation : float, None or False
         Pixel value at or above which the camera saturated; such pixels are censored (module notes).
         Default: the largest count of an integer image's type, or of its ``significant_bits``; none
@@ -195,6 +197,20 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     -------
     (sparse, smooth) : the two components, same type and shape as the image, float32; xarray
     ones carry ``gamma1``, ``gamma2`` and ``noise`` (the σ measured, for :func:`locate_sources`).
+
+    Raises
+    ------
+    TypeError
+        If ``operator`` is not a :class:`ProductConvolution`; ``image`` is a file name, an
+        ``xarray.Dataset`` or not numeric; ``saturation`` is True or not a number; ``gamma1``,
+        ``gamma2`` or ``warn_dense`` is not a number; or ``scratch`` is not a path.
+    ValueError
+        If ``iterations`` or ``exchange_every`` is not a positive integer, ``warn_dense`` is outside
+        [0, 1], or ``gamma1`` or ``gamma2`` is negative; ``operator`` is a restricted window;
+        ``image`` is a masked array with masked pixels, empty, not 2-D (or, as xarray, names only one of
+        ``y`` and ``x``), of unknown Dask chunk sizes, not of ``operator.shape``, or holds NaN
+        or Inf; the image is under 3x3 pixels and no ``gamma1`` is given (its noise cannot be
+        measured); if ``scratch`` is a file, or ``resume`` is given without it.
     """
     if not isinstance(operator, ProductConvolution):
         raise TypeError("operator must be an lsfov.ProductConvolution")
@@ -379,7 +395,8 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     Parameters
     ----------
     sparse : array_like (H, W)
-        Sparse component from :func:`sparse_smooth_deblur` (NumPy, or Dask: read block by block).
+        Sparse component from :func:`sparse_smooth_deblur`: NumPy, CuPy (copied to the host), Dask
+        (read block by block), or an xarray of these (dims ``y`` and ``x`` in any order).
     operator : ProductConvolution
         The blur it was deblurred with.
     noise : float

@@ -283,12 +283,14 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         The blur, grid or basis form, built for images of shape (H, W). A single measured PSF is the
         one-node grid ``ProductConvolution.from_psf(psf, (H, W))``.
     iterations : int
-        Richardson-Lucy iterations.
+        Richardson-Lucy iterations (default 20).
     tv : float
-        Total-variation weight in [0, 0.25); 0 gives plain Richardson-Lucy. The default helps on noisy
-        extended structures and costs little on bright point sources (benchmarks/RESULTS.md).
+        Total-variation weight in [0, 0.25); 0 gives plain Richardson-Lucy. The default,
+        :data:`DEFAULT_TV` = 0.02, helps on noisy extended structures and costs little on bright
+        point sources (benchmarks/RESULTS.md).
     eps : float
-        Smoothing of ``|grad x|`` in the TV term, relative to the local brightness (module notes).
+        Smoothing of ``|grad x|`` in the TV term, relative to the local brightness (module notes),
+        in [1e-4, 100]; default :data:`DEFAULT_EPS` = 0.3.
     saturation : float, None or False
         Pixel value at or above which the camera saturated; such pixels are censored: their true count
         is taken to be at least this, not this (module notes). Default: the largest count of an integer
@@ -318,6 +320,22 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     Same type as ``image``: NumPy/CuPy in -> same out; Dask in -> lazy Dask out with the input's
     chunks; xarray in -> xarray out with the same dims, coords and attrs (named ``deblurred``; its
     dims read by name, ``y`` and ``x`` in any order). float32.
+
+    Raises
+    ------
+    TypeError
+        If ``operator`` is not a :class:`ProductConvolution`; ``image`` is a file name, an
+        ``xarray.Dataset`` or not numeric; ``tv`` or ``eps`` is not a number; ``saturation`` is True
+        or not a number; or ``scratch`` is not a path.
+    ValueError
+        If ``operator`` is a restricted window; ``iterations`` or ``exchange_every`` is not a
+        positive integer, ``tv`` is outside [0, 0.25) or ``eps`` outside [1e-4, 100]; ``image`` is a
+        masked array with masked pixels, not 2-D (or, as xarray, names only one of ``y`` and ``x``),
+        not of ``operator.shape``, holds NaN or Inf, is all zero or has no positive pixel, or has
+        intensities float32 TV arithmetic cannot hold; if ``scratch`` is a file, or ``resume`` is
+        given without it.
+    MemoryError
+        Dask input: if one block's task cannot fit in a worker's (or this machine's) memory.
 
     Notes
     -----
