@@ -364,13 +364,16 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     return path
 
 
-def _not_an_input_named_as_out(out, command: str, kinds):
+def _not_an_input_named_as_out(out, command: str, kinds, inputs=()):
     """Refuse, even with --overwrite, an existing OUT that holds what the command does not write (a
-    bead image where a list of them ends: OUT forgotten, and --overwrite would replace an input)."""
+    bead image where a list of them ends: OUT forgotten, and --overwrite would replace an input).
+    An OUT that is one of ``inputs`` is left to :func:`_check_out`, which says so."""
     from .io import _group_attrs
 
     path = Path(out)
     if not path.is_dir() or not any(path.iterdir()):
+        return
+    if any(path.resolve() == Path(p).resolve() or path.resolve() in Path(p).resolve().parents for p in inputs):
         return
     meta = _group_attrs(path).get("lsfov")
     if not (isinstance(meta, dict) and meta.get("type") in kinds):
@@ -1136,7 +1139,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 
     if not beads:  # one path given: it is OUT that is missing (click would name BEADS, filled first from the left)
         raise click.UsageError(f"give the bead image(s) and then OUT: lsfov calibrate {out} OUT")
-    _not_an_input_named_as_out(out, "calibrate", ("ProductConvolution", "OperatorSubspace"))
+    _not_an_input_named_as_out(out, "calibrate", ("ProductConvolution", "OperatorSubspace"), inputs=beads)
     out = _check_out(out, overwrite, inputs=beads)
     if figure:
         _check_figure(figure, overwrite, out, inputs=beads)

@@ -817,7 +817,7 @@ def plane_of(image) -> dict:
     return {k: attrs[k] for k in ("plane", "z_um", "z", "z_units", "t", "t_units") if attrs.get(k) is not None}
 
 
-def _pixel_attr(image) -> float | None:
+def _pixel_attr(image, name: str = "the image") -> float | None:
     """An image's ``pixel_um`` attribute as a float (None where absent), refused if not a size."""
     attr = getattr(image, "attrs", {}).get("pixel_um")
     if attr is None:
@@ -827,7 +827,7 @@ def _pixel_attr(image) -> float | None:
     except (TypeError, ValueError):
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or 'the image'}: its pixel_um attribute is "
+        raise ValueError(f"{getattr(image, 'attrs', {}).get('source') or name}: its pixel_um attribute is "
                          f"{attr!r}, not a pixel size in µm; set it to one (> 0) or delete it")
     return value
 

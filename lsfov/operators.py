@@ -460,6 +460,9 @@ class ProductConvolution:
         if getattr(psf, "dims", None) is not None and "pixel_um" not in (attrs or {}):
             from .io import pixel_size
 
+            from .io import _pixel_attr
+
+            _pixel_attr(psf, "the PSF")  # a pixel_um attribute that is no size: said, not taken for non-square pixels
             try:
                 px = pixel_size(psf)
             except ValueError:  # non-square pixels: a PSF in its own pixels, with nothing to compare
@@ -1475,6 +1478,7 @@ def _window_of(maps, window, shape):
 
 
 def _as_float_array(a, name):
+    not_masked(a, name)  # (a masked PSF's hidden values would be its kernel)
     kind = getattr(getattr(a, "dtype", None), "kind", "f")
     if kind not in "biuf":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")

@@ -577,6 +577,11 @@ def test_masked_arrays_are_refused_not_read_unmasked(small, tmp_path):
     assert not (tmp_path / "m.zarr").exists()
     # nothing masked: the data as they are
     np.testing.assert_array_equal(op.apply(np.ma.masked_greater(u, 100)), op.apply(u))
+    k = psf.gaussian(1.5, size=9)  # nor a PSF's hidden values
+    with pytest.raises(ValueError, match=r"psf is a masked array \(20 pixels masked\)"):
+        PC.from_psf(np.ma.masked_less(k, 1e-3), (64, 64))
+    with pytest.raises(ValueError, match="the PSF: its pixel_um attribute is -1"):  # (not taken as non-square pixels)
+        PC.from_psf(xr.DataArray(k, dims=("y", "x"), attrs={"pixel_um": -1}), (64, 64))
 
 
 def test_values_beyond_float32_and_bad_names_and_pixel_sizes_are_said(small, tmp_path):

@@ -311,7 +311,7 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         if ref is m and (dev.type != m.device.type or dev.type == "cuda" and dev.index not in (None, m.device.index)):
             raise ValueError(f"device {device!r}: the model given is loaded on {m.device}; give its name or file "
                              "to load it there, or leave device out")
-    if int(patch) != m.patch:
+    if positive_int(patch, "patch") != m.patch:
         raise ValueError(f"patch={patch} but the model reads {m.patch}x{m.patch} patches; use patch={m.patch}")
     patch = m.patch
     stride = check_stride(stride)
