@@ -85,7 +85,8 @@ class Optics:
     def __post_init__(self):
         for name in ("na", "wavelength_um", "pixel_um", "immersion_index"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v) and v > 0):
+            if isinstance(v, (bool, np.bool_)) or not (isinstance(v, (int, float, np.floating, np.integer))
+                                                       and math.isfinite(v) and v > 0):
                 raise ValueError(f"Optics.{name} must be a positive number, got {v!r}")
         # Values no microscope has, most often nm given for µm: refused before a PSF of 1/225 per
         # pixel, or a pupil of gigabytes, is made of them.
@@ -575,7 +576,7 @@ class PSFModel:
             else:
                 out = gaussian(arr[:, 0], arr[:, 1], size=size)
         else:
-            optics = optics or self.optics
+            optics = self.optics if optics is None else optics
             p = dict(zip(self.params, arr.T))
             coeffs = {}
             if "focus" in p:

@@ -158,6 +158,10 @@ def test_optics_validation():
         Optics(1.4, 0.6, 0.1, 1518)
     with pytest.raises(TypeError, match="Optics"):
         psf.zernike({}, optics=None)
+    with pytest.raises(ValueError, match="Optics.na must be a positive number, got True"):  # (a bool is an int)
+        Optics(True, 0.5, 0.1)
+    with pytest.raises(TypeError, match="optics must be an lsfov.Optics, got int"):  # (0 once meant the model's)
+        psf.MODELS["Z1"].render([0.1], optics=0)
 
 
 def test_nyquist_ratio():
