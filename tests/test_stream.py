@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import lsfov
 from lsfov import psf, simulate
 from lsfov.estimate import stream, synth
 
@@ -43,8 +44,13 @@ def test_stream_draws_like_synthesize_and_is_seeded():
     assert (p.numpy() >= lo).all() and (p.numpy() <= hi).all()
     np.testing.assert_allclose(p.numpy().mean(0), (lo + hi) / 2, rtol=0.06)
     assert abs(v.float().mean().item() - ref["valid"].mean()) < 0.04
-    assert x.mean().item() == pytest.approx(ref["patches"].mean(), rel=0.1)
-    assert x.std(dim=(1, 2)).mean().item() == pytest.approx(ref["patches"].std(axis=(1, 2)).mean(), rel=0.1)
+    # patch brightness and contrast drawn alike: two samples of one distribution (a mean of 2048
+    # patches moves by 8 % between seeds, their light being log-uniform over a decade and their images few)
+    from scipy.stats import ks_2samp
+
+    xs = x.numpy()
+    for stat in (np.mean, np.std):
+        assert ks_2samp(stat(xs, axis=(1, 2)), stat(ref["patches"], axis=(1, 2))).pvalue > 1e-3, stat
     dark = (x.amax(dim=(1, 2)) < 20).float().mean().item()  # forced black patches and dark crops of points
     assert dark == pytest.approx((ref["patches"].max(axis=(1, 2)) < 20).mean(), abs=0.03)
     again = stream.PatchStream("Z3", seed=3)(64)
@@ -99,6 +105,10 @@ def test_stream_bad_input():
         stream.train_stream(stream.PatchStream("G1", sources=("poi",)), patches=10, batch_size=64)
     with pytest.raises(ValueError, match="n must be a positive integer"):  # once torch's RuntimeError
         stream.PatchStream("G1", sources=("poi",)).crops(0)
+    # a stream of the held-out images is said to be one, as a training set of them is (then refused here)
+    with pytest.warns(lsfov.LsfovWarning, match="training on a stream of the test split"):
+        with pytest.raises(ValueError, match="less than one batch"):
+            stream.train_stream(stream.PatchStream("G1", sources=("poi",), split="test"), patches=10, batch_size=64)
 
 
 def _one_image_stream(value, illumination, **kw):

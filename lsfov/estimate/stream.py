@@ -23,12 +23,12 @@ import torch
 
 from .. import psf as _psf
 from .._validate import positive_int, real_number
-from .synth import (PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources, _range,
-                    _readable, _texture, blur_torch, library)
+from .synth import (N_SEEDED, PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources,
+                    _range, _readable, _texture, blur_torch, library, procedural_seed)
 
 __all__ = ["PatchStream", "train_stream"]
 
-_BASE_PROCEDURAL = 6  # images per procedural source in synth.library: the mix of sources is kept at any count
+_BASE_PROCEDURAL = N_SEEDED  # images per procedural source in synth.library: the mix of sources is kept at any count
 
 
 def _d4_grids(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +142,8 @@ class PatchStream:
         base = (_cached_library(self.sources, self.split, self.seed) if n >= _BASE_PROCEDURAL
                 else library(self.sources, self.split, n_procedural=n, seed=self.seed))
         n_skimage = len(_SKIMAGE_SPLIT[self.split]) if "skimage" in self.sources else 0
-        split = list(_SKIMAGE_SPLIT).index(self.split)
-        # entropy tuples that no integer seed of library() gives and that differ between splits, seeds and sources
-        jobs = [(name, (7919, split, self.seed, j, i))
+        # library()'s own images past its first ones (entropy tuples): made here on several workers
+        jobs = [(name, tuple(procedural_seed(self.split, self.seed, j, i)))
                 for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in self.sources)
                 for i in range(_BASE_PROCEDURAL, n)]
         if workers > 1 and len(jobs) > 1:
@@ -250,6 +249,13 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
 
     if not isinstance(stream, PatchStream):
         raise TypeError(f"stream must be an lsfov.estimate.stream.PatchStream, got {type(stream).__name__}")
+    if stream.split == "test":  # as train() says of a set of the test split
+        import warnings
+
+        from .._validate import LsfovWarning
+
+        warnings.warn("training on a stream of the test split (the held-out images): every test set of it scores what "
+                      "the model has seen; make the stream of split='train'", LsfovWarning, stacklevel=2)
     patches, batch_size = positive_int(patches, "patches"), positive_int(batch_size, "batch_size", minimum=2)
     if patches < batch_size:  # one step would still draw a whole batch: more than asked for
         raise ValueError(f"patches={patches} is less than one batch ({batch_size}); train on at least one batch "

@@ -142,7 +142,21 @@ def _check_sources(sources, split):
         raise ValueError(f"unknown image sources {sorted(unknown)}; choose among {list(SOURCES)}")
 
 
-def library(sources=SOURCES, split: str = "train", n_procedural: int = 6, seed: int = 0) -> list[np.ndarray]:
+#: Procedural images per source seeded by one integer each (the sets made so far); beyond them an
+#: entropy tuple per image, which no two splits, seeds or sources share, whatever the count.
+N_SEEDED = 6
+
+
+def procedural_seed(split: str, seed: int, j: int, i: int):
+    """The seed of image ``i`` of the ``j``-th procedural source of ``library``: ``int`` for the
+    first :data:`N_SEEDED` (``1000 (1 + split) + 100000 seed + 10 j + i``: the integers of two
+    splits or seeds never meet), then ``[7919, split, seed, j, i]``, as :class:`PatchStream` draws
+    its extra images (integers alone would repeat another split's image past 1000 images)."""
+    k = list(_SKIMAGE_SPLIT).index(split)
+    return 1000 * (1 + k) + seed * 100_000 + 10 * j + i if i < N_SEEDED else [7919, k, seed, j, i]
+
+
+def library(sources=SOURCES, split: str = "train", n_procedural: int = N_SEEDED, seed: int = 0) -> list[np.ndarray]:
     """The sharp images patches are cut from: a list of 2-D float32 arrays in [0, 1].
 
     ``split="train"`` and ``"test"`` use different scikit-image images and different procedural
@@ -176,9 +190,8 @@ def library(sources=SOURCES, split: str = "train", n_procedural: int = 6, seed: 
     images = []
     if "skimage" in sources:
         images += [_skimage(name, f) for name, f in _SKIMAGE_SPLIT[split].items()]
-    base = 1000 * (1 + list(_SKIMAGE_SPLIT).index(split)) + seed * 100_000
     for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in sources):
-        images += [_GENERATORS[name]((512, 512), base + 10 * j + i) for i in range(n_procedural)]
+        images += [_GENERATORS[name]((512, 512), procedural_seed(split, seed, j, i)) for i in range(n_procedural)]
     return images
 
 
@@ -451,8 +464,11 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
               device=device)
     # Every UNIT patches come from their own child generator, and are blurred as one FFT batch of
     # that size: the bytes depend on the seed only, not on ``batch`` (how many are made at a time).
+    # The two splits draw apart: with one entropy, a training set and a test set of one seed had the
+    # same PSF parameters, crops and noise draws, patch by patch (on other images). The test split
+    # keeps the entropy of before (the test sets every figure was measured on).
     units = range(0, n, UNIT)
-    rngs = np.random.SeedSequence([seed, 7]).spawn(len(units))
+    rngs = np.random.SeedSequence([seed, 7] if split == "test" else [seed, 7, 1]).spawn(len(units))
     per = max(1, batch // UNIT)
     batch = per * UNIT
     jobs = [[(min(UNIT, n - units[u]), rngs[u]) for u in range(j, min(j + per, len(units)))]
