@@ -1291,17 +1291,17 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
                                   "to train again pass --overwrite without --resume")
     out = _check_out(out, overwrite, result=False, inputs=inputs)  # a .pt file
     _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
+    if checkpoint:  # a directory of its own, never in a training set's store
+        ck = Path(checkpoint).resolve()
+        if any(ck == Path(p).resolve() or Path(p).resolve() in ck.parents for p in inputs):
+            raise ValueError(f"--checkpoint {checkpoint} is (or is inside) an input; give a directory of its own")
+    if out.suffix != ".pt":
+        raise ValueError(f"model files end in .pt, got {out.name}")
     from .io import output_lock
 
     # One run of OUT (and of its checkpoints) at a time: a second, or a --resume of a run still going,
     # is refused here, not let loose on this one's checkpoints to fail when it saves.
     with output_lock(out), (output_lock(Path(ckpt)) if ckpt and n_stream is None else contextlib.nullcontext()):
-        if checkpoint:  # a directory of its own, never in a training set's store
-            ck = Path(checkpoint).resolve()
-            if any(ck == Path(p).resolve() or Path(p).resolve() in ck.parents for p in inputs):
-                raise ValueError(f"--checkpoint {checkpoint} is (or is inside) an input; give a directory of its own")
-        if out.suffix != ".pt":
-            raise ValueError(f"model files end in .pt, got {out.name}")
         if n_stream is not None and init is not None:  # a stream of the init model's task: its ranges and optics
             from .estimate.model import load_model
 

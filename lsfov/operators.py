@@ -266,12 +266,27 @@ def _frozen(value):
 
 
 def _writeable(a: np.ndarray) -> bool:
-    """Whether ``a``'s memory can be written through it or through any array it is a view of."""
+    """Whether ``a``'s memory can be written through it, through any array it is a view of, or
+    through the buffer at the end of that chain (a bytearray, a memory map opened ``r+``)."""
     while isinstance(a, np.ndarray):
         if a.flags.writeable:
             return True
         a = a.base
-    return False
+    if a is None:  # a read-only array owning its memory
+        return False
+    try:
+        return not memoryview(a).readonly  # (a memory map opened "r" is read-only: not copied)
+    except TypeError:
+        return True  # memory of unknown kind: copied, to be safe
+
+
+def _owned(a, given):
+    """``a`` (``given`` converted to NumPy) frozen in place where the conversion made it (a new
+    dtype, a list): memory no one else holds, which :func:`_read_only` then need not copy again."""
+    if (isinstance(a, np.ndarray) and a is not given and a.flags.owndata and a.flags.writeable
+            and a is not getattr(given, "data", None)):  # (an xarray's values are its own memory)
+        a.flags.writeable = False
+    return a
 
 
 def _part(name: str, doc: str) -> property:
@@ -334,6 +349,7 @@ class ProductConvolution:
         self._cache = _Spectra(self._token)
         self._plan_cache = None
         self._group_spectra: dict = {}
+        self._local = None  # local_psfs(), read once
 
     kernels = _part("kernels", "The PSF kernels: (gy, gx, K, K) for the grid form, (I, K, K) for the basis form.")
     centers = _part("centers", "The grid form's node centres (cy, cx) in pixels; None for the basis form.")
@@ -395,7 +411,7 @@ class ProductConvolution:
             if ``shape`` is not positive integers; or ``centers`` is not a pair of arrays of gy and
             gx finite, strictly increasing positions.
         """
-        psfs = _as_float_array(psfs, "psfs")
+        psfs = _owned(_as_float_array(psfs, "psfs"), psfs)
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
             raise ValueError(f"psfs must have shape (gy, gx, K, K), got {psfs.shape}")
         shape = shape2d(shape)
@@ -468,7 +484,7 @@ class ProductConvolution:
             except ValueError:  # non-square pixels: a PSF in its own pixels, with nothing to compare
                 px = None
             attrs = {**(attrs or {}), **({"pixel_um": px} if px else {})}
-        k = _as_float_array(psf, "psf")
+        k = _owned(_as_float_array(psf, "psf"), psf)
         if k.ndim != 2:
             raise ValueError(f"psf must be one 2-D PSF, got shape {k.shape}; pick its in-focus plane")
         if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
@@ -530,9 +546,11 @@ class ProductConvolution:
             even or larger than the maps' smaller side; ``maps`` is not (I, H, W) with the kernels'
             I; or NumPy maps hold NaN or Inf.
         """
-        kernels = _as_float_array(kernels, "kernels")
+        kernels = _owned(_as_float_array(kernels, "kernels"), kernels)
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
             raise ValueError(f"basis kernels must have shape (I, K, K), got {kernels.shape}")
+        not_masked(maps, "coefficient maps")
+        given = maps
         if getattr(maps, "ndim", None) != 3:
             maps = _as_float_array(maps, "coefficient maps")
         elif getattr(maps.dtype, "kind", "f") not in "biuf":
@@ -544,7 +562,7 @@ class ProductConvolution:
         shape = shape2d(maps.shape[1:])
         _check_kernel_size(kernels.shape[-1], shape)
         if isinstance(maps, np.ndarray):
-            maps = maps.astype(np.float32, copy=False)
+            maps = _owned(maps.astype(np.float32, copy=False), given)
             if not np.all(np.isfinite(maps)):
                 raise ValueError("coefficient maps contain NaN or Inf")
         return cls("basis", shape, kernels, maps=maps, attrs=attrs)
@@ -586,6 +604,7 @@ class ProductConvolution:
         state = self.__dict__.copy()
         state["_plan_cache"] = None
         state["_group_spectra"] = {}
+        state["_local"] = None
         del state["_cache"]
         return state
 
@@ -750,9 +769,11 @@ class ProductConvolution:
         x = xp.asarray(x)
         if x.shape != self.domain_shape:
             raise ValueError(f"image shape {x.shape} does not match the operator's shape {self.domain_shape}")
-        x = x.astype(xp.float32, copy=False)
+        given = x
+        with np.errstate(over="ignore"):  # (values beyond float32's range: said below)
+            x = x.astype(xp.float32, copy=False)
         if check and not bool(xp.isfinite(x).all()):
-            raise non_finite("the image")
+            raise non_finite("the image", given if xp is np else None)
         return self._adjoint(x) if adjoint else self._forward(x)
 
     def _map_overlap(self, x, adjoint):
@@ -1280,19 +1301,25 @@ class ProductConvolution:
     # ------------------------------------------------------------------ inspection
     def local_psfs(self) -> np.ndarray:
         """Local PSFs sampled where they vary: the grid's nodes, or the basis form on a grid of about
-        32 x 32 positions (maps vary slowly; read by strided slices, which zarr maps serve without
-        reading them whole). What norms and gains of the operator are estimated from.
+        32 x 32 positions (maps vary slowly). What norms and gains of the operator are estimated
+        from. Lazy maps are read by strided slices: the chunks that hold a sample (every chunk of a
+        store whose chunks are under about H/32), once per operator.
 
         Returns
         -------
-        ndarray, float64, shape (N, K, K)
+        ndarray, float64, shape (N, K, K), read-only
         """
-        k = np.asarray(to_numpy(self.kernels), dtype=np.float64)
-        if self.kind == "grid":
-            return k.reshape(-1, *k.shape[-2:])
-        h, w = self.shape
-        alpha = np.asarray(self.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
-        return (alpha.reshape(k.shape[0], -1).T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
+        if getattr(self, "_local", None) is None:
+            k = np.asarray(to_numpy(self.kernels), dtype=np.float64)
+            if self.kind == "grid":
+                local = k.reshape(-1, *k.shape[-2:])
+            else:
+                h, w = self.shape
+                alpha = np.asarray(self.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
+                local = (alpha.reshape(k.shape[0], -1).T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
+            local.flags.writeable = False
+            self._local = local
+        return self._local
 
     def psf_at(self, y: float, x: float) -> np.ndarray:
         """The local PSF at an image position.

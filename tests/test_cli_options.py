@@ -490,10 +490,13 @@ def test_train_passes_seed_checkpoint_and_epochs(run, tmp_path):
     assert lsfov.load_model(tmp_path / "m.pt").meta["training"]["epochs_run"] == 2
     # nothing goes into an input, nor is a training set its own test
     for args, msg in ((["--checkpoint", "tr.zarr/ck"], "--checkpoint tr.zarr/ck is (or is inside) an input"),
+                      (["--checkpoint", "tr.zarr/sub/ck"], "--checkpoint tr.zarr/sub/ck is (or is inside) an input"),
                       (["--test", "tr.zarr"], "--test tr.zarr is a training set of this run")):
         _refused(run("train", "tr.zarr", "n.pt", "--arch", "compact", *args, ok=False), msg)
     _refused(run("train", "tr.zarr", "tr.zarr/n.pt", ok=False), "tr.zarr/n.pt is inside the input")
-    assert not (tmp_path / "tr.zarr" / "ck").exists() and not (tmp_path / "n.pt").exists()
+    # (refused before the checkpoints' lock is taken, which would make their folder's parent)
+    assert not (tmp_path / "tr.zarr" / "ck").exists() and not (tmp_path / "tr.zarr" / "sub").exists()
+    assert not (tmp_path / "n.pt").exists()
     run("-q", "train", "--synthesize", 48, "--psf-model", "G1", "--split", "test", "te.zarr")
     with pytest.warns(lsfov.LsfovWarning, match="training on a set of the test split"):
         run("train", "te.zarr", "t.pt", "--arch", "compact", "--epochs", 1, "--lr", "1e-3", "--batch-size", 16)

@@ -77,8 +77,7 @@ def test_one_psf_matches_skimage_richardson_lucy_away_from_the_borders():
 def test_tv_rl_is_eq13_written_out():
     """Paper 000 Eq. 13 in float64 NumPy, one PSF, as the README states it:
     ``x ← x / (1 − λ div(∇x / |∇x|ε)) · Hᵀ(y / Hx) / Hᵀ1`` with ``|∇x|ε = sqrt(|∇x|² + (ε (x + mean y))²)``
-(mean y in x's units: the PSF's sum is 1),
-    forward differences for ∇ and backward ones for div. Equal away from the borders (handled as in
+    (mean y in x's units: the PSF's sum is 1), forward differences for ∇ and backward ones for div. Equal away from the borders (handled as in
     the skimage test above), so the TV weight, the local ε and the order of the steps are pinned."""
     from scipy.signal import fftconvolve
 

@@ -577,6 +577,9 @@ def test_masked_arrays_are_refused_not_read_unmasked(small, tmp_path):
     assert not (tmp_path / "m.zarr").exists()
     # nothing masked: the data as they are
     np.testing.assert_array_equal(op.apply(np.ma.masked_greater(u, 100)), op.apply(u))
+    maps = np.ma.masked_greater(np.stack([np.ones((64, 64)), hot]), 100)  # nor a map's
+    with pytest.raises(ValueError, match="coefficient maps is a masked array"):
+        PC.from_basis(psf.gaussian(np.array([1.0, 2.0]), size=9), maps)
     k = psf.gaussian(1.5, size=9)  # nor a PSF's hidden values
     with pytest.raises(ValueError, match=r"psf is a masked array \(20 pixels masked\)"):
         PC.from_psf(np.ma.masked_less(k, 1e-3), (64, 64))
@@ -586,8 +589,13 @@ def test_masked_arrays_are_refused_not_read_unmasked(small, tmp_path):
 
 def test_values_beyond_float32_and_bad_names_and_pixel_sizes_are_said(small, tmp_path):
     u, op = small
-    with pytest.raises(ValueError, match="values beyond float32's range"):  # (not "contains NaN or Inf")
-        lsfov.deconvolve(u.astype(np.float64) * 1e300, op, 2)
+    huge = u.astype(np.float64) * 1e300
+    for run in (lambda a: lsfov.deconvolve(a, op, 2), op.apply, lambda a: lsfov.sparse_smooth_deblur(a, op, iterations=2),
+                lambda a: lsfov.deconvolve(da.from_array(a, chunks=32), op, 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no "overflow encountered in cast" beside it)
+            with pytest.raises(ValueError, match="values beyond float32's range"):  # (not "contains NaN or Inf")
+                run(huge)
     nan = u.copy()
     nan[3, 3] = np.nan
     with pytest.raises(ValueError, match="contains NaN or Inf pixels; replace them first"):
@@ -598,4 +606,36 @@ def test_values_beyond_float32_and_bad_names_and_pixel_sizes_are_said(small, tmp
         with pytest.raises(ValueError, match="its pixel_um attribute is .*not a pixel size in µm"):
             lsfov.save(xr.DataArray(u, dims=("y", "x"), attrs={"pixel_um": bad}), tmp_path / "r.zarr")
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_an_operator_copies_its_parts_once_and_only_where_another_could_write_them(tmp_path):
+    import tracemalloc
+
+    k = psf.gaussian(np.array([1.0, 2.0]), size=9)
+    maps = np.random.default_rng(0).random((2, 512, 512))  # float64: converted, which copies once
+    tracemalloc.start()
+    op = PC.from_basis(k, maps)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.4 * maps.nbytes / 2  # one float32 copy (and a mask of it), not two
+    assert not op.maps.flags.writeable
+    # a read-only view over memory someone else can write (a bytearray) is copied; a read-only memory map is not
+    raw = bytearray(np.ones((2, 64, 64), np.float32).tobytes())
+    view = np.frombuffer(raw, np.float32).reshape(2, 64, 64)
+    view.flags.writeable = False
+    assert not np.shares_memory(PC.from_basis(k, view).maps, view)
+    np.save(tmp_path / "m.npy", np.ones((2, 64, 64), np.float32))
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    assert np.shares_memory(PC.from_basis(k, mapped).maps, mapped)
+    # the sampled local PSFs (a read of lazy maps) are read once per operator
+    assert op.local_psfs() is op.local_psfs() and not op.local_psfs().flags.writeable
+
+
+def test_a_training_set_is_written_through_a_link_to_a_new_place(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "store" / "set.zarr")  # its target not made yet
+    from lsfov.estimate import synthesize
+
+    synthesize(8, "G1", sources=("poi",), out=tmp_path / "link.zarr")
+    assert (tmp_path / "store" / "set.zarr").is_dir() and (tmp_path / "link.zarr").is_symlink()
 

@@ -82,7 +82,9 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     }
     if _pixel_um(bead_image):
         attrs["pixel_um"] = _pixel_um(bead_image)
-    op = ProductConvolution.from_basis(basis.kernels, grid.upsample(nodes), attrs=attrs)
+    maps = grid.upsample(nodes)
+    maps.flags.writeable = False  # made here, handed over: the operator need not copy it
+    op = ProductConvolution.from_basis(basis.kernels, maps, attrs=attrs)
     return (op, pos) if return_positions else op
 
 

@@ -159,6 +159,7 @@ class OperatorSubspace:
             raise ValueError(f"gamma gives PSFs of total light {float(flux.min()):.3g} (<= 0) at some pixels; "
                              "project it first: subspace.operator(subspace.project(gamma))")
         maps /= flux
+        maps.flags.writeable = False  # made here, handed over: the operator need not copy it
         # The subspace's attributes but those of its training set (its images' beads, its spectrum),
         # which would describe another thing than this operator; an image's operator has its beads.
         attrs = {k: v for k, v in self.attrs.items() if k not in ("n_images", "n_beads", "beads_per_image",

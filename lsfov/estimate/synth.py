@@ -454,7 +454,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
             raise ValueError("device= synthesizes in this process and adds noise there: use workers=1 and a photon range")
     sources = tuple(sources)
     _check_sources(sources, split)  # here, not in a worker
-    if out is not None and (Path(out).exists() or Path(out).is_symlink()) and not overwrite:  # before any patch
+    if out is not None and Path(out).exists() and not overwrite:  # before any patch is made (a link: its target)
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     attrs = {"type": "TrainingSet", **m.to_meta(), "patch": PATCH, "n": n,
              "sources": list(sources), "split": split, "seed": seed, "invalid_fraction": invalid_fraction,

@@ -46,6 +46,11 @@ _COPY_S = 3e-9
 _TASK_S = 0.02
 
 
+#: The iteration's version in a resumable run's name: 2 since the TV term's ε is relative to the
+#: image's mean over the operator's gain (it was the mean alone: another result for unnormalised PSFs).
+_STATE_VERSION = 2
+
+
 def spread_per_iteration(op: ProductConvolution, tv: float) -> int:
     """How far (pixels) one TV-RL iteration moves information: ``2r``, at least 1 with TV."""
     return max(2 * op.halo, 1 if tv else 0)
@@ -211,18 +216,22 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         raise TypeError(f"image must be a numeric array, got dtype {y.dtype}")
     _check_shape(y.shape, op)
     scratch_dir(scratch, resume)
-    y = y.astype(np.float32)
-    # One streaming pass for what the iterations need to know globally (and for bad input).
-    stats = [da.maximum(y, 0).sum(dtype=np.float64), y.min(), y.max()]
+    given, y = y, y.astype(np.float32)
+    # One streaming pass for what the iterations need to know globally (and for bad input); the
+    # extremes in the input's own type, where values beyond float32's range are still finite.
+    stats = [da.maximum(given, 0).sum(dtype=np.float64), given.min(), given.max()]
     if saturation is not None:
-        stats.append((y >= np.float32(saturation)).sum())
+        stats.append((given >= saturation).sum())
     if scratch is not None:  # a resumable run is named by its data's bytes, not only their statistics
-        stats.append(block_digests(y))
+        stats.append(block_digests(given))
     total, lo, hi, *rest = dask.compute(*stats)  # one read
     n_sat = int(rest.pop(0)) if saturation is not None else 0
     digests = rest
-    if not np.isfinite(total) or not (np.isfinite(lo) and np.isfinite(hi)):
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise non_finite("image")
+    if not np.isfinite(total) or max(abs(float(lo)), abs(float(hi))) > float(np.finfo(np.float32).max):
+        raise ValueError(f"image has values beyond float32's range (|x| up to {max(abs(float(lo)), abs(float(hi))):.3g}); "
+                         "rescale it first")
     if hi <= 0:
         raise ValueError("image is all zero; is it the plane (--channel, --z, --t) you meant?" if hi == 0 and lo == 0 else
                          f"image has no positive pixel (max {hi:g}); is it background-subtracted twice?")
@@ -230,7 +239,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         warnings.warn(f"image has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
         y = da.maximum(y, 0)
     scale = float(total) / y.size
-    _check_range(scale, float(hi), eps)
+    gain = flat_gain(op)
+    _check_range(scale, float(hi), eps, gain)
     level = say_censored(n_sat, saturation, origin, y.size, float(hi))  # none saturated: None, the plain iteration
 
     r = op.halo
@@ -249,7 +259,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
-                              level=level, gain=flat_gain(op))
+                              level=level, gain=gain)
     counts = exchange_counts(iterations, k)
     log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d block%s of up to %s", iterations, len(counts),
              "" if len(counts) == 1 else "s", halo, y_ext.npartitions, "" if y_ext.npartitions == 1 else "s",
@@ -259,8 +269,10 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale, level))
     else:
         # Same data (its blocks' bytes), operator and parameters -> same state directory: what resume finds.
-        fingerprint = dask.base.tokenize(y.shape, float(total), float(lo), float(hi), digests[0], chunks, counts, s,
-                                         op.fingerprint, tv, eps, *(() if level is None else (level,)))
+        # (_STATE_VERSION: a state of an older iteration is not resumed by this one)
+        fingerprint = dask.base.tokenize(_STATE_VERSION, y.shape, float(total), float(lo), float(hi), digests[0],
+                                         chunks, counts, s, op.fingerprint, tv, eps,
+                                         *(() if level is None else (level,)))
         x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 

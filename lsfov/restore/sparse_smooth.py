@@ -234,7 +234,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
             raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
         y = data.astype(np.float32)
     else:
-        y = as_image(data, "image", check_values=False)
+        with np.errstate(over="ignore"):  # (values beyond float32's range: said below)
+            y = as_image(data, "image", check_values=False)
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; pick a plane, channel or time point first")
     if operator.window != (0, 0) + operator.shape:
@@ -254,7 +255,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     else:
         finite, n_sat, peak = bool(np.isfinite(y).all()), censored_pixels(y, level)[1], float(y.max())
     if not finite:
-        raise non_finite("image")
+        raise non_finite("image", None if lazy else to_numpy(data) if hasattr(data, "dtype") else None)
     level = say_censored(n_sat, level, origin, y.size, peak)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure

@@ -231,10 +231,11 @@ def _norm_threshold(op: ProductConvolution) -> float:
     return float(_NORM_FLOOR * max(float(sums.max()), 1e-30))
 
 
-def _check_range(scale: float, peak: float, eps: float):
-    """The TV term squares gradients (up to the peak) and ``eps`` times the intensity in float32:
-    beyond these bounds that over- or underflows (NaN, or a TV term silently gone)."""
-    if eps * scale < 1e-15 or peak > 1e15:
+def _check_range(scale: float, peak: float, eps: float, gain: float = 1.0):
+    """The TV term squares gradients (up to the peak) and ``eps`` times the intensity in float32, in
+    ``x``'s units (the image's over the operator's ``gain``): beyond these bounds that over- or
+    underflows (NaN, or a TV term silently gone)."""
+    if eps * scale / gain < 1e-15 or peak / gain > 1e15:
         raise ValueError(f"image intensities (mean {scale:.3g}, max {peak:.3g}) with eps={eps:g} are beyond what "
                          "float32 TV arithmetic can hold; rescale the image (e.g. to photons or to [0, 1])")
 
@@ -379,7 +380,7 @@ def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, r
         raise ValueError("image is all zero; there is nothing to deconvolve: is it the plane (--channel, --z, --t) "
                          "you meant?")
     peak = float(y.max())
-    _check_range(scale, peak, eps)
+    _check_range(scale, peak, eps, flat_gain(operator))
     return _whole(y, operator, iterations, tv, eps, scale, progress, clip, peak)
 
 
