@@ -318,7 +318,8 @@ def _state(out: Path, parent, resume: bool):
             shutil.rmtree(state, ignore_errors=True)
         elif _work_kept(state):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).
-            told = isinstance(e, (_BAD_INPUT, KeyboardInterrupt, _Terminated))
+            told = isinstance(e, (_BAD_INPUT, MemoryError, KeyboardInterrupt, _Terminated))  # (no "stopped" of
+            # a run refused before any work of its own, e.g. workers with no room on --resume)
             click.echo(f"{'' if told else 'stopped; '}the work done so far is kept in {state}: "
                        "run the same command with --resume to finish only what is missing", err=True)
         else:  # refused before any work: leave nothing behind

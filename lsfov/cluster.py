@@ -24,7 +24,8 @@ __all__ = ["use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "sh
 
 log = logging.getLogger("lsfov")
 
-SCHEDULERS = "threads | synchronous | local | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT | SCHEDULER.json"
+SCHEDULERS = ("threads | synchronous | local[:WORKERS] | cuda | slurm[:JOBS] | pbs[:JOBS] | tcp://HOST:PORT | "
+              "SCHEDULER.json")
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
 _SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
@@ -138,8 +139,9 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
     ----------
     spec : str or None
         ``"threads"`` (default; None too): Dask's threaded scheduler in this process.
-        ``"synchronous"`` (or ``"sync"``): one thread (debugging). ``"local"``: a
-        ``distributed.LocalCluster`` of one-thread workers on this machine (dashboard link logged).
+        ``"synchronous"`` (or ``"sync"``): one thread (debugging). ``"local"`` (or
+        ``"local:N"``, N workers): a ``distributed.LocalCluster`` of one-thread workers on this
+        machine (dashboard link logged).
         ``"cuda"``: dask-cuda's ``LocalCUDACluster``, one worker per GPU. ``"slurm:N"`` / ``"pbs:N"``:
         N batch jobs of workers through dask-jobqueue (see :func:`jobqueue_cluster` for the settings).
         ``"tcp://host:port"`` (or ``tls://``, ``ucx://``, ``inproc://``): an existing scheduler;
@@ -172,6 +174,11 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
     if n_workers is not None:  # 0 or fewer workers: a LocalCluster that waits forever for its first task
         n_workers = positive_int(n_workers, "n_workers")
     spec = (spec or "threads").strip()
+    if spec.startswith("local:"):  # local:N, as slurm:N (N workers; it was taken for a host named local)
+        workers = spec.partition(":")[2]
+        if not (workers.isdigit() and int(workers) > 0):
+            raise ValueError(f"--scheduler {spec}: give a positive number of workers, e.g. local:2")
+        spec, n_workers = "local", int(workers)
     if spec in ("threads", "synchronous", "sync"):
         with dask.config.set(scheduler="synchronous" if spec.startswith("sync") else "threads"):
             yield None

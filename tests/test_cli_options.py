@@ -219,6 +219,10 @@ def test_work_kept_after_a_failure_is_said_once(run, tmp_path, small, monkeypatc
     res = _kept_message_case(run, tmp_path, monkeypatch, ValueError("found late"))
     assert res.exit_code == 1 and "found late" in res.output
     assert "the work done so far is kept in" in res.output and "stopped; " not in res.output, res.output
+    # workers refused for memory (on --resume, before any work of this run): no "stopped" either
+    res = _kept_message_case(run, tmp_path, monkeypatch, MemoryError("no room on the workers"))
+    assert res.exit_code == 1 and "no room on the workers" in res.output
+    assert "the work done so far is kept in" in res.output and "stopped; " not in res.output, res.output
 
 
 # ------------------------------------------------------------------------------- simulate

@@ -593,6 +593,22 @@ def test_a_result_stores_the_operator_it_was_made_with(tmp_path, scene):
     assert not (tmp_path / "t.zarr").exists()
 
 
+def test_task_memory_is_checked_before_the_first_read(scene, monkeypatch):
+    """A worker without room was paused in the first pass (the image's statistics), before the check
+    that would have refused it: the run waited without a word."""
+    op, y, _ = scene
+    order, real = [], dask.compute
+    monkeypatch.setattr(dask, "compute", lambda *a, **k: (order.append("read"), real(*a, **k))[1])
+
+    def check(*a, **k):
+        order.append("check")
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(chunked, "check_task_memory", check)
+    with pytest.raises(MemoryError, match="no room"):
+        lsfov.deconvolve(da.from_array(y, chunks=64), op, 2)
+    assert order == ["check"]
+
 
 @pytest.mark.parametrize("kind", ["one-psf", "grid", "basis"])
 def test_task_bytes_bounds_what_a_block_task_allocates(kind):

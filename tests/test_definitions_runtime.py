@@ -176,6 +176,10 @@ def test_local_and_batch_clusters_get_the_workers_asked_for(monkeypatch):
     with cluster.use_scheduler("local", n_workers=3):
         pass
     assert _Stub.made[0].kwargs["n_workers"] == 3 and _Stub.made[0].kwargs["threads_per_worker"] == 1
+    _Stub.made.clear()
+    with cluster.use_scheduler("local:2"):  # as --scheduler local:2 says it
+        pass
+    assert _Stub.made[0].kwargs["n_workers"] == 2
     monkeypatch.setattr(cluster.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(cluster, "jobqueue_cluster", lambda kind, **kw: _Stub(kind, **kw))
     for spec, n, jobs in (("slurm", 3, 3), ("pbs", None, 1), ("slurm:2", 5, 2)):

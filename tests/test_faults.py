@@ -678,6 +678,23 @@ def test_a_worker_too_small_for_the_cnn_is_refused_not_waited_for():
             lsfov.estimate_psf_map(img, "G1")
 
 
+def test_a_worker_with_no_room_for_a_cnn_task_is_refused_not_waited_for():
+    """600 MB: past PyTorch and the model, 58 MiB below Dask's pause, less than one CNN task holds;
+    such workers paused during the map, which waited for them without a word."""
+    pytest.importorskip("torch")
+    from distributed import Client, LocalCluster
+
+    from lsfov.estimate import mapping
+
+    img = da.from_array(np.random.default_rng(0).uniform(0, 100, (256, 256)).astype(np.float32), chunks=128)
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MB", dashboard_address=":0") as cluster, \
+            Client(cluster):
+        with pytest.raises(MemoryError, match=r"the Dask workers leave \d+ MiB for 1 CNN task\(s\) of about 160 MiB "
+                                              r"each .* give each worker at least 0.68 GiB, or fewer threads"):
+            lsfov.estimate_psf_map(img, "G1")
+    assert mapping._CNN_TASK == 160 * 2**20
+
+
 def test_cli_refuses_chunks_this_machine_cannot_hold(run_cli, monkeypatch):
     sharp = sim.sample_image("cell", (300, 300))
     op, _ = sim.psf_field(sharp.shape, "Z3", (2, 2), seed=3, size=15)

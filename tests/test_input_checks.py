@@ -414,6 +414,10 @@ def test_use_scheduler_refuses_bad_options_and_leaves_no_client_after_a_failed_c
     with pytest.raises(TypeError, match="spec must be a scheduler name"):
         with cluster.use_scheduler(4):
             pass
+    for spec in ("local:0", "local:x", "local:"):  # (local:2 was taken for a host named local, after 10 s)
+        with pytest.raises(ValueError, match=f"--scheduler {spec}: give a positive number of workers, e.g. local:2"):
+            with cluster.use_scheduler(spec):
+                pass
     assert _registered_client() is None and dask.config.get("scheduler", None) is None
     monkeypatch.setattr(cluster, "_CONNECT_TIMEOUT", "0.5s")
     for spec, what in (("tcp://", r"give it as tcp://HOST:PORT"), ("tcp://host:port", "tcp://HOST:PORT"),

@@ -28,6 +28,9 @@ from ..operators import ProductConvolution
 log = logging.getLogger("lsfov")
 # A Dask worker's own memory once it runs the CNN (PyTorch, lsfov, the model): about 340 MiB measured.
 _CNN_WORKER_OWN = 400 * 2**20
+# What one CNN task holds beyond it (its chunk's windows, a batch's activations): 130 MiB at the peak
+# of a 2048² chunk's map (Z3, stride 64), measured in one process.
+_CNN_TASK = 160 * 2**20
 
 __all__ = ["estimate_psf_map", "fill_invalid", "operator_from_psf_map"]
 
@@ -357,8 +360,16 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         from ..restore.halo import axis_chunks
 
         client = _active_client()
-        if client is not None:  # a worker too small to hold PyTorch and the model would be paused, not used
-            worker_budgets(client, _CNN_WORKER_OWN)
+        if client is not None:  # a worker too small to hold PyTorch, the model and its tasks would be paused, not used
+            budgets, fraction = worker_budgets(client, _CNN_WORKER_OWN)
+            short = [(free, threads) for free, threads in budgets if free < threads * _CNN_TASK]
+            if short:
+                free, threads = short[0]
+                raise MemoryError(f"the Dask workers leave {free / 2**20:.0f} MiB for {threads} CNN task(s) of about "
+                                  f"{_CNN_TASK / 2**20:.0f} MiB each (their memory limit up to Dask's pause at "
+                                  f"{fraction:.0%}, less PyTorch and the model); give each worker at least "
+                                  f"{(_CNN_WORKER_OWN + threads * _CNN_TASK) / fraction / 2**30:.2g} GiB, or fewer "
+                                  "threads")
 
         # Chunks of at least one patch (the overlap reads `patch` pixels of each neighbour).
         arr = data.astype(np.float32)

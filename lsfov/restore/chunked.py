@@ -216,6 +216,22 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         raise TypeError(f"image must be a numeric array, got dtype {y.dtype}")
     _check_shape(y.shape, op)
     scratch_dir(scratch, resume)
+    # The blocks, and whether their tasks fit, before any read: a worker without room would be
+    # paused during the first pass below, and the run wait for it without a word.
+    r = op.halo
+    s = spread_per_iteration(op, tv)
+    c = tuple(int(max(ch)) for ch in y.chunks)
+    single_block = all(len(ch) == 1 for ch in y.chunks)  # the whole image one block: no exchange
+    k = exchange_every or (iterations if single_block else choose_exchange_every(c, op, iterations, tv))
+    k = min(k, iterations)
+    halo = 0 if single_block else s * k  # one block has no neighbour to exchange with
+    if halo > min(c):
+        log.info("chunks %s are smaller than the halo of %d px (%d iterations x %d px); using larger chunks",
+                 c, halo, k, s)
+    ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
+    chunks = (tuple((n,) for n in ext_shape) if single_block else
+              tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c)))
+    check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     given, y = y, y.astype(np.float32)
     # One streaming pass for what the iterations need to know globally (and for bad input); the
     # extremes in the input's own type, where values beyond float32's range are still finite.
@@ -243,20 +259,6 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     _check_range(scale, float(hi), eps, gain)
     level = say_censored(n_sat, saturation, origin, y.size, float(hi))  # none saturated: None, the plain iteration
 
-    r = op.halo
-    s = spread_per_iteration(op, tv)
-    c = tuple(int(max(ch)) for ch in y.chunks)
-    single_block = all(len(ch) == 1 for ch in y.chunks)  # the whole image one block: no exchange
-    k = exchange_every or (iterations if single_block else choose_exchange_every(c, op, iterations, tv))
-    k = min(k, iterations)
-    halo = 0 if single_block else s * k  # one block has no neighbour to exchange with
-    if halo > min(c):
-        log.info("chunks %s are smaller than the halo of %d px (%d iterations x %d px); using larger chunks",
-                 c, halo, k, s)
-    ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
-    chunks = (tuple((n,) for n in ext_shape) if single_block else
-              tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c)))
-    check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
     y_ext = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
                               level=level, gain=gain)
