@@ -664,35 +664,24 @@ def test_a_worker_too_small_to_run_anything_is_refused_not_waited_for():
             chunked.check_task_memory((256, 256), 8, op)
 
 
-def test_a_worker_too_small_for_the_cnn_is_refused_not_waited_for():
-    """PyTorch and the model take ~340 MiB of a worker: one with 450 MB would be paused by Dask at
-    80 % and the PSF map would wait for it in silence."""
+@pytest.mark.parametrize("limit, message", [
+    # PyTorch and the model take ~340 MiB of a worker: Dask pauses one of 450 MB at 80 % before any task
+    ("450MB", r"will use at least 400 MiB of its 429 MiB memory limit before any work, over the 80% at which Dask "
+              r"pauses it; give each worker more"),
+    # 600 MB: 58 MiB left below the pause, less than one CNN task holds (such workers paused in the map)
+    ("600MB", r"the Dask workers leave \d+ MiB for 1 CNN task\(s\) of about 160 MiB each .* give each worker at "
+              r"least 0.68 GiB, or fewer threads"),
+])
+def test_a_worker_too_small_for_the_cnn_is_refused_not_waited_for(limit, message):
+    """A worker Dask would pause during the PSF map: the map would wait for it in silence."""
     pytest.importorskip("torch")
     from distributed import Client, LocalCluster
 
     img = da.from_array(np.random.default_rng(0).uniform(0, 100, (256, 256)).astype(np.float32), chunks=128)
-    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="450MB", dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=limit, dashboard_address=":0") as cluster, \
             Client(cluster):
-        with pytest.raises(MemoryError, match=r"will use at least 400 MiB of its 429 MiB memory limit before any "
-                                              r"work, over the 80% at which Dask pauses it; give each worker more"):
+        with pytest.raises(MemoryError, match=message):
             lsfov.estimate_psf_map(img, "G1")
-
-
-def test_a_worker_with_no_room_for_a_cnn_task_is_refused_not_waited_for():
-    """600 MB: past PyTorch and the model, 58 MiB below Dask's pause, less than one CNN task holds;
-    such workers paused during the map, which waited for them without a word."""
-    pytest.importorskip("torch")
-    from distributed import Client, LocalCluster
-
-    from lsfov.estimate import mapping
-
-    img = da.from_array(np.random.default_rng(0).uniform(0, 100, (256, 256)).astype(np.float32), chunks=128)
-    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MB", dashboard_address=":0") as cluster, \
-            Client(cluster):
-        with pytest.raises(MemoryError, match=r"the Dask workers leave \d+ MiB for 1 CNN task\(s\) of about 160 MiB "
-                                              r"each .* give each worker at least 0.68 GiB, or fewer threads"):
-            lsfov.estimate_psf_map(img, "G1")
-    assert mapping._CNN_TASK == 160 * 2**20
 
 
 def test_cli_refuses_chunks_this_machine_cannot_hold(run_cli, monkeypatch):
