@@ -743,7 +743,33 @@ def _open_npy(path: Path) -> xr.DataArray:
     dims = list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else None
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
         dims = ["y", "x", "c"]  # an RGB(A) array as image libraries hold it: its colours are channels
-    return _with_coords(da.from_array(arr), dims, None, path)
+    return _with_coords(da.from_array(_NpyFile(path, arr), chunks="auto", meta=np.empty((0,) * arr.ndim, arr.dtype)),
+                        dims, None, path)
+
+
+class _NpyFile:
+    """A ``.npy`` file as an array Dask can send to other processes: it pickles as its path, where a
+    memory map pickles as all its pixels (a graph of the whole image, sent to every worker); each
+    process maps the file once, at its first read."""
+
+    def __init__(self, path, mapped: np.ndarray):
+        self.path = os.path.abspath(path)  # workers may start elsewhere
+        st = os.stat(self.path)
+        self.key = (self.path, st.st_size, st.st_mtime_ns)  # a rewritten file is another file
+        self.shape, self.dtype, self.ndim, self._map = mapped.shape, mapped.dtype, mapped.ndim, mapped
+
+    def __getstate__(self):
+        return {**self.__dict__, "_map": None}
+
+    def __dask_tokenize__(self):  # the same name for the same file: a resumed run finds its chunks
+        return ("lsfov-npy", *self.key)
+
+    def __getitem__(self, item):
+        if self._map is None:
+            if os.stat(self.path).st_size != self.key[1]:
+                raise ValueError(f"{self.path} changed after it was opened (rewritten during the run?); open it again")
+            self._map = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.asarray(self._map[item])
 
 
 def _with_coords(data, dims, pixel_um, path, pixel_um_y=None) -> xr.DataArray:

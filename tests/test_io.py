@@ -103,6 +103,16 @@ def test_open_tiff_and_npy(tmp_path):
     np.save(tmp_path / "b.npy", data[0].astype(np.float32))
     b = lsfov.open_image(tmp_path / "b.npy")
     assert b.attrs["pixel_um"] is None and b.x.attrs["units"] == "pixel"
+    # its graph holds the file's name, not its pixels (a memory map pickles as all of them: Dask's
+    # "Sending large graph" on a cluster, the whole image to every worker), and reads it back
+    import pickle
+
+    big = np.random.default_rng(4).random((512, 512)).astype(np.float32)
+    np.save(tmp_path / "big.npy", big)
+    lazy = lsfov.open_image(tmp_path / "big.npy").data
+    assert len(pickle.dumps(dict(lazy.__dask_graph__()))) < 10_000
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(lazy)).compute(), big)
+    assert lazy.name == lsfov.open_image(tmp_path / "big.npy").data.name  # one name per file (a resumed run's)
     rgb = np.random.default_rng(3).random((40, 30, 3)).astype(np.float32)  # (y, x, colour), as skimage holds it
     np.save(tmp_path / "rgb.npy", rgb)
     np.testing.assert_array_equal(lsfov.open_image(tmp_path / "rgb.npy", channel=2).values, rgb[..., 2])
