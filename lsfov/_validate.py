@@ -33,9 +33,13 @@ def non_finite(name: str, original=None) -> ValueError:
     """The error for NaN or Inf pixels; values finite in ``original`` but beyond float32's range say so."""
     if original is not None and getattr(original, "dtype", None) is not None and original.dtype.kind == "f" \
             and original.dtype.itemsize > 4 and bool(np.isfinite(np.asarray(original)).all()):
-        return ValueError(f"{name} has values beyond float32's range (|x| up to {float(np.abs(original).max()):.3g}); "
-                          "rescale it first")
+        return beyond_float32(name, float(np.abs(original).max()))
     return ValueError(f"{name} contains NaN or Inf pixels; {REPLACE_NON_FINITE}")
+
+
+def beyond_float32(name: str, peak: float) -> ValueError:
+    """The error for finite values that float32, lsfov's working type, cannot hold (|x| up to ``peak``)."""
+    return ValueError(f"{name} has values beyond float32's range (|x| up to {peak:.3g}); rescale it first")
 
 
 def as_image(x, name: str = "image", *, check_values: bool = True):
@@ -46,8 +50,7 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
     """
     if isinstance(x, (str, os.PathLike)):
         raise TypeError(f"{name} must be an array, got the file name {str(x)!r}; open it with lsfov.open_image")
-    x = yx_last(x, name)  # an xarray (x, y) image is read as (y, x), not transposed
-    not_masked(x, name)
+    x = yx_last(x, name)  # an xarray (x, y) image is read as (y, x), not transposed; a masked array refused
     xp = array_module(x)
     if xp is np:
         x = np.asarray(x)

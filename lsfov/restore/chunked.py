@@ -28,7 +28,7 @@ import dask.system
 import numpy as np
 
 from .._backend import array_module, block_digests, task_threads
-from .._validate import LsfovWarning, non_finite, scratch_dir
+from .._validate import LsfovWarning, beyond_float32, non_finite, scratch_dir
 from ..operators import SPECTRA_METRIC, ProductConvolution, spectra_budget, spectra_room
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
 from .tv_rl import (_check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, flat_gain,
@@ -245,9 +245,9 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     digests = rest
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise non_finite("image")
-    if not np.isfinite(total) or max(abs(float(lo)), abs(float(hi))) > float(np.finfo(np.float32).max):
-        raise ValueError(f"image has values beyond float32's range (|x| up to {max(abs(float(lo)), abs(float(hi))):.3g}); "
-                         "rescale it first")
+    peak = max(abs(float(lo)), abs(float(hi)))
+    if not np.isfinite(total) or peak > float(np.finfo(np.float32).max):
+        raise beyond_float32("image", peak)
     if hi <= 0:
         raise ValueError("image is all zero; is it the plane (--channel, --z, --t) you meant?" if hi == 0 and lo == 0 else
                          f"image has no positive pixel (max {hi:g}); is it background-subtracted twice?")

@@ -234,8 +234,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
             raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
         y = data.astype(np.float32)
     else:
-        with np.errstate(over="ignore"):  # (values beyond float32's range: said below)
-            y = as_image(data, "image", check_values=False)
+        y = as_image(data, "image", check_values=False)
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; pick a plane, channel or time point first")
     if operator.window != (0, 0) + operator.shape:
