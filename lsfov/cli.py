@@ -82,6 +82,23 @@ def _signal_again(unraisable, previous, command):
     timer.start()
 
 
+# Set when a command ends by Ctrl-C or SIGTERM: the process is stopping, and objects of distributed
+# that the signal cut short in their making fail in their destructors at exit.
+_INTERRUPTED = threading.Event()
+
+
+def _quiet_distributed(unraisable, previous):
+    """After an interrupt: a destructor of distributed that fails ("Exception ignored in
+    Future.__del__": a Future the signal caught half made) is closing chatter, logged at debug
+    level; anything else as Python says it."""
+    obj = unraisable.object
+    if (getattr(obj, "__module__", None) or type(obj).__module__ or "").startswith("distributed"):
+        log.debug("after the interrupt, %s: %s: %r", obj, getattr(unraisable.exc_type, "__name__", ""),
+                  unraisable.exc_value)
+        return
+    previous(unraisable)
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit status 1 (no traceback)."""
 
@@ -102,9 +119,11 @@ class _Group(click.Group):
         except _USER_ERRORS as e:  # (a truncated uncompressed chunk fails to reshape: a ValueError)
             raise click.ClickException(_damaged_zarr(e) or str(e)) from None
         except _Terminated:
+            _INTERRUPTED.set()
             click.echo("terminated (SIGTERM)", err=True)
             raise SystemExit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:  # the shell's convention (128 + SIGINT), not click's "Aborted!" and 1
+            _INTERRUPTED.set()
             click.echo("interrupted (Ctrl-C)", err=True)
             raise SystemExit(128 + signal.SIGINT) from None
         except Exception as e:
@@ -145,8 +164,11 @@ def main(ctx, verbose, quiet):
         previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous_handler))
         previous_hook, command = sys.unraisablehook, {"running": True, "resent": 0}
+        _INTERRUPTED.clear()
         sys.unraisablehook = functools.partial(_signal_again, previous=previous_hook, command=command)
-        ctx.call_on_close(lambda: (command.update(running=False), setattr(sys, "unraisablehook", previous_hook)))
+        ctx.call_on_close(lambda: (command.update(running=False), setattr(
+            sys, "unraisablehook", functools.partial(_quiet_distributed, previous=previous_hook)
+            if _INTERRUPTED.is_set() else previous_hook)))
     ctx.obj = {"quiet": quiet}
 
 
