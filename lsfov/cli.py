@@ -172,10 +172,18 @@ def main(ctx, verbose, quiet):
     ctx.obj = {"quiet": quiet}
 
 
-def _scheduler_option(f):
-    return click.option(
-        "--scheduler", default="threads", show_default=True, help=f"Where Dask runs: {SCHEDULERS}."
-    )(f)
+def _checked_scheduler(ctx, param, spec):
+    """``--scheduler`` checked as it is read, before the command opens its image (an address is
+    tried only when the work starts)."""
+    from .cluster import parse_scheduler
+
+    parse_scheduler(spec)  # (its errors are the one line of a bad input, as every other's)
+    return spec
+
+
+def _scheduler_option(f, default="threads"):
+    return click.option("--scheduler", default=default, show_default=True, callback=_checked_scheduler,
+                        help=f"Where Dask runs: {SCHEDULERS}.")(f)
 
 
 def _scratch_option(f):
@@ -328,6 +336,7 @@ def _state(out: Path, parent, resume: bool):
         shutil.rmtree(state)
     elif resume and not state.exists():
         log.warning("nothing to resume in %s; starting from the beginning", state)
+    made = [p for p in (state.parent, *state.parent.parents) if not p.exists()]  # (a new --scratch DIR)
     state.mkdir(parents=True, exist_ok=True)
     try:
         yield state
@@ -337,7 +346,7 @@ def _state(out: Path, parent, resume: bool):
         # (Not imported for it: lsfov.estimate imports torch, seconds a job stopping has not.)
         mapping = sys.modules.get("lsfov.estimate.mapping")
         if mapping is not None and isinstance(e, mapping.NothingToMap):
-            shutil.rmtree(state, ignore_errors=True)
+            _remove(state, made)
         elif _work_kept(state):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).
             told = isinstance(e, (_BAD_INPUT, MemoryError, KeyboardInterrupt, _Terminated))  # (no "stopped" of
@@ -345,9 +354,20 @@ def _state(out: Path, parent, resume: bool):
             click.echo(f"{'' if told else 'stopped; '}the work done so far is kept in {state}: "
                        "run the same command with --resume to finish only what is missing", err=True)
         else:  # refused before any work: leave nothing behind
-            shutil.rmtree(state, ignore_errors=True)
+            _remove(state, made)
         raise
+    _remove(state, made)
+
+
+def _remove(state: Path, made):
+    """Remove a run's state and the folders made for it (``made``, innermost first) that are left
+    empty: another job's state in a shared --scratch keeps it."""
     shutil.rmtree(state, ignore_errors=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's), or gone
+            break
 
 
 def _check_out(path, overwrite, *, result: bool = True, inputs=()):
@@ -1441,7 +1461,7 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
 @click.option("--size", default=1024, show_default=True, help="Field edge in pixels.")
 @click.option("--chunks", default=512, show_default=True, help="Dask chunk edge.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--scheduler", default="local", show_default=True, help=f"Where Dask runs: {SCHEDULERS}.")
+@functools.partial(_scheduler_option, default="local")
 @_overwrite_option
 @click.pass_obj
 def demo(obj, out, size, chunks, seed, scheduler, overwrite):
@@ -1516,7 +1536,8 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
                f"true blur {snr(reference):.1f} dB")
     click.echo(f"  depth: mean absolute error {mae:.2f} µm over a {np.ptp(truth):.1f} µm range "
                f"(calibration fit R² {cal.r2:.2f}; the shipped Z3 CNN limits it, see the README)")
-    click.echo(f"result: {out}  (variables: {', '.join(res.data_vars)}; open with lsfov.open_result or napari)")
+    click.echo(f"result: {out}  (variables: {', '.join(res.data_vars)}; open it with lsfov.open_result, or a "
+               f"variable with napari: {out / 'deblurred'})")
     click.echo(f"figure: {fig}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ import numpy as np
 
 from ._validate import positive_int
 
-__all__ = ["use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "shared", "SCHEDULERS"]
+__all__ = ["use_scheduler", "parse_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "shared", "SCHEDULERS"]
 
 log = logging.getLogger("lsfov")
 
@@ -169,23 +170,14 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
     FileNotFoundError
         If a scheduler file ``*.json`` does not exist.
     """
-    if spec is not None and not isinstance(spec, str):
-        raise TypeError(f"spec must be a scheduler name ({SCHEDULERS}), got {type(spec).__name__}")
-    if n_workers is not None:  # 0 or fewer workers: a LocalCluster that waits forever for its first task
-        n_workers = positive_int(n_workers, "n_workers")
-    spec = (spec or "threads").strip()
-    if spec.startswith("local:"):  # local:N, as slurm:N (N workers; it was taken for a host named local)
-        workers = spec.partition(":")[2]
-        if not (workers.isdigit() and int(workers) > 0):
-            raise ValueError(f"--scheduler {spec}: give a positive number of workers, e.g. local:2")
-        spec, n_workers = "local", int(workers)
-    if spec in ("threads", "synchronous", "sync"):
-        with dask.config.set(scheduler="synchronous" if spec.startswith("sync") else "threads"):
+    kind, value = parse_scheduler(spec, n_workers=n_workers)
+    if kind in ("threads", "synchronous"):
+        with dask.config.set(scheduler=kind):
             yield None
         return
     from distributed import Client, LocalCluster
 
-    if spec == "local":
+    if kind == "local":
         # The logger's level before the cluster (which sets its own) comes back at the end.
         with _filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush:
             with _children_ignore_sigint():
@@ -193,7 +185,7 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                 # found the scheduler closed by a Ctrl-C: an error with a traceback) only with -vv: lsfov
                 # says what matters itself (out of memory, a lost worker, interrupted).
                 quiet = logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL
-                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
+                cluster = LocalCluster(n_workers=value, threads_per_worker=1, dashboard_address=":0",
                                        silence_logs=quiet)
             with cluster, Client(cluster) as client:
                 log.info("local cluster with %d workers; dashboard: %s", len(cluster.workers), client.dashboard_link)
@@ -203,16 +195,67 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                     hush()
                     raise
         return
-    if spec == "cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise ValueError("--scheduler cuda needs dask-cuda and an NVIDIA GPU: pip install dask-cuda") from None
+    if kind == "cuda":
+        from dask_cuda import LocalCUDACluster
+
         with (_filtered("tornado.application", _SyncCancelRace()), LocalCUDACluster() as cluster,
               Client(cluster) as client):
             log.info("CUDA cluster, one worker per GPU (%d); dashboard: %s", len(cluster.workers), client.dashboard_link)
             yield client
         return
+    if kind in _JOBQUEUE:
+        with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
+              jobqueue_cluster(kind) as cluster):
+            cluster.scale(jobs=value)
+            with Client(cluster) as client:
+                log.info("%s: %d job(s) submitted, workers join as they start; dashboard: %s", kind, value,
+                         client.dashboard_link)
+                log.debug("job script:\n%s", cluster.job_script())
+                try:
+                    yield client
+                finally:  # the in-process scheduler's closing cancels the progress bar's feed: an ERROR, no news
+                    hush()
+        return
+    client = _connect(value)
+    with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
+          _hushable("asyncio") as hush_loop, client):
+        log.info("connected to %s; dashboard: %s", value, client.dashboard_link)
+        try:
+            yield client
+        except BaseException:  # a Ctrl-C: the gathers it cancels print their AllExit; lsfov says it once
+            hush()
+            hush_loop()
+            raise
+
+
+def parse_scheduler(spec: str | None = "threads", *, n_workers: int | None = None) -> tuple[str, object]:
+    """What :func:`use_scheduler` would run on, checked without starting or reaching anything: a
+    command refuses a bad ``--scheduler`` before it opens its image.
+
+    Returns ``(kind, value)``: ``("threads", None)``, ``("synchronous", None)``, ``("local", workers
+    or None)``, ``("cuda", None)``, ``("slurm" or "pbs", jobs)`` or ``("address", "proto://...")``.
+    Raises as :func:`use_scheduler` does, except that a scheduler address is not tried here.
+    """
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"spec must be a scheduler name ({SCHEDULERS}), got {type(spec).__name__}")
+    if n_workers is not None:  # 0 or fewer workers: a LocalCluster that waits forever for its first task
+        n_workers = positive_int(n_workers, "n_workers")
+    spec = (spec or "threads").strip()
+    if spec.startswith("local:"):  # local:N, as slurm:N (N workers; it was taken for a host named local)
+        workers = spec.partition(":")[2]
+        if not (workers.isdigit() and int(workers) > 0):
+            raise ValueError(f"--scheduler {spec}: give a positive number of workers, e.g. local:2")
+        return "local", int(workers)
+    if spec in ("threads", "synchronous", "sync"):
+        return ("synchronous" if spec.startswith("sync") else "threads"), None
+    if spec == "local":
+        return "local", n_workers
+    if spec == "cuda":
+        if importlib.util.find_spec("dask_cuda") is None:
+            raise ValueError("--scheduler cuda needs dask-cuda, CuPy and an NVIDIA GPU: pip install -e '.[gpu]' over a "
+                             "CUDA build of torch (without constraints.txt, which pins the CPU build), or run "
+                             "with --no-gpu and another scheduler")
+        return "cuda", None
     kind, _, jobs = spec.partition(":")
     if kind in _JOBQUEUE:
         try:
@@ -221,35 +264,17 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
             n_jobs = -1
         if n_jobs < 1:
             raise ValueError(f"--scheduler {spec}: give the number of jobs as {kind}:N (N >= 1)")
+        if importlib.util.find_spec("dask_jobqueue") is None:
+            raise ValueError(f"--scheduler {kind} needs dask-jobqueue: pip install dask-jobqueue")
         submit = _SUBMIT[kind]
         if shutil.which(submit) is None:  # the cluster would fail in its event loop, after a hang
             raise ValueError(f"--scheduler {kind}: {submit} is not on PATH; run lsfov where {kind} jobs can be "
                              "submitted (a login node)")
-        with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
-              jobqueue_cluster(kind) as cluster):
-            cluster.scale(jobs=n_jobs)
-            with Client(cluster) as client:
-                log.info("%s: %d job(s) submitted, workers join as they start; dashboard: %s", kind, n_jobs,
-                         client.dashboard_link)
-                log.debug("job script:\n%s", cluster.job_script())
-                try:
-                    yield client
-                finally:  # the in-process scheduler's closing cancels the progress bar's feed: an ERROR, no news
-                    hush()
-        return
-    spec = _address(spec)
-    if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-        client = _connect(spec)
-        with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
-              _hushable("asyncio") as hush_loop, client):
-            log.info("connected to %s; dashboard: %s", spec, client.dashboard_link)
-            try:
-                yield client
-            except BaseException:  # a Ctrl-C: the gathers it cancels print their AllExit; lsfov says it once
-                hush()
-                hush_loop()
-                raise
-        return
+        return kind, n_jobs
+    address = _address(spec)
+    if address.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        _check_address(address)
+        return "address", address
     raise ValueError(f"unknown scheduler {spec!r}; use {SCHEDULERS}")
 
 
@@ -270,15 +295,12 @@ def _address(spec: str) -> str:
     return f"tcp://{spec}" if re.fullmatch(r"[\w.\-]+:\d+", spec) else spec
 
 
-def _connect(spec: str):
-    """A Client of the scheduler at ``spec``. On any failure none is left registered: distributed
-    registers a Client as the default before it connects, and a broken default takes every later
-    Dask compute of the process (it hangs or fails)."""
-    from distributed import Client, default_client
+def _check_address(spec: str):
+    """Refuse a malformed TCP/TLS address: distributed's own message ("missing port number") names no fix."""
     from distributed.comm import parse_address, parse_host_port
 
     proto, loc = parse_address(spec)
-    if proto in ("tcp", "tls"):  # a malformed address: distributed's own message names no fix
+    if proto in ("tcp", "tls"):
         try:
             host, port = parse_host_port(loc)
         except ValueError:
@@ -286,6 +308,13 @@ def _connect(spec: str):
         if not host or not 0 < port < 65536:
             raise ValueError(f"scheduler address {spec!r} is malformed; give it as {proto}://HOST:PORT "
                              f"(e.g. {proto}://10.0.0.5:8786)")
+
+
+def _connect(spec: str):
+    """A Client of the scheduler at ``spec``. On any failure none is left registered: distributed
+    registers a Client as the default before it connects, and a broken default takes every later
+    Dask compute of the process (it hangs or fails)."""
+    from distributed import Client, default_client
 
     def registered():
         try:

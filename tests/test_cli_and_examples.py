@@ -60,7 +60,7 @@ def test_demo_writes_result_and_figure(run, tmp_path):
     assert snr_true > snr_blind > snr_raw  # 19.3 > 18.9 > 17.7 dB here: the blind map deblurs
     for stage in ("simulate sample", "depth calibration", "PSF map", "operator", "deconvolution + writing"):
         assert re.search(rf"{re.escape(stage)}.* [\d.]+ s", res.output), stage  # each stage's time
-    assert "result: d.zarr" in res.output and "figure: d.png" in res.output
+    assert "result: d.zarr" in res.output and "figure: d.png" in res.output and "napari: d.zarr/deblurred" in res.output
     mae, span = (float(v) for v in re.search(r"depth: mean absolute error ([\d.]+) µm over a ([\d.]+) µm", res.output).groups())
     # 0.86 µm over 11.8 here; the best constant depth (a broken depth stage) is off by 2.6 µm
     assert mae < 0.15 * span
@@ -142,6 +142,30 @@ def test_cli_scratch_puts_the_state_of_a_run_where_asked(run, tmp_path, monkeypa
     # a shared scratch holds each output's state apart (job2/o.zarr is another o.zarr); the default: beside OUT
     (first, _), (again, _), (job2, _), (none, beside) = seen
     assert len(first) == 1 and again == first and len(job2) == 1 and job2 != first and not none and beside
+
+
+def test_cli_removes_the_scratch_folder_it_made(run, tmp_path, monkeypatch):
+    """A --scratch folder made for a run goes with its state when the run ends; one that was there,
+    or holds another job's state, stays."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "img.npy", (rng.random((64, 64)) * 100 + 10).astype(np.float32))
+    psf = np.zeros((5, 5), np.float32)
+    psf[1:4, 1:4] = 1 / 9
+    np.save(tmp_path / "psf.npy", psf)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / ".other.zarr.1234abcd.scratch").mkdir()  # another job's, still running
+    for i, scratch in enumerate(("new/deep", "kept", "shared")):
+        run("-q", "deconvolve", "img.npy", f"o{i}.zarr", "--psf", "psf.npy", "--iterations", 2, "--scratch", scratch)
+    assert not (tmp_path / "new").exists()
+    assert list((tmp_path / "kept").iterdir()) == []
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [".other.zarr.1234abcd.scratch"]
+    from lsfov import cluster
+
+    monkeypatch.setattr(cluster, "_CONNECT_TIMEOUT", "0.5s")  # refused after the state is made, before any work
+    res = run("deconvolve", "img.npy", "o9.zarr", "--psf", "psf.npy", "--scratch", "new/x", "--scheduler",
+              "tcp://127.0.0.1:1", ok=False)
+    assert res.exit_code == 1 and "cannot reach" in res.output and not (tmp_path / "new").exists()
 
 
 def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypatch):
@@ -230,6 +254,11 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["simulate", "beads", ".", "--overwrite"], ". is the current folder (or holds it)"),
         (["estimate", "", "o.zarr"], "an input path is empty"),
         (["estimate", "img.npy", "o.zarr", "--scratch", "m1.zarr/tmp"], "--scratch m1.zarr/tmp is inside the zarr store"),
+        # a bad --scheduler is said before the image is opened (here, before it is found missing)
+        (["run", "nope.tif", "o.zarr", "--scheduler", "carrier-pigeon"], "unknown scheduler 'carrier-pigeon'"),
+        (["deconvolve", "nope.tif", "o.zarr", "--psf", "p.npy", "--scheduler", "local:0"], "--scheduler local:0"),
+        (["bss", "nope.tif", "o.zarr", "--subspace", "s.zarr", "--scheduler", "s.json"], "no such scheduler file"),
+        (["calibrate", "nope.zarr", "o.zarr", "--scheduler", "tcp://node12"], "is malformed"),
     ]
     import torch
 
@@ -989,8 +1018,9 @@ def test_gpu_without_cupy_is_refused_before_any_work(run, tmp_path, monkeypatch)
     for args in (("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy", "--gpu"),
                  ("estimate", "img.npy", "o.zarr", "--gpu"),
                  ("run", "img.npy", "o.zarr", "--scheduler", "cuda")):
-        res = run(*args, ok=False)
-        assert res.exit_code == 1 and "needs CuPy" in res.output and "--no-gpu" in res.output, res.output
+        res = run(*args, ok=False)  # (no dask-cuda here either: the scheduler says both)
+        assert res.exit_code == 1 and "needs " in res.output and "CuPy" in res.output, res.output
+        assert "--no-gpu" in res.output, res.output
         assert "without constraints.txt" in res.output  # as the README says: it pins the CPU build of torch
         assert not (tmp_path / "o.zarr").exists() and not list(tmp_path.glob(".o.zarr*"))
 

@@ -431,6 +431,26 @@ def test_use_scheduler_refuses_bad_options_and_leaves_no_client_after_a_failed_c
     assert da.ones(4, chunks=2).sum().compute() == 4  # Dask still works
 
 
+def test_parse_scheduler_says_what_would_run_without_starting_it(tmp_path, monkeypatch):
+    from lsfov import cluster
+
+    (tmp_path / "s.json").write_text('{"address": "tcp://10.0.0.5:8786"}')
+    monkeypatch.setattr(cluster.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")  # as on a login node
+    for spec, kw, expected in ((None, {}, ("threads", None)), (" sync ", {}, ("synchronous", None)),
+                               ("local", {}, ("local", None)), ("local", {"n_workers": 3}, ("local", 3)),
+                               ("local:4", {"n_workers": 3}, ("local", 4)), ("slurm:8", {}, ("slurm", 8)),
+                               ("pbs", {"n_workers": 2}, ("pbs", 2)), ("node12:8786", {}, ("address", "tcp://node12:8786")),
+                               (str(tmp_path / "s.json"), {}, ("address", "tcp://10.0.0.5:8786"))):
+        assert cluster.parse_scheduler(spec, **kw) == expected, spec
+    for spec, what in (("slurm:0", "give the number of jobs as slurm:N"), ("tcp://node12", "is malformed"),
+                       ("carrier-pigeon", "unknown scheduler")):
+        with pytest.raises(ValueError, match=what):
+            cluster.parse_scheduler(spec)
+    monkeypatch.setattr(cluster.shutil, "which", lambda cmd: None)
+    with pytest.raises(ValueError, match="sbatch is not on PATH"):
+        cluster.parse_scheduler("slurm:2")
+
+
 def test_a_scheduler_is_named_as_hpc_users_name_it(tmp_path):
     """A scheduler file (``dask scheduler --scheduler-file``) or a bare HOST:PORT: its TCP address."""
     from lsfov.cluster import _address
@@ -448,8 +468,8 @@ def test_a_scheduler_is_named_as_hpc_users_name_it(tmp_path):
 def test_cluster_names_only_its_public_api():
     from lsfov import cluster
 
-    assert set(cluster.__all__) == {"use_scheduler", "compute", "jobqueue_cluster", "worker_budgets", "shared",
-                                 "SCHEDULERS"}
+    assert set(cluster.__all__) == {"use_scheduler", "parse_scheduler", "compute", "jobqueue_cluster",
+                                 "worker_budgets", "shared", "SCHEDULERS"}
     assert all(hasattr(cluster, name) for name in cluster.__all__)
     names = {}
     exec("from lsfov.cluster import *", names)
