@@ -691,7 +691,7 @@ def _tiff_t_step(tf, k: int = 0) -> tuple[float, str] | None:
         return None
     if not step or not math.isfinite(step) or step <= 0:
         return None
-    return step, _TIME_UNITS.get(str(unit).strip().lower(), str(unit))
+    return step, _time_unit(unit) or str(unit)
 
 
 _INCH_PIXEL_MAX_UM = 25.0  # inch-based resolutions below ~1000 dpi are display or print settings
@@ -1036,13 +1036,25 @@ def _to_um(unit) -> float | None:
 
     if not unit:
         return None
-    u = unicodedata.normalize("NFKC", str(unit)).strip().lower().replace("metre", "meter")
-    u = u[:-1] if u.endswith(("meters", "microns")) else u
-    return {
-        "micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u03bcm": 1.0, "\\u00b5m": 1.0,
-        "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "meter": 1e6, "m": 1e6,
-        "centimeter": 1e4, "cm": 1e4,
-    }.get(u)
+    u = unicodedata.normalize("NFKC", str(unit)).strip()
+    if u in ("\u00c5", "\u212b"):  # Å (NFKC folds the angstrom sign into the letter; lower() would lose it)
+        return 1e-4
+    u = {"feet": "foot", "inches": "inch"}.get(u := u.lower().replace("metre", "meter"), u)
+    if u not in _LENGTH_UM and len(u) > 3 and u.endswith("s"):  # a plural (not "ms": a time)
+        u = u[:-1]
+    return _LENGTH_UM.get(u)
+
+
+# SI prefixes: the NGFF 0.5 space and time units (UCUM names) are built from them
+_SI = {"yocto": 1e-24, "zepto": 1e-21, "atto": 1e-18, "femto": 1e-15, "pico": 1e-12, "nano": 1e-9, "micro": 1e-6,
+       "milli": 1e-3, "centi": 1e-2, "deci": 1e-1, "": 1.0, "hecto": 1e2, "kilo": 1e3, "mega": 1e6, "giga": 1e9,
+       "tera": 1e12, "peta": 1e15, "exa": 1e18, "zetta": 1e21, "yotta": 1e24}
+_SYMBOL = {"p": "pico", "n": "nano", "u": "micro", "\u03bc": "micro", "m": "milli", "c": "centi", "": "", "k": "kilo"}
+# µm per length unit: NGFF's names, their symbols, and the micron
+_LENGTH_UM = {**{f"{p}meter": f * 1e6 for p, f in _SI.items()},
+              **{f"{s}m": _SI[p] * 1e6 for s, p in _SYMBOL.items()},
+              "micron": 1.0, "angstrom": 1e-4, "inch": 25400.0, "foot": 304800.0, "yard": 914400.0,
+              "mile": 1609344e3, "parsec": 3.0856775814913673e22}
 
 
 def _unitless_um(image, dim, pixel_um) -> bool:
@@ -1425,9 +1437,10 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         units.append(unit)
     scale = [s if s is not None else next((o for o in scale if o is not None), 1.0) for s in scale]  # a 1-node row
     group = root.create_group(name)
-    # A leading z or t stays what it is (viewers then offer a slider of the right kind); any other is a channel.
-    lead_name = (lead[0] if lead[0] in ("z", "t") else "c") if lead else None
-    lead_scale, lead_trans, lead_unit = _lead_geometry(var, lead[0]) if lead else (1.0, 0.0, None)
+    # A leading z or t (or xarray's usual "time") stays what it is (viewers then offer a slider of the
+    # right kind); any other is a channel.
+    lead_name = _LEAD_AXES.get(lead[0], "c") if lead else None
+    lead_scale, lead_trans, lead_unit = _lead_geometry(var, lead[0], lead_name) if lead else (1.0, 0.0, None)
     lead_axes = [{"name": lead_name, "type": _NGFF_NONSPATIAL.get(lead_name, "space"),
                   **({"unit": lead_unit} if lead_unit else {})}] if lead else []
     axes = lead_axes + [
@@ -1462,8 +1475,16 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
         stored = da.from_zarr(arr)
         level = _halved(stored.astype(bool) if mask else stored)
         factor *= 2
-    write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name)
-    group.attrs["lsfov"] = meta
+    extra = {}
+    if lead_name == "c" and lead[0] in var.coords:  # channel names, where NGFF readers (napari) look for them
+        extra["omero"] = {"channels": [{"label": str(v)} for v in var.coords[lead[0]].values]}
+    write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name,
+                               metadata={"description": "each level the mean of 2x2 pixels of the one before "
+                                                        "(integers rounded, masks set where at least half are)",
+                                         "method": "lsfov.io._halved", "version": _version(), **extra})
+    ome = group.attrs["ome"]  # NGFF's "type" of downscaling, which ome-zarr-py's writer does not take
+    ome["multiscales"][0]["type"] = "local_mean"
+    group.attrs.update({"ome": ome, "lsfov": meta})
 
 
 def _variable_meta(var, lead, mask: bool) -> dict:
@@ -1523,16 +1544,31 @@ def _halved(stored):
     return mean.astype(stored.dtype)
 
 
-# NGFF names time units as UCUM does; the common abbreviations, written out.
-_TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "seconds": "second", "ms": "millisecond",
-               "millisecond": "millisecond", "min": "minute", "minute": "minute", "h": "hour", "hour": "hour"}
+# NGFF names time units as UCUM does; their plurals and common symbols, written out.
+_TIME_UNITS = {**{name: name for name in (*(f"{p}second" for p in _SI), "minute", "hour", "day")},
+               **{f"{name}s": name for name in (*(f"{p}second" for p in _SI), "minute", "hour", "day")},
+               **{f"{s}s": f"{_SYMBOL[s]}second" for s in ("p", "n", "u", "\u03bc", "m", "")},
+               "sec": "second", "secs": "second", "msec": "millisecond", "min": "minute", "mins": "minute",
+               "h": "hour", "hr": "hour", "hrs": "hour", "d": "day"}
 
 
-def _lead_geometry(var: xr.DataArray, dim):
-    """(scale, translation, unit or None) of a leading z or t axis from its coordinate, when evenly
-    spaced (NGFF gives every axis a scale: a z step, not 1); (1, 0, None) otherwise (channels)."""
-    kinds = "iufMm" if dim == "t" else "iuf"
-    if dim not in ("z", "t") or dim not in var.coords or var.sizes[dim] < 2 or var.coords[dim].dtype.kind not in kinds:
+def _time_unit(unit) -> str | None:
+    """NGFF's name of a time unit (``"ms"``, ``"µs"``, ``"minutes"``: millisecond, microsecond, minute);
+    None if it is none. NFKC folds the micro sign µ into the Greek mu μ."""
+    import unicodedata
+
+    return _TIME_UNITS.get(unicodedata.normalize("NFKC", str(unit)).strip().lower()) if unit else None
+
+
+_LEAD_AXES = {"z": "z", "t": "t", "time": "t"}  # leading dims NGFF names as they are: dim -> axis
+
+
+def _lead_geometry(var: xr.DataArray, dim, axis):
+    """(scale, translation, unit or None) of a leading z or t ``axis`` (``dim`` in ``var``) from its
+    coordinate, when evenly spaced (NGFF gives every axis a scale: a z step, not 1); (1, 0, None)
+    otherwise (channels)."""
+    kinds = "iufMm" if axis == "t" else "iuf"
+    if axis not in ("z", "t") or dim not in var.coords or var.sizes[dim] < 2 or var.coords[dim].dtype.kind not in kinds:
         return 1.0, 0.0, None
     c, units = var.coords[dim].values, var.coords[dim].attrs.get("units")
     if c.dtype.kind in "Mm":  # dates (from the first) or durations: in seconds
@@ -1541,10 +1577,10 @@ def _lead_geometry(var: xr.DataArray, dim):
     step = _even_step(c)
     if step is None:
         return 1.0, 0.0, None
-    if dim == "z":
+    if axis == "z":
         factor = _to_um(units)
         return (float(step * factor), float(c[0] * factor), SPATIAL_UNIT) if factor else (float(step), float(c[0]), None)
-    return float(step), float(c[0]), _TIME_UNITS.get(str(units).strip().lower()) if units else None
+    return float(step), float(c[0]), _time_unit(units)
 
 
 def _axis_geometry(var: xr.DataArray, dim):
@@ -1552,9 +1588,14 @@ def _axis_geometry(var: xr.DataArray, dim):
     if dim not in var.coords:
         return 1.0, 0.0, "pixel"
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
-    factor = _to_um(var.coords[dim].attrs.get("units", "pixel"))  # nm, mm ... written as µm, converted
+    units = var.coords[dim].attrs.get("units")
+    factor = _to_um(units)  # nm, mm ... written as µm, converted
     if _unitless_um(var, dim, var.attrs.get("pixel_um")):  # no unit, spaced at the pixel size: µm
         factor = 1.0
+    elif factor is None and units and str(units).strip().lower() not in ("pixel", "pixels", "px", "pix"):
+        warnings.warn(f"the {dim} coordinates of {var.name!r} are in {units!r}, which lsfov does not know as a length: "
+                      "they are saved in pixels, without a unit; give them in micrometer (or nm, mm, angstrom, ...)",
+                      LsfovWarning, stacklevel=user_stacklevel())
     unit, factor = (SPATIAL_UNIT, factor) if factor is not None else ("pixel", 1.0)
     if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)
         step = var.coords[dim].attrs.get("step")

@@ -50,7 +50,7 @@ def test_depth_sign_above_and_below_focus():
     cx = s.operator.centers[1]
     # Eq. 14 without calibration: one sign below focus (left half), the other above (right half).
     z = estimate_depth(ds)
-    assert z.attrs["units"].startswith("wave RMS")
+    assert z.attrs["units"] == "wave RMS" and "uncalibrated" in z.attrs["long_name"]  # (a unit, as readers parse it)
     left, right = z.values[:, cx < 120], z.values[:, cx > 136]
     assert np.all(np.sign(left) == np.sign(left[0, 0])) and np.all(np.sign(right) == -np.sign(left[0, 0]))
     # Which sign: with this microscope's astigmatism at π/4, Eq. 14 as written (its lenses at 3π/4,

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import dask
 import dask.array as da
@@ -646,6 +647,60 @@ def test_coordinates_in_other_length_units_are_written_in_micrometres(tmp_path):
     assert back.attrs["pixel_um"] == pytest.approx(0.1) and back.y.values[0] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("unit, um", [("angstrom", 1e-4), ("\u00c5", 1e-4), ("pm", 1e-6), ("micrometers", 1.0),
+                                      ("\u00b5m", 1.0), ("nanometre", 1e-3), ("decimeter", 1e5), ("inches", 25400.0)])
+def test_every_ngff_length_unit_is_read_and_written_in_micrometres(tmp_path, unit, um):
+    """NGFF 0.5 names its space units as UCUM does (angstrom ... parsec): each is a length, in a
+    coordinate to save as in an input's axes; an angstrom image came back labelled in pixels."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    img = xr.DataArray(np.zeros((4, 6), np.float32), dims=("y", "x"), name="image",
+                       coords={d: (d, 5.0 * np.arange(n), {"units": unit}) for d, n in (("y", 4), ("x", 6))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known unit: no warning
+        lsfov.save(img, tmp_path / "a.zarr")
+    back = lsfov.open_result(tmp_path / "a.zarr").image
+    assert back.y.attrs["units"] == "micrometer" and back.attrs["pixel_um"] == pytest.approx(5 * um)
+    if not unit.isascii() or unit.endswith("s") or unit == "nanometre":
+        return  # (symbols and spellings NGFF does not use)
+    root = zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3)
+    ngff = {"pm": "picometer"}.get(unit, unit)
+    write_image(np.zeros((4, 6), np.uint16), root, axes="yx", fmt=FormatV05(), scale_factors=[],
+                axes_units={"y": ngff, "x": ngff})  # (scale 1)
+    assert lsfov.open_image(tmp_path / "other.zarr").attrs["pixel_um"] == pytest.approx(um)
+
+
+def test_channel_names_and_the_pyramid_method_are_in_the_ngff_metadata(tmp_path):
+    """Channel names as the omero labels NGFF readers (napari) name layers by; each multiscale says how
+    its levels were made (NGFF: "type" and "metadata", which the strict schema requires)."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    img = xr.DataArray(np.zeros((2, 60, 60), np.float32), dims=("c", "y", "x"), coords={"c": ["DAPI", "GFP"]})
+    lsfov.save(img, tmp_path / "c.zarr")
+    (node,) = list(Reader(parse_url(str(tmp_path / "c.zarr" / "image")))())
+    assert node.metadata["channel_names"] == ["DAPI", "GFP"]
+    ms = json.loads((tmp_path / "c.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert ms["type"] == "local_mean" and ms["metadata"]["method"] == "lsfov.io._halved"
+    assert list(lsfov.open_result(tmp_path / "c.zarr").image.c.values) == ["DAPI", "GFP"]
+    lsfov.save(img.isel(c=0, drop=True), tmp_path / "one.zarr")  # no channels: no omero block
+    assert "omero" not in json.loads((tmp_path / "one.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
+
+
+def test_a_coordinate_in_an_unknown_unit_is_saved_in_pixels_with_a_warning(tmp_path):
+    img = xr.DataArray(np.zeros((4, 6), np.float32), dims=("y", "x"), name="image",
+                       coords={d: (d, 5.0 * np.arange(n), {"units": "furlong"}) for d, n in (("y", 4), ("x", 6))})
+    with pytest.warns(lsfov.LsfovWarning, match="'furlong', which lsfov does not know as a length: they are saved in "
+                                                "pixels") as said:
+        lsfov.save(img, tmp_path / "f.zarr")
+    assert len(said) == 2  # y and x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pixels are no news
+        lsfov.save(img.assign_coords(y=("y", np.arange(4.0), {"units": "px"}), x=("x", np.arange(6.0),
+                                                                                 {"units": "pixel"})), tmp_path / "p.zarr")
+
+
 def test_multiscale_level_transforms_apply_after_the_dataset_ones(tmp_path):
     """NGFF: a multiscale may carry its own scale and translation, applied after each dataset's."""
     from ome_zarr.format import FormatV05
@@ -903,6 +958,18 @@ def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point
     assert back.t.attrs["units"] == "s"  # as saved (the NGFF metadata says "second")
     one = lsfov.open_image(tmp_path / "ts.zarr" / "image", t=2)
     assert one.shape == (16, 16) and (one.attrs["t"], one.attrs["t_units"]) == (pytest.approx(35.0), "second")
+    # Every NGFF time unit, by its name, plural or symbol; xarray's usual "time" is a t axis too (it was a channel)
+    for unit, ngff in (("µs", "microsecond"), ("microseconds", "microsecond"), ("ns", "nanosecond"), ("day", "day"),
+                       ("minutes", "minute"), ("hours", "hour"), ("milliseconds", "millisecond")):
+        lsfov.save(series.assign_coords(t=("t", series.t.values, {"units": unit})), tmp_path / "u.zarr", overwrite=True)
+        axis = json.loads((tmp_path / "u.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
+        assert axis["multiscales"][0]["axes"][0] == {"name": "t", "type": "time", "unit": ngff}, unit
+    lsfov.save(series.rename(t="time"), tmp_path / "time.zarr")
+    m = json.loads((tmp_path / "time.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert m["axes"][0] == {"name": "t", "type": "time", "unit": "second"}
+    assert m["datasets"][0]["coordinateTransformations"][0]["scale"][0] == pytest.approx(2.5)
+    back = lsfov.open_result(tmp_path / "time.zarr").image
+    assert back.dims == ("time", "y", "x") and back.time.values[1] == pytest.approx(32.5)
     np.testing.assert_array_equal(one.values, series.values[2])
     # Unevenly spaced or without a unit: no time geometry is made up (scale 1, no unit).
     lsfov.save(series.assign_coords(t=("t", [0.0, 1.0, 3.0, 4.0], {"units": "s"})), tmp_path / "odd.zarr")

@@ -618,7 +618,7 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
-        units, note = "wave RMS (uncalibrated, paper 000 Eq. 14)", None
+        units, note = "wave RMS", None
     elif c.method == "curve":
         readings = _readings(psf_map, c.axis0)
         # More defocused than the calibration ever was: clipped to the end on its side, as a node
@@ -645,7 +645,9 @@ def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, r
     fit, alone = _local_plane(np.where(finite, raw, 0.0), w, sigma, robust)  # σ = 0: unchanged, all alone
     z = z.copy(data=np.where(~read & alone, np.nan, fit)).astype(np.float32).rename("depth")
     # The smoothing applied, which smooth= / robust= may have changed from the calibration's.
-    z.attrs = {"units": units, "long_name": "distance from the focal plane", "smooth": sigma, "robust": int(robust)}
+    # (robust as 0/1: netCDF, where xarray users export to, has no booleans)
+    z.attrs = {"units": units, "long_name": "distance from the focal plane" if c is not None else
+               "signed defocus: depth uncalibrated (paper 000 Eq. 14)", "smooth": sigma, "robust": int(robust)}
     if note:
         z.attrs["calibration"] = note
     return z
