@@ -663,3 +663,20 @@ def test_a_training_set_is_written_through_a_link_to_a_new_place(tmp_path):
     synthesize(8, "G1", sources=("poi",), out=tmp_path / "link.zarr")
     assert (tmp_path / "store" / "set.zarr").is_dir() and (tmp_path / "link.zarr").is_symlink()
 
+
+
+def test_documented_bounds_and_defaults_hold_at_their_edges():
+    """Edges a mutation review found unpinned: each would change what a user gets without a test failing."""
+    from lsfov import ProductConvolution, psf
+    from lsfov.restore import tv_curvature
+
+    with pytest.raises(ValueError, match="strictly increasing"):  # equal node centres gave an all-NaN image
+        ProductConvolution.from_grid(np.ones((2, 1, 5, 5), np.float32) / 25, (40, 40), centers=([10, 10], [3]))
+    x = (np.random.default_rng(0).random((30, 40)) * 10).astype(np.float32)
+    one = ProductConvolution.from_grid(np.ones((1, 1, 3, 3), np.float32) / 9, x.shape)
+    with pytest.raises(ValueError, match=r"tv must be in \[0, 0.25\)"):  # 0.25: the denominator reaches 0
+        lsfov.deconvolve(x, one, 2, tv=0.25)
+    # A scalar eps is the same as an array of it (eps², not eps, under the root)
+    np.testing.assert_array_equal(tv_curvature(x, 0.3), tv_curvature(x, np.full_like(x, 0.3)))
+    assert not np.array_equal(tv_curvature(x, 0.3), tv_curvature(x, 0.3 ** 0.5))
+    assert psf.gaussian(np.array([2.0])).shape == (1, 17, 17)  # the default kernel reaches 4 sigma
