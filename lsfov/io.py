@@ -1037,7 +1037,7 @@ def _to_um(unit) -> float | None:
     if not unit:
         return None
     u = unicodedata.normalize("NFKC", str(unit)).strip()
-    if u in ("\u00c5", "\u212b"):  # Å (NFKC folds the angstrom sign into the letter; lower() would lose it)
+    if u == "\u00c5":  # Å (NFKC folds the angstrom sign into this letter; lower() would lose it)
         return 1e-4
     u = {"feet": "foot", "inches": "inch"}.get(u := u.lower().replace("metre", "meter"), u)
     if u not in _LENGTH_UM and len(u) > 3 and u.endswith("s"):  # a plural (not "ms": a time)
@@ -1545,8 +1545,8 @@ def _halved(stored):
 
 
 # NGFF names time units as UCUM does; their plurals and common symbols, written out.
-_TIME_UNITS = {**{name: name for name in (*(f"{p}second" for p in _SI), "minute", "hour", "day")},
-               **{f"{name}s": name for name in (*(f"{p}second" for p in _SI), "minute", "hour", "day")},
+_TIME_NAMES = (*(f"{p}second" for p in _SI), "minute", "hour", "day")
+_TIME_UNITS = {**{name: name for name in _TIME_NAMES}, **{f"{name}s": name for name in _TIME_NAMES},
                **{f"{s}s": f"{_SYMBOL[s]}second" for s in ("p", "n", "u", "\u03bc", "m", "")},
                "sec": "second", "secs": "second", "msec": "millisecond", "min": "minute", "mins": "minute",
                "h": "hour", "hr": "hour", "hrs": "hour", "d": "day"}
