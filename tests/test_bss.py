@@ -539,3 +539,51 @@ def test_clipped_sources_are_censored_whole_and_chunked(scene):
     plain = lsfov.sparse_smooth_deblur(y, op, iterations=20, saturation=False)
     for got, want in zip(lsfov.sparse_smooth_deblur(y, op, iterations=20, saturation=2 * float(y.max())), plain):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_one_pixel_psf_runs_chunked_as_whole():
+    """A 1-px PSF has no halo, but the smoothness term (a Laplacian of a Laplacian) reaches 2 px an
+    iteration: the blocks' halo is at least that."""
+    rng = np.random.default_rng(4)
+    op = lsfov.ProductConvolution.from_grid(np.ones((1, 1, 1, 1), np.float32), (48, 48))
+    assert op.halo == 0
+    y = (20 + 80 * (rng.random((48, 48)) < 0.02) + rng.normal(0, 1, (48, 48))).astype(np.float32)
+    whole = lsfov.sparse_smooth_deblur(y, op, iterations=6, warn_dense=1.0)
+    lazy = lsfov.sparse_smooth_deblur(da.from_array(y, chunks=16), op, iterations=6, exchange_every=3, warn_dense=1.0)
+    for a, b in zip(lazy, whole):
+        np.testing.assert_allclose(a.compute(), b, atol=3.5e-6 * float(b.max()))
+
+
+def test_the_default_noise_is_read_on_the_central_1024_pixels():
+    """γ1's default reads the noise on the central 1024 x 1024 pixels (a large image's edges, often
+    vignetted or flat-field corrected worse, do not set it); a shorter axis is read whole."""
+    import xarray as xr
+
+    rng = np.random.default_rng(8)
+    y = rng.normal(100, 2.0, (1100, 24)).astype(np.float32)
+    y[:38] += rng.normal(0, 40, (38, 24)).astype(np.float32)  # rows 0-37 and 1062-: outside the crop
+    y[1062:] += rng.normal(0, 40, (38, 24)).astype(np.float32)
+    op = lsfov.ProductConvolution.from_grid(np.ones((1, 1, 1, 1), np.float32), y.shape)
+    sparse, _ = lsfov.sparse_smooth_deblur(xr.DataArray(y, dims=("y", "x")), op, iterations=1, warn_dense=1.0)
+    assert sparse.attrs["noise"] == pytest.approx(2.0, rel=0.05)
+    assert sparse.attrs["noise"] == pytest.approx(estimate_noise(y[38:1062]))
+    y[37] += 1e4  # the crop's first row is 38
+    assert lsfov.sparse_smooth_deblur(xr.DataArray(y, dims=("y", "x")), op, iterations=1,
+                                      warn_dense=1.0)[0].attrs["noise"] == pytest.approx(estimate_noise(y[38:1062]))
+
+
+def test_the_dense_warning_counts_pixels_above_a_tenth_of_the_peak():
+    from lsfov.restore.sparse_smooth import _warn_dense
+
+    sparse = np.zeros((100, 100), np.float32)
+    sparse[0, 0] = 1.0
+    sparse.flat[1:600] = 0.11  # 6 % of the pixels just above a tenth of the peak
+    with pytest.warns(lsfov.LsfovWarning, match="6% of the pixels carry point sources"):
+        _warn_dense(sparse, 0.05)
+    sparse.flat[1:600] = 0.09  # just below: sources' skirts, not sources
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_dense(sparse, 0.05)
+        _warn_dense(np.zeros((4, 4), np.float32), 0.05)  # nothing found: nothing said

@@ -586,3 +586,56 @@ def test_subspace_bad_input(stack, tmp_path):
 def test_bead_stack_shares_the_instrument_axis(stack):
     assert len({round(f.params["axis"], 12) for f in stack}) == 1
     assert len({f.optics.na for f in stack}) == len(stack)
+
+
+def test_cone_columns_reads_angles_in_degrees_and_stops_at_max_columns():
+    """In the plane, columns at 0°, 10° and 20°: the mean direction (10°) is 10° from the outer two,
+    so a 10.5° tolerance keeps one column and a 9.5° one adds the farthest; ``max_columns`` is a cap
+    on all columns, the mean direction included."""
+    deg = np.radians([0.0, 10.0, 20.0])
+    obs = np.stack([np.cos(deg), np.sin(deg)]) * [[1.0, 3.0, 0.5]]  # lengths do not matter
+    assert cone_columns(obs, angle_deg=10.5).shape == (2, 1)
+    two = cone_columns(obs, angle_deg=9.5)
+    assert two.shape == (2, 3)  # the mean, then one outer column, then the other (still 10° away)
+    np.testing.assert_allclose(np.linalg.norm(two, axis=0), 1.0)
+    rng = np.random.default_rng(3)
+    spread = np.abs(rng.normal(size=(5, 200)))
+    for cap in (1, 2, 4):
+        assert cone_columns(spread, max_columns=cap, angle_deg=0.0).shape == (5, cap)
+
+
+def test_node_values_with_no_light_take_the_cones_mean_direction():
+    """Where the interpolated coefficients render a PSF of no light (extrapolated past the beads, or
+    projected onto the cone's apex), the node takes the cone's first column (the mean direction), or
+    without a cone the beads' mean, scaled to sum 1."""
+    pos = np.array([[10.0, 10.0], [10.0, 60.0], [60.0, 10.0], [60.0, 60.0]])
+    # Both coefficients fall along x (the thin-plate spline extrapolates them linearly): their sum is
+    # negative past x = 65, both are past x = 75 (a point the cone projects to its apex)
+    x = pos[:, 1] / 60
+    beta = np.column_stack([1 - 0.8 * x, 0.3 - 0.4 * x])
+    grid = node_grid((80, 200), 20)
+    sums = np.array([1.0, 1.0])
+    cone = np.array([[0.6, 0.0], [0.8, 1.0]])
+    vals = coefficient_nodes(pos, beta, grid, smoothing=0.0, cone=cone, kernel_sums=sums)
+    dead = grid.nodes[1] > 75
+    assert dead.any() and not dead.all()
+    dead_vals = vals[:, :, dead]
+    np.testing.assert_allclose(dead_vals, np.broadcast_to([[[0.6 / 1.4]], [[0.8 / 1.4]]], dead_vals.shape), atol=1e-9)
+    np.testing.assert_allclose(vals.sum(axis=0), 1.0, atol=1e-9)  # every node's PSF sums to 1
+    plain = coefficient_nodes(pos, beta, grid, smoothing=0.0, kernel_sums=sums)
+    mean = beta.mean(axis=0) / beta.mean(axis=0).sum()
+    far = plain[:, :, grid.nodes[1] > 65]
+    assert not np.allclose(plain[:, :, grid.nodes[1] < 65], far[:, :, :1])  # the fallback is not what others have
+    np.testing.assert_allclose(far, np.broadcast_to(mean[:, None, None], far.shape), atol=1e-9)
+
+
+def test_node_grid_default_step_and_a_subspace_image_counted_from_the_end():
+    # About 96 nodes along the shorter side, at least 4 px apart: a 2304² bead image gets a 24 px step
+    assert [node_grid(s).step for s in [(2304, 2304), (100, 3000), (384, 500), (385, 385), (2305, 4000)]] == \
+        [24, 4, 4, 5, 25]
+    rng = np.random.default_rng(0)
+    sub = OperatorSubspace(np.ones((2, 5, 5)) / 25, rng.uniform(0.5, 1, (3, 16, 16)), rng.uniform(0.1, 1, (4, 2, 3)))
+    for k in (-1, -4):
+        np.testing.assert_array_equal(np.asarray(sub.operator(k).maps), np.asarray(sub.operator(4 + k).maps))
+    with pytest.raises(IndexError, match="image -5 out of range; the subspace was learned from 4 images"):
+        sub.operator(-5)

@@ -418,8 +418,12 @@ def test_saturation_level_defaults_to_the_cameras_and_none_saturated_changes_not
     assert not np.array_equal(out, lsfov.deconvolve(counts, op, 5, saturation=False))
     # A 12-bit camera in 16-bit pixels (an OME-TIFF's SignificantBits): 4095
     twelve = xr.DataArray(counts // 16, dims=("y", "x"), attrs={"significant_bits": 12})
-    np.testing.assert_array_equal(lsfov.deconvolve(twelve, op, 5).values,
-                                  lsfov.deconvolve((counts // 16).astype(np.float32), op, 5, saturation=4095))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(lsfov.deconvolve(twelve, op, 5).values,
+                                      lsfov.deconvolve((counts // 16).astype(np.float32), op, 5, saturation=4095))
+    # Pixels at 4095 are what a 12-bit camera gives: clipped, not beyond its bits (no "is that metadata right")
+    assert int(twelve.max()) == 4095 and not any("exceed" in str(w.message) for w in seen), seen
     # A float image has no level of its own; a level no pixel reaches is the plain iteration, bit for bit.
     plain = lsfov.deconvolve(y, op, 5, saturation=False)
     np.testing.assert_array_equal(lsfov.deconvolve(y, op, 5), plain)
@@ -642,3 +646,21 @@ def test_task_bytes_bounds_what_a_block_task_allocates(kind):
         tracemalloc.stop()
     assert len(ratios) == 18  # 9 blocks x 2 exchanges
     assert max(ratios) <= 1.0 and max(ratios) >= 0.45, np.round(ratios, 2)
+
+
+def test_flat_gain_is_the_median_psf_sum_and_eps_reaches_100():
+    """The flat start and the TV term's brightness read the operator's gain: the median sum of its
+    local PSFs, which one odd node (a hot bead's PSF) does not move; eps is accepted up to 100."""
+    from lsfov.restore.tv_rl import flat_gain
+
+    k = psf.gaussian(1.0, size=5)
+    grid = np.stack([[k, k], [k, 10 * k]])  # node sums 1, 1, 1, 10
+    op = ProductConvolution.from_grid(grid, (40, 40))
+    assert flat_gain(op) == pytest.approx(1.0, abs=1e-6)  # the mean would be 3.25
+    x = np.random.default_rng(2).uniform(1, 2, (40, 40)).astype(np.float32)
+    one = ProductConvolution.from_grid(k[None, None], x.shape)
+    assert np.isfinite(lsfov.deconvolve(x, one, 2, eps=100.0)).all()
+    with pytest.raises(ValueError, match=r"eps must be in \[1e-4, 100\]"):
+        lsfov.deconvolve(x, one, 2, eps=100.5)
+    with pytest.raises(ValueError, match=r"eps must be in \[1e-4, 100\]"):
+        lsfov.deconvolve(x, one, 2, eps=0.9e-4)

@@ -593,3 +593,49 @@ def test_filled_nodes_do_not_pull_the_smoothing_and_the_floor_is_inclusive():
     base = estimate_depth(ds, smooth=1).values
     ds["focus"][2, 2] += 0.5
     assert abs(estimate_depth(ds, smooth=1).values[2, 3] - base[2, 3]) > 1e-3  # it weighs in its neighbours' plane
+
+
+def test_signed_defocus_defaults_to_the_uncalibrated_sign():
+    """Eq. 14 as written (the lenses' axis at 3π/4): ``signed_defocus`` of a map without an axis has
+    the sign of the uncalibrated depth, + where the axis is 3π/4 and − where it is π/4."""
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.0, axis=np.pi / 4, grid=8, seed=1)
+    ds = _truth_map(s)
+    f, a = (ds[v].values.astype(np.float64) for v in ("focus", "axis"))
+    np.testing.assert_allclose(signed_defocus(ds).values, f * np.cos(2 * (a - 3 * np.pi / 4)), rtol=1e-6,
+                               atol=1e-7 * f.max())
+    on = f > 1e-3 * f.max()
+    assert np.array_equal(np.sign(signed_defocus(ds).values[on]), np.sign(estimate_depth(ds).values[on]))
+    assert set(np.round(a[on], 4)) == {round(np.pi / 4, 4), round(3 * np.pi / 4, 4)}  # both signs occur
+
+
+def test_beyond_the_curves_allows_two_standard_deviations_of_the_astigmatism_reading():
+    """A node more defocused than the calibration saw (focus² above the curve's highest by two of its
+    standard deviations) goes to the end whose astigmatism reading it has, within two of that
+    reading's standard deviations; a node read nearer the middle stays for the curves."""
+    cal = DepthCalibration(axis0=0.0, slope=1.0, offset=0.0, r2=1.0, mae_um=0.0, n_nodes=10, method="curve",
+                           curves=((1.0, 0.0, 0.0), (1.0, 0.0)), noise=(0.01, 0.04), range_um=(-2.0, 2.0))
+    top, end = 2.4**2, 2.4  # the curves read 10 % past the range: focus² = z², product = z
+    focus2 = np.array([top + 0.3, top + 0.3, top + 0.3, top + 0.3, top + 0.1, top + 0.3])
+    product = np.array([end - 0.3, end - 0.5, -end + 0.3, -end + 0.5, end, 0.0])
+    np.testing.assert_array_equal(_beyond((focus2, product), cal), [1, 0, -1, 0, 0, 0])
+    flipped = DepthCalibration(**{**cal.to_dict(), "curves": ((1.0, 0.0, 0.0), (-1.0, 0.0))})  # falls with depth
+    np.testing.assert_array_equal(_beyond((focus2, -product), flipped), [1, 0, -1, 0, 0, 0])
+
+
+def test_known_depth_at_full_resolution_is_read_bilinearly_at_the_nodes():
+    from scipy.ndimage import map_coordinates
+
+    from lsfov.estimate.mapping import map_node_pixels
+
+    s = simulate.tilted_surface((256, 256), depth_range_um=(-8, 8), direction=0.0, grid=8, seed=1)
+    ds = _truth_map(s)
+    rough = np.random.default_rng(0).normal(size=(256, 256))  # bilinear and cubic differ on it
+    yy, xx = np.meshgrid(*map_node_pixels(ds), indexing="ij")
+    assert not np.allclose(yy, np.rint(yy))  # between pixels: the interpolation shows
+    got = _node_values(ds, rough)
+    iy, ix = np.floor(yy).astype(int), np.floor(xx).astype(int)
+    ty, tx = yy - iy, xx - ix
+    want = ((1 - ty) * (1 - tx) * rough[iy, ix] + (1 - ty) * tx * rough[iy, ix + 1]
+            + ty * (1 - tx) * rough[iy + 1, ix] + ty * tx * rough[iy + 1, ix + 1])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert not np.allclose(got, map_coordinates(rough, [yy, xx], order=3, mode="nearest"))

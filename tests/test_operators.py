@@ -688,3 +688,37 @@ def test_an_operator_is_one_key_of_a_dask_graph_not_a_copy_in_every_task(rng):
     # lazy maps are not in the worker's memory: a 3.2 GB graph of them weighs the kernels alone
     huge = ProductConvolution.from_basis(B.kernels, da.zeros((2, 20000, 20000), chunks=2000, dtype=np.float32))
     assert sizeof(huge) < 1e6
+
+
+def test_a_psf_with_a_background_floor_is_warned_about_and_a_cut_one_is_not():
+    """A camera offset left in a measured PSF is as bright in the corners as mid-edge (above 2 % of
+    the peak); a PSF cut by its box is brighter mid-edge; a floor under 2 % is let pass."""
+    import warnings
+
+    g = psf.gaussian(1.5, size=15)
+    with pytest.warns(lsfov.LsfovWarning, match="the PSF's border is at 3% of its peak all round"):
+        ProductConvolution.from_psf(g + 0.03 * g.max(), (64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProductConvolution.from_psf(g + 0.015 * g.max(), (64, 64))
+        ProductConvolution.from_psf(psf.gaussian(4.0, size=11), (64, 64))  # cut: corners 0.3 of mid-edge
+
+
+def test_the_spectra_cache_evicts_the_least_recently_used():
+    from lsfov import operators
+
+    cache = operators._SpectraCache(3 * 800)
+    made = []
+
+    def make(key):
+        made.append(key)
+        return np.zeros(100)  # 800 bytes
+
+    for key in "abc":
+        cache.get(key, lambda key=key: make(key))
+    cache.get("a", lambda: make("a"))  # a hit: "a" is now the most recent, nothing made
+    cache.get("d", lambda: make("d"))  # over budget: "b", the least recent, goes
+    assert made == list("abcd") and list(cache._items) == list("cad")
+    assert cache._nbytes == cache.host_nbytes == 3 * 800
+    big = cache.get("e", lambda: np.zeros(1000))  # over the budget alone: kept (the last one always is)
+    assert list(cache._items) == ["e"] and cache._nbytes == cache.host_nbytes == big.nbytes

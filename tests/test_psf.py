@@ -180,3 +180,18 @@ def test_a_record_that_is_no_psf_model_is_refused():
     from lsfov.io import image_origin
 
     assert image_origin(np.ones((4, 4))) == (0.0, 0.0)  # a plain array starts at 0 (once AttributeError)
+
+
+def test_cut_off_is_a_bright_rim_or_three_percent_of_the_light_in_it():
+    k = np.zeros((7, 7))
+    k[1:-1, 1:-1] = 1.0  # 25 of light inside, peak 1
+    one = k.copy()
+    one[0, 3] = 0.49  # one rim pixel under half the peak: 1.9 % of the light
+    assert not psf.cut_off(one)
+    one[0, 3] = 0.51
+    assert psf.cut_off(one)
+    for v, cut in ((0.031, False), (0.034, True)):  # the whole rim dim: 2.9 % and 3.2 % of the light in it
+        ring = k.copy()
+        ring[[0, -1], :], ring[:, [0, -1]] = v, v
+        assert bool(psf.cut_off(ring)) is cut, v
+    np.testing.assert_array_equal(psf.cut_off(np.stack([one, k])), [True, False])  # per kernel, batched
