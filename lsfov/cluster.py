@@ -470,11 +470,59 @@ def _allowed_failures() -> int:
     return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
 
 
+#: Seconds without a connected worker after which a run on a cluster says it is waiting for one.
+NO_WORKERS_GRACE = 60.0
+
+
+@contextlib.contextmanager
+def _say_when_no_workers(client, grace: float | None = None):
+    """Say when no worker has been connected to ``client``'s scheduler for ``grace`` seconds, and
+    again when one is: distributed waits for workers in silence, without end (every worker died,
+    or batch jobs still wait in the queue), and a run looks hung. Reads the scheduler's worker
+    count (no per-worker details: cheap on a large cluster) from a daemon thread."""
+    grace = NO_WORKERS_GRACE if grace is None else grace
+    stop = threading.Event()
+
+    def watch():
+        since, said = time.monotonic(), False  # (since the run started, or its workers were last seen)
+        while not stop.wait(min(grace / 4, 5.0)):
+            try:
+                n = int(client.scheduler_info(n_workers=0).get("n_workers", 0))
+            except Exception:  # the scheduler gone, or the client closing: the computation says it
+                return
+            if n:
+                if said:
+                    log.warning("%d Dask worker%s connected: the run goes on", n, "" if n == 1 else "s")
+                since, said = None, False
+            elif since is None:
+                since = time.monotonic()
+            elif not said and time.monotonic() - since >= grace:
+                said = True
+                log.warning("no Dask worker has been connected to the scheduler for %.0f s: the run waits for one "
+                            "(every worker died, or batch jobs wait in the queue: see squeue or qstat); start "
+                            "workers, or stop the run (Ctrl-C)", time.monotonic() - since)
+
+    thread = threading.Thread(target=watch, name="lsfov-worker-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def _compute(obj, progress, label, on_task):
     if progress and label:
         log.info(label)
     client = _active_client()
-    if client is not None and on_task is not None and getattr(obj, "ndim", None) == 2:
+    if client is not None:
+        with _say_when_no_workers(client):
+            return _compute_on(client, obj, progress, on_task)
+    return _compute_locally(obj, progress, on_task)
+
+
+def _compute_on(client, obj, progress, on_task):
+    """:func:`compute` on a distributed cluster."""
+    if on_task is not None and getattr(obj, "ndim", None) == 2:
         from distributed import as_completed
 
         parts = obj.to_delayed()
@@ -488,18 +536,21 @@ def _compute(obj, progress, label, on_task):
             raise
         results = [f.result() for f in futures]
         return np.block([results[i * parts.shape[1] : (i + 1) * parts.shape[1]] for i in range(parts.shape[0])])
-    if client is not None:
-        futures = client.compute(obj)  # one future, or a list of them for a list, as dask.compute's
-        try:
-            if progress and _watched():  # (into a log its bar would be ten redraws a second, unended)
-                from distributed import progress as track
+    futures = client.compute(obj)  # one future, or a list of them for a list, as dask.compute's
+    try:
+        if progress and _watched():  # (into a log its bar would be ten redraws a second, unended)
+            from distributed import progress as track
 
-                with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout: keep that for results
-                    track(futures)
-            return client.gather(futures)
-        except BaseException as e:
-            _hush_on_interrupt(e)
-            raise
+            with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout: keep that for results
+                track(futures)
+        return client.gather(futures)
+    except BaseException as e:
+        _hush_on_interrupt(e)
+        raise
+
+
+def _compute_locally(obj, progress, on_task):
+    """:func:`compute` on Dask's threaded or synchronous scheduler."""
     if on_task is not None:
         from dask.callbacks import Callback
 

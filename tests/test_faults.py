@@ -777,3 +777,30 @@ def test_psf_map_bytes_do_not_depend_on_the_chunking():
         for name in m.data_vars:
             np.testing.assert_array_equal(m[name].values, maps[0][name].values)
 
+
+
+def test_a_run_without_workers_says_it_waits_and_goes_on_when_one_joins(lsfov_log, monkeypatch):
+    """distributed waits for workers in silence (every one died, or batch jobs still queued): after
+    a while without any, the run says it waits, and says so again when one joins."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from lsfov import cluster
+
+    monkeypatch.setattr(cluster, "NO_WORKERS_GRACE", 0.4)
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address=":0") as lc, \
+            Client(lc), lsfov_log() as said:
+        joins = threading.Timer(2.5, lambda: lc.scale(1))
+        joins.start()
+        slow = da.ones(4, chunks=2).map_blocks(lambda b: (time.sleep(0.5), b)[1])  # still running as it joins
+        assert cluster.compute(slow.sum()) == 4
+        joins.join()
+        assert any("no Dask worker has been connected to the scheduler for" in m and "batch jobs wait in the queue"
+                   in m for m in said), said
+        assert said[-1] == "1 Dask worker connected: the run goes on", said
+        n = len(said)
+        assert cluster.compute(da.ones(4, chunks=2).sum()) == 4  # workers there: nothing said
+        assert len(said) == n
+    time.sleep(0.5)
+    assert not any(t.name == "lsfov-worker-watch" for t in threading.enumerate())  # the watch ends with the run
