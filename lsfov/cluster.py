@@ -372,7 +372,13 @@ def worker_budgets(client, own_floor: int, kept=None, held=None):
     what that cache holds now: it is in the measured use, and is counted once, as the cache (a worker
     of a long-lived cluster keeps it from an earlier run). Returns
     ``([(bytes, threads) per worker with a limit], pause fraction)``; a worker with nothing left is
-    refused (MemoryError), since Dask would pause it and a run would wait for it without a word."""
+    refused (MemoryError), since Dask would pause it and a run would wait for it without a word.
+    With no worker yet (batch jobs in the queue), waits for the first: the run could not start
+    before, and its memory is what the checks need."""
+    if not client.scheduler_info(n_workers=0).get("n_workers"):
+        log.info("waiting for the first Dask worker to join (batch jobs may wait in the queue)")
+        with _say_when_no_workers(client):
+            client.wait_for_workers(1)
     fraction, budgets = _pause_fraction(), []
     for name, w in client.scheduler_info().get("workers", {}).items():
         if not w.get("memory_limit"):

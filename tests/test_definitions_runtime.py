@@ -191,9 +191,9 @@ def test_local_and_batch_clusters_get_the_workers_asked_for(monkeypatch):
 
 class _Workers:
     def __init__(self, *workers):
-        self.info = {"workers": {f"tcp://{i}": w for i, w in enumerate(workers)}}
+        self.info = {"workers": {f"tcp://{i}": w for i, w in enumerate(workers)}, "n_workers": len(workers)}
 
-    def scheduler_info(self):
+    def scheduler_info(self, n_workers=-1):
         return self.info
 
 

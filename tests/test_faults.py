@@ -1,5 +1,6 @@
 """Faults and determinism: interrupted and resumed runs, workers killed mid-run, out-of-memory
 messages, and the same bytes whatever the chunking, the scheduler and the number of workers."""
+import logging
 import os
 import re
 import signal
@@ -623,9 +624,10 @@ class _StubClient:
         less its own use (``own``, at least lsfov's allowance for a worker's code)."""
         limit = int((free + max(own, chunked._WORKER_OWN)) / 0.8)
         self.info = {"workers": {"tcp://a": {"memory_limit": limit, "nthreads": nthreads, "metrics": {"memory": own}},
-                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads, "metrics": {"memory": own}}}}
+                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads, "metrics": {"memory": own}}},
+                     "n_workers": 2}
 
-    def scheduler_info(self):
+    def scheduler_info(self, n_workers=-1):
         return self.info
 
 
@@ -804,3 +806,23 @@ def test_a_run_without_workers_says_it_waits_and_goes_on_when_one_joins(lsfov_lo
         assert len(said) == n
     time.sleep(0.5)
     assert not any(t.name == "lsfov-worker-watch" for t in threading.enumerate())  # the watch ends with the run
+
+
+def test_memory_checks_wait_for_the_first_worker(lsfov_log):
+    """On a batch cluster the checks run before any job has started: they wait for the first worker
+    (the run could not start before) and check its memory, rather than check nothing."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from lsfov.cluster import worker_budgets
+
+    with LocalCluster(n_workers=0, threads_per_worker=2, processes=False, memory_limit="2GiB",
+                      dashboard_address=":0") as lc, Client(lc) as client, lsfov_log(logging.INFO) as said:
+        joins = threading.Timer(1.0, lambda: lc.scale(1))
+        joins.start()
+        budgets, fraction = worker_budgets(client, 100 << 20)
+        joins.join()
+    assert said == ["waiting for the first Dask worker to join (batch jobs may wait in the queue)"], said
+    ((free, threads),) = budgets
+    assert threads == 2 and 0 < free <= fraction * (2 << 30) - (100 << 20)
