@@ -9,7 +9,8 @@ memory), ``bigdata`` (32768² OME-Zarr to OME-Zarr through the CLI: peak RSS, th
 (shipped models' test R², also by image type, inference throughput, robustness figure), ``bound``
 (the CNN beside a non-blind maximum-likelihood fit on the same test patches), ``specialist``
 (paper 000's one network per image type: the shipped models fine-tuned on point images), ``calibrate``,
-``bss``, ``psfmap``, ``blind``, ``scaling``, ``faults``, ``reading`` (large TIFFs and OME-Zarrs of
+``bss``, ``psfmap``, ``blind``, ``scaling``, ``graph`` (a PSF map's operator on a cluster: in the
+graph or read by the tasks), ``faults``, ``reading`` (large TIFFs and OME-Zarrs of
 small chunks read in blocks), and ``gpu`` (the CuPy/CUDA path against
 the same machine's CPU; needs a GPU: ``benchmarks/gpu.sh`` runs it). Without arguments:
 operator, deconvolve, tv. Each section rewrites its own part of benchmarks/RESULTS.md.
@@ -431,6 +432,62 @@ def section_scaling(a):
               "- the last row: workers whose allocator keeps freed memory (distributed's default "
               "MALLOC_TRIM_THRESHOLD_=65536 hands it back, and pins the mmap threshold at 128 KiB): faster, for "
               "more resident memory. lsfov keeps the heap for the CNN's tasks only (section psfmap).", ""]
+    return lines
+
+
+def section_graph(a):
+    """A PSF map's grid operator through a scratch store: in the graph, or read by the tasks from the run's state."""
+    import cloudpickle
+    import dask.array as da
+
+    import lsfov
+    from lsfov.cluster import use_scheduler
+    from lsfov.restore import scratch
+
+    n, stride, it = 4096, 64, 4
+    g = n // stride  # a CNN PSF map's nodes (128² patches, stride 64)
+    m = psf.MODELS["Z3"]
+    op = ProductConvolution.from_grid(m.render(m.sample(g * g, 4), size=31).reshape(g, g, 31, 31), (n, n))
+    rng = np.random.default_rng(0)
+    y = da.from_array(rng.poisson(100, (n, n)).astype(np.float32), chunks=1024)
+    sent = []
+    real = scratch.shared
+
+    def shared(obj, key):
+        sent.append(len(cloudpickle.dumps(obj)))
+        return real(obj, key)
+
+    rows, outs = [], []
+    try:
+        with tempfile.TemporaryDirectory() as tmp, use_scheduler("local", n_workers=2):
+            scratch.shared = shared
+            for name, limit in (("in the graph (before)", 1 << 40), ("read from the run's state", scratch.STORE_OPERATOR_BYTES)):
+                saved, scratch.STORE_OPERATOR_BYTES = scratch.STORE_OPERATOR_BYTES, limit
+                sent.clear()
+                try:
+                    with warnings.catch_warnings(record=True) as said:
+                        warnings.simplefilter("always")
+                        t = time.perf_counter()
+                        outs.append(lsfov.deconvolve(y, op, it, exchange_every=2, scratch=f"{tmp}/{len(rows)}").compute())
+                        secs = time.perf_counter() - t
+                finally:
+                    scratch.STORE_OPERATOR_BYTES = saved
+                large = sum("large graph" in str(w.message).lower() for w in said)
+                rows.append((name, secs, sum(sent), large))
+    finally:
+        scratch.shared = real
+    same = bool(np.array_equal(*outs))
+    lines = [f"## A PSF map's operator on a cluster: {n}x{n}, {g}x{g} nodes of 31² PSFs", "",
+             f"`lsfov.deconvolve` ({it} TV-RL iterations, 2 exchanges, 1024² chunks, scratch on disk) on a 2-worker "
+             f"LocalCluster; the operator's kernels: {op.kernels.nbytes / 2**20:.1f} MiB (a CNN PSF map of this image, "
+             "stride 64). Grid operators over `lsfov.restore.scratch.STORE_OPERATOR_BYTES` "
+             f"({scratch.STORE_OPERATOR_BYTES >> 20} MiB) are saved in the run's state, and each block task reads "
+             "the nodes of its window.", "",
+             "| operator | time (s) | operator bytes in the graphs (all exchanges) | \"Sending large graph\" warnings |",
+             "|---|---:|---:|---:|"]
+    for name, secs, nbytes, large in rows:
+        lines.append(f"| {name} | {secs:.1f} | {nbytes / 2**20:.2f} MiB | {large} |")
+    lines += ["", f"- results identical to the bit: {same}", ""]
     return lines
 
 
@@ -1837,7 +1894,7 @@ SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv"
             "chunked": section_chunked, "bigdata": section_bigdata, "cnn": section_cnn, "bound": section_bound,
             "specialist": section_specialist, "calibrate": section_calibrate, "bss": section_bss,
             "psfmap": section_psfmap, "saturation": section_saturation, "blind": section_blind,
-            "scaling": section_scaling, "faults": section_faults, "reading": section_reading, "censoring": section_censoring,
+            "scaling": section_scaling, "graph": section_graph, "faults": section_faults, "reading": section_reading, "censoring": section_censoring,
             "gpu": section_gpu}
 
 

@@ -65,6 +65,21 @@ def _hat_weights(centers: np.ndarray, r: np.ndarray):
     return lo, lo + 1, t
 
 
+def node_span(centers, origin: int, n: int) -> slice:
+    """The nodes of one axis that act on the pixels ``[origin, origin + n)``: from the last node at or
+    before the first pixel to the first whose cell starts after the last (``ceil(c) >= origin + n``),
+    at least two where there are. A grid of only these nodes splits the window into the same cells
+    with the same weights as the whole grid (the nodes left out would bound cells of no pixel), so
+    its window computes the same, bit for bit."""
+    c = np.asarray(centers, dtype=np.float64)
+    g = len(c)
+    lo = max(int(np.searchsorted(c, origin, side="right")) - 1, 0)
+    hi = min(int(np.searchsorted(c, origin + n - 1, side="right")), g - 1)
+    if hi == lo and g > 1:  # a window beyond the outer node: that node and its neighbour (weight 0)
+        lo, hi = (lo, lo + 1) if lo + 1 < g else (lo - 1, lo)
+    return slice(lo, hi + 1)
+
+
 def _hat_matrix(centers: np.ndarray, r: np.ndarray) -> np.ndarray:
     """(len(r), len(centers)) matrix of the hat weights: values at positions r from node values."""
     lo, hi, t = _hat_weights(centers, r)
@@ -654,8 +669,11 @@ class ProductConvolution:
 
     def _view(self, window, periodic=False) -> "ProductConvolution":
         """This operator on ``window`` (oy, ox, h, w), unchecked; it shares the kernel spectra cache."""
-        return ProductConvolution(self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps,
+        view = ProductConvolution(self.kind, self.shape, self.kernels, centers=self.centers, maps=self.maps,
                                   window=window, attrs=self.attrs, _token=self._token, periodic=periodic)
+        if "uniform_cells" in vars(self):  # a plan chosen for this operator holds in its windows
+            view.uniform_cells = self.uniform_cells
+        return view
 
     def apply_block(self, block, origin):
         """Apply to a block that carries a halo of :attr:`halo` pixels on every side.

@@ -664,3 +664,60 @@ def test_flat_gain_is_the_median_psf_sum_and_eps_reaches_100():
         lsfov.deconvolve(x, one, 2, eps=100.5)
     with pytest.raises(ValueError, match=r"eps must be in \[1e-4, 100\]"):
         lsfov.deconvolve(x, one, 2, eps=0.9e-4)
+
+
+@pytest.mark.parametrize("stage", ["TV-RL", "sparse+smooth"])
+def test_a_large_grid_operator_is_read_by_the_tasks_from_the_run_state(stage, tmp_path, monkeypatch, count_calls):
+    """Through a scratch store, a grid operator over the size limit is saved in the run's state and
+    each block task reads the nodes of its window: the graph carries a few kilobytes, not the
+    kernels, and the result is the lazy path's bit for bit, also when resumed, also when the
+    operator's save was cut short."""
+    import cloudpickle
+
+    from lsfov.cluster import use_scheduler
+    from lsfov.restore import scratch as scratch_mod
+    from lsfov.restore import sparse_smooth
+
+    rng = np.random.default_rng(3)
+    shape = (240, 250)
+    kernels = psf.MODELS["Z3"].render(psf.MODELS["Z3"].sample(12 * 12, 4), size=41).reshape(12, 12, 41, 41)
+    op = ProductConvolution.from_grid(kernels, shape)  # 968 kB of kernels
+    u = np.zeros(shape, np.float32)
+    u[rng.integers(0, shape[0], 60), rng.integers(0, shape[1], 60)] = 400
+    y = (op.apply(u + 20) + rng.normal(0, 1, shape)).astype(np.float32)
+    dy = da.from_array(y, chunks=80)
+    if stage == "TV-RL":
+        run, module, name = (lambda **kw: lsfov.deconvolve(dy, op, 6, exchange_every=2, **kw)), chunked, "_block"
+    else:
+        run, module, name = (lambda **kw: lsfov.sparse_smooth_deblur(dy, op, iterations=6, exchange_every=2,
+                                                                     warn_dense=1.0, **kw)), sparse_smooth, "_block"
+
+    def values(out):
+        return [np.asarray(a) for a in (out if isinstance(out, tuple) else (out,))]
+
+    lazy = values(dask.compute(run())[0])
+    monkeypatch.setattr(scratch_mod, "STORE_OPERATOR_BYTES", 100_000)
+    sent = []
+    real_shared = scratch_mod.shared
+    monkeypatch.setattr(scratch_mod, "shared", lambda obj, key: (sent.append(len(cloudpickle.dumps(obj))),
+                                                                 real_shared(obj, key))[1])
+    with use_scheduler("synchronous"):
+        through = values(dask.compute(run(scratch=tmp_path))[0])
+        assert sent and max(sent) < 20_000 < op.kernels.nbytes, sent  # the graph: no kernels
+        (state,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        assert (state / "operator").is_dir() and (state / "done" / "operator").exists()
+        # Killed in its second exchange, and again while saving the operator (its mark not yet made)
+        per_exchange = (len(dy.chunks[0]) + 1) * (len(dy.chunks[1]) + 1)  # (the extended field's blocks)
+        count_calls(module, name, fail_at=per_exchange + 2, error=RuntimeError("job killed"))
+        with pytest.raises(RuntimeError, match="job killed"):
+            run(scratch=tmp_path)
+        (state / "done" / "operator").unlink()
+        import zarr
+
+        zarr.open_array(str(state / "operator"), mode="r+")[:2] = 0  # half written
+        count_calls(module, name)
+        scratch_mod._PARTS.clear()  # (a new process: nothing read before)
+        resumed = values(dask.compute(run(scratch=tmp_path, resume=True))[0])
+    for a, b, c in zip(through, resumed, lazy):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)

@@ -817,7 +817,8 @@ def test_memory_checks_wait_for_the_first_worker(lsfov_log):
 
     from lsfov.cluster import worker_budgets
 
-    with LocalCluster(n_workers=0, threads_per_worker=2, processes=False, memory_limit="2GiB",
+    # (an in-process worker measures this process's memory: a limit that holds it)
+    with LocalCluster(n_workers=0, threads_per_worker=2, processes=False, memory_limit="64GiB",
                       dashboard_address=":0") as lc, Client(lc) as client, lsfov_log(logging.INFO) as said:
         joins = threading.Timer(1.0, lambda: lc.scale(1))
         joins.start()
@@ -825,4 +826,4 @@ def test_memory_checks_wait_for_the_first_worker(lsfov_log):
         joins.join()
     assert said == ["waiting for the first Dask worker to join (batch jobs may wait in the queue)"], said
     ((free, threads),) = budgets
-    assert threads == 2 and 0 < free <= fraction * (2 << 30) - (100 << 20)
+    assert threads == 2 and 0 < free <= fraction * (64 << 30) - (100 << 20)

@@ -723,3 +723,39 @@ def test_the_spectra_cache_evicts_the_least_recently_used():
     assert cache._nbytes == cache.host_nbytes == 3 * 800
     big = cache.get("e", lambda: np.zeros(1000))  # over the budget alone: kept (the last one always is)
     assert list(cache._items) == ["e"] and cache._nbytes == cache.host_nbytes == big.nbytes
+
+
+@pytest.mark.parametrize("centers", [None, ([3.0, 20.5, 41, 70, 90.2, 117], [5.0, 33, 34.5, 60, 99, 120, 140]),
+                                     ([0.0, 20, 40, 60, 95, 120], [9.0, 29, 49, 69, 89, 109, 129])])
+def test_the_nodes_of_a_window_compute_what_the_whole_grid_does_there(centers, tmp_path, monkeypatch):
+    """A block task of a stored operator reads only the nodes that act on its window (node_span):
+    the same cells, weights and FFTs as the whole grid's window, bit for bit, for windows inside,
+    across and beyond the grid, periodic or not, planned by cells or by equal cells (a grid equally
+    spaced in part only is planned as the whole grid is)."""
+    from lsfov.operators import node_span
+    from lsfov.restore import scratch
+
+    rng = np.random.default_rng(0)
+    gy, gx = (5, 6) if centers is None else (6, 7)
+    k = 9 if centers is None else 7
+    op = ProductConvolution.from_grid(np.abs(rng.normal(size=(gy, gx, k, k))).astype(np.float32) + 0.1, (121, 150),
+                                      centers=centers)
+    assert node_span(op.centers[0], -50, 10) == slice(0, 2) and node_span(op.centers[0], 500, 10) == slice(gy - 2, gy)
+    monkeypatch.setattr(scratch, "STORE_OPERATOR_BYTES", 0)
+    (tmp_path / "done").mkdir()
+    fewer = []
+    for uniform in (None, True):
+        op.uniform_cells = uniform
+        stored = scratch.store_operator(op, tmp_path)
+        assert isinstance(stored, scratch.StoredGrid)
+        for origin in [(-4, -4), (0, 0), (10, 37), (50, 60), (100, 120), (117, 140), (-10, 130), (30, -9), (21, 30)]:
+            for shape in [(20, 25), (40, 40), (8, 64), (80, 90), (19, 19)]:
+                for periodic in (False, True):
+                    whole, part = (o.restrict(origin, shape, periodic=periodic) for o in (op, stored))
+                    fewer.append(part.n_psfs < op.n_psfs)
+                    u = rng.random(shape).astype(np.float32)
+                    for f in ("apply", "adjoint"):
+                        np.testing.assert_array_equal(getattr(part, f)(u), getattr(whole, f)(u))
+                    np.testing.assert_array_equal(part.adjoint_ones(), whole.adjoint_ones())
+        scratch._PARTS.clear()
+    assert np.mean(fewer) > 0.5

@@ -260,7 +260,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     level = say_censored(n_sat, saturation, origin, y.size, float(hi))  # none saturated: None, the plain iteration
 
     y_ext = da.pad(y, r).rechunk(chunks)
-    block = functools.partial(_block, op=op, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
+    block = functools.partial(_block, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
                               level=level, gain=gain)
     counts = exchange_counts(iterations, k)
     log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d block%s of up to %s", iterations, len(counts),
@@ -268,14 +268,15 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
              tuple(max(ch) for ch in chunks))
 
     if scratch is None:
-        x = lazy_exchanges(y_ext, counts, s, block, name="lsfov-tvrl", token=(op._token, tv, eps, scale, level))
+        x = lazy_exchanges(y_ext, counts, s, functools.partial(block, op=op), name="lsfov-tvrl",
+                           token=(op._token, tv, eps, scale, level))
     else:
         # Same data (its blocks' bytes), operator and parameters -> same state directory: what resume finds.
         # (_STATE_VERSION: a state of an older iteration is not resumed by this one)
         fingerprint = dask.base.tokenize(_STATE_VERSION, y.shape, float(total), float(lo), float(hi), digests[0],
                                          chunks, counts, s, op.fingerprint, tv, eps,
                                          *(() if level is None else (level,)))
-        x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint)
+        x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint, op)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
@@ -295,7 +296,7 @@ def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks,
     return xp.maximum(x[core], np.float32(0.0))
 
 
-def _run_to_scratch(y_ext, counts, s, block, scratch: Path, progress, resume=False, fingerprint=""):
+def _run_to_scratch(y_ext, counts, s, block, scratch: Path, progress, resume=False, fingerprint="", op=None):
     """Every exchange through zarr (:mod:`lsfov.restore.scratch`): memory stays at a few chunks,
     whatever the image size, and the run is resumable. Its state lives in
     ``scratch/lsfov-tvrl-<fingerprint>``: the fingerprint covers the data's statistics, the
@@ -303,5 +304,5 @@ def _run_to_scratch(y_ext, counts, s, block, scratch: Path, progress, resume=Fal
     from .scratch import run_exchanges
 
     zx = run_exchanges(y_ext, counts, s, block, root=scratch / f"lsfov-tvrl-{fingerprint[:16]}", resume=resume,
-                       progress=progress, desc="TV-RL")
+                       progress=progress, desc="TV-RL", operator=op)
     return da.from_zarr(zx, chunks=y_ext.chunks)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import dask
@@ -36,8 +38,79 @@ def warn_other_runs(root: Path):
                     "from the beginning", others[0])
 
 
+#: Grid operators whose kernels take more than this are saved in the run's state, and each block task
+#: reads the nodes its window needs: in the graph, a 32768² PSF map's operator (1 GiB) went to the
+#: scheduler with every exchange and whole to every worker (Dask warns of graphs over 10 MB).
+STORE_OPERATOR_BYTES = 4 << 20
+
+
+class StoredGrid:
+    """A grid operator saved in a run's state, as block tasks take it: :meth:`restrict` reads only the
+    nodes that act on the window (:func:`lsfov.operators.node_span`), and computes what the whole
+    operator's window does, bit for bit. What it reads is kept in the process for the next exchange."""
+
+    def __init__(self, path: Path, op):
+        self.path, self.key = str(path), op.fingerprint
+        self.shape, self.halo, self.centers = op.shape, op.halo, op.centers
+        # The whole grid's plan: equal cells only where all its nodes are equally spaced (a part of
+        # an unequal grid may be equally spaced, and would be planned otherwise).
+        equal = all(len(c) < 2 or np.abs(np.diff(c) - (c[1] - c[0])).max() <= 1e-9 for c in op.centers)
+        self.uniform_cells = op.uniform_cells if equal else False
+
+    def restrict(self, origin, shape, *, periodic=False):
+        from .._validate import shape2d
+        from ..operators import node_span
+
+        h, w = shape2d(shape)
+        sy, sx = (node_span(c, int(o), n) for c, o, n in zip(self.centers, origin, (h, w)))
+        return self._nodes(sy, sx).restrict(origin, (h, w), periodic=periodic)
+
+    def _nodes(self, sy: slice, sx: slice):
+        import zarr
+
+        from ..operators import ProductConvolution
+
+        key = (self.path, self.key, sy.start, sy.stop, sx.start, sx.stop)
+        with _PARTS_LOCK:
+            if key in _PARTS:
+                _PARTS.move_to_end(key)
+                return _PARTS[key]
+        kernels = np.asarray(zarr.open_array(self.path, mode="r")[sy, sx])
+        # The same token in every task of the process: the kernel spectra cache finds its spectra again.
+        part = ProductConvolution("grid", self.shape, kernels, centers=(self.centers[0][sy], self.centers[1][sx]),
+                                  _token=dask.base.tokenize(*key))
+        part.uniform_cells = self.uniform_cells
+        with _PARTS_LOCK:
+            _PARTS[key] = part
+            while len(_PARTS) > 64:  # (a worker's blocks of one run; their spectra are cached apart, bounded)
+                _PARTS.popitem(last=False)
+        return part
+
+
+_PARTS: OrderedDict = OrderedDict()
+_PARTS_LOCK = threading.Lock()
+
+
+def store_operator(op, root: Path):
+    """``op`` as block tasks of the run in ``root`` take it: a grid operator larger than
+    :data:`STORE_OPERATOR_BYTES` saved there (once: a resumed run finds it) as a :class:`StoredGrid`;
+    any other as it is."""
+    if op is None or op.kind != "grid" or op.kernels.nbytes <= STORE_OPERATOR_BYTES:
+        return op
+    import zarr
+
+    path, mark = root / "operator", root / "done" / "operator"
+    if not mark.exists():
+        gy, gx, k, _ = op.kernels.shape
+        z = zarr.create_array(str(path), shape=op.kernels.shape, chunks=(min(8, gy), min(8, gx), k, k),
+                              dtype=np.float32, compressors=None, zarr_format=3, overwrite=True)
+        z[...] = to_numpy(op.kernels)
+        mark.touch()  # only once written whole: a run killed while writing writes it again
+    return StoredGrid(path, op)
+
+
 def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channels: int = 0, resume: bool = False,
-                  progress: bool = False, desc: str = "iterations", initial: da.Array | None = None):
+                  progress: bool = False, desc: str = "iterations", initial: da.Array | None = None, operator=None):
     """Run ``sum(counts)`` iterations of ``block`` over ``y``'s blocks, one exchange per count.
 
     Parameters
@@ -59,6 +132,10 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
         Continue the state in ``root``; else it is discarded first.
     initial : dask array (H, W), optional
         What the first exchange starts from (stored beside ``y``), chunked as ``y``.
+    operator : ProductConvolution, optional
+        What ``block`` takes as its ``op`` keyword, given here rather than bound in ``block``: a large
+        grid operator is then saved in ``root`` and each task reads the nodes it needs
+        (:func:`store_operator`), instead of the graph carrying it whole.
 
     Returns
     -------
@@ -75,6 +152,8 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     elif resume:
         warn_other_runs(root)
     (root / "done").mkdir(parents=True, exist_ok=True)
+    if operator is not None:
+        block = functools.partial(block, op=store_operator(operator, root))
     chunks = y.chunks
     # The zarr chunks are the blocks' regular size (their first): each block is then a union of
     # whole zarr chunks (the last one takes the remainder), so no two tasks write the same chunk.

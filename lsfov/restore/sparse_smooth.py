@@ -343,14 +343,14 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
                                1: 0 if whole[1] else depth}, boundary="nearest", dtype=np.float32,
                                meta=np.empty((0, 0), np.float32)).rechunk(chunks)
     y = da.pad(y, r).rechunk(chunks)
-    block = functools.partial(_block, op=op, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
+    block = functools.partial(_block, chunks=chunks, gamma1=gamma1, gamma2=gamma2, steps=steps,
                               image=(r, r) + shape, level=level)
     counts = exchange_counts(iterations, k)
     log.info("sparse+smooth: %d iterations in %d exchange%s, halo %d px", iterations, len(counts),
              "" if len(counts) == 1 else "s", 0 if all(len(ch) == 1 for ch in chunks) else s * k)  # one block: none
     if scratch is None:
-        state = lazy_exchanges(y, counts, s, block, name="lsfov-bss", token=(op._token, gamma1, gamma2, steps, level),
-                               channels=4, initial=start)
+        state = lazy_exchanges(y, counts, s, functools.partial(block, op=op), name="lsfov-bss",
+                               token=(op._token, gamma1, gamma2, steps, level), channels=4, initial=start)
     else:
         from pathlib import Path
 
@@ -360,7 +360,7 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
         key = dask.base.tokenize(dask.compute(block_digests(y))[0], chunks, op.fingerprint, gamma1, gamma2, steps,
                                  counts, s, _START_SIGMA, _START_TRUNCATE, *(() if level is None else (level,)))
         zx = run_exchanges(y, counts, s, block, root=Path(scratch) / f"lsfov-bss-{key[:16]}", channels=4,
-                           resume=resume, progress=progress, desc="sparse+smooth", initial=start)
+                           resume=resume, progress=progress, desc="sparse+smooth", initial=start, operator=op)
         state = da.from_zarr(zx, chunks=((4,),) + chunks)
     field = (slice(r, r + shape[0]), slice(r, r + shape[1]))
     return state[(0,) + field].rechunk(in_chunks), state[(1,) + field].rechunk(in_chunks)
