@@ -1223,6 +1223,9 @@ class ProductConvolution:
         check_result_name(path)
         with atomic_directory(path, overwrite=overwrite) as tmp:
             self._write(zarr.open_group(str(tmp), mode="w", zarr_format=3))
+            with warnings.catch_warnings():  # consolidated: xarray opens it without a warning of its own
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                zarr.consolidate_metadata(str(tmp))
         return Path(path)
 
     def _check_full(self, what: str):
@@ -1243,6 +1246,7 @@ class ProductConvolution:
         if self.kind == "grid":
             root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64), dimension_names=["gy"])
             root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64), dimension_names=["gx"])
+            root["kernels"].attrs["coordinates"] = "centers_y centers_x"  # (CF: xarray reads them as coordinates)
         else:
             shape = (self.kernels.shape[0],) + self.shape
             chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
@@ -1304,7 +1308,8 @@ class ProductConvolution:
         if not meta.get("complete"):
             raise ValueError(f"{path} is an incomplete operator (the write was interrupted); save it again")
         # absolute: lazy maps are read on workers, which may start in another directory
-        root = zarr.open_group(str(path.resolve()), mode="r")
+        # (not the consolidated metadata: it would list an array whose files are gone)
+        root = zarr.open_group(str(path.resolve()), mode="r", use_consolidated=False)
         parts = ("kernels", "centers_y", "centers_x") if meta["kind"] == "grid" else ("kernels", "maps")
         missing = [n for n in parts if n not in root]
         if missing:

@@ -759,3 +759,17 @@ def test_the_nodes_of_a_window_compute_what_the_whole_grid_does_there(centers, t
                     np.testing.assert_array_equal(part.adjoint_ones(), whole.adjoint_ones())
         scratch._PARTS.clear()
     assert np.mean(fewer) > 0.5
+
+
+def test_a_saved_operator_opens_in_xarray_with_its_node_coordinates(tmp_path):
+    import warnings
+
+    import xarray as xr
+
+    op = _grid_op()
+    op.save(tmp_path / "op.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated: no warning of xarray's about reading it slowly
+        ds = xr.open_zarr(tmp_path / "op.zarr")
+    assert set(ds.coords) == {"centers_y", "centers_x"} and list(ds.data_vars) == ["kernels"]
+    np.testing.assert_array_equal(ds.kernels.centers_x.values, op.centers[1])

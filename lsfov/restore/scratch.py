@@ -82,13 +82,15 @@ class StoredGrid:
         part.uniform_cells = self.uniform_cells
         with _PARTS_LOCK:
             _PARTS[key] = part
-            while len(_PARTS) > 64:  # (a worker's blocks of one run; their spectra are cached apart, bounded)
+            # A few blocks' nodes (their spectra, the costly part, are cached apart by the token, bounded)
+            while sum(p.kernels.nbytes for p in _PARTS.values()) > _PARTS_BYTES and len(_PARTS) > 1:
                 _PARTS.popitem(last=False)
         return part
 
 
 _PARTS: OrderedDict = OrderedDict()
 _PARTS_LOCK = threading.Lock()
+_PARTS_BYTES = 32 << 20
 
 
 def store_operator(op, root: Path):
