@@ -1252,8 +1252,12 @@ class ProductConvolution:
             chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
             maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0,
                                      dimension_names=["basis", "y", "x"])
-            src = self.maps if isinstance(self.maps, da.Array) else da.from_array(self.maps, chunks=chunks)
-            compute(da.store(src.astype(np.float32).rechunk(chunks), maps, lock=False, compute=False))
+            if isinstance(self.maps, np.ndarray):  # in this process's memory: written from here, not through a cluster
+                for i in range(shape[0]):
+                    maps[i] = self.maps[i].astype(np.float32, copy=False)
+            else:
+                src = self.maps if isinstance(self.maps, da.Array) else da.from_array(self.maps, chunks=chunks)
+                compute(da.store(src.astype(np.float32).rechunk(chunks), maps, lock=False, compute=False))
         root.attrs["lsfov"] = {
             "type": "ProductConvolution", "kind": self.kind, "shape": list(self.shape),
             "kernel_size": self.kernel_size, "version": _version(), "attrs": _jsonable(self.attrs),

@@ -666,12 +666,13 @@ def test_flat_gain_is_the_median_psf_sum_and_eps_reaches_100():
         lsfov.deconvolve(x, one, 2, eps=0.9e-4)
 
 
-@pytest.mark.parametrize("stage", ["TV-RL", "sparse+smooth"])
-def test_a_large_grid_operator_is_read_by_the_tasks_from_the_run_state(stage, tmp_path, monkeypatch, count_calls):
-    """Through a scratch store, a grid operator over the size limit is saved in the run's state and
-    each block task reads the nodes of its window: the graph carries a few kilobytes, not the
-    kernels, and the result is the lazy path's bit for bit, also when resumed, also when the
-    operator's save was cut short."""
+@pytest.mark.parametrize("stage, form", [("TV-RL", "grid"), ("sparse+smooth", "grid"), ("TV-RL", "basis"),
+                                         ("sparse+smooth", "basis")])
+def test_a_large_operator_is_read_by_the_tasks_from_the_run_state(stage, form, tmp_path, monkeypatch, count_calls):
+    """Through a scratch store, an operator over the size limit is saved in the run's state and each
+    block task reads its window's part (a grid's nodes, a basis's maps): the graph carries a few
+    kilobytes, not the operator, and the result is the lazy path's bit for bit, also when resumed,
+    also when the operator's save was cut short."""
     import cloudpickle
 
     from lsfov.cluster import use_scheduler
@@ -680,8 +681,16 @@ def test_a_large_grid_operator_is_read_by_the_tasks_from_the_run_state(stage, tm
 
     rng = np.random.default_rng(3)
     shape = (240, 250)
-    kernels = psf.MODELS["Z3"].render(psf.MODELS["Z3"].sample(12 * 12, 4), size=41).reshape(12, 12, 41, 41)
-    op = ProductConvolution.from_grid(kernels, shape)  # 968 kB of kernels
+    if form == "grid":
+        kernels = psf.MODELS["Z3"].render(psf.MODELS["Z3"].sample(12 * 12, 4), size=41).reshape(12, 12, 41, 41)
+        op = ProductConvolution.from_grid(kernels, shape)  # 968 kB of kernels
+        big = op.kernels.nbytes
+    else:
+        kernels = psf.MODELS["Z3"].render(psf.MODELS["Z3"].sample(3, 4), size=41)
+        yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]] / 250.0
+        maps = np.stack([1 - yy / 2 - xx / 2, yy / 2, xx / 2])  # 720 kB of maps, PSF sums 1 everywhere
+        op = ProductConvolution.from_basis(kernels, maps)
+        big = op.maps.nbytes
     u = np.zeros(shape, np.float32)
     u[rng.integers(0, shape[0], 60), rng.integers(0, shape[1], 60)] = 400
     y = (op.apply(u + 20) + rng.normal(0, 1, shape)).astype(np.float32)
@@ -703,9 +712,10 @@ def test_a_large_grid_operator_is_read_by_the_tasks_from_the_run_state(stage, tm
                                                                  real_shared(obj, key))[1])
     with use_scheduler("synchronous"):
         through = values(dask.compute(run(scratch=tmp_path))[0])
-        assert sent and max(sent) < 20_000 < op.kernels.nbytes, sent  # the graph: no kernels
+        assert sent and max(sent) < 40_000 < big, sent  # the graph: no kernels or maps (a basis's own kernels)
         (state,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-        assert (state / "operator").is_dir() and (state / "done" / "operator").exists()
+        stored = state / ("operator" if form == "grid" else "operator.zarr")
+        assert stored.is_dir() and (state / "done" / "operator").exists()
         # Killed in its second exchange, and again while saving the operator (its mark not yet made)
         per_exchange = (len(dy.chunks[0]) + 1) * (len(dy.chunks[1]) + 1)  # (the extended field's blocks)
         count_calls(module, name, fail_at=per_exchange + 2, error=RuntimeError("job killed"))
@@ -714,7 +724,7 @@ def test_a_large_grid_operator_is_read_by_the_tasks_from_the_run_state(stage, tm
         (state / "done" / "operator").unlink()
         import zarr
 
-        zarr.open_array(str(state / "operator"), mode="r+")[:2] = 0  # half written
+        zarr.open_array(str(stored / ("" if form == "grid" else "maps")), mode="r+")[:2] = 0  # half written
         count_calls(module, name)
         scratch_mod._PARTS.clear()  # (a new process: nothing read before)
         resumed = values(dask.compute(run(scratch=tmp_path, resume=True))[0])

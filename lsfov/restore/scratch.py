@@ -94,10 +94,23 @@ _PARTS_BYTES = 32 << 20
 
 
 def store_operator(op, root: Path):
-    """``op`` as block tasks of the run in ``root`` take it: a grid operator larger than
-    :data:`STORE_OPERATOR_BYTES` saved there (once: a resumed run finds it) as a :class:`StoredGrid`;
-    any other as it is."""
-    if op is None or op.kind != "grid" or op.kernels.nbytes <= STORE_OPERATOR_BYTES:
+    """``op`` as block tasks of the run in ``root`` take it, saved there once (a resumed run finds it)
+    where it is larger than :data:`STORE_OPERATOR_BYTES`: a grid operator as a :class:`StoredGrid`, a
+    basis operator whose maps are in memory as the operator loaded back (its maps read window by
+    window); any other as it is."""
+    if op is None:
+        return op
+    if op.kind == "basis":
+        if not isinstance(op.maps, np.ndarray) or op.maps.nbytes <= STORE_OPERATOR_BYTES:
+            return op  # (maps on disk already travel as their files' names)
+        from ..operators import ProductConvolution
+
+        path, mark = root / "operator.zarr", root / "done" / "operator"
+        if not mark.exists():
+            op.save(path, overwrite=True)
+            mark.touch()
+        return ProductConvolution.load(path)
+    if op.kernels.nbytes <= STORE_OPERATOR_BYTES:
         return op
     import zarr
 
@@ -136,8 +149,8 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
         What the first exchange starts from (stored beside ``y``), chunked as ``y``.
     operator : ProductConvolution, optional
         What ``block`` takes as its ``op`` keyword, given here rather than bound in ``block``: a large
-        grid operator is then saved in ``root`` and each task reads the nodes it needs
-        (:func:`store_operator`), instead of the graph carrying it whole.
+        operator is then saved in ``root`` and each task reads the part it needs (a grid's nodes, a
+        basis's maps; :func:`store_operator`), instead of the graph carrying it whole.
 
     Returns
     -------
