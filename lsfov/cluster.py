@@ -375,12 +375,14 @@ def worker_budgets(client, own_floor: int, kept=None, held=None):
     refused (MemoryError), since Dask would pause it and a run would wait for it without a word.
     With no worker yet (batch jobs in the queue), waits for the first: the run could not start
     before, and its memory is what the checks need."""
-    if not client.scheduler_info(n_workers=0).get("n_workers"):
+    info = client.scheduler_info()
+    if not info.get("workers"):
         log.info("waiting for the first Dask worker to join (batch jobs may wait in the queue)")
         with _say_when_no_workers(client):
             client.wait_for_workers(1)
+        info = client.scheduler_info()
     fraction, budgets = _pause_fraction(), []
-    for name, w in client.scheduler_info().get("workers", {}).items():
+    for name, w in info.get("workers", {}).items():
         if not w.get("memory_limit"):
             continue
         metrics = w.get("metrics", {})  # (one heartbeat's: the cache's bytes are in that memory)
@@ -484,8 +486,9 @@ NO_WORKERS_GRACE = 60.0
 def _say_when_no_workers(client, grace: float | None = None):
     """Say when no worker has been connected to ``client``'s scheduler for ``grace`` seconds, and
     again when one is: distributed waits for workers in silence, without end (every worker died,
-    or batch jobs still wait in the queue), and a run looks hung. Reads the scheduler's worker
-    count (no per-worker details: cheap on a large cluster) from a daemon thread."""
+    or batch jobs still wait in the queue), and a run looks hung. Reads the workers' thread counts
+    (``Client.nthreads``: not ``scheduler_info``, which would replace the worker details the client
+    keeps for other callers) from a daemon thread."""
     grace = NO_WORKERS_GRACE if grace is None else grace
     stop = threading.Event()
 
@@ -493,7 +496,7 @@ def _say_when_no_workers(client, grace: float | None = None):
         since, said = time.monotonic(), False  # (since the run started, or its workers were last seen)
         while not stop.wait(min(grace / 4, 5.0)):
             try:
-                n = int(client.scheduler_info(n_workers=0).get("n_workers", 0))
+                n = len(client.nthreads())
             except Exception:  # the scheduler gone, or the client closing: the computation says it
                 return
             if n:
@@ -514,6 +517,7 @@ def _say_when_no_workers(client, grace: float | None = None):
         yield
     finally:
         stop.set()
+        thread.join(timeout=10)  # (a reading under way ends first: none lands after the run)
 
 
 def _compute(obj, progress, label, on_task):

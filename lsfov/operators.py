@@ -345,6 +345,7 @@ class ProductConvolution:
     #: ``_uniform_cells``) where the nodes are equally spaced. None: on CuPy arrays (launches cost
     #: more there than the extra area), if it adds at most half the area; True: always; False: never.
     uniform_cells: bool | None = None
+    _whole_axes = None  # a part of a larger grid: that grid's _uniform_axis() (see _uniform_axis)
 
     def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None, attrs=None, _token=None,
                  periodic=False):
@@ -673,6 +674,7 @@ class ProductConvolution:
                                   window=window, attrs=self.attrs, _token=self._token, periodic=periodic)
         if "uniform_cells" in vars(self):  # a plan chosen for this operator holds in its windows
             view.uniform_cells = self.uniform_cells
+        view._whole_axes = self._whole_axes
         return view
 
     def apply_block(self, block, origin):
@@ -877,18 +879,16 @@ class ProductConvolution:
         oy, ox, h, w = self.window
         r = self.halo
         axes = []
-        for c, o, n in zip(self.centers, (oy, ox), (h, w)):
-            c = np.asarray(c, dtype=np.float64)
-            if len(c) < 2:
+        for ax, (o, n) in enumerate(((oy, h), (ox, w))):
+            u = self._uniform_axis(ax)
+            if u is None:
                 return None
-            s = c[1] - c[0]
-            if abs(s - round(s)) > 1e-9 or np.abs(np.diff(c) - s).max() > 1e-9 or round(s) < 2 * r:
-                return None
-            s, b0 = int(round(s)), int(math.ceil(c[0] - 1e-12))
+            s, c0, g, first = u
+            b0 = int(math.ceil(c0 - 1e-12))
             k0 = (o - b0) // s  # the first cell that reaches the window
             k = np.arange(k0, -((b0 - o - n) // s))  # to the last one (ceil division)
-            t = ((b0 - c[0]) + np.arange(s)) / s  # the same within every cell
-            axes.append((s, b0 + k0 * s - o, k, np.clip(k, 0, len(c) - 1), np.clip(k + 1, 0, len(c) - 1),
+            t = ((b0 - c0) + np.arange(s)) / s  # the same within every cell
+            axes.append((s, b0 + k0 * s - o, k, np.clip(k, 0, g - 1) - first, np.clip(k + 1, 0, g - 1) - first,
                          (1.0 - t).astype(np.float32), t.astype(np.float32)))
         (sy, ty, ky, lo_y, hi_y, wly, why), (sx, tx, kx, lo_x, hi_x, wlx, whx) = axes
         na, nb = len(ky), len(kx)
@@ -901,6 +901,22 @@ class ProductConvolution:
                  for wy, ny in ((wly, lo_y), (why, hi_y)) for wx, nx in ((wlx, lo_x), (whx, hi_x))]
         return [_Group(ty + sy * np.arange(na), np.full(na, sy), tx + sx * np.arange(nb), np.full(nb, sx), fshape,
                        [(None, ids) for _, ids in pairs], weights=np.stack([wt for wt, _ in pairs]).astype(np.float32))]
+
+    def _uniform_axis(self, axis: int):
+        """The equal cells of one axis (see :meth:`_uniform_cells`): ``(spacing, first centre, node
+        count, index of this operator's first node)`` of the grid they were planned on, or None where
+        its nodes are not equally spaced whole pixels at least a kernel apart. A part of a grid (a
+        stored operator's, :class:`lsfov.restore.scratch.StoredGrid`) carries its whole grid's: the same
+        weights, to the last bit, as the whole grid's window."""
+        if self._whole_axes is not None:
+            return self._whole_axes[axis]
+        c = np.asarray(self.centers[axis], dtype=np.float64)
+        if len(c) < 2:
+            return None
+        s = c[1] - c[0]
+        if abs(s - round(s)) > 1e-9 or np.abs(np.diff(c) - s).max() > 1e-9 or round(s) < 2 * self.halo:
+            return None
+        return int(round(s)), float(c[0]), len(c), 0
 
     def _single_fshape(self, h, w):
         # Centred kernels: r pixels of zero padding suffice; a periodic window needs none.

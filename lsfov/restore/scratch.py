@@ -50,12 +50,11 @@ class StoredGrid:
     operator's window does, bit for bit. What it reads is kept in the process for the next exchange."""
 
     def __init__(self, path: Path, op):
-        self.path, self.key = str(path), op.fingerprint
+        self.path, self.key = str(path), op._token  # (its run's state is named by its content)
         self.shape, self.halo, self.centers = op.shape, op.halo, op.centers
-        # The whole grid's plan: equal cells only where all its nodes are equally spaced (a part of
-        # an unequal grid may be equally spaced, and would be planned otherwise).
-        equal = all(len(c) < 2 or np.abs(np.diff(c) - (c[1] - c[0])).max() <= 1e-9 for c in op.centers)
-        self.uniform_cells = op.uniform_cells if equal else False
+        # The whole grid's plan: its equal cells, if any, anchored at its first node (a part of an
+        # unequal grid may be equally spaced, and a part's own first node would round otherwise).
+        self.uniform_cells, self.whole_axes = op.uniform_cells, tuple(op._uniform_axis(ax) for ax in (0, 1))
 
     def restrict(self, origin, shape, *, periodic=False):
         from .._validate import shape2d
@@ -70,7 +69,7 @@ class StoredGrid:
 
         from ..operators import ProductConvolution
 
-        key = (self.path, self.key, sy.start, sy.stop, sx.start, sx.stop)
+        key = (self.path, self.key, sy.start, sy.stop, sx.start, sx.stop, self.uniform_cells)
         with _PARTS_LOCK:
             if key in _PARTS:
                 _PARTS.move_to_end(key)
@@ -80,6 +79,8 @@ class StoredGrid:
         part = ProductConvolution("grid", self.shape, kernels, centers=(self.centers[0][sy], self.centers[1][sx]),
                                   _token=dask.base.tokenize(*key))
         part.uniform_cells = self.uniform_cells
+        part._whole_axes = tuple(None if u is None else u[:3] + (span.start,)
+                                 for u, span in zip(self.whole_axes, (sy, sx)))
         with _PARTS_LOCK:
             _PARTS[key] = part
             # A few blocks' nodes (their spectra, the costly part, are cached apart by the token, bounded)
