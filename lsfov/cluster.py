@@ -375,14 +375,14 @@ def worker_budgets(client, own_floor: int, kept=None, held=None):
     refused (MemoryError), since Dask would pause it and a run would wait for it without a word.
     With no worker yet (batch jobs in the queue), waits for the first: the run could not start
     before, and its memory is what the checks need."""
-    info = client.scheduler_info()
-    if not info.get("workers"):
+    workers = _workers_info(client)
+    if not workers:
         log.info("waiting for the first Dask worker to join (batch jobs may wait in the queue)")
         with _say_when_no_workers(client):
             client.wait_for_workers(1)
-        info = client.scheduler_info()
+        workers = _workers_info(client)
     fraction, budgets = _pause_fraction(), []
-    for name, w in info.get("workers", {}).items():
+    for name, w in workers.items():
         if not w.get("memory_limit"):
             continue
         metrics = w.get("metrics", {})  # (one heartbeat's: the cache's bytes are in that memory)
@@ -397,6 +397,16 @@ def worker_budgets(client, own_floor: int, kept=None, held=None):
                               "each worker more memory")
         budgets.append((free, w["nthreads"]))
     return budgets, fraction
+
+
+def _workers_info(client) -> dict:
+    """Every worker's details from the scheduler (distributed 2025.6 to 2026.6 gave the first five
+    unless asked for all; before, the call took no such argument and gave all)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return info.get("workers", {})
 
 
 def _watched() -> bool:

@@ -443,3 +443,24 @@ def test_an_error_in_a_task_callback_cancels_the_clusters_other_tasks():
         with pytest.raises(OSError, match="disk full"):
             cluster.compute(da.ones((8, 8), chunks=2), on_task=fail)
     assert len(cancelled) == 16  # every chunk's future
+
+
+def test_memory_checks_read_every_worker_whatever_the_distributed_version():
+    """distributed 2025.6 to 2026.6 gave the first five workers from scheduler_info() unless asked
+    for all (n_workers=-1); earlier releases took no such argument and gave all."""
+    seven = {f"tcp://{i}": {"memory_limit": 2**30 * (1 + i), "nthreads": 1, "metrics": {"memory": 0}}
+             for i in range(7)}
+
+    class FiveByDefault:
+        def scheduler_info(self, n_workers=5):
+            return {"workers": dict(list(seven.items())[: None if n_workers == -1 else n_workers])}
+
+    class NoArgument:
+        def scheduler_info(self, **kwargs):
+            if kwargs:
+                raise TypeError("identity() got an unexpected keyword argument 'n_workers'")
+            return {"workers": seven}
+
+    for client in (FiveByDefault(), NoArgument()):
+        budgets, _ = cluster.worker_budgets(client, chunked._WORKER_OWN)
+        assert len(budgets) == 7
