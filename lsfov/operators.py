@@ -905,9 +905,9 @@ class ProductConvolution:
     def _uniform_axis(self, axis: int):
         """The equal cells of one axis (see :meth:`_uniform_cells`): ``(spacing, first centre, node
         count, index of this operator's first node)`` of the grid they were planned on, or None where
-        its nodes are not equally spaced whole pixels at least a kernel apart. A part of a grid (a
-        stored operator's, :class:`lsfov.restore.scratch.StoredGrid`) carries its whole grid's: the same
-        weights, to the last bit, as the whole grid's window."""
+        its nodes are not equally spaced whole pixels at least the kernel's size less one apart. A part
+        of a grid (a stored operator's, :class:`lsfov.restore.scratch.StoredGrid`) carries its whole
+        grid's: the same weights, to the last bit, as the whole grid's window."""
         if self._whole_axes is not None:
             return self._whole_axes[axis]
         c = np.asarray(self.centers[axis], dtype=np.float64)
