@@ -186,7 +186,9 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) through which every exchange's
         state goes (:mod:`lsfov.restore.scratch`): memory holds a few blocks whatever the image size.
-        The iterations then run in this call; the returned arrays read from ``scratch``.
+        The iterations then run in this call; the returned arrays read from ``scratch``. An
+        operator of more than 4 MiB is saved there too, and each block task reads its window's part
+        (:func:`lsfov.restore.scratch.store_operator`).
     resume : bool
         With ``scratch``: continue an interrupted run of the same image, operator and parameters,
         computing only the blocks without a result (the same bytes as an uninterrupted run).

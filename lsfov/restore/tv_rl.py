@@ -308,7 +308,9 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         Dask input only: a directory (on storage every worker sees) where each exchange's estimate is
         written and read back, which bounds memory by a few chunks for images larger than memory.
         The iterations then run in this call; the returned lazy array reads the final estimate from
-        ``scratch``, which must stay until it has been stored.
+        ``scratch``, which must stay until it has been stored. An operator of more than 4 MiB is
+        saved there too, and each block task reads its window's part, rather than the task graph
+        carrying it whole (:func:`lsfov.restore.scratch.store_operator`).
     resume : bool
         With ``scratch``: continue the run with the same data, operator and parameters that was
         interrupted there (a crash, a killed job): blocks and exchanges already done are skipped, and
