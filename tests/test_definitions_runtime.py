@@ -191,7 +191,7 @@ def test_local_and_batch_clusters_get_the_workers_asked_for(monkeypatch):
 
 class _Workers:
     def __init__(self, *workers):
-        self.info = {"workers": {f"tcp://{i}": w for i, w in enumerate(workers)}, "n_workers": len(workers)}
+        self.info = {"workers": {f"tcp://{i}": w for i, w in enumerate(workers)}}
 
     def scheduler_info(self, n_workers=-1):
         return self.info

@@ -624,8 +624,7 @@ class _StubClient:
         less its own use (``own``, at least lsfov's allowance for a worker's code)."""
         limit = int((free + max(own, chunked._WORKER_OWN)) / 0.8)
         self.info = {"workers": {"tcp://a": {"memory_limit": limit, "nthreads": nthreads, "metrics": {"memory": own}},
-                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads, "metrics": {"memory": own}}},
-                     "n_workers": 2}
+                                 "tcp://b": {"memory_limit": 4 * limit, "nthreads": nthreads, "metrics": {"memory": own}}}}
 
     def scheduler_info(self, n_workers=-1):
         return self.info
