@@ -666,6 +666,44 @@ def test_flat_gain_is_the_median_psf_sum_and_eps_reaches_100():
         lsfov.deconvolve(x, one, 2, eps=0.9e-4)
 
 
+def test_a_large_operator_in_the_graph_on_a_cluster_is_told_how_to_keep_out(tmp_path, monkeypatch):
+    """Without scratch=, an operator over the size limit travels whole in the task graph: on a
+    distributed cluster (only there) each iterative stage says so and how to keep it out; through a
+    scratch store, or under the limit, nothing is said."""
+    from distributed import Client, LocalCluster
+
+    from lsfov.restore import scratch as scratch_mod
+
+    shape = (96, 100)
+    kernels = psf.MODELS["Z3"].render(psf.MODELS["Z3"].sample(4, 4), size=15).reshape(2, 2, 15, 15)
+    grid = ProductConvolution.from_grid(kernels, shape)  # 3.6 kB of kernels
+    basis = ProductConvolution.from_basis(kernels[0], np.full((2,) + shape, 0.5, np.float32))  # 77 kB of maps
+    y = da.from_array(grid.apply(np.full(shape, 50.0, np.float32)) + 1, chunks=48)
+    runs = {"TV-RL": lambda **kw: lsfov.deconvolve(y, grid, 2, exchange_every=1, **kw),
+            "sparse+smooth": lambda **kw: lsfov.sparse_smooth_deblur(y, basis, iterations=2, exchange_every=1,
+                                                                     warn_dense=1.0, **kw)}
+
+    def said(run, **kw):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            run(**kw)
+        return [str(x.message) for x in w if "travels whole in the task graph" in str(x.message)]
+
+    monkeypatch.setattr(scratch_mod, "STORE_OPERATOR_BYTES", 3000)
+    for stage, run in runs.items():
+        assert not said(run), stage  # the threaded scheduler: one process, nothing travels
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        for stage, run in runs.items():
+            (msg,) = said(run)
+            size = "0.0 MB" if stage == "TV-RL" else "0.1 MB"  # a grid's kernels; a basis's maps
+            assert f"the operator ({size})" in msg and "scratch=" in msg, (stage, msg)
+            assert not said(run, scratch=tmp_path / stage), stage
+        monkeypatch.setattr(scratch_mod, "STORE_OPERATOR_BYTES", 100_000)  # both under it
+        for stage, run in runs.items():
+            assert not said(run), stage
+
+
 @pytest.mark.parametrize("stage, form", [("TV-RL", "grid"), ("sparse+smooth", "grid"), ("TV-RL", "basis"),
                                          ("sparse+smooth", "basis")])
 def test_a_large_operator_is_read_by_the_tasks_from_the_run_state(stage, form, tmp_path, monkeypatch, count_calls):

@@ -268,6 +268,9 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
              tuple(max(ch) for ch in chunks))
 
     if scratch is None:
+        from .scratch import say_operator_in_graph
+
+        say_operator_in_graph(op)
         x = lazy_exchanges(y_ext, counts, s, functools.partial(block, op=op), name="lsfov-tvrl",
                            token=(op._token, tv, eps, scale, level))
     else:

@@ -14,6 +14,7 @@ import functools
 import logging
 import shutil
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import dask.array as da
 import numpy as np
 
 from .._backend import array_module, to_numpy
+from .._validate import LsfovWarning, user_stacklevel
 from ..cluster import shared
 from .halo import block_window
 
@@ -94,16 +96,37 @@ _PARTS_LOCK = threading.Lock()
 _PARTS_BYTES = 32 << 20
 
 
+def stored_bytes(op) -> int:
+    """The bytes of ``op`` that :func:`store_operator` keeps out of a task graph; 0 where it travels as
+    it is (small, or a basis whose maps are on disk already and travel as their files' names)."""
+    if op.kind == "basis":
+        n = op.maps.nbytes if isinstance(op.maps, np.ndarray) else 0
+    else:
+        n = op.kernels.nbytes
+    return n if n > STORE_OPERATOR_BYTES else 0
+
+
+def say_operator_in_graph(op):
+    """Without a scratch store, a large operator travels whole in the task graph: to the scheduler and
+    to every worker. On a distributed cluster, say how to keep it out (Dask's own "large graph"
+    warning, past 10 MB, advises what does not apply here)."""
+    from ..cluster import _active_client
+
+    n = stored_bytes(op)
+    if n and _active_client() is not None:
+        warnings.warn(f"the operator ({n / 1e6:.1f} MB) travels whole in the task graph, to every worker; give "
+                      "scratch= a folder every worker can read to keep it out (each task then reads its "
+                      "window's part)", LsfovWarning, stacklevel=user_stacklevel())
+
+
 def store_operator(op, root: Path):
     """``op`` as block tasks of the run in ``root`` take it, saved there once (a resumed run finds it)
     where it is larger than :data:`STORE_OPERATOR_BYTES`: a grid operator as a :class:`StoredGrid`, a
     basis operator whose maps are in memory as the operator loaded back (its maps read window by
     window); any other as it is."""
-    if op is None:
+    if op is None or not stored_bytes(op):
         return op
     if op.kind == "basis":
-        if not isinstance(op.maps, np.ndarray) or op.maps.nbytes <= STORE_OPERATOR_BYTES:
-            return op  # (maps on disk already travel as their files' names)
         from ..operators import ProductConvolution
 
         path, mark = root / "operator.zarr", root / "done" / "operator"
@@ -111,8 +134,6 @@ def store_operator(op, root: Path):
             op.save(path, overwrite=True)
             mark.touch()
         return ProductConvolution.load(path)
-    if op.kernels.nbytes <= STORE_OPERATOR_BYTES:
-        return op
     import zarr
 
     path, mark = root / "operator", root / "done" / "operator"

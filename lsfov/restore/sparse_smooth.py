@@ -189,6 +189,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         The iterations then run in this call; the returned arrays read from ``scratch``. An
         operator of more than 4 MiB is saved there too, and each block task reads its window's part
         (:func:`lsfov.restore.scratch.store_operator`).
+        Without it, on a distributed cluster, such an operator travels whole in the
+        graph and an :class:`~lsfov.LsfovWarning` says so.
     resume : bool
         With ``scratch``: continue an interrupted run of the same image, operator and parameters,
         computing only the blocks without a result (the same bytes as an uninterrupted run).
@@ -351,6 +353,9 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, *,
     log.info("sparse+smooth: %d iterations in %d exchange%s, halo %d px", iterations, len(counts),
              "" if len(counts) == 1 else "s", 0 if all(len(ch) == 1 for ch in chunks) else s * k)  # one block: none
     if scratch is None:
+        from .scratch import say_operator_in_graph
+
+        say_operator_in_graph(op)
         state = lazy_exchanges(y, counts, s, functools.partial(block, op=op), name="lsfov-bss",
                                token=(op._token, gamma1, gamma2, steps, level), channels=4, initial=start)
     else:

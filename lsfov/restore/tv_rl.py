@@ -311,6 +311,8 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
         ``scratch``, which must stay until it has been stored. An operator of more than 4 MiB is
         saved there too, and each block task reads its window's part, rather than the task graph
         carrying it whole (:func:`lsfov.restore.scratch.store_operator`).
+        Without it, on a distributed cluster, such an operator travels whole in the
+        graph and an :class:`~lsfov.LsfovWarning` says so.
     resume : bool
         With ``scratch``: continue the run with the same data, operator and parameters that was
         interrupted there (a crash, a killed job): blocks and exchanges already done are skipped, and
