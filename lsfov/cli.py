@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cluster import SCHEDULERS
+from .cluster import SCHEDULERS, lost_scheduler
 from .restore.tv_rl import DEFAULT_EPS, DEFAULT_TV
 
 log = logging.getLogger("lsfov")
@@ -127,10 +127,12 @@ class _Group(click.Group):
             click.echo("interrupted (Ctrl-C)", err=True)
             raise SystemExit(128 + signal.SIGINT) from None
         except Exception as e:
-            damaged = _damaged_zarr(e)
-            if damaged is None:
+            # (a lost scheduler met outside lsfov.cluster.compute: a read of the input's statistics)
+            lost = lost_scheduler(e)
+            message = _damaged_zarr(e) if lost is None else str(lost)
+            if message is None:
                 raise
-            raise click.ClickException(damaged) from None
+            raise click.ClickException(message) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -379,7 +379,13 @@ def worker_budgets(client, own_floor: int, kept=None, held=None):
     if not workers:
         log.info("waiting for the first Dask worker to join (batch jobs may wait in the queue)")
         with _say_when_no_workers(client):
-            client.wait_for_workers(1)
+            try:
+                client.wait_for_workers(1)
+            except Exception as e:  # (the scheduler gone while it waited)
+                lost = lost_scheduler(e)
+                if lost is None:
+                    raise
+                raise lost from e
         workers = _workers_info(client)
     fraction, budgets = _pause_fraction(), []
     for name, w in workers.items():
@@ -470,11 +476,9 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
         raise MemoryError(f"out of memory in a Dask task ({e or 'no detail'}); use smaller chunks (--chunks) "
                           "or fewer threads") from e
     except Exception as e:
-        if type(e).__name__ in ("FutureCancelledError", "CommClosedError") and (
-                "connection" in str(e).lower() or "closed" in str(e).lower()):
-            raise ConnectionError(f"lost the connection to the Dask scheduler ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'}); run the command again "
-                                  "with --resume once the scheduler is back") from e
+        lost = lost_scheduler(e)
+        if lost is not None:
+            raise lost from e
         if type(e).__name__ != "KilledWorker":
             raise
         # A task whose workers died ``distributed.scheduler.allowed-failures`` times: almost always a
@@ -482,6 +486,22 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
         raise MemoryError(f"Dask workers died {_allowed_failures() + 1} times running the same task ({e.args[0]!r}), "
                           "most often because a chunk needs more memory than a worker has; use smaller chunks "
                           "(--chunks) or give each worker more memory") from e
+
+
+def lost_scheduler(e: BaseException) -> ConnectionError | None:
+    """``e`` as one line that says what to do, where it means the Dask scheduler is gone (its node
+    lost, the job killed): distributed's futures cancelled for the lost connection, a closed comm, or
+    its timeout connecting again; else None."""
+    name, text = type(e).__name__, str(e)
+    lost = (name in ("FutureCancelledError", "CommClosedError") and ("connection" in text.lower()
+                                                                     or "closed" in text.lower())
+            # (distributed's wording; not any OSError: a worker's, e.g. a full disk, is re-raised here too)
+            or isinstance(e, OSError) and text.startswith("Timed out trying to connect to"))
+    if not lost:
+        return None
+    return ConnectionError(f"lost the connection to the Dask scheduler ({name}: "
+                           f"{text.splitlines()[0] if text else 'no detail'}); run the command again "
+                           "with --resume once the scheduler is back")
 
 
 def _allowed_failures() -> int:

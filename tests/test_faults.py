@@ -442,6 +442,45 @@ def test_a_lost_scheduler_is_one_line_that_says_what_to_do(monkeypatch, run_cli)
     assert "Traceback" not in res.output
 
 
+def test_a_scheduler_lost_while_the_run_waits_for_workers_is_one_line(tmp_path, monkeypatch, run_cli):
+    """The scheduler gone before the work starts (killed while batch jobs of workers were queued):
+    distributed's timeout connecting again, an OSError raised in the wait for the first worker or in
+    a read of the input outside :func:`lsfov.cluster.compute`, was a 60-line traceback. Only
+    distributed's wording of it is taken for a lost scheduler: not a worker's own OSError."""
+    import subprocess
+
+    from distributed import Client
+
+    from lsfov import cluster
+
+    f = tmp_path / "scheduler.json"
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0", "--no-dashboard",
+                             "--scheduler-file", str(f)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not f.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), Client(scheduler_file=str(f)) as client:
+            threading.Timer(1.0, proc.kill).start()  # while the run waits for a worker
+            with pytest.raises(ConnectionError, match=r"lost the connection to the Dask scheduler \(OSError: Timed out "
+                                                      r"trying to connect .*--resume"):
+                cluster.worker_budgets(client, 0)
+    finally:
+        proc.kill()
+    assert cluster.lost_scheduler(OSError(28, "No space left on device")) is None
+    assert cluster.lost_scheduler(OSError("Timed out reading the file")) is None
+
+    def timed_out(*a, **k):
+        raise OSError("Timed out trying to connect to tcp://10.0.0.1:8786 after 30 s")
+
+    monkeypatch.setattr(chunked, "check_task_memory", timed_out)
+    np.save("img.npy", np.ones((64, 64), np.float32))
+    np.save("psf.npy", np.ones((3, 3), np.float32))
+    res = run_cli("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "lost the connection to the Dask scheduler (OSError: Timed out trying to connect" in res.output
+
+
 def test_a_local_cluster_leaves_logging_and_ctrl_c_as_it_found_them():
     import logging
 
