@@ -99,6 +99,22 @@ def _quiet_distributed(unraisable, previous):
     previous(unraisable)
 
 
+class _FiniteFloat(click.types.FloatParamType):
+    """A number option that refuses NaN and Inf, which click's float (and every bound) lets through."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv is not None and not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class _Finite(_FiniteFloat, click.FloatRange):
+    """click's FloatRange, finite."""
+
+    name = "float"
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit status 1 (no traceback)."""
 
@@ -263,13 +279,13 @@ def _symmetrize_option(f):
 
 
 def _saturation_option(f):
-    return click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
+    return click.option("--saturation", type=_Finite(min=0, min_open=True), default=None,
                         help="Pixel value at which the camera saturates [default: the largest count of an integer "
                              "image's type, or of an OME-TIFF's SignificantBits; a level above every pixel: none].")(f)
 
 
 def _saturation_options(f):
-    f = click.option("--max-saturated", type=click.FloatRange(0, 1), default=None,
+    f = click.option("--max-saturated", type=_Finite(0, 1), default=None,
                      help="Share of a PSF-map node's patch at the saturation level above which the node is invalid "
                           "(1: off, and `run` censors no pixel, for an image stretched to its type's range) "
                           "[default: 0.05].")(f)
@@ -409,6 +425,45 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     return path
 
 
+def _check_file_out(path, overwrite, made, what: str, inputs=()):
+    """A file output (a figure, a calibration, a model) checked as :func:`_check_out` does; with
+    --overwrite an existing file is replaced only if ``made(path)`` says lsfov made it (``what``)."""
+    path = _check_out(path, overwrite, result=False, inputs=inputs)
+    if overwrite and path.is_file() and not made(path):
+        raise FileExistsError(f"{path} is not {what}, and --overwrite replaces only such a file: choose another name")
+    return path
+
+
+def _is_calibration(path) -> bool:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text()).get("type") == "lsfov.DepthCalibration"
+    except Exception:
+        return False
+
+
+def _is_model(path) -> bool:
+    """An lsfov model file (.pt; also one damaged, or a training checkpoint) or its metadata (.json:
+    a model's record)."""
+    import json
+
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            meta = json.loads(path.read_text())
+            return isinstance(meta, dict) and {"psf_model", "arch", "params"} <= set(meta)
+        except Exception:
+            return False
+    from .estimate.model import PSFRegressor
+
+    try:
+        PSFRegressor.from_file(path, device="cpu")
+    except ValueError as e:  # (one lsfov wrote, damaged or of another network, is its to replace)
+        return "not an lsfov model file" not in str(e)
+    return True
+
+
 def _not_an_input_named_as_out(out, command: str, kinds, inputs=()):
     """Refuse, even with --overwrite, an existing OUT that holds what the command does not write (a
     bead image where a list of them ends: OUT forgotten, and --overwrite would replace an input).
@@ -428,7 +483,9 @@ def _not_an_input_named_as_out(out, command: str, kinds, inputs=()):
 
 def _check_figure(figure, overwrite, out, inputs=()):
     """A figure path checked before any work, as an output, and neither OUT nor a directory."""
-    fig = _check_out(figure, overwrite, result=False, inputs=inputs)
+    from .figures import made_by_lsfov
+
+    fig = _check_file_out(figure, overwrite, made_by_lsfov, "a figure lsfov made", inputs=inputs)
     if fig.resolve() == Path(out).resolve():
         raise ValueError(f"--figure {fig} is the result OUT too; name the figure e.g. {fig.with_suffix('.png').name}")
     if fig.is_dir():
@@ -589,7 +646,7 @@ def simulate():
               help="Number of beads (default: one per 48² pixels).")
 @click.option("--grid", type=click.IntRange(min=1), default=8, show_default=True,
               help="Nodes per axis of the true grid operator.")
-@click.option("--pixel-um", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--pixel-um", type=_Finite(min=0, min_open=True), default=0.1, show_default=True,
               help="Pixel size in µm.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_overwrite_option
@@ -623,9 +680,9 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 @click.argument("out", type=click.Path())
 @click.option("--model", default="Z3", show_default=True, help="PSF model: G1, G2, Z1, Z2, Z3.")
 @click.option("--grid", type=click.IntRange(min=1), default=4, show_default=True, help="PSF nodes per axis.")
-@click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True,
+@click.option("--photons", type=_Finite(min=0, min_open=True), default=1000.0, show_default=True,
               help="Photons at the brightest pixel.")
-@click.option("--read-noise", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--read-noise", type=_Finite(min=0), default=2.0, show_default=True,
               help="Gaussian read noise (photons).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_plane_options
@@ -675,7 +732,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @click.option("--exchange-every", type=click.IntRange(min=1), default=None, help="Iterations between halo exchanges (default: cost model).")
 @_scratch_option
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
-@click.option("--saturation", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--saturation", type=_Finite(min=0, min_open=True), default=None,
               help="Pixel value at which the camera saturates; such pixels count as at least that [default: the "
                    "largest count of an integer image's type, or of an OME-TIFF's SignificantBits; a value above "
                    "every pixel turns this off].")
@@ -977,7 +1034,7 @@ def _blind(img, work, model, **kw):
 @click.option("--known", type=click.Path(), default=None,
               help="Fit a calibration instead: the true depth in µm (.npy/TIFF, node grid or full image); "
                    "OUT is then the calibration JSON.")
-@click.option("--smooth", type=click.FloatRange(min=0), default=None,
+@click.option("--smooth", type=_Finite(min=0), default=None,
               help="σ in nodes of the local-plane smoothing of the depth, robust to outlying nodes [with --known: "
                    "0, stored in the calibration; otherwise the calibration's].")
 @click.option("--method", type=click.Choice(["curve", "linear"]), default=None,
@@ -1001,8 +1058,9 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
 
     if known and Path(out).suffix.lower() != ".json":  # a calibration in place of an image or a store: refused
         raise ValueError(f"{out}: a depth calibration is a JSON file; name it {Path(out).with_suffix('.json').name}")
-    out = _check_out(out, overwrite, result=not known,  # with --known: a JSON file
-                     inputs=[psf_map, *(p for p in (calibration, known) if p)])
+    inputs = [psf_map, *(p for p in (calibration, known) if p)]
+    out = (_check_file_out(out, overwrite, _is_calibration, "a depth calibration", inputs=inputs) if known
+           else _check_out(out, overwrite, inputs=inputs))
     cal = DepthCalibration.load(calibration) if calibration else None
     ds = _open_psf_map(psf_map, "PSF_MAP", checked=False)  # estimate_depth says what a map lacks
     if known:
@@ -1161,7 +1219,7 @@ def _in_image_frame(table, img):
 @click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True,
               help="Spatial basis size J (several images).")
 @click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
-@click.option("--smoothing", type=click.FloatRange(min=0), default=None, help="Thin-plate smoothing (default 0.01).")
+@click.option("--smoothing", type=_Finite(min=0), default=None, help="Thin-plate smoothing (default 0.01).")
 @click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
 @_saturation_option
 @click.option("--channel", type=int, default=None, help="Channel of multi-channel bead images.")
@@ -1255,11 +1313,11 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
                    "seen once).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None,
               help="Patches per step [64; with --stream 256; with --resume the run's].")
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--lr", type=_Finite(0, 1, min_open=True), default=None,
               help="Adam learning rate [chosen on the validation split; with --resume the run's].")
 @click.option("--patience", type=click.IntRange(min=1), default=None,
               help="Early-stopping patience, epochs without a better validation R² [4; with --resume the run's].")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--minutes", type=_Finite(min=0, min_open=True), default=None,
               help="Stop after about this many minutes: a stream at once, a set after the epoch during which "
                    "they pass (learning-rate probe included; an epoch is not cut, so a large set overruns by up "
                    "to one epoch).")
@@ -1288,6 +1346,7 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
       lsfov train z3-train.zarr z3.pt --test z3-test.zarr
       lsfov train z3-train.zarr z3.pt --init Z3     # start from the shipped weights
       lsfov train z3-train.zarr z3.pt --init my-spectral-z3.pt --arch polar --freeze
+      lsfov train --synthesize 20000 --psf-model Z3 --seed 1 z3-fresh.zarr
       lsfov train z3-fresh.zarr z3.pt --more-data z3-train.zarr --init Z3 --freeze
       lsfov train --stream 20000000 z3.pt --init Z3 --freeze --batch-size 1024 --device cuda
     """
@@ -1328,14 +1387,17 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         raise ValueError("give the training set DATA and the model file OUT (.pt), or --synthesize N DATA")
     inputs = [p for p in (data, *more, test_path) if p]
     ckpt = checkpoint or str(Path(out).with_suffix("")) + ".ckpt"  # (a set's run: a stream has none)
+    if resume and not (Path(ckpt) / "last.pt").exists():  # (before OUT's check: --overwrite would not help)
+        raise FileNotFoundError(f"nothing to resume: no checkpoint {Path(ckpt) / 'last.pt'}; give the run's "
+                                "--checkpoint DIR, or start again without --resume")
     if resume and not overwrite and Path(out).exists():
         from .estimate.training import finished
 
         if finished(ckpt):  # the run it would continue has ended, and OUT is likely its model
             raise FileExistsError(f"{out} already exists and the run in {ckpt} finished: nothing to resume; "
                                   "to train again pass --overwrite without --resume")
-    out = _check_out(out, overwrite, result=False, inputs=inputs)  # a .pt file
-    _check_out(out.with_suffix(".json"), overwrite, result=False)  # ... and its metadata beside it
+    out = _check_file_out(out, overwrite, _is_model, "an lsfov model", inputs=inputs)  # a .pt file
+    _check_file_out(out.with_suffix(".json"), overwrite, _is_model, "an lsfov model's metadata")  # ... beside it
     if checkpoint:  # a directory of its own, never in a training set's store
         ck = Path(checkpoint).resolve()
         if any(ck == Path(p).resolve() or Path(p).resolve() in ck.parents for p in inputs):
@@ -1357,7 +1419,11 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
             if any(Path(test_path).resolve() == Path(p).resolve() for p in (data, *more) if p):
                 raise ValueError(f"--test {test_path} is a training set of this run: its R² would be no test; give a "
                                  "held-out set (--synthesize N SET --split test)")
-            tested = open_training_set(test_path)["attrs"]
+            tested_set = open_training_set(test_path)
+            tested, patches = tested_set["attrs"], tested_set["patches"]
+            step = int(getattr(patches, "chunks", patches.shape)[0])
+            for s in range(0, patches.shape[0], step):  # every chunk decoded (a damaged one is named), none kept
+                patches[s : s + step]
             trained = (psf_model.upper() if isinstance(psf_model, str) else psf_model.name) if n_stream is not None \
                 else open_training_set(data)["attrs"]["psf_model"]
             if tested["psf_model"] != trained:
@@ -1371,7 +1437,13 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
             stream = PatchStream(psf_model, device=device, seed=seed, workers=workers)
             model = train_stream(stream, arch=arch, init=init, freeze=freeze, patches=n_stream,
                                  **({"batch_size": batch_size} if batch_size else {}), lr=lr, max_minutes=minutes,
-                                 seed=seed, progress=progress)
+                                 seed=seed, progress=progress, stop_on=(KeyboardInterrupt, _Terminated))
+            stopped = model.meta["training"].get("stopped")
+            if stopped:  # no checkpoint to resume: the best weights validated so far are the run's work
+                model.save(out, overwrite=overwrite)
+                click.echo(f"wrote {out} ({model.meta['training']['n_train']} patches), the best weights validated "
+                           "before the run was stopped", err=True)
+                raise _Terminated() if stopped == "_Terminated" else KeyboardInterrupt()
         else:
             try:
                 model = _train([*more, data] if more else data, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -1379,16 +1451,28 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
                                seed=seed if _given("seed") else None, init=init, freeze=freeze or None,
                                max_minutes=minutes, overwrite=overwrite, progress=progress)
             except (KeyboardInterrupt, _Terminated):
-                if (Path(ckpt) / "last.pt").exists():  # said before "interrupted (Ctrl-C)", as a run's kept work
-                    click.echo(f"the epochs done so far are kept in {ckpt}: run the same command with --resume to "
-                               "continue", err=True)
+                _say_kept(ckpt, init)
                 raise
-        if test_path:
-            model.meta["test"] = _evaluate(model, test_path)
-            _print_scores(model.meta["test"])
-        model.save(out, overwrite=overwrite)
+        try:
+            if test_path:
+                model.meta["test"] = _evaluate(model, test_path, progress=progress)
+                _print_scores(model.meta["test"])
+            model.save(out, overwrite=overwrite)
+        except BaseException:  # (e.g. a full disk): the trained run is in its checkpoints
+            if ckpt:
+                _say_kept(ckpt, init)
+            raise
         click.echo(f"wrote {out}" + (f" (checkpoints in {ckpt})" if ckpt
                                      else f" ({model.meta['training']['n_train']} patches)"))
+
+
+def _say_kept(ckpt, init):
+    """Where a set's training that stopped keeps its epochs, and the command that continues it (said
+    before the error or "interrupted (Ctrl-C)", as a run's kept work is)."""
+    if (Path(ckpt) / "last.pt").exists():
+        how = " in place of --init" if init is not None else ""  # (a resume continues the run's own weights)
+        click.echo(f"the epochs done so far are kept in {ckpt}: run the same command with --resume{how} to continue",
+                   err=True)
 
 
 def _given(name: str) -> bool:
@@ -1428,21 +1512,23 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
     from .estimate import evaluate as _evaluate
     from .estimate import load_model, robustness
 
-    if n_robust < 0:
-        raise ValueError(f"--robustness {n_robust}: give a number of patches >= 1 (or leave it out)")
+    if _given("n_robust") and n_robust < 2:  # (before any work: the test set's scores come first)
+        raise ValueError(f"--robustness {n_robust}: give a number of patches >= 2 (or leave it out)")
     if data is None and not n_robust:
         raise ValueError("give a test set DATA (lsfov train --synthesize N --split test DATA) and/or --robustness N")
     if figure and not n_robust:
         raise ValueError("--figure draws the robustness curves: add --robustness N")
     if figure:
-        _check_png(_check_out(figure, overwrite, result=False,
-                              inputs=[p for p in (model, data) if p and Path(p).exists()]))
+        from .figures import made_by_lsfov
+
+        _check_png(_check_file_out(figure, overwrite, made_by_lsfov, "a figure lsfov made",
+                                   inputs=[p for p in (model, data) if p and Path(p).exists()]))
     reg = load_model(model)
     if data is not None:
         from .estimate.synth import open_training_set
 
         _warn_not_held_out(str(data), open_training_set(data)["attrs"])
-        _print_scores(_evaluate(reg, data))
+        _print_scores(_evaluate(reg, data, progress=not obj["quiet"]))
     if n_robust:
         curves = robustness(reg, n=n_robust, progress=not obj["quiet"])
         _print_curves(curves)

@@ -41,10 +41,17 @@ def _save(fig, path) -> Path:
 
 
 def made_by_lsfov(path) -> bool:
-    """Whether ``path`` is a PNG that lsfov wrote (its ``Software`` text): what a preview may replace."""
-    from PIL import Image
-
+    """Whether ``path`` is a figure that lsfov wrote (the ``SOFTWARE`` of its metadata): what a
+    preview, or a figure with ``--overwrite``, may replace."""
+    path = Path(path)
     try:
+        if path.suffix.lower() in (".pdf", ".svg"):
+            if path.stat().st_size > 64 << 20:  # (lsfov's are a few hundred kB)
+                return False
+            data = path.read_bytes()  # PDF: /Creator (lsfov ...); SVG: <dc:title>lsfov ...</dc:title>
+            return b"/Creator (lsfov" in data or b"<dc:title>lsfov" in data
+        from PIL import Image
+
         with Image.open(path) as im:
             return str(getattr(im, "text", {}).get("Software", "")).startswith("lsfov")
     except Exception:  # not an image, unreadable

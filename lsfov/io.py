@@ -1851,13 +1851,21 @@ def describe(path) -> str:
         sub = OperatorSubspace.load(path)
         return f"{path}: lsfov operator subspace\n  {sub!r}\n  beads {sub.attrs.get('n_beads')}"
     if isinstance(meta, dict) and meta.get("type") == "TrainingSet":
-        n = zarr.open_group(str(path), mode="r")["patches"].shape[0]
+        from .estimate.synth import missing_chunks
+
+        g = zarr.open_group(str(path), mode="r")
+        n = g["patches"].shape[0]
+        try:
+            damaged = missing_chunks(g)
+        except Exception:  # an array missing: open_training_set says which
+            damaged = ""
         extra = ", ".join(f"{k} {meta[k]}" for k in ("psf_model", "split", "seed") if k in meta)
         drawn = {k: tuple(v) for k, v in (meta.get("ranges") or {}).items()}
         optics = meta.get("optics")
         return (f"{path}: lsfov CNN training set\n  {n} patches; {extra}\n  ranges: {drawn}"
                 + (f"; optics: {', '.join(f'{k} {v}' for k, v in optics.items())}" if optics else "")
-                + (f"\n  peak photons {meta['photons'][0]:g}-{meta['photons'][1]:g}" if meta.get("photons") else ""))
+                + (f"\n  peak photons {meta['photons'][0]:g}-{meta['photons'][1]:g}" if meta.get("photons") else "")
+                + (f"\n  damaged: {damaged} (they read as zeros); synthesize it again" if damaged else ""))
     if path.is_dir() and (_array_attrs(path).get("lsfov") or {}).get("table"):  # a result's table, not an image
         table = _open_variable(path)
         return (f"{path}: a table of the result {path.parent}\n  {table.shape[0]} {table.dims[0]}(s); columns "

@@ -103,6 +103,31 @@ def test_depth_bad_input():
     assert isinstance(calibrate_depth(ds, s.depth_um), DepthCalibration)
 
 
+def test_arguments_of_the_wrong_kind_say_what_to_pass():
+    """A calibration where known depths go, a result that is no PSF map, a map where an operator goes:
+    each named, with the function that takes it."""
+    import xarray as xr
+
+    import lsfov
+
+    s = simulate.tilted_surface((192, 192), depth_range_um=(-5, 5), grid=4, seed=4)
+    ds = _truth_map(s)
+    cal = calibrate_depth(ds, s.depth_um)
+    with pytest.raises(TypeError, match="not a calibration; to apply a calibration to a map use lsfov.estimate_depth"):
+        calibrate_depth(ds, cal)
+    with pytest.raises(TypeError, match="known_depth_um must be an array of depths in µm, got dict"):
+        calibrate_depth(ds, {"a": 1})
+    with pytest.raises(ValueError, match="smooth must be a finite number"):
+        calibrate_depth(ds, s.depth_um, smooth=np.nan)
+    other = xr.Dataset({"deblurred": (("y", "x"), np.ones((4, 4)))})
+    with pytest.raises(ValueError, match=r"depth reads a PSF map .*this is none \(it holds deblurred\)"):
+        estimate_depth(other)
+    with pytest.raises(TypeError, match="psf_map must be a PSF map, the xarray.Dataset .* got DataArray"):
+        estimate_depth(ds["focus"])
+    with pytest.raises(TypeError, match=r"got Dataset; for a PSF map use lsfov.operator_from_psf_map\(psf_map\)"):
+        lsfov.deconvolve(np.ones((192, 192), np.float32), ds)
+
+
 def test_local_plane_keeps_planes_and_averages_noise():
     rng = np.random.default_rng(0)
     gy, gx = np.mgrid[:15, :17].astype(float)

@@ -187,6 +187,13 @@ def _check_map(psf_map):
     """The map, its nodes in (gy, gx) order, if it is one of an astigmatic model."""
     from .mapping import node_order
 
+    if not hasattr(psf_map, "data_vars"):
+        raise TypeError(f"psf_map must be a PSF map, the xarray.Dataset of lsfov.estimate_psf_map or "
+                        f"lsfov.open_result(MAP); got {type(psf_map).__name__}")
+    if "psf_model" not in psf_map.attrs and not {"focus", "axis", "validity"} & set(psf_map.data_vars):
+        held = ", ".join(map(str, psf_map.data_vars)) or "nothing"
+        raise ValueError(f"depth reads a PSF map (`lsfov estimate IMAGE MAP`, lsfov.estimate_psf_map); this is none "
+                         f"(it holds {held})")
     for v in ("focus", "axis"):
         if v not in psf_map:
             raise ValueError(f"depth needs a map of an astigmatic model (Z3: focus, astigmatism, axis); "
@@ -413,7 +420,13 @@ def _node_values(psf_map, known):
     if isinstance(known, (str, os.PathLike)):
         raise TypeError("known_depth_um takes depths in µm (an array), not a file name; load it first "
                         "(e.g. numpy.load, or lsfov.open_image(...).values)")
-    k = np.asarray(getattr(known, "values", known), dtype=np.float64)
+    if isinstance(known, DepthCalibration):
+        raise TypeError("known_depth_um takes the known depths in µm (an array), not a calibration; to apply "
+                        "a calibration to a map use lsfov.estimate_depth(psf_map, calibration)")
+    try:
+        k = np.asarray(getattr(known, "values", known), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"known_depth_um must be an array of depths in µm, got {type(known).__name__}") from None
     shape = (psf_map.sizes["gy"], psf_map.sizes["gx"])
     if k.shape == shape:
         return k
@@ -463,6 +476,7 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
 
     psf_map = _check_map(psf_map)
     min_validity = real_number(min_validity, "min_validity", minimum=0, maximum=1)
+    smooth = real_number(smooth, "smooth", minimum=0)  # (a calibration records it: finite)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     degree = positive_int(degree, "degree")

@@ -518,6 +518,14 @@ class PSFRegressor:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
+            import zipfile
+
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"  # how every torch.save file begins
+            if zipped and not zipfile.is_zipfile(path):  # (a copy cut short loses the zip's directory, at its end;
+                # a whole one that torch refuses holds objects other than weights: not a model)
+                raise ValueError(f"{path} is a PyTorch file cut short or damaged (its archive cannot be read); "
+                                 "copy it again") from None
             raise ValueError(f"{path} is not an lsfov model file ({type(e).__name__}); "
                              "train one with `lsfov train`") from None
         if isinstance(blob, dict) and str(blob.get("format", "")).startswith("lsfov.TrainState"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import time
 
@@ -25,6 +26,8 @@ from .. import psf as _psf
 from .._validate import positive_int, real_number
 from .synth import (N_SEEDED, PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources,
                     _range, _readable, _texture, blur_torch, library, procedural_seed)
+
+log = logging.getLogger("lsfov")
 
 __all__ = ["PatchStream", "train_stream"]
 
@@ -208,7 +211,8 @@ class PatchStream:
 
 def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, freeze: bool = False,
                  patches: int = 1_000_000, batch_size: int = 256, lr: float | None = None, n_val: int | None = None,
-                 eval_every: int = 500, max_minutes: float | None = None, seed: int = 0, progress: bool = True):
+                 eval_every: int = 500, max_minutes: float | None = None, seed: int = 0, progress: bool = True,
+                 stop_on: tuple = ()):
     """Train a PSF-parameter regressor on fresh batches of ``stream`` (its device is the model's).
 
     Parameters
@@ -235,7 +239,12 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     seed : int
         Seeds the network's initial weights (the batches follow the stream's own seed).
     progress : bool
-        Show a progress bar.
+        Show progress bars (the validation patches, the training steps).
+    stop_on : tuple of exception types
+        Exceptions (e.g. ``KeyboardInterrupt``) that, raised during the steps, end the training
+        there with the best weights validated so far (``meta["training"]["stopped"]`` names it);
+        raised before any validation beat the start, they propagate. The CLI passes Ctrl-C and
+        SIGTERM: a stream has no checkpoint to resume from.
 
     Returns
     -------
@@ -292,12 +301,16 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     val_stream = copy.copy(stream)
     val_stream.generator = torch.Generator(device=dev).manual_seed(stream.seed + 1_000_003)
     fit.train_mode(False)
+    from ..cluster import progress_bar
+
     vx, vp, vv = [], [], []
-    for b in range(0, n_val, 1024):
-        x, p, v = val_stream(min(1024, n_val - b))
-        vx.append(inputs(x))
-        vp.append(p.cpu().numpy())
-        vv.append(v.cpu().numpy())
+    with progress_bar(total=n_val, desc="validation patches", unit="patch", disable=not progress) as bar:
+        for b in range(0, n_val, 1024):  # (8192 took a minute on 2 CPU cores: not in silence)
+            x, p, v = val_stream(min(1024, n_val - b))
+            vx.append(inputs(x))
+            vp.append(p.cpu().numpy())
+            vv.append(v.cpu().numpy())
+            bar.update(len(p))
     vx, vp, vv = torch.cat(vx), np.concatenate(vp), np.concatenate(vv)
 
     def validate():
@@ -311,6 +324,8 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
             return float(np.mean(list(r2_scores(m, vp[vv], decode(m, out[:, 1:])[vv]).values())))
 
     steps = max(1, patches // batch_size)
+    if steps * batch_size != patches:
+        log.info("training on %d patches: %d whole batches of %d", steps * batch_size, steps, batch_size)
     opt = torch.optim.Adam(fit.params, lr=lr)
 
     def progress_made(step):  # 0 -> 1: the share of the steps, or of the time, spent
@@ -322,35 +337,39 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     history = [{"step": 0, "val_r2": best}]
     if start is None or start.arch != arch:
         best = -math.inf  # a new network's untrained start is no candidate
-    from ..cluster import progress_bar
-
     fit.train_mode()
-    t0, running, step = time.perf_counter(), [], 0
+    t0, running, step, trained, stopped = time.perf_counter(), [], 0, 0, None
     with progress_bar(total=steps, desc=f"train {m.name} ({arch}) on a stream", unit="batch", disable=not progress) as bar:
-        for step in range(1, steps + 1):
-            done = progress_made(step - 1)
-            for group in opt.param_groups:  # cosine decay to 2 %
-                group["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * done)))
-            x, p, v = stream(batch_size)
-            t = torch.from_numpy(encode(m, p.cpu().numpy()).astype(np.float32)).to(dev)
-            loss = _loss(fit(inputs(x)), t, v)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running.append(loss.detach())
-            bar.update(1)
-            late = max_minutes is not None and progress_made(step) >= 1
-            if step % eval_every == 0 or step == steps or late:
-                r2 = validate()
-                history.append({"step": step, "train_loss": float(torch.stack(running).mean()), "val_r2": r2,
-                                "seconds": round(time.perf_counter() - t0, 1)})
-                running = []
-                bar.set_postfix(val_r2=f"{r2:.4f}")
-                if np.isfinite(r2) and r2 > best:
-                    best = r2
-                    best_state = {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
-                if late:
-                    break
+        try:
+            for step in range(1, steps + 1):
+                done = progress_made(step - 1)
+                for group in opt.param_groups:  # cosine decay to 2 %
+                    group["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * done)))
+                x, p, v = stream(batch_size)
+                t = torch.from_numpy(encode(m, p.cpu().numpy()).astype(np.float32)).to(dev)
+                loss = _loss(fit(inputs(x)), t, v)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                trained = step
+                running.append(loss.detach())
+                bar.update(1)
+                late = max_minutes is not None and progress_made(step) >= 1
+                if step % eval_every == 0 or step == steps or late:
+                    r2 = validate()
+                    history.append({"step": step, "train_loss": float(torch.stack(running).mean()), "val_r2": r2,
+                                    "seconds": round(time.perf_counter() - t0, 1)})
+                    running = []
+                    bar.set_postfix(val_r2=f"{r2:.4f}")
+                    if np.isfinite(r2) and r2 > best:
+                        best = r2
+                        best_state = {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
+                    if late:
+                        break
+        except stop_on as e:  # (a Ctrl-C: the best weights so far, where they beat the start)
+            stopped = e
+    if stopped is not None and best_state is None:
+        raise stopped  # nothing validated beat the start: no model to keep
     seconds = time.perf_counter() - t0
     if best_state is not None:
         net.load_state_dict(best_state)
@@ -360,12 +379,14 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     model.meta["training"] = {
         "data": {**{k: v for k, v in stream.attrs().items() if k in ("sources", "split", "seed", "photons", "read_noise",
                                                                      "illumination", "invalid_fraction", "n_procedural")},
-                 "n": step * batch_size, "stream": True},
-        "n_train": step * batch_size, "n_val": n_val, "lr": lr, "batch_size": batch_size, "steps": step,
+                 "n": trained * batch_size, "stream": True},
+        "n_train": trained * batch_size, "n_val": n_val, "lr": lr, "batch_size": batch_size, "steps": trained,
         "epochs_run": 1,  # each patch seen once
         "best_val_r2": best, "history": history, "device": str(dev), "seconds": round(seconds, 1),
-        "patches_per_second": round(step * batch_size / max(seconds, 1e-9), 1),
+        "patches_per_second": round(trained * batch_size / max(seconds, 1e-9), 1),
     }
+    if stopped is not None:
+        model.meta["training"]["stopped"] = type(stopped).__name__
     if freeze:
         model.meta["training"]["freeze"] = True
     if dev.type == "cuda":

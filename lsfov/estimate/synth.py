@@ -495,10 +495,13 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         with atomic_directory(out, overwrite=overwrite) as tmp:
             g = zarr.open_group(str(tmp), mode="w")
             g.attrs["lsfov"] = attrs
+            # Every chunk stored, even one all of the fill value (an all-invalid flag chunk): a missing
+            # chunk then always means a set copied or written in part (open_training_set refuses it).
+            every = {"config": {"write_empty_chunks": True}}
             pa = g.create_array("patches", shape=(n, PATCH, PATCH), chunks=(min(batch, n), PATCH, PATCH),
-                                dtype="float32")
-            pr = g.create_array("params", shape=(n, m.n_params), chunks=(n, m.n_params), dtype="float64")
-            va = g.create_array("valid", shape=(n,), chunks=(n,), dtype="bool")
+                                dtype="float32", **every)
+            pr = g.create_array("params", shape=(n, m.n_params), chunks=(n, m.n_params), dtype="float64", **every)
+            va = g.create_array("valid", shape=(n,), chunks=(n,), dtype="bool", **every)
             params, valid = np.empty((n, m.n_params)), np.empty(n, bool)
             for s, (p, a, v) in batches():
                 pa[s : s + len(p)] = p
@@ -546,8 +549,23 @@ def open_training_set(path):
         ds = {"patches": g["patches"], "params": g["params"][...], "valid": g["valid"][...], "attrs": attrs}
     except KeyError as e:
         raise ValueError(f"{path} lacks its {e.args[0]} array: the training set is damaged; synthesize it again") from None
+    missing = missing_chunks(g)
+    if missing:  # (zarr reads them as zeros: patches of nothing, invalid flags, parameters at 0)
+        raise ValueError(f"{path}: {missing}: the set was copied or written only in part; synthesize it again")
     check_set(ds, path)
     return ds
+
+
+def missing_chunks(g) -> str:
+    """Which of a training set's arrays (a zarr group) lack chunks, as "3 of 8 chunks of patches
+    missing"; '' if none."""
+    said = []
+    for name in ("patches", "params", "valid"):
+        a = g[name]
+        stored, total = a.nchunks_initialized, a.nchunks
+        if stored < total:
+            said.append(f"{total - stored} of {total} chunks of {name}")
+    return ", ".join(said) + " missing" if said else ""
 
 
 def check_set(ds: dict, name) -> None:

@@ -156,7 +156,16 @@ def _as_set(data):
         def name(d):
             return str(d) if isinstance(d, (str, Path)) else "(dict)"
 
-        for d, st in zip(data[1:], sets[1:]):
+        for i, (d, st) in enumerate(zip(data[1:], sets[1:]), 1):
+            for e, other in zip(data[:i], sets[:i]):
+                if isinstance(d, (str, Path)) and isinstance(e, (str, Path)) and Path(d).resolve() == Path(e).resolve():
+                    raise ValueError(f"training set {d} is given twice; give each set once")
+                if {k: v for k, v in st["attrs"].items() if k != "n"} == {k: v for k, v in other["attrs"].items() if k != "n"}:
+                    # one seed and split draw the same patches, in order: one set would be the other's first
+                    # rows, and the validation split (the last set's last rows) patches it trains on
+                    raise ValueError(f"training sets {name(e)} and {name(d)} were drawn alike (split "
+                                     f"{st['attrs'].get('split')}, seed {st['attrs'].get('seed')}): their patches repeat "
+                                     "each other's; synthesize one with another seed (--seed)")
             for key in _SAME:
                 if st["attrs"].get(key) != first.get(key):
                     raise ValueError(f"training sets {name(data[0])} and {name(d)} differ in {key} "
@@ -405,6 +414,9 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     candidates = tuple(real_number(c, "lr_candidates", minimum=0, maximum=1, exclusive=True) for c in candidates)
     if max_minutes is not None:
         max_minutes = real_number(max_minutes, "max_minutes", minimum=0)  # 0: one epoch
+    if checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
+        raise FileExistsError(f"checkpoint {checkpoint} is a file; give a directory for the run's checkpoints "
+                              "(--checkpoint DIR)")
     if checkpoint is not None and not resume and not overwrite and (Path(checkpoint) / "last.pt").exists():
         raise FileExistsError(f"{checkpoint} holds an earlier run's checkpoints; resume it (resume=True, --resume), "
                               "replace them (overwrite=True, --overwrite) or give another checkpoint directory")
@@ -491,17 +503,23 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
             log.info("%s: the run had finished after %d epoch(s) (%s): nothing left to train, its best weights kept",
                      ckpt / "last.pt", start_epoch, "all of them" if start_epoch >= epochs else "stopped early")
     elif lr is None:
+        from ..cluster import progress_bar
+
         first = copy.deepcopy(model.net.state_dict())
         scores = {}
-        for cand in candidates:  # same start, same batches: only the rate differs
-            model.net.load_state_dict(first)
-            opt, _ = make_opt(cand)
-            rng = np.random.default_rng(seed)
-            for i, (x, t, v) in enumerate(_batches(inputs, targets, valid, train_idx, batch_size, rng, block)):
-                if i >= probe_steps:
-                    break
-                _step(fit, opt, x, t, v, gamma)
-            scores[cand] = _val_loss(fit, inputs, targets, valid, val_idx, gamma, block)
+        per = min(probe_steps, math.ceil(len(train_idx) / batch_size))
+        with progress_bar(total=len(candidates) * per, desc=f"choose lr of {', '.join(f'{c:g}' for c in candidates)}",
+                          unit="batch", disable=not progress) as bar:
+            for cand in candidates:  # same start, same batches: only the rate differs
+                model.net.load_state_dict(first)
+                opt, _ = make_opt(cand)
+                rng = np.random.default_rng(seed)
+                for i, (x, t, v) in enumerate(_batches(inputs, targets, valid, train_idx, batch_size, rng, block)):
+                    if i >= probe_steps:
+                        break
+                    _step(fit, opt, x, t, v, gamma)
+                    bar.update(1)
+                scores[cand] = _val_loss(fit, inputs, targets, valid, val_idx, gamma, block)
         finite = {k: v for k, v in scores.items() if np.isfinite(v)}
         if not finite:
             raise ValueError(f"every learning rate in {candidates} diverged in {probe_steps} steps; give smaller ones")
@@ -625,14 +643,19 @@ def r2_scores(m, true, pred) -> dict:
     return out
 
 
-def _predict_all(model, patches, batch_size=256, symmetrize=False):
+def _predict_all(model, patches, batch_size=256, symmetrize=False, progress=False):
+    from ..cluster import progress_bar
+
     preds = []
-    for s in range(0, patches.shape[0], 2048):
-        preds.append(model.predict(np.asarray(patches[s : s + 2048]), batch_size, symmetrize=symmetrize))
+    with progress_bar(total=patches.shape[0], desc=f"evaluate {model.psf_model.name}", unit="patch",
+                      disable=not progress) as bar:
+        for s in range(0, patches.shape[0], 2048):
+            preds.append(model.predict(np.asarray(patches[s : s + 2048]), batch_size, symmetrize=symmetrize))
+            bar.update(len(preds[-1]["validity"]))
     return {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
 
 
-def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> dict:
+def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False, progress: bool = False) -> dict:
     """R² per parameter on the valid samples, their mean, and the validity accuracy.
 
     A test set drawn over other parameter ranges or optics than the model was trained on is warned
@@ -648,6 +671,8 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> di
         Patches per forward pass.
     symmetrize : bool
         Predict with the 8 symmetries of the square (:meth:`PSFRegressor.predict`).
+    progress : bool
+        Show a progress bar.
 
     Returns
     -------
@@ -659,7 +684,8 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> di
     Raises
     ------
     ValueError
-        If the test set is of another PSF model than the model's.
+        If the test set is of another PSF model than the model's, or holds fewer than two valid
+        patches (R² needs their spread).
     """
     model = model if isinstance(model, PSFRegressor) else load_model(model)
     batch_size = positive_int(batch_size, "batch_size")
@@ -672,8 +698,11 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False) -> di
     if differ:
         warnings.warn(f"the test set was drawn over other ranges or optics than the model was trained on ({differ}): "
                       "R² measures extrapolation", LsfovWarning, stacklevel=2)
-    pred = _predict_all(model, ds["patches"], batch_size, symmetrize)
     valid = np.asarray(ds["valid"], bool)
+    if valid.sum() < 2:
+        raise ValueError(f"the test set holds {int(valid.sum())} valid patch(es) of {len(valid)}: R² needs at least two; "
+                         "synthesize a larger one")
+    pred = _predict_all(model, ds["patches"], batch_size, symmetrize, progress)
     est = np.stack([pred[p] for p in model.params], axis=1)
     r2 = r2_scores(model.psf_model, ds["params"][valid], est[valid])
     acc = float(((pred["validity"] > 0.5) == valid).mean())

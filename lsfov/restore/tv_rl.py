@@ -242,10 +242,9 @@ def _check_range(scale: float, peak: float, eps: float, gain: float = 1.0):
 
 def _check_params(operator, iterations, tv, eps, exchange_every):
     if not isinstance(operator, ProductConvolution):
-        raise TypeError(
-            f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}; "
-            "for a single PSF use ProductConvolution.from_psf(psf, image.shape)"
-        )
+        hint = ("for a PSF map use lsfov.operator_from_psf_map(psf_map)" if hasattr(operator, "data_vars")
+                else "for a single PSF use ProductConvolution.from_psf(psf, image.shape)")
+        raise TypeError(f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}; {hint}")
     if operator.window != (0, 0) + operator.shape:
         raise ValueError("deconvolve() needs a full-image operator, not a restricted window")
     return check_settings(iterations, tv, eps, exchange_every)
