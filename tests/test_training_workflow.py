@@ -74,20 +74,23 @@ class _Interrupted(S.PatchStream):
         return super().__call__(n)
 
 
-def test_a_stream_stopped_keeps_the_best_weights_validated_so_far(monkeypatch):
+def test_a_stream_stopped_keeps_the_best_weights_validated(monkeypatch):
     """A stream has no checkpoint: where Ctrl-C (or SIGTERM) is one of ``stop_on``, training ends
-    there with the best weights validated so far; before any validation, nothing is kept."""
+    there, validated once more, with the best weights; before any step, nothing is kept."""
     kw = dict(arch="compact", patches=32 * 10, batch_size=32, n_val=64, eval_every=2, progress=False)
-    _Interrupted.calls, _Interrupted.stop_at = 0, 4
+    _Interrupted.calls, _Interrupted.stop_at = 0, 5
     model = S.train_stream(_Interrupted("G1", seed=3, n_procedural=2), stop_on=(KeyboardInterrupt,), **kw)
     t = model.meta["training"]
-    assert t["stopped"] == "KeyboardInterrupt" and t["steps"] == 3 and t["n_train"] == 96
-    assert [h["step"] for h in t["history"]] == [0, 2]
+    assert t["stopped"] == "KeyboardInterrupt" and t["steps"] == 4 and t["n_train"] == 128
+    assert [h["step"] for h in t["history"]] == [0, 2, 4]  # (none more at the stop: step 4 was validated)
     _Interrupted.calls = 0
     with pytest.raises(KeyboardInterrupt):  # not asked to stop on it
         S.train_stream(_Interrupted("G1", seed=3, n_procedural=2), **kw)
     _Interrupted.calls, _Interrupted.stop_at = 0, 2
-    with pytest.raises(KeyboardInterrupt):  # stopped before the first validation: no weights to keep
+    one = S.train_stream(_Interrupted("G1", seed=3, n_procedural=2), stop_on=(KeyboardInterrupt,), **kw)
+    assert [h["step"] for h in one.meta["training"]["history"]] == [0, 1]  # validated at the stop only
+    _Interrupted.calls, _Interrupted.stop_at = 0, 1
+    with pytest.raises(KeyboardInterrupt):  # stopped before any step: no weights to keep
         S.train_stream(_Interrupted("G1", seed=3, n_procedural=2), stop_on=(KeyboardInterrupt,), **kw)
 
 

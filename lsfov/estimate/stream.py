@@ -242,9 +242,10 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
         Show progress bars (the validation patches, the training steps).
     stop_on : tuple of exception types
         Exceptions (e.g. ``KeyboardInterrupt``) that, raised during the steps, end the training
-        there with the best weights validated so far (``meta["training"]["stopped"]`` names it);
-        raised before any validation beat the start, they propagate. The CLI passes Ctrl-C and
-        SIGTERM: a stream has no checkpoint to resume from.
+        there, with one more validation (unless one of them interrupts it too) and the best
+        weights validated (``meta["training"]["stopped"]`` names the exception); where no weights
+        beat the start (or none trained), they propagate. The CLI passes Ctrl-C and SIGTERM: a
+        stream has no checkpoint to resume from.
 
     Returns
     -------
@@ -368,6 +369,15 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
                         break
         except stop_on as e:  # (a Ctrl-C: the best weights so far, where they beat the start)
             stopped = e
+            if trained and history[-1]["step"] != trained:  # the steps since the last validation count too
+                try:
+                    r2 = validate()
+                    history.append({"step": trained, "val_r2": r2, "seconds": round(time.perf_counter() - t0, 1)})
+                    if np.isfinite(r2) and r2 > best:
+                        best = r2
+                        best_state = {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
+                except stop_on:  # a second signal: no waiting for it
+                    pass
     if stopped is not None and best_state is None:
         raise stopped  # nothing validated beat the start: no model to keep
     seconds = time.perf_counter() - t0
