@@ -564,7 +564,8 @@ def _say_unknown_pixel(src, img, pixel_um, model):
 @click.argument("path", type=click.Path())
 def info(path):
     """Describe an image (OME-Zarr, TIFF, .npy), an lsfov result, an operator or subspace of
-    operators, a training set, a CNN model (.pt or a shipped name) or a depth calibration (.json)."""
+    operators, a training set, a CNN model (.pt or a shipped name), a training run's checkpoints or a depth
+    calibration (.json)."""
     from .io import describe
     from .psf import MODELS
 
@@ -588,6 +589,15 @@ def info(path):
                    + (f"  test set ({test.get('n', '?')} patches): R² {r2}" if r2 else
                       "  test set: not measured (lsfov evaluate)")
                    + _training_summary(m.meta.get("training") or {}))
+    elif Path(path).is_dir() and (Path(path) / "last.pt").is_file():  # a training run's checkpoints
+        import torch
+
+        st = torch.load(Path(path) / "last.pt", map_location="cpu", weights_only=True)
+        meta, best = st.get("meta") or {}, st.get("best_val") or {}
+        click.echo(f"{path}: checkpoints of a {meta.get('psf_model')} ({meta.get('arch')}) training run: epoch "
+                   f"{st.get('epoch', -1) + 1} of {st.get('scheduler', {}).get('T_max', '?')}, best validation R² "
+                   f"{best.get('val_r2', float('nan')):.4f}; `lsfov train DATA OUT.pt --resume` continues it"
+                   + ("" if Path(path).suffix == ".ckpt" else f" (with --checkpoint {path})"))
     else:
         click.echo(describe(path))
 
