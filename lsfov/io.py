@@ -65,10 +65,17 @@ NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".n
 
 
 def check_result_name(path) -> None:
-    """Refuse a result (a directory) named like a file of another format: it would pass for one."""
+    """Refuse a result (a directory) named like a file of another format: it would pass for one; or
+    inside a zarr store (a variable of another result, its array): replacing it would leave a store in
+    a store, which neither that result nor a viewer reads any more."""
     path = _as_path(path)
     if path.suffix.lower() in NOT_ZARR:
         raise ValueError(f"{path}: results are OME-Zarr directories; name it {path.with_suffix('.zarr').name}")
+    where = Path(os.path.realpath(path.parent))
+    for parent in reversed((where, *where.parents)):  # (the outermost: the result, not its variable)
+        if any((parent / marker).exists() for marker in ("zarr.json", ".zgroup", ".zarray")):
+            raise ValueError(f"{path} is inside the zarr store {parent}; a result is a store of its own: write it "
+                             "outside that one")
 
 
 def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=None, series=None) -> xr.DataArray:
@@ -1575,7 +1582,12 @@ def _lead_geometry(var: xr.DataArray, dim, axis):
         c, units = (c - (c[0] if c.dtype.kind == "M" else np.timedelta64(0))) / np.timedelta64(1, "s"), "s"
     c = np.asarray(c, dtype=np.float64)
     step = _even_step(c)
-    if step is None:
+    if step is None:  # kept for lsfov (its own copy of the coordinates), not for viewers: said
+        how = (f"flip it (.isel({dim}=slice(None, None, -1))), as NGFF has no negative scale" if c[-1] < c[0]
+               else "resample it to keep its spacing there")
+        warnings.warn(f"the {dim} coordinate of {var.name!r} is not evenly spaced and increasing: NGFF's scale cannot "
+                      f"hold it, so viewers (napari, ome-zarr) show its planes one unit apart, in stored order "
+                      f"(lsfov.open_result reads it back); {how}", LsfovWarning, stacklevel=user_stacklevel())
         return 1.0, 0.0, None
     if axis == "z":
         factor = _to_um(units)

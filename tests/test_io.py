@@ -1123,3 +1123,33 @@ def test_a_stale_pixel_size_is_saved_as_the_coordinates_say(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read back, it no longer contradicts itself
         assert back.attrs["pixel_um"] == pytest.approx(0.4) and lsfov.io.pixel_size(back) == pytest.approx(0.4)
+
+
+def test_a_result_is_never_written_inside_another_zarr_store(tmp_path, run):
+    """OUT naming a variable (or an array) of an existing result, with --overwrite, replaced it by a
+    whole result: the outer result, and the variable in a viewer, no longer opened."""
+    img = xr.DataArray(np.ones((16, 16), np.float32), dims=("y", "x"))
+    lsfov.save(xr.Dataset({"a": img, "b": img}), tmp_path / "r.zarr")
+    for inner in ("r.zarr/a", "r.zarr/a/0", "r.zarr/new"):
+        with pytest.raises(ValueError, match=f"{inner} is inside the zarr store .*r.zarr; a result is a store of its own"):
+            lsfov.save(xr.Dataset({"a": img}), tmp_path / inner, overwrite=True)
+    np.save(tmp_path / "i.npy", np.ones((32, 32), np.float32))
+    np.save(tmp_path / "p.npy", np.ones((3, 3), np.float32))
+    res = run("deconvolve", "i.npy", "r.zarr/b", "--psf", "p.npy", "--overwrite", ok=False)
+    assert res.exit_code == 1 and "r.zarr/b is inside the zarr store" in res.output, res.output
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "r.zarr")["b"], img)  # untouched
+
+
+def test_a_z_or_t_axis_ngff_cannot_scale_is_said(tmp_path):
+    """Unevenly spaced or descending z (or t) planes: NGFF's scale cannot hold them and viewers show
+    them one unit apart; lsfov reads them back from its own copy, and says so."""
+    b = np.ones((3, 8, 8), np.float32)
+    for z, hint in (([0, 0.5, 1.5], "resample it"), ([1.5, 0.5, 0], r"flip it \(.isel\(z=slice")):
+        var = xr.DataArray(b, dims=("z", "y", "x"), coords={"z": xr.Variable("z", z, {"units": "um"})})
+        with pytest.warns(lsfov.LsfovWarning, match=f"the z coordinate of 'v' is not evenly spaced .*{hint}"):
+            lsfov.save(xr.Dataset({"v": var}), tmp_path / f"z{z[0]}.zarr")
+        np.testing.assert_array_equal(lsfov.open_result(tmp_path / f"z{z[0]}.zarr")["v"].z, z)
+    even = xr.DataArray(b, dims=("z", "y", "x"), coords={"z": xr.Variable("z", [0, 0.5, 1.0], {"units": "um"})})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsfov.save(xr.Dataset({"v": even}), tmp_path / "even.zarr")
