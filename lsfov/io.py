@@ -281,10 +281,10 @@ def _select_axis(arr, path, dim, idx, flag):
     if dim not in arr.dims:
         if idx in (0, -1):
             return arr
-        raise ValueError(f"{path}: --{flag} {idx} given but the image has no {dim} axis (dims {arr.dims})")
+        raise ValueError(f"{path}: {flag}={idx} (--{flag}) given but the image has no {dim} axis (dims {arr.dims})")
     n = arr.sizes[dim]
     if not -n <= int(idx) < n:
-        raise ValueError(f"{path}: --{flag} {idx} out of range; the image has {n} along {dim}")
+        raise ValueError(f"{path}: {flag}={idx} (--{flag}) out of range; the image has {n} along {dim}")
     return arr.isel({dim: int(idx)}, drop=True)
 
 
@@ -741,6 +741,9 @@ def _tiff_pixel_um(tf, axis: str = "X", k: int = 0) -> float | None:
 
 
 def _open_npy(path: Path) -> xr.DataArray:
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # (else NumPy's error would suggest loading it as a pickle)
+            raise ValueError(f"{path} is not a NumPy .npy file (numpy.save writes one); give an image file")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:

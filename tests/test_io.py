@@ -1153,3 +1153,13 @@ def test_a_z_or_t_axis_ngff_cannot_scale_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lsfov.save(xr.Dataset({"v": even}), tmp_path / "even.zarr")
+
+
+def test_a_file_named_npy_that_is_not_one_is_said_to_be(tmp_path):
+    (tmp_path / "notes.npy").write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(ValueError, match=r"notes.npy is not a NumPy .npy file \(numpy.save writes one\)") as e:
+        lsfov.open_image(tmp_path / "notes.npy")
+    assert "pickle" not in str(e.value)  # NumPy's own message steered to unsafe loading
+    np.save(tmp_path / "stack.npy", np.ones((2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"z=5 \(--z\) out of range; the image has 2 along z"):
+        lsfov.open_image(tmp_path / "stack.npy", z=5)
