@@ -1599,8 +1599,13 @@ def _lead_geometry(var: xr.DataArray, dim, axis):
 
 
 def _axis_geometry(var: xr.DataArray, dim):
-    """(scale, translation, unit) of a spatial dim from its coordinate, if evenly spaced."""
+    """(scale, translation, unit) of a spatial dim from its coordinate, if evenly spaced; of an image
+    axis (y, x) without one, from the image's ``pixel_um`` attribute where it has one."""
     if dim not in var.coords:
+        px = var.attrs.get("pixel_um")
+        if dim in ("y", "x") and isinstance(px, (int, float, np.number)) and not isinstance(px, bool) \
+                and np.isfinite(px) and px > 0:  # (not a map's gy, gx: its nodes are not pixels apart)
+            return _tidy(float(px)), 0.0, SPATIAL_UNIT
         return 1.0, 0.0, "pixel"
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
     units = var.coords[dim].attrs.get("units")

@@ -972,7 +972,8 @@ def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point
     assert back.dims == ("time", "y", "x") and back.time.values[1] == pytest.approx(32.5)
     np.testing.assert_array_equal(one.values, series.values[2])
     # Unevenly spaced or without a unit: no time geometry is made up (scale 1, no unit).
-    lsfov.save(series.assign_coords(t=("t", [0.0, 1.0, 3.0, 4.0], {"units": "s"})), tmp_path / "odd.zarr")
+    with pytest.warns(lsfov.LsfovWarning, match="the t coordinate of 'image' is not evenly spaced"):
+        lsfov.save(series.assign_coords(t=("t", [0.0, 1.0, 3.0, 4.0], {"units": "s"})), tmp_path / "odd.zarr")
     odd = json.loads((tmp_path / "odd.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert odd["axes"][0] == {"name": "t", "type": "time"}
     assert odd["datasets"][0]["coordinateTransformations"][0]["scale"][0] == 1.0
@@ -1163,3 +1164,18 @@ def test_a_file_named_npy_that_is_not_one_is_said_to_be(tmp_path):
     np.save(tmp_path / "stack.npy", np.ones((2, 8, 8), np.float32))
     with pytest.raises(ValueError, match=r"z=5 \(--z\) out of range; the image has 2 along z"):
         lsfov.open_image(tmp_path / "stack.npy", z=5)
+
+
+def test_an_image_without_coordinates_is_saved_at_its_pixel_size(tmp_path):
+    """An xarray image that has a ``pixel_um`` but no coordinates (as made by hand) opens in a viewer
+    at that size in µm, not in pixels; a map's node axes are not pixels apart and stay unscaled."""
+    img = xr.DataArray(np.ones((8, 8), np.float32), dims=("y", "x"), attrs={"pixel_um": 0.2})
+    nodes = xr.DataArray(np.ones((3, 3), np.float32), dims=("gy", "gx"), attrs={"pixel_um": 0.2})
+    lsfov.save(xr.Dataset({"v": img, "m": nodes}), tmp_path / "px.zarr")
+    ms = json.loads((tmp_path / "px.zarr" / "v" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.2, 0.2]
+    assert [a.get("unit") for a in ms["axes"]] == ["micrometer", "micrometer"]
+    back = lsfov.open_result(tmp_path / "px.zarr")
+    np.testing.assert_allclose(back["v"].x.values, np.arange(8) * 0.2)
+    ms = json.loads((tmp_path / "px.zarr" / "m" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
