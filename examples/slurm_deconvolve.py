@@ -21,6 +21,7 @@ The options below override them for one run. The same job from the command line:
 """
 import argparse
 import shutil
+from pathlib import Path
 
 from lsfov.cluster import jobqueue_cluster
 
@@ -56,6 +57,8 @@ def main():
             return
         if not (a.src and a.out and a.operator):
             p.error("give SRC, OUT and --operator (or --dry-run)")
+        if Path(a.out).exists():  # before any job is paid for: the result is written only at the end
+            p.error(f"{a.out} already exists; remove it or give another OUT")
         import xarray as xr
         from distributed import Client
 

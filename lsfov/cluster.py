@@ -521,22 +521,27 @@ def _say_when_no_workers(client, grace: float | None = None):
     keeps for other callers) from a daemon thread."""
     grace = NO_WORKERS_GRACE if grace is None else grace
     stop = threading.Event()
+    said = threading.Event()  # the run was said to wait, and not yet to go on
+
+    def goes_on(n):
+        said.clear()
+        log.warning("%d Dask worker%s connected: the run goes on", n, "" if n == 1 else "s")
 
     def watch():
-        since, said = time.monotonic(), False  # (since the run started, or its workers were last seen)
+        since = time.monotonic()  # (since the run started, or its workers were last seen)
         while not stop.wait(min(grace / 4, 5.0)):
             try:
                 n = len(client.nthreads())
             except Exception:  # the scheduler gone, or the client closing: the computation says it
                 return
             if n:
-                if said:
-                    log.warning("%d Dask worker%s connected: the run goes on", n, "" if n == 1 else "s")
-                since, said = None, False
+                if said.is_set():
+                    goes_on(n)
+                since = None
             elif since is None:
                 since = time.monotonic()
-            elif not said and time.monotonic() - since >= grace:
-                said = True
+            elif not said.is_set() and time.monotonic() - since >= grace:
+                said.set()
                 log.warning("no Dask worker has been connected to the scheduler for %.0f s: the run waits for one "
                             "(every worker died, or batch jobs wait in the queue: see squeue or qstat); start "
                             "workers, or stop the run (Ctrl-C)", time.monotonic() - since)
@@ -548,6 +553,13 @@ def _say_when_no_workers(client, grace: float | None = None):
     finally:
         stop.set()
         thread.join(timeout=10)  # (a reading under way ends first: none lands after the run)
+    if said.is_set():  # a worker joined, and the wait for it ended, before the next reading said so
+        try:
+            n = len(client.nthreads())
+        except Exception:
+            n = 0
+        if n:
+            goes_on(n)
 
 
 def _compute(obj, progress, label, on_task):

@@ -968,6 +968,17 @@ def test_cli_deconvolve_resumed_says_so_only_for_its_own_work(run, count_calls, 
     assert any("is of another run" in m for m in said), said
 
 
+def test_the_slurm_example_refuses_an_existing_output_before_any_job(tmp_path):
+    """Submitted again with the same OUT, it ran every iteration on the cluster before saving failed."""
+    pytest.importorskip("dask_jobqueue")
+    (tmp_path / "done.zarr").mkdir()
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "slurm_deconvolve.py"), "in.tif",
+                          str(tmp_path / "done.zarr"), "--operator", "op.zarr", "--cores", "8", "--memory", "32GB"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "done.zarr already exists; remove it or give another OUT" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_slurm_and_pbs_clusters_without_a_batch_system():
     pytest.importorskip("dask_jobqueue")
     import dask

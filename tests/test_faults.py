@@ -865,3 +865,54 @@ def test_memory_checks_wait_for_the_first_worker(lsfov_log):
     assert said == ["waiting for the first Dask worker to join (batch jobs may wait in the queue)"], said
     ((free, threads),) = budgets
     assert threads == 2 and 0 < free <= fraction * (64 << 30) - (100 << 20)
+
+
+def test_a_wait_said_to_be_long_says_when_it_ends(lsfov_log, monkeypatch):
+    """Said to wait (no worker for the grace), the run says it goes on when a worker has joined, also
+    when the wait (for the first worker, before the checks) ends before the watch's next reading."""
+    from lsfov import cluster
+
+    class Stub:
+        joined = False
+
+        def nthreads(self):
+            return {"w": 1} if self.joined else {}
+
+    stub = Stub()
+    with lsfov_log() as said:
+        with cluster._say_when_no_workers(stub, grace=0.2):
+            time.sleep(0.6)  # said to wait
+            stub.joined = True  # and the wait ends at once
+    assert len(said) == 2 and said[0].startswith("no Dask worker has been connected"), said
+    assert said[1] == "1 Dask worker connected: the run goes on", said
+
+
+def test_a_second_run_of_the_same_scratch_state_is_refused_not_let_remove_it(tmp_path):
+    """The same job started twice from Python (the CLI locks its OUT; the API had nothing): the second
+    removed the first's state under it. Its state is now locked while it runs."""
+    from lsfov.io import output_lock
+
+    rng = np.random.default_rng(0)
+    y = da.from_array(rng.uniform(1, 2, (64, 64)).astype(np.float32), chunks=32)
+    op = operators.ProductConvolution.from_psf(np.ones((3, 3)) / 9, (64, 64))
+    first = np.asarray(lsfov.deconvolve(y, op, 2, scratch=tmp_path))
+    (state,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert [p.name for p in tmp_path.iterdir()] == [state.name]  # no lock left behind
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with output_lock(state):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    try:
+        held.wait(30)
+        with pytest.raises(FileExistsError, match="is being written by another"):
+            lsfov.deconvolve(y, op, 2, scratch=tmp_path)
+        assert state.is_dir()
+    finally:
+        release.set()
+        t.join()
+    np.testing.assert_array_equal(np.asarray(lsfov.deconvolve(y, op, 2, scratch=tmp_path)), first)

@@ -178,12 +178,21 @@ def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channe
     -------
     The zarr array of the final state.
     """
-    import zarr
-    from ..cluster import progress_bar
-
-    from ..cluster import compute
+    from ..io import output_lock
 
     root = Path(root).resolve()  # workers may run in another directory (a PBS job starts in $HOME)
+    # One run of a state at a time: a second one (the same job submitted twice, from Python: the CLI
+    # locks its OUT) would remove this one's state under it, or write the same chunks.
+    with output_lock(root):
+        return _run_exchanges(y, counts, spread, block, root, channels, resume, progress, desc, initial, operator)
+
+
+def _run_exchanges(y, counts, spread, block, root, channels, resume, progress, desc, initial, operator):
+    """:func:`run_exchanges` holding its state's lock."""
+    import zarr
+
+    from ..cluster import compute, progress_bar
+
     if root.exists() and not resume:
         shutil.rmtree(root)  # a fresh run
     elif resume:
