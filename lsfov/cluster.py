@@ -121,6 +121,17 @@ class _SyncCancelRace(logging.Filter):
         return not (isinstance(e, NameError) and "'future'" in str(e))
 
 
+class _LostSchedulerTraceback(logging.Filter):
+    """distributed's client logs the tracebacks of its attempts to reach a scheduler that is gone (a
+    closed comm, the reconnection cancelled: 40 lines); the run then ends with lsfov's one line that
+    says what to do (:func:`lost_scheduler`). Its one-line messages stay; with -vv, everything."""
+
+    def filter(self, record):
+        e = record.exc_info[1] if record.exc_info else None
+        lost = type(e).__name__ in ("CancelledError", "CommClosedError") or isinstance(e, OSError)
+        return not lost or log.isEnabledFor(logging.DEBUG)
+
+
 def _hush_on_interrupt(e: BaseException):
     """An interrupt (Ctrl-C, SIGTERM: not an Exception) stops the run: what distributed says while
     its futures are cancelled ("Couldn't gather keys", from the scheduler in this process) is no news."""
@@ -217,8 +228,8 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
                     hush()
         return
     client = _connect(value)
-    with (_filtered("tornado.application", _SyncCancelRace()), _hushable("distributed") as hush,
-          _hushable("asyncio") as hush_loop, client):
+    with (_filtered("tornado.application", _SyncCancelRace()), _filtered("distributed.client", _LostSchedulerTraceback()),
+          _hushable("distributed") as hush, _hushable("asyncio") as hush_loop, client):
         log.info("connected to %s; dashboard: %s", value, client.dashboard_link)
         try:
             yield client

@@ -916,3 +916,30 @@ def test_a_second_run_of_the_same_scratch_state_is_refused_not_let_remove_it(tmp
         release.set()
         t.join()
     np.testing.assert_array_equal(np.asarray(lsfov.deconvolve(y, op, 2, scratch=tmp_path)), first)
+
+
+def test_a_lost_schedulers_tracebacks_from_distributed_are_left_out(lsfov_log):
+    """Connected to a scheduler that is then lost, distributed's client logged the tracebacks of its
+    attempts to reach it again (40 lines) before lsfov's one line; its one-line messages stay."""
+    import asyncio
+
+    from distributed import LocalCluster
+
+    from lsfov import cluster
+
+    def record(e):
+        return logging.LogRecord("distributed.client", logging.ERROR, __file__, 1, "", (), (type(e), e, None))
+
+    flt = cluster._LostSchedulerTraceback()
+    assert not flt.filter(record(asyncio.CancelledError()))
+    assert not flt.filter(record(OSError("Timed out trying to connect to tcp://h:1 after 10 s")))
+    assert flt.filter(record(ValueError("something else")))
+    assert flt.filter(logging.LogRecord("distributed.client", logging.ERROR, __file__, 1,
+                                        "Failed to reconnect to scheduler after 10.00 seconds, closing client", (), None))
+    with lsfov_log(logging.DEBUG):  # -vv: everything
+        assert flt.filter(record(asyncio.CancelledError()))
+    logger = logging.getLogger("distributed.client")
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as lc:
+        with cluster.use_scheduler(lc.scheduler_address):
+            assert any(isinstance(f, cluster._LostSchedulerTraceback) for f in logger.filters)
+    assert not any(isinstance(f, cluster._LostSchedulerTraceback) for f in logger.filters)
