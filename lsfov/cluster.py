@@ -334,8 +334,33 @@ def _connect(spec: str):
             return None
 
     before = registered()
+    made = {}
+
+    def connect():
+        try:
+            made["client"] = Client(spec, timeout=_CONNECT_TIMEOUT)
+        except BaseException as e:  # (said in the caller's thread)
+            made["error"] = e
+
+    # distributed's own timeout does not bound its handshake: a server that accepts the connection and
+    # never answers (the dashboard's HTTP port, which lsfov prints beside the scheduler's) held it forever.
+    thread = threading.Thread(target=connect, name="lsfov-connect", daemon=True)
+    thread.start()
+    thread.join(3 * dask.utils.parse_timedelta(_CONNECT_TIMEOUT))
+    if thread.is_alive():
+        left = registered()
+        if left is not None and left is not before:
+            # Closed, within bounds too: a default client left half made would take every later compute.
+            closing = threading.Thread(target=left.close, kwargs={"timeout": 2}, daemon=True)
+            closing.start()
+            closing.join(5)
+        raise ValueError(f"the server at {spec} accepted the connection but no Dask scheduler answered; is it the "
+                         "dashboard's port? Give the scheduler's address (tcp://HOST:PORT, usually port 8786, as "
+                         "`dask scheduler` prints it) or its --scheduler-file")
     try:
-        return Client(spec, timeout=_CONNECT_TIMEOUT)
+        if "error" in made:
+            raise made["error"]
+        return made["client"]
     except Exception as e:
         left = registered()
         if left is not None and left is not before:

@@ -943,3 +943,30 @@ def test_a_lost_schedulers_tracebacks_from_distributed_are_left_out(lsfov_log):
         with cluster.use_scheduler(lc.scheduler_address):
             assert any(isinstance(f, cluster._LostSchedulerTraceback) for f in logger.filters)
     assert not any(isinstance(f, cluster._LostSchedulerTraceback) for f in logger.filters)
+
+
+def test_a_server_that_never_answers_is_refused_not_waited_on(monkeypatch):
+    """--scheduler given the dashboard's port (which lsfov prints): the server takes the connection
+    and never answers, and distributed's handshake waited forever."""
+    import socket
+
+    from lsfov import cluster
+
+    monkeypatch.setattr(cluster, "_CONNECT_TIMEOUT", "0.5s")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="accepted the connection but no Dask scheduler answered; is it the "
+                                             "dashboard's port"):
+            with cluster.use_scheduler(f"tcp://127.0.0.1:{port}"):
+                pass
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.close()
+    from distributed import default_client
+
+    with pytest.raises(ValueError):  # nothing left as the default client of every later compute
+        default_client()
