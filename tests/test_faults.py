@@ -970,3 +970,43 @@ def test_a_server_that_never_answers_is_refused_not_waited_on(monkeypatch):
 
     with pytest.raises(ValueError):  # nothing left as the default client of every later compute
         default_client()
+
+
+def test_the_chunks_a_memory_refusal_advises_fit_with_the_halo_their_run_takes(monkeypatch):
+    """The halo a run takes follows its chunks (the exchange plan): advice computed with the refused
+    run's halo proposed chunks that were refused in turn. Whatever the memory, what is advised fits."""
+    pytest.importorskip("distributed")  # its configuration: where Dask pauses a worker
+
+    from lsfov import cluster
+
+    op = lsfov.ProductConvolution.from_grid(np.ones((4, 4, 31, 31), np.float32) / 961, (2048, 2048))
+    y = da.ones((2048, 2048), np.float32, chunks=2048)
+
+    class Checked(Exception):
+        pass
+
+    def stop(*a, **k):  # past the memory check: no read needed
+        raise Checked
+
+    monkeypatch.setattr(chunked.dask, "compute", stop)
+    advised = set()
+    for mib in (30, 45, 60, 90, 140, 200, 300, 450):
+        monkeypatch.setattr(cluster, "_active_client", lambda: _StubClient(mib << 20, 1))
+        try:
+            lsfov.deconvolve(y, op, 10)
+            continue
+        except MemoryError as e:
+            msg = str(e)
+        except Checked:
+            continue
+        if "--chunks" in msg:
+            edge = int(msg.rsplit("--chunks ", 1)[1].split(")")[0])
+            advised.add(edge)
+            with pytest.raises(Checked):  # refused no more
+                lsfov.deconvolve(y.rechunk(edge), op, 10)
+        else:
+            assert "exchange-every 1" in msg, msg
+            if "or more memory" in msg:
+                with pytest.raises(Checked):
+                    lsfov.deconvolve(y.rechunk(256), op, 10, exchange_every=1)
+    assert len(advised) >= 2, advised

@@ -113,10 +113,13 @@ def _bytes_per_px(op: ProductConvolution) -> int:
 _WORKER_OWN = 160 * 2**20
 
 
-def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | None = None):
+def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | None = None, plan=None):
     """Refuse, before any work, blocks whose tasks cannot fit: the memory of a Dask worker (its
     ``memory_limit`` up to where Dask pauses it, less what the worker itself uses) or of this
-    machine (available RAM) shared by the threads that run tasks at once (no more than ``n_blocks``)."""
+    machine (available RAM) shared by the threads that run tasks at once (no more than ``n_blocks``).
+    ``plan(edge, every=None)`` gives the (block shape, halo) of the run at chunks of ``edge`` px (and
+    ``every`` iterations per exchange): the chunks advised are those whose run fits (the halo a run
+    chooses follows its chunks); without it, the blocks keep ``halo``."""
     from ..cluster import _active_client, worker_budgets
 
     need = task_bytes(block, halo, op)
@@ -139,10 +142,17 @@ def check_task_memory(block, halo: int, op: ProductConvolution, n_blocks: int | 
     # The largest chunk edge whose tasks fit, rounded down to a multiple of 256, with every thread
     # busy: smaller chunks make more blocks than the few (or one) that left threads idle here.
     per_thread = min(lim / t for lim, t in budgets)
-    edge = math.isqrt(int(per_thread / _bytes_per_px(op))) - 2 * halo - 2 * op.halo
-    edge = edge // 256 * 256
-    hint = (f"use chunks of {edge} px or less (--chunks {edge})" if edge >= 256 else
-            "use chunks of 256 px and --exchange-every 1 (a smaller halo), or more memory per worker")
+    plan = plan or (lambda edge, every=None: ((edge, edge), halo))
+
+    def fits(block_, halo_):
+        return task_bytes(block_, halo_, op) <= per_thread
+
+    top = math.isqrt(int(per_thread / _bytes_per_px(op)))  # no larger window fits, whatever its halo
+    edge = next((e for e in range(top // 256 * 256, 255, -256) if fits(*plan(e))), None)
+    hint = (f"use chunks of {edge} px or less (--chunks {edge})" if edge else
+            "use chunks of 256 px and --exchange-every 1 (a smaller halo)" + (
+                ", or more memory per worker" if fits(*plan(256, 1)) else "; with this memory per worker even those "
+                "do not fit: give each worker more"))
     raise MemoryError(f"blocks of {block[0]}x{block[1]} px with a {halo} px halo need about {need / 2**30:.2g} GiB "
                       f"per task, but {where.format(limit / 2**30, threads)}; {hint}")
 
@@ -231,7 +241,17 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     ext_shape = (y.shape[0] + 2 * r, y.shape[1] + 2 * r)
     chunks = (tuple((n,) for n in ext_shape) if single_block else
               tuple(axis_chunks(n, ci, halo) for n, ci in zip(ext_shape, c)))
-    check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]))
+
+    def plan(edge, every=exchange_every):
+        """(block shape, halo) of this run at chunks of ``edge`` px: what the memory check advises by."""
+        ce = (min(edge, y.shape[0]), min(edge, y.shape[1]))
+        one = ce == tuple(y.shape)
+        k_ = min(every or (iterations if one else choose_exchange_every(ce, op, iterations, tv)), iterations)
+        h = 0 if one else s * k_
+        parts = tuple((n,) for n in ext_shape) if one else tuple(axis_chunks(n, ci, h) for n, ci in zip(ext_shape, ce))
+        return tuple(max(ch) for ch in parts), h
+
+    check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]), plan=plan)
     given, y = y, y.astype(np.float32)
     # One streaming pass for what the iterations need to know globally (and for bad input); the
     # extremes in the input's own type, where values beyond float32's range are still finite.
