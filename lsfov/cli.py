@@ -169,7 +169,7 @@ def main(ctx, verbose, quiet):
     # which is the one line a command prints; -vv shows them (for this command only).
     tiff_log = logging.getLogger("tifffile")
     ctx.call_on_close(functools.partial(tiff_log.setLevel, tiff_log.level))
-    tiff_log.setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
+    tiff_log.setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)  # (its ERRORs too: a cut file's)
     # A warning is one line for the person at the terminal, not a source location in lsfov (for this
     # command only: a notebook or test that calls the CLI gets its own format back).
     previous = warnings.formatwarning

@@ -548,6 +548,13 @@ def _refuse_cut_short(tf, path):
     """Refuse a TIFF whose first or last image's pixel data end past the end of the file (a partial
     copy or an interrupted write), which tifffile opens and describes as if whole."""
     for series in {0: tf.series[0], 1: tf.series[-1]}.values():
+        # A stack tifffile reads as one contiguous block from its first page (its own files' z-stacks:
+        # the other pages are not even listed) ends where that block does.
+        offset, nbytes = getattr(series, "dataoffset", None), getattr(series, "nbytes", None)
+        fh = getattr(getattr(series, "parent", None), "filehandle", None)
+        if offset is not None and nbytes and fh is not None and offset + nbytes > fh.size:
+            raise ValueError(f"{fh.path}: cut short ({fh.size} bytes; its pixel data run to {offset + nbytes}): "
+                             "an interrupted write or copy; copy it again")
         try:
             pages = [series.pages[0], series.pages[len(series.pages) - 1]]
         except Exception:  # pages tifffile cannot list: left to the read, which names the file

@@ -448,6 +448,13 @@ def test_damaged_tiffs_are_refused_naming_the_file(tmp_path):
         lsfov.open_image(tmp_path / "cut.tif")
     with pytest.raises(ValueError, match="cut short"):
         lsfov.io.describe(tmp_path / "cut.tif")
+    # A z-stack tifffile writes as one block (its pages after the first not even listed when cut)
+    tifffile.imwrite(tmp_path / "stack.tif", np.ones((5, 64, 64), np.float32))
+    (tmp_path / "cutstack.tif").write_bytes((tmp_path / "stack.tif").read_bytes()[:30000])
+    for read in (lsfov.open_image, lsfov.io.describe):
+        with pytest.raises(ValueError, match=r"cutstack.tif: cut short \(30000 bytes; its pixel data run to \d+\)"):
+            read(tmp_path / "cutstack.tif")
+    assert lsfov.open_image(tmp_path / "stack.tif", z=4).shape == (64, 64)
     with tifffile.TiffFile(tmp_path / "z.tif") as tf:
         at = tf.pages[0].dataoffsets[1]
     (tmp_path / "bad.tif").write_bytes(whole[:at + 10] + b"\xff" * 30 + whole[at + 40:])
