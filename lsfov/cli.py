@@ -99,20 +99,16 @@ def _quiet_distributed(unraisable, previous):
     previous(unraisable)
 
 
-class _FiniteFloat(click.types.FloatParamType):
-    """A number option that refuses NaN and Inf, which click's float (and every bound) lets through."""
+class _Finite(click.FloatRange):
+    """click's FloatRange, refusing NaN and Inf too, which its bounds let through (a NaN passes any)."""
+
+    name = "float"
 
     def convert(self, value, param, ctx):
         rv = super().convert(value, param, ctx)
         if rv is not None and not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return rv
-
-
-class _Finite(_FiniteFloat, click.FloatRange):
-    """click's FloatRange, finite."""
-
-    name = "float"
 
 
 class _Group(click.Group):
