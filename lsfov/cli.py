@@ -433,8 +433,10 @@ def _check_file_out(path, overwrite, made, what: str, inputs=()):
 def _is_calibration(path) -> bool:
     import json
 
+    from .estimate.depth import _TYPE
+
     try:
-        return json.loads(Path(path).read_text()).get("type") == "lsfov.DepthCalibration"
+        return json.loads(Path(path).read_text()).get("type") == _TYPE
     except Exception:
         return False
 

@@ -334,6 +334,12 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
         if max_minutes is not None:
             f = max(f, (time.perf_counter() - t0) / max(60 * max_minutes, 1e-9))
         return min(f, 1.0)
+    def kept(r2, best, best_state):
+        """The best validation R² and its weights, with a validation of ``r2`` just made."""
+        if np.isfinite(r2) and r2 > best:
+            return r2, {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
+        return best, best_state
+
     best, best_state = validate(), None  # the starting weights compete too (continuing can lose)
     history = [{"step": 0, "val_r2": best}]
     if start is None or start.arch != arch:
@@ -362,9 +368,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
                                     "seconds": round(time.perf_counter() - t0, 1)})
                     running = []
                     bar.set_postfix(val_r2=f"{r2:.4f}")
-                    if np.isfinite(r2) and r2 > best:
-                        best = r2
-                        best_state = {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
+                    best, best_state = kept(r2, best, best_state)
                     if late:
                         break
         except stop_on as e:  # (a Ctrl-C: the best weights so far, where they beat the start)
@@ -373,9 +377,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
                 try:
                     r2 = validate()
                     history.append({"step": trained, "val_r2": r2, "seconds": round(time.perf_counter() - t0, 1)})
-                    if np.isfinite(r2) and r2 > best:
-                        best = r2
-                        best_state = {k: w.detach().cpu().clone() for k, w in net.state_dict().items()}
+                    best, best_state = kept(r2, best, best_state)
                 except stop_on:  # a second signal: no waiting for it
                     pass
     if stopped is not None and best_state is None:
