@@ -99,22 +99,33 @@ def summary_figure(path, panels: dict, title: str | None = None, quantities: dic
     return _save(fig, path)
 
 
+#: The lowest R² the robustness figure shows; lower points are drawn on it as ▼.
+ROBUSTNESS_FLOOR = -0.5
+
+
 def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
     """R² against degradation strength (paper 000 Fig. 7): one panel per degradation, one line per
-    model (``curves``: {model name: lsfov.estimate.robustness(...) result})."""
+    model (``curves``: {model name: lsfov.estimate.robustness(...) result}). R² below
+    :data:`ROBUSTNESS_FLOOR` is drawn on the floor as a downward triangle."""
     plt = _plt()
     kinds = ("gaussian", "poisson", "mixed", "illumination")
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.4), squeeze=False, sharey=True)
+    # R² below 0 is worse than guessing the mean: show a little of it; a point below the floor is
+    # drawn on it as a downward triangle (it still says where the curve went).
+    low = min(min(np.nanmin(c[k]) for k in kinds) for c in curves.values())
+    floor = max(ROBUSTNESS_FLOOR, min(0.0, low))
     for ax, kind in zip(axes[0], kinds):
         for name, c in curves.items():
-            ax.plot(c["strengths"], c[kind], marker="o", ms=3, label=name)
+            s, r = np.asarray(c["strengths"], float), np.asarray(c[kind], float)
+            line, = ax.plot(s, np.maximum(r, floor), marker="o", ms=3, label=name)
+            below = r < floor
+            if below.any():
+                ax.plot(s[below], np.full(below.sum(), floor), "v", ms=7, color=line.get_color(), clip_on=False)
         ax.set_title(f"{kind} {'noise' if kind != 'illumination' else 'gradient'}")
         ax.set_xlabel("strength")
         ax.grid(alpha=0.3)
-    # R² below 0 is worse than guessing the mean: show a little of it, clip the rest.
-    low = min(min(min(c[k]) for k in kinds) for c in curves.values())
-    axes[0][0].set_ylim(max(-0.5, min(0.0, low)), 1.02)
-    axes[0][0].set_ylabel("mean R² (valid patches)")
+    axes[0][0].set_ylim(floor, 1.02)
+    axes[0][0].set_ylabel("mean R² (valid patches" + ("; ▼ below the axis)" if low < floor else ")"))
     axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)

@@ -1053,6 +1053,29 @@ def test_cli_starts_without_torch_and_writes_figures_of_any_name(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig", "fig.pdf", "fig.v2"]
 
 
+def test_robustness_figure_draws_points_below_its_floor_on_it(monkeypatch, tmp_path):
+    """R² far below 0 is clipped to the floor, and each clipped point is marked there (▼)."""
+    import lsfov.figures as figures
+
+    kept = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.setdefault("fig", fig))
+    s = [0.0, 0.1, 0.2]
+    curve = {"strengths": s, "gaussian": [0.9, 0.2, -3.0], "poisson": [0.9, 0.8, 0.7],
+             "mixed": [0.9, -0.1, -0.7], "illumination": [0.9, 0.9, 0.9]}
+    figures.robustness_figure(tmp_path / "r.png", {"Z3": curve})
+    axes = kept["fig"].axes
+    assert axes[0].get_ylim()[0] == figures.ROBUSTNESS_FLOOR
+    for ax, clipped in zip(axes, ([0.2], [], [0.2], [])):
+        line, *marks = ax.get_lines()
+        assert line.get_ydata().min() >= figures.ROBUSTNESS_FLOOR
+        assert [list(m.get_xdata()) for m in marks] == ([clipped] if clipped else [])
+        assert all(m.get_marker() == "v" and set(m.get_ydata()) == {figures.ROBUSTNESS_FLOOR} for m in marks)
+    kept.clear()
+    figures.robustness_figure(tmp_path / "r.png", {"Z3": {**curve, "gaussian": [0.9, 0.2, -0.2],
+                                                          "mixed": [0.9, 0.5, 0.1]}})
+    assert kept["fig"].axes[0].get_ylim()[0] == -0.2 and all(len(a.get_lines()) == 1 for a in kept["fig"].axes)
+
+
 def test_psf_mosaic_shows_at_most_16_nodes_per_axis_ends_included():
     from lsfov.figures import psf_mosaic
 
