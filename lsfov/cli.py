@@ -621,6 +621,8 @@ def _check_map_source(psf_map, map_path, src, img):
 
     made, made_plane = psf_map.attrs.get("source"), psf_map.attrs.get("plane") or None
     plane = plane_of(img).get("plane") or None
+    if psf_map.attrs.get("ground_truth") and Path(map_path).resolve() == Path(src).resolve():
+        return  # `lsfov simulate blur`'s true blur of the image beside it (its source: the sharp image)
     if made is None or (Path(str(made)).resolve() == Path(str(src)).resolve() and made_plane == plane):
         return
 
@@ -716,7 +718,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
         img = io.with_pixel_size(img, optics.pixel_um)
     op, params = sim.psf_field(img.shape, model, (grid, grid), seed=seed)
     blurred = sim.degrade(img.values, op, photons=photons, read_noise=read_noise, seed=seed)
-    ds = _params_dataset(params, op, img.attrs.get("pixel_um"), model)
+    ds = _params_dataset(params, op, img, model)
     ds["blurred"] = img.copy(data=blurred)
     ds.attrs.update(command="lsfov simulate blur", **_source(src, img), model=model, grid=grid, photons=photons,
                     read_noise=read_noise, seed=seed)
@@ -1646,25 +1648,27 @@ def _um(dim, values):
     return xr.Variable(dim, np.asarray(values, dtype=np.float64), attrs={"units": "micrometer"})
 
 
-def _params_dataset(params, op, pixel_um, model):
-    """PSF-model parameters on the node grid, as variables with node-centre coordinates."""
+def _params_dataset(params, op, img, model):
+    """PSF-model parameters on the node grid of ``op`` over ``img``, as variables with node-centre
+    coordinates (on the image's own, a crop's offset included) and the attributes of a PSF map:
+    the true blur deblurs as a map does (``--psf-map``)."""
     import xarray as xr
 
+    from .io import image_origin
     from .psf import get_model
 
     m = get_model(model)
-    cy, cx = op.centers
+    pixel_um = img.attrs.get("pixel_um")
+    origin = image_origin(img, pixel_um)
     s = pixel_um or 1.0
     unit = "micrometer" if pixel_um else "pixel"
-    coords = {
-        "gy": xr.Variable("gy", cy * s, attrs={"units": unit}),
-        "gx": xr.Variable("gx", cx * s, attrs={"units": unit}),
-    }
+    coords = {d: xr.Variable(d, o + c * s, attrs={"units": unit}) for d, c, o in zip(("gy", "gx"), op.centers, origin)}
     return xr.Dataset({
         name: xr.DataArray(params[..., i].astype(np.float32), dims=("gy", "gx"), coords=coords,
                            attrs={"units": m.units[name], "psf_model": m.name})
         for i, name in enumerate(m.params)
-    })
+    }, attrs={**m.to_meta(), "image_shape": list(img.shape), "origin": list(origin), "pixel_um": pixel_um,
+              "ground_truth": 1})
 
 
 if __name__ == "__main__":  # pragma: no cover

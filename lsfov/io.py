@@ -220,6 +220,10 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
     if series not in (None, 0) and not tiff:
         raise ValueError(f"{path}: series={series} (--series) picks an image of a TIFF of several; this is one image")
     if path.is_dir():
+        grid = _node_grid(path)
+        if grid:  # a map's variable: its nodes are not pixels (its NGFF scale is their spacing)
+            raise ValueError(f"{path} is a variable on the node grid {grid} of the result {path.parent}, not an image; "
+                             f"open it with lsfov.open_result({str(path.parent)!r})")
         try:
             return _open_ngff(path, level)
         except Exception as e:
@@ -234,6 +238,13 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
     raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+
+
+def _node_grid(path: Path) -> tuple | None:
+    """The node dims (gy, gx) of a result's variable stored at ``path`` on a map's node grid; None for
+    anything else."""
+    dims = (_group_attrs(path).get("lsfov") or {}).get("dims") if (path / "zarr.json").exists() else None
+    return tuple(dims) if isinstance(dims, list) and {"gy", "gx"} & set(dims) else None
 
 
 def _damaged_metadata(path: Path) -> str | None:
@@ -298,14 +309,21 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
         if other:
             raise ValueError(f"{path} is {other}, not an image")
         names = root_attrs["lsfov"].get("variables", [])
-        # what `lsfov simulate` makes to be read: its image (beads) or blurred image (blur)
-        for name in ("image", "blurred"):
-            if name in names and root_attrs["lsfov"].get("complete"):
-                log.info("%s is an lsfov result; reading its variable %r", path, name)
-                return _open_ngff(path / name, level)
+        # what `lsfov simulate` makes to be read (its image or blurred image), or a result's only
+        # image (`lsfov deconvolve`'s deblurred): the image it holds
+        images = [n for n in names if (path / n / "zarr.json").exists() and not _node_grid(path / n)
+                  and "multiscales" in (_group_attrs(path / n).get("ome") or {})]
+        one = next((n for n in ("image", "blurred") if n in names), images[0] if len(images) == 1 else None)
+        if one is not None and root_attrs["lsfov"].get("complete"):
+            log.info("%s is an lsfov result; reading its variable %r", path, one)
+            return _open_ngff(path / one, level)
+        if not images and all(_node_grid(path / n) for n in names):  # a PSF map, a depth map
+            raise ValueError(f"{path} is an lsfov result on a node grid (a PSF map or depth: {', '.join(names)}), "
+                             "not an image; open it with lsfov.open_result")
         raise ValueError(
             f"{path} is an lsfov result with variables {names}; open it with lsfov.open_result "
             f"or open one variable as {path}/<variable>"
+            + (f" (its images: {', '.join(images)})" if images and names != images else "")
         )
     parent = _group_attrs(path.parent).get("lsfov") if path.parent != path else None
     if isinstance(parent, dict) and "variables" in parent and not parent.get("complete"):
@@ -362,6 +380,11 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             factor = _to_um(ax["unit"]) if name == "z" else None
             values = trans[i] + scale[i] * np.arange(data.shape[i])
             coords[name] = _coord(name, values * factor, SPATIAL_UNIT) if factor else _coord(name, values, ax["unit"])
+        elif name == "c":  # channel names (NGFF's omero labels), so that a chosen channel says which it is
+            labels = node.metadata.get("channel_names") or []
+            if len(labels) == data.shape[i] and len(set(map(str, labels))) == len(labels) \
+                    and not all(str(v).startswith("channel_") for v in labels):  # (the reader's made-up names)
+                coords[name] = np.asarray([str(v) for v in labels])
     # Non-square pixels keep each axis's scale and no single size (pixel_size then says what to do).
     pixel_um = sizes.get("x", sizes.get("y"))
     if len(sizes) == 2 and not _square(sizes["y"], sizes["x"]):
@@ -821,7 +844,9 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     def note(dim, i):
         plane[dim] = i
         c = arr.coords[dim] if dim in arr.coords else None  # not .get: xarray makes up an index
-        if c is not None and c.dtype.kind in "iuf":  # a position (not, say, a channel's name)
+        if c is not None and c.dtype.kind in "OUS" and dim == "c":  # a channel's name
+            where["channel"] = str(c.values[i])
+        elif c is not None and c.dtype.kind in "iuf":  # a position
             if c.attrs.get("units") == SPATIAL_UNIT:
                 where[f"{dim}_um"] = _tidy(c.values[i])
             else:  # (a time, which may be seconds since 1970: every digit kept)
@@ -854,10 +879,10 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
 
 def plane_of(image) -> dict:
     """Which plane of a larger image ``image`` is (the attributes :func:`open_image` sets: ``plane``,
-    ``z_um`` or ``z``/``z_units``, ``t``/``t_units``), to carry into what is made of it; empty for a
+    ``channel`` (its name, where the file names channels), ``z_um`` or ``z``/``z_units``, ``t``/``t_units``), to carry into what is made of it; empty for a
     2-D image or one whose other axes are all of length one."""
     attrs = getattr(image, "attrs", {})
-    return {k: attrs[k] for k in ("plane", "z_um", "z", "z_units", "t", "t_units") if attrs.get(k) is not None}
+    return {k: attrs[k] for k in ("plane", "channel", "z_um", "z", "z_units", "t", "t_units") if attrs.get(k) is not None}
 
 
 def _pixel_attr(image, name: str = "the image") -> float | None:
@@ -1198,7 +1223,7 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
             if _is_table(var):
                 _write_table(root, str(name), var)
             else:
-                _write_variable(root, str(name), var, chunks, progress)
+                _write_variable(root, str(name), var, chunks, progress, period=_period(str(name), var, ds.attrs))
         root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
     return Path(path)
 
@@ -1431,9 +1456,34 @@ def _write_table(root, name: str, var: xr.DataArray):
                           "attrs": _jsonable(var.attrs)}
 
 
-def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
+def _narrowed(block, name):
+    """``block`` as float32, refusing finite values float32 cannot hold (they would be stored as Inf)."""
+    with np.errstate(over="ignore"):
+        out = block.astype(np.float32)
+    lost = ~np.isfinite(out) & np.isfinite(block)
+    if lost.any():
+        from ._validate import beyond_float32
+
+        raise beyond_float32(f"variable {name!r}", float(np.abs(block[lost]).max()))
+    return out
+
+
+def _period(name: str, var: xr.DataArray, attrs: dict) -> float | None:
+    """The period of an angle of a PSF model (a map's astigmatism axis, :meth:`lsfov.psf.PSFModel.period`),
+    named by the variable's or the result's ``psf_model``; None for anything else."""
+    from .psf import MODELS
+
+    model = MODELS.get(str(var.attrs.get("psf_model", attrs.get("psf_model"))))
+    return model.period(name) if model is not None and var.dtype.kind == "f" else None
+
+
+def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, period: float | None = None):
+    """``period``: the variable is an angle of that period, its pyramid levels means on the circle."""
     from ome_zarr.format import FormatV05
-    from ome_zarr.writer import write_multiscales_metadata
+
+    with warnings.catch_warnings():  # its module's own default argument draws a DeprecationWarning
+        warnings.filterwarnings("ignore", "Call to deprecated class Scaler", DeprecationWarning)
+        from ome_zarr.writer import write_multiscales_metadata
 
     for pair in (("y", "x"), ("gy", "gx")):  # the axes NGFF names y and x last, by name: never a transposed image
         if set(pair) <= set(var.dims):
@@ -1441,7 +1491,9 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
     ydim, xdim = var.dims[-2:]
     lead = var.dims[:-2]
     data = var.data if isinstance(var.data, da.Array) else da.from_array(np.asarray(var.data))
-    if data.dtype.kind == "f" and data.dtype != np.float32:  # float64 halved, float16 widened: what viewers read
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4:  # float64 halved (what viewers read), never to Inf
+        data = data.map_blocks(_narrowed, name, dtype=np.float32)
+    elif data.dtype.kind == "f" and data.dtype != np.float32:  # float16 widened
         data = data.astype(np.float32)
     edge = int(chunks) if chunks else min(_CHUNK, max(data.chunksize[-2:]))
     spatial_chunks = (min(edge, data.shape[-2]), min(edge, data.shape[-1]))
@@ -1490,14 +1542,14 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False):
             break
         # Next level from what was just written (not from the source graph, which may be costly).
         stored = da.from_zarr(arr)
-        level = _halved(stored.astype(bool) if mask else stored)
+        level = _halved(stored.astype(bool) if mask else stored, period)
         factor *= 2
     extra = {}
     if lead_name == "c" and lead[0] in var.coords:  # channel names, where NGFF readers (napari) look for them
         extra["omero"] = {"channels": [{"label": str(v)} for v in var.coords[lead[0]].values]}
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name,
                                metadata={"description": "each level the mean of 2x2 pixels of the one before "
-                                                        "(integers rounded, masks set where at least half are)",
+                                                        "(integers rounded, masks set where at least half are, angles averaged on their circle)",
                                          "method": "lsfov.io._halved", "version": _version(), **extra})
     ome = group.attrs["ome"]  # NGFF's "type" of downscaling, which ome-zarr-py's writer does not take
     ome["multiscales"][0]["type"] = "local_mean"
@@ -1549,10 +1601,16 @@ def _coord_values(values, dtype=None):
     return np.array(values, dtype=dtype) if dtype else values
 
 
-def _halved(stored):
+def _halved(stored, period: float | None = None):
     """The next pyramid level: the mean of 2x2 pixels, rounded to the nearest for integers (a cast
-    alone rounds down) and a majority for booleans (a cast alone makes any True win)."""
-    mean = da.coarsen(np.mean, stored, {stored.ndim - 2: 2, stored.ndim - 1: 2}, trim_excess=True)
+    alone rounds down) and a majority for booleans (a cast alone makes any True win); for an angle of
+    ``period``, the mean on its circle (two axes on either side of 0 do not average to the perpendicular)."""
+    axes = {stored.ndim - 2: 2, stored.ndim - 1: 2}
+    if period:
+        k = 2 * np.pi / period
+        c, s = (da.coarsen(np.mean, f(k * stored.astype(np.float64)), axes, trim_excess=True) for f in (da.cos, da.sin))
+        return da.mod(da.arctan2(s, c) / k, period).astype(stored.dtype)
+    mean = da.coarsen(np.mean, stored, axes, trim_excess=True)
     if stored.dtype == bool:
         return mean >= 0.5
     if stored.dtype.kind in "iu":
@@ -1898,6 +1956,9 @@ def describe(path) -> str:
         return (f"{path}: a table of the result {path.parent}\n  {table.shape[0]} {table.dims[0]}(s); columns "
                 f"{', '.join(map(str, table[table.dims[1]].values))}"
                 + (f" [{table.attrs['units']}]" if table.attrs.get("units") else ""))
+    if path.is_dir() and _node_grid(path):  # a map's variable
+        var = _open_variable(path)
+        return f"{path}: a variable of the result {path.parent}, on its node grid\n  " + _describe_array(path.name, var)
     try:
         arr = _open_any(path, 0)  # every axis, none chosen: info is how one learns which there are
     except SeveralImages as e:  # an OME-TIFF of positions: each image
@@ -1961,7 +2022,9 @@ def _describe_array(name, arr: xr.DataArray) -> str:
     for d in arr.dims:  # every axis with a scale: z steps and time intervals too
         if d in arr.coords and arr.sizes[d] > 1 and arr.coords[d].dtype.kind in "iuf":
             c = arr.coords[d].values
-            geo.append(f"{d}: {c[0]:.4g}..{c[-1]:.4g} step {c[1] - c[0]:.4g} {arr.coords[d].attrs.get('units', '')}")
+            # (ends to 1e-4 of their unit: a stage offset of 2012.7 µm is not shown as 2013)
+            geo.append(f"{d}: {round(float(c[0]), 4):.10g}..{round(float(c[-1]), 4):.10g} step {c[1] - c[0]:.4g} "
+                       f"{arr.coords[d].attrs.get('units', '')}")
     units = arr.attrs.get("units")
     return (
         f"{name}: shape {tuple(arr.shape)} {arr.dtype} dims {tuple(arr.dims)}"

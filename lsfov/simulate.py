@@ -11,7 +11,8 @@ import numpy as np
 from scipy import ndimage
 
 from . import psf as _psf
-from ._validate import LsfovWarning, as_image, positive_int, real_number, shape2d
+from ._validate import LsfovWarning, as_image, check_pixel_size, positive_int, real_number, shape2d, squeeze_plane, \
+    yx_order
 from ._validate import rng as _rng
 from .operators import ProductConvolution, _cell_centers
 
@@ -248,8 +249,17 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
     Returns
     -------
     ndarray, float32, shape (H, W)
-        The degraded image in counts; values can be slightly negative, as a camera's are.
+        The degraded image in counts; values can be slightly negative, as a camera's are. An
+        xarray ``image`` gives an xarray, its dims (in their order), coordinates and attributes kept.
     """
+    if hasattr(image, "dims"):  # xarray: read by dim name (an (x, y) image is not blurred transposed)
+        image = squeeze_plane(image)
+        check_pixel_size(operator, image)
+        yx = yx_order(image)
+        out = degrade(yx.data, operator, photons=photons, read_noise=read_noise, beta=beta, seed=seed)
+        out = yx.copy(data=out).transpose(*image.dims)
+        out.attrs.pop("significant_bits", None)  # the source's, not this simulated camera's
+        return out
     x = as_image(image)
     if not isinstance(operator, ProductConvolution):
         raise TypeError(f"operator must be an lsfov.ProductConvolution (e.g. from psf_field), got {type(operator).__name__}")

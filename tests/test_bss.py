@@ -331,6 +331,9 @@ def test_sparse_smooth_bad_input_and_dense_warning(scene, tmp_path):
     bad[3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         lsfov.sparse_smooth_deblur(bad, op)
+    for zeros in (np.zeros(y.shape), da.zeros(y.shape, chunks=64)):  # (as deconvolve says it)
+        with pytest.raises(ValueError, match="image is all zero"):
+            lsfov.sparse_smooth_deblur(zeros, op, iterations=5)
     texture = op.apply(lsfov.simulate.sample_image("camera", y.shape) * 500)
     with pytest.warns(UserWarning, match="does not look like"):
         lsfov.sparse_smooth_deblur(texture, op, 0.01, iterations=20)

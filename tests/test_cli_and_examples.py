@@ -93,6 +93,14 @@ def test_simulate_beads_blur_and_info(run, tmp_path):
     assert lsfov.open_result(tmp_path / "b.zarr").attrs["command"] == "lsfov simulate beads"
     np.testing.assert_array_equal(lsfov.open_image(tmp_path / "blurred.zarr").values, out.blurred.values)
     assert "image: shape (96, 120)" in run("info", "sharp.npy").output
+    # The true blur is a PSF map: the operator it gives is the one that blurred, and it deblurs as one
+    true_op, _ = lsfov.simulate.psf_field((96, 120), "G2", (2, 2), seed=0)
+    op = lsfov.operator_from_psf_map(out)
+    np.testing.assert_allclose(op.kernels, true_op.kernels, atol=1e-6)
+    for a, b in zip(op.centers, true_op.centers):
+        np.testing.assert_array_equal(a, b)
+    res = run("-v", "deconvolve", "blurred.zarr", "d.zarr", "--psf-map", "blurred.zarr", "--iterations", 2)
+    assert "was read from" not in res.output  # (its source is the sharp image: no other image's map)
     # a pupil model's PSFs are its microscope's: the result is at its pixel size (another one said so)
     run("simulate", "blur", "sharp.npy", "z.zarr", "--model", "Z1", "--grid", 2)
     assert lsfov.open_image(tmp_path / "z.zarr").attrs["pixel_um"] == pytest.approx(lsfov.psf.MODELS["Z1"].optics.pixel_um)

@@ -66,6 +66,32 @@ def test_result_is_read_by_ome_zarr_own_reader(tmp_path):
     np.testing.assert_allclose(np.asarray(node.data[1])[0, 0], img.values[:2, :2].mean(), rtol=1e-6)
 
 
+def test_a_result_is_read_as_an_image_only_where_it_holds_one(tmp_path):
+    """A result of one image (`lsfov deconvolve`'s) is that image; one of several says which there are;
+    a map's node grid is no image (its scale is the nodes' spacing), nor is a variable of it."""
+    img = _image(64, 80)
+    grid = xr.DataArray(np.ones((3, 4), np.float32), dims=("gy", "gx"), coords={"gy": 32.0 * np.arange(3),
+                                                                              "gx": 32.0 * np.arange(4)},
+                        attrs={"units": "wave RMS"})
+    lsfov.save(xr.Dataset({"deblurred": img, "depth": grid}), tmp_path / "one.zarr")
+    np.testing.assert_array_equal(lsfov.open_image(tmp_path / "one.zarr").values, img.values)
+    lsfov.save(xr.Dataset({"raw": img, "sparse": img}), tmp_path / "two.zarr")
+    with pytest.raises(ValueError, match=r"variables \['raw', 'sparse'\]; open it with lsfov.open_result or open one "
+                                         r"variable as .*two.zarr/<variable>$"):
+        lsfov.open_image(tmp_path / "two.zarr")
+    lsfov.save(xr.Dataset({"focus": grid, "axis": grid}), tmp_path / "map.zarr")
+    with pytest.raises(ValueError, match="is an lsfov result on a node grid .*focus, axis.*not an image"):
+        lsfov.open_image(tmp_path / "map.zarr")
+    for path in (tmp_path / "map.zarr" / "focus", tmp_path / "one.zarr" / "depth"):
+        with pytest.raises(ValueError, match=r"is a variable on the node grid \('gy', 'gx'\) of the result .*, not an "
+                                             r"image; open it with lsfov.open_result"):
+            lsfov.open_image(path)
+        assert "on its node grid" in lsfov.io.describe(path) and "[wave RMS]" in lsfov.io.describe(path)
+    assert lsfov.open_result(tmp_path / "one.zarr").depth.dims == ("gy", "gx")  # (what reads it as a map)
+    lsfov.save(_image(64, 80, y0=2012.7), tmp_path / "stage.zarr")  # a stage offset is not rounded away
+    assert "y: 2012.7..2020.575 step 0.125 micrometer" in lsfov.io.describe(tmp_path / "stage.zarr")
+
+
 def test_open_image_ngff_04_and_05_and_selection(tmp_path, caplog):
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import write_image
@@ -640,6 +666,13 @@ def test_save_bad_objects(tmp_path):
     with pytest.raises(ValueError, match="name it x.zarr"):  # a directory that would pass for a TIFF
         lsfov.save(np.ones((4, 4)), tmp_path / "x.tif")
     assert not (tmp_path / "x.tif").exists()
+    for big in (np.full((20, 30), 1e39), da.from_array(np.pad([[-1e39]], ((0, 19), (0, 29))), chunks=10)):
+        with pytest.raises(ValueError, match=r"variable 'image' has values beyond float32's range \(\|x\| up to 1e\+39"):
+            lsfov.save(big, tmp_path / "big.zarr")  # (halved to float32, it would be stored as Inf)
+        assert not (tmp_path / "big.zarr").exists()
+    lsfov.save(np.array([[1e30, np.nan, -np.inf]]), tmp_path / "ok.zarr")  # NaN and Inf stay what they are
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "ok.zarr").image.values,
+                                  np.array([[1e30, np.nan, -np.inf]], np.float32))
 
 
 def test_coordinates_in_other_length_units_are_written_in_micrometres(tmp_path):
@@ -691,6 +724,17 @@ def test_channel_names_and_the_pyramid_method_are_in_the_ngff_metadata(tmp_path)
     ms = json.loads((tmp_path / "c.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert ms["type"] == "local_mean" and ms["metadata"]["method"] == "lsfov.io._halved"
     assert list(lsfov.open_result(tmp_path / "c.zarr").image.c.values) == ["DAPI", "GFP"]
+    # A chosen channel says its name, which what is made of it keeps (README: as .sel(c=...) would)
+    gfp = lsfov.open_image(tmp_path / "c.zarr", channel=1)
+    assert gfp.attrs["plane"] == {"c": 1} and gfp.attrs["channel"] == "GFP" and gfp.dims == ("y", "x")
+    assert lsfov.io.plane_of(gfp) == {"plane": {"c": 1}, "channel": "GFP"}
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    root = zarr.open_group(str(tmp_path / "unnamed.zarr"), mode="w", zarr_format=3)
+    write_image(np.zeros((2, 8, 8), np.uint16), root, axes="cyx", fmt=FormatV05(), scale_factors=[])
+    root.attrs["ome"] = {**root.attrs["ome"], "omero": {"channels": [{"color": "FF0000"}, {"color": "00FF00"}]}}
+    assert "channel" not in lsfov.open_image(tmp_path / "unnamed.zarr", channel=1).attrs  # (not the reader's made-up names)
     lsfov.save(img.isel(c=0, drop=True), tmp_path / "one.zarr")  # no channels: no omero block
     assert "omero" not in json.loads((tmp_path / "one.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
 
@@ -984,6 +1028,30 @@ def test_a_time_series_is_written_with_its_interval_and_read_back_per_time_point
     odd = json.loads((tmp_path / "odd.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert odd["axes"][0] == {"name": "t", "type": "time"}
     assert odd["datasets"][0]["coordinateTransformations"][0]["scale"][0] == 1.0
+
+
+def test_a_maps_axis_is_averaged_on_its_circle_in_the_pyramid(tmp_path):
+    """Axes of 0.05 and π - 0.05 rad are nearly the same orientation: their pyramid level is near 0
+    (mod π), not their arithmetic mean π/2, the perpendicular a viewer would show; Z2's axis repeats
+    every π/2. Other variables keep the plain mean."""
+    n = 1024
+    checker = (np.indices((n, n)).sum(0) % 2).astype(bool)
+    for model, period in (("Z3", np.pi), ("Z2", np.pi / 2)):
+        axis = np.where(checker, 0.05, period - 0.05).astype(np.float32)
+        other = np.where(checker, 0.05, period - 0.05).astype(np.float32)
+        ds = xr.Dataset({"axis": (("gy", "gx"), axis, {"units": "radian"}), "astigmatism": (("gy", "gx"), other)},
+                        attrs={"psf_model": model})
+        lsfov.save(ds, tmp_path / f"{model}.zarr")
+        level = zarr.open_array(str(tmp_path / f"{model}.zarr" / "axis" / "1"))[...]
+        assert level.shape == (n // 2, n // 2)
+        np.testing.assert_allclose(np.minimum(level, period - level), 0, atol=1e-6)  # 0 on the circle
+        np.testing.assert_allclose(zarr.open_array(str(tmp_path / f"{model}.zarr" / "astigmatism" / "1"))[...],
+                                   period / 2, rtol=1e-6)
+    # The true field of `simulate blur` names its model on each variable
+    axis = np.where(checker, 0.05, np.pi - 0.05).astype(np.float32)
+    lsfov.save(xr.Dataset({"axis": (("gy", "gx"), axis, {"units": "radian", "psf_model": "Z3"})}), tmp_path / "t.zarr")
+    level = zarr.open_array(str(tmp_path / "t.zarr" / "axis" / "1"))[...]
+    np.testing.assert_allclose(np.minimum(level, np.pi - level), 0, atol=1e-6)
 
 
 def test_stacks_transposes_odd_attributes_and_integer_pyramids_are_written_as_ngff_says(tmp_path):

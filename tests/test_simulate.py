@@ -60,6 +60,20 @@ def test_degrade_noise_model():
     np.testing.assert_array_equal(simulate.degrade(img, op, seed=2), simulate.degrade(img, op, seed=2))
 
 
+def test_degrade_keeps_an_xarray_images_labels_and_reads_it_by_dim_name():
+    import xarray as xr
+
+    img = np.random.default_rng(0).random((40, 56)).astype(np.float32)
+    op, _ = simulate.psf_field(img.shape, "G1", (2, 2), seed=0, size=9)
+    plain = simulate.degrade(img, op, seed=3)
+    xa = xr.DataArray(img, dims=("y", "x"), coords={"x": np.arange(56) * 0.5}, attrs={"pixel_um": 0.5})
+    for given in (xa, xa.T, xa.expand_dims(c=["GFP"])):  # (an (x, y) image is not blurred transposed)
+        out = simulate.degrade(given, op, seed=3)
+        assert isinstance(out, xr.DataArray) and out.dims == tuple(d for d in given.dims if d != "c")
+        np.testing.assert_array_equal(out.transpose("y", "x").values, plain)
+        assert out.attrs["pixel_um"] == 0.5 and list(out.x.values) == list(xa.x.values)
+
+
 def test_degrade_bad_input():
     op, _ = simulate.psf_field((32, 32), "G1", (2, 2), seed=0, size=9)
     with pytest.raises(ValueError, match="does not match"):

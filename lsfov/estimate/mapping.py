@@ -52,8 +52,15 @@ def node_centres(patch: int, stride: int, shape) -> tuple[np.ndarray, ...]:
 
 
 def node_order(psf_map):
-    """A PSF map with its node dims in (gy, gx) order, whatever order it was given in."""
-    return psf_map.transpose("gy", "gx", ...) if {"gy", "gx"} <= set(psf_map.dims) else psf_map
+    """A PSF map with its node dims in (gy, gx) order and its nodes in increasing position, whatever
+    order it was given in (transposed, or reversed by ``isel(gx=slice(None, None, -1))``)."""
+    if not {"gy", "gx"} <= set(psf_map.dims):
+        return psf_map
+    psf_map = psf_map.transpose("gy", "gx", ...)
+    for d in ("gy", "gx"):
+        if d in psf_map.coords and psf_map[d].size > 1 and bool((np.diff(psf_map[d].values) < 0).all()):
+            psf_map = psf_map.isel({d: slice(None, None, -1)})
+    return psf_map
 
 
 def map_node_pixels(psf_map) -> tuple[np.ndarray, np.ndarray]:
@@ -674,12 +681,12 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     shape = tuple(shape or mapped or ())
     if len(shape) != 2:
         raise ValueError("give the image shape: shape=(H, W)")
+    if mapped and tuple(shape) != tuple(mapped):  # (before the size, which follows the shape)
+        raise ValueError(f"the PSF map was made on an image of shape {tuple(mapped)}, not {tuple(shape)}; "
+                         "map this image (lsfov.estimate_psf_map, lsfov estimate)")
     size = m.size if size is None else positive_int(size, "size")
     if size % 2 == 0 or size > min(shape):  # (said before rendering every node's PSF at that size)
         raise ValueError(f"size must be odd (centre at size // 2) and at most the image's {min(shape)} px, got {size}")
-    if mapped and tuple(shape) != tuple(mapped):
-        raise ValueError(f"the PSF map was made on an image of shape {tuple(mapped)}, not {tuple(shape)}; "
-                         "map this image (lsfov.estimate_psf_map, lsfov estimate)")
     params = np.stack([psf_map[p].values for p in psf_map.attrs["params"]], axis=-1).astype(np.float64)
     if params.size == 0:
         raise ValueError("the PSF map has no nodes")

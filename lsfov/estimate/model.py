@@ -342,10 +342,14 @@ class PSFRegressor:
     def _pass(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass of a batch on the device: the network's outputs, then per patch whether it
         is flat (constant) and whether all its pixels are finite, as (B, 3 + n_targets) float32."""
+        # Each patch scaled to a peak of 1 first: the reading is then the same at any intensity scale
+        # (standardize's floor and the flat test are absolute), and no variance overflows float32.
+        peak = x.abs().amax(dim=(-2, -1), keepdim=True)
+        finite = torch.isfinite(peak).flatten(1)  # (a NaN pixel makes the peak NaN)
+        x = x / torch.where(finite[:, :, None] & (peak > 0), peak, torch.ones_like(peak))
         z, std = standardize(x, with_std=True)
         out = self.net(z[:, None]).float()
         flat = std.flatten(1) <= 1e-6 * x.abs().flatten(1).amax(1, keepdim=True).clamp_min(1e-12)
-        finite = (x.abs() < 1e30).flatten(1).all(1, keepdim=True)  # NaN, Inf, or a variance float32 cannot hold
         return torch.cat([out, flat.float(), finite.float()], 1)
 
     def _run(self, t: torch.Tensor, batch_size: int, fixed: bool = False):
@@ -390,7 +394,8 @@ class PSFRegressor:
         with torch.inference_mode():
             res = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 3 + n_targets(self.psf_model)), np.float32)
         if not res[:, -1].all():
-            raise ValueError("patches contain NaN or Inf pixels (or values beyond 1e30); replace or rescale them")
+            raise ValueError("patches contain NaN or Inf pixels (or values beyond float32's range); replace or "
+                             "rescale them")
         return res[:, :-2], res[:, -2] > 0
 
     def _graphed(self, x: torch.Tensor):

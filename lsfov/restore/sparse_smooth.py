@@ -253,12 +253,15 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         import dask.array as da
 
         n_sat = 0 if level is None else (y >= np.float32(level)).sum()
-        finite, n_sat, peak = da.compute(da.isfinite(y).all(), n_sat, y.max())  # one read: 500 iterations follow
-        finite, n_sat, peak = bool(finite), int(n_sat), float(peak)
+        finite, n_sat, peak, low = da.compute(da.isfinite(y).all(), n_sat, y.max(), y.min())  # one read: 500
+        finite, n_sat, peak, low = bool(finite), int(n_sat), float(peak), float(low)  # iterations follow
     else:
-        finite, n_sat, peak = bool(np.isfinite(y).all()), censored_pixels(y, level)[1], float(y.max())
+        finite, n_sat, peak, low = bool(np.isfinite(y).all()), censored_pixels(y, level)[1], float(y.max()), float(y.min())
     if not finite:
         raise non_finite("image", None if lazy else to_numpy(data) if hasattr(data, "dtype") else None)
+    if peak == 0 and low == 0:
+        raise ValueError("image is all zero; there is nothing to deblur: is it the plane (--channel, --z, --t) you "
+                         "meant?")
     level = say_censored(n_sat, level, origin, y.size, peak)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure
