@@ -881,7 +881,8 @@ def _centres(variables, names, edge=512):
     """Figure panels: the central ``edge``² of each variable (a whole large field would be too fine to see)."""
     h, w = variables[names[0]].shape
     crop = (slice(max(0, h // 2 - edge // 2), h // 2 + edge // 2), slice(max(0, w // 2 - edge // 2), w // 2 + edge // 2))
-    return {f"{name} (centre)": np.asarray(variables[name].data[crop]) for name in names}
+    # (DataArrays, computed: their coordinates give the figure its pixels' aspect)
+    return {f"{name} (centre)": variables[name][crop].compute() for name in names}
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -1115,12 +1116,14 @@ def _describe_calibration(cal) -> str:
 @click.argument("out", type=click.Path())
 @click.option("--subspace", "subspace_path", required=True, type=click.Path(),
               help="Subspace of operators learned by `lsfov calibrate` from several bead images.")
-@click.option("--gamma1", type=float, default=None, help="Sparsity weight (default: from the noise level).")
+@click.option("--gamma1", type=float, default=None,
+              help="Sparsity weight, in image counts (default: 3 x the noise level x the PSFs' L2 norm).")
 @click.option("--gamma2", type=float, default=None, help="Smoothness weight of the background (default 10).")
 @click.option("--iterations", default=500, show_default=True, help="FISTA iterations.")
 @click.option("--chunks", default=2048, show_default=True, help="Chunk edge (pixels) of the halo exchange.")
-@click.option("--threshold", type=float, default=None,
-              help="Detection threshold of the point sources that identify the blur (default: automatic).")
+@click.option("--threshold", type=_Finite(min=0, min_open=True), default=None,
+              help="Detection threshold of the point sources that identify the blur, on the blob response "
+                   "-σ²∇²(G_σ * image), in image counts (default: median + 8 robust standard deviations).")
 @click.option("--pixel-um", type=float, default=None, help="Pixel size in µm (default: from the file).")
 @_saturation_option
 @_plane_options
@@ -1228,9 +1231,11 @@ def _in_image_frame(table, img):
 @click.option("--n-basis", type=click.IntRange(min=1), default=5, show_default=True, help="PSF basis size I.")
 @click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True,
               help="Spatial basis size J (several images).")
-@click.option("--radius", type=float, default=None, help="PSF radius bound in pixels (default: measured).")
+@click.option("--radius", type=_Finite(min=2), default=None, help="PSF radius bound in pixels, >= 2 (default: measured).")
 @click.option("--smoothing", type=_Finite(min=0), default=None, help="Thin-plate smoothing (default 0.01).")
-@click.option("--threshold", type=float, default=None, help="Bead detection threshold (default: automatic).")
+@click.option("--threshold", type=_Finite(min=0, min_open=True), default=None,
+              help="Bead detection threshold on the blob response -σ²∇²(G_σ * image), in image counts "
+                   "(default: median + 8 robust standard deviations of the response).")
 @_saturation_option
 @click.option("--channel", type=int, default=None, help="Channel of multi-channel bead images.")
 @click.option("--figure", type=click.Path(), default=None,
@@ -1557,7 +1562,7 @@ def evaluate(obj, model, data, n_robust, figure, overwrite):
 @main.command()
 @click.option("--out", default="lsfov-demo.zarr", show_default=True, type=click.Path(), help="Result to write.")
 @click.option("--size", default=1024, show_default=True, help="Field edge in pixels.")
-@click.option("--chunks", default=512, show_default=True, help="Dask chunk edge.")
+@click.option("--chunks", default=512, show_default=True, help="Dask chunk edge in pixels.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @functools.partial(_scheduler_option, default="local")
 @_overwrite_option

@@ -72,6 +72,18 @@ def psf_mosaic(kernels: np.ndarray, max_nodes: int = 16) -> np.ndarray:
     return pad.transpose(0, 2, 1, 3).reshape(gy * (k + 2), gx * (k + 2))
 
 
+def _aspect(img) -> float:
+    """A panel's pixel aspect (height / width) from its y and x coordinates, where it has them in the
+    same unit: an image of non-square pixels is shown at its true shape; 1 otherwise."""
+    coords = getattr(img, "coords", {})
+    if not all(d in coords and coords[d].size > 1 for d in ("y", "x")):
+        return 1.0
+    if coords["y"].attrs.get("units") != coords["x"].attrs.get("units"):
+        return 1.0
+    dy, dx = (abs(float(coords[d][1] - coords[d][0])) for d in ("y", "x"))
+    return dy / dx if np.isfinite(dy / dx) and dy > 0 and dx > 0 else 1.0
+
+
 def summary_figure(path, panels: dict, title: str | None = None, quantities: dict | None = None) -> Path:
     """Save a row of image panels ({"title": 2-D array}) as a PNG: images contrast-stretched in grey,
     PSF mosaics on their own scale, and the panels named in ``quantities`` ({title: (vmin, vmax) or
@@ -81,17 +93,18 @@ def summary_figure(path, panels: dict, title: str | None = None, quantities: dic
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4.3), squeeze=False)
     for ax, (name, img) in zip(axes[0], panels.items()):
+        aspect = _aspect(img)
         img = np.asarray(img, dtype=np.float32)
         if name in quantities:
             lo, hi = quantities[name] or (np.nanmin(img), np.nanmax(img))
             from mpl_toolkits.axes_grid1 import make_axes_locatable
 
-            shown = ax.imshow(img, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+            shown = ax.imshow(img, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest", aspect=aspect)
             # The bar as tall as the panel, whatever its aspect (a depth panel is wider than high).
             fig.colorbar(shown, cax=make_axes_locatable(ax).append_axes("right", size="4%", pad=0.05))
         else:
             ax.imshow(img if "PSF" in name else _stretch(img), cmap="magma" if "PSF" in name else "gray",
-                      interpolation="nearest")
+                      interpolation="nearest", aspect=aspect)
         ax.set_title(name)
         ax.set_axis_off()
     if title:

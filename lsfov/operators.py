@@ -1260,14 +1260,16 @@ class ProductConvolution:
         root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
                           dimension_names=[*lead, "ky", "kx"])
         if self.kind == "grid":
-            root.create_array("centers_y", data=np.asarray(self.centers[0], np.float64), dimension_names=["gy"])
-            root.create_array("centers_x", data=np.asarray(self.centers[1], np.float64), dimension_names=["gx"])
+            for name, dim, c in zip(("centers_y", "centers_x"), ("gy", "gx"), self.centers):
+                arr = root.create_array(name, data=np.asarray(c, np.float64), dimension_names=[dim])
+                arr.attrs.update(units="pixel", long_name="node centre (pixel index in the image)")
             root["kernels"].attrs["coordinates"] = "centers_y centers_x"  # (CF: xarray reads them as coordinates)
         else:
             shape = (self.kernels.shape[0],) + self.shape
             chunks = (1, min(1024, self.shape[0]), min(1024, self.shape[1]))
             maps = root.create_array("maps", shape=shape, chunks=chunks, dtype=np.float32, fill_value=0,
                                      dimension_names=["basis", "y", "x"])
+            maps.attrs["long_name"] = "coefficient of each basis kernel at each pixel"
             if isinstance(self.maps, np.ndarray):  # in this process's memory: written from here, not through a cluster
                 for i in range(shape[0]):
                     maps[i] = self.maps[i].astype(np.float32, copy=False)

@@ -234,6 +234,9 @@ def test_psf_basis_bad_input():
     p, _ = _family(4)
     with pytest.raises(ValueError, match="needs at least"):
         psf_basis(p, 6)
+    many = np.random.default_rng(0).random((60, 5, 5)).astype(np.float32)  # 60 beads, 25 pixels each
+    with pytest.raises(ValueError, match=r"n_basis=30 is more than the 25 pixels of a 5x5 bead patch; .*--radius"):
+        psf_basis(many, 30)
     with pytest.raises(ValueError, match="shape"):
         psf_basis(p[0], 2)
 

@@ -1084,6 +1084,19 @@ def test_robustness_figure_draws_points_below_its_floor_on_it(monkeypatch, tmp_p
     assert kept["fig"].axes[0].get_ylim()[0] == -0.2 and all(len(a.get_lines()) == 1 for a in kept["fig"].axes)
 
 
+def test_a_preview_shows_non_square_pixels_at_their_shape(monkeypatch, tmp_path):
+    import lsfov.figures as figures
+
+    kept = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.setdefault("fig", fig))
+    um = {"units": "micrometer"}
+    img = xr.DataArray(np.random.default_rng(0).random((40, 60)), dims=("y", "x"),
+                       coords={"y": ("y", 0.3 * np.arange(40), um), "x": ("x", 0.2 * np.arange(60), um)})
+    figures.summary_figure(tmp_path / "p.png", {"raw": img, "plain": img.values, "depth": img},
+                           quantities={"depth": None})
+    assert [ax.get_aspect() for ax in kept["fig"].axes[:3]] == pytest.approx([1.5, 1.0, 1.5])
+
+
 def test_psf_mosaic_shows_at_most_16_nodes_per_axis_ends_included():
     from lsfov.figures import psf_mosaic
 

@@ -589,6 +589,10 @@ def test_a_psf_map_of_another_plane_of_the_same_file_is_said(run, tmp_path, lsfo
                                   ["simulate", "blur", "y.npy", "b.zarr", "--read-noise", -1],
                                   ["calibrate", "y.npy", "o.zarr", "--n-space", 0],
                                   ["calibrate", "y.npy", "o.zarr", "--smoothing", -1],
+                                  # before, refused after the beads were sought, naming the API's argument
+                                  ["calibrate", "y.npy", "o.zarr", "--radius", -1],
+                                  ["calibrate", "y.npy", "o.zarr", "--threshold", 0],
+                                  ["bss", "y.npy", "o.zarr", "--subspace", "s.zarr", "--threshold", -1],
                                   ["train", "--stream", 0, "m.pt"], ["train", "--synthesize", 8, "--workers", 0, "t.zarr"],
                                   ["train", "t.zarr", "m.pt", "--epochs", 0], ["train", "t.zarr", "m.pt", "--batch-size", 0],
                                   ["train", "t.zarr", "m.pt", "--lr", 0], ["train", "t.zarr", "m.pt", "--patience", 0],

@@ -774,6 +774,7 @@ def test_a_saved_operator_opens_in_xarray_with_its_node_coordinates(tmp_path):
         ds = xr.open_zarr(tmp_path / "op.zarr")
     assert set(ds.coords) == {"centers_y", "centers_x"} and list(ds.data_vars) == ["kernels"]
     np.testing.assert_array_equal(ds.kernels.centers_x.values, op.centers[1])
+    assert ds.centers_y.attrs["units"] == ds.centers_x.attrs["units"] == "pixel"  # (not µm: pixel indices)
 
 
 def test_a_part_of_a_grid_keeps_the_whole_grids_equal_cells_to_the_bit(tmp_path, monkeypatch):

@@ -96,7 +96,10 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     if n_basis is not None:
         if isinstance(n_basis, bool) or not isinstance(n_basis, (int, np.integer)) or n_basis < 1:
             raise ValueError(f"n_basis must be a positive integer or None, got {n_basis!r}")
-        if n_basis > min(m, d):
+        if n_basis > d:  # (a basis of K x K kernels has at most K² of them, whatever the beads)
+            raise ValueError(f"n_basis={n_basis} is more than the {d} pixels of a {k}x{k} bead patch; use fewer basis "
+                             "kernels (n_basis, n_psf, --n-basis) or a larger radius (--radius)")
+        if n_basis > m:
             raise ValueError(f"n_basis={n_basis} needs at least {n_basis} bead patches, got {m}; "
                              "use fewer basis kernels (n_basis, n_psf, --n-basis) or more beads")
     flat = [g.reshape(len(g), d) for g in groups]
