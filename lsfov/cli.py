@@ -621,8 +621,10 @@ def _check_map_source(psf_map, map_path, src, img):
 
     made, made_plane = psf_map.attrs.get("source"), psf_map.attrs.get("plane") or None
     plane = plane_of(img).get("plane") or None
-    if psf_map.attrs.get("ground_truth") and Path(map_path).resolve() == Path(src).resolve():
-        return  # `lsfov simulate blur`'s true blur of the image beside it (its source: the sharp image)
+    if psf_map.attrs.get("ground_truth"):  # `lsfov simulate blur`'s true blur: of the image beside it
+        made, made_plane = Path(map_path) / "blurred", None  # (its source is the sharp image)
+        if Path(src).resolve() == Path(map_path).resolve():  # (read as its image, blurred)
+            return
     if made is None or (Path(str(made)).resolve() == Path(str(src)).resolve() and made_plane == plane):
         return
 

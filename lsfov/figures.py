@@ -125,7 +125,8 @@ def robustness_figure(path, curves: dict, title: str | None = None) -> Path:
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.4), squeeze=False, sharey=True)
     # R² below 0 is worse than guessing the mean: show a little of it; a point below the floor is
     # drawn on it as a downward triangle (it still says where the curve went).
-    low = min(min(np.nanmin(c[k]) for k in kinds) for c in curves.values())
+    values = np.concatenate([np.asarray(c[k], float).ravel() for c in curves.values() for k in kinds])
+    low = float(values[np.isfinite(values)].min()) if np.isfinite(values).any() else 0.0
     floor = max(ROBUSTNESS_FLOOR, min(0.0, low))
     for ax, kind in zip(axes[0], kinds):
         for name, c in curves.items():

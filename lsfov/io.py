@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import html
 import json
 import logging
 import math
@@ -48,6 +49,17 @@ class _QuietVersionNotes(logging.Filter):
 
 logging.getLogger("ome_zarr.io").addFilter(_QuietVersionNotes())
 
+
+class _QuietLabels(logging.Filter):
+    """ome-zarr's reader warns "no parent found for <Label ...>" when it meets an image's labels
+    group, which lsfov does not read: noise (even with -q)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("no parent found")
+
+
+logging.getLogger("ome_zarr.reader").addFilter(_QuietLabels())
+
 __all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file", "pixel_size",
            "with_pixel_size", "image_origin"]
 
@@ -61,7 +73,9 @@ _CHUNK = 1024
 
 
 # Names of other formats: a result (a directory) under one would pass for a file of that format.
-NOT_ZARR = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2", ".json", ".pt", ".csv")
+#: What lsfov reads as TIFF: BigTIFF's own suffixes too (tifffile reads and writes them all).
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+NOT_ZARR = (*TIFF_SUFFIXES, ".npy", ".png", ".jpg", ".jpeg", ".h5", ".czi", ".nd2", ".json", ".pt", ".csv")
 
 
 def check_result_name(path) -> None:
@@ -216,7 +230,7 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
     """The whole array of an OME-Zarr, TIFF or .npy image, lazily, with its own dims."""
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    tiff = path.suffix.lower() in (".tif", ".tiff") and not path.is_dir()
+    tiff = path.suffix.lower() in TIFF_SUFFIXES and not path.is_dir()
     if series not in (None, 0) and not tiff:
         raise ValueError(f"{path}: series={series} (--series) picks an image of a TIFF of several; this is one image")
     if path.is_dir():
@@ -237,7 +251,7 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
         raise ValueError(f"{path}: pyramid level {level} does not exist (a .npy file has level 0 only)")
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
-    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, .tif/.tiff or .npy)")
+    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, TIFF (.tif, .tiff, .btf, .tf8) or .npy)")
 
 
 def _node_grid(path: Path) -> tuple | None:
@@ -337,6 +351,10 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
         raise ValueError(f"{path}: not a zarr store")
     attrs = _group_attrs(path)
     attrs = attrs.get("ome") or attrs
+    if "image-label" in attrs or isinstance(attrs.get("labels"), list):  # a segmentation, not light
+        image = path.parent.parent if "image-label" in attrs else path.parent
+        raise ValueError(f"{path} is {'a label image (a segmentation)' if 'image-label' in attrs else 'the labels group'}"
+                         f" of the OME-Zarr image {image}, not an intensity image; give the image itself")
     if isinstance(attrs.get("plate"), dict) or isinstance(attrs.get("well"), dict):  # HCS: images inside
         wells = (attrs.get("plate") or {}).get("wells") or [{}]
         field = f"{wells[0].get('path', 'A/1')}/0" if "plate" in attrs else "0"
@@ -383,7 +401,7 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
         elif name == "c":  # channel names (NGFF's omero labels), so that a chosen channel says which it is
             labels = node.metadata.get("channel_names") or []
             if len(labels) == data.shape[i] and len(set(map(str, labels))) == len(labels) \
-                    and not all(str(v).startswith("channel_") for v in labels):  # (the reader's made-up names)
+                    and list(labels) != [f"channel_{k}" for k in range(len(labels))]:  # (the reader's made-up names)
                 coords[name] = np.asarray([str(v) for v in labels])
     # Non-square pixels keep each axis's scale and no single size (pixel_size then says what to do).
     pixel_um = sizes.get("x", sizes.get("y"))
@@ -406,6 +424,13 @@ def _plain_zarr_array(path: Path) -> xr.DataArray | None:
     if z.ndim < 2 or z.ndim > 5:
         raise ValueError(f"{path}: a zarr array of {z.ndim} dimension(s); an image needs 2 to 5 (t, c, z, y, x)")
     names = list("tczyx"[-z.ndim :])
+    # Its own axis names where it has them (zarr v3 dimension_names, xarray's _ARRAY_DIMENSIONS in v2)
+    # and they are image axes: xarray's (c, y, x) is not read as (z, y, x)
+    named = getattr(z.metadata, "dimension_names", None) or z.attrs.get("_ARRAY_DIMENSIONS")
+    if named and len(named) == z.ndim:
+        named = [str(n).lower() if n is not None else "" for n in named]
+        if set(named) <= set("tczyx") and len(set(named)) == z.ndim and {"y", "x"} <= set(named):
+            names = named
     data = da.from_zarr(z)
     coords = {d: _coord(d, np.arange(z.shape[i], dtype=float), "pixel") for i, d in enumerate(names) if d in "yx"}
     return xr.DataArray(data, dims=names, coords=coords, attrs={"pixel_um": None, "source": str(path)})
@@ -478,6 +503,9 @@ def _tiff_image(path: Path, tf, level: int, k: int) -> xr.DataArray:
     if data.shape != tuple(shape) or len(set(axes)) != len(axes):
         axes = "tczyx"[-data.ndim :]
     arr = _with_coords(data, list(axes), pixel_um, path, pixel_um_y)
+    names = _ome_channel_names(tf, k) if tf.ome_metadata and "c" in arr.dims else []
+    if len(names) == arr.sizes.get("c") and len(set(names)) == len(names):  # a chosen channel says which
+        arr = arr.assign_coords(c=np.asarray(names))
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
         arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
     if t_step and "t" in arr.dims:  # when each time point was taken: a result of one says so
@@ -637,22 +665,37 @@ def _ome_pixels(tf, k: int = 0) -> str:
     time step, bits): the k-th where each Image is a series, else the one of the series' name (tifffile
     leaves out Images whose data are in no file it has); '' where none is known, or without OME-XML;
     the whole XML where it has no Image elements."""
-    import re
+    return _ome_image(tf, k)[0]
 
+
+def _ome_image(tf, k: int = 0) -> tuple[str, str]:
+    """(its ``<Pixels ...>`` start tag, its whole body) of series ``k``'s Image in a TIFF's OME-XML,
+    found as :func:`_ome_pixels` says; ('', '') where none is known, (the XML, '') without Images."""
     xml = tf.ome_metadata or ""
     found = getattr(tf, "_lsfov_ome_images", None)  # parsed once per open file: a plate has thousands
     if found is None:
         found = []
         for head, body in re.findall(r"<(?:\w+:)?Image\b([^>]*)>(.*?)</(?:\w+:)?Image\s*>", xml, re.S):
             name, pixels = re.search(r'\bName="([^"]*)"', head), re.search(r"<(?:\w+:)?Pixels\b[^>]*>", body)
-            found.append((name.group(1) if name else None, pixels.group(0) if pixels else ""))
+            found.append((name.group(1) if name else None, pixels.group(0) if pixels else "", body))
         tf._lsfov_ome_images = found
     if not found:
-        return xml
+        return xml, ""
     if len(found) == len(tf.series):
-        return found[k][1]
-    same = [p for n, p in found if n is not None and n == tf.series[k].name]
-    return same[0] if len(same) == 1 else ""
+        return found[k][1:]
+    same = [(p, b) for n, p, b in found if n is not None and n == tf.series[k].name]
+    return same[0] if len(same) == 1 else ("", "")
+
+
+def _ome_channel_names(tf, k: int = 0) -> list[str]:
+    """The ``Name`` of each ``<Channel>`` of series ``k``'s Image in a TIFF's OME-XML, in order; [] where
+    one has none."""
+    try:
+        channels = re.findall(r"<(?:\w+:)?Channel\b([^>]*)>", _ome_image(tf, k)[1])
+    except Exception:
+        return []
+    names = [re.search(r'\bName="([^"]*)"', c) for c in channels]
+    return [html.unescape(m.group(1)) for m in names] if names and all(names) else []
 
 
 def _ome_significant_bits(tf, dtype, k: int = 0) -> int | None:
@@ -744,7 +787,7 @@ def _tiff_pixel_um(tf, axis: str = "X", k: int = 0) -> float | None:
             px = _ome_size_um(tf, axis, k)
             if px:
                 return px
-        page = tf.pages[0]
+        page = tf.series[k].keyframe if k < len(tf.series) else tf.pages[0]  # (each image its own tags)
         res = page.tags.get(f"{axis}Resolution")
         if res is None:
             return None
@@ -753,11 +796,15 @@ def _tiff_pixel_um(tf, axis: str = "X", k: int = 0) -> float | None:
             return None
         per_unit = den / num
         unit = (tf.imagej_metadata or {}).get("unit") if tf.imagej_metadata else None
+        code = None
         if unit:
             f = _to_um(unit)
-            return per_unit * f if f else None
+            size = per_unit * f if f else None
+            if f != 25400.0:  # (ImageJ's "inch": the file's dots per inch, as below)
+                return size
+            code = 2
         runit = page.tags.get("ResolutionUnit")
-        code = int(runit.value) if runit is not None else 2
+        code = code or (int(runit.value) if runit is not None else 2)
         size = {2: per_unit * 25400.0, 3: per_unit * 1e4}.get(code)
         if code == 2 and size and size > _INCH_PIXEL_MAX_UM:
             if axis == "X":
@@ -863,8 +910,8 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
         d = extra[0]
         flag = {"c": "channel"}.get(d, d)
         raise PlaneNotChosen(
-            f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})", d,
-            arr.sizes[d])
+            f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})"
+            + (_rgb_hint(path) if d == "c" and arr.sizes[d] in (3, 4) else ""), d, arr.sizes[d])
     arr = arr.isel({d: 0 for d in arr.dims if d not in ("y", "x")}, drop=True)
     if plane:
         arr.attrs.update(plane=plane, **where)
@@ -875,6 +922,23 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     if 0 in arr.shape:
         raise ValueError(f"{path}: the image is empty (shape {arr.shape})")
     return arr
+
+
+def _rgb_hint(path) -> str:
+    """For a TIFF stored as one RGB(A) image: that a z-stack of 3 or 4 planes written without options
+    is stored so (tifffile's default), and how to write one ('' for any other file)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return ""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            rgb = tf.series[0].keyframe.photometric in (tifffile.PHOTOMETRIC.RGB,)
+    except Exception:
+        return ""
+    return (" (a colour image; if these are planes of a z-stack, tifffile stored them as RGB: write it with "
+            "photometric='minisblack')") if rgb else ""
 
 
 def plane_of(image) -> dict:
@@ -1071,6 +1135,11 @@ def _coord(dim, values, units):
     return xr.Variable(dim, np.asarray(values, dtype=np.float64), attrs={"units": units})
 
 
+def _unescaped(unit: str) -> str:
+    """A unit as ImageJ writes it in a TIFF's description (``\\u00B5m``: its micro sign escaped), read."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), unit)
+
+
 def _to_um(unit) -> float | None:
     """µm per ``unit`` (a length unit's name, symbol or plural, US or British spelling); None if it is
     no length unit. NFKC folds the micro sign µ (U+00B5) into the Greek mu μ (U+03BC): both are read."""
@@ -1078,7 +1147,7 @@ def _to_um(unit) -> float | None:
 
     if not unit:
         return None
-    u = unicodedata.normalize("NFKC", str(unit)).strip()
+    u = unicodedata.normalize("NFKC", _unescaped(str(unit))).strip()
     if u == "\u00c5":  # Å (NFKC folds the angstrom sign into this letter; lower() would lose it)
         return 1e-4
     u = {"feet": "foot", "inches": "inch"}.get(u := u.lower().replace("metre", "meter"), u)
@@ -1457,7 +1526,8 @@ def _write_table(root, name: str, var: xr.DataArray):
 
 
 def _narrowed(block, name):
-    """``block`` as float32, refusing finite values float32 cannot hold (they would be stored as Inf)."""
+    """``block`` as float32, refusing finite values float32 cannot hold (they would be stored as Inf);
+    values below its smallest are stored as 0, as a cast does."""
     with np.errstate(over="ignore"):
         out = block.astype(np.float32)
     lost = ~np.isfinite(out) & np.isfinite(block)
@@ -1473,7 +1543,7 @@ def _period(name: str, var: xr.DataArray, attrs: dict) -> float | None:
     named by the variable's or the result's ``psf_model``; None for anything else."""
     from .psf import MODELS
 
-    model = MODELS.get(str(var.attrs.get("psf_model", attrs.get("psf_model"))))
+    model = MODELS.get(str(var.attrs.get("psf_model", attrs.get("psf_model"))).upper())
     return model.period(name) if model is not None and var.dtype.kind == "f" else None
 
 
@@ -1609,7 +1679,11 @@ def _halved(stored, period: float | None = None):
     if period:
         k = 2 * np.pi / period
         c, s = (da.coarsen(np.mean, f(k * stored.astype(np.float64)), axes, trim_excess=True) for f in (da.cos, da.sin))
-        return da.mod(da.arctan2(s, c) / k, period).astype(stored.dtype)
+        mean = da.arctan2(s, c) / k
+        # Written as the first of its 2x2 pixels is (the model's own range, e.g. Z2's axis over (0, π)
+        # with a period of π/2): an area of one orientation keeps its value at every level.
+        ref = stored[(..., slice(0, 2 * mean.shape[-2], 2), slice(0, 2 * mean.shape[-1], 2))]
+        return (mean + period * da.round((ref - mean) / period)).astype(stored.dtype)
     mean = da.coarsen(np.mean, stored, axes, trim_excess=True)
     if stored.dtype == bool:
         return mean >= 0.5
@@ -1632,7 +1706,7 @@ def _time_unit(unit) -> str | None:
     None if it is none. NFKC folds the micro sign µ into the Greek mu μ."""
     import unicodedata
 
-    return _TIME_UNITS.get(unicodedata.normalize("NFKC", str(unit)).strip().lower()) if unit else None
+    return _TIME_UNITS.get(unicodedata.normalize("NFKC", _unescaped(str(unit))).strip().lower()) if unit else None
 
 
 _LEAD_AXES = {"z": "z", "t": "t", "time": "t"}  # leading dims NGFF names as they are: dim -> axis

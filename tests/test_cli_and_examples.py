@@ -76,7 +76,7 @@ def test_demo_writes_result_and_figure(run, tmp_path):
         run("-q", "demo", "--size", 512, "--chunks", 512, "--out", "d.zarr", "--overwrite", "--scheduler", scheduler)
 
 
-def test_simulate_beads_blur_and_info(run, tmp_path):
+def test_simulate_beads_blur_and_info(run, tmp_path, lsfov_log):
     res = run("simulate", "beads", "b.zarr", "--size", 128, "--grid", 3, "--seed", 1)
     assert "beads" in res.output
     ds = lsfov.open_result(tmp_path / "b.zarr")
@@ -93,14 +93,26 @@ def test_simulate_beads_blur_and_info(run, tmp_path):
     assert lsfov.open_result(tmp_path / "b.zarr").attrs["command"] == "lsfov simulate beads"
     np.testing.assert_array_equal(lsfov.open_image(tmp_path / "blurred.zarr").values, out.blurred.values)
     assert "image: shape (96, 120)" in run("info", "sharp.npy").output
-    # The true blur is a PSF map: the operator it gives is the one that blurred, and it deblurs as one
+    # The true blur is a PSF map: the operator it gives is the one that blurred, and it deblurs as one;
+    # on a crop's coordinates too (its nodes lie where the crop is)
+    um = {"units": "micrometer"}
+    crop = xr.DataArray(np.load(tmp_path / "sharp.npy"), dims=("y", "x"), name="image",
+                        coords={"y": ("y", 2012.7 + 0.5 * np.arange(96), um), "x": ("x", 0.5 * np.arange(120), um)})
+    lsfov.save(crop, tmp_path / "crop.zarr")
+    run("simulate", "blur", "crop.zarr", "cb.zarr", "--model", "G2", "--grid", 2)
     true_op, _ = lsfov.simulate.psf_field((96, 120), "G2", (2, 2), seed=0)
-    op = lsfov.operator_from_psf_map(out)
+    truth = lsfov.open_result(tmp_path / "cb.zarr")
+    np.testing.assert_allclose(truth.gy.values, 2012.7 + 0.5 * true_op.centers[0])
+    op = lsfov.operator_from_psf_map(truth)
     np.testing.assert_allclose(op.kernels, true_op.kernels, atol=1e-6)
     for a, b in zip(op.centers, true_op.centers):
-        np.testing.assert_array_equal(a, b)
-    res = run("-v", "deconvolve", "blurred.zarr", "d.zarr", "--psf-map", "blurred.zarr", "--iterations", 2)
-    assert "was read from" not in res.output  # (its source is the sharp image: no other image's map)
+        np.testing.assert_allclose(a, b, atol=1e-9)
+    with lsfov_log() as said:  # (its source is the sharp image: not another image's map)
+        for src in ("cb.zarr", "cb.zarr/blurred"):
+            run("deconvolve", src, "d.zarr", "--psf-map", "cb.zarr", "--iterations", 2, "--overwrite")
+        assert not any("PSF map" in m for m in said), said
+        run("deconvolve", "crop.zarr", "d.zarr", "--psf-map", "cb.zarr", "--iterations", 1, "--overwrite")
+    assert any("was read from cb.zarr/blurred, not from crop.zarr" in m for m in said), said
     # a pupil model's PSFs are its microscope's: the result is at its pixel size (another one said so)
     run("simulate", "blur", "sharp.npy", "z.zarr", "--model", "Z1", "--grid", 2)
     assert lsfov.open_image(tmp_path / "z.zarr").attrs["pixel_um"] == pytest.approx(lsfov.psf.MODELS["Z1"].optics.pixel_um)

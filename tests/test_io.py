@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -389,6 +390,55 @@ def test_damaged_store_metadata_is_named(tmp_path):
     (img / "zarr.json").write_text("{")
     with pytest.raises(ValueError, match=r"deblurred/zarr.json is damaged"):
         lsfov.open_image(img)
+
+
+def test_files_as_acquisition_software_writes_them(tmp_path, caplog):
+    """A review with real writers' files: Fiji's escaped micro sign, each image of a plain TIFF at its
+    own resolution, ImageJ's "inch" at 72 dpi, OME channel names, a z-stack stored as RGB, BigTIFF's
+    suffix, xarray's named zarr axes, and an OME-Zarr's labels."""
+    rng = np.random.default_rng(0)
+    hyper = rng.integers(0, 1000, (2, 3, 2, 32, 32)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "fiji.tif", hyper, imagej=True, resolution=(5, 5),
+                     metadata={"axes": "TZCYX", "spacing": 0.5, "unit": "\\u00B5m", "finterval": 2.0})
+    im = lsfov.open_image(tmp_path / "fiji.tif", channel=0, z=1, t=1)
+    assert im.attrs["pixel_um"] == pytest.approx(0.2) and im.attrs["z_um"] == pytest.approx(0.5)
+    stack = rng.random((2, 32, 32)).astype(np.float32)
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tw:  # two images, 0.1 and 0.4 µm pixels
+        for part, per_cm in ((stack, 1e5), (stack[:, :16], 2.5e4)):
+            tw.write(part, photometric="minisblack", resolution=(per_cm, per_cm), resolutionunit="CENTIMETER",
+                     metadata={"axes": "ZYX"})
+    assert [lsfov.open_image(tmp_path / "two.tif", series=k, z=0).attrs["pixel_um"] for k in (0, 1)] == \
+        pytest.approx([0.1, 0.4])
+    tifffile.imwrite(tmp_path / "inch.tif", stack[0], imagej=True, resolution=(72, 72), metadata={"unit": "inch"})
+    assert lsfov.open_image(tmp_path / "inch.tif").attrs["pixel_um"] is None  # a display setting, not 353 µm
+    tifffile.imwrite(tmp_path / "c.ome.tif", rng.random((2, 3, 32, 32)).astype(np.float32), photometric="minisblack",
+                     metadata={"axes": "ZCYX", "Channel": {"Name": ["DAPI", "GFP", "R&D"]}})
+    assert lsfov.open_image(tmp_path / "c.ome.tif", channel=2, z=0).attrs["channel"] == "R&D"
+    tifffile.imwrite(tmp_path / "rgb.tif", (stack[:1].repeat(3, 0) * 255).astype(np.uint8), photometric="rgb",
+                     planarconfig="separate")  # (what tifffile's default for 3 planes does, without its warning)
+    with pytest.raises(ValueError, match="3 elements along 'c'.*write it with photometric='minisblack'"):
+        lsfov.open_image(tmp_path / "rgb.tif")
+    with pytest.raises(ValueError, match=r"3 elements along 'c'; choose one with channel= \(--channel\)$"):
+        lsfov.open_image(tmp_path / "c.ome.tif", z=0)  # (named channels: no such hint)
+    shutil.copy(tmp_path / "fiji.tif", tmp_path / "big.btf")
+    assert lsfov.open_image(tmp_path / "big.btf", channel=0, z=0, t=0).attrs["pixel_um"] == pytest.approx(0.2)
+    xr.Dataset({"img": (("c", "y", "x"), stack)}).to_zarr(tmp_path / "xr.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(ValueError, match="2 elements along 'c'"):  # its c is no z
+        lsfov.open_image(tmp_path / "xr.zarr" / "img")
+    assert lsfov.open_image(tmp_path / "xr.zarr" / "img", channel=1).attrs["plane"] == {"c": 1}
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    root = zarr.open_group(str(tmp_path / "lab.zarr"), mode="w", zarr_format=3)
+    write_image(stack[0], root, axes="yx", fmt=FormatV05(), scale_factors=[])
+    write_labels((stack[0] > 0.5).astype(np.uint8), root, name="cells", axes="yx", fmt=FormatV05(), scale_factors=[])
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="ome_zarr"):
+        lsfov.open_image(tmp_path / "lab.zarr")
+    assert not any("no parent found" in r.getMessage() for r in caplog.records)
+    for path, what in (("lab.zarr/labels/cells", r"a label image \(a segmentation\)"), ("lab.zarr/labels", "the labels group")):
+        with pytest.raises(ValueError, match=f"{what} of the OME-Zarr image .*lab.zarr, not an intensity image"):
+            lsfov.open_image(tmp_path / path)
 
 
 def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
@@ -1047,6 +1097,12 @@ def test_a_maps_axis_is_averaged_on_its_circle_in_the_pyramid(tmp_path):
         np.testing.assert_allclose(np.minimum(level, period - level), 0, atol=1e-6)  # 0 on the circle
         np.testing.assert_allclose(zarr.open_array(str(tmp_path / f"{model}.zarr" / "astigmatism" / "1"))[...],
                                    period / 2, rtol=1e-6)
+    # An area of one orientation keeps its value at every level, in the model's own range: Z2's axis
+    # spans (0, π) with a period of π/2, and a Z3 axis just under π is not written as just over 0
+    for model, value in (("Z2", 2.8), ("Z3", np.float32(np.pi) - 1e-6)):
+        ds = xr.Dataset({"axis": (("gy", "gx"), np.full((n, n), value, np.float32))}, attrs={"psf_model": model})
+        lsfov.save(ds, tmp_path / "one.zarr", overwrite=True)
+        np.testing.assert_allclose(zarr.open_array(str(tmp_path / "one.zarr" / "axis" / "1"))[...], value, rtol=1e-6)
     # The true field of `simulate blur` names its model on each variable
     axis = np.where(checker, 0.05, np.pi - 0.05).astype(np.float32)
     lsfov.save(xr.Dataset({"axis": (("gy", "gx"), axis, {"units": "radian", "psf_model": "Z3"})}), tmp_path / "t.zarr")

@@ -53,13 +53,13 @@ def node_centres(patch: int, stride: int, shape) -> tuple[np.ndarray, ...]:
 
 def node_order(psf_map):
     """A PSF map with its node dims in (gy, gx) order and its nodes in increasing position, whatever
-    order it was given in (transposed, or reversed by ``isel(gx=slice(None, None, -1))``)."""
+    order it was given in (transposed, reversed by ``isel(gx=slice(None, None, -1))``, shuffled)."""
     if not {"gy", "gx"} <= set(psf_map.dims):
         return psf_map
     psf_map = psf_map.transpose("gy", "gx", ...)
     for d in ("gy", "gx"):
-        if d in psf_map.coords and psf_map[d].size > 1 and bool((np.diff(psf_map[d].values) < 0).all()):
-            psf_map = psf_map.isel({d: slice(None, None, -1)})
+        if d in psf_map.coords and psf_map[d].size > 1 and not bool((np.diff(psf_map[d].values) > 0).all()):
+            psf_map = psf_map.sortby(d)  # (NaN or repeated positions stay refused, by the operator)
     return psf_map
 
 

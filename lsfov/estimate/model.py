@@ -342,14 +342,10 @@ class PSFRegressor:
     def _pass(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass of a batch on the device: the network's outputs, then per patch whether it
         is flat (constant) and whether all its pixels are finite, as (B, 3 + n_targets) float32."""
-        # Each patch scaled to a peak of 1 first: the reading is then the same at any intensity scale
-        # (standardize's floor and the flat test are absolute), and no variance overflows float32.
-        peak = x.abs().amax(dim=(-2, -1), keepdim=True)
-        finite = torch.isfinite(peak).flatten(1)  # (a NaN pixel makes the peak NaN)
-        x = x / torch.where(finite[:, :, None] & (peak > 0), peak, torch.ones_like(peak))
-        z, std = standardize(x, with_std=True)
+        z, std = standardize(x, with_std=True)  # (each patch scaled to a peak of 1: any intensity scale)
         out = self.net(z[:, None]).float()
-        flat = std.flatten(1) <= 1e-6 * x.abs().flatten(1).amax(1, keepdim=True).clamp_min(1e-12)
+        finite = torch.isfinite(x).flatten(1).all(1, keepdim=True)
+        flat = std.flatten(1) <= 1e-6  # (of a peak of 1; an all-zero patch too)
         return torch.cat([out, flat.float(), finite.float()], 1)
 
     def _run(self, t: torch.Tensor, batch_size: int, fixed: bool = False):

@@ -217,7 +217,12 @@ def build(arch: str, n_out: int) -> nn.Module:
 
 def standardize(patches: torch.Tensor, *, with_std: bool = False):
     """Per-patch zero mean, unit variance: the network sees structure, not the camera's gain or offset.
-    ``with_std``: also return the per-patch standard deviation (..., 1, 1)."""
+    Each patch is first scaled to a peak |value| of 1, so that the floor of the deviation is relative
+    and the reading the same at any intensity scale (and no variance overflows float32); a patch
+    with NaN or Inf is left as it is. ``with_std``: also return the per-patch standard deviation
+    (..., 1, 1) of the scaled patch, whose peak is 1 (or 0 for an all-zero patch)."""
+    peak = patches.abs().amax(dim=(-2, -1), keepdim=True)
+    patches = patches / torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))
     mean = patches.mean(dim=(-2, -1), keepdim=True)
     std = patches.std(dim=(-2, -1), keepdim=True)
     z = (patches - mean) / torch.clamp(std, min=1e-6 * (mean.abs() + 1))
