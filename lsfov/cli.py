@@ -789,7 +789,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
     log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
-    t0 = time.perf_counter()
+    t0, w0 = _clock()
     work = _on_gpu(img, gpu, scheduler)
     clip, saturation = _clip(img, work, None if saturation is False else saturation, off=saturation is False)
     with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
@@ -802,14 +802,14 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS, "saturation": saturation,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
-    seconds = time.perf_counter() - t0
+    seconds, waited = _working(t0, w0)
     from .figures import summary_figure
 
     fig = summary_figure(out.with_suffix(".png"), _centres({"raw": img, "deblurred": io.open_result(out)["deblurred"]},
                                                            ("raw", "deblurred")), title="lsfov deconvolve")
     mpix = img.size / 1e6
     rate = (f"{seconds:.1f} s to finish an interrupted run" if resumed else
-            f"{iterations} iterations in {seconds:.1f} s ({mpix * iterations / seconds:.1f} Mpixel·iterations/s)")
+            f"{iterations} iterations in {seconds:.1f} s ({mpix * iterations / seconds:.1f} Mpixel·iterations/s)") + waited
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {rate}; preview {fig}")
 
 
@@ -856,6 +856,23 @@ def _open_input(src, channel, zplane, tpoint, series, chunks, pixel_um):
 
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     return img if pixel_um is None else io.with_pixel_size(img, pixel_um)
+
+
+def _clock():
+    """A run's start: its time, and the seconds waited for Dask workers so far (:func:`_working`)."""
+    from .cluster import waited_for_workers
+
+    return time.perf_counter(), waited_for_workers()
+
+
+def _working(t0: float, w0: float) -> tuple[float, str]:
+    """Seconds since a run's start (:func:`_clock`) less those it waited with no Dask worker connected
+    (batch jobs in the queue), and what to say of that wait: a rate counts the work, not the queue."""
+    from .cluster import waited_for_workers
+
+    waited = waited_for_workers() - w0
+    seconds = time.perf_counter() - t0
+    return max(seconds - waited, 1e-3), (f", after {waited:.0f} s waiting for Dask workers" if waited >= 1 else "")
 
 
 def _resumed(before: dict, after: dict) -> bool:
@@ -924,7 +941,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     _check_pixel_um(pixel_um)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     _say_unknown_pixel(src, img, pixel_um, model)
-    t0 = time.perf_counter()
+    t0, w0 = _clock()
     work = _on_gpu(img, gpu, scheduler)
     saturation, _ = _clip(img, work, saturation)
     with _run_state(out, scratch, resume) as state, use_scheduler(scheduler):  # refused before a cluster starts
@@ -933,13 +950,13 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
                               saturation=saturation, max_saturated=max_saturated, scratch=state, resume=resume,
                               progress=not obj["quiet"])
         resumed = _resumed(before, _chunks_kept(state))
-        seconds = time.perf_counter() - t0
+        seconds, waited = _working(t0, w0)
         ds.attrs.update(command="lsfov estimate", **_source(src, img))
         io.save(ds, out, overwrite=overwrite)
     n = ds.sizes["gy"] * ds.sizes["gx"]
     click.echo(f"wrote {out}: {ds.sizes['gy']}x{ds.sizes['gx']} nodes of {ds.attrs['psf_model']} "
                f"({int(ds['filled'].sum())} filled from neighbours), "
-               + (f"{seconds:.1f} s to finish an interrupted run" if resumed else f"{n / seconds:.0f} patches/s"))
+               + (f"{seconds:.1f} s to finish an interrupted run" if resumed else f"{n / seconds:.0f} patches/s") + waited)
     if figure:
         from .figures import psf_mosaic, summary_figure
 
@@ -1005,6 +1022,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     # --max-saturated 1 (an image stretched to its type's range): no clip unless --saturation gives one
     saturation, _ = _clip(img, work, saturation, off=max_saturated is not None and max_saturated >= 1)
     out.parent.mkdir(parents=True, exist_ok=True)
+    t0, w0 = _clock()
     with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
@@ -1013,7 +1031,9 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
         stages["deconvolution + writing"] = stages.pop("deconvolution") + time.perf_counter() - t
-    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+    waited = _working(t0, w0)[1]
+    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+               + (f"{waited} (within those stages)" if waited else ""))
     if figure:
         from .figures import psf_mosaic, summary_figure
 

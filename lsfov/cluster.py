@@ -547,6 +547,17 @@ def _allowed_failures() -> int:
 #: Seconds without a connected worker after which a run on a cluster says it is waiting for one.
 NO_WORKERS_GRACE = 60.0
 
+_WAITED = [0.0]  # seconds this process's runs have seen no worker connected (the watch's readings)
+_WAITED_LOCK = threading.Lock()
+
+
+def waited_for_workers() -> float:
+    """Seconds that runs of this process have waited with no Dask worker connected (batch jobs still in
+    the queue, every worker lost), to within a reading of the watch (5 s): a run's closing rate leaves
+    them out. Read it before and after a run."""
+    with _WAITED_LOCK:
+        return _WAITED[0]
+
 
 @contextlib.contextmanager
 def _say_when_no_workers(client, grace: float | None = None):
@@ -565,11 +576,17 @@ def _say_when_no_workers(client, grace: float | None = None):
 
     def watch():
         since = time.monotonic()  # (since the run started, or its workers were last seen)
+        last = since
         while not stop.wait(min(grace / 4, 5.0)):
             try:
                 n = len(client.nthreads())
             except Exception:  # the scheduler gone, or the client closing: the computation says it
                 return
+            now = time.monotonic()
+            if not n:
+                with _WAITED_LOCK:
+                    _WAITED[0] += now - last
+            last = now
             if n:
                 if said.is_set():
                     goes_on(n)

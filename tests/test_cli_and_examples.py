@@ -494,7 +494,7 @@ def blurred(tmp_path):
 def test_deconvolve_round_trip(run, tmp_path, blurred):
     y, op = blurred
     res = run("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 6, "--chunks", 64)
-    assert "Mpixel·iterations/s" in res.output
+    assert "Mpixel·iterations/s" in res.output and "waiting for Dask workers" not in res.output
     ds = lsfov.open_result(tmp_path / "d.zarr")
     assert ds.attrs["iterations"] == 6 and ds.attrs["tv"] == lsfov.restore.DEFAULT_TV
     np.testing.assert_allclose(ds.deblurred.values, lsfov.deconvolve(y, op, 6), atol=1e-5 * y.max())
@@ -934,6 +934,18 @@ def test_cli_run_resumes_without_redoing_the_psf_map(run, tmp_path, monkeypatch,
     out, ref = lsfov.open_result("out.zarr"), lsfov.open_result("ref.zarr")
     for name in ("deblurred", "focus", "depth"):
         np.testing.assert_array_equal(out[name].values, ref[name].values)
+
+
+def test_a_closing_rate_leaves_out_the_wait_for_workers(run, tmp_path, blurred, monkeypatch):
+    """Batch jobs queued for ten minutes are no slow deconvolution: the rate counts the work, and the
+    wait is said beside it."""
+    import lsfov.cluster as cluster
+
+    spent = iter([0.0, 600.0])
+    monkeypatch.setattr(cluster, "waited_for_workers", lambda: next(spent))  # (read at the start, at the end)
+    res = run("deconvolve", "y.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 2)
+    assert re.search(r"2 iterations in 0\.0 s \([0-9.]+ Mpixel·iterations/s\), after 600 s waiting for Dask workers;",
+                     res.output), res.output
 
 
 def test_cli_estimate_resumed_reports_no_rate_for_work_it_did_not_do(run, count_calls, lsfov_log):

@@ -834,14 +834,16 @@ def test_a_run_without_workers_says_it_waits_and_goes_on_when_one_joins(lsfov_lo
         joins = threading.Timer(2.5, lambda: lc.scale(1))
         joins.start()
         slow = da.ones(4, chunks=2).map_blocks(lambda b: (time.sleep(0.5), b)[1])  # still running as it joins
+        w0 = cluster.waited_for_workers()
         assert cluster.compute(slow.sum()) == 4
         joins.join()
+        assert 0.8 < cluster.waited_for_workers() - w0 < 4.5  # (what a closing rate leaves out)
         assert any("no Dask worker has been connected to the scheduler for" in m and "batch jobs wait in the queue"
                    in m for m in said), said
         assert said[-1] == "1 Dask worker connected: the run goes on", said
-        n = len(said)
-        assert cluster.compute(da.ones(4, chunks=2).sum()) == 4  # workers there: nothing said
-        assert len(said) == n
+        n, w1 = len(said), cluster.waited_for_workers()
+        assert cluster.compute(slow.sum()) == 4  # workers there: nothing said, no wait counted
+        assert len(said) == n and cluster.waited_for_workers() == w1
     time.sleep(0.5)
     assert not any(t.name == "lsfov-worker-watch" for t in threading.enumerate())  # the watch ends with the run
 
