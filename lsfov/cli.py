@@ -1403,7 +1403,9 @@ def train(obj, data, out, n_synth, n_stream, psf_model, split, seed, workers, ar
         if given:  # silently ignored, the set would be written and no model trained as they ask
             raise ValueError(f"{', '.join(given)} set up a training; --synthesize only writes a set: "
                              "train on it with a second command")
-        if Path(data).suffix.lower() in (".pt", ".json", ".tif", ".tiff", ".npy", ".png"):
+        from .io import TIFF_SUFFIXES
+
+        if Path(data).suffix.lower() in (".pt", ".json", *TIFF_SUFFIXES, ".npy", ".png"):
             raise ValueError(f"{data}: a training set is a zarr store; name it {Path(data).with_suffix('.zarr').name}")
         _check_out(data, overwrite)  # before any patch is made
         t = time.perf_counter()

@@ -39,26 +39,35 @@ from .cluster import compute
 log = logging.getLogger("lsfov")
 
 
-class _QuietVersionNotes(logging.Filter):
-    """ome-zarr's reader warns "version mismatch" on every read of a store that is not the newest
-    NGFF version; lsfov reads 0.4 and 0.5 alike, so at each read that is noise (even with -q)."""
+_READING = threading.local()  # set while lsfov's own reads run (the filters below hush only those)
+
+
+class _QuietOmeZarr(logging.Filter):
+    """While lsfov reads an OME-Zarr, ome-zarr's reader says "version mismatch" for every store not of
+    the newest NGFF version (lsfov reads 0.4 and 0.5 alike) and "no parent found for <Label ...>" for
+    an image's labels (which lsfov does not read): noise, even with -q. Other users of ome-zarr in
+    the process (napari, scripts) still see them."""
 
     def filter(self, record):
-        return not record.getMessage().startswith("version mismatch")
+        if not getattr(_READING, "on", False):
+            return True
+        msg = record.getMessage()
+        return not (msg.startswith("version mismatch") or msg.startswith("no parent found"))
 
 
-logging.getLogger("ome_zarr.io").addFilter(_QuietVersionNotes())
+for _name in ("ome_zarr.io", "ome_zarr.reader"):
+    logging.getLogger(_name).addFilter(_QuietOmeZarr())
 
 
-class _QuietLabels(logging.Filter):
-    """ome-zarr's reader warns "no parent found for <Label ...>" when it meets an image's labels
-    group, which lsfov does not read: noise (even with -q)."""
-
-    def filter(self, record):
-        return not record.getMessage().startswith("no parent found")
-
-
-logging.getLogger("ome_zarr.reader").addFilter(_QuietLabels())
+@contextlib.contextmanager
+def _reading_ngff():
+    """lsfov's own read of an OME-Zarr: ome-zarr's noise hushed (:class:`_QuietOmeZarr`)."""
+    before = getattr(_READING, "on", False)
+    _READING.on = True
+    try:
+        yield
+    finally:
+        _READING.on = before
 
 __all__ = ["open_image", "open_planes", "save", "open_result", "describe", "atomic_directory", "atomic_file", "pixel_size",
            "with_pixel_size", "image_origin"]
@@ -251,7 +260,7 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
         raise ValueError(f"{path}: pyramid level {level} does not exist (a .npy file has level 0 only)")
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
-    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, TIFF (.tif, .tiff, .btf, .tf8) or .npy)")
+    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, TIFF (.tif, .tiff, .btf, .tf8, .tf2) or .npy)")
 
 
 def _node_grid(path: Path) -> tuple | None:
@@ -343,10 +352,14 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     if isinstance(parent, dict) and "variables" in parent and not parent.get("complete"):
         raise ValueError(f"{path} belongs to an incomplete result (the run that wrote {path.parent} was "
                          "interrupted); rerun it with --overwrite")
+    if path.parent != path and "image-label" in (_group_attrs(path.parent).get("ome") or _group_attrs(path.parent)):
+        raise ValueError(f"{path} is a level of the label image (a segmentation) {path.parent}, not an intensity "
+                         "image; give the image itself")
     plain = _plain_zarr_array(path)
     if plain is not None:
         return plain
-    loc = parse_url(str(path), mode="r")
+    with _reading_ngff():
+        loc = parse_url(str(path), mode="r")
     if loc is None:
         raise ValueError(f"{path}: not a zarr store")
     attrs = _group_attrs(path)
@@ -360,7 +373,8 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
         field = f"{wells[0].get('path', 'A/1')}/0" if "plate" in attrs else "0"
         raise ValueError(f"{path} is an OME-Zarr {'plate' if 'plate' in attrs else 'well'} (HCS), not one "
                          f"image; give one field of view's image, e.g. {path / field}")
-    node = next((n for n in Reader(loc)() if n.load(Multiscales)), None)
+    with _reading_ngff():
+        node = next((n for n in Reader(loc)() if n.load(Multiscales)), None)
     if node is None:
         raise ValueError(f"{path}: no OME-Zarr multiscale image found (is it NGFF 0.4 or 0.5?)")
     if not 0 <= level < len(node.data):
@@ -414,6 +428,10 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     return xr.DataArray(data, dims=names, coords=coords, attrs=attrs)
 
 
+# Axis names of other tools (xarray, rioxarray) for lsfov's t, c, z
+_DIM_ALIASES = {"time": "t", "channel": "c", "channels": "c", "band": "c", "wavelength": "c", "depth": "z"}
+
+
 def _plain_zarr_array(path: Path) -> xr.DataArray | None:
     """A bare zarr array (no NGFF metadata, e.g. written by ``dask.array.to_zarr``), lazily, with the
     NGFF axis order (``...zyx``) and pixel coordinates; None if ``path`` is not one."""
@@ -428,7 +446,7 @@ def _plain_zarr_array(path: Path) -> xr.DataArray | None:
     # and they are image axes: xarray's (c, y, x) is not read as (z, y, x)
     named = getattr(z.metadata, "dimension_names", None) or z.attrs.get("_ARRAY_DIMENSIONS")
     if named and len(named) == z.ndim:
-        named = [str(n).lower() if n is not None else "" for n in named]
+        named = [_DIM_ALIASES.get(str(n).lower(), str(n).lower()) if n is not None else "" for n in named]
         if set(named) <= set("tczyx") and len(set(named)) == z.ndim and {"y", "x"} <= set(named):
             names = named
     data = da.from_zarr(z)
@@ -477,6 +495,9 @@ def _tiff_image(path: Path, tf, level: int, k: int) -> xr.DataArray:
     levels = series.levels if series.is_pyramidal else [series]
     if not 0 <= level < len(levels):
         raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(levels) - 1})")
+    if "C" in series.axes and "S" in series.axes and series.shape[series.axes.index("S")] > 1:
+        raise ValueError(f"{path}: channels of colour samples (axes {series.axes}): lsfov reads channels of one "
+                         "value each; save each colour as a channel of its own (axes CYX)")
     axes = series.axes.lower().replace("s", "c").replace("i", "q")  # I: pages of no stated kind, as Q
     if "q" in axes and "z" not in axes:  # pages of a plain multi-page TIFF: most often a z-stack
         axes = axes.replace("q", "z", 1)
@@ -747,6 +768,8 @@ def _tiff_z_um(tf, k: int = 0) -> float | None:
         ij = tf.imagej_metadata or {}
         if "spacing" in ij:
             factor = _to_um(ij.get("unit")) if ij.get("unit") else 1.0
+            if factor == 25400.0:  # ImageJ's "inch": a display setting (as the pixel size, _tiff_pixel_um)
+                return None
             return float(ij["spacing"]) * factor if factor else None
     except Exception:
         return None
@@ -1538,17 +1561,20 @@ def _narrowed(block, name):
     return out
 
 
-def _period(name: str, var: xr.DataArray, attrs: dict) -> float | None:
-    """The period of an angle of a PSF model (a map's astigmatism axis, :meth:`lsfov.psf.PSFModel.period`),
-    named by the variable's or the result's ``psf_model``; None for anything else."""
+def _period(name: str, var: xr.DataArray, attrs: dict) -> tuple[float, float, float] | None:
+    """(period, low, high) of an angle of a PSF model (a map's astigmatism axis: its period,
+    :meth:`lsfov.psf.PSFModel.period`, and the model's range of it), named by the variable's or the
+    result's ``psf_model``; None for anything else."""
     from .psf import MODELS
 
     model = MODELS.get(str(var.attrs.get("psf_model", attrs.get("psf_model"))).upper())
-    return model.period(name) if model is not None and var.dtype.kind == "f" else None
+    period = model.period(name) if model is not None and var.dtype.kind == "f" else None
+    return (period, *map(float, model.ranges[name])) if period else None
 
 
-def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, period: float | None = None):
-    """``period``: the variable is an angle of that period, its pyramid levels means on the circle."""
+def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, period: tuple | None = None):
+    """``period``: (period, low, high), the variable is an angle of that period in [low, high), its
+    pyramid levels means on the circle."""
     from ome_zarr.format import FormatV05
 
     with warnings.catch_warnings():  # its module's own default argument draws a DeprecationWarning
@@ -1671,19 +1697,24 @@ def _coord_values(values, dtype=None):
     return np.array(values, dtype=dtype) if dtype else values
 
 
-def _halved(stored, period: float | None = None):
+def _halved(stored, period: tuple | None = None):
     """The next pyramid level: the mean of 2x2 pixels, rounded to the nearest for integers (a cast
-    alone rounds down) and a majority for booleans (a cast alone makes any True win); for an angle of
-    ``period``, the mean on its circle (two axes on either side of 0 do not average to the perpendicular)."""
+    alone rounds down) and a majority for booleans (a cast alone makes any True win); for an angle,
+    ``period`` = (period, low, high), the mean on its circle (two axes on either side of 0 do not
+    average to the perpendicular), in [low, high)."""
     axes = {stored.ndim - 2: 2, stored.ndim - 1: 2}
     if period:
+        period, lo, hi = period
         k = 2 * np.pi / period
         c, s = (da.coarsen(np.mean, f(k * stored.astype(np.float64)), axes, trim_excess=True) for f in (da.cos, da.sin))
         mean = da.arctan2(s, c) / k
-        # Written as the first of its 2x2 pixels is (the model's own range, e.g. Z2's axis over (0, π)
-        # with a period of π/2): an area of one orientation keeps its value at every level.
+        # Written as the first of its 2x2 pixels is where the model's range holds several turns (Z2's
+        # axis over (0, π) with a period of π/2): an area of one orientation keeps its value at every
+        # level; then brought into the range.
         ref = stored[(..., slice(0, 2 * mean.shape[-2], 2), slice(0, 2 * mean.shape[-1], 2))]
-        return (mean + period * da.round((ref - mean) / period)).astype(stored.dtype)
+        mean = mean + period * da.round((ref - mean) / period)
+        mean = da.where(mean < lo, mean + period, da.where(mean >= hi, mean - period, mean))
+        return mean.astype(stored.dtype)
     mean = da.coarsen(np.mean, stored, axes, trim_excess=True)
     if stored.dtype == bool:
         return mean >= 0.5

@@ -281,6 +281,20 @@ def test_networks_shapes_and_compact_size():
         network.build("vgg", 3)
 
 
+def test_standardisation_reads_any_intensity_scale_alike():
+    """What training, features and inference feed the networks: the same at any scale (the deviation's
+    floor is relative to the patch's peak), finite in float32 and half precision, and a flat patch
+    stays all zeros."""
+    x = torch.rand(3, 16, 16) * 100 + 5
+    ref = network.standardize(x)
+    for scale in (1e-30, 1e-8, 1e30):
+        torch.testing.assert_close(network.standardize(x * scale), ref, rtol=1e-4, atol=1e-4)
+    half = network.standardize((x * 600).half())
+    assert torch.isfinite(half).all() and torch.allclose(half.float(), ref, atol=2e-2)
+    z, std = network.standardize(torch.full((2, 8, 8), 7.0), with_std=True)
+    assert (z == 0).all() and (std == 0).all()
+
+
 def test_spectral_network_reads_the_power_spectrum():
     torch.manual_seed(0)
     net = network.build("spectral", 4).eval()

@@ -409,23 +409,34 @@ def test_files_as_acquisition_software_writes_them(tmp_path, caplog):
                      metadata={"axes": "ZYX"})
     assert [lsfov.open_image(tmp_path / "two.tif", series=k, z=0).attrs["pixel_um"] for k in (0, 1)] == \
         pytest.approx([0.1, 0.4])
-    tifffile.imwrite(tmp_path / "inch.tif", stack[0], imagej=True, resolution=(72, 72), metadata={"unit": "inch"})
-    assert lsfov.open_image(tmp_path / "inch.tif").attrs["pixel_um"] is None  # a display setting, not 353 µm
-    tifffile.imwrite(tmp_path / "c.ome.tif", rng.random((2, 3, 32, 32)).astype(np.float32), photometric="minisblack",
-                     metadata={"axes": "ZCYX", "Channel": {"Name": ["DAPI", "GFP", "R&D"]}})
-    assert lsfov.open_image(tmp_path / "c.ome.tif", channel=2, z=0).attrs["channel"] == "R&D"
+    tifffile.imwrite(tmp_path / "inch.tif", stack, imagej=True, resolution=(72, 72),
+                     metadata={"unit": "inch", "spacing": 1 / 72, "axes": "ZYX"})
+    inch = lsfov.open_image(tmp_path / "inch.tif", z=1)
+    assert inch.attrs["pixel_um"] is None and "z_um" not in inch.attrs  # a display setting, not 353 µm
+    with tifffile.TiffWriter(tmp_path / "c.ome.tif", ome=True) as tw:  # two positions, their channels named apart
+        for names in (["DAPI", "GFP", "R&D"], ["a", "b", "c"]):
+            tw.write(rng.random((2, 3, 32, 32)).astype(np.float32), photometric="minisblack",
+                     metadata={"axes": "ZCYX", "Channel": {"Name": names}})
+    assert lsfov.open_image(tmp_path / "c.ome.tif", channel=2, z=0, series=0).attrs["channel"] == "R&D"
+    assert lsfov.open_image(tmp_path / "c.ome.tif", channel=1, z=0, series=1).attrs["channel"] == "b"
+    tifffile.imwrite(tmp_path / "cs.ome.tif", (rng.random((2, 16, 16, 3)) * 255).astype(np.uint8), photometric="rgb",
+                     metadata={"axes": "CYXS"})
+    with pytest.raises(ValueError, match=r"channels of colour samples \(axes CYXS\).*save each colour as a channel"):
+        lsfov.open_image(tmp_path / "cs.ome.tif", channel=1)
     tifffile.imwrite(tmp_path / "rgb.tif", (stack[:1].repeat(3, 0) * 255).astype(np.uint8), photometric="rgb",
                      planarconfig="separate")  # (what tifffile's default for 3 planes does, without its warning)
     with pytest.raises(ValueError, match="3 elements along 'c'.*write it with photometric='minisblack'"):
         lsfov.open_image(tmp_path / "rgb.tif")
     with pytest.raises(ValueError, match=r"3 elements along 'c'; choose one with channel= \(--channel\)$"):
-        lsfov.open_image(tmp_path / "c.ome.tif", z=0)  # (named channels: no such hint)
+        lsfov.open_image(tmp_path / "c.ome.tif", z=0, series=0)  # (stored as planes: no such hint)
     shutil.copy(tmp_path / "fiji.tif", tmp_path / "big.btf")
     assert lsfov.open_image(tmp_path / "big.btf", channel=0, z=0, t=0).attrs["pixel_um"] == pytest.approx(0.2)
     xr.Dataset({"img": (("c", "y", "x"), stack)}).to_zarr(tmp_path / "xr.zarr", zarr_format=3, consolidated=False)
     with pytest.raises(ValueError, match="2 elements along 'c'"):  # its c is no z
         lsfov.open_image(tmp_path / "xr.zarr" / "img")
     assert lsfov.open_image(tmp_path / "xr.zarr" / "img", channel=1).attrs["plane"] == {"c": 1}
+    xr.Dataset({"img": (("time", "y", "x"), stack)}).to_zarr(tmp_path / "v2.zarr", zarr_format=2, consolidated=False)
+    assert lsfov.open_image(tmp_path / "v2.zarr" / "img", t=1).attrs["plane"] == {"t": 1}  # (xarray's time: t)
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_image, write_labels
 
@@ -439,6 +450,16 @@ def test_files_as_acquisition_software_writes_them(tmp_path, caplog):
     for path, what in (("lab.zarr/labels/cells", r"a label image \(a segmentation\)"), ("lab.zarr/labels", "the labels group")):
         with pytest.raises(ValueError, match=f"{what} of the OME-Zarr image .*lab.zarr, not an intensity image"):
             lsfov.open_image(tmp_path / path)
+    with pytest.raises(ValueError, match=r"is a level of the label image \(a segmentation\) .*cells, not an intensity"):
+        lsfov.open_image(tmp_path / "lab.zarr/labels/cells/s0")
+    # ome-zarr's own users in the process (napari, scripts) still hear it: only lsfov's reads are hushed
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="ome_zarr"):
+        list(Reader(parse_url(str(tmp_path / "lab.zarr")))())
+    assert any("no parent found" in r.getMessage() for r in caplog.records)
 
 
 def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
@@ -1103,6 +1124,15 @@ def test_a_maps_axis_is_averaged_on_its_circle_in_the_pyramid(tmp_path):
         ds = xr.Dataset({"axis": (("gy", "gx"), np.full((n, n), value, np.float32))}, attrs={"psf_model": model})
         lsfov.save(ds, tmp_path / "one.zarr", overwrite=True)
         np.testing.assert_allclose(zarr.open_array(str(tmp_path / "one.zarr" / "axis" / "1"))[...], value, rtol=1e-6)
+    # A block whose mean on the circle lies just below 0 (or just above π) is written inside (0, π)
+    for first, other in ((0.01, np.pi - 0.05), (np.pi - 0.01, 0.05)):
+        block = np.full((n, n), first, np.float32)
+        block[1::2, 1::2] = other
+        ds = xr.Dataset({"axis": (("gy", "gx"), block)}, attrs={"psf_model": "Z3"})
+        lsfov.save(ds, tmp_path / "mixed.zarr", overwrite=True)
+        level = zarr.open_array(str(tmp_path / "mixed.zarr" / "axis" / "1"))[...]
+        assert ((level >= 0) & (level < np.pi)).all(), (level.min(), level.max())
+        np.testing.assert_allclose(np.minimum(level, np.pi - level), 0.005, atol=1e-4)
     # The true field of `simulate blur` names its model on each variable
     axis = np.where(checker, 0.05, np.pi - 0.05).astype(np.float32)
     lsfov.save(xr.Dataset({"axis": (("gy", "gx"), axis, {"units": "radian", "psf_model": "Z3"})}), tmp_path / "t.zarr")
