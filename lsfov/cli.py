@@ -809,7 +809,8 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
                                                            ("raw", "deblurred")), title="lsfov deconvolve")
     mpix = img.size / 1e6
     rate = (f"{seconds:.1f} s to finish an interrupted run" if resumed else
-            f"{iterations} iterations in {seconds:.1f} s ({mpix * iterations / seconds:.1f} Mpixel·iterations/s)") + waited
+            f"{iterations} iterations in {seconds:.1f} s ({mpix * iterations / seconds:.1f} Mpixel·iterations/s)")
+    rate += waited
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {rate}; preview {fig}")
 
 
@@ -956,7 +957,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     n = ds.sizes["gy"] * ds.sizes["gx"]
     click.echo(f"wrote {out}: {ds.sizes['gy']}x{ds.sizes['gx']} nodes of {ds.attrs['psf_model']} "
                f"({int(ds['filled'].sum())} filled from neighbours), "
-               + (f"{seconds:.1f} s to finish an interrupted run" if resumed else f"{n / seconds:.0f} patches/s") + waited)
+               + (f"{seconds:.1f} s to finish an interrupted run" if resumed else f"{n / seconds:.0f} patches/s")
+               + waited)
     if figure:
         from .figures import psf_mosaic, summary_figure
 
@@ -1253,7 +1255,8 @@ def _in_image_frame(table, img):
 @click.option("--n-basis", type=click.IntRange(min=1), default=5, show_default=True, help="PSF basis size I.")
 @click.option("--n-space", type=click.IntRange(min=1), default=5, show_default=True,
               help="Spatial basis size J (several images).")
-@click.option("--radius", type=_Finite(min=2), default=None, help="PSF radius bound in pixels, >= 2 (default: measured).")
+@click.option("--radius", type=_Finite(min=2), default=None,
+              help="PSF radius bound in pixels, >= 2 (default: measured).")
 @click.option("--smoothing", type=_Finite(min=0), default=None, help="Thin-plate smoothing (default 0.01).")
 @click.option("--threshold", type=_Finite(min=0, min_open=True), default=None,
               help="Bead detection threshold on the blob response -σ²∇²(G_σ * image), in image counts "

@@ -260,7 +260,8 @@ def _open_any(path: Path, level: int, series: int | None = None) -> xr.DataArray
         raise ValueError(f"{path}: pyramid level {level} does not exist (a .npy file has level 0 only)")
     if path.suffix.lower() == ".npy":
         return _open_npy(path)
-    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, TIFF (.tif, .tiff, .btf, .tf8, .tf2) or .npy)")
+    raise ValueError(f"{path}: not an image lsfov can read (OME-Zarr directory, TIFF (.tif, .tiff, .btf, .tf8, .tf2) "
+                     "or .npy)")
 
 
 def _node_grid(path: Path) -> tuple | None:
@@ -366,8 +367,9 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     attrs = attrs.get("ome") or attrs
     if "image-label" in attrs or isinstance(attrs.get("labels"), list):  # a segmentation, not light
         image = path.parent.parent if "image-label" in attrs else path.parent
-        raise ValueError(f"{path} is {'a label image (a segmentation)' if 'image-label' in attrs else 'the labels group'}"
-                         f" of the OME-Zarr image {image}, not an intensity image; give the image itself")
+        what = "a label image (a segmentation)" if "image-label" in attrs else "the labels group"
+        raise ValueError(f"{path} is {what} of the OME-Zarr image {image}, not an intensity image; give the image "
+                         "itself")
     if isinstance(attrs.get("plate"), dict) or isinstance(attrs.get("well"), dict):  # HCS: images inside
         wells = (attrs.get("plate") or {}).get("wells") or [{}]
         field = f"{wells[0].get('path', 'A/1')}/0" if "plate" in attrs else "0"
@@ -966,10 +968,12 @@ def _rgb_hint(path) -> str:
 
 def plane_of(image) -> dict:
     """Which plane of a larger image ``image`` is (the attributes :func:`open_image` sets: ``plane``,
-    ``channel`` (its name, where the file names channels), ``z_um`` or ``z``/``z_units``, ``t``/``t_units``), to carry into what is made of it; empty for a
-    2-D image or one whose other axes are all of length one."""
+    ``channel`` (its name, where the file names channels), ``z_um`` or ``z``/``z_units``,
+    ``t``/``t_units``), to carry into what is made of it; empty for a 2-D image or one whose other axes
+    are all of length one."""
     attrs = getattr(image, "attrs", {})
-    return {k: attrs[k] for k in ("plane", "channel", "z_um", "z", "z_units", "t", "t_units") if attrs.get(k) is not None}
+    keys = ("plane", "channel", "z_um", "z", "z_units", "t", "t_units")
+    return {k: attrs[k] for k in keys if attrs.get(k) is not None}
 
 
 def _pixel_attr(image, name: str = "the image") -> float | None:
@@ -1645,7 +1649,8 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, 
         extra["omero"] = {"channels": [{"label": str(v)} for v in var.coords[lead[0]].values]}
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name,
                                metadata={"description": "each level the mean of 2x2 pixels of the one before "
-                                                        "(integers rounded, masks set where at least half are, angles averaged on their circle)",
+                                                        "(integers rounded, masks set where at least half are, "
+                                                        "angles averaged on their circle)",
                                          "method": "lsfov.io._halved", "version": _version(), **extra})
     ome = group.attrs["ome"]  # NGFF's "type" of downscaling, which ome-zarr-py's writer does not take
     ome["multiscales"][0]["type"] = "local_mean"

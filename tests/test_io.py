@@ -447,7 +447,8 @@ def test_files_as_acquisition_software_writes_them(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="ome_zarr"):
         lsfov.open_image(tmp_path / "lab.zarr")
     assert not any("no parent found" in r.getMessage() for r in caplog.records)
-    for path, what in (("lab.zarr/labels/cells", r"a label image \(a segmentation\)"), ("lab.zarr/labels", "the labels group")):
+    for path, what in (("lab.zarr/labels/cells", r"a label image \(a segmentation\)"),
+                       ("lab.zarr/labels", "the labels group")):
         with pytest.raises(ValueError, match=f"{what} of the OME-Zarr image .*lab.zarr, not an intensity image"):
             lsfov.open_image(tmp_path / path)
     with pytest.raises(ValueError, match=r"is a level of the label image \(a segmentation\) .*cells, not an intensity"):
@@ -738,7 +739,8 @@ def test_save_bad_objects(tmp_path):
         lsfov.save(np.ones((4, 4)), tmp_path / "x.tif")
     assert not (tmp_path / "x.tif").exists()
     for big in (np.full((20, 30), 1e39), da.from_array(np.pad([[-1e39]], ((0, 19), (0, 29))), chunks=10)):
-        with pytest.raises(ValueError, match=r"variable 'image' has values beyond float32's range \(\|x\| up to 1e\+39"):
+        with pytest.raises(ValueError, match=r"variable 'image' has values beyond float32's range "
+                                             r"\(\|x\| up to 1e\+39"):
             lsfov.save(big, tmp_path / "big.zarr")  # (halved to float32, it would be stored as Inf)
         assert not (tmp_path / "big.zarr").exists()
     lsfov.save(np.array([[1e30, np.nan, -np.inf]]), tmp_path / "ok.zarr")  # NaN and Inf stay what they are
@@ -805,7 +807,8 @@ def test_channel_names_and_the_pyramid_method_are_in_the_ngff_metadata(tmp_path)
     root = zarr.open_group(str(tmp_path / "unnamed.zarr"), mode="w", zarr_format=3)
     write_image(np.zeros((2, 8, 8), np.uint16), root, axes="cyx", fmt=FormatV05(), scale_factors=[])
     root.attrs["ome"] = {**root.attrs["ome"], "omero": {"channels": [{"color": "FF0000"}, {"color": "00FF00"}]}}
-    assert "channel" not in lsfov.open_image(tmp_path / "unnamed.zarr", channel=1).attrs  # (not the reader's made-up names)
+    # (not the reader's made-up names)
+    assert "channel" not in lsfov.open_image(tmp_path / "unnamed.zarr", channel=1).attrs
     lsfov.save(img.isel(c=0, drop=True), tmp_path / "one.zarr")  # no channels: no omero block
     assert "omero" not in json.loads((tmp_path / "one.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
 

@@ -256,7 +256,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         finite, n_sat, peak, low = da.compute(da.isfinite(y).all(), n_sat, y.max(), y.min())  # one read: 500
         finite, n_sat, peak, low = bool(finite), int(n_sat), float(peak), float(low)  # iterations follow
     else:
-        finite, n_sat, peak, low = bool(np.isfinite(y).all()), censored_pixels(y, level)[1], float(y.max()), float(y.min())
+        finite, n_sat = bool(np.isfinite(y).all()), censored_pixels(y, level)[1]
+        peak, low = float(y.max()), float(y.min())
     if not finite:
         raise non_finite("image", None if lazy else to_numpy(data) if hasattr(data, "dtype") else None)
     if peak == 0 and low == 0:
