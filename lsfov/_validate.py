@@ -81,11 +81,25 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
     return x
 
 
+def shown(v) -> str:
+    """``v`` as a message shows it, on one short line: an array by its shape, an object by its type,
+    a long value cut (never a multi-line array dump or a memory address)."""
+    if getattr(v, "ndim", 0) and hasattr(v, "shape"):
+        return f"an array of shape {tuple(v.shape)}"
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and not isinstance(v, np.generic):
+        return f"a 0-d array ({v.item()!r})"
+    if v is None or isinstance(v, (bool, int, float, str, bytes, np.generic, tuple, list, dict, os.PathLike)):
+        text = repr(v).replace("\n", " ")
+        return text if len(text) <= 60 else text[:57] + "..."
+    kind = type(v).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
 def positive_int(v, name: str, *, minimum: int = 1) -> int:
     """An integer (not a bool, not a float) >= ``minimum``."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < minimum:
         rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {rule}, got {v!r}")
+        raise ValueError(f"{name} must be {rule}, got {shown(v)}")
     return int(v)
 
 
@@ -111,7 +125,7 @@ def boolean(v, name: str) -> bool:
     where ``bool()`` would read it as True."""
     if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
         return bool(v)
-    raise ValueError(f"{name} must be True or False, got {v!r}")
+    raise ValueError(f"{name} must be True or False, got {shown(v)}")
 
 
 def rng(seed, name: str = "seed") -> np.random.Generator:
@@ -120,22 +134,23 @@ def rng(seed, name: str = "seed") -> np.random.Generator:
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer >= 0 (or None, or a numpy Generator), got {seed!r}") from None
+        raise ValueError(f"{name} must be an integer >= 0 (or None, or a numpy Generator), got {shown(seed)}") from None
 
 
 def shape2d(shape, name: str = "shape") -> tuple[int, int]:
     """``(H, W)`` from an int or a pair of positive integers."""
+    given = shape
     if np.isscalar(shape):
         shape = (shape, shape)
     try:
         h, w = (int(s) for s in shape)
-        whole = all(float(s) == int(s) for s in shape)
+        whole = all(float(s) == int(s) and not isinstance(s, (bool, np.bool_, str, bytes)) for s in shape)
     except (TypeError, ValueError):
         whole = False
     if not whole:
-        raise ValueError(f"{name} must be an int or a pair (H, W) of positive integers, got {shape!r}")
+        raise ValueError(f"{name} must be an int or a pair (H, W) of positive integers, got {shown(given)}")
     if h < 1 or w < 1:
-        raise ValueError(f"{name} must be positive, got {shape!r}")
+        raise ValueError(f"{name} must be positive, got {shown(given)}")
     return h, w
 
 
@@ -143,16 +158,16 @@ def real_number(v, name: str, *, minimum: float | None = None, maximum: float | 
                 exclusive: bool = False) -> float:
     """A finite float within ``[minimum, maximum]`` (``(minimum, maximum]`` with ``exclusive``)."""
     if isinstance(v, (bool, np.bool_, str, bytes)) or not np.isscalar(v) and np.ndim(v) != 0:
-        raise TypeError(f"{name} must be a number, got {v!r}")
+        raise TypeError(f"{name} must be a number, got {shown(v)}")
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {v!r}") from None
+        raise TypeError(f"{name} must be a number, got {shown(v)}") from None
     low_bad = minimum is not None and (f <= minimum if exclusive else f < minimum)
     if not np.isfinite(f) or low_bad or (maximum is not None and f > maximum):
         rules = ([] if minimum is None else [f"{'>' if exclusive else '>='} {minimum:g}"]) + \
                 ([] if maximum is None else [f"<= {maximum:g}"])
-        raise ValueError(f"{name} must be a finite number {' and '.join(rules)}".rstrip() + f", got {v!r}")
+        raise ValueError(f"{name} must be a finite number {' and '.join(rules)}".rstrip() + f", got {shown(v)}")
     return f
 
 
@@ -246,6 +261,7 @@ def not_a_bead_field(x, name: str):
 def scratch_dir(scratch, resume: bool = False):
     """Check ``scratch=`` (where a chunked run keeps its state): None, or a directory or a path to make
     one at; ``resume`` needs one."""
+    resume = boolean(resume, "resume")
     if scratch is None:
         if resume:
             raise ValueError("resume=True needs scratch=, the directory of the interrupted run")

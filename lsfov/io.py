@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, as_bits, not_masked, positive_int, real_number, user_stacklevel, yx_order
+from ._validate import LsfovWarning, as_bits, boolean, not_masked, positive_int, real_number, user_stacklevel, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -312,7 +312,10 @@ class PlaneNotChosen(ValueError):
         self.dim, self.n = dim, n
 
 
-def _select_axis(arr, path, dim, idx, flag):
+def _select_axis(arr, path, dim, idx, flag, keep: bool = False):
+    """Plane ``idx`` along ``dim``; ``keep``: with its coordinate as a 0-D one, as ``.isel`` keeps it
+    (where it lies, or the channel's name: a stack rebuilt from such planes with ``xr.concat`` knows
+    its axis)."""
     if dim not in arr.dims:
         if idx in (0, -1):
             return arr
@@ -320,7 +323,7 @@ def _select_axis(arr, path, dim, idx, flag):
     n = arr.sizes[dim]
     if not -n <= int(idx) < n:
         raise ValueError(f"{path}: {flag}={idx} (--{flag}) out of range; the image has {n} along {dim}")
-    return arr.isel({dim: int(idx)}, drop=True)
+    return arr.isel({dim: int(idx)}, drop=not (keep and dim in arr.coords))
 
 
 def _open_ngff(path: Path, level: int) -> xr.DataArray:
@@ -926,7 +929,7 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
 
     for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
         if idx is not None:
-            picked = _select_axis(arr, path, dim, idx, flag)
+            picked = _select_axis(arr, path, dim, idx, flag, keep=True)
             if dim in arr.dims:
                 note(dim, int(idx) % arr.sizes[dim])
             arr = picked
@@ -1315,11 +1318,17 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         if operator is not None:
             operator._write(root.create_group("operator"))
         root.attrs["lsfov"] = {"version": _version(), "variables": list(ds.data_vars), "complete": False}
+        started = []
         for name, var in ds.data_vars.items():
             if _is_table(var):
                 _write_table(root, str(name), var)
             else:
-                _write_variable(root, str(name), var, chunks, progress, period=_period(str(name), var, ds.attrs))
+                started.append(_write_variable(root, str(name), var, chunks, period=_period(str(name), var, ds.attrs)))
+        if started:  # every variable's pixels in one computation: work they share runs once
+            images = [str(n) for n, v in ds.data_vars.items() if not _is_table(v)]
+            compute([store for store, _ in started], progress=progress, label=f"writing {', '.join(images)}")
+        for _, finish in started:
+            finish()
         root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
     return Path(path)
 
@@ -1454,6 +1463,7 @@ def atomic_directory(path, *, overwrite: bool = False):
     second writer of ``path`` is refused, and a ``path`` that something else creates meanwhile is
     not replaced without ``overwrite`` (FileExistsError).
     """
+    overwrite = boolean(overwrite, "overwrite")  # ("no" is no consent to replace a result)
     path = _link_target(path)
     if is_working_folder(path):
         raise ValueError(f"{path} is the current folder (or holds it); name a new folder for the result")
@@ -1576,15 +1586,13 @@ def _period(name: str, var: xr.DataArray, attrs: dict) -> tuple[float, float, fl
     return (period, *map(float, model.ranges[name])) if period else None
 
 
-def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, period: tuple | None = None):
-    """``period``: (period, low, high), the variable is an angle of that period in [low, high), its
-    pyramid levels means on the circle."""
-    from ome_zarr.format import FormatV05
-
-    with warnings.catch_warnings():  # its module's own default argument draws a DeprecationWarning
-        warnings.filterwarnings("ignore", "Call to deprecated class Scaler", DeprecationWarning)
-        from ome_zarr.writer import write_multiscales_metadata
-
+def _write_variable(root, name: str, var: xr.DataArray, chunks, period: tuple | None = None):
+    """Start writing ``var`` as the NGFF image ``name`` of ``root``: its group and full-resolution
+    array made, its metadata checked. Returns (the delayed store of its pixels, a function that
+    writes its pyramid and metadata once they are stored): :func:`save` stores every variable's
+    pixels in one computation, so that work they share (a deblurred image and what is derived from
+    it) runs once. ``period``: (period, low, high), the variable is an angle of that period in
+    [low, high), its pyramid levels means on the circle."""
     for pair in (("y", "x"), ("gy", "gx")):  # the axes NGFF names y and x last, by name: never a transposed image
         if set(pair) <= set(var.dims):
             var = var.transpose(..., *pair)
@@ -1619,16 +1627,15 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, 
     dim_names = [a["name"] for a in axes]
     mask = data.dtype == bool  # stored as 0/1 uint8, which every viewer reads; read back by lsfov as bool
     meta = _variable_meta(var, lead, mask)  # before the pixels: what it cannot store is said before any work
-    datasets, level, factor = [], data, 1
-    while True:
-        level = level.rechunk(chunk_shape if level is data else tuple(min(c, s) for c, s in zip(chunk_shape, level.shape)))
+    datasets = []
+
+    def level_array(level):
         arr = group.create_array(
             str(len(datasets)), shape=level.shape, chunks=level.chunksize, dtype=np.uint8 if mask else level.dtype,
             dimension_names=dim_names, fill_value=0,
             config={"write_empty_chunks": True},  # every chunk stored: one missing is damage (lsfov info says)
         )
-        compute(da.store(level.astype(np.uint8) if mask else level, arr, lock=False, compute=False),
-                progress=progress, label=None if datasets else f"writing {name}")
+        factor = 2 ** len(datasets)
         datasets.append({
             "path": str(len(datasets)),
             "coordinateTransformations": [
@@ -1638,12 +1645,34 @@ def _write_variable(root, name: str, var: xr.DataArray, chunks, progress=False, 
                  + [trans[0] + scale[0] * (factor - 1) / 2, trans[1] + scale[1] * (factor - 1) / 2]},
             ],
         })
-        if min(level.shape[-2:]) < 2 * _PYRAMID_MIN or len(datasets) >= 8:
-            break
-        # Next level from what was just written (not from the source graph, which may be costly).
-        stored = da.from_zarr(arr)
-        level = _halved(stored.astype(bool) if mask else stored, period)
-        factor *= 2
+        return arr
+
+    full = data.rechunk(chunk_shape)
+    arr = level_array(full)
+    store = da.store(full.astype(np.uint8) if mask else full, arr, lock=False, compute=False)
+
+    def finish():
+        level = full
+        while min(level.shape[-2:]) >= 2 * _PYRAMID_MIN and len(datasets) < 8:
+            # Next level from what was just written (not from the source graph, which may be costly).
+            stored = da.from_zarr(group[datasets[-1]["path"]])
+            level = _halved(stored.astype(bool) if mask else stored, period)
+            level = level.rechunk(tuple(min(c, s) for c, s in zip(chunk_shape, level.shape)))
+            compute(da.store(level.astype(np.uint8) if mask else level, level_array(level), lock=False,
+                             compute=False))
+        _write_ngff_metadata(group, name, var, lead, lead_name, axes, datasets, meta)
+
+    return store, finish
+
+
+def _write_ngff_metadata(group, name, var, lead, lead_name, axes, datasets, meta):
+    """A variable's NGFF multiscale metadata (its levels ``datasets``) and lsfov's ``meta``."""
+    from ome_zarr.format import FormatV05
+
+    with warnings.catch_warnings():  # its module's own default argument draws a DeprecationWarning
+        warnings.filterwarnings("ignore", "Call to deprecated class Scaler", DeprecationWarning)
+        from ome_zarr.writer import write_multiscales_metadata
+
     extra = {}
     if lead_name == "c" and lead[0] in var.coords:  # channel names, where NGFF readers (napari) look for them
         extra["omero"] = {"channels": [{"label": str(v)} for v in var.coords[lead[0]].values]}
@@ -1663,6 +1692,13 @@ def _variable_meta(var, lead, mask: bool) -> dict:
     attrs = dict(var.attrs)
     if not {"y", "x"} <= set(var.dims):  # on another grid (a PSF map's nodes): no pixel size of its own
         attrs.pop("pixel_um", None)
+    for d in lead:  # a stack rebuilt from planes (xr.concat) is no longer the first plane its attrs name
+        for key in {"z": ("z_um", "z", "z_units"), "t": ("t", "t_units"), "c": ("channel",)}.get(d, ()):
+            attrs.pop(key, None)
+        if isinstance(attrs.get("plane"), dict) and d in attrs["plane"]:
+            attrs["plane"] = {k: v for k, v in attrs["plane"].items() if k != d} or None
+            if attrs["plane"] is None:
+                del attrs["plane"]
     if "pixel_um" in attrs and _pixel_attr(var):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
         try:
             attrs["pixel_um"] = pixel_size(var)

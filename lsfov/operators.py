@@ -28,6 +28,7 @@ launch costs more than the arithmetic of a small cell, equally spaced nodes get 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import uuid
@@ -40,7 +41,7 @@ import numpy as np
 
 from ._backend import (array_module, block_digests, fft_module, multiply, next_fast_len, parallel_map, row_bands,
                        task_threads, threads_for, to_numpy)
-from ._validate import LsfovWarning, known_shape, non_finite, not_masked, real_number, shape2d, yx_order
+from ._validate import LsfovWarning, known_shape, non_finite, not_masked, real_number, shape2d, shown, yx_order
 
 __all__ = ["ProductConvolution"]
 
@@ -663,8 +664,11 @@ class ProductConvolution:
             If this operator is itself a window, or ``shape`` is not positive.
         """
         if self.window != (0, 0) + self.shape:
-            raise ValueError("restrict() applies to a full-image operator")
-        oy, ox = (int(o) for o in origin)
+            raise ValueError("restrict() applies to a full-image operator; restrict the operator it was cut from")
+        try:
+            oy, ox = (int(o) for o in origin)
+        except (TypeError, ValueError):
+            raise ValueError(f"origin must be a pair (y, x) of integer pixel positions, got {shown(origin)}") from None
         h, w = shape2d(shape)
         return self._view((oy, ox, h, w), periodic)
 
@@ -1307,6 +1311,8 @@ class ProductConvolution:
         """
         import zarr
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file or directory name (str or Path), got {shown(path)}")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such operator: {path}")
@@ -1550,6 +1556,10 @@ def _window_of(maps, window, shape):
 
 
 def _as_float_array(a, name):
+    if a is None or isinstance(a, (str, bytes, os.PathLike, dict)):  # (None would read as NaN)
+        raise TypeError(f"{name} must be an array of numbers, got {shown(a)}"
+                        + ("; read the file first (lsfov.open_image, numpy.load)" if isinstance(a, (str, os.PathLike))
+                           else ""))
     not_masked(a, name)  # (a masked PSF's hidden values would be its kernel)
     kind = getattr(getattr(a, "dtype", None), "kind", "f")
     if kind not in "biuf":
@@ -1561,7 +1571,7 @@ def _as_float_array(a, name):
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise ValueError(f"{name} contains NaN or Inf values; replace them (they are no blur)")
     return arr
 
 

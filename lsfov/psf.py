@@ -32,7 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ._validate import LsfovWarning
+from ._validate import LsfovWarning, shown
 
 __all__ = [
     "Optics",
@@ -242,8 +242,12 @@ def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
     -------
     ndarray, float32, shape (size, size) or (B, size, size)
     """
-    sy = np.asarray(sigma_y, dtype=np.float64)
-    sx = sy if sigma_x is None else np.asarray(sigma_x, dtype=np.float64)
+    try:
+        sy = np.asarray(sigma_y, dtype=np.float64)
+        sx = sy if sigma_x is None else np.asarray(sigma_x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma_y and sigma_x must be numbers (standard deviations in pixels), got {shown(sigma_y)} "
+                        f"and {shown(sigma_x)}") from None
     try:
         sy, sx = np.broadcast_arrays(sy, sx)
     except ValueError:

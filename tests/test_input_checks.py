@@ -687,3 +687,32 @@ def test_documented_bounds_and_defaults_hold_at_their_edges():
     np.testing.assert_array_equal(tv_curvature(x, 0.3), tv_curvature(x, np.full_like(x, 0.3)))
     assert not np.array_equal(tv_curvature(x, 0.3), tv_curvature(x, 0.3 ** 0.5))
     assert psf.gaussian(np.array([2.0])).shape == (1, 17, 17)  # the default kernel reaches 4 sigma
+
+
+def test_flags_and_wrong_types_are_said_in_one_short_line(tmp_path):
+    """An audit of the messages: a string is no consent to overwrite (save(overwrite="no") replaced a
+    result); an array or object argument is named by its shape or type, not dumped over lines; None, a
+    file name or a word where an array, a path or a number is meant gets lsfov's message, not Python's."""
+    lsfov.save(np.ones((4, 4)), tmp_path / "r.zarr")
+    for bad in ("no", np.ones(3)):
+        with pytest.raises(ValueError, match=r"^overwrite must be True or False, got ('no'|an array of shape \(3,\))$"):
+            lsfov.save(np.zeros((4, 4)), tmp_path / "r.zarr", overwrite=bad)
+    assert lsfov.open_result(tmp_path / "r.zarr").image.values.max() == 1  # kept
+    H = lsfov.ProductConvolution.from_psf(np.ones((3, 3)) / 9, (32, 32))
+    with pytest.raises(ValueError, match="^resume must be True or False, got 'no'$"):
+        lsfov.deconvolve(np.ones((32, 32)), H, 2, resume="no")
+    with pytest.raises(ValueError, match=r"^iterations must be a positive integer, got an array of shape \(3, 3\)$"):
+        lsfov.deconvolve(np.ones((32, 32)), H, np.ones((3, 3)))
+    for call, err, msg in [
+        (lambda: H.restrict(None, 5), ValueError, "origin must be a pair"),
+        (lambda: lsfov.ProductConvolution.load(None), TypeError, "path must be a file or directory name"),
+        (lambda: lsfov.ProductConvolution.from_psf(None, (8, 8)), TypeError, "psf must be an array of numbers, got None"),
+        (lambda: lsfov.ProductConvolution.from_psf("p.tif", (8, 8)), TypeError, "read the file first"),
+        (lambda: lsfov.psf.gaussian("abc"), TypeError, "sigma_y and sigma_x must be numbers"),
+        (lambda: lsfov.simulate.bead_field(True), ValueError, "shape must be an int or a pair"),
+        (lambda: lsfov.ProductConvolution.from_psf(np.ones((3, 3)), np.array(8)), ValueError, r"a 0-d array \(8\)"),
+        (lambda: lsfov.ProductConvolution.from_psf(np.ones((3, 3)), object()), ValueError, "got an object$"),
+    ]:
+        with pytest.raises(err, match=msg) as e:
+            call()
+        assert "\n" not in str(e.value) and " at 0x" not in str(e.value), str(e.value)

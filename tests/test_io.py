@@ -463,6 +463,25 @@ def test_files_as_acquisition_software_writes_them(tmp_path, caplog):
     assert any("no parent found" in r.getMessage() for r in caplog.records)
 
 
+def test_planes_keep_where_they_lie_and_a_stack_rebuilt_from_them_knows_its_axis(tmp_path):
+    """open_image(z=i) keeps the plane's z (and channel name) as 0-D coordinates, as .sel does: planes
+    deblurred one by one and put back with xr.concat make a stack with its z values, saved without the
+    first plane's attributes (it is no longer that plane)."""
+    tifffile.imwrite(tmp_path / "zs.ome.tif", np.random.default_rng(0).random((3, 2, 32, 32)).astype(np.float32),
+                     metadata={"axes": "ZCYX", "PhysicalSizeZ": 0.5, "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2,
+                               "Channel": {"Name": ["a", "b"]}})
+    planes = [lsfov.open_image(tmp_path / "zs.ome.tif", z=i, channel=1) for i in range(3)]
+    assert planes[1].coords["z"].item() == 0.5 and planes[1].coords["c"].item() == "b"
+    assert planes[1].attrs["plane"] == {"c": 1, "z": 1} and planes[1].attrs["z_um"] == 0.5
+    lsfov.save(xr.concat(planes, "z").rename("img"), tmp_path / "st.zarr")
+    back = lsfov.open_result(tmp_path / "st.zarr")["img"]
+    np.testing.assert_allclose(back.z.values, [0.0, 0.5, 1.0])
+    assert back.attrs["plane"] == {"c": 1} and "z_um" not in back.attrs and back.coords["c"].item() == "b"
+    lsfov.save(planes[2].rename("one"), tmp_path / "one.zarr")  # one plane: as it was
+    one = lsfov.open_result(tmp_path / "one.zarr")["one"]
+    assert one.coords["z"].item() == 1.0 and one.attrs["plane"] == {"c": 1, "z": 2} and one.attrs["z_um"] == 1.0
+
+
 def test_ome_tiffs_of_several_images_are_positions_not_a_stack(tmp_path):
     """An OME-TIFF of several Image elements (stage positions, fields of view) is not read as a
     z-stack: one is chosen (series=, --series), each with its own pixel size; info lists them; a
@@ -609,6 +628,25 @@ def _refusal(call):
     except FileExistsError as e:
         return str(e)
     return ""
+
+
+def test_variables_sharing_work_are_computed_together(tmp_path):
+    """Saving a lazy deblurred image beside what is derived from it (or beside its raw image) runs the
+    work they share once, not once per variable; pyramid levels are read back from the store."""
+    calls = []
+
+    def costly(block):
+        calls.append(block.shape)
+        return block * 2
+
+    base = da.from_array(np.random.default_rng(0).random((1100, 1100)).astype(np.float32), chunks=550)
+    d = xr.DataArray(base.map_blocks(costly), dims=("y", "x"))
+    with dask.config.set(scheduler="synchronous"):
+        lsfov.save(xr.Dataset({"d": d, "clipped": d.clip(0, 1), "twice": d * 2}), tmp_path / "r.zarr")
+    assert calls.count((550, 550)) == 4, calls  # each of the 4 blocks once, for three variables and their pyramids
+    back = lsfov.open_result(tmp_path / "r.zarr")
+    np.testing.assert_array_equal(back.twice.values, 2 * back.d.values)
+    assert zarr.open_group(str(tmp_path / "r.zarr" / "clipped")).attrs["ome"]["multiscales"][0]["datasets"][1]
 
 
 def test_save_never_harms_existing_output(tmp_path):

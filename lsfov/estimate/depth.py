@@ -148,7 +148,7 @@ class DepthCalibration:
         from ..io import atomic_file
 
         path = Path(path)
-        if path.exists() and not overwrite:
+        if path.exists() and not boolean(overwrite, "overwrite"):
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps({"type": _TYPE, **self.to_dict()}, indent=2))

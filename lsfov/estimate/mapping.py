@@ -21,7 +21,7 @@ import numpy as np
 from .. import psf as _psf
 from .._backend import array_module, heap_kept, to_numpy
 from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, non_finite, positive_int,
-                         real_number, scratch_dir, squeeze_plane, yx_order)
+                         real_number, scratch_dir, shape2d, squeeze_plane, yx_order)
 from ..io import atomic_file, image_origin, pixel_size, plane_of
 from ..operators import ProductConvolution
 
@@ -671,14 +671,15 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
         raise TypeError(f"psf_map must be the xarray.Dataset of lsfov.estimate_psf_map, got {type(psf_map).__name__}")
     for key in ("psf_model", "params"):
         if key not in psf_map.attrs:
-            raise ValueError(f"psf_map lacks the attribute {key!r}; make it with lsfov.estimate_psf_map")
+            raise ValueError(f"psf_map lacks the attribute {key!r}; make it with lsfov.estimate_psf_map (xr.Dataset(...) "
+                             "and merge drop a map's attributes: keep them, e.g. ds.attrs.update(psf_map.attrs))")
     missing = [p for p in psf_map.attrs["params"] if p not in psf_map]
     if missing:
         raise ValueError(f"psf_map lacks the variables {missing}; make it with lsfov.estimate_psf_map")
     psf_map = node_order(psf_map)
     m = _psf.PSFModel.from_meta(psf_map.attrs)
     mapped = psf_map.attrs.get("image_shape")
-    shape = tuple(shape or mapped or ())
+    shape = shape2d(shape, "shape") if shape is not None else tuple(mapped or ())
     if len(shape) != 2:
         raise ValueError("give the image shape: shape=(H, W)")
     if mapped and tuple(shape) != tuple(mapped):  # (before the size, which follows the shape)

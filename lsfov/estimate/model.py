@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import _backend, psf as _psf
-from .._validate import positive_int
+from .._validate import boolean, positive_int
 from ..cluster import stop_point
 from ..io import atomic_file
 from .network import build, standardize
@@ -469,7 +469,7 @@ class PSFRegressor:
         for f in (path, path.with_suffix(".json")):
             if f.is_dir():
                 raise ValueError(f"{f} is a directory; give the model a file name ending in .pt")
-            if f.exists() and not overwrite:
+            if f.exists() and not boolean(overwrite, "overwrite"):
                 raise FileExistsError(f"{f} already exists; pass overwrite=True (--overwrite) to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.loads(json.dumps(self.meta))  # plain types only: weights_only can read them
