@@ -522,8 +522,10 @@ def test_robust_must_be_a_bool():
     with pytest.raises(ValueError, match="robust must be True or False, got 2"):
         calibrate_depth(_truth_map(s), s.depth_um, robust=2)
     assert estimate_depth(_truth_map(s), cal, robust=np.True_).attrs["robust"] == 1
-    with pytest.raises(ValueError, match="calibration is not a depth calibration's to_dict()"):
-        estimate_depth(_truth_map(s), {"a": 1})
+    with pytest.raises(ValueError, match=r"^calibration has keys a depth calibration has not \(a\); give the to_dict"):
+        estimate_depth(_truth_map(s), {**cal.to_dict(), "a": 1})
+    with pytest.raises(ValueError, match="^calibration lacks keys of a depth calibration"):
+        estimate_depth(_truth_map(s), {"slope": 1.0})
 
 
 def test_readings_follow_the_thresholds_the_user_chose():

@@ -709,6 +709,7 @@ def test_flags_and_wrong_types_are_said_in_one_short_line(tmp_path):
         (lambda: lsfov.ProductConvolution.from_psf(None, (8, 8)), TypeError, "psf must be an array of numbers, got None"),
         (lambda: lsfov.ProductConvolution.from_psf("p.tif", (8, 8)), TypeError, "read the file first"),
         (lambda: lsfov.psf.gaussian("abc"), TypeError, "sigma_y and sigma_x must be numbers"),
+        (lambda: lsfov.deconvolve(np.ones((32, 32)), H, 2, tv="0.01"), TypeError, "^tv must be a number, got '0.01'$"),
         (lambda: lsfov.simulate.bead_field(True), ValueError, "shape must be an int or a pair"),
         (lambda: lsfov.ProductConvolution.from_psf(np.ones((3, 3)), np.array(8)), ValueError, r"a 0-d array \(8\)"),
         (lambda: lsfov.ProductConvolution.from_psf(np.ones((3, 3)), object()), ValueError, "got an object$"),

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +172,9 @@ class DepthCalibration:
                              "(CLI: `lsfov depth MAP CAL.json --known DEPTH`)")
         try:
             return cls(**raw)
-        except TypeError as e:
-            raise ValueError(f"{path}: not a depth calibration of this lsfov version ({e})") from None
+        except TypeError:  # (keys of another version)
+            raise ValueError(f"{path}: not a depth calibration of this lsfov version (its keys: "
+                             f"{', '.join(sorted(map(str, raw)))}); make it again with lsfov.calibrate_depth") from None
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
@@ -578,10 +579,15 @@ def as_calibration(calibration) -> DepthCalibration | None:
     if isinstance(calibration, (str, os.PathLike)):
         return DepthCalibration.load(calibration)
     if isinstance(calibration, dict):  # to_dict(), or a saved file's JSON (with its "type")
+        keys = {k: v for k, v in calibration.items() if k != "type"}
+        unknown = sorted(set(keys) - {f.name for f in fields(DepthCalibration)})
+        if unknown:
+            raise ValueError(f"calibration has keys a depth calibration has not ({', '.join(map(str, unknown))}); give "
+                             "the to_dict() of lsfov.calibrate_depth, or its JSON file")
         try:
-            return DepthCalibration(**{k: v for k, v in calibration.items() if k != "type"})
-        except TypeError as e:
-            raise ValueError(f"calibration is not a depth calibration's to_dict() ({e}); give the one of "
+            return DepthCalibration(**keys)
+        except TypeError:  # (a key it needs left out)
+            raise ValueError("calibration lacks keys of a depth calibration; give the to_dict() of "
                              "lsfov.calibrate_depth, or its JSON file") from None
     if not isinstance(calibration, (DepthCalibration, type(None))):
         raise TypeError(f"calibration must come from lsfov.calibrate_depth (its to_dict(), or its JSON file), "

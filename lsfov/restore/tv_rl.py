@@ -253,14 +253,10 @@ def _check_params(operator, iterations, tv, eps, exchange_every):
 def check_settings(iterations, tv, eps=DEFAULT_EPS, exchange_every=None):
     """``deconvolve``'s settings checked (and made numbers), e.g. before the work that makes its operator."""
     iterations = positive_int(iterations, "iterations")
-    try:
-        tv = float(tv)
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError("tv and eps must be numbers") from None
+    tv, eps = real_number(tv, "tv"), real_number(eps, "eps")  # (a string such as "0.01" refused, not read)
     if not 0.0 <= tv < 0.25:
-        raise ValueError(f"tv must be in [0, 0.25), got {tv:g}: larger weights make the TV-RL denominator "
-                         "non-positive (0 gives plain Richardson-Lucy)")
+        raise ValueError(f"tv must be in [0, 0.25), got {tv:g}: larger weights would make the update's denominator "
+                         "negative (0 gives plain Richardson-Lucy)")
     if not 1e-4 <= eps <= 100:  # relative to the brightness: beyond these the TV term is off or a step
         raise ValueError(f"eps must be in [1e-4, 100] (relative to the local brightness; default {DEFAULT_EPS}), "
                          f"got {eps:g}")
