@@ -32,6 +32,11 @@ def stack():
 def test_detection_recall_and_precision(field):
     r = estimate_radius(field.image)
     assert 5 <= r <= 15  # the simulated PSFs are 31 px wide with most energy within ~10 px
+    corner = np.zeros((100, 100), np.float32)
+    corner[2, 2] = 100  # a bead at the border only: said with the option that goes around it
+    with pytest.raises(ValueError, match=r"none at least 40 px from the border\): check the image, or give the PSF "
+                                         r"radius in pixels \(--radius; radius=\)$"):
+        estimate_radius(corner)
     found = detect_beads(field.image, r)
     d_found, _ = cKDTree(field.positions).query(found)
     d_true, _ = cKDTree(found).query(field.positions)

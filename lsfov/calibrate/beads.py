@@ -189,8 +189,9 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
         if len(pos):
             break
     if len(pos) == 0:
-        raise ValueError(f"no beads found to measure the PSF radius (detection scales {', '.join(f'{r:g}' for r in scales)} "
-                         "px; none more than max_radius from the border): check the image, or pass radius= (--radius)")
+        raise ValueError(f"no beads found to measure the PSF radius (at detection scales of "
+                         f"{', '.join(f'{r:g}' for r in scales)} px, none at least {h} px from the border): check the "
+                         "image, or give the PSF radius in pixels (--radius; radius=)")
     pos = pos[:50]  # the brightest; the median below ignores the neighbours some of them have
     win = _windows(img, pos, h)
     win = remove_background(win, 0.75 * h)  # a background that varies across the window
