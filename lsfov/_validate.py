@@ -87,7 +87,7 @@ def shown(v) -> str:
     if getattr(v, "ndim", 0) and hasattr(v, "shape"):
         return f"an array of shape {tuple(v.shape)}"
     if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and not isinstance(v, np.generic):
-        return f"a 0-d array ({v.item()!r})"
+        return f"a 0-d array ({shown(v.item())})"
     if v is None or isinstance(v, (bool, int, float, str, bytes, np.generic, tuple, list, dict, os.PathLike)):
         text = repr(v).replace("\n", " ")
         return text if len(text) <= 60 else text[:57] + "..."

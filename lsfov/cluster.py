@@ -651,7 +651,48 @@ def _compute_on(client, obj, progress, on_task):
         return client.gather(futures)
     except BaseException as e:
         _hush_on_interrupt(e)
+        if isinstance(e, Exception):  # (an interrupt waits for nothing: what it leaves, the next write removes)
+            _settle_on(client, futures, obj)
         raise
+
+
+def _executing(dask_worker) -> list[str]:
+    """The names of the tasks a Dask worker is running now (cancelled ones included), run on it."""
+    return [_key_name(ts.key) for ts in dask_worker.state.executing]
+
+
+def _key_name(key) -> str:
+    """The name of a Dask task key (its first element for a tuple key)."""
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+#: Seconds an error on a cluster waits for the tasks still running on workers (see _settle_on).
+SETTLE_TIMEOUT = 60.0
+
+
+def _settle_on(client, futures, obj):
+    """After a task failed on a cluster: cancel the rest of ``obj``'s work and wait (up to
+    ``SETTLE_TIMEOUT``) until none of its tasks still runs on a worker, as the local schedulers'
+    pool does: a store task of another variable would otherwise go on writing into a write's
+    temporary directory after the error removed it (and a run would compute for nothing)."""
+    try:
+        client.cancel(futures)
+        names = set()  # the graph's layer names: a task's key is (name, index...) or the name
+        for part in obj if isinstance(obj, (list, tuple)) else [obj]:
+            graph = part.__dask_graph__() if hasattr(part, "__dask_graph__") else {}
+            names |= set(getattr(graph, "layers", None) or {_key_name(k) for k in graph})
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while time.monotonic() < deadline:
+            # (a cancelled task still running is the worker's to say: the scheduler has let it go)
+            running = {k for keys in client.run(_executing).values() for k in keys}
+            running |= {_key_name(k) for keys in client.processing().values() for k in keys}
+            if not names & running:
+                return
+            time.sleep(0.1)
+        log.warning("tasks of the failed computation still run on the workers after %.0f s; what they write into "
+                    "a temporary folder, the next write of the same output removes", SETTLE_TIMEOUT)
+    except Exception:  # the scheduler gone: nothing to wait for
+        return
 
 
 def _compute_locally(obj, progress, on_task):

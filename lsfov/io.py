@@ -929,7 +929,10 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
 
     for dim, idx, flag in (("c", channel, "channel"), ("z", z, "z"), ("t", t, "t")):
         if idx is not None:
-            picked = _select_axis(arr, path, dim, idx, flag, keep=True)
+            # (z and t kept as 0-D coordinates: planes put back with xr.concat know their axis; a
+            # channel's name stays in the attributes only, so that planes of several channels merge
+            # into one Dataset)
+            picked = _select_axis(arr, path, dim, idx, flag, keep=dim in ("z", "t"))
             if dim in arr.dims:
                 note(dim, int(idx) % arr.sizes[dim])
             arr = picked
@@ -1326,7 +1329,8 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
                 started.append(_write_variable(root, str(name), var, chunks, period=_period(str(name), var, ds.attrs)))
         if started:  # every variable's pixels in one computation: work they share runs once
             images = [str(n) for n, v in ds.data_vars.items() if not _is_table(v)]
-            compute([store for store, _ in started], progress=progress, label=f"writing {', '.join(images)}")
+            named = ", ".join(images[:6]) + (f" and {len(images) - 6} more" if len(images) > 6 else "")
+            compute([store for store, _ in started], progress=progress, label=f"writing {named}")
         for _, finish in started:
             finish()
         root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
@@ -1692,13 +1696,17 @@ def _variable_meta(var, lead, mask: bool) -> dict:
     attrs = dict(var.attrs)
     if not {"y", "x"} <= set(var.dims):  # on another grid (a PSF map's nodes): no pixel size of its own
         attrs.pop("pixel_um", None)
-    for d in lead:  # a stack rebuilt from planes (xr.concat) is no longer the first plane its attrs name
-        for key in {"z": ("z_um", "z", "z_units"), "t": ("t", "t_units"), "c": ("channel",)}.get(d, ()):
+    # A stack rebuilt from planes (xr.concat) is no longer the first plane its attributes name: what
+    # they say of its own axes goes, and all of it along an axis of another name (which planes?).
+    axes = {_LEAD_AXES.get(d, d) for d in lead}
+    said = {"z": ("z_um", "z", "z_units"), "t": ("t", "t_units"), "c": ("channel",)}
+    for d in ("z", "t", "c") if axes - set(said) else axes & set(said):
+        for key in said[d]:
             attrs.pop(key, None)
-        if isinstance(attrs.get("plane"), dict) and d in attrs["plane"]:
-            attrs["plane"] = {k: v for k, v in attrs["plane"].items() if k != d} or None
-            if attrs["plane"] is None:
-                del attrs["plane"]
+        if isinstance(attrs.get("plane"), dict):
+            attrs["plane"] = {k: v for k, v in attrs["plane"].items() if k != d}
+    if axes - set(said) or attrs.get("plane") == {}:
+        attrs.pop("plane", None)
     if "pixel_um" in attrs and _pixel_attr(var):  # a stale one (a subsampled image) stored as the coordinates say, as the scale is
         try:
             attrs["pixel_um"] = pixel_size(var)

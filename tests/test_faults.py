@@ -1012,3 +1012,28 @@ def test_the_chunks_a_memory_refusal_advises_fit_with_the_halo_their_run_takes(m
                 with pytest.raises(Checked):
                     lsfov.deconvolve(y.rechunk(256), op, 10, exchange_every=1)
     assert len(advised) >= 2, advised
+
+
+def test_a_failed_save_on_a_cluster_waits_for_its_running_tasks_and_leaves_nothing(tmp_path):
+    """Every variable is stored in one computation; when one fails on a cluster, the others' store
+    tasks still running on the workers would go on writing into the temporary folder after the error
+    removed it. The error waits for them (as the local pool does), and nothing is left behind."""
+    import xarray as xr
+    from distributed import Client, LocalCluster
+
+    written = []
+
+    def slow(block):
+        time.sleep(0.3)
+        written.append(block.shape)
+        return block
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, Client(lc):
+        a = xr.DataArray(da.ones((64, 64), chunks=16, dtype="f4").map_blocks(slow, dtype="f4"), dims=("y", "x"))
+        b = xr.DataArray(da.full((64, 64), 1e300, chunks=32), dims=("y", "x"))  # beyond float32: refused
+        with pytest.raises(ValueError, match="variable 'b' has values beyond float32's range"):
+            lsfov.save(xr.Dataset({"a": a, "b": b}), tmp_path / "r.zarr")
+        n = len(written)
+        time.sleep(1.0)
+        assert len(written) == n  # nothing ran on after the error was raised
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

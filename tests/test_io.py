@@ -471,12 +471,22 @@ def test_planes_keep_where_they_lie_and_a_stack_rebuilt_from_them_knows_its_axis
                      metadata={"axes": "ZCYX", "PhysicalSizeZ": 0.5, "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2,
                                "Channel": {"Name": ["a", "b"]}})
     planes = [lsfov.open_image(tmp_path / "zs.ome.tif", z=i, channel=1) for i in range(3)]
-    assert planes[1].coords["z"].item() == 0.5 and planes[1].coords["c"].item() == "b"
+    assert planes[1].coords["z"].item() == 0.5 and "c" not in planes[1].coords  # (the name: in the attrs)
     assert planes[1].attrs["plane"] == {"c": 1, "z": 1} and planes[1].attrs["z_um"] == 0.5
+    assert planes[1].attrs["channel"] == "b"
     lsfov.save(xr.concat(planes, "z").rename("img"), tmp_path / "st.zarr")
     back = lsfov.open_result(tmp_path / "st.zarr")["img"]
     np.testing.assert_allclose(back.z.values, [0.0, 0.5, 1.0])
-    assert back.attrs["plane"] == {"c": 1} and "z_um" not in back.attrs and back.coords["c"].item() == "b"
+    assert back.attrs["plane"] == {"c": 1} and back.attrs["channel"] == "b" and "z_um" not in back.attrs
+    # Channels of one plane merge into one Dataset (their names differ only in the attributes)
+    two = xr.Dataset({"dapi": lsfov.open_image(tmp_path / "zs.ome.tif", z=0, channel=0),
+                      "gfp": lsfov.open_image(tmp_path / "zs.ome.tif", z=0, channel=1)})
+    assert two.gfp.attrs["channel"] == "b"
+    # Along an axis of another name, which planes it holds is unknown: none of the first's attrs
+    with pytest.warns(lsfov.LsfovWarning, match="coordinate"):  # (its z values have no place in NGFF)
+        lsfov.save(xr.concat(planes, "plane").rename("img"), tmp_path / "pl.zarr")
+    kept = lsfov.open_result(tmp_path / "pl.zarr")["img"].attrs
+    assert not {"plane", "z_um", "channel"} & set(kept), kept
     lsfov.save(planes[2].rename("one"), tmp_path / "one.zarr")  # one plane: as it was
     one = lsfov.open_result(tmp_path / "one.zarr")["one"]
     assert one.coords["z"].item() == 1.0 and one.attrs["plane"] == {"c": 1, "z": 2} and one.attrs["z_um"] == 1.0
