@@ -418,10 +418,11 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             values = trans[i] + scale[i] * np.arange(data.shape[i])
             coords[name] = _coord(name, values * factor, SPATIAL_UNIT) if factor else _coord(name, values, ax["unit"])
         elif name == "c":  # channel names (NGFF's omero labels), so that a chosen channel says which it is
-            labels = node.metadata.get("channel_names") or []
-            if len(labels) == data.shape[i] and len(set(map(str, labels))) == len(labels) \
-                    and list(labels) != [f"channel_{k}" for k in range(len(labels))]:  # (the reader's made-up names)
-                coords[name] = np.asarray([str(v) for v in labels])
+            labels = [str(v) for v in node.metadata.get("channel_names") or []]
+            if labels != [f"channel_{k}" for k in range(len(labels))]:  # (not the reader's made-up names)
+                named = _channel_names(labels, data.shape[i])
+                if named is not None:
+                    coords[name] = named
     # Non-square pixels keep each axis's scale and no single size (pixel_size then says what to do).
     pixel_um = sizes.get("x", sizes.get("y"))
     if len(sizes) == 2 and not _square(sizes["y"], sizes["x"]):
@@ -529,9 +530,9 @@ def _tiff_image(path: Path, tf, level: int, k: int) -> xr.DataArray:
     if data.shape != tuple(shape) or len(set(axes)) != len(axes):
         axes = "tczyx"[-data.ndim :]
     arr = _with_coords(data, list(axes), pixel_um, path, pixel_um_y)
-    names = _ome_channel_names(tf, k) if tf.ome_metadata and "c" in arr.dims else []
-    if len(names) == arr.sizes.get("c") and len(set(names)) == len(names):  # a chosen channel says which
-        arr = arr.assign_coords(c=np.asarray(names))
+    names = _channel_names(_ome_channel_names(tf, k), arr.sizes["c"]) if tf.ome_metadata and "c" in arr.dims else None
+    if names is not None:  # a chosen channel says which
+        arr = arr.assign_coords(c=names)
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
         arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
     if t_step and "t" in arr.dims:  # when each time point was taken: a result of one says so
@@ -713,6 +714,12 @@ def _ome_image(tf, k: int = 0) -> tuple[str, str]:
     return same[0] if len(same) == 1 else ("", "")
 
 
+def _channel_names(names: list[str], n: int):
+    """A ``c`` coordinate of channel ``names`` where the file names each of its ``n`` channels apart;
+    None otherwise."""
+    return np.asarray(names) if len(names) == n and len(set(names)) == n else None
+
+
 def _ome_channel_names(tf, k: int = 0) -> list[str]:
     """The ``Name`` of each ``<Channel>`` of series ``k``'s Image in a TIFF's OME-XML, in order; [] where
     one has none."""
@@ -773,7 +780,7 @@ def _tiff_z_um(tf, k: int = 0) -> float | None:
         ij = tf.imagej_metadata or {}
         if "spacing" in ij:
             factor = _to_um(ij.get("unit")) if ij.get("unit") else 1.0
-            if factor == 25400.0:  # ImageJ's "inch": a display setting (as the pixel size, _tiff_pixel_um)
+            if factor == _INCH_UM:  # ImageJ's "inch": a display setting (as the pixel size, _tiff_pixel_um)
                 return None
             return float(ij["spacing"]) * factor if factor else None
     except Exception:
@@ -803,6 +810,7 @@ def _tiff_t_step(tf, k: int = 0) -> tuple[float, str] | None:
 
 
 _INCH_PIXEL_MAX_UM = 25.0  # inch-based resolutions below ~1000 dpi are display or print settings
+_INCH_UM = 25400.0
 
 
 def _tiff_pixel_um(tf, axis: str = "X", k: int = 0) -> float | None:
@@ -824,16 +832,12 @@ def _tiff_pixel_um(tf, axis: str = "X", k: int = 0) -> float | None:
             return None
         per_unit = den / num
         unit = (tf.imagej_metadata or {}).get("unit") if tf.imagej_metadata else None
-        code = None
-        if unit:
-            f = _to_um(unit)
-            size = per_unit * f if f else None
-            if f != 25400.0:  # (ImageJ's "inch": the file's dots per inch, as below)
-                return size
-            code = 2
+        unit_um = _to_um(unit) if unit else None
+        if unit and unit_um != _INCH_UM:  # ImageJ's own unit (its "inch": dots per inch, as below)
+            return per_unit * unit_um if unit_um else None
         runit = page.tags.get("ResolutionUnit")
-        code = code or (int(runit.value) if runit is not None else 2)
-        size = {2: per_unit * 25400.0, 3: per_unit * 1e4}.get(code)
+        code = 2 if unit else (int(runit.value) if runit is not None else 2)
+        size = {2: per_unit * _INCH_UM, 3: per_unit * 1e4}.get(code)
         if code == 2 and size and size > _INCH_PIXEL_MAX_UM:
             if axis == "X":
                 log.info("%s: its resolution tag says %g dots per inch, a display setting rather than a "
