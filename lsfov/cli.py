@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -897,6 +898,27 @@ def _marks_kept(state: Path) -> dict:
                 | frozenset(str(p.relative_to(d)) for p in d.glob("done/x*.blocks/*")))}
 
 
+def _overview(src, img, edge=1024, **plane):
+    """The whole of ``img`` (SRC's plane ``plane``) at about ``edge`` pixels across, for a figure: from
+    the coarsest pyramid level of the file still that large, where it has levels (a strided slice of
+    the full resolution would read every one of its chunks again)."""
+    from . import io
+
+    best = img
+    for level in itertools.count(1):
+        if max(best.shape) < 2 * edge:
+            break
+        try:
+            lower = io.open_image(src, level=level, **plane)
+        except ValueError:  # no such level
+            break
+        if max(lower.shape) < edge:
+            break
+        best = lower
+    step = max(1, max(best.shape) // edge)
+    return np.asarray(best.data[::step, ::step])
+
+
 def _centres(variables, names, edge=512):
     """Figure panels: the central ``edge``² of each variable (a whole large field would be too fine to see)."""
     h, w = variables[names[0]].shape
@@ -963,8 +985,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         from .figures import psf_mosaic, summary_figure
 
         op = operator_from_psf_map(ds, img.shape)
-        step = max(1, max(img.shape) // 1024)
-        panels = {"image": np.asarray(img.data[::step, ::step]), "PSF grid": psf_mosaic(op.kernels),
+        panels = {"image": _overview(src, img, channel=channel, z=zplane, t=tpoint, series=series),
+                  "PSF grid": psf_mosaic(op.kernels),
                   "validity": ds["validity"].values}
         quantities = {"validity": (0.0, 1.0)}
         for p in ds.attrs["params"][:2]:

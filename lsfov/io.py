@@ -201,7 +201,8 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
     -------
     list of xarray.DataArray
         Dask-backed ``(y, x)`` planes, z and t flattened in file order (image by image for an
-        OME-TIFF of several), each with the image's ``attrs``; a 2-D image gives a list of one.
+        OME-TIFF of several), each with the image's ``attrs`` (and the chosen channel's name, where
+        the file names it, as ``attrs["channel"]``); a 2-D image gives a list of one.
 
     Raises
     ------
@@ -225,7 +226,11 @@ def open_planes(path, *, channel=None) -> list[xr.DataArray]:
 def _planes(arr, path, channel):
     arr.name = None
     if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
-        arr = _select_axis(arr, path, "c", 0 if channel is None else channel, "channel")
+        i = 0 if channel is None else channel
+        c = arr.coords["c"] if "c" in arr.coords else None  # not .get: xarray makes up an index
+        arr = _select_axis(arr, path, "c", i, "channel")
+        if c is not None and c.dtype.kind in "OUS":  # the channel's name, as open_image keeps it
+            arr.attrs["channel"] = str(c.values[int(i) % c.size])
     if "c" in arr.dims:
         raise PlaneNotChosen(f"{path}: the image has {arr.sizes['c']} channels; choose one with channel= (--channel)",
                              "c", arr.sizes["c"])

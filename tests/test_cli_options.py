@@ -602,3 +602,26 @@ def test_counts_out_of_range_are_named_by_their_option(run, tmp_path, small, arg
     option = next(a for a in args if str(a).startswith("--") and args[args.index(a) + 1] in (-1, 0))
     assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["op.zarr", "psf.npy", "y.npy"]  # nothing written
+
+
+def test_the_estimate_figure_shows_the_whole_image_from_a_pyramid_level(tmp_path):
+    """The figure's overview comes from the coarsest level still large enough (not a strided read of
+    every full-resolution chunk), of the plane that was mapped; without levels, from level 0."""
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    from lsfov.cli import _overview
+
+    data = np.stack([np.full((600, 520), c, np.float32) for c in (1, 2)])  # channels 1 and 2
+    root = zarr.open_group(str(tmp_path / "p.zarr"), mode="w", zarr_format=3)
+    write_image(data, root, axes="cyx", fmt=FormatV05(), scale_factors=[2, 4, 8])  # 300, 150, 75 rows
+    for level, mark in ((1, 30), (2, 40)):  # a level's pixels say which it is
+        zarr.open_array(str(tmp_path / "p.zarr" / f"s{level}"), mode="r+")[1] = mark
+    img = lsfov.open_image(tmp_path / "p.zarr", channel=1)
+    view = _overview(tmp_path / "p.zarr", img, edge=128, channel=1)
+    assert view.shape == (150, 130) and np.all(view == 40)  # level 2, not level 3 (75 < 128)
+    assert np.all(_overview(tmp_path / "p.zarr", img, edge=200, channel=1) == 30)  # level 1, strided
+    np.save(tmp_path / "a.npy", data[1])
+    flat = lsfov.open_image(tmp_path / "a.npy")
+    assert _overview(tmp_path / "a.npy", flat, edge=128).shape == (150, 130)  # level 0, strided by 4

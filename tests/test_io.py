@@ -849,6 +849,7 @@ def test_channel_names_and_the_pyramid_method_are_in_the_ngff_metadata(tmp_path)
     gfp = lsfov.open_image(tmp_path / "c.zarr", channel=1)
     assert gfp.attrs["plane"] == {"c": 1} and gfp.attrs["channel"] == "GFP" and gfp.dims == ("y", "x")
     assert lsfov.io.plane_of(gfp) == {"plane": {"c": 1}, "channel": "GFP"}
+    assert {p.attrs["channel"] for p in lsfov.io.open_planes(tmp_path / "c.zarr", channel=-1)} == {"GFP"}
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_image
 
@@ -857,6 +858,7 @@ def test_channel_names_and_the_pyramid_method_are_in_the_ngff_metadata(tmp_path)
     root.attrs["ome"] = {**root.attrs["ome"], "omero": {"channels": [{"color": "FF0000"}, {"color": "00FF00"}]}}
     # (not the reader's made-up names)
     assert "channel" not in lsfov.open_image(tmp_path / "unnamed.zarr", channel=1).attrs
+    assert "channel" not in lsfov.io.open_planes(tmp_path / "unnamed.zarr", channel=1)[0].attrs
     lsfov.save(img.isel(c=0, drop=True), tmp_path / "one.zarr")  # no channels: no omero block
     assert "omero" not in json.loads((tmp_path / "one.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
 

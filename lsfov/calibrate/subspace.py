@@ -120,7 +120,7 @@ class OperatorSubspace:
             raise ValueError(f"gamma must have shape (I, J) = ({self.n_psf}, {self.n_space}), got {g.shape}"
                              + ("" if for_project else "; or pass a training-image index"))
         if not np.all(np.isfinite(g)):
-            raise ValueError("gamma contains NaN or Inf")
+            raise ValueError("gamma contains NaN or Inf; pass finite coordinates in the subspace (its gammas hold examples)")
         return g
 
     def operator(self, k_or_gamma) -> ProductConvolution:
