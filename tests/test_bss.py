@@ -444,15 +444,23 @@ def test_signed_psfs_start_the_background_at_its_level():
 G1, G2 = 1.0, 10.0  # the weights of the optimality tests
 
 
-def _kkt_case(seed, background, clip=None):
+def _kkt_case(seed, background, clip=None, skewed=False):
     """8 sources of 100-300 on ``background`` (48², Gaussian PSF σ 1.5, noise 1), optionally clipped at
     ``clip`` of the way from 20 to the peak; the iterates after 6000 FISTA steps (censored where clipped).
-    Returns (op, y, censored mask or None, u1, u2)."""
+    ``skewed``: a 2x2 grid of Gaussians skewed each its own way, so that Hᵀ differs from H (a
+    gradient taken with H would pass with the symmetric PSF). Returns (op, y, censored mask or None,
+    u1, u2)."""
     from lsfov.restore.sparse_smooth import _steps
 
     rng = np.random.default_rng(seed)
     n = 48
-    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, size=9)[None, None], (n, n))
+    k = lsfov.psf.gaussian(1.5, size=9)[None, None]
+    if skewed:
+        ramp = np.linspace(0.2, 1.8, 9)
+        k = np.stack([np.stack([k[0, 0] * ramp[:, None], k[0, 0] * ramp[None, ::-1]]),
+                      np.stack([k[0, 0] * ramp[::-1, None], k[0, 0] * np.outer(ramp, ramp)])])
+        k /= k.sum(axis=(-2, -1), keepdims=True)
+    op = lsfov.ProductConvolution.from_grid(k.astype(np.float32), (n, n))
     u = np.zeros((n, n), np.float32)
     pos = rng.integers(5, n - 5, (8, 2))
     u[pos[:, 0], pos[:, 1]] = rng.uniform(100, 300, 8)
@@ -490,14 +498,16 @@ def test_fista_momentum_is_becks_sequence_from_any_start():
         assert list(itertools.islice(_momenta(start), 40 - start)) == first[start:]
 
 
-def test_sparse_smooth_reaches_the_optimality_conditions():
+@pytest.mark.parametrize("skewed", [False, True])
+def test_sparse_smooth_reaches_the_optimality_conditions(skewed):
     """After many iterations the iterates satisfy the KKT conditions of the objective, term by term:
     with g = Hᵀ(H(u1 + u2) − y), g + γ1 = 0 where u1 > 0 and g + γ1 ≥ 0 where u1 = 0; and
     g + 2γ2ΔᵀΔu2 the same with 0 for u2. An objective that only decreases would not catch a
-    threshold of γ1/2 (u1's violation 0.50 of γ1) or a gradient of γ2ΔᵀΔ (u2's 1.0)."""
+    threshold of γ1/2 (u1's violation 0.50 of γ1) or a gradient of γ2ΔᵀΔ (u2's 1.0); skewed,
+    spatially varying PSFs catch a gradient taken with H for Hᵀ."""
     from lsfov.restore.sparse_smooth import _laplacian
 
-    op, y, _, a, b = _kkt_case(0, lambda n: (20 + 10 * np.mgrid[:n, :n][0] / n).astype(np.float32))
+    op, y, _, a, b = _kkt_case(0, lambda n: (20 + 10 * np.mgrid[:n, :n][0] / n).astype(np.float32), skewed=skewed)
     g = op.adjoint(op.apply(a + b) - y)
     assert (a > 0).sum() >= 8 and (b > 0).all()  # both parts in play
     assert _violation(g + G1, a) < 0.02  # measured 0.001

@@ -153,6 +153,25 @@ def test_saturated_crowded_and_empty_bead_images_are_refused():
         bead_psfs(data.camera())
 
 
+@pytest.mark.parametrize("sigma", [1.5, 2.0, 3.0])
+def test_the_radius_is_where_the_bead_profile_falls_below_its_level_plus_one_pixel(sigma):
+    """Noise-free Gaussian beads: the radius is the first ring of the profile below 1 % of its peak,
+    plus one pixel (as documented), computed here from the Gaussian itself."""
+    from scipy import ndimage
+
+    from lsfov.calibrate.beads import estimate_radius
+
+    yy, xx = np.mgrid[:360, :360]
+    img = np.full((360, 360), 10.0)
+    for cy in range(60, 360, 80):
+        for cx in range(60, 360, 80):
+            img += 1000 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    y, x = np.mgrid[-20:21, -20:21]
+    ring = np.rint(np.hypot(y, x)).astype(int)
+    prof = ndimage.mean(np.exp(-(y**2 + x**2) / (2 * sigma**2)), labels=ring, index=np.arange(21))
+    assert estimate_radius(img.astype(np.float32), max_radius=20) == np.nonzero(prof < 0.01)[0][0] + 1
+
+
 def test_wide_dim_beads_are_found_for_the_radius():
     """Defocused beads a few noise levels above the background per pixel: nothing stands out at the
     finest detection scale, the coarser ones find them."""

@@ -52,6 +52,10 @@ def test_tv_curvature_of_a_cone_is_one_over_the_radius():
         assert c[ring].mean() * r == pytest.approx(1.0, abs=0.01)
     ramp = (3 * yy + 2 * xx).astype(np.float32)  # straight level lines: zero curvature inside
     assert np.abs(tv_curvature(ramp, 1e-3)[1:-1, 1:-1]).max() < 1e-5
+    # eps enters squared, a number as an array of it: at a unit step, 1/sqrt(1 + eps²)
+    step = np.tile(np.array([0, 0, 1, 1], np.float32), (4, 1))
+    assert tv_curvature(step, 2.0)[1, 1] == pytest.approx(1 / np.sqrt(5), rel=1e-6)
+    np.testing.assert_array_equal(tv_curvature(step, 2.0), tv_curvature(step, np.full(step.shape, 2.0)))
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -174,11 +178,25 @@ def test_flux_is_preserved(monkeypatch):
         assert x.min() >= 0
 
 
+def test_the_result_is_in_the_images_units(scene):
+    """Counts or any unit: an image 1e-8 times as bright deblurs to 1e-8 times the result (the ratio's
+    floor and TV's ε are relative to the image's mean, not absolute)."""
+    op, y, _ = scene
+    ref = lsfov.deconvolve(y, op, 8)
+    np.testing.assert_allclose(lsfov.deconvolve(y * np.float32(1e-8), op, 8) / np.float32(1e-8), ref,
+                               rtol=1e-4, atol=1e-4 * ref.max())
+
+
 def test_signed_basis_operator_gives_a_non_negative_estimate():
     op = _basis_op((90, 100))
     y = np.random.default_rng(5).poisson(op.apply(np.full(op.shape, 20, np.float32))).astype(np.float32)
     x = lsfov.deconvolve(y, op, 10)
     assert x.min() >= 0 and np.isfinite(x).all()
+    # a basis whose largest kernel sum is negative (-g with maps -1: the blur g): as g itself
+    g = psf.gaussian(1.8, size=11)
+    flipped = ProductConvolution.from_basis(-g[None], -np.ones((1,) + op.shape, np.float32))
+    ref = lsfov.deconvolve(y, ProductConvolution.from_psf(g, op.shape), 10)
+    np.testing.assert_allclose(lsfov.deconvolve(y, flipped, 10), ref, rtol=1e-5, atol=1e-5 * ref.max())
 
 
 def test_rl_is_stable_to_tiny_perturbations(scene):
@@ -197,6 +215,8 @@ OPERATORS = {
     "grid-3x3": lambda s: sim.psf_field(s, "Z3", (3, 3), seed=1, size=15)[0],
     "one-psf": lambda s: ProductConvolution.from_grid(psf.gaussian(2.0, 3.0, size=13)[None, None], s),
     "basis": _basis_op,
+    # no blur: only TV moves information (one pixel an iteration), which the halo must still carry
+    "one-pixel": lambda s: ProductConvolution.from_psf(np.ones((1, 1), np.float32), s),
 }
 
 
@@ -664,6 +684,13 @@ def test_flat_gain_is_the_median_psf_sum_and_eps_reaches_100():
         lsfov.deconvolve(x, one, 2, eps=100.5)
     with pytest.raises(ValueError, match=r"eps must be in \[1e-4, 100\]"):
         lsfov.deconvolve(x, one, 2, eps=0.9e-4)
+    # float32's range is checked in x's units (the image's over the gain): PSFs of sum 1e6 take an
+    # image 1e6 times brighter than PSFs of sum 1 do, to the same result over 1e6
+    big = ProductConvolution.from_grid(1e6 * k[None, None], x.shape)
+    with pytest.raises(ValueError, match="beyond what float32 TV arithmetic can hold"):
+        lsfov.deconvolve(x * np.float32(1e16), one, 2)
+    ref = lsfov.deconvolve(x * np.float32(1e10), one, 2)
+    np.testing.assert_allclose(lsfov.deconvolve(x * np.float32(1e16), big, 2), ref, rtol=1e-4)
 
 
 def test_a_large_operator_in_the_graph_on_a_cluster_is_told_how_to_keep_out(tmp_path, monkeypatch):

@@ -50,11 +50,16 @@ def test_resume_computes_only_the_missing_blocks_and_gives_the_same_bytes(scene,
         np.testing.assert_array_equal(lsfov.deconvolve(dy, op, 6, **kw).compute(), ref)
         assert len(calls) == total
         # Another parameter is another run: resume must not pick up this one's state, and says so.
-        calls = count_calls(chunked, "_block")
-        with lsfov_log() as said:
-            lsfov.deconvolve(dy, op, 6, tv=0.0, resume=True, **kw)
-        assert len(calls) == total
-        assert any("is of another run" in m for m in said), said
+        for other in (dict(tv=0.0), dict(eps=2.0)):
+            lsfov.deconvolve(dy, op, 6, **kw).compute()  # this run's state, complete
+            calls = count_calls(chunked, "_block")
+            with lsfov_log() as said:
+                out = lsfov.deconvolve(dy, op, 6, resume=True, **other, **kw).compute()
+            assert len(calls) == total, other
+            assert any("is of another run" in m for m in said), said
+            fresh = lsfov.deconvolve(y, op, 6, **other)
+            np.testing.assert_allclose(out, fresh, rtol=1e-5, atol=1e-5 * fresh.max())
+            assert np.abs(ref - fresh).max() > 1e-3 * fresh.max()  # (this run's result would not pass)
 
 
 @pytest.fixture

@@ -292,6 +292,24 @@ def test_adjoint_ones_on_windows_across_the_border(name):
         np.testing.assert_allclose(got[r:-r, r:-r], ref[r:-r, r:-r], atol=1e-5, err_msg=str((oy, ox, h, w)))
 
 
+def test_grid_nodes_sit_at_the_centres_of_equal_cells_by_default():
+    op = ProductConvolution.from_grid(np.ones((3, 4, 5, 5), np.float32), (90, 100))
+    for c, g, n in zip(op.centers, (3, 4), (90, 100)):
+        np.testing.assert_allclose(c, (np.arange(g) + 0.5) * n / g - 0.5)  # 14.5, 44.5, 74.5 of 0..89
+
+
+def test_basis_maps_extend_by_their_edge_values_beyond_the_image():
+    """As documented (the extended field that deconvolution works on): a window reaching beyond every
+    side is the operator of the maps padded with their edge values, exactly."""
+    op = _basis_op()
+    m = 11
+    win = op.restrict((-m, -m), (op.shape[0] + 2 * m, op.shape[1] + 2 * m))
+    ref = ProductConvolution.from_basis(op.kernels, np.pad(op.maps, ((0, 0), (m, m), (m, m)), mode="edge"))
+    u = np.random.default_rng(4).random(win.domain_shape).astype(np.float32)
+    np.testing.assert_array_equal(win.apply(u), ref.apply(u))
+    np.testing.assert_array_equal(win.adjoint(u), ref.adjoint(u))
+
+
 def test_bad_input():
     k = psf.gaussian(1.0, size=9)
     with pytest.raises(ValueError, match=r"\(gy, gx, K, K\)"):

@@ -58,6 +58,7 @@ def test_degrade_noise_model():
     y2 = simulate.degrade(img, op, photons=400.0, read_noise=20.0, seed=1)
     assert y2[16:48, 16:48].var() == pytest.approx(800, rel=0.15)  # Poisson + read noise variances add
     np.testing.assert_array_equal(simulate.degrade(img, op, seed=2), simulate.degrade(img, op, seed=2))
+    assert not np.array_equal(simulate.degrade(img, op, seed=2), simulate.degrade(img, op, seed=3))
 
 
 def test_degrade_keeps_an_xarray_images_labels_and_reads_it_by_dim_name():

@@ -23,6 +23,14 @@ def test_blur_equals_the_numpy_path():
     kernels = psf.get_model("Z3").render(psf.get_model("Z3").sample(5, 0))
     got = synth.blur_torch(torch.from_numpy(sharp), torch.from_numpy(kernels)).numpy()
     np.testing.assert_allclose(got, synth._blur(sharp, kernels), rtol=0, atol=1e-5)
+    # both are convolutions (not correlations, which Z3's point-symmetric PSFs would not tell apart)
+    from scipy.signal import fftconvolve
+
+    odd = rng.random((5, 31, 31)).astype(np.float32) * np.linspace(0, 1, 31, dtype=np.float32)
+    want = np.stack([fftconvolve(a, k, mode="valid") for a, k in zip(sharp, odd)])
+    np.testing.assert_allclose(synth._blur(sharp, odd), want, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(synth.blur_torch(torch.from_numpy(sharp), torch.from_numpy(odd)).numpy(), want,
+                               rtol=0, atol=1e-3)
 
 
 def test_crops_are_windows_under_the_eight_symmetries(symmetries_seen):
