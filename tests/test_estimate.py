@@ -622,6 +622,14 @@ def test_model_save_load_round_trip_and_bad_files(tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(FileExistsError, match="overwrite"):
         reg.save(path)
+    # cached per process, but a model file replaced at the same path is read again
+    assert lsfov.load_model(path) is back
+    torch.manual_seed(1)
+    M.PSFRegressor("Z3").save(path, overwrite=True)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # (a clock coarser than two saves)
+    again = lsfov.load_model(path)
+    assert again is not back and again.weights_digest() != back.weights_digest()
     with pytest.raises(ValueError, match="regresses Z3"):
         lsfov.load_model(path, psf_model="G1")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")

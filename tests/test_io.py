@@ -118,6 +118,13 @@ def test_open_image_ngff_04_and_05_and_selection(tmp_path, caplog):
         assert "z: 0..1 step 0.5 micrometer" in lsfov.io.describe(tmp_path / name)
         with pytest.raises(ValueError, match="out of range"):
             lsfov.open_image(tmp_path / name, channel=5, z=0)
+    # the same in nanometres: every axis given in µm (z's too, where a plane lies)
+    root = zarr.open_group(str(tmp_path / "nm.zarr"), mode="w", zarr_format=3)
+    write_image(data, root, axes="czyx", fmt=FormatV05(), scale={"c": 1.0, "z": 500.0, "y": 200.0, "x": 200.0},
+                axes_units={a: "nanometer" for a in "zyx"}, scale_factors=[])
+    arr = lsfov.open_image(tmp_path / "nm.zarr", channel=1, z=2)
+    assert arr.attrs["pixel_um"] == pytest.approx(0.2) and arr.attrs["z_um"] == pytest.approx(1.0)
+    assert "z: 0..1 step 0.5 micrometer" in lsfov.io.describe(tmp_path / "nm.zarr")
     assert not [r for r in caplog.records if "version mismatch" in r.getMessage()]  # ome-zarr's note at each read
 
 
@@ -663,9 +670,11 @@ def test_save_never_harms_existing_output(tmp_path):
     path = tmp_path / "r.zarr"
     lsfov.save(_image(64, 64), path)
     before = sorted(os.listdir(path))
-    with pytest.raises(FileExistsError, match="overwrite"):
-        lsfov.save(_image(64, 64), path)
-    assert sorted(os.listdir(path)) == before
+    computed = []
+    lazy = _image(64, 64).chunk(32).pipe(lambda a: a.copy(data=a.data.map_blocks(lambda b: computed.append(b.size) or b, meta=np.array((), np.float32))))
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        lsfov.save(lazy, path)
+    assert sorted(os.listdir(path)) == before and not computed  # refused before any work
 
     class Boom(Exception):
         pass
