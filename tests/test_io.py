@@ -671,10 +671,25 @@ def test_save_never_harms_existing_output(tmp_path):
     lsfov.save(_image(64, 64), path)
     before = sorted(os.listdir(path))
     computed = []
-    lazy = _image(64, 64).chunk(32).pipe(lambda a: a.copy(data=a.data.map_blocks(lambda b: computed.append(b.size) or b, meta=np.array((), np.float32))))
+
+    def lazy(fn):
+        return _image(64, 64).pipe(lambda a: a.copy(data=a.data.map_blocks(fn, meta=np.array((), np.float32))))
+
     with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
-        lsfov.save(lazy, path)
+        lsfov.save(lazy(lambda b: computed.append(b.size) or b), path)
     assert sorted(os.listdir(path)) == before and not computed  # refused before any work
+    # something that takes no lock writes the same path meanwhile: its files are kept, ours dropped
+    theirs = tmp_path / "t.zarr"
+
+    def meanwhile(b):
+        theirs.mkdir(exist_ok=True)
+        (theirs / "theirs.txt").write_text("someone's data")
+        return b
+
+    with pytest.raises(FileExistsError, match="appeared while this result was being written; nothing replaced"):
+        lsfov.save(lazy(meanwhile), theirs)
+    assert os.listdir(theirs) == ["theirs.txt"] and not list(tmp_path.glob(".t.zarr*"))
+    shutil.rmtree(theirs)
 
     class Boom(Exception):
         pass
@@ -815,6 +830,13 @@ def test_coordinates_in_other_length_units_are_written_in_micrometres(tmp_path):
     assert tr[0]["scale"] == pytest.approx([0.1, 0.1]) and tr[1]["translation"] == pytest.approx([0.5, 0.0])
     back = lsfov.open_image(tmp_path / "nm.zarr" / "image")
     assert back.attrs["pixel_um"] == pytest.approx(0.1) and back.y.values[0] == pytest.approx(0.5)
+    # a z axis too (its step and first plane)
+    stack = img.expand_dims(z=3).assign_coords(z=xr.Variable("z", 2000 + 250.0 * np.arange(3), {"units": "nm"}))
+    lsfov.save(stack.rename("image"), tmp_path / "z.zarr")
+    meta = json.loads((tmp_path / "z.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]
+    tr = meta["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert tr[0]["scale"] == pytest.approx([0.25, 0.1, 0.1]) and tr[1]["translation"] == pytest.approx([2.0, 0.5, 0.0])
+    assert [a.get("unit") for a in meta["multiscales"][0]["axes"]] == ["micrometer"] * 3
 
 
 @pytest.mark.parametrize("unit, um", [("angstrom", 1e-4), ("\u00c5", 1e-4), ("pm", 1e-6), ("micrometers", 1.0),
