@@ -194,6 +194,12 @@ def test_validity_label_is_the_signal_over_the_noise_at_the_patch_light(photons,
     level = hid["beta"] * hid["photons"] * (blur * hid["light"]).mean(axis=(1, 2))
     want = (signal > np.sqrt(hid["beta"] * level + hid["read_noise"] ** 2)) & (hid["sharp"].std(axis=(1, 2)) > 0)
     assert least < valid.mean() < 0.98 and (want != valid).sum() == 0
+    # the draws: photons log-uniform over their range, read noise uniform, the gain β uniform on [0.5, 1]
+    lo, hi = kw["photons"]
+    assert lo <= hid["photons"].min() and hid["photons"].max() <= hi
+    assert np.median(hid["photons"]) == pytest.approx(np.sqrt(lo * hi), rel=0.25)
+    assert read_noise[0] <= hid["read_noise"].min() and hid["read_noise"].max() <= read_noise[1]
+    assert 0.5 <= hid["beta"].min() < 0.52 and 0.98 < hid["beta"].max() <= 1.0
 
 
 def test_synthesis_crops_are_windows_under_the_eight_symmetries(symmetries_seen):
