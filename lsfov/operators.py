@@ -581,7 +581,8 @@ class ProductConvolution:
         if isinstance(maps, np.ndarray):
             maps = _owned(maps.astype(np.float32, copy=False), given)
             if not np.all(np.isfinite(maps)):
-                raise ValueError("coefficient maps contain NaN or Inf; fix the maps (e.g. np.nan_to_num, or refit them)")
+                raise ValueError("coefficient maps contain NaN or Inf; fix the maps (e.g. np.nan_to_num, or refit "
+                                 "them)")
         return cls("basis", shape, kernels, maps=maps, attrs=attrs)
 
     # ------------------------------------------------------------------ properties

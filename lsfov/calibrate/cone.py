@@ -38,7 +38,8 @@ def project_cone(columns, points):
     if b.ndim != 2 or a.ndim != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"columns (I, J) and points (I, N) must share I; got {b.shape} and {a.shape}")
     if not (np.isfinite(b).all() and np.isfinite(a).all()):
-        raise ValueError("columns and points contain NaN or Inf; pass finite values (coefficients of finite bead patches)")
+        raise ValueError("columns and points contain NaN or Inf; pass finite values (coefficients of finite bead "
+                         "patches)")
     lam = np.zeros((b.shape[1], a.shape[1]))
     if b.any():
         for n in range(a.shape[1]):

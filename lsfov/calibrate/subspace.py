@@ -120,7 +120,8 @@ class OperatorSubspace:
             raise ValueError(f"gamma must have shape (I, J) = ({self.n_psf}, {self.n_space}), got {g.shape}"
                              + ("" if for_project else "; or pass a training-image index"))
         if not np.all(np.isfinite(g)):
-            raise ValueError("gamma contains NaN or Inf; pass finite coordinates in the subspace (its gammas hold examples)")
+            raise ValueError("gamma contains NaN or Inf; pass finite coordinates in the subspace (its gammas hold "
+                             "examples)")
         return g
 
     def operator(self, k_or_gamma) -> ProductConvolution:
@@ -391,7 +392,8 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     if saturation is not None:
         saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     if n_space > len(images) * n_psf:
-        raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= {len(images) * n_psf} (--n-space)")
+        raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= "
+                         f"{len(images) * n_psf} (--n-space)")
     shape = tuple(int(s) for s in images[0].shape)
     if radius is None:
         radius = estimate_radius(np.asarray(images[0]))
