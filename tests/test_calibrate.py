@@ -570,7 +570,7 @@ def test_subspace_bad_input(stack, tmp_path):
         learn_subspace([stack[0].image])
     with pytest.raises(ValueError, match="one shape"):
         learn_subspace([stack[0].image, stack[1].image[:300]])
-    with pytest.raises(ValueError, match="n_space"):
+    with pytest.raises(ValueError, match=r"n_space=5 exceeds the K·I = 4 maps; use n_space <= 4 \(--n-space\)"):
         learn_subspace([stack[0].image, stack[1].image], 2, 5)
     flat = np.full((320, 320), 5.0, np.float32)
     with pytest.raises(ValueError, match="bead image 1: no beads found"):
