@@ -529,6 +529,12 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     assert reg.meta["training"]["best_val_r2"] == max(h["val_r2"] for h in hist)
     _, r2 = train._val_loss(train._Fit(reg, False), d["patches"], t, d["valid"], idx, 1.0, 512, params=d["params"])
     assert r2 == pytest.approx(reg.meta["training"]["best_val_r2"], abs=1e-5)
+    # Eq. 15 over the valid rows only, as the model's own predictions score them
+    v = d["valid"][idx.start : idx.stop]
+    pred = reg.predict(d["patches"][idx.start : idx.stop])
+    est = np.stack([pred[p] for p in reg.psf_model.params], axis=1)
+    want = np.mean(list(train.r2_scores(reg.psf_model, d["params"][idx.start : idx.stop][v], est[v]).values()))
+    assert 0 < v.sum() < len(v) and r2 == pytest.approx(want, abs=1e-4)
     assert (tmp_path / "ck" / "last.pt").exists() and (tmp_path / "ck" / "best.pt").exists()
     # resumable: a run stopped after one epoch and resumed ends where the uninterrupted one did
     stopped = train.train(d, epochs=3, lr=3e-3, progress=False, checkpoint=tmp_path / "ck2", seed=0, max_minutes=0)
