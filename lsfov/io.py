@@ -227,10 +227,10 @@ def _planes(arr, path, channel):
     arr.name = None
     if channel is not None or ("c" in arr.dims and arr.sizes["c"] == 1):
         i = 0 if channel is None else channel
-        c = arr.coords["c"] if "c" in arr.coords else None  # not .get: xarray makes up an index
+        name = _channel_name(arr, i)
         arr = _select_axis(arr, path, "c", i, "channel")
-        if c is not None and c.dtype.kind in "OUS":  # the channel's name, as open_image keeps it
-            arr.attrs["channel"] = str(c.values[int(i) % c.size])
+        if name is not None:  # as open_image keeps it
+            arr.attrs["channel"] = name
     if "c" in arr.dims:
         raise PlaneNotChosen(f"{path}: the image has {arr.sizes['c']} channels; choose one with channel= (--channel)",
                              "c", arr.sizes["c"])
@@ -315,6 +315,14 @@ class PlaneNotChosen(ValueError):
     def __init__(self, message, dim, n):
         super().__init__(message)
         self.dim, self.n = dim, n
+
+
+def _channel_name(arr, i) -> str | None:
+    """The name of channel ``i`` of ``arr``, where its file names its channels (else None)."""
+    c = arr.coords["c"] if "c" in arr.coords else None  # not .get: xarray makes up an index
+    if c is None or c.dtype.kind not in "OUS" or not -c.size <= int(i) < c.size:  # (out of range: said later)
+        return None
+    return str(c.values[int(i)])
 
 
 def _select_axis(arr, path, dim, idx, flag, keep: bool = False):
@@ -928,8 +936,9 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     def note(dim, i):
         plane[dim] = i
         c = arr.coords[dim] if dim in arr.coords else None  # not .get: xarray makes up an index
-        if c is not None and c.dtype.kind in "OUS" and dim == "c":  # a channel's name
-            where["channel"] = str(c.values[i])
+        name = _channel_name(arr, i) if dim == "c" else None
+        if name is not None:
+            where["channel"] = name
         elif c is not None and c.dtype.kind in "iuf":  # a position
             if c.attrs.get("units") == SPATIAL_UNIT:
                 where[f"{dim}_um"] = _tidy(c.values[i])
