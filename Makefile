@@ -19,7 +19,7 @@ demo: install
 	$(VENV)/bin/lsfov demo --out lsfov-demo.zarr --overwrite
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: install
 	$(PY) benchmarks/run.py
