@@ -56,7 +56,7 @@ def as_image(x, name: str = "image", *, check_values: bool = True):
         x = np.asarray(x)
     original = x if xp is np else None
     if x.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape})")
     if x.ndim != 2:

@@ -394,7 +394,8 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     with _reading_ngff():
         node = next((n for n in Reader(loc)() if n.load(Multiscales)), None)
     if node is None:
-        raise ValueError(f"{path}: no OME-Zarr multiscale image found (is it NGFF 0.4 or 0.5?)")
+        raise ValueError(f"{path}: a zarr store with no OME-Zarr multiscale image in it; give an OME-Zarr image "
+                         "(NGFF 0.4 or 0.5), a TIFF or a .npy file")
     if not 0 <= level < len(node.data):
         raise ValueError(f"{path}: pyramid level {level} does not exist (levels 0..{len(node.data) - 1})")
     data = node.data[level]
@@ -869,7 +870,8 @@ def _open_npy(path: Path) -> xr.DataArray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+        why = " ".join(str(e).split())  # (one line)
+        raise ValueError(f"{path}: not a readable .npy array ({why}); write it again with numpy.save") from None
     if arr.ndim < 2:
         raise ValueError(f"{path}: a .npy array of {arr.ndim} dimension(s); an image needs 2 to 5 (t, c, z, y, x)")
     dims = list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else None
@@ -958,6 +960,10 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
     if extra:
         d = extra[0]
         flag = {"c": "channel"}.get(d, d)
+        if d not in ("c", "z", "t"):  # (e.g. a TIFF's angle, phase or lambda axis: no option picks along it)
+            raise PlaneNotChosen(f"{path}: the image has {arr.sizes[d]} elements along '{d}' (dims {arr.dims}); lsfov "
+                                 "picks planes along c, z and t only: save the plane you mean as a file of its own",
+                                 d, arr.sizes[d])
         raise PlaneNotChosen(
             f"{path}: the image has {arr.sizes[d]} elements along '{d}'; choose one with {flag}= (--{flag})"
             + (_rgb_hint(path) if d == "c" and arr.sizes[d] in (3, 4) else ""), d, arr.sizes[d])
@@ -966,10 +972,11 @@ def _select(arr: xr.DataArray, path, *, channel, z, t) -> xr.DataArray:
         arr.attrs.update(plane=plane, **where)
     if arr.dims != ("y", "x"):
         if set(arr.dims) != {"y", "x"}:
-            raise ValueError(f"{path}: need a 2-D (y, x) image, got dims {arr.dims} with shape {arr.shape}")
+            raise ValueError(f"{path}: need a 2-D (y, x) image, got dims {arr.dims} with shape {arr.shape}; save "
+                             "it with a y and an x axis")
         arr = arr.transpose("y", "x")
     if 0 in arr.shape:
-        raise ValueError(f"{path}: the image is empty (shape {arr.shape})")
+        raise ValueError(f"{path}: the image is empty (shape {arr.shape}); give an image with pixels")
     return arr
 
 
@@ -2106,7 +2113,8 @@ def describe(path) -> str:
         from .calibrate import OperatorSubspace
 
         sub = OperatorSubspace.load(path)
-        return f"{path}: lsfov operator subspace\n  {sub!r}\n  beads {sub.attrs.get('n_beads')}"
+        beads = sub.attrs.get("n_beads")
+        return f"{path}: lsfov operator subspace\n  {sub!r}" + (f"\n  beads {beads}" if beads is not None else "")
     if isinstance(meta, dict) and meta.get("type") == "TrainingSet":
         from .estimate.synth import missing_chunks
 

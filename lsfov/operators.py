@@ -433,9 +433,7 @@ class ProductConvolution:
             raise ValueError(f"psfs must have shape (gy, gx, K, K), got {psfs.shape}")
         shape = shape2d(shape)
         _check_kernel_size(psfs.shape[-1], shape)
-        gy, gx = psfs.shape[:2]
-        if gy < 1 or gx < 1:
-            raise ValueError("psfs must hold at least one PSF (gy, gx >= 1)")
+        gy, gx = psfs.shape[:2]  # (>= 1: an empty psfs is refused by _as_float_array)
         sums = psfs.sum(axis=(-2, -1), dtype=np.float64)
         if not (sums > 0).all():
             iy, ix = np.argwhere(~(sums > 0))[0]
@@ -444,8 +442,8 @@ class ProductConvolution:
         if centers is None:
             centers = tuple(_cell_centers(g, n) for g, n in zip((gy, gx), shape))
         else:
-            if len(centers) != 2:
-                raise ValueError("centers must be a pair (rows, columns) of 1-D arrays")
+            if isinstance(centers, (str, bytes)) or not hasattr(centers, "__len__") or len(centers) != 2:
+                raise ValueError(f"centers must be a pair (rows, columns) of 1-D arrays, got {shown(centers)}")
             try:
                 centers = tuple(np.asarray(c, dtype=np.float64).ravel() for c in centers)
             except (TypeError, ValueError):
@@ -802,8 +800,12 @@ class ProductConvolution:
         return self._adjoint(x) if adjoint else self._forward(x)
 
     def _map_overlap(self, x, adjoint):
-        if x.shape != self.shape or self.window != (0, 0) + self.shape:
-            raise ValueError(f"dask image shape {x.shape} does not match the operator's shape {self.shape}")
+        if self.window != (0, 0) + self.shape:
+            raise ValueError("a restricted window applies to NumPy or CuPy blocks, not Dask arrays; apply the "
+                             "full-image operator to the Dask image")
+        if x.shape != self.shape:
+            raise ValueError(f"dask image shape {x.shape} does not match the operator's shape {self.shape}; build "
+                             "the operator for this image (or crop the image to it)")
         from dask.array.overlap import ensure_minimum_chunksize
 
         r = self.halo
@@ -1568,9 +1570,9 @@ def _as_float_array(a, name):
     try:
         arr = np.asarray(to_numpy(a) if hasattr(a, "get") else a, dtype=np.float32)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a numeric array ({e})") from None
+        raise TypeError(f"{name} must be an array of real numbers, of one length along each axis ({e})") from None
     if arr.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise ValueError(f"{name} is empty (shape {arr.shape}); pass a non-empty array")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or Inf values; replace them (they are no blur)")
     return arr

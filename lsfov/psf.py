@@ -253,7 +253,7 @@ def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
     except ValueError:
         raise ValueError(f"sigma_y and sigma_x must be batches of one length, got shapes {sy.shape} and {sx.shape}") from None
     if sy.size == 0:
-        raise ValueError("no Gaussian widths given")
+        raise ValueError("no Gaussian widths given (an empty batch); pass at least one sigma")
     if not np.all(np.isfinite(sy) & np.isfinite(sx)) or np.any(sy <= 0) or np.any(sx <= 0):
         raise ValueError("Gaussian widths must be finite and > 0 (standard deviations in pixels)")
     if size is None:
@@ -332,12 +332,20 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
     for j in coeffs:
         noll_to_nm(j)
     nolls = tuple(sorted(int(j) for j in coeffs))
-    values = [np.asarray(coeffs[j], dtype=np.float64) for j in nolls]
-    z = np.asarray(z_um, dtype=np.float64)
+    try:
+        values = [np.asarray(coeffs[j], dtype=np.float64) for j in nolls]
+        z = np.asarray(z_um, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError("Zernike coefficients and z_um must be numbers or 1-D arrays of numbers, got "
+                        f"{shown(coeffs)} and {shown(z_um)}") from None
     batched = any(v.ndim > 0 for v in values) or z.ndim > 0
-    arrays = np.broadcast_arrays(*values, z)
+    try:
+        arrays = np.broadcast_arrays(*values, z)
+    except ValueError:
+        raise ValueError("Zernike coefficients and z_um must be batches of one length, got shapes "
+                         f"{[v.shape for v in values + [z]]}") from None
     if arrays[-1].size == 0:
-        raise ValueError("no Zernike coefficients given (an empty batch)")
+        raise ValueError("no Zernike coefficients given (an empty batch); pass at least one value per coefficient")
     b = arrays[-1].size
     cmat = np.stack([a.reshape(-1) for a in arrays[:-1]], axis=1) if nolls else np.zeros((b, 0))
     zvec = arrays[-1].reshape(-1)
@@ -522,17 +530,33 @@ class PSFModel:
         Raises
         ------
         ValueError
-            If a parameter is missing, the array is not (N,) or (B, N), or it is empty or not finite.
+            If a parameter is missing, the array is not (N,) or (B, N), or it is empty or not finite;
+            or a dict's arrays are not of one length.
+        TypeError
+            If a value is not a number.
         """
         if isinstance(params, Mapping):
             missing = [p for p in self.params if p not in params]
             if missing:
                 raise ValueError(f"model {self.name} needs parameters {list(self.params)}; missing {missing}")
-            cols = np.broadcast_arrays(*[np.asarray(params[p], dtype=np.float64) for p in self.params])
+            try:
+                cols = [np.asarray(params[p], dtype=np.float64) for p in self.params]
+            except (TypeError, ValueError):
+                raise TypeError(f"model {self.name}'s parameters must be numbers or 1-D arrays of numbers, got "
+                                f"{shown(params)}") from None
+            try:
+                cols = np.broadcast_arrays(*cols)
+            except ValueError:
+                raise ValueError(f"model {self.name}'s parameters must be batches of one length, got shapes "
+                                 f"{ {p: c.shape for p, c in zip(self.params, cols)} }") from None
             batched = cols[0].ndim > 0
             arr = np.stack([c.reshape(-1) for c in cols], axis=1)
         else:
-            arr = np.asarray(params, dtype=np.float64)
+            try:
+                arr = np.asarray(params, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"model {self.name} takes {self.n_params} numbers {list(self.params)} per PSF, got "
+                                f"{shown(params)}") from None
             batched = arr.ndim == 2
             arr = np.atleast_2d(arr)
             if arr.ndim != 2 or arr.shape[1] != self.n_params:
@@ -541,7 +565,7 @@ class PSFModel:
                     f"got an array of shape {np.shape(params)}"
                 )
         if arr.size == 0:
-            raise ValueError(f"no {self.name} parameters given")
+            raise ValueError(f"no {self.name} parameters given (an empty batch); pass at least one PSF's")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{self.name} parameters must be finite")
         return arr, batched
@@ -570,8 +594,9 @@ class PSFModel:
         ValueError
             For parameters :meth:`as_array` refuses, a bad ``size``, or Gaussian widths <= 0.
         TypeError
-            For a Zernike model, if ``optics`` is given and is not an :class:`Optics` (or none is
-            given and the model has none); a Gaussian model ignores ``optics``.
+            For parameters that are not numbers; for a Zernike model, if ``optics`` is given and is
+            not an :class:`Optics` (or none is given and the model has none); a Gaussian model
+            ignores ``optics``.
         """
         arr, batched = self.as_array(params)
         size = self.size if size is None else size
@@ -591,8 +616,8 @@ class PSFModel:
                 coeffs[5] = c * np.sin(2 * th)
                 coeffs[6] = c * np.cos(2 * th)
             out = zernike(coeffs, optics, size=size)
-            if out.ndim == 2:
-                out = out[None]
+            if out.ndim == 2:  # no Zernike term among the parameters: one PSF, the same for each set
+                out = np.repeat(out[None], len(arr), axis=0)
         cut = cut_off(out)
         if cut.any():
             warnings.warn(f"{int(cut.sum())} {self.name} PSF(s) (e.g. {', '.join(f'{q}={v:.3g}' for q, v in zip(self.params, arr[cut][0]))}) "

@@ -100,6 +100,7 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
     p = p[None] if single else p
     if p.ndim != 3 or p.shape[1] != p.shape[2] or p.shape[1] % 2 == 0:
         raise ValueError(f"patches must have shape (M, K, K) with K odd, got {np.shape(patches)}")
+    radius = real_number(radius, "radius", minimum=0)
     k = p.shape[-1]
     c = k // 2
     yy, xx = np.mgrid[:k, :k] - c

@@ -35,8 +35,9 @@ def _radius_for(subspace: OperatorSubspace) -> float:
     r = float(subspace.attrs.get("radius_px") or (k // 2) / 1.2)
     if patch_size(r) != k:  # a subspace from elsewhere: a radius whose patches are K wide
         r = (k // 2) / 1.2 * (1 - 1e-9)  # just below: ceil(1.2 r) must not round up past K // 2
-    if patch_size(r) != k:
-        raise ValueError(f"cannot match the subspace's {k}x{k} kernels with bead patches; learn it with lsfov")
+    if patch_size(r) != k or r < 2:  # (bead patches start at 7x7: a radius of 2 pixels)
+        raise ValueError(f"cannot match the subspace's {k}x{k} kernels with bead patches (odd, {patch_size(2)}x"
+                         f"{patch_size(2)} or more); learn it with lsfov")
     return r
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import Voronoi
 
-from .._validate import positive_int, shape2d
+from .._validate import positive_int, real_number, shape2d
 from ..operators import _hat_matrix
 from .cone import project_cone
 
@@ -152,8 +152,7 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
     beta = np.asarray(coefficients, dtype=np.float64)
     if pos.ndim != 2 or pos.shape[1] != 2 or beta.ndim != 2 or len(beta) != len(pos):
         raise ValueError(f"positions (M, 2) and coefficients (M, I) must agree; got {pos.shape} and {beta.shape}")
-    if not smoothing >= 0:
-        raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+    smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)  # (a str or NaN: said, not compared)
     if len(pos) < 3:
         raise ValueError(f"{len(pos)} beads cannot fix a thin-plate spline (it needs 3 not on a line); "
                          "image more beads")

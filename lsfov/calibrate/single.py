@@ -104,7 +104,7 @@ def rescaled_distance(u, u0) -> float:
     u = np.asarray(u, dtype=np.float64).ravel()
     u0 = np.asarray(u0, dtype=np.float64).ravel()
     if u.shape != u0.shape:
-        raise ValueError(f"images differ in size: {u.size} and {u0.size} pixels")
+        raise ValueError(f"images differ in size: {u.size} and {u0.size} pixels; compare images of one shape")
     a = np.stack([u, np.ones_like(u)], axis=1)
     coef, *_ = np.linalg.lstsq(a, u0, rcond=None)
     return float(np.linalg.norm(a @ coef - u0) / max(np.linalg.norm(u0), 1e-30))

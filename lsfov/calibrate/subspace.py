@@ -72,6 +72,9 @@ class OperatorSubspace:
         self.attrs = dict(attrs or {})
         if self.psf_basis.ndim != 3 or getattr(spatial_basis, "ndim", 0) != 3 or self.gammas.ndim != 3:
             raise ValueError("need psf_basis (I, K, K), spatial_basis (J, H, W) and gammas (n_images, I, J)")
+        if self.psf_basis.shape[1] != self.psf_basis.shape[2] or self.psf_basis.shape[1] % 2 == 0:
+            raise ValueError(f"psf_basis kernels must be square of an odd size K (the PSF's centre at K//2), got "
+                             f"{self.psf_basis.shape[1:]}")
         if self.gammas.shape[1:] != (self.psf_basis.shape[0], spatial_basis.shape[0]):
             raise ValueError(f"gammas {self.gammas.shape} do not match I={self.psf_basis.shape[0]}, "
                              f"J={spatial_basis.shape[0]}")

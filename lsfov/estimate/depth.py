@@ -634,7 +634,10 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
 
 def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, robust: bool | None = None):
     """:func:`estimate_depth` of a checked map, without its checks (a caller that made them before)."""
-    sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
+    try:
+        sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
+    except (TypeError, ValueError):
+        raise ValueError(f"smooth must be a width in nodes >= 0, got {smooth!r}") from None
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)

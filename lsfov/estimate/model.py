@@ -465,7 +465,7 @@ class PSFRegressor:
         """Write the weights and metadata (``path`` ``.pt``, plus a readable ``.json`` beside it)."""
         path = Path(path)
         if path.suffix != ".pt":
-            raise ValueError(f"model files end in .pt, got {path.name}")
+            raise ValueError(f"model files end in .pt, got {path.name}; give a file name ending in .pt")
         for f in (path, path.with_suffix(".json")):
             if f.is_dir():
                 raise ValueError(f"{f} is a directory; give the model a file name ending in .pt")
@@ -538,9 +538,12 @@ class PSFRegressor:
         model = cls(meta["psf_model"], meta.get("arch", "compact"), meta=meta, device=device)
         try:
             model.net.load_state_dict(blob["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit a {meta.get('arch')} network for "
-                             f"{meta['psf_model']} ({str(e).splitlines()[0]})") from None
+        except RuntimeError as e:  # torch's first line only names the network; the next says what differs
+            lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            detail = detail if len(detail) <= 160 else detail[:157] + "..."
+            raise ValueError(f"{path}: weights do not fit a {meta.get('arch')} network for {meta['psf_model']} "
+                             f"({detail}); the file is damaged or edited: copy it again or train it again") from None
         if blob.get("weights_digest") not in (None, model.weights_digest()):  # (files from before: none stored)
             raise ValueError(f"{path}: its weights differ from the digest saved with them: the file is damaged; "
                              "copy it again")

@@ -223,7 +223,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; select a plane first")
     if y.dtype.kind not in "biuf":
-        raise TypeError(f"image must be a numeric array, got dtype {y.dtype}")
+        raise TypeError(f"image must be a real numeric array, got dtype {y.dtype}")
     _check_shape(y.shape, op)
     scratch_dir(scratch, resume)
     # The blocks, and whether their tasks fit, before any read: a worker without room would be

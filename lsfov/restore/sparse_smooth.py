@@ -217,7 +217,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         measured); if ``scratch`` is a file, or ``resume`` is given without it.
     """
     if not isinstance(operator, ProductConvolution):
-        raise TypeError("operator must be an lsfov.ProductConvolution")
+        raise TypeError(f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}")
     iterations = positive_int(iterations, "iterations")
     if exchange_every is not None:  # as deconvolve: 0 is refused, not taken as the default
         exchange_every = positive_int(exchange_every, "exchange_every")
@@ -242,7 +242,8 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if y.ndim != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {y.shape}; pick a plane, channel or time point first")
     if operator.window != (0, 0) + operator.shape:
-        raise ValueError("sparse_smooth_deblur needs a full-image operator, not a restricted window")
+        raise ValueError("sparse_smooth_deblur needs a full-image operator, not a restricted window; pass the operator "
+                         "it was restricted from")
     known_shape(y.shape)
     if y.shape != operator.shape:
         raise ValueError(f"image shape {y.shape} does not match the operator's shape {operator.shape}")

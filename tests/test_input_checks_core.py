@@ -1,0 +1,189 @@
+"""The operator, PSF, simulation and restoration functions on input that no other test gives them:
+each refusal in one line that says what to do, and the fallbacks (a list for an array, a pixel-wise
+operator in blocks, an operator saved from lazy maps) doing what the whole-array path does."""
+import dataclasses
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import lsfov
+from lsfov import psf, simulate
+from lsfov.operators import ProductConvolution as PC
+from lsfov.restore.sparse_smooth import estimate_noise
+
+K = psf.gaussian(1.0, size=5)
+OPTICS = psf.Optics(0.8, 0.5, 0.1)
+
+
+@pytest.fixture(scope="module")
+def small():
+    u = np.random.default_rng(0).random((32, 32)).astype(np.float32) + 0.1
+    return u, PC.from_grid(K[None, None], (32, 32))
+
+
+def raises(err, what, call):
+    """``call()`` refused with ``err``, its message matching ``what``, on one line."""
+    with pytest.raises(err, match=what) as e:
+        call()
+    assert "\n" not in str(e.value), str(e.value)
+
+
+def test_operator_constructors_refuse_bad_kernels_centres_and_maps():
+    k4 = K[None, None]
+    nan_maps = np.ones((1, 32, 32))
+    nan_maps[0, 3, 4] = np.nan
+    for call, err, what in (
+        (lambda: PC.from_grid(np.zeros((0, 1, 5, 5)), 32), ValueError, r"psfs is empty \(shape \(0, 1, 5, 5\)\)"),
+        (lambda: PC.from_grid([[K, K[:3]]], 32), TypeError, "psfs must be an array of real numbers, of one length"),
+        (lambda: PC.from_grid([[[["a"]]]], 32), TypeError, "psfs must be an array of real numbers"),
+        (lambda: PC.from_grid(k4, 32, centers=5), ValueError, "centers must be a pair .* got 5$"),
+        (lambda: PC.from_grid(k4, 32, centers="ab"), ValueError, "centers must be a pair"),
+        (lambda: PC.from_grid(k4, 32, centers=([1], [2], [3])), ValueError, "centers must be a pair"),
+        (lambda: PC.from_grid(k4, 32, centers=(["a"], [2])), ValueError, "of pixel positions"),
+        (lambda: PC.from_grid(k4, 32, centers=([1, 2], [2])), ValueError, "2 node y-centres given for a grid of 1"),
+        (lambda: PC.from_basis(K, np.ones((1, 32, 32))), ValueError, r"shape \(I, K, K\), got \(5, 5\)"),
+        (lambda: PC.from_basis(K[None], np.ones((32, 32)).tolist()), ValueError, r"maps must have shape \(I=1, H, W\)"),
+        (lambda: PC.from_basis(K[None], []), ValueError, "coefficient maps is empty"),
+        (lambda: PC.from_basis(K[None], np.ones((1, 32, 32), complex)), TypeError, "maps must be a real numeric"),
+        (lambda: PC.from_basis(K[None], nan_maps), ValueError, "coefficient maps contain NaN or Inf; fix the maps"),
+    ):
+        raises(err, what, call)
+
+
+def test_operator_application_refuses_what_it_cannot_apply(small):
+    u, op = small
+    window = op.restrict((0, 0), (16, 16))
+    raises(ValueError, r"restrict\(\) applies to a full-image operator", lambda: window.restrict((0, 0), (8, 8)))
+    raises(ValueError, r"dask image shape \(16, 16\) does not match .*; build the operator for this image",
+           lambda: op.apply(da.ones((16, 16), chunks=8)))
+    # A window's Dask input was once refused as of the wrong shape: the window's own (16, 16).
+    raises(ValueError, "a restricted window applies to NumPy or CuPy blocks, not Dask arrays",
+           lambda: window.apply(da.ones((16, 16), chunks=8)))
+    raises(ValueError, r"must be 2-D \(y, x\), got dims \('y', 'x', 'c'\); select a plane first",
+           lambda: op.apply(xr.DataArray(u[..., None], dims=("y", "x", "c"))))
+    np.testing.assert_array_equal(op.apply(u.tolist()), op.apply(u))  # a list is read as an array
+    # Equal cells asked of a grid with one node along y: there are none, the plan by cells is used.
+    row = PC.from_grid(np.stack([K, psf.gaussian(1.5, size=5)])[None], (32, 32))
+    by_cells = row.apply(u)
+    row.uniform_cells = True
+    np.testing.assert_array_equal(row.apply(u), by_cells)
+
+
+def test_an_operator_saved_from_lazy_maps_loads_equal_and_an_interrupted_save_is_refused(tmp_path):
+    maps = da.random.default_rng(0).random((1, 32, 32), chunks=16).astype(np.float32) + 0.5
+    op = PC.from_basis(K[None], maps)
+    op.save(tmp_path / "op.zarr")
+    back = PC.load(tmp_path / "op.zarr")
+    np.testing.assert_array_equal(np.asarray(back.maps), maps.compute())
+    root = zarr.open_group(str(tmp_path / "op.zarr"), mode="r+")
+    root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": False}
+    raises(ValueError, "is an incomplete operator .*; save it again", lambda: PC.load(tmp_path / "op.zarr"))
+
+
+def test_operator_parts_of_unknown_memory_are_copied_and_zarr_maps_in_memory_are_fingerprinted():
+    class Foreign:  # memory NumPy reads through __array_interface__, of no buffer Python can inspect
+        def __init__(self, a):
+            self.a = a
+            self.__array_interface__ = {**a.__array_interface__, "data": (a.ctypes.data, True)}
+
+    mine = K[None, None].copy()
+    view = np.asarray(Foreign(mine))
+    assert not view.flags.writeable and np.shares_memory(view, mine)
+    op = PC.from_grid(view, 32)
+    mine *= 2  # written through another way in
+    np.testing.assert_array_equal(op.kernels, K[None, None])
+    maps = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(1, 32, 32), dtype="f4", fill_value=1.0)
+    a, b = PC.from_basis(K[None], maps), PC.from_basis(K[None], maps)
+    assert a.fingerprint == b.fingerprint  # (a store with no directory: named by its address)
+
+
+def test_an_xarray_psf_of_non_square_pixels_records_no_pixel_size_and_a_measured_psf_takes_any_pixels(small):
+    u, _ = small
+    coords = {d: (d, np.arange(9) * s, {"units": "µm"}) for d, s in (("y", 0.1), ("x", 0.2))}
+    assert "pixel_um" not in PC.from_psf(xr.DataArray(psf.gaussian(1.0, size=9), dims=("y", "x"), coords=coords),
+                                         32).attrs
+    img = xr.DataArray(u, dims=("y", "x"),
+                       coords={d: (d, np.arange(32) * s, {"units": "µm"}) for d, s in (("y", 0.1), ("x", 0.2))})
+    measured = PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1, "psf_file": "bead.tif"})
+    assert lsfov.deconvolve(img, measured, 2).shape == (32, 32)  # the PSF is in the image's own pixels
+    raises(ValueError, "pixels are not square .*; resample it to square pixels",
+           lambda: lsfov.deconvolve(img, PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1}), 2))
+
+
+def test_psf_functions_refuse_empty_mismatched_and_non_numeric_batches():
+    g2 = psf.get_model("G2")
+    for call, err, what in (
+        (lambda: psf.gaussian([1, 2], [1, 2, 3]), ValueError, r"batches of one length, got shapes \(2,\) and \(3,\)"),
+        (lambda: psf.gaussian([]), ValueError, "no Gaussian widths given .*; pass at least one sigma"),
+        (lambda: psf.zernike({4: []}, OPTICS), ValueError, "no Zernike coefficients given .*; pass at least one"),
+        (lambda: psf.zernike({4: [1, 2], 5: [1, 2, 3]}, OPTICS), ValueError, "must be batches of one length"),
+        (lambda: psf.zernike({4: "a"}, OPTICS), TypeError, "must be numbers or 1-D arrays of numbers, got {4: 'a'}"),
+        (lambda: psf.zernike({4: 0.1}, OPTICS, z_um="a"), TypeError, "must be numbers or 1-D arrays of numbers"),
+        (lambda: psf.zernike({4: np.nan}, OPTICS), ValueError, "coefficients and z_um must be finite"),
+        (lambda: psf.airy("x"), TypeError, "optics must be an lsfov.Optics, got str"),
+        (lambda: psf.get_model("G1").render(np.zeros((0, 1))), ValueError, "no G1 parameters given .*; pass at least"),
+        (lambda: psf.get_model("G1").render({"sigma": []}), ValueError, "no G1 parameters given"),
+        (lambda: g2.render({"sigma_y": [1, 2], "sigma_x": [1, 2, 3]}), ValueError,
+         r"G2's parameters must be batches of one length, got shapes {'sigma_y': \(2,\), 'sigma_x': \(3,\)}"),
+        (lambda: g2.render({"sigma_y": "a", "sigma_x": 1}), TypeError, "G2's parameters must be numbers"),
+        (lambda: g2.render("ab"), TypeError, r"G2 takes 2 numbers \['sigma_y', 'sigma_x'\] per PSF, got 'ab'"),
+    ):
+        raises(err, what, call)
+
+
+def test_a_pupil_model_without_zernike_terms_renders_one_psf_per_parameter_set():
+    # (it once rendered one PSF for a whole batch)
+    m = dataclasses.replace(psf.get_model("Z1"), name="Z0", params=("gain",), units={"gain": "1"},
+                            ranges={"gain": (0, 1)}, size=15)
+    batch = m.render([[0.1], [0.2], [0.3]])
+    assert batch.shape == (3, 15, 15)
+    np.testing.assert_array_equal(batch[2], m.render([0.3]))
+
+
+def test_images_are_checked_before_they_are_degraded_or_deblurred(small, tmp_path):
+    u, op = small
+    for call, err, what in (
+        (lambda: simulate.degrade("x.tif", op), TypeError, "got the file name 'x.tif'; open it with lsfov.open_image"),
+        (lambda: lsfov.deconvolve(str(tmp_path / "x.tif"), op, 2), TypeError, "open it with lsfov.open_image"),
+        (lambda: simulate.degrade(np.array([["a"]]), op), TypeError, "image must be a real numeric array, got dtype <U1"),
+        (lambda: simulate.degrade(u * 1j, op), TypeError, "image must be a real numeric array, got dtype complex"),
+        (lambda: lsfov.deconvolve(u * 1j, op, 2), TypeError, "image must be a real numeric array"),
+        (lambda: lsfov.deconvolve(da.from_array(u * 1j, chunks=16), op, 2), TypeError, "must be a real numeric array"),
+        (lambda: simulate.degrade(np.zeros((0, 3)), op), ValueError, r"image is empty \(shape \(0, 3\)\)"),
+        (lambda: simulate.degrade(u, op, photons=None), TypeError, "photons must be a number, got None"),
+        (lambda: simulate.degrade(u, op, photons=1j), TypeError, "photons must be a number"),
+        (lambda: lsfov.calibrate.detect_beads(xr.DataArray(u[None, :, :5], dims=("z", "y", "c")), 2), ValueError,
+         r"bead image has dims \('z', 'y', 'c'\): name them 'y' and 'x', or neither"),
+    ):
+        raises(err, what, call)
+    # A (1, H, W) plane is that plane; a list, an array.
+    np.testing.assert_array_equal(simulate.degrade(u[None], op, seed=1), simulate.degrade(u, op, seed=1))
+    np.testing.assert_array_equal(lsfov.deconvolve(u.tolist(), op, 2), lsfov.deconvolve(u, op, 2))
+
+
+def test_sparse_smooth_refuses_a_wrong_operator_and_dask_images_that_are_no_plane(small):
+    u, op = small
+    for call, err, what in (
+        (lambda: lsfov.sparse_smooth_deblur(u, "op"), TypeError, "operator must be an lsfov.ProductConvolution, got str"),
+        (lambda: lsfov.sparse_smooth_deblur(da.ones((2, 32, 32)), op), ValueError,
+         r"must be 2-D \(y, x\), got shape \(2, 32, 32\); pick a plane"),
+        (lambda: lsfov.sparse_smooth_deblur(da.ones((32,)), op), ValueError, r"got shape \(32,\); pick a plane"),
+        (lambda: lsfov.sparse_smooth_deblur(u[:16, :16], op.restrict((0, 0), (16, 16))), ValueError,
+         "needs a full-image operator, not a restricted window; pass the operator it was restricted from"),
+        (lambda: estimate_noise(np.ones((2, 5))), ValueError, r"at least 3x3 pixels, got shape \(2, 5\)"),
+    ):
+        raises(err, what, call)
+
+
+def test_a_pixel_wise_operator_deblurs_dask_blocks_as_the_whole_image(small):
+    u, _ = small
+    op = PC.from_grid(np.ones((1, 1, 1, 1)), (32, 32))  # no blur, no TV: nothing moves between blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lsfov.LsfovWarning)
+        whole = lsfov.deconvolve(u, op, 3, tv=0)
+        blocks = lsfov.deconvolve(da.from_array(u, chunks=16), op, 3, tv=0).compute()
+    np.testing.assert_allclose(blocks, whole, rtol=1e-5)  # (float rounding)
