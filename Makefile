@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
+# Test processes: one per core this process may use (nproc), at most 8 (each holds torch and Dask).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
 
 .PHONY: demo test bench install clean
 
@@ -19,7 +21,7 @@ demo: install
 	$(VENV)/bin/lsfov demo --out lsfov-demo.zarr --overwrite
 
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PY) benchmarks/run.py
