@@ -572,6 +572,7 @@ def test_subspace_bad_input(stack, tmp_path):
         learn_subspace([stack[0].image, stack[1].image[:300]])
     with pytest.raises(ValueError, match=r"n_space=5 exceeds the K·I = 4 maps; use n_space <= 4 \(--n-space\)"):
         learn_subspace([stack[0].image, stack[1].image], 2, 5)
+    assert learn_subspace([stack[0].image, stack[1].image], 2, 4).n_space == 4  # the bound itself: every map
     flat = np.full((320, 320), 5.0, np.float32)
     with pytest.raises(ValueError, match="bead image 1: no beads found"):
         learn_subspace([stack[0].image, flat])

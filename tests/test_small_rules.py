@@ -37,3 +37,18 @@ def test_voronoi_cells_reach_the_field_edge_half_a_pixel_out():
 
     w = voronoi_weights([(2.0, 2.0), (2.0, 9.4)], (10, 10))
     np.testing.assert_allclose(w, [1.24, 0.76], atol=1e-4)  # cells split at x = 5.7: 62 and 38 px²
+
+
+def test_the_automatic_psf_basis_rank_uses_the_patch_matrix_aspect_ratio():
+    # Far more patches than pixels: the Gavish-Donoho factor is ω(81/400) = 1.76, not the square
+    # matrix's 2.86, so a second component at 2.3 times the median singular value is kept.
+    from lsfov.calibrate import basis
+
+    rng = np.random.default_rng(0)
+    m, k = 400, 9
+    q, _ = np.linalg.qr(rng.normal(size=(k * k, 2)))
+    rows = rng.normal(size=(m, k * k)) / k + rng.normal(size=(m, 1)) * q[:, 0] + 0.2 * rng.normal(size=(m, 1)) * q[:, 1]
+    b = basis.psf_basis(rows.reshape(m, k, k), None, zscore=np.inf)
+    s = b.singular_values / np.median(b.singular_values)
+    assert 1.76 < s[1] < 2.86 and s[2] < 1.7
+    assert len(b.kernels) == 2 and abs(b.kernels[1].ravel() @ q[:, 1]) > 0.9
