@@ -259,6 +259,18 @@ _TUKEY = 4.685  # Tukey's biweight cut-off in scales: 95 % efficiency on Gaussia
 _EMPTY = 1e-12  # a neighbourhood of less weight (relative to the kernel's) has none: the node keeps its value
 
 
+def _width(sigma) -> float:
+    """``smooth`` as a width in nodes (>= 0; inf: one plane over the whole grid), or one line saying
+    it is none."""
+    try:
+        w = float(sigma)
+    except (TypeError, ValueError):
+        w = np.nan
+    if not w >= 0:
+        raise ValueError(f"smooth must be a width in nodes >= 0, got {sigma!r}")
+    return w
+
+
 def _plane_fit(values, weights, sigma):
     """:func:`local_plane` without the reweighting, and the nodes it left as they were (no weight in
     their neighbourhood; all of them for σ = 0)."""
@@ -266,13 +278,7 @@ def _plane_fit(values, weights, sigma):
 
     v = np.asarray(values, dtype=np.float64)
     w = np.ascontiguousarray(np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape))  # no 0 strides for ndimage
-    try:
-        ok = float(sigma) >= 0  # inf: one plane over the whole grid
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"smooth must be a width in nodes >= 0, got {sigma!r}")
-    sigma = float(sigma)
+    sigma = _width(sigma)
     if not (np.isfinite(w).all() and (w >= 0).all()):
         raise ValueError("weights must be finite and >= 0 (e.g. the map's validity)")
     if sigma == 0:
@@ -634,10 +640,7 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
 
 def depth_of(psf_map, c: DepthCalibration | None, smooth: float | None = None, robust: bool | None = None):
     """:func:`estimate_depth` of a checked map, without its checks (a caller that made them before)."""
-    try:
-        sigma = float(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
-    except (TypeError, ValueError):
-        raise ValueError(f"smooth must be a width in nodes >= 0, got {smooth!r}") from None
+    sigma = _width(smooth if smooth is not None else (c.smooth if c is not None else 0.0))
     robust = bool(robust if robust is not None else (c.robust if c is not None else False))
     if c is None:
         z = psf_map["focus"] * (2 * psf_map["axis"] / np.pi - 1)
