@@ -14,6 +14,7 @@ import lsfov
 from lsfov import psf, simulate
 from lsfov.operators import ProductConvolution as PC
 from lsfov.restore.sparse_smooth import estimate_noise
+from refusals import refuses
 
 K = psf.gaussian(1.0, size=5)
 OPTICS = psf.Optics(0.8, 0.5, 0.1)
@@ -23,13 +24,6 @@ OPTICS = psf.Optics(0.8, 0.5, 0.1)
 def small():
     u = np.random.default_rng(0).random((32, 32)).astype(np.float32) + 0.1
     return u, PC.from_grid(K[None, None], (32, 32))
-
-
-def raises(err, what, call):
-    """``call()`` refused with ``err``, its message matching ``what``, on one line."""
-    with pytest.raises(err, match=what) as e:
-        call()
-    assert "\n" not in str(e.value), str(e.value)
 
 
 def test_operator_constructors_refuse_bad_kernels_centres_and_maps():
@@ -51,19 +45,19 @@ def test_operator_constructors_refuse_bad_kernels_centres_and_maps():
         (lambda: PC.from_basis(K[None], np.ones((1, 32, 32), complex)), TypeError, "maps must be a real numeric"),
         (lambda: PC.from_basis(K[None], nan_maps), ValueError, "coefficient maps contain NaN or Inf; fix the maps"),
     ):
-        raises(err, what, call)
+        refuses(err, what, call)
 
 
 def test_operator_application_refuses_what_it_cannot_apply(small):
     u, op = small
     window = op.restrict((0, 0), (16, 16))
-    raises(ValueError, r"restrict\(\) applies to a full-image operator", lambda: window.restrict((0, 0), (8, 8)))
-    raises(ValueError, r"dask image shape \(16, 16\) does not match .*; build the operator for this image",
+    refuses(ValueError, r"restrict\(\) applies to a full-image operator", lambda: window.restrict((0, 0), (8, 8)))
+    refuses(ValueError, r"dask image shape \(16, 16\) does not match .*; build the operator for this image",
            lambda: op.apply(da.ones((16, 16), chunks=8)))
     # A window's Dask input was once refused as of the wrong shape: the window's own (16, 16).
-    raises(ValueError, "a restricted window applies to NumPy or CuPy blocks, not Dask arrays",
+    refuses(ValueError, "a restricted window applies to NumPy or CuPy blocks, not Dask arrays",
            lambda: window.apply(da.ones((16, 16), chunks=8)))
-    raises(ValueError, r"must be 2-D \(y, x\), got dims \('y', 'x', 'c'\); select a plane first",
+    refuses(ValueError, r"must be 2-D \(y, x\), got dims \('y', 'x', 'c'\); select a plane first",
            lambda: op.apply(xr.DataArray(u[..., None], dims=("y", "x", "c"))))
     np.testing.assert_array_equal(op.apply(u.tolist()), op.apply(u))  # a list is read as an array
     # Equal cells asked of a grid with one node along y: there are none, the plan by cells is used.
@@ -81,7 +75,7 @@ def test_an_operator_saved_from_lazy_maps_loads_equal_and_an_interrupted_save_is
     np.testing.assert_array_equal(np.asarray(back.maps), maps.compute())
     root = zarr.open_group(str(tmp_path / "op.zarr"), mode="r+")
     root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": False}
-    raises(ValueError, "is an incomplete operator .*; save it again", lambda: PC.load(tmp_path / "op.zarr"))
+    refuses(ValueError, "is an incomplete operator .*; save it again", lambda: PC.load(tmp_path / "op.zarr"))
 
 
 def test_operator_parts_of_unknown_memory_are_copied_and_zarr_maps_in_memory_are_fingerprinted():
@@ -110,7 +104,7 @@ def test_an_xarray_psf_of_non_square_pixels_records_no_pixel_size_and_a_measured
                        coords={d: (d, np.arange(32) * s, {"units": "µm"}) for d, s in (("y", 0.1), ("x", 0.2))})
     measured = PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1, "psf_file": "bead.tif"})
     assert lsfov.deconvolve(img, measured, 2).shape == (32, 32)  # the PSF is in the image's own pixels
-    raises(ValueError, "pixels are not square .*; resample it to square pixels",
+    refuses(ValueError, "pixels are not square .*; resample it to square pixels",
            lambda: lsfov.deconvolve(img, PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1}), 2))
 
 
@@ -132,7 +126,7 @@ def test_psf_functions_refuse_empty_mismatched_and_non_numeric_batches():
         (lambda: g2.render({"sigma_y": "a", "sigma_x": 1}), TypeError, "G2's parameters must be numbers"),
         (lambda: g2.render("ab"), TypeError, r"G2 takes 2 numbers \['sigma_y', 'sigma_x'\] per PSF, got 'ab'"),
     ):
-        raises(err, what, call)
+        refuses(err, what, call)
 
 
 def test_a_pupil_model_without_zernike_terms_renders_one_psf_per_parameter_set():
@@ -159,7 +153,7 @@ def test_images_are_checked_before_they_are_degraded_or_deblurred(small, tmp_pat
         (lambda: lsfov.calibrate.detect_beads(xr.DataArray(u[None, :, :5], dims=("z", "y", "c")), 2), ValueError,
          r"bead image has dims \('z', 'y', 'c'\): name them 'y' and 'x', or neither"),
     ):
-        raises(err, what, call)
+        refuses(err, what, call)
     # A (1, H, W) plane is that plane; a list, an array.
     np.testing.assert_array_equal(simulate.degrade(u[None], op, seed=1), simulate.degrade(u, op, seed=1))
     np.testing.assert_array_equal(lsfov.deconvolve(u.tolist(), op, 2), lsfov.deconvolve(u, op, 2))
@@ -176,7 +170,7 @@ def test_sparse_smooth_refuses_a_wrong_operator_and_dask_images_that_are_no_plan
          "needs a full-image operator, not a restricted window; pass the operator it was restricted from"),
         (lambda: estimate_noise(np.ones((2, 5))), ValueError, r"at least 3x3 pixels, got shape \(2, 5\)"),
     ):
-        raises(err, what, call)
+        refuses(err, what, call)
 
 
 def test_a_pixel_wise_operator_deblurs_dask_blocks_as_the_whole_image(small):

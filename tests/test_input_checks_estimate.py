@@ -8,16 +8,7 @@ import pytest
 import lsfov
 from lsfov import calibrate as cal
 from lsfov import psf
-
-
-def one_line(excinfo):
-    assert "\n" not in str(excinfo.value), str(excinfo.value)
-
-
-def refuses(err, what, fn, *args, **kwargs):
-    with pytest.raises(err, match=what) as e:
-        fn(*args, **kwargs)
-    one_line(e)
+from refusals import refuses
 
 
 def test_bead_patches_and_bases_refuse_bad_shapes_and_counts():

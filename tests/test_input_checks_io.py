@@ -12,11 +12,7 @@ import zarr
 
 import lsfov
 from lsfov import io
-
-
-def _one_line(err):
-    assert "\n" not in str(err.value), str(err.value)
-    return str(err.value)
+from refusals import one_line
 
 
 def test_open_image_refuses_stores_levels_and_arrays_it_cannot_read(tmp_path):
@@ -43,7 +39,7 @@ def test_open_image_refuses_stores_levels_and_arrays_it_cannot_read(tmp_path):
     for kw, what in cases:
         with pytest.raises(ValueError, match=what) as err:
             lsfov.open_image(**kw)
-        _one_line(err)
+        one_line(err)
     assert lsfov.open_image(tmp_path / "app.tif", z=1).shape == (8, 8)  # (level 0 of the same file reads)
 
 
@@ -55,7 +51,7 @@ def test_an_index_for_an_axis_the_image_lacks_is_refused_unless_it_is_the_only_p
                                       np.arange(64).reshape(8, 8))
     with pytest.raises(ValueError, match=rf"a.npy: {flag}=2 \(--{flag}\) given but the image has no {dim} axis") as err:
         lsfov.open_image(tmp_path / "a.npy", **{flag: 2})
-    _one_line(err)
+    one_line(err)
 
 
 def test_open_planes_says_which_channel_to_choose(tmp_path):
@@ -65,11 +61,11 @@ def test_open_planes_says_which_channel_to_choose(tmp_path):
                                                 r"\(--channel\)") as err:
         io.open_planes(tmp_path / "c.npy")
     assert (err.value.dim, err.value.n) == ("c", 2)
-    _one_line(err)
+    one_line(err)
     assert len(io.open_planes(tmp_path / "c.npy", channel=1)) == 3
     with pytest.raises(ValueError, match=r"channel=1 \(--channel\) given but the image has no c axis") as err:
         io.open_planes(tmp_path / "a.npy", channel=1)
-    _one_line(err)
+    one_line(err)
 
 
 def test_tiff_axes_lsfov_does_not_pick_along_are_named_without_a_made_up_option(tmp_path):
@@ -78,13 +74,13 @@ def test_tiff_axes_lsfov_does_not_pick_along_are_named_without_a_made_up_option(
     with pytest.raises(io.PlaneNotChosen, match=r"2 elements along 'e' \(dims \('e', 'y', 'x'\)\); lsfov picks "
                                                 "planes along c, z and t only: save the plane you mean") as err:
         lsfov.open_image(tmp_path / "eyx.tif")
-    assert "--e" not in _one_line(err) and err.value.dim == "e"
+    assert "--e" not in one_line(err) and err.value.dim == "e"
     assert len(io.open_planes(tmp_path / "eyx.tif")) == 2  # a bead stack takes every plane
     tifffile.imwrite(tmp_path / "qx.tif", np.ones((2, 8), np.uint16), metadata={"axes": "QX"})  # (Q read as z)
     with pytest.raises(ValueError, match=r"need a 2-D \(y, x\) image, got dims \('x',\) with shape \(8,\); save it "
                                          "with a y and an x axis") as err:
         lsfov.open_image(tmp_path / "qx.tif", z=0)
-    _one_line(err)
+    one_line(err)
     data = np.arange(16, dtype=np.uint16).reshape(2, 8)
     tifffile.imwrite(tmp_path / "xy.tif", data, metadata={"axes": "XY"})  # stored x first: read as (y, x)
     xy = lsfov.open_image(tmp_path / "xy.tif")
@@ -99,11 +95,11 @@ def test_save_and_open_result_refuse_what_they_cannot_hold_or_find(tmp_path):
         with pytest.raises(ValueError, match=rf"variable '{name}' has shape {shape}; each variable must be a "
                                              "non-empty 2-D or 3-D array") as err:
             lsfov.save(obj, tmp_path / "s.zarr")
-        _one_line(err)
+        one_line(err)
     assert not (tmp_path / "s.zarr").exists()
     with pytest.raises(FileNotFoundError, match="no such result: .*none.zarr") as err:
         lsfov.open_result(tmp_path / "none.zarr")
-    _one_line(err)
+    one_line(err)
 
 
 def test_a_npy_rewritten_after_it_was_opened_is_not_read_as_the_new_file(tmp_path):
@@ -113,7 +109,7 @@ def test_a_npy_rewritten_after_it_was_opened_is_not_read_as_the_new_file(tmp_pat
     with pytest.raises(ValueError, match=r"a.npy changed after it was opened \(rewritten during the run\?\); "
                                          "open it again") as err:
         pickle.loads(sent).compute()
-    _one_line(err)
+    one_line(err)
 
 
 def test_batch_systems_unknown_or_without_dask_jobqueue_are_refused(monkeypatch):
@@ -121,15 +117,15 @@ def test_batch_systems_unknown_or_without_dask_jobqueue_are_refused(monkeypatch)
 
     with pytest.raises(ValueError, match=r"unknown batch system 'sge'; use one of \['pbs', 'slurm'\]") as err:
         cluster.jobqueue_cluster("sge")
-    _one_line(err)
+    one_line(err)
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # not installed: its import fails
     with pytest.raises(ValueError, match=r"--scheduler slurm needs dask-jobqueue: pip install dask-jobqueue") as err:
         cluster.jobqueue_cluster("slurm", cores=1, memory="1GB")
-    _one_line(err)
+    one_line(err)
     monkeypatch.setattr(cluster.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"--scheduler pbs needs dask-jobqueue: pip install dask-jobqueue") as err:
         cluster.parse_scheduler("pbs:2")
-    _one_line(err)
+    one_line(err)
 
 
 def _subspace(path, **attrs):
