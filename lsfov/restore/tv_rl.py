@@ -374,7 +374,9 @@ def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, r
                       stacklevel=user_stacklevel())
     y = as_image(image)
     _check_shape(y.shape, operator)
-    scale = float(y.mean())
+    # In float64, as the chunked path: a float32 mean's rounding follows the array's memory layout
+    # (a cropped view and its copy differed in the last bits of the result) and its summation order.
+    scale = float(y.sum(dtype=np.float64)) / y.size
     if not scale > 0:
         raise ValueError("image is all zero; there is nothing to deconvolve: is it the plane (--channel, --z, --t) "
                          "you meant?")
