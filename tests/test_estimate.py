@@ -797,6 +797,8 @@ def test_training_on_several_sets_is_training_on_their_concatenation(tmp_path, z
         torch.testing.assert_close(both.net.state_dict()[k], v, rtol=0, atol=0)
     data = both.meta["training"]["data"]
     assert data["n"] == 280 and data["seed"] == [13, 14] and both.meta["training"]["n_val"] == 28
+    assert data["images"] == list(synth._SKIMAGE_SPLIT["train"])  # which photos it saw
+    assert synth.synthesize(2, "G1", sources=("poi",))["attrs"]["images"] == []
     on_disk = synth.synthesize(150, "G1", seed=13, batch=75, out=tmp_path / "a.zarr")
     stacked = train._as_set([on_disk, b])["patches"]
     assert stacked.chunks == synth.open_training_set(on_disk)["patches"].chunks[:1]  # read by the zarr set's blocks

@@ -88,6 +88,7 @@ def test_training_on_a_stream_learns_and_keeps_a_frozen_trunk():
     assert [h["step"] for h in hist] == [0, 20, 40]
     assert max(h["val_r2"] for h in hist[1:]) > hist[0]["val_r2"] + 0.5
     assert g1.meta["training"]["data"]["stream"] and g1.meta["training"]["n_train"] == 40 * 32
+    assert g1.meta["training"]["data"]["images"] == list(synth._SKIMAGE_SPLIT["train"])  # which photos it saw
     from lsfov.estimate import load_model
 
     start = load_model("Z3")

@@ -25,7 +25,7 @@ import torch
 from .. import psf as _psf
 from .._validate import positive_int, real_number
 from .synth import (N_SEEDED, PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources,
-                    _range, _readable, _texture, blur_torch, library, procedural_seed)
+                    _range, _readable, _texture, blur_torch, bundled_images, library, procedural_seed)
 
 log = logging.getLogger("lsfov")
 
@@ -204,7 +204,8 @@ class PatchStream:
 
     def attrs(self) -> dict:
         """What the stream draws from, as a training set's attributes record it."""
-        return {**self.model.to_meta(), "patch": PATCH, "sources": list(self.sources), "split": self.split,
+        return {**self.model.to_meta(), "patch": PATCH, "sources": list(self.sources),
+                "images": bundled_images(self.sources, self.split), "split": self.split,
                 "seed": self.seed, "n_procedural": self.n_procedural, "invalid_fraction": self.invalid_fraction,
                 "photons": list(self.photons), "read_noise": list(self.read_noise), "illumination": self.illumination}
 
@@ -389,7 +390,7 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
         _start_from(net, start, arch)  # nothing beat the start
     net.eval()
     model.meta["training"] = {
-        "data": {**{k: v for k, v in stream.attrs().items() if k in ("sources", "split", "seed", "photons", "read_noise",
+        "data": {**{k: v for k, v in stream.attrs().items() if k in ("sources", "images", "split", "seed", "photons", "read_noise",
                                                                      "illumination", "invalid_fraction", "n_procedural")},
                  "n": trained * batch_size, "stream": True},
         "n_train": trained * batch_size, "n_val": n_val, "lr": lr, "batch_size": batch_size, "steps": trained,

@@ -36,8 +36,11 @@ UNIT = 64  # patches per child random generator (see synthesize)
 # PSF's *and* the image's own). The test images carry under about 0.4 px of their own; skimage's
 # "cell" (about 1.7 px even halved) and "clock" are left out. moon, grass, text and hubble carry
 # 0.4-0.6 px, some label noise at the smallest widths: the shipped models were trained with them.
+# chelsea, coffee, rocket and matplotlib's grace_hopper (bundled too) joined on 2026-12-07, full
+# size (the G1 meter reads them as sharp as camera): natural images were the fewest and the worst read.
 _SKIMAGE_SPLIT = {
-    "train": {"camera": 2, "astronaut": 2, "moon": 2, "text": 1, "hubble": 2, "brick": 2, "grass": 2},
+    "train": {"camera": 2, "astronaut": 2, "moon": 2, "text": 1, "hubble": 2, "brick": 2, "grass": 2,
+              "chelsea": 1, "coffee": 1, "rocket": 1, "grace_hopper": 1},
     "test": {"coins": 1, "immunohistochemistry": 2, "retina": 4, "gravel": 2},
 }
 SOURCES = ("skimage", "syn", "poi", "tex")
@@ -48,7 +51,8 @@ _FFT_THREADS = -1  # scipy.fft threads of _blur: all cores, one in a worker proc
 def _skimage(name: str, factor: int) -> np.ndarray:
     from skimage import data
 
-    loader = {"hubble": data.hubble_deep_field, "retina": lambda: data.retina()[..., 1]}.get(name)
+    loader = {"hubble": data.hubble_deep_field, "retina": lambda: data.retina()[..., 1],
+              "grace_hopper": _grace_hopper}.get(name)
     img = (loader or getattr(data, name))()
     img = np.asarray(img, dtype=np.float32)
     if img.ndim == 3:
@@ -56,6 +60,15 @@ def _skimage(name: str, factor: int) -> np.ndarray:
     h, w = (s // factor * factor for s in img.shape)
     img = img[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
     return _unit(img)
+
+
+def _grace_hopper():
+    """matplotlib's bundled sample photograph (a dependency's data, as scikit-image's)."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+        return np.asarray(im)
 
 
 def _unit(img):
@@ -193,6 +206,12 @@ def library(sources=SOURCES, split: str = "train", n_procedural: int = N_SEEDED,
     for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in sources):
         images += [_GENERATORS[name]((512, 512), procedural_seed(split, seed, j, i)) for i in range(n_procedural)]
     return images
+
+
+def bundled_images(sources, split: str) -> list[str]:
+    """Names of the dependencies' bundled images a library of ``sources`` holds in ``split`` (what a
+    training set's attributes record: the list has grown since the first models)."""
+    return list(_SKIMAGE_SPLIT[split]) if "skimage" in sources else []
 
 
 def _crops(images, n, size, rng):
@@ -457,7 +476,8 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     if out is not None and Path(out).exists() and not overwrite:  # before any patch is made (a link: its target)
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     attrs = {"type": "TrainingSet", **m.to_meta(), "patch": PATCH, "n": n,
-             "sources": list(sources), "split": split, "seed": seed, "invalid_fraction": invalid_fraction,
+             "sources": list(sources), "images": bundled_images(sources, split), "split": split, "seed": seed,
+             "invalid_fraction": invalid_fraction,
              "photons": None if photons is None else list(photons), "read_noise": list(read_noise), "illumination": illumination,
              "device": device}
     kw = dict(invalid_fraction=invalid_fraction, photons=photons, read_noise=read_noise, illumination=illumination,

@@ -580,7 +580,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
         model.net.load_state_dict(best_state)
     model.net.eval()
     model.meta["training"] = {
-        "data": {k: attrs.get(k) for k in ("n", "sources", "split", "seed", "photons", "read_noise",
+        "data": {k: attrs.get(k) for k in ("n", "sources", "images", "split", "seed", "photons", "read_noise",
                                              "illumination", "invalid_fraction")},
         "n_train": int(len(train_idx)), "n_val": int(n_val), "lr": lr, "batch_size": batch_size, "seed": seed,
         "epochs_run": sum(1 for h in history if "epoch" in h), "best_val_loss": best_val["val_loss"],
