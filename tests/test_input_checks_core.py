@@ -53,12 +53,12 @@ def test_operator_application_refuses_what_it_cannot_apply(small):
     window = op.restrict((0, 0), (16, 16))
     refuses(ValueError, r"restrict\(\) applies to a full-image operator", lambda: window.restrict((0, 0), (8, 8)))
     refuses(ValueError, r"dask image shape \(16, 16\) does not match .*; build the operator for this image",
-           lambda: op.apply(da.ones((16, 16), chunks=8)))
+            lambda: op.apply(da.ones((16, 16), chunks=8)))
     # A window's Dask input was once refused as of the wrong shape: the window's own (16, 16).
     refuses(ValueError, "a restricted window applies to NumPy or CuPy blocks, not Dask arrays",
-           lambda: window.apply(da.ones((16, 16), chunks=8)))
+            lambda: window.apply(da.ones((16, 16), chunks=8)))
     refuses(ValueError, r"must be 2-D \(y, x\), got dims \('y', 'x', 'c'\); select a plane first",
-           lambda: op.apply(xr.DataArray(u[..., None], dims=("y", "x", "c"))))
+            lambda: op.apply(xr.DataArray(u[..., None], dims=("y", "x", "c"))))
     np.testing.assert_array_equal(op.apply(u.tolist()), op.apply(u))  # a list is read as an array
     # Equal cells asked of a grid with one node along y: there are none, the plan by cells is used.
     row = PC.from_grid(np.stack([K, psf.gaussian(1.5, size=5)])[None], (32, 32))
@@ -105,7 +105,7 @@ def test_an_xarray_psf_of_non_square_pixels_records_no_pixel_size_and_a_measured
     measured = PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1, "psf_file": "bead.tif"})
     assert lsfov.deconvolve(img, measured, 2).shape == (32, 32)  # the PSF is in the image's own pixels
     refuses(ValueError, "pixels are not square .*; resample it to square pixels",
-           lambda: lsfov.deconvolve(img, PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1}), 2))
+            lambda: lsfov.deconvolve(img, PC.from_grid(K[None, None], 32, attrs={"pixel_um": 0.1}), 2))
 
 
 def test_psf_functions_refuse_empty_mismatched_and_non_numeric_batches():
