@@ -37,7 +37,8 @@ UNIT = 64  # patches per child random generator (see synthesize)
 # "cell" (about 1.7 px even halved) and "clock" are left out. moon, grass, text and hubble carry
 # 0.4-0.6 px, some label noise at the smallest widths: the shipped models were trained with them.
 # chelsea, coffee, rocket and matplotlib's grace_hopper (bundled too) joined on 2026-12-07, full
-# size (the G1 meter reads them as sharp as camera): natural images were the fewest and the worst read.
+# size (the G1 meter reads them at 0.50-0.57 px, camera at 0.50, grass at 0.61): natural images were
+# the fewest sources and the worst-read type.
 _SKIMAGE_SPLIT = {
     "train": {"camera": 2, "astronaut": 2, "moon": 2, "text": 1, "hubble": 2, "brick": 2, "grass": 2,
               "chelsea": 1, "coffee": 1, "rocket": 1, "grace_hopper": 1},
