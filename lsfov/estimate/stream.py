@@ -24,7 +24,7 @@ import torch
 
 from .. import psf as _psf
 from .._validate import positive_int, real_number
-from .synth import (N_SEEDED, PATCH, PHOTONS, SOURCES, _GENERATORS, _SKIMAGE_SPLIT, _cached_library, _check_sources,
+from .synth import (N_SEEDED, PATCH, PHOTONS, SOURCES, _GENERATORS, _cached_library, _check_sources,
                     _range, _readable, _texture, blur_torch, bundled_images, library, procedural_seed)
 
 log = logging.getLogger("lsfov")
@@ -144,7 +144,7 @@ class PatchStream:
         n = self.n_procedural
         base = (_cached_library(self.sources, self.split, self.seed) if n >= _BASE_PROCEDURAL
                 else library(self.sources, self.split, n_procedural=n, seed=self.seed))
-        n_skimage = len(_SKIMAGE_SPLIT[self.split]) if "skimage" in self.sources else 0
+        n_skimage = len(bundled_images(self.sources, self.split))
         # library()'s own images past its first ones (entropy tuples): made here on several workers
         jobs = [(name, tuple(procedural_seed(self.split, self.seed, j, i)))
                 for j, name in enumerate(g for g in ("syn", "poi", "tex") if g in self.sources)
