@@ -486,3 +486,13 @@ def test_a_map_of_one_plane_of_a_larger_array_keeps_its_coordinate(blurred, tmp_
     assert int(m.c) == 561 and int(m["sigma"].c) == 561
     lsfov.save(m, tmp_path / "m.zarr")
     assert int(lsfov.open_result(tmp_path / "m.zarr")["sigma"].c) == 561
+
+
+def test_each_plane_of_a_loop_keeps_its_own_coordinate(blurred):
+    """Maps of one grid share their node coordinates (made once, cached): a plane's label must not
+    stick to that shared grid, where the next plane's map, or a plain array's, would take it."""
+    img = np.asarray(blurred[0])
+    stack = xr.DataArray(np.stack([img, img[::-1]]), dims=("c", "y", "x"), coords={"c": [488, 561]})
+    maps = [lsfov.estimate_psf_map(stack.sel(c=c), "G1", stride=64, pixel_um=0.1) for c in (561, 488)]
+    assert [int(m.c) for m in maps] == [561, 488]
+    assert "c" not in lsfov.estimate_psf_map(img, "G1", stride=64, pixel_um=0.1).coords
