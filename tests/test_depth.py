@@ -666,3 +666,25 @@ def test_known_depth_at_full_resolution_is_read_bilinearly_at_the_nodes():
             + ty * (1 - tx) * rough[iy + 1, ix] + ty * tx * rough[iy + 1, ix + 1])
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert not np.allclose(got, map_coordinates(rough, [yy, xx], order=3, mode="nearest"))
+
+
+def test_known_depth_on_the_nodes_follows_the_map_as_given():
+    """A map whose nodes are reordered (reversed, shuffled) is read in position order; depths on its
+    node grid are matched to it as the caller holds it (unlabelled) or by the nodes' coordinates."""
+    s = simulate.tilted_surface((384, 384), depth_range_um=(-8, 8), direction=0.3, grid=8, seed=2)
+    cy, cx = s.operator.centers
+    ds = _cnn_like(s, np.random.default_rng(5)).assign_coords(gy=("gy", cy, {"units": "pixel"}),
+                                                              gx=("gx", cx, {"units": "pixel"}))
+    known = s.depth_um[np.rint(cy).astype(int)][:, np.rint(cx).astype(int)]
+    want = calibrate_depth(ds, known)
+    order = np.random.default_rng(0).permutation(len(cx))
+    labelled = xr.DataArray(known, dims=("gy", "gx"), coords={"gy": cy, "gx": cx})
+    for m, k in ((ds.isel(gx=slice(None, None, -1)), known[:, ::-1]),
+                 (ds.isel(gx=order).transpose("gx", "gy"), known[:, order]),
+                 (ds.isel(gx=order), labelled),  # labelled: its own order
+                 (ds.isel(gy=slice(None, None, -1)), labelled.isel(gx=order).transpose("gx", "gy"))):
+        got = calibrate_depth(m, k)
+        assert got.axis0 == want.axis0 and got.r2 == pytest.approx(want.r2, abs=1e-12)
+        np.testing.assert_allclose(np.asarray(got.curves), np.asarray(want.curves), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="not the map's nodes"):
+        calibrate_depth(ds, labelled.assign_coords(gx=cx + 1))

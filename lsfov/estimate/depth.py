@@ -415,8 +415,10 @@ def _warn_clipped(z, valid, cal: DepthCalibration):
                       "depth is clipped; calibrate over the depths you image", LsfovWarning, stacklevel=4)
 
 
-def _node_values(psf_map, known):
-    """``known`` depth on the node grid: given there, or sampled at the node centres (bilinear)."""
+def _node_values(psf_map, known, given=None):
+    """``known`` depth on the node grid of ``psf_map`` (its nodes in order, :func:`_check_map`): given
+    on the grid, or sampled at the node centres (bilinear). ``given``: the map as the caller holds it,
+    whose node order an unlabelled grid of depths follows."""
     from scipy.ndimage import map_coordinates
 
     from .mapping import map_node_pixels
@@ -424,6 +426,12 @@ def _node_values(psf_map, known):
     for order in (("gy", "gx"), ("y", "x")):  # labelled: read by name
         if set(getattr(known, "dims", ())) == set(order):
             known = known.transpose(*order)
+    if getattr(known, "dims", None) == ("gy", "gx") and {"gy", "gx"} <= set(known.coords) & set(psf_map.coords):
+        try:  # labelled nodes: matched by position, whatever order each is in
+            known, given = known.sel(gy=psf_map["gy"].values, gx=psf_map["gx"].values), None
+        except KeyError:
+            raise ValueError("known_depth_um's gy, gx coordinates are not the map's nodes; give the depths on the "
+                             "map's nodes, or unlabelled (a NumPy array)") from None
     if isinstance(known, (str, os.PathLike)):
         raise TypeError("known_depth_um takes depths in µm (an array), not a file name; load it first "
                         "(e.g. numpy.load, or lsfov.open_image(...).values)")
@@ -436,6 +444,10 @@ def _node_values(psf_map, known):
         raise TypeError(f"known_depth_um must be an array of depths in µm, got {type(known).__name__}") from None
     shape = (psf_map.sizes["gy"], psf_map.sizes["gx"])
     if k.shape == shape:
+        if given is not None:  # in the caller's node order: put in the order of the sorted map
+            for axis, d in enumerate(("gy", "gx")):
+                if d in given.coords and given[d].size > 1:
+                    k = np.take(k, np.argsort(given[d].values, kind="stable"), axis=axis)
         return k
     if k.ndim != 2:
         raise ValueError(f"known_depth_um must be 2-D: on the node grid {shape} or the full image")
@@ -457,8 +469,9 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         Z3 PSF map (:func:`lsfov.estimate_psf_map`) of a calibration sample, e.g. a tilted textured
         plane covering the depths to be measured.
     known_depth_um : array_like
-        Its true depth, on the node grid ``(gy, gx)`` or at full resolution ``(H, W)`` (then sampled at
-        the node centres).
+        Its true depth, on the node grid ``(gy, gx)`` in the map's node order as given (a DataArray
+        with ``gy``, ``gx`` coordinates: matched to the nodes by them), or at full resolution
+        ``(H, W)`` (then sampled at the node centres).
     min_validity : float
         Nodes below this validity (and filled ones) are left out, of the fit and of the smoothing.
     smooth : float
@@ -481,13 +494,13 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     """
     from .._validate import positive_int, real_number
 
-    psf_map = _check_map(psf_map)
+    given, psf_map = psf_map, _check_map(psf_map)
     min_validity = real_number(min_validity, "min_validity", minimum=0, maximum=1)
     smooth = real_number(smooth, "smooth", minimum=0)  # (a calibration records it: finite)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     degree = positive_int(degree, "degree")
-    z = _node_values(psf_map, known_depth_um)
+    z = _node_values(psf_map, known_depth_um, given)
     use = np.asarray(psf_map["validity"].values >= min_validity) & np.isfinite(z) & _finite(psf_map)
     if "filled" in psf_map:
         use &= ~np.asarray(psf_map["filled"].values, bool)
