@@ -966,7 +966,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     _say_unknown_pixel(src, img, pixel_um, model)
     t0, w0 = _clock()
     work = _on_gpu(img, gpu, scheduler)
-    saturation, _ = _clip(img, work, saturation)
+    # --max-saturated 1 (an image stretched to its type's range): no level unless --saturation gives one
+    saturation, _ = _clip(img, work, saturation, off=max_saturated is not None and max_saturated >= 1)
     with _run_state(out, scratch, resume) as state, use_scheduler(scheduler):  # refused before a cluster starts
         before = _chunks_kept(state)
         ds = estimate_psf_map(work, model, stride=stride, pixel_um=pixel_um, symmetrize=symmetrize,

@@ -69,10 +69,11 @@ def test_run_passes_its_calibration_and_records_it(run, tmp_path, monkeypatch):
     assert "calibration" not in lsfov.open_result(tmp_path / "s.zarr").attrs
 
 
-def test_run_with_max_saturated_1_censors_no_pixel_of_a_gpu_copy(run, tmp_path, monkeypatch):
-    """`run --max-saturated 1` (an image stretched to its type's range) passes no camera level to the
-    pipeline even where it works on a copy of the image (--gpu: the API cannot read the type's range
-    from a float32 GPU copy, so the CLI says "none" itself); without it, the camera's level."""
+def test_run_and_estimate_with_max_saturated_1_censor_no_pixel_of_a_gpu_copy(run, tmp_path, monkeypatch):
+    """`run` and `estimate --max-saturated 1` (an image stretched to its type's range) pass no camera
+    level to the pipeline even where they work on a copy of the image (--gpu: the API cannot read the
+    type's range from a float32 GPU copy, so the CLI says "none" itself); without it, the camera's
+    level. (A map's level is what `deconvolve --psf-map` then clips at.)"""
     pytest.importorskip("torch")
     import lsfov.cli
 
@@ -87,6 +88,16 @@ def test_run_with_max_saturated_1_censors_no_pixel_of_a_gpu_copy(run, tmp_path, 
     np.save(tmp_path / "y.npy", np.full((64, 64), 100, np.uint16))
     run("-q", "run", "y.npy", "r.zarr", "--max-saturated", 1)
     run("-q", "run", "y.npy", "s.zarr")
+    assert given == [False, 65535]
+
+    def psf_map(work, model, **kw):
+        given.append(kw["saturation"])
+        raise SystemExit(0)  # what the map is does not matter here
+
+    monkeypatch.setattr(lsfov.estimate.mapping, "estimate_psf_map", psf_map)
+    given.clear()
+    run("-q", "estimate", "y.npy", "m.zarr", "--max-saturated", 1)
+    run("-q", "estimate", "y.npy", "n.zarr")
     assert given == [False, 65535]
 
 
