@@ -1318,7 +1318,8 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         array neither 2-D nor 3-D, or a Dataset without variables; a variable is empty or neither
         2-D nor 3-D, its name is not a string of letters and digits (with ``_`` or ``-``), its
         ``pixel_um`` attribute is not a positive number, or a spatial coordinate is not evenly
-        spaced and increasing; ``chunks`` is not a positive integer; ``operator`` is given with an
+        spaced and increasing; variables on one ``y, x`` grid without coordinates give different
+        ``pixel_um`` (one that gives none takes the others'); ``chunks`` is not a positive integer; ``operator`` is given with an
         operator as ``obj``, beside a variable named ``operator``, or is a restricted window.
     FileExistsError
         If ``path`` exists and ``overwrite`` is not given, exists but is neither a zarr store nor an
@@ -1336,7 +1337,7 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         if not isinstance(operator, ProductConvolution):
             raise TypeError(f"operator must be an lsfov.ProductConvolution, got {type(operator).__name__}")
         operator._check_full("saving an operator")
-    ds = _as_dataset(obj)
+    ds = _one_grid(_as_dataset(obj))
     if "operator" in ds.data_vars and operator is not None:
         raise ValueError("the result has a variable named 'operator' and operator= is given: rename the variable")
     if chunks is not None:
@@ -1360,6 +1361,25 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
             finish()
         root.attrs["lsfov"] = {**root.attrs["lsfov"], "complete": True, "attrs": _jsonable(ds.attrs)}
     return Path(path)
+
+
+def _one_grid(ds: xr.Dataset) -> xr.Dataset:
+    """Images of a Dataset on its y, x without coordinates are on one pixel grid: the pixel size one
+    of them says (``pixel_um``) is all of theirs (a mask beside its image), and two that differ are
+    refused; stored each with its own, viewers and :func:`open_result` would lay them apart."""
+    if {"y", "x"} & set(ds.coords):
+        return ds
+    on = [n for n, v in ds.data_vars.items() if {"y", "x"} <= set(v.dims) and not _is_table(v)]
+    said = {n: _tidy(px) for n in on if isinstance(px := ds[n].attrs.get("pixel_um"), (int, float, np.number))
+            and not isinstance(px, bool) and np.isfinite(px) and px > 0}
+    if len(set(said.values())) > 1:
+        listed = ", ".join(f"{n!r} {v:g} µm" for n, v in said.items())
+        raise ValueError(f"the variables share the y, x grid but not their pixel_um ({listed}): give them one, "
+                         "or y, x coordinates in µm")
+    if not said or len(said) == len(on):
+        return ds
+    px = ds[next(iter(said))].attrs["pixel_um"]
+    return ds.assign({n: ds[n].assign_attrs(pixel_um=px) for n in on if n not in said})
 
 
 _LOCK_RENEW_S, _LOCK_STALE_S = 30.0, 120.0  # a holder renews its lock; one not renewed for long is dead

@@ -25,6 +25,21 @@ def _image(h=300, w=420, px=0.125, y0=2.0):
                         attrs={"units": "photon"})
 
 
+def test_images_on_one_grid_without_coordinates_share_its_pixel_size(tmp_path):
+    """A mask beside its image, neither with coordinates, is on the image's pixels: saved with its
+    pixel size, it reads back on the same grid (each with its own, the Dataset was padded to 121² with
+    NaN); two pixel sizes for one grid are refused."""
+    raw = xr.DataArray(np.arange(4096, dtype=np.uint16).reshape(64, 64), dims=("y", "x"), attrs={"pixel_um": 0.1})
+    mask = xr.DataArray(np.arange(4096).reshape(64, 64) % 3 == 0, dims=("y", "x"))
+    back = lsfov.open_result(lsfov.save(xr.Dataset({"raw": raw, "mask": mask}), tmp_path / "r.zarr"))
+    assert dict(back.sizes) == {"y": 64, "x": 64} and back.raw.dtype == np.uint16 and back.mask.dtype == bool
+    np.testing.assert_array_equal(back.mask.values, mask.values)
+    assert back.mask.attrs["pixel_um"] == back.raw.attrs["pixel_um"] == 0.1 and "pixel_um" not in mask.attrs
+    with pytest.raises(ValueError, match=r"share the y, x grid but not their pixel_um \('raw' 0.1 µm, 'm' 0.2 µm\)"):
+        lsfov.save(xr.Dataset({"raw": raw, "m": mask.assign_attrs(pixel_um=0.2)}), tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_result_round_trip_values_scale_translation_units(tmp_path):
     img = _image()
     grid = xr.DataArray(np.arange(12, dtype=np.float32).reshape(3, 4), dims=("gy", "gx"),
