@@ -637,11 +637,12 @@ def _check_map_source(psf_map, map_path, src, img):
 
 
 def _source(src, img) -> dict:
-    """A result's provenance: its input and, for a plane of a larger image, which one (index per axis,
-    and its z in µm or its time where the file says)."""
+    """A result's provenance: its input (an absolute path: a later command, run from elsewhere, checks
+    it) and, for a plane of a larger image, which one (index per axis, and its z in µm or its time
+    where the file says)."""
     from .io import plane_of
 
-    return {"source": str(src), **plane_of(img)}
+    return {"source": str(Path(src).resolve()), **plane_of(img)}
 
 
 # ---------------------------------------------------------------------------------------------- simulate

@@ -564,17 +564,21 @@ def test_resume_with_nothing_to_resume_says_it_starts_over(run, small, lsfov_log
     assert any("nothing to resume in" in m and "starting from the beginning" in m for m in said), said
 
 
-def test_a_psf_map_of_another_plane_of_the_same_file_is_said(run, tmp_path, lsfov_log):
+def test_a_psf_map_of_another_plane_of_the_same_file_is_said(run, tmp_path, lsfov_log, monkeypatch):
+    """Whatever folder each command runs in: the map records its image's absolute path."""
     pytest.importorskip("torch")
     img = sim.tilted_surface((192, 192), depth_range_um=(-8, 8), grid=3, seed=5).image
     np.save(tmp_path / "stack.npy", np.stack([img, img[::-1]]))
     run("-q", "estimate", "stack.npy", "m.zarr", "--z", 0)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # (a batch job starts in $HOME)
     with lsfov_log() as said:
-        run("deconvolve", "stack.npy", "d0.zarr", "--psf-map", "m.zarr", "--z", 0, "--iterations", 1)
+        run("deconvolve", "../stack.npy", "d0.zarr", "--psf-map", "../m.zarr", "--z", 0, "--iterations", 1)
     assert not any("PSF map" in m for m in said), said
     with lsfov_log() as said:
-        run("deconvolve", "stack.npy", "d1.zarr", "--psf-map", "m.zarr", "--z", 1, "--iterations", 1)
-    assert any("was read from stack.npy (plane" in m and "right only if both share the blur" in m for m in said), said
+        run("deconvolve", "../stack.npy", "d1.zarr", "--psf-map", "../m.zarr", "--z", 1, "--iterations", 1)
+    assert any(f"was read from {tmp_path / 'stack.npy'} (plane" in m and "right only if both share the blur" in m
+               for m in said), said
 
 
 @pytest.mark.parametrize("args", [["simulate", "beads", "b.zarr", "--size", 64, "--seed", -1], ["demo", "--seed", -1],
