@@ -1315,7 +1315,13 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
         if Path(path).resolve() in seen:
             raise ValueError(f"{path} is given twice (as {seen[Path(path).resolve()]}); give each bead image once")
         seen[Path(path).resolve()] = path
-    planes = [p for path in beads for p in open_planes(path, channel=channel)]
+    opened, read = [open_planes(path, channel=channel) for path in beads], {}
+    for path, ps in zip(beads, opened):  # the same again by another name: a result and its image variable
+        source = ps[0].attrs.get("source") if ps else None
+        if source in read:
+            raise ValueError(f"{path} is the image {read[source]} names ({source}); give each bead image once")
+        read[source or path] = path
+    planes = [p for ps in opened for p in ps]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
     if len(planes) == 1 and _given("n_space"):  # silently ignored, one image gives one operator

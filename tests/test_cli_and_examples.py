@@ -258,7 +258,9 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
     cases += [  # a scratch inside OUT would be in the way of OUT, written whole at the end
         (["estimate", "img.npy", "o.zarr", "--scratch", "o.zarr"], "--scratch o.zarr is OUT or inside it"),
         (["run", "img.npy", "o.zarr", "--scratch", "o.zarr/tmp"], "--scratch o.zarr/tmp is OUT or inside it"),
-        (["calibrate", "img.npy", "./img.npy", "o.zarr"], "./img.npy is given twice (as img.npy)")]
+        (["calibrate", "img.npy", "./img.npy", "o.zarr"], "./img.npy is given twice (as img.npy)"),
+        (["calibrate", "b.zarr", "b.zarr/image", "o.zarr"], "b.zarr/image is the image b.zarr names (")]
+    lsfov.save(np.load(tmp_path / "img.npy"), tmp_path / "b.zarr")  # a result and its variable: one image
     # What an input is instead, in the command's words (not the Python API's)
     lsfov.save(xr.Dataset({"sigma": (("gy", "gx"), np.ones((2, 2)))}, attrs={"psf_model": "G1"}), tmp_path / "m1.zarr")
     (tmp_path / "a.txt").write_text("notes")
