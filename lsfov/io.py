@@ -374,6 +374,8 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
                          "image; give the image itself")
     plain = _plain_zarr_array(path)
     if plain is not None:
+        if level:
+            raise ValueError(f"{path}: pyramid level {level} does not exist (a plain zarr array has level 0 only)")
         return plain
     with _reading_ngff():
         loc = parse_url(str(path), mode="r")

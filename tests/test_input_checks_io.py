@@ -26,11 +26,14 @@ def test_open_image_refuses_stores_levels_and_arrays_it_cannot_read(tmp_path):
     (tmp_path / "short.npy").write_bytes(whole[:-10])  # its pixels cut short
     np.save(tmp_path / "empty.npy", np.ones((0, 8), np.float32))
     np.save(tmp_path / "empty3.npy", np.ones((3, 0, 8), np.float32))
+    zarr.create_array(str(tmp_path / "arr.zarr"), shape=(8, 8), dtype="f4", fill_value=1)  # a plain array
     cases = [
         (dict(path=tmp_path / "plain.zarr"), r"no OME-Zarr multiscale image in it; give an OME-Zarr image"),
         (dict(path=tmp_path / "r.zarr" / "image", level=3), r"pyramid level 3 does not exist \(levels 0..0\)"),
         (dict(path=tmp_path / "r.zarr", level=1), r"pyramid level 1 does not exist \(levels 0..0\)"),
         (dict(path=tmp_path / "app.tif", level=1), r"app.tif: pyramid level 1 does not exist \(levels 0..0\)"),
+        (dict(path=tmp_path / "arr.zarr", level=2), r"arr.zarr: pyramid level 2 does not exist \(a plain zarr array"),
+        (dict(path=tmp_path / "r.zarr" / "image" / "0", level=1), r"pyramid level 1 does not exist \(a plain zarr"),
         (dict(path=tmp_path / "cut.npy"), r"cut.npy: not a readable .npy array \(.*\); write it again with numpy.save"),
         (dict(path=tmp_path / "short.npy"), r"short.npy: not a readable .npy array \(.*\); write it again"),
         (dict(path=tmp_path / "empty.npy"), r"the image is empty \(shape \(0, 8\)\); give an image with pixels"),
@@ -41,6 +44,7 @@ def test_open_image_refuses_stores_levels_and_arrays_it_cannot_read(tmp_path):
             lsfov.open_image(**kw)
         one_line(err)
     assert lsfov.open_image(tmp_path / "app.tif", z=1).shape == (8, 8)  # (level 0 of the same file reads)
+    assert lsfov.open_image(tmp_path / "arr.zarr", level=0).shape == (8, 8)
 
 
 @pytest.mark.parametrize("flag,dim", [("z", "z"), ("t", "t"), ("channel", "c")])
