@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import itertools
@@ -26,6 +27,7 @@ log = logging.getLogger("lsfov")
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                 MemoryError, ConnectionError)
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # no room, over quota, a read-only file system
 
 
 def _damaged_zarr(e: BaseException) -> str | None:
@@ -131,6 +133,12 @@ class _Group(click.Group):
                 "temporary and lock files) and under --scratch" if e.filename else str(e)) from None
         except _USER_ERRORS as e:  # (a truncated uncompressed chunk fails to reshape: a ValueError)
             raise click.ClickException(_damaged_zarr(e) or str(e)) from None
+        except OSError as e:  # a full disk or quota (common on a cluster's shared file systems) is no bug
+            if e.errno not in _FULL:
+                raise
+            raise click.ClickException(
+                f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + "; free space there or write elsewhere "
+                "(OUT, --scratch) and run again: no earlier result was replaced") from None
         except _Terminated:
             _INTERRUPTED.set()
             click.echo("terminated (SIGTERM)", err=True)

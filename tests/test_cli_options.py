@@ -1,5 +1,6 @@
 """CLI behaviours that no other test pinned down (found by mutating lsfov/cli.py one change at a
 time): each test fails when the check or option it names is removed or changed."""
+import os
 import warnings
 
 import numpy as np
@@ -60,8 +61,6 @@ def test_deconvolve_never_replaces_someones_file_where_its_preview_goes(run, tmp
 
 
 def test_outputs_where_one_cannot_write_are_refused_before_any_work(run, tmp_path, small, no_work, monkeypatch):
-    import os
-
     (tmp_path / "ro").mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real(p, mode))
@@ -73,6 +72,28 @@ def test_outputs_where_one_cannot_write_are_refused_before_any_work(run, tmp_pat
     _refused(run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--scratch", "ro/s", ok=False),
              "--scratch ro/s: cannot write in ")
     assert not no_work and not (tmp_path / "d.zarr").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_result(run, tmp_path, small, monkeypatch):
+    """No room or quota left (a cluster's shared file system) is said in one line, not a traceback,
+    and what was being written goes: an earlier result is as it was."""
+    import errno
+
+    import lsfov.io
+
+    run("-q", "deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1)
+    before = lsfov.open_result(tmp_path / "d.zarr").deblurred.values
+
+    def full(tmp, path):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp / "deblurred" / "c" / "0" / "0"))
+
+    monkeypatch.setattr(lsfov.io, "_move_into_place", full)
+    res = run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 2, "--overwrite", ok=False)
+    _refused(res, f"{os.strerror(errno.EDQUOT)}: ")
+    assert "free space there or write elsewhere (OUT, --scratch) and run again: no earlier result was replaced" \
+        in res.output
+    np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values, before)
+    assert not list(tmp_path.glob(".d.zarr.partial-*"))
 
 
 def test_a_result_moved_aside_by_a_killed_write_is_back_before_any_work(run, tmp_path, small, no_work):
