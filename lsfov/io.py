@@ -2032,8 +2032,9 @@ def open_result(path) -> xr.Dataset:
     if not meta.get("complete"):
         parent = path.resolve().parent
         if _name_in_result(parent, path.name):  # a variable's group: its own attrs, no 'complete'
+            alone = "" if _node_grid(path) else ", or open this image alone with lsfov.open_image"  # (a map's: none)
             raise ValueError(f"{path} is one variable ({path.name}) of the result {path.parent}: pass "
-                             f"{path.parent}, or open this image alone with lsfov.open_image")
+                             f"{path.parent}{alone}")
         raise ValueError(f"{path} is incomplete (the run that wrote it was interrupted); run the command that wrote "
                          "it again, with --overwrite")
     variables = {}

@@ -388,6 +388,9 @@ def test_bad_paths(tmp_path):
                                          r"pass .*r.zarr, or open this image alone with lsfov.open_image"):
         lsfov.open_result(tmp_path / "r.zarr" / "deblurred")
     assert lsfov.open_image(tmp_path / "r.zarr" / "deblurred").shape == (32, 32)
+    lsfov.save(xr.Dataset({"focus": (("gy", "gx"), np.ones((2, 3), np.float32))}), tmp_path / "m.zarr")
+    with pytest.raises(ValueError, match=r"of the result .*m.zarr: pass .*m.zarr$"):  # no image to open alone
+        lsfov.open_result(tmp_path / "m.zarr" / "focus")
     for bad in (5, None):
         with pytest.raises(TypeError, match="path must be a file or directory name"):
             lsfov.open_result(bad)
