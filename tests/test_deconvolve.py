@@ -406,6 +406,14 @@ def test_censoring_restores_clipped_points_better_and_chunked_equals_whole(clipp
     assert predicted[sat].max() > 1.4 * level > 1.2 * op.apply(plain)[sat].max()  # measured 1.46 and 1.15
     lazy = lsfov.deconvolve(da.from_array(y, chunks=96), op, 30, saturation=level)
     np.testing.assert_allclose(lazy.compute(), censored, atol=1e-5 * censored.max())
+    # A float64 image and a level just above its clip that float32 rounds onto it: both paths censor
+    # what float32 compares (the whole path, every block); the chunked count once compared in float64.
+    wide, above = y.astype(np.float64), float(level) * (1 + 1e-8)
+    assert np.float32(above) == level and not (wide >= above).any()
+    whole = lsfov.deconvolve(wide, op, 5, saturation=above)
+    lazy = lsfov.deconvolve(da.from_array(wide, chunks=96), op, 5, saturation=above).compute()
+    np.testing.assert_allclose(lazy, whole, atol=1e-5 * whole.max())
+    assert not np.allclose(whole, lsfov.deconvolve(wide, op, 5, saturation=False), atol=1e-3 * whole.max())
 
 
 def test_more_than_one_percent_of_the_pixels_clipped_is_warned(clipped):

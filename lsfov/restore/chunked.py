@@ -256,8 +256,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     # One streaming pass for what the iterations need to know globally (and for bad input); the
     # extremes in the input's own type, where values beyond float32's range are still finite.
     stats = [da.maximum(given, 0).sum(dtype=np.float64), given.min(), given.max()]
-    if saturation is not None:
-        stats.append((given >= saturation).sum())
+    if saturation is not None:  # compared as the blocks (and the whole-array path) censor: in float32
+        stats.append((y >= np.float32(saturation)).sum())
     if scratch is not None:  # a resumable run is named by its data's bytes, not only their statistics
         stats.append(block_digests(given))
     total, lo, hi, *rest = dask.compute(*stats)  # one read
