@@ -42,6 +42,17 @@ def beyond_float32(name: str, peak: float) -> ValueError:
     return ValueError(f"{name} has values beyond float32's range (|x| up to {peak:.3g}); rescale it first")
 
 
+def float32_blocks(data):
+    """A Dask image as float32, lazily; values beyond float32's range become Inf without NumPy's
+    overflow warning (the caller reads the input's own extremes and says so in one line)."""
+    return data.map_blocks(_float32, dtype=np.float32)
+
+
+def _float32(block):
+    with np.errstate(over="ignore"):
+        return block.astype(np.float32)
+
+
 def as_image(x, name: str = "image", *, check_values: bool = True):
     """Validate a 2-D image and return it as float32 (NumPy or CuPy; other arrays go to NumPy).
 

@@ -227,6 +227,9 @@ def test_chunking_settings_on_an_in_memory_image_are_warned(scene, tmp_path):
         with pytest.warns(lsfov.LsfovWarning, match="act on Dask input"):
             out = lsfov.deconvolve(y, op, 2, **kw)
         np.testing.assert_array_equal(out, lsfov.deconvolve(y, op, 2))
+        with pytest.warns(lsfov.LsfovWarning, match="act on Dask input"):  # sparse+smooth alike
+            sparse, _ = lsfov.sparse_smooth_deblur(y, op, iterations=2, warn_dense=1.0, **kw)
+        np.testing.assert_array_equal(sparse, lsfov.sparse_smooth_deblur(y, op, iterations=2, warn_dense=1.0)[0])
     assert not any(tmp_path.iterdir())  # and nothing written there
 
 

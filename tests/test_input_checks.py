@@ -622,7 +622,8 @@ def test_values_beyond_float32_and_bad_names_and_pixel_sizes_are_said(small, tmp
     u, op = small
     huge = u.astype(np.float64) * 1e300
     for run in (lambda a: lsfov.deconvolve(a, op, 2), op.apply, lambda a: lsfov.sparse_smooth_deblur(a, op, iterations=2),
-                lambda a: lsfov.deconvolve(da.from_array(a, chunks=32), op, 2)):
+                lambda a: lsfov.deconvolve(da.from_array(a, chunks=32), op, 2),
+                lambda a: lsfov.sparse_smooth_deblur(da.from_array(a, chunks=32), op, iterations=2)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # (no "overflow encountered in cast" beside it)
             with pytest.raises(ValueError, match="values beyond float32's range"):  # (not "contains NaN or Inf")

@@ -27,12 +27,13 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import block_digests, task_threads, to_numpy
-from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, known_shape, level_origin, non_finite,
-                         positive_int, real_2d, real_number, scratch_dir, squeeze_plane, yx_order)
+from .._validate import (LsfovWarning, as_image, beyond_float32, censor_level, check_pixel_size, float32_blocks,
+                         known_shape, level_origin, non_finite, positive_int, real_2d, real_number, scratch_dir,
+                         squeeze_plane, yx_order)
 from ..cluster import stop_point
 from ..operators import ProductConvolution
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
-from .tv_rl import censored_pixels, say_censored
+from .tv_rl import censored_pixels, say_censored, say_whole
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
 
@@ -233,10 +234,12 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     level = censor_level(image, saturation)  # of the camera's counts, before the float copy
     origin = level_origin(image, saturation, level)
     lazy = type(data).__module__.startswith("dask")
+    if not lazy:
+        say_whole(scratch, exchange_every)
     if lazy:
         if data.dtype.kind not in "biuf":
             raise TypeError(f"image must be a real numeric array, got dtype {data.dtype}")
-        y = data.astype(np.float32)
+        y = float32_blocks(data)
     else:
         y = as_image(data, "image", check_values=False)
     if y.ndim != 2:
@@ -254,8 +257,13 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         import dask.array as da
 
         n_sat = 0 if level is None else (y >= np.float32(level)).sum()
-        finite, n_sat, peak, low = da.compute(da.isfinite(y).all(), n_sat, y.max(), y.min())  # one read: 500
-        finite, n_sat, peak, low = bool(finite), int(n_sat), float(peak), float(low)  # iterations follow
+        # One read (500 iterations follow); the extremes in the input's own type too, where values beyond
+        # float32's range are still finite.
+        finite, n_sat, peak, low, hi0, lo0 = da.compute(da.isfinite(y).all(), n_sat, y.max(), y.min(),
+                                                        data.max(), data.min())
+        finite, n_sat, peak, low = bool(finite), int(n_sat), float(peak), float(low)
+        if not finite and np.isfinite(hi0) and np.isfinite(lo0):
+            raise beyond_float32("image", max(abs(float(hi0)), abs(float(lo0))))
     else:
         finite, n_sat = bool(np.isfinite(y).all()), censored_pixels(y, level)[1]
         peak, low = float(y.max()), float(y.min())

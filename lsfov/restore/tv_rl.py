@@ -368,10 +368,7 @@ def _deconvolve(image, operator, iterations, tv, eps, exchange_every, scratch, r
 
         return deconvolve_dask(image, operator, iterations, tv, eps=eps, exchange_every=exchange_every,
                                scratch=scratch, resume=resume, progress=progress, saturation=clip[0], origin=clip[1])
-    if scratch is not None or exchange_every is not None:
-        warnings.warn("scratch= and exchange_every= act on Dask input; this in-memory image is deblurred whole "
-                      "(chunk it with dask.array.from_array(image, chunks=...) to use them)", LsfovWarning,
-                      stacklevel=user_stacklevel())
+    say_whole(scratch, exchange_every)
     y = as_image(image)
     _check_shape(y.shape, operator)
     # In float64, as the chunked path: a float32 mean's rounding follows the array's memory layout
@@ -407,6 +404,14 @@ def censored_pixels(y, level):
 #: Share of an image's pixels at its clip above which that is warned about (a well exposed
 #: fluorescence image has far fewer; an image stretched to its type's range may have that many).
 WARN_CENSORED = 0.01
+
+
+def say_whole(scratch, exchange_every):
+    """Say that the options of block-wise runs, given for an in-memory image, have nothing to act on."""
+    if scratch is not None or exchange_every is not None:
+        warnings.warn("scratch= and exchange_every= act on Dask input; this in-memory image is deblurred whole "
+                      "(chunk it with dask.array.from_array(image, chunks=...) to use them)", LsfovWarning,
+                      stacklevel=user_stacklevel())
 
 
 def say_censored(n: int, level, origin: str, size: int, peak: float) -> float | None:
