@@ -305,12 +305,41 @@ def _owned(a, given):
     return a
 
 
+def _layout(name: str, value):
+    """The shape of an operator's part: of its kernels or maps; the node counts of its centres."""
+    if name == "centers":
+        return None if value is None else [np.size(c) for c in value]
+    return np.shape(value)
+
+
 def _part(name: str, doc: str) -> property:
     """An attribute of what an operator does: setting it makes another operator, with its own kernel
     spectra and Dask keys (assigned in place, new kernels were once applied with the old spectra)."""
 
     def set_part(self, value):
-        setattr(self, "_" + name, _read_only(value))
+        # Checked as the constructor checks it, with the other parts: an operator is never left with
+        # kernels its grid does not index, unsorted nodes or maps of another field.
+        parts = {"kernels": self._kernels, "centers": self._centers, "maps": self._maps, name: value}
+        try:
+            if self.kind == "grid":
+                if parts["maps"] is not None:
+                    raise ValueError("a grid operator has no coefficient maps (the basis form has)")
+                checked = ProductConvolution.from_grid(parts["kernels"], self.shape, centers=parts["centers"])
+            else:
+                if parts["centers"] is not None:
+                    raise ValueError("a basis operator has no node centres (the grid form has)")
+                checked = ProductConvolution.from_basis(parts["kernels"], parts["maps"])
+                if checked.shape != self.shape:
+                    raise ValueError(f"maps of {checked.shape[0]}x{checked.shape[1]} px for an operator of "
+                                     f"{self.shape[0]}x{self.shape[1]}")
+        except ValueError as e:
+            try:  # another grid, or another field: not a fix of the part, a new operator
+                other = _layout(name, value) != _layout(name, getattr(self, "_" + name))
+            except (TypeError, ValueError):
+                other = True
+            hint = "; for another grid or field make a new operator (ProductConvolution.from_grid, from_basis)"
+            raise ValueError(f"cannot set {name}: {e}" + (hint if other else "")) from None
+        setattr(self, "_" + name, getattr(checked, "_" + name))
         self._renew()
 
     return property(lambda self: getattr(self, "_" + name), set_part, doc=doc)
@@ -566,6 +595,8 @@ class ProductConvolution:
             raise ValueError(f"basis kernels must have shape (I, K, K), got {kernels.shape}")
         not_masked(maps, "coefficient maps")
         given = maps
+        if hasattr(maps, "dims") and isinstance(getattr(maps, "data", None), np.ndarray):
+            maps = maps.data  # an xarray of NumPy maps: in memory, so copied and checked as NumPy maps are
         if getattr(maps, "ndim", None) != 3:
             maps = _as_float_array(maps, "coefficient maps")
         elif getattr(maps.dtype, "kind", "f") not in "biuf":
@@ -666,8 +697,11 @@ class ProductConvolution:
             raise ValueError("restrict() applies to a full-image operator; restrict the operator it was cut from")
         try:
             oy, ox = (int(o) for o in origin)
+            whole = all(float(o) == v for o, v in zip(origin, (oy, ox)))  # (2.7 is no pixel: not cut to 2)
         except (TypeError, ValueError):
-            raise ValueError(f"origin must be a pair (y, x) of integer pixel positions, got {shown(origin)}") from None
+            whole = False
+        if not whole:
+            raise ValueError(f"origin must be a pair (y, x) of integer pixel positions, got {shown(origin)}")
         h, w = shape2d(shape)
         return self._view((oy, ox, h, w), periodic)
 

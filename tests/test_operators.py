@@ -5,6 +5,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import scipy.signal
+import xarray as xr
 
 import lsfov
 from lsfov import ProductConvolution, psf
@@ -669,6 +670,48 @@ def test_new_kernels_make_a_new_operator_and_lazy_maps_are_hashed_by_content(rng
     arr = xr.DataArray(maps.compute(), dims=("psf", "y", "x"), name="maps")
     mirror = arr.copy(data=arr.values[:, ::-1])
     assert ProductConvolution.from_basis(k, arr).fingerprint != ProductConvolution.from_basis(k, mirror).fingerprint
+
+
+def test_assigned_parts_are_checked_as_the_constructors_check_them(rng):
+    """``op.kernels = new`` (or centres, maps) makes another operator, checked as from_grid and
+    from_basis check theirs: kernels that the grid does not index, an even K, a PSF without light,
+    unsorted nodes or maps of another field were once taken and applied wrong, or saved and then
+    refused on loading."""
+    from lsfov import psf
+
+    H = ProductConvolution.from_grid(np.stack([psf.gaussian(1.0, size=9)] * 4).reshape(2, 2, 9, 9), (64, 64))
+    u = rng.random((64, 64)).astype(np.float32)
+    before = H.apply(u)
+    cases = [("kernels", np.ones((3, 3, 9, 9)), "2 node y-centres given for a grid of 3 PSFs along y; for another grid"),
+             ("kernels", np.ones((2, 2, 8, 8)), r"kernels must have an odd size \(centre at K//2\), got K=8"),
+             ("kernels", np.zeros((2, 2, 9, 9)), r"the PSF at node \(0, 0\) sums to 0"),
+             ("centers", ([40.0, 10.0], H.centers[1]), "node y-centres must be finite and strictly increasing$"),
+             ("maps", np.ones((4, 64, 64)), "a grid operator has no coefficient maps")]
+    for name, value, what in cases:
+        with pytest.raises(ValueError, match=f"cannot set {name}: {what}"):
+            setattr(H, name, value)
+    np.testing.assert_array_equal(H.apply(u), before)  # refused: the operator as it was
+    H.centers = ([10, 40], [12, 44])  # lists, checked into read-only arrays
+    assert H.centers[0].dtype == np.float64 and not H.centers[0].flags.writeable
+    np.testing.assert_allclose(H.apply(u), ProductConvolution.from_grid(H.kernels, (64, 64), centers=H.centers).apply(u))
+    B = ProductConvolution.from_basis(np.ones((2, 5, 5)) / 25, np.ones((2, 64, 64)))
+    for maps, what in ((np.ones((2, 32, 64)), "maps of 32x64 px for an operator of 64x64"),
+                       (np.full((2, 64, 64), np.nan), "coefficient maps contain NaN or Inf")):
+        with pytest.raises(ValueError, match=f"cannot set maps: {what}"):
+            B.maps = maps
+    # xarray maps in memory are the operator's own copy, checked, as NumPy maps are
+    mine = xr.DataArray(np.ones((2, 64, 64), np.float32), dims=("i", "y", "x"))
+    B = ProductConvolution.from_basis(np.ones((2, 5, 5)) / 25, mine)
+    out = B.apply(u)
+    mine.values[:] = 5
+    np.testing.assert_array_equal(B.apply(u), out)
+    mine.values[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="coefficient maps contain NaN or Inf"):
+        ProductConvolution.from_basis(np.ones((2, 5, 5)) / 25, mine)
+    # a window's origin is whole pixels: 2.7 was cut to 2
+    assert H.restrict((2.0, np.int64(3)), 16).window == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"origin must be a pair \(y, x\) of integer pixel positions, got \(2.7, 0\)"):
+        H.restrict((2.7, 0), 16)
 
 
 def test_an_operator_pickled_before_its_parts_were_properties_loads(rng):
