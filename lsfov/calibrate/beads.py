@@ -155,21 +155,49 @@ def detect_beads(image, radius: float, threshold: float | None = None) -> np.nda
     TypeError
         If ``image`` is a file name or not numeric, or ``threshold`` is not a number.
     """
-    return _maxima(image, radius, threshold)[0]
+    return _maxima(as_image(image, "bead image"), radius, threshold)[0]
 
 
-def _maxima(image, radius, threshold):
-    """Bead candidates (maxima at least r/2 apart), and every maximum of the response: two beads
-    closer than r/2 make one candidate but two maxima, which the isolation test must see."""
+def _maxima(img, radius, threshold):
+    """Bead candidates (maxima at least r/2 apart) of a float32 image, every maximum of the response
+    (two beads closer than r/2 make one candidate but two maxima, which the isolation test must
+    see), and the response."""
     from skimage.feature import peak_local_max
 
-    img = as_image(image, "bead image")
     radius = _check_radius(radius)
     resp, _ = _log_response(img, radius)
     thr = _robust_threshold(resp) if threshold is None else real_number(threshold, "threshold", minimum=0,
                                                                            exclusive=True)
     every = peak_local_max(resp, min_distance=1, threshold_abs=thr, exclude_border=False)
-    return peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False), every
+    pos = peak_local_max(resp, min_distance=max(1, int(radius // 2)), threshold_abs=thr, exclude_border=False)
+    return pos, every, resp
+
+
+#: A maximum is another object than a candidate only where the response between them dips below
+#: this share of the lower of their peaks: the maxima along the ridge of one elongated (astigmatic,
+#: defocused) bead do not, and made it its own crowd; two beads 5 px apart at r = 8 px do.
+SADDLE = 0.9
+
+
+def _crowded(pos, every, resp, radius):
+    """Whether each candidate has another object's maximum within 2r (App. A-b): a maximum farther
+    than 1.5 px (a bead midway between pixels ties two) with a dip in the response on the way."""
+    tree = cKDTree(every)
+    pairs = [(i, j) for i, near in enumerate(tree.query_ball_point(pos, 2 * radius)) for j in near
+             if np.hypot(*(every[j] - pos[i])) > 1.5]
+    crowded = np.zeros(len(pos), bool)
+    if not pairs:
+        return crowded
+    i, j = np.array(pairs).T
+    a, b = pos[i].astype(np.float64), every[j].astype(np.float64)
+    n = np.ceil(2 * np.hypot(*(b - a).T)).astype(int) + 1  # samples every half pixel along each segment
+    t = np.concatenate([np.linspace(0, 1, m) for m in n])
+    k = np.repeat(np.arange(len(pairs)), n)
+    line = ndimage.map_coordinates(resp, (a[k] + t[:, None] * (b[k] - a[k])).T, order=1)
+    low = np.minimum.reduceat(line, np.r_[0, np.cumsum(n)[:-1]])
+    peaks = np.minimum(resp[tuple(pos[i].T)], resp[tuple(every[j].T)])
+    crowded[i[low < SADDLE * peaks]] = True
+    return crowded
 
 
 def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> float:
@@ -274,16 +302,23 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     """
     image = yx_last(image, "bead image")
     sat_level = saturation_level(image, saturation)  # of the camera's counts, before the float copy
-    img = as_image(np.asarray(image), "bead image")
+    # Not clipped at 0: a camera offset subtracted beforehand leaves negative noise in the PSF's
+    # wings, whose light the background fit removes; clipped, the wings kept only its positive half.
+    img = as_image(np.asarray(image), "bead image", check_values=False)
+    if not np.isfinite(img).all():
+        raise non_finite("bead image", np.asarray(image))
+    if img.min() < 0 and not img.max() > 0:
+        raise ValueError(f"bead image has no positive pixel (max {float(img.max()):g}); is it background-subtracted "
+                         "twice?")
     background_order = positive_int(background_order, "background_order", minimum=0)
     if radius is None:
-        radius = estimate_radius(img)
+        radius = estimate_radius(np.maximum(img, 0))
     radius = _check_radius(radius)
     k = patch_size(radius)
     h = k // 2
     if min(img.shape) < k + 2:
         raise ValueError(f"bead image {img.shape} is smaller than one bead patch ({k}x{k}); use a smaller radius")
-    pos, every = _maxima(img, radius, threshold)
+    pos, every, resp = _maxima(img, radius, threshold)
     if len(pos) == 0:
         raise ValueError("no beads found: the image has no bright spots above the threshold; "
                          "check the image, or lower the detection threshold (threshold=; --threshold of lsfov calibrate "
@@ -298,14 +333,10 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         saturated |= core.max(axis=(1, 2)) >= sat_level
     n_saturated = int(saturated.sum())
 
-    # Isolation (App. A-b): 2r from every other maximum (also one merged into this detection),
-    # patch (and cubic margin) inside the image.
+    # Isolation (App. A-b): 2r from every other object's maximum (also one merged into this
+    # detection), patch (and cubic margin) inside the image.
     inside = np.all((pos >= h + 2) & (pos < np.array(img.shape) - h - 2), axis=1)
-    # Maxima within 1.5 px are one: a bead midway between pixels ties two of them, while two beads
-    # that close make one maximum of a response smoothed at r/4 (and the bead was its own crowd).
-    tree = cKDTree(every)
-    crowded = np.array([len(far) > len(near) for far, near in zip(tree.query_ball_point(pos, 2 * radius),
-                                                                  tree.query_ball_point(pos, 1.5))], bool)
+    crowded = _crowded(pos, every, resp, radius)
     keep = inside & ~crowded & ~saturated
     n_crowded = int((~(inside & ~crowded) & ~saturated).sum())
     if not keep.any():
