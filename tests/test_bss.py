@@ -149,8 +149,11 @@ def test_identification_bad_input(subspace):
         lsfov.identify_operator(image + 1, subspace, positions=pos[:3])
     with pytest.raises(TypeError, match="OperatorSubspace"):
         lsfov.identify_operator(image, None)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"image shape \(200, 256\) differs from the subspace's \(256, 256\); give an "
+                                         r"image of the whole field .* \(a crop has no known place in it\)"):
         lsfov.identify_operator(image[:200], subspace)
+    with pytest.raises(ValueError, match=r"\(300, 256\) .*; crop it to the field the subspace was learned on, or"):
+        lsfov.identify_operator(np.pad(image, ((0, 44), (0, 0))), subspace)
 
 
 def _scene(kernel):

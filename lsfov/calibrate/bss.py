@@ -91,9 +91,11 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
     if not np.all(np.isfinite(img)):
         raise non_finite("image")
-    if img.shape != subspace.shape:
-        raise ValueError(f"image shape {img.shape} differs from the subspace's {subspace.shape}; "
-                         "crop the image or learn the subspace at this size")
+    if img.shape != subspace.shape:  # its maps are positions in the field it was learned on
+        fix = ("crop it to the field the subspace was learned on" if all(a >= b for a, b in zip(img.shape, subspace.shape))
+               else "give an image of the whole field the subspace was learned on (a crop has no known place in it)")
+        raise ValueError(f"image shape {img.shape} differs from the subspace's {subspace.shape}; {fix}, or learn "
+                         "the subspace at this size")
     radius = _radius_for(subspace)
     if positions is None:
         beads = bead_psfs(img, radius, threshold=threshold, saturation=level)
