@@ -88,6 +88,10 @@ def test_learn_subspace_refuses_what_is_no_stack_and_names_the_image_it_cannot_m
     many = _spots((64, 64), [(16, 16), (16, 48), (48, 16), (48, 48), (32, 32)])
     refuses(ValueError, "^bead image 0: 2 beads cannot fix a thin-plate spline", cal.learn_subspace, [one, many],
             n_psf=1, n_space=1, radius=3, progress=False)
+    row = _spots((64, 64), [(32, 12), (32, 24), (32, 36), (32, 48)])  # beads on one line: scipy's singular matrix
+    refuses(ValueError, r"^bead image 0: the 4 beads lie on a line \(within .* px\): a thin-plate spline needs 3 not "
+            "on a line; image beads across the field", cal.learn_subspace, [row, many], n_psf=1, n_space=1, radius=3,
+            progress=False)
 
 
 def test_cone_distances_and_node_smoothing_refuse_mismatched_input():

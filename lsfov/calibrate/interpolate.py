@@ -156,6 +156,12 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
     if len(pos) < 3:
         raise ValueError(f"{len(pos)} beads cannot fix a thin-plate spline (it needs 3 not on a line); "
                          "image more beads")
+    # Its affine part across a line of beads is unknown (scipy: a singular matrix); within half a
+    # pixel of one it is read from the beads' sub-pixel jitter.
+    across = np.linalg.svd(pos - pos.mean(axis=0), compute_uv=False)[-1] / np.sqrt(len(pos))
+    if across < 0.5:
+        raise ValueError(f"the {len(pos)} beads lie on a line (within {across:.2g} px): a thin-plate spline needs "
+                         "3 not on a line; image beads across the field")
     scale = float(max(grid.shape))
     w = voronoi_weights(pos, grid.shape)
     # smoothing is 8π·η of Eq. 9 (for the kernel r² log r, ∫(Δα)² = 8π cᵀKc), in the unit square's
