@@ -45,7 +45,7 @@ def beyond_float32(name: str, peak: float) -> ValueError:
 def float32_blocks(data):
     """A Dask image as float32, lazily; values beyond float32's range become Inf without NumPy's
     overflow warning (the caller reads the input's own extremes and says so in one line)."""
-    return data.map_blocks(_float32, dtype=np.float32)
+    return data if data.dtype == np.float32 else data.map_blocks(_float32, dtype=np.float32)
 
 
 def _float32(block):

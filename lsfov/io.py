@@ -1321,8 +1321,9 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         2-D nor 3-D, its name is not a string of letters and digits (with ``_`` or ``-``), its
         ``pixel_um`` attribute is not a positive number, or a spatial coordinate is not evenly
         spaced and increasing; variables on one ``y, x`` grid without coordinates give different
-        ``pixel_um`` (one that gives none takes the others'); ``chunks`` is not a positive integer; ``operator`` is given with an
-        operator as ``obj``, beside a variable named ``operator``, or is a restricted window.
+        ``pixel_um`` (one that gives none takes the others'); ``chunks`` is not a positive integer;
+        ``operator`` is given with an operator as ``obj``, beside a variable named ``operator``, or
+        is a restricted window.
     FileExistsError
         If ``path`` exists and ``overwrite`` is not given, exists but is neither a zarr store nor an
         empty directory, appears while the result is written, or is being written by another run.

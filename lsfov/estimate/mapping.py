@@ -425,8 +425,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if not np.all(np.isfinite(values)):  # finite pixels, yet: values beyond float32 once normalised
         raise ValueError("the CNN's readings are not finite; check the image's values (overflowing counts?)")
     coords = _coords(patch, int(stride), gy, gx, float(pixel_um) if pixel_um else None, origin)
-    if xr_in:  # which plane of a larger array it maps, as xarray keeps it (``.sel(c=561)``: c), on a
-        coords = coords.copy()  # copy: the cached grid is shared by every map of it, a plane's labels are not
+    if xr_in:  # which plane of a larger array it maps, as xarray keeps it (``.sel(c=561)``: c); on a
+        # copy: the cached grid is shared by every map of it, a plane's label is this map's alone
+        coords = coords.copy()
         coords.update({k: v.variable for k, v in image.coords.items() if v.ndim == 0 and k not in coords})
     pm = m.psf_model
     record = pm.to_meta()
