@@ -46,8 +46,10 @@ __all__ = [
     "get_model",
 ]
 
-# Upper bound of a batch rendered in one FFT call; keeps temporaries at a few hundred MB.
+# Upper bound of a batch rendered in one FFT call, and the bytes its temporaries may take (fewer
+# PSFs a batch where the pupil or the kernel is large: 1024 PSFs of 255² took 2.9 GB).
 _BATCH = 1024
+_BATCH_BYTES = 2**28
 
 
 _MAX_UNDERSAMPLING = 100  # pixel / Nyquist pixel: what Optics accepts
@@ -353,8 +355,11 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
         raise ValueError("Zernike coefficients and z_um must be finite")
     p, inside, basis, defocus, dft = _pupil_plan(optics, size, nolls)
     out = np.empty((b, size, size), dtype=np.float32)
-    for s in range(0, b, _BATCH):  # batches of matrix products, not a loop over PSFs
-        e = slice(s, min(b, s + _BATCH))
+    # Per PSF: phase and pupil field (4 + 8 bytes a pupil sample), the half-transformed field, the
+    # amplitude and its transposed copies (complex64), the intensity.
+    step = max(1, min(_BATCH, _BATCH_BYTES // (12 * p * p + 16 * p * size + 20 * size * size)))
+    for s in range(0, b, step):  # batches of matrix products, not a loop over PSFs
+        e = slice(s, min(b, s + step))
         n = e.stop - e.start
         phase = np.outer(zvec[e].astype(np.float32), defocus)
         if basis is not None:

@@ -217,7 +217,9 @@ def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[
     if isinstance(seed, np.random.Generator):  # as bead_field takes it
         seed = int(seed.integers(2**63))
     _rng(seed)  # a bad seed refused with our message, not NumPy's
-    root = np.random.SeedSequence(seed)
+    # (a SeedSequence given is copied: spawning advances it, and the caller's would draw another stack next)
+    root = np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key) if isinstance(
+        seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     seeds = root.spawn(n_images)
     kwargs.setdefault("axis", float(np.random.default_rng(root.spawn(1)[0]).uniform(0, np.pi)))
     return [bead_field(shape, seed=s, **kwargs) for s in seeds]
@@ -418,7 +420,8 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
     axis : float
         Astigmatism axis in radians.
     focus_per_um : float
-        Defocus in waves RMS per µm of depth (> 0).
+        Defocus in waves RMS per µm of depth (> 0): Noll 4 = ``focus_per_um · depth``, the opposite
+        sign of a pupil's ``z_um`` (:func:`lsfov.psf.zernike`, :func:`bead_field`).
     grid : int
         Nodes of the operator grid along each axis (clipped to the image size).
     photons, read_noise : float

@@ -45,6 +45,11 @@ def test_bead_stack_differs_per_image():
     # A Generator seeds it too (as bead_field), reproducibly from its state.
     a, b = (simulate.bead_stack(2, (96, 96), seed=np.random.default_rng(4), grid=3) for _ in range(2))
     np.testing.assert_array_equal(a[1].image, b[1].image)
+    # So does a SeedSequence (it was passed to NumPy's, which refuses one), the caller's left as it was
+    seq = np.random.SeedSequence(5)
+    a, b = (simulate.bead_stack(2, (96, 96), seed=seq, grid=3) for _ in range(2))
+    np.testing.assert_array_equal(a[1].image, b[1].image)
+    assert seq.n_children_spawned == 0
 
 
 def test_degrade_noise_model():
