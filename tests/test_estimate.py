@@ -572,6 +572,11 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
         train.train(narrow, **kw)
     with pytest.raises(ValueError, match=r"a run on another training set \(its seed 12 \(against 11\)\)"):
         train.train(other, **kw)
+    # one of the same seed and size from other sources and photons: other patches, refused too
+    points = synth.synthesize(320, "G1", seed=11, sources=("poi",), photons=(50, 60))
+    with pytest.raises(ValueError, match=r"a run on another training set \(sources \['poi'\] \(against \['skimage', "
+                                         r".*photons \[50.0, 60.0\] \(against \[500.0, 5000.0\]\)"):
+        train.train(points, **kw)
 
 
 def test_training_scales_targets_by_the_sets_own_ranges(monkeypatch):
@@ -871,3 +876,21 @@ def test_a_checkpoint_from_before_settings_keeps_its_frozen_trunk(tmp_path):
     with pytest.raises(ValueError, match="the run's freeze is True"):
         train._settings(old, tmp_path, {"freeze": False})
     assert train._settings({"meta": {}}, tmp_path, {"freeze": None})["freeze"] is False
+
+
+def test_evaluate_compares_the_kernel_size_and_predict_reads_bool_tensors_as_arrays():
+    """The test set's kernel size was compared as None: a model of 41² kernels on its own test set
+    was said to extrapolate, the shipped one on a set of 41² kernels was not. A bool tensor is read
+    as 0/1, as a bool array (it was refused)."""
+    import dataclasses
+
+    big = dataclasses.replace(psf.MODELS["G1"], size=41)
+    with pytest.warns(lsfov.LsfovWarning, match=r"kernel size 41 \(against None\)\): R² measures extrapolation"):
+        train.evaluate("G1", synth.synthesize(32, big, seed=0, split="test"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.evaluate("G1", synth.synthesize(32, "G1", seed=0, split="test"))
+    m = lsfov.load_model("G1")
+    mask = np.zeros((2, 128, 128), bool)
+    mask[:, 40:80, 50:90] = True
+    np.testing.assert_array_equal(m.predict(torch.from_numpy(mask))["sigma"], m.predict(mask)["sigma"])

@@ -163,3 +163,20 @@ def test_stream_noise_is_eq_10s():
     # read noise's share: the variance left over the mean count (β·mean ≤ mean)
     excess = lambda p: np.mean(p.var(axis=(1, 2)) - 0.75 * p.mean(axis=(1, 2)))  # noqa: E731
     assert excess(x.numpy()) == pytest.approx(excess(ref), rel=0.1, abs=5)
+
+
+def test_a_model_of_large_kernels_crops_inside_its_images():
+    """Crops are 128 + K − 1 px: at K = 63 (what a PSF cut off at 31 px is told to use) taller than
+    scikit-image's ``text`` (172 rows). synthesize failed (numpy's "high <= 0"), the stream read
+    rows of the image beside it; images that small are mirrored on to the crop's size."""
+    import dataclasses
+
+    big = dataclasses.replace(psf.get_model("Z1"), size=63)
+    s = stream.PatchStream(big, device="cpu", seed=0)
+    assert s.size == 190 and int(s.heights.min()) >= 190 and int(s.widths.min()) >= 190
+    x, _, _ = s(16)
+    assert x.shape == (16, 128, 128) and bool(torch.isfinite(x).all())
+    assert synth.synthesize(16, big, seed=0)["patches"].shape == (16, 128, 128)
+    im = np.arange(12.0).reshape(3, 4)
+    assert synth.reaching(im, 3) is im
+    np.testing.assert_array_equal(synth.reaching(im, 5)[:, :4], np.r_[im, im[::-1][:2]])

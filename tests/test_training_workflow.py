@@ -56,8 +56,16 @@ def test_sets_that_repeat_each_other_are_not_trained_on_together(tmp_path, g1_se
     np.testing.assert_array_equal(synth.open_training_set(alike)["patches"][:32], synth.open_training_set(g1_set)["patches"][:32])
     with pytest.raises(ValueError, match=r"drawn alike \(split train, seed 5\).*another seed \(--seed\)"):
         train.train([alike, g1_set], **kw)
+    # Another noise, photon range or source of one split and seed: the same PSFs, crops and light, in order
+    noisier = synth.synthesize(64, "G1", seed=5, batch=64, photons=(150, 5000), sources=("poi",))
+    with pytest.raises(ValueError, match=r"drawn alike \(split train, seed 5\)"):
+        train.train([noisier, g1_set], **kw)
     other = synth.synthesize(64, "G1", seed=6, batch=64, out=tmp_path / "other.zarr")
     assert train.train([other, g1_set], **kw).meta["training"]["data"]["seed"] == [6, 5]
+    # A test-split set among others is warned of, as one alone is (its split was a list then)
+    held = synth.synthesize(64, "G1", seed=7, batch=64, split="test")
+    with pytest.warns(lsfov.LsfovWarning, match="training on a set of the test split"):
+        train.train([other, held], **kw)
 
 
 class _Interrupted(S.PatchStream):

@@ -318,7 +318,7 @@ class PSFRegressor:
     def _as_batch(self, patches) -> torch.Tensor:
         if isinstance(patches, torch.Tensor):
             t = patches.detach()
-            if t.is_complex() or t.dtype == torch.bool:
+            if t.is_complex():  # (a bool tensor is read as 0/1, as a bool NumPy array)
                 raise TypeError(f"patches must be real numbers, got a {t.dtype} tensor")
         elif hasattr(patches, "__cuda_array_interface__"):  # CuPy: zero-copy through DLPack, stays on the GPU
             if patches.dtype.kind not in "biuf":

@@ -25,7 +25,7 @@ import torch
 from .. import psf as _psf
 from .._validate import positive_int, real_number
 from .synth import (N_SEEDED, PATCH, PHOTONS, SOURCES, _GENERATORS, _cached_library, _check_sources,
-                    _range, _readable, _texture, blur_torch, bundled_images, library, procedural_seed)
+                    _range, _readable, _texture, blur_torch, bundled_images, library, procedural_seed, reaching)
 
 log = logging.getLogger("lsfov")
 
@@ -124,14 +124,15 @@ class PatchStream:
         self.read_noise = _range(read_noise, "read_noise", 0, 1e6)
         self.illumination = real_number(illumination, "illumination", minimum=0, maximum=1)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        images, weights = self._library(positive_int(workers, "workers"))
+        images, weights = self._library(positive_int(workers, "workers"))  # (weights by the images' own sizes)
+        self.size = PATCH + self.model.size - 1
+        images = [reaching(im, self.size) for im in images]
         dev = self.device
         self.flat = torch.from_numpy(np.concatenate([im.ravel() for im in images])).to(dev)
         self.offsets = torch.as_tensor(np.cumsum([0] + [im.size for im in images[:-1]]), device=dev)
         self.heights = torch.as_tensor([im.shape[0] for im in images], device=dev)
         self.widths = torch.as_tensor([im.shape[1] for im in images], device=dev)
         self.weights = torch.as_tensor(weights / weights.sum(), dtype=torch.float64, device=dev)
-        self.size = PATCH + self.model.size - 1
         self.rows, self.cols = _d4_grids(self.size, dev)
         lo, hi = self.model.bounds
         self.lo, self.hi = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (lo, hi))

@@ -215,13 +215,21 @@ def bundled_images(sources, split: str) -> list[str]:
     return list(_SKIMAGE_SPLIT[split]) if "skimage" in sources else []
 
 
+def reaching(im, size: int):
+    """``im`` mirrored on beyond its bottom and right edges to at least ``size``² where it is smaller:
+    the crops of a model of large kernels (128 + K − 1 px) are taller than some bundled images
+    (``text``: 172 rows). Unchanged where it is large enough."""
+    short = (max(0, size - im.shape[0]), max(0, size - im.shape[1]))
+    return np.pad(im, ((0, short[0]), (0, short[1])), mode="symmetric") if any(short) else im
+
+
 def _crops(images, n, size, rng):
     """``n`` random crops of ``size``² with random rotations by multiples of 90° and flips."""
     weights = np.array([im.size for im in images], dtype=float) ** 0.5  # large images are not over-drawn
     which = rng.choice(len(images), size=n, p=weights / weights.sum())
     out = np.empty((n, size, size), np.float32)
     for i, k in enumerate(which):
-        im = images[k]
+        im = reaching(images[k], size)
         y0 = rng.integers(0, im.shape[0] - size + 1)
         x0 = rng.integers(0, im.shape[1] - size + 1)
         c = np.rot90(im[y0 : y0 + size, x0 : x0 + size], rng.integers(4))

@@ -8,6 +8,7 @@ R², a checkpoint every epoch that ``resume=True`` continues from. Evaluation: R
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -73,10 +74,19 @@ def differences(a: dict, b: dict) -> str:
     return "; ".join(out)
 
 
-def _check_resume(st, path, m, n, seed, arch, lr, epochs):
+# What a set was drawn from besides its seed: a run resumes only on a set that agrees in all of them.
+_DRAWN = ("split", "sources", "images", "photons", "read_noise", "illumination", "invalid_fraction")
+
+
+def _drawn(attrs) -> dict:
+    """A set's :data:`_DRAWN` attributes, as JSON has them (a checkpoint's record; tuples as lists)."""
+    return {k: json.loads(json.dumps(attrs[k], default=str)) for k in _DRAWN if k in attrs}
+
+
+def _check_resume(st, path, m, n, attrs, arch, lr, epochs):
     """The network and epochs of the run in checkpoint ``st`` (at ``path``), after checking that it is
-    one of this set (``m``: its ranges and optics; ``n`` patches drawn with ``seed``), and that
-    ``arch``, ``lr`` and ``epochs`` (where given) are its."""
+    one of this set (``m``: its ranges and optics; ``n`` patches drawn as its ``attrs`` say), and
+    that ``arch``, ``lr`` and ``epochs`` (where given) are its."""
     meta = st.get("meta") or {}
     if st.get("format") != STATE_FORMAT or meta.get("psf_model") != m.name:
         raise ValueError(f"{path} is not a checkpoint of a {m.name} training run of this lsfov version; start it "
@@ -86,9 +96,11 @@ def _check_resume(st, path, m, n, seed, arch, lr, epochs):
                          f"(--arch {meta['arch']}) or with none")
     was = meta.get("set")
     if was is not None:
-        pairs = (("n", "patches", n), ("seed", "its seed", seed))
+        pairs = (("n", "patches", n), ("seed", "its seed", attrs.get("seed")))
+        drawn = _drawn(attrs)  # (a checkpoint of before records none of them)
         differ = differences(m.to_meta(), was) + "".join(
-            f"; {label} {here} (against {was.get(k)})" for k, label, here in pairs if here != was.get(k))
+            f"; {label} {here} (against {was.get(k)})" for k, label, here in pairs if here != was.get(k)) + "".join(
+            f"; {k} {drawn.get(k)} (against {v})" for k, v in (was.get("drawn") or {}).items() if drawn.get(k) != v)
         if differ:
             raise ValueError(f"{path} is a run on another training set ({differ.lstrip('; ')}); resume it with its own "
                              "set, or start again without --resume")
@@ -160,9 +172,11 @@ def _as_set(data):
             for e, other in zip(data[:i], sets[:i]):
                 if isinstance(d, (str, Path)) and isinstance(e, (str, Path)) and Path(d).resolve() == Path(e).resolve():
                     raise ValueError(f"training set {d} is given twice; give each set once")
-                if {k: v for k, v in st["attrs"].items() if k != "n"} == {k: v for k, v in other["attrs"].items() if k != "n"}:
-                    # one seed and split draw the same patches, in order: one set would be the other's first
-                    # rows, and the validation split (the last set's last rows) patches it trains on
+                m = min(len(st["params"]), len(other["params"]))
+                if m and np.array_equal(np.asarray(st["params"][:m]), np.asarray(other["params"][:m])):
+                    # one seed and split draw the same PSFs, crops and light, in order, whatever the noise,
+                    # photons or image sources: the validation split (the last set's last rows) would
+                    # repeat scenes it trains on
                     raise ValueError(f"training sets {name(e)} and {name(d)} were drawn alike (split "
                                      f"{st['attrs'].get('split')}, seed {st['attrs'].get('seed')}): their patches repeat "
                                      "each other's; synthesize one with another seed (--seed)")
@@ -435,7 +449,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     batch_size, patience, val_fraction, gamma, seed, freeze = (settings[k] for k in _DEFAULTS)
     ds = _as_set(data)
     attrs = ds["attrs"]
-    if attrs.get("split") == "test":
+    if "test" in np.atleast_1d(attrs.get("split")):  # (of several sets: a list of their splits)
         warnings.warn("training on a set of the test split (the held-out images): every test set of it scores what the "
                       "model has seen; synthesize a training set (--split train)", LsfovWarning, stacklevel=2)
     m = _psf.PSFModel.from_meta(attrs)  # the set's ranges: targets are scaled by them, as the model decodes
@@ -455,7 +469,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     if start is not None:
         warn_other_task(start, m.to_meta(), "the training set")
     if resume:  # the run's network, set, rate and epochs: checked before any work
-        arch, epochs = _check_resume(st, Path(checkpoint) / "last.pt", m, n, attrs.get("seed"), arch, lr, epochs)
+        arch, epochs = _check_resume(st, Path(checkpoint) / "last.pt", m, n, attrs, arch, lr, epochs)
     if epochs is None:
         epochs = 20
     if arch is None:
@@ -562,7 +576,8 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 state = {"format": STATE_FORMAT, "meta": {"psf_model": m.name, "arch": arch,
-                                                          "set": {**m.to_meta(), "n": n, "seed": attrs.get("seed")},
+                                                          "set": {**m.to_meta(), "n": n, "seed": attrs.get("seed"),
+                                                                  "drawn": _drawn(attrs)},
                                                           "settings": settings, "init": started},
                          "epoch": epoch, "seconds": before + time.perf_counter() - t0,
                          "lr": lr, "best": best, "best_val": best_val, "bad": bad, "history": history,
@@ -693,8 +708,7 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False, progr
     if ds["attrs"]["psf_model"] != model.psf_model.name:
         raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")
     record = model.psf_model.to_meta()
-    differ = differences({"ranges": ds["attrs"].get("ranges", record["ranges"]),
-                          "optics": ds["attrs"].get("optics", record["optics"])}, record)
+    differ = differences(_psf.PSFModel.from_meta(ds["attrs"]).to_meta(), record)  # ranges, optics, kernel size
     if differ:
         warnings.warn(f"the test set was drawn over other ranges or optics than the model was trained on ({differ}): "
                       "R² measures extrapolation", LsfovWarning, stacklevel=2)
