@@ -133,12 +133,6 @@ class _Group(click.Group):
                 "temporary and lock files) and under --scratch" if e.filename else str(e)) from None
         except _USER_ERRORS as e:  # (a truncated uncompressed chunk fails to reshape: a ValueError)
             raise click.ClickException(_damaged_zarr(e) or str(e)) from None
-        except OSError as e:  # a full disk or quota (common on a cluster's shared file systems) is no bug
-            if e.errno not in _FULL:
-                raise
-            raise click.ClickException(
-                f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + "; free space there or write elsewhere "
-                "(OUT, --scratch) and run again: no earlier result was replaced") from None
         except _Terminated:
             _INTERRUPTED.set()
             click.echo("terminated (SIGTERM)", err=True)
@@ -148,6 +142,10 @@ class _Group(click.Group):
             click.echo("interrupted (Ctrl-C)", err=True)
             raise SystemExit(128 + signal.SIGINT) from None
         except Exception as e:
+            if isinstance(e, OSError) and e.errno in _FULL:  # a full disk or quota (a cluster's shared file
+                raise click.ClickException(  # systems) is no bug
+                    f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + "; free space there or write "
+                    "elsewhere (OUT, --scratch) and run again: no earlier result was replaced") from None
             # (a lost scheduler met outside lsfov.cluster.compute: a read of the input's statistics)
             lost = lost_scheduler(e)
             message = _damaged_zarr(e) if lost is None else str(lost)
