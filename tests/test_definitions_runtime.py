@@ -343,6 +343,18 @@ def test_psf_map_resume_with_other_settings_regresses_again(tmp_path):
             ref = lsfov.estimate_psf_map(img, "Z3", **kw)
         for name in ref.data_vars:
             np.testing.assert_allclose(out[name].values, ref[name].values, rtol=0, atol=1e-4, err_msg=f"{kw} {name}")
+    # Another model of the same metadata (fine-tuned, saved: its creation time kept) is another run too
+    import copy
+
+    import torch
+
+    tuned = copy.deepcopy(lsfov.load_model("Z3"))
+    with torch.no_grad():
+        for p in tuned.net.parameters():
+            p.mul_(0.9)
+    assert tuned.meta == lsfov.load_model("Z3").meta
+    out = lsfov.estimate_psf_map(lazy, tuned, scratch=tmp_path, resume=True)
+    np.testing.assert_allclose(out["focus"].values, lsfov.estimate_psf_map(img, tuned)["focus"].values, rtol=0, atol=1e-4)
 
 
 def test_fill_invalid_uses_the_power_and_neighbours_asked_for():

@@ -392,8 +392,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         if scratch is not None:
             # The image (Dask's name for it: its source and chunks), the model and every parameter; each
             # chunk's file also carries a digest of its pixels (see _chunk_task).
-            key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), patch, stride,
-                                     batch_size, bool(symmetrize), rule)
+            # (The weights' digest too: a model fine-tuned and saved keeps its metadata, creation time included.)
+            key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), m.weights_digest(),
+                                     patch, stride, batch_size, bool(symmetrize), rule)
             keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
                 shutil.rmtree(keep)
