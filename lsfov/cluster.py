@@ -532,12 +532,21 @@ def lost_scheduler(e: BaseException) -> ConnectionError | None:
     lost = (name in ("FutureCancelledError", "CommClosedError") and ("connection" in text.lower()
                                                                      or "closed" in text.lower())
             # (distributed's wording; not any OSError: a worker's, e.g. a full disk, is re-raised here too)
-            or isinstance(e, OSError) and text.startswith("Timed out trying to connect to"))
+            or isinstance(e, OSError) and text.startswith("Timed out trying to connect to")
+            # work submitted while the client tried to reconnect: cancelled when it gives up, "for reason: unknown"
+            or name in ("FutureCancelledError", "CancelledError") and _client_gone())
     if not lost:
         return None
     return ConnectionError(f"lost the connection to the Dask scheduler ({name}: "
                            f"{text.splitlines()[0] if text else 'no detail'}); run the command again "
                            "with --resume once the scheduler is back")
+
+
+def _client_gone() -> bool:
+    """Whether this process's Dask client has lost its scheduler (reconnecting, closing, closed)."""
+    dist = sys.modules.get("distributed")  # (not imported: no client)
+    client = dist.client._get_global_client() if dist is not None else None
+    return client is not None and client.status != "running"
 
 
 def _allowed_failures() -> int:

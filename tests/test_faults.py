@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import dask
@@ -445,6 +446,18 @@ def test_a_lost_scheduler_is_one_line_that_says_what_to_do(monkeypatch, run_cli)
     res = run_cli("deconvolve", "img.npy", "o.zarr", "--psf", "psf.npy")
     assert res.exit_code == 1 and "lost the connection to the Dask scheduler" in res.output, res.output
     assert "Traceback" not in res.output
+    # Lost between two computations: what was submitted while the client tried to reconnect is
+    # cancelled "for reason: unknown" when it gives up; lost too where the client is no longer running
+    import distributed.client
+
+    def unknown(*a, **k):
+        raise FutureCancelledError("finalize-hlgfinalizecompute-0 cancelled for reason: unknown.")
+
+    monkeypatch.setattr(cluster, "_compute", unknown)
+    for status, lost in (("closing", True), ("running", False)):
+        monkeypatch.setattr(distributed.client, "_get_global_client", lambda: SimpleNamespace(status=status))
+        with pytest.raises(ConnectionError if lost else FutureCancelledError):
+            cluster.compute(da.ones(4, chunks=2).sum())
 
 
 def test_a_scheduler_lost_while_the_run_waits_for_workers_is_one_line(tmp_path, monkeypatch, run_cli):
