@@ -268,6 +268,9 @@ def parse_scheduler(spec: str | None = "threads", *, n_workers: int | None = Non
                              "with --no-gpu and another scheduler")
         return "cuda", None
     kind, _, jobs = spec.partition(":")
+    if kind in ("threads", "synchronous", "sync", "cuda"):  # (else taken for a host named so)
+        raise ValueError(f"--scheduler {spec}: {kind} takes no count (threads: every core of this machine); for N "
+                         "worker processes use local:N")
     if kind in _JOBQUEUE:
         try:
             n_jobs = int(jobs or n_workers or 1)
