@@ -493,6 +493,9 @@ def _check_figure(figure, overwrite, out, inputs=()):
     fig = _check_file_out(figure, overwrite, made_by_lsfov, "a figure lsfov made", inputs=inputs)
     if fig.resolve() == Path(out).resolve():
         raise ValueError(f"--figure {fig} is the result OUT too; name the figure e.g. {fig.with_suffix('.png').name}")
+    if Path(out).resolve() in fig.resolve().parents:  # (replaced with OUT by an --overwrite, unseen by viewers)
+        raise ValueError(f"--figure {fig} is inside the result OUT; write it beside OUT, e.g. "
+                         f"{Path(out).with_suffix('.png')}")
     if fig.is_dir():
         raise ValueError(f"--figure {fig} is a directory; name a PNG file")
     return _check_png(fig)

@@ -1817,7 +1817,9 @@ def _halved(stored, period: tuple | None = None):
         return mean >= 0.5
     if stored.dtype.kind in "iu":
         info = np.iinfo(stored.dtype)
-        return da.clip(da.rint(mean), info.min, info.max).astype(stored.dtype)
+        # (a 64-bit type's largest value is no float64: it rounds up to 2⁶⁴ or 2⁶³, which the cast wraps)
+        top = np.nextafter(float(info.max), 0) if info.bits == 64 else info.max
+        return da.clip(da.rint(mean), info.min, top).astype(stored.dtype)
     return mean.astype(stored.dtype)
 
 
@@ -1884,9 +1886,15 @@ def _axis_geometry(var: xr.DataArray, dim):
                       "they are saved in pixels, without a unit; give them in micrometer (or nm, mm, angstrom, ...)",
                       LsfovWarning, stacklevel=user_stacklevel())
     unit, factor = (SPATIAL_UNIT, factor) if factor is not None else ("pixel", 1.0)
-    if c.size == 1:  # no spacing to read: the coordinate's own "step", else the other axis's (None)
+    if c.size == 1:  # no spacing to read: the coordinate's own "step", an image's pixel size, else the other axis's
         step = var.coords[dim].attrs.get("step")
-        return (float(step) * factor if step else None), float(c[0]) * factor, unit
+        if step:
+            return float(step) * factor, float(c[0]) * factor, unit
+        px = var.attrs.get("pixel_um")
+        if dim in ("y", "x") and unit == SPATIAL_UNIT and isinstance(px, (int, float, np.number)) \
+                and not isinstance(px, bool) and np.isfinite(px) and px > 0:
+            return _tidy(float(px)), float(c[0]) * factor, unit
+        return None, float(c[0]) * factor, unit
     step = _even_step(c)
     if step is None:
         hint = (f"; flip it (.isel({dim}=slice(None, None, -1))), as NGFF has no negative scale" if c[-1] < c[0]
@@ -2062,7 +2070,16 @@ def _open_variable(path: Path) -> xr.DataArray:
         rows, cols = table["dims"]
         values = zarr.open_array(str(path), mode="r")[...]
         return xr.DataArray(values, dims=(rows, cols), coords={cols: table["columns"]}, attrs=table.get("attrs", {}))
-    arr = _open_ngff(path, 0)
+    if not path.exists():  # (a variable's folder lost from a copy)
+        raise ValueError(f"{path.parent}: its variable {path.name} is missing (a copy cut short); copy the result "
+                         "again")
+    try:
+        arr = _open_ngff(path, 0)
+    except Exception as e:  # a level's metadata lost or cut: said as for an image
+        damaged = _damaged_metadata(path)
+        if damaged is None:
+            raise
+        raise ValueError(damaged) from e
     meta = _group_attrs(path).get("lsfov", {})
     dims = meta.get("dims")
     if dims and len(dims) == arr.ndim:
@@ -2171,6 +2188,8 @@ def describe(path) -> str:
             f"\n  {_describe_array(f'series {k}', a)}" + (f"; pixel size {a.attrs['pixel_um']:g} µm"
                                                           if a.attrs.get("pixel_um") else "") + _clip_said(a, "; ")
             for k, a in enumerate(parts)))
+    if path.is_dir() and (_group_attrs(path).get("lsfov") or {}).get("dtype") == "bool":
+        arr = arr.astype(bool)  # a result's mask, stored as 0/1 (as open_result reads it; no camera's clip)
     px = arr.attrs.get("pixel_um")
     levels = _pyramid_shapes(path)
     return (f"{path}: image\n  " + _describe_array("image", arr) + (f"\n  pixel size {px:g} µm" if px else "")
@@ -2198,14 +2217,21 @@ def _missing_chunks(path: Path) -> str:
     try:
         datasets = _multiscale(path).get("datasets") if (path / "zarr.json").exists() or (path / ".zattrs").exists() \
             else None
-        arr = zarr.open_array(str(path / datasets[0]["path"]) if datasets else str(path), mode="r")
-        stored, total = arr.nchunks_initialized, arr.nchunks
+        arrays = [zarr.open_array(str(path / d["path"]), mode="r") for d in datasets] if datasets else \
+            [zarr.open_array(str(path), mode="r")]
+        counts = [(a.nchunks_initialized, a.nchunks) for a in arrays]
     except Exception:  # a summary: nothing said rather than a failure
         return ""
-    if stored >= total:
-        return ""
-    return (f"\n  {total - stored} of {total} chunks not stored: they read as {arr.fill_value} (empty tiles, which "
-            "zarr does not store, or a copy cut short: compare with the source)")
+    (stored, total), arr = counts[0], arrays[0]
+    said = "" if stored >= total else (
+        f"\n  {total - stored} of {total} chunks not stored: they read as {arr.fill_value} (empty tiles, which "
+        "zarr does not store, or a copy cut short: compare with the source)")
+    # A level's missing chunk where the full resolution has all of its own is damage: the level is
+    # computed whole from it (a viewer zoomed out would show the hole).
+    lost = [f"level {k}: {t - n} of {t}" for k, (n, t) in enumerate(counts) if k and n < t and stored >= total]
+    if lost:
+        said += f"\n  chunks not stored in pyramid levels ({'; '.join(lost)}): a copy cut short; copy it again"
+    return said
 
 
 def _pyramid_shapes(path: Path) -> list:

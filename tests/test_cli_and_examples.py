@@ -204,6 +204,8 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["demo", "--size", 512, "--chunks", 0], "--chunks 0 is too small"),
         (["demo", "--size", 256], "at least 512"),
         (["estimate", "img.npy", "o.zarr", "--figure", "o.zarr"], "is the result OUT"),
+        (["estimate", "img.npy", "o.zarr", "--figure", "o.zarr/map.png"], "is inside the result OUT; write it beside "
+                                                                         "OUT, e.g. o.png"),
         (["run", "img.npy", "o.zarr", "--iterations", -1], "--iterations -1"),
         (["run", "img.npy", "o.zarr", "--tv", 0.5], "--tv 0.5"),
         (["run", "img.npy", "o.zarr", "--model", "nope.pt"], "no model file"),

@@ -1442,3 +1442,36 @@ def test_an_image_without_coordinates_is_saved_at_its_pixel_size(tmp_path):
     np.testing.assert_allclose(back["v"].x.values, np.arange(8) * 0.2)
     ms = json.loads((tmp_path / "px.zarr" / "m" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
+
+
+def test_damaged_pyramid_levels_and_masks_are_described_as_they_are(tmp_path):
+    """A pyramid level's chunk lost from a copy read as zeros (black in a zoomed-out viewer) and
+    `info` said nothing; a level or variable lost gave zarr's own error; a mask was described as a
+    uint8 image saturating at 255; a 64-bit image at its type's largest value wrapped in its level."""
+    from lsfov.io import describe
+
+    lsfov.save(np.random.default_rng(0).random((1024, 1024)).astype(np.float32) + 1, tmp_path / "a.zarr")
+    assert "pyramid levels" not in describe(tmp_path / "a.zarr")
+    chunk = tmp_path / "a.zarr" / "image" / "1" / "c" / "0" / "0"
+    shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+    for p in (tmp_path / "a.zarr", tmp_path / "a.zarr" / "image"):
+        assert "chunks not stored in pyramid levels (level 1: 1 of 1): a copy cut short" in describe(p)
+    shutil.rmtree(tmp_path / "a.zarr" / "image" / "1")
+    with pytest.raises(ValueError, match="the array of pyramid level 1 has no metadata .*; the store is damaged"):
+        lsfov.open_result(tmp_path / "a.zarr")
+    ds = xr.Dataset({"a": (("y", "x"), np.ones((8, 8))), "mask": (("y", "x"), np.eye(8, dtype=bool))})
+    lsfov.save(ds, tmp_path / "m.zarr")
+    said = describe(tmp_path / "m.zarr" / "mask")
+    assert "shape (8, 8) bool" in said and "saturates" not in said
+    shutil.rmtree(tmp_path / "m.zarr" / "mask")
+    with pytest.raises(ValueError, match="m.zarr: its variable mask is missing \\(a copy cut short\\)"):
+        lsfov.open_result(tmp_path / "m.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "invalid value encountered in cast")
+        lsfov.save(np.full((1024, 1024), np.iinfo(np.int64).max, np.int64), tmp_path / "i.zarr")
+    assert lsfov.open_image(tmp_path / "i.zarr" / "image", level=1).values.min() > 9.2e18
+    # a 1x1 image with coordinates keeps its pixel size for viewers
+    one = xr.DataArray(np.ones((1, 1), np.float32), dims=("y", "x"), attrs={"pixel_um": 0.2},
+                       coords={d: (d, [2.0], {"units": "micrometer"}) for d in ("y", "x")})
+    lsfov.save(one, tmp_path / "o.zarr")
+    assert lsfov.open_image(tmp_path / "o.zarr" / "image").attrs["pixel_um"] == 0.2
