@@ -1573,9 +1573,10 @@ def _print_curves(curves):
     from .estimate.training import DEGRADATIONS
 
     click.echo(f"mean R² vs degradation ({curves['n']} valid patches; paper 000 Fig. 7):")
-    click.echo(f"{'strength':<13}" + "".join(f"{s:>7.2f}" for s in curves["strengths"]))
+    # (a column apart from the next however low R² falls: it is unbounded below)
+    click.echo(f"{'strength':<13}" + "".join(f"{s:>8.2f}" for s in curves["strengths"]))
     for kind in DEGRADATIONS:
-        click.echo(f"{kind:<13}" + "".join(f"{r:>7.3f}" for r in curves[kind]))
+        click.echo(f"{kind:<13}" + "".join(f" {r:>7.3f}" for r in curves[kind]))
 
 
 @main.command()
