@@ -233,15 +233,13 @@ def _clip(img, work, saturation, off: bool = False):
     return (None if work is img else (False if level is None else level)), level
 
 
-def _on_gpu(img, gpu, scheduler):
-    """``img`` with CuPy chunks if asked (``gpu``; None: with the ``cuda`` scheduler), else itself.
-
-    The chunks move as each task reads them, on the worker that runs it (one GPU per worker with
-    dask-cuda); results come back to host memory when they are written."""
+def _gpu_ready(gpu, scheduler):
+    """CuPy where the GPU is asked for (``gpu``; None: with the ``cuda`` scheduler), checked before
+    the input is opened; None where it is not."""
     if gpu is None:
         gpu = (scheduler or "").strip() == "cuda"
     if not gpu:
-        return img
+        return None
     try:
         import cupy
     except ImportError:
@@ -255,6 +253,17 @@ def _on_gpu(img, gpu, scheduler):
             n = 0
         if n == 0:
             raise ValueError("--gpu: no CUDA device is visible here; run with --no-gpu")
+    return cupy
+
+
+def _on_gpu(img, gpu, scheduler):
+    """``img`` with CuPy chunks if asked (:func:`_gpu_ready`), else itself.
+
+    The chunks move as each task reads them, on the worker that runs it (one GPU per worker with
+    dask-cuda); results come back to host memory when they are written."""
+    cupy = _gpu_ready(gpu, scheduler)
+    if cupy is None:
+        return img
     data = img.data.map_blocks(functools.partial(cupy.asarray, dtype=np.float32), dtype=np.float32,
                                meta=cupy.empty((0, 0), np.float32))
     return img.copy(data=data)
@@ -785,6 +794,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
     _check_tv(tv)
+    _gpu_ready(gpu, scheduler)  # (said before the input is read)
     img = _open_input(src, channel, zplane, tpoint, series, chunks, pixel_um)
     if map_path:
         from .estimate.mapping import operator_from_psf_map
@@ -972,6 +982,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         _check_figure(figure, overwrite, out, inputs=[src])
     _check_chunks(chunks)
     _check_pixel_um(pixel_um)
+    _gpu_ready(gpu, scheduler)  # (said before the input is read)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     _say_unknown_pixel(src, img, pixel_um, model)
     t0, w0 = _clock()
@@ -1050,6 +1061,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     params = load_model(model).params  # a wrong name or file is refused here, before any work
     if cal is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"--calibration needs an astigmatic model (Z3) for depth; --model {model} has {list(params)}")
+    _gpu_ready(gpu, scheduler)  # (said before the input is read)
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, chunks=chunks, series=series)
     img = io.with_pixel_size(img, pixel_um)  # every variable in µm, so that viewers overlay the map on the image
     _say_unknown_pixel(src, img, pixel_um, model)

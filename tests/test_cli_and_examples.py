@@ -1072,6 +1072,10 @@ def test_gpu_without_cupy_is_refused_before_any_work(run, tmp_path, monkeypatch)
         assert "--no-gpu" in res.output, res.output
         assert "without constraints.txt" in res.output  # as the README says: it pins the CPU build of torch
         assert not (tmp_path / "o.zarr").exists() and not list(tmp_path.glob(".o.zarr*"))
+        assert "deconvolving" not in res.output  # said before the input is read
+    # before the input is opened: a missing input is not what it says first
+    res = run("estimate", "missing.npy", "o.zarr", "--gpu", ok=False)
+    assert "CuPy" in res.output and "missing.npy" not in res.output, res.output
 
 
 def test_cli_starts_without_torch_and_writes_figures_of_any_name(run, tmp_path):
