@@ -143,9 +143,10 @@ class _Group(click.Group):
             raise SystemExit(128 + signal.SIGINT) from None
         except Exception as e:
             if isinstance(e, OSError) and e.errno in _FULL:  # a full disk or quota (a cluster's shared file
-                raise click.ClickException(  # systems) is no bug
-                    f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + "; free space there or write "
-                    "elsewhere (OUT, --scratch) and run again: no earlier result was replaced") from None
+                fix = "write elsewhere" if e.errno == errno.EROFS else "free space there or write elsewhere"  # systems)
+                raise click.ClickException(
+                    f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + f"; {fix} (OUT, --scratch) and run "
+                    "again (a result is written whole or not at all)") from None
             # (a lost scheduler met outside lsfov.cluster.compute: a read of the input's statistics)
             lost = lost_scheduler(e)
             message = _damaged_zarr(e) if lost is None else str(lost)

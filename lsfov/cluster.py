@@ -233,9 +233,14 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         log.info("connected to %s; dashboard: %s", value, client.dashboard_link)
         try:
             yield client
-        except BaseException:  # a Ctrl-C: the gathers it cancels print their AllExit; lsfov says it once
+        except BaseException as e:  # a Ctrl-C: the gathers it cancels print their AllExit; lsfov says it once
             hush()
             hush_loop()
+            # The scheduler lost during a read outside compute() (dask.compute of an input's statistics):
+            # said here, while the client that can tell is still this process's.
+            lost = lost_scheduler(e) if isinstance(e, Exception) else None
+            if lost is not None:
+                raise lost from e
             raise
 
 
@@ -269,8 +274,10 @@ def parse_scheduler(spec: str | None = "threads", *, n_workers: int | None = Non
         return "cuda", None
     kind, _, jobs = spec.partition(":")
     if kind in ("threads", "synchronous", "sync", "cuda"):  # (else taken for a host named so)
-        raise ValueError(f"--scheduler {spec}: {kind} takes no count (threads: every core of this machine); for N "
-                         "worker processes use local:N")
+        what = {"threads": "threads uses every core of this machine",
+                "cuda": "cuda starts one worker per visible GPU (choose them with CUDA_VISIBLE_DEVICES)"}.get(
+            kind, f"{kind} runs in this thread")
+        raise ValueError(f"--scheduler {spec} takes no count: {what}; for N worker processes use local:N")
     if kind in _JOBQUEUE:
         try:
             n_jobs = int(jobs or n_workers or 1)

@@ -1379,10 +1379,11 @@ def _one_grid(ds: xr.Dataset) -> xr.Dataset:
         listed = ", ".join(f"{n!r} {v:g} µm" for n, v in said.items())
         raise ValueError(f"the variables share the y, x grid but not their pixel_um ({listed}): give them one, "
                          "or y, x coordinates in µm")
-    if not said or len(said) == len(on):
+    unsaid = [n for n in on if ds[n].attrs.get("pixel_um") is None]  # (one that is no size is refused later)
+    if not said or not unsaid:
         return ds
     px = ds[next(iter(said))].attrs["pixel_um"]
-    return ds.assign({n: ds[n].assign_attrs(pixel_um=px) for n in on if n not in said})
+    return ds.assign({n: ds[n].assign_attrs(pixel_um=px) for n in unsaid})
 
 
 _LOCK_RENEW_S, _LOCK_STALE_S = 30.0, 120.0  # a holder renews its lock; one not renewed for long is dead

@@ -4,6 +4,7 @@ Everything is seeded: the same ``seed`` gives the same arrays on every machine.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -217,9 +218,9 @@ def bead_stack(n_images: int, shape=(512, 512), *, seed=None, **kwargs) -> list[
     if isinstance(seed, np.random.Generator):  # as bead_field takes it
         seed = int(seed.integers(2**63))
     _rng(seed)  # a bad seed refused with our message, not NumPy's
-    # (a SeedSequence given is copied: spawning advances it, and the caller's would draw another stack next)
-    root = np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key) if isinstance(
-        seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    # (a SeedSequence given is copied, children already spawned counted: spawning advances it, and the
+    # caller's would draw another stack next)
+    root = copy.deepcopy(seed) if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     seeds = root.spawn(n_images)
     kwargs.setdefault("axis", float(np.random.default_rng(root.spawn(1)[0]).uniform(0, np.pi)))
     return [bead_field(shape, seed=s, **kwargs) for s in seeds]

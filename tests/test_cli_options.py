@@ -90,8 +90,8 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_result(run, tmp_path, sm
     monkeypatch.setattr(lsfov.io, "_move_into_place", full)
     res = run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 2, "--overwrite", ok=False)
     _refused(res, f"{os.strerror(errno.EDQUOT)}: ")
-    assert "free space there or write elsewhere (OUT, --scratch) and run again: no earlier result was replaced" \
-        in res.output
+    assert "free space there or write elsewhere (OUT, --scratch) and run again (a result is written whole or not " \
+        "at all)" in res.output
     np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values, before)
     assert not list(tmp_path.glob(".d.zarr.partial-*"))
 

@@ -458,6 +458,15 @@ def test_a_lost_scheduler_is_one_line_that_says_what_to_do(monkeypatch, run_cli)
         monkeypatch.setattr(distributed.client, "_get_global_client", lambda: SimpleNamespace(status=status))
         with pytest.raises(ConnectionError if lost else FutureCancelledError):
             cluster.compute(da.ones(4, chunks=2).sum())
+    # ... and where a read outside compute() met it (dask.compute of an input's statistics): said by
+    # use_scheduler while its client is still this process's
+    from distributed import LocalCluster
+
+    monkeypatch.setattr(cluster, "_client_gone", lambda: True)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc:
+        with pytest.raises(ConnectionError, match="lost the connection to the Dask scheduler"):
+            with cluster.use_scheduler(lc.scheduler_address):
+                raise FutureCancelledError("finalize-0 cancelled for reason: unknown.")
 
 
 def test_a_scheduler_lost_while_the_run_waits_for_workers_is_one_line(tmp_path, monkeypatch, run_cli):

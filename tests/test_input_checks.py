@@ -451,7 +451,7 @@ def test_parse_scheduler_says_what_would_run_without_starting_it(tmp_path, monke
         assert cluster.parse_scheduler(spec, **kw) == expected, spec
     for spec, what in (("slurm:0", "give the number of jobs as slurm:N"), ("tcp://node12", "is malformed"),
                        ("carrier-pigeon", "unknown scheduler"),
-                       ("threads:2", "threads takes no count .*; for N worker processes use local:N")):
+                       ("threads:2", "threads:2 takes no count: threads uses every core .*; for N worker processes use local:N")):
         with pytest.raises(ValueError, match=what):
             cluster.parse_scheduler(spec)
     monkeypatch.setattr(cluster.shutil, "which", lambda cmd: None)

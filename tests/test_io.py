@@ -37,6 +37,8 @@ def test_images_on_one_grid_without_coordinates_share_its_pixel_size(tmp_path):
     assert back.mask.attrs["pixel_um"] == back.raw.attrs["pixel_um"] == 0.1 and "pixel_um" not in mask.attrs
     with pytest.raises(ValueError, match=r"share the y, x grid but not their pixel_um \('raw' 0.1 µm, 'm' 0.2 µm\)"):
         lsfov.save(xr.Dataset({"raw": raw, "m": mask.assign_attrs(pixel_um=0.2)}), tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match="its pixel_um attribute is -0.2"):  # no size: refused, not replaced
+        lsfov.save(xr.Dataset({"raw": raw, "m": mask.assign_attrs(pixel_um=-0.2)}), tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -50,6 +50,10 @@ def test_bead_stack_differs_per_image():
     a, b = (simulate.bead_stack(2, (96, 96), seed=seq, grid=3) for _ in range(2))
     np.testing.assert_array_equal(a[1].image, b[1].image)
     assert seq.n_children_spawned == 0
+    used = np.random.SeedSequence(5)  # its first children drawn elsewhere: not drawn again here
+    used.spawn(3)
+    c = simulate.bead_stack(2, (96, 96), seed=used, grid=3)
+    assert used.n_children_spawned == 3 and not np.array_equal(c[0].image, a[0].image)
 
 
 def test_degrade_noise_model():

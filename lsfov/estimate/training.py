@@ -174,12 +174,12 @@ def _as_set(data):
                     raise ValueError(f"training set {d} is given twice; give each set once")
                 m = min(len(st["params"]), len(other["params"]))
                 if m and np.array_equal(np.asarray(st["params"][:m]), np.asarray(other["params"][:m])):
-                    # one seed and split draw the same PSFs, crops and light, in order, whatever the noise,
-                    # photons or image sources: the validation split (the last set's last rows) would
-                    # repeat scenes it trains on
+                    # one seed and split draw the same PSFs in order (of one library, the same crops and
+                    # light too), whatever the noise or photons: the validation split (the last set's
+                    # last rows) would repeat what it trains on
                     raise ValueError(f"training sets {name(e)} and {name(d)} were drawn alike (split "
-                                     f"{st['attrs'].get('split')}, seed {st['attrs'].get('seed')}): their patches repeat "
-                                     "each other's; synthesize one with another seed (--seed)")
+                                     f"{st['attrs'].get('split')}, seed {st['attrs'].get('seed')}): their PSFs repeat "
+                                     "each other's, patch by patch; synthesize one with another seed (--seed)")
             for key in _SAME:
                 if st["attrs"].get(key) != first.get(key):
                     raise ValueError(f"training sets {name(data[0])} and {name(d)} differ in {key} "
