@@ -143,7 +143,8 @@ class _Group(click.Group):
             raise SystemExit(128 + signal.SIGINT) from None
         except Exception as e:
             if isinstance(e, OSError) and e.errno in _FULL:  # a full disk or quota (a cluster's shared file
-                fix = "write elsewhere" if e.errno == errno.EROFS else "free space there or write elsewhere"  # systems)
+                # systems) is no bug
+                fix = "write elsewhere" if e.errno == errno.EROFS else "free space there or write elsewhere"
                 raise click.ClickException(
                     f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + f"; {fix} (OUT, --scratch) and run "
                     "again (a result is written whole or not at all)") from None
