@@ -455,9 +455,10 @@ def test_a_lost_scheduler_is_one_line_that_says_what_to_do(monkeypatch, run_cli)
 
     monkeypatch.setattr(cluster, "_compute", unknown)
     for status, lost in (("closing", True), ("running", False)):
-        monkeypatch.setattr(distributed.client, "_get_global_client", lambda: SimpleNamespace(status=status))
-        with pytest.raises(ConnectionError if lost else FutureCancelledError):
-            cluster.compute(da.ones(4, chunks=2).sum())
+        with monkeypatch.context() as mp:  # (undone before a real client: closing, it asks for the global one)
+            mp.setattr(distributed.client, "_get_global_client", lambda: SimpleNamespace(status=status))
+            with pytest.raises(ConnectionError if lost else FutureCancelledError):
+                cluster.compute(da.ones(4, chunks=2).sum())
     # ... and where a read outside compute() met it (dask.compute of an input's statistics): said by
     # use_scheduler while its client is still this process's
     from distributed import LocalCluster
