@@ -1373,8 +1373,7 @@ def _one_grid(ds: xr.Dataset) -> xr.Dataset:
     if {"y", "x"} & set(ds.coords):
         return ds
     on = [n for n, v in ds.data_vars.items() if {"y", "x"} <= set(v.dims) and not _is_table(v)]
-    said = {n: _tidy(px) for n in on if isinstance(px := ds[n].attrs.get("pixel_um"), (int, float, np.number))
-            and not isinstance(px, bool) and np.isfinite(px) and px > 0}
+    said = {n: px for n in on if (px := _pixel_size_said(ds[n]))}
     if len(set(said.values())) > 1:
         listed = ", ".join(f"{n!r} {v:g} µm" for n, v in said.items())
         raise ValueError(f"the variables share the y, x grid but not their pixel_um ({listed}): give them one, "
@@ -1871,11 +1870,10 @@ def _lead_geometry(var: xr.DataArray, dim, axis):
 def _axis_geometry(var: xr.DataArray, dim):
     """(scale, translation, unit) of a spatial dim from its coordinate, if evenly spaced; of an image
     axis (y, x) without one, from the image's ``pixel_um`` attribute where it has one."""
+    px = _pixel_size_said(var)
     if dim not in var.coords:
-        px = var.attrs.get("pixel_um")
-        if dim in ("y", "x") and isinstance(px, (int, float, np.number)) and not isinstance(px, bool) \
-                and np.isfinite(px) and px > 0:  # (not a map's gy, gx: its nodes are not pixels apart)
-            return _tidy(float(px)), 0.0, SPATIAL_UNIT
+        if dim in ("y", "x") and px:  # (not a map's gy, gx: its nodes are not pixels apart)
+            return px, 0.0, SPATIAL_UNIT
         return 1.0, 0.0, "pixel"
     c = np.asarray(var.coords[dim].values, dtype=np.float64)
     units = var.coords[dim].attrs.get("units")
@@ -1891,10 +1889,8 @@ def _axis_geometry(var: xr.DataArray, dim):
         step = var.coords[dim].attrs.get("step")
         if step:
             return float(step) * factor, float(c[0]) * factor, unit
-        px = var.attrs.get("pixel_um")
-        if dim in ("y", "x") and unit == SPATIAL_UNIT and isinstance(px, (int, float, np.number)) \
-                and not isinstance(px, bool) and np.isfinite(px) and px > 0:
-            return _tidy(float(px)), float(c[0]) * factor, unit
+        if dim in ("y", "x") and unit == SPATIAL_UNIT and px:
+            return px, float(c[0]) * factor, unit
         return None, float(c[0]) * factor, unit
     step = _even_step(c)
     if step is None:
@@ -1908,6 +1904,15 @@ def _even_step(c) -> float | None:
     """The step of evenly spaced, increasing coordinates ``c`` (at least two); None if they are not."""
     step = (c[-1] - c[0]) / (c.size - 1)
     return _tidy(step) if step > 0 and np.allclose(np.diff(c), step, rtol=1e-5, atol=1e-9) else None
+
+
+def _pixel_size_said(var) -> float | None:
+    """``var``'s ``pixel_um`` attribute where it is a pixel size (a positive finite number), tidied;
+    else None (one that is no size is refused where the variable is checked)."""
+    px = var.attrs.get("pixel_um")
+    if isinstance(px, (int, float, np.number)) and not isinstance(px, bool) and np.isfinite(px) and px > 0:
+        return _tidy(float(px))
+    return None
 
 
 def _tidy(v) -> float:

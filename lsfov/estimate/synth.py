@@ -226,10 +226,11 @@ def reaching(im, size: int):
 def _crops(images, n, size, rng):
     """``n`` random crops of ``size``² with random rotations by multiples of 90° and flips."""
     weights = np.array([im.size for im in images], dtype=float) ** 0.5  # large images are not over-drawn
+    images = [reaching(im, size) for im in images]  # (once, not per crop; weighed by their own sizes)
     which = rng.choice(len(images), size=n, p=weights / weights.sum())
     out = np.empty((n, size, size), np.float32)
     for i, k in enumerate(which):
-        im = reaching(images[k], size)
+        im = images[k]
         y0 = rng.integers(0, im.shape[0] - size + 1)
         x0 = rng.integers(0, im.shape[1] - size + 1)
         c = np.rot90(im[y0 : y0 + size, x0 : x0 + size], rng.integers(4))
