@@ -1812,7 +1812,9 @@ def _halved(stored, period: tuple | None = None):
         mean = mean + period * da.round((ref - mean) / period)
         mean = da.where(mean < lo, mean + period, da.where(mean >= hi, mean - period, mean))
         return mean.astype(stored.dtype)
-    mean = da.coarsen(np.mean, stored, axes, trim_excess=True)
+    # float32 sums overflow above 8.5e37 (four such values): sums in float64, as integers' already are
+    wide = {"dtype": np.float64} if stored.dtype.kind == "f" and stored.dtype.itemsize < 8 else {}
+    mean = da.coarsen(np.mean, stored, axes, trim_excess=True, **wide)
     if stored.dtype == bool:
         return mean >= 0.5
     if stored.dtype.kind in "iu":

@@ -1449,7 +1449,8 @@ def test_an_image_without_coordinates_is_saved_at_its_pixel_size(tmp_path):
 def test_damaged_pyramid_levels_and_masks_are_described_as_they_are(tmp_path):
     """A pyramid level's chunk lost from a copy read as zeros (black in a zoomed-out viewer) and
     `info` said nothing; a level or variable lost gave zarr's own error; a mask was described as a
-    uint8 image saturating at 255; a 64-bit image at its type's largest value wrapped in its level."""
+    uint8 image saturating at 255; a 64-bit image at its type's largest value wrapped in its level,
+    and a float32 one above 8.5e37 overflowed to inf."""
     from lsfov.io import describe
 
     lsfov.save(np.random.default_rng(0).random((1024, 1024)).astype(np.float32) + 1, tmp_path / "a.zarr")
@@ -1472,6 +1473,10 @@ def test_damaged_pyramid_levels_and_masks_are_described_as_they_are(tmp_path):
         warnings.simplefilter("error")  # (no "invalid value encountered in cast")
         lsfov.save(np.full((1024, 1024), np.iinfo(np.int64).max, np.int64), tmp_path / "i.zarr")
     assert lsfov.open_image(tmp_path / "i.zarr" / "image", level=1).values.min() > 9.2e18
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "overflow encountered in reduce")
+        lsfov.save(np.full((1024, 1024), 3e38, np.float32), tmp_path / "f.zarr")
+    assert lsfov.open_image(tmp_path / "f.zarr" / "image", level=1).values.min() == np.float32(3e38)
     # a 1x1 image with coordinates keeps its pixel size for viewers
     one = xr.DataArray(np.ones((1, 1), np.float32), dims=("y", "x"), attrs={"pixel_um": 0.2},
                        coords={d: (d, [2.0], {"units": "micrometer"}) for d in ("y", "x")})
