@@ -1610,8 +1610,11 @@ def _write_table(root, name: str, var: xr.DataArray):
     rows, cols = var.dims
     arr = root.create_array(name, data=np.asarray(var.values), dimension_names=[rows, cols],
                             config={"write_empty_chunks": True})  # (every chunk stored: see _write_variable)
+    labels = var.coords[rows] if rows in var.coords else None  # (e.g. a source's id or time)
     arr.attrs["lsfov"] = {"table": True, "dims": [rows, cols], "columns": [str(c) for c in var.coords[cols].values],
-                          "attrs": _jsonable(var.attrs)}
+                          "attrs": _jsonable(var.attrs),
+                          **({"rows": _json_values(labels.values), "row_dtype": str(labels.dtype),
+                              "row_attrs": _jsonable(labels.attrs)} if labels is not None else {})}
 
 
 def _narrowed(block, name):
@@ -2077,7 +2080,12 @@ def _open_variable(path: Path) -> xr.DataArray:
     if table.get("table"):
         rows, cols = table["dims"]
         values = zarr.open_array(str(path), mode="r")[...]
-        return xr.DataArray(values, dims=(rows, cols), coords={cols: table["columns"]}, attrs=table.get("attrs", {}))
+        coords = {cols: table["columns"]}
+        if "rows" in table:
+            dtype = table["row_dtype"]
+            coords[rows] = (rows, _coord_values(table["rows"], None if np.dtype(dtype).kind == "O" else dtype),
+                            table.get("row_attrs", {}))
+        return xr.DataArray(values, dims=(rows, cols), coords=coords, attrs=table.get("attrs", {}))
     if not path.exists():  # (a variable's folder lost from a copy)
         raise ValueError(f"{path.parent}: its variable {path.name} is missing (a copy cut short); copy the result "
                          "again")

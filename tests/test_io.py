@@ -1482,3 +1482,17 @@ def test_damaged_pyramid_levels_and_masks_are_described_as_they_are(tmp_path):
                        coords={d: (d, [2.0], {"units": "micrometer"}) for d in ("y", "x")})
     lsfov.save(one, tmp_path / "o.zarr")
     assert lsfov.open_image(tmp_path / "o.zarr" / "image").attrs["pixel_um"] == 0.2
+
+
+def test_a_tables_row_labels_are_kept(tmp_path):
+    """A table's rows labelled (sources by name, detections by time) came back numbered 0..n-1."""
+    rows = {"source": ("source", ["bead a", "bead b"], {"note": "picked"}),
+            "when": ("when", np.array(["2026-01-01T00:00", "2026-01-02T00:00"], "datetime64[ns]"))}
+    for dim, labels in rows.items():
+        t = xr.DataArray(np.ones((2, 3)), dims=(dim, "column"), coords={dim: labels, "column": ["y", "x", "a"]})
+        lsfov.save(xr.Dataset({"t": t, "u": t.rename({dim: "other"}).drop_vars("other")}), tmp_path / f"{dim}.zarr")
+        back = lsfov.open_result(tmp_path / f"{dim}.zarr")
+        xr.testing.assert_identical(back.t.drop_attrs(deep=False), t.rename("t"))
+        assert "other" not in back.u.coords  # (none stored, none made up)
+    assert back.t.when.dtype == np.dtype("datetime64[ns]")
+    assert lsfov.open_result(tmp_path / "source.zarr").t.source.attrs == {"note": "picked"}
