@@ -688,3 +688,33 @@ def test_known_depth_on_the_nodes_follows_the_map_as_given():
         np.testing.assert_allclose(np.asarray(got.curves), np.asarray(want.curves), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="not the map's nodes"):
         calibrate_depth(ds, labelled.assign_coords(gx=cx + 1))
+
+
+def test_a_stack_of_maps_is_read_plane_by_plane_and_refused_where_one_plane_is_read():
+    """Maps of two planes joined along t: the smoothing fitted its planes over (gx, t) (13 % off),
+    fill_invalid and operator_from_psf_map failed with a reshape error; a transposed map's fill
+    failed on its sizes."""
+    from lsfov import operator_from_psf_map
+    from lsfov.estimate import fill_invalid
+
+    rng = np.random.default_rng(5)
+    surf = [simulate.tilted_surface((384, 512), depth_range_um=r, axis=0.7, grid=8, seed=s)
+            for r, s in (((-6, 6), 1), ((-2, 4), 2))]
+    maps = [_cnn_like(s, rng) for s in surf]
+    stack = xr.concat(maps, dim="t")
+    cal = calibrate_depth(maps[0], surf[0].depth_um, smooth=1.5)
+    for c in (None, cal):
+        d = estimate_depth(stack, c, smooth=1.5)
+        assert d.dims == ("t", "gy", "gx")
+        for t in range(2):
+            np.testing.assert_array_equal(d.isel(t=t).values, estimate_depth(maps[t], c, smooth=1.5).values)
+    for call, what in ((fill_invalid, "fill_invalid"), (operator_from_psf_map, "operator_from_psf_map"),
+                       (lambda m: calibrate_depth(m, surf[0].depth_um), "calibrate_depth")):
+        with pytest.raises(ValueError, match=rf"^{what} takes one plane's PSF map \(dims gy, gx\); this one also "
+                                             r"has t: select a plane, e.g. psf_map.isel\(t=0\)$"):
+            call(stack)
+    m = maps[0].isel(gx=slice(0, 6))  # (8 x 6 nodes: a transposed map's sizes differ)
+    m = m.assign(validity=m.validity.where(m.validity.gx != 3, 0.0))
+    filled = fill_invalid(m.transpose("gx", "gy"))
+    assert filled.focus.dims == ("gx", "gy") and filled.filled.sum() == 8
+    xr.testing.assert_identical(filled.transpose("gy", "gx"), fill_invalid(m))

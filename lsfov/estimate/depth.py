@@ -494,7 +494,10 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     """
     from .._validate import positive_int, real_number
 
+    from .mapping import one_plane
+
     given, psf_map = psf_map, _check_map(psf_map)
+    one_plane(psf_map, "calibrate_depth")  # (one known depth: one plane)
     min_validity = real_number(min_validity, "min_validity", minimum=0, maximum=1)
     smooth = real_number(smooth, "smooth", minimum=0)  # (a calibration records it: finite)
     if method not in METHODS:
@@ -616,7 +619,8 @@ def as_calibration(calibration) -> DepthCalibration | None:
 
 def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, *, smooth: float | None = None,
                    robust: bool | None = None):
-    """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx).
+    """Signed depth on the node grid, as an ``xarray.DataArray`` (dims gy, gx; a stack of maps' planes
+    first, each plane on its own).
 
     Parameters
     ----------

@@ -56,11 +56,19 @@ def node_order(psf_map):
     order it was given in (transposed, reversed by ``isel(gx=slice(None, None, -1))``, shuffled)."""
     if not {"gy", "gx"} <= set(psf_map.dims):
         return psf_map
-    psf_map = psf_map.transpose("gy", "gx", ...)
+    psf_map = psf_map.transpose(..., "gy", "gx")  # (a stack of maps: its planes first, as images')
     for d in ("gy", "gx"):
         if d in psf_map.coords and psf_map[d].size > 1 and not bool((np.diff(psf_map[d].values) > 0).all()):
             psf_map = psf_map.sortby(d)  # (NaN or repeated positions stay refused, by the operator)
     return psf_map
+
+
+def one_plane(psf_map, what: str):
+    """Refuse a stack of maps (planes joined along t, c, z) where ``what`` reads one plane's."""
+    dims = [d for d in getattr(psf_map.get("validity", psf_map.get("focus")), "dims", ()) if d not in ("gy", "gx")]
+    if dims:
+        raise ValueError(f"{what} takes one plane's PSF map (dims gy, gx); this one also has {', '.join(dims)}: "
+                         f"select a plane, e.g. psf_map.isel({dims[0]}=0)")
 
 
 def map_node_pixels(psf_map) -> tuple[np.ndarray, np.ndarray]:
@@ -563,6 +571,8 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
 
     if "validity" not in getattr(psf_map, "data_vars", ()):
         raise ValueError("fill_invalid takes a PSF map with a 'validity' variable (lsfov.estimate_psf_map)")
+    one_plane(psf_map, "fill_invalid")
+    given, psf_map = psf_map["validity"].dims, psf_map.transpose(..., "gy", "gx")  # (filled as (gy, gx))
     threshold = real_number(threshold, "threshold", minimum=0, maximum=1)
     power = real_number(power, "power", minimum=0)
     neighbours = positive_int(neighbours, "neighbours")
@@ -574,7 +584,7 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
         model = _psf.MODELS["Z3"]
     arrays = _fill({p: psf_map[p].values for p in names}, valid, power, neighbours, model=model)
     return psf_map.assign({**{p: (("gy", "gx"), arrays[p], psf_map[p].attrs) for p in names},
-                           "filled": (("gy", "gx"), ~valid, _FILLED_ATTRS)})
+                           "filled": (("gy", "gx"), ~valid, _FILLED_ATTRS)}).transpose(..., *given)
 
 
 def _periods(model, names) -> dict:
@@ -679,6 +689,7 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     missing = [p for p in psf_map.attrs["params"] if p not in psf_map]
     if missing:
         raise ValueError(f"psf_map lacks the variables {missing}; make it with lsfov.estimate_psf_map")
+    one_plane(psf_map, "operator_from_psf_map")
     psf_map = node_order(psf_map)
     m = _psf.PSFModel.from_meta(psf_map.attrs)
     mapped = psf_map.attrs.get("image_shape")
