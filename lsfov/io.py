@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, as_bits, boolean, not_masked, positive_int, real_number, user_stacklevel, yx_order
+from ._validate import LsfovWarning, as_bits, boolean, readable_array, positive_int, real_number, user_stacklevel, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -425,14 +425,16 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
             unit = ax.get("unit") if isinstance(ax, dict) else None
             factor = _to_um(unit)
             if factor is not None:
-                coords[name] = _coord(name, trans[i] * factor + scale[i] * factor * np.arange(data.shape[i]), SPATIAL_UNIT)
+                coords[name] = _coord(name, grid_values(trans[i] * factor, scale[i] * factor, data.shape[i]), SPATIAL_UNIT)
                 sizes[name] = float(scale[i] * factor)
             else:
-                coords[name] = _coord(name, trans[i] + scale[i] * np.arange(data.shape[i]), "pixel")
+                coords[name] = _coord(name, grid_values(trans[i], scale[i], data.shape[i]), "pixel")
+            if data.shape[i] == 1:  # one pixel or node: its spacing kept, for the next save (_axis_geometry)
+                coords[name].attrs["step"] = _tidy(scale[i] * (factor or 1))
         elif name in ("z", "t") and isinstance(ax, dict) and ax.get("unit"):  # where a chosen plane lies
             factor = _to_um(ax["unit"]) if name == "z" else None
-            values = trans[i] + scale[i] * np.arange(data.shape[i])
-            coords[name] = _coord(name, values * factor, SPATIAL_UNIT) if factor else _coord(name, values, ax["unit"])
+            values = grid_values(trans[i] * (factor or 1), scale[i] * (factor or 1), data.shape[i])
+            coords[name] = _coord(name, values, SPATIAL_UNIT if factor else ax["unit"])
         elif name == "c":  # channel names (NGFF's omero labels), so that a chosen channel says which it is
             labels = [str(v) for v in node.metadata.get("channel_names") or []]
             if labels != [f"channel_{k}" for k in range(len(labels))]:  # (not the reader's made-up names)
@@ -550,9 +552,9 @@ def _tiff_image(path: Path, tf, level: int, k: int) -> xr.DataArray:
     if names is not None:  # a chosen channel says which
         arr = arr.assign_coords(c=names)
     if z_um and "z" in arr.dims:  # where each plane lies: a result of one plane says so
-        arr = arr.assign_coords(z=_coord("z", z_um * np.arange(arr.sizes["z"]), SPATIAL_UNIT))
+        arr = arr.assign_coords(z=_coord("z", grid_values(0, z_um, arr.sizes["z"]), SPATIAL_UNIT))
     if t_step and "t" in arr.dims:  # when each time point was taken: a result of one says so
-        arr = arr.assign_coords(t=_coord("t", t_step[0] * np.arange(arr.sizes["t"]), t_step[1]))
+        arr = arr.assign_coords(t=_coord("t", grid_values(0, t_step[0], arr.sizes["t"]), t_step[1]))
     if bits:  # a 12-bit camera in 16-bit pixels: where it saturates (lsfov.estimate_psf_map reads it)
         arr.attrs["significant_bits"] = bits
     return arr
@@ -922,7 +924,7 @@ def _with_coords(data, dims, pixel_um, path, pixel_um_y=None) -> xr.DataArray:
         if d in dims:
             n = data.shape[dims.index(d)]
             coords[d] = (
-                _coord(d, steps[d] * np.arange(n), SPATIAL_UNIT) if steps[d] else _coord(d, np.arange(n, dtype=float), "pixel")
+                _coord(d, grid_values(0, steps[d], n), SPATIAL_UNIT) if steps[d] else _coord(d, np.arange(n, dtype=float), "pixel")
             )
     return xr.DataArray(data, dims=dims, coords=coords, attrs={"pixel_um": pixel_um, "source": str(path)})
 
@@ -1101,8 +1103,9 @@ def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
     pixel_um : float, optional
         Pixel size in µm (> 0). Given, it sets the spacing of any input's coordinates, keeping where
         its first pixel lies (:func:`image_origin`). Without it an xarray input keeps its
-        coordinates (its pixel size, from :func:`pixel_size`, in ``attrs["pixel_um"]`` when known)
-        and an array gets pixel coordinates.
+        coordinates (its pixel size, from :func:`pixel_size`, in ``attrs["pixel_um"]`` when known),
+        except pixel indices (or none) beside a known pixel size, which become µm; an array gets
+        pixel coordinates.
 
     Returns
     -------
@@ -1129,13 +1132,15 @@ def with_pixel_size(image, pixel_um=None) -> xr.DataArray:
         image = image.rename(dict(zip(image.dims, ("y", "x"))))
         if pixel_um is None:
             px = pixel_size(image)
-            return image.assign_attrs(pixel_um=px) if px else image
+            if not px or not all(d not in image.coords or _in_pixels(image, d, px) for d in ("y", "x")):
+                return image.assign_attrs(pixel_um=px) if px else image
+            pixel_um = px  # pixel indices (or none) of an image whose pixel size it says: in µm, as its map's
         origin = image_origin(image, pixel_um)
     else:
         if getattr(image, "ndim", np.ndim(image)) != 2:
             raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(image)}; select a plane first")
         image = xr.DataArray(image if hasattr(image, "dtype") else np.asarray(image), dims=("y", "x"))
-    coords = {d: _coord(d, o + (pixel_um or 1.0) * np.arange(n), SPATIAL_UNIT if pixel_um else "pixel")
+    coords = {d: _coord(d, grid_values(o, pixel_um or 1.0, n), SPATIAL_UNIT if pixel_um else "pixel")
               for (d, n), o in zip(image.sizes.items(), origin)}
     return image.assign_coords(coords).assign_attrs(pixel_um=pixel_um)
 
@@ -1179,7 +1184,7 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
         elif factor is not None:
             origin.append(c0 * factor if pixel_um else 0.0)  # µm coordinates, unevenly spaced: the map in pixels
             continue
-        elif units == "pixel" or (units is None and abs(step - 1) < 1e-6):
+        elif str(units).strip().lower() in _PIXEL_NAMES or (units is None and abs(step - 1) < 1e-6):
             origin.append(c0 / step * (pixel_um or 1.0))  # in this image's pixels (a pyramid level's are larger)
             continue
         else:
@@ -1226,6 +1231,22 @@ _LENGTH_UM = {**{f"{p}meter": f * 1e6 for p, f in _SI.items()},
               **{f"{s}m": _SI[p] * 1e6 for s, p in _SYMBOL.items()},
               "micron": 1.0, "angstrom": 1e-4, "inch": 25400.0, "foot": 304800.0, "yard": 914400.0,
               "mile": 1609344e3, "parsec": 3.0856775814913673e22}
+
+
+_PIXEL_NAMES = ("pixel", "pixels", "px", "pix")
+
+
+def _in_pixels(image, dim, pixel_um) -> bool:
+    """Whether ``image``'s ``dim`` coordinates count pixels: ``units`` "pixel", or none with a step
+    of one that is not the pixel size in µm (:func:`image_origin` reads the same)."""
+    c = image.coords[dim]
+    units = c.attrs.get("units")
+    if units is not None:
+        return str(units).strip().lower() in _PIXEL_NAMES
+    if _unitless_um(image, dim, pixel_um):
+        return False
+    v = np.asarray(c.values, dtype=np.float64)
+    return v.size == 1 or _even_step(v) == 1.0
 
 
 def _unitless_um(image, dim, pixel_um) -> bool:
@@ -1282,7 +1303,9 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     ----------
     obj : xarray.Dataset, xarray.DataArray, array or ProductConvolution
         2-D variables (any two dim names; coordinates, when evenly spaced, give scale and translation)
-        or 3-D ones with a leading non-spatial dim. A bare array (NumPy or Dask) becomes variable
+        or 3-D ones with a leading non-spatial dim. Pixel indices (or no coordinates) of a y, x
+        image are scaled by its ``pixel_um`` attribute (the Dataset's, where no variable on that
+        grid has one) to µm. A bare array (NumPy or Dask) becomes variable
         ``image`` with dims ``(y, x)`` or ``(c, y, x)``; an unnamed DataArray is named ``image`` too.
         A 2-D variable whose second dim has string labels is a table (e.g. detected sources), stored
         as a plain zarr array. Floating-point images are stored as float32 (float64 halves to it: more
@@ -1321,7 +1344,7 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
         2-D nor 3-D, its name is not a string of letters and digits (with ``_`` or ``-``), its
         ``pixel_um`` attribute is not a positive number, or a spatial coordinate is not evenly
         spaced and increasing; variables on one ``y, x`` grid without coordinates give different
-        ``pixel_um`` (one that gives none takes the others'); ``chunks`` is not a positive integer;
+        ``pixel_um`` (one that gives none takes the others', or the Dataset's); ``chunks`` is not a positive integer;
         ``operator`` is given with an operator as ``obj``, beside a variable named ``operator``, or
         is a restricted window.
     FileExistsError
@@ -1379,9 +1402,10 @@ def _one_grid(ds: xr.Dataset) -> xr.Dataset:
         raise ValueError(f"the variables share the y, x grid but not their pixel_um ({listed}): give them one, "
                          "or y, x coordinates in µm")
     unsaid = [n for n in on if ds[n].attrs.get("pixel_um") is None]  # (one that is no size is refused later)
-    if not said or not unsaid:
+    # None saying: the Dataset's own (a map's attributes given to the result, as the README does)
+    px = ds[next(iter(said))].attrs["pixel_um"] if said else _pixel_size_said(ds)
+    if not px or not unsaid:
         return ds
-    px = ds[next(iter(said))].attrs["pixel_um"]
     return ds.assign({n: ds[n].assign_attrs(pixel_um=px) for n in unsaid})
 
 
@@ -1573,7 +1597,7 @@ def _as_dataset(obj) -> xr.Dataset:
         named = obj.name is not None and not _DASK_KEY.fullmatch(str(obj.name))
         ds = obj.to_dataset(name=obj.name if named else "image")
     elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        not_masked(obj, "the array to save")  # (its mask would be lost)
+        readable_array(obj, "the array to save")  # (its mask would be lost)
         arr = obj if isinstance(obj, da.Array) else np.asarray(obj)
         dims = ("y", "x") if arr.ndim == 2 else ("c", "y", "x") if arr.ndim == 3 else None
         if dims is None:
@@ -1885,7 +1909,11 @@ def _axis_geometry(var: xr.DataArray, dim):
     factor = _to_um(units)  # nm, mm ... written as µm, converted
     if _unitless_um(var, dim, var.attrs.get("pixel_um")):  # no unit, spaced at the pixel size: µm
         factor = 1.0
-    elif factor is None and units and str(units).strip().lower() not in ("pixel", "pixels", "px", "pix"):
+    elif dim in ("y", "x") and px and all(_in_pixels(var, d, px) for d in ("y", "x") if d in var.coords):
+        # pixel indices (a crop's) of an image whose pixel size is known: in µm, as image_origin reads
+        # them (steps of several: another level's pixels, the pixel size this image's)
+        factor = px / ((_even_step(c) or 1.0) if c.size > 1 else 1.0)
+    elif factor is None and units and str(units).strip().lower() not in _PIXEL_NAMES:
         warnings.warn(f"the {dim} coordinates of {var.name!r} are in {units!r}, which lsfov does not know as a length: "
                       "they are saved in pixels, without a unit; give them in micrometer (or nm, mm, angstrom, ...)",
                       LsfovWarning, stacklevel=user_stacklevel())
@@ -1918,6 +1946,19 @@ def _pixel_size_said(var) -> float | None:
     if isinstance(px, (int, float, np.number)) and not isinstance(px, bool) and np.isfinite(px) and px > 0:
         return _tidy(float(px))
     return None
+
+
+def grid_values(start, step, n: int) -> np.ndarray:
+    """``start + step·i`` for i < n, each to 12 significant digits as stored metadata is (:func:`_tidy`):
+    an axis made in memory and the same axis read back from its store are equal to the bit, so that
+    xarray aligns them and ``.sel(gx=12.7)`` finds the node at 12.7 µm."""
+    v = float(start) + float(step) * np.arange(n, dtype=np.float64)
+    ok = np.isfinite(v) & (v != 0)
+    x = v[ok]
+    d = 11 - np.floor(np.log10(np.abs(x)))  # decimals kept
+    p = 10.0 ** np.abs(d)  # exact up to 1e22: a division or product by it rounds once
+    v[ok] = np.where(d >= 0, np.round(x * p) / p, np.round(x / p) * p)
+    return v
 
 
 def _tidy(v) -> float:
@@ -2111,6 +2152,9 @@ def _open_variable(path: Path) -> xr.DataArray:
     arr.attrs.update(meta.get("attrs", {}))
     if not {"y", "x"} <= set(arr.dims):  # on another grid (a PSF map's nodes) the NGFF scale is their
         arr.attrs.pop("pixel_um", None)  # spacing, which a pixel_um would pass off as the image's pixel size
+        for d in ("gy", "gx"):  # and their coordinates' step, as a map's own: kept by a crop to one node
+            if d in arr.coords and arr.sizes[d] > 1:
+                arr.coords[d].attrs["step"] = _tidy(arr.coords[d].values[1] - arr.coords[d].values[0])
     arr.attrs["source"] = str(path)
     return arr
 

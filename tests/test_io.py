@@ -40,6 +40,22 @@ def test_images_on_one_grid_without_coordinates_share_its_pixel_size(tmp_path):
     with pytest.raises(ValueError, match="its pixel_um attribute is -0.2"):  # no size: refused, not replaced
         lsfov.save(xr.Dataset({"raw": raw, "m": mask.assign_attrs(pixel_um=-0.2)}), tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+    # The README's result: an array beside a map, the map's attributes the Dataset's. The image was
+    # saved in pixels, its map in µm: in a viewer the map covered a fifth of it.
+    psf_map = lsfov.estimate_psf_map(np.random.default_rng(0).random((256, 256)), "G1", pixel_um=0.2, fill=False)
+    ds = xr.Dataset({"deblurred": (("y", "x"), np.ones((256, 256))), "sigma": psf_map["sigma"]}, attrs=psf_map.attrs)
+    back = lsfov.open_result(lsfov.save(ds, tmp_path / "readme.zarr"))
+    assert back.deblurred.attrs["pixel_um"] == 0.2 and back.x.attrs["units"] == back.gx.attrs["units"] == "micrometer"
+    assert float(back.x[-1]) == pytest.approx(51.0) and float(back.gx[-1]) == pytest.approx(38.3)
+    # A crop in its pixel indices, its pixel size said: placed in µm, as its map is (it was in pixels).
+    crop = xr.DataArray(np.ones((256, 256), np.float32), dims=("y", "x"), attrs={"pixel_um": 0.2},
+                        coords={"y": np.arange(100, 356), "x": np.arange(300, 556)})
+    for obj in (crop, lsfov.io.with_pixel_size(crop)):
+        back = lsfov.open_image(lsfov.save(obj, tmp_path / "crop.zarr", overwrite=True) / "image")
+        assert back.attrs["pixel_um"] == 0.2 and back.x.attrs["units"] == "micrometer"
+        np.testing.assert_allclose(back.y.values[[0, -1]], [20.0, 71.0])
+        np.testing.assert_allclose(back.x.values[[0, -1]], [60.0, 111.0])
+    assert lsfov.io.image_origin(crop, 0.2) == pytest.approx((20.0, 60.0))  # where its map lies
 
 
 def test_result_round_trip_values_scale_translation_units(tmp_path):
@@ -1373,9 +1389,15 @@ def test_an_image_subsampled_along_one_axis_is_saved_with_each_axis_scale(tmp_pa
     back = lsfov.open_result(tmp_path / "bare.zarr")["image"]
     assert back.x.attrs["units"] == back.y.attrs["units"] == "micrometer" and back.attrs["pixel_um"] is None
     np.testing.assert_allclose(np.diff(back.x.values), 0.4)
-    # ... but unitless pixel indices (spaced at neither axis's pixel size) stay pixels
-    lsfov.save(bare.assign_coords(y=np.arange(64.0), x=np.arange(32.0)), tmp_path / "idx.zarr")
+    # ... and unitless pixel indices (a step of one) count pixels of the size the attribute says, as
+    # image_origin reads them: in µm, where a map of the image lies (they were saved in pixels)
+    lsfov.save(bare.assign_coords(y=np.arange(64.0), x=np.arange(5.0, 37.0)), tmp_path / "idx.zarr")
     back = lsfov.open_result(tmp_path / "idx.zarr")["image"]
+    assert back.x.attrs["units"] == back.y.attrs["units"] == "micrometer" and back.attrs["pixel_um"] == 0.2
+    np.testing.assert_allclose(back.x.values[[0, -1]], [1.0, 7.2])
+    # unitless coordinates of another step say nothing of pixels: both axes saved as they are
+    lsfov.save(bare.assign_coords(y=np.arange(64.0), x=np.arange(0.0, 96.0, 3.0)), tmp_path / "odd.zarr")
+    back = lsfov.open_result(tmp_path / "odd.zarr")["image"]
     assert back.x.attrs["units"] == back.y.attrs["units"] == "pixel"
 
 
@@ -1496,3 +1518,25 @@ def test_a_tables_row_labels_are_kept(tmp_path):
         assert "other" not in back.u.coords  # (none stored, none made up)
     assert back.t.when.dtype == np.dtype("datetime64[ns]")
     assert lsfov.open_result(tmp_path / "source.zarr").t.source.attrs == {"note": "picked"}
+
+
+def test_a_saved_map_and_image_read_back_on_their_coordinates_to_the_bit(tmp_path):
+    """Node positions read back differed in their last bits (12.700000000000001 against 12.7): xarray
+    aligned a map with its saved copy on 2 x 3 of its 5 x 7 nodes and ``.sel(gx=12.7)`` failed; a
+    one-node map saved again lost its node spacing (a 1 µm tile in a viewer)."""
+    import json
+
+    m = lsfov.estimate_psf_map(np.random.default_rng(0).random((384, 512)), "G1", stride=64, pixel_um=0.2, fill=False)
+    r = lsfov.open_result(lsfov.save(m, tmp_path / "m.zarr"))
+    for d in ("gy", "gx"):
+        np.testing.assert_array_equal(r[d].values, m[d].values)
+    assert (m.sigma - r.sigma).sizes == m.sigma.sizes and m.sel(gx=51.1, gy=38.3).sigma.size == 1
+    im = lsfov.io.with_pixel_size(np.ones((3, 40), np.float32), 0.2)
+    back = lsfov.open_image(lsfov.save(im, tmp_path / "i.zarr") / "image")
+    np.testing.assert_array_equal(back.x.values, im.x.values)
+    assert im.sel(x=0.6).size == 3
+    one = r.isel(gy=[1], gx=[2])
+    again = lsfov.open_result(lsfov.save(lsfov.open_result(lsfov.save(one, tmp_path / "1.zarr")), tmp_path / "2.zarr"))
+    meta = json.loads((tmp_path / "2.zarr" / "sigma" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [12.8, 12.8]
+    assert float(again.gx[0]) == float(m.gx[2]) and again.gx.attrs["step"] == 12.8

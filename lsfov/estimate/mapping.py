@@ -513,10 +513,12 @@ def _coords(patch: int, stride: int, gy: int, gx: int, pixel_um, origin=(0.0, 0.
     ``origin``: the image's first pixel in the same units, so that the map lies on the image."""
     import xarray as xr
 
+    from ..io import grid_values
+
     scale, unit = (pixel_um, "micrometer") if pixel_um else (1.0, "pixel")
     variables = {}
     for d, c, o in zip(("gy", "gx"), node_centres(patch, stride, (gy, gx)), origin):
-        c = c * scale + o
+        c = grid_values((c[0] if c.size else 0.0) * scale + o, stride * scale, c.size)  # (as a store's are read back: equal to the bit)
         c.flags.writeable = False  # shared by the maps of this grid
         variables[d] = xr.Variable(d, c, attrs={"units": unit, "step": stride * scale})  # step: for a 1-node axis
     return xr.Coordinates(variables)
