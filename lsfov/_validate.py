@@ -18,9 +18,13 @@ class LsfovWarning(UserWarning):
 REPLACE_NON_FINITE = "replace them first (inpaint them, e.g. skimage.restoration.inpaint_biharmonic, or fill them with the background)"
 
 
-def not_masked(x, name: str = "image"):
+def readable_array(x, name: str = "image"):
     """Refuse a NumPy masked array with masked pixels (or a Dask array of them): its data under the
-    mask would be read as pixels, a hot pixel masked out used all the same."""
+    mask would be read as pixels, a hot pixel masked out used all the same; and a torch tensor,
+    whose dtype NumPy does not read (one on a GPU, or needing its gradient, cannot become NumPy)."""
+    if type(x).__module__.partition(".")[0] == "torch":
+        raise TypeError(f"{name} is a torch tensor; give a NumPy, CuPy, Dask or xarray array (tensor.cpu().numpy(), "
+                        "or cupy.from_dlpack(tensor) to stay on the GPU)")
     masked = np.ma.isMaskedArray(x) and np.ma.is_masked(x)
     if masked or np.ma.isMaskedArray(getattr(x, "_meta", None)):
         n = int(np.ma.count_masked(x)) if masked else 0
@@ -120,7 +124,7 @@ def real_2d(x, name: str):
     if isinstance(x, (str, bytes, os.PathLike)) or x is None:
         raise TypeError(f"{name} must be a 2-D array of real numbers, got {type(x).__name__}")
     not_a_dataset(x, name)
-    not_masked(x, name)
+    readable_array(x, name)
     if not type(x).__module__.startswith(("dask", "cupy")):
         x = np.asarray(x)
     if x.dtype.kind not in "biuf":
@@ -305,7 +309,7 @@ def squeeze_plane(image, name: str = "image"):
     Anything else as it is (a stack of several planes is refused later, by what needs one); a
     Dataset is refused (:func:`not_a_dataset`), as is a masked array with masked pixels."""
     not_a_dataset(image, name)
-    not_masked(image, name)
+    readable_array(image, name)
     shape = getattr(image, "shape", None)
     if shape is None or len(shape) <= 2:
         return image
@@ -320,7 +324,7 @@ def yx_last(image, name: str = "image"):
     array, or dims of other names, as it is): what functions that take arrays by position read.
     A masked array with masked pixels is refused."""
     not_a_dataset(image, name)
-    not_masked(image, name)
+    readable_array(image, name)
     dims = getattr(image, "dims", None)
     if not isinstance(dims, tuple) or not ({"y", "x"} & set(dims)):
         return image

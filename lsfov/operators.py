@@ -41,7 +41,7 @@ import numpy as np
 
 from ._backend import (array_module, block_digests, fft_module, multiply, next_fast_len, parallel_map, row_bands,
                        task_threads, threads_for, to_numpy)
-from ._validate import LsfovWarning, known_shape, non_finite, not_masked, real_number, shape2d, shown, yx_order
+from ._validate import LsfovWarning, known_shape, non_finite, readable_array, real_number, shape2d, shown, yx_order
 
 __all__ = ["ProductConvolution"]
 
@@ -593,7 +593,7 @@ class ProductConvolution:
         kernels = _owned(_as_float_array(kernels, "kernels"), kernels)
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
             raise ValueError(f"basis kernels must have shape (I, K, K), got {kernels.shape}")
-        not_masked(maps, "coefficient maps")
+        readable_array(maps, "coefficient maps")
         given = maps
         if hasattr(maps, "dims") and isinstance(getattr(maps, "data", None), np.ndarray):
             maps = maps.data  # an xarray of NumPy maps: in memory, so copied and checked as NumPy maps are
@@ -814,7 +814,7 @@ class ProductConvolution:
             out = yx.copy(data=self._dispatch(yx.data, adjoint, check)).transpose(*x.dims)
             out.attrs.pop("significant_bits", None)  # the camera's: a blurred float image is no count
             return out
-        not_masked(x, "the image")
+        readable_array(x, "the image")
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         if x.dtype.kind not in "biuf":
@@ -1597,7 +1597,7 @@ def _as_float_array(a, name):
         raise TypeError(f"{name} must be an array of numbers, got {shown(a)}"
                         + ("; read the file first (lsfov.open_image, numpy.load)" if isinstance(a, (str, os.PathLike))
                            else ""))
-    not_masked(a, name)  # (a masked PSF's hidden values would be its kernel)
+    readable_array(a, name)  # (a masked PSF's hidden values would be its kernel)
     kind = getattr(getattr(a, "dtype", None), "kind", "f")
     if kind not in "biuf":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")

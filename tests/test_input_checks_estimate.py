@@ -197,6 +197,31 @@ def test_model_files_refused_by_name_place_and_weights(tmp_path):
     torch.save(blob, path)
     refuses(ValueError, rf"weights do not fit a {model.arch} network for Z3 \(size mismatch for {name}.*\); the file is "
             "damaged or edited: copy it again or train it again", lsfov.load_model, path)
+    # Metadata at odds with itself (another model's name over G1's ranges) was a bare KeyError.
+    blob = torch.load(lsfov.load_model("G1").save(tmp_path / "g.pt"), map_location="cpu", weights_only=True)
+    blob["meta"]["psf_model"] = "Z3"
+    torch.save(blob, tmp_path / "g.pt")
+    refuses(ValueError, r"g.pt: its metadata does not describe a model \(KeyError: 'focus'\); the file is damaged or "
+            "edited: copy it again or train it again", lsfov.load_model, tmp_path / "g.pt")
+    refuses(ValueError, "device 'tpu' is not a torch device", lsfov.load_model, tmp_path / "g.pt", device="tpu")
+
+
+def test_torch_tensors_and_masked_patches_are_refused_in_a_line():
+    """A torch tensor where an image goes failed deep inside ('torch.dtype' object has no attribute
+    'kind'), or was read as an image with no texture; a masked batch of patches was read with its
+    hidden values."""
+    import torch
+
+    t = torch.rand(128, 128)
+    op = lsfov.ProductConvolution.from_grid(psf.gaussian(2.0, 2.0, size=9)[None, None], (128, 128))
+    fix = r"is a torch tensor; give a NumPy, CuPy, Dask or xarray array \(tensor.cpu\(\).numpy\(\)"
+    for call in (lambda: op.apply(t), lambda: lsfov.deconvolve(t, op, 2), lambda: lsfov.estimate_psf_map(t, "G1"),
+                 lambda: lsfov.blind_deconvolve(t, "G1", iterations=1), lambda: cal.detect_beads(t, 4)):
+        refuses(TypeError, fix, call)
+    model = lsfov.load_model("G1")
+    assert model.predict(t)["sigma"].shape == (1,)  # (the CNN reads tensors)
+    masked = np.ma.masked_array(t.numpy(), mask=t.numpy() > 0.5)
+    refuses(ValueError, r"patches is a masked array \(\d+ pixels masked\), and lsfov reads no masks", model.predict, masked)
 
 
 def test_training_sets_and_runs_refused_before_any_work(tmp_path):

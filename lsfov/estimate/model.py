@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import _backend, psf as _psf
-from .._validate import boolean, positive_int
+from .._validate import boolean, positive_int, readable_array
 from ..cluster import stop_point
 from ..io import atomic_file
 from .network import build, standardize
@@ -325,6 +325,7 @@ class PSFRegressor:
                 raise TypeError(f"patches must be numeric, got dtype {patches.dtype}")
             t = torch.from_dlpack(patches.astype("float32", copy=False))
         else:
+            readable_array(patches, "patches")  # (a mask's hidden values would be read as pixels)
             a = np.asarray(patches)
             if a.dtype.kind not in "biuf":
                 raise TypeError(f"patches must be numeric, got dtype {a.dtype}")
@@ -534,8 +535,12 @@ class PSFRegressor:
                              "or use the best.pt written beside it when the run ends")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"{path} is not an lsfov model file; train one with `lsfov train`")
-        meta = blob["meta"]
-        model = cls(meta["psf_model"], meta.get("arch", "compact"), meta=meta, device=device)
+        meta, device = blob.get("meta"), torch_device(device)  # (a device refused as such, not as metadata)
+        try:
+            model = cls(meta["psf_model"], meta.get("arch", "compact"), meta=meta, device=device)
+        except (KeyError, TypeError, ValueError) as e:  # metadata at odds with itself (e.g. another model's ranges)
+            raise ValueError(f"{path}: its metadata does not describe a model ({type(e).__name__}: {e}); the file is "
+                             "damaged or edited: copy it again or train it again") from None
         try:
             model.net.load_state_dict(blob["state_dict"])
         except RuntimeError as e:  # torch's first line only names the network; the next says what differs
