@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import psf as _psf
-from .._backend import array_module, heap_kept, to_numpy
+from .._backend import array_module, block_digests, heap_kept, to_numpy
 from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, non_finite, positive_int,
                          real_number, scratch_dir, shape2d, squeeze_plane, yx_order)
 from ..io import atomic_file, image_origin, pixel_size, plane_of
@@ -390,18 +390,24 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         arr = data.astype(np.float32)
         # One read first (of a float image: integers have no NaN), as the deconvolution's: a NaN in the
         # last chunk would otherwise stop the map after all the others' work, and a --resume meet it again.
-        if data.dtype.kind == "f" and not bool(compute(da.isfinite(arr).all())):
+        # A resumable run's state is named by the image's bytes, read in the same pass: Dask's name
+        # for it is another in each process where its source has no stable one (a TIFF's zarr view).
+        reads = ([da.isfinite(arr).all()] if data.dtype.kind == "f" else []) + \
+            ([block_digests(data)] if scratch is not None else [])
+        read = list(compute(reads)) if reads else []
+        if data.dtype.kind == "f" and not bool(read.pop(0)):
             raise non_finite("image")
+        digests = read.pop(0) if scratch is not None else None
         arr = arr.rechunk(tuple(axis_chunks(n, max(max(c), patch), patch) for n, c in zip(arr.shape, arr.chunks)))
         (sy, cy), (sx, cx) = (_chunk_nodes(c, g, stride) for c, g in zip(arr.chunks, (gy, gx)))
         offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
         ext = da.overlap.overlap(arr, depth={0: patch, 1: patch}, boundary="none", allow_rechunk=False)
         keep = None
         if scratch is not None:
-            # The image (Dask's name for it: its source and chunks), the model and every parameter; each
-            # chunk's file also carries a digest of its pixels (see _chunk_task).
+            # The image (its blocks' bytes and chunks), the model and every parameter; each chunk's file
+            # also carries a digest of its pixels (see _chunk_task).
             # (The weights' digest too: a model fine-tuned and saved keeps its metadata, creation time included.)
-            key = dask.base.tokenize(arr.name, json.dumps(m.meta, sort_keys=True, default=str), m.weights_digest(),
+            key = dask.base.tokenize(digests.tobytes(), data.chunks, str(data.dtype), json.dumps(m.meta, sort_keys=True, default=str), m.weights_digest(),
                                      patch, stride, batch_size, bool(symmetrize), rule)
             keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
