@@ -366,6 +366,25 @@ def test_locate_sources_whole_and_chunked(scene):
         locate_sources(sparse, op, 0.0)
 
 
+
+def test_a_source_on_equal_pixels_is_one_source_whatever_the_chunks():
+    """500 + 500 on two pixels was two sources of 1000 each; a plateau of three pixels of 300, three
+    sources of 2100 in all; a tie across a chunk's edge, one per chunk."""
+    from lsfov.restore import locate_sources
+
+    op = lsfov.ProductConvolution.from_grid(lsfov.psf.gaussian(1.5, 1.5, size=9)[None, None], (128, 128))
+    s = np.zeros((128, 128), np.float32)
+    s[20, 20] = s[20, 21] = 500  # a source between two pixels
+    s[40, 40] = s[41, 41] = 500  # ... diagonally
+    s[60, 30:33] = 300
+    s[63, 80] = s[64, 80] = 400  # across the edge of 64-pixel chunks
+    s[100, 100] = 1000
+    want = [[20, 20, 1000], [40, 40, 1000], [100, 100, 1000], [60, 31, 900], [63, 80, 800]]
+    for arr in (s, da.from_array(s, chunks=64)):
+        found = locate_sources(arr, op, 1.0)
+        np.testing.assert_allclose(found[:, 2], [1000, 1000, 1000, 900, 800])  # brightest first
+        np.testing.assert_allclose(sorted(found.tolist()), sorted(want))
+
 def test_no_sources_on_the_edge_of_a_bright_background():
     """A field cut out of a larger one: its background goes on beyond the edge. The extended field
     explains the light that comes in from there; a zero world outside would put it into the sparse

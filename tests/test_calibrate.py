@@ -688,3 +688,76 @@ def test_node_grid_default_step_and_a_subspace_image_counted_from_the_end():
         np.testing.assert_array_equal(np.asarray(sub.operator(k).maps), np.asarray(sub.operator(4 + k).maps))
     with pytest.raises(IndexError, match="image -5 out of range; the subspace was learned from 4 images"):
         sub.operator(-5)
+
+
+def test_the_pixel_size_recorded_is_the_images_and_the_seed_is_checked_first(stack, field):
+    """The operator and the subspace recorded only a ``pixel_um`` attribute: none for an image of µm
+    coordinates (no later check of another pixel size), the stale 0.1 µm of one binned to 0.2 µm;
+    a seed of None, -1 or 1.5 failed (or was rounded) after all the bead work."""
+    import warnings
+
+    import xarray as xr
+
+    um = {"units": "micrometer"}
+
+    def labelled(img, step, attrs=None):
+        n, m = img.shape
+        return xr.DataArray(img, dims=("y", "x"), attrs=attrs or {},
+                            coords={"y": ("y", step * np.arange(n), um), "x": ("x", step * np.arange(m), um)})
+
+    assert calibrate_operator(labelled(field.image, 0.1), radius=8).attrs["pixel_um"] == 0.1
+    binned = labelled(field.image, 0.1, {"pixel_um": 0.1}).coarsen(y=2, x=2).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the stale attribute is warned about)
+        assert calibrate_operator(binned, radius=5).attrs["pixel_um"] == 0.2
+    assert learn_subspace([labelled(f.image, 0.1) for f in stack[:2]], 2, 2).attrs["pixel_um"] == 0.1
+    for seed in (None, -1, 1.5):
+        with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed}"):
+            learn_subspace([np.full((8, 8), 1.0)] * 2, seed=seed)  # (no beads in them: refused before)
+
+
+@pytest.mark.parametrize("off", [(0.3, 0.0), (0.0, 0.4), (0.45, -0.3)])
+def test_a_tilted_elongated_bead_is_centred_to_a_hundredth_of_a_pixel(off):
+    """An astigmatic bead (σ 4 x 2 px along 45°) was centred 0.1-0.2 px off, a shift along one axis
+    moving the centre along the other: parabolas along each axis miss a tilted maximum."""
+    from lsfov.calibrate import extract_psfs
+
+    cy, cx = 48 + off[0], 48 + off[1]
+    yy, xx = np.mgrid[:96, :96]
+    a, b = ((yy - cy) + (xx - cx)) / np.sqrt(2), (-(yy - cy) + (xx - cx)) / np.sqrt(2)
+    img = (1e4 * np.exp(-0.5 * (a / 4.0) ** 2 - 0.5 * (b / 2.0) ** 2)).astype(np.float32)
+    _, centres = extract_psfs(img, [[48, 48]], 12.0)
+    assert np.hypot(*(centres[0] - (cy, cx))) < 0.02
+
+
+def _gaussian_beads(shape, centres, sigma_of, background=10.0):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = np.full(shape, background)
+    for cy, cx in centres:
+        s = sigma_of(cy, cx)
+        img += 1000 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
+    return img.astype(np.float32)
+
+
+def _one_percent_radius(sigma, h=20):
+    from scipy import ndimage
+
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    ring = np.rint(np.hypot(y, x)).astype(int)
+    prof = ndimage.mean(np.exp(-(y**2 + x**2) / (2 * sigma**2)), labels=ring, index=np.arange(h + 1))
+    return np.nonzero(prof < 0.01)[0][0] + 1
+
+
+def test_the_radius_bounds_the_widest_region_and_ignores_neighbours():
+    """A third of the field twice as blurred: the median over all beads gave the sharp PSFs' radius
+    (App. A-b asks for a bound on all); a bead array 24 px apart: the neighbours in each window
+    made a plateau above 1 %, the radius came out at the window's edge and every bead was crowded."""
+    from lsfov.calibrate.beads import estimate_radius
+
+    centres = [(y, x) for y in range(40, 441, 48) for x in range(40, 441, 48)]
+    img = _gaussian_beads((480, 480), centres, lambda y, x: 3.0 if x >= 320 else 1.5)
+    assert estimate_radius(img, max_radius=20) == _one_percent_radius(3.0) > _one_percent_radius(1.5)
+    grid = _gaussian_beads((384, 384), [(y, x) for y in range(12, 384, 24) for x in range(12, 384, 24)],
+                           lambda y, x: 2.0)
+    assert abs(estimate_radius(grid) - _one_percent_radius(2.0)) <= 1
+    assert len(bead_psfs(grid).patches) > 100

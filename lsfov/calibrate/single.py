@@ -5,18 +5,13 @@ import numpy as np
 
 from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, shape2d, yx_last
 from ..operators import ProductConvolution
+from ..io import pixel_size
 from .basis import psf_basis
 from .beads import bead_psfs
 from .cone import cone_columns
 from .interpolate import DEFAULT_SMOOTHING, coefficient_nodes, node_grid
 
 __all__ = ["calibrate_operator", "dirac_comb", "operator_distance", "rescaled_distance"]
-
-
-def _pixel_um(image):
-    attrs = getattr(image, "attrs", None) or {}
-    v = attrs.get("pixel_um")
-    return float(v) if v else None
 
 
 def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | None = None,
@@ -80,8 +75,12 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
         "n_rejected": int(beads.n_detected - len(pos)), "radius_px": beads.radius,
         "n_basis": int(basis.kernels.shape[0]), "smoothing": float(smoothing), "node_step_px": grid.step,
     }
-    if _pixel_um(bead_image):
-        attrs["pixel_um"] = _pixel_um(bead_image)
+    try:  # its attribute, or its µm coordinates (those of a binned image)
+        px = pixel_size(bead_image)
+    except ValueError:  # non-square pixels: the PSFs in its own pixels, no size
+        px = None
+    if px:
+        attrs["pixel_um"] = px
     maps = grid.upsample(nodes)
     maps.flags.writeable = False  # made here, handed over: the operator need not copy it
     op = ProductConvolution.from_basis(basis.kernels, maps, attrs=attrs)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, yx_last
 from ..operators import ProductConvolution
+from ..io import pixel_size
 from .basis import basis_signs, psf_basis
 from .beads import bead_psfs, estimate_radius
 from .cone import cone_columns
@@ -375,7 +376,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
         spaced at most that far apart); one radius serves all images (default: measured on the
         first).
     seed : int
-        Seed of the randomized SVD (same seed, same subspace).
+        Seed (>= 0) of the randomized SVD (same seed, same subspace).
     progress : bool
         Progress bars.
 
@@ -391,6 +392,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     n_psf = positive_int(n_psf, "n_psf")
     n_space = positive_int(n_space, "n_space")
     max_columns = positive_int(max_columns, "max_columns")
+    seed = positive_int(seed, "seed", minimum=0)  # (before the beads' work, not after it)
     smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)
     if saturation is not None:
         saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
@@ -438,7 +440,10 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
         "radius_px": float(radius), "smoothing": float(smoothing), "node_step_px": grid.step,
         "singular_values": [float(x) for x in s],
     }
-    px = getattr(images[0], "attrs", {}).get("pixel_um") if hasattr(images[0], "attrs") else None
+    try:  # its attribute, or its µm coordinates (those of a binned image)
+        px = pixel_size(images[0])
+    except ValueError:  # non-square pixels: the PSFs in its own pixels, no size (_as_images)
+        px = None
     if px:
         attrs["pixel_um"] = float(px)
     maps = grid.upsample(a_nodes)

@@ -471,4 +471,25 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     found = np.concatenate([f for f, _ in results] or [np.zeros((0, 3))])
     h, w = arr.shape
     found = found[(found[:, 0] > 0) & (found[:, 0] < h - 1) & (found[:, 1] > 0) & (found[:, 1] < w - 1)]
+    found = _one_per_plateau(found)
     return found[np.argsort(-found[:, 2], kind="stable")] if len(found) else np.zeros((0, 3))
+
+
+def _one_per_plateau(found):
+    """One maximum per plateau: maxima that touch (8-connected) are equal pixels of one source (500 and
+    500 on two pixels, which each reported with the 3x3 sum of both), kept where that sum is largest
+    (a tie: the first in (y, x) order). Across blocks too, so any chunking finds the same."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    if len(found) < 2:
+        return found
+    pairs = cKDTree(found[:, :2]).query_pairs(1.5, output_type="ndarray")
+    if not len(pairs):
+        return found
+    n = len(found)
+    _, label = connected_components(coo_matrix((np.ones(len(pairs)), pairs.T), shape=(n, n)), directed=False)
+    order = np.lexsort((found[:, 1], found[:, 0], -found[:, 2]))  # largest sum first, then (y, x)
+    _, first = np.unique(label[order], return_index=True)
+    return found[np.sort(order[first])]
