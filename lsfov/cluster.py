@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import re
 import sys
 import threading
 import time
@@ -55,14 +56,40 @@ def jobqueue_cluster(kind: str, **settings):
     finally:
         if main and handler is not None:
             signal.signal(signal.SIGINT, handler)
+    check_job_size(kind, settings)
     try:
         return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
     except ValueError as e:
-        if "cores" not in str(e) and "memory" not in str(e):
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        if unknown is None:
             raise
-        raise ValueError(f"no {kind} job size set: put cores and memory in ~/.config/dask/jobqueue.yaml (jobqueue.{kind}."
-                         f"cores, jobqueue.{kind}.memory) or set DASK_JOBQUEUE__{kind.upper()}__CORES and "
-                         f"DASK_JOBQUEUE__{kind.upper()}__MEMORY") from None
+        raise ValueError(f"{kind} jobs have no setting {unknown.group(1)!r}; see dask-jobqueue's {_JOBQUEUE[kind]} "
+                         "for the settings (account, queue, walltime, ...)") from None
+
+
+def check_job_size(kind: str, settings=None):
+    """Refuse a batch job's size (``cores``, ``processes``, ``memory``: ``settings``, else the Dask
+    configuration's) that dask-jobqueue would take and then fail on: missing, zero, not a number."""
+    from dask.utils import parse_bytes
+
+    def setting(name):
+        return (settings or {}).get(name, dask.config.get(f"jobqueue.{kind}.{name}", None))
+
+    where = (f"put cores and memory in ~/.config/dask/jobqueue.yaml (jobqueue.{kind}.cores, jobqueue.{kind}.memory) "
+             f"or set DASK_JOBQUEUE__{kind.upper()}__CORES and DASK_JOBQUEUE__{kind.upper()}__MEMORY")
+    if setting("cores") is None or setting("memory") is None:
+        raise ValueError(f"no {kind} job size set: {where}")
+    for name in ("cores", "processes"):
+        v = setting(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"the {kind} jobs' {name} must be a positive integer, got {v!r}; {where}")
+    memory = setting("memory")
+    try:
+        ok = parse_bytes(memory) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"the {kind} jobs' memory must be an amount such as '32GB', got {memory!r}; {where}")
 
 
 @contextlib.contextmanager
@@ -291,6 +318,7 @@ def parse_scheduler(spec: str | None = "threads", *, n_workers: int | None = Non
         if shutil.which(submit) is None:  # the cluster would fail in its event loop, after a hang
             raise ValueError(f"--scheduler {kind}: {submit} is not on PATH; run lsfov where {kind} jobs can be "
                              "submitted (a login node)")
+        check_job_size(kind)  # (before the image is read, not once the cluster starts)
         return kind, n_jobs
     address = _address(spec)
     if address.startswith(("tcp://", "tls://", "ucx://", "inproc://")):

@@ -1050,6 +1050,14 @@ def test_slurm_and_pbs_clusters_without_a_batch_system():
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
         with pytest.raises(ValueError, match="jobqueue.yaml"):  # no site settings: where to put them
             jobqueue_cluster("slurm")
+    # A setting misspelt was "no job size set"; a size of 0 or "8x" a ZeroDivisionError or TypeError.
+    for kw, said in ((dict(acount="mylab"), "slurm jobs have no setting 'acount'; see dask-jobqueue's SLURMCluster"),
+                     (dict(cores=0), "the slurm jobs' cores must be a positive integer, got 0; put cores"),
+                     (dict(processes=0), "the slurm jobs' processes must be a positive integer, got 0"),
+                     (dict(cores="8x"), "the slurm jobs' cores must be a positive integer, got '8x'"),
+                     (dict(memory="lots"), "the slurm jobs' memory must be an amount such as '32GB', got 'lots'")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            jobqueue_cluster("slurm", **{"cores": 8, "memory": "32GB", **kw})
     with pytest.raises(ValueError, match="dask-cuda"):
         with use_scheduler("cuda"):
             pass

@@ -182,11 +182,15 @@ def test_local_and_batch_clusters_get_the_workers_asked_for(monkeypatch):
     assert _Stub.made[0].kwargs["n_workers"] == 2
     monkeypatch.setattr(cluster.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(cluster, "jobqueue_cluster", lambda kind, **kw: _Stub(kind, **kw))
+    size = {f"jobqueue.{kind}.{k}": v for kind in ("slurm", "pbs") for k, v in (("cores", 4), ("memory", "8GB"))}
     for spec, n, jobs in (("slurm", 3, 3), ("pbs", None, 1), ("slurm:2", 5, 2)):
         _Stub.made.clear()
-        with cluster.use_scheduler(spec, n_workers=n):
+        with dask.config.set(size), cluster.use_scheduler(spec, n_workers=n):  # (a site's job size: checked first)
             pass
         assert _Stub.made[0].jobs == jobs, spec
+    with dask.config.set({**size, "jobqueue.slurm.cores": None}):  # said as the option is read, before the image
+        with pytest.raises(ValueError, match="no slurm job size set: put cores and memory in"):
+            cluster.parse_scheduler("slurm:1")
 
 
 class _Workers:
