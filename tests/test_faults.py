@@ -822,13 +822,21 @@ def test_deconvolution_bytes_do_not_depend_on_workers_or_scheduler(scene, tmp_pa
 
     op, y = scene
     dy = da.from_array(y, chunks=(70, 90))
-    outs = []
+    beads = da.from_array(np.stack([sim.bead_field((384, 384), seed=s, z_range_um=(-0.4 + 0.1 * s, 0.4)).image
+                                    for s in range(4)]), chunks=(1, 384, 384))
+    outs, subspaces = [], []
     for spec, n in (("synchronous", None), ("threads", None), ("local", 1), ("local", 2)):
         with use_scheduler(spec, n_workers=n):
             outs.append(lsfov.deconvolve(dy, op, 5, scratch=tmp_path / f"{spec}{n}").compute())
             outs.append(lsfov.deconvolve(dy, op, 5).compute())
+            # (its SVD ran where Dask ran: a worker's one BLAS thread rounded it 4e-15 apart)
+            sub = lsfov.learn_subspace(beads, n_psf=3, n_space=2)
+            subspaces.append((sub.psf_basis, np.asarray(sub.spatial_basis), sub.gammas))
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
+    for sub in subspaces[1:]:
+        for a, b in zip(sub, subspaces[0]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_deconvolution_across_chunkings_agrees_to_float32_rounding(scene):

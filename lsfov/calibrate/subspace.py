@@ -458,9 +458,8 @@ def _spatial_basis(c, grid, n_space: int, seed=0):
     and the singular values (J,). The SVD runs on ``R_y c R_x`` (R: square root of the bilinear
     interpolation's Gram matrix), which has the singular values of the full-resolution maps.
     """
+    import dask
     import dask.array as da
-
-    from ..cluster import compute
 
     k, i = c.shape[:2]
     ry, rx = grid.gram_sqrt()
@@ -469,7 +468,9 @@ def _spatial_basis(c, grid, n_space: int, seed=0):
     tall = da.from_array(weighted.T, chunks=(min(weighted.shape[1], 1 << 16), weighted.shape[0]))
     # QR between the power iterations: without it the small singular values drown in rounding (s^9)
     u, s, v = da.linalg.svd_compressed(tall, n_space, iterator="QR", n_power_iter=4, seed=int(seed), compute=False)
-    u, s, v = (np.asarray(a, dtype=np.float64) for a in compute([u, s, v]))
+    # Here, in this process: the matrix is in memory already, and its products' rounding follows the
+    # BLAS threads of the process that runs them (a cluster's workers have one: 4e-15 apart).
+    u, s, v = (np.asarray(a, dtype=np.float64) for a in dask.compute(u, s, v, scheduler="synchronous"))
     a_nodes = np.einsum("ab,jbc,cd->jad", ry_inv, u.T.reshape((n_space,) + grid.size), rx_inv, optimize=True)
     gammas = (v.T * s).reshape(k, i, n_space)
     return a_nodes, gammas, s
