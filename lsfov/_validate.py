@@ -283,8 +283,16 @@ def scratch_dir(scratch, resume: bool = False):
         return None
     if not isinstance(scratch, (str, os.PathLike)):
         raise TypeError(f"scratch must be a directory name (str or Path), got {type(scratch).__name__}")
+    if not str(scratch).strip():  # ("" is the current folder to Path: the state left among the user's files)
+        raise ValueError("scratch is empty; give a directory (made if missing) for the run's state")
     if os.path.exists(scratch) and not os.path.isdir(scratch):
         raise ValueError(f"scratch={str(scratch)!r} is a file; give a directory (made if missing) for the run's state")
+    above = os.path.dirname(os.path.abspath(scratch))
+    while not os.path.exists(above):  # the nearest folder that exists: a file there, and mkdir fails
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"scratch={str(scratch)!r} lies under the file {above}; give a directory (made if missing) "
+                         "for the run's state")
     return scratch
 
 

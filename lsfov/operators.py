@@ -819,6 +819,9 @@ class ProductConvolution:
             x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise TypeError(f"the image must be a real numeric array, got dtype {x.dtype}")
+        if x.ndim != 2:  # (a stack's shape is no other image's: not "build the operator for this image")
+            raise ValueError(f"the image must be 2-D (y, x), got shape {tuple(x.shape)}; select a plane first "
+                             "(e.g. stack[0])")
         if _is_dask(x):
             known_shape(x.shape)
             return self._map_overlap(x, adjoint)

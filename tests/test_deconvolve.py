@@ -528,10 +528,22 @@ def test_dask_images_of_unknown_chunk_sizes_are_refused_in_one_line(scene):
             call()
 
 
-def test_bad_input(scene):
+def test_bad_input(scene, tmp_path):
     op, y, _ = scene
     with pytest.raises(ValueError, match="does not match the operator's shape"):
         lsfov.deconvolve(y[:-1], op)
+    # A one-plane stack was told to build the operator for its image; an empty scratch was the current
+    # folder (the run's state left among the user's files), one under a file a NotADirectoryError.
+    for stack in (y[None], da.from_array(y[None])):
+        with pytest.raises(ValueError, match=r"the image must be 2-D \(y, x\), got shape \(1, \d+, \d+\); select a plane"):
+            op.apply(stack)
+    (tmp_path / "f").write_text("")
+    for scratch, said in (("", "scratch is empty"), (tmp_path / "f" / "s", "lies under the file")):
+        with pytest.raises(ValueError, match=said):
+            lsfov.deconvolve(da.from_array(y), op, 2, scratch=scratch)
+    with pytest.warns(lsfov.LsfovWarning, match="scratch= and resume= act on Dask input; this in-memory image is "
+                                                "mapped whole"):
+        lsfov.estimate_psf_map(y, "G1", scratch=tmp_path / "s")
     with pytest.raises(ValueError, match="does not match the operator's shape"):
         lsfov.deconvolve(da.from_array(y[:, :-3]), op)
     with pytest.raises(ValueError, match="all zero"):

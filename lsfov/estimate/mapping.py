@@ -21,7 +21,7 @@ import numpy as np
 from .. import psf as _psf
 from .._backend import array_module, block_digests, heap_kept, to_numpy
 from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, non_finite, positive_int,
-                         real_number, scratch_dir, shape2d, squeeze_plane, yx_order)
+                         real_number, scratch_dir, shape2d, squeeze_plane, user_stacklevel, yx_order)
 from ..io import atomic_file, image_origin, pixel_size, plane_of
 from ..operators import ProductConvolution
 
@@ -358,6 +358,9 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     if getattr(data, "ndim", np.ndim(data)) != 2:
         raise ValueError(f"image must be 2-D (y, x), got shape {np.shape(data)}; select a plane first")
     scratch_dir(scratch, resume)
+    if scratch is not None and not isinstance(data, da.Array):
+        warnings.warn("scratch= and resume= act on Dask input; this in-memory image is mapped whole (chunk it with "
+                      "dask.array.from_array(image, chunks=...) to use them)", LsfovWarning, stacklevel=user_stacklevel())
     known_shape(data.shape)
     h, w = data.shape
     if h < patch or w < patch:
