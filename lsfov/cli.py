@@ -370,6 +370,7 @@ def _state(out: Path, parent, resume: bool):
         log.warning("nothing to resume in %s; starting from the beginning", state)
     made = [p for p in (state.parent, *state.parent.parents) if not p.exists()]  # (a new --scratch DIR)
     state.mkdir(parents=True, exist_ok=True)
+    began = state.stat().st_mtime
     try:
         yield state
     except BaseException as e:
@@ -379,6 +380,9 @@ def _state(out: Path, parent, resume: bool):
         mapping = sys.modules.get("lsfov.estimate.mapping")
         if mapping is not None and isinstance(e, mapping.NothingToMap):
             _remove(state, made)
+        elif out.is_dir() and out.stat().st_mtime >= began:  # stopped once OUT was in place (it is put whole,
+            _remove(state, made)  # at the end): e.g. while the cluster closed; no work is left to resume
+            click.echo(f"{out} was written whole before the run stopped", err=True)
         elif _work_kept(state):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).
             told = isinstance(e, (_BAD_INPUT, MemoryError, KeyboardInterrupt, _Terminated))  # (no "stopped" of
@@ -400,6 +404,16 @@ def _remove(state: Path, made):
             folder.rmdir()
         except OSError:  # not empty (another run's), or gone
             break
+
+
+def _picture(out: Path, make):
+    """``make()`` (a figure or preview, drawn once OUT is written): its path, or None, said in a
+    warning, where it cannot be written (a full disk): OUT is whole, and not to be taken for lost."""
+    try:
+        return make()
+    except OSError as e:
+        log.warning("%s is written, but its figure could not be: %s", out, e.strerror or e)
+        return None
 
 
 def _check_out(path, overwrite, *, result: bool = True, inputs=()):
@@ -828,13 +842,13 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     seconds, waited = _working(t0, w0)
     from .figures import summary_figure
 
-    fig = summary_figure(out.with_suffix(".png"), _centres({"raw": img, "deblurred": io.open_result(out)["deblurred"]},
-                                                           ("raw", "deblurred")), title="lsfov deconvolve")
+    fig = _picture(out, lambda: summary_figure(out.with_suffix(".png"), _centres(
+        {"raw": img, "deblurred": io.open_result(out)["deblurred"]}, ("raw", "deblurred")), title="lsfov deconvolve"))
     mpix = img.size / 1e6
     rate = (f"{seconds:.1f} s to finish an interrupted run" if resumed else
             f"{iterations} iterations in {seconds:.1f} s ({mpix * iterations / seconds:.1f} Mpixel·iterations/s)")
     rate += waited
-    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {rate}; preview {fig}")
+    click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, {rate}; " + (f"preview {fig}" if fig else "no preview"))
 
 
 def _psf_operator(path, shape, channel=None):
@@ -1016,8 +1030,9 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
         for p in ds.attrs["params"][:2]:
             name = f"{p} ({ds[p].attrs.get('units', '')})"
             panels[name], quantities[name] = ds[p].values, None
-        summary_figure(figure, panels, title=f"lsfov estimate: {ds.attrs['psf_model']} PSF map", quantities=quantities)
-        click.echo(f"figure: {figure}")
+        if _picture(out, lambda: summary_figure(figure, panels, title=f"lsfov estimate: {ds.attrs['psf_model']} PSF map",
+                                                quantities=quantities)):
+            click.echo(f"figure: {figure}")
 
 
 @main.command("run")
@@ -1093,7 +1108,8 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
             calibrated = res["depth"].attrs.get("units") == "micrometer"
             name = "depth (µm)" if calibrated else "signed defocus (waves; no calibration)"
             panels[name], quantities[name] = res["depth"].values, None
-        summary_figure(figure, panels, title=f"lsfov run: {src}", quantities=quantities)
+        if not _picture(out, lambda: summary_figure(figure, panels, title=f"lsfov run: {src}", quantities=quantities)):
+            return
         click.echo(f"figure: {figure}")
 
 
@@ -1259,10 +1275,12 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"], operator=op)  # blur reusable: --operator OUT
     from .figures import summary_figure
 
-    fig = summary_figure(out.with_suffix(".png"), _centres(io.open_result(out), ("raw", "sparse", "smooth")),
-                         title="lsfov bss")
+    fig = _picture(out, lambda: summary_figure(out.with_suffix(".png"), _centres(io.open_result(out),
+                                                                                ("raw", "sparse", "smooth")),
+                                                title="lsfov bss"))
     click.echo(f"wrote {out}: {img.shape[0]}x{img.shape[1]}, blur from {len(table)} sources, {len(found)} point "
-               f"sources found, {iterations} iterations in {time.perf_counter() - t0:.1f} s; preview {fig}")
+               f"sources found, {iterations} iterations in {time.perf_counter() - t0:.1f} s; "
+               + (f"preview {fig}" if fig else "no preview"))
 
 
 def _open_psf_map(path, what: str, *, checked: bool = True):
@@ -1374,9 +1392,9 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
 
         comb = op.apply(dirac_comb(op.shape, max(16, 2 * op.kernel_size)))
         what = "operator" if len(planes) == 1 else f"subspace of {len(planes)} images (image 0 shown)"
-        calibration_figure(figure, kernels, [np.asarray(m) for m in maps], comb, beads=beads_img, positions=pos,
-                           map_label=label, title=f"lsfov calibrate: {what}")
-        click.echo(f"figure: {figure}")
+        if _picture(out, lambda: calibration_figure(figure, kernels, [np.asarray(m) for m in maps], comb, beads=beads_img,
+                                                    positions=pos, map_label=label, title=f"lsfov calibrate: {what}")):
+            click.echo(f"figure: {figure}")
 
 
 # ---------------------------------------------------------------------------------------------- CNN

@@ -1,5 +1,6 @@
 """CLI behaviours that no other test pinned down (found by mutating lsfov/cli.py one change at a
 time): each test fails when the check or option it names is removed or changed."""
+import contextlib
 import os
 import warnings
 
@@ -94,6 +95,39 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_result(run, tmp_path, sm
         "at all)" in res.output
     np.testing.assert_array_equal(lsfov.open_result(tmp_path / "d.zarr").deblurred.values, before)
     assert not list(tmp_path.glob(".d.zarr.partial-*"))
+
+
+def test_a_run_stopped_or_a_figure_lost_once_the_result_is_written_says_so(run, tmp_path, small, monkeypatch):
+    """A full disk at the preview, after OUT was written whole, said "a result is written whole or
+    not at all" and exit 1; a stop (SIGTERM, a batch job's time limit) while the cluster closed,
+    after OUT was written, advised --resume, which OUT's existence then refused, and left the state."""
+    import errno
+
+    import lsfov.cli
+    import lsfov.cluster
+    import lsfov.figures
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    drawn = lsfov.figures.summary_figure
+    monkeypatch.setattr(lsfov.figures, "summary_figure", full)
+    res = run("deconvolve", "y.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 1)
+    assert f"d.zarr is written, but its figure could not be: {os.strerror(errno.ENOSPC)}" in res.output
+    assert "no preview" in res.output and lsfov.open_result(tmp_path / "d.zarr").deblurred.shape
+    monkeypatch.setattr(lsfov.figures, "summary_figure", drawn)
+    real = lsfov.cluster.use_scheduler
+
+    @contextlib.contextmanager
+    def stopped_on_close(*a, **k):
+        with real(*a, **k) as client:
+            yield client
+        raise lsfov.cli._Terminated()
+
+    monkeypatch.setattr(lsfov.cluster, "use_scheduler", stopped_on_close)
+    res = run("deconvolve", "y.npy", "e.zarr", "--psf", "psf.npy", "--iterations", 1, "--scratch", "s", ok=False)
+    assert "e.zarr was written whole before the run stopped" in res.output and "--resume" not in res.output
+    assert lsfov.open_result(tmp_path / "e.zarr").deblurred.shape and not any((tmp_path / "s").glob("*"))
 
 
 def test_a_result_moved_aside_by_a_killed_write_is_back_before_any_work(run, tmp_path, small, no_work):
