@@ -68,12 +68,13 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     if calibration is not None:  # said before the work, not after it
         warn_made_otherwise(made_attrs(model, stride, pixel_size(img), symmetrize), calibration)
     seconds, t = {}, time.perf_counter()
+    lazy = type(img.data).__module__.startswith("dask")  # scratch and resume: a chunked run's (the map's too)
     psf_map = estimate_psf_map(img, model, stride=stride, symmetrize=symmetrize, saturation=saturation,
-                               max_saturated=max_saturated, scratch=scratch, resume=resume, progress=progress)
+                               max_saturated=max_saturated, scratch=scratch if lazy else None,
+                               resume=resume and lazy, progress=progress)
     seconds["PSF map"], t = time.perf_counter() - t, time.perf_counter()
     op = operator_from_psf_map(psf_map, img.shape)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
-    lazy = type(img.data).__module__.startswith("dask")  # scratch and resume: a chunked deconvolution's
     # Censored at the level given; by default at the map's (the camera's), none where its rule is off.
     clip = saturation if saturation is not None else (None if psf_map.attrs["saturation"] is not None else False)
     out = {"deblurred": deconvolve(img, op, iterations, tv, saturation=clip, scratch=scratch if lazy else None,
