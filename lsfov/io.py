@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, as_bits, boolean, readable_array, positive_int, real_number, user_stacklevel, yx_order
+from ._validate import LsfovWarning, as_bits, boolean, positive_int, readable_array, real_number, user_stacklevel, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -372,6 +372,18 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
     if path.parent != path and "image-label" in (_group_attrs(path.parent).get("ome") or _group_attrs(path.parent)):
         raise ValueError(f"{path} is a level of the label image (a segmentation) {path.parent}, not an intensity "
                          "image; give the image itself")
+    ms = (_group_attrs(path.parent).get("ome") or _group_attrs(path.parent)).get("multiscales") \
+        if path.parent != path else None
+    levels = [str(d.get("path")) for d in (ms[0].get("datasets") or []) if isinstance(d, dict)] \
+        if isinstance(ms, list) and ms and isinstance(ms[0], dict) else []
+    if path.name in levels:  # a level of a multiscale image: read through the image, at its scale
+        if _node_grid(path.parent):
+            raise ValueError(f"{path} is a level of {path.parent}, a variable on a PSF map's node grid, not an image; "
+                             f"open the result with lsfov.open_result({str(path.parent.parent)!r})")
+        if level:
+            raise ValueError(f"{path} is pyramid level {levels.index(path.name)} of the image {path.parent}; open that "
+                             f"image with level={levels.index(path.name)}")
+        return _open_ngff(path.parent, levels.index(path.name))
     plain = _plain_zarr_array(path)
     if plain is not None:
         if level:

@@ -1540,3 +1540,21 @@ def test_a_saved_map_and_image_read_back_on_their_coordinates_to_the_bit(tmp_pat
     meta = json.loads((tmp_path / "2.zarr" / "sigma" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [12.8, 12.8]
     assert float(again.gx[0]) == float(m.gx[2]) and again.gx.attrs["step"] == 12.8
+
+
+def test_a_pyramid_level_named_by_its_path_is_read_at_its_scale(tmp_path):
+    """``r.zarr/image/0`` (a level's array, as a file browser shows it) was read as a plain zarr
+    array, in pixels: its map in pixels, no warning of a model trained at another pixel size."""
+    im = lsfov.io.with_pixel_size(np.ones((1024, 1024), np.float32), 0.1)
+    lsfov.save(im, tmp_path / "r.zarr")
+    for k, px in ((0, 0.1), (1, 0.2)):
+        level = lsfov.open_image(tmp_path / "r.zarr" / "image" / str(k))
+        assert level.attrs["pixel_um"] == px and level.x.attrs["units"] == "micrometer"
+        xr.testing.assert_identical(level.drop_attrs(), lsfov.open_image(tmp_path / "r.zarr" / "image", level=k)
+                                    .drop_attrs())
+    with pytest.raises(ValueError, match=r"image/1 is pyramid level 1 of the image .*image; open that image with level=1"):
+        lsfov.open_image(tmp_path / "r.zarr" / "image" / "1", level=1)
+    m = lsfov.estimate_psf_map(np.random.default_rng(0).random((256, 256)), "G1", pixel_um=0.2, fill=False)
+    lsfov.save(m, tmp_path / "m.zarr")
+    with pytest.raises(ValueError, match=r"sigma/0 is a level of .*sigma, a variable on a PSF map's node grid"):
+        lsfov.open_image(tmp_path / "m.zarr" / "sigma" / "0")
