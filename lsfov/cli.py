@@ -334,9 +334,14 @@ def _run_state(out: Path, parent, resume: bool):
         _refuse_unwritable(_nearest(where), f"--scratch {parent}")
     from .io import output_lock
 
-    with output_lock(out):  # a second run of OUT is refused, not let loose on this one's state
-        with _state(out, parent, resume) as state:
-            yield state
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # (for OUT: its lock makes them)
+    try:
+        with output_lock(out):  # a second run of OUT is refused, not let loose on this one's state
+            with _state(out, parent, resume) as state:
+                yield state
+    except BaseException:
+        _remove(None, made)  # those left empty by a failed run (its lock gone; a kept state keeps them)
+        raise
 
 
 def _nearest(path: Path) -> Path | None:
@@ -395,10 +400,11 @@ def _state(out: Path, parent, resume: bool):
     _remove(state, made)
 
 
-def _remove(state: Path, made):
+def _remove(state: Path | None, made):
     """Remove a run's state and the folders made for it (``made``, innermost first) that are left
     empty: another job's state in a shared --scratch keeps it."""
-    shutil.rmtree(state, ignore_errors=True)
+    if state is not None:
+        shutil.rmtree(state, ignore_errors=True)
     for folder in made:
         try:
             folder.rmdir()
@@ -1085,7 +1091,6 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     work = _on_gpu(img, gpu, scheduler)
     # --max-saturated 1 (an image stretched to its type's range): no clip unless --saturation gives one
     saturation, _ = _clip(img, work, saturation, off=max_saturated is not None and max_saturated >= 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0, w0 = _clock()
     with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,

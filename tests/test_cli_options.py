@@ -130,6 +130,22 @@ def test_a_run_stopped_or_a_figure_lost_once_the_result_is_written_says_so(run, 
     assert lsfov.open_result(tmp_path / "e.zarr").deblurred.shape and not any((tmp_path / "s").glob("*"))
 
 
+def test_a_refused_run_leaves_no_folders_made_for_its_output(run, tmp_path, small):
+    """OUT under folders that did not exist: a run refused on its input (NaN pixels, a flat image)
+    left them behind, empty (its lock made them)."""
+    y = np.load(tmp_path / "y.npy")
+    y[5, 5] = np.nan
+    np.save(tmp_path / "nan.npy", y)
+    np.save(tmp_path / "flat.npy", np.full((256, 256), 7.0, np.float32))
+    run("-q", "deconvolve", "nan.npy", "a/x.zarr", "--psf", "psf.npy", ok=False)
+    run("-q", "estimate", "flat.npy", "b/sub/x.zarr", ok=False)
+    run("-q", "run", "flat.npy", "c/sub/x.zarr", ok=False)
+    assert not any((tmp_path / d).exists() for d in "abc")
+    (tmp_path / "d").mkdir()  # a folder that was there stays
+    run("-q", "deconvolve", "nan.npy", "d/x.zarr", "--psf", "psf.npy", ok=False)
+    assert (tmp_path / "d").is_dir()
+
+
 def test_a_result_moved_aside_by_a_killed_write_is_back_before_any_work(run, tmp_path, small, no_work):
     """A write killed between moving the old OUT aside and moving the new one in: the next run finds
     OUT there again (put back), and refuses it without --overwrite before doing anything."""
