@@ -754,9 +754,11 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
     img = io.open_image(src, channel=channel, z=zplane, t=tpoint, series=series)
     optics = get_model(model).optics
     if optics is not None:
-        px = img.attrs.get("pixel_um")
-        if px and abs(px / optics.pixel_um - 1) > 0.01:
-            warnings.warn(f"{src} has {px:g} µm pixels but {model.upper()}'s PSFs are those of {optics.pixel_um:g} µm "
+        sizes = [_axis_um(img, d) for d in ("y", "x")]
+        if any(px and abs(px / optics.pixel_um - 1) > 0.01 for px in sizes):
+            has = f"{sizes[0]:g} µm pixels" if sizes[0] == sizes[1] else \
+                " x ".join(f"{px:g}" if px else "?" for px in sizes) + " µm (y x) pixels"
+            warnings.warn(f"{src} has {has} but {model.upper()}'s PSFs are those of {optics.pixel_um:g} µm "
                           f"pixels: the blurred image is labelled {optics.pixel_um:g} µm, as that microscope would "
                           "see it", LsfovWarning, stacklevel=1)
         img = io.with_pixel_size(img, optics.pixel_um)
@@ -1757,21 +1759,37 @@ def _um(dim, values):
     return xr.Variable(dim, np.asarray(values, dtype=np.float64), attrs={"units": "micrometer"})
 
 
+def _axis_um(img, axis: str) -> float | None:
+    """The pixel size along ``axis`` of an xarray image in µm: its coordinates' step where they have a
+    length unit, else its ``pixel_um``; None when unknown."""
+    from .io import _to_um
+
+    c = img.coords[axis] if axis in img.coords else None
+    factor = _to_um(c.attrs.get("units")) if c is not None else None
+    if factor is not None and c.size > 1:
+        return float(c.values[1] - c.values[0]) * factor
+    return img.attrs.get("pixel_um")
+
+
 def _params_dataset(params, op, img, model):
     """PSF-model parameters on the node grid of ``op`` over ``img``, as variables with node-centre
     coordinates (on the image's own, a crop's offset included) and the attributes of a PSF map:
     the true blur deblurs as a map does (``--psf-map``)."""
     import xarray as xr
 
+    from . import io
     from .io import image_origin
     from .psf import get_model
 
     m = get_model(model)
     pixel_um = img.attrs.get("pixel_um")
     origin = image_origin(img, pixel_um)
-    s = pixel_um or 1.0
-    unit = "micrometer" if pixel_um else "pixel"
-    coords = {d: xr.Variable(d, o + c * s, attrs={"units": unit}) for d, c, o in zip(("gy", "gx"), op.centers, origin)}
+    coords = {}
+    for d, c, o, axis in zip(("gy", "gx"), op.centers, origin, ("y", "x")):
+        s = _axis_um(img, axis)  # each axis its own (non-square pixels: as the image's coordinates)
+        if s and not pixel_um:
+            o = float(img[axis].values[0]) * io._to_um(img[axis].attrs["units"])
+        coords[d] = xr.Variable(d, o + c * (s or 1.0), attrs={"units": "micrometer" if s else "pixel"})
     return xr.Dataset({
         name: xr.DataArray(params[..., i].astype(np.float32), dims=("gy", "gx"), coords=coords,
                            attrs={"units": m.units[name], "psf_model": m.name})

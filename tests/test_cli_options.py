@@ -324,6 +324,24 @@ def test_simulate_blur_passes_every_option_to_the_simulation(run, tmp_path):
     assert out.sigma_x.shape == (3, 3)
 
 
+def test_simulate_blur_of_non_square_pixels_places_its_true_map_on_the_image(run, tmp_path):
+    """Pixels of 0.2 x 0.1 µm: the true map's nodes were in pixels beside an image in µm (a viewer
+    drew the map 5x too large), and a pupil model relabelled x from 0.1 to 0.2 µm without a word."""
+    import xarray as xr
+
+    um = {"units": "micrometer"}
+    img = xr.DataArray(sim.sample_image("cell", (200, 300)), dims=("y", "x"),
+                       coords={"y": ("y", 0.2 * np.arange(200), um), "x": ("x", 0.1 * np.arange(300), um)})
+    lsfov.save(img, tmp_path / "a.zarr")
+    run("simulate", "blur", "a.zarr/image", "g.zarr", "--model", "G2", "--grid", 2)
+    r = lsfov.open_result(tmp_path / "g.zarr")
+    assert r.gy.attrs["units"] == r.gx.attrs["units"] == "micrometer"
+    assert float(r.gy[-1]) < float(r.y[-1]) and float(r.gx[-1]) < float(r.x[-1])  # on the image
+    np.testing.assert_allclose([float(r.gy[1] - r.gy[0]), float(r.gx[1] - r.gx[0])], [20.0, 15.0])
+    with pytest.warns(lsfov.LsfovWarning, match=r"has 0.2 x 0.1 µm \(y x\) pixels but Z3's PSFs are those of 0.2 µm"):
+        run("simulate", "blur", "a.zarr/image", "z.zarr", "--model", "Z3", "--grid", 2)
+
+
 def test_simulate_blur_takes_a_plane_of_a_stack(run, tmp_path):
     stack = np.random.default_rng(0).random((3, 48, 48)).astype(np.float32)
     np.save(tmp_path / "stack.npy", stack)
