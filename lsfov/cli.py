@@ -666,7 +666,10 @@ def _check_map_source(psf_map, map_path, src, img):
         made, made_plane = Path(map_path) / "blurred", None  # (its source is the sharp image)
         if Path(src).resolve() == Path(map_path).resolve():  # (read as its image, blurred)
             return
-    if made is None or (Path(str(made)).resolve() == Path(str(src)).resolve() and made_plane == plane):
+    # The variable read: r.zarr names r.zarr/blurred (maps made before 2026-12-07 recorded r.zarr)
+    read = Path(str(getattr(img, "attrs", {}).get("source") or src)).resolve()
+    if made is None or (Path(str(made)).resolve() in (Path(str(src)).resolve(), read, read.parent)
+                        and made_plane == plane):
         return
 
     def where(path, p):
@@ -682,7 +685,8 @@ def _source(src, img) -> dict:
     where the file says)."""
     from .io import plane_of
 
-    return {"source": str(Path(src).resolve()), **plane_of(img)}
+    # (the variable read: `lsfov estimate r.zarr` reads r.zarr/blurred, as `deconvolve r.zarr/blurred` names it)
+    return {"source": str(Path(getattr(img, "attrs", {}).get("source") or src).resolve()), **plane_of(img)}
 
 
 # ---------------------------------------------------------------------------------------------- simulate

@@ -850,6 +850,13 @@ def test_cli_estimate_deconvolve_with_map_and_depth(run, tmp_path, lsfov_log):
         np.save("other.npy", s.image[::-1])  # another image of the shape: said, not refused
         run("deconvolve", "other.npy", "o.zarr", "--psf-map", "map.zarr", "--iterations", 1)
     assert any(f"was read from {Path.cwd() / 'tilt.npy'}, not from other.npy" in m for m in said), said
+    # A result's image named two ways (r.zarr reads r.zarr/image) is one image: it was said to be another.
+    lsfov.save(s.image, "r.zarr")
+    run("-q", "estimate", "r.zarr", "rmap.zarr", "--stride", 64)
+    with lsfov_log() as said:
+        run("deconvolve", "r.zarr/image", "rd.zarr", "--psf-map", "rmap.zarr", "--iterations", 1)
+        run("deconvolve", "r.zarr", "rd2.zarr", "--psf-map", "rmap.zarr", "--iterations", 1)
+    assert not any("PSF map" in m for m in said), said
     assert lsfov.open_result("d.zarr").deblurred.shape == (320, 320)
     res = run("depth", "map.zarr", "cal.json", "--known", "truth.npy")
     assert "calibration curves of degree 2" in res.output  # 4 depths along the tilt: the degree comes down
