@@ -357,6 +357,9 @@ def _open_ngff(path: Path, level: int) -> xr.DataArray:
         if one is not None and root_attrs["lsfov"].get("complete"):
             log.info("%s is an lsfov result; reading its variable %r", path, one)
             return _open_ngff(path / one, level)
+        if not root_attrs["lsfov"].get("complete"):  # (its variables are refused too: say so here)
+            raise ValueError(f"{path} is an incomplete result (the run that wrote it was interrupted); rerun it with "
+                             "--overwrite")
         if not images and all(_node_grid(path / n) for n in names):  # a PSF map, a depth map
             raise ValueError(f"{path} is an lsfov result on a node grid (a PSF map or depth: {', '.join(names)}), "
                              "not an image; open it with lsfov.open_result")

@@ -745,6 +745,8 @@ def test_save_never_harms_existing_output(tmp_path):
         lsfov.open_result(path)
     with pytest.raises(ValueError, match="incomplete result"):  # nor is one of its variables
         lsfov.open_image(path / "deblurred")
+    with pytest.raises(ValueError, match="r.zarr is an incomplete result .*; rerun it with --overwrite"):
+        lsfov.open_image(path)  # (it advised opening a variable, which is refused)
     lsfov.save(_image(32, 32), path, overwrite=True)
     assert lsfov.open_result(path).deblurred.shape == (32, 32)
     (tmp_path / "precious").mkdir()
