@@ -582,6 +582,9 @@ def _check_tv(tv):
 def _check_pixel_um(pixel_um):
     if pixel_um is not None and not (np.isfinite(pixel_um) and pixel_um > 0):
         raise ValueError(f"--pixel-um {pixel_um} must be a pixel size in µm > 0")
+    if pixel_um is not None and not 1e-4 <= pixel_um <= 1e4:  # (1e-300 made coordinates of denormal steps)
+        raise ValueError(f"--pixel-um {pixel_um:g} is no microscope's pixel size in µm; give one between 0.0001 and "
+                         "10000")
 
 
 def _say_unknown_pixel(src, img, pixel_um, model):
@@ -715,6 +718,7 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
 
     from . import io, simulate as sim
 
+    _check_pixel_um(pixel_um)
     out = _check_out(out, overwrite)
     b = sim.bead_field((size, size), n_beads, seed=seed, grid=grid, pixel_um=pixel_um)
     px = b.optics.pixel_um

@@ -541,9 +541,10 @@ class ProductConvolution:
         # A background is a floor as high in the corners as mid-edge; a PSF cut by its box is brighter
         # mid-edge (a Gaussian cut at 1.3 sigma: corners at 0.4 of it), and its rings dip between them.
         ty, tx = k.shape[0] // 3, k.shape[1] // 3
-        corners = float(np.mean([k[:2, :2], k[:2, -2:], k[-2:, :2], k[-2:, -2:]]))
-        mid = float(np.mean(np.concatenate([k[0, tx:-tx], k[-1, tx:-tx], k[ty:-ty, 0], k[ty:-ty, -1]])))
-        floor = corners / float(k.max())
+        if min(k.shape) >= 5:  # (a smaller PSF has no border apart from its core)
+            corners = float(np.mean([k[:2, :2], k[:2, -2:], k[-2:, :2], k[-2:, -2:]]))
+            mid = float(np.mean(np.concatenate([k[0, tx:-tx], k[-1, tx:-tx], k[ty:-ty, 0], k[ty:-ty, -1]])))
+            floor = corners / float(k.max())
         if min(k.shape) >= 5 and floor > 0.02 and corners > 0.8 * mid:
             warnings.warn(f"the PSF's border is at {floor:.0%} of its peak all round: a background (camera offset) left "
                           "in it is taken for blur; subtract it first (e.g. the border's median)", LsfovWarning,

@@ -211,6 +211,7 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["run", "img.npy", "o.zarr", "--model", "nope.pt"], "no model file"),
         (["estimate", "img.npy", "o.zarr", "--pixel-um", 0], "--pixel-um 0"),
         (["estimate", "img.npy", "o.zarr", "--pixel-um", -1], "--pixel-um -1"),
+        (["simulate", "beads", "o.zarr", "--pixel-um", 1e-300], "--pixel-um 1e-300 is no microscope's pixel size"),
         (["estimate", "img.npy", "o.tif"], "name it o.zarr"),
         (["simulate", "blur", "img.npy", "o.npy"], "name it o.zarr"),
         (["estimate", "img.npy", "afile.zarr", "--overwrite"], "is a file, not a result"),

@@ -620,6 +620,12 @@ def test_from_psf_cleans_a_measured_psf(rng):
             ProductConvolution.from_psf(bad, (60, 70))
     with pytest.warns(lsfov.LsfovWarning, match=r"centre of mass is \(\+0.0, \+3.0\) px"):
         ProductConvolution.from_psf(np.roll(psf.gaussian(1.0, 1.0, size=15), 3, axis=1), (60, 70))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a 1x1 PSF printed NumPy's "Mean of empty slice")
+        for size in (1, 3):
+            assert ProductConvolution.from_psf(np.ones((size, size)), (60, 70)).kernel_size == size
 
 
 def test_new_kernels_make_a_new_operator_and_lazy_maps_are_hashed_by_content(rng):
