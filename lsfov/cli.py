@@ -851,7 +851,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
                      resume=resume, progress=not obj["quiet"])
         resumed = _resumed(before, _marks_kept(tmp))
         ds = xr.Dataset({"deblurred": result}, attrs={
-            "command": "lsfov deconvolve", **_source(src, img), "operator": str(operator_path or psf_path or map_path),
+            "command": "lsfov deconvolve", **_source(src, img), "operator": str(Path(operator_path or psf_path or map_path).resolve()),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS, "saturation": saturation,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -1106,7 +1106,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
                             scratch=tmp, resume=resume, progress=not obj["quiet"])
-        ds.attrs.update(command="lsfov run", **_source(src, img), **({"calibration": str(calibration)} if cal else {}))
+        ds.attrs.update(command="lsfov run", **_source(src, img), **({"calibration": str(Path(calibration).resolve())} if cal else {}))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
         stages["deconvolution + writing"] = stages.pop("deconvolution") + time.perf_counter() - t
@@ -1193,7 +1193,8 @@ def depth(psf_map, out, calibration, known, smooth, method, overwrite):
                    f"{cal.n_nodes} nodes")
         return
     z = estimate_depth(ds, cal, smooth=smooth)
-    made = {"command": "lsfov depth", "source": str(psf_map), **({"calibration": str(calibration)} if cal else {}),
+    made = {"command": "lsfov depth", "source": str(Path(psf_map).resolve()),
+            **({"calibration": str(Path(calibration).resolve())} if cal else {}),
             **({"image": ds.attrs["source"]} if ds.attrs.get("source") else {}), **io.plane_of(ds)}
     io.save(xr.Dataset({"depth": z}, attrs=made), out, overwrite=overwrite)
     lo, hi = float(z.min()), float(z.max())
