@@ -1968,11 +1968,13 @@ def grid_values(start, step, n: int) -> np.ndarray:
     an axis made in memory and the same axis read back from its store are equal to the bit, so that
     xarray aligns them and ``.sel(gx=12.7)`` finds the node at 12.7 µm."""
     v = float(start) + float(step) * np.arange(n, dtype=np.float64)
-    ok = np.isfinite(v) & (v != 0)
-    x = v[ok]
-    d = 11 - np.floor(np.log10(np.abs(x)))  # decimals kept
+    ok = np.isfinite(v) & (np.abs(v) > 1e-200)  # (0 as it is; 10**d would overflow near float's smallest)
+    d = np.zeros_like(v)
+    d[ok] = 11 - np.floor(np.log10(np.abs(v[ok])))  # decimals kept
+    up, down = ok & (d >= 0), ok & (d < 0)
     p = 10.0 ** np.abs(d)  # exact up to 1e22: a division or product by it rounds once
-    v[ok] = np.where(d >= 0, np.round(x * p) / p, np.round(x / p) * p)
+    v[up] = np.round(v[up] * p[up]) / p[up]
+    v[down] = np.round(v[down] / p[down]) * p[down]
     return v
 
 
