@@ -7,9 +7,9 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
-import re
 import sys
 import threading
 import time
@@ -56,7 +56,7 @@ def jobqueue_cluster(kind: str, **settings):
     finally:
         if main and handler is not None:
             signal.signal(signal.SIGINT, handler)
-    check_job_size(kind, settings)
+    _check_job_size(kind, settings)
     try:
         return getattr(dask_jobqueue, _JOBQUEUE[kind])(**settings)
     except ValueError as e:
@@ -67,7 +67,7 @@ def jobqueue_cluster(kind: str, **settings):
                          "for the settings (account, queue, walltime, ...)") from None
 
 
-def check_job_size(kind: str, settings=None):
+def _check_job_size(kind: str, settings=None):
     """Refuse a batch job's size (``cores``, ``processes``, ``memory``: ``settings``, else the Dask
     configuration's) that dask-jobqueue would take and then fail on: missing, zero, not a number."""
     from dask.utils import parse_bytes
@@ -318,7 +318,7 @@ def parse_scheduler(spec: str | None = "threads", *, n_workers: int | None = Non
         if shutil.which(submit) is None:  # the cluster would fail in its event loop, after a hang
             raise ValueError(f"--scheduler {kind}: {submit} is not on PATH; run lsfov where {kind} jobs can be "
                              "submitted (a login node)")
-        check_job_size(kind)  # (before the image is read, not once the cluster starts)
+        _check_job_size(kind)  # (before the image is read, not once the cluster starts)
         return kind, n_jobs
     address = _address(spec)
     if address.startswith(("tcp://", "tls://", "ucx://", "inproc://")):

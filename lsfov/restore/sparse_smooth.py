@@ -46,8 +46,9 @@ DEFAULT_GAMMA2 = 10.0
 # 500 iterations, and u1 took up the difference). The background: the image opened by a disk of the
 # PSF's radius (which no blurred source fills), its bias on noise put back, then smoothed by a
 # Gaussian of this σ (px). A start below a bright, curved background is filled by u1 first, ~600x
-# faster than by u2: smoothed by σ = 8 instead, a blob of σ 20 px and 400 counts started 14 % low
-# and left 252 false sources after 500 iterations (none now; none either way after 2000).
+# faster than by u2: smoothed by σ = 8 instead, blobs of σ 20 px and 400 counts started 14 % low
+# and left 174 false sources beside 50 true ones after 500 iterations (none now; none either way
+# after 2000: benchmarks/RESULTS.md, BSS).
 _START_SIGMA, _START_TRUNCATE = 2.0, 3.0
 
 
