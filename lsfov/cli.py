@@ -851,7 +851,8 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
                      resume=resume, progress=not obj["quiet"])
         resumed = _resumed(before, _marks_kept(tmp))
         ds = xr.Dataset({"deblurred": result}, attrs={
-            "command": "lsfov deconvolve", **_source(src, img), "operator": str(Path(operator_path or psf_path or map_path).resolve()),
+            "command": "lsfov deconvolve", **_source(src, img),
+            "operator": str(Path(operator_path or psf_path or map_path).resolve()),
             "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS, "saturation": saturation,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
@@ -1106,7 +1107,8 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
                             scratch=tmp, resume=resume, progress=not obj["quiet"])
-        ds.attrs.update(command="lsfov run", **_source(src, img), **({"calibration": str(Path(calibration).resolve())} if cal else {}))
+        ds.attrs.update(command="lsfov run", **_source(src, img),
+                        **({"calibration": str(Path(calibration).resolve())} if cal else {}))
         t = time.perf_counter()
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
         stages["deconvolution + writing"] = stages.pop("deconvolution") + time.perf_counter() - t

@@ -493,7 +493,6 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         are those of its own depth estimate (smoothed) on the calibration nodes.
     """
     from .._validate import positive_int, real_number
-
     from .mapping import one_plane
 
     given, psf_map = psf_map, _check_map(psf_map)

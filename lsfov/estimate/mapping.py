@@ -410,7 +410,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
             # The image (its blocks' bytes and chunks), the model and every parameter; each chunk's file
             # also carries a digest of its pixels (see _chunk_task).
             # (The weights' digest too: a model fine-tuned and saved keeps its metadata, creation time included.)
-            key = dask.base.tokenize(digests.tobytes(), data.chunks, str(data.dtype), json.dumps(m.meta, sort_keys=True, default=str), m.weights_digest(),
+            key = dask.base.tokenize(digests.tobytes(), data.chunks, str(data.dtype),
+                                     json.dumps(m.meta, sort_keys=True, default=str), m.weights_digest(),
                                      patch, stride, batch_size, bool(symmetrize), rule)
             keep = Path(scratch).resolve() / f"lsfov-psfmap-{key[:16]}"  # workers may run elsewhere
             if keep.exists() and not resume:
@@ -527,7 +528,8 @@ def _coords(patch: int, stride: int, gy: int, gx: int, pixel_um, origin=(0.0, 0.
     scale, unit = (pixel_um, "micrometer") if pixel_um else (1.0, "pixel")
     variables = {}
     for d, c, o in zip(("gy", "gx"), node_centres(patch, stride, (gy, gx)), origin):
-        c = grid_values((c[0] if c.size else 0.0) * scale + o, stride * scale, c.size)  # (as a store's are read back: equal to the bit)
+        # (made as a store's are read back: equal to the bit)
+        c = grid_values((c[0] if c.size else 0.0) * scale + o, stride * scale, c.size)
         c.flags.writeable = False  # shared by the maps of this grid
         variables[d] = xr.Variable(d, c, attrs={"units": unit, "step": stride * scale})  # step: for a 1-node axis
     return xr.Coordinates(variables)
