@@ -331,7 +331,6 @@ def _address(spec: str) -> str:
     """A scheduler's address from what HPC users give: a scheduler file (``dask scheduler
     --scheduler-file S.json``), a bare ``HOST:PORT`` (TCP), or the address itself."""
     import json
-    import re
 
     if spec.endswith(".json"):
         try:
@@ -349,6 +348,9 @@ def _check_address(spec: str):
     from distributed.comm import parse_address, parse_host_port
 
     proto, loc = parse_address(spec)
+    if not loc:  # ("inproc://" was taken, then failed in a tuple unpacking)
+        raise ValueError(f"scheduler address {spec!r} names no scheduler; give it as tcp://HOST:PORT (e.g. "
+                         "tcp://10.0.0.5:8786) or a scheduler file")
     if proto in ("tcp", "tls"):
         try:
             host, port = parse_host_port(loc)

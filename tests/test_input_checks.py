@@ -450,7 +450,7 @@ def test_parse_scheduler_says_what_would_run_without_starting_it(tmp_path, monke
                                (str(tmp_path / "s.json"), {}, ("address", "tcp://10.0.0.5:8786"))):
         assert cluster.parse_scheduler(spec, **kw) == expected, spec
     for spec, what in (("slurm:0", "give the number of jobs as slurm:N"), ("tcp://node12", "is malformed"),
-                       ("carrier-pigeon", "unknown scheduler"),
+                       ("carrier-pigeon", "unknown scheduler"), ("inproc://", "'inproc://' names no scheduler"),
                        ("threads:2", "threads:2 takes no count: threads uses every core .*; for N worker processes use local:N")):
         with pytest.raises(ValueError, match=what):
             cluster.parse_scheduler(spec)
