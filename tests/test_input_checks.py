@@ -429,7 +429,7 @@ def test_use_scheduler_refuses_bad_options_and_leaves_no_client_after_a_failed_c
     monkeypatch.setattr(cluster, "_CONNECT_TIMEOUT", "0.5s")
     for spec, what in (("tcp://", r"give it as tcp://HOST:PORT"), ("tcp://host:port", "tcp://HOST:PORT"),
                        ("tls://:8786", "tls://HOST:PORT"), ("tcp://127.0.0.1:1", "cannot reach"),
-                       ("inproc://", "cannot connect")):  # inproc: distributed's own ValueError, after it registered
+                       ("inproc://", "names no scheduler")):  # inproc: distributed's own ValueError, after it registered
         with pytest.raises(ValueError, match=what) as err:
             with cluster.use_scheduler(spec):
                 pass
@@ -443,10 +443,16 @@ def test_parse_scheduler_says_what_would_run_without_starting_it(tmp_path, monke
 
     (tmp_path / "s.json").write_text('{"address": "tcp://10.0.0.5:8786"}')
     monkeypatch.setattr(cluster.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")  # as on a login node
+    import dask
+
+    size = {f"jobqueue.{k}.{v}": n for k in ("slurm", "pbs") for v, n in (("cores", 4), ("memory", "8GB"))}
+    with dask.config.set(size):  # (a site's job size, which a batch cluster needs)
+        assert cluster.parse_scheduler("slurm:8") == ("slurm", 8)
+        assert cluster.parse_scheduler("pbs", n_workers=2) == ("pbs", 2)
     for spec, kw, expected in ((None, {}, ("threads", None)), (" sync ", {}, ("synchronous", None)),
                                ("local", {}, ("local", None)), ("local", {"n_workers": 3}, ("local", 3)),
-                               ("local:4", {"n_workers": 3}, ("local", 4)), ("slurm:8", {}, ("slurm", 8)),
-                               ("pbs", {"n_workers": 2}, ("pbs", 2)), ("node12:8786", {}, ("address", "tcp://node12:8786")),
+                               ("local:4", {"n_workers": 3}, ("local", 4)),
+                               ("node12:8786", {}, ("address", "tcp://node12:8786")),
                                (str(tmp_path / "s.json"), {}, ("address", "tcp://10.0.0.5:8786"))):
         assert cluster.parse_scheduler(spec, **kw) == expected, spec
     for spec, what in (("slurm:0", "give the number of jobs as slurm:N"), ("tcp://node12", "is malformed"),
