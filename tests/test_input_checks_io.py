@@ -33,7 +33,8 @@ def test_open_image_refuses_stores_levels_and_arrays_it_cannot_read(tmp_path):
         (dict(path=tmp_path / "r.zarr", level=1), r"pyramid level 1 does not exist \(levels 0..0\)"),
         (dict(path=tmp_path / "app.tif", level=1), r"app.tif: pyramid level 1 does not exist \(levels 0..0\)"),
         (dict(path=tmp_path / "arr.zarr", level=2), r"arr.zarr: pyramid level 2 does not exist \(a plain zarr array"),
-        (dict(path=tmp_path / "r.zarr" / "image" / "0", level=1), r"pyramid level 1 does not exist \(a plain zarr"),
+        (dict(path=tmp_path / "r.zarr" / "image" / "0", level=1), r"image/0 is pyramid level 0 of the image .*; open "
+                                                                   r"that image with level=0"),
         (dict(path=tmp_path / "cut.npy"), r"cut.npy: not a readable .npy array \(.*\); write it again with numpy.save"),
         (dict(path=tmp_path / "short.npy"), r"short.npy: not a readable .npy array \(.*\); write it again"),
         (dict(path=tmp_path / "empty.npy"), r"the image is empty \(shape \(0, 8\)\); give an image with pixels"),

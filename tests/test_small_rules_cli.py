@@ -65,7 +65,7 @@ def test_run_passes_its_calibration_and_records_it(run, tmp_path, monkeypatch):
     run("-q", "run", "y.npy", "r.zarr", "--calibration", "cal.json")
     run("-q", "run", "y.npy", "s.zarr")
     assert given == [cal, None]
-    assert lsfov.open_result(tmp_path / "r.zarr").attrs["calibration"] == "cal.json"
+    assert lsfov.open_result(tmp_path / "r.zarr").attrs["calibration"] == str(tmp_path / "cal.json")  # (absolute)
     assert "calibration" not in lsfov.open_result(tmp_path / "s.zarr").attrs
 
 
