@@ -63,6 +63,28 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _stopped_by(e: BaseException | None):
+    """The Ctrl-C or SIGTERM that ``e`` was raised while unwinding, if any: a signal's exception raised
+    inside a lock's release leaves the lock half released, and "cannot release un-acquired lock"
+    took its place (a traceback and status 1 for a cancelled job)."""
+    for _ in range(20):  # (a chain of contexts, never a cycle in practice)
+        if e is None or isinstance(e, (KeyboardInterrupt, _Terminated)):
+            return e
+        e = e.__context__
+    return None
+
+
+def _as_signal(call):
+    """``call()``, an error that a signal's unwinding left (:func:`_stopped_by`) raised as that signal."""
+    try:
+        return call()
+    except Exception as e:
+        signal_ = _stopped_by(e)
+        if signal_ is None:
+            raise
+        raise signal_ from None
+
+
 def _signal_again(unraisable, previous, command):
     """A Ctrl-C or SIGTERM raised in code whose exceptions Python ignores (a garbage collector's
     callback, as distributed registers: "Exception ignored in ...") was lost, and the run went on: the
@@ -119,7 +141,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            return _as_signal(functools.partial(click.Group.invoke, self, ctx))
         except click.NoSuchOption as e:
             if ctx.parent is None and e.option_name in ("-q", "--quiet", "-v", "-vv", "--verbose"):
                 command = " ".join(e.ctx.command_path.split()[1:]) if e.ctx else ctx.invoked_subcommand
@@ -390,7 +412,7 @@ def _state(out: Path, parent, resume: bool):
             click.echo(f"{out} was written whole before the run stopped", err=True)
         elif _work_kept(state):
             # Bad input and signals are said on the next line (the error; "interrupted (Ctrl-C)", _Group).
-            told = isinstance(e, (_BAD_INPUT, MemoryError, KeyboardInterrupt, _Terminated))  # (no "stopped" of
+            told = isinstance(e, (_BAD_INPUT, MemoryError)) or _stopped_by(e) is not None  # (no "stopped" of
             # a run refused before any work of its own, e.g. workers with no room on --resume)
             click.echo(f"{'' if told else 'stopped; '}the work done so far is kept in {state}: "
                        "run the same command with --resume to finish only what is missing", err=True)

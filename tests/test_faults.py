@@ -430,6 +430,36 @@ def test_progress_into_a_log_file_is_a_few_whole_lines(capsys, monkeypatch):
     assert lines[-1].startswith("[" + "#" * 40 + "] | 100% Completed")
 
 
+def test_an_error_left_by_a_signal_is_the_signal(monkeypatch):
+    """A SIGTERM raised while a lock was being released (Condition.__exit__, waiting on a thread's
+    result) left it half released: "RuntimeError: cannot release un-acquired lock" replaced the
+    signal, and a cancelled job printed a traceback and exited 1, not 143 (a flaky CI failure)."""
+    import click
+    from click.testing import CliRunner
+
+    from lsfov import cli
+
+    for raised, status, said in ((cli._Terminated, 143, "terminated (SIGTERM)"),
+                                 (KeyboardInterrupt, 130, "interrupted (Ctrl-C)")):
+        @click.command("fallout")
+        def fallout():
+            try:
+                raise raised()
+            except BaseException:
+                raise RuntimeError("cannot release un-acquired lock")
+
+        monkeypatch.setitem(cli.main.commands, "fallout", fallout)
+        res = CliRunner().invoke(cli.main, ["fallout"])
+        assert res.exit_code == status and said in res.output, (res.output, res.exception)
+
+    @click.command("bug")
+    def bug():
+        raise RuntimeError("a bug")  # (not after a signal: raised as it is)
+
+    monkeypatch.setitem(cli.main.commands, "bug", bug)
+    assert isinstance(CliRunner().invoke(cli.main, ["bug"]).exception, RuntimeError)
+
+
 def test_a_lost_scheduler_is_one_line_that_says_what_to_do(monkeypatch, run_cli):
     """The scheduler of a running job gone (its node lost, killed): distributed cancels every future,
     which the CLI printed as a traceback."""
