@@ -1980,8 +1980,9 @@ def grid_values(start, step, n: int) -> np.ndarray:
 
 def _tidy(v) -> float:
     """``v`` to 12 significant digits: 0.2, not the 0.20000000000000004 that sums of steps leave in
-    metadata people read (and far below any pixel size's precision)."""
-    return float(f"{float(v):.12g}")
+    metadata people read (and far below any pixel size's precision); rounded as :func:`grid_values`
+    rounds the coordinates read back from that metadata."""
+    return float(grid_values(v, 0.0, 1)[0])
 
 
 def _is_replaceable(path: Path) -> bool:
