@@ -264,6 +264,27 @@ def test_chunks_smaller_than_the_halo_are_grown(scene, tmp_path):
     np.testing.assert_allclose(grown.compute(), whole, atol=1e-5 * whole.max())
 
 
+def test_blocks_that_mostly_compute_their_halo_are_said(scene):
+    """Tiny chunks are correct but slow: the run says how many times the image's pixels it computes."""
+    from lsfov.restore.halo import overhead
+
+    # Blocks (10, 20, 10) with a 5 px halo: windows 15 + 30 + 15 = 60 of 40 pixels per axis.
+    assert overhead(((10, 20, 10), (40,)), 5) == pytest.approx(1.5)
+    assert overhead(((10, 20, 10), (10, 20, 10)), 5) == pytest.approx(2.25)
+    assert overhead(((40,), (40,)), 0) == 1.0
+    op, y, _ = scene
+    with pytest.warns(lsfov.LsfovWarning, match=r"on chunks of 10x10 px .* the image's pixels every iteration; "
+                      r"larger chunks are faster") as rec:
+        lsfov.deconvolve(da.from_array(y, chunks=10), op, 3, exchange_every=3)
+    assert rec[0].filename == __file__  # the user's line
+    with pytest.warns(lsfov.LsfovWarning, match="sparse[+]smooth on chunks of 10x10"):
+        lsfov.sparse_smooth_deblur(da.from_array(y, chunks=10), op, iterations=3, exchange_every=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "(?s).*halo", lsfov.LsfovWarning)
+        lsfov.deconvolve(da.from_array(y, chunks=y.shape), op, 3)  # one block: no halo
+        lsfov.deconvolve(da.from_array(y, chunks=(y.shape[0], y.shape[1] // 2)), op, 3, exchange_every=1)
+
+
 def test_scratch_mode_equals_whole_and_cleans_nothing_it_should_not(scene, tmp_path):
     op, y, _ = scene
     whole = lsfov.deconvolve(y, op, 6)

@@ -30,7 +30,7 @@ import numpy as np
 from .._backend import array_module, block_digests, task_threads
 from .._validate import LsfovWarning, beyond_float32, float32_blocks, non_finite, scratch_dir
 from ..operators import SPECTRA_METRIC, ProductConvolution, spectra_budget, spectra_room
-from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
+from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges, say_overhead
 from .tv_rl import (_check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, flat_gain,
                     say_censored)
 
@@ -252,6 +252,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         return tuple(max(ch) for ch in parts), h
 
     check_task_memory(tuple(max(ch) for ch in chunks), halo, op, n_blocks=len(chunks[0]) * len(chunks[1]), plan=plan)
+    say_overhead(c, chunks, halo, "TV-RL")
     given, y = y, float32_blocks(y)
     # One streaming pass for what the iterations need to know globally (and for bad input); the
     # extremes in the input's own type, where values beyond float32's range are still finite.

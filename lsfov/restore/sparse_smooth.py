@@ -32,7 +32,7 @@ from .._validate import (LsfovWarning, as_image, beyond_float32, censor_level, c
                          squeeze_plane, yx_order)
 from ..cluster import stop_point
 from ..operators import ProductConvolution
-from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges
+from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges, say_overhead
 from .tv_rl import censored_pixels, say_censored, say_whole
 
 __all__ = ["estimate_noise", "locate_sources", "sparse_smooth_deblur"]
@@ -374,6 +374,7 @@ def _chunked(y, op, gamma1, gamma2, steps, iterations, exchange_every, total, bi
     # thinner than the halo joins its neighbour (the overlap needs the whole halo).
     chunks = tuple(axis_chunks(n + 2 * r, ci, s * k) for n, ci in zip(y.shape, c))
     in_chunks, shape = y.chunks, y.shape
+    say_overhead(c, chunks, 0 if single else s * k, "sparse+smooth")
     # The start, block by block with the opening's and gaussian_filter's reach into the neighbours (an
     # axis of one chunk, or shorter than that, taken whole: no neighbours to borrow from), then as the blocks.
     depth = 2 * r + int(_START_TRUNCATE * _START_SIGMA + 0.5)
