@@ -118,6 +118,32 @@ def positive_int(v, name: str, *, minimum: int = 1) -> int:
     return int(v)
 
 
+def real_numbers(v, name: str) -> np.ndarray:
+    """``v`` (a number or an array of them) as float64, or a TypeError: strings, bools, complex and
+    objects are refused, where ``np.asarray(v, float)`` would read "1.5" and True as numbers and drop
+    an imaginary part."""
+    try:
+        a = np.asarray(v)  # (no dtype: a string stays a string)
+    except (TypeError, ValueError):  # (ragged sequences)
+        a = None
+    if a is None or a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be real numbers, got {shown(v)}")
+    return a.astype(np.float64)
+
+
+def positions_yx(positions, name: str = "positions") -> np.ndarray:
+    """``positions`` as a float64 (P, 2) array of finite (y, x) pixels, P >= 1, or one line saying
+    what they are instead (a (2, 3) array is not reshaped into three made-up pairs)."""
+    try:
+        pos = np.asarray(positions, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (P, 2) array of (y, x) pixel positions, got {shown(positions)}") from None
+    if pos.ndim != 2 or pos.shape[1] != 2 or not len(pos) or not np.isfinite(pos).all():
+        raise ValueError(f"{name} must be a (P, 2) array of finite (y, x) pixel positions, P >= 1; got "
+                         + (f"shape {pos.shape}" if np.isfinite(pos).all() else "NaN or Inf"))
+    return pos
+
+
 def real_2d(x, name: str):
     """``x`` checked to be a non-empty 2-D array of real numbers (bools and integers included), as it
     is: NumPy, CuPy or Dask (not computed); other arrays and lists become NumPy. Values are not read."""

@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ._validate import LsfovWarning, as_bits, boolean, positive_int, readable_array, real_number, user_stacklevel, yx_order
+from ._validate import LsfovWarning, as_bits, boolean, known_shape, positive_int, readable_array, real_number, user_stacklevel, yx_order
 from .cluster import compute
 
 log = logging.getLogger("lsfov")
@@ -1370,6 +1370,7 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
 
     check_result_name(path)
     check_result_name(_link_target(path))  # a link named r.zarr to x.tif would make a directory x.tif
+    progress = boolean(progress, "progress")
     if isinstance(obj, ProductConvolution):
         if operator is not None:
             raise ValueError("operator= goes with a result; save an operator on its own as obj")
@@ -1614,6 +1615,7 @@ def _as_dataset(obj) -> xr.Dataset:
     elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
         readable_array(obj, "the array to save")  # (its mask would be lost)
         arr = obj if isinstance(obj, da.Array) else np.asarray(obj)
+        known_shape(arr.shape, "the array to save")
         dims = ("y", "x") if arr.ndim == 2 else ("c", "y", "x") if arr.ndim == 3 else None
         if dims is None:
             raise ValueError(f"cannot save a {arr.ndim}-D array; give a 2-D (y, x) or 3-D (c, y, x) array")

@@ -41,7 +41,7 @@ import numpy as np
 
 from ._backend import (array_module, block_digests, fft_module, multiply, next_fast_len, parallel_map, row_bands,
                        task_threads, threads_for, to_numpy)
-from ._validate import LsfovWarning, known_shape, non_finite, readable_array, real_number, shape2d, shown, yx_order
+from ._validate import LsfovWarning, boolean, known_shape, non_finite, readable_array, real_number, shape2d, shown, yx_order
 
 __all__ = ["ProductConvolution"]
 
@@ -704,6 +704,10 @@ class ProductConvolution:
         if not whole:
             raise ValueError(f"origin must be a pair (y, x) of integer pixel positions, got {shown(origin)}")
         h, w = shape2d(shape)
+        if isinstance(periodic, (tuple, list)) and len(periodic) != 2:
+            raise ValueError(f"periodic must be True, False or a pair (y, x) of them, got {shown(periodic)}")
+        periodic = tuple(boolean(p, "periodic") for p in periodic) if isinstance(periodic, (tuple, list)) else \
+            boolean(periodic, "periodic")
         return self._view((oy, ox, h, w), periodic)
 
     def _view(self, window, periodic=False) -> "ProductConvolution":
@@ -784,7 +788,7 @@ class ProductConvolution:
             a restricted window; or chunk sizes are unknown); names only one of ``y`` and ``x`` (xarray;
             other names are read as rows, columns); or, with ``check``, holds NaN or Inf.
         """
-        return self._dispatch(u, adjoint=False, check=check)
+        return self._dispatch(u, adjoint=False, check=boolean(check, "check"))
 
     __call__ = apply
 
@@ -807,7 +811,7 @@ class ProductConvolution:
         TypeError, ValueError
             As :meth:`apply`.
         """
-        return self._dispatch(v, adjoint=True, check=check)
+        return self._dispatch(v, adjoint=True, check=boolean(check, "check"))
 
     def _dispatch(self, x, adjoint, check: bool = True):
         if hasattr(x, "dims"):  # xarray: its data (lazy stays lazy), its labels kept

@@ -32,12 +32,13 @@ from typing import Mapping
 
 import numpy as np
 
-from ._validate import LsfovWarning, shown
+from ._validate import LsfovWarning, real_numbers, shown
 
 __all__ = [
     "Optics",
     "PSFModel",
     "MODELS",
+    "MAX_NOLL",
     "gaussian",
     "zernike",
     "noll_to_nm",
@@ -128,6 +129,11 @@ class Optics:
 # Zernike polynomials (Noll indexing, unit RMS over the unit disk)
 
 
+#: The largest Noll index: its radial order 40 is the last whose polynomial float64 sums exactly
+#: (order 40: 1 at the rim to 1e-15, orthonormal to 5e-4; order 50: 11x off at the rim).
+MAX_NOLL = 41 * 42 // 2
+
+
 def noll_to_nm(j: int) -> tuple[int, int]:
     """Radial order ``n`` and signed azimuthal frequency ``m`` of Noll index ``j`` (1-based).
 
@@ -146,11 +152,13 @@ def noll_to_nm(j: int) -> tuple[int, int]:
     Raises
     ------
     ValueError
-        If ``j`` is not an integer >= 1 (a bool or float is refused).
+        If ``j`` is not an integer from 1 to :data:`MAX_NOLL` (a bool or float is refused).
     """
     if isinstance(j, (bool, np.bool_)) or not isinstance(j, (int, np.integer)) or j < 1:
         raise ValueError(f"Noll indices are integers from 1, got {j!r}")
     j = int(j)
+    if j > MAX_NOLL:  # (a radial order past 40 cancels its polynomial's terms into noise, in float64)
+        raise ValueError(f"Noll indices up to {MAX_NOLL} (radial order 40) are supported, got {j}")
     n = 0
     while j > (n + 1) * (n + 2) // 2:
         n += 1
@@ -245,9 +253,9 @@ def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
     ndarray, float32, shape (size, size) or (B, size, size)
     """
     try:
-        sy = np.asarray(sigma_y, dtype=np.float64)
-        sx = sy if sigma_x is None else np.asarray(sigma_x, dtype=np.float64)
-    except (TypeError, ValueError):
+        sy = real_numbers(sigma_y, "sigma_y")
+        sx = sy if sigma_x is None else real_numbers(sigma_x, "sigma_x")
+    except TypeError:
         raise TypeError(f"sigma_y and sigma_x must be numbers (standard deviations in pixels), got {shown(sigma_y)} "
                         f"and {shown(sigma_x)}") from None
     try:
@@ -259,7 +267,11 @@ def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
     if not np.all(np.isfinite(sy) & np.isfinite(sx)) or np.any(sy <= 0) or np.any(sx <= 0):
         raise ValueError("Gaussian widths must be finite and > 0 (standard deviations in pixels)")
     if size is None:
-        size = 2 * int(math.ceil(4 * float(max(sy.max(), sx.max())))) + 1
+        widest = float(max(sy.max(), sx.max()))
+        if 8 * widest + 1 > MAX_SIZE:  # (said before the size, which for 1e300 is a number of 300 digits)
+            raise ValueError(f"a Gaussian of sigma {widest:g} px needs a kernel over {MAX_SIZE} pixels; is the PSF "
+                             "width in pixels, not nm?")
+        size = 2 * int(math.ceil(4 * widest)) + 1
     size = _check_size(size)
     r = np.arange(size) - size // 2
     gy = np.exp(-0.5 * (r / sy[..., None]) ** 2)
@@ -335,9 +347,9 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
         noll_to_nm(j)
     nolls = tuple(sorted(int(j) for j in coeffs))
     try:
-        values = [np.asarray(coeffs[j], dtype=np.float64) for j in nolls]
-        z = np.asarray(z_um, dtype=np.float64)
-    except (TypeError, ValueError):
+        values = [real_numbers(coeffs[j], "coefficient") for j in nolls]
+        z = real_numbers(z_um, "z_um")
+    except TypeError:
         raise TypeError("Zernike coefficients and z_um must be numbers or 1-D arrays of numbers, got "
                         f"{shown(coeffs)} and {shown(z_um)}") from None
     batched = any(v.ndim > 0 for v in values) or z.ndim > 0
@@ -545,8 +557,8 @@ class PSFModel:
             if missing:
                 raise ValueError(f"model {self.name} needs parameters {list(self.params)}; missing {missing}")
             try:
-                cols = [np.asarray(params[p], dtype=np.float64) for p in self.params]
-            except (TypeError, ValueError):
+                cols = [real_numbers(params[p], p) for p in self.params]
+            except TypeError:
                 raise TypeError(f"model {self.name}'s parameters must be numbers or 1-D arrays of numbers, got "
                                 f"{shown(params)}") from None
             try:
@@ -558,10 +570,11 @@ class PSFModel:
             arr = np.stack([c.reshape(-1) for c in cols], axis=1)
         else:
             try:
-                arr = np.asarray(params, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise TypeError(f"model {self.name} takes {self.n_params} numbers {list(self.params)} per PSF, got "
-                                f"{shown(params)}") from None
+                arr = real_numbers(params, "params")
+            except TypeError:
+                raise TypeError(f"model {self.name} takes {self.n_params} real numbers {list(self.params)} per PSF, "
+                                f"got {shown(params)}" + (f" of {np.asarray(params).dtype}" if hasattr(params, "dtype")
+                                                         else "")) from None
             batched = arr.ndim == 2
             arr = np.atleast_2d(arr)
             if arr.ndim != 2 or arr.shape[1] != self.n_params:
@@ -680,7 +693,7 @@ class PSFModel:
             ``(params - low) / (high - low)``: values outside the ranges map outside [0, 1].
         """
         lo, hi = self.bounds
-        return (np.asarray(params, dtype=np.float64) - lo) / (hi - lo)
+        return (self._columns(params, "params") - lo) / (hi - lo)
 
     def denormalize(self, unit) -> np.ndarray:
         """Inverse of :meth:`normalize`.
@@ -696,7 +709,15 @@ class PSFModel:
             Values in the model's units.
         """
         lo, hi = self.bounds
-        return lo + np.asarray(unit, dtype=np.float64) * (hi - lo)
+        return lo + self._columns(unit, "unit") * (hi - lo)
+
+    def _columns(self, values, name: str) -> np.ndarray:
+        """``values`` (..., N) as float64, or one line saying they are no N columns of numbers."""
+        a = real_numbers(values, name)
+        if a.ndim == 0 or a.shape[-1] != self.n_params:
+            raise ValueError(f"{name} must have {self.n_params} columns {list(self.params)} (model {self.name}), got "
+                             f"shape {a.shape}")
+        return a
 
 
 # A widefield 20x/0.75 air objective in green light, 0.2 µm pixels: Airy radius ~2.2 px, and the

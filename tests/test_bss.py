@@ -337,6 +337,9 @@ def test_sparse_smooth_bad_input_and_dense_warning(scene, tmp_path):
     for zeros in (np.zeros(y.shape), da.zeros(y.shape, chunks=64)):  # (as deconvolve says it)
         with pytest.raises(ValueError, match="image is all zero"):
             lsfov.sparse_smooth_deblur(zeros, op, iterations=5)
+    for inverted in (-y, da.from_array(-y, chunks=64)):  # once two zero components, in silence
+        with pytest.raises(ValueError, match=r"image has no positive pixel \(max -[0-9.]+\); .* inverted\?"):
+            lsfov.sparse_smooth_deblur(inverted, op, iterations=5)
     texture = op.apply(lsfov.simulate.sample_image("camera", y.shape) * 500)
     with pytest.warns(UserWarning, match="does not look like"):
         lsfov.sparse_smooth_deblur(texture, op, 0.01, iterations=20)
@@ -346,7 +349,7 @@ def test_sparse_smooth_bad_input_and_dense_warning(scene, tmp_path):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", "(?s).*does not look like")
         lsfov.sparse_smooth_deblur(da.from_array(y, chunks=64), op, iterations=20, scratch=tmp_path)  # sources: no warning
 
 

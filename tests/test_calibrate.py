@@ -118,7 +118,7 @@ def test_calibration_helpers_refuse_bad_input_by_name():
                        (lambda: NodeGrid((64, 64), 0), "node step must be a positive integer"),
                        (lambda: cone_columns(np.array([[np.nan, 1.0], [1.0, 2.0]])), "contain NaN or Inf"),
                        (lambda: voronoi_weights(np.array([[np.nan, 1.0], [1.0, 2.0]]), (10, 10)),
-                        r"positions must be \(P, 2\) finite")):
+                        r"positions must be a \(P, 2\) array of finite")):
         with pytest.raises(ValueError, match=said):
             call()
 

@@ -124,7 +124,22 @@ def test_psf_functions_refuse_empty_mismatched_and_non_numeric_batches():
         (lambda: g2.render({"sigma_y": [1, 2], "sigma_x": [1, 2, 3]}), ValueError,
          r"G2's parameters must be batches of one length, got shapes {'sigma_y': \(2,\), 'sigma_x': \(3,\)}"),
         (lambda: g2.render({"sigma_y": "a", "sigma_x": 1}), TypeError, "G2's parameters must be numbers"),
-        (lambda: g2.render("ab"), TypeError, r"G2 takes 2 numbers \['sigma_y', 'sigma_x'\] per PSF, got 'ab'"),
+        (lambda: g2.render("ab"), TypeError, r"G2 takes 2 real numbers \['sigma_y', 'sigma_x'\] per PSF, got 'ab'"),
+
+        # Read as numbers once: "1.5", True, "0.1" rendered; complex lost its imaginary part with a ComplexWarning.
+        (lambda: psf.gaussian("1.5"), TypeError, "sigma_y and sigma_x must be numbers .*, got '1.5'"),
+        (lambda: psf.gaussian(True), TypeError, "sigma_y and sigma_x must be numbers .*, got True"),
+        (lambda: psf.zernike({4: "0.1"}, OPTICS), TypeError, "must be numbers or 1-D arrays of numbers, got {4: '0.1'}"),
+        (lambda: psf.zernike({4: 0.1}, OPTICS, z_um="1"), TypeError, "and '1'"),
+        (lambda: g2.render(np.array([1.0, 2.0], complex)), TypeError, "G2 takes 2 real numbers .* of complex128"),
+        (lambda: g2.render({"sigma_y": "1", "sigma_x": 1}), TypeError, "G2's parameters must be numbers"),
+        # The width said, not a kernel size of 301 digits.
+        (lambda: psf.gaussian(1e300), ValueError, "a Gaussian of sigma 1e[+]300 px needs a kernel over 1025 pixels"),
+        # Once NumPy's "operands could not be broadcast together".
+        (lambda: g2.normalize([1.0, 2.0, 3.0]), ValueError,
+         r"params must have 2 columns \['sigma_y', 'sigma_x'\] \(model G2\), got shape \(3,\)"),
+        (lambda: g2.denormalize(np.zeros((4, 3))), ValueError, r"unit must have 2 columns .* got shape \(4, 3\)"),
+        (lambda: g2.normalize("ab"), TypeError, "params must be real numbers, got 'ab'"),
     ):
         refuses(err, what, call)
 
@@ -181,3 +196,32 @@ def test_a_pixel_wise_operator_deblurs_dask_blocks_as_the_whole_image(small):
         whole = lsfov.deconvolve(u, op, 3, tv=0)
         blocks = lsfov.deconvolve(da.from_array(u, chunks=16), op, 3, tv=0).compute()
     np.testing.assert_allclose(blocks, whole, rtol=1e-5)  # (float rounding)
+
+
+def test_switches_take_true_or_false_not_a_word_that_reads_as_true(small, tmp_path):
+    """``bool("no")`` is True: a switch given a string would do the opposite of what was meant."""
+    u, op = small
+    refuses(ValueError, "check must be True or False, got 'no'", op.apply, u, check="no")
+    refuses(ValueError, "check must be True or False", op.adjoint, u, check="no")
+    refuses(ValueError, "periodic must be True or False, got 'no'", op.restrict, (0, 0), (16, 16), periodic="no")
+    refuses(ValueError, r"periodic must be True, False or a pair \(y, x\)", op.restrict, (0, 0), (16, 16),
+            periodic=(True, False, True))
+    assert op.restrict((0, 0), (32, 32), periodic=(True, False)).periodic == (True, False)
+    refuses(ValueError, "progress must be True or False", lsfov.deconvolve, u, op, 2, progress="no")
+    refuses(ValueError, "progress must be True or False", lsfov.sparse_smooth_deblur, u, op, progress="no")
+    refuses(ValueError, "progress must be True or False", lsfov.save, xr.DataArray(u, dims=("y", "x")),
+            tmp_path / "r.zarr", progress="no")
+    assert not (tmp_path / "r.zarr").exists()
+    beads = simulate.bead_field((64, 64), n_beads=4, seed=0).image
+    refuses(ValueError, "return_positions must be True or False", lsfov.calibrate_operator, beads,
+            return_positions="no")
+    refuses(ValueError, "progress must be True or False", lsfov.learn_subspace, [beads, beads], progress="no")
+    model = lsfov.load_model("G1")
+    refuses(ValueError, "symmetrize must be True or False", model.predict, np.zeros((1, 128, 128), np.float32),
+            symmetrize="no")
+    refuses(ValueError, "reproducible must be True or False", model.predict, np.zeros((1, 128, 128), np.float32),
+            reproducible="yes")
+    img = np.zeros((128, 128), np.float32)
+    for key in ("symmetrize", "fill", "progress"):
+        refuses(ValueError, f"{key} must be True or False", lsfov.estimate_psf_map, img, "G1", **{key: "no"})
+    refuses(ValueError, "symmetrize must be True or False", lsfov.blind_deconvolve, img, "G1", symmetrize="no")

@@ -61,10 +61,14 @@ def test_subspaces_and_operator_identification_refuse_bad_parts_and_inputs(tmp_p
     sub = cal.OperatorSubspace(k, np.ones((1, 64, 64)) / 64, np.ones((2, 1, 1)))
     refuses(ValueError, "gamma contains NaN or Inf; pass finite coordinates", sub.operator, np.full((1, 1), np.nan))
     img = _spots((64, 64), [(20, 20), (20, 44), (44, 20), (44, 44)])
-    refuses(ValueError, "positions must be a finite \\(P, 2\\) array", cal.identify_operator, img, sub,
-            positions=[[20, np.nan]])
-    refuses(ValueError, r"positions must be a finite .* got shape \(0, 2\)", cal.identify_operator, img, sub,
+    refuses(ValueError, r"positions must be a \(P, 2\) array of finite .* got NaN or Inf", cal.identify_operator, img,
+            sub, positions=[[20, np.nan]])
+    refuses(ValueError, r"positions must be a \(P, 2\) array .* got shape \(0, 2\)", cal.identify_operator, img, sub,
             positions=np.zeros((0, 2)))
+    refuses(TypeError, r"positions must be a \(P, 2\) array of \(y, x\) pixel positions, got 'a'",
+            cal.identify_operator, img, sub, positions="a")
+    # A (2, 3) array is no three pairs (once reshaped into (y, x) = (20, 20), (30, 44), (44, 1)).
+    refuses(ValueError, r"got shape \(2, 3\)", cal.extract_psfs, img, [[20, 20, 30], [44, 44, 1]], 3.0)
     refuses(ValueError, r"got shape \(3,\)", cal.identify_operator, img, sub, positions=[20, 20, 1])
     bad = img.copy()
     bad[3, 3] = np.inf

@@ -14,6 +14,21 @@ def test_noll_indices_follow_noll_1976():
         psf.noll_to_nm(0)
 
 
+def test_the_largest_noll_index_is_the_last_whose_polynomial_sums_exactly():
+    """Past radial order 40 the polynomial's terms cancel into noise (a PSF of NaN at Noll 10⁶, and a
+    search for the order of Noll 10²⁰ that never ended): refused at once."""
+    n, m = psf.noll_to_nm(psf.MAX_NOLL)
+    assert (n, abs(m)) == (40, 40) and psf.noll_to_nm(41 * 40 // 2 + 1) == (40, 0)
+    rim = psf.zernike_polynomial(41 * 40 // 2 + 1, np.ones(1), np.zeros(1))  # R_n^0(1) = 1, times √(n + 1)
+    assert rim[0] == pytest.approx(np.sqrt(41), rel=1e-9)
+    for j in (psf.MAX_NOLL + 1, 10**20):
+        with pytest.raises(ValueError, match=f"Noll indices up to {psf.MAX_NOLL} .radial order 40. are supported, "
+                                             f"got {j}"):
+            psf.noll_to_nm(j)
+    with pytest.raises(ValueError, match="Noll indices up to"):
+        psf.zernike({10**6: 0.1}, psf.DEFAULT_OPTICS)
+
+
 @pytest.mark.parametrize("j", [2, 4, 5, 6, 7, 11])
 def test_zernike_unit_rms_and_orthogonal(j):
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, non_finite, positive_int, real_number, saturation_level, yx_last
+from .._validate import LsfovWarning, as_image, non_finite, positions_yx, positive_int, real_number, saturation_level, yx_last
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -210,11 +210,31 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
     largest of these, plus one pixel, at least 3 pixels: the PSF of the field's widest region, as
     App. A-b asks of r (a median over the whole field is the typical PSF's, and cut the tails of
     the widest).
+
+    Parameters
+    ----------
+    image : array_like (H, W)
+        The bead image.
+    level : float
+        In (0, 1]: the fraction of a profile's peak below which its tail is taken as ended.
+    max_radius : int
+        The largest radius it gives, >= 3 px; beads nearer than that to the border are not read.
+
+    Returns
+    -------
+    float
+        The radius r in pixels, in [3, ``max_radius``].
+
+    Raises
+    ------
+    ValueError
+        If ``level`` or ``max_radius`` is out of range, or no beads are found (or all are crowded).
     """
     from scipy.spatial import cKDTree
 
+    level = real_number(level, "level", minimum=0, maximum=1, exclusive=True)  # a fraction of the peak
+    h = positive_int(max_radius, "max_radius", minimum=3)  # (the smallest radius it gives)
     img = as_image(image, "bead image")
-    h = int(max_radius)
     # Detect at the finest scale that finds beads: wide, dim (defocused) beads are lost in the noise
     # at 4 px but stand out at a coarser one.
     scales = [r for r in (4.0, 8.0, 16.0, 32.0) if r <= max(h, 4)]
@@ -446,7 +466,7 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
     radius = _check_radius(radius)
     k = patch_size(radius)
     h = k // 2
-    pos = np.rint(np.asarray(positions, dtype=np.float64)).astype(int).reshape(-1, 2)
+    pos = np.rint(positions_yx(positions)).astype(int)
     if np.any(pos < h + 2) or np.any(pos >= np.array(img.shape) - h - 2):
         raise ValueError(f"bead positions must lie at least {h + 2} px inside the image {img.shape}")
     centres = _subpixel_centres(img, pos, h + 1, sigma=max(1.0, radius / 4.0))

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from .._validate import LsfovWarning, as_image, check_pixel_size, non_finite, positive_int, saturation_level
+from .._validate import LsfovWarning, as_image, boolean, positions_yx, check_pixel_size, non_finite, positive_int, saturation_level
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 
@@ -86,6 +86,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         raise TypeError("subspace must be an lsfov.OperatorSubspace (learn one with lsfov.learn_subspace, "
                         "or load one with OperatorSubspace.load)")
     iterations = positive_int(iterations, "iterations")
+    return_details = boolean(return_details, "return_details")
     check_pixel_size(subspace, image, "the subspace was learned on")
     level = saturation_level(image, saturation)  # of the camera's counts, before the float copy below
     img = as_image(image, "image", check_values=False)  # negative pixels are fine: patches are fitted, not divided
@@ -101,10 +102,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         beads = bead_psfs(img, radius, threshold=threshold, saturation=level)
         patches, pos = beads.patches * beads.fluxes[:, None, None], beads.positions  # brightness back
     else:
-        pos = np.asarray(positions, dtype=np.float64)
-        if pos.ndim != 2 or pos.shape[1] != 2 or len(pos) == 0 or not np.all(np.isfinite(pos)):
-            raise ValueError(f"positions must be a finite (P, 2) array of (y, x) pixels, got shape {pos.shape}")
-        patches, pos = extract_psfs(img, pos, radius)
+        patches, pos = extract_psfs(img, positions_yx(positions), radius)
     n_i, n_j = subspace.n_psf, subspace.n_space
     if len(pos) < n_j:
         raise ValueError(f"{len(pos)} isolated point sources cannot fix a subspace with n_space={n_j}; "

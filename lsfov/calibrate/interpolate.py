@@ -14,7 +14,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import Voronoi
 
-from .._validate import positive_int, real_number, shape2d
+from .._validate import positions_yx, positive_int, real_number, shape2d
 from ..operators import _hat_matrix
 from .cone import project_cone
 
@@ -89,9 +89,7 @@ def voronoi_weights(positions, shape) -> np.ndarray:
     them closed. Positions at one place (to Qhull's precision) share their cell; positions outside
     the field are taken at its edge.
     """
-    pos = np.asarray(positions, dtype=np.float64)
-    if pos.ndim != 2 or pos.shape[1:] != (2,) or not len(pos) or not np.isfinite(pos).all():
-        raise ValueError(f"positions must be (P, 2) finite (y, x) pixel positions, P >= 1; got shape {pos.shape}")
+    pos = positions_yx(positions)
     size = np.array(shape2d(shape), dtype=np.float64)
     # The field spans [-0.5, n - 0.5] on each axis; a point on an edge would be its own mirror image.
     lo, hi = -0.5 + 1e-6 * size, size - 0.5 - 1e-6 * size

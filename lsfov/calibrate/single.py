@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, shape2d, yx_last
+from .._validate import boolean, not_a_bead_field, positive_int, real_number, saturation_level, shape2d, yx_last
 from ..operators import ProductConvolution
 from ..io import pixel_size
 from .basis import psf_basis
@@ -61,6 +61,7 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     not_a_bead_field(bead_image, "calibrate_operator")
     bead_image = yx_last(bead_image, "bead_image")  # dims by name: an (x, y) image gives no transposed operator
     max_columns = positive_int(max_columns, "max_columns")
+    return_positions = boolean(return_positions, "return_positions")
     smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)
     saturation = saturation_level(bead_image, saturation)  # an xarray image's significant_bits too
     beads = bead_psfs(np.asarray(bead_image), radius, threshold=threshold, saturation=saturation)

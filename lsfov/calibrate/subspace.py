@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validate import not_a_bead_field, positive_int, real_number, saturation_level, yx_last
+from .._validate import boolean, not_a_bead_field, positive_int, real_number, saturation_level, yx_last
 from ..operators import ProductConvolution
 from ..io import pixel_size
 from .basis import basis_signs, psf_basis
@@ -394,6 +394,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     max_columns = positive_int(max_columns, "max_columns")
     seed = positive_int(seed, "seed", minimum=0)  # (before the beads' work, not after it)
     smoothing = real_number(smoothing, "smoothing", minimum=0, maximum=1e6)
+    progress = boolean(progress, "progress")
     if saturation is not None:
         saturation = real_number(saturation, "saturation", minimum=0, exclusive=True)
     if n_space > len(images) * n_psf:

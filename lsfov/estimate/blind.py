@@ -51,7 +51,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     """
     import xarray as xr
 
-    from .._validate import censor_level, squeeze_plane
+    from .._validate import boolean, censor_level, squeeze_plane
     from ..io import pixel_size, with_pixel_size
     from ..restore import deconvolve
     from ..restore.tv_rl import check_settings
@@ -60,6 +60,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     from .model import PRODUCTS, load_model
 
     iterations, tv, _, _ = check_settings(iterations, tv)
+    symmetrize, progress = boolean(symmetrize, "symmetrize"), boolean(progress, "progress")
     params = load_model(model).params  # a wrong name or file is refused before any work
     calibration = as_calibration(calibration)
     if calibration is not None and not {"focus", "axis"} <= set(params):

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import psf as _psf
 from .._backend import array_module, block_digests, heap_kept, to_numpy
-from .._validate import (LsfovWarning, censor_level, fmt_level, known_shape, level_origin, non_finite, positive_int,
+from .._validate import (LsfovWarning, boolean, censor_level, fmt_level, known_shape, level_origin, non_finite, positive_int,
                          real_number, scratch_dir, shape2d, squeeze_plane, user_stacklevel, yx_order)
 from ..io import atomic_file, image_origin, pixel_size, plane_of
 from ..operators import ProductConvolution
@@ -334,6 +334,8 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     patch = m.patch
     stride = check_stride(stride)
     batch_size = positive_int(batch_size, "batch_size")
+    symmetrize, fill, progress = (boolean(v, n) for v, n in ((symmetrize, "symmetrize"), (fill, "fill"),
+                                                             (progress, "progress")))
     max_saturated = MAX_SATURATED if max_saturated is None else \
         real_number(max_saturated, "max_saturated", minimum=0, maximum=1)
     image = squeeze_plane(image)  # a (1, H, W) plane, as NumPy, Dask or xarray

@@ -443,6 +443,7 @@ class PSFRegressor:
         """
         t = self._as_batch(patches)
         batch_size = positive_int(batch_size, "batch_size")
+        reproducible, symmetrize = boolean(reproducible, "reproducible"), boolean(symmetrize, "symmetrize")
         if symmetrize:
             out = np.zeros((len(t), 1 + n_targets(self.psf_model)))
             for g in D4:

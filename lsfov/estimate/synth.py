@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from .. import psf as _psf
 from .._backend import next_fast_len
-from .._validate import positive_int, real_number
+from .._validate import boolean, positive_int, real_number
 from ..simulate import _poisson_gaussian
 
 __all__ = ["SOURCES", "library", "synthesize", "open_training_set", "degrade_patches"]
@@ -467,6 +467,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
     n = positive_int(n, "n")
     batch = positive_int(batch, "batch")
     workers = positive_int(workers, "workers")
+    progress = boolean(progress, "progress")
     m = _psf.get_model(model)
     invalid_fraction = real_number(invalid_fraction, "invalid_fraction", minimum=0, maximum=0.99)
     illumination = real_number(illumination, "illumination", minimum=0, maximum=1)

@@ -420,6 +420,7 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     if epochs is not None:
         epochs = positive_int(epochs, "epochs")
     probe_steps = positive_int(probe_steps, "probe_steps")
+    progress = boolean(progress, "progress")
     if lr is not None:
         lr = real_number(lr, "lr", minimum=0, maximum=1, exclusive=True)
     candidates = (lr_candidates,) if np.isscalar(lr_candidates) else tuple(lr_candidates)
@@ -704,6 +705,7 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False, progr
     """
     model = model if isinstance(model, PSFRegressor) else load_model(model)
     batch_size = positive_int(batch_size, "batch_size")
+    symmetrize, progress = boolean(symmetrize, "symmetrize"), boolean(progress, "progress")
     ds = _as_set(data)
     if ds["attrs"]["psf_model"] != model.psf_model.name:
         raise ValueError(f"test set is for {ds['attrs']['psf_model']}, the model regresses {model.psf_model.name}")

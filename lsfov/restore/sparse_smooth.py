@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import block_digests, task_threads, to_numpy
-from .._validate import (LsfovWarning, as_image, beyond_float32, censor_level, check_pixel_size, float32_blocks,
+from .._validate import (LsfovWarning, as_image, beyond_float32, boolean, censor_level, check_pixel_size, float32_blocks,
                          known_shape, level_origin, non_finite, positive_int, real_2d, real_number, scratch_dir,
                          squeeze_plane, yx_order)
 from ..cluster import stop_point
@@ -228,6 +228,7 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if exchange_every is not None:  # as deconvolve: 0 is refused, not taken as the default
         exchange_every = positive_int(exchange_every, "exchange_every")
     warn_dense = real_number(warn_dense, "warn_dense", minimum=0, maximum=1)  # a fraction of the pixels
+    progress = boolean(progress, "progress")
     scratch_dir(scratch, resume)  # before the read of the image below
     image = squeeze_plane(image)  # a (1, H, W) plane, as NumPy, Dask or xarray
     xr_in = getattr(image, "dims", None) is not None
@@ -277,6 +278,9 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
     if peak == 0 and low == 0:
         raise ValueError("image is all zero; there is nothing to deblur: is it the plane (--channel, --z, --t) you "
                          "meant?")
+    if peak <= 0:  # (u1, u2 >= 0: the result would be zero) as deconvolve says it
+        raise ValueError(f"image has no positive pixel (max {peak:g}); point sources and their background are "
+                         "light: is it background-subtracted twice, or inverted?")
     level = say_censored(n_sat, level, origin, y.size, peak)  # none saturated: None, the plain iterates, bit for bit
     norms = _psf_norms(operator)  # read once (basis maps may be on disk)
     noise = estimate_noise(sample) if min(sample.shape) >= 3 else None  # None: too small to measure

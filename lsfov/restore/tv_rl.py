@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import (LsfovWarning, as_image, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
+from .._validate import (LsfovWarning, as_image, boolean, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
                          positive_int, real_2d, real_number, scratch_dir, squeeze_plane, user_stacklevel, yx_order)
 from ..cluster import stop_point
 from ..operators import ProductConvolution
@@ -345,6 +345,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     """
     iterations, tv, eps, exchange_every = _check_params(operator, iterations, tv, eps, exchange_every)
     scratch_dir(scratch, resume)
+    progress = boolean(progress, "progress")  # ("no" is no refusal of a bar)
     import xarray as xr
 
     image = squeeze_plane(image)  # a (1, H, W) plane, as NumPy, Dask or xarray
