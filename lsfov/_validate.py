@@ -127,8 +127,21 @@ def real_numbers(v, name: str) -> np.ndarray:
     except (TypeError, ValueError):  # (ragged sequences)
         a = None
     if a is None or a.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must be real numbers, got {shown(v)}")
+        raise TypeError(f"{name} must be real numbers, got {shown(v)}" + (f" of {a.dtype}" if a is not None and a.ndim
+                                                                           else ""))
     return a.astype(np.float64)
+
+
+def fits_in_memory(shape, copies: float, what: str):
+    """Refuse, in one line, to make ``copies`` float32 arrays of ``shape`` where this machine has not
+    the memory for them (NumPy's MemoryError names a number of GiB, not what to do)."""
+    import psutil
+
+    need = copies * 4 * float(np.prod(shape, dtype=np.float64))
+    have = psutil.virtual_memory().available
+    if need > have:
+        raise ValueError(f"{what} of {shape[0]}x{shape[1]} px needs about {need / 2**30:.3g} GiB; this machine has "
+                         f"{have / 2**30:.3g} GiB available: make a smaller one")
 
 
 def positions_yx(positions, name: str = "positions") -> np.ndarray:

@@ -450,6 +450,8 @@ def _check_out(path, overwrite, *, result: bool = True, inputs=()):
     a directory that is not a zarr store, nor an input (``inputs``) or a folder holding one."""
     from .io import _is_replaceable, _link_target, check_result_name, is_working_folder, output_lock, restore_moved_aside
 
+    if not str(path):  # (Path("") is ".", which would be judged as the current folder or the input)
+        raise ValueError("the output path is empty; name a new file or folder for the output")
     path = Path(path)
     for src in inputs:
         if not str(src):

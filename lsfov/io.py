@@ -1182,6 +1182,8 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
     (float, float)
         The first pixel's (y, x) position, in µm with ``pixel_um``, else in pixels.
     """
+    if pixel_um is not None:  # ("0.1" and -1 once placed everything at 0 in silence)
+        pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)
     if not hasattr(image, "dims"):
         return 0.0, 0.0
     origin = []

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import psf as _psf
-from ._validate import LsfovWarning, as_image, check_pixel_size, positive_int, real_number, shape2d, squeeze_plane, \
+from ._validate import LsfovWarning, as_image, check_pixel_size, fits_in_memory, positive_int, real_number, shape2d, squeeze_plane, \
     yx_order
 from ._validate import rng as _rng
 from .operators import ProductConvolution, _cell_centers
@@ -140,6 +140,7 @@ def bead_field(
     kernel and are cut off.
     """
     h, w = shape2d(shape)
+    fits_in_memory((h, w), 8, "a bead field")  # (the sharp, blurred and noisy images, some in float64)
     grid = positive_int(grid, "grid")
     psf_size = positive_int(psf_size, "psf_size")
     photons = real_number(photons, "photons", minimum=0, maximum=1e15, exclusive=True)
@@ -332,7 +333,7 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
         i = m.params.index("axis")
         unit[..., i] = 0.1 + 0.8 * unit[..., i]
     params = lo + unit * (hi - lo)
-    size = size or m.size
+    size = m.size if size is None else size  # (0 or False is no size: refused by render, not the default)
     kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
     return ProductConvolution.from_grid(kernels, (h, w)), params
 
@@ -370,6 +371,7 @@ def sample_image(name: str = "cell", shape=None) -> np.ndarray:
     img = (img - img.min()) / max(float(np.ptp(img)), 1e-12)
     if shape is not None:
         h, w = shape2d(shape)
+        fits_in_memory((h, w), 3, "a sample image")  # (the tiles, their crop and its copy)
         reps = (int(np.ceil(h / img.shape[0])), int(np.ceil(w / img.shape[1])))
         tile = np.block([[img[:, :: (1 if j % 2 == 0 else -1)][:: (1 if i % 2 == 0 else -1)]
                           for j in range(reps[1])] for i in range(reps[0])])
@@ -442,6 +444,7 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
         If the depth range is empty or its defocus exceeds the Z3 model's range.
     """
     h, w = shape2d(shape)
+    fits_in_memory((h, w), 8, "a tilted surface")  # (its sample, depth, blurred and noisy images)
     grid = positive_int(grid, "grid")
     focus_per_um = real_number(focus_per_um, "focus_per_um", minimum=0, exclusive=True)
     direction, curvature = real_number(direction, "direction"), real_number(curvature, "curvature")

@@ -278,6 +278,7 @@ def test_cli_checks_options_and_outputs_before_any_work(run, tmp_path, monkeypat
         (["estimate", "img.npy", "afile.zarr"], "afile.zarr is a file, not a result; remove it or choose another"),
         (["simulate", "beads", ".", "--overwrite"], ". is the current folder (or holds it)"),
         (["estimate", "", "o.zarr"], "an input path is empty"),
+        (["deconvolve", "img.npy", "", "--psf", "img.npy"], "the output path is empty; name a new file or folder"),
         (["estimate", "img.npy", "o.zarr", "--scratch", "m1.zarr/tmp"], "--scratch m1.zarr/tmp is inside the zarr store"),
         # a bad --scheduler is said before the image is opened (here, before it is found missing)
         (["run", "nope.tif", "o.zarr", "--scheduler", "carrier-pigeon"], "unknown scheduler 'carrier-pigeon'"),

@@ -225,3 +225,31 @@ def test_switches_take_true_or_false_not_a_word_that_reads_as_true(small, tmp_pa
     for key in ("symmetrize", "fill", "progress"):
         refuses(ValueError, f"{key} must be True or False", lsfov.estimate_psf_map, img, "G1", **{key: "no"})
     refuses(ValueError, "symmetrize must be True or False", lsfov.blind_deconvolve, img, "G1", symmetrize="no")
+
+
+def test_what_numpy_would_misread_or_fail_on_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Each was once a silent default, a made-up value or a NumPy error."""
+    from lsfov.io import image_origin
+    from lsfov.restore.tv_rl import tv_curvature
+
+    refuses(ValueError, "kernel size must be a positive odd integer, got 0", simulate.psf_field, (64, 64), "G2", size=0)
+    img = xr.DataArray(np.zeros((4, 4)), dims=("y", "x"), coords={"y": np.arange(4.0), "x": np.arange(4.0)})
+    for bad in ("0.1", True):
+        refuses(TypeError, "pixel_um must be a number", image_origin, img, bad)
+    for bad in (-1, np.nan):
+        refuses(ValueError, "pixel_um must be a finite number > 0", image_origin, img, bad)
+    assert image_origin(img, 0.5) == (0.0, 0.0)
+    x = np.ones((16, 16), np.float32)
+    x[3, 3] = np.nan
+    refuses(ValueError, "x contains NaN or Inf", tv_curvature, x, 0.1)
+    a = da.ones((16, 16), chunks=8, dtype=np.float32)
+    refuses(ValueError, r"the array to save is a Dask array of unknown chunk sizes .*compute_chunk_sizes",
+            lsfov.save, a[a[:, 0] > 0], tmp_path / "r.zarr")
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 2**30})())
+    refuses(ValueError, r"a sample image of 100000x100000 px needs about 112 GiB; this machine has 1 GiB available",
+            simulate.sample_image, "cell", 100000)
+    refuses(ValueError, "a bead field of 40000x40000 px needs", simulate.bead_field, (40000, 40000))
+    refuses(ValueError, "a tilted surface of 40000x40000 px needs", simulate.tilted_surface, (40000, 40000))
+    assert simulate.sample_image("cell", 64).shape == (64, 64)

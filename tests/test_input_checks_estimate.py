@@ -4,6 +4,7 @@ one-line message that says what is wrong and what to do, before it turns into a 
 library deep inside."""
 import numpy as np
 import pytest
+import xarray as xr
 
 import lsfov
 from lsfov import calibrate as cal
@@ -297,3 +298,37 @@ def test_figures_leave_big_files_alone_and_show_mixed_units_square(tmp_path):
                                                                 "x": ("x", [0.0, 1, 2, 3], {"units": "pixel"})})
     assert figures._aspect(img) == 1.0
     assert figures._aspect(img.assign_coords(x=("x", [0.0, 1, 2, 3], {"units": "µm"}))) == 2.0
+
+
+def test_calibration_helpers_refuse_what_numpy_would_misread():
+    """Strings read as numbers, a NaN level taken as the largest radius, NumPy's reshape errors."""
+    from lsfov.calibrate.basis import rank_threshold
+    from lsfov.estimate.depth import estimate_depth
+
+    beads = lsfov.simulate.bead_field((96, 96), n_beads=6, seed=0).image
+    for kw, err, said in ((dict(level=np.nan), ValueError, "level must be a finite number > 0 and <= 1, got nan"),
+                          (dict(max_radius="5"), ValueError, "max_radius must be an integer >= 3, got '5'"),
+                          (dict(max_radius=2.5), ValueError, "max_radius must be an integer >= 3, got 2.5"),
+                          (dict(max_radius=0), ValueError, "max_radius must be an integer >= 3, got 0")):
+        refuses(err, said, cal.estimate_radius, beads, **kw)
+    for call in (lambda: cal.detect_beads(beads, "3"), lambda: cal.extract_psfs(beads, [[40, 40]], "3"),
+                 lambda: cal.calibrate_operator(beads, radius="3"), lambda: cal.detect_beads(beads, True)):
+        refuses(ValueError, "radius must be a number of pixels", call)
+    patches = np.random.default_rng(0).random((20, 11, 11))
+    refuses(TypeError, "zscore must be a number, got '3'", cal.psf_basis, patches, zscore="3")
+    refuses(ValueError, "zscore must be a finite number > 0, got -1", cal.psf_basis, patches, zscore=-1)
+    refuses(ValueError, "bead patches are all zero", cal.psf_basis, np.zeros((20, 11, 11)))
+    refuses(ValueError, r"with K odd and M >= 1, got \(0, 11, 11\)", cal.remove_background, np.zeros((0, 11, 11)), 3.0)
+    refuses(ValueError, "patches contains NaN or Inf", cal.remove_background, np.full((2, 11, 11), np.nan), 3.0)
+    refuses(TypeError, "patches must be real numbers, got an array of shape .* of complex128", cal.remove_background,
+            patches.astype(complex), 3.0)
+    refuses(ValueError, "shape must be positive, got 0", cal.node_grid, 0)
+    refuses(ValueError, "shape must be an int or a pair", cal.node_grid, "64")
+    refuses(ValueError, "matrix shape must be an int or a pair", rank_threshold, "a")
+    refuses(ValueError, r"matrix shape must be positive, got \(-1, 5\)", rank_threshold, (-1, 5))
+    refuses(TypeError, "u must be real numbers, got 'a'", cal.rescaled_distance, "a", "b")
+    refuses(ValueError, "u and u0 must be non-empty images of finite values", cal.rescaled_distance, [np.nan], [1.0])
+    m = lsfov.simulate.psf_field((256, 256), "Z3", grid=(3, 3), seed=0)
+    psf_map = xr.Dataset({p: (("gy", "gx"), m[1][..., i]) for i, p in enumerate(psf.get_model("Z3").params)}
+                         | {"validity": (("gy", "gx"), np.ones((3, 3)))}, attrs={"psf_model": "Z3"})
+    refuses(ValueError, "smooth must be a width in nodes >= 0, got '1'", estimate_depth, psf_map, smooth="1")

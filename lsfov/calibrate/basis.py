@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._validate import real_number, real_numbers, shape2d
+
 __all__ = ["PSFBasis", "psf_basis", "rank_threshold"]
 
 
@@ -32,7 +34,7 @@ def rank_threshold(shape) -> float:
     matrices). Patch matrices are far from square (thousands of patches of a few hundred pixels),
     where the optimal factor is smaller (ω(0.05) ≈ 1.5), so the general approximation is used.
     """
-    m, n = shape
+    m, n = shape2d(shape, "matrix shape")
     b = min(m, n) / max(m, n)
     return 0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43
 
@@ -83,7 +85,8 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     PSFBasis
     """
     groups = list(patches) if isinstance(patches, (list, tuple)) else [patches]
-    groups = [np.asarray(g, dtype=np.float32) for g in groups]
+    zscore = real_number(zscore, "zscore", minimum=0, exclusive=True)  # (before the work; "3" is no number)
+    groups = [real_numbers(g, "patches").astype(np.float32) for g in groups]
     if not groups or any(g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[1:] != groups[0].shape[1:]
                          for g in groups):
         raise ValueError(f"patches must have shape (M, K, K) (one K for all), got {[g.shape for g in groups]}")
@@ -92,6 +95,8 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
         raise ValueError("no bead patches given; detect beads first (lsfov.calibrate.bead_psfs)")
     if not all(np.isfinite(g).all() for g in groups):
         raise ValueError("bead patches contain NaN or Inf; extract them from a clean image")
+    if not any(g.any() for g in groups):  # (their basis would be zero, and every PSF of it)
+        raise ValueError("bead patches are all zero; extract them from the beads (lsfov.calibrate.bead_psfs)")
     d = k * k
     if n_basis is not None:
         if isinstance(n_basis, bool) or not isinstance(n_basis, (int, np.integer)) or n_basis < 1:

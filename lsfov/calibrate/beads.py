@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, non_finite, positions_yx, positive_int, real_number, saturation_level, yx_last
+from .._validate import LsfovWarning, as_image, non_finite, positions_yx, positive_int, real_numbers, real_number, saturation_level, yx_last
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -94,12 +94,14 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
         If ``order`` is not an integer >= 0, ``patches`` is not (M, K, K) or (K, K) with K odd, or
         too few pixels lie outside ``radius``.
     """
-    p = np.asarray(patches, dtype=np.float32)
+    p = real_numbers(patches, "patches").astype(np.float32)  # (complex once lost its imaginary part)
     order = positive_int(order, "background order", minimum=0)
     single = p.ndim == 2
     p = p[None] if single else p
-    if p.ndim != 3 or p.shape[1] != p.shape[2] or p.shape[1] % 2 == 0:
-        raise ValueError(f"patches must have shape (M, K, K) with K odd, got {np.shape(patches)}")
+    if p.ndim != 3 or p.shape[1] != p.shape[2] or p.shape[1] % 2 == 0 or not p.size:
+        raise ValueError(f"patches must have shape (M, K, K) with K odd and M >= 1, got {np.shape(patches)}")
+    if not np.isfinite(p).all():  # (one NaN would spread through its patch's fit)
+        raise non_finite("patches")
     radius = real_number(radius, "radius", minimum=0)
     k = p.shape[-1]
     c = k // 2
@@ -297,6 +299,8 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
 
 
 def _check_radius(radius) -> float:
+    if isinstance(radius, (bool, np.bool_, str, bytes)):  # (float() reads "3" and True)
+        raise ValueError(f"radius must be a number of pixels, got {radius!r}")
     try:
         r = float(radius)
     except (TypeError, ValueError):

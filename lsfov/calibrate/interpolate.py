@@ -74,6 +74,7 @@ def node_grid(shape, step: int | None = None) -> NodeGrid:
     The default step is ``max(4, ceil(min(shape) / 96))``: about 96 nodes along the shorter side,
     and a step of 4 pixels on images of up to 384 pixels. Spacings are the step or a little under it.
     """
+    shape = shape2d(shape)  # (0 and "64" once met a NumPy error)
     if step is None:
         step = max(4, math.ceil(min(shape) / 96))
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import boolean, not_a_bead_field, positive_int, real_number, saturation_level, shape2d, yx_last
+from .._validate import boolean, not_a_bead_field, positive_int, real_number, real_numbers, saturation_level, shape2d, yx_last
 from ..operators import ProductConvolution
 from ..io import pixel_size
 from .basis import psf_basis
@@ -101,10 +101,11 @@ def dirac_comb(shape, spacing: int = 32) -> np.ndarray:
 
 def rescaled_distance(u, u0) -> float:
     """``min_{a,b} ‖a·u + b − u0‖₂ / ‖u0‖₂`` (paper 003 Sec. III-B): the error up to gain and offset."""
-    u = np.asarray(u, dtype=np.float64).ravel()
-    u0 = np.asarray(u0, dtype=np.float64).ravel()
+    u, u0 = real_numbers(u, "u").ravel(), real_numbers(u0, "u0").ravel()
     if u.shape != u0.shape:
         raise ValueError(f"images differ in size: {u.size} and {u0.size} pixels; compare images of one shape")
+    if not (u.size and np.isfinite(u).all() and np.isfinite(u0).all()):
+        raise ValueError("u and u0 must be non-empty images of finite values")
     a = np.stack([u, np.ones_like(u)], axis=1)
     coef, *_ = np.linalg.lstsq(a, u0, rcond=None)
     return float(np.linalg.norm(a @ coef - u0) / max(np.linalg.norm(u0), 1e-30))

@@ -263,7 +263,7 @@ def _width(sigma) -> float:
     """``smooth`` as a width in nodes (>= 0; inf: one plane over the whole grid), or one line saying
     it is none."""
     try:
-        w = float(sigma)
+        w = np.nan if isinstance(sigma, (bool, np.bool_, str, bytes)) else float(sigma)  # (float() reads "1")
     except (TypeError, ValueError):
         w = np.nan
     if not w >= 0:

@@ -40,8 +40,9 @@ import warnings
 import numpy as np
 
 from .._backend import array_module, graph_runs, next_fast_len, parallel_map, row_bands, threads_for, to_numpy
-from .._validate import (LsfovWarning, as_image, boolean, censor_level, check_pixel_size, fmt_level, known_shape, level_origin,
-                         positive_int, real_2d, real_number, scratch_dir, squeeze_plane, user_stacklevel, yx_order)
+from .._validate import (LsfovWarning, as_image, boolean, censor_level, check_pixel_size, fmt_level, known_shape,
+                         level_origin, non_finite, positive_int, real_2d, real_number, scratch_dir, squeeze_plane,
+                         user_stacklevel, yx_order)
 from ..cluster import stop_point
 from ..operators import ProductConvolution
 
@@ -89,6 +90,8 @@ def tv_curvature(x, eps):
             raise ValueError("eps must be finite and > 0 at every pixel")
     if not type(x).__module__.startswith("dask"):
         xp = array_module(x)
+        if not bool(xp.isfinite(x).all()):  # (its NaN would spread to the neighbours' curvature)
+            raise non_finite("x")
         return _tv_curvature(x, eps if scalar else to_numpy(eps) if xp is np else xp.asarray(eps))
     import dask.array as da
     from dask.array.utils import meta_from_array
