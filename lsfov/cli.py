@@ -1370,13 +1370,16 @@ def _in_image_frame(table, img):
                    "(default: median + 8 robust standard deviations of the response).")
 @_saturation_option
 @click.option("--channel", type=int, default=None, help="Channel of multi-channel bead images.")
+@click.option("--pixel-um", type=float, default=None,
+              help="Pixel size in µm of the bead images, recorded with the operator or subspace (default: from the "
+                   "files).")
 @click.option("--figure", type=click.Path(), default=None,
               help="Write a figure of the bases and the operator (.png, .pdf or .svg).")
 @_scheduler_option
 @_overwrite_option
 @click.pass_obj
-def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, saturation, channel, figure, scheduler,
-              overwrite):
+def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, saturation, channel, pixel_um, figure,
+              scheduler, overwrite):
     """Learn the microscope from micro-bead images (paper 003).
 
     One bead image gives a product-convolution operator (use it with `lsfov deconvolve --operator`);
@@ -1393,6 +1396,7 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
     out = _check_out(out, overwrite, inputs=beads)
     if figure:
         _check_figure(figure, overwrite, out, inputs=beads)
+    _check_pixel_um(pixel_um)
     seen = {}
     for path in beads:  # one acquisition counted twice would weigh its operator double in the subspace
         if Path(path).resolve() in seen:
@@ -1405,6 +1409,10 @@ def calibrate(obj, beads, out, n_basis, n_space, radius, smoothing, threshold, s
             raise ValueError(f"{path} is the image {read[source]} names ({source}); give each bead image once")
         read[source or path] = path
     planes = [p for ps in opened for p in ps]
+    if pixel_um is not None:  # (a file's own size, or none, replaced: as IN's by the other commands)
+        from .io import with_pixel_size
+
+        planes = [with_pixel_size(p, pixel_um) for p in planes]
     if len({p.shape for p in planes}) != 1:
         raise ValueError(f"bead images differ in shape: {sorted({p.shape for p in planes})}; crop them alike")
     if len(planes) == 1 and _given("n_space"):  # silently ignored, one image gives one operator

@@ -697,9 +697,12 @@ def test_cli_calibrate_operator_and_subspace(run, tmp_path):
     assert op.kind == "basis" and op.kernels.shape[0] == 4
     assert operator_distance(op, fields[0].operator) < 0.35
     assert "lsfov operator" in run("info", "op.zarr").output
-    res = run("calibrate", "stack.npy", "sub.zarr", "--n-space", 3, "--figure", "sub.png")
+    assert "pixel_um" not in op.attrs  # a .npy says no pixel size
+    res = run("calibrate", "stack.npy", "sub.zarr", "--n-space", 3, "--figure", "sub.png", "--pixel-um", 0.1)
     sub = OperatorSubspace.load("sub.zarr")
     assert (sub.n_images, sub.n_space) == (2, 3) and Path("sub.png").exists()
+    assert sub.attrs["pixel_um"] == 0.1  # (the option once missing here, which messages advised)
+    assert "--pixel-um 0.0 must be a pixel size" in run("calibrate", "b0.npy", "p.zarr", "--pixel-um", 0, ok=False).output
     # The deconvolution CLI takes the calibrated operator.
     run("deconvolve", "b0.npy", "d.zarr", "--operator", "op.zarr", "--iterations", 2)
     # Existing outputs are kept; bad input is one line.
