@@ -561,13 +561,14 @@ def _check_preview(out, overwrite):
     --overwrite, an existing one is replaced only with OUT (whose preview it is) or if lsfov made it."""
     from .figures import made_by_lsfov
 
-    fig = _check_out(Path(out).with_suffix(".png"), overwrite, result=False)
+    # What --overwrite would not replace is said first: "pass --overwrite" would only lead to this.
+    fig = Path(out).with_suffix(".png")
     if fig.is_dir():
         raise ValueError(f"{fig}, where the preview of OUT goes, is a directory; move it, or name OUT otherwise")
     if fig.exists() and not Path(out).exists() and not made_by_lsfov(fig):
         raise FileExistsError(f"{fig}, where the preview of OUT goes, is a file lsfov did not make; move it, or name "
                               "OUT otherwise")
-    return fig
+    return _check_out(fig, overwrite, result=False)
 
 
 def _warn_not_held_out(what, attrs):
@@ -660,10 +661,15 @@ def info(path):
 
         st = torch.load(Path(path) / "last.pt", map_location="cpu", weights_only=True)
         meta, best = st.get("meta") or {}, st.get("best_val") or {}
+        from .estimate.training import finished
+
+        # An ended run is not offered to --resume, which refuses it: more training starts from its model.
+        what = ("the run has ended (all its epochs, or stopped early); `lsfov train DATA NEW.pt --init OUT.pt` trains "
+                "its model further" if finished(path) else "`lsfov train DATA OUT.pt --resume` continues it"
+                + ("" if Path(path).suffix == ".ckpt" else f" (with --checkpoint {path})"))
         click.echo(f"{path}: checkpoints of a {meta.get('psf_model')} ({meta.get('arch')}) training run: epoch "
                    f"{st.get('epoch', -1) + 1} of {st.get('scheduler', {}).get('T_max', '?')}, best validation R² "
-                   f"{best.get('val_r2', float('nan')):.4f}; `lsfov train DATA OUT.pt --resume` continues it"
-                   + ("" if Path(path).suffix == ".ckpt" else f" (with --checkpoint {path})"))
+                   f"{best.get('val_r2', float('nan')):.4f}; {what}")
     else:
         click.echo(describe(path))
 

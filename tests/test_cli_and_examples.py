@@ -621,8 +621,10 @@ def test_cli_train_synthesize_train_evaluate(run, tmp_path):
     assert "R² (" in res.output and "validity accuracy" in res.output
     assert (tmp_path / "g1.pt").exists() and (tmp_path / "g1.json").exists()
     assert (tmp_path / "g1.ckpt" / "last.pt").exists()
-    assert "g1.ckpt: checkpoints of a G1 (spectral) training run: epoch 1 of 1, best validation R² " in \
-        run("info", "g1.ckpt").output
+    info = run("info", "g1.ckpt").output
+    assert "g1.ckpt: checkpoints of a G1 (spectral) training run: epoch 1 of 1, best validation R² " in info
+    # Ended: not offered to --resume, which would refuse it (as it once was)
+    assert "the run has ended" in info and "--init OUT.pt" in info and "--resume" not in info
     model = lsfov.load_model(tmp_path / "g1.pt")
     assert model.meta["test"]["n"] == 64 and model.meta["training"]["n_train"] < 192
     res = run("evaluate", "g1.pt", "te.zarr")
