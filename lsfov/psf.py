@@ -202,11 +202,13 @@ def zernike_polynomial(j: int, rho, theta):
     Raises
     ------
     ValueError
-        If ``j`` is not an integer >= 1.
+        If ``j`` is not an integer from 1 to :data:`MAX_NOLL`.
+    TypeError
+        If ``rho`` or ``theta`` is not real numbers.
     """
     n, m = noll_to_nm(j)
     am = abs(m)
-    rho = np.asarray(rho, dtype=np.float64)
+    rho, theta = real_numbers(rho, "rho"), real_numbers(theta, "theta")  # (complex rho once lost its imaginary part)
     radial = np.zeros_like(rho)
     for s in range((n - am) // 2 + 1):
         c = (-1) ** s * math.factorial(n - s) / (
@@ -215,7 +217,7 @@ def zernike_polynomial(j: int, rho, theta):
         radial += c * rho ** (n - 2 * s)
     if m == 0:
         return math.sqrt(n + 1) * radial
-    ang = np.cos(am * np.asarray(theta)) if m > 0 else np.sin(am * np.asarray(theta))
+    ang = np.cos(am * theta) if m > 0 else np.sin(am * theta)
     return math.sqrt(2 * (n + 1)) * radial * ang
 
 

@@ -140,6 +140,8 @@ def test_psf_functions_refuse_empty_mismatched_and_non_numeric_batches():
          r"params must have 2 columns \['sigma_y', 'sigma_x'\] \(model G2\), got shape \(3,\)"),
         (lambda: g2.denormalize(np.zeros((4, 3))), ValueError, r"unit must have 2 columns .* got shape \(4, 3\)"),
         (lambda: g2.normalize("ab"), TypeError, "params must be real numbers, got 'ab'"),
+        (lambda: psf.zernike_polynomial(4, "x", 0.0), TypeError, "rho must be real numbers, got 'x'"),
+        (lambda: psf.zernike_polynomial(5, np.ones(3, complex), np.zeros(3)), TypeError, "rho must be real numbers"),
     ):
         refuses(err, what, call)
 
