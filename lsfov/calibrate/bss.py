@@ -10,7 +10,8 @@ import warnings
 
 import numpy as np
 
-from .._validate import LsfovWarning, as_image, boolean, positions_yx, check_pixel_size, non_finite, positive_int, saturation_level
+from .._validate import (LsfovWarning, as_image, boolean, check_pixel_size, non_finite, positions_yx, positive_int,
+                         saturation_level)
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 

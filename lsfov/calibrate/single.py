@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import boolean, not_a_bead_field, positive_int, real_number, real_numbers, saturation_level, shape2d, yx_last
+from .._validate import (boolean, not_a_bead_field, positive_int, real_number, real_numbers, saturation_level, shape2d,
+                         yx_last)
 from ..operators import ProductConvolution
 from ..io import pixel_size
 from .basis import psf_basis
