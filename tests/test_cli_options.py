@@ -138,12 +138,14 @@ def test_a_refused_run_leaves_no_folders_made_for_its_output(run, tmp_path, smal
     y[5, 5] = np.nan
     np.save(tmp_path / "nan.npy", y)
     np.save(tmp_path / "flat.npy", np.full((256, 256), 7.0, np.float32))
-    run("-q", "deconvolve", "nan.npy", "a/x.zarr", "--psf", "psf.npy", ok=False)
-    run("-q", "estimate", "flat.npy", "b/sub/x.zarr", ok=False)
-    run("-q", "run", "flat.npy", "c/sub/x.zarr", ok=False)
+    # Each refused where the test means it to be, once its lock has made the folders (not earlier)
+    nan, flat = "contains NaN or Inf", "every node of the PSF map is invalid"
+    _refused(run("-q", "deconvolve", "nan.npy", "a/x.zarr", "--psf", "psf.npy", ok=False), nan)
+    _refused(run("-q", "estimate", "flat.npy", "b/sub/x.zarr", ok=False), flat)
+    _refused(run("-q", "run", "flat.npy", "c/sub/x.zarr", ok=False), flat)
     assert not any((tmp_path / d).exists() for d in "abc")
     (tmp_path / "d").mkdir()  # a folder that was there stays
-    run("-q", "deconvolve", "nan.npy", "d/x.zarr", "--psf", "psf.npy", ok=False)
+    _refused(run("-q", "deconvolve", "nan.npy", "d/x.zarr", "--psf", "psf.npy", ok=False), nan)
     assert (tmp_path / "d").is_dir()
 
 
@@ -620,9 +622,9 @@ def test_train_on_a_stream_takes_the_apis_batch_size(run, tmp_path, monkeypatch)
         raise ValueError("stopped here")
 
     monkeypatch.setattr(stream, "train_stream", fake)
-    run("train", "--stream", 512, "--psf-model", "G1", "d.pt", ok=False)
-    assert "batch_size" not in seen  # its default, 256, as the help says
-    run("train", "--stream", 512, "--psf-model", "G1", "--batch-size", 32, "d.pt", ok=False)
+    _refused(run("train", "--stream", 512, "--psf-model", "G1", "d.pt", ok=False), "stopped here")
+    assert seen and "batch_size" not in seen  # reached; its default, 256, as the help says
+    _refused(run("train", "--stream", 512, "--psf-model", "G1", "--batch-size", 32, "d.pt", ok=False), "stopped here")
     assert seen["batch_size"] == 32
 
 

@@ -24,6 +24,17 @@ def test_symmetrized_prediction_is_the_mean_over_the_eight_symmetries():
     sym, plain = m.predict(xs, symmetrize=True), m.predict(xs)
     for k in plain:
         np.testing.assert_allclose(sym[k], plain[k], atol=1e-4, err_msg=k)
+    # Ordinary patches of G2 (a transpose swaps its widths): the mean of the 8 estimates, each read back
+    # by hand, and not the plain estimate (a symmetrize= ignored passed the check above).
+    x = torch.from_numpy(np.asarray(synth.synthesize(16, "G2", split="test", seed=5)["patches"]))
+    m = lsfov.load_model("G2")
+    sym, plain = m.predict(x, symmetrize=True), m.predict(x)
+    ways = [m.predict(M.transform_patches(x, *g)) for g in M.D4]
+    mean = {k: np.mean([w[{"sigma_y": "sigma_x", "sigma_x": "sigma_y"}[k] if g[0] else k] for w, g in zip(ways, M.D4)],
+                       axis=0) for k in ("sigma_y", "sigma_x")}
+    for k in mean:
+        np.testing.assert_allclose(sym[k], mean[k], atol=1e-4, err_msg=k)
+        assert np.abs(sym[k] - plain[k]).max() > 1e-2, k
 
 
 @pytest.mark.parametrize("z", [1.0, -1.0])

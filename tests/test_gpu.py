@@ -181,11 +181,22 @@ def test_cuda_scheduler_deconvolves_on_its_gpu_workers(tmp_path, monkeypatch):
     op, _ = sim.psf_field((300, 300), "Z3", (2, 2), seed=2, size=15)
     np.save("img.npy", sim.degrade(sim.sample_image("coins", (300, 300)), op, seed=0).astype(np.float32))
     op.save("op.zarr")
+    from lsfov import cli
+
+    seen, real = [], cli._on_gpu  # the library of the chunks the graph is built on (here, in the client)
+
+    def spy(img, gpu, scheduler):
+        out = real(img, gpu, scheduler)
+        seen.append((scheduler, type(out.data._meta).__module__.split(".")[0]))
+        return out
+
+    monkeypatch.setattr(cli, "_on_gpu", spy)
     runner = CliRunner()
     for sched, out in (("threads", "cpu.zarr"), ("cuda", "gpu.zarr")):
         res = runner.invoke(main, ["-q", "deconvolve", "img.npy", out, "--operator", "op.zarr", "--chunks", "160",
                                    "--iterations", "6", "--scheduler", sched])
         assert res.exit_code == 0, res.output + repr(res.exception)
+    assert seen == [("threads", "numpy"), ("cuda", "cupy")]  # equal bytes alone would pass a CPU run
     cpu, gpu = (np.asarray(lsfov.open_result(p)["deblurred"].values) for p in ("cpu.zarr", "gpu.zarr"))
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=2e-5 * cpu.max())
 
