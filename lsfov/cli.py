@@ -756,7 +756,9 @@ def simulate_beads(obj, out, size, n_beads, grid, pixel_um, seed, overwrite):
     cy, cx = b.operator.centers
     depth = xr.DataArray(
         b.depth_um.astype(np.float32), dims=("gy", "gx"),
-        coords={"gy": _um("gy", cy * px), "gx": _um("gx", cx * px)}, attrs={"units": "micrometer"},
+        # (a node's cell: the image over the nodes; a 1x1 grid was once saved at 1 µm, a dot in napari)
+        coords={"gy": _um("gy", cy * px, size * px / len(cy)), "gx": _um("gx", cx * px, size * px / len(cx))},
+        attrs={"units": "micrometer"},
     )
     ds = xr.Dataset({"image": image, "clean": image.copy(data=b.clean.astype(np.float32)), "depth": depth},
                     attrs={"command": "lsfov simulate beads", "optics": b.optics.to_dict(), "seed": seed,
@@ -1802,10 +1804,12 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _um(dim, values):
+def _um(dim, values, step=None):
+    """Node coordinates in µm; ``step``: the node cell's size in µm (what a one-node axis is saved at)."""
     import xarray as xr
 
-    return xr.Variable(dim, np.asarray(values, dtype=np.float64), attrs={"units": "micrometer"})
+    return xr.Variable(dim, np.asarray(values, dtype=np.float64),
+                       attrs={"units": "micrometer", **({"step": float(step)} if step else {})})
 
 
 def _axis_um(img, axis: str) -> float | None:
@@ -1838,7 +1842,8 @@ def _params_dataset(params, op, img, model):
         s = _axis_um(img, axis)  # each axis its own (non-square pixels: as the image's coordinates)
         if s and not pixel_um:
             o = float(img[axis].values[0]) * io._to_um(img[axis].attrs["units"])
-        coords[d] = xr.Variable(d, o + c * (s or 1.0), attrs={"units": "micrometer" if s else "pixel"})
+        step = img.sizes[axis] / len(c) * (s or 1.0)  # a node's cell (what a one-node axis is saved at)
+        coords[d] = xr.Variable(d, o + c * (s or 1.0), attrs={"units": "micrometer" if s else "pixel", "step": step})
     return xr.Dataset({
         name: xr.DataArray(params[..., i].astype(np.float32), dims=("gy", "gx"), coords=coords,
                            attrs={"units": m.units[name], "psf_model": m.name})

@@ -1773,7 +1773,7 @@ def _write_ngff_metadata(group, name, var, lead, lead_name, axes, datasets, meta
 
     extra = {}
     if lead_name == "c" and lead[0] in var.coords:  # channel names, where NGFF readers (napari) look for them
-        extra["omero"] = {"channels": [{"label": str(v)} for v in var.coords[lead[0]].values]}
+        extra["omero"] = {"channels": _omero_channels(var.coords[lead[0]].values, group[datasets[-1]["path"]])}
     write_multiscales_metadata(group, datasets=datasets, fmt=FormatV05(), axes=axes, name=name,
                                metadata={"description": "each level the mean of 2x2 pixels of the one before "
                                                         "(integers rounded, masks set where at least half are, "
@@ -1782,6 +1782,27 @@ def _write_ngff_metadata(group, name, var, lead, lead_name, axes, datasets, meta
     ome = group.attrs["ome"]  # NGFF's "type" of downscaling, which ome-zarr-py's writer does not take
     ome["multiscales"][0]["type"] = "local_mean"
     group.attrs.update({"ome": ome, "lsfov": meta})
+
+
+# Channel colours: one channel grey; several, the colours viewers tell apart best.
+_CHANNEL_COLORS = ("00FFFF", "FF00FF", "FFFF00", "00FF00", "FF0000", "0000FF")
+
+
+def _omero_channels(labels, smallest) -> list[dict]:
+    """NGFF's (transitional) omero channels: a label, a colour and a display window each. A label alone
+    is not enough: ome-zarr-py's reader then gives napari no colours, and napari refuses to open the
+    image. The window is read from the smallest pyramid level (``smallest``, a few hundred pixels per
+    channel, already written): a display range, which a full pass over a large result would cost."""
+    values = np.asarray(smallest[...], dtype=np.float64)
+    colors = ("FFFFFF",) if len(labels) == 1 else _CHANNEL_COLORS
+    out = []
+    for i, label in enumerate(labels):
+        plane = values[i][np.isfinite(values[i])]
+        lo, hi = (float(plane.min()), float(plane.max())) if plane.size else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        out.append({"label": str(label), "color": colors[i % len(colors)], "active": True,
+                    "window": {"min": lo, "max": hi, "start": lo, "end": hi}})
+    return out
 
 
 def _variable_meta(var, lead, mask: bool) -> dict:
@@ -1940,7 +1961,7 @@ def _axis_geometry(var: xr.DataArray, dim):
     if c.size == 1:  # no spacing to read: the coordinate's own "step", an image's pixel size, else the other axis's
         step = var.coords[dim].attrs.get("step")
         if step:
-            return float(step) * factor, float(c[0]) * factor, unit
+            return _tidy(float(step) * factor), _tidy(float(c[0]) * factor), unit
         if dim in ("y", "x") and unit == SPATIAL_UNIT and px:
             return px, float(c[0]) * factor, unit
         return None, float(c[0]) * factor, unit

@@ -121,6 +121,15 @@ def test_simulate_beads_blur_and_info(run, tmp_path, lsfov_log):
     with pytest.warns(lsfov.LsfovWarning, match="has 0.5 µm pixels but Z1's PSFs are those of 0.2 µm pixels"):
         run("simulate", "blur", "half.ome.tif", "z5.zarr", "--model", "Z1", "--grid", 2)
     assert lsfov.open_image(tmp_path / "z5.zarr").attrs["pixel_um"] == pytest.approx(0.2)
+    # A 1x1 grid: its node covers the image in napari (NGFF scale: the cell, 96 x 0.2 µm and
+    # 120 x 0.2 µm; once 1 µm, a dot at the centre)
+    run("simulate", "blur", "sharp.npy", "one.zarr", "--model", "Z1", "--grid", 1)
+    run("simulate", "beads", "b1.zarr", "--size", 128, "--grid", 1, "--pixel-um", 0.1)
+    for path, var, cell in (("one.zarr", "focus", [19.2, 24.0]), ("b1.zarr", "depth", [12.8, 12.8])):
+        ome = json.loads((tmp_path / path / var / "zarr.json").read_text())["attributes"]["ome"]
+        scale, shift = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        half_px = 0.1 if path == "one.zarr" else 0.05  # (the node at the image's centre, pixel centres from 0)
+        assert scale["scale"] == cell and shift["translation"] == pytest.approx([c / 2 - half_px for c in cell])
 
 
 def test_cli_bad_input_gives_one_line_and_exit_1(run, tmp_path):

@@ -908,9 +908,16 @@ def test_channel_names_and_the_pyramid_method_are_in_the_ngff_metadata(tmp_path)
     from ome_zarr.reader import Reader
 
     img = xr.DataArray(np.zeros((2, 60, 60), np.float32), dims=("c", "y", "x"), coords={"c": ["DAPI", "GFP"]})
+    img[1, 10:20, 10:20] = 100.0
     lsfov.save(img, tmp_path / "c.zarr")
     (node,) = list(Reader(parse_url(str(tmp_path / "c.zarr" / "image")))())
     assert node.metadata["channel_names"] == ["DAPI", "GFP"]
+    # A colour and a window per channel: with labels alone the reader gave napari no colormaps, and
+    # napari refused the image ("the 'colormap' argument only provided 0 values")
+    assert len(node.metadata["colormap"]) == 2 and node.metadata["colormap"][0] != node.metadata["colormap"][1]
+    assert node.metadata["contrast_limits"] == [[0.0, 1.0], [0.0, 100.0]]  # (a flat channel: a range of 1)
+    channels = json.loads((tmp_path / "c.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["omero"]
+    assert all({"label", "color", "window", "active"} <= set(c) for c in channels["channels"])
     ms = json.loads((tmp_path / "c.zarr" / "image" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert ms["type"] == "local_mean" and ms["metadata"]["method"] == "lsfov.io._halved"
     assert list(lsfov.open_result(tmp_path / "c.zarr").image.c.values) == ["DAPI", "GFP"]
