@@ -168,7 +168,8 @@ def test_demo_never_replaces_someones_file_where_its_figure_goes(run, tmp_path, 
 
     monkeypatch.setattr(sim, "tilted_surface", work)
     (tmp_path / "d.png").write_bytes(b"someone's picture")
-    _refused(run("demo", "--out", "d.zarr", "--size", 512, ok=False), "d.png already exists; pass --overwrite")
+    _refused(run("demo", "--out", "d.zarr", "--size", 512, ok=False), "d.png, where the preview of OUT goes, is a "
+             "file lsfov did not make; move it, or name OUT otherwise")  # (not "pass --overwrite", which would not do)
     assert (tmp_path / "d.png").read_bytes() == b"someone's picture"
 
 

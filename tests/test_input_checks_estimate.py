@@ -17,7 +17,7 @@ def test_bead_patches_and_bases_refuse_bad_shapes_and_counts():
     patches = np.stack([k, k, k]).astype(np.float32)
     for n in (0, -1, 2.5, True, "3"):
         refuses(ValueError, "n_basis must be a positive integer or None", cal.psf_basis, patches, n)
-    refuses(ValueError, r"with K odd, got \(3, 8, 8\)", cal.remove_background, patches[:, :8, :8], 2)
+    refuses(ValueError, r"with K odd and M >= 1, got \(3, 8, 8\)", cal.remove_background, patches[:, :8, :8], 2)
     refuses(ValueError, "with K odd", cal.remove_background, np.ones((2, 3, 5)), 1)
     refuses(TypeError, "radius must be a number", cal.remove_background, patches, "wide")
     refuses(ValueError, "too few background pixels in a 9x9 patch; use a larger patch", cal.remove_background,
