@@ -118,8 +118,8 @@ def positive_int(v, name: str, *, minimum: int = 1) -> int:
     return int(v)
 
 
-def real_numbers(v, name: str) -> np.ndarray:
-    """``v`` (a number or an array of them) as float64, or a TypeError: strings, bools, complex and
+def real_numbers(v, name: str, dtype=np.float64) -> np.ndarray:
+    """``v`` (a number or an array of them) as ``dtype``, or a TypeError: strings, bools, complex and
     objects are refused, where ``np.asarray(v, float)`` would read "1.5" and True as numbers and drop
     an imaginary part."""
     try:
@@ -129,7 +129,7 @@ def real_numbers(v, name: str) -> np.ndarray:
     if a is None or a.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be real numbers, got {shown(v)}" + (f" of {a.dtype}" if a is not None and a.ndim
                                                                            else ""))
-    return a.astype(np.float64)
+    return a.astype(dtype, copy=False)
 
 
 def fits_in_memory(shape, copies: float, what: str):

@@ -87,7 +87,7 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     groups = list(patches) if isinstance(patches, (list, tuple)) else [patches]
     if not (isinstance(zscore, (float, np.floating)) and zscore == np.inf):  # (inf: no patch rejected)
         zscore = real_number(zscore, "zscore", minimum=0, exclusive=True)  # (before the work; "3" is no number)
-    groups = [real_numbers(g, "patches").astype(np.float32) for g in groups]
+    groups = [real_numbers(g, "patches", np.float32) for g in groups]
     if not groups or any(g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[1:] != groups[0].shape[1:]
                          for g in groups):
         raise ValueError(f"patches must have shape (M, K, K) (one K for all), got {[g.shape for g in groups]}")

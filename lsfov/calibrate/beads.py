@@ -15,7 +15,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .._validate import LsfovWarning, as_image, non_finite, positions_yx, positive_int, real_numbers, real_number, saturation_level, yx_last
+from .._validate import (LsfovWarning, as_image, non_finite, positions_yx, positive_int, real_number, real_numbers,
+                         saturation_level, yx_last)
 
 __all__ = ["BeadPSFs", "bead_psfs", "detect_beads", "estimate_radius", "extract_psfs", "patch_size", "radial_bump",
            "remove_background"]
@@ -94,7 +95,7 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
         If ``order`` is not an integer >= 0, ``patches`` is not (M, K, K) or (K, K) with K odd, or
         too few pixels lie outside ``radius``.
     """
-    p = real_numbers(patches, "patches").astype(np.float32)  # (complex once lost its imaginary part)
+    p = real_numbers(patches, "patches", np.float32)  # (complex once lost its imaginary part)
     order = positive_int(order, "background order", minimum=0)
     single = p.ndim == 2
     p = p[None] if single else p
