@@ -33,7 +33,7 @@ def axis_chunks(n: int, c: int, minimum: int) -> tuple[int, ...]:
 
 
 # Above this many computed pixels per image pixel, a run says that larger chunks would be faster: a
-# 256² image in 64-px chunks (5.1x) ran TV-RL 19x slower than in one block, a 1024² one in 256-px
+# 256² image in 64-px chunks (5.1x) ran TV-RL 18x slower than in one block, a 1024² one in 256-px
 # chunks (2.8x) 2.2x slower than in 512-px ones (2 cores, 2026-12-07).
 _OVERHEAD_WARN = 3.0
 
