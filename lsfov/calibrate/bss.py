@@ -10,8 +10,7 @@ import warnings
 
 import numpy as np
 
-from .._validate import (LsfovWarning, as_image, boolean, check_pixel_size, non_finite, positions_yx, positive_int,
-                         saturation_level)
+from .._validate import LsfovWarning, as_image, boolean, check_pixel_size, non_finite, positive_int, saturation_level
 from .beads import bead_psfs, extract_psfs, patch_size
 from .subspace import OperatorSubspace
 
@@ -103,7 +102,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         beads = bead_psfs(img, radius, threshold=threshold, saturation=level)
         patches, pos = beads.patches * beads.fluxes[:, None, None], beads.positions  # brightness back
     else:
-        patches, pos = extract_psfs(img, positions_yx(positions), radius)
+        patches, pos = extract_psfs(img, positions, radius)  # (which checks them: (P, 2), finite)
     n_i, n_j = subspace.n_psf, subspace.n_space
     if len(pos) < n_j:
         raise ValueError(f"{len(pos)} isolated point sources cannot fix a subspace with n_space={n_j}; "
