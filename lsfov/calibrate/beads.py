@@ -185,19 +185,23 @@ SADDLE = 0.9
 def _crowded(pos, every, resp, radius):
     """Whether each candidate has another object's maximum within 2r (App. A-b): a maximum farther
     than 1.5 px (a bead midway between pixels ties two) with a dip in the response on the way."""
-    tree = cKDTree(every)
-    pairs = [(i, j) for i, near in enumerate(tree.query_ball_point(pos, 2 * radius)) for j in near
-             if np.hypot(*(every[j] - pos[i])) > 1.5]
     crowded = np.zeros(len(pos), bool)
-    if not pairs:
+    if not len(pos) or not len(every):
         return crowded
-    i, j = np.array(pairs).T
+    # every (candidate, maximum) pair within 2r, at once (a textured image has thousands)
+    near = cKDTree(pos).sparse_distance_matrix(cKDTree(every), 2 * radius, output_type="ndarray")
+    near = near[near["v"] > 1.5]
+    if not len(near):
+        return crowded
+    i, j = near["i"], near["j"]
     a, b = pos[i].astype(np.float64), every[j].astype(np.float64)
     n = np.ceil(2 * np.hypot(*(b - a).T)).astype(int) + 1  # samples every half pixel along each segment
-    t = np.concatenate([np.linspace(0, 1, m) for m in n])
-    k = np.repeat(np.arange(len(pairs)), n)
+    k = np.repeat(np.arange(len(i)), n)
+    first = np.r_[0, np.cumsum(n)[:-1]]
+    t = (np.arange(n.sum()) - first[k]) * (1.0 / (n - 1))[k]  # each segment's np.linspace(0, 1, n)
+    t[first + n - 1] = 1.0
     line = ndimage.map_coordinates(resp, (a[k] + t[:, None] * (b[k] - a[k])).T, order=1)
-    low = np.minimum.reduceat(line, np.r_[0, np.cumsum(n)[:-1]])
+    low = np.minimum.reduceat(line, first)
     peaks = np.minimum(resp[tuple(pos[i].T)], resp[tuple(every[j].T)])
     crowded[i[low < SADDLE * peaks]] = True
     return crowded
