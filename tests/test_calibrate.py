@@ -243,8 +243,9 @@ def _family(n, k=21, seed=0, noise=0.0):
     return p.astype(np.float32), g
 
 
-def test_basis_recovers_a_known_low_rank_family():
-    p, g = _family(300, noise=2e-5)
+@pytest.mark.parametrize("n", [300, 600])  # fewer patches than their 441 pixels (an SVD of them), more (the Gram)
+def test_basis_recovers_a_known_low_rank_family(n):
+    p, g = _family(n, noise=2e-5)
     b = psf_basis(p, 3)
     h = b.kernels.reshape(3, -1).astype(np.float64)
     np.testing.assert_allclose(h @ h.T, np.eye(3), atol=1e-5)  # orthonormal

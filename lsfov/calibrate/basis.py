@@ -111,12 +111,18 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     flat = [g.reshape(len(g), d) for g in groups]
 
     def pca(keeps):
+        n_rows = int(sum(kp.sum() for kp in keeps))
+        if n_rows < d:  # fewer patches than pixels (wide PSFs, few beads): an SVD of the patches,
+            # O(M² D), not the D x D Gram's O(D³) (150 patches of 73²: 0.03 s, not 40 s)
+            _, s, vt = np.linalg.svd(np.concatenate([_unit(g[kp])[0] for g, kp in zip(flat, keeps)]),
+                                     full_matrices=False)
+            n = n_basis or max(1, int((s > rank_threshold((n_rows, d)) * np.median(s)).sum()))
+            if s[n - 1] > 1e-6 * s[0]:  # (else kernels beyond the patches' rank, which only the Gram gives)
+                return _fix_signs(vt[:n]), s
         gram = np.zeros((d, d))
-        n_rows = 0
         for g, kp in zip(flat, keeps):
             u, _ = _unit(g[kp])
             gram += u.T @ u
-            n_rows += len(u)
         w, v = np.linalg.eigh(gram)
         w, v = w[::-1], v[:, ::-1]
         s = np.sqrt(np.maximum(w[: min(n_rows, d)], 0.0))
