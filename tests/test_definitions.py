@@ -121,6 +121,11 @@ def test_identification_samples_the_maps_bilinearly():
     pos = np.column_stack([rng.uniform(0, 39, 25), rng.uniform(0, 49, 25)])
     ref = np.stack([ndimage.map_coordinates(m, pos.T, order=1) for m in maps], axis=1)
     np.testing.assert_allclose(bss._sample_maps(maps, pos), ref, atol=1e-12)
+    # a loaded subspace's maps are Dask arrays: read at once, the same values
+    import dask.array as da
+
+    np.testing.assert_array_equal(bss._sample_maps(da.from_array(maps, chunks=(3, 16, 16)), pos),
+                                  bss._sample_maps(maps, pos))
 
 
 def test_sources_are_kept_at_k_sigma_over_the_psf_norm():

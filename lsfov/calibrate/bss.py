@@ -180,6 +180,13 @@ def _sample_maps(maps, pos):
     x0 = np.clip(np.floor(pos[:, 1]).astype(int), 0, wid - 2)
     ty = np.clip(pos[:, 0] - y0, 0, 1)[:, None]
     tx = np.clip(pos[:, 1] - x0, 0, 1)[:, None]
-    box = np.stack([np.asarray(maps[:, a : a + 2, b : b + 2], dtype=np.float64) for a, b in zip(y0, x0)])
+    iy = (y0[:, None] + np.array([0, 1]))[:, :, None]  # (P, 2, 1) and (P, 1, 2): each source's 2x2 box
+    ix = (x0[:, None] + np.array([0, 1]))[:, None, :]
+    if type(maps).__module__.startswith("dask"):  # a loaded subspace: each chunk read once, not once per source
+        box = np.moveaxis(np.asarray(maps.vindex[:, iy, ix], dtype=np.float64), -1, 1)
+    elif isinstance(maps, np.ndarray):
+        box = np.moveaxis(maps[:, iy, ix].astype(np.float64), 0, 1)
+    else:
+        box = np.stack([np.asarray(maps[:, a : a + 2, b : b + 2], dtype=np.float64) for a, b in zip(y0, x0)])
     return ((1 - ty) * (1 - tx) * box[:, :, 0, 0] + (1 - ty) * tx * box[:, :, 0, 1]
             + ty * (1 - tx) * box[:, :, 1, 0] + ty * tx * box[:, :, 1, 1])
