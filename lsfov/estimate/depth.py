@@ -274,7 +274,7 @@ def _width(sigma) -> float:
 def _plane_fit(values, weights, sigma):
     """:func:`local_plane` without the reweighting, and the nodes it left as they were (no weight in
     their neighbourhood; all of them for σ = 0)."""
-    from scipy.ndimage import correlate
+    from scipy.ndimage import correlate1d
 
     v = np.asarray(values, dtype=np.float64)
     w = np.ascontiguousarray(np.broadcast_to(np.asarray(weights, dtype=np.float64), v.shape))  # no 0 strides for ndimage
@@ -285,15 +285,17 @@ def _plane_fit(values, weights, sigma):
         return v.copy(), np.ones(v.shape, bool)
     r = int(min(np.ceil(3 * sigma), max(v.shape[-2:])))  # beyond the grid every node is a neighbour
     d = np.arange(-r, r + 1, dtype=np.float64)
-    dy, dx = np.meshgrid(d, d, indexing="ij")
-    g = np.exp(-0.5 * (dy**2 + dx**2) / sigma**2)
-    lead = (1,) * (v.ndim - 2)  # the same 2-D neighbourhood for each leading index
+    g1 = np.exp(-0.5 * d**2 / sigma**2)
+    g = np.outer(g1, g1)
 
-    def moment(a, k):
-        return correlate(a, k.reshape(lead + k.shape), mode="constant", cval=0.0)
+    def moment(a, py, px):
+        # g(dy, dx) dy^py dx^px is separable: a pass along y, then one along x (O(r) a node, not O(r²),
+        # in the same 2-D neighbourhood for each leading index)
+        a = correlate1d(a, g1 * d**py, axis=-2, mode="constant", cval=0.0)
+        return correlate1d(a, g1 * d**px, axis=-1, mode="constant", cval=0.0)
 
-    s0, sy, sx, syy, syx, sxx = (moment(w, g * k) for k in (1, dy, dx, dy * dy, dy * dx, dx * dx))
-    b0, by, bx = (moment(w * v, g * k) for k in (1, dy, dx))
+    s0, sy, sx, syy, syx, sxx = (moment(w, py, px) for py, px in ((0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)))
+    b0, by, bx = (moment(w * v, py, px) for py, px in ((0, 0), (1, 0), (0, 1)))
     a = np.stack([np.stack(r_, -1) for r_ in ((s0, sy, sx), (sy, syy, syx), (sx, syx, sxx))], -2)
     # A neighbourhood whose nodes lie on a line cannot fix a plane: a tiny ridge on the slopes turns
     # it into the weighted mean there, and leaves well-posed fits as they are.
