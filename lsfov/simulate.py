@@ -40,8 +40,11 @@ def _smooth_random(shape, rng, scale):
     """Smooth Gaussian random field with correlation length ``scale`` pixels, in [0, 1]."""
     small = tuple(max(2, int(np.ceil(s / scale)) + 3) for s in shape)
     coarse = ndimage.gaussian_filter(rng.standard_normal(small), 1.0)
-    zoom = [s / (c - 3) for s, c in zip(shape, small)]
-    f = ndimage.zoom(coarse, zoom, order=3)[: shape[0], : shape[1]]
+    # ndimage.zoom(coarse, s / (c - 3)) cropped to ``shape``, without computing the rest: zoom makes
+    # (c / (c - 3))² the pixels (up to 16x), in float64 (28672² for a 16384² field: 6.6 GB).
+    out = [int(round(c * (s / (c - 3)))) for s, c in zip(shape, small)]  # zoom's output shape
+    f = ndimage.affine_transform(coarse, [(c - 1) / (o - 1) for c, o in zip(small, out)], output_shape=tuple(shape),
+                                 order=3)  # zoom's coordinates: i (c - 1) / (o - 1)
     f -= f.min()
     return (f / max(f.max(), 1e-12)).astype(np.float32)
 
