@@ -46,7 +46,8 @@ def test_help(run):
     res = run("deconvolve", "-q", "a.tif", "o.zarr", ok=False)  # a global option after the command: say where it goes
     assert res.exit_code == 2 and "-q goes before the command, lsfov -q deconvolve ..." in res.output
     res = run("simulate", "blur", "-v", "a.tif", "o.zarr", ok=False)  # once, with the whole command
-    assert res.output.strip().endswith("No such option '-v': -v goes before the command, lsfov -v simulate blur ...")
+    said = res.output.strip().splitlines()[-1]  # (click 8.4 quotes the option; earlier ones add a colon)
+    assert re.search(r"No such option(: -v| '-v'): -v goes before the command, lsfov -v simulate blur \.\.\.$", said)
     res = run("calibrate", "beads.tif", ok=False)  # one path: OUT is what is missing, not the bead images
     assert res.exit_code == 2 and "give the bead image(s) and then OUT: lsfov calibrate beads.tif OUT" in res.output
     assert "calibrate [OPTIONS] BEADS... OUT" in res.output

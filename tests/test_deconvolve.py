@@ -333,7 +333,8 @@ def test_the_result_does_not_depend_on_the_images_memory_layout():
     y = np.ascontiguousarray(op.apply(u))
     view = np.pad(y, ((3, 5), (7, 2)))[3:-5, 7:-2]
     assert not view.flags.c_contiguous and np.array_equal(view, y)
-    assert view.mean() != y.mean()  # (float32: what made the difference)
+    if np.lib.NumpyVersion(np.__version__) >= "2.3.0":  # (its summation order follows the layout)
+        assert view.mean() != y.mean()  # (float32: what made the difference)
     ref = lsfov.deconvolve(np.ascontiguousarray(view), op, 3)
     np.testing.assert_array_equal(lsfov.deconvolve(view, op, 3), ref)
     np.testing.assert_array_equal(lsfov.deconvolve(np.asfortranarray(view), op, 3), ref)
