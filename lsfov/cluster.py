@@ -42,6 +42,19 @@ def jobqueue_cluster(kind: str, **settings):
     ``walltime``, ``queue``, ``account``, ...) or environment variables such as
     ``DASK_JOBQUEUE__SLURM__CORES=8``. ``cluster.job_script()`` shows what would be submitted;
     ``cluster.scale(jobs=N)`` submits.
+
+    Parameters
+    ----------
+    kind : {"slurm", "pbs"}
+        The batch system.
+    **settings
+        dask-jobqueue settings (``cores``, ``memory``, ``walltime``, ``queue``, ``account``, ...), over
+        the Dask configuration's.
+
+    Returns
+    -------
+    dask_jobqueue.JobQueueCluster
+        The cluster, with no job submitted.
     """
     if kind not in _JOBQUEUE:
         raise ValueError(f"unknown batch system {kind!r}; use one of {sorted(_JOBQUEUE)}")
@@ -273,11 +286,22 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
 
 def parse_scheduler(spec: str | None = "threads", *, n_workers: int | None = None) -> tuple[str, object]:
     """What :func:`use_scheduler` would run on, checked without starting or reaching anything: a
-    command refuses a bad ``--scheduler`` before it opens its image.
+    command refuses a bad ``--scheduler`` before it opens its image. It raises as :func:`use_scheduler`
+    does, except that a scheduler address is not tried here.
 
-    Returns ``(kind, value)``: ``("threads", None)``, ``("synchronous", None)``, ``("local", workers
-    or None)``, ``("cuda", None)``, ``("slurm" or "pbs", jobs)`` or ``("address", "proto://...")``.
-    Raises as :func:`use_scheduler` does, except that a scheduler address is not tried here.
+    Parameters
+    ----------
+    spec : str or None
+        What ``--scheduler`` takes (see ``SCHEDULERS``); None is ``"threads"``.
+    n_workers : int, optional
+        Workers of a ``"local"`` cluster.
+
+    Returns
+    -------
+    kind : str
+        ``"threads"``, ``"synchronous"``, ``"local"``, ``"cuda"``, ``"slurm"``, ``"pbs"`` or ``"address"``.
+    value : int, str or None
+        The local workers (or None), the batch jobs, or the address (``"proto://..."``).
     """
     if spec is not None and not isinstance(spec, str):
         raise TypeError(f"spec must be a scheduler name ({SCHEDULERS}), got {type(spec).__name__}")
@@ -414,7 +438,20 @@ def shared(obj, key: str):
     """``obj`` as one key of a Dask graph, for tasks to take as a (keyword) argument: sent once to
     each worker that runs them, where a task's own copy sends it with every task (an operator or a
     model of megabytes, times hundreds of tasks, crossed the network and was unpickled each time).
-    ``key`` names it: one per object and run."""
+    ``key`` names it: one per object and run.
+
+    Parameters
+    ----------
+    obj : object
+        What the tasks share (an operator, a model).
+    key : str
+        Its key in the graph: one per object and run.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        ``obj`` behind one key, not traversed.
+    """
     from dask.delayed import delayed
 
     return delayed(obj, name=key, traverse=False)
@@ -450,7 +487,26 @@ def worker_budgets(client, own_floor: int, kept=None, held=None):
     ``([(bytes, threads) per worker with a limit], pause fraction)``; a worker with nothing left is
     refused (MemoryError), since Dask would pause it and a run would wait for it without a word.
     With no worker yet (batch jobs in the queue), waits for the first: the run could not start
-    before, and its memory is what the checks need."""
+    before, and its memory is what the checks need.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The cluster's client.
+    own_floor : int
+        The least a worker's own use is taken to be, in bytes.
+    kept : callable, optional
+        ``kept(memory_limit)``: the bytes a worker of that limit keeps between tasks.
+    held : str, optional
+        The name of the worker metric that says what that cache holds now.
+
+    Returns
+    -------
+    budgets : list of (int, int)
+        (bytes, threads) of each worker that has a memory limit.
+    fraction : float
+        The fraction of its limit at which Dask pauses a worker.
+    """
     workers = _workers_info(client)
     if not workers:
         log.info("waiting for the first Dask worker to join (batch jobs may wait in the queue)")
@@ -545,6 +601,27 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
     ``on_task(key, result)`` is called as each task (on a cluster: each chunk of a 2-D NumPy array) finishes,
     e.g. to advance one ``tqdm`` bar over several passes.
     ``label`` is logged first, so that a run of several passes says which one a bar belongs to.
+
+    Parameters
+    ----------
+    obj : dask collection
+        What to compute (an array, a delayed object, or a tuple of them).
+    progress : bool
+        Show a progress bar.
+    label : str, optional
+        Logged before the work starts (which pass of a run this is).
+    on_task : callable, optional
+        ``on_task(key, result)``, called as each task finishes (the caller's own progress bar).
+
+    Returns
+    -------
+    object
+        What ``dask.compute`` returns for ``obj``: the computed value.
+
+    Raises
+    ------
+    MemoryError
+        A task ran out of memory, or its workers died repeatedly running it (with the remedy).
     """
     try:
         return _compute(obj, progress, label, on_task)

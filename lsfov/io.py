@@ -139,6 +139,22 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
         is not a TIFF); ``chunks`` is not a positive size or pair of them; or the image is empty.
         Two subclasses say what to choose: :class:`PlaneNotChosen` for an axis of several planes
         left unchosen, :class:`SeveralImages` for an OME-TIFF of several images without ``series``.
+
+    Examples
+    --------
+    A z-stack of 3 planes, 0.1 µm pixels 0.5 µm apart, written as ImageJ writes one:
+
+    >>> import tifffile
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> stack = np.stack([simulate.bead_field((256, 256), seed=s).image for s in range(3)])
+    >>> tifffile.imwrite("stack.tif", stack, imagej=True, resolution=(10, 10),
+    ...                  metadata={"axes": "ZYX", "unit": "um", "spacing": 0.5})
+    >>> image = lsfov.open_image("stack.tif", z=1)  # lazy: read chunk by chunk when used
+    >>> image.dims, image.shape, str(image.dtype)
+    (('y', 'x'), (256, 256), 'float32')
+    >>> image.attrs["pixel_um"], float(image["x"][1]), image["x"].attrs["units"], float(image["z"])
+    (0.1, 0.1, 'micrometer', 0.5)
     """
     path = _as_path(path)
     for name, idx in (("level", level), ("channel", channel), ("z", z), ("t", t), ("series", series)):
@@ -1367,6 +1383,23 @@ def save(obj, path, *, overwrite: bool = False, chunks: int | None = None, progr
     FileExistsError
         If ``path`` exists and ``overwrite`` is not given, exists but is neither a zarr store nor an
         empty directory, appears while the result is written, or is being written by another run.
+
+    Examples
+    --------
+    >>> import os
+    >>> import xarray as xr
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> beads = simulate.bead_field((256, 256), seed=0)  # 0.1 µm pixels, and the true blur
+    >>> deblurred = lsfov.deconvolve(beads.image, beads.operator, iterations=10)
+    >>> result = xr.Dataset({"raw": (("y", "x"), beads.image), "deblurred": (("y", "x"), deblurred)},
+    ...                     attrs={"pixel_um": 0.1})
+    >>> print(lsfov.save(result, "beads.zarr"))
+    beads.zarr
+    >>> sorted(os.listdir("beads.zarr"))  # an OME-Zarr image per variable: napari opens beads.zarr/deblurred
+    ['deblurred', 'raw', 'zarr.json']
+    >>> print(lsfov.save(result, "beads.zarr", overwrite=True))  # an existing result: only with overwrite
+    beads.zarr
     """
     from .operators import ProductConvolution
 
@@ -1550,12 +1583,32 @@ def atomic_directory(path, *, overwrite: bool = False):
     """Yield a temporary sibling directory that becomes ``path`` only if the block completes.
 
     An existing ``path`` is refused without ``overwrite``, and never replaced unless it is a zarr
-    store; it is moved aside and removed only once the new one is in place. On any error (or
-    Ctrl-C) the temporary directory is removed and ``path`` is left as it was. A process killed
-    outright (SIGKILL, a node lost) cannot clean up: the temporary directories it left for
-    ``path`` are removed by the next write of ``path``. The write holds :func:`output_lock`: a
-    second writer of ``path`` is refused, and a ``path`` that something else creates meanwhile is
-    not replaced without ``overwrite`` (FileExistsError).
+    store or an empty directory; it is moved aside and removed only once the new one is in place.
+    On any error (or Ctrl-C) the temporary directory is removed and ``path`` is left as it was. A
+    process killed outright (SIGKILL, a node lost) cannot clean up: the temporary directories it
+    left for ``path`` are removed by the next write of ``path``. The write holds
+    :func:`output_lock`: a second writer of ``path`` is refused, and a ``path`` that something else
+    creates meanwhile is not replaced without ``overwrite`` (FileExistsError).
+
+    Parameters
+    ----------
+    path : str or Path
+        The directory to write (a symbolic link: its target).
+    overwrite : bool
+        Replace an existing ``path`` (a zarr store or an empty directory).
+
+    Yields
+    ------
+    Path
+        The temporary directory (absolute, hidden, beside ``path``) to write into.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is not given, exists but is neither a zarr store nor an
+        empty directory, appears while the block runs, or is being written by another writer.
+    ValueError
+        If ``path`` is the current folder or holds it.
     """
     overwrite = boolean(overwrite, "overwrite")  # ("no" is no consent to replace a result)
     path = _link_target(path)
@@ -1591,6 +1644,23 @@ def atomic_file(path, *, unique: bool = False):
     is fixed, so a write killed midway leaves one leftover that the next write replaces; ``unique``:
     a name of its own for writers that may meet (Dask tasks). On any error it is removed and
     ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (a symbolic link: its target); its folder is made if missing.
+    unique : bool
+        Give the temporary file a name of its own.
+
+    Yields
+    ------
+    Path
+        The temporary file to write.
+
+    Raises
+    ------
+    IsADirectoryError
+        If ``path`` is a directory.
     """
     path = _link_target(path)
     if path.is_dir():
@@ -2124,6 +2194,24 @@ def open_result(path) -> xr.Dataset:
     ValueError
         If ``path`` is not an lsfov result (an image, an operator, a subspace or a training set), or
         its write was interrupted.
+
+    Examples
+    --------
+    >>> import tifffile
+    >>> import xarray as xr
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> beads = simulate.bead_field((256, 256), seed=0)  # 0.1 µm pixels, and the true blur
+    >>> tifffile.imwrite("beads.tif", beads.image, imagej=True, resolution=(10, 10), metadata={"unit": "um"})
+    >>> raw = lsfov.open_image("beads.tif")
+    >>> deblurred = lsfov.deconvolve(raw, beads.operator, iterations=10)  # xarray in, xarray out
+    >>> print(lsfov.save(xr.Dataset({"raw": raw, "deblurred": deblurred}), "result.zarr"))
+    result.zarr
+    >>> ds = lsfov.open_result("result.zarr")
+    >>> list(ds.data_vars), ds["deblurred"].dims, str(ds["deblurred"].dtype)
+    (['raw', 'deblurred'], ('y', 'x'), 'float32')
+    >>> float(ds["x"][1]), ds["x"].attrs["units"]  # µm coordinates, as saved
+    (0.1, 'micrometer')
     """
     path = _as_path(path)
     if not path.exists():

@@ -369,6 +369,11 @@ class ProductConvolution:
         Node rows and columns (pixel coordinates) of the grid form.
     maps : array_like or None
         (I, H, W) coefficient maps of the basis form.
+    window : (int, int, int, int)
+        ``(oy, ox, h, w)``: the part of the image this operator acts on; the whole image, ``(0, 0) +
+        shape``, but for a restricted one (:meth:`restrict`).
+    periodic : (bool, bool)
+        Whether a restricted window wraps around along y and x (:meth:`restrict`).
     """
 
     #: Cut the grid form into equal cells (one batch, no loop over cells; more FFT area, see
@@ -456,6 +461,27 @@ class ProductConvolution:
             even K or one larger than the image's smaller side, or a PSF whose sum is not positive;
             if ``shape`` is not positive integers; or ``centers`` is not a pair of arrays of gy and
             gx finite, strictly increasing positions.
+
+        Examples
+        --------
+        A 2 x 2 grid of Gaussian PSFs, sharp at the top and wider at the bottom of a 256² field:
+
+        >>> import numpy as np
+        >>> from lsfov import ProductConvolution, psf
+        >>> sigmas = np.array([[1.0, 1.5], [2.0, 3.0]])
+        >>> psfs = psf.gaussian(sigmas.ravel(), size=21).reshape(2, 2, 21, 21)
+        >>> op = ProductConvolution.from_grid(psfs, (256, 256))
+        >>> op
+        ProductConvolution(grid, shape=(256, 256), grid=(2, 2), K=21)
+        >>> u = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+        >>> v = np.random.default_rng(1).random((256, 256), dtype=np.float32)
+        >>> blurred = op.apply(u)
+        >>> blurred.shape, blurred.dtype
+        ((256, 256), dtype('float32'))
+        >>> bool(np.isclose(np.vdot(blurred, v), np.vdot(u, op.adjoint(v)), rtol=1e-5))  # <Hu, v> = <u, H^T v>
+        True
+        >>> op.psf_at(0, 0).shape  # the local PSF: the top-left node's
+        (21, 21)
         """
         psfs = _owned(_as_float_array(psfs, "psfs"), psfs)
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
@@ -590,6 +616,24 @@ class ProductConvolution:
             If ``kernels`` is empty, holds NaN or Inf, or is not (I, K, K) with square kernels; K is
             even or larger than the maps' smaller side; ``maps`` is not (I, H, W) with the kernels'
             I; or NumPy maps hold NaN or Inf.
+
+        Examples
+        --------
+        Two kernels whose mix changes from left to right: a sharp PSF at the left edge, a wide one at
+        the right:
+
+        >>> import numpy as np
+        >>> from lsfov import ProductConvolution, psf
+        >>> kernels = psf.gaussian([1.0, 3.0], size=21)
+        >>> t = np.linspace(0, 1, 256, dtype=np.float32)
+        >>> maps = np.stack([np.tile(1 - t, (256, 1)), np.tile(t, (256, 1))])
+        >>> op = ProductConvolution.from_basis(kernels, maps)
+        >>> op
+        ProductConvolution(basis, shape=(256, 256), basis=2, K=21)
+        >>> bool(np.allclose(op.psf_at(128, 0), kernels[0], atol=1e-6))
+        True
+        >>> op.apply(np.ones((256, 256), np.float32))[128, 128].round(3)  # unit-sum PSFs keep the light
+        np.float32(1.0)
         """
         kernels = _owned(_as_float_array(kernels, "kernels"), kernels)
         if kernels.ndim != 3 or kernels.shape[-1] != kernels.shape[-2]:
@@ -743,7 +787,20 @@ class ProductConvolution:
         return self._block(block, origin, adjoint=False)
 
     def adjoint_block(self, block, origin):
-        """Adjoint counterpart of :meth:`apply_block`."""
+        """Adjoint counterpart of :meth:`apply_block`.
+
+        Parameters
+        ----------
+        block : array_like (h, w)
+            The block, halo included: more than ``2 * halo`` pixels along each axis.
+        origin : (int, int)
+            The image position of the block's first pixel (halo included).
+
+        Returns
+        -------
+        array, float32, (h - 2 halo, w - 2 halo)
+            The block without its halo, equal to the same region of ``adjoint`` on the whole image.
+        """
         return self._block(block, origin, adjoint=True)
 
     def _block(self, block, origin, *, adjoint: bool):
@@ -804,7 +861,8 @@ class ProductConvolution:
 
         Returns
         -------
-        array, float32, of ``v``'s shape and kind (NumPy, CuPy, Dask or xarray)
+        array, float32
+            Of ``v``'s shape and kind (NumPy, CuPy, Dask or xarray).
 
         Raises
         ------
@@ -1198,8 +1256,17 @@ class ProductConvolution:
         computed without FFTs; more than that outside, zero; in the bands within the halo of the
         image's edges, the exact adjoint, computed on those bands only (a block of a slide pays a
         few percent of one adjoint, not a whole one). On a restricted window the outer :attr:`halo`
-        pixels are not exact (they would need data beyond the window). ``like``: an array whose type
-        (NumPy, CuPy) the result takes.
+        pixels are not exact (they would need data beyond the window).
+
+        Parameters
+        ----------
+        like : array, optional
+            An array whose type (NumPy, CuPy) the result takes; NumPy by default.
+
+        Returns
+        -------
+        array, float32, (h, w) of the window
+            ``H^T 1``.
         """
         xp = np if like is None else array_module(like)
         oy, ox, h, w = self.window
@@ -1403,7 +1470,8 @@ class ProductConvolution:
 
         Returns
         -------
-        ndarray, float64, shape (N, K, K), read-only
+        ndarray, float64, shape (N, K, K)
+            The local PSFs, read-only.
         """
         if getattr(self, "_local", None) is None:
             k = np.asarray(to_numpy(self.kernels), dtype=np.float64)
@@ -1432,6 +1500,7 @@ class ProductConvolution:
         Returns
         -------
         ndarray, float32, shape (K, K)
+            The PSF at (y, x).
         """
         y, x = real_number(y, "y"), real_number(x, "x")
         if not (-0.5 <= y <= self.shape[0] - 0.5 and -0.5 <= x <= self.shape[1] - 0.5):

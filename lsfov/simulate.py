@@ -23,16 +23,38 @@ __all__ = ["BeadField", "TiltedSurface", "bead_field", "bead_stack", "degrade", 
 
 @dataclass
 class BeadField:
-    """A simulated micro-bead image and its ground truth."""
+    """A simulated micro-bead image and its ground truth (what :func:`bead_field` returns).
 
-    image: np.ndarray  # (H, W) float32, noisy
-    clean: np.ndarray  # (H, W) float32, noiseless (blurred beads + background)
-    positions: np.ndarray  # (P, 2) int, (y, x) pixel positions of the beads
-    amplitudes: np.ndarray  # (P,) photons per bead
-    operator: ProductConvolution  # the true blur
-    depth_um: np.ndarray  # (gy, gx) defocus of each operator node in µm
+    Attributes
+    ----------
+    image : ndarray, float32, (H, W)
+        The noisy image, in photons.
+    clean : ndarray, float32, (H, W)
+        The noiseless image: blurred beads plus background.
+    positions : ndarray, int, (P, 2)
+        The beads' (y, x) pixel positions.
+    amplitudes : ndarray, (P,)
+        Photons per bead.
+    operator : ProductConvolution
+        The true blur (a grid operator).
+    depth_um : ndarray, (gy, gx)
+        The defocus at each node of the operator, in µm.
+    optics : lsfov.psf.Optics
+        The microscope.
+    background : ndarray, float32, (H, W)
+        The smooth background, in photons.
+    params : dict
+        The drawn and given settings: ``astigmatism``, ``axis``, ``seed`` and ``grid``.
+    """
+
+    image: np.ndarray
+    clean: np.ndarray
+    positions: np.ndarray
+    amplitudes: np.ndarray
+    operator: ProductConvolution
+    depth_um: np.ndarray
     optics: _psf.Optics
-    background: np.ndarray  # (H, W) float32
+    background: np.ndarray
     params: dict = field(default_factory=dict)
 
 
@@ -141,6 +163,17 @@ def bead_field(
     -----
     An :class:`~lsfov.LsfovWarning` is issued when some PSFs reach the edge of their
     kernel and are cut off.
+
+    Examples
+    --------
+    >>> from lsfov import simulate
+    >>> field = simulate.bead_field((256, 256), n_beads=20, seed=0)
+    >>> field.image.shape, field.image.dtype, field.positions.shape
+    ((256, 256), dtype('float32'), (20, 2))
+    >>> field.operator  # the true blur, to check a calibration against
+    ProductConvolution(grid, shape=(256, 256), grid=(8, 8), K=31)
+    >>> field.depth_um.shape  # the defocus at its nodes
+    (8, 8)
     """
     h, w = shape2d(shape)
     fits_in_memory((h, w), 8, "a bead field")  # (the sharp, blurred and noisy images, some in float64)
@@ -258,6 +291,18 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
     ndarray, float32, shape (H, W)
         The degraded image in counts; values can be slightly negative, as a camera's are. An
         xarray ``image`` gives an xarray, its dims (in their order), coordinates and attributes kept.
+
+    Examples
+    --------
+    A cell image blurred by a 2 x 2 grid of Gaussian PSFs, at 500 photons and 2 counts of read noise:
+
+    >>> from lsfov import ProductConvolution, psf, simulate
+    >>> sharp = simulate.sample_image("cell", 256)
+    >>> op = ProductConvolution.from_grid(psf.gaussian([1.0, 2.0, 2.0, 3.0], size=15).reshape(2, 2, 15, 15),
+    ...                                   sharp.shape)
+    >>> blurred = simulate.degrade(sharp, op, photons=500, read_noise=2, seed=0)
+    >>> blurred.shape, blurred.dtype
+    ((256, 256), dtype('float32'))
     """
     if hasattr(image, "dims"):  # xarray: read by dim name (an (x, y) image is not blurred transposed)
         image = squeeze_plane(image)
@@ -385,14 +430,31 @@ def sample_image(name: str = "cell", shape=None) -> np.ndarray:
 
 @dataclass
 class TiltedSurface:
-    """A textured surface imaged through an astigmatic microscope, with its true depth."""
+    """A textured surface imaged through an astigmatic microscope, with its true depth (what
+    :func:`tilted_surface` returns).
 
-    image: np.ndarray  # (H, W) float32, noisy
-    depth_um: np.ndarray  # (H, W) float32, distance of the surface from the focal plane
-    operator: ProductConvolution  # the true blur (grid of Z3 PSFs)
-    params: np.ndarray  # (gy, gx, 3) true Z3 parameters (focus, astigmatism, axis) at the nodes
-    focus_per_um: float  # waves RMS of defocus per µm of depth
-    axis: float  # the instrument's astigmatism axis (radians)
+    Attributes
+    ----------
+    image : ndarray, float32, (H, W)
+        The noisy image, in counts.
+    depth_um : ndarray, float32, (H, W)
+        The surface's distance from the focal plane at each pixel, in µm.
+    operator : ProductConvolution
+        The true blur (a grid of Z3 PSFs).
+    params : ndarray, (gy, gx, 3)
+        The true Z3 parameters (focus, astigmatism, axis) at the operator's nodes.
+    focus_per_um : float
+        Waves RMS of defocus per µm of depth.
+    axis : float
+        The instrument's astigmatism axis in radians, modulo π.
+    """
+
+    image: np.ndarray
+    depth_um: np.ndarray
+    operator: ProductConvolution
+    params: np.ndarray
+    focus_per_um: float
+    axis: float
 
 
 def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), direction: float = 0.0,
@@ -445,6 +507,19 @@ def tilted_surface(shape=(1024, 1024), *, depth_range_um=(-10.0, 10.0), directio
     ------
     ValueError
         If the depth range is empty or its defocus exceeds the Z3 model's range.
+
+    Examples
+    --------
+    A sample tilted from 10 µm below focus to 10 µm above it, left to right:
+
+    >>> from lsfov import simulate
+    >>> surface = simulate.tilted_surface((256, 256), grid=4, seed=0)
+    >>> surface.image.shape, float(surface.depth_um.min()), float(surface.depth_um.max())
+    ((256, 256), -10.0, 10.0)
+    >>> bool(surface.depth_um[128, 255] > surface.depth_um[128, 0])
+    True
+    >>> surface.params.shape  # Z3's (focus, astigmatism, axis) at the operator's 4 x 4 nodes
+    (4, 4, 3)
     """
     h, w = shape2d(shape)
     fits_in_memory((h, w), 8, "a tilted surface")  # (its sample, depth, blurred and noisy images)

@@ -21,10 +21,24 @@ __all__ = ["PSFBasis", "psf_basis", "rank_threshold"]
 
 @dataclass
 class PSFBasis:
-    kernels: np.ndarray  # (I, K, K) float32, orthonormal
-    singular_values: np.ndarray  # all of them, of the unit-l2 patch matrix after rejection
-    keep: np.ndarray  # (M,) bool: patches that passed the z-score test (groups concatenated)
-    coefficients: np.ndarray  # (M_kept, I) <p_m, h_i> of the unit-sum patches that were kept
+    """An orthonormal PSF basis learned from bead patches (:func:`psf_basis`).
+
+    Attributes
+    ----------
+    kernels : ndarray (I, K, K) float32
+        The basis kernels h_i, orthonormal.
+    singular_values : ndarray float64
+        All singular values of the unit-ℓ2 patch matrix after rejection (the rank rule reads them).
+    keep : ndarray (M,) bool
+        The patches that passed the z-score test (groups concatenated in order).
+    coefficients : ndarray (M_kept, I) float64
+        ``<p_m, h_i>`` of the patches kept, as given (unit-sum patches from :func:`lsfov.calibrate.bead_psfs`).
+    """
+
+    kernels: np.ndarray
+    singular_values: np.ndarray
+    keep: np.ndarray
+    coefficients: np.ndarray
 
 
 def rank_threshold(shape) -> float:
@@ -33,6 +47,16 @@ def rank_threshold(shape) -> float:
     β is the aspect ratio of the matrix; ω(1) = 2.858 is the value paper 003 quotes (square
     matrices). Patch matrices are far from square (thousands of patches of a few hundred pixels),
     where the optimal factor is smaller (ω(0.05) ≈ 1.5), so the general approximation is used.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Shape (M, N) of the matrix, in either order (rows and columns, or columns and rows).
+
+    Returns
+    -------
+    float
+        The factor ω(β), β = min(M, N) / max(M, N): 1.43 for very flat matrices, 2.86 for square ones.
     """
     m, n = shape2d(shape, "matrix shape")
     b = min(m, n) / max(m, n)
@@ -83,6 +107,23 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     Returns
     -------
     PSFBasis
+        The kernels (I, K, K), all singular values, which patches were kept, and their coefficients.
+
+    Examples
+    --------
+    A basis of 5 kernels from the beads of a simulated bead image:
+
+    >>> from lsfov import simulate
+    >>> from lsfov.calibrate import bead_psfs, psf_basis
+    >>> beads = bead_psfs(simulate.bead_field((256, 256), seed=0).image)
+    >>> basis = psf_basis(beads.patches, n_basis=5)
+    >>> basis.kernels.shape == (5, beads.size, beads.size)
+    True
+    >>> h = basis.kernels.reshape(5, -1)
+    >>> bool(np.allclose(h @ h.T, np.eye(5), atol=1e-5))  # orthonormal
+    True
+    >>> bool(basis.keep.sum() <= len(beads.patches))  # outliers left out
+    True
     """
     groups = list(patches) if isinstance(patches, (list, tuple)) else [patches]
     if not (isinstance(zscore, (float, np.floating)) and zscore == np.inf):  # (inf: no patch rejected)

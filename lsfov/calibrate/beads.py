@@ -26,19 +26,41 @@ EXT = 1.2  # r_ext = 1.2 r (App. A-d)
 
 @dataclass
 class BeadPSFs:
-    """Isolated, centred, background-free bead PSFs of one image."""
+    """Isolated, centred, background-free bead PSFs of one image (:func:`bead_psfs`).
 
-    patches: np.ndarray  # (M, K, K) float32, each sums to 1, PSF centre at K//2
-    positions: np.ndarray  # (M, 2) float64 sub-pixel (y, x) centres in the image
-    radius: float  # r: PSF radius bound used
-    shape: tuple  # image shape
-    n_detected: int  # maxima above the threshold
+    Attributes
+    ----------
+    patches : ndarray (M, K, K) float32
+        The bead PSFs, each summing to one, the PSF centre at K//2.
+    positions : ndarray (M, 2) float64
+        Sub-pixel (y, x) centres of the beads in the image.
+    radius : float
+        The PSF radius bound r used, in pixels.
+    shape : tuple of int
+        The image shape (H, W).
+    n_detected : int
+        Bead candidates detected (maxima above the threshold).
+    n_saturated : int
+        Candidates left out as saturated.
+    n_crowded : int
+        Candidates left out (saturated ones aside) as closer than 2r to another object or than
+        K//2 + 2 pixels to the border.
+    fluxes : ndarray (M,) float32 or None
+        Each patch's sum before normalisation: the bead's brightness in the image's units.
+    """
+
+    patches: np.ndarray
+    positions: np.ndarray
+    radius: float
+    shape: tuple
+    n_detected: int
     n_saturated: int
-    n_crowded: int  # closer than 2r to another bead or than K//2 to the border
-    fluxes: np.ndarray | None = None  # (M,) each patch's sum before normalisation: the bead's brightness
+    n_crowded: int
+    fluxes: np.ndarray | None = None
 
     @property
     def size(self) -> int:
+        """Patch size K in pixels (odd)."""
         return int(self.patches.shape[-1])
 
 
@@ -48,7 +70,20 @@ def patch_size(radius: float) -> int:
 
 
 def radial_bump(size: int, radius: float) -> np.ndarray:
-    """The multiplier of App. A-d: 1 inside ``r``, 0 beyond ``1.2 r``, a smooth bump between."""
+    """The multiplier of App. A-d: 1 inside ``r``, 0 beyond ``1.2 r``, a smooth bump between.
+
+    Parameters
+    ----------
+    size : int
+        Patch size K in pixels (>= 1); the centre is at K//2.
+    radius : float
+        The radius r in pixels (> 0).
+
+    Returns
+    -------
+    ndarray (K, K) float32
+        The bump, in [0, 1], a function of the distance to the centre.
+    """
     size, radius = positive_int(size, "size"), real_number(radius, "radius", minimum=0, exclusive=True)
     c = size // 2
     yy, xx = np.mgrid[:size, :size] - c
@@ -87,7 +122,8 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
 
     Returns
     -------
-    ndarray, same shape, float32
+    ndarray, same shape as ``patches``, float32
+        The patches minus their fitted backgrounds.
 
     Raises
     ------
@@ -370,6 +406,21 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     BeadPSFs
         Patches of size ``2·ceil(1.2 r) + 1``, centred at the sub-pixel bead centre, background
         removed, bump-limited and summing to one.
+
+    Examples
+    --------
+    The PSFs of a simulated bead image, ready for :func:`lsfov.calibrate.psf_basis`:
+
+    >>> from lsfov import simulate
+    >>> from lsfov.calibrate import bead_psfs
+    >>> field = simulate.bead_field((256, 256), seed=0)
+    >>> beads = bead_psfs(field.image)  # radius measured on the brightest beads
+    >>> beads.patches.shape[1:] == (beads.size, beads.size)
+    True
+    >>> bool(np.allclose(beads.patches.sum(axis=(1, 2)), 1))  # each PSF sums to one
+    True
+    >>> beads.n_detected, len(beads.patches)  # candidates, and the isolated beads kept
+    (27, 21)
     """
     image = yx_last(image, "bead image")
     sat_level = saturation_level(image, saturation)  # of the camera's counts, before the float copy
@@ -462,7 +513,9 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
     Returns
     -------
     patches : ndarray (P, K, K) float32
+        The patches, ``K = patch_size(radius)``, background removed and limited by the bump, not normalised.
     centres : ndarray (P, 2) float64
+        The refined sub-pixel (y, x) centres.
     """
     img = np.asarray(as_image(image, "image", check_values=False))  # (a background-subtracted image may dip below 0)
     if not np.isfinite(img).all():

@@ -24,8 +24,10 @@ def project_cone(columns, points):
 
     Returns
     -------
-    projected : ndarray (I, N)
-    weights : ndarray (J, N), non-negative
+    projected : ndarray (I, N) float64
+        The projections ``B λ``, one per column.
+    weights : ndarray (J, N) float64
+        The non-negative weights λ of the generators for each point.
 
     Notes
     -----

@@ -29,6 +29,22 @@ class NodeGrid:
 
     Each axis of n pixels gets ``max(2, ceil((n - 1) / step) + 1)`` nodes (``numpy.linspace``), so
     the spacing is ``(n - 1) / (nodes - 1)``: ``step`` when it divides n - 1, else a little less.
+
+    Parameters
+    ----------
+    shape : int or (int, int)
+        Image shape (H, W) in pixels.
+    step : int
+        Largest node spacing in pixels (>= 1).
+
+    Attributes
+    ----------
+    shape : (int, int)
+        Image shape (H, W).
+    step : int
+        Largest node spacing in pixels.
+    nodes : tuple of two ndarrays
+        Node positions (float64, in pixels) along y and along x.
     """
 
     def __init__(self, shape, step: int):
@@ -42,23 +58,62 @@ class NodeGrid:
         return tuple(len(c) for c in self.nodes)
 
     def points(self) -> np.ndarray:
-        """(gy·gx, 2) node positions (y, x)."""
+        """Node positions (y, x), row by row.
+
+        Returns
+        -------
+        ndarray (gy·gx, 2) float64
+            The positions in pixels.
+        """
         yy, xx = np.meshgrid(*self.nodes, indexing="ij")
         return np.stack([yy.ravel(), xx.ravel()], axis=1)
 
     def hat(self, axis: int) -> np.ndarray:
-        """(n, g) matrix: pixel values along ``axis`` from node values."""
+        """(n, g) matrix: pixel values along ``axis`` from node values.
+
+        Parameters
+        ----------
+        axis : int
+            0 (y) or 1 (x).
+
+        Returns
+        -------
+        ndarray (n, g) float64
+            The bilinear (hat) weights: n pixels of the axis, g nodes.
+        """
         return _hat_matrix(self.nodes[axis], np.arange(self.shape[axis], dtype=np.float64))
 
     def upsample(self, values) -> np.ndarray:
-        """(..., gy, gx) node values -> (..., H, W) float32 pixel values."""
+        """(..., gy, gx) node values -> (..., H, W) float32 pixel values.
+
+        Parameters
+        ----------
+        values : array_like (..., gy, gx)
+            Values at the nodes.
+
+        Returns
+        -------
+        ndarray (..., H, W) float32
+            Their bilinear interpolation at every pixel.
+        """
         v = np.asarray(values, dtype=np.float32)
         uy, ux = self.hat(0).astype(np.float32), self.hat(1).astype(np.float32)
         return np.matmul(np.matmul(uy, v), ux.T)
 
     def gram_sqrt(self, inverse: bool = False):
         """Per-axis square roots of ``UᵀU`` (or their inverses): the pixel-grid inner product of
-        two bilinear maps is ``⟨R_y a R_x, R_y b R_x⟩`` of their node values."""
+        two bilinear maps is ``⟨R_y a R_x, R_y b R_x⟩`` of their node values.
+
+        Parameters
+        ----------
+        inverse : bool
+            Give the inverses of the square roots.
+
+        Returns
+        -------
+        list of two ndarrays
+            ``[R_y, R_x]``, float64 (gy, gy) and (gx, gx), symmetric (or their inverses).
+        """
         out = []
         for ax in range(2):
             u = self.hat(ax)
@@ -73,6 +128,18 @@ def node_grid(shape, step: int | None = None) -> NodeGrid:
 
     The default step is ``max(4, ceil(min(shape) / 96))``: about 96 nodes along the shorter side,
     and a step of 4 pixels on images of up to 384 pixels. Spacings are the step or a little under it.
+
+    Parameters
+    ----------
+    shape : int or (int, int)
+        Image shape (H, W) in pixels.
+    step : int, optional
+        Largest node spacing in pixels (>= 1).
+
+    Returns
+    -------
+    NodeGrid
+        The grid and its interpolation matrices.
     """
     shape = shape2d(shape)  # (0 and "64" once met a NumPy error)
     if step is None:
@@ -89,6 +156,18 @@ def voronoi_weights(positions, shape) -> np.ndarray:
     field's four edges are the cells of the positions clipped to the field (a rectangle), all of
     them closed. Positions at one place (to Qhull's precision) share their cell; positions outside
     the field are taken at its edge.
+
+    Parameters
+    ----------
+    positions : array_like (M, 2)
+        (y, x) positions in pixels.
+    shape : int or (int, int)
+        The field's shape (H, W); it spans [-0.5, n - 0.5] along each axis.
+
+    Returns
+    -------
+    ndarray (M,) float64
+        The weights, of mean one.
     """
     pos = positions_yx(positions)
     size = np.array(shape2d(shape), dtype=np.float64)
@@ -133,6 +212,7 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
     coefficients : array_like (M, I)
         Coefficients β of each bead's PSF on the basis.
     grid : NodeGrid
+        The nodes where the coefficients are evaluated (:func:`node_grid`).
     smoothing : float
         8π·η, η of Eq. 9, for coordinates scaled to the unit square and weights of mean one; each
         bead's data term is weighted by its Voronoi cell's area. 0 interpolates exactly.
@@ -146,6 +226,7 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
     Returns
     -------
     ndarray (I, gy, gx) float64
+        The coefficient of each basis kernel at each node (:meth:`NodeGrid.upsample` spreads them to pixels).
     """
     pos = np.asarray(positions, dtype=np.float64)
     beta = np.asarray(coefficients, dtype=np.float64)

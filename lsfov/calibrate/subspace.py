@@ -206,7 +206,14 @@ class OperatorSubspace:
     # ------------------------------------------------------------------ storage
     def to_dataset(self):
         """An ``xarray.Dataset`` with ``psf_basis(psf, ky, kx)``, ``spatial_basis(space, y, x)`` and
-        ``gamma(image, psf, space)``; y/x in µm when the pixel size is known."""
+        ``gamma(image, psf, space)``; y/x in µm when the pixel size is known.
+
+        Returns
+        -------
+        xarray.Dataset
+            The three arrays (the spatial maps as they are held: a Dask array stays lazy), with the
+            subspace's provenance in ``attrs["lsfov"]``.
+        """
         import xarray as xr
 
         from ..io import SPATIAL_UNIT, _jsonable
@@ -371,10 +378,21 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     n_psf, n_space : int
         Sizes I of the PSF basis and J of the spatial basis (paper: 5 and 5). J should cover the
         degrees of freedom of the field's variation (a tilted, curved focal surface: about 6).
-    radius, threshold, smoothing, step, max_columns, saturation
-        As in :func:`lsfov.calibrate_operator` (``step``: the largest node spacing, nodes evenly
-        spaced at most that far apart); one radius serves all images (default: measured on the
-        first).
+    radius : float, optional
+        Upper bound on the PSF radius in pixels, as in :func:`lsfov.calibrate_operator`; one radius
+        serves all images (default: measured on the first).
+    threshold : float, optional
+        Detection threshold, as in :func:`lsfov.calibrate_operator`.
+    smoothing : float
+        Thin-plate smoothing, as in :func:`lsfov.calibrate_operator` (default 1e-2).
+    step : int, optional
+        The largest node spacing of the coefficient maps in pixels, nodes evenly spaced at most that
+        far apart, as in :func:`lsfov.calibrate_operator`.
+    max_columns : int
+        Generators kept for the conical hull of the coefficients; default 20.
+    saturation : float, optional
+        Camera saturation level, as in :func:`lsfov.calibrate_operator` (default: each image's own,
+        from its type or ``significant_bits``).
     seed : int
         Seed (>= 0) of the randomized SVD (same seed, same subspace).
     progress : bool
@@ -383,6 +401,26 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     Returns
     -------
     OperatorSubspace
+        The PSF basis (I, K, K), the spatial basis (J, H, W) in memory, and the Γ_k (K, I, J) of the
+        images; its ``attrs`` record the beads used, the radius, the pixel size and the singular values.
+
+    Examples
+    --------
+    A subspace from four simulated bead images of one microscope in different states (focus,
+    optics), and the operator of one of them:
+
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> fields = simulate.bead_stack(4, (256, 256), seed=0)
+    >>> sub = lsfov.learn_subspace([f.image for f in fields], n_psf=5, n_space=4)
+    >>> sub
+    OperatorSubspace(n_psf=5, n_space=4, n_images=4, shape=(256, 256), K=...)
+    >>> op = sub.operator(2)  # image 2's operator
+    >>> op.shape, op.n_psfs
+    ((256, 256), 5)
+    >>> path = sub.save("sub.zarr")
+    >>> lsfov.OperatorSubspace.load(path).n_images
+    4
     """
     import dask
 

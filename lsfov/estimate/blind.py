@@ -22,19 +22,32 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         A shipped model name (``"Z3"`` gives depth too) or a trained ``.pt`` file.
     stride : int
         PSF-map node spacing in pixels (:func:`lsfov.estimate_psf_map`).
-    iterations, tv : int, float
-        TV-Richardson-Lucy settings (:func:`lsfov.deconvolve`); checked before any work.
+    iterations : int
+        TV-Richardson-Lucy iterations (:func:`lsfov.deconvolve`); checked before any work.
+    tv : float
+        TV-Richardson-Lucy regularisation weight (:func:`lsfov.deconvolve`); checked before any work.
     calibration : DepthCalibration, dict, str or Path, optional
         From :func:`lsfov.calibrate_depth`, or its JSON file: depth in µm (otherwise the uncalibrated
         signed defocus).
     pixel_um : float, optional
         Pixel size; coordinates of every output in µm (default: the xarray input's, from its
         ``pixel_um`` attribute or µm coordinates; else pixels).
-    symmetrize, saturation, max_saturated, scratch, resume, progress
-        As in :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` (one ``scratch`` serves both).
-        The deconvolution censors the pixels at ``saturation`` when it is given (``False``: none), else
+    symmetrize : bool
+        Average each node over the 8 rotations and flips of its patch (:func:`lsfov.estimate_psf_map`).
+    saturation : float, None or False
+        Pixel value at which the camera saturates, as in :func:`lsfov.estimate_psf_map`. The
+        deconvolution censors the pixels at ``saturation`` when it is given (``False``: none), else
         at the map's level: the camera's, none with ``max_saturated=1`` (an image stretched to its
         type's range). Its level is the result's attribute ``censored_at``.
+    max_saturated : float, optional
+        The PSF map's white-pixel ratio (:func:`lsfov.estimate_psf_map`; default 0.05).
+    scratch : str or Path, optional
+        Dask input only: a directory (on storage every worker sees) for the chunked state of the
+        map and the deconvolution (one ``scratch`` serves both).
+    resume : bool
+        With ``scratch``: continue an interrupted run (Dask input).
+    progress : bool
+        Show progress bars (the map's for Dask input, the deconvolution's iterations).
 
     Returns
     -------
@@ -48,6 +61,21 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         lazy graph).
         ``lsfov.save`` writes it as one OME-Zarr result; :func:`lsfov.operator_from_psf_map` of it
         gives the operator back.
+
+    Examples
+    --------
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> sample = simulate.tilted_surface((256, 256), depth_range_um=(-6, 6), seed=0)
+    >>> result = lsfov.blind_deconvolve(sample.image, "Z3", stride=64, iterations=10)
+    >>> result["deblurred"].shape, result["focus"].shape, result["depth"].attrs["units"]
+    ((256, 256), (3, 3), 'wave RMS')
+    >>> sorted(result.data_vars)
+    ['astigmatism', 'axis', 'deblurred', 'depth', 'filled', 'focus', 'focus_astig_cos', 'focus_astig_sin', 'validity']
+    >>> print(lsfov.save(result, "result.zarr"))
+    result.zarr
+    >>> lsfov.operator_from_psf_map(lsfov.open_result("result.zarr"))
+    ProductConvolution(grid, shape=(256, 256), grid=(3, 3), K=31)
     """
     import xarray as xr
 

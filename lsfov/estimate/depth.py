@@ -61,8 +61,10 @@ class DepthCalibration:
         µm of depth per wave RMS of signed defocus (>= 0).
     offset : float
         Depth in µm at zero signed defocus.
-    r2, mae_um : float
-        R² and mean absolute error (µm) of the calibration on its own nodes.
+    r2 : float
+        R² of the calibration on its own nodes.
+    mae_um : float
+        Mean absolute error (µm) of the calibration on its own nodes.
     n_nodes : int
         Nodes the calibration was fitted on.
     smooth : float
@@ -82,10 +84,17 @@ class DepthCalibration:
         ``"curve"``: the calibrated depths (min, max) in µm.
     symmetrize : bool or None
         Whether the calibration map was symmetrized (None: files from before).
-    model, stride, pixel_um, model_digest : str, int, float, str or None
-        What made the calibration map: the model (a shipped name or a file's name), pixels between
-        nodes, the pixel size in µm and the model weights' digest (None: not known, or files from
-        before). A map made otherwise reads other parameters; :func:`estimate_depth` warns of it.
+    model : str or None
+        What made the calibration map, with the three below: the model (a shipped name or a file's
+        name). None: not known, or files from before. A map made otherwise reads other parameters;
+        :func:`estimate_depth` warns of it.
+    stride : int or None
+        The calibration map's pixels between nodes.
+    pixel_um : float or None
+        The calibration map's pixel size in µm.
+    model_digest : str or None
+        The digest of the weights of the model that made the calibration map
+        (:meth:`~lsfov.estimate.model.PSFRegressor.weights_digest`).
 
     Raises
     ------
@@ -139,12 +148,30 @@ class DepthCalibration:
                              "lsfov.calibrate_depth")
 
     def to_dict(self) -> dict:
-        """The fields as a dict (what :meth:`save` writes, less its type tag); ``DepthCalibration(**d)``
-        reads it back."""
+        """The fields as a dict (what :meth:`save` writes, less its type tag).
+
+        Returns
+        -------
+        dict
+            ``{field name: value}``; ``DepthCalibration(**d)`` reads it back.
+        """
         return asdict(self)
 
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Write the calibration as JSON (atomically; an existing file only with ``overwrite``)."""
+        """Write the calibration as JSON (atomically; an existing file only with ``overwrite``).
+
+        Parameters
+        ----------
+        path : str or Path
+            The JSON file to write (e.g. ``cal.json``); :meth:`load` reads it back.
+        overwrite : bool
+            Replace an existing file; without it an existing ``path`` is refused (FileExistsError).
+
+        Returns
+        -------
+        Path
+            ``path``.
+        """
         from ..io import atomic_file
 
         path = Path(path)
@@ -156,7 +183,25 @@ class DepthCalibration:
 
     @classmethod
     def load(cls, path) -> DepthCalibration:
-        """Read a calibration written by :meth:`save` (or ``lsfov depth --known``)."""
+        """Read a calibration written by :meth:`save` (or ``lsfov depth --known``).
+
+        Parameters
+        ----------
+        path : str or Path
+            The calibration's JSON file.
+
+        Returns
+        -------
+        DepthCalibration
+            The calibration as it was saved.
+
+        Raises
+        ------
+        FileNotFoundError
+            If no file exists at ``path``.
+        ValueError
+            If ``path`` is a directory or not a depth calibration of this lsfov version.
+        """
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not a depth calibration (the JSON file `lsfov depth --known` "
@@ -493,6 +538,22 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
     DepthCalibration
         The instrument's astigmatism axis θ0, and the curves or the line. Its ``r2`` and ``mae_um``
         are those of its own depth estimate (smoothed) on the calibration nodes.
+
+    Examples
+    --------
+    A tilted plane of known depth, imaged through the instrument, calibrates it:
+
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> plane = simulate.tilted_surface((512, 512), depth_range_um=(-8, 8), seed=0)
+    >>> psf_map = lsfov.estimate_psf_map(plane.image, "Z3", stride=64)
+    >>> cal = lsfov.calibrate_depth(psf_map, plane.depth_um, smooth=1)
+    >>> cal.method, cal.n_nodes, bool(cal.r2 > 0.9)
+    ('curve', 49, True)
+    >>> print(cal.save("cal.json"))
+    cal.json
+    >>> lsfov.DepthCalibration.load("cal.json") == cal
+    True
     """
     from .._validate import positive_int, real_number
     from .mapping import one_plane
@@ -646,6 +707,22 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         float32 on the map's node grid, its ``units`` and the smoothing applied in ``attrs``. Nodes
         with no reading (a NaN parameter, or an invalid node, validity < 0.5, of a map made without
         filling) get the smoothing's plane through their neighbours; NaN without smoothing.
+
+    Examples
+    --------
+    Calibrated on a tilted plane of known depth, the instrument measures a curved sample:
+
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> plane = simulate.tilted_surface((512, 512), depth_range_um=(-8, 8), seed=0)
+    >>> cal = lsfov.calibrate_depth(lsfov.estimate_psf_map(plane.image, "Z3", stride=64), plane.depth_um, smooth=1)
+    >>> sample = simulate.tilted_surface((512, 512), depth_range_um=(-5, 5), curvature=0.5, seed=1)
+    >>> depth = lsfov.estimate_depth(lsfov.estimate_psf_map(sample.image, "Z3", stride=64), cal)
+    >>> depth.dims, depth.shape, depth.attrs["units"]
+    (('gy', 'gx'), (7, 7), 'micrometer')
+    >>> truth = sample.depth_um[64::64, 64::64][:7, :7]  # at the nodes (the patches' centres)
+    >>> bool(abs(depth - truth).mean() < 1)
+    True
     """
     psf_map = _check_map(psf_map)
     c = as_calibration(calibration)

@@ -314,6 +314,19 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
         refuses (an unknown name, a file that is not a model, or one replaced while the map runs).
     FileNotFoundError
         If ``model`` names a file that does not exist.
+
+    Examples
+    --------
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> sample = simulate.tilted_surface((512, 512), depth_range_um=(-6, 6), seed=0)
+    >>> psf_map = lsfov.estimate_psf_map(sample.image, "Z3", stride=64, pixel_um=0.2)
+    >>> dict(psf_map.sizes), list(psf_map.data_vars)
+    ({'gy': 7, 'gx': 7}, ['focus', 'astigmatism', 'axis', 'focus_astig_sin', 'focus_astig_cos', 'validity', 'filled'])
+    >>> psf_map["gx"].values[:3], psf_map["gx"].attrs["units"]  # node centres in µm
+    (array([12.7, 25.5, 38.3]), 'micrometer')
+    >>> bool((psf_map["validity"] > 0.5).all()), psf_map["focus"].attrs["units"]
+    (True, 'wave RMS')
     """
     import dask
     import dask.array as da
@@ -692,6 +705,23 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
         nodes or NaN parameters (unfilled nodes: :func:`fill_invalid`), or names no known model;
         if no shape is known, ``shape`` differs from the mapped image's, or ``size`` is not a
         positive odd integer at most the image's smaller side.
+
+    Examples
+    --------
+    The operator of a PSF map undoes the blur it measured (blind deconvolution):
+
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> sample = simulate.tilted_surface((512, 512), depth_range_um=(-6, 6), seed=0)
+    >>> psf_map = lsfov.estimate_psf_map(sample.image, "Z3", stride=64)
+    >>> H = lsfov.operator_from_psf_map(psf_map)
+    >>> H
+    ProductConvolution(grid, shape=(512, 512), grid=(7, 7), K=31)
+    >>> H.psf_at(256, 256).shape, round(float(H.psf_at(256, 256).sum()), 3)
+    ((31, 31), 1.0)
+    >>> deblurred = lsfov.deconvolve(sample.image, H, iterations=10)
+    >>> deblurred.shape, deblurred.dtype
+    ((512, 512), dtype('float32'))
     """
     import xarray as xr
 

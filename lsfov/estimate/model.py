@@ -250,13 +250,30 @@ class _GraphedPass:
 class PSFRegressor:
     """A network with what it was trained on: PSF model, ranges, optics, patch size.
 
+    Made by :func:`load_model` (shipped or saved models), :meth:`from_file` and the training
+    functions; constructed directly, its network is untrained.
+
     Attributes
     ----------
     psf_model : lsfov.psf.PSFModel
-        The model whose parameters are regressed (with the ranges and optics used in training).
-    ranges, optics : the training ranges ({param: (low, high)}) and optics (None for Gaussians).
+        The model whose parameters are regressed (with the ranges and optics used in training); given
+        to the constructor as a PSF-model name (``"Z3"``) or a ``PSFModel``.
+    arch : str
+        The network (:data:`lsfov.estimate.network.ARCHITECTURES`: ``"compact"``, ``"spectral"``,
+        ``"polar"``, ``"resnet34"``).
     meta : dict
         Everything stored with the weights (architecture, training data, test-set R², ...).
+    device : torch.device
+        Where the network runs; given to the constructor as a device or its name, default CUDA when
+        there is one.
+    patch : int
+        Patch edge in pixels the network reads (128 for the shipped models).
+    ranges : dict
+        The training ranges ``{param: (low, high)}``.
+    optics : lsfov.Optics or None
+        The training optics (None for Gaussian models).
+    cuda_graphs : bool
+        Replay fixed-size passes on CUDA from CUDA graphs (PSF maps use fixed sizes).
     """
 
     def __init__(self, psf_model, arch: str = "compact", *, meta: dict | None = None, device=None):
@@ -284,8 +301,13 @@ class PSFRegressor:
         self._graph_lock = threading.Lock()
 
     def weights_digest(self) -> str:
-        """A digest of the network's weights (16 hex digits): which model made a map, whatever its
-        file is called (a retrained ``z3.pt`` is another model)."""
+        """A digest of the network's weights: which model made a map, whatever its file is called.
+
+        Returns
+        -------
+        str
+            16 hex digits, of the architecture and the weights (a retrained ``z3.pt`` is another model).
+        """
         import hashlib
 
         h = hashlib.blake2b(self.arch.encode(), digest_size=8)
@@ -464,7 +486,20 @@ class PSFRegressor:
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Write the weights and metadata (``path`` ``.pt``, plus a readable ``.json`` beside it)."""
+        """Write the weights and metadata (``path`` ``.pt``, plus a readable ``.json`` beside it).
+
+        Parameters
+        ----------
+        path : str or Path
+            The model file, ending in ``.pt``; :func:`load_model` and :meth:`from_file` read it.
+        overwrite : bool
+            Replace an existing file (``.pt`` or ``.json``); without it one is refused (FileExistsError).
+
+        Returns
+        -------
+        Path
+            ``path``.
+        """
         path = Path(path)
         if path.suffix != ".pt":
             raise ValueError(f"model files end in .pt, got {path.name}; give a file name ending in .pt")
@@ -632,6 +667,22 @@ def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PS
     ValueError
         For a PSF model with no shipped model, a file that is not an lsfov model, or a model of
         another PSF model than ``psf_model``.
+
+    Examples
+    --------
+    The shipped Z1 model reads the defocus of two patches blurred by 0.2 waves RMS of it:
+
+    >>> import lsfov
+    >>> from lsfov import simulate
+    >>> model = lsfov.load_model("Z1")
+    >>> model.params, model.patch, model.ranges
+    (('focus',), 128, {'focus': (0.0, 0.5)})
+    >>> sharp = simulate.sample_image("immunohistochemistry", (256, 256))
+    >>> blur = lsfov.ProductConvolution.from_psf(model.psf_model.render([0.2]), sharp.shape)
+    >>> image = simulate.degrade(sharp, blur, photons=2000, seed=0)
+    >>> out = model.predict(np.stack([image[:128, :128], image[128:, 128:]]))  # two 128² patches
+    >>> out["focus"].shape, bool(np.all(abs(out["focus"] - 0.2) < 0.05)), bool(np.all(out["validity"] > 0.5))
+    ((2,), True, True)
     """
     if isinstance(name_or_path, PSFRegressor):
         model = name_or_path

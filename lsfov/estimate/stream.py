@@ -94,14 +94,25 @@ class PatchStream:
         PSF model (``lsfov.psf.MODELS``); parameters are drawn uniformly over its ranges.
     device : str or torch.device, optional
         Where the library lives and the patches are made; default CUDA when there is one.
-    sources, split, seed, invalid_fraction, read_noise, illumination
-        As in :func:`lsfov.estimate.synthesize`; ``seed`` seeds the library and the stream.
+    sources : str or sequence of str
+        Image sources among ``SOURCES``, as in :func:`lsfov.estimate.synthesize`.
+    split : {"train", "test"}
+        Which disjoint set of source images to use, as in :func:`lsfov.estimate.synthesize`.
+    seed : int
+        Seeds the library and the stream.
     n_procedural : int
         Images per procedural source in the library (``synthesize`` uses 6). More of them give more
         distinct cells, points and textures; each source keeps its share of the patches whatever
         the count.
+    invalid_fraction : float
+        Fraction of deliberately black or flat (invalid) patches, as in :func:`lsfov.estimate.synthesize`.
     photons : (low, high)
         As in :func:`lsfov.estimate.synthesize`, but a range is required: no noiseless stream.
+    read_noise : (low, high)
+        Range of the Gaussian read noise std in counts, as in :func:`lsfov.estimate.synthesize`.
+    illumination : float
+        Largest depth of the random illumination gradient across a patch (0: none), as in
+        :func:`lsfov.estimate.synthesize`.
     workers : int
         Processes that make the procedural images beyond the first 6 per source.
     """
@@ -166,7 +177,19 @@ class PatchStream:
         return torch.rand(shape, generator=self.generator, device=self.device, dtype=torch.float64)
 
     def crops(self, n: int) -> torch.Tensor:
-        """``n`` random crops (n, P+K-1, P+K-1) of the library, each under one of the 8 symmetries of the square."""
+        """Random crops of the library, each under one of the 8 symmetries of the square.
+
+        Parameters
+        ----------
+        n : int
+            How many crops.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, P+K-1, P+K-1)`` float32 on the stream's device: P the patch size (128), K the PSF
+            model's kernel size (what the blur's valid part needs).
+        """
         n = positive_int(n, "n")
         k = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
         y0 = (self._uniform(n) * (self.heights[k] - self.size + 1)).long()
@@ -204,7 +227,14 @@ class PatchStream:
         return noisy, params, valid
 
     def attrs(self) -> dict:
-        """What the stream draws from, as a training set's attributes record it."""
+        """What the stream draws from, as a training set's attributes record it.
+
+        Returns
+        -------
+        dict
+            The PSF model's metadata (name, parameters, ranges, optics), the patch size, sources,
+            bundled images, split, seed and the draw's settings.
+        """
         return {**self.model.to_meta(), "patch": PATCH, "sources": list(self.sources),
                 "images": bundled_images(self.sources, self.split), "split": self.split,
                 "seed": self.seed, "n_procedural": self.n_procedural, "invalid_fraction": self.invalid_fraction,
@@ -221,9 +251,13 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     ----------
     stream : PatchStream
         Where the batches come from; its PSF model, ranges and optics are the model's.
-    arch, init, freeze
-        As :func:`lsfov.estimate.train`: the network, the model to start from and whether only
-        a ``polar`` network's tail trains over ``init``'s fixed trunk.
+    arch : {"spectral", "polar", "compact", "resnet34"}, optional
+        The network (:mod:`lsfov.estimate.network`); by default ``init``'s, or ``spectral``.
+    init : str, path or PSFRegressor, optional
+        The model to start from, as in :func:`lsfov.estimate.train` (one of the stream's PSF model).
+    freeze : bool
+        Train only the tail of a ``polar`` network over ``init``'s fixed trunk (``arch="polar"`` and
+        ``init`` needed), as in :func:`lsfov.estimate.train`.
     patches : int
         Training patches to draw (``patches // batch_size`` steps, at least one), each seen once.
     batch_size : int

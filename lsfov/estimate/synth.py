@@ -420,7 +420,7 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         Number of patches.
     model : str or PSFModel
         PSF model (``lsfov.psf.MODELS``); parameters are drawn uniformly over its ranges.
-    sources : sequence of str
+    sources : str or sequence of str
         Image sources among ``SOURCES`` (scikit-image's bundled images, [syn] cells, [poi] points,
         [tex] textures).
     split : {"train", "test"}
@@ -463,6 +463,22 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         A dict with ``patches`` (n, 128, 128) float32 counts, ``params`` (n, N) float64 in the
         model's units, ``valid`` (n,) bool, and ``attrs`` (what the set was drawn from); or the path
         of the zarr group when ``out`` is given.
+
+    Examples
+    --------
+    >>> from lsfov.estimate import open_training_set, synthesize
+    >>> data = synthesize(128, "Z3", seed=0)
+    >>> data["patches"].shape, data["patches"].dtype, data["params"].shape, data["valid"].dtype
+    ((128, 128, 128), dtype('float32'), (128, 3), dtype('bool'))
+    >>> data["attrs"]["params"], data["attrs"]["photons"], data["attrs"]["split"]
+    (['focus', 'astigmatism', 'axis'], [500.0, 5000.0], 'train')
+
+    Streamed to a zarr group, as ``lsfov train --synthesize`` writes a set for :func:`lsfov.estimate.train`:
+
+    >>> print(synthesize(128, "Z3", seed=0, out="z3-train.zarr"))
+    z3-train.zarr
+    >>> open_training_set("z3-train.zarr")["patches"].shape
+    (128, 128, 128)
     """
     n = positive_int(n, "n")
     batch = positive_int(batch, "batch")

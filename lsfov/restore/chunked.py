@@ -52,7 +52,20 @@ _STATE_VERSION = 2
 
 
 def spread_per_iteration(op: ProductConvolution, tv: float) -> int:
-    """How far (pixels) one TV-RL iteration moves information: ``2r``, at least 1 with TV."""
+    """How far (pixels) one TV-RL iteration moves information: ``2r``, at least 1 with TV.
+
+    Parameters
+    ----------
+    op : ProductConvolution
+        The operator; ``r`` is its halo (kernel radius).
+    tv : float
+        TV weight (the TV term reaches one pixel; 0: none).
+
+    Returns
+    -------
+    int
+        The spread in pixels, ``max(2r, 1)`` with TV, ``2r`` without.
+    """
     return max(2 * op.halo, 1 if tv else 0)
 
 
