@@ -400,7 +400,7 @@ class ProductConvolution:
         self._cache = _Spectra(self._token)
         self._plan_cache = None
         self._group_spectra: dict = {}
-        self._local = None  # local_psfs(), read once
+        self._local = None  # a basis form's local_psfs(), read once
 
     kernels = _part("kernels", "The PSF kernels: (gy, gx, K, K) for the grid form, (I, K, K) for the basis form.")
     centers = _part("centers", "The grid form's node centres (cy, cx) in pixels; None for the basis form.")
@@ -791,15 +791,13 @@ class ProductConvolution:
 
         Parameters
         ----------
-        block : array_like (h, w)
-            The block, halo included: more than ``2 * halo`` pixels along each axis.
-        origin : (int, int)
-            The image position of the block's first pixel (halo included).
+        block, origin : array_like (h, w), (int, int)
+            As for :meth:`apply_block`.
 
         Returns
         -------
         array, float32, (h - 2 halo, w - 2 halo)
-            The block without its halo, equal to the same region of ``adjoint`` on the whole image.
+            The same region of ``adjoint`` on the whole image.
         """
         return self._block(block, origin, adjoint=True)
 
@@ -1466,21 +1464,24 @@ class ProductConvolution:
         """Local PSFs sampled where they vary: the grid's nodes, or the basis form on a grid of about
         32 x 32 positions (maps vary slowly). What norms and gains of the operator are estimated
         from. Lazy maps are read by strided slices: the chunks that hold a sample (every chunk of a
-        store whose chunks are under about H/32), once per operator.
+        store whose chunks are under about H/32), once per operator. A grid's are made anew at each
+        call, not kept: the grid of a whole slide's PSF map holds gigabytes of kernels, and this copy
+        is twice their bytes.
 
         Returns
         -------
         ndarray, float64, shape (N, K, K)
             The local PSFs, read-only.
         """
+        if self.kind == "grid":
+            local = np.asarray(to_numpy(self.kernels), dtype=np.float64).reshape(-1, self.kernel_size, self.kernel_size)
+            local.flags.writeable = False
+            return local
         if getattr(self, "_local", None) is None:
             k = np.asarray(to_numpy(self.kernels), dtype=np.float64)
-            if self.kind == "grid":
-                local = k.reshape(-1, *k.shape[-2:])
-            else:
-                h, w = self.shape
-                alpha = np.asarray(self.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
-                local = (alpha.reshape(k.shape[0], -1).T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
+            h, w = self.shape
+            alpha = np.asarray(self.maps[:, :: max(1, h // 32), :: max(1, w // 32)], dtype=np.float64)
+            local = (alpha.reshape(k.shape[0], -1).T @ k.reshape(k.shape[0], -1)).reshape(-1, *k.shape[-2:])
             local.flags.writeable = False
             self._local = local
         return self._local

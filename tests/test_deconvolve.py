@@ -856,3 +856,24 @@ def test_a_large_operator_is_read_by_the_tasks_from_the_run_state(stage, form, t
     for a, b, c in zip(through, resumed, lazy):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, c)
+
+
+def test_the_flat_gain_of_a_grid_copies_none_of_its_kernels():
+    """A PSF map's grid holds a kernel per node (1 GiB for a 32768² slide at stride 64): its gain is
+    read from them in place, not from a float64 copy (twice their bytes, once kept on the operator)."""
+    import tracemalloc
+
+    from lsfov.restore.tv_rl import flat_gain
+
+    k = psf.gaussian(np.linspace(1, 3, 256), size=31).reshape(16, 16, 31, 31) * np.float32(0.9)
+    op = ProductConvolution.from_grid(k, (1024, 1024))
+    tracemalloc.start()
+    try:
+        gain = flat_gain(op)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < op.kernels.nbytes / 4
+    assert gain == pytest.approx(0.9, rel=1e-6)
+    assert gain == float(np.median(op.local_psfs().sum(axis=(-2, -1))))  # what it was read from before
+    assert op.local_psfs() is not op.local_psfs()  # a grid's are not kept
