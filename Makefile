@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 # Test processes: one per core this process may use (nproc), at most 8 (each holds torch and Dask).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench docs install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,8 @@ test: install
 bench: install
 	$(PY) benchmarks/run.py
 
+docs: install  # the API reference (the docstrings), to docs/_build/html/index.html
+	$(PY) -m sphinx -W -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) lsfov-demo.zarr lsfov-demo.png
+	rm -rf $(VENV) lsfov-demo.zarr lsfov-demo.png docs/_build
