@@ -55,6 +55,12 @@ def jobqueue_cluster(kind: str, **settings):
     -------
     dask_jobqueue.JobQueueCluster
         The cluster, with no job submitted.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind``, a missing dask-jobqueue, a job size (``cores``, ``memory``) that is
+        not set or not valid, or a setting dask-jobqueue does not know.
     """
     if kind not in _JOBQUEUE:
         raise ValueError(f"unknown batch system {kind!r}; use one of {sorted(_JOBQUEUE)}")
@@ -215,9 +221,10 @@ def use_scheduler(spec: str | None = "threads", *, n_workers: int | None = None)
         If ``spec`` is neither a str nor None.
     ValueError
         If ``n_workers`` is not a positive integer (0 included, whatever ``spec``); for an unknown
-        ``spec``, a missing dask-cuda, a batch ``spec`` whose N is not a positive integer or whose
-        submit command is not on PATH, a scheduler file without an ``address``, or a scheduler
-        address that is malformed or cannot be reached.
+        ``spec``, a missing dask-cuda or dask-jobqueue, a batch ``spec`` whose N is not a positive
+        integer, whose submit command is not on PATH or whose job size is not configured
+        (:func:`jobqueue_cluster`), a scheduler file without an ``address``, or a scheduler address
+        that is malformed or cannot be reached.
     FileNotFoundError
         If a scheduler file ``*.json`` does not exist.
     """
@@ -616,12 +623,15 @@ def compute(obj, *, progress: bool = False, label: str | None = None, on_task=No
     Returns
     -------
     object
-        What ``dask.compute`` returns for ``obj``: the computed value.
+        The computed value of ``obj`` (``dask.compute(obj)[0]``, not a 1-tuple): an array for an
+        array, a list of values for a list.
 
     Raises
     ------
     MemoryError
         A task ran out of memory, or its workers died repeatedly running it (with the remedy).
+    ConnectionError
+        The Dask scheduler was lost during the computation (its node or job gone).
     """
     try:
         return _compute(obj, progress, label, on_task)

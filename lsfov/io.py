@@ -109,8 +109,9 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     path : str or Path
         OME-Zarr image (NGFF 0.4 or 0.5; a multiscale group), TIFF/OME-TIFF, or ``.npy``.
     channel, z, t : int, optional
-        Index along that axis of a multi-dimensional image. Singleton axes are dropped; a remaining
-        axis with more than one element must be chosen.
+        Index along that axis of a multi-dimensional image (negative counts from the end; 0 or -1 is
+        accepted for an axis the image lacks). Singleton axes are dropped; a remaining axis with more
+        than one element must be chosen.
     level : int
         Pyramid level of an OME-Zarr image or a pyramidal (OME-)TIFF (0 = full resolution).
     chunks : int or tuple, optional
@@ -135,7 +136,7 @@ def open_image(path, *, channel=None, z=None, t=None, level: int = 0, chunks=Non
     ValueError
         If ``path`` is empty or not an image lsfov reads (not OME-Zarr, TIFF or ``.npy``; damaged,
         cut short, an incomplete result, an HCS plate or well); ``level``, ``series`` or an index is
-        out of range, or an index is given for an axis the image lacks (``series`` for a file that
+        out of range, or an index other than 0 or -1 is given for an axis the image lacks (``series`` for a file that
         is not a TIFF); ``chunks`` is not a positive size or pair of them; or the image is empty.
         Two subclasses say what to choose: :class:`PlaneNotChosen` for an axis of several planes
         left unchosen, :class:`SeveralImages` for an OME-TIFF of several images without ``series``.
@@ -1197,6 +1198,13 @@ def image_origin(image, pixel_um=None) -> tuple[float, float]:
     -------
     (float, float)
         The first pixel's (y, x) position, in µm with ``pixel_um``, else in pixels.
+
+    Raises
+    ------
+    TypeError
+        If ``pixel_um`` is not a number.
+    ValueError
+        If ``pixel_um`` is not finite and > 0.
     """
     if pixel_um is not None:  # ("0.1" and -1 once placed everything at 0 in silence)
         pixel_um = real_number(pixel_um, "pixel_um", minimum=0, exclusive=True)

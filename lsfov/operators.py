@@ -736,7 +736,8 @@ class ProductConvolution:
         Raises
         ------
         ValueError
-            If this operator is itself a window, or ``shape`` is not positive.
+            If this operator is itself a window; ``origin`` is not a pair of integer pixel positions;
+            ``shape`` is not positive integers; or ``periodic`` is not a bool or a pair of them.
         """
         if self.window != (0, 0) + self.shape:
             raise ValueError("restrict() applies to a full-image operator; restrict the operator it was cut from")
@@ -1414,6 +1415,8 @@ class ProductConvolution:
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a str or Path.
         FileNotFoundError
             If ``path`` does not exist.
         ValueError
@@ -1461,8 +1464,9 @@ class ProductConvolution:
 
     # ------------------------------------------------------------------ inspection
     def local_psfs(self) -> np.ndarray:
-        """Local PSFs sampled where they vary: the grid's nodes, or the basis form on a grid of about
-        32 x 32 positions (maps vary slowly). What norms and gains of the operator are estimated
+        """Local PSFs sampled where they vary: the grid's nodes, or the basis form at every
+        ``max(1, H // 32)``-th row and ``max(1, W // 32)``-th column (about 32 to 63 positions an axis;
+        every pixel of an axis under 64 px; maps vary slowly). What norms and gains of the operator are estimated
         from. Lazy maps are read by strided slices: the chunks that hold a sample (every chunk of a
         store whose chunks are under about H/32), once per operator. A grid's are made anew at each
         call, not kept: the grid of a whole slide's PSF map holds gigabytes of kernels, and this copy
@@ -1502,6 +1506,13 @@ class ProductConvolution:
         -------
         ndarray, float32, shape (K, K)
             The PSF at (y, x).
+
+        Raises
+        ------
+        TypeError
+            If ``y`` or ``x`` is not a number.
+        ValueError
+            If the position is not finite or lies outside the image.
         """
         y, x = real_number(y, "y"), real_number(x, "x")
         if not (-0.5 <= y <= self.shape[0] - 0.5 and -0.5 <= x <= self.shape[1] - 0.5):

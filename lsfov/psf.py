@@ -263,6 +263,14 @@ def gaussian(sigma_y, sigma_x=None, size: int | None = None) -> np.ndarray:
     ndarray, float32, shape (size, size) or (B, size, size)
         The kernels, centred at ``size // 2``, each summing to 1.
 
+    Raises
+    ------
+    TypeError
+        If a width is not a real number.
+    ValueError
+        If the widths are empty, not finite or <= 0, or ``sigma_y`` and ``sigma_x`` do not broadcast;
+        if ``size`` is not a positive odd integer up to 1025 (or the default size would exceed it).
+
     Examples
     --------
     >>> from lsfov import psf
@@ -343,19 +351,30 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
 
     Parameters
     ----------
-    coeffs : dict {int: float or array_like (B,)}
-        Noll index -> coefficient in waves RMS. Arrays (all of one length B) render a batch.
+    coeffs : dict {int: float or array_like (B,)} or None
+        Noll index -> coefficient in waves RMS. Arrays (all of one length B) render a batch. Empty or
+        None: no aberration.
     optics : Optics
         NA, wavelength, pixel size and immersion index.
-    size : int
-        Odd kernel size in pixels.
-    z_um : float or array_like (B,)
-        Defocus distance in µm through the angular-spectrum term ``z sqrt(n²/λ² - |ξ|²)``.
+    size : int, optional
+        Odd kernel size in pixels, at most 1025; default 31.
+    z_um : float or array_like (B,), optional
+        Defocus distance in µm through the angular-spectrum term ``z sqrt(n²/λ² - |ξ|²)``; default 0.
 
     Returns
     -------
     ndarray, float32, shape (size, size) or (B, size, size)
         Point-sampled intensity PSF, centred at ``size // 2``, summing to 1.
+
+    Raises
+    ------
+    TypeError
+        If ``optics`` is not an :class:`Optics`, ``coeffs`` is not a mapping, or a coefficient or
+        ``z_um`` is not a real number.
+    ValueError
+        If a Noll index is not an integer from 1 to :data:`MAX_NOLL`; ``size`` is not a positive odd
+        integer up to 1025; or the coefficients and ``z_um`` are empty, not finite, or batches of
+        different lengths.
 
     Examples
     --------
@@ -551,6 +570,8 @@ class PSFModel:
         ValueError
             If ``meta`` is not a mapping with ``psf_model``, names no known model, or records
             impossible optics.
+        ValueError
+            If the recorded optics lack one of :class:`Optics`' fields or have one it does not know.
         """
         if not isinstance(meta, Mapping) or "psf_model" not in meta:
             raise ValueError("not a PSF-model record (to_meta(): psf_model, ranges, optics); give one of a model "
@@ -558,6 +579,12 @@ class PSFModel:
         base = get_model(meta["psf_model"])
         ranges = {p: tuple(v) for p, v in (meta.get("ranges") or base.ranges).items()}
         optics = meta.get("optics")
+        if optics:
+            fields = {f.name for f in dataclasses.fields(Optics)}
+            required = fields - {"immersion_index"}
+            if not isinstance(optics, Mapping) or not required <= set(optics) or not set(optics) <= fields:
+                raise ValueError(f"the record's optics must hold {sorted(required)} (and optionally immersion_index), "
+                                 f"got {shown(optics)}; is this a model file's or a training set's metadata?")
         return dataclasses.replace(base, ranges=ranges, optics=Optics(**optics) if optics else base.optics,
                                    size=int(meta.get("size") or base.size))
 
@@ -735,6 +762,13 @@ class PSFModel:
         -------
         ndarray, float64, of ``params``' shape
             ``(params - low) / (high - low)``: values outside the ranges map outside [0, 1].
+
+        Raises
+        ------
+        TypeError
+            If ``params`` is not real numbers.
+        ValueError
+            If its last axis is not of N columns.
         """
         lo, hi = self.bounds
         return (self._columns(params, "params") - lo) / (hi - lo)
@@ -751,6 +785,11 @@ class PSFModel:
         -------
         ndarray, float64, of ``unit``'s shape
             Values in the model's units.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`normalize`.
         """
         lo, hi = self.bounds
         return lo + self._columns(unit, "unit") * (hi - lo)

@@ -131,7 +131,7 @@ def bead_field(
     grid : int
         Nodes of the operator grid along each axis (clipped to the image size).
     psf_size : int
-        Kernel size of the PSFs in pixels (odd).
+        Kernel size of the PSFs in pixels (odd, at most 1025).
     pixel_um : float
         Pixel size in µm of the drawn optics (ignored when ``optics`` is given).
     z_range_um : (float, float)
@@ -156,8 +156,13 @@ def bead_field(
 
     Raises
     ------
+    TypeError
+        If ``astigmatism``, ``axis``, ``photons`` or ``background`` is not a number.
     ValueError
-        If ``shape`` is too small for ``psf_size``.
+        If ``shape`` is too small for ``psf_size``; ``grid``, ``n_beads`` or ``psf_size`` is not a
+        positive integer (``psf_size`` odd, up to 1025); ``photons`` is not > 0 or ``background`` is
+        negative; ``z_range_um`` is not a pair (low <= high); ``seed`` is not a valid seed; or the
+        drawn optics are impossible (``pixel_um`` not a positive size in µm).
 
     Notes
     -----
@@ -290,7 +295,18 @@ def degrade(image, operator: ProductConvolution, *, photons: float = 1000.0, rea
     -------
     ndarray, float32, shape (H, W)
         The degraded image in counts; values can be slightly negative, as a camera's are. An
-        xarray ``image`` gives an xarray, its dims (in their order), coordinates and attributes kept.
+        xarray ``image`` gives an xarray, its dims (in their order), coordinates and attributes kept;
+        a Dask image is computed and gives NumPy.
+
+    Raises
+    ------
+    TypeError
+        If ``operator`` is not a :class:`~lsfov.ProductConvolution`, ``image`` is not numeric, or a
+        setting is not a number.
+    ValueError
+        If ``image`` is not 2-D, not of ``operator.shape``, holds NaN or Inf, or has no positive
+        pixel; ``photons`` is not > 0, ``read_noise`` negative, ``beta`` outside (0, 1]; or ``seed``
+        is not a valid seed.
 
     Examples
     --------
@@ -361,6 +377,13 @@ def psf_field(shape, model="Z3", grid=(4, 4), *, seed=None, size: int | None = N
         The grid operator of the rendered PSFs.
     params : ndarray, float64, shape (gy, gx, N)
         The model's N parameters at each node, in its units.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` is unknown; ``shape`` or ``grid`` is not positive integers, or the grid has more
+        nodes than the image has pixels along an axis; ``roughness`` is negative; ``size`` is not a
+        positive odd integer up to 1025 or larger than the image; or ``seed`` is not a valid seed.
     """
     m = _psf.get_model(model)
     h, w = shape2d(shape)
@@ -405,6 +428,11 @@ def sample_image(name: str = "cell", shape=None) -> np.ndarray:
     -------
     ndarray, float32, shape (H, W)
         The image, scaled to span [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of the above, or ``shape`` is not positive integers.
     """
     from skimage import data
 

@@ -255,3 +255,24 @@ def test_what_numpy_would_misread_or_fail_on_is_refused_in_one_line(tmp_path, mo
     refuses(ValueError, "a bead field of 40000x40000 px needs", simulate.bead_field, (40000, 40000))
     refuses(ValueError, "a tilted surface of 40000x40000 px needs", simulate.tilted_surface, (40000, 40000))
     assert simulate.sample_image("cell", 64).shape == (64, 64)
+
+
+def test_direct_calls_refuse_a_window_bad_column_counts_and_optics_records_without_their_fields():
+    """Found by the docstring audit: refusals the public entry points made, direct calls did not."""
+    from lsfov.calibrate import cone_columns
+    from lsfov.restore.chunked import deconvolve_dask
+
+    op = PC.from_psf(psf.gaussian(1.0, size=7), (32, 32))
+    y = da.from_array(np.random.default_rng(0).random((32, 32), dtype=np.float32), chunks=16)
+    refuses(ValueError, "needs a full-image operator", deconvolve_dask, y, op.restrict((1, 1), (32, 32)), 2, 0.0,
+            eps=0.3)  # (before: a graph that failed only when computed)
+    obs = np.random.default_rng(0).random((3, 10))
+    for bad in (0, -1, 2.5, True):
+        refuses(ValueError, "max_columns must be a positive integer", cone_columns, obs, max_columns=bad)
+    assert cone_columns(obs, max_columns=1).shape == (3, 1)
+    meta = psf.MODELS["Z3"].to_meta()
+    for optics in ({"na": 1.2}, {**meta["optics"], "magnification": 60}, [1.2, 0.6, 0.1]):
+        refuses(ValueError, "the record's optics must hold", psf.PSFModel.from_meta, {**meta, "optics": optics})
+    without_index = {k: v for k, v in meta["optics"].items() if k != "immersion_index"}
+    assert psf.PSFModel.from_meta({**meta, "optics": without_index}).optics.immersion_index == 1.0
+    assert psf.PSFModel.from_meta(meta) == psf.MODELS["Z3"]

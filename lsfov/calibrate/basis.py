@@ -109,6 +109,15 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     PSFBasis
         The kernels (I, K, K), all singular values, which patches were kept, and their coefficients.
 
+    Raises
+    ------
+    ValueError
+        If ``patches`` are not (M, K, K) of one K, are empty, all zero or hold NaN or Inf; if
+        ``n_basis`` is not a positive integer or None, or exceeds K² or the number of patches; if
+        ``zscore`` is not > 0.
+    TypeError
+        If ``patches`` are not real numbers or ``zscore`` is not a number.
+
     Examples
     --------
     A basis of 5 kernels from the beads of a simulated bead image:

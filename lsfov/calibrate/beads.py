@@ -128,8 +128,10 @@ def remove_background(patches, radius: float, order: int = 2) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``order`` is not an integer >= 0, ``patches`` is not (M, K, K) or (K, K) with K odd, or
-        too few pixels lie outside ``radius``.
+        If ``order`` is not an integer >= 0, ``patches`` is not (M, K, K) or (K, K) with K odd or
+        holds NaN or Inf, ``radius`` is negative, or too few pixels lie outside ``radius``.
+    TypeError
+        If ``patches`` are not real numbers or ``radius`` is not a number.
     """
     p = real_numbers(patches, "patches", np.float32)  # (complex once lost its imaginary part)
     order = positive_int(order, "background order", minimum=0)
@@ -391,7 +393,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     image : array_like (H, W)
         Micro-bead image (any numeric type; a camera offset is removed by the background fit).
     radius : float, optional
-        Upper bound r on the PSF radius in pixels. Default: :func:`estimate_radius`.
+        Upper bound r on the PSF radius in pixels, at least 2. Default: :func:`estimate_radius`.
     threshold : float, optional
         Detection threshold on the blob response (see :func:`detect_beads`).
     saturation : float, optional
@@ -406,6 +408,13 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     BeadPSFs
         Patches of size ``2·ceil(1.2 r) + 1``, centred at the sub-pixel bead centre, background
         removed, bump-limited and summing to one.
+
+    Raises
+    ------
+    ValueError
+        If the image holds NaN or Inf or is smaller than one patch, ``radius`` is under 2 pixels, no
+        bead is found, every bead is saturated, or none is isolated (also from
+        :func:`estimate_radius` when ``radius`` is not given).
 
     Examples
     --------
@@ -497,7 +506,7 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
     """Centred, background-free, bump-limited patches of the beads near ``positions`` (App. A-c/d, B).
 
     Each position (rounded to a pixel) is refined to the maximum of the correlation with a Gaussian
-    of width r/4, and the patch is re-sampled bicubically around it. Patches are not normalised.
+    of width ``max(1, r/4)``, and the patch is re-sampled bicubically around it. Patches are not normalised.
 
     Parameters
     ----------
@@ -516,6 +525,12 @@ def extract_psfs(image, positions, radius: float, *, background_order: int = 2):
         The patches, ``K = patch_size(radius)``, background removed and limited by the bump, not normalised.
     centres : ndarray (P, 2) float64
         The refined sub-pixel (y, x) centres.
+
+    Raises
+    ------
+    ValueError
+        If the image holds NaN or Inf, ``radius`` is under 2 pixels, or a position lies nearer than
+        ``patch_size(radius) // 2 + 2`` px to the border.
     """
     img = np.asarray(as_image(image, "image", check_values=False))  # (a background-subtracted image may dip below 0)
     if not np.isfinite(img).all():

@@ -84,6 +84,14 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         - ``residual``: float, relative misfit ``‖g Γ a − c‖ / ‖c‖`` of the sources' coefficients
           (above 0.3 a warning says the subspace explains them poorly).
 
+    Raises
+    ------
+    TypeError
+        If ``subspace`` is not an :class:`OperatorSubspace`.
+    ValueError
+        If ``image`` is not of the subspace's shape or holds NaN or Inf, fewer than ``n_space``
+        isolated sources are found (or given), or a given position lies too near the border.
+
     Examples
     --------
     A subspace learned from five bead images of one microscope identifies the blur of a sixth image

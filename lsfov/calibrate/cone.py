@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import nnls
 
+from .._validate import positive_int
+
 __all__ = ["cone_columns", "project_cone"]
 
 
@@ -28,6 +30,11 @@ def project_cone(columns, points):
         The projections ``B λ``, one per column.
     weights : ndarray (J, N) float64
         The non-negative weights λ of the generators for each point.
+
+    Raises
+    ------
+    ValueError
+        If ``columns`` and ``points`` are not 2-D with the same I, or hold NaN or Inf.
 
     Notes
     -----
@@ -68,7 +75,14 @@ def cone_columns(observed, *, max_columns: int = 20, angle_deg: float = 1.0):
     -------
     ndarray (I, J)
         The selected columns (unit norm), the mean direction first.
+
+    Raises
+    ------
+    ValueError
+        If ``observed`` is not (I, M) with M >= 1, or holds NaN or Inf; or ``max_columns`` is not a
+        positive integer.
     """
+    max_columns = positive_int(max_columns, "max_columns")
     obs = np.asarray(observed, dtype=np.float64)
     if obs.ndim != 2 or obs.shape[1] == 0:
         raise ValueError(f"observed coefficients must have shape (I, M) with M >= 1, got {obs.shape}")
@@ -78,7 +92,7 @@ def cone_columns(observed, *, max_columns: int = 20, angle_deg: float = 1.0):
     mean = unit.mean(axis=1, keepdims=True)
     sel = mean / max(np.linalg.norm(mean), 1e-30)
     far = np.arange(unit.shape[1])  # columns not yet within the angle: a growing cone only comes nearer
-    for _ in range(int(max_columns) - 1):
+    for _ in range(max_columns - 1):
         proj, _ = project_cone(sel, unit[:, far])
         # ‖Π(b)‖ = cos(angle to the cone) for a unit b (Π(b) is orthogonal to b - Π(b)).
         cosang = np.einsum("im,im->m", proj, unit[:, far]) / np.maximum(np.linalg.norm(proj, axis=0), 1e-30)

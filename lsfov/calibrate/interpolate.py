@@ -215,18 +215,25 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
         The nodes where the coefficients are evaluated (:func:`node_grid`).
     smoothing : float
         8π·η, η of Eq. 9, for coordinates scaled to the unit square and weights of mean one; each
-        bead's data term is weighted by its Voronoi cell's area. 0 interpolates exactly.
+        bead's data term is weighted by its Voronoi cell's area. 0 interpolates exactly; at most 1e6.
     cone : array_like (I, J), optional
         Generators of the admissible cone (:func:`cone_columns`); node values are projected onto it.
     kernel_sums : array_like (I,), optional
         Sums of the basis kernels: node values are then scaled so that every PSF sums to one, as
         the beads did (a cone is scale-invariant, so they stay admissible). A node whose PSF sums
-        to nothing takes the cone's mean direction.
+        to nothing takes the cone's first column (:func:`cone_columns`: the mean direction), or
+        without ``cone`` the beads' mean coefficients.
 
     Returns
     -------
     ndarray (I, gy, gx) float64
         The coefficient of each basis kernel at each node (:meth:`NodeGrid.upsample` spreads them to pixels).
+
+    Raises
+    ------
+    ValueError
+        If ``positions`` and ``coefficients`` are not (M, 2) and (M, I), ``smoothing`` is outside
+        [0, 1e6], or fewer than 3 beads are given or they lie on a line.
     """
     pos = np.asarray(positions, dtype=np.float64)
     beta = np.asarray(coefficients, dtype=np.float64)

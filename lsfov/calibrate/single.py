@@ -41,7 +41,7 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
     smoothing : float
         Thin-plate smoothing: 8π·η, η of paper 003 Eq. 9, for coordinates scaled to the unit square
         and beads weighted by their Voronoi cells (weights of mean one); 0 interpolates the beads
-        exactly. Default 1e-2 (``DEFAULT_SMOOTHING``, tuned on simulated fields).
+        exactly; at most 1e6. Default 1e-2 (``DEFAULT_SMOOTHING``, tuned on simulated fields).
     step : int, optional
         Largest node spacing of the coefficient maps in pixels: nodes are evenly spaced from the
         first to the last pixel of each axis, at most ``step`` apart, so the spacing is ``step`` or
@@ -61,6 +61,15 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
         ``return_positions=True``, the tuple ``(op, positions)`` instead, ``positions`` the
         float64 (M, 2) (y, x) centres of the M beads the operator was made from (those that passed
         the basis's z-score test; ``attrs["n_beads"]`` is M).
+
+    Raises
+    ------
+    TypeError
+        If ``bead_image`` is a file name or a ``lsfov.simulate.BeadField`` (pass its ``image``).
+    ValueError
+        If ``max_columns`` is not a positive integer or ``smoothing`` is outside [0, 1e6]; or the
+        beads cannot give an operator (:func:`bead_psfs`, :func:`psf_basis`, :func:`coefficient_nodes`
+        say why: none isolated, too few for ``n_basis``, all on a line).
 
     Examples
     --------

@@ -63,7 +63,8 @@ class OperatorSubspace:
     Raises
     ------
     ValueError
-        If the parts are not 3-D, or ``gammas`` is not (n_images, I, J) for the bases' I and J.
+        If the parts are not 3-D, the PSF kernels are not square of an odd size K, or ``gammas`` is
+        not (n_images, I, J) for the bases' I and J.
     """
 
     def __init__(self, psf_basis, spatial_basis, gammas, attrs=None):
@@ -98,7 +99,8 @@ class OperatorSubspace:
 
         Paper 003 Sec. II-E-a divides by the sum of Γ_k's entries, which depends on the bases' signs
         and scales (121-231 for 8 simulated operators of one flux) and could turn a generator into its
-        opposite; the flux is the operator's own, whatever the bases, and positive."""
+        opposite; the flux is the operator's own, whatever the bases, and positive. A ValueError
+        says so where a training image's flux is not positive."""
         h_sums, a_means = self._flux_terms
         flux = np.einsum("kij,i,j->k", self.gammas, h_sums, a_means)
         if not (flux > 0).all():
@@ -192,6 +194,12 @@ class OperatorSubspace:
         -------
         ndarray, float64, shape (I, J)
             A non-negative combination of the Γ_k, for :meth:`operator`.
+
+        Raises
+        ------
+        ValueError
+            If ``gamma`` is not (I, J), holds NaN or Inf, or projects to 0 (it points away from
+            every Γ_k); or if a training image's operator has no positive flux.
         """
         from scipy.optimize import nnls
 
@@ -257,6 +265,14 @@ class OperatorSubspace:
         -------
         Path
             ``path``.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is not given, or exists but is neither a zarr store
+            nor an empty directory.
+        ValueError
+            If ``path`` is named like a file of another format or lies inside a zarr store.
         """
         from ..io import atomic_directory, check_result_name
 
@@ -403,6 +419,14 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     OperatorSubspace
         The PSF basis (I, K, K), the spatial basis (J, H, W) in memory, and the Γ_k (K, I, J) of the
         images; its ``attrs`` record the beads used, the radius, the pixel size and the singular values.
+
+    Raises
+    ------
+    TypeError
+        If ``bead_images`` is neither a stack nor a list of images (e.g. file names).
+    ValueError
+        If fewer than 2 images are given, they differ in shape or pixel size, ``n_space`` exceeds
+        K·I, or an image's beads cannot be calibrated (the message names the image).
 
     Examples
     --------

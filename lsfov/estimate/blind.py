@@ -62,6 +62,13 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         ``lsfov.save`` writes it as one OME-Zarr result; :func:`lsfov.operator_from_psf_map` of it
         gives the operator back.
 
+    Raises
+    ------
+    ValueError
+        If ``iterations`` or ``tv`` is out of range, ``model`` is refused (:func:`lsfov.load_model`),
+        ``calibration`` is given with a model without focus and axis, or the image cannot be mapped
+        or deconvolved (as :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` say).
+
     Examples
     --------
     >>> import lsfov

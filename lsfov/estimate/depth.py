@@ -99,8 +99,9 @@ class DepthCalibration:
     Raises
     ------
     ValueError
-        On construction, for an unknown ``method``, or ``"curve"`` without ``curves``, ``noise``
-        and ``range_um``.
+        On construction, for an unknown ``method``, ``"curve"`` without ``curves``, ``noise`` and
+        ``range_um``, a non-finite ``axis0``, ``slope``, ``offset``, ``smooth`` or ``min_validity``,
+        a negative ``slope`` or ``smooth``, or ``curves``, ``noise`` or ``range_um`` not finite numbers.
     """
 
     axis0: float  # the instrument's astigmatism axis (radians)
@@ -171,6 +172,11 @@ class DepthCalibration:
         -------
         Path
             ``path``.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is not given.
         """
         from ..io import atomic_file
 
@@ -539,6 +545,17 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         The instrument's astigmatism axis θ0, and the curves or the line. Its ``r2`` and ``mae_um``
         are those of its own depth estimate (smoothed) on the calibration nodes.
 
+    Raises
+    ------
+    TypeError
+        If ``psf_map`` is not a PSF map (an ``xarray.Dataset``), or ``known_depth_um`` is not an
+        array of depths (a file name, a calibration).
+    ValueError
+        If the map is not of an astigmatic model (Z3) or is a stack of planes; ``known_depth_um`` is
+        on neither the node grid nor the image's pixels; ``method``, ``degree``, ``min_validity``
+        (in [0, 1]) or ``smooth`` (>= 0) is out of range; fewer than 3 nodes are valid, or the known
+        depth is constant on them (for ``"curve"``: takes fewer than 3 distinct values).
+
     Examples
     --------
     A tilted plane of known depth, imaged through the instrument, calibrates it:
@@ -707,6 +724,18 @@ def estimate_depth(psf_map, calibration: DepthCalibration | dict | None = None, 
         float32 on the map's node grid, its ``units`` and the smoothing applied in ``attrs``. Nodes
         with no reading (a NaN parameter, or an invalid node, validity < 0.5, of a map made without
         filling) get the smoothing's plane through their neighbours; NaN without smoothing.
+
+    Raises
+    ------
+    TypeError
+        If ``psf_map`` is not a PSF map (an ``xarray.Dataset``), or ``calibration`` is none of the
+        kinds above.
+    ValueError
+        If the map is not of an astigmatic model with ``validity`` (Z3 of the CNN), ``smooth`` is
+        negative, or ``calibration`` is not a depth calibration (a dict of other keys, a file of
+        another kind).
+    FileNotFoundError
+        If ``calibration`` names a file that does not exist.
 
     Examples
     --------

@@ -303,17 +303,19 @@ def estimate_psf_map(image, model="Z3", patch: int = 128, stride: int = 64, *, p
     TypeError
         If ``image`` is an ``xarray.Dataset`` or not of a real numeric dtype; if ``saturation`` is
         True or not a number; if ``max_saturated`` or ``pixel_um`` is not a number, or ``scratch``
-        not a path.
+        not a path; if ``model`` is not a name, a path or a loaded model.
     ValueError
         For a masked array with masked pixels, an image that is not 2-D (or, as xarray, names only
         one of ``y`` and ``x``), of unknown Dask chunk sizes, smaller than one patch, or with NaN or
         Inf pixels (or values whose readings overflow); for a ``patch`` other than the model's,
         a ``stride`` or ``batch_size`` that is not a positive integer, ``max_saturated`` outside
-        [0, 1], ``pixel_um`` <= 0, ``resume`` without ``scratch`` or a ``scratch`` that is a file,
-        a ``device`` other than a loaded model's, or a model that :func:`lsfov.load_model`
+        [0, 1], ``saturation`` or ``pixel_um`` <= 0, ``resume`` without ``scratch`` or a ``scratch``
+        that is a file, a ``device`` other than a loaded model's, or a model that :func:`lsfov.load_model`
         refuses (an unknown name, a file that is not a model, or one replaced while the map runs).
     FileNotFoundError
         If ``model`` names a file that does not exist.
+    MemoryError
+        For Dask input on a distributed cluster whose workers leave too little memory for the CNN's tasks.
 
     Examples
     --------
@@ -589,8 +591,8 @@ def fill_invalid(psf_map, threshold: float = 0.5, power: float = 2.0, neighbours
     NothingToMap
         A ``ValueError``: when no node is valid (none at or above ``threshold``).
     ValueError
-        If ``psf_map`` has no ``validity`` variable, ``threshold`` is outside [0, 1], ``power`` < 0
-        or ``neighbours`` is not a positive integer.
+        If ``psf_map`` has no ``validity`` variable or is a stack of planes (dims besides gy, gx),
+        ``threshold`` is outside [0, 1], ``power`` < 0 or ``neighbours`` is not a positive integer.
     TypeError
         If ``threshold`` or ``power`` is not a number.
     """
@@ -701,8 +703,9 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     TypeError
         If ``psf_map`` is not an ``xarray.Dataset``.
     ValueError
-        If the map lacks the ``psf_model`` or ``params`` attribute or a parameter variable, has no
-        nodes or NaN parameters (unfilled nodes: :func:`fill_invalid`), or names no known model;
+        If the map lacks the ``psf_model`` or ``params`` attribute or a parameter variable, is a
+        stack of planes, has no nodes or NaN parameters (unfilled nodes: :func:`fill_invalid`), or
+        names no known model;
         if no shape is known, ``shape`` differs from the mapped image's, or ``size`` is not a
         positive odd integer at most the image's smaller side.
 

@@ -462,6 +462,14 @@ class PSFRegressor:
             ``{parameter name: (B,) float32 in the model's units, "validity": (B,) probability that
             the patch can be read (1 = valid)}``; for a model with focus and astigmatism (Z3) also
             :data:`PRODUCTS`, ``focus · astigmatism · (sin, cos) 2 axis`` as regressed (wave RMS²).
+
+        Raises
+        ------
+        TypeError
+            If ``patches`` are not real numbers.
+        ValueError
+            If ``patches`` are not (B, P, P) or (P, P) for the model's P, hold NaN or Inf (or a
+            masked array's masked pixels), or ``batch_size`` is not a positive integer.
         """
         t = self._as_batch(patches)
         batch_size = positive_int(batch_size, "batch_size")
@@ -499,6 +507,13 @@ class PSFRegressor:
         -------
         Path
             ``path``.
+
+        Raises
+        ------
+        ValueError
+            If ``path`` does not end in ``.pt``, or it or its ``.json`` is a directory.
+        FileExistsError
+            If the ``.pt`` or ``.json`` file exists and ``overwrite`` is not given.
         """
         path = Path(path)
         if path.suffix != ".pt":
@@ -662,11 +677,13 @@ def load_model(name_or_path, *, device=None, psf_model: str | None = None) -> PS
 
     Raises
     ------
+    TypeError
+        If ``name_or_path`` is not a str, a path or a :class:`PSFRegressor`.
     FileNotFoundError
         If no model file exists at the path.
     ValueError
-        For a PSF model with no shipped model, a file that is not an lsfov model, or a model of
-        another PSF model than ``psf_model``.
+        For a PSF model with no shipped model, a file that is not an lsfov model, a ``device`` that
+        cannot be used, or a model of another PSF model than ``psf_model``.
 
     Examples
     --------

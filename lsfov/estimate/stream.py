@@ -287,6 +287,14 @@ def train_stream(stream: PatchStream, *, arch: str | None = None, init=None, fre
     -------
     PSFRegressor
         The model with the best weights, ``meta["training"]`` describing the run (``"stream"``).
+
+    Raises
+    ------
+    TypeError
+        If ``stream`` is not a :class:`PatchStream`.
+    ValueError
+        For a setting out of range, ``patches`` fewer than ``batch_size``, ``freeze`` without a
+        ``polar`` network and ``init``, or an ``init`` of another PSF model.
     """
     from .model import PSFRegressor, decode, encode, load_model
     from .network import loss as _loss

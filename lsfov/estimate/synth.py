@@ -464,6 +464,16 @@ def synthesize(n: int, model="Z3", *, sources=SOURCES, split: str = "train", see
         model's units, ``valid`` (n,) bool, and ``attrs`` (what the set was drawn from); or the path
         of the zarr group when ``out`` is given.
 
+    Raises
+    ------
+    ValueError
+        For an unknown ``model``, ``split`` or source; ``n``, ``batch`` or ``workers`` not a
+        positive integer, ``seed`` negative; ``invalid_fraction`` outside [0, 0.99], ``illumination`` outside [0, 1],
+        ``photons`` or ``read_noise`` not a (low, high) range; or ``device`` with ``workers`` > 1 or
+        ``photons=None``.
+    FileExistsError
+        If ``out`` exists and ``overwrite`` is not given.
+
     Examples
     --------
     >>> from lsfov.estimate import open_training_set, synthesize

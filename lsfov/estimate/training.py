@@ -409,6 +409,18 @@ def train(data, *, arch: str | None = None, epochs: int | None = None, batch_siz
     PSFRegressor
         The model with the best epoch's weights, ``meta["training"]`` describing the run. With
         ``checkpoint``, also saved as ``checkpoint/best.pt``.
+
+    Raises
+    ------
+    FileExistsError
+        If ``checkpoint`` is a file, or holds an earlier run's checkpoints and neither ``resume``
+        nor ``overwrite`` is given.
+    FileNotFoundError
+        With ``resume``, if ``checkpoint/last.pt`` does not exist.
+    ValueError
+        For a setting out of range, ``resume`` without ``checkpoint`` or with ``init``, a set too
+        small for one training batch, ``freeze`` without a ``polar`` network and ``init``, or a
+        run whose every learning rate (or validation loss) diverged.
     """
     given = {"batch_size": None if batch_size is None else positive_int(batch_size, "batch_size"),
              "patience": None if patience is None else positive_int(patience, "patience"),

@@ -203,7 +203,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         Smoothing of ``|grad x|`` in the TV term, relative to the local brightness.
     exchange_every : int, optional
         Iterations per halo exchange; default :func:`choose_exchange_every` (all of them for a
-        single-chunk image). At most ``iterations``.
+        single-chunk image). A value above ``iterations`` is taken as ``iterations``.
     scratch : str or Path, optional
         Directory for each exchange's estimate (memory bounded by a few chunks; resumable). The
         iterations then run in this call.
@@ -228,8 +228,8 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         If ``y`` is not numeric, or ``scratch`` not a path.
     ValueError
         If ``y`` is not 2-D or not of ``op.shape``, holds NaN or Inf, has no positive pixel or
-        intensities float32 TV arithmetic cannot hold; if ``scratch`` is a file, or ``resume`` is
-        given without it.
+        intensities float32 TV arithmetic cannot hold; if ``op`` is a restricted window; if
+        ``scratch`` is a file, or ``resume`` is given without it.
     MemoryError
         If one block's task cannot fit in a worker's (or this machine's) memory.
     """
@@ -238,6 +238,9 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if y.dtype.kind not in "biuf":
         raise TypeError(f"image must be a real numeric array, got dtype {y.dtype}")
     _check_shape(y.shape, op)
+    if op.window != (0, 0) + op.shape:  # (its blocks restrict it: found only in the tasks otherwise)
+        raise ValueError("deconvolve_dask needs a full-image operator, not a restricted window; pass the operator "
+                         "it was cut from")
     scratch_dir(scratch, resume)
     # The blocks, and whether their tasks fit, before any read: a worker without room would be
     # paused during the first pass below, and the run wait for it without a word.

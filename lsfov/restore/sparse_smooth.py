@@ -66,6 +66,13 @@ def estimate_noise(image) -> float:
     float
         The noise standard deviation in the image's units: 1.4826 times the median absolute
         deviation of the 5-point Laplacian over the interior pixels, divided by √20.
+
+    Raises
+    ------
+    TypeError
+        If ``image`` is not an array of real numbers.
+    ValueError
+        If ``image`` is not 2-D, is smaller than 3 x 3, or holds NaN or Inf.
     """
     x = to_numpy(real_2d(image, "image"))  # (read whole: NumPy from any array)
     if min(x.shape) < 3:
@@ -222,9 +229,10 @@ def sparse_smooth_deblur(image, operator: ProductConvolution, gamma1: float | No
         If ``iterations`` or ``exchange_every`` is not a positive integer, ``warn_dense`` is outside
         [0, 1], or ``gamma1`` or ``gamma2`` is negative; ``operator`` is a restricted window;
         ``image`` is a masked array with masked pixels, empty, not 2-D (or, as xarray, names only one of
-        ``y`` and ``x``), of unknown Dask chunk sizes, not of ``operator.shape``, or holds NaN
-        or Inf; the image is under 3x3 pixels and no ``gamma1`` is given (its noise cannot be
-        measured); if ``scratch`` is a file, or ``resume`` is given without it.
+        ``y`` and ``x``), of unknown Dask chunk sizes, not of ``operator.shape``, holds NaN or Inf,
+        is all zero or has no positive pixel; the image is under 3x3 pixels and no ``gamma1`` is
+        given (its noise cannot be measured); ``progress`` is not a bool; if ``scratch`` is a file,
+        or ``resume`` is given without it.
 
     Examples
     --------
@@ -473,14 +481,23 @@ def locate_sources(sparse, operator: ProductConvolution, noise: float, *, k: flo
     noise : float
         Noise standard deviation σ of the blurred image (e.g. :func:`estimate_noise`).
     k : float
-        Detection level in sigmas.
+        Detection level in sigmas (>= 0); default 3.
 
     Returns
     -------
-    ndarray (N, 3)
+    ndarray, float64, (N, 3)
         y, x (pixels) and amplitude (the 3x3 sum) of each source, brightest first. The image's outermost
         rows and columns are left out: half of their 3x3 neighbourhood is outside the field, so neither
         a maximum nor its amplitude can be read there.
+
+    Raises
+    ------
+    TypeError
+        If ``operator`` is not a :class:`ProductConvolution`, ``noise`` or ``k`` is not a number, or
+        ``sparse`` is not an array of real numbers.
+    ValueError
+        If ``noise`` is not finite and > 0 or ``k`` is negative; ``sparse`` is not 2-D or not of
+        ``operator.shape``, or holds NaN or Inf.
     """
     import dask
     import dask.array as da

@@ -78,6 +78,14 @@ def tv_curvature(x, eps):
     -------
     ndarray (H, W) float32
         The curvature, in [-4, 4]; of the array type of ``x`` (lazy for Dask input).
+
+    Raises
+    ------
+    TypeError
+        If ``x`` or ``eps`` is not of real numbers (or ``x`` is a file name or an ``xarray.Dataset``).
+    ValueError
+        If ``x`` is not a non-empty 2-D array, or a NumPy/CuPy ``x`` holds NaN or Inf; if ``eps`` is
+        not finite and > 0 (everywhere, for an array) or an array not of ``x``'s shape.
     """
     x = real_2d(x, "x").astype(np.float32, copy=False)
     scalar = np.ndim(eps) == 0
@@ -339,10 +347,10 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     ValueError
         If ``operator`` is a restricted window; ``iterations`` or ``exchange_every`` is not a
         positive integer, ``tv`` is outside [0, 0.25) or ``eps`` outside [1e-4, 100]; ``image`` is a
-        masked array with masked pixels, not 2-D (or, as xarray, names only one of ``y`` and ``x``),
-        not of ``operator.shape``, holds NaN or Inf, is all zero or has no positive pixel, or has
-        intensities float32 TV arithmetic cannot hold; if ``scratch`` is a file, or ``resume`` is
-        given without it.
+        masked array with masked pixels, not 2-D (a single (1, H, W) plane is taken as (H, W); as
+        xarray, names only one of ``y`` and ``x``), not of ``operator.shape``, holds NaN or Inf, is
+        all zero or has no positive pixel, or has intensities float32 TV arithmetic cannot hold; if
+        ``progress`` is not a bool, ``scratch`` is a file, or ``resume`` is given without it.
     MemoryError
         Dask input: if one block's task cannot fit in a worker's (or this machine's) memory.
 
