@@ -608,7 +608,7 @@ class PSFModel:
         ------
         ValueError
             If a parameter is missing, the array is not (N,) or (B, N), or it is empty or not finite;
-            or a dict's arrays are not of one length.
+            or a dict's arrays are not 1-D batches of one length.
         TypeError
             If a value is not a number.
         """
@@ -626,6 +626,10 @@ class PSFModel:
             except ValueError:
                 raise ValueError(f"model {self.name}'s parameters must be batches of one length, got shapes "
                                  f"{ {p: c.shape for p, c in zip(self.params, cols)} }") from None
+            if cols[0].ndim > 1:  # (a grid of values read as one flat batch would lose its layout unsaid)
+                raise ValueError(f"model {self.name}'s parameters must be numbers or 1-D batches, got shapes "
+                                 f"{ {p: np.shape(params[p]) for p in self.params} }; pass them raveled "
+                                 "(.ravel()) and reshape the PSFs")
             batched = cols[0].ndim > 0
             arr = np.stack([c.reshape(-1) for c in cols], axis=1)
         else:

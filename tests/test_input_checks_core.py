@@ -276,3 +276,12 @@ def test_direct_calls_refuse_a_window_bad_column_counts_and_optics_records_witho
     without_index = {k: v for k, v in meta["optics"].items() if k != "immersion_index"}
     assert psf.PSFModel.from_meta({**meta, "optics": without_index}).optics.immersion_index == 1.0
     assert psf.PSFModel.from_meta(meta) == psf.MODELS["Z3"]
+
+
+def test_a_grid_of_parameter_values_is_refused_not_read_as_a_flat_batch():
+    """A (2, 2) array per parameter gave 4 PSFs, the grid's layout lost without a word."""
+    g1 = psf.MODELS["G1"]
+    refuses(ValueError, r"1-D batches, got shapes \{'sigma': \(2, 2\)\}", g1.render, {"sigma": np.ones((2, 2))})
+    refuses(ValueError, "1-D batches", g1.as_array, {"sigma": np.ones((1, 3))})
+    assert g1.render({"sigma": np.ones(4)}).shape == (4, 31, 31)
+    assert psf.MODELS["G2"].as_array({"sigma_y": np.ones(3), "sigma_x": 1.5})[0].shape == (3, 2)
