@@ -580,11 +580,12 @@ class PSFModel:
         ranges = {p: tuple(v) for p, v in (meta.get("ranges") or base.ranges).items()}
         optics = meta.get("optics")
         if optics:
-            fields = {f.name for f in dataclasses.fields(Optics)}
-            required = fields - {"immersion_index"}
-            if not isinstance(optics, Mapping) or not required <= set(optics) or not set(optics) <= fields:
-                raise ValueError(f"the record's optics must hold {sorted(required)} (and optionally immersion_index), "
-                                 f"got {shown(optics)}; is this a model file's or a training set's metadata?")
+            fields = {f.name: f.default is dataclasses.MISSING for f in dataclasses.fields(Optics)}
+            required = {name for name, needed in fields.items() if needed}
+            if not isinstance(optics, Mapping) or not required <= set(optics) or not set(optics) <= set(fields):
+                raise ValueError(f"the record's optics must hold {sorted(required)} (and optionally "
+                                 f"{', '.join(sorted(set(fields) - required))}), got {shown(optics)}; is this a model "
+                                 "file's or a training set's metadata?")
         return dataclasses.replace(base, ranges=ranges, optics=Optics(**optics) if optics else base.optics,
                                    size=int(meta.get("size") or base.size))
 

@@ -337,7 +337,6 @@ def _plane_fit(values, weights, sigma):
     r = int(min(np.ceil(3 * sigma), max(v.shape[-2:])))  # beyond the grid every node is a neighbour
     d = np.arange(-r, r + 1, dtype=np.float64)
     g1 = np.exp(-0.5 * d**2 / sigma**2)
-    g = np.outer(g1, g1)
 
     def moment(a, py, px):
         # g(dy, dx) dy^py dx^px is separable: a pass along y, then one along x (O(r) a node, not O(r²),
@@ -352,7 +351,7 @@ def _plane_fit(values, weights, sigma):
     # it into the weighted mean there, and leaves well-posed fits as they are.
     a[..., 1, 1] += 1e-9 * r * r * s0
     a[..., 2, 2] += 1e-9 * r * r * s0
-    ok = s0 > _EMPTY * g.sum()
+    ok = s0 > _EMPTY * g1.sum() ** 2  # (the 2-D kernel's sum)
     out = v.copy()
     if ok.any():
         rhs = np.stack([b0, by, bx], -1)[ok]
