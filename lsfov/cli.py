@@ -864,7 +864,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         from .estimate.mapping import operator_from_psf_map
 
         psf_map = _open_psf_map(map_path, "--psf-map")
-        op = operator_from_psf_map(psf_map, img.shape)
+        op = operator_from_psf_map(psf_map.isel(gy=slice(0, 1), gx=slice(0, 1)), img.shape)  # (checked on a node)
         _check_map_source(psf_map, map_path, src, img)
         if saturation is None and "saturation" in psf_map.attrs:  # the map's camera level, as lsfov run takes it
             saturation = psf_map.attrs["saturation"] if psf_map.attrs["saturation"] is not None else False
@@ -873,11 +873,13 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     if op.shape != img.shape:
         raise ValueError(f"the operator is for {op.shape[0]}x{op.shape[1]} images but {src} is "
                          f"{img.shape[0]}x{img.shape[1]}; build the operator for this image")
-    log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
     t0, w0 = _clock()
     work = _on_gpu(img, gpu, scheduler)
     clip, saturation = _clip(img, work, None if saturation is False else saturation, off=saturation is False)
     with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
+        if map_path:  # rendered into the run's state: a slide's map holds gigabytes of kernels
+            op = operator_from_psf_map(psf_map, img.shape, store=tmp / "kernels")
+        log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
         before = _marks_kept(tmp)
         result = run(work, op, iterations, tv, saturation=clip, exchange_every=exchange_every, scratch=tmp,
                      resume=resume, progress=not obj["quiet"])
@@ -1040,7 +1042,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
     `lsfov deconvolve SRC OUT --psf-map MAP`."""
     from . import io
     from .cluster import use_scheduler
-    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
+    from .estimate.mapping import estimate_psf_map
 
     out = _check_out(out, overwrite, inputs=[src])
     if figure:
@@ -1069,11 +1071,10 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
                + (f"{seconds:.1f} s to finish an interrupted run" if resumed else f"{n / seconds:.0f} patches/s")
                + waited)
     if figure:
-        from .figures import psf_mosaic, summary_figure
+        from .figures import map_mosaic, summary_figure
 
-        op = operator_from_psf_map(ds, img.shape)
         panels = {"image": _overview(src, img, channel=channel, z=zplane, t=tpoint, series=series),
-                  "PSF grid": psf_mosaic(op.kernels),
+                  "PSF grid": map_mosaic(ds),
                   "validity": ds["validity"].values}
         quantities = {"validity": (0.0, 1.0)}
         for p in ds.attrs["params"][:2]:
@@ -1113,7 +1114,6 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     from . import io
     from .cluster import use_scheduler
     from .estimate.depth import DepthCalibration
-    from .estimate.mapping import operator_from_psf_map
     from .estimate.model import load_model
 
     out = _check_out(out, overwrite, inputs=[src, *([calibration] if calibration else [])])
@@ -1148,10 +1148,10 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
                + (f"{waited} (within those stages)" if waited else ""))
     if figure:
-        from .figures import psf_mosaic, summary_figure
+        from .figures import map_mosaic, summary_figure
 
         res = io.open_result(out)
-        panels = {**_centres(res, ("raw", "deblurred")), "PSF grid": psf_mosaic(operator_from_psf_map(res).kernels)}
+        panels = {**_centres(res, ("raw", "deblurred")), "PSF grid": map_mosaic(res)}
         quantities = {}
         if "depth" in res:
             calibrated = res["depth"].attrs.get("units") == "micrometer"
@@ -1736,8 +1736,8 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     from .calibrate.single import rescaled_distance
     from .cluster import use_scheduler
     from .estimate.depth import _node_values, calibrate_depth
-    from .estimate.mapping import estimate_psf_map, operator_from_psf_map
-    from .figures import psf_mosaic, summary_figure
+    from .estimate.mapping import estimate_psf_map
+    from .figures import map_mosaic, summary_figure
     from .psf import get_model
     from .restore import deconvolve as run_tvrl
 
@@ -1786,7 +1786,7 @@ def demo(obj, out, size, chunks, seed, scheduler, overwrite):
     gap = np.full((est.shape[0], 1), np.nan)
     both = np.clip(np.hstack([est, gap, truth]), truth.min(), truth.max())  # one scale for both
     depth_panel = "depth (µm): CNN | true"
-    summary_figure(fig, {"raw": sample.image, "deblurred (blind)": deblurred, "PSF map (grid)": psf_mosaic(operator_from_psf_map(res).kernels),
+    summary_figure(fig, {"raw": sample.image, "deblurred (blind)": deblurred, "PSF map (grid)": map_mosaic(res),
                          depth_panel: both}, quantities={depth_panel: (float(truth.min()), float(truth.max()))},
                    title="lsfov demo: a tilted sample, its PSF map, blind deconvolution and depth")
     click.echo(f"\nlsfov demo: {size}x{size} tilted and curved sample, depth -8..8 µm, astigmatic optics")

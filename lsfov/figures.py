@@ -72,6 +72,16 @@ def psf_mosaic(kernels: np.ndarray, max_nodes: int = 16) -> np.ndarray:
     return pad.transpose(0, 2, 1, 3).reshape(gy * (k + 2), gx * (k + 2))
 
 
+def map_mosaic(psf_map, max_nodes: int = 16) -> np.ndarray:
+    """:func:`psf_mosaic` of a PSF map: only the nodes it shows are rendered (a slide's map has
+    hundreds of thousands)."""
+    from .estimate.mapping import operator_from_psf_map
+
+    keep = {d: np.unique(np.linspace(0, psf_map.sizes[d] - 1, min(max_nodes, psf_map.sizes[d])).round().astype(int))
+            for d in ("gy", "gx")}
+    return psf_mosaic(operator_from_psf_map(psf_map.isel(keep)).kernels, max_nodes)
+
+
 def _aspect(img) -> float:
     """A panel's pixel aspect (height / width) from its y and x coordinates, where it has them in the
     same unit: an image of non-square pixels is shown at its true shape; 1 otherwise."""

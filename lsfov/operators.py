@@ -401,6 +401,7 @@ class ProductConvolution:
         self._plan_cache = None
         self._group_spectra: dict = {}
         self._local = None  # a basis form's local_psfs(), read once
+        self._sums_kept = None  # kernel_sums(), read once
 
     kernels = _part("kernels", "The PSF kernels: (gy, gx, K, K) for the grid form, (I, K, K) for the basis form.")
     centers = _part("centers", "The grid form's node centres (cy, cx) in pixels; None for the basis form.")
@@ -433,9 +434,11 @@ class ProductConvolution:
 
         Parameters
         ----------
-        psfs : array_like (gy, gx, K, K)
+        psfs : array_like (gy, gx, K, K) or zarr.Array
             PSF of each node, K odd (at most the image's smaller side), centred at K//2; each must
-            have a positive sum. Stored as float32, not normalised.
+            have a positive sum. Stored as float32, not normalised. A zarr array stays on disk (it is
+            read once here, slab by slab, to check it), and each window reads its nodes: a slide's
+            PSF map takes gigabytes of kernels (:func:`lsfov.operator_from_psf_map`'s ``store``).
         shape : int or (int, int)
             Image shape (H, W).
         centers : (array_like (gy,), array_like (gx,)), optional
@@ -483,13 +486,14 @@ class ProductConvolution:
         >>> op.psf_at(0, 0).shape  # the local PSF: the top-left node's
         (21, 21)
         """
-        psfs = _owned(_as_float_array(psfs, "psfs"), psfs)
+        stored = on_disk(psfs)
+        psfs = _stored_kernels(psfs) if stored else _owned(_as_float_array(psfs, "psfs"), psfs)
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
             raise ValueError(f"psfs must have shape (gy, gx, K, K), got {psfs.shape}")
         shape = shape2d(shape)
         _check_kernel_size(psfs.shape[-1], shape)
         gy, gx = psfs.shape[:2]  # (>= 1: an empty psfs is refused by _as_float_array)
-        sums = psfs.sum(axis=(-2, -1), dtype=np.float64)
+        sums = _sums(psfs)  # (read slab by slab from disk, where NaN is found too)
         if not (sums > 0).all():
             iy, ix = np.argwhere(~(sums > 0))[0]
             raise ValueError(f"the PSF at node ({iy}, {ix}) sums to {sums[iy, ix]:g}; a PSF must carry light "
@@ -508,7 +512,9 @@ class ProductConvolution:
                     raise ValueError(f"{len(c)} node {ax}-centres given for a grid of {g} PSFs along {ax}")
                 if not np.all(np.isfinite(c)) or np.any(np.diff(c) <= 0):
                     raise ValueError(f"node {ax}-centres must be finite and strictly increasing")
-        return cls("grid", shape, psfs, centers=centers, attrs=attrs)
+        op = cls("grid", shape, psfs, centers=centers, attrs=attrs)
+        op._sums_kept = _read_only(sums)
+        return op
 
     @classmethod
     def from_psf(cls, psf, shape, attrs=None) -> "ProductConvolution":
@@ -685,6 +691,29 @@ class ProductConvolution:
         """Shape of the arrays :meth:`apply` takes (the window for a restricted operator)."""
         return self.window[2], self.window[3]
 
+    def kernel_sums(self) -> np.ndarray:
+        """Each kernel's sum, float64, of shape ``kernels.shape[:-2]``: read once (slab by slab from
+        a store on disk) and kept, shared with the operator's windows.
+
+        Returns
+        -------
+        ndarray, float64, (gy, gx) or (I,)
+            The sums, read-only.
+        """
+        if self._sums_kept is None:
+            self._sums_kept = _read_only(_sums(self.kernels))
+        return self._sums_kept
+
+    def _node_kernels(self, ids) -> np.ndarray:
+        """The kernels of flat indices ``ids`` (K, K each): from a store on disk, only the box of
+        nodes that holds them (a window's nodes are a box), not the whole grid."""
+        k = self.kernel_size
+        if not on_disk(self.kernels):
+            return self.kernels.reshape(-1, k, k)[list(ids)]
+        iy, ix = np.divmod(np.asarray(ids, dtype=np.intp), self.kernels.shape[1])
+        box = np.asarray(self.kernels[iy.min() : iy.max() + 1, ix.min() : ix.max() + 1], dtype=np.float32)
+        return box[iy - iy.min(), ix - ix.min()]
+
     def __repr__(self):
         extra = f"grid={self.grid_shape}" if self.kind == "grid" else f"basis={self.kernels.shape[0]}"
         win = "" if self.window == (0, 0) + self.shape else f", window={self.window}"
@@ -762,6 +791,7 @@ class ProductConvolution:
         if "uniform_cells" in vars(self):  # a plan chosen for this operator holds in its windows
             view.uniform_cells = self.uniform_cells
         view._whole_axes = self._whole_axes
+        view._sums_kept = self._sums_kept  # (kept: a window of a slide's grid would read them all again)
         return view
 
     def apply_block(self, block, origin):
@@ -1045,7 +1075,7 @@ class ProductConvolution:
             if conj:
                 return self._kernel_spectra(fshape, centred, False, xp, ids).conj()
             k = self.kernel_size
-            flat = xp.asarray(self.kernels.reshape(-1, k, k)[list(ids)])
+            flat = xp.asarray(self._node_kernels(ids))
             padded = xp.zeros((flat.shape[0],) + tuple(fshape), dtype=xp.float32)
             padded[:, :k, :k] = flat
             if centred:
@@ -1303,7 +1333,7 @@ class ProductConvolution:
     def _weight_sums(self) -> np.ndarray:
         """``sum_p w_p(j) sum(k_p)`` on the window (float32)."""
         oy, ox, h, w = self.window
-        sums = to_numpy(self.kernels).sum(axis=(-2, -1), dtype=np.float64)
+        sums = self.kernel_sums()
         if self.kind == "basis":  # I maps (a handful), summed in order: no BLAS threads inside Dask's (below)
             maps = _window_of(self.maps, self.window, self.shape)
             out = np.zeros(maps.shape[1:], np.float64)
@@ -1372,8 +1402,11 @@ class ProductConvolution:
 
         # Dimension names: xarray.open_zarr(path) reads the store as one Dataset.
         lead = ["gy", "gx"] if self.kind == "grid" else ["basis"]
-        root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
-                          dimension_names=[*lead, "ky", "kx"])
+        if on_disk(self.kernels):  # slab by slab: a slide's grid need not fit in memory
+            copy_kernels(self.kernels, root, "kernels", dimension_names=[*lead, "ky", "kx"])
+        else:
+            root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
+                              dimension_names=[*lead, "ky", "kx"])
         if self.kind == "grid":
             for name, dim, c in zip(("centers_y", "centers_x"), ("gy", "gx"), self.centers):
                 arr = root.create_array(name, data=np.asarray(c, np.float64), dimension_names=[dim])
@@ -1401,8 +1434,9 @@ class ProductConvolution:
     def load(cls, path) -> "ProductConvolution":
         """Read an operator written by :meth:`save` (or the ``operator`` group of an lsfov result).
 
-        Basis maps stay on disk and are read window by window, so a slide-sized operator costs no
-        memory until it is applied.
+        Basis maps stay on disk and are read window by window, and so do a grid's kernels over
+        :data:`KERNELS_ON_DISK_BYTES` (a slide's PSF map): a slide-sized operator costs no memory
+        until it is applied, and then only its windows'.
 
         Parameters
         ----------
@@ -1455,8 +1489,10 @@ class ProductConvolution:
         missing = [n for n in parts if n not in root]
         if missing:
             raise ValueError(f"{path} is damaged: its {', '.join(missing)} array is missing; save it again")
-        kernels = np.asarray(root["kernels"][...], dtype=np.float32)
+        kernels = root["kernels"]
         attrs = meta.get("attrs") or {}
+        if meta["kind"] != "grid" or kernels.nbytes <= KERNELS_ON_DISK_BYTES:
+            kernels = np.asarray(kernels[...], dtype=np.float32)
         if meta["kind"] == "grid":
             centers = (np.asarray(root["centers_y"][...]), np.asarray(root["centers_x"][...]))
             return cls.from_grid(kernels, tuple(meta["shape"]), centers=centers, attrs=attrs)
@@ -1517,15 +1553,15 @@ class ProductConvolution:
         y, x = real_number(y, "y"), real_number(x, "x")
         if not (-0.5 <= y <= self.shape[0] - 0.5 and -0.5 <= x <= self.shape[1] - 0.5):
             raise ValueError(f"position ({y}, {x}) lies outside the image of shape {self.shape}")
-        k = to_numpy(self.kernels)
-        if self.kind == "grid":
-            wy = np.zeros(len(self.centers[0]))
-            wx = np.zeros(len(self.centers[1]))
-            for wv, c, p in ((wy, self.centers[0], y), (wx, self.centers[1], x)):
-                lo, hi, t = _hat_weights(c, np.array(p))
-                wv[int(lo)] += 1 - float(t)
-                wv[int(hi)] += float(t)
+        if self.kind == "grid":  # the (at most) 2 x 2 nodes around, read alone
+            (ly, hy, ty), (lx, hx, tx) = (_hat_weights(c, np.array(p)) for c, p in zip(self.centers, (y, x)))
+            wy, wx = np.zeros(int(hy - ly) + 1), np.zeros(int(hx - lx) + 1)
+            for wv, t in ((wy, float(ty)), (wx, float(tx))):
+                wv[0] += 1 - t
+                wv[-1] += t
+            k = to_numpy(self.kernels[int(ly) : int(hy) + 1, int(lx) : int(hx) + 1])
             return np.einsum("i,j,ijkl->kl", wy, wx, k).astype(np.float32)
+        k = to_numpy(self.kernels)
         from scipy.ndimage import map_coordinates
 
         iy, ix = int(math.floor(y)), int(math.floor(x))
@@ -1699,6 +1735,72 @@ def _as_float_array(a, name):
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or Inf values; replace them (they are no blur)")
     return arr
+
+
+#: A grid operator's kernels stay on disk where :meth:`ProductConvolution.load` finds more than
+#: this (a 16384² slide's PSF map at a node every 64 px holds 250 MB of 31² kernels).
+KERNELS_ON_DISK_BYTES = 128 << 20
+
+# Nodes read or written at once from kernels on disk (a few rows of a slide's grid).
+_SLAB_BYTES = 64 << 20
+
+
+def on_disk(a) -> bool:
+    """Whether ``a`` is a zarr array (read where it is used), not an array in memory."""
+    return hasattr(a, "store_path") and hasattr(a, "shape")
+
+
+def _slabs(kernels):
+    """Slices of the first axis of ``kernels``, each about :data:`_SLAB_BYTES`."""
+    row = max(1, int(np.prod(kernels.shape[1:])) * 4)
+    step = max(1, _SLAB_BYTES // row)
+    return [slice(i, min(i + step, kernels.shape[0])) for i in range(0, kernels.shape[0], step)]
+
+
+def _sums(kernels) -> np.ndarray:
+    """Each kernel's sum (float64); from disk slab by slab, refusing NaN or Inf as it reads. A
+    kernel's sum is the same, bit for bit, whether its slab or the whole array is summed."""
+    if not on_disk(kernels):
+        return to_numpy(kernels).sum(axis=(-2, -1), dtype=np.float64)
+    out = np.empty(kernels.shape[:-2], np.float64)
+    for sl in _slabs(kernels):
+        part = np.asarray(kernels[sl], dtype=np.float32)
+        if not np.all(np.isfinite(part)):
+            raise ValueError("psfs contains NaN or Inf values; replace them (they are no blur)")
+        out[sl] = part.sum(axis=(-2, -1), dtype=np.float64)
+    return out
+
+
+def _stored_kernels(a):
+    """A zarr array of kernels, checked as :func:`_as_float_array` checks one in memory (its values
+    are checked as :func:`_sums` reads them)."""
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"psfs must be a real numeric array, got dtype {a.dtype}")
+    if 0 in a.shape:
+        raise ValueError(f"psfs is empty (shape {a.shape}); pass a non-empty array")
+    return a
+
+
+def empty_kernels(where, shape, name: str | None = None, **kw):
+    """A new float32 zarr array of kernels, chunks of 8 x 8 nodes (a window's nodes are read
+    together), uncompressed: array ``name`` of the group ``where``, or (no ``name``) an array at the
+    path ``where``, replacing what is there."""
+    import zarr
+
+    shape = tuple(int(n) for n in shape)
+    chunks = tuple(min(8, n) for n in shape[:-2]) + shape[-2:]
+    opts = dict(shape=shape, chunks=chunks, dtype=np.float32, compressors=None, **kw)
+    return where.create_array(name, **opts) if name else zarr.create_array(str(where), zarr_format=3, overwrite=True,
+                                                                          **opts)
+
+
+def copy_kernels(kernels, where, name: str | None = None, **kw):
+    """Write ``kernels`` (in memory or on disk) slab by slab into a new array (:func:`empty_kernels`);
+    returns it."""
+    z = empty_kernels(where, kernels.shape, name, **kw)
+    for sl in _slabs(kernels):
+        z[sl] = np.asarray(to_numpy(kernels[sl]), dtype=np.float32)
+    return z
 
 
 def _check_kernel_size(k, shape):

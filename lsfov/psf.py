@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 # Upper bound of a batch rendered in one FFT call, and the bytes its temporaries may take (fewer
-# PSFs a batch where the pupil or the kernel is large: 1024 PSFs of 255² took 2.9 GB).
+# PSFs a batch where the pupil or the kernel is large: 1024 PSFs of 255² took 2.9 GB). Batches are
+# powers of two: the products' rounding depends on a batch's size, and a grid rendered in parts
+# that start at multiples of _BATCH is then the grid rendered at once, bit for bit.
 _BATCH = 1024
 _BATCH_BYTES = 2**28
 
@@ -422,6 +424,7 @@ def zernike(coeffs: Mapping[int, float], optics: Optics, size: int = 31, z_um=0.
     # Per PSF: phase and pupil field (4 + 8 bytes a pupil sample), the half-transformed field, the
     # amplitude and its transposed copies (complex64), the intensity.
     step = max(1, min(_BATCH, _BATCH_BYTES // (12 * p * p + 16 * p * size + 20 * size * size)))
+    step = 1 << (step.bit_length() - 1)  # (a power of two: see _BATCH)
     for s in range(0, b, step):  # batches of matrix products, not a loop over PSFs
         e = slice(s, min(b, s + step))
         n = e.stop - e.start

@@ -54,7 +54,12 @@ def test_a_model_without_astigmatism_deblurs_and_gives_no_depth(tilted, model):
         np.testing.assert_array_equal(ds[p].values, psf_map[p].values)
 
 
-def test_blind_deconvolve_chunked_equals_whole(tilted):
+def test_blind_deconvolve_chunked_equals_whole(tilted, tmp_path, monkeypatch):
+    """Chunked, the job is the whole array's; through a scratch store the operator's kernels are
+    rendered there and read by the block tasks (a slide's map holds gigabytes of them), with the
+    same result, bit for bit, and a resumed run finds them again."""
+    from lsfov import operators
+
     img = tilted.image
     whole = lsfov.blind_deconvolve(img, "Z3", iterations=3)
     lazy = lsfov.blind_deconvolve(da.from_array(img, chunks=(200, 150)), "Z3", iterations=3)
@@ -62,6 +67,19 @@ def test_blind_deconvolve_chunked_equals_whole(tilted):
     np.testing.assert_allclose(lazy.deblurred.values, whole.deblurred.values, atol=1e-5 * float(whole.deblurred.max()))
     np.testing.assert_allclose(lazy.focus.values, whole.focus.values, atol=1e-4)
     assert whole.depth.attrs["units"].startswith("wave")  # uncalibrated: the signed defocus
+    made = []
+    real = operators.ProductConvolution.from_grid.__func__
+    monkeypatch.setattr(operators.ProductConvolution, "from_grid",
+                        classmethod(lambda cls, k, *a, **kw: made.append(operators.on_disk(k)) or real(cls, k, *a, **kw)))
+    written = []
+    for resume in (False, True):
+        kept = lsfov.blind_deconvolve(da.from_array(img, chunks=(200, 150)), "Z3", iterations=3, scratch=tmp_path,
+                                      resume=resume)
+        np.testing.assert_array_equal(kept.deblurred.values, lazy.deblurred.values)
+        (store,) = tmp_path.glob("lsfov-kernels-*")
+        written.append(sorted((p.name, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()))
+    assert made == [True, True]
+    assert written[0] == written[1] and written[0]  # found again, not rendered again
 
 
 @pytest.mark.filterwarnings("ignore:.*PSF-map nodes are marked invalid:lsfov.LsfovWarning")

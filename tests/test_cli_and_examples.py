@@ -1171,6 +1171,22 @@ def test_psf_mosaic_shows_at_most_16_nodes_per_axis_ends_included():
     np.testing.assert_allclose(m[-6:-1, -6:-1], k[-1, -1] / k[-1, -1].max())
 
 
+def test_the_mosaic_of_a_map_renders_only_the_nodes_it_shows(monkeypatch):
+    """The figures of ``lsfov estimate``, ``run`` and ``demo`` show at most 16 x 16 of a map's
+    nodes: only those are rendered (a 32768² slide's map has 261 121, 0.93 GiB of kernels)."""
+    from lsfov.figures import map_mosaic, psf_mosaic
+    from lsfov.psf import PSFModel
+
+    ds = lsfov.estimate_psf_map(lsfov.simulate.tilted_surface((384, 320), seed=0).image, "Z3", stride=16)
+    assert (ds.sizes["gy"], ds.sizes["gx"]) == (17, 13)
+    whole = psf_mosaic(lsfov.operator_from_psf_map(ds).kernels)
+    rendered = []
+    real = PSFModel.render
+    monkeypatch.setattr(PSFModel, "render", lambda self, p, **kw: rendered.append(len(p)) or real(self, p, **kw))
+    np.testing.assert_allclose(map_mosaic(ds), whole, rtol=1e-5, atol=1e-7)
+    assert rendered == [16 * 13]
+
+
 def test_a_stopped_training_says_where_its_epochs_are_kept(run, monkeypatch):
     import lsfov.estimate
 

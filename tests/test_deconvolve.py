@@ -877,3 +877,48 @@ def test_the_flat_gain_of_a_grid_copies_none_of_its_kernels():
     assert gain == pytest.approx(0.9, rel=1e-6)
     assert gain == float(np.median(op.local_psfs().sum(axis=(-2, -1))))  # what it was read from before
     assert op.local_psfs() is not op.local_psfs()  # a grid's are not kept
+
+
+def test_a_grid_on_disk_deconvolves_as_in_memory_and_is_never_read_whole(tmp_path, monkeypatch):
+    """A slide's grid operator may keep its kernels on disk (a PSF map's, rendered into the run's
+    scratch): the deconvolution is the in-memory operator's bit for bit, on NumPy, on lazy Dask
+    chunks and through a scratch store, which then reads the nodes from where they are (no copy in
+    the run's state), each task the few its window needs."""
+    import zarr
+
+    from lsfov import operators
+    from lsfov.cluster import use_scheduler
+
+    class Counted:  # the store, counting what is read from it
+        def __init__(self, z):
+            self.z, self.reads = z, []
+
+        def __getattr__(self, name):
+            return getattr(self.z, name)
+
+        def __getitem__(self, key):
+            out = self.z[key]
+            self.reads.append(out.nbytes)
+            return out
+
+    rng = np.random.default_rng(5)
+    shape = (512, 512)
+    k = psf.gaussian(rng.uniform(1, 2.5, 24 * 24), rng.uniform(1, 2.5, 24 * 24), size=21).reshape(24, 24, 21, 21)
+    mem = ProductConvolution.from_grid(k, shape)
+    operators.copy_kernels(k, tmp_path / "kernels")
+    stored = Counted(zarr.open_array(str(tmp_path / "kernels"), mode="r"))
+    monkeypatch.setattr(operators, "_SLAB_BYTES", k.nbytes // 5)
+    disk = ProductConvolution.from_grid(stored, shape)
+    assert sum(stored.reads) == k.nbytes and max(stored.reads) < k.nbytes  # checked slab by slab, once
+    y = (mem.apply(rng.random(shape, dtype=np.float32) * 100 + 10) + 1).astype(np.float32)
+    dy = da.from_array(y, chunks=128)
+    np.testing.assert_array_equal(lsfov.deconvolve(y, disk, 3), lsfov.deconvolve(y, mem, 3))
+    want = lsfov.deconvolve(dy, mem, 3, exchange_every=1).compute()
+    np.testing.assert_array_equal(lsfov.deconvolve(dy, disk, 3, exchange_every=1).compute(), want)
+    fresh = ProductConvolution.from_grid(stored, shape)  # (none of its kernel spectra made yet)
+    stored.reads.clear()
+    with use_scheduler("synchronous"):
+        got = lsfov.deconvolve(dy, fresh, 3, exchange_every=1, scratch=tmp_path / "s").compute()
+    np.testing.assert_array_equal(got, want)
+    assert not list((tmp_path / "s").glob("*/operator"))  # read where it is, not copied
+    assert stored.reads and max(stored.reads) < k.nbytes / 5  # a window's nodes at a time

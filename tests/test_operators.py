@@ -869,3 +869,72 @@ def test_a_part_of_a_grid_keeps_the_whole_grids_equal_cells_to_the_bit(tmp_path,
     op.uniform_cells = False  # another plan for the same operator: parts read before are not taken for it
     assert not scratch.store_operator(op, tmp_path).restrict((3270, 0), (40, 66))._plan()[0].uniform
     scratch._PARTS.clear()
+
+
+def test_a_grid_whose_kernels_stay_on_disk_is_the_grid_in_memory(rng, tmp_path, monkeypatch):
+    """A slide's PSF map holds gigabytes of kernels: a grid may keep them in a zarr array, read by
+    the windows that use them. It is the same operator, bit for bit (apply, adjoint, by Dask chunks,
+    windows, local PSFs, sums), it travels in a graph as its store's name, and a saved one loads
+    back on disk over the size limit."""
+    import pickle
+
+    import zarr
+
+    from lsfov import operators
+
+    mem = _grid_op(gy=5, gx=6, k=15, shape=(150, 170))
+    operators.copy_kernels(mem.kernels, tmp_path / "k")
+    disk = ProductConvolution.from_grid(zarr.open_array(str(tmp_path / "k"), mode="r"), mem.shape,
+                                        centers=mem.centers)
+    assert operators.on_disk(disk.kernels) and not operators.on_disk(mem.kernels)
+    u = rng.random(mem.shape, dtype=np.float32)
+    v = rng.random(mem.shape, dtype=np.float32)
+    for f in ("apply", "adjoint"):
+        np.testing.assert_array_equal(getattr(disk, f)(u), getattr(mem, f)(u))
+        np.testing.assert_array_equal(getattr(disk, f)(da.from_array(u, chunks=64)).compute(),
+                                      getattr(mem, f)(da.from_array(u, chunks=64)).compute())
+    win = ((40, -7), (60, 90))
+    np.testing.assert_array_equal(disk.restrict(*win).apply(u[40:100, :90]), mem.restrict(*win).apply(u[40:100, :90]))
+    assert np.vdot(disk.apply(u), v) == pytest.approx(np.vdot(u, disk.adjoint(v)), rel=1e-5)
+    np.testing.assert_array_equal(disk.kernel_sums(), mem.kernel_sums())
+    np.testing.assert_array_equal(disk.kernel_sums(), mem.kernels.sum(axis=(-2, -1), dtype=np.float64))
+    np.testing.assert_array_equal(disk.local_psfs(), mem.local_psfs())
+    np.testing.assert_array_equal(disk.adjoint_ones(), mem.adjoint_ones())
+    for y, x in ((-0.5, -0.5), (75.3, 100.7), (149.5, 169.5), (0, 169.5)):
+        np.testing.assert_array_equal(disk.psf_at(y, x), mem.psf_at(y, x))
+    assert len(pickle.dumps(disk)) < mem.kernels.nbytes / 5  # its store's name, not its kernels
+    assert pickle.loads(pickle.dumps(disk)).fingerprint == disk.fingerprint
+    # Saved and loaded: kept on disk over KERNELS_ON_DISK_BYTES, read into memory under it.
+    disk.save(tmp_path / "op.zarr")
+    monkeypatch.setattr(operators, "KERNELS_ON_DISK_BYTES", mem.kernels.nbytes - 1)
+    back = ProductConvolution.load(tmp_path / "op.zarr")
+    assert operators.on_disk(back.kernels)
+    np.testing.assert_array_equal(back.apply(u), mem.apply(u))
+    monkeypatch.setattr(operators, "KERNELS_ON_DISK_BYTES", mem.kernels.nbytes)
+    small = ProductConvolution.load(tmp_path / "op.zarr")
+    assert isinstance(small.kernels, np.ndarray)
+    np.testing.assert_array_equal(small.kernels, mem.kernels)
+
+
+def test_kernels_on_disk_are_checked_as_those_in_memory(tmp_path):
+    """NaN, a kernel without light or an empty store are refused as they are in memory, found as
+    the kernels are read slab by slab."""
+    import zarr
+
+    from lsfov import operators
+
+    k = psf.gaussian(np.full(12, 2.0), size=9).reshape(3, 4, 9, 9)
+    for name, change, err, msg in (("nan", (1, 2, 4, 4, np.nan), ValueError, "NaN or Inf"),
+                                   ("dark", (2, 3, slice(None), slice(None), 0.0), ValueError,
+                                    r"the PSF at node \(2, 3\) sums to 0")):
+        bad = k.copy()
+        bad[change[:-1]] = change[-1]
+        z = operators.copy_kernels(bad, tmp_path / name)
+        with pytest.raises(err, match=msg):
+            ProductConvolution.from_grid(z, (64, 64))
+    empty = zarr.create_array(str(tmp_path / "empty"), shape=(0, 4, 9, 9), chunks=(1, 4, 9, 9), dtype=np.float32)
+    with pytest.raises(ValueError, match="psfs is empty"):
+        ProductConvolution.from_grid(empty, (64, 64))
+    text = zarr.create_array(str(tmp_path / "text"), shape=(1, 1, 9, 9), dtype="complex64")
+    with pytest.raises(TypeError, match="real numeric array"):
+        ProductConvolution.from_grid(text, (64, 64))

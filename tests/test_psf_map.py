@@ -501,3 +501,34 @@ def test_each_plane_of_a_loop_keeps_its_own_coordinate(blurred):
     maps = [lsfov.estimate_psf_map(stack.sel(c=c), "G1", stride=64, pixel_um=0.1) for c in (561, 488)]
     assert [int(m.c) for m in maps] == [561, 488]
     assert "c" not in lsfov.estimate_psf_map(img, "G1", stride=64, pixel_um=0.1).coords
+
+
+def test_a_maps_kernels_rendered_into_a_store_are_those_in_memory(blurred, tmp_path, monkeypatch):
+    """``operator_from_psf_map(store=)`` renders a few rows of nodes at a time into a zarr array
+    that the operator then reads: the kernels in memory, bit for bit, with one warning for the
+    grid's cut PSFs (its count, not a slab's); the same map finds them again, untouched (a resumed
+    run's fingerprint holds), another map replaces them."""
+    from lsfov import operators
+
+    img, _ = blurred
+    ds = lsfov.estimate_psf_map(img, "Z3", stride=64)  # 6 x 5 nodes
+    monkeypatch.setattr(lsfov.psf, "_BATCH", 4)  # rendered 4 PSFs at a time ...
+    monkeypatch.setattr(operators, "_SLAB_BYTES", 8 * 15 * 15 * 4)  # ... into parts of 8, across rows of 5
+    with pytest.warns(lsfov.LsfovWarning) as said:
+        mem = lsfov.operator_from_psf_map(ds, size=15)  # (a small kernel cuts some of them)
+    with pytest.warns(lsfov.LsfovWarning) as slabs:
+        disk = lsfov.operator_from_psf_map(ds, size=15, store=tmp_path / "k")
+    assert [str(w.message) for w in slabs] == [str(w.message) for w in said]
+    assert operators.on_disk(disk.kernels) and disk.centers[0].tolist() == mem.centers[0].tolist()
+    np.testing.assert_array_equal(disk.kernels[...], mem.kernels)
+    assert disk.attrs == mem.attrs
+    made = disk.fingerprint  # (its store's files: whatever is there when asked)
+    again = lsfov.operator_from_psf_map(ds, size=15, store=tmp_path / "k")
+    assert again.fingerprint == made  # its files untouched
+    other = ds.copy(deep=True)
+    other["focus"][:] = 0.1
+    changed = lsfov.operator_from_psf_map(other, size=15, store=tmp_path / "k")
+    assert changed.fingerprint != made
+    np.testing.assert_array_equal(changed.kernels[...], lsfov.operator_from_psf_map(other, size=15).kernels)
+    with pytest.raises(TypeError, match="store must be a path"):
+        lsfov.operator_from_psf_map(ds, store=42)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ..restore.tv_rl import DEFAULT_TV
 
@@ -43,7 +44,8 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         The PSF map's white-pixel ratio (:func:`lsfov.estimate_psf_map`; default 0.05).
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) for the chunked state of the
-        map and the deconvolution (one ``scratch`` serves both).
+        map and the deconvolution (one ``scratch`` serves both), and the operator's kernels, read
+        from there window by window.
     resume : bool
         With ``scratch``: continue an interrupted run (Dask input).
     progress : bool
@@ -84,6 +86,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     >>> lsfov.operator_from_psf_map(lsfov.open_result("result.zarr"))
     ProductConvolution(grid, shape=(256, 256), grid=(3, 3), K=31)
     """
+    import dask.base
     import xarray as xr
 
     from .._validate import boolean, censor_level, squeeze_plane
@@ -109,7 +112,10 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
                                max_saturated=max_saturated, scratch=scratch if lazy else None,
                                resume=resume and lazy, progress=progress)
     seconds["PSF map"], t = time.perf_counter() - t, time.perf_counter()
-    op = operator_from_psf_map(psf_map, img.shape)
+    # With a scratch store its kernels are rendered there, and read by the windows that use them: a
+    # slide's map holds gigabytes of kernels (a 32768² one at a node every 64 px 0.93 GiB).
+    store = Path(scratch) / f"lsfov-kernels-{dask.base.tokenize(psf_map)}" if lazy and scratch is not None else None
+    op = operator_from_psf_map(psf_map, img.shape, store=store)
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
     # Censored at the level given; by default at the map's (the camera's), none where its rule is off.
     clip = saturation if saturation is not None else (None if psf_map.attrs["saturation"] is not None else False)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -675,7 +676,7 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, model):
     return out
 
 
-def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> ProductConvolution:
+def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None, store=None) -> ProductConvolution:
     """The grid operator of a PSF map: each node's PSF rendered with the model, bilinear in between.
 
     Parameters
@@ -690,6 +691,12 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
         it is refused: its nodes belong to that image.
     size : int, optional
         Kernel size, a positive odd integer at most the image's smaller side (default: the model's).
+    store : str or Path, optional
+        A zarr array to render the kernels into, a few rows of nodes at a time, and to keep them in:
+        the operator reads each window's nodes from it, and memory holds no more than those (a
+        32768² slide's map at a node every 64 px renders 0.93 GiB of 31² kernels). Whatever is at
+        ``store`` is replaced, except the kernels of this very map, rendered to the end, which are
+        read again (a resumed run's). Default: in memory.
 
     Returns
     -------
@@ -756,9 +763,53 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None) -> Pr
     if not np.all(np.isfinite(params)):
         raise ValueError("the PSF map has NaN parameters; fill invalid nodes first (fill_invalid)")
     gy, gx = params.shape[:2]
-    kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
     centres = map_node_pixels(psf_map)
     attrs = {"source": "lsfov.operator_from_psf_map", "psf_model": m.name}
     if psf_map.attrs.get("pixel_um"):
         attrs["pixel_um"] = float(psf_map.attrs["pixel_um"])  # the pixels its PSFs are drawn in
+    if store is None:
+        kernels = m.render(params.reshape(-1, m.n_params), size=size).reshape(gy, gx, size, size)
+    else:
+        kernels = _rendered_to(store, m, params, size)
     return ProductConvolution.from_grid(kernels, shape, centers=centres, attrs=attrs)
+
+
+def _rendered_to(store, m, params, size: int):
+    """The kernels of ``params`` (gy, gx, N) rendered by ``m`` into the zarr array ``store``, a few
+    rows of nodes at a time; an array there that holds these very kernels, whole, is taken as it is."""
+    import dask.base
+    import zarr
+
+    from .. import operators
+
+    if not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store must be a path (str or Path) for the kernels' zarr array, got {type(store).__name__}")
+    store = Path(store).resolve()  # (absolute: workers may start in another directory)
+    made = dask.base.tokenize(m, params, size)
+    if store.exists():
+        try:
+            z = zarr.open_array(str(store), mode="r")
+            if z.attrs.get("lsfov_kernels") == made:
+                return z
+        except (OSError, ValueError, KeyError, zarr.errors.ZarrError):
+            pass
+    gy, gx = params.shape[:2]
+    z = operators.empty_kernels(store, (gy, gx, size, size))
+    # Parts of whole render batches (_psf._BATCH nodes, rows or not): the same bits as all at once.
+    flat, batch = params.reshape(-1, m.n_params), _psf._BATCH
+    step = max(batch, operators._SLAB_BYTES // (size * size * 4) // batch * batch)
+    cut, said, row, left = 0, None, 0, np.zeros((0, size, size), np.float32)
+    for i in range(0, len(flat), step):
+        with warnings.catch_warnings(record=True) as seen:  # one warning for the whole grid, not one a part
+            warnings.simplefilter("always", LsfovWarning)
+            k = m.render(flat[i : i + step], size=size)
+        cut += int(_psf.cut_off(k).sum())
+        said = said or next((str(w.message) for w in seen if issubclass(w.category, LsfovWarning)), None)
+        left = np.concatenate([left, k])
+        n = len(left) // gx  # whole rows of nodes written, the rest kept for the next part
+        z[row : row + n] = left[: n * gx].reshape(n, gx, size, size)
+        row, left = row + n, left[n * gx :]
+    if said:  # (render's words, with the grid's count)
+        warnings.warn(f"{cut}{said[said.index(' '):]}", LsfovWarning, stacklevel=3)
+    z.attrs["lsfov_kernels"] = made  # last: what marks them whole
+    return zarr.open_array(str(store), mode="r")

@@ -99,10 +99,8 @@ _PARTS_BYTES = 32 << 20
 def stored_bytes(op) -> int:
     """The bytes of ``op`` that :func:`store_operator` keeps out of a task graph; 0 where it travels as
     it is (small, or a basis whose maps are on disk already and travel as their files' names)."""
-    if op.kind == "basis":
-        n = op.maps.nbytes if isinstance(op.maps, np.ndarray) else 0
-    else:
-        n = op.kernels.nbytes
+    part = op.maps if op.kind == "basis" else op.kernels
+    n = part.nbytes if isinstance(part, np.ndarray) else 0  # (on disk: its files' names travel)
     return n if n > STORE_OPERATOR_BYTES else 0
 
 
@@ -134,14 +132,11 @@ def store_operator(op, root: Path):
             op.save(path, overwrite=True)
             mark.touch()
         return ProductConvolution.load(path)
-    import zarr
+    from ..operators import copy_kernels
 
     path, mark = root / "operator", root / "done" / "operator"
     if not mark.exists():
-        gy, gx, k, _ = op.kernels.shape
-        z = zarr.create_array(str(path), shape=op.kernels.shape, chunks=(min(8, gy), min(8, gx), k, k),
-                              dtype=np.float32, compressors=None, zarr_format=3, overwrite=True)
-        z[...] = to_numpy(op.kernels)
+        copy_kernels(op.kernels, path)
         mark.touch()  # only once written whole: a run killed while writing writes it again
     return StoredGrid(path, op)
 

@@ -234,16 +234,15 @@ def _initial(norm, thr: float, scale: float, gain: float = 1.0):
 def flat_gain(op: ProductConvolution) -> float:
     """The operator's gain on a flat image: the median sum of its local PSFs (1 when they are
     normalised). An image's mean divided by it is the mean of the sharp image that blurred to it."""
-    # A grid's sums from its float32 kernels, not local_psfs()'s float64 copy (the PSF map of a
-    # 32768² slide at stride 64 holds 1 GiB of kernels)
-    sums = (to_numpy(op.kernels).sum(axis=(-2, -1), dtype=np.float64) if op.kind == "grid"
-            else op.local_psfs().sum(axis=(-2, -1)))
+    # A grid's sums kept by the operator, not local_psfs()'s float64 copy (the PSF map of a 32768²
+    # slide at stride 64 holds 1 GiB of kernels, which may stay on disk)
+    sums = op.kernel_sums() if op.kind == "grid" else op.local_psfs().sum(axis=(-2, -1))
     gain = float(np.median(sums))
     return gain if gain > 0 and np.isfinite(gain) else 1.0
 
 
 def _norm_threshold(op: ProductConvolution) -> float:
-    sums = np.abs(to_numpy(op.kernels).sum(axis=(-2, -1)))
+    sums = np.abs(op.kernel_sums())
     return float(_NORM_FLOOR * max(float(sums.max()), 1e-30))
 
 
