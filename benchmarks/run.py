@@ -551,8 +551,8 @@ def section_bigdata(a):
             f"node every 64 px, {nodes[0]}x{nodes[1]} nodes; their grid operator, {kernels:.2f} GiB of 31² kernels; "
             f"TV-RL; depth; threaded scheduler). Output complete: {run_ok}.", "",
             f"- wall time {run_secs:.0f} s ({times.strip('.')})",
-            f"- peak RSS **{run_peak / 2**30:.2f} GiB**: the operator's kernels are held whole in memory, the image "
-            "and its iterates by chunks", ""]
+            f"- peak RSS **{run_peak / 2**30:.2f} GiB**: the operator's kernels are rendered into the run's scratch "
+            "and read by the block tasks, window by window; the image and its iterates are held by chunks", ""]
 
 
 def section_reading(a):

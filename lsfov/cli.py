@@ -864,7 +864,9 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
         from .estimate.mapping import operator_from_psf_map
 
         psf_map = _open_psf_map(map_path, "--psf-map")
-        op = operator_from_psf_map(psf_map.isel(gy=slice(0, 1), gx=slice(0, 1)), img.shape)  # (checked on a node)
+        # Refused before the run's state is made (another image's map, another model), on one node:
+        # its whole grid is rendered into that state below.
+        op = operator_from_psf_map(psf_map.isel(gy=slice(0, 1), gx=slice(0, 1)), img.shape)
         _check_map_source(psf_map, map_path, src, img)
         if saturation is None and "saturation" in psf_map.attrs:  # the map's camera level, as lsfov run takes it
             saturation = psf_map.attrs["saturation"] if psf_map.attrs["saturation"] is not None else False

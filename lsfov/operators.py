@@ -1351,7 +1351,7 @@ class ProductConvolution:
     def save(self, path, *, overwrite: bool = False):
         """Write the operator to a zarr v3 store, atomically (see :func:`lsfov.io.atomic_directory`).
 
-        Layout: ``kernels`` (float32; dims ``gy, gx, ky, kx`` or ``basis, ky, kx``),
+        Layout: ``kernels`` (float32; dims ``gy, gx, ky, kx`` in chunks of 8 x 8 nodes, or ``basis, ky, kx``),
         ``centers_y``/``centers_x`` (grid form) or ``maps`` (basis form, ``basis, y, x``, chunked,
         streamed from NumPy, zarr or Dask maps), and the root attribute ``lsfov`` with the kind, shape
         and :attr:`attrs`. Read it back with :meth:`load` (``xarray.open_zarr`` reads it too).
@@ -1402,11 +1402,8 @@ class ProductConvolution:
 
         # Dimension names: xarray.open_zarr(path) reads the store as one Dataset.
         lead = ["gy", "gx"] if self.kind == "grid" else ["basis"]
-        if on_disk(self.kernels):  # slab by slab: a slide's grid need not fit in memory
-            copy_kernels(self.kernels, root, "kernels", dimension_names=[*lead, "ky", "kx"])
-        else:
-            root.create_array("kernels", data=to_numpy(self.kernels).astype(np.float32),
-                              dimension_names=[*lead, "ky", "kx"])
+        # (slab by slab, in chunks of a few nodes: a slide's grid is read back window by window)
+        copy_kernels(self.kernels, root, "kernels", dimension_names=[*lead, "ky", "kx"])
         if self.kind == "grid":
             for name, dim, c in zip(("centers_y", "centers_x"), ("gy", "gx"), self.centers):
                 arr = root.create_array(name, data=np.asarray(c, np.float64), dimension_names=[dim])
