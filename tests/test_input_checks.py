@@ -339,6 +339,20 @@ def test_cnn_training_and_evaluation_options(tmp_path):
     for bad in (dict(strengths=(np.nan,)), dict(strengths=(-0.1,)), dict(n=1)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             robustness("G1", **bad)
+    from lsfov.estimate import training
+
+    real = training.synthesize
+
+    def textureless(*a, **kw):  # all but one of the patches flat: no spread to score
+        out = real(*a, **kw)
+        out["valid"][1:] = False
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "synthesize", textureless)
+        with pytest.raises(ValueError, match=r"only 1 of the 3 patches synthesized are valid \(textured\); R² needs "
+                                             "at least 2: give a larger n"):
+            robustness("G1", n=3)
     g1 = lsfov.load_model("G1")
     patches = data["patches"][:4]
     for b in (0, -1, 2.0):

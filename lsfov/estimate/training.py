@@ -794,6 +794,12 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
         ``"strengths"``: the strengths (list of float); ``"n"``: the number of valid patches scored;
         and for each kind in ``DEGRADATIONS`` (``"gaussian"``, ``"poisson"``, ``"mixed"``,
         ``"illumination"``): the mean R² over the parameters at each strength (list of float).
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is under 2, a strength is negative or not finite, ``model`` is refused
+        (:func:`load_model`), or fewer than 2 of the patches synthesized are valid (no spread to score).
     """
     model = model if isinstance(model, PSFRegressor) else load_model(model)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
@@ -802,6 +808,9 @@ def robustness(model, n: int = 1000, strengths=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 
     clean = synthesize(n, model.psf_model, split="test", seed=seed, photons=None, invalid_fraction=0.0,
                        progress=progress)
     valid = clean["valid"]
+    if valid.sum() < 2:  # (no spread to score: R² would be NaN on every curve)
+        raise ValueError(f"only {int(valid.sum())} of the {n} patches synthesized are valid (textured); R² needs at "
+                         "least 2: give a larger n")
     from ..cluster import progress_bar
 
     out = {"strengths": list(map(float, strengths)), "n": int(valid.sum())}
