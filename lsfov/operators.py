@@ -66,21 +66,6 @@ def _hat_weights(centers: np.ndarray, r: np.ndarray):
     return lo, lo + 1, t
 
 
-def node_span(centers, origin: int, n: int) -> slice:
-    """The nodes of one axis that act on the pixels ``[origin, origin + n)``: from the last node at or
-    before the first pixel to the first whose cell starts after the last (``ceil(c) >= origin + n``),
-    at least two where there are. A grid of only these nodes splits the window into the same cells
-    with the same weights as the whole grid (the nodes left out would bound cells of no pixel), so
-    its window computes the same, bit for bit."""
-    c = np.asarray(centers, dtype=np.float64)
-    g = len(c)
-    lo = max(int(np.searchsorted(c, origin, side="right")) - 1, 0)
-    hi = min(int(np.searchsorted(c, origin + n - 1, side="right")), g - 1)
-    if hi == lo and g > 1:  # a window beyond the outer node: that node and its neighbour (weight 0)
-        lo, hi = (lo, lo + 1) if lo + 1 < g else (lo - 1, lo)
-    return slice(lo, hi + 1)
-
-
 def _hat_matrix(centers: np.ndarray, r: np.ndarray) -> np.ndarray:
     """(len(r), len(centers)) matrix of the hat weights: values at positions r from node values."""
     lo, hi, t = _hat_weights(centers, r)
@@ -380,7 +365,6 @@ class ProductConvolution:
     #: ``_uniform_cells``) where the nodes are equally spaced. None: on CuPy arrays (launches cost
     #: more there than the extra area), if it adds at most half the area; True: always; False: never.
     uniform_cells: bool | None = None
-    _whole_axes = None  # a part of a larger grid: that grid's _uniform_axis() (see _uniform_axis)
 
     def __init__(self, kind, shape, kernels, centers=None, maps=None, window=None, attrs=None, _token=None,
                  periodic=False):
@@ -704,6 +688,16 @@ class ProductConvolution:
             self._sums_kept = _read_only(_sums(self.kernels))
         return self._sums_kept
 
+    def _kernels_from(self, kernels) -> "ProductConvolution":
+        """This grid with its kernels read from ``kernels``, the same values held elsewhere (a copy on
+        disk): the same operator, so the same identity (kernel spectra), sums and plan."""
+        moved = ProductConvolution("grid", self.shape, kernels, centers=self.centers, attrs=self.attrs,
+                                   _token=self._token)
+        moved._sums_kept = self.kernel_sums()
+        if "uniform_cells" in vars(self):
+            moved.uniform_cells = self.uniform_cells
+        return moved
+
     def _node_kernels(self, ids) -> np.ndarray:
         """The kernels of flat indices ``ids`` (K, K each): from a store on disk, only the box of
         nodes that holds them (a window's nodes are a box), not the whole grid."""
@@ -790,7 +784,6 @@ class ProductConvolution:
                                   window=window, attrs=self.attrs, _token=self._token, periodic=periodic)
         if "uniform_cells" in vars(self):  # a plan chosen for this operator holds in its windows
             view.uniform_cells = self.uniform_cells
-        view._whole_axes = self._whole_axes
         view._sums_kept = self._sums_kept  # (kept: a window of a slide's grid would read them all again)
         return view
 
@@ -1041,11 +1034,7 @@ class ProductConvolution:
     def _uniform_axis(self, axis: int):
         """The equal cells of one axis (see :meth:`_uniform_cells`): ``(spacing, first centre, node
         count, index of this operator's first node)`` of the grid they were planned on, or None where
-        its nodes are not equally spaced whole pixels at least the kernel's size less one apart. A part
-        of a grid (a stored operator's, :class:`lsfov.restore.scratch.StoredGrid`) carries its whole
-        grid's: the same weights, to the last bit, as the whole grid's window."""
-        if self._whole_axes is not None:
-            return self._whole_axes[axis]
+        its nodes are not equally spaced whole pixels at least the kernel's size less one apart."""
         c = np.asarray(self.centers[axis], dtype=np.float64)
         if len(c) < 2:
             return None

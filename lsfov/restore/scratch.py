@@ -13,9 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import dask
@@ -46,56 +44,6 @@ def warn_other_runs(root: Path):
 STORE_OPERATOR_BYTES = 4 << 20
 
 
-class StoredGrid:
-    """A grid operator saved in a run's state, as block tasks take it: :meth:`restrict` reads only the
-    nodes that act on the window (:func:`lsfov.operators.node_span`), and computes what the whole
-    operator's window does, bit for bit. What it reads is kept in the process for the next exchange."""
-
-    def __init__(self, path: Path, op):
-        self.path, self.key = str(path), op._token  # (its run's state is named by its content)
-        self.shape, self.halo, self.centers = op.shape, op.halo, op.centers
-        # The whole grid's plan: its equal cells, if any, anchored at its first node (a part of an
-        # unequal grid may be equally spaced, and a part's own first node would round otherwise).
-        self.uniform_cells, self.whole_axes = op.uniform_cells, tuple(op._uniform_axis(ax) for ax in (0, 1))
-
-    def restrict(self, origin, shape, *, periodic=False):
-        from .._validate import shape2d
-        from ..operators import node_span
-
-        h, w = shape2d(shape)
-        sy, sx = (node_span(c, int(o), n) for c, o, n in zip(self.centers, origin, (h, w)))
-        return self._nodes(sy, sx).restrict(origin, (h, w), periodic=periodic)
-
-    def _nodes(self, sy: slice, sx: slice):
-        import zarr
-
-        from ..operators import ProductConvolution
-
-        key = (self.path, self.key, sy.start, sy.stop, sx.start, sx.stop, self.uniform_cells)
-        with _PARTS_LOCK:
-            if key in _PARTS:
-                _PARTS.move_to_end(key)
-                return _PARTS[key]
-        kernels = np.asarray(zarr.open_array(self.path, mode="r")[sy, sx])
-        # The same token in every task of the process: the kernel spectra cache finds its spectra again.
-        part = ProductConvolution("grid", self.shape, kernels, centers=(self.centers[0][sy], self.centers[1][sx]),
-                                  _token=dask.base.tokenize(*key))
-        part.uniform_cells = self.uniform_cells
-        part._whole_axes = tuple(None if u is None else u[:3] + (span.start,)
-                                 for u, span in zip(self.whole_axes, (sy, sx)))
-        with _PARTS_LOCK:
-            _PARTS[key] = part
-            # A few blocks' nodes (their spectra, the costly part, are cached apart by the token, bounded)
-            while sum(p.kernels.nbytes for p in _PARTS.values()) > _PARTS_BYTES and len(_PARTS) > 1:
-                _PARTS.popitem(last=False)
-        return part
-
-
-_PARTS: OrderedDict = OrderedDict()
-_PARTS_LOCK = threading.Lock()
-_PARTS_BYTES = 32 << 20
-
-
 def stored_bytes(op) -> int:
     """The bytes of ``op`` that :func:`store_operator` keeps out of a task graph; 0 where it travels as
     it is (small, or a basis whose maps are on disk already and travel as their files' names)."""
@@ -119,9 +67,9 @@ def say_operator_in_graph(op):
 
 def store_operator(op, root: Path):
     """``op`` as block tasks of the run in ``root`` take it, saved there once (a resumed run finds it)
-    where it is larger than :data:`STORE_OPERATOR_BYTES`: a grid operator as a :class:`StoredGrid`, a
-    basis operator whose maps are in memory as the operator loaded back (its maps read window by
-    window); any other as it is."""
+    where it is larger than :data:`STORE_OPERATOR_BYTES`: a grid whose kernels are in memory as the
+    same grid with its kernels there (each window reads its nodes), a basis whose maps are in memory
+    as the operator loaded back (its maps read window by window); any other as it is."""
     if op is None or not stored_bytes(op):
         return op
     if op.kind == "basis":
@@ -132,13 +80,15 @@ def store_operator(op, root: Path):
             op.save(path, overwrite=True)
             mark.touch()
         return ProductConvolution.load(path)
+    import zarr
+
     from ..operators import copy_kernels
 
     path, mark = root / "operator", root / "done" / "operator"
     if not mark.exists():
         copy_kernels(op.kernels, path)
         mark.touch()  # only once written whole: a run killed while writing writes it again
-    return StoredGrid(path, op)
+    return op._kernels_from(zarr.open_array(str(path.resolve()), mode="r"))
 
 
 def run_exchanges(y: da.Array, counts, spread: int, block, *, root: Path, channels: int = 0, resume: bool = False,
