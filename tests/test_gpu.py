@@ -30,6 +30,26 @@ def test_cupy_matches_numpy(form):
     np.testing.assert_allclose(op.adjoint(cupy.asarray(u)).get(), op.adjoint(u), atol=1e-5 * np.abs(op.adjoint(u)).max())
 
 
+@pytest.mark.skipif(not _HAS_GPU, reason="no CUDA device")
+def test_a_grid_on_disk_on_cupy_matches_numpy(tmp_path):
+    """A grid whose kernels are on disk (a slide's PSF map, as scratch runs keep one) reads each
+    window's nodes to the GPU: the NumPy result, whole and by a window."""
+    import zarr
+
+    from lsfov import ProductConvolution, operators, psf
+
+    rng = np.random.default_rng(0)
+    m = psf.MODELS["Z3"]
+    k = _skewed(m.render(m.sample(12, 0), size=15).reshape(3, 4, 15, 15))
+    operators.copy_kernels(k, tmp_path / "k")
+    op = ProductConvolution.from_grid(zarr.open_array(str(tmp_path / "k"), mode="r"), (150, 170))
+    u = rng.random(op.shape).astype(np.float32)
+    for o, x in ((op, u), (op.restrict((40, -7), (60, 90)), u[:60, :90])):
+        for f in ("apply", "adjoint"):
+            ref = getattr(o, f)(x)
+            np.testing.assert_allclose(getattr(o, f)(cupy.asarray(x)).get(), ref, atol=1e-5 * np.abs(ref).max())
+
+
 def _skewed(kernels):
     """Z3's PSFs are point-symmetric: skewed (each summing to one still), a kernel flipped in a GPU
     path (a correlation for a convolution) shows."""
