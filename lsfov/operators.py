@@ -345,11 +345,12 @@ class ProductConvolution:
         Free metadata (PSF model, optics, provenance), kept by :meth:`save` / :meth:`load`.
     shape : (int, int)
         Image shape the operator is defined on.
-    kernels : ndarray
+    kernels : ndarray or zarr.Array
         (gy, gx, K, K) for the grid form, (I, K, K) for the basis form; float32. Like ``centers``
         and NumPy ``maps``, read-only and the operator's own (copied where the caller could still
         write into them): assign a new array to change them (a new operator, with its own kernel
-        spectra and Dask keys).
+        spectra and Dask keys). A grid's may be a zarr array on disk, read window by window (a
+        slide's PSF map; :meth:`from_grid`).
     centers : (ndarray, ndarray) or None
         Node rows and columns (pixel coordinates) of the grid form.
     maps : array_like or None
@@ -470,8 +471,7 @@ class ProductConvolution:
         >>> op.psf_at(0, 0).shape  # the local PSF: the top-left node's
         (21, 21)
         """
-        stored = on_disk(psfs)
-        psfs = _stored_kernels(psfs) if stored else _owned(_as_float_array(psfs, "psfs"), psfs)
+        psfs = _stored_kernels(psfs) if on_disk(psfs) else _owned(_as_float_array(psfs, "psfs"), psfs)
         if psfs.ndim != 4 or psfs.shape[-1] != psfs.shape[-2]:
             raise ValueError(f"psfs must have shape (gy, gx, K, K), got {psfs.shape}")
         shape = shape2d(shape)
