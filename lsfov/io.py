@@ -2346,9 +2346,17 @@ def describe(path) -> str:
     if isinstance(meta, dict) and meta.get("type") == "ProductConvolution":
         from .operators import ProductConvolution
 
+        from .operators import on_disk
+
         op = ProductConvolution.load(path)
         extra = ", ".join(f"{k} {v}" for k, v in op.attrs.items() if isinstance(v, (int, float, str)))
-        return f"{path}: lsfov operator\n  {op!r}" + (f"\n  {extra}" if extra else "")
+        def size(a):
+            return f"{a.nbytes / 2**20:.3g} MiB" if a.nbytes >= 2**20 else f"{a.nbytes / 2**10:.3g} KiB"
+
+        held = ("on disk, read window by window" if on_disk(op.kernels) else "read into memory")
+        parts = f"kernels {size(op.kernels)} ({held})" + (
+            f", maps {size(op.maps)} (on disk, read window by window)" if op.kind == "basis" else "")
+        return f"{path}: lsfov operator\n  {op!r}\n  {parts}" + (f"\n  {extra}" if extra else "")
     if isinstance(meta, dict) and meta.get("type") == "OperatorSubspace":
         from .calibrate import OperatorSubspace
 

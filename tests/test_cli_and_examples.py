@@ -708,7 +708,8 @@ def test_cli_calibrate_operator_and_subspace(run, tmp_path):
     op = lsfov.ProductConvolution.load("op.zarr")
     assert op.kind == "basis" and op.kernels.shape[0] == 4
     assert operator_distance(op, fields[0].operator) < 0.35
-    assert "lsfov operator" in run("info", "op.zarr").output
+    said = run("info", "op.zarr").output
+    assert "lsfov operator" in said and "kernels 6.89 KiB (read into memory), maps 1 MiB (on disk, read window by window)" in said, said
     assert "pixel_um" not in op.attrs  # a .npy says no pixel size
     res = run("calibrate", "stack.npy", "sub.zarr", "--n-space", 3, "--figure", "sub.png", "--pixel-um", 0.1)
     sub = OperatorSubspace.load("sub.zarr")

@@ -909,10 +909,13 @@ def test_a_grid_whose_kernels_stay_on_disk_is_the_grid_in_memory(rng, tmp_path, 
     back = ProductConvolution.load(tmp_path / "op.zarr")
     assert operators.on_disk(back.kernels)
     np.testing.assert_array_equal(back.apply(u), mem.apply(u))
+    said = lsfov.io.describe(tmp_path / "op.zarr").splitlines()  # (lsfov info)
+    assert said[2] == f"  kernels {mem.kernels.nbytes / 2**10:.3g} KiB (on disk, read window by window)", said
     monkeypatch.setattr(operators, "KERNELS_ON_DISK_BYTES", mem.kernels.nbytes)
     small = ProductConvolution.load(tmp_path / "op.zarr")
     assert isinstance(small.kernels, np.ndarray)
     np.testing.assert_array_equal(small.kernels, mem.kernels)
+    assert lsfov.io.describe(tmp_path / "op.zarr").splitlines()[2].endswith("KiB (read into memory)")
 
 
 def test_kernels_on_disk_are_checked_as_those_in_memory(tmp_path):
