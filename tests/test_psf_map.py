@@ -532,3 +532,21 @@ def test_a_maps_kernels_rendered_into_a_store_are_those_in_memory(blurred, tmp_p
     np.testing.assert_array_equal(changed.kernels[...], lsfov.operator_from_psf_map(other, size=15).kernels)
     with pytest.raises(TypeError, match="store must be a path"):
         lsfov.operator_from_psf_map(ds, store=42)
+    # Only kernels lsfov rendered are replaced (an interrupted render's too); nothing else is lost.
+    import zarr
+
+    zarr.open_array(str(tmp_path / "k"), mode="r+").attrs["lsfov_kernels"] = "incomplete"
+    np.testing.assert_array_equal(lsfov.operator_from_psf_map(ds, size=15, store=tmp_path / "k").kernels[...],
+                                  mem.kernels)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cells.tif").write_bytes(b"II*\0")
+    (tmp_path / "file").write_bytes(b"x")
+    other_zarr = zarr.create_array(str(tmp_path / "image.zarr"), shape=(4,), dtype="f4")
+    for taken in ("data", "file", "image.zarr"):
+        with pytest.raises(FileExistsError, match=f"store {tmp_path / taken} exists and holds no kernels lsfov "
+                                                  "rendered; give a new path"):
+            lsfov.operator_from_psf_map(ds, size=15, store=tmp_path / taken)
+    assert (tmp_path / "data" / "cells.tif").read_bytes() == b"II*\0" and (tmp_path / "file").read_bytes() == b"x"
+    assert other_zarr.shape == (4,) and zarr.open_array(str(tmp_path / "image.zarr")).shape == (4,)
+    (tmp_path / "empty").mkdir()
+    assert lsfov.operator_from_psf_map(ds, size=15, store=tmp_path / "empty").grid_shape == (6, 5)

@@ -694,9 +694,9 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None, store
     store : str or Path, optional
         A zarr array to render the kernels into, a few rows of nodes at a time, and to keep them in:
         the operator reads each window's nodes from it, and memory holds no more than those (a
-        32768² slide's map at a node every 64 px renders 0.93 GiB of 31² kernels). Whatever is at
-        ``store`` is replaced, except the kernels of this very map, rendered to the end, which are
-        read again (a resumed run's). Default: in memory.
+        32768² slide's map at a node every 64 px renders 0.93 GiB of 31² kernels). The kernels of
+        this very map, rendered there to the end, are read again (a resumed run's); other kernels
+        lsfov rendered there are replaced; anything else is refused. Default: in memory.
 
     Returns
     -------
@@ -708,13 +708,15 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None, store
     Raises
     ------
     TypeError
-        If ``psf_map`` is not an ``xarray.Dataset``.
+        If ``psf_map`` is not an ``xarray.Dataset``, or ``store`` not a path.
     ValueError
         If the map lacks the ``psf_model`` or ``params`` attribute or a parameter variable, is a
         stack of planes, has no nodes or NaN parameters (unfilled nodes: :func:`fill_invalid`), or
         names no known model;
         if no shape is known, ``shape`` differs from the mapped image's, or ``size`` is not a
         positive odd integer at most the image's smaller side.
+    FileExistsError
+        If ``store`` holds something other than kernels lsfov rendered (a file, a folder with files).
 
     Examples
     --------
@@ -788,13 +790,16 @@ def _rendered_to(store, m, params, size: int):
     made = dask.base.tokenize(m, params, size)
     if store.exists():
         try:
-            z = zarr.open_array(str(store), mode="r")
-            if z.attrs.get("lsfov_kernels") == made:
-                return z
-        except (OSError, ValueError, KeyError, zarr.errors.ZarrError):
-            pass
+            ours = zarr.open_array(str(store), mode="r").attrs.get("lsfov_kernels")
+        except Exception:  # (a file, a folder, a group: zarr says so in errors of several kinds)
+            ours = None
+        if ours == made:
+            return zarr.open_array(str(store), mode="r")
+        if ours is None and not (store.is_dir() and not any(store.iterdir())):  # (only kernels lsfov made go)
+            raise FileExistsError(f"store {store} exists and holds no kernels lsfov rendered; give a new path")
     gy, gx = params.shape[:2]
     z = operators.empty_kernels(store, (gy, gx, size, size))
+    z.attrs["lsfov_kernels"] = "incomplete"  # (what another render may replace)
     # Parts of whole render batches (_psf._BATCH nodes, rows or not): the same bits as all at once.
     flat, batch = params.reshape(-1, m.n_params), _psf._BATCH
     step = max(batch, operators._SLAB_BYTES // (size * size * 4) // batch * batch)
