@@ -692,7 +692,7 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None, store
     size : int, optional
         Kernel size, a positive odd integer at most the image's smaller side (default: the model's).
     store : str or Path, optional
-        A zarr array to render the kernels into, a few rows of nodes at a time, and to keep them in:
+        A zarr array to render the kernels into, about 64 MiB of them at a time, and to keep them in:
         the operator reads each window's nodes from it, and memory holds no more than those (a
         32768² slide's map at a node every 64 px renders 0.93 GiB of 31² kernels). The kernels of
         this very map, rendered there to the end, are read again (a resumed run's); other kernels
@@ -777,8 +777,8 @@ def operator_from_psf_map(psf_map, shape=None, *, size: int | None = None, store
 
 
 def _rendered_to(store, m, params, size: int):
-    """The kernels of ``params`` (gy, gx, N) rendered by ``m`` into the zarr array ``store``, a few
-    rows of nodes at a time; an array there that holds these very kernels, whole, is taken as it is."""
+    """The kernels of ``params`` (gy, gx, N) rendered by ``m`` into the zarr array ``store``, about
+    64 MiB at a time; an array there that holds these very kernels, whole, is taken as it is."""
     import dask.base
     import zarr
 
