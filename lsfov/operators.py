@@ -424,6 +424,7 @@ class ProductConvolution:
             have a positive sum. Stored as float32, not normalised. A zarr array stays on disk (it is
             read once here, slab by slab, to check it), and each window reads its nodes: a slide's
             PSF map takes gigabytes of kernels (:func:`lsfov.operator_from_psf_map`'s ``store``).
+            It is not copied: leave its store unchanged while the operator is in use.
         shape : int or (int, int)
             Image shape (H, W).
         centers : (array_like (gy,), array_like (gx,)), optional
