@@ -1013,12 +1013,12 @@ class ProductConvolution:
             u = self._uniform_axis(ax)
             if u is None:
                 return None
-            s, c0, g, first = u
+            s, c0, g = u
             b0 = int(math.ceil(c0 - 1e-12))
             k0 = (o - b0) // s  # the first cell that reaches the window
             k = np.arange(k0, -((b0 - o - n) // s))  # to the last one (ceil division)
             t = ((b0 - c0) + np.arange(s)) / s  # the same within every cell
-            axes.append((s, b0 + k0 * s - o, k, np.clip(k, 0, g - 1) - first, np.clip(k + 1, 0, g - 1) - first,
+            axes.append((s, b0 + k0 * s - o, k, np.clip(k, 0, g - 1), np.clip(k + 1, 0, g - 1),
                          (1.0 - t).astype(np.float32), t.astype(np.float32)))
         (sy, ty, ky, lo_y, hi_y, wly, why), (sx, tx, kx, lo_x, hi_x, wlx, whx) = axes
         na, nb = len(ky), len(kx)
@@ -1034,15 +1034,15 @@ class ProductConvolution:
 
     def _uniform_axis(self, axis: int):
         """The equal cells of one axis (see :meth:`_uniform_cells`): ``(spacing, first centre, node
-        count, index of this operator's first node)`` of the grid they were planned on, or None where
-        its nodes are not equally spaced whole pixels at least the kernel's size less one apart."""
+        count)``, or None where its nodes are not equally spaced whole pixels at least the kernel's
+        size less one apart."""
         c = np.asarray(self.centers[axis], dtype=np.float64)
         if len(c) < 2:
             return None
         s = c[1] - c[0]
         if abs(s - round(s)) > 1e-9 or np.abs(np.diff(c) - s).max() > 1e-9 or round(s) < 2 * self.halo:
             return None
-        return int(round(s)), float(c[0]), len(c), 0
+        return int(round(s)), float(c[0]), len(c)
 
     def _single_fshape(self, h, w):
         # Centred kernels: r pixels of zero padding suffice; a periodic window needs none.
