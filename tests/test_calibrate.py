@@ -85,6 +85,26 @@ def test_an_elongated_bead_is_not_its_own_crowd_and_an_offset_image_keeps_its_li
     np.testing.assert_allclose(low.patches, b.patches, atol=1e-6)
 
 
+def test_a_psf_of_two_lobes_is_measured_whole_and_calibrates():
+    """Strong astigmatism (0.3 waves RMS) near focus splits each bead into two lobes about 8 px
+    apart. At the finest detection scale each lobe was a bead whose profile the other cut short: r
+    came out at 8 px for PSFs 17 px wide, every lobe crowded the other, and no bead was kept. The
+    radius is now read again at a scale where a bead is one maximum."""
+    bf = simulate.bead_field((384, 384), n_beads=24, seed=0, photons=20000, z_range_um=(-0.4, 0.4),
+                             astigmatism=0.3, psf_size=61)
+    k = bf.operator.local_psfs().reshape(-1, 61, 61)
+    o = np.hypot(*np.mgrid[-30:31, -30:31])
+    extent = max(o[p > 0.01 * p.max()].max() for p in k)  # the widest PSF's 1 % radius: 17.3 px
+    assert detect_beads(bf.image, 4).shape[0] > 2 * 24  # (the lobes, at the finest scale)
+    r = estimate_radius(bf.image)
+    assert 0.7 * extent <= r <= 1.1 * extent, (r, extent)  # measured 13; 8 before
+    b = bead_psfs(bf.image)
+    lone = cKDTree(bf.positions).query(bf.positions, k=2)[0][:, 1] > 2 * r
+    d, _ = cKDTree(bf.positions).query(b.positions)
+    assert len(b.positions) == lone.sum() >= 12 and d.max() < 0.5  # one centre per bead, not per lobe
+    assert operator_distance(calibrate_operator(bf.image), bf.operator) < 0.12  # measured 0.089
+
+
 def test_bead_psfs_are_isolated_centred_and_normalised(field):
     b = bead_psfs(field.image)
     assert b.patches.shape[1:] == (b.size, b.size) and b.size % 2 == 1
@@ -167,10 +187,13 @@ def test_saturated_crowded_and_empty_bead_images_are_refused():
         bead_psfs(dense, radius=9)
     with pytest.raises(ValueError, match="radius"):
         bead_psfs(dense, radius=-1)
-    # a photograph is not a bead image: a few of its bright spots pass for isolated beads, said so
+    # a photograph is not a bead image: a few of its bright spots pass for isolated beads, said so;
+    # or, its "beads" as wide as its objects (r = 27 px on camera), none passes
     from skimage import data
 
     with pytest.warns(lsfov.LsfovWarning, match="bright spots are isolated beads"):
+        bead_psfs(data.coins())
+    with pytest.raises(ValueError, match="none is isolated"):
         bead_psfs(data.camera())
 
 

@@ -245,6 +245,11 @@ def _crowded(pos, every, resp, radius):
     return crowded
 
 
+#: Beads are split at a detection scale where they number more than this times those at the scale
+#: of the radius they give (see :func:`estimate_radius`).
+SPLIT = 1.4
+
+
 def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> float:
     """An upper bound r on the PSF radius, from the profiles of the brightest beads.
 
@@ -255,6 +260,12 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
     largest of these, plus one pixel, at least 3 pixels: the PSF of the field's widest region, as
     App. A-b asks of r (a median over the whole field is the typical PSF's, and cut the tails of
     the widest).
+
+    Beads are detected at the finest scale that finds them (4, 8, 16 or 32 px, as
+    :func:`detect_beads`' ``radius``), then, as long as the scale of the radius they give finds
+    fewer than 1/1.4 as many, at that scale: an astigmatic or defocused PSF wider than the scale
+    shows several maxima there (its lobes, its rings), each read as a bead whose profile the others
+    cut short.
 
     Parameters
     ----------
@@ -281,15 +292,34 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
     # Detect at the finest scale that finds beads: wide, dim (defocused) beads are lost in the noise
     # at 4 px but stand out at a coarser one.
     scales = [r for r in (4.0, 8.0, 16.0, 32.0) if r <= max(h, 4)]
-    for r in scales:
-        every = detect_beads(img, r)
-        pos = every[np.all((every >= h) & (every < np.array(img.shape) - h), axis=1)]
-        if len(pos):
+    for s in scales:
+        every = detect_beads(img, s)
+        if np.all((every >= h) & (every < np.array(img.shape) - h), axis=1).any():
             break
-    if len(pos) == 0:
+    else:
         raise ValueError(f"no beads found to measure the PSF radius (at detection scales of "
                          f"{', '.join(f'{r:g}' for r in scales)} px, none at least {h} px from the border): check the "
                          "image, or give the PSF radius in pixels (--radius; radius=)")
+    radius = _profile_radius(img, every, h, level)
+    # A PSF wider than the detection scale (astigmatic, defocused) has several maxima at that
+    # scale, its lobes or rings: each was read as a bead whose profile the others cut short
+    # (r = 8 px for beads 17 px wide). Then the scale of r, at which such a bead is one maximum,
+    # finds far fewer beads (2-5x; beads 2r apart stay apart, and it finds 1.1-1.25x fewer in
+    # fields of round PSFs 50 px apart): read the profiles there.
+    while (coarser := [c for c in scales if c >= radius and c > s]):
+        wide = detect_beads(img, coarser[0])
+        if len(every) <= SPLIT * len(wide):
+            break
+        s, every = coarser[0], wide
+        radius = max(radius, _profile_radius(img, every, h, level, quiet=True))
+    return max(3.0, min(radius, float(max_radius)))
+
+
+def _profile_radius(img, every, h, level, quiet=False):
+    """The largest of the 3 x 3 regions' radii at which their median bead profile falls below
+    ``level`` of its peak, plus one pixel (see :func:`estimate_radius`), for the beads ``every``
+    found at one scale; 0 where ``quiet`` and none is read."""
+    pos = every[np.all((every >= h) & (every < np.array(img.shape) - h), axis=1)]
     pos = pos[:200]  # the brightest; the medians below ignore the neighbours some of them have
     win = _windows(img, pos, h).astype(np.float64)
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
@@ -320,6 +350,8 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
         profiles[i] = np.where(n > 0, ring / max(w[t == 0][0], 1e-12), np.nan)
     read = ~np.isnan(profiles[:, 0])
     if not read.any():
+        if quiet:
+            return 0.0
         raise ValueError("the beads found are too crowded to measure the PSF radius; give it in pixels (--radius; "
                          "radius=)")
     # Regions of the field (3 x 3), each its median profile where it has 3 beads or more; else the whole field's.
@@ -333,7 +365,7 @@ def estimate_radius(image, *, level: float = 0.01, max_radius: int = 40) -> floa
             prof = np.nanmedian(profiles[g], axis=0)
         below = np.nonzero(prof < level * prof[0])[0]
         radii.append(float(below[0]) + 1.0 if len(below) else float(h))
-    return max(3.0, min(max(radii), float(max_radius)))
+    return max(radii)
 
 
 def _check_radius(radius) -> float:
