@@ -39,7 +39,7 @@ class BeadPSFs:
     shape : tuple of int
         The image shape (H, W).
     n_detected : int
-        Bead candidates detected (maxima above the threshold), hot pixels included.
+        Bead candidates detected (maxima above the threshold), hot pixels aside.
     n_saturated : int
         Candidates left out as saturated.
     n_crowded : int
@@ -48,7 +48,7 @@ class BeadPSFs:
     fluxes : ndarray (M,) float32 or None
         Each patch's sum before normalisation: the bead's brightness in the image's units.
     n_hot : int
-        Candidates that were a camera's hot pixels (one pixel far brighter than its neighbours,
+        Bright spots that were a camera's hot pixels (one pixel far brighter than its neighbours,
         unlike a bead, see :data:`HOT`), set to the median of their neighbours before the beads
         were found again.
     """
@@ -542,7 +542,7 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         ring = _windows(img, at, 1).reshape(len(at), 9)
         img[at[:, 0], at[:, 1]] = np.median(np.delete(ring, 4, axis=1), axis=1)
         pos, every, resp = _maxima(img, radius, threshold)  # (never none: the lower quartile is no hot pixel)
-        n_detected = len(pos) + n_hot
+        n_detected = len(pos)
 
     # Saturated beads: their core is clipped, so the PSF shape is wrong.
     peak = float(img.max())
@@ -559,10 +559,10 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
     keep = inside & ~crowded & ~saturated
     n_crowded = int((~(inside & ~crowded) & ~saturated).sum())
     if not keep.any():
-        if n_saturated == n_detected - n_hot:
+        if n_saturated == n_detected:
             limit = f"at or above {sat_level:g}, or a plateau at the image's maximum" if sat_level is not None else \
                 "a plateau at the image's maximum"
-            raise ValueError(f"all {n_detected - n_hot} beads are saturated ({limit}); acquire with a shorter exposure or "
+            raise ValueError(f"all {n_detected} beads are saturated ({limit}); acquire with a shorter exposure or "
                              "lower gain, or give the camera's own level (saturation=, --saturation)")
         raise ValueError(
             f"found {n_detected} beads but none is isolated (2r = {2 * radius:g} px from the others and "
@@ -572,8 +572,8 @@ def bead_psfs(image, radius: float | None = None, *, threshold: float | None = N
         warnings.warn(f"{n_saturated} of {n_detected} beads are saturated and were left out", LsfovWarning,
                       stacklevel=2)
     if n_hot:
-        warnings.warn(f"{n_hot} of {n_detected} bright spots are single pixels (a camera's hot pixels): each was set "
-                      "to the median of its neighbours; a dark frame subtracted beforehand removes them",
+        warnings.warn(f"{n_hot} of {n_detected + n_hot} bright spots are single pixels (a camera's hot pixels): "
+                      "each was set to the median of its neighbours; a dark frame subtracted beforehand removes them",
                       LsfovWarning, stacklevel=2)
     isolated = int((inside & ~crowded).sum())  # saturation aside: that has its own warning
     if isolated < 0.05 * n_detected:  # a textured image, or a bead sample too dense to calibrate from
