@@ -109,7 +109,7 @@ def test_hot_pixels_are_not_beads_and_are_repaired():
     """A camera's hot pixels (one pixel far above its neighbours) were taken for beads: 40 of them in
     a 512² field of 113 beads put delta patches into the PCA (operator error 0.84 where the clean
     field gives 0.13). They are found, set to their neighbours' median in a copy, and said; beads
-    as sharp as a bead can be (0.25 µm pixels, 2.3x coarser than Nyquist) are not taken for them."""
+    as sharp as a bead can be (0.25 µm pixels, about 2x coarser than Nyquist) are not taken for them."""
     f = simulate.bead_field((512, 512), seed=1000)
     rng = np.random.default_rng(0)
     at = rng.integers(0, 512, (40, 2))

@@ -374,8 +374,8 @@ def _profile_radius(img, every, h, level, quiet=False):
 
 
 #: A candidate is a hot pixel where its peak stands above its brightest neighbour (local background
-#: removed) more than this times the candidates' median ratio, more than 5 times, and by more than
-#: 5 times the noise: a PSF sampled by its pixels spreads onto them (1.1-1.9 for beads at 0.1 µm,
+#: removed) more than this times the candidates' lower quartile of that ratio, more than 5 times,
+#: and by more than 5 times the noise: a PSF sampled by its pixels spreads onto them (1.1-1.9 for beads at 0.1 µm,
 #: NA 1.1-1.4; 1.9-3.4 at 0.2 µm) where a hot pixel stands alone (13-36 above a background of 20).
 HOT = 4.0
 
