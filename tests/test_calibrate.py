@@ -124,8 +124,10 @@ def test_hot_pixels_are_not_beads_and_are_repaired():
     assert len(b.patches) + b.n_crowded + b.n_saturated == b.n_detected  # (hot pixels are not beads)
     clean = operator_distance(calibrate_operator(f.image, 5), f.operator)
     with pytest.warns(lsfov.LsfovWarning, match="hot pixels"):
-        hot = operator_distance(calibrate_operator(img, 5), f.operator)
+        op = calibrate_operator(img, 5)
+    hot = operator_distance(op, f.operator)
     assert hot < 1.1 * clean, (hot, clean)  # measured 0.127 and 0.128 (0.84 before)
+    assert op.attrs["n_hot_pixels"] == b.n_hot  # (recorded with the operator)
     # the radius reads past them too (its profiles ended at once: r = 3 px with 200 of them)
     img[rng.integers(0, 512, 160), rng.integers(0, 512, 160)] += 300
     assert estimate_radius(img) == estimate_radius(f.image)

@@ -103,7 +103,7 @@ def calibrate_operator(bead_image, n_basis: int | None = 5, *, radius: float | N
                                  kernel_sums=basis.kernels.sum(axis=(1, 2)))
     attrs = {
         "source": "lsfov.calibrate_operator", "n_beads": int(len(pos)), "n_detected": beads.n_detected,
-        "n_rejected": int(beads.n_detected - len(pos)), "radius_px": beads.radius,
+        "n_rejected": int(beads.n_detected - len(pos)), "n_hot_pixels": beads.n_hot, "radius_px": beads.radius,
         "n_basis": int(basis.kernels.shape[0]), "smoothing": float(smoothing), "node_step_px": grid.step,
     }
     try:  # its attribute, or its µm coordinates (those of a binned image)
