@@ -640,6 +640,32 @@ def test_learn_subspace_recovers_the_family(stack, tmp_path):
         sub.save(path)
 
 
+def test_a_focus_series_is_calibrated_at_each_image_s_own_radius():
+    """A focus series widens along the stack (radius 8, 10 and 15 px at 0, 0.3 and 0.9 µm). The
+    first image's radius, which served them all until 2026-12-07, leaves the last no bead apart
+    (refused); the widest crowds out and cuts the first's (error 0.24 against 0.09). Each image is
+    read at its own radius, its patches zero-padded to the widest's size."""
+    from lsfov import psf
+    from lsfov.calibrate.beads import patch_size
+
+    optics = psf.Optics(na=1.3, wavelength_um=0.6, pixel_um=0.1, immersion_index=1.52)
+    fam = [simulate.bead_field((384, 384), n_beads=40, seed=k, optics=optics, z_range_um=(z - 0.1, z + 0.1),
+                               axis=0.5, psf_size=61) for k, z in enumerate((0.0, 0.3, 0.9))]
+    imgs = [f.image for f in fam]
+    radii = [estimate_radius(i) for i in imgs]
+    assert radii[0] < radii[1] < radii[2]  # measured 8, 10, 15
+    sub = learn_subspace(imgs, 3, 2)
+    assert sub.attrs["radii_px"] == radii and sub.attrs["radius_px"] == radii[2]
+    assert sub.psf_basis.shape[-1] == patch_size(radii[2])
+    errs = [operator_distance(sub.operator(k), f.operator) for k, f in enumerate(fam)]
+    assert max(errs[:2]) < 0.12 and errs[2] < 0.4, errs  # measured 0.086, 0.088, 0.295
+    with pytest.raises(ValueError, match="bead image 2: 0 beads"):
+        learn_subspace(imgs, 3, 2, radius=radii[0])
+    wide = learn_subspace(imgs, 3, 2, radius=radii[2])
+    assert wide.attrs["radii_px"] == [radii[2]] * 3
+    assert operator_distance(wide.operator(0), fam[0].operator) > 2 * errs[0]  # measured 0.244
+
+
 def test_subspace_bad_input(stack, tmp_path):
     with pytest.raises(ValueError, match="at least 2 bead images"):
         learn_subspace([stack[0].image])

@@ -22,7 +22,7 @@ from .._validate import boolean, not_a_bead_field, positive_int, real_number, sa
 from ..operators import ProductConvolution
 from ..io import pixel_size
 from .basis import basis_signs, psf_basis
-from .beads import bead_psfs, estimate_radius
+from .beads import _check_radius, bead_psfs
 from .cone import cone_columns
 from .interpolate import DEFAULT_SMOOTHING, coefficient_nodes, node_grid
 
@@ -395,8 +395,10 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
         Sizes I of the PSF basis and J of the spatial basis (paper: 5 and 5). J should cover the
         degrees of freedom of the field's variation (a tilted, curved focal surface: about 6).
     radius : float, optional
-        Upper bound on the PSF radius in pixels, as in :func:`lsfov.calibrate_operator`; one radius
-        serves all images (default: measured on the first).
+        Upper bound on the PSF radius in pixels, as in :func:`lsfov.calibrate_operator`, for all
+        images. Default: measured on each image (its beads found, isolated and cut out at its own
+        radius), the patches of the narrower ones zero-padded to the widest's size (one radius
+        measured on the first image crowded or lost the beads of wider ones: a focus series).
     threshold : float, optional
         Detection threshold, as in :func:`lsfov.calibrate_operator`.
     smoothing : float
@@ -418,7 +420,8 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     -------
     OperatorSubspace
         The PSF basis (I, K, K), the spatial basis (J, H, W) in memory, and the Γ_k (K, I, J) of the
-        images; its ``attrs`` record the beads used, the radius, the pixel size and the singular values.
+        images; its ``attrs`` record the beads used, the radius (the widest; ``radii_px``: each
+        image's), the pixel size and the singular values.
 
     Raises
     ------
@@ -463,8 +466,8 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
         raise ValueError(f"n_space={n_space} exceeds the K·I = {len(images) * n_psf} maps; use n_space <= "
                          f"{len(images) * n_psf} (--n-space)")
     shape = tuple(int(s) for s in images[0].shape)
-    if radius is None:
-        radius = estimate_radius(np.asarray(images[0]))
+    if radius is not None:
+        radius = _check_radius(radius)  # (before the beads' work)
 
     def beads_of(k, im):
         try:
@@ -476,8 +479,13 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     beads = compute(tasks, progress=progress, label=f"bead PSFs of {len(images)} images")
     counts = np.array([len(b.patches) for b in beads])
     positions = np.concatenate([b.positions for b in beads])
-    basis = psf_basis([b.patches for b in beads], n_psf)  # image by image: the patches are not copied
+    radii = [float(b.radius) for b in beads]
+    size = max(b.size for b in beads)  # the widest image's patches; the others padded with zeros
+    patches = [np.pad(b.patches, ((0, 0),) + (((size - b.size) // 2,) * 2,) * 2) if b.size < size else b.patches
+               for b in beads]
     del beads
+    basis = psf_basis(patches, n_psf)  # image by image: the patches are not copied
+    del patches
     owner = np.repeat(np.arange(len(counts)), counts)[basis.keep]
     positions = positions[basis.keep]
     cone = cone_columns(basis.coefficients.T, max_columns=max_columns)
@@ -500,7 +508,7 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     attrs = {
         "source": "lsfov.learn_subspace", "n_images": len(images), "n_beads": int(len(positions)),
         "beads_per_image": [int(v) for v in np.bincount(owner, minlength=len(images))],
-        "radius_px": float(radius), "smoothing": float(smoothing), "node_step_px": grid.step,
+        "radius_px": max(radii), "radii_px": radii, "smoothing": float(smoothing), "node_step_px": grid.step,
         "singular_values": [float(x) for x in s],
     }
     try:  # its attribute, or its µm coordinates (those of a binned image)
