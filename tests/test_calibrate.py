@@ -319,6 +319,25 @@ def test_basis_recovers_a_known_low_rank_family(n):
     assert np.all(dots > 1 - 1e-6), dots
 
 
+@pytest.mark.parametrize("n", [100, 1000])  # fewer than the 29² pixels (an SVD of them), more (the Gram)
+def test_patches_of_narrower_images_are_the_centre_of_the_widest(n):
+    """Images calibrated at their own radii give patches of several sizes: the basis reads each as
+    the centre of the widest, zero around, as if padded (and is padded in memory by none)."""
+    p, _ = _family(n, noise=2e-5)  # 21 x 21
+    wide = np.pad(p[: n // 2], ((0, 0), (4, 4), (4, 4)))  # another image's: 29 x 29
+    narrow = p[n // 2 :, 3:-3, 3:-3].copy()  # and a third's, cut to 15 x 15
+    groups = [wide, p[n // 2 :], narrow]
+    b = psf_basis(groups, 3)
+    padded = psf_basis([g if g.shape[1] == 29 else np.pad(g, ((0, 0),) + (((29 - g.shape[1]) // 2,) * 2,) * 2)
+                        for g in groups], 3)
+    assert b.kernels.shape == (3, 29, 29)
+    np.testing.assert_allclose(b.kernels, padded.kernels, atol=1e-6)
+    np.testing.assert_allclose(b.coefficients, padded.coefficients, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(b.keep, padded.keep)
+    with pytest.raises(ValueError, match="K of one parity"):
+        psf_basis([p, p[:, 1:, 1:]], 3)
+
+
 def test_zscore_rejects_outlier_patches():
     p, _ = _family(200, noise=1e-5, seed=1)
     bad = np.zeros((3,) + p.shape[1:], np.float32)

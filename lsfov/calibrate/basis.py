@@ -79,6 +79,12 @@ def _fix_signs(vt):
     return vt * basis_signs(vt).astype(vt.dtype)[:, None]
 
 
+def _centre(size, k):
+    """Flat indices of the centred size x size window of a k x k patch."""
+    o = (k - size) // 2
+    return ((np.arange(size)[:, None] + o) * k + np.arange(size)[None, :] + o).ravel()
+
+
 def _unit(group):
     """(m, D) float64 rows of unit ℓ2 norm, and the norms (m,)."""
     g = np.asarray(group, dtype=np.float64)
@@ -97,7 +103,9 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     Parameters
     ----------
     patches : array_like (M, K, K), or a list of such arrays (one per bead image)
-        Background-free bead patches summing to one (see :func:`lsfov.calibrate.bead_psfs`).
+        Background-free bead patches summing to one (see :func:`lsfov.calibrate.bead_psfs`). The
+        images' K may differ (by even numbers): each image's patches are read as the centre of
+        the largest K, zero outside, without being padded in memory.
     n_basis : int or None
         Number I of basis kernels. None: the singular values above ``ω·median`` (see
         :func:`rank_threshold`; paper 003 Sec. II-E-c).
@@ -112,7 +120,7 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     Raises
     ------
     ValueError
-        If ``patches`` are not (M, K, K) of one K, are empty, all zero or hold NaN or Inf; if
+        If ``patches`` are not (M, K, K) (K of one parity), are empty, all zero or hold NaN or Inf; if
         ``n_basis`` is not a positive integer or None, or exceeds K² or the number of patches; if
         ``zscore`` is not > 0.
     TypeError
@@ -138,10 +146,11 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     if not (isinstance(zscore, (float, np.floating)) and zscore == np.inf):  # (inf: no patch rejected)
         zscore = real_number(zscore, "zscore", minimum=0, exclusive=True)  # (before the work; "3" is no number)
     groups = [real_numbers(g, "patches", np.float32) for g in groups]
-    if not groups or any(g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[1:] != groups[0].shape[1:]
+    if not groups or any(g.ndim != 3 or g.shape[1] != g.shape[2] or (g.shape[1] - groups[0].shape[1]) % 2
                          for g in groups):
-        raise ValueError(f"patches must have shape (M, K, K) (one K for all), got {[g.shape for g in groups]}")
-    m, k = sum(len(g) for g in groups), groups[0].shape[1]
+        raise ValueError(f"patches must have shape (M, K, K), K of one parity for all (one centre), got "
+                         f"{[g.shape for g in groups]}")
+    m, k = sum(len(g) for g in groups), max(g.shape[1] for g in groups)
     if m == 0:
         raise ValueError("no bead patches given; detect beads first (lsfov.calibrate.bead_psfs)")
     if not all(np.isfinite(g).all() for g in groups):
@@ -158,21 +167,26 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
         if n_basis > m:
             raise ValueError(f"n_basis={n_basis} needs at least {n_basis} bead patches, got {m}; "
                              "use fewer basis kernels (n_basis, n_psf, --n-basis) or more beads")
-    flat = [g.reshape(len(g), d) for g in groups]
+    flat = [g.reshape(len(g), -1) for g in groups]
+    # Each group's pixels in the K x K patch: a narrower image's patches are its centre, zero around.
+    where = [_centre(g.shape[1], k) for g in groups]
 
     def pca(keeps):
         n_rows = int(sum(kp.sum() for kp in keeps))
         if n_rows < d:  # fewer patches than pixels (wide PSFs, few beads): an SVD of the patches,
             # O(M² D), not the D x D Gram's O(D³) (150 patches of 73²: 0.03 s, not 40 s)
-            _, s, vt = np.linalg.svd(np.concatenate([_unit(g[kp])[0] for g, kp in zip(flat, keeps)]),
-                                     full_matrices=False)
+            rows = np.zeros((n_rows, d))
+            at = np.cumsum([0] + [int(kp.sum()) for kp in keeps])
+            for g, kp, w, a, b in zip(flat, keeps, where, at[:-1], at[1:]):
+                rows[a:b, w] = _unit(g[kp])[0]
+            _, s, vt = np.linalg.svd(rows, full_matrices=False)
             n = n_basis or max(1, int((s > rank_threshold((n_rows, d)) * np.median(s)).sum()))
             if s[n - 1] > 1e-6 * s[0]:  # (else kernels beyond the patches' rank, which only the Gram gives)
                 return _fix_signs(vt[:n]), s
         gram = np.zeros((d, d))
-        for g, kp in zip(flat, keeps):
+        for g, kp, w in zip(flat, keeps, where):
             u, _ = _unit(g[kp])
-            gram += u.T @ u
+            gram[np.ix_(w, w)] += u.T @ u
         w, v = np.linalg.eigh(gram)
         w, v = w[::-1], v[:, ::-1]
         s = np.sqrt(np.maximum(w[: min(n_rows, d)], 0.0))
@@ -182,12 +196,13 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     keeps = [np.ones(len(g), bool) for g in flat]
     vt, s = pca(keeps)
     if np.isfinite(zscore) and m > 2:
-        c = np.concatenate([_unit(g)[0] @ vt.T for g in flat])
+        c = np.concatenate([_unit(g)[0] @ vt[:, w].T for g, w in zip(flat, where)])
         sd = c.std(axis=0)
         ok = np.all(np.abs(c - c.mean(axis=0)) <= zscore * np.where(sd > 0, sd, np.inf), axis=1)
         if ok.sum() >= vt.shape[0] and not ok.all():
             keeps = np.split(ok, np.cumsum([len(g) for g in flat])[:-1])
             vt, s = pca(keeps)
-    coefficients = np.concatenate([np.asarray(g[kp], dtype=np.float64) @ vt.T for g, kp in zip(flat, keeps)])
+    coefficients = np.concatenate([np.asarray(g[kp], dtype=np.float64) @ vt[:, w].T
+                                   for g, kp, w in zip(flat, keeps, where)])
     return PSFBasis(kernels=vt.reshape(-1, k, k).astype(np.float32), singular_values=s,
                     keep=np.concatenate(keeps), coefficients=coefficients)

@@ -397,8 +397,9 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     radius : float, optional
         Upper bound on the PSF radius in pixels, as in :func:`lsfov.calibrate_operator`, for all
         images. Default: measured on each image (its beads found, isolated and cut out at its own
-        radius), the patches of the narrower ones zero-padded to the widest's size (one radius
-        measured on the first image crowded or lost the beads of wider ones: a focus series).
+        radius), the patches of the narrower ones read as the centre of the widest's, zero around
+        (one radius measured on the first image crowded or lost the beads of wider ones: a focus
+        series).
     threshold : float, optional
         Detection threshold, as in :func:`lsfov.calibrate_operator`.
     smoothing : float
@@ -480,12 +481,9 @@ def learn_subspace(bead_images, n_psf: int = 5, n_space: int = 5, *, radius: flo
     counts = np.array([len(b.patches) for b in beads])
     positions = np.concatenate([b.positions for b in beads])
     radii = [float(b.radius) for b in beads]
-    size = max(b.size for b in beads)  # the widest image's patches; the others padded with zeros
-    patches = [np.pad(b.patches, ((0, 0),) + (((size - b.size) // 2,) * 2,) * 2) if b.size < size else b.patches
-               for b in beads]
+    # image by image, each at its own size (the widest's centre): the patches are not copied
+    basis = psf_basis([b.patches for b in beads], n_psf)
     del beads
-    basis = psf_basis(patches, n_psf)  # image by image: the patches are not copied
-    del patches
     owner = np.repeat(np.arange(len(counts)), counts)[basis.keep]
     positions = positions[basis.keep]
     cone = cone_columns(basis.coefficients.T, max_columns=max_columns)
