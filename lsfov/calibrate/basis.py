@@ -79,12 +79,6 @@ def _fix_signs(vt):
     return vt * basis_signs(vt).astype(vt.dtype)[:, None]
 
 
-def _centre(size, k):
-    """Flat indices of the centred size x size window of a k x k patch."""
-    o = (k - size) // 2
-    return ((np.arange(size)[:, None] + o) * k + np.arange(size)[None, :] + o).ravel()
-
-
 def _unit(group):
     """(m, D) float64 rows of unit ℓ2 norm, and the norms (m,)."""
     g = np.asarray(group, dtype=np.float64)
@@ -168,25 +162,32 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
             raise ValueError(f"n_basis={n_basis} needs at least {n_basis} bead patches, got {m}; "
                              "use fewer basis kernels (n_basis, n_psf, --n-basis) or more beads")
     flat = [g.reshape(len(g), -1) for g in groups]
-    # Each group's pixels in the K x K patch: a narrower image's patches are its centre, zero around.
-    where = [_centre(g.shape[1], k) for g in groups]
+    # Each group's window of the K x K patch: a narrower image's patches are its centre, zero around
+    # (slices of K x K views, not index arrays: a Gram of 73² patches is 28 million entries).
+    win = [slice((k - g.shape[1]) // 2, (k + g.shape[1]) // 2) for g in groups]
+
+    def centre(vt, c):
+        """The basis ``vt`` (n, K²) on window ``c``, (n, size²)."""
+        return vt.reshape(len(vt), k, k)[:, c, c].reshape(len(vt), -1)
 
     def pca(keeps):
         n_rows = int(sum(kp.sum() for kp in keeps))
         if n_rows < d:  # fewer patches than pixels (wide PSFs, few beads): an SVD of the patches,
             # O(M² D), not the D x D Gram's O(D³) (150 patches of 73²: 0.03 s, not 40 s)
-            rows = np.zeros((n_rows, d))
+            rows = np.zeros((n_rows, k, k))
             at = np.cumsum([0] + [int(kp.sum()) for kp in keeps])
-            for g, kp, w, a, b in zip(flat, keeps, where, at[:-1], at[1:]):
-                rows[a:b, w] = _unit(g[kp])[0]
-            _, s, vt = np.linalg.svd(rows, full_matrices=False)
+            for g, kp, c, a, b in zip(flat, keeps, win, at[:-1], at[1:]):
+                rows[a:b, c, c] = _unit(g[kp])[0].reshape(b - a, c.stop - c.start, c.stop - c.start)
+            _, s, vt = np.linalg.svd(rows.reshape(n_rows, d), full_matrices=False)
             n = n_basis or max(1, int((s > rank_threshold((n_rows, d)) * np.median(s)).sum()))
             if s[n - 1] > 1e-6 * s[0]:  # (else kernels beyond the patches' rank, which only the Gram gives)
                 return _fix_signs(vt[:n]), s
         gram = np.zeros((d, d))
-        for g, kp, w in zip(flat, keeps, where):
+        blocks = gram.reshape(k, k, k, k)  # (a view: a window's block is a slice of it)
+        for g, kp, c in zip(flat, keeps, win):
             u, _ = _unit(g[kp])
-            gram[np.ix_(w, w)] += u.T @ u
+            n = c.stop - c.start
+            blocks[c, c, c, c] += (u.T @ u).reshape(n, n, n, n)
         w, v = np.linalg.eigh(gram)
         w, v = w[::-1], v[:, ::-1]
         s = np.sqrt(np.maximum(w[: min(n_rows, d)], 0.0))
@@ -196,13 +197,13 @@ def psf_basis(patches, n_basis: int | None = 5, *, zscore: float = 3.0) -> PSFBa
     keeps = [np.ones(len(g), bool) for g in flat]
     vt, s = pca(keeps)
     if np.isfinite(zscore) and m > 2:
-        c = np.concatenate([_unit(g)[0] @ vt[:, w].T for g, w in zip(flat, where)])
+        c = np.concatenate([_unit(g)[0] @ centre(vt, w).T for g, w in zip(flat, win)])
         sd = c.std(axis=0)
         ok = np.all(np.abs(c - c.mean(axis=0)) <= zscore * np.where(sd > 0, sd, np.inf), axis=1)
         if ok.sum() >= vt.shape[0] and not ok.all():
             keeps = np.split(ok, np.cumsum([len(g) for g in flat])[:-1])
             vt, s = pca(keeps)
-    coefficients = np.concatenate([np.asarray(g[kp], dtype=np.float64) @ vt[:, w].T
-                                   for g, kp, w in zip(flat, keeps, where)])
+    coefficients = np.concatenate([np.asarray(g[kp], dtype=np.float64) @ centre(vt, w).T
+                                   for g, kp, w in zip(flat, keeps, win)])
     return PSFBasis(kernels=vt.reshape(-1, k, k).astype(np.float32), singular_values=s,
                     keep=np.concatenate(keeps), coefficients=coefficients)
