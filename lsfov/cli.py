@@ -320,6 +320,13 @@ def _saturation_option(f):
                              "image's type, or of an OME-TIFF's SignificantBits; a level above every pixel: none].")(f)
 
 
+def _background_option(f):
+    return click.option("--background", type=_Finite(min=0), default=0.0, show_default=True,
+                        help="The camera's offset in its counts (the mean of a frame taken with the shutter closed; "
+                             "often 100 on sCMOS and EMCCD cameras): subtracted before deblurring, what falls below "
+                             "it taken as 0.")(f)
+
+
 def _saturation_options(f):
     f = click.option("--max-saturated", type=_Finite(0, 1), default=None,
                      help="Share of a PSF-map node's patch at the saturation level above which the node is invalid "
@@ -832,6 +839,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
               help="Pixel value at which the camera saturates; such pixels count as at least that [default: the "
                    "largest count of an integer image's type, or of an OME-TIFF's SignificantBits; a value above "
                    "every pixel turns this off].")
+@_background_option
 @_plane_options
 @_scheduler_option
 @_gpu_option
@@ -839,7 +847,7 @@ def simulate_blur(src, out, model, grid, photons, read_noise, seed, channel, zpl
 @_overwrite_option
 @click.pass_obj
 def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv, chunks, exchange_every, scratch,
-               pixel_um, saturation, channel, zplane, tpoint, series, scheduler, gpu, resume, overwrite):
+               pixel_um, saturation, background, channel, zplane, tpoint, series, scheduler, gpu, resume, overwrite):
     """Deblur SRC with TV-regularised Richardson-Lucy into the OME-Zarr result OUT (variable
     ``deblurred``), chunk by chunk with an exact halo exchange; memory stays at a few chunks."""
     import xarray as xr
@@ -883,13 +891,13 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
             op = operator_from_psf_map(psf_map, img.shape, store=tmp / "kernels")
         log.info("deconvolving %s (%dx%d) with %r: %d iterations, tv %g", src, *img.shape, op, iterations, tv)
         before = _marks_kept(tmp)
-        result = run(work, op, iterations, tv, saturation=clip, exchange_every=exchange_every, scratch=tmp,
-                     resume=resume, progress=not obj["quiet"])
+        result = run(work, op, iterations, tv, saturation=clip, background=background, exchange_every=exchange_every,
+                     scratch=tmp, resume=resume, progress=not obj["quiet"])
         resumed = _resumed(before, _marks_kept(tmp))
         ds = xr.Dataset({"deblurred": result}, attrs={
             "command": "lsfov deconvolve", **_source(src, img),
             "operator": str(Path(operator_path or psf_path or map_path).resolve()),
-            "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS, "saturation": saturation,
+            "iterations": iterations, "tv": tv, "eps": DEFAULT_EPS, "saturation": saturation, "background": background,
         })
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"])
     seconds, waited = _working(t0, w0)
@@ -1101,6 +1109,7 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
               help="A summary figure (.png, .pdf or .svg): raw, deblurred, PSF grid, depth.")
 @_symmetrize_option
 @_saturation_options
+@_background_option
 @_plane_options
 @_scheduler_option
 @_gpu_option
@@ -1109,7 +1118,8 @@ def estimate(obj, src, out, model, stride, pixel_um, chunks, figure, symmetrize,
 @_overwrite_option
 @click.pass_obj
 def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixel_um, chunks, figure, symmetrize,
-                 saturation, max_saturated, channel, zplane, tpoint, series, scheduler, gpu, scratch, resume, overwrite):
+                 saturation, max_saturated, background, channel, zplane, tpoint, series, scheduler, gpu, scratch, resume,
+                 overwrite):
     """The whole blind job on SRC: PSF map -> operator -> deconvolution -> depth, in one OME-Zarr
     result OUT (raw, deblurred, the map's parameters, validity, filled, depth; `lsfov.open_result`
     reads it as one xarray.Dataset, napari opens each variable at its scale)."""
@@ -1140,7 +1150,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     with _run_state(out, scratch, resume) as tmp, use_scheduler(scheduler):  # refused before a cluster starts
         ds, stages = _blind(img, work, model, stride=stride, iterations=iterations, tv=tv, calibration=cal,
                             symmetrize=symmetrize, saturation=saturation, max_saturated=max_saturated,
-                            scratch=tmp, resume=resume, progress=not obj["quiet"])
+                            background=background, scratch=tmp, resume=resume, progress=not obj["quiet"])
         ds.attrs.update(command="lsfov run", **_source(src, img),
                         **({"calibration": str(Path(calibration).resolve())} if cal else {}))
         t = time.perf_counter()

@@ -400,6 +400,30 @@ def test_deconvolve_labels_the_result_with_the_pixel_size_given(run, tmp_path, s
     assert d.x.attrs["units"] == "micrometer" and float(d.x[1] - d.x[0]) == pytest.approx(0.3)
 
 
+def test_deconvolve_and_run_subtract_the_cameras_offset(run, tmp_path, small):
+    """``--background`` is the API's ``background=``: the offset subtracted (recorded in the result's
+    attributes); the CNN map of ``run`` does not see it (each patch is read less its mean)."""
+    pytest.importorskip("torch")
+    counts = (np.load(tmp_path / "y.npy") + 100).astype(np.uint16)
+    np.save(tmp_path / "c.npy", counts)
+    run("-q", "deconvolve", "c.npy", "d.zarr", "--psf", "psf.npy", "--iterations", 3, "--background", 100)
+    d = lsfov.open_result(tmp_path / "d.zarr")
+    assert d.attrs["background"] == 100
+    np.testing.assert_allclose(d.deblurred.values, lsfov.deconvolve(counts, small, 3, background=100),
+                               atol=1e-5 * float(d.deblurred.max()))
+    sample = sim.tilted_surface((192, 192), depth_range_um=(-8, 8), grid=3, seed=5).image
+    np.save(tmp_path / "s.npy", (np.rint(sample) + 100).astype(np.uint16))
+    run("-q", "run", "s.npy", "r.zarr", "--iterations", 2, "--background", 100)
+    run("-q", "run", "s.npy", "k.zarr", "--iterations", 2)
+    r, k = (lsfov.open_result(tmp_path / n) for n in ("r.zarr", "k.zarr"))
+    assert (r.attrs["background"], k.attrs["background"]) == (100, 0)
+    np.testing.assert_array_equal(r.focus.values, k.focus.values)
+    assert not np.allclose(r.deblurred.values, k.deblurred.values)
+    refused = run("-q", "deconvolve", "c.npy", "e.zarr", "--psf", "psf.npy", "--background", -5, ok=False)
+    assert refused.exit_code == 2 and "'--background': -5.0 is not in the range x>=0" in refused.output
+    assert not (tmp_path / "e.zarr").exists()
+
+
 def test_deconvolve_censors_the_cameras_saturated_pixels(run, tmp_path, small):
     """An integer image's largest count is its camera's clip (``lsfov.deconvolve``'s default);
     ``--saturation`` gives another level, and one above every pixel turns the rule off."""

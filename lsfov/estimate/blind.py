@@ -11,8 +11,8 @@ __all__ = ["blind_deconvolve"]
 
 def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 20, tv: float = DEFAULT_TV,
                      calibration=None, pixel_um: float | None = None, symmetrize: bool = False,
-                     saturation: float | None = None, max_saturated: float | None = None, scratch=None,
-                     resume: bool = False, progress: bool = False):
+                     saturation: float | None = None, max_saturated: float | None = None, background: float = 0.0,
+                     scratch=None, resume: bool = False, progress: bool = False):
     """Measure an image's spatially varying blur with the CNN and undo it (what ``lsfov run`` does).
 
     Parameters
@@ -42,6 +42,9 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         type's range). Its level is the result's attribute ``censored_at``.
     max_saturated : float, optional
         The PSF map's white-pixel ratio (:func:`lsfov.estimate_psf_map`; default 0.05).
+    background : float
+        The camera's offset, subtracted by the deconvolution (:func:`lsfov.deconvolve`); the CNN
+        reads each patch less its mean, which an offset does not change. Checked before any work.
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) for the chunked state of the
         map and the deconvolution (one ``scratch`` serves both), and the operator's kernels, read
@@ -58,16 +61,16 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         (gy, gx); for a model with focus and astigmatism (Z3) also ``focus_astig_sin`` and
         ``focus_astig_cos`` (the regressed focus x astigmatism products, as in the PSF map) and
         ``depth`` (µm with ``calibration``, else the uncalibrated signed defocus in wave RMS).
-        Attributes: the map's, ``iterations``, ``tv``, ``censored_at`` and ``seconds`` (wall time of
-        each stage; for Dask input without ``scratch`` the deconvolution's is that of building its
-        lazy graph).
+        Attributes: the map's, ``iterations``, ``tv``, ``background``, ``censored_at`` and ``seconds``
+        (wall time of each stage; for Dask input without ``scratch`` the deconvolution's is that of
+        building its lazy graph).
         ``lsfov.save`` writes it as one OME-Zarr result; :func:`lsfov.operator_from_psf_map` of it
         gives the operator back.
 
     Raises
     ------
     ValueError
-        If ``iterations`` or ``tv`` is out of range, ``model`` is refused (:func:`lsfov.load_model`),
+        If ``iterations``, ``tv`` or ``background`` is out of range, ``model`` is refused (:func:`lsfov.load_model`),
         ``calibration`` is given with a model without focus and axis, or the image cannot be mapped
         or deconvolved (as :func:`lsfov.estimate_psf_map` and :func:`lsfov.deconvolve` say).
 
@@ -92,12 +95,13 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     from .._validate import boolean, censor_level, squeeze_plane
     from ..io import pixel_size, with_pixel_size
     from ..restore import deconvolve
-    from ..restore.tv_rl import check_settings
+    from ..restore.tv_rl import check_background, check_settings
     from .depth import as_calibration, depth_of, warn_made_otherwise
     from .mapping import estimate_psf_map, made_attrs, operator_from_psf_map
     from .model import PRODUCTS, load_model
 
     iterations, tv, _, _ = check_settings(iterations, tv)
+    background = check_background(background)
     symmetrize, progress = boolean(symmetrize, "symmetrize"), boolean(progress, "progress")
     params = load_model(model).params  # a wrong name or file is refused before any work
     calibration = as_calibration(calibration)
@@ -119,12 +123,12 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     seconds["operator"], t = time.perf_counter() - t, time.perf_counter()
     # Censored at the level given; by default at the map's (the camera's), none where its rule is off.
     clip = saturation if saturation is not None else (None if psf_map.attrs["saturation"] is not None else False)
-    out = {"deblurred": deconvolve(img, op, iterations, tv, saturation=clip, scratch=scratch if lazy else None,
-                                   resume=resume and lazy, progress=progress)}
+    out = {"deblurred": deconvolve(img, op, iterations, tv, saturation=clip, background=background,
+                                   scratch=scratch if lazy else None, resume=resume and lazy, progress=progress)}
     seconds["deconvolution"] = time.perf_counter() - t
     out.update({p: psf_map[p] for p in (*psf_map.attrs["params"], *(q for q in PRODUCTS if q in psf_map), "validity")})
     out["filled"] = psf_map["filled"]
     if {"focus", "axis"} <= set(psf_map):
         out["depth"] = depth_of(psf_map, calibration)
-    return xr.Dataset(out, attrs={**psf_map.attrs, "iterations": iterations, "tv": tv,
+    return xr.Dataset(out, attrs={**psf_map.attrs, "iterations": iterations, "tv": tv, "background": background,
                                   "censored_at": censor_level(img, clip), "seconds": seconds})

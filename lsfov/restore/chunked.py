@@ -32,7 +32,7 @@ from .._validate import LsfovWarning, beyond_float32, float32_blocks, non_finite
 from ..operators import SPECTRA_METRIC, ProductConvolution, spectra_budget, spectra_room
 from .halo import axis_chunks, block_window, exchange_counts, lazy_exchanges, say_overhead
 from .tv_rl import (_check_range, _check_shape, _initial, _iterate, _norm_threshold, censored_pixels, flat_gain,
-                    say_censored)
+                    say_background, say_censored, say_offset, subtract_background)
 
 __all__ = ["deconvolve_dask", "choose_exchange_every", "spread_per_iteration"]
 
@@ -181,7 +181,8 @@ def _available_memory() -> int:
 
 def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: float, *, eps: float,
                     exchange_every: int | None = None, scratch=None, resume: bool = False,
-                    progress: bool = False, saturation: float | None = None, origin: str = "") -> da.Array:
+                    progress: bool = False, saturation: float | None = None, origin: str = "",
+                    background: float = 0.0) -> da.Array:
     """Chunked TV-RL (see :func:`lsfov.deconvolve`); ``y`` a 2-D Dask array, result lazy, input's chunks;
     ``saturation``: the level at or above which pixels are censored (None: none), from ``origin``.
 
@@ -215,6 +216,9 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
         Pixels at or above it are censored (their true count at least this).
     origin : str
         Where ``saturation`` came from (e.g. the image's significant bits), for messages.
+    background : float
+        The camera's offset in the image's units (>= 0, as checked by :func:`lsfov.deconvolve`):
+        subtracted in each block after its saturated pixels are found, what falls below it 0.
 
     Returns
     -------
@@ -272,12 +276,17 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     given, y = y, float32_blocks(y)
     # One streaming pass for what the iterations need to know globally (and for bad input); the
     # extremes in the input's own type, where values beyond float32's range are still finite.
-    stats = [da.maximum(given, 0).sum(dtype=np.float64), given.min(), given.max()]
+    # (the sample's light above the camera's offset, in float32 as the blocks subtract it)
+    above = da.maximum(y - np.float32(background), np.float32(0)) if background else da.maximum(given, 0)
+    stats = [above.sum(dtype=np.float64), given.min(), given.max()]
+    if background:
+        stats.append((y < np.float32(background)).sum())
     if saturation is not None:  # compared as the blocks (and the whole-array path) censor: in float32
         stats.append((y >= np.float32(saturation)).sum())
     if scratch is not None:  # a resumable run is named by its data's bytes, not only their statistics
         stats.append(block_digests(given))
     total, lo, hi, *rest = dask.compute(*stats)  # one read
+    below = int(rest.pop(0)) if background else 0
     n_sat = int(rest.pop(0)) if saturation is not None else 0
     digests = rest
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -291,6 +300,9 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
     if lo < 0:
         warnings.warn(f"image has negative pixels (min {lo:g}); clipped to 0", LsfovWarning, stacklevel=3)
         y = da.maximum(y, 0)
+    if background:
+        say_background(background, float(hi), below, y.size)
+    say_offset(given.dtype, float(lo), background)
     scale = float(total) / y.size
     gain = flat_gain(op)
     _check_range(scale, float(hi), eps, gain)
@@ -298,7 +310,7 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
 
     y_ext = da.pad(y, r).rechunk(chunks)
     block = functools.partial(_block, tv=tv, eps=eps, thr=_norm_threshold(op), scale=scale, chunks=chunks,
-                              level=level, gain=gain)
+                              level=level, gain=gain, background=background)
     counts = exchange_counts(iterations, k)
     log.info("TV-RL: %d iterations in %d exchange%s, halo %d px, %d block%s of up to %s", iterations, len(counts),
              "" if len(counts) == 1 else "s", halo, y_ext.npartitions, "" if y_ext.npartitions == 1 else "s",
@@ -309,20 +321,21 @@ def deconvolve_dask(y: da.Array, op: ProductConvolution, iterations: int, tv: fl
 
         say_operator_in_graph(op)
         x = lazy_exchanges(y_ext, counts, s, functools.partial(block, op=op), name="lsfov-tvrl",
-                           token=(op._token, tv, eps, scale, level))
+                           token=(op._token, tv, eps, scale, level, background))
     else:
         # Same data (its blocks' bytes), operator and parameters -> same state directory: what resume finds.
         # (_STATE_VERSION: a state of an older iteration is not resumed by this one)
         fingerprint = dask.base.tokenize(_STATE_VERSION, y.shape, float(total), float(lo), float(hi), digests[0],
                                          chunks, counts, s, op.fingerprint, tv, eps,
-                                         *(() if level is None else (level,)))
+                                         *(() if level is None else (level,)), *((background,) if background else ()))
         x = _run_to_scratch(y_ext, counts, s, block, Path(scratch), progress, resume, fingerprint, op)
     return x[r : r + y.shape[0], r : r + y.shape[1]].rechunk(y.chunks)
 
 
-def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks, level=None, gain=1.0):
+def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks, level=None, gain=1.0, background=0.0):
     """``n`` iterations on the window of the block at ``location``; its core. (``start`` unused: an
-    RL iteration does not depend on its index.)"""
+    RL iteration does not depend on its index.) ``yb`` in the camera's counts: its saturated pixels
+    found, then ``background`` subtracted (in a copy)."""
     window, core = block_window(chunks, location, halo)
     # Wrap-around is harmless along an axis whose two ends are both discarded halo or both the
     # field's zero rim; where one end is each, it would carry halo data into the rim.
@@ -331,7 +344,10 @@ def _block(yb, xb, *, n, start, halo, location, op, tv, eps, thr, scale, chunks,
     with task_threads():
         norm = win.adjoint_ones(like=yb)
         x = _initial(norm, thr, scale, gain) if xb is None else xb.astype(np.float32, copy=True)
-        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr, censored=censored_pixels(yb, level)[0], gain=gain)
+        censored = censored_pixels(yb, level)[0]
+        if background:
+            yb = subtract_background(yb.astype(np.float32, copy=True), background)
+        x = _iterate(win, yb, x, n, tv, eps, scale, norm, thr, censored=censored, gain=gain)
     xp = array_module(x)
     return xp.maximum(x[core], np.float32(0.0))
 
