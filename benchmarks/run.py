@@ -801,6 +801,35 @@ def section_offset(a):
     return lines
 
 
+def section_batch(a):
+    """`PSFRegressor.predict` throughput on the CPU by patches per forward pass, side by side."""
+    import torch
+
+    import lsfov
+
+    sizes, n, rounds = (16, 32, 64, 128, 256), 1024, 5
+    patches = np.random.default_rng(0).random((n, 128, 128), dtype=np.float32)
+    lines = ["## CNN inference on the CPU: patches per forward pass", "",
+             f"`model.predict(patches, batch_size=B)` of {n} patches of 128², torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; patches/s, the median of {rounds} rounds, each round timing every "
+             "B in turn (the machine's load shared alike). The default is now 64 on the CPU (it was 256); PSF maps "
+             "pass 32.", "", "| model (network) | " + " | ".join(f"B={b}" for b in sizes) + " | B=64 / B=256 |",
+             "|---|" + "---:|" * (len(sizes) + 1)]
+    for name in ("G1", "Z3"):
+        m = lsfov.load_model(name)
+        m.predict(patches[:64], batch_size=64)  # (warm-up)
+        rates = {b: [] for b in sizes}
+        for _ in range(rounds):
+            for b in sizes:
+                t = time.perf_counter()
+                m.predict(patches, batch_size=b)
+                rates[b].append(n / (time.perf_counter() - t))
+        med = {b: float(np.median(v)) for b, v in rates.items()}
+        lines.append(f"| {name} ({m.meta.get('arch', '?')}) | " + " | ".join(f"{med[b]:.0f}" for b in sizes)
+                     + f" | **{med[64] / med[256]:.2f}x** |")
+    return lines
+
+
 def section_cnn(a):
     """Shipped CNN models: test-set R² and validity accuracy (from their metadata, written by
     benchmarks/train_models.py), CPU inference throughput of both networks side by side, and the
@@ -2153,7 +2182,7 @@ SECTIONS = {"operator": section_operator, "deconvolve": section_deconvolve, "tv"
             "specialist": section_specialist, "calibrate": section_calibrate, "beads": section_beads, "bss": section_bss,
             "psfmap": section_psfmap, "saturation": section_saturation, "blind": section_blind,
             "scaling": section_scaling, "graph": section_graph, "faults": section_faults, "reading": section_reading, "censoring": section_censoring,
-            "offset": section_offset, "gpu": section_gpu}
+            "offset": section_offset, "batch": section_batch, "gpu": section_gpu}
 
 
 def write_section(name, lines):

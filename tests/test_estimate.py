@@ -687,6 +687,22 @@ def test_predict_rejects_bad_patches():
         np.testing.assert_array_equal(reg.predict(frozen)["sigma"], reg.predict(frozen.copy())["sigma"])
 
 
+def test_predict_passes_64_patches_at_a_time_on_the_cpu_by_default(monkeypatch):
+    model = lsfov.load_model("G1")
+    assert model.default_batch() == M.CPU_BATCH == 64
+    seen = []
+    pass_ = model._pass
+    monkeypatch.setattr(model, "_pass", lambda x: seen.append(len(x)) or pass_(x))
+    model.predict(np.random.default_rng(0).random((150, 128, 128), dtype=np.float32))
+    assert seen == [64, 64, 22]
+    seen.clear()
+    model.predict(np.zeros((150, 128, 128), np.float32), batch_size=100)
+    assert seen == [100, 50]
+    for bad in (0, -1, 2.5, "64"):
+        with pytest.raises((TypeError, ValueError), match="batch_size"):
+            model.predict(np.zeros((1, 128, 128), np.float32), batch_size=bad)
+
+
 @pytest.mark.parametrize("name", M.SHIPPED)
 def test_a_constant_patch_is_always_invalid(name):
     # README: a constant patch (black, saturated, padded) is always invalid, whatever the network says.

@@ -215,6 +215,8 @@ if hasattr(os, "register_at_fork"):
 
 # Larger batches are compute-bound (launches matter little) and a graph keeps its activations.
 _GRAPH_MAX_BATCH = 128
+#: Patches per forward pass that :meth:`PSFRegressor.predict` takes by default on the CPU, and on a GPU.
+CPU_BATCH, GPU_BATCH = 64, 256
 
 
 class _GraphedPass:
@@ -362,6 +364,16 @@ class PSFRegressor:
                              f"cut {p}x{p} patches from the image first")
         return t.to(torch.float32)
 
+    def default_batch(self) -> int:
+        """Patches per forward pass :meth:`predict` takes by default on this model's device.
+
+        Returns
+        -------
+        int
+            :data:`CPU_BATCH` on the CPU, :data:`GPU_BATCH` on a GPU.
+        """
+        return CPU_BATCH if self.device.type == "cpu" else GPU_BATCH
+
     def _pass(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass of a batch on the device: the network's outputs, then per patch whether it
         is flat (constant) and whether all its pixels are finite, as (B, 3 + n_targets) float32."""
@@ -433,7 +445,7 @@ class PSFRegressor:
                     self._graphs[key] = None
         return self._graphs[key]
 
-    def predict(self, patches, batch_size: int = 256, *, reproducible: bool = False,
+    def predict(self, patches, batch_size: int | None = None, *, reproducible: bool = False,
                 symmetrize: bool = False) -> dict:
         """Regress the PSF parameters of each patch.
 
@@ -443,8 +455,10 @@ class PSFRegressor:
             NumPy, CuPy (taken through DLPack: it stays on the GPU) or a torch tensor; P the model's
             patch size (``model.patch``, 128 for the shipped models). The results are NumPy whatever
             the input.
-        batch_size : int
-            Patches per forward pass.
+        batch_size : int, optional
+            Patches per forward pass; default :data:`CPU_BATCH` (64) on the CPU, where larger passes
+            outgrow its caches (256 ran at 0.53-0.61x the rate of 64 with the shipped networks,
+            benchmarks/RESULTS.md, section ``batch``), and 256 on a GPU.
         reproducible : bool
             Run every pass on exactly ``batch_size`` patches (the last padded), so that a patch's
             result does not depend on which patches share its batch: the math libraries pick their
@@ -472,7 +486,7 @@ class PSFRegressor:
             masked array's masked pixels), or ``batch_size`` is not a positive integer.
         """
         t = self._as_batch(patches)
-        batch_size = positive_int(batch_size, "batch_size")
+        batch_size = self.default_batch() if batch_size is None else positive_int(batch_size, "batch_size")
         reproducible, symmetrize = boolean(reproducible, "reproducible"), boolean(symmetrize, "symmetrize")
         if symmetrize:
             out = np.zeros((len(t), 1 + n_targets(self.psf_model)))

@@ -671,7 +671,7 @@ def r2_scores(m, true, pred) -> dict:
     return out
 
 
-def _predict_all(model, patches, batch_size=256, symmetrize=False, progress=False):
+def _predict_all(model, patches, batch_size=None, symmetrize=False, progress=False):
     from ..cluster import progress_bar
 
     preds = []
@@ -683,7 +683,7 @@ def _predict_all(model, patches, batch_size=256, symmetrize=False, progress=Fals
     return {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
 
 
-def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False, progress: bool = False) -> dict:
+def evaluate(model, data, batch_size: int | None = None, symmetrize: bool = False, progress: bool = False) -> dict:
     """R² per parameter on the valid samples, their mean, and the validity accuracy.
 
     A test set drawn over other parameter ranges or optics than the model was trained on is warned
@@ -695,8 +695,8 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False, progr
         The model, or a name or file for :func:`load_model`.
     data : path or dict, or a list of them
         A test set (from :func:`synthesize`, ideally ``split="test"``) of the model's PSF model.
-    batch_size : int
-        Patches per forward pass.
+    batch_size : int, optional
+        Patches per forward pass (default: :meth:`PSFRegressor.predict`'s for the model's device).
     symmetrize : bool
         Predict with the 8 symmetries of the square (:meth:`PSFRegressor.predict`).
     progress : bool
@@ -716,7 +716,7 @@ def evaluate(model, data, batch_size: int = 256, symmetrize: bool = False, progr
         patches (R² needs their spread).
     """
     model = model if isinstance(model, PSFRegressor) else load_model(model)
-    batch_size = positive_int(batch_size, "batch_size")
+    batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
     symmetrize, progress = boolean(symmetrize, "symmetrize"), boolean(progress, "progress")
     ds = _as_set(data)
     if ds["attrs"]["psf_model"] != model.psf_model.name:
