@@ -321,7 +321,7 @@ def _saturation_option(f):
 
 
 def _background_option(f):
-    return click.option("--background", type=_Finite(min=0), default=0.0, show_default=True,
+    return click.option("--background", type=_Finite(), default=0.0, show_default=True,
                         help="The camera's offset in its counts (the mean of a frame taken with the shutter closed; "
                              "often 100 on sCMOS and EMCCD cameras): subtracted before deblurring, what falls below "
                              "it taken as 0.")(f)
@@ -606,6 +606,12 @@ def _check_iterations(iterations):
         raise ValueError(f"--iterations {iterations}: give a positive number of iterations")
 
 
+def _check_background(background):
+    if background < 0:
+        raise ValueError(f"--background {background:g}: give the camera's offset, 0 or more counts (the mean of a "
+                         "frame taken with the shutter closed; 0: none)")
+
+
 def _check_tv(tv):
     if not 0 <= tv < 0.25:
         raise ValueError(f"--tv {tv} must be in [0, 0.25) (0 gives plain Richardson-Lucy)")
@@ -866,6 +872,7 @@ def deconvolve(obj, src, out, operator_path, psf_path, map_path, iterations, tv,
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
     _check_tv(tv)
+    _check_background(background)
     _gpu_ready(gpu, scheduler)  # (said before the input is read)
     img = _open_input(src, channel, zplane, tpoint, series, chunks, pixel_um)
     if map_path:
@@ -1135,6 +1142,7 @@ def run_pipeline(obj, src, out, model, stride, iterations, tv, calibration, pixe
     _check_pixel_um(pixel_um)
     _check_iterations(iterations)
     _check_tv(tv)
+    _check_background(background)
     cal = DepthCalibration.load(calibration) if calibration else None
     params = load_model(model).params  # a wrong name or file is refused here, before any work
     if cal is not None and not {"focus", "axis"} <= set(params):

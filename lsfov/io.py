@@ -2336,6 +2336,8 @@ def describe(path) -> str:
             said = {"saturation": "saturation level", "censored_at": "censored at"}
             known = [f"{v} {fmt_level(res.attrs[k])}" for k, v in said.items()
                      if isinstance(res.attrs.get(k), (int, float))]
+            if isinstance(res.attrs.get("background"), (int, float)) and res.attrs["background"] > 0:
+                known.append(f"camera offset {fmt_level(res.attrs['background'])} subtracted")
             if known:
                 lines.append("  " + ", ".join(known))
             from .operators import ProductConvolution, _operator_meta

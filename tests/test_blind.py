@@ -132,11 +132,16 @@ def test_blind_deconvolve_checks_before_any_work(tilted, monkeypatch):
         (dict(calibration=3), "calibration must come from lsfov.calibrate_depth"),
         (dict(model="nope.pt"), "no model file"),
         (dict(pixel_um=-1), "pixel_um must be"),
+        (dict(background=-1), "background .the camera's offset.* must be a finite number >= 0"),
+        (dict(background=1e9), "background 1e.09 is at or above every pixel"),
+        (dict(background=100, saturation=80), "the saturation level 80 is at or below background=100"),
     ]:
         with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
             lsfov.blind_deconvolve(img, **kwargs)
     with pytest.raises(ValueError, match="must be 2-D"):
         lsfov.blind_deconvolve(np.stack([img, img]))
+    with pytest.raises(ValueError, match="at or above every pixel"):  # a lazy image: its largest pixel read
+        lsfov.blind_deconvolve(da.from_array(img, chunks=128), background=1e9)
     assert not called
 
 

@@ -419,8 +419,13 @@ def test_deconvolve_and_run_subtract_the_cameras_offset(run, tmp_path, small):
     assert (r.attrs["background"], k.attrs["background"]) == (100, 0)
     np.testing.assert_array_equal(r.focus.values, k.focus.values)
     assert not np.allclose(r.deblurred.values, k.deblurred.values)
-    refused = run("-q", "deconvolve", "c.npy", "e.zarr", "--psf", "psf.npy", "--background", -5, ok=False)
-    assert refused.exit_code == 2 and "'--background': -5.0 is not in the range x>=0" in refused.output
+    assert "camera offset 100 subtracted" in run("info", "d.zarr").output
+    assert "camera offset" not in run("info", "k.zarr").output
+    for command in (("deconvolve", "c.npy", "e.zarr", "--psf", "psf.npy"), ("run", "c.npy", "e.zarr")):
+        refused = run("-q", *command, "--background", -5, ok=False)
+        assert refused.exit_code == 1 and refused.output.strip() == (
+            "Error: --background -5: give the camera's offset, 0 or more counts (the mean of a frame taken with the "
+            "shutter closed; 0: none)")
     assert not (tmp_path / "e.zarr").exists()
 
 

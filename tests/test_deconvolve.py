@@ -595,6 +595,12 @@ def test_bad_offsets_are_refused_and_one_above_most_pixels_is_warned(scene):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lsfov.deconvolve(y, op, 2, background=float(np.percentile(y, 50)))  # half below: no word
+    with pytest.raises(ValueError, match=r"the saturation level 50 is at or below background=100: a camera clips "
+                                         "above its offset"):
+        lsfov.deconvolve(y, op, 2, background=100, saturation=50)
+    with pytest.warns(lsfov.LsfovWarning, match="99 % of the pixels are below"):  # not rounded up to all of them
+        top = np.sort(y.ravel())[-2]
+        lsfov.deconvolve(y, op, 2, background=float(top), saturation=False)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

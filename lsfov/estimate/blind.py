@@ -1,6 +1,7 @@
 """The whole blind job of paper 000 in one call: PSF map -> grid operator -> TV-RL -> depth."""
 from __future__ import annotations
 
+import numbers
 import time
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
         The PSF map's white-pixel ratio (:func:`lsfov.estimate_psf_map`; default 0.05).
     background : float
         The camera's offset, subtracted by the deconvolution (:func:`lsfov.deconvolve`); the CNN
-        reads each patch less its mean, which an offset does not change. Checked before any work.
+        reads each patch less its mean, which an offset does not change. Checked before any work,
+        against the image's largest pixel too (one more read of a Dask image).
     scratch : str or Path, optional
         Dask input only: a directory (on storage every worker sees) for the chunked state of the
         map and the deconvolution (one ``scratch`` serves both), and the operator's kernels, read
@@ -95,7 +97,7 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     from .._validate import boolean, censor_level, squeeze_plane
     from ..io import pixel_size, with_pixel_size
     from ..restore import deconvolve
-    from ..restore.tv_rl import check_background, check_settings
+    from ..restore.tv_rl import check_background, check_clip_above, check_offset_below, check_settings
     from .depth import as_calibration, depth_of, warn_made_otherwise
     from .mapping import estimate_psf_map, made_attrs, operator_from_psf_map
     from .model import PRODUCTS, load_model
@@ -108,6 +110,9 @@ def blind_deconvolve(image, model="Z3", *, stride: int = 64, iterations: int = 2
     if calibration is not None and not {"focus", "axis"} <= set(params):
         raise ValueError(f"a depth calibration needs an astigmatic model (Z3); model {model} regresses {list(params)}")
     img = with_pixel_size(squeeze_plane(image), pixel_um)  # a (1, H, W) plane, as NumPy, Dask or xarray
+    if isinstance(saturation, numbers.Real) and not isinstance(saturation, bool):  # (others: refused by the map)
+        check_clip_above(float(saturation), background)
+    check_offset_below(img, background)  # (one read of a lazy image, for its largest pixel)
     if calibration is not None:  # said before the work, not after it
         warn_made_otherwise(made_attrs(model, stride, pixel_size(img), symmetrize), calibration)
     seconds, t = {}, time.perf_counter()

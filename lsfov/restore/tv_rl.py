@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -295,8 +296,8 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     Parameters
     ----------
     image : ndarray, cupy array, dask array or xarray.DataArray (H, W)
-        Blurred, non-negative image (photon counts or any linear intensity). Negative pixels (a camera
-        offset) are clipped to zero with a warning.
+        Blurred, non-negative image (photon counts or any linear intensity). Negative pixels (an
+        offset subtracted twice) are clipped to zero with a warning.
     operator : ProductConvolution
         The blur, grid or basis form, built for images of shape (H, W). A single measured PSF is the
         one-node grid ``ProductConvolution.from_psf(psf, (H, W))``.
@@ -358,7 +359,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     ValueError
         If ``operator`` is a restricted window; ``iterations`` or ``exchange_every`` is not a
         positive integer, ``tv`` is outside [0, 0.25) or ``eps`` outside [1e-4, 100]; ``background``
-        is negative, not finite, or at or above every pixel; ``image`` is a
+        is negative, not finite, at or above every pixel or the saturation level; ``image`` is a
         masked array with masked pixels, not 2-D (a single (1, H, W) plane is taken as (H, W); as
         xarray, names only one of ``y`` and ``x``), not of ``operator.shape``, holds NaN or Inf, is
         all zero or has no positive pixel, or has intensities float32 TV arithmetic cannot hold; if
@@ -398,6 +399,7 @@ def deconvolve(image, operator: ProductConvolution, iterations: int = 20, tv: fl
     image = squeeze_plane(image)  # a (1, H, W) plane, as NumPy, Dask or xarray
 
     level = censor_level(image, saturation)  # of the camera's counts, before any float copy
+    check_clip_above(level, background)
     clip = (level, level_origin(image, saturation, level))
     if isinstance(image, xr.DataArray):
         check_pixel_size(operator, image)
@@ -446,6 +448,25 @@ def check_background(background) -> float:
     return real_number(background, "background (the camera's offset, in the image's units)", minimum=0)
 
 
+def check_clip_above(level, background: float):
+    """Refuse a saturation ``level`` at or below the camera's offset ``background`` (a slip: a camera
+    clips above its dark level)."""
+    if background and level is not None and level <= background:
+        raise ValueError(f"the saturation level {fmt_level(level)} is at or below background={background:g}: a camera "
+                         "clips above its offset; give the level in the camera's counts (saturation=, "
+                         "--saturation), or the offset you meant")
+
+
+def check_offset_below(image, background: float):
+    """Refuse, before any work, a ``background`` at or above every pixel of ``image`` (NumPy, CuPy,
+    Dask or xarray: one read of a lazy image, for its largest pixel)."""
+    if background:
+        data = getattr(image, "data", image)
+        peak = float(data.max().compute() if hasattr(data, "dask") else data.max())
+        if np.isfinite(peak):  # (NaN and Inf: refused by the work's own checks, in their words)
+            say_background(background, peak, 0, 1)
+
+
 #: Share of the pixels below ``background`` above which it is warned about: at the camera's offset
 #: the dark pixels' noise puts about half of them below it, and a sample covers some of the rest.
 WARN_BELOW = 0.8
@@ -458,7 +479,7 @@ def say_background(background: float, peak: float, below: int, size: int):
                          "would be left to deblur; give the camera's offset (the mean of a frame taken with the "
                          "shutter closed)")
     if below > WARN_BELOW * size:
-        warnings.warn(f"{100 * below / size:.0f} % of the pixels are below background={background:g}, and are taken "
+        warnings.warn(f"{math.floor(100 * below / size)} % of the pixels are below background={background:g}, and are taken "
                       "as 0: is it above the camera's offset (the mean of a frame taken with the shutter closed)? The "
                       "sample's light below it is lost", LsfovWarning, stacklevel=user_stacklevel())
 
