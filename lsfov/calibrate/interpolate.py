@@ -9,18 +9,20 @@ thin-plate spline varies over hundreds of pixels, so a node every few pixels los
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import Voronoi
 
-from .._validate import positions_yx, positive_int, real_number, shape2d
+from .._validate import LsfovWarning, positions_yx, positive_int, real_number, shape2d, user_stacklevel
 from ..operators import _hat_matrix
 from .cone import project_cone
 
 __all__ = ["NodeGrid", "coefficient_nodes", "node_grid", "voronoi_weights"]
 
 DEFAULT_SMOOTHING = 1e-2  # tuned on simulated 512² and 2304² fields (benchmarks: calibrate)
+NARROW = 0.02  # beads within this share of the field's size of a line: warned about
 
 
 class NodeGrid:
@@ -233,7 +235,9 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
     ------
     ValueError
         If ``positions`` and ``coefficients`` are not (M, 2) and (M, I), ``smoothing`` is outside
-        [0, 1e6], or fewer than 3 beads are given or they lie on a line.
+        [0, 1e6], fewer than 3 beads are given or they lie on a line (within half a pixel; within
+        2 % of the field's size an :class:`~lsfov.LsfovWarning` says so), or two share a position
+        with ``smoothing=0``.
     """
     pos = np.asarray(positions, dtype=np.float64)
     beta = np.asarray(coefficients, dtype=np.float64)
@@ -250,6 +254,13 @@ def coefficient_nodes(positions, coefficients, grid: NodeGrid, *, smoothing: flo
         raise ValueError(f"the {len(pos)} beads lie on a line (within {across:.2g} px): a thin-plate spline needs "
                          "3 not on a line; image beads across the field")
     scale = float(max(grid.shape))
+    if across < NARROW * scale:  # (9 beads 0.6-1.4 px off a line: operator errors 19-36 %, 7-8 % at 12-14 px)
+        warnings.warn(f"the {len(pos)} beads lie within {across:.2g} px of a line across a field of {scale:g} px: "
+                      "how the PSF changes across that line is a guess; image beads across the field", LsfovWarning,
+                      stacklevel=user_stacklevel())
+    if smoothing == 0 and len(np.unique(pos, axis=0)) < len(pos):
+        raise ValueError("two beads at one position cannot both be interpolated exactly (smoothing=0); give a "
+                         "smoothing > 0 (default 1e-2), or one coefficient per position")
     w = voronoi_weights(pos, grid.shape)
     # smoothing is 8π·η of Eq. 9 (for the kernel r² log r, ∫(Δα)² = 8π cᵀKc), in the unit square's
     # coordinates with weights of mean 1.
