@@ -1339,7 +1339,13 @@ def bss(obj, src, out, subspace_path, gamma1, gamma2, iterations, chunks, thresh
             "iterations": iterations, "saturation": level,
         })
         # The deblurred point sources as a table too (3-sigma detections in the sparse component).
-        found = _in_image_frame(locate_sources(sparse, op, sparse.attrs["noise"]), img)
+        noise = sparse.attrs["noise"]
+        if not noise:  # (--gamma1 given for an image whose noise measures 0, or too small to measure)
+            from ._validate import LsfovWarning
+
+            warnings.warn("the image's noise measures 0: its 3-sigma detections are left empty", LsfovWarning,
+                          stacklevel=1)
+        found = _in_image_frame(locate_sources(sparse, op, noise) if noise else np.zeros((0, 3)), img)
         ds["detections"] = xr.DataArray(found, dims=("detection", "column"), coords=cols, attrs={
             "units": units, "description": "point sources in the sparse component (3-sigma)"})
         io.save(ds, out, overwrite=overwrite, progress=not obj["quiet"], operator=op)  # blur reusable: --operator OUT

@@ -120,6 +120,24 @@ def test_identification_recovers_a_known_gamma_from_noiseless_beads(subspace):
     np.testing.assert_allclose(turned.maps, auto.maps, atol=1e-6)
 
 
+def test_the_misfit_and_amplitudes_said_are_those_of_the_operator_returned(subspace):
+    """Stopped early (one iteration), the amplitudes and misfit are the best ones for the Γ returned,
+    not for the weights of the step before."""
+    from lsfov.calibrate.beads import extract_psfs
+    from lsfov.calibrate.bss import _radius_for, _sample_maps
+
+    truth = subspace.operator(0.6 * subspace.gammas[1] + 0.4 * subspace.gammas[3])
+    image, pos = _beads_through(truth)
+    noisy = np.random.default_rng(1).poisson(image + 20.0).astype(np.float32)
+    _, info = lsfov.identify_operator(noisy, subspace, positions=pos, iterations=1, return_details=True)
+    patches, _ = extract_psfs(noisy, pos, _radius_for(subspace))
+    c = patches.reshape(len(pos), -1).astype(np.float64) @ subspace.psf_basis.reshape(subspace.n_psf, -1).T
+    m = _sample_maps(subspace.spatial_basis, info["positions"]) @ info["gamma"].T  # (P, I): each PSF on the basis
+    best = np.maximum((m * c).sum(1), 0) / (m * m).sum(1)
+    assert info["residual"] == pytest.approx(np.linalg.norm(best[:, None] * m - c) / np.linalg.norm(c), rel=1e-6)
+    np.testing.assert_allclose(info["amplitudes"], best * (m @ subspace.psf_basis.sum(axis=(1, 2))), rtol=1e-6)
+
+
 def test_sources_the_subspace_does_not_explain_are_warned(subspace):
     """A field of other optics and depths than the subspace's five: misfit 39 % (within a subspace,
     at most 14 % even at -3 dB), the operator 51 % off; said, with what to do."""
@@ -224,6 +242,22 @@ def test_estimate_noise_reads_white_noise_and_the_scene(scene):
     white = np.random.default_rng(5).normal(0, 2.0, (256, 256))
     assert estimate_noise(white) == pytest.approx(2.0, rel=0.03)
     assert estimate_noise(scene[1]) == pytest.approx(2.0, rel=0.05)
+
+
+def test_estimate_noise_of_counts_mostly_equal_is_not_zero(scene):
+    """Photon counts of 0.03 a pixel (91 % zeros) or 8-bit noise of σ 0.11 leave the Laplacian's
+    median deviation at 0: a higher percentile reads it (the weight of ‖u1‖₁ was 0, sparsity gone)."""
+    rng = np.random.default_rng(0)
+    assert estimate_noise(rng.poisson(0.03, (512, 512))) == pytest.approx(0.173, rel=0.3)  # measured 0.136
+    assert estimate_noise(np.rint(50 + rng.normal(0, 0.2, (512, 512))).astype(np.uint8)) == pytest.approx(
+        0.113, rel=0.1)  # the rounded image's σ; measured 0.114
+    flat = np.full((64, 64), 7.0)
+    flat[30, 30] = 9.0
+    assert estimate_noise(flat) == 0.0
+    op = scene[0]
+    with pytest.raises(ValueError, match="noise measures 0 .* give gamma1"):
+        lsfov.sparse_smooth_deblur(np.full(op.shape, 7.0, np.float32), op, iterations=2)
+    lsfov.sparse_smooth_deblur(np.full(op.shape, 7.0, np.float32), op, gamma1=1.0, iterations=2)  # given: runs
 
 
 def _chunked_error(op, y, chunks, iterations=6, **kw):

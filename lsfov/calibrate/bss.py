@@ -149,10 +149,13 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
     w = np.maximum(w, 1e-6 * np.abs(w).max())
     d = np.einsum("kij,pj->pik", gens, a)  # (P, I, K): prediction of source p for generator k
     lam = np.full(len(gens), 1.0 / w.sum())
-    amp = np.ones(len(pos))
-    for _ in range(int(iterations)):
+
+    def amplitudes(lam):  # each source's best amplitude for the weights lam (exact: one unknown each)
         m = d @ lam  # (P, I)
-        amp = np.maximum(np.einsum("pi,pi->p", m, c), 0.0) / np.maximum(np.einsum("pi,pi->p", m, m), 1e-30)
+        return np.maximum(np.einsum("pi,pi->p", m, c), 0.0) / np.maximum(np.einsum("pi,pi->p", m, m), 1e-30)
+
+    for _ in range(int(iterations)):
+        amp = amplitudes(lam)
         big = (amp[:, None, None] * d).reshape(-1, len(gens))
         lip = float(np.linalg.eigvalsh(big.T @ big)[-1]) or 1.0
         btb, btc = big.T @ big, big.T @ c.ravel()
@@ -169,6 +172,7 @@ def identify_operator(image, subspace: OperatorSubspace, positions=None, *, thre
         lam = prev
         if step <= 1e-7 * max(np.max(lam), 1e-30):
             break
+    amp = amplitudes(lam)  # for the final weights: the misfit and amplitudes said are the operator's
     gamma = np.einsum("k,kij->ij", lam, gens)
     # The operator's PSFs are scaled to sum 1 at every pixel (OperatorSubspace.operator); Γ to unit
     # mean flux over the sources, and each source's amplitude by its PSF's own sum.
