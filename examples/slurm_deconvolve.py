@@ -38,6 +38,7 @@ def main():
     p.add_argument("out", nargs="?")
     p.add_argument("--operator")
     p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--background", type=float, default=0.0, help="the camera's offset in counts (subtracted)")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--cores", type=int)
     p.add_argument("--memory")
@@ -73,7 +74,8 @@ def main():
             op = lsfov.ProductConvolution.load(a.operator)
             # Scratch on a file system every node sees (next to the output); kept if the job stops
             # (--resume continues it), removed once the output is written.
-            x = lsfov.deconvolve(img, op, a.iterations, scratch=a.out + ".scratch", resume=a.resume)
+            x = lsfov.deconvolve(img, op, a.iterations, background=a.background, scratch=a.out + ".scratch",
+                                 resume=a.resume)
             lsfov.save(xr.Dataset({"deblurred": x}), a.out, progress=True)
         shutil.rmtree(a.out + ".scratch", ignore_errors=True)
 
