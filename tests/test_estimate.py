@@ -451,7 +451,7 @@ def test_z3_filling_averages_the_psfs_not_their_parameters_apart():
     """(f, c, θ) and (−f, c, θ + π/2) are one Z3 PSF: a node filled between two whose astigmatism is at
     right angles (the two sides of focus) is the astigmatic focus between them (it was the full
     defocus with its astigmatism along an axis at random), or a round defocus where the defocus
-    dominates; its products say what its parameters do; a node between equal ones is them."""
+    dominates; a node between equal ones is them, products included."""
     import xarray as xr
 
     from lsfov.estimate.mapping import fill_invalid
@@ -476,6 +476,18 @@ def test_z3_filling_averages_the_psfs_not_their_parameters_apart():
     assert node["focus"] == pytest.approx(0.45, abs=1e-6) and node["astigmatism"] == pytest.approx(0, abs=1e-6)
     node = filled(0.3, 0.2, (1.0, 1.0))
     assert [node[k] for k in ("focus", "astigmatism", "axis")] == pytest.approx([0.3, 0.2, 1.0], abs=1e-6)
+    # The products are the network's own regression, on another scale than its decoded parameters'
+    # product (the shipped Z3: 1.2-1.7x smaller), and a depth calibration reads them: a filled node
+    # takes its neighbours' products, not the product of its parameters (its depth was up to 1 µm off).
+    one = xr.Dataset({"focus": (("gy", "gx"), [[0.3, 0.0]]), "astigmatism": (("gy", "gx"), [[0.2, 0.0]]),
+                      "axis": (("gy", "gx"), [[1.0, 0.0]]),
+                      "focus_astig_sin": (("gy", "gx"), [[0.6 * 0.3 * 0.2 * np.sin(2.0), 0.0]]),
+                      "focus_astig_cos": (("gy", "gx"), [[0.6 * 0.3 * 0.2 * np.cos(2.0), 0.0]]),
+                      "validity": (("gy", "gx"), [[1.0, 0.0]])},
+                     attrs={"psf_model": "Z3", "params": ["focus", "astigmatism", "axis"]})
+    out = fill_invalid(one)
+    for k in ("focus", "astigmatism", "axis", "focus_astig_sin", "focus_astig_cos"):
+        assert float(out[k][0, 1]) == pytest.approx(float(one[k][0, 0]), abs=1e-6), k
 
 
 def test_illumination_gradient_never_makes_light_negative():

@@ -521,9 +521,10 @@ def calibrate_depth(psf_map, known_depth_um, *, min_validity: float = 0.5, smoot
         Z3 PSF map (:func:`lsfov.estimate_psf_map`) of a calibration sample, e.g. a tilted textured
         plane covering the depths to be measured.
     known_depth_um : array_like
-        Its true depth, on the node grid ``(gy, gx)`` in the map's node order as given (a DataArray
-        with ``gy``, ``gx`` coordinates: matched to the nodes by them), or at full resolution
-        ``(H, W)`` (then sampled at the node centres).
+        Its true depth, on the node grid: unlabelled as ``(gy, gx)`` (that axis order even for a map
+        transposed to ``(gx, gy)``), its nodes along each axis in the map's order as given; or a
+        DataArray with ``gy``, ``gx`` coordinates, matched to the nodes by them; or at full
+        resolution ``(H, W)`` (then sampled at the node centres).
     min_validity : float
         Nodes below this validity (and filled ones) are left out, of the fit and of the smoothing.
     smooth : float

@@ -635,7 +635,7 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, model):
     their circle."""
     from scipy.spatial import cKDTree
 
-    from .model import _astigmatic, _products, aberrations, decode, outer_targets
+    from .model import _astigmatic, aberrations, decode, outer_targets
 
     if valid.all():
         return {p: np.asarray(v, np.float32) for p, v in arrays.items()}
@@ -658,7 +658,10 @@ def _fill(arrays, valid, power: float = 2.0, neighbours: int = 8, *, model):
         sign = np.where(np.einsum("bki,bi->bk", v, axis) < 0, -1.0, 1.0)
         targets = outer_targets(np.einsum("bk,bki->bi", wgt * sign, v))
         targets[~known.all(axis=1)] = np.nan
-        est = {**dict(zip(model.params, decode(model, targets).T)), **_products(model, targets)}
+        # (the products, focus x astigmatism x (sin, cos) 2 axis, are not rebuilt from these: the network
+        # regresses them itself, on another scale than the product of its decoded parameters, and a depth
+        # calibration reads them; a sign flip of v leaves them as they are, so their weighted mean is theirs)
+        est = dict(zip(model.params, decode(model, targets).T))
     periods = _periods(model, list(arrays))
     out = {}
     for p, v in arrays.items():
