@@ -52,8 +52,8 @@ DEFAULT_GAMMA2 = 10.0
 _START_SIGMA, _START_TRUNCATE = 2.0, 3.0
 
 
-# (percentile, Φ⁻¹((1 + p) / 2)) in the order estimate_noise tries them
-_NOISE_QUANTILES = ((0.5, 1 / 1.4826), (0.75, 1.1503), (0.9, 1.6449), (0.95, 1.9600), (0.99, 2.5758))
+# (percentile, Φ⁻¹((1 + p) / 2)) that estimate_noise tries in turn where the median's is 0
+_NOISE_QUANTILES = ((0.75, 1.1503), (0.9, 1.6449), (0.95, 1.9600), (0.99, 2.5758))
 
 
 def estimate_noise(image) -> float:
@@ -95,7 +95,7 @@ def estimate_noise(image) -> float:
     med = float(np.median(dev))
     if med > 0:
         return float(1.4826 * med / math.sqrt(20.0))
-    for p, z in _NOISE_QUANTILES[1:]:
+    for p, z in _NOISE_QUANTILES:
         q = float(np.quantile(dev, p))
         if q > 0:
             return q / z / math.sqrt(20.0)

@@ -464,7 +464,7 @@ def check_offset_below(image, background: float):
         data = getattr(image, "data", image)
         peak = float(data.max().compute() if hasattr(data, "dask") else data.max())
         if np.isfinite(peak):  # (NaN and Inf: refused by the work's own checks, in their words)
-            say_background(background, peak, 0, 1)
+            refuse_offset_above(background, peak)
 
 
 #: Share of the pixels below ``background`` above which it is warned about: at the camera's offset
@@ -472,15 +472,20 @@ def check_offset_below(image, background: float):
 WARN_BELOW = 0.8
 
 
-def say_background(background: float, peak: float, below: int, size: int):
-    """Refuse a ``background`` at or above every pixel; warn where most pixels are below it."""
+def refuse_offset_above(background: float, peak: float):
+    """Refuse a ``background`` at or above every pixel (``peak`` the largest)."""
     if not peak > background:
         raise ValueError(f"background {background:g} is at or above every pixel (the largest is {peak:g}): nothing "
                          "would be left to deblur; give the camera's offset (the mean of a frame taken with the "
                          "shutter closed)")
+
+
+def say_background(background: float, peak: float, below: int, size: int):
+    """Refuse a ``background`` at or above every pixel; warn where most pixels are below it."""
+    refuse_offset_above(background, peak)
     if below > WARN_BELOW * size:
-        warnings.warn(f"{math.floor(100 * below / size)} % of the pixels are below background={background:g}, and are taken "
-                      "as 0: is it above the camera's offset (the mean of a frame taken with the shutter closed)? The "
+        warnings.warn(f"{math.floor(100 * below / size)} % of the pixels are below background={background:g}, and are "
+                      "taken as 0: is it above the camera's offset (the mean of a frame taken with the shutter closed)? The "
                       "sample's light below it is lost", LsfovWarning, stacklevel=user_stacklevel())
 
 
